@@ -1,0 +1,70 @@
+"""Backend choice: explicit backends fail loudly with reasons; only "auto" falls back."""
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+from vstar_kernels import dispatch
+from vstar_kernels._validation import make_problem
+
+
+def problem(q, **kw):
+    opts = dict(sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    opts.update(kw)
+    return make_problem(q, q, q, **opts)
+
+
+def test_auto_uses_reference_for_cpu_tensors():
+    assert dispatch.select(problem(torch.randn(1, 1, 8, 8)), "auto").name == "reference"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+def test_triton_runs_cpu_tensors_under_the_interpreter():
+    assert dispatch.select(problem(torch.randn(1, 1, 8, 8)), "triton").name == "triton"
+
+
+def test_triton_rejects_float64_with_reason():
+    with pytest.raises(vk.BackendUnavailableError, match="backend='triton' cannot run this call: .*float64"):
+        vk.tar_attention(*(torch.randn(1, 1, 8, 8, dtype=torch.float64) for _ in range(3)), backend="triton")
+
+
+def test_triton_rejects_too_wide_head_dim():
+    with pytest.raises(vk.BackendUnavailableError, match="head dim 320 > 256"):
+        vk.tar_attention(*(torch.randn(1, 1, 8, 320) for _ in range(3)), backend="triton")
+
+
+def test_triton_rejects_inputs_that_require_grad_until_backward_exists():
+    q = torch.randn(1, 1, 8, 8, requires_grad=True)
+    with pytest.raises(vk.BackendUnavailableError, match="require grad"):
+        vk.tar_attention(q, q, q, backend="triton")
+    with torch.no_grad():
+        vk.tar_attention(q, q, q, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+def test_triton_without_interpreter_explains(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(vk.BackendUnavailableError, match="TRITON_INTERPRET"):
+        vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="triton")
+
+
+def test_missing_triton_is_reported_not_raised_at_import(monkeypatch):
+    from vstar_kernels import _env
+
+    monkeypatch.setattr(_env, "triton_ops", lambda: _env.Probe(None, "triton is not importable (test)"))
+    with pytest.raises(vk.BackendUnavailableError, match=r"triton is not importable \(test\)"):
+        vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="triton")
+    assert dispatch.availability("cpu")["triton"] == "triton is not importable (test)"
+    assert dispatch.availability("cpu")["reference"] == ""
+
+
+def test_auto_error_lists_every_backend(monkeypatch):
+    class Refuses(dispatch.Backend):
+        name = "reference"
+
+        def not_supported_reasons(self, problem):
+            return ["refused for the test"]
+
+    monkeypatch.setitem(dispatch.BACKENDS, "reference", Refuses())
+    with pytest.raises(vk.BackendUnavailableError, match="no backend can run this call: reference: refused"):
+        vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)))

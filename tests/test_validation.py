@@ -1,0 +1,83 @@
+"""Bad input raises a clear error naming the argument, on every entry point."""
+
+import math
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+
+ENTRY_POINTS = [vk.tar_attention, vk.tar_attention_reference]
+
+
+def qkv(*shape, dtype=torch.float32):
+    return tuple(torch.randn(*shape, dtype=dtype) for _ in range(3))
+
+
+@pytest.fixture(params=ENTRY_POINTS, ids=["tar_attention", "reference"])
+def fn(request):
+    return request.param
+
+
+CASES = [
+    ("q not a tensor", lambda: ([[1.0]], *qkv(1, 1, 4, 8)[1:]), {}, TypeError, "q must be a torch.Tensor"),
+    ("integer dtype", lambda: (torch.ones(1, 1, 4, 8, dtype=torch.int32), *qkv(1, 1, 4, 8)[1:]), {}, TypeError,
+     "q must be a floating-point"),
+    ("mixed dtypes", lambda: (*qkv(1, 1, 4, 8)[:2], torch.randn(1, 1, 4, 8, dtype=torch.float64)), {}, TypeError,
+     "v has dtype"),
+    ("5-D input", lambda: qkv(1, 1, 1, 4, 8), {}, ValueError, "q must be 3-D"),
+    ("2-D input", lambda: qkv(4, 8), {}, ValueError, "q must be 3-D"),
+    ("rank mismatch", lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8)), {}, ValueError,
+     "k is 3-D but q is 4-D"),
+    ("head dim mismatch", lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 6), torch.randn(1, 1, 4, 8)), {},
+     ValueError, "k has head dim 6"),
+    ("kv length mismatch", lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 4, 8)), {},
+     ValueError, "v has 4 keys but k has 5"),
+    ("batch mismatch", lambda: (torch.randn(2, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)), {},
+     ValueError, "k has batch/heads"),
+    ("no keys", lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 0, 8), torch.randn(1, 1, 0, 8)), {},
+     ValueError, "at least one key"),
+    ("sigma zero", lambda: qkv(1, 1, 4, 8), dict(sigma=0.0), ValueError, "sigma must be > 0"),
+    ("sigma negative", lambda: qkv(1, 1, 4, 8), dict(sigma=-2), ValueError, "sigma must be > 0"),
+    ("sigma nan", lambda: qkv(1, 1, 4, 8), dict(sigma=math.nan), ValueError, "sigma must be > 0"),
+    ("sigma string", lambda: qkv(1, 1, 4, 8), dict(sigma="1"), TypeError, "sigma must be a real number"),
+    ("strength inf", lambda: qkv(1, 1, 4, 8), dict(strength=math.inf), ValueError, "strength must be finite"),
+    ("strength bool", lambda: qkv(1, 1, 4, 8), dict(strength=True), TypeError, "strength must be a real number"),
+    ("scale nan", lambda: qkv(1, 1, 4, 8), dict(scale=math.nan), ValueError, "scale must be finite"),
+    ("max_mode", lambda: qkv(1, 1, 4, 8), dict(max_mode="col"), ValueError, "max_mode must be one of"),
+    ("causal not bool", lambda: qkv(1, 1, 4, 8), dict(causal=1), TypeError, "causal must be a bool"),
+    ("delta wrong shape", lambda: qkv(2, 3, 4, 8), dict(delta=torch.rand(5, 4)), ValueError,
+     r"delta has shape \(5, 4\)"),
+    ("delta too many dims", lambda: qkv(2, 3, 4, 8), dict(delta=torch.rand(1, 2, 3, 4, 4)), ValueError,
+     "delta has 5 dims"),
+    ("delta integer", lambda: qkv(2, 3, 4, 8), dict(delta=torch.ones(4, 4, dtype=torch.int64)), TypeError,
+     "delta must be a floating-point"),
+    ("delta not tensor", lambda: qkv(2, 3, 4, 8), dict(delta=[[1.0]]), TypeError, "delta must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,make,kwargs,exc,match", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(fn, name, make, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(*make(), **kwargs)
+
+
+def test_different_devices(fn):
+    q, k, v = qkv(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        fn(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="delta is on meta"):
+        fn(q, k, v, delta=torch.empty(4, 4, device="meta"))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vk.tar_attention(*qkv(1, 1, 4, 8), backend="flash")
+
+
+def test_empty_batch_and_queries():
+    q, k, v = torch.randn(0, 2, 4, 8), torch.randn(0, 2, 4, 8), torch.randn(0, 2, 4, 8)
+    assert vk.tar_attention(q, k, v).shape == (0, 2, 4, 8)
+    q = torch.randn(1, 2, 0, 8)
+    k = v = torch.randn(1, 2, 4, 8)
+    assert vk.tar_attention(q, k, v).shape == (1, 2, 0, 8)

@@ -1,0 +1,49 @@
+"""Probes for the optional pieces. Each is tried once; the reason it is missing is kept.
+
+Nothing here runs at `import vstar_kernels`: the probes run on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Probe:
+    module: Optional[ModuleType]
+    reason: str  # why the module is unavailable ("" when it loaded)
+
+    @property
+    def ok(self) -> bool:
+        return self.module is not None
+
+
+def interpreter_requested() -> bool:
+    """TRITON_INTERPRET=1 in the environment: Triton kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_ops() -> Probe:
+    """vstar_kernels.ops.tar_fwd, which needs triton. Loaded once, in the mode the environment asks for."""
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return Probe(None, f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton")
+    try:
+        mod = importlib.import_module("vstar_kernels.ops.tar_fwd")
+    except Exception as exc:
+        return Probe(None, f"the Triton kernels failed to load ({type(exc).__name__}: {exc})")
+    return Probe(mod, "")
+
+
+def triton_version() -> str:
+    try:
+        return importlib.import_module("triton").__version__
+    except Exception:
+        return "not installed"

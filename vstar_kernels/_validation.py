@@ -1,0 +1,169 @@
+"""Argument checking and shape normalisation shared by every backend.
+
+`make_problem` turns the public arguments into a `TarProblem`: 4-D strided
+views of q/k/v (no copies), the resolved scale, and the custom bias expanded
+(as a stride-0 view) to (B, H, Nq, Nk). Every error names the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_MODES = ("row", "global")
+
+
+@dataclass(frozen=True)
+class TarProblem:
+    """A validated TAR call. q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    sigma: float
+    strength: float
+    delta: Optional[torch.Tensor]  # (B, H, Nq, Nk) view or None
+    causal: bool
+    max_mode: str
+    was_3d: bool
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def nq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def nk(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def regularized(self) -> bool:
+        """False when the bias cannot change the result (plain attention)."""
+        return self.strength != 0.0 and (self.delta is not None or math.isfinite(self.sigma))
+
+    def output_shape(self) -> tuple:
+        return (self.batch, self.heads, self.nq, self.head_dim_v)
+
+    def restore(self, out: torch.Tensor) -> torch.Tensor:
+        """Return `out` (B, H, Nq, Dv) in the caller's layout (3-D input -> 3-D output)."""
+        return out.squeeze(1) if self.was_3d else out
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
+        )
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_sigma(sigma) -> float:
+    """sigma > 0; math.inf is allowed (the Gaussian is then all ones)."""
+    sigma = _real("sigma", sigma)
+    if math.isnan(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be > 0 (math.inf allowed), got {sigma}")
+    return sigma
+
+
+def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale) -> TarProblem:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k and v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all tensors must be on one device")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be 3-D (B, N, D) or 4-D (B, H, N, D), got {q.dim()}-D shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != q.dim():
+            raise ValueError(f"{name} is {t.dim()}-D but q is {q.dim()}-D: q, k and v must have the same rank")
+    was_3d = q.dim() == 3
+    if was_3d:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    B, H, Nq, D = q.shape
+    if tuple(k.shape[:2]) != (B, H):
+        raise ValueError(f"k has batch/heads {tuple(k.shape[:2])} but q has {(B, H)}")
+    if tuple(v.shape[:2]) != (B, H):
+        raise ValueError(f"v has batch/heads {tuple(v.shape[:2])} but q has {(B, H)}")
+    if k.shape[3] != D:
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {D}: q and k must share the head dim")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v has {v.shape[2]} keys but k has {k.shape[2]}: k and v must share the sequence length")
+    if k.shape[2] < 1:
+        raise ValueError("k must hold at least one key (Nk >= 1)")
+    if D < 1 or v.shape[3] < 1:
+        raise ValueError(f"head dims must be >= 1, got q/k {D} and v {v.shape[3]}")
+    Nk = k.shape[2]
+
+    strength = _real("strength", strength)
+    if not math.isfinite(strength):
+        raise ValueError(f"strength must be finite, got {strength}")
+    if scale is None:
+        scale = D ** -0.5
+    else:
+        scale = _real("scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if max_mode not in MAX_MODES:
+        raise ValueError(f"max_mode must be one of {MAX_MODES}, got {max_mode!r}")
+
+    if delta is None:
+        sigma = check_sigma(sigma)
+        bias = None
+    else:
+        sigma = math.inf  # ignored when a custom delta is given
+        _check_tensor("delta", delta)
+        if delta.device != q.device:
+            raise ValueError(f"delta is on {delta.device} but q is on {q.device}")
+        target = (B, Nq, Nk) if was_3d else (B, H, Nq, Nk)
+        if delta.dim() > len(target):
+            raise ValueError(f"delta has {delta.dim()} dims, more than the {len(target)} of {target}")
+        try:
+            bias = delta.expand(target)
+        except RuntimeError:
+            raise ValueError(
+                f"delta has shape {tuple(delta.shape)}, which does not broadcast to {target} "
+                f"(expected (Nq, Nk) = {(Nq, Nk)} or a broadcastable shape)"
+            ) from None
+        if was_3d:
+            bias = bias.unsqueeze(1)
+    return TarProblem(q, k, v, float(scale), sigma, strength, bias, causal, max_mode, was_3d)

@@ -1,0 +1,108 @@
+"""`python -m vstar_kernels <command>`: info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+COMMANDS = {}
+
+
+def command(name, help_text, configure=None):
+    """Register `fn(args) -> exit code` as a subcommand; `configure(parser)` adds its options."""
+    def register(fn):
+        COMMANDS[name] = (fn, help_text, configure)
+        return fn
+    return register
+
+
+@command("info", "versions, devices, and which backends can run (and why not)")
+def cmd_info(args) -> int:
+    import torch
+
+    from . import __version__, _env
+    from .dispatch import availability
+
+    print(f"vstar_kernels {__version__}")
+    print(f"python        {platform.python_version()}")
+    print(f"torch         {torch.__version__}")
+    print(f"triton        {_env.triton_version()}")
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            devices.append(f"cuda:{i}")
+            print(f"cuda:{i}        {torch.cuda.get_device_name(i)}")
+    else:
+        print("cuda          not available")
+    for dev in devices:
+        for name, why in availability(dev).items():
+            print(f"backend {name:<10} on {dev:<7}: {'available' if not why else 'unavailable: ' + why}")
+    return 0
+
+
+def _time_ms(fn, cuda: bool) -> float:
+    """Median of triton's do_bench on CUDA; one warm call then one timed call on CPU."""
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn))
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+@command("demo", "check the kernel against the reference and print a small timing table")
+def cmd_demo(args) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        print("No CUDA device: the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1) "
+              "on small CPU shapes. Interpreter times measure the interpreter, not the kernel.")
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch.nn.functional as F
+
+    import vstar_kernels as vk
+
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.float16 if cuda else torch.float32
+    # (name, batch x spatial, heads, frames, head dim)
+    shapes = ([("ModelScope 40x64 level 0", 2 * 40 * 64, 5, 16, 64),
+               ("AnimateDiff 64x64 level 1", 2 * 32 * 32, 8, 32, 80),
+               ("long video", 2 * 10 * 16, 5, 1024, 64)] if cuda else
+              [("tiny, packed", 8, 2, 16, 40), ("tiny, tiled", 1, 2, 160, 64)])
+    torch.manual_seed(0)
+    print(f"\ndevice: {torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}, dtype {dtype}")
+    header = f"{'shape':<28}{'B*H':>8}{'N':>6}{'D':>5}  {'max err':>9}  {'triton ms':>10}  {'reference ms':>13}  {'sdpa ms':>8}"
+    print(header)
+    print("-" * len(header))
+    ok = True
+    for name, batch, heads, n, d in shapes:
+        q, k, v = (torch.randn(batch, n, heads, d, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
+        out = vk.tar_attention(q, k, v, sigma=1.0, backend="triton")
+        ref = vk.tar_attention_reference(q, k, v, sigma=1.0)
+        err = (out.float() - ref.float()).abs().max().item()
+        tol = 2e-2 if dtype == torch.float16 else 1e-4
+        ok &= err <= tol
+        t_tri = _time_ms(lambda: vk.tar_attention(q, k, v, backend="triton"), cuda)
+        t_ref = _time_ms(lambda: vk.tar_attention_reference(q, k, v), cuda)
+        t_sdpa = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), cuda)
+        print(f"{name:<28}{batch * heads:>8}{n:>6}{d:>5}  {err:>9.2e}  {t_tri:>10.3f}  {t_ref:>13.3f}  {t_sdpa:>8.3f}"
+              + ("" if err <= tol else f"  MISMATCH (tol {tol})"))
+    print("\nall outputs match the reference" if ok else "\nSOME OUTPUTS DO NOT MATCH THE REFERENCE")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vstar_kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text, configure) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if configure is not None:
+            configure(p)
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command][0](args)

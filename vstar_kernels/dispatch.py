@@ -1,0 +1,111 @@
+"""Backends declare what they support; choosing one explains every rejection.
+
+`select(problem, name)` returns the backend to run. An explicit name that
+cannot run the call raises `BackendUnavailableError` with the reasons;
+"auto" takes the first backend that fits (Triton for CUDA tensors, else the
+reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _env
+from ._validation import TarProblem
+from .reference import reference_forward
+
+MAX_TRITON_HEAD_DIM = 256
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call; the message says why."""
+
+
+class Backend:
+    name = ""
+
+    def not_supported_reasons(self, problem: TarProblem) -> list:
+        raise NotImplementedError
+
+    def forward(self, problem: TarProblem) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def not_supported_reasons(self, problem):
+        return []
+
+    def forward(self, problem):
+        return reference_forward(problem)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def not_supported_reasons(self, problem):
+        reasons = []
+        probe = _env.triton_ops()
+        if not probe.ok:
+            return [probe.reason]
+        interpreting = probe.module.INTERPRETING
+        if interpreting != _env.interpreter_requested():
+            reasons.append(
+                "the Triton kernels were loaded with TRITON_INTERPRET="
+                f"{int(interpreting)} but it is now {int(not interpreting)}; set it before the first call"
+            )
+        dev = problem.device.type
+        if interpreting and dev != "cpu":
+            reasons.append(f"TRITON_INTERPRET=1 runs the kernels on CPU tensors, got {dev} tensors")
+        if not interpreting:
+            if dev != "cuda":
+                reasons.append(f"{dev} tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
+                               "compiled kernels run on CUDA tensors")
+            elif not torch.cuda.is_available():
+                reasons.append("CUDA is not available to torch")
+        if problem.dtype == torch.float64:
+            reasons.append("float64 is not a kernel dtype (float16, bfloat16, float32); use backend='reference'")
+        if max(problem.head_dim, problem.head_dim_v) > MAX_TRITON_HEAD_DIM:
+            reasons.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_TRITON_HEAD_DIM}")
+        if problem.delta is not None and problem.delta.dtype == torch.float64:
+            reasons.append("delta is float64; pass it in float32 or the input dtype")
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)
+        ):
+            reasons.append("inputs require grad and the Triton backward is not implemented yet")
+        return reasons
+
+    def forward(self, problem):
+        return _env.triton_ops().module.tar_forward(problem)
+
+
+BACKENDS = {b.name: b for b in (TritonBackend(), ReferenceBackend())}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+def select(problem: TarProblem, name: str) -> Backend:
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if name != "auto":
+        reasons = BACKENDS[name].not_supported_reasons(problem)
+        if reasons:
+            raise BackendUnavailableError(f"backend={name!r} cannot run this call: " + "; ".join(reasons))
+        return BACKENDS[name]
+    candidates = ["triton", "reference"] if problem.device.type == "cuda" else ["reference"]
+    rejected = []
+    for cand in candidates:
+        reasons = BACKENDS[cand].not_supported_reasons(problem)
+        if not reasons:
+            return BACKENDS[cand]
+        rejected.append(f"{cand}: " + "; ".join(reasons))
+    raise BackendUnavailableError("no backend can run this call: " + " | ".join(rejected))
+
+
+def availability(device) -> dict:
+    """Backend name -> "" if it can run a small float32 call on `device`, else why not (for `info`)."""
+    from ._validation import make_problem
+
+    t = torch.zeros(1, 1, 16, 16, device=device)
+    problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    return {name: "; ".join(b.not_supported_reasons(problem)) for name, b in BACKENDS.items()}

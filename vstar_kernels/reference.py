@@ -1,0 +1,70 @@
+"""The PyTorch definition of TAR. Tests, the CPU fallback and the benchmarks use it.
+
+Math runs in float32 (float64 for float64 input); the result is cast back to
+the input dtype. The (batch x heads) axis is processed in chunks so that the
+score matrices stay within a bounded amount of memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validation import TarProblem, make_problem
+from .regularization import gaussian_bias
+
+# Elements of one fp32 score chunk (B*H slices x Nq x Nk): 2**26 = 256 MiB.
+CHUNK_ELEMENTS = 1 << 26
+
+
+def tar_scores(problem: TarProblem, q, k, delta, dA):
+    """S' = S + strength * max(S) * dA for one chunk, in the compute dtype (masked entries -inf)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * problem.scale
+    if problem.causal:
+        nq, nk = s.shape[-2:]
+        mask = torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu_(1)
+        s = s.masked_fill(mask, -math.inf)
+    if not problem.regularized:
+        return s
+    if problem.max_mode == "row":
+        m = s.amax(dim=-1, keepdim=True)
+    else:
+        m = s.amax(dim=(-2, -1), keepdim=True)
+    bias = dA if delta is None else delta.to(s.dtype)
+    return s + problem.strength * m * bias
+
+
+def reference_forward(problem: TarProblem) -> torch.Tensor:
+    """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype."""
+    compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
+    B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
+    q = problem.q.reshape(B * H, nq, problem.head_dim)
+    k = problem.k.reshape(B * H, nk, problem.head_dim)
+    v = problem.v.reshape(B * H, nk, problem.head_dim_v)
+    delta = None if problem.delta is None else problem.delta.reshape(B * H, nq, nk)
+    dA = None
+    if problem.delta is None and problem.regularized:
+        dA = gaussian_bias(nq, nk, problem.sigma, device=q.device, dtype=compute)
+    step = max(1, CHUNK_ELEMENTS // max(1, nq * nk))
+    outs = []
+    for start in range(0, B * H, step):
+        sl = slice(start, start + step)
+        s = tar_scores(problem, q[sl].to(compute), k[sl].to(compute),
+                       None if delta is None else delta[sl], dA)
+        p = torch.softmax(s, dim=-1)
+        outs.append(torch.matmul(p, v[sl].to(compute)).to(problem.dtype))
+    out = torch.cat(outs) if outs else q.new_empty(0, nq, problem.head_dim_v)
+    return out.reshape(B, H, nq, problem.head_dim_v)
+
+
+def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
+                            max_mode="row", scale=None) -> torch.Tensor:
+    """TAR attention in plain PyTorch: the definition every other backend is tested against.
+
+    Same arguments and shapes as :func:`vstar_kernels.tar_attention` (without
+    ``backend``). Differentiable in q, k, v and delta through autograd.
+    """
+    problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
+                           max_mode=max_mode, scale=scale)
+    return problem.restore(reference_forward(problem))
