@@ -239,15 +239,17 @@ def _packed_configs():
 
 
 def _prune_packed(configs, named_args, **kwargs):
-    seg = named_args["SEG_MAX"]
-    wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 128
+    # The autotuner passes positional arguments in named_args and the constexprs in kwargs.
+    args = {**named_args, **kwargs}
+    seg = args["SEG_MAX"]
+    wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
     keep = []
     for c in configs:
         rows = c.kwargs["ROWS"]
         seqs = rows // seg
         if seqs < 1 or (wide and rows > 64) or (rows <= 32 and c.num_warps > 4):
             continue
-        if seqs * min(named_args["SEG_Q"], named_args["SEG_K"]) < 16:  # tl.dot needs 16 rows/cols
+        if seqs * min(args["SEG_Q"], args["SEG_K"]) < 16:  # tl.dot needs 16 rows/cols
             continue
         keep.append(c)
     return keep
@@ -261,7 +263,8 @@ def _tiled_configs():
 
 
 def _prune_tiled(configs, named_args, **kwargs):
-    wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 128
+    args = {**named_args, **kwargs}
+    wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
     keep = [c for c in configs
             if not (wide and (c.kwargs["BLOCK_M"] > 64 or c.kwargs["BLOCK_N"] > 64))
             and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
