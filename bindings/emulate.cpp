@@ -112,7 +112,7 @@ int vstar_emulate_forward(const void* q, const void* k, const void* v, void* out
 
 // The plan the launcher would use: out = rows, seqs, key_tile, row_tiles, num_blocks, smem_bytes,
 // two_pass. Returns 0, or -1 when the shape is unsupported.
-int vstar_plan(const int64_t* sizes, int causal, int global_max, int regularize, int64_t* out) {
+int vstar_plan(const int64_t* sizes, int global_max, int regularize, int64_t* out) {
   vstar::TarParams p{};
   p.batch = sizes[0];
   p.heads = sizes[1];
@@ -120,7 +120,6 @@ int vstar_plan(const int64_t* sizes, int causal, int global_max, int regularize,
   p.nk = sizes[3];
   p.head_dim = sizes[4];
   p.head_dim_v = sizes[5];
-  p.causal = causal != 0;
   p.global_max = global_max != 0;
   p.regularize = regularize != 0;
   vstar::TarPlan plan;

@@ -82,7 +82,7 @@ def emulation_library():
     dll.vstar_emulate_forward.argtypes = [ctypes.c_void_p] * 5 + [i64p, i64p] + [ctypes.c_double] * 3 + \
         [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int]
     dll.vstar_plan.restype = ctypes.c_int
-    dll.vstar_plan.argtypes = [i64p, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64p]
+    dll.vstar_plan.argtypes = [i64p, ctypes.c_int, ctypes.c_int, i64p]
     dll.vstar_limit.restype = ctypes.c_int64
     dll.vstar_limit.argtypes = [ctypes.c_int]
     return dll
@@ -105,26 +105,24 @@ def emulate(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False, max_m
     nk, dv = k.shape[2], v.shape[3]
     if out is None:
         out = torch.full((B, H, nq, dv), math.nan, dtype=q.dtype)
-    sizes = _int64s((B, H, nq, nk, d, dv))
-    plan = (ctypes.c_int64 * 7)()
-    regularize = strength != 0 and (delta is not None or math.isfinite(sigma))
-    assert dll.vstar_plan(sizes, int(causal), int(max_mode == "global"), int(regularize), plan) == 0
+    if grid is None:
+        grid = plan(B, H, nq, nk, d, dv)["num_blocks"]  # what the launcher's grid covers
     strides = [*q.stride(), *k.stride(), *v.stride(), *out.stride(),
                *(delta.stride() if delta is not None else (0, 0, 0, 0))]
     rc = dll.vstar_emulate_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), None if delta is None else delta.data_ptr(),
-        sizes, _int64s(strides), d ** -0.5 if scale is None else scale, sigma, strength, int(causal),
-        int(max_mode == "global"), DTYPE_CODES[q.dtype], DTYPE_CODES[delta.dtype if delta is not None else q.dtype],
-        threads, plan[4] if grid is None else grid, int(reverse))
+        _int64s((B, H, nq, nk, d, dv)), _int64s(strides), d ** -0.5 if scale is None else scale, sigma, strength,
+        int(causal), int(max_mode == "global"), DTYPE_CODES[q.dtype],
+        DTYPE_CODES[delta.dtype if delta is not None else q.dtype], threads, grid, int(reverse))
     assert rc == 0, "the emulation found no plan for this shape"
     return out
 
 
-def plan(B, H, nq, nk, d, dv, *, causal=False, global_max=False, regularize=True):
+def plan(B, H, nq, nk, d, dv, *, global_max=False, regularize=True):
     """The launcher's plan as a dict, or None for an unsupported shape."""
     dll = emulation_library()
     res = (ctypes.c_int64 * 7)()
-    if dll.vstar_plan(_int64s((B, H, nq, nk, d, dv)), int(causal), int(global_max), int(regularize), res) != 0:
+    if dll.vstar_plan(_int64s((B, H, nq, nk, d, dv)), int(global_max), int(regularize), res) != 0:
         return None
     keys = ("rows", "seqs", "key_tile", "row_tiles", "num_blocks", "smem_bytes", "two_pass")
     return dict(zip(keys, res))

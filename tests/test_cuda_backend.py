@@ -134,7 +134,8 @@ def test_gpu_forward_grid(n, d, dtype, opts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(4, 2, 20, 50, 32, 24), (2, 2, 300, 1024, 64, 40), (3, 1, 1, 1, 8, 8)])
+@pytest.mark.parametrize("shape", [(4, 2, 20, 50, 32, 24), (4, 2, 70, 20, 32, 32), (2, 2, 300, 1024, 64, 40),
+                                   (3, 1, 1, 1, 8, 8)])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_gpu_rectangular_and_extreme_shapes(shape, dtype):
     check_gpu(*qkv(*shape, dtype), causal=True)
