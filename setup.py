@@ -1,4 +1,15 @@
-"""Install vstar_kernels. Pure Python by default; the optional CUDA extension is added by issue-7 work."""
+"""Install vstar_kernels. Pure Python by default.
+
+VSTAR_BUILD_CUDA=1 adds the optional CUDA C++ operator (bindings/ -> vstar_kernels._C). It
+compiles against the installed torch, so build it without build isolation:
+
+    VSTAR_BUILD_CUDA=1 pip install -e . --no-build-isolation
+
+GPU architectures come from TORCH_CUDA_ARCH_LIST, default "8.0;9.0" (never probed from the
+machine's GPU). A plain install never imports torch here and never looks at the hardware.
+"""
+
+import os
 
 from setuptools import find_packages, setup
 
@@ -7,6 +18,32 @@ EXTRAS = {
     "bench": ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4.0"],
 }
 EXTRAS["test"] = sorted({"pytest>=7", "hypothesis>=6", *EXTRAS["diffusers"], *EXTRAS["bench"]})
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass) for the CUDA operator; only called when VSTAR_BUILD_CUDA=1."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as exc:
+        raise SystemExit(
+            "VSTAR_BUILD_CUDA=1 compiles against the installed torch, which this build cannot import "
+            f"({exc}). Install torch first, then: VSTAR_BUILD_CUDA=1 pip install -e . --no-build-isolation"
+        ) from exc
+    import torch
+
+    if torch.version.cuda is None:
+        raise SystemExit(f"VSTAR_BUILD_CUDA=1 needs a CUDA build of torch; the installed torch {torch.__version__} "
+                         "has no CUDA support")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext = CUDAExtension(
+        "vstar_kernels._C",
+        sources=["bindings/tar_op.cpp", "bindings/tar_kernel.cu"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension() if os.environ.get("VSTAR_BUILD_CUDA", "0") == "1" else ([], {})
 
 setup(
     name="vstar_kernels",
@@ -19,5 +56,7 @@ setup(
     # A range the local CPU build (torch 2.13.0) satisfies: never pin a CUDA build here.
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     extras_require=EXTRAS,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     entry_points={"console_scripts": ["vstar-kernels=vstar_kernels.cli:main"]},
 )

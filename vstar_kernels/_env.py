@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -39,6 +40,30 @@ def triton_ops() -> Probe:
         mod = importlib.import_module("vstar_kernels.ops.tar_fwd")
     except Exception as exc:
         return Probe(None, f"the Triton kernels failed to load ({type(exc).__name__}: {exc})")
+    return Probe(mod, "")
+
+
+CUDA_EXTENSION = "vstar_kernels._C"
+CUDA_NOT_BUILT = ("the CUDA C++ extension is not built "
+                  "(VSTAR_BUILD_CUDA=1 pip install -e . --no-build-isolation, on a machine with nvcc)")
+
+
+def cuda_extension_path() -> Optional[str]:
+    """Where the compiled vstar_kernels._C library is, without loading it; None if it is not built."""
+    spec = importlib.util.find_spec(CUDA_EXTENSION)
+    return spec.origin if spec is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_ops() -> Probe:
+    """vstar_kernels.ops.tar_cuda, which loads the optional CUDA C++ operator."""
+    if cuda_extension_path() is None:
+        return Probe(None, CUDA_NOT_BUILT)
+    try:
+        mod = importlib.import_module("vstar_kernels.ops.tar_cuda")
+    except Exception as exc:  # OSError for a library built against another torch or CUDA, and the like
+        cause = f"; {exc.__cause__}" if exc.__cause__ is not None else ""  # torch.ops.load_library hides dlerror
+        return Probe(None, f"the CUDA C++ extension failed to load ({type(exc).__name__}: {exc}{cause})")
     return Probe(mod, "")
 
 

@@ -2,8 +2,8 @@
 
 `select(problem, name)` returns the backend to run. An explicit name that
 cannot run the call raises `BackendUnavailableError` with the reasons;
-"auto" takes the first backend that fits (Triton for CUDA tensors, else the
-reference).
+"auto" takes the first backend that fits (for CUDA tensors Triton, then the
+optional CUDA C++ operator; the reference otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from ._validation import TarProblem
 from .reference import reference_forward
 
 MAX_TRITON_HEAD_DIM = 256
+# The CUDA C++ operator's limits: kMaxHeadDim and kMaxKeys in bindings/tar_params.h.
+MAX_CUDA_HEAD_DIM = 256
+MAX_CUDA_KEYS = 1024
 
 
 class BackendUnavailableError(RuntimeError):
@@ -80,7 +83,36 @@ class TritonBackend(Backend):
         return _env.triton_ops().module.tar_forward(problem)
 
 
-BACKENDS = {b.name: b for b in (TritonBackend(), ReferenceBackend())}
+class CudaBackend(Backend):
+    """The CUDA C++ operator of bindings/ (optional: built with VSTAR_BUILD_CUDA=1)."""
+
+    name = "cuda"
+
+    def not_supported_reasons(self, problem):
+        probe = _env.cuda_ops()
+        reasons = [] if probe.ok else [probe.reason]
+        if problem.device.type != "cuda":
+            reasons.append(f"the CUDA C++ kernel runs on CUDA tensors, got {problem.device.type} tensors")
+        if problem.dtype == torch.float64:
+            reasons.append("float64 is not a kernel dtype (float16, bfloat16, float32); use backend='reference'")
+        if max(problem.head_dim, problem.head_dim_v) > MAX_CUDA_HEAD_DIM:
+            reasons.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_CUDA_HEAD_DIM}")
+        if problem.nk > MAX_CUDA_KEYS:
+            reasons.append(f"Nk {problem.nk} > {MAX_CUDA_KEYS}: the CUDA C++ kernel keeps whole score rows in "
+                           "shared memory; use backend='triton' for longer sequences")
+        if problem.delta is not None and problem.delta.dtype not in (torch.float32, problem.dtype):
+            reasons.append(f"delta is {problem.delta.dtype}; pass it in float32 or the input dtype")
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)
+        ):
+            reasons.append("inputs require grad and the CUDA C++ kernel has no backward")
+        return reasons
+
+    def forward(self, problem):
+        return _env.cuda_ops().module.tar_forward(problem)
+
+
+BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -92,7 +124,7 @@ def select(problem: TarProblem, name: str) -> Backend:
         if reasons:
             raise BackendUnavailableError(f"backend={name!r} cannot run this call: " + "; ".join(reasons))
         return BACKENDS[name]
-    candidates = ["triton", "reference"] if problem.device.type == "cuda" else ["reference"]
+    candidates = ["triton", "cuda", "reference"] if problem.device.type == "cuda" else ["reference"]
     rejected = []
     for cand in candidates:
         reasons = BACKENDS[cand].not_supported_reasons(problem)

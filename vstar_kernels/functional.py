@@ -32,8 +32,9 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         max_mode: "row" (one max per query row, the reference's reading) or "global"
             (one max per (batch, head) over the masked score matrix).
         scale: softmax scale, default ``D ** -0.5``.
-        backend: "auto" (Triton for CUDA tensors when it can run, else the reference),
-            "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "reference".
+        backend: "auto" (for CUDA tensors Triton, then "cuda", when one can run; else the
+            reference), "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cuda"
+            (the optional CUDA C++ operator, built with VSTAR_BUILD_CUDA=1) or "reference".
             An explicit backend that cannot run the call raises BackendUnavailableError.
 
     Returns:
