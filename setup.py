@@ -15,6 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vstar_kernels", "vstar_kernels.*"]),
+    package_data={"vstar_kernels": ["data/*.json"]},
     python_requires=">=3.9",
     # A range the local CPU build (torch 2.13.0) satisfies: never pin a CUDA build here.
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
