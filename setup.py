@@ -5,8 +5,9 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
     "bench": ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4.0"],
+    "plot": ["matplotlib>=3.7"],
 }
-EXTRAS["test"] = sorted({"pytest>=7", "hypothesis>=6", *EXTRAS["diffusers"], *EXTRAS["bench"]})
+EXTRAS["test"] = sorted({"pytest>=7", "hypothesis>=6", *EXTRAS["diffusers"], *EXTRAS["bench"], *EXTRAS["plot"]})
 
 setup(
     name="vstar_kernels",
