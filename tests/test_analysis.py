@@ -157,8 +157,9 @@ def test_minmax_normalize():
     ({"a": torch.ones(2, 3, 3)}, {}, ValueError, "a must be a non-empty 2-D map"),
     ({"a": torch.tensor([[0.0, math.inf]])}, {}, ValueError, "non-finite"),
     ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
-    ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, "panel_size must be a positive number"),
-], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "dpi", "panel-size"])
+    ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.35"),
+    ({"a": torch.eye(3)}, {"panel_size": 0.3}, ValueError, r"panel_size must be a number of inches > 0.35"),
+], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "dpi", "panel-size", "panel-too-small"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)

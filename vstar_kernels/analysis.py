@@ -123,6 +123,7 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
 
 TITLE_BAND_INCHES = 0.4   # room for the figure title
 PANEL_TITLE_INCHES = 0.3  # room above each panel for its own title
+MARGIN_INCHES = 0.05      # below each panel
 
 
 def _draw(rows, path, *, cmap, panel_size, dpi, title, normalize) -> dict:
@@ -130,8 +131,10 @@ def _draw(rows, path, *, cmap, panel_size, dpi, title, normalize) -> dict:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > 0:
-        raise ValueError(f"panel_size must be a positive number of inches, got {panel_size!r}")
+    smallest = PANEL_TITLE_INCHES + MARGIN_INCHES
+    if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > smallest:
+        raise ValueError(f"panel_size must be a number of inches > {smallest:g} (room for the panel title), "
+                         f"got {panel_size!r}")
     if isinstance(dpi, bool) or not isinstance(dpi, numbers.Integral) or dpi < 1:
         raise ValueError(f"dpi must be a positive int, got {dpi!r}")
     ncols = max(len(row) for row in rows)
@@ -141,9 +144,11 @@ def _draw(rows, path, *, cmap, panel_size, dpi, title, normalize) -> dict:
     FigureCanvasAgg(fig)
     if title:
         fig.suptitle(title, y=1.0 - 0.5 * band / height, va="center")
-    grid = fig.add_gridspec(len(rows), ncols, left=0.02, right=0.98, bottom=0.02 * panel_size / height,
+    # each row: a panel title band, then the square-ish axes; gaps are fractions of an axes' height
+    axes_inches = panel_size - PANEL_TITLE_INCHES - MARGIN_INCHES
+    grid = fig.add_gridspec(len(rows), ncols, left=0.02, right=0.98, bottom=MARGIN_INCHES / height,
                             top=1.0 - (band + PANEL_TITLE_INCHES) / height,
-                            hspace=PANEL_TITLE_INCHES / panel_size * 1.5, wspace=0.1)
+                            hspace=(PANEL_TITLE_INCHES + MARGIN_INCHES) / axes_inches, wspace=0.1)
     drawn = {}
     for r, row in enumerate(rows):
         for c in range(ncols):
