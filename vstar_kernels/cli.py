@@ -1,4 +1,4 @@
-"""`python -m vstar_kernels <command>`: info, demo."""
+"""`python -m vstar_kernels <command>`: info, demo, plot-delta."""
 
 from __future__ import annotations
 
@@ -97,6 +97,27 @@ def cmd_demo(args) -> int:
               + ("" if err <= tol else f"  MISMATCH (tol {tol})"))
     print("\nall outputs match the reference" if ok else "\nSOME OUTPUTS DO NOT MATCH THE REFERENCE")
     return 0 if ok else 1
+
+
+def _plot_delta_options(parser) -> None:
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 4.0, 8.0],
+                        help="one panel per sigma (default: 1 4 8)")
+    parser.add_argument("--frames", type=int, default=16, help="frames N of the N x N matrix (default: 16)")
+    parser.add_argument("--out", default="delta.png", help="output image; format from the suffix (default: delta.png)")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
+
+
+@command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options)
+def cmd_plot_delta(args) -> int:
+    from .analysis import plot_delta
+
+    try:
+        drawn = plot_delta(args.sigmas, args.frames, args.out, dpi=args.dpi)
+    except (TypeError, ValueError) as exc:
+        print(f"plot-delta: {exc}")
+        return 2
+    print(f"wrote {args.out}: {', '.join(drawn)} over {args.frames} frames")
+    return 0
 
 
 def main(argv=None) -> int:

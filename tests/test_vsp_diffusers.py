@@ -1,0 +1,345 @@
+"""Video Synopsis Prompting in diffusers video UNets and pipelines (tiny random models, CPU)."""
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
+
+from tiny_pipelines import (CONTEXT_DIM, MAX_TOKENS, call_args, tiny_animatediff_pipeline,  # noqa: E402
+                            tiny_text_to_video_pipeline, tiny_unet3d, tiny_unet_motion)
+from vstar_kernels.vsp import (apply_vsp, encode_synopsis, generate_with_synopsis,  # noqa: E402
+                               interpolate_embeddings, load_synopses, remove_vsp)
+
+L, C, N = MAX_TOKENS, CONTEXT_DIM, 4
+UNETS = {"unet3d": tiny_unet3d, "motion": tiny_unet_motion}
+PIPELINES = {"text-to-video-sd": tiny_text_to_video_pipeline, "animatediff": tiny_animatediff_pipeline}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine the hand-off
+    between OpenMP threads costs more than the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def processors(unet):
+    return {name: m.processor for name, m in unet.named_modules() if isinstance(m, Attention)}
+
+
+def spatial_cross_attention(unet):
+    """attn2 of the blocks of every Transformer2DModel: found by type, not by name."""
+    names = set()
+    for tname, transformer in unet.named_modules():
+        if isinstance(transformer, Transformer2DModel):
+            for bname, block in transformer.transformer_blocks.named_children():
+                names.add(f"{tname}.transformer_blocks.{bname}.attn2")
+    return names
+
+
+def unet_inputs(kind, batch, frames=N, seed=1):
+    """sample (batch, 4, frames, 8, 8) and one text context row per video."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, frames, 8, 8, generator=g), torch.randn(batch, L, C, generator=g)
+
+
+def context_for(kind, ehs, frames=N):
+    """The text context as each pipeline hands it to its UNet: per video (UNet3D), per frame (motion)."""
+    return ehs if kind == "unet3d" else ehs.repeat_interleave(frames, dim=0)
+
+
+def call(unet, sample, context, **kwargs):
+    with torch.no_grad():
+        return unet(sample, 3, context, **kwargs).sample
+
+
+def reference_with_context(unet, kind, sample, per_frame_rows):
+    """The stock UNet with a hand-built (batch * frames, L, C) context in every spatial transformer."""
+    if kind == "motion":  # UNetMotionModel takes the per-frame context as it is
+        return call(unet, sample, per_frame_rows)
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, "encoder_hidden_states": per_frame_rows}),
+                                         with_kwargs=True)
+             for m in unet.modules() if isinstance(m, Transformer2DModel)]
+    try:
+        return call(unet, sample, torch.zeros(sample.shape[0], L, C))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("kind", UNETS)
+def test_wraps_only_the_spatial_cross_attention_and_restores_it(kind):
+    unet = UNETS[kind]()
+    before = processors(unet)
+    pre, post = dict(unet._forward_pre_hooks), dict(unet._forward_hooks)
+    spatial = spatial_cross_attention(unet)
+    temporal_attn2 = {n for n in before if n.endswith("attn2") and n not in spatial}
+    assert spatial and temporal_attn2  # a pattern like r"attn2$" would catch both
+    apply_vsp(unet, torch.zeros(N, L, C))
+    changed = {n for n, p in processors(unet).items() if p is not before[n]}
+    assert changed == spatial
+    remove_vsp(unet)
+    assert all(p is before[n] for n, p in processors(unet).items())
+    assert dict(unet._forward_pre_hooks) == pre and dict(unet._forward_hooks) == post
+    remove_vsp(unet)  # a second removal is a no-op
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("kind", UNETS)
+def test_same_embedding_on_every_frame_is_exactly_stock(kind, cfg):
+    unet = UNETS[kind]()
+    sample, ehs = unet_inputs(kind, batch=2)
+    context = context_for(kind, ehs)
+    stock = call(unet, sample, context)
+    # cfg: row 0 unconditional, row 1 the prompt; no cfg: two prompts, both conditional
+    embeds = ehs[1:, None].expand(1, N, L, C) if cfg else ehs[:, None].expand(2, N, L, C)
+    apply_vsp(unet, embeds, cfg=cfg)
+    assert torch.equal(call(unet, sample, context), stock)
+    remove_vsp(unet)
+    assert torch.equal(call(unet, sample, context), stock)
+
+
+@pytest.mark.parametrize("kind", UNETS)
+def test_each_frame_gets_its_own_embedding_unconditional_half_kept(kind):
+    unet = UNETS[kind]()
+    sample, ehs = unet_inputs(kind, batch=4)
+    embeds = torch.randn(2, N, L, C, generator=torch.Generator().manual_seed(5))  # two synopses
+    # rows: videos 0, 1 unconditional (keep their own context), videos 2, 3 get synopses 0, 1
+    rows = torch.cat([ehs[:2].repeat_interleave(N, dim=0), embeds.reshape(2 * N, L, C)])
+    expected = reference_with_context(unet, kind, sample, rows)
+    apply_vsp(unet, embeds, cfg=True)
+    out = call(unet, sample, context_for(kind, ehs))
+    remove_vsp(unet)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, call(unet, sample, context_for(kind, ehs)))
+
+
+def test_one_synopsis_shared_by_several_videos_without_cfg():
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    embeds = torch.randn(N, L, C, generator=torch.Generator().manual_seed(6))
+    expected = reference_with_context(unet, "unet3d", sample, embeds.repeat(2, 1, 1))
+    apply_vsp(unet, embeds, cfg=False)
+    assert torch.equal(call(unet, sample, ehs), expected)
+
+
+def test_motion_unet_called_with_one_context_row_per_video():
+    unet = tiny_unet_motion()
+    sample, ehs = unet_inputs("motion", batch=1)
+    embeds = torch.randn(N, L, C, generator=torch.Generator().manual_seed(7))
+    expected = call(unet, sample, embeds)
+    apply_vsp(unet, embeds, cfg=False)
+    assert torch.equal(call(unet, sample, ehs), expected)
+
+
+def test_reapplying_replaces_the_embeddings():
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=1)
+    before = processors(unet)
+    apply_vsp(unet, torch.randn(N, L, C), cfg=False)
+    apply_vsp(unet, ehs[0].expand(N, L, C), cfg=False)
+    assert torch.equal(call(unet, sample, ehs), reference_with_context(unet, "unet3d", sample, ehs.expand(N, L, C)))
+    remove_vsp(unet)
+    assert all(p is before[n] for n, p in processors(unet).items())
+
+
+class Spy:
+    """A processor taking an extra keyword; records the context and the keyword it receives."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, gain=1.0):
+        self.seen.append((encoder_hidden_states, gain))
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+        return gain * AttnProcessor2_0()(attn, hidden_states, text, attention_mask)
+
+
+def first_spatial(unet):
+    modules = dict(unet.named_modules())
+    return modules[sorted(spatial_cross_attention(unet))[0]]
+
+
+def test_wrapped_processor_keeps_its_keywords_and_sees_the_per_frame_context():
+    unet = tiny_unet3d()
+    spy = Spy()
+    first_spatial(unet).set_processor(spy)
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    embeds = torch.randn(N, L, C)
+    apply_vsp(unet, embeds, cfg=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call(unet, sample, ehs, cross_attention_kwargs={"gain": 2.0})
+    (context, gain), = spy.seen
+    assert gain == 2.0  # diffusers drops keywords the processor's signature does not name
+    assert torch.equal(context, torch.cat([ehs[0].expand(N, L, C), embeds]))
+    remove_vsp(unet)
+    assert first_spatial(unet).processor is spy
+
+
+def test_image_prompt_tuple_keeps_its_image_part():
+    unet = tiny_unet_motion()
+    spy = Spy()
+    first_spatial(unet).set_processor(spy)
+    image = [torch.randn(N, 3, C)]
+    transformer = next(m for m in unet.modules() if isinstance(m, Transformer2DModel))
+    transformer.register_forward_pre_hook(
+        lambda mod, a, kw: (a, {**kw, "encoder_hidden_states": (kw["encoder_hidden_states"], image)}),
+        with_kwargs=True)
+    sample, ehs = unet_inputs("motion", batch=1)
+    embeds = torch.randn(N, L, C)
+    apply_vsp(unet, embeds, cfg=False)
+    call(unet, sample, context_for("motion", ehs))
+    (context, _), = spy.seen
+    assert isinstance(context, tuple) and torch.equal(context[0], embeds) and context[1] is image
+
+
+def test_works_alongside_temporal_processors_and_a_step_counter():
+    """What apply_tar does (temporal processors + a pre-hook counting steps) survives VSP, in either order."""
+    unet = tiny_unet3d()
+    original = processors(unet)
+    spatial = spatial_cross_attention(unet)
+    temporal = [n for n in original if "temp_attentions" in n or n.startswith("transformer_in")]
+    modules = dict(unet.named_modules())
+    steps = []
+
+    def install_tar_stand_in():
+        for n in temporal:
+            modules[n].set_processor(AttnProcessor2_0())
+        return unet.register_forward_pre_hook(lambda mod, args: steps.append(len(steps)))
+
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    for order in ("tar-first", "vsp-first"):
+        steps.clear()
+        if order == "tar-first":
+            hook = install_tar_stand_in()
+            apply_vsp(unet, ehs[1].expand(N, L, C))
+        else:
+            apply_vsp(unet, ehs[1].expand(N, L, C))
+            hook = install_tar_stand_in()
+        tar_processors = {n: modules[n].processor for n in temporal}
+        call(unet, sample, ehs)
+        remove_vsp(unet)
+        call(unet, sample, ehs)
+        assert steps == [0, 1]
+        assert all(modules[n].processor is tar_processors[n] for n in temporal)
+        assert all(modules[n].processor is original[n] for n in spatial)
+        hook.remove()
+        for n in temporal:
+            modules[n].set_processor(original[n])
+
+
+def test_remove_leaves_a_processor_replaced_after_apply():
+    unet = tiny_unet3d()
+    apply_vsp(unet, torch.zeros(N, L, C))
+    newer = AttnProcessor2_0()
+    first_spatial(unet).set_processor(newer)
+    with pytest.warns(UserWarning, match="was replaced after apply_vsp"):
+        remove_vsp(unet)
+    assert first_spatial(unet).processor is newer
+
+
+@pytest.mark.parametrize("setup,exc,match", [
+    (dict(frames=5), ValueError, "cover 4 frames but the UNet is called with 5"),
+    (dict(batch=3), ValueError, "cfg=True needs an even UNet batch"),
+    (dict(batch=2, embeds=torch.zeros(2, N, L, C)), ValueError, "1 conditional videos, which the 2 synopses"),
+    (dict(embeds=torch.zeros(N, L + 1, C)), ValueError,
+     r"\(tokens, channels\) \(17, 12\) but the UNet's text context has \(16, 12\)"),
+], ids=["frames", "odd-batch", "synopses-vs-batch", "tokens"])
+def test_call_time_mismatches_raise(setup, exc, match):
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=setup.get("batch", 2), frames=setup.get("frames", N))
+    apply_vsp(unet, setup.get("embeds", torch.zeros(N, L, C)), cfg=True)
+    with pytest.raises(exc, match=match):
+        call(unet, sample, ehs)
+    remove_vsp(unet)
+    call(unet, sample, ehs)  # the hooks left no stale state behind
+
+
+def test_apply_arguments_are_checked():
+    unet = tiny_unet3d()
+    with pytest.raises(TypeError, match="UNet3DConditionModel, a UNetMotionModel or a pipeline"):
+        apply_vsp(torch.nn.Linear(2, 2), torch.zeros(N, L, C))
+    with pytest.raises(TypeError, match="per_frame_embeds must be a torch.Tensor"):
+        apply_vsp(unet, [[0.0]])
+    with pytest.raises(ValueError, match=r"\(N, L, C\) or \(P, N, L, C\)"):
+        apply_vsp(unet, torch.zeros(L, C))
+    with pytest.raises(TypeError, match="cfg must be a bool"):
+        apply_vsp(unet, torch.zeros(N, L, C), cfg=1)
+    apply_vsp(unet, torch.zeros(N, L, C))
+    with pytest.raises(RuntimeError, match="outside a forward call"):
+        first_spatial(unet)(torch.zeros(1, 64, 8), encoder_hidden_states=torch.zeros(1, L, C))
+
+
+# ----- pipelines -----
+
+@pytest.fixture(params=list(PIPELINES))
+def pipe(request, tmp_path):
+    return PIPELINES[request.param](tmp_path)
+
+
+@pytest.mark.parametrize("guidance", [None, 1.0], ids=["default-cfg", "no-cfg"])
+def test_pipeline_with_one_repeated_state_is_exactly_stock(pipe, guidance):
+    prompt = "a corgi walking on the grass"
+    extra = {} if guidance is None else {"guidance_scale": guidance}
+    before = processors(pipe.unet)
+    stock = pipe(prompt=prompt, num_frames=N, **call_args(**extra)).frames
+    for synopsis in ([prompt], [prompt, prompt, prompt]):
+        out = generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(**extra)).frames
+        assert torch.equal(out, stock)
+    assert all(p is before[n] for n, p in processors(pipe.unet).items())
+    assert not hasattr(pipe.unet, "_vstar_vsp_state")
+
+
+def test_pipeline_feeds_the_interpolated_synopsis(pipe):
+    example = next(ex for ex in load_synopses() if ex["prompt"].startswith("A peony"))
+    frames = 7
+    spy = Spy()
+    first_spatial(pipe.unet).set_processor(spy)
+    generate_with_synopsis(pipe, example["synopsis"], num_frames=frames, negative_prompt="blurry",
+                           **call_args(guidance_scale=7.5))
+    states = torch.cat([pipe.encode_prompt(s, "cpu", 1, False)[0] for s in example["synopsis"]])
+    expected_cond = interpolate_embeddings(states, frames)
+    negative = pipe.encode_prompt("blurry", "cpu", 1, False)[0]
+    assert len(spy.seen) == 2  # one UNet call per step, both guidance halves batched
+    for context, _ in spy.seen:
+        assert context.shape == (2 * frames, L, C)
+        assert torch.equal(context[:frames], negative.expand(frames, L, C))
+        assert torch.equal(context[frames:], expected_cond)
+
+
+def test_pipeline_batch_of_synopses(pipe):
+    a, b = "a red car on a road", "a snowy road"
+    videos = {"num_videos_per_prompt": 2} if "num_videos_per_prompt" in pipe.__call__.__code__.co_varnames else {}
+    embeds = torch.cat([pipe.encode_prompt(t, "cpu", 1, False)[0] for t in (a, b)])
+    stock = pipe(prompt_embeds=embeds, num_frames=N, **call_args(**videos)).frames
+    out = generate_with_synopsis(pipe, [[a, a], [b, b]], num_frames=N, **call_args(**videos)).frames
+    assert out.shape[0] == (4 if videos else 2)
+    assert torch.equal(out, stock)
+
+
+def test_encode_synopsis_shapes(pipe):
+    one = encode_synopsis(pipe, ["a boy", "an old man"], 6)
+    assert one.shape == (6, L, C)
+    several = encode_synopsis(pipe, [["a boy", "an old man"], ["a bud", "a flower", "a seed"]], 6, mode="same")
+    assert several.shape == (2, 6, L, C)
+    assert torch.equal(several[0], encode_synopsis(pipe, ["a boy", "an old man"], 6, mode="same"))
+
+
+def test_pipeline_helper_arguments_are_checked(pipe):
+    with pytest.raises(TypeError, match="the sub_prompts replace the prompt"):
+        generate_with_synopsis(pipe, ["a"], prompt="b")
+    for bad in ("a boy", [], [1, 2], [["a"], []]):
+        with pytest.raises(TypeError, match="sub_prompts must be a non-empty list of strings"):
+            generate_with_synopsis(pipe, bad, num_frames=N, **call_args())
+    apply_vsp(pipe, torch.zeros(N, L, C))
+    with pytest.raises(ValueError, match="already applied"):
+        generate_with_synopsis(pipe, ["a"], num_frames=N, **call_args())
+    remove_vsp(pipe)

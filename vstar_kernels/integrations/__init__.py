@@ -1,0 +1,1 @@
+"""Glue to host libraries (diffusers). Each submodule imports its host library; this package does not."""

@@ -1,0 +1,300 @@
+"""Video Synopsis Prompting for diffusers video UNets: one text embedding per frame.
+
+`apply_vsp(pipe_or_unet, per_frame_embeds)` wraps the processor of every SPATIAL
+cross-attention module (``attn2`` of the transformer blocks under ``attentions``) of a
+`UNet3DConditionModel` or `UNetMotionModel`; the temporal modules (``temp_attentions``,
+``motion_modules``, ``transformer_in``) also have an ``attn2``, a self-attention over
+frames, and are left alone. The wrapper swaps the text context it receives for the
+per-frame one and calls the processor that was there before, so the attention math is
+whatever that processor does. A forward pre-hook on the UNet records the batch and frame
+count of each call; `remove_vsp` puts back the very processor objects it found and removes
+its hooks. Modules and hooks installed by anything else (TAR's temporal processors and
+step counter, for instance) are not touched.
+
+Batch layout. Inside the UNet the spatial blocks see ``B_total * N`` rows of context,
+batch-major (row ``b * N + f`` is video b, frame f). With classifier-free guidance the
+diffusers pipelines put the unconditional half first; that half keeps the context it
+arrived with (one embedding repeated over frames) and only the conditional half gets the
+per-frame embeddings. Each of the ``P`` synopses (the batch of `per_frame_embeds`) covers
+``rows / P`` consecutive videos (``num_videos_per_prompt``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import warnings
+
+import torch
+from diffusers import UNet3DConditionModel, UNetMotionModel
+
+from ..vsp import interpolate_embeddings
+
+SUPPORTED_UNETS = (UNet3DConditionModel, UNetMotionModel)
+
+# Spatial cross-attention: <block>.attentions.<i>.transformer_blocks.<j>.attn2, nothing before or after.
+SPATIAL_CROSS_ATTENTION = re.compile(
+    r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn2"
+)
+
+_STATE_ATTR = "_vstar_vsp_state"
+
+
+def spatial_cross_attention_names(unet) -> list:
+    """Names of the modules `apply_vsp` wraps: the spatial transformers' cross-attention."""
+    return [name for name, module in unet.named_modules()
+            if SPATIAL_CROSS_ATTENTION.fullmatch(name) and getattr(module, "is_cross_attention", False)]
+
+
+def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> None:
+    """Feed one text embedding per frame into the spatial cross-attention of a video UNet.
+
+    Args:
+        target: a `UNet3DConditionModel` or `UNetMotionModel`, or a pipeline holding one as
+            ``.unet`` (`TextToVideoSDPipeline`, `AnimateDiffPipeline`).
+        per_frame_embeds: (N, L, C) for one synopsis or (P, N, L, C) for P of them (see
+            `vstar_kernels.vsp.interpolate_embeddings`), L and C as the text encoder's
+            output. Moved to the UNet's context dtype and device at each call.
+        cfg: True when the UNet is called with classifier-free guidance batched the diffusers
+            way (unconditional half first, kept as is); False when every row is conditional.
+            The pipelines batch guidance when ``guidance_scale > 1``.
+
+    Calling it again on the same UNet replaces the embeddings and `cfg`. Every UNet call
+    must then have N frames and a batch the synopses divide evenly (ValueError otherwise).
+    """
+    unet = _unet_of(target)
+    embeds = _check_embeds(per_frame_embeds)
+    if not isinstance(cfg, bool):
+        raise TypeError(f"cfg must be a bool, got {type(cfg).__name__}")
+    state = getattr(unet, _STATE_ATTR, None)
+    if state is None:
+        names = spatial_cross_attention_names(unet)
+        if not names:
+            raise ValueError(f"{type(unet).__name__} has no spatial cross-attention module to feed")
+        state = _SynopsisState(embeds, cfg)
+        modules = dict(unet.named_modules())
+        for name in names:
+            module = modules[name]
+            original = module.processor
+            wrapper = _wrapper_class(type(original))(original, state)
+            state.originals[name] = (module, original, wrapper)
+            module.set_processor(wrapper)
+        state.hooks = [
+            unet.register_forward_pre_hook(state.begin_call, with_kwargs=True),
+            unet.register_forward_hook(state.end_call, always_call=True),
+        ]
+        setattr(unet, _STATE_ATTR, state)
+    else:
+        state.embeds, state.cfg = embeds, cfg
+
+
+def remove_vsp(target) -> None:
+    """Undo `apply_vsp`: the original processor objects and no VSP hooks. No-op if not applied.
+
+    A module whose processor was replaced again after `apply_vsp` keeps that newer processor
+    (with a warning): only VSP's own wrappers are taken out.
+    """
+    unet = _unet_of(target)
+    state = getattr(unet, _STATE_ATTR, None)
+    if state is None:
+        return
+    for hook in state.hooks:
+        hook.remove()
+    for name, (module, original, wrapper) in state.originals.items():
+        if module.processor is wrapper:
+            module.set_processor(original)
+        else:
+            warnings.warn(f"remove_vsp: the processor of {name} was replaced after apply_vsp; leaving it",
+                          stacklevel=2)
+    delattr(unet, _STATE_ATTR)
+
+
+def vsp_applied(target) -> bool:
+    """Whether `apply_vsp` is active on the target's UNet."""
+    return getattr(_unet_of(target), _STATE_ATTR, None) is not None
+
+
+def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear", anchors=None,
+                    clip_skip=None, lora_scale=None) -> torch.Tensor:
+    """Encode sub-prompts with the pipeline's own tokenizer and text encoder, then interpolate.
+
+    Args:
+        pipe: a diffusers pipeline with ``encode_prompt`` (`TextToVideoSDPipeline`,
+            `AnimateDiffPipeline`, ...).
+        sub_prompts: a list of K strings (one synopsis, states in order) or a list of P such
+            lists (one synopsis per video; their lengths may differ when `anchors` is None).
+        num_frames, mode, anchors: as in `vstar_kernels.vsp.interpolate_embeddings`.
+        clip_skip, lora_scale: passed to ``pipe.encode_prompt`` as the pipeline would.
+
+    Returns:
+        (N, L, C) for one synopsis, (P, N, L, C) for a list of them, on the pipeline's
+        execution device. Each sub-prompt is encoded on its own, exactly as the pipeline
+        encodes a single prompt, so a synopsis of identical sub-prompts reproduces the
+        pipeline's own embedding bit for bit.
+    """
+    synopses, batched = _check_sub_prompts(sub_prompts)
+    device = pipe._execution_device
+    out = []
+    for synopsis in synopses:
+        states = [pipe.encode_prompt(text, device, 1, False, clip_skip=clip_skip, lora_scale=lora_scale)[0]
+                  for text in synopsis]
+        out.append(interpolate_embeddings(torch.cat(states), num_frames, mode=mode, anchors=anchors))
+    return torch.stack(out) if batched else out[0]
+
+
+def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str = "linear", anchors=None,
+                           **pipe_kwargs):
+    """Run a video pipeline with one interpolated text embedding per frame.
+
+    Encodes `sub_prompts` (see `encode_synopsis`), applies VSP for the duration of the call
+    (classifier-free guidance from ``guidance_scale``, the pipeline's default when not
+    given), and returns what ``pipe(...)`` returns. The unconditional branch is the
+    pipeline's own (``negative_prompt`` or the empty prompt). `pipe_kwargs` go to the
+    pipeline unchanged, except ``prompt`` and ``prompt_embeds``, which the synopsis replaces.
+    """
+    for name in ("prompt", "prompt_embeds"):
+        if name in pipe_kwargs:
+            raise TypeError(f"generate_with_synopsis got {name}=...: the sub_prompts replace the prompt")
+    if vsp_applied(pipe):
+        raise ValueError("VSP is already applied to this pipeline; call remove_vsp(pipe) first")
+    params = inspect.signature(pipe.__call__).parameters
+    guidance_scale = pipe_kwargs.get("guidance_scale", params["guidance_scale"].default)
+    attention_kwargs = pipe_kwargs.get("cross_attention_kwargs") or {}
+    embeds = encode_synopsis(pipe, sub_prompts, num_frames, mode=mode, anchors=anchors,
+                             clip_skip=pipe_kwargs.get("clip_skip"), lora_scale=attention_kwargs.get("scale"))
+    # The conditional context the pipeline builds is replaced frame by frame; it only has
+    # to have the right shape, and the first frame's embedding is what frame 0 gets anyway.
+    first = embeds[:, 0] if embeds.dim() == 4 else embeds[:1]
+    apply_vsp(pipe, embeds, cfg=guidance_scale > 1)
+    try:
+        return pipe(prompt_embeds=first, num_frames=num_frames, **pipe_kwargs)
+    finally:
+        remove_vsp(pipe)
+
+
+class _SynopsisState:
+    """Embeddings, the current UNet call's shape, and the per-call context cache."""
+
+    def __init__(self, embeds: torch.Tensor, cfg: bool):
+        self.embeds = embeds  # (P, N, L, C)
+        self.cfg = cfg
+        self.originals = {}   # name -> (module, original processor, wrapper)
+        self.hooks = []
+        self.batch = None     # videos in the current UNet call (both guidance halves)
+        self._source = None
+        self._context = None
+
+    def begin_call(self, module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+            raise ValueError("VSP expects the UNet's sample as a (batch, channels, frames, height, width) tensor")
+        batch, frames = sample.shape[0], sample.shape[2]
+        prompts, n = self.embeds.shape[:2]
+        if frames != n:
+            raise ValueError(f"the per-frame embeddings cover {n} frames but the UNet is called with {frames}")
+        conditional = batch
+        if self.cfg:
+            if batch % 2:
+                raise ValueError(f"cfg=True needs an even UNet batch (unconditional half first), got {batch}")
+            conditional = batch // 2
+        if conditional % prompts:
+            raise ValueError(f"the UNet batch has {conditional} conditional videos, which the {prompts} "
+                             f"synopses of per_frame_embeds do not divide evenly")
+        self.batch = batch
+        self._source = self._context = None
+
+    def end_call(self, module, args, output):
+        self.batch = None
+        self._source = self._context = None
+
+    def context(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The (batch * N, L, C) per-frame context replacing `encoder_hidden_states`."""
+        if self.batch is None:
+            raise RuntimeError("a VSP processor ran outside a forward call of the UNet it was applied to")
+        if encoder_hidden_states is self._source:
+            return self._context
+        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
+            raise ValueError("VSP expects the cross-attention context as a (rows, tokens, channels) tensor")
+        prompts, n, tokens, channels = self.embeds.shape
+        rows = encoder_hidden_states.shape[0]
+        if tuple(encoder_hidden_states.shape[1:]) != (tokens, channels):
+            raise ValueError(f"the per-frame embeddings have (tokens, channels) {(tokens, channels)} but the UNet's "
+                             f"text context has {tuple(encoder_hidden_states.shape[1:])}")
+        if rows == self.batch * n:      # repeated over frames (UNet3D inside, AnimateDiff's pipeline)
+            per_video = encoder_hidden_states.view(self.batch, n, tokens, channels)
+        elif rows == self.batch:        # one row per video
+            per_video = encoder_hidden_states[:, None].expand(self.batch, n, tokens, channels)
+        else:
+            raise ValueError(f"the text context has {rows} rows, neither batch ({self.batch}) nor "
+                             f"batch x frames ({self.batch * n})")
+        conditional = self.batch // 2 if self.cfg else self.batch
+        cond = self.embeds.to(device=encoder_hidden_states.device, dtype=encoder_hidden_states.dtype)
+        cond = cond.repeat_interleave(conditional // prompts, dim=0)
+        if self.cfg:
+            cond = torch.cat([per_video[: self.batch - conditional], cond])
+        self._source = encoder_hidden_states
+        self._context = cond.reshape(self.batch * n, tokens, channels)
+        return self._context
+
+
+class _SynopsisProcessor:
+    """Calls the wrapped processor with the per-frame context in place of the shared one."""
+
+    def __init__(self, inner, state: _SynopsisState):
+        self.inner = inner
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
+        if isinstance(encoder_hidden_states, tuple):  # (text, image prompts) with IP-Adapter
+            encoder_hidden_states = (self.state.context(encoder_hidden_states[0]),) + encoder_hidden_states[1:]
+        else:
+            encoder_hidden_states = self.state.context(encoder_hidden_states)
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_class(inner_type: type) -> type:
+    """A `_SynopsisProcessor` subclass whose ``__call__`` shows the wrapped type's signature.
+
+    diffusers' `Attention.forward` drops every cross-attention keyword its processor's
+    ``__call__`` does not name, so the wrapper must name exactly what the wrapped one does.
+    """
+    inner_sig = inspect.signature(inner_type.__call__)
+
+    def __call__(self, *args, **kwargs):
+        return _SynopsisProcessor.__call__(self, *args, **kwargs)
+
+    __call__.__signature__ = inner_sig
+    return type(f"Synopsis{inner_type.__name__}", (_SynopsisProcessor,), {"__call__": __call__})
+
+
+def _unet_of(target):
+    unet = getattr(target, "unet", target)
+    if not isinstance(unet, SUPPORTED_UNETS):
+        raise TypeError(f"target must be a UNet3DConditionModel, a UNetMotionModel or a pipeline holding one "
+                        f"as .unet, got {type(target).__name__}")
+    return unet
+
+
+def _check_embeds(embeds) -> torch.Tensor:
+    if not isinstance(embeds, torch.Tensor):
+        raise TypeError(f"per_frame_embeds must be a torch.Tensor, got {type(embeds).__name__}")
+    if not embeds.is_floating_point():
+        raise TypeError(f"per_frame_embeds must be floating point, got {embeds.dtype}")
+    if embeds.dim() not in (3, 4) or 0 in embeds.shape:
+        raise ValueError(f"per_frame_embeds must be a non-empty (N, L, C) or (P, N, L, C) tensor, "
+                         f"got shape {tuple(embeds.shape)}")
+    return embeds if embeds.dim() == 4 else embeds.unsqueeze(0)
+
+
+def _check_sub_prompts(sub_prompts):
+    """The synopses as lists of strings, and whether a list of synopses was given."""
+    batched = isinstance(sub_prompts, (list, tuple)) and len(sub_prompts) > 0 and not isinstance(sub_prompts[0], str)
+    synopses = list(sub_prompts) if batched else [sub_prompts]
+    for synopsis in synopses:
+        if (isinstance(synopsis, str) or not isinstance(synopsis, (list, tuple)) or not synopsis
+                or not all(isinstance(text, str) for text in synopsis)):
+            raise TypeError("sub_prompts must be a non-empty list of strings (one synopsis) or a list of such "
+                            f"lists (one per video), got {sub_prompts!r}")
+    return [list(synopsis) for synopsis in synopses], batched

@@ -1,0 +1,150 @@
+"""Video Synopsis Prompting (VSP): one text embedding per frame, interpolated between key states.
+
+A prompt that describes a change ("a lake from frozen winter to autumn") is split
+into K sub-prompts, one per visual state. Each is encoded by the text encoder, the K
+embeddings are pinned to K anchor frames, and the frames in between get embeddings
+interpolated between their two neighbouring anchors. Frame f's spatial
+cross-attention then reads embedding f.
+
+This module needs only torch. The diffusers glue (`apply_vsp`, `remove_vsp`,
+`encode_synopsis`, `generate_with_synopsis`) lives in
+`vstar_kernels.integrations.vsp_diffusers` and is re-exported here on first access.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from importlib import resources
+
+import torch
+
+MODES = ("linear", "same")
+
+_DIFFUSERS_NAMES = ("apply_vsp", "remove_vsp", "encode_synopsis", "generate_with_synopsis")
+
+
+def default_anchors(num_frames: int, num_states: int) -> list:
+    """K anchor frames spread evenly over N frames: ``floor(i * (N - 1) / (K - 1))``.
+
+    This is ``linspace(0, N - 1, K)`` truncated to integers, computed in integer
+    arithmetic so that no rounding error moves an anchor (N=32, K=5 -> 0, 7, 15, 23, 31).
+    K = 1 gives ``[0]``.
+    """
+    n = _positive_int("num_frames", num_frames)
+    k = _positive_int("num_states", num_states)
+    if k > n:
+        raise ValueError(f"num_states ({k}) must not exceed num_frames ({n}): each state needs its own frame")
+    if k == 1:
+        return [0]
+    return [i * (n - 1) // (k - 1) for i in range(k)]
+
+
+def interpolate_embeddings(embeds: torch.Tensor, num_frames: int, *, mode: str = "linear",
+                           anchors=None) -> torch.Tensor:
+    """Spread K sub-prompt embeddings over N frames.
+
+    Args:
+        embeds: (K, L, C) or (B, K, L, C) text embeddings, K >= 1 states in temporal order
+            (L tokens of C channels, e.g. 77 x 1024), any floating dtype.
+        num_frames: N >= K, the number of frames of the video.
+        mode: "linear" interpolates linearly between the two anchors around a frame;
+            "same" holds each anchor's embedding until the next anchor.
+        anchors: K strictly increasing frame indices in [0, N - 1] (a sequence of ints or a
+            1-D integer tensor), shared by the whole batch. Default: `default_anchors(N, K)`.
+            Frames before the first anchor take the first embedding, frames after the last
+            anchor the last one.
+
+    Returns:
+        (N, L, C) or (B, N, L, C), embeds' dtype and device. Anchor frames hold their
+        embedding exactly, and a run of equal embeddings stays exactly equal in between.
+        Interpolation runs in float32 for float16/bfloat16 input.
+    """
+    if not isinstance(embeds, torch.Tensor):
+        raise TypeError(f"embeds must be a torch.Tensor, got {type(embeds).__name__}")
+    if not embeds.is_floating_point():
+        raise TypeError(f"embeds must be a floating-point tensor, got {embeds.dtype}")
+    if embeds.dim() not in (3, 4):
+        raise ValueError(f"embeds must be (K, L, C) or (B, K, L, C), got shape {tuple(embeds.shape)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    batched = embeds.dim() == 4
+    e = embeds if batched else embeds.unsqueeze(0)
+    k = e.shape[1]
+    if k < 1:
+        raise ValueError("embeds must hold at least one state (K >= 1)")
+    n = _positive_int("num_frames", num_frames)
+    anchors = default_anchors(n, k) if anchors is None else _check_anchors(anchors, n, k)
+
+    anchor_t = torch.tensor(anchors, dtype=torch.float64)
+    frames = torch.arange(n, dtype=torch.float64)
+    # left[f]: the last anchor at or before frame f (0 before the first anchor)
+    left = (torch.searchsorted(anchor_t, frames, right=True) - 1).clamp(min=0)
+    if mode == "same":
+        out = e[:, left.to(e.device)]
+    else:
+        right = (left + 1).clamp(max=k - 1)
+        # anchors are distinct ints, so a span is >= 1 unless left == right (both ends equal)
+        span = (anchor_t[right] - anchor_t[left]).clamp(min=1.0)
+        weight = ((frames - anchor_t[left]) / span).clamp(0.0, 1.0)
+        work = torch.promote_types(e.dtype, torch.float32)
+        w = weight.to(device=e.device, dtype=work)[None, :, None, None]
+        ew = e.to(work)
+        out = torch.lerp(ew[:, left.to(e.device)], ew[:, right.to(e.device)], w).to(e.dtype)
+    return out if batched else out.squeeze(0)
+
+
+def load_synopses() -> list:
+    """The example prompts of the VSTAR paper with a synopsis (list of sub-prompts) for each.
+
+    Returns a list of ``{"prompt": str, "synopsis": [str, ...]}`` dicts, read from the
+    package data file ``vstar_kernels/data/synopses.json``. The synopses are our own
+    wording of the visual states the paper's examples go through.
+    """
+    text = resources.files("vstar_kernels").joinpath("data/synopses.json").read_text(encoding="utf-8")
+    return json.loads(text)["examples"]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_anchors(anchors, n: int, k: int) -> list:
+    if isinstance(anchors, torch.Tensor):
+        if anchors.dim() != 1 or anchors.is_floating_point() or anchors.is_complex() or anchors.dtype == torch.bool:
+            raise TypeError(f"anchors must be a 1-D integer tensor, got {anchors.dtype} "
+                            f"of shape {tuple(anchors.shape)}")
+        values = anchors.tolist()
+    else:
+        try:
+            values = list(anchors)
+        except TypeError:
+            raise TypeError(f"anchors must be a sequence of ints, got {type(anchors).__name__}") from None
+        for a in values:
+            if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+                raise TypeError(f"anchors must be ints, got {a!r} ({type(a).__name__})")
+        values = [int(a) for a in values]
+    if len(values) != k:
+        raise ValueError(f"anchors has {len(values)} entries but embeds holds {k} states: one anchor per state")
+    bad = [a for a in values if not 0 <= a < n]
+    if bad:
+        raise ValueError(f"anchors must lie in [0, {n - 1}] for num_frames={n}, got {bad}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"anchors must be strictly increasing, got {values}")
+    return values
+
+
+def __getattr__(name):
+    if name in _DIFFUSERS_NAMES:
+        try:
+            from .integrations import vsp_diffusers
+        except ImportError as exc:
+            raise ImportError(
+                f"vstar_kernels.vsp.{name} needs diffusers: pip install 'vstar_kernels[diffusers]' ({exc})"
+            ) from exc
+        return getattr(vsp_diffusers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
