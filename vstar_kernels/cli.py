@@ -29,6 +29,7 @@ def cmd_info(args) -> int:
     print(f"python        {platform.python_version()}")
     print(f"torch         {torch.__version__}")
     print(f"triton        {_env.triton_version()}")
+    print(f"diffusers     {_env.diffusers_version()}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
     devices = ["cpu"]
     if torch.cuda.is_available():
