@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -72,3 +73,11 @@ def triton_version() -> str:
         return importlib.import_module("triton").__version__
     except Exception:
         return "not installed"
+
+
+def diffusers_version() -> str:
+    """The installed diffusers version (read from its metadata: diffusers is not imported)."""
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed (pip install vstar_kernels[diffusers] for vstar_kernels.diffusers)"

@@ -29,6 +29,7 @@ def cmd_info(args) -> int:
     print(f"python        {platform.python_version()}")
     print(f"torch         {torch.__version__}")
     print(f"triton        {_env.triton_version()}")
+    print(f"diffusers     {_env.diffusers_version()}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
     cuda_ext = _env.cuda_ops()
     print(f"cuda ext      {'built: ' + _env.cuda_extension_path() if cuda_ext.ok else 'unavailable: ' + cuda_ext.reason}")

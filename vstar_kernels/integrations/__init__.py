@@ -1,1 +1,5 @@
-"""Glue to host libraries (diffusers). Each submodule imports its host library; this package does not."""
+"""Glue to host libraries. Nothing here is imported by `import vstar_kernels`.
+
+`steps` needs only torch; `diffusers` and `vsp_diffusers` need the diffusers package and
+are reached through the public `vstar_kernels.diffusers` and `vstar_kernels.vsp`.
+"""

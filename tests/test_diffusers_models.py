@@ -1,0 +1,350 @@
+"""apply_tar / remove_tar on tiny random models of the five video families (CPU, no downloads).
+
+Each regularized attention module is checked call by call: its output must equal
+a float64 evaluation of the semantics (helpers.naive_tar) on the inputs it received,
+with the (sigma, strength) of the level where the module sits.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AnimateDiffPipeline
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from helpers import TOLERANCES, assert_close_to_reference, naive_tar
+from conftest import DEVICE
+from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+    FAMILIES,
+    motion_adapter,
+    motion_inputs,
+    one_torch_thread,
+    unet2d,
+    unet3d_inputs,
+    wide_motion,
+)
+
+from vstar_kernels.diffusers import PRESETS, TARAttnProcessor, TARConfig, apply_tar, remove_tar, reset_steps
+from vstar_kernels.integrations.diffusers import tar_site
+from vstar_kernels.integrations.steps import StepTracker
+
+# distinct (sigma, strength) per level, so that a module at the wrong level fails its check
+LEVEL_SPECS = {0: (1.0, 1.0), 1: (2.0, 0.75), 2: (3.0, 0.5)}
+
+
+def forward(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def attention_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def processors(model):
+    return {name: m.processor for name, m in attention_modules(model).items()}
+
+
+def run_capturing(model, inputs, names):
+    """Forward once; returns {name: [(hidden_states, encoder_hidden_states, output), ...]} for `names`."""
+    calls = {name: [] for name in names}
+    handles = []
+    modules = attention_modules(model)
+    for name in names:
+        def hook(module, args, kwargs, output, name=name):
+            x = args[0] if args else kwargs["hidden_states"]
+            calls[name].append((x, kwargs.get("encoder_hidden_states"), output))
+        handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
+    try:
+        out = forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, calls
+
+
+def attention64(attn, x, context, sigma, strength):
+    """The module's output in float64: projections, TAR (naive_tar), output projection."""
+    assert attn.group_norm is None and attn.spatial_norm is None and attn.norm_q is None
+    assert not attn.residual_connection and attn.rescale_output_factor == 1.0
+
+    def linear(layer, t):
+        return F.linear(t.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+
+    context = x if context is None else context
+    B, N, _ = x.shape
+
+    def heads(t):
+        return t.view(B, t.shape[1], attn.heads, -1).transpose(1, 2)
+
+    out = naive_tar(heads(linear(attn.to_q, x)), heads(linear(attn.to_k, context)),
+                    heads(linear(attn.to_v, context)), sigma=sigma, strength=strength)
+    return linear(attn.to_out[0], out.transpose(1, 2).reshape(B, N, -1))
+
+
+def check_modules(model, calls, specs):
+    """Every call of every module in `specs` (name -> (sigma, strength)) against float64."""
+    modules = attention_modules(model)
+    for name, (sigma, strength) in specs.items():
+        assert calls[name], f"{name} was not called"
+        for x, context, out in calls[name]:
+            ref = attention64(modules[name], x, context, sigma, strength)
+            assert_close_to_reference(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tar_regularizes_exactly_the_temporal_attention(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    expected = fam.expected_levels(model)
+    levels = sorted(set(expected.values()))
+    before = processors(model)
+    plain = forward(model, inputs)
+
+    config = TARConfig(levels={lvl: LEVEL_SPECS[lvl] for lvl in levels}, until_step=None)
+    names = apply_tar(model, config)
+    assert sorted(names) == sorted(expected)
+    out, calls = run_capturing(model, inputs, expected)
+    check_modules(model, calls, {name: LEVEL_SPECS[lvl] for name, lvl in expected.items()})
+    for name, proc in processors(model).items():
+        if name in expected:
+            assert isinstance(proc, TARAttnProcessor)
+            assert tar_site(attention_modules(model)[name]).level == expected[name]
+        else:
+            assert proc is before[name], f"{name} was touched"
+    assert (out - plain).abs().max() > 1e-3, "TAR did not change the model output"
+
+    remove_tar(model)
+    assert torch.equal(forward(model, inputs), plain)
+    assert all(processors(model)[name] is proc for name, proc in before.items())
+    assert not model._forward_pre_hooks
+    assert StepTracker.of(model) is None
+    assert all(tar_site(m) is None for m in attention_modules(model).values())
+
+
+@pytest.mark.parametrize("family", ["unet3d", "i2vgen_xl"])
+def test_input_block_temporal_attention_only_on_request(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    without = fam.expected_levels(model)
+    with_input = fam.expected_levels(model, include_input_block=True)
+    assert len(with_input) > len(without)
+
+    assert sorted(apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))) == sorted(
+        n for n, lvl in without.items() if lvl == 0)
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, include_input_block=True))
+    level0 = sorted(n for n, lvl in with_input.items() if lvl == 0)
+    assert sorted(names) == level0
+    _, calls = run_capturing(model, inputs, level0)
+    check_modules(model, calls, {name: (1.0, 1.0) for name in level0})
+
+
+def preset_levels(name):
+    """Paper preset name -> {level: sigma}: "64" is level 0, "32" level 1, "D" precedes sigma."""
+    width_level = {"64": 0, "32": 1, "16": 2, "8": 3}
+    return {width_level[w]: float(s) for w, s in re.findall(r"(\d+)D(\d+)", name)}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_regularize_the_levels_in_their_names(preset):
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    expected = fam.expected_levels(model)
+    levels = preset_levels(preset)
+    config = TARConfig.from_preset(preset)
+    assert config.until_step == 13 and not config.include_input_block
+    names = apply_tar(model, config)
+    assert sorted(names) == sorted(n for n, lvl in expected.items() if lvl in levels)
+    modules = attention_modules(model)
+    for name in names:
+        site = tar_site(modules[name])
+        assert (site.spec.sigma, site.spec.strength) == (levels[expected[name]], 1.0)
+
+
+def test_step_gate_flips_after_until_step_and_reset_restarts():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 1.0)}, until_step=2))
+    outs = [forward(model, inputs) for _ in range(5)]
+    assert (outs[0] - plain).abs().max() > 1e-3
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    assert torch.equal(outs[3], plain) and torch.equal(outs[4], plain)
+    reset_steps(model)
+    assert torch.equal(forward(model, inputs), outs[0])
+
+
+def test_apply_tar_starts_counting_at_0_on_a_shared_step_tracker():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    plain = forward(model, inputs)
+    tracker = StepTracker.attach(model, "another feature")
+    for _ in range(3):
+        forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    assert StepTracker.of(model) is tracker
+    assert (forward(model, inputs) - plain).abs().max() > 1e-3
+    assert torch.equal(forward(model, inputs), plain)
+    remove_tar(model)
+    assert StepTracker.of(model) is tracker and len(model._forward_pre_hooks) == 1
+
+
+def test_identity_levels_and_sdpa_path_match_attn_processor_2_0_bitwise():
+    """strength 0 / sigma = inf, and a TARAttnProcessor on every module without TAR: the plain model, bit for bit."""
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 0.0), 1: (math.inf, 1.0)}, until_step=None))
+    assert torch.equal(forward(model, inputs), plain)
+    remove_tar(model)
+    model.set_attn_processor(TARAttnProcessor())
+    assert torch.equal(forward(model, inputs), plain)
+
+
+@pytest.mark.parametrize("case", ["mask-4d-residual", "cross-groupnorm-rescale"])
+def test_processor_without_tar_equals_attn_processor_2_0_on_module_options(case):
+    torch.manual_seed(0)
+    if case == "mask-4d-residual":
+        attn = Attention(query_dim=8, heads=2, dim_head=4, residual_connection=True)
+        x = torch.randn(2, 8, 3, 3)  # image-shaped input
+        kwargs = dict(attention_mask=torch.randn(2, 1, 9))
+    else:
+        attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, norm_num_groups=2,
+                         rescale_output_factor=2.0, cross_attention_norm="layer_norm")
+        x = torch.randn(2, 5, 8)
+        kwargs = dict(encoder_hidden_states=torch.randn(2, 7, 6))
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        ref = attn(x, **kwargs)
+        attn.set_processor(TARAttnProcessor())
+        assert torch.equal(attn(x, **kwargs), ref)
+
+
+class ViewRecorder(TARAttnProcessor):
+    """Records the layout of the q/k/v it receives and the step it is called at."""
+
+    def __init__(self):
+        self.seen = []
+
+    def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
+        self.seen.append((attn.heads, query, key, value, step))
+        return super().attention(attn, query, key, value, attention_mask=attention_mask, step=step)
+
+
+def test_q_k_v_are_strided_views_and_recreated_processors_keep_tar():
+    """A fresh TARAttnProcessor() (as diffusers makes when loading IP adapters) keeps the module's TAR."""
+    fam = FAMILIES["motion"]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 1.0)}, until_step=None))
+    tar_out = forward(model, inputs)
+    recorder = ViewRecorder()
+    modules = attention_modules(model)
+    for name in names:
+        modules[name].set_processor(recorder)
+    assert torch.equal(forward(model, inputs), tar_out)
+    assert len(recorder.seen) == len(names)
+    for heads, *qkv, step in recorder.seen:
+        assert step == 1
+        for t in qkv:
+            B, H, N, D = t.shape
+            assert H == heads
+            # (B, N, H, D) memory viewed as (B, H, N, D): no copy was made
+            assert t.stride() == (N * H * D, D, H * D, 1)
+
+
+def test_free_noise_windows_are_regularized_per_chunk_and_resynced():
+    """FreeNoise runs the motion modules on frame windows; blocks it swaps in after apply_tar get TAR at the next run."""
+    fam = FAMILIES["motion"]
+    model = fam.model()
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=model,
+                               motion_adapter=motion_adapter(), scheduler=None)
+    inputs = motion_inputs(model, batch=1, frames=16)
+    config = TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 0.75)}, until_step=None)
+
+    names = apply_tar(model, config)
+    old = {name: attention_modules(model)[name] for name in names}
+    pipe.enable_free_noise(context_length=8, context_stride=4)
+    fresh = attention_modules(model)
+    assert all(fresh[name] is not old[name] and tar_site(fresh[name]) is None for name in names)
+    reset_steps(model)  # a new run (a pipeline's set_timesteps does the same)
+    expected = fam.expected_levels(model)
+    assert {n for n, m in fresh.items() if tar_site(m) is not None} == {n for n, lvl in expected.items() if lvl <= 1}
+
+    _, calls = run_capturing(model, inputs, [n for n, lvl in expected.items() if lvl <= 1])
+    for name, module_calls in calls.items():
+        assert len(module_calls) == 3 and all(x.shape[1] == 8 for x, _, _ in module_calls)  # windows 0-8, 4-12, 8-16
+    check_modules(model, calls, {n: LEVEL_SPECS[lvl] for n, lvl in expected.items() if lvl <= 1})
+    remove_tar(model)
+    assert all(isinstance(m.processor, AttnProcessor2_0) and tar_site(m) is None
+               for m in attention_modules(model).values())
+
+
+def test_triton_and_reference_backends_give_the_same_unet_output():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    outs = {}
+    for backend in ("reference", "triton"):
+        apply_tar(model, TARConfig.from_preset("64D1_32D8", backend=backend))
+        outs[backend] = forward(model, inputs)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=atol, rtol=rtol)
+
+
+class KernelRecorder(TARAttnProcessor):
+    """Keeps q, k, v, the level spec and the output of every regularized attention call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
+        out = super().attention(attn, query, key, value, attention_mask=attention_mask, step=step)
+        self.calls.append((query, key, value, tar_site(attn).spec_at(step), out))
+        return out
+
+
+@pytest.mark.gpu
+def test_fused_kernel_in_a_half_precision_animatediff_unet_matches_float64():
+    """CUDA fp16 with head dims 16 and 160 (AnimateDiff's widest): every TAR call against naive_tar."""
+    model = wide_motion().to(DEVICE, torch.float16)
+    inputs = {k: v.to(DEVICE, torch.float16) if v.is_floating_point() else v.to(DEVICE)
+              for k, v in motion_inputs(model).items()}
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (8.0, 1.0)}, until_step=None, backend="triton"))
+    recorder = KernelRecorder()
+    modules = attention_modules(model)
+    for name in names:
+        modules[name].set_processor(recorder)
+    forward(model, inputs)
+    assert len(recorder.calls) == len(names)
+    assert {q.shape[-1] for q, *_ in recorder.calls} == {16, 160}
+    for q, k, v, spec, out in recorder.calls:
+        ref = naive_tar(q.cpu(), k.cpu(), v.cpu(), sigma=spec.sigma, strength=spec.strength)
+        assert_close_to_reference(out.cpu(), ref, torch.float16)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="no temporal self-attention.*UNet2DConditionModel|UNet2DConditionModel.*no temporal"):
+        apply_tar(unet2d(), TARConfig.from_preset("64D1"))
+    latte = FAMILIES["latte"].model()
+    with pytest.raises(ValueError, match=r"levels \[1\].*levels \[0\]"):
+        apply_tar(latte, TARConfig.from_preset("64D1_32D8"))
+    with pytest.raises(TypeError, match="config must be a TARConfig"):
+        apply_tar(latte, {0: (1.0, 1.0)})
+    with pytest.raises(TypeError, match="pipeline"):
+        apply_tar(object(), TARConfig.from_preset("64D1"))
+    with pytest.raises(ValueError, match="apply_tar first"):
+        reset_steps(latte)
+    remove_tar(latte)  # nothing applied: a no-op
+
+    names = apply_tar(latte, TARConfig.from_preset("64D1"))
+    attn = attention_modules(latte)[names[0]]
+    x = torch.randn(2, 8, attn.query_dim)
+    with pytest.raises(ValueError, match="attention_mask"), torch.no_grad():
+        attn(x, attention_mask=torch.zeros(2, 1, 8))

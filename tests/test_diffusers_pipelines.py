@@ -1,0 +1,130 @@
+"""Through real diffusers pipelines with tiny random components: the step TAR sees is the loop index.
+
+Prompt embeddings are passed directly (no tokenizer, text encoder or VAE;
+output_type="latent"). Classifier-free guidance is on, so each UNet call
+carries both branches in one batch.
+"""
+
+import pytest
+import torch
+from diffusers import (
+    AnimateDiffPipeline,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    TextToVideoSDPipeline,
+)
+from tiny_video_models import FAMILIES, motion_adapter, one_torch_thread, randn  # noqa: F401 (autouse fixture)
+
+from vstar_kernels.diffusers import TARAttnProcessor, TARConfig, apply_tar, remove_tar
+from vstar_kernels.integrations.diffusers import tar_site
+
+UNTIL = 13
+
+
+class StepRecorder(TARAttnProcessor):
+    """Records (step, regularized) for every attention call it makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
+        self.calls.append((step, tar_site(attn).spec_at(step) is not None))
+        return super().attention(attn, query, key, value, attention_mask=attention_mask, step=step)
+
+
+class LoopWatcher:
+    """Collects, per loop iteration, the calls the recorder saw during it."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+        self.iterations = []  # (loop index, [(step, regularized), ...])
+        self._mark = 0
+
+    def __call__(self, i):
+        self.iterations.append((i, self.recorder.calls[self._mark:]))
+        self._mark = len(self.recorder.calls)
+
+    def check(self, loops, modules):
+        """`loops`: the loop lengths of the runs (each restarts at 0); `modules`: regularized modules."""
+        expected = [i for n in loops for i in range(n)]
+        assert [i for i, _ in self.iterations] == expected
+        for i, calls in self.iterations:
+            assert len(calls) == modules
+            assert all(step == i for step, _ in calls), (i, calls)
+            assert all(regularized == (i <= UNTIL) for _, regularized in calls), (i, calls)
+
+
+def record(pipe, config):
+    names = apply_tar(pipe, config)
+    recorder = StepRecorder()
+    modules = dict(pipe.unet.named_modules())
+    for name in names:
+        modules[name].set_processor(recorder)
+    return LoopWatcher(recorder), len(names)
+
+
+def embeds():
+    return dict(prompt_embeds=randn(1, 3, 8, seed=5), negative_prompt_embeds=randn(1, 3, 8, seed=6))
+
+
+def test_text_to_video_pipeline_steps_are_the_loop_index():
+    unet = FAMILIES["unet3d"].model()
+    pipe = TextToVideoSDPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    watcher, modules = record(pipe, TARConfig.from_preset("64D1_32D8"))
+    for steps in (25, 3):  # the second call starts at step 0 again
+        pipe(**embeds(), num_inference_steps=steps, num_frames=8, height=32, width=32, guidance_scale=7.5,
+             output_type="latent", callback=lambda i, t, latents: watcher(i), callback_steps=1)
+    watcher.check([25, 3], modules)
+
+
+def animatediff(scheduler):
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                               motion_adapter=motion_adapter(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_animatediff(pipe, watcher, steps):
+    def on_step_end(pipeline, i, t, kwargs):
+        watcher(i)
+        return {}
+
+    pipe(**embeds(), num_inference_steps=steps, num_frames=8, height=32, width=32, guidance_scale=7.5,
+         output_type="latent", callback_on_step_end=on_step_end)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "heun", "replaced"])
+def test_animatediff_pipeline_steps_are_the_loop_index(scheduler):
+    """Heun runs the UNet twice per timestep; 'replaced' swaps pipe.scheduler after apply_tar."""
+    pipe = animatediff(HeunDiscreteScheduler() if scheduler == "heun" else DDIMScheduler())
+    watcher, modules = record(pipe, TARConfig.from_preset("64D1_32D8"))
+    if scheduler == "replaced":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    runs = (10, 2) if scheduler == "heun" else (25, 3)  # the second run starts at step 0 again
+    for steps in runs:
+        run_animatediff(pipe, watcher, steps)
+    watcher.check([2 * n - 1 if scheduler == "heun" else n for n in runs], modules)
+
+
+def test_free_init_iterations_each_restart_at_step_0():
+    pipe = animatediff(DDIMScheduler())
+    pipe.enable_free_init(num_iters=2)
+    watcher, modules = record(pipe, TARConfig.from_preset("64D1"))
+    run_animatediff(pipe, watcher, 5)
+    watcher.check([5, 5], modules)
+
+
+def test_tar_changes_the_generated_latents_and_remove_restores_them():
+    pipe = animatediff(DDIMScheduler())
+
+    def generate():
+        return pipe(**embeds(), num_inference_steps=4, num_frames=8, height=32, width=32, guidance_scale=7.5,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    plain = generate()
+    apply_tar(pipe, TARConfig.from_preset("64D1"))
+    assert (generate() - plain).abs().max() > 1e-3
+    remove_tar(pipe)
+    assert torch.equal(generate(), plain)

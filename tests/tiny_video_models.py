@@ -1,0 +1,176 @@
+"""Tiny random diffusers video models built from configs (no downloads), with inputs and expectations.
+
+Each family gives: a model in eval mode (seeded), keyword inputs for one forward
+call, and the attention modules TAR must regularize with their resolution level,
+written from the issue's list of modules (independently of the code under test).
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import pytest
+import torch
+from diffusers import (
+    I2VGenXLUNet,
+    LatteTransformer3DModel,
+    MotionAdapter,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+    UNetMotionModel,
+    UNetSpatioTemporalConditionModel,
+)
+from diffusers.models.attention_processor import Attention
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: one thread is fastest, and it keeps a busy CI machine from thrashing in thread barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+BLOCKS = "(?:down_blocks\\.(?P<down>\\d+)|mid_block|up_blocks\\.(?P<up>\\d+))"
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class Family:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[torch.nn.Module], dict]
+    temporal: str                 # regex of the regularized modules' names
+    input_block: Optional[str]    # regex of the input-block temporal attentions (level 0)
+
+    def model(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return self.build().eval()
+
+    def expected_levels(self, model, include_input_block=False) -> Dict[str, int]:
+        """name -> level of every attention module TAR must regularize (at any configured level)."""
+        levels = len(model.down_blocks) if hasattr(model, "down_blocks") else 1
+        found = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, Attention):
+                continue
+            m = re.fullmatch(self.temporal, name)
+            if m is not None:
+                groups = m.groupdict()
+                if groups.get("down") is not None:
+                    found[name] = int(groups["down"])
+                elif groups.get("up") is not None:
+                    found[name] = levels - 1 - int(groups["up"])
+                else:
+                    found[name] = levels - 1 if name.startswith("mid_block") else 0
+            elif include_input_block and self.input_block and re.fullmatch(self.input_block, name):
+                found[name] = 0
+        return found
+
+
+def _unet3d():
+    return UNet3DConditionModel(
+        block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+        attention_head_dim=4, sample_size=8,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"))
+
+
+def unet3d_inputs(model, batch=2, frames=8, size=8):
+    return dict(sample=randn(batch, 4, frames, size, size, seed=1), timestep=torch.tensor(500),
+                encoder_hidden_states=randn(batch, 3, 8, seed=2))
+
+
+def _i2vgen():
+    return I2VGenXLUNet(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+        attention_head_dim=4, sample_size=8,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+
+
+def _i2vgen_inputs(model):
+    return dict(sample=randn(1, 4, 8, 8, 8, seed=1), timestep=torch.tensor(500), fps=torch.tensor([8]),
+                image_latents=randn(1, 4, 8, 8, 8, seed=3), image_embeddings=randn(1, 8, seed=4),
+                encoder_hidden_states=randn(1, 3, 8, seed=2))
+
+
+def _motion(channels=(8, 16, 16), groups=4):
+    blocks = len(channels)
+    return UNetMotionModel(
+        block_out_channels=channels, layers_per_block=1, norm_num_groups=groups, cross_attention_dim=8,
+        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32, sample_size=8,
+        down_block_types=("CrossAttnDownBlockMotion",) * (blocks - 1) + ("DownBlockMotion",),
+        up_block_types=("UpBlockMotion",) + ("CrossAttnUpBlockMotion",) * (blocks - 1))
+
+
+def wide_motion():
+    """AnimateDiff's widest temporal head dim, 160 (1280 channels / 8 heads), at level 1."""
+    torch.manual_seed(0)
+    return _motion(channels=(32, 320), groups=32).eval()
+
+
+def motion_adapter():
+    """The adapter matching `_motion` (AnimateDiff pipelines read its config, e.g. for FreeNoise)."""
+    torch.manual_seed(0)
+    return MotionAdapter(block_out_channels=(8, 16, 16), motion_layers_per_block=1, motion_num_attention_heads=2,
+                         motion_norm_num_groups=4, motion_max_seq_length=32)
+
+
+def motion_inputs(model, batch=2, frames=16):
+    # the pipeline repeats the text embedding per frame before calling the UNet
+    text = randn(batch, 3, 8, seed=2).repeat_interleave(frames, dim=0)
+    return dict(sample=randn(batch, 4, frames, 8, 8, seed=1), timestep=torch.tensor(500), encoder_hidden_states=text)
+
+
+def _svd():
+    # the spatio-temporal blocks hard-code 32 norm groups: 32 channels is the smallest width
+    return UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=8, num_attention_heads=(2, 4),
+        sample_size=8, in_channels=8, out_channels=4, addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"))
+
+
+def _svd_inputs(model):
+    return dict(sample=randn(1, 8, 8, 8, 8, seed=1), timestep=torch.tensor(10.0),
+                encoder_hidden_states=randn(1, 1, 8, seed=2), added_time_ids=torch.tensor([[6.0, 127.0, 0.02]]))
+
+
+def _latte():
+    return LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=8, sample_size=8, patch_size=2, norm_type="ada_norm_single", caption_channels=8,
+        video_length=8)
+
+
+def _latte_inputs(model):
+    return dict(hidden_states=randn(1, 4, 8, 8, 8, seed=1), timestep=torch.tensor([500]),
+                encoder_hidden_states=randn(1, 3, 8, seed=2))
+
+
+FAMILIES = {
+    "unet3d": Family("unet3d", _unet3d, unet3d_inputs,
+                     BLOCKS + r"\.temp_attentions\.\d+\.transformer_blocks\.\d+\.attn[12]",
+                     r"transformer_in\.transformer_blocks\.\d+\.attn[12]"),
+    "i2vgen_xl": Family("i2vgen_xl", _i2vgen, _i2vgen_inputs,
+                        BLOCKS + r"\.temp_attentions\.\d+\.transformer_blocks\.\d+\.attn[12]",
+                        r"transformer_in\.transformer_blocks\.\d+\.attn[12]|image_latents_temporal_encoder\.attn1"),
+    "motion": Family("motion", _motion, motion_inputs,
+                     BLOCKS + r"\.motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]", None),
+    "svd": Family("svd", _svd, _svd_inputs,
+                  BLOCKS + r"\.attentions\.\d+\.temporal_transformer_blocks\.\d+\.attn1", None),
+    "latte": Family("latte", _latte, _latte_inputs, r"temporal_transformer_blocks\.\d+\.attn1", None),
+}
+
+
+def unet2d():
+    """An image UNet: no temporal attention at all."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                cross_attention_dim=8, attention_head_dim=4, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
