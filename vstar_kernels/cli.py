@@ -97,6 +97,19 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def _configure_bench(parser):
+    from .bench import configure
+
+    configure(parser)
+
+
+@command("bench", "benchmark every implementation: CSV rows, a markdown table, plots", _configure_bench)
+def cmd_bench(args) -> int:
+    from .bench import main
+
+    return main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vstar_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
