@@ -2,10 +2,11 @@
 
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 from vstar_kernels.bench.harness import COLUMNS
-from vstar_kernels.bench.report import markdown, read_csv
+from vstar_kernels.bench.report import markdown, read_csv, render
 
 HERE = Path(__file__).resolve().parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -68,3 +69,12 @@ def test_plot_script_regenerates_from_a_csv(tmp_path):
     for metric in ("time", "speedup", "bandwidth"):
         assert (tmp_path / f"synthetic-20990101-{metric}-fp16.png").read_bytes()[:8] == PNG
     assert script.main([str(tmp_path / "missing.csv")]) == 2
+
+
+def test_without_matplotlib_the_table_is_still_written(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "synthetic-20990101.csv"
+    write_csv(path, ROWS)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert render(path) == [tmp_path / "synthetic-20990101.md"]
+    assert "plots skipped: matplotlib is not importable" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))

@@ -20,7 +20,8 @@ def configure(parser) -> None:
                         help="sequence lengths (frames); default 16..2048 on GPU; also the UNet frame counts")
     parser.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (see --list)")
     parser.add_argument("--impls", nargs="+", metavar="IMPL", help="implementations to run (default: all)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where to run (default: cuda when available)")
     parser.add_argument("--out", default="benchmarks/results", help="results directory (default: %(default)s)")
     parser.add_argument("--time-budget-s", type=float, metavar="S",
                         help="stop measuring after S seconds; the rest get 'unsupported: not run: ...' rows")
@@ -30,7 +31,7 @@ def configure(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list", action="store_true", help="list the named shapes and implementations")
     parser.add_argument("--model-table", action="store_true",
-                        help="print the bytes/FLOPs table of the selected shapes and N, measure nothing")
+                        help="print the bytes/FLOPs table (the GPU shapes and N unless --shapes/--n), measure nothing")
 
 
 def main(args) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -290,5 +291,10 @@ def render(csv_path, plots: bool = True) -> list:
     md.write_text(markdown(rows, f"TAR benchmark: {csv_path.name}"), encoding="utf-8")
     written = [md]
     if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            print(f"plots skipped: matplotlib is not importable ({exc})", file=sys.stderr)
+            return written
         written += draw_plots(rows, stem)
     return written
