@@ -28,7 +28,6 @@ COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 NOT_RUN = "unsupported: not run: "
-COPY_IMPL = "device_copy"
 # Inputs are rotated through enough copies to fill this many bytes (at most MAX_SETS copies), so
 # a small shape is not timed from a warm cache.
 ROTATE_BYTES = 256 << 20
@@ -158,9 +157,14 @@ class Sweep:
     # ---------------------------------------------------------------- the run
 
     def measure_copy(self):
-        gbps, timing, nbytes = measure.copy_bandwidth(self.device)
+        """The device_copy row: the peak that pct_peak_bw is relative to."""
+        try:
+            gbps, timing, nbytes = measure.copy_bandwidth(self.device)
+        except Exception as exc:
+            self.write(report.COPY_IMPL, "", "", "", "", "uint8", status=classify(exc))
+            return
         self.peak_gbps = gbps
-        self.write(COPY_IMPL, "", "", "", "", "uint8", timing=timing, nbytes=2 * nbytes)
+        self.write(report.COPY_IMPL, "", "", "", "", "uint8", timing=timing, nbytes=2 * nbytes)
 
     def run(self, kernel_cases, unet_cases, peers):
         total = len(kernel_cases) * len(peers) + len(unet_cases) * 3

@@ -14,10 +14,10 @@ from collections import OrderedDict
 from pathlib import Path
 
 from . import shapes
+from .e2e import VARIANTS as UNET_IMPLS
 from .peers import OURS, PEERS
 
 COPY_IMPL = "device_copy"
-UNET_IMPLS = ("unet_stock", "unet_tar_triton", "unet_tar_reference")
 METRICS = ("time", "speedup", "bandwidth")
 
 
