@@ -1,4 +1,4 @@
-"""`python -m vstar_kernels <command>`: info, demo, plot-delta."""
+"""`python -m vstar_kernels <command>`: each subcommand registers itself with @command."""
 
 from __future__ import annotations
 
@@ -119,6 +119,19 @@ def cmd_plot_delta(args) -> int:
         return 2
     print(f"wrote {args.out}: {', '.join(drawn)} over {args.frames} frames")
     return 0
+
+
+def _configure_bench(parser):
+    from .bench import configure
+
+    configure(parser)
+
+
+@command("bench", "benchmark every implementation: CSV rows, a markdown table, plots", _configure_bench)
+def cmd_bench(args) -> int:
+    from .bench import main
+
+    return main(args)
 
 
 def main(argv=None) -> int:

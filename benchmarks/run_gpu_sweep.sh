@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one call (H100/H200, fits a 10-minute command): GPU tests, the kernel
+# sweep, the end-to-end UNet case, then the markdown table and plots. Results land in
+# benchmarks/results/<device>-<yyyymmdd>.{csv,md} (+ PNGs) with a log holding the device,
+# driver, versions, commit and date; when $OUT is set they are copied there too.
+#
+#   VSTAR_BENCH_COMMIT=<commit of the code> bash benchmarks/run_gpu_sweep.sh [STAGE]
+#
+# STAGE: all (default) | tests | kernels | e2e | quick
+#   kernels and e2e resume: cells this commit already measured in today's CSV (copied back into
+#   benchmarks/results/ between calls) are skipped, so a second call continues where the first
+#   one's time budget ran out. Budgets (seconds): TEST_BUDGET_S, KERNEL_BUDGET_S, E2E_BUDGET_S.
+# Optional packages the GPU machine lacks (diffusers, tqdm) can be carried in .gpu_site/
+# (pip install --target .gpu_site diffusers tqdm); without them the UNet rows say why.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+STAGE="${1:-all}"
+TEST_BUDGET_S="${TEST_BUDGET_S:-120}"
+KERNEL_BUDGET_S="${KERNEL_BUDGET_S:-300}"
+E2E_BUDGET_S="${E2E_BUDGET_S:-90}"
+RESULTS=benchmarks/results
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .gpu_site ]; then
+    export PYTHONPATH="$PWD/.gpu_site:$PYTHONPATH"
+fi
+export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+mkdir -p "$RESULTS"
+STAMP="$(date -u +%Y%m%d)"
+LOG="$RESULTS/gpu-$STAMP-$(date -u +%H%M%S)-$STAGE.log"
+
+run_stage() {  # name, then the command
+    local name="$1"
+    shift
+    echo "== $name: $* ($(date -u +%T))"
+    "$@"
+    echo "== $name: exit $? ($(date -u +%T))"
+}
+
+{
+    echo "date: $(date -u +%FT%TZ)  stage: $STAGE  commit: $VSTAR_BENCH_COMMIT"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory --format=csv
+    python3 -m vstar_kernels info
+    case "$STAGE" in
+        all | tests)
+            # SIGINT: pytest stops and still prints what passed and failed.
+            run_stage "gpu tests" timeout -s INT "$TEST_BUDGET_S" python3 -m pytest -q -m gpu tests ;;&
+        all | kernels)
+            run_stage "kernel sweep" python3 -m vstar_kernels bench --no-progress --resume --no-plots \
+                --shapes $(python3 -c "from vstar_kernels.bench import shapes; print(*(n for n in shapes.GPU_FULL if not shapes.is_unet(n)))") \
+                --time-budget-s "$KERNEL_BUDGET_S" ;;&
+        all | e2e)
+            run_stage "UNet end to end" python3 -m vstar_kernels bench --no-progress --resume --no-plots \
+                --shapes unet-modelscope-320x512 unet-modelscope-256x256 --time-budget-s "$E2E_BUDGET_S" ;;&
+        quick)
+            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --no-progress --resume --no-plots ;;
+        all | tests | kernels | e2e) ;;
+        *)
+            echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick)"
+            exit 2 ;;
+    esac
+    run_stage "tables and plots" python3 benchmarks/plot_results.py $(ls "$RESULTS"/*-"$STAMP".csv 2>/dev/null)
+} 2>&1 | tee "$LOG"
+
+if [ -n "${OUT:-}" ]; then
+    cp "$RESULTS"/*"$STAMP"* "$OUT"/ 2>/dev/null
+    echo "copied $(ls "$RESULTS"/*"$STAMP"* | wc -l) files to $OUT"
+fi

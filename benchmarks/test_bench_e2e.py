@@ -1,0 +1,148 @@
+"""The end-to-end UNet case on a tiny UNet3DConditionModel (CPU: TAR's Triton variant runs in the interpreter).
+
+`vstar_kernels.diffusers` is developed separately; until it is importable here a
+small stand-in with the same API (TARConfig, apply_tar, remove_tar) drives the
+harness, and the test against the real integration is skipped with the reason.
+"""
+
+import dataclasses
+import functools
+import sys
+import types
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import vstar_kernels as vk
+from vstar_kernels.bench import e2e, measure, shapes
+from vstar_kernels.bench.harness import classify
+
+pytest.importorskip("diffusers", reason="the end-to-end case needs diffusers")
+
+TINY = shapes.SHAPES["unet-tiny"]
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+
+
+class _TarProcessor:
+    """Self-attention over frames with TAR, for the stand-in integration."""
+
+    def __init__(self, backend, sigma):
+        self.backend, self.sigma = backend, sigma
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        assert encoder_hidden_states is None and attention_mask is None
+        b, n, _ = hidden_states.shape
+        q, k, v = (proj(hidden_states).view(b, n, attn.heads, -1).transpose(1, 2)
+                   for proj in (attn.to_q, attn.to_k, attn.to_v))
+        out = vk.tar_attention(q, k, v, sigma=self.sigma, backend=self.backend)
+        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1)))
+
+
+def stand_in(applies=True):
+    """A module with the integration's API; TAR on the finest level's temporal attention (preset 64D1)."""
+
+    @dataclasses.dataclass
+    class TARConfig:
+        sigma: float = 1.0
+        until_step: object = 13
+        backend: str = "auto"
+
+        @classmethod
+        def from_preset(cls, name, **changes):
+            assert name == "64D1"
+            return cls(sigma=1.0, **changes)
+
+    def apply_tar_checked(unet, cfg):
+        assert cfg.until_step is None, "timed calls must all be regularized"
+        apply_tar(unet, cfg)
+
+    def apply_tar(unet, cfg):
+        unet._saved_processors = dict(unet.attn_processors)
+        last_up = f"up_blocks.{len(unet.up_blocks) - 1}."
+        procs = {name: (_TarProcessor(cfg.backend, cfg.sigma)
+                        if applies and "temp_attentions" in name and name.startswith(("down_blocks.0.", last_up))
+                        else proc)
+                 for name, proc in unet._saved_processors.items()}
+        unet.set_attn_processor(procs)
+
+    def remove_tar(unet):
+        unet.set_attn_processor(unet.__dict__.pop("_saved_processors"))
+
+    return types.SimpleNamespace(TARConfig=TARConfig, apply_tar=apply_tar_checked, remove_tar=remove_tar)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return e2e.UNetBench(torch.device(DEVICE))
+
+
+@pytest.fixture(autouse=True)
+def two_timed_calls(monkeypatch):
+    """CPU forwards with the interpreter are slow: time two calls (the quantile code is tested elsewhere)."""
+    monkeypatch.setattr(measure, "time_cpu", functools.partial(measure.time_cpu, min_reps=2, max_reps=2))
+
+
+def run_with(monkeypatch, bench, module):
+    monkeypatch.setitem(sys.modules, "vstar_kernels.diffusers", module)
+    return {r.impl: r for r in bench.run(TINY, 8, DTYPE, classify)}
+
+
+def test_three_variants_checked_and_timed(monkeypatch, bench):
+    results = run_with(monkeypatch, bench, stand_in())
+    assert list(results) == list(e2e.VARIANTS)
+    for res in results.values():
+        assert res.status == "ok", res.status
+        assert 0 < res.timing.p20_ms <= res.timing.median_ms <= res.timing.p80_ms
+        assert (res.peak_mb is not None) == (DEVICE == "cuda")
+    unet = bench.model(TINY.config, DTYPE)
+    assert not hasattr(unet, "_saved_processors")  # remove_tar ran after each variant
+    assert not any(isinstance(p, _TarProcessor) for p in unet.attn_processors.values())
+
+
+def test_tar_that_changes_nothing_is_an_error(monkeypatch, bench):
+    results = run_with(monkeypatch, bench, stand_in(applies=False))
+    assert results["unet_stock"].status == "ok"
+    for v in ("unet_tar_triton", "unet_tar_reference"):
+        assert results[v].status.startswith("error: apply_tar moved the output by 0 (relative)")
+        assert results[v].timing is None
+
+
+def test_triton_variant_must_match_the_reference_variant():
+    res = {v: e2e.Result(v) for v in e2e.VARIANTS}
+    stock = torch.ones(2, 4, 8, 4, 4)
+    ref = stock * 1.5
+    e2e.UNetBench._check(res, {"unet_stock": stock, "unet_tar_reference": ref,
+                               "unet_tar_triton": ref * (1 + 2 * e2e.E2E_RTOL[torch.float32])}, torch.float32)
+    assert res["unet_tar_triton"].status.startswith("error: output differs from the reference variant")
+    assert res["unet_tar_reference"].status == res["unet_stock"].status == "ok"
+    res = {v: e2e.Result(v) for v in e2e.VARIANTS}
+    e2e.UNetBench._check(res, {"unet_stock": stock, "unet_tar_reference": ref, "unet_tar_triton": ref * torch.nan},
+                         torch.float32)
+    assert res["unet_tar_triton"].status == "error: output has NaN or inf"
+
+
+def test_a_change_within_backend_noise_is_not_tar():
+    res = {v: e2e.Result(v) for v in e2e.VARIANTS}
+    stock = torch.ones(2, 4, 8, 4, 4)
+    e2e.UNetBench._check(res, {"unet_stock": stock, "unet_tar_reference": stock * 1.002,
+                               "unet_tar_triton": stock * 1.0035}, torch.float16)
+    for v in ("unet_tar_triton", "unet_tar_reference"):
+        assert res[v].status.startswith("error: apply_tar moved the output by 0.002 (relative)")
+
+
+def test_missing_integration_or_diffusers_is_unsupported(monkeypatch, bench):
+    monkeypatch.setitem(sys.modules, "vstar_kernels.diffusers", None)  # importing it fails
+    results = {r.impl: r for r in bench.run(TINY, 8, DTYPE, classify)}
+    assert results["unet_stock"].status == "ok"
+    for v in ("unet_tar_triton", "unet_tar_reference"):
+        assert results[v].status.startswith("unsupported: the diffusers integration is not available")
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    for res in e2e.UNetBench(torch.device(DEVICE)).run(TINY, 8, DTYPE, classify):
+        assert res.status.startswith("unsupported: diffusers not installed")
+
+
+def test_with_the_real_integration(bench):
+    pytest.importorskip("vstar_kernels.diffusers", reason="vstar_kernels.diffusers is not in this checkout yet")
+    results = {r.impl: r for r in bench.run(TINY, 8, DTYPE, classify)}
+    assert {v: r.status for v, r in results.items()} == {v: "ok" for v in e2e.VARIANTS}

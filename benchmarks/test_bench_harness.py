@@ -1,0 +1,181 @@
+"""The sweep writes one row per (peer, shape, N, dtype) with the right status, and the CLI runs end to end."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vstar_kernels import cli
+from vstar_kernels.bench import harness, measure, shapes
+from vstar_kernels.bench.harness import COLUMNS, Sweep
+from vstar_kernels.bench.peers import PEERS, Peer, Unsupported
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = shapes.SHAPES["tiny"]
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def make_sweep(tmp_path, **kw):
+    info = measure.RunInfo("cpu (test)", torch.__version__, "3.x", "abc123", "20990101", False)
+    kw.setdefault("progress", False)
+    return Sweep(torch.device("cpu"), tmp_path / "cpu-test-20990101.csv", info, **kw)
+
+
+def _raise(exc):
+    def run(q, k, v, spec):
+        raise exc
+    return run
+
+
+SYNTHETIC = [
+    PEERS["reference_eager"],
+    Peer("plain_as_tar", lambda q, k, v, spec: F.scaled_dot_product_attention(q, k, v, scale=spec.scale)),
+    Peer("refuses", _raise(Unsupported("needs N >= 4096"))),
+    Peer("runs_out", _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"))),
+    Peer("crashes", _raise(RuntimeError("kaboom\nsecond line"))),
+    Peer("absent", PEERS["reference_eager"].run, lambda device, dtype: "not installed here"),
+]
+
+
+def test_every_peer_gets_a_row_with_its_status(tmp_path):
+    sweep = make_sweep(tmp_path)
+    sweep.measure_copy()
+    sweep.run([(TINY, 16, torch.float32), (TINY, 24, torch.float32)], [], SYNTHETIC)
+    rows = read(sweep.csv_path)
+    assert list(rows[0]) == list(COLUMNS)
+    copy = rows[0]
+    assert copy["impl"] == "device_copy" and copy["status"] == "ok" and float(copy["pct_peak_bw"]) == 100
+    peak = float(copy["gbps"])
+    by = {(r["impl"], r["n"]): r for r in rows[1:]}
+    assert len(rows) == 1 + 2 * len(SYNTHETIC)
+    for n in ("16", "24"):
+        ok = by["reference_eager", n]
+        assert ok["status"] == "ok"
+        assert (ok["batch"], ok["heads"], ok["d"], ok["dtype"]) == ("4", "2", "40", "fp32")
+        ms = float(ok["median_ms"])
+        assert float(ok["p20_ms"]) <= ms <= float(ok["p80_ms"])
+        nbytes = measure.attention_bytes(4, 2, int(n), int(n), 40, 40, 4)
+        assert float(ok["gbps"]) == pytest.approx(nbytes / (ms * 1e-3) / 1e9, rel=1e-4)
+        assert float(ok["pct_peak_bw"]) == pytest.approx(100 * float(ok["gbps"]) / peak, rel=1e-4)
+        flops = measure.attention_flops(4, 2, int(n), int(n), 40, 40)
+        assert float(ok["tflops"]) == pytest.approx(flops / (ms * 1e-3) / 1e12, rel=1e-4)
+        assert by["plain_as_tar", n]["status"].startswith("error: output differs from the float64 reference")
+        assert by["plain_as_tar", n]["median_ms"] == ""  # a wrong peer is not timed
+        assert by["refuses", n]["status"] == "unsupported: needs N >= 4096"
+        assert by["runs_out", n]["status"] == "oom"
+        assert by["crashes", n]["status"] == "error: RuntimeError: kaboom second line"
+        assert by["absent", n]["status"] == "unsupported: not installed here"
+        for impl in ("refuses", "runs_out", "crashes", "absent"):
+            assert by[impl, n]["median_ms"] == by[impl, n]["gbps"] == ""
+
+
+def test_time_budget_and_resume(tmp_path):
+    done = make_sweep(tmp_path, budget_s=0.0)
+    done.run([(TINY, 16, torch.float32)], [], [PEERS["reference_eager"]])
+    assert read(done.csv_path)[-1]["status"] == "unsupported: not run: the sweep's time budget of 0 s was used up"
+
+    first = make_sweep(tmp_path)
+    first.run([(TINY, 16, torch.float32)], [], [PEERS["reference_eager"]])
+    assert read(first.csv_path)[-1]["status"] == "ok"
+    again = make_sweep(tmp_path, resume=True)
+    again.run([(TINY, 16, torch.float32), (TINY, 8, torch.float32)], [], [PEERS["reference_eager"]])
+    rows = read(again.csv_path)
+    assert again.rows_written == 1 and rows[-1]["n"] == "8"  # N=16 was measured (ok) by this commit
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now fails
+    progress = harness.Progress(2)
+    assert progress.bar is None
+    with progress.step("tiny N=16 fp32 sdpa_plain"):
+        pass
+    progress.skip(1)
+    assert "[1/2] tiny N=16 fp32 sdpa_plain" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exc, status", [
+    (torch.OutOfMemoryError("CUDA out of memory."), "oom"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"), "oom"),
+    (Unsupported("why"), "unsupported: why"),
+    (ValueError("x" * 400), "error: ValueError: " + "x" * 285 + "..."),  # 300 characters after "error: "
+], ids=["cuda-oom", "cpu-oom", "unsupported", "long-error"])
+def test_classify(exc, status):
+    assert harness.classify(exc) == status
+
+
+def test_byte_and_flop_model():
+    # fp16, B = H = 1, N = 16, D = 64: 4 tensors of 16 x 64 halves; 2 matmuls of 16 x 16 x 64 multiply-adds.
+    assert measure.attention_bytes(1, 1, 16, 16, 64, 64, 2) == 4 * 16 * 64 * 2
+    assert measure.attention_flops(1, 1, 16, 16, 64, 64) == 4 * 16 * 16 * 64
+    assert measure.row_max_flops(1, 1, 16, 16, 64) == 2 * 16 * 16 * 64
+    n = 256  # intensity is N/2 FLOP per byte in fp16
+    assert measure.attention_flops(7, 3, n, n, 64, 64) / measure.attention_bytes(7, 3, n, n, 64, 64, 2) == n / 2
+
+
+def test_named_shapes():
+    bxh = {name: s.batch * s.heads for name, s in shapes.SHAPES.items() if not shapes.is_unet(name)}
+    assert bxh["vc2-320x512-l0"] == 2 * 40 * 64 * 5
+    assert bxh["svd-576x1024-l0"] > shapes.GRID_AXIS_LIMIT
+    assert {s.head_dim for name, s in shapes.SHAPES.items() if name.startswith("animatediff")} == {40, 80}
+    assert shapes.shape_label(5120, 5, 64) == "vc2-320x512-l0"
+    assert shapes.shape_label(5120, 5, 64, unet=True) == "unet-modelscope-320x512"
+    assert shapes.shape_label(1, 2, 3) == "B1 H2 D3"
+
+
+def test_notes_hold_the_model_table():
+    table = harness.model_table([n for n in shapes.GPU_FULL if not shapes.is_unet(n)], shapes.KERNEL_N)
+    assert table in (ROOT / "benchmarks" / "NOTES.md").read_text(encoding="utf-8")
+
+
+def bench_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny CPU shapes (see conftest.py)
+    return subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+
+
+def test_cli_writes_csv_markdown_and_plots(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("the GPU sweep is run by benchmarks/run_gpu_sweep.sh")
+    res = bench_cli("--quick", "--n", "16", "--impls", "vstar_triton", "reference_eager", "sdpa_bias",
+                    "xformers_bias", "sdpa_plain", "--out", str(tmp_path), "--no-progress")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Triton interpreter" in res.stderr
+    [path] = tmp_path.glob("*.csv")
+    assert path.name.startswith("cpu-") and path.name.endswith(f"-{path.stem[-8:]}.csv")
+    rows = read(path)
+    assert list(rows[0]) == list(COLUMNS)
+    status = {r["impl"]: r["status"] for r in rows}
+    assert status == {"device_copy": "ok", "vstar_triton_interpreter": "ok", "reference_eager": "ok",
+                      "sdpa_bias": "ok", "sdpa_plain": "ok", "xformers_bias": status["xformers_bias"]}
+    assert status["xformers_bias"] == "ok" or status["xformers_bias"].startswith("unsupported: xformers")
+    assert {r["commit"] for r in rows} == {measure.commit()}
+    md = path.with_suffix(".md").read_text()
+    assert "| 16 |" in md and "vstar_triton_interpreter ms" in md and "CPU run" in md
+    for metric in ("time", "speedup", "bandwidth"):
+        assert (tmp_path / f"{path.stem}-{metric}-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_options(tmp_path, capsys):
+    for args, message in ((["--shapes", "nope"], "unknown shape 'nope'"), (["--dtype", "int8"], "--dtype"),
+                          (["--impls", "magic"], "--impls"), (["--n", "0"], "--n")):
+        assert cli.main(["bench", *args, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_lists_shapes_and_prints_the_model_table(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in [*shapes.SHAPES, *PEERS]:
+        assert name in out
+    assert cli.main(["bench", "--model-table", "--shapes", "vc2-320x512-l0", "--n", "16"]) == 0
+    assert capsys.readouterr().out.strip() == harness.model_table(["vc2-320x512-l0"], [16])

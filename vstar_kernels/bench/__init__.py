@@ -1,0 +1,40 @@
+"""The benchmark harness behind `python -m vstar_kernels bench` (see benchmarks/NOTES.md).
+
+Modules: shapes (named shapes and presets), peers (every implementation, one
+signature), check (correctness before timing), measure (timers, bytes/FLOPs,
+copy bandwidth, run metadata), harness (the sweep and its CSV rows), e2e (the
+UNet forward), report (markdown table and plots from a CSV). This module only
+defines the command-line options, so that building the CLI parser imports
+nothing heavy.
+"""
+
+from __future__ import annotations
+
+
+def configure(parser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="a small preset (GPU: 3 shapes, N 16/64/256/1024, fp16; CPU: the tiny shape, N 16/64)")
+    parser.add_argument("--dtype", nargs="+", metavar="DTYPE",
+                        help="fp16, bf16, fp32 (default: fp16 bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--n", nargs="+", type=int, metavar="N",
+                        help="sequence lengths (frames); default 16..2048 on GPU; also the UNet frame counts")
+    parser.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (see --list)")
+    parser.add_argument("--impls", nargs="+", metavar="IMPL", help="implementations to run (default: all)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where to run (default: cuda when available)")
+    parser.add_argument("--out", default="benchmarks/results", help="results directory (default: %(default)s)")
+    parser.add_argument("--time-budget-s", type=float, metavar="S",
+                        help="stop measuring after S seconds; the rest get 'unsupported: not run: ...' rows")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip cells this commit already measured in today's CSV")
+    parser.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--list", action="store_true", help="list the named shapes and implementations")
+    parser.add_argument("--model-table", action="store_true",
+                        help="print the bytes/FLOPs table (the GPU shapes and N unless --shapes/--n), measure nothing")
+
+
+def main(args) -> int:
+    from .harness import main as run
+
+    return run(args)

@@ -1,0 +1,199 @@
+"""End-to-end: one UNet3DConditionModel forward (random weights) with stock processors and with TAR.
+
+Three variants per (resolution, frames, dtype): `unet_stock` (diffusers' own
+attention processors), `unet_tar_triton` and `unet_tar_reference`
+(`vstar_kernels.diffusers.apply_tar` with the `64D1` preset on every call, and that backend).
+The Triton variant must match the reference variant, and TAR must change the
+output (otherwise it was not applied), before anything is timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import measure
+from .peers import Unsupported
+from .shapes import CFG_BATCH, UNetShape
+
+# UNet3DConditionModel configs. "modelscope" is the ModelScope text-to-video UNet (1.4B
+# parameters): heads 5/10/20 with head dim 64 in its temporal transformers.
+UNET_CONFIGS = {
+    "modelscope": dict(
+        in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        attention_head_dim=64, cross_attention_dim=1024, norm_num_groups=32, sample_size=32,
+    ),
+    "tiny": dict(
+        in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8, sample_size=4,
+    ),
+}
+VARIANTS = ("unet_stock", "unet_tar_triton", "unet_tar_reference")
+PRESET = "64D1"
+TEXT_TOKENS = 77
+# Largest ||triton - reference|| / ||reference|| over the UNet output, per dtype.
+E2E_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# Least relative change of the output that counts as TAR applied (see UNetBench._check).
+E2E_APPLIED_MIN = 1e-3
+
+
+@dataclass
+class Result:
+    impl: str
+    status: str = "ok"
+    timing: Optional[measure.Timing] = None
+    peak_mb: Optional[float] = None
+
+
+def _integration():
+    """(TARConfig, apply_tar, remove_tar) from vstar_kernels.diffusers, or raise Unsupported."""
+    try:
+        mod = importlib.import_module("vstar_kernels.diffusers")
+        return mod.TARConfig, mod.apply_tar, mod.remove_tar
+    except Exception as exc:
+        raise Unsupported(f"the diffusers integration is not available (vstar_kernels.diffusers: "
+                          f"{type(exc).__name__}: {exc})") from None
+
+
+class UNetBench:
+    """Builds each (config, dtype) model once and runs the three variants on it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._key = None
+        self._unet = None
+
+    def model(self, config: str, dtype: torch.dtype):
+        if self._key != (config, dtype):
+            self._unet = None
+            if self.cuda:
+                torch.cuda.empty_cache()
+            from diffusers import UNet3DConditionModel
+            from diffusers.utils import logging as dlogging
+
+            torch.manual_seed(0)
+            verbosity = dlogging.get_verbosity()
+            dlogging.set_verbosity_error()  # random weights cast whole: no from_pretrained dtype advice
+            try:
+                with torch.device(self.device):
+                    unet = UNet3DConditionModel(**UNET_CONFIGS[config])
+                self._unet = unet.to(dtype).eval().requires_grad_(False)
+            finally:
+                dlogging.set_verbosity(verbosity)
+            self._key = (config, dtype)
+        return self._unet
+
+    def release(self):
+        self._unet, self._key = None, None
+
+    def run(self, shape: UNetShape, frames: int, dtype: torch.dtype, classify) -> list:
+        """One Result per variant. `classify(exc)` maps an exception to a status."""
+        try:
+            importlib.import_module("diffusers")
+        except Exception as exc:
+            why = f"unsupported: diffusers not installed ({type(exc).__name__}: {exc})"
+            return [Result(v, why) for v in VARIANTS]
+        try:
+            unet = self.model(shape.config, dtype)
+            cfg = UNET_CONFIGS[shape.config]
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            lh, lw = shape.latent_hw
+            sample = torch.randn(CFG_BATCH, cfg["in_channels"], frames, lh, lw, generator=gen).to(self.device, dtype)
+            text = torch.randn(CFG_BATCH, TEXT_TOKENS, cfg["cross_attention_dim"], generator=gen).to(self.device, dtype)
+            timestep = torch.tensor([500], device=self.device)
+        except Exception as exc:
+            return [Result(v, classify(exc)) for v in VARIANTS]
+
+        def forward():
+            with torch.no_grad():
+                return unet(sample, timestep, encoder_hidden_states=text).sample
+
+        results, outputs = {}, {}
+        for variant in VARIANTS:
+            results[variant], outputs[variant] = self._warm(unet, variant, forward, classify)
+        self._check(results, outputs, dtype)
+        for variant in VARIANTS:
+            if results[variant].status == "ok":
+                try:
+                    with self._variant(unet, variant):
+                        results[variant].timing = self._time(forward)
+                except Exception as exc:
+                    results[variant].status = classify(exc)
+        return [results[v] for v in VARIANTS]
+
+    @contextlib.contextmanager
+    def _variant(self, unet, variant):
+        """The UNet with TAR applied for the duration (stock: as it is)."""
+        if variant == "unet_stock":
+            yield
+            return
+        TARConfig, apply_tar, remove_tar = _integration()
+        # until_step=None: on a bare model every forward call is one step, and the timing loop makes
+        # far more calls than the preset's 14 regularized steps; every timed call must carry TAR.
+        apply_tar(unet, TARConfig.from_preset(PRESET, until_step=None, backend=variant.rsplit("_", 1)[1]))
+        try:
+            yield
+        finally:
+            remove_tar(unet)
+
+    def _warm(self, unet, variant, forward, classify):
+        """Warm call (its output is checked), then a second call for peak memory."""
+        try:
+            with self._variant(unet, variant):
+                out = forward()
+                peak = None
+                if self.cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                    base = torch.cuda.memory_allocated(self.device)
+                    forward()
+                    torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+            return Result(variant, peak_mb=peak), out
+        except Unsupported as exc:
+            return Result(variant, f"unsupported: {exc}"), None
+        except Exception as exc:
+            return Result(variant, classify(exc)), None
+
+    @staticmethod
+    def _check(results, outputs, dtype):
+        """Mark wrong outputs: NaN/inf, TAR not applied, or the Triton variant far from the reference variant.
+
+        TAR counts as applied when it moves the output (relative to stock) by more than
+        E2E_APPLIED_MIN and by more than twice the distance between its two backends: if
+        neither applied it, both differ from stock by rounding noise of that same size.
+        """
+        for variant, out in list(outputs.items()):
+            if out is not None and not torch.isfinite(out).all():
+                results[variant].status = "error: output has NaN or inf"
+                outputs[variant] = None
+        ref, tri, stock = (outputs[v] for v in ("unet_tar_reference", "unet_tar_triton", "unet_stock"))
+        rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+        err = rel(tri, ref) if tri is not None and ref is not None else None
+        if ref is not None and stock is not None:
+            change = rel(ref, stock)
+            if not change > max(E2E_APPLIED_MIN, 2 * (err or 0.0)):
+                for v in ("unet_tar_reference", "unet_tar_triton"):
+                    if results[v].status == "ok":
+                        results[v].status = (f"error: apply_tar moved the output by {change:.3g} (relative), no more "
+                                             f"than noise ({max(E2E_APPLIED_MIN, 2 * (err or 0.0)):.3g}): "
+                                             "TAR was not applied")
+                return
+        if tri is not None and ref is None:
+            results["unet_tar_triton"].status = "error: no reference-variant output to check against"
+        elif err is not None and not err <= E2E_RTOL[dtype]:
+            results["unet_tar_triton"].status = (f"error: output differs from the reference variant: "
+                                                 f"relative error {err:.3g} > {E2E_RTOL[dtype]}")
+
+    def _time(self, fn):
+        first_ms = measure.warm_call_ms(fn, self.cuda) if self.cuda else 0.0  # CPU: _warm warmed it up
+        return measure.time_fn(fn, self.cuda, first_ms)

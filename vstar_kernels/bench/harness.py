@@ -1,0 +1,382 @@
+"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each.
+
+Rows are appended to ``<out>/<device>-<yyyymmdd>.csv`` as they are measured (a
+killed run keeps what it measured); the markdown table and the plots are then
+regenerated from the whole file (see report.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..dispatch import BackendUnavailableError
+from . import measure, report, shapes
+from .check import check_output
+from .e2e import UNetBench
+from .peers import PEERS, Unsupported, default_spec
+
+COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", "heads", "n", "d", "dtype",
+           "median_ms", "p20_ms", "p80_ms", "gbps", "pct_peak_bw", "tflops", "peak_mem_mb", "status")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+NOT_RUN = "unsupported: not run: "
+# Inputs are rotated through enough copies to fill this many bytes (at most MAX_SETS copies), so
+# a small shape is not timed from a warm cache.
+ROTATE_BYTES = 256 << 20
+MAX_SETS = 8
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def parse_dtype(name: str) -> str:
+    key = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise ValueError(f"--dtype: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return key
+
+
+def classify(exc: BaseException) -> str:
+    """Status for a failed call: 'oom', 'unsupported: why' or 'error: why' (one line)."""
+    msg = " ".join(str(exc).split())
+    if isinstance(exc, (Unsupported, BackendUnavailableError)):
+        return f"unsupported: {msg}"
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in msg.lower() or "can't allocate memory" in msg:
+        return "oom"
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return "error: " + (text if len(text) <= 300 else text[:297] + "...")
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.6g}"
+
+
+class Progress:
+    """tqdm when it is installed, else one line per step on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.count, self.enabled = total, 0, enabled
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+    @contextlib.contextmanager
+    def step(self, text: str, count: int = 1):
+        """Show `text` while the step runs; count it (as `count` runs) when it ends."""
+        self.count += count
+        if self.bar is not None:
+            self.bar.set_description_str(text)
+        elif self.enabled:
+            print(f"[{self.count}/{self.total}] {text}", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            if self.bar is not None:
+                self.bar.update(count)
+
+    def skip(self, count: int):
+        """Count runs measured by an earlier invocation (--resume)."""
+        self.count += count
+        if self.bar is not None and count:
+            self.bar.update(count)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Sweep:
+    def __init__(self, device: torch.device, csv_path: Path, info: measure.RunInfo, *,
+                 budget_s=None, resume=False, progress=True):
+        self.device, self.csv_path, self.info = device, csv_path, info
+        self.cuda = device.type == "cuda"
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.budget_s = budget_s
+        self.peak_gbps = None
+        self.done = self._done_keys() if resume else set()
+        self.progress_enabled = progress
+        self.rows_written = 0
+
+    # ---------------------------------------------------------------- rows
+
+    def _done_keys(self) -> set:
+        if not self.csv_path.exists():
+            return set()
+        return {self._key(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"])
+                for r in report.read_csv(self.csv_path)
+                if r["commit"] == self.info.commit and not r["status"].startswith(NOT_RUN)}
+
+    @staticmethod
+    def _key(*fields) -> tuple:
+        return tuple(str(f) for f in fields)
+
+    def write(self, impl, batch, heads, n, d, dtype, *, status="ok", timing=None, nbytes=None, flops=None,
+              peak_mb=None):
+        gbps = pct = tflops = None
+        if timing is not None and status == "ok":
+            seconds = timing.median_ms * 1e-3
+            if nbytes is not None:
+                gbps = nbytes / seconds / 1e9
+                pct = 100.0 * gbps / self.peak_gbps if self.peak_gbps else None
+            if flops is not None:
+                tflops = flops / seconds / 1e12
+        row = dict(zip(COLUMNS, (
+            measure.now_iso(), self.info.commit, self.info.device, self.info.torch, self.info.triton, impl,
+            batch, heads, n, d, dtype,
+            _fmt(timing.median_ms if timing else None), _fmt(timing.p20_ms if timing else None),
+            _fmt(timing.p80_ms if timing else None), _fmt(gbps), _fmt(pct), _fmt(tflops), _fmt(peak_mb), status)))
+        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.csv_path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        self.rows_written += 1
+        return row
+
+    def _out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def _not_run(self) -> str:
+        return f"{NOT_RUN}the sweep's time budget of {self.budget_s:g} s was used up"
+
+    # ---------------------------------------------------------------- the run
+
+    def measure_copy(self):
+        """The device_copy row: the peak that pct_peak_bw is relative to."""
+        try:
+            gbps, timing, nbytes = measure.copy_bandwidth(self.device)
+        except Exception as exc:
+            self.write(report.COPY_IMPL, "", "", "", "", "uint8", status=classify(exc))
+            return
+        self.peak_gbps = gbps
+        self.write(report.COPY_IMPL, "", "", "", "", "uint8", timing=timing, nbytes=2 * nbytes)
+
+    def run(self, kernel_cases, unet_cases, peers):
+        total = len(kernel_cases) * len(peers) + len(unet_cases) * 3
+        progress = Progress(total, self.progress_enabled)
+        try:
+            for shape, n, dtype in kernel_cases:
+                self._kernel_case(shape, n, dtype, peers, progress)
+            unet = UNetBench(self.device)
+            for shape, frames, dtype in unet_cases:
+                self._unet_case(unet, shape, frames, dtype, progress)
+            unet.release()
+        finally:
+            progress.close()
+
+    def _kernel_case(self, shape, n, dtype, peers, progress):
+        dname = dtype_name(dtype)
+        labels = [p.label(self.device) for p in peers]
+        keys = [self._key(lab, shape.batch, shape.heads, n, shape.head_dim, dname) for lab in labels]
+        todo = [(p, lab) for p, lab, key in zip(peers, labels, keys) if key not in self.done]
+        progress.skip(len(peers) - len(todo))
+        if not todo:
+            return
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        nbytes = measure.attention_bytes(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim, itemsize)
+        flops = measure.attention_flops(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim)
+        spec = default_spec(shape.head_dim)
+        write = lambda label, **kw: self.write(label, shape.batch, shape.heads, n, shape.head_dim, dname,  # noqa: E731
+                                               nbytes=nbytes, flops=flops, **kw)
+        sets, why = None, None
+        if not self._out_of_time():
+            try:
+                sets = self._inputs(shape, n, dtype, nbytes)
+            except Exception as exc:
+                why = classify(exc)
+        for peer, label in todo:
+            with progress.step(f"{shape.name} N={n} {dname} {label}"):
+                if self._out_of_time():
+                    write(label, status=self._not_run())
+                elif why is not None:
+                    write(label, status=why)
+                elif (reason := peer.why_not(self.device, dtype)):
+                    write(label, status=f"unsupported: {reason}")
+                else:
+                    status, timing, peak = self._measure_peer(peer, sets, spec)
+                    write(label, status=status, timing=timing, peak_mb=peak)
+        del sets
+        self._free()
+
+    def _inputs(self, shape, n, dtype, nbytes):
+        """Rotating sets of (q, k, v): (B, H, N, D) views of (B, N, H, D) storage, as diffusers hands them."""
+        count = max(1, min(MAX_SETS, -(-ROTATE_BYTES // nbytes)))
+        if self.cuda:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            count = max(1, min(count, int(0.25 * free) // max(1, nbytes)))
+        gen = torch.Generator(device=self.device).manual_seed(n)
+        return [tuple(torch.randn(shape.batch, n, shape.heads, shape.head_dim, generator=gen, device=self.device,
+                                  dtype=dtype).transpose(1, 2) for _ in range(3)) for _ in range(count)]
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _free(self):
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def _measure_peer(self, peer, sets, spec):
+        """(status, Timing or None, peak MiB or None). Untimed: a warm call, checked, then one for peak memory."""
+        q, k, v = sets[0]
+        try:
+            out = peer.run(q, k, v, spec)
+            self._sync()
+            why = check_output(out, q, k, v, spec, peer.plain)
+            del out
+            if why:
+                return f"error: {why}", None, None
+            peak = None
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+            warm_ms = measure.warm_call_ms(lambda: peer.run(q, k, v, spec), self.cuda)
+            if self.cuda:
+                peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+            turn = itertools.count()
+            timing = measure.time_fn(lambda: peer.run(*sets[next(turn) % len(sets)], spec), self.cuda, warm_ms)
+            return "ok", timing, peak
+        except Exception as exc:
+            self._free()
+            return classify(exc), None, None
+
+    def _unet_case(self, unet, shape, frames, dtype, progress):
+        from .e2e import VARIANTS
+
+        dname = dtype_name(dtype)
+        keys = [self._key(v, shape.batch, shape.heads, frames, shape.head_dim, dname) for v in VARIANTS]
+        write = lambda res: self.write(res.impl, shape.batch, shape.heads, frames, shape.head_dim, dname,  # noqa: E731
+                                       status=res.status, timing=res.timing, peak_mb=res.peak_mb)
+        with progress.step(f"{shape.name} frames={frames} {dname}", len(VARIANTS)):
+            if all(k in self.done for k in keys):  # --resume: measured before
+                return
+            if self._out_of_time():
+                for v in VARIANTS:
+                    self.write(v, shape.batch, shape.heads, frames, shape.head_dim, dname, status=self._not_run())
+                return
+            for res in unet.run(shape, frames, dtype, classify):
+                write(res)
+            self._free()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def resolve(args, cuda: bool):
+    """(shape names, N list, dtype names) from the options and the preset for this device."""
+    if cuda:
+        names = shapes.GPU_QUICK if args.quick else shapes.GPU_FULL
+        ns = shapes.GPU_QUICK_N if args.quick else shapes.KERNEL_N
+        dtypes = ("fp16",) if args.quick else ("fp16", "bf16")
+    else:
+        names = shapes.CPU_QUICK if args.quick else shapes.CPU_FULL
+        ns = shapes.CPU_QUICK_N if args.quick else shapes.CPU_N
+        dtypes = ("fp32",)
+    names = tuple(args.shapes) if args.shapes else names
+    for name in names:
+        if name not in shapes.SHAPES:
+            raise ValueError(f"--shapes: unknown shape {name!r}; known: {', '.join(shapes.SHAPES)}")
+    ns = tuple(args.n) if args.n else ns
+    if any(n < 1 for n in ns):
+        raise ValueError(f"--n: frame counts must be >= 1, got {ns}")
+    dtypes = tuple(dict.fromkeys(parse_dtype(d) for d in args.dtype)) if args.dtype else dtypes
+    return names, ns, dtypes
+
+
+def plan(names, ns, dtypes, explicit_n: bool):
+    """Kernel cases ordered by N, then shape, then dtype (cheap first, so a time budget cuts the costly end)."""
+    kernel = [(shapes.SHAPES[name], n, DTYPES[dt]) for n in sorted(ns) for name in names if not shapes.is_unet(name)
+              for dt in dtypes]
+    unet = []
+    for name in names:
+        if shapes.is_unet(name):
+            shape = shapes.SHAPES[name]
+            for frames in (sorted(ns) if explicit_n else shape.frames):
+                unet.extend((shape, frames, DTYPES[dt]) for dt in dtypes)
+    return kernel, unet
+
+
+def model_table(names, ns, dtype="fp16") -> str:
+    """Markdown: bytes, FLOPs and the N x N footprint per kernel shape and N (the model in benchmarks/NOTES.md)."""
+    itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    lines = [f"| shape | B x H | D | N | MB moved | GFLOP (2 matmuls) | GFLOP + row-max pass | FLOP/byte "
+             f"| one N x N matrix, GB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        s = shapes.SHAPES[name]
+        if shapes.is_unet(name):
+            continue
+        for n in ns:
+            nb = measure.attention_bytes(s.batch, s.heads, n, n, s.head_dim, s.head_dim, itemsize)
+            fl = measure.attention_flops(s.batch, s.heads, n, n, s.head_dim, s.head_dim)
+            fl2 = fl + measure.row_max_flops(s.batch, s.heads, n, n, s.head_dim)
+            square = s.batch * s.heads * n * n * itemsize
+            lines.append(f"| {name} | {s.batch * s.heads:,} | {s.head_dim} | {n} | {nb / 1e6:,.1f} | "
+                         f"{fl / 1e9:,.1f} | {fl2 / 1e9:,.1f} | {fl / nb:,.0f} | {square / 1e9:,.2f} |")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    if args.list:
+        for name, s in shapes.SHAPES.items():
+            print(f"{name:<26} batch {s.batch:>6}  heads {s.heads:>2}  D {s.head_dim:>3}  {s.source}")
+        print("\nimplementations: " + ", ".join(PEERS))
+        return 0
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    if args.model_table:
+        cuda = True  # the GPU shapes and N, whatever this machine has
+    elif cuda and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available to torch", file=sys.stderr)
+        return 2
+    try:
+        names, ns, dtypes = resolve(args, cuda)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.model_table:
+        print(model_table(names, ns))
+        return 0
+    peer_names = args.impls or list(PEERS)
+    unknown = [p for p in peer_names if p not in PEERS]
+    if unknown:
+        print(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels first load
+    info = measure.RunInfo.collect(device)
+    out_dir = Path(args.out)
+    csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}.csv"
+    if not cuda:
+        print("CPU run: times are CPU wall-clock (perf_counter); vstar_triton runs in the Triton interpreter "
+              "(reported as vstar_triton_interpreter) and its time measures the interpreter, not the kernel.",
+              file=sys.stderr)
+    kernel_cases, unet_cases = plan(names, ns, dtypes, explicit_n=bool(args.n))
+    sweep = Sweep(device, csv_path, info, budget_s=args.time_budget_s, resume=args.resume,
+                  progress=not args.no_progress)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        # Never let torch.compile fall back to eager silently after many shapes.
+        stack.enter_context(torch._dynamo.config.patch(recompile_limit=256, fail_on_recompile_limit_hit=True))
+        sweep.measure_copy()
+        sweep.run(kernel_cases, unet_cases, [PEERS[p] for p in peer_names])
+    outputs = report.render(csv_path, plots=not args.no_plots)
+    print(f"{sweep.rows_written} rows appended to {csv_path}")
+    for path in outputs:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,241 @@
+"""Every implementation the benchmark compares, behind one signature.
+
+    peer.run(q, k, v, spec) -> out
+
+q, k, v are (B, H, N, D) views (diffusers' layout: (B, N, H, D) storage, heads
+transposed), `spec` holds sigma, strength and the softmax scale; out is
+(B, H, N, Dv) in q's dtype. `peer.why_not(device, dtype)` says why a peer
+cannot run at all on this machine ("" when it can); a peer that cannot run one
+particular shape raises `Unsupported`. `plain` peers compute attention without
+TAR and are checked against plain attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import vstar_kernels as vk
+
+from .. import _env, dispatch
+from ..reference import CHUNK_ELEMENTS
+from ..regularization import gaussian_bias
+
+
+class Unsupported(Exception):
+    """This peer cannot run this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class TarSpec:
+    sigma: float = 1.0
+    strength: float = 1.0
+    scale: float = 0.125
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    run: Callable
+    why_not: Callable = lambda device, dtype: ""  # noqa: E731
+    plain: bool = False   # computes attention without TAR
+    doc: str = ""
+
+    def label(self, device: torch.device) -> str:
+        """The CSV impl name; the Triton kernels on CPU tensors run in the interpreter and say so."""
+        if self.name == "vstar_triton" and device.type == "cpu":
+            return "vstar_triton_interpreter"
+        return self.name
+
+
+@functools.lru_cache(maxsize=32)
+def _gaussian(n: int, sigma: float, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return gaussian_bias(n, n, sigma, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def _vstar(backend):
+    def run(q, k, v, spec):
+        try:
+            return vk.tar_attention(q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale,
+                                    backend=backend)
+        except vk.BackendUnavailableError as exc:
+            raise Unsupported(str(exc)) from None
+    return run
+
+
+def _triton_why_not(device, dtype):
+    from .._validation import make_problem
+
+    t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
+    problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    return "; ".join(dispatch.BACKENDS["triton"].not_supported_reasons(problem))
+
+
+def _cuda_why_not(device, dtype):
+    if "cuda" not in dispatch.BACKENDS:
+        return "this vstar_kernels build has no 'cuda' backend (the optional CUDA extension)"
+    from .._validation import make_problem
+
+    t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
+    problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    return "; ".join(dispatch.BACKENDS["cuda"].not_supported_reasons(problem))
+
+
+# --------------------------------------------------------------------------- references
+
+
+def reference_eager(q, k, v, spec):
+    return vk.tar_attention_reference(q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale)
+
+
+def tar_chunk(q, k, v, dA, scale: float, strength: float):
+    """The reference's materializing formula on (b, H, N, D) in float32: S, row max, S', softmax, P V."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = s + strength * s.amax(dim=-1, keepdim=True) * dA
+    return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_chunk():
+    return torch.compile(tar_chunk)
+
+
+def reference_compiled(q, k, v, spec):
+    """torch.compile of the reference formula, chunked over the batch as the reference chunks it."""
+    B, H, n, _ = q.shape
+    dA = _gaussian(n, spec.sigma, str(q.device), torch.float32)
+    step = max(1, CHUNK_ELEMENTS // max(1, H * n * k.shape[2]))
+    fn = _compiled_chunk()
+    return torch.cat([fn(q[b:b + step], k[b:b + step], v[b:b + step], dA, spec.scale, spec.strength)
+                      for b in range(0, B, step)])
+
+
+def _compile_why_not(device, dtype):
+    if device.type == "cuda":
+        return "" if _env.triton_ops().ok else f"torch.compile on CUDA needs Triton: {_env.triton_ops().reason}"
+    return ""
+
+
+# --------------------------------------------------------------------------- materialized bias
+
+
+def tar_bias(q, k, spec):
+    """strength * m_i * dA_ij as a (B, H, N, N) tensor in q's dtype; m from a bmm in q's dtype."""
+    m = (torch.matmul(q, k.transpose(-1, -2)) * spec.scale).amax(dim=-1, keepdim=True)
+    return (spec.strength * m) * _gaussian(q.shape[2], spec.sigma, str(q.device), q.dtype)
+
+
+def sdpa_bias(q, k, v, spec):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=tar_bias(q, k, spec), scale=spec.scale)
+
+
+def xformers_bias(q, k, v, spec):
+    import xformers.ops as xops
+
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_bias=tar_bias(q, k, spec), scale=spec.scale)
+    return out.transpose(1, 2)
+
+
+def _xformers_why_not(device, dtype):
+    try:
+        importlib.import_module("xformers.ops")
+    except Exception as exc:
+        return f"xformers is not installed ({type(exc).__name__}: {exc})"
+    return ""
+
+
+# --------------------------------------------------------------------------- FlexAttention
+
+
+def flex_tar_pass(flex, q, k, v, row_max, spec):
+    """The second pass: a score_mod adding strength * m_i * dA_ij, with m (B, H, Nq) from the first."""
+    coef = -0.5 / spec.sigma ** 2
+    strength = spec.strength
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        dist = (kv_idx - q_idx).to(torch.float32)
+        return score + strength * row_max[b, h, q_idx] * torch.exp(coef * dist * dist)
+
+    return flex(q, k, v, score_mod=score_mod, scale=spec.scale)
+
+
+def _flex_two_pass(q, k, v, spec):
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    _, aux = flex_attention(q, k, v, scale=spec.scale, return_aux=AuxRequest(max_scores=True))
+    return flex_tar_pass(flex_attention, q, k, v, aux.max_scores, spec)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(_flex_two_pass)
+
+
+def flex_two_pass(q, k, v, spec):
+    """FlexAttention, compiled: pass 1 returns the row max (max_scores), pass 2 adds the bias in a score_mod."""
+    return _compiled_flex()(q, k, v, spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_why_not(device_type: str):
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+    except ImportError as exc:
+        return f"torch {torch.__version__} has no flex_attention AuxRequest ({exc})"
+    if device_type == "cuda" and not _env.triton_ops().ok:
+        return f"compiled flex_attention needs Triton: {_env.triton_ops().reason}"
+    # Ask torch (eagerly, on a tiny call) whether it returns the row max on this device.
+    t = torch.zeros(1, 1, 16, 16, device=device_type)
+    try:
+        flex_attention(t, t, t, return_aux=AuxRequest(max_scores=True))
+    except NotImplementedError as exc:
+        return f"flex_attention in torch {torch.__version__} cannot return the row max here: {exc}"
+    return ""
+
+
+# --------------------------------------------------------------------------- plain attention
+
+
+def sdpa_plain(q, k, v, spec):
+    """SDPA without TAR, flash backend only: what TAR should cost nothing over."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, scale=spec.scale)
+    except RuntimeError as exc:
+        if "No available kernel" in str(exc):
+            raise Unsupported(f"SDPA's flash backend cannot run this call: {str(exc).splitlines()[0]}") from None
+        raise
+
+
+PEERS = {p.name: p for p in (
+    Peer("vstar_triton", _vstar("triton"), _triton_why_not, doc="ours: the fused Triton forward"),
+    Peer("vstar_cuda", _vstar("cuda"), _cuda_why_not, doc="ours: the CUDA extension, when built"),
+    Peer("reference_eager", reference_eager, doc="vstar_kernels.tar_attention_reference (float32, chunked)"),
+    Peer("reference_compiled", reference_compiled, _compile_why_not,
+         doc="torch.compile of the reference formula, same chunking"),
+    Peer("sdpa_bias", sdpa_bias, doc="row max from a bmm, then SDPA with the (B, H, N, N) bias as attn_mask"),
+    Peer("flex_two_pass", flex_two_pass, lambda device, dtype: _flex_why_not(device.type),
+         doc="compiled FlexAttention: row max (max_scores) pass, then a score_mod pass"),
+    Peer("xformers_bias", xformers_bias, _xformers_why_not,
+         doc="xformers memory_efficient_attention with the (B, H, N, N) bias"),
+    Peer("sdpa_plain", sdpa_plain, plain=True, doc="SDPA, flash backend, no TAR"),
+)}
+
+OURS = ("vstar_triton", "vstar_triton_interpreter", "vstar_cuda")
+
+
+def default_spec(head_dim: int) -> TarSpec:
+    """TAR as VSTAR applies it at the finest level: sigma 1, strength 1, scale D^-1/2."""
+    return TarSpec(sigma=1.0, strength=1.0, scale=1.0 / math.sqrt(head_dim))

@@ -1,0 +1,300 @@
+"""Tables and plots from a results CSV (the harness's output, or a committed file).
+
+`render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png``
+next to the CSV. Only the CSV is read: benchmarks/plot_results.py regenerates
+everything from committed files.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+from . import shapes
+from .e2e import VARIANTS as UNET_IMPLS
+from .peers import OURS, PEERS
+
+COPY_IMPL = "device_copy"
+METRICS = ("time", "speedup", "bandwidth")
+
+
+def read_csv(path) -> list:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(text):
+    return float(text) if text not in ("", None) else None
+
+
+def _impl_order(impl: str) -> tuple:
+    names = [*PEERS, "vstar_triton_interpreter"]
+    base = names.index(impl) if impl in names else len(names)
+    if impl == "vstar_triton_interpreter":
+        base = 0
+    return (base, impl)
+
+
+def latest(rows) -> "OrderedDict":
+    """The last row for each (impl, batch, heads, n, d, dtype): a re-run replaces an earlier one."""
+    out = OrderedDict()
+    for r in rows:
+        out[(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"])] = r
+    return out
+
+
+def copy_gbps(rows):
+    vals = [_num(r["gbps"]) for r in rows if r["impl"] == COPY_IMPL and r["status"] == "ok" and r["gbps"]]
+    return vals[-1] if vals else None
+
+
+def _groups(rows, unet: bool):
+    """{dtype: {(batch, heads, d): {n: {impl: row}}}} for kernel rows (unet=False) or UNet rows."""
+    out = {}
+    for r in latest(rows).values():
+        if r["impl"] == COPY_IMPL or (r["impl"] in UNET_IMPLS) != unet:
+            continue
+        key = (int(r["batch"]), int(r["heads"]), int(r["d"]))
+        out.setdefault(r["dtype"], {}).setdefault(key, {}).setdefault(int(r["n"]), {})[r["impl"]] = r
+    return out
+
+
+def _ours(cell: dict):
+    for name in OURS:
+        if name in cell and cell[name]["status"] == "ok":
+            return cell[name]
+    return None
+
+
+class _Notes:
+    """Numbered reasons for non-ok cells, listed under each table."""
+
+    def __init__(self):
+        self.items = OrderedDict()
+
+    def mark(self, impl, status) -> str:
+        if status == "oom":
+            return "oom"
+        word, _, why = status.partition(": ")
+        key = f"{impl}: {status}"
+        if key not in self.items:
+            self.items[key] = len(self.items) + 1
+        return f"{word} [{self.items[key]}]" if why else word
+
+    def lines(self):
+        return [f"- [{i}] {text}" for text, i in self.items.items()]
+
+
+def _ms(row) -> float:
+    return float(row["median_ms"])
+
+
+def _g(x: float) -> str:
+    """Three significant digits, without exponents for values >= 100."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def markdown(rows, title: str) -> str:
+    meta = [r for r in rows if r["impl"] != COPY_IMPL] or rows
+    devices = sorted({r["device"] for r in rows})
+    cpu = any(d.startswith("cpu") for d in devices)
+    peak = copy_gbps(rows)
+    out = [f"# {title}", "",
+           f"Device: {', '.join(devices)}. torch {', '.join(sorted({r['torch'] for r in meta}))}, "
+           f"triton {', '.join(sorted({r['triton'] for r in meta}))}, "
+           f"commit {', '.join(sorted({r['commit'] for r in meta}))}, "
+           f"{min(r['timestamp'] for r in rows)} to {max(r['timestamp'] for r in rows)}.", ""]
+    if cpu:
+        out += ["**CPU run.** Times are CPU wall clock (perf_counter). `vstar_triton_interpreter` is the "
+                "Triton kernel executed by the Triton interpreter: its time measures the interpreter, "
+                "not the kernel. These numbers say nothing about GPU performance.", ""]
+    else:
+        out += ["Times: `triton.testing.do_bench` median (L2 flushed between calls, inputs rotated); "
+                "calls over 100 ms: median of 3 CUDA-event timings.", ""]
+    out += [f"Measured copy bandwidth (read + write): {peak:,.0f} GB/s." if peak else
+            "No copy-bandwidth row in this file.", "",
+            "Peer cells: median ms (how many times slower than ours: > 1 means ours is faster). "
+            "GB/s counts Q, K, V read once and O written once; TFLOP/s counts the two matmuls.", ""]
+    kernel = _groups(rows, unet=False)
+    for dtype in sorted(kernel):
+        out += [f"## {dtype}", ""]
+        notes = _Notes()
+        for (batch, heads, d), by_n in kernel[dtype].items():
+            impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
+            ours_names = [i for i in impls if i in OURS
+                          and any(cell.get(i, {}).get("status") == "ok" for cell in by_n.values())]
+            others = [i for i in impls if i not in OURS]
+            out += [f"### {shapes.shape_label(batch, heads, d)}: B x H = {batch * heads:,}, D = {d}", ""]
+            head = ["N"]
+            for name in ours_names:
+                head += [f"{name} ms", "GB/s", "% copy BW", "TFLOP/s"]
+            head += others
+            out += ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+            for n in sorted(by_n):
+                cell = by_n[n]
+                ours = _ours(cell)
+                line = [str(n)]
+                for name in ours_names:
+                    r = cell.get(name)
+                    if r is None:
+                        line += ["", "", "", ""]
+                    elif r["status"] != "ok":
+                        line += [notes.mark(name, r["status"]), "", "", ""]
+                    else:
+                        line += [_g(_ms(r)), _g(float(r["gbps"])),
+                                 _g(float(r["pct_peak_bw"])) + "%" if r["pct_peak_bw"] else "",
+                                 _g(float(r["tflops"]))]
+                for name in others:
+                    r = cell.get(name)
+                    if r is None:
+                        line.append("")
+                    elif r["status"] != "ok":
+                        line.append(notes.mark(name, r["status"]))
+                    elif ours is not None:
+                        line.append(f"{_g(_ms(r))} ({_g(_ms(r) / _ms(ours))}x)")
+                    else:
+                        line.append(_g(_ms(r)))
+                out.append("| " + " | ".join(line) + " |")
+            out.append("")
+        out += notes.lines() + [""]
+    unet = _groups(rows, unet=True)
+    if unet:
+        out += ["## End-to-end: one UNet3DConditionModel forward", "",
+                "Random weights; stock processors vs `apply_tar` (preset 64D1) with each backend. "
+                "Overhead: time over `unet_stock`. Peak MiB: allocated during one forward beyond what "
+                "was allocated before it.", ""]
+        notes = _Notes()
+        out += ["| model | dtype | frames | " + " | ".join(f"{i} ms" for i in UNET_IMPLS) + " | "
+                + " | ".join(f"{i} peak MiB" for i in UNET_IMPLS) + " |", "|" + " ---: |" * (3 + 2 * len(UNET_IMPLS))]
+        for dtype in sorted(unet):
+            for (batch, heads, d), by_n in unet[dtype].items():
+                for n in sorted(by_n):
+                    cell = by_n[n]
+                    stock = cell.get("unet_stock")
+                    stock_ms = _ms(stock) if stock and stock["status"] == "ok" else None
+                    line = [shapes.shape_label(batch, heads, d, unet=True), dtype, str(n)]
+                    for name in UNET_IMPLS:
+                        r = cell.get(name)
+                        if r is None:
+                            line.append("")
+                        elif r["status"] != "ok":
+                            line.append(notes.mark(name, r["status"]))
+                        elif name != "unet_stock" and stock_ms:
+                            line.append(f"{_g(_ms(r))} ({100 * (_ms(r) / stock_ms - 1):+.1f}%)")
+                        else:
+                            line.append(_g(_ms(r)))
+                    for name in UNET_IMPLS:
+                        r = cell.get(name)
+                        line.append(f"{float(r['peak_mem_mb']):,.0f}" if r and r["peak_mem_mb"] else "")
+                    out.append("| " + " | ".join(line) + " |")
+        out += [""] + notes.lines() + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _color(impl: str):
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](_impl_order(impl)[0] % 10)
+
+
+def draw_plots(rows, stem: Path) -> list:
+    """Per dtype: time vs N, speed-up of ours vs N, achieved bandwidth vs N against the copy bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peak = copy_gbps(rows)
+    device = rows[0]["device"]
+    note = " (CPU: the interpreter, not kernel speed)" if device.startswith("cpu") else ""
+    written = []
+    for dtype, groups in sorted(_groups(rows, unet=False).items()):
+        cols = min(3, len(groups))
+        nrows = math.ceil(len(groups) / cols)
+        for metric in METRICS:
+            height = 3.6 * nrows + 1.4
+            fig, axes = plt.subplots(nrows, cols, figsize=(max(9, 5 * cols), height), squeeze=False)
+            for ax in axes.flat[len(groups):]:
+                ax.set_visible(False)
+            for ax, ((batch, heads, d), by_n) in zip(axes.flat, groups.items()):
+                _plot_metric(ax, metric, by_n, peak)
+                ax.set_title(f"{shapes.shape_label(batch, heads, d)} (B x H {batch * heads:,}, D {d})", fontsize=9)
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(sorted(by_n), [str(n) for n in sorted(by_n)])
+                ax.minorticks_off()
+                ax.set_xlabel("N (frames)")
+                ax.grid(True, alpha=0.3)
+            handles = {}
+            for ax in axes.flat:
+                for h, lab in zip(*ax.get_legend_handles_labels()):
+                    handles.setdefault(lab, h)
+            fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, max(1, len(handles))),
+                       fontsize=8, frameon=False)
+            fig.suptitle(f"TAR {metric}, {dtype}\n{device}{note}", fontsize=10)
+            legend_in = 0.15 + 0.22 * math.ceil(len(handles) / 4)
+            fig.tight_layout(rect=(0, legend_in / height, 1, 1))
+            path = stem.parent / f"{stem.name}-{metric}-{dtype}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def _plot_metric(ax, metric, by_n, peak):
+    ns = sorted(by_n)
+    impls = sorted({i for n in ns for i in by_n[n]}, key=_impl_order)
+    for impl in impls:
+        xs, ys = [], []
+        for n in ns:
+            r = by_n[n].get(impl)
+            if r is None or r["status"] != "ok":
+                continue
+            if metric == "time":
+                y = _ms(r)
+            elif metric == "speedup":
+                ours = _ours(by_n[n])
+                if impl in OURS or ours is None:
+                    continue
+                y = _ms(r) / _ms(ours)
+            else:
+                if not r["gbps"]:
+                    continue
+                y = float(r["gbps"])
+            xs.append(n)
+            ys.append(y)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=impl, color=_color(impl))
+    if metric == "time":
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms")
+    elif metric == "speedup":
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_ylabel("peer time / ours (> 1: ours faster)")
+    else:
+        if peak:
+            ax.axhline(peak, color="black", ls="--", lw=1, label="measured copy bandwidth")
+        ax.set_ylabel("GB/s (Q, K, V read + O written)")
+
+
+def render(csv_path, plots: bool = True) -> list:
+    """Write the markdown table (and the plots) for one results CSV; returns the paths written."""
+    csv_path = Path(csv_path)
+    rows = read_csv(csv_path)
+    if not rows:
+        return []
+    stem = csv_path.with_suffix("")
+    md = stem.with_suffix(".md")
+    md.write_text(markdown(rows, f"TAR benchmark: {csv_path.name}"), encoding="utf-8")
+    written = [md]
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            print(f"plots skipped: matplotlib is not importable ({exc})", file=sys.stderr)
+            return written
+        written += draw_plots(rows, stem)
+    return written
