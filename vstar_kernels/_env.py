@@ -42,6 +42,19 @@ def triton_ops() -> Probe:
     return Probe(mod, "")
 
 
+@functools.lru_cache(maxsize=None)
+def triton_backward_ops() -> Probe:
+    """vstar_kernels.ops.tar_bwd, the fused backward; needs what triton_ops() needs."""
+    forward = triton_ops()
+    if not forward.ok:
+        return forward
+    try:
+        mod = importlib.import_module("vstar_kernels.ops.tar_bwd")
+    except Exception as exc:
+        return Probe(None, f"the Triton backward kernels failed to load ({type(exc).__name__}: {exc})")
+    return Probe(mod, "")
+
+
 def triton_version() -> str:
     try:
         return importlib.import_module("triton").__version__

@@ -12,7 +12,8 @@ import torch
 
 from . import _env
 from ._validation import TarProblem
-from .reference import reference_forward
+from .ops.layout import stats_shape
+from .reference import reference_backward, reference_forward
 
 MAX_TRITON_HEAD_DIM = 256
 
@@ -29,6 +30,19 @@ class Backend:
 
     def forward(self, problem: TarProblem) -> torch.Tensor:
         raise NotImplementedError
+
+    def stats_shape(self, problem: TarProblem, needs_grad: bool) -> tuple:
+        """Shape of the float32 statistics `forward_saving` returns for backward() (none by default)."""
+        return (0,)
+
+    def forward_saving(self, problem: TarProblem) -> tuple:
+        """Forward of a call that will be differentiated: (output, statistics for backward())."""
+        stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)
+        return self.forward(problem), stats
+
+    def backward(self, problem: TarProblem, out, stats, grad_out, delta_grad: bool) -> tuple:
+        """(dq, dk, dv, ddelta or None), contiguous; by default autograd on the reference definition."""
+        return reference_backward(problem, grad_out, delta_grad)
 
 
 class ReferenceBackend(Backend):
@@ -73,11 +87,25 @@ class TritonBackend(Backend):
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)
         ):
-            reasons.append("inputs require grad and the Triton backward is not implemented yet")
+            backward = _env.triton_backward_ops()
+            if not backward.ok:
+                reasons.append(f"inputs require grad and {backward.reason}")
         return reasons
 
     def forward(self, problem):
         return _env.triton_ops().module.tar_forward(problem)
+
+    def stats_shape(self, problem, needs_grad):
+        return stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
+                           problem.head_dim_v, needs_grad)
+
+    def forward_saving(self, problem):
+        stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)
+        out = _env.triton_ops().module.tar_forward(problem, stats=stats if stats.numel() else None)
+        return out, stats
+
+    def backward(self, problem, out, stats, grad_out, delta_grad):
+        return _env.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
 
 
 BACKENDS = {b.name: b for b in (TritonBackend(), ReferenceBackend())}
