@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
 
+import torch
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -53,6 +55,22 @@ def triton_backward_ops() -> Probe:
     except Exception as exc:
         return Probe(None, f"the Triton backward kernels failed to load ({type(exc).__name__}: {exc})")
     return Probe(mod, "")
+
+
+@torch.compiler.assume_constant_result
+def triton_state() -> tuple:
+    """(why the Triton kernels cannot load or "", whether they loaded in interpreter mode,
+    whether TRITON_INTERPRET=1 now). torch.compile calls this once while tracing and keeps the
+    result instead of tracing the probe's imports (a graph break)."""
+    probe = triton_ops()
+    interpreting = bool(probe.module.INTERPRETING) if probe.ok else False
+    return probe.reason, interpreting, interpreter_requested()
+
+
+@torch.compiler.assume_constant_result
+def triton_backward_reason() -> str:
+    """Why the Triton backward kernels cannot load, or "" (constant under torch.compile, as above)."""
+    return triton_backward_ops().reason
 
 
 def triton_version() -> str:

@@ -15,6 +15,11 @@ name `dispatch.select` resolved ("triton" or "reference"): on CPU tensors the op
 reference unless the caller asked for the Triton interpreter. `stats` holds what the backend's
 backward needs beyond the inputs and the output (float32; empty for the reference and for the
 Triton packed layout). `ddelta` is empty unless delta_grad.
+
+A backend whose backward is plain PyTorch (the reference: torch.func.vjp of its definition)
+runs it straight from the autograd formula, where torch.compile traces it; the backward op is
+for kernel backends. Kernel gradients are first order (a double backward raises); the
+reference's are differentiable again.
 """
 
 from __future__ import annotations
@@ -78,8 +83,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_stats):
     q, k, v, delta, out, stats = ctx.saved_tensors
     delta_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, q, k, v, delta, out, stats, *ctx.options,
-                                                                delta_grad)
+    sigma, strength, scale, causal, max_mode, backend = ctx.options
+    impl = BACKENDS[backend]
+    if impl.traceable_backward:
+        problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
+        dq, dk, dv, ddelta = impl.backward(problem, out, stats, grad_out, delta_grad)
+    else:
+        dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, q, k, v, delta, out, stats,
+                                                                    *ctx.options, delta_grad)
     return dq, dk, dv, ddelta if delta_grad else None, None, None, None, None, None, None, None
 
 

@@ -24,6 +24,9 @@ class BackendUnavailableError(RuntimeError):
 
 class Backend:
     name = ""
+    # backward() is differentiable PyTorch that torch.compile can trace: the op's autograd formula
+    # calls it directly. False for kernels: they run behind the opaque vstar::tar_attention_backward.
+    traceable_backward = True
 
     def not_supported_reasons(self, problem: TarProblem) -> list:
         raise NotImplementedError
@@ -57,14 +60,14 @@ class ReferenceBackend(Backend):
 
 class TritonBackend(Backend):
     name = "triton"
+    traceable_backward = False
 
     def not_supported_reasons(self, problem):
         reasons = []
-        probe = _env.triton_ops()
-        if not probe.ok:
-            return [probe.reason]
-        interpreting = probe.module.INTERPRETING
-        if interpreting != _env.interpreter_requested():
+        load_reason, interpreting, requested = _env.triton_state()
+        if load_reason:
+            return [load_reason]
+        if interpreting != requested:
             reasons.append(
                 "the Triton kernels were loaded with TRITON_INTERPRET="
                 f"{int(interpreting)} but it is now {int(not interpreting)}; set it before the first call"
@@ -87,9 +90,9 @@ class TritonBackend(Backend):
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)
         ):
-            backward = _env.triton_backward_ops()
-            if not backward.ok:
-                reasons.append(f"inputs require grad and {backward.reason}")
+            backward_reason = _env.triton_backward_reason()
+            if backward_reason:
+                reasons.append(f"inputs require grad and {backward_reason}")
         return reasons
 
     def forward(self, problem):

@@ -379,14 +379,15 @@ else:
 
 
 def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, grad_out: torch.Tensor,
-                 delta_grad: bool = False):
+                 delta_grad: bool = False, grads: tuple | None = None):
     """Gradients of a Triton forward. Returns (dq, dk, dv, ddelta).
 
     problem: the forward's validated problem; out (B, H, Nq, Dv) its output; stats what
     `tar_forward(problem, stats=...)` filled (shape `layout.stats_shape(..., needs_grad=True)`:
     empty for the packed layout); grad_out (B, H, Nq, Dv), any strides, q's dtype.
-    dq, dk, dv are contiguous in q's dtype with q/k/v's shapes. ddelta is the float32 gradient
-    of the (B, H, Nq, Nk) bias `problem.delta` when delta_grad, else None.
+    dq, dk, dv are contiguous in q's dtype with q/k/v's shapes (written into `grads` when given:
+    three such tensors). ddelta is the float32 gradient of the (B, H, Nq, Nk) bias
+    `problem.delta` when delta_grad, else None.
     """
     q, k, v = problem.q, problem.k, problem.v
     B, H, nq, nk, d, dv = problem.batch, problem.heads, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v
@@ -394,17 +395,19 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     if grad_out.shape != out.shape or grad_out.dtype != out.dtype or grad_out.device != out.device:
         raise ValueError(f"grad_out must match the output: {out.dtype} {tuple(out.shape)}, got "
                          f"{grad_out.dtype} {tuple(grad_out.shape)}")
+    if grads is None:
+        grads = tuple(torch.empty(t.shape, device=q.device, dtype=q.dtype) for t in (q, k, v))
+    elif any(g.shape != t.shape or g.dtype != q.dtype or not g.is_contiguous() for g, t in zip(grads, (q, k, v))):
+        raise ValueError("grads must be three contiguous tensors shaped like q, k and v in q's dtype")
+    dq, dk, dv_out = grads
     ddelta = torch.zeros(bh, nq, nk, device=q.device, dtype=torch.float32) if delta_grad else None
-    if bh == 0 or nq == 0:
-        zeros = [torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v)]
-        return (*zeros, None if ddelta is None else ddelta.view(B, H, nq, nk))
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
-    dv_out = torch.empty(v.shape, device=q.device, dtype=q.dtype)
+    if bh == 0 or nq == 0:  # no scores: nothing depends on the inputs
+        for g in grads:
+            g.zero_()
+        return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)
     delta, d_strides, gauss_coef = delta_args(problem)
     ddelta_ptr = ddelta if ddelta is not None else dq  # dummy pointer when not written
-    meta = common_meta(problem)
-    meta.update(GLOBAL_MAX=problem.max_mode == "global", REGULARIZE=problem.regularized)
+    meta = dict(common_meta(problem), GLOBAL_MAX=problem.max_mode == "global")
     sizes = (bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
 
     if is_packed(nq, nk, d, dv):
