@@ -25,14 +25,14 @@ def opts_id(opts):
     return ",".join(f"{k}={v}" for k, v in opts.items()) or "default"
 
 
-def reference_grads(q, k, v, grad_out, delta=None, **opts):
-    """float64 autograd gradients of the reference: (dq, dk, dv[, ddelta])."""
-    leaves = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+def reference_grads(q, k, v, grad_out, delta=None, device="cpu", **opts):
+    """float64 autograd gradients of the reference on `device`: (dq, dk, dv[, ddelta])."""
+    leaves = [t.detach().to(device, torch.float64).requires_grad_() for t in (q, k, v)]
     d64 = None
     if delta is not None:
-        d64 = delta.detach().double().cpu().requires_grad_()
+        d64 = delta.detach().to(device, torch.float64).requires_grad_()
     out = vk.tar_attention_reference(*leaves, delta=d64, **opts)
-    return torch.autograd.grad(out, leaves + ([d64] if d64 is not None else []), grad_out.double().cpu())
+    return torch.autograd.grad(out, leaves + ([d64] if d64 is not None else []), grad_out.to(device, torch.float64))
 
 
 def random_grad_out(q, v, *, layout_="bhnd", seed=10):
