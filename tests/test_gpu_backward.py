@@ -17,10 +17,10 @@ def cuda_qkv(B, H, nq, nk, d, dv, dtype, seed=0):
                  for n, dim in ((nq, d), (nk, d), (nk, dv)))
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(causal=True, max_mode="global"), dict(strength=-1.0, sigma=4.0)],
-                         ids=["default", "causal-global", "negative"])
-@pytest.mark.parametrize("d", [40, 64, 80, 128, 256])
-@pytest.mark.parametrize("n", [16, 64, 128, 200, 1000])
+@pytest.mark.parametrize("opts", [dict(strength=-1.0, sigma=4.0), dict(causal=True, max_mode="global")],
+                         ids=["negative", "causal-global"])
+@pytest.mark.parametrize("d", [64, 80, 256])
+@pytest.mark.parametrize("n", [16, 128, 300, 1000])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_compiled_backward_across_shapes(n, d, dtype, opts):
     q, k, v = (t.requires_grad_() for t in cuda_qkv(8, 2, n, n, d, d, dtype))

@@ -12,7 +12,7 @@ import torch
 
 from . import _env
 from ._validation import TarProblem
-from .ops.layout import stats_shape
+from .ops import layout
 from .reference import reference_backward, reference_forward
 
 MAX_TRITON_HEAD_DIM = 256
@@ -99,8 +99,8 @@ class TritonBackend(Backend):
         return _env.triton_ops().module.tar_forward(problem)
 
     def stats_shape(self, problem, needs_grad):
-        return stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
-                           problem.head_dim_v, needs_grad)
+        return layout.stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
+                                  problem.head_dim_v, needs_grad)
 
     def forward_saving(self, problem):
         stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)

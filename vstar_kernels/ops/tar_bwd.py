@@ -35,8 +35,6 @@ from .layout import STAT_COUNT, STAT_MAX, STATS_FIELDS, is_packed, pow2
 from .tar_fwd import INTERPRETING, _cast, _delta_a, _mma, common_meta, delta_args, interpreter_rows, \
     packed_segments
 
-LOG2E = 1.4426950408889634
-
 
 # --------------------------------------------------------------------------- kernels
 
@@ -330,11 +328,13 @@ def _packed_configs():
 
 def _prune_packed(configs, named_args, **kwargs):
     seg = named_args["SEG_MAX"]
+    # Five (rows x rows) float32 tiles live at once: keep tiles small for wide heads, but never
+    # below one sequence per program.
     wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 64
     keep = []
     for c in configs:
         rows = c.kwargs["ROWS"]
-        if rows < seg or (wide and rows > 64) or (rows <= 32 and c.num_warps > 4):
+        if rows < seg or (wide and rows > max(64, seg)) or (rows <= 32 and c.num_warps > 4):
             continue
         if (rows // seg) * min(named_args["SEG_Q"], named_args["SEG_K"]) < 16:  # tl.dot needs 16 rows/cols
             continue
@@ -343,10 +343,9 @@ def _prune_packed(configs, named_args, **kwargs):
 
 
 def _tiled_configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2)
-    ]
+    blocks = ((32, 64), (64, 32), (64, 64), (32, 128), (128, 32), (64, 128), (128, 64))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+            for bm, bn in blocks for w in (4, 8)]
 
 
 def _prune_tiled(configs, named_args, **kwargs):
