@@ -124,7 +124,7 @@ def test_custom_delta_requires_grad(shape, delta_shape, opts):
 def test_strided_views(shape, layout_, dtype):
     q, k, v = make_qkv(*shape, dtype, layout=layout_, seed=4)
     assert not q.is_contiguous()
-    run_and_check(q, k, v, causal=True, grad_layout="bnhd")
+    run_and_check(q, k, v, causal=True, max_mode="global", grad_layout="bnhd")
 
 
 def tied_qkv(n, seed):
