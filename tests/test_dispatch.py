@@ -33,12 +33,22 @@ def test_triton_rejects_too_wide_head_dim():
         vk.tar_attention(*(torch.randn(1, 1, 8, 320) for _ in range(3)), backend="triton")
 
 
-def test_triton_rejects_inputs_that_require_grad_until_backward_exists():
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+def test_triton_accepts_inputs_that_require_grad():
     q = torch.randn(1, 1, 8, 8, requires_grad=True)
-    with pytest.raises(vk.BackendUnavailableError, match="require grad"):
-        vk.tar_attention(q, q, q, backend="triton")
+    assert dispatch.select(problem(q), "triton").name == "triton"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+def test_triton_backward_that_cannot_load_is_a_reason(monkeypatch):
+    from vstar_kernels import _env
+
+    monkeypatch.setattr(_env, "triton_backward_ops", lambda: _env.Probe(None, "backward kernels missing (test)"))
+    q = torch.randn(1, 1, 8, 8, requires_grad=True)
+    with pytest.raises(vk.BackendUnavailableError, match=r"inputs require grad and backward kernels missing \(test\)"):
+        dispatch.select(problem(q), "triton")
     with torch.no_grad():
-        vk.tar_attention(q, q, q, backend="triton")
+        assert dispatch.select(problem(q), "triton").name == "triton"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")

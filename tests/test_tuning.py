@@ -5,8 +5,11 @@ can say about the autotuned GPU launches.
 """
 
 import pytest
+import torch
 
 from vstar_kernels._env import triton_ops
+from vstar_kernels._validation import make_problem
+from vstar_kernels.ops import layout
 
 
 @pytest.fixture(scope="module")
@@ -14,28 +17,43 @@ def fwd():
     return triton_ops().module
 
 
+@pytest.fixture(scope="module")
+def bwd():
+    from vstar_kernels._env import triton_backward_ops
+
+    return triton_backward_ops().module
+
+
+def meta_problem(nq, nk, d):
+    q = torch.empty(2, 3, nq, d, device="meta")
+    k = torch.empty(2, 3, nk, d, device="meta")
+    return make_problem(q, k, k, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+
+
 @pytest.mark.parametrize("d", [8, 40, 64, 80, 128, 160, 256])
-def test_packed_prune_keeps_valid_configs(fwd, d):
-    block = fwd._pow2(d, fwd.DOT_MIN)
+def test_packed_prune_keeps_valid_configs(fwd, bwd, d):
+    block = layout.pow2(d, layout.DOT_MIN)
     for nq in range(1, 129):
         for nk in (1, 7, 16, 33, 100, 128):
-            seg_max = fwd._pow2(max(nq, nk))
-            if seg_max > fwd.packed_limit(block):
+            if not layout.is_packed(nq, nk, d, d):
                 continue
-            meta = dict(SEG_Q=fwd._pow2(nq, seg_max // 4), SEG_K=fwd._pow2(nk, seg_max // 4), SEG_MAX=seg_max,
-                        BLOCK_D=block, BLOCK_DV=block)
+            seg_q, seg_k, seg_max = fwd.packed_segments(meta_problem(nq, nk, d))
+            meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, BLOCK_D=block, BLOCK_DV=block)
+            kept_bwd = bwd._prune_packed(bwd._packed_configs(), {"BH": 1000}, **meta)
+            assert kept_bwd and all(c.kwargs["ROWS"] >= seg_max for c in kept_bwd), (nq, nk, d)
             kept = fwd._prune_packed(fwd._packed_configs(), {"BH": 1000}, **meta)
             assert kept, (nq, nk, d)
             for c in kept:
                 seqs = c.kwargs["ROWS"] // seg_max
                 assert seqs >= 1
                 assert seqs * meta["SEG_Q"] >= 16 and seqs * meta["SEG_K"] >= 16
-                assert c.kwargs["ROWS"] <= fwd.packed_limit(block)
+                assert c.kwargs["ROWS"] <= layout.packed_limit(block)
 
 
 @pytest.mark.parametrize("d", [8, 64, 128, 160, 256])
-def test_tiled_prune_keeps_configs(fwd, d):
-    block = fwd._pow2(d, fwd.DOT_MIN)
+def test_tiled_prune_keeps_configs(fwd, bwd, d):
+    block = layout.pow2(d, layout.DOT_MIN)
+    assert bwd._prune_tiled(bwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block)
     kept = fwd._prune_tiled(fwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block)
     assert kept
     if block > 128:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
 
+import torch
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -66,6 +68,35 @@ def cuda_ops() -> Probe:
         cause = f"; {exc.__cause__}" if exc.__cause__ is not None else ""  # torch.ops.load_library hides dlerror
         return Probe(None, f"the CUDA C++ extension failed to load ({type(exc).__name__}: {exc}{cause})")
     return Probe(mod, "")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_backward_ops() -> Probe:
+    """vstar_kernels.ops.tar_bwd, the fused backward; needs what triton_ops() needs."""
+    forward = triton_ops()
+    if not forward.ok:
+        return forward
+    try:
+        mod = importlib.import_module("vstar_kernels.ops.tar_bwd")
+    except Exception as exc:
+        return Probe(None, f"the Triton backward kernels failed to load ({type(exc).__name__}: {exc})")
+    return Probe(mod, "")
+
+
+@torch.compiler.assume_constant_result
+def triton_state() -> tuple:
+    """(why the Triton kernels cannot load or "", whether they loaded in interpreter mode,
+    whether TRITON_INTERPRET=1 now). torch.compile calls this once while tracing and keeps the
+    result instead of tracing the probe's imports (a graph break)."""
+    probe = triton_ops()
+    interpreting = bool(probe.module.INTERPRETING) if probe.ok else False
+    return probe.reason, interpreting, interpreter_requested()
+
+
+@torch.compiler.assume_constant_result
+def triton_backward_reason() -> str:
+    """Why the Triton backward kernels cannot load, or "" (constant under torch.compile, as above)."""
+    return triton_backward_ops().reason
 
 
 def triton_version() -> str:

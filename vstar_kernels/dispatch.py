@@ -12,7 +12,8 @@ import torch
 
 from . import _env
 from ._validation import TarProblem
-from .reference import reference_forward
+from .ops import layout
+from .reference import reference_backward, reference_forward
 
 MAX_TRITON_HEAD_DIM = 256
 # The CUDA C++ operator's limits: kMaxHeadDim and kMaxKeys in bindings/tar_params.h.
@@ -26,12 +27,28 @@ class BackendUnavailableError(RuntimeError):
 
 class Backend:
     name = ""
+    # backward() is differentiable PyTorch that torch.compile can trace: the op's autograd formula
+    # calls it directly. False for kernels: they run behind the opaque vstar::tar_attention_backward.
+    traceable_backward = True
 
     def not_supported_reasons(self, problem: TarProblem) -> list:
         raise NotImplementedError
 
     def forward(self, problem: TarProblem) -> torch.Tensor:
         raise NotImplementedError
+
+    def stats_shape(self, problem: TarProblem, needs_grad: bool) -> tuple:
+        """Shape of the float32 statistics `forward_saving` returns for backward() (none by default)."""
+        return (0,)
+
+    def forward_saving(self, problem: TarProblem) -> tuple:
+        """Forward of a call that will be differentiated: (output, statistics for backward())."""
+        stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)
+        return self.forward(problem), stats
+
+    def backward(self, problem: TarProblem, out, stats, grad_out, delta_grad: bool) -> tuple:
+        """(dq, dk, dv, ddelta or None), contiguous; by default autograd on the reference definition."""
+        return reference_backward(problem, grad_out, delta_grad)
 
 
 class ReferenceBackend(Backend):
@@ -46,14 +63,14 @@ class ReferenceBackend(Backend):
 
 class TritonBackend(Backend):
     name = "triton"
+    traceable_backward = False
 
     def not_supported_reasons(self, problem):
         reasons = []
-        probe = _env.triton_ops()
-        if not probe.ok:
-            return [probe.reason]
-        interpreting = probe.module.INTERPRETING
-        if interpreting != _env.interpreter_requested():
+        load_reason, interpreting, requested = _env.triton_state()
+        if load_reason:
+            return [load_reason]
+        if interpreting != requested:
             reasons.append(
                 "the Triton kernels were loaded with TRITON_INTERPRET="
                 f"{int(interpreting)} but it is now {int(not interpreting)}; set it before the first call"
@@ -76,11 +93,25 @@ class TritonBackend(Backend):
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)
         ):
-            reasons.append("inputs require grad and the Triton backward is not implemented yet")
+            backward_reason = _env.triton_backward_reason()
+            if backward_reason:
+                reasons.append(f"inputs require grad and {backward_reason}")
         return reasons
 
     def forward(self, problem):
         return _env.triton_ops().module.tar_forward(problem)
+
+    def stats_shape(self, problem, needs_grad):
+        return layout.stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
+                                  problem.head_dim_v, needs_grad)
+
+    def forward_saving(self, problem):
+        stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)
+        out = _env.triton_ops().module.tar_forward(problem, stats=stats if stats.numel() else None)
+        return out, stats
+
+    def backward(self, problem, out, stats, grad_out, delta_grad):
+        return _env.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
 
 
 class CudaBackend(Backend):

@@ -1,9 +1,10 @@
-"""The public entry point: validation, backend choice, and the call."""
+"""The public entry point: validation, backend choice, and the call (through the vstar::tar_attention op)."""
 
 from __future__ import annotations
 
 import torch
 
+from ._op import tar_attention_op
 from ._validation import make_problem
 from .dispatch import select
 
@@ -40,8 +41,13 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
     Returns:
         (B, H, Nq, Dv) (or (B, Nq, Dv) for 3-D input), q's dtype and device. Math is float32
         inside whatever the input dtype (float64 for float64 input on the reference).
+
+    Differentiable in q, k, v and a `delta` that requires grad, on every backend; the row max's
+    gradient is torch.amax's (split evenly over ties). The call is the custom op
+    ``torch.ops.vstar.tar_attention``, so ``torch.compile(fullgraph=True)`` and CUDA graphs
+    capture it whole.
     """
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale)
     impl = select(problem, backend)
-    return problem.restore(impl.forward(problem))
+    return problem.restore(tar_attention_op(problem, impl.name))

@@ -7,6 +7,7 @@ score matrices stay within a bounded amount of memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -56,6 +57,24 @@ def reference_forward(problem: TarProblem) -> torch.Tensor:
         outs.append(torch.matmul(p, v[sl].to(compute)).to(problem.dtype))
     out = torch.cat(outs) if outs else q.new_empty(0, nq, problem.head_dim_v)
     return out.reshape(B, H, nq, problem.head_dim_v)
+
+
+def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: bool = False):
+    """Gradients of `reference_forward` by autograd on the definition (the max's gradient is
+    torch.amax's: split evenly over ties). Returns contiguous (dq, dk, dv, ddelta), ddelta the
+    gradient of the (B, H, Nq, Nk) view `problem.delta` when delta_grad, else None.
+
+    torch.func.vjp rather than torch.autograd: it also runs inside a custom op's implementation,
+    which the dispatcher calls below the autograd key.
+    """
+    def forward(q, k, v, *delta):
+        return reference_forward(dataclasses.replace(problem, q=q, k=k, v=v,
+                                                     delta=delta[0] if delta else problem.delta))
+
+    primals = (problem.q, problem.k, problem.v, *((problem.delta,) if delta_grad else ()))
+    _, vjp = torch.func.vjp(forward, *primals)
+    grads = [g.contiguous() for g in vjp(grad_out)]
+    return (*grads[:3], grads[3] if delta_grad else None)
 
 
 def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,

@@ -11,7 +11,7 @@ def gaussian_bias(nq: int, nk: int, sigma: float, *, device=None, dtype=torch.fl
     """dA_ij = exp(-0.5 * ((j - i) / sigma) ** 2) for i < nq, j < nk: (nq, nk), 1 on the diagonal."""
     sigma = check_sigma(sigma)
     for name, n in (("nq", nq), ("nk", nk)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 0:  # SymInt: traced sizes
             raise ValueError(f"{name} must be a non-negative int, got {n!r}")
     work = torch.float64 if dtype == torch.float64 else torch.float32
     i = torch.arange(nq, device=device, dtype=work)[:, None]

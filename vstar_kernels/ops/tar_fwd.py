@@ -10,6 +10,9 @@ Two layouts, one semantics (see ../shared/semantics.md):
   Pass 1 walks the key tiles for the exact row max m_i, pass 2 runs an online
   softmax of S + strength * m_i * dA. For max_mode="global" a pre-pass writes
   the row maxima, torch reduces them per sequence, and the main pass reads it.
+  When the call will be differentiated (`stats` given) the tiled kernel also
+  writes O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS); the
+  packed layout saves nothing, its backward recomputes whole rows.
 
 The Gaussian dA is computed from (i, j) in registers; only a user-supplied
 delta is read from memory. Nothing N x N is written. Offsets are int64 and the
@@ -25,6 +28,8 @@ import triton
 import triton.language as tl
 
 from .._validation import TarProblem
+from .layout import STAT_ARG, STAT_COUNT, STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, is_packed, \
+    packed_limit, pow2
 
 LOG2E = 1.4426950408889634
 INTERPRETING = triton.knobs.runtime.interpret
@@ -58,14 +63,20 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
-def _bias(s, row_max, i, j, valid, d_ptrs, strength, gauss_coef, HAS_DELTA: tl.constexpr):
-    """S' = S + strength * m_i * dA_ij; masked entries stay -inf."""
+def _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr):
+    """dA_ij: the user's delta (read where valid) or the Gaussian exp2(gauss_coef * (j - i)^2)."""
     if HAS_DELTA:
         dA = tl.load(d_ptrs, mask=valid, other=0.0).to(tl.float32)
     else:
         dist = (j[None, :] - i[:, None]).to(tl.float32)
         dA = tl.exp2(gauss_coef * dist * dist)
-    return s + (strength * row_max)[:, None] * dA
+    return dA
+
+
+@triton.jit
+def _bias(s, row_max, i, j, valid, d_ptrs, strength, gauss_coef, HAS_DELTA: tl.constexpr):
+    """S' = S + strength * m_i * dA_ij; masked entries stay -inf."""
+    return s + (strength * row_max)[:, None] * _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
 
 
 @triton.jit
@@ -136,9 +147,15 @@ def _tar_fwd_packed_kernel(
 @triton.jit
 def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-             INTERP_BF16: tl.constexpr):
-    """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows."""
+             INTERP_BF16: tl.constexpr, WITH_ARG: tl.constexpr):
+    """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows.
+
+    Returns (max, arg-max, count): with WITH_ARG the first maximal key and how many keys reach
+    the max (what the backward needs to split the max's gradient like torch.amax); else zeros.
+    """
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    arg = tl.zeros((BLOCK_M,), tl.int32)
+    count = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         k = tl.load(K + k_base + j[:, None] * skn + dq[None, :] * skd,
@@ -147,13 +164,28 @@ def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
         valid = j[None, :] < NK
         if CAUSAL:
             valid = valid & (j[None, :] <= offs_m[:, None])
-        m = tl.maximum(m, tl.max(tl.where(valid, s, float("-inf")), 1))
-    return m
+        s = tl.where(valid, s, float("-inf"))
+        tile_max = tl.max(s, 1)
+        if WITH_ARG:
+            tile_arg = start + tl.argmax(s, 1, tie_break_left=True)
+            tile_count = tl.sum((valid & (s == tile_max[:, None])).to(tl.int32), 1)
+            arg = tl.where(tile_max > m, tile_arg.to(tl.int32), arg)
+            count = tl.where(tile_max > m, tile_count, tl.where(tile_max == m, count + tile_count, count))
+        m = tl.maximum(m, tile_max)
+    return m, arg, count
+
+
+@triton.jit
+def _store_row_stats(STATS, row, ok, m, arg, count):
+    """Raw row max, arg-max and tie count of a block of rows (layout.STAT_* fields)."""
+    tl.store(STATS + row * 4 + 0, m, mask=ok)
+    tl.store(STATS + row * 4 + 2, arg.to(tl.float32, bitcast=True), mask=ok)
+    tl.store(STATS + row * 4 + 3, count.to(tl.float32, bitcast=True), mask=ok)
 
 
 @triton.jit
 def _tar_fwd_tiled_kernel(
-    Q, K, V, O, DELTA, MAXBUF,
+    Q, K, V, O, DELTA, MAXBUF, STATS,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -166,6 +198,7 @@ def _tar_fwd_tiled_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     MAX_SOURCE: tl.constexpr,  # 0: compute row max here, 1: write row max to MAXBUF only, 2: read per-sequence max
+    SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS (bh, nq, 4)
     PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -185,19 +218,28 @@ def _tar_fwd_tiled_kernel(
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
+    stat_row = seq * NQ + offs_m
 
     if MAX_SOURCE == 1:
-        m = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale, BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16)
+        m, arg, count = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
+                                 BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16, SAVE_STATS)
         tl.store(MAXBUF + seq * NQ + offs_m, m, mask=row_ok)
+        if SAVE_STATS:
+            _store_row_stats(STATS, stat_row, row_ok, m, arg, count)
     else:
         m_safe = tl.zeros((BLOCK_M,), tl.float32)
         if REGULARIZE:
             if MAX_SOURCE == 0:
-                m = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
-                             BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16)
+                m, arg, count = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
+                                         BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16, SAVE_STATS)
+                if SAVE_STATS:
+                    _store_row_stats(STATS, stat_row, row_ok, m, arg, count)
             else:
                 m = tl.load(MAXBUF + seq + offs_m * 0)
             m_safe = tl.where(row_ok, m, 0.0)
+        elif SAVE_STATS:
+            zero = tl.zeros((BLOCK_M,), tl.int32)
+            _store_row_stats(STATS, stat_row, row_ok, m_safe, zero, zero)
         run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         denom = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -227,6 +269,8 @@ def _tar_fwd_tiled_kernel(
         out = acc / denom[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * son + dv[None, :] * sod,
                  _cast(out, O.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & (dv[None, :] < DV))
+        if SAVE_STATS:
+            tl.store(STATS + stat_row * 4 + 1, run_max + tl.log(denom), mask=row_ok)
 
 
 # --------------------------------------------------------------------------- configs
@@ -273,16 +317,8 @@ def _prune_tiled(configs, named_args, **kwargs):
 
 # --------------------------------------------------------------------------- launcher
 
-SHORT_MAX = 128       # packed path for max(Nq, Nk) <= SHORT_MAX (64 when a head dim is > 128)
-DOT_MIN = 16          # smallest tl.dot extent
-
-
-def packed_limit(block_d: int) -> int:
-    return SHORT_MAX if block_d <= 128 else SHORT_MAX // 2
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(n))
+# The kernels write the statistics at fixed offsets (see _store_row_stats).
+assert (STAT_MAX, STAT_LSE, STAT_ARG, STAT_COUNT, STATS_FIELDS) == (0, 1, 2, 3, 4)
 
 
 if INTERPRETING:
@@ -294,7 +330,7 @@ else:
         _packed_configs(), key=["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA"],
         prune_configs_by={"early_config_prune": _prune_packed})(_tar_fwd_packed_kernel)
     _tiled = triton.autotune(
-        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "MAX_SOURCE"],
+        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "MAX_SOURCE", "SAVE_STATS"],
         prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_tiled_kernel)
 
 
@@ -304,8 +340,42 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit inputs
 
 
-def tar_forward(problem: TarProblem, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the fused forward for a validated problem; returns (B, H, Nq, Dv) in q's dtype."""
+def delta_args(problem: TarProblem):
+    """(delta pointer, its 4 strides, gauss_coef) for a kernel launch."""
+    if problem.delta is not None:
+        return problem.delta, problem.delta.stride(), 0.0
+    gauss_coef = 0.0 if math.isinf(problem.sigma) else -0.5 * LOG2E / problem.sigma ** 2
+    return problem.q, (0, 0, 0, 0), gauss_coef  # q: a dummy pointer, never read
+
+
+def common_meta(problem: TarProblem) -> dict:
+    """Compile-time options shared by the forward and backward kernels."""
+    block_d, block_dv = block_dims(problem.head_dim, problem.head_dim_v)
+    return dict(BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=problem.causal, HAS_DELTA=problem.delta is not None,
+                REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype),
+                INTERP_BF16=INTERPRETING and problem.dtype == torch.bfloat16)
+
+
+def packed_segments(problem: TarProblem) -> tuple:
+    """(SEG_Q, SEG_K, SEG_MAX): power-of-two rows per sequence in a packed tile."""
+    seg_max = pow2(max(problem.nq, problem.nk))
+    return pow2(problem.nq, seg_max // 4), pow2(problem.nk, seg_max // 4), seg_max
+
+
+def interpreter_rows(problem: TarProblem) -> int:
+    """Packed tile rows the interpreter runs (it does not autotune)."""
+    return max(packed_limit(max(block_dims(problem.head_dim, problem.head_dim_v))),
+               pow2(max(problem.nq, problem.nk)))
+
+
+def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
+                stats: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the fused forward for a validated problem; returns (B, H, Nq, Dv) in q's dtype.
+
+    stats: optional float32 (B*H, Nq, layout.STATS_FIELDS) buffer, contiguous, for a call that
+    will be differentiated in the tiled layout (layout.stats_shape): the kernel fills it with the
+    row statistics ops/tar_bwd.py reads. Without it the inference path writes nothing extra.
+    """
     q, k, v = problem.q, problem.k, problem.v
     B, H, nq, nk, d, dv = problem.batch, problem.heads, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v
     if out is None:
@@ -313,37 +383,37 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None) -> torch.T
     bh = B * H
     if bh == 0 or nq == 0:
         return out
-    has_delta = problem.delta is not None
-    delta = problem.delta if has_delta else q  # dummy pointer, never read
-    d_strides = problem.delta.stride() if has_delta else (0, 0, 0, 0)
-    regularize = problem.regularized
-    gauss_coef = 0.0 if (has_delta or math.isinf(problem.sigma)) else -0.5 * LOG2E / problem.sigma ** 2
-    block_d, block_dv = _pow2(d, DOT_MIN), _pow2(dv, DOT_MIN)
-    common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=problem.causal, HAS_DELTA=has_delta,
-                  REGULARIZE=regularize, PRECISION=_precision(q.dtype),
-                  INTERP_BF16=INTERPRETING and q.dtype == torch.bfloat16)
+    delta, d_strides, gauss_coef = delta_args(problem)
+    common = common_meta(problem)
     args = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *d_strides,
             bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
-    seg_max = _pow2(max(nq, nk))
-    if seg_max <= packed_limit(max(block_d, block_dv)):
-        seg_q, seg_k = _pow2(nq, seg_max // 4), _pow2(nk, seg_max // 4)
+    if is_packed(nq, nk, d, dv):
+        if stats is not None and stats.numel():
+            raise ValueError("the packed layout saves no statistics: pass stats=None (see layout.stats_shape)")
+        seg_q, seg_k, seg_max = packed_segments(problem)
         meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, GLOBAL_MAX=problem.max_mode == "global", **common)
         grid = lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)  # noqa: E731
         if INTERPRETING:
-            meta["ROWS"] = max(packed_limit(max(block_d, block_dv)), seg_max)
+            meta["ROWS"] = interpreter_rows(problem)
         _packed[grid](q, k, v, out, delta, *args, **meta)
         return out
 
+    save_stats = stats is not None
+    if save_stats and (tuple(stats.shape) != (bh, nq, STATS_FIELDS) or stats.dtype != torch.float32
+                       or not stats.is_contiguous()):
+        raise ValueError(f"stats must be a contiguous float32 ({bh}, {nq}, {STATS_FIELDS}) tensor, "
+                         f"got {stats.dtype} {tuple(stats.shape)}")
     grid = lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)  # noqa: E731
-    tiled_meta = dict(common)
+    tiled_meta = dict(common, SAVE_STATS=save_stats)
     if INTERPRETING:
         tiled_meta.update(BLOCK_M=64, BLOCK_N=64)
-    n_bucket = _pow2(max(nq, nk))
-    if problem.max_mode == "global" and regularize:
+    n_bucket = pow2(max(nq, nk))
+    stats_ptr = stats if save_stats else out  # dummy pointer when not saving
+    if problem.max_mode == "global" and problem.regularized:
         row_max = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
-        _tiled[grid](q, k, v, out, delta, row_max, *args, n_bucket, MAX_SOURCE=1, **tiled_meta)
+        _tiled[grid](q, k, v, out, delta, row_max, stats_ptr, *args, n_bucket, MAX_SOURCE=1, **tiled_meta)
         seq_max = row_max.amax(dim=1)
-        _tiled[grid](q, k, v, out, delta, seq_max, *args, n_bucket, MAX_SOURCE=2, **tiled_meta)
+        _tiled[grid](q, k, v, out, delta, seq_max, stats_ptr, *args, n_bucket, MAX_SOURCE=2, **tiled_meta)
     else:
-        _tiled[grid](q, k, v, out, delta, out, *args, n_bucket, MAX_SOURCE=0, **tiled_meta)
+        _tiled[grid](q, k, v, out, delta, out, stats_ptr, *args, n_bucket, MAX_SOURCE=0, **tiled_meta)
     return out

@@ -1,0 +1,115 @@
+"""Backward-pass timing cases for the benchmark harness (issue 6's rows).
+
+`backward_callables(...)` sets up one case and returns zero-argument callables that each run
+only the backward pass (the forward graph is built once and kept with retain_graph) and return
+the gradients (dq, dk, dv):
+
+    "triton"     tar_attention(backend="triton"): the fused Triton backward
+    "reference"  tar_attention(backend="reference"): autograd on the PyTorch definition (eager)
+    "sdpa"       torch.nn.functional.scaled_dot_product_attention without TAR (flash on GPU)
+
+`time_backward(...)` times them (triton.testing.do_bench on CUDA: median, p20, p80 in ms; a
+wall clock on CPU) and returns one row per case with the ratios the issue's targets use:
+within 1.5x of SDPA's backward at N <= 256, at least 3x faster than the eager reference.
+
+    python benchmarks/bench_backward.py      # the default cases on this machine's GPU
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+import vstar_kernels as vk
+
+IMPLS = ("triton", "reference", "sdpa")
+
+
+def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS,
+                       seed=0, **tar):
+    """name -> callable running one backward of a (batch, heads, frames, head_dim) self-attention.
+
+    q, k, v are (batch, frames, heads, head_dim) projections viewed as (B, H, N, D), as diffusers
+    hands them over; `tar` goes to tar_attention (sigma, strength, causal, max_mode, ...).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch, frames, heads, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(batch, heads, frames, head_dim, device=device, dtype=dtype, generator=g)
+    forwards = {
+        "triton": lambda: vk.tar_attention(q, k, v, backend="triton", **tar),
+        "reference": lambda: vk.tar_attention(q, k, v, backend="reference", **tar),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=tar.get("causal", False)),
+    }
+    callables = {}
+    for name in impls:
+        out = forwards[name]()
+
+        def backward(out=out):
+            for t in (q, k, v):
+                t.grad = None
+            out.backward(grad_out, retain_graph=True)
+            return q.grad, k.grad, v.grad
+
+        callables[name] = backward
+    return callables
+
+
+def _time_ms(fn, cuda: bool) -> tuple:
+    """(median, p20, p80) milliseconds: do_bench on CUDA, three wall-clock runs after a warm-up on CPU."""
+    if cuda:
+        import triton.testing
+
+        return tuple(float(t) for t in triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    fn()
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - start) * 1e3)
+    runs.sort()
+    return runs[1], runs[0], runs[2]
+
+
+def time_backward(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS, **tar) -> dict:
+    """One benchmark row: the case, each implementation's backward time and the ratios to triton."""
+    callables = backward_callables(batch, heads, frames, head_dim, dtype=dtype, device=device, impls=impls, **tar)
+    cuda = torch.device(device).type == "cuda"
+    row = dict(case="tar_attention backward", batch=batch, heads=heads, frames=frames, head_dim=head_dim,
+               dtype=str(dtype).replace("torch.", ""), device=torch.cuda.get_device_name(device) if cuda else "cpu",
+               options=",".join(f"{k}={v}" for k, v in sorted(tar.items())) or "default")
+    for name, fn in callables.items():
+        row[f"{name}_ms"], row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = _time_ms(fn, cuda)
+    if "triton" in callables:
+        for peer in ("sdpa", "reference"):
+            if peer in callables:
+                row[f"triton_vs_{peer}"] = row["triton_ms"] / row[f"{peer}_ms"]
+    return row
+
+
+# (batch x spatial positions, heads, frames, head dim): VideoCrafter2-like levels, N <= 256, and a long video
+DEFAULT_CASES = [
+    (2 * 40 * 64, 5, 16, 64),
+    (2 * 20 * 32, 10, 32, 64),
+    (2 * 10 * 16, 20, 64, 64),
+    (256, 8, 128, 64),
+    (128, 8, 256, 64),
+    (16, 8, 1024, 64),
+]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)")
+        return 1
+    for case in DEFAULT_CASES:
+        for tar in (dict(), dict(causal=True, max_mode="global")):
+            print(time_backward(*case, **tar))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The backward benchmark cases run on CPU too (Triton interpreter, tiny shapes): a harness check."""
+
+import math
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # as tests/conftest.py does: the kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import bench_backward  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+TOL = dict(atol=2e-2, rtol=2e-2) if DEVICE == "cuda" else dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("frames", [16, 130])
+def test_callables_compute_the_gradients(frames):
+    tar = bench_backward.backward_callables(2, 2, frames, 16, dtype=DTYPE, device=DEVICE, impls=("triton", "reference"))
+    for a, b in zip(tar["triton"](), tar["reference"]()):
+        torch.testing.assert_close(a, b, **TOL)
+    plain = bench_backward.backward_callables(2, 2, frames, 16, dtype=DTYPE, device=DEVICE, impls=("triton", "sdpa"),
+                                              sigma=math.inf)  # a flat band: plain attention
+    for a, b in zip(plain["triton"](), plain["sdpa"]()):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_time_backward_row():
+    row = bench_backward.time_backward(2, 2, 16, 16, dtype=DTYPE, device=DEVICE, causal=True)
+    for name in bench_backward.IMPLS:
+        assert 0 < row[f"{name}_p20_ms"] <= row[f"{name}_ms"] <= row[f"{name}_p80_ms"]
+    assert row["triton_vs_sdpa"] == pytest.approx(row["triton_ms"] / row["sdpa_ms"])
+    assert row["triton_vs_reference"] == pytest.approx(row["triton_ms"] / row["reference_ms"])
+    assert row["options"] == "causal=True" and row["frames"] == 16

@@ -1,0 +1,106 @@
+"""The torch.library ops behind `tar_attention`, and their autograd.
+
+One opaque call per direction, so `torch.compile(fullgraph=True)` traces a module calling
+`tar_attention` without graph breaks and CUDA graphs capture it:
+
+    vstar::tar_attention(q, k, v, delta, sigma, strength, scale, causal, max_mode, backend,
+                         needs_grad) -> (out, stats)
+    vstar::tar_attention_backward(grad_out, q, k, v, delta, out, stats, sigma, strength, scale,
+                                  causal, max_mode, backend, delta_grad) -> (dq, dk, dv, ddelta)
+
+q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) are the 4-D views `make_problem` returns
+(any strides), delta the (B, H, Nq, Nk) broadcast view of the custom bias or None; the
+broadcast dims of delta's gradient are summed by autograd through that view. `backend` is the
+name `dispatch.select` resolved ("triton" or "reference"): on CPU tensors the op runs the
+reference unless the caller asked for the Triton interpreter. `stats` holds what the backend's
+backward needs beyond the inputs and the output (float32; empty for the reference and for the
+Triton packed layout). `ddelta` is empty unless delta_grad.
+
+A backend whose backward is plain PyTorch (the reference: torch.func.vjp of its definition)
+runs it straight from the autograd formula, where torch.compile traces it; the backward op is
+for kernel backends. Kernel gradients are first order (a double backward raises); the
+reference's are differentiable again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._validation import TarProblem
+from .dispatch import BACKENDS
+
+
+def _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode) -> TarProblem:
+    return TarProblem(q, k, v, scale, sigma, strength, delta, causal, max_mode, was_3d=False)
+
+
+@torch.library.custom_op("vstar::tar_attention", mutates_args=())
+def _tar_attention(q: Tensor, k: Tensor, v: Tensor, delta: Optional[Tensor], sigma: float, strength: float,
+                   scale: float, causal: bool, max_mode: str, backend: str,
+                   needs_grad: bool) -> Tuple[Tensor, Tensor]:
+    problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
+    impl = BACKENDS[backend]
+    if needs_grad:
+        return impl.forward_saving(problem)
+    return impl.forward(problem), q.new_empty(impl.stats_shape(problem, False), dtype=torch.float32)
+
+
+@_tar_attention.register_fake
+def _tar_attention_fake(q, k, v, delta, sigma, strength, scale, causal, max_mode, backend, needs_grad):
+    problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
+    out = q.new_empty(problem.output_shape())
+    return out, q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32)
+
+
+@torch.library.custom_op("vstar::tar_attention_backward", mutates_args=())
+def _tar_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Optional[Tensor], out: Tensor,
+                            stats: Tensor, sigma: float, strength: float, scale: float, causal: bool, max_mode: str,
+                            backend: str, delta_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
+    dq, dk, dv, ddelta = BACKENDS[backend].backward(problem, out, stats, grad_out, delta_grad)
+    ddelta = ddelta.to(delta.dtype).contiguous() if delta_grad else q.new_empty(0)
+    return dq, dk, dv, ddelta
+
+
+@_tar_attention_backward.register_fake
+def _tar_attention_backward_fake(grad_out, q, k, v, delta, out, stats, sigma, strength, scale, causal, max_mode,
+                                 backend, delta_grad):
+    ddelta = delta.new_empty(delta.shape) if delta_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ddelta
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, delta, sigma, strength, scale, causal, max_mode, backend, _ = inputs
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, delta, out, stats)
+    ctx.options = (sigma, strength, scale, causal, max_mode, backend)
+
+
+def _backward(ctx, grad_out, _grad_stats):
+    q, k, v, delta, out, stats = ctx.saved_tensors
+    delta_grad = bool(ctx.needs_input_grad[3])
+    sigma, strength, scale, causal, max_mode, backend = ctx.options
+    impl = BACKENDS[backend]
+    if impl.traceable_backward:
+        problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
+        dq, dk, dv, ddelta = impl.backward(problem, out, stats, grad_out, delta_grad)
+    else:
+        dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, q, k, v, delta, out, stats,
+                                                                    *ctx.options, delta_grad)
+    return dq, dk, dv, ddelta if delta_grad else None, None, None, None, None, None, None, None
+
+
+_tar_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def tar_attention_op(problem: TarProblem, backend: str) -> Tensor:
+    """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv)."""
+    tensors = [t for t in (problem.q, problem.k, problem.v, problem.delta) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    out, _ = _tar_attention(problem.q, problem.k, problem.v, problem.delta, problem.sigma, problem.strength,
+                            problem.scale, problem.causal, problem.max_mode, backend, needs_grad)
+    return out
