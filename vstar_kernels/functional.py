@@ -42,8 +42,9 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         (B, H, Nq, Dv) (or (B, Nq, Dv) for 3-D input), q's dtype and device. Math is float32
         inside whatever the input dtype (float64 for float64 input on the reference).
 
-    Differentiable in q, k, v and a `delta` that requires grad, on every backend; the row max's
-    gradient is torch.amax's (split evenly over ties). The call is the custom op
+    Differentiable in q, k, v and a `delta` that requires grad on the triton and reference
+    backends ("cuda" is forward only); the row max's gradient is torch.amax's (split evenly
+    over ties). The call is the custom op
     ``torch.ops.vstar.tar_attention``, so ``torch.compile(fullgraph=True)`` and CUDA graphs
     capture it whole.
     """
