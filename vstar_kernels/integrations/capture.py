@@ -7,14 +7,17 @@ averages it over heads and spatial positions (the batch of the call: batch x hei
 width), and adds it to one N x N map per (layer, step). The model's processors are not
 touched and its outputs are the same, bit for bit, with or without a capture.
 
-Memory. The recomputation runs in bounded chunks of the call's sequences: q and k are
-projected for a chunk, its probabilities formed in fp32 (float64 for a float64 model) with
-the reference formula (`reference.tar_scores`: plain softmax attention, or TAR's with the
-module's level spec where TAR regularizes that step), summed over the chunk and its heads,
-and added to a float64 N x N sum. At most `CHUNK_ELEMENTS` probabilities exist at a time
-and each (layer, step) keeps one N x N sum, so memory is O(N^2) per recorded map, never
-O(B H N^2). The fused kernels are not asked to produce probabilities; this costs one extra
-q/k projection and one unfused attention per watched call, at capture time only.
+Memory. The requirement is O(N^2) per layer, never O(B H N^2): the mean map may be
+accumulated inside the kernel or computed in bounded chunks, and this takes the chunks. The
+recomputation runs over bounded chunks of the call's sequences: q and k are projected for a
+chunk, its probabilities formed in fp32 (float64 for a float64 model) with the reference
+formula (`reference.tar_scores`: plain softmax attention, or TAR's with the module's level
+spec where TAR regularizes that step), summed over the chunk and its heads, and added to a
+float64 N x N sum. A chunk holds at most `CHUNK_ELEMENTS` scores (one sequence's H x N x N
+when that is more), in a few fp32 buffers of that size while its softmax is formed, and each
+(layer, step) keeps one N x N sum. The fused kernels are not asked for probabilities; the
+price is one extra q/k projection and one unfused attention per recorded call, at capture
+time only.
 """
 
 from __future__ import annotations
