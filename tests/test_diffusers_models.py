@@ -64,8 +64,8 @@ def run_capturing(model, inputs, names):
     return out, calls
 
 
-def attention64(attn, x, context, sigma, strength):
-    """The module's output in float64: projections, TAR (naive_tar), output projection."""
+def attention64(attn, x, context, sigma, strength, delta=None):
+    """The module's output in float64: projections, TAR (naive_tar; `delta` replaces sigma), output projection."""
     assert attn.group_norm is None and attn.spatial_norm is None and attn.norm_q is None
     assert not attn.residual_connection and attn.rescale_output_factor == 1.0
 
@@ -79,7 +79,7 @@ def attention64(attn, x, context, sigma, strength):
         return t.view(B, t.shape[1], attn.heads, -1).transpose(1, 2)
 
     out = naive_tar(heads(linear(attn.to_q, x)), heads(linear(attn.to_k, context)),
-                    heads(linear(attn.to_v, context)), sigma=sigma, strength=strength)
+                    heads(linear(attn.to_v, context)), sigma=sigma, strength=strength, delta=delta)
     return linear(attn.to_out[0], out.transpose(1, 2).reshape(B, N, -1))
 
 

@@ -121,6 +121,36 @@ def cmd_plot_delta(args) -> int:
     return 0
 
 
+def _demo_attention_options(parser) -> None:
+    parser.add_argument("--frames", type=int, default=16, help="frames of the random video (default: 16)")
+    parser.add_argument("--sigma", type=float, default=1.0, help="TAR's sigma at level 0 (default: 1)")
+    parser.add_argument("--strength", type=float, default=1.0, help="TAR's strength at level 0 (default: 1)")
+    parser.add_argument("--size", type=int, default=16, help="latent height and width (default: 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the latents (default: 0)")
+    parser.add_argument("--out", default="attention.png", help="output image (default: attention.png)")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
+
+
+@command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
+         _demo_attention_options)
+def cmd_demo_attention(args) -> int:
+    from .integrations.attention_demo import attention_demo, report
+
+    try:
+        runs = attention_demo(args.out, frames=args.frames, sigma=args.sigma, strength=args.strength,
+                              size=args.size, seed=args.seed, dpi=args.dpi)
+    except (TypeError, ValueError) as exc:
+        print(f"demo-attention: {exc}")
+        return 2
+    print(f"Step-0 temporal attention of a tiny random UNet3DConditionModel ({args.frames} frames), averaged over "
+          f"heads and positions; TAR sigma={args.sigma:g}, strength={args.strength:g} at level 0.")
+    print("diag: diagonality (1 = diagonal, 0 = unstructured); band1: attention share within 1 frame "
+          f"(uniform: {(3 * args.frames - 2) / args.frames ** 2:.3f})\n")
+    print(report(runs))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
 def _configure_bench(parser):
     from .bench import configure
 

@@ -12,6 +12,7 @@ except ImportError as exc:
         f"({exc}); install it with: pip install vstar_kernels[diffusers]"
     ) from exc
 
+from .integrations.capture import TemporalAttentionMaps, capture_temporal_attention
 from .integrations.diffusers import (
     PRESETS,
     LevelSpec,
@@ -22,4 +23,5 @@ from .integrations.diffusers import (
     reset_steps,
 )
 
-__all__ = ["PRESETS", "LevelSpec", "TARAttnProcessor", "TARConfig", "apply_tar", "remove_tar", "reset_steps"]
+__all__ = ["PRESETS", "LevelSpec", "TARAttnProcessor", "TARConfig", "TemporalAttentionMaps", "apply_tar",
+           "capture_temporal_attention", "remove_tar", "reset_steps"]

@@ -24,19 +24,15 @@ keeps working.
 
 from __future__ import annotations
 
-import math
-import numbers
-import re
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .._validation import check_sigma
-from ..dispatch import BACKEND_NAMES
 from ..functional import tar_attention
+from .config import PRESET_UNTIL_STEP, PRESETS, LevelSpec, TARConfig  # noqa: F401 (re-exported)
 from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
@@ -45,103 +41,6 @@ INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
 _SITE_ATTR = "_vstar_tar_site"
 _STATE_ATTR = "_vstar_tar"
 _OWNER = "tar"
-
-
-@dataclass(frozen=True)
-class LevelSpec:
-    """What TAR adds at one resolution level: ``strength * m_i * exp(-0.5 ((j - i) / sigma)^2)``."""
-
-    sigma: float = 1.0
-    strength: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "sigma", check_sigma(self.sigma))
-        if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real):
-            raise TypeError(f"strength must be a real number, got {type(self.strength).__name__}")
-        if not math.isfinite(self.strength):
-            raise ValueError(f"strength must be finite, got {self.strength}")
-        object.__setattr__(self, "strength", float(self.strength))
-
-    @property
-    def active(self) -> bool:
-        """False when the bias cannot change the attention (strength 0 or sigma = inf)."""
-        return self.strength != 0.0 and math.isfinite(self.sigma)
-
-
-# Paper names: "64" is the full latent resolution (40x64 latent) = level 0, "32" level 1;
-# "D" is followed by sigma. Strength 1 and steps 0..13 of 25 in all of them.
-PRESET_UNTIL_STEP = 13
-PRESETS: Dict[str, Dict[int, float]] = {
-    "64D1": {0: 1.0},
-    "64D4": {0: 4.0},
-    "64D8": {0: 8.0},
-    "64D1_32D8": {0: 1.0, 1: 8.0},
-    "64D1_32D1": {0: 1.0, 1: 1.0},
-    "64D1_32D12": {0: 1.0, 1: 12.0},
-    "64D4_32D8": {0: 4.0, 1: 8.0},
-    "64D4_32D12": {0: 4.0, 1: 12.0},
-}
-
-
-def _level_spec(level, spec) -> LevelSpec:
-    if isinstance(spec, LevelSpec):
-        return spec
-    if isinstance(spec, (str, bytes)) or not hasattr(spec, "__len__") or len(spec) != 2:
-        raise TypeError(f"levels[{level}] must be a (sigma, strength) pair or a LevelSpec, got {spec!r}")
-    try:
-        return LevelSpec(*spec)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"levels[{level}]: {exc}") from None
-
-
-@dataclass(frozen=True)
-class TARConfig:
-    """Where and when TAR regularizes a video model's temporal attention.
-
-    Args:
-        levels: level -> (sigma, strength) (or a `LevelSpec`). Level 0 is the full latent
-            resolution, 1 the next (half), and so on. Levels not listed are left alone.
-        until_step: regularize the denoising steps 0..until_step (inclusive; 0 is the
-            noisiest); None regularizes every step. The paper: 13 of 25 DDIM steps.
-        include_input_block: also regularize the temporal attention right after conv_in
-            (and I2VGen-XL's image-latent temporal encoder); the reference never does.
-        backend: passed to `tar_attention` ("auto", "triton", "cuda" or "reference").
-    """
-
-    levels: Mapping[int, Any] = field(hash=False)
-    until_step: Optional[int] = 13
-    include_input_block: bool = False
-    backend: str = "auto"
-
-    def __post_init__(self):
-        if not isinstance(self.levels, Mapping):
-            raise TypeError(f"levels must be a mapping level -> (sigma, strength), got {type(self.levels).__name__}")
-        if not self.levels:
-            raise ValueError("levels must name at least one level, e.g. {0: (1.0, 1.0)}")
-        levels = {}
-        for level, spec in self.levels.items():
-            if isinstance(level, bool) or not isinstance(level, int) or level < 0:
-                raise ValueError(f"levels keys must be ints >= 0 (0 = full latent resolution), got {level!r}")
-            levels[level] = _level_spec(level, spec)
-        object.__setattr__(self, "levels", dict(sorted(levels.items())))
-        if self.until_step is not None and (
-                isinstance(self.until_step, bool) or not isinstance(self.until_step, int) or self.until_step < 0):
-            raise ValueError(f"until_step must be an int >= 0 or None (every step), got {self.until_step!r}")
-        if not isinstance(self.include_input_block, bool):
-            raise TypeError(f"include_input_block must be a bool, got {type(self.include_input_block).__name__}")
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
-
-    @classmethod
-    def from_preset(cls, name: str, **changes) -> "TARConfig":
-        """A paper preset (``"64D1"``, ``"64D1_32D8"``, ...); `changes` override other fields."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown TAR preset {name!r}; known presets: {', '.join(PRESETS)}")
-        levels = {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}
-        return cls(levels=levels, **{"until_step": PRESET_UNTIL_STEP, **changes})
-
-    def regularizes(self, step: int) -> bool:
-        return self.until_step is None or step <= self.until_step
 
 
 @dataclass(frozen=True)
@@ -202,6 +101,36 @@ def tar_site(attn: Attention) -> Optional[TARSite]:
     return vars(attn).get(_SITE_ATTR)
 
 
+def project_heads(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                  temb: Optional[torch.Tensor] = None):
+    """q, k, v of an `Attention` call as (B, H, N, D) views of its projections.
+
+    The steps `AttnProcessor2_0` takes before the attention: spatial norm, image-shaped input
+    flattened to tokens, group norm, the q/k/v projections (cross-attention context normed
+    where the module asks), the head split, and the q/k norms.
+    """
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.flatten(2).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    batch, head_dim = hidden_states.shape[0], key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 class TARAttnProcessor:
     """Scaled dot-product attention with TAR on the modules and steps `apply_tar` chose.
 
@@ -216,34 +145,12 @@ class TARAttnProcessor:
                  attention_mask: Optional[torch.Tensor] = None,
                  temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        image_shape = None
-        if hidden_states.ndim == 4:
-            image_shape = hidden_states.shape
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-
-        batch, kv_len = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[:2]
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        query, key, value = project_heads(attn, hidden_states, encoder_hidden_states, temb)
+        batch, head_dim = query.shape[0], value.shape[-1]
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
+            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
 
         site = tar_site(attn)
         step = None if site is None else site.steps.step
@@ -270,8 +177,10 @@ class TARAttnProcessor:
                                                   is_causal=False)
         if attention_mask is not None:
             raise ValueError(f"{site.name}: TAR takes no attention_mask, but this call passed one")
-        return tar_attention(query, key, value, sigma=spec.sigma, strength=spec.strength,
-                             backend=site.config.backend)
+        where = f"{site.name} (level {site.level})"
+        return tar_attention(query, key, value, backend=site.config.backend,
+                             **spec.tar_kwargs(query.shape[2], key.shape[2], device=query.device,
+                                               dtype=query.dtype, where=where))
 
 
 @dataclass

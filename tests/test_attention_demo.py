@@ -1,0 +1,50 @@
+"""`python -m vstar_kernels demo-attention`: the PNG it draws and the numbers it prints."""
+
+import pytest
+import torch
+from tiny_video_models import one_torch_thread  # noqa: F401 (autouse fixture)
+
+from vstar_kernels.analysis import band_energy, diagonality
+from vstar_kernels.cli import main as cli_main
+from vstar_kernels.integrations.attention_demo import attention_demo
+
+Image = pytest.importorskip("PIL.Image")
+
+LEVEL0_LAYERS = 6  # the tiny UNet's level-0 temporal attention: down block 0 (1 transformer), up block 1 (2), x 2
+
+
+def test_demo_maps_show_the_band_tar_adds(tmp_path):
+    runs = attention_demo(tmp_path / "att.png", frames=8, size=8, dpi=40)
+    assert list(runs) == ["without TAR", "with TAR"]
+    plain, tar = runs["without TAR"], runs["with TAR"]
+    assert list(plain) == list(tar) and len(plain) == LEVEL0_LAYERS
+    for layer in plain:
+        assert plain[layer].shape == tar[layer].shape == (8, 8)
+        torch.testing.assert_close(tar[layer].sum(dim=1), torch.ones(8, dtype=torch.float64))
+        assert diagonality(tar[layer]) > diagonality(plain[layer]) + 0.02, layer
+        assert band_energy(tar[layer], 1) > band_energy(plain[layer], 1), layer
+    with Image.open(tmp_path / "att.png") as img:
+        img.verify()
+    with Image.open(tmp_path / "att.png") as img:
+        assert img.format == "PNG"
+        assert img.size == (LEVEL0_LAYERS * 100, 2 * 100 + 16)  # 2.5-inch panels at 40 dpi + the title band
+
+
+def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys):
+    out = tmp_path / "cli.png"
+    assert cli_main(["demo-attention", "--frames", "8", "--size", "8", "--dpi", "40", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and out.exists()
+    runs = attention_demo(tmp_path / "again.png", frames=8, size=8, dpi=40)
+    mean_line = next(line for line in text.splitlines() if line.startswith("mean"))
+    printed = [float(v) for v in mean_line.split()[1:]]
+    expected = [sum(float(diagonality(m)) for m in runs[r].values()) / LEVEL0_LAYERS for r in runs] + \
+        [sum(float(band_energy(m, 1)) for m in runs[r].values()) / LEVEL0_LAYERS for r in runs]
+    assert printed == pytest.approx(expected, abs=5e-4)
+    assert printed[1] > printed[0]
+
+
+def test_cli_rejects_bad_sizes(tmp_path, capsys):
+    assert cli_main(["demo-attention", "--frames", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "frames must be an int >= 2" in capsys.readouterr().out
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,262 @@
+"""Record the temporal attention maps of a diffusers video model (VSTAR paper, Fig. 3 and S.10).
+
+`capture_temporal_attention` watches the temporal self-attention modules that TAR targets
+(see `temporal_attention_modules`) with forward hooks. After each call of a watched module
+it recomputes that call's post-softmax attention from the module's own inputs and weights,
+averages it over heads and spatial positions (the batch of the call: batch x height x
+width), and adds it to one N x N map per (layer, step). The model's processors are not
+touched and its outputs are the same, bit for bit, with or without a capture.
+
+Memory. The requirement is O(N^2) per layer, never O(B H N^2): the mean map may be
+accumulated inside the kernel or computed in bounded chunks, and this takes the chunks. The
+recomputation runs over bounded chunks of the call's sequences: q and k are projected for a
+chunk, its probabilities formed in fp32 (float64 for a float64 model) with the reference
+formula (`reference.tar_scores`: plain softmax attention, or TAR's with the module's level
+spec where TAR regularizes that step), summed over the chunk and its heads, and added to a
+float64 N x N sum. A chunk holds at most `CHUNK_ELEMENTS` scores (one sequence's H x N x N
+when that is more), in a few fp32 buffers of that size while its softmax is formed, and each
+(layer, step) keeps one N x N sum. The fused kernels are not asked for probabilities; the
+price is one extra q/k projection and one unfused attention per recorded call, at capture
+time only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Mapping
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .._validation import make_problem
+from ..reference import tar_scores
+from ..regularization import gaussian_bias
+from .diffusers import INPUT_BLOCKS, TEMPORAL_CONTAINERS, _denoiser, project_heads, tar_site, \
+    temporal_attention_modules
+from .steps import StepTracker
+
+# fp32 probabilities of one chunk of sequences (chunk x heads x N x N): 2**24 = 64 MiB
+CHUNK_ELEMENTS = 1 << 24
+
+
+class TemporalAttentionMaps(Mapping):
+    """``maps[(layer, step)]``: the mean temporal attention of one layer at one step, (N, N) float64 on the CPU.
+
+    Row i is how frame i attends to the frames, averaged over heads and over every
+    sequence of the calls (batch x height x width; the conditional half only under batched
+    guidance); each row sums to 1. Several calls of a layer in one step (FreeNoise windows)
+    are averaged together. Keys are in recording order.
+    """
+
+    def __init__(self, levels: Dict[str, int]):
+        self.levels: Dict[str, int] = dict(levels)  # layer -> resolution level, every watched layer
+        self._sums: Dict[Tuple[str, int], list] = {}  # (layer, step) -> [float64 sum, rows]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        total, rows = self._sums[key]
+        return (total / rows).cpu()
+
+    def __iter__(self) -> Iterator[Tuple[str, int]]:
+        return iter(list(self._sums))
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def steps(self) -> List[int]:
+        """The steps with at least one map, ascending."""
+        return sorted({step for _, step in self._sums})
+
+    def by_level(self, step: int) -> Dict[int, Dict[str, torch.Tensor]]:
+        """``{level: {layer: map}}`` at `step`, levels ascending: the input `plot_attention_maps` takes."""
+        found: Dict[int, Dict[str, torch.Tensor]] = {}
+        for layer, level in self.levels.items():
+            if (layer, step) in self._sums:
+                found.setdefault(level, {})[layer] = self[(layer, step)]
+        if not found:
+            raise KeyError(f"no map recorded at step {step}; recorded steps: {self.steps()}")
+        return dict(sorted(found.items()))
+
+    def _add(self, key: Tuple[str, int], total: torch.Tensor, rows: int) -> None:
+        entry = self._sums.get(key)
+        if entry is None:
+            self._sums[key] = [total, rows]
+            return
+        if entry[0].shape != total.shape:
+            raise ValueError(f"{key[0]} attended over {tuple(total.shape)} frames at step {key[1]} after "
+                             f"{tuple(entry[0].shape)} in the same step: one map per (layer, step) needs one size")
+        entry[0] += total
+        entry[1] += rows
+
+
+@contextlib.contextmanager
+def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, cfg: Optional[bool] = None,
+                               chunk_size: Optional[int] = None):
+    """Record the temporal attention maps of the runs inside the ``with`` block.
+
+    ``with capture_temporal_attention(pipe, steps=[0, 10]) as maps: pipe(...)``, then
+    ``maps[(layer, step)]`` is an (N, N) map (see `TemporalAttentionMaps`), ``maps.levels``
+    gives each layer's level and ``maps.by_level(step)`` feeds `analysis.plot_attention_maps`.
+
+    Args:
+        target: a diffusers pipeline (its ``.unet`` or ``.transformer``) or the model.
+        steps: the denoising steps to record (0 = noisiest); None records every step. Steps
+            are the ones TAR uses: a pipeline's loop index, or on a bare model the forward
+            calls counted from `apply_tar` / `reset_steps` (from entering the capture when
+            TAR is not applied).
+        levels: record only the layers at these resolution levels (0 = full latent resolution).
+        layers: record only these modules (names as in ``model.named_modules()``).
+        cfg: whether each call batches classifier-free guidance the diffusers way
+            (``torch.cat([negative, positive])``: the second half of the batch is conditional,
+            and only that half is recorded). None: read the pipeline's
+            ``do_classifier_free_guidance`` at each call (AnimateDiff, SVD, Latte, I2VGen-XL);
+            False for a bare model. A pipeline without that property (TextToVideoSDPipeline)
+            needs it given: True when ``guidance_scale > 1``.
+        chunk_size: sequences per recomputation chunk; None: as many as fit in
+            `CHUNK_ELEMENTS` fp32 probabilities. The map does not depend on it.
+
+    Without TAR the maps are the plain softmax attention the model computes; on modules and
+    steps where TAR regularizes, the regularized attention. The input-block temporal
+    attentions (``transformer_in``) are watched too, at level 0. Modules swapped in during
+    the capture (FreeNoise) are watched from the next run on.
+    """
+    model, pipeline = _denoiser(target)
+    temporal = temporal_attention_modules(model)
+    if not temporal:
+        raise ValueError(f"{type(model).__name__} has no temporal self-attention (modules under "
+                         f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))})")
+    steps = _int_set("steps", steps)
+    levels = _int_set("levels", levels)
+    available = sorted({t.level for t in temporal})
+    if levels is not None and not levels <= set(available):
+        raise ValueError(f"levels {sorted(levels - set(available))} do not exist in {type(model).__name__}: its "
+                         f"temporal attention runs at levels {available}")
+    if layers is not None:
+        if isinstance(layers, str) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"layers must be a collection of module names, got {type(layers).__name__}")
+        layers = set(layers)
+        unknown = sorted(layers - {t.name for t in temporal})
+        if unknown:
+            raise ValueError(f"layers {unknown} are not temporal attention modules of {type(model).__name__}; "
+                             f"they are: {', '.join(t.name for t in temporal)}")
+    if cfg is not None and not isinstance(cfg, bool):
+        raise TypeError(f"cfg must be a bool or None, got {type(cfg).__name__}")
+    if cfg is None and pipeline is not None and not hasattr(type(pipeline), "do_classifier_free_guidance"):
+        raise ValueError(f"{type(pipeline).__name__} does not say whether guidance is batched: pass cfg=True "
+                         "(guidance_scale > 1) or cfg=False")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    selected = [t for t in temporal
+                if (levels is None or t.level in levels) and (layers is None or t.name in layers)]
+    if not selected:
+        raise ValueError("no temporal attention module is both at the levels and among the layers asked for")
+
+    maps = TemporalAttentionMaps({t.name: t.level for t in selected})
+    recorder = _Recorder(model, pipeline, maps, steps, cfg, chunk_size)
+    recorder.tracker = StepTracker.attach(model, recorder.owner, pipeline=pipeline, on_run_start=recorder.resync)
+    recorder.resync()
+    try:
+        yield maps
+    finally:
+        for _, handle in recorder.handles.values():
+            handle.remove()
+        StepTracker.detach(model, recorder.owner)
+
+
+def _int_set(name: str, values) -> Optional[set]:
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a collection of ints >= 0 or None, got {type(values).__name__}")
+    values = list(values)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+    if bad or not values:
+        raise ValueError(f"{name} must hold ints >= 0 (at least one), got {values!r}")
+    return {int(v) for v in values}
+
+
+class _Recorder:
+    """The forward hooks of one capture and what they add to its maps."""
+
+    def __init__(self, model, pipeline, maps: TemporalAttentionMaps, steps, cfg, chunk_size):
+        self.model = model
+        self.pipeline = pipeline
+        self.maps = maps
+        self.steps = steps
+        self.cfg = cfg
+        self.chunk_size = chunk_size
+        self.owner = f"capture-{id(self)}"
+        self.tracker: Optional[StepTracker] = None
+        self.handles: Dict[str, tuple] = {}  # layer -> (module hooked, hook handle)
+
+    def resync(self) -> None:
+        """Hook the watched layers; a layer whose module was replaced gets its new module hooked."""
+        modules = dict(self.model.named_modules())
+        for name in self.maps.levels:
+            module = modules.get(name)
+            hooked = self.handles.get(name)
+            if module is None or (hooked is not None and hooked[0] is module):
+                continue
+            if hooked is not None:
+                hooked[1].remove()
+            hook = self._hook(name)
+            self.handles[name] = (module, module.register_forward_hook(hook, with_kwargs=True))
+
+    def _hook(self, name: str):
+        def after_forward(module, args, kwargs, output):
+            self.record(name, module, args, kwargs)
+        return after_forward
+
+    def _guidance_batched(self) -> bool:
+        if self.cfg is not None:
+            return self.cfg
+        return self.pipeline is not None and bool(self.pipeline.do_classifier_free_guidance)
+
+    def record(self, name: str, module, args, kwargs) -> None:
+        step = self.tracker.step
+        if self.steps is not None and step not in self.steps:
+            return
+        names = ("hidden_states", "encoder_hidden_states", "attention_mask")
+        call = dict(zip(names, args))
+        call.update({k: v for k, v in kwargs.items() if k in names or k == "temb"})
+        if call.get("attention_mask") is not None:
+            raise ValueError(f"{name}: capture_temporal_attention records unmasked temporal attention, but this "
+                             "call passed an attention_mask")
+        hidden = call["hidden_states"]
+        rows = hidden.shape[0]
+        start = 0
+        if self._guidance_batched():
+            if rows % 2:
+                raise ValueError(f"{name}: guidance is batched but the call has an odd batch ({rows} sequences)")
+            start = rows // 2  # diffusers batches [unconditional, conditional]
+        site = tar_site(module)
+        spec = None if site is None else site.spec_at(step)
+        where = f"{name} (level {self.maps.levels[name]})"
+        with torch.no_grad():
+            total = self._probability_sum(module, call, spec, where, start, rows)
+        self.maps._add((name, step), total, (rows - start) * module.heads)
+
+    def _probability_sum(self, module, call, spec, where, start, rows) -> torch.Tensor:
+        """Sum over sequences start..rows and heads of the call's attention probabilities, float64 (Nq, Nk)."""
+        hidden, context, temb = call["hidden_states"], call.get("encoder_hidden_states"), call.get("temb")
+        nq = hidden.shape[1] if hidden.ndim == 3 else hidden.shape[2] * hidden.shape[3]
+        nk = nq if context is None else context.shape[1]
+        chunk = self.chunk_size or max(1, CHUNK_ELEMENTS // (module.heads * nq * nk))
+        total = None
+        for first in range(start, rows, chunk):
+            part = slice(first, min(first + chunk, rows))
+            q, k, v = project_heads(module, hidden[part], None if context is None else context[part],
+                                    None if temb is None else temb[part])
+            kwargs = {"strength": 0.0} if spec is None else spec.tar_kwargs(
+                q.shape[2], k.shape[2], device=q.device, dtype=q.dtype, where=where)
+            problem = make_problem(q, k, v, causal=False, max_mode="row", scale=None,
+                                   **{"sigma": 1.0, "delta": None, **kwargs})
+            compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+            bias = None
+            if problem.delta is None and problem.regularized:
+                bias = gaussian_bias(problem.nq, problem.nk, problem.sigma, device=q.device, dtype=compute)
+            scores = tar_scores(problem, problem.q.to(compute), problem.k.to(compute), problem.delta, bias)
+            summed = torch.softmax(scores, dim=-1).sum(dim=(0, 1), dtype=torch.float64)
+            total = summed if total is None else total + summed
+        return total

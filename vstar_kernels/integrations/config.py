@@ -1,0 +1,188 @@
+"""Where and when TAR regularizes a video model: per-level specs, the step gate, the paper's presets.
+
+Shared by every front-end (the diffusers processors, the lvdm-style module patch); needs only torch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from .._validation import FLOAT_DTYPES, check_sigma
+from ..dispatch import BACKEND_NAMES
+
+
+@dataclass(frozen=True, eq=False)
+class LevelSpec:
+    """What TAR adds at one resolution level: ``strength * m_i * dA_ij``.
+
+    ``dA`` is the Gaussian band ``exp(-0.5 ((j - i) / sigma)^2)`` (sigma 1 when nothing is
+    given), or `delta`: a custom (N, N) matrix such as a reference video's frame similarity
+    (`vstar_kernels.regularization.delta_from_features`), which transfers that video's
+    dynamics. Give sigma or delta, not both.
+
+    A delta is used as is, never resampled: every attention call at this level must run over
+    exactly N frames, or it raises a ValueError that says how many frames it saw (resample
+    the features instead, with ``delta_from_features(features, num_frames=...)``: interpolating
+    a similarity matrix is not the similarity of interpolated frames). The delta is copied
+    (float32, float64 kept) when the spec is made, and moved to each call's device once.
+    """
+
+    sigma: Optional[float] = None
+    strength: float = 1.0
+    delta: Optional[torch.Tensor] = None
+    _copies: Dict[Any, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.delta is None:
+            object.__setattr__(self, "sigma", 1.0 if self.sigma is None else check_sigma(self.sigma))
+        else:
+            if self.sigma is not None:
+                raise ValueError("give sigma or delta, not both: a delta replaces the Gaussian")
+            object.__setattr__(self, "delta", _checked_delta(self.delta))
+        if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real):
+            raise TypeError(f"strength must be a real number, got {type(self.strength).__name__}")
+        if not math.isfinite(self.strength):
+            raise ValueError(f"strength must be finite, got {self.strength}")
+        object.__setattr__(self, "strength", float(self.strength))
+
+    @property
+    def active(self) -> bool:
+        """False when the bias cannot change the attention (strength 0, or sigma = inf)."""
+        return self.strength != 0.0 and (self.delta is not None or math.isfinite(self.sigma))
+
+    def tar_kwargs(self, nq: int, nk: int, *, device, dtype, where: str) -> dict:
+        """`tar_attention` keywords for a call with nq queries and nk keys (frames) at this level.
+
+        `where` names the call site in the error raised when a delta does not fit.
+        """
+        if self.delta is None:
+            return {"sigma": self.sigma, "strength": self.strength}
+        if tuple(self.delta.shape) != (nq, nk):
+            n = self.delta.shape[0]
+            raise ValueError(
+                f"{where}: the level's delta is {n} x {n} but this attention runs over {nq} frames; a delta is "
+                f"not resampled: build it for {nq} frames, e.g. delta_from_features(features, num_frames={nq})")
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (torch.device(device), work)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = self.delta.to(device=device, dtype=work)
+        return {"delta": copy, "strength": self.strength}
+
+    def __eq__(self, other):
+        if not isinstance(other, LevelSpec):
+            return NotImplemented
+        if (self.sigma, self.strength) != (other.sigma, other.strength):
+            return False
+        if self.delta is None or other.delta is None:
+            return self.delta is None and other.delta is None
+        return self.delta.dtype == other.delta.dtype and torch.equal(self.delta.cpu(), other.delta.cpu())
+
+    def __hash__(self):
+        return hash((self.sigma, self.strength, None if self.delta is None else tuple(self.delta.shape)))
+
+    def __repr__(self):
+        if self.delta is None:
+            return f"LevelSpec(sigma={self.sigma!r}, strength={self.strength!r})"
+        n = self.delta.shape[0]
+        return f"LevelSpec(delta=<{n}x{n} {str(self.delta.dtype).replace('torch.', '')}>, strength={self.strength!r})"
+
+
+def _checked_delta(delta) -> torch.Tensor:
+    if not isinstance(delta, torch.Tensor):
+        raise TypeError(f"delta must be a torch.Tensor, got {type(delta).__name__}")
+    if delta.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"delta must be a floating-point tensor, got {delta.dtype}")
+    if delta.dim() != 2 or delta.shape[0] != delta.shape[1] or delta.shape[0] < 1:
+        raise ValueError(f"delta must be a square (frames, frames) matrix, got shape {tuple(delta.shape)}")
+    if not torch.isfinite(delta).all():
+        raise ValueError("delta has non-finite entries")
+    work = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    return delta.detach().to(dtype=work, copy=True)
+
+
+# Paper names: "64" is the full latent resolution (40x64 latent) = level 0, "32" level 1;
+# "D" is followed by sigma. Strength 1 and steps 0..13 of 25 in all of them.
+PRESET_UNTIL_STEP = 13
+PRESETS: Dict[str, Dict[int, float]] = {
+    "64D1": {0: 1.0},
+    "64D4": {0: 4.0},
+    "64D8": {0: 8.0},
+    "64D1_32D8": {0: 1.0, 1: 8.0},
+    "64D1_32D1": {0: 1.0, 1: 1.0},
+    "64D1_32D12": {0: 1.0, 1: 12.0},
+    "64D4_32D8": {0: 4.0, 1: 8.0},
+    "64D4_32D12": {0: 4.0, 1: 12.0},
+}
+
+
+def _level_spec(level, spec) -> LevelSpec:
+    if isinstance(spec, LevelSpec):
+        return spec
+    if isinstance(spec, (str, bytes, torch.Tensor)) or not hasattr(spec, "__len__") or len(spec) != 2:
+        raise TypeError(f"levels[{level}] must be a (sigma, strength) pair, a (delta, strength) pair or a "
+                        f"LevelSpec, got {spec!r}")
+    first, strength = spec
+    try:
+        if isinstance(first, torch.Tensor):
+            return LevelSpec(delta=first, strength=strength)
+        return LevelSpec(first, strength)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"levels[{level}]: {exc}") from None
+
+
+@dataclass(frozen=True)
+class TARConfig:
+    """Where and when TAR regularizes a video model's temporal attention.
+
+    Args:
+        levels: level -> (sigma, strength), (delta, strength) with an (N, N) tensor delta
+            (dynamics transfer: see `LevelSpec`), or a `LevelSpec`. Level 0 is the full latent
+            resolution, 1 the next (half), and so on. Levels not listed are left alone.
+        until_step: regularize the denoising steps 0..until_step (inclusive; 0 is the
+            noisiest); None regularizes every step. The paper: 13 of 25 DDIM steps.
+        include_input_block: also regularize the temporal attention right after conv_in
+            (and I2VGen-XL's image-latent temporal encoder); the reference never does.
+            (diffusers models only: with `apply_tar_to_modules` the `select` function decides.)
+        backend: passed to `tar_attention` ("auto", "triton", "cuda" or "reference").
+    """
+
+    levels: Mapping[int, Any] = field(hash=False)
+    until_step: Optional[int] = 13
+    include_input_block: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.levels, Mapping):
+            raise TypeError(f"levels must be a mapping level -> (sigma, strength), got {type(self.levels).__name__}")
+        if not self.levels:
+            raise ValueError("levels must name at least one level, e.g. {0: (1.0, 1.0)}")
+        levels = {}
+        for level, spec in self.levels.items():
+            if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+                raise ValueError(f"levels keys must be ints >= 0 (0 = full latent resolution), got {level!r}")
+            levels[level] = _level_spec(level, spec)
+        object.__setattr__(self, "levels", dict(sorted(levels.items())))
+        if self.until_step is not None and (
+                isinstance(self.until_step, bool) or not isinstance(self.until_step, int) or self.until_step < 0):
+            raise ValueError(f"until_step must be an int >= 0 or None (every step), got {self.until_step!r}")
+        if not isinstance(self.include_input_block, bool):
+            raise TypeError(f"include_input_block must be a bool, got {type(self.include_input_block).__name__}")
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **changes) -> "TARConfig":
+        """A paper preset (``"64D1"``, ``"64D1_32D8"``, ...); `changes` override other fields."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown TAR preset {name!r}; known presets: {', '.join(PRESETS)}")
+        levels = {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}
+        return cls(levels=levels, **{"until_step": PRESET_UNTIL_STEP, **changes})
+
+    def regularizes(self, step: int) -> bool:
+        return self.until_step is None or step <= self.until_step
