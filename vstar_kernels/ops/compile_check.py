@@ -1,0 +1,235 @@
+"""Compile the Triton kernels for NVIDIA GPUs on a machine without one.
+
+Every launch a call would make is recorded (the autotuned kernels are swapped for recorders),
+then compiled ahead of time for each autotune config that survives pruning, through Triton's
+own compiler and the ptxas it ships with. No GPU and no CUDA driver are needed, so CPU CI
+catches what the interpreter cannot: code the GPU compiler rejects (dot shapes, layouts,
+types), and the registers, spills and shared memory of each config.
+
+Run it in a process without TRITON_INTERPRET=1 (the kernels must be JIT functions):
+
+    python -m vstar_kernels.ops.compile_check [--arch 90] [--all-configs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .. import _env
+from .._validation import make_problem
+
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+
+
+@dataclass
+class Launch:
+    kernel: object  # the Autotuner
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Compiled:
+    name: str
+    case: str
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+
+
+class _Recorder:
+    """Stands in for an autotuned kernel: `rec[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, kernel, sink):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append(Launch(self.kernel, args, kwargs))
+
+
+def _modules():
+    fwd, bwd = _env.triton_ops(), _env.triton_backward_ops()
+    for probe in (fwd, bwd):
+        if not probe.ok:
+            raise RuntimeError(probe.reason)
+    if fwd.module.INTERPRETING:
+        raise RuntimeError("the kernels were loaded for the interpreter: run without TRITON_INTERPRET=1")
+    return fwd.module, bwd.module
+
+
+def record(fn) -> list:
+    """The kernel launches `fn()` makes, with the kernels swapped for recorders (nothing runs)."""
+    fwd, bwd = _modules()
+    launches = []
+    saved = {(m, name): getattr(m, name) for m in (fwd, bwd) for name in ("_packed", "_tiled", "_dq", "_dkdv")
+             if hasattr(m, name)}
+    try:
+        for (m, name), kernel in saved.items():
+            setattr(m, name, _Recorder(kernel, launches))
+        fn()
+    finally:
+        for (m, name), kernel in saved.items():
+            setattr(m, name, kernel)
+    return launches
+
+
+def _signature(jit_fn, args, constants):
+    sig = {}
+    for i, name in enumerate(jit_fn.arg_names):
+        if name in constants:
+            sig[name] = "constexpr"
+            continue
+        value = args[i]
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TORCH_TO_TRITON[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{jit_fn.__name__}: cannot type argument {name}={value!r}")
+    return sig
+
+
+def _resources(cubin: bytes) -> tuple:
+    """(registers, stack + local bytes: spills) of a cubin, read with the cuobjdump triton ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    field = lambda key: int(re.search(rf"{key}:(\d+)", text).group(1))  # noqa: E731
+    return field("REG"), field("STACK") + field("LOCAL")
+
+
+def _config_str(config) -> str:
+    return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"warps={config.num_warps}",
+                     f"stages={config.num_stages}"])
+
+
+def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> list:
+    """Compile one recorded launch for each pruned autotune config (first and last unless all_configs)."""
+    tuner = launch.kernel
+    jit_fn = tuner.fn
+    named = dict(zip(tuner.arg_names, launch.args))
+    configs = tuner.early_config_prune(tuner.configs, named, **launch.kwargs) if tuner.early_config_prune \
+        else tuner.configs
+    if not configs:
+        raise RuntimeError(f"{jit_fn.__name__} [{case}]: every autotune config was pruned")
+    if not all_configs:
+        configs = [configs[0], configs[-1]] if len(configs) > 1 else configs
+    results = []
+    for config in configs:
+        constants = {**launch.kwargs, **config.kwargs}
+        src = ASTSource(fn=jit_fn, signature=_signature(jit_fn, launch.args, constants), constexprs=constants)
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        except Exception as exc:
+            raise RuntimeError(f"{jit_fn.__name__} [{case}] with {config} for sm_{arch} failed to compile: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        regs, spills = _resources(compiled.asm["cubin"])
+        results.append(Compiled(jit_fn.__name__, case, _config_str(config), regs, spills, compiled.metadata.shared))
+    return results
+
+
+# (B, H, Nq, Nk, D, Dv) covering both layouts and the head-dim regimes (<= 128, > 128)
+SHAPES = [(64, 4, 16, 16, 40, 40), (64, 4, 64, 64, 80, 80), (8, 2, 128, 128, 128, 128), (8, 2, 24, 24, 160, 160),
+          (2, 2, 300, 300, 64, 64), (2, 2, 200, 200, 256, 256)]
+OPTIONS = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]
+FULL = list(itertools.product((torch.float16, torch.bfloat16, torch.float32), SHAPES, OPTIONS))
+# The CI subset: forward and backward in fp16 over both layouts, both head-dim regimes and every
+# option; the bf16 and fp32 (ieee dot) forwards once per layout.
+QUICK = list(itertools.product((torch.float16,), (SHAPES[0], SHAPES[3], SHAPES[4]), OPTIONS))
+QUICK_FORWARD_ONLY = [(torch.bfloat16, SHAPES[0], OPTIONS[0]), (torch.bfloat16, SHAPES[4], OPTIONS[1]),
+                      (torch.float32, SHAPES[0], OPTIONS[0]), (torch.float32, SHAPES[4], OPTIONS[1])]
+
+
+def cases(combos=FULL, backward=True):
+    """(name, thunk) pairs whose launches cover the forward (and backward) kernels for each
+    (dtype, shape, options) combination."""
+    fwd, bwd = _modules()
+    for dtype, shape, opts in combos:
+        B, H, nq, nk, d, dv = shape
+        q = torch.empty(B, nq, H, d, dtype=dtype).transpose(1, 2)
+        k = torch.empty(B, nk, H, d, dtype=dtype).transpose(1, 2)
+        v = torch.empty(B, nk, H, dv, dtype=dtype).transpose(1, 2)
+        opts = dict(opts)
+        delta = torch.empty(nq, nk, dtype=dtype) if opts.pop("delta", False) else None
+        problem = make_problem(q, k, v, sigma=1.0, strength=1.0, delta=delta, causal=opts.get("causal", False),
+                               max_mode=opts.get("max_mode", "row"), scale=None)
+        name = f"{_TORCH_TO_TRITON[dtype]} B{B}H{H}Nq{nq}Nk{nk}D{d}Dv{dv} {opts or ''}{' delta' if delta is not None else ''}"
+        yield name, (lambda p=problem: fwd.tar_forward(p))
+        if backward:
+            stats = torch.empty(_layout_stats(problem), dtype=torch.float32)
+            out = torch.empty(problem.output_shape(), dtype=dtype)
+
+            def run_bwd(p=problem, s=stats, o=out):
+                fwd.tar_forward(p, stats=s if s.numel() else None)
+                bwd.tar_backward(p, o, s, torch.empty_like(o), delta_grad=p.delta is not None)
+
+            yield name + " +bwd", run_bwd
+
+
+def _layout_stats(problem):
+    from .layout import stats_shape
+
+    return stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
+                       problem.head_dim_v, True)
+
+
+def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, backward=True) -> list:
+    """Compile every distinct launch of `cases(combos, backward)`; `report(row)` is called as each compiles."""
+    results, seen = [], set()
+    for name, thunk in cases(combos, backward):
+        for launch in record(thunk):
+            key = (launch.kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in launch.kwargs.items())),
+                   tuple(type(a).__name__ if not isinstance(a, torch.Tensor) else str(a.dtype) for a in launch.args))
+            if key in seen:
+                continue
+            seen.add(key)
+            for row in compile_launch(launch, arch, all_configs, name):
+                results.append(row)
+                if report is not None:
+                    report(row)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90 (default: 90)")
+    parser.add_argument("--all-configs", action="store_true", help="every pruned config, not the first and last")
+    parser.add_argument("--quick", action="store_true", help="the CI subset: fp16 and bf16, fewer shapes")
+    args = parser.parse_args(argv)
+    print(f"{'kernel':<26} {'regs':>4} {'spill B':>7} {'smem B':>7}  config | case", flush=True)
+
+    def report(r):
+        print(f"{r.name:<26} {r.registers:>4} {r.spill_bytes:>7} {r.shared_bytes:>7}  {r.config} | {r.case}",
+              flush=True)
+
+    if args.quick:
+        rows = check(args.arch, args.all_configs, report, QUICK)
+        rows += check(args.arch, args.all_configs, report, QUICK_FORWARD_ONLY, backward=False)
+    else:
+        rows = check(args.arch, args.all_configs, report)
+    print(f"{len(rows)} kernels compiled for sm_{args.arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
