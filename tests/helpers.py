@@ -1,8 +1,89 @@
-"""Shared test helpers: the per-dtype tolerance table and an independent float64 evaluation."""
+"""Shared test helpers: the per-dtype tolerance table, an independent float64 evaluation, and the
+inputs, option grids and parametrization ids the kernel tests share."""
 
 import math
 
 import torch
+from conftest import DEVICE
+
+import vstar_kernels as vk
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = list(DTYPE_IDS)
+
+
+def dtype_id(dtype):
+    return DTYPE_IDS[dtype]
+
+
+def shape_id(shape):
+    """Id of a (B, H, Nq, Nk, D, Dv) shape."""
+    return "B{}H{}Nq{}Nk{}D{}Dv{}".format(*shape)
+
+
+def opts_id(opts):
+    """Id of a dict of tar_attention options."""
+    return ",".join(f"{k}={v}" for k, v in opts.items()) or "default"
+
+
+# Non-default options the kernel tests sweep: causal and the global max alone and together, other
+# sigma/strength/scale values, a negative strength and sigma=inf (a constant dA).
+OPTION_GRID = [
+    dict(causal=True),
+    dict(max_mode="global"),
+    dict(max_mode="global", causal=True),
+    dict(sigma=4.0, strength=2.5, scale=0.2),
+    dict(strength=-1.0),
+    dict(sigma=math.inf),
+]
+
+
+def make_qkv(B, H, nq, nk, d, dv, dtype, *, layout="bhnd", seed=0, device=DEVICE):
+    """q/k/v drawn from a seeded CPU generator, in the requested memory layout on `device`, returned as
+    (B, H, N, D) views: "bhnd" contiguous, "bnhd" diffusers' (B, N, H, D) projections transposed,
+    "sliced" a slice of a wider head dim (non-unit row stride, offset)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    def one(n, dim):
+        if layout == "bnhd":
+            return rand(B, n, H, dim).transpose(1, 2)
+        if layout == "sliced":
+            return rand(B, H, n, dim + 5)[..., 3:dim + 3]
+        return rand(B, H, n, dim)
+
+    return one(nq, d), one(nk, d), one(nk, dv)
+
+
+# A custom delta in each shape tar_attention broadcasts to (B, H, Nq, Nk); "strided" is a transposed view.
+DELTA_KINDS = ["nq_nk", "b_1_nq_nk", "h_nq_nk", "strided"]
+
+
+def make_delta(kind, B, H, nq, nk, *, seed=2, dtype=torch.float32, device=DEVICE):
+    """A uniform [0, 1) delta of one of DELTA_KINDS from a seeded CPU generator."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "strided":
+        return torch.rand(nk, nq, generator=g).T.to(device=device, dtype=dtype)
+    shape = {"nq_nk": (nq, nk), "b_1_nq_nk": (B, 1, nq, nk), "h_nq_nk": (H, nq, nk)}[kind]
+    return torch.rand(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def reference64(q, k, v, **opts):
+    """The float64 reference on CPU for q, k, v and tensor options (delta) on any device."""
+    dbl = {key: (val.double().cpu() if torch.is_tensor(val) else val) for key, val in opts.items()}
+    return vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), **dbl)
+
+
+def reference_grads(q, k, v, grad_out, delta=None, device="cpu", **opts):
+    """float64 autograd gradients of the reference on `device`: (dq, dk, dv[, ddelta])."""
+    leaves = [t.detach().to(device, torch.float64).requires_grad_() for t in (q, k, v)]
+    d64 = None
+    if delta is not None:
+        d64 = delta.detach().to(device, torch.float64).requires_grad_()
+    out = vk.tar_attention_reference(*leaves, delta=d64, **opts)
+    return torch.autograd.grad(out, leaves + ([d64] if d64 is not None else []), grad_out.to(device, torch.float64))
 
 # Kernel output vs the float64 reference: |out - ref| <= atol + rtol * |ref|.
 # fp16/bf16 cover rounding P to the input dtype before P @ V and the output cast

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import opts_id
 from torch.library import opcheck
 
 import vstar_kernels as vk
@@ -16,10 +17,6 @@ GRADCHECK_OPTIONS = [
     dict(max_mode="global", causal=True, strength=-1.3, scale=0.31),
     dict(sigma=math.inf),
 ]
-
-
-def opts_id(opts):
-    return ",".join(f"{k}={v}" for k, v in opts.items()) or "default"
 
 
 def float64_inputs(B, H, nq, nk, d, dv, seed):

@@ -10,75 +10,48 @@ import math
 import pytest
 import torch
 from cuda_toolchain import cuda_home, cxx_path, emulate, emulation_library, plan
-from helpers import TOLERANCES, assert_close_to_reference
+from helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, make_delta, \
+    make_qkv, opts_id, reference64, shape_id
 
-import vstar_kernels as vk
 from vstar_kernels import dispatch
 
 pytestmark = pytest.mark.skipif(cuda_home() is None or cxx_path() is None,
                                 reason="the emulation needs a host C++ compiler and the CUDA headers (cuda_fp16.h)")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
-def make_qkv(B, H, nq, nk, d, dv, dtype, *, layout="bhnd", seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def one(n, dim):
-        if layout == "bnhd":  # diffusers: (B, N, H, D) projections viewed as (B, H, N, D)
-            return torch.randn(B, n, H, dim, generator=g).to(dtype).transpose(1, 2)
-        if layout == "sliced":  # a slice of a wider head dim: non-unit row stride, offset
-            return torch.randn(B, H, n, dim + 5, generator=g).to(dtype)[..., 3:dim + 3]
-        return torch.randn(B, H, n, dim, generator=g).to(dtype)
-
-    return one(nq, d), one(nk, d), one(nk, dv)
-
-
-def reference(q, k, v, **opts):
-    dbl = {key: (val.double() if torch.is_tensor(val) else val) for key, val in opts.items()}
-    return vk.tar_attention_reference(q.double(), k.double(), v.double(), **dbl)
+def cpu_qkv(*shape, **kwargs):
+    """make_qkv on CPU, where the emulation runs (also on a machine with a GPU)."""
+    return make_qkv(*shape, device="cpu", **kwargs)
 
 
 def check(q, k, v, **opts):
     out = emulate(q, k, v, **opts)
-    assert_close_to_reference(out, reference(q, k, v, **opts), q.dtype)
+    assert_close_to_reference(out, reference64(q, k, v, **opts), q.dtype)
     return out
 
 
 @pytest.mark.parametrize("d", [40, 64, 80, 128, 256])
 @pytest.mark.parametrize("n", [1, 7, 16, 33, 128, 256])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_forward_grid(n, d, dtype):
     B, H = (2, 3) if n <= 33 else (1, 2)
-    check(*make_qkv(B, H, n, n, d, d, dtype, seed=n + d))
+    check(*cpu_qkv(B, H, n, n, d, d, dtype, seed=n + d))
 
 
-OPTIONS = [
-    dict(causal=True),
-    dict(max_mode="global"),
-    dict(max_mode="global", causal=True),
-    dict(sigma=4.0, strength=2.5, scale=0.2),
-    dict(strength=-1.0),
-    dict(sigma=math.inf),
-    dict(strength=0.0, max_mode="global"),
-]
+OPTIONS = OPTION_GRID + [dict(strength=0.0, max_mode="global")]
 # (B, H, Nq, Nk, D, Dv): several sequences per block; row tiles (two-pass global max); Nq != Nk, Dv != D
 OPTION_SHAPES = [(3, 2, 16, 16, 40, 40), (1, 2, 100, 100, 32, 32), (2, 2, 9, 20, 16, 24), (1, 1, 140, 130, 16, 8)]
 
 
-def shape_id(s):
-    return "B{}H{}Nq{}Nk{}D{}Dv{}".format(*s)
-
-
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", OPTIONS, ids=opts_id)
 @pytest.mark.parametrize("shape", OPTION_SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 def test_options(shape, opts, dtype):
-    check(*make_qkv(*shape, dtype, seed=1), **opts)
+    check(*cpu_qkv(*shape, dtype, seed=1), **opts)
 
 
-@pytest.mark.parametrize("delta_shape", ["nq_nk", "b_1_nq_nk", "h_nq_nk", "strided"])
+@pytest.mark.parametrize("delta_shape", DELTA_KINDS)
 @pytest.mark.parametrize("shape", [(2, 3, 12, 18, 16, 16), (1, 2, 160, 144, 32, 32)], ids=shape_id)
 @pytest.mark.parametrize("case", ["fp32-row", "fp16-own-dtype-causal-global", "bf16-fp32-delta"])
 def test_custom_delta(shape, delta_shape, case):
@@ -88,38 +61,32 @@ def test_custom_delta(shape, delta_shape, case):
         "bf16-fp32-delta": (torch.bfloat16, torch.float32, dict(causal=True)),
     }[case]
     B, H, nq, nk = shape[:4]
-    g = torch.Generator().manual_seed(2)
-    delta = {
-        "nq_nk": lambda: torch.rand(nq, nk, generator=g),
-        "b_1_nq_nk": lambda: torch.rand(B, 1, nq, nk, generator=g),
-        "h_nq_nk": lambda: torch.rand(H, nq, nk, generator=g),
-        "strided": lambda: torch.rand(nk, nq, generator=g).T,
-    }[delta_shape]().to(delta_dtype)
-    q, k, v = make_qkv(*shape, dtype, seed=3)
+    delta = make_delta(delta_shape, B, H, nq, nk, dtype=delta_dtype, device="cpu")
+    q, k, v = cpu_qkv(*shape, dtype, seed=3)
     out = emulate(q, k, v, delta=delta.expand(B, H, nq, nk), sigma=math.inf, **opts)
-    assert_close_to_reference(out, reference(q, k, v, delta=delta, **opts), dtype)
+    assert_close_to_reference(out, reference64(q, k, v, delta=delta, **opts), dtype)
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "sliced"])
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16, 40, 40), (1, 2, 150, 150, 64, 64)], ids=shape_id)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_strided_views(shape, layout, dtype):
-    q, k, v = make_qkv(*shape, dtype, layout=layout, seed=4)
+    q, k, v = cpu_qkv(*shape, dtype, layout=layout, seed=4)
     assert not q.is_contiguous()
     B, H, nq, _, _, dv = shape
     out = torch.full((B, nq, H, dv), math.nan, dtype=dtype).transpose(1, 2)  # strided output too
     emulate(q, k, v, causal=True, out=out)
-    assert_close_to_reference(out, reference(q, k, v, causal=True), dtype)
+    assert_close_to_reference(out, reference64(q, k, v, causal=True), dtype)
 
 
 def test_batch_times_heads_above_65535():
     # 16,400 x 4 = 65,600 sequences: the decomposition over blocks past the 65,535 grid-axis limit.
-    q, k, v = make_qkv(16400, 4, 3, 3, 4, 4, torch.float16, layout="bnhd", seed=5)
+    q, k, v = cpu_qkv(16400, 4, 3, 3, 4, 4, torch.float16, layout="bnhd", seed=5)
     check(q, k, v, causal=True)
 
 
 def test_plain_attention_equals_sdpa():
-    q, k, v = make_qkv(2, 2, 33, 33, 32, 32, torch.float32, seed=6)
+    q, k, v = cpu_qkv(2, 2, 33, 33, 32, 32, torch.float32, seed=6)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     atol, rtol = TOLERANCES[torch.float32]
     for opts in (dict(strength=0.0), dict(sigma=math.inf), dict(sigma=math.inf, max_mode="global")):
@@ -132,7 +99,7 @@ def test_result_does_not_depend_on_threads_blocks_or_their_order(shape, opts):
     # Every output element is computed by one thread in a fixed order, so any thread count, grid
     # size (grid-stride loop) or execution order must give the same bits. A phase that read what
     # another thread writes in the same phase (a race on the GPU) would break this.
-    q, k, v = make_qkv(*shape, torch.float16, seed=7)
+    q, k, v = cpu_qkv(*shape, torch.float16, seed=7)
     base = emulate(q, k, v, **opts)
     blocks = plan(*shape, global_max="global_max" in opts)["num_blocks"]
     assert blocks > 1

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_grads_close
-from test_triton_backward import reference_grads
+from helpers import assert_grads_close, make_qkv, reference_grads
 
 import vstar_kernels as vk
 
@@ -12,9 +11,7 @@ pytestmark = pytest.mark.gpu
 
 def cuda_qkv(B, H, nq, nk, d, dv, dtype, seed=0):
     """(B, N, H, D) projections viewed as (B, H, N, D), as diffusers hands them over."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return tuple(torch.randn(B, n, H, dim, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
-                 for n, dim in ((nq, d), (nk, d), (nk, dv)))
+    return make_qkv(B, H, nq, nk, d, dv, dtype, layout="bnhd", seed=seed, device="cuda")
 
 
 @pytest.mark.parametrize("opts", [dict(strength=-1.0, sigma=4.0), dict(causal=True, max_mode="global")],

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import naive_tar
+from helpers import naive_tar, opts_id, shape_id
 
 import vstar_kernels as vk
 from vstar_kernels import reference
@@ -20,9 +20,8 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-@pytest.mark.parametrize("shape", [(2, 3, 7, 9, 8, 5), (1, 2, 16, 16, 40, 40), (2, 1, 1, 4, 8, 8)],
-                         ids=lambda s: "B{}H{}Nq{}Nk{}D{}Dv{}".format(*s))
+@pytest.mark.parametrize("opts", OPTIONS, ids=opts_id)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 9, 8, 5), (1, 2, 16, 16, 40, 40), (2, 1, 1, 4, 8, 8)], ids=shape_id)
 def test_reference_matches_semantics(shape, opts):
     B, H, nq, nk, d, dv = shape
     g = torch.Generator().manual_seed(1)

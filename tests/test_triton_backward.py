@@ -9,31 +9,13 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_grads_close
-from test_triton_forward import make_qkv, shape_id
+from helpers import DELTA_KINDS, DTYPES, OPTION_GRID, assert_grads_close, dtype_id, make_delta, make_qkv, opts_id, \
+    reference_grads, shape_id
 
 import vstar_kernels as vk
 from vstar_kernels._env import triton_backward_ops, triton_ops
 from vstar_kernels._validation import make_problem
 from vstar_kernels.ops import layout
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
-
-
-def opts_id(opts):
-    return ",".join(f"{k}={v}" for k, v in opts.items()) or "default"
-
-
-def reference_grads(q, k, v, grad_out, delta=None, device="cpu", **opts):
-    """float64 autograd gradients of the reference on `device`: (dq, dk, dv[, ddelta])."""
-    leaves = [t.detach().to(device, torch.float64).requires_grad_() for t in (q, k, v)]
-    d64 = None
-    if delta is not None:
-        d64 = delta.detach().to(device, torch.float64).requires_grad_()
-    out = vk.tar_attention_reference(*leaves, delta=d64, **opts)
-    return torch.autograd.grad(out, leaves + ([d64] if d64 is not None else []), grad_out.to(device, torch.float64))
-
 
 def random_grad_out(q, v, *, layout_="bhnd", seed=10):
     """An output gradient (B, H, Nq, Dv), contiguous or as a strided (B, N, H, D) view."""
@@ -78,24 +60,13 @@ TILED_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", PACKED_SHAPES + TILED_SHAPES, ids=shape_id)
 def test_default_options(shape, dtype):
     run_and_check(*make_qkv(*shape, dtype))
 
 
-OPTION_GRID = [
-    dict(causal=True),
-    dict(max_mode="global"),
-    dict(max_mode="global", causal=True),
-    dict(sigma=4.0, strength=2.5, scale=0.2),
-    dict(strength=-1.0),
-    dict(sigma=math.inf),
-    dict(strength=0.0, max_mode="global"),
-]
-
-
-@pytest.mark.parametrize("opts", OPTION_GRID, ids=opts_id)
+@pytest.mark.parametrize("opts", OPTION_GRID + [dict(strength=0.0, max_mode="global")], ids=opts_id)
 @pytest.mark.parametrize("shape,dtype", [((2, 2, 9, 20, 16, 16), torch.float32), ((2, 2, 9, 20, 16, 16), torch.float16),
                                          ((1, 1, 140, 130, 16, 16), torch.float32)],
                          ids=["packed-fp32", "packed-fp16", "tiled-fp32"])
@@ -103,24 +74,17 @@ def test_options(shape, opts, dtype):
     run_and_check(*make_qkv(*shape, dtype, seed=1), **opts)
 
 
-@pytest.mark.parametrize("delta_shape", ["nq_nk", "b_1_nq_nk", "h_nq_nk", "strided"])
+@pytest.mark.parametrize("delta_shape", DELTA_KINDS)
 @pytest.mark.parametrize("shape", [(2, 3, 12, 18, 16, 16), (1, 2, 140, 132, 16, 16)], ids=shape_id)
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True, max_mode="global")], ids=["row", "causal-global"])
 def test_custom_delta_requires_grad(shape, delta_shape, opts):
-    B, H, nq, nk = shape[:4]
-    g = torch.Generator().manual_seed(2)
-    delta = {
-        "nq_nk": lambda: torch.rand(nq, nk, generator=g),
-        "b_1_nq_nk": lambda: torch.rand(B, 1, nq, nk, generator=g),
-        "h_nq_nk": lambda: torch.rand(H, nq, nk, generator=g),
-        "strided": lambda: torch.rand(nk, nq, generator=g).T,
-    }[delta_shape]().to(DEVICE)
+    delta = make_delta(delta_shape, *shape[:4])
     run_and_check(*make_qkv(*shape, torch.float32, seed=3), delta=delta, **opts)
 
 
 @pytest.mark.parametrize("layout_", ["bnhd", "sliced"])
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16, 40, 40), (1, 2, 136, 136, 32, 32)], ids=shape_id)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_strided_views(shape, layout_, dtype):
     q, k, v = make_qkv(*shape, dtype, layout=layout_, seed=4)
     assert not q.is_contiguous()

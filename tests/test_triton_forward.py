@@ -6,31 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from helpers import TOLERANCES, assert_close_to_reference
+from helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, make_delta, \
+    make_qkv, opts_id, reference64, shape_id
 
 import vstar_kernels as vk
 from vstar_kernels._env import triton_ops
 from vstar_kernels._validation import make_problem
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
-
-
-def make_qkv(B, H, nq, nk, d, dv, dtype, *, layout="bhnd", seed=0):
-    """q/k/v in the requested memory layout, returned as (B, H, N, D) views."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
-
-    def one(n, dim):
-        if layout == "bnhd":  # diffusers: (B, N, H, D) projections viewed as (B, H, N, D)
-            return rand(B, n, H, dim).transpose(1, 2)
-        if layout == "sliced":  # a slice of a wider head dim: non-unit row stride, offset
-            return rand(B, H, n, dim + 5)[..., 3:dim + 3]
-        return rand(B, H, n, dim)
-
-    return one(nq, d), one(nk, d), one(nk, dv)
 
 
 def run_and_check(q, k, v, **opts):
@@ -40,9 +21,7 @@ def run_and_check(q, k, v, **opts):
                            max_mode=opts.get("max_mode", "row"), scale=opts.get("scale"))
     out = torch.full(problem.output_shape(), math.nan, dtype=q.dtype, device=q.device)
     triton_ops().module.tar_forward(problem, out)
-    dbl = {key: (val.double().cpu() if torch.is_tensor(val) else val) for key, val in opts.items()}
-    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), **dbl)
-    assert_close_to_reference(out.cpu(), ref, q.dtype)
+    assert_close_to_reference(out.cpu(), reference64(q, k, v, **opts), q.dtype)
     return out
 
 
@@ -63,52 +42,31 @@ TILED_SHAPES = [
 ]
 
 
-def shape_id(s):
-    return "B{}H{}Nq{}Nk{}D{}Dv{}".format(*s)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", PACKED_SHAPES + TILED_SHAPES, ids=shape_id)
 def test_default_options(shape, dtype):
     run_and_check(*make_qkv(*shape, dtype))
 
 
-OPTION_GRID = [
-    dict(causal=True),
-    dict(max_mode="global"),
-    dict(max_mode="global", causal=True),
-    dict(sigma=4.0, strength=2.5, scale=0.2),
-    dict(strength=-1.0),
-    dict(sigma=math.inf),
-]
-
-
-@pytest.mark.parametrize("opts", OPTION_GRID, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", OPTION_GRID, ids=opts_id)
 @pytest.mark.parametrize("shape", [(3, 2, 33, 33, 40, 40), (1, 1, 200, 200, 32, 32), (2, 2, 9, 20, 16, 16),
                                    (1, 1, 140, 130, 16, 16)], ids=shape_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 def test_options(shape, opts, dtype):
     run_and_check(*make_qkv(*shape, dtype, seed=1), **opts)
 
 
-@pytest.mark.parametrize("delta_shape", ["nq_nk", "b_1_nq_nk", "h_nq_nk", "strided"])
+@pytest.mark.parametrize("delta_shape", DELTA_KINDS)
 @pytest.mark.parametrize("shape", [(2, 3, 12, 18, 16, 16), (1, 2, 160, 144, 32, 32)], ids=shape_id)
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True, max_mode="global")], ids=["row", "causal-global"])
 def test_custom_delta(shape, delta_shape, opts):
-    B, H, nq, nk = shape[:4]
-    g = torch.Generator().manual_seed(2)
-    delta = {
-        "nq_nk": lambda: torch.rand(nq, nk, generator=g),
-        "b_1_nq_nk": lambda: torch.rand(B, 1, nq, nk, generator=g),
-        "h_nq_nk": lambda: torch.rand(H, nq, nk, generator=g),
-        "strided": lambda: torch.rand(nk, nq, generator=g).T,
-    }[delta_shape]().to(DEVICE)
+    delta = make_delta(delta_shape, *shape[:4])
     run_and_check(*make_qkv(*shape, torch.float32, seed=3), delta=delta, sigma=0.5, **opts)
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "sliced"])
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16, 40, 40), (1, 2, 150, 150, 64, 64)], ids=shape_id)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_strided_views(shape, layout, dtype):
     q, k, v = make_qkv(*shape, dtype, layout=layout, seed=4)
     assert not q.is_contiguous()
@@ -120,12 +78,10 @@ def test_three_d_input():
     q, k, v = (torch.randn(4, 17, 24, generator=g).to(DEVICE) for _ in range(3))
     out = vk.tar_attention(q, k, v, sigma=2.0, backend="triton")
     assert out.shape == (4, 17, 24)
-    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), sigma=2.0)
-    assert_close_to_reference(out.cpu(), ref)
+    assert_close_to_reference(out.cpu(), reference64(q, k, v, sigma=2.0))
     delta = torch.rand(4, 17, 17, generator=g).to(DEVICE)  # (B, Nq, Nk) for 3-D input
     out = vk.tar_attention(q, k, v, delta=delta, backend="triton")
-    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), delta=delta.double().cpu())
-    assert_close_to_reference(out.cpu(), ref)
+    assert_close_to_reference(out.cpu(), reference64(q, k, v, delta=delta))
 
 
 @pytest.mark.parametrize("n", [16, 200])

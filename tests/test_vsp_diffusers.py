@@ -10,24 +10,14 @@ pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
 
-from tiny_pipelines import (CONTEXT_DIM, MAX_TOKENS, call_args, tiny_animatediff_pipeline,  # noqa: E402
-                            tiny_text_to_video_pipeline, tiny_unet3d, tiny_unet_motion)
+from tiny_video_models import (CONTEXT_DIM, MAX_TOKENS, call_args, one_torch_thread,  # noqa: E402, F401 (autouse)
+                               tiny_animatediff_pipeline, tiny_text_to_video_pipeline, tiny_unet3d, tiny_unet_motion)
 from vstar_kernels.vsp import (apply_vsp, encode_synopsis, generate_with_synopsis,  # noqa: E402
                                interpolate_embeddings, load_synopses, remove_vsp)
 
 L, C, N = MAX_TOKENS, CONTEXT_DIM, 4
 UNETS = {"unet3d": tiny_unet3d, "motion": tiny_unet_motion}
 PIPELINES = {"text-to-video-sd": tiny_text_to_video_pipeline, "animatediff": tiny_animatediff_pipeline}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine the hand-off
-    between OpenMP threads costs more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def processors(unet):

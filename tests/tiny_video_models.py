@@ -1,26 +1,37 @@
-"""Tiny random diffusers video models built from configs (no downloads), with inputs and expectations.
+"""Tiny random diffusers video models and pipelines built from configs (no downloads).
 
 Each family gives: a model in eval mode (seeded), keyword inputs for one forward
 call, and the attention modules TAR must regularize with their resolution level,
 written from the issue's list of modules (independently of the code under test).
+
+The pipelines (tiny_*_pipeline) pair 2-level UNets with a character-level CLIP text
+encoder and a one-block VAE: sizes are the smallest the diffusers blocks accept, so a
+4-frame 16x16 call with 2 steps takes a few hundredths of a second on a CPU.
 """
 
+import json
 import re
+import string
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import pytest
 import torch
 from diffusers import (
+    AnimateDiffPipeline,
+    AutoencoderKL,
+    DDIMScheduler,
     I2VGenXLUNet,
     LatteTransformer3DModel,
     MotionAdapter,
+    TextToVideoSDPipeline,
     UNet2DConditionModel,
     UNet3DConditionModel,
     UNetMotionModel,
     UNetSpatioTemporalConditionModel,
 )
 from diffusers.models.attention_processor import Attention
+
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
@@ -71,12 +82,13 @@ class Family:
         return found
 
 
-def _unet3d():
+def _unet3d(channels=(8, 16, 16), cross_attention_dim=8):
+    blocks = len(channels)
     return UNet3DConditionModel(
-        block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+        block_out_channels=channels, layers_per_block=1, norm_num_groups=4, cross_attention_dim=cross_attention_dim,
         attention_head_dim=4, sample_size=8,
-        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"))
+        down_block_types=("CrossAttnDownBlock3D",) * (blocks - 1) + ("DownBlock3D",),
+        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (blocks - 1))
 
 
 def unet3d_inputs(model, batch=2, frames=8, size=8):
@@ -97,11 +109,12 @@ def _i2vgen_inputs(model):
                 encoder_hidden_states=randn(1, 3, 8, seed=2))
 
 
-def _motion(channels=(8, 16, 16), groups=4):
+def _motion(channels=(8, 16, 16), groups=4, cross_attention_dim=8):
     blocks = len(channels)
     return UNetMotionModel(
-        block_out_channels=channels, layers_per_block=1, norm_num_groups=groups, cross_attention_dim=8,
-        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32, sample_size=8,
+        block_out_channels=channels, layers_per_block=1, norm_num_groups=groups,
+        cross_attention_dim=cross_attention_dim, num_attention_heads=2, motion_num_attention_heads=2,
+        motion_max_seq_length=32, sample_size=8,
         down_block_types=("CrossAttnDownBlockMotion",) * (blocks - 1) + ("DownBlockMotion",),
         up_block_types=("UpBlockMotion",) + ("CrossAttnUpBlockMotion",) * (blocks - 1))
 
@@ -174,3 +187,71 @@ def unet2d():
                                 cross_attention_dim=8, attention_head_dim=4, sample_size=8,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+# --------------------------------------------------------------------------- pipelines
+
+CONTEXT_DIM = 12   # text encoder width = UNet cross-attention dim
+MAX_TOKENS = 16    # tokenizer length (77 in real CLIP)
+
+
+def tiny_unet3d(seed=0):
+    torch.manual_seed(seed)
+    return _unet3d(channels=(8, 16), cross_attention_dim=CONTEXT_DIM).eval()
+
+
+def tiny_unet_motion(seed=0):
+    torch.manual_seed(seed)
+    return _motion(channels=(8, 16), cross_attention_dim=CONTEXT_DIM).eval()
+
+
+def tiny_text_parts(directory, seed=0):
+    """A character-level CLIP tokenizer (vocabulary files written to `directory`) and a 1-layer encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + ",.'-!?")
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                              model_max_length=MAX_TOKENS)
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=CONTEXT_DIM, intermediate_size=16,
+                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    return tokenizer, CLIPTextModel(config).eval()
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4,
+                         sample_size=16).eval()
+
+
+def tiny_text_to_video_pipeline(directory):
+    tokenizer, text_encoder = tiny_text_parts(directory)
+    pipe = TextToVideoSDPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+                                 unet=tiny_unet3d(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_animatediff_pipeline(directory):
+    tokenizer, text_encoder = tiny_text_parts(directory)
+    pipe = AnimateDiffPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+                               unet=tiny_unet_motion(), motion_adapter=None, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_args(**overrides):
+    """Arguments for a seeded 16x16 2-step pipeline call returning the frames as a tensor."""
+    args = dict(height=16, width=16, num_inference_steps=2, output_type="pt",
+                generator=torch.Generator().manual_seed(0))
+    args.update(overrides)
+    return args

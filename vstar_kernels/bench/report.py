@@ -97,6 +97,17 @@ def _g(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+def _time_cell(notes: _Notes, impl: str, row, relative=None) -> str:
+    """A time column's cell: empty without a row, the note mark of a failed run, else the median ms
+    followed by `(relative(ms))` when a `relative` formatter is given."""
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return notes.mark(impl, row["status"])
+    ms = _ms(row)
+    return f"{_g(ms)} ({relative(ms)})" if relative is not None else _g(ms)
+
+
 def markdown(rows, title: str) -> str:
     meta = [r for r in rows if r["impl"] != COPY_IMPL] or rows
     devices = sorted({r["device"] for r in rows})
@@ -147,16 +158,8 @@ def markdown(rows, title: str) -> str:
                         line += [_g(_ms(r)), _g(float(r["gbps"])),
                                  _g(float(r["pct_peak_bw"])) + "%" if r["pct_peak_bw"] else "",
                                  _g(float(r["tflops"]))]
-                for name in others:
-                    r = cell.get(name)
-                    if r is None:
-                        line.append("")
-                    elif r["status"] != "ok":
-                        line.append(notes.mark(name, r["status"]))
-                    elif ours is not None:
-                        line.append(f"{_g(_ms(r))} ({_g(_ms(r) / _ms(ours))}x)")
-                    else:
-                        line.append(_g(_ms(r)))
+                ratio = None if ours is None else (lambda ms: f"{_g(ms / _ms(ours))}x")
+                line += [_time_cell(notes, name, cell.get(name), ratio) for name in others]
                 out.append("| " + " | ".join(line) + " |")
             out.append("")
         out += notes.lines() + [""]
@@ -175,17 +178,10 @@ def markdown(rows, title: str) -> str:
                     cell = by_n[n]
                     stock = cell.get("unet_stock")
                     stock_ms = _ms(stock) if stock and stock["status"] == "ok" else None
+                    overhead = (lambda ms: f"{100 * (ms / stock_ms - 1):+.1f}%") if stock_ms else None
                     line = [shapes.shape_label(batch, heads, d, unet=True), dtype, str(n)]
-                    for name in UNET_IMPLS:
-                        r = cell.get(name)
-                        if r is None:
-                            line.append("")
-                        elif r["status"] != "ok":
-                            line.append(notes.mark(name, r["status"]))
-                        elif name != "unet_stock" and stock_ms:
-                            line.append(f"{_g(_ms(r))} ({100 * (_ms(r) / stock_ms - 1):+.1f}%)")
-                        else:
-                            line.append(_g(_ms(r)))
+                    line += [_time_cell(notes, name, cell.get(name), None if name == "unet_stock" else overhead)
+                             for name in UNET_IMPLS]
                     for name in UNET_IMPLS:
                         r = cell.get(name)
                         line.append(f"{float(r['peak_mem_mb']):,.0f}" if r and r["peak_mem_mb"] else "")
