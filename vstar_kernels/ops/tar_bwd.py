@@ -33,8 +33,8 @@ import triton.language as tl
 from .._validation import TarProblem
 from .layout import STAT_COUNT, STAT_MAX, STATS_FIELDS, is_packed, pow2
 from .tar_fwd import INTERPRETING, _bias, _block_coords, _cast, _delta_a, _exp, _load_tile, _masked_scores, _mma, \
-    _packed_coords, _packed_exp, _packed_max, _per_row, _store_tile, common_meta, delta_args, interpreter_rows, \
-    packed_segments
+    _packed_coords, _packed_exp, _packed_max, _per_row, _same_sequence, _store_tile, common_meta, delta_args, \
+    interpreter_rows, packed_segments
 
 
 # --------------------------------------------------------------------------- kernels
@@ -65,7 +65,7 @@ def _tar_bwd_packed_kernel(
     v = _load_tile(V, bk * svb + hk * svh + j * svn, dv, svd, col_ok, DV_)
     do = _load_tile(DO, bq * sgb + hq * sgh + i * sgn, dv, sgd, row_ok, DV_)
 
-    valid = (seq_q[:, None] == seq_k[None, :]) & row_ok[:, None] & col_ok[None, :]
+    valid = _same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
     s, valid = _masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
 
     if REGULARIZE:

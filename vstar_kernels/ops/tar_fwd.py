@@ -92,7 +92,8 @@ def _masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISI
     """
     s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
     if CAUSAL:
-        valid = valid & (cols[None, :] <= rows[:, None])
+        # int32 positions: the 2-D comparison costs half the registers of an int64 one
+        valid = valid & (cols.to(tl.int32)[None, :] <= rows.to(tl.int32)[:, None])
     return tl.where(valid, s, float("-inf")), valid
 
 
@@ -102,7 +103,8 @@ def _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr):
     if HAS_DELTA:
         dA = tl.load(d_ptrs, mask=valid, other=0.0).to(tl.float32)
     else:
-        dist = (j[None, :] - i[:, None]).to(tl.float32)
+        # positions to fp32 per row/column (exact below 2**24), so the tile-sized math is fp32 only
+        dist = j.to(tl.float32)[None, :] - i.to(tl.float32)[:, None]
         dA = tl.exp2(gauss_coef * dist * dist)
     return dA
 
@@ -135,6 +137,13 @@ def _packed_coords(BH, H, NQ, NK, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K
     row_ok = (seq_q < BH) & (i < NQ)
     col_ok = (seq_k < BH) & (j < NK)
     return i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok
+
+
+@triton.jit
+def _same_sequence(seq_q, seq_k):
+    """[r, c]: packed row r and column c belong to one sequence. Compared in int32: ids within a
+    program differ by less than SEQS, so equality survives the truncation, at half the registers."""
+    return seq_q.to(tl.int32)[:, None] == seq_k.to(tl.int32)[None, :]
 
 
 @triton.jit
@@ -197,7 +206,7 @@ def _tar_fwd_packed_kernel(
 
     q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, dq, sqd, row_ok, D)
     k = _load_tile(K, bk * skb + hk * skh + j * skn, dq, skd, col_ok, D)
-    valid = (seq_q[:, None] == seq_k[None, :]) & row_ok[:, None] & col_ok[None, :]
+    valid = _same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
     s, valid = _masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
 
     if REGULARIZE:
