@@ -32,7 +32,8 @@ import triton.language as tl
 
 from .._validation import TarProblem
 from .layout import STAT_COUNT, STAT_MAX, STATS_FIELDS, is_packed, pow2
-from .tar_fwd import INTERPRETING, _cast, _delta_a, _mma, common_meta, delta_args, interpreter_rows, \
+from .tar_fwd import INTERPRETING, _bias, _block_coords, _cast, _delta_a, _exp, _load_tile, _masked_scores, _mma, \
+    _packed_coords, _packed_exp, _packed_max, _per_row, _store_tile, common_meta, delta_args, interpreter_rows, \
     packed_segments
 
 
@@ -55,51 +56,27 @@ def _tar_bwd_packed_kernel(
     REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     SEQS: tl.constexpr = ROWS // SEG_MAX
-    pid = tl.program_id(0).to(tl.int64)
-    rq = tl.arange(0, SEQS * SEG_Q)
-    rk = tl.arange(0, SEQS * SEG_K)
-    i = (rq % SEG_Q).to(tl.int64)
-    j = (rk % SEG_K).to(tl.int64)
-    seq_q = pid * SEQS + rq // SEG_Q
-    seq_k = pid * SEQS + rk // SEG_K
-    bq = seq_q // H
-    hq = seq_q % H
-    bk = seq_k // H
-    hk = seq_k % H
-    row_ok = (seq_q < BH) & (i < NQ)
-    col_ok = (seq_k < BH) & (j < NK)
+    i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = _packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q_mask = row_ok[:, None] & (dd[None, :] < D)
-    k_mask = col_ok[:, None] & (dd[None, :] < D)
-    o_mask = row_ok[:, None] & (dv[None, :] < DV_)
-    v_mask = col_ok[:, None] & (dv[None, :] < DV_)
 
-    q = tl.load(Q + (bq * sqb + hq * sqh + i * sqn)[:, None] + dd[None, :] * sqd, mask=q_mask, other=0.0)
-    k = tl.load(K + (bk * skb + hk * skh + j * skn)[:, None] + dd[None, :] * skd, mask=k_mask, other=0.0)
-    v = tl.load(V + (bk * svb + hk * svh + j * svn)[:, None] + dv[None, :] * svd, mask=v_mask, other=0.0)
-    do = tl.load(DO + (bq * sgb + hq * sgh + i * sgn)[:, None] + dv[None, :] * sgd, mask=o_mask, other=0.0)
+    q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dd, sqd, row_ok, D)
+    k = _load_tile(K, bk * skb + hk * skh + j * skn, 1, dd, skd, col_ok, D)
+    v = _load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV_)
+    do = _load_tile(DO, bq * sgb + hq * sgh + i * sgn, 1, dv, sgd, row_ok, DV_)
 
-    s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
     valid = (seq_q[:, None] == seq_k[None, :]) & row_ok[:, None] & col_ok[None, :]
-    if CAUSAL:
-        valid = valid & (j[None, :] <= i[:, None])
-    s = tl.where(valid, s, float("-inf"))
+    s, valid = _masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
 
     if REGULARIZE:
-        m = tl.max(s, 1)
-        if GLOBAL_MAX:
-            seq_max = tl.max(tl.reshape(m, (SEQS, SEG_Q)), 1)
-            m = tl.reshape(tl.broadcast_to(seq_max[:, None], (SEQS, SEG_Q)), (SEQS * SEG_Q,))
-        m = tl.where(row_ok, m, 0.0)
+        m = _packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
         tie = valid & (s == m[:, None])  # the entries torch.amax splits the max's gradient over
         d_ptrs = DELTA + (bq * sdb + hq * sdh + i * sdn)[:, None] + j[None, :] * sdm
         dA = _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
-        s = s + (strength * m)[:, None] * dA
+        s = _bias(s, m, dA, strength)
 
-    mx = tl.where(row_ok, tl.max(s, 1), 0.0)
-    p = tl.exp2((s - mx[:, None]) * 1.4426950408889634)
-    p = p / tl.where(row_ok, tl.sum(p, 1), 1.0)[:, None]
+    p, denom = _packed_exp(s, row_ok)
+    p = p / denom[:, None]
     dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])
     dv_acc = _mma(tl.trans(_cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
@@ -113,20 +90,16 @@ def _tar_bwd_packed_kernel(
         if GLOBAL_MAX:
             seq_dmax = tl.sum(tl.reshape(dmax, (SEQS, SEG_Q)), 1)
             seq_count = tl.sum(tl.reshape(count, (SEQS, SEG_Q)), 1)
-            share = seq_dmax / tl.maximum(seq_count, 1.0)
-            share = tl.reshape(tl.broadcast_to(share[:, None], (SEQS, SEG_Q)), (SEQS * SEG_Q,))
+            share = _per_row(seq_dmax / tl.maximum(seq_count, 1.0), SEQS, SEG_Q)
         else:
             share = dmax / tl.maximum(count, 1.0)
         ds = ds + tl.where(tie, share[:, None], 0.0)
 
     dq = _mma(_cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16) * scale
     dk = _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16) * scale
-    tl.store(DQ + (seq_q * NQ + i)[:, None] * D + dd[None, :], _cast(dq, DQ.dtype.element_ty, INTERP_BF16),
-             mask=q_mask)
-    tl.store(DK + (seq_k * NK + j)[:, None] * D + dd[None, :], _cast(dk, DK.dtype.element_ty, INTERP_BF16),
-             mask=k_mask)
-    tl.store(DV + (seq_k * NK + j)[:, None] * DV_ + dv[None, :], _cast(dv_acc, DV.dtype.element_ty, INTERP_BF16),
-             mask=v_mask)
+    _store_tile(DQ, seq_q * NQ + i, D, dd, 1, dq, row_ok, D, INTERP_BF16)
+    _store_tile(DK, seq_k * NK + j, D, dd, 1, dk, col_ok, D, INTERP_BF16)
+    _store_tile(DV, seq_k * NK + j, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
 
 
 @triton.jit
@@ -136,6 +109,13 @@ def _load_row_stats(STATS, row, ok):
     arg = tl.load(STATS + row * 4 + 2, mask=ok, other=0.0).to(tl.int32, bitcast=True)
     count = tl.load(STATS + row * 4 + 3, mask=ok, other=0.0).to(tl.int32, bitcast=True)
     return m, arg, count
+
+
+@triton.jit
+def _ties(s, valid, cols, m, arg, multi):
+    """The entries of a tile of raw scores that reach their row's saved max m: the saved arg-max key,
+    and in rows where the forward counted more than one (multi), every key whose score equals m."""
+    return valid & ((cols[None, :] == arg[:, None]) | (multi[:, None] & (s == m[:, None])))
 
 
 @triton.jit
@@ -159,21 +139,12 @@ def _tar_bwd_dq_kernel(
     Global mode: the share needs the whole slice, so DQ (float32) gets the part without the max
     and TIEK (float32) the sum of the tie keys; the launcher finishes dQ and the shares.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    num_m = tl.cdiv(NQ, BLOCK_M)
-    seq = pid // num_m
-    mb = pid % num_m
-    b = seq // H
-    h = seq % H
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = offs_m < NQ
+    seq, mb, b, h, offs_m, row_ok = _block_coords(NQ, H, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q_mask = row_ok[:, None] & (dd[None, :] < D)
-    o_mask = row_ok[:, None] & (dv[None, :] < DV_)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + dd[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sgb + h * sgh + offs_m[:, None] * sgn + dv[None, :] * sgd, mask=o_mask, other=0.0)
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + dv[None, :] * sod, mask=o_mask, other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dd, sqd, row_ok, D)
+    do = _load_tile(DO + b * sgb + h * sgh, offs_m, sgn, dv, sgd, row_ok, DV_)
+    o = _load_tile(O + b * sob + h * soh, offs_m, son, dv, sod, row_ok, DV_)
     d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = seq * NQ + offs_m
     lse = tl.load(STATS + row * 4 + 1, mask=row_ok, other=0.0)
@@ -197,45 +168,38 @@ def _tar_bwd_dq_kernel(
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = j < NK
-        k = tl.load(K + k_base + j[:, None] * skn + dd[None, :] * skd,
-                    mask=col_ok[:, None] & (dd[None, :] < D), other=0.0)
-        v = tl.load(V + v_base + j[:, None] * svn + dv[None, :] * svd,
-                    mask=col_ok[:, None] & (dv[None, :] < DV_), other=0.0)
-        s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
-        valid = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & (j[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
+        k = _load_tile(K + k_base, j, skn, dd, skd, col_ok, D)
+        v = _load_tile(V + v_base, j, svn, dv, svd, col_ok, DV_)
+        s, valid = _masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
+                                  INTERP_BF16)
         s_reg = s
         if REGULARIZE:
             dA = _delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
-            s_reg = s + (strength * bias_max)[:, None] * dA
-        p = tl.exp2((s_reg - lse[:, None]) * 1.4426950408889634)
+            s_reg = _bias(s, bias_max, dA, strength)
+        p = _exp(s_reg - lse[:, None])
         dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             dmax += tl.sum(ds * dA, 1)
             if any_ties:
-                tie = valid & ((j[None, :] == arg[:, None]) | (multi[:, None] & (s == m[:, None])))
+                tie = _ties(s, valid, j, m, arg, multi)
                 tie_acc += _mma(_cast(tie.to(tl.float32), k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
         acc += _mma(_cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
 
-    dq_ptrs = DQ + row[:, None] * D + dd[None, :]
     if REGULARIZE:
         dmax = dmax * strength
         if any_ties:
             tie_k = tie_acc
         else:  # one key per row reaches the max: its arg-max
-            tie_k = tl.load(K + k_base + arg[:, None].to(tl.int64) * skn + dd[None, :] * skd,
-                            mask=q_mask, other=0.0).to(tl.float32)
+            tie_k = _load_tile(K + k_base, arg.to(tl.int64), skn, dd, skd, row_ok, D).to(tl.float32)
         if GLOBAL_MAX:
-            tl.store(TIEK + row[:, None] * D + dd[None, :], tie_k * scale, mask=q_mask)
+            tl.store(TIEK + row[:, None] * D + dd[None, :], tie_k * scale, mask=row_ok[:, None] & (dd[None, :] < D))
             tl.store(AUX + row * 2 + 1, dmax, mask=row_ok)
         else:
             share = dmax / tl.maximum(count, 1).to(tl.float32)
             acc += share[:, None] * tie_k
             tl.store(AUX + row * 2 + 1, share, mask=row_ok)
-    tl.store(dq_ptrs, _cast(acc * scale, DQ.dtype.element_ty, INTERP_BF16), mask=q_mask)
+    _store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D, INTERP_BF16)
     tl.store(AUX + row * 2, d_row, mask=row_ok)
 
 
@@ -255,20 +219,11 @@ def _tar_bwd_dkdv_kernel(
     DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys (and their columns of d delta), walking the query blocks."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_n = tl.cdiv(NK, BLOCK_N)
-    seq = pid // num_n
-    nb = pid % num_n
-    b = seq // H
-    h = seq % H
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    col_ok = offs_n < NK
+    seq, nb, b, h, offs_n, col_ok = _block_coords(NK, H, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    k_mask = col_ok[:, None] & (dd[None, :] < D)
-    v_mask = col_ok[:, None] & (dv[None, :] < DV_)
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + dd[None, :] * skd, mask=k_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + dv[None, :] * svd, mask=v_mask, other=0.0)
+    k = _load_tile(K + b * skb + h * skh, offs_n, skn, dd, skd, col_ok, D)
+    v = _load_tile(V + b * svb + h * svh, offs_n, svn, dv, svd, col_ok, DV_)
     q_base = b * sqb + h * sqh
     g_base = b * sgb + h * sgh
     d_base = DELTA + b * sdb + h * sdh + offs_n[None, :] * sdm
@@ -283,17 +238,12 @@ def _tar_bwd_dkdv_kernel(
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = offs_m < NQ
         row = seq * NQ + offs_m
-        q = tl.load(Q + q_base + offs_m[:, None] * sqn + dd[None, :] * sqd,
-                    mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
-        do = tl.load(DO + g_base + offs_m[:, None] * sgn + dv[None, :] * sgd,
-                     mask=row_ok[:, None] & (dv[None, :] < DV_), other=0.0)
+        q = _load_tile(Q + q_base, offs_m, sqn, dd, sqd, row_ok, D)
+        do = _load_tile(DO + g_base, offs_m, sgn, dv, sgd, row_ok, DV_)
         lse = tl.load(STATS + row * 4 + 1, mask=row_ok, other=0.0)
         d_row = tl.load(AUX + row * 2, mask=row_ok, other=0.0)
-        s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
-        valid = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
+        s, valid = _masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION,
+                                  INTERP_BF16)
         s_reg = s
         if REGULARIZE:
             m, arg, count = _load_row_stats(STATS, row, row_ok)
@@ -301,8 +251,8 @@ def _tar_bwd_dkdv_kernel(
             if GLOBAL_MAX:
                 bias_max = seq_max
             dA = _delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * sdn, gauss_coef, HAS_DELTA)
-            s_reg = s + (strength * bias_max)[:, None] * dA
-        p = tl.exp2((s_reg - lse[:, None]) * 1.4426950408889634)
+            s_reg = _bias(s, bias_max, dA, strength)
+        p = _exp(s_reg - lse[:, None])
         dv_acc += _mma(tl.trans(_cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
         dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
         ds = p * (dp - d_row[:, None])
@@ -311,13 +261,11 @@ def _tar_bwd_dkdv_kernel(
                 tl.store(DDELTA + row[:, None] * NK + offs_n[None, :], (strength * bias_max)[:, None] * ds,
                          mask=valid)
             share = tl.load(AUX + row * 2 + 1, mask=row_ok, other=0.0)
-            tie = valid & ((offs_n[None, :] == arg[:, None]) | ((count > 1)[:, None] & (s == m[:, None])))
+            tie = _ties(s, valid, offs_n, m, arg, count > 1)
             ds = ds + tl.where(tie, share[:, None], 0.0)
         dk += _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16)
-    tl.store(DK + (seq * NK + offs_n)[:, None] * D + dd[None, :], _cast(dk * scale, DK.dtype.element_ty, INTERP_BF16),
-             mask=k_mask)
-    tl.store(DV + (seq * NK + offs_n)[:, None] * DV_ + dv[None, :], _cast(dv_acc, DV.dtype.element_ty, INTERP_BF16),
-             mask=v_mask)
+    _store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D, INTERP_BF16)
+    _store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
 
 
 # --------------------------------------------------------------------------- configs

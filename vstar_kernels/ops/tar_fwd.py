@@ -63,6 +63,40 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
+def _exp(x):
+    """e^x as exp2(x * log2(e))."""
+    return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _load_tile(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols):
+    """tile[r, c] = ptr[rows[r] * row_stride + cols[c] * col_stride], 0 outside row_ok x (cols < n_cols)."""
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
+                   mask=row_ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, rows, row_stride, cols, col_stride, x, row_ok, n_cols, INTERP_BF16: tl.constexpr):
+    """x, cast to ptr's dtype, into the places _load_tile reads."""
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
+             _cast(x, ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def _masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   INTERP_BF16: tl.constexpr):
+    """S = scale * q k^T where valid (and key col <= query row when CAUSAL), -inf elsewhere.
+
+    Returns (S, valid with the causal mask). The one score expression of the forward and the
+    backward: the backward finds ties by comparing these scores with the forward's saved max.
+    """
+    s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None])
+    return tl.where(valid, s, float("-inf")), valid
+
+
+@triton.jit
 def _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr):
     """dA_ij: the user's delta (read where valid) or the Gaussian exp2(gauss_coef * (j - i)^2)."""
     if HAS_DELTA:
@@ -74,9 +108,70 @@ def _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr):
 
 
 @triton.jit
-def _bias(s, row_max, i, j, valid, d_ptrs, strength, gauss_coef, HAS_DELTA: tl.constexpr):
+def _bias(s, row_max, dA, strength):
     """S' = S + strength * m_i * dA_ij; masked entries stay -inf."""
-    return s + (strength * row_max)[:, None] * _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
+    return s + (strength * row_max)[:, None] * dA
+
+
+@triton.jit
+def _packed_coords(BH, H, NQ, NK, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr):
+    """Coordinates of this program's packed tile: SEQS sequences of SEG_Q query rows and SEG_K key columns.
+
+    Returns (i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok): per row the query index in its
+    sequence, the (batch x head) sequence, its batch and head (per column the same for keys), and
+    which rows and columns are real (not padding, not past the last sequence).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    rq = tl.arange(0, SEQS * SEG_Q)
+    rk = tl.arange(0, SEQS * SEG_K)
+    i = (rq % SEG_Q).to(tl.int64)
+    j = (rk % SEG_K).to(tl.int64)
+    seq_q = pid * SEQS + rq // SEG_Q
+    seq_k = pid * SEQS + rk // SEG_K
+    bq = seq_q // H
+    hq = seq_q % H
+    bk = seq_k // H
+    hk = seq_k % H
+    row_ok = (seq_q < BH) & (i < NQ)
+    col_ok = (seq_k < BH) & (j < NK)
+    return i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok
+
+
+@triton.jit
+def _per_row(x, SEQS: tl.constexpr, SEG_Q: tl.constexpr):
+    """One value per sequence of a packed tile, repeated for the sequence's SEG_Q rows."""
+    return tl.reshape(tl.broadcast_to(x[:, None], (SEQS, SEG_Q)), (SEQS * SEG_Q,))
+
+
+@triton.jit
+def _packed_max(s, row_ok, SEQS: tl.constexpr, SEG_Q: tl.constexpr, GLOBAL_MAX: tl.constexpr):
+    """m_i of a packed tile: the row max of S, with GLOBAL_MAX its sequence's max; 0 on padding rows."""
+    m = tl.max(s, 1)
+    if GLOBAL_MAX:
+        seq_max = tl.max(tl.reshape(m, (SEQS, SEG_Q)), 1)
+        m = _per_row(seq_max, SEQS, SEG_Q)
+    return tl.where(row_ok, m, 0.0)
+
+
+@triton.jit
+def _packed_exp(s, row_ok):
+    """exp(S' - row max) of a packed tile and its row sums (1 on padding rows, which are all -inf)."""
+    mx = tl.where(row_ok, tl.max(s, 1), 0.0)
+    p = _exp(s - mx[:, None])
+    return p, tl.where(row_ok, tl.sum(p, 1), 1.0)
+
+
+@triton.jit
+def _block_coords(N, H, BLOCK: tl.constexpr):
+    """This program's block of a (B*H) x cdiv(N, BLOCK) grid: (seq, block, b, h, offs, offs < N), offs int64."""
+    pid = tl.program_id(0).to(tl.int64)
+    num = tl.cdiv(N, BLOCK)
+    seq = pid // num
+    blk = pid % num
+    b = seq // H
+    h = seq % H
+    offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return seq, blk, b, h, offs, offs < N
 
 
 @triton.jit
@@ -96,52 +191,25 @@ def _tar_fwd_packed_kernel(
     REGULARIZE: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     SEQS: tl.constexpr = ROWS // SEG_MAX
-    pid = tl.program_id(0).to(tl.int64)
-    rq = tl.arange(0, SEQS * SEG_Q)
-    rk = tl.arange(0, SEQS * SEG_K)
-    i = (rq % SEG_Q).to(tl.int64)
-    j = (rk % SEG_K).to(tl.int64)
-    seq_q = pid * SEQS + rq // SEG_Q
-    seq_k = pid * SEQS + rk // SEG_K
-    bq = seq_q // H
-    hq = seq_q % H
-    bk = seq_k // H
-    hk = seq_k % H
-    row_ok = (seq_q < BH) & (i < NQ)
-    col_ok = (seq_k < BH) & (j < NK)
+    i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = _packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
 
-    q = tl.load(Q + (bq * sqb + hq * sqh + i * sqn)[:, None] + dq[None, :] * sqd,
-                mask=row_ok[:, None] & (dq[None, :] < D), other=0.0)
-    k = tl.load(K + (bk * skb + hk * skh + j * skn)[:, None] + dq[None, :] * skd,
-                mask=col_ok[:, None] & (dq[None, :] < D), other=0.0)
-    s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
-
+    q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dq, sqd, row_ok, D)
+    k = _load_tile(K, bk * skb + hk * skh + j * skn, 1, dq, skd, col_ok, D)
     valid = (seq_q[:, None] == seq_k[None, :]) & row_ok[:, None] & col_ok[None, :]
-    if CAUSAL:
-        valid = valid & (j[None, :] <= i[:, None])
-    s = tl.where(valid, s, float("-inf"))
+    s, valid = _masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
 
     if REGULARIZE:
-        m = tl.max(s, 1)
-        if GLOBAL_MAX:
-            seq_max = tl.max(tl.reshape(m, (SEQS, SEG_Q)), 1)
-            m = tl.reshape(tl.broadcast_to(seq_max[:, None], (SEQS, SEG_Q)), (SEQS * SEG_Q,))
-        m = tl.where(row_ok, m, 0.0)
+        m = _packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
         d_ptrs = DELTA + (bq * sdb + hq * sdh + i * sdn)[:, None] + j[None, :] * sdm
-        s = _bias(s, m, i, j, valid, d_ptrs, strength, gauss_coef, HAS_DELTA)
+        s = _bias(s, m, _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA), strength)
 
-    mx = tl.where(row_ok, tl.max(s, 1), 0.0)
-    p = tl.exp2((s - mx[:, None]) * 1.4426950408889634)
-    denom = tl.where(row_ok, tl.sum(p, 1), 1.0)
-
-    v = tl.load(V + (bk * svb + hk * svh + j * svn)[:, None] + dv[None, :] * svd,
-                mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    p, denom = _packed_exp(s, row_ok)
+    v = _load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV)
     acc = _mma(_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
     out = acc / denom[:, None]
-    tl.store(O + (bq * sob + hq * soh + i * son)[:, None] + dv[None, :] * sod,
-             _cast(out, O.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & (dv[None, :] < DV))
+    _store_tile(O, bq * sob + hq * soh + i * son, 1, dv, sod, out, row_ok, DV, INTERP_BF16)
 
 
 @triton.jit
@@ -158,13 +226,8 @@ def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
     count = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        k = tl.load(K + k_base + j[:, None] * skn + dq[None, :] * skd,
-                    mask=(j[:, None] < NK) & (dq[None, :] < D), other=0.0)
-        s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
-        valid = j[None, :] < NK
-        if CAUSAL:
-            valid = valid & (j[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
+        k = _load_tile(K + k_base, j, skn, dq, skd, j < NK, D)
+        s, valid = _masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION, INTERP_BF16)
         tile_max = tl.max(s, 1)
         if WITH_ARG:
             tile_arg = start + tl.argmax(s, 1, tie_break_left=True)
@@ -201,18 +264,10 @@ def _tar_fwd_tiled_kernel(
     SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS (bh, nq, 4)
     PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    num_m = tl.cdiv(NQ, BLOCK_M)
-    seq = pid // num_m
-    mb = pid % num_m
-    b = seq // H
-    h = seq % H
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = offs_m < NQ
+    seq, mb, b, h, offs_m, row_ok = _block_coords(NQ, H, BLOCK_M)
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + dq[None, :] * sqd,
-                mask=row_ok[:, None] & (dq[None, :] < D), other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dq, sqd, row_ok, D)
     k_base = b * skb + h * skh
     v_base = b * svb + h * svh
     hi = NK
@@ -247,28 +302,23 @@ def _tar_fwd_tiled_kernel(
         for start in range(0, hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = j < NK
-            k = tl.load(K + k_base + j[:, None] * skn + dq[None, :] * skd,
-                        mask=col_ok[:, None] & (dq[None, :] < D), other=0.0)
-            s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
-            valid = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                valid = valid & (j[None, :] <= offs_m[:, None])
-            s = tl.where(valid, s, float("-inf"))
+            k = _load_tile(K + k_base, j, skn, dq, skd, col_ok, D)
+            s, valid = _masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
+                                      INTERP_BF16)
             if REGULARIZE:
-                s = _bias(s, m_safe, offs_m, j, valid, d_base + j[None, :] * sdm, strength, gauss_coef, HAS_DELTA)
+                dA = _delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
+                s = _bias(s, m_safe, dA, strength)
             new_max = tl.maximum(run_max, tl.max(s, 1))
             new_max = tl.where(row_ok, new_max, 0.0)
-            alpha = tl.exp2((run_max - new_max) * 1.4426950408889634)
-            p = tl.exp2((s - new_max[:, None]) * 1.4426950408889634)
+            alpha = _exp(run_max - new_max)
+            p = _exp(s - new_max[:, None])
             denom = denom * alpha + tl.sum(p, 1)
-            v = tl.load(V + v_base + j[:, None] * svn + dv[None, :] * svd,
-                        mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+            v = _load_tile(V + v_base, j, svn, dv, svd, col_ok, DV)
             acc = acc * alpha[:, None] + _mma(_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
             run_max = new_max
         denom = tl.where(row_ok, denom, 1.0)
         out = acc / denom[:, None]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + dv[None, :] * sod,
-                 _cast(out, O.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & (dv[None, :] < DV))
+        _store_tile(O + b * sob + h * soh, offs_m, son, dv, sod, out, row_ok, DV, INTERP_BF16)
         if SAVE_STATS:
             tl.store(STATS + stat_row * 4 + 1, run_max + tl.log(denom), mask=row_ok)
 
