@@ -60,10 +60,10 @@ def _tar_bwd_packed_kernel(
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
 
-    q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, dd, sqd, row_ok, D)
-    k = _load_tile(K, bk * skb + hk * skh + j * skn, dd, skd, col_ok, D)
-    v = _load_tile(V, bk * svb + hk * svh + j * svn, dv, svd, col_ok, DV_)
-    do = _load_tile(DO, bq * sgb + hq * sgh + i * sgn, dv, sgd, row_ok, DV_)
+    q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dd, sqd, row_ok, D)
+    k = _load_tile(K, bk * skb + hk * skh + j * skn, 1, dd, skd, col_ok, D)
+    v = _load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV_)
+    do = _load_tile(DO, bq * sgb + hq * sgh + i * sgn, 1, dv, sgd, row_ok, DV_)
 
     valid = _same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
     s, valid = _masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
@@ -97,9 +97,9 @@ def _tar_bwd_packed_kernel(
 
     dq = _mma(_cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16) * scale
     dk = _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16) * scale
-    _store_tile(DQ, (seq_q * NQ + i) * D, dd, 1, dq, row_ok, D, INTERP_BF16)
-    _store_tile(DK, (seq_k * NK + j) * D, dd, 1, dk, col_ok, D, INTERP_BF16)
-    _store_tile(DV, (seq_k * NK + j) * DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
+    _store_tile(DQ, seq_q * NQ + i, D, dd, 1, dq, row_ok, D, INTERP_BF16)
+    _store_tile(DK, seq_k * NK + j, D, dd, 1, dk, col_ok, D, INTERP_BF16)
+    _store_tile(DV, seq_k * NK + j, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
 
 
 @triton.jit
@@ -142,9 +142,9 @@ def _tar_bwd_dq_kernel(
     seq, mb, b, h, offs_m, row_ok = _block_coords(NQ, H, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m * sqn, dd, sqd, row_ok, D)
-    do = _load_tile(DO + b * sgb + h * sgh, offs_m * sgn, dv, sgd, row_ok, DV_)
-    o = _load_tile(O + b * sob + h * soh, offs_m * son, dv, sod, row_ok, DV_)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dd, sqd, row_ok, D)
+    do = _load_tile(DO + b * sgb + h * sgh, offs_m, sgn, dv, sgd, row_ok, DV_)
+    o = _load_tile(O + b * sob + h * soh, offs_m, son, dv, sod, row_ok, DV_)
     d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = seq * NQ + offs_m
     lse = tl.load(STATS + row * 4 + 1, mask=row_ok, other=0.0)
@@ -168,8 +168,8 @@ def _tar_bwd_dq_kernel(
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = j < NK
-        k = _load_tile(K + k_base, j * skn, dd, skd, col_ok, D)
-        v = _load_tile(V + v_base, j * svn, dv, svd, col_ok, DV_)
+        k = _load_tile(K + k_base, j, skn, dd, skd, col_ok, D)
+        v = _load_tile(V + v_base, j, svn, dv, svd, col_ok, DV_)
         s, valid = _masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
                                   INTERP_BF16)
         s_reg = s
@@ -191,7 +191,7 @@ def _tar_bwd_dq_kernel(
         if any_ties:
             tie_k = tie_acc
         else:  # one key per row reaches the max: its arg-max
-            tie_k = _load_tile(K + k_base, arg.to(tl.int64) * skn, dd, skd, row_ok, D).to(tl.float32)
+            tie_k = _load_tile(K + k_base, arg.to(tl.int64), skn, dd, skd, row_ok, D).to(tl.float32)
         if GLOBAL_MAX:
             tl.store(TIEK + row[:, None] * D + dd[None, :], tie_k * scale, mask=row_ok[:, None] & (dd[None, :] < D))
             tl.store(AUX + row * 2 + 1, dmax, mask=row_ok)
@@ -199,7 +199,7 @@ def _tar_bwd_dq_kernel(
             share = dmax / tl.maximum(count, 1).to(tl.float32)
             acc += share[:, None] * tie_k
             tl.store(AUX + row * 2 + 1, share, mask=row_ok)
-    _store_tile(DQ, row * D, dd, 1, acc * scale, row_ok, D, INTERP_BF16)
+    _store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D, INTERP_BF16)
     tl.store(AUX + row * 2, d_row, mask=row_ok)
 
 
@@ -222,8 +222,8 @@ def _tar_bwd_dkdv_kernel(
     seq, nb, b, h, offs_n, col_ok = _block_coords(NK, H, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + b * skb + h * skh, offs_n * skn, dd, skd, col_ok, D)
-    v = _load_tile(V + b * svb + h * svh, offs_n * svn, dv, svd, col_ok, DV_)
+    k = _load_tile(K + b * skb + h * skh, offs_n, skn, dd, skd, col_ok, D)
+    v = _load_tile(V + b * svb + h * svh, offs_n, svn, dv, svd, col_ok, DV_)
     q_base = b * sqb + h * sqh
     g_base = b * sgb + h * sgh
     d_base = DELTA + b * sdb + h * sdh + offs_n[None, :] * sdm
@@ -238,8 +238,8 @@ def _tar_bwd_dkdv_kernel(
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = offs_m < NQ
         row = seq * NQ + offs_m
-        q = _load_tile(Q + q_base, offs_m * sqn, dd, sqd, row_ok, D)
-        do = _load_tile(DO + g_base, offs_m * sgn, dv, sgd, row_ok, DV_)
+        q = _load_tile(Q + q_base, offs_m, sqn, dd, sqd, row_ok, D)
+        do = _load_tile(DO + g_base, offs_m, sgn, dv, sgd, row_ok, DV_)
         lse = tl.load(STATS + row * 4 + 1, mask=row_ok, other=0.0)
         d_row = tl.load(AUX + row * 2, mask=row_ok, other=0.0)
         s, valid = _masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION,
@@ -264,8 +264,8 @@ def _tar_bwd_dkdv_kernel(
             tie = _ties(s, valid, offs_n, m, arg, count > 1)
             ds = ds + tl.where(tie, share[:, None], 0.0)
         dk += _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16)
-    _store_tile(DK, (seq * NK + offs_n) * D, dd, 1, dk * scale, col_ok, D, INTERP_BF16)
-    _store_tile(DV, (seq * NK + offs_n) * DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
+    _store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D, INTERP_BF16)
+    _store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
 
 
 # --------------------------------------------------------------------------- configs

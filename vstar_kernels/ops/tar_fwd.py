@@ -69,17 +69,17 @@ def _exp(x):
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, col_stride, row_ok, n_cols):
-    """tile[r, c] = ptr[rows[r] + cols[c] * col_stride] (rows: element offsets), 0 outside row_ok x cols < n_cols."""
-    return tl.load(ptr + rows[:, None] + cols[None, :] * col_stride, mask=row_ok[:, None] & (cols[None, :] < n_cols),
-                   other=0.0)
+def _load_tile(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols):
+    """tile[r, c] = ptr[rows[r] * row_stride + cols[c] * col_stride], 0 outside row_ok x (cols < n_cols)."""
+    return tl.load(ptr + (rows * row_stride)[:, None] + cols[None, :] * col_stride,
+                   mask=row_ok[:, None] & (cols[None, :] < n_cols), other=0.0)
 
 
 @triton.jit
-def _store_tile(ptr, rows, cols, col_stride, x, row_ok, n_cols, INTERP_BF16: tl.constexpr):
-    """x cast to ptr's dtype into the places _load_tile reads."""
-    tl.store(ptr + rows[:, None] + cols[None, :] * col_stride, _cast(x, ptr.dtype.element_ty, INTERP_BF16),
-             mask=row_ok[:, None] & (cols[None, :] < n_cols))
+def _store_tile(ptr, rows, row_stride, cols, col_stride, x, row_ok, n_cols, INTERP_BF16: tl.constexpr):
+    """x, cast to ptr's dtype, into the places _load_tile reads."""
+    tl.store(ptr + (rows * row_stride)[:, None] + cols[None, :] * col_stride,
+             _cast(x, ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & (cols[None, :] < n_cols))
 
 
 @triton.jit
@@ -204,8 +204,8 @@ def _tar_fwd_packed_kernel(
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
 
-    q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, dq, sqd, row_ok, D)
-    k = _load_tile(K, bk * skb + hk * skh + j * skn, dq, skd, col_ok, D)
+    q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dq, sqd, row_ok, D)
+    k = _load_tile(K, bk * skb + hk * skh + j * skn, 1, dq, skd, col_ok, D)
     valid = _same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
     s, valid = _masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
 
@@ -215,10 +215,10 @@ def _tar_fwd_packed_kernel(
         s = _bias(s, m, _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA), strength)
 
     p, denom = _packed_exp(s, row_ok)
-    v = _load_tile(V, bk * svb + hk * svh + j * svn, dv, svd, col_ok, DV)
+    v = _load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV)
     acc = _mma(_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
     out = acc / denom[:, None]
-    _store_tile(O, bq * sob + hq * soh + i * son, dv, sod, out, row_ok, DV, INTERP_BF16)
+    _store_tile(O, bq * sob + hq * soh + i * son, 1, dv, sod, out, row_ok, DV, INTERP_BF16)
 
 
 @triton.jit
@@ -235,7 +235,7 @@ def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
     count = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        k = _load_tile(K + k_base, j * skn, dq, skd, j < NK, D)
+        k = _load_tile(K + k_base, j, skn, dq, skd, j < NK, D)
         s, valid = _masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION, INTERP_BF16)
         tile_max = tl.max(s, 1)
         if WITH_ARG:
@@ -276,7 +276,7 @@ def _tar_fwd_tiled_kernel(
     seq, mb, b, h, offs_m, row_ok = _block_coords(NQ, H, BLOCK_M)
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m * sqn, dq, sqd, row_ok, D)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dq, sqd, row_ok, D)
     k_base = b * skb + h * skh
     v_base = b * svb + h * svh
     hi = NK
@@ -311,7 +311,7 @@ def _tar_fwd_tiled_kernel(
         for start in range(0, hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = j < NK
-            k = _load_tile(K + k_base, j * skn, dq, skd, col_ok, D)
+            k = _load_tile(K + k_base, j, skn, dq, skd, col_ok, D)
             s, valid = _masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
                                       INTERP_BF16)
             if REGULARIZE:
@@ -322,12 +322,12 @@ def _tar_fwd_tiled_kernel(
             alpha = _exp(run_max - new_max)
             p = _exp(s - new_max[:, None])
             denom = denom * alpha + tl.sum(p, 1)
-            v = _load_tile(V + v_base, j * svn, dv, svd, col_ok, DV)
+            v = _load_tile(V + v_base, j, svn, dv, svd, col_ok, DV)
             acc = acc * alpha[:, None] + _mma(_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
             run_max = new_max
         denom = tl.where(row_ok, denom, 1.0)
         out = acc / denom[:, None]
-        _store_tile(O + b * sob + h * soh, offs_m * son, dv, sod, out, row_ok, DV, INTERP_BF16)
+        _store_tile(O + b * sob + h * soh, offs_m, son, dv, sod, out, row_ok, DV, INTERP_BF16)
         if SAVE_STATS:
             tl.store(STATS + stat_row * 4 + 1, run_max + tl.log(denom), mask=row_ok)
 
