@@ -1,5 +1,9 @@
 """Backend choice: explicit backends fail loudly with reasons; only "auto" falls back."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -56,6 +60,30 @@ def test_triton_without_interpreter_explains(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(vk.BackendUnavailableError, match="TRITON_INTERPRET"):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+def test_interpreter_turned_on_after_import_says_what_to_do():
+    """`import vstar_kernels` imports triton, which keeps the mode of that import: setting
+    TRITON_INTERPRET=1 afterwards cannot work, and the error says where to set it instead."""
+    code = ("import os, torch, vstar_kernels as vk\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "q = torch.randn(1, 1, 8, 8)\n"
+            "try:\n"
+            "    vk.tar_attention(q, q, q, backend='triton')\n"
+            "except vk.BackendUnavailableError as exc:\n"
+            "    print(exc)\n"
+            "del os.environ['TRITON_INTERPRET']  # back to the mode of the import: not held against it\n"
+            "print(vk.dispatch.availability('cpu')['triton'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "backend='triton' cannot run this call: TRITON_INTERPRET was 0 when triton was imported and is 1 now; "
+        "triton keeps the mode of its first import, so set TRITON_INTERPRET in the environment before Python "
+        "starts (TRITON_INTERPRET=1 python script.py), or in os.environ at the top of the script, before "
+        "importing torch or vstar_kernels",
+        "cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter); compiled kernels run on CUDA tensors"]
 
 
 def test_missing_triton_is_reported_not_raised_at_import(monkeypatch):

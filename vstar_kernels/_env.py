@@ -32,9 +32,48 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-@functools.lru_cache(maxsize=None)
+SET_BEFORE_PYTHON = ("set TRITON_INTERPRET in the environment before Python starts "
+                     "(TRITON_INTERPRET=1 python script.py), or in os.environ at the top of the script, "
+                     "before importing torch or vstar_kernels")
+
+
+def triton_mode_mismatch() -> str:
+    """Why the Triton kernels cannot load in the mode TRITON_INTERPRET asks for now, or "".
+
+    triton.language builds its own jit helpers (tl.max, tl.sum, ...) once, in the mode the
+    environment had when triton was first imported (`import vstar_kernels` imports it, through
+    torch._dynamo; so do torch.compile and diffusers). Kernels loaded in the other mode call
+    those helpers and fail, so a change of TRITON_INTERPRET after that import cannot be honoured.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    imported_interpreting = isinstance(tl.max, InterpretedFunction)
+    requested = interpreter_requested()
+    if imported_interpreting == requested:
+        return ""
+    return (f"TRITON_INTERPRET was {int(imported_interpreting)} when triton was imported and is {int(requested)} "
+            f"now; triton keeps the mode of its first import, so {SET_BEFORE_PYTHON}")
+
+
 def triton_ops() -> Probe:
-    """vstar_kernels.ops.tar_fwd, which needs triton. Loaded once, in the mode the environment asks for."""
+    """vstar_kernels.ops.tar_fwd, which needs triton. Loaded once, in the mode the environment asks for.
+
+    Until it has loaded, a TRITON_INTERPRET that triton cannot follow is reported without being
+    remembered: setting the variable back to the mode of triton's import still loads the kernels.
+    """
+    if _load_triton_ops.cache_info().currsize == 0:
+        try:
+            mismatch = triton_mode_mismatch()
+        except Exception:  # no triton, or a broken one: _load_triton_ops says why
+            mismatch = ""
+        if mismatch:
+            return Probe(None, mismatch)
+    return _load_triton_ops()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton_ops() -> Probe:
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install raising anything
@@ -70,12 +109,14 @@ def cuda_ops() -> Probe:
     return Probe(mod, "")
 
 
-@functools.lru_cache(maxsize=None)
 def triton_backward_ops() -> Probe:
     """vstar_kernels.ops.tar_bwd, the fused backward; needs what triton_ops() needs."""
     forward = triton_ops()
-    if not forward.ok:
-        return forward
+    return forward if not forward.ok else _load_triton_backward_ops()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton_backward_ops() -> Probe:
     try:
         mod = importlib.import_module("vstar_kernels.ops.tar_bwd")
     except Exception as exc:

@@ -73,7 +73,8 @@ class TritonBackend(Backend):
         if interpreting != requested:
             reasons.append(
                 "the Triton kernels were loaded with TRITON_INTERPRET="
-                f"{int(interpreting)} but it is now {int(not interpreting)}; set it before the first call"
+                f"{int(interpreting)} but it is now {int(not interpreting)}; {_env.SET_BEFORE_PYTHON}, "
+                "and leave it unchanged"
             )
         dev = problem.device.type
         if interpreting and dev != "cpu":
