@@ -1,27 +1,93 @@
-"""`python -m vstar_kernels info` and `demo` run and say what they found."""
+"""The command line (`vstar-kernels`, `python -m vstar_kernels`) and the README's `make demo` / `make test`.
 
+tests/conftest.py sets TRITON_INTERPRET=1 for this process, and subprocesses would inherit it;
+a user's shell usually has no TRITON_INTERPRET at all, so the subprocesses here run without it.
+"""
+
+import csv
+import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import vstar_kernels as vk
 
-def run(*args):
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CPU = not torch.cuda.is_available()
+
+
+def clean_env(**extra):
+    """This process's environment without TRITON_INTERPRET, as in a fresh shell; tiny CPU shapes: one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run(*args, env=None, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "vstar_kernels", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=clean_env() if env is None else env, cwd=cwd)
+
+
+def test_kernels_run_in_the_interpreter_in_this_suite():
+    """`make test` relies on tests/conftest.py turning the interpreter on (see test_make_test_...)."""
+    q = torch.randn(1, 2, 16, 16, device="cpu" if CPU else "cuda")
+    torch.testing.assert_close(vk.tar_attention(q, q, q, backend="triton"), vk.tar_attention_reference(q, q, q))
 
 
 def test_info_lists_versions_and_backends():
     res = run("info")
     assert res.returncode == 0, res.stderr
     assert f"torch         {torch.__version__}" in res.stdout
+    assert "TRITON_INTERPRET=\n" in res.stdout
     assert "backend reference  on cpu    : available" in res.stdout
-    assert "backend triton" in res.stdout
+    assert "backend triton     on cpu    : unavailable: cpu tensors need TRITON_INTERPRET=1" in res.stdout
 
 
-def test_demo_checks_the_kernel_against_the_reference():
-    res = run("demo")
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_runs_without_triton_interpret():
+    """The README's first command. `-o setup`: the set-up's pip install is not repeated here."""
+    res = subprocess.run(["make", "-o", "setup", "demo", f"PY={sys.executable}"], capture_output=True, text=True,
+                         timeout=600, env=clean_env(), cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "all outputs match the reference" in res.stdout
-    if not torch.cuda.is_available():
-        assert "Triton interpreter" in res.stdout
+    if CPU:
+        assert "Triton interpreter" in res.stdout and "MISMATCH" not in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_sets_up_then_runs_the_suite_with_the_interpreter():
+    """The README's second command: the set-up it runs, then its pytest call on one test that needs
+    the interpreter (the whole suite is what CI runs)."""
+    res = subprocess.run(["make", "-n", "test", f"PY={sys.executable}"], capture_output=True, text=True,
+                         timeout=60, env=clean_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert [ln.strip() for ln in res.stdout.splitlines()][-2:] == [
+        f'{sys.executable} -m pip install -e ".[test]"', f"{sys.executable} -m pytest -q"]
+    one = f"{pathlib.Path(__file__).name}::test_kernels_run_in_the_interpreter_in_this_suite"
+    res = subprocess.run(["make", "-o", "setup", "test", f"PY={sys.executable}"], capture_output=True, text=True,
+                         timeout=600, env=clean_env(PYTEST_ADDOPTS=f"tests/{one} -p no:cacheprovider"), cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 passed" in res.stdout
+
+
+def test_plot_delta_and_demo_attention_draw_their_pictures(tmp_path):
+    res = run("plot-delta", "--sigmas", "1", "--frames", "8", "--dpi", "30", "--out", str(tmp_path / "d.png"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run("demo-attention", "--frames", "4", "--size", "8", "--dpi", "30", "--out", str(tmp_path / "a.png"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in ("d.png", "a.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not CPU, reason="the CPU path: the kernels in the Triton interpreter")
+def test_bench_runs_the_kernels_without_triton_interpret(tmp_path):
+    res = run("bench", "--quick", "--n", "16", "--impls", "vstar_triton", "--no-plots", "--no-progress",
+              "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    [path] = tmp_path.glob("*.csv")
+    with path.open() as f:
+        status = {r["impl"]: r["status"] for r in csv.DictReader(f)}
+    assert status["vstar_triton_interpreter"] == "ok", status

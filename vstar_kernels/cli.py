@@ -5,15 +5,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
+import sys
 import time
 
 COMMANDS = {}
 
 
-def command(name, help_text, configure=None):
-    """Register `fn(args) -> exit code` as a subcommand; `configure(parser)` adds its options."""
+def command(name, help_text, configure=None, cpu_kernels=None):
+    """Register `fn(args) -> exit code` as a subcommand; `configure(parser)` adds its options.
+
+    `cpu_kernels(args)` says whether the call runs the Triton kernels on CPU tensors: that needs
+    TRITON_INTERPRET=1 from the start of the process, so `main` then runs the command in a
+    child process that has it.
+    """
     def register(fn):
-        COMMANDS[name] = (fn, help_text, configure)
+        COMMANDS[name] = (fn, help_text, configure, cpu_kernels)
         return fn
     return register
 
@@ -58,7 +65,13 @@ def _time_ms(fn, cuda: bool) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-@command("demo", "check the kernel against the reference and print a small timing table")
+def _no_cuda(args) -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@command("demo", "check the kernel against the reference and print a small timing table", cpu_kernels=_no_cuda)
 def cmd_demo(args) -> int:
     import torch
 
@@ -66,7 +79,6 @@ def cmd_demo(args) -> int:
     if not cuda:
         print("No CUDA device: the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1) "
               "on small CPU shapes. Interpreter times measure the interpreter, not the kernel.")
-        os.environ["TRITON_INTERPRET"] = "1"
     import torch.nn.functional as F
 
     import vstar_kernels as vk
@@ -157,19 +169,43 @@ def _configure_bench(parser):
     configure(parser)
 
 
-@command("bench", "benchmark every implementation: CSV rows, a markdown table, plots", _configure_bench)
+def _bench_cpu_kernels(args) -> bool:
+    from .bench import runs_cpu_kernels
+
+    return runs_cpu_kernels(args)
+
+
+@command("bench", "benchmark every implementation: CSV rows, a markdown table, plots", _configure_bench,
+         cpu_kernels=_bench_cpu_kernels)
 def cmd_bench(args) -> int:
     from .bench import main
 
     return main(args)
 
 
+def run_with_interpreter(argv) -> int:
+    """Run `python -m vstar_kernels argv` in a child process whose environment has TRITON_INTERPRET=1.
+
+    The flag cannot be turned on in this process: importing vstar_kernels has already imported
+    triton, which keeps the mode of its first import (see _env.triton_mode_mismatch).
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "vstar_kernels", *argv], env=env).returncode
+
+
 def main(argv=None) -> int:
+    from . import _env
+
     parser = argparse.ArgumentParser(prog="python -m vstar_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text, configure) in COMMANDS.items():
+    for name, (_, help_text, configure, _cpu) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         if configure is not None:
             configure(p)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][0](args)
+    fn, _, _, cpu_kernels = COMMANDS[args.command]
+    if cpu_kernels is not None and cpu_kernels(args) and not _env.interpreter_requested():
+        sys.stdout.flush()
+        return run_with_interpreter(argv)
+    return fn(args)

@@ -34,6 +34,15 @@ def configure(parser) -> None:
                         help="print the bytes/FLOPs table (the GPU shapes and N unless --shapes/--n), measure nothing")
 
 
+def runs_cpu_kernels(args) -> bool:
+    """Whether these options time the Triton kernels on CPU tensors (in the Triton interpreter)."""
+    import torch
+
+    if args.list or args.model_table:
+        return False
+    return args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+
+
 def main(args) -> int:
     from .harness import main as run
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
@@ -357,8 +356,6 @@ def main(args) -> int:
         print(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
-    if not cuda and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels first load
     info = measure.RunInfo.collect(device)
     out_dir = Path(args.out)
     csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}.csv"
