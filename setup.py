@@ -56,7 +56,8 @@ setup(
     package_data={"vstar_kernels": ["data/*.json"]},
     python_requires=">=3.9",
     # A range the local CPU build (torch 2.13.0) satisfies: never pin a CUDA build here.
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
+    # numpy: the Triton interpreter and matplotlib need it, and a torch wheel does not bring it.
+    install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

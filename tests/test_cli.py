@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import vstar_kernels as vk
+from vstar_kernels import _env, cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CPU = not torch.cuda.is_available()
@@ -35,6 +36,22 @@ def test_kernels_run_in_the_interpreter_in_this_suite():
     """`make test` relies on tests/conftest.py turning the interpreter on (see test_make_test_...)."""
     q = torch.randn(1, 2, 16, 16, device="cpu" if CPU else "cuda")
     torch.testing.assert_close(vk.tar_attention(q, q, q, backend="triton"), vk.tar_attention_reference(q, q, q))
+
+
+def test_help_names_the_command_as_typed():
+    res = run("--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: python -m vstar_kernels ")
+    assert cli.DESCRIPTION.split(":")[0] in res.stdout and "@command" not in res.stdout
+    for name in cli.COMMANDS:
+        assert name in res.stdout
+
+
+def test_console_script_help_names_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])  # what setup.py's `vstar-kernels` entry point runs
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: vstar-kernels ")
 
 
 def test_info_lists_versions_and_backends():
@@ -91,3 +108,32 @@ def test_bench_runs_the_kernels_without_triton_interpret(tmp_path):
     with path.open() as f:
         status = {r["impl"]: r["status"] for r in csv.DictReader(f)}
     assert status["vstar_triton_interpreter"] == "ok", status
+
+
+def test_bench_results_go_to_the_checkout_or_a_named_folder(tmp_path, monkeypatch):
+    from vstar_kernels.bench.harness import default_results_dir
+
+    assert default_results_dir() == ROOT / "benchmarks" / "results"  # this suite runs from the checkout
+    monkeypatch.setattr(_env, "source_checkout", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert default_results_dir() == tmp_path / "vstar-bench-results"
+
+
+@pytest.mark.parametrize("argv, module, extra", [
+    (["plot-delta"], "matplotlib", "plot"),
+    (["demo-attention"], "diffusers", "diffusers"),
+    (["demo-attention"], "matplotlib", "plot"),
+])
+def test_a_missing_extra_is_named(argv, module, extra, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails with ModuleNotFoundError
+    assert cli.main([*argv, "--out", str(tmp_path / "x.png")]) == 1
+    assert capsys.readouterr().err.strip() == (f"{argv[0]} needs {module}, not installed: "
+                                               f"pip install 'vstar_kernels[{extra}]'")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cuda_build_hint_fits_a_checkout_or_a_wheel(tmp_path):
+    assert "pip install -e . --no-build-isolation in " + str(tmp_path) in _env.cuda_build_hint(tmp_path)
+    wheel = _env.cuda_build_hint(None)
+    assert "installed wheel" in wheel and "-e" not in wheel.split()
+    assert _env.source_checkout() == ROOT

@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
@@ -85,9 +86,23 @@ def _load_triton_ops() -> Probe:
     return Probe(mod, "")
 
 
+def source_checkout() -> Optional[Path]:
+    """The source tree this package runs from (an editable install, or PYTHONPATH pointing at a
+    checkout); None when it runs from an installed wheel."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "setup.py").is_file() and (root / "bindings").is_dir() else None
+
+
+def cuda_build_hint(checkout: Optional[Path]) -> str:
+    """How to build the CUDA C++ extension, for a package running from `checkout` (None: a wheel)."""
+    if checkout is None:
+        return ("this is an installed wheel, built without it: in a source checkout of vstar_kernels run "
+                "VSTAR_BUILD_CUDA=1 pip install . --no-build-isolation, on a machine with nvcc")
+    return f"VSTAR_BUILD_CUDA=1 pip install -e . --no-build-isolation in {checkout}, on a machine with nvcc"
+
+
 CUDA_EXTENSION = "vstar_kernels._C"
-CUDA_NOT_BUILT = ("the CUDA C++ extension is not built "
-                  "(VSTAR_BUILD_CUDA=1 pip install -e . --no-build-isolation, on a machine with nvcc)")
+CUDA_NOT_BUILT = f"the CUDA C++ extension is not built ({cuda_build_hint(source_checkout())})"
 
 
 def cuda_extension_path() -> Optional[str]:

@@ -1,13 +1,19 @@
-"""`python -m vstar_kernels <command>`: each subcommand registers itself with @command."""
+"""`vstar-kernels <command>` (or `python -m vstar_kernels`): each subcommand registers itself with @command."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import subprocess
 import sys
 import time
+
+DESCRIPTION = ("Fused kernels for VSTAR's temporal attention regularization (TAR): check the installation, "
+               "run the kernels against the reference, draw TAR's matrices and attention maps, benchmark.")
+# The optional modules a command imports -> the extra of setup.py that installs them.
+EXTRA_OF = {"matplotlib": "plot", "diffusers": "diffusers"}
 
 COMMANDS = {}
 
@@ -23,6 +29,20 @@ def command(name, help_text, configure=None, cpu_kernels=None):
         COMMANDS[name] = (fn, help_text, configure, cpu_kernels)
         return fn
     return register
+
+
+def missing_extras(command_name, modules) -> str:
+    """"" when every module imports; otherwise a message naming the extras that install the missing ones."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            missing.append(module)
+    if not missing:
+        return ""
+    extras = ",".join(sorted({EXTRA_OF[m] for m in missing}))
+    return f"{command_name} needs {' and '.join(missing)}, not installed: pip install 'vstar_kernels[{extras}]'"
 
 
 @command("info", "versions, devices, and which backends can run (and why not)")
@@ -122,6 +142,10 @@ def _plot_delta_options(parser) -> None:
 
 @command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options)
 def cmd_plot_delta(args) -> int:
+    missing = missing_extras("plot-delta", ["matplotlib"])
+    if missing:
+        print(missing, file=sys.stderr)
+        return 1
     from .analysis import plot_delta
 
     try:
@@ -146,6 +170,10 @@ def _demo_attention_options(parser) -> None:
 @command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
          _demo_attention_options)
 def cmd_demo_attention(args) -> int:
+    missing = missing_extras("demo-attention", ["diffusers", "matplotlib"])
+    if missing:
+        print(missing, file=sys.stderr)
+        return 1
     from .integrations.attention_demo import attention_demo, report
 
     try:
@@ -193,13 +221,13 @@ def run_with_interpreter(argv) -> int:
     return subprocess.run([sys.executable, "-m", "vstar_kernels", *argv], env=env).returncode
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog="vstar-kernels") -> int:
     from . import _env
 
-    parser = argparse.ArgumentParser(prog="python -m vstar_kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text, configure, _cpu) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         if configure is not None:
             configure(p)
     argv = sys.argv[1:] if argv is None else list(argv)

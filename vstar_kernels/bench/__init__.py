@@ -22,7 +22,9 @@ def configure(parser) -> None:
     parser.add_argument("--impls", nargs="+", metavar="IMPL", help="implementations to run (default: all)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="where to run (default: cuda when available)")
-    parser.add_argument("--out", default="benchmarks/results", help="results directory (default: %(default)s)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="results directory (default: benchmarks/results of the source checkout this package "
+                             "runs from, else ./vstar-bench-results; the paths written are printed)")
     parser.add_argument("--time-budget-s", type=float, metavar="S",
                         help="stop measuring after S seconds; the rest get 'unsupported: not run: ...' rows")
     parser.add_argument("--resume", action="store_true",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _env
 from ..dispatch import BackendUnavailableError
 from . import measure, report, shapes
 from .check import check_output
@@ -330,6 +331,12 @@ def model_table(names, ns, dtype="fp16") -> str:
     return "\n".join(lines)
 
 
+def default_results_dir() -> Path:
+    """benchmarks/results of the source checkout this package runs from; ./vstar-bench-results otherwise."""
+    checkout = _env.source_checkout()
+    return checkout / "benchmarks" / "results" if checkout is not None else Path.cwd() / "vstar-bench-results"
+
+
 def main(args) -> int:
     if args.list:
         for name, s in shapes.SHAPES.items():
@@ -357,7 +364,7 @@ def main(args) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     info = measure.RunInfo.collect(device)
-    out_dir = Path(args.out)
+    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
     csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}.csv"
     if not cuda:
         print("CPU run: times are CPU wall-clock (perf_counter); vstar_triton runs in the Triton interpreter "
