@@ -2,7 +2,8 @@
 # The GPU benchmark in one call (H100/H200, fits a 10-minute command): GPU tests, the kernel
 # sweep, the end-to-end UNet case, then the markdown table and plots. Results land in
 # benchmarks/results/<device>-<yyyymmdd>.{csv,md} (+ PNGs) with a log holding the device,
-# driver, versions, commit and date; when $OUT is set they are copied there too.
+# driver, versions, commit and date; when $OUT is set they are copied there too. Without a CUDA
+# device it refuses at once.
 #
 #   VSTAR_BENCH_COMMIT=<commit of the code> bash benchmarks/run_gpu_sweep.sh [STAGE]
 #
@@ -23,6 +24,11 @@ RESULTS=benchmarks/results
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .gpu_site ]; then
     export PYTHONPATH="$PWD/.gpu_site:$PYTHONPATH"
+fi
+if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "run_gpu_sweep.sh needs a CUDA device, and torch sees none: on the CPU its GPU-sized shapes would crawl" \
+        "through the Triton interpreter. For a CPU smoke run: python3 -m vstar_kernels bench --quick" >&2
+    exit 1
 fi
 export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 mkdir -p "$RESULTS"

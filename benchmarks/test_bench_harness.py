@@ -179,3 +179,14 @@ def test_cli_lists_shapes_and_prints_the_model_table(capsys):
         assert name in out
     assert cli.main(["bench", "--model-table", "--shapes", "vc2-320x512-l0", "--n", "16"]) == 0
     assert capsys.readouterr().out.strip() == harness.model_table(["vc2-320x512-l0"], [16])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_sweep_refuses_at_once_without_a_gpu():
+    before = sorted((ROOT / "benchmarks" / "results").iterdir())
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu_sweep.sh"), "quick"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.startswith("run_gpu_sweep.sh needs a CUDA device"), res.stdout + res.stderr
+    assert res.stdout == ""
+    assert sorted((ROOT / "benchmarks" / "results").iterdir()) == before
