@@ -10,7 +10,7 @@
 //   GPU:  exec(f) = f(threadIdx.x, blockDim.x); __syncthreads();
 //   host: exec(f) = for t in threads: f(t, threads)
 //
-// Math is fp32 whatever the input dtype (../shared/semantics.md):
+// Math is fp32 whatever the input dtype (docs/semantics.md):
 //   S_ij  = scale <q_i, k_j>,  -inf for j > i when causal
 //   m     = max_j S_ij (row) or max_ij S_ij over the (batch, head) (global)
 //   S'_ij = S_ij + strength * m * dA_ij,  dA_ij = exp(gauss_coef (j - i)^2) or delta_ij

@@ -40,7 +40,7 @@ struct TarParams {
   bool regularize;    // false when the bias cannot change the result (strength 0, sigma inf)
 };
 
-// Fills the scalar options the way ../shared/semantics.md defines them.
+// Fills the scalar options the way docs/semantics.md defines them.
 inline void set_options(TarParams& p, double scale, double sigma, double strength, bool has_delta,
                         bool causal, bool global_max) {
   p.scale = static_cast<float>(scale);

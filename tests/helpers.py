@@ -130,7 +130,7 @@ def assert_grads_close(grads, refs, dtype, names=("dq", "dk", "dv", "ddelta")):
 
 
 def naive_tar(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None):
-    """Element-by-element float64 evaluation of ../shared/semantics.md for 4-D inputs.
+    """Element-by-element float64 evaluation of docs/semantics.md for 4-D inputs.
 
     Written without the library's code so that the reference itself is checked.
     """

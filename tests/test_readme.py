@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
 SKIP_MARK = "# not run in CI:"
 
@@ -28,3 +29,20 @@ def test_readme_block_runs(block, tmp_path, monkeypatch):
 def test_blocks_not_run_still_compile():
     for block in BLOCKS:
         compile(block, str(README), "exec")
+
+
+def test_relative_links_point_to_files_in_the_repository():
+    targets = re.findall(r"\]\(([^)\s]+)\)", README.read_text(encoding="utf-8"))
+    local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:|#", t)]
+    assert "docs/semantics.md" in local
+    for target in local:
+        path = (ROOT / target).resolve()
+        assert path.is_relative_to(ROOT) and path.exists(), f"README links {target}, which is not in the repository"
+
+
+def test_the_definition_is_referred_to_where_it_lives():
+    assert (ROOT / "docs" / "semantics.md").is_file()
+    for folder in ("vstar_kernels", "tests", "bindings", "benchmarks"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".md", ".h", ".cuh", ".cu", ".cpp") and path != pathlib.Path(__file__).resolve():
+                assert "shared/semantics" not in path.read_text(encoding="utf-8"), path

@@ -3,7 +3,7 @@
 A temporal attention call attends over frames; its batch is the classifier-free
 guidance batch (2) times the latent height x width at that resolution level
 (each level halves both), its heads and head dim are the block's. See
-../../../shared/semantics.md for where TAR is applied.
+docs/semantics.md for where TAR is applied.
 """
 
 from __future__ import annotations

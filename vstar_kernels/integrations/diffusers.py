@@ -1,6 +1,6 @@
 """TAR in diffusers video models: a temporal-attention processor and apply/remove helpers.
 
-Where TAR goes (../shared/semantics.md): the self-attention over frames of the
+Where TAR goes (docs/semantics.md): the self-attention over frames of the
 temporal transformers, per resolution level, in the early denoising steps.
 
 * Which modules: every `Attention` inside a temporal container

@@ -1,6 +1,6 @@
 """Fused TAR forward kernels (Triton).
 
-Two layouts, one semantics (see ../shared/semantics.md):
+Two layouts, one semantics (see docs/semantics.md):
 
 * packed: Nq, Nk <= SHORT_MAX. Several (batch, head) sequences share one
   program as a block-diagonal tile, so N = 16..64 does not leave a 128-row tile
