@@ -179,3 +179,17 @@ def test_cli_lists_shapes_and_prints_the_model_table(capsys):
         assert name in out
     assert cli.main(["bench", "--model-table", "--shapes", "vc2-320x512-l0", "--n", "16"]) == 0
     assert capsys.readouterr().out.strip() == harness.model_table(["vc2-320x512-l0"], [16])
+
+
+@pytest.mark.parametrize("failing, code", [("vstar_triton", 1), ("sdpa_plain", 0)], ids=["ours", "a-peer"])
+def test_cli_exits_non_zero_when_ours_errored(tmp_path, monkeypatch, capsys, failing, code):
+    # A stand-in for our kernel (the reference, which passes the check) keeps the test fast.
+    monkeypatch.setitem(PEERS, "vstar_triton", Peer("vstar_triton", PEERS["reference_eager"].run))
+    monkeypatch.setitem(PEERS, failing, Peer(failing, _raise(RuntimeError("launch failed"))))
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--impls", "vstar_triton",
+                     "sdpa_plain", "--out", str(tmp_path), "--no-plots", "--no-progress"]) == code
+    err = capsys.readouterr().err
+    [md] = tmp_path.glob("*.md")
+    label = "vstar_triton_interpreter" if failing == "vstar_triton" else failing
+    assert f"- [1] {label}: error: RuntimeError: launch failed" in md.read_text()
+    assert ("FAILED: vstar_triton_interpreter errored in 1 cell(s)" in err) == bool(code)
