@@ -190,3 +190,17 @@ def test_gpu_sweep_refuses_at_once_without_a_gpu():
     assert res.stderr.startswith("run_gpu_sweep.sh needs a CUDA device"), res.stdout + res.stderr
     assert res.stdout == ""
     assert sorted((ROOT / "benchmarks" / "results").iterdir()) == before
+
+
+@pytest.mark.parametrize("failing, code", [("vstar_triton", 1), ("sdpa_plain", 0)], ids=["ours", "a-peer"])
+def test_cli_exits_non_zero_when_ours_errored(tmp_path, monkeypatch, capsys, failing, code):
+    # A stand-in for our kernel (the reference, which passes the check) keeps the test fast.
+    monkeypatch.setitem(PEERS, "vstar_triton", Peer("vstar_triton", PEERS["reference_eager"].run))
+    monkeypatch.setitem(PEERS, failing, Peer(failing, _raise(RuntimeError("launch failed"))))
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--impls", "vstar_triton",
+                     "sdpa_plain", "--out", str(tmp_path), "--no-plots", "--no-progress"]) == code
+    err = capsys.readouterr().err
+    [md] = tmp_path.glob("*.md")
+    label = "vstar_triton_interpreter" if failing == "vstar_triton" else failing
+    assert f"- [1] {label}: error: RuntimeError: launch failed" in md.read_text()
+    assert ("FAILED: vstar_triton_interpreter errored in 1 cell(s)" in err) == bool(code)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from vstar_kernels.bench.harness import COLUMNS
-from vstar_kernels.bench.report import markdown, read_csv, render
+from vstar_kernels.bench.report import draw_plots, markdown, our_failures, read_csv, render
 
 HERE = Path(__file__).resolve().parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -78,3 +78,57 @@ def test_without_matplotlib_the_table_is_still_written(tmp_path, monkeypatch, ca
     assert render(path) == [tmp_path / "synthetic-20990101.md"]
     assert "plots skipped: matplotlib is not importable" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+OURS_FAIL = [
+    row("device_copy", "", "", "", "", "1", gbps="2000", pct="100", dtype="uint8"),
+    row("vstar_triton", 320, 20, 16, 64, "", status="error: RuntimeError: launch failed"),
+    row("vstar_cuda", 320, 20, 16, 64, "", status="unsupported: no cuda backend"),
+    row("sdpa_plain", 320, 20, 16, 64, "1", gbps="2000", pct="100", tflops="3"),
+    row("vstar_triton", 320, 20, 32, 64, "", status="error: RuntimeError: launch failed"),
+    row("vstar_cuda", 320, 20, 32, 64, "", status="unsupported: no cuda backend"),
+    row("sdpa_plain", 320, 20, 32, 64, "6", gbps="650", pct="32.5", tflops="1"),
+]
+
+
+def test_our_failed_cells_keep_their_column_with_a_note():
+    md = markdown(OURS_FAIL, "t")
+    assert "| N | vstar_triton | vstar_cuda | sdpa_plain |" in md
+    assert "| 16 | error [1] | unsupported [2] | 1 |" in md
+    assert "| 32 | error [1] | unsupported [2] | 6 |" in md
+    assert "- [1] vstar_triton: error: RuntimeError: launch failed" in md
+    assert "- [2] vstar_cuda: unsupported: no cuda backend" in md
+    # Ours ran at one N: its metric columns, the failed N a note.
+    md = markdown(OURS_FAIL + [row("vstar_triton", 320, 20, 32, 64, "3", gbps="1300", pct="65", tflops="2")], "t")
+    assert "| N | vstar_triton ms | GB/s | % copy BW | TFLOP/s | vstar_cuda | sdpa_plain |" in md
+    assert "| 16 | error [1] |  |  |  | unsupported [2] | 1 |" in md
+    assert "| 32 | 3 | 1,300 | 65% | 2 | unsupported [2] | 6 (2x) |" in md
+
+
+def test_our_failures_are_errors_of_ours_only():
+    rows = OURS_FAIL + [row("sdpa_bias", 320, 20, 16, 64, "", status="error: RuntimeError: boom"),
+                        row("vstar_triton", 320, 20, 64, 64, "", status="oom")]
+    assert [(r["impl"], r["n"]) for r in our_failures(rows)] == [("vstar_triton", 16), ("vstar_triton", 32)]
+    rerun = row("vstar_triton", 320, 20, 16, 64, "2", gbps="1000", pct="50", tflops="1.5")
+    assert [r["n"] for r in our_failures(rows + [rerun])] == [32]
+    assert our_failures(ROWS) == []
+
+
+def test_a_panel_without_data_says_why(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    draw_plots(OURS_FAIL, tmp_path / "synthetic-20990101")
+    by_metric = dict(zip(("time", "speedup", "bandwidth"), figures))
+    for metric, fig in by_metric.items():
+        [ax] = [a for a in fig.axes if a.get_visible()]
+        assert "not plotted, no successful run: vstar_triton, vstar_cuda" in ax.get_title()
+        texts = [t.get_text() for t in ax.texts]
+        if metric == "speedup":
+            assert not ax.get_lines()[1:]  # only the y = 1 line
+            assert texts == ["no data: no successful run of ours\n"
+                             "(vstar_triton, vstar_cuda; see the notes under the markdown table)"]
+        else:
+            assert [line.get_label() for line in ax.get_lines()][:1] == ["sdpa_plain"] and texts == []
+        plt.close(fig)

@@ -159,3 +159,17 @@ def naive_tar(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False, max
             s2 = s + strength * m * da
             out[b, h] = torch.softmax(s2, dim=1) @ v[b, h]
     return out
+
+
+def saved_figures(monkeypatch):
+    """A list that collects every matplotlib Figure saved from now on (to inspect what a plot drew)."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        saved.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved

@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from helpers import saved_figures
 
 from vstar_kernels import gaussian_toeplitz
-from vstar_kernels.analysis import band_energy, diagonality, minmax_normalize, plot_attention_maps, plot_delta
+from vstar_kernels.analysis import (band_energy, diagonality, minmax_normalize, plot_attention_maps, plot_delta,
+                                     short_layer_name)
 from vstar_kernels.cli import main as cli_main
 
 matplotlib = pytest.importorskip("matplotlib")
@@ -106,40 +108,109 @@ def jet_bytes(values):
     return {tuple(int(c) for c in matplotlib.colormaps["jet"](float(v), bytes=True)[:3]) for v in np.unique(values)}
 
 
-def test_plot_delta_draws_the_gaussian_matrices(tmp_path):
+@pytest.fixture
+def figures(monkeypatch):
+    return saved_figures(monkeypatch)
+
+
+def panels(fig):
+    """The axes that show a map (colour bars excluded), in drawing order."""
+    return [ax for ax in fig.axes if ax.images]
+
+
+def colour_bars(fig):
+    return [ax for ax in fig.axes if not ax.images and ax.get_visible() and ax.axison]
+
+
+def test_plot_delta_draws_the_gaussian_matrices(tmp_path, figures):
     path = tmp_path / "delta.png"
     drawn = plot_delta([1, 4, 8], 16, path)
-    assert png(path).size == (3 * 250, 250)
     assert list(drawn) == ["sigma = 1", "sigma = 4", "sigma = 8"]
     for sigma, (title, array) in zip((1, 4, 8), drawn.items()):
         assert np.array_equal(array, gaussian_toeplitz(16, sigma, dtype=torch.float64).numpy())
     # every value drawn shows up in the file in its jet colour (nearest-neighbour, no smoothing)
     assert jet_bytes(drawn["sigma = 1"]) <= colors_in(png(path))
+    [fig] = figures
+    assert "TAR's Gaussian matrix dA, 16 frames" in fig.get_suptitle()
+    assert "shared scale 0..1" in fig.get_suptitle()
+    axes = panels(fig)
+    assert [ax.get_title() for ax in axes] == list(drawn)
+    assert [ax.get_xlabel() for ax in axes] == ["key frame"] * 3
+    assert [ax.get_ylabel() for ax in axes] == ["query frame", "", ""]
+    assert [(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in axes] == [(0.0, 1.0)] * 3
+    [bar] = colour_bars(fig)
+    assert bar.get_ylabel() == "dA" and axes[0].images[0].colorbar.ax is bar
 
 
-def test_plot_delta_size_follows_panel_size_and_dpi(tmp_path):
-    path = tmp_path / "small.png"
-    plot_delta([2.0], 8, path, panel_size=2, dpi=40)
-    assert png(path).size == (80, 80)
-    img = matplotlib.image.imread(path)
-    assert img.shape[:2] == (80, 80)
+def test_plot_size_follows_panel_size_and_dpi(tmp_path):
+    sizes = {}
+    for panel_size, dpi in ((2, 40), (2, 80), (4, 40)):
+        path = tmp_path / f"{panel_size}-{dpi}.png"
+        plot_delta([2.0, 4.0], 8, path, panel_size=panel_size, dpi=dpi)
+        sizes[panel_size, dpi] = png(path).size
+    assert sizes[2, 80] == (2 * sizes[2, 40][0], 2 * sizes[2, 40][1])
+    # two more inches per panel side: two panels wider, one panel taller
+    assert sizes[4, 40][0] - sizes[2, 40][0] == 2 * 2 * 40 and sizes[4, 40][1] - sizes[2, 40][1] == 2 * 40
 
 
-def test_plot_attention_maps_flat_and_nested(tmp_path):
+def test_plot_attention_maps_shared_scale(tmp_path, figures):
     torch.manual_seed(2)
     a, b = torch.rand(8, 8), torch.softmax(torch.randn(8, 8), dim=-1)
     flat = plot_attention_maps({"down.0": a, "up.1": b}, tmp_path / "flat.png")
-    assert png(tmp_path / "flat.png").size == (500, 250)
     for name, m in (("down.0", a), ("up.1", b)):
-        m = m.double().numpy()
-        assert np.allclose(flat[name], (m - m.min()) / (m.max() - m.min()), rtol=0, atol=1e-15)
-    assert jet_bytes(flat["up.1"]) <= colors_in(png(tmp_path / "flat.png"))
+        assert np.array_equal(flat[name], m.double().numpy())  # the values, not a rescaling
+    assert jet_bytes(flat["up.1"] / float(a.max())) <= colors_in(png(tmp_path / "flat.png"))
+    [fig] = figures
+    high = float(a.max())
+    assert f"shared scale 0..{high:.3g}: one colour bar for all panels" in fig.get_suptitle()
+    axes = panels(fig)
+    assert [(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in axes] == [(0.0, high)] * 2
+    assert [ax.get_xlabel() for ax in axes] == ["key frame"] * 2
+    assert [ax.get_ylabel() for ax in axes] == ["query frame", ""]
+    assert len(colour_bars(fig)) == 1 and colour_bars(fig)[0].get_ylabel() == "attention weight"
 
     nested = {"level 64": {"down": a, "mid": b, "up": a.T}, "level 32": {"down": torch.eye(4)}}
     drawn = plot_attention_maps(nested, tmp_path / "nested.png", title="temporal attention", dpi=50)
-    assert png(tmp_path / "nested.png").size == (3 * 125, 2 * 125 + 20)  # + the 0.4 inch title band
     assert list(drawn) == ["level 64 / down", "level 64 / mid", "level 64 / up", "level 32 / down"]
     assert np.array_equal(drawn["level 32 / down"], np.eye(4))
+    fig = figures[-1]
+    assert fig.get_suptitle().startswith("temporal attention\nshared scale 0..1:")
+    axes = panels(fig)
+    assert [ax.get_title() for ax in axes] == ["down", "mid", "up", "down"]
+    assert [ax.get_ylabel() for ax in axes] == ["level 64\nquery frame", "", "", "level 32\nquery frame"]
+    # "key frame" under the last map of each column
+    assert [ax.get_xlabel() for ax in axes] == ["", "key frame", "key frame", "key frame"]
+
+
+def test_plot_attention_maps_per_panel_scale(tmp_path, figures):
+    a, b = torch.rand(6, 6) + 1.0, torch.eye(6) * 0.25
+    plot_attention_maps({"a": a, "b": b}, tmp_path / "maps.png", scale="per-panel")
+    [fig] = figures
+    assert "per-panel scale: each panel from its own min to its own max" in fig.get_suptitle()
+    axes = panels(fig)
+    assert [(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in axes] == \
+        [(float(a.min()), float(a.max())), (0.0, 0.25)]
+    assert all(ax.images[0].colorbar is not None for ax in axes) and len(colour_bars(fig)) == 2
+
+
+def test_long_layer_names_are_shortened_or_wrapped(tmp_path, figures):
+    layers = ["transformer_in.transformer_blocks.0.attn1", "down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1",
+              "mid_block.temp_attentions.0.transformer_blocks.0.attn2",
+              "up_blocks.3.motion_modules.1.transformer_blocks.1.attn1"]
+    drawn = plot_attention_maps({0: {name: torch.eye(4) for name in layers}}, tmp_path / "maps.png")
+    assert list(drawn) == [f"0 / {name}" for name in layers]
+    assert [ax.get_title() for ax in panels(figures[-1])] == \
+        ["transformer_in.attn1", "down0.t0.attn1", "mid.t0.attn2", "up3.m1.b1.attn1"]
+    assert [short_layer_name(name) for name in layers[1:3]] == ["down0.t0.attn1", "mid.t0.attn2"]
+
+    # names that shorten alike are kept, and a name wider than a panel is wrapped at its dots
+    alike = {"down_blocks.0.temp_attentions.0.attn1": torch.eye(4), "down0.t0.attn1": torch.eye(4),
+             "a_very_long_module_name.with.many.parts.that.will_not_fit_in_one_line": torch.eye(4)}
+    plot_attention_maps(alike, tmp_path / "alike.png")
+    titles = [ax.get_title() for ax in panels(figures[-1])]
+    assert titles[:2] == ["down_blocks.0.temp_attentions.0.\nattn1", "down0.t0.attn1"]
+    assert titles[2].replace("\n", "") == "a_very_long_module_name.with.many.parts.that.will_not_fit_in_one_line"
+    assert titles[2].count("\n") >= 1 and all(len(line) <= 40 for line in titles[2].splitlines())
 
 
 def test_minmax_normalize():
@@ -157,9 +228,10 @@ def test_minmax_normalize():
     ({"a": torch.ones(2, 3, 3)}, {}, ValueError, "a must be a non-empty 2-D map"),
     ({"a": torch.tensor([[0.0, math.inf]])}, {}, ValueError, "non-finite"),
     ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
-    ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.35"),
-    ({"a": torch.eye(3)}, {"panel_size": 0.3}, ValueError, r"panel_size must be a number of inches > 0.35"),
-], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "dpi", "panel-size", "panel-too-small"])
+    ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
+    ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
+    ({"a": torch.eye(3)}, {"scale": "minmax"}, ValueError, r"scale must be one of \('shared', 'per-panel'\)"),
+], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "dpi", "panel-size", "panel-too-small", "scale"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)
@@ -178,8 +250,9 @@ def test_plot_delta_rejects_bad_input(tmp_path, sigmas, n, exc, match):
 
 def test_cli_plot_delta(tmp_path, capsys):
     out = tmp_path / "delta.png"
+    plot_delta([1, 4, 8], 16, tmp_path / "api.png")
     assert cli_main(["plot-delta", "--sigmas", "1", "4", "8", "--frames", "16", "--out", str(out)]) == 0
-    assert png(out).size == (750, 250)
+    assert png(out).size == png(tmp_path / "api.png").size  # the CLI draws what the function draws
     assert "sigma = 1, sigma = 4, sigma = 8 over 16 frames" in capsys.readouterr().out
     assert cli_main(["plot-delta", "--sigmas", "-1", "--out", str(tmp_path / "bad.png")]) == 2
     assert "sigma must be > 0" in capsys.readouterr().out

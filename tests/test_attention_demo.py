@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import saved_figures
 from tiny_video_models import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from vstar_kernels.analysis import band_energy, diagonality
@@ -13,7 +14,8 @@ Image = pytest.importorskip("PIL.Image")
 LEVEL0_LAYERS = 6  # the tiny UNet's level-0 temporal attention: down block 0 (1 transformer), up block 1 (2), x 2
 
 
-def test_demo_maps_show_the_band_tar_adds(tmp_path):
+def test_demo_maps_show_the_band_tar_adds(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
     runs = attention_demo(tmp_path / "att.png", frames=8, size=8, dpi=40)
     assert list(runs) == ["without TAR", "with TAR"]
     plain, tar = runs["without TAR"], runs["with TAR"]
@@ -27,12 +29,25 @@ def test_demo_maps_show_the_band_tar_adds(tmp_path):
         img.verify()
     with Image.open(tmp_path / "att.png") as img:
         assert img.format == "PNG"
-        assert img.size == (LEVEL0_LAYERS * 100, 2 * 100 + 16)  # 2.5-inch panels at 40 dpi + the title band
+    # one colour scale for both runs, so that the weak structure without TAR looks weak
+    [fig] = figures
+    high = max(float(m.max()) for maps in runs.values() for m in maps.values())
+    assert f"shared scale 0..{high:.3g}: one colour bar for all panels" in fig.get_suptitle()
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 2 * LEVEL0_LAYERS and len(fig.axes) == len(axes) + 1  # + one colour bar
+    assert all((ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0.0, high) for ax in axes)
+    assert [ax.get_title() for ax in axes[:2]] == ["down0.t0.attn1", "down0.t0.attn2"]
+    assert [axes[0].get_ylabel(), axes[LEVEL0_LAYERS].get_ylabel()] == ["without TAR\nquery frame",
+                                                                       "with TAR\nquery frame"]
+    assert {ax.get_xlabel() for ax in axes[LEVEL0_LAYERS:]} == {"key frame"}
 
 
-def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys):
+def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys, monkeypatch):
+    figures = saved_figures(monkeypatch)
     out = tmp_path / "cli.png"
-    assert cli_main(["demo-attention", "--frames", "8", "--size", "8", "--dpi", "40", "--out", str(out)]) == 0
+    assert cli_main(["demo-attention", "--frames", "8", "--size", "8", "--dpi", "40", "--scale", "per-panel",
+                     "--out", str(out)]) == 0
+    assert "per-panel scale" in figures[0].get_suptitle()
     text = capsys.readouterr().out
     assert f"wrote {out}" in text and out.exists()
     runs = attention_demo(tmp_path / "again.png", frames=8, size=8, dpi=40)

@@ -2,8 +2,9 @@
 
 Real videos give band matrices (each frame attends to its neighbours), plain text-to-video
 models give unstructured maps, and TAR pulls them towards a band (VSTAR paper, Fig. 3 and
-S.10). The measures here turn that into numbers; the plots draw the maps as the paper
-does (min-max normalised, jet colormap).
+S.10). The measures here turn that into numbers; the plots draw the maps with the paper's jet
+colormap, query frame down and key frame across, on one shared colour scale (or, on request,
+each panel on its own min..max, the paper's look), with colour bars.
 
 The measures need only torch; the plots need matplotlib (``pip install
 'vstar_kernels[plot]'``), imported on first use and always drawn with the Agg backend
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
 
 import torch
@@ -72,43 +74,64 @@ def band_energy(attention: torch.Tensor, width: int) -> torch.Tensor:
 
 def minmax_normalize(attention) -> torch.Tensor:
     """``(A - min A) / (max A - min A)`` of a 2-D map, float64; a constant map gives zeros."""
-    return _minmax(_as_map("attention", attention))
-
-
-def _minmax(a: torch.Tensor) -> torch.Tensor:
+    a = _as_map("attention", attention)
     low, high = a.min(), a.max()
     return (a - low) / (high - low) if high > low else torch.zeros_like(a)
 
 
-def plot_attention_maps(maps, path, *, cmap: str = "jet", panel_size: float = 2.5, dpi: int = 100,
-                        title=None) -> dict:
-    """Draw temporal attention maps, one min-max normalised panel each, into an image file.
+SCALES = ("shared", "per-panel")
+
+
+def short_layer_name(layer: str) -> str:
+    """A module path shortened for a panel title.
+
+    ``down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1`` -> ``down0.t0.attn1``,
+    ``transformer_in.transformer_blocks.0.attn1`` -> ``transformer_in.attn1``; a name without
+    these parts is returned as it is.
+    """
+    name = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", layer)
+    name = name.replace("mid_block.", "mid.").replace("temp_attentions.", "t").replace("motion_modules.", "m")
+    name = name.replace("temporal_transformer_blocks.", "tb").replace("transformer_blocks.0.", "")
+    return name.replace("transformer_blocks.", "b")
+
+
+def plot_attention_maps(maps, path, *, scale: str = "shared", cmap: str = "jet", panel_size: float = 2.5,
+                        dpi: int = 100, title=None) -> dict:
+    """Draw temporal attention maps, one panel each (query frame down, key frame across), into an image file.
 
     Args:
         maps: ``{name: (N, N) map}`` drawn as one row, or ``{level: {layer: (N, N) map}}``
-            drawn as one row per level; maps are tensors or arrays (sizes may differ).
+            drawn as one row per level; maps are tensors or arrays (sizes may differ). Layer
+            names are shortened in the panel titles (`short_layer_name`) unless two would
+            then read alike; titles longer than a panel is wide are wrapped.
         path: output file; the format follows its suffix (``.png``, ``.pdf``, ``.svg``, ...).
+        scale: ``"shared"`` (default): every panel on one colour scale from 0 (or the smallest
+            value, when negative) to the largest value of all maps, with one colour bar, so
+            that panels compare (a weak band looks weak). ``"per-panel"``: each panel from its
+            own min to its own max, with its own colour bar (the paper's min-max normalised
+            look: every map uses the whole colormap, however weak its structure). The figure
+            says which scale it uses.
         cmap: matplotlib colormap; jet, as in the paper, by default.
-        panel_size: inches per panel side; the image is ``columns * panel_size * dpi`` by
-            ``rows * panel_size * dpi`` pixels (plus a title band of ``0.4 * dpi`` pixels
-            when `title` is given).
+        panel_size: inches per panel side (about: axes, labels and colour bars get their share).
         dpi: pixels per inch.
-        title: optional title above all panels.
+        title: optional title above all panels (the scale is stated under it).
 
     Returns:
-        ``{panel title: array drawn}`` in drawing order, each array taken back from the
-        image artist (the min-max normalised map, values in [0, 1]).
+        ``{panel key: array drawn}`` in drawing order, keyed by the name as given (``"level /
+        layer"`` for nested maps): the maps' values; the scale is the colour norm, not a
+        rescaling of the values.
     """
     rows = _panel_rows(maps)
-    return _draw(rows, path, cmap=cmap, panel_size=panel_size, dpi=dpi, title=title, normalize=True)
+    return _draw(rows, path, cmap=cmap, panel_size=panel_size, dpi=dpi, title=title, scale=scale,
+                 value_label="attention weight")
 
 
 def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2.5, dpi: int = 100) -> dict:
     """Draw TAR's Gaussian matrix dA for several sigma side by side (paper Fig. S.13).
 
-    Each panel is `gaussian_toeplitz(n, sigma)` drawn on the fixed scale [0, 1] (no
-    normalisation: the values drawn are dA's own). The image is ``len(sigmas) * panel_size
-    * dpi`` by ``panel_size * dpi`` pixels. Returns ``{panel title: array drawn}``.
+    Each panel is `gaussian_toeplitz(n, sigma)`, its values drawn as they are on the shared
+    scale 0..1 (dA's diagonal is 1), one colour bar for all. Returns ``{panel title: array
+    drawn}``.
     """
     if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__iter__"):
         raise TypeError(f"sigmas must be a sequence of numbers, got {type(sigmas).__name__}")
@@ -117,60 +140,106 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
         raise ValueError("sigmas must hold at least one value")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    row = [(f"sigma = {s:g}", gaussian_toeplitz(int(n), s, dtype=torch.float64)) for s in sigmas]
-    return _draw([row], path, cmap=cmap, panel_size=panel_size, dpi=dpi, title=None, normalize=False)
+    row = [(f"sigma = {s:g}", f"sigma = {s:g}", gaussian_toeplitz(int(n), s, dtype=torch.float64)) for s in sigmas]
+    return _draw([(None, row)], path, cmap=cmap, panel_size=panel_size, dpi=dpi,
+                 title=f"TAR's Gaussian matrix dA, {int(n)} frames", scale="shared", value_label="dA")
 
 
-TITLE_BAND_INCHES = 0.4   # room for the figure title
-PANEL_TITLE_INCHES = 0.3  # room above each panel for its own title
-MARGIN_INCHES = 0.05      # below each panel
+MIN_PANEL_INCHES = 0.5
+LEFT_INCHES = 0.75         # tick labels, the y-axis label and a row name
+BOTTOM_INCHES = 0.45       # tick labels and the x-axis label
+COLORBAR_INCHES = 0.9      # the shared colour bar and its label
+PANEL_COLORBAR_INCHES = 0.75  # a per-panel colour bar and its tick labels
+LINE_INCHES = 0.2          # one line of a (panel or figure) title
+TITLE_FONT = 8
 
 
-def _draw(rows, path, *, cmap, panel_size, dpi, title, normalize) -> dict:
+def _draw(rows, path, *, cmap, panel_size, dpi, title, scale, value_label) -> dict:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    smallest = PANEL_TITLE_INCHES + MARGIN_INCHES
-    if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > smallest:
-        raise ValueError(f"panel_size must be a number of inches > {smallest:g} (room for the panel title), "
-                         f"got {panel_size!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > MIN_PANEL_INCHES:
+        raise ValueError(f"panel_size must be a number of inches > {MIN_PANEL_INCHES:g}, got {panel_size!r}")
     if isinstance(dpi, bool) or not isinstance(dpi, numbers.Integral) or dpi < 1:
         raise ValueError(f"dpi must be a positive int, got {dpi!r}")
-    ncols = max(len(row) for row in rows)
-    band = TITLE_BAND_INCHES if title else 0.0
-    width, height = ncols * panel_size, len(rows) * panel_size + band
-    fig = Figure(figsize=(width, height), dpi=dpi)
+    rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]
+    values = [a for _, row in rows for _, _, a in row]
+    if scale == "shared":
+        low = min(0.0, min(float(a.min()) for a in values))
+        high = max(float(a.max()) for a in values)
+        high = high if high > low else low + 1.0
+        note = f"shared scale {low:.3g}..{high:.3g}: one colour bar for all panels"
+    else:
+        note = "per-panel scale: each panel from its own min to its own max (see its colour bar)"
+    suptitle = f"{title}\n{note}" if title else note
+
+    ncols = max(len(row) for _, row in rows)
+    per_panel = PANEL_COLORBAR_INCHES if scale == "per-panel" else 0.0
+    wrap = max(8, int((panel_size - 0.1) * 72 / (0.6 * TITLE_FONT)))  # characters across one panel
+    titles = [[_wrap(shown, wrap) for _, shown, _ in row] for _, row in rows]
+    title_lines = [max(t.count("\n") + 1 for t in row) for row in titles]
+    width = LEFT_INCHES + ncols * (panel_size + per_panel) + (COLORBAR_INCHES if scale == "shared" else 0.0)
+    height = (sum(panel_size + LINE_INCHES * lines for lines in title_lines) + BOTTOM_INCHES
+              + LINE_INCHES * (suptitle.count("\n") + 1.5))
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    if title:
-        fig.suptitle(title, y=1.0 - 0.5 * band / height, va="center")
-    # each row: a panel title band, then the square-ish axes; gaps are fractions of an axes' height
-    axes_inches = panel_size - PANEL_TITLE_INCHES - MARGIN_INCHES
-    grid = fig.add_gridspec(len(rows), ncols, left=0.02, right=0.98, bottom=MARGIN_INCHES / height,
-                            top=1.0 - (band + PANEL_TITLE_INCHES) / height,
-                            hspace=(PANEL_TITLE_INCHES + MARGIN_INCHES) / axes_inches, wspace=0.1)
-    drawn = {}
-    for r, row in enumerate(rows):
+    fig.suptitle(suptitle, fontsize=9)
+    grid = fig.add_gridspec(len(rows), ncols, height_ratios=[panel_size + LINE_INCHES * n for n in title_lines])
+    drawn, images, used = {}, [], []
+    for r, (label, row) in enumerate(rows):
         for c in range(ncols):
             ax = fig.add_subplot(grid[r, c])
             if c >= len(row):
                 ax.set_axis_off()
                 continue
-            name, value = row[c]
-            a = _as_map(name, value)
-            if normalize:
-                a = _minmax(a)
-            image = ax.imshow(a.numpy(), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_title(name, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            drawn[name] = np.asarray(image.get_array())
+            key, _, a = row[c]
+            if scale == "shared":
+                vmin, vmax = low, high
+            else:
+                vmin, vmax = float(a.min()), float(a.max())
+                vmax = vmax if vmax > vmin else vmin + 1.0
+            image = ax.imshow(a.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_title(titles[r][c], fontsize=TITLE_FONT)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+            ax.tick_params(labelsize=7)
+            if r == len(rows) - 1 or c >= len(rows[r + 1][1]):
+                ax.set_xlabel("key frame", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("query frame" if label is None else f"{label}\nquery frame", fontsize=8)
+            if scale == "per-panel":
+                fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
+            drawn[key] = np.asarray(image.get_array())
+            images.append(image)
+            used.append(ax)
+    if scale == "shared":
+        bar = fig.colorbar(images[0], ax=used, shrink=0.9)
+        bar.set_label(value_label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     fig.savefig(path, dpi=dpi)
     return drawn
 
 
+def _wrap(text: str, width: int) -> str:
+    """`text` in lines of at most `width` characters where it can, broken after '.', '/', '_' or ' '."""
+    parts = re.findall(r"[^./_ ]*(?:[./_ ]+|$)", text)
+    lines, line = [], ""
+    for part in filter(None, parts):
+        if line and len(line) + len(part.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += part
+    lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
 def _panel_rows(maps) -> list:
-    """[[(title, map), ...], ...]: one row for a flat dict, one row per level for a nested one."""
+    """[(row label or None, [(key, panel title, map), ...]), ...]: one row for a flat dict, one
+    row per level for a nested one (labelled ``level <n>`` for an int level)."""
     if not isinstance(maps, Mapping) or not maps:
         raise TypeError("maps must be a non-empty dict {name: map} or {level: {layer: map}}")
     nested = [isinstance(v, Mapping) for v in maps.values()]
@@ -179,11 +248,17 @@ def _panel_rows(maps) -> list:
         for level, layers in maps.items():
             if not layers:
                 raise ValueError(f"maps[{level!r}] holds no layer")
-            rows.append([(f"{level} / {layer}", m) for layer, m in layers.items()])
-        return rows
-    if any(nested):
+            label = f"level {level}" if isinstance(level, numbers.Integral) else str(level)
+            rows.append((label, [(f"{level} / {layer}", str(layer), m) for layer, m in layers.items()]))
+    elif any(nested):
         raise TypeError("maps must be all maps ({name: map}) or all dicts ({level: {layer: map}}), not a mix")
-    return [[(str(name), m) for name, m in maps.items()]]
+    else:
+        rows = [(None, [(str(name), str(name), m) for name, m in maps.items()])]
+    for _, row in rows:
+        short = [short_layer_name(shown) for _, shown, _ in row]
+        if len(set(short)) == len(short):
+            row[:] = [(key, s, m) for (key, _, m), s in zip(row, short)]
+    return rows
 
 
 def _as_map(name: str, value) -> torch.Tensor:

@@ -165,6 +165,8 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the latents (default: 0)")
     parser.add_argument("--out", default="attention.png", help="output image (default: attention.png)")
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
+    parser.add_argument("--scale", choices=("shared", "per-panel"), default="shared",
+                        help="one colour scale for all panels, or each panel on its own min..max (default: shared)")
 
 
 @command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
@@ -178,7 +180,7 @@ def cmd_demo_attention(args) -> int:
 
     try:
         runs = attention_demo(args.out, frames=args.frames, sigma=args.sigma, strength=args.strength,
-                              size=args.size, seed=args.seed, dpi=args.dpi)
+                              size=args.size, seed=args.seed, dpi=args.dpi, scale=args.scale)
     except (TypeError, ValueError) as exc:
         print(f"demo-attention: {exc}")
         return 2

@@ -383,4 +383,11 @@ def main(args) -> int:
     print(f"{sweep.rows_written} rows appended to {csv_path}")
     for path in outputs:
         print(f"wrote {path}")
+    failed = report.our_failures(r for r in report.read_csv(csv_path) if r["commit"] == info.commit)
+    if failed:
+        impls = ", ".join(sorted({r["impl"] for r in failed}))
+        print(f"FAILED: {impls} errored in {len(failed)} cell(s) at commit {info.commit}; first: "
+              f"{failed[0]['status']} (all: the notes under the tables of {csv_path.with_suffix('.md')})",
+              file=sys.stderr)
+        return 1
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+import textwrap
 from collections import OrderedDict
 from pathlib import Path
 
@@ -67,6 +68,14 @@ def _ours(cell: dict):
         if name in cell and cell[name]["status"] == "ok":
             return cell[name]
     return None
+
+
+def our_failures(rows) -> list:
+    """The latest rows of ours (OURS) whose status is an error: a failure of this project's kernels.
+
+    `unsupported` (not built, not installed) and `oom` (also what inputs too large for the device
+    give every implementation) are outcomes of the machine, not failures of ours."""
+    return [r for r in latest(rows).values() if r["impl"] in OURS and r["status"].startswith("error")]
 
 
 class _Notes:
@@ -135,9 +144,11 @@ def markdown(rows, title: str) -> str:
         notes = _Notes()
         for (batch, heads, d), by_n in kernel[dtype].items():
             impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
+            # Ours with a successful run get the metric columns; the others, ours that never ran
+            # included, one column of times or notes.
             ours_names = [i for i in impls if i in OURS
                           and any(cell.get(i, {}).get("status") == "ok" for cell in by_n.values())]
-            others = [i for i in impls if i not in OURS]
+            others = [i for i in impls if i not in ours_names]
             out += [f"### {shapes.shape_label(batch, heads, d)}: B x H = {batch * heads:,}, D = {d}", ""]
             head = ["N"]
             for name in ours_names:
@@ -150,12 +161,11 @@ def markdown(rows, title: str) -> str:
                 line = [str(n)]
                 for name in ours_names:
                     r = cell.get(name)
-                    if r is None:
-                        line += ["", "", "", ""]
-                    elif r["status"] != "ok":
-                        line += [notes.mark(name, r["status"]), "", "", ""]
+                    line.append(_time_cell(notes, name, r))
+                    if r is None or r["status"] != "ok":
+                        line += ["", "", ""]
                     else:
-                        line += [_g(_ms(r)), _g(float(r["gbps"])),
+                        line += [_g(float(r["gbps"])),
                                  _g(float(r["pct_peak_bw"])) + "%" if r["pct_peak_bw"] else "",
                                  _g(float(r["tflops"]))]
                 ratio = None if ours is None else (lambda ms: f"{_g(ms / _ms(ours))}x")
@@ -216,8 +226,14 @@ def draw_plots(rows, stem: Path) -> list:
             for ax in axes.flat[len(groups):]:
                 ax.set_visible(False)
             for ax, ((batch, heads, d), by_n) in zip(axes.flat, groups.items()):
-                _plot_metric(ax, metric, by_n, peak)
-                ax.set_title(f"{shapes.shape_label(batch, heads, d)} (B x H {batch * heads:,}, D {d})", fontsize=9)
+                if not _plot_metric(ax, metric, by_n, peak):
+                    ax.text(0.5, 0.5, _no_data(metric, by_n), transform=ax.transAxes, ha="center", va="center",
+                            color="firebrick", fontsize=10, wrap=True)
+                title = f"{shapes.shape_label(batch, heads, d)} (B x H {batch * heads:,}, D {d})"
+                never = _never_ok(by_n)
+                if never:
+                    title += "\n" + textwrap.fill("not plotted, no successful run: " + ", ".join(never), 70)
+                ax.set_title(title, fontsize=9)
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(sorted(by_n), [str(n) for n in sorted(by_n)])
                 ax.minorticks_off()
@@ -239,8 +255,28 @@ def draw_plots(rows, stem: Path) -> list:
     return written
 
 
-def _plot_metric(ax, metric, by_n, peak):
+def _never_ok(by_n) -> list:
+    """The implementations with rows in this panel but no successful one."""
+    impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
+    return [i for i in impls if not any(cell.get(i, {}).get("status") == "ok" for cell in by_n.values())]
+
+
+def _no_data(metric, by_n) -> str:
+    """Why a panel has no line: which runs failed (the table's notes say how)."""
+    ok = {i for cell in by_n.values() for i, r in cell.items() if r["status"] == "ok"}
+    ours = sorted({i for cell in by_n.values() for i in cell if i in OURS}, key=_impl_order)
+    if metric == "speedup" and not ok & set(OURS):
+        who = ", ".join(ours) if ours else "no implementation of ours was run"
+        return f"no data: no successful run of ours\n({who}; see the notes under the markdown table)"
+    if metric == "speedup":
+        return "no data: no peer succeeded at an N where ours did\n(see the notes under the markdown table)"
+    return "no data: no implementation ran successfully\n(see the notes under the markdown table)"
+
+
+def _plot_metric(ax, metric, by_n, peak) -> int:
+    """Draw one panel; returns how many lines of measurements it drew."""
     ns = sorted(by_n)
+    drawn = 0
     impls = sorted({i for n in ns for i in by_n[n]}, key=_impl_order)
     for impl in impls:
         xs, ys = [], []
@@ -263,6 +299,7 @@ def _plot_metric(ax, metric, by_n, peak):
             ys.append(y)
         if xs:
             ax.plot(xs, ys, marker="o", markersize=3, label=impl, color=_color(impl))
+            drawn += 1
     if metric == "time":
         ax.set_yscale("log")
         ax.set_ylabel("median ms")
@@ -274,6 +311,7 @@ def _plot_metric(ax, metric, by_n, peak):
         if peak:
             ax.axhline(peak, color="black", ls="--", lw=1, label="measured copy bandwidth")
         ax.set_ylabel("GB/s (Q, K, V read + O written)")
+    return drawn
 
 
 def render(csv_path, plots: bool = True) -> list:

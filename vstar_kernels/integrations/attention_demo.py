@@ -8,12 +8,11 @@ model; the numbers printed say by how much.
 
 from __future__ import annotations
 
-import re
 from typing import Dict
 
 import torch
 
-from ..analysis import band_energy, diagonality, plot_attention_maps
+from ..analysis import band_energy, diagonality, plot_attention_maps, short_layer_name
 from .capture import capture_temporal_attention
 from .config import TARConfig
 from .diffusers import apply_tar, remove_tar
@@ -31,20 +30,14 @@ def tiny_unet3d(seed: int = 0):
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D")).eval()
 
 
-def short_name(layer: str) -> str:
-    """``down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1`` -> ``down0.t0.attn1`` (panel titles)."""
-    name = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", layer)
-    name = name.replace("temp_attentions.", "t").replace("transformer_blocks.0.", "")
-    return name.replace("transformer_blocks.", "b")
-
-
 def attention_demo(path, *, frames: int = 16, sigma: float = 1.0, strength: float = 1.0, size: int = 16,
-                   seed: int = 0, dpi: int = 100) -> Dict[str, dict]:
+                   seed: int = 0, dpi: int = 100, scale: str = "shared") -> Dict[str, dict]:
     """Capture the level-0 temporal attention maps at step 0 without and with TAR; draw them into `path`.
 
     One row per run (without TAR above, with TAR below), one panel per level-0 temporal
-    attention layer (the layers TAR regularizes), each min-max normalised with the jet
-    colormap as in the paper.
+    attention layer (the layers TAR regularizes), jet colormap as in the paper, on one colour
+    scale shared by all panels (``scale="per-panel"``: each panel on its own min..max, which
+    makes the weak structure of the maps without TAR look as strong as the band with it).
 
     Returns:
         ``{"without TAR": {layer: map}, "with TAR": {layer: map}}``, (frames, frames) float64 maps.
@@ -64,8 +57,7 @@ def attention_demo(path, *, frames: int = 16, sigma: float = 1.0, strength: floa
     runs["with TAR"] = _step0_maps(model, inputs, layers)
     remove_tar(model)
     title = f"tiny random UNet3D, {frames} frames, step 0; TAR sigma={sigma:g}, strength={strength:g}"
-    plot_attention_maps({run: {short_name(layer): m for layer, m in maps.items()} for run, maps in runs.items()},
-                        path, title=title, dpi=dpi)
+    plot_attention_maps(runs, path, scale=scale, title=title, dpi=dpi)
     return runs
 
 
@@ -84,7 +76,7 @@ def report(runs: Dict[str, dict]) -> str:
     stats = {run: {layer: (float(diagonality(m)), float(band_energy(m, 1))) for layer, m in maps.items()}
              for run, maps in runs.items()}
     for layer in layers:
-        lines.append(f"{short_name(layer):<28}" + "".join(f"{stats[run][layer][0]:>22.3f}" for run in runs) +
+        lines.append(f"{short_layer_name(layer):<28}" + "".join(f"{stats[run][layer][0]:>22.3f}" for run in runs) +
                      "".join(f"{stats[run][layer][1]:>22.3f}" for run in runs))
     means = {run: [sum(v[i] for v in stats[run].values()) / len(layers) for i in (0, 1)] for run in runs}
     lines.append(f"{'mean':<28}" + "".join(f"{means[run][0]:>22.3f}" for run in runs) +
