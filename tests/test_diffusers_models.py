@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AnimateDiffPipeline
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from helpers import TOLERANCES, assert_close_to_reference, naive_tar
 from conftest import DEVICE
 from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
@@ -293,6 +293,29 @@ def test_free_noise_blocks_swapped_in_after_apply_tar_on_the_model_get_tar_at_th
     assert all(isinstance(m.processor, AttnProcessor2_0) and tar_site(m) is None
                for m in attention_modules(model).values())
     assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family", ["unet3d", "motion"])
+def test_set_default_attn_processor_works_in_the_documented_order(family):
+    """diffusers' set_default_attn_processor refuses TAR's processors: remove_tar, then it, then apply_tar again."""
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    apply_tar(model, config)
+    installed = processors(model)
+    with pytest.raises(ValueError, match="set_default_attn_processor"):
+        model.set_default_attn_processor()
+    assert processors(model) == installed
+
+    remove_tar(model)
+    model.set_default_attn_processor()
+    assert all(type(proc) is AttnProcessor for proc in processors(model).values())
+    plain = forward(model, inputs)
+    apply_tar(model, config)
+    assert (forward(model, inputs) - plain).abs().max() > 1e-3
+    remove_tar(model)
+    assert all(type(proc) is AttnProcessor for proc in processors(model).values())
 
 
 def test_triton_and_reference_backends_give_the_same_unet_output():

@@ -273,6 +273,11 @@ def apply_tar(target, config: TARConfig) -> List[str]:
         ``disable_free_noise()`` replace the motion modules' blocks) get TAR before the model's
         next forward call runs, with the pipeline or the model as `target`.
 
+    diffusers' ``set_default_attn_processor()`` accepts only diffusers' own processor classes:
+    while TAR is applied it raises a ValueError (naming the first processor it lists, not
+    necessarily TAR's). Call `remove_tar` first, then ``set_default_attn_processor()``, then
+    `apply_tar` again to regularize on top of the default processors.
+
     Raises:
         ValueError: the model has no temporal attention, or lacks a level of the config.
     """
@@ -301,7 +306,11 @@ def apply_tar(target, config: TARConfig) -> List[str]:
 
 
 def remove_tar(target) -> None:
-    """Restore the processors from before `apply_tar` and remove its hook (no-op without TAR)."""
+    """Restore the processors from before `apply_tar` and remove its hook (no-op without TAR).
+
+    Needed before diffusers' ``set_default_attn_processor()``, which raises while TAR's
+    processors are installed; ``apply_tar`` may follow it.
+    """
     model, _ = _denoiser(target)
     state = vars(model).get(_STATE_ATTR)
     if state is None:
