@@ -89,14 +89,15 @@ def test_step_tracker_counts_forward_calls_and_is_shared_by_owners():
     model = torch.nn.Linear(2, 2)
     runs = []
     tracker = StepTracker.attach(model, "a", on_run_start=lambda: runs.append("a"))
-    assert StepTracker.attach(model, "b") is tracker and StepTracker.of(model) is tracker
     seen = []
+    assert StepTracker.attach(model, "b", before_forward=lambda: seen.append(("b", tracker.step))) is tracker
+    assert StepTracker.of(model) is tracker
     model.register_forward_pre_hook(lambda m, args: seen.append(tracker.step))
     for _ in range(3):
         model(torch.zeros(2))
     tracker.reset()
     model(torch.zeros(2))
-    assert seen == [0, 1, 2, 0] and runs == ["a"]
+    assert seen == [("b", 0), 0, ("b", 1), 1, ("b", 2), 2, ("b", 0), 0] and runs == ["a"]
     StepTracker.detach(model, "a")
     assert StepTracker.of(model) is tracker and len(model._forward_pre_hooks) == 2
     StepTracker.detach(model, "b")

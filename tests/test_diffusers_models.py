@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AnimateDiffPipeline
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from helpers import TOLERANCES, assert_close_to_reference, naive_tar
 from conftest import DEVICE
 from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
@@ -259,31 +259,63 @@ def test_q_k_v_are_strided_views_and_recreated_processors_keep_tar():
             assert t.stride() == (N * H * D, D, H * D, 1)
 
 
-def test_free_noise_windows_are_regularized_per_chunk_and_resynced():
-    """FreeNoise runs the motion modules on frame windows; blocks it swaps in after apply_tar get TAR at the next run."""
+def test_free_noise_blocks_swapped_in_after_apply_tar_on_the_model_get_tar_at_the_next_forward():
+    """apply_tar on the bare model, then FreeNoise swaps its motion blocks in (and out): no reset_steps in between.
+
+    With FreeNoise the motion modules run on frame windows, each regularized on its own.
+    """
     fam = FAMILIES["motion"]
     model = fam.model()
     pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=model,
                                motion_adapter=motion_adapter(), scheduler=None)
     inputs = motion_inputs(model, batch=1, frames=16)
     config = TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 0.75)}, until_step=None)
+    expected = {n: lvl for n, lvl in fam.expected_levels(model).items() if lvl <= 1}
 
     names = apply_tar(model, config)
-    old = {name: attention_modules(model)[name] for name in names}
-    pipe.enable_free_noise(context_length=8, context_stride=4)
-    fresh = attention_modules(model)
-    assert all(fresh[name] is not old[name] and tar_site(fresh[name]) is None for name in names)
-    reset_steps(model)  # a new run (a pipeline's set_timesteps does the same)
-    expected = fam.expected_levels(model)
-    assert {n for n, m in fresh.items() if tar_site(m) is not None} == {n for n, lvl in expected.items() if lvl <= 1}
-
-    _, calls = run_capturing(model, inputs, [n for n, lvl in expected.items() if lvl <= 1])
-    for name, module_calls in calls.items():
-        assert len(module_calls) == 3 and all(x.shape[1] == 8 for x, _, _ in module_calls)  # windows 0-8, 4-12, 8-16
-    check_modules(model, calls, {n: LEVEL_SPECS[lvl] for n, lvl in expected.items() if lvl <= 1})
+    assert sorted(names) == sorted(expected)
+    for enable, windows, frames in ((True, 3, 8), (False, 1, 16)):  # FreeNoise windows 0-8, 4-12, 8-16
+        old = {name: attention_modules(model)[name] for name in expected}
+        if enable:
+            pipe.enable_free_noise(context_length=8, context_stride=4)
+        else:
+            pipe.disable_free_noise()
+        assert all(attention_modules(model)[name] is not old[name] for name in expected)
+        _, calls = run_capturing(model, inputs, expected)
+        for name, module_calls in calls.items():
+            assert len(module_calls) == windows and all(x.shape[1] == frames for x, _, _ in module_calls)
+        check_modules(model, calls, {n: LEVEL_SPECS[lvl] for n, lvl in expected.items()})
+        modules = attention_modules(model)
+        assert {n for n, m in modules.items() if isinstance(m.processor, TARAttnProcessor)} == set(expected)
+        assert all(tar_site(old[name]) is None and isinstance(old[name].processor, AttnProcessor2_0)
+                   for name in expected), "a module swapped out keeps TAR"
     remove_tar(model)
     assert all(isinstance(m.processor, AttnProcessor2_0) and tar_site(m) is None
                for m in attention_modules(model).values())
+    assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family", ["unet3d", "motion"])
+def test_set_default_attn_processor_works_in_the_documented_order(family):
+    """diffusers' set_default_attn_processor refuses TAR's processors: remove_tar, then it, then apply_tar again."""
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    apply_tar(model, config)
+    installed = processors(model)
+    with pytest.raises(ValueError, match="set_default_attn_processor"):
+        model.set_default_attn_processor()
+    assert processors(model) == installed
+
+    remove_tar(model)
+    model.set_default_attn_processor()
+    assert all(type(proc) is AttnProcessor for proc in processors(model).values())
+    plain = forward(model, inputs)
+    apply_tar(model, config)
+    assert (forward(model, inputs) - plain).abs().max() > 1e-3
+    remove_tar(model)
+    assert all(type(proc) is AttnProcessor for proc in processors(model).values())
 
 
 def test_triton_and_reference_backends_give_the_same_unet_output():

@@ -14,10 +14,18 @@ from diffusers import (
     HeunDiscreteScheduler,
     TextToVideoSDPipeline,
 )
-from tiny_video_models import FAMILIES, motion_adapter, one_torch_thread, randn  # noqa: F401 (autouse fixture)
+from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+    FAMILIES,
+    call_args,
+    motion_adapter,
+    one_torch_thread,
+    randn,
+    tiny_text_parts,
+    tiny_unet_motion,
+)
 
 from vstar_kernels.diffusers import TARAttnProcessor, TARConfig, apply_tar, remove_tar
-from vstar_kernels.integrations.diffusers import tar_site
+from vstar_kernels.integrations.diffusers import tar_site, temporal_attention_modules
 
 UNTIL = 13
 
@@ -128,3 +136,43 @@ def test_tar_changes_the_generated_latents_and_remove_restores_them():
     assert (generate() - plain).abs().max() > 1e-3
     remove_tar(pipe)
     assert torch.equal(generate(), plain)
+
+
+@pytest.mark.parametrize("target", ["pipe", "unet"])
+def test_free_noise_enabled_or_disabled_after_apply_tar_keeps_tar(target, tmp_path):
+    """The blocks FreeNoise swaps in after apply_tar(pipe) or apply_tar(pipe.unet) run TAR from the next call on.
+
+    Oracle: the same pipeline with TAR applied after the swap, when the blocks are already there.
+    """
+    tokenizer, text_encoder = tiny_text_parts(tmp_path)  # FreeNoise encodes the prompt itself
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet_motion(),
+                               motion_adapter=motion_adapter(channels=(8, 16)), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    config = TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 1.0)}, until_step=None)
+
+    def generate():
+        return pipe("a fox", num_frames=16, guidance_scale=7.5,
+                    **call_args(height=32, width=32, output_type="latent")).frames
+
+    def free_noise(enable):
+        if enable:
+            pipe.enable_free_noise(context_length=8, context_stride=4)
+        else:
+            pipe.disable_free_noise()
+
+    stock, oracle = {}, {}
+    for enable in (True, False):
+        free_noise(enable)
+        stock[enable] = generate()
+        apply_tar(pipe, config)
+        oracle[enable] = generate()
+        remove_tar(pipe)
+
+    apply_tar(pipe if target == "pipe" else pipe.unet, config)
+    for enable in (True, False):
+        free_noise(enable)
+        out = generate()
+        assert all(isinstance(t.module.processor, TARAttnProcessor) and tar_site(t.module) is not None
+                   for t in temporal_attention_modules(pipe.unet))
+        assert (out - stock[enable]).abs().max() > 1e-3, "the run went without TAR"
+        torch.testing.assert_close(out, oracle[enable], atol=0, rtol=0)

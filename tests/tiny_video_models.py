@@ -125,10 +125,10 @@ def wide_motion():
     return _motion(channels=(32, 320), groups=32).eval()
 
 
-def motion_adapter():
+def motion_adapter(channels=(8, 16, 16)):
     """The adapter matching `_motion` (AnimateDiff pipelines read its config, e.g. for FreeNoise)."""
     torch.manual_seed(0)
-    return MotionAdapter(block_out_channels=(8, 16, 16), motion_layers_per_block=1, motion_num_attention_heads=2,
+    return MotionAdapter(block_out_channels=channels, motion_layers_per_block=1, motion_num_attention_heads=2,
                          motion_norm_num_groups=4, motion_max_seq_length=32)
 
 

@@ -9,7 +9,9 @@ temporal transformers, per resolution level, in the early denoising steps.
   (`transformer_in`, `image_latents_temporal_encoder`) when asked for. That
   covers UNet3DConditionModel, I2VGenXLUNet, UNetMotionModel (FreeNoise too),
   UNetSpatioTemporalConditionModel (attn1 only: its attn2 attends to the image
-  token) and LatteTransformer3DModel.
+  token) and LatteTransformer3DModel. Modules swapped in after `apply_tar`
+  (FreeNoise replaces the motion modules' transformer blocks) get TAR before
+  the next forward call of the model runs.
 * Which level: from where the module sits, never from the batch size of the
   call: ``down_blocks.i`` -> i, ``mid_block`` -> the last level,
   ``up_blocks.j`` -> last - j, input blocks and models without down blocks -> 0.
@@ -24,8 +26,8 @@ keeps working.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +190,8 @@ class _TARState:
     config: TARConfig
     processor: TARAttnProcessor
     steps: StepTracker
-    sites: List[TARSite]
+    sites: List[TARSite] = field(default_factory=list)
+    layout: List[Tuple[torch.nn.Module, tuple]] = field(default_factory=list)  # see `_layout`
 
 
 def _denoiser(target):
@@ -216,13 +219,42 @@ def _install(state: _TARState, temporal: List[TemporalAttention]) -> None:
         state.sites.append(site)
 
 
-def _resync(model: torch.nn.Module) -> None:
-    """At a run start: cover temporal attentions created since apply_tar (FreeNoise swaps blocks)."""
-    state = vars(model).get(_STATE_ATTR)
+def _uninstall(site: TARSite) -> None:
+    site.module.set_processor(site.previous)
+    delattr(site.module, _SITE_ATTR)
+
+
+def _layout(model: torch.nn.Module, temporal: List[TemporalAttention]) -> List[Tuple[torch.nn.Module, tuple]]:
+    """(module, its children) for the model and every module on the way down to a temporal attention.
+
+    Swapping a block in or out (FreeNoise's `enable_free_noise` / `disable_free_noise`, its
+    split inference) replaces a child of one of these modules; comparing the children is a
+    few dozen tuple comparisons, where walking the whole model takes milliseconds.
+    """
+    paths = {""}
+    for t in temporal:
+        parts = t.name.split(".")
+        paths.update(".".join(parts[:i]) for i in range(len(parts)))
+    return [(module, tuple(module._modules.values())) for module in map(model.get_submodule, sorted(paths))]
+
+
+def _sync(model: torch.nn.Module) -> None:
+    """Before each forward call: give TAR to temporal attentions swapped in since the last one.
+
+    A site whose module left the model gets its previous processor back (the module is clean
+    if it returns); sites whose module is still there are left as they are.
+    """
+    state = vars(model)[_STATE_ATTR]
+    if all(tuple(module._modules.values()) == children for module, children in state.layout):
+        return
     temporal = temporal_attention_modules(model)
     present = {id(t.module) for t in temporal}
-    state.sites = [s for s in state.sites if id(s.module) in present]
+    for site in state.sites:
+        if id(site.module) not in present:
+            _uninstall(site)
+    state.sites = [site for site in state.sites if id(site.module) in present]
     _install(state, temporal)
+    state.layout = _layout(model, temporal)
 
 
 def apply_tar(target, config: TARConfig) -> List[str]:
@@ -237,6 +269,14 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     Returns:
         The names of the attention modules TAR now runs on. Applying again replaces the
         previous config; `remove_tar` restores the processors from before the first apply.
+        Temporal attentions swapped in later (``pipe.enable_free_noise()`` and
+        ``disable_free_noise()`` replace the motion modules' blocks) get TAR before the model's
+        next forward call runs, with the pipeline or the model as `target`.
+
+    diffusers' ``set_default_attn_processor()`` accepts only diffusers' own processor classes:
+    while TAR is applied it raises a ValueError (naming the first processor it lists, not
+    necessarily TAR's). Call `remove_tar` first, then ``set_default_attn_processor()``, then
+    `apply_tar` again to regularize on top of the default processors.
 
     Raises:
         ValueError: the model has no temporal attention, or lacks a level of the config.
@@ -256,23 +296,27 @@ def apply_tar(target, config: TARConfig) -> List[str]:
         raise ValueError(f"config levels {missing} do not exist in {type(model).__name__}: its temporal attention "
                          f"runs at levels {available} (0 = full latent resolution)")
     remove_tar(model)
-    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline, on_run_start=lambda: _resync(model))
-    state = _TARState(config, TARAttnProcessor(), steps, [])
+    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline, before_forward=lambda: _sync(model))
+    state = _TARState(config, TARAttnProcessor(), steps)
     _install(state, temporal)
+    state.layout = _layout(model, temporal)
     setattr(model, _STATE_ATTR, state)
     steps.reset()  # the next forward call is step 0, also where another feature was counting already
     return [site.name for site in state.sites]
 
 
 def remove_tar(target) -> None:
-    """Restore the processors from before `apply_tar` and remove its hook (no-op without TAR)."""
+    """Restore the processors from before `apply_tar` and remove its hook (no-op without TAR).
+
+    Needed before diffusers' ``set_default_attn_processor()``, which raises while TAR's
+    processors are installed; ``apply_tar`` may follow it.
+    """
     model, _ = _denoiser(target)
     state = vars(model).get(_STATE_ATTR)
     if state is None:
         return
     for site in state.sites:
-        site.module.set_processor(site.previous)
-        delattr(site.module, _SITE_ATTR)
+        _uninstall(site)
     delattr(model, _STATE_ATTR)
     StepTracker.detach(model, _OWNER)
 

@@ -17,9 +17,14 @@ at the first `attach` or the last `reset`.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
+
+
+class _Owner(NamedTuple):
+    on_run_start: Optional[Callable[[], None]]
+    before_forward: Optional[Callable[[], None]]
 
 
 class StepTracker:
@@ -29,7 +34,8 @@ class StepTracker:
     (``StepTracker.attach(model, "tar")``) and detaches with the same key; the
     forward pre-hook is removed when the last owner detaches. An owner may give
     ``on_run_start``, called (before the model runs) whenever the count restarts
-    at 0: a new pipeline run, or `reset`.
+    at 0: a new pipeline run, or `reset`; and ``before_forward``, called before
+    every forward call of the model, once ``step`` is set.
     """
 
     _ATTR = "_vstar_step_tracker"
@@ -37,7 +43,7 @@ class StepTracker:
     def __init__(self, model: torch.nn.Module):
         self.step = 0
         self._next = 0
-        self._owners: Dict[str, Optional[Callable[[], None]]] = {}
+        self._owners: Dict[str, _Owner] = {}
         self._pipeline = None  # weakref to the pipeline whose scheduler marks a new run
         self._timesteps = None  # the scheduler tensor of the current run
         self._handle = model.register_forward_pre_hook(self._before_forward)
@@ -49,7 +55,8 @@ class StepTracker:
 
     @classmethod
     def attach(cls, model: torch.nn.Module, owner: str, *, pipeline=None,
-               on_run_start: Optional[Callable[[], None]] = None) -> "StepTracker":
+               on_run_start: Optional[Callable[[], None]] = None,
+               before_forward: Optional[Callable[[], None]] = None) -> "StepTracker":
         """The model's tracker (created on first use), now also serving `owner`.
 
         With `pipeline`, a new `pipeline.scheduler.timesteps` tensor restarts the count.
@@ -61,7 +68,7 @@ class StepTracker:
         if pipeline is not None:
             tracker._pipeline = weakref.ref(pipeline)
             tracker._timesteps = tracker._scheduler_timesteps()
-        tracker._owners[owner] = on_run_start
+        tracker._owners[owner] = _Owner(on_run_start, before_forward)
         return tracker
 
     @classmethod
@@ -79,9 +86,9 @@ class StepTracker:
         """The next forward call is step 0."""
         self.step = 0
         self._next = 0
-        for on_run_start in list(self._owners.values()):
-            if on_run_start is not None:
-                on_run_start()
+        for owner in list(self._owners.values()):
+            if owner.on_run_start is not None:
+                owner.on_run_start()
 
     def _scheduler_timesteps(self):
         pipeline = self._pipeline() if self._pipeline is not None else None
@@ -94,3 +101,6 @@ class StepTracker:
             self.reset()
         self.step = self._next
         self._next += 1
+        for owner in list(self._owners.values()):
+            if owner.before_forward is not None:
+                owner.before_forward()
