@@ -121,9 +121,8 @@ def test_ties_split_the_max_gradient_like_amax(n, max_mode, causal):
 @pytest.mark.parametrize("nq,nk,max_mode,causal", [(150, 140, "row", False), (150, 140, "global", True),
                                                    (130, 200, "row", True), (130, 200, "global", False)])
 def test_saved_row_statistics(nq, nk, max_mode, causal):
-    """The tiled forward's statistics: raw row max, first arg-max, tie count, log-sum-exp of S'."""
+    """The tiled forward's statistics: raw row max and log-sum-exp of S'."""
     q, k, v = make_qkv(1, 2, nq, nk, 16, 16, torch.float32, seed=5)
-    q[:, :, 3] = 0.0  # one row where every key ties
     problem = make_problem(q, k, v, sigma=2.0, strength=1.5, delta=None, causal=causal, max_mode=max_mode,
                            scale=None)
     stats = torch.full(layout.stats_shape(2, nq, nk, 16, 16, True), math.nan, device=DEVICE)
@@ -134,20 +133,67 @@ def test_saved_row_statistics(nq, nk, max_mode, causal):
     m = s.amax(-1)
     stats = stats.view(2, nq, layout.STATS_FIELDS)
     torch.testing.assert_close(stats[..., layout.STAT_MAX].double(), m[0], atol=1e-5, rtol=1e-5)
-    ints = stats.view(torch.int32)
-    count, arg = ints[..., layout.STAT_COUNT], ints[..., layout.STAT_ARG]
-    assert torch.equal(count[:, 3].cpu(), torch.tensor([min(4, nk) if causal else nk] * 2, dtype=torch.int32))
-    assert torch.equal(arg[:, 3].cpu(), torch.zeros(2, dtype=torch.int32))
-    others = torch.ones(nq, dtype=torch.bool)
-    others[3] = False
-    assert (count[:, others] == 1).all()
-    assert torch.equal(arg[:, others].long(), s[0].argmax(-1)[:, others])
     bias_max = m if max_mode == "row" else m.amax(-1, keepdim=True).expand_as(m)
     i = torch.arange(nq, dtype=torch.float64, device=DEVICE)[:, None]
     j = torch.arange(nk, dtype=torch.float64, device=DEVICE)[None, :]
     s_reg = s + 1.5 * bias_max[..., None] * torch.exp(-0.5 * ((j - i) / 2.0) ** 2)
     torch.testing.assert_close(stats[..., layout.STAT_LSE].double(), torch.logsumexp(s_reg, -1)[0],
                                atol=1e-5, rtol=1e-5)
+
+
+def duplicated_keys(n, d, seed, static=False):
+    """Random q, k, v with every odd key a copy of an even one (repeated frames), or with every key
+    the same (a static video: every score of a row ties).
+
+    The static video's q and k are multiples of 1/8: torch's own float64 matmul (the oracle's)
+    can round equal columns differently, and with these values every sum is exact."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, n, d, generator=g) for _ in range(3))
+    if static:
+        q, k = (torch.round(t * 8) / 8 for t in (q, k))
+        k[:] = k[:, :, :1]
+    else:
+        k[..., 1::2, :] = k[..., 0::2, :][..., :n // 2, :]
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+@pytest.mark.parametrize("tiles", [(64, 32), (32, 64), (16, 128)], ids=lambda t: f"bwd{t[0]}x{t[1]}")
+@pytest.mark.parametrize("static", [False, True], ids=["repeated-frames", "static-video"])
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_tied_keys_whatever_the_tiles(max_mode, static, tiles, monkeypatch):
+    """Exactly tied keys in random data: the gradient must not depend on how the forward's or the
+    backward's tiles round the scores (the forward runs 64 x 64 tiles in the interpreter)."""
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
+    monkeypatch.setattr(triton_backward_ops().module, "INTERPRETER_TILES", dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]))
+    q, k, v = duplicated_keys(150, 40, seed=0, static=static)
+    run_and_check(q, k, v, max_mode=max_mode, causal=static)
+
+
+def grad_errors(grads, refs):
+    return [((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, refs)]
+
+
+@pytest.mark.parametrize("strength", [0.0, 2.0, 5.0, 8.0])
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_16bit_gradients_as_accurate_as_the_reference_in_that_dtype(dtype, max_mode, strength):
+    """Tiled layout, a strong narrow band: each gradient's relative error (against float64 on the same
+    16-bit inputs) is at most twice that of the reference run in the 16-bit dtype, plus one rounding
+    to that dtype (the kernel rounds P and dS to it for the tensor cores; the reference keeps them
+    in float32)."""
+    q, k, v = make_qkv(1, 2, 200, 200, 64, 64, dtype, seed=1)
+    grad_out = random_grad_out(q, v)
+    opts = dict(sigma=1.0, strength=strength, max_mode=max_mode)
+    refs = reference_grads(q, k, v, grad_out, **opts)
+    errors = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = vk.tar_attention(*leaves, backend=backend, **opts)
+        errors[backend] = grad_errors(torch.autograd.grad(out, leaves, grad_out), refs)
+    rounding = torch.finfo(dtype).eps / 2
+    for name, ours, theirs in zip(("dq", "dk", "dv"), errors["triton"], errors["reference"]):
+        assert ours <= 2 * theirs + rounding, f"{name}: relative error {ours:.3g} vs {theirs:.3g} for the reference"
 
 
 def test_inference_saves_no_statistics():

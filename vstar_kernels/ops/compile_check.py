@@ -50,13 +50,28 @@ class Compiled:
 
 
 class _Recorder:
-    """Stands in for an autotuned kernel: `rec[grid](*args, **kwargs)` records the launch."""
+    """Stands in for a kernel: `rec[grid](*args, **kwargs)` records the launch. For an autotuned
+    kernel it also sets `best_config` to the first config that survives pruning, as a launcher
+    reading the tuner's choice (the tiled backward's dK/dV pass) expects."""
 
     def __init__(self, kernel, sink):
         self.kernel, self.sink = kernel, sink
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.sink.append(Launch(self.kernel, args, kwargs))
+        def launch(*args, **kwargs):
+            self.sink.append(Launch(self.kernel, args, kwargs))
+            if hasattr(self.kernel, "configs"):
+                self.best_config = _pruned_configs(self.kernel, args, kwargs)[0]
+        return launch
+
+
+def _pruned_configs(tuner, args, kwargs) -> list:
+    named = dict(zip(tuner.arg_names, args))
+    configs = tuner.early_config_prune(tuner.configs, named, **kwargs) if tuner.early_config_prune \
+        else tuner.configs
+    if not configs:
+        raise RuntimeError(f"{tuner.fn.__name__}: every autotune config was pruned")
+    return configs
 
 
 def _modules():
@@ -123,19 +138,22 @@ def _config_str(config) -> str:
 
 
 def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> list:
-    """Compile one recorded launch for each pruned autotune config (first and last unless all_configs)."""
-    tuner = launch.kernel
-    jit_fn = tuner.fn
-    named = dict(zip(tuner.arg_names, launch.args))
-    configs = tuner.early_config_prune(tuner.configs, named, **launch.kwargs) if tuner.early_config_prune \
-        else tuner.configs
-    if not configs:
-        raise RuntimeError(f"{jit_fn.__name__} [{case}]: every autotune config was pruned")
-    if not all_configs:
-        configs = [configs[0], configs[-1]] if len(configs) > 1 else configs
+    """Compile one recorded launch: an autotuned kernel for each pruned config (first and last
+    unless all_configs), a plain jit kernel with the config its launch named."""
+    kernel = launch.kernel
+    if hasattr(kernel, "configs"):
+        jit_fn, kwargs = kernel.fn, launch.kwargs
+        configs = _pruned_configs(kernel, launch.args, launch.kwargs)
+        if not all_configs:
+            configs = [configs[0], configs[-1]] if len(configs) > 1 else configs
+    else:
+        jit_fn = kernel
+        kwargs = {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}
+        configs = [triton.Config({}, num_warps=launch.kwargs.get("num_warps", 4),
+                                 num_stages=launch.kwargs.get("num_stages", 3))]
     results = []
     for config in configs:
-        constants = {**launch.kwargs, **config.kwargs}
+        constants = {**kwargs, **config.kwargs}
         src = ASTSource(fn=jit_fn, signature=_signature(jit_fn, launch.args, constants), constexprs=constants)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         try:
@@ -198,7 +216,7 @@ def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, b
     results, seen = [], set()
     for name, thunk in cases(combos, backward):
         for launch in record(thunk):
-            key = (launch.kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in launch.kwargs.items())),
+            key = (getattr(launch.kernel, "fn", launch.kernel).__name__, tuple(sorted((k, str(v)) for k, v in launch.kwargs.items())),
                    tuple(type(a).__name__ if not isinstance(a, torch.Tensor) else str(a.dtype) for a in launch.args))
             if key in seen:
                 continue

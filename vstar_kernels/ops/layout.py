@@ -10,10 +10,17 @@ SHORT_MAX = 128  # packed layout for max(Nq, Nk) <= SHORT_MAX (64 when a head di
 DOT_MIN = 16     # smallest tl.dot extent
 
 # Row statistics the tiled forward saves for the backward, per (sequence, query row), float32:
-# the raw row max of S, the log-sum-exp of S', the arg-max index of S (first maximal key) and
-# the number of keys that reach the max; the last two are int32 stored bit for bit.
-STATS_FIELDS = 4
-STAT_MAX, STAT_LSE, STAT_ARG, STAT_COUNT = range(STATS_FIELDS)
+# the raw row max of S (the m_i of the bias) and the log-sum-exp of S'. Which keys tie at the
+# max is not saved: the backward finds the ties itself, in its own arithmetic (ops/tar_bwd.py).
+STATS_FIELDS = 2
+STAT_MAX, STAT_LSE = range(STATS_FIELDS)
+
+# Per-row values the backward's dQ pass hands to its dK/dV pass, float32: D_i = sum_j P_ij dP_ij,
+# the share of the max's gradient each tie key receives, the raw row max of S as the backward
+# recomputes it, how many keys reach that max, and 1 / sum_j exp(S'_ij - lse_i), the factor
+# that makes the recomputed probabilities sum to one.
+AUX_FIELDS = 5
+AUX_D, AUX_SHARE, AUX_MAX, AUX_COUNT, AUX_NORM = range(AUX_FIELDS)
 
 
 def pow2(n: int, lo: int = 1) -> int:

@@ -15,11 +15,12 @@ Two layouts, matching ops/tar_fwd.py:
 
 * packed (whole sequences in one tile): one kernel recomputes S, the max and its ties, the
   softmax and every gradient in registers; the forward saved nothing.
-* tiled: the forward saved per query row the raw row max, its arg-max, the tie count and the
-  log-sum-exp of S' (layout.STATS_FIELDS). `_tar_bwd_dq_kernel` walks the keys of a block of
-  query rows (dQ, D_i, dm_i), then `_tar_bwd_dkdv_kernel` walks the queries of a block of keys
-  (dK, dV, d delta). A row's ties are its arg-max key plus, when the forward counted more than
-  one, the keys whose recomputed score equals the saved max.
+* tiled: the forward saved per query row the raw row max and the log-sum-exp of S'
+  (layout.STATS_FIELDS). `_tar_bwd_dq_kernel` walks the keys of a block of query rows (dQ,
+  D_i, dm_i, and the row max and ties of its own recomputed scores), then
+  `_tar_bwd_dkdv_kernel` walks the queries of a block of keys (dK, dV, d delta) with the same
+  tiles. Ties are decided once, in the backward's own arithmetic, so the gradient cannot
+  depend on how the forward's tiles rounded the scores.
 
 Nothing N x N is allocated except the delta gradient itself when it is asked for.
 """
@@ -31,10 +32,23 @@ import triton
 import triton.language as tl
 
 from .._validation import TarProblem
-from .layout import STAT_COUNT, STAT_MAX, STATS_FIELDS, is_packed, pow2
+from . import layout
+from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
 from .tar_fwd import INTERPRETING, _bias, _block_coords, _cast, _delta_a, _exp, _load_tile, _masked_scores, _mma, \
     _packed_coords, _packed_exp, _packed_max, _per_row, _same_sequence, _store_tile, common_meta, delta_args, \
     interpreter_rows, packed_segments
+
+# Field offsets of the row statistics (layout.STATS_FIELDS) and of the dQ pass's per-row values
+# (layout.AUX_FIELDS), as compile-time constants of the kernels.
+_STATS_N = tl.constexpr(layout.STATS_FIELDS)
+_STAT_MAX = tl.constexpr(layout.STAT_MAX)
+_STAT_LSE = tl.constexpr(layout.STAT_LSE)
+_AUX_N = tl.constexpr(layout.AUX_FIELDS)
+_AUX_D = tl.constexpr(layout.AUX_D)
+_AUX_SHARE = tl.constexpr(layout.AUX_SHARE)
+_AUX_MAX = tl.constexpr(layout.AUX_MAX)
+_AUX_COUNT = tl.constexpr(layout.AUX_COUNT)
+_AUX_NORM = tl.constexpr(layout.AUX_NORM)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -103,19 +117,14 @@ def _tar_bwd_packed_kernel(
 
 
 @triton.jit
-def _load_row_stats(STATS, row, ok):
-    """Raw row max, arg-max (int32) and tie count (int32) saved by the tiled forward."""
-    m = tl.load(STATS + row * 4 + 0, mask=ok, other=0.0)
-    arg = tl.load(STATS + row * 4 + 2, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-    count = tl.load(STATS + row * 4 + 3, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-    return m, arg, count
-
-
-@triton.jit
-def _ties(s, valid, cols, m, arg, multi):
-    """The entries of a tile of raw scores that reach their row's saved max m: the saved arg-max key,
-    and in rows where the forward counted more than one (multi), every key whose score equals m."""
-    return valid & ((cols[None, :] == arg[:, None]) | (multi[:, None] & (s == m[:, None])))
+def _track_max(s, valid, start, m, arg, count):
+    """Fold a tile of raw scores into a running row max, its first arg-max key and how many keys reach it."""
+    tile_max = tl.max(s, 1)
+    tile_arg = (start + tl.argmax(s, 1, tie_break_left=True)).to(tl.int32)
+    tile_count = tl.sum((valid & (s == tile_max[:, None])).to(tl.int32), 1)
+    arg = tl.where(tile_max > m, tile_arg, arg)
+    count = tl.where(tile_max > m, tile_count, tl.where(tile_max == m, count + tile_count, count))
+    return tl.maximum(m, tile_max), arg, count
 
 
 @triton.jit
@@ -134,7 +143,23 @@ def _tar_bwd_dq_kernel(
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
-    """dQ of BLOCK_M query rows; writes D_i and the per-tie share of dm_i to AUX (bh, nq, 2).
+    """dQ of BLOCK_M query rows, and their layout.AUX_FIELDS values for the dK/dV pass.
+
+    Precision with TAR: a strong band makes P nearly one-hot, so dS' = P (dP - D) is a small
+    difference of nearly equal numbers, and the max's gradient multiplies its errors by
+    strength. Two FlashAttention shortcuts are then too coarse: D_i = <dO_i, O_i> (off by about
+    2^-9 relative when O is rounded to 16 bits) and P = exp(S' - lse) (lse ~ strength * m_i is
+    large, so its rounding scales the whole row by 1 + several 1e-6, as much as the mass off
+    the band). So when regularizing the walk also sums Z_i = sum_j P_ij, sum_j P_ij dP_ij,
+    sum_j P_ij K_j and sum_j P_ij dA_ij, and at the end computes what the normalized
+    probabilities P / Z give: the exact D_i, and dQ and dm_i corrected from the <dO_i, O_i>
+    baseline the walk used (the baseline keeps the 16-bit rounding of dS' small). D_i and 1 / Z_i
+    go to the dK/dV pass.
+
+    Ties: the walk tracks the row max of its own recomputed raw scores, the first key reaching
+    it and how many do; the dK/dV pass, run with the same tiles, recomputes the same scores bit
+    for bit and finds the same ties. Rows where several keys tie get the sum of the tied keys
+    from a second walk (rare: duplicated or static frames); otherwise the arg-max key is read.
 
     Global mode: the share needs the whole slice, so DQ (float32) gets the part without the max
     and TIEK (float32) the sum of the tie keys; the launcher finishes dQ and the shares.
@@ -147,7 +172,7 @@ def _tar_bwd_dq_kernel(
     o = _load_tile(O + b * sob + h * soh, offs_m, son, dv, sod, row_ok, DV_)
     d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = seq * NQ + offs_m
-    lse = tl.load(STATS + row * 4 + 1, mask=row_ok, other=0.0)
+    lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
     k_base = b * skb + h * skh
     v_base = b * svb + h * svh
     d_base = DELTA + b * sdb + h * sdh + offs_m[:, None] * sdn
@@ -157,14 +182,17 @@ def _tar_bwd_dq_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     if REGULARIZE:
-        m, arg, count = _load_row_stats(STATS, row, row_ok)
-        bias_max = m
+        bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
         if GLOBAL_MAX:
             bias_max = tl.load(SEQMAX + seq + offs_m * 0)
-        multi = count > 1
-        any_ties = tl.max(tl.where(row_ok & multi, 1, 0), 0) > 0
         dmax = tl.zeros((BLOCK_M,), tl.float32)
-        tie_acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        p_sum = tl.zeros((BLOCK_M,), tl.float32)
+        p_dp = tl.zeros((BLOCK_M,), tl.float32)
+        p_da = tl.zeros((BLOCK_M,), tl.float32)
+        p_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        arg = tl.zeros((BLOCK_M,), tl.int32)
+        count = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = j < NK
@@ -174,6 +202,7 @@ def _tar_bwd_dq_kernel(
                                   INTERP_BF16)
         s_reg = s
         if REGULARIZE:
+            m, arg, count = _track_max(s, valid, start, m, arg, count)
             dA = _delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
             s_reg = _bias(s, bias_max, dA, strength)
         p = _exp(s_reg - lse[:, None])
@@ -181,26 +210,41 @@ def _tar_bwd_dq_kernel(
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             dmax += tl.sum(ds * dA, 1)
-            if any_ties:
-                tie = _ties(s, valid, j, m, arg, multi)
-                tie_acc += _mma(_cast(tie.to(tl.float32), k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
+            p_sum += tl.sum(p, 1)
+            p_dp += tl.sum(p * dp, 1)
+            p_da += tl.sum(p * dA, 1)
+            p_k += _mma(_cast(p, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
         acc += _mma(_cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
 
     if REGULARIZE:
-        dmax = dmax * strength
-        if any_ties:
-            tie_k = tie_acc
+        norm = 1.0 / tl.where(row_ok, p_sum, 1.0)
+        d_exact = p_dp * norm
+        acc = (acc + (d_row - d_exact)[:, None] * p_k) * norm[:, None]
+        dmax = strength * norm * (dmax + (d_row - d_exact) * p_da)
+        d_row = d_exact
+        tl.store(AUX + row * _AUX_N + _AUX_NORM, norm, mask=row_ok)
+        if tl.max(tl.where(row_ok & (count > 1), 1, 0), 0) > 0:
+            tie_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            for start in range(0, hi, BLOCK_N):
+                j = start + tl.arange(0, BLOCK_N).to(tl.int64)
+                k = _load_tile(K + k_base, j, skn, dd, skd, j < NK, D)
+                s, valid = _masked_scores(q, k, (j < NK)[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
+                                          PRECISION, INTERP_BF16)
+                tie = valid & (s == m[:, None])
+                tie_k += _mma(_cast(tie.to(tl.float32), k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
         else:  # one key per row reaches the max: its arg-max
             tie_k = _load_tile(K + k_base, arg.to(tl.int64), skn, dd, skd, row_ok, D).to(tl.float32)
         if GLOBAL_MAX:
             tl.store(TIEK + row[:, None] * D + dd[None, :], tie_k * scale, mask=row_ok[:, None] & (dd[None, :] < D))
-            tl.store(AUX + row * 2 + 1, dmax, mask=row_ok)
+            share = dmax  # turned into the share by the launcher
         else:
             share = dmax / tl.maximum(count, 1).to(tl.float32)
             acc += share[:, None] * tie_k
-            tl.store(AUX + row * 2 + 1, share, mask=row_ok)
+        tl.store(AUX + row * _AUX_N + _AUX_SHARE, share, mask=row_ok)
+        tl.store(AUX + row * _AUX_N + _AUX_MAX, m, mask=row_ok)
+        tl.store(AUX + row * _AUX_N + _AUX_COUNT, count.to(tl.float32), mask=row_ok)
     _store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D, INTERP_BF16)
-    tl.store(AUX + row * 2, d_row, mask=row_ok)
+    tl.store(AUX + row * _AUX_N + _AUX_D, d_row, mask=row_ok)
 
 
 @triton.jit
@@ -218,7 +262,11 @@ def _tar_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys (and their columns of d delta), walking the query blocks."""
+    """dK, dV of BLOCK_N keys (and their columns of d delta), walking the query blocks.
+
+    Runs the dQ pass's tiles, so its recomputed raw scores equal that pass's bit for bit: a key
+    ties in row i exactly when its score equals the row max the dQ pass saved.
+    """
     seq, nb, b, h, offs_n, col_ok = _block_coords(NK, H, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -240,19 +288,20 @@ def _tar_bwd_dkdv_kernel(
         row = seq * NQ + offs_m
         q = _load_tile(Q + q_base, offs_m, sqn, dd, sqd, row_ok, D)
         do = _load_tile(DO + g_base, offs_m, sgn, dv, sgd, row_ok, DV_)
-        lse = tl.load(STATS + row * 4 + 1, mask=row_ok, other=0.0)
-        d_row = tl.load(AUX + row * 2, mask=row_ok, other=0.0)
+        lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
+        d_row = tl.load(AUX + row * _AUX_N + _AUX_D, mask=row_ok, other=0.0)
         s, valid = _masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION,
                                   INTERP_BF16)
         s_reg = s
         if REGULARIZE:
-            m, arg, count = _load_row_stats(STATS, row, row_ok)
-            bias_max = m
+            bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
             if GLOBAL_MAX:
                 bias_max = seq_max
             dA = _delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * sdn, gauss_coef, HAS_DELTA)
             s_reg = _bias(s, bias_max, dA, strength)
         p = _exp(s_reg - lse[:, None])
+        if REGULARIZE:
+            p = p * tl.load(AUX + row * _AUX_N + _AUX_NORM, mask=row_ok, other=1.0)[:, None]
         dv_acc += _mma(tl.trans(_cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
         dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
         ds = p * (dp - d_row[:, None])
@@ -260,9 +309,9 @@ def _tar_bwd_dkdv_kernel(
             if DELTA_GRAD:
                 tl.store(DDELTA + row[:, None] * NK + offs_n[None, :], (strength * bias_max)[:, None] * ds,
                          mask=valid)
-            share = tl.load(AUX + row * 2 + 1, mask=row_ok, other=0.0)
-            tie = _ties(s, valid, offs_n, m, arg, count > 1)
-            ds = ds + tl.where(tie, share[:, None], 0.0)
+            share = tl.load(AUX + row * _AUX_N + _AUX_SHARE, mask=row_ok, other=0.0)
+            row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
+            ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
         dk += _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16)
     _store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D, INTERP_BF16)
     _store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
@@ -307,12 +356,15 @@ def _prune_tiled(configs, named_args, **kwargs):
 
 _TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE"]
 
+# The tiled dK/dV pass is not tuned on its own: it runs the config the dQ pass was tuned to
+# (`_dkdv_options`), so both recompute the same score tiles bit for bit and agree on the ties.
+_dkdv = _tar_bwd_dkdv_kernel
+# The interpreter runs one config; unequal query/key blocks make the tests cover the causal
+# start of the dK/dV walk. Tests may change them to check that no result depends on the tiles.
+INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=32)
 if INTERPRETING:
-    # The interpreter runs one config; the launcher picks unequal query/key blocks so the tests
-    # cover the causal start of the dK/dV walk.
     _packed = _tar_bwd_packed_kernel
     _dq = _tar_bwd_dq_kernel
-    _dkdv = _tar_bwd_dkdv_kernel
 else:
     _packed = triton.autotune(
         _packed_configs(), key=["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA",
@@ -320,8 +372,14 @@ else:
         prune_configs_by={"early_config_prune": _prune_packed})(_tar_bwd_packed_kernel)
     _dq = triton.autotune(_tiled_configs(), key=_TILED_KEY,
                           prune_configs_by={"early_config_prune": _prune_tiled})(_tar_bwd_dq_kernel)
-    _dkdv = triton.autotune(_tiled_configs(), key=_TILED_KEY + ["DELTA_GRAD"],
-                            prune_configs_by={"early_config_prune": _prune_tiled})(_tar_bwd_dkdv_kernel)
+
+
+def _dkdv_options() -> dict:
+    """Tiles, warps and stages of the dQ launch just made, for the dK/dV launch."""
+    if INTERPRETING:
+        return dict(INTERPRETER_TILES)
+    config = _dq.best_config
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -374,28 +432,28 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
                          f"got shape {tuple(stats.shape)}")
     regularized_global = problem.regularized and problem.max_mode == "global"
     seq_max = stats[..., STAT_MAX].amax(dim=1) if regularized_global else stats
-    aux = torch.empty(bh, nq, 2, device=q.device, dtype=torch.float32)
+    aux = torch.empty(bh, nq, layout.AUX_FIELDS, device=q.device, dtype=torch.float32)
     dq_buf, tie_k = dq, dq  # global mode: float32 partial dQ and tie keys, finished below
     if regularized_global:
         dq_buf = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
         tie_k = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
     n_bucket = pow2(max(nq, nk))
-    block = dict(BLOCK_M=64, BLOCK_N=32) if INTERPRETING else {}
     _dq[lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)](
         q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *d_strides, *sizes, n_bucket,
-        **meta, **block)
+        **meta, **(INTERPRETER_TILES if INTERPRETING else {}))
+    tiles = _dkdv_options()
     if regularized_global:
-        # Every entry equal to the slice's max gets the same share of the summed dm_i.
-        row_max = stats[..., STAT_MAX]
-        at_max = row_max == seq_max[:, None]
-        count = stats.view(torch.int32)[..., STAT_COUNT].to(torch.float32)
-        ties = (count * at_max).sum(dim=1, keepdim=True)
-        share = torch.where(at_max, aux[..., 1].sum(dim=1, keepdim=True) / ties, 0.0)
-        aux[..., 1] = share
+        # Every entry equal to the slice's max (as the dQ pass recomputed the scores) gets the same
+        # share of the summed dm_i.
+        row_max = aux[..., layout.AUX_MAX]
+        at_max = row_max == row_max.amax(dim=1, keepdim=True)
+        ties = (aux[..., layout.AUX_COUNT] * at_max).sum(dim=1, keepdim=True)
+        share = torch.where(at_max, aux[..., layout.AUX_SHARE].sum(dim=1, keepdim=True) / ties, 0.0)
+        aux[..., layout.AUX_SHARE] = share
         dq.copy_((dq_buf + share[..., None] * tie_k).view(q.shape))
-    _dkdv[lambda m: (bh * triton.cdiv(nk, m["BLOCK_N"]),)](
+    _dkdv[(bh * triton.cdiv(nk, tiles["BLOCK_N"]),)](
         q, k, v, grad_out, dk, dv_out, delta, ddelta_ptr, stats, seq_max, aux,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, n_bucket,
-        DELTA_GRAD=delta_grad, **meta, **block)
+        DELTA_GRAD=delta_grad, **meta, **tiles)
     return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)

@@ -28,11 +28,11 @@ import triton
 import triton.language as tl
 
 from .._validation import TarProblem
-from .layout import STAT_ARG, STAT_COUNT, STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, is_packed, \
-    packed_limit, pow2
+from .layout import STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, is_packed, packed_limit, pow2
 
 LOG2E = 1.4426950408889634
 INTERPRETING = triton.knobs.runtime.interpret
+_INTERPRETING = tl.constexpr(INTERPRETING)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -88,9 +88,17 @@ def _masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISI
     """S = scale * q k^T where valid (and key col <= query row when CAUSAL), -inf elsewhere.
 
     Returns (S, valid with the causal mask). The one score expression of the forward and the
-    backward: the backward finds ties by comparing these scores with the forward's saved max.
+    backward kernels.
+
+    Equal keys must give equal scores (the backward splits the max's gradient over ties): a GPU
+    MMA computes every element of a tile the same way, but the interpreter's numpy matmul
+    rounds some columns differently at its SIMD edges, so there S is an explicit sum of
+    products, the same for every element.
     """
-    s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
+    if _INTERPRETING:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
+    else:
+        s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
     if CAUSAL:
         # int32 positions: the 2-D comparison costs half the registers of an int64 one
         valid = valid & (cols.to(tl.int32)[None, :] <= rows.to(tl.int32)[:, None])
@@ -224,35 +232,15 @@ def _tar_fwd_packed_kernel(
 @triton.jit
 def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-             INTERP_BF16: tl.constexpr, WITH_ARG: tl.constexpr):
-    """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows.
-
-    Returns (max, arg-max, count): with WITH_ARG the first maximal key and how many keys reach
-    the max (what the backward needs to split the max's gradient like torch.amax); else zeros.
-    """
+             INTERP_BF16: tl.constexpr):
+    """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows."""
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    arg = tl.zeros((BLOCK_M,), tl.int32)
-    count = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         k = _load_tile(K + k_base, j, skn, dq, skd, j < NK, D)
         s, valid = _masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION, INTERP_BF16)
-        tile_max = tl.max(s, 1)
-        if WITH_ARG:
-            tile_arg = start + tl.argmax(s, 1, tie_break_left=True)
-            tile_count = tl.sum((valid & (s == tile_max[:, None])).to(tl.int32), 1)
-            arg = tl.where(tile_max > m, tile_arg.to(tl.int32), arg)
-            count = tl.where(tile_max > m, tile_count, tl.where(tile_max == m, count + tile_count, count))
-        m = tl.maximum(m, tile_max)
-    return m, arg, count
-
-
-@triton.jit
-def _store_row_stats(STATS, row, ok, m, arg, count):
-    """Raw row max, arg-max and tie count of a block of rows (layout.STAT_* fields)."""
-    tl.store(STATS + row * 4 + 0, m, mask=ok)
-    tl.store(STATS + row * 4 + 2, arg.to(tl.float32, bitcast=True), mask=ok)
-    tl.store(STATS + row * 4 + 3, count.to(tl.float32, bitcast=True), mask=ok)
+        m = tl.maximum(m, tl.max(s, 1))
+    return m
 
 
 @triton.jit
@@ -285,25 +273,24 @@ def _tar_fwd_tiled_kernel(
     stat_row = seq * NQ + offs_m
 
     if MAX_SOURCE == 1:
-        m, arg, count = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
-                                 BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16, SAVE_STATS)
+        m = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
+                     BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16)
         tl.store(MAXBUF + seq * NQ + offs_m, m, mask=row_ok)
         if SAVE_STATS:
-            _store_row_stats(STATS, stat_row, row_ok, m, arg, count)
+            tl.store(STATS + stat_row * 2 + 0, m, mask=row_ok)
     else:
         m_safe = tl.zeros((BLOCK_M,), tl.float32)
         if REGULARIZE:
             if MAX_SOURCE == 0:
-                m, arg, count = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
-                                         BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16, SAVE_STATS)
+                m = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
+                             BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16)
                 if SAVE_STATS:
-                    _store_row_stats(STATS, stat_row, row_ok, m, arg, count)
+                    tl.store(STATS + stat_row * 2 + 0, m, mask=row_ok)
             else:
                 m = tl.load(MAXBUF + seq + offs_m * 0)
             m_safe = tl.where(row_ok, m, 0.0)
         elif SAVE_STATS:
-            zero = tl.zeros((BLOCK_M,), tl.int32)
-            _store_row_stats(STATS, stat_row, row_ok, m_safe, zero, zero)
+            tl.store(STATS + stat_row * 2 + 0, m_safe, mask=row_ok)
         run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         denom = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -329,7 +316,7 @@ def _tar_fwd_tiled_kernel(
         out = acc / denom[:, None]
         _store_tile(O + b * sob + h * soh, offs_m, son, dv, sod, out, row_ok, DV, INTERP_BF16)
         if SAVE_STATS:
-            tl.store(STATS + stat_row * 4 + 1, run_max + tl.log(denom), mask=row_ok)
+            tl.store(STATS + stat_row * 2 + 1, run_max + tl.log(denom), mask=row_ok)
 
 
 # --------------------------------------------------------------------------- configs
@@ -376,8 +363,8 @@ def _prune_tiled(configs, named_args, **kwargs):
 
 # --------------------------------------------------------------------------- launcher
 
-# The kernels write the statistics at fixed offsets (see _store_row_stats).
-assert (STAT_MAX, STAT_LSE, STAT_ARG, STAT_COUNT, STATS_FIELDS) == (0, 1, 2, 3, 4)
+# The kernels write the statistics at fixed offsets (STATS + row * 2 + field).
+assert (STAT_MAX, STAT_LSE, STATS_FIELDS) == (0, 1, 2)
 
 
 if INTERPRETING:
