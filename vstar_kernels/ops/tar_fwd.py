@@ -32,6 +32,11 @@ from .layout import STAT_ARG, STAT_COUNT, STAT_LSE, STAT_MAX, STATS_FIELDS, bloc
     packed_limit, pow2
 
 LOG2E = 1.4426950408889634
+# Floor of the Gaussian's exponent coefficient -0.5 * log2(e) / sigma**2. Below about -150 every
+# off-diagonal exp2(coef * (j - i)**2) is 0 in float32, as the definition is for such a narrow
+# Gaussian; the floor keeps the coefficient finite (for sigma < ~1e-19 it would overflow float32,
+# and the diagonal's 0 * -inf would be NaN), so that any tiny sigma gives exactly the identity.
+GAUSS_COEF_MIN = -2.0 ** 32
 INTERPRETING = triton.knobs.runtime.interpret
 
 
@@ -403,7 +408,9 @@ def delta_args(problem: TarProblem):
     """(delta pointer, its 4 strides, gauss_coef) for a kernel launch."""
     if problem.delta is not None:
         return problem.delta, problem.delta.stride(), 0.0
-    gauss_coef = 0.0 if math.isinf(problem.sigma) else -0.5 * LOG2E / problem.sigma ** 2
+    sigma = problem.sigma
+    # / sigma / sigma, not / sigma ** 2: the square of a tiny sigma is 0, the quotient overflows to -inf
+    gauss_coef = 0.0 if math.isinf(sigma) else max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma)
     return problem.q, (0, 0, 0, 0), gauss_coef  # q: a dummy pointer, never read
 
 
