@@ -7,12 +7,23 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_qkv, reference64
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import vstar_kernels as vk
+from vstar_kernels import reference
 
 BACKENDS = ["reference", "triton"]
 # a packed-layout and a tiled-layout size (the Triton kernels have one code path each)
 SIZES = [8, 130]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_no_queries(backend, max_mode):
+    q = torch.randn(2, 3, 0, 8)
+    k = v = torch.randn(2, 3, 5, 8)
+    assert vk.tar_attention(q, k, v, max_mode=max_mode, backend=backend).shape == (2, 3, 0, 8)
 
 
 TINY_SIGMAS = [1e-3, 1e-20, 1e-170, 5e-324]
@@ -41,6 +52,14 @@ def test_tiny_sigma_is_the_identity(backend, n, sigma):
                                atol=2e-5, rtol=2e-5)
 
 
+def test_float64_input_takes_factors_beyond_float32():
+    q, k, v = (t.double() for t in make_qkv(1, 1, 6, 6, 4, 4, torch.float32))
+    out = vk.tar_attention(q, k, v, strength=1e-39, scale=1e39)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="strength must be finite"):
+        vk.tar_attention(q.float(), k.float(), v.float(), strength=1e39)
+
+
 def test_gaussian_toeplitz_arguments():
     assert torch.equal(vk.gaussian_toeplitz(np.int64(5), np.float32(2.0)), vk.gaussian_toeplitz(5, 2.0))
     for bad in (-1, 2.0, True, "3"):
@@ -49,3 +68,34 @@ def test_gaussian_toeplitz_arguments():
     for dtype in (torch.int64, torch.bool, "float32"):
         with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
             vk.gaussian_toeplitz(4, 1.0, dtype=dtype)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest storage an op allocates (views of its inputs do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("slices", [3, 8])  # chunks of heads of one batch, of whole batches
+@pytest.mark.parametrize("delta_shape", [(8, 12), (1, 4, 8, 12), (6, 1, 8, 12)])
+def test_reference_reads_a_broadcast_delta_in_place(monkeypatch, delta_shape, slices):
+    """A (Nq, Nk), per-head or per-batch delta is never copied to (B, H, Nq, Nk): no op makes a storage
+    larger than one chunk of scores or the output."""
+    B, H, nq, nk = 6, 4, 8, 12
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", slices * nq * nk)
+    q, k, v = make_qkv(B, H, nq, nk, 2, 2, torch.float32)
+    delta = torch.rand(delta_shape)
+    with LargestAllocation() as mode:
+        out = vk.tar_attention_reference(q, k, v, delta=delta, causal=True)
+    assert mode.largest <= 4 * max(slices * nq * nk, out.numel())
+    torch.testing.assert_close(out.double(), reference64(q, k, v, delta=delta, causal=True), atol=2e-6, rtol=2e-6)
