@@ -18,6 +18,93 @@ BACKENDS = ["reference", "triton"]
 SIZES = [8, 130]
 
 
+def nonfinite_rows(out):
+    """(B, H, N) bool: rows of the output with a NaN or inf."""
+    return (~torch.isfinite(out)).any(-1)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_mode,strength,whole_slice", [("row", 1.0, False), ("global", 1.0, True),
+                                                           ("global", 0.0, False)])
+def test_nan_in_q_row(backend, n, max_mode, strength, whole_slice):
+    """A NaN in q row 3 of slice (0, 1) poisons row 3; with the global max and the bias on, the max of the
+    slice and so every row of it; never another slice."""
+    q, k, v = make_qkv(1, 2, n, n, 16, 16, torch.float32)
+    q[0, 1, 3, 5] = math.nan
+    out = vk.tar_attention(q, k, v, max_mode=max_mode, strength=strength, backend=backend)
+    expected = torch.zeros(1, 2, n, dtype=torch.bool)
+    expected[0, 1, 3] = True
+    if whole_slice:
+        expected[0, 1] = True
+    assert torch.equal(nonfinite_rows(out), expected)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad,max_mode", [(math.nan, "row"), (math.inf, "global"), (-math.inf, "global")])
+def test_delta_entry_masked_by_causal_takes_no_part(backend, n, bad, max_mode):
+    q, k, v = make_qkv(1, 1, n, n, 16, 16, torch.float32)
+    delta = torch.rand(n, n, generator=torch.Generator().manual_seed(3))
+    clean = vk.tar_attention(q, k, v, delta=delta, causal=True, max_mode=max_mode, backend=backend)
+    delta[2, 5] = bad  # above the diagonal: masked
+    out = vk.tar_attention(q, k, v, delta=delta, causal=True, max_mode=max_mode, backend=backend)
+    assert torch.equal(out, clean)
+    torch.testing.assert_close(out.double(), reference64(q, k, v, delta=delta, causal=True, max_mode=max_mode),
+                               atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_unmasked_nan_delta_entry_poisons_its_row(backend, n, max_mode):
+    q, k, v = make_qkv(1, 2, n, n, 16, 16, torch.float32)  # one delta for both heads
+    delta = torch.rand(n, n, generator=torch.Generator().manual_seed(3))
+    delta[5, 2] = math.nan
+    out = vk.tar_attention(q, k, v, delta=delta, causal=True, max_mode=max_mode, backend=backend)
+    expected = torch.zeros(1, 2, n, dtype=torch.bool)
+    expected[:, :, 5] = True
+    assert torch.equal(nonfinite_rows(out), expected)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_nan_in_k_poisons_the_rows_that_attend_to_it(backend, n, max_mode):
+    """Causal: key 5 is seen by rows >= 5 only (with the global max, through it, by its whole slice)."""
+    q, k, v = make_qkv(2, 1, n, n, 16, 16, torch.float32)
+    k[1, 0, 5, 0] = math.nan
+    out = vk.tar_attention(q, k, v, causal=True, max_mode=max_mode, backend=backend)
+    expected = torch.zeros(2, 1, n, dtype=torch.bool)
+    expected[1, 0, 0 if max_mode == "global" else 5:] = True
+    assert torch.equal(nonfinite_rows(out), expected)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad,causal", [(math.nan, False), (math.inf, True)])
+def test_nonfinite_v_stays_in_its_slice(backend, n, bad, causal):
+    """A NaN/inf in v (key 5, column 2 of slice (1, 0)) makes column 2 non-finite in every row attending to
+    key 5, possibly in other rows of its slice, and in nothing else."""
+    q, k, v = make_qkv(2, 1, n, n, 16, 16, torch.float32)
+    v[1, 0, 5, 2] = bad
+    out = vk.tar_attention(q, k, v, causal=causal, backend=backend)
+    bad_entries = ~torch.isfinite(out)
+    assert bad_entries[1, 0, 5:, 2].all()
+    bad_entries[1, 0, :, 2] = False
+    assert not bad_entries.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nonfinite_v_stays_in_its_slice_in_16_bit(dtype):
+    q, k, v = make_qkv(2, 1, 8, 8, 16, 16, dtype)
+    v[1, 0, 5, 2] = math.nan
+    bad_entries = ~torch.isfinite(vk.tar_attention(q, k, v, backend="triton"))
+    assert bad_entries[1, 0, :, 2].all()
+    bad_entries[1, 0, :, 2] = False
+    assert not bad_entries.any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("max_mode", ["row", "global"])
 def test_no_queries(backend, max_mode):

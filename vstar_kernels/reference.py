@@ -20,8 +20,13 @@ CHUNK_ELEMENTS = 1 << 26
 
 
 def tar_scores(problem: TarProblem, q, k, delta, dA):
-    """S' = S + strength * max(S) * dA for one chunk, in the compute dtype (masked entries -inf)."""
+    """S' = S + strength * max(S) * dA for one chunk, in the compute dtype (masked entries -inf).
+
+    A causally masked entry takes no part: it is -inf in S (so not in the max) and again in S',
+    whatever its bias (a NaN or inf delta entry there, or strength * max * dA = inf * 0).
+    """
     s = torch.matmul(q, k.transpose(-1, -2)) * problem.scale
+    mask = None
     if problem.causal:
         nq, nk = s.shape[-2:]
         mask = torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu_(1)
@@ -33,7 +38,8 @@ def tar_scores(problem: TarProblem, q, k, delta, dA):
     else:
         m = s.amax(dim=(-2, -1), keepdim=True)
     bias = dA if delta is None else delta.to(s.dtype)
-    return s + problem.strength * m * bias
+    s = s + problem.strength * m * bias
+    return s if mask is None else s.masked_fill(mask, -math.inf)
 
 
 def _chunks(batch: int, heads: int, per_chunk: int):

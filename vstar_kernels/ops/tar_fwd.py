@@ -74,6 +74,17 @@ def _exp(x):
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nanmax(x, axis):
+    """tl.max(x, axis) that returns NaN where a NaN takes part (tl.max skips NaN)."""
+    return tl.reduce(x, axis, _max_nan)
+
+
+@triton.jit
 def _load_tile(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols):
     """tile[r, c] = ptr[rows[r] * row_stride + cols[c] * col_stride], 0 outside row_ok x (cols < n_cols)."""
     return tl.load(ptr + (rows * row_stride)[:, None] + cols[None, :] * col_stride,
@@ -159,10 +170,11 @@ def _per_row(x, SEQS: tl.constexpr, SEG_Q: tl.constexpr):
 
 @triton.jit
 def _packed_max(s, row_ok, SEQS: tl.constexpr, SEG_Q: tl.constexpr, GLOBAL_MAX: tl.constexpr):
-    """m_i of a packed tile: the row max of S, with GLOBAL_MAX its sequence's max; 0 on padding rows."""
-    m = tl.max(s, 1)
+    """m_i of a packed tile: the row max of S, with GLOBAL_MAX its sequence's max; 0 on padding rows.
+    A NaN score makes the max NaN, as the definition's max is."""
+    m = _nanmax(s, 1)
     if GLOBAL_MAX:
-        seq_max = tl.max(tl.reshape(m, (SEQS, SEG_Q)), 1)
+        seq_max = _nanmax(tl.reshape(m, (SEQS, SEG_Q)), 1)
         m = _per_row(seq_max, SEQS, SEG_Q)
     return tl.where(row_ok, m, 0.0)
 
@@ -173,6 +185,22 @@ def _packed_exp(s, row_ok):
     mx = tl.where(row_ok, tl.max(s, 1), 0.0)
     p = _exp(s - mx[:, None])
     return p, tl.where(row_ok, tl.sum(p, 1), 1.0)
+
+
+@triton.jit
+def _packed_finite_v(v, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr):
+    """(v with its NaN/inf entries zeroed, [r, c]: row r's sequence has a NaN/inf in column c of v).
+
+    The packed P @ V also multiplies a row's zero weights on the other sequences' keys by their v,
+    and 0 * NaN is NaN: the product runs on the finite values, and the rows of the sequence that
+    holds a NaN/inf are set to NaN in its column afterwards, so that it never reaches another one.
+    """
+    x = v.to(tl.float32)
+    bad = (x != x) | (tl.abs(x) == float("inf"))
+    cols: tl.constexpr = v.shape[1]
+    seq_bad = tl.max(tl.reshape(bad.to(tl.int32), (SEQS, SEG_K, cols)), 1)
+    rows_bad = tl.reshape(tl.broadcast_to(seq_bad[:, None, :], (SEQS, SEG_Q, cols)), (SEQS * SEG_Q, cols))
+    return tl.where(bad, tl.zeros_like(v), v), rows_bad != 0
 
 
 @triton.jit
@@ -221,8 +249,9 @@ def _tar_fwd_packed_kernel(
 
     p, denom = _packed_exp(s, row_ok)
     v = _load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV)
+    v, v_bad = _packed_finite_v(v, SEQS, SEG_Q, SEG_K)
     acc = _mma(_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
-    out = acc / denom[:, None]
+    out = tl.where(v_bad, float("nan"), acc / denom[:, None])
     _store_tile(O, bq * sob + hq * soh + i * son, 1, dv, sod, out, row_ok, DV, INTERP_BF16)
 
 
@@ -234,6 +263,7 @@ def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
 
     Returns (max, arg-max, count): with WITH_ARG the first maximal key and how many keys reach
     the max (what the backward needs to split the max's gradient like torch.amax); else zeros.
+    The max is NaN where a score is: the global max reduces these, and must see the NaN.
     """
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_M,), tl.int32)
@@ -242,13 +272,13 @@ def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         k = _load_tile(K + k_base, j, skn, dq, skd, j < NK, D)
         s, valid = _masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION, INTERP_BF16)
-        tile_max = tl.max(s, 1)
+        tile_max = _nanmax(s, 1)
         if WITH_ARG:
             tile_arg = start + tl.argmax(s, 1, tie_break_left=True)
             tile_count = tl.sum((valid & (s == tile_max[:, None])).to(tl.int32), 1)
             arg = tl.where(tile_max > m, tile_arg.to(tl.int32), arg)
             count = tl.where(tile_max > m, tile_count, tl.where(tile_max == m, count + tile_count, count))
-        m = tl.maximum(m, tile_max)
+        m = _max_nan(m, tile_max)
     return m, arg, count
 
 
