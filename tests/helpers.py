@@ -157,6 +157,8 @@ def naive_tar(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False, max
             else:
                 da = delta.double().expand(B, H, nq, nk)[b, h]
             s2 = s + strength * m * da
+            if causal:  # a masked entry takes no part, whatever its delta value
+                s2 = s2.masked_fill(torch.ones(nq, nk, dtype=torch.bool).triu(1), -math.inf)
             out[b, h] = torch.softmax(s2, dim=1) @ v[b, h]
     return out
 

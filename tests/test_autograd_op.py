@@ -165,3 +165,28 @@ def test_torch_compile_traces_the_triton_backend():
     (_, g_ref), _ = eager_and_compiled(model, x, model)
     for a, b in zip(g_c, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def tar_with_scalar_args(q, k, v, sigma, strength, scale, backend):
+    """sigma, strength and scale as arguments of the compiled function: symbolic floats with dynamic=True."""
+    return vk.tar_attention(q, k, v, sigma=sigma, strength=strength, scale=scale, max_mode="global", causal=True,
+                            backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "default"])
+def test_torch_compile_fullgraph_traces_validation(backend, dynamic):
+    """make_problem's checks trace with symbolic sizes and floats: two shapes and two sets of scalars
+    through one compiled function, outputs and gradients equal to eager."""
+    torch._dynamo.reset()  # no compiled code of another parametrization
+    compiled = torch.compile(tar_with_scalar_args, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for shape, scalars in (((2, 2, 6, 8), (1.5, 0.7, 0.3)), ((3, 2, 9, 8), (2.5, -0.4, 0.2))):
+        g = torch.Generator().manual_seed(shape[0])
+        inputs = [torch.randn(shape, generator=g, requires_grad=True) for _ in range(3)]
+        grad_out = torch.randn(shape, generator=g)
+        results = []
+        for fn in (compiled, tar_with_scalar_args):
+            out = fn(*inputs, *scalars, backend)
+            results.append((out, *torch.autograd.grad(out, inputs, grad_out)))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -16,6 +16,10 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_MODES = ("row", "global")
+# Largest |strength| and |scale|: the kernels and the reference compute in float32 (float64 for
+# float64 input on the reference), so a larger factor would be inf there.
+SCALAR_BOUNDS = {torch.float64: torch.finfo(torch.float64).max}
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class TarProblem:
     @property
     def regularized(self) -> bool:
         """False when the bias cannot change the result (plain attention)."""
-        return self.strength != 0.0 and (self.delta is not None or math.isfinite(self.sigma))
+        return self.strength != 0.0 and (self.delta is not None or self.sigma != math.inf)
 
     def output_shape(self) -> tuple:
         return (self.batch, self.heads, self.nq, self.head_dim_v)
@@ -93,12 +97,28 @@ def _real(name: str, value) -> float:
     return float(value)
 
 
+# The value checks below use comparisons only (no math.isfinite/isnan, which a NaN fails as a
+# comparison does): under torch.compile(dynamic=True) a Python float argument is a symbolic float,
+# and comparisons are what torch.compile traces (as guards).
+
+
 def check_sigma(sigma) -> float:
     """sigma > 0; math.inf is allowed (the Gaussian is then all ones)."""
     sigma = _real("sigma", sigma)
-    if math.isnan(sigma) or sigma <= 0:
+    if not sigma > 0:
         raise ValueError(f"sigma must be > 0 (math.inf allowed), got {sigma}")
     return sigma
+
+
+def _check_factor(name: str, value, dtype: torch.dtype) -> float:
+    """A finite `value` that the compute dtype of `dtype` inputs can hold (see SCALAR_BOUNDS)."""
+    value = _real(name, value)
+    bound = SCALAR_BOUNDS.get(dtype, FLOAT32_MAX)
+    if not abs(value) <= bound:
+        compute = "float64" if dtype == torch.float64 else "float32"
+        raise ValueError(f"{name} must be finite with |{name}| <= {bound:.8g} (the largest {compute}: the math "
+                         f"for {dtype} inputs is {compute}), got {value}")
+    return value
 
 
 def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale) -> TarProblem:
@@ -132,22 +152,15 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale) ->
         raise ValueError(f"head dims must be >= 1, got q/k {D} and v {v.shape[3]}")
     Nk = k.shape[2]
 
-    strength = _real("strength", strength)
-    if not math.isfinite(strength):
-        raise ValueError(f"strength must be finite, got {strength}")
-    if scale is None:
-        scale = D ** -0.5
-    else:
-        scale = _real("scale", scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    strength = _check_factor("strength", strength, q.dtype)
+    scale = D ** -0.5 if scale is None else _check_factor("scale", scale, q.dtype)
+    sigma = check_sigma(sigma)  # checked with a delta too, where it is then ignored
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if max_mode not in MAX_MODES:
         raise ValueError(f"max_mode must be one of {MAX_MODES}, got {max_mode!r}")
 
     if delta is None:
-        sigma = check_sigma(sigma)
         bias = None
     else:
         sigma = math.inf  # ignored when a custom delta is given

@@ -25,14 +25,17 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
             Any strides: a (B, N, H, D) projection viewed as (B, H, N, D) is read in place.
         k: (B, H, Nk, D) or (B, Nk, D), same dtype and device as q.
         v: (B, H, Nk, Dv) or (B, Nk, Dv).
-        sigma: width of the Gaussian, > 0; ``math.inf`` gives plain attention. Ignored with `delta`.
-        strength: the factor c of the bias (any finite real; 0 gives plain attention).
+        sigma: width of the Gaussian, > 0; ``math.inf`` gives plain attention, and a sigma so small
+            that dA's off-diagonal entries underflow gives dA = identity (down to the smallest float).
+            Checked with `delta` too, where it is ignored.
+        strength: the factor c of the bias (0 gives plain attention): a finite real with
+            |strength| <= 3.4028235e+38, the largest float32 (any finite value for float64 input).
         delta: optional matrix replacing the Gaussian: (Nq, Nk) or broadcastable to (B, H, Nq, Nk)
             ((B, Nq, Nk) for 3-D input).
         causal: mask keys j > i (top-left aligned) before the max.
         max_mode: "row" (one max per query row, the reference's reading) or "global"
             (one max per (batch, head) over the masked score matrix).
-        scale: softmax scale, default ``D ** -0.5``.
+        scale: softmax scale, default ``D ** -0.5``; bounded as strength is.
         backend: "auto" (for CUDA tensors Triton, then "cuda", when one can run; else the
             reference), "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cuda"
             (the optional CUDA C++ operator, built with VSTAR_BUILD_CUDA=1) or "reference".
@@ -46,7 +49,25 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
     backends ("cuda" is forward only); the row max's gradient is torch.amax's (split evenly
     over ties). The call is the custom op
     ``torch.ops.vstar.tar_attention``, so ``torch.compile(fullgraph=True)`` and CUDA graphs
-    capture it whole.
+    capture it whole, with ``dynamic=True`` too (sizes and Python-float arguments traced
+    symbolically).
+
+    NaN and infinity propagate the way the formula says, over the entries that take part. An entry
+    masked by `causal` takes no part in anything: its score and its delta value are ignored, as if
+    absent. Everything else that enters a row's max, bias or softmax does, with IEEE arithmetic. So
+    a NaN in q row i makes row i NaN; with max_mode="global" it makes the max of its (batch, head)
+    slice NaN, and so every row of that slice, whenever the bias is applied (strength != 0, and a
+    delta is given or sigma is finite: strength = 0 or sigma = inf adds a per-row constant, which
+    softmax ignores, so no bias is applied). A NaN in k makes NaN every row that attends to that key
+    (with the global max and the bias applied, its whole slice). A NaN delta entry makes its row NaN
+    unless the entry is masked; a masked delta entry changes nothing, whatever its value. v enters
+    through the product P @ V, where a zero weight times inf or NaN is NaN: a NaN or inf in v at
+    (key j, column d) makes column d non-finite in every row that attends to key j, and may make it
+    non-finite in the other rows of the same (batch, head) slice (the reference's matrix product
+    does so for all of them, the Triton kernels for those that share a tile with key j); it never
+    reaches another slice. The math is float32 (float64 for float64 input on the reference): a
+    strength or scale beyond that range is an error, and a product that overflows it inside the
+    formula gives inf or NaN as IEEE arithmetic does.
     """
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale)

@@ -20,8 +20,13 @@ CHUNK_ELEMENTS = 1 << 26
 
 
 def tar_scores(problem: TarProblem, q, k, delta, dA):
-    """S' = S + strength * max(S) * dA for one chunk, in the compute dtype (masked entries -inf)."""
+    """S' = S + strength * max(S) * dA for one chunk, in the compute dtype (masked entries -inf).
+
+    A causally masked entry takes no part: it is -inf in S (so not in the max) and again in S',
+    whatever its bias (a NaN or inf delta entry there, or strength * max * dA = inf * 0).
+    """
     s = torch.matmul(q, k.transpose(-1, -2)) * problem.scale
+    mask = None
     if problem.causal:
         nq, nk = s.shape[-2:]
         mask = torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu_(1)
@@ -33,30 +38,43 @@ def tar_scores(problem: TarProblem, q, k, delta, dA):
     else:
         m = s.amax(dim=(-2, -1), keepdim=True)
     bias = dA if delta is None else delta.to(s.dtype)
-    return s + problem.strength * m * bias
+    s = s + problem.strength * m * bias
+    return s if mask is None else s.masked_fill(mask, -math.inf)
+
+
+def _chunks(batch: int, heads: int, per_chunk: int):
+    """(batch slice, head slice) blocks of at most `per_chunk` (batch, head) slices, in (b, h) order:
+    whole batches when `per_chunk` >= heads, else head ranges of one batch."""
+    if per_chunk >= heads:
+        step = per_chunk // heads
+        return [(slice(b, b + step), slice(None)) for b in range(0, batch, step)]
+    return [(slice(b, b + 1), slice(h, h + per_chunk)) for b in range(batch) for h in range(0, heads, per_chunk)]
 
 
 def reference_forward(problem: TarProblem) -> torch.Tensor:
-    """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype."""
+    """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype.
+
+    Works on 4-D blocks of the (B, H) grid, so that a broadcast delta ((Nq, Nk), (1, H, Nq, Nk),
+    (B, 1, Nq, Nk) expanded by stride 0) is only ever read through views: memory stays within
+    one chunk of scores whatever delta's shape.
+    """
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
-    q = problem.q.reshape(B * H, nq, problem.head_dim)
-    k = problem.k.reshape(B * H, nk, problem.head_dim)
-    v = problem.v.reshape(B * H, nk, problem.head_dim_v)
-    delta = None if problem.delta is None else problem.delta.reshape(B * H, nq, nk)
+    if B * H == 0 or nq == 0:
+        return problem.q.new_empty(problem.output_shape())
     dA = None
     if problem.delta is None and problem.regularized:
-        dA = gaussian_bias(nq, nk, problem.sigma, device=q.device, dtype=compute)
-    step = max(1, CHUNK_ELEMENTS // max(1, nq * nk))
+        dA = gaussian_bias(nq, nk, problem.sigma, device=problem.device, dtype=compute)
     outs = []
-    for start in range(0, B * H, step):
-        sl = slice(start, start + step)
-        s = tar_scores(problem, q[sl].to(compute), k[sl].to(compute),
-                       None if delta is None else delta[sl], dA)
+    chunks = _chunks(B, H, max(1, CHUNK_ELEMENTS // (nq * nk)))
+    for b, h in chunks:
+        s = tar_scores(problem, problem.q[b, h].to(compute), problem.k[b, h].to(compute),
+                       None if problem.delta is None else problem.delta[b, h], dA)
         p = torch.softmax(s, dim=-1)
-        outs.append(torch.matmul(p, v[sl].to(compute)).to(problem.dtype))
-    out = torch.cat(outs) if outs else q.new_empty(0, nq, problem.head_dim_v)
-    return out.reshape(B, H, nq, problem.head_dim_v)
+        outs.append(torch.matmul(p, problem.v[b, h].to(compute)).to(problem.dtype))
+    if chunks[0][1] == slice(None):
+        return torch.cat(outs)
+    return torch.cat(outs, dim=1).reshape(problem.output_shape())
 
 
 def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: bool = False):

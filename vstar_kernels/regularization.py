@@ -2,30 +2,50 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ._validation import check_sigma
 
 
-def gaussian_bias(nq: int, nk: int, sigma: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """dA_ij = exp(-0.5 * ((j - i) / sigma) ** 2) for i < nq, j < nk: (nq, nk), 1 on the diagonal."""
+def _size(name: str, n) -> int:
+    """A non-negative integer size (numpy integers too; a traced size under torch.compile)."""
+    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)) or n < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    return n if isinstance(n, torch.SymInt) else int(n)
+
+
+def gaussian_bias(nq: int, nk: int, sigma: float, *, device=None, dtype=torch.float32,
+                  names=("nq", "nk")) -> torch.Tensor:
+    """dA_ij = exp(-0.5 * ((j - i) / sigma) ** 2) for i < nq, j < nk: (nq, nk), 1 on the diagonal.
+
+    Evaluated in float64 and rounded once to `dtype`: exactly the definition, for every sigma > 0
+    (a sigma too small for float32, down to the smallest float64, gives the identity). Only the
+    nq + nk - 1 distinct values are computed; `names` are the sizes' names in errors.
+    """
     sigma = check_sigma(sigma)
-    for name, n in (("nq", nq), ("nk", nk)):
-        if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 0:  # SymInt: traced sizes
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    i = torch.arange(nq, device=device, dtype=work)[:, None]
-    j = torch.arange(nk, device=device, dtype=work)[None, :]
-    return torch.exp(-0.5 * ((j - i) / sigma) ** 2).to(dtype)
+    nq, nk = (_size(name, n) for name, n in zip(names, (nq, nk)))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+    if nq == 0 or nk == 0:
+        return torch.empty(nq, nk, device=device, dtype=dtype)
+    dist = torch.arange(1 - nq, nk, device=device, dtype=torch.float64)  # j - i, from 1 - nq to nk - 1
+    values = torch.exp(-0.5 * (dist / sigma) ** 2).to(dtype)
+    # values[i + j] = g(j - (nq - 1) + i); flipping the rows turns that into g(j - i)
+    return values.as_strided((nq, nk), (1, 1)).flip(0)
 
 
 def gaussian_toeplitz(n: int, sigma: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """The symmetric Gaussian Toeplitz matrix of TAR, shape (n, n).
 
     Entry (i, j) is ``exp(-0.5 * ((j - i) / sigma) ** 2)``: 1 on the diagonal,
-    decaying with the frame distance. ``sigma = math.inf`` gives all ones.
+    decaying with the frame distance. ``sigma = math.inf`` gives all ones; a sigma so small
+    that every off-diagonal entry underflows gives the identity. n: a non-negative integer
+    (Python or numpy); dtype: a floating-point dtype. The values are the float64 definition
+    rounded once to `dtype`.
     """
-    return gaussian_bias(n, n, sigma, device=device, dtype=dtype)
+    return gaussian_bias(n, n, sigma, device=device, dtype=dtype, names=("n", "n"))
 
 
 NORMALIZE_MODES = ("cosine", "minmax")

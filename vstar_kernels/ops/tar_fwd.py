@@ -31,6 +31,11 @@ from .._validation import TarProblem
 from .layout import STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, is_packed, packed_limit, pow2
 
 LOG2E = 1.4426950408889634
+# Floor of the Gaussian's exponent coefficient -0.5 * log2(e) / sigma**2. Below about -150 every
+# off-diagonal exp2(coef * (j - i)**2) is 0 in float32, as the definition is for such a narrow
+# Gaussian; the floor keeps the coefficient finite (for sigma < ~1e-19 it would overflow float32,
+# and the diagonal's 0 * -inf would be NaN), so that any tiny sigma gives exactly the identity.
+GAUSS_COEF_MIN = -2.0 ** 32
 INTERPRETING = triton.knobs.runtime.interpret
 _INTERPRETING = tl.constexpr(INTERPRETING)
 
@@ -66,6 +71,17 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 def _exp(x):
     """e^x as exp2(x * log2(e))."""
     return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nanmax(x, axis):
+    """tl.max(x, axis) that returns NaN where a NaN takes part (tl.max skips NaN)."""
+    return tl.reduce(x, axis, _max_nan)
 
 
 @triton.jit
@@ -162,10 +178,11 @@ def _per_row(x, SEQS: tl.constexpr, SEG_Q: tl.constexpr):
 
 @triton.jit
 def _packed_max(s, row_ok, SEQS: tl.constexpr, SEG_Q: tl.constexpr, GLOBAL_MAX: tl.constexpr):
-    """m_i of a packed tile: the row max of S, with GLOBAL_MAX its sequence's max; 0 on padding rows."""
-    m = tl.max(s, 1)
+    """m_i of a packed tile: the row max of S, with GLOBAL_MAX its sequence's max; 0 on padding rows.
+    A NaN score makes the max NaN, as the definition's max is."""
+    m = _nanmax(s, 1)
     if GLOBAL_MAX:
-        seq_max = tl.max(tl.reshape(m, (SEQS, SEG_Q)), 1)
+        seq_max = _nanmax(tl.reshape(m, (SEQS, SEG_Q)), 1)
         m = _per_row(seq_max, SEQS, SEG_Q)
     return tl.where(row_ok, m, 0.0)
 
@@ -176,6 +193,22 @@ def _packed_exp(s, row_ok):
     mx = tl.where(row_ok, tl.max(s, 1), 0.0)
     p = _exp(s - mx[:, None])
     return p, tl.where(row_ok, tl.sum(p, 1), 1.0)
+
+
+@triton.jit
+def _packed_finite_v(v, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr):
+    """(v with its NaN/inf entries zeroed, [r, c]: row r's sequence has a NaN/inf in column c of v).
+
+    The packed P @ V also multiplies a row's zero weights on the other sequences' keys by their v,
+    and 0 * NaN is NaN: the product runs on the finite values, and the rows of the sequence that
+    holds a NaN/inf are set to NaN in its column afterwards, so that it never reaches another one.
+    """
+    x = v.to(tl.float32)
+    bad = (x != x) | (tl.abs(x) == float("inf"))
+    cols: tl.constexpr = v.shape[1]
+    seq_bad = tl.max(tl.reshape(bad.to(tl.int32), (SEQS, SEG_K, cols)), 1)
+    rows_bad = tl.reshape(tl.broadcast_to(seq_bad[:, None, :], (SEQS, SEG_Q, cols)), (SEQS * SEG_Q, cols))
+    return tl.where(bad, tl.zeros_like(v), v), rows_bad != 0
 
 
 @triton.jit
@@ -224,8 +257,9 @@ def _tar_fwd_packed_kernel(
 
     p, denom = _packed_exp(s, row_ok)
     v = _load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV)
+    v, v_bad = _packed_finite_v(v, SEQS, SEG_Q, SEG_K)
     acc = _mma(_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
-    out = acc / denom[:, None]
+    out = tl.where(v_bad, float("nan"), acc / denom[:, None])
     _store_tile(O, bq * sob + hq * soh + i * son, 1, dv, sod, out, row_ok, DV, INTERP_BF16)
 
 
@@ -233,13 +267,16 @@ def _tar_fwd_packed_kernel(
 def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
              INTERP_BF16: tl.constexpr):
-    """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows."""
+    """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows.
+
+    The max is NaN where a score is: the global max reduces these, and must see the NaN.
+    """
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         k = _load_tile(K + k_base, j, skn, dq, skd, j < NK, D)
         s, valid = _masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION, INTERP_BF16)
-        m = tl.maximum(m, tl.max(s, 1))
+        m = _max_nan(m, _nanmax(s, 1))
     return m
 
 
@@ -390,7 +427,9 @@ def delta_args(problem: TarProblem):
     """(delta pointer, its 4 strides, gauss_coef) for a kernel launch."""
     if problem.delta is not None:
         return problem.delta, problem.delta.stride(), 0.0
-    gauss_coef = 0.0 if math.isinf(problem.sigma) else -0.5 * LOG2E / problem.sigma ** 2
+    sigma = problem.sigma
+    # / sigma / sigma, not / sigma ** 2: the square of a tiny sigma is 0, the quotient overflows to -inf
+    gauss_coef = 0.0 if math.isinf(sigma) else max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma)
     return problem.q, (0, 0, 0, 0), gauss_coef  # q: a dummy pointer, never read
 
 
