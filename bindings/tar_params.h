@@ -5,6 +5,7 @@
 // options, the limits and the work decomposition are decided in one place.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -46,7 +47,10 @@ inline void set_options(TarParams& p, double scale, double sigma, double strengt
   p.scale = static_cast<float>(scale);
   p.strength = static_cast<float>(strength);
   p.regularize = strength != 0.0 && (has_delta || std::isfinite(sigma));
-  p.gauss_coef = (has_delta || !std::isfinite(sigma)) ? 0.0f : static_cast<float>(-0.5 / (sigma * sigma));
+  // Floored like the Triton kernels' coefficient: a tiny sigma then gives exactly the identity
+  // (every off-diagonal entry underflows to 0) instead of 0 * -inf = NaN on the diagonal.
+  p.gauss_coef = (has_delta || !std::isfinite(sigma))
+      ? 0.0f : static_cast<float>(std::max(-4294967296.0, -0.5 / sigma / sigma));
   p.causal = causal;
   p.global_max = global_max;
 }

@@ -126,3 +126,9 @@ def test_python_limits_match_the_kernel():
     lib = emulation_library()
     assert dispatch.MAX_CUDA_HEAD_DIM == lib.vstar_limit(0)
     assert dispatch.MAX_CUDA_KEYS == lib.vstar_limit(1)
+
+
+@pytest.mark.parametrize("sigma", [1e-20, 1e-170, 5e-324])
+def test_tiny_sigma_is_the_identity_band(sigma):
+    """A sigma so small that 1 / sigma^2 overflows: dA is exactly the identity, not NaN."""
+    check(*cpu_qkv(2, 2, 16, 16, 32, 32, torch.float32, seed=3), sigma=sigma)
