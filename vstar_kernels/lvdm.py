@@ -3,7 +3,7 @@
 Needs only torch. The implementation is in `vstar_kernels.integrations.lvdm`.
 """
 
-from .integrations.config import PRESETS, LevelSpec, TARConfig
+from .tar_config import PRESETS, LevelSpec, TARConfig
 from .integrations.lvdm import apply_tar_to_modules, remove_tar_from_modules, set_step, tar_modules
 
 __all__ = ["PRESETS", "LevelSpec", "TARConfig", "apply_tar_to_modules", "remove_tar_from_modules", "set_step",

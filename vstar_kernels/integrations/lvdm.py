@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ..functional import tar_attention
-from .config import LevelSpec, TARConfig
+from ..tar_config import LevelSpec, TARConfig
 
 INTERFACE = ("to_q", "to_k", "to_v", "to_out", "heads", "scale")
 
