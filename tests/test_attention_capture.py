@@ -23,8 +23,8 @@ from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixt
 )
 
 from vstar_kernels.diffusers import TARConfig, apply_tar, capture_temporal_attention, remove_tar, reset_steps
-from vstar_kernels.integrations import capture as capture_module
-from vstar_kernels.integrations.steps import StepTracker
+from vstar_kernels.diffusers import capture as capture_module
+from vstar_kernels.diffusers.steps import StepTracker
 from vstar_kernels.regularization import delta_from_features
 
 MAP_TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 probabilities summed in float64, against float64 throughout

@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler
 
 from vstar_kernels import cli
 from vstar_kernels.diffusers import PRESETS, LevelSpec, TARAttnProcessor, TARConfig
-from vstar_kernels.integrations.steps import StepTracker
+from vstar_kernels.diffusers.steps import StepTracker
 
 PAPER_PRESETS = ["64D1", "64D4", "64D8", "64D1_32D8", "64D1_32D1", "64D1_32D12", "64D4_32D8", "64D4_32D12"]
 

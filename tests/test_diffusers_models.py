@@ -26,8 +26,8 @@ from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixt
 )
 
 from vstar_kernels.diffusers import PRESETS, TARAttnProcessor, TARConfig, apply_tar, remove_tar, reset_steps
-from vstar_kernels.integrations.diffusers import tar_site
-from vstar_kernels.integrations.steps import StepTracker
+from vstar_kernels.diffusers.processors import tar_site
+from vstar_kernels.diffusers.steps import StepTracker
 
 # distinct (sigma, strength) per level, so that a module at the wrong level fails its check
 LEVEL_SPECS = {0: (1.0, 1.0), 1: (2.0, 0.75), 2: (3.0, 0.5)}

@@ -25,7 +25,7 @@ from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixt
 )
 
 from vstar_kernels.diffusers import TARAttnProcessor, TARConfig, apply_tar, remove_tar
-from vstar_kernels.integrations.diffusers import tar_site, temporal_attention_modules
+from vstar_kernels.diffusers.processors import tar_site, temporal_attention_modules
 
 UNTIL = 13
 

@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-import vstar_kernels.integrations
+import vstar_kernels
 from vstar_kernels import vsp
 from vstar_kernels.vsp import default_anchors, interpolate_embeddings, load_synopses
 
@@ -138,8 +138,9 @@ def test_shipped_synopses_are_usable():
 
 def test_diffusers_names_need_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
-    monkeypatch.delitem(sys.modules, "vstar_kernels.integrations.vsp_diffusers", raising=False)
-    monkeypatch.delattr(vstar_kernels.integrations, "vsp_diffusers", raising=False)
+    for name in ("vstar_kernels.diffusers", "vstar_kernels.diffusers.vsp"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delattr(vstar_kernels, "diffusers", raising=False)
     expected = r"vstar_kernels.vsp.apply_vsp needs diffusers: pip install 'vstar_kernels\[diffusers\]'"
     with pytest.raises(ImportError, match=expected):
         vsp.apply_vsp  # noqa: B018

@@ -176,7 +176,7 @@ def cmd_demo_attention(args) -> int:
     if missing:
         print(missing, file=sys.stderr)
         return 1
-    from .integrations.attention_demo import attention_demo, report
+    from .diffusers.attention_demo import attention_demo, report
 
     try:
         runs = attention_demo(args.out, frames=args.frames, sigma=args.sigma, strength=args.strength,

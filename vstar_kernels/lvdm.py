@@ -1,10 +1,199 @@
 """TAR for VideoCrafter-style (lvdm) attention modules: ``from vstar_kernels.lvdm import apply_tar_to_modules``.
 
-Needs only torch. The implementation is in `vstar_kernels.integrations.lvdm`.
+Needs only torch. This is the front-end of VideoCrafter2, the official VSTAR code base.
+
+lvdm's attention module has ``to_q``, ``to_k``, ``to_v`` (linear maps to heads x head dim),
+``to_out`` (called on the merged heads), ``heads`` and ``scale``, and is called as
+``module(x, context=None, mask=None)``; its temporal transformers call it with x of shape
+(batch x height x width, frames, channels) and no context (self-attention over frames).
+lvdm is not a pip package, so nothing here imports it: `apply_tar_to_modules` patches any
+module with that interface, chosen by a `select(name, module) -> level or None` function.
+
+The patch is an instance attribute ``forward`` (lvdm itself puts one there when it picks its
+xformers path). At a regularized step it computes ``to_out(TAR(q, k, v))`` with the module's
+heads and scale; at any other step it calls the forward that was there before, so the
+module's own computation runs unchanged. `remove_tar_from_modules` puts back exactly what
+was there (the previous instance attribute, or none). The step comes from the caller:
+``set_step(model, i)`` before each denoising step (0 = noisiest), so both guidance branches
+of a step, in one call or two, see the same step.
 """
 
-from .integrations.config import PRESETS, LevelSpec, TARConfig
-from .integrations.lvdm import apply_tar_to_modules, remove_tar_from_modules, set_step, tar_modules
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from .functional import tar_attention
+from .tar_config import PRESETS, LevelSpec, TARConfig
 
 __all__ = ["PRESETS", "LevelSpec", "TARConfig", "apply_tar_to_modules", "remove_tar_from_modules", "set_step",
            "tar_modules"]
+
+INTERFACE = ("to_q", "to_k", "to_v", "to_out", "heads", "scale")
+
+_STATE_ATTR = "_vstar_tar_modules"
+_NO_FORWARD = object()  # the module had no instance attribute `forward`
+
+
+@dataclass
+class _State:
+    config: TARConfig
+    step: Optional[int] = None
+    patched: List["_TARForward"] = field(default_factory=list)
+
+
+def _call_arguments(x, context=None, mask=None):
+    """The lvdm attention call signature."""
+    return x, context, mask
+
+
+class _TARForward:
+    """The forward of one patched module: TAR where regularized, the module's previous forward elsewhere."""
+
+    def __init__(self, name: str, module: torch.nn.Module, level: int, spec: LevelSpec, state: _State):
+        self.name = name
+        self.module = module
+        self.level = level
+        self.spec = spec
+        self.state = state
+        self.previous = vars(module).get("forward", _NO_FORWARD)
+        self.original: Callable = module.forward
+
+    def __call__(self, *args, **kwargs):
+        if not self._regularized():
+            return self.original(*args, **kwargs)
+        x, context, mask = _call_arguments(*args, **kwargs)
+        if context is not None and context is not x:
+            raise ValueError(f"{self.name}: TAR regularizes self-attention over frames, but this call passed a "
+                             "context (cross-attention); select only temporal self-attention modules")
+        if mask is not None:
+            raise ValueError(f"{self.name}: TAR takes no mask, but this call passed one")
+        module = self.module
+        batch, frames = x.shape[:2]
+        q, k, v = (proj(x) for proj in (module.to_q, module.to_k, module.to_v))
+        q, k, v = (t.view(batch, frames, module.heads, t.shape[-1] // module.heads).transpose(1, 2)
+                   for t in (q, k, v))
+        out = tar_attention(q, k, v, scale=float(module.scale), backend=self.state.config.backend,
+                            **self.spec.tar_kwargs(frames, frames, device=q.device, dtype=q.dtype,
+                                                   where=f"{self.name} (level {self.level})"))
+        return module.to_out(out.transpose(1, 2).reshape(batch, frames, -1))
+
+    def _regularized(self) -> bool:
+        config, step = self.state.config, self.state.step
+        if not self.spec.active:
+            return False
+        if step is None:
+            if config.until_step is None:
+                return True
+            raise RuntimeError(f"{self.name}: TAR runs on steps 0..{config.until_step} only and no step was set: "
+                               "call set_step(model, i) before each denoising step (0 = noisiest)")
+        return config.regularizes(step)
+
+    def restore(self) -> None:
+        if self.previous is _NO_FORWARD:
+            del self.module.forward
+        else:
+            self.module.forward = self.previous
+
+
+def _check_interface(name: str, module) -> None:
+    missing = [attr for attr in INTERFACE if not hasattr(module, attr)]
+    if missing:
+        raise TypeError(f"{name} ({type(module).__name__}) lacks {', '.join(missing)} of the lvdm attention "
+                        f"interface ({', '.join(INTERFACE)}); select returned a level for it")
+    if isinstance(module.to_out, torch.nn.ModuleList) or not callable(module.to_out):
+        raise TypeError(f"{name}: to_out must be callable on the merged heads (lvdm's Linear + Dropout sequence); "
+                        "for diffusers Attention modules use vstar_kernels.diffusers.apply_tar")
+    heads = module.heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise TypeError(f"{name}: heads must be a positive int, got {heads!r}")
+    if isinstance(module.scale, bool) or not isinstance(module.scale, numbers.Real):
+        raise TypeError(f"{name}: scale must be a real number, got {module.scale!r}")
+    if getattr(module, "relative_position", False):
+        raise ValueError(f"{name} adds relative position embeddings to its scores, which TAR does not compute")
+
+
+def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
+                         select: Callable[[str, torch.nn.Module], Optional[int]]) -> List[str]:
+    """Regularize lvdm-style temporal attention modules of `model` with TAR.
+
+    Args:
+        model: any module holding the attention modules (VideoCrafter2: the diffusion UNet).
+        config: a `TARConfig` (levels, until_step, backend; a level may carry a delta).
+            ``include_input_block`` is not used: `select` decides.
+        select: ``select(name, module)`` for each of ``model.named_modules()``: the resolution
+            level (int, 0 = full latent resolution) of a temporal self-attention module, or
+            None to leave the module alone. Modules at levels the config does not list are
+            left alone too.
+
+    Returns:
+        The names of the patched modules. Applying again replaces the previous config.
+        Call `set_step(model, i)` before each denoising step (needed when
+        ``config.until_step`` is not None) and `remove_tar_from_modules(model)` to undo.
+
+    Raises:
+        TypeError: a selected module lacks the interface (``to_q``, ``to_k``, ``to_v``,
+            ``to_out``, ``heads``, ``scale``).
+        ValueError: select chose no module, returned a bad level, or a config level has no module.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, TARConfig):
+        raise TypeError(f"config must be a TARConfig, got {type(config).__name__}")
+    if not callable(select):
+        raise TypeError(f"select must be a function (name, module) -> level or None, got {type(select).__name__}")
+    chosen = []
+    for name, module in model.named_modules():
+        level = select(name, module)
+        if level is None:
+            continue
+        if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+            raise ValueError(f"select({name!r}, ...) returned {level!r}: a level is an int >= 0, or None")
+        chosen.append((name, module, level))
+    if not chosen:
+        raise ValueError("select returned a level for no module of the model")
+    found = sorted({level for _, _, level in chosen})
+    missing = sorted(set(config.levels) - set(found))
+    if missing:
+        raise ValueError(f"config levels {missing} have no module: select put modules at levels {found}")
+    chosen = [(name, module, level) for name, module, level in chosen if level in config.levels]
+    for name, module, _ in chosen:
+        _check_interface(name, module)
+
+    remove_tar_from_modules(model)
+    state = _State(config)
+    for name, module, level in chosen:
+        patch = _TARForward(name, module, level, config.levels[level], state)
+        module.forward = patch
+        state.patched.append(patch)
+    setattr(model, _STATE_ATTR, state)
+    return [patch.name for patch in state.patched]
+
+
+def set_step(model: torch.nn.Module, step: int) -> None:
+    """The denoising step the next calls belong to (0 = noisiest), for every module TAR patched in `model`."""
+    state = vars(model).get(_STATE_ATTR)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has no TAR modules: call apply_tar_to_modules first")
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"step must be an int >= 0 (0 = noisiest), got {step!r}")
+    state.step = int(step)
+
+
+def remove_tar_from_modules(model: torch.nn.Module) -> None:
+    """Give every patched module back the forward it had before (no-op without TAR)."""
+    state = vars(model).get(_STATE_ATTR)
+    if state is None:
+        return
+    for patch in state.patched:
+        patch.restore()
+    delattr(model, _STATE_ATTR)
+
+
+def tar_modules(model: torch.nn.Module) -> List[Tuple[str, int, LevelSpec]]:
+    """(name, level, LevelSpec) of each module TAR patched in `model`, in module order."""
+    state = vars(model).get(_STATE_ATTR)
+    return [] if state is None else [(p.name, p.level, p.spec) for p in state.patched]

@@ -8,7 +8,7 @@ cross-attention then reads embedding f.
 
 This module needs only torch. The diffusers glue (`apply_vsp`, `remove_vsp`,
 `encode_synopsis`, `generate_with_synopsis`) lives in
-`vstar_kernels.integrations.vsp_diffusers` and is re-exported here on first access.
+`vstar_kernels.diffusers.vsp` and is re-exported here on first access.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _check_anchors(anchors, n: int, k: int) -> list:
 def __getattr__(name):
     if name in _DIFFUSERS_NAMES:
         try:
-            from .integrations import vsp_diffusers
+            from .diffusers import vsp as vsp_diffusers
         except ImportError as exc:
             raise ImportError(
                 f"vstar_kernels.vsp.{name} needs diffusers: pip install 'vstar_kernels[diffusers]' ({exc})"

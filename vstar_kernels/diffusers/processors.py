@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ..functional import tar_attention
-from .config import PRESET_UNTIL_STEP, PRESETS, LevelSpec, TARConfig  # noqa: F401 (re-exported)
+from ..tar_config import PRESET_UNTIL_STEP, PRESETS, LevelSpec, TARConfig  # noqa: F401 (re-exported)
 from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})

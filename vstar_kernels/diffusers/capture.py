@@ -32,7 +32,7 @@ import torch
 from .._validation import make_problem
 from ..reference import tar_scores
 from ..regularization import gaussian_bias
-from .diffusers import INPUT_BLOCKS, TEMPORAL_CONTAINERS, _denoiser, project_heads, tar_site, \
+from .processors import INPUT_BLOCKS, TEMPORAL_CONTAINERS, _denoiser, project_heads, tar_site, \
     temporal_attention_modules
 from .steps import StepTracker
 

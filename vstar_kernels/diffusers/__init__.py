@@ -1,7 +1,12 @@
 """TAR for diffusers video pipelines: ``from vstar_kernels.diffusers import apply_tar, TARConfig``.
 
-Needs the diffusers package (``pip install vstar_kernels[diffusers]``). The
-implementation is in `vstar_kernels.integrations.diffusers`.
+Needs the diffusers package (``pip install vstar_kernels[diffusers]``); importing this
+package, or any module in it, without diffusers raises an ImportError that names the extra.
+The modules: `processors` (TARAttnProcessor, apply/remove), `steps` (the denoising-step
+tracker), `capture` (temporal attention maps), `vsp` (Video Synopsis Prompting for diffusers
+UNets, public as `vstar_kernels.vsp`) and `attention_demo` (the CLI's ``demo-attention``).
+The config (TARConfig) needs only torch and lives in `vstar_kernels.tar_config`, shared with
+`vstar_kernels.lvdm`.
 """
 
 try:
@@ -12,8 +17,8 @@ except ImportError as exc:
         f"({exc}); install it with: pip install vstar_kernels[diffusers]"
     ) from exc
 
-from .integrations.capture import TemporalAttentionMaps, capture_temporal_attention
-from .integrations.diffusers import (
+from .capture import TemporalAttentionMaps, capture_temporal_attention
+from .processors import (
     PRESETS,
     LevelSpec,
     TARAttnProcessor,

@@ -13,9 +13,9 @@ from typing import Dict
 import torch
 
 from ..analysis import band_energy, diagonality, plot_attention_maps, short_layer_name
+from ..tar_config import TARConfig
 from .capture import capture_temporal_attention
-from .config import TARConfig
-from .diffusers import apply_tar, remove_tar
+from .processors import apply_tar, remove_tar
 
 
 def tiny_unet3d(seed: int = 0):

@@ -1,6 +1,7 @@
 """Where and when TAR regularizes a video model: per-level specs, the step gate, the paper's presets.
 
-Shared by every front-end (the diffusers processors, the lvdm-style module patch); needs only torch.
+Shared by every front-end (the diffusers processors, the lvdm-style module patch). It needs only
+torch, so it lives outside `vstar_kernels.diffusers`, whose import requires diffusers.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from .._validation import FLOAT_DTYPES, check_sigma
-from ..dispatch import BACKEND_NAMES
+from ._validation import FLOAT_DTYPES, check_sigma
+from .dispatch import BACKEND_NAMES
 
 
 @dataclass(frozen=True, eq=False)
