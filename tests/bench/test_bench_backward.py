@@ -1,20 +1,18 @@
 """The backward benchmark cases run on CPU too (Triton interpreter, tiny shapes): a harness check."""
 
 import math
-import os
 import pathlib
 import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # as tests/conftest.py does: the kernels run in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from .._device import DEVICE
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import bench_backward  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 TOL = dict(atol=2e-2, rtol=2e-2) if DEVICE == "cuda" else dict(atol=1e-4, rtol=1e-4)
 
