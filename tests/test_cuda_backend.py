@@ -11,7 +11,8 @@ import sys
 
 import pytest
 import torch
-from helpers import DELTA_KINDS, DTYPES, assert_close_to_reference, dtype_id, make_delta, make_qkv, reference64
+from helpers import CUDA, CUDA_DTYPES, DELTA_KINDS, assert_close_to_reference, dtype_id, make_delta, make_qkv, \
+    reference64
 
 import vstar_kernels as vk
 from vstar_kernels import _env, dispatch
@@ -111,9 +112,9 @@ def qkv(*shape, **kwargs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [40, 64, 80, 128, 256])
+@pytest.mark.parametrize("d", [40, 64, 80, 128, CUDA.SUPPORTED_MAX_HEAD_DIM])
 @pytest.mark.parametrize("n", [1, 7, 16, 33, 128, 256])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(max_mode="global"),
                                   dict(causal=True, max_mode="global", sigma=3.0, strength=-0.5, scale=0.1)],
                          ids=["row", "causal", "global", "causal-global-options"])
@@ -124,7 +125,7 @@ def test_gpu_forward_grid(n, d, dtype, opts):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4, 2, 20, 50, 32, 24), (4, 2, 70, 20, 32, 32), (2, 2, 300, 1024, 64, 40),
                                    (3, 1, 1, 1, 8, 8)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 def test_gpu_rectangular_and_extreme_shapes(shape, dtype):
     check_gpu(*qkv(*shape, dtype), causal=True)
     check_gpu(*qkv(*shape, dtype, seed=1), max_mode="global")
@@ -134,7 +135,7 @@ def test_gpu_rectangular_and_extreme_shapes(shape, dtype):
 @pytest.mark.parametrize("delta_dtype", ["fp32", "input"])
 @pytest.mark.parametrize("delta_shape", DELTA_KINDS)
 @pytest.mark.parametrize("n", [16, 200])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 def test_gpu_custom_delta(n, delta_shape, delta_dtype, dtype):
     B, H = 3, 2
     delta = make_delta(delta_shape, B, H, n, n, dtype=torch.float32 if delta_dtype == "fp32" else dtype, device="cuda")

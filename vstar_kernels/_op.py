@@ -99,8 +99,6 @@ _tar_attention.register_autograd(_backward, setup_context=_setup_context)
 
 def tar_attention_op(problem: TarProblem, backend: str) -> Tensor:
     """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv)."""
-    tensors = [t for t in (problem.q, problem.k, problem.v, problem.delta) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     out, _ = _tar_attention(problem.q, problem.k, problem.v, problem.delta, problem.sigma, problem.strength,
-                            problem.scale, problem.causal, problem.max_mode, backend, needs_grad)
+                            problem.scale, problem.causal, problem.max_mode, backend, problem.needs_grad())
     return out

@@ -74,6 +74,11 @@ class TarProblem:
         """False when the bias cannot change the result (plain attention)."""
         return self.strength != 0.0 and (self.delta is not None or self.sigma != math.inf)
 
+    def needs_grad(self) -> bool:
+        """Whether autograd will differentiate this call: grad mode is on and an input requires grad."""
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.delta))
+
     def output_shape(self) -> tuple:
         return (self.batch, self.heads, self.nq, self.head_dim_v)
 
