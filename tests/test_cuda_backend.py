@@ -180,7 +180,7 @@ def test_gpu_operator_registration_passes_opcheck():
     cuda_op()
     q, k, v = qkv(2, 2, 16, 16, 32, 32, torch.float16)
     delta = torch.rand(16, 16, device="cuda").expand(2, 2, 16, 16)
-    for args in ((q, k, v, None, 0.125, 1.0, 1.0, False, False), (q, k, v, delta, 0.125, math.inf, 2.0, True, True)):
+    for args in ((q, k, v, 1.0, 1.0, None, False, False, 0.125), (q, k, v, math.inf, 2.0, delta, True, True, 0.125)):
         torch.library.opcheck(torch.ops.vstar.tar_attention_fwd.default, args)
 
 

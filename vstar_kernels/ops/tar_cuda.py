@@ -20,12 +20,12 @@ torch.ops.load_library(_path)
 
 
 @torch.library.register_fake("vstar::tar_attention_fwd")
-def _tar_attention_fwd_fake(q, k, v, delta, scale, sigma, strength, causal, global_max):
+def _tar_attention_fwd_fake(q, k, v, sigma, strength, delta, causal, global_max, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def tar_forward(problem: TarProblem) -> torch.Tensor:
     """Run the operator on a validated problem; returns (B, H, Nq, Dv) in q's dtype."""
-    return torch.ops.vstar.tar_attention_fwd(problem.q, problem.k, problem.v, problem.delta, problem.scale,
-                                             problem.sigma, problem.strength, problem.causal,
-                                             problem.max_mode == "global")
+    return torch.ops.vstar.tar_attention_fwd(problem.q, problem.k, problem.v, problem.sigma, problem.strength,
+                                             problem.delta, problem.causal, problem.max_mode == "global",
+                                             problem.scale)
