@@ -15,7 +15,8 @@ from helpers import CUDA, CUDA_DTYPES, DELTA_KINDS, assert_close_to_reference, d
     reference64
 
 import vstar_kernels as vk
-from vstar_kernels import _env, dispatch
+from vstar_kernels import dispatch
+from vstar_kernels.ops import _load, tar_cuda
 from vstar_kernels._validation import make_problem
 
 
@@ -27,26 +28,26 @@ def problem(q, **kw):
 
 @pytest.fixture
 def fresh_cuda_probe():
-    _env.cuda_ops.cache_clear()
+    tar_cuda.load.cache_clear()
     yield
-    _env.cuda_ops.cache_clear()
+    tar_cuda.load.cache_clear()
 
 
 def test_not_built_is_reported_not_raised(monkeypatch, fresh_cuda_probe):
-    monkeypatch.setattr(_env, "cuda_extension_path", lambda: None)
+    monkeypatch.setattr(tar_cuda, "extension_path", lambda: None)
     with pytest.raises(vk.BackendUnavailableError,
                        match=r"backend='cuda' cannot run this call: the CUDA C\+\+ extension is not built "
                              r"\(VSTAR_BUILD_CUDA=1 pip install -e \. --no-build-isolation"):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="cuda")
-    assert dispatch.availability("cpu")["cuda"].startswith(_env.CUDA_NOT_BUILT)
+    assert dispatch.availability("cpu")["cuda"].startswith(tar_cuda.NOT_BUILT)
     assert dispatch.select(problem(torch.randn(1, 1, 8, 8)), "auto").name == "reference"
 
 
 def test_broken_library_is_reported_not_raised(monkeypatch, tmp_path, fresh_cuda_probe):
     broken = tmp_path / "_C.so"
     broken.write_bytes(b"not a shared library")
-    monkeypatch.setattr(_env, "cuda_extension_path", lambda: str(broken))
-    probe = _env.cuda_ops()
+    monkeypatch.setattr(tar_cuda, "extension_path", lambda: str(broken))
+    probe = tar_cuda.load()
     assert not probe.ok
     assert probe.reason.startswith("the CUDA C++ extension failed to load (OSError")
     assert str(broken) in probe.reason
@@ -55,7 +56,7 @@ def test_broken_library_is_reported_not_raised(monkeypatch, tmp_path, fresh_cuda
 
 
 def test_declared_limits_come_with_reasons(monkeypatch):
-    monkeypatch.setattr(_env, "cuda_ops", lambda: _env.Probe(sys, ""))  # as if built and loaded
+    monkeypatch.setattr(tar_cuda, "load", lambda: _load.Probe(sys, ""))  # as if built and loaded
     backend = dispatch.BACKENDS["cuda"]
     assert backend.not_supported_reasons(problem(torch.randn(1, 1, 8, 8))) == [
         "the CUDA C++ kernel runs on CUDA tensors, got cpu tensors"]
@@ -75,8 +76,8 @@ def test_info_says_whether_the_extension_is_built(capsys, fresh_cuda_probe):
     assert main(["info"]) == 0
     stdout = capsys.readouterr().out
     line = next(ln for ln in stdout.splitlines() if ln.startswith("cuda ext"))
-    if _env.cuda_extension_path() is None:
-        assert line == f"cuda ext      unavailable: {_env.CUDA_NOT_BUILT}"
+    if tar_cuda.extension_path() is None:
+        assert line == f"cuda ext      unavailable: {tar_cuda.NOT_BUILT}"
     else:
         assert line.startswith(("cuda ext      built: ", "cuda ext      unavailable: the CUDA C++ extension failed"))
     assert "backend cuda       on cpu    : unavailable:" in stdout
@@ -87,8 +88,8 @@ def test_info_says_whether_the_extension_is_built(capsys, fresh_cuda_probe):
 
 def cuda_op():
     """The loaded operator module; skips when the extension was not built, fails when it is broken."""
-    probe = _env.cuda_ops()
-    if not probe.ok and probe.reason == _env.CUDA_NOT_BUILT:
+    probe = tar_cuda.load()
+    if not probe.ok and probe.reason == tar_cuda.NOT_BUILT:
         pytest.skip(probe.reason)
     assert probe.ok, probe.reason
     return probe.module
@@ -187,6 +188,6 @@ def test_gpu_operator_registration_passes_opcheck():
 @pytest.mark.gpu
 def test_gpu_auto_falls_back_to_cuda_without_triton(monkeypatch):
     cuda_op()
-    monkeypatch.setattr(_env, "triton_ops", lambda: _env.Probe(None, "triton is not importable (test)"))
+    monkeypatch.setattr(_load, "triton_ops", lambda: _load.Probe(None, "triton is not importable (test)"))
     q = torch.randn(1, 1, 16, 16, device="cuda", dtype=torch.float16)
     assert dispatch.select(problem(q), "auto").name == "cuda"

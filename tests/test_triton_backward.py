@@ -13,9 +13,9 @@ from helpers import DELTA_KINDS, DTYPES, OPTION_GRID, assert_grads_close, dtype_
     reference_grads, shape_id
 
 import vstar_kernels as vk
-from vstar_kernels._env import triton_backward_ops, triton_ops
 from vstar_kernels._validation import make_problem
 from vstar_kernels.ops import layout
+from vstar_kernels.ops._load import triton_backward_ops, triton_ops
 
 def random_grad_out(q, v, *, layout_="bhnd", seed=10):
     """An output gradient (B, H, Nq, Dv), contiguous or as a strided (B, N, H, D) view."""

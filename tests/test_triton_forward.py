@@ -10,8 +10,8 @@ from helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, TRITON, assert
     make_delta, make_qkv, opts_id, reference64, shape_id
 
 import vstar_kernels as vk
-from vstar_kernels._env import triton_ops
 from vstar_kernels._validation import make_problem
+from vstar_kernels.ops._load import triton_ops
 
 
 def run_and_check(q, k, v, **opts):

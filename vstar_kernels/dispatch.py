@@ -12,7 +12,7 @@ import torch
 
 from . import _env
 from ._validation import FLOAT_DTYPES, TarProblem
-from .ops import layout
+from .ops import _load, layout, tar_cuda
 from .reference import reference_backward, reference_forward
 
 # Stands for q's dtype in SUPPORTED_DELTA_DTYPES.
@@ -122,12 +122,12 @@ class TritonBackend(Backend):
     SUPPORTED_DELTA_DTYPES = KERNEL_DTYPES
 
     def not_supported_reasons(self, problem):
-        load_reason = _env.triton_state()[0]
+        load_reason = _load.triton_state()[0]
         return [load_reason] if load_reason else super().not_supported_reasons(problem)
 
     def state_reasons(self, problem):
         reasons = []
-        _, interpreting, requested = _env.triton_state()
+        _, interpreting, requested = _load.triton_state()
         if interpreting != requested:
             reasons.append(
                 "the Triton kernels were loaded with TRITON_INTERPRET="
@@ -148,10 +148,10 @@ class TritonBackend(Backend):
         return reasons
 
     def backward_reason(self):
-        return _env.triton_backward_reason()
+        return _load.triton_backward_reason()
 
     def forward(self, problem):
-        return _env.triton_ops().module.tar_forward(problem)
+        return _load.triton_ops().module.tar_forward(problem)
 
     def stats_shape(self, problem, needs_grad):
         return layout.stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
@@ -159,11 +159,11 @@ class TritonBackend(Backend):
 
     def forward_saving(self, problem):
         stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)
-        out = _env.triton_ops().module.tar_forward(problem, stats=stats if stats.numel() else None)
+        out = _load.triton_ops().module.tar_forward(problem, stats=stats if stats.numel() else None)
         return out, stats
 
     def backward(self, problem, out, stats, grad_out, delta_grad):
-        return _env.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
+        return _load.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
 
 
 class CudaBackend(Backend):
@@ -183,11 +183,11 @@ class CudaBackend(Backend):
     SUPPORTED_DELTA_DTYPES = (torch.float32, INPUT_DTYPE)
 
     def state_reasons(self, problem):
-        probe = _env.cuda_ops()
+        probe = tar_cuda.load()
         return [] if probe.ok else [probe.reason]
 
     def forward(self, problem):
-        return _env.cuda_ops().module.tar_forward(problem)
+        return tar_cuda.tar_forward(problem)
 
 
 BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
