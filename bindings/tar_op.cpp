@@ -33,9 +33,11 @@ void copy_strides(int64_t* dst, const at::Tensor& t) {
   for (int n = 0; n < 4; ++n) dst[n] = t.stride(n);
 }
 
-at::Tensor tar_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::optional<at::Tensor>& delta, double scale, double sigma,
-                             double strength, bool causal, bool global_max) {
+// The arguments follow the order of tar_attention's keywords (sigma, strength, delta, causal,
+// max_mode, scale), as the vstar::tar_attention op of vstar_kernels/_op.py does.
+at::Tensor tar_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+                             double strength, const std::optional<at::Tensor>& delta, bool causal,
+                             bool global_max, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k and v must be 4-D (B, H, N, D), got ",
               q.dim(), "-D, ", k.dim(), "-D and ", v.dim(), "-D");
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
@@ -106,8 +108,8 @@ at::Tensor tar_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at:
 
 TORCH_LIBRARY(vstar, m) {
   m.def(
-      "tar_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? delta, float scale, float sigma, "
-      "float strength, bool causal, bool global_max) -> Tensor");
+      "tar_attention_fwd(Tensor q, Tensor k, Tensor v, float sigma, float strength, Tensor? delta, "
+      "bool causal, bool global_max, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vstar, CUDA, m) { m.impl("tar_attention_fwd", &vstar::tar_attention_fwd); }

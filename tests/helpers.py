@@ -1,16 +1,20 @@
-"""Shared test helpers: the per-dtype tolerance table, an independent float64 evaluation, and the
-inputs, option grids and parametrization ids the kernel tests share."""
+"""Shared test helpers: the kernel backends' declared dtypes, the per-dtype tolerance table, an
+independent float64 evaluation, and the inputs, option grids and parametrization ids the kernel tests share."""
 
 import math
 
 import torch
 
 import vstar_kernels as vk
+from vstar_kernels.dispatch import BACKENDS
 
 from ._device import DEVICE
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-DTYPES = list(DTYPE_IDS)
+# The kernel backends' grids come from what they declare (dispatch.Backend.SUPPORTED_*).
+TRITON, CUDA = BACKENDS["triton"], BACKENDS["cuda"]
+DTYPES = list(TRITON.SUPPORTED_DTYPES)
+CUDA_DTYPES = list(CUDA.SUPPORTED_DTYPES)
 
 
 def dtype_id(dtype):

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels import _env, dispatch
+from vstar_kernels import dispatch
+from vstar_kernels.ops import _load, tar_cuda
 from vstar_kernels._validation import make_problem
 
-from .helpers import DELTA_KINDS, DTYPES, assert_close_to_reference, dtype_id, make_delta, make_qkv, reference64
+from .helpers import CUDA, CUDA_DTYPES, DELTA_KINDS, assert_close_to_reference, dtype_id, make_delta, make_qkv, \
+    reference64
 
 
 def problem(q, **kw):
@@ -27,26 +29,26 @@ def problem(q, **kw):
 
 @pytest.fixture
 def fresh_cuda_probe():
-    _env.cuda_ops.cache_clear()
+    tar_cuda.load.cache_clear()
     yield
-    _env.cuda_ops.cache_clear()
+    tar_cuda.load.cache_clear()
 
 
 def test_not_built_is_reported_not_raised(monkeypatch, fresh_cuda_probe):
-    monkeypatch.setattr(_env, "cuda_extension_path", lambda: None)
+    monkeypatch.setattr(tar_cuda, "extension_path", lambda: None)
     with pytest.raises(vk.BackendUnavailableError,
                        match=r"backend='cuda' cannot run this call: the CUDA C\+\+ extension is not built "
                              r"\(VSTAR_BUILD_CUDA=1 pip install -e \. --no-build-isolation"):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="cuda")
-    assert dispatch.availability("cpu")["cuda"].startswith(_env.CUDA_NOT_BUILT)
+    assert dispatch.availability("cpu")["cuda"].startswith(tar_cuda.NOT_BUILT)
     assert dispatch.select(problem(torch.randn(1, 1, 8, 8)), "auto").name == "reference"
 
 
 def test_broken_library_is_reported_not_raised(monkeypatch, tmp_path, fresh_cuda_probe):
     broken = tmp_path / "_C.so"
     broken.write_bytes(b"not a shared library")
-    monkeypatch.setattr(_env, "cuda_extension_path", lambda: str(broken))
-    probe = _env.cuda_ops()
+    monkeypatch.setattr(tar_cuda, "extension_path", lambda: str(broken))
+    probe = tar_cuda.load()
     assert not probe.ok
     assert probe.reason.startswith("the CUDA C++ extension failed to load (OSError")
     assert str(broken) in probe.reason
@@ -55,7 +57,7 @@ def test_broken_library_is_reported_not_raised(monkeypatch, tmp_path, fresh_cuda
 
 
 def test_declared_limits_come_with_reasons(monkeypatch):
-    monkeypatch.setattr(_env, "cuda_ops", lambda: _env.Probe(sys, ""))  # as if built and loaded
+    monkeypatch.setattr(tar_cuda, "load", lambda: _load.Probe(sys, ""))  # as if built and loaded
     backend = dispatch.BACKENDS["cuda"]
     assert backend.not_supported_reasons(problem(torch.randn(1, 1, 8, 8))) == [
         "the CUDA C++ kernel runs on CUDA tensors, got cpu tensors"]
@@ -75,8 +77,8 @@ def test_info_says_whether_the_extension_is_built(capsys, fresh_cuda_probe):
     assert main(["info"]) == 0
     stdout = capsys.readouterr().out
     line = next(ln for ln in stdout.splitlines() if ln.startswith("cuda ext"))
-    if _env.cuda_extension_path() is None:
-        assert line == f"cuda ext      unavailable: {_env.CUDA_NOT_BUILT}"
+    if tar_cuda.extension_path() is None:
+        assert line == f"cuda ext      unavailable: {tar_cuda.NOT_BUILT}"
     else:
         assert line.startswith(("cuda ext      built: ", "cuda ext      unavailable: the CUDA C++ extension failed"))
     assert "backend cuda       on cpu    : unavailable:" in stdout
@@ -87,8 +89,8 @@ def test_info_says_whether_the_extension_is_built(capsys, fresh_cuda_probe):
 
 def cuda_op():
     """The loaded operator module; skips when the extension was not built, fails when it is broken."""
-    probe = _env.cuda_ops()
-    if not probe.ok and probe.reason == _env.CUDA_NOT_BUILT:
+    probe = tar_cuda.load()
+    if not probe.ok and probe.reason == tar_cuda.NOT_BUILT:
         pytest.skip(probe.reason)
     assert probe.ok, probe.reason
     return probe.module
@@ -112,9 +114,9 @@ def qkv(*shape, **kwargs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [40, 64, 80, 128, 256])
+@pytest.mark.parametrize("d", [40, 64, 80, 128, CUDA.SUPPORTED_MAX_HEAD_DIM])
 @pytest.mark.parametrize("n", [1, 7, 16, 33, 128, 256])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(max_mode="global"),
                                   dict(causal=True, max_mode="global", sigma=3.0, strength=-0.5, scale=0.1)],
                          ids=["row", "causal", "global", "causal-global-options"])
@@ -125,7 +127,7 @@ def test_gpu_forward_grid(n, d, dtype, opts):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4, 2, 20, 50, 32, 24), (4, 2, 70, 20, 32, 32), (2, 2, 300, 1024, 64, 40),
                                    (3, 1, 1, 1, 8, 8)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 def test_gpu_rectangular_and_extreme_shapes(shape, dtype):
     check_gpu(*qkv(*shape, dtype), causal=True)
     check_gpu(*qkv(*shape, dtype, seed=1), max_mode="global")
@@ -135,7 +137,7 @@ def test_gpu_rectangular_and_extreme_shapes(shape, dtype):
 @pytest.mark.parametrize("delta_dtype", ["fp32", "input"])
 @pytest.mark.parametrize("delta_shape", DELTA_KINDS)
 @pytest.mark.parametrize("n", [16, 200])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 def test_gpu_custom_delta(n, delta_shape, delta_dtype, dtype):
     B, H = 3, 2
     delta = make_delta(delta_shape, B, H, n, n, dtype=torch.float32 if delta_dtype == "fp32" else dtype, device="cuda")
@@ -180,13 +182,13 @@ def test_gpu_operator_registration_passes_opcheck():
     cuda_op()
     q, k, v = qkv(2, 2, 16, 16, 32, 32, torch.float16)
     delta = torch.rand(16, 16, device="cuda").expand(2, 2, 16, 16)
-    for args in ((q, k, v, None, 0.125, 1.0, 1.0, False, False), (q, k, v, delta, 0.125, math.inf, 2.0, True, True)):
+    for args in ((q, k, v, 1.0, 1.0, None, False, False, 0.125), (q, k, v, math.inf, 2.0, delta, True, True, 0.125)):
         torch.library.opcheck(torch.ops.vstar.tar_attention_fwd.default, args)
 
 
 @pytest.mark.gpu
 def test_gpu_auto_falls_back_to_cuda_without_triton(monkeypatch):
     cuda_op()
-    monkeypatch.setattr(_env, "triton_ops", lambda: _env.Probe(None, "triton is not importable (test)"))
+    monkeypatch.setattr(_load, "triton_ops", lambda: _load.Probe(None, "triton is not importable (test)"))
     q = torch.randn(1, 1, 16, 16, device="cuda", dtype=torch.float16)
     assert dispatch.select(problem(q), "auto").name == "cuda"

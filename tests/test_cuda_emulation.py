@@ -13,8 +13,8 @@ import torch
 from vstar_kernels import dispatch
 
 from .cuda_toolchain import cuda_home, cxx_path, emulate, emulation_library, plan
-from .helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, make_delta, \
-    make_qkv, opts_id, reference64, shape_id
+from .helpers import CUDA, CUDA_DTYPES, DELTA_KINDS, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, \
+    make_delta, make_qkv, opts_id, reference64, shape_id
 
 pytestmark = pytest.mark.skipif(cuda_home() is None or cxx_path() is None,
                                 reason="the emulation needs a host C++ compiler and the CUDA headers (cuda_fp16.h)")
@@ -32,9 +32,9 @@ def check(q, k, v, **opts):
     return out
 
 
-@pytest.mark.parametrize("d", [40, 64, 80, 128, 256])
+@pytest.mark.parametrize("d", [40, 64, 80, 128, CUDA.SUPPORTED_MAX_HEAD_DIM])
 @pytest.mark.parametrize("n", [1, 7, 16, 33, 128, 256])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 def test_forward_grid(n, d, dtype):
     B, H = (2, 3) if n <= 33 else (1, 2)
     check(*cpu_qkv(B, H, n, n, d, d, dtype, seed=n + d))
@@ -125,8 +125,8 @@ def test_plans_fit_shared_memory_and_pack_short_sequences():
 
 def test_python_limits_match_the_kernel():
     lib = emulation_library()
-    assert dispatch.MAX_CUDA_HEAD_DIM == lib.vstar_limit(0)
-    assert dispatch.MAX_CUDA_KEYS == lib.vstar_limit(1)
+    assert dispatch.CudaBackend.SUPPORTED_MAX_HEAD_DIM == lib.vstar_limit(0)
+    assert dispatch.CudaBackend.SUPPORTED_MAX_KEYS == lib.vstar_limit(1)
 
 
 @pytest.mark.parametrize("sigma", [1e-20, 1e-170, 5e-324])

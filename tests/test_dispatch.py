@@ -45,9 +45,9 @@ def test_triton_accepts_inputs_that_require_grad():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
 def test_triton_backward_that_cannot_load_is_a_reason(monkeypatch):
-    from vstar_kernels import _env
+    from vstar_kernels.ops import _load
 
-    monkeypatch.setattr(_env, "triton_backward_ops", lambda: _env.Probe(None, "backward kernels missing (test)"))
+    monkeypatch.setattr(_load, "triton_backward_ops", lambda: _load.Probe(None, "backward kernels missing (test)"))
     q = torch.randn(1, 1, 8, 8, requires_grad=True)
     with pytest.raises(vk.BackendUnavailableError, match=r"inputs require grad and backward kernels missing \(test\)"):
         dispatch.select(problem(q), "triton")
@@ -87,9 +87,9 @@ def test_interpreter_turned_on_after_import_says_what_to_do():
 
 
 def test_missing_triton_is_reported_not_raised_at_import(monkeypatch):
-    from vstar_kernels import _env
+    from vstar_kernels.ops import _load
 
-    monkeypatch.setattr(_env, "triton_ops", lambda: _env.Probe(None, "triton is not importable (test)"))
+    monkeypatch.setattr(_load, "triton_ops", lambda: _load.Probe(None, "triton is not importable (test)"))
     with pytest.raises(vk.BackendUnavailableError, match=r"triton is not importable \(test\)"):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="triton")
     assert dispatch.availability("cpu")["triton"] == "triton is not importable (test)"

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels._env import triton_backward_ops, triton_ops
 from vstar_kernels._validation import make_problem
 from vstar_kernels.ops import layout
+from vstar_kernels.ops._load import triton_backward_ops, triton_ops
 
 from ._device import DEVICE
 from .helpers import DELTA_KINDS, DTYPES, OPTION_GRID, assert_grads_close, dtype_id, make_delta, make_qkv, opts_id, \

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import vstar_kernels as vk
-from vstar_kernels._env import triton_ops
 from vstar_kernels._validation import make_problem
+from vstar_kernels.ops._load import triton_ops
 
 from ._device import DEVICE
-from .helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, make_delta, \
-    make_qkv, opts_id, reference64, shape_id
+from .helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, TRITON, assert_close_to_reference, dtype_id, \
+    make_delta, make_qkv, opts_id, reference64, shape_id
 
 
 def run_and_check(q, k, v, **opts):
@@ -34,12 +34,12 @@ PACKED_SHAPES = [
     (2, 2, 33, 33, 80, 80),
     (1, 2, 128, 128, 128, 128),
     (2, 2, 20, 50, 32, 24),     # Nq != Nk, Dv != D
-    (2, 1, 24, 24, 256, 72),    # widest head dim: 64-row tiles
+    (2, 1, 24, 24, TRITON.SUPPORTED_MAX_HEAD_DIM, 72),    # widest head dim: 64-row tiles
 ]
 TILED_SHAPES = [
     (1, 2, 300, 300, 64, 64),
     (1, 1, 150, 170, 40, 80),
-    (1, 1, 129, 129, 256, 256),
+    (1, 1, 129, 129, TRITON.SUPPORTED_MAX_HEAD_DIM, TRITON.SUPPORTED_MAX_HEAD_DIM),
 ]
 
 

@@ -7,9 +7,9 @@ can say about the autotuned GPU launches.
 import pytest
 import torch
 
-from vstar_kernels._env import triton_ops
 from vstar_kernels._validation import make_problem
 from vstar_kernels.ops import layout
+from vstar_kernels.ops._load import triton_ops
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def fwd():
 
 @pytest.fixture(scope="module")
 def bwd():
-    from vstar_kernels._env import triton_backward_ops
+    from vstar_kernels.ops._load import triton_backward_ops
 
     return triton_backward_ops().module
 

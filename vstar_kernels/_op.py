@@ -3,10 +3,13 @@
 One opaque call per direction, so `torch.compile(fullgraph=True)` traces a module calling
 `tar_attention` without graph breaks and CUDA graphs capture it:
 
-    vstar::tar_attention(q, k, v, delta, sigma, strength, scale, causal, max_mode, backend,
+    vstar::tar_attention(q, k, v, sigma, strength, delta, causal, max_mode, scale, backend,
                          needs_grad) -> (out, stats)
-    vstar::tar_attention_backward(grad_out, q, k, v, delta, out, stats, sigma, strength, scale,
-                                  causal, max_mode, backend, delta_grad) -> (dq, dk, dv, ddelta)
+    vstar::tar_attention_backward(grad_out, out, stats, q, k, v, sigma, strength, delta, causal,
+                                  max_mode, scale, backend, delta_grad) -> (dq, dk, dv, ddelta)
+
+The problem's arguments (q, k, v, sigma, ..., scale) come in the order of `tar_attention`'s
+keywords, as in `TarProblem` and the CUDA operator, so both schemas share them.
 
 q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) are the 4-D views `make_problem` returns
 (any strides), delta the (B, H, Nq, Nk) broadcast view of the custom bias or None; the
@@ -33,15 +36,22 @@ from ._validation import TarProblem
 from .dispatch import BACKENDS
 
 
-def _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode) -> TarProblem:
-    return TarProblem(q, k, v, scale, sigma, strength, delta, causal, max_mode, was_3d=False)
+def _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale) -> TarProblem:
+    return TarProblem(q=q, k=k, v=v, sigma=sigma, strength=strength, delta=delta, causal=causal, max_mode=max_mode,
+                      scale=scale, was_3d=False)
+
+
+def _problem_args(problem: TarProblem) -> tuple:
+    """The problem as the ops take it: (q, k, v, sigma, strength, delta, causal, max_mode, scale)."""
+    return (problem.q, problem.k, problem.v, problem.sigma, problem.strength, problem.delta, problem.causal,
+            problem.max_mode, problem.scale)
 
 
 @torch.library.custom_op("vstar::tar_attention", mutates_args=())
-def _tar_attention(q: Tensor, k: Tensor, v: Tensor, delta: Optional[Tensor], sigma: float, strength: float,
-                   scale: float, causal: bool, max_mode: str, backend: str,
+def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: float, delta: Optional[Tensor],
+                   causal: bool, max_mode: str, scale: float, backend: str,
                    needs_grad: bool) -> Tuple[Tensor, Tensor]:
-    problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
+    problem = _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale)
     impl = BACKENDS[backend]
     if needs_grad:
         return impl.forward_saving(problem)
@@ -49,49 +59,52 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, delta: Optional[Tensor], sig
 
 
 @_tar_attention.register_fake
-def _tar_attention_fake(q, k, v, delta, sigma, strength, scale, causal, max_mode, backend, needs_grad):
-    problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
+def _tar_attention_fake(q, k, v, sigma, strength, delta, causal, max_mode, scale, backend, needs_grad):
+    problem = _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale)
     out = q.new_empty(problem.output_shape())
     return out, q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32)
 
 
 @torch.library.custom_op("vstar::tar_attention_backward", mutates_args=())
-def _tar_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Optional[Tensor], out: Tensor,
-                            stats: Tensor, sigma: float, strength: float, scale: float, causal: bool, max_mode: str,
-                            backend: str, delta_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
+def _tar_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                            sigma: float, strength: float, delta: Optional[Tensor], causal: bool, max_mode: str,
+                            scale: float, backend: str, delta_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    problem = _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale)
     dq, dk, dv, ddelta = BACKENDS[backend].backward(problem, out, stats, grad_out, delta_grad)
     ddelta = ddelta.to(delta.dtype).contiguous() if delta_grad else q.new_empty(0)
     return dq, dk, dv, ddelta
 
 
 @_tar_attention_backward.register_fake
-def _tar_attention_backward_fake(grad_out, q, k, v, delta, out, stats, sigma, strength, scale, causal, max_mode,
+def _tar_attention_backward_fake(grad_out, out, stats, q, k, v, sigma, strength, delta, causal, max_mode, scale,
                                  backend, delta_grad):
     ddelta = delta.new_empty(delta.shape) if delta_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ddelta
 
 
+_DELTA = 5  # delta's position among vstar::tar_attention's inputs
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, delta, sigma, strength, scale, causal, max_mode, backend, _ = inputs
+    q, k, v, sigma, strength, delta, causal, max_mode, scale, backend, _ = inputs
     out, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(q, k, v, delta, out, stats)
-    ctx.options = (sigma, strength, scale, causal, max_mode, backend)
+    ctx.options = (sigma, strength, causal, max_mode, scale, backend)
 
 
 def _backward(ctx, grad_out, _grad_stats):
     q, k, v, delta, out, stats = ctx.saved_tensors
-    delta_grad = bool(ctx.needs_input_grad[3])
-    sigma, strength, scale, causal, max_mode, backend = ctx.options
+    delta_grad = bool(ctx.needs_input_grad[_DELTA])
+    sigma, strength, causal, max_mode, scale, backend = ctx.options
+    problem = _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale)
     impl = BACKENDS[backend]
     if impl.traceable_backward:
-        problem = _problem(q, k, v, delta, sigma, strength, scale, causal, max_mode)
         dq, dk, dv, ddelta = impl.backward(problem, out, stats, grad_out, delta_grad)
     else:
-        dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, q, k, v, delta, out, stats,
-                                                                    *ctx.options, delta_grad)
-    return dq, dk, dv, ddelta if delta_grad else None, None, None, None, None, None, None, None
+        dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, out, stats, *_problem_args(problem),
+                                                                    backend, delta_grad)
+    return dq, dk, dv, None, None, ddelta if delta_grad else None, None, None, None, None, None
 
 
 _tar_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -99,8 +112,5 @@ _tar_attention.register_autograd(_backward, setup_context=_setup_context)
 
 def tar_attention_op(problem: TarProblem, backend: str) -> Tensor:
     """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv)."""
-    tensors = [t for t in (problem.q, problem.k, problem.v, problem.delta) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    out, _ = _tar_attention(problem.q, problem.k, problem.v, problem.delta, problem.sigma, problem.strength,
-                            problem.scale, problem.causal, problem.max_mode, backend, needs_grad)
+    out, _ = _tar_attention(*_problem_args(problem), backend, problem.needs_grad())
     return out

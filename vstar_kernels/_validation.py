@@ -26,15 +26,16 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 class TarProblem:
     """A validated TAR call. q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv)."""
 
+    # The options in the order of tar_attention's keywords, as in the vstar:: op schemas.
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    scale: float
     sigma: float
     strength: float
     delta: Optional[torch.Tensor]  # (B, H, Nq, Nk) view or None
     causal: bool
     max_mode: str
+    scale: float
     was_3d: bool
 
     @property
@@ -73,6 +74,11 @@ class TarProblem:
     def regularized(self) -> bool:
         """False when the bias cannot change the result (plain attention)."""
         return self.strength != 0.0 and (self.delta is not None or self.sigma != math.inf)
+
+    def needs_grad(self) -> bool:
+        """Whether autograd will differentiate this call: grad mode is on and an input requires grad."""
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.delta))
 
     def output_shape(self) -> tuple:
         return (self.batch, self.heads, self.nq, self.head_dim_v)
@@ -179,4 +185,5 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale) ->
             ) from None
         if was_3d:
             bias = bias.unsqueeze(1)
-    return TarProblem(q, k, v, float(scale), sigma, strength, bias, causal, max_mode, was_3d)
+    return TarProblem(q=q, k=k, v=v, sigma=sigma, strength=strength, delta=bias, causal=causal, max_mode=max_mode,
+                      scale=float(scale), was_3d=was_3d)

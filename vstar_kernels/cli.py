@@ -51,6 +51,7 @@ def cmd_info(args) -> int:
 
     from . import __version__, _env
     from .dispatch import availability
+    from .ops import tar_cuda
 
     print(f"vstar_kernels {__version__}")
     print(f"python        {platform.python_version()}")
@@ -58,8 +59,8 @@ def cmd_info(args) -> int:
     print(f"triton        {_env.triton_version()}")
     print(f"diffusers     {_env.diffusers_version()}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
-    cuda_ext = _env.cuda_ops()
-    print(f"cuda ext      {'built: ' + _env.cuda_extension_path() if cuda_ext.ok else 'unavailable: ' + cuda_ext.reason}")
+    cuda_ext = tar_cuda.load()
+    print(f"cuda ext      {'built: ' + tar_cuda.extension_path() if cuda_ext.ok else 'unavailable: ' + cuda_ext.reason}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

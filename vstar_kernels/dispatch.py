@@ -11,28 +11,81 @@ from __future__ import annotations
 import torch
 
 from . import _env
-from ._validation import TarProblem
-from .ops import layout
+from ._validation import FLOAT_DTYPES, TarProblem
+from .ops import _load, layout, tar_cuda
 from .reference import reference_backward, reference_forward
 
-MAX_TRITON_HEAD_DIM = 256
-# The CUDA C++ operator's limits: kMaxHeadDim and kMaxKeys in bindings/tar_params.h.
-MAX_CUDA_HEAD_DIM = 256
-MAX_CUDA_KEYS = 1024
+# Stands for q's dtype in SUPPORTED_DELTA_DTYPES.
+INPUT_DTYPE = "the input dtype"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this call; the message says why."""
 
 
+def _dtype_name(dtype) -> str:
+    return dtype if dtype == INPUT_DTYPE else str(dtype).replace("torch.", "")
+
+
+def _one_of(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 class Backend:
+    """A backend: its capabilities are declared as data, which `not_supported_reasons` checks.
+
+    A subclass declares what it supports in the SUPPORTED_* attributes below (None: no limit) and
+    overrides `state_reasons` / `backward_reason` only for what depends on its runtime state.
+    """
+
     name = ""
+    kernel = ""  # what a reason calls this backend
     # backward() is differentiable PyTorch that torch.compile can trace: the op's autograd formula
     # calls it directly. False for kernels: they run behind the opaque vstar::tar_attention_backward.
     traceable_backward = True
 
+    SUPPORTED_DEVICES = None  # device types
+    SUPPORTED_DTYPES = FLOAT_DTYPES
+    SUPPORTED_MAX_HEAD_DIM = None  # of q/k and of v
+    SUPPORTED_MAX_KEYS = None
+    MAX_KEYS_HINT = ""  # why, and what to do instead
+    SUPPORTS_BACKWARD = True
+    SUPPORTED_DELTA_DTYPES = FLOAT_DTYPES  # INPUT_DTYPE: q's dtype
+
     def not_supported_reasons(self, problem: TarProblem) -> list:
-        raise NotImplementedError
+        """Why this backend cannot run `problem` ([] if it can): its state, then each declared limit."""
+        reasons = list(self.state_reasons(problem))
+        dev = problem.device.type
+        if self.SUPPORTED_DEVICES is not None and dev not in self.SUPPORTED_DEVICES:
+            wanted = _one_of(d.upper() for d in self.SUPPORTED_DEVICES)
+            reasons.append(f"{self.kernel} runs on {wanted} tensors, got {dev} tensors")
+        if problem.dtype not in self.SUPPORTED_DTYPES:
+            reasons.append(f"{_dtype_name(problem.dtype)} is not a kernel dtype "
+                           f"({', '.join(map(_dtype_name, self.SUPPORTED_DTYPES))}); use backend='reference'")
+        head_dim = max(problem.head_dim, problem.head_dim_v)
+        if self.SUPPORTED_MAX_HEAD_DIM is not None and head_dim > self.SUPPORTED_MAX_HEAD_DIM:
+            reasons.append(f"head dim {head_dim} > {self.SUPPORTED_MAX_HEAD_DIM}")
+        if self.SUPPORTED_MAX_KEYS is not None and problem.nk > self.SUPPORTED_MAX_KEYS:
+            reasons.append(f"Nk {problem.nk} > {self.SUPPORTED_MAX_KEYS}{self.MAX_KEYS_HINT}")
+        delta_dtypes = [problem.dtype if d == INPUT_DTYPE else d for d in self.SUPPORTED_DELTA_DTYPES]
+        if problem.delta is not None and problem.delta.dtype not in delta_dtypes:
+            reasons.append(f"delta is {problem.delta.dtype}; pass it in "
+                           f"{_one_of(map(_dtype_name, self.SUPPORTED_DELTA_DTYPES))}")
+        if problem.needs_grad():
+            backward_reason = self.backward_reason()
+            if backward_reason:
+                reasons.append(f"inputs require grad and {backward_reason}")
+        return reasons
+
+    def state_reasons(self, problem: TarProblem) -> list:
+        """Reasons that come from the backend's runtime state rather than its declared limits."""
+        return []
+
+    def backward_reason(self) -> str:
+        """Why this backend cannot differentiate a call, or ""."""
+        return "" if self.SUPPORTS_BACKWARD else f"{self.kernel} has no backward"
 
     def forward(self, problem: TarProblem) -> torch.Tensor:
         raise NotImplementedError
@@ -54,22 +107,27 @@ class Backend:
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def not_supported_reasons(self, problem):
-        return []
-
     def forward(self, problem):
         return reference_forward(problem)
 
 
 class TritonBackend(Backend):
     name = "triton"
+    kernel = "the Triton kernels"
     traceable_backward = False
 
+    SUPPORTED_DEVICES = ("cpu", "cuda")  # CPU under the interpreter only: see state_reasons
+    SUPPORTED_DTYPES = KERNEL_DTYPES
+    SUPPORTED_MAX_HEAD_DIM = 256
+    SUPPORTED_DELTA_DTYPES = KERNEL_DTYPES
+
     def not_supported_reasons(self, problem):
+        load_reason = _load.triton_state()[0]
+        return [load_reason] if load_reason else super().not_supported_reasons(problem)
+
+    def state_reasons(self, problem):
         reasons = []
-        load_reason, interpreting, requested = _env.triton_state()
-        if load_reason:
-            return [load_reason]
+        _, interpreting, requested = _load.triton_state()
         if interpreting != requested:
             reasons.append(
                 "the Triton kernels were loaded with TRITON_INTERPRET="
@@ -77,6 +135,8 @@ class TritonBackend(Backend):
                 "and leave it unchanged"
             )
         dev = problem.device.type
+        if dev not in self.SUPPORTED_DEVICES:
+            return reasons
         if interpreting and dev != "cpu":
             reasons.append(f"TRITON_INTERPRET=1 runs the kernels on CPU tensors, got {dev} tensors")
         if not interpreting:
@@ -85,22 +145,13 @@ class TritonBackend(Backend):
                                "compiled kernels run on CUDA tensors")
             elif not torch.cuda.is_available():
                 reasons.append("CUDA is not available to torch")
-        if problem.dtype == torch.float64:
-            reasons.append("float64 is not a kernel dtype (float16, bfloat16, float32); use backend='reference'")
-        if max(problem.head_dim, problem.head_dim_v) > MAX_TRITON_HEAD_DIM:
-            reasons.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_TRITON_HEAD_DIM}")
-        if problem.delta is not None and problem.delta.dtype == torch.float64:
-            reasons.append("delta is float64; pass it in float32 or the input dtype")
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)
-        ):
-            backward_reason = _env.triton_backward_reason()
-            if backward_reason:
-                reasons.append(f"inputs require grad and {backward_reason}")
         return reasons
 
+    def backward_reason(self):
+        return _load.triton_backward_reason()
+
     def forward(self, problem):
-        return _env.triton_ops().module.tar_forward(problem)
+        return _load.triton_ops().module.tar_forward(problem)
 
     def stats_shape(self, problem, needs_grad):
         return layout.stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
@@ -108,40 +159,35 @@ class TritonBackend(Backend):
 
     def forward_saving(self, problem):
         stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)
-        out = _env.triton_ops().module.tar_forward(problem, stats=stats if stats.numel() else None)
+        out = _load.triton_ops().module.tar_forward(problem, stats=stats if stats.numel() else None)
         return out, stats
 
     def backward(self, problem, out, stats, grad_out, delta_grad):
-        return _env.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
+        return _load.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
 
 
 class CudaBackend(Backend):
     """The CUDA C++ operator of bindings/ (optional: built with VSTAR_BUILD_CUDA=1)."""
 
     name = "cuda"
+    kernel = "the CUDA C++ kernel"
 
-    def not_supported_reasons(self, problem):
-        probe = _env.cuda_ops()
-        reasons = [] if probe.ok else [probe.reason]
-        if problem.device.type != "cuda":
-            reasons.append(f"the CUDA C++ kernel runs on CUDA tensors, got {problem.device.type} tensors")
-        if problem.dtype == torch.float64:
-            reasons.append("float64 is not a kernel dtype (float16, bfloat16, float32); use backend='reference'")
-        if max(problem.head_dim, problem.head_dim_v) > MAX_CUDA_HEAD_DIM:
-            reasons.append(f"head dim {max(problem.head_dim, problem.head_dim_v)} > {MAX_CUDA_HEAD_DIM}")
-        if problem.nk > MAX_CUDA_KEYS:
-            reasons.append(f"Nk {problem.nk} > {MAX_CUDA_KEYS}: the CUDA C++ kernel keeps whole score rows in "
-                           "shared memory; use backend='triton' for longer sequences")
-        if problem.delta is not None and problem.delta.dtype not in (torch.float32, problem.dtype):
-            reasons.append(f"delta is {problem.delta.dtype}; pass it in float32 or the input dtype")
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)
-        ):
-            reasons.append("inputs require grad and the CUDA C++ kernel has no backward")
-        return reasons
+    SUPPORTED_DEVICES = ("cuda",)
+    SUPPORTED_DTYPES = KERNEL_DTYPES
+    # kMaxHeadDim and kMaxKeys in bindings/tar_params.h.
+    SUPPORTED_MAX_HEAD_DIM = 256
+    SUPPORTED_MAX_KEYS = 1024
+    MAX_KEYS_HINT = (": the CUDA C++ kernel keeps whole score rows in shared memory; "
+                     "use backend='triton' for longer sequences")
+    SUPPORTS_BACKWARD = False
+    SUPPORTED_DELTA_DTYPES = (torch.float32, INPUT_DTYPE)
+
+    def state_reasons(self, problem):
+        probe = tar_cuda.load()
+        return [] if probe.ok else [probe.reason]
 
     def forward(self, problem):
-        return _env.cuda_ops().module.tar_forward(problem)
+        return tar_cuda.tar_forward(problem)
 
 
 BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 import vstar_kernels as vk
 
-from .. import _env, dispatch
+from .. import dispatch
+from ..ops._load import triton_ops
 from ..reference import CHUNK_ELEMENTS
 from ..regularization import gaussian_bias
 
@@ -121,7 +122,7 @@ def reference_compiled(q, k, v, spec):
 
 def _compile_why_not(device, dtype):
     if device.type == "cuda":
-        return "" if _env.triton_ops().ok else f"torch.compile on CUDA needs Triton: {_env.triton_ops().reason}"
+        return "" if triton_ops().ok else f"torch.compile on CUDA needs Triton: {triton_ops().reason}"
     return ""
 
 
@@ -192,8 +193,8 @@ def _flex_why_not(device_type: str):
         from torch.nn.attention.flex_attention import AuxRequest, flex_attention
     except ImportError as exc:
         return f"torch {torch.__version__} has no flex_attention AuxRequest ({exc})"
-    if device_type == "cuda" and not _env.triton_ops().ok:
-        return f"compiled flex_attention needs Triton: {_env.triton_ops().reason}"
+    if device_type == "cuda" and not triton_ops().ok:
+        return f"compiled flex_attention needs Triton: {triton_ops().reason}"
     # Ask torch (eagerly, on a tiny call) whether it returns the row max on this device.
     t = torch.zeros(1, 1, 16, 16, device=device_type)
     try:

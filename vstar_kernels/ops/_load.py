@@ -1,0 +1,86 @@
+"""Loading the Triton kernels of this package. Each is tried once; the reason it is missing is kept.
+
+Nothing here runs at `import vstar_kernels`: the kernels load on first use. The CUDA C++
+extension has its own loader, `tar_cuda.load()`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from .. import _env
+
+
+@dataclass(frozen=True)
+class Probe:
+    module: Optional[ModuleType]
+    reason: str  # why the module is unavailable ("" when it loaded)
+
+    @property
+    def ok(self) -> bool:
+        return self.module is not None
+
+
+def triton_ops() -> Probe:
+    """ops.tar_fwd, which needs triton. Loaded once, in the mode the environment asks for.
+
+    Until it has loaded, a TRITON_INTERPRET that triton cannot follow is reported without being
+    remembered: setting the variable back to the mode of triton's import still loads the kernels.
+    """
+    if _load_triton_ops.cache_info().currsize == 0:
+        try:
+            mismatch = _env.triton_mode_mismatch()
+        except Exception:  # no triton, or a broken one: _load_triton_ops says why
+            mismatch = ""
+        if mismatch:
+            return Probe(None, mismatch)
+    return _load_triton_ops()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton_ops() -> Probe:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return Probe(None, f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton")
+    try:
+        from . import tar_fwd
+    except Exception as exc:
+        return Probe(None, f"the Triton kernels failed to load ({type(exc).__name__}: {exc})")
+    return Probe(tar_fwd, "")
+
+
+def triton_backward_ops() -> Probe:
+    """ops.tar_bwd, the fused backward; needs what triton_ops() needs."""
+    forward = triton_ops()
+    return forward if not forward.ok else _load_triton_backward_ops()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton_backward_ops() -> Probe:
+    try:
+        from . import tar_bwd
+    except Exception as exc:
+        return Probe(None, f"the Triton backward kernels failed to load ({type(exc).__name__}: {exc})")
+    return Probe(tar_bwd, "")
+
+
+@torch.compiler.assume_constant_result
+def triton_state() -> tuple:
+    """(why the Triton kernels cannot load or "", whether they loaded in interpreter mode,
+    whether TRITON_INTERPRET=1 now). torch.compile calls this once while tracing and keeps the
+    result instead of tracing the probe's imports (a graph break)."""
+    probe = triton_ops()
+    interpreting = bool(probe.module.INTERPRETING) if probe.ok else False
+    return probe.reason, interpreting, _env.interpreter_requested()
+
+
+@torch.compiler.assume_constant_result
+def triton_backward_reason() -> str:
+    """Why the Triton backward kernels cannot load, or "" (constant under torch.compile, as above)."""
+    return triton_backward_ops().reason
