@@ -34,9 +34,9 @@ import triton.language as tl
 from .._validation import TarProblem
 from . import layout
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
-from .tar_fwd import INTERPRETING, _bias, _block_coords, _cast, _delta_a, _exp, _load_tile, _masked_scores, _mma, \
-    _packed_coords, _packed_exp, _packed_max, _per_row, _same_sequence, _store_tile, common_meta, delta_args, \
-    interpreter_rows, packed_segments
+from ._jit import INTERPRETING, bias, block_coords, cast, common_meta, delta_a, delta_args, exp, interpreter_rows, \
+    load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, packed_segments, per_row, same_sequence, \
+    store_tile
 
 # Field offsets of the row statistics (layout.STATS_FIELDS) and of the dQ pass's per-row values
 # (layout.AUX_FIELDS), as compile-time constants of the kernels.
@@ -70,30 +70,30 @@ def _tar_bwd_packed_kernel(
     REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     SEQS: tl.constexpr = ROWS // SEG_MAX
-    i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = _packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
+    i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
 
-    q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dd, sqd, row_ok, D)
-    k = _load_tile(K, bk * skb + hk * skh + j * skn, 1, dd, skd, col_ok, D)
-    v = _load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV_)
-    do = _load_tile(DO, bq * sgb + hq * sgh + i * sgn, 1, dv, sgd, row_ok, DV_)
+    q = load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dd, sqd, row_ok, D)
+    k = load_tile(K, bk * skb + hk * skh + j * skn, 1, dd, skd, col_ok, D)
+    v = load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV_)
+    do = load_tile(DO, bq * sgb + hq * sgh + i * sgn, 1, dv, sgd, row_ok, DV_)
 
-    valid = _same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
-    s, valid = _masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
+    valid = same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
+    s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
 
     if REGULARIZE:
-        m = _packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
+        m = packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
         tie = valid & (s == m[:, None])  # the entries torch.amax splits the max's gradient over
         d_ptrs = DELTA + (bq * sdb + hq * sdh + i * sdn)[:, None] + j[None, :] * sdm
-        dA = _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
-        s = _bias(s, m, dA, strength)
+        dA = delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
+        s = bias(s, m, dA, strength)
 
-    p, denom = _packed_exp(s, row_ok)
+    p, denom = packed_exp(s, row_ok)
     p = p / denom[:, None]
-    dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+    dp = mma(do, tl.trans(v), PRECISION, INTERP_BF16)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-    dv_acc = _mma(tl.trans(_cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
+    dv_acc = mma(tl.trans(cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
 
     if REGULARIZE:
         if DELTA_GRAD:
@@ -104,16 +104,16 @@ def _tar_bwd_packed_kernel(
         if GLOBAL_MAX:
             seq_dmax = tl.sum(tl.reshape(dmax, (SEQS, SEG_Q)), 1)
             seq_count = tl.sum(tl.reshape(count, (SEQS, SEG_Q)), 1)
-            share = _per_row(seq_dmax / tl.maximum(seq_count, 1.0), SEQS, SEG_Q)
+            share = per_row(seq_dmax / tl.maximum(seq_count, 1.0), SEQS, SEG_Q)
         else:
             share = dmax / tl.maximum(count, 1.0)
         ds = ds + tl.where(tie, share[:, None], 0.0)
 
-    dq = _mma(_cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16) * scale
-    dk = _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16) * scale
-    _store_tile(DQ, seq_q * NQ + i, D, dd, 1, dq, row_ok, D, INTERP_BF16)
-    _store_tile(DK, seq_k * NK + j, D, dd, 1, dk, col_ok, D, INTERP_BF16)
-    _store_tile(DV, seq_k * NK + j, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
+    dq = mma(cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16) * scale
+    dk = mma(tl.trans(cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16) * scale
+    store_tile(DQ, seq_q * NQ + i, D, dd, 1, dq, row_ok, D, INTERP_BF16)
+    store_tile(DK, seq_k * NK + j, D, dd, 1, dk, col_ok, D, INTERP_BF16)
+    store_tile(DV, seq_k * NK + j, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
 
 
 @triton.jit
@@ -164,12 +164,12 @@ def _tar_bwd_dq_kernel(
     Global mode: the share needs the whole slice, so DQ (float32) gets the part without the max
     and TIEK (float32) the sum of the tie keys; the launcher finishes dQ and the shares.
     """
-    seq, mb, b, h, offs_m, row_ok = _block_coords(NQ, H, BLOCK_M)
+    seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dd, sqd, row_ok, D)
-    do = _load_tile(DO + b * sgb + h * sgh, offs_m, sgn, dv, sgd, row_ok, DV_)
-    o = _load_tile(O + b * sob + h * soh, offs_m, son, dv, sod, row_ok, DV_)
+    q = load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dd, sqd, row_ok, D)
+    do = load_tile(DO + b * sgb + h * sgh, offs_m, sgn, dv, sgd, row_ok, DV_)
+    o = load_tile(O + b * sob + h * soh, offs_m, son, dv, sod, row_ok, DV_)
     d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = seq * NQ + offs_m
     lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
@@ -196,25 +196,25 @@ def _tar_bwd_dq_kernel(
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = j < NK
-        k = _load_tile(K + k_base, j, skn, dd, skd, col_ok, D)
-        v = _load_tile(V + v_base, j, svn, dv, svd, col_ok, DV_)
-        s, valid = _masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
+        k = load_tile(K + k_base, j, skn, dd, skd, col_ok, D)
+        v = load_tile(V + v_base, j, svn, dv, svd, col_ok, DV_)
+        s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
                                   INTERP_BF16)
         s_reg = s
         if REGULARIZE:
             m, arg, count = _track_max(s, valid, start, m, arg, count)
-            dA = _delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
-            s_reg = _bias(s, bias_max, dA, strength)
-        p = _exp(s_reg - lse[:, None])
-        dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
+            s_reg = bias(s, bias_max, dA, strength)
+        p = exp(s_reg - lse[:, None])
+        dp = mma(do, tl.trans(v), PRECISION, INTERP_BF16)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             dmax += tl.sum(ds * dA, 1)
             p_sum += tl.sum(p, 1)
             p_dp += tl.sum(p * dp, 1)
             p_da += tl.sum(p * dA, 1)
-            p_k += _mma(_cast(p, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
-        acc += _mma(_cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
+            p_k += mma(cast(p, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
+        acc += mma(cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
 
     if REGULARIZE:
         norm = 1.0 / tl.where(row_ok, p_sum, 1.0)
@@ -227,13 +227,13 @@ def _tar_bwd_dq_kernel(
             tie_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
             for start in range(0, hi, BLOCK_N):
                 j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                k = _load_tile(K + k_base, j, skn, dd, skd, j < NK, D)
-                s, valid = _masked_scores(q, k, (j < NK)[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
+                k = load_tile(K + k_base, j, skn, dd, skd, j < NK, D)
+                s, valid = masked_scores(q, k, (j < NK)[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
                                           PRECISION, INTERP_BF16)
                 tie = valid & (s == m[:, None])
-                tie_k += _mma(_cast(tie.to(tl.float32), k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
+                tie_k += mma(cast(tie.to(tl.float32), k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
         else:  # one key per row reaches the max: its arg-max
-            tie_k = _load_tile(K + k_base, arg.to(tl.int64), skn, dd, skd, row_ok, D).to(tl.float32)
+            tie_k = load_tile(K + k_base, arg.to(tl.int64), skn, dd, skd, row_ok, D).to(tl.float32)
         if GLOBAL_MAX:
             tl.store(TIEK + row[:, None] * D + dd[None, :], tie_k * scale, mask=row_ok[:, None] & (dd[None, :] < D))
             share = dmax  # turned into the share by the launcher
@@ -243,7 +243,7 @@ def _tar_bwd_dq_kernel(
         tl.store(AUX + row * _AUX_N + _AUX_SHARE, share, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_MAX, m, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_COUNT, count.to(tl.float32), mask=row_ok)
-    _store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D, INTERP_BF16)
+    store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D, INTERP_BF16)
     tl.store(AUX + row * _AUX_N + _AUX_D, d_row, mask=row_ok)
 
 
@@ -267,11 +267,11 @@ def _tar_bwd_dkdv_kernel(
     Runs the dQ pass's tiles, so its recomputed raw scores equal that pass's bit for bit: a key
     ties in row i exactly when its score equals the row max the dQ pass saved.
     """
-    seq, nb, b, h, offs_n, col_ok = _block_coords(NK, H, BLOCK_N)
+    seq, nb, b, h, offs_n, col_ok = block_coords(NK, H, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + b * skb + h * skh, offs_n, skn, dd, skd, col_ok, D)
-    v = _load_tile(V + b * svb + h * svh, offs_n, svn, dv, svd, col_ok, DV_)
+    k = load_tile(K + b * skb + h * skh, offs_n, skn, dd, skd, col_ok, D)
+    v = load_tile(V + b * svb + h * svh, offs_n, svn, dv, svd, col_ok, DV_)
     q_base = b * sqb + h * sqh
     g_base = b * sgb + h * sgh
     d_base = DELTA + b * sdb + h * sdh + offs_n[None, :] * sdm
@@ -286,24 +286,24 @@ def _tar_bwd_dkdv_kernel(
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = offs_m < NQ
         row = seq * NQ + offs_m
-        q = _load_tile(Q + q_base, offs_m, sqn, dd, sqd, row_ok, D)
-        do = _load_tile(DO + g_base, offs_m, sgn, dv, sgd, row_ok, DV_)
+        q = load_tile(Q + q_base, offs_m, sqn, dd, sqd, row_ok, D)
+        do = load_tile(DO + g_base, offs_m, sgn, dv, sgd, row_ok, DV_)
         lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
         d_row = tl.load(AUX + row * _AUX_N + _AUX_D, mask=row_ok, other=0.0)
-        s, valid = _masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION,
+        s, valid = masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION,
                                   INTERP_BF16)
         s_reg = s
         if REGULARIZE:
             bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
             if GLOBAL_MAX:
                 bias_max = seq_max
-            dA = _delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * sdn, gauss_coef, HAS_DELTA)
-            s_reg = _bias(s, bias_max, dA, strength)
-        p = _exp(s_reg - lse[:, None])
+            dA = delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * sdn, gauss_coef, HAS_DELTA)
+            s_reg = bias(s, bias_max, dA, strength)
+        p = exp(s_reg - lse[:, None])
         if REGULARIZE:
             p = p * tl.load(AUX + row * _AUX_N + _AUX_NORM, mask=row_ok, other=1.0)[:, None]
-        dv_acc += _mma(tl.trans(_cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
-        dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+        dv_acc += mma(tl.trans(cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
+        dp = mma(do, tl.trans(v), PRECISION, INTERP_BF16)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             if DELTA_GRAD:
@@ -312,9 +312,9 @@ def _tar_bwd_dkdv_kernel(
             share = tl.load(AUX + row * _AUX_N + _AUX_SHARE, mask=row_ok, other=0.0)
             row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
             ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
-        dk += _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16)
-    _store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D, INTERP_BF16)
-    _store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
+        dk += mma(tl.trans(cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16)
+    store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D, INTERP_BF16)
+    store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
 
 
 # --------------------------------------------------------------------------- configs
