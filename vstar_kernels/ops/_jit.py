@@ -25,6 +25,7 @@ LOG2E = 1.4426950408889634
 # and the diagonal's 0 * -inf would be NaN), so that any tiny sigma gives exactly the identity.
 GAUSS_COEF_MIN = -2.0 ** 32
 INTERPRETING = triton.knobs.runtime.interpret
+# Compile-time in the kernels: mma and cast stand in for the interpreter's inexact bfloat16 arithmetic.
 _INTERPRETING = tl.constexpr(INTERPRETING)
 
 
@@ -32,9 +33,9 @@ _INTERPRETING = tl.constexpr(INTERPRETING)
 
 
 @triton.jit
-def mma(a, b, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+def mma(a, b, PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation."""
-    if INTERP_BF16:
+    if _INTERPRETING and a.dtype == tl.bfloat16:
         # The Triton interpreter multiplies bfloat16 operands as raw integers. Widening
         # bf16 to fp32 is exact, so this computes what the GPU's bf16 MMA computes.
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -44,9 +45,9 @@ def mma(a, b, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
-def cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+def cast(x, dtype: tl.constexpr):
     """x.to(dtype), rounding to nearest even as the GPU does."""
-    if INTERP_BF16:
+    if _INTERPRETING and dtype == tl.bfloat16:
         # The interpreter truncates fp32 -> bf16; round the fp32 bits first so that
         # truncation is exact (round half to even on the 16 dropped bits).
         bits = x.to(tl.uint32, bitcast=True)
@@ -80,15 +81,14 @@ def load_tile(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols):
 
 
 @triton.jit
-def store_tile(ptr, rows, row_stride, cols, col_stride, x, row_ok, n_cols, INTERP_BF16: tl.constexpr):
+def store_tile(ptr, rows, row_stride, cols, col_stride, x, row_ok, n_cols):
     """x, cast to ptr's dtype, into the places load_tile reads."""
     tl.store(ptr + (rows * row_stride)[:, None] + cols[None, :] * col_stride,
-             cast(x, ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & (cols[None, :] < n_cols))
+             cast(x, ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < n_cols))
 
 
 @triton.jit
-def masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   INTERP_BF16: tl.constexpr):
+def masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """S = scale * q k^T where valid (and key col <= query row when CAUSAL), -inf elsewhere.
 
     Returns (S, valid with the causal mask). The one score expression of the forward and the
@@ -102,7 +102,7 @@ def masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISIO
     if _INTERPRETING:
         s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
     else:
-        s = mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
+        s = mma(q, tl.trans(k), PRECISION) * scale
     if CAUSAL:
         # int32 positions: the 2-D comparison costs half the registers of an int64 one
         valid = valid & (cols.to(tl.int32)[None, :] <= rows.to(tl.int32)[:, None])
@@ -219,8 +219,7 @@ def common_meta(problem: TarProblem) -> dict:
     """Compile-time options shared by the forward and backward kernels."""
     block_d, block_dv = block_dims(problem.head_dim, problem.head_dim_v)
     return dict(BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=problem.causal, HAS_DELTA=problem.delta is not None,
-                REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype),
-                INTERP_BF16=INTERPRETING and problem.dtype == torch.bfloat16)
+                REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype))
 
 
 def packed_segments(problem: TarProblem) -> tuple:

@@ -67,7 +67,7 @@ def _tar_bwd_packed_kernel(
     ROWS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
-    REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     SEQS: tl.constexpr = ROWS // SEG_MAX
     i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
@@ -80,7 +80,7 @@ def _tar_bwd_packed_kernel(
     do = load_tile(DO, bq * sgb + hq * sgh + i * sgn, 1, dv, sgd, row_ok, DV_)
 
     valid = same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
-    s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
+    s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
         m = packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
@@ -91,9 +91,9 @@ def _tar_bwd_packed_kernel(
 
     p, denom = packed_exp(s, row_ok)
     p = p / denom[:, None]
-    dp = mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+    dp = mma(do, tl.trans(v), PRECISION)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-    dv_acc = mma(tl.trans(cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
+    dv_acc = mma(tl.trans(cast(p, do.dtype)), do, PRECISION)
 
     if REGULARIZE:
         if DELTA_GRAD:
@@ -109,11 +109,11 @@ def _tar_bwd_packed_kernel(
             share = dmax / tl.maximum(count, 1.0)
         ds = ds + tl.where(tie, share[:, None], 0.0)
 
-    dq = mma(cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16) * scale
-    dk = mma(tl.trans(cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16) * scale
-    store_tile(DQ, seq_q * NQ + i, D, dd, 1, dq, row_ok, D, INTERP_BF16)
-    store_tile(DK, seq_k * NK + j, D, dd, 1, dk, col_ok, D, INTERP_BF16)
-    store_tile(DV, seq_k * NK + j, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
+    dq = mma(cast(ds, k.dtype), k, PRECISION) * scale
+    dk = mma(tl.trans(cast(ds, q.dtype)), q, PRECISION) * scale
+    store_tile(DQ, seq_q * NQ + i, D, dd, 1, dq, row_ok, D)
+    store_tile(DK, seq_k * NK + j, D, dd, 1, dk, col_ok, D)
+    store_tile(DV, seq_k * NK + j, DV_, dv, 1, dv_acc, col_ok, DV_)
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def _tar_bwd_dq_kernel(
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
-    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dQ of BLOCK_M query rows, and their layout.AUX_FIELDS values for the dK/dV pass.
 
@@ -198,23 +198,22 @@ def _tar_bwd_dq_kernel(
         col_ok = j < NK
         k = load_tile(K + k_base, j, skn, dd, skd, col_ok, D)
         v = load_tile(V + v_base, j, svn, dv, svd, col_ok, DV_)
-        s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
-                                  INTERP_BF16)
+        s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
         s_reg = s
         if REGULARIZE:
             m, arg, count = _track_max(s, valid, start, m, arg, count)
             dA = delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
             s_reg = bias(s, bias_max, dA, strength)
         p = exp(s_reg - lse[:, None])
-        dp = mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+        dp = mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             dmax += tl.sum(ds * dA, 1)
             p_sum += tl.sum(p, 1)
             p_dp += tl.sum(p * dp, 1)
             p_da += tl.sum(p * dA, 1)
-            p_k += mma(cast(p, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
-        acc += mma(cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
+            p_k += mma(cast(p, k.dtype), k, PRECISION)
+        acc += mma(cast(ds, k.dtype), k, PRECISION)
 
     if REGULARIZE:
         norm = 1.0 / tl.where(row_ok, p_sum, 1.0)
@@ -229,9 +228,9 @@ def _tar_bwd_dq_kernel(
                 j = start + tl.arange(0, BLOCK_N).to(tl.int64)
                 k = load_tile(K + k_base, j, skn, dd, skd, j < NK, D)
                 s, valid = masked_scores(q, k, (j < NK)[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
-                                          PRECISION, INTERP_BF16)
+                                          PRECISION)
                 tie = valid & (s == m[:, None])
-                tie_k += mma(cast(tie.to(tl.float32), k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
+                tie_k += mma(cast(tie.to(tl.float32), k.dtype), k, PRECISION)
         else:  # one key per row reaches the max: its arg-max
             tie_k = load_tile(K + k_base, arg.to(tl.int64), skn, dd, skd, row_ok, D).to(tl.float32)
         if GLOBAL_MAX:
@@ -243,7 +242,7 @@ def _tar_bwd_dq_kernel(
         tl.store(AUX + row * _AUX_N + _AUX_SHARE, share, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_MAX, m, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_COUNT, count.to(tl.float32), mask=row_ok)
-    store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D, INTERP_BF16)
+    store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D)
     tl.store(AUX + row * _AUX_N + _AUX_D, d_row, mask=row_ok)
 
 
@@ -260,7 +259,7 @@ def _tar_bwd_dkdv_kernel(
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
-    DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys (and their columns of d delta), walking the query blocks.
 
@@ -290,8 +289,7 @@ def _tar_bwd_dkdv_kernel(
         do = load_tile(DO + g_base, offs_m, sgn, dv, sgd, row_ok, DV_)
         lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
         d_row = tl.load(AUX + row * _AUX_N + _AUX_D, mask=row_ok, other=0.0)
-        s, valid = masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION,
-                                  INTERP_BF16)
+        s, valid = masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION)
         s_reg = s
         if REGULARIZE:
             bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
@@ -302,8 +300,8 @@ def _tar_bwd_dkdv_kernel(
         p = exp(s_reg - lse[:, None])
         if REGULARIZE:
             p = p * tl.load(AUX + row * _AUX_N + _AUX_NORM, mask=row_ok, other=1.0)[:, None]
-        dv_acc += mma(tl.trans(cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
-        dp = mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+        dv_acc += mma(tl.trans(cast(p, do.dtype)), do, PRECISION)
+        dp = mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             if DELTA_GRAD:
@@ -312,9 +310,9 @@ def _tar_bwd_dkdv_kernel(
             share = tl.load(AUX + row * _AUX_N + _AUX_SHARE, mask=row_ok, other=0.0)
             row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
             ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
-        dk += mma(tl.trans(cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16)
-    store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D, INTERP_BF16)
-    store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
+        dk += mma(tl.trans(cast(ds, q.dtype)), q, PRECISION)
+    store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D)
+    store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_)
 
 
 # --------------------------------------------------------------------------- configs

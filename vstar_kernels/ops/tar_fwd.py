@@ -65,7 +65,7 @@ def _tar_fwd_packed_kernel(
     SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
-    REGULARIZE: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    REGULARIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     SEQS: tl.constexpr = ROWS // SEG_MAX
     i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
@@ -75,7 +75,7 @@ def _tar_fwd_packed_kernel(
     q = load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dq, sqd, row_ok, D)
     k = load_tile(K, bk * skb + hk * skh + j * skn, 1, dq, skd, col_ok, D)
     valid = same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
-    s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
+    s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
         m = packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
@@ -85,15 +85,14 @@ def _tar_fwd_packed_kernel(
     p, denom = packed_exp(s, row_ok)
     v = load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV)
     v, v_bad = _packed_finite_v(v, SEQS, SEG_Q, SEG_K)
-    acc = mma(cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
+    acc = mma(cast(p, v.dtype), v, PRECISION)
     out = tl.where(v_bad, float("nan"), acc / denom[:, None])
-    store_tile(O, bq * sob + hq * soh + i * son, 1, dv, sod, out, row_ok, DV, INTERP_BF16)
+    store_tile(O, bq * sob + hq * soh + i * son, 1, dv, sod, out, row_ok, DV)
 
 
 @triton.jit
 def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-             INTERP_BF16: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows.
 
     The max is NaN where a score is: the global max reduces these, and must see the NaN.
@@ -102,7 +101,7 @@ def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         k = load_tile(K + k_base, j, skn, dq, skd, j < NK, D)
-        s, valid = masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION, INTERP_BF16)
+        s, valid = masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION)
         m = max_nan(m, nanmax(s, 1))
     return m
 
@@ -123,7 +122,7 @@ def _tar_fwd_tiled_kernel(
     CAUSAL: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     MAX_SOURCE: tl.constexpr,  # 0: compute row max here, 1: write row max to MAXBUF only, 2: read per-sequence max
     SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS (bh, nq, 4)
-    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     dq = tl.arange(0, BLOCK_D)
@@ -138,7 +137,7 @@ def _tar_fwd_tiled_kernel(
 
     if MAX_SOURCE == 1:
         m = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
-                     BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16)
+                     BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
         tl.store(MAXBUF + seq * NQ + offs_m, m, mask=row_ok)
         if SAVE_STATS:
             tl.store(STATS + stat_row * 2 + 0, m, mask=row_ok)
@@ -147,7 +146,7 @@ def _tar_fwd_tiled_kernel(
         if REGULARIZE:
             if MAX_SOURCE == 0:
                 m = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
-                             BLOCK_M, BLOCK_N, CAUSAL, PRECISION, INTERP_BF16)
+                             BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
                 if SAVE_STATS:
                     tl.store(STATS + stat_row * 2 + 0, m, mask=row_ok)
             else:
@@ -163,8 +162,7 @@ def _tar_fwd_tiled_kernel(
             j = start + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = j < NK
             k = load_tile(K + k_base, j, skn, dq, skd, col_ok, D)
-            s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
-                                      INTERP_BF16)
+            s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
             if REGULARIZE:
                 dA = delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
                 s = bias(s, m_safe, dA, strength)
@@ -174,11 +172,11 @@ def _tar_fwd_tiled_kernel(
             p = exp(s - new_max[:, None])
             denom = denom * alpha + tl.sum(p, 1)
             v = load_tile(V + v_base, j, svn, dv, svd, col_ok, DV)
-            acc = acc * alpha[:, None] + mma(cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
+            acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
             run_max = new_max
         denom = tl.where(row_ok, denom, 1.0)
         out = acc / denom[:, None]
-        store_tile(O + b * sob + h * soh, offs_m, son, dv, sod, out, row_ok, DV, INTERP_BF16)
+        store_tile(O + b * sob + h * soh, offs_m, son, dv, sod, out, row_ok, DV)
         if SAVE_STATS:
             tl.store(STATS + stat_row * 2 + 1, run_max + tl.log(denom), mask=row_ok)
 
