@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._validation import TarProblem
-from .layout import block_dims, packed_limit, pow2
+from .layout import STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, packed_limit, pow2
 
 LOG2E = 1.4426950408889634
 # Floor of the Gaussian's exponent coefficient -0.5 * log2(e) / sigma**2. Below about -150 every
@@ -27,6 +27,11 @@ GAUSS_COEF_MIN = -2.0 ** 32
 INTERPRETING = triton.knobs.runtime.interpret
 # Compile-time in the kernels: mma and cast stand in for the interpreter's inexact bfloat16 arithmetic.
 _INTERPRETING = tl.constexpr(INTERPRETING)
+# Field offsets of the row statistics the tiled forward saves (layout.STATS_FIELDS), as
+# compile-time constants of the kernels that write and read them.
+_STATS_N = tl.constexpr(STATS_FIELDS)
+_STAT_MAX = tl.constexpr(STAT_MAX)
+_STAT_LSE = tl.constexpr(STAT_LSE)
 
 
 # --------------------------------------------------------------------------- jit helpers

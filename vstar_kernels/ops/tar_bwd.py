@@ -33,16 +33,13 @@ import triton.language as tl
 
 from .._validation import TarProblem
 from . import layout
+from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
+    delta_args, exp, interpreter_rows, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, \
+    packed_segments, per_row, same_sequence, store_tile
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
-from ._jit import INTERPRETING, bias, block_coords, cast, common_meta, delta_a, delta_args, exp, interpreter_rows, \
-    load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, packed_segments, per_row, same_sequence, \
-    store_tile
 
-# Field offsets of the row statistics (layout.STATS_FIELDS) and of the dQ pass's per-row values
-# (layout.AUX_FIELDS), as compile-time constants of the kernels.
-_STATS_N = tl.constexpr(layout.STATS_FIELDS)
-_STAT_MAX = tl.constexpr(layout.STAT_MAX)
-_STAT_LSE = tl.constexpr(layout.STAT_LSE)
+# Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
+# the kernels.
 _AUX_N = tl.constexpr(layout.AUX_FIELDS)
 _AUX_D = tl.constexpr(layout.AUX_D)
 _AUX_SHARE = tl.constexpr(layout.AUX_SHARE)
@@ -57,12 +54,12 @@ _AUX_NORM = tl.constexpr(layout.AUX_NORM)
 @triton.jit
 def _tar_bwd_packed_kernel(
     Q, K, V, DO, DQ, DK, DV, DELTA, DDELTA,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sgb, sgh, sgn, sgd,
-    sdb, sdh, sdn, sdm,
-    BH, H, NQ, NK, D, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     ROWS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -71,13 +68,13 @@ def _tar_bwd_packed_kernel(
 ):
     SEQS: tl.constexpr = ROWS // SEG_MAX
     i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
-    dd = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dd, sqd, row_ok, D)
-    k = load_tile(K, bk * skb + hk * skh + j * skn, 1, dd, skd, col_ok, D)
-    v = load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV_)
-    do = load_tile(DO, bq * sgb + hq * sgh + i * sgn, 1, dv, sgd, row_ok, DV_)
+    q = load_tile(Q, bq * stride_qb + hq * stride_qh + i * stride_qn, 1, offs_d, stride_qd, row_ok, HEAD_DIM)
+    k = load_tile(K, bk * stride_kb + hk * stride_kh + j * stride_kn, 1, offs_d, stride_kd, col_ok, HEAD_DIM)
+    v = load_tile(V, bk * stride_vb + hk * stride_vh + j * stride_vn, 1, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+    do = load_tile(DO, bq * stride_dob + hq * stride_doh + i * stride_don, 1, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
 
     valid = same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
     s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION)
@@ -85,7 +82,8 @@ def _tar_bwd_packed_kernel(
     if REGULARIZE:
         m = packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
         tie = valid & (s == m[:, None])  # the entries torch.amax splits the max's gradient over
-        d_ptrs = DELTA + (bq * sdb + hq * sdh + i * sdn)[:, None] + j[None, :] * sdm
+        d_ptrs = DELTA + (bq * stride_deltab + hq * stride_deltah + i * stride_deltam)[:, None] \
+            + j[None, :] * stride_deltan
         dA = delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
         s = bias(s, m, dA, strength)
 
@@ -111,9 +109,9 @@ def _tar_bwd_packed_kernel(
 
     dq = mma(cast(ds, k.dtype), k, PRECISION) * scale
     dk = mma(tl.trans(cast(ds, q.dtype)), q, PRECISION) * scale
-    store_tile(DQ, seq_q * NQ + i, D, dd, 1, dq, row_ok, D)
-    store_tile(DK, seq_k * NK + j, D, dd, 1, dk, col_ok, D)
-    store_tile(DV, seq_k * NK + j, DV_, dv, 1, dv_acc, col_ok, DV_)
+    store_tile(DQ, seq_q * NQ + i, HEAD_DIM, offs_d, 1, dq, row_ok, HEAD_DIM)
+    store_tile(DK, seq_k * NK + j, HEAD_DIM, offs_d, 1, dk, col_ok, HEAD_DIM)
+    store_tile(DV, seq_k * NK + j, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V)
 
 
 @triton.jit
@@ -130,13 +128,13 @@ def _track_max(s, valid, start, m, arg, count):
 @triton.jit
 def _tar_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, DELTA, STATS, SEQMAX, AUX, TIEK,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    sgb, sgh, sgn, sgd,
-    sdb, sdh, sdn, sdm,
-    BH, H, NQ, NK, D, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -165,17 +163,17 @@ def _tar_bwd_dq_kernel(
     and TIEK (float32) the sum of the tie keys; the launcher finishes dQ and the shares.
     """
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dd, sqd, row_ok, D)
-    do = load_tile(DO + b * sgb + h * sgh, offs_m, sgn, dv, sgd, row_ok, DV_)
-    o = load_tile(O + b * sob + h * soh, offs_m, son, dv, sod, row_ok, DV_)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
+    o = load_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, row_ok, HEAD_DIM_V)
     d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = seq * NQ + offs_m
     lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
-    k_base = b * skb + h * skh
-    v_base = b * svb + h * svh
-    d_base = DELTA + b * sdb + h * sdh + offs_m[:, None] * sdn
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
@@ -196,13 +194,13 @@ def _tar_bwd_dq_kernel(
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = j < NK
-        k = load_tile(K + k_base, j, skn, dd, skd, col_ok, D)
-        v = load_tile(V + v_base, j, svn, dv, svd, col_ok, DV_)
+        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
+        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
         s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
         s_reg = s
         if REGULARIZE:
             m, arg, count = _track_max(s, valid, start, m, arg, count)
-            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
+            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
             s_reg = bias(s, bias_max, dA, strength)
         p = exp(s_reg - lse[:, None])
         dp = mma(do, tl.trans(v), PRECISION)
@@ -226,15 +224,17 @@ def _tar_bwd_dq_kernel(
             tie_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
             for start in range(0, hi, BLOCK_N):
                 j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                k = load_tile(K + k_base, j, skn, dd, skd, j < NK, D)
+                k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, j < NK, HEAD_DIM)
                 s, valid = masked_scores(q, k, (j < NK)[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
                                           PRECISION)
                 tie = valid & (s == m[:, None])
                 tie_k += mma(cast(tie.to(tl.float32), k.dtype), k, PRECISION)
         else:  # one key per row reaches the max: its arg-max
-            tie_k = load_tile(K + k_base, arg.to(tl.int64), skn, dd, skd, row_ok, D).to(tl.float32)
+            tie_k = load_tile(K + k_base, arg.to(tl.int64), stride_kn, offs_d, stride_kd, row_ok,
+                              HEAD_DIM).to(tl.float32)
         if GLOBAL_MAX:
-            tl.store(TIEK + row[:, None] * D + dd[None, :], tie_k * scale, mask=row_ok[:, None] & (dd[None, :] < D))
+            tl.store(TIEK + row[:, None] * HEAD_DIM + offs_d[None, :], tie_k * scale,
+                     mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
             share = dmax  # turned into the share by the launcher
         else:
             share = dmax / tl.maximum(count, 1).to(tl.float32)
@@ -242,19 +242,19 @@ def _tar_bwd_dq_kernel(
         tl.store(AUX + row * _AUX_N + _AUX_SHARE, share, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_MAX, m, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_COUNT, count.to(tl.float32), mask=row_ok)
-    store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D)
+    store_tile(DQ, row, HEAD_DIM, offs_d, 1, acc * scale, row_ok, HEAD_DIM)
     tl.store(AUX + row * _AUX_N + _AUX_D, d_row, mask=row_ok)
 
 
 @triton.jit
 def _tar_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, DELTA, DDELTA, STATS, SEQMAX, AUX,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sgb, sgh, sgn, sgd,
-    sdb, sdh, sdn, sdm,
-    BH, H, NQ, NK, D, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -267,13 +267,13 @@ def _tar_bwd_dkdv_kernel(
     ties in row i exactly when its score equals the row max the dQ pass saved.
     """
     seq, nb, b, h, offs_n, col_ok = block_coords(NK, H, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(K + b * skb + h * skh, offs_n, skn, dd, skd, col_ok, D)
-    v = load_tile(V + b * svb + h * svh, offs_n, svn, dv, svd, col_ok, DV_)
-    q_base = b * sqb + h * sqh
-    g_base = b * sgb + h * sgh
-    d_base = DELTA + b * sdb + h * sdh + offs_n[None, :] * sdm
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_tile(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
+    v = load_tile(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+    q_base = b * stride_qb + h * stride_qh
+    g_base = b * stride_dob + h * stride_doh
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_n[None, :] * stride_deltan
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv_acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     lo = 0
@@ -285,8 +285,8 @@ def _tar_bwd_dkdv_kernel(
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = offs_m < NQ
         row = seq * NQ + offs_m
-        q = load_tile(Q + q_base, offs_m, sqn, dd, sqd, row_ok, D)
-        do = load_tile(DO + g_base, offs_m, sgn, dv, sgd, row_ok, DV_)
+        q = load_tile(Q + q_base, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
+        do = load_tile(DO + g_base, offs_m, stride_don, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
         lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
         d_row = tl.load(AUX + row * _AUX_N + _AUX_D, mask=row_ok, other=0.0)
         s, valid = masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION)
@@ -295,7 +295,7 @@ def _tar_bwd_dkdv_kernel(
             bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
             if GLOBAL_MAX:
                 bias_max = seq_max
-            dA = delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * sdn, gauss_coef, HAS_DELTA)
+            dA = delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * stride_deltam, gauss_coef, HAS_DELTA)
             s_reg = bias(s, bias_max, dA, strength)
         p = exp(s_reg - lse[:, None])
         if REGULARIZE:
@@ -311,8 +311,8 @@ def _tar_bwd_dkdv_kernel(
             row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
             ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
         dk += mma(tl.trans(cast(ds, q.dtype)), q, PRECISION)
-    store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D)
-    store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_)
+    store_tile(DK, seq * NK + offs_n, HEAD_DIM, offs_d, 1, dk * scale, col_ok, HEAD_DIM)
+    store_tile(DV, seq * NK + offs_n, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V)
 
 
 # --------------------------------------------------------------------------- configs

@@ -26,10 +26,10 @@ import triton
 import triton.language as tl
 
 from .._validation import TarProblem
-from ._jit import INTERPRETING, bias, block_coords, cast, common_meta, delta_a, delta_args, exp, interpreter_rows, \
-    load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, packed_max, packed_segments, \
-    same_sequence, store_tile
-from .layout import STAT_LSE, STAT_MAX, STATS_FIELDS, is_packed, pow2
+from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
+    delta_args, exp, interpreter_rows, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, \
+    packed_max, packed_segments, same_sequence, store_tile
+from .layout import STATS_FIELDS, is_packed, pow2
 
 
 # --------------------------------------------------------------------------- kernels
@@ -54,12 +54,12 @@ def _packed_finite_v(v, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.const
 @triton.jit
 def _tar_fwd_packed_kernel(
     Q, K, V, O, DELTA,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    sdb, sdh, sdn, sdm,
-    BH, H, NQ, NK, D, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     ROWS: tl.constexpr,  # rows of the tile for the longer of Nq, Nk: ROWS // SEG_MAX sequences per program
     SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
@@ -69,29 +69,30 @@ def _tar_fwd_packed_kernel(
 ):
     SEQS: tl.constexpr = ROWS // SEG_MAX
     i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
-    dq = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dq, sqd, row_ok, D)
-    k = load_tile(K, bk * skb + hk * skh + j * skn, 1, dq, skd, col_ok, D)
+    q = load_tile(Q, bq * stride_qb + hq * stride_qh + i * stride_qn, 1, offs_d, stride_qd, row_ok, HEAD_DIM)
+    k = load_tile(K, bk * stride_kb + hk * stride_kh + j * stride_kn, 1, offs_d, stride_kd, col_ok, HEAD_DIM)
     valid = same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
     s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
         m = packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
-        d_ptrs = DELTA + (bq * sdb + hq * sdh + i * sdn)[:, None] + j[None, :] * sdm
+        d_ptrs = DELTA + (bq * stride_deltab + hq * stride_deltah + i * stride_deltam)[:, None] \
+            + j[None, :] * stride_deltan
         s = bias(s, m, delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA), strength)
 
     p, denom = packed_exp(s, row_ok)
-    v = load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV)
+    v = load_tile(V, bk * stride_vb + hk * stride_vh + j * stride_vn, 1, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
     v, v_bad = _packed_finite_v(v, SEQS, SEG_Q, SEG_K)
     acc = mma(cast(p, v.dtype), v, PRECISION)
     out = tl.where(v_bad, float("nan"), acc / denom[:, None])
-    store_tile(O, bq * sob + hq * soh + i * son, 1, dv, sod, out, row_ok, DV)
+    store_tile(O, bq * stride_ob + hq * stride_oh + i * stride_on, 1, offs_dv, stride_od, out, row_ok, HEAD_DIM_V)
 
 
 @triton.jit
-def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
+def _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows.
 
@@ -100,7 +101,7 @@ def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        k = load_tile(K + k_base, j, skn, dq, skd, j < NK, D)
+        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, j < NK, HEAD_DIM)
         s, valid = masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION)
         m = max_nan(m, nanmax(s, 1))
     return m
@@ -109,12 +110,12 @@ def _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
 @triton.jit
 def _tar_fwd_tiled_kernel(
     Q, K, V, O, DELTA, MAXBUF, STATS,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    sdb, sdh, sdn, sdm,
-    BH, H, NQ, NK, D, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -125,60 +126,60 @@ def _tar_fwd_tiled_kernel(
     PRECISION: tl.constexpr,
 ):
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
-    dq = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dq, sqd, row_ok, D)
-    k_base = b * skb + h * skh
-    v_base = b * svb + h * svh
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
     stat_row = seq * NQ + offs_m
 
     if MAX_SOURCE == 1:
-        m = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
+        m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
                      BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
         tl.store(MAXBUF + seq * NQ + offs_m, m, mask=row_ok)
         if SAVE_STATS:
-            tl.store(STATS + stat_row * 2 + 0, m, mask=row_ok)
+            tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=row_ok)
     else:
         m_safe = tl.zeros((BLOCK_M,), tl.float32)
         if REGULARIZE:
             if MAX_SOURCE == 0:
-                m = _row_max(q, K, k_base, skn, skd, offs_m, dq, NK, D, hi, scale,
+                m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
                              BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
                 if SAVE_STATS:
-                    tl.store(STATS + stat_row * 2 + 0, m, mask=row_ok)
+                    tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=row_ok)
             else:
                 m = tl.load(MAXBUF + seq + offs_m * 0)
             m_safe = tl.where(row_ok, m, 0.0)
         elif SAVE_STATS:
-            tl.store(STATS + stat_row * 2 + 0, m_safe, mask=row_ok)
+            tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m_safe, mask=row_ok)
         run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         denom = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-        d_base = DELTA + b * sdb + h * sdh + offs_m[:, None] * sdn
+        d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
         for start in range(0, hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = j < NK
-            k = load_tile(K + k_base, j, skn, dq, skd, col_ok, D)
+            k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
             s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
             if REGULARIZE:
-                dA = delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
+                dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
                 s = bias(s, m_safe, dA, strength)
             new_max = tl.maximum(run_max, tl.max(s, 1))
             new_max = tl.where(row_ok, new_max, 0.0)
             alpha = exp(run_max - new_max)
             p = exp(s - new_max[:, None])
             denom = denom * alpha + tl.sum(p, 1)
-            v = load_tile(V + v_base, j, svn, dv, svd, col_ok, DV)
+            v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
             acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
             run_max = new_max
         denom = tl.where(row_ok, denom, 1.0)
         out = acc / denom[:, None]
-        store_tile(O + b * sob + h * soh, offs_m, son, dv, sod, out, row_ok, DV)
+        store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, out, row_ok, HEAD_DIM_V)
         if SAVE_STATS:
-            tl.store(STATS + stat_row * 2 + 1, run_max + tl.log(denom), mask=row_ok)
+            tl.store(STATS + stat_row * _STATS_N + _STAT_LSE, run_max + tl.log(denom), mask=row_ok)
 
 
 # --------------------------------------------------------------------------- configs
@@ -224,10 +225,6 @@ def _prune_tiled(configs, named_args, **kwargs):
 
 
 # --------------------------------------------------------------------------- launcher
-
-# The kernels write the statistics at fixed offsets (STATS + row * 2 + field).
-assert (STAT_MAX, STAT_LSE, STATS_FIELDS) == (0, 1, 2)
-
 
 if INTERPRETING:
     # The interpreter runs one config: no benchmarking of configs on CPU.
