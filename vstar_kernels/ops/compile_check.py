@@ -88,8 +88,8 @@ def record(fn) -> list:
     """The kernel launches `fn()` makes, with the kernels swapped for recorders (nothing runs)."""
     fwd, bwd = _modules()
     launches = []
-    saved = {(m, name): getattr(m, name) for m in (fwd, bwd) for name in ("_packed", "_tiled", "_dq", "_dkdv")
-             if hasattr(m, name)}
+    kernels = ("_packed", "_tiled_row_max", "_tiled", "_dq", "_dkdv")
+    saved = {(m, name): getattr(m, name) for m in (fwd, bwd) for name in kernels if hasattr(m, name)}
     try:
         for (m, name), kernel in saved.items():
             setattr(m, name, _Recorder(kernel, launches))

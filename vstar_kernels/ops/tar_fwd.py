@@ -108,8 +108,39 @@ def _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, h
 
 
 @triton.jit
+def _tar_fwd_row_max_kernel(
+    Q, K, ROWMAX, STATS,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    NQ, NK, H, HEAD_DIM, scale,
+    N_BUCKET,  # autotune key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Pre-pass of max_mode="global" in the tiled layout: the exact row max m_i of S for BLOCK_M query rows.
+
+    Writes m_i to ROWMAX (float32, (B*H, Nq), contiguous), which the launcher reduces to one max
+    per (batch, head) for `_tar_fwd_tiled_kernel`; with SAVE_STATS also to the layout.STAT_MAX
+    field of STATS (float32, (B*H, Nq, layout.STATS_FIELDS), contiguous) for the backward.
+    Q (B, H, Nq, D) and K (B, H, Nk, D) any strides; the grid is (B*H * cdiv(Nq, BLOCK_M),).
+    """
+    seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
+    hi = NK
+    if CAUSAL:
+        hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
+    m = _row_max(q, K, b * stride_kb + h * stride_kh, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
+                 BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
+    row = seq * NQ + offs_m
+    tl.store(ROWMAX + row, m, mask=row_ok)
+    if SAVE_STATS:
+        tl.store(STATS + row * _STATS_N + _STAT_MAX, m, mask=row_ok)
+
+
+@triton.jit
 def _tar_fwd_tiled_kernel(
-    Q, K, V, O, DELTA, MAXBUF, STATS,
+    Q, K, V, O, DELTA, SEQMAX, STATS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -121,8 +152,8 @@ def _tar_fwd_tiled_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
-    MAX_SOURCE: tl.constexpr,  # 0: compute row max here, 1: write row max to MAXBUF only, 2: read per-sequence max
-    SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS (bh, nq, 4)
+    GLOBAL_MAX: tl.constexpr,  # read m_i from SEQMAX (one per sequence) instead of computing the row max
+    SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS
     PRECISION: tl.constexpr,
 ):
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
@@ -136,50 +167,43 @@ def _tar_fwd_tiled_kernel(
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
     stat_row = seq * NQ + offs_m
 
-    if MAX_SOURCE == 1:
-        m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
-                     BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
-        tl.store(MAXBUF + seq * NQ + offs_m, m, mask=row_ok)
-        if SAVE_STATS:
-            tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=row_ok)
-    else:
-        m_safe = tl.zeros((BLOCK_M,), tl.float32)
+    m_safe = tl.zeros((BLOCK_M,), tl.float32)
+    if REGULARIZE:
+        if GLOBAL_MAX:  # the sequence's max; the row-max pre-pass saved the rows' statistic
+            m = tl.load(SEQMAX + seq + offs_m * 0)
+        else:
+            m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
+                         BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
+            if SAVE_STATS:
+                tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=row_ok)
+        m_safe = tl.where(row_ok, m, 0.0)
+    elif SAVE_STATS:
+        tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m_safe, mask=row_ok)
+    run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    denom = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
+    for start in range(0, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = j < NK
+        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
+        s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
         if REGULARIZE:
-            if MAX_SOURCE == 0:
-                m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
-                             BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
-                if SAVE_STATS:
-                    tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=row_ok)
-            else:
-                m = tl.load(MAXBUF + seq + offs_m * 0)
-            m_safe = tl.where(row_ok, m, 0.0)
-        elif SAVE_STATS:
-            tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m_safe, mask=row_ok)
-        run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        denom = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-        d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
-        for start in range(0, hi, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-            col_ok = j < NK
-            k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
-            s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
-            if REGULARIZE:
-                dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
-                s = bias(s, m_safe, dA, strength)
-            new_max = tl.maximum(run_max, tl.max(s, 1))
-            new_max = tl.where(row_ok, new_max, 0.0)
-            alpha = exp(run_max - new_max)
-            p = exp(s - new_max[:, None])
-            denom = denom * alpha + tl.sum(p, 1)
-            v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
-            acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
-            run_max = new_max
-        denom = tl.where(row_ok, denom, 1.0)
-        out = acc / denom[:, None]
-        store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, out, row_ok, HEAD_DIM_V)
-        if SAVE_STATS:
-            tl.store(STATS + stat_row * _STATS_N + _STAT_LSE, run_max + tl.log(denom), mask=row_ok)
+            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
+            s = bias(s, m_safe, dA, strength)
+        new_max = tl.maximum(run_max, tl.max(s, 1))
+        new_max = tl.where(row_ok, new_max, 0.0)
+        alpha = exp(run_max - new_max)
+        p = exp(s - new_max[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+        acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
+        run_max = new_max
+    denom = tl.where(row_ok, denom, 1.0)
+    out = acc / denom[:, None]
+    store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, out, row_ok, HEAD_DIM_V)
+    if SAVE_STATS:
+        tl.store(STATS + stat_row * _STATS_N + _STAT_LSE, run_max + tl.log(denom), mask=row_ok)
 
 
 # --------------------------------------------------------------------------- configs
@@ -217,7 +241,7 @@ def _tiled_configs():
 
 def _prune_tiled(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
+    wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 128  # the row-max pre-pass has no BLOCK_DV
     keep = [c for c in configs
             if not (wide and (c.kwargs["BLOCK_M"] > 64 or c.kwargs["BLOCK_N"] > 64))
             and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
@@ -229,13 +253,17 @@ def _prune_tiled(configs, named_args, **kwargs):
 if INTERPRETING:
     # The interpreter runs one config: no benchmarking of configs on CPU.
     _packed = _tar_fwd_packed_kernel
+    _tiled_row_max = _tar_fwd_row_max_kernel
     _tiled = _tar_fwd_tiled_kernel
 else:
     _packed = triton.autotune(
         _packed_configs(), key=["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA"],
         prune_configs_by={"early_config_prune": _prune_packed})(_tar_fwd_packed_kernel)
+    _tiled_row_max = triton.autotune(
+        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "CAUSAL", "SAVE_STATS"],
+        prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_row_max_kernel)
     _tiled = triton.autotune(
-        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "MAX_SOURCE", "SAVE_STATS"],
+        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "GLOBAL_MAX", "SAVE_STATS"],
         prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_tiled_kernel)
 
 
@@ -276,16 +304,17 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
         raise ValueError(f"stats must be a contiguous float32 ({bh}, {nq}, {STATS_FIELDS}) tensor, "
                          f"got {stats.dtype} {tuple(stats.shape)}")
     grid = lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)  # noqa: E731
-    tiled_meta = dict(common, SAVE_STATS=save_stats)
-    if INTERPRETING:
-        tiled_meta.update(BLOCK_M=64, BLOCK_N=64)
+    tiles = dict(BLOCK_M=64, BLOCK_N=64) if INTERPRETING else {}
     n_bucket = pow2(max(nq, nk))
     stats_ptr = stats if save_stats else out  # dummy pointer when not saving
-    if problem.max_mode == "global" and problem.regularized:
+    global_max = problem.max_mode == "global" and problem.regularized
+    seq_max = out  # dummy pointer: only read in global mode
+    if global_max:
         row_max = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
-        _tiled[grid](q, k, v, out, delta, row_max, stats_ptr, *args, n_bucket, MAX_SOURCE=1, **tiled_meta)
+        _tiled_row_max[grid](q, k, row_max, stats_ptr, *q.stride(), *k.stride(), nq, nk, H, d, problem.scale,
+                             n_bucket, BLOCK_D=common["BLOCK_D"], CAUSAL=common["CAUSAL"], SAVE_STATS=save_stats,
+                             PRECISION=common["PRECISION"], **tiles)
         seq_max = row_max.amax(dim=1)
-        _tiled[grid](q, k, v, out, delta, seq_max, stats_ptr, *args, n_bucket, MAX_SOURCE=2, **tiled_meta)
-    else:
-        _tiled[grid](q, k, v, out, delta, out, stats_ptr, *args, n_bucket, MAX_SOURCE=0, **tiled_meta)
+    _tiled[grid](q, k, v, out, delta, seq_max, stats_ptr, *args, n_bucket, GLOBAL_MAX=global_max,
+                 SAVE_STATS=save_stats, **common, **tiles)
     return out
