@@ -153,7 +153,9 @@ def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> l
                                  num_stages=launch.kwargs.get("num_stages", 3))]
     results = []
     for config in configs:
-        constants = {**kwargs, **config.kwargs}
+        # an absent buffer (None) is a constexpr, as triton's launcher makes it
+        constants = {**kwargs, **config.kwargs,
+                     **{name: None for name, value in zip(jit_fn.arg_names, launch.args) if value is None}}
         src = ASTSource(fn=jit_fn, signature=_signature(jit_fn, launch.args, constants), constexprs=constants)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         try:

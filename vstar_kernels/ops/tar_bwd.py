@@ -411,7 +411,6 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
             g.zero_()
         return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)
     delta, d_strides, gauss_coef = delta_args(problem)
-    ddelta_ptr = ddelta if ddelta is not None else dq  # dummy pointer when not written
     meta = dict(common_meta(problem), GLOBAL_MAX=problem.max_mode == "global")
     sizes = (bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
 
@@ -421,7 +420,7 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         if INTERPRETING:
             packed_meta["ROWS"] = interpreter_rows(problem)
         grid = lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)  # noqa: E731
-        _packed[grid](q, k, v, grad_out, dq, dk, dv_out, delta, ddelta_ptr,
+        _packed[grid](q, k, v, grad_out, dq, dk, dv_out, delta, ddelta,
                       *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, **packed_meta)
         return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)
 
@@ -429,9 +428,9 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         raise ValueError(f"stats must be the ({bh}, {nq}, {STATS_FIELDS}) statistics of the tiled forward, "
                          f"got shape {tuple(stats.shape)}")
     regularized_global = problem.regularized and problem.max_mode == "global"
-    seq_max = stats[..., STAT_MAX].amax(dim=1) if regularized_global else stats
+    seq_max = stats[..., STAT_MAX].amax(dim=1) if regularized_global else None
     aux = torch.empty(bh, nq, layout.AUX_FIELDS, device=q.device, dtype=torch.float32)
-    dq_buf, tie_k = dq, dq  # global mode: float32 partial dQ and tie keys, finished below
+    dq_buf, tie_k = dq, None  # global mode: float32 partial dQ and tie keys, finished below
     if regularized_global:
         dq_buf = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
         tie_k = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
@@ -451,7 +450,7 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         aux[..., layout.AUX_SHARE] = share
         dq.copy_((dq_buf + share[..., None] * tie_k).view(q.shape))
     _dkdv[(bh * triton.cdiv(nk, tiles["BLOCK_N"]),)](
-        q, k, v, grad_out, dk, dv_out, delta, ddelta_ptr, stats, seq_max, aux,
+        q, k, v, grad_out, dk, dv_out, delta, ddelta, stats, seq_max, aux,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, n_bucket,
         DELTA_GRAD=delta_grad, **meta, **tiles)
     return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)

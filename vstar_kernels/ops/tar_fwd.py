@@ -306,15 +306,14 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
     grid = lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)  # noqa: E731
     tiles = dict(BLOCK_M=64, BLOCK_N=64) if INTERPRETING else {}
     n_bucket = pow2(max(nq, nk))
-    stats_ptr = stats if save_stats else out  # dummy pointer when not saving
     global_max = problem.max_mode == "global" and problem.regularized
-    seq_max = out  # dummy pointer: only read in global mode
+    seq_max = None  # read in global mode only
     if global_max:
         row_max = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
-        _tiled_row_max[grid](q, k, row_max, stats_ptr, *q.stride(), *k.stride(), nq, nk, H, d, problem.scale,
+        _tiled_row_max[grid](q, k, row_max, stats, *q.stride(), *k.stride(), nq, nk, H, d, problem.scale,
                              n_bucket, BLOCK_D=common["BLOCK_D"], CAUSAL=common["CAUSAL"], SAVE_STATS=save_stats,
                              PRECISION=common["PRECISION"], **tiles)
         seq_max = row_max.amax(dim=1)
-    _tiled[grid](q, k, v, out, delta, seq_max, stats_ptr, *args, n_bucket, GLOBAL_MAX=global_max,
+    _tiled[grid](q, k, v, out, delta, seq_max, stats, *args, n_bucket, GLOBAL_MAX=global_max,
                  SAVE_STATS=save_stats, **common, **tiles)
     return out
