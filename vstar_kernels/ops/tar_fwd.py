@@ -8,10 +8,10 @@ Two layouts, one semantics (see docs/semantics.md):
   in one pass.
 * tiled: longer sequences. One program per (sequence, BLOCK_M query rows).
   Pass 1 walks the key tiles for the exact row max m_i, pass 2 runs an online
-  softmax of S + strength * m_i * dA. For max_mode="global" a pre-pass writes
-  the row maxima, torch reduces them per sequence, and the main pass reads it.
-  When the call will be differentiated (`stats` given) the tiled kernel also
-  writes O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS); the
+  softmax of S + strength * m_i * dA. For max_mode="global" a pre-pass kernel
+  writes the row maxima, torch reduces them per sequence, and the main pass reads
+  it. When the call will be differentiated (`stats` given) the tiled kernels also
+  write O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS); the
   packed layout saves nothing, its backward recomputes whole rows.
 
 The Gaussian dA is computed from (i, j) in registers; only a user-supplied
@@ -67,6 +67,16 @@ def _tar_fwd_packed_kernel(
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
     REGULARIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """O = softmax(S + strength * m_i * dA) V for ROWS // SEG_MAX whole (batch, head) sequences.
+
+    The sequences share one block-diagonal tile of SEG_Q query rows and SEG_K key columns each
+    (packed_segments); scores between different sequences are masked. Each row is whole in
+    registers, so the max (m_i per row, with GLOBAL_MAX one per sequence), the bias, the softmax
+    and P @ V are exact in one pass, and nothing is saved for the backward.
+    Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
+    (read only with HAS_DELTA, broadcast through its strides) have any strides; O is written in
+    its own dtype. The grid is (cdiv(B*H, ROWS // SEG_MAX),).
+    """
     SEQS: tl.constexpr = ROWS // SEG_MAX
     i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
     offs_d = tl.arange(0, BLOCK_D)
@@ -156,6 +166,17 @@ def _tar_fwd_tiled_kernel(
     SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS
     PRECISION: tl.constexpr,
 ):
+    """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence.
+
+    Pass 1 walks the key tiles for the exact row max m_i (with GLOBAL_MAX m_i is the sequence's
+    max instead, read from SEQMAX (float32, (B*H,)), which the launcher reduced from
+    `_tar_fwd_row_max_kernel`); pass 2 runs an online softmax of the biased scores over the same
+    key tiles and accumulates P @ V. Causal programs stop at their last visible key tile.
+    Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
+    (read only with HAS_DELTA) have any strides. With SAVE_STATS the raw row max and the
+    log-sum-exp of the biased scores go to STATS (float32, (B*H, Nq, layout.STATS_FIELDS),
+    contiguous) for ops/tar_bwd.py. The grid is (B*H * cdiv(Nq, BLOCK_M),).
+    """
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
