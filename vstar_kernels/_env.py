@@ -63,13 +63,3 @@ def diffusers_version() -> str:
         return importlib.metadata.version("diffusers")
     except importlib.metadata.PackageNotFoundError:
         return "not installed (pip install vstar_kernels[diffusers] for vstar_kernels.diffusers)"
-
-
-def __getattr__(name):
-    # ops/compile_check.py still asks this module for the Triton kernels, which ops/_load.py loads
-    # now; this goes once compile_check imports them from there.
-    if name in ("triton_ops", "triton_backward_ops"):
-        from .ops import _load
-
-        return getattr(_load, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

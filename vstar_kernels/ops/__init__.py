@@ -1,7 +1,17 @@
-"""Kernel families. Each module: @triton.jit kernels -> launcher -> (autograd) entry point.
+"""The Triton kernels and what they share. Each kernel module: @triton.jit kernels -> configs -> launcher.
 
-Modules here import triton at import time: load them only through `_load.py`, which
-records why one cannot be loaded. The exceptions: layout.py (no triton), which layout a call
-uses and the shape of what its forward saves, also asked by the op's fake functions; and
-tar_cuda.py, the CUDA C++ operator, which loads its library itself (`tar_cuda.load()`).
+* layout.py: which layout (packed or tiled) a call uses and the shape of the row statistics the
+  tiled forward saves for the backward. No triton import: the op's fake (meta) functions ask it too.
+* _jit.py: the @triton.jit building blocks the forward and backward kernels share (scores, the
+  Gaussian band, the bias, tile loads and stores, program coordinates, the interpreter's exact
+  bf16 products) and the launcher helpers both use (compile-time options, delta arguments).
+* tar_fwd.py: the fused forward: packed, tiled, and the row-max pre-pass of max_mode="global".
+* tar_bwd.py: the fused backward: packed, and the tiled dQ and dK/dV passes.
+* _load.py: loads the kernel modules once and keeps the reason when one cannot be loaded.
+* tar_cuda.py: the optional CUDA C++ operator (vstar_kernels._C); it loads its library itself
+  (`tar_cuda.load()`).
+* compile_check.py: compiles every Triton kernel launch for an NVIDIA arch without a GPU and
+  reports registers, spills and shared memory.
+
+The kernel modules import triton at import time: load them only through `_load.py`.
 """

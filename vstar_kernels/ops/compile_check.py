@@ -26,8 +26,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .. import _env
 from .._validation import make_problem
+from ._load import triton_backward_ops, triton_ops
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
 
@@ -75,7 +75,7 @@ def _pruned_configs(tuner, args, kwargs) -> list:
 
 
 def _modules():
-    fwd, bwd = _env.triton_ops(), _env.triton_backward_ops()
+    fwd, bwd = triton_ops(), triton_backward_ops()
     for probe in (fwd, bwd):
         if not probe.ok:
             raise RuntimeError(probe.reason)
@@ -88,8 +88,8 @@ def record(fn) -> list:
     """The kernel launches `fn()` makes, with the kernels swapped for recorders (nothing runs)."""
     fwd, bwd = _modules()
     launches = []
-    saved = {(m, name): getattr(m, name) for m in (fwd, bwd) for name in ("_packed", "_tiled", "_dq", "_dkdv")
-             if hasattr(m, name)}
+    kernels = ("_packed", "_tiled_row_max", "_tiled", "_dq", "_dkdv")
+    saved = {(m, name): getattr(m, name) for m in (fwd, bwd) for name in kernels if hasattr(m, name)}
     try:
         for (m, name), kernel in saved.items():
             setattr(m, name, _Recorder(kernel, launches))
@@ -153,7 +153,9 @@ def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> l
                                  num_stages=launch.kwargs.get("num_stages", 3))]
     results = []
     for config in configs:
-        constants = {**kwargs, **config.kwargs}
+        # an absent buffer (None) is a constexpr, as triton's launcher makes it
+        constants = {**kwargs, **config.kwargs,
+                     **{name: None for name, value in zip(jit_fn.arg_names, launch.args) if value is None}}
         src = ASTSource(fn=jit_fn, signature=_signature(jit_fn, launch.args, constants), constexprs=constants)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         try:

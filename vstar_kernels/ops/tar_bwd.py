@@ -33,16 +33,13 @@ import triton.language as tl
 
 from .._validation import TarProblem
 from . import layout
+from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
+    delta_args, exp, interpreter_rows, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, \
+    packed_segments, per_row, same_sequence, store_tile
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
-from .tar_fwd import INTERPRETING, _bias, _block_coords, _cast, _delta_a, _exp, _load_tile, _masked_scores, _mma, \
-    _packed_coords, _packed_exp, _packed_max, _per_row, _same_sequence, _store_tile, common_meta, delta_args, \
-    interpreter_rows, packed_segments
 
-# Field offsets of the row statistics (layout.STATS_FIELDS) and of the dQ pass's per-row values
-# (layout.AUX_FIELDS), as compile-time constants of the kernels.
-_STATS_N = tl.constexpr(layout.STATS_FIELDS)
-_STAT_MAX = tl.constexpr(layout.STAT_MAX)
-_STAT_LSE = tl.constexpr(layout.STAT_LSE)
+# Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
+# the kernels.
 _AUX_N = tl.constexpr(layout.AUX_FIELDS)
 _AUX_D = tl.constexpr(layout.AUX_D)
 _AUX_SHARE = tl.constexpr(layout.AUX_SHARE)
@@ -57,43 +54,44 @@ _AUX_NORM = tl.constexpr(layout.AUX_NORM)
 @triton.jit
 def _tar_bwd_packed_kernel(
     Q, K, V, DO, DQ, DK, DV, DELTA, DDELTA,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sgb, sgh, sgn, sgd,
-    sdb, sdh, sdn, sdm,
-    BH, H, NQ, NK, D, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     ROWS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
-    REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     SEQS: tl.constexpr = ROWS // SEG_MAX
-    i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = _packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
-    dd = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
+    i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = _load_tile(Q, bq * sqb + hq * sqh + i * sqn, 1, dd, sqd, row_ok, D)
-    k = _load_tile(K, bk * skb + hk * skh + j * skn, 1, dd, skd, col_ok, D)
-    v = _load_tile(V, bk * svb + hk * svh + j * svn, 1, dv, svd, col_ok, DV_)
-    do = _load_tile(DO, bq * sgb + hq * sgh + i * sgn, 1, dv, sgd, row_ok, DV_)
+    q = load_tile(Q, bq * stride_qb + hq * stride_qh + i * stride_qn, 1, offs_d, stride_qd, row_ok, HEAD_DIM)
+    k = load_tile(K, bk * stride_kb + hk * stride_kh + j * stride_kn, 1, offs_d, stride_kd, col_ok, HEAD_DIM)
+    v = load_tile(V, bk * stride_vb + hk * stride_vh + j * stride_vn, 1, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+    do = load_tile(DO, bq * stride_dob + hq * stride_doh + i * stride_don, 1, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
 
-    valid = _same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
-    s, valid = _masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION, INTERP_BF16)
+    valid = same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
+    s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
-        m = _packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
+        m = packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
         tie = valid & (s == m[:, None])  # the entries torch.amax splits the max's gradient over
-        d_ptrs = DELTA + (bq * sdb + hq * sdh + i * sdn)[:, None] + j[None, :] * sdm
-        dA = _delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
-        s = _bias(s, m, dA, strength)
+        d_ptrs = DELTA + (bq * stride_deltab + hq * stride_deltah + i * stride_deltam)[:, None] \
+            + j[None, :] * stride_deltan
+        dA = delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
+        s = bias(s, m, dA, strength)
 
-    p, denom = _packed_exp(s, row_ok)
+    p, denom = packed_exp(s, row_ok)
     p = p / denom[:, None]
-    dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+    dp = mma(do, tl.trans(v), PRECISION)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-    dv_acc = _mma(tl.trans(_cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
+    dv_acc = mma(tl.trans(cast(p, do.dtype)), do, PRECISION)
 
     if REGULARIZE:
         if DELTA_GRAD:
@@ -104,16 +102,16 @@ def _tar_bwd_packed_kernel(
         if GLOBAL_MAX:
             seq_dmax = tl.sum(tl.reshape(dmax, (SEQS, SEG_Q)), 1)
             seq_count = tl.sum(tl.reshape(count, (SEQS, SEG_Q)), 1)
-            share = _per_row(seq_dmax / tl.maximum(seq_count, 1.0), SEQS, SEG_Q)
+            share = per_row(seq_dmax / tl.maximum(seq_count, 1.0), SEQS, SEG_Q)
         else:
             share = dmax / tl.maximum(count, 1.0)
         ds = ds + tl.where(tie, share[:, None], 0.0)
 
-    dq = _mma(_cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16) * scale
-    dk = _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16) * scale
-    _store_tile(DQ, seq_q * NQ + i, D, dd, 1, dq, row_ok, D, INTERP_BF16)
-    _store_tile(DK, seq_k * NK + j, D, dd, 1, dk, col_ok, D, INTERP_BF16)
-    _store_tile(DV, seq_k * NK + j, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
+    dq = mma(cast(ds, k.dtype), k, PRECISION) * scale
+    dk = mma(tl.trans(cast(ds, q.dtype)), q, PRECISION) * scale
+    store_tile(DQ, seq_q * NQ + i, HEAD_DIM, offs_d, 1, dq, row_ok, HEAD_DIM)
+    store_tile(DK, seq_k * NK + j, HEAD_DIM, offs_d, 1, dk, col_ok, HEAD_DIM)
+    store_tile(DV, seq_k * NK + j, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V)
 
 
 @triton.jit
@@ -130,18 +128,18 @@ def _track_max(s, valid, start, m, arg, count):
 @triton.jit
 def _tar_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, DELTA, STATS, SEQMAX, AUX, TIEK,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    sgb, sgh, sgn, sgd,
-    sdb, sdh, sdn, sdm,
-    BH, H, NQ, NK, D, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
-    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dQ of BLOCK_M query rows, and their layout.AUX_FIELDS values for the dK/dV pass.
 
@@ -164,18 +162,18 @@ def _tar_bwd_dq_kernel(
     Global mode: the share needs the whole slice, so DQ (float32) gets the part without the max
     and TIEK (float32) the sum of the tie keys; the launcher finishes dQ and the shares.
     """
-    seq, mb, b, h, offs_m, row_ok = _block_coords(NQ, H, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m, sqn, dd, sqd, row_ok, D)
-    do = _load_tile(DO + b * sgb + h * sgh, offs_m, sgn, dv, sgd, row_ok, DV_)
-    o = _load_tile(O + b * sob + h * soh, offs_m, son, dv, sod, row_ok, DV_)
+    seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
+    o = load_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, row_ok, HEAD_DIM_V)
     d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = seq * NQ + offs_m
     lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
-    k_base = b * skb + h * skh
-    v_base = b * svb + h * svh
-    d_base = DELTA + b * sdb + h * sdh + offs_m[:, None] * sdn
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
@@ -196,25 +194,24 @@ def _tar_bwd_dq_kernel(
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = j < NK
-        k = _load_tile(K + k_base, j, skn, dd, skd, col_ok, D)
-        v = _load_tile(V + v_base, j, svn, dv, svd, col_ok, DV_)
-        s, valid = _masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION,
-                                  INTERP_BF16)
+        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
+        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+        s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
         s_reg = s
         if REGULARIZE:
             m, arg, count = _track_max(s, valid, start, m, arg, count)
-            dA = _delta_a(offs_m, j, valid, d_base + j[None, :] * sdm, gauss_coef, HAS_DELTA)
-            s_reg = _bias(s, bias_max, dA, strength)
-        p = _exp(s_reg - lse[:, None])
-        dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
+            s_reg = bias(s, bias_max, dA, strength)
+        p = exp(s_reg - lse[:, None])
+        dp = mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             dmax += tl.sum(ds * dA, 1)
             p_sum += tl.sum(p, 1)
             p_dp += tl.sum(p * dp, 1)
             p_da += tl.sum(p * dA, 1)
-            p_k += _mma(_cast(p, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
-        acc += _mma(_cast(ds, k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
+            p_k += mma(cast(p, k.dtype), k, PRECISION)
+        acc += mma(cast(ds, k.dtype), k, PRECISION)
 
     if REGULARIZE:
         norm = 1.0 / tl.where(row_ok, p_sum, 1.0)
@@ -227,15 +224,17 @@ def _tar_bwd_dq_kernel(
             tie_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
             for start in range(0, hi, BLOCK_N):
                 j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                k = _load_tile(K + k_base, j, skn, dd, skd, j < NK, D)
-                s, valid = _masked_scores(q, k, (j < NK)[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
-                                          PRECISION, INTERP_BF16)
+                k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, j < NK, HEAD_DIM)
+                s, valid = masked_scores(q, k, (j < NK)[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
+                                          PRECISION)
                 tie = valid & (s == m[:, None])
-                tie_k += _mma(_cast(tie.to(tl.float32), k.dtype, INTERP_BF16), k, PRECISION, INTERP_BF16)
+                tie_k += mma(cast(tie.to(tl.float32), k.dtype), k, PRECISION)
         else:  # one key per row reaches the max: its arg-max
-            tie_k = _load_tile(K + k_base, arg.to(tl.int64), skn, dd, skd, row_ok, D).to(tl.float32)
+            tie_k = load_tile(K + k_base, arg.to(tl.int64), stride_kn, offs_d, stride_kd, row_ok,
+                              HEAD_DIM).to(tl.float32)
         if GLOBAL_MAX:
-            tl.store(TIEK + row[:, None] * D + dd[None, :], tie_k * scale, mask=row_ok[:, None] & (dd[None, :] < D))
+            tl.store(TIEK + row[:, None] * HEAD_DIM + offs_d[None, :], tie_k * scale,
+                     mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
             share = dmax  # turned into the share by the launcher
         else:
             share = dmax / tl.maximum(count, 1).to(tl.float32)
@@ -243,38 +242,38 @@ def _tar_bwd_dq_kernel(
         tl.store(AUX + row * _AUX_N + _AUX_SHARE, share, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_MAX, m, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_COUNT, count.to(tl.float32), mask=row_ok)
-    _store_tile(DQ, row, D, dd, 1, acc * scale, row_ok, D, INTERP_BF16)
+    store_tile(DQ, row, HEAD_DIM, offs_d, 1, acc * scale, row_ok, HEAD_DIM)
     tl.store(AUX + row * _AUX_N + _AUX_D, d_row, mask=row_ok)
 
 
 @triton.jit
 def _tar_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, DELTA, DDELTA, STATS, SEQMAX, AUX,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sgb, sgh, sgn, sgd,
-    sdb, sdh, sdn, sdm,
-    BH, H, NQ, NK, D, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
-    DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys (and their columns of d delta), walking the query blocks.
 
     Runs the dQ pass's tiles, so its recomputed raw scores equal that pass's bit for bit: a key
     ties in row i exactly when its score equals the row max the dQ pass saved.
     """
-    seq, nb, b, h, offs_n, col_ok = _block_coords(NK, H, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + b * skb + h * skh, offs_n, skn, dd, skd, col_ok, D)
-    v = _load_tile(V + b * svb + h * svh, offs_n, svn, dv, svd, col_ok, DV_)
-    q_base = b * sqb + h * sqh
-    g_base = b * sgb + h * sgh
-    d_base = DELTA + b * sdb + h * sdh + offs_n[None, :] * sdm
+    seq, nb, b, h, offs_n, col_ok = block_coords(NK, H, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_tile(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
+    v = load_tile(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+    q_base = b * stride_qb + h * stride_qh
+    g_base = b * stride_dob + h * stride_doh
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_n[None, :] * stride_deltan
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv_acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     lo = 0
@@ -286,24 +285,23 @@ def _tar_bwd_dkdv_kernel(
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = offs_m < NQ
         row = seq * NQ + offs_m
-        q = _load_tile(Q + q_base, offs_m, sqn, dd, sqd, row_ok, D)
-        do = _load_tile(DO + g_base, offs_m, sgn, dv, sgd, row_ok, DV_)
+        q = load_tile(Q + q_base, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
+        do = load_tile(DO + g_base, offs_m, stride_don, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
         lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
         d_row = tl.load(AUX + row * _AUX_N + _AUX_D, mask=row_ok, other=0.0)
-        s, valid = _masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION,
-                                  INTERP_BF16)
+        s, valid = masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION)
         s_reg = s
         if REGULARIZE:
             bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
             if GLOBAL_MAX:
                 bias_max = seq_max
-            dA = _delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * sdn, gauss_coef, HAS_DELTA)
-            s_reg = _bias(s, bias_max, dA, strength)
-        p = _exp(s_reg - lse[:, None])
+            dA = delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * stride_deltam, gauss_coef, HAS_DELTA)
+            s_reg = bias(s, bias_max, dA, strength)
+        p = exp(s_reg - lse[:, None])
         if REGULARIZE:
             p = p * tl.load(AUX + row * _AUX_N + _AUX_NORM, mask=row_ok, other=1.0)[:, None]
-        dv_acc += _mma(tl.trans(_cast(p, do.dtype, INTERP_BF16)), do, PRECISION, INTERP_BF16)
-        dp = _mma(do, tl.trans(v), PRECISION, INTERP_BF16)
+        dv_acc += mma(tl.trans(cast(p, do.dtype)), do, PRECISION)
+        dp = mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             if DELTA_GRAD:
@@ -312,9 +310,9 @@ def _tar_bwd_dkdv_kernel(
             share = tl.load(AUX + row * _AUX_N + _AUX_SHARE, mask=row_ok, other=0.0)
             row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
             ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
-        dk += _mma(tl.trans(_cast(ds, q.dtype, INTERP_BF16)), q, PRECISION, INTERP_BF16)
-    _store_tile(DK, seq * NK + offs_n, D, dd, 1, dk * scale, col_ok, D, INTERP_BF16)
-    _store_tile(DV, seq * NK + offs_n, DV_, dv, 1, dv_acc, col_ok, DV_, INTERP_BF16)
+        dk += mma(tl.trans(cast(ds, q.dtype)), q, PRECISION)
+    store_tile(DK, seq * NK + offs_n, HEAD_DIM, offs_d, 1, dk * scale, col_ok, HEAD_DIM)
+    store_tile(DV, seq * NK + offs_n, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V)
 
 
 # --------------------------------------------------------------------------- configs
@@ -413,7 +411,6 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
             g.zero_()
         return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)
     delta, d_strides, gauss_coef = delta_args(problem)
-    ddelta_ptr = ddelta if ddelta is not None else dq  # dummy pointer when not written
     meta = dict(common_meta(problem), GLOBAL_MAX=problem.max_mode == "global")
     sizes = (bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
 
@@ -423,7 +420,7 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         if INTERPRETING:
             packed_meta["ROWS"] = interpreter_rows(problem)
         grid = lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)  # noqa: E731
-        _packed[grid](q, k, v, grad_out, dq, dk, dv_out, delta, ddelta_ptr,
+        _packed[grid](q, k, v, grad_out, dq, dk, dv_out, delta, ddelta,
                       *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, **packed_meta)
         return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)
 
@@ -431,9 +428,9 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         raise ValueError(f"stats must be the ({bh}, {nq}, {STATS_FIELDS}) statistics of the tiled forward, "
                          f"got shape {tuple(stats.shape)}")
     regularized_global = problem.regularized and problem.max_mode == "global"
-    seq_max = stats[..., STAT_MAX].amax(dim=1) if regularized_global else stats
+    seq_max = stats[..., STAT_MAX].amax(dim=1) if regularized_global else None
     aux = torch.empty(bh, nq, layout.AUX_FIELDS, device=q.device, dtype=torch.float32)
-    dq_buf, tie_k = dq, dq  # global mode: float32 partial dQ and tie keys, finished below
+    dq_buf, tie_k = dq, None  # global mode: float32 partial dQ and tie keys, finished below
     if regularized_global:
         dq_buf = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
         tie_k = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
@@ -453,7 +450,7 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         aux[..., layout.AUX_SHARE] = share
         dq.copy_((dq_buf + share[..., None] * tie_k).view(q.shape))
     _dkdv[(bh * triton.cdiv(nk, tiles["BLOCK_N"]),)](
-        q, k, v, grad_out, dk, dv_out, delta, ddelta_ptr, stats, seq_max, aux,
+        q, k, v, grad_out, dk, dv_out, delta, ddelta, stats, seq_max, aux,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, n_bucket,
         DELTA_GRAD=delta_grad, **meta, **tiles)
     return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)

@@ -1,0 +1,231 @@
+"""Building blocks shared by the Triton forward (tar_fwd.py) and backward (tar_bwd.py) kernels.
+
+@triton.jit helpers (the score expression, the Gaussian band, the bias, tile loads and stores,
+the packed and tiled program coordinates, the interpreter's exact bf16 products) and the
+launcher-side helpers both launchers call (compile-time options, delta arguments, packed
+segment sizes). One definition each, so that the backward recomputes exactly the forward's
+arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import TarProblem
+from .layout import STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, packed_limit, pow2
+
+LOG2E = 1.4426950408889634
+# Floor of the Gaussian's exponent coefficient -0.5 * log2(e) / sigma**2. Below about -150 every
+# off-diagonal exp2(coef * (j - i)**2) is 0 in float32, as the definition is for such a narrow
+# Gaussian; the floor keeps the coefficient finite (for sigma < ~1e-19 it would overflow float32,
+# and the diagonal's 0 * -inf would be NaN), so that any tiny sigma gives exactly the identity.
+GAUSS_COEF_MIN = -2.0 ** 32
+INTERPRETING = triton.knobs.runtime.interpret
+# Compile-time in the kernels: mma and cast stand in for the interpreter's inexact bfloat16 arithmetic.
+_INTERPRETING = tl.constexpr(INTERPRETING)
+# Field offsets of the row statistics the tiled forward saves (layout.STATS_FIELDS), as
+# compile-time constants of the kernels that write and read them.
+_STATS_N = tl.constexpr(STATS_FIELDS)
+_STAT_MAX = tl.constexpr(STAT_MAX)
+_STAT_LSE = tl.constexpr(STAT_LSE)
+
+
+# --------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def mma(a, b, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation."""
+    if _INTERPRETING and a.dtype == tl.bfloat16:
+        # The Triton interpreter multiplies bfloat16 operands as raw integers. Widening
+        # bf16 to fp32 is exact, so this computes what the GPU's bf16 MMA computes.
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """x.to(dtype), rounding to nearest even as the GPU does."""
+    if _INTERPRETING and dtype == tl.bfloat16:
+        # The interpreter truncates fp32 -> bf16; round the fp32 bits first so that
+        # truncation is exact (round half to even on the 16 dropped bits).
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def exp(x):
+    """e^x as exp2(x * log2(e))."""
+    return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nanmax(x, axis):
+    """tl.max(x, axis) that returns NaN where a NaN takes part (tl.max skips NaN)."""
+    return tl.reduce(x, axis, max_nan)
+
+
+@triton.jit
+def load_tile(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols):
+    """tile[r, c] = ptr[rows[r] * row_stride + cols[c] * col_stride], 0 outside row_ok x (cols < n_cols)."""
+    return tl.load(ptr + (rows * row_stride)[:, None] + cols[None, :] * col_stride,
+                   mask=row_ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, rows, row_stride, cols, col_stride, x, row_ok, n_cols):
+    """x, cast to ptr's dtype, into the places load_tile reads."""
+    tl.store(ptr + (rows * row_stride)[:, None] + cols[None, :] * col_stride,
+             cast(x, ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """S = scale * q k^T where valid (and key col <= query row when CAUSAL), -inf elsewhere.
+
+    Returns (S, valid with the causal mask). The one score expression of the forward and the
+    backward kernels.
+    """
+    s = mma(q, tl.trans(k), PRECISION) * scale
+    if CAUSAL:
+        # int32 positions: the 2-D comparison costs half the registers of an int64 one
+        valid = valid & (cols.to(tl.int32)[None, :] <= rows.to(tl.int32)[:, None])
+    return tl.where(valid, s, float("-inf")), valid
+
+
+@triton.jit
+def delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr):
+    """dA_ij: the user's delta (read where valid) or the Gaussian exp2(gauss_coef * (j - i)^2)."""
+    if HAS_DELTA:
+        dA = tl.load(d_ptrs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        # positions to fp32 per row/column (exact below 2**24), so the tile-sized math is fp32 only
+        dist = j.to(tl.float32)[None, :] - i.to(tl.float32)[:, None]
+        dA = tl.exp2(gauss_coef * dist * dist)
+    return dA
+
+
+@triton.jit
+def bias(s, row_max, dA, strength):
+    """S' = S + strength * m_i * dA_ij; masked entries stay -inf."""
+    return s + (strength * row_max)[:, None] * dA
+
+
+@triton.jit
+def packed_coords(BH, H, NQ, NK, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr):
+    """Coordinates of this program's packed tile: SEQS sequences of SEG_Q query rows and SEG_K key columns.
+
+    Returns (i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok): per row the query index in its
+    sequence, the (batch x head) sequence, its batch and head (per column the same for keys), and
+    which rows and columns are real (not padding, not past the last sequence).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    rq = tl.arange(0, SEQS * SEG_Q)
+    rk = tl.arange(0, SEQS * SEG_K)
+    i = (rq % SEG_Q).to(tl.int64)
+    j = (rk % SEG_K).to(tl.int64)
+    seq_q = pid * SEQS + rq // SEG_Q
+    seq_k = pid * SEQS + rk // SEG_K
+    bq = seq_q // H
+    hq = seq_q % H
+    bk = seq_k // H
+    hk = seq_k % H
+    row_ok = (seq_q < BH) & (i < NQ)
+    col_ok = (seq_k < BH) & (j < NK)
+    return i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok
+
+
+@triton.jit
+def same_sequence(seq_q, seq_k):
+    """[r, c]: packed row r and column c belong to one sequence. Compared in int32: ids within a
+    program differ by less than SEQS, so equality survives the truncation, at half the registers."""
+    return seq_q.to(tl.int32)[:, None] == seq_k.to(tl.int32)[None, :]
+
+
+@triton.jit
+def per_row(x, SEQS: tl.constexpr, SEG_Q: tl.constexpr):
+    """One value per sequence of a packed tile, repeated for the sequence's SEG_Q rows."""
+    return tl.reshape(tl.broadcast_to(x[:, None], (SEQS, SEG_Q)), (SEQS * SEG_Q,))
+
+
+@triton.jit
+def packed_max(s, row_ok, SEQS: tl.constexpr, SEG_Q: tl.constexpr, GLOBAL_MAX: tl.constexpr):
+    """m_i of a packed tile: the row max of S, with GLOBAL_MAX its sequence's max; 0 on padding rows.
+    A NaN score makes the max NaN, as the definition's max is."""
+    m = nanmax(s, 1)
+    if GLOBAL_MAX:
+        seq_max = nanmax(tl.reshape(m, (SEQS, SEG_Q)), 1)
+        m = per_row(seq_max, SEQS, SEG_Q)
+    return tl.where(row_ok, m, 0.0)
+
+
+@triton.jit
+def packed_exp(s, row_ok):
+    """exp(S' - row max) of a packed tile and its row sums (1 on padding rows, which are all -inf)."""
+    mx = tl.where(row_ok, tl.max(s, 1), 0.0)
+    p = exp(s - mx[:, None])
+    return p, tl.where(row_ok, tl.sum(p, 1), 1.0)
+
+
+@triton.jit
+def block_coords(N, H, BLOCK: tl.constexpr):
+    """This program's block of a (B*H) x cdiv(N, BLOCK) grid: (seq, block, b, h, offs, offs < N), offs int64."""
+    pid = tl.program_id(0).to(tl.int64)
+    num = tl.cdiv(N, BLOCK)
+    seq = pid // num
+    blk = pid % num
+    b = seq // H
+    h = seq % H
+    offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return seq, blk, b, h, offs, offs < N
+
+
+# --------------------------------------------------------------------------- launcher helpers
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def delta_args(problem: TarProblem):
+    """(delta pointer, its 4 strides, gauss_coef) for a kernel launch."""
+    if problem.delta is not None:
+        return problem.delta, problem.delta.stride(), 0.0
+    sigma = problem.sigma
+    # / sigma / sigma, not / sigma ** 2: the square of a tiny sigma is 0, the quotient overflows to -inf
+    gauss_coef = 0.0 if math.isinf(sigma) else max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma)
+    return problem.q, (0, 0, 0, 0), gauss_coef  # q: a dummy pointer, never read
+
+
+def common_meta(problem: TarProblem) -> dict:
+    """Compile-time options shared by the forward and backward kernels."""
+    block_d, block_dv = block_dims(problem.head_dim, problem.head_dim_v)
+    return dict(BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=problem.causal, HAS_DELTA=problem.delta is not None,
+                REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype))
+
+
+def packed_segments(problem: TarProblem) -> tuple:
+    """(SEG_Q, SEG_K, SEG_MAX): power-of-two rows per sequence in a packed tile."""
+    seg_max = pow2(max(problem.nq, problem.nk))
+    return pow2(problem.nq, seg_max // 4), pow2(problem.nk, seg_max // 4), seg_max
+
+
+def interpreter_rows(problem: TarProblem) -> int:
+    """Packed tile rows the interpreter runs (it does not autotune)."""
+    return max(packed_limit(max(block_dims(problem.head_dim, problem.head_dim_v))),
+               pow2(max(problem.nq, problem.nk)))
