@@ -76,7 +76,9 @@ def test_without_matplotlib_the_table_is_still_written(tmp_path, monkeypatch, ca
     write_csv(path, ROWS)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert render(path) == [tmp_path / "synthetic-20990101.md"]
-    assert "plots skipped: matplotlib is not importable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "plots skipped: matplotlib is not importable" in err
+    assert "pip install 'vstar_kernels[bench]'" in err
     assert not list(tmp_path.glob("*.png"))
 
 

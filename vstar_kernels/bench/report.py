@@ -328,7 +328,8 @@ def render(csv_path, plots: bool = True) -> list:
         try:
             import matplotlib  # noqa: F401
         except ImportError as exc:
-            print(f"plots skipped: matplotlib is not importable ({exc})", file=sys.stderr)
+            print(f"plots skipped: matplotlib is not importable ({exc}); install it with "
+                  "pip install 'vstar_kernels[bench]'", file=sys.stderr)
             return written
         written += draw_plots(rows, stem)
     return written
