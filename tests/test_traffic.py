@@ -170,3 +170,16 @@ def test_tiled_n256_is_3_5x_ideal_and_issues_three_products():
     assert t.requested_bytes / ideal == (4 + 6 * n / block_m) / 8 == 3.5
     bd, bdv = block_dims(d, d)
     assert t.mma_flops == 2 * n * n * (2 * bd + bdv)  # Q K^T in both passes, P V once
+
+
+def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):
+    import csv
+
+    from vstar_kernels import cli
+    from vstar_kernels.bench import traffic
+
+    monkeypatch.setattr(traffic, "QUICK_CASES", [TrafficCase("vc2-320x512-l0", 16, 64, "fp16", "plain")])
+    assert cli.main(["bench", "--traffic", "--quick", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "traffic.csv")))
+    assert [(r["layout"], r["requested_per_ideal"], r["useful_share"]) for r in rows] == [("packed", "1", "0.125")]
+    assert "Counted in the Triton interpreter" in (tmp_path / "traffic.md").read_text()
