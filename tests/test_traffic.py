@@ -183,3 +183,21 @@ def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(tmp_path / "traffic.csv")))
     assert [(r["layout"], r["requested_per_ideal"], r["useful_share"]) for r in rows] == [("packed", "1", "0.125")]
     assert "Counted in the Triton interpreter" in (tmp_path / "traffic.md").read_text()
+
+
+def test_a_case_that_raises_gets_a_row_and_fails_the_command(tmp_path, monkeypatch):
+    import csv
+
+    from vstar_kernels import cli
+    from vstar_kernels.bench import traffic
+
+    def raising(case):
+        raise ValueError("no such kernel")
+
+    monkeypatch.setattr(traffic, "measure_case", raising)
+    monkeypatch.setattr(traffic, "QUICK_CASES", [TrafficCase("vc2-320x512-l0", 16, 64, "fp16", "plain")])
+    assert cli.main(["bench", "--traffic", "--quick", "--out", str(tmp_path)]) == 1
+    rows = list(csv.DictReader(open(tmp_path / "traffic.csv")))
+    assert [(r["n"], r["requested_bytes"], r["status"]) for r in rows] == [
+        ("16", "", "error: ValueError: no such kernel")]
+    assert "error: ValueError: no such kernel" in (tmp_path / "traffic.md").read_text()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,12 +244,21 @@ def measure_case(case: TrafficCase, batch: int | None = None, heads: int | None 
         "requested_bytes": t.requested_bytes, "distinct_bytes": t.distinct_bytes, "ideal_bytes": ideal,
         "requested_per_ideal": t.requested_bytes / ideal, "distinct_per_ideal": t.distinct_bytes / ideal,
         "mma_flops_issued": t.mma_flops, "useful_flops": useful, "useful_share": useful / t.mma_flops,
+        "status": "ok",
     }
+
+
+def failed_row(case: TrafficCase, status: str) -> dict:
+    """The row of a case whose call raised: no counts, the reason in `status`."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(shape=case.shape, layout=layout(case), dtype=case.dtype, n=case.n, d=case.head_dim,
+               options=case.option, status=status)
+    return row
 
 
 COLUMNS = ("shape", "layout", "dtype", "n", "d", "options", "sequences", "requested_bytes", "distinct_bytes",
            "ideal_bytes", "requested_per_ideal", "distinct_per_ideal", "mma_flops_issued", "useful_flops",
-           "useful_share")
+           "useful_share", "status")
 
 
 def markdown(rows, info: "measure.RunInfo") -> str:
@@ -273,6 +283,10 @@ def markdown(rows, info: "measure.RunInfo") -> str:
         "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['shape']} | {r['layout']} | {r['dtype']} | {r['n']} | {r['d']} | {r['options']} "
+                         f"| {r['status']} |" + " |" * 8)
+            continue
         lines.append(f"| {r['shape']} | {r['layout']} | {r['dtype']} | {r['n']} | {r['d']} | {r['options']} "
                      f"| {r['sequences']} | {r['requested_bytes']:,} | {r['distinct_bytes']:,} | {r['ideal_bytes']:,} "
                      f"| {r['requested_per_ideal']:.2f} | {r['distinct_per_ideal']:.2f} "
@@ -280,13 +294,19 @@ def markdown(rows, info: "measure.RunInfo") -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep(cases, out_dir: Path, progress=print) -> tuple:
-    """Measure every case; write out_dir/traffic.csv and traffic.md; returns their paths."""
+def sweep(cases, out_dir: Path, progress=print) -> list:
+    """Measure every case (a call that raises gets a row saying why); write out_dir/traffic.csv and
+    traffic.md; returns the rows."""
+    from .harness import classify
+
     info = measure.RunInfo.collect(torch.device("cpu"))
     rows = []
     for i, case in enumerate(cases, 1):
         progress(f"[{i}/{len(cases)}] {case.shape} N={case.n} D={case.head_dim} {case.dtype} {case.option}")
-        rows.append(measure_case(case))
+        try:
+            rows.append(measure_case(case))
+        except Exception as exc:  # noqa: BLE001 - the row says why; main's exit code reports it
+            rows.append(failed_row(case, classify(exc)))
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "traffic.csv", out_dir / "traffic.md"
     with open(csv_path, "w", newline="") as f:
@@ -295,7 +315,9 @@ def sweep(cases, out_dir: Path, progress=print) -> tuple:
         for r in rows:
             writer.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
     md_path.write_text(markdown(rows, info))
-    return csv_path, md_path
+    progress(f"wrote {csv_path}")
+    progress(f"wrote {md_path}")
+    return rows
 
 
 def main(args) -> int:
@@ -303,6 +325,7 @@ def main(args) -> int:
     from .harness import default_results_dir
 
     out_dir = Path(args.out).resolve() if args.out else default_results_dir()
-    for path in sweep(QUICK_CASES if args.quick else TRAFFIC_CASES, out_dir):
-        print(f"wrote {path}")
-    return 0
+    failed = [r for r in sweep(QUICK_CASES if args.quick else TRAFFIC_CASES, out_dir) if r["status"] != "ok"]
+    for r in failed:
+        print(f"FAILED: N={r['n']} D={r['d']} {r['dtype']} {r['options']}: {r['status']}", file=sys.stderr)
+    return 1 if failed else 0
