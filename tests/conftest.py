@@ -1,18 +1,10 @@
-"""Test set-up: without CUDA the Triton kernels run in the interpreter on CPU tensors.
-
-TRITON_INTERPRET must be set before the kernels are first loaded, so it is set
-here, at collection time, before any test imports them.
-"""
-
-import os
+"""Test set-up: importing _device turns the Triton interpreter on without CUDA, at collection time,
+before any test imports the kernels; tests marked gpu are skipped without CUDA."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from . import _device  # noqa: F401 (sets TRITON_INTERPRET)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,9 +4,10 @@ inputs, option grids and parametrization ids the kernel tests share."""
 import math
 
 import torch
-from conftest import DEVICE
 
 import vstar_kernels as vk
+
+from ._device import DEVICE
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = list(DTYPE_IDS)

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-from helpers import saved_figures
 
 from vstar_kernels import gaussian_toeplitz
 from vstar_kernels.analysis import (band_energy, diagonality, minmax_normalize, plot_attention_maps, plot_delta,
                                      short_layer_name)
 from vstar_kernels.cli import main as cli_main
+
+from .helpers import saved_figures
 
 matplotlib = pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")

@@ -11,8 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
-from test_diffusers_models import LEVEL_SPECS, attention_modules, forward, run_capturing
-from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+
+from vstar_kernels.diffusers import TARConfig, apply_tar, capture_temporal_attention, remove_tar, reset_steps
+from vstar_kernels.diffusers import capture as capture_module
+from vstar_kernels.diffusers.steps import StepTracker
+from vstar_kernels.regularization import delta_from_features
+
+from .test_diffusers_models import LEVEL_SPECS, attention_modules, forward, run_capturing
+from .tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
     FAMILIES,
     motion_adapter,
     motion_inputs,
@@ -21,11 +27,6 @@ from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixt
     unet2d,
     unet3d_inputs,
 )
-
-from vstar_kernels.diffusers import TARConfig, apply_tar, capture_temporal_attention, remove_tar, reset_steps
-from vstar_kernels.diffusers import capture as capture_module
-from vstar_kernels.diffusers.steps import StepTracker
-from vstar_kernels.regularization import delta_from_features
 
 MAP_TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 probabilities summed in float64, against float64 throughout
 

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from helpers import saved_figures
-from tiny_video_models import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from vstar_kernels.analysis import band_energy, diagonality
 from vstar_kernels.cli import main as cli_main
 from vstar_kernels.diffusers.attention_demo import attention_demo
+
+from .helpers import saved_figures
+from .tiny_video_models import one_torch_thread  # noqa: F401 (autouse fixture)
 
 Image = pytest.importorskip("PIL.Image")
 

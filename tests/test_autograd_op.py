@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE
-from helpers import opts_id
 from torch.library import opcheck
 
 import vstar_kernels as vk
+
+from ._device import DEVICE
+from .helpers import opts_id
 
 GRADCHECK_OPTIONS = [
     dict(),

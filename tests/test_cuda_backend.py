@@ -11,11 +11,12 @@ import sys
 
 import pytest
 import torch
-from helpers import DELTA_KINDS, DTYPES, assert_close_to_reference, dtype_id, make_delta, make_qkv, reference64
 
 import vstar_kernels as vk
 from vstar_kernels import _env, dispatch
 from vstar_kernels._validation import make_problem
+
+from .helpers import DELTA_KINDS, DTYPES, assert_close_to_reference, dtype_id, make_delta, make_qkv, reference64
 
 
 def problem(q, **kw):

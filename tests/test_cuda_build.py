@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cuda_toolchain import BINDINGS, compile_or_fail, cuda_home, cxx_path, nvcc_path, torch_include_dirs
+
+from .cuda_toolchain import BINDINGS, compile_or_fail, cuda_home, cxx_path, nvcc_path, torch_include_dirs
 
 ROOT = BINDINGS.parent
 needs_nvcc = pytest.mark.skipif(nvcc_path() is None or cuda_home() is None,

@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
-from cuda_toolchain import cuda_home, cxx_path, emulate, emulation_library, plan
-from helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, make_delta, \
-    make_qkv, opts_id, reference64, shape_id
 
 from vstar_kernels import dispatch
+
+from .cuda_toolchain import cuda_home, cxx_path, emulate, emulation_library, plan
+from .helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, make_delta, \
+    make_qkv, opts_id, reference64, shape_id
 
 pytestmark = pytest.mark.skipif(cuda_home() is None or cxx_path() is None,
                                 reason="the emulation needs a host C++ compiler and the CUDA headers (cuda_fp16.h)")

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close_to_reference, naive_tar
 from vstar_kernels import gaussian_toeplitz, tar_attention
 from vstar_kernels.regularization import delta_from_features
+
+from .helpers import assert_close_to_reference, naive_tar
 
 
 def moving_bump(n, *, speed, width, grid=4001, span=60.0, dtype=torch.float64):

@@ -13,9 +13,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import AnimateDiffPipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-from helpers import TOLERANCES, assert_close_to_reference, naive_tar
-from conftest import DEVICE
-from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+
+from vstar_kernels.diffusers import PRESETS, TARAttnProcessor, TARConfig, apply_tar, remove_tar, reset_steps
+from vstar_kernels.diffusers.processors import tar_site
+from vstar_kernels.diffusers.steps import StepTracker
+
+from ._device import DEVICE
+from .helpers import TOLERANCES, assert_close_to_reference, naive_tar
+from .tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
     FAMILIES,
     motion_adapter,
     motion_inputs,
@@ -24,10 +29,6 @@ from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixt
     unet3d_inputs,
     wide_motion,
 )
-
-from vstar_kernels.diffusers import PRESETS, TARAttnProcessor, TARConfig, apply_tar, remove_tar, reset_steps
-from vstar_kernels.diffusers.processors import tar_site
-from vstar_kernels.diffusers.steps import StepTracker
 
 # distinct (sigma, strength) per level, so that a module at the wrong level fails its check
 LEVEL_SPECS = {0: (1.0, 1.0), 1: (2.0, 0.75), 2: (3.0, 0.5)}

@@ -14,7 +14,11 @@ from diffusers import (
     HeunDiscreteScheduler,
     TextToVideoSDPipeline,
 )
-from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+
+from vstar_kernels.diffusers import TARAttnProcessor, TARConfig, apply_tar, remove_tar
+from vstar_kernels.diffusers.processors import tar_site, temporal_attention_modules
+
+from .tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
     FAMILIES,
     call_args,
     motion_adapter,
@@ -23,9 +27,6 @@ from tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixt
     tiny_text_parts,
     tiny_unet_motion,
 )
-
-from vstar_kernels.diffusers import TARAttnProcessor, TARConfig, apply_tar, remove_tar
-from vstar_kernels.diffusers.processors import tar_site, temporal_attention_modules
 
 UNTIL = 13
 

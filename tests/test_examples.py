@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 import torch
-from conftest import DEVICE
+
+from ._device import DEVICE
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import assert_close_to_reference
 
 import vstar_kernels as vk
+
+from .helpers import assert_close_to_reference
 
 pytestmark = pytest.mark.gpu
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import assert_grads_close, make_qkv, reference_grads
 
 import vstar_kernels as vk
+
+from .helpers import assert_grads_close, make_qkv, reference_grads
 
 pytestmark = pytest.mark.gpu
 

@@ -9,8 +9,6 @@ its modules as VideoCrafter2 does (``input_blocks.<i>.<j>``, ``middle_block``, `
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_reference, naive_tar
-from tiny_video_models import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from vstar_kernels.lvdm import (
     LevelSpec,
@@ -21,6 +19,9 @@ from vstar_kernels.lvdm import (
     tar_modules,
 )
 from vstar_kernels.regularization import delta_from_features
+
+from .helpers import assert_close_to_reference, naive_tar
+from .tiny_video_models import one_torch_thread  # noqa: F401 (autouse fixture)
 
 DIM = 16
 

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import naive_tar, opts_id, shape_id
 
 import vstar_kernels as vk
 from vstar_kernels import reference
+
+from .helpers import naive_tar, opts_id, shape_id
 
 OPTIONS = [
     dict(),

@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
-from test_diffusers_models import attention64, attention_modules, forward, run_capturing
-from helpers import assert_close_to_reference
-from tiny_video_models import FAMILIES, one_torch_thread, randn, unet3d_inputs  # noqa: F401 (autouse fixture)
 
 import vstar_kernels as vk
 from vstar_kernels.diffusers import LevelSpec, TARConfig, apply_tar
 from vstar_kernels.regularization import delta_from_features
+
+from .helpers import assert_close_to_reference
+from .test_diffusers_models import attention64, attention_modules, forward, run_capturing
+from .tiny_video_models import FAMILIES, one_torch_thread, randn, unet3d_inputs  # noqa: F401 (autouse fixture)
 
 
 def reference_delta(frames):

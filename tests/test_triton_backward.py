@@ -8,14 +8,15 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE
-from helpers import DELTA_KINDS, DTYPES, OPTION_GRID, assert_grads_close, dtype_id, make_delta, make_qkv, opts_id, \
-    reference_grads, shape_id
 
 import vstar_kernels as vk
 from vstar_kernels._env import triton_backward_ops, triton_ops
 from vstar_kernels._validation import make_problem
 from vstar_kernels.ops import layout
+
+from ._device import DEVICE
+from .helpers import DELTA_KINDS, DTYPES, OPTION_GRID, assert_grads_close, dtype_id, make_delta, make_qkv, opts_id, \
+    reference_grads, shape_id
 
 def random_grad_out(q, v, *, layout_="bhnd", seed=10):
     """An output gradient (B, H, Nq, Dv), contiguous or as a strided (B, N, H, D) view."""

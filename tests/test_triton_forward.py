@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
-from helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, make_delta, \
-    make_qkv, opts_id, reference64, shape_id
 
 import vstar_kernels as vk
 from vstar_kernels._env import triton_ops
 from vstar_kernels._validation import make_problem
+
+from ._device import DEVICE
+from .helpers import DELTA_KINDS, DTYPES, OPTION_GRID, TOLERANCES, assert_close_to_reference, dtype_id, make_delta, \
+    make_qkv, opts_id, reference64, shape_id
 
 
 def run_and_check(q, k, v, **opts):

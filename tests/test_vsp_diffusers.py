@@ -10,10 +10,11 @@ pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
 
-from tiny_video_models import (CONTEXT_DIM, MAX_TOKENS, call_args, one_torch_thread,  # noqa: E402, F401 (autouse)
-                               tiny_animatediff_pipeline, tiny_text_to_video_pipeline, tiny_unet3d, tiny_unet_motion)
 from vstar_kernels.vsp import (apply_vsp, encode_synopsis, generate_with_synopsis,  # noqa: E402
                                interpolate_embeddings, load_synopses, remove_vsp)
+
+from .tiny_video_models import (CONTEXT_DIM, MAX_TOKENS, call_args, one_torch_thread,  # noqa: E402, F401 (autouse)
+                                tiny_animatediff_pipeline, tiny_text_to_video_pipeline, tiny_unet3d, tiny_unet_motion)
 
 L, C, N = MAX_TOKENS, CONTEXT_DIM, 4
 UNETS = {"unet3d": tiny_unet3d, "motion": tiny_unet_motion}

@@ -3,7 +3,8 @@
 Modules: shapes (named shapes and presets), peers (every implementation, one
 signature), check (correctness before timing), measure (timers, bytes/FLOPs,
 copy bandwidth, run metadata), harness (the sweep and its CSV rows), e2e (the
-UNet forward), report (markdown table and plots from a CSV). This module only
+UNet forward), backward (the backward-pass cases, --backward), report (markdown
+table and plots from a CSV). This module only
 defines the command-line options, so that building the CLI parser imports
 nothing heavy.
 """
@@ -32,6 +33,10 @@ def configure(parser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list", action="store_true", help="list the named shapes and implementations")
+    parser.add_argument("--backward", action="store_true",
+                        help="time the backward pass instead (GPU only): the Triton backward vs autograd on the eager "
+                             "reference vs SDPA's, on the backward cases; rows go to <device>-<yyyymmdd>-backward.csv "
+                             "in the results directory (--out)")
     parser.add_argument("--model-table", action="store_true",
                         help="print the bytes/FLOPs table (the GPU shapes and N unless --shapes/--n), measure nothing")
     parser.add_argument("--traffic", action="store_true",
@@ -45,7 +50,7 @@ def runs_cpu_kernels(args) -> bool:
 
     if args.traffic:
         return True  # counted in the interpreter, with or without a GPU
-    if args.list or args.model_table:
+    if args.list or args.model_table or args.backward:
         return False
     return args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
 
@@ -55,6 +60,10 @@ def main(args) -> int:
         from .traffic import main as traffic
 
         return traffic(args)
+    if args.backward:
+        from .backward import main as run_backward
+
+        return run_backward(args)
     from .harness import main as run
 
     return run(args)

@@ -60,6 +60,17 @@ def _fmt(x) -> str:
     return "" if x is None else f"{x:.6g}"
 
 
+def append_row(csv_path: Path, row: dict) -> None:
+    """Append `row` to the CSV (its keys are the columns; a new file gets the header first)."""
+    new = not csv_path.exists() or csv_path.stat().st_size == 0
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 class Progress:
     """tqdm when it is installed, else one line per step on stderr."""
 
@@ -138,13 +149,7 @@ class Sweep:
             batch, heads, n, d, dtype,
             _fmt(timing.median_ms if timing else None), _fmt(timing.p20_ms if timing else None),
             _fmt(timing.p80_ms if timing else None), _fmt(gbps), _fmt(pct), _fmt(tflops), _fmt(peak_mb), status)))
-        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.csv_path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(self.csv_path, row)
         self.rows_written += 1
         return row
 

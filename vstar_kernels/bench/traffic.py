@@ -2,11 +2,9 @@
 
 `count_traffic()` patches the interpreter's builder while it is active: every masked load and
 store adds the bytes of its active lanes (element size x lanes whose mask is true) and the
-byte addresses it touches; every `tl.dot` adds 2 M N K FLOPs whatever its masks. Under the
-interpreter the kernels compute Q K^T as an explicit sum of a rank-3 broadcast product (see
-`_masked_scores` in ops/tar_fwd.py), not with `tl.dot`: a rank-3 float multiply of shape
-(M, N, K) is counted as the 2 M N K dot it stands for on the GPU. Counts are per call of
-whatever runs inside the block, all kernel launches together, plus one entry per launch.
+byte addresses it touches; every `tl.dot` adds 2 M N K FLOPs whatever its masks. Counts are
+per call of whatever runs inside the block, all kernel launches together, plus one entry per
+launch.
 
 What is ideal (`ideal_bytes`, `useful_flops`): reading Q, K, V once and writing O once, plus
 the delta entries the attention uses (Nq x Nk, the causal lower triangle when causal) when a
@@ -111,8 +109,8 @@ def count_traffic():
         raise RuntimeError("count_traffic counts the Triton interpreter's work: start Python with TRITON_INTERPRET=1")
     builder = interpreter.InterpreterBuilder
     fn_class = interpreter.InterpretedFunction
-    load, store, dot, fmul, run = (builder.create_masked_load, builder.create_masked_store, builder.create_dot,
-                                   builder.create_fmul, fn_class.run)
+    load, store, dot, run = (builder.create_masked_load, builder.create_masked_store, builder.create_dot,
+                             fn_class.run)
     traffic = Traffic()
 
     def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
@@ -128,12 +126,6 @@ def count_traffic():
         traffic._mma(m, b.data.shape[-1], k, int(np.prod(batch, dtype=np.int64)))
         return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
-    def counted_fmul(self, lhs, rhs):
-        out = fmul(self, lhs, rhs)
-        if out.data.ndim == 3:  # the interpreter's Q K^T: sum over k of q[:, None, :] * k[None, :, :]
-            traffic._mma(*out.data.shape)
-        return out
-
     def counted_run(self, *args, grid, warmup, **kwargs):
         traffic.launches.append(Launch(getattr(self.fn, "__name__", str(self.fn)), _scalar_meta(kwargs)))
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -141,7 +133,6 @@ def count_traffic():
     builder.create_masked_load = counted_load
     builder.create_masked_store = counted_store
     builder.create_dot = counted_dot
-    builder.create_fmul = counted_fmul
     fn_class.run = counted_run
     try:
         yield traffic
@@ -149,7 +140,6 @@ def count_traffic():
         builder.create_masked_load = load
         builder.create_masked_store = store
         builder.create_dot = dot
-        builder.create_fmul = fmul
         fn_class.run = run
 
 

@@ -37,7 +37,6 @@ LOG2E = 1.4426950408889634
 # and the diagonal's 0 * -inf would be NaN), so that any tiny sigma gives exactly the identity.
 GAUSS_COEF_MIN = -2.0 ** 32
 INTERPRETING = triton.knobs.runtime.interpret
-_INTERPRETING = tl.constexpr(INTERPRETING)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -105,16 +104,8 @@ def _masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISI
 
     Returns (S, valid with the causal mask). The one score expression of the forward and the
     backward kernels.
-
-    Equal keys must give equal scores (the backward splits the max's gradient over ties): a GPU
-    MMA computes every element of a tile the same way, but the interpreter's numpy matmul
-    rounds some columns differently at its SIMD edges, so there S is an explicit sum of
-    products, the same for every element.
     """
-    if _INTERPRETING:
-        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
-    else:
-        s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
+    s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * scale
     if CAUSAL:
         # int32 positions: the 2-D comparison costs half the registers of an int64 one
         valid = valid & (cols.to(tl.int32)[None, :] <= rows.to(tl.int32)[:, None])

@@ -15,7 +15,7 @@ from vstar_kernels.bench import harness, measure, shapes
 from vstar_kernels.bench.harness import COLUMNS, Sweep
 from vstar_kernels.bench.peers import PEERS, Peer, Unsupported
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = shapes.SHAPES["tiny"]
 
 

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE
 
 import vstar_kernels as vk
 from vstar_kernels.bench import peers
 from vstar_kernels.bench.check import check_indices, check_output
 from vstar_kernels.bench.peers import PEERS, TarSpec, default_spec
+
+from .._device import DEVICE
 
 B, H, N, D = 3, 2, 16, 40
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32

@@ -8,7 +8,7 @@ from pathlib import Path
 from vstar_kernels.bench.harness import COLUMNS
 from vstar_kernels.bench.report import draw_plots, markdown, our_failures, read_csv, render
 
-HERE = Path(__file__).resolve().parent
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -60,7 +60,7 @@ def test_a_rerun_replaces_the_earlier_row():
 def test_plot_script_regenerates_from_a_csv(tmp_path):
     path = tmp_path / "synthetic-20990101.csv"
     write_csv(path, ROWS)
-    spec = importlib.util.spec_from_file_location("plot_results", HERE / "plot_results.py")
+    spec = importlib.util.spec_from_file_location("plot_results", BENCHMARKS / "plot_results.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main([str(path)]) == 0

@@ -1,4 +1,4 @@
-"""Backward-pass timing cases for the benchmark harness (issue 6's rows).
+"""Backward-pass timing cases (`python -m vstar_kernels bench --backward`, GPU only).
 
 `backward_callables(...)` sets up one case and returns zero-argument callables that each run
 only the backward pass (the forward graph is built once and kept with retain_graph) and return
@@ -8,21 +8,22 @@ the gradients (dq, dk, dv):
     "reference"  tar_attention(backend="reference"): autograd on the PyTorch definition (eager)
     "sdpa"       torch.nn.functional.scaled_dot_product_attention without TAR (flash on GPU)
 
-`time_backward(...)` times them (triton.testing.do_bench on CUDA: median, p20, p80 in ms; a
-wall clock on CPU) and returns one row per case with the ratios the issue's targets use:
-within 1.5x of SDPA's backward at N <= 256, at least 3x faster than the eager reference.
-
-    python benchmarks/bench_backward.py      # the default cases on this machine's GPU
+`time_backward(...)` times them with the harness's timers (measure.time_fn: do_bench on CUDA,
+median, p20, p80 in ms; a wall clock on CPU) and returns one row per case with the ratios the
+targets use: within 1.5x of SDPA's backward at N <= 256, at least 3x faster than the eager
+reference. `main` appends a row per default case to ``<out>/<device>-<yyyymmdd>-backward.csv``.
 """
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import vstar_kernels as vk
+
+from . import measure
 
 IMPLS = ("triton", "reference", "sdpa")
 
@@ -58,22 +59,6 @@ def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, d
     return callables
 
 
-def _time_ms(fn, cuda: bool) -> tuple:
-    """(median, p20, p80) milliseconds: do_bench on CUDA, three wall-clock runs after a warm-up on CPU."""
-    if cuda:
-        import triton.testing
-
-        return tuple(float(t) for t in triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
-    fn()
-    runs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        runs.append((time.perf_counter() - start) * 1e3)
-    runs.sort()
-    return runs[1], runs[0], runs[2]
-
-
 def time_backward(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS, **tar) -> dict:
     """One benchmark row: the case, each implementation's backward time and the ratios to triton."""
     callables = backward_callables(batch, heads, frames, head_dim, dtype=dtype, device=device, impls=impls, **tar)
@@ -82,7 +67,8 @@ def time_backward(batch, heads, frames, head_dim, *, dtype=torch.float16, device
                dtype=str(dtype).replace("torch.", ""), device=torch.cuda.get_device_name(device) if cuda else "cpu",
                options=",".join(f"{k}={v}" for k, v in sorted(tar.items())) or "default")
     for name, fn in callables.items():
-        row[f"{name}_ms"], row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = _time_ms(fn, cuda)
+        t = measure.time_fn(fn, cuda, measure.warm_call_ms(fn, cuda))
+        row[f"{name}_ms"], row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = t.median_ms, t.p20_ms, t.p80_ms
     if "triton" in callables:
         for peer in ("sdpa", "reference"):
             if peer in callables:
@@ -101,15 +87,24 @@ DEFAULT_CASES = [
 ]
 
 
-def main() -> int:
+# tar_attention options of each default case: the defaults, and causal with the global max
+DEFAULT_OPTIONS = [dict(), dict(causal=True, max_mode="global")]
+
+
+def main(args) -> int:
     if not torch.cuda.is_available():
         print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)")
         return 1
+    from .harness import append_row, default_results_dir
+
+    info = measure.RunInfo.collect(torch.device("cuda"))
+    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
+    csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}-backward.csv"
     for case in DEFAULT_CASES:
-        for tar in (dict(), dict(causal=True, max_mode="global")):
-            print(time_backward(*case, **tar))
+        for tar in DEFAULT_OPTIONS:
+            row = dict(timestamp=measure.now_iso(), commit=info.commit, torch=info.torch, triton=info.triton,
+                       **time_backward(*case, **tar))
+            append_row(csv_path, row)  # row by row, as measured: a killed run keeps them
+            print(row)
+    print(f"rows appended to {csv_path}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

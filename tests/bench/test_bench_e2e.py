@@ -12,11 +12,12 @@ import types
 
 import pytest
 import torch
-from conftest import DEVICE
 
 import vstar_kernels as vk
 from vstar_kernels.bench import e2e, measure, shapes
 from vstar_kernels.bench.harness import classify
+
+from .._device import DEVICE
 
 pytest.importorskip("diffusers", reason="the end-to-end case needs diffusers")
 

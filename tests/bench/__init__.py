@@ -1,0 +1,1 @@
+"""Tests of the benchmark harness (python -m vstar_kernels bench)."""
