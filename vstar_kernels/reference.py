@@ -17,10 +17,12 @@ from .regularization import gaussian_bias
 
 # Elements of one fp32 score chunk (B*H slices x Nq x Nk): 2**26 = 256 MiB. The most any path holds.
 CHUNK_ELEMENTS = 1 << 26
-# Chunk of the in-place path (no autograd): 2**16 fp32 scores = 256 KiB, so that the scores stay
-# in cache from the QK^T product to the PV product instead of streaming through DRAM once per
-# elementwise pass. Never more than CHUNK_ELEMENTS.
-INPLACE_CHUNK_ELEMENTS = 1 << 16
+# Chunk of the in-place path (no autograd): 2**22 fp32 scores = 16 MiB, so that the scores stay
+# in the last-level cache from the QK^T product to the PV product instead of streaming through
+# DRAM once per elementwise pass, while each op still has enough work to amortize its thread-pool
+# dispatch (smaller chunks were slower on a 2-core machine: see benchmarks/NOTES.md). Never more
+# than CHUNK_ELEMENTS.
+INPLACE_CHUNK_ELEMENTS = 1 << 22
 
 
 def tar_scores(problem: TarProblem, q, k, delta, dA):
@@ -65,7 +67,7 @@ def _needs_autograd(problem: TarProblem) -> bool:
     return torch.compiler.is_compiling()
 
 
-def reference_forward(problem: TarProblem) -> torch.Tensor:
+def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor:
     """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype.
 
     Works on 4-D blocks of the (B, H) grid, so that a broadcast delta ((Nq, Nk), (1, H, Nq, Nk),
@@ -73,7 +75,8 @@ def reference_forward(problem: TarProblem) -> torch.Tensor:
     one chunk of scores whatever delta's shape.
 
     Without autograd the same operations run in place on cache-sized chunks (`_forward_inplace`);
-    under autograd, torch.func or torch.compile the out-of-place definition below runs.
+    under autograd, torch.func or torch.compile (or with inplace=False) the out-of-place definition
+    below runs.
     """
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
@@ -82,7 +85,7 @@ def reference_forward(problem: TarProblem) -> torch.Tensor:
     dA = None
     if problem.delta is None and problem.regularized:
         dA = gaussian_bias(nq, nk, problem.sigma, device=problem.device, dtype=compute)
-    if nk > 0 and not _needs_autograd(problem):
+    if inplace and nk > 0 and not _needs_autograd(problem):
         return _forward_inplace(problem, compute, dA)
     outs = []
     chunks = _chunks(B, H, max(1, CHUNK_ELEMENTS // (nq * nk)))
@@ -100,8 +103,9 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype, dA) -> torch.Ten
     """`tar_scores`, softmax and PV with the same operations in the same order, in place.
 
     One set of buffers (a chunk of scores, of q, k, v in the compute dtype, of row maxima) is
-    reused by every chunk, small enough to stay in cache; q, k, v blocks are copied to contiguous
-    buffers first so that both products are plain batched GEMMs, and the PV product is written
+    reused by every chunk, small enough to stay in cache; q, k, v blocks that are not contiguous
+    in the compute dtype are copied to contiguous buffers first so that both products are plain
+    batched GEMMs, and the PV product is written
     straight into the output when it is in the compute dtype.
     """
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
@@ -124,9 +128,9 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype, dA) -> torch.Ten
         qc = problem.q[b, h]
         bb, hh = qc.shape[:2]
         c = bb * hh
-        q3 = q_buf[: c * nq * d].view(bb, hh, nq, d).copy_(qc).view(c, nq, d)
-        k3 = k_buf[: c * nk * d].view(bb, hh, nk, d).copy_(problem.k[b, h]).view(c, nk, d)
-        v3 = v_buf[: c * nk * dv].view(bb, hh, nk, dv).copy_(problem.v[b, h]).view(c, nk, dv)
+        q3 = _as_batch(qc, q_buf, compute)
+        k3 = _as_batch(problem.k[b, h], k_buf, compute)
+        v3 = _as_batch(problem.v[b, h], v_buf, compute)
         s = torch.bmm(q3, k3.transpose(1, 2), out=s_buf[: c * nq * nk].view(c, nq, nk))
         s.mul_(problem.scale)
         if mask is not None:
@@ -149,6 +153,14 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype, dA) -> torch.Ten
         if o_buf is not None:
             out[b, h].copy_(o.view(bb, hh, nq, dv))
     return out
+
+
+def _as_batch(x: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (b, h, n, d) block as a (b * h, n, d) batch in `dtype`: a view when it is one, else a copy into `buf`."""
+    bb, hh, n, d = x.shape
+    if x.dtype == dtype and x.is_contiguous():
+        return x.view(bb * hh, n, d)
+    return buf[: x.numel()].view(x.shape).copy_(x).view(bb * hh, n, d)
 
 
 def _block_slices(b: slice, h: slice, batch: int, heads: int) -> int:
