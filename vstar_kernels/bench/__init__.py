@@ -39,18 +39,27 @@ def configure(parser) -> None:
                              "in the results directory (--out)")
     parser.add_argument("--model-table", action="store_true",
                         help="print the bytes/FLOPs table (the GPU shapes and N unless --shapes/--n), measure nothing")
+    parser.add_argument("--traffic", action="store_true",
+                        help="count the forward's bytes and MMA FLOPs in the Triton interpreter (any machine) "
+                             "and write traffic.csv/.md; with --quick, the CI subset")
 
 
 def runs_cpu_kernels(args) -> bool:
     """Whether these options time the Triton kernels on CPU tensors (in the Triton interpreter)."""
     import torch
 
+    if args.traffic:
+        return True  # counted in the interpreter, with or without a GPU
     if args.list or args.model_table or args.backward:
         return False
     return args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
 
 
 def main(args) -> int:
+    if args.traffic:
+        from .traffic import main as traffic
+
+        return traffic(args)
     if args.backward:
         from .backward import main as run_backward
 

@@ -98,6 +98,17 @@ def reference_eager(q, k, v, spec):
     return vk.tar_attention_reference(q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale)
 
 
+def reference_materialized(q, k, v, spec):
+    """The reference's out-of-place path (the one autograd differentiates): 256 MiB chunks, a new
+    tensor per op. The CPU default before the in-place path."""
+    from .._validation import make_problem
+    from ..reference import reference_forward
+
+    problem = make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
+                           max_mode="row", scale=spec.scale)
+    return reference_forward(problem, inplace=False)
+
+
 def tar_chunk(q, k, v, dA, scale: float, strength: float):
     """The reference's materializing formula on (b, H, N, D) in float32: S, row max, S', softmax, P V."""
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
@@ -224,6 +235,8 @@ PEERS = {p.name: p for p in (
     Peer("vstar_triton", _vstar("triton"), _triton_why_not, doc="ours: the fused Triton forward"),
     Peer("vstar_cuda", _vstar("cuda"), _cuda_why_not, doc="ours: the CUDA extension, when built"),
     Peer("reference_eager", reference_eager, doc="vstar_kernels.tar_attention_reference (float32, chunked)"),
+    Peer("reference_materialized", reference_materialized,
+         doc="the reference's out-of-place (autograd) path, 256 MiB chunks: the CPU default before"),
     Peer("reference_compiled", reference_compiled, _compile_why_not,
          doc="torch.compile of the reference formula, same chunking"),
     Peer("sdpa_bias", sdpa_bias, doc="row max from a bmm, then SDPA with the (B, H, N, N) bias as attn_mask"),

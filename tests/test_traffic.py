@@ -1,0 +1,203 @@
+"""The forward's memory traffic and MMA work, counted in the Triton interpreter (bench/traffic.py).
+
+Regression gate: the packed layout reads and writes exactly the ideal bytes; the tiled layout
+moves exactly what its two-pass algorithm implies for the block sizes the launcher gives the
+interpreter (read from the launch itself).
+"""
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from vstar_kernels.bench.traffic import TrafficCase, count_traffic, delta_entries, ideal_bytes, measure_case
+from vstar_kernels.ops.layout import block_dims
+
+pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret,
+                                reason="counts the Triton interpreter's work (TRITON_INTERPRET=1)")
+
+
+@triton.jit
+def _gather(X, Y, IDX, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    idx = tl.load(IDX + offs, mask=ok, other=0)
+    tl.store(Y + offs, tl.load(X + idx, mask=ok, other=0.0), mask=ok)
+
+
+@triton.jit
+def _matmul(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    rm, rn, rk = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(A + rm[:, None] * K + rk[None, :])
+    b = tl.load(B + rk[:, None] * N + rn[None, :])
+    tl.store(C + rm[:, None] * N + rn[None, :], tl.dot(a, b))
+
+
+def test_counts_active_lanes_distinct_addresses_and_restores():
+    x = torch.arange(8, dtype=torch.float16)
+    y = torch.zeros(16, dtype=torch.float16)
+    idx = torch.tensor([3, 3, 3, 5, 0, 0, 0, 0, 0, 0], dtype=torch.int32)
+    original = triton.runtime.interpreter.InterpreterBuilder.create_masked_load
+    with count_traffic() as t:
+        _gather[(1,)](x, y, idx, 5, BLOCK=16)
+    assert triton.runtime.interpreter.InterpreterBuilder.create_masked_load is original
+    # 5 active lanes of 16: idx int32 (20 B), x fp16 (10 B), y fp16 stores (10 B)
+    assert (t.load_bytes, t.store_bytes, t.requested_bytes) == (30, 10, 40)
+    # idx[0:5] 20 B; x at 3, 5, 0: 6 B; y[0:5] 10 B
+    assert t.distinct_bytes == 36
+    assert [launch.kernel for launch in t.launches] == ["_gather"]
+    assert t.mma_flops == 0
+
+
+def test_counts_dot_flops_and_restores_after_an_error():
+    a, b = torch.randn(16, 32), torch.randn(32, 64)
+    c = torch.empty(16, 64)
+    with count_traffic() as t:
+        _matmul[(1,)](a, b, c, M=16, N=64, K=32)
+    assert t.mma_flops == 2 * 16 * 64 * 32
+    original = triton.runtime.interpreter.InterpreterBuilder.create_dot
+    with pytest.raises(ZeroDivisionError), count_traffic():
+        1 / 0
+    assert triton.runtime.interpreter.InterpreterBuilder.create_dot is original
+
+
+# ----------------------------------------------------------------- packed: the ideal, exactly
+
+
+@pytest.mark.parametrize("option", ["plain", "causal", "global", "delta"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_packed_moves_exactly_the_ideal_bytes(option, dtype):
+    row = measure_case(TrafficCase("t", 16, 40, dtype, option))
+    assert row["layout"] == "packed"
+    assert row["requested_bytes"] == row["distinct_bytes"] == row["ideal_bytes"]
+
+
+@pytest.mark.parametrize("n, d", [(16, 64), (80, 160)])
+def test_causal_delta_reads_only_the_entries_used(n, d):
+    """Packed and tiled: the delta entries with key j <= query i, each once, and no more."""
+    plain = _run(n, d, "fp16", causal=True)
+    with_delta = _run(n, d, "fp16", causal=True, delta=True)
+    assert delta_entries(n, n, True) == n * (n + 1) // 2
+    assert with_delta.requested_bytes - plain.requested_bytes == n * (n + 1) // 2 * 2
+    assert with_delta.distinct_bytes - plain.distinct_bytes == n * (n + 1) // 2 * 2
+
+
+@pytest.mark.parametrize("d, share", [(64, 1 / 8), (40, 1 / 8 * 40 / 64)])
+def test_packed_useful_mma_share_at_n16(d, share):
+    """8 sequences of 16 rows fill one 128-row tile: 1/8 of the block-diagonal products is useful,
+    times D / BLOCK_D for a padded head dim (7.8% at D = 40)."""
+    row = measure_case(TrafficCase("t", 16, d, "fp16", "plain"))
+    assert row["useful_share"] == share
+
+
+def test_ratios_do_not_depend_on_the_batch():
+    a = measure_case(TrafficCase("t", 16, 64, "fp16", "delta"), batch=2, heads=4)
+    b = measure_case(TrafficCase("t", 16, 64, "fp16", "delta"), batch=4, heads=4)
+    c = measure_case(TrafficCase("t", 80, 160, "fp16", "global"), batch=1, heads=1)
+    d = measure_case(TrafficCase("t", 80, 160, "fp16", "global"), batch=2, heads=1)
+    for x, y in ((a, b), (c, d)):
+        assert 2 * x["requested_bytes"] == y["requested_bytes"]
+        assert 2 * x["distinct_bytes"] == y["distinct_bytes"]
+        for key in ("requested_per_ideal", "distinct_per_ideal", "useful_share"):
+            assert x[key] == y[key]
+
+
+# ----------------------------------------------------------------- tiled: the two-pass algorithm, exactly
+
+
+def two_pass_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, causal=False, global_max=False,
+                   delta_itemsize=0):
+    """Bytes one sequence's two-pass tiled forward requests.
+
+    Per query block of BLOCK_M rows: Q read and O written once; the key tiles up to the causal
+    limit (whole BLOCK_N tiles, masked at Nk) read for K twice (pass 1: row max, pass 2: online
+    softmax) and for V once; the delta entries used, once. A global max adds a pre-pass that reads
+    Q once more and K in place of pass 1, stores the float32 row maxima, and the main pass loads
+    the sequence's max on all BLOCK_M lanes.
+    """
+    total = delta_entries(nq, nk, causal) * delta_itemsize
+    for mb in range(math.ceil(nq / block_m)):
+        rows = min(block_m, nq - mb * block_m)
+        hi = min(nk, (mb + 1) * block_m) if causal else nk
+        keys = min(nk, math.ceil(hi / block_n) * block_n)
+        total += (rows * d + 2 * keys * d + keys * dv + rows * dv) * itemsize
+        if global_max:
+            total += rows * d * itemsize + rows * 4 + block_m * 4
+    return total
+
+
+def _tiled_blocks(launches):
+    """(BLOCK_M, BLOCK_N) the launcher gave the interpreter's tiled kernel: one pair for every launch."""
+    blocks = {(launch.meta["BLOCK_M"], launch.meta["BLOCK_N"]) for launch in launches}
+    assert len(blocks) == 1, blocks
+    return blocks.pop()
+
+
+def _run(n, d, dtype, *, causal=False, delta=False, global_max=False):
+    """One sequence stored (B, N, H, D) through tar_attention(backend="triton"), counted."""
+    import vstar_kernels as vk
+
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    q, k, v = (torch.randn(1, n, 1, d).to(dt).transpose(1, 2) for _ in range(3))
+    with torch.no_grad(), count_traffic() as t:
+        vk.tar_attention(q, k, v, delta=torch.rand(1, 1, n, n).to(dt) if delta else None, causal=causal,
+                         max_mode="global" if global_max else "row", backend="triton")
+    return t
+
+
+@pytest.mark.parametrize("option", ["plain", "causal", "global", "delta"])
+def test_tiled_requests_exactly_the_two_pass_bytes(option):
+    n, d = 80, 160  # tiled (a head dim > 128 halves the packed limit to 64), 2 query blocks, cheap
+    t = _run(n, d, "fp16", causal=option == "causal", delta=option == "delta", global_max=option == "global")
+    block_m, block_n = _tiled_blocks(t.launches)
+    expected = two_pass_bytes(n, n, d, d, 2, block_m, block_n, causal=option == "causal",
+                              global_max=option == "global", delta_itemsize=2 if option == "delta" else 0)
+    assert t.requested_bytes == expected
+    extra = 4 * (n + 1) if option == "global" else 0  # the row maxima and the sequence max
+    assert t.distinct_bytes == ideal_bytes(1, n, n, d, d, 2, causal=option == "causal",
+                                           delta_itemsize=2 if option == "delta" else 0) + extra
+
+
+def test_tiled_n256_is_3_5x_ideal_and_issues_three_products():
+    """(4 + 6 N / BLOCK_M) / 8 of the ideal at D = Dv: Q + O once, K twice and V once per query block."""
+    n, d = 256, 64
+    t = _run(n, d, "fp16")
+    block_m, block_n = _tiled_blocks(t.launches)
+    ideal = ideal_bytes(1, n, n, d, d, 2)
+    assert t.requested_bytes == two_pass_bytes(n, n, d, d, 2, block_m, block_n)
+    assert t.requested_bytes / ideal == (4 + 6 * n / block_m) / 8 == 3.5
+    bd, bdv = block_dims(d, d)
+    assert t.mma_flops == 2 * n * n * (2 * bd + bdv)  # Q K^T in both passes, P V once
+
+
+def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):
+    import csv
+
+    from vstar_kernels import cli
+    from vstar_kernels.bench import traffic
+
+    monkeypatch.setattr(traffic, "QUICK_CASES", [TrafficCase("vc2-320x512-l0", 16, 64, "fp16", "plain")])
+    assert cli.main(["bench", "--traffic", "--quick", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "traffic.csv")))
+    assert [(r["layout"], r["requested_per_ideal"], r["useful_share"]) for r in rows] == [("packed", "1", "0.125")]
+    assert "Counted in the Triton interpreter" in (tmp_path / "traffic.md").read_text()
+
+
+def test_a_case_that_raises_gets_a_row_and_fails_the_command(tmp_path, monkeypatch):
+    import csv
+
+    from vstar_kernels import cli
+    from vstar_kernels.bench import traffic
+
+    def raising(case):
+        raise ValueError("no such kernel")
+
+    monkeypatch.setattr(traffic, "measure_case", raising)
+    monkeypatch.setattr(traffic, "QUICK_CASES", [TrafficCase("vc2-320x512-l0", 16, 64, "fp16", "plain")])
+    assert cli.main(["bench", "--traffic", "--quick", "--out", str(tmp_path)]) == 1
+    rows = list(csv.DictReader(open(tmp_path / "traffic.csv")))
+    assert [(r["n"], r["requested_bytes"], r["status"]) for r in rows] == [
+        ("16", "", "error: ValueError: no such kernel")]
+    assert "error: ValueError: no such kernel" in (tmp_path / "traffic.md").read_text()
