@@ -3,7 +3,8 @@
 Modules: shapes (named shapes and presets), peers (every implementation, one
 signature), check (correctness before timing), measure (timers, bytes/FLOPs,
 copy bandwidth, run metadata), harness (the sweep and its CSV rows), e2e (the
-UNet forward), backward (the backward-pass cases, --backward), report (markdown
+UNet forward), backward (the backward-pass cases, --backward), static and baseline
+(compiled-code statistics, --static), report (markdown
 table and plots from a CSV). This module only
 defines the command-line options, so that building the CLI parser imports
 nothing heavy.
@@ -37,6 +38,12 @@ def configure(parser) -> None:
                         help="time the backward pass instead (GPU only): the Triton backward vs autograd on the eager "
                              "reference vs SDPA's, on the backward cases; rows go to <device>-<yyyymmdd>-backward.csv "
                              "in the results directory (--out)")
+    parser.add_argument("--static", action="store_true",
+                        help="no GPU needed: compile every kernel the launchers start (and a plain-attention "
+                             "baseline) as a GPU launch would, and write registers, spills, occupancy, MMA kind and "
+                             "instructions per score element to static-sm<arch>.csv/.md (see bench/static.py)")
+    parser.add_argument("--arch", nargs="+", type=int, default=[80, 90], metavar="SM",
+                        help="with --static: the SM versions to compile for (default: 80 90)")
     parser.add_argument("--model-table", action="store_true",
                         help="print the bytes/FLOPs table (the GPU shapes and N unless --shapes/--n), measure nothing")
     parser.add_argument("--traffic", action="store_true",
@@ -50,7 +57,7 @@ def runs_cpu_kernels(args) -> bool:
 
     if args.traffic:
         return True  # counted in the interpreter, with or without a GPU
-    if args.list or args.model_table or args.backward:
+    if args.list or args.model_table or args.backward or args.static:
         return False
     return args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
 
@@ -60,6 +67,10 @@ def main(args) -> int:
         from .traffic import main as traffic
 
         return traffic(args)
+    if args.static:
+        from .static import main as run_static
+
+        return run_static(args)
     if args.backward:
         from .backward import main as run_backward
 

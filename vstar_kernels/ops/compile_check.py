@@ -2,7 +2,11 @@
 
 Every launch a call would make is recorded (the autotuned kernels are swapped for recorders),
 then compiled ahead of time for each autotune config that survives pruning, through Triton's
-own compiler and the ptxas it ships with. No GPU and no CUDA driver are needed, so CPU CI
+own compiler and the ptxas it ships with. Each launch is specialized for its argument values
+exactly as `JITFunction.run` does on a GPU (Triton's own binder): integers equal to 1 become
+constants, pointers whose address and integers whose value are divisible by 16 get
+`tt.divisibility` hints, None is a constexpr. The recorded tensors are real (CPU) allocations,
+so their addresses are aligned as a GPU allocation's are. No GPU and no CUDA driver are needed, so CPU CI
 catches what the interpreter cannot: code the GPU compiler rejects (dot shapes, layouts,
 types), and the registers, spills and shared memory of each config.
 
@@ -19,17 +23,18 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from .._validation import make_problem
 from ._load import triton_backward_ops, triton_ops
 
-_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @dataclass
@@ -47,6 +52,9 @@ class Compiled:
     registers: int
     spill_bytes: int
     shared_bytes: int
+    options: dict = field(repr=False)  # the compile options: num_warps, num_stages, ...
+    constants: dict = field(repr=False)  # the constexpr values, config included, by name
+    cubin: bytes = field(repr=False)
 
 
 class _Recorder:
@@ -61,11 +69,11 @@ class _Recorder:
         def launch(*args, **kwargs):
             self.sink.append(Launch(self.kernel, args, kwargs))
             if hasattr(self.kernel, "configs"):
-                self.best_config = _pruned_configs(self.kernel, args, kwargs)[0]
+                self.best_config = pruned_configs(self.kernel, args, kwargs)[0]
         return launch
 
 
-def _pruned_configs(tuner, args, kwargs) -> list:
+def pruned_configs(tuner, args, kwargs) -> list:
     named = dict(zip(tuner.arg_names, args))
     configs = tuner.early_config_prune(tuner.configs, named, **kwargs) if tuner.early_config_prune \
         else tuner.configs
@@ -100,24 +108,14 @@ def record(fn) -> list:
     return launches
 
 
-def _signature(jit_fn, args, constants):
-    sig = {}
-    for i, name in enumerate(jit_fn.arg_names):
-        if name in constants:
-            sig[name] = "constexpr"
-            continue
-        value = args[i]
-        if isinstance(value, torch.Tensor):
-            sig[name] = "*" + _TORCH_TO_TRITON[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{jit_fn.__name__}: cannot type argument {name}={value!r}")
-    return sig
+def specialize(jit_fn, args, kwargs: dict, arch: int) -> tuple:
+    """(ASTSource, options) for launching `jit_fn(*args, **kwargs)` (kwargs: constexprs and
+    compile options such as num_warps), built by the binder `JITFunction.run` uses, for sm_`arch`."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(jit_fn, signature, constexprs, attrs), options.__dict__
 
 
 def _resources(cubin: bytes) -> tuple:
@@ -139,32 +137,30 @@ def _config_str(config) -> str:
 
 def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> list:
     """Compile one recorded launch: an autotuned kernel for each pruned config (first and last
-    unless all_configs), a plain jit kernel with the config its launch named."""
+    unless all_configs), a plain jit kernel with the options its launch named."""
     kernel = launch.kernel
     if hasattr(kernel, "configs"):
-        jit_fn, kwargs = kernel.fn, launch.kwargs
-        configs = _pruned_configs(kernel, launch.args, launch.kwargs)
+        jit_fn = kernel.fn
+        configs = pruned_configs(kernel, launch.args, launch.kwargs)
         if not all_configs:
             configs = [configs[0], configs[-1]] if len(configs) > 1 else configs
+        runs = [(config, {**launch.kwargs, **config.all_kwargs()}) for config in configs]
     else:
         jit_fn = kernel
-        kwargs = {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}
-        configs = [triton.Config({}, num_warps=launch.kwargs.get("num_warps", 4),
-                                 num_stages=launch.kwargs.get("num_stages", 3))]
+        options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+        runs = [(triton.Config({}, **options), launch.kwargs)]
     results = []
-    for config in configs:
-        # an absent buffer (None) is a constexpr, as triton's launcher makes it
-        constants = {**kwargs, **config.kwargs,
-                     **{name: None for name, value in zip(jit_fn.arg_names, launch.args) if value is None}}
-        src = ASTSource(fn=jit_fn, signature=_signature(jit_fn, launch.args, constants), constexprs=constants)
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    for config, kwargs in runs:
+        src, options = specialize(jit_fn, launch.args, kwargs, arch)
         try:
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         except Exception as exc:
             raise RuntimeError(f"{jit_fn.__name__} [{case}] with {config} for sm_{arch} failed to compile: "
                                f"{type(exc).__name__}: {exc}") from exc
         regs, spills = _resources(compiled.asm["cubin"])
-        results.append(Compiled(jit_fn.__name__, case, _config_str(config), regs, spills, compiled.metadata.shared))
+        constants = {jit_fn.arg_names[path[0]]: value for path, value in src.constants.items()}
+        results.append(Compiled(jit_fn.__name__, case, _config_str(config), regs, spills, compiled.metadata.shared,
+                                options, constants, compiled.asm["cubin"]))
     return results
 
 
@@ -213,13 +209,27 @@ def _layout_stats(problem):
                        problem.head_dim_v, True)
 
 
-def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, backward=True) -> list:
-    """Compile every distinct launch of `cases(combos, backward)`; `report(row)` is called as each compiles."""
+def launch_key(launch: Launch, arch: int) -> tuple:
+    """What makes two launches one compiled kernel: the function, its specialized signature and
+    attributes, the constexprs and the warps and stages (the first pruned config's, for an
+    autotuned kernel)."""
+    kernel, kwargs = launch.kernel, launch.kwargs
+    if hasattr(kernel, "configs"):
+        kwargs = {**kwargs, **pruned_configs(kernel, launch.args, kwargs)[0].all_kwargs()}
+        kernel = kernel.fn
+    src, options = specialize(kernel, launch.args, kwargs, arch)
+    return (kernel.__name__, str(src.signature), str(src.attrs), str(src.constants), options["num_warps"],
+            options["num_stages"])
+
+
+def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, backward=True,
+          expand=lambda launch: [launch]) -> list:
+    """Compile every distinct launch of `cases(combos, backward)` (each recorded launch replaced by
+    the launches `expand(launch)` returns); `report(row)` is called as each compiles."""
     results, seen = [], set()
     for name, thunk in cases(combos, backward):
-        for launch in record(thunk):
-            key = (getattr(launch.kernel, "fn", launch.kernel).__name__, tuple(sorted((k, str(v)) for k, v in launch.kwargs.items())),
-                   tuple(type(a).__name__ if not isinstance(a, torch.Tensor) else str(a.dtype) for a in launch.args))
+        for launch in (one for recorded in record(thunk) for one in expand(recorded)):
+            key = launch_key(launch, arch)
             if key in seen:
                 continue
             seen.add(key)

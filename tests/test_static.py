@@ -1,0 +1,98 @@
+"""`bench --static` compiles what a GPU launch runs and reads its SASS (no GPU needed).
+
+The checks run in a subprocess without TRITON_INTERPRET (the kernels must be JIT functions):
+a copy kernel compiled through compile_check.specialize gets the JIT's divisibility hints and
+so vector loads, which the same kernel compiled without them lacks; the tiled forward, compiled
+for sm_90, has a hot loop with wgmma (HGMMA) and no spills, and the SASS statistics name it.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import triton
+
+PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+_SCRIPT = r'''
+import json
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vstar_kernels.bench import static
+from vstar_kernels.ops import compile_check as cc
+
+
+@triton.jit
+def copy(X, Y, n, stride, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(Y + offs * stride, tl.load(X + offs * stride, mask=offs < n), mask=offs < n)
+
+
+x, y = torch.empty(1024, dtype=torch.float16), torch.empty(1024, dtype=torch.float16)
+target = GPUTarget("cuda", 90, 32)
+src, options = cc.specialize(copy, (x, y, 1024, 1), {"BLOCK": 1024, "num_warps": 4}, 90)
+ptx = triton.compile(src, target=target, options=options).asm["ptx"]
+plain = ASTSource(copy, {"X": "*fp16", "Y": "*fp16", "n": "i32", "stride": "i32", "BLOCK": "constexpr"},
+                  {(4,): 1024})
+plain_ptx = triton.compile(plain, target=target, options={"num_warps": 4}).asm["ptx"]
+
+case = (torch.float16, (2, 8, 300, 300, 64, 64), {})
+name, thunk = next(cc.cases([case], backward=False))
+(launch,) = cc.record(thunk)
+rows = [static.row(90, c) for c in cc.compile_launch(launch, 90, False, name)]
+print(json.dumps({"attrs": {str(k): v for k, v in src.attrs.items() if v},
+                  "constants": {str(k): v for k, v in src.constants.items()},
+                  "vector": ".v4." in ptx or ".v8." in ptx, "plain_vector": ".v4." in plain_ptx or ".v8." in plain_ptx,
+                  "rows": [[r.kernel, r.mma, r.hot_loop, r.spill_bytes, r.local_ops_in_loops, r.instr_per_score,
+                            r.mufu_per_score, r.ctas_per_sm] for r in rows]}))
+'''
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason=f"triton ships no ptxas here ({PTXAS})")
+def test_static_compiles_specialized_kernels(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1")
+    script = tmp_path / "static_check.py"  # a file: triton reads a jit function's source
+    script.write_text(_SCRIPT)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # the JIT's specialization: 16-aligned pointers and n=1024 divisible, stride=1 a constant
+    assert out["attrs"] == {"(0,)": [["tt.divisibility", 16]], "(1,)": [["tt.divisibility", 16]],
+                            "(2,)": [["tt.divisibility", 16]]}
+    assert out["constants"]["(3,)"] == 1
+    assert out["vector"] and not out["plain_vector"]
+    assert len(out["rows"]) == 2  # the first and last pruned config
+    for kernel, mma, hot, spills, local, instr, mufu, ctas in out["rows"]:
+        assert (kernel, mma, hot, spills, local) == ("_tar_fwd_tiled_kernel", "HGMMA", "loop", 0, 0)
+        assert instr > 0 and 0 < mufu < instr and ctas >= 1
+
+
+def test_sass_parse_finds_the_loop():
+    from vstar_kernels.bench.static import hot_loop, occupancy, parse_sass
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0020*/                   MUFU.EX2 R2, R2 ;
+        /*0030*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0040*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0050*/                   STL [R1], R2 ;
+        /*0060*/              @!P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+"""
+    opcodes, loops = parse_sass(sass)
+    assert loops == [(1, 3), (4, 6)]
+    assert hot_loop(opcodes, loops) == (1, 3)  # the loop with the MMA
+    assert hot_loop(opcodes, [(4, 6)]) is None
+    # 128 threads x 255 registers: 8 warps by registers -> 2 CTAs; 100 KB shared: 2 CTAs on H100, 1 on A100
+    assert occupancy(90, 255, 100 * 1024, 4) == (2, 8)
+    assert occupancy(80, 255, 100 * 1024, 4) == (1, 4)

@@ -1,0 +1,230 @@
+"""`bench --static`: compiled-code statistics of every kernel the launchers start, without a GPU.
+
+Each launch a forward or backward call makes is recorded and compiled as a GPU launch compiles it
+(ops/compile_check.py: Triton's own argument specialization, each pruned autotune config, for
+sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseline
+(bench/baseline.py) in the tiled forward's tiles. Per kernel, from ptxas and the SASS:
+
+* registers per thread, spill bytes (stack + local), LDL/STL instructions inside loops,
+  shared memory per CTA;
+* theoretical occupancy on the arch's reference GPU (sm_90: H100, sm_80: A100): CTAs per SM is
+  the least of the thread, CTA, register and shared-memory limits, where a warp holds
+  ceil(32 * registers / 256) * 256 registers and a CTA its shared memory plus the 1 KiB the
+  runtime reserves; warps/SM = CTAs/SM * warps per CTA;
+* the hot loop: of the loops in the SASS (a backward branch and the label it returns to), the one
+  with the most MMA instructions (then the longest); a kernel with no MMA in a loop (the packed
+  layout) counts the whole kernel, which computes one score tile;
+* MMA kind in the hot loop: HGMMA (wgmma, sm_90) or HMMA (mma.sync);
+* per score element: warp-instructions = instructions in one pass of the hot loop * warps per
+  CTA / score elements the pass computes (BLOCK_M * BLOCK_N; packed: the whole
+  (SEQS * SEG_Q) x (SEQS * SEG_K) tile); MUFU per element the same with the MUFU (EX2, RCP, ...)
+  instructions. A warp-instruction is one instruction issued for 32 threads.
+
+These are statistics of compiled code, not timings. Written to
+<results>/static-sm<arch>.csv and .md (see benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+from .baseline import plain_attention_kernel
+
+# (name, registers per SM, shared memory per SM, per CTA at most, threads per SM, CTAs per SM)
+GPUS = {90: ("H100", 65536, 228 * 1024, 227 * 1024, 2048, 32), 80: ("A100", 65536, 164 * 1024, 163 * 1024, 2048, 32)}
+_RESERVED_SMEM = 1024  # per CTA, by the CUDA runtime on sm_80 and later
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*);")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_MMA = ("HGMMA", "HMMA")
+
+
+@dataclass
+class Row:
+    arch: int
+    kernel: str
+    case: str
+    config: str
+    tile: str
+    registers: int
+    spill_bytes: int
+    local_ops_in_loops: int
+    shared_bytes: int
+    gpu: str
+    ctas_per_sm: int
+    warps_per_sm: int
+    mma: str
+    hot_loop: str
+    loop_instructions: int
+    loop_mufu: int
+    instr_per_score: float
+    mufu_per_score: float
+
+
+def disassemble(cubin: bytes) -> str:
+    """The SASS of a cubin, by the nvdisasm Triton ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def parse_sass(text: str) -> tuple:
+    """(opcodes in order, loops as (first, last) opcode indices: a label and the branch back to it)."""
+    opcodes, labels, branches = [], {}, []
+    for line in text.splitlines():
+        label = _LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(opcodes)
+            continue
+        ins = _INSTRUCTION.search(line)
+        if ins:
+            target = _BRANCH_TARGET.search(ins.group(3))
+            if ins.group(2).startswith("BRA") and target:
+                branches.append((len(opcodes), target.group(1)))
+            opcodes.append(ins.group(2))
+    loops = [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
+    return opcodes, loops
+
+
+def hot_loop(opcodes: list, loops: list) -> tuple:
+    """(first, last) opcode indices of the loop with the most MMA instructions, then the longest;
+    None when no loop has one (the whole kernel is the hot path)."""
+    mmas = lambda lp: sum(op.startswith(_MMA) for op in opcodes[lp[0]:lp[1] + 1])  # noqa: E731
+    best = max(loops, key=lambda lp: (mmas(lp), lp[1] - lp[0]), default=None)
+    return best if best is not None and mmas(best) else None
+
+
+def occupancy(arch: int, registers: int, shared: int, warps: int) -> tuple:
+    """(CTAs per SM, warps per SM) in theory on the arch's reference GPU (see the module doc)."""
+    _, regs_sm, smem_sm, smem_cta, threads_sm, ctas_sm = GPUS[arch]
+    if shared > smem_cta:
+        return 0, 0
+    per_warp = math.ceil(32 * max(registers, 1) / 256) * 256
+    limits = [ctas_sm, threads_sm // (32 * warps), (regs_sm // per_warp) // warps]
+    if shared:
+        limits.append(smem_sm // (shared + _RESERVED_SMEM))
+    ctas = min(limits)
+    return ctas, ctas * warps
+
+
+def score_tile(constants: dict) -> tuple:
+    """(rows, columns) of the score elements one hot-loop pass (a packed kernel: one program) computes."""
+    if "ROWS" in constants:
+        seqs = constants["ROWS"] // constants["SEG_MAX"]
+        return seqs * constants["SEG_Q"], seqs * constants["SEG_K"]
+    return constants["BLOCK_M"], constants["BLOCK_N"]
+
+
+def row(arch: int, compiled) -> Row:
+    """The statistics of one compiled kernel (ops.compile_check.Compiled)."""
+    opcodes, loops = parse_sass(disassemble(compiled.cubin))
+    loop = hot_loop(opcodes, loops)
+    lo, hi = loop if loop else (0, len(opcodes) - 1)
+    body = opcodes[lo:hi + 1]
+    in_loops = {i for a, b in loops for i in range(a, b + 1)}
+    warps = compiled.options["num_warps"]
+    ctas, warps_sm = occupancy(arch, compiled.registers, compiled.shared_bytes, warps)
+    m, n = score_tile(compiled.constants)
+    mufu = sum(op.startswith("MUFU") for op in body)
+    return Row(arch, compiled.name, compiled.case, compiled.config, f"{m}x{n}", compiled.registers,
+               compiled.spill_bytes, sum(opcodes[i].startswith(("LDL", "STL")) for i in in_loops),
+               compiled.shared_bytes, GPUS[arch][0], ctas, warps_sm,
+               "/".join(sorted({op.split(".")[0] for op in body if op.startswith(_MMA)})) or "none",
+               "loop" if loop else "kernel", len(body), mufu, round(len(body) * warps / (m * n), 4),
+               round(mufu * warps / (m * n), 4))
+
+
+def _with_baseline(launch) -> list:
+    """A recorded launch, and after a tiled forward the plain-attention baseline on its tensors,
+    in each config the tiled forward compiles (its first and last pruned)."""
+    from ..ops.compile_check import Launch, pruned_configs
+
+    if getattr(launch.kernel, "fn", None) is None or launch.kernel.fn.__name__ != "_tar_fwd_tiled_kernel":
+        return [launch]
+    q, k, v, o = launch.args[:4]
+    configs = pruned_configs(launch.kernel, launch.args, launch.kwargs)
+    args = (q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), q.shape[1], q.shape[2], k.shape[2],
+            q.shape[3], v.shape[3], q.shape[3] ** -0.5)
+    blocks = {name: launch.kwargs[name] for name in ("BLOCK_D", "BLOCK_DV")}
+    return [launch] + [Launch(plain_attention_kernel, args, {**blocks, **c.kwargs, "num_warps": c.num_warps,
+                                                             "num_stages": c.num_stages})
+                       for c in dict.fromkeys((configs[0], configs[-1])).keys()]
+
+
+def combos(quick: bool) -> list:
+    """(dtype, (B, H, Nq, Nk, D, Dv), options): a packed and a tiled shape (D 40 and 64, in the
+    (B, N, H, D) storage of diffusers), plain, causal with the global max, a custom delta;
+    --quick: fp16 plain and causal-global only."""
+    shapes = [(64, 8, 16, 16, 40, 40), (2, 8, 300, 300, 64, 64)]
+    options = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]
+    dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
+    return [(dt, s, o) for dt in dtypes for s in shapes for o in (options[:2] if quick else options)]
+
+
+def collect(arch: int, quick: bool = False, report=None) -> list:
+    from ..ops import compile_check
+
+    out = []
+
+    def add(compiled):
+        out.append(row(arch, compiled))
+        if report is not None:
+            report(out[-1])
+
+    compile_check.check(arch, False, add, combos(quick), backward=True, expand=_with_baseline)
+    return out
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write(rows: list, arch: int, directory: str) -> list:
+    """static-sm<arch>.csv and .md in `directory`; returns their paths."""
+    from .measure import commit
+
+    os.makedirs(directory, exist_ok=True)
+    fields = list(Row.__dataclass_fields__)
+    base = os.path.join(directory, f"static-sm{arch}")
+    with open(base + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    header = [f"# Compiled-code statistics, sm_{arch} (occupancy for {GPUS[arch][0]})", "",
+              f"Not timings: what Triton {triton.__version__} and its bundled ptxas produce for each kernel "
+              f"launch, specialized as a GPU launch is. Commit {commit()}, "
+              f"{datetime.date.today().isoformat()}. Columns and formulas: vstar_kernels/bench/static.py.", "",
+              "| " + " | ".join(fields[1:]) + " |", "|" + "---|" * (len(fields) - 1)]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(header + ["| " + " | ".join(_fmt(v) for v in list(asdict(r).values())[1:]) + " |"
+                                    for r in rows]) + "\n")
+    return [base + ".csv", base + ".md"]
+
+
+def main(args) -> int:
+    from .harness import default_results_dir
+
+    directory = os.path.abspath(args.out) if args.out else str(default_results_dir())
+    for arch in args.arch:
+        print(f"sm_{arch}: kernel, tile, config, registers, spill B, smem B, CTAs/SM, MMA, instr/score, MUFU/score",
+              flush=True)
+        rows = collect(arch, args.quick, lambda r: print(
+            f"  {r.kernel:<26} {r.tile:>7} {r.config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.shared_bytes:>7} "
+            f"{r.ctas_per_sm:>2} {r.mma:<6} {r.instr_per_score:>7.3f} {r.mufu_per_score:>6.3f} | {r.case}",
+            flush=True))
+        for path in write(rows, arch, directory):
+            print(f"wrote {path}")
+    return 0
