@@ -39,9 +39,12 @@ _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32
 
 @dataclass
 class Launch:
-    kernel: object  # the Autotuner
+    kernel: object  # an Autotuner, or a plain jit function
     args: tuple
     kwargs: dict
+    # A plain jit launch that runs the config another launch was tuned to (the tiled backward's
+    # dK/dV pass runs the dQ pass's): that launch's pruned configs, compiled as it is.
+    tuned_with: list | None = None
 
 
 @dataclass
@@ -60,16 +63,20 @@ class Compiled:
 class _Recorder:
     """Stands in for a kernel: `rec[grid](*args, **kwargs)` records the launch. For an autotuned
     kernel it also sets `best_config` to the first config that survives pruning, as a launcher
-    reading the tuner's choice (the tiled backward's dK/dV pass) expects."""
+    reading the tuner's choice (the tiled backward's dK/dV pass) expects; a recorder that
+    `follows` such a tuner records its launches with the tuner's pruned configs."""
 
-    def __init__(self, kernel, sink):
-        self.kernel, self.sink = kernel, sink
+    def __init__(self, kernel, sink, follows=None):
+        self.kernel, self.sink, self.follows = kernel, sink, follows
+        self.pruned = None
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append(Launch(self.kernel, args, kwargs))
+            tuned_with = self.follows.pruned if self.follows is not None else None
+            self.sink.append(Launch(self.kernel, args, kwargs, tuned_with))
             if hasattr(self.kernel, "configs"):
-                self.best_config = pruned_configs(self.kernel, args, kwargs)[0]
+                self.pruned = pruned_configs(self.kernel, args, kwargs)
+                self.best_config = self.pruned[0]
         return launch
 
 
@@ -101,6 +108,7 @@ def record(fn) -> list:
     try:
         for (m, name), kernel in saved.items():
             setattr(m, name, _Recorder(kernel, launches))
+        bwd._dkdv.follows = bwd._dq  # the dK/dV pass runs the dQ pass's tuned config
         fn()
     finally:
         for (m, name), kernel in saved.items():
@@ -136,17 +144,17 @@ def _config_str(config) -> str:
 
 
 def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> list:
-    """Compile one recorded launch: an autotuned kernel for each pruned config (first and last
-    unless all_configs), a plain jit kernel with the options its launch named."""
+    """Compile one recorded launch: an autotuned kernel (or a launch that runs another's tuned
+    config) for each pruned config, first and last unless all_configs; any other plain jit
+    kernel with the options its launch named."""
     kernel = launch.kernel
-    if hasattr(kernel, "configs"):
-        jit_fn = kernel.fn
-        configs = pruned_configs(kernel, launch.args, launch.kwargs)
+    jit_fn = kernel.fn if hasattr(kernel, "configs") else kernel
+    configs = pruned_configs(kernel, launch.args, launch.kwargs) if hasattr(kernel, "configs") else launch.tuned_with
+    if configs is not None:
         if not all_configs:
             configs = [configs[0], configs[-1]] if len(configs) > 1 else configs
         runs = [(config, {**launch.kwargs, **config.all_kwargs()}) for config in configs]
     else:
-        jit_fn = kernel
         options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
         runs = [(triton.Config({}, **options), launch.kwargs)]
     results = []

@@ -27,6 +27,8 @@ Nothing N x N is allocated except the delta gradient itself when it is asked for
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -372,6 +374,12 @@ else:
                           prune_configs_by={"early_config_prune": _prune_tiled})(_tar_bwd_dq_kernel)
 
 
+# The dQ launch and the read of the config it was tuned to, as one step: the autotuner keeps only
+# its latest choice, and another thread's backward (autograd runs one per device) may launch the
+# dQ pass with another key in between.
+_TUNED_LAUNCH = threading.Lock()
+
+
 def _dkdv_options() -> dict:
     """Tiles, warps and stages of the dQ launch just made, for the dK/dV launch."""
     if INTERPRETING:
@@ -435,11 +443,12 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         dq_buf = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
         tie_k = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
     n_bucket = pow2(max(nq, nk))
-    _dq[lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)](
-        q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *d_strides, *sizes, n_bucket,
-        **meta, **(INTERPRETER_TILES if INTERPRETING else {}))
-    tiles = _dkdv_options()
+    with _TUNED_LAUNCH:
+        _dq[lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)](
+            q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *d_strides, *sizes, n_bucket,
+            **meta, **(INTERPRETER_TILES if INTERPRETING else {}))
+        tiles = _dkdv_options()
     if regularized_global:
         # Every entry equal to the slice's max (as the dQ pass recomputed the scores) gets the same
         # share of the summed dm_i.
