@@ -21,9 +21,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CPU = not torch.cuda.is_available()
 
 
+# What an outer `make` (CI runs the suite as `make test`) passes to the commands it starts; with
+# MAKELEVEL set, an inner make prints "Entering/Leaving directory" lines around its output.
+MAKE_VARIABLES = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+
+
 def clean_env(**extra):
-    """This process's environment without TRITON_INTERPRET, as in a fresh shell; tiny CPU shapes: one thread."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    """This process's environment without TRITON_INTERPRET (nor an outer make's variables), as in a
+    fresh shell; tiny CPU shapes: one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and k not in MAKE_VARIABLES}
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
