@@ -93,7 +93,7 @@ def _check_device(args) -> None:
         args.device_error(f"argument --device: {args.device} is not a GPU to model; with --model use one or more "
                           f"of {' '.join(MODEL_DEVICES)}")
     if not args.model and isinstance(args.device, list):
-        args.device_error(f"argument --device: {' '.join(args.device)} are GPUs to model: add --model, or run on "
+        args.device_error(f"argument --device: GPUs to model ({' '.join(args.device)}) need --model; to run, use "
                           f"one of {', '.join(RUNTIME_DEVICES)}")
 
 
