@@ -52,6 +52,17 @@ def test_cli_writes_model_files_labelled_model(run):
         ok = [r for r in rows if r["status"] == "ok"]
         assert all(float(r["model_time_ms"]) > 0 for r in ok)
         assert {r["impl"] for r in rows if r["status"] != "ok"} >= {"reference_compiled"}
+        by = {(r["n"], r["impl"]): r for r in ok}
+        for n in (16, 256):  # a custom delta: its N^2 entries per sequence on top of the config's own bytes
+            delta = by[str(n), "vstar_triton_delta"]
+            kind, tile = delta["config"].split()
+            if kind == "packed":
+                work = model.packed_work(6400, n, 64, int(tile.split("=")[1]))
+            else:
+                bm, bn = map(int, tile.split("x"))
+                work = model.tiled_work(6400, n, 64, model.tile_counts(n, bm, bn, 1.0), bm, bn)
+            assert int(delta["model_bytes"]) == work.bytes + 6400 * n * n * 2
+            assert float(delta["model_time_ms"]) >= float(by[str(n), "vstar_triton"]["model_time_ms"])
         md = (out / f"model-{gpu}.md").read_text()
         assert "(model, not measured)" in md and "ETA =" in md and "arXiv:2407.08608" in md
         assert (out / f"model-{gpu}.png").stat().st_size > 10_000

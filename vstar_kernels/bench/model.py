@@ -138,10 +138,9 @@ def _results_dir() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def static_rows(arch: int = 90) -> tuple:
-    """The committed static-sm<arch>.csv rows, fp16, forward, default options or the global max."""
+    """The committed static-sm<arch>.csv rows, fp16, forward."""
     with open(_results_dir() / f"static-sm{arch}.csv") as f:
-        return tuple(r for r in csv.DictReader(f) if r["case"].startswith("fp16 ") and "+bwd" not in r["case"]
-                     and "delta" not in r["case"])
+        return tuple(r for r in csv.DictReader(f) if r["case"].startswith("fp16 ") and "+bwd" not in r["case"])
 
 
 def _row(kernel: str, tile: str, case_has: str = "") -> dict:
@@ -162,8 +161,9 @@ TILED_TILES = ((64, 32), (128, 128))
 PACKED_ROWS = (32, 128)
 
 
-def loop_costs(block_m: int, block_n: int) -> dict:
-    """Cost per score element of each loop kind of the tiled forward, in the (BLOCK_M, BLOCK_N) config.
+def loop_costs(block_m: int, block_n: int, delta: bool = False) -> dict:
+    """Cost per score element of each loop kind of the tiled forward, in the (BLOCK_M, BLOCK_N) config
+    (with a custom delta: the biased loop of the delta case).
 
     The one place that maps loop kinds to compiled kernels; update it when a kernel gains a loop:
     * "row_max": Q K^T and a running max (pass 1): the row-max pre-pass kernel's loop;
@@ -173,7 +173,7 @@ def loop_costs(block_m: int, block_n: int) -> dict:
     """
     tile = f"{block_m}x{block_n}"
     return {"row_max": _cost(_row("_tar_fwd_row_max_kernel", tile, "global")),
-            "biased": _cost(_row("_tar_fwd_tiled_kernel", tile)),
+            "biased": _cost(_row("_tar_fwd_tiled_kernel", tile, " delta" if delta else "")),
             "plain": _cost(_row("plain_attention_kernel", tile))}
 
 
@@ -221,9 +221,12 @@ def tiled_work(bh, n, d, kinds: dict, block_m, block_n) -> Estimate:
     return e
 
 
-def _tiled_kernel(bh, n, d, kinds: dict, costs: dict, block_m, block_n, gpu, eta, config) -> Estimate:
-    """One tiled launch, modeled: `tiled_work` plus each loop kind's instructions per score element."""
+def _tiled_kernel(bh, n, d, kinds: dict, costs: dict, block_m, block_n, gpu, eta, config,
+                  extra_bytes: int = 0) -> Estimate:
+    """One tiled launch, modeled: `tiled_work` (+ extra_bytes, a delta's) plus each loop kind's
+    instructions per score element."""
     e = tiled_work(bh, n, d, kinds, block_m, block_n)
+    e.bytes += extra_bytes
     e.config = config
     for kind, (tiles, _) in kinds.items():
         e.instr += bh * tiles * block_m * block_n * costs[kind].instr
@@ -232,13 +235,15 @@ def _tiled_kernel(bh, n, d, kinds: dict, costs: dict, block_m, block_n, gpu, eta
     return finish(e, gpu, eta, _waves(bh * math.ceil(n / block_m), ctas, gpu))
 
 
-def ours(bh: int, n: int, d: int, gpu: Gpu, eta: float, sigma: float = 1.0) -> Estimate:
-    """Modeled `vstar_triton` forward (row max, Gaussian, not causal): the faster static config."""
+def ours(bh: int, n: int, d: int, gpu: Gpu, eta: float, sigma: float = 1.0, delta: bool = False) -> Estimate:
+    """Modeled `vstar_triton` forward (row max, not causal; the Gaussian, or a custom (B, H, N, N)
+    delta in q's dtype, read once: traffic.delta_entries): the faster static config."""
+    extra = bh * n * n * ITEMSIZE if delta else 0
     if is_packed(n, n, d, d):
-        return min((_packed(bh, n, d, rows, gpu, eta) for rows in PACKED_ROWS if rows >= pow2(n)),
+        return min((_packed(bh, n, d, rows, gpu, eta, delta, extra) for rows in PACKED_ROWS if rows >= pow2(n)),
                    key=lambda e: e.seconds)
-    return min((_tiled_kernel(bh, n, d, tile_counts(n, bm, bn, sigma), loop_costs(bm, bn), bm, bn, gpu, eta,
-                              f"tiled {bm}x{bn}") for bm, bn in TILED_TILES), key=lambda e: e.seconds)
+    return min((_tiled_kernel(bh, n, d, tile_counts(n, bm, bn, sigma), loop_costs(bm, bn, delta), bm, bn, gpu, eta,
+                              f"tiled {bm}x{bn}", extra) for bm, bn in TILED_TILES), key=lambda e: e.seconds)
 
 
 def packed_work(bh, n, d, rows) -> Estimate:
@@ -252,12 +257,14 @@ def packed_work(bh, n, d, rows) -> Estimate:
                     launches=1, config=f"packed ROWS={rows}")
 
 
-def _packed(bh, n, d, rows, gpu, eta) -> Estimate:
-    """The packed kernel, modeled: `packed_work` plus its instructions per element of the whole tile."""
+def _packed(bh, n, d, rows, gpu, eta, delta: bool = False, extra_bytes: int = 0) -> Estimate:
+    """The packed kernel, modeled: `packed_work` (+ extra_bytes, a delta's) plus its instructions per
+    element of the whole tile (the delta case's kernel with a delta)."""
     e = packed_work(bh, n, d, rows)
+    e.bytes += extra_bytes
     seqs = rows // pow2(n)
     programs, elements = math.ceil(bh / seqs), (seqs * pow2(n)) ** 2
-    cost = _cost(_row("_tar_fwd_packed_kernel", f"{rows}x{rows}"))
+    cost = _cost(_row("_tar_fwd_packed_kernel", f"{rows}x{rows}", " delta" if delta else ""))
     e.instr = programs * elements * cost.instr
     e.mufu = programs * elements * cost.mufu
     return finish(e, gpu, eta, _waves(programs, cost.ctas_per_sm, gpu))
@@ -421,7 +428,7 @@ def eager(peer, batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float) ->
 
 EAGER = ("reference_eager", "reference_materialized", "sdpa_bias")
 NOT_MODELED = ("reference_compiled", "vstar_cuda", "xformers_bias")
-IMPLS = ("vstar_triton", "flash", "sdpa_plain", "flex_two_pass") + EAGER + NOT_MODELED
+IMPLS = ("vstar_triton", "vstar_triton_delta", "flash", "sdpa_plain", "flex_two_pass") + EAGER + NOT_MODELED
 COLUMNS = ("estimate", "gpu", "shape", "batch_heads", "d", "n", "dtype", "impl", "status", "config", "bound",
            "model_time_ms", "model_bytes", "model_mma_flops", "model_launches", "model_ours_over_flash",
            "model_reference_eager_over_ours")
@@ -451,7 +458,8 @@ def sweep(gpu_key: str, names, ns, eta: float, progress=print) -> list:
         s = shapes.SHAPES[name]
         bh = s.batch * s.heads
         for n in ns:
-            est = {"vstar_triton": ours(bh, n, s.head_dim, gpu, eta), "flash": flash(bh, n, s.head_dim, gpu, eta)}
+            est = {"vstar_triton": ours(bh, n, s.head_dim, gpu, eta), "flash": flash(bh, n, s.head_dim, gpu, eta),
+                   "vstar_triton_delta": ours(bh, n, s.head_dim, gpu, eta, delta=True)}
             est["sdpa_plain"] = est["flash"]
             two = flash(bh, n, s.head_dim, gpu, eta)
             est["flex_two_pass"] = Estimate(2 * two.bytes, 2 * two.mma_flops, 2 * two.instr, 2 * two.mufu, 2,
@@ -467,7 +475,8 @@ def sweep(gpu_key: str, names, ns, eta: float, progress=print) -> list:
                     rows.append({**base, "impl": impl, "status": "ok", "config": e.config, "bound": e.bound,
                                  "model_time_ms": round(e.seconds * 1e3, 6), "model_bytes": int(e.bytes),
                                  "model_mma_flops": int(e.mma_flops), "model_launches": e.launches,
-                                 "model_ours_over_flash": round(ratio, 3) if impl == "vstar_triton" else "",
+                                 "model_ours_over_flash": round(e.seconds / est["flash"].seconds, 3)
+                                 if impl.startswith("vstar_triton") else "",
                                  "model_reference_eager_over_ours": round(speedup, 2) if impl == "vstar_triton"
                                  else ""})
                 else:
@@ -497,6 +506,8 @@ def assumptions(gpu_key: str, eta: float) -> list:
         "compiled configs; D 40/80 use the D 64 (tiled) / D 40 (packed) statistics.",
         "flash = the plain-attention baseline compiled for sm_90 in 128x64 and 128x128 tiles (BLOCK_D 64/128), "
         "the faster; sdpa_plain is modeled by it; flex_two_pass as two such loops (a lower bound).",
+        "vstar_triton_delta: ours with a custom (B, H, N, N) delta in q's dtype: + its N^2 bytes per sequence, the "
+        "delta case's compiled loops (no eager peer takes a delta).",
         "Eager peers: aten ops on meta tensors, each op max(in+out bytes / HBM, matmul FLOPs / peak) + launch gap; "
         "fp32 matmuls on the fp32 pipe (no TF32); SDPA with a mask = flash + the mask read.",
         "fp16 rows; bf16 is the same model (same bytes, same peak, same compiled loops).",
@@ -542,13 +553,15 @@ def markdown(rows: list, gpu_key: str, eta: float, calibration: list) -> str:
         by.setdefault((r["shape"], r["n"]), {})[r["impl"]] = r
     impls = [i for i in IMPLS if any(r["impl"] == i and r["status"] == "ok" for r in rows)]
     lines += ["", "## Modeled time per call (ms, model)", "",
-              "| shape | B x H | D | N | " + " | ".join(impls) + " | ours / flash (model) | reference_eager / ours "
-              "(model) | ours bound |", "| --- | ---: | ---: | ---: |" + " ---: |" * (len(impls) + 2) + " --- |"]
+              "| shape | B x H | D | N | " + " | ".join(impls) + " | ours / flash (model) | ours (delta) / flash "
+              "(model) | reference_eager / ours (model) | ours bound |",
+              "| --- | ---: | ---: | ---: |" + " ---: |" * (len(impls) + 3) + " --- |"]
     for (shape, n), cells in by.items():
         o = cells["vstar_triton"]
         lines.append(f"| {shape} | {o['batch_heads']:,} | {o['d']} | {n} | "
                      + " | ".join(f"{cells[i]['model_time_ms']:.4g}" for i in impls)
-                     + f" | {o['model_ours_over_flash']:.2f} | {o['model_reference_eager_over_ours']:.1f}x "
+                     + f" | {o['model_ours_over_flash']:.2f} | {cells['vstar_triton_delta']['model_ours_over_flash']:.2f} "
+                       f"| {o['model_reference_eager_over_ours']:.1f}x "
                        f"| {o['bound']} ({o['config']}) |")
     missing = sorted({(r["impl"], r["status"]) for r in rows if r["status"] != "ok"})
     if missing:
