@@ -186,9 +186,7 @@ def tile_counts(n: int, block_m: int, block_n: int, sigma: float) -> dict:
     """
     blocks = math.ceil(n / block_m)
     tiles = math.ceil(n / block_n)
-    counts = {"biased": (blocks * tiles, blocks * n), "plain": (0, 0)}
-    counts["row_max"] = (blocks * tiles, blocks * n)
-    return counts
+    return {"row_max": (blocks * tiles, blocks * n), "biased": (blocks * tiles, blocks * n), "plain": (0, 0)}
 
 
 # --------------------------------------------------------------------------- roofline of a launch
@@ -405,6 +403,7 @@ def _count_once(peer, batch, heads, n, d, gpu, eta) -> Estimate:
                 peer.run(q, k, v, spec)
         finally:
             F.scaled_dot_product_attention = saved
+    counter.total.bound = "per-op"
     return counter.total
 
 
@@ -544,9 +543,9 @@ def markdown(rows: list, gpu_key: str, eta: float, calibration: list) -> str:
         lines.append(f"| {c['d']} | {c['n']} | {c['bh']} | {c['published_tflops']:.0f} | {c['model_tflops']:.1f} "
                      f"| {c['model_over_published']:.3f} | {c['unfitted_model_tflops']:.1f} "
                      f"| {c['unfitted_over_published']:.3f} |")
-    lines += ["", "Published values: FlashAttention-2 bars of the FlashAttention-3 paper (arXiv:2407.08608), forward-speed "
-              "panels, FP16, no causal mask; batch x N = 16k tokens, hidden 2048 (heads = 2048 / D). Bar labels as "
-              "transcribed at:"] + [f"- D {d}: https://subtext.edge.nugit.net/image/{image}"
+    lines += ["", "Published values: FlashAttention-2 bars of the FlashAttention-3 paper (arXiv:2407.08608), "
+              "forward-speed panels, FP16, no causal mask; batch x N = 16k tokens, hidden 2048 (heads = 2048 / D). "
+              "Bar labels as transcribed at:"] + [f"- D {d}: https://subtext.edge.nugit.net/image/{image}"
                                     for d, image in dict((p[0], p[3]) for p in PUBLISHED_FA2).items()]
     by = {}
     for r in rows:
@@ -560,7 +559,8 @@ def markdown(rows: list, gpu_key: str, eta: float, calibration: list) -> str:
         o = cells["vstar_triton"]
         lines.append(f"| {shape} | {o['batch_heads']:,} | {o['d']} | {n} | "
                      + " | ".join(f"{cells[i]['model_time_ms']:.4g}" for i in impls)
-                     + f" | {o['model_ours_over_flash']:.2f} | {cells['vstar_triton_delta']['model_ours_over_flash']:.2f} "
+                     + f" | {o['model_ours_over_flash']:.2f} "
+                       f"| {cells['vstar_triton_delta']['model_ours_over_flash']:.2f} "
                        f"| {o['model_reference_eager_over_ours']:.1f}x "
                        f"| {o['bound']} ({o['config']}) |")
     missing = sorted({(r["impl"], r["status"]) for r in rows if r["status"] != "ok"})
@@ -587,7 +587,8 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
     left.set_xticks(shapes.KERNEL_N, [str(n) for n in shapes.KERNEL_N])
     left.legend(fontsize=8)
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        pts = [(r["n"], r["model_ours_over_flash"]) for r in rows if r["shape"] == shape and r["impl"] == "vstar_triton"]
+        pts = [(r["n"], r["model_ours_over_flash"]) for r in rows
+               if r["shape"] == shape and r["impl"] == "vstar_triton"]
         right.plot(*zip(*pts), marker="o", label=shape)
     right.axhline(1.0, color="grey", lw=0.8, ls="--")
     right.set(xscale="log", xlabel="N (frames)", ylabel="ours / flash (modeled time ratio)",
@@ -610,7 +611,8 @@ def main(args) -> int:
     eta, calibration = calibrate(GPUS["h100"])
     for c in calibration:
         print(f"calibration (model vs published FA2, H100): D={c['d']} N={c['n']}: model {c['model_tflops']} vs "
-              f"{c['published_tflops']} TFLOP/s = {c['model_over_published']} (unfitted {c['unfitted_over_published']})")
+              f"{c['published_tflops']} TFLOP/s = {c['model_over_published']} "
+              f"(unfitted {c['unfitted_over_published']})")
     for key in devices:
         rows = sweep(key, names, ns, eta)
         base = directory / f"model-{key}"
