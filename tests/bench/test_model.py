@@ -119,3 +119,9 @@ def test_bad_device_names_are_argparse_errors(argv, capsys):
         cli.main(["bench", *argv])
     assert exc.value.code == 2
     assert "--device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="checks the error under TRITON_INTERPRET=1")
+def test_calibration_under_the_interpreter_says_why_it_cannot_compile():
+    with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"):
+        model.calibration_costs(64)

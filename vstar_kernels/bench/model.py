@@ -274,10 +274,15 @@ def _packed(bh, n, d, rows, gpu, eta, delta: bool = False, extra_bytes: int = 0)
 def calibration_costs(block_d: int, arch: int = 90) -> tuple:
     """((BLOCK_M, BLOCK_N, LoopCost), ...) of the plain-attention baseline compiled for sm_`arch`
     in CALIBRATION_TILES at head dim `block_d`, as `bench --static` compiles (bench/static.py)."""
+    import triton
+
     from ..ops.compile_check import Launch, compile_launch
     from .baseline import plain_attention_kernel
     from .static import row
 
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("bench --model compiles the plain-attention baseline for sm_90: run it without "
+                           "TRITON_INTERPRET=1")
     out = []
     for bm, bn, warps, stages in CALIBRATION_TILES:
         q = torch.empty(2, 2, 512, block_d, dtype=torch.float16)
