@@ -1,0 +1,127 @@
+"""`bench --model`: the roofline model's files, its calibration gate, its inputs and its CLI.
+
+The CLI runs once, in a subprocess without TRITON_INTERPRET (the calibration compiles the
+plain-attention baseline for sm_90, which needs JIT functions), on one small shape.
+"""
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import triton
+
+from vstar_kernels import cli
+from vstar_kernels.bench import model, shapes
+from vstar_kernels.bench.peers import PEERS
+from vstar_kernels.bench.traffic import ideal_bytes
+
+PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+RESULTS = pathlib.Path(__file__).parents[2] / "benchmarks" / "results"
+ARGS = ["--model", "--device", "h100", "h200", "--shapes", "vc2-320x512-l2", "--n", "16", "256"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The CLI's output directory and stdout, for ARGS."""
+    if not PTXAS.exists():
+        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
+    out = tmp_path_factory.mktemp("model")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", *ARGS, "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_writes_model_files_labelled_model(run):
+    out, stdout = run
+    for gpu in ("h100", "h200"):
+        rows = _rows(out / f"model-{gpu}.csv")
+        assert {r["estimate"] for r in rows} == {"model"}
+        assert {(r["n"], r["impl"]) for r in rows} >= {("16", "vstar_triton"), ("256", "flash"),
+                                                       ("256", "reference_eager"), ("16", "sdpa_bias")}
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert all(float(r["model_time_ms"]) > 0 for r in ok)
+        assert {r["impl"] for r in rows if r["status"] != "ok"} >= {"reference_compiled"}
+        by = {(r["n"], r["impl"]): r for r in ok}
+        for n in (16, 256):  # a custom delta: its N^2 entries per sequence on top of the config's own bytes
+            delta = by[str(n), "vstar_triton_delta"]
+            kind, tile = delta["config"].split()
+            if kind == "packed":
+                work = model.packed_work(6400, n, 64, int(tile.split("=")[1]))
+            else:
+                bm, bn = map(int, tile.split("x"))
+                work = model.tiled_work(6400, n, 64, model.tile_counts(n, bm, bn, 1.0), bm, bn)
+            assert int(delta["model_bytes"]) == work.bytes + 6400 * n * n * 2
+            assert float(delta["model_time_ms"]) >= float(by[str(n), "vstar_triton"]["model_time_ms"])
+        md = (out / f"model-{gpu}.md").read_text()
+        assert "(model, not measured)" in md and "ETA =" in md and "arXiv:2407.08608" in md
+        assert (out / f"model-{gpu}.png").stat().st_size > 10_000
+    assert "MODEL, not a measurement" in stdout
+    # H200 has more bandwidth and the same SMs: no modeled call is slower there
+    h100 = {(r["n"], r["impl"]): r for r in _rows(out / "model-h100.csv") if r["status"] == "ok"}
+    for r in _rows(out / "model-h200.csv"):
+        if r["status"] == "ok":
+            assert float(r["model_time_ms"]) <= float(h100[r["n"], r["impl"]]["model_time_ms"])
+
+
+def test_calibration_lands_within_25_percent_of_published_fa2(run):
+    out, _ = run
+    rows = _rows(out / "model-h100-calibration.csv")
+    assert [(int(r["d"]), int(r["n"])) for r in rows] == [(d, n) for d, n, _, _ in model.PUBLISHED_FA2]
+    for r in rows:
+        assert r["estimate"] == "model vs published" and "arXiv:2407.08608" in r["source"]
+        assert 0.75 <= float(r["model_over_published"]) <= 1.25, r
+
+
+def test_rows_are_deterministic(run):
+    """Ours and the eager reference again, in this process, from the same inputs: the same numbers."""
+    out, _ = run
+    eta = float((out / "model-h100.md").read_text().split("ETA = ")[1].split(":")[0])
+    gpu, s = model.GPUS["h100"], shapes.SHAPES["vc2-320x512-l2"]
+    rows = {(int(r["n"]), r["impl"]): r for r in _rows(out / "model-h100.csv") if r["status"] == "ok"}
+    for n in (16, 256):
+        for impl, e in (("vstar_triton", model.ours(s.batch * s.heads, n, s.head_dim, gpu, eta)),
+                        ("reference_eager", model.eager(PEERS["reference_eager"], s.batch, s.heads, n, s.head_dim,
+                                                        gpu, eta))):
+            r = rows[n, impl]
+            assert (round(e.seconds * 1e3, 6), int(e.bytes)) == (float(r["model_time_ms"]), int(r["model_bytes"]))
+
+
+def test_ours_bytes_and_flops_are_what_the_interpreter_counts():
+    """The model's bytes and MMA FLOPs for ours equal the committed traffic.csv counts (fp16, default options)."""
+    rows = [r for r in _rows(RESULTS / "traffic.csv") if r["options"] == "plain" and r["dtype"] == "fp16"
+            and r["status"] == "ok"]
+    assert {r["layout"] for r in rows} == {"packed", "tiled"}
+    for r in rows:
+        n, d, seqs = int(r["n"]), int(r["d"]), int(r["sequences"])
+        if r["layout"] == "tiled":  # the interpreter's tiles are 64 x 64
+            e = model.tiled_work(seqs, n, d, model.tile_counts(n, 64, 64, 1.0), 64, 64)
+        else:  # the interpreter's packed tile: 128 rows (64 above head dim 128), or the sequence
+            e = model.packed_work(seqs, n, d, max(128 if d <= 128 else 64, 1 << (n - 1).bit_length()))
+            assert e.bytes == ideal_bytes(seqs, n, n, d, d, 2)
+        assert (e.bytes, e.mma_flops) == (int(r["requested_bytes"]), int(r["mma_flops_issued"])), r
+
+
+@pytest.mark.parametrize("argv", [["--model", "--device", "a100"], ["--model", "--device", "cuda"],
+                                  ["--device", "h100"], ["--model", "--device", "h100", "cpu"]])
+def test_bad_device_names_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *argv])
+    assert exc.value.code == 2
+    assert "--device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="checks the error under TRITON_INTERPRET=1")
+def test_calibration_under_the_interpreter_says_why_it_cannot_compile():
+    with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"):
+        model.calibration_costs(64)
