@@ -152,13 +152,8 @@ def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor
         dA = bias_of(rows)
         outs = []
         for b, h in chunks:
-            mask = _mask(problem, rows, b)
-            s = tar_scores(problem, problem.q[b, h, rows].to(compute), problem.k[b, h].to(compute),
-                           _entry_delta(problem, b, h, rows), dA, mask=mask, m=None if m is None else m[b, h])
-            p = torch.softmax(s, dim=-1)
-            if problem.key_mask is not None:  # a row with no key to attend to gives 0
-                p = p.masked_fill(mask.all(dim=-1, keepdim=True), 0.0)
-            outs.append(torch.matmul(p, problem.v[b, h].to(compute)).to(problem.dtype))
+            outs.append(_chunk_out(problem, compute, rows, b, problem.q[b, h, rows], problem.k[b, h], problem.v[b, h],
+                                   _entry_delta(problem, b, h, rows), dA, None if m is None else m[b, h]))
         if chunks[0][1] == slice(None):
             out_rows.append(torch.cat(outs))
         else:
@@ -166,38 +161,65 @@ def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor
     return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=2)
 
 
+def _chunk_out(problem: TarProblem, compute, rows: slice, b: slice, q, k, v, entry_delta, dA, m) -> torch.Tensor:
+    """softmax(S') @ v for the query rows `rows` of the slices (b, h) that q, k, v hold, in the input dtype."""
+    mask = _mask(problem, rows, b)
+    s = tar_scores(problem, q.to(compute), k.to(compute), entry_delta, dA, mask=mask, m=m)
+    p = torch.softmax(s, dim=-1)
+    if problem.key_mask is not None:  # a row with no key to attend to gives 0
+        p = p.masked_fill(mask.all(dim=-1, keepdim=True), 0.0)
+    return torch.matmul(p, v.to(compute)).to(problem.dtype)
+
+
 def _max_first(problem: TarProblem, row_blocks) -> bool:
     """Whether the global max needs a pass of its own (its slice's rows come in several blocks)."""
     return problem.regularized and problem.max_mode == "global" and len(row_blocks) > 1
 
 
-def _global_max(problem: TarProblem, row_blocks, chunks, compute) -> torch.Tensor:
-    """The max of each (batch, head) slice's masked scores, (B, H, 1, 1), one block of rows at a time.
+def _masked_scores(problem: TarProblem, compute, rows: slice, b: slice, q, k) -> torch.Tensor:
+    """The scaled scores of a chunk, -inf where masked."""
+    s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * problem.scale
+    mask = _mask(problem, rows, b)
+    return s if mask is None else s.masked_fill(mask, -math.inf)
 
-    Its gradient is torch.amax's over the whole slice: shared evenly by every tied entry, whichever
-    blocks they are in (each block's maximum passes it to its own ties, weighted by their number).
-    """
+
+def _block_maxima(problem: TarProblem, row_blocks, chunks, compute) -> tuple:
+    """Each row block's max of each slice's masked scores and its number of ties: (R, B, H, 1, 1) each."""
     maxima, ties = [], []
     for rows in row_blocks:
         block_max, block_ties = [], []
         for b, h in chunks:
-            s = torch.matmul(problem.q[b, h, rows].to(compute), problem.k[b, h].to(compute).transpose(-1, -2))
-            s = s * problem.scale
-            mask = _mask(problem, rows, b)
-            if mask is not None:
-                s = s.masked_fill(mask, -math.inf)
+            s = _masked_scores(problem, compute, rows, b, problem.q[b, h, rows], problem.k[b, h])
             block_max.append(s.amax(dim=(-2, -1), keepdim=True))
             with torch.no_grad():
                 block_ties.append((s == block_max[-1]).sum(dim=(-2, -1), keepdim=True))
         maxima.append(torch.cat(block_max).reshape(problem.batch, problem.heads, 1, 1))
         ties.append(torch.cat(block_ties).reshape(problem.batch, problem.heads, 1, 1))
-    maxima, ties = torch.stack(maxima), torch.stack(ties)
+    return torch.stack(maxima), torch.stack(ties)
+
+
+def _max_shares(maxima: torch.Tensor, ties: torch.Tensor) -> tuple:
+    """The slices' max (B, H, 1, 1) from the blocks' (no gradient), and the share of its gradient each
+    block's max passes on to its own ties (R, B, H, 1, 1): their number over the slice's, 0 for an
+    infinite max (which has no gradient to pass)."""
     m = maxima.detach().amax(dim=0)
     weights = (ties * (maxima.detach() == m)).to(m.dtype)
-    weights = weights / weights.sum(dim=0)
+    return m, weights / weights.sum(dim=0) * torch.isfinite(maxima.detach())
+
+
+def _global_max(problem: TarProblem, row_blocks, chunks, compute, shares: bool = False):
+    """The max of each (batch, head) slice's masked scores, (B, H, 1, 1), one block of rows at a time
+    (with shares=True, and the blocks' shares of its gradient, `_max_shares`).
+
+    Its gradient is torch.amax's over the whole slice: shared evenly by every tied entry, whichever
+    blocks they are in (each block's maximum passes it to its own ties, weighted by their number).
+    """
+    maxima, ties = _block_maxima(problem, row_blocks, chunks, compute)
+    m, weights = _max_shares(maxima, ties)
     # maxima - maxima.detach() is 0 with the blocks' gradients; an infinite maximum adds nothing (inf - inf).
     shift = torch.where(torch.isfinite(maxima), maxima - maxima.detach(), 0.0)
-    return m + (weights * shift).sum(dim=0)
+    m = m + (weights * shift).sum(dim=0)
+    return (m, weights) if shares else m
 
 
 def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
@@ -280,11 +302,17 @@ def _block_slices(b: slice, h: slice, batch: int, heads: int) -> int:
 def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: bool = False):
     """Gradients of `reference_forward` by autograd on the definition (the max's gradient is
     torch.amax's: split evenly over ties). Returns contiguous (dq, dk, dv, ddelta), ddelta the
-    gradient of the (B, H, Nq, Nk) view `problem.delta` when delta_grad, else None.
+    gradient of `problem.delta` (the (B, H, Nq, Nk) view, or the (F, F) frame matrix) when
+    delta_grad, else None.
 
     torch.func.vjp rather than torch.autograd: it also runs inside a custom op's implementation,
-    which the dispatcher calls below the autograd key.
+    which the dispatcher calls below the autograd key. When a slice's rows take several blocks,
+    one block at a time (`_backward_by_blocks`), so that memory stays within a few chunks there too.
     """
+    row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
+    if len(row_blocks) > 1:
+        return _backward_by_blocks(problem, grad_out, delta_grad, row_blocks, chunks)
+
     def forward(q, k, v, *delta):
         return reference_forward(dataclasses.replace(problem, q=q, k=k, v=v,
                                                      delta=delta[0] if delta else problem.delta))
@@ -293,6 +321,68 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
     _, vjp = torch.func.vjp(forward, *primals)
     grads = [g.contiguous() for g in vjp(grad_out)]
     return (*grads[:3], grads[3] if delta_grad else None)
+
+
+def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blocks, chunks) -> tuple:
+    """`reference_backward` one (slice, block of rows) at a time: the vjp of each chunk's output
+    (recomputed), then, for max_mode="global", of each block's max with its share of the slice
+    max's gradient (`_max_shares`), as the forward's autograd would give. Every chunk holds one slice."""
+    compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
+    frame_delta = problem.frames_q is not None and problem.delta is not None
+    bias_of = None if problem.delta is not None else _row_bias(problem, compute)
+    m = weights = None
+    if _max_first(problem, row_blocks):  # (a graph only for a double backward)
+        m, weights = _global_max(problem, row_blocks, chunks, compute, shares=True)
+    dq, dk, dv, ddelta = [], [], [], []
+    d_frames = torch.zeros_like(problem.delta) if frame_delta and delta_grad else None
+    for b, h in chunks:
+        k, v = problem.k[b, h], problem.v[b, h]
+        dq_rows, dd_rows, dk_s, dv_s, dm = [], [], torch.zeros_like(k), torch.zeros_like(v), 0.0
+        for rows in row_blocks:
+            def chunk(q_r, k_s, v_s, *extra, rows=rows, b=b, h=h):
+                m_s = extra[0] if m is not None else None
+                delta = extra[-1] if delta_grad else problem.delta
+                if frame_delta:
+                    dA, entry = frame_bias(problem.frames_q[rows], problem.frames_k, sigma=problem.sigma,
+                                           delta=delta, dtype=compute), None
+                else:
+                    dA = None if bias_of is None else bias_of(rows)
+                    entry = None if delta is None else (delta if delta_grad else delta[b, h, rows])
+                return _chunk_out(problem, compute, rows, b, q_r, k_s, v_s, entry, dA, m_s)
+
+            extra = (() if m is None else (m[b, h],)) + (() if not delta_grad else (
+                problem.delta if frame_delta else problem.delta[b, h, rows],))
+            _, vjp = torch.func.vjp(chunk, problem.q[b, h, rows], k, v, *extra)
+            grads = vjp(grad_out[b, h, rows])
+            dq_rows.append(grads[0])
+            dk_s, dv_s = dk_s + grads[1], dv_s + grads[2]
+            if m is not None:
+                dm = dm + grads[3]
+            if delta_grad and frame_delta:
+                d_frames = d_frames + grads[-1]
+            elif delta_grad:
+                dd_rows.append(grads[-1])
+        if m is not None:  # the slice max's gradient, through each block's max
+            for i, rows in enumerate(row_blocks):
+                def block_max(q_r, k_s, rows=rows, b=b):
+                    return _masked_scores(problem, compute, rows, b, q_r, k_s).amax(dim=(-2, -1), keepdim=True)
+
+                _, vjp = torch.func.vjp(block_max, problem.q[b, h, rows], k)
+                g_q, g_k = vjp(weights[i, b, h] * dm)
+                dq_rows[i] = dq_rows[i] + g_q
+                dk_s = dk_s + g_k
+        dq.append(torch.cat(dq_rows, dim=2))
+        dk.append(dk_s)
+        dv.append(dv_s)
+        if dd_rows:
+            ddelta.append(torch.cat(dd_rows, dim=2))
+    shape = (problem.batch, problem.heads)
+    out = [torch.cat(g, dim=1).reshape(*shape, *g[0].shape[2:]).contiguous() for g in (dq, dk, dv)]
+    if delta_grad:
+        out.append(d_frames if frame_delta else torch.cat(ddelta, dim=1).reshape(*shape, *ddelta[0].shape[2:]))
+    else:
+        out.append(None)
+    return tuple(out)
 
 
 def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
