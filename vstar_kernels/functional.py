@@ -66,15 +66,17 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
     over ties). The call is the custom op
     ``torch.ops.vstar.tar_attention``, so ``torch.compile(fullgraph=True)`` and CUDA graphs
     capture it whole, with ``dynamic=True`` too (sizes and Python-float arguments traced
-    symbolically).
+    symbolically). A call with `frames` reads the ids' extrema (a device synchronisation) to check
+    them, so CUDA graphs cannot capture it; torch.compile can.
 
     NaN and infinity propagate the way the formula says, over the entries that take part. An entry
-    masked by `causal` takes no part in anything: its score and its delta value are ignored, as if
-    absent, and so does an entry whose key `key_mask` drops. Everything else that enters a row's max, bias or softmax does, with IEEE arithmetic. So
-    a NaN in q row i makes row i NaN; with max_mode="global" it makes the max of its (batch, head)
-    slice NaN, and so every row of that slice, whenever the bias is applied (strength != 0, and a
-    delta is given or sigma is finite: strength = 0 or sigma = inf adds a per-row constant, which
-    softmax ignores, so no bias is applied). A NaN in k makes NaN every row that attends to that key
+    masked by `causal` or by `key_mask` takes no part in anything: its score and its delta value are
+    ignored, as if absent. Everything else that enters a row's max, bias or softmax does, with IEEE
+    arithmetic. So a NaN in q row i makes row i NaN; with max_mode="global" it makes the max of its
+    (batch, head) slice NaN, and so every row of that slice, whenever the bias is applied
+    (strength != 0, and a delta, frame ids or a finite sigma is given: strength = 0 or sigma = inf
+    without frame ids adds a per-row constant, which softmax ignores, so no bias is applied). A row
+    with no key to attend to gives 0. A NaN in k makes NaN every row that attends to that key
     (with the global max and the bias applied, its whole slice). A NaN delta entry makes its row NaN
     unless the entry is masked; a masked delta entry changes nothing, whatever its value. v enters
     through the product P @ V, where a zero weight times inf or NaN is NaN: a NaN or inf in v at

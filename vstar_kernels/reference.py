@@ -17,7 +17,9 @@ from ._validation import TarProblem, check_frame_values, make_problem
 from .frames import frame_bias
 from .regularization import gaussian_bias
 
-# Elements of one fp32 score chunk (B*H slices x Nq x Nk): 2**26 = 256 MiB. The most any path holds.
+# Elements of one fp32 score chunk (B*H slices x Nq rows x Nk): 2**26 = 256 MiB. The most any path
+# holds per tensor, but for the int64 / float64 frame distances of a block of rows (8 bytes each)
+# that the out-of-place path evaluates the Gaussian of frame ids from.
 CHUNK_ELEMENTS = 1 << 26
 # Chunk of the in-place path (no autograd): 2**22 fp32 scores = 16 MiB, so that the scores stay
 # in the last-level cache from the QK^T product to the PV product instead of streaming through
@@ -390,7 +392,9 @@ def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, cau
     """TAR attention in plain PyTorch: the definition every other backend is tested against.
 
     Same arguments and shapes as :func:`vstar_kernels.tar_attention` (without
-    ``backend``). Differentiable in q, k, v and delta through autograd.
+    ``backend``). Differentiable in q, k, v and delta through autograd, which saves every chunk's
+    scores (O(B * H * Nq * Nk)); ``tar_attention(..., backend="reference")`` differentiates the same
+    definition one block of rows at a time.
     """
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale, frames=frames, key_mask=key_mask)
