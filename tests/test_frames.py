@@ -153,6 +153,28 @@ def test_three_d_input_with_frames_and_key_mask():
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_inputs(dtype):
+    ids = vk.frame_ids(3, 5, text_before=4)
+    q, k, v = qkv(2, 2, 19, 19, d=16, seed=32, dtype=torch.float32)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    key_mask = random_key_mask(2, 19, seed=33)
+    out = vk.tar_attention(q, k, v, frames=ids, key_mask=key_mask, sigma=1.2, causal=True)
+    assert out.dtype == dtype
+    expected = naive_frames(q, k, v, ids, ids, key_mask=key_mask, sigma=1.2, causal=True)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCES[dtype][0], rtol=TOLERANCES[dtype][1])
+
+
+def test_every_id_dtype_gives_the_same_result():
+    """Far-apart ids whose differences overflow int8 (127 - (-1) ... ) are subtracted in int64."""
+    ids = torch.tensor([-1, 0, 0, 60, 127, 127, -1, 90])
+    q, k, v = qkv(1, 2, 8, 8, seed=34)
+    outs = [vk.tar_attention(q, k, v, frames=ids.to(dtype), sigma=40.0) for dtype in
+            (torch.int8, torch.int16, torch.int32, torch.int64)]
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    torch.testing.assert_close(outs[0], naive_frames(q, k, v, ids, ids, sigma=40.0), atol=1e-12, rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------- invariants
 
 EXACT_OPTIONS = [dict(), dict(causal=True), dict(max_mode="global", causal=True), dict(sigma=0.3, strength=-1.2),
@@ -290,7 +312,8 @@ def test_long_sequences_are_chunked_over_query_rows(monkeypatch, grad, max_mode)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
     if grad:
         grad_out = randn(*whole.shape, seed=19, dtype=torch.float32)
-        for a, b in zip(torch.autograd.grad(chunked, (q, k, v), grad_out), torch.autograd.grad(whole, (q, k, v), grad_out)):
+        grads = (torch.autograd.grad(out, (q, k, v), grad_out) for out in (chunked, whole))
+        for a, b in zip(*grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -332,7 +355,8 @@ ENTRY_POINTS = [vk.tar_attention, vk.tar_attention_reference]
 IDS = vk.frame_ids(2, 3, text_before=2)  # 8 tokens, frames 0 and 1
 
 BAD = [
-    ("ids too short", dict(frames=IDS[:-1]), ValueError, r"frames must have shape \(8,\), one id per token, got \(7,\)"),
+    ("ids too short", dict(frames=IDS[:-1]), ValueError,
+     r"frames must have shape \(8,\), one id per token, got \(7,\)"),
     ("ids 2-D", dict(frames=IDS.view(2, 4)), ValueError, r"frames must have shape \(8,\)"),
     ("ids float", dict(frames=IDS.float()), TypeError, "frames must hold signed integers"),
     ("ids uint8", dict(frames=IDS.clamp(min=0).to(torch.uint8)), TypeError, "frames must hold signed integers"),
