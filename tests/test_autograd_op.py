@@ -68,7 +68,7 @@ def op_args(B, H, nq, nk, d, dv, *, delta, backend, needs_grad=True, dtype=torch
         delta = torch.rand(nq, nk, generator=g).to(DEVICE).expand(B, H, nq, nk).detach().requires_grad_(needs_grad)
     else:
         delta = None
-    return (q, k, v, 1.5, 1.0, delta, False, max_mode, d ** -0.5, backend, needs_grad)
+    return (q, k, v, 1.5, 1.0, delta, False, max_mode, d ** -0.5, None, None, None, backend, needs_grad)
 
 
 OPCHECK_CASES = [
@@ -90,7 +90,7 @@ def test_opcheck(case):
     if case["backend"] == "triton":  # the reference's backward is traced PyTorch, not this op
         out, stats = torch.ops.vstar.tar_attention(*args)
         q, k, v, sigma, strength, delta = (t.detach() if isinstance(t, torch.Tensor) else t for t in args[:6])
-        back_args = (torch.randn_like(out), out.detach(), stats, q, k, v, sigma, strength, delta, *args[6:10],
+        back_args = (torch.randn_like(out), out.detach(), stats, q, k, v, sigma, strength, delta, *args[6:13],
                      delta is not None)
         opcheck(torch.ops.vstar.tar_attention_backward.default, back_args)
 

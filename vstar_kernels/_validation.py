@@ -1,8 +1,15 @@
 """Argument checking and shape normalisation shared by every backend.
 
 `make_problem` turns the public arguments into a `TarProblem`: 4-D strided
-views of q/k/v (no copies), the resolved scale, and the custom bias expanded
-(as a stride-0 view) to (B, H, Nq, Nk). Every error names the argument.
+views of q/k/v (no copies), the resolved scale, the custom bias expanded
+(as a stride-0 view) to (B, H, Nq, Nk) (or the (F, F) frame matrix when frame
+ids are given), the query and key frame ids, and the key mask. Every error
+names the argument.
+
+`make_problem` checks only what a tensor's metadata says (shapes, dtypes,
+devices: comparisons torch.compile turns into guards). `check_frame_values`
+checks what needs the ids' values (-1 or more, below the frame matrix's size);
+it runs inside the vstar::tar_attention op, where torch.compile does not trace.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ MAX_MODES = ("row", "global")
 # float64 input on the reference), so a larger factor would be inf there.
 SCALAR_BOUNDS = {torch.float64: torch.finfo(torch.float64).max}
 FLOAT32_MAX = torch.finfo(torch.float32).max
+# Frame ids: signed integers (-1 marks a token outside the video).
+FRAME_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
@@ -32,10 +41,13 @@ class TarProblem:
     v: torch.Tensor
     sigma: float
     strength: float
-    delta: Optional[torch.Tensor]  # (B, H, Nq, Nk) view or None
+    delta: Optional[torch.Tensor]  # (B, H, Nq, Nk) view, the (F, F) frame matrix when frames_q is set, or None
     causal: bool
     max_mode: str
     scale: float
+    frames_q: Optional[torch.Tensor]  # (Nq,) integer frame id of each query, -1 outside the video; or None
+    frames_k: Optional[torch.Tensor]  # (Nk,) the same for the keys; set exactly when frames_q is
+    key_mask: Optional[torch.Tensor]  # (B, Nk) bool, True where a key is attended to; or None
     was_3d: bool
 
     @property
@@ -72,8 +84,10 @@ class TarProblem:
 
     @property
     def regularized(self) -> bool:
-        """False when the bias cannot change the result (plain attention)."""
-        return self.strength != 0.0 and (self.delta is not None or self.sigma != math.inf)
+        """False when the bias cannot change the result (plain attention). With frame ids the bias is
+        applied whenever strength != 0: at sigma = inf it is still 0 for the tokens outside the video."""
+        return self.strength != 0.0 and (self.delta is not None or self.sigma != math.inf
+                                         or self.frames_q is not None)
 
     def needs_grad(self) -> bool:
         """Whether autograd will differentiate this call: grad mode is on and an input requires grad."""
@@ -127,7 +141,70 @@ def _check_factor(name: str, value, dtype: torch.dtype) -> float:
     return value
 
 
-def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale) -> TarProblem:
+def _check_ids(name: str, ids, n: int, side: str, device) -> torch.Tensor:
+    """One frame id vector: a 1-D signed integer tensor of length `n` on `device`."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of frame ids, got {type(ids).__name__}")
+    if ids.dtype not in FRAME_DTYPES:
+        raise TypeError(f"{name} must hold signed integers (int8, int16, int32 or int64; -1 marks a token "
+                        f"outside the video), got {ids.dtype}")
+    if ids.dim() != 1 or ids.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), one id per {side}token, got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but q is on {device}")
+    return ids
+
+
+def _check_frames(frames, nq: int, nk: int, device) -> tuple:
+    """(query ids, key ids) from `frames`: one (N,) tensor for self-attention, or a pair."""
+    if isinstance(frames, (tuple, list)):
+        if len(frames) != 2:
+            raise ValueError(f"frames must be one (N,) tensor or a pair (q_frames, k_frames), got {len(frames)} items")
+        return (_check_ids("frames[0] (the query ids)", frames[0], nq, "query ", device),
+                _check_ids("frames[1] (the key ids)", frames[1], nk, "key ", device))
+    if isinstance(frames, torch.Tensor) and nq != nk:
+        raise ValueError(f"frames of one tensor gives the same ids to queries and keys, but q has {nq} tokens and "
+                         f"k has {nk}: pass a pair (q_frames, k_frames)")
+    ids = _check_ids("frames", frames, nq, "", device)
+    return ids, ids
+
+
+def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
+    if not isinstance(key_mask, torch.Tensor):
+        raise TypeError(f"key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool tensor (True = attend to the key), got {key_mask.dtype}")
+    if key_mask.dim() != 2 or tuple(key_mask.shape) != (batch, nk):
+        raise ValueError(f"key_mask must have shape (B, Nk) = {(batch, nk)}, got {tuple(key_mask.shape)}")
+    if key_mask.device != device:
+        raise ValueError(f"key_mask is on {key_mask.device} but q is on {device}")
+    return key_mask
+
+
+def check_frame_values(problem: TarProblem) -> None:
+    """The checks that read the frame ids: every id is -1 or more, and below the frame matrix's size.
+
+    Reads the ids' extrema (one device synchronisation); nothing to do without frame ids.
+    """
+    if problem.frames_q is None:
+        return
+    same = problem.frames_q is problem.frames_k
+    named = [("frames", problem.frames_q)] if same else [("frames[0] (the query ids)", problem.frames_q),
+                                                          ("frames[1] (the key ids)", problem.frames_k)]
+    for name, ids in named:
+        if ids.numel() == 0:
+            continue
+        low, high = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
+        if low < -1:
+            raise ValueError(f"{name} must be frame ids >= 0, or -1 for a token outside the video; got {low}")
+        if problem.delta is not None and high >= problem.delta.shape[0]:
+            size = problem.delta.shape[0]
+            raise ValueError(f"{name} has frame id {high} but delta is a ({size}, {size}) frame matrix: with frames, "
+                             f"delta must cover every id (F > {high})")
+
+
+def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, frames=None,
+                 key_mask=None) -> TarProblem:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     for name, t in (("k", k), ("v", v)):
@@ -166,8 +243,23 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale) ->
     if max_mode not in MAX_MODES:
         raise ValueError(f"max_mode must be one of {MAX_MODES}, got {max_mode!r}")
 
+    frames_q = frames_k = None
+    if frames is not None:
+        frames_q, frames_k = _check_frames(frames, Nq, Nk, q.device)
+    if key_mask is not None:
+        key_mask = _check_key_mask(key_mask, B, Nk, q.device)
+
     if delta is None:
         bias = None
+    elif frames is not None:
+        sigma = math.inf  # ignored when a custom delta is given
+        _check_tensor("delta", delta)
+        if delta.device != q.device:
+            raise ValueError(f"delta is on {delta.device} but q is on {q.device}")
+        if delta.dim() != 2 or delta.shape[0] != delta.shape[1]:
+            raise ValueError(f"with frames, delta must be a square (F, F) frame matrix (entry [f, g] for query frame "
+                             f"f and key frame g), got shape {tuple(delta.shape)}")
+        bias = delta
     else:
         sigma = math.inf  # ignored when a custom delta is given
         _check_tensor("delta", delta)
@@ -186,4 +278,4 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale) ->
         if was_3d:
             bias = bias.unsqueeze(1)
     return TarProblem(q=q, k=k, v=v, sigma=sigma, strength=strength, delta=bias, causal=causal, max_mode=max_mode,
-                      scale=float(scale), was_3d=was_3d)
+                      scale=float(scale), frames_q=frames_q, frames_k=frames_k, key_mask=key_mask, was_3d=was_3d)

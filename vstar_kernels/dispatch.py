@@ -53,6 +53,8 @@ class Backend:
     MAX_KEYS_HINT = ""  # why, and what to do instead
     SUPPORTS_BACKWARD = True
     SUPPORTED_DELTA_DTYPES = FLOAT_DTYPES  # INPUT_DTYPE: q's dtype
+    SUPPORTS_FRAMES = True  # frame ids (tar_attention's `frames`)
+    SUPPORTS_KEY_MASK = True
 
     def not_supported_reasons(self, problem: TarProblem) -> list:
         """Why this backend cannot run `problem` ([] if it can): its state, then each declared limit."""
@@ -73,6 +75,10 @@ class Backend:
         if problem.delta is not None and problem.delta.dtype not in delta_dtypes:
             reasons.append(f"delta is {problem.delta.dtype}; pass it in "
                            f"{_one_of(map(_dtype_name, self.SUPPORTED_DELTA_DTYPES))}")
+        if problem.frames_q is not None and not self.SUPPORTS_FRAMES:
+            reasons.append(f"{self.kernel} cannot take frame ids (frames=) yet; use backend='reference'")
+        if problem.key_mask is not None and not self.SUPPORTS_KEY_MASK:
+            reasons.append(f"{self.kernel} cannot take a key mask (key_mask=) yet; use backend='reference'")
         if problem.needs_grad():
             backward_reason = self.backward_reason()
             if backward_reason:
@@ -120,6 +126,8 @@ class TritonBackend(Backend):
     SUPPORTED_DTYPES = KERNEL_DTYPES
     SUPPORTED_MAX_HEAD_DIM = 256
     SUPPORTED_DELTA_DTYPES = KERNEL_DTYPES
+    SUPPORTS_FRAMES = False
+    SUPPORTS_KEY_MASK = False
 
     def not_supported_reasons(self, problem):
         load_reason = _load.triton_state()[0]
@@ -181,6 +189,8 @@ class CudaBackend(Backend):
                      "use backend='triton' for longer sequences")
     SUPPORTS_BACKWARD = False
     SUPPORTED_DELTA_DTYPES = (torch.float32, INPUT_DTYPE)
+    SUPPORTS_FRAMES = False
+    SUPPORTS_KEY_MASK = False
 
     def state_reasons(self, problem):
         probe = tar_cuda.load()

@@ -1,8 +1,9 @@
 """The PyTorch definition of TAR. Tests, the CPU fallback and the benchmarks use it.
 
 Math runs in float32 (float64 for float64 input); the result is cast back to
-the input dtype. The (batch x heads) axis is processed in chunks so that the
-score matrices stay within a bounded amount of memory.
+the input dtype. The (batch x heads) axis, and the query rows of a long
+sequence, are processed in chunks so that the score matrices stay within a
+bounded amount of memory.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import math
 
 import torch
 
-from ._validation import TarProblem, make_problem
+from ._validation import TarProblem, check_frame_values, make_problem
+from .frames import frame_bias
 from .regularization import gaussian_bias
 
-# Elements of one fp32 score chunk (B*H slices x Nq x Nk): 2**26 = 256 MiB. The most any path holds.
+# Elements of one fp32 score chunk (B*H slices x Nq rows x Nk): 2**26 = 256 MiB. The most any path
+# holds per tensor, but for the int64 / float64 frame distances of a block of rows (8 bytes each)
+# that the out-of-place path evaluates the Gaussian of frame ids from.
 CHUNK_ELEMENTS = 1 << 26
 # Chunk of the in-place path (no autograd): 2**22 fp32 scores = 16 MiB, so that the scores stay
 # in the last-level cache from the QK^T product to the PV product instead of streaming through
@@ -25,27 +29,33 @@ CHUNK_ELEMENTS = 1 << 26
 INPLACE_CHUNK_ELEMENTS = 1 << 22
 
 
-def tar_scores(problem: TarProblem, q, k, delta, dA):
+def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
     """S' = S + strength * max(S) * dA for one chunk, in the compute dtype (masked entries -inf).
 
-    A causally masked entry takes no part: it is -inf in S (so not in the max) and again in S',
-    whatever its bias (a NaN or inf delta entry there, or strength * max * dA = inf * 0).
+    q: a block of query rows, k the keys; `delta` a block of the per-entry delta (or None), `dA`
+    the bias otherwise. `mask`: True where an entry takes no part, broadcast to the scores (by
+    default the causal mask of whole rows when the problem is causal). A masked entry is -inf in S
+    (so not in the max) and again in S', whatever its bias (a NaN or inf delta entry there, or
+    strength * max * dA = inf * 0). `m`: the max to use (the slice's, computed beforehand when a
+    slice's rows come in several blocks); by default taken over this chunk.
     """
     s = torch.matmul(q, k.transpose(-1, -2)) * problem.scale
-    mask = None
-    if problem.causal:
-        nq, nk = s.shape[-2:]
-        mask = torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu_(1)
+    if mask is None and problem.causal:
+        mask = _causal_mask(0, s.shape[-2], s.shape[-1], s.device)
+    if mask is not None:
         s = s.masked_fill(mask, -math.inf)
     if not problem.regularized:
         return s
-    if problem.max_mode == "row":
-        m = s.amax(dim=-1, keepdim=True)
-    else:
-        m = s.amax(dim=(-2, -1), keepdim=True)
+    if m is None:
+        m = s.amax(dim=-1 if problem.max_mode == "row" else (-2, -1), keepdim=True)
     bias = dA if delta is None else delta.to(s.dtype)
     s = s + problem.strength * m * bias
     return s if mask is None else s.masked_fill(mask, -math.inf)
+
+
+def _causal_mask(first: int, rows: int, nk: int, device) -> torch.Tensor:
+    """(rows, nk) True where key j comes after query first + i (the causal mask of one row block)."""
+    return torch.ones(rows, nk, dtype=torch.bool, device=device).triu_(first + 1)
 
 
 def _chunks(batch: int, heads: int, per_chunk: int):
@@ -55,6 +65,56 @@ def _chunks(batch: int, heads: int, per_chunk: int):
         step = per_chunk // heads
         return [(slice(b, b + step), slice(None)) for b in range(0, batch, step)]
     return [(slice(b, b + 1), slice(h, h + per_chunk)) for b in range(batch) for h in range(0, heads, per_chunk)]
+
+
+def _plan(problem: TarProblem, budget: int):
+    """(row blocks, (batch, head) blocks) with at most `budget` scores per chunk: every row and as
+    many whole slices as fit while one slice fits, else blocks of rows of one slice at a time."""
+    B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
+    if nq * nk <= budget:
+        return [slice(0, nq)], _chunks(B, H, budget // (nq * nk))
+    rows = max(1, budget // nk)
+    return [slice(r, r + rows) for r in range(0, nq, rows)], _chunks(B, H, 1)
+
+
+def _row_bias(problem: TarProblem, compute: torch.dtype, lookup_elements: int = 0):
+    """A function of a block of query rows giving the bias it shares with every (batch, head) slice,
+    (rows, Nk), or None when the bias is not applied or is the per-entry `delta`.
+
+    Without frame ids: rows of the Gaussian Toeplitz view (`gaussian_bias`, no N x N storage).
+    With them: the Gaussian of frame distance (or the frame matrix) evaluated for the block; or,
+    when `lookup_elements` allows a (F + 1, Nk) table (one row per query frame and one for -1),
+    the block's rows looked up in it, with the same values (this reads the largest query id).
+    """
+    if not problem.regularized or (problem.delta is not None and problem.frames_q is None):
+        return lambda rows: None
+    if problem.frames_q is None:
+        dA = gaussian_bias(problem.nq, problem.nk, problem.sigma, device=problem.device, dtype=compute)
+        return lambda rows: dA[rows]
+    options = dict(sigma=problem.sigma, delta=problem.delta, dtype=compute)
+    if lookup_elements:
+        frames = int(problem.frames_q.max()) + 1
+        if (frames + 1) * problem.nk <= lookup_elements:
+            ids = torch.arange(-1, frames, device=problem.device)
+            table = frame_bias(ids, problem.frames_k, **options)
+            return lambda rows: table.index_select(0, problem.frames_q[rows].to(torch.int64) + 1)
+    return lambda rows: frame_bias(problem.frames_q[rows], problem.frames_k, **options)
+
+
+def _mask(problem: TarProblem, rows: slice, b: slice):
+    """True where an entry of a (batch block, rows) chunk takes no part: (rows, Nk) for the causal
+    mask alone, (bb, 1, rows, Nk) with a key mask; None when every entry takes part."""
+    first, stop, _ = rows.indices(problem.nq)
+    mask = _causal_mask(first, stop - first, problem.nk, problem.device) if problem.causal else None
+    if problem.key_mask is None:
+        return mask
+    dropped = ~problem.key_mask[b][:, None, None, :]
+    return dropped if mask is None else dropped | mask
+
+
+def _entry_delta(problem: TarProblem, b, h, rows):
+    """The per-entry delta of a chunk (a view), or None when the bias is a row-block bias."""
+    return None if problem.delta is None or problem.frames_q is not None else problem.delta[b, h, rows]
 
 
 def _needs_autograd(problem: TarProblem) -> bool:
@@ -70,9 +130,11 @@ def _needs_autograd(problem: TarProblem) -> bool:
 def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor:
     """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype.
 
-    Works on 4-D blocks of the (B, H) grid, so that a broadcast delta ((Nq, Nk), (1, H, Nq, Nk),
-    (B, 1, Nq, Nk) expanded by stride 0) is only ever read through views: memory stays within
-    one chunk of scores whatever delta's shape.
+    Works on 4-D chunks of (batch, head) slices and query rows of at most CHUNK_ELEMENTS scores,
+    so memory stays within a few chunks whatever the sequence length: a broadcast delta
+    ((Nq, Nk), (1, H, Nq, Nk), (B, 1, Nq, Nk) expanded by stride 0) is only read through views, and
+    the Gaussian or frame bias is built for one block of rows at a time. When a slice's rows take
+    several blocks, max_mode="global" first takes each slice's max in a pass of its own.
 
     Without autograd the same operations run in place on cache-sized chunks (`_forward_inplace`);
     under autograd, torch.func or torch.compile (or with inplace=False) the out-of-place definition
@@ -82,25 +144,88 @@ def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
     if B * H == 0 or nq == 0:
         return problem.q.new_empty(problem.output_shape())
-    dA = None
-    if problem.delta is None and problem.regularized:
-        dA = gaussian_bias(nq, nk, problem.sigma, device=problem.device, dtype=compute)
     if inplace and nk > 0 and not _needs_autograd(problem):
-        return _forward_inplace(problem, compute, dA)
-    outs = []
-    chunks = _chunks(B, H, max(1, CHUNK_ELEMENTS // (nq * nk)))
-    for b, h in chunks:
-        s = tar_scores(problem, problem.q[b, h].to(compute), problem.k[b, h].to(compute),
-                       None if problem.delta is None else problem.delta[b, h], dA)
-        p = torch.softmax(s, dim=-1)
-        outs.append(torch.matmul(p, problem.v[b, h].to(compute)).to(problem.dtype))
-    if chunks[0][1] == slice(None):
-        return torch.cat(outs)
-    return torch.cat(outs, dim=1).reshape(problem.output_shape())
+        return _forward_inplace(problem, compute)
+    row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
+    m = _global_max(problem, row_blocks, chunks, compute) if _max_first(problem, row_blocks) else None
+    bias_of = _row_bias(problem, compute)
+    out_rows = []
+    for rows in row_blocks:
+        dA = bias_of(rows)
+        outs = []
+        for b, h in chunks:
+            outs.append(_chunk_out(problem, compute, rows, b, problem.q[b, h, rows], problem.k[b, h], problem.v[b, h],
+                                   _entry_delta(problem, b, h, rows), dA, None if m is None else m[b, h]))
+        if chunks[0][1] == slice(None):
+            out_rows.append(torch.cat(outs))
+        else:
+            out_rows.append(torch.cat(outs, dim=1).reshape(B, H, -1, problem.head_dim_v))
+    return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=2)
 
 
-def _forward_inplace(problem: TarProblem, compute: torch.dtype, dA) -> torch.Tensor:
-    """`tar_scores`, softmax and PV with the same operations in the same order, in place.
+def _chunk_out(problem: TarProblem, compute, rows: slice, b: slice, q, k, v, entry_delta, dA, m) -> torch.Tensor:
+    """softmax(S') @ v for the query rows `rows` of the slices (b, h) that q, k, v hold, in the input dtype."""
+    mask = _mask(problem, rows, b)
+    s = tar_scores(problem, q.to(compute), k.to(compute), entry_delta, dA, mask=mask, m=m)
+    p = torch.softmax(s, dim=-1)
+    if problem.key_mask is not None:  # a row with no key to attend to gives 0
+        p = p.masked_fill(mask.all(dim=-1, keepdim=True), 0.0)
+    return torch.matmul(p, v.to(compute)).to(problem.dtype)
+
+
+def _max_first(problem: TarProblem, row_blocks) -> bool:
+    """Whether the global max needs a pass of its own (its slice's rows come in several blocks)."""
+    return problem.regularized and problem.max_mode == "global" and len(row_blocks) > 1
+
+
+def _masked_scores(problem: TarProblem, compute, rows: slice, b: slice, q, k) -> torch.Tensor:
+    """The scaled scores of a chunk, -inf where masked."""
+    s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * problem.scale
+    mask = _mask(problem, rows, b)
+    return s if mask is None else s.masked_fill(mask, -math.inf)
+
+
+def _block_maxima(problem: TarProblem, row_blocks, chunks, compute) -> tuple:
+    """Each row block's max of each slice's masked scores and its number of ties: (R, B, H, 1, 1) each."""
+    maxima, ties = [], []
+    for rows in row_blocks:
+        block_max, block_ties = [], []
+        for b, h in chunks:
+            s = _masked_scores(problem, compute, rows, b, problem.q[b, h, rows], problem.k[b, h])
+            block_max.append(s.amax(dim=(-2, -1), keepdim=True))
+            with torch.no_grad():
+                block_ties.append((s == block_max[-1]).sum(dim=(-2, -1), keepdim=True))
+        maxima.append(torch.cat(block_max).reshape(problem.batch, problem.heads, 1, 1))
+        ties.append(torch.cat(block_ties).reshape(problem.batch, problem.heads, 1, 1))
+    return torch.stack(maxima), torch.stack(ties)
+
+
+def _max_shares(maxima: torch.Tensor, ties: torch.Tensor) -> tuple:
+    """The slices' max (B, H, 1, 1) from the blocks' (no gradient), and the share of its gradient each
+    block's max passes on to its own ties (R, B, H, 1, 1): their number over the slice's, 0 for an
+    infinite max (which has no gradient to pass)."""
+    m = maxima.detach().amax(dim=0)
+    weights = (ties * (maxima.detach() == m)).to(m.dtype)
+    return m, weights / weights.sum(dim=0) * torch.isfinite(maxima.detach())
+
+
+def _global_max(problem: TarProblem, row_blocks, chunks, compute, shares: bool = False):
+    """The max of each (batch, head) slice's masked scores, (B, H, 1, 1), one block of rows at a time
+    (with shares=True, and the blocks' shares of its gradient, `_max_shares`).
+
+    Its gradient is torch.amax's over the whole slice: shared evenly by every tied entry, whichever
+    blocks they are in (each block's maximum passes it to its own ties, weighted by their number).
+    """
+    maxima, ties = _block_maxima(problem, row_blocks, chunks, compute)
+    m, weights = _max_shares(maxima, ties)
+    # maxima - maxima.detach() is 0 with the blocks' gradients; an infinite maximum adds nothing (inf - inf).
+    shift = torch.where(torch.isfinite(maxima), maxima - maxima.detach(), 0.0)
+    m = m + (weights * shift).sum(dim=0)
+    return (m, weights) if shares else m
+
+
+def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
+    """`reference_forward`'s operations in the same order, in place.
 
     One set of buffers (a chunk of scores, of q, k, v in the compute dtype, of row maxima) is
     reused by every chunk, small enough to stay in cache; q, k, v blocks that are not contiguous
@@ -110,48 +235,57 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype, dA) -> torch.Ten
     """
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
     d, dv = problem.head_dim, problem.head_dim_v
-    per_chunk = max(1, min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS) // (nq * nk))
-    chunks = _chunks(B, H, per_chunk)
+    budget = min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS)
+    row_blocks, chunks = _plan(problem, budget)
+    nr = len(range(*row_blocks[0].indices(nq)))
     slices = max(_block_slices(b, h, B, H) for b, h in chunks)
     dev = problem.device
-    s_buf = torch.empty(slices * nq * nk, device=dev, dtype=compute)
-    q_buf = torch.empty(slices * nq * d, device=dev, dtype=compute)
+    s_buf = torch.empty(slices * nr * nk, device=dev, dtype=compute)
+    q_buf = torch.empty(slices * nr * d, device=dev, dtype=compute)
     k_buf = torch.empty(slices * nk * d, device=dev, dtype=compute)
     v_buf = torch.empty(slices * nk * dv, device=dev, dtype=compute)
-    m_buf = torch.empty(slices * nq, device=dev, dtype=compute)
+    m_buf = torch.empty(slices * nr, device=dev, dtype=compute)
     out = torch.empty(problem.output_shape(), device=dev, dtype=problem.dtype)
-    o_buf = None if problem.dtype == compute else torch.empty(slices * nq * dv, device=dev, dtype=compute)
-    mask = None
-    if problem.causal:
-        mask = torch.ones(nq, nk, dtype=torch.bool, device=dev).triu_(1)
-    for b, h in chunks:
-        qc = problem.q[b, h]
-        bb, hh = qc.shape[:2]
-        c = bb * hh
-        q3 = _as_batch(qc, q_buf, compute)
-        k3 = _as_batch(problem.k[b, h], k_buf, compute)
-        v3 = _as_batch(problem.v[b, h], v_buf, compute)
-        s = torch.bmm(q3, k3.transpose(1, 2), out=s_buf[: c * nq * nk].view(c, nq, nk))
-        s.mul_(problem.scale)
-        if mask is not None:
-            s.masked_fill_(mask, -math.inf)
-        if problem.regularized:
-            if problem.max_mode == "row":
-                m = torch.amax(s, dim=-1, keepdim=True, out=m_buf[: c * nq].view(c, nq, 1))
-                m4 = m.view(bb, hh, nq, 1)
-            else:
-                m = torch.amax(s, dim=(-2, -1), keepdim=True, out=m_buf[:c].view(c, 1, 1))
-                m4 = m.view(bb, hh, 1, 1)
-            m.mul_(problem.strength)
-            bias = dA if problem.delta is None else problem.delta[b, h].to(compute)
-            s.view(bb, hh, nq, nk).addcmul_(m4, bias)
+    o_buf = None if problem.dtype == compute else torch.empty(slices * nr * dv, device=dev, dtype=compute)
+    slice_max = None
+    if _max_first(problem, row_blocks):
+        with torch.no_grad():
+            slice_max = _global_max(problem, row_blocks, chunks, compute)
+    bias_of = _row_bias(problem, compute, lookup_elements=budget)
+    for rows in row_blocks:
+        dA = bias_of(rows)
+        for b, h in chunks:
+            qc = problem.q[b, h, rows]
+            bb, hh, rr = qc.shape[:3]
+            c = bb * hh
+            q3 = _as_batch(qc, q_buf, compute)
+            k3 = _as_batch(problem.k[b, h], k_buf, compute)
+            v3 = _as_batch(problem.v[b, h], v_buf, compute)
+            s = torch.bmm(q3, k3.transpose(1, 2), out=s_buf[: c * rr * nk].view(c, rr, nk))
+            s.mul_(problem.scale)
+            s4 = s.view(bb, hh, rr, nk)
+            mask = _mask(problem, rows, b)
             if mask is not None:
-                s.masked_fill_(mask, -math.inf)
-        torch.softmax(s, dim=-1, out=s)
-        o = out[b, h].view(c, nq, dv) if o_buf is None else o_buf[: c * nq * dv].view(c, nq, dv)
-        torch.bmm(s, v3, out=o)
-        if o_buf is not None:
-            out[b, h].copy_(o.view(bb, hh, nq, dv))
+                s4.masked_fill_(mask, -math.inf)
+            if problem.regularized:
+                if slice_max is not None:
+                    m4 = m_buf[:c].view(bb, hh, 1, 1).copy_(slice_max[b, h])
+                elif problem.max_mode == "row":
+                    m4 = torch.amax(s, dim=-1, keepdim=True, out=m_buf[: c * rr].view(c, rr, 1)).view(bb, hh, rr, 1)
+                else:
+                    m4 = torch.amax(s, dim=(-2, -1), keepdim=True, out=m_buf[:c].view(c, 1, 1)).view(bb, hh, 1, 1)
+                m4.mul_(problem.strength)
+                entry_delta = _entry_delta(problem, b, h, rows)
+                s4.addcmul_(m4, dA if entry_delta is None else entry_delta.to(compute))
+                if mask is not None:
+                    s4.masked_fill_(mask, -math.inf)
+            torch.softmax(s, dim=-1, out=s)
+            if problem.key_mask is not None:  # a row with no key to attend to gives 0
+                s4.masked_fill_(mask.all(dim=-1, keepdim=True), 0.0)
+            o = out[b, h, rows].view(c, rr, dv) if o_buf is None else o_buf[: c * rr * dv].view(c, rr, dv)
+            torch.bmm(s, v3, out=o)
+            if o_buf is not None:
+                out[b, h, rows].copy_(o.view(bb, hh, rr, dv))
     return out
 
 
@@ -170,11 +304,17 @@ def _block_slices(b: slice, h: slice, batch: int, heads: int) -> int:
 def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: bool = False):
     """Gradients of `reference_forward` by autograd on the definition (the max's gradient is
     torch.amax's: split evenly over ties). Returns contiguous (dq, dk, dv, ddelta), ddelta the
-    gradient of the (B, H, Nq, Nk) view `problem.delta` when delta_grad, else None.
+    gradient of `problem.delta` (the (B, H, Nq, Nk) view, or the (F, F) frame matrix) when
+    delta_grad, else None.
 
     torch.func.vjp rather than torch.autograd: it also runs inside a custom op's implementation,
-    which the dispatcher calls below the autograd key.
+    which the dispatcher calls below the autograd key. When a slice's rows take several blocks,
+    one block at a time (`_backward_by_blocks`), so that memory stays within a few chunks there too.
     """
+    row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
+    if len(row_blocks) > 1:
+        return _backward_by_blocks(problem, grad_out, delta_grad, row_blocks, chunks)
+
     def forward(q, k, v, *delta):
         return reference_forward(dataclasses.replace(problem, q=q, k=k, v=v,
                                                      delta=delta[0] if delta else problem.delta))
@@ -185,13 +325,78 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
     return (*grads[:3], grads[3] if delta_grad else None)
 
 
+def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blocks, chunks) -> tuple:
+    """`reference_backward` one (slice, block of rows) at a time: the vjp of each chunk's output
+    (recomputed), then, for max_mode="global", of each block's max with its share of the slice
+    max's gradient (`_max_shares`), as the forward's autograd would give. Every chunk holds one slice."""
+    compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
+    frame_delta = problem.frames_q is not None and problem.delta is not None
+    bias_of = None if problem.delta is not None else _row_bias(problem, compute)
+    m = weights = None
+    if _max_first(problem, row_blocks):  # (a graph only for a double backward)
+        m, weights = _global_max(problem, row_blocks, chunks, compute, shares=True)
+    dq, dk, dv, ddelta = [], [], [], []
+    d_frames = torch.zeros_like(problem.delta) if frame_delta and delta_grad else None
+    for b, h in chunks:
+        k, v = problem.k[b, h], problem.v[b, h]
+        dq_rows, dd_rows, dk_s, dv_s, dm = [], [], torch.zeros_like(k), torch.zeros_like(v), 0.0
+        for rows in row_blocks:
+            def chunk(q_r, k_s, v_s, *extra, rows=rows, b=b, h=h):
+                m_s = extra[0] if m is not None else None
+                delta = extra[-1] if delta_grad else problem.delta
+                if frame_delta:
+                    dA, entry = frame_bias(problem.frames_q[rows], problem.frames_k, sigma=problem.sigma,
+                                           delta=delta, dtype=compute), None
+                else:
+                    dA = None if bias_of is None else bias_of(rows)
+                    entry = None if delta is None else (delta if delta_grad else delta[b, h, rows])
+                return _chunk_out(problem, compute, rows, b, q_r, k_s, v_s, entry, dA, m_s)
+
+            extra = (() if m is None else (m[b, h],)) + (() if not delta_grad else (
+                problem.delta if frame_delta else problem.delta[b, h, rows],))
+            _, vjp = torch.func.vjp(chunk, problem.q[b, h, rows], k, v, *extra)
+            grads = vjp(grad_out[b, h, rows])
+            dq_rows.append(grads[0])
+            dk_s, dv_s = dk_s + grads[1], dv_s + grads[2]
+            if m is not None:
+                dm = dm + grads[3]
+            if delta_grad and frame_delta:
+                d_frames = d_frames + grads[-1]
+            elif delta_grad:
+                dd_rows.append(grads[-1])
+        if m is not None:  # the slice max's gradient, through each block's max
+            for i, rows in enumerate(row_blocks):
+                def block_max(q_r, k_s, rows=rows, b=b):
+                    return _masked_scores(problem, compute, rows, b, q_r, k_s).amax(dim=(-2, -1), keepdim=True)
+
+                _, vjp = torch.func.vjp(block_max, problem.q[b, h, rows], k)
+                g_q, g_k = vjp(weights[i, b, h] * dm)
+                dq_rows[i] = dq_rows[i] + g_q
+                dk_s = dk_s + g_k
+        dq.append(torch.cat(dq_rows, dim=2))
+        dk.append(dk_s)
+        dv.append(dv_s)
+        if dd_rows:
+            ddelta.append(torch.cat(dd_rows, dim=2))
+    shape = (problem.batch, problem.heads)
+    out = [torch.cat(g, dim=1).reshape(*shape, *g[0].shape[2:]).contiguous() for g in (dq, dk, dv)]
+    if delta_grad:
+        out.append(d_frames if frame_delta else torch.cat(ddelta, dim=1).reshape(*shape, *ddelta[0].shape[2:]))
+    else:
+        out.append(None)
+    return tuple(out)
+
+
 def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
-                            max_mode="row", scale=None) -> torch.Tensor:
+                            max_mode="row", scale=None, frames=None, key_mask=None) -> torch.Tensor:
     """TAR attention in plain PyTorch: the definition every other backend is tested against.
 
     Same arguments and shapes as :func:`vstar_kernels.tar_attention` (without
-    ``backend``). Differentiable in q, k, v and delta through autograd.
+    ``backend``). Differentiable in q, k, v and delta through autograd, which saves every chunk's
+    scores (O(B * H * Nq * Nk)); ``tar_attention(..., backend="reference")`` differentiates the same
+    definition one block of rows at a time.
     """
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
-                           max_mode=max_mode, scale=scale)
+                           max_mode=max_mode, scale=scale, frames=frames, key_mask=key_mask)
+    check_frame_values(problem)
     return problem.restore(reference_forward(problem))
