@@ -2,9 +2,11 @@
 
 Needs the diffusers package (``pip install vstar_kernels[diffusers]``); importing this
 package, or any module in it, without diffusers raises an ImportError that names the extra.
-The modules: `processors` (TARAttnProcessor, apply/remove), `steps` (the denoising-step
-tracker), `capture` (temporal attention maps), `vsp` (Video Synopsis Prompting for diffusers
-UNets, public as `vstar_kernels.vsp`) and `attention_demo` (the CLI's ``demo-attention``).
+The modules: `processors` (TARAttnProcessor, apply/remove), `dit` (frame-aware TAR in the
+video diffusion transformers: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi; apply_tar
+dispatches there), `steps` (the denoising-step tracker), `capture` (temporal attention
+maps), `vsp` (Video Synopsis Prompting for diffusers UNets, public as `vstar_kernels.vsp`)
+and `attention_demo` (the CLI's ``demo-attention``).
 The config (TARConfig) needs only torch and lives in `vstar_kernels.tar_config`, shared with
 `vstar_kernels.lvdm`.
 """
