@@ -95,7 +95,7 @@ def test_tar_regularizes_the_video_attention_of_every_block(family):
     remove_tar(model)
     assert processors(model) == before and all(p is before[n] for n, p in processors(model).items())
     assert torch.equal(forward(model, inputs), plain)
-    assert not model._forward_pre_hooks and StepTracker.of(model) is None
+    assert not model._forward_pre_hooks and not model._forward_hooks and StepTracker.of(model) is None
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -277,3 +277,26 @@ def test_wan22_pipeline_two_experts_and_unbatched_guidance_share_the_loop_index(
     assert regularized == first
     remove_tar(pipe)
     assert not any(isinstance(p, DiTTARProcessor) for m in (high, low) for p in processors(m).values())
+
+
+def test_calls_whose_layout_or_mask_tar_cannot_honour_raise():
+    ltx = FAMILIES["ltx"].model()
+    apply_tar(ltx, TARConfig(levels={0: (1.0, 1.0)}))
+    inputs = FAMILIES["ltx"].inputs()
+    del inputs["num_frames"]
+    with pytest.raises(ValueError, match="num_frames, height and width"):
+        forward(ltx, inputs)
+    wan = FAMILIES["wan"].model()
+    apply_tar(wan, TARConfig(levels={0: (1.0, 1.0)}))
+    attn = wan.blocks[0].attn1
+    x = torch.randn(1, 48, attn.inner_dim)
+    with pytest.raises(RuntimeError, match="outside a forward call of the model"), torch.no_grad():
+        attn(x)
+    wan._vstar_tar.grid = (2, 16)  # as if inside a forward call over 2 frames of 16 tokens
+    with pytest.raises(ValueError, match="blocks.0.attn1: expected a self-attention over the 32 video tokens "
+                                         r"\(2 frames x 16 tokens\), got 48 queries and 48 keys"), torch.no_grad():
+        attn(x)
+    wan._vstar_tar.grid = (3, 16)
+    with pytest.raises(ValueError, match=r"boolean key masks of shape \(B, 1, 1, Nk\).*torch.float32 mask of shape "
+                                         r"\(1, 1, 48, 48\)"), torch.no_grad():
+        attn(x, attention_mask=torch.zeros(1, 1, 48, 48))

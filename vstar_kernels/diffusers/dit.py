@@ -230,7 +230,7 @@ class _DiTState:
     installed: List[Tuple[torch.nn.Module, DiTTARProcessor]] = field(default_factory=list)
     grid: Optional[Tuple[int, int]] = None   # (token frames, tokens per frame) of the call in progress
     _ids: Dict[Any, Any] = field(default_factory=dict)
-    _hook: Any = None
+    _hooks: Tuple = ()
 
     @property
     def step(self) -> int:
@@ -333,7 +333,11 @@ def _install(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
     def read_layout(module, args, kwargs):
         state.grid = family.layout(module, signature.bind(*args, **kwargs).arguments)
 
-    state._hook = model.register_forward_pre_hook(read_layout, with_kwargs=True)
+    def forget_layout(module, args, output):
+        state.grid = None
+
+    state._hooks = (model.register_forward_pre_hook(read_layout, with_kwargs=True),
+                    model.register_forward_hook(forget_layout, always_call=True))
     names = []
     for index, (name, module) in enumerate(modules):
         if index not in blocks:
@@ -354,6 +358,7 @@ def remove_dit_tar(model: torch.nn.Module) -> None:
         return
     for module, processor in state.installed:
         _set_processor(module, processor.processor)
-    state._hook.remove()
+    for hook in state._hooks:
+        hook.remove()
     delattr(model, _STATE_ATTR)
     StepTracker.detach(model, _OWNER)
