@@ -133,11 +133,11 @@ def expected_frames(family: DiTFamily, keys: int) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def frame_tar64(q, k, v, frames, *, sigma, strength, key_mask=None, scale=None):
-    """float64 frame-aware TAR, written from the definition: S = scale q k^T over unmasked keys;
-    m_i = max_j S_ij; S'_ij = S_ij + strength * m_i * exp(-0.5 ((f_j - f_i) / sigma)^2) where both
-    frames are >= 0 (else no bias); out = softmax(S') v. q, k, v: (B, H, N, D)."""
-    q, k, v = q.double(), k.double(), v.double()
+def frame_tar_probabilities64(q, k, frames, *, sigma, strength, key_mask=None, scale=None):
+    """float64 post-softmax frame-aware TAR, written from the definition: S = scale q k^T over unmasked
+    keys; m_i = max_j S_ij; S'_ij = S_ij + strength * m_i * exp(-0.5 ((f_j - f_i) / sigma)^2) where both
+    frames are >= 0 (else no bias); softmax(S'). q, k: (B, H, N, D); returns (B, H, Nq, Nk)."""
+    q, k = q.double(), k.double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = scale * torch.einsum("bhid,bhjd->bhij", q, k)
     if key_mask is not None:
@@ -146,4 +146,21 @@ def frame_tar64(q, k, v, frames, *, sigma, strength, key_mask=None, scale=None):
     f = frames.double()
     band = torch.exp(-0.5 * ((f[None, :] - f[:, None]) / sigma) ** 2)
     band = band * ((frames[:, None] >= 0) & (frames[None, :] >= 0))
-    return torch.softmax(scores + strength * row_max * band, dim=-1) @ v
+    return torch.softmax(scores + strength * row_max * band, dim=-1)
+
+
+def frame_tar64(q, k, v, frames, *, sigma, strength, key_mask=None, scale=None):
+    """float64 frame-aware TAR output: `frame_tar_probabilities64` times v."""
+    return frame_tar_probabilities64(q, k, frames, sigma=sigma, strength=strength, key_mask=key_mask,
+                                     scale=scale) @ v.double()
+
+
+def frame_map64(probabilities, frames):
+    """(F, F) sums over batch, heads and the query tokens of each frame of `probabilities` (B, H, N, N)
+    summed over the key tokens of each frame (text rows and columns left out)."""
+    count = int(frames.max()) + 1
+    out = torch.zeros(count, count, dtype=torch.float64)
+    for fq in range(count):
+        for fk in range(count):
+            out[fq, fk] = probabilities[:, :, frames == fq][:, :, :, frames == fk].sum()
+    return out

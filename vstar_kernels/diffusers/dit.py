@@ -94,15 +94,16 @@ class DiTFamily:
     attention: str            # the attribute of the regularized attention in a block
     text: str                 # where that attention's text tokens are: "none", "before", "after"
     layout: Callable[[torch.nn.Module, dict], Tuple[int, int]]  # -> (token frames, tokens per frame)
+    batched_guidance: bool    # the family's pipelines batch the guidance branches into one call
 
 
 FAMILIES: Dict[type, DiTFamily] = {
-    WanTransformer3DModel: DiTFamily(("blocks",), "attn1", "none", _video_5d(2)),
-    CogVideoXTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "before", _video_5d(1)),
+    WanTransformer3DModel: DiTFamily(("blocks",), "attn1", "none", _video_5d(2), False),
+    CogVideoXTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "before", _video_5d(1), True),
     HunyuanVideoTransformer3DModel: DiTFamily(("transformer_blocks", "single_transformer_blocks"), "attn",
-                                              "after", _video_5d(2)),
-    LTXVideoTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "none", _ltx_layout),
-    MochiTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "after", _video_5d(2)),
+                                              "after", _video_5d(2), False),
+    LTXVideoTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "none", _ltx_layout, True),
+    MochiTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "after", _video_5d(2), True),
 }
 
 
@@ -148,7 +149,7 @@ class _TARAttention(TorchFunctionMode):
             raise ValueError(f"{where}: TAR takes no attention dropout, but the processor asked for {dropout_p}")
         if enable_gqa and query.shape[1] != key.shape[1]:
             raise ValueError(f"{where}: TAR needs as many key heads as query heads (no grouped-query attention)")
-        key_mask = _key_mask(mask, query.shape[0], key.shape[2], where)
+        key_mask = key_mask_of(mask, query.shape[0], key.shape[2], where)
         frames = self.state.frames(query.shape[2], key.shape[2], where, query.device)
         count = self.state.grid[0]  # a delta is a (frames, frames) matrix
         kwargs = dict(causal=is_causal, scale=scale, frames=frames, key_mask=key_mask,
@@ -157,7 +158,7 @@ class _TARAttention(TorchFunctionMode):
         return self.processor.attention(self.attn, query, key, value, **kwargs)
 
 
-def _key_mask(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) -> Optional[torch.Tensor]:
+def key_mask_of(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) -> Optional[torch.Tensor]:
     """An SDPA mask that only masks keys, as the (B, Nk) bool key mask `tar_attention` takes."""
     if mask is None:
         return None
@@ -229,25 +230,11 @@ class _DiTState:
     pipeline: Any = None  # weakref to the pipeline, or None on a bare model
     installed: List[Tuple[torch.nn.Module, DiTTARProcessor]] = field(default_factory=list)
     grid: Optional[Tuple[int, int]] = None   # (token frames, tokens per frame) of the call in progress
-    _ids: Dict[Any, Any] = field(default_factory=dict)
     _hooks: Tuple = ()
 
     @property
     def step(self) -> int:
-        """The denoising-loop index of the call in progress.
-
-        In a pipeline whose scheduler keeps a ``step_index`` (the flow-matching and multistep
-        schedulers these models ship with), the number of scheduler steps taken in this run:
-        the same for the conditional and unconditional calls of one iteration (Wan and
-        HunyuanVideo run them as separate calls) and for both experts of Wan 2.2. Otherwise
-        the model's forward calls since the run began (`StepTracker`), which is the loop index
-        where guidance is batched into one call (CogVideoX's DDIM schedulers).
-        """
-        scheduler = getattr(self.pipeline(), "scheduler", None) if self.pipeline is not None else None
-        if scheduler is None or not hasattr(scheduler, "step_index"):
-            return self.steps.step
-        index = scheduler.step_index
-        return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
+        return loop_step(self.steps, self.pipeline)
 
     def spec_at(self, block: int) -> Optional[LevelSpec]:
         if block not in self.blocks or not self.spec.active or not self.config.regularizes(self.step):
@@ -255,24 +242,57 @@ class _DiTState:
         return self.spec
 
     def frames(self, nq: int, nk: int, where: str, device) -> torch.Tensor:
-        """Frame ids of a self-attention over nq = nk tokens of the call in progress (text -> -1)."""
-        if self.grid is None:
-            raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown")
-        count, per_frame = self.grid
-        video = count * per_frame
-        text = nk - video
-        if nq != nk or text < 0 or (text and self.family.text == "none"):
-            raise ValueError(
-                f"{where}: expected a self-attention over the {video} video tokens ({count} frames x {per_frame} "
-                f"tokens){'' if self.family.text == 'none' else ' and the text tokens'}, got {nq} queries and "
-                f"{nk} keys")
-        cache_key = (count, per_frame, text, device)
-        ids = self._ids.get(cache_key)
-        if ids is None:
-            before, after = (text, 0) if self.family.text == "before" else (0, text)
-            ids = self._ids[cache_key] = frame_ids(count, per_frame, text_before=before, text_after=after,
-                                                   device=device)
-        return ids
+        return token_frames(self.family, self.grid, nq, nk, where, device)
+
+
+def loop_step(steps: StepTracker, pipeline) -> int:
+    """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None).
+
+    In a pipeline whose scheduler keeps a ``step_index`` (the flow-matching and multistep
+    schedulers these models ship with), the number of scheduler steps taken in this run:
+    the same for the conditional and unconditional calls of one iteration (Wan and
+    HunyuanVideo run them as separate calls) and for both experts of Wan 2.2. Otherwise the
+    model's forward calls since the run began (`StepTracker`), which is the loop index where
+    guidance is batched into one call (CogVideoX's DDIM schedulers) and on a bare model.
+    """
+    scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
+    if scheduler is None or not hasattr(scheduler, "step_index"):
+        return steps.step
+    index = scheduler.step_index
+    return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
+
+
+def token_frames(family: DiTFamily, grid: Optional[Tuple[int, int]], nq: int, nk: int, where: str,
+                 device) -> torch.Tensor:
+    """Frame ids (N,) of a block's self-attention over nq = nk tokens (text -1), for the call's token grid."""
+    if grid is None:
+        raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown")
+    count, per_frame = grid
+    video = count * per_frame
+    text = nk - video
+    if nq != nk or text < 0 or (text and family.text == "none"):
+        raise ValueError(
+            f"{where}: expected a self-attention over the {video} video tokens ({count} frames x {per_frame} "
+            f"tokens){'' if family.text == 'none' else ' and the text tokens'}, got {nq} queries and {nk} keys")
+    before, after = (text, 0) if family.text == "before" else (0, text)
+    return frame_ids(count, per_frame, text_before=before, text_after=after, device=device)
+
+
+def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
+    """Hooks that keep ``target.grid`` the (token frames, tokens per frame) of the model's call in progress.
+
+    Returns the two hook handles; the grid is None outside a forward call (also after one raised).
+    """
+    signature = inspect.signature(model.forward)
+
+    def read_layout(module, args, kwargs):
+        target.grid = family.layout(module, signature.bind(*args, **kwargs).arguments)
+
+    def forget_layout(module, args, output):
+        target.grid = None
+
+    return (model.register_forward_pre_hook(read_layout, with_kwargs=True),
+            model.register_forward_hook(forget_layout, always_call=True))
 
 
 def _set_processor(module: torch.nn.Module, processor) -> None:
@@ -328,16 +348,7 @@ def _install(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
     blocks = frozenset(range(len(modules)) if config.blocks is None else config.blocks)
     state = _DiTState(config, family, steps, config.levels[0], blocks,
                       None if pipeline is None else weakref.ref(pipeline))
-    signature = inspect.signature(model.forward)
-
-    def read_layout(module, args, kwargs):
-        state.grid = family.layout(module, signature.bind(*args, **kwargs).arguments)
-
-    def forget_layout(module, args, output):
-        state.grid = None
-
-    state._hooks = (model.register_forward_pre_hook(read_layout, with_kwargs=True),
-                    model.register_forward_hook(forget_layout, always_call=True))
+    state._hooks = watch_layout(model, family, state)
     names = []
     for index, (name, module) in enumerate(modules):
         if index not in blocks:
