@@ -19,6 +19,7 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
     WanTransformer3DModel,
+    WanVACETransformer3DModel,
 )
 
 BATCH = 2
@@ -54,6 +55,10 @@ def wan_inputs(frames=3, size=8):
                 encoder_hidden_states=randn(BATCH, 5, 16, seed=2))
 
 
+def wan_vace_inputs():
+    return dict(wan_inputs(), control_hidden_states=randn(BATCH, 4, 3, 8, 8, seed=4))
+
+
 def cogvideox_inputs(frames=3):
     return dict(hidden_states=randn(BATCH, frames, 4, 8, 8, seed=1), timestep=torch.tensor([700, 700]),
                 encoder_hidden_states=randn(BATCH, 7, 16, seed=2))
@@ -83,6 +88,13 @@ FAMILIES: Dict[str, DiTFamily] = {
                                       out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
                                       rope_max_seq_len=32),
         wan_inputs, ["blocks.0.attn1", "blocks.1.attn1"], 3, 16, "none"),
+    # VACE: one control block (run first) and two main blocks
+    "wan_vace": DiTFamily(
+        "wan_vace",
+        lambda: WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                          num_layers=2, rope_max_seq_len=32, vace_layers=[0], vace_in_channels=4),
+        wan_vace_inputs, ["vace_blocks.0.attn1", "blocks.0.attn1", "blocks.1.attn1"], 3, 16, "none"),
     "cogvideox": DiTFamily(
         "cogvideox",
         lambda: CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,

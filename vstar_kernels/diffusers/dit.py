@@ -1,7 +1,8 @@
 """TAR in video diffusion transformers: frame-aware TAR on the full 3-D attention of each block.
 
-Models: WanTransformer3DModel (Wan 2.1 and 2.2), CogVideoXTransformer3DModel,
-HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel and MochiTransformer3DModel.
+Models: WanTransformer3DModel (Wan 2.1 and 2.2), WanVACETransformer3DModel (its control
+blocks first, in forward order), CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel,
+LTXVideoTransformer3DModel and MochiTransformer3DModel.
 Where TAR goes: the self-attention over all video tokens of every transformer block (Wan's,
 LTX's and Mochi's ``attn1``, CogVideoX's ``attn1``, HunyuanVideo's ``attn`` in its dual- and
 single-stream blocks), together with the text tokens where that attention is joint (CogVideoX:
@@ -48,6 +49,7 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
     WanTransformer3DModel,
+    WanVACETransformer3DModel,
 )
 from torch.overrides import TorchFunctionMode
 
@@ -99,6 +101,8 @@ class DiTFamily:
 
 FAMILIES: Dict[type, DiTFamily] = {
     WanTransformer3DModel: DiTFamily(("blocks",), "attn1", "none", _video_5d(2), False),
+    # Wan VACE: the control blocks run first, over the control video's tokens (the same token grid)
+    WanVACETransformer3DModel: DiTFamily(("vace_blocks", "blocks"), "attn1", "none", _video_5d(2), False),
     CogVideoXTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "before", _video_5d(1), True),
     HunyuanVideoTransformer3DModel: DiTFamily(("transformer_blocks", "single_transformer_blocks"), "attn",
                                               "after", _video_5d(2), False),

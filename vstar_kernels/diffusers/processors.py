@@ -298,8 +298,8 @@ def apply_tar(target, config: TARConfig) -> List[str]:
             f"{type(model).__name__} has no temporal self-attention (modules under "
             f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); TAR supports UNet3DConditionModel, "
             "I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and LatteTransformer3DModel, and the "
-            "video DiTs WanTransformer3DModel, CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, "
-            "LTXVideoTransformer3DModel and MochiTransformer3DModel")
+            "video DiTs WanTransformer3DModel, WanVACETransformer3DModel, CogVideoXTransformer3DModel, "
+            "HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel and MochiTransformer3DModel")
     if config.blocks is not None:
         raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
                          f"by resolution level: use levels (its temporal attention runs at levels "
