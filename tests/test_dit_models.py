@@ -300,3 +300,16 @@ def test_calls_whose_layout_or_mask_tar_cannot_honour_raise():
     with pytest.raises(ValueError, match=r"boolean key masks of shape \(B, 1, 1, Nk\).*torch.float32 mask of shape "
                                          r"\(1, 1, 48, 48\)"), torch.no_grad():
         attn(x, attention_mask=torch.zeros(1, 1, 48, 48))
+
+
+def test_torch_compile_traces_the_processors_and_keeps_the_step_gate():
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    inputs = fam.inputs()
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    regularized = forward(model, inputs)
+    reset_steps(model)
+    compiled = torch.compile(model, backend="eager")
+    outs = [forward(compiled, inputs) for _ in range(3)]
+    assert torch.equal(outs[0], regularized) and torch.equal(outs[1], plain) and torch.equal(outs[2], plain)
