@@ -196,10 +196,12 @@ def test_delta_frame_matrix_and_its_size_check():
         forward(model, inputs)
 
 
-def test_bfloat16_forward_runs():
-    fam = FAMILIES["hunyuan"]
+@pytest.mark.parametrize("family", ALL)
+def test_bfloat16_forward_runs(family):
+    fam = FAMILIES[family]
     model = fam.model().to(torch.bfloat16)
-    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in fam.inputs().items()}
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in fam.inputs().items()}
     plain = forward(model, inputs)
     apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
     calls = record(model)
