@@ -50,7 +50,7 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
             video keys of a video row still get strength * m_i, and the others 0).
         key_mask: None, or a bool tensor (B, Nk) on q's device, True for a key to attend to. A
             masked key takes no part in the max or the softmax; a row left with no key gives 0
-            (zeros in the output, zero gradients), where SDPA gives NaN.
+            (zeros in the output, zero gradients), not the NaN of a softmax over nothing.
         backend: "auto" (for CUDA tensors Triton, then "cuda", when one can run; else the
             reference), "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cuda"
             (the optional CUDA C++ operator, built with VSTAR_BUILD_CUDA=1) or "reference".

@@ -15,6 +15,7 @@ import torch
 
 from ._validation import TarProblem, check_frame_values, make_problem
 from .frames import frame_bias
+from .regularization import gaussian_bias
 
 # Elements of one fp32 score chunk (B*H slices x Nq x Nk): 2**26 = 256 MiB. The most any path holds.
 CHUNK_ELEMENTS = 1 << 26
@@ -74,18 +75,28 @@ def _plan(problem: TarProblem, budget: int):
     return [slice(r, r + rows) for r in range(0, nq, rows)], _chunks(B, H, 1)
 
 
-def _row_bias(problem: TarProblem, rows: slice, compute: torch.dtype):
-    """The bias of a block of query rows shared by every (batch, head) slice, (rows, Nk): the Gaussian
-    of token distance, or of frame distance (or the frame matrix) with frame ids. None when the bias
-    is not applied or is the per-entry `delta`."""
+def _row_bias(problem: TarProblem, compute: torch.dtype, lookup_elements: int = 0):
+    """A function of a block of query rows giving the bias it shares with every (batch, head) slice,
+    (rows, Nk), or None when the bias is not applied or is the per-entry `delta`.
+
+    Without frame ids: rows of the Gaussian Toeplitz view (`gaussian_bias`, no N x N storage).
+    With them: the Gaussian of frame distance (or the frame matrix) evaluated for the block; or,
+    when `lookup_elements` allows a (F + 1, Nk) table (one row per query frame and one for -1),
+    the block's rows looked up in it, with the same values (this reads the largest query id).
+    """
     if not problem.regularized or (problem.delta is not None and problem.frames_q is None):
-        return None
+        return lambda rows: None
     if problem.frames_q is None:
-        dev = problem.device
-        return frame_bias(torch.arange(problem.nq, device=dev)[rows], torch.arange(problem.nk, device=dev),
-                          sigma=problem.sigma, dtype=compute)
-    return frame_bias(problem.frames_q[rows], problem.frames_k, sigma=problem.sigma, delta=problem.delta,
-                      dtype=compute)
+        dA = gaussian_bias(problem.nq, problem.nk, problem.sigma, device=problem.device, dtype=compute)
+        return lambda rows: dA[rows]
+    options = dict(sigma=problem.sigma, delta=problem.delta, dtype=compute)
+    if lookup_elements:
+        frames = int(problem.frames_q.max()) + 1
+        if (frames + 1) * problem.nk <= lookup_elements:
+            ids = torch.arange(-1, frames, device=problem.device)
+            table = frame_bias(ids, problem.frames_k, **options)
+            return lambda rows: table.index_select(0, problem.frames_q[rows].to(torch.int64) + 1)
+    return lambda rows: frame_bias(problem.frames_q[rows], problem.frames_k, **options)
 
 
 def _mask(problem: TarProblem, rows: slice, b: slice):
@@ -135,9 +146,10 @@ def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor
         return _forward_inplace(problem, compute)
     row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
     m = _global_max(problem, row_blocks, chunks, compute) if _max_first(problem, row_blocks) else None
+    bias_of = _row_bias(problem, compute)
     out_rows = []
     for rows in row_blocks:
-        dA = _row_bias(problem, rows, compute)
+        dA = bias_of(rows)
         outs = []
         for b, h in chunks:
             mask = _mask(problem, rows, b)
@@ -181,7 +193,7 @@ def _global_max(problem: TarProblem, row_blocks, chunks, compute) -> torch.Tenso
         ties.append(torch.cat(block_ties).reshape(problem.batch, problem.heads, 1, 1))
     maxima, ties = torch.stack(maxima), torch.stack(ties)
     m = maxima.detach().amax(dim=0)
-    weights = ties * (maxima.detach() == m)
+    weights = (ties * (maxima.detach() == m)).to(m.dtype)
     weights = weights / weights.sum(dim=0)
     # maxima - maxima.detach() is 0 with the blocks' gradients; an infinite maximum adds nothing (inf - inf).
     shift = torch.where(torch.isfinite(maxima), maxima - maxima.detach(), 0.0)
@@ -199,7 +211,8 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     """
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
     d, dv = problem.head_dim, problem.head_dim_v
-    row_blocks, chunks = _plan(problem, min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS))
+    budget = min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS)
+    row_blocks, chunks = _plan(problem, budget)
     nr = len(range(*row_blocks[0].indices(nq)))
     slices = max(_block_slices(b, h, B, H) for b, h in chunks)
     dev = problem.device
@@ -214,8 +227,9 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     if _max_first(problem, row_blocks):
         with torch.no_grad():
             slice_max = _global_max(problem, row_blocks, chunks, compute)
+    bias_of = _row_bias(problem, compute, lookup_elements=budget)
     for rows in row_blocks:
-        dA = _row_bias(problem, rows, compute)
+        dA = bias_of(rows)
         for b, h in chunks:
             qc = problem.q[b, h, rows]
             bb, hh, rr = qc.shape[:3]
