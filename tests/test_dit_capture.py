@@ -122,3 +122,11 @@ def test_capture_errors_name_the_problem():
         with capture_frame_attention(model, cfg=True):
             forward(model, {k: v[:1] for k, v in FAMILIES["wan"].inputs().items()})
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+    def no_sdpa(attn, hidden_states, *args, **kwargs):
+        return attn.to_out[0](attn.to_v(hidden_states))
+    model.blocks[1].attn1.set_processor(no_sdpa)
+    with pytest.raises(RuntimeError, match="blocks.1.attn1.*could not be recorded.*native"):
+        with capture_frame_attention(model, blocks=[1]):
+            forward(model, FAMILIES["wan"].inputs())
+    assert model.blocks[1].attn1.processor is no_sdpa

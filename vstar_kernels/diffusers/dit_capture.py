@@ -141,13 +141,12 @@ class _Recorder:
 
     def record(self, name, block, step, query, key, mask, scale, first, batch) -> None:
         """Add one SDPA call (q, k: (B, H, N, D)) whose first sequence is sequence `first` of the call's `batch`."""
-        where = name
-        key_mask = key_mask_of(mask, query.shape[0], key.shape[2], where)
-        frames = token_frames(self.family, self.grid, query.shape[2], key.shape[2], where, query.device)
-        state = vars(self.model).get(_STATE_ATTR)
-        spec = state.spec_at(block) if state is not None and hasattr(state, "spec_at") else None
+        key_mask = key_mask_of(mask, query.shape[0], key.shape[2], name)
+        frames = token_frames(self.family, self.grid, query.shape[2], key.shape[2], name, query.device)
+        state = vars(self.model).get(_STATE_ATTR)  # TAR's, where applied
+        spec = None if state is None else state.spec_at(block)
         regularized = {"strength": 0.0} if spec is None else spec.tar_kwargs(
-            self.grid[0], self.grid[0], device=query.device, dtype=query.dtype, where=where)
+            self.grid[0], self.grid[0], device=query.device, dtype=query.dtype, where=name)
         keep = slice(0, query.shape[0])
         if self.cfg:
             if batch % 2:
@@ -165,6 +164,7 @@ class _Recorder:
     def _frame_sum(self, query, key, frames, key_mask, scale, regularized) -> torch.Tensor:
         """Sum over batch, heads and each frame's query tokens of the probabilities per key frame: (F, F) float64."""
         count = self.grid[0]
+        # the values take no part: a one-column view of k stands in for them
         problem = make_problem(query, key, key[..., :1], causal=False, max_mode="row", scale=scale, frames=frames,
                                key_mask=key_mask, **{"sigma": 1.0, "delta": None, **regularized})
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -219,5 +219,12 @@ class _Watch:
         if step is None:
             return self.processor(attn, *args, **kwargs)
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        with _Listen(self, step, hidden_states.shape[0]):
-            return self.processor(attn, *args, **kwargs)
+        listen = _Listen(self, step, hidden_states.shape[0])
+        with listen:
+            out = self.processor(attn, *args, **kwargs)
+        if listen.seen == 0:
+            raise RuntimeError(
+                f"{self.name}: the processor computed its attention without "
+                "torch.nn.functional.scaled_dot_product_attention (a non-native attention backend?), so it could "
+                "not be recorded; use the native backend: model.set_attention_backend('native')")
+        return out
