@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UniPCMultistepScheduler, WanPipeline
+from diffusers.models.attention_dispatch import AttentionBackendName
 
 from vstar_kernels.diffusers import TARConfig, apply_tar, remove_tar, reset_steps
 from vstar_kernels.diffusers.dit import DiTTARProcessor
@@ -315,3 +316,18 @@ def test_torch_compile_traces_the_processors_and_keeps_the_step_gate():
     compiled = torch.compile(model, backend="eager")
     outs = [forward(compiled, inputs) for _ in range(3)]
     assert torch.equal(outs[0], regularized) and torch.equal(outs[1], plain) and torch.equal(outs[2], plain)
+
+
+def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_it():
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    stock = [proc.processor for proc in processors(model).values() if isinstance(proc, DiTTARProcessor)]
+    model.set_attention_backend("_native_math")  # every module, attn2 included: outputs move by rounding
+    assert all(p._attention_backend == AttentionBackendName._NATIVE_MATH for p in stock)
+    regularized = forward(model, inputs)  # still through SDPA: still regularized
+    remove_tar(model)
+    assert all(m.processor._attention_backend == AttentionBackendName._NATIVE_MATH
+               for m in (b.attn1 for b in model.blocks))
+    assert (forward(model, inputs) - regularized).abs().max() > 1e-4
