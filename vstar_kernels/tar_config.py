@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -137,6 +137,18 @@ def _level_spec(level, spec) -> LevelSpec:
         raise type(exc)(f"levels[{level}]: {exc}") from None
 
 
+def _block_indices(blocks) -> Tuple[int, ...]:
+    if isinstance(blocks, (str, bytes, torch.Tensor)) or not isinstance(blocks, Iterable):
+        raise TypeError(f"blocks must be an iterable of block indices or None, got {blocks!r}")
+    indices = tuple(blocks)
+    if not indices:
+        raise ValueError("blocks must name at least one block index (None = every block)")
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+            raise ValueError(f"blocks must hold block indices (ints >= 0), got {index!r}")
+    return tuple(sorted({int(index) for index in indices}))
+
+
 @dataclass(frozen=True)
 class TARConfig:
     """Where and when TAR regularizes a video model's temporal attention.
@@ -151,12 +163,17 @@ class TARConfig:
             (and I2VGen-XL's image-latent temporal encoder); the reference never does.
             (diffusers models only: with `apply_tar_to_modules` the `select` function decides.)
         backend: passed to `tar_attention` ("auto", "triton", "cuda" or "reference").
+        blocks: video diffusion transformers only (Wan, CogVideoX, HunyuanVideo, LTX-Video,
+            Mochi): the indices of the transformer blocks to regularize, counted in forward order
+            (HunyuanVideo's dual-stream blocks first); None regularizes every block. Kept as a
+            sorted tuple. A DiT has one level, 0, with sigma in latent frames.
     """
 
     levels: Mapping[int, Any] = field(hash=False)
     until_step: Optional[int] = 13
     include_input_block: bool = False
     backend: str = "auto"
+    blocks: Optional[Iterable[int]] = None
 
     def __post_init__(self):
         if not isinstance(self.levels, Mapping):
@@ -176,6 +193,8 @@ class TARConfig:
             raise TypeError(f"include_input_block must be a bool, got {type(self.include_input_block).__name__}")
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", _block_indices(self.blocks))
 
     @classmethod
     def from_preset(cls, name: str, **changes) -> "TARConfig":

@@ -2,9 +2,12 @@
 
 Needs the diffusers package (``pip install vstar_kernels[diffusers]``); importing this
 package, or any module in it, without diffusers raises an ImportError that names the extra.
-The modules: `processors` (TARAttnProcessor, apply/remove), `steps` (the denoising-step
-tracker), `capture` (temporal attention maps), `vsp` (Video Synopsis Prompting for diffusers
-UNets, public as `vstar_kernels.vsp`) and `attention_demo` (the CLI's ``demo-attention``).
+The modules: `processors` (TARAttnProcessor, apply/remove), `dit` (frame-aware TAR in the
+video diffusion transformers: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi; apply_tar
+dispatches there), `steps` (the denoising-step tracker), `capture` (temporal attention
+maps), `dit_capture` (a DiT's frame-by-frame attention maps), `vsp` (Video Synopsis
+Prompting for diffusers UNets, public as `vstar_kernels.vsp`) and `attention_demo` (the
+CLI's ``demo-attention``).
 The config (TARConfig) needs only torch and lives in `vstar_kernels.tar_config`, shared with
 `vstar_kernels.lvdm`.
 """
@@ -18,6 +21,7 @@ except ImportError as exc:
     ) from exc
 
 from .capture import TemporalAttentionMaps, capture_temporal_attention
+from .dit_capture import capture_frame_attention
 from .processors import (
     PRESETS,
     LevelSpec,
@@ -29,4 +33,4 @@ from .processors import (
 )
 
 __all__ = ["PRESETS", "LevelSpec", "TARAttnProcessor", "TARConfig", "TemporalAttentionMaps", "apply_tar",
-           "capture_temporal_attention", "remove_tar", "reset_steps"]
+           "capture_frame_attention", "capture_temporal_attention", "remove_tar", "reset_steps"]

@@ -35,6 +35,7 @@ from diffusers.models.attention_processor import Attention
 
 from ..functional import tar_attention
 from ..tar_config import PRESET_UNTIL_STEP, PRESETS, LevelSpec, TARConfig  # noqa: F401 (re-exported)
+from .dit import apply_dit_tar, dit_family, dit_models, remove_dit_tar
 from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
@@ -278,18 +279,31 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     necessarily TAR's). Call `remove_tar` first, then ``set_default_attn_processor()``, then
     `apply_tar` again to regularize on top of the default processors.
 
+    Video diffusion transformers (Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi) get
+    frame-aware TAR on the full attention of their transformer blocks (see `dit`): level 0
+    only, and ``config.blocks`` picks blocks.
+
     Raises:
-        ValueError: the model has no temporal attention, or lacks a level of the config.
+        ValueError: the model has no temporal attention, or lacks a level of the config (or, on
+            a DiT, a block of ``config.blocks``); ``blocks`` given for a UNet.
     """
     if not isinstance(config, TARConfig):
         raise TypeError(f"config must be a TARConfig, got {type(config).__name__}")
     model, pipeline = _denoiser(target)
+    if dit_family(model) is not None:
+        return apply_dit_tar(model, pipeline, config)
     temporal = temporal_attention_modules(model)
     if not temporal:
         raise ValueError(
             f"{type(model).__name__} has no temporal self-attention (modules under "
             f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); TAR supports UNet3DConditionModel, "
-            "I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and LatteTransformer3DModel")
+            "I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and LatteTransformer3DModel, and the "
+            "video DiTs WanTransformer3DModel, WanVACETransformer3DModel, CogVideoXTransformer3DModel, "
+            "HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel and MochiTransformer3DModel")
+    if config.blocks is not None:
+        raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
+                         f"by resolution level: use levels (its temporal attention runs at levels "
+                         f"{sorted({t.level for t in temporal})})")
     available = sorted({t.level for t in temporal})
     missing = sorted(set(config.levels) - set(available))
     if missing:
@@ -311,7 +325,11 @@ def remove_tar(target) -> None:
     Needed before diffusers' ``set_default_attn_processor()``, which raises while TAR's
     processors are installed; ``apply_tar`` may follow it.
     """
-    model, _ = _denoiser(target)
+    model, pipeline = _denoiser(target)
+    if dit_family(model) is not None:
+        for _, expert in dit_models(model, pipeline):
+            remove_dit_tar(expert)
+        return
     state = vars(model).get(_STATE_ATTR)
     if state is None:
         return
@@ -323,8 +341,10 @@ def remove_tar(target) -> None:
 
 def reset_steps(target) -> None:
     """Make the next forward call of the model step 0 (needed on a bare model between runs)."""
-    model, _ = _denoiser(target)
-    tracker = StepTracker.of(model)
-    if tracker is None:
-        raise ValueError(f"{type(model).__name__} has no step counter: call apply_tar first")
-    tracker.reset()
+    model, pipeline = _denoiser(target)
+    experts = dit_models(model, pipeline) if dit_family(model) is not None else [("", model)]
+    for _, expert in experts:
+        tracker = StepTracker.of(expert)
+        if tracker is None:
+            raise ValueError(f"{type(expert).__name__} has no step counter: call apply_tar first")
+        tracker.reset()

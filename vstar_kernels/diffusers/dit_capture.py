@@ -1,0 +1,230 @@
+"""Record the frame-by-frame attention of a video DiT: the DiT sibling of `capture`.
+
+`capture_frame_attention` watches the attention TAR regularizes in a DiT (see `dit`): for
+every call of a watched block it takes the q, k (and key mask) the model's own processor
+hands to ``scaled_dot_product_attention`` (the same torch function mode as `dit`, here only
+listening: the call then runs as it would have, TAR included), forms that call's post-softmax
+attention, sums it over the key tokens of each latent frame and over the query tokens of each
+frame, and adds the (frames, frames) result to one map per (block, step). Text tokens take
+part in the softmax (their share of a row is not in the map) but have no row or column.
+
+Memory: the attention is formed over chunks of query rows, at most `CHUNK_ELEMENTS` fp32
+scores (float64 for a float64 model) at a time, never a whole N x N matrix per (batch, head),
+so a 32k-token Wan call fits next to the model. Probabilities come from the reference
+formula (`reference.tar_scores` with `frames.frame_bias`): plain softmax attention, or TAR's
+where TAR regularizes that block and step. The price, at capture time only, is one unfused
+attention per recorded call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from typing import Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .._validation import make_problem
+from ..frames import frame_bias
+from ..reference import tar_scores
+from .capture import TemporalAttentionMaps, _int_set
+from .dit import (
+    _STATE_ATTR,
+    DiTTARProcessor,
+    _sdpa_arguments,
+    _set_processor,
+    dit_attention_modules,
+    dit_family,
+    key_mask_of,
+    loop_step,
+    token_frames,
+    watch_layout,
+)
+from .processors import _denoiser
+from .steps import StepTracker
+
+# fp32 probabilities of one chunk of query rows (batch x heads x rows x Nk): 2**24 = 64 MiB
+CHUNK_ELEMENTS = 1 << 24
+
+
+@contextlib.contextmanager
+def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bool] = None,
+                            chunk_elements: int = CHUNK_ELEMENTS):
+    """Record a DiT's frame-by-frame attention in the runs inside the ``with`` block.
+
+    ``with capture_frame_attention(pipe, steps=[0, 10]) as maps: pipe(...)``, then
+    ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame
+    f attend to the tokens of each frame, averaged over heads and over the query tokens of
+    frame f (the text's share of the row is left out, so rows sum to 1 only without text);
+    ``maps.by_level(step)`` (every block at level 0) feeds `analysis.plot_attention_maps`.
+
+    Args:
+        target: a pipeline (its ``.transformer``) or the model: Wan, CogVideoX, HunyuanVideo,
+            LTX-Video or Mochi.
+        steps: the denoising steps to record (0 = noisiest), as TAR counts them; None: all.
+        blocks: the transformer blocks to record, by index in forward order; None: all.
+        cfg: whether each call batches classifier-free guidance as ``[negative, positive]``,
+            and only the conditional half is recorded. None: the pipeline's
+            ``do_classifier_free_guidance`` for CogVideoX, LTX-Video and Mochi, whose pipelines
+            batch it; False for Wan and HunyuanVideo, whose pipelines run the branches as two
+            calls (both calls are then recorded, and averaged), and for a bare model.
+        chunk_elements: the most scores formed at once; the map does not depend on it.
+
+    TAR applied before (or during) the capture is in the maps where it regularizes.
+    """
+    model, pipeline = _denoiser(target)
+    family = dit_family(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a supported video DiT: capture_frame_attention takes "
+                         "Wan, CogVideoX, HunyuanVideo, LTX-Video and Mochi transformers (capture_temporal_attention "
+                         "takes the UNets)")
+    modules = dit_attention_modules(model)
+    steps = _int_set("steps", steps)
+    blocks = _int_set("blocks", blocks)
+    missing = sorted(blocks - set(range(len(modules)))) if blocks is not None else []
+    if missing:
+        raise ValueError(f"blocks {missing} do not exist in {type(model).__name__}: it has blocks "
+                         f"0..{len(modules) - 1}")
+    if cfg is not None and not isinstance(cfg, bool):
+        raise TypeError(f"cfg must be a bool or None, got {type(cfg).__name__}")
+    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+    if cfg is None:
+        cfg = family.batched_guidance and bool(getattr(pipeline, "do_classifier_free_guidance", False))
+
+    selected = [(index, name, module) for index, (name, module) in enumerate(modules)
+                if blocks is None or index in blocks]
+    maps = TemporalAttentionMaps({name: 0 for _, name, _ in selected})
+    recorder = _Recorder(model, pipeline, family, maps, steps, cfg, chunk_elements)
+    recorder.tracker = StepTracker.attach(model, recorder.owner, pipeline=pipeline)
+    hooks = watch_layout(model, family, recorder)
+    watches = []
+    for index, name, module in selected:
+        holder = module.processor if isinstance(module.processor, DiTTARProcessor) else None
+        inner = module.processor if holder is None else holder.processor
+        watch = _Watch(inner, recorder, name, index)
+        if holder is None:
+            _set_processor(module, watch)
+        else:
+            holder.processor = watch
+        watches.append((module, watch))
+    try:
+        yield maps
+    finally:
+        for module, watch in watches:
+            if module.processor is watch:
+                _set_processor(module, watch.processor)
+            elif isinstance(module.processor, DiTTARProcessor) and module.processor.processor is watch:
+                module.processor.processor = watch.processor
+        for hook in hooks:
+            hook.remove()
+        StepTracker.detach(model, recorder.owner)
+
+
+class _Recorder:
+    """What one capture adds to its maps."""
+
+    def __init__(self, model, pipeline, family, maps, steps, cfg, chunk_elements):
+        self.model, self.family, self.maps, self.steps = model, family, maps, steps
+        self.pipeline = None if pipeline is None else weakref.ref(pipeline)
+        self.cfg, self.chunk_elements = cfg, chunk_elements
+        self.owner = f"capture-{id(self)}"
+        self.tracker: Optional[StepTracker] = None
+        self.grid = None  # kept by watch_layout's hooks
+
+    def step(self) -> Optional[int]:
+        """The step of the call in progress, or None when it is not recorded."""
+        step = loop_step(self.tracker, self.pipeline)
+        return step if self.steps is None or step in self.steps else None
+
+    def record(self, name, block, step, query, key, mask, scale, first, batch) -> None:
+        """Add one SDPA call (q, k: (B, H, N, D)) whose first sequence is sequence `first` of the call's `batch`."""
+        key_mask = key_mask_of(mask, query.shape[0], key.shape[2], name)
+        frames = token_frames(self.family, self.grid, query.shape[2], key.shape[2], name, query.device)
+        state = vars(self.model).get(_STATE_ATTR)  # TAR's, where applied
+        spec = None if state is None else state.spec_at(block)
+        regularized = {"strength": 0.0} if spec is None else spec.tar_kwargs(
+            self.grid[0], self.grid[0], device=query.device, dtype=query.dtype, where=name)
+        keep = slice(0, query.shape[0])
+        if self.cfg:
+            if batch % 2:
+                raise ValueError(f"{name}: guidance is batched but the call has an odd batch ({batch} sequences)")
+            start = max(batch // 2 - first, 0)
+            if start >= query.shape[0]:
+                return
+            keep = slice(start, query.shape[0])
+        query, key = query[keep], key[keep]
+        key_mask = None if key_mask is None else key_mask[keep]
+        with torch.no_grad():
+            total = self._frame_sum(query, key, frames, key_mask, scale, regularized)
+        self.maps._add((name, step), total, query.shape[0] * query.shape[1] * self.grid[1])
+
+    def _frame_sum(self, query, key, frames, key_mask, scale, regularized) -> torch.Tensor:
+        """Sum over batch, heads and each frame's query tokens of the probabilities per key frame: (F, F) float64."""
+        count = self.grid[0]
+        # the values take no part: a one-column view of k stands in for them
+        problem = make_problem(query, key, key[..., :1], causal=False, max_mode="row", scale=scale, frames=frames,
+                               key_mask=key_mask, **{"sigma": 1.0, "delta": None, **regularized})
+        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+        k = problem.k.to(compute)
+        video = torch.nonzero(frames >= 0).flatten()
+        first, stop = int(video[0]), int(video[-1]) + 1  # the video tokens are one contiguous run
+        key_frames = torch.nn.functional.one_hot(frames.clamp(min=0).long(), count).to(compute)
+        key_frames[frames < 0] = 0
+        dropped = None if key_mask is None else ~key_mask[:, None, None, :]
+        rows = max(1, self.chunk_elements // (query.shape[0] * query.shape[1] * key.shape[2]))
+        total = torch.zeros(count, count, dtype=torch.float64, device=query.device)
+        for start in range(first, stop, rows):
+            block = slice(start, min(start + rows, stop))
+            bias = None
+            if problem.regularized:
+                bias = frame_bias(frames[block], frames, sigma=problem.sigma, delta=problem.delta, dtype=compute)
+            scores = tar_scores(problem, problem.q[:, :, block].to(compute), k, None, bias, mask=dropped)
+            per_frame = torch.softmax(scores, dim=-1) @ key_frames  # (B, H, rows, F)
+            total.index_add_(0, frames[block].long(), per_frame.sum(dim=(0, 1), dtype=torch.float64))
+        return total
+
+
+class _Listen(TorchFunctionMode):
+    """Hands each scaled_dot_product_attention call to the recorder, then lets it run as it would have."""
+
+    def __init__(self, watch: "_Watch", step: int, batch: int):
+        super().__init__()
+        self.watch, self.step, self.batch, self.seen = watch, step, batch, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            query, key, _, mask, _, _, scale, _ = _sdpa_arguments(*args, **kwargs)
+            # Mochi's processor runs one call per sequence: the calls come in batch order
+            first = 0 if query.shape[0] == self.batch else self.seen
+            self.seen += query.shape[0]
+            self.watch.recorder.record(self.watch.name, self.watch.block, self.step, query, key, mask, scale, first,
+                                       self.batch)
+        return func(*args, **kwargs)
+
+
+class _Watch:
+    """Wraps a block's processor; in the recorded steps its attention calls are recorded."""
+
+    def __init__(self, processor, recorder: _Recorder, name: str, block: int):
+        self.processor, self.recorder, self.name, self.block = processor, recorder, name, block
+        # the stock processor's signature, for diffusers' keyword filtering (see DiTTARProcessor)
+        self.__call__ = functools.wraps(processor.__call__)(functools.partial(type(self).__call__, self))
+
+    def __call__(self, attn, *args, **kwargs):
+        step = self.recorder.step()
+        if step is None:
+            return self.processor(attn, *args, **kwargs)
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        listen = _Listen(self, step, hidden_states.shape[0])
+        with listen:
+            out = self.processor(attn, *args, **kwargs)
+        if listen.seen == 0:
+            raise RuntimeError(
+                f"{self.name}: the processor computed its attention without "
+                "torch.nn.functional.scaled_dot_product_attention (a non-native attention backend?), so it could "
+                "not be recorded; use the native backend: model.set_attention_backend('native')")
+        return out
