@@ -310,6 +310,8 @@ def test_argument_errors():
         apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select="temporal")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         apply_tar_to_modules(object(), TARConfig.from_preset("64D1"), select=select)
+    with pytest.raises(ValueError, match="blocks= selects transformer blocks of a video DiT"):
+        apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]), select=select)
     apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=select)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="step must be an int >= 0"):

@@ -145,6 +145,9 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
         raise TypeError(f"config must be a TARConfig, got {type(config).__name__}")
     if not callable(select):
         raise TypeError(f"select must be a function (name, module) -> level or None, got {type(select).__name__}")
+    if config.blocks is not None:
+        raise ValueError("blocks= selects transformer blocks of a video DiT (vstar_kernels.diffusers.apply_tar); "
+                         "the LVDM front-end regularizes by resolution level: use levels")
     chosen = []
     for name, module in model.named_modules():
         level = select(name, module)
