@@ -233,12 +233,17 @@ def _prune_packed(configs, named_args, **kwargs):
     # The autotuner passes positional arguments in named_args and the constexprs in kwargs.
     args = {**named_args, **kwargs}
     seg = args["SEG_MAX"]
-    wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
+    block = max(args["BLOCK_D"], args["BLOCK_DV"])
+    # Score elements per warp beyond which ptxas spills (bench --static, sm_90: 8192 at D = 64
+    # and 4096 at D = 128 spill, 4096 and 2048 do not): 4096 at BLOCK_D <= 64, halved per doubling.
+    per_warp = 4096 * 64 // max(block, 64)
     keep = []
     for c in configs:
         rows = c.kwargs["ROWS"]
         seqs = rows // seg
-        if seqs < 1 or (wide and rows > 64) or (rows <= 32 and c.num_warps > 4):
+        if seqs < 1 or (block > 128 and rows > 64) or (rows <= 32 and c.num_warps > 4):
+            continue
+        if seqs * args["SEG_Q"] * args["SEG_K"] > per_warp * c.num_warps:
             continue
         keep.append(c)
     return keep
