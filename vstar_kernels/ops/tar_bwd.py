@@ -37,7 +37,7 @@ from .._validation import TarProblem
 from . import layout
 from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
     delta_args, exp, interpreter_rows, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, \
-    packed_segments, store_tile
+    packed_segments, store_tile, vector_width
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
 
 # Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
@@ -67,6 +67,7 @@ def _tar_bwd_packed_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
     REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
 ):
     """Gradients of the packed forward (ops/tar_fwd.py) for ROWS // SEG_MAX whole sequences, with
     the forward's 3-D tiles (one batched product per sequence). DQ, DK, DV are contiguous
@@ -79,13 +80,13 @@ def _tar_bwd_packed_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
 
     q = load_tile(Q, (b * stride_qb + h * stride_qh)[:, None] + i * stride_qn, 1, offs_d, stride_qd, row_ok,
-                  HEAD_DIM)
+                  HEAD_DIM, VEC)
     k = load_tile(K, (b * stride_kb + h * stride_kh)[:, None] + j * stride_kn, 1, offs_d, stride_kd, col_ok,
-                  HEAD_DIM)
+                  HEAD_DIM, VEC)
     v = load_tile(V, (b * stride_vb + h * stride_vh)[:, None] + j * stride_vn, 1, offs_dv, stride_vd, col_ok,
-                  HEAD_DIM_V)
+                  HEAD_DIM_V, VEC)
     do = load_tile(DO, (b * stride_dob + h * stride_doh)[:, None] + i * stride_don, 1, offs_dv, stride_dod, row_ok,
-                   HEAD_DIM_V)
+                   HEAD_DIM_V, VEC)
 
     s, valid = masked_scores(q, k, row_ok[:, :, None] & col_ok[:, None, :], i, j, scale, CAUSAL, PRECISION)
 
@@ -116,9 +117,9 @@ def _tar_bwd_packed_kernel(
 
     dq = mma(cast(ds, k.dtype), k, PRECISION) * scale
     dk = mma(tl.trans(cast(ds, q.dtype), 0, 2, 1), q, PRECISION) * scale
-    store_tile(DQ, seq * NQ + i, HEAD_DIM, offs_d, 1, dq, row_ok, HEAD_DIM)
-    store_tile(DK, seq * NK + j, HEAD_DIM, offs_d, 1, dk, col_ok, HEAD_DIM)
-    store_tile(DV, seq * NK + j, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V)
+    store_tile(DQ, seq * NQ + i, HEAD_DIM, offs_d, 1, dq, row_ok, HEAD_DIM, VEC)
+    store_tile(DK, seq * NK + j, HEAD_DIM, offs_d, 1, dk, col_ok, HEAD_DIM, VEC)
+    store_tile(DV, seq * NK + j, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V, VEC)
 
 
 @triton.jit
@@ -427,7 +428,8 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
 
     if is_packed(nq, nk, d, dv):
         seg_q, seg_k, seg_max = packed_segments(problem)
-        packed_meta = dict(meta, SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, DELTA_GRAD=delta_grad)
+        packed_meta = dict(meta, SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, DELTA_GRAD=delta_grad,
+                           VEC=vector_width(q, k, v, grad_out, *grads))
         if INTERPRETING:
             packed_meta["ROWS"] = interpreter_rows(problem)
         grid = lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)  # noqa: E731
