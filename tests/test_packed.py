@@ -98,7 +98,8 @@ def qkv(B, H, nq, nk, d, dv, dtype, kind="bhnd", seed=0):
     ((1, 2, 24, 24, 160, 160), "offset1"),  # wide head: no vector loads
     ((2, 2, 5, 9, 40, 24), "every2"),     # strided head dim
 ])
-@pytest.mark.parametrize("opts", [dict(), dict(causal=True, max_mode="global", sigma=3.0)], ids=["row", "causal-global"])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True, max_mode="global", sigma=3.0)],
+                         ids=["row", "causal-global"])
 def test_packed_forward_odd_shapes_and_strides(shape, kind, dtype, opts):
     q, k, v = qkv(*shape, dtype, kind)
     out = vk.tar_attention(q, k, v, backend="triton", **opts)
