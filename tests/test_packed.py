@@ -97,6 +97,7 @@ def qkv(B, H, nq, nk, d, dv, dtype, kind="bhnd", seed=0):
     ((2, 1, 33, 21, 80, 80), "bnhd"),     # Nq != Nk
     ((1, 2, 24, 24, 160, 160), "offset1"),  # wide head: no vector loads
     ((2, 2, 5, 9, 40, 24), "every2"),     # strided head dim
+    ((1, 2, 100, 90, 64, 64), "bnhd"),    # one sequence per program: 2-D products
 ])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True, max_mode="global", sigma=3.0)],
                          ids=["row", "causal-global"])
@@ -118,10 +119,11 @@ def static_frames(B, H, n, d, dtype, seed=0):
 
 
 @needs_kernels
+@pytest.mark.parametrize("n", [12, 100])  # 100: one sequence per program (2-D products)
 @pytest.mark.parametrize("max_mode", ["row", "global"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=dtype_id)
-def test_packed_ties_and_static_frames_forward_and_backward(dtype, max_mode):
-    q, k, v = static_frames(2, 3, 12, 40, dtype)
+def test_packed_ties_and_static_frames_forward_and_backward(dtype, max_mode, n):
+    q, k, v = static_frames(2, 3, n, 40, dtype)
     opts = dict(sigma=2.0, strength=2.0, max_mode=max_mode)
     out = vk.tar_attention(q, k, v, backend="triton", **opts)
     assert_close_to_reference(out.cpu(), reference64(q, k, v, **opts), dtype)

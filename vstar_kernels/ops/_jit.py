@@ -39,7 +39,21 @@ _STAT_LSE = tl.constexpr(STAT_LSE)
 
 @triton.jit
 def mma(a, b, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation."""
+    """a @ b with fp32 accumulation; a batch of one (a packed tile of one sequence) as a 2-D
+    product, which sm_90 runs as wgmma (it takes no batched operands)."""
+    if len(a.shape) == 3:
+        if a.shape[0] == 1:
+            c = tl.reshape(_mma2(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])),
+                                 PRECISION), (1, a.shape[1], b.shape[2]))
+        else:
+            c = _mma2(a, b, PRECISION)
+    else:
+        c = _mma2(a, b, PRECISION)
+    return c
+
+
+@triton.jit
+def _mma2(a, b, PRECISION: tl.constexpr):
     if _INTERPRETING and a.dtype == tl.bfloat16:
         # The Triton interpreter multiplies bfloat16 operands as raw integers. Widening
         # bf16 to fp32 is exact, so this computes what the GPU's bf16 MMA computes.

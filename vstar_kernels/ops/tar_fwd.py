@@ -245,6 +245,10 @@ def _prune_packed(configs, named_args, **kwargs):
             continue
         if seqs * args["SEG_Q"] * args["SEG_K"] > per_warp * c.num_warps:
             continue
+        # one sequence per program runs 2-D products (_jit.mma): wgmma on sm_90 from 4 warps; with
+        # 2 warps the 2-D form took more registers than the batched one and spilled at D = 80
+        if seqs == 1 and c.num_warps < 4:
+            continue
         keep.append(c)
     return keep
 
