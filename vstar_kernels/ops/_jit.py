@@ -39,10 +39,11 @@ _STAT_LSE = tl.constexpr(STAT_LSE)
 
 @triton.jit
 def mma(a, b, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation; a batch of one (a packed tile of one sequence) as a 2-D
-    product, which sm_90 runs as wgmma (it takes no batched operands)."""
+    """a @ b with fp32 accumulation. A batch of one (a packed tile of one sequence) of 64 rows or
+    more runs as a 2-D product, which sm_90 runs as wgmma (it takes no batched operands); below 64
+    rows wgmma does not apply and the batched form takes fewer registers (bench --static)."""
     if len(a.shape) == 3:
-        if a.shape[0] == 1:
+        if a.shape[0] == 1 and a.shape[1] >= 64:
             c = tl.reshape(_mma2(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])),
                                  PRECISION), (1, a.shape[1], b.shape[2]))
         else:
