@@ -84,11 +84,13 @@ def test_causal_delta_reads_only_the_entries_used(n, d):
     assert with_delta.distinct_bytes - plain.distinct_bytes == n * (n + 1) // 2 * 2
 
 
-@pytest.mark.parametrize("d, share", [(64, 1 / 8), (40, 1 / 8 * 40 / 64)])
-def test_packed_useful_mma_share_at_n16(d, share):
-    """8 sequences of 16 rows fill one 128-row tile: 1/8 of the block-diagonal products is useful,
-    times D / BLOCK_D for a padded head dim (7.8% at D = 40)."""
-    row = measure_case(TrafficCase("t", 16, d, "fp16", "plain"))
+@pytest.mark.parametrize("n, d, share", [(16, 64, 1.0), (16, 40, 40 / 64), (13, 64, (13 / 16) ** 2), (64, 64, 1.0)])
+def test_packed_useful_mma_share(n, d, share):
+    """One batched product per sequence of SEG = pow2(N) (at least 16) rows and columns: every
+    issued FLOP is useful at N = 16 and 64, times D / BLOCK_D for a padded head dim (62.5% at
+    D = 40) and (N / SEG)^2 for a padded sequence."""
+    row = measure_case(TrafficCase("t", n, d, "fp16", "plain"))
+    assert row["layout"] == "packed"
     assert row["useful_share"] == share
 
 
@@ -181,7 +183,7 @@ def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr(traffic, "QUICK_CASES", [TrafficCase("vc2-320x512-l0", 16, 64, "fp16", "plain")])
     assert cli.main(["bench", "--traffic", "--quick", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "traffic.csv")))
-    assert [(r["layout"], r["requested_per_ideal"], r["useful_share"]) for r in rows] == [("packed", "1", "0.125")]
+    assert [(r["layout"], r["requested_per_ideal"], r["useful_share"]) for r in rows] == [("packed", "1", "1")]
     assert "Counted in the Triton interpreter" in (tmp_path / "traffic.md").read_text()
 
 

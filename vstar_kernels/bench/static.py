@@ -16,8 +16,8 @@ sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseli
   layout) counts the whole kernel, which computes one score tile;
 * MMA kind in the hot loop: HGMMA (wgmma, sm_90) or HMMA (mma.sync);
 * per score element: warp-instructions = instructions in one pass of the hot loop * warps per
-  CTA / score elements the pass computes (BLOCK_M * BLOCK_N; packed: the whole
-  (SEQS * SEG_Q) x (SEQS * SEG_K) tile); MUFU per element the same with the MUFU (EX2, RCP, ...)
+  CTA / score elements the pass computes (BLOCK_M * BLOCK_N; packed: SEQS sequences of
+  SEG_Q x SEG_K); MUFU per element the same with the MUFU (EX2, RCP, ...)
   instructions. A warp-instruction is one instruction issued for 32 threads.
 
 These are statistics of compiled code, not timings. Written to
@@ -121,10 +121,11 @@ def occupancy(arch: int, registers: int, shared: int, warps: int) -> tuple:
 
 
 def score_tile(constants: dict) -> tuple:
-    """(rows, columns) of the score elements one hot-loop pass (a packed kernel: one program) computes."""
+    """(rows, columns) of the score elements one hot-loop pass (a packed kernel: one program) computes;
+    a packed program's SEQS sequences of SEG_Q x SEG_K scores count as SEQS * SEG_Q rows."""
     if "ROWS" in constants:
         seqs = constants["ROWS"] // constants["SEG_MAX"]
-        return seqs * constants["SEG_Q"], seqs * constants["SEG_K"]
+        return seqs * constants["SEG_Q"], constants["SEG_K"]
     return constants["BLOCK_M"], constants["BLOCK_N"]
 
 

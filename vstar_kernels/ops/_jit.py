@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .._validation import TarProblem
-from .layout import STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, packed_limit, pow2
+from .layout import DOT_MIN, STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, packed_limit, pow2
 
 LOG2E = 1.4426950408889634
 # Floor of the Gaussian's exponent coefficient -0.5 * log2(e) / sigma**2. Below about -150 every
@@ -39,7 +39,22 @@ _STAT_LSE = tl.constexpr(STAT_LSE)
 
 @triton.jit
 def mma(a, b, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation."""
+    """a @ b with fp32 accumulation. A batch of one (a packed tile of one sequence) of 64 rows or
+    more runs as a 2-D product, which sm_90 runs as wgmma (it takes no batched operands); below 64
+    rows wgmma does not apply and the batched form takes fewer registers (bench --static)."""
+    if len(a.shape) == 3:
+        if a.shape[0] == 1 and a.shape[1] >= 64:
+            c = tl.reshape(_mma2(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])),
+                                 PRECISION), (1, a.shape[1], b.shape[2]))
+        else:
+            c = _mma2(a, b, PRECISION)
+    else:
+        c = _mma2(a, b, PRECISION)
+    return c
+
+
+@triton.jit
+def _mma2(a, b, PRECISION: tl.constexpr):
     if _INTERPRETING and a.dtype == tl.bfloat16:
         # The Triton interpreter multiplies bfloat16 operands as raw integers. Widening
         # bf16 to fp32 is exact, so this computes what the GPU's bf16 MMA computes.
@@ -79,27 +94,57 @@ def nanmax(x, axis):
 
 
 @triton.jit
-def load_tile(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols):
-    """tile[r, c] = ptr[rows[r] * row_stride + cols[c] * col_stride], 0 outside row_ok x (cols < n_cols)."""
-    return tl.load(ptr + (rows * row_stride)[:, None] + cols[None, :] * col_stride,
-                   mask=row_ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+def _tile_ptrs(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC: tl.constexpr):
+    """(pointers, mask) of load_tile: rows (any rank) index the leading dims, cols the last.
+
+    VEC > 1 (vector_width) promises that each run of VEC columns starts VEC-aligned in memory
+    (VEC * itemsize bytes), is contiguous, and is in or out of n_cols as a whole: the
+    compiler then loads and stores VEC elements per instruction.
+    """
+    ptrs = ptr + tl.expand_dims(rows * row_stride, -1) + cols * col_stride
+    mask = tl.expand_dims(row_ok, -1) & (cols < n_cols)
+    if VEC > 1:
+        vec_bytes: tl.constexpr = VEC * ptr.dtype.element_ty.primitive_bitwidth // 8
+        if len(ptrs.shape) == 3:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, (1, 1, vec_bytes)), (1, 1, VEC))
+            mask = tl.max_constancy(mask, (1, 1, VEC))
+        else:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, (1, vec_bytes)), (1, VEC))
+            mask = tl.max_constancy(mask, (1, VEC))
+    return ptrs, mask
 
 
 @triton.jit
-def store_tile(ptr, rows, row_stride, cols, col_stride, x, row_ok, n_cols):
+def load_tile(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC: tl.constexpr = 1):
+    """tile[..., c] = ptr[rows[...] * row_stride + cols[c] * col_stride], 0 outside row_ok x (cols < n_cols).
+
+    rows and row_ok have the tile's leading shape (1-D for a 2-D tile, 2-D for a packed 3-D
+    one); VEC: see _tile_ptrs.
+    """
+    ptrs, mask = _tile_ptrs(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, rows, row_stride, cols, col_stride, x, row_ok, n_cols, VEC: tl.constexpr = 1):
     """x, cast to ptr's dtype, into the places load_tile reads."""
-    tl.store(ptr + (rows * row_stride)[:, None] + cols[None, :] * col_stride,
-             cast(x, ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < n_cols))
+    ptrs, mask = _tile_ptrs(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC)
+    tl.store(ptrs, cast(x, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """S = scale * q k^T where valid (and key col <= query row when CAUSAL), -inf elsewhere.
 
-    Returns (S, valid with the causal mask). The one score expression of the forward and the
-    backward kernels.
+    q (rows, D) and k (cols, D), or packed (SEQS, rows, D) and (SEQS, cols, D), one product per
+    sequence. Returns (S, valid with the causal mask). The one score expression of the forward
+    and the backward kernels.
     """
-    s = mma(q, tl.trans(k), PRECISION) * scale
+    if len(k.shape) == 3:
+        kt = tl.trans(k, 0, 2, 1)
+    else:
+        kt = tl.trans(k)
+    s = mma(q, kt, PRECISION) * scale
     if CAUSAL:
         # int32 positions: the 2-D comparison costs half the registers of an int64 one
         valid = valid & (cols.to(tl.int32)[None, :] <= rows.to(tl.int32)[:, None])
@@ -120,64 +165,41 @@ def delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr):
 
 @triton.jit
 def bias(s, row_max, dA, strength):
-    """S' = S + strength * m_i * dA_ij; masked entries stay -inf."""
-    return s + (strength * row_max)[:, None] * dA
+    """S' = S + strength * m_i * dA_ij (row_max has S's shape less its last axis); masked entries stay -inf."""
+    return s + tl.expand_dims(strength * row_max, -1) * dA
 
 
 @triton.jit
 def packed_coords(BH, H, NQ, NK, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr):
-    """Coordinates of this program's packed tile: SEQS sequences of SEG_Q query rows and SEG_K key columns.
+    """Coordinates of this program's packed tiles: SEQS sequences of SEG_Q query rows and SEG_K key columns.
 
-    Returns (i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok): per row the query index in its
-    sequence, the (batch x head) sequence, its batch and head (per column the same for keys), and
-    which rows and columns are real (not padding, not past the last sequence).
+    Returns (b, h, i, j, row_ok, col_ok): per sequence slot its batch and head (SEQS,), the query
+    and key positions (SEG_Q,) and (SEG_K,) (all int64), and which rows (SEQS, SEG_Q) and columns
+    (SEQS, SEG_K) are real (not padding, not past the last sequence).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    rq = tl.arange(0, SEQS * SEG_Q)
-    rk = tl.arange(0, SEQS * SEG_K)
-    i = (rq % SEG_Q).to(tl.int64)
-    j = (rk % SEG_K).to(tl.int64)
-    seq_q = pid * SEQS + rq // SEG_Q
-    seq_k = pid * SEQS + rk // SEG_K
-    bq = seq_q // H
-    hq = seq_q % H
-    bk = seq_k // H
-    hk = seq_k % H
-    row_ok = (seq_q < BH) & (i < NQ)
-    col_ok = (seq_k < BH) & (j < NK)
-    return i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok
+    seq = tl.program_id(0).to(tl.int64) * SEQS + tl.arange(0, SEQS).to(tl.int64)
+    i = tl.arange(0, SEG_Q).to(tl.int64)
+    j = tl.arange(0, SEG_K).to(tl.int64)
+    seq_ok = (seq < BH)[:, None]
+    return seq // H, seq % H, i, j, seq_ok & (i < NQ)[None, :], seq_ok & (j < NK)[None, :]
 
 
 @triton.jit
-def same_sequence(seq_q, seq_k):
-    """[r, c]: packed row r and column c belong to one sequence. Compared in int32: ids within a
-    program differ by less than SEQS, so equality survives the truncation, at half the registers."""
-    return seq_q.to(tl.int32)[:, None] == seq_k.to(tl.int32)[None, :]
-
-
-@triton.jit
-def per_row(x, SEQS: tl.constexpr, SEG_Q: tl.constexpr):
-    """One value per sequence of a packed tile, repeated for the sequence's SEG_Q rows."""
-    return tl.reshape(tl.broadcast_to(x[:, None], (SEQS, SEG_Q)), (SEQS * SEG_Q,))
-
-
-@triton.jit
-def packed_max(s, row_ok, SEQS: tl.constexpr, SEG_Q: tl.constexpr, GLOBAL_MAX: tl.constexpr):
-    """m_i of a packed tile: the row max of S, with GLOBAL_MAX its sequence's max; 0 on padding rows.
-    A NaN score makes the max NaN, as the definition's max is."""
-    m = nanmax(s, 1)
+def packed_max(s, row_ok, GLOBAL_MAX: tl.constexpr):
+    """m_i of packed scores (SEQS, SEG_Q, SEG_K): the row max, with GLOBAL_MAX its sequence's max;
+    0 on padding rows. A NaN score makes the max NaN, as the definition's max is."""
+    m = nanmax(s, 2)
     if GLOBAL_MAX:
-        seq_max = nanmax(tl.reshape(m, (SEQS, SEG_Q)), 1)
-        m = per_row(seq_max, SEQS, SEG_Q)
+        m = nanmax(m, 1)[:, None]
     return tl.where(row_ok, m, 0.0)
 
 
 @triton.jit
 def packed_exp(s, row_ok):
-    """exp(S' - row max) of a packed tile and its row sums (1 on padding rows, which are all -inf)."""
-    mx = tl.where(row_ok, tl.max(s, 1), 0.0)
-    p = exp(s - mx[:, None])
-    return p, tl.where(row_ok, tl.sum(p, 1), 1.0)
+    """exp(S' - row max) of packed scores and its row sums (1 on padding rows, which are all -inf)."""
+    mx = tl.where(row_ok, tl.max(s, 2), 0.0)
+    p = exp(s - mx[:, :, None])
+    return p, tl.where(row_ok, tl.sum(p, 2), 1.0)
 
 
 @triton.jit
@@ -219,10 +241,30 @@ def common_meta(problem: TarProblem) -> dict:
                 REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype))
 
 
+def vector_width(*tensors: torch.Tensor) -> int:
+    """load_tile's VEC for tiles of these tensors, (..., D) with their head dim last: the largest
+    power of two, at most 16 bytes of elements, that divides each tensor's address (in elements),
+    every stride but the last, and D; 1 unless the last stride is 1 (or D is 1).
+
+    Then every run of VEC head-dim entries a tile reads or writes starts VEC-aligned, and a
+    row's columns below D are whole runs: load_tile's hints hold for any index in range.
+    """
+    vec = 16 // max(t.element_size() for t in tensors)
+    for t in tensors:
+        size = t.element_size()
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            return 1
+        for x in (t.data_ptr() // size if t.data_ptr() % size == 0 else 1, t.shape[-1], *t.stride()[:-1]):
+            while x % vec:
+                vec //= 2
+    return vec
+
+
 def packed_segments(problem: TarProblem) -> tuple:
-    """(SEG_Q, SEG_K, SEG_MAX): power-of-two rows per sequence in a packed tile."""
-    seg_max = pow2(max(problem.nq, problem.nk))
-    return pow2(problem.nq, seg_max // 4), pow2(problem.nk, seg_max // 4), seg_max
+    """(SEG_Q, SEG_K, SEG_MAX): power-of-two query rows and key columns per sequence in a packed
+    tile, at least DOT_MIN (the contraction of P @ V and of the backward's transposed products)."""
+    seg_q, seg_k = pow2(problem.nq, DOT_MIN), pow2(problem.nk, DOT_MIN)
+    return seg_q, seg_k, max(seg_q, seg_k)
 
 
 def interpreter_rows(problem: TarProblem) -> int:

@@ -37,7 +37,7 @@ from .._validation import TarProblem
 from . import layout
 from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
     delta_args, exp, interpreter_rows, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, \
-    packed_segments, per_row, same_sequence, store_tile
+    packed_segments, store_tile, vector_width
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
 
 # Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
@@ -67,53 +67,59 @@ def _tar_bwd_packed_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
     REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
 ):
+    """Gradients of the packed forward (ops/tar_fwd.py) for ROWS // SEG_MAX whole sequences, with
+    the forward's 3-D tiles (one batched product per sequence). DQ, DK, DV are contiguous
+    (B*H*Nq, D), (B*H*Nk, D), (B*H*Nk, Dv); DDELTA (B*H, Nq, Nk) float32, written with DELTA_GRAD.
+    """
     SEQS: tl.constexpr = ROWS // SEG_MAX
-    i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
+    b, h, i, j, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
+    seq = (b * H + h)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = load_tile(Q, bq * stride_qb + hq * stride_qh + i * stride_qn, 1, offs_d, stride_qd, row_ok, HEAD_DIM)
-    k = load_tile(K, bk * stride_kb + hk * stride_kh + j * stride_kn, 1, offs_d, stride_kd, col_ok, HEAD_DIM)
-    v = load_tile(V, bk * stride_vb + hk * stride_vh + j * stride_vn, 1, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
-    do = load_tile(DO, bq * stride_dob + hq * stride_doh + i * stride_don, 1, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
+    q = load_tile(Q, (b * stride_qb + h * stride_qh)[:, None] + i * stride_qn, 1, offs_d, stride_qd, row_ok,
+                  HEAD_DIM, VEC)
+    k = load_tile(K, (b * stride_kb + h * stride_kh)[:, None] + j * stride_kn, 1, offs_d, stride_kd, col_ok,
+                  HEAD_DIM, VEC)
+    v = load_tile(V, (b * stride_vb + h * stride_vh)[:, None] + j * stride_vn, 1, offs_dv, stride_vd, col_ok,
+                  HEAD_DIM_V, VEC)
+    do = load_tile(DO, (b * stride_dob + h * stride_doh)[:, None] + i * stride_don, 1, offs_dv, stride_dod, row_ok,
+                   HEAD_DIM_V, VEC)
 
-    valid = same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
-    s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION)
+    s, valid = masked_scores(q, k, row_ok[:, :, None] & col_ok[:, None, :], i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
-        m = packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
-        tie = valid & (s == m[:, None])  # the entries torch.amax splits the max's gradient over
-        d_ptrs = DELTA + (bq * stride_deltab + hq * stride_deltah + i * stride_deltam)[:, None] \
-            + j[None, :] * stride_deltan
+        m = packed_max(s, row_ok, GLOBAL_MAX)
+        tie = valid & (s == m[:, :, None])  # the entries torch.amax splits the max's gradient over
+        d_ptrs = DELTA + (b * stride_deltab + h * stride_deltah)[:, None, None] \
+            + (i * stride_deltam)[:, None] + j[None, :] * stride_deltan
         dA = delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
         s = bias(s, m, dA, strength)
 
     p, denom = packed_exp(s, row_ok)
-    p = p / denom[:, None]
-    dp = mma(do, tl.trans(v), PRECISION)
-    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-    dv_acc = mma(tl.trans(cast(p, do.dtype)), do, PRECISION)
+    p = p / denom[:, :, None]
+    dp = mma(do, tl.trans(v, 0, 2, 1), PRECISION)
+    ds = p * (dp - tl.sum(p * dp, 2)[:, :, None])
+    dv_acc = mma(tl.trans(cast(p, do.dtype), 0, 2, 1), do, PRECISION)
 
     if REGULARIZE:
         if DELTA_GRAD:
-            tl.store(DDELTA + (seq_q * NQ + i)[:, None] * NK + j[None, :], (strength * m)[:, None] * ds,
-                     mask=valid)
-        dmax = strength * tl.sum(ds * dA, 1)
-        count = tl.sum(tie.to(tl.float32), 1)
+            tl.store(DDELTA + ((seq * NQ + i) * NK)[:, :, None] + j, (strength * m)[:, :, None] * ds, mask=valid)
+        dmax = strength * tl.sum(ds * dA, 2)
+        count = tl.sum(tie.to(tl.float32), 2)
         if GLOBAL_MAX:
-            seq_dmax = tl.sum(tl.reshape(dmax, (SEQS, SEG_Q)), 1)
-            seq_count = tl.sum(tl.reshape(count, (SEQS, SEG_Q)), 1)
-            share = per_row(seq_dmax / tl.maximum(seq_count, 1.0), SEQS, SEG_Q)
+            share = (tl.sum(dmax, 1) / tl.maximum(tl.sum(count, 1), 1.0))[:, None]
         else:
             share = dmax / tl.maximum(count, 1.0)
-        ds = ds + tl.where(tie, share[:, None], 0.0)
+        ds = ds + tl.where(tie, share[:, :, None], 0.0)
 
     dq = mma(cast(ds, k.dtype), k, PRECISION) * scale
-    dk = mma(tl.trans(cast(ds, q.dtype)), q, PRECISION) * scale
-    store_tile(DQ, seq_q * NQ + i, HEAD_DIM, offs_d, 1, dq, row_ok, HEAD_DIM)
-    store_tile(DK, seq_k * NK + j, HEAD_DIM, offs_d, 1, dk, col_ok, HEAD_DIM)
-    store_tile(DV, seq_k * NK + j, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V)
+    dk = mma(tl.trans(cast(ds, q.dtype), 0, 2, 1), q, PRECISION) * scale
+    store_tile(DQ, seq * NQ + i, HEAD_DIM, offs_d, 1, dq, row_ok, HEAD_DIM, VEC)
+    store_tile(DK, seq * NK + j, HEAD_DIM, offs_d, 1, dk, col_ok, HEAD_DIM, VEC)
+    store_tile(DV, seq * NK + j, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V, VEC)
 
 
 @triton.jit
@@ -326,15 +332,13 @@ def _packed_configs():
 def _prune_packed(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     seg = named_args["SEG_MAX"]
-    # Five (rows x rows) float32 tiles live at once: keep tiles small for wide heads, but never
-    # below one sequence per program.
+    # Five (SEQS x SEG_Q x SEG_K) float32 tiles live at once: keep tiles small for wide heads, but
+    # never below one sequence per program.
     wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 64
     keep = []
     for c in configs:
         rows = c.kwargs["ROWS"]
         if rows < seg or (wide and rows > max(64, seg)) or (rows <= 32 and c.num_warps > 4):
-            continue
-        if (rows // seg) * min(named_args["SEG_Q"], named_args["SEG_K"]) < 16:  # tl.dot needs 16 rows/cols
             continue
         keep.append(c)
     return keep
@@ -424,7 +428,8 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
 
     if is_packed(nq, nk, d, dv):
         seg_q, seg_k, seg_max = packed_segments(problem)
-        packed_meta = dict(meta, SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, DELTA_GRAD=delta_grad)
+        packed_meta = dict(meta, SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, DELTA_GRAD=delta_grad,
+                           VEC=vector_width(q, k, v, grad_out, *grads))
         if INTERPRETING:
             packed_meta["ROWS"] = interpreter_rows(problem)
         grid = lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)  # noqa: E731

@@ -3,8 +3,9 @@
 Two layouts, one semantics (see docs/semantics.md):
 
 * packed: Nq, Nk <= SHORT_MAX. Several (batch, head) sequences share one
-  program as a block-diagonal tile, so N = 16..64 does not leave a 128-row tile
-  mostly padding. The whole row is in registers: exact max, bias, softmax, PV
+  program as the slices of 3-D tiles, with one batched Q K^T and P V product per
+  sequence, so N = 16..64 neither leaves a tile mostly padding nor multiplies
+  across sequences. The whole row is in registers: exact max, bias, softmax, PV
   in one pass.
 * tiled: longer sequences. One program per (sequence, BLOCK_M query rows).
   Pass 1 walks the key tiles for the exact row max m_i, pass 2 runs an online
@@ -28,27 +29,11 @@ import triton.language as tl
 from .._validation import TarProblem
 from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
     delta_args, exp, interpreter_rows, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, \
-    packed_max, packed_segments, same_sequence, store_tile
+    packed_max, packed_segments, store_tile, vector_width
 from .layout import STATS_FIELDS, is_packed, pow2
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _packed_finite_v(v, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr):
-    """(v with its NaN/inf entries zeroed, [r, c]: row r's sequence has a NaN/inf in column c of v).
-
-    The packed P @ V also multiplies a row's zero weights on the other sequences' keys by their v,
-    and 0 * NaN is NaN: the product runs on the finite values, and the rows of the sequence that
-    holds a NaN/inf are set to NaN in its column afterwards, so that it never reaches another one.
-    """
-    x = v.to(tl.float32)
-    bad = (x != x) | (tl.abs(x) == float("inf"))
-    cols: tl.constexpr = v.shape[1]
-    seq_bad = tl.max(tl.reshape(bad.to(tl.int32), (SEQS, SEG_K, cols)), 1)
-    rows_bad = tl.reshape(tl.broadcast_to(seq_bad[:, None, :], (SEQS, SEG_Q, cols)), (SEQS * SEG_Q, cols))
-    return tl.where(bad, tl.zeros_like(v), v), rows_bad != 0
 
 
 @triton.jit
@@ -61,49 +46,54 @@ def _tar_fwd_packed_kernel(
     stride_deltab, stride_deltah, stride_deltam, stride_deltan,
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
-    ROWS: tl.constexpr,  # rows of the tile for the longer of Nq, Nk: ROWS // SEG_MAX sequences per program
+    ROWS: tl.constexpr,  # ROWS // SEG_MAX sequences per program
     SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
     REGULARIZE: tl.constexpr, PRECISION: tl.constexpr,
+    VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
 ):
     """O = softmax(S + strength * m_i * dA) V for ROWS // SEG_MAX whole (batch, head) sequences.
 
-    The sequences share one block-diagonal tile of SEG_Q query rows and SEG_K key columns each
-    (packed_segments); scores between different sequences are masked. Each row is whole in
-    registers, so the max (m_i per row, with GLOBAL_MAX one per sequence), the bias, the softmax
-    and P @ V are exact in one pass, and nothing is saved for the backward.
+    Each sequence is one slice of 3-D tiles: SEG_Q query rows x SEG_K key columns
+    (packed_segments), and Q K^T and P V are batched products, one per sequence, so no FLOP is
+    spent between sequences and a NaN/inf in one sequence's v cannot reach another's rows. Each
+    row is whole in registers, so the max (m_i per row, with GLOBAL_MAX one per sequence), the
+    bias, the softmax and P @ V are exact in one pass, and nothing is saved for the backward.
     Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
     (read only with HAS_DELTA, broadcast through its strides) have any strides; O is written in
     its own dtype. The grid is (cdiv(B*H, ROWS // SEG_MAX),).
     """
     SEQS: tl.constexpr = ROWS // SEG_MAX
-    i, j, seq_q, seq_k, bq, hq, bk, hk, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
+    b, h, i, j, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = load_tile(Q, bq * stride_qb + hq * stride_qh + i * stride_qn, 1, offs_d, stride_qd, row_ok, HEAD_DIM)
-    k = load_tile(K, bk * stride_kb + hk * stride_kh + j * stride_kn, 1, offs_d, stride_kd, col_ok, HEAD_DIM)
-    valid = same_sequence(seq_q, seq_k) & row_ok[:, None] & col_ok[None, :]
-    s, valid = masked_scores(q, k, valid, i, j, scale, CAUSAL, PRECISION)
+    q = load_tile(Q, (b * stride_qb + h * stride_qh)[:, None] + i * stride_qn, 1, offs_d, stride_qd, row_ok,
+                  HEAD_DIM, VEC)
+    k = load_tile(K, (b * stride_kb + h * stride_kh)[:, None] + j * stride_kn, 1, offs_d, stride_kd, col_ok,
+                  HEAD_DIM, VEC)
+    # issued before the softmax, so that its latency hides behind the scores and the exp
+    v = load_tile(V, (b * stride_vb + h * stride_vh)[:, None] + j * stride_vn, 1, offs_dv, stride_vd, col_ok,
+                  HEAD_DIM_V, VEC)
+    s, valid = masked_scores(q, k, row_ok[:, :, None] & col_ok[:, None, :], i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
-        m = packed_max(s, row_ok, SEQS, SEG_Q, GLOBAL_MAX)
-        d_ptrs = DELTA + (bq * stride_deltab + hq * stride_deltah + i * stride_deltam)[:, None] \
-            + j[None, :] * stride_deltan
+        m = packed_max(s, row_ok, GLOBAL_MAX)
+        d_ptrs = DELTA + (b * stride_deltab + h * stride_deltah)[:, None, None] \
+            + (i * stride_deltam)[:, None] + j[None, :] * stride_deltan
         s = bias(s, m, delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA), strength)
 
     p, denom = packed_exp(s, row_ok)
-    v = load_tile(V, bk * stride_vb + hk * stride_vh + j * stride_vn, 1, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
-    v, v_bad = _packed_finite_v(v, SEQS, SEG_Q, SEG_K)
-    acc = mma(cast(p, v.dtype), v, PRECISION)
-    out = tl.where(v_bad, float("nan"), acc / denom[:, None])
-    store_tile(O, bq * stride_ob + hq * stride_oh + i * stride_on, 1, offs_dv, stride_od, out, row_ok, HEAD_DIM_V)
+    out = mma(cast(p, v.dtype), v, PRECISION) / denom[:, :, None]
+    store_tile(O, (b * stride_ob + h * stride_oh)[:, None] + i * stride_on, 1, offs_dv, stride_od, out, row_ok,
+               HEAD_DIM_V, VEC)
 
 
 @triton.jit
 def _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+             VEC: tl.constexpr):
     """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows.
 
     The max is NaN where a score is: the global max reduces these, and must see the NaN.
@@ -111,7 +101,7 @@ def _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, h
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, j < NK, HEAD_DIM)
+        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, j < NK, HEAD_DIM, VEC)
         s, valid = masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION)
         m = max_nan(m, nanmax(s, 1))
     return m
@@ -126,6 +116,7 @@ def _tar_fwd_row_max_kernel(
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr,
+    VEC: tl.constexpr,  # head-dim entries per vector load (_jit.vector_width)
 ):
     """Pre-pass of max_mode="global" in the tiled layout: the exact row max m_i of S for BLOCK_M query rows.
 
@@ -136,12 +127,12 @@ def _tar_fwd_row_max_kernel(
     """
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM, VEC)
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
     m = _row_max(q, K, b * stride_kb + h * stride_kh, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
-                 BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
+                 BLOCK_M, BLOCK_N, CAUSAL, PRECISION, VEC)
     row = seq * NQ + offs_m
     tl.store(ROWMAX + row, m, mask=row_ok)
     if SAVE_STATS:
@@ -165,6 +156,7 @@ def _tar_fwd_tiled_kernel(
     GLOBAL_MAX: tl.constexpr,  # read m_i from SEQMAX (one per sequence) instead of computing the row max
     SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS
     PRECISION: tl.constexpr,
+    VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
 ):
     """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence.
 
@@ -180,7 +172,7 @@ def _tar_fwd_tiled_kernel(
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM, VEC)
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
     hi = NK
@@ -194,7 +186,7 @@ def _tar_fwd_tiled_kernel(
             m = tl.load(SEQMAX + seq + offs_m * 0)
         else:
             m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
-                         BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
+                         BLOCK_M, BLOCK_N, CAUSAL, PRECISION, VEC)
             if SAVE_STATS:
                 tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=row_ok)
         m_safe = tl.where(row_ok, m, 0.0)
@@ -207,7 +199,7 @@ def _tar_fwd_tiled_kernel(
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = j < NK
-        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
+        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM, VEC)
         s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
         if REGULARIZE:
             dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
@@ -217,12 +209,13 @@ def _tar_fwd_tiled_kernel(
         alpha = exp(run_max - new_max)
         p = exp(s - new_max[:, None])
         denom = denom * alpha + tl.sum(p, 1)
-        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V, VEC)
         acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
         run_max = new_max
     denom = tl.where(row_ok, denom, 1.0)
     out = acc / denom[:, None]
-    store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, out, row_ok, HEAD_DIM_V)
+    store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, out, row_ok, HEAD_DIM_V,
+               VEC)
     if SAVE_STATS:
         tl.store(STATS + stat_row * _STATS_N + _STAT_LSE, run_max + tl.log(denom), mask=row_ok)
 
@@ -240,14 +233,21 @@ def _prune_packed(configs, named_args, **kwargs):
     # The autotuner passes positional arguments in named_args and the constexprs in kwargs.
     args = {**named_args, **kwargs}
     seg = args["SEG_MAX"]
-    wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
+    block = max(args["BLOCK_D"], args["BLOCK_DV"])
+    # Score elements per warp beyond which ptxas spills (bench --static, sm_90: 8192 at D = 64
+    # and 4096 at D = 128 spill, 4096 and 2048 do not): 4096 at BLOCK_D <= 64, halved per doubling.
+    per_warp = 4096 * 64 // max(block, 64)
     keep = []
     for c in configs:
         rows = c.kwargs["ROWS"]
         seqs = rows // seg
-        if seqs < 1 or (wide and rows > 64) or (rows <= 32 and c.num_warps > 4):
+        if seqs < 1 or (block > 128 and rows > 64) or (rows <= 32 and c.num_warps > 4):
             continue
-        if seqs * min(args["SEG_Q"], args["SEG_K"]) < 16:  # tl.dot needs 16 rows/cols
+        if seqs * args["SEG_Q"] * args["SEG_K"] > per_warp * c.num_warps:
+            continue
+        # one sequence per program runs 2-D products (_jit.mma): wgmma on sm_90 from 4 warps; with
+        # 2 warps the 2-D form took more registers than the batched one and spilled at D = 80
+        if seqs == 1 and c.num_warps < 4:
             continue
         keep.append(c)
     return keep
@@ -305,7 +305,7 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
     if bh == 0 or nq == 0:
         return out
     delta, d_strides, gauss_coef = delta_args(problem)
-    common = common_meta(problem)
+    common = dict(common_meta(problem), VEC=vector_width(q, k, v, out))
     args = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *d_strides,
             bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
     if is_packed(nq, nk, d, dv):
@@ -333,7 +333,7 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
         row_max = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
         _tiled_row_max[grid](q, k, row_max, stats, *q.stride(), *k.stride(), nq, nk, H, d, problem.scale,
                              n_bucket, BLOCK_D=common["BLOCK_D"], CAUSAL=common["CAUSAL"], SAVE_STATS=save_stats,
-                             PRECISION=common["PRECISION"], **tiles)
+                             PRECISION=common["PRECISION"], VEC=common["VEC"], **tiles)
         seq_max = row_max.amax(dim=1)
     _tiled[grid](q, k, v, out, delta, seq_max, stats, *args, n_bucket, GLOBAL_MAX=global_max,
                  SAVE_STATS=save_stats, **common, **tiles)
