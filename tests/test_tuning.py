@@ -53,7 +53,11 @@ def test_packed_prune_keeps_valid_configs(fwd, bwd, d):
 @pytest.mark.parametrize("d", [8, 64, 128, 160, 256])
 def test_tiled_prune_keeps_configs(fwd, bwd, d):
     block = layout.pow2(d, layout.DOT_MIN)
-    assert bwd._prune_tiled(bwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block)
+    for has_delta in (False, True):
+        kept_bwd = bwd._prune_tiled(bwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block,
+                                    HAS_DELTA=has_delta)
+        # the dK/dV pass runs these too; neither pass may hold more than a 64 x 32 score tile
+        assert kept_bwd and all(c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] <= 64 for c in kept_bwd), (d, has_delta)
     kept = fwd._prune_tiled(fwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block)
     assert kept
     if block > 128:

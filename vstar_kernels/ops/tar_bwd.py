@@ -330,10 +330,14 @@ def _packed_configs():
 
 
 def _prune_packed(configs, named_args, **kwargs):
+    """The configs that can run (a whole sequence per program) and keep their tiles small.
+
+    Five (SEQS x SEG_Q x SEG_K) float32 tiles live at once (S', P, dP, dS, dA): for wide heads
+    a program holds at most 64 rows (or one sequence, whichever is more), and a 32-row program
+    runs on at most 4 warps (benchmarks/NOTES.md, kernel log v3).
+    """
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     seg = named_args["SEG_MAX"]
-    # Five (SEQS x SEG_Q x SEG_K) float32 tiles live at once: keep tiles small for wide heads, but
-    # never below one sequence per program.
     wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 64
     keep = []
     for c in configs:
@@ -345,17 +349,37 @@ def _prune_packed(configs, named_args, **kwargs):
 
 
 def _tiled_configs():
-    blocks = ((32, 64), (64, 32), (64, 64), (32, 128), (128, 32), (64, 128), (128, 64))
+    blocks = ((32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (128, 32), (64, 128), (128, 64))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
             for bm, bn in blocks for w in (4, 8)]
 
 
+def _row_words(c, block_d):
+    """32-bit words a thread holds for the rows either pass keeps across its walk: per query row
+    Q, dO and the float32 dQ and sum P K (dQ pass), per key K, V, dK, dV (dK/dV pass)."""
+    return (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * block_d / (32 * c.num_warps)
+
+
 def _prune_tiled(configs, named_args, **kwargs):
+    """The configs whose dQ pass and dK/dV pass (run with the same config) ptxas keeps out of local
+    memory on sm_80 and sm_90 (benchmarks/NOTES.md, kernel log).
+
+    A (BLOCK_M x BLOCK_N) score tile may take at most 8 float32 words a thread (several live at
+    once), at most 32 x 32 with a custom delta (its tile is one more); the rows either pass keeps
+    across its walk at most 32 words a thread (`_row_words`); and BLOCK_N <= BLOCK_M (at 32 x 64
+    the dK/dV pass spills on sm_80 where 64 x 32 does not). Head dims over 128 meet none of this:
+    there the configs with the fewest row words are kept (32 x 32 on 8 warps; they spill, least).
+    """
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
-    wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 128
-    return [c for c in configs
-            if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= (2048 if wide else 8192)
-            and not (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 8192 and c.num_warps == 4)]
+    block_d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
+    max_tile = 1024 if named_args["HAS_DELTA"] else 8192
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
+            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 256 * c.num_warps and _row_words(c, block_d) <= 32]
+    if keep:
+        return keep
+    least = min(_row_words(c, block_d) for c in configs)
+    return [c for c in configs if _row_words(c, block_d) == least]
 
 
 _TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE"]
