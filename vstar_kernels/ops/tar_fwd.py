@@ -7,10 +7,13 @@ Two layouts, one semantics (see docs/semantics.md):
   mostly padding. The whole row is in registers: exact max, bias, softmax, PV
   in one pass.
 * tiled: longer sequences. One program per (sequence, BLOCK_M query rows).
-  Pass 1 walks the key tiles for the exact row max m_i, pass 2 runs an online
-  softmax of S + strength * m_i * dA. For max_mode="global" a pre-pass kernel
-  writes the row maxima, torch reduces them per sequence, and the main pass reads
-  it. When the call will be differentiated (`stats` given) the tiled kernels also
+  For the row max with the Gaussian, one pass: the key tiles where dA is exactly
+  0 in float32 (outside the band, `band_width`) run first as a plain online
+  softmax, whose running max is part of m_i; a QK^T walk of the band tiles
+  completes m_i, and the band tiles join the softmax with the bias. A custom
+  delta walks every key tile for m_i first (two passes). For max_mode="global" a
+  pre-pass kernel writes the row maxima, torch reduces them per sequence, and the
+  main pass reads it. When the call will be differentiated (`stats` given) the tiled kernels also
   write O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS); the
   packed layout saves nothing, its backward recomputes whole rows.
 
@@ -346,11 +349,26 @@ def _tiled_configs():
 
 
 def _prune_tiled(configs, named_args, **kwargs):
+    """The tiled configs that compile without spills on sm_80 and sm_90 (benchmarks/NOTES.md, v3:
+    every config compiled for both, fp16, head dims 64 and 128). 4 warps spill with key tiles
+    wider than 32 on sm_80 (mma.sync), and 128 x 128 tiles do; the bias (the row-max Gaussian's
+    band softmax, a custom delta) and head dims above 64 spill in tiles larger than 64 x 64, and
+    both together with 128 rows or 4 warps on sm_80 (a custom delta: with key tiles wider than
+    32). Head dims above 128 keep 64 x 64 at most."""
     args = {**named_args, **kwargs}
     wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 128  # the row-max pre-pass has no BLOCK_DV
-    keep = [c for c in configs
-            if not (wide and (c.kwargs["BLOCK_M"] > 64 or c.kwargs["BLOCK_N"] > 64))
-            and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
+    deep = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 64
+    biased = args.get("REGULARIZE", False) and (args.get("HAS_DELTA", False) or not args.get("GLOBAL_MAX", False))
+    keep = []
+    for c in configs:
+        bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        if (wide and (bm > 64 or bn > 64)) or (warps == 4 and (bm > 64 or bn > 32)):
+            continue
+        if bm * bn > (64 * 64 if biased or deep else 128 * 64):
+            continue
+        if biased and deep and (bm > 64 or warps == 4 or (args.get("HAS_DELTA", False) and bn > 32)):
+            continue
+        keep.append(c)
     return keep
 
 
