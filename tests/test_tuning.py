@@ -54,7 +54,10 @@ def test_packed_prune_keeps_valid_configs(fwd, bwd, d):
 def test_tiled_prune_keeps_configs(fwd, bwd, d):
     block = layout.pow2(d, layout.DOT_MIN)
     assert bwd._prune_tiled(bwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block)
-    kept = fwd._prune_tiled(fwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block)
-    assert kept
-    if block > 128:
-        assert all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
+    for flags in (dict(), dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False),
+                  dict(REGULARIZE=True, HAS_DELTA=True, GLOBAL_MAX=False),
+                  dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=True)):
+        kept = fwd._prune_tiled(fwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block, **flags)
+        assert kept, flags
+        if block > 128:
+            assert all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
