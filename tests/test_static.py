@@ -3,7 +3,8 @@
 The checks run in a subprocess without TRITON_INTERPRET (the kernels must be JIT functions):
 a copy kernel compiled through compile_check.specialize gets the JIT's divisibility hints and
 so vector loads, which the same kernel compiled without them lacks; the tiled forward, compiled
-for sm_90, has a hot loop with wgmma (HGMMA) and no spills, and the SASS statistics name it.
+for sm_90, has a hot loop with wgmma (HGMMA) and no spills, and the SASS statistics name it and
+each of its MMA loops.
 """
 
 import json
@@ -45,12 +46,12 @@ plain_ptx = triton.compile(plain, target=target, options={"num_warps": 4}).asm["
 case = (torch.float16, (2, 8, 300, 300, 64, 64), {})
 name, thunk = next(cc.cases([case], backward=False))
 (launch,) = cc.record(thunk)
-rows = [static.row(90, c) for c in cc.compile_launch(launch, 90, False, name)]
+rows = [r for c in cc.compile_launch(launch, 90, False, name) for r in static.rows(90, c)]
 print(json.dumps({"attrs": {str(k): v for k, v in src.attrs.items() if v},
                   "constants": {str(k): v for k, v in src.constants.items()},
                   "vector": ".v4." in ptx or ".v8." in ptx, "plain_vector": ".v4." in plain_ptx or ".v8." in plain_ptx,
                   "rows": [[r.kernel, r.mma, r.hot_loop, r.spill_bytes, r.local_ops_in_loops, r.instr_per_score,
-                            r.mufu_per_score, r.ctas_per_sm] for r in rows]}))
+                            r.mufu_per_score, r.ctas_per_sm, r.loop, r.loop_mma] for r in rows]}))
 '''
 
 
@@ -68,10 +69,22 @@ def test_static_compiles_specialized_kernels(tmp_path):
                             "(2,)": [["tt.divisibility", 16]]}
     assert out["constants"]["(3,)"] == 1
     assert out["vector"] and not out["plain_vector"]
-    assert len(out["rows"]) == 2  # the first and last pruned config
-    for kernel, mma, hot, spills, local, instr, mufu, ctas in out["rows"]:
-        assert (kernel, mma, hot, spills, local) == ("_tar_fwd_tiled_kernel", "HGMMA", "loop", 0, 0)
+    hot = [r for r in out["rows"] if r[8] == "hot"]
+    assert len(hot) == 2  # the first and last pruned config
+    for kernel, mma, hot_loop, spills, local, instr, mufu, ctas, _, _ in hot:
+        assert (kernel, mma, hot_loop, spills, local) == ("_tar_fwd_tiled_kernel", "HGMMA", "loop", 0, 0)
         assert instr > 0 and 0 < mufu < instr and ctas >= 1
+    # each config's MMA loops, in SASS order: the off-band loops (full tiles, the masked last one,
+    # left and right), the band's row-max walk (QK^T only: no MUFU), the band's softmax
+    loops = [r for r in out["rows"] if r[8] != "hot"]
+    assert len(loops) == 2 * 6 and all(r[1] == "HGMMA" and r[2] == "loop" and r[9] > 0 for r in loops)
+    for first in (0, 6):
+        config = loops[first:first + 6]
+        assert [r[8] for r in config] == ["1", "2", "3", "4", "5", "6"]
+        assert config[4][6] == 0 and min(r[6] for r in config[:4]) > 0
+        # the plain loop over full off-band tiles: one exp2 per score (and one per row), fewer
+        # instructions than the band's softmax with the bias
+        assert config[0][6] <= 1.15 / 32 and config[0][5] < config[5][5]
 
 
 def test_sass_parse_finds_the_loop():

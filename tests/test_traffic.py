@@ -1,8 +1,9 @@
 """The forward's memory traffic and MMA work, counted in the Triton interpreter (bench/traffic.py).
 
 Regression gate: the packed layout reads and writes exactly the ideal bytes; the tiled layout
-moves exactly what its two-pass algorithm implies for the block sizes the launcher gives the
-interpreter (read from the launch itself).
+moves exactly what its algorithm implies for the block sizes the launcher gives the interpreter
+(read from the launch itself): a FlashAttention loop plus K's band tiles once more for the
+row-max Gaussian (one pass), K twice for the global max and a custom delta (two passes).
 """
 
 import math
@@ -14,6 +15,7 @@ import triton.language as tl
 
 from vstar_kernels.bench.traffic import TrafficCase, count_traffic, delta_entries, ideal_bytes, measure_case
 from vstar_kernels.ops.layout import block_dims
+from vstar_kernels.ops.tar_fwd import band_width
 
 pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret,
                                 reason="counts the Triton interpreter's work (TRITON_INTERPRET=1)")
@@ -106,27 +108,45 @@ def test_ratios_do_not_depend_on_the_batch():
             assert x[key] == y[key]
 
 
-# ----------------------------------------------------------------- tiled: the two-pass algorithm, exactly
+# ----------------------------------------------------------------- tiled: the algorithm, exactly
 
 
-def two_pass_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, causal=False, global_max=False,
-                   delta_itemsize=0):
-    """Bytes one sequence's two-pass tiled forward requests.
+def band_tiles(mb, hi, block_m, block_n, band):
+    """[lo, hi) of the key tiles in query block mb's band (ops/tar_fwd.py), keys within `band` of a row."""
+    lo = min(max(mb * block_m - band + 1, 0) // block_n * block_n, hi)
+    return lo, max(min(math.ceil(((mb + 1) * block_m - 1 + band) / block_n) * block_n, hi), lo)
+
+
+def tiled_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, band=None, causal=False, global_max=False,
+                delta_itemsize=0):
+    """Bytes one sequence's tiled forward requests.
 
     Per query block of BLOCK_M rows: Q read and O written once; the key tiles up to the causal
-    limit (whole BLOCK_N tiles, masked at Nk) read for K twice (pass 1: row max, pass 2: online
-    softmax) and for V once; the delta entries used, once. A global max adds a pre-pass that reads
-    Q once more and K in place of pass 1, stores the float32 row maxima, and the main pass loads
-    the sequence's max on all BLOCK_M lanes.
+    limit (whole BLOCK_N tiles, masked at Nk) read for K and V once by the online softmax, and
+    for K once more by the row-max walk: over the band tiles (`band`: the one-pass path's band
+    width) or over every tile (band None: the two-pass form); the delta entries used, once. A
+    global max adds a pre-pass that reads Q once more and K in place of the walk, stores the
+    float32 row maxima, and the main pass loads the sequence's max on all BLOCK_M lanes.
     """
     total = delta_entries(nq, nk, causal) * delta_itemsize
     for mb in range(math.ceil(nq / block_m)):
         rows = min(block_m, nq - mb * block_m)
         hi = min(nk, (mb + 1) * block_m) if causal else nk
         keys = min(nk, math.ceil(hi / block_n) * block_n)
-        total += (rows * d + 2 * keys * d + keys * dv + rows * dv) * itemsize
+        lo, band_hi = (0, hi) if band is None else band_tiles(mb, hi, block_m, block_n, band)
+        walk = min(nk, math.ceil(band_hi / block_n) * block_n) - lo if band_hi > lo else 0
+        total += (rows * d + keys * d + walk * d + keys * dv + rows * dv) * itemsize
         if global_max:
             total += rows * d * itemsize + rows * 4 + block_m * 4
+    return total
+
+
+def flash_bytes(nq, nk, d, dv, itemsize, block_m, block_n):
+    """A FlashAttention loop over the same tiles: Q, O once, K and V once per query block."""
+    total = 0
+    for mb in range(math.ceil(nq / block_m)):
+        rows = min(block_m, nq - mb * block_m)
+        total += (rows * d + min(nk, math.ceil(nk / block_n) * block_n) * (d + dv) + rows * dv) * itemsize
     return total
 
 
@@ -150,28 +170,33 @@ def _run(n, d, dtype, *, causal=False, delta=False, global_max=False):
 
 
 @pytest.mark.parametrize("option", ["plain", "causal", "global", "delta"])
-def test_tiled_requests_exactly_the_two_pass_bytes(option):
+def test_tiled_requests_exactly_the_algorithms_bytes(option):
     n, d = 80, 160  # tiled (a head dim > 128 halves the packed limit to 64), 2 query blocks, cheap
     t = _run(n, d, "fp16", causal=option == "causal", delta=option == "delta", global_max=option == "global")
     block_m, block_n = _tiled_blocks(t.launches)
-    expected = two_pass_bytes(n, n, d, d, 2, block_m, block_n, causal=option == "causal",
-                              global_max=option == "global", delta_itemsize=2 if option == "delta" else 0)
+    band = band_width(-0.5 * math.log2(math.e), 2 * n) if option in ("plain", "causal") else None
+    expected = tiled_bytes(n, n, d, d, 2, block_m, block_n, band=band, causal=option == "causal",
+                           global_max=option == "global", delta_itemsize=2 if option == "delta" else 0)
     assert t.requested_bytes == expected
     extra = 4 * (n + 1) if option == "global" else 0  # the row maxima and the sequence max
     assert t.distinct_bytes == ideal_bytes(1, n, n, d, d, 2, causal=option == "causal",
                                            delta_itemsize=2 if option == "delta" else 0) + extra
 
 
-def test_tiled_n256_is_3_5x_ideal_and_issues_three_products():
-    """(4 + 6 N / BLOCK_M) / 8 of the ideal at D = Dv: Q + O once, K twice and V once per query block."""
+def test_tiled_n256_one_pass_is_flash_plus_the_band():
+    """Row max, sigma = 1 (band 15): K and V once per query block, K's band tiles once more; the
+    QK^T product issued once per tile and once more per band tile, P V once per tile."""
     n, d = 256, 64
     t = _run(n, d, "fp16")
     block_m, block_n = _tiled_blocks(t.launches)
-    ideal = ideal_bytes(1, n, n, d, d, 2)
-    assert t.requested_bytes == two_pass_bytes(n, n, d, d, 2, block_m, block_n)
-    assert t.requested_bytes / ideal == (4 + 6 * n / block_m) / 8 == 3.5
+    band = band_width(-0.5 * math.log2(math.e), 2 * n)
+    assert band == 15
+    walked = sum(hi - lo for lo, hi in (band_tiles(mb, n, block_m, block_n, band) for mb in range(n // block_m)))
+    assert t.requested_bytes == tiled_bytes(n, n, d, d, 2, block_m, block_n, band=band)
+    assert t.requested_bytes == flash_bytes(n, n, d, d, 2, block_m, block_n) + walked * d * 2
+    assert t.requested_bytes < tiled_bytes(n, n, d, d, 2, block_m, block_n)  # the two-pass form's 3.5x ideal
     bd, bdv = block_dims(d, d)
-    assert t.mma_flops == 2 * n * n * (2 * bd + bdv)  # Q K^T in both passes, P V once
+    assert t.mma_flops == 2 * block_m * (n * n // block_m + walked) * bd + 2 * n * n * bdv
 
 
 def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):

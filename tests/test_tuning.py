@@ -58,7 +58,10 @@ def test_tiled_prune_keeps_configs(fwd, bwd, d):
                                     HAS_DELTA=has_delta)
         # the dK/dV pass runs these too; neither pass may hold more than a 64 x 32 score tile
         assert kept_bwd and all(c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] <= 64 for c in kept_bwd), (d, has_delta)
-    kept = fwd._prune_tiled(fwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block)
-    assert kept
-    if block > 128:
-        assert all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
+    for flags in (dict(), dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False),
+                  dict(REGULARIZE=True, HAS_DELTA=True, GLOBAL_MAX=False),
+                  dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=True)):
+        kept = fwd._prune_tiled(fwd._tiled_configs(), {"BH": 10}, BLOCK_D=block, BLOCK_DV=block, **flags)
+        assert kept, flags
+        if block > 128:
+            assert all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)

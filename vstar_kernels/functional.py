@@ -85,7 +85,8 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
     does so for all of them, the Triton kernels for those that share a tile with key j); it never
     reaches another slice. The math is float32 (float64 for float64 input on the reference): a
     strength or scale beyond that range is an error, and a product that overflows it inside the
-    formula gives inf or NaN as IEEE arithmetic does.
+    formula gives inf or NaN as IEEE arithmetic does; in particular a row whose strength * m_i
+    overflows (or is NaN) is NaN whenever the bias is applied.
     """
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale, frames=frames, key_mask=key_mask)

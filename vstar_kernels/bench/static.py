@@ -15,6 +15,13 @@ sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseli
   with the most MMA instructions (then the longest); a kernel with no MMA in a loop (the packed
   layout) counts the whole kernel, which computes one score tile;
 * MMA kind in the hot loop: HGMMA (wgmma, sm_90) or HMMA (mma.sync);
+* every MMA loop: a kernel with more than one loop holding MMA instructions (the tiled forward:
+  its off-band loops, full tiles and the masked last one, left and right of the band, the band's
+  QK^T walk for the row max, the band's softmax; the tiled backward's passes) gets, after its
+  row, one row per such loop in SASS order, `loop` = 1, 2, ... (the kernel's row: `loop` = hot),
+  with that loop's MMA kind, instructions, MUFU and the per-score figures below, so that a model
+  can weight each loop by the key tiles it runs (which loop runs which tiles: the kernel's
+  source order, ops/tar_fwd.py). `loop_mma` is the loop's MMA instruction count;
 * per score element: warp-instructions = instructions in one pass of the hot loop * warps per
   CTA / score elements the pass computes (BLOCK_M * BLOCK_N; packed: SEQS sequences of
   SEG_Q x SEG_K); MUFU per element the same with the MUFU (EX2, RCP, ...)
@@ -70,6 +77,8 @@ class Row:
     loop_mufu: int
     instr_per_score: float
     mufu_per_score: float
+    loop: str = "hot"  # "hot": the kernel's row; 1, 2, ...: its MMA loops in SASS order
+    loop_mma: int = 0
 
 
 def disassemble(cubin: bytes) -> str:
@@ -129,11 +138,14 @@ def score_tile(constants: dict) -> tuple:
     return constants["BLOCK_M"], constants["BLOCK_N"]
 
 
-def row(arch: int, compiled) -> Row:
-    """The statistics of one compiled kernel (ops.compile_check.Compiled)."""
-    opcodes, loops = parse_sass(disassemble(compiled.cubin))
-    loop = hot_loop(opcodes, loops)
-    lo, hi = loop if loop else (0, len(opcodes) - 1)
+def _is_mma(op: str) -> bool:
+    return op.startswith(_MMA)
+
+
+def _stats(arch: int, compiled, opcodes: list, loops: list, span, loop: str) -> Row:
+    """The Row of one compiled kernel, its figures from the opcodes of `span` ((first, last); None:
+    the whole kernel)."""
+    lo, hi = span if span else (0, len(opcodes) - 1)
     body = opcodes[lo:hi + 1]
     in_loops = {i for a, b in loops for i in range(a, b + 1)}
     warps = compiled.options["num_warps"]
@@ -143,9 +155,25 @@ def row(arch: int, compiled) -> Row:
     return Row(arch, compiled.name, compiled.case, compiled.config, f"{m}x{n}", compiled.registers,
                compiled.spill_bytes, sum(opcodes[i].startswith(("LDL", "STL")) for i in in_loops),
                compiled.shared_bytes, GPUS[arch][0], ctas, warps_sm,
-               "/".join(sorted({op.split(".")[0] for op in body if op.startswith(_MMA)})) or "none",
-               "loop" if loop else "kernel", len(body), mufu, round(len(body) * warps / (m * n), 4),
-               round(mufu * warps / (m * n), 4))
+               "/".join(sorted({op.split(".")[0] for op in body if _is_mma(op)})) or "none",
+               "loop" if span else "kernel", len(body), mufu, round(len(body) * warps / (m * n), 4),
+               round(mufu * warps / (m * n), 4), loop, sum(_is_mma(op) for op in body))
+
+
+def rows(arch: int, compiled) -> list:
+    """The statistics of one compiled kernel (ops.compile_check.Compiled): its hot-loop row, then
+    one row per MMA loop when it has more than one (see the module doc)."""
+    opcodes, loops = parse_sass(disassemble(compiled.cubin))
+    out = [_stats(arch, compiled, opcodes, loops, hot_loop(opcodes, loops), "hot")]
+    mma_loops = [lp for lp in loops if any(_is_mma(op) for op in opcodes[lp[0]:lp[1] + 1])]
+    if len(mma_loops) > 1:
+        out += [_stats(arch, compiled, opcodes, loops, lp, str(i)) for i, lp in enumerate(sorted(mma_loops), 1)]
+    return out
+
+
+def row(arch: int, compiled) -> Row:
+    """The hot-loop row of one compiled kernel (ops.compile_check.Compiled)."""
+    return rows(arch, compiled)[0]
 
 
 def _with_baseline(launch) -> list:
@@ -181,9 +209,10 @@ def collect(arch: int, quick: bool = False, report=None) -> list:
     out = []
 
     def add(compiled):
-        out.append(row(arch, compiled))
-        if report is not None:
-            report(out[-1])
+        for r in rows(arch, compiled):
+            out.append(r)
+            if report is not None:
+                report(r)
 
     compile_check.check(arch, False, add, combos(quick), backward=True, expand=_with_baseline)
     return out
@@ -220,12 +249,12 @@ def main(args) -> int:
 
     directory = os.path.abspath(args.out) if args.out else str(default_results_dir())
     for arch in args.arch:
-        print(f"sm_{arch}: kernel, tile, config, registers, spill B, smem B, CTAs/SM, MMA, instr/score, MUFU/score",
-              flush=True)
-        rows = collect(arch, args.quick, lambda r: print(
+        print(f"sm_{arch}: kernel, tile, config, registers, spill B, smem B, CTAs/SM, MMA, instr/score, MUFU/score, "
+              "loop", flush=True)
+        table = collect(arch, args.quick, lambda r: print(
             f"  {r.kernel:<26} {r.tile:>7} {r.config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.shared_bytes:>7} "
-            f"{r.ctas_per_sm:>2} {r.mma:<6} {r.instr_per_score:>7.3f} {r.mufu_per_score:>6.3f} | {r.case}",
+            f"{r.ctas_per_sm:>2} {r.mma:<6} {r.instr_per_score:>7.3f} {r.mufu_per_score:>6.3f} {r.loop:>4} | {r.case}",
             flush=True))
-        for path in write(rows, arch, directory):
+        for path in write(table, arch, directory):
             print(f"wrote {path}")
     return 0

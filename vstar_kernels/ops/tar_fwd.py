@@ -8,10 +8,13 @@ Two layouts, one semantics (see docs/semantics.md):
   across sequences. The whole row is in registers: exact max, bias, softmax, PV
   in one pass.
 * tiled: longer sequences. One program per (sequence, BLOCK_M query rows).
-  Pass 1 walks the key tiles for the exact row max m_i, pass 2 runs an online
-  softmax of S + strength * m_i * dA. For max_mode="global" a pre-pass kernel
-  writes the row maxima, torch reduces them per sequence, and the main pass reads
-  it. When the call will be differentiated (`stats` given) the tiled kernels also
+  For the row max with the Gaussian, one pass: the key tiles where dA is exactly
+  0 in float32 (outside the band, `band_width`) run first as a plain online
+  softmax, whose running max is part of m_i; a QK^T walk of the band tiles
+  completes m_i, and the band tiles join the softmax with the bias. A custom
+  delta walks every key tile for m_i first (two passes). For max_mode="global" a
+  pre-pass kernel writes the row maxima, torch reduces them per sequence, and the
+  main pass reads it. When the call will be differentiated (`stats` given) the tiled kernels also
   write O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS); the
   packed layout saves nothing, its backward recomputes whole rows.
 
@@ -22,13 +25,15 @@ whole (batch x heads) axis is on grid axis 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .._validation import TarProblem
 from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
-    delta_args, exp, interpreter_rows, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, \
+    delta_args, interpreter_rows, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, \
     packed_max, packed_segments, store_tile, vector_width
 from .layout import STATS_FIELDS, is_packed, pow2
 
@@ -91,15 +96,13 @@ def _tar_fwd_packed_kernel(
 
 
 @triton.jit
-def _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-             VEC: tl.constexpr):
-    """Exact max_j S_ij over the (masked) key range [0, hi) for BLOCK_M query rows.
+def _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, lo, hi, m, scale,
+             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr):
+    """max(m, max_j S_ij) over the (masked) key tiles [lo, hi) for the query rows offs_m.
 
     The max is NaN where a score is: the global max reduces these, and must see the NaN.
     """
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for start in range(0, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, j < NK, HEAD_DIM, VEC)
         s, valid = masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION)
@@ -131,12 +134,53 @@ def _tar_fwd_row_max_kernel(
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
-    m = _row_max(q, K, b * stride_kb + h * stride_kh, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
-                 BLOCK_M, BLOCK_N, CAUSAL, PRECISION, VEC)
+    m = _row_max(q, K, b * stride_kb + h * stride_kh, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, 0, hi,
+                 tl.full((BLOCK_M,), float("-inf"), tl.float32), scale, BLOCK_N, CAUSAL, PRECISION, VEC)
     row = seq * NQ + offs_m
     tl.store(ROWMAX + row, m, mask=row_ok)
     if SAVE_STATS:
         tl.store(STATS + row * _STATS_N + _STAT_MAX, m, mask=row_ok)
+
+
+@triton.jit
+def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv,
+                   row_ok, NK, HEAD_DIM, HEAD_DIM_V, lo, hi, scale, run_max, denom, acc,
+                   cm, d_base, stride_deltan, gauss_coef,
+                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_DELTA: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr):
+    """The online softmax of the key tiles [lo, hi): (run_max, denom, acc) updated.
+
+    MASK: the tiles may hold keys past NK or above the causal diagonal (the scores are masked);
+    without it every key of every tile is valid and no mask is computed (padding query rows,
+    whose q is 0, then see finite scores and are never stored). BIAS: the scores get
+    cm_i * dA_ij, cm = strength * m. exp is exp2 of the score times log2(e) minus the row's
+    max times log2(e): one FMA per score.
+    """
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        if MASK:
+            col_ok = j < NK
+            k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM, VEC)
+            s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
+        else:
+            col_ok = tl.full((BLOCK_N,), 1, tl.int1)
+            k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM, VEC)
+            s = mma(q, tl.trans(k), PRECISION) * scale
+            valid = col_ok[None, :]
+        if BIAS:
+            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
+            s = s + cm[:, None] * dA
+        new_max = tl.maximum(run_max, tl.max(s, 1))
+        if MASK:
+            new_max = tl.where(row_ok, new_max, 0.0)  # padding rows are all -inf here
+        m2 = new_max * 1.4426950408889634
+        alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
+        p = tl.exp2(s * 1.4426950408889634 - m2[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V, VEC)
+        acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
+        run_max = new_max
+    return run_max, denom, acc
 
 
 @triton.jit
@@ -149,26 +193,40 @@ def _tar_fwd_tiled_kernel(
     stride_deltab, stride_deltah, stride_deltam, stride_deltan,
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
+    BAND,  # keys with |j - i| >= BAND are outside the band (see `band_width`); unused with a whole band
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     GLOBAL_MAX: tl.constexpr,  # read m_i from SEQMAX (one per sequence) instead of computing the row max
+    ONE_PASS: tl.constexpr,  # row max of the Gaussian: m_i from the off-band softmax's running max + the band
     SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS
     PRECISION: tl.constexpr,
     VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
 ):
     """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence.
 
-    Pass 1 walks the key tiles for the exact row max m_i (with GLOBAL_MAX m_i is the sequence's
-    max instead, read from SEQMAX (float32, (B*H,)), which the launcher reduced from
-    `_tar_fwd_row_max_kernel`); pass 2 runs an online softmax of the biased scores over the same
-    key tiles and accumulates P @ V. Causal programs stop at their last visible key tile.
+    The key tiles split into the band, the tiles holding a key within BAND of one of the block's
+    rows, and the rest, where the Gaussian's dA is exactly 0 in float32 (`band_width`) and the
+    biased scores are the plain ones. The off-band tiles run first, an online softmax of plain
+    scores without masks (the last partial tile peeled off with them); then the band tiles with
+    the bias. m_i needs the whole row: with ONE_PASS (max_mode="row", Gaussian) it is the
+    off-band tiles' running max and a QK^T walk of the band tiles only, so K's off-band tiles
+    are read once; without it (the same order, checked bit for bit against ONE_PASS) a QK^T walk
+    of every tile comes first and the off-band tiles get the bias too. A custom delta or the
+    global max (m_i is the sequence's max, read from SEQMAX (float32, (B*H,)), which the launcher
+    reduced from `_tar_fwd_row_max_kernel`) make the whole row the band: exact row max first,
+    then the biased online softmax. Without TAR (REGULARIZE off) there is no bias: the band is
+    the tiles the causal diagonal crosses, or nothing.
+
+    A row whose strength * m_i is not finite is NaN (the definition's c * m_i * 0 off the band).
+    Causal programs stop at their last visible key tile.
     Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
     (read only with HAS_DELTA) have any strides. With SAVE_STATS the raw row max and the
     log-sum-exp of the biased scores go to STATS (float32, (B*H, Nq, layout.STATS_FIELDS),
     contiguous) for ops/tar_bwd.py. The grid is (B*H * cdiv(Nq, BLOCK_M),).
     """
+    WHOLE: tl.constexpr = REGULARIZE and (GLOBAL_MAX or HAS_DELTA)
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -179,45 +237,74 @@ def _tar_fwd_tiled_kernel(
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
     stat_row = seq * NQ + offs_m
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
 
-    m_safe = tl.zeros((BLOCK_M,), tl.float32)
-    if REGULARIZE:
+    # the band [band_lo, band_hi): tiles with a key j, r0 - BAND < j < r1 + BAND, for a row r0 <= i <= r1
+    band_lo = 0
+    band_hi = hi
+    if not WHOLE:
+        if REGULARIZE or CAUSAL:
+            band_lo = tl.minimum(tl.maximum(mb * BLOCK_M - BAND + 1, 0) // BLOCK_N * BLOCK_N, hi)
+            band_hi = tl.maximum(tl.minimum(tl.cdiv((mb + 1) * BLOCK_M - 1 + BAND, BLOCK_N) * BLOCK_N, hi), band_lo)
+        else:
+            band_lo = hi
+    full_hi = tl.minimum(hi, NK // BLOCK_N * BLOCK_N)  # tiles below hold no key past NK
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    if REGULARIZE and not ONE_PASS:
         if GLOBAL_MAX:  # the sequence's max; the row-max pre-pass saved the rows' statistic
             m = tl.load(SEQMAX + seq + offs_m * 0)
         else:
-            m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, hi, scale,
-                         BLOCK_M, BLOCK_N, CAUSAL, PRECISION, VEC)
-            if SAVE_STATS:
-                tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=row_ok)
-        m_safe = tl.where(row_ok, m, 0.0)
-    elif SAVE_STATS:
-        tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m_safe, mask=row_ok)
+            m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, 0, hi, m, scale,
+                         BLOCK_N, CAUSAL, PRECISION, VEC)
+    cm = strength * tl.where(row_ok, m, 0.0)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
-    for start in range(0, hi, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = j < NK
-        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM, VEC)
-        s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
-        if REGULARIZE:
-            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
-            s = bias(s, m_safe, dA, strength)
-        new_max = tl.maximum(run_max, tl.max(s, 1))
-        new_max = tl.where(row_ok, new_max, 0.0)
-        alpha = exp(run_max - new_max)
-        p = exp(s - new_max[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V, VEC)
-        acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
-        run_max = new_max
+    OFF_BIAS: tl.constexpr = REGULARIZE and not ONE_PASS
+    if not WHOLE:  # the off-band tiles: left of the band, then right of it, the partial last tile masked
+        left = tl.minimum(band_lo, full_hi)
+        run_max, denom, acc = _softmax_tiles(
+            q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
+            NK, HEAD_DIM, HEAD_DIM_V, 0, left, scale, run_max, denom, acc, cm, d_base, stride_deltan, gauss_coef,
+            BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC)
+        run_max, denom, acc = _softmax_tiles(
+            q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
+            NK, HEAD_DIM, HEAD_DIM_V, left, band_lo, scale, run_max, denom, acc, cm, d_base, stride_deltan,
+            gauss_coef, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC)
+        right = tl.maximum(band_hi, full_hi)
+        run_max, denom, acc = _softmax_tiles(
+            q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
+            NK, HEAD_DIM, HEAD_DIM_V, band_hi, right, scale, run_max, denom, acc, cm, d_base, stride_deltan,
+            gauss_coef, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC)
+        run_max, denom, acc = _softmax_tiles(
+            q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
+            NK, HEAD_DIM, HEAD_DIM_V, right, hi, scale, run_max, denom, acc, cm, d_base, stride_deltan,
+            gauss_coef, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC)
+    if REGULARIZE and ONE_PASS:  # the row max: the off-band scores' (their running max), then the band's
+        m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, band_lo, band_hi,
+                     run_max, scale, BLOCK_N, CAUSAL, PRECISION, VEC)
+        cm = strength * tl.where(row_ok, m, 0.0)
+    if SAVE_STATS:
+        if REGULARIZE and not GLOBAL_MAX:
+            tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=row_ok)
+        elif not REGULARIZE:
+            tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, tl.zeros((BLOCK_M,), tl.float32), mask=row_ok)
+    run_max, denom, acc = _softmax_tiles(
+        q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
+        NK, HEAD_DIM, HEAD_DIM_V, band_lo, band_hi, scale, run_max, denom, acc, cm, d_base, stride_deltan,
+        gauss_coef, BLOCK_N, True, REGULARIZE, CAUSAL, HAS_DELTA, PRECISION, VEC)
     denom = tl.where(row_ok, denom, 1.0)
     out = acc / denom[:, None]
+    lse = run_max + tl.log(denom)
+    if REGULARIZE and ONE_PASS:  # off the band the definition adds c * m_i * 0: NaN for an inf or NaN c * m_i
+        finite = (cm - cm) == 0.0
+        out = tl.where(finite[:, None], out, float("nan"))
+        lse = tl.where(finite, lse, float("nan"))
     store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, out, row_ok, HEAD_DIM_V,
                VEC)
     if SAVE_STATS:
-        tl.store(STATS + stat_row * _STATS_N + _STAT_LSE, run_max + tl.log(denom), mask=row_ok)
+        tl.store(STATS + stat_row * _STATS_N + _STAT_LSE, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------- configs
@@ -261,15 +348,58 @@ def _tiled_configs():
 
 
 def _prune_tiled(configs, named_args, **kwargs):
+    """The tiled configs that compile without spills on sm_80 and sm_90 (benchmarks/NOTES.md, v3:
+    every config compiled for both, fp16, head dims 64 and 128). 4 warps spill with key tiles
+    wider than 32 on sm_80 (mma.sync), and 128 x 128 tiles do; the bias (the row-max Gaussian's
+    band softmax, a custom delta) and head dims above 64 spill in tiles larger than 64 x 64, and
+    both together with 128 rows or 4 warps on sm_80 (a custom delta: with key tiles wider than
+    32). Head dims above 128 keep 64 x 64 at most."""
     args = {**named_args, **kwargs}
     wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 128  # the row-max pre-pass has no BLOCK_DV
-    keep = [c for c in configs
-            if not (wide and (c.kwargs["BLOCK_M"] > 64 or c.kwargs["BLOCK_N"] > 64))
-            and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
+    deep = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 64
+    biased = args.get("REGULARIZE", False) and (args.get("HAS_DELTA", False) or not args.get("GLOBAL_MAX", False))
+    keep = []
+    for c in configs:
+        bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        if (wide and (bm > 64 or bn > 64)) or (warps == 4 and (bm > 64 or bn > 32)):
+            continue
+        if bm * bn > (64 * 64 if biased or deep else 128 * 64):
+            continue
+        if biased and deep and (bm > 64 or warps == 4 or (args.get("HAS_DELTA", False) and bn > 32)):
+            continue
+        keep.append(c)
     return keep
 
 
 # --------------------------------------------------------------------------- launcher
+
+# A Gaussian exponent (log2 units) at or below -150 is exactly 0 in float32: exp2 rounds to
+# nearest, 2**-150 is half the smallest subnormal and ties to 0, and a flush-to-zero exp2 (the
+# GPU's ex2.approx.ftz) gives 0 sooner. The band stops at -160, so that the float32 rounding of
+# gauss_coef and of gauss_coef * d * d (relative 2**-22 at most) cannot bring an off-band exponent
+# above -150, and the reference's float64 Gaussian rounded to float32 is 0 there too
+# (exp(-0.5 (d / sigma)**2) <= 2**-160 < 2**-150). tests/test_one_pass.py checks all three.
+BAND_EXPONENT = -160.0
+
+
+def band_width(gauss_coef: float, limit: int) -> int:
+    """Least W >= 1 with gauss_coef * d * d <= BAND_EXPONENT for every integer |d| >= W, at most
+    `limit` (a W as long as the sequence: every key is in the band).
+
+    Off the band (|j - i| >= W) the Gaussian's dA is exactly 0 in float32, so the biased score is
+    the plain score there, bit for bit (for a finite strength * m_i).
+    """
+    if gauss_coef >= 0.0:
+        return limit
+    w = max(1, math.ceil(math.sqrt(BAND_EXPONENT / gauss_coef)))
+    while gauss_coef * w * w > BAND_EXPONENT:
+        w += 1
+    return min(w, limit)
+
+
+
+# The tiled kernels' tiles in the interpreter (tests may set smaller ones).
+INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=64)
 
 if INTERPRETING:
     # The interpreter runs one config: no benchmarking of configs on CPU.
@@ -284,14 +414,20 @@ else:
         _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "CAUSAL", "SAVE_STATS"],
         prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_row_max_kernel)
     _tiled = triton.autotune(
-        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "GLOBAL_MAX", "SAVE_STATS"],
+        _tiled_configs(),
+        key=["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "REGULARIZE", "GLOBAL_MAX", "ONE_PASS",
+             "SAVE_STATS"],
         prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_tiled_kernel)
 
 
 
 def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
-                stats: torch.Tensor | None = None) -> torch.Tensor:
+                stats: torch.Tensor | None = None, one_pass_order: bool = True) -> torch.Tensor:
     """Launch the fused forward for a validated problem; returns (B, H, Nq, Dv) in q's dtype.
+
+    one_pass_order=False runs the tiled layout's row-max Gaussian case in two passes (a QK^T walk
+    of every key tile for m_i, then the softmax with the bias on every tile) in the one-pass
+    kernel's tile order: the same result bit for bit, which the tests check.
 
     stats: optional float32 (B*H, Nq, layout.STATS_FIELDS) buffer, contiguous, for a call that
     will be differentiated in the tiled layout (layout.stats_shape): the kernel fills it with the
@@ -325,7 +461,7 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
         raise ValueError(f"stats must be a contiguous float32 ({bh}, {nq}, {STATS_FIELDS}) tensor, "
                          f"got {stats.dtype} {tuple(stats.shape)}")
     grid = lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)  # noqa: E731
-    tiles = dict(BLOCK_M=64, BLOCK_N=64) if INTERPRETING else {}
+    tiles = dict(INTERPRETER_TILES) if INTERPRETING else {}
     n_bucket = pow2(max(nq, nk))
     global_max = problem.max_mode == "global" and problem.regularized
     seq_max = None  # read in global mode only
@@ -335,6 +471,11 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
                              n_bucket, BLOCK_D=common["BLOCK_D"], CAUSAL=common["CAUSAL"], SAVE_STATS=save_stats,
                              PRECISION=common["PRECISION"], VEC=common["VEC"], **tiles)
         seq_max = row_max.amax(dim=1)
-    _tiled[grid](q, k, v, out, delta, seq_max, stats, *args, n_bucket, GLOBAL_MAX=global_max,
-                 SAVE_STATS=save_stats, **common, **tiles)
+    one_pass = problem.regularized and problem.delta is None and not global_max
+    if one_pass:
+        band = band_width(gauss_coef, nq + nk)
+    else:
+        band = 1  # without TAR: the tiles the causal diagonal crosses
+    _tiled[grid](q, k, v, out, delta, seq_max, stats, *args, band, n_bucket, GLOBAL_MAX=global_max,
+                 ONE_PASS=one_pass and one_pass_order, SAVE_STATS=save_stats, **common, **tiles)
     return out
