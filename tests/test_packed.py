@@ -171,7 +171,9 @@ PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "
 @pytest.mark.skipif(not PTXAS.exists(), reason=f"triton ships no ptxas here ({PTXAS})")
 def test_head_dim_40_loads_are_128_bit(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1")
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(pathlib.Path(__file__).resolve().parents[1]),
+                                                         env.get("PYTHONPATH")])))  # this checkout's package
     script = tmp_path / "vector_check.py"  # a file: triton reads a jit function's source
     script.write_text(_SCRIPT)
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)

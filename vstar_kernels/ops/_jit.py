@@ -102,16 +102,17 @@ def _tile_ptrs(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC: tl.
     compiler then loads and stores VEC elements per instruction.
     """
     ptrs = ptr + tl.expand_dims(rows * row_stride, -1) + cols * col_stride
-    mask = tl.expand_dims(row_ok, -1) & (cols < n_cols)
+    col_in = cols < n_cols
     if VEC > 1:
+        # The column mask's hint goes on the column comparison itself: a hint on the combined mask
+        # is lost when the compiler folds an all-true row_ok away (the unmasked loops).
+        col_in = tl.max_constancy(col_in, VEC)
         vec_bytes: tl.constexpr = VEC * ptr.dtype.element_ty.primitive_bitwidth // 8
         if len(ptrs.shape) == 3:
             ptrs = tl.max_contiguous(tl.multiple_of(ptrs, (1, 1, vec_bytes)), (1, 1, VEC))
-            mask = tl.max_constancy(mask, (1, 1, VEC))
         else:
             ptrs = tl.max_contiguous(tl.multiple_of(ptrs, (1, vec_bytes)), (1, VEC))
-            mask = tl.max_constancy(mask, (1, VEC))
-    return ptrs, mask
+    return ptrs, tl.expand_dims(row_ok, -1) & col_in
 
 
 @triton.jit
