@@ -89,12 +89,13 @@ def test_calibration_lands_within_25_percent_of_published_fa2(run):
 
 
 def test_rows_are_deterministic(run):
-    """Ours and the eager reference again, in this process, from the same inputs: the same numbers."""
+    """Ours and the eager reference again, in this process, from the same inputs: the same numbers.
+    (N = 16 compiles the packed kernel, which needs JIT functions: not under TRITON_INTERPRET=1.)"""
     out, _ = run
     eta = float((out / "model-h100.md").read_text().split("ETA = ")[1].split(":")[0])
     gpu, s = model.GPUS["h100"], shapes.SHAPES["vc2-320x512-l2"]
     rows = {(int(r["n"]), r["impl"]): r for r in _rows(out / "model-h100.csv") if r["status"] == "ok"}
-    for n in (16, 256):
+    for n in (256,) if triton.knobs.runtime.interpret else (16, 256):
         for impl, e in (("vstar_triton", model.ours(s.batch * s.heads, n, s.head_dim, gpu, eta)),
                         ("reference_eager", model.eager(PEERS["reference_eager"], s.batch, s.heads, n, s.head_dim,
                                                         gpu, eta))):

@@ -13,11 +13,11 @@ ceil(P / (SMs c)) * SMs c / P times the average share. What goes in:
   `bench --traffic` counts them (packed: Q, K, V read and O written once, traffic.ideal_bytes;
   tiled: traffic.tiled_bytes, the one-pass band of the row-max Gaussian or the two-pass form of a
   custom delta), MMA FLOPs as issued (whole tiles: BLOCK_D padding, the packed SEG x SEG products
-  of every sequence slot), warp-instructions and MUFU per score element of each loop of the
-  kernel from its own row of the committed static-sm90.csv (`loop_costs`), times the score
-  elements each loop computes (`tile_counts`: the kernel's tile ranges around the band). The
-  autotuner's choice is modeled as the faster of the configs the static CSV holds (the first
-  and the last pruned).
+  of every sequence slot), warp-instructions and MUFU per score element: tiled, of each loop of
+  the kernel from its own row of the committed static-sm90.csv (`loop_costs`), times the score
+  elements each loop computes (`tile_counts`: the kernel's tile ranges around the band); packed,
+  of the kernel compiled for sm_90 at the call's N and head dim (`packed_costs`). The
+  autotuner's choice is modeled as the faster of the first and the last pruned config.
 * FlashAttention (`flash`): the plain-attention baseline (bench/baseline.py) compiled for sm_90 in
   FlashAttention-2-like tiles (CALIBRATION_TILES) at BLOCK_D 64 and 128, one "plain" loop, the
   faster tile; `sdpa_plain` is modeled by it.
@@ -146,14 +146,6 @@ def static_rows(arch: int = 90) -> tuple:
         return tuple(r for r in csv.DictReader(f) if r["case"].startswith("fp16 ") and "+bwd" not in r["case"])
 
 
-def _row(kernel: str, tile: str, case_has: str = "") -> dict:
-    for r in static_rows():
-        if r["kernel"] == kernel and r["tile"] == tile and (case_has in r["case"] if case_has
-                                                             else r["case"].endswith(" ")):
-            return r
-    raise LookupError(f"static-sm90.csv has no {kernel} row with tile {tile}: run `bench --static`")
-
-
 def _cost(r: dict) -> LoopCost:
     return LoopCost(float(r["instr_per_score"]), float(r["mufu_per_score"]), int(r["ctas_per_sm"]),
                     f"{r['kernel']} {r['tile']} {r['config']}")
@@ -169,12 +161,6 @@ def tiled_tiles() -> tuple:
     """The (BLOCK_M, BLOCK_N) of the tiled configs static-sm90.csv compiles (the first and last pruned)."""
     return tuple(dict.fromkeys(tuple(map(int, r["tile"].split("x")))
                                for r in _case_rows("_tar_fwd_tiled_kernel") if r["loop"] == "hot"))
-
-
-def packed_rows() -> tuple:
-    """The ROWS of the packed configs static-sm90.csv compiles (the first and last pruned)."""
-    return tuple(dict.fromkeys(int(r["config"].split()[0].split("=")[1])
-                               for r in _case_rows("_tar_fwd_packed_kernel")))
 
 
 # The tiled forward's MMA loops in source order (ops/tar_fwd.py), which static.py's `loop` = 1, 2, ...
@@ -296,8 +282,7 @@ def ours(bh: int, n: int, d: int, gpu: Gpu, eta: float, sigma: float = 1.0, delt
     """Modeled `vstar_triton` forward (row max, not causal; the Gaussian of `sigma` in one pass, or a
     custom (B, H, N, N) delta in q's dtype, read once, in two): the faster static config."""
     if is_packed(n, n, d, d):
-        seg = pow2(n, DOT_MIN)
-        return min((_packed(bh, n, d, rows, gpu, eta, delta) for rows in packed_rows() if rows >= seg),
+        return min((_packed(bh, n, d, rows, cost, gpu, eta, delta) for rows, cost in packed_costs(n, d, delta)),
                    key=lambda e: e.seconds)
     out = []
     for bm, bn in tiled_tiles():
@@ -320,19 +305,43 @@ def packed_work(bh, n, d, rows) -> Estimate:
                     mma_flops=programs * seqs * 2 * seg * seg * (bd + bdv), launches=1, config=f"packed ROWS={rows}")
 
 
-# The sequence length of the packed case static-sm90.csv compiles (bench/static.py: N = 16, D = 40).
-STATIC_PACKED_SEG = 16
+@functools.lru_cache(maxsize=64)
+def packed_costs(n: int, d: int, delta: bool = False, arch: int = 90) -> tuple:
+    """((ROWS, LoopCost), ...) of the packed forward at N x N and head dim d (fp16, (B, N, H, D)
+    storage; with a custom delta: the delta case's kernel), compiled for sm_`arch` as `bench
+    --static` compiles (compile_check: the JIT's specialization, the first and last pruned config).
+
+    static-sm90.csv holds the packed kernel at N = 16 only; its instructions per score element fall
+    with N (per-program loads and stores spread over more scores), so each packed (N, D) is
+    compiled here rather than extrapolated."""
+    import triton
+
+    from ..ops import compile_check
+    from .static import row
+
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("bench --model compiles the packed kernel for sm_90: run it without TRITON_INTERPRET=1")
+    out = []
+
+    def add(compiled):
+        if compiled.name == "_tar_fwd_packed_kernel":
+            r = row(arch, compiled)
+            out.append((compiled.constants["ROWS"], LoopCost(r.instr_per_score, r.mufu_per_score, r.ctas_per_sm,
+                                                             f"{r.kernel} {r.tile} {r.config}")))
+
+    compile_check.check(arch, False, add, [(torch.float16, (2, 8, n, n, d, d), dict(delta=True) if delta else {})],
+                        backward=False)
+    return tuple(out)
 
 
-def _packed(bh, n, d, rows, gpu, eta, delta: bool = False) -> Estimate:
-    """The packed kernel, modeled: `packed_work` (+ the delta's N^2 entries per sequence) plus its
-    instructions per score element (SEQS x SEG x SEG per program) of the static ROWS x SEG_K tile
-    compiled at N = 16 (the delta case's kernel with a delta), applied at every packed N."""
+def _packed(bh, n, d, rows, cost: LoopCost, gpu, eta, delta: bool = False) -> Estimate:
+    """The packed kernel, modeled: `packed_work` (+ the delta's N^2 entries per sequence) plus the
+    compiled kernel's instructions per score element (`packed_costs`) over SEQS x SEG x SEG scores
+    per program."""
     e = packed_work(bh, n, d, rows)
     e.bytes += bh * n * n * ITEMSIZE if delta else 0
     seg = pow2(n, DOT_MIN)
     programs, elements = math.ceil(bh / (rows // seg)), rows // seg * seg * seg
-    cost = _cost(_row("_tar_fwd_packed_kernel", f"{rows}x{STATIC_PACKED_SEG}", " delta" if delta else ""))
     e.instr = programs * elements * cost.instr
     e.mufu = programs * elements * cost.mufu
     return finish(e, gpu, eta, _waves(programs, cost.ctas_per_sm, gpu))
@@ -587,8 +596,8 @@ def assumptions(gpu_key: str, eta: float) -> list:
         f"Launch gap {LAUNCH_S * 1e6:.0f} us per kernel (assumed, not measured); ours: 1 launch (row max).",
         "Ours, packed (N <= 128; 64 above head dim 128): Q, K, V, O once; MMA as issued: one SEG x SEG Q K^T and "
         "P V per sequence slot (SEG = N padded to a power of two >= 16), empty slots of the last program included; "
-        "instructions/MUFU per score element (SEQS x SEG x SEG per program) of the static ROWS x 16 tile compiled "
-        "at N = 16, D = 40, applied at every packed N and head dim.",
+        "instructions/MUFU per score element (SEQS x SEG x SEG per program) of the packed kernel compiled for sm_90 "
+        "at the row's N and head dim (first and last pruned config, as bench --static compiles).",
         "Ours, tiled, row max of the Gaussian (one pass; sigma column: 1 = preset 64D1, 8 = 64D8): bytes "
         "traffic.tiled_bytes over the band of ops/tar_fwd.band_width (Q, O once; K, V once per query block; K "
         "once more over the band tiles); per query block, off-band full tiles run the plain loops, the off-band "
