@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vstar_kernels.bench.traffic import TrafficCase, count_traffic, delta_entries, ideal_bytes, measure_case
+from vstar_kernels.bench.traffic import (TrafficCase, band_tiles, count_traffic, delta_entries, ideal_bytes,
+                                         measure_case, tiled_bytes)
 from vstar_kernels.ops.layout import block_dims
 from vstar_kernels.ops.tar_fwd import band_width
 
@@ -109,36 +110,6 @@ def test_ratios_do_not_depend_on_the_batch():
 
 
 # ----------------------------------------------------------------- tiled: the algorithm, exactly
-
-
-def band_tiles(mb, hi, block_m, block_n, band):
-    """[lo, hi) of the key tiles in query block mb's band (ops/tar_fwd.py), keys within `band` of a row."""
-    lo = min(max(mb * block_m - band + 1, 0) // block_n * block_n, hi)
-    return lo, max(min(math.ceil(((mb + 1) * block_m - 1 + band) / block_n) * block_n, hi), lo)
-
-
-def tiled_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, band=None, causal=False, global_max=False,
-                delta_itemsize=0):
-    """Bytes one sequence's tiled forward requests.
-
-    Per query block of BLOCK_M rows: Q read and O written once; the key tiles up to the causal
-    limit (whole BLOCK_N tiles, masked at Nk) read for K and V once by the online softmax, and
-    for K once more by the row-max walk: over the band tiles (`band`: the one-pass path's band
-    width) or over every tile (band None: the two-pass form); the delta entries used, once. A
-    global max adds a pre-pass that reads Q once more and K in place of the walk, stores the
-    float32 row maxima, and the main pass loads the sequence's max on all BLOCK_M lanes.
-    """
-    total = delta_entries(nq, nk, causal) * delta_itemsize
-    for mb in range(math.ceil(nq / block_m)):
-        rows = min(block_m, nq - mb * block_m)
-        hi = min(nk, (mb + 1) * block_m) if causal else nk
-        keys = min(nk, math.ceil(hi / block_n) * block_n)
-        lo, band_hi = (0, hi) if band is None else band_tiles(mb, hi, block_m, block_n, band)
-        walk = min(nk, math.ceil(band_hi / block_n) * block_n) - lo if band_hi > lo else 0
-        total += (rows * d + keys * d + walk * d + keys * dv + rows * dv) * itemsize
-        if global_max:
-            total += rows * d * itemsize + rows * 4 + block_m * 4
-    return total
 
 
 def flash_bytes(nq, nk, d, dv, itemsize, block_m, block_n):

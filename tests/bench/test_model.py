@@ -5,6 +5,7 @@ plain-attention baseline for sm_90, which needs JIT functions), on one small sha
 """
 
 import csv
+import math
 import os
 import pathlib
 import subprocess
@@ -16,7 +17,7 @@ import triton
 from vstar_kernels import cli
 from vstar_kernels.bench import model, shapes
 from vstar_kernels.bench.peers import PEERS
-from vstar_kernels.bench.traffic import ideal_bytes
+from vstar_kernels.bench.traffic import ideal_bytes, tiled_bytes
 
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 RESULTS = pathlib.Path(__file__).parents[2] / "benchmarks" / "results"
@@ -57,12 +58,16 @@ def test_cli_writes_model_files_labelled_model(run):
             delta = by[str(n), "vstar_triton_delta"]
             kind, tile = delta["config"].split()
             if kind == "packed":
-                work = model.packed_work(6400, n, 64, int(tile.split("=")[1]))
-            else:
+                own = model.packed_work(6400, n, 64, int(tile.split("=")[1])).bytes
+            else:  # the two-pass form: K walked over every tile
                 bm, bn = map(int, tile.split("x"))
-                work = model.tiled_work(6400, n, 64, model.tile_counts(n, bm, bn, 1.0), bm, bn)
-            assert int(delta["model_bytes"]) == work.bytes + 6400 * n * n * 2
+                own = 6400 * tiled_bytes(n, n, 64, 64, 2, bm, bn)
+            assert int(delta["model_bytes"]) == own + 6400 * n * n * 2
             assert float(delta["model_time_ms"]) >= float(by[str(n), "vstar_triton"]["model_time_ms"])
+            # a wider Gaussian band walks and biases more tiles: never faster
+            wide = by[str(n), "vstar_triton_sigma8"]
+            assert (by[str(n), "vstar_triton"]["sigma"], wide["sigma"]) == ("1.0", "8.0")
+            assert float(wide["model_time_ms"]) >= float(by[str(n), "vstar_triton"]["model_time_ms"])
         md = (out / f"model-{gpu}.md").read_text()
         assert "(model, not measured)" in md and "ETA =" in md and "arXiv:2407.08608" in md
         assert (out / f"model-{gpu}.png").stat().st_size > 10_000
@@ -84,12 +89,13 @@ def test_calibration_lands_within_25_percent_of_published_fa2(run):
 
 
 def test_rows_are_deterministic(run):
-    """Ours and the eager reference again, in this process, from the same inputs: the same numbers."""
+    """Ours and the eager reference again, in this process, from the same inputs: the same numbers.
+    (N = 16 compiles the packed kernel, which needs JIT functions: not under TRITON_INTERPRET=1.)"""
     out, _ = run
     eta = float((out / "model-h100.md").read_text().split("ETA = ")[1].split(":")[0])
     gpu, s = model.GPUS["h100"], shapes.SHAPES["vc2-320x512-l2"]
     rows = {(int(r["n"]), r["impl"]): r for r in _rows(out / "model-h100.csv") if r["status"] == "ok"}
-    for n in (16, 256):
+    for n in (256,) if triton.knobs.runtime.interpret else (16, 256):
         for impl, e in (("vstar_triton", model.ours(s.batch * s.heads, n, s.head_dim, gpu, eta)),
                         ("reference_eager", model.eager(PEERS["reference_eager"], s.batch, s.heads, n, s.head_dim,
                                                         gpu, eta))):
@@ -110,6 +116,41 @@ def test_ours_bytes_and_flops_are_what_the_interpreter_counts():
             e = model.packed_work(seqs, n, d, max(128 if d <= 128 else 64, 1 << (n - 1).bit_length()))
             assert e.bytes == ideal_bytes(seqs, n, n, d, d, 2)
         assert (e.bytes, e.mma_flops) == (int(r["requested_bytes"]), int(r["mma_flops_issued"])), r
+
+
+@pytest.mark.parametrize("n, block_m, block_n", [(256, 64, 64), (300, 64, 32), (300, 128, 32), (2048, 128, 32)])
+@pytest.mark.parametrize("sigma", [1.0, 8.0, 12.0, 1e6, None])
+def test_tile_counts_cover_every_tile_and_load_what_tiled_bytes_counts(n, block_m, block_n, sigma):
+    """Every query block's key tiles are off the band (a plain loop) or in it (walked and biased) once;
+    the key rows each loop loads give traffic.tiled_bytes."""
+    counts = model.tile_counts(n, block_m, block_n, sigma)
+    blocks, tiles = math.ceil(n / block_m), math.ceil(n / block_n)
+    softmax = [kind for kind in counts if kind != "row_max"]
+    assert sum(counts[k][0] for k in softmax) == blocks * tiles
+    assert sum(counts[k][1] for k in softmax) == blocks * n
+    assert counts["row_max"] == counts["biased"]
+    if sigma is None or sigma == 1e6:  # a custom delta, or a band as wide as the sequence: every tile
+        assert counts["biased"] == (blocks * tiles, blocks * n)
+    d = 64
+    loaded = n * 2 * d + sum(keys * (d if kind == "row_max" else 2 * d) for kind, (_, keys) in counts.items())
+    assert model.tiled_work(1, n, d, counts, block_m, block_n, sigma, delta=sigma is None).bytes == 2 * loaded + (
+        2 * n * n if sigma is None else 0)
+
+
+def test_band_is_the_launchers():
+    assert model.band(256, 1.0) == 15  # tests/test_traffic.py: the kernel's band at sigma 1
+    assert model.band(256, 8.0) > model.band(256, 4.0) > model.band(256, 1.0)
+    assert model.band(64, 1e6) == 128 and model.band(64, None) is None
+
+
+def test_loop_costs_map_the_static_loops():
+    """The committed static-sm90.csv's per-loop rows of the tiled forward, in the kernel's order."""
+    for bm, bn in model.tiled_tiles():
+        one = model.loop_costs(bm, bn)
+        assert set(one) == set(model.ONE_PASS_LOOPS)
+        assert one["row_max"].mufu == 0 and one["biased"].mufu > one["plain_left"].mufu > 0
+        two = model.loop_costs(bm, bn, delta=True)
+        assert set(two) == set(model.TWO_PASS_LOOPS) and two["row_max"].mufu == 0
 
 
 @pytest.mark.parametrize("argv", [["--model", "--device", "a100"], ["--model", "--device", "cuda"],

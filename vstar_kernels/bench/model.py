@@ -9,14 +9,15 @@ with the compute terms (MMA, issue, MUFU) stretched by wave quantization: a laun
 with c CTAs resident per SM runs ceil(P / (SMs * c)) rounds, so the busiest SM does
 ceil(P / (SMs c)) * SMs c / P times the average share. What goes in:
 
-* ours (`vstar_triton`): bytes from the algorithm's traffic (packed: Q, K, V read and O written once,
-  traffic.ideal_bytes, which the interpreter counts match; tiled: per query block Q and O once,
-  K per key tile of every loop kind, V per key tile of the softmax loops: what
-  `bench --traffic` counts), MMA FLOPs as issued (whole tiles: BLOCK_D padding and the packed
-  block-diagonal tile included), warp-instructions and MUFU per score element of each loop kind
-  from the committed static-sm90.csv (`loop_costs`), times the score elements each kind
-  computes (`tile_counts`). The autotuner's choice is modeled as the faster of the configs the
-  static CSV holds (the first and the last pruned).
+* ours (`vstar_triton` at the Gaussian's sigma of OURS_SIGMA, `vstar_triton_delta`): bytes as
+  `bench --traffic` counts them (packed: Q, K, V read and O written once, traffic.ideal_bytes;
+  tiled: traffic.tiled_bytes, the one-pass band of the row-max Gaussian or the two-pass form of a
+  custom delta), MMA FLOPs as issued (whole tiles: BLOCK_D padding, the packed SEG x SEG products
+  of every sequence slot), warp-instructions and MUFU per score element: tiled, of each loop of
+  the kernel from its own row of the committed static-sm90.csv (`loop_costs`), times the score
+  elements each loop computes (`tile_counts`: the kernel's tile ranges around the band); packed,
+  of the kernel compiled for sm_90 at the call's N and head dim (`packed_costs`). The
+  autotuner's choice is modeled as the faster of the first and the last pruned config.
 * FlashAttention (`flash`): the plain-attention baseline (bench/baseline.py) compiled for sm_90 in
   FlashAttention-2-like tiles (CALIBRATION_TILES) at BLOCK_D 64 and 128, one "plain" loop, the
   faster tile; `sdpa_plain` is modeled by it.
@@ -43,9 +44,11 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..ops.layout import block_dims, is_packed, pow2
+from ..ops._jit import GAUSS_COEF_MIN, LOG2E
+from ..ops.layout import DOT_MIN, block_dims, is_packed, pow2
+from ..ops.tar_fwd import band_width
 from . import shapes
-from .traffic import ideal_bytes
+from .traffic import band_tiles, ideal_bytes, tiled_bytes
 
 
 @dataclass(frozen=True)
@@ -143,50 +146,95 @@ def static_rows(arch: int = 90) -> tuple:
         return tuple(r for r in csv.DictReader(f) if r["case"].startswith("fp16 ") and "+bwd" not in r["case"])
 
 
-def _row(kernel: str, tile: str, case_has: str = "") -> dict:
-    for r in static_rows():
-        if r["kernel"] == kernel and r["tile"] == tile and (case_has in r["case"] if case_has
-                                                             else r["case"].endswith(" ")):
-            return r
-    raise LookupError(f"static-sm90.csv has no {kernel} row with tile {tile}: run `bench --static`")
-
-
 def _cost(r: dict) -> LoopCost:
     return LoopCost(float(r["instr_per_score"]), float(r["mufu_per_score"]), int(r["ctas_per_sm"]),
                     f"{r['kernel']} {r['tile']} {r['config']}")
 
 
-# The tiled configs (BLOCK_M, BLOCK_N) and the packed ROWS the static CSV compiles (first, last pruned).
-TILED_TILES = ((64, 32), (128, 128))
-PACKED_ROWS = (32, 128)
+def _case_rows(kernel: str, case_has: str = "") -> list:
+    """The static rows of `kernel` in the plain case (or the one whose case names `case_has`)."""
+    return [r for r in static_rows() if r["kernel"] == kernel
+            and (case_has in r["case"] if case_has else r["case"].endswith(" "))]
+
+
+def tiled_tiles() -> tuple:
+    """The (BLOCK_M, BLOCK_N) of the tiled configs static-sm90.csv compiles (the first and last pruned)."""
+    return tuple(dict.fromkeys(tuple(map(int, r["tile"].split("x")))
+                               for r in _case_rows("_tar_fwd_tiled_kernel") if r["loop"] == "hot"))
+
+
+# The tiled forward's MMA loops in source order (ops/tar_fwd.py), which static.py's `loop` = 1, 2, ...
+# (SASS order) follows: the one-pass row max of the Gaussian runs the off-band tiles left of the
+# band (full tiles, then the masked partial one), right of it (the same), the band's QK^T walk for
+# the row max and the band's biased softmax; a custom delta (the whole row is the band) runs the
+# walk over every tile, then the biased softmax.
+ONE_PASS_LOOPS = ("plain_left", "masked_left", "plain_right", "masked_right", "row_max", "biased")
+TWO_PASS_LOOPS = ("row_max", "biased")
 
 
 def loop_costs(block_m: int, block_n: int, delta: bool = False) -> dict:
-    """Cost per score element of each loop kind of the tiled forward, in the (BLOCK_M, BLOCK_N) config
-    (with a custom delta: the biased loop of the delta case).
+    """Cost per score element of each loop kind of the tiled forward, in the (BLOCK_M, BLOCK_N) config:
+    the per-loop rows of static-sm90.csv in ONE_PASS_LOOPS order (row max of the Gaussian), or
+    TWO_PASS_LOOPS (with a custom delta: the delta case's kernel).
 
-    The one place that maps loop kinds to compiled kernels; update it when a kernel gains a loop:
-    * "row_max": Q K^T and a running max (pass 1): the row-max pre-pass kernel's loop;
-    * "biased": the online softmax of S + strength m_i dA (pass 2): the tiled kernel's hot loop;
-    * "plain": an online softmax of S alone: the plain-attention baseline's loop, until the tiled
-      kernel has its own plain loop (the one-pass band split).
+    Checked against what the loops must be: the row-max walk issues only Q K^T (fewer MMA
+    instructions than the others) and no MUFU; the biased loop has the most MUFU per score (the
+    Gaussian's exp2 beside the softmax's).
     """
     tile = f"{block_m}x{block_n}"
-    return {"row_max": _cost(_row("_tar_fwd_row_max_kernel", tile, "global")),
-            "biased": _cost(_row("_tar_fwd_tiled_kernel", tile, " delta" if delta else "")),
-            "plain": _cost(_row("plain_attention_kernel", tile))}
+    loops = [r for r in _case_rows("_tar_fwd_tiled_kernel", " delta" if delta else "")
+             if r["tile"] == tile and r["loop"] != "hot"]
+    kinds = TWO_PASS_LOOPS if delta else ONE_PASS_LOOPS
+    if len(loops) != len(kinds):
+        raise LookupError(f"static-sm90.csv has {len(loops)} loop rows for the tiled kernel {tile}"
+                          f"{' delta' if delta else ''}, expected {len(kinds)} ({', '.join(kinds)}): run `bench "
+                          "--static`, or update ONE_PASS_LOOPS / TWO_PASS_LOOPS to the kernel")
+    costs = dict(zip(kinds, (_cost(r) for r in sorted(loops, key=lambda r: int(r["loop"])))))
+    walk, biased = costs["row_max"], costs["biased"]
+    mma = {kind: int(r["loop_mma"]) for kind, r in zip(kinds, sorted(loops, key=lambda r: int(r["loop"])))}
+    if walk.mufu or mma["row_max"] >= max(mma.values()) or biased.mufu < max(c.mufu for c in costs.values()):
+        raise LookupError(f"the tiled kernel's loops in static-sm90.csv ({tile}) are not in the order "
+                          f"{', '.join(kinds)}: update ONE_PASS_LOOPS / TWO_PASS_LOOPS")
+    return costs
 
 
-def tile_counts(n: int, block_m: int, block_n: int, sigma: float) -> dict:
+def band(n: int, sigma) -> int | None:
+    """The band width the launcher gives the tiled kernel for the row max of a Gaussian of `sigma`
+    (ops/tar_fwd.band_width, limit Nq + Nk); None for the two-pass form (a custom delta)."""
+    if sigma is None:
+        return None
+    return band_width(max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma), 2 * n)
+
+
+def tile_counts(n: int, block_m: int, block_n: int, sigma) -> dict:
     """Key tiles per (batch, head) sequence of each loop kind, summed over its query blocks:
     {kind: (tiles, key rows loaded)}; a partial last tile loads only the keys < N.
 
-    Today every query block walks all key tiles twice: pass 1 for the row max, pass 2 biased;
-    sigma does not change that yet (the one-pass band split will move off-band tiles to "plain").
+    Row max of the Gaussian (sigma a number): the kernel's tile ranges (ops/tar_fwd.py) around the
+    band of `band(n, sigma)`: off-band full tiles run a plain loop, the partial last tile off the
+    band a masked plain loop, band tiles one QK^T walk and one biased loop. sigma None (a custom
+    delta): every tile is in the band, walked and then biased.
     """
-    blocks = math.ceil(n / block_m)
-    tiles = math.ceil(n / block_n)
-    return {"row_max": (blocks * tiles, blocks * n), "biased": (blocks * tiles, blocks * n), "plain": (0, 0)}
+    w = band(n, sigma)
+    counts = dict.fromkeys(TWO_PASS_LOOPS if w is None else ONE_PASS_LOOPS, (0, 0))
+
+    def add(kind, lo, hi):
+        if hi > lo:
+            tiles, keys = counts[kind]
+            counts[kind] = (tiles + math.ceil((hi - lo) / block_n), keys + min(hi, n) - lo)
+
+    full_hi = n // block_n * block_n
+    for mb in range(math.ceil(n / block_m)):
+        lo, hi = (0, n) if w is None else band_tiles(mb, n, block_m, block_n, w)
+        if w is not None:
+            left, right = min(lo, full_hi), max(hi, full_hi)
+            add("plain_left", 0, left)
+            add("masked_left", left, lo)
+            add("plain_right", hi, right)
+            add("masked_right", right, n)
+        add("row_max", lo, hi)
+        add("biased", lo, hi)
+    return counts
 
 
 # --------------------------------------------------------------------------- roofline of a launch
@@ -207,25 +255,22 @@ def finish(e: Estimate, gpu: Gpu, eta: float, waves: float = 1.0) -> Estimate:
     return e
 
 
-def tiled_work(bh, n, d, kinds: dict, block_m, block_n) -> Estimate:
-    """Bytes and MMA FLOPs of one tiled launch over `bh` sequences: Q read and O written once per row;
-    per loop kind (`tile_counts`) K for every key row it loads, V too in the softmax loops; MMA
-    over whole (BLOCK_M, BLOCK_N) tiles at the padded BLOCK_D."""
+def tiled_work(bh, n, d, kinds: dict, block_m, block_n, sigma=1.0, delta: bool = False) -> Estimate:
+    """Bytes and MMA FLOPs of one tiled launch over `bh` sequences: bytes as the algorithm requests
+    them (traffic.tiled_bytes: the one-pass band of `sigma`, or with a custom delta the two-pass
+    form and the delta entries once); MMA over whole (BLOCK_M, BLOCK_N) tiles of each loop kind
+    (`tile_counts`), Q K^T only in the row-max walk, at the padded BLOCK_D."""
     bd, bdv = block_dims(d, d)
-    e = Estimate(bytes=bh * n * 2 * d * ITEMSIZE, launches=1)
-    for kind, (tiles, keys) in kinds.items():
-        e.bytes += bh * keys * (d if kind == "row_max" else 2 * d) * ITEMSIZE
+    e = Estimate(bytes=bh * tiled_bytes(n, n, d, d, ITEMSIZE, block_m, block_n,
+                                        band=None if delta else band(n, sigma),
+                                        delta_itemsize=ITEMSIZE if delta else 0), launches=1)
+    for kind, (tiles, _) in kinds.items():
         e.mma_flops += bh * tiles * 2 * block_m * block_n * (bd if kind == "row_max" else bd + bdv)
     return e
 
 
-def _tiled_kernel(bh, n, d, kinds: dict, costs: dict, block_m, block_n, gpu, eta, config,
-                  extra_bytes: int = 0) -> Estimate:
-    """One tiled launch, modeled: `tiled_work` (+ extra_bytes, a delta's) plus each loop kind's
-    instructions per score element."""
-    e = tiled_work(bh, n, d, kinds, block_m, block_n)
-    e.bytes += extra_bytes
-    e.config = config
+def _loops(e: Estimate, bh, n, kinds: dict, costs: dict, block_m, block_n, gpu, eta) -> Estimate:
+    """e plus each loop kind's instructions and MUFU per score element over its tiles, finished."""
     for kind, (tiles, _) in kinds.items():
         e.instr += bh * tiles * block_m * block_n * costs[kind].instr
         e.mufu += bh * tiles * block_m * block_n * costs[kind].mufu
@@ -234,35 +279,69 @@ def _tiled_kernel(bh, n, d, kinds: dict, costs: dict, block_m, block_n, gpu, eta
 
 
 def ours(bh: int, n: int, d: int, gpu: Gpu, eta: float, sigma: float = 1.0, delta: bool = False) -> Estimate:
-    """Modeled `vstar_triton` forward (row max, not causal; the Gaussian, or a custom (B, H, N, N)
-    delta in q's dtype, read once: traffic.delta_entries): the faster static config."""
-    extra = bh * n * n * ITEMSIZE if delta else 0
+    """Modeled `vstar_triton` forward (row max, not causal; the Gaussian of `sigma` in one pass, or a
+    custom (B, H, N, N) delta in q's dtype, read once, in two): the faster static config."""
     if is_packed(n, n, d, d):
-        return min((_packed(bh, n, d, rows, gpu, eta, delta, extra) for rows in PACKED_ROWS if rows >= pow2(n)),
+        return min((_packed(bh, n, d, rows, cost, gpu, eta, delta) for rows, cost in packed_costs(n, d, delta)),
                    key=lambda e: e.seconds)
-    return min((_tiled_kernel(bh, n, d, tile_counts(n, bm, bn, sigma), loop_costs(bm, bn, delta), bm, bn, gpu, eta,
-                              f"tiled {bm}x{bn}", extra) for bm, bn in TILED_TILES), key=lambda e: e.seconds)
+    out = []
+    for bm, bn in tiled_tiles():
+        kinds = tile_counts(n, bm, bn, None if delta else sigma)
+        e = tiled_work(bh, n, d, kinds, bm, bn, sigma, delta)
+        e.config = f"tiled {bm}x{bn}"
+        out.append(_loops(e, bh, n, kinds, loop_costs(bm, bn, delta), bm, bn, gpu, eta))
+    return min(out, key=lambda e: e.seconds)
 
 
 def packed_work(bh, n, d, rows) -> Estimate:
-    """Bytes and MMA FLOPs of the packed launch: rows // pow2(N) sequences per program in one
-    block-diagonal tile; Q, K, V read and O written once (traffic.ideal_bytes)."""
-    seqs = rows // pow2(n)
-    side = seqs * pow2(n)
+    """Bytes and MMA FLOPs of the packed launch: SEQS = ROWS // SEG sequences per program (SEG: N
+    padded to a power of two >= DOT_MIN), one Q K^T and one P V product of SEG x SEG per sequence,
+    empty slots of the last program included; Q, K, V read and O written once (traffic.ideal_bytes)."""
+    seg = pow2(n, DOT_MIN)
+    seqs = rows // seg
     bd, bdv = block_dims(d, d)
     programs = math.ceil(bh / seqs)
-    return Estimate(bytes=ideal_bytes(bh, n, n, d, d, ITEMSIZE), mma_flops=programs * 2 * side * side * (bd + bdv),
-                    launches=1, config=f"packed ROWS={rows}")
+    return Estimate(bytes=ideal_bytes(bh, n, n, d, d, ITEMSIZE),
+                    mma_flops=programs * seqs * 2 * seg * seg * (bd + bdv), launches=1, config=f"packed ROWS={rows}")
 
 
-def _packed(bh, n, d, rows, gpu, eta, delta: bool = False, extra_bytes: int = 0) -> Estimate:
-    """The packed kernel, modeled: `packed_work` (+ extra_bytes, a delta's) plus its instructions per
-    element of the whole tile (the delta case's kernel with a delta)."""
+@functools.lru_cache(maxsize=64)
+def packed_costs(n: int, d: int, delta: bool = False, arch: int = 90) -> tuple:
+    """((ROWS, LoopCost), ...) of the packed forward at N x N and head dim d (fp16, (B, N, H, D)
+    storage; with a custom delta: the delta case's kernel), compiled for sm_`arch` as `bench
+    --static` compiles (compile_check: the JIT's specialization, the first and last pruned config).
+
+    static-sm90.csv holds the packed kernel at N = 16 only; its instructions per score element fall
+    with N (per-program loads and stores spread over more scores), so each packed (N, D) is
+    compiled here rather than extrapolated."""
+    import triton
+
+    from ..ops import compile_check
+    from .static import row
+
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("bench --model compiles the packed kernel for sm_90: run it without TRITON_INTERPRET=1")
+    out = []
+
+    def add(compiled):
+        if compiled.name == "_tar_fwd_packed_kernel":
+            r = row(arch, compiled)
+            out.append((compiled.constants["ROWS"], LoopCost(r.instr_per_score, r.mufu_per_score, r.ctas_per_sm,
+                                                             f"{r.kernel} {r.tile} {r.config}")))
+
+    compile_check.check(arch, False, add, [(torch.float16, (2, 8, n, n, d, d), dict(delta=True) if delta else {})],
+                        backward=False)
+    return tuple(out)
+
+
+def _packed(bh, n, d, rows, cost: LoopCost, gpu, eta, delta: bool = False) -> Estimate:
+    """The packed kernel, modeled: `packed_work` (+ the delta's N^2 entries per sequence) plus the
+    compiled kernel's instructions per score element (`packed_costs`) over SEQS x SEG x SEG scores
+    per program."""
     e = packed_work(bh, n, d, rows)
-    e.bytes += extra_bytes
-    seqs = rows // pow2(n)
-    programs, elements = math.ceil(bh / seqs), (seqs * pow2(n)) ** 2
-    cost = _cost(_row("_tar_fwd_packed_kernel", f"{rows}x{rows}", " delta" if delta else ""))
+    e.bytes += bh * n * n * ITEMSIZE if delta else 0
+    seg = pow2(n, DOT_MIN)
+    programs, elements = math.ceil(bh / (rows // seg)), rows // seg * seg * seg
     e.instr = programs * elements * cost.instr
     e.mufu = programs * elements * cost.mufu
     return finish(e, gpu, eta, _waves(programs, cost.ctas_per_sm, gpu))
@@ -303,8 +382,12 @@ def flash(bh: int, n: int, d: int, gpu: Gpu, eta: float) -> Estimate:
         raise ValueError(f"the calibration compiles head dims 64 and 128, got BLOCK_D {bd}")
     estimates = []
     for bm, bn, cost in calibration_costs(max(bd, 64)):
-        kinds = {"plain": (math.ceil(n / bm) * math.ceil(n / bn), math.ceil(n / bm) * n)}
-        estimates.append(_tiled_kernel(bh, n, d, kinds, {"plain": cost}, bm, bn, gpu, eta, f"flash {bm}x{bn}"))
+        blocks = math.ceil(n / bm)
+        kinds = {"plain": (blocks * math.ceil(n / bn), blocks * n)}
+        # Q, O once; K, V once per query block; MMA over whole tiles
+        e = Estimate(bytes=bh * (n + blocks * n) * 2 * d * ITEMSIZE, launches=1, config=f"flash {bm}x{bn}",
+                     mma_flops=bh * kinds["plain"][0] * 2 * bm * bn * (bd + block_dims(d, d)[1]))
+        estimates.append(_loops(e, bh, n, kinds, {"plain": cost}, bm, bn, gpu, eta))
     return min(estimates, key=lambda e: e.seconds)
 
 
@@ -432,8 +515,11 @@ def eager(peer, batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float) ->
 
 EAGER = ("reference_eager", "reference_materialized", "sdpa_bias")
 NOT_MODELED = ("reference_compiled", "vstar_cuda", "xformers_bias")
-IMPLS = ("vstar_triton", "vstar_triton_delta", "flash", "sdpa_plain", "flex_two_pass") + EAGER + NOT_MODELED
-COLUMNS = ("estimate", "gpu", "shape", "batch_heads", "d", "n", "dtype", "impl", "status", "config", "bound",
+# The Gaussian's sigma of each row of ours (paper presets, tar_config.PRESETS: 64D1 at level 0, the
+# default; 64D8, the widest band of the presets at sigma <= 8); the delta row has no sigma.
+OURS_SIGMA = {"vstar_triton": 1.0, "vstar_triton_sigma8": 8.0}
+IMPLS = ("vstar_triton", "vstar_triton_sigma8", "vstar_triton_delta", "flash", "sdpa_plain", "flex_two_pass") + EAGER + NOT_MODELED
+COLUMNS = ("estimate", "gpu", "shape", "batch_heads", "d", "n", "dtype", "impl", "sigma", "status", "config", "bound",
            "model_time_ms", "model_bytes", "model_mma_flops", "model_launches", "model_ours_over_flash",
            "model_reference_eager_over_ours")
 
@@ -462,8 +548,9 @@ def sweep(gpu_key: str, names, ns, eta: float, progress=print) -> list:
         s = shapes.SHAPES[name]
         bh = s.batch * s.heads
         for n in ns:
-            est = {"vstar_triton": ours(bh, n, s.head_dim, gpu, eta), "flash": flash(bh, n, s.head_dim, gpu, eta),
-                   "vstar_triton_delta": ours(bh, n, s.head_dim, gpu, eta, delta=True)}
+            est = {impl: ours(bh, n, s.head_dim, gpu, eta, sigma) for impl, sigma in OURS_SIGMA.items()}
+            est.update(flash=flash(bh, n, s.head_dim, gpu, eta),
+                       vstar_triton_delta=ours(bh, n, s.head_dim, gpu, eta, delta=True))
             est["sdpa_plain"] = est["flash"]
             two = flash(bh, n, s.head_dim, gpu, eta)
             est["flex_two_pass"] = Estimate(2 * two.bytes, 2 * two.mma_flops, 2 * two.instr, 2 * two.mufu, 2,
@@ -471,22 +558,25 @@ def sweep(gpu_key: str, names, ns, eta: float, progress=print) -> list:
             for peer in EAGER:
                 est[peer] = eager(PEERS[peer], s.batch, s.heads, n, s.head_dim, gpu, eta)
             base = dict(estimate="model", gpu=gpu_key, shape=name, batch_heads=bh, d=s.head_dim, n=n, dtype="fp16")
-            ratio = est["vstar_triton"].seconds / est["flash"].seconds
-            speedup = est["reference_eager"].seconds / est["vstar_triton"].seconds
+            ratio = {impl: est[impl].seconds / est["flash"].seconds for impl in OURS_SIGMA}
+            eager_s = est["reference_eager"].seconds
             for impl in IMPLS:
                 if impl in est:
                     e = est[impl]
-                    rows.append({**base, "impl": impl, "status": "ok", "config": e.config, "bound": e.bound,
+                    rows.append({**base, "impl": impl, "sigma": OURS_SIGMA.get(impl, ""), "status": "ok",
+                                 "config": e.config, "bound": e.bound,
                                  "model_time_ms": round(e.seconds * 1e3, 6), "model_bytes": int(e.bytes),
                                  "model_mma_flops": int(e.mma_flops), "model_launches": e.launches,
                                  "model_ours_over_flash": round(e.seconds / est["flash"].seconds, 3)
                                  if impl.startswith("vstar_triton") else "",
-                                 "model_reference_eager_over_ours": round(speedup, 2) if impl == "vstar_triton"
-                                 else ""})
+                                 "model_reference_eager_over_ours": round(eager_s / e.seconds, 2)
+                                 if impl in OURS_SIGMA else ""})
                 else:
                     rows.append({**base, "impl": impl, "status": reasons[impl]})
             progress(f"  {gpu_key} {name} N={n}: ours {est['vstar_triton'].seconds * 1e3:.4f} ms "
-                     f"({est['vstar_triton'].bound}), ours/flash {ratio:.2f}, reference_eager/ours {speedup:.1f}x")
+                     f"({est['vstar_triton'].bound}), ours/flash {ratio['vstar_triton']:.2f} (sigma 8: "
+                     f"{ratio['vstar_triton_sigma8']:.2f}), reference_eager/ours "
+                     f"{eager_s / est['vstar_triton'].seconds:.1f}x (model)")
     return rows
 
 
@@ -504,14 +594,23 @@ def assumptions(gpu_key: str, eta: float) -> list:
         f"ETA = {eta:.3f}: the one fitted parameter (MMA efficiency), fitted on published FlashAttention-2 H100 "
         "forward throughput (calibration rows); applied to every tensor-core MMA, ours and peers alike.",
         f"Launch gap {LAUNCH_S * 1e6:.0f} us per kernel (assumed, not measured); ours: 1 launch (row max).",
-        "Ours: bytes of the algorithm (packed: Q, K, V, O once; tiled: Q, O once per query block, K per key tile of "
-        "both passes, V in pass 2), MMA FLOPs as issued (padded tiles), instructions/MUFU per score element of each "
-        "loop kind from static-sm90.csv (row max: row-max kernel loop; biased: tiled kernel loop); the faster of the "
-        "compiled configs; D 40/80 use the D 64 (tiled) / D 40 (packed) statistics.",
+        "Ours, packed (N <= 128; 64 above head dim 128): Q, K, V, O once; MMA as issued: one SEG x SEG Q K^T and "
+        "P V per sequence slot (SEG = N padded to a power of two >= 16), empty slots of the last program included; "
+        "instructions/MUFU per score element (SEQS x SEG x SEG per program) of the packed kernel compiled for sm_90 "
+        "at the row's N and head dim (first and last pruned config, as bench --static compiles).",
+        "Ours, tiled, row max of the Gaussian (one pass; sigma column: 1 = preset 64D1, 8 = 64D8): bytes "
+        "traffic.tiled_bytes over the band of ops/tar_fwd.band_width (Q, O once; K, V once per query block; K "
+        "once more over the band tiles); per query block, off-band full tiles run the plain loops, the off-band "
+        "partial last tile the masked plain loops, band tiles the Q K^T row-max walk and the biased softmax; "
+        "each loop's instructions/MUFU per score element from its own static-sm90.csv row (loop 1..6 = left "
+        "full, left masked, right full, right masked, walk, biased: ops/tar_fwd.py source order).",
+        "Ours, custom delta (two passes in one kernel): every tile walked (loop 1) and biased (loop 2) of the "
+        "delta case's static rows, + the delta's N^2 entries once. The faster of the compiled configs (first and "
+        "last pruned); the tiled statistics are compiled at D = 64 and used at every head dim.",
         "flash = the plain-attention baseline compiled for sm_90 in 128x64 and 128x128 tiles (BLOCK_D 64/128), "
         "the faster; sdpa_plain is modeled by it; flex_two_pass as two such loops (a lower bound).",
-        "vstar_triton_delta: ours with a custom (B, H, N, N) delta in q's dtype: + its N^2 bytes per sequence, the "
-        "delta case's compiled loops (no eager peer takes a delta).",
+        "vstar_triton_delta: ours with a custom (B, H, N, N) delta in q's dtype (no eager peer takes a delta); the "
+        "global row max is not modeled (its static case is compiled causal only).",
         "Eager peers: aten ops on meta tensors, each op max(in+out bytes / HBM, matmul FLOPs / peak) + launch gap; "
         "fp32 matmuls on the fp32 pipe (no TF32); SDPA with a mask = flash + the mask read.",
         "fp16 rows; bf16 is the same model (same bytes, same peak, same compiled loops).",
@@ -557,16 +656,19 @@ def markdown(rows: list, gpu_key: str, eta: float, calibration: list) -> str:
         by.setdefault((r["shape"], r["n"]), {})[r["impl"]] = r
     impls = [i for i in IMPLS if any(r["impl"] == i and r["status"] == "ok" for r in rows)]
     lines += ["", "## Modeled time per call (ms, model)", "",
-              "| shape | B x H | D | N | " + " | ".join(impls) + " | ours / flash (model) | ours (delta) / flash "
-              "(model) | reference_eager / ours (model) | ours bound |",
-              "| --- | ---: | ---: | ---: |" + " ---: |" * (len(impls) + 3) + " --- |"]
+              "| shape | B x H | D | N | " + " | ".join(impls) + " | ours / flash (model, sigma 1) | ours / flash "
+              "(model, sigma 8) | ours (delta) / flash (model) | reference_eager / ours (model, sigma 1 / 8) "
+              "| ours bound (sigma 1) |",
+              "| --- | ---: | ---: | ---: |" + " ---: |" * (len(impls) + 4) + " --- |"]
     for (shape, n), cells in by.items():
         o = cells["vstar_triton"]
         lines.append(f"| {shape} | {o['batch_heads']:,} | {o['d']} | {n} | "
                      + " | ".join(f"{cells[i]['model_time_ms']:.4g}" for i in impls)
                      + f" | {o['model_ours_over_flash']:.2f} "
+                       f"| {cells['vstar_triton_sigma8']['model_ours_over_flash']:.2f} "
                        f"| {cells['vstar_triton_delta']['model_ours_over_flash']:.2f} "
-                       f"| {o['model_reference_eager_over_ours']:.1f}x "
+                       f"| {o['model_reference_eager_over_ours']:.1f}x / "
+                       f"{cells['vstar_triton_sigma8']['model_reference_eager_over_ours']:.1f}x "
                        f"| {o['bound']} ({o['config']}) |")
     missing = sorted({(r["impl"], r["status"]) for r in rows if r["status"] != "ok"})
     if missing:
@@ -580,7 +682,7 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (left, *ratios) = plt.subplots(1, 3, figsize=(19, 5.5))
     first = rows[0]["shape"]
     for impl in IMPLS:
         pts = [(r["n"], r["model_time_ms"]) for r in rows if r["shape"] == first and r["impl"] == impl
@@ -591,15 +693,16 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
              title=f"{first}: time per call (model)")
     left.set_xticks(shapes.KERNEL_N, [str(n) for n in shapes.KERNEL_N])
     left.legend(fontsize=8)
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        pts = [(r["n"], r["model_ours_over_flash"]) for r in rows
-               if r["shape"] == shape and r["impl"] == "vstar_triton"]
-        right.plot(*zip(*pts), marker="o", label=shape)
-    right.axhline(1.0, color="grey", lw=0.8, ls="--")
-    right.set(xscale="log", xlabel="N (frames)", ylabel="ours / flash (modeled time ratio)",
-              title="vstar_triton / FlashAttention loop (model)")
-    right.set_xticks(shapes.KERNEL_N, [str(n) for n in shapes.KERNEL_N])
-    right.legend(fontsize=7)
+    for ax, impl, label in zip(ratios, OURS_SIGMA, ("sigma 1 (64D1)", "sigma 8 (64D8)")):
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            pts = [(r["n"], r["model_ours_over_flash"]) for r in rows if r["shape"] == shape and r["impl"] == impl]
+            ax.plot(*zip(*pts), marker="o", label=shape)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="target N <= 256: 1.0")
+        ax.axhline(1.15, color="grey", lw=0.8, ls=":", label="target N = 512..4096: 1.15")
+        ax.set(xscale="log", xlabel="N (frames)", ylabel="ours / flash (modeled time ratio)",
+               title=f"vstar_triton / FlashAttention loop, {label} (model)")
+        ax.set_xticks(shapes.KERNEL_N, [str(n) for n in shapes.KERNEL_N])
+        ax.legend(fontsize=7)
     fig.suptitle(f"Roofline model, {GPUS[gpu_key].name}, fp16 forward - model, not measured")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,7 +9,9 @@ launch.
 What is ideal (`ideal_bytes`, `useful_flops`): reading Q, K, V once and writing O once, plus
 the delta entries the attention uses (Nq x Nk, the causal lower triangle when causal) when a
 custom delta is given; the FLOPs of Q K^T and P V over the real rows and columns of each
-sequence, 2 Nq Nk (D + Dv), causal or not. Numbers are counts, not timings.
+sequence, 2 Nq Nk (D + Dv), causal or not. What the tiled algorithm requests (`tiled_bytes`,
+`band_tiles`): the formula the interpreter counts must equal (tests/test_traffic.py), which
+bench/model.py uses. Numbers are counts, not timings.
 
 `python -m vstar_kernels bench --traffic` runs `sweep()` over TRAFFIC_CASES and writes
 traffic.csv and traffic.md (see benchmarks/NOTES.md).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +165,36 @@ def ideal_bytes(bh, nq, nk, d, dv, itemsize, *, causal=False, delta_itemsize=0) 
 def useful_flops(bh, nq, nk, d, dv) -> int:
     """Q K^T and P V over the real rows and columns of each sequence; causal halves are not discounted."""
     return bh * 2 * nq * nk * (d + dv)
+
+
+def band_tiles(mb, hi, block_m, block_n, band):
+    """[lo, hi) of the key tiles in query block mb's band (ops/tar_fwd.py), keys within `band` of a row."""
+    lo = min(max(mb * block_m - band + 1, 0) // block_n * block_n, hi)
+    return lo, max(min(math.ceil(((mb + 1) * block_m - 1 + band) / block_n) * block_n, hi), lo)
+
+
+def tiled_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, band=None, causal=False, global_max=False,
+                delta_itemsize=0):
+    """Bytes one sequence's tiled forward requests.
+
+    Per query block of BLOCK_M rows: Q read and O written once; the key tiles up to the causal
+    limit (whole BLOCK_N tiles, masked at Nk) read for K and V once by the online softmax, and
+    for K once more by the row-max walk: over the band tiles (`band`: the one-pass path's band
+    width) or over every tile (band None: the two-pass form); the delta entries used, once. A
+    global max adds a pre-pass that reads Q once more and K in place of the walk, stores the
+    float32 row maxima, and the main pass loads the sequence's max on all BLOCK_M lanes.
+    """
+    total = delta_entries(nq, nk, causal) * delta_itemsize
+    for mb in range(math.ceil(nq / block_m)):
+        rows = min(block_m, nq - mb * block_m)
+        hi = min(nk, (mb + 1) * block_m) if causal else nk
+        keys = min(nk, math.ceil(hi / block_n) * block_n)
+        lo, band_hi = (0, hi) if band is None else band_tiles(mb, hi, block_m, block_n, band)
+        walk = min(nk, math.ceil(band_hi / block_n) * block_n) - lo if band_hi > lo else 0
+        total += (rows * d + keys * d + walk * d + keys * dv + rows * dv) * itemsize
+        if global_max:
+            total += rows * d * itemsize + rows * 4 + block_m * 4
+    return total
 
 
 # --------------------------------------------------------------------------- the sweep
