@@ -22,7 +22,9 @@ Two layouts, matching ops/tar_fwd.py:
   tiles. Ties are decided once, in the backward's own arithmetic, so the gradient cannot
   depend on how the forward's tiles rounded the scores.
 
-Nothing N x N is allocated except the delta gradient itself when it is asked for.
+Nothing N x N is allocated except the delta gradient itself when it is asked for (with frame
+ids: the (F, F) frame matrix's, summed by atomic adds). Frame ids and key masks run the tiled
+kernels at every length, as in the forward.
 """
 
 from __future__ import annotations

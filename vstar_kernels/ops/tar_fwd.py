@@ -21,8 +21,9 @@ Two layouts, one semantics (see docs/semantics.md):
 The Gaussian dA is computed from (i, j) in registers (with frame ids, from the
 int32 ids of the block's rows and of each key tile); only a user-supplied
 delta (or frame matrix) is read from memory. Frame ids and key masks run the
-tiled layout at every length, in two passes (`_tar_fwd_tiled_kernel`). Nothing N x N is written. Offsets are int64 and the
-whole (batch x heads) axis is on grid axis 0.
+tiled layout at every length, in two passes (`_tar_fwd_tiled_kernel`). Nothing
+N x N is written. Offsets are int64 and the whole (batch x heads) axis is on grid
+axis 0.
 """
 
 from __future__ import annotations
