@@ -126,8 +126,6 @@ class TritonBackend(Backend):
     SUPPORTED_DTYPES = KERNEL_DTYPES
     SUPPORTED_MAX_HEAD_DIM = 256
     SUPPORTED_DELTA_DTYPES = KERNEL_DTYPES
-    SUPPORTS_FRAMES = False
-    SUPPORTS_KEY_MASK = False
 
     def not_supported_reasons(self, problem):
         load_reason = _load.triton_state()[0]
@@ -162,8 +160,10 @@ class TritonBackend(Backend):
         return _load.triton_ops().module.tar_forward(problem)
 
     def stats_shape(self, problem, needs_grad):
-        return layout.stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
-                                  problem.head_dim_v, needs_grad)
+        bh = problem.batch * problem.heads
+        if needs_grad and (problem.frames_q is not None or problem.key_mask is not None):
+            return (bh, problem.nq, layout.STATS_FIELDS)  # the tiled kernels run such calls at any length
+        return layout.stats_shape(bh, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v, needs_grad)
 
     def forward_saving(self, problem):
         stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)

@@ -54,8 +54,9 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         backend: "auto" (for CUDA tensors Triton, then "cuda", when one can run; else the
             reference), "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cuda"
             (the optional CUDA C++ operator, built with VSTAR_BUILD_CUDA=1) or "reference".
-            An explicit backend that cannot run the call raises BackendUnavailableError (the
-            kernels take neither frames nor key_mask yet: "auto" then runs the reference).
+            An explicit backend that cannot run the call raises BackendUnavailableError. The
+            Triton kernels take frames and key_mask (forward and backward, in their tiled
+            layout at any length); the CUDA C++ operator takes neither ("auto" then skips it).
 
     Returns:
         (B, H, Nq, Dv) (or (B, Nq, Dv) for 3-D input), q's dtype and device. Math is float32

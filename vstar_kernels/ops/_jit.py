@@ -153,15 +153,31 @@ def masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISIO
 
 
 @triton.jit
-def delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr):
-    """dA_ij: the user's delta (read where valid) or the Gaussian exp2(gauss_coef * (j - i)^2)."""
+def delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr, FRAMES: tl.constexpr = False):
+    """dA_ij: the user's delta (read where valid) or the Gaussian exp2(gauss_coef * (j - i)^2).
+
+    With FRAMES, i and j are the frame ids of the rows and columns (int32, -1 outside the video):
+    dA is 0 where either id is -1, and d_ptrs point into the (F, F) frame matrix at [i, j].
+    """
+    if FRAMES:
+        valid = valid & (i[:, None] >= 0) & (j[None, :] >= 0)
     if HAS_DELTA:
         dA = tl.load(d_ptrs, mask=valid, other=0.0).to(tl.float32)
     else:
         # positions to fp32 per row/column (exact below 2**24), so the tile-sized math is fp32 only
         dist = j.to(tl.float32)[None, :] - i.to(tl.float32)[:, None]
         dA = tl.exp2(gauss_coef * dist * dist)
+        if FRAMES:
+            dA = tl.where(valid, dA, 0.0)
     return dA
+
+
+@triton.jit
+def key_ok(col_ok, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK: tl.constexpr):
+    """col_ok, and with HAS_KEY_MASK the key mask's entries (uint8, nonzero = attend) of keys j."""
+    if HAS_KEY_MASK:
+        col_ok = col_ok & (tl.load(KMASK + km_base + j * stride_kmn, mask=col_ok, other=0) != 0)
+    return col_ok
 
 
 @triton.jit
@@ -226,9 +242,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def delta_args(problem: TarProblem):
-    """(delta pointer, its 4 strides, gauss_coef) for a kernel launch."""
+    """(delta pointer, its 4 strides, gauss_coef) for a kernel launch. A frame matrix (F, F) (with
+    frame ids) has strides (0, 0, row, column): the kernels index it by the ids."""
     if problem.delta is not None:
-        return problem.delta, problem.delta.stride(), 0.0
+        strides = problem.delta.stride()
+        return problem.delta, (0, 0, *strides) if problem.frames_q is not None else strides, 0.0
     sigma = problem.sigma
     # / sigma / sigma, not / sigma ** 2: the square of a tiny sigma is 0, the quotient overflows to -inf
     gauss_coef = 0.0 if math.isinf(sigma) else max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma)
@@ -240,6 +258,29 @@ def common_meta(problem: TarProblem) -> dict:
     block_d, block_dv = block_dims(problem.head_dim, problem.head_dim_v)
     return dict(BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=problem.causal, HAS_DELTA=problem.delta is not None,
                 REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype))
+
+
+def tiled_only(problem: TarProblem) -> bool:
+    """Frame ids or a key mask: the tiled kernels run the call at any length (the packed ones take neither)."""
+    return problem.frames_q is not None or problem.key_mask is not None
+
+
+def frame_args(problem: TarProblem) -> tuple:
+    """(query ids, key ids, key mask, its 2 strides, HAS_FRAMES, HAS_KEY_MASK) for a tiled launch.
+
+    The ids as contiguous int32 (read only when the bias is applied), the key mask (B, Nk) as a
+    uint8 view of the bool tensor; None for what the call lacks (the kernels then compile without it).
+    """
+    has_frames = problem.frames_q is not None and problem.regularized
+    fq = fk = None
+    if has_frames:
+        fq = problem.frames_q.to(torch.int32).contiguous()
+        fk = fq if problem.frames_k is problem.frames_q else problem.frames_k.to(torch.int32).contiguous()
+    km, km_strides = None, (0, 0)
+    if problem.key_mask is not None:
+        km = problem.key_mask.view(torch.uint8)
+        km_strides = km.stride()
+    return fq, fk, km, *km_strides, has_frames, km is not None
 
 
 def vector_width(*tensors: torch.Tensor) -> int:

@@ -22,7 +22,9 @@ Two layouts, matching ops/tar_fwd.py:
   tiles. Ties are decided once, in the backward's own arithmetic, so the gradient cannot
   depend on how the forward's tiles rounded the scores.
 
-Nothing N x N is allocated except the delta gradient itself when it is asked for.
+Nothing N x N is allocated except the delta gradient itself when it is asked for (with frame
+ids: the (F, F) frame matrix's, summed by atomic adds). Frame ids and key masks run the tiled
+kernels at every length, as in the forward.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import triton.language as tl
 from .._validation import TarProblem
 from . import layout
 from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
-    delta_args, exp, interpreter_rows, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, \
-    packed_segments, store_tile, vector_width
+    delta_args, exp, frame_args, interpreter_rows, key_ok, load_tile, masked_scores, mma, packed_coords, packed_exp, \
+    packed_max, packed_segments, store_tile, tiled_only, vector_width
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
 
 # Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
@@ -135,19 +137,21 @@ def _track_max(s, valid, start, m, arg, count):
 
 @triton.jit
 def _tar_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, DELTA, STATS, SEQMAX, AUX, TIEK,
+    Q, K, V, O, DO, DQ, DELTA, STATS, SEQMAX, AUX, TIEK, FQ, FK, KMASK,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    stride_kmb, stride_kmn,
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,  # as in ops/tar_fwd.py's tiled kernel
 ):
     """dQ of BLOCK_M query rows, and their layout.AUX_FIELDS values for the dK/dV pass.
 
@@ -169,6 +173,9 @@ def _tar_bwd_dq_kernel(
 
     Global mode: the share needs the whole slice, so DQ (float32) gets the part without the max
     and TIEK (float32) the sum of the tie keys; the launcher finishes dQ and the shares.
+
+    Frame ids and a key mask as in the forward's tiled kernel. A row with no key (saved
+    log-sum-exp +inf) has every probability 0 and gets zero gradients (1 / Z_i is taken as 0).
     """
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -181,7 +188,11 @@ def _tar_bwd_dq_kernel(
     lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
-    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
+    fq = offs_m
+    if HAS_FRAMES:
+        fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + fq[:, None] * stride_deltam
+    km_base = b * stride_kmb
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
@@ -201,15 +212,21 @@ def _tar_bwd_dq_kernel(
         count = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = j < NK
+        col_ok = key_ok(j < NK, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK)
         k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
-        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, j < NK, HEAD_DIM_V)  # masked keys' too
         s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
         s_reg = s
         if REGULARIZE:
             m, arg, count = _track_max(s, valid, start, m, arg, count)
-            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
+            if HAS_FRAMES:
+                fk = tl.load(FK + j, mask=j < NK, other=-1)
+                dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
+            else:
+                dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
             s_reg = bias(s, bias_max, dA, strength)
+            if HAS_FRAMES or HAS_KEY_MASK:
+                s_reg = tl.where(valid, s_reg, float("-inf"))
         p = exp(s_reg - lse[:, None])
         dp = mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - d_row[:, None])
@@ -222,7 +239,10 @@ def _tar_bwd_dq_kernel(
         acc += mma(cast(ds, k.dtype), k, PRECISION)
 
     if REGULARIZE:
-        norm = 1.0 / tl.where(row_ok, p_sum, 1.0)
+        if HAS_KEY_MASK:  # a row with no key: every probability is 0
+            norm = tl.where(p_sum > 0.0, 1.0 / tl.where(p_sum > 0.0, p_sum, 1.0), 0.0)
+        else:
+            norm = 1.0 / tl.where(row_ok, p_sum, 1.0)
         d_exact = p_dp * norm
         acc = (acc + (d_row - d_exact)[:, None] * p_k) * norm[:, None]
         dmax = strength * norm * (dmax + (d_row - d_exact) * p_da)
@@ -232,8 +252,9 @@ def _tar_bwd_dq_kernel(
             tie_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
             for start in range(0, hi, BLOCK_N):
                 j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, j < NK, HEAD_DIM)
-                s, valid = masked_scores(q, k, (j < NK)[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
+                col_ok = key_ok(j < NK, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK)
+                k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
+                s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
                                           PRECISION)
                 tie = valid & (s == m[:, None])
                 tie_k += mma(cast(tie.to(tl.float32), k.dtype), k, PRECISION)
@@ -256,32 +277,44 @@ def _tar_bwd_dq_kernel(
 
 @triton.jit
 def _tar_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DELTA, DDELTA, STATS, SEQMAX, AUX,
+    Q, K, V, DO, DK, DV, DELTA, DDELTA, STATS, SEQMAX, AUX, FQ, FK, KMASK,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    stride_kmb, stride_kmn,
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
+    NUM_FRAMES,  # the frame matrix's size F (DDELTA (F, F) with HAS_FRAMES)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,  # as in ops/tar_fwd.py's tiled kernel
 ):
     """dK, dV of BLOCK_N keys (and their columns of d delta), walking the query blocks.
 
     Runs the dQ pass's tiles, so its recomputed raw scores equal that pass's bit for bit: a key
     ties in row i exactly when its score equals the row max the dQ pass saved.
+
+    Frame ids and a key mask as in the forward's tiled kernel (a masked key gets dK = dV = 0).
+    With HAS_FRAMES the gradient of the frame matrix is accumulated atomically into DDELTA
+    (float32 (F, F), zeroed): entry [f(q_i), f(k_j)] sums the entries' c * m_i * dS'_ij, in an
+    order that may vary between runs.
     """
-    seq, nb, b, h, offs_n, col_ok = block_coords(NK, H, BLOCK_N)
+    seq, nb, b, h, offs_n, col_in = block_coords(NK, H, BLOCK_N)
+    col_ok = key_ok(col_in, KMASK, b * stride_kmb, offs_n, stride_kmn, HAS_KEY_MASK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = load_tile(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
-    v = load_tile(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V)
+    v = load_tile(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, col_in, HEAD_DIM_V)
     q_base = b * stride_qb + h * stride_qh
     g_base = b * stride_dob + h * stride_doh
-    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_n[None, :] * stride_deltan
+    fk = offs_n
+    if HAS_FRAMES:
+        fk = tl.load(FK + offs_n, mask=col_in, other=-1)
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + fk[None, :] * stride_deltan
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv_acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     lo = 0
@@ -303,8 +336,15 @@ def _tar_bwd_dkdv_kernel(
             bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
             if GLOBAL_MAX:
                 bias_max = seq_max
-            dA = delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * stride_deltam, gauss_coef, HAS_DELTA)
+            if HAS_FRAMES:
+                fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
+                dA = delta_a(fq, fk, valid, d_base + fq[:, None] * stride_deltam, gauss_coef, HAS_DELTA, True)
+            else:
+                dA = delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * stride_deltam, gauss_coef,
+                             HAS_DELTA)
             s_reg = bias(s, bias_max, dA, strength)
+            if HAS_FRAMES or HAS_KEY_MASK:
+                s_reg = tl.where(valid, s_reg, float("-inf"))
         p = exp(s_reg - lse[:, None])
         if REGULARIZE:
             p = p * tl.load(AUX + row * _AUX_N + _AUX_NORM, mask=row_ok, other=1.0)[:, None]
@@ -313,14 +353,18 @@ def _tar_bwd_dkdv_kernel(
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             if DELTA_GRAD:
-                tl.store(DDELTA + row[:, None] * NK + offs_n[None, :], (strength * bias_max)[:, None] * ds,
-                         mask=valid)
+                if HAS_FRAMES:
+                    tl.atomic_add(DDELTA + fq[:, None] * NUM_FRAMES + fk[None, :], (strength * bias_max)[:, None] * ds,
+                                  mask=valid & (fq[:, None] >= 0) & (fk[None, :] >= 0))
+                else:
+                    tl.store(DDELTA + row[:, None] * NK + offs_n[None, :], (strength * bias_max)[:, None] * ds,
+                             mask=valid)
             share = tl.load(AUX + row * _AUX_N + _AUX_SHARE, mask=row_ok, other=0.0)
             row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
             ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
         dk += mma(tl.trans(cast(ds, q.dtype)), q, PRECISION)
-    store_tile(DK, seq * NK + offs_n, HEAD_DIM, offs_d, 1, dk * scale, col_ok, HEAD_DIM)
-    store_tile(DV, seq * NK + offs_n, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V)
+    store_tile(DK, seq * NK + offs_n, HEAD_DIM, offs_d, 1, dk * scale, col_in, HEAD_DIM)
+    store_tile(DV, seq * NK + offs_n, HEAD_DIM_V, offs_dv, 1, dv_acc, col_in, HEAD_DIM_V)
 
 
 # --------------------------------------------------------------------------- configs
@@ -382,7 +426,8 @@ def _prune_tiled(configs, named_args, **kwargs):
     return [c for c in configs if _row_words(c, block_d) == least]
 
 
-_TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE"]
+_TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "HAS_FRAMES",
+              "HAS_KEY_MASK"]
 
 # The tiled dK/dV pass is not tuned on its own: it runs the config the dQ pass was tuned to
 # (`_dkdv_options`), so both recompute the same score tiles bit for bit and agree on the ties.
@@ -428,7 +473,8 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     empty for the packed layout); grad_out (B, H, Nq, Dv), any strides, q's dtype.
     dq, dk, dv are contiguous in q's dtype with q/k/v's shapes (written into `grads` when given:
     three such tensors). ddelta is the float32 gradient of the (B, H, Nq, Nk) bias
-    `problem.delta` when delta_grad, else None.
+    `problem.delta` (with frame ids: of the (F, F) frame matrix) when delta_grad, else None.
+    Frame ids or a key mask run the tiled kernels at any length, as the forward does.
     """
     q, k, v = problem.q, problem.k, problem.v
     B, H, nq, nk, d, dv = problem.batch, problem.heads, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v
@@ -441,16 +487,20 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     elif any(g.shape != t.shape or g.dtype != q.dtype or not g.is_contiguous() for g, t in zip(grads, (q, k, v))):
         raise ValueError("grads must be three contiguous tensors shaped like q, k and v in q's dtype")
     dq, dk, dv_out = grads
-    ddelta = torch.zeros(bh, nq, nk, device=q.device, dtype=torch.float32) if delta_grad else None
+    frame_delta = problem.frames_q is not None and problem.delta is not None
+    ddelta = None
+    if delta_grad:
+        ddelta = torch.zeros(problem.delta.shape if frame_delta else (bh, nq, nk), device=q.device,
+                             dtype=torch.float32)
     if bh == 0 or nq == 0:  # no scores: nothing depends on the inputs
         for g in grads:
             g.zero_()
-        return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)
+        return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
     delta, d_strides, gauss_coef = delta_args(problem)
     meta = dict(common_meta(problem), GLOBAL_MAX=problem.max_mode == "global")
     sizes = (bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
 
-    if is_packed(nq, nk, d, dv):
+    if is_packed(nq, nk, d, dv) and not tiled_only(problem):
         seg_q, seg_k, seg_max = packed_segments(problem)
         packed_meta = dict(meta, SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, DELTA_GRAD=delta_grad,
                            VEC=vector_width(q, k, v, grad_out, *grads))
@@ -459,7 +509,7 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         grid = lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)  # noqa: E731
         _packed[grid](q, k, v, grad_out, dq, dk, dv_out, delta, ddelta,
                       *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, **packed_meta)
-        return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)
+        return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
 
     if tuple(stats.shape) != (bh, nq, STATS_FIELDS):
         raise ValueError(f"stats must be the ({bh}, {nq}, {STATS_FIELDS}) statistics of the tiled forward, "
@@ -472,23 +522,31 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         dq_buf = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
         tie_k = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
     n_bucket = pow2(max(nq, nk))
+    fq, fk, km, *km_strides, has_frames, has_key_mask = frame_args(problem)
+    meta.update(HAS_FRAMES=has_frames, HAS_KEY_MASK=has_key_mask)
     with _TUNED_LAUNCH:
         _dq[lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)](
-            q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *d_strides, *sizes, n_bucket,
-            **meta, **(INTERPRETER_TILES if INTERPRETING else {}))
+            q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k, fq, fk, km,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *d_strides, *km_strides,
+            *sizes, n_bucket, **meta, **(INTERPRETER_TILES if INTERPRETING else {}))
         tiles = _dkdv_options()
     if regularized_global:
         # Every entry equal to the slice's max (as the dQ pass recomputed the scores) gets the same
         # share of the summed dm_i.
         row_max = aux[..., layout.AUX_MAX]
         at_max = row_max == row_max.amax(dim=1, keepdim=True)
-        ties = (aux[..., layout.AUX_COUNT] * at_max).sum(dim=1, keepdim=True)
+        # (at least 1: a slice without keys has no tie, and shares 0)
+        ties = (aux[..., layout.AUX_COUNT] * at_max).sum(dim=1, keepdim=True).clamp_min(1.0)
         share = torch.where(at_max, aux[..., layout.AUX_SHARE].sum(dim=1, keepdim=True) / ties, 0.0)
         aux[..., layout.AUX_SHARE] = share
         dq.copy_((dq_buf + share[..., None] * tie_k).view(q.shape))
     _dkdv[(bh * triton.cdiv(nk, tiles["BLOCK_N"]),)](
-        q, k, v, grad_out, dk, dv_out, delta, ddelta, stats, seq_max, aux,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, n_bucket,
-        DELTA_GRAD=delta_grad, **meta, **tiles)
-    return dq, dk, dv_out, None if ddelta is None else ddelta.view(B, H, nq, nk)
+        q, k, v, grad_out, dk, dv_out, delta, ddelta, stats, seq_max, aux, fq, fk, km,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *km_strides, *sizes, n_bucket,
+        problem.delta.shape[0] if frame_delta else 0, DELTA_GRAD=delta_grad, **meta, **tiles)
+    return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
+
+
+def _ddelta(ddelta, frame_delta: bool, shape: tuple):
+    """The delta gradient as returned: the (F, F) frame matrix's as is, the per-entry one as (B, H, Nq, Nk)."""
+    return ddelta if ddelta is None or frame_delta else ddelta.view(shape)

@@ -18,9 +18,12 @@ Two layouts, one semantics (see docs/semantics.md):
   write O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS); the
   packed layout saves nothing, its backward recomputes whole rows.
 
-The Gaussian dA is computed from (i, j) in registers; only a user-supplied
-delta is read from memory. Nothing N x N is written. Offsets are int64 and the
-whole (batch x heads) axis is on grid axis 0.
+The Gaussian dA is computed from (i, j) in registers (with frame ids, from the
+int32 ids of the block's rows and of each key tile); only a user-supplied
+delta (or frame matrix) is read from memory. Frame ids and key masks run the
+tiled layout at every length, in two passes (`_tar_fwd_tiled_kernel`). Nothing
+N x N is written. Offsets are int64 and the whole (batch x heads) axis is on grid
+axis 0.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import triton.language as tl
 
 from .._validation import TarProblem
 from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
-    delta_args, interpreter_rows, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, \
-    packed_max, packed_segments, store_tile, vector_width
+    delta_args, frame_args, interpreter_rows, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, \
+    packed_exp, packed_max, packed_segments, store_tile, tiled_only, vector_width
 from .layout import STATS_FIELDS, is_packed, pow2
 
 
@@ -97,29 +100,35 @@ def _tar_fwd_packed_kernel(
 
 @triton.jit
 def _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, lo, hi, m, scale,
-             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr):
+             KMASK, km_base, stride_kmn,
+             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr,
+             HAS_KEY_MASK: tl.constexpr):
     """max(m, max_j S_ij) over the (masked) key tiles [lo, hi) for the query rows offs_m.
 
-    The max is NaN where a score is: the global max reduces these, and must see the NaN.
+    The max is NaN where a score is: the global max reduces these, and must see the NaN. With
+    HAS_KEY_MASK the keys the mask (KMASK + km_base, uint8) drops take no part (-inf if all do).
     """
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, j < NK, HEAD_DIM, VEC)
-        s, valid = masked_scores(q, k, j[None, :] < NK, offs_m, j, scale, CAUSAL, PRECISION)
+        col_ok = key_ok(j < NK, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK)
+        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM, VEC)
+        s, valid = masked_scores(q, k, col_ok[None, :], offs_m, j, scale, CAUSAL, PRECISION)
         m = max_nan(m, nanmax(s, 1))
     return m
 
 
 @triton.jit
 def _tar_fwd_row_max_kernel(
-    Q, K, ROWMAX, STATS,
+    Q, K, ROWMAX, STATS, KMASK,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_kmb, stride_kmn,
     NQ, NK, H, HEAD_DIM, scale,
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr,
     VEC: tl.constexpr,  # head-dim entries per vector load (_jit.vector_width)
+    HAS_KEY_MASK: tl.constexpr,  # KMASK (uint8 (B, Nk)) drops keys: a row without keys has max -inf
 ):
     """Pre-pass of max_mode="global" in the tiled layout: the exact row max m_i of S for BLOCK_M query rows.
 
@@ -135,7 +144,8 @@ def _tar_fwd_row_max_kernel(
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
     m = _row_max(q, K, b * stride_kb + h * stride_kh, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, 0, hi,
-                 tl.full((BLOCK_M,), float("-inf"), tl.float32), scale, BLOCK_N, CAUSAL, PRECISION, VEC)
+                 tl.full((BLOCK_M,), float("-inf"), tl.float32), scale, KMASK, b * stride_kmb, stride_kmn,
+                 BLOCK_N, CAUSAL, PRECISION, VEC, HAS_KEY_MASK)
     row = seq * NQ + offs_m
     tl.store(ROWMAX + row, m, mask=row_ok)
     if SAVE_STATS:
@@ -145,9 +155,10 @@ def _tar_fwd_row_max_kernel(
 @triton.jit
 def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv,
                    row_ok, NK, HEAD_DIM, HEAD_DIM_V, lo, hi, scale, run_max, denom, acc,
-                   cm, d_base, stride_deltan, gauss_coef,
+                   cm, d_base, stride_deltan, gauss_coef, fq, FK, KMASK, km_base, stride_kmn,
                    BLOCK_N: tl.constexpr, MASK: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_DELTA: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr):
+                   HAS_DELTA: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr,
+                   HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
     """The online softmax of the key tiles [lo, hi): (run_max, denom, acc) updated.
 
     MASK: the tiles may hold keys past NK or above the causal diagonal (the scores are masked);
@@ -155,29 +166,46 @@ def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, str
     whose q is 0, then see finite scores and are never stored). BIAS: the scores get
     cm_i * dA_ij, cm = strength * m. exp is exp2 of the score times log2(e) minus the row's
     max times log2(e): one FMA per score.
+
+    HAS_FRAMES (with MASK): dA from the rows' frame ids fq and the keys' FK (int32, -1 outside
+    the video; d_base then points at the frame matrix's rows fq). HAS_KEY_MASK (with MASK): the
+    keys KMASK (uint8, + km_base) drops are masked, and a row with no key so far keeps
+    run_max = -inf with denom = 0 (its exponent is taken from 0). With either, masked entries
+    stay -inf after the bias whatever cm is (a row without keys has m = -inf).
     """
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         if MASK:
-            col_ok = j < NK
+            col_in = j < NK
+            col_ok = key_ok(col_in, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK)
             k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM, VEC)
             s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
         else:
             col_ok = tl.full((BLOCK_N,), 1, tl.int1)
+            col_in = col_ok
             k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM, VEC)
             s = mma(q, tl.trans(k), PRECISION) * scale
             valid = col_ok[None, :]
         if BIAS:
-            dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
+            if HAS_FRAMES:
+                fk = tl.load(FK + j, mask=j < NK, other=-1)
+                dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
+            else:
+                dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
             s = s + cm[:, None] * dA
+            if HAS_FRAMES or HAS_KEY_MASK:
+                s = tl.where(valid, s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
         if MASK:
             new_max = tl.where(row_ok, new_max, 0.0)  # padding rows are all -inf here
         m2 = new_max * 1.4426950408889634
+        if HAS_KEY_MASK:  # a row without keys so far: every p is 0
+            m2 = tl.where(new_max == float("-inf"), 0.0, m2)
         alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
         p = tl.exp2(s * 1.4426950408889634 - m2[:, None])
         denom = denom * alpha + tl.sum(p, 1)
-        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V, VEC)
+        # every key's v, masked or not, as the definition's P @ V (weight 0 for a masked key)
+        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, col_in, HEAD_DIM_V, VEC)
         acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
         run_max = new_max
     return run_max, denom, acc
@@ -185,12 +213,13 @@ def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, str
 
 @triton.jit
 def _tar_fwd_tiled_kernel(
-    Q, K, V, O, DELTA, SEQMAX, STATS,
+    Q, K, V, O, DELTA, SEQMAX, STATS, FQ, FK, KMASK,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    stride_kmb, stride_kmn,
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     BAND,  # keys with |j - i| >= BAND are outside the band (see `band_width`); unused with a whole band
@@ -203,6 +232,8 @@ def _tar_fwd_tiled_kernel(
     SAVE_STATS: tl.constexpr,  # write the row statistics of layout.STATS_FIELDS to STATS
     PRECISION: tl.constexpr,
     VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
+    HAS_FRAMES: tl.constexpr,  # dA from the frame ids FQ (Nq,) and FK (Nk,), int32, -1 outside the video
+    HAS_KEY_MASK: tl.constexpr,  # KMASK (uint8 (B, Nk), nonzero = attend) drops keys
 ):
     """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence.
 
@@ -221,12 +252,18 @@ def _tar_fwd_tiled_kernel(
 
     A row whose strength * m_i is not finite is NaN (the definition's c * m_i * 0 off the band).
     Causal programs stop at their last visible key tile.
+
+    Frame ids (HAS_FRAMES) and a key mask (HAS_KEY_MASK) make the whole row the band too (two
+    passes; ONE_PASS off): dA_ij is the Gaussian of f(k_j) - f(q_i), or the frame matrix DELTA
+    (strides (0, 0, row, column)) at [f(q_i), f(k_j)], 0 where an id is -1; the ids are read per
+    block (O(N) per program). Masked keys take no part in the max or the softmax; a row with no
+    key gives 0, and its saved log-sum-exp is +inf (so the backward's probabilities are 0).
     Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
     (read only with HAS_DELTA) have any strides. With SAVE_STATS the raw row max and the
     log-sum-exp of the biased scores go to STATS (float32, (B*H, Nq, layout.STATS_FIELDS),
     contiguous) for ops/tar_bwd.py. The grid is (B*H * cdiv(Nq, BLOCK_M),).
     """
-    WHOLE: tl.constexpr = REGULARIZE and (GLOBAL_MAX or HAS_DELTA)
+    WHOLE: tl.constexpr = (REGULARIZE and (GLOBAL_MAX or HAS_DELTA)) or HAS_FRAMES or HAS_KEY_MASK
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -237,7 +274,11 @@ def _tar_fwd_tiled_kernel(
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
     stat_row = seq * NQ + offs_m
-    d_base = DELTA + b * stride_deltab + h * stride_deltah + offs_m[:, None] * stride_deltam
+    fq = offs_m
+    if HAS_FRAMES:
+        fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
+    d_base = DELTA + b * stride_deltab + h * stride_deltah + fq[:, None] * stride_deltam
+    km_base = b * stride_kmb
 
     # the band [band_lo, band_hi): tiles with a key j, r0 - BAND < j < r1 + BAND, for a row r0 <= i <= r1
     band_lo = 0
@@ -256,7 +297,7 @@ def _tar_fwd_tiled_kernel(
             m = tl.load(SEQMAX + seq + offs_m * 0)
         else:
             m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, 0, hi, m, scale,
-                         BLOCK_N, CAUSAL, PRECISION, VEC)
+                         KMASK, km_base, stride_kmn, BLOCK_N, CAUSAL, PRECISION, VEC, HAS_KEY_MASK)
     cm = strength * tl.where(row_ok, m, 0.0)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_M,), tl.float32)
@@ -267,23 +308,27 @@ def _tar_fwd_tiled_kernel(
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, 0, left, scale, run_max, denom, acc, cm, d_base, stride_deltan, gauss_coef,
-            BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC)
+            fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC,
+            HAS_FRAMES, HAS_KEY_MASK)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, left, band_lo, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION,
+            VEC, HAS_FRAMES, HAS_KEY_MASK)
         right = tl.maximum(band_hi, full_hi)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, band_hi, right, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA,
+            PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, right, hi, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION,
+            VEC, HAS_FRAMES, HAS_KEY_MASK)
     if REGULARIZE and ONE_PASS:  # the row max: the off-band scores' (their running max), then the band's
         m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, band_lo, band_hi,
-                     run_max, scale, BLOCK_N, CAUSAL, PRECISION, VEC)
+                     run_max, scale, KMASK, km_base, stride_kmn, BLOCK_N, CAUSAL, PRECISION, VEC, HAS_KEY_MASK)
         cm = strength * tl.where(row_ok, m, 0.0)
     if SAVE_STATS:
         if REGULARIZE and not GLOBAL_MAX:
@@ -293,10 +338,15 @@ def _tar_fwd_tiled_kernel(
     run_max, denom, acc = _softmax_tiles(
         q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
         NK, HEAD_DIM, HEAD_DIM_V, band_lo, band_hi, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-        gauss_coef, BLOCK_N, True, REGULARIZE, CAUSAL, HAS_DELTA, PRECISION, VEC)
+        gauss_coef, fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, True, REGULARIZE, CAUSAL, HAS_DELTA, PRECISION,
+        VEC, HAS_FRAMES, HAS_KEY_MASK)
     denom = tl.where(row_ok, denom, 1.0)
     out = acc / denom[:, None]
     lse = run_max + tl.log(denom)
+    if HAS_KEY_MASK:  # a row with no key: sum_j 0 * v_j (0 for finite v), as the definition says
+        empty = denom == 0.0
+        out = tl.where(empty[:, None], acc, out)
+        lse = tl.where(empty, float("inf"), lse)
     if REGULARIZE and ONE_PASS:  # off the band the definition adds c * m_i * 0: NaN for an inf or NaN c * m_i
         finite = (cm - cm) == 0.0
         out = tl.where(finite[:, None], out, float("nan"))
@@ -357,7 +407,8 @@ def _prune_tiled(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 128  # the row-max pre-pass has no BLOCK_DV
     deep = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 64
-    biased = args.get("REGULARIZE", False) and (args.get("HAS_DELTA", False) or not args.get("GLOBAL_MAX", False))
+    biased = args.get("REGULARIZE", False) and (args.get("HAS_DELTA", False) or args.get("HAS_FRAMES", False)
+                                                or not args.get("GLOBAL_MAX", False))
     keep = []
     for c in configs:
         bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
@@ -411,12 +462,12 @@ else:
         _packed_configs(), key=["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA"],
         prune_configs_by={"early_config_prune": _prune_packed})(_tar_fwd_packed_kernel)
     _tiled_row_max = triton.autotune(
-        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "CAUSAL", "SAVE_STATS"],
+        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "CAUSAL", "SAVE_STATS", "HAS_KEY_MASK"],
         prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_row_max_kernel)
     _tiled = triton.autotune(
         _tiled_configs(),
         key=["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "REGULARIZE", "GLOBAL_MAX", "ONE_PASS",
-             "SAVE_STATS"],
+             "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"],
         prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_tiled_kernel)
 
 
@@ -432,6 +483,9 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
     stats: optional float32 (B*H, Nq, layout.STATS_FIELDS) buffer, contiguous, for a call that
     will be differentiated in the tiled layout (layout.stats_shape): the kernel fills it with the
     row statistics ops/tar_bwd.py reads. Without it the inference path writes nothing extra.
+
+    Frame ids or a key mask run the tiled layout whatever the length (the packed kernel takes
+    neither: `_jit.tiled_only`), in two passes, so such a call saves statistics at any length.
     """
     q, k, v = problem.q, problem.k, problem.v
     B, H, nq, nk, d, dv = problem.batch, problem.heads, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v
@@ -444,7 +498,7 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
     common = dict(common_meta(problem), VEC=vector_width(q, k, v, out))
     args = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *d_strides,
             bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
-    if is_packed(nq, nk, d, dv):
+    if is_packed(nq, nk, d, dv) and not tiled_only(problem):
         if stats is not None and stats.numel():
             raise ValueError("the packed layout saves no statistics: pass stats=None (see layout.stats_shape)")
         seg_q, seg_k, seg_max = packed_segments(problem)
@@ -465,17 +519,20 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
     n_bucket = pow2(max(nq, nk))
     global_max = problem.max_mode == "global" and problem.regularized
     seq_max = None  # read in global mode only
+    fq, fk, km, *km_strides, has_frames, has_key_mask = frame_args(problem)
     if global_max:
         row_max = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
-        _tiled_row_max[grid](q, k, row_max, stats, *q.stride(), *k.stride(), nq, nk, H, d, problem.scale,
-                             n_bucket, BLOCK_D=common["BLOCK_D"], CAUSAL=common["CAUSAL"], SAVE_STATS=save_stats,
-                             PRECISION=common["PRECISION"], VEC=common["VEC"], **tiles)
+        _tiled_row_max[grid](q, k, row_max, stats, km, *q.stride(), *k.stride(), *km_strides, nq, nk, H, d,
+                             problem.scale, n_bucket, BLOCK_D=common["BLOCK_D"], CAUSAL=common["CAUSAL"],
+                             SAVE_STATS=save_stats, PRECISION=common["PRECISION"], VEC=common["VEC"],
+                             HAS_KEY_MASK=has_key_mask, **tiles)
         seq_max = row_max.amax(dim=1)
-    one_pass = problem.regularized and problem.delta is None and not global_max
+    one_pass = problem.regularized and problem.delta is None and not global_max and not tiled_only(problem)
     if one_pass:
         band = band_width(gauss_coef, nq + nk)
     else:
         band = 1  # without TAR: the tiles the causal diagonal crosses
-    _tiled[grid](q, k, v, out, delta, seq_max, stats, *args, band, n_bucket, GLOBAL_MAX=global_max,
-                 ONE_PASS=one_pass and one_pass_order, SAVE_STATS=save_stats, **common, **tiles)
+    _tiled[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, *args[:20], *km_strides, *args[20:], band,
+                 n_bucket, GLOBAL_MAX=global_max, ONE_PASS=one_pass and one_pass_order, SAVE_STATS=save_stats,
+                 HAS_FRAMES=has_frames, HAS_KEY_MASK=has_key_mask, **common, **tiles)
     return out

@@ -1,0 +1,249 @@
+"""The Triton tiled kernels with frame ids (`frames=`) and key masks (`key_mask=`): forward and
+gradients against the float64 reference (tests/helpers.py tolerances) over frame layouts, key masks
+(rows and whole batch items without a key), causal, the global max, frame matrices and the dtypes.
+
+Calls with frames or a key mask run the tiled kernels at every length (the packed kernels take
+neither), so the short sequences here exercise the tiled path; the interpreter's tiles (64 x 64
+forward, 64 x 32 backward) split the longer ones.
+"""
+
+import math
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+from vstar_kernels import dispatch
+from vstar_kernels._validation import make_problem
+
+from ._device import DEVICE
+from .helpers import assert_close_to_reference, assert_grads_close, dtype_id, reference_grads
+
+D = 16
+
+
+def ids(*parts):
+    """Frame ids from (frame, count) parts: frame -1 marks text."""
+    return torch.cat([torch.full((n,), f, dtype=torch.int32) for f, n in parts]).to(DEVICE)
+
+
+# Frame layouts: text before (CogVideoX), after (HunyuanVideo, Mochi), none, one frame, -1 ids in the
+# middle, up to 40 tokens per frame, unequal frames and a repeated frame further on.
+LAYOUTS = {
+    "text_before": lambda: vk.frame_ids(3, 12, text_before=7, device=DEVICE),
+    "text_after": lambda: vk.frame_ids(4, 9, text_after=5, device=DEVICE),
+    "no_text": lambda: vk.frame_ids(5, 8, device=DEVICE),
+    "one_frame": lambda: vk.frame_ids(1, 40, text_before=3, device=DEVICE),
+    "long_frames": lambda: vk.frame_ids(2, 40, text_after=6, device=DEVICE),
+    "holes": lambda: ids((0, 6), (-1, 3), (1, 9), (-1, 1), (2, 7), (4, 5), (-1, 2), (1, 4)),
+}
+
+
+def qkv(B, H, nq, nk, dtype, *, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, n, D, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
+                 for n in (nq, nk, nk))
+
+
+def key_mask(B, nk, seed=5, keep=0.7):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, nk, generator=g) < keep
+    mask[:, torch.randint(nk, (1,), generator=g)] = True
+    return mask.to(DEVICE)
+
+
+def frame_matrix(F, seed=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(F, F, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def reference64(q, k, v, *, delta=None, **opts):
+    """The float64 reference on CPU (the ids and the mask as they are)."""
+    cpu = {key: (tuple(t.cpu() for t in val) if isinstance(val, tuple) else val.cpu() if torch.is_tensor(val)
+                 else val) for key, val in opts.items()}
+    return vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                      delta=None if delta is None else delta.double().cpu(), **cpu)
+
+
+def check_forward(q, k, v, **opts):
+    out = vk.tar_attention(q, k, v, backend="triton", **opts)
+    assert_close_to_reference(out.cpu(), reference64(q, k, v, **opts))
+    return out
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_forward_over_frame_layouts(layout):
+    frames = LAYOUTS[layout]()
+    n = frames.numel()
+    q, k, v = qkv(2, 2, n, n, torch.float32, seed=n)
+    check_forward(q, k, v, frames=frames, sigma=1.3)
+    check_forward(q, k, v, frames=frames, sigma=0.7, strength=2.0, key_mask=key_mask(2, n, seed=n))
+
+
+OPTIONS = [
+    dict(causal=True),
+    dict(max_mode="global"),
+    dict(max_mode="global", causal=True),
+    dict(sigma=math.inf),
+    dict(sigma=2.5, strength=-1.5, scale=0.3),
+    dict(delta="frames"),
+    dict(delta="frames", max_mode="global", causal=True),
+]
+
+
+def options(opts, F, dtype=torch.float32):
+    return {key: frame_matrix(F, dtype=dtype) if val == "frames" else val for key, val in opts.items()}
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("masked", [False, True], ids=["frames", "frames+key_mask"])
+def test_forward_options(opts, masked):
+    frames = LAYOUTS["holes"]()
+    n = frames.numel()
+    q, k, v = qkv(2, 1, n, n, torch.float32, seed=7)
+    mask = key_mask(2, n) if masked else None
+    check_forward(q, k, v, frames=frames, key_mask=mask, **options(opts, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True, delta="frames"), dict(max_mode="global")],
+                         ids=["gauss", "causal_delta", "global"])
+def test_forward_half_precision(dtype, opts):
+    frames = LAYOUTS["text_after"]()
+    n = frames.numel()
+    q, k, v = qkv(1, 2, n, n, dtype, seed=11)
+    check_forward(q, k, v, frames=frames, key_mask=key_mask(1, n, seed=2), **options(opts, 4, dtype))
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(delta="frames"), dict(max_mode="global", causal=True)],
+                         ids=["gauss", "delta", "global_causal"])
+def test_query_and_key_ids_differ(opts):
+    """Nq != Nk: a pair (q_frames, k_frames), with the queries' frames a subset of the keys'."""
+    fq = ids((-1, 3), (1, 10), (2, 10))
+    fk = vk.frame_ids(4, 20, text_before=3, device=DEVICE)
+    q, k, v = qkv(2, 1, fq.numel(), fk.numel(), torch.float32, seed=3)
+    check_forward(q, k, v, frames=(fq, fk), key_mask=key_mask(2, fk.numel(), seed=9), **options(opts, 4))
+
+
+def test_key_mask_alone_matches_the_reference():
+    q, k, v = qkv(2, 2, 70, 70, torch.float32, seed=4)
+    for opts in (dict(), dict(causal=True, max_mode="global"), dict(strength=0.0)):
+        check_forward(q, k, v, key_mask=key_mask(2, 70, seed=8, keep=0.4), **opts)
+
+
+def empty_rows_mask(B, n):
+    """Batch 0: its first 12 keys dropped (causal rows 0..11 have no key); batch 1: every key dropped."""
+    mask = torch.ones(B, n, dtype=torch.bool, device=DEVICE)
+    mask[0, :12] = False
+    mask[1] = False
+    return mask
+
+
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_rows_without_a_key_give_zero(max_mode):
+    frames = LAYOUTS["holes"]()
+    n = frames.numel()
+    q, k, v = qkv(2, 2, n, n, torch.float32, seed=6)
+    out = check_forward(q, k, v, frames=frames, key_mask=empty_rows_mask(2, n), causal=True, max_mode=max_mode)
+    assert (out[0, :, :12] == 0).all() and (out[1] == 0).all()
+    assert (out[0, :, 12:].abs().sum(-1) > 0).all()
+
+
+def test_frames_arange_is_the_call_without_frames():
+    """Token i in frame i is today's Gaussian (the kernel runs it in two passes: equal to the tolerance)."""
+    n = 90
+    q, k, v = qkv(1, 2, n, n, torch.float32, seed=12)
+    for opts in (dict(sigma=3.0), dict(sigma=3.0, causal=True), dict(sigma=40.0, max_mode="global")):
+        plain = vk.tar_attention(q, k, v, backend="triton", **opts)
+        framed = vk.tar_attention(q, k, v, backend="triton", frames=torch.arange(n, device=DEVICE), **opts)
+        assert_close_to_reference(framed, plain.double())
+
+
+def triton_grads(q, k, v, grad_out, delta=None, **opts):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    d = None if delta is None else delta.detach().clone().requires_grad_()
+    out = vk.tar_attention(*leaves, delta=d, backend="triton", **opts)
+    return torch.autograd.grad(out, leaves + ([d] if d is not None else []), grad_out)
+
+
+GRAD_CASES = {
+    "gauss": dict(),
+    "causal": dict(causal=True),
+    "global": dict(max_mode="global"),
+    "global_causal": dict(max_mode="global", causal=True),
+    "delta": dict(delta="frames"),
+    "delta_global": dict(delta="frames", max_mode="global"),
+    "strong": dict(sigma=0.6, strength=3.0),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_gradients(case):
+    frames = LAYOUTS["holes"]()
+    n = frames.numel()
+    q, k, v = qkv(2, 1, n, n, torch.float32, seed=21)
+    opts = options(GRAD_CASES[case], 5)
+    delta = opts.pop("delta", None)
+    opts.update(frames=frames, key_mask=key_mask(2, n, seed=13))
+    grad_out = torch.randn(2, 1, n, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    assert_grads_close(triton_grads(q, k, v, grad_out, delta, **opts),
+                       reference_grads(q, k, v, grad_out, delta, device=DEVICE, **opts), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_gradients_half_precision_query_and_key_ids_differ(dtype):
+    fq = ids((0, 20), (-1, 4), (1, 20))
+    fk = vk.frame_ids(3, 24, text_after=5, device=DEVICE)
+    q, k, v = qkv(1, 2, fq.numel(), fk.numel(), dtype, seed=5)
+    delta = frame_matrix(3, dtype=dtype)
+    opts = dict(frames=(fq, fk), key_mask=key_mask(1, fk.numel(), seed=4), causal=True)
+    grad_out = torch.randn(1, 2, fq.numel(), D, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    assert_grads_close(triton_grads(q, k, v, grad_out, delta, **opts),
+                       reference_grads(q, k, v, grad_out, delta, device=DEVICE, **opts), dtype)
+
+
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_rows_without_a_key_get_zero_gradients(max_mode):
+    """Rows without a key take no part: zero dq rows, and the other rows' gradients match the reference.
+    (No frame matrix here: the reference's own delta gradient is NaN through such rows, m_i = -inf.)"""
+    frames = LAYOUTS["holes"]()
+    n = frames.numel()
+    q, k, v = qkv(2, 1, n, n, torch.float32, seed=8)
+    opts = dict(frames=frames, key_mask=empty_rows_mask(2, n), causal=True, max_mode=max_mode)
+    grad_out = torch.randn(2, 1, n, D, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    grads = triton_grads(q, k, v, grad_out, **opts)
+    assert (grads[0][0, :, :12] == 0).all() and all((g[1] == 0).all() for g in grads)
+    assert_grads_close(grads, reference_grads(q, k, v, grad_out, device=DEVICE, **opts), torch.float32)
+
+
+def test_triton_takes_frames_and_key_masks_and_cuda_does_not():
+    q = torch.randn(1, 1, 8, 16, device=DEVICE)
+    frames = torch.tensor([-1, 0, 0, 1, 1, 2, 2, -1], device=DEVICE)
+    problem = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
+                           frames=frames, key_mask=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))
+    reasons = dispatch.BACKENDS["triton"].not_supported_reasons(problem)
+    assert not any("frame" in r or "key mask" in r for r in reasons)
+    assert dispatch.BACKENDS["triton"].stats_shape(problem, True) == (1, 8, 2)
+    cuda = dispatch.BACKENDS["cuda"].not_supported_reasons(problem)
+    assert any("frame ids" in r for r in cuda) and any("key mask" in r for r in cuda)
+
+
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_small_tiles_split_frames_and_masks(max_mode, monkeypatch):
+    """Tiles smaller than a frame and than the text runs (16 x 16 forward, 32 x 16 backward): ids,
+    masks and the causal limit cut across many tiles; forward and gradients still match."""
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
+    from vstar_kernels.ops._load import triton_backward_ops, triton_ops
+
+    monkeypatch.setattr(triton_ops().module, "INTERPRETER_TILES", dict(BLOCK_M=16, BLOCK_N=16))
+    monkeypatch.setattr(triton_backward_ops().module, "INTERPRETER_TILES", dict(BLOCK_M=32, BLOCK_N=16))
+    frames = vk.frame_ids(3, 17, text_before=5, text_after=9, device=DEVICE)
+    n = frames.numel()
+    q, k, v = qkv(2, 1, n, n, torch.float32, seed=31)
+    delta = frame_matrix(3, seed=4)
+    opts = dict(frames=frames, key_mask=key_mask(2, n, seed=17, keep=0.6), causal=True, max_mode=max_mode)
+    check_forward(q, k, v, delta=delta, **opts)
+    grad_out = torch.randn(2, 1, n, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    assert_grads_close(triton_grads(q, k, v, grad_out, delta, **opts),
+                       reference_grads(q, k, v, grad_out, delta, device=DEVICE, **opts), torch.float32)
