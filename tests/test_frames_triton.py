@@ -203,17 +203,21 @@ def test_gradients_half_precision_query_and_key_ids_differ(dtype):
 
 
 @pytest.mark.parametrize("max_mode", ["row", "global"])
-def test_rows_without_a_key_get_zero_gradients(max_mode):
-    """Rows without a key take no part: zero dq rows, and the other rows' gradients match the reference.
-    (No frame matrix here: the reference's own delta gradient is NaN through such rows, m_i = -inf.)"""
+@pytest.mark.parametrize("with_delta", [False, True], ids=["gauss", "frame_matrix"])
+def test_rows_without_a_key_get_zero_gradients(max_mode, with_delta):
+    """Rows without a key take no part: zero dq rows, and the other rows' gradients (a frame
+    matrix's too: finite, the empty rows add nothing) match the reference."""
     frames = LAYOUTS["holes"]()
     n = frames.numel()
     q, k, v = qkv(2, 1, n, n, torch.float32, seed=8)
+    delta = frame_matrix(int(frames.max()) + 1) if with_delta else None
     opts = dict(frames=frames, key_mask=empty_rows_mask(2, n), causal=True, max_mode=max_mode)
     grad_out = torch.randn(2, 1, n, D, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    grads = triton_grads(q, k, v, grad_out, **opts)
-    assert (grads[0][0, :, :12] == 0).all() and all((g[1] == 0).all() for g in grads)
-    assert_grads_close(grads, reference_grads(q, k, v, grad_out, device=DEVICE, **opts), torch.float32)
+    grads = triton_grads(q, k, v, grad_out, delta, **opts)
+    assert (grads[0][0, :, :12] == 0).all() and all((g[1] == 0).all() for g in grads[:3])
+    expected = reference_grads(q, k, v, grad_out, delta, device=DEVICE, **opts)
+    assert all(torch.isfinite(g).all() for g in expected)
+    assert_grads_close(grads, expected, torch.float32)
 
 
 def test_triton_takes_frames_and_key_masks_and_cuda_does_not():

@@ -48,6 +48,11 @@ def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
         return s
     if m is None:
         m = s.amax(dim=-1 if problem.max_mode == "row" else (-2, -1), keepdim=True)
+    if mask is not None and problem.key_mask is not None:
+        # A row (global: a slice) with no key to attend to has the max -inf; it gives 0 and takes
+        # no bias, so that no -inf * 0 reaches the delta's gradient.
+        empty = mask.all(dim=-1, keepdim=True) if problem.max_mode == "row" else mask.all(dim=(-2, -1), keepdim=True)
+        m = m.masked_fill(empty & torch.isneginf(m), 0.0)
     bias = dA if delta is None else delta.to(s.dtype)
     s = s + problem.strength * m * bias
     return s if mask is None else s.masked_fill(mask, -math.inf)
