@@ -368,6 +368,8 @@ BAD = [
      r"frames\[0\] \(the query ids\) must have shape \(8,\), one id per query token"),
     ("key ids float", dict(frames=(IDS, IDS.double())), TypeError, r"frames\[1\] \(the key ids\) must hold"),
     ("key ids below -1", dict(frames=(IDS, IDS - 3)), ValueError, r"frames\[1\] \(the key ids\) must be frame ids"),
+    ("ids past 2**24", dict(frames=IDS.clamp(min=0) + 2 ** 24 - 1), ValueError,
+     r"frames has frame id 16777216: ids must be below 2\*\*24"),
     ("delta too small", dict(frames=IDS, delta=torch.rand(1, 1)), ValueError,
      r"frames has frame id 1 but delta is a \(1, 1\) frame matrix"),
     ("delta not square", dict(frames=IDS, delta=torch.rand(2, 3)), ValueError,

@@ -181,6 +181,9 @@ def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
     return key_mask
 
 
+FRAME_ID_LIMIT = 2 ** 24  # frame distances are float32 in the kernels: exact below 2**24
+
+
 def check_frame_values(problem: TarProblem) -> None:
     """The checks that read the frame ids: every id is -1 or more, and below the frame matrix's size.
 
@@ -197,6 +200,9 @@ def check_frame_values(problem: TarProblem) -> None:
         low, high = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
         if low < -1:
             raise ValueError(f"{name} must be frame ids >= 0, or -1 for a token outside the video; got {low}")
+        if high >= FRAME_ID_LIMIT:
+            raise ValueError(f"{name} has frame id {high}: ids must be below 2**24 = {FRAME_ID_LIMIT} (the kernels "
+                             "compute frame distances in float32, exact up to there)")
         if problem.delta is not None and high >= problem.delta.shape[0]:
             size = problem.delta.shape[0]
             raise ValueError(f"{name} has frame id {high} but delta is a ({size}, {size}) frame matrix: with frames, "
