@@ -210,6 +210,9 @@ def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_r
             float(ours["model_ours_over_flash"]) * float(by["flash"]["model_time_ms"]), rel=2e-3)
         assert float(by["flex_two_pass"]["model_time_ms"]) == pytest.approx(2 * float(by["flash"]["model_time_ms"]),
                                                                             rel=1e-3)
+        committed = {r["impl"]: r for r in _rows(RESULTS / f"model-dit-{gpu}.csv") if r["model"] == DIT}
+        for impl, r in by.items():
+            assert r == committed[impl], impl
         assert "(model, not measured)" in (dit_run / f"model-dit-{gpu}.md").read_text()
 
 
