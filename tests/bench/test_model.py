@@ -214,6 +214,7 @@ def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_r
         for impl, r in by.items():
             assert r == committed[impl], impl
         assert "(model, not measured)" in (dit_run / f"model-dit-{gpu}.md").read_text()
+        assert (dit_run / f"model-dit-{gpu}.png").stat().st_size > 10_000
 
 
 def test_fit_status_and_cut_off():

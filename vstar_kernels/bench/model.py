@@ -1013,9 +1013,39 @@ def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dit_plot(rows: list, gpu_key: str, path: Path) -> None:
+    """Modeled ms per call of each impl on each DiT shape (log scale); rows that do not fit are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    by = {(r["model"], r["impl"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    width = 0.8 / len(DIT_IMPLS)
+    for k, impl in enumerate(DIT_IMPLS):
+        for i, name in enumerate(names):
+            r = by[name, impl]
+            y = i + (k - (len(DIT_IMPLS) - 1) / 2) * width
+            if r["status"] == "ok":
+                ax.barh(y, r["model_time_ms"], height=width, color=f"C{k}", label=impl if i == 0 else None)
+            else:
+                ax.text(0.012, y, f"{impl}: does not fit ({r['model_peak_gb']:.0f} GB)", va="center", fontsize=7,
+                        transform=ax.get_yaxis_transform())
+    ax.set_yticks(range(len(names)), [f"{n}\nN={by[n, 'flash']['n']:,}" for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xscale="log", xlabel="modeled time per self-attention call, batch 1, bf16 (ms, model)",
+           title=f"DiT self-attention, {GPUS[gpu_key].name} - model, not measured")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def dit_main(args) -> int:
-    """`bench --model --dit [--device h100 h200] [--shapes DIT ...] [--out DIR]`: the DiT rows (every
-    DIT_SHAPES entry, or those --shapes names), model-dit-<gpu>.csv/.md."""
+    """`bench --model --dit [--device h100 h200] [--shapes DIT ...] [--out DIR] [--no-plots]`: the DiT
+    rows (every DIT_SHAPES entry, or those --shapes names), model-dit-<gpu>.csv/.md/.png."""
     directory = Path(os.path.abspath(args.out)) if args.out else _results_dir()
     directory.mkdir(parents=True, exist_ok=True)
     devices = args.device if isinstance(args.device, list) else list(GPUS)
@@ -1036,6 +1066,10 @@ def dit_main(args) -> int:
         table = dit_markdown(rows, key, eta, dits)
         print(table)
         base.with_suffix(".md").write_text(table)
-        for p in (base.with_suffix(".csv"), base.with_suffix(".md")):
+        written = [base.with_suffix(".csv"), base.with_suffix(".md")]
+        if not args.no_plots:
+            dit_plot(rows, key, base.with_suffix(".png"))
+            written.append(base.with_suffix(".png"))
+        for p in written:
             print(f"wrote {p}")
     return 0
