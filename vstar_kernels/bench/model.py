@@ -29,6 +29,11 @@ ceil(P / (SMs c)) * SMs c / P times the average share. What goes in:
   ETA, the one fitted parameter, is the MMA efficiency that minimizes the worst |log ratio|
   over those points. The unfitted model (ETA = 1) is reported beside it.
 
+With --dit (`dit_main`): the video DiT self-attention shapes of DIT_SHAPES instead, ours with frame
+ids (the HAS_FRAMES kernel's own loops, `frames_loop_costs`), flash, flex_two_pass and the eager peers
+that materialize the bias, whose rows say "does not fit" where the peak counted in their meta trace
+exceeds the GPU's memory (benchmarks/NOTES.md, "DiT shapes (model)").
+
 See benchmarks/NOTES.md ("Roofline model") for the sources of every constant.
 """
 
