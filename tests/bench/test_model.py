@@ -166,3 +166,87 @@ def test_bad_device_names_are_argparse_errors(argv, capsys):
 def test_calibration_under_the_interpreter_says_why_it_cannot_compile():
     with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"):
         model.calibration_costs(64)
+
+
+# --------------------------------------------------------------------------- DiT rows (`bench --model --dit`)
+
+DIT = "ltx-video-768x512"
+
+
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory):
+    """`bench --model --dit` on one DiT shape (the smallest), both GPUs, in a subprocess without TRITON_INTERPRET."""
+    if not PTXAS.exists():
+        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
+    out = tmp_path_factory.mktemp("dit")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", "--model", "--dit", "--shapes", DIT,
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_dit_token_counts_follow_the_configs():
+    n = {s.name: s.n for s in model.DIT_SHAPES}
+    assert n == {"wan2.1-1.3b-480p": 21 * 30 * 52, "wan2.1-1.3b-720p": 21 * 45 * 80, "wan2.1-14b-480p": 21 * 30 * 52,
+                 "wan2.1-14b-720p": 21 * 45 * 80, "cogvideox-5b-720x480": 226 + 13 * 30 * 45,
+                 "hunyuanvideo-720p": 33 * 45 * 80 + 256, "ltx-video-768x512": 16 * 16 * 24}
+    cog = next(s for s in model.DIT_SHAPES if s.name == "cogvideox-5b-720x480")
+    ids = cog.frames()
+    assert ids.shape == (cog.n,) and (ids[:226] == -1).all() and ids[226:].min() == 0 and ids.max() == 12
+
+
+def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_run):
+    """Every DiT impl on both GPUs, labelled model; the same numbers as the committed model-dit CSVs (deterministic)."""
+    for gpu in ("h100", "h200"):
+        rows = _rows(dit_run / f"model-dit-{gpu}.csv")
+        assert {r["estimate"] for r in rows} == {"model"}
+        assert [r["impl"] for r in rows] == list(model.DIT_IMPLS)
+        by = {r["impl"]: r for r in rows}
+        ours = by["vstar_triton_frames"]
+        assert "frames" in ours["config"] and float(ours["model_ours_over_flash"]) > 1  # the walk costs a pass
+        assert float(ours["model_time_ms"]) == pytest.approx(
+            float(ours["model_ours_over_flash"]) * float(by["flash"]["model_time_ms"]), rel=2e-3)
+        assert float(by["flex_two_pass"]["model_time_ms"]) == pytest.approx(2 * float(by["flash"]["model_time_ms"]),
+                                                                            rel=1e-3)
+        committed = {r["impl"]: r for r in _rows(RESULTS / f"model-dit-{gpu}.csv") if r["model"] == DIT}
+        for impl, r in by.items():
+            assert r == committed[impl], impl
+        assert "(model, not measured)" in (dit_run / f"model-dit-{gpu}.md").read_text()
+        assert (dit_run / f"model-dit-{gpu}.png").stat().st_size > 10_000
+
+
+def test_fit_status_and_cut_off():
+    assert model.fit_status(80e9, 80e9) == "ok"
+    assert model.fit_status(80.5e9, 80e9) == "does not fit (peak 80.5 GB > 80 GB)"
+    assert model.fits_up_to(4 * 1000 ** 2, 1000, 4 * 3000 ** 2) == 3000
+
+
+def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(monkeypatch):
+    """A small synthetic DiT on a GPU whose memory lies between the two eager peers' peaks: the peer
+    above it gets "does not fit" and no time, the other a time; sdpa_bias holds two (B, H, N, N)
+    tensors in q's dtype at once (the scores and the scaled scores)."""
+    dit = model.Dit("synthetic", heads=2, head_dim=64, latent_frames=4, tokens_per_frame=128)
+    small = model.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory_bytes=0.0)
+    def kernel(*_):  # ours and flash need the sm_90 compiler; their memory is Q, K, V, O either way
+        e = model.Estimate(bytes=1e6, mma_flops=1e9, launches=1, config="stub")
+        return model.finish(e, small, 1.0)
+
+    monkeypatch.setattr(model, "ours_frames", kernel)
+    monkeypatch.setattr(model, "flash", kernel)
+    sdpa = model.eager(PEERS["sdpa_bias"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
+    reference = model.eager(PEERS["reference_materialized"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
+    nn = dit.heads * dit.n ** 2
+    assert 2 * nn * 2 <= sdpa < 3 * nn * 2
+    assert reference != sdpa
+    memory = (sdpa + reference) / 2
+    monkeypatch.setitem(model.GPUS, "synthetic", model.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory))
+
+    rows = {r["impl"]: r for r in model.dit_sweep("synthetic", 1.0, (dit,), progress=lambda _: None)}
+    over, under = ("sdpa_bias", "reference_materialized") if sdpa > reference else ("reference_materialized",
+                                                                                    "sdpa_bias")
+    assert rows[over]["status"].startswith("does not fit (peak ") and "model_time_ms" not in rows[over]
+    assert rows[under]["status"] == "ok" and rows[under]["model_time_ms"] > 0
+    assert int(rows[over]["model_fits_up_to_n"]) < dit.n <= int(rows[under]["model_fits_up_to_n"])
+    assert all(rows[i]["status"] == "ok" for i in ("vstar_triton_frames", "flash", "flex_two_pass"))

@@ -73,6 +73,9 @@ def configure(parser) -> None:
                         help="no GPU needed: a roofline model of the forward time per call on H100/H200 for ours, "
                              "a FlashAttention loop and every peer on the GPU shapes, calibrated on published "
                              "FlashAttention-2 numbers; writes model-<gpu>.csv/.md/.png (see bench/model.py)")
+    parser.add_argument("--dit", action="store_true",
+                        help="with --model: the video DiT self-attention shapes (Wan 2.1, CogVideoX-5B, "
+                             "HunyuanVideo, LTX-Video) with frame ids; writes model-dit-<gpu>.csv/.md")
     parser.set_defaults(device_error=parser.error)
 
 
@@ -92,6 +95,8 @@ def _check_device(args) -> None:
     if args.model and isinstance(args.device, str) and args.device != "auto":
         args.device_error(f"argument --device: {args.device} is not a GPU to model; with --model use one or more "
                           f"of {' '.join(MODEL_DEVICES)}")
+    if getattr(args, "dit", False) and not args.model:
+        args.device_error("argument --dit: the DiT rows are a model: use it with --model")
     if not args.model and isinstance(args.device, list):
         args.device_error(f"argument --device: GPUs to model ({' '.join(args.device)}) need --model; to run, use "
                           f"one of {', '.join(RUNTIME_DEVICES)}")
