@@ -173,6 +173,14 @@ def key_mask_of(mask: Optional[torch.Tensor], batch: int, keys: int, where: str)
     return mask.reshape(mask.shape[0], keys).expand(batch, keys)
 
 
+def no_sdpa_call(name: str, consequence: str) -> RuntimeError:
+    """The error for a wrapped processor whose call never reached scaled_dot_product_attention."""
+    return RuntimeError(
+        f"{name}: the processor computed its attention without "
+        f"torch.nn.functional.scaled_dot_product_attention (a non-native attention backend?), so {consequence}; "
+        "use the native backend: model.set_attention_backend('native')")
+
+
 class DiTTARProcessor:
     """The module's own processor, with TAR on its attention call in the regularized steps.
 
@@ -212,10 +220,7 @@ class DiTTARProcessor:
         with mode:
             out = self.processor(attn, *args, **kwargs)
         if mode.calls == 0:
-            raise RuntimeError(
-                f"{self.name}: the processor computed its attention without "
-                "torch.nn.functional.scaled_dot_product_attention (a non-native attention backend?), so TAR "
-                "could not run there; use the native backend: model.set_attention_backend('native')")
+            raise no_sdpa_call(self.name, "TAR could not run there")
         return out
 
     def attention(self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -39,6 +39,7 @@ from .dit import (
     dit_family,
     key_mask_of,
     loop_step,
+    no_sdpa_call,
     token_frames,
     watch_layout,
 )
@@ -223,8 +224,5 @@ class _Watch:
         with listen:
             out = self.processor(attn, *args, **kwargs)
         if listen.seen == 0:
-            raise RuntimeError(
-                f"{self.name}: the processor computed its attention without "
-                "torch.nn.functional.scaled_dot_product_attention (a non-native attention backend?), so it could "
-                "not be recorded; use the native backend: model.set_attention_backend('native')")
+            raise no_sdpa_call(self.name, "it could not be recorded")
         return out
