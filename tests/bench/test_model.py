@@ -24,18 +24,24 @@ RESULTS = pathlib.Path(__file__).parents[2] / "benchmarks" / "results"
 ARGS = ["--model", "--device", "h100", "h200", "--shapes", "vc2-320x512-l2", "--n", "16", "256"]
 
 
+def _bench(out, *args) -> str:
+    """`python -m vstar_kernels bench *args --out out` in a subprocess without TRITON_INTERPRET (the
+    model compiles for sm_90); its stdout."""
+    if not PTXAS.exists():
+        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", *args, "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The CLI's output directory and stdout, for ARGS."""
-    if not PTXAS.exists():
-        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
     out = tmp_path_factory.mktemp("model")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", *ARGS, "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, done.stdout
+    return out, _bench(out, *ARGS)
 
 
 def _rows(path):
@@ -176,14 +182,8 @@ DIT = "ltx-video-768x512"
 @pytest.fixture(scope="module")
 def dit_run(tmp_path_factory):
     """`bench --model --dit` on one DiT shape (the smallest), both GPUs, in a subprocess without TRITON_INTERPRET."""
-    if not PTXAS.exists():
-        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
     out = tmp_path_factory.mktemp("dit")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", "--model", "--dit", "--shapes", DIT,
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _bench(out, "--model", "--dit", "--shapes", DIT)
     return out
 
 
