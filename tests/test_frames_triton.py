@@ -15,6 +15,7 @@ import torch
 import vstar_kernels as vk
 from vstar_kernels import dispatch
 from vstar_kernels._validation import make_problem
+from vstar_kernels.ops.layout import is_packed
 
 from ._device import DEVICE
 from .helpers import assert_close_to_reference, assert_grads_close, dtype_id, reference_grads
@@ -149,14 +150,111 @@ def test_rows_without_a_key_give_zero(max_mode):
     assert (out[0, :, 12:].abs().sum(-1) > 0).all()
 
 
-def test_frames_arange_is_the_call_without_frames():
-    """Token i in frame i is today's Gaussian (the kernel runs it in two passes: equal to the tolerance)."""
-    n = 90
+ARANGE_OPTS = (dict(sigma=3.0), dict(sigma=0.5, strength=2.0), dict(sigma=3.0, causal=True),
+               dict(sigma=40.0, max_mode="global"))
+
+
+@pytest.mark.parametrize("tiles", [None, dict(BLOCK_M=16, BLOCK_N=16)], ids=["default_tiles", "16x16"])
+def test_frames_arange_is_the_call_without_frames(tiles, monkeypatch):
+    """Token i in frame i is today's Gaussian bit for bit where both run the tiled layout (150
+    tokens: past the packed layout, which takes no ids): the ids run in the tile order of the
+    one-pass kernel, and dA is 0 exactly where that kernel skips the bias; one query row whose
+    scores overflow (c * m_i = inf) is NaN in both. sigma = inf with ids is the formula with dA = 1
+    (a constant per row, equal to plain attention only to the rounding: docs/semantics.md)."""
+    if tiles is not None:
+        if DEVICE != "cpu":
+            pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
+        from vstar_kernels.ops._load import triton_ops
+
+        monkeypatch.setattr(triton_ops().module, "INTERPRETER_TILES", tiles)
+    n = 150
     q, k, v = qkv(1, 2, n, n, torch.float32, seed=12)
-    for opts in (dict(sigma=3.0), dict(sigma=3.0, causal=True), dict(sigma=40.0, max_mode="global")):
+    assert not is_packed(n, n, D, D)
+    q[0, 1, 40] *= 1e38
+    for opts in ARANGE_OPTS:
         plain = vk.tar_attention(q, k, v, backend="triton", **opts)
         framed = vk.tar_attention(q, k, v, backend="triton", frames=torch.arange(n, device=DEVICE), **opts)
-        assert_close_to_reference(framed, plain.double())
+        torch.testing.assert_close(framed, plain, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{opts}: {m}")
+        assert plain[0, 1, 40].isnan().all()
+        assert_close_to_reference(framed[:, :1], reference64(q[:, :1], k[:, :1], v[:, :1], **opts))
+    framed = vk.tar_attention(q[:, :1], k[:, :1], v[:, :1], backend="triton", frames=torch.arange(n, device=DEVICE),
+                              sigma=math.inf)
+    assert_close_to_reference(framed, reference64(q[:, :1], k[:, :1], v[:, :1], sigma=math.inf))
+
+
+def tile_kinds(q_ids, k_ids, block_m, block_n, band):
+    """(key tiles of one id, key tiles off the band of their query block, other tiles) over the
+    (query block, key tile) pairs: which dA form _frame_tile_bias takes (every pair counted)."""
+    one = far = other = 0
+    for r in range(0, q_ids.numel(), block_m):
+        rows = q_ids[r:r + block_m]
+        video_rows = rows[rows >= 0]
+        for c in range(0, k_ids.numel(), block_n):
+            keys = k_ids[c:c + block_n]
+            video = keys[keys >= 0]
+            if keys.numel() < block_n:  # the launcher's padding keys have id -1
+                keys = torch.cat([keys, keys.new_full((block_n - keys.numel(),), -1)])
+            if keys.min() == keys.max():
+                one += 1
+            elif (not video.numel() or not video_rows.numel() or video.min() - video_rows.max() >= band
+                  or video_rows.min() - video.max() >= band):
+                far += 1
+            else:
+                other += 1
+    return one, far, other
+
+
+# (ids, options, whether some (query block, key tile) pairs are off the band or have no video on one
+# side); every case has key tiles of one id and others
+FRAME_TILE_CASES = {
+    "gauss": (lambda: vk.frame_ids(8, 24, text_before=8, text_after=5, device=DEVICE), dict(sigma=0.3), True),
+    "gauss_strong_causal": (lambda: vk.frame_ids(7, 20, text_after=16, device=DEVICE),
+                            dict(sigma=1.0, strength=-3.0, causal=True), True),
+    "wide": (lambda: vk.frame_ids(6, 20, device=DEVICE), dict(sigma=40.0), False),
+    "holes": (lambda: torch.cat([LAYOUTS["holes"](), ids((-1, 11)), vk.frame_ids(5, 16, device=DEVICE) + 5]),
+              dict(sigma=0.3), True),
+    "delta": (lambda: vk.frame_ids(6, 20, text_before=16, device=DEVICE), dict(delta="frames", causal=True), True),
+    "key_mask": (lambda: vk.frame_ids(6, 20, text_after=16, device=DEVICE), dict(sigma=0.3, key_mask=True), True),
+}
+
+
+@pytest.mark.parametrize("case", list(FRAME_TILE_CASES))
+def test_frame_tiles_are_the_per_score_dA_bit_for_bit(case, monkeypatch):
+    """Key tiles of one frame id take dA as a column, tiles off the Gaussian's band take 0: the
+    output and the saved statistics equal those of dA per score on every tile, bit for bit (16 x
+    16 tiles, layouts with every kind of tile), and the float64 reference to the tolerance."""
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
+    from vstar_kernels.ops._jit import delta_args
+    from vstar_kernels.ops._load import triton_ops
+
+    fwd = triton_ops().module
+    monkeypatch.setattr(fwd, "INTERPRETER_TILES", dict(BLOCK_M=16, BLOCK_N=16))
+    make_ids, opts, off_band = FRAME_TILE_CASES[case]
+    frames = make_ids()
+    n = frames.numel()
+    q, k, v = qkv(2, 1, n, n, torch.float32, seed=41)
+    opts = dict(opts)
+    if opts.get("delta") == "frames":
+        opts["delta"] = frame_matrix(int(frames.max()) + 1, seed=8)
+    if opts.pop("key_mask", False):
+        opts["key_mask"] = key_mask(2, n, seed=9)
+    problem = make_problem(q, k, v, sigma=opts.get("sigma", 1.0), strength=opts.get("strength", 1.0),
+                           delta=opts.get("delta"), causal=opts.get("causal", False), max_mode="row", scale=None,
+                           frames=frames, key_mask=opts.get("key_mask"))
+    band = fwd.band_width(delta_args(problem)[2], 2 * 2 ** 24) if problem.delta is None else 2 ** 30
+    one, far, other = tile_kinds(frames.cpu(), frames.cpu(), 16, 16, band)
+    assert one and other and bool(far) == off_band, (one, far, other)
+    runs = []
+    for frame_tiles in (True, False):
+        stats = torch.full(dispatch.BACKENDS["triton"].stats_shape(problem, True), math.nan, device=DEVICE)
+        out = torch.full(problem.output_shape(), math.nan, device=DEVICE)
+        fwd.tar_forward(problem, out, stats=stats, frame_tiles=frame_tiles)
+        runs.append((out, stats))
+    (out, stats), (out_per_score, stats_per_score) = runs
+    torch.testing.assert_close(out, out_per_score, rtol=0, atol=0)
+    torch.testing.assert_close(stats, stats_per_score, rtol=0, atol=0, equal_nan=True)
+    assert_close_to_reference(out.cpu(), reference64(q, k, v, frames=frames, **opts))
 
 
 def triton_grads(q, k, v, grad_out, delta=None, **opts):

@@ -88,7 +88,7 @@ def test_static_compiles_specialized_kernels(tmp_path):
 
 
 def test_sass_parse_finds_the_loop():
-    from vstar_kernels.bench.static import hot_loop, occupancy, parse_sass
+    from vstar_kernels.bench.static import hot_loop, loop_paths, occupancy, parse_sass, sass_graph
 
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -106,6 +106,26 @@ def test_sass_parse_finds_the_loop():
     assert loops == [(1, 3), (4, 6)]
     assert hot_loop(opcodes, loops) == (1, 3)  # the loop with the MMA
     assert hot_loop(opcodes, [(4, 6)]) is None
+    branchy = """
+.L_x_0:
+        /*0000*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0010*/              @!P4 BRA `(.L_x_1) ;
+        /*0020*/                   MUFU.EX2 R2, R2 ;
+        /*0030*/                   MUFU.EX2 R3, R3 ;
+        /*0040*/                   FADD R2, R2, R3 ;
+        /*0050*/                   BRA `(.L_x_2) ;
+.L_x_1:
+        /*0060*/                   FADD R2, R2, R2 ;
+.L_x_2:
+        /*0070*/              @!PT BRA `(.L_x_1) ;
+        /*0080*/                   MUFU.EX2 R5, R5 ;
+        /*0090*/               @P0 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+"""
+    opcodes, loops, jumps = sass_graph(branchy)
+    assert loops == [(0, 9)] and 7 not in jumps  # @!PT: never taken
+    # short: MMA, branch, FADD, never-taken branch, MUFU, back branch; long: the MUFU side
+    assert loop_paths(opcodes, jumps, (0, 9)) == ((6, 1), (9, 3))
     # 128 threads x 255 registers: 8 warps by registers -> 2 CTAs; 100 KB shared: 2 CTAs on H100, 1 on A100
     assert occupancy(90, 255, 100 * 1024, 4) == (2, 8)
     assert occupancy(80, 255, 100 * 1024, 4) == (1, 4)

@@ -18,6 +18,7 @@ from vstar_kernels import cli
 from vstar_kernels.bench import model, shapes
 from vstar_kernels.bench.peers import PEERS
 from vstar_kernels.bench.traffic import ideal_bytes, tiled_bytes
+from vstar_kernels.ops.tar_fwd import band_width
 
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 RESULTS = pathlib.Path(__file__).parents[2] / "benchmarks" / "results"
@@ -215,6 +216,46 @@ def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_r
             assert r == committed[impl], impl
         assert "(model, not measured)" in (dit_run / f"model-dit-{gpu}.md").read_text()
         assert (dit_run / f"model-dit-{gpu}.png").stat().st_size > 10_000
+
+
+def _column_by_loops(ids, block_m, block_n, frame_band):
+    """Per (query block, key tile): whether the frame-id kernel takes one dA column, by loops."""
+    n = len(ids)
+    out = []
+    for r in range(0, n, block_m):
+        rows = [f for f in ids[r:r + block_m] if f >= 0]
+        line = []
+        for c in range(0, n, block_n):
+            keys = ids[c:c + block_n] + [-1] * max(0, c + block_n - n)
+            video = [f for f in keys if f >= 0]
+            line.append(min(keys) == max(keys) or not video or not rows or min(video) - max(rows) >= frame_band
+                        or min(rows) - max(video) >= frame_band)
+        out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("layout", [dict(latent_frames=8, tokens_per_frame=32),
+                                    dict(latent_frames=7, tokens_per_frame=48, text_before=20),
+                                    dict(latent_frames=9, tokens_per_frame=20, text_after=13)])
+@pytest.mark.parametrize("sigma", [0.3, 1.3, math.inf])
+def test_frame_tile_counts_split_every_tile_once(layout, sigma):
+    """Every (query block, key tile) pair runs the row-max walk once and one softmax loop once, as
+    a column tile or a per-score one, as _frame_tile_bias decides (an independent loop here)."""
+    dit = model.Dit("t", 1, 64, **layout)
+    ids = dit.frames()
+    n, block_m, block_n = dit.n, 64, 32
+    counts = model.frame_tile_counts(ids, block_m, block_n, sigma)
+    blocks, tiles = math.ceil(n / block_m), math.ceil(n / block_n)
+    assert counts["row_max"] == (blocks * tiles, 0)
+    softmax = [counts[k] for k in model.FRAME_LOOPS[1:]]
+    coef = 0.0 if math.isinf(sigma) else -0.5 * model.LOG2E / sigma / sigma
+    column = _column_by_loops(ids.tolist(), block_m, block_n, band_width(coef, 2 ** 25))
+    assert sum(c + p for c, p in softmax) == blocks * tiles
+    assert sum(c for c, _ in softmax) == sum(map(sum, column))
+    if layout["tokens_per_frame"] % block_n == 0 and not layout.get("text_before"):
+        assert all(p == 0 for _, p in softmax)  # every key tile holds one frame
+    else:
+        assert sum(p for _, p in softmax) > 0
 
 
 def test_fit_status_and_cut_off():

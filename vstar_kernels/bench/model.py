@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._validation import FRAME_ID_LIMIT
 from ..ops._jit import GAUSS_COEF_MIN, LOG2E
 from ..ops.layout import DOT_MIN, block_dims, is_packed, pow2
 from ..ops.tar_fwd import band_width
@@ -800,6 +801,12 @@ class Dit:
     def n(self) -> int:
         return self.text_before + self.latent_frames * self.tokens_per_frame + self.text_after
 
+    @property
+    def sigma(self) -> float:
+        """The README's starting point for a DiT: training latent frames / 16 (the paper's sigma 1 at
+        16 frames), with these latent frames as the training length."""
+        return self.latent_frames / 16
+
     def frames(self) -> torch.Tensor:
         """The frame id of every token: -1 for text, the latent frame for video."""
         video = torch.arange(self.latent_frames, dtype=torch.int32).repeat_interleave(self.tokens_per_frame)
@@ -843,13 +850,21 @@ DIT_COLUMNS = ("estimate", "gpu", "model", "batch", "heads", "d", "n", "latent_f
                "model_ours_over_flex_two_pass", "model_time_l2_ms", "model_ours_over_flash_l2")
 
 
+# The tiled forward's MMA loops with frame ids, in SASS order: the row-max walk over every key tile
+# (two passes), then the softmax in the one-pass kernel's tile order (ops/tar_fwd.py): full and
+# masked tiles left of the token band, the same right of it, the band. All of them biased: each key
+# tile takes one dA column (the loop's shortest path) or dA per score (its longest).
+FRAME_LOOPS = ("row_max",) + ONE_PASS_LOOPS[:4] + ("biased",)
+
+
 @functools.lru_cache(maxsize=4)
 def frames_loop_costs(block_d: int, arch: int = 90) -> tuple:
-    """((BLOCK_M, BLOCK_N, {"row_max": LoopCost, "biased": LoopCost}), ...) of the tiled forward with
-    frame ids (HAS_FRAMES: the two-pass form, a Q K^T row-max walk over every key tile, then the
-    biased softmax over every tile), compiled for sm_`arch` as `bench --static` compiles (the first
-    and last pruned config) on one representative bf16 call per head dim: B 1, H 1, N 1024 in 4
-    frames. The launcher's pruning depends on the head dim and the options, not on N."""
+    """((BLOCK_M, BLOCK_N, {kind: (column LoopCost, per-score LoopCost)}), ...) of the tiled forward
+    with frame ids (HAS_FRAMES, FRAME_TILES; kinds FRAME_LOOPS), compiled for sm_`arch` as `bench
+    --static` compiles (the first and last pruned config) on one representative bf16 call per head
+    dim: B 1, H 1, N 1024 in 4 frames. A key tile of one dA column runs the loop's shortest path
+    (static.loop_paths), a tile with dA per score its longest; the row-max walk has one path. The
+    launcher's pruning depends on the head dim and the options, not on N."""
     import triton
 
     from .._validation import make_problem
@@ -866,34 +881,84 @@ def frames_loop_costs(block_d: int, arch: int = 90) -> tuple:
     out = []
     for launch in record(lambda: fwd.tar_forward(problem)):
         for compiled in compile_launch(launch, arch, False, f"bf16 B1H1N{n}D{block_d} frames"):
-            if compiled.name != "_tar_fwd_tiled_kernel" or not compiled.constants.get("HAS_FRAMES"):
+            if compiled.name != "_tar_fwd_tiled_kernel" or not compiled.constants.get("FRAME_TILES"):
                 continue
             loops = sorted((r for r in rows(arch, compiled) if r.loop != "hot"), key=lambda r: int(r.loop))
-            if len(loops) != len(TWO_PASS_LOOPS) or loops[0].loop_mufu or loops[0].loop_mma >= loops[1].loop_mma:
+            walk, biased = loops[0], loops[1:]
+            if (len(loops) != len(FRAME_LOOPS) or walk.loop_mufu or walk.loop_mma >= min(r.loop_mma for r in biased)
+                    or any(r.short_instr_per_score >= r.long_instr_per_score for r in biased)):
                 raise LookupError(f"the frame-id tiled kernel ({compiled.config}) has loops {[r.loop for r in loops]} "
-                                  f"not in the order {', '.join(TWO_PASS_LOOPS)}: update TWO_PASS_LOOPS to the kernel")
-            costs = {kind: LoopCost(r.instr_per_score, r.mufu_per_score, r.ctas_per_sm,
-                                    f"{r.kernel} {r.tile} {r.config} frames loop {r.loop}")
-                     for kind, r in zip(TWO_PASS_LOOPS, loops)}
+                                  f"not in the order {', '.join(FRAME_LOOPS)} (the walk without MUFU and with fewer "
+                                  "MMA, then loops with a dA column branch): update FRAME_LOOPS to the kernel")
+
+            def cost(r, path):
+                return LoopCost(getattr(r, f"{path}_instr_per_score"), getattr(r, f"{path}_mufu_per_score"),
+                                r.ctas_per_sm, f"{r.kernel} {r.tile} {r.config} frames loop {r.loop} {path} path")
+
+            costs = {kind: (cost(r, "short"), cost(r, "long")) for kind, r in zip(FRAME_LOOPS, loops)}
             bm, bn = map(int, loops[0].tile.split("x"))
             out.append((bm, bn, costs))
     if not out:
-        raise LookupError("the launcher started no tiled kernel with HAS_FRAMES for the representative call")
+        raise LookupError("the launcher started no tiled kernel with frame ids for the representative call")
     return tuple(out)
 
 
-def ours_frames(bh: int, n: int, d: int, gpu: Gpu, eta: float) -> Estimate:
-    """Modeled `vstar_triton` forward with frame ids (no key mask): every key tile walked for the row
-    max and biased (tile_counts with sigma None); bytes traffic.tiled_bytes of the two-pass form
-    plus the int32 frame ids (each query block's once, the keys' once per query block in the
-    biased pass); each loop's instructions/MUFU from `frames_loop_costs`: the faster config."""
+def frame_tile_counts(ids: torch.Tensor, block_m: int, block_n: int, sigma: float) -> dict:
+    """{kind: (column tiles, per-score tiles)} of the frame-id kernel over one sequence of frame ids
+    `ids` (N,) (self-attention, not causal), summed over its query blocks: which loop runs each
+    key tile (FRAME_LOOPS: the row-max walk every tile, then the tile ranges around the token band
+    of `sigma`) and whether it takes one dA column (ops/tar_fwd._frame_tile_bias: one id in the
+    tile, or every video key FRAME_BAND frames or more from the block's video rows, or no video on
+    one side) or dA per score. The walk's tiles count as column tiles (it has one path)."""
+    n = ids.numel()
+    coef = 0.0 if math.isinf(sigma) else max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma)
+    order, frame_band = band_width(coef, 2 * n), band_width(coef, 2 * FRAME_ID_LIMIT)
+    none = 1 << 30
+
+    def blocks(size):
+        t = torch.full((math.ceil(n / size) * size,), -1, dtype=torch.int64)
+        t[:n] = ids
+        t = t.view(-1, size)
+        return t.min(1).values, torch.where(t >= 0, t, none).min(1).values, t.max(1).values
+
+    k_min, k_lo, k_hi = blocks(block_n)
+    _, q_lo, q_hi = blocks(block_m)
+    column = ((k_min == k_hi)[None, :] | (k_hi < 0)[None, :] | (q_lo > q_hi)[:, None]
+              | (k_lo[None, :] - q_hi[:, None] >= frame_band) | (q_lo[:, None] - k_hi[None, :] >= frame_band))
+    prefix = torch.nn.functional.pad(column.to(torch.int64).cumsum(1), (1, 0)).tolist()
+    tiles = len(k_hi)
+    counts = {kind: [0, 0] for kind in FRAME_LOOPS}
+    counts["row_max"][0] = len(q_hi) * tiles
+    full_hi = n // block_n * block_n
+    for mb, row in enumerate(prefix):
+        lo, hi = band_tiles(mb, n, block_m, block_n, order)
+        left, right = min(lo, full_hi), max(hi, full_hi)
+        for kind, (a, b) in zip(FRAME_LOOPS[1:], ((0, left), (left, lo), (hi, right), (right, n), (lo, hi))):
+            t0, t1 = a // block_n, math.ceil(b / block_n)
+            if b > a:
+                cols = row[t1] - row[t0]
+                counts[kind][0] += cols
+                counts[kind][1] += t1 - t0 - cols
+    return {kind: tuple(c) for kind, c in counts.items()}
+
+
+def ours_frames(bh: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor, sigma: float) -> Estimate:
+    """Modeled `vstar_triton` forward with frame ids `ids` (N,) and the Gaussian of `sigma` (no key
+    mask, not causal): bytes and MMA of the two-pass form (traffic.tiled_bytes with every tile
+    walked and biased, plus the int32 ids: each query block's once, the keys' once per query block
+    in the biased pass); instructions/MUFU per loop and path from `frames_loop_costs`, each key tile
+    on the path `frame_tile_counts` gives it; the faster config."""
     out = []
     for bm, bn, costs in frames_loop_costs(max(block_dims(d, d)[0], 64)):
-        kinds = tile_counts(n, bm, bn, None)
-        e = tiled_work(bh, n, d, kinds, bm, bn, sigma=None)
+        e = tiled_work(bh, n, d, tile_counts(n, bm, bn, None), bm, bn, sigma=None)
         e.bytes += bh * (n + math.ceil(n / bm) * n) * 4
+        for kind, (column, per_score) in frame_tile_counts(ids, bm, bn, sigma).items():
+            short, long = costs[kind]
+            e.instr += bh * bm * bn * (column * short.instr + per_score * long.instr)
+            e.mufu += bh * bm * bn * (column * short.mufu + per_score * long.mufu)
         e.config = f"tiled {bm}x{bn} frames"
-        out.append(_loops(e, bh, n, kinds, costs, bm, bn, gpu, eta))
+        ctas = min(c.ctas_per_sm for pair in costs.values() for c in pair)
+        out.append(finish(e, gpu, eta, _waves(bh * math.ceil(n / bm), ctas, gpu)))
     return min(out, key=lambda e: e.seconds)
 
 
@@ -928,7 +993,7 @@ def dit_sweep(gpu_key: str, eta: float, dits=DIT_SHAPES, batch: int = 1, progres
     rows = []
     for s in dits:
         bh, n = batch * s.heads, s.n
-        est = {"vstar_triton_frames": ours_frames(bh, n, s.head_dim, gpu, eta),
+        est = {"vstar_triton_frames": ours_frames(bh, n, s.head_dim, gpu, eta, s.frames(), s.sigma),
                "flash": flash(bh, n, s.head_dim, gpu, eta)}
         two = est["flash"]
         est["flex_two_pass"] = Estimate(2 * two.bytes, 2 * two.mma_flops, 2 * two.instr, 2 * two.mufu, 2,

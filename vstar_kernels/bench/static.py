@@ -26,6 +26,10 @@ sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseli
   CTA / score elements the pass computes (BLOCK_M * BLOCK_N; packed: SEQS sequences of
   SEG_Q x SEG_K); MUFU per element the same with the MUFU (EX2, RCP, ...)
   instructions. A warp-instruction is one instruction issued for 32 threads.
+* the shortest and the longest path through one pass of a loop whose body branches (a
+  conditional branch forward inside the loop may go either way; the frame-id kernel's key
+  tiles take a dA column or dA per score): `short_*` and `long_*`, per score element as above.
+  A loop without such branches has one path, its whole body.
 
 These are statistics of compiled code, not timings. Written to
 <results>/static-sm<arch>.csv and .md (see benchmarks/NOTES.md).
@@ -51,7 +55,7 @@ from .baseline import plain_attention_kernel
 GPUS = {90: ("H100", 65536, 228 * 1024, 227 * 1024, 2048, 32), 80: ("A100", 65536, 164 * 1024, 163 * 1024, 2048, 32)}
 _RESERVED_SMEM = 1024  # per CTA, by the CUDA runtime on sm_80 and later
 
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*);")
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*);")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 _MMA = ("HGMMA", "HMMA")
@@ -79,6 +83,11 @@ class Row:
     mufu_per_score: float
     loop: str = "hot"  # "hot": the kernel's row; 1, 2, ...: its MMA loops in SASS order
     loop_mma: int = 0
+    # the shortest and the longest path through one pass of the loop (loop_paths), per score
+    short_instr_per_score: float = 0.0
+    short_mufu_per_score: float = 0.0
+    long_instr_per_score: float = 0.0
+    long_mufu_per_score: float = 0.0
 
 
 def disassemble(cubin: bytes) -> str:
@@ -90,8 +99,9 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def parse_sass(text: str) -> tuple:
-    """(opcodes in order, loops as (first, last) opcode indices: a label and the branch back to it)."""
+def sass_graph(text: str) -> tuple:
+    """(opcodes in order, loops as (first, last) opcode indices: a label and the branch back to it,
+    jumps {branch index: (target index, conditional)} of every branch to a label)."""
     opcodes, labels, branches = [], {}, []
     for line in text.splitlines():
         label = _LABEL.match(line.strip())
@@ -100,12 +110,40 @@ def parse_sass(text: str) -> tuple:
             continue
         ins = _INSTRUCTION.search(line)
         if ins:
-            target = _BRANCH_TARGET.search(ins.group(3))
-            if ins.group(2).startswith("BRA") and target:
-                branches.append((len(opcodes), target.group(1)))
-            opcodes.append(ins.group(2))
-    loops = [(labels[t], at) for at, t in branches if t in labels and labels[t] <= at]
+            target = _BRANCH_TARGET.search(ins.group(4))
+            predicate = (ins.group(2) or "").strip()
+            if ins.group(3).startswith("BRA") and target and predicate != "@!PT":  # @!PT: never taken
+                branches.append((len(opcodes), target.group(1), predicate not in ("", "@PT")))
+            opcodes.append(ins.group(3))
+    loops = [(labels[t], at) for at, t, _ in branches if t in labels and labels[t] <= at]
+    jumps = {at: (labels[t], conditional) for at, t, conditional in branches if t in labels}
+    return opcodes, loops, jumps
+
+
+def parse_sass(text: str) -> tuple:
+    """(opcodes in order, loops as (first, last) opcode indices: a label and the branch back to it)."""
+    opcodes, loops, _ = sass_graph(text)
     return opcodes, loops
+
+
+def loop_paths(opcodes: list, jumps: dict, span: tuple) -> tuple:
+    """((instructions, MUFU) of the shortest, of the longest path through one pass of the loop
+    `span`: from its first instruction to its back branch, where a conditional branch forward
+    inside the loop may go either way and an unconditional one must jump. A loop without such
+    branches has one path, all its instructions."""
+    lo, hi = span
+    best = {hi + 1: ((0, 0), (0, 0))}  # after the back branch: nothing more
+    for i in range(hi, lo - 1, -1):
+        here = (1, int(opcodes[i].startswith("MUFU")))
+        target, conditional = jumps.get(i, (None, False))
+        if i == hi or target is None or not i < target <= hi:
+            nexts = [i + 1] if i < hi else [hi + 1]  # a branch out of the loop (an exit) falls through here
+        else:
+            nexts = [target, i + 1] if conditional else [target]
+        short = min((best[n][0] for n in nexts), key=lambda c: c[0])
+        long = max((best[n][1] for n in nexts), key=lambda c: c[0])
+        best[i] = ((here[0] + short[0], here[1] + short[1]), (here[0] + long[0], here[1] + long[1]))
+    return best[lo]
 
 
 def hot_loop(opcodes: list, loops: list) -> tuple:
@@ -142,7 +180,7 @@ def _is_mma(op: str) -> bool:
     return op.startswith(_MMA)
 
 
-def _stats(arch: int, compiled, opcodes: list, loops: list, span, loop: str) -> Row:
+def _stats(arch: int, compiled, opcodes: list, loops: list, jumps: dict, span, loop: str) -> Row:
     """The Row of one compiled kernel, its figures from the opcodes of `span` ((first, last); None:
     the whole kernel)."""
     lo, hi = span if span else (0, len(opcodes) - 1)
@@ -152,22 +190,26 @@ def _stats(arch: int, compiled, opcodes: list, loops: list, span, loop: str) -> 
     ctas, warps_sm = occupancy(arch, compiled.registers, compiled.shared_bytes, warps)
     m, n = score_tile(compiled.constants)
     mufu = sum(op.startswith("MUFU") for op in body)
+    short, long = loop_paths(opcodes, jumps, span) if span else ((len(body), mufu),) * 2
+    per_score = lambda count: round(count * warps / (m * n), 4)  # noqa: E731
     return Row(arch, compiled.name, compiled.case, compiled.config, f"{m}x{n}", compiled.registers,
                compiled.spill_bytes, sum(opcodes[i].startswith(("LDL", "STL")) for i in in_loops),
                compiled.shared_bytes, GPUS[arch][0], ctas, warps_sm,
                "/".join(sorted({op.split(".")[0] for op in body if _is_mma(op)})) or "none",
-               "loop" if span else "kernel", len(body), mufu, round(len(body) * warps / (m * n), 4),
-               round(mufu * warps / (m * n), 4), loop, sum(_is_mma(op) for op in body))
+               "loop" if span else "kernel", len(body), mufu, per_score(len(body)), per_score(mufu), loop,
+               sum(_is_mma(op) for op in body), per_score(short[0]), per_score(short[1]), per_score(long[0]),
+               per_score(long[1]))
 
 
 def rows(arch: int, compiled) -> list:
     """The statistics of one compiled kernel (ops.compile_check.Compiled): its hot-loop row, then
     one row per MMA loop when it has more than one (see the module doc)."""
-    opcodes, loops = parse_sass(disassemble(compiled.cubin))
-    out = [_stats(arch, compiled, opcodes, loops, hot_loop(opcodes, loops), "hot")]
+    opcodes, loops, jumps = sass_graph(disassemble(compiled.cubin))
+    out = [_stats(arch, compiled, opcodes, loops, jumps, hot_loop(opcodes, loops), "hot")]
     mma_loops = [lp for lp in loops if any(_is_mma(op) for op in opcodes[lp[0]:lp[1] + 1])]
     if len(mma_loops) > 1:
-        out += [_stats(arch, compiled, opcodes, loops, lp, str(i)) for i, lp in enumerate(sorted(mma_loops), 1)]
+        out += [_stats(arch, compiled, opcodes, loops, jumps, lp, str(i))
+                for i, lp in enumerate(sorted(mma_loops), 1)]
     return out
 
 

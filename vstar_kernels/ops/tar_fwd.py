@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import TarProblem
+from .._validation import FRAME_ID_LIMIT, TarProblem
 from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
     delta_args, frame_args, interpreter_rows, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, \
     packed_exp, packed_max, packed_segments, store_tile, tiled_only, vector_width
@@ -42,6 +42,10 @@ from .layout import STATS_FIELDS, is_packed, pow2
 
 
 # --------------------------------------------------------------------------- kernels
+
+# The least video id of a block or tile without one: above every id (FRAME_ID_LIMIT), and far
+# enough from the int32 limit that differences with ids cannot overflow.
+_NO_VIDEO = tl.constexpr(1 << 30)
 
 
 @triton.jit
@@ -153,12 +157,44 @@ def _tar_fwd_row_max_kernel(
 
 
 @triton.jit
+def _frame_tile_bias(s, cm, valid, fq, fk, q_lo, q_hi, FRAME_BAND, d_base, stride_deltan, gauss_coef,
+                     HAS_DELTA: tl.constexpr):
+    """s + cm_i * dA_ij for a key tile of frame ids fk (see _softmax_tiles, FRAME_TILES).
+
+    dA_ij depends on j only through fk_j: a tile of one id (all -1 included) gets the column of
+    that id, computed once per row as delta_a computes each score; a Gaussian tile whose video
+    keys are all FRAME_BAND frames or more from the block's video rows (q_lo, q_hi: the least and
+    greatest id >= 0 of the rows; q_lo > q_hi without one) gets cm_i * 0 (0, or NaN for a
+    non-finite cm_i, as the definition's product). Other tiles: dA per score.
+    """
+    k_hi = tl.max(fk, 0)
+    one_id = tl.min(fk, 0) == k_hi
+    column = one_id
+    if not HAS_DELTA:
+        k_lo = tl.min(tl.where(fk >= 0, fk, _NO_VIDEO), 0)
+        column = one_id | (k_hi < 0) | (q_lo > q_hi) | (k_lo - q_hi >= FRAME_BAND) | (q_lo - k_hi >= FRAME_BAND)
+    if column:
+        k_col = fq * 0 + tl.where(one_id, k_hi, -1)  # the tile's id per row; -1: dA = 0
+        on = (fq >= 0) & (k_col >= 0)
+        if HAS_DELTA:
+            col = tl.load(d_base + k_col[:, None] * stride_deltan, mask=on[:, None], other=0.0).to(tl.float32)
+        else:
+            dist = k_col.to(tl.float32) - fq.to(tl.float32)
+            col = tl.where(on, tl.exp2(gauss_coef * dist * dist), 0.0)[:, None]
+        s = s + cm[:, None] * col
+    else:
+        dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
+        s = s + cm[:, None] * dA
+    return s
+
+
+@triton.jit
 def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv,
                    row_ok, NK, HEAD_DIM, HEAD_DIM_V, lo, hi, scale, run_max, denom, acc,
-                   cm, d_base, stride_deltan, gauss_coef, fq, FK, KMASK, km_base, stride_kmn,
+                   cm, d_base, stride_deltan, gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND,
                    BLOCK_N: tl.constexpr, MASK: tl.constexpr, BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_DELTA: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr,
-                   HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+                   HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr, FRAME_TILES: tl.constexpr):
     """The online softmax of the key tiles [lo, hi): (run_max, denom, acc) updated.
 
     MASK: the tiles may hold keys past NK or above the causal diagonal (the scores are masked);
@@ -167,8 +203,12 @@ def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, str
     cm_i * dA_ij, cm = strength * m. exp is exp2 of the score times log2(e) minus the row's
     max times log2(e): one FMA per score.
 
-    HAS_FRAMES (with MASK): dA from the rows' frame ids fq and the keys' FK (int32, -1 outside
-    the video; d_base then points at the frame matrix's rows fq). HAS_KEY_MASK (with MASK): the
+    HAS_FRAMES: dA from the rows' frame ids fq and the keys' FK (int32, -1 outside the video;
+    d_base then points at the frame matrix's rows fq). With FRAME_TILES a key tile whose ids are
+    all one frame k (or all -1) takes dA as a column, dA_i = dA(fq_i, k), and a tile whose every
+    video key is FRAME_BAND frames or more from every video row of the block (q_lo, q_hi: the
+    block's least and greatest video id) takes dA = 0: one value per row instead of one Gaussian
+    (or frame-matrix load) per score, the same dA bit for bit. HAS_KEY_MASK (with MASK): the
     keys KMASK (uint8, + km_base) drops are masked, and a row with no key so far keeps
     run_max = -inf with denom = 0 (its exponent is taken from 0). With either, masked entries
     stay -inf after the bias whatever cm is (a row without keys has m = -inf).
@@ -189,10 +229,15 @@ def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, str
         if BIAS:
             if HAS_FRAMES:
                 fk = tl.load(FK + j, mask=j < NK, other=-1)
-                dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
+                if FRAME_TILES:
+                    s = _frame_tile_bias(s, cm, valid, fq, fk, q_lo, q_hi, FRAME_BAND, d_base, stride_deltan,
+                                         gauss_coef, HAS_DELTA)
+                else:
+                    dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
+                    s = s + cm[:, None] * dA
             else:
                 dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
-            s = s + cm[:, None] * dA
+                s = s + cm[:, None] * dA
             if HAS_FRAMES or HAS_KEY_MASK:
                 s = tl.where(valid, s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
@@ -223,6 +268,7 @@ def _tar_fwd_tiled_kernel(
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     BAND,  # keys with |j - i| >= BAND are outside the band (see `band_width`); unused with a whole band
+    FRAME_BAND,  # with HAS_FRAMES: frame ids FRAME_BAND or more apart have a Gaussian dA of exactly 0
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -234,6 +280,7 @@ def _tar_fwd_tiled_kernel(
     VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
     HAS_FRAMES: tl.constexpr,  # dA from the frame ids FQ (Nq,) and FK (Nk,), int32, -1 outside the video
     HAS_KEY_MASK: tl.constexpr,  # KMASK (uint8 (B, Nk), nonzero = attend) drops keys
+    FRAME_TILES: tl.constexpr,  # with HAS_FRAMES: dA per key tile where it is one column (_frame_tile_bias)
 ):
     """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence.
 
@@ -253,17 +300,20 @@ def _tar_fwd_tiled_kernel(
     A row whose strength * m_i is not finite is NaN (the definition's c * m_i * 0 off the band).
     Causal programs stop at their last visible key tile.
 
-    Frame ids (HAS_FRAMES) and a key mask (HAS_KEY_MASK) make the whole row the band too (two
-    passes; ONE_PASS off): dA_ij is the Gaussian of f(k_j) - f(q_i), or the frame matrix DELTA
-    (strides (0, 0, row, column)) at [f(q_i), f(k_j)], 0 where an id is -1; the ids are read per
-    block (O(N) per program). Masked keys take no part in the max or the softmax; a row with no
+    Frame ids (HAS_FRAMES) run two passes in the tile order of the row-max Gaussian (BAND from the
+    same sigma), so that frames = arange(N) is the call without ids bit for bit: dA_ij is the
+    Gaussian of f(k_j) - f(q_i), or the frame matrix DELTA (strides (0, 0, row, column)) at
+    [f(q_i), f(k_j)], 0 where an id is -1; the ids are read per block (O(N) per program). With
+    FRAME_TILES, a key tile of one frame, or whose video keys are all FRAME_BAND frames or more
+    from the block's video rows, gets its dA as one column (`_frame_tile_bias`). A key mask
+    (HAS_KEY_MASK) makes the whole row the band. Masked keys take no part in the max or the softmax; a row with no
     key gives 0, and its saved log-sum-exp is +inf (so the backward's probabilities are 0).
     Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
     (read only with HAS_DELTA) have any strides. With SAVE_STATS the raw row max and the
     log-sum-exp of the biased scores go to STATS (float32, (B*H, Nq, layout.STATS_FIELDS),
     contiguous) for ops/tar_bwd.py. The grid is (B*H * cdiv(Nq, BLOCK_M),).
     """
-    WHOLE: tl.constexpr = (REGULARIZE and (GLOBAL_MAX or HAS_DELTA)) or HAS_FRAMES or HAS_KEY_MASK
+    WHOLE: tl.constexpr = (REGULARIZE and (GLOBAL_MAX or HAS_DELTA)) or HAS_KEY_MASK
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -275,8 +325,12 @@ def _tar_fwd_tiled_kernel(
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
     stat_row = seq * NQ + offs_m
     fq = offs_m
+    q_lo = 0
+    q_hi = 0
     if HAS_FRAMES:
         fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
+        q_lo = tl.min(tl.where(fq >= 0, fq, _NO_VIDEO), 0)
+        q_hi = tl.max(fq, 0)
     d_base = DELTA + b * stride_deltab + h * stride_deltah + fq[:, None] * stride_deltam
     km_base = b * stride_kmb
 
@@ -308,24 +362,24 @@ def _tar_fwd_tiled_kernel(
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, 0, left, scale, run_max, denom, acc, cm, d_base, stride_deltan, gauss_coef,
-            fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC,
-            HAS_FRAMES, HAS_KEY_MASK)
+            fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC,
+            HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, left, band_lo, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION,
-            VEC, HAS_FRAMES, HAS_KEY_MASK)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION,
+            VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
         right = tl.maximum(band_hi, full_hi)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, band_hi, right, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA,
-            PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA,
+            PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, right, hi, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION,
-            VEC, HAS_FRAMES, HAS_KEY_MASK)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION,
+            VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
     if REGULARIZE and ONE_PASS:  # the row max: the off-band scores' (their running max), then the band's
         m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, band_lo, band_hi,
                      run_max, scale, KMASK, km_base, stride_kmn, BLOCK_N, CAUSAL, PRECISION, VEC, HAS_KEY_MASK)
@@ -338,8 +392,8 @@ def _tar_fwd_tiled_kernel(
     run_max, denom, acc = _softmax_tiles(
         q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
         NK, HEAD_DIM, HEAD_DIM_V, band_lo, band_hi, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-        gauss_coef, fq, FK, KMASK, km_base, stride_kmn, BLOCK_N, True, REGULARIZE, CAUSAL, HAS_DELTA, PRECISION,
-        VEC, HAS_FRAMES, HAS_KEY_MASK)
+        gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, REGULARIZE, CAUSAL, HAS_DELTA, PRECISION,
+        VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
     denom = tl.where(row_ok, denom, 1.0)
     out = acc / denom[:, None]
     lse = run_max + tl.log(denom)
@@ -403,12 +457,15 @@ def _prune_tiled(configs, named_args, **kwargs):
     wider than 32 on sm_80 (mma.sync), and 128 x 128 tiles do; the bias (the row-max Gaussian's
     band softmax, a custom delta) and head dims above 64 spill in tiles larger than 64 x 64, and
     both together with 128 rows or 4 warps on sm_80 (a custom delta: with key tiles wider than
-    32). Head dims above 128 keep 64 x 64 at most."""
+    32). Head dims above 128 keep 64 x 64 at most. Frame ids with the Gaussian (no delta; a key
+    mask or not) at head dims up to 128 also keep 128 x 32 with 8 warps (no spill: 255 registers on
+    sm_80, at most 198 on sm_90), whose query blocks read K and V half as often as 64-row ones."""
     args = {**named_args, **kwargs}
     wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 128  # the row-max pre-pass has no BLOCK_DV
     deep = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 64
     biased = args.get("REGULARIZE", False) and (args.get("HAS_DELTA", False) or args.get("HAS_FRAMES", False)
                                                 or not args.get("GLOBAL_MAX", False))
+    frames_128 = args.get("HAS_FRAMES", False) and not (wide or args.get("HAS_DELTA", False))
     keep = []
     for c in configs:
         bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
@@ -416,7 +473,8 @@ def _prune_tiled(configs, named_args, **kwargs):
             continue
         if bm * bn > (64 * 64 if biased or deep else 128 * 64):
             continue
-        if biased and deep and (bm > 64 or warps == 4 or (args.get("HAS_DELTA", False) and bn > 32)):
+        if biased and deep and (bm > 64 or warps == 4 or (args.get("HAS_DELTA", False) and bn > 32)) \
+                and not (frames_128 and (bm, bn, warps) == (128, 32, 8)):
             continue
         keep.append(c)
     return keep
@@ -473,12 +531,15 @@ else:
 
 
 def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
-                stats: torch.Tensor | None = None, one_pass_order: bool = True) -> torch.Tensor:
+                stats: torch.Tensor | None = None, one_pass_order: bool = True,
+                frame_tiles: bool = True) -> torch.Tensor:
     """Launch the fused forward for a validated problem; returns (B, H, Nq, Dv) in q's dtype.
 
     one_pass_order=False runs the tiled layout's row-max Gaussian case in two passes (a QK^T walk
     of every key tile for m_i, then the softmax with the bias on every tile) in the one-pass
-    kernel's tile order: the same result bit for bit, which the tests check.
+    kernel's tile order: the same result bit for bit, which the tests check. frame_tiles=False
+    computes the frame ids' dA per score on every key tile (no per-tile column): the same result
+    bit for bit, which the tests check too.
 
     stats: optional float32 (B*H, Nq, layout.STATS_FIELDS) buffer, contiguous, for a call that
     will be differentiated in the tiled layout (layout.stats_shape): the kernel fills it with the
@@ -527,12 +588,16 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
                              SAVE_STATS=save_stats, PRECISION=common["PRECISION"], VEC=common["VEC"],
                              HAS_KEY_MASK=has_key_mask, **tiles)
         seq_max = row_max.amax(dim=1)
-    one_pass = problem.regularized and problem.delta is None and not global_max and not tiled_only(problem)
-    if one_pass:
+    gaussian_row_max = problem.regularized and problem.delta is None and not global_max
+    one_pass = gaussian_row_max and not tiled_only(problem)
+    if gaussian_row_max:  # the band; with frame ids, the same tile order in two passes
         band = band_width(gauss_coef, nq + nk)
     else:
         band = 1  # without TAR: the tiles the causal diagonal crosses
+    # frame ids are below FRAME_ID_LIMIT: a band as wide as that is never left
+    frame_band = band_width(gauss_coef, 2 * FRAME_ID_LIMIT)
     _tiled[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, *args[:20], *km_strides, *args[20:], band,
-                 n_bucket, GLOBAL_MAX=global_max, ONE_PASS=one_pass and one_pass_order, SAVE_STATS=save_stats,
-                 HAS_FRAMES=has_frames, HAS_KEY_MASK=has_key_mask, **common, **tiles)
+                 frame_band, n_bucket, GLOBAL_MAX=global_max, ONE_PASS=one_pass and one_pass_order,
+                 SAVE_STATS=save_stats, HAS_FRAMES=has_frames, HAS_KEY_MASK=has_key_mask,
+                 FRAME_TILES=has_frames and frame_tiles, **common, **tiles)
     return out
