@@ -1042,9 +1042,12 @@ def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
              f"self-attention call (one layer, one denoising step), batch 1, bf16; classifier-free guidance runs it "
              f"at batch 2 (about twice the time; sdpa_bias's peak doubles). Memory: {g.memory_bytes / 1e9:.0f} GB "
              "(nominal). Assumptions as in the model table, and:", "",
-             "- ours (vstar_triton_frames): frame ids, no key mask: the two-pass form (a Q K^T row-max walk over every "
-             "key tile, then the biased online softmax over every tile); per-loop instructions/MUFU of the HAS_FRAMES "
-             "kernel compiled for sm_90 (bf16, first and last pruned config per head dim), the faster config.",
+             "- ours (vstar_triton_frames): frame ids, no key mask, sigma = latent frames / 16 (the README's starting "
+             "point): the two-pass form (a Q K^T row-max walk over every key tile, then the biased online softmax over "
+             "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, first and last "
+             "pruned config per head dim), each key tile on its loop's shortest path (one dA column: a tile of one "
+             "frame, or off the Gaussian's band) or longest (dA per score), counted from the layout "
+             "(`model.frame_tile_counts`); the faster config.",
              "- flash: the calibrated plain loop (no TAR); flex_two_pass: two such loops (a lower bound).",
              "- eager peers as bench/peers.py runs them (the token-index Gaussian): time = summed per-op roofline of "
              "their aten ops on meta tensors; peak = the most storage bytes live at once in that trace (Q, K, V "
