@@ -180,6 +180,12 @@ def test_frames_follow_the_latent_shape_of_each_call():
     calls = record(model)
     forward(model, wan_inputs(frames=5, size=4))
     assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(5).repeat_interleave(4)) for c in calls)
+    # one id tensor per layout, shared by every block and call (tar_attention reads its values once)
+    forward(model, wan_inputs(frames=5, size=4))
+    assert len({id(c[4]["frames"]) for c in calls}) == 1
+    calls.clear()
+    forward(model, wan_inputs(frames=3, size=4))
+    assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(3).repeat_interleave(4)) for c in calls)
 
 
 def test_delta_frame_matrix_and_its_size_check():

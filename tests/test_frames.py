@@ -501,3 +501,36 @@ def test_row_blocked_backward_is_differentiable(monkeypatch):
     q, k, v = qkv(1, 1, 5, 5, d=2, seed=31, requires_grad=True)
     assert torch.autograd.gradgradcheck(
         lambda a, b, c: vk.tar_attention(a, b, c, frames=ids, max_mode="global", backend="reference"), (q, k, v))
+
+
+def test_frame_values_are_read_once_per_unchanged_tensor():
+    """check_frame_values reads a tensor's extrema once (a device synchronisation); the same tensor
+    passed again is not read, and an in-place change makes it read (and checked) again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vstar_kernels._validation import check_frame_values, make_problem
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.min.default, torch.ops.aten.max.default):
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = vk.frame_ids(3, 4, text_after=2)
+    q = torch.zeros(1, 1, ids.numel(), 8)
+
+    def check(frames):
+        check_frame_values(make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False,
+                                        max_mode="row", scale=None, frames=frames))
+
+    with Reads():
+        check(ids)
+        check(ids)
+        assert Reads.count == 2  # one min, one max
+        check(ids.clone())
+        assert Reads.count == 4  # another tensor: read
+        ids[0] = -5
+        with pytest.raises(ValueError, match="frames must be frame ids >= 0"):
+            check(ids)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -184,10 +185,29 @@ def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
 FRAME_ID_LIMIT = 2 ** 24  # frame distances are float32 in the kernels: exact below 2**24
 
 
+# Extrema of the frame-id tensors already read, by id(): (weak reference, in-place version, (low, high)).
+_EXTREMA: dict = {}
+
+
+def _id_extrema(ids: torch.Tensor) -> tuple:
+    """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device;
+    the same tensor passed again unchanged (the same object at the same in-place version) is not
+    read again, so a caller that keeps its ids (the DiT processors keep one per frame layout)
+    pays one synchronisation per layout, not one per call."""
+    key = id(ids)
+    hit = _EXTREMA.get(key)
+    if hit is not None and hit[0]() is ids and hit[1] == ids._version:
+        return hit[2]
+    extrema = tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
+    _EXTREMA[key] = (weakref.ref(ids, lambda _, k=key: _EXTREMA.pop(k, None)), ids._version, extrema)
+    return extrema
+
+
 def check_frame_values(problem: TarProblem) -> None:
     """The checks that read the frame ids: every id is -1 or more, and below the frame matrix's size.
 
-    Reads the ids' extrema (one device synchronisation); nothing to do without frame ids.
+    Reads the ids' extrema (one device synchronisation, once per unchanged id tensor:
+    `_id_extrema`); nothing to do without frame ids.
     """
     if problem.frames_q is None:
         return
@@ -197,7 +217,7 @@ def check_frame_values(problem: TarProblem) -> None:
     for name, ids in named:
         if ids.numel() == 0:
             continue
-        low, high = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
+        low, high = _id_extrema(ids)
         if low < -1:
             raise ValueError(f"{name} must be frame ids >= 0, or -1 for a token outside the video; got {low}")
         if high >= FRAME_ID_LIMIT:

@@ -284,6 +284,13 @@ def token_frames(family: DiTFamily, grid: Optional[Tuple[int, int]], nq: int, nk
             f"{where}: expected a self-attention over the {video} video tokens ({count} frames x {per_frame} "
             f"tokens){'' if family.text == 'none' else ' and the text tokens'}, got {nq} queries and {nk} keys")
     before, after = (text, 0) if family.text == "before" else (0, text)
+    return _layout_ids(count, per_frame, before, after, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_ids(count: int, per_frame: int, before: int, after: int, device: torch.device) -> torch.Tensor:
+    """frame_ids of one layout, kept: every block and step of a call passes the same tensor, whose
+    values tar_attention then checks once (a device synchronisation per layout, not per call)."""
     return frame_ids(count, per_frame, text_before=before, text_after=after, device=device)
 
 
