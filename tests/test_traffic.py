@@ -15,6 +15,7 @@ import triton.language as tl
 
 from vstar_kernels.bench.traffic import (TrafficCase, band_tiles, count_traffic, delta_entries, ideal_bytes,
                                          measure_case, tiled_bytes)
+from vstar_kernels import frame_ids as vk_frame_ids
 from vstar_kernels.ops.layout import block_dims
 from vstar_kernels.ops.tar_fwd import band_width
 
@@ -128,7 +129,7 @@ def _tiled_blocks(launches):
     return blocks.pop()
 
 
-def _run(n, d, dtype, *, causal=False, delta=False, global_max=False):
+def _run(n, d, dtype, *, causal=False, delta=False, global_max=False, frames=None):
     """One sequence stored (B, N, H, D) through tar_attention(backend="triton"), counted."""
     import vstar_kernels as vk
 
@@ -136,21 +137,28 @@ def _run(n, d, dtype, *, causal=False, delta=False, global_max=False):
     q, k, v = (torch.randn(1, n, 1, d).to(dt).transpose(1, 2) for _ in range(3))
     with torch.no_grad(), count_traffic() as t:
         vk.tar_attention(q, k, v, delta=torch.rand(1, 1, n, n).to(dt) if delta else None, causal=causal,
-                         max_mode="global" if global_max else "row", backend="triton")
+                         max_mode="global" if global_max else "row", frames=frames, backend="triton")
     return t
 
 
-@pytest.mark.parametrize("option", ["plain", "causal", "global", "delta"])
+@pytest.mark.parametrize("option", ["plain", "causal", "global", "delta", "frames", "frames_causal"])
 def test_tiled_requests_exactly_the_algorithms_bytes(option):
     n, d = 80, 160  # tiled (a head dim > 128 halves the packed limit to 64), 2 query blocks, cheap
-    t = _run(n, d, "fp16", causal=option == "causal", delta=option == "delta", global_max=option == "global")
+    causal = option in ("causal", "frames_causal")
+    frames = vk_frame_ids(4, 20) if option.startswith("frames") else None
+    t = _run(n, d, "fp16", causal=causal, delta=option == "delta", global_max=option == "global", frames=frames)
     block_m, block_n = _tiled_blocks(t.launches)
     band = band_width(-0.5 * math.log2(math.e), 2 * n) if option in ("plain", "causal") else None
-    expected = tiled_bytes(n, n, d, d, 2, block_m, block_n, band=band, causal=option == "causal",
-                           global_max=option == "global", delta_itemsize=2 if option == "delta" else 0)
+    expected = tiled_bytes(n, n, d, d, 2, block_m, block_n, band=band, causal=causal, global_max=option == "global",
+                           delta_itemsize=2 if option == "delta" else 0, frame_ids=frames is not None)
     assert t.requested_bytes == expected
+    if frames is not None:  # the ids: each block's rows once, the keys once per block's biased pass
+        assert expected - tiled_bytes(n, n, d, d, 2, block_m, block_n, causal=causal) == 4 * sum(
+            min(block_m, n - r) + min(n, math.ceil((min(n, r + block_m) if causal else n) / block_n) * block_n)
+            for r in range(0, n, block_m))
     extra = 4 * (n + 1) if option == "global" else 0  # the row maxima and the sequence max
-    assert t.distinct_bytes == ideal_bytes(1, n, n, d, d, 2, causal=option == "causal",
+    extra += 4 * n if frames is not None else 0  # the ids: one int32 tensor for the queries and the keys
+    assert t.distinct_bytes == ideal_bytes(1, n, n, d, d, 2, causal=causal,
                                            delta_itemsize=2 if option == "delta" else 0) + extra
 
 

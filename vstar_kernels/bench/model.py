@@ -266,7 +266,8 @@ def finish(e: Estimate, gpu: Gpu, eta: float, waves: float = 1.0) -> Estimate:
     return e
 
 
-def tiled_work(bh, n, d, kinds: dict, block_m, block_n, sigma=1.0, delta: bool = False) -> Estimate:
+def tiled_work(bh, n, d, kinds: dict, block_m, block_n, sigma=1.0, delta: bool = False,
+               frame_ids: bool = False) -> Estimate:
     """Bytes and MMA FLOPs of one tiled launch over `bh` sequences: bytes as the algorithm requests
     them (traffic.tiled_bytes: the one-pass band of `sigma`, or with a custom delta the two-pass
     form and the delta entries once); MMA over whole (BLOCK_M, BLOCK_N) tiles of each loop kind
@@ -274,7 +275,8 @@ def tiled_work(bh, n, d, kinds: dict, block_m, block_n, sigma=1.0, delta: bool =
     bd, bdv = block_dims(d, d)
     e = Estimate(bytes=bh * tiled_bytes(n, n, d, d, ITEMSIZE, block_m, block_n,
                                         band=None if delta else band(n, sigma),
-                                        delta_itemsize=ITEMSIZE if delta else 0), launches=1)
+                                        delta_itemsize=ITEMSIZE if delta else 0, frame_ids=frame_ids),
+                 launches=1)
     for kind, (tiles, _) in kinds.items():
         e.mma_flops += bh * tiles * 2 * block_m * block_n * (bd if kind == "row_max" else bd + bdv)
     return e
@@ -950,8 +952,7 @@ def ours_frames(bh: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor
     on the path `frame_tile_counts` gives it; the faster config."""
     out = []
     for bm, bn, costs in frames_loop_costs(max(block_dims(d, d)[0], 64)):
-        e = tiled_work(bh, n, d, tile_counts(n, bm, bn, None), bm, bn, sigma=None)
-        e.bytes += bh * (n + math.ceil(n / bm) * n) * 4
+        e = tiled_work(bh, n, d, tile_counts(n, bm, bn, None), bm, bn, sigma=None, frame_ids=True)
         for kind, (column, per_score) in frame_tile_counts(ids, bm, bn, sigma).items():
             short, long = costs[kind]
             e.instr += bh * bm * bn * (column * short.instr + per_score * long.instr)

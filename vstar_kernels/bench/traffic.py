@@ -174,7 +174,7 @@ def band_tiles(mb, hi, block_m, block_n, band):
 
 
 def tiled_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, band=None, causal=False, global_max=False,
-                delta_itemsize=0):
+                delta_itemsize=0, frame_ids=False):
     """Bytes one sequence's tiled forward requests.
 
     Per query block of BLOCK_M rows: Q read and O written once; the key tiles up to the causal
@@ -182,7 +182,9 @@ def tiled_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, band=None, causal=
     for K once more by the row-max walk: over the band tiles (`band`: the one-pass path's band
     width) or over every tile (band None: the two-pass form); the delta entries used, once. A
     global max adds a pre-pass that reads Q once more and K in place of the walk, stores the
-    float32 row maxima, and the main pass loads the sequence's max on all BLOCK_M lanes.
+    float32 row maxima, and the main pass loads the sequence's max on all BLOCK_M lanes. Frame
+    ids (int32, two passes: band None) add each block's query ids once and the key ids of every
+    tile of the biased softmax.
     """
     total = delta_entries(nq, nk, causal) * delta_itemsize
     for mb in range(math.ceil(nq / block_m)):
@@ -192,6 +194,8 @@ def tiled_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, band=None, causal=
         lo, band_hi = (0, hi) if band is None else band_tiles(mb, hi, block_m, block_n, band)
         walk = min(nk, math.ceil(band_hi / block_n) * block_n) - lo if band_hi > lo else 0
         total += (rows * d + keys * d + walk * d + keys * dv + rows * dv) * itemsize
+        if frame_ids:
+            total += (rows + keys) * 4
         if global_max:
             total += rows * d * itemsize + rows * 4 + block_m * 4
     return total
@@ -199,7 +203,9 @@ def tiled_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, band=None, causal=
 
 # --------------------------------------------------------------------------- the sweep
 
-OPTIONS = ("plain", "causal", "global", "delta")
+OPTIONS = ("plain", "causal", "global", "delta", "frames")
+# The "frames" option: the sequence in FRAMES equal latent frames (ids 0 .. FRAMES - 1), sigma 1.
+FRAMES = 4
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,7 @@ LONG_N = (256, 1024)
 # Every option at D 64 fp16; bf16 and the other head dims with the defaults. The interpreter needs
 # minutes per N = 1024 call, so N = 1024 runs the defaults at D 64 fp16 only.
 TRAFFIC_CASES = (_cases(SHORT_N + LONG_N[:1], (64,), ("fp16",), OPTIONS)
+                 + _cases(SHORT_N[-1:] + LONG_N[:1], (128,), ("bf16",), ("frames",))
                  + _cases(SHORT_N + LONG_N[:1], (64,), ("bf16",), ("plain",))
                  + _cases(SHORT_N + LONG_N[:1], (40, 80, 128, 160), ("fp16",), ("plain",))
                  + _cases(LONG_N[1:], (64,), ("fp16",), ("plain",)))
@@ -235,7 +242,9 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def layout(case: TrafficCase) -> str:
-    return "packed" if is_packed(case.n, case.n, case.head_dim, case.head_dim) else "tiled"
+    """The layout the launcher runs: frame ids run the tiled one at every length."""
+    packed = is_packed(case.n, case.n, case.head_dim, case.head_dim) and case.option != "frames"
+    return "packed" if packed else "tiled"
 
 
 def measure_case(case: TrafficCase, batch: int | None = None, heads: int | None = None, seed: int = 0) -> dict:
@@ -254,9 +263,10 @@ def measure_case(case: TrafficCase, batch: int | None = None, heads: int | None 
     # diffusers' (B, N, H, D) projections viewed as (B, H, N, D)
     q, k, v = (torch.randn(batch, n, heads, d, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
     delta = torch.rand(batch, heads, n, n, generator=gen).to(dtype) if case.option == "delta" else None
+    frames = torch.arange(n) * FRAMES // n if case.option == "frames" else None
     with torch.no_grad(), count_traffic() as t:
         tar_attention(q, k, v, delta=delta, causal=case.option == "causal",
-                      max_mode="global" if case.option == "global" else "row", backend="triton")
+                      max_mode="global" if case.option == "global" else "row", frames=frames, backend="triton")
     bh = batch * heads
     ideal = ideal_bytes(bh, n, n, d, d, q.element_size(), causal=case.option == "causal",
                         delta_itemsize=delta.element_size() if delta is not None else 0)
@@ -297,6 +307,8 @@ def markdown(rows, info: "measure.RunInfo") -> str:
         "",
         "requested: bytes of the active lanes of every masked load and store; distinct: bytes at distinct "
         "addresses; ideal: Q, K, V read once, O written once, plus the delta entries used (custom delta); "
+        f"frames: the sequence in {FRAMES} equal latent frames (frame ids, two passes; the int32 ids are not in "
+        "the ideal); "
         "MMA issued: 2 M N K per tile product (the interpreter's explicit-sum Q K^T counted as the dot it "
         "replaces); useful: 2 N^2 (D + Dv) per sequence, causal or not, so a causal call that skips the "
         "tiles above the diagonal can show a share over 100%.",
