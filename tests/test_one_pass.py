@@ -18,7 +18,7 @@ import torch
 import vstar_kernels as vk
 from vstar_kernels._validation import make_problem
 from vstar_kernels.ops import layout
-from vstar_kernels.ops._jit import delta_args
+from vstar_kernels.ops._jit import BAND_EXPONENT, delta_args
 from vstar_kernels.ops._load import triton_ops
 from vstar_kernels.regularization import gaussian_bias
 
@@ -49,11 +49,11 @@ def test_gaussian_is_exactly_zero_off_the_band(sigma):
     assert (exponent <= -150).all()
     assert (np.exp2(exponent) == 0).all()
     if w > 1:
-        assert np.float64(coef) * (w - 1) ** 2 > fwd.BAND_EXPONENT
+        assert np.float64(coef) * (w - 1) ** 2 > BAND_EXPONENT
         assert w <= n  # these sigmas leave off-band keys in a sequence of n
     dA = gaussian_bias(1, 2 * n, sigma, dtype=torch.float32)[0]
     assert (dA[w:] == 0).all()
-    assert float(np.exp2(np.float32(fwd.BAND_EXPONENT) + 10)) == 0.0  # -150: 0 with round to nearest
+    assert float(np.exp2(np.float32(BAND_EXPONENT) + 10)) == 0.0  # -150: 0 with round to nearest
 
 
 def test_band_width_limits():
@@ -62,6 +62,8 @@ def test_band_width_limits():
     assert fwd.band_width(-1e-9, 300) == 300  # wider than the sequence
     assert fwd.band_width(coef_of(1.0), 10_000) == 15  # sqrt(160 / (0.5 log2 e)) = 14.9
     assert fwd.band_width(-2.0 ** 32, 5) == 1  # the floored coefficient of a tiny sigma: the diagonal
+    assert fwd.band_width(-5e-324, 300) == 300  # sigma ~1e161: the quotient overflows, every key
+    assert fwd.band_width(coef_of(1e160), 2 ** 25) == 2 ** 25
 
 
 def run_both(q, k, v, **opts):

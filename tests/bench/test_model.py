@@ -18,7 +18,7 @@ from vstar_kernels import cli
 from vstar_kernels.bench import model, shapes
 from vstar_kernels.bench.peers import PEERS
 from vstar_kernels.bench.traffic import ideal_bytes, tiled_bytes
-from vstar_kernels.ops.tar_fwd import band_width
+from vstar_kernels.ops._jit import band_width
 
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 RESULTS = pathlib.Path(__file__).parents[2] / "benchmarks" / "results"
@@ -240,7 +240,7 @@ def _column_by_loops(ids, block_m, block_n, frame_band):
 @pytest.mark.parametrize("sigma", [0.3, 1.3, math.inf])
 def test_frame_tile_counts_split_every_tile_once(layout, sigma):
     """Every (query block, key tile) pair runs the row-max walk once and one softmax loop once, as
-    a column tile or a per-score one, as _frame_tile_bias decides (an independent loop here)."""
+    a column tile or a per-score one, as _jit.frame_tile_id decides (an independent loop here)."""
     dit = model.Dit("t", 1, 64, **layout)
     ids = dit.frames()
     n, block_m, block_n = dit.n, 64, 32

@@ -50,10 +50,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._validation import FRAME_ID_LIMIT
-from ..ops._jit import GAUSS_COEF_MIN, LOG2E
+from ..ops._jit import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
 from ..ops.layout import DOT_MIN, block_dims, is_packed, pow2
-from ..ops.tar_fwd import band_width
 from . import shapes
 from .traffic import band_tiles, ideal_bytes, tiled_bytes
 
@@ -210,7 +208,7 @@ def loop_costs(block_m: int, block_n: int, delta: bool = False) -> dict:
 
 def band(n: int, sigma) -> int | None:
     """The band width the launcher gives the tiled kernel for the row max of a Gaussian of `sigma`
-    (ops/tar_fwd.band_width, limit Nq + Nk); None for the two-pass form (a custom delta)."""
+    (ops/_jit.band_width, limit Nq + Nk); None for the two-pass form (a custom delta)."""
     if sigma is None:
         return None
     return band_width(max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma), 2 * n)
@@ -638,7 +636,7 @@ def assumptions(gpu_key: str, eta: float) -> list:
         "instructions/MUFU per score element (SEQS x SEG x SEG per program) of the packed kernel compiled for sm_90 "
         "at the row's N and head dim (first and last pruned config, as bench --static compiles).",
         "Ours, tiled, row max of the Gaussian (one pass; sigma column: 1 = preset 64D1, 8 = 64D8): bytes "
-        "traffic.tiled_bytes over the band of ops/tar_fwd.band_width (Q, O once; K, V once per query block; K "
+        "traffic.tiled_bytes over the band of ops/_jit.band_width (Q, O once; K, V once per query block; K "
         "once more over the band tiles); per query block, off-band full tiles run the plain loops, the off-band "
         "partial last tile the masked plain loops, band tiles the Q K^T row-max walk and the biased softmax; "
         "each loop's instructions/MUFU per score element from its own static-sm90.csv row (loop 1..6 = left "
@@ -909,12 +907,12 @@ def frame_tile_counts(ids: torch.Tensor, block_m: int, block_n: int, sigma: floa
     """{kind: (column tiles, per-score tiles)} of the frame-id kernel over one sequence of frame ids
     `ids` (N,) (self-attention, not causal), summed over its query blocks: which loop runs each
     key tile (FRAME_LOOPS: the row-max walk every tile, then the tile ranges around the token band
-    of `sigma`) and whether it takes one dA column (ops/tar_fwd._frame_tile_bias: one id in the
+    of `sigma`) and whether it takes one dA column (ops/_jit.frame_tile_id: one id in the
     tile, or every video key FRAME_BAND frames or more from the block's video rows, or no video on
     one side) or dA per score. The walk's tiles count as column tiles (it has one path)."""
     n = ids.numel()
     coef = 0.0 if math.isinf(sigma) else max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma)
-    order, frame_band = band_width(coef, 2 * n), band_width(coef, 2 * FRAME_ID_LIMIT)
+    order, frame_band = band_width(coef, 2 * n), frame_band_width(coef)
     none = 1 << 30
 
     def blocks(size):

@@ -237,12 +237,16 @@ def _with_baseline(launch) -> list:
 
 def combos(quick: bool) -> list:
     """(dtype, (B, H, Nq, Nk, D, Dv), options): a packed and a tiled shape (D 40 and 64, in the
-    (B, N, H, D) storage of diffusers), plain, causal with the global max, a custom delta;
-    --quick: fp16 plain and causal-global only."""
+    (B, N, H, D) storage of diffusers), plain, causal with the global max, a custom delta; frame
+    ids (the tiled kernels, forward and backward) on the tiled shape and at D 128 (the DiTs' head
+    dim); --quick: fp16 plain and causal-global only."""
     shapes = [(64, 8, 16, 16, 40, 40), (2, 8, 300, 300, 64, 64)]
     options = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]
     dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
-    return [(dt, s, o) for dt in dtypes for s in shapes for o in (options[:2] if quick else options)]
+    out = [(dt, s, o) for dt in dtypes for s in shapes for o in (options[:2] if quick else options)]
+    if not quick:
+        out += [(dt, s, dict(frames=True)) for dt in dtypes for s in (shapes[1], (1, 8, 300, 300, 128, 128))]
+    return out
 
 
 def collect(arch: int, quick: bool = False, report=None) -> list:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import TarProblem
+from .._validation import FRAME_ID_LIMIT, TarProblem
 from .layout import DOT_MIN, STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, packed_limit, pow2
 
 LOG2E = 1.4426950408889634
@@ -172,6 +172,51 @@ def delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr, FRAMES: tl
     return dA
 
 
+# The least video id of a block or tile without one: above every id (_validation.FRAME_ID_LIMIT),
+# and far enough from the int32 limit that differences with ids cannot overflow.
+_NO_VIDEO = tl.constexpr(1 << 30)
+_PER_SCORE = tl.constexpr(-2)
+
+
+@triton.jit
+def frame_span(ids):
+    """(least id >= 0, greatest id) of a vector of frame ids: least > greatest when none is >= 0."""
+    return tl.min(tl.where(ids >= 0, ids, _NO_VIDEO), 0), tl.max(ids, 0)
+
+
+@triton.jit
+def frame_tile_id(lo, hi, ids, FRAME_BAND, HAS_DELTA: tl.constexpr):
+    """What dA depends on across a tile of frame ids `ids`, beside a block of ids spanning [lo, hi]
+    (frame_span): the tile's one id when all are equal (-1 included: dA = 0); for the Gaussian, -1
+    when every video id of the tile is FRAME_BAND or more from every video id of the block, or one
+    side has none (dA = 0 exactly); _PER_SCORE (-2) otherwise. With a frame id b (>= -1), dA is
+    one vector along the block (`frame_vector`), the same values delta_a computes per score."""
+    t_hi = tl.max(ids, 0)
+    one = tl.min(ids, 0) == t_hi
+    b = tl.where(one, t_hi, _PER_SCORE)
+    if not HAS_DELTA:
+        t_lo = tl.min(tl.where(ids >= 0, ids, _NO_VIDEO), 0)
+        far = (t_hi < 0) | (lo > hi) | (t_lo - hi >= FRAME_BAND) | (lo - t_hi >= FRAME_BAND)
+        b = tl.where(one, t_hi, tl.where(far, -1, _PER_SCORE))
+    return b
+
+
+@triton.jit
+def frame_vector(ids2, b, d_ptrs, b_stride, gauss_coef, HAS_DELTA: tl.constexpr):
+    """dA between the block's frame ids ids2 ((M, 1) or (1, N)) and the one frame id b of the tile
+    (frame_tile_id; -1: 0): the Gaussian of their distance, or the frame matrix at d_ptrs (the
+    block's ids' entries, ids2's shape) + b * b_stride; 0 where an id is -1. As delta_a per score,
+    bit for bit (the distance's sign does not change its square)."""
+    b2 = ids2 * 0 + b
+    on = (ids2 >= 0) & (b2 >= 0)
+    if HAS_DELTA:
+        vec = tl.load(d_ptrs + b2 * b_stride, mask=on, other=0.0).to(tl.float32)
+    else:
+        dist = b2.to(tl.float32) - ids2.to(tl.float32)
+        vec = tl.where(on, tl.exp2(gauss_coef * dist * dist), 0.0)
+    return vec
+
+
 @triton.jit
 def key_ok(col_ok, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK: tl.constexpr):
     """col_ok, and with HAS_KEY_MASK the key mask's entries (uint8, nonzero = attend) of keys j."""
@@ -181,9 +226,18 @@ def key_ok(col_ok, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK: tl.constexpr):
 
 
 @triton.jit
+def add_bias(s, c, dA):
+    """S' = S + c_i * dA_ij as one fused multiply-add (c has S's shape less its last axis; dA S's
+    shape, or one column): rounded once, on a GPU and in the interpreter alike, so that two code
+    paths holding the same dA give the same S' bit for bit whatever the compiler contracts
+    around them. Masked entries (-inf) stay -inf for a finite c_i * dA_ij."""
+    return tl.fma(tl.broadcast_to(tl.expand_dims(c, -1), s.shape), tl.broadcast_to(dA, s.shape), s)
+
+
+@triton.jit
 def bias(s, row_max, dA, strength):
-    """S' = S + strength * m_i * dA_ij (row_max has S's shape less its last axis); masked entries stay -inf."""
-    return s + tl.expand_dims(strength * row_max, -1) * dA
+    """S' = S + strength * m_i * dA_ij (row_max has S's shape less its last axis): add_bias."""
+    return add_bias(s, strength * row_max, dA)
 
 
 @triton.jit
@@ -233,6 +287,40 @@ def block_coords(N, H, BLOCK: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- launcher helpers
+
+# A Gaussian exponent (log2 units) at or below -150 is exactly 0 in float32: exp2 rounds to
+# nearest, 2**-150 is half the smallest subnormal and ties to 0, and a flush-to-zero exp2 (the
+# GPU's ex2.approx.ftz) gives 0 sooner. The band stops at -160, so that the float32 rounding of
+# gauss_coef and of gauss_coef * d * d (relative 2**-22 at most) cannot bring an off-band exponent
+# above -150, and the reference's float64 Gaussian rounded to float32 is 0 there too
+# (exp(-0.5 (d / sigma)**2) <= 2**-160 < 2**-150). tests/test_one_pass.py checks all three.
+BAND_EXPONENT = -160.0
+
+
+def band_width(gauss_coef: float, limit: int) -> int:
+    """Least W >= 1 with gauss_coef * d * d <= BAND_EXPONENT for every integer |d| >= W, at most
+    `limit` (a W as long as the sequence: every key is in the band).
+
+    Off the band (|j - i| >= W) the Gaussian's dA is exactly 0 in float32, so the biased score is
+    the plain score there, bit for bit (for a finite strength * m_i).
+    """
+    if gauss_coef >= 0.0:
+        return limit
+    square = BAND_EXPONENT / gauss_coef  # inf for a subnormal coefficient (sigma ~1e153 and more)
+    if not square < float(limit) ** 2:
+        return limit
+    w = max(1, math.ceil(math.sqrt(square)))
+    while gauss_coef * w * w > BAND_EXPONENT:
+        w += 1
+    return min(w, limit)
+
+
+def frame_band_width(gauss_coef: float) -> int:
+    """FRAME_BAND of the kernels with frame ids: ids this far apart or more have a Gaussian dA of
+    exactly 0 (band_width; ids are below FRAME_ID_LIMIT, so a band that wide is never left)."""
+    return band_width(gauss_coef, 2 * FRAME_ID_LIMIT)
+
+
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -184,6 +184,9 @@ QUICK_FORWARD_ONLY = [(torch.bfloat16, SHAPES[0], OPTIONS[0]), (torch.bfloat16, 
                       (torch.float32, SHAPES[0], OPTIONS[0]), (torch.float32, SHAPES[4], OPTIONS[1])]
 
 
+FRAMES_PER_CASE = 4
+
+
 def cases(combos=FULL, backward=True):
     """(name, thunk) pairs whose launches cover the forward (and backward) kernels for each
     (dtype, shape, options) combination."""
@@ -195,9 +198,12 @@ def cases(combos=FULL, backward=True):
         v = torch.empty(B, nk, H, dv, dtype=dtype).transpose(1, 2)
         opts = dict(opts)
         delta = torch.empty(nq, nk, dtype=dtype) if opts.pop("delta", False) else None
+        # frame ids: FRAMES_PER_CASE latent frames (the tiled kernels at any length)
+        frames = torch.arange(nq, dtype=torch.int32) * FRAMES_PER_CASE // nq if opts.pop("frames", False) else None
         problem = make_problem(q, k, v, sigma=1.0, strength=1.0, delta=delta, causal=opts.get("causal", False),
-                               max_mode=opts.get("max_mode", "row"), scale=None)
-        name = f"{_TORCH_TO_TRITON[dtype]} B{B}H{H}Nq{nq}Nk{nk}D{d}Dv{dv} {opts or ''}{' delta' if delta is not None else ''}"
+                               max_mode=opts.get("max_mode", "row"), scale=None, frames=frames)
+        name = (f"{_TORCH_TO_TRITON[dtype]} B{B}H{H}Nq{nq}Nk{nk}D{d}Dv{dv} {opts or ''}"
+                f"{' delta' if delta is not None else ''}{' frames' if frames is not None else ''}")
         yield name, (lambda p=problem: fwd.tar_forward(p))
         if backward:
             stats = torch.empty(_layout_stats(problem), dtype=torch.float32)
@@ -211,10 +217,9 @@ def cases(combos=FULL, backward=True):
 
 
 def _layout_stats(problem):
-    from .layout import stats_shape
+    from ..dispatch import BACKENDS
 
-    return stats_shape(problem.batch * problem.heads, problem.nq, problem.nk, problem.head_dim,
-                       problem.head_dim_v, True)
+    return BACKENDS["triton"].stats_shape(problem, True)
 
 
 def launch_key(launch: Launch, arch: int) -> tuple:

@@ -37,9 +37,10 @@ import triton.language as tl
 
 from .._validation import TarProblem
 from . import layout
-from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
-    delta_args, exp, frame_args, interpreter_rows, key_ok, load_tile, masked_scores, mma, packed_coords, packed_exp, \
-    packed_max, packed_segments, store_tile, tiled_only, vector_width
+from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, \
+    delta_a, delta_args, exp, frame_args, frame_band_width, frame_span, frame_tile_id, frame_vector, \
+    interpreter_rows, key_ok, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, packed_segments, \
+    store_tile, tiled_only, vector_width
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
 
 # Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
@@ -148,10 +149,12 @@ def _tar_bwd_dq_kernel(
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
+    FRAME_BAND,  # with HAS_FRAMES: frame ids FRAME_BAND or more apart have a Gaussian dA of exactly 0
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,  # as in ops/tar_fwd.py's tiled kernel
+    FRAME_TILES: tl.constexpr,  # as there: dA as one column for a key tile of one frame or off the band
 ):
     """dQ of BLOCK_M query rows, and their layout.AUX_FIELDS values for the dK/dV pass.
 
@@ -189,8 +192,11 @@ def _tar_bwd_dq_kernel(
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
     fq = offs_m
+    q_lo = 0
+    q_hi = 0
     if HAS_FRAMES:
         fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
+        q_lo, q_hi = frame_span(fq)
     d_base = DELTA + b * stride_deltab + h * stride_deltah + fq[:, None] * stride_deltam
     km_base = b * stride_kmb
     hi = NK
@@ -221,7 +227,14 @@ def _tar_bwd_dq_kernel(
             m, arg, count = _track_max(s, valid, start, m, arg, count)
             if HAS_FRAMES:
                 fk = tl.load(FK + j, mask=j < NK, other=-1)
-                dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
+                one = _PER_SCORE
+                if FRAME_TILES:
+                    one = frame_tile_id(q_lo, q_hi, fk, FRAME_BAND, HAS_DELTA)
+                if one != _PER_SCORE:  # one column, masked as delta_a masks
+                    dA = tl.where(valid, frame_vector(fq[:, None], one, d_base, stride_deltan, gauss_coef,
+                                                      HAS_DELTA), 0.0)
+                else:
+                    dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
             else:
                 dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
             s_reg = bias(s, bias_max, dA, strength)
@@ -287,11 +300,13 @@ def _tar_bwd_dkdv_kernel(
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     N_BUCKET,  # autotune key only
+    FRAME_BAND,  # as in the dQ pass
     NUM_FRAMES,  # the frame matrix's size F (DDELTA (F, F) with HAS_FRAMES)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,  # as in ops/tar_fwd.py's tiled kernel
+    FRAME_TILES: tl.constexpr,  # as in the dQ pass, with the roles swapped: a query tile of one frame
 ):
     """dK, dV of BLOCK_N keys (and their columns of d delta), walking the query blocks.
 
@@ -312,8 +327,11 @@ def _tar_bwd_dkdv_kernel(
     q_base = b * stride_qb + h * stride_qh
     g_base = b * stride_dob + h * stride_doh
     fk = offs_n
+    k_lo = 0
+    k_hi = 0
     if HAS_FRAMES:
         fk = tl.load(FK + offs_n, mask=col_in, other=-1)
+        k_lo, k_hi = frame_span(fk)
     d_base = DELTA + b * stride_deltab + h * stride_deltah + fk[None, :] * stride_deltan
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv_acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
@@ -338,7 +356,14 @@ def _tar_bwd_dkdv_kernel(
                 bias_max = seq_max
             if HAS_FRAMES:
                 fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
-                dA = delta_a(fq, fk, valid, d_base + fq[:, None] * stride_deltam, gauss_coef, HAS_DELTA, True)
+                one = _PER_SCORE
+                if FRAME_TILES:
+                    one = frame_tile_id(k_lo, k_hi, fq, FRAME_BAND, HAS_DELTA)
+                if one != _PER_SCORE:  # one row along the keys, masked as delta_a masks
+                    dA = tl.where(valid, frame_vector(fk[None, :], one, d_base, stride_deltam, gauss_coef,
+                                                      HAS_DELTA), 0.0)
+                else:
+                    dA = delta_a(fq, fk, valid, d_base + fq[:, None] * stride_deltam, gauss_coef, HAS_DELTA, True)
             else:
                 dA = delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * stride_deltam, gauss_coef,
                              HAS_DELTA)
@@ -427,7 +452,7 @@ def _prune_tiled(configs, named_args, **kwargs):
 
 
 _TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "HAS_FRAMES",
-              "HAS_KEY_MASK"]
+              "HAS_KEY_MASK", "FRAME_TILES"]
 
 # The tiled dK/dV pass is not tuned on its own: it runs the config the dQ pass was tuned to
 # (`_dkdv_options`), so both recompute the same score tiles bit for bit and agree on the ties.
@@ -465,7 +490,7 @@ def _dkdv_options() -> dict:
 
 
 def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, grad_out: torch.Tensor,
-                 delta_grad: bool = False, grads: tuple | None = None):
+                 delta_grad: bool = False, grads: tuple | None = None, frame_tiles: bool = True):
     """Gradients of a Triton forward. Returns (dq, dk, dv, ddelta).
 
     problem: the forward's validated problem; out (B, H, Nq, Dv) its output; stats what
@@ -474,7 +499,9 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     dq, dk, dv are contiguous in q's dtype with q/k/v's shapes (written into `grads` when given:
     three such tensors). ddelta is the float32 gradient of the (B, H, Nq, Nk) bias
     `problem.delta` (with frame ids: of the (F, F) frame matrix) when delta_grad, else None.
-    Frame ids or a key mask run the tiled kernels at any length, as the forward does.
+    Frame ids or a key mask run the tiled kernels at any length, as the forward does;
+    frame_tiles=False computes their dA per score on every tile (the same gradients bit for bit,
+    which the tests check), as tar_forward's frame_tiles.
     """
     q, k, v = problem.q, problem.k, problem.v
     B, H, nq, nk, d, dv = problem.batch, problem.heads, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v
@@ -523,12 +550,13 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         tie_k = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
     n_bucket = pow2(max(nq, nk))
     fq, fk, km, *km_strides, has_frames, has_key_mask = frame_args(problem)
-    meta.update(HAS_FRAMES=has_frames, HAS_KEY_MASK=has_key_mask)
+    meta.update(HAS_FRAMES=has_frames, HAS_KEY_MASK=has_key_mask, FRAME_TILES=has_frames and frame_tiles)
+    frame_band = frame_band_width(gauss_coef)
     with _TUNED_LAUNCH:
         _dq[lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)](
             q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k, fq, fk, km,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *d_strides, *km_strides,
-            *sizes, n_bucket, **meta, **(INTERPRETER_TILES if INTERPRETING else {}))
+            *sizes, n_bucket, frame_band, **meta, **(INTERPRETER_TILES if INTERPRETING else {}))
         tiles = _dkdv_options()
     if regularized_global:
         # Every entry equal to the slice's max (as the dQ pass recomputed the scores) gets the same
@@ -543,7 +571,7 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     _dkdv[(bh * triton.cdiv(nk, tiles["BLOCK_N"]),)](
         q, k, v, grad_out, dk, dv_out, delta, ddelta, stats, seq_max, aux, fq, fk, km,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *km_strides, *sizes, n_bucket,
-        problem.delta.shape[0] if frame_delta else 0, DELTA_GRAD=delta_grad, **meta, **tiles)
+        frame_band, problem.delta.shape[0] if frame_delta else 0, DELTA_GRAD=delta_grad, **meta, **tiles)
     return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
 
 

@@ -28,24 +28,22 @@ axis 0.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .._validation import FRAME_ID_LIMIT, TarProblem
-from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, delta_a, \
-    delta_args, frame_args, interpreter_rows, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, \
-    packed_exp, packed_max, packed_segments, store_tile, tiled_only, vector_width
+from .._validation import TarProblem
+from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, add_bias, band_width, bias, \
+    block_coords, cast, common_meta, delta_a, delta_args, frame_args, frame_band_width, frame_span, frame_tile_id, \
+    frame_vector, interpreter_rows, key_ok, load_tile, \
+    masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, packed_max, packed_segments, store_tile, \
+    tiled_only, vector_width
 from .layout import STATS_FIELDS, is_packed, pow2
 
 
 # --------------------------------------------------------------------------- kernels
 
-# The least video id of a block or tile without one: above every id (FRAME_ID_LIMIT), and far
-# enough from the int32 limit that differences with ids cannot overflow.
-_NO_VIDEO = tl.constexpr(1 << 30)
 
 
 @triton.jit
@@ -157,38 +155,6 @@ def _tar_fwd_row_max_kernel(
 
 
 @triton.jit
-def _frame_tile_bias(s, cm, valid, fq, fk, q_lo, q_hi, FRAME_BAND, d_base, stride_deltan, gauss_coef,
-                     HAS_DELTA: tl.constexpr):
-    """s + cm_i * dA_ij for a key tile of frame ids fk (see _softmax_tiles, FRAME_TILES).
-
-    dA_ij depends on j only through fk_j: a tile of one id (all -1 included) gets the column of
-    that id, computed once per row as delta_a computes each score; a Gaussian tile whose video
-    keys are all FRAME_BAND frames or more from the block's video rows (q_lo, q_hi: the least and
-    greatest id >= 0 of the rows; q_lo > q_hi without one) gets cm_i * 0 (0, or NaN for a
-    non-finite cm_i, as the definition's product). Other tiles: dA per score.
-    """
-    k_hi = tl.max(fk, 0)
-    one_id = tl.min(fk, 0) == k_hi
-    column = one_id
-    if not HAS_DELTA:
-        k_lo = tl.min(tl.where(fk >= 0, fk, _NO_VIDEO), 0)
-        column = one_id | (k_hi < 0) | (q_lo > q_hi) | (k_lo - q_hi >= FRAME_BAND) | (q_lo - k_hi >= FRAME_BAND)
-    if column:
-        k_col = fq * 0 + tl.where(one_id, k_hi, -1)  # the tile's id per row; -1: dA = 0
-        on = (fq >= 0) & (k_col >= 0)
-        if HAS_DELTA:
-            col = tl.load(d_base + k_col[:, None] * stride_deltan, mask=on[:, None], other=0.0).to(tl.float32)
-        else:
-            dist = k_col.to(tl.float32) - fq.to(tl.float32)
-            col = tl.where(on, tl.exp2(gauss_coef * dist * dist), 0.0)[:, None]
-        s = s + cm[:, None] * col
-    else:
-        dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
-        s = s + cm[:, None] * dA
-    return s
-
-
-@triton.jit
 def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv,
                    row_ok, NK, HEAD_DIM, HEAD_DIM_V, lo, hi, scale, run_max, denom, acc,
                    cm, d_base, stride_deltan, gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND,
@@ -205,10 +171,10 @@ def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, str
 
     HAS_FRAMES: dA from the rows' frame ids fq and the keys' FK (int32, -1 outside the video;
     d_base then points at the frame matrix's rows fq). With FRAME_TILES a key tile whose ids are
-    all one frame k (or all -1) takes dA as a column, dA_i = dA(fq_i, k), and a tile whose every
-    video key is FRAME_BAND frames or more from every video row of the block (q_lo, q_hi: the
-    block's least and greatest video id) takes dA = 0: one value per row instead of one Gaussian
-    (or frame-matrix load) per score, the same dA bit for bit. HAS_KEY_MASK (with MASK): the
+    all one frame (or all -1), or whose every video key is FRAME_BAND frames or more from every
+    video row of the block (q_lo, q_hi: frame_span of fq), takes dA as one column
+    (_jit.frame_tile_id, frame_vector): one value per row instead of one Gaussian (or
+    frame-matrix load) per score, the same dA bit for bit. HAS_KEY_MASK (with MASK): the
     keys KMASK (uint8, + km_base) drops are masked, and a row with no key so far keeps
     run_max = -inf with denom = 0 (its exponent is taken from 0). With either, masked entries
     stay -inf after the bias whatever cm is (a row without keys has m = -inf).
@@ -229,15 +195,17 @@ def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, str
         if BIAS:
             if HAS_FRAMES:
                 fk = tl.load(FK + j, mask=j < NK, other=-1)
+                one = _PER_SCORE
                 if FRAME_TILES:
-                    s = _frame_tile_bias(s, cm, valid, fq, fk, q_lo, q_hi, FRAME_BAND, d_base, stride_deltan,
-                                         gauss_coef, HAS_DELTA)
+                    one = frame_tile_id(q_lo, q_hi, fk, FRAME_BAND, HAS_DELTA)
+                if one != _PER_SCORE:  # dA as one column (frame_tile_id)
+                    s = add_bias(s, cm, frame_vector(fq[:, None], one, d_base, stride_deltan, gauss_coef, HAS_DELTA))
                 else:
                     dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
-                    s = s + cm[:, None] * dA
+                    s = add_bias(s, cm, dA)
             else:
                 dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
-                s = s + cm[:, None] * dA
+                s = add_bias(s, cm, dA)
             if HAS_FRAMES or HAS_KEY_MASK:
                 s = tl.where(valid, s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
@@ -280,7 +248,7 @@ def _tar_fwd_tiled_kernel(
     VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
     HAS_FRAMES: tl.constexpr,  # dA from the frame ids FQ (Nq,) and FK (Nk,), int32, -1 outside the video
     HAS_KEY_MASK: tl.constexpr,  # KMASK (uint8 (B, Nk), nonzero = attend) drops keys
-    FRAME_TILES: tl.constexpr,  # with HAS_FRAMES: dA per key tile where it is one column (_frame_tile_bias)
+    FRAME_TILES: tl.constexpr,  # with HAS_FRAMES: dA per key tile where it is one column (_jit.frame_tile_id)
 ):
     """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence.
 
@@ -305,7 +273,7 @@ def _tar_fwd_tiled_kernel(
     Gaussian of f(k_j) - f(q_i), or the frame matrix DELTA (strides (0, 0, row, column)) at
     [f(q_i), f(k_j)], 0 where an id is -1; the ids are read per block (O(N) per program). With
     FRAME_TILES, a key tile of one frame, or whose video keys are all FRAME_BAND frames or more
-    from the block's video rows, gets its dA as one column (`_frame_tile_bias`). A key mask
+    from the block's video rows, gets its dA as one column (_jit.frame_tile_id). A key mask
     (HAS_KEY_MASK) makes the whole row the band. Masked keys take no part in the max or the softmax; a row with no
     key gives 0, and its saved log-sum-exp is +inf (so the backward's probabilities are 0).
     Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
@@ -329,8 +297,7 @@ def _tar_fwd_tiled_kernel(
     q_hi = 0
     if HAS_FRAMES:
         fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
-        q_lo = tl.min(tl.where(fq >= 0, fq, _NO_VIDEO), 0)
-        q_hi = tl.max(fq, 0)
+        q_lo, q_hi = frame_span(fq)
     d_base = DELTA + b * stride_deltab + h * stride_deltah + fq[:, None] * stride_deltam
     km_base = b * stride_kmb
 
@@ -458,14 +425,16 @@ def _prune_tiled(configs, named_args, **kwargs):
     band softmax, a custom delta) and head dims above 64 spill in tiles larger than 64 x 64, and
     both together with 128 rows or 4 warps on sm_80 (a custom delta: with key tiles wider than
     32). Head dims above 128 keep 64 x 64 at most. Frame ids with the Gaussian (no delta; a key
-    mask or not) at head dims up to 128 also keep 128 x 32 with 8 warps (no spill: 255 registers on
-    sm_80, at most 198 on sm_90), whose query blocks read K and V half as often as 64-row ones."""
+    mask or not) and 16-bit inputs at head dims up to 128 also keep 128 x 32 with 8 warps (no spill:
+    255 registers on sm_80, at most 213 on sm_90; float32 inputs spill there), whose query blocks
+    read K and V half as often as 64-row ones."""
     args = {**named_args, **kwargs}
     wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 128  # the row-max pre-pass has no BLOCK_DV
     deep = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 64
     biased = args.get("REGULARIZE", False) and (args.get("HAS_DELTA", False) or args.get("HAS_FRAMES", False)
                                                 or not args.get("GLOBAL_MAX", False))
-    frames_128 = args.get("HAS_FRAMES", False) and not (wide or args.get("HAS_DELTA", False))
+    frames_128 = args.get("HAS_FRAMES", False) and args["Q"].element_size() == 2 and not (
+        wide or args.get("HAS_DELTA", False))
     keep = []
     for c in configs:
         bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
@@ -481,31 +450,6 @@ def _prune_tiled(configs, named_args, **kwargs):
 
 
 # --------------------------------------------------------------------------- launcher
-
-# A Gaussian exponent (log2 units) at or below -150 is exactly 0 in float32: exp2 rounds to
-# nearest, 2**-150 is half the smallest subnormal and ties to 0, and a flush-to-zero exp2 (the
-# GPU's ex2.approx.ftz) gives 0 sooner. The band stops at -160, so that the float32 rounding of
-# gauss_coef and of gauss_coef * d * d (relative 2**-22 at most) cannot bring an off-band exponent
-# above -150, and the reference's float64 Gaussian rounded to float32 is 0 there too
-# (exp(-0.5 (d / sigma)**2) <= 2**-160 < 2**-150). tests/test_one_pass.py checks all three.
-BAND_EXPONENT = -160.0
-
-
-def band_width(gauss_coef: float, limit: int) -> int:
-    """Least W >= 1 with gauss_coef * d * d <= BAND_EXPONENT for every integer |d| >= W, at most
-    `limit` (a W as long as the sequence: every key is in the band).
-
-    Off the band (|j - i| >= W) the Gaussian's dA is exactly 0 in float32, so the biased score is
-    the plain score there, bit for bit (for a finite strength * m_i).
-    """
-    if gauss_coef >= 0.0:
-        return limit
-    w = max(1, math.ceil(math.sqrt(BAND_EXPONENT / gauss_coef)))
-    while gauss_coef * w * w > BAND_EXPONENT:
-        w += 1
-    return min(w, limit)
-
-
 
 # The tiled kernels' tiles in the interpreter (tests may set smaller ones).
 INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=64)
@@ -594,8 +538,7 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
         band = band_width(gauss_coef, nq + nk)
     else:
         band = 1  # without TAR: the tiles the causal diagonal crosses
-    # frame ids are below FRAME_ID_LIMIT: a band as wide as that is never left
-    frame_band = band_width(gauss_coef, 2 * FRAME_ID_LIMIT)
+    frame_band = frame_band_width(gauss_coef)
     _tiled[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, *args[:20], *km_strides, *args[20:], band,
                  frame_band, n_bucket, GLOBAL_MAX=global_max, ONE_PASS=one_pass and one_pass_order,
                  SAVE_STATS=save_stats, HAS_FRAMES=has_frames, HAS_KEY_MASK=has_key_mask,
