@@ -231,6 +231,8 @@ def add_bias(s, c, dA):
     shape, or one column): rounded once, on a GPU and in the interpreter alike, so that two code
     paths holding the same dA give the same S' bit for bit whatever the compiler contracts
     around them. Masked entries (-inf) stay -inf for a finite c_i * dA_ij."""
+    if len(dA.shape) < len(s.shape):  # a packed tile's Gaussian (SEG_Q, SEG_K), shared by its sequences
+        dA = tl.expand_dims(dA, 0)
     return tl.fma(tl.broadcast_to(tl.expand_dims(c, -1), s.shape), tl.broadcast_to(dA, s.shape), s)
 
 

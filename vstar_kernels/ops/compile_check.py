@@ -175,7 +175,7 @@ def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> l
 # (B, H, Nq, Nk, D, Dv) covering both layouts and the head-dim regimes (<= 128, > 128)
 SHAPES = [(64, 4, 16, 16, 40, 40), (64, 4, 64, 64, 80, 80), (8, 2, 128, 128, 128, 128), (8, 2, 24, 24, 160, 160),
           (2, 2, 300, 300, 64, 64), (2, 2, 200, 200, 256, 256)]
-OPTIONS = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]
+OPTIONS = [dict(), dict(causal=True, max_mode="global"), dict(delta=True), dict(frames=True)]
 FULL = list(itertools.product((torch.float16, torch.bfloat16, torch.float32), SHAPES, OPTIONS))
 # The CI subset: forward and backward in fp16 over both layouts, both head-dim regimes and every
 # option; the bf16 and fp32 (ieee dot) forwards once per layout.
