@@ -18,7 +18,7 @@ q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) are the 4-D views `make_probl
 matrix with frame ids) or None; the broadcast dims of delta's gradient are summed by autograd
 through that view. frames_q (Nq,) and frames_k (Nk,) are the integer frame ids or both None,
 key_mask the (B, Nk) bool key mask or None; the op checks the ids' values before it runs a
-backend (`check_frame_values`: a read of the ids on every call that has them). `backend` is the
+backend (`check_frame_values`: one read of an id tensor's extrema, kept while it is unchanged). `backend` is the
 name `dispatch.select` resolved ("triton" or "reference"): on CPU tensors the op runs the
 reference unless the caller asked for the Triton interpreter. `stats` holds what the backend's
 backward needs beyond the inputs and the output (float32; empty for the reference and for the
