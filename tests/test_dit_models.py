@@ -186,6 +186,10 @@ def test_frames_follow_the_latent_shape_of_each_call():
     calls.clear()
     forward(model, wan_inputs(frames=3, size=4))
     assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(3).repeat_interleave(4)) for c in calls)
+    calls.clear()
+    with torch.inference_mode():  # as pipelines run: the kept ids are no inference tensor (they keep a version)
+        model(**wan_inputs(frames=2, size=4), return_dict=False)  # a layout not kept yet
+    assert calls and not any(c[4]["frames"].is_inference() for c in calls)
 
 
 def test_delta_frame_matrix_and_its_size_check():

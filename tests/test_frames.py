@@ -534,3 +534,11 @@ def test_frame_values_are_read_once_per_unchanged_tensor():
         ids[0] = -5
         with pytest.raises(ValueError, match="frames must be frame ids >= 0"):
             check(ids)
+        with torch.inference_mode():  # an inference tensor has no version counter: read every time
+            fresh = vk.frame_ids(3, 4, text_after=2)
+            before = Reads.count
+            check(fresh)
+            fresh[0] = -5
+            with pytest.raises(ValueError, match="frames must be frame ids >= 0"):
+                check(fresh)
+            assert Reads.count == before + 4

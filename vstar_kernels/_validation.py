@@ -193,7 +193,10 @@ def _id_extrema(ids: torch.Tensor) -> tuple:
     """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device;
     the same tensor passed again unchanged (the same object at the same in-place version) is not
     read again, so a caller that keeps its ids (the DiT processors keep one per frame layout)
-    pays one synchronisation per layout, not one per call."""
+    pays one synchronisation per layout, not one per call. An inference tensor (made under
+    torch.inference_mode) has no version counter and is read on every call."""
+    if ids.is_inference():  # no version counter: a change in place could not be seen, so read every time
+        return tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
     key = id(ids)
     hit = _EXTREMA.get(key)
     if hit is not None and hit[0]() is ids and hit[1] == ids._version:

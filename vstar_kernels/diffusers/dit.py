@@ -290,8 +290,10 @@ def token_frames(family: DiTFamily, grid: Optional[Tuple[int, int]], nq: int, nk
 @functools.lru_cache(maxsize=64)
 def _layout_ids(count: int, per_frame: int, before: int, after: int, device: torch.device) -> torch.Tensor:
     """frame_ids of one layout, kept: every block and step of a call passes the same tensor, whose
-    values tar_attention then checks once (a device synchronisation per layout, not per call)."""
-    return frame_ids(count, per_frame, text_before=before, text_after=after, device=device)
+    values tar_attention then checks once (a device synchronisation per layout, not per call). Made
+    outside inference mode (a pipeline runs in it), so that it keeps a version counter."""
+    with torch.inference_mode(False):
+        return frame_ids(count, per_frame, text_before=before, text_after=after, device=device)
 
 
 def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
