@@ -232,6 +232,14 @@ FRAME_TILE_CASES = {
               "one other"),
     "key_mask": (lambda: vk.frame_ids(6, 20, text_after=16, device=DEVICE), dict(sigma=0.3, key_mask=True),
                  "one far other"),
+    # frames of 32 tokens: the backward's 32-row query tiles of one video frame take dA as a row
+    "rows": (lambda: vk.frame_ids(5, 32, text_before=32, text_after=5, device=DEVICE), dict(sigma=0.5), "one"),
+    "rows_delta": (lambda: vk.frame_ids(5, 32, text_before=32, text_after=5, device=DEVICE),
+                   dict(delta="frames", causal=True), "one"),
+    # a frame matrix with -inf for later frames, hidden by the causal mask where a 32-row query block
+    # spans two frames of 16: the dQ pass's dA column must stay masked (0 * -inf is NaN in its sums)
+    "delta_neg_inf": (lambda: vk.frame_ids(8, 16, text_before=32, device=DEVICE),
+                      dict(delta="frames_neg_inf", causal=True), "one"),
 }
 
 
@@ -257,8 +265,11 @@ def test_frame_tiles_are_the_per_score_dA_bit_for_bit(case, monkeypatch):
     opts = dict(opts)
     if opts.pop("nan_row", False):
         q[0, 0, 21] *= 1e38
-    if opts.get("delta") == "frames":
-        opts["delta"] = frame_matrix(int(frames.max()) + 1, seed=8)
+    if opts.get("delta") in ("frames", "frames_neg_inf"):
+        delta = frame_matrix(int(frames.max()) + 1, seed=8)
+        if opts["delta"] == "frames_neg_inf":
+            delta = delta.masked_fill(torch.ones_like(delta, dtype=torch.bool).triu(1), -math.inf)
+        opts["delta"] = delta
     if opts.pop("key_mask", False):
         opts["key_mask"] = key_mask(2, n, seed=9)
     problem = make_problem(q, k, v, sigma=opts.get("sigma", 1.0), strength=opts.get("strength", 1.0),
@@ -268,6 +279,8 @@ def test_frame_tiles_are_the_per_score_dA_bit_for_bit(case, monkeypatch):
     one, far, other = tile_kinds(frames.cpu(), frames.cpu(), 16, 16, band)
     assert [bool(one), bool(far), bool(other)] == [k in kinds.split() for k in ("one", "far", "other")], \
         (one, far, other)
+    if case.startswith("rows"):  # a 32-row query tile of one video frame (the dK/dV pass's row path)
+        assert any(frames[r] >= 0 and (frames[r:r + 32] == frames[r]).all() for r in range(0, n - 31, 32))
     grad_out = torch.randn(problem.output_shape(), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     runs = []
     for frame_tiles in (True, False):

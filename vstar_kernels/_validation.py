@@ -194,7 +194,9 @@ def _id_extrema(ids: torch.Tensor) -> tuple:
     the same tensor passed again unchanged (the same object at the same in-place version) is not
     read again, so a caller that keeps its ids (the DiT processors keep one per frame layout)
     pays one synchronisation per layout, not one per call. An inference tensor (made under
-    torch.inference_mode) has no version counter and is read on every call."""
+    torch.inference_mode) has no version counter and is read on every call. A write the version
+    counter does not see (through .data, .numpy() or DLPack) is not seen here either: ids changed
+    that way must be passed as a new tensor."""
     if ids.is_inference():  # no version counter: a change in place could not be seen, so read every time
         return tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
     key = id(ids)
