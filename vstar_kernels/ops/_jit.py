@@ -324,7 +324,6 @@ def frame_band_width(gauss_coef: float) -> int:
 
 
 
-
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"

@@ -28,7 +28,6 @@ axis 0.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -36,14 +35,12 @@ import triton.language as tl
 from .._validation import TarProblem
 from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, add_bias, band_width, bias, \
     block_coords, cast, common_meta, delta_a, delta_args, frame_args, frame_band_width, frame_span, frame_tile_id, \
-    frame_vector, interpreter_rows, key_ok, load_tile, \
-    masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, packed_max, packed_segments, store_tile, \
-    tiled_only, vector_width
+    frame_vector, interpreter_rows, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, \
+    packed_exp, packed_max, packed_segments, store_tile, tiled_only, vector_width
 from .layout import STATS_FIELDS, is_packed, pow2
 
 
 # --------------------------------------------------------------------------- kernels
-
 
 
 @triton.jit
@@ -274,8 +271,9 @@ def _tar_fwd_tiled_kernel(
     [f(q_i), f(k_j)], 0 where an id is -1; the ids are read per block (O(N) per program). With
     FRAME_TILES, a key tile of one frame, or whose video keys are all FRAME_BAND frames or more
     from the block's video rows, gets its dA as one column (_jit.frame_tile_id). A key mask
-    (HAS_KEY_MASK) makes the whole row the band. Masked keys take no part in the max or the softmax; a row with no
-    key gives 0, and its saved log-sum-exp is +inf (so the backward's probabilities are 0).
+    (HAS_KEY_MASK) makes the whole row the band. Masked keys take no part in the max or the
+    softmax; a row with no key gives 0, and its saved log-sum-exp is +inf (so the backward's
+    probabilities are 0).
     Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
     (read only with HAS_DELTA) have any strides. With SAVE_STATS the raw row max and the
     log-sum-exp of the biased scores go to STATS (float32, (B*H, Nq, layout.STATS_FIELDS),
@@ -329,24 +327,24 @@ def _tar_fwd_tiled_kernel(
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, 0, left, scale, run_max, denom, acc, cm, d_base, stride_deltan, gauss_coef,
-            fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION, VEC,
-            HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
+            fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA,
+            PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, left, band_lo, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION,
-            VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, OFF_BIAS, CAUSAL,
+            HAS_DELTA, PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
         right = tl.maximum(band_hi, full_hi)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, band_hi, right, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, False, OFF_BIAS, CAUSAL, HAS_DELTA,
-            PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, False, OFF_BIAS, CAUSAL,
+            HAS_DELTA, PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
         run_max, denom, acc = _softmax_tiles(
             q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
             NK, HEAD_DIM, HEAD_DIM_V, right, hi, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, OFF_BIAS, CAUSAL, HAS_DELTA, PRECISION,
-            VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
+            gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, OFF_BIAS, CAUSAL,
+            HAS_DELTA, PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
     if REGULARIZE and ONE_PASS:  # the row max: the off-band scores' (their running max), then the band's
         m = _row_max(q, K, k_base, stride_kn, stride_kd, offs_m, offs_d, NK, HEAD_DIM, band_lo, band_hi,
                      run_max, scale, KMASK, km_base, stride_kmn, BLOCK_N, CAUSAL, PRECISION, VEC, HAS_KEY_MASK)
@@ -359,8 +357,8 @@ def _tar_fwd_tiled_kernel(
     run_max, denom, acc = _softmax_tiles(
         q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, offs_dv, row_ok,
         NK, HEAD_DIM, HEAD_DIM_V, band_lo, band_hi, scale, run_max, denom, acc, cm, d_base, stride_deltan,
-        gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, REGULARIZE, CAUSAL, HAS_DELTA, PRECISION,
-        VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
+        gauss_coef, fq, FK, KMASK, km_base, stride_kmn, q_lo, q_hi, FRAME_BAND, BLOCK_N, True, REGULARIZE, CAUSAL,
+        HAS_DELTA, PRECISION, VEC, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES)
     denom = tl.where(row_ok, denom, 1.0)
     out = acc / denom[:, None]
     lse = run_max + tl.log(denom)
