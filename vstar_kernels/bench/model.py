@@ -746,6 +746,18 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _write_table_and_plot(base: Path, table: str, draw, extra=()) -> None:
+    """base.md from `table`, base.png by `draw(path)` (None: no plot); print every file written
+    (base.csv, written by the caller, and `extra` among them)."""
+    base.with_suffix(".md").write_text(table)
+    written = [base.with_suffix(".csv"), base.with_suffix(".md"), *extra]
+    if draw is not None:
+        draw(base.with_suffix(".png"))
+        written.append(base.with_suffix(".png"))
+    for p in written:
+        print(f"wrote {p}")
+
+
 def main(args) -> int:
     """`bench --model [--device h100 h200] [--shapes ...] [--n ...] [--out DIR] [--no-plots]`; with
     --dit, the DiT rows instead (`dit_main`)."""
@@ -767,15 +779,8 @@ def main(args) -> int:
         write_csv(rows, base.with_suffix(".csv"), calibration if key == "h100" else [])
         table = markdown(rows, key, eta, calibration)
         print(table)
-        base.with_suffix(".md").write_text(table)
-        written = [base.with_suffix(".csv"), base.with_suffix(".md")]
-        if key == "h100":
-            written.append(base.with_name(base.name + "-calibration.csv"))
-        if not args.no_plots:
-            plot(rows, key, base.with_suffix(".png"))
-            written.append(base.with_suffix(".png"))
-        for p in written:
-            print(f"wrote {p}")
+        extra = [base.with_name(base.name + "-calibration.csv")] if key == "h100" else []
+        _write_table_and_plot(base, table, None if args.no_plots else lambda path: plot(rows, key, path), extra)
     return 0
 
 
@@ -1137,11 +1142,5 @@ def dit_main(args) -> int:
                 w.writerow([r.get(c, "") for c in DIT_COLUMNS])
         table = dit_markdown(rows, key, eta, dits)
         print(table)
-        base.with_suffix(".md").write_text(table)
-        written = [base.with_suffix(".csv"), base.with_suffix(".md")]
-        if not args.no_plots:
-            dit_plot(rows, key, base.with_suffix(".png"))
-            written.append(base.with_suffix(".png"))
-        for p in written:
-            print(f"wrote {p}")
+        _write_table_and_plot(base, table, None if args.no_plots else lambda path: dit_plot(rows, key, path))
     return 0
