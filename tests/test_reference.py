@@ -106,3 +106,47 @@ def test_reference_is_differentiable():
     g = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda a, b, c: vk.tar_attention_reference(a, b, c, sigma=1.3), (q, k, v))
+
+
+BNHD_OPTIONS = [dict(), dict(causal=True, sigma=2.0), dict(max_mode="global", strength=-0.7), dict(delta=True),
+                dict(key_mask=True), dict(frames=True)]
+
+
+@pytest.mark.parametrize("opts", BNHD_OPTIONS, ids=opts_id)
+@pytest.mark.parametrize("per_chunk", [None, 2], ids=["whole", "2-batches"])
+def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypatch):
+    """q, k, v stored (B, N, H, D) (diffusers' layout) are no batch of matrices over (batch, head): the
+    in-place path takes one head's batches per chunk and reads them in place. Same values as the
+    float64 definition and as contiguous inputs, in whole-batch chunks and in chunks of 2 batches."""
+    B, H, N, D = 3, 4, 9, 8
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3))
+    opts = dict(opts)
+    if opts.pop("delta", False):
+        opts["delta"] = torch.rand(B, H, N, N, generator=g)
+    if opts.pop("key_mask", False):
+        opts["key_mask"] = torch.rand(B, N, generator=g) > 0.3
+        opts["key_mask"][:, 0] = True
+    if opts.pop("frames", False):
+        opts["frames"] = torch.arange(N) // 3
+    if per_chunk is not None:
+        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", per_chunk * N * N)
+    chunks, head_chunks = [], reference._head_chunks
+    monkeypatch.setattr(reference, "_head_chunks", lambda *a: chunks.append(head_chunks(*a)) or chunks[-1])
+    out = vk.tar_attention(q, k, v, backend="reference", **opts)
+    assert chunks and all(h.stop - h.start == 1 for _, h in chunks[0])
+    assert len(chunks[0]) == H * (1 if per_chunk is None else 2)
+    contiguous = vk.tar_attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="reference", **opts)
+    torch.testing.assert_close(out, contiguous, atol=2e-6, rtol=2e-6)
+    if "key_mask" not in opts and "frames" not in opts:
+        expected = naive_tar(q, k, v, **{key: value for key, value in opts.items()})
+        torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=2e-6)
+
+
+def test_inplace_path_copies_blocks_it_must_convert():
+    """16-bit (B, N, H, D) inputs are converted to float32 block by block: (batch, head) chunks as before."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 7, 3, 8, generator=g).half().transpose(1, 2) for _ in range(3))
+    out = vk.tar_attention(q, k, v, backend="reference", sigma=1.5)
+    expected = naive_tar(q, k, v, sigma=1.5)
+    torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-3)

@@ -232,16 +232,23 @@ def _global_max(problem: TarProblem, row_blocks, chunks, compute, shares: bool =
 def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     """`reference_forward`'s operations in the same order, in place.
 
-    One set of buffers (a chunk of scores, of q, k, v in the compute dtype, of row maxima) is
-    reused by every chunk, small enough to stay in cache; q, k, v blocks that are not contiguous
-    in the compute dtype are copied to contiguous buffers first so that both products are plain
-    batched GEMMs, and the PV product is written
-    straight into the output when it is in the compute dtype.
+    One set of buffers (a chunk of scores, of q, k, v in the compute dtype, of row maxima, of the
+    output) is reused by every chunk, small enough to stay in cache. Both products are batched
+    GEMMs that read q, k and v where they are when a block is a batch of matrices as a view (rows
+    of unit-stride elements, any row and batch stride); for strides whose (batch, head) blocks are
+    not (the (B, N, H, D) storage of diffusers), a chunk is one head's batches, which are. Blocks
+    in another dtype are converted into the buffers. The PV product is written straight into the
+    output when that block is contiguous in the compute dtype.
     """
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
     d, dv = problem.head_dim, problem.head_dim_v
     budget = min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS)
     row_blocks, chunks = _plan(problem, budget)
+    if len(row_blocks) == 1 and not all(_merges(x) or x.dtype != compute for x in (problem.q, problem.k, problem.v)):
+        # (batch, head) blocks of these strides (e.g. a (B, N, H, D) storage) are no batch of
+        # matrices: one head's block of batches is, so the products read them in place instead of
+        # copying each block first.
+        chunks = _head_chunks(B, H, budget // (nq * nk))
     nr = len(range(*row_blocks[0].indices(nq)))
     slices = max(_block_slices(b, h, B, H) for b, h in chunks)
     dev = problem.device
@@ -251,7 +258,7 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     v_buf = torch.empty(slices * nk * dv, device=dev, dtype=compute)
     m_buf = torch.empty(slices * nr, device=dev, dtype=compute)
     out = torch.empty(problem.output_shape(), device=dev, dtype=problem.dtype)
-    o_buf = None if problem.dtype == compute else torch.empty(slices * nr * dv, device=dev, dtype=compute)
+    o_buf = torch.empty(slices * nr * dv, device=dev, dtype=compute)
     slice_max = None
     if _max_first(problem, row_blocks):
         with torch.no_grad():
@@ -287,19 +294,32 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
             torch.softmax(s, dim=-1, out=s)
             if problem.key_mask is not None:  # a row with no key to attend to gives 0
                 s4.masked_fill_(mask.all(dim=-1, keepdim=True), 0.0)
-            o = out[b, h, rows].view(c, rr, dv) if o_buf is None else o_buf[: c * rr * dv].view(c, rr, dv)
+            o_block = out[b, h, rows]
+            direct = problem.dtype == compute and o_block.is_contiguous()
+            o = o_block.view(c, rr, dv) if direct else o_buf[: c * rr * dv].view(c, rr, dv)
             torch.bmm(s, v3, out=o)
-            if o_buf is not None:
-                out[b, h, rows].copy_(o.view(bb, hh, rr, dv))
+            if not direct:
+                o_block.copy_(o.view(bb, hh, rr, dv))
     return out
 
 
 def _as_batch(x: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (b, h, n, d) block as a (b * h, n, d) batch in `dtype`: a view when it is one, else a copy into `buf`."""
+    """A (b, h, n, d) block as a (b * h, n, d) batch in `dtype`: a view when it is one (rows of
+    unit-stride elements at any row and batch stride, as torch.bmm reads them), else a copy into `buf`."""
     bb, hh, n, d = x.shape
-    if x.dtype == dtype and x.is_contiguous():
+    if x.dtype == dtype and _merges(x) and (x.stride(-1) == 1 or d == 1):
         return x.view(bb * hh, n, d)
     return buf[: x.numel()].view(x.shape).copy_(x).view(bb * hh, n, d)
+
+
+def _merges(x: torch.Tensor) -> bool:
+    """Whether the batch and head dims of a (b, h, n, d) tensor are one dim of a view."""
+    return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def _head_chunks(batch: int, heads: int, per_chunk: int):
+    """(batch slice, head slice) blocks of one head and at most `per_chunk` batches, head by head."""
+    return [(slice(b, b + per_chunk), slice(h, h + 1)) for h in range(heads) for b in range(0, batch, per_chunk)]
 
 
 def _block_slices(b: slice, h: slice, batch: int, heads: int) -> int:
