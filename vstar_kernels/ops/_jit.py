@@ -9,6 +9,8 @@ arithmetic.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -32,6 +34,33 @@ _INTERPRETING = tl.constexpr(INTERPRETING)
 _STATS_N = tl.constexpr(STATS_FIELDS)
 _STAT_MAX = tl.constexpr(STAT_MAX)
 _STAT_LSE = tl.constexpr(STAT_LSE)
+
+
+# The SM version whose spill-free tiles the autotuners keep (`target_sm`): None but while
+# `targeting` names one (ahead-of-time compiles for a GPU this machine may not have).
+_TARGET_SM = contextvars.ContextVar("vstar_kernels_target_sm", default=None)
+
+
+@contextlib.contextmanager
+def targeting(sm: int):
+    """Prune the autotune configs for sm_`sm` inside the block, whatever device the tensors are on."""
+    token = _TARGET_SM.set(sm)
+    try:
+        yield
+    finally:
+        _TARGET_SM.reset(token)
+
+
+def target_sm(x: torch.Tensor) -> int | None:
+    """The SM version (80, 86, 90, ...) a launch on x's device compiles for: the one `targeting`
+    names, else the CUDA device's compute capability; None for any other device."""
+    forced = _TARGET_SM.get()
+    if forced is not None:
+        return forced
+    if x.device.type != "cuda" or torch.version.hip:
+        return None
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 # --------------------------------------------------------------------------- jit helpers

@@ -32,6 +32,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from .._validation import make_problem
+from ._jit import targeting
 from ._load import triton_backward_ops, triton_ops
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -240,16 +241,17 @@ def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, b
     """Compile every distinct launch of `cases(combos, backward)` (each recorded launch replaced by
     the launches `expand(launch)` returns); `report(row)` is called as each compiles."""
     results, seen = [], set()
-    for name, thunk in cases(combos, backward):
-        for launch in (one for recorded in record(thunk) for one in expand(recorded)):
-            key = launch_key(launch, arch)
-            if key in seen:
-                continue
-            seen.add(key)
-            for row in compile_launch(launch, arch, all_configs, name):
-                results.append(row)
-                if report is not None:
-                    report(row)
+    with targeting(arch):  # the configs a launch on an sm_`arch` GPU keeps
+        for name, thunk in cases(combos, backward):
+            for launch in (one for recorded in record(thunk) for one in expand(recorded)):
+                key = launch_key(launch, arch)
+                if key in seen:
+                    continue
+                seen.add(key)
+                for row in compile_launch(launch, arch, all_configs, name):
+                    results.append(row)
+                    if report is not None:
+                        report(row)
     return results
 
 

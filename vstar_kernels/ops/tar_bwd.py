@@ -40,7 +40,7 @@ from . import layout
 from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, \
     delta_a, delta_args, exp, frame_args, frame_band_width, frame_span, frame_tile_id, frame_vector, \
     interpreter_rows, key_ok, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, packed_segments, \
-    store_tile, tiled_only, vector_width
+    store_tile, target_sm, tiled_only, vector_width
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
 
 # Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
@@ -438,6 +438,10 @@ def _prune_tiled(configs, named_args, **kwargs):
     across its walk at most 32 words a thread (`_row_words`); and BLOCK_N <= BLOCK_M (at 32 x 64
     the dK/dV pass spills on sm_80 where 64 x 32 does not). Head dims over 128 meet none of this:
     there the configs with the fewest row words are kept (32 x 32 on 8 warps; they spill, least).
+
+    Per arch (`_jit.target_sm`), for frame ids in 16-bit at head dims up to 64, where the dQ pass's
+    id vectors take registers of their own: sm_80 drops 64 x 32 (16-24 bytes of spill at N = 300)
+    and sm_90 drops 32 x 32 (8 bytes at N = 1024); any other GPU keeps the list as it is.
     """
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     block_d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
@@ -445,6 +449,10 @@ def _prune_tiled(configs, named_args, **kwargs):
     keep = [c for c in configs
             if c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
             and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 256 * c.num_warps and _row_words(c, block_d) <= 32]
+    if keep and named_args.get("HAS_FRAMES", False) and named_args["Q"].element_size() == 2 and block_d <= 64:
+        sm = target_sm(named_args["Q"])
+        spills = (64, 32) if sm is not None and 80 <= sm < 90 else (32, 32) if sm == 90 else None
+        keep = [c for c in keep if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != spills] or keep
     if keep:
         return keep
     least = min(_row_words(c, block_d) for c in configs)

@@ -36,7 +36,7 @@ from .._validation import TarProblem
 from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, add_bias, band_width, bias, \
     block_coords, cast, common_meta, delta_a, delta_args, frame_args, frame_band_width, frame_span, frame_tile_id, \
     frame_vector, interpreter_rows, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, \
-    packed_exp, packed_max, packed_segments, store_tile, tiled_only, vector_width
+    packed_exp, packed_max, packed_segments, store_tile, target_sm, tiled_only, vector_width
 from .layout import STATS_FIELDS, is_packed, pow2
 
 
@@ -417,30 +417,41 @@ def _tiled_configs():
 
 
 def _prune_tiled(configs, named_args, **kwargs):
-    """The tiled configs that compile without spills on sm_80 and sm_90 (benchmarks/NOTES.md, v3:
-    every config compiled for both, fp16, head dims 64 and 128). 4 warps spill with key tiles
-    wider than 32 on sm_80 (mma.sync), and 128 x 128 tiles do; the bias (the row-max Gaussian's
-    band softmax, a custom delta) and head dims above 64 spill in tiles larger than 64 x 64, and
-    both together with 128 rows or 4 warps on sm_80 (a custom delta: with key tiles wider than
-    32). Head dims above 128 keep 64 x 64 at most. Frame ids with the Gaussian (no delta; a key
-    mask or not) and 16-bit inputs at head dims up to 128 also keep 128 x 32 with 8 warps (no spill:
-    255 registers on sm_80, at most 213 on sm_90; float32 inputs spill there), whose query blocks
-    read K and V half as often as 64-row ones."""
+    """The tiled configs that compile without spills for the launch's GPU (`_jit.target_sm`;
+    benchmarks/NOTES.md, kernel log: every config compiled for sm_80 and sm_90, fp16/bf16, head
+    dims 64 and 128). 4 warps spill with key tiles wider than 32 on sm_80 (mma.sync), and 128 x 128
+    tiles do; the bias (the row-max Gaussian's band softmax, a custom delta) and head dims above 64
+    spill in tiles larger than 64 x 64, and both together with 128 rows or 4 warps on sm_80 (a
+    custom delta: with key tiles wider than 32). Head dims above 128 keep 64 x 64 at most.
+
+    Per arch: on sm_90 (wgmma) the Gaussian's bias at head dims up to 64 with 16-bit inputs also
+    keeps 128 x 64 with 8 warps (at most 249 registers, no spill; one exp2 per score and one per row
+    per 64 keys); frame ids with the Gaussian and 16-bit inputs keep 128 x 32 with 8 warps (query
+    blocks that read K and V half as often as 64-row ones) at head dims up to 128, but up to 64 on
+    sm_80 (at 128 it spills 8 bytes there). Any other GPU keeps the list without these changes."""
     args = {**named_args, **kwargs}
+    sm = target_sm(args["Q"])
+    hopper, ampere = sm == 90, sm is not None and 80 <= sm < 90
     wide = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 128  # the row-max pre-pass has no BLOCK_DV
     deep = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) > 64
-    biased = args.get("REGULARIZE", False) and (args.get("HAS_DELTA", False) or args.get("HAS_FRAMES", False)
+    delta = args.get("HAS_DELTA", False)
+    biased = args.get("REGULARIZE", False) and (delta or args.get("HAS_FRAMES", False)
                                                 or not args.get("GLOBAL_MAX", False))
-    frames_128 = args.get("HAS_FRAMES", False) and args["Q"].element_size() == 2 and not (
-        wide or args.get("HAS_DELTA", False))
+    half = args["Q"].element_size() == 2
+    gaussian = biased and not delta and half
+    frames_128 = gaussian and args.get("HAS_FRAMES", False) and not wide and not (ampere and deep)
+    wide_keys = gaussian and hopper and not deep
     keep = []
     for c in configs:
         bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        if wide_keys and (bm, bn, warps) == (128, 64, 8):
+            keep.append(c)
+            continue
         if (wide and (bm > 64 or bn > 64)) or (warps == 4 and (bm > 64 or bn > 32)):
             continue
         if bm * bn > (64 * 64 if biased or deep else 128 * 64):
             continue
-        if biased and deep and (bm > 64 or warps == 4 or (args.get("HAS_DELTA", False) and bn > 32)) \
+        if biased and deep and (bm > 64 or warps == 4 or (delta and bn > 32)) \
                 and not (frames_128 and (bm, bn, warps) == (128, 32, 8)):
             continue
         keep.append(c)
