@@ -105,6 +105,11 @@ def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles(fwd):
         assert (128, 32, 8) in kept(sm, d=128, HAS_FRAMES=True)
     assert (128, 32, 8) not in kept(80, d=128, HAS_FRAMES=True) and (128, 32, 8) not in kept(86, d=128, HAS_FRAMES=True)
     assert (128, 32, 8) in kept(80, d=64, HAS_FRAMES=True)
+    # sm_80: a custom delta or frame ids keep 32-wide key tiles (64 x 64 spills there)
+    for flags in (dict(HAS_DELTA=True), dict(HAS_FRAMES=True)):
+        assert (64, 64, 8) in kept(90, **flags) and (64, 64, 8) in kept(None, **flags)
+        assert (64, 64, 8) not in kept(80, **flags) and {bn for _, bn, _ in kept(80, **flags)} == {32}
+    assert (64, 64, 8) in kept(80)
 
 
 def test_tiled_backward_prune_drops_each_archs_frame_spills(bwd):

@@ -428,7 +428,9 @@ def _prune_tiled(configs, named_args, **kwargs):
     keeps 128 x 64 with 8 warps (at most 249 registers, no spill; one exp2 per score and one per row
     per 64 keys); frame ids with the Gaussian and 16-bit inputs keep 128 x 32 with 8 warps (query
     blocks that read K and V half as often as 64-row ones) at head dims up to 128, but up to 64 on
-    sm_80 (at 128 it spills 8 bytes there). Any other GPU keeps the list without these changes."""
+    sm_80 (at 128 it spills 8 bytes there). On sm_80 a custom delta or frame ids keep key tiles of
+    32 (64 x 64 spills 24 bytes with a delta at D 64, 8 bytes in a loop with frame ids saving the
+    statistics). Any other GPU keeps the list without these changes."""
     args = {**named_args, **kwargs}
     sm = target_sm(args["Q"])
     hopper, ampere = sm == 90, sm is not None and 80 <= sm < 90
@@ -448,6 +450,8 @@ def _prune_tiled(configs, named_args, **kwargs):
             keep.append(c)
             continue
         if (wide and (bm > 64 or bn > 64)) or (warps == 4 and (bm > 64 or bn > 32)):
+            continue
+        if ampere and biased and bn > 32 and (delta or args.get("HAS_FRAMES", False)):
             continue
         if bm * bn > (64 * 64 if biased or deep else 128 * 64):
             continue
