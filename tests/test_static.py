@@ -45,8 +45,9 @@ plain_ptx = triton.compile(plain, target=target, options={"num_warps": 4}).asm["
 
 case = (torch.float16, (2, 8, 300, 300, 64, 64), {})
 name, thunk = next(cc.cases([case], backward=False))
-(launch,) = cc.record(thunk)
-rows = [r for c in cc.compile_launch(launch, 90, False, name) for r in static.rows(90, c)]
+with cc.targeting(90):  # the configs an sm_90 launch keeps
+    (launch,) = cc.record(thunk)
+    rows = [r for c in cc.compile_launch(launch, 90, False, name) for r in static.rows(90, c)]
 print(json.dumps({"attrs": {str(k): v for k, v in src.attrs.items() if v},
                   "constants": {str(k): v for k, v in src.constants.items()},
                   "vector": ".v4." in ptx or ".v8." in ptx, "plain_vector": ".v4." in plain_ptx or ".v8." in plain_ptx,

@@ -63,7 +63,7 @@ def test_cli_writes_model_files_labelled_model(run):
         by = {(r["n"], r["impl"]): r for r in ok}
         for n in (16, 256):  # a custom delta: its N^2 entries per sequence on top of the config's own bytes
             delta = by[str(n), "vstar_triton_delta"]
-            kind, tile = delta["config"].split()
+            kind, tile = delta["config"].split()[:2]  # "packed ROWS=128" or "tiled 64x64 8w 2st"
             if kind == "packed":
                 own = model.packed_work(6400, n, 64, int(tile.split("=")[1])).bytes
             else:  # the two-pass form: K walked over every tile
@@ -152,12 +152,17 @@ def test_band_is_the_launchers():
 
 def test_loop_costs_map_the_static_loops():
     """The committed static-sm90.csv's per-loop rows of the tiled forward, in the kernel's order."""
-    for bm, bn in model.tiled_tiles():
-        one = model.loop_costs(bm, bn)
+    for _, _, config in model.tiled_configs():
+        one = model.loop_costs(config)
         assert set(one) == set(model.ONE_PASS_LOOPS)
         assert one["row_max"].mufu == 0 and one["biased"].mufu > one["plain_left"].mufu > 0
-        two = model.loop_costs(bm, bn, delta=True)
+    for _, _, config in model.tiled_configs(delta=True):
+        two = model.loop_costs(config, delta=True)
         assert set(two) == set(model.TWO_PASS_LOOPS) and two["row_max"].mufu == 0
+    # every config the sm_90 pruning keeps (static.py compiles them all in fp16): 128 x 64 for the
+    # Gaussian, not with a custom delta
+    tiles = {c[:2] for c in model.tiled_configs()}
+    assert {(64, 32), (128, 32), (128, 64)} <= tiles and (128, 64) not in {c[:2] for c in model.tiled_configs(True)}
 
 
 @pytest.mark.parametrize("argv", [["--model", "--device", "a100"], ["--model", "--device", "cuda"],

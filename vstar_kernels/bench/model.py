@@ -165,10 +165,13 @@ def _case_rows(kernel: str, case_has: str = "") -> list:
             and (case_has in r["case"] if case_has else r["case"].endswith(" "))]
 
 
-def tiled_tiles() -> tuple:
-    """The (BLOCK_M, BLOCK_N) of the tiled configs static-sm90.csv compiles (the first and last pruned)."""
-    return tuple(dict.fromkeys(tuple(map(int, r["tile"].split("x")))
-                               for r in _case_rows("_tar_fwd_tiled_kernel") if r["loop"] == "hot"))
+def tiled_configs(delta: bool = False) -> tuple:
+    """(BLOCK_M, BLOCK_N, config) of every tiled config static-sm90.csv compiles for the row-max
+    Gaussian, or with a custom delta (whose pruning keeps smaller tiles): in fp16, every config the
+    sm_90 pruning keeps, from which the autotuner picks."""
+    return tuple(dict.fromkeys((*map(int, r["tile"].split("x")), r["config"])
+                               for r in _case_rows("_tar_fwd_tiled_kernel", " delta" if delta else "")
+                               if r["loop"] == "hot"))
 
 
 # The tiled forward's MMA loops in source order (ops/tar_fwd.py), which static.py's `loop` = 1, 2, ...
@@ -180,8 +183,8 @@ ONE_PASS_LOOPS = ("plain_left", "masked_left", "plain_right", "masked_right", "r
 TWO_PASS_LOOPS = ("row_max", "biased")
 
 
-def loop_costs(block_m: int, block_n: int, delta: bool = False) -> dict:
-    """Cost per score element of each loop kind of the tiled forward, in the (BLOCK_M, BLOCK_N) config:
+def loop_costs(config: str, delta: bool = False) -> dict:
+    """Cost per score element of each loop kind of the tiled forward in `config` (static.py's config text):
     the per-loop rows of static-sm90.csv in ONE_PASS_LOOPS order (row max of the Gaussian), or
     TWO_PASS_LOOPS (with a custom delta: the delta case's kernel).
 
@@ -189,9 +192,9 @@ def loop_costs(block_m: int, block_n: int, delta: bool = False) -> dict:
     instructions than the others) and no MUFU; the biased loop has the most MUFU per score (the
     Gaussian's exp2 beside the softmax's).
     """
-    tile = f"{block_m}x{block_n}"
+    tile = config
     loops = [r for r in _case_rows("_tar_fwd_tiled_kernel", " delta" if delta else "")
-             if r["tile"] == tile and r["loop"] != "hot"]
+             if r["config"] == config and r["loop"] != "hot"]
     kinds = TWO_PASS_LOOPS if delta else ONE_PASS_LOOPS
     if len(loops) != len(kinds):
         raise LookupError(f"static-sm90.csv has {len(loops)} loop rows for the tiled kernel {tile}"
@@ -289,6 +292,12 @@ def _loops(e: Estimate, bh, n, kinds: dict, costs: dict, block_m, block_n, gpu, 
     return finish(e, gpu, eta, _waves(bh * math.ceil(n / block_m), ctas, gpu))
 
 
+def _short(config: str) -> str:
+    """'BLOCK_M=128 BLOCK_N=64 warps=8 stages=3' -> '8w 3st'."""
+    fields = dict(f.split("=") for f in config.split())
+    return f"{fields['warps']}w {fields['stages']}st"
+
+
 def ours(bh: int, n: int, d: int, gpu: Gpu, eta: float, sigma: float = 1.0, delta: bool = False) -> Estimate:
     """Modeled `vstar_triton` forward (row max, not causal; the Gaussian of `sigma` in one pass, or a
     custom (B, H, N, N) delta in q's dtype, read once, in two): the faster static config."""
@@ -296,11 +305,11 @@ def ours(bh: int, n: int, d: int, gpu: Gpu, eta: float, sigma: float = 1.0, delt
         return min((_packed(bh, n, d, rows, cost, gpu, eta, delta) for rows, cost in packed_costs(n, d, delta)),
                    key=lambda e: e.seconds)
     out = []
-    for bm, bn in tiled_tiles():
+    for bm, bn, config in tiled_configs(delta):
         kinds = tile_counts(n, bm, bn, None if delta else sigma)
         e = tiled_work(bh, n, d, kinds, bm, bn, sigma, delta)
-        e.config = f"tiled {bm}x{bn}"
-        out.append(_loops(e, bh, n, kinds, loop_costs(bm, bn, delta), bm, bn, gpu, eta))
+        e.config = f"tiled {bm}x{bn} {_short(config)}"
+        out.append(_loops(e, bh, n, kinds, loop_costs(config, delta), bm, bn, gpu, eta))
     return min(out, key=lambda e: e.seconds)
 
 
@@ -642,8 +651,8 @@ def assumptions(gpu_key: str, eta: float) -> list:
         "each loop's instructions/MUFU per score element from its own static-sm90.csv row (loop 1..6 = left "
         "full, left masked, right full, right masked, walk, biased: ops/tar_fwd.py source order).",
         "Ours, custom delta (two passes in one kernel): every tile walked (loop 1) and biased (loop 2) of the "
-        "delta case's static rows, + the delta's N^2 entries once. The faster of the compiled configs (first and "
-        "last pruned); the tiled statistics are compiled at D = 64 and used at every head dim.",
+        "delta case's static rows, + the delta's N^2 entries once. The fastest of the configs the sm_90 pruning "
+        "keeps (fp16: all compiled); the tiled statistics are compiled at D = 64 and used at every head dim.",
         "flash = the plain-attention baseline compiled for sm_90 in 128x64 and 128x128 tiles (BLOCK_D 64/128), "
         "the faster; sdpa_plain is modeled by it; flex_two_pass as two such loops (a lower bound).",
         "vstar_triton_delta: ours with a custom (B, H, N, N) delta in q's dtype (no eager peer takes a delta); the "
@@ -864,15 +873,16 @@ FRAME_LOOPS = ("row_max",) + ONE_PASS_LOOPS[:4] + ("biased",)
 
 @functools.lru_cache(maxsize=4)
 def frames_loop_costs(block_d: int, arch: int = 90) -> tuple:
-    """((BLOCK_M, BLOCK_N, {kind: (column LoopCost, per-score LoopCost)}), ...) of the tiled forward
-    with frame ids (HAS_FRAMES, FRAME_TILES; kinds FRAME_LOOPS), compiled for sm_`arch` as `bench
-    --static` compiles (the first and last pruned config) on one representative bf16 call per head
+    """((BLOCK_M, BLOCK_N, config, {kind: (column LoopCost, per-score LoopCost)}), ...) of the tiled
+    forward with frame ids (HAS_FRAMES, FRAME_TILES; kinds FRAME_LOOPS), compiled for sm_`arch` as a
+    launch there compiles (every config its pruning keeps) on one representative bf16 call per head
     dim: B 1, H 1, N 1024 in 4 frames. A key tile of one dA column runs the loop's shortest path
     (static.loop_paths), a tile with dA per score its longest; the row-max walk has one path. The
     launcher's pruning depends on the head dim and the options, not on N."""
     import triton
 
     from .._validation import make_problem
+    from ..ops._jit import targeting
     from ..ops.compile_check import _modules, compile_launch, record
     from .static import rows
 
@@ -884,25 +894,28 @@ def frames_loop_costs(block_d: int, arch: int = 90) -> tuple:
     problem = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
                            frames=torch.arange(n, dtype=torch.int32) // 256)
     out = []
-    for launch in record(lambda: fwd.tar_forward(problem)):
-        for compiled in compile_launch(launch, arch, False, f"bf16 B1H1N{n}D{block_d} frames"):
-            if compiled.name != "_tar_fwd_tiled_kernel" or not compiled.constants.get("FRAME_TILES"):
-                continue
-            loops = sorted((r for r in rows(arch, compiled) if r.loop != "hot"), key=lambda r: int(r.loop))
-            walk, biased = loops[0], loops[1:]
-            if (len(loops) != len(FRAME_LOOPS) or walk.loop_mufu or walk.loop_mma >= min(r.loop_mma for r in biased)
-                    or any(r.short_instr_per_score >= r.long_instr_per_score for r in biased)):
-                raise LookupError(f"the frame-id tiled kernel ({compiled.config}) has loops {[r.loop for r in loops]} "
-                                  f"not in the order {', '.join(FRAME_LOOPS)} (the walk without MUFU and with fewer "
-                                  "MMA, then loops with a dA column branch): update FRAME_LOOPS to the kernel")
+    with targeting(arch):  # the configs an sm_`arch` launch keeps
+        launches = record(lambda: fwd.tar_forward(problem))
+        compiled_launches = [c for launch in launches
+                             for c in compile_launch(launch, arch, True, f"bf16 B1H1N{n}D{block_d} frames")]
+    for compiled in compiled_launches:
+        if compiled.name != "_tar_fwd_tiled_kernel" or not compiled.constants.get("FRAME_TILES"):
+            continue
+        loops = sorted((r for r in rows(arch, compiled) if r.loop != "hot"), key=lambda r: int(r.loop))
+        walk, biased = loops[0], loops[1:]
+        if (len(loops) != len(FRAME_LOOPS) or walk.loop_mufu or walk.loop_mma >= min(r.loop_mma for r in biased)
+                or any(r.short_instr_per_score >= r.long_instr_per_score for r in biased)):
+            raise LookupError(f"the frame-id tiled kernel ({compiled.config}) has loops {[r.loop for r in loops]} "
+                              f"not in the order {', '.join(FRAME_LOOPS)} (the walk without MUFU and with fewer "
+                              "MMA, then loops with a dA column branch): update FRAME_LOOPS to the kernel")
 
-            def cost(r, path):
-                return LoopCost(getattr(r, f"{path}_instr_per_score"), getattr(r, f"{path}_mufu_per_score"),
-                                r.ctas_per_sm, f"{r.kernel} {r.tile} {r.config} frames loop {r.loop} {path} path")
+        def cost(r, path):
+            return LoopCost(getattr(r, f"{path}_instr_per_score"), getattr(r, f"{path}_mufu_per_score"),
+                            r.ctas_per_sm, f"{r.kernel} {r.tile} {r.config} frames loop {r.loop} {path} path")
 
-            costs = {kind: (cost(r, "short"), cost(r, "long")) for kind, r in zip(FRAME_LOOPS, loops)}
-            bm, bn = map(int, loops[0].tile.split("x"))
-            out.append((bm, bn, costs))
+        costs = {kind: (cost(r, "short"), cost(r, "long")) for kind, r in zip(FRAME_LOOPS, loops)}
+        bm, bn = map(int, loops[0].tile.split("x"))
+        out.append((bm, bn, compiled.config, costs))
     if not out:
         raise LookupError("the launcher started no tiled kernel with frame ids for the representative call")
     return tuple(out)
@@ -954,13 +967,13 @@ def ours_frames(bh: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor
     in the biased pass); instructions/MUFU per loop and path from `frames_loop_costs`, each key tile
     on the path `frame_tile_counts` gives it; the faster config."""
     out = []
-    for bm, bn, costs in frames_loop_costs(max(block_dims(d, d)[0], 64)):
+    for bm, bn, config, costs in frames_loop_costs(max(block_dims(d, d)[0], 64)):
         e = tiled_work(bh, n, d, tile_counts(n, bm, bn, None), bm, bn, sigma=None, frame_ids=True)
         for kind, (column, per_score) in frame_tile_counts(ids, bm, bn, sigma).items():
             short, long = costs[kind]
             e.instr += bh * bm * bn * (column * short.instr + per_score * long.instr)
             e.mufu += bh * bm * bn * (column * short.mufu + per_score * long.mufu)
-        e.config = f"tiled {bm}x{bn} frames"
+        e.config = f"tiled {bm}x{bn} {_short(config)} frames"
         ctas = min(c.ctas_per_sm for pair in costs.values() for c in pair)
         out.append(finish(e, gpu, eta, _waves(bh * math.ceil(n / bm), ctas, gpu)))
     return min(out, key=lambda e: e.seconds)
@@ -1048,8 +1061,8 @@ def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
              "(nominal). Assumptions as in the model table, and:", "",
              "- ours (vstar_triton_frames): frame ids, no key mask, sigma = latent frames / 16 (the README's starting "
              "point): the two-pass form (a Q K^T row-max walk over every key tile, then the biased online softmax over "
-             "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, first and last "
-             "pruned config per head dim), each key tile on its loop's shortest path (one dA column: a tile of one "
+             "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, every config "
+             "the sm_90 pruning keeps per head dim), each key tile on its loop's shortest path (one dA column: a tile of one "
              "frame, or off the Gaussian's band) or longest (dA per score), counted from the layout "
              "(`model.frame_tile_counts`); the faster config.",
              "- flash: the calibrated plain loop (no TAR); flex_two_pass: two such loops (a lower bound).",

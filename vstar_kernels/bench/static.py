@@ -44,6 +44,7 @@ import os
 import re
 import subprocess
 import tempfile
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -219,13 +220,15 @@ def row(arch: int, compiled) -> Row:
 
 
 def _with_baseline(launch) -> list:
-    """A recorded launch, and after a tiled forward the plain-attention baseline on its tensors,
-    in each config the tiled forward compiles (its first and last pruned)."""
+    """A recorded launch, and after a tiled forward the plain-attention baseline on its tensors in
+    its first and last pruned config. An fp16 tiled forward compiles every pruned config (the
+    model's rows: the autotuner picks among them), any other launch its first and last."""
     from ..ops.compile_check import Launch, pruned_configs
 
     if getattr(launch.kernel, "fn", None) is None or launch.kernel.fn.__name__ != "_tar_fwd_tiled_kernel":
         return [launch]
     q, k, v, o = launch.args[:4]
+    launch = dataclasses.replace(launch, all_configs=q.dtype == torch.float16)
     configs = pruned_configs(launch.kernel, launch.args, launch.kwargs)
     args = (q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), q.shape[1], q.shape[2], k.shape[2],
             q.shape[3], v.shape[3], q.shape[3] ** -0.5)
@@ -239,13 +242,14 @@ def combos(quick: bool) -> list:
     """(dtype, (B, H, Nq, Nk, D, Dv), options): a packed and a tiled shape (D 40 and 64, in the
     (B, N, H, D) storage of diffusers), plain, causal with the global max, a custom delta; frame
     ids (the tiled kernels, forward and backward) on the tiled shape and at D 128 (the DiTs' head
-    dim); --quick: fp16 plain and causal-global only."""
+    dim); float32 inputs (the ieee dot) on both shapes, plain; --quick: fp16 plain and causal-global only."""
     shapes = [(64, 8, 16, 16, 40, 40), (2, 8, 300, 300, 64, 64)]
     options = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]
     dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
     out = [(dt, s, o) for dt in dtypes for s in shapes for o in (options[:2] if quick else options)]
     if not quick:
         out += [(dt, s, dict(frames=True)) for dt in dtypes for s in (shapes[1], (1, 8, 300, 300, 128, 128))]
+        out += [(torch.float32, s, dict()) for s in shapes]
     return out
 
 

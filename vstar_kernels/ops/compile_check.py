@@ -46,6 +46,7 @@ class Launch:
     # A plain jit launch that runs the config another launch was tuned to (the tiled backward's
     # dK/dV pass runs the dQ pass's): that launch's pruned configs, compiled as it is.
     tuned_with: list | None = None
+    all_configs: bool = False  # compile every pruned config, whatever `check` is asked
 
 
 @dataclass
@@ -152,7 +153,7 @@ def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> l
     jit_fn = kernel.fn if hasattr(kernel, "configs") else kernel
     configs = pruned_configs(kernel, launch.args, launch.kwargs) if hasattr(kernel, "configs") else launch.tuned_with
     if configs is not None:
-        if not all_configs:
+        if not (all_configs or launch.all_configs):
             configs = [configs[0], configs[-1]] if len(configs) > 1 else configs
         runs = [(config, {**launch.kwargs, **config.all_kwargs()}) for config in configs]
     else:
