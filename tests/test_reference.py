@@ -113,11 +113,12 @@ BNHD_OPTIONS = [dict(), dict(causal=True, sigma=2.0), dict(max_mode="global", st
 
 
 @pytest.mark.parametrize("opts", BNHD_OPTIONS, ids=opts_id)
-@pytest.mark.parametrize("per_chunk", [None, 2], ids=["whole", "2-batches"])
+@pytest.mark.parametrize("per_chunk", [None, 2, "rows"], ids=["whole", "2-batches", "row-blocks"])
 def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypatch):
     """q, k, v stored (B, N, H, D) (diffusers' layout) are no batch of matrices over (batch, head): the
-    in-place path takes one head's batches per chunk and reads them in place. Same values as the
-    float64 definition and as contiguous inputs, in whole-batch chunks and in chunks of 2 batches."""
+    in-place path takes one head's batches per chunk and reads them in place (no copy). Same values
+    as the float64 definition and as contiguous inputs, in whole-batch chunks, in chunks of 2 batches
+    and in blocks of 3 rows (one slice at a time: no head chunks needed)."""
     B, H, N, D = 3, 4, 9, 8
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3))
@@ -130,12 +131,23 @@ def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypat
     if opts.pop("frames", False):
         opts["frames"] = torch.arange(N) // 3
     if per_chunk is not None:
-        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", per_chunk * N * N)
-    chunks, head_chunks = [], reference._head_chunks
+        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", 3 * N if per_chunk == "rows" else per_chunk * N * N)
+    chunks, head_chunks, as_batch, copied = [], reference._head_chunks, reference._as_batch, []
     monkeypatch.setattr(reference, "_head_chunks", lambda *a: chunks.append(head_chunks(*a)) or chunks[-1])
+
+    def spy(x, buf, dtype):
+        batch = as_batch(x, buf, dtype)
+        copied.append(batch.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+        return batch
+
+    monkeypatch.setattr(reference, "_as_batch", spy)
     out = vk.tar_attention(q, k, v, backend="reference", **opts)
-    assert chunks and all(h.stop - h.start == 1 for _, h in chunks[0])
-    assert len(chunks[0]) == H * (1 if per_chunk is None else 2)
+    assert copied and not any(copied)
+    if per_chunk == "rows":
+        assert not chunks
+    else:
+        assert chunks and all(h.stop - h.start == 1 for _, h in chunks[0])
+        assert len(chunks[0]) == H * (1 if per_chunk is None else 2)
     contiguous = vk.tar_attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="reference", **opts)
     torch.testing.assert_close(out, contiguous, atol=2e-6, rtol=2e-6)
     if "key_mask" not in opts and "frames" not in opts:
@@ -143,10 +155,11 @@ def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypat
         torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=2e-6)
 
 
-def test_inplace_path_copies_blocks_it_must_convert():
-    """16-bit (B, N, H, D) inputs are converted to float32 block by block: (batch, head) chunks as before."""
+def test_inplace_path_copies_blocks_it_must_convert(monkeypatch):
+    """16-bit (B, N, H, D) inputs are converted to float32 block by block, in (batch, head) chunks."""
     g = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(2, 7, 3, 8, generator=g).half().transpose(1, 2) for _ in range(3))
+    monkeypatch.setattr(reference, "_head_chunks", lambda *a: pytest.fail("head chunks for a converted input"))
     out = vk.tar_attention(q, k, v, backend="reference", sigma=1.5)
     expected = naive_tar(q, k, v, sigma=1.5)
     torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-3)

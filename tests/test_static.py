@@ -48,9 +48,13 @@ name, thunk = next(cc.cases([case], backward=False))
 with cc.targeting(90):  # the configs an sm_90 launch keeps
     (launch,) = cc.record(thunk)
     rows = [r for c in cc.compile_launch(launch, 90, False, name) for r in static.rows(90, c)]
+    _, bf16_thunk = next(cc.cases([(torch.bfloat16, case[1], {})], backward=False))
+    (bf16_launch,) = cc.record(bf16_thunk)
+    every = [static._with_baseline(one)[0].all_configs for one in (launch, bf16_launch)]
 print(json.dumps({"attrs": {str(k): v for k, v in src.attrs.items() if v},
                   "constants": {str(k): v for k, v in src.constants.items()},
                   "vector": ".v4." in ptx or ".v8." in ptx, "plain_vector": ".v4." in plain_ptx or ".v8." in plain_ptx,
+                  "every": every,
                   "rows": [[r.kernel, r.mma, r.hot_loop, r.spill_bytes, r.local_ops_in_loops, r.instr_per_score,
                             r.mufu_per_score, r.ctas_per_sm, r.loop, r.loop_mma] for r in rows]}))
 '''
@@ -72,6 +76,7 @@ def test_static_compiles_specialized_kernels(tmp_path):
     assert out["vector"] and not out["plain_vector"]
     hot = [r for r in out["rows"] if r[8] == "hot"]
     assert len(hot) == 2  # the first and last pruned config
+    assert out["every"] == [True, False]  # bench --static compiles every config of the fp16 tiled forward
     for kernel, mma, hot_loop, spills, local, instr, mufu, ctas, _, _ in hot:
         assert (kernel, mma, hot_loop, spills, local) == ("_tar_fwd_tiled_kernel", "HGMMA", "loop", 0, 0)
         assert instr > 0 and 0 < mufu < instr and ctas >= 1

@@ -258,7 +258,7 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     v_buf = torch.empty(slices * nk * dv, device=dev, dtype=compute)
     m_buf = torch.empty(slices * nr, device=dev, dtype=compute)
     out = torch.empty(problem.output_shape(), device=dev, dtype=problem.dtype)
-    o_buf = torch.empty(slices * nr * dv, device=dev, dtype=compute)
+    o_buf = None  # for output blocks that are not contiguous in the compute dtype, made on first use
     slice_max = None
     if _max_first(problem, row_blocks):
         with torch.no_grad():
@@ -296,6 +296,8 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
                 s4.masked_fill_(mask.all(dim=-1, keepdim=True), 0.0)
             o_block = out[b, h, rows]
             direct = problem.dtype == compute and o_block.is_contiguous()
+            if not direct and o_buf is None:
+                o_buf = torch.empty(slices * nr * dv, device=dev, dtype=compute)
             o = o_block.view(c, rr, dv) if direct else o_buf[: c * rr * dv].view(c, rr, dv)
             torch.bmm(s, v3, out=o)
             if not direct:

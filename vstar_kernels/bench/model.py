@@ -17,7 +17,8 @@ ceil(P / (SMs c)) * SMs c / P times the average share. What goes in:
   the kernel from its own row of the committed static-sm90.csv (`loop_costs`), times the score
   elements each loop computes (`tile_counts`: the kernel's tile ranges around the band); packed,
   of the kernel compiled for sm_90 at the call's N and head dim (`packed_costs`). The
-  autotuner's choice is modeled as the faster of the first and the last pruned config.
+  autotuner's choice is modeled as the fastest config: tiled, of every config the sm_90 pruning
+  keeps at the call's head dim (`kept_configs`); packed, of the first and the last pruned.
 * FlashAttention (`flash`): the plain-attention baseline (bench/baseline.py) compiled for sm_90 in
   FlashAttention-2-like tiles (CALIBRATION_TILES) at BLOCK_D 64 and 128, one "plain" loop, the
   faster tile; `sdpa_plain` is modeled by it.
@@ -167,11 +168,27 @@ def _case_rows(kernel: str, case_has: str = "") -> list:
 
 def tiled_configs(delta: bool = False) -> tuple:
     """(BLOCK_M, BLOCK_N, config) of every tiled config static-sm90.csv compiles for the row-max
-    Gaussian, or with a custom delta (whose pruning keeps smaller tiles): in fp16, every config the
-    sm_90 pruning keeps, from which the autotuner picks."""
+    Gaussian, or with a custom delta (whose pruning keeps smaller tiles): in fp16 at D 64, every
+    config the sm_90 pruning keeps there."""
     return tuple(dict.fromkeys((*map(int, r["tile"].split("x")), r["config"])
                                for r in _case_rows("_tar_fwd_tiled_kernel", " delta" if delta else "")
                                if r["loop"] == "hot"))
+
+
+@functools.lru_cache(maxsize=32)
+def kept_configs(d: int, delta: bool = False, arch: int = 90) -> frozenset:
+    """The tiled forward's configs (static.py's config text) the sm_`arch` pruning keeps for the row
+    max in fp16 at head dim d, of the Gaussian or a custom delta: the autotuner's choices there."""
+    from ..ops import tar_fwd
+    from ..ops._jit import targeting
+    from ..ops.compile_check import config_text
+
+    block_d, block_dv = block_dims(d, d)
+    with targeting(arch):
+        kept = tar_fwd._prune_tiled(tar_fwd._tiled_configs(), {"Q": torch.empty(0, dtype=torch.float16)},
+                                    BLOCK_D=block_d, BLOCK_DV=block_dv, REGULARIZE=True, HAS_DELTA=delta,
+                                    GLOBAL_MAX=False, HAS_FRAMES=False)
+    return frozenset(map(config_text, kept))
 
 
 # The tiled forward's MMA loops in source order (ops/tar_fwd.py), which static.py's `loop` = 1, 2, ...
@@ -192,19 +209,18 @@ def loop_costs(config: str, delta: bool = False) -> dict:
     instructions than the others) and no MUFU; the biased loop has the most MUFU per score (the
     Gaussian's exp2 beside the softmax's).
     """
-    tile = config
     loops = [r for r in _case_rows("_tar_fwd_tiled_kernel", " delta" if delta else "")
              if r["config"] == config and r["loop"] != "hot"]
     kinds = TWO_PASS_LOOPS if delta else ONE_PASS_LOOPS
     if len(loops) != len(kinds):
-        raise LookupError(f"static-sm90.csv has {len(loops)} loop rows for the tiled kernel {tile}"
+        raise LookupError(f"static-sm90.csv has {len(loops)} loop rows for the tiled kernel {config}"
                           f"{' delta' if delta else ''}, expected {len(kinds)} ({', '.join(kinds)}): run `bench "
                           "--static`, or update ONE_PASS_LOOPS / TWO_PASS_LOOPS to the kernel")
     costs = dict(zip(kinds, (_cost(r) for r in sorted(loops, key=lambda r: int(r["loop"])))))
     walk, biased = costs["row_max"], costs["biased"]
     mma = {kind: int(r["loop_mma"]) for kind, r in zip(kinds, sorted(loops, key=lambda r: int(r["loop"])))}
     if walk.mufu or mma["row_max"] >= max(mma.values()) or biased.mufu < max(c.mufu for c in costs.values()):
-        raise LookupError(f"the tiled kernel's loops in static-sm90.csv ({tile}) are not in the order "
+        raise LookupError(f"the tiled kernel's loops in static-sm90.csv ({config}) are not in the order "
                           f"{', '.join(kinds)}: update ONE_PASS_LOOPS / TWO_PASS_LOOPS")
     return costs
 
@@ -300,16 +316,22 @@ def _short(config: str) -> str:
 
 def ours(bh: int, n: int, d: int, gpu: Gpu, eta: float, sigma: float = 1.0, delta: bool = False) -> Estimate:
     """Modeled `vstar_triton` forward (row max, not causal; the Gaussian of `sigma` in one pass, or a
-    custom (B, H, N, N) delta in q's dtype, read once, in two): the faster static config."""
+    custom (B, H, N, N) delta in q's dtype, read once, in two): the fastest config. Tiled: the configs
+    the sm_90 pruning keeps at head dim d, each with the loop costs compiled at D 64."""
     if is_packed(n, n, d, d):
         return min((_packed(bh, n, d, rows, cost, gpu, eta, delta) for rows, cost in packed_costs(n, d, delta)),
                    key=lambda e: e.seconds)
     out = []
     for bm, bn, config in tiled_configs(delta):
+        if config not in kept_configs(d, delta):
+            continue
         kinds = tile_counts(n, bm, bn, None if delta else sigma)
         e = tiled_work(bh, n, d, kinds, bm, bn, sigma, delta)
         e.config = f"tiled {bm}x{bn} {_short(config)}"
         out.append(_loops(e, bh, n, kinds, loop_costs(config, delta), bm, bn, gpu, eta))
+    if not out:
+        raise LookupError(f"static-sm90.csv has none of the tiled configs the pruning keeps at D {d}: run "
+                          "`bench --static`")
     return min(out, key=lambda e: e.seconds)
 
 
@@ -651,8 +673,9 @@ def assumptions(gpu_key: str, eta: float) -> list:
         "each loop's instructions/MUFU per score element from its own static-sm90.csv row (loop 1..6 = left "
         "full, left masked, right full, right masked, walk, biased: ops/tar_fwd.py source order).",
         "Ours, custom delta (two passes in one kernel): every tile walked (loop 1) and biased (loop 2) of the "
-        "delta case's static rows, + the delta's N^2 entries once. The fastest of the configs the sm_90 pruning "
-        "keeps (fp16: all compiled); the tiled statistics are compiled at D = 64 and used at every head dim.",
+        "delta case's static rows, + the delta's N^2 entries once. Tiled: the fastest of the configs the sm_90 "
+        "pruning keeps at the row's head dim, with loop statistics compiled at D = 64 (every kept config is in "
+        "the CSV in fp16).",
         "flash = the plain-attention baseline compiled for sm_90 in 128x64 and 128x128 tiles (BLOCK_D 64/128), "
         "the faster; sdpa_plain is modeled by it; flex_two_pass as two such loops (a lower bound).",
         "vstar_triton_delta: ours with a custom (B, H, N, N) delta in q's dtype (no eager peer takes a delta); the "
@@ -965,7 +988,7 @@ def ours_frames(bh: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor
     mask, not causal): bytes and MMA of the two-pass form (traffic.tiled_bytes with every tile
     walked and biased, plus the int32 ids: each query block's once, the keys' once per query block
     in the biased pass); instructions/MUFU per loop and path from `frames_loop_costs`, each key tile
-    on the path `frame_tile_counts` gives it; the faster config."""
+    on the path `frame_tile_counts` gives it; the fastest config."""
     out = []
     for bm, bn, config, costs in frames_loop_costs(max(block_dims(d, d)[0], 64)):
         e = tiled_work(bh, n, d, tile_counts(n, bm, bn, None), bm, bn, sigma=None, frame_ids=True)
@@ -1061,10 +1084,10 @@ def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
              "(nominal). Assumptions as in the model table, and:", "",
              "- ours (vstar_triton_frames): frame ids, no key mask, sigma = latent frames / 16 (the README's starting "
              "point): the two-pass form (a Q K^T row-max walk over every key tile, then the biased online softmax over "
-             "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, every config "
-             "the sm_90 pruning keeps per head dim), each key tile on its loop's shortest path (one dA column: a tile of one "
-             "frame, or off the Gaussian's band) or longest (dA per score), counted from the layout "
-             "(`model.frame_tile_counts`); the faster config.",
+             "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, every "
+             "config the sm_90 pruning keeps per head dim), each key tile on its loop's shortest path (one dA "
+             "column: a tile of one frame, or off the Gaussian's band) or longest (dA per score), counted from the "
+             "layout (`model.frame_tile_counts`); the fastest config.",
              "- flash: the calibrated plain loop (no TAR); flex_two_pass: two such loops (a lower bound).",
              "- eager peers as bench/peers.py runs them (the token-index Gaussian): time = summed per-op roofline of "
              "their aten ops on meta tensors; peak = the most storage bytes live at once in that trace (Q, K, V "

@@ -44,8 +44,7 @@ import os
 import re
 import subprocess
 import tempfile
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
@@ -228,7 +227,7 @@ def _with_baseline(launch) -> list:
     if getattr(launch.kernel, "fn", None) is None or launch.kernel.fn.__name__ != "_tar_fwd_tiled_kernel":
         return [launch]
     q, k, v, o = launch.args[:4]
-    launch = dataclasses.replace(launch, all_configs=q.dtype == torch.float16)
+    launch = replace(launch, all_configs=q.dtype == torch.float16)
     configs = pruned_configs(launch.kernel, launch.args, launch.kwargs)
     args = (q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), q.shape[1], q.shape[2], k.shape[2],
             q.shape[3], v.shape[3], q.shape[3] ** -0.5)

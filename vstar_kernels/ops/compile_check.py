@@ -140,7 +140,7 @@ def _resources(cubin: bytes) -> tuple:
     return field("REG"), field("STACK") + field("LOCAL")
 
 
-def _config_str(config) -> str:
+def config_text(config) -> str:
     return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"warps={config.num_warps}",
                      f"stages={config.num_stages}"])
 
@@ -169,7 +169,7 @@ def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> l
                                f"{type(exc).__name__}: {exc}") from exc
         regs, spills = _resources(compiled.asm["cubin"])
         constants = {jit_fn.arg_names[path[0]]: value for path, value in src.constants.items()}
-        results.append(Compiled(jit_fn.__name__, case, _config_str(config), regs, spills, compiled.metadata.shared,
+        results.append(Compiled(jit_fn.__name__, case, config_text(config), regs, spills, compiled.metadata.shared,
                                 options, constants, compiled.asm["cubin"]))
     return results
 

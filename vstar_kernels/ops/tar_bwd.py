@@ -440,8 +440,8 @@ def _prune_tiled(configs, named_args, **kwargs):
     there the configs with the fewest row words are kept (32 x 32 on 8 warps; they spill, least).
 
     Per arch (`_jit.target_sm`), for frame ids in 16-bit at head dims up to 64, where the dQ pass's
-    id vectors take registers of their own: sm_80 drops 64 x 32 (16-24 bytes of spill at N = 300)
-    and sm_90 drops 32 x 32 (8 bytes at N = 1024); any other GPU keeps the list as it is.
+    id vectors take registers of their own: sm_8x drops 64 x 32 (16-24 bytes of spill on sm_80 at
+    N = 300) and sm_90 drops 32 x 32 (8 bytes at N = 1024); any other GPU keeps the list as it is.
     """
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     block_d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])

@@ -425,12 +425,14 @@ def _prune_tiled(configs, named_args, **kwargs):
     custom delta: with key tiles wider than 32). Head dims above 128 keep 64 x 64 at most.
 
     Per arch: on sm_90 (wgmma) the Gaussian's bias at head dims up to 64 with 16-bit inputs also
-    keeps 128 x 64 with 8 warps (at most 249 registers, no spill; one exp2 per score and one per row
-    per 64 keys); frame ids with the Gaussian and 16-bit inputs keep 128 x 32 with 8 warps (query
-    blocks that read K and V half as often as 64-row ones) at head dims up to 128, but up to 64 on
-    sm_80 (at 128 it spills 8 bytes there). On sm_80 a custom delta or frame ids keep key tiles of
-    32 (64 x 64 spills 24 bytes with a delta at D 64, 8 bytes in a loop with frame ids saving the
-    statistics). Any other GPU keeps the list without these changes."""
+    keeps 128 x 64 with 8 warps (no spill, up to 255 registers when saving the statistics; one exp2
+    per score and one per row per 64 keys); frame ids with the Gaussian and 16-bit inputs keep
+    128 x 32 with 8 warps (query blocks that read K and V half as often as 64-row ones) at head dims
+    up to 128, but up to 64 on sm_8x (mma.sync; at 128 it spills 8 bytes on sm_80). On sm_8x a
+    custom delta or frame ids keep key tiles of 32 (64 x 64 spills 24 bytes with a delta at D 64,
+    8 bytes in a loop with frame ids saving the statistics). Any other GPU keeps the list without
+    these changes. (Triton's autotune cache is per process, not per arch: a process driving GPUs of
+    two archs keeps the configs of the one it tuned on first.)"""
     args = {**named_args, **kwargs}
     sm = target_sm(args["Q"])
     hopper, ampere = sm == 90, sm is not None and 80 <= sm < 90
