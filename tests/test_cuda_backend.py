@@ -15,7 +15,7 @@ import torch
 import vstar_kernels as vk
 from vstar_kernels import dispatch
 from vstar_kernels.ops import _load, tar_cuda
-from vstar_kernels._validation import make_problem
+from vstar_kernels._problem import make_problem
 
 from .helpers import CUDA, CUDA_DTYPES, DELTA_KINDS, assert_close_to_reference, dtype_id, make_delta, make_qkv, \
     reference64

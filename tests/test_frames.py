@@ -12,7 +12,7 @@ from torch.library import opcheck
 
 import vstar_kernels as vk
 from vstar_kernels import dispatch, reference
-from vstar_kernels._validation import make_problem
+from vstar_kernels._problem import make_problem
 
 from .helpers import TOLERANCES, opts_id
 from .test_edge_values import LargestAllocation
@@ -508,7 +508,7 @@ def test_frame_values_are_read_once_per_unchanged_tensor():
     passed again is not read, and an in-place change makes it read (and checked) again."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from vstar_kernels._validation import check_frame_values, make_problem
+    from vstar_kernels._problem import check_frame_values, make_problem
 
     class Reads(TorchDispatchMode):
         count = 0

@@ -14,7 +14,7 @@ import torch
 
 import vstar_kernels as vk
 from vstar_kernels import dispatch
-from vstar_kernels._validation import make_problem
+from vstar_kernels._problem import make_problem
 from vstar_kernels.ops.layout import is_packed
 
 from ._device import DEVICE

@@ -45,7 +45,7 @@ def test_compiled_kernels_across_head_dims(d, n, dtype):
 
 def test_auto_picks_triton_on_cuda():
     from vstar_kernels import dispatch
-    from vstar_kernels._validation import make_problem
+    from vstar_kernels._problem import make_problem
 
     q = torch.randn(1, 1, 16, 16, device="cuda", dtype=torch.float16)
     p = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)

@@ -151,8 +151,8 @@ import json
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from vstar_kernels.bench import static
-from vstar_kernels.ops import compile_check as cc
+from tools.perf import compile_check as cc
+from tools.perf import static
 
 out = {}
 for name, shape in (("packed", (8, 8, 16, 16, 40, 40)), ("tiled", (1, 8, 300, 300, 40, 40))):
@@ -173,7 +173,7 @@ def test_head_dim_40_loads_are_128_bit(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(pathlib.Path(__file__).resolve().parents[1]),
-                                                         env.get("PYTHONPATH")])))  # this checkout's package
+                                                         env.get("PYTHONPATH")])))  # this checkout: its package and tools/
     script = tmp_path / "vector_check.py"  # a file: triton reads a jit function's source
     script.write_text(_SCRIPT)
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)

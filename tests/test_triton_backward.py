@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels._validation import make_problem
+from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import layout
 from vstar_kernels.ops._load import triton_backward_ops, triton_ops
 

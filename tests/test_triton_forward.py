@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import vstar_kernels as vk
-from vstar_kernels._validation import make_problem
+from vstar_kernels._problem import make_problem
 from vstar_kernels.ops._load import triton_ops
 
 from ._device import DEVICE

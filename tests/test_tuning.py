@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from vstar_kernels._validation import make_problem
+from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import layout
 from vstar_kernels.ops._jit import target_sm, targeting
 from vstar_kernels.ops._load import triton_ops

@@ -1,7 +1,7 @@
 """Facts about the environment: TRITON_INTERPRET, where the package runs from, versions.
 
 The bottom layer: it imports nothing from this package (but for the two names kept at the end
-for ops/compile_check.py). The loaders of the optional pieces live
+for the compile check in tools/perf). The loaders of the optional pieces live
 with what they load (ops/_load.py for the Triton kernels, ops/tar_cuda.py for the CUDA extension).
 """
 

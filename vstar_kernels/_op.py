@@ -9,9 +9,10 @@ One opaque call per direction, so `torch.compile(fullgraph=True)` traces a modul
                                   max_mode, scale, frames_q, frames_k, key_mask, backend,
                                   delta_grad) -> (dq, dk, dv, ddelta)
 
-The problem's arguments (q, k, v, sigma, ..., key_mask) come in the order of `tar_attention`'s
-keywords, as in `TarProblem` (the CUDA operator takes those up to scale), so both schemas share
-them.
+The problem's arguments (q, k, v, sigma, ..., key_mask) are `TarProblem`'s fields in their order
+(`OP_FIELDS`, the order of `tar_attention`'s keywords; the CUDA operator takes those up to scale):
+the two schemas spell them out, and everything else here converts with `TarProblem.op_args` and
+`TarProblem.from_op_args`.
 
 q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) are the 4-D views `make_problem` returns
 (any strides), delta the (B, H, Nq, Nk) broadcast view of the custom bias (the (F, F) frame
@@ -37,28 +38,18 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._validation import TarProblem, check_frame_values
+from ._problem import OP_FIELDS, TarProblem, check_frame_values
 from .dispatch import BACKENDS
 
-
-def _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
-             key_mask) -> TarProblem:
-    return TarProblem(q=q, k=k, v=v, sigma=sigma, strength=strength, delta=delta, causal=causal, max_mode=max_mode,
-                      scale=scale, frames_q=frames_q, frames_k=frames_k, key_mask=key_mask, was_3d=False)
-
-
-def _problem_args(problem: TarProblem) -> tuple:
-    """The problem as the ops take it: (q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q,
-    frames_k, key_mask)."""
-    return (problem.q, problem.k, problem.v, problem.sigma, problem.strength, problem.delta, problem.causal,
-            problem.max_mode, problem.scale, problem.frames_q, problem.frames_k, problem.key_mask)
+_N = len(OP_FIELDS)  # the ops' leading arguments are the problem's fields, in OP_FIELDS order
 
 
 @torch.library.custom_op("vstar::tar_attention", mutates_args=())
 def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: float, delta: Optional[Tensor],
                    causal: bool, max_mode: str, scale: float, frames_q: Optional[Tensor], frames_k: Optional[Tensor],
                    key_mask: Optional[Tensor], backend: str, needs_grad: bool) -> Tuple[Tensor, Tensor]:
-    problem = _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k, key_mask)
+    problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
+                                       key_mask))
     check_frame_values(problem)
     impl = BACKENDS[backend]
     if needs_grad:
@@ -67,11 +58,10 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
 
 
 @_tar_attention.register_fake
-def _tar_attention_fake(q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k, key_mask,
-                        backend, needs_grad):
-    problem = _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k, key_mask)
-    out = q.new_empty(problem.output_shape())
-    return out, q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32)
+def _tar_attention_fake(*args):
+    problem, (backend, needs_grad) = TarProblem.from_op_args(args[:_N]), args[_N:]
+    out = problem.q.new_empty(problem.output_shape())
+    return out, problem.q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32)
 
 
 @torch.library.custom_op("vstar::tar_attention_backward", mutates_args=())
@@ -80,42 +70,51 @@ def _tar_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, q: Ten
                             scale: float, frames_q: Optional[Tensor], frames_k: Optional[Tensor],
                             key_mask: Optional[Tensor], backend: str,
                             delta_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    problem = _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k, key_mask)
+    problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
+                                       key_mask))
     dq, dk, dv, ddelta = BACKENDS[backend].backward(problem, out, stats, grad_out, delta_grad)
     ddelta = ddelta.to(delta.dtype).contiguous() if delta_grad else q.new_empty(0)
     return dq, dk, dv, ddelta
 
 
 @_tar_attention_backward.register_fake
-def _tar_attention_backward_fake(grad_out, out, stats, q, k, v, sigma, strength, delta, causal, max_mode, scale,
-                                 frames_q, frames_k, key_mask, backend, delta_grad):
+def _tar_attention_backward_fake(grad_out, out, stats, *args):
+    problem, (_backend, delta_grad) = TarProblem.from_op_args(args[:_N]), args[_N:]
+    q, k, v, delta = problem.q, problem.k, problem.v, problem.delta
     ddelta = delta.new_empty(delta.shape) if delta_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ddelta
 
 
-_DELTA = 5  # delta's position among vstar::tar_attention's inputs
+_DELTA = OP_FIELDS.index("delta")  # its position among vstar::tar_attention's inputs
+# Which problem arguments are tensors (saved for the backward) and which are options (kept on ctx).
+_TENSORS = tuple(i for i, name in enumerate(OP_FIELDS)
+                 if name in ("q", "k", "v", "delta", "frames_q", "frames_k", "key_mask"))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k, key_mask, backend, _ = inputs
+    problem_args, backend = inputs[:_N], inputs[_N]
     out, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(q, k, v, delta, frames_q, frames_k, key_mask, out, stats)
-    ctx.options = (sigma, strength, causal, max_mode, scale, backend)
+    ctx.save_for_backward(*(problem_args[i] for i in _TENSORS), out, stats)
+    ctx.options = (tuple(a for i, a in enumerate(problem_args) if i not in _TENSORS), backend)
 
 
 def _backward(ctx, grad_out, _grad_stats):
-    q, k, v, delta, frames_q, frames_k, key_mask, out, stats = ctx.saved_tensors
+    *tensors, out, stats = ctx.saved_tensors
+    options, backend = ctx.options
+    tensors, options = iter(tensors), iter(options)
+    problem = TarProblem.from_op_args([next(tensors) if i in _TENSORS else next(options) for i in range(_N)])
     delta_grad = bool(ctx.needs_input_grad[_DELTA])
-    sigma, strength, causal, max_mode, scale, backend = ctx.options
-    problem = _problem(q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k, key_mask)
     impl = BACKENDS[backend]
     if impl.traceable_backward:
         dq, dk, dv, ddelta = impl.backward(problem, out, stats, grad_out, delta_grad)
     else:
-        dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, out, stats, *_problem_args(problem),
+        dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, out, stats, *problem.op_args(),
                                                                     backend, delta_grad)
-    return dq, dk, dv, None, None, ddelta if delta_grad else None, None, None, None, None, None, None, None, None
+    grads = [None] * (_N + 2)  # + backend, needs_grad
+    grads[:3] = dq, dk, dv
+    grads[_DELTA] = ddelta if delta_grad else None
+    return tuple(grads)
 
 
 _tar_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -123,5 +122,5 @@ _tar_attention.register_autograd(_backward, setup_context=_setup_context)
 
 def tar_attention_op(problem: TarProblem, backend: str) -> Tensor:
     """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv)."""
-    out, _ = _tar_attention(*_problem_args(problem), backend, problem.needs_grad())
+    out, _ = _tar_attention(*problem.op_args(), backend, problem.needs_grad())
     return out

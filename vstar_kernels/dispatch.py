@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _env
-from ._validation import FLOAT_DTYPES, TarProblem
+from ._problem import FLOAT_DTYPES, TarProblem
 from .ops import _load, layout, tar_cuda
 from .reference import reference_backward, reference_forward
 
@@ -224,7 +224,7 @@ def select(problem: TarProblem, name: str) -> Backend:
 
 def availability(device) -> dict:
     """Backend name -> "" if it can run a small float32 call on `device`, else why not (for `info`)."""
-    from ._validation import make_problem
+    from ._problem import make_problem
 
     t = torch.zeros(1, 1, 16, 16, device=device)
     problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._op import tar_attention_op
-from ._validation import make_problem
+from ._problem import make_problem
 from .dispatch import select
 
 

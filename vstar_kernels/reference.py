@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._validation import TarProblem, check_frame_values, make_problem
+from ._problem import TarProblem, check_frame_values, make_problem
 from .frames import frame_bias
 from .regularization import gaussian_bias
 

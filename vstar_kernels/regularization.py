@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ._validation import check_sigma
+from ._problem import check_sigma
 
 
 def _size(name: str, n) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from ._validation import FLOAT_DTYPES, check_sigma
+from ._problem import FLOAT_DTYPES, check_sigma
 from .dispatch import BACKEND_NAMES
 
 

@@ -74,7 +74,7 @@ def _vstar(backend):
 
 
 def _triton_why_not(device, dtype):
-    from .._validation import make_problem
+    from .._problem import make_problem
 
     t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
     problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
@@ -84,7 +84,7 @@ def _triton_why_not(device, dtype):
 def _cuda_why_not(device, dtype):
     if "cuda" not in dispatch.BACKENDS:
         return "this vstar_kernels build has no 'cuda' backend (the optional CUDA extension)"
-    from .._validation import make_problem
+    from .._problem import make_problem
 
     t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
     problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
@@ -101,7 +101,7 @@ def reference_eager(q, k, v, spec):
 def reference_materialized(q, k, v, spec):
     """The reference's out-of-place path (the one autograd differentiates): 256 MiB chunks, a new
     tensor per op. The CPU default before the in-place path."""
-    from .._validation import make_problem
+    from .._problem import make_problem
     from ..reference import reference_forward
 
     problem = make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,

@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .._validation import make_problem
+from .._problem import make_problem
 from ..reference import tar_scores
 from ..regularization import gaussian_bias
 from .processors import INPUT_BLOCKS, TEMPORAL_CONTAINERS, _denoiser, project_heads, tar_site, \

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .._validation import make_problem
+from .._problem import make_problem
 from ..frames import frame_bias
 from ..reference import tar_scores
 from .capture import TemporalAttentionMaps, _int_set

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import FRAME_ID_LIMIT, TarProblem
+from .._problem import FRAME_ID_LIMIT, TarProblem
 from .layout import DOT_MIN, STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, packed_limit, pow2
 
 LOG2E = 1.4426950408889634
@@ -70,7 +70,7 @@ def target_sm(x: torch.Tensor) -> int | None:
 def mma(a, b, PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation. A batch of one (a packed tile of one sequence) of 64 rows or
     more runs as a 2-D product, which sm_90 runs as wgmma (it takes no batched operands); below 64
-    rows wgmma does not apply and the batched form takes fewer registers (bench --static)."""
+    rows wgmma does not apply and the batched form takes fewer registers (tools.perf static)."""
     if len(a.shape) == 3:
         if a.shape[0] == 1 and a.shape[1] >= 64:
             c = tl.reshape(_mma2(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])),
@@ -201,7 +201,7 @@ def delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr, FRAMES: tl
     return dA
 
 
-# The least video id of a block or tile without one: above every id (_validation.FRAME_ID_LIMIT),
+# The least video id of a block or tile without one: above every id (_problem.FRAME_ID_LIMIT),
 # and far enough from the int32 limit that differences with ids cannot overflow.
 _NO_VIDEO = tl.constexpr(1 << 30)
 _PER_SCORE = tl.constexpr(-2)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import TarProblem
+from .._problem import TarProblem
 from . import layout
 from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, \
     delta_a, delta_args, exp, frame_args, frame_band_width, frame_span, frame_tile_id, frame_vector, \

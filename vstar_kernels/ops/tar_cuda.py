@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _env
-from .._validation import TarProblem
+from .._problem import TarProblem
 from ._load import Probe
 
 EXTENSION = "vstar_kernels._C"

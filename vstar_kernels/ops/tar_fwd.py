@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import TarProblem
+from .._problem import TarProblem
 from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, add_bias, band_width, bias, \
     block_coords, cast, common_meta, delta_a, delta_args, frame_args, frame_band_width, frame_span, frame_tile_id, \
     frame_vector, interpreter_rows, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, \
@@ -390,7 +390,7 @@ def _prune_packed(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     seg = args["SEG_MAX"]
     block = max(args["BLOCK_D"], args["BLOCK_DV"])
-    # Score elements per warp beyond which ptxas spills (bench --static, sm_90: 8192 at D = 64
+    # Score elements per warp beyond which ptxas spills (tools.perf static, sm_90: 8192 at D = 64
     # and 4096 at D = 128 spill, 4096 and 2048 do not): 4096 at BLOCK_D <= 64, halved per doubling.
     per_warp = 4096 * 64 // max(block, 64)
     keep = []

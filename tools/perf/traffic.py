@@ -11,9 +11,9 @@ the delta entries the attention uses (Nq x Nk, the causal lower triangle when ca
 custom delta is given; the FLOPs of Q K^T and P V over the real rows and columns of each
 sequence, 2 Nq Nk (D + Dv), causal or not. What the tiled algorithm requests (`tiled_bytes`,
 `band_tiles`): the formula the interpreter counts must equal (tests/test_traffic.py), which
-bench/model.py uses. Numbers are counts, not timings.
+tools/perf/model.py uses. Numbers are counts, not timings.
 
-`python -m vstar_kernels bench --traffic` runs `sweep()` over TRAFFIC_CASES and writes
+`python -m tools.perf traffic` runs `sweep()` over TRAFFIC_CASES and writes
 traffic.csv and traffic.md (see benchmarks/NOTES.md).
 """
 
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from vstar_kernels.bench import measure
+from vstar_kernels.ops.layout import is_packed
 
-from ..ops.layout import is_packed
-from . import measure
+from . import RESULTS
 
 # Compact the byte-address list into its unique set once it holds this many entries.
 _COMPACT_AT = 1 << 24
@@ -252,7 +253,7 @@ def measure_case(case: TrafficCase, batch: int | None = None, heads: int | None 
 
     batch and heads default to SEQUENCES of the case's layout.
     """
-    from .. import tar_attention
+    from vstar_kernels import tar_attention
 
     default_batch, default_heads = SEQUENCES[layout(case)]
     batch = default_batch if batch is None else batch
@@ -298,7 +299,7 @@ def markdown(rows, info: "measure.RunInfo") -> str:
     lines = [
         "# Forward traffic and MMA work per call",
         "",
-        f"Counted in the Triton interpreter (`python -m vstar_kernels bench --traffic`), not timed: commit "
+        f"Counted in the Triton interpreter (`python -m tools.perf traffic`), not timed: commit "
         f"{info.commit}, {info.date}, triton {info.triton}, torch {info.torch}. Each case runs "
         f"`tar_attention(backend=\"triton\")` on q, k, v stored (B, N, H, D) and viewed as (B, H, N, D), "
         f"batch x heads = {SEQUENCES['packed'][0]} x {SEQUENCES['packed'][1]} (packed) and "
@@ -332,7 +333,7 @@ def markdown(rows, info: "measure.RunInfo") -> str:
 def sweep(cases, out_dir: Path, progress=print) -> list:
     """Measure every case (a call that raises gets a row saying why); write out_dir/traffic.csv and
     traffic.md; returns the rows."""
-    from .harness import classify
+    from vstar_kernels.bench.harness import classify
 
     info = measure.RunInfo.collect(torch.device("cpu"))
     rows = []
@@ -356,10 +357,8 @@ def sweep(cases, out_dir: Path, progress=print) -> list:
 
 
 def main(args) -> int:
-    """`bench --traffic [--quick] [--out DIR]`: the sweep, or the CI subset, to traffic.csv/.md."""
-    from .harness import default_results_dir
-
-    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
+    """`python -m tools.perf traffic [--quick] [--out DIR]`: the sweep, or the CI subset, to traffic.csv/.md."""
+    out_dir = Path(args.out).resolve() if args.out else RESULTS
     failed = [r for r in sweep(QUICK_CASES if args.quick else TRAFFIC_CASES, out_dir) if r["status"] != "ok"]
     for r in failed:
         print(f"FAILED: N={r['n']} D={r['d']} {r['dtype']} {r['options']}: {r['status']}", file=sys.stderr)

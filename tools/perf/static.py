@@ -1,9 +1,9 @@
-"""`bench --static`: compiled-code statistics of every kernel the launchers start, without a GPU.
+"""`tools.perf static`: compiled-code statistics of every kernel the launchers start, without a GPU.
 
 Each launch a forward or backward call makes is recorded and compiled as a GPU launch compiles it
-(ops/compile_check.py: Triton's own argument specialization, each pruned autotune config, for
+(compile_check.py: Triton's own argument specialization, each pruned autotune config, for
 sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseline
-(bench/baseline.py) in the tiled forward's tiles. Per kernel, from ptxas and the SASS:
+(tools/perf/baseline.py) in the tiled forward's tiles. Per kernel, from ptxas and the SASS:
 
 * registers per thread, spill bytes (stack + local), LDL/STL instructions inside loops,
   shared memory per CTA;
@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import triton
 
+from . import RESULTS
 from .baseline import plain_attention_kernel
 
 # (name, registers per SM, shared memory per SM, per CTA at most, threads per SM, CTAs per SM)
@@ -202,7 +203,7 @@ def _stats(arch: int, compiled, opcodes: list, loops: list, jumps: dict, span, l
 
 
 def rows(arch: int, compiled) -> list:
-    """The statistics of one compiled kernel (ops.compile_check.Compiled): its hot-loop row, then
+    """The statistics of one compiled kernel (compile_check.Compiled): its hot-loop row, then
     one row per MMA loop when it has more than one (see the module doc)."""
     opcodes, loops, jumps = sass_graph(disassemble(compiled.cubin))
     out = [_stats(arch, compiled, opcodes, loops, jumps, hot_loop(opcodes, loops), "hot")]
@@ -214,7 +215,7 @@ def rows(arch: int, compiled) -> list:
 
 
 def row(arch: int, compiled) -> Row:
-    """The hot-loop row of one compiled kernel (ops.compile_check.Compiled)."""
+    """The hot-loop row of one compiled kernel (compile_check.Compiled)."""
     return rows(arch, compiled)[0]
 
 
@@ -222,7 +223,7 @@ def _with_baseline(launch) -> list:
     """A recorded launch, and after a tiled forward the plain-attention baseline on its tensors in
     its first and last pruned config. An fp16 tiled forward compiles every pruned config (the
     model's rows: the autotuner picks among them), any other launch its first and last."""
-    from ..ops.compile_check import Launch, pruned_configs
+    from .compile_check import Launch, pruned_configs
 
     if getattr(launch.kernel, "fn", None) is None or launch.kernel.fn.__name__ != "_tar_fwd_tiled_kernel":
         return [launch]
@@ -253,7 +254,7 @@ def combos(quick: bool) -> list:
 
 
 def collect(arch: int, quick: bool = False, report=None) -> list:
-    from ..ops import compile_check
+    from . import compile_check
 
     out = []
 
@@ -273,7 +274,7 @@ def _fmt(value) -> str:
 
 def write(rows: list, arch: int, directory: str) -> list:
     """static-sm<arch>.csv and .md in `directory`; returns their paths."""
-    from .measure import commit
+    from vstar_kernels.bench.measure import commit
 
     os.makedirs(directory, exist_ok=True)
     fields = list(Row.__dataclass_fields__)
@@ -285,7 +286,7 @@ def write(rows: list, arch: int, directory: str) -> list:
     header = [f"# Compiled-code statistics, sm_{arch} (occupancy for {GPUS[arch][0]})", "",
               f"Not timings: what Triton {triton.__version__} and its bundled ptxas produce for each kernel "
               f"launch, specialized as a GPU launch is. Commit {commit()}, "
-              f"{datetime.date.today().isoformat()}. Columns and formulas: vstar_kernels/bench/static.py.", "",
+              f"{datetime.date.today().isoformat()}. Columns and formulas: tools/perf/static.py.", "",
               "| " + " | ".join(fields[1:]) + " |", "|" + "---|" * (len(fields) - 1)]
     with open(base + ".md", "w") as f:
         f.write("\n".join(header + ["| " + " | ".join(_fmt(v) for v in list(asdict(r).values())[1:]) + " |"
@@ -294,9 +295,7 @@ def write(rows: list, arch: int, directory: str) -> list:
 
 
 def main(args) -> int:
-    from .harness import default_results_dir
-
-    directory = os.path.abspath(args.out) if args.out else str(default_results_dir())
+    directory = os.path.abspath(args.out) if args.out else str(RESULTS)
     for arch in args.arch:
         print(f"sm_{arch}: kernel, tile, config, registers, spill B, smem B, CTAs/SM, MMA, instr/score, MUFU/score, "
               "loop", flush=True)

@@ -1,4 +1,4 @@
-"""The forward's memory traffic and MMA work, counted in the Triton interpreter (bench/traffic.py).
+"""The forward's memory traffic and MMA work, counted in the Triton interpreter (tools/perf/traffic.py).
 
 Regression gate: the packed layout reads and writes exactly the ideal bytes; the tiled layout
 moves exactly what its algorithm implies for the block sizes the launcher gives the interpreter
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vstar_kernels.bench.traffic import (TrafficCase, band_tiles, count_traffic, delta_entries, ideal_bytes,
+from tools.perf.traffic import (TrafficCase, band_tiles, count_traffic, delta_entries, ideal_bytes,
                                          measure_case, tiled_bytes)
 from vstar_kernels import frame_ids as vk_frame_ids
 from vstar_kernels.ops.layout import block_dims
@@ -181,11 +181,11 @@ def test_tiled_n256_one_pass_is_flash_plus_the_band():
 def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):
     import csv
 
-    from vstar_kernels import cli
-    from vstar_kernels.bench import traffic
+    from tools.perf import traffic
+    from tools.perf.__main__ import main as perf_main
 
     monkeypatch.setattr(traffic, "QUICK_CASES", [TrafficCase("vc2-320x512-l0", 16, 64, "fp16", "plain")])
-    assert cli.main(["bench", "--traffic", "--quick", "--out", str(tmp_path)]) == 0
+    assert perf_main(["traffic", "--quick", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "traffic.csv")))
     assert [(r["layout"], r["requested_per_ideal"], r["useful_share"]) for r in rows] == [("packed", "1", "1")]
     assert "Counted in the Triton interpreter" in (tmp_path / "traffic.md").read_text()
@@ -194,15 +194,15 @@ def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):
 def test_a_case_that_raises_gets_a_row_and_fails_the_command(tmp_path, monkeypatch):
     import csv
 
-    from vstar_kernels import cli
-    from vstar_kernels.bench import traffic
+    from tools.perf import traffic
+    from tools.perf.__main__ import main as perf_main
 
     def raising(case):
         raise ValueError("no such kernel")
 
     monkeypatch.setattr(traffic, "measure_case", raising)
     monkeypatch.setattr(traffic, "QUICK_CASES", [TrafficCase("vc2-320x512-l0", 16, 64, "fp16", "plain")])
-    assert cli.main(["bench", "--traffic", "--quick", "--out", str(tmp_path)]) == 1
+    assert perf_main(["traffic", "--quick", "--out", str(tmp_path)]) == 1
     rows = list(csv.DictReader(open(tmp_path / "traffic.csv")))
     assert [(r["n"], r["requested_bytes"], r["status"]) for r in rows] == [
         ("16", "", "error: ValueError: no such kernel")]

@@ -1,4 +1,5 @@
-"""Argument checking and shape normalisation shared by every backend.
+"""A TAR call as every backend takes it (`TarProblem`), and `make_problem`, which checks the public
+arguments and builds one.
 
 `make_problem` turns the public arguments into a `TarProblem`: 4-D strided
 views of q/k/v (no copies), the resolved scale, the custom bias expanded
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -101,6 +102,19 @@ class TarProblem:
     def restore(self, out: torch.Tensor) -> torch.Tensor:
         """Return `out` (B, H, Nq, Dv) in the caller's layout (3-D input -> 3-D output)."""
         return out.squeeze(1) if self.was_3d else out
+
+    def op_args(self) -> tuple:
+        """The problem as the vstar:: ops take it: the fields in OP_FIELDS order (q, k, v, sigma, ..., key_mask)."""
+        return tuple(getattr(self, name) for name in OP_FIELDS)
+
+    @classmethod
+    def from_op_args(cls, args) -> "TarProblem":
+        """The problem back from the ops' leading arguments (4-D views, as `make_problem` made them)."""
+        return cls(**dict(zip(OP_FIELDS, args)), was_3d=False)
+
+
+# The ops' problem arguments: every field but was_3d (the caller's layout, restored outside the op).
+OP_FIELDS = tuple(f.name for f in fields(TarProblem) if f.name != "was_3d")
 
 
 def _check_tensor(name: str, t) -> None:

@@ -1,7 +1,7 @@
-"""Plain attention, the yardstick of `bench --static`: softmax(scale * Q K^T) V with an online
+"""Plain attention, the yardstick of `tools.perf static`: softmax(scale * Q K^T) V with an online
 softmax over key tiles (no TAR: no row-max pass, no bias), in the tile shapes of the tiled forward.
 
-It is compiled, never timed or tested for numerics: `bench/static.py` builds its launches from the
+It is compiled, never timed or tested for numerics: `tools/perf/static.py` builds its launches from the
 tiled forward's (the same tensors, tiles, warps and stages), so the two kernels' hot loops differ
 only by what TAR adds to each score element.
 """

@@ -1,4 +1,4 @@
-"""`bench --static` compiles what a GPU launch runs and reads its SASS (no GPU needed).
+"""`tools.perf static` compiles what a GPU launch runs and reads its SASS (no GPU needed).
 
 The checks run in a subprocess without TRITON_INTERPRET (the kernels must be JIT functions):
 a copy kernel compiled through compile_check.specialize gets the JIT's divisibility hints and
@@ -16,6 +16,7 @@ import sys
 import pytest
 import triton
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 _SCRIPT = r'''
@@ -25,8 +26,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from vstar_kernels.bench import static
-from vstar_kernels.ops import compile_check as cc
+from tools.perf import static
+from tools.perf import compile_check as cc
 
 
 @triton.jit
@@ -63,7 +64,8 @@ print(json.dumps({"attrs": {str(k): v for k, v in src.attrs.items() if v},
 @pytest.mark.skipif(not PTXAS.exists(), reason=f"triton ships no ptxas here ({PTXAS})")
 def test_static_compiles_specialized_kernels(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1")
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))  # tools/ and this package
     script = tmp_path / "static_check.py"  # a file: triton reads a jit function's source
     script.write_text(_SCRIPT)
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
@@ -76,7 +78,7 @@ def test_static_compiles_specialized_kernels(tmp_path):
     assert out["vector"] and not out["plain_vector"]
     hot = [r for r in out["rows"] if r[8] == "hot"]
     assert len(hot) == 2  # the first and last pruned config
-    assert out["every"] == [True, False]  # bench --static compiles every config of the fp16 tiled forward
+    assert out["every"] == [True, False]  # tools.perf static compiles every config of the fp16 tiled forward
     for kernel, mma, hot_loop, spills, local, instr, mufu, ctas, _, _ in hot:
         assert (kernel, mma, hot_loop, spills, local) == ("_tar_fwd_tiled_kernel", "HGMMA", "loop", 0, 0)
         assert instr > 0 and 0 < mufu < instr and ctas >= 1
@@ -94,7 +96,7 @@ def test_static_compiles_specialized_kernels(tmp_path):
 
 
 def test_sass_parse_finds_the_loop():
-    from vstar_kernels.bench.static import hot_loop, loop_paths, occupancy, parse_sass, sass_graph
+    from tools.perf.static import hot_loop, loop_paths, occupancy, parse_sass, sass_graph
 
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;

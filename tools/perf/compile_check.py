@@ -12,7 +12,7 @@ types), and the registers, spills and shared memory of each config.
 
 Run it in a process without TRITON_INTERPRET=1 (the kernels must be JIT functions):
 
-    python -m vstar_kernels.ops.compile_check [--arch 90] [--all-configs]
+    python -m tools.perf compile-check [--arch 90] [--all-configs]
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
-
-from .._validation import make_problem
-from ._jit import targeting
-from ._load import triton_backward_ops, triton_ops
+from vstar_kernels._problem import make_problem
+from vstar_kernels.ops._jit import targeting
+from vstar_kernels.ops._load import triton_backward_ops, triton_ops
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -219,7 +218,7 @@ def cases(combos=FULL, backward=True):
 
 
 def _layout_stats(problem):
-    from ..dispatch import BACKENDS
+    from vstar_kernels.dispatch import BACKENDS
 
     return BACKENDS["triton"].stats_shape(problem, True)
 

@@ -1,4 +1,4 @@
-"""`bench --model`: the roofline model's files, its calibration gate, its inputs and its CLI.
+"""`tools.perf model`: the roofline model's files, its calibration gate, its inputs and its CLI.
 
 The CLI runs once, in a subprocess without TRITON_INTERPRET (the calibration compiles the
 plain-attention baseline for sm_90, which needs JIT functions), on one small shape.
@@ -14,25 +14,28 @@ import sys
 import pytest
 import triton
 
+from tools.perf.__main__ import main as perf_main
 from vstar_kernels import cli
-from vstar_kernels.bench import model, shapes
+from tools.perf import eager, model_dit, roofline
+from vstar_kernels.bench import shapes
 from vstar_kernels.bench.peers import PEERS
-from vstar_kernels.bench.traffic import ideal_bytes, tiled_bytes
+from tools.perf.traffic import ideal_bytes, tiled_bytes
 from vstar_kernels.ops._jit import band_width
 
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-RESULTS = pathlib.Path(__file__).parents[2] / "benchmarks" / "results"
-ARGS = ["--model", "--device", "h100", "h200", "--shapes", "vc2-320x512-l2", "--n", "16", "256"]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+ARGS = ["model", "--gpu", "h100", "h200", "--shapes", "vc2-320x512-l2", "--n", "16", "256"]
 
 
 def _bench(out, *args) -> str:
-    """`python -m vstar_kernels bench *args --out out` in a subprocess without TRITON_INTERPRET (the
-    model compiles for sm_90); its stdout."""
+    """`python -m tools.perf *args --out out` in a subprocess without TRITON_INTERPRET (the model compiles
+    for sm_90), from the checkout's root; its stdout."""
     if not PTXAS.exists():
         pytest.skip(f"triton ships no ptxas here ({PTXAS})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", *args, "--out", str(out)], env=env,
+    done = subprocess.run([sys.executable, "-m", "tools.perf", *args, "--out", str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -65,7 +68,7 @@ def test_cli_writes_model_files_labelled_model(run):
             delta = by[str(n), "vstar_triton_delta"]
             kind, tile = delta["config"].split()[:2]  # "packed ROWS=128" or "tiled 64x64 8w 2st"
             if kind == "packed":
-                own = model.packed_work(6400, n, 64, int(tile.split("=")[1])).bytes
+                own = roofline.packed_work(6400, n, 64, int(tile.split("=")[1])).bytes
             else:  # the two-pass form: K walked over every tile
                 bm, bn = map(int, tile.split("x"))
                 own = 6400 * tiled_bytes(n, n, 64, 64, 2, bm, bn)
@@ -89,7 +92,7 @@ def test_cli_writes_model_files_labelled_model(run):
 def test_calibration_lands_within_25_percent_of_published_fa2(run):
     out, _ = run
     rows = _rows(out / "model-h100-calibration.csv")
-    assert [(int(r["d"]), int(r["n"])) for r in rows] == [(d, n) for d, n, _, _ in model.PUBLISHED_FA2]
+    assert [(int(r["d"]), int(r["n"])) for r in rows] == [(d, n) for d, n, _, _ in roofline.PUBLISHED_FA2]
     for r in rows:
         assert r["estimate"] == "model vs published" and "arXiv:2407.08608" in r["source"]
         assert 0.75 <= float(r["model_over_published"]) <= 1.25, r
@@ -100,11 +103,11 @@ def test_rows_are_deterministic(run):
     (N = 16 compiles the packed kernel, which needs JIT functions: not under TRITON_INTERPRET=1.)"""
     out, _ = run
     eta = float((out / "model-h100.md").read_text().split("ETA = ")[1].split(":")[0])
-    gpu, s = model.GPUS["h100"], shapes.SHAPES["vc2-320x512-l2"]
+    gpu, s = roofline.GPUS["h100"], shapes.SHAPES["vc2-320x512-l2"]
     rows = {(int(r["n"]), r["impl"]): r for r in _rows(out / "model-h100.csv") if r["status"] == "ok"}
     for n in (256,) if triton.knobs.runtime.interpret else (16, 256):
-        for impl, e in (("vstar_triton", model.ours(s.batch * s.heads, n, s.head_dim, gpu, eta)),
-                        ("reference_eager", model.eager(PEERS["reference_eager"], s.batch, s.heads, n, s.head_dim,
+        for impl, e in (("vstar_triton", roofline.ours(s.batch * s.heads, n, s.head_dim, gpu, eta)),
+                        ("reference_eager", eager.eager(PEERS["reference_eager"], s.batch, s.heads, n, s.head_dim,
                                                         gpu, eta))):
             r = rows[n, impl]
             assert (round(e.seconds * 1e3, 6), int(e.bytes)) == (float(r["model_time_ms"]), int(r["model_bytes"]))
@@ -118,9 +121,9 @@ def test_ours_bytes_and_flops_are_what_the_interpreter_counts():
     for r in rows:
         n, d, seqs = int(r["n"]), int(r["d"]), int(r["sequences"])
         if r["layout"] == "tiled":  # the interpreter's tiles are 64 x 64
-            e = model.tiled_work(seqs, n, d, model.tile_counts(n, 64, 64, 1.0), 64, 64)
+            e = roofline.tiled_work(seqs, n, d, roofline.tile_counts(n, 64, 64, 1.0), 64, 64)
         else:  # the interpreter's packed tile: 128 rows (64 above head dim 128), or the sequence
-            e = model.packed_work(seqs, n, d, max(128 if d <= 128 else 64, 1 << (n - 1).bit_length()))
+            e = roofline.packed_work(seqs, n, d, max(128 if d <= 128 else 64, 1 << (n - 1).bit_length()))
             assert e.bytes == ideal_bytes(seqs, n, n, d, d, 2)
         assert (e.bytes, e.mma_flops) == (int(r["requested_bytes"]), int(r["mma_flops_issued"])), r
 
@@ -130,7 +133,7 @@ def test_ours_bytes_and_flops_are_what_the_interpreter_counts():
 def test_tile_counts_cover_every_tile_and_load_what_tiled_bytes_counts(n, block_m, block_n, sigma):
     """Every query block's key tiles are off the band (a plain loop) or in it (walked and biased) once;
     the key rows each loop loads give traffic.tiled_bytes."""
-    counts = model.tile_counts(n, block_m, block_n, sigma)
+    counts = roofline.tile_counts(n, block_m, block_n, sigma)
     blocks, tiles = math.ceil(n / block_m), math.ceil(n / block_n)
     softmax = [kind for kind in counts if kind != "row_max"]
     assert sum(counts[k][0] for k in softmax) == blocks * tiles
@@ -140,65 +143,73 @@ def test_tile_counts_cover_every_tile_and_load_what_tiled_bytes_counts(n, block_
         assert counts["biased"] == (blocks * tiles, blocks * n)
     d = 64
     loaded = n * 2 * d + sum(keys * (d if kind == "row_max" else 2 * d) for kind, (_, keys) in counts.items())
-    assert model.tiled_work(1, n, d, counts, block_m, block_n, sigma, delta=sigma is None).bytes == 2 * loaded + (
+    assert roofline.tiled_work(1, n, d, counts, block_m, block_n, sigma, delta=sigma is None).bytes == 2 * loaded + (
         2 * n * n if sigma is None else 0)
 
 
 def test_band_is_the_launchers():
-    assert model.band(256, 1.0) == 15  # tests/test_traffic.py: the kernel's band at sigma 1
-    assert model.band(256, 8.0) > model.band(256, 4.0) > model.band(256, 1.0)
-    assert model.band(64, 1e6) == 128 and model.band(64, None) is None
+    assert roofline.band(256, 1.0) == 15  # tests/test_traffic.py: the kernel's band at sigma 1
+    assert roofline.band(256, 8.0) > roofline.band(256, 4.0) > roofline.band(256, 1.0)
+    assert roofline.band(64, 1e6) == 128 and roofline.band(64, None) is None
 
 
 def test_loop_costs_map_the_static_loops():
     """The committed static-sm90.csv's per-loop rows of the tiled forward, in the kernel's order."""
-    for _, _, config in model.tiled_configs():
-        one = model.loop_costs(config)
-        assert set(one) == set(model.ONE_PASS_LOOPS)
+    for _, _, config in roofline.tiled_configs():
+        one = roofline.loop_costs(config)
+        assert set(one) == set(roofline.ONE_PASS_LOOPS)
         assert one["row_max"].mufu == 0 and one["biased"].mufu > one["plain_left"].mufu > 0
-    for _, _, config in model.tiled_configs(delta=True):
-        two = model.loop_costs(config, delta=True)
-        assert set(two) == set(model.TWO_PASS_LOOPS) and two["row_max"].mufu == 0
+    for _, _, config in roofline.tiled_configs(delta=True):
+        two = roofline.loop_costs(config, delta=True)
+        assert set(two) == set(roofline.TWO_PASS_LOOPS) and two["row_max"].mufu == 0
     # every config the sm_90 pruning keeps (static.py compiles them all in fp16): 128 x 64 for the
     # Gaussian, not with a custom delta
-    tiles = {c[:2] for c in model.tiled_configs()}
-    assert {(64, 32), (128, 32), (128, 64)} <= tiles and (128, 64) not in {c[:2] for c in model.tiled_configs(True)}
+    tiles = {c[:2] for c in roofline.tiled_configs()}
+    assert {(64, 32), (128, 32), (128, 64)} <= tiles and (128, 64) not in {c[:2] for c in roofline.tiled_configs(True)}
 
 
-@pytest.mark.parametrize("argv", [["--model", "--device", "a100"], ["--model", "--device", "cuda"],
-                                  ["--device", "h100"], ["--model", "--device", "h100", "cpu"]])
-def test_bad_device_names_are_argparse_errors(argv, capsys):
+@pytest.mark.parametrize("argv", [["model", "--gpu", "a100"], ["model", "--gpu", "cuda"],
+                                  ["model", "--gpu", "h100", "cpu"]])
+def test_bad_gpu_names_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        perf_main(argv)
+    assert exc.value.code == 2
+    assert "--gpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--model"], ["--static"], ["--traffic"], ["--device", "h100"]])
+def test_the_package_cli_has_no_maintainer_modes(argv, capsys):
+    """The yardstick runs from the checkout (python -m tools.perf), not from the installed package."""
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", *argv])
     assert exc.value.code == 2
-    assert "--device" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="checks the error under TRITON_INTERPRET=1")
 def test_calibration_under_the_interpreter_says_why_it_cannot_compile():
     with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"):
-        model.calibration_costs(64)
+        roofline.calibration_costs(64)
 
 
-# --------------------------------------------------------------------------- DiT rows (`bench --model --dit`)
+# --------------------------------------------------------------------------- DiT rows (`tools.perf model --dit`)
 
 DIT = "ltx-video-768x512"
 
 
 @pytest.fixture(scope="module")
 def dit_run(tmp_path_factory):
-    """`bench --model --dit` on one DiT shape (the smallest), both GPUs, in a subprocess without TRITON_INTERPRET."""
+    """`tools.perf model --dit` on one DiT shape (the smallest), both GPUs, in a subprocess without TRITON_INTERPRET."""
     out = tmp_path_factory.mktemp("dit")
-    _bench(out, "--model", "--dit", "--shapes", DIT)
+    _bench(out, "model", "--dit", "--shapes", DIT)
     return out
 
 
 def test_dit_token_counts_follow_the_configs():
-    n = {s.name: s.n for s in model.DIT_SHAPES}
+    n = {s.name: s.n for s in model_dit.DIT_SHAPES}
     assert n == {"wan2.1-1.3b-480p": 21 * 30 * 52, "wan2.1-1.3b-720p": 21 * 45 * 80, "wan2.1-14b-480p": 21 * 30 * 52,
                  "wan2.1-14b-720p": 21 * 45 * 80, "cogvideox-5b-720x480": 226 + 13 * 30 * 45,
                  "hunyuanvideo-720p": 33 * 45 * 80 + 256, "ltx-video-768x512": 16 * 16 * 24}
-    cog = next(s for s in model.DIT_SHAPES if s.name == "cogvideox-5b-720x480")
+    cog = next(s for s in model_dit.DIT_SHAPES if s.name == "cogvideox-5b-720x480")
     ids = cog.frames()
     assert ids.shape == (cog.n,) and (ids[:226] == -1).all() and ids[226:].min() == 0 and ids.max() == 12
 
@@ -208,7 +219,7 @@ def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_r
     for gpu in ("h100", "h200"):
         rows = _rows(dit_run / f"model-dit-{gpu}.csv")
         assert {r["estimate"] for r in rows} == {"model"}
-        assert [r["impl"] for r in rows] == list(model.DIT_IMPLS)
+        assert [r["impl"] for r in rows] == list(model_dit.DIT_IMPLS)
         by = {r["impl"]: r for r in rows}
         ours = by["vstar_triton_frames"]
         assert "frames" in ours["config"] and float(ours["model_ours_over_flash"]) > 1  # the walk costs a pass
@@ -246,14 +257,14 @@ def _column_by_loops(ids, block_m, block_n, frame_band):
 def test_frame_tile_counts_split_every_tile_once(layout, sigma):
     """Every (query block, key tile) pair runs the row-max walk once and one softmax loop once, as
     a column tile or a per-score one, as _jit.frame_tile_id decides (an independent loop here)."""
-    dit = model.Dit("t", 1, 64, **layout)
+    dit = model_dit.Dit("t", 1, 64, **layout)
     ids = dit.frames()
     n, block_m, block_n = dit.n, 64, 32
-    counts = model.frame_tile_counts(ids, block_m, block_n, sigma)
+    counts = model_dit.frame_tile_counts(ids, block_m, block_n, sigma)
     blocks, tiles = math.ceil(n / block_m), math.ceil(n / block_n)
     assert counts["row_max"] == (blocks * tiles, 0)
-    softmax = [counts[k] for k in model.FRAME_LOOPS[1:]]
-    coef = 0.0 if math.isinf(sigma) else -0.5 * model.LOG2E / sigma / sigma
+    softmax = [counts[k] for k in model_dit.FRAME_LOOPS[1:]]
+    coef = 0.0 if math.isinf(sigma) else -0.5 * roofline.LOG2E / sigma / sigma
     column = _column_by_loops(ids.tolist(), block_m, block_n, band_width(coef, 2 ** 25))
     assert sum(c + p for c, p in softmax) == blocks * tiles
     assert sum(c for c, _ in softmax) == sum(map(sum, column))
@@ -264,32 +275,32 @@ def test_frame_tile_counts_split_every_tile_once(layout, sigma):
 
 
 def test_fit_status_and_cut_off():
-    assert model.fit_status(80e9, 80e9) == "ok"
-    assert model.fit_status(80.5e9, 80e9) == "does not fit (peak 80.5 GB > 80 GB)"
-    assert model.fits_up_to(4 * 1000 ** 2, 1000, 4 * 3000 ** 2) == 3000
+    assert model_dit.fit_status(80e9, 80e9) == "ok"
+    assert model_dit.fit_status(80.5e9, 80e9) == "does not fit (peak 80.5 GB > 80 GB)"
+    assert model_dit.fits_up_to(4 * 1000 ** 2, 1000, 4 * 3000 ** 2) == 3000
 
 
 def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(monkeypatch):
     """A small synthetic DiT on a GPU whose memory lies between the two eager peers' peaks: the peer
     above it gets "does not fit" and no time, the other a time; sdpa_bias holds two (B, H, N, N)
     tensors in q's dtype at once (the scores and the scaled scores)."""
-    dit = model.Dit("synthetic", heads=2, head_dim=64, latent_frames=4, tokens_per_frame=128)
-    small = model.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory_bytes=0.0)
+    dit = model_dit.Dit("synthetic", heads=2, head_dim=64, latent_frames=4, tokens_per_frame=128)
+    small = roofline.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory_bytes=0.0)
     def kernel(*_):  # ours and flash need the sm_90 compiler; their memory is Q, K, V, O either way
-        e = model.Estimate(bytes=1e6, mma_flops=1e9, launches=1, config="stub")
-        return model.finish(e, small, 1.0)
+        e = roofline.Estimate(bytes=1e6, mma_flops=1e9, launches=1, config="stub")
+        return roofline.finish(e, small, 1.0)
 
-    monkeypatch.setattr(model, "ours_frames", kernel)
-    monkeypatch.setattr(model, "flash", kernel)
-    sdpa = model.eager(PEERS["sdpa_bias"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
-    reference = model.eager(PEERS["reference_materialized"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
+    monkeypatch.setattr(model_dit, "ours_frames", kernel)
+    monkeypatch.setattr(model_dit, "flash", kernel)
+    sdpa = eager.eager(PEERS["sdpa_bias"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
+    reference = eager.eager(PEERS["reference_materialized"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
     nn = dit.heads * dit.n ** 2
     assert 2 * nn * 2 <= sdpa < 3 * nn * 2
     assert reference != sdpa
     memory = (sdpa + reference) / 2
-    monkeypatch.setitem(model.GPUS, "synthetic", model.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory))
+    monkeypatch.setitem(roofline.GPUS, "synthetic", roofline.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory))
 
-    rows = {r["impl"]: r for r in model.dit_sweep("synthetic", 1.0, (dit,), progress=lambda _: None)}
+    rows = {r["impl"]: r for r in model_dit.dit_sweep("synthetic", 1.0, (dit,), progress=lambda _: None)}
     over, under = ("sdpa_bias", "reference_materialized") if sdpa > reference else ("reference_materialized",
                                                                                     "sdpa_bias")
     assert rows[over]["status"].startswith("does not fit (peak ") and "model_time_ms" not in rows[over]

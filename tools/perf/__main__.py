@@ -1,0 +1,67 @@
+"""`python -m tools.perf <static|traffic|model|compile-check> ...`: the maintainers' yardstick (see __init__)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+GPUS = ("h100", "h200")
+
+
+def _out(parser) -> None:
+    parser.add_argument("--out", metavar="DIR", help="results directory (default: benchmarks/results)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m tools.perf", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+    static = sub.add_parser("static", help="compile every kernel config for sm_80/sm_90 and read its SASS: "
+                                           "registers, spills, occupancy, MMA kind, instructions per score")
+    static.add_argument("--arch", nargs="+", type=int, default=[80, 90], metavar="SM",
+                        help="SM versions to compile for (default: 80 90)")
+    static.add_argument("--quick", action="store_true", help="the CI subset")
+    _out(static)
+    traffic = sub.add_parser("traffic", help="count the forward's bytes and MMA FLOPs in the Triton interpreter")
+    traffic.add_argument("--quick", action="store_true", help="the CI subset")
+    _out(traffic)
+    model = sub.add_parser("model", help="the roofline model of one forward call on H100/H200 (a model, not a "
+                                         "measurement), calibrated on published FlashAttention bars")
+    model.add_argument("--gpu", nargs="+", choices=GPUS, help="the GPUs to model (default: both)")
+    model.add_argument("--dit", action="store_true", help="the video DiT self-attention shapes, with frame ids")
+    model.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (vstar_kernels.bench.shapes, or "
+                                                                   "the DiT shapes with --dit)")
+    model.add_argument("--n", nargs="+", type=int, metavar="N", help="sequence lengths (kernel shapes)")
+    model.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
+    _out(model)
+    check = sub.add_parser("compile-check", help="compile every launch for an NVIDIA arch (no GPU): registers, "
+                                                 "spills, shared memory", add_help=False)
+    check.add_argument("rest", nargs=argparse.REMAINDER)
+    return top
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compile-check"]:
+        from .compile_check import main as compile_check
+
+        return compile_check(argv[1:])
+    args = parser().parse_args(argv)
+    if args.command == "traffic" and os.environ.get("TRITON_INTERPRET") != "1":
+        # the counts come from the Triton interpreter, whose mode is fixed when triton is first imported
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.run([sys.executable, "-m", "tools.perf", *argv], env=env).returncode
+    if args.command == "static":
+        from .static import main as run
+    elif args.command == "traffic":
+        from .traffic import main as run
+    elif args.dit:
+        from .model_dit import dit_main as run
+    else:
+        from .model import main as run
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

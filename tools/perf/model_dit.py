@@ -1,0 +1,401 @@
+"""`python -m tools.perf model --dit`: the video DiT self-attention shapes, ours with frame ids."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from vstar_kernels.ops._jit import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
+from vstar_kernels.ops.layout import block_dims
+
+from .eager import eager
+from .model import write_table_and_plot
+from .roofline import (
+    GPUS,
+    ITEMSIZE,
+    LAUNCH_S,
+    ONE_PASS_LOOPS,
+    Estimate,
+    Gpu,
+    LoopCost,
+    calibrate,
+    finish,
+    flash,
+    results_dir,
+    short_config,
+    tile_counts,
+    tiled_work,
+    waves_stretch,
+)
+from .traffic import band_tiles
+
+# --------------------------------------------------------------------------- DiT shapes (`tools.perf model --dit`)
+
+@dataclass(frozen=True)
+class Dit:
+    """One video DiT's self-attention call at its published resolution, batch 1 (classifier-free
+    guidance runs it twice, or once at batch 2): heads and head dim from the model's config, the
+    video's tokens (latent frames x tokens per latent frame) and the text tokens joined to it
+    before or after the video (frame id -1)."""
+
+    name: str
+    heads: int
+    head_dim: int
+    latent_frames: int
+    tokens_per_frame: int
+    text_before: int = 0
+    text_after: int = 0
+    source: str = ""
+
+    @property
+    def n(self) -> int:
+        return self.text_before + self.latent_frames * self.tokens_per_frame + self.text_after
+
+    @property
+    def sigma(self) -> float:
+        """The README's starting point for a DiT: training latent frames / 16 (the paper's sigma 1 at
+        16 frames), with these latent frames as the training length."""
+        return self.latent_frames / 16
+
+    def frames(self) -> torch.Tensor:
+        """The frame id of every token: -1 for text, the latent frame for video."""
+        video = torch.arange(self.latent_frames, dtype=torch.int32).repeat_interleave(self.tokens_per_frame)
+        return torch.cat([torch.full((self.text_before,), -1, dtype=torch.int32), video,
+                          torch.full((self.text_after,), -1, dtype=torch.int32)])
+
+
+# Config values (transformer/config.json of each diffusers checkpoint, or the diffusers class's
+# documented defaults where those are the checkpoint's; see benchmarks/NOTES.md, "DiT shapes (model)"):
+# Wan 2.1 1.3B: dim 1536, num_heads 12 (head dim 128), patch (1, 2, 2), VAE stride (4, 8, 8);
+# Wan 2.1 14B: num_attention_heads 40, attention_head_dim 128, patch (1, 2, 2); 81 frames -> 21
+# latent frames, (H / 16) x (W / 16) tokens each. CogVideoX-5B: 48 heads x 64, patch 2, temporal
+# compression 4 (49 frames -> 13), max_text_seq_length 226 text tokens first. HunyuanVideo: 24
+# heads x 128, patch 2, patch_t 1, temporal compression 4 (129 frames -> 33), 256 text tokens
+# (the pipeline's max_sequence_length) after the video. LTX-Video: 32 heads x 64, patch 1, VAE
+# 32 x 32 spatial and 8x temporal (121 frames -> 16). Wan and LTX-Video take the text by cross-attention.
+DIT_SHAPES = (
+    Dit("wan2.1-1.3b-480p", 12, 128, 21, (480 // 16) * (832 // 16),
+        source="Wan-AI/Wan2.1-T2V-1.3B config.json: dim 1536, num_heads 12; patch (1,2,2), vae_stride (4,8,8)"),
+    Dit("wan2.1-1.3b-720p", 12, 128, 21, (720 // 16) * (1280 // 16),
+        source="Wan-AI/Wan2.1-T2V-1.3B config.json: dim 1536, num_heads 12; patch (1,2,2), vae_stride (4,8,8)"),
+    Dit("wan2.1-14b-480p", 40, 128, 21, (480 // 16) * (832 // 16),
+        source="diffusers WanTransformer3DModel (14B): num_attention_heads 40, attention_head_dim 128, patch (1,2,2)"),
+    Dit("wan2.1-14b-720p", 40, 128, 21, (720 // 16) * (1280 // 16),
+        source="diffusers WanTransformer3DModel (14B): num_attention_heads 40, attention_head_dim 128, patch (1,2,2)"),
+    Dit("cogvideox-5b-720x480", 48, 64, 13, (480 // 16) * (720 // 16), text_before=226,
+        source="THUDM/CogVideoX-5b transformer/config.json: num_attention_heads 48, attention_head_dim 64, "
+               "patch_size 2, temporal_compression_ratio 4, max_text_seq_length 226"),
+    Dit("hunyuanvideo-720p", 24, 128, 33, (720 // 16) * (1280 // 16), text_after=256,
+        source="diffusers HunyuanVideoTransformer3DModel: num_attention_heads 24, attention_head_dim 128, "
+               "patch_size 2, patch_size_t 1; HunyuanVideoPipeline max_sequence_length 256"),
+    Dit("ltx-video-768x512", 32, 64, (121 - 1) // 8 + 1, (512 // 32) * (768 // 32),
+        source="Lightricks/LTX-Video transformer/config.json: num_attention_heads 32, attention_head_dim 64, "
+               "patch_size 1, patch_size_t 1; VAE 32x32 spatial, 8x temporal"),
+)
+DIT_EAGER = ("reference_materialized", "sdpa_bias")
+DIT_IMPLS = ("vstar_triton_frames", "flash", "flex_two_pass") + DIT_EAGER
+DIT_COLUMNS = ("estimate", "gpu", "model", "batch", "heads", "d", "n", "latent_frames", "tokens_per_frame",
+               "text_tokens", "dtype", "impl", "status", "config", "bound", "model_time_ms", "model_bytes",
+               "model_mma_flops", "model_peak_gb", "model_fits_up_to_n", "model_ours_over_flash",
+               "model_ours_over_flex_two_pass", "model_time_l2_ms", "model_ours_over_flash_l2")
+
+
+# The tiled forward's MMA loops with frame ids, in SASS order: the row-max walk over every key tile
+# (two passes), then the softmax in the one-pass kernel's tile order (ops/tar_fwd.py): full and
+# masked tiles left of the token band, the same right of it, the band. All of them biased: each key
+# tile takes one dA column (the loop's shortest path) or dA per score (its longest).
+FRAME_LOOPS = ("row_max",) + ONE_PASS_LOOPS[:4] + ("biased",)
+
+
+@functools.lru_cache(maxsize=4)
+def frames_loop_costs(block_d: int, arch: int = 90) -> tuple:
+    """((BLOCK_M, BLOCK_N, config, {kind: (column LoopCost, per-score LoopCost)}), ...) of the tiled
+    forward with frame ids (HAS_FRAMES, FRAME_TILES; kinds FRAME_LOOPS), compiled for sm_`arch` as a
+    launch there compiles (every config its pruning keeps) on one representative bf16 call per head
+    dim: B 1, H 1, N 1024 in 4 frames. A key tile of one dA column runs the loop's shortest path
+    (static.loop_paths), a tile with dA per score its longest; the row-max walk has one path. The
+    launcher's pruning depends on the head dim and the options, not on N."""
+    import triton
+    from vstar_kernels._problem import make_problem
+    from vstar_kernels.ops._jit import targeting
+
+    from .compile_check import _modules, compile_launch, record
+    from .static import rows
+
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("tools.perf model compiles the frame-id kernel for sm_90: run it without TRITON_INTERPRET=1")
+    fwd, _ = _modules()
+    n = 1024
+    q = torch.empty(1, n, 1, block_d, dtype=torch.bfloat16).transpose(1, 2)
+    problem = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
+                           frames=torch.arange(n, dtype=torch.int32) // 256)
+    out = []
+    with targeting(arch):  # the configs an sm_`arch` launch keeps
+        launches = record(lambda: fwd.tar_forward(problem))
+        compiled_launches = [c for launch in launches
+                             for c in compile_launch(launch, arch, True, f"bf16 B1H1N{n}D{block_d} frames")]
+    for compiled in compiled_launches:
+        if compiled.name != "_tar_fwd_tiled_kernel" or not compiled.constants.get("FRAME_TILES"):
+            continue
+        loops = sorted((r for r in rows(arch, compiled) if r.loop != "hot"), key=lambda r: int(r.loop))
+        walk, biased = loops[0], loops[1:]
+        if (len(loops) != len(FRAME_LOOPS) or walk.loop_mufu or walk.loop_mma >= min(r.loop_mma for r in biased)
+                or any(r.short_instr_per_score >= r.long_instr_per_score for r in biased)):
+            raise LookupError(f"the frame-id tiled kernel ({compiled.config}) has loops {[r.loop for r in loops]} "
+                              f"not in the order {', '.join(FRAME_LOOPS)} (the walk without MUFU and with fewer "
+                              "MMA, then loops with a dA column branch): update FRAME_LOOPS to the kernel")
+
+        def cost(r, path):
+            return LoopCost(getattr(r, f"{path}_instr_per_score"), getattr(r, f"{path}_mufu_per_score"),
+                            r.ctas_per_sm, f"{r.kernel} {r.tile} {r.config} frames loop {r.loop} {path} path")
+
+        costs = {kind: (cost(r, "short"), cost(r, "long")) for kind, r in zip(FRAME_LOOPS, loops)}
+        bm, bn = map(int, loops[0].tile.split("x"))
+        out.append((bm, bn, compiled.config, costs))
+    if not out:
+        raise LookupError("the launcher started no tiled kernel with frame ids for the representative call")
+    return tuple(out)
+
+
+def frame_tile_counts(ids: torch.Tensor, block_m: int, block_n: int, sigma: float) -> dict:
+    """{kind: (column tiles, per-score tiles)} of the frame-id kernel over one sequence of frame ids
+    `ids` (N,) (self-attention, not causal), summed over its query blocks: which loop runs each
+    key tile (FRAME_LOOPS: the row-max walk every tile, then the tile ranges around the token band
+    of `sigma`) and whether it takes one dA column (ops/_jit.frame_tile_id: one id in the
+    tile, or every video key FRAME_BAND frames or more from the block's video rows, or no video on
+    one side) or dA per score. The walk's tiles count as column tiles (it has one path)."""
+    n = ids.numel()
+    coef = 0.0 if math.isinf(sigma) else max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma)
+    order, frame_band = band_width(coef, 2 * n), frame_band_width(coef)
+    none = 1 << 30
+
+    def blocks(size):
+        t = torch.full((math.ceil(n / size) * size,), -1, dtype=torch.int64)
+        t[:n] = ids
+        t = t.view(-1, size)
+        return t.min(1).values, torch.where(t >= 0, t, none).min(1).values, t.max(1).values
+
+    k_min, k_lo, k_hi = blocks(block_n)
+    _, q_lo, q_hi = blocks(block_m)
+    column = ((k_min == k_hi)[None, :] | (k_hi < 0)[None, :] | (q_lo > q_hi)[:, None]
+              | (k_lo[None, :] - q_hi[:, None] >= frame_band) | (q_lo[:, None] - k_hi[None, :] >= frame_band))
+    prefix = torch.nn.functional.pad(column.to(torch.int64).cumsum(1), (1, 0)).tolist()
+    tiles = len(k_hi)
+    counts = {kind: [0, 0] for kind in FRAME_LOOPS}
+    counts["row_max"][0] = len(q_hi) * tiles
+    full_hi = n // block_n * block_n
+    for mb, row in enumerate(prefix):
+        lo, hi = band_tiles(mb, n, block_m, block_n, order)
+        left, right = min(lo, full_hi), max(hi, full_hi)
+        for kind, (a, b) in zip(FRAME_LOOPS[1:], ((0, left), (left, lo), (hi, right), (right, n), (lo, hi))):
+            t0, t1 = a // block_n, math.ceil(b / block_n)
+            if b > a:
+                cols = row[t1] - row[t0]
+                counts[kind][0] += cols
+                counts[kind][1] += t1 - t0 - cols
+    return {kind: tuple(c) for kind, c in counts.items()}
+
+
+def ours_frames(bh: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor, sigma: float) -> Estimate:
+    """Modeled `vstar_triton` forward with frame ids `ids` (N,) and the Gaussian of `sigma` (no key
+    mask, not causal): bytes and MMA of the two-pass form (traffic.tiled_bytes with every tile
+    walked and biased, plus the int32 ids: each query block's once, the keys' once per query block
+    in the biased pass); instructions/MUFU per loop and path from `frames_loop_costs`, each key tile
+    on the path `frame_tile_counts` gives it; the fastest config."""
+    out = []
+    for bm, bn, config, costs in frames_loop_costs(max(block_dims(d, d)[0], 64)):
+        e = tiled_work(bh, n, d, tile_counts(n, bm, bn, None), bm, bn, sigma=None, frame_ids=True)
+        for kind, (column, per_score) in frame_tile_counts(ids, bm, bn, sigma).items():
+            short, long = costs[kind]
+            e.instr += bh * bm * bn * (column * short.instr + per_score * long.instr)
+            e.mufu += bh * bm * bn * (column * short.mufu + per_score * long.mufu)
+        e.config = f"tiled {bm}x{bn} {short_config(config)} frames"
+        ctas = min(c.ctas_per_sm for pair in costs.values() for c in pair)
+        out.append(finish(e, gpu, eta, waves_stretch(bh * math.ceil(n / bm), ctas, gpu)))
+    return min(out, key=lambda e: e.seconds)
+
+
+def l2_resident(e: Estimate, compulsory_bytes: float, gpu: Gpu) -> float:
+    """Seconds of a finished kernel estimate if its repeated K and V loads (once per query block)
+    hit L2: the memory term from the compulsory bytes (each tensor once per pass), the compute
+    terms unchanged. The other bound of the model, whose `bytes` go to HBM as requested."""
+    return max({**e.terms, "memory": compulsory_bytes / gpu.hbm_bytes_s}.values()) + e.launches * LAUNCH_S
+
+
+def fits_up_to(peak_bytes: float, n: int, capacity: float) -> int:
+    """The largest N whose peak fits in `capacity` when the whole peak scales as N^2 from `peak_bytes`
+    at `n`: exact for a peak of N x N tensors only (sdpa_bias), a lower bound where part of it grows
+    slower (reference_materialized: chunks of at most 2^26 scores beside its (N, N) Gaussian)."""
+    return int(n * math.sqrt(capacity / peak_bytes))
+
+
+def fit_status(peak_bytes: float, capacity: float) -> str:
+    """"ok" when the peak fits in the GPU's memory, else why the row has no time."""
+    if peak_bytes <= capacity:
+        return "ok"
+    return f"does not fit (peak {peak_bytes / 1e9:.1f} GB > {capacity / 1e9:.0f} GB)"
+
+
+def dit_sweep(gpu_key: str, eta: float, dits=DIT_SHAPES, batch: int = 1, progress=print) -> list:
+    """Rows of the model for every DiT shape (bf16): ours with frame ids, flash, flex_two_pass and
+    the eager peers that materialize the bias, whose rows say "does not fit" where their traced
+    peak exceeds the GPU's memory."""
+    from vstar_kernels.bench.peers import PEERS
+
+    gpu = GPUS[gpu_key]
+    rows = []
+    for s in dits:
+        bh, n = batch * s.heads, s.n
+        est = {"vstar_triton_frames": ours_frames(bh, n, s.head_dim, gpu, eta, s.frames(), s.sigma),
+               "flash": flash(bh, n, s.head_dim, gpu, eta)}
+        two = est["flash"]
+        est["flex_two_pass"] = Estimate(2 * two.bytes, 2 * two.mma_flops, 2 * two.instr, 2 * two.mufu, 2,
+                                        2 * two.seconds, two.bound, "2 x " + two.config + " (lower bound)")
+        for impl in ("vstar_triton_frames", "flash", "flex_two_pass"):  # Q, K, V, O
+            est[impl].peak_bytes = 4 * bh * n * s.head_dim * ITEMSIZE
+        qkvo = 4 * bh * n * s.head_dim * ITEMSIZE  # + K once more (the walk) and the frame ids of both passes
+        l2 = {"vstar_triton_frames": l2_resident(est["vstar_triton_frames"], qkvo * 5 / 4 + 2 * n * 4, gpu),
+              "flash": l2_resident(two, qkvo, gpu)}
+        l2["flex_two_pass"] = 2 * l2["flash"]
+        for peer in DIT_EAGER:
+            est[peer] = eager(PEERS[peer], batch, s.heads, n, s.head_dim, gpu, eta)
+        ours_s = est["vstar_triton_frames"].seconds
+        base = dict(estimate="model", gpu=gpu_key, model=s.name, batch=batch, heads=s.heads, d=s.head_dim, n=n,
+                    latent_frames=s.latent_frames, tokens_per_frame=s.tokens_per_frame,
+                    text_tokens=s.text_before + s.text_after, dtype="bf16")
+        for impl in DIT_IMPLS:
+            e = est[impl]
+            status = fit_status(e.peak_bytes, gpu.memory_bytes)
+            row = {**base, "impl": impl, "status": status, "config": e.config, "bound": e.bound,
+                   "model_bytes": int(e.bytes), "model_mma_flops": int(e.mma_flops),
+                   "model_peak_gb": round(e.peak_bytes / 1e9, 3),
+                   "model_fits_up_to_n": fits_up_to(e.peak_bytes, n, gpu.memory_bytes) if impl in DIT_EAGER else ""}
+            if status == "ok":
+                row["model_time_ms"] = round(e.seconds * 1e3, 4)
+            if impl in l2:
+                row["model_time_l2_ms"] = round(l2[impl] * 1e3, 4)
+            if impl == "vstar_triton_frames":
+                row.update(model_ours_over_flash=round(ours_s / est["flash"].seconds, 3),
+                           model_ours_over_flex_two_pass=round(ours_s / est["flex_two_pass"].seconds, 3),
+                           model_ours_over_flash_l2=round(l2[impl] / l2["flash"], 3))
+            rows.append(row)
+        progress(f"  {gpu_key} {s.name} N={n}: ours (frames) {ours_s * 1e3:.2f} ms, ours/flash "
+                 f"{ours_s / est['flash'].seconds:.2f} (K, V from L2: {l2['vstar_triton_frames'] / l2['flash']:.2f}), "
+                 f"ours/flex_two_pass {ours_s / est['flex_two_pass'].seconds:.2f} (model)")
+    return rows
+
+
+def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
+    """The DiT table: modeled ms per self-attention call, the ratios and where the eager peers stop fitting."""
+    from vstar_kernels.bench.measure import commit
+
+    g = GPUS[gpu_key]
+    lines = [f"# DiT self-attention, {g.name} (model, not measured)", "",
+             f"`python -m tools.perf model --dit --gpu {gpu_key}`, commit {commit()}. Modeled ms per "
+             f"self-attention call (one layer, one denoising step), batch 1, bf16; classifier-free guidance runs it "
+             f"at batch 2 (about twice the time; sdpa_bias's peak doubles). Memory: {g.memory_bytes / 1e9:.0f} GB "
+             "(nominal). Assumptions as in the model table, and:", "",
+             "- ours (vstar_triton_frames): frame ids, no key mask, sigma = latent frames / 16 (the README's starting "
+             "point): the two-pass form (a Q K^T row-max walk over every key tile, then the biased online softmax over "
+             "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, every "
+             "config the sm_90 pruning keeps per head dim), each key tile on its loop's shortest path (one dA "
+             "column: a tile of one frame, or off the Gaussian's band) or longest (dA per score), counted from the "
+             "layout (`model.frame_tile_counts`); the fastest config.",
+             "- flash: the calibrated plain loop (no TAR); flex_two_pass: two such loops (a lower bound).",
+             "- eager peers as bench/peers.py runs them (the token-index Gaussian): time = summed per-op roofline of "
+             "their aten ops on meta tensors; peak = the most storage bytes live at once in that trace (Q, K, V "
+             "included). A peak above the memory gives \"does not fit\"; fits up to N: the peak scaled as N^2 "
+             "(exact for sdpa_bias, whose peak is two (B, H, N, N) tensors; a lower bound for "
+             "reference_materialized, whose score chunks stop growing at 2^26 scores beside its full (N, N) float32 "
+             "Gaussian).",
+             "- K, V from L2: the same kernels with their repeated K and V loads (once per query block) served by L2: "
+             "the memory term from each tensor once per pass, compute terms unchanged. The model's own column sends "
+             "every requested byte to HBM; a GPU lies between the two.",
+             "", "| model | heads x D | N (frames x tokens + text) | ours (frames) | flash | flex_two_pass "
+             "| reference_materialized | sdpa_bias | ours / flash | ours / flex_two_pass | ours bound (config) "
+             "| ours, K V from L2 | flash, K V from L2 | ours / flash, K V from L2 "
+             "| reference_materialized fits up to N | sdpa_bias fits up to N |",
+             "| --- | --- | --- |" + " ---: |" * 7 + " --- |" + " ---: |" * 5]
+    by = {}
+    for r in rows:
+        by.setdefault(r["model"], {})[r["impl"]] = r
+
+    def cell(r):
+        return f"{r['model_time_ms']:.3f}" if r["status"] == "ok" else \
+            f"does not fit (peak {r['model_peak_gb']:.0f} GB)"
+
+    for s in dits:
+        c = by[s.name]
+        o = c["vstar_triton_frames"]
+        text = s.text_before + s.text_after
+        lines.append(f"| {s.name} | {s.heads} x {s.head_dim} | {s.n:,} ({s.latent_frames} x {s.tokens_per_frame}"
+                     f"{f' + {text}' if text else ''}) | " + " | ".join(cell(c[i]) for i in DIT_IMPLS)
+                     + f" | {o['model_ours_over_flash']:.2f} | {o['model_ours_over_flex_two_pass']:.2f} "
+                       f"| {o['bound']} ({o['config']}) | {o['model_time_l2_ms']:.3f} "
+                       f"| {c['flash']['model_time_l2_ms']:.3f} "
+                       f"| {o['model_ours_over_flash_l2']:.2f} | {c['reference_materialized']['model_fits_up_to_n']:,} "
+                       f"| {c['sdpa_bias']['model_fits_up_to_n']:,} |")
+    lines += ["", "Config values:", ""] + [f"- {s.name}: {s.source}" for s in dits]
+    return "\n".join(lines) + "\n"
+
+
+def dit_plot(rows: list, gpu_key: str, path: Path) -> None:
+    """Modeled ms per call of each impl on each DiT shape (log scale); rows that do not fit are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    by = {(r["model"], r["impl"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    width = 0.8 / len(DIT_IMPLS)
+    for k, impl in enumerate(DIT_IMPLS):
+        for i, name in enumerate(names):
+            r = by[name, impl]
+            y = i + (k - (len(DIT_IMPLS) - 1) / 2) * width
+            if r["status"] == "ok":
+                ax.barh(y, r["model_time_ms"], height=width, color=f"C{k}", label=impl if i == 0 else None)
+            else:
+                ax.text(0.012, y, f"{impl}: does not fit ({r['model_peak_gb']:.0f} GB)", va="center", fontsize=7,
+                        transform=ax.get_yaxis_transform())
+    ax.set_yticks(range(len(names)), [f"{n}\nN={by[n, 'flash']['n']:,}" for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xscale="log", xlabel="modeled time per self-attention call, batch 1, bf16 (ms, model)",
+           title=f"DiT self-attention, {GPUS[gpu_key].name} - model, not measured")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def dit_main(args) -> int:
+    """`python -m tools.perf model --dit [--gpu h100 h200] [--shapes DIT ...] [--out DIR] [--no-plots]`: the DiT
+    rows (every DIT_SHAPES entry, or those --shapes names), model-dit-<gpu>.csv/.md/.png."""
+    directory = Path(os.path.abspath(args.out)) if args.out else results_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    devices = args.gpu or list(GPUS)
+    by_name = {s.name: s for s in DIT_SHAPES}
+    unknown = [name for name in args.shapes or () if name not in by_name]
+    if unknown:
+        raise SystemExit(f"--shapes with --dit: unknown DiT shape {', '.join(unknown)}; one of {', '.join(by_name)}")
+    dits = tuple(by_name[name] for name in args.shapes) if args.shapes else DIT_SHAPES
+    eta, _ = calibrate(GPUS["h100"])
+    for key in devices:
+        rows = dit_sweep(key, eta, dits)
+        base = directory / f"model-dit-{key}"
+        with open(base.with_suffix(".csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(DIT_COLUMNS)
+            for r in rows:
+                w.writerow([r.get(c, "") for c in DIT_COLUMNS])
+        table = dit_markdown(rows, key, eta, dits)
+        print(table)
+        write_table_and_plot(base, table, None if args.no_plots else lambda path: dit_plot(rows, key, path))
+    return 0
+
