@@ -7,8 +7,9 @@ interpolated between their two neighbouring anchors. Frame f's spatial
 cross-attention then reads embedding f.
 
 This module needs only torch. The diffusers glue (`apply_vsp`, `remove_vsp`,
-`encode_synopsis`, `generate_with_synopsis`) lives in
-`vstar_kernels.diffusers.vsp` and is re-exported here on first access.
+`encode_synopsis`, `generate_with_synopsis`) is imported from `vstar_kernels.diffusers`
+(its old spelling `vstar_kernels.vsp.apply_vsp` and so on still works for one release, with a
+DeprecationWarning).
 """
 
 from __future__ import annotations
@@ -140,11 +141,7 @@ def _check_anchors(anchors, n: int, k: int) -> list:
 
 def __getattr__(name):
     if name in _DIFFUSERS_NAMES:
-        try:
-            from .diffusers import vsp as vsp_diffusers
-        except ImportError as exc:
-            raise ImportError(
-                f"vstar_kernels.vsp.{name} needs diffusers: pip install 'vstar_kernels[diffusers]' ({exc})"
-            ) from exc
-        return getattr(vsp_diffusers, name)
+        from ._deprecation import moved
+
+        return moved(f"vstar_kernels.vsp.{name}", "vstar_kernels.diffusers", name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""TAR for diffusers video pipelines: ``from vstar_kernels.diffusers import apply_tar, TARConfig``.
+"""TAR for diffusers video pipelines: ``from vstar_kernels.diffusers import apply_tar`` (with ``vstar_kernels.TARConfig``).
 
 Needs the diffusers package (``pip install vstar_kernels[diffusers]``); importing this
 package, or any module in it, without diffusers raises an ImportError that names the extra.
@@ -6,10 +6,10 @@ The modules: `processors` (TARAttnProcessor, apply/remove), `dit` (frame-aware T
 video diffusion transformers: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi; apply_tar
 dispatches there), `steps` (the denoising-step tracker), `capture` (temporal attention
 maps), `dit_capture` (a DiT's frame-by-frame attention maps), `vsp` (Video Synopsis
-Prompting for diffusers UNets, public as `vstar_kernels.vsp`) and `attention_demo` (the
+Prompting for diffusers UNets: apply_vsp, encode_synopsis, ...) and `attention_demo` (the
 CLI's ``demo-attention``).
-The config (TARConfig) needs only torch and lives in `vstar_kernels.tar_config`, shared with
-`vstar_kernels.lvdm`.
+The config (`vstar_kernels.TARConfig`) needs only torch and is shared with `vstar_kernels.lvdm`
+and the ComfyUI node.
 """
 
 try:
@@ -22,15 +22,19 @@ except ImportError as exc:
 
 from .capture import TemporalAttentionMaps, capture_temporal_attention
 from .dit_capture import capture_frame_attention
-from .processors import (
-    PRESETS,
-    LevelSpec,
-    TARAttnProcessor,
-    TARConfig,
-    apply_tar,
-    remove_tar,
-    reset_steps,
-)
+from .processors import TARAttnProcessor, apply_tar, remove_tar, reset_steps
+from .vsp import apply_vsp, encode_synopsis, generate_with_synopsis, remove_vsp
 
-__all__ = ["PRESETS", "LevelSpec", "TARAttnProcessor", "TARConfig", "TemporalAttentionMaps", "apply_tar",
-           "capture_frame_attention", "capture_temporal_attention", "remove_tar", "reset_steps"]
+__all__ = ["TARAttnProcessor", "TemporalAttentionMaps", "apply_tar", "apply_vsp", "capture_frame_attention",
+           "capture_temporal_attention", "encode_synopsis", "generate_with_synopsis", "remove_tar", "remove_vsp",
+           "reset_steps"]
+
+_MOVED = ("TARConfig", "LevelSpec", "PRESETS")  # the configuration lives in vstar_kernels itself
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        from .._deprecation import moved
+
+        return moved(f"vstar_kernels.diffusers.{name}", "vstar_kernels", name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

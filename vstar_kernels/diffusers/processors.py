@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ..functional import tar_attention
-from ..tar_config import PRESET_UNTIL_STEP, PRESETS, LevelSpec, TARConfig  # noqa: F401 (re-exported)
+from ..tar_config import LevelSpec, TARConfig
 from .dit import apply_dit_tar, dit_family, dit_models, remove_dit_tar
 from .steps import StepTracker
 
