@@ -136,13 +136,20 @@ def test_shipped_synopses_are_usable():
         assert len(set(default_anchors(16, k))) == k
 
 
+def test_old_spelling_of_the_diffusers_names_warns_and_returns_them():
+    from vstar_kernels.diffusers import apply_vsp
+
+    with pytest.warns(DeprecationWarning, match="vstar_kernels.vsp.apply_vsp is deprecated"):
+        assert vsp.apply_vsp is apply_vsp
+
+
 def test_diffusers_names_need_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     for name in ("vstar_kernels.diffusers", "vstar_kernels.diffusers.vsp"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.delattr(vstar_kernels, "diffusers", raising=False)
-    expected = r"vstar_kernels.vsp.apply_vsp needs diffusers: pip install 'vstar_kernels\[diffusers\]'"
-    with pytest.raises(ImportError, match=expected):
+    with pytest.raises(ImportError, match=r"vstar_kernels.diffusers needs the diffusers package"), \
+            pytest.warns(DeprecationWarning, match="use vstar_kernels.diffusers.apply_vsp"):
         vsp.apply_vsp  # noqa: B018
     assert interpolate_embeddings(torch.ones(1, 2, 3), 4).shape == (4, 2, 3)
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
