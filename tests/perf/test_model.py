@@ -177,7 +177,7 @@ def test_bad_gpu_names_are_argparse_errors(argv, capsys):
     assert "--gpu" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--model"], ["--static"], ["--traffic"], ["--device", "h100"]])
+@pytest.mark.parametrize("argv", [["--static"], ["--traffic"], ["--dit"], ["--device", "h100"]])
 def test_the_package_cli_has_no_maintainer_modes(argv, capsys):
     """The yardstick runs from the checkout (python -m tools.perf), not from the installed package."""
     with pytest.raises(SystemExit) as exc:
