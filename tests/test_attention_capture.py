@@ -201,18 +201,22 @@ def test_chunks_give_the_map_of_one_chunk_and_bound_the_probabilities(monkeypatc
 
     monkeypatch.setattr(capture_module, "tar_scores", counting_scores)
     runs = {}
-    for chunk in (None, 1, 7, 10 ** 6):
+    one = 2 * 8 * 8  # the scores of one sequence of the level-0 modules (2 heads, 8 frames)
+    for elements in (1, 7 * one, 10 ** 6):  # 1: a sequence per chunk all the same
         reset_steps(model)
-        with capture_temporal_attention(model, layers=names, chunk_size=chunk) as maps:
+        with capture_temporal_attention(model, layers=names, chunk_elements=elements) as maps:
             forward(model, inputs)
-        runs[chunk] = maps
-    budget = 5 * 2 * 8 * 8  # five sequences of the level-0 modules (2 heads, 8 frames)
-    monkeypatch.setattr(capture_module, "CHUNK_ELEMENTS", budget)
+        runs[elements] = maps
+    budget = 5 * one
     sizes.clear()
     reset_steps(model)
-    with capture_temporal_attention(model, layers=names) as runs["budget"]:
+    with capture_temporal_attention(model, layers=names, chunk_elements=budget) as runs["budget"]:
         forward(model, inputs)
-    assert max(sizes) <= budget and len(sizes) >= len(names) * (2 * 8 * 8) // 5
+    assert max(sizes) <= budget and len(sizes) >= len(names) * one // 5
+    reset_steps(model)
+    with pytest.warns(DeprecationWarning, match="chunk_size"):
+        with capture_temporal_attention(model, layers=names, chunk_size=3) as runs["sequences"]:
+            forward(model, inputs)
     for chunk, maps in runs.items():
         for key in runs[10 ** 6]:
             torch.testing.assert_close(maps[key], runs[10 ** 6][key], atol=1e-7, rtol=0, msg=f"chunk {chunk}")
@@ -240,7 +244,7 @@ def test_exit_removes_hooks_and_the_step_tracker_it_added():
     pytest.param(dict(steps=[]), ValueError, "steps must hold ints >= 0", id="steps-empty"),
     pytest.param(dict(steps=3), TypeError, "steps must be a collection", id="steps-int"),
     pytest.param(dict(cfg=1), TypeError, "cfg must be a bool or None", id="cfg"),
-    pytest.param(dict(chunk_size=0), ValueError, "chunk_size must be a positive int", id="chunk"),
+    pytest.param(dict(chunk_elements=0), ValueError, "chunk_elements must be a positive int", id="chunk"),
     pytest.param(dict(levels=[0], layers=["mid_block.temp_attentions.0.transformer_blocks.0.attn1"]), ValueError,
                  "no temporal attention module is both", id="disjoint"),
 ])

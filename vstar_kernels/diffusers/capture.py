@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .._deprecation import renamed
 from .._problem import make_problem
 from ..reference import tar_scores
 from ..regularization import gaussian_bias
@@ -91,7 +92,7 @@ class TemporalAttentionMaps(Mapping):
 
 @contextlib.contextmanager
 def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, cfg: Optional[bool] = None,
-                               chunk_size: Optional[int] = None):
+                               chunk_elements: int = CHUNK_ELEMENTS, chunk_size: Optional[int] = None):
     """Record the temporal attention maps of the runs inside the ``with`` block.
 
     ``with capture_temporal_attention(pipe, steps=[0, 10]) as maps: pipe(...)``, then
@@ -112,8 +113,10 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
             ``do_classifier_free_guidance`` at each call (AnimateDiff, SVD, Latte, I2VGen-XL);
             False for a bare model. A pipeline without that property (TextToVideoSDPipeline)
             needs it given: True when ``guidance_scale > 1``.
-        chunk_size: sequences per recomputation chunk; None: as many as fit in
-            `CHUNK_ELEMENTS` fp32 probabilities. The map does not depend on it.
+        chunk_elements: the most scores formed at once (fp32): a chunk holds as many sequences
+            as fit, at least one. The map does not depend on it.
+        chunk_size: deprecated (sequences per chunk); use chunk_elements, the unit of
+            `capture_frame_attention` too.
 
     Without TAR the maps are the plain softmax attention the model computes; on modules and
     steps where TAR regularizes, the regularized attention. The input-block temporal
@@ -144,16 +147,20 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
     if cfg is None and pipeline is not None and not hasattr(type(pipeline), "do_classifier_free_guidance"):
         raise ValueError(f"{type(pipeline).__name__} does not say whether guidance is batched: pass cfg=True "
                          "(guidance_scale > 1) or cfg=False")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        chunk_size = renamed("capture_temporal_attention", "chunk_size (sequences)", "chunk_elements (scores)",
+                             chunk_size)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
     selected = [t for t in temporal
                 if (levels is None or t.level in levels) and (layers is None or t.name in layers)]
     if not selected:
         raise ValueError("no temporal attention module is both at the levels and among the layers asked for")
 
     maps = TemporalAttentionMaps({t.name: t.level for t in selected})
-    recorder = _Recorder(model, pipeline, maps, steps, cfg, chunk_size)
+    recorder = _Recorder(model, pipeline, maps, steps, cfg, chunk_size, chunk_elements)
     recorder.tracker = StepTracker.attach(model, recorder.owner, pipeline=pipeline, on_run_start=recorder.resync)
     recorder.resync()
     try:
@@ -179,13 +186,13 @@ def _int_set(name: str, values) -> Optional[set]:
 class _Recorder:
     """The forward hooks of one capture and what they add to its maps."""
 
-    def __init__(self, model, pipeline, maps: TemporalAttentionMaps, steps, cfg, chunk_size):
+    def __init__(self, model, pipeline, maps: TemporalAttentionMaps, steps, cfg, chunk_size, chunk_elements):
         self.model = model
         self.pipeline = pipeline
         self.maps = maps
         self.steps = steps
         self.cfg = cfg
-        self.chunk_size = chunk_size
+        self.chunk_size, self.chunk_elements = chunk_size, chunk_elements
         self.owner = f"capture-{id(self)}"
         self.tracker: Optional[StepTracker] = None
         self.handles: Dict[str, tuple] = {}  # layer -> (module hooked, hook handle)
@@ -242,7 +249,7 @@ class _Recorder:
         hidden, context, temb = call["hidden_states"], call.get("encoder_hidden_states"), call.get("temb")
         nq = hidden.shape[1] if hidden.ndim == 3 else hidden.shape[2] * hidden.shape[3]
         nk = nq if context is None else context.shape[1]
-        chunk = self.chunk_size or max(1, CHUNK_ELEMENTS // (module.heads * nq * nk))
+        chunk = self.chunk_size or max(1, self.chunk_elements // (module.heads * nq * nk))
         total = None
         for first in range(start, rows, chunk):
             part = slice(first, min(first + chunk, rows))
