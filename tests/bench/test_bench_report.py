@@ -225,3 +225,19 @@ def test_busy_cells_are_flagged_in_the_table_and_the_plots(tmp_path, monkeypatch
     assert "| 16 | 2 | 1,000 | 50% | 1.5 | 1 (0.5x) **busy** |" in markdown(old, "t")
     calm = [dict(r, flag="") for r in BUSY_ROWS]
     assert "busy" not in markdown(calm, "t")  # the CSV's flag is the record
+
+
+def test_a_log_axis_within_two_decades_has_numbers_to_read(tmp_path, monkeypatch):
+    """Peers at 0.12x and 0.9x of ours: with labels at powers of ten only, the axis would show just "1"."""
+    import matplotlib.pyplot as plt
+
+    rows = [row("vstar_triton", 320, 20, 16, 64, "1"), row("sdpa_plain", 320, 20, 16, 64, "0.12"),
+            row("vstar_triton", 320, 20, 32, 64, "1"), row("sdpa_plain", 320, 20, 32, 64, "0.9")]
+    for metric, fig in plotted(rows, tmp_path, monkeypatch).items():
+        fig.canvas.draw()
+        [ax] = [a for a in fig.axes if a.get_visible()]
+        low, high = ax.get_ylim()
+        labels = [t.get_text() for t in ax.get_yticklabels()
+                  if t.get_text() and low <= float(t.get_position()[1]) <= high]
+        assert len(labels) >= 3, (metric, labels)
+        plt.close(fig)

@@ -376,16 +376,30 @@ def _plot_metric(ax, metric, by_n, peak) -> int:
                 markeredgewidth=1.5, label=BUSY_LABEL)
     if metric == "time":
         ax.set_yscale("log")
+        _log_ticks(ax)
         ax.set_ylabel("median ms per call (log scale)")
     elif metric == "speedup":
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", lw=0.8)
+        _log_ticks(ax)
         ax.set_ylabel("peer time / ours (log; > 1: ours faster)")
     else:
         if peak:
             ax.axhline(peak, color="black", ls="--", lw=1, label="measured copy bandwidth")
         ax.set_ylabel("GB/s (Q, K, V read + O written)")
     return drawn
+
+
+def _log_ticks(ax) -> None:
+    """Plain-number labels on a log axis; at 1, 2 and 5 per decade when it spans at most two decades
+    (with powers of ten only, such an axis may show one label or none)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = ax.get_ylim()
+    if high <= 100 * low:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def render(csv_path, plots: bool = True) -> list:
