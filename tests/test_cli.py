@@ -113,7 +113,7 @@ def test_bench_runs_the_kernels_without_triton_interpret(tmp_path):
     [path] = tmp_path.glob("*.csv")
     with path.open() as f:
         status = {r["impl"]: r["status"] for r in csv.DictReader(f)}
-    assert status["vstar_triton_interpreter"] == "ok", status
+    assert status["vstar_triton_interpreter"].startswith("checked: "), status
 
 
 def test_bench_results_go_to_the_checkout_or_a_named_folder(tmp_path, monkeypatch):

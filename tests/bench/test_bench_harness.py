@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from vstar_kernels import cli
 from vstar_kernels.bench import harness, measure, shapes
-from vstar_kernels.bench.harness import COLUMNS, Sweep
-from vstar_kernels.bench.peers import PEERS, Peer, Unsupported
+from vstar_kernels.bench.harness import CHECKED_ONLY, COLUMNS, Sweep
+from vstar_kernels.bench.peers import PEERS, Peer, Unsupported, default_impls
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = shapes.SHAPES["tiny"]
@@ -76,6 +76,57 @@ def test_every_peer_gets_a_row_with_its_status(tmp_path):
         assert by["absent", n]["status"] == "unsupported: not installed here"
         for impl in ("refuses", "runs_out", "crashes", "absent"):
             assert by[impl, n]["median_ms"] == by[impl, n]["gbps"] == ""
+
+
+def test_cpu_sweep_times_the_default_path_and_only_checks_the_interpreter(tmp_path):
+    """On CPU, ours is what tar_attention runs by default; the Triton kernels (in the interpreter) are
+    checked and not timed; each row of ours names the backend that ran."""
+    sweep = make_sweep(tmp_path)
+    sweep.run([(TINY, 16, torch.float32)], [], [PEERS["vstar_triton"], PEERS["vstar_auto"], PEERS["sdpa_plain"]])
+    by = {r["impl"]: r for r in read(sweep.csv_path)}
+    assert list(by) == ["vstar_triton_interpreter", "vstar_auto", "sdpa_plain"]
+    checked = by["vstar_triton_interpreter"]
+    assert checked["status"] == CHECKED_ONLY and checked["backend"] == "triton"
+    assert checked["median_ms"] == checked["p20_ms"] == checked["gbps"] == checked["flag"] == ""
+    ours = by["vstar_auto"]
+    assert ours["status"] == "ok" and ours["backend"] == "reference" and float(ours["median_ms"]) > 0
+    assert by["sdpa_plain"]["backend"] == ""
+
+
+def test_a_cpu_sweep_does_not_time_the_interpreter(tmp_path, monkeypatch):
+    calls = []
+    triton = PEERS["vstar_triton"]
+    counting = Peer("vstar_triton", lambda *a: calls.append(1) or triton.run(*a), triton.why_not, backend="triton")
+    make_sweep(tmp_path).run([(TINY, 16, torch.float32)], [], [counting])
+    assert len(calls) == 1  # the checked call only
+
+
+def test_by_default_cpu_runs_vstar_auto_and_cuda_does_not():
+    assert default_impls(torch.device("cpu")) == list(PEERS)
+    assert default_impls(torch.device("cuda")) == [p for p in PEERS if p != "vstar_auto"]
+    assert PEERS["vstar_triton"].label(torch.device("cuda")) == "vstar_triton"
+    assert not PEERS["vstar_triton"].correctness_only(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("p80, flag", [(1.2, ""), (1.25, ""), (1.26, "busy"), (3.0, "busy")])
+def test_a_busy_spread_is_flagged(tmp_path, p80, flag):
+    assert measure.spread_flag(1.0, p80) == flag
+    sweep = make_sweep(tmp_path)
+    row = sweep.write("sdpa_plain", 4, 2, 16, 40, "fp32", timing=measure.Timing(1.1, 1.0, p80))
+    assert row["flag"] == flag and read(sweep.csv_path)[-1]["flag"] == flag
+    assert sweep.write("sdpa_plain", 4, 2, 16, 40, "fp32", status="oom")["flag"] == ""
+
+
+def test_rows_are_not_appended_under_an_older_header(tmp_path, capsys):
+    old = tmp_path / "old.csv"
+    old.write_text(",".join(COLUMNS[:-2]) + "\n")
+    with pytest.raises(ValueError, match="has the columns"):
+        harness.append_row(old, dict.fromkeys(COLUMNS, ""))
+    info = measure.RunInfo.collect(torch.device("cpu"))
+    (tmp_path / f"{measure.slug(info.device)}-{info.date}.csv").write_text(",".join(COLUMNS[:-2]) + "\n")
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--impls", "sdpa_plain",
+                     "--out", str(tmp_path), "--no-plots", "--no-progress"]) == 2
+    assert "move it aside or write elsewhere (--out)" in capsys.readouterr().err
 
 
 def test_time_budget_and_resume(tmp_path):
@@ -145,21 +196,24 @@ def bench_cli(*args):
 def test_cli_writes_csv_markdown_and_plots(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the GPU sweep is run by benchmarks/run_gpu_sweep.sh")
-    res = bench_cli("--quick", "--n", "16", "--impls", "vstar_triton", "reference_eager", "sdpa_bias",
+    res = bench_cli("--quick", "--n", "16", "--impls", "vstar_triton", "vstar_auto", "reference_eager", "sdpa_bias",
                     "xformers_bias", "sdpa_plain", "--out", str(tmp_path), "--no-progress")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "Triton interpreter" in res.stderr
+    assert "Triton interpreter" in res.stderr and "ours is vstar_auto" in res.stderr
     [path] = tmp_path.glob("*.csv")
     assert path.name.startswith("cpu-") and path.name.endswith(f"-{path.stem[-8:]}.csv")
     rows = read(path)
     assert list(rows[0]) == list(COLUMNS)
     status = {r["impl"]: r["status"] for r in rows}
-    assert status == {"device_copy": "ok", "vstar_triton_interpreter": "ok", "reference_eager": "ok",
-                      "sdpa_bias": "ok", "sdpa_plain": "ok", "xformers_bias": status["xformers_bias"]}
+    assert status == {"device_copy": "ok", "vstar_triton_interpreter": CHECKED_ONLY, "vstar_auto": "ok",
+                      "reference_eager": "ok", "sdpa_bias": "ok", "sdpa_plain": "ok",
+                      "xformers_bias": status["xformers_bias"]}
     assert status["xformers_bias"] == "ok" or status["xformers_bias"].startswith("unsupported: xformers")
     assert {r["commit"] for r in rows} == {measure.commit()}
+    assert {r["impl"]: r["backend"] for r in rows if r["backend"]} == {"vstar_triton_interpreter": "triton",
+                                                                      "vstar_auto": "reference"}
     md = path.with_suffix(".md").read_text()
-    assert "| 16 |" in md and "vstar_triton_interpreter ms" in md and "CPU run" in md
+    assert "| 16 |" in md and "vstar_auto ms" in md and "CPU run" in md and "`vstar_auto` ran `reference`" in md
     for metric in ("time", "speedup", "bandwidth"):
         assert (tmp_path / f"{path.stem}-{metric}-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -195,12 +249,13 @@ def test_gpu_sweep_refuses_at_once_without_a_gpu():
 @pytest.mark.parametrize("failing, code", [("vstar_triton", 1), ("sdpa_plain", 0)], ids=["ours", "a-peer"])
 def test_cli_exits_non_zero_when_ours_errored(tmp_path, monkeypatch, capsys, failing, code):
     # A stand-in for our kernel (the reference, which passes the check) keeps the test fast.
-    monkeypatch.setitem(PEERS, "vstar_triton", Peer("vstar_triton", PEERS["reference_eager"].run))
-    monkeypatch.setitem(PEERS, failing, Peer(failing, _raise(RuntimeError("launch failed"))))
+    monkeypatch.setitem(PEERS, "vstar_triton", Peer("vstar_triton", PEERS["reference_eager"].run, backend="triton"))
+    monkeypatch.setitem(PEERS, failing, Peer(failing, _raise(RuntimeError("launch failed")),
+                                             backend=PEERS[failing].backend))
     assert cli.main(["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--impls", "vstar_triton",
                      "sdpa_plain", "--out", str(tmp_path), "--no-plots", "--no-progress"]) == code
     err = capsys.readouterr().err
     [md] = tmp_path.glob("*.md")
     label = "vstar_triton_interpreter" if failing == "vstar_triton" else failing
-    assert f"- [1] {label}: error: RuntimeError: launch failed" in md.read_text()
+    assert f"] {label}: error: RuntimeError: launch failed" in md.read_text()
     assert ("FAILED: vstar_triton_interpreter errored in 1 cell(s)" in err) == bool(code)

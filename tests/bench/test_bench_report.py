@@ -5,16 +5,18 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from vstar_kernels.bench.harness import COLUMNS
-from vstar_kernels.bench.report import draw_plots, markdown, our_failures, read_csv, render
+from vstar_kernels.bench.harness import CHECKED_ONLY, COLUMNS
+from vstar_kernels.bench.report import BUSY_LABEL, draw_plots, markdown, our_failures, read_csv, render
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def row(impl, batch, heads, n, d, ms, gbps="", pct="", tflops="", peak="", status="ok", dtype="fp16"):
-    return dict(zip(COLUMNS, ("2099-01-01T00:00:00Z", "abc123", "synthetic test device", "2.x", "3.x", impl,
-                              batch, heads, n, d, dtype, ms, ms, ms, gbps, pct, tflops, peak, status)))
+def row(impl, batch, heads, n, d, ms, gbps="", pct="", tflops="", peak="", status="ok", dtype="fp16", backend="",
+        flag="", p20=None, p80=None, device="synthetic test device"):
+    return dict(zip(COLUMNS, ("2099-01-01T00:00:00Z", "abc123", device, "2.x", "3.x", impl,
+                              batch, heads, n, d, dtype, ms, ms if p20 is None else p20, ms if p80 is None else p80,
+                              gbps, pct, tflops, peak, status, backend, flag)))
 
 
 ROWS = [
@@ -133,4 +135,109 @@ def test_a_panel_without_data_says_why(tmp_path, monkeypatch):
                              "(vstar_triton, vstar_cuda; see the notes under the markdown table)"]
         else:
             assert [line.get_label() for line in ax.get_lines()][:1] == ["sdpa_plain"] and texts == []
+        plt.close(fig)
+
+
+CPU = "cpu (synthetic)"
+CPU_ROWS = [
+    row("device_copy", "", "", "", "", "1", gbps="30", pct="100", dtype="uint8", device=CPU),
+    row("vstar_triton_interpreter", 4, 2, 16, 40, "", status=CHECKED_ONLY, backend="triton", dtype="fp32", device=CPU),
+    row("vstar_auto", 4, 2, 16, 40, "0.2", gbps="0.5", pct="1.67", tflops="0.01", backend="reference", dtype="fp32",
+        device=CPU),
+    row("sdpa_plain", 4, 2, 16, 40, "0.1", gbps="1", pct="3.33", tflops="0.02", dtype="fp32", device=CPU),
+    row("vstar_triton_interpreter", 4, 2, 64, 40, "", status=CHECKED_ONLY, backend="triton", dtype="fp32", device=CPU),
+    row("vstar_auto", 4, 2, 64, 40, "0.8", gbps="0.5", pct="1.67", tflops="0.04", backend="reference", dtype="fp32",
+        device=CPU),
+    row("sdpa_plain", 4, 2, 64, 40, "0.4", gbps="1", pct="3.33", tflops="0.08", dtype="fp32", device=CPU),
+]
+
+
+def test_cpu_ours_is_the_default_path_and_the_interpreter_a_correctness_run():
+    md = markdown(CPU_ROWS, "t")
+    assert "`vstar_auto` ran `reference`" in md
+    assert "| N | vstar_auto ms | GB/s | % copy BW | TFLOP/s | vstar_triton_interpreter | sdpa_plain |" in md
+    assert "| 16 | 0.2 | 0.5 | 1.67% | 0.01 | checked [1] | 0.1 (0.5x) |" in md
+    assert "| 64 | 0.8 | 0.5 | 1.67% | 0.04 | checked [1] | 0.4 (0.5x) |" in md
+    assert f"- [1] vstar_triton_interpreter: {CHECKED_ONLY}" in md
+    assert "busy" not in md
+
+
+def test_an_older_interpreter_timing_is_never_ours_nor_compared():
+    """A CSV of the harness before the correctness run: the interpreter's time carries no ratio."""
+    old = [{k: v for k, v in r.items() if k not in ("backend", "flag")} for r in (
+        row("vstar_triton_interpreter", 4, 2, 16, 40, "9.7", gbps="0.008", pct="0.02", tflops="3e-05", dtype="fp32",
+            device=CPU),
+        row("sdpa_plain", 4, 2, 16, 40, "0.03", gbps="2", pct="6", tflops="0.01", dtype="fp32", device=CPU))]
+    md = markdown(old, "t")
+    assert "| N | vstar_triton_interpreter | sdpa_plain |" in md
+    assert "| 16 | 9.7 | 0.03 |" in md  # no metric columns, no ratio
+
+
+def plotted(rows, tmp_path, monkeypatch):
+    """{metric: figure} drawn for `rows` (one panel each)."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    draw_plots(rows, tmp_path / "synthetic-20990101")
+    return dict(zip(("time", "speedup", "bandwidth"), figures))
+
+
+def test_cpu_plots_compare_with_the_default_path_and_leave_the_interpreter_out(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    for metric, fig in plotted(CPU_ROWS, tmp_path, monkeypatch).items():
+        [ax] = [a for a in fig.axes if a.get_visible()]
+        assert "correctness run only, not timed: vstar_triton_interpreter" in ax.get_title()
+        assert "not plotted" not in ax.get_title()
+        assert "ours: vstar_auto (tar_attention's default CPU path)" in fig._suptitle.get_text()
+        labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+        if metric == "speedup":
+            assert labels == ["sdpa_plain"]
+            [line] = [line for line in ax.get_lines() if line.get_label() == "sdpa_plain"]
+            assert list(line.get_ydata()) == [0.5, 0.5]  # sdpa_plain / vstar_auto
+        else:
+            assert labels[:2] == ["vstar_auto", "sdpa_plain"] and "vstar_triton_interpreter" not in labels
+        assert ax.get_xlabel() == "N (frames)" and ax.get_ylabel()
+        plt.close(fig)
+
+
+BUSY_ROWS = [
+    row("vstar_triton", 320, 20, 16, 64, "2", gbps="1000", pct="50", tflops="1.5", p20="1.9", p80="2.1"),
+    row("sdpa_plain", 320, 20, 16, 64, "1", gbps="2000", pct="100", tflops="3", p20="0.9", p80="1.8", flag="busy"),
+]
+
+
+def test_busy_cells_are_flagged_in_the_table_and_the_plots(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    md = markdown(BUSY_ROWS, "t")
+    assert "| 16 | 2 | 1,000 | 50% | 1.5 | 1 (0.5x) **busy** |" in md
+    assert "**busy**: 1 cell(s) whose p80/p20 spread exceeds 1.25" in md
+    for fig in plotted(BUSY_ROWS, tmp_path, monkeypatch).values():
+        [ax] = [a for a in fig.axes if a.get_visible()]
+        [ring] = [line for line in ax.get_lines() if line.get_label() == BUSY_LABEL]
+        assert ring.get_markeredgecolor() == "black" and list(ring.get_xdata()) == [16]
+        assert BUSY_LABEL in [t.get_text() for t in fig.legends[0].get_texts()]
+        plt.close(fig)
+    # A file written before the flag column: the spread itself decides.
+    old = [{k: v for k, v in r.items() if k not in ("backend", "flag")} for r in BUSY_ROWS]
+    assert "| 16 | 2 | 1,000 | 50% | 1.5 | 1 (0.5x) **busy** |" in markdown(old, "t")
+    calm = [dict(r, flag="") for r in BUSY_ROWS]
+    assert "busy" not in markdown(calm, "t")  # the CSV's flag is the record
+
+
+def test_a_log_axis_within_two_decades_has_numbers_to_read(tmp_path, monkeypatch):
+    """Peers at 0.12x and 0.9x of ours: with labels at powers of ten only, the axis would show just "1"."""
+    import matplotlib.pyplot as plt
+
+    rows = [row("vstar_triton", 320, 20, 16, 64, "1"), row("sdpa_plain", 320, 20, 16, 64, "0.12"),
+            row("vstar_triton", 320, 20, 32, 64, "1"), row("sdpa_plain", 320, 20, 32, 64, "0.9")]
+    for metric, fig in plotted(rows, tmp_path, monkeypatch).items():
+        fig.canvas.draw()
+        [ax] = [a for a in fig.axes if a.get_visible()]
+        low, high = ax.get_ylim()
+        labels = [t.get_text() for t in ax.get_yticklabels()
+                  if t.get_text() and low <= float(t.get_position()[1]) <= high]
+        assert len(labels) >= 3, (metric, labels)
         plt.close(fig)

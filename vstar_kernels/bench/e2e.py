@@ -4,7 +4,9 @@ Three variants per (resolution, frames, dtype): `unet_stock` (diffusers' own
 attention processors), `unet_tar_triton` and `unet_tar_reference`
 (`vstar_kernels.diffusers.apply_tar` with the `64D1` preset on every call, and that backend).
 The Triton variant must match the reference variant, and TAR must change the
-output (otherwise it was not applied), before anything is timed.
+output (otherwise it was not applied), before anything is timed. On CPU the Triton
+variant runs in the Triton interpreter: it is checked and not timed, and the reference
+variant is what `apply_tar` runs there by default.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import measure
-from .peers import Unsupported
+from .peers import CHECKED, Unsupported
 from .shapes import CFG_BATCH, UNetShape
 
 # UNet3DConditionModel configs. "modelscope" is the ModelScope text-to-video UNet (1.4B
@@ -43,6 +45,8 @@ TEXT_TOKENS = 77
 E2E_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 # Least relative change of the output that counts as TAR applied (see UNetBench._check).
 E2E_APPLIED_MIN = 1e-3
+CHECKED_ONLY = (f"{CHECKED}matches the reference variant in the Triton interpreter; a correctness run, not timed "
+                "(the interpreter's speed is not the kernels')")
 
 
 @dataclass
@@ -51,6 +55,11 @@ class Result:
     status: str = "ok"
     timing: Optional[measure.Timing] = None
     peak_mb: Optional[float] = None
+
+    @property
+    def backend(self) -> str:
+        """The backend apply_tar was given ("" for stock)."""
+        return "" if self.impl == "unet_stock" else self.impl.rsplit("_", 1)[1]
 
 
 def _integration():
@@ -121,6 +130,8 @@ class UNetBench:
         for variant in VARIANTS:
             results[variant], outputs[variant] = self._warm(unet, variant, forward, classify)
         self._check(results, outputs, dtype)
+        if not self.cuda and results["unet_tar_triton"].status == "ok":
+            results["unet_tar_triton"].status = CHECKED_ONLY
         for variant in VARIANTS:
             if results[variant].status == "ok":
                 try:

@@ -1,5 +1,10 @@
 """The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each.
 
+A row of ours names the backend that ran (`backend`); a correctness-only run (the Triton
+kernels in the Triton interpreter, on CPU) is checked and not timed, its status says so
+(CHECKED_ONLY). A timing whose p80/p20 spread says the machine was busy is flagged (`flag`,
+measure.spread_flag).
+
 Rows are appended to ``<out>/<device>-<yyyymmdd>.csv`` as they are measured (a
 killed run keeps what it measured); the markdown table and the plots are then
 regenerated from the whole file (see report.py).
@@ -21,13 +26,16 @@ from ..dispatch import BackendUnavailableError
 from . import measure, report, shapes
 from .check import check_output
 from .e2e import UNetBench
-from .peers import PEERS, Unsupported, default_spec
+from .peers import CHECKED, PEERS, Unsupported, default_impls, default_spec
 
 COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", "heads", "n", "d", "dtype",
-           "median_ms", "p20_ms", "p80_ms", "gbps", "pct_peak_bw", "tflops", "peak_mem_mb", "status")
+           "median_ms", "p20_ms", "p80_ms", "gbps", "pct_peak_bw", "tflops", "peak_mem_mb", "status", "backend",
+           "flag")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 NOT_RUN = "unsupported: not run: "
+CHECKED_ONLY = (f"{CHECKED}matches the float64 reference in the Triton interpreter; a correctness run, "
+                "not timed (the interpreter's speed is not the kernels')")
 # Inputs are rotated through enough copies to fill this many bytes (at most MAX_SETS copies), so
 # a small shape is not timed from a warm cache.
 ROTATE_BYTES = 256 << 20
@@ -60,8 +68,21 @@ def _fmt(x) -> str:
     return "" if x is None else f"{x:.6g}"
 
 
+def check_columns(csv_path: Path, columns) -> None:
+    """Raise ValueError when the CSV exists with other columns (written by an older harness): rows
+    appended to it would land under the wrong names."""
+    if not csv_path.exists() or csv_path.stat().st_size == 0:
+        return
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if header != list(columns):
+        raise ValueError(f"{csv_path} has the columns {header}, not this harness's {list(columns)}: "
+                         "move it aside or write elsewhere (--out)")
+
+
 def append_row(csv_path: Path, row: dict) -> None:
     """Append `row` to the CSV (its keys are the columns; a new file gets the header first)."""
+    check_columns(csv_path, row)
     new = not csv_path.exists() or csv_path.stat().st_size == 0
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "a", newline="", encoding="utf-8") as f:
@@ -135,7 +156,7 @@ class Sweep:
         return tuple(str(f) for f in fields)
 
     def write(self, impl, batch, heads, n, d, dtype, *, status="ok", timing=None, nbytes=None, flops=None,
-              peak_mb=None):
+              peak_mb=None, backend=""):
         gbps = pct = tflops = None
         if timing is not None and status == "ok":
             seconds = timing.median_ms * 1e-3
@@ -148,7 +169,8 @@ class Sweep:
             measure.now_iso(), self.info.commit, self.info.device, self.info.torch, self.info.triton, impl,
             batch, heads, n, d, dtype,
             _fmt(timing.median_ms if timing else None), _fmt(timing.p20_ms if timing else None),
-            _fmt(timing.p80_ms if timing else None), _fmt(gbps), _fmt(pct), _fmt(tflops), _fmt(peak_mb), status)))
+            _fmt(timing.p80_ms if timing else None), _fmt(gbps), _fmt(pct), _fmt(tflops), _fmt(peak_mb), status,
+            backend, timing.flag if timing is not None and status == "ok" else "")))
         append_row(self.csv_path, row)
         self.rows_written += 1
         return row
@@ -213,8 +235,8 @@ class Sweep:
                 elif (reason := peer.why_not(self.device, dtype)):
                     write(label, status=f"unsupported: {reason}")
                 else:
-                    status, timing, peak = self._measure_peer(peer, sets, spec)
-                    write(label, status=status, timing=timing, peak_mb=peak)
+                    status, timing, peak, backend = self._measure_peer(peer, sets, spec)
+                    write(label, status=status, timing=timing, peak_mb=peak, backend=backend)
         del sets
         self._free()
 
@@ -237,15 +259,20 @@ class Sweep:
             torch.cuda.empty_cache()
 
     def _measure_peer(self, peer, sets, spec):
-        """(status, Timing or None, peak MiB or None). Untimed: a warm call, checked, then one for peak memory."""
+        """(status, Timing or None, peak MiB or None, backend run). Untimed: a warm call, checked, then one
+        for peak memory; a correctness-only peer stops after the check."""
         q, k, v = sets[0]
+        backend = ""
         try:
+            backend = peer.backend_run(q, k, v, spec)
             out = peer.run(q, k, v, spec)
             self._sync()
             why = check_output(out, q, k, v, spec, peer.plain)
             del out
             if why:
-                return f"error: {why}", None, None
+                return f"error: {why}", None, None, backend
+            if peer.correctness_only(self.device):
+                return CHECKED_ONLY, None, None, backend
             peak = None
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -255,10 +282,10 @@ class Sweep:
                 peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
             turn = itertools.count()
             timing = measure.time_fn(lambda: peer.run(*sets[next(turn) % len(sets)], spec), self.cuda, warm_ms)
-            return "ok", timing, peak
+            return "ok", timing, peak, backend
         except Exception as exc:
             self._free()
-            return classify(exc), None, None
+            return classify(exc), None, None, backend
 
     def _unet_case(self, unet, shape, frames, dtype, progress):
         from .e2e import VARIANTS
@@ -266,7 +293,8 @@ class Sweep:
         dname = dtype_name(dtype)
         keys = [self._key(v, shape.batch, shape.heads, frames, shape.head_dim, dname) for v in VARIANTS]
         write = lambda res: self.write(res.impl, shape.batch, shape.heads, frames, shape.head_dim, dname,  # noqa: E731
-                                       status=res.status, timing=res.timing, peak_mb=res.peak_mb)
+                                       status=res.status, timing=res.timing, peak_mb=res.peak_mb,
+                                       backend=res.backend)
         with progress.step(f"{shape.name} frames={frames} {dname}", len(VARIANTS)):
             if all(k in self.done for k in keys):  # --resume: measured before
                 return
@@ -362,19 +390,24 @@ def main(args) -> int:
     if args.model_table:
         print(model_table(names, ns))
         return 0
-    peer_names = args.impls or list(PEERS)
+    device = torch.device("cuda" if cuda else "cpu")
+    peer_names = args.impls or default_impls(device)
     unknown = [p for p in peer_names if p not in PEERS]
     if unknown:
         print(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if cuda else "cpu")
     info = measure.RunInfo.collect(device)
     out_dir = Path(args.out).resolve() if args.out else default_results_dir()
     csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}.csv"
     if not cuda:
-        print("CPU run: times are CPU wall-clock (perf_counter); vstar_triton runs in the Triton interpreter "
-              "(reported as vstar_triton_interpreter) and its time measures the interpreter, not the kernel.",
-              file=sys.stderr)
+        print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
+              "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
+              "(reported as vstar_triton_interpreter) as a correctness check only, not timed.", file=sys.stderr)
+    try:
+        check_columns(csv_path, COLUMNS)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     kernel_cases, unet_cases = plan(names, ns, dtypes, explicit_n=bool(args.n))
     sweep = Sweep(device, csv_path, info, budget_s=args.time_budget_s, resume=args.resume,
                   progress=not args.no_progress)

@@ -18,6 +18,11 @@ from .. import _env
 
 QUANTILES = (0.5, 0.2, 0.8)   # median, p20, p80
 SLOW_CALL_MS = 100.0          # CUDA calls slower than this are timed with a few events, not do_bench
+# A timing whose p80 exceeds its p20 by more than this factor was taken on a busy machine (see
+# benchmarks/NOTES.md, "Busy cells"): on an idle one p80/p20 stays below 1.05, and a band wider than
+# 25% is wider than the differences the comparisons draw (a 1.3x against a 1.5x target).
+BUSY_SPREAD = 1.25
+BUSY = "busy"
 
 
 def attention_bytes(batch, heads, nq, nk, d, dv, itemsize) -> int:
@@ -40,6 +45,15 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+
+    @property
+    def flag(self) -> str:
+        return spread_flag(self.p20_ms, self.p80_ms)
+
+
+def spread_flag(p20_ms, p80_ms) -> str:
+    """BUSY when the p80/p20 spread of a timing says the machine was busy while it ran, else ""."""
+    return BUSY if p20_ms > 0 and p80_ms / p20_ms > BUSY_SPREAD else ""
 
 
 def _quantiles(samples) -> Timing:

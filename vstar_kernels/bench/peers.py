@@ -8,6 +8,10 @@ transposed), `spec` holds sigma, strength and the softmax scale; out is
 cannot run at all on this machine ("" when it can); a peer that cannot run one
 particular shape raises `Unsupported`. `plain` peers compute attention without
 TAR and are checked against plain attention.
+
+Ours are the peers with a `backend` (tar_attention's argument). On CPU tensors the Triton
+kernels run in the Triton interpreter: that run checks them and is not timed
+(`Peer.correctness_only`); ours there is `vstar_auto`, what `tar_attention` runs by default.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ class TarSpec:
     scale: float = 0.125
 
 
+INTERPRETER = "vstar_triton_interpreter"
+# The status of a run that was checked and not timed (a correctness run), before what it was checked against.
+CHECKED = "checked: "
+
+
 @dataclass(frozen=True)
 class Peer:
     name: str
@@ -47,12 +56,26 @@ class Peer:
     why_not: Callable = lambda device, dtype: ""  # noqa: E731
     plain: bool = False   # computes attention without TAR
     doc: str = ""
+    backend: str = ""     # ours: the tar_attention backend it asks for ("" for the other peers)
 
     def label(self, device: torch.device) -> str:
         """The CSV impl name; the Triton kernels on CPU tensors run in the interpreter and say so."""
-        if self.name == "vstar_triton" and device.type == "cpu":
-            return "vstar_triton_interpreter"
-        return self.name
+        return INTERPRETER if self.correctness_only(device) else self.name
+
+    def correctness_only(self, device: torch.device) -> bool:
+        """Whether this peer is checked but not timed on `device`: the Triton kernels on CPU
+        tensors run in the Triton interpreter, whose speed is not the kernels'."""
+        return self.backend == "triton" and device.type == "cpu"
+
+    def backend_run(self, q, k, v, spec) -> str:
+        """The backend tar_attention runs for this call ("" for a peer that is not ours)."""
+        if not self.backend:
+            return ""
+        from .._validation import make_problem
+
+        problem = make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
+                               max_mode="row", scale=spec.scale)
+        return dispatch.select(problem, self.backend).name
 
 
 @functools.lru_cache(maxsize=32)
@@ -232,8 +255,11 @@ def sdpa_plain(q, k, v, spec):
 
 
 PEERS = {p.name: p for p in (
-    Peer("vstar_triton", _vstar("triton"), _triton_why_not, doc="ours: the fused Triton forward"),
-    Peer("vstar_cuda", _vstar("cuda"), _cuda_why_not, doc="ours: the CUDA extension, when built"),
+    Peer("vstar_triton", _vstar("triton"), _triton_why_not, backend="triton",
+         doc="ours: the fused Triton forward (on CPU: checked in the Triton interpreter, not timed)"),
+    Peer("vstar_auto", _vstar("auto"), backend="auto",
+         doc="ours: tar_attention's default (backend='auto'): the PyTorch reference path on CPU tensors"),
+    Peer("vstar_cuda", _vstar("cuda"), _cuda_why_not, backend="cuda", doc="ours: the CUDA extension, when built"),
     Peer("reference_eager", reference_eager, doc="vstar_kernels.tar_attention_reference (float32, chunked)"),
     Peer("reference_materialized", reference_materialized,
          doc="the reference's out-of-place (autograd) path, 256 MiB chunks: the CPU default before"),
@@ -247,7 +273,17 @@ PEERS = {p.name: p for p in (
     Peer("sdpa_plain", sdpa_plain, plain=True, doc="SDPA, flash backend, no TAR"),
 )}
 
-OURS = ("vstar_triton", "vstar_triton_interpreter", "vstar_cuda")
+# Ours that are timed, in the order the speed comparison takes its reference from: on CUDA the Triton
+# kernel; on CPU the default path (vstar_triton is the interpreter's correctness run there).
+TIMED_OURS = ("vstar_triton", "vstar_auto", "vstar_cuda")
+# Every implementation of ours: an error of any of them is a failure of this project.
+OURS = (*TIMED_OURS, INTERPRETER)
+
+
+def default_impls(device: torch.device) -> list:
+    """The peers a sweep runs unless --impls says otherwise: all of them, but on CUDA not vstar_auto,
+    which runs the Triton kernel that vstar_triton times."""
+    return [name for name in PEERS if not (name == "vstar_auto" and device.type == "cuda")]
 
 
 def default_spec(head_dim: int) -> TarSpec:

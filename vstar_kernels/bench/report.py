@@ -3,6 +3,11 @@
 `render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png``
 next to the CSV. Only the CSV is read: benchmarks/plot_results.py regenerates
 everything from committed files.
+
+The speed comparison is against the first timed implementation of ours in a cell
+(peers.TIMED_OURS). Correctness runs (the Triton interpreter on CPU) get no ratio and no
+line in a plot; cells timed on a busy machine (measure.spread_flag) are marked "busy" in the
+tables and drawn with a black ring in the plots.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 
 from . import shapes
 from .e2e import VARIANTS as UNET_IMPLS
-from .peers import OURS, PEERS
+from .measure import BUSY, BUSY_SPREAD, spread_flag
+from .peers import CHECKED, INTERPRETER, OURS, PEERS, TIMED_OURS
 
 COPY_IMPL = "device_copy"
 METRICS = ("time", "speedup", "bandwidth")
@@ -32,11 +38,27 @@ def _num(text):
 
 
 def _impl_order(impl: str) -> tuple:
-    names = [*PEERS, "vstar_triton_interpreter"]
+    names = [*PEERS, INTERPRETER]
     base = names.index(impl) if impl in names else len(names)
-    if impl == "vstar_triton_interpreter":
+    if impl == INTERPRETER:
         base = 0
     return (base, impl)
+
+
+def correctness_only(impl: str, row) -> bool:
+    """A correctness run: checked, not timed (an older harness timed the interpreter: never compared)."""
+    return row["status"].startswith(CHECKED) or impl == INTERPRETER
+
+
+def busy(row) -> bool:
+    """Whether the row's timing was flagged busy: its `flag` column, or for a file written before that
+    column, its p80/p20 spread."""
+    if row["status"] != "ok" or not row["p20_ms"]:
+        return False
+    flag = row.get("flag")
+    if flag is None:
+        flag = spread_flag(float(row["p20_ms"]), float(row["p80_ms"]))
+    return flag == BUSY
 
 
 def latest(rows) -> "OrderedDict":
@@ -64,7 +86,8 @@ def _groups(rows, unet: bool):
 
 
 def _ours(cell: dict):
-    for name in OURS:
+    """The row the cell's peers are compared with: the first timed implementation of ours that ran."""
+    for name in TIMED_OURS:
         if name in cell and cell[name]["status"] == "ok":
             return cell[name]
     return None
@@ -107,14 +130,16 @@ def _g(x: float) -> str:
 
 
 def _time_cell(notes: _Notes, impl: str, row, relative=None) -> str:
-    """A time column's cell: empty without a row, the note mark of a failed run, else the median ms
-    followed by `(relative(ms))` when a `relative` formatter is given."""
+    """A time column's cell: empty without a row, the note mark of a run that was not timed, else the
+    median ms followed by `(relative(ms))` when a `relative` formatter is given (never for a correctness
+    run), and a bold busy when the machine was busy."""
     if row is None:
         return ""
     if row["status"] != "ok":
         return notes.mark(impl, row["status"])
     ms = _ms(row)
-    return f"{_g(ms)} ({relative(ms)})" if relative is not None else _g(ms)
+    text = f"{_g(ms)} ({relative(ms)})" if relative is not None and not correctness_only(impl, row) else _g(ms)
+    return text + (f" **{BUSY}**" if busy(row) else "")
 
 
 def markdown(rows, title: str) -> str:
@@ -128,12 +153,22 @@ def markdown(rows, title: str) -> str:
            f"commit {', '.join(sorted({r['commit'] for r in meta}))}, "
            f"{min(r['timestamp'] for r in rows)} to {max(r['timestamp'] for r in rows)}.", ""]
     if cpu:
-        out += ["**CPU run.** Times are CPU wall clock (perf_counter). `vstar_triton_interpreter` is the "
-                "Triton kernel executed by the Triton interpreter: its time measures the interpreter, "
-                "not the kernel. These numbers say nothing about GPU performance.", ""]
+        out += ["**CPU run.** Times are CPU wall clock (perf_counter). Ours is `vstar_auto`: `tar_attention` "
+                "as a user calls it (backend=\"auto\"), which on CPU tensors runs the PyTorch path. "
+                f"`{INTERPRETER}` is the Triton kernel run by the Triton interpreter to check it against "
+                "float64: a correctness run, not timed and not compared. These numbers say nothing about GPU "
+                "performance.", ""]
     else:
         out += ["Times: `triton.testing.do_bench` median (L2 flushed between calls, inputs rotated); "
                 "calls over 100 ms: median of 3 CUDA-event timings.", ""]
+    ran = sorted({(r["impl"], r["backend"]) for r in meta if r["impl"] in TIMED_OURS and r.get("backend")})
+    if ran:
+        out += ["Backends that ran: " + ", ".join(f"`{impl}` ran `{backend}`" for impl, backend in ran) + ".", ""]
+    flagged = [r for r in latest(rows).values() if busy(r)]
+    if flagged:
+        out += [f"**{BUSY}**: {len(flagged)} cell(s) whose p80/p20 spread exceeds {BUSY_SPREAD:g}: the machine was "
+                "busy while they were timed (an idle one stays below 1.05), so their times and ratios are not "
+                "to be trusted; measure them again on an idle machine.", ""]
     out += [f"Measured copy bandwidth (read + write): {peak:,.0f} GB/s." if peak else
             "No copy-bandwidth row in this file.", "",
             "Peer cells: median ms (how many times slower than ours: > 1 means ours is faster). "
@@ -144,9 +179,9 @@ def markdown(rows, title: str) -> str:
         notes = _Notes()
         for (batch, heads, d), by_n in kernel[dtype].items():
             impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
-            # Ours with a successful run get the metric columns; the others, ours that never ran
-            # included, one column of times or notes.
-            ours_names = [i for i in impls if i in OURS
+            # Timed ours with a successful run get the metric columns; the others (correctness runs and
+            # ours that never ran included) one column of times or notes.
+            ours_names = [i for i in impls if i in TIMED_OURS
                           and any(cell.get(i, {}).get("status") == "ok" for cell in by_n.values())]
             others = [i for i in impls if i not in ours_names]
             out += [f"### {shapes.shape_label(batch, heads, d)}: B x H = {batch * heads:,}, D = {d}", ""]
@@ -206,6 +241,14 @@ def _color(impl: str):
     return matplotlib.colormaps["tab10"](_impl_order(impl)[0] % 10)
 
 
+METRIC_TITLES = {
+    "time": "median time per call (bars: p20 to p80)",
+    "speedup": "peer time / time of ours (> 1: ours faster)",
+    "bandwidth": "achieved bandwidth, Q, K, V read and O written once",
+}
+BUSY_LABEL = f"{BUSY}: p80/p20 > {BUSY_SPREAD:g}, machine busy, not to be trusted"
+
+
 def draw_plots(rows, stem: Path) -> list:
     """Per dtype: time vs N, speed-up of ours vs N, achieved bandwidth vs N against the copy bandwidth."""
     import matplotlib
@@ -215,13 +258,19 @@ def draw_plots(rows, stem: Path) -> list:
 
     peak = copy_gbps(rows)
     device = rows[0]["device"]
-    note = " (CPU: the interpreter, not kernel speed)" if device.startswith("cpu") else ""
     written = []
     for dtype, groups in sorted(_groups(rows, unet=False).items()):
         cols = min(3, len(groups))
         nrows = math.ceil(len(groups) / cols)
+        ours = sorted({i for g in groups.values() for cell in g.values() for i, r in cell.items()
+                       if i in TIMED_OURS and r["status"] == "ok"}, key=_impl_order)
+        if device.startswith("cpu"):
+            note = (f"CPU wall clock; ours: {', '.join(ours) or 'none ran'} (tar_attention's default CPU path). "
+                    f"Not GPU speed")
+        else:
+            note = f"ours: {', '.join(ours) or 'none ran'}"
         for metric in METRICS:
-            height = 3.6 * nrows + 1.4
+            height = 3.6 * nrows + 1.8
             fig, axes = plt.subplots(nrows, cols, figsize=(max(9, 5 * cols), height), squeeze=False)
             for ax in axes.flat[len(groups):]:
                 ax.set_visible(False)
@@ -230,6 +279,9 @@ def draw_plots(rows, stem: Path) -> list:
                     ax.text(0.5, 0.5, _no_data(metric, by_n), transform=ax.transAxes, ha="center", va="center",
                             color="firebrick", fontsize=10, wrap=True)
                 title = f"{shapes.shape_label(batch, heads, d)} (B x H {batch * heads:,}, D {d})"
+                checked = _checked_only(by_n)
+                if checked:
+                    title += "\n" + textwrap.fill("correctness run only, not timed: " + ", ".join(checked), 70)
                 never = _never_ok(by_n)
                 if never:
                     title += "\n" + textwrap.fill("not plotted, no successful run: " + ", ".join(never), 70)
@@ -243,10 +295,10 @@ def draw_plots(rows, stem: Path) -> list:
             for ax in axes.flat:
                 for h, lab in zip(*ax.get_legend_handles_labels()):
                     handles.setdefault(lab, h)
-            fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, max(1, len(handles))),
+            fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(3, max(1, len(handles))),
                        fontsize=8, frameon=False)
-            fig.suptitle(f"TAR {metric}, {dtype}\n{device}{note}", fontsize=10)
-            legend_in = 0.15 + 0.22 * math.ceil(len(handles) / 4)
+            fig.suptitle(f"TAR forward, {dtype}: {METRIC_TITLES[metric]}\n{device}\n{note}", fontsize=10)
+            legend_in = 0.15 + 0.22 * math.ceil(len(handles) / 3)
             fig.tight_layout(rect=(0, legend_in / height, 1, 1))
             path = stem.parent / f"{stem.name}-{metric}-{dtype}.png"
             fig.savefig(path, dpi=110)
@@ -255,17 +307,25 @@ def draw_plots(rows, stem: Path) -> list:
     return written
 
 
-def _never_ok(by_n) -> list:
-    """The implementations with rows in this panel but no successful one."""
+def _checked_only(by_n) -> list:
+    """The correctness runs in this panel: checked, never timed or compared."""
     impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
-    return [i for i in impls if not any(cell.get(i, {}).get("status") == "ok" for cell in by_n.values())]
+    return [i for i in impls if any(correctness_only(i, cell[i]) for cell in by_n.values() if i in cell)]
+
+
+def _never_ok(by_n) -> list:
+    """The implementations with rows in this panel but no successful one (correctness runs aside)."""
+    impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
+    checked = set(_checked_only(by_n))
+    return [i for i in impls if i not in checked
+            and not any(cell.get(i, {}).get("status") == "ok" for cell in by_n.values())]
 
 
 def _no_data(metric, by_n) -> str:
     """Why a panel has no line: which runs failed (the table's notes say how)."""
     ok = {i for cell in by_n.values() for i, r in cell.items() if r["status"] == "ok"}
     ours = sorted({i for cell in by_n.values() for i in cell if i in OURS}, key=_impl_order)
-    if metric == "speedup" and not ok & set(OURS):
+    if metric == "speedup" and not ok & set(TIMED_OURS):
         who = ", ".join(ours) if ours else "no implementation of ours was run"
         return f"no data: no successful run of ours\n({who}; see the notes under the markdown table)"
     if metric == "speedup":
@@ -274,44 +334,72 @@ def _no_data(metric, by_n) -> str:
 
 
 def _plot_metric(ax, metric, by_n, peak) -> int:
-    """Draw one panel; returns how many lines of measurements it drew."""
+    """Draw one panel; returns how many lines of measurements it drew. Correctness runs are not drawn;
+    busy points get a black ring."""
     ns = sorted(by_n)
     drawn = 0
     impls = sorted({i for n in ns for i in by_n[n]}, key=_impl_order)
+    busy_xy = []
     for impl in impls:
-        xs, ys = [], []
+        xs, ys, lo, hi = [], [], [], []
         for n in ns:
             r = by_n[n].get(impl)
-            if r is None or r["status"] != "ok":
+            if r is None or r["status"] != "ok" or correctness_only(impl, r):
                 continue
+            flagged = busy(r)
             if metric == "time":
                 y = _ms(r)
+                lo.append(y - float(r["p20_ms"] or y))
+                hi.append(float(r["p80_ms"] or y) - y)
             elif metric == "speedup":
                 ours = _ours(by_n[n])
                 if impl in OURS or ours is None:
                     continue
                 y = _ms(r) / _ms(ours)
+                flagged = flagged or busy(ours)
             else:
                 if not r["gbps"]:
                     continue
                 y = float(r["gbps"])
             xs.append(n)
             ys.append(y)
+            if flagged:
+                busy_xy.append((n, y))
         if xs:
             ax.plot(xs, ys, marker="o", markersize=3, label=impl, color=_color(impl))
+            if metric == "time":
+                ax.errorbar(xs, ys, yerr=(lo, hi), fmt="none", capsize=2, ecolor=_color(impl))
             drawn += 1
+    if busy_xy:
+        bx, by = zip(*busy_xy)
+        ax.plot(bx, by, linestyle="none", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
+                markeredgewidth=1.5, label=BUSY_LABEL)
     if metric == "time":
         ax.set_yscale("log")
-        ax.set_ylabel("median ms")
+        _log_ticks(ax)
+        ax.set_ylabel("median ms per call (log scale)")
     elif metric == "speedup":
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_ylabel("peer time / ours (> 1: ours faster)")
+        _log_ticks(ax)
+        ax.set_ylabel("peer time / ours (log; > 1: ours faster)")
     else:
         if peak:
             ax.axhline(peak, color="black", ls="--", lw=1, label="measured copy bandwidth")
         ax.set_ylabel("GB/s (Q, K, V read + O written)")
     return drawn
+
+
+def _log_ticks(ax) -> None:
+    """Plain-number labels on a log axis; at 1, 2 and 5 per decade when it spans at most two decades
+    (with powers of ten only, such an axis may show one label or none)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = ax.get_ylim()
+    if high <= 100 * low:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def render(csv_path, plots: bool = True) -> list:
