@@ -347,8 +347,8 @@ def plan(names, ns, dtypes, explicit_n: bool):
 def model_table(names, ns, dtype="fp16") -> str:
     """Markdown: bytes, FLOPs and the N x N footprint per kernel shape and N (the model in benchmarks/NOTES.md)."""
     itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
-    lines = [f"| shape | B x H | D | N | MB moved | GFLOP (2 matmuls) | GFLOP + row-max pass | FLOP/byte "
-             f"| one N x N matrix, GB |",
+    lines = ["| shape | B x H | D | N | MB moved | GFLOP (2 matmuls) | GFLOP + row-max pass | FLOP/byte "
+             "| one N x N matrix, GB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in names:
         s = shapes.SHAPES[name]
