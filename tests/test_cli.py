@@ -134,8 +134,15 @@ def test_a_missing_extra_is_named(argv, module, extra, tmp_path, monkeypatch, ca
     monkeypatch.setitem(sys.modules, module, None)  # import fails with ModuleNotFoundError
     assert cli.main([*argv, "--out", str(tmp_path / "x.png")]) == 1
     assert capsys.readouterr().err.strip() == (f"{argv[0]} needs {module}, not installed: "
-                                               f"pip install 'vstar_kernels[{extra}]'")
+                                               f'pip install -e "{ROOT}[{extra}]"')
     assert not list(tmp_path.iterdir())
+
+
+def test_install_hint_fits_a_checkout_or_a_wheel(monkeypatch):
+    """The package is on no index: its extras install from the checkout it runs from, or from one."""
+    assert _env.install_hint("diffusers,plot") == f'pip install -e "{ROOT}[diffusers,plot]"'
+    monkeypatch.setattr(_env, "source_checkout", lambda: None)
+    assert _env.install_hint("plot") == 'pip install ".[plot]" in a checkout of the vstar_kernels repository'
 
 
 def test_cuda_build_hint_fits_a_checkout_or_a_wheel(tmp_path):

@@ -1,6 +1,8 @@
 """Video Synopsis Prompting without diffusers: anchors, interpolation, the shipped synopses."""
 
 import math
+import pathlib
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -141,7 +143,8 @@ def test_diffusers_names_need_the_extra(monkeypatch):
     for name in ("vstar_kernels.diffusers", "vstar_kernels.diffusers.vsp"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.delattr(vstar_kernels, "diffusers", raising=False)
-    expected = r"vstar_kernels.vsp.apply_vsp needs diffusers: pip install 'vstar_kernels\[diffusers\]'"
+    checkout = pathlib.Path(__file__).resolve().parents[1]
+    expected = re.escape(f'vstar_kernels.vsp.apply_vsp needs diffusers: pip install -e "{checkout}[diffusers]"')
     with pytest.raises(ImportError, match=expected):
         vsp.apply_vsp  # noqa: B018
     assert interpolate_embeddings(torch.ones(1, 2, 3), 4).shape == (4, 2, 3)

@@ -33,6 +33,8 @@ def command(name, help_text, configure=None, cpu_kernels=None):
 
 def missing_extras(command_name, modules) -> str:
     """"" when every module imports; otherwise a message naming the extras that install the missing ones."""
+    from . import _env
+
     missing = []
     for module in modules:
         try:
@@ -42,7 +44,7 @@ def missing_extras(command_name, modules) -> str:
     if not missing:
         return ""
     extras = ",".join(sorted({EXTRA_OF[m] for m in missing}))
-    return f"{command_name} needs {' and '.join(missing)}, not installed: pip install 'vstar_kernels[{extras}]'"
+    return f"{command_name} needs {' and '.join(missing)}, not installed: {_env.install_hint(extras)}"
 
 
 @command("info", "versions, devices, and which backends can run (and why not)")

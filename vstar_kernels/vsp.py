@@ -19,6 +19,8 @@ from importlib import resources
 
 import torch
 
+from . import _env
+
 MODES = ("linear", "same")
 
 _DIFFUSERS_NAMES = ("apply_vsp", "remove_vsp", "encode_synopsis", "generate_with_synopsis")
@@ -144,7 +146,7 @@ def __getattr__(name):
             from .diffusers import vsp as vsp_diffusers
         except ImportError as exc:
             raise ImportError(
-                f"vstar_kernels.vsp.{name} needs diffusers: pip install 'vstar_kernels[diffusers]' ({exc})"
+                f"vstar_kernels.vsp.{name} needs diffusers: {_env.install_hint('diffusers')} ({exc})"
             ) from exc
         return getattr(vsp_diffusers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
