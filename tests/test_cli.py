@@ -64,9 +64,21 @@ def test_info_lists_versions_and_backends():
     res = run("info")
     assert res.returncode == 0, res.stderr
     assert f"torch         {torch.__version__}" in res.stdout
-    assert "TRITON_INTERPRET=\n" in res.stdout
+    assert ("\nTRITON_INTERPRET not set (the Triton kernels run compiled, on CUDA tensors; TRITON_INTERPRET=1 runs "
+            "them on CPU tensors)\n") in res.stdout
     assert "backend reference  on cpu    : available" in res.stdout
     assert "backend triton     on cpu    : unavailable: cpu tensors need TRITON_INTERPRET=1" in res.stdout
+
+
+@pytest.mark.parametrize("value,line", [
+    ("1", "TRITON_INTERPRET '1' (the Triton kernels run in the interpreter, on CPU tensors)"),
+    ("", "TRITON_INTERPRET '' (the Triton kernels run compiled, on CUDA tensors; TRITON_INTERPRET=1 runs them on "
+         "CPU tensors)"),
+])
+def test_info_says_what_triton_interpret_does(value, line, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert cli.main(["info"]) == 0
+    assert f"\n{line}\n" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

@@ -31,6 +31,16 @@ def test_blocks_not_run_still_compile():
         compile(block, str(README), "exec")
 
 
+def test_blocks_write_files_of_their_own():
+    """Two examples writing the same file would overwrite each other's output (and a reader's)."""
+    writers = {}
+    for index, block in enumerate(BLOCKS):
+        for name in set(re.findall(r"[\"']([\w./-]+\.(?:png|pdf|svg|gif|mp4))[\"']", block)):
+            writers.setdefault(name, []).append(index)
+    assert "unet_maps.png" in writers
+    assert {name: blocks for name, blocks in writers.items() if len(blocks) > 1} == {}
+
+
 def test_relative_links_point_to_files_in_the_repository():
     targets = re.findall(r"\]\(([^)\s]+)\)", README.read_text(encoding="utf-8"))
     local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:|#", t)]
