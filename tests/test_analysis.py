@@ -1,11 +1,13 @@
 """Attention analysis: diagonality and band energy on known maps, and the pictures (PNG files read back)."""
 
 import math
+import re
+import sys
 
 import pytest
 import torch
 
-from vstar_kernels import gaussian_toeplitz
+from vstar_kernels import _env, gaussian_toeplitz
 from vstar_kernels.analysis import (band_energy, diagonality, minmax_normalize, plot_attention_maps, plot_delta,
                                      short_layer_name)
 from vstar_kernels.cli import main as cli_main
@@ -247,6 +249,27 @@ def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, matc
 def test_plot_delta_rejects_bad_input(tmp_path, sigmas, n, exc, match):
     with pytest.raises(exc, match=match):
         plot_delta(sigmas, n, tmp_path / "x.png")
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib as if it were not installed: every import of it or of its modules fails."""
+    for name in {"matplotlib", *(n for n in sys.modules if n.startswith("matplotlib."))}:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize("name,draw", [
+    ("plot_delta", lambda path: plot_delta([1.0, 4.0], 8, path)),
+    ("plot_attention_maps", lambda path: plot_attention_maps({"a": torch.eye(3)}, path)),
+])
+def test_plots_without_matplotlib_name_the_extra(tmp_path, no_matplotlib, name, draw):
+    message = (f"vstar_kernels.analysis.{name} needs matplotlib, which is not importable (.*); install the plot extra "
+               f"with: {re.escape(_env.install_hint('plot'))}$")
+    with pytest.raises(ImportError, match=message) as caught:
+        draw(tmp_path / "x.png")
+    assert type(caught.value) is ImportError and 'pip install -e "' in str(caught.value)
+    assert not list(tmp_path.iterdir())
+    assert float(diagonality(torch.eye(3))) == 1.0  # the measures need only torch
 
 
 def test_cli_plot_delta(tmp_path, capsys):

@@ -64,9 +64,21 @@ def test_info_lists_versions_and_backends():
     res = run("info")
     assert res.returncode == 0, res.stderr
     assert f"torch         {torch.__version__}" in res.stdout
-    assert "TRITON_INTERPRET=\n" in res.stdout
+    assert ("\nTRITON_INTERPRET not set (the Triton kernels run compiled, on CUDA tensors; TRITON_INTERPRET=1 runs "
+            "them on CPU tensors)\n") in res.stdout
     assert "backend reference  on cpu    : available" in res.stdout
     assert "backend triton     on cpu    : unavailable: cpu tensors need TRITON_INTERPRET=1" in res.stdout
+
+
+@pytest.mark.parametrize("value,line", [
+    ("1", "TRITON_INTERPRET '1' (the Triton kernels run in the interpreter, on CPU tensors)"),
+    ("", "TRITON_INTERPRET '' (the Triton kernels run compiled, on CUDA tensors; TRITON_INTERPRET=1 runs them on "
+         "CPU tensors)"),
+])
+def test_info_says_what_triton_interpret_does(value, line, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert cli.main(["info"]) == 0
+    assert f"\n{line}\n" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
@@ -134,8 +146,15 @@ def test_a_missing_extra_is_named(argv, module, extra, tmp_path, monkeypatch, ca
     monkeypatch.setitem(sys.modules, module, None)  # import fails with ModuleNotFoundError
     assert cli.main([*argv, "--out", str(tmp_path / "x.png")]) == 1
     assert capsys.readouterr().err.strip() == (f"{argv[0]} needs {module}, not installed: "
-                                               f"pip install 'vstar_kernels[{extra}]'")
+                                               f'pip install -e "{ROOT}[{extra}]"')
     assert not list(tmp_path.iterdir())
+
+
+def test_install_hint_fits_a_checkout_or_a_wheel(monkeypatch):
+    """The package is on no index: its extras install from the checkout it runs from, or from one."""
+    assert _env.install_hint("diffusers,plot") == f'pip install -e "{ROOT}[diffusers,plot]"'
+    monkeypatch.setattr(_env, "source_checkout", lambda: None)
+    assert _env.install_hint("plot") == 'pip install ".[plot]" in a checkout of the vstar_kernels repository'
 
 
 def test_cuda_build_hint_fits_a_checkout_or_a_wheel(tmp_path):

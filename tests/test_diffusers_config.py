@@ -4,6 +4,7 @@ import dataclasses
 import importlib.metadata
 import inspect
 import math
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from vstar_kernels import cli
-from vstar_kernels.diffusers import PRESETS, LevelSpec, TARAttnProcessor, TARConfig
+from vstar_kernels.diffusers import PRESETS, LevelSpec, TARAttnProcessor, TARConfig, apply_tar
 from vstar_kernels.diffusers.steps import StepTracker
+
+from .tiny_dit_models import FAMILIES as DIT_FAMILIES
+from .tiny_video_models import FAMILIES as UNET_FAMILIES
 
 PAPER_PRESETS = ["64D1", "64D4", "64D8", "64D1_32D8", "64D1_32D1", "64D1_32D12", "64D4_32D8", "64D4_32D12"]
 
@@ -32,6 +36,29 @@ def test_config_fields_can_be_changed_for_a_preset():
     cfg = dataclasses.replace(TARConfig.from_preset("64D1"), backend="triton")
     assert cfg.backend == "triton" and cfg.levels == {0: LevelSpec(1.0, 1.0)}
     assert TARConfig.from_preset("64D4", until_step=None, backend="reference").until_step is None
+
+
+def test_a_config_remembers_its_preset():
+    assert TARConfig.from_preset("64D4", backend="reference").preset == "64D4"
+    assert dataclasses.replace(TARConfig.from_preset("64D1"), backend="triton").preset == "64D1"
+    assert TARConfig(levels={0: (1.0, 1.0)}).preset is None
+    with pytest.raises(ValueError, match=r"preset must be None or one of the paper's presets \(64D1, .*got '64D2'"):
+        TARConfig(levels={0: (1.0, 1.0)}, preset="64D2")
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_a_dit_refuses_a_unet_preset(preset):
+    """The paper's presets are for video UNets; on a DiT a preset config raises, naming the preset and
+    what to give instead; the same levels given as levels are taken, and a UNet takes the preset."""
+    model = DIT_FAMILIES["wan"].model()
+    with pytest.raises(ValueError, match=rf"'{preset}' is a paper preset for video UNets and WanTransformer3DModel "
+                                         r"is a video DiT.*levels=\{0: \(sigma, strength\)\} with sigma in latent "
+                                         "frames"):
+        apply_tar(model, TARConfig.from_preset(preset))
+    assert not model._forward_pre_hooks, "a refused apply_tar left a hook"
+    assert apply_tar(model, TARConfig(levels={0: TARConfig.from_preset(preset).levels[0]})) == \
+        DIT_FAMILIES["wan"].modules
+    assert apply_tar(UNET_FAMILIES["unet3d"].model(), TARConfig.from_preset(preset))
 
 
 def test_levels_take_pairs_or_level_specs():
@@ -140,7 +167,8 @@ def test_import_contract_without_diffusers():
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "pip install vstar_kernels[diffusers]" in res.stdout
+    checkout = pathlib.Path(__file__).resolve().parents[1]
+    assert f'install the diffusers extra with: pip install -e "{checkout}[diffusers]"' in res.stdout
 
 
 def test_info_shows_the_diffusers_version(capsys):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from .helpers import make_qkv, reference64
+from .helpers import make_qkv, opts_id, reference64
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -111,6 +111,34 @@ def test_no_queries(backend, max_mode):
     q = torch.randn(2, 3, 0, 8)
     k = v = torch.randn(2, 3, 5, 8)
     assert vk.tar_attention(q, k, v, max_mode=max_mode, backend=backend).shape == (2, 3, 0, 8)
+
+
+EMPTY_SHAPES = [(2, 3, 0, 5), (0, 3, 4, 5), (2, 0, 4, 5)]  # (B, H, Nq, Nk): no query, no batch, no head
+EMPTY_OPTIONS = [{}, dict(max_mode="global", causal=True), dict(delta="tokens"), dict(frames=True),
+                 dict(frames=True, delta="frames"), dict(key_mask=True, sigma=3.0)]
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("options", EMPTY_OPTIONS, ids=opts_id)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "B{}H{}Nq{}Nk{}".format(*s))
+def test_empty_problem_backward(backend, shape, options):
+    """With no query or no (batch, head) slice there are no scores: the output is empty, dq is empty
+    and dk, dv and ddelta are zeros of their shapes, on every backend (the default CPU one included)."""
+    B, H, nq, nk = shape
+    q, k, v = (t.requires_grad_() for t in make_qkv(B, H, nq, nk, 8, 6, torch.float32))
+    kwargs = dict(options)
+    if kwargs.get("frames"):
+        kwargs["frames"] = (torch.zeros(nq, dtype=torch.int64), torch.arange(nk) % 2)
+    if "delta" in kwargs:
+        kwargs["delta"] = torch.rand((2, 2) if kwargs["delta"] == "frames" else (nq, nk), requires_grad=True)
+    if kwargs.get("key_mask"):
+        kwargs["key_mask"] = torch.ones(B, nk, dtype=torch.bool)
+    out = vk.tar_attention(q, k, v, backend=backend, **kwargs)
+    assert out.shape == (B, H, nq, 6)
+    grads = torch.autograd.grad(out.sum(), [q, k, v] + ([kwargs["delta"]] if "delta" in kwargs else []))
+    assert grads[0].shape == q.shape
+    for g, t in zip(grads[1:], [k, v] + ([kwargs["delta"]] if "delta" in kwargs else [])):
+        assert torch.equal(g, torch.zeros_like(t))
 
 
 TINY_SIGMAS = [1e-3, 1e-20, 1e-170, 5e-324]

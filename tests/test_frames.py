@@ -117,7 +117,7 @@ def test_reference_and_op_match_the_definition_over_layouts(layout):
     opts = dict(sigma=layout["sigma"], strength=layout["strength"], causal=layout["causal"],
                 max_mode=layout["max_mode"])
     if layout["delta"]:
-        opts["delta"] = torch.rand(layout["num_frames"] + 2, layout["num_frames"] + 2,
+        opts["delta"] = torch.rand(layout["num_frames"], layout["num_frames"],
                                    generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     if layout["key_mask"]:
         opts["key_mask"] = random_key_mask(2, n, seed)
@@ -374,7 +374,21 @@ BAD = [
      r"frames has frame id 1 but delta is a \(1, 1\) frame matrix"),
     ("delta not square", dict(frames=IDS, delta=torch.rand(2, 3)), ValueError,
      r"with frames, delta must be a square \(F, F\) frame matrix .* got shape \(2, 3\)"),
-    ("delta token-sized 4-D", dict(frames=IDS, delta=torch.rand(1, 1, 8, 8)), ValueError, "delta must be a square"),
+    ("delta token-sized 4-D", dict(frames=IDS, delta=torch.rand(1, 1, 8, 8)), ValueError,
+     r"delta must be a square .* got shape \(1, 1, 8, 8\), the shape of a per-token delta"),
+    ("delta token-sized", dict(frames=IDS, delta=torch.rand(8, 8)), ValueError,
+     r"delta is \(8, 8\), the size of the token matrix \(Nq, Nk\), but with frames delta is read as a frame "
+     r"matrix .* the ids span F = 2 frames \(largest id 1, in frames\): pass the \(2, 2\) frame matrix"),
+    ("delta for more frames", dict(frames=IDS, delta=torch.rand(3, 3)), ValueError,
+     r"delta is a \(3, 3\) frame matrix but the ids span F = 2 frames .* delta must be \(2, 2\); .* "
+     r"pass delta\[:2, :2\]"),
+    ("delta with no frame", dict(frames=torch.full((8,), -1), delta=torch.rand(2, 2)), ValueError,
+     r"the ids name no frame \(every id is -1\), so F = 0: with frames, delta must be \(0, 0\)"),
+    ("delta below the key ids", dict(frames=(IDS.clamp(max=0), IDS), delta=torch.rand(1, 1)), ValueError,
+     r"frames\[1\] \(the key ids\) has frame id 1 but delta is a \(1, 1\) frame matrix: with frames, delta "
+     r"must be \(2, 2\)"),
+    ("delta above both id vectors", dict(frames=(IDS.clamp(max=0), IDS), delta=torch.rand(8, 8)), ValueError,
+     r"delta is \(8, 8\), the size of the token matrix .* F = 2 frames \(largest id 1, in frames\[1\]"),
     ("delta integer", dict(frames=IDS, delta=torch.ones(2, 2, dtype=torch.long)), TypeError,
      "delta must be a floating-point"),
     ("key_mask shape", dict(key_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError,
@@ -390,6 +404,26 @@ BAD = [
 def test_bad_input(fn, name, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fn(*qkv(2, 3, 8, 8, dtype=torch.float32), **kwargs)
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS, ids=["tar_attention", "reference"])
+def test_token_shaped_delta_of_a_pair_is_named(fn):
+    """A non-square delta of the token shape (Nq, Nk) with frame ids: the error says it is a per-token shape."""
+    q, k, v = qkv(1, 1, 8, 6, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"got shape \(8, 6\), the shape of a per-token delta: leave out frames"):
+        fn(q, k, v, frames=(IDS, IDS[:6]), delta=torch.rand(8, 6))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_frame_matrix_of_no_frame(backend):
+    """Ids that are all -1 span no frame: the (0, 0) frame matrix is read nowhere, the result is that of the
+    ids alone, and its gradient is (0, 0)."""
+    q, k, v = qkv(2, 2, 8, 8, dtype=torch.float32, requires_grad=True)
+    ids = torch.full((8,), -1)
+    delta = torch.zeros(0, 0, requires_grad=True)
+    out = vk.tar_attention(q, k, v, frames=ids, delta=delta, backend=backend)
+    assert torch.equal(out, vk.tar_attention(q, k, v, frames=ids, backend=backend))
+    assert torch.autograd.grad(out.sum(), delta)[0].shape == (0, 0)
 
 
 @pytest.mark.parametrize("fn", ENTRY_POINTS, ids=["tar_attention", "reference"])

@@ -31,6 +31,16 @@ def test_blocks_not_run_still_compile():
         compile(block, str(README), "exec")
 
 
+def test_blocks_write_files_of_their_own():
+    """Two examples writing the same file would overwrite each other's output (and a reader's)."""
+    writers = {}
+    for index, block in enumerate(BLOCKS):
+        for name in set(re.findall(r"[\"']([\w./-]+\.(?:png|pdf|svg|gif|mp4))[\"']", block)):
+            writers.setdefault(name, []).append(index)
+    assert "unet_maps.png" in writers
+    assert {name: blocks for name, blocks in writers.items() if len(blocks) > 1} == {}
+
+
 def test_relative_links_point_to_files_in_the_repository():
     targets = re.findall(r"\]\(([^)\s]+)\)", README.read_text(encoding="utf-8"))
     local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:|#", t)]
@@ -38,6 +48,27 @@ def test_relative_links_point_to_files_in_the_repository():
     for target in local:
         path = (ROOT / target).resolve()
         assert path.is_relative_to(ROOT) and path.exists(), f"README links {target}, which is not in the repository"
+
+
+# What users read: the README, the docs, the package's messages and docstrings, the examples.
+INSTALL_TEXTS = [README, ROOT / "Makefile", *sorted((ROOT / "docs").rglob("*.md")),
+                 *sorted((ROOT / "vstar_kernels").rglob("*.py")), *sorted((ROOT / "examples").rglob("*.py")),
+                 *sorted((ROOT / "benchmarks").rglob("*.md"))]
+# `pip install [options] vstar_kernels...` by name, but for a direct reference `vstar_kernels[extras] @ URL`
+BY_NAME = re.compile(r"pip install\s+(?:-\S+\s+)*['\"]?vstar[_-]kernels(?!\[[^\]\s]*\] @ )")
+# `pip install [options] x[extras]` with the brackets outside quotes
+UNQUOTED_BRACKETS = re.compile(r"pip install\s+(?:-\S+\s+)*[^\s'\"`]*\[")
+
+
+def test_install_commands_fit_a_package_on_no_index():
+    """vstar_kernels is on no package index: every command that installs it (or its extras) installs
+    from a checkout or names the repository, with any brackets in quotes (a glob in zsh otherwise)."""
+    assert 'pip install -e ".[diffusers]"' in README.read_text(encoding="utf-8")
+    for path in INSTALL_TEXTS:
+        text = path.read_text(encoding="utf-8")
+        for pattern in (BY_NAME, UNQUOTED_BRACKETS):
+            found = pattern.search(text)
+            assert found is None, f"{path.relative_to(ROOT)}: {text[found.start():found.end() + 30]!r}"
 
 
 def test_the_definition_is_referred_to_where_it_lives():

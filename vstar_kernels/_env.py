@@ -50,6 +50,16 @@ def source_checkout() -> Optional[Path]:
     return root if (root / "setup.py").is_file() and (root / "bindings").is_dir() else None
 
 
+def install_hint(extras: str) -> str:
+    """The command that installs this package's extras `extras` ("diffusers", "plot", ...). The
+    package is on no package index: it installs from its source checkout (this one, when it runs
+    from one; brackets in quotes, a glob in zsh otherwise)."""
+    checkout = source_checkout()
+    if checkout is None:
+        return f'pip install ".[{extras}]" in a checkout of the vstar_kernels repository'
+    return f'pip install -e "{checkout}[{extras}]"'
+
+
 def triton_version() -> str:
     try:
         return importlib.import_module("triton").__version__
@@ -62,4 +72,4 @@ def diffusers_version() -> str:
     try:
         return importlib.metadata.version("diffusers")
     except importlib.metadata.PackageNotFoundError:
-        return "not installed (pip install vstar_kernels[diffusers] for vstar_kernels.diffusers)"
+        return f"not installed ({install_hint('diffusers')} for vstar_kernels.diffusers)"

@@ -9,7 +9,7 @@ names the argument.
 
 `make_problem` checks only what a tensor's metadata says (shapes, dtypes,
 devices: comparisons torch.compile turns into guards). `check_frame_values`
-checks what needs the ids' values (-1 or more, below the frame matrix's size);
+checks what needs the ids' values (-1 or more, and the frame matrix's size F = largest id + 1);
 it runs inside the vstar::tar_attention op, where torch.compile does not trace.
 """
 
@@ -223,7 +223,8 @@ def _id_extrema(ids: torch.Tensor) -> tuple:
 
 
 def check_frame_values(problem: TarProblem) -> None:
-    """The checks that read the frame ids: every id is -1 or more, and below the frame matrix's size.
+    """The checks that read the frame ids: every id is -1 or more and below 2**24, and a frame
+    matrix is (F, F) with F the number of frames the ids span (largest id + 1).
 
     Reads the ids' extrema (one device synchronisation, once per unchanged id tensor:
     `_id_extrema`); nothing to do without frame ids.
@@ -233,6 +234,7 @@ def check_frame_values(problem: TarProblem) -> None:
     same = problem.frames_q is problem.frames_k
     named = [("frames", problem.frames_q)] if same else [("frames[0] (the query ids)", problem.frames_q),
                                                           ("frames[1] (the key ids)", problem.frames_k)]
+    largest = ("frames", -1)  # (name, id) of the largest id
     for name, ids in named:
         if ids.numel() == 0:
             continue
@@ -242,10 +244,32 @@ def check_frame_values(problem: TarProblem) -> None:
         if high >= FRAME_ID_LIMIT:
             raise ValueError(f"{name} has frame id {high}: ids must be below 2**24 = {FRAME_ID_LIMIT} (the kernels "
                              "compute frame distances in float32, exact up to there)")
-        if problem.delta is not None and high >= problem.delta.shape[0]:
-            size = problem.delta.shape[0]
-            raise ValueError(f"{name} has frame id {high} but delta is a ({size}, {size}) frame matrix: with frames, "
-                             f"delta must cover every id (F > {high})")
+        if high > largest[1]:
+            largest = (name, high)
+    if problem.delta is not None:
+        _check_frame_matrix(problem, *largest)
+
+
+def _check_frame_matrix(problem: TarProblem, name: str, high: int) -> None:
+    """With frame ids, `delta` is read as the (F, F) frame matrix, F = high + 1 (the largest id + 1):
+    any other size is an error, never a matrix read in part. Above all, a delta the size of the
+    token matrix is refused unless the ids span exactly that many frames (then both readings are
+    one shape, and the frame reading is the documented one)."""
+    size, frames = problem.delta.shape[0], high + 1
+    if size == frames:
+        return
+    spanned = f"the ids span F = {frames} frames (largest id {high}, in {name})" if high >= 0 else \
+        "the ids name no frame (every id is -1), so F = 0"
+    if size == problem.nq == problem.nk:
+        raise ValueError(f"delta is ({size}, {size}), the size of the token matrix (Nq, Nk), but with frames delta "
+                         f"is read as a frame matrix (entry [f, g] for query frame f and key frame g), and {spanned}: "
+                         f"pass the ({frames}, {frames}) frame matrix, or leave out frames for a per-token delta")
+    if size < frames:
+        raise ValueError(f"{name} has frame id {high} but delta is a ({size}, {size}) frame matrix: with frames, "
+                         f"delta must be ({frames}, {frames}), one row and column per frame up to the largest id")
+    raise ValueError(f"delta is a ({size}, {size}) frame matrix but {spanned}: with frames, delta must be "
+                     f"({frames}, {frames}); a matrix for more frames (built for another frame count?) is not read "
+                     f"in part: pass delta[:{frames}, :{frames}] if its first {frames} frames are these")
 
 
 def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, frames=None,
@@ -302,8 +326,10 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
         if delta.device != q.device:
             raise ValueError(f"delta is on {delta.device} but q is on {q.device}")
         if delta.dim() != 2 or delta.shape[0] != delta.shape[1]:
+            hint = ", the shape of a per-token delta: leave out frames for one" \
+                if delta.dim() >= 2 and tuple(delta.shape[-2:]) == (Nq, Nk) else ""
             raise ValueError(f"with frames, delta must be a square (F, F) frame matrix (entry [f, g] for query frame "
-                             f"f and key frame g), got shape {tuple(delta.shape)}")
+                             f"f and key frame g, F = the largest id + 1), got shape {tuple(delta.shape)}{hint}")
         bias = delta
     else:
         sigma = math.inf  # ignored when a custom delta is given

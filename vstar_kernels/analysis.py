@@ -6,9 +6,10 @@ S.10). The measures here turn that into numbers; the plots draw the maps with th
 colormap, query frame down and key frame across, on one shared colour scale (or, on request,
 each panel on its own min..max, the paper's look), with colour bars.
 
-The measures need only torch; the plots need matplotlib (``pip install
-'vstar_kernels[plot]'``), imported on first use and always drawn with the Agg backend
-into a file, without touching pyplot's global state.
+The measures need only torch; the plots need matplotlib (the ``plot`` extra: ``pip install -e
+".[plot]"`` in a checkout), imported on first use (without it a plot raises an ImportError that
+names the extra and the command) and always drawn with the Agg backend into a file, without
+touching pyplot's global state.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import _env
 from .regularization import gaussian_toeplitz
 
 
@@ -122,8 +124,8 @@ def plot_attention_maps(maps, path, *, scale: str = "shared", cmap: str = "jet",
         rescaling of the values.
     """
     rows = _panel_rows(maps)
-    return _draw(rows, path, cmap=cmap, panel_size=panel_size, dpi=dpi, title=title, scale=scale,
-                 value_label="attention weight")
+    return _draw(rows, path, caller="plot_attention_maps", cmap=cmap, panel_size=panel_size, dpi=dpi, title=title,
+                 scale=scale, value_label="attention weight")
 
 
 def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2.5, dpi: int = 100) -> dict:
@@ -141,7 +143,7 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     row = [(f"sigma = {s:g}", f"sigma = {s:g}", gaussian_toeplitz(int(n), s, dtype=torch.float64)) for s in sigmas]
-    return _draw([(None, row)], path, cmap=cmap, panel_size=panel_size, dpi=dpi,
+    return _draw([(None, row)], path, caller="plot_delta", cmap=cmap, panel_size=panel_size, dpi=dpi,
                  title=f"TAR's Gaussian matrix dA, {int(n)} frames", scale="shared", value_label="dA")
 
 
@@ -154,11 +156,16 @@ LINE_INCHES = 0.2          # one line of a (panel or figure) title
 TITLE_FONT = 8
 
 
-def _draw(rows, path, *, cmap, panel_size, dpi, title, scale, value_label) -> dict:
+def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, scale, value_label) -> dict:
+    """Draw `rows` for the public function `caller` (named in the error raised without matplotlib)."""
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as exc:
+        raise ImportError(f"vstar_kernels.analysis.{caller} needs matplotlib, which is not importable ({exc}); "
+                          f"install the plot extra with: {_env.install_hint('plot')}") from exc
 
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")

@@ -33,6 +33,8 @@ def command(name, help_text, configure=None, cpu_kernels=None):
 
 def missing_extras(command_name, modules) -> str:
     """"" when every module imports; otherwise a message naming the extras that install the missing ones."""
+    from . import _env
+
     missing = []
     for module in modules:
         try:
@@ -42,7 +44,18 @@ def missing_extras(command_name, modules) -> str:
     if not missing:
         return ""
     extras = ",".join(sorted({EXTRA_OF[m] for m in missing}))
-    return f"{command_name} needs {' and '.join(missing)}, not installed: pip install 'vstar_kernels[{extras}]'"
+    return f"{command_name} needs {' and '.join(missing)}, not installed: {_env.install_hint(extras)}"
+
+
+def _interpret_line() -> str:
+    """What `info` says of TRITON_INTERPRET: its value (or that it is unset), and what the Triton kernels run on."""
+    from . import _env
+
+    value = os.environ.get("TRITON_INTERPRET")
+    shown = "not set" if value is None else repr(value)
+    if _env.interpreter_requested():
+        return f"{shown} (the Triton kernels run in the interpreter, on CPU tensors)"
+    return f"{shown} (the Triton kernels run compiled, on CUDA tensors; TRITON_INTERPRET=1 runs them on CPU tensors)"
 
 
 @command("info", "versions, devices, and which backends can run (and why not)")
@@ -58,7 +71,7 @@ def cmd_info(args) -> int:
     print(f"torch         {torch.__version__}")
     print(f"triton        {_env.triton_version()}")
     print(f"diffusers     {_env.diffusers_version()}")
-    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
+    print(f"TRITON_INTERPRET {_interpret_line()}")
     cuda_ext = tar_cuda.load()
     print(f"cuda ext      {'built: ' + tar_cuda.extension_path() if cuda_ext.ok else 'unavailable: ' + cuda_ext.reason}")
     devices = ["cpu"]

@@ -44,12 +44,14 @@ def frame_bias(frames_q: torch.Tensor, frames_k: torch.Tensor, *, sigma: float, 
     ``exp(-0.5 * ((f(k_j) - f(q_i)) / sigma) ** 2)`` (evaluated in float64 and rounded once, as
     `gaussian_bias` does for token distances), or ``delta[f(q_i), f(k_j)]`` for an (F, F) frame
     matrix `delta` (differentiable in it); 0 where either id is -1. Ids are validated by the caller
-    (-1 or more, below delta's size).
+    (-1 or more; delta (F, F) with F the largest id + 1).
     """
     fq = frames_q.to(torch.int64)[:, None]
     fk = frames_k.to(torch.int64)[None, :]
     if delta is None:
         values = torch.exp(-0.5 * ((fk - fq).to(torch.float64) / sigma) ** 2).to(dtype)
+    elif delta.shape[0] == 0:  # the ids name no frame (every id is -1): no entry to read
+        values = torch.zeros(fq.shape[0], fk.shape[1], device=delta.device, dtype=dtype)
     else:
         values = delta.to(dtype)[fq.clamp(min=0), fk.clamp(min=0)]
     return torch.where((fq >= 0) & (fk >= 0), values, 0.0)

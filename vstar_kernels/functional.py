@@ -35,7 +35,7 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         strength: the factor c of the bias (0 gives plain attention): a finite real with
             |strength| <= 3.4028235e+38, the largest float32 (any finite value for float64 input).
         delta: optional matrix replacing the Gaussian: (Nq, Nk) or broadcastable to (B, H, Nq, Nk)
-            ((B, Nq, Nk) for 3-D input).
+            ((B, Nq, Nk) for 3-D input); with `frames`, the (F, F) frame matrix instead.
         causal: mask keys j > i (top-left aligned) before the max.
         max_mode: "row" (one max per query row, the reference's reading) or "global"
             (one max per (batch, head) over the masked score matrix).
@@ -45,9 +45,12 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
             (query and key token i share id i), or a pair (q_frames (Nq,), k_frames (Nk,)); int8 to
             int64 on q's device, each id >= 0 (a latent frame, counted after the patch embedding)
             or -1 (a token outside the video: text, registers). `vstar_kernels.frame_ids` builds
-            the usual layouts. With frames, `delta` must be an (F, F) frame matrix with F above
-            the largest id, and the bias is applied whenever strength != 0 (at sigma = inf the
-            video keys of a video row still get strength * m_i, and the others 0).
+            the usual layouts. With frames, `delta` is read as a frame matrix and must be
+            (F, F) with F = the largest id + 1 (query and key ids together): any other shape
+            raises, a token-sized (N, N) one included when the ids span fewer than N frames, and
+            one for more frames is not read in part (pass ``delta[:F, :F]``); see
+            docs/semantics.md. With frames the bias is applied whenever strength != 0 (at
+            sigma = inf the video keys of a video row still get strength * m_i, and the others 0).
         key_mask: None, or a bool tensor (B, Nk) on q's device, True for a key to attend to. A
             masked key takes no part in the max or the softmax; a row left with no key gives 0
             (zeros in the output, zero gradients), not the NaN of a softmax over nothing.

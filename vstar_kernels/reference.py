@@ -337,7 +337,13 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
     torch.func.vjp rather than torch.autograd: it also runs inside a custom op's implementation,
     which the dispatcher calls below the autograd key. When a slice's rows take several blocks,
     one block at a time (`_backward_by_blocks`), so that memory stays within a few chunks there too.
+    With no (batch, head) slice or no query there are no scores: nothing depends on the inputs, and
+    every gradient is zero (dq empty).
     """
+    if problem.batch * problem.heads == 0 or problem.nq == 0:
+        return (*(torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (problem.q, problem.k, problem.v)),
+                torch.zeros(problem.delta.shape, device=problem.device, dtype=problem.delta.dtype)
+                if delta_grad else None)
     row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
     if len(row_blocks) > 1:
         return _backward_by_blocks(problem, grad_out, delta_grad, row_blocks, chunks)

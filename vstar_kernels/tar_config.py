@@ -167,6 +167,10 @@ class TARConfig:
             Mochi): the indices of the transformer blocks to regularize, counted in forward order
             (HunyuanVideo's dual-stream blocks first); None regularizes every block. Kept as a
             sorted tuple. A DiT has one level, 0, with sigma in latent frames.
+        preset: the paper preset the config was made from, set by `from_preset` (None
+            otherwise). The paper's presets are settings for the temporal attention of video
+            UNets; it has none for video DiTs, so `apply_tar` on a DiT refuses a config that
+            carries one rather than read its sigma in latent frames of another architecture.
     """
 
     levels: Mapping[int, Any] = field(hash=False)
@@ -174,6 +178,7 @@ class TARConfig:
     include_input_block: bool = False
     backend: str = "auto"
     blocks: Optional[Iterable[int]] = None
+    preset: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.levels, Mapping):
@@ -195,14 +200,20 @@ class TARConfig:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.blocks is not None:
             object.__setattr__(self, "blocks", _block_indices(self.blocks))
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be None or one of the paper's presets ({', '.join(PRESETS)}), "
+                             f"got {self.preset!r}")
 
     @classmethod
     def from_preset(cls, name: str, **changes) -> "TARConfig":
-        """A paper preset (``"64D1"``, ``"64D1_32D8"``, ...); `changes` override other fields."""
+        """A paper preset (``"64D1"``, ``"64D1_32D8"``, ...) for a video UNet; `changes` override other fields.
+
+        The config remembers its preset (`preset`): a video DiT refuses it (the paper has no DiT preset).
+        """
         if name not in PRESETS:
             raise ValueError(f"unknown TAR preset {name!r}; known presets: {', '.join(PRESETS)}")
         levels = {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}
-        return cls(levels=levels, **{"until_step": PRESET_UNTIL_STEP, **changes})
+        return cls(levels=levels, **{"until_step": PRESET_UNTIL_STEP, **changes, "preset": name})
 
     def regularizes(self, step: int) -> bool:
         return self.until_step is None or step <= self.until_step

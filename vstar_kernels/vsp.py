@@ -20,6 +20,7 @@ from importlib import resources
 
 import torch
 
+
 MODES = ("linear", "same")
 
 _DIFFUSERS_NAMES = ("apply_vsp", "remove_vsp", "encode_synopsis", "generate_with_synopsis")

@@ -19,6 +19,7 @@ import textwrap
 from collections import OrderedDict
 from pathlib import Path
 
+from .. import _env
 from . import shapes
 from .e2e import VARIANTS as UNET_IMPLS
 from .measure import BUSY, BUSY_SPREAD, spread_flag
@@ -417,7 +418,7 @@ def render(csv_path, plots: bool = True) -> list:
             import matplotlib  # noqa: F401
         except ImportError as exc:
             print(f"plots skipped: matplotlib is not importable ({exc}); install it with "
-                  "pip install 'vstar_kernels[bench]'", file=sys.stderr)
+                  f"{_env.install_hint('bench')}", file=sys.stderr)
             return written
         written += draw_plots(rows, stem)
     return written

@@ -1,7 +1,8 @@
 """TAR for diffusers video pipelines: ``from vstar_kernels.diffusers import apply_tar`` (with ``vstar_kernels.TARConfig``).
 
-Needs the diffusers package (``pip install vstar_kernels[diffusers]``); importing this
-package, or any module in it, without diffusers raises an ImportError that names the extra.
+Needs the diffusers package (the ``diffusers`` extra: ``pip install -e ".[diffusers]"`` in a
+checkout); importing this package, or any module in it, without diffusers raises an ImportError
+that names the extra and the command that installs it.
 The modules: `processors` (TARAttnProcessor, apply/remove), `dit` (frame-aware TAR in the
 video diffusion transformers: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi; apply_tar
 dispatches there), `steps` (the denoising-step tracker), `capture` (temporal attention
@@ -15,9 +16,11 @@ and the ComfyUI node.
 try:
     import diffusers  # noqa: F401
 except ImportError as exc:
+    from .._env import install_hint
+
     raise ImportError(
         "vstar_kernels.diffusers needs the diffusers package, which is not importable "
-        f"({exc}); install it with: pip install vstar_kernels[diffusers]"
+        f"({exc}); install the diffusers extra with: {install_hint('diffusers')}"
     ) from exc
 
 from .capture import TemporalAttentionMaps, capture_temporal_attention

@@ -323,6 +323,10 @@ def _set_processor(module: torch.nn.Module, processor) -> None:
 
 def _check_config(model: torch.nn.Module, config: TARConfig, count: int) -> None:
     name = type(model).__name__
+    if config.preset is not None:
+        raise ValueError(f"{config.preset!r} is a paper preset for video UNets and {name} is a video DiT, for "
+                         "which the paper has none: give its level, levels={0: (sigma, strength)} with sigma in "
+                         "latent frames")
     other = sorted(set(config.levels) - {0})
     if other:
         raise ValueError(f"{name} is a video DiT with one resolution level, 0 (levels={{0: (sigma, strength)}}, "
