@@ -187,7 +187,7 @@ def test_plot_attention_maps_shared_scale(tmp_path, figures):
 
 def test_plot_attention_maps_per_panel_scale(tmp_path, figures):
     a, b = torch.rand(6, 6) + 1.0, torch.eye(6) * 0.25
-    plot_attention_maps({"a": a, "b": b}, tmp_path / "maps.png", scale="per-panel")
+    plot_attention_maps({"a": a, "b": b}, tmp_path / "maps.png", color_scale="per-panel")
     [fig] = figures
     assert "per-panel scale: each panel from its own min to its own max" in fig.get_suptitle()
     axes = panels(fig)
@@ -233,7 +233,7 @@ def test_minmax_normalize():
     ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
     ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
-    ({"a": torch.eye(3)}, {"scale": "minmax"}, ValueError, r"scale must be one of \('shared', 'per-panel'\)"),
+    ({"a": torch.eye(3)}, {"color_scale": "minmax"}, ValueError, r"color_scale must be one of \('shared', 'per-panel'\)"),
 ], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "dpi", "panel-size", "panel-too-small", "scale"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -275,7 +275,7 @@ def test_plots_without_matplotlib_name_the_extra(tmp_path, no_matplotlib, name, 
 def test_cli_plot_delta(tmp_path, capsys):
     out = tmp_path / "delta.png"
     plot_delta([1, 4, 8], 16, tmp_path / "api.png")
-    assert cli_main(["plot-delta", "--sigmas", "1", "4", "8", "--frames", "16", "--out", str(out)]) == 0
+    assert cli_main(["plot-delta", "--sigmas", "1", "4", "8", "--num-frames", "16", "--out", str(out)]) == 0
     assert png(out).size == png(tmp_path / "api.png").size  # the CLI draws what the function draws
     assert "sigma = 1, sigma = 4, sigma = 8 over 16 frames" in capsys.readouterr().out
     assert cli_main(["plot-delta", "--sigmas", "-1", "--out", str(tmp_path / "bad.png")]) == 2

@@ -17,7 +17,7 @@ LEVEL0_LAYERS = 6  # the tiny UNet's level-0 temporal attention: down block 0 (1
 
 def test_demo_maps_show_the_band_tar_adds(tmp_path, monkeypatch):
     figures = saved_figures(monkeypatch)
-    runs = attention_demo(tmp_path / "att.png", frames=8, size=8, dpi=40)
+    runs = attention_demo(tmp_path / "att.png", num_frames=8, size=8, dpi=40)
     assert list(runs) == ["without TAR", "with TAR"]
     plain, tar = runs["without TAR"], runs["with TAR"]
     assert list(plain) == list(tar) and len(plain) == LEVEL0_LAYERS
@@ -46,12 +46,12 @@ def test_demo_maps_show_the_band_tar_adds(tmp_path, monkeypatch):
 def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys, monkeypatch):
     figures = saved_figures(monkeypatch)
     out = tmp_path / "cli.png"
-    assert cli_main(["demo-attention", "--frames", "8", "--size", "8", "--dpi", "40", "--scale", "per-panel",
-                     "--out", str(out)]) == 0
+    assert cli_main(["demo-attention", "--num-frames", "8", "--size", "8", "--dpi", "40", "--color-scale",
+                     "per-panel", "--out", str(out)]) == 0
     assert "per-panel scale" in figures[0].get_suptitle()
     text = capsys.readouterr().out
     assert f"wrote {out}" in text and out.exists()
-    runs = attention_demo(tmp_path / "again.png", frames=8, size=8, dpi=40)
+    runs = attention_demo(tmp_path / "again.png", num_frames=8, size=8, dpi=40)
     mean_line = next(line for line in text.splitlines() if line.startswith("mean"))
     printed = [float(v) for v in mean_line.split()[1:]]
     expected = [sum(float(diagonality(m)) for m in runs[r].values()) / LEVEL0_LAYERS for r in runs] + \
@@ -61,6 +61,18 @@ def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_rejects_bad_sizes(tmp_path, capsys):
-    assert cli_main(["demo-attention", "--frames", "1", "--out", str(tmp_path / "x.png")]) == 2
-    assert "frames must be an int >= 2" in capsys.readouterr().out
+    assert cli_main(["demo-attention", "--num-frames", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "num_frames must be an int >= 2" in capsys.readouterr().out
     assert not (tmp_path / "x.png").exists()
+
+
+def test_old_spellings_still_work_with_a_deprecation(tmp_path, capsys, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    assert cli_main(["demo-attention", "--frames", "4", "--size", "8", "--dpi", "30", "--scale", "per-panel",
+                     "--out", str(tmp_path / "old.png")]) == 0
+    err = capsys.readouterr().err
+    assert "--frames is deprecated" in err and "use --num-frames" in err and "use --color-scale" in err
+    assert "per-panel scale" in figures[0].get_suptitle() and "4 frames" in figures[0].get_suptitle()
+    with pytest.warns(DeprecationWarning, match="attention_demo: frames= is deprecated"):
+        runs = attention_demo(tmp_path / "old2.png", frames=4, size=8, dpi=30)
+    assert next(iter(runs["with TAR"].values())).shape == (4, 4)

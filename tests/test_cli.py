@@ -109,9 +109,9 @@ def test_make_test_sets_up_then_runs_the_suite_with_the_interpreter():
 
 
 def test_plot_delta_and_demo_attention_draw_their_pictures(tmp_path):
-    res = run("plot-delta", "--sigmas", "1", "--frames", "8", "--dpi", "30", "--out", str(tmp_path / "d.png"))
+    res = run("plot-delta", "--sigmas", "1", "--num-frames", "8", "--dpi", "30", "--out", str(tmp_path / "d.png"))
     assert res.returncode == 0, res.stdout + res.stderr
-    res = run("demo-attention", "--frames", "4", "--size", "8", "--dpi", "30", "--out", str(tmp_path / "a.png"))
+    res = run("demo-attention", "--num-frames", "4", "--size", "8", "--dpi", "30", "--out", str(tmp_path / "a.png"))
     assert res.returncode == 0, res.stdout + res.stderr
     for name in ("d.png", "a.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

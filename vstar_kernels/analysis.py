@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from . import _env
+from ._deprecation import renamed
 from .regularization import gaussian_toeplitz
 
 
@@ -97,8 +98,8 @@ def short_layer_name(layer: str) -> str:
     return name.replace("transformer_blocks.", "b")
 
 
-def plot_attention_maps(maps, path, *, scale: str = "shared", cmap: str = "jet", panel_size: float = 2.5,
-                        dpi: int = 100, title=None) -> dict:
+def plot_attention_maps(maps, path, *, color_scale: str = "shared", cmap: str = "jet", panel_size: float = 2.5,
+                        dpi: int = 100, title=None, scale=None) -> dict:
     """Draw temporal attention maps, one panel each (query frame down, key frame across), into an image file.
 
     Args:
@@ -107,7 +108,7 @@ def plot_attention_maps(maps, path, *, scale: str = "shared", cmap: str = "jet",
             names are shortened in the panel titles (`short_layer_name`) unless two would
             then read alike; titles longer than a panel is wide are wrapped.
         path: output file; the format follows its suffix (``.png``, ``.pdf``, ``.svg``, ...).
-        scale: ``"shared"`` (default): every panel on one colour scale from 0 (or the smallest
+        color_scale: ``"shared"`` (default): every panel on one colour scale from 0 (or the smallest
             value, when negative) to the largest value of all maps, with one colour bar, so
             that panels compare (a weak band looks weak). ``"per-panel"``: each panel from its
             own min to its own max, with its own colour bar (the paper's min-max normalised
@@ -117,15 +118,18 @@ def plot_attention_maps(maps, path, *, scale: str = "shared", cmap: str = "jet",
         panel_size: inches per panel side (about: axes, labels and colour bars get their share).
         dpi: pixels per inch.
         title: optional title above all panels (the scale is stated under it).
+        scale: deprecated spelling of `color_scale` (kept for one release).
 
     Returns:
         ``{panel key: array drawn}`` in drawing order, keyed by the name as given (``"level /
         layer"`` for nested maps): the maps' values; the scale is the colour norm, not a
         rescaling of the values.
     """
+    if scale is not None:
+        color_scale = renamed("plot_attention_maps", "scale", "color_scale", scale)
     rows = _panel_rows(maps)
     return _draw(rows, path, caller="plot_attention_maps", cmap=cmap, panel_size=panel_size, dpi=dpi, title=title,
-                 scale=scale, value_label="attention weight")
+                 color_scale=color_scale, value_label="attention weight")
 
 
 def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2.5, dpi: int = 100) -> dict:
@@ -144,7 +148,7 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
         raise ValueError(f"n must be a positive int, got {n!r}")
     row = [(f"sigma = {s:g}", f"sigma = {s:g}", gaussian_toeplitz(int(n), s, dtype=torch.float64)) for s in sigmas]
     return _draw([(None, row)], path, caller="plot_delta", cmap=cmap, panel_size=panel_size, dpi=dpi,
-                 title=f"TAR's Gaussian matrix dA, {int(n)} frames", scale="shared", value_label="dA")
+                 title=f"TAR's Gaussian matrix dA, {int(n)} frames", color_scale="shared", value_label="dA")
 
 
 MIN_PANEL_INCHES = 0.5
@@ -156,7 +160,7 @@ LINE_INCHES = 0.2          # one line of a (panel or figure) title
 TITLE_FONT = 8
 
 
-def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, scale, value_label) -> dict:
+def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, value_label) -> dict:
     """Draw `rows` for the public function `caller` (named in the error raised without matplotlib)."""
     import numpy as np
     try:
@@ -167,15 +171,15 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, scale, value_labe
         raise ImportError(f"vstar_kernels.analysis.{caller} needs matplotlib, which is not importable ({exc}); "
                           f"install the plot extra with: {_env.install_hint('plot')}") from exc
 
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if color_scale not in SCALES:
+        raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
     if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > MIN_PANEL_INCHES:
         raise ValueError(f"panel_size must be a number of inches > {MIN_PANEL_INCHES:g}, got {panel_size!r}")
     if isinstance(dpi, bool) or not isinstance(dpi, numbers.Integral) or dpi < 1:
         raise ValueError(f"dpi must be a positive int, got {dpi!r}")
     rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]
     values = [a for _, row in rows for _, _, a in row]
-    if scale == "shared":
+    if color_scale == "shared":
         low = min(0.0, min(float(a.min()) for a in values))
         high = max(float(a.max()) for a in values)
         high = high if high > low else low + 1.0
@@ -185,11 +189,11 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, scale, value_labe
     suptitle = f"{title}\n{note}" if title else note
 
     ncols = max(len(row) for _, row in rows)
-    per_panel = PANEL_COLORBAR_INCHES if scale == "per-panel" else 0.0
+    per_panel = PANEL_COLORBAR_INCHES if color_scale == "per-panel" else 0.0
     wrap = max(8, int((panel_size - 0.1) * 72 / (0.6 * TITLE_FONT)))  # characters across one panel
     titles = [[_wrap(shown, wrap) for _, shown, _ in row] for _, row in rows]
     title_lines = [max(t.count("\n") + 1 for t in row) for row in titles]
-    width = LEFT_INCHES + ncols * (panel_size + per_panel) + (COLORBAR_INCHES if scale == "shared" else 0.0)
+    width = LEFT_INCHES + ncols * (panel_size + per_panel) + (COLORBAR_INCHES if color_scale == "shared" else 0.0)
     height = (sum(panel_size + LINE_INCHES * lines for lines in title_lines) + BOTTOM_INCHES
               + LINE_INCHES * (suptitle.count("\n") + 1.5))
     fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
@@ -204,7 +208,7 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, scale, value_labe
                 ax.set_axis_off()
                 continue
             key, _, a = row[c]
-            if scale == "shared":
+            if color_scale == "shared":
                 vmin, vmax = low, high
             else:
                 vmin, vmax = float(a.min()), float(a.max())
@@ -218,12 +222,12 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, scale, value_labe
                 ax.set_xlabel("key frame", fontsize=8)
             if c == 0:
                 ax.set_ylabel("query frame" if label is None else f"{label}\nquery frame", fontsize=8)
-            if scale == "per-panel":
+            if color_scale == "per-panel":
                 fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
             drawn[key] = np.asarray(image.get_array())
             images.append(image)
             used.append(ax)
-    if scale == "shared":
+    if color_scale == "shared":
         bar = fig.colorbar(images[0], ax=used, shrink=0.9)
         bar.set_label(value_label, fontsize=8)
         bar.ax.tick_params(labelsize=7)

@@ -146,10 +146,29 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+class _Deprecated(argparse.Action):
+    """An old option's spelling: sets the new option's value and says on stderr that it is deprecated."""
+
+    def __init__(self, option_strings, dest, new=None, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{option_string} is deprecated and will be removed in the next release: use {self.new}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _deprecated_option(parser, old: str, new: str, **kwargs) -> None:
+    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Deprecated, new=new,
+                        default=argparse.SUPPRESS, **kwargs)
+
+
 def _plot_delta_options(parser) -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 4.0, 8.0],
                         help="one panel per sigma (default: 1 4 8)")
-    parser.add_argument("--frames", type=int, default=16, help="frames N of the N x N matrix (default: 16)")
+    parser.add_argument("--num-frames", type=int, default=16, help="frames N of the N x N matrix (default: 16)")
+    _deprecated_option(parser, "--frames", "--num-frames", type=int)
     parser.add_argument("--out", default="delta.png", help="output image; format from the suffix (default: delta.png)")
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
 
@@ -163,24 +182,26 @@ def cmd_plot_delta(args) -> int:
     from .analysis import plot_delta
 
     try:
-        drawn = plot_delta(args.sigmas, args.frames, args.out, dpi=args.dpi)
+        drawn = plot_delta(args.sigmas, args.num_frames, args.out, dpi=args.dpi)
     except (TypeError, ValueError) as exc:
         print(f"plot-delta: {exc}")
         return 2
-    print(f"wrote {args.out}: {', '.join(drawn)} over {args.frames} frames")
+    print(f"wrote {args.out}: {', '.join(drawn)} over {args.num_frames} frames")
     return 0
 
 
 def _demo_attention_options(parser) -> None:
-    parser.add_argument("--frames", type=int, default=16, help="frames of the random video (default: 16)")
+    parser.add_argument("--num-frames", type=int, default=16, help="frames of the random video (default: 16)")
+    _deprecated_option(parser, "--frames", "--num-frames", type=int)
     parser.add_argument("--sigma", type=float, default=1.0, help="TAR's sigma at level 0 (default: 1)")
     parser.add_argument("--strength", type=float, default=1.0, help="TAR's strength at level 0 (default: 1)")
     parser.add_argument("--size", type=int, default=16, help="latent height and width (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the latents (default: 0)")
     parser.add_argument("--out", default="attention.png", help="output image (default: attention.png)")
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
-    parser.add_argument("--scale", choices=("shared", "per-panel"), default="shared",
+    parser.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared",
                         help="one colour scale for all panels, or each panel on its own min..max (default: shared)")
+    _deprecated_option(parser, "--scale", "--color-scale", choices=("shared", "per-panel"))
 
 
 @command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
@@ -193,15 +214,15 @@ def cmd_demo_attention(args) -> int:
     from .diffusers.attention_demo import attention_demo, report
 
     try:
-        runs = attention_demo(args.out, frames=args.frames, sigma=args.sigma, strength=args.strength,
-                              size=args.size, seed=args.seed, dpi=args.dpi, scale=args.scale)
+        runs = attention_demo(args.out, num_frames=args.num_frames, sigma=args.sigma, strength=args.strength,
+                              size=args.size, seed=args.seed, dpi=args.dpi, color_scale=args.color_scale)
     except (TypeError, ValueError) as exc:
         print(f"demo-attention: {exc}")
         return 2
-    print(f"Step-0 temporal attention of a tiny random UNet3DConditionModel ({args.frames} frames), averaged over "
+    print(f"Step-0 temporal attention of a tiny random UNet3DConditionModel ({args.num_frames} frames), averaged over "
           f"heads and positions; TAR sigma={args.sigma:g}, strength={args.strength:g} at level 0.")
     print("diag: diagonality (1 = diagonal, 0 = unstructured); band1: attention share within 1 frame "
-          f"(uniform: {(3 * args.frames - 2) / args.frames ** 2:.3f})\n")
+          f"(uniform: {(3 * args.num_frames - 2) / args.num_frames ** 2:.3f})\n")
     print(report(runs))
     print(f"\nwrote {args.out}")
     return 0

@@ -71,7 +71,7 @@ class Peer:
         """The backend tar_attention runs for this call ("" for a peer that is not ours)."""
         if not self.backend:
             return ""
-        from .._validation import make_problem
+        from .._problem import make_problem
 
         problem = make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
                                max_mode="row", scale=spec.scale)

@@ -12,6 +12,7 @@ from typing import Dict
 
 import torch
 
+from .._deprecation import renamed
 from ..analysis import band_energy, diagonality, plot_attention_maps, short_layer_name
 from ..tar_config import TARConfig
 from .capture import capture_temporal_attention
@@ -30,19 +31,26 @@ def tiny_unet3d(seed: int = 0):
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D")).eval()
 
 
-def attention_demo(path, *, frames: int = 16, sigma: float = 1.0, strength: float = 1.0, size: int = 16,
-                   seed: int = 0, dpi: int = 100, scale: str = "shared") -> Dict[str, dict]:
+def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: float = 1.0, size: int = 16,
+                   seed: int = 0, dpi: int = 100, color_scale: str = "shared", frames=None,
+                   scale=None) -> Dict[str, dict]:
     """Capture the level-0 temporal attention maps at step 0 without and with TAR; draw them into `path`.
 
     One row per run (without TAR above, with TAR below), one panel per level-0 temporal
     attention layer (the layers TAR regularizes), jet colormap as in the paper, on one colour
-    scale shared by all panels (``scale="per-panel"``: each panel on its own min..max, which
+    scale shared by all panels (``color_scale="per-panel"``: each panel on its own min..max, which
     makes the weak structure of the maps without TAR look as strong as the band with it).
+    ``frames`` and ``scale`` are the deprecated spellings of ``num_frames`` and ``color_scale``.
 
     Returns:
         ``{"without TAR": {layer: map}, "with TAR": {layer: map}}``, (frames, frames) float64 maps.
     """
-    for name, value in (("frames", frames), ("size", size)):
+    if frames is not None:
+        num_frames = renamed("attention_demo", "frames", "num_frames", frames)
+    if scale is not None:
+        color_scale = renamed("attention_demo", "scale", "color_scale", scale)
+    frames = num_frames
+    for name, value in (("num_frames", frames), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
     model = tiny_unet3d(seed)
@@ -57,7 +65,7 @@ def attention_demo(path, *, frames: int = 16, sigma: float = 1.0, strength: floa
     runs["with TAR"] = _step0_maps(model, inputs, layers)
     remove_tar(model)
     title = f"tiny random UNet3D, {frames} frames, step 0; TAR sigma={sigma:g}, strength={strength:g}"
-    plot_attention_maps(runs, path, scale=scale, title=title, dpi=dpi)
+    plot_attention_maps(runs, path, color_scale=color_scale, title=title, dpi=dpi)
     return runs
 
 
