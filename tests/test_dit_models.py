@@ -342,3 +342,41 @@ def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_
     assert all(m.processor._attention_backend == AttentionBackendName._NATIVE_MATH
                for m in (b.attn1 for b in model.blocks))
     assert (forward(model, inputs) - regularized).abs().max() > 1e-4
+
+
+def test_wan22_pipeline_with_only_the_low_noise_expert_counts_scheduler_steps():
+    """Wan 2.2 with transformer=None and boundary_ratio=1.0: the low-noise expert runs every step, guidance as
+    two calls per step; until_step=0 regularizes both calls of step 0 and no call of step 1."""
+    fam = FAMILIES["wan"]
+    low = fam.model()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=None,
+                       transformer_2=low, boundary_ratio=1.0)
+    names = apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    assert names == [f"transformer_2.{name}" for name in fam.modules]
+    forwards, regularized = [], []
+    low.register_forward_pre_hook(lambda *_: forwards.append(len(regularized)))
+    for proc in processors(low).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, **kwargs):
+                regularized.append(proc.name)
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+
+    def run():
+        forwards.clear()
+        regularized.clear()
+        with torch.no_grad():
+            return pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+                        height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=5.0,
+                        output_type="latent").frames
+
+    run()
+    blocks = len(fam.modules)
+    # calls 0 and 1 (step 0) regularize every block, calls 2 and 3 (step 1) none
+    assert forwards == [0, blocks, 2 * blocks, 2 * blocks] and len(regularized) == 2 * blocks
+    run()  # the next run starts at step 0 again
+    assert forwards == [0, blocks, 2 * blocks, 2 * blocks]
+    reset_steps(pipe)
+    remove_tar(pipe)
+    assert not any(isinstance(p, DiTTARProcessor) for p in processors(low).values())

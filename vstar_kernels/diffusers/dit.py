@@ -336,18 +336,25 @@ def _check_config(model: torch.nn.Module, config: TARConfig, count: int) -> None
 
 
 def dit_models(model: torch.nn.Module, pipeline) -> List[Tuple[str, torch.nn.Module]]:
-    """(pipeline attribute, model) of every DiT TAR goes on: the model, and Wan 2.2's second expert."""
-    second = getattr(pipeline, "transformer_2", None) if pipeline is not None else None
-    if isinstance(second, torch.nn.Module) and dit_family(second) is not None and second is not model:
-        return [("transformer", model), ("transformer_2", second)]
-    return [("", model)]
+    """(name prefix, model) of every DiT TAR goes on: a bare model; a pipeline's ``transformer`` and
+    Wan 2.2's second expert ``transformer_2``, whichever are present (prefixed by the attribute, unless
+    ``transformer`` is the only one)."""
+    if pipeline is None:
+        return [("", model)]
+    experts = []
+    for attr in ("transformer", "transformer_2"):
+        expert = getattr(pipeline, attr, None)
+        if isinstance(expert, torch.nn.Module) and dit_family(expert) is not None \
+                and all(expert is not other for _, other in experts):
+            experts.append((attr, expert))
+    return [("", model)] if [attr for attr, _ in experts] == ["transformer"] else experts
 
 
 def apply_dit_tar(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
-    """`apply_tar` for a supported DiT (and a pipeline's second expert): returns the regularized modules' names.
+    """`apply_tar` for a supported DiT (and a pipeline's other expert): returns the regularized modules' names.
 
-    With two experts (Wan 2.2's ``transformer`` and ``transformer_2``) the names carry the
-    expert's attribute as a prefix; ``config.blocks`` applies to each.
+    With Wan 2.2's experts (``transformer`` and ``transformer_2``, or ``transformer_2`` alone) the
+    names carry the expert's attribute as a prefix; ``config.blocks`` applies to each.
     """
     experts = dit_models(model, pipeline)
     for _, expert in experts:

@@ -195,16 +195,19 @@ class _TARState:
     layout: List[Tuple[torch.nn.Module, tuple]] = field(default_factory=list)  # see `_layout`
 
 
+DENOISERS = ("unet", "transformer", "transformer_2")
+
+
 def _denoiser(target):
-    """(model, pipeline or None) for a pipeline (its .unet or .transformer) or a model."""
+    """(model, pipeline or None) for a pipeline (its first denoiser of `DENOISERS` present) or a model."""
     if isinstance(target, torch.nn.Module):
         return target, None
-    for attr in ("unet", "transformer"):
+    for attr in DENOISERS:
         model = getattr(target, attr, None)
         if isinstance(model, torch.nn.Module):
             return model, target
-    raise TypeError("expected a diffusers pipeline with a .unet or .transformer, or a model (torch.nn.Module); "
-                    f"got {type(target).__name__}")
+    raise TypeError(f"expected a diffusers pipeline with a denoiser ({', '.join('.' + a for a in DENOISERS)}) "
+                    f"or a model (torch.nn.Module); got {type(target).__name__}")
 
 
 def _install(state: _TARState, temporal: List[TemporalAttention]) -> None:
@@ -262,9 +265,12 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     """Regularize the temporal attention of a pipeline's denoiser (or of a model) with TAR.
 
     Args:
-        target: a diffusers pipeline (its ``.unet`` or ``.transformer`` is used; its
-            scheduler's `set_timesteps` restarts the step count) or the model itself
-            (each forward call is one step, counted from 0 now; see `reset_steps`).
+        target: a diffusers pipeline (its ``.unet`` or ``.transformer``, and Wan 2.2's
+            ``.transformer_2``, either expert alone too; its scheduler's `set_timesteps`
+            restarts the step count) or the model itself (each forward call is one step,
+            counted from 0 now; see `reset_steps`). Where a pipeline runs the guidance
+            branches as two calls (Wan, HunyuanVideo), pass the pipeline: both calls of a
+            step then count as one.
         config: a `TARConfig`, e.g. ``TARConfig.from_preset("64D1")``.
 
     Returns:
