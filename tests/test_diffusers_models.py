@@ -381,3 +381,36 @@ def test_errors_name_the_problem():
     x = torch.randn(2, 8, attn.query_dim)
     with pytest.raises(ValueError, match="attention_mask"), torch.no_grad():
         attn(x, attention_mask=torch.zeros(2, 1, 8))
+
+
+def all_levels(family, until_step=None):
+    """TAR at every level of `family`'s temporal attention (LEVEL_SPECS)."""
+    levels = sorted(set(FAMILIES[family].expected_levels(FAMILIES[family].model()).values()))
+    return TARConfig(levels={level: LEVEL_SPECS[level] for level in levels}, until_step=until_step)
+
+
+# the families whose checkpointed blocks hold temporal attention
+@pytest.mark.parametrize("family", ["motion", "latte"])
+def test_gradient_checkpointing_recomputes_each_block_at_the_step_of_its_forward_call(family):
+    """Checkpointed blocks are recomputed in the backward pass after a second forward call (step 1, stock with
+    until_step=0) advanced the step: outputs and every parameter gradient equal those without checkpointing."""
+    fam = FAMILIES[family]
+    config = all_levels(family, until_step=0)
+    runs = []
+    for checkpointing in (False, True):
+        model = fam.model()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        apply_tar(model, config)
+        inputs = fam.inputs(model)
+        first = model(**inputs, return_dict=False)[0]
+        second = model(**inputs, return_dict=False)[0]
+        (first.square().mean() + second.mean()).backward()
+        runs.append((first.detach(), second.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (first, second, grads), checkpointed = runs
+    assert (first - second).abs().max() > 1e-3, "TAR did not change step 0"
+    torch.testing.assert_close(checkpointed[0], first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(checkpointed[1], second, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == checkpointed[2].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -380,3 +380,65 @@ def test_wan22_pipeline_with_only_the_low_noise_expert_counts_scheduler_steps():
     reset_steps(pipe)
     remove_tar(pipe)
     assert not any(isinstance(p, DiTTARProcessor) for p in processors(low).values())
+
+
+def parameter_grads(model):
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def train_two_steps(model, inputs):
+    """Two forward calls (steps 0 and 1), then one backward pass through both."""
+    first = model(**inputs, return_dict=False)[0]
+    second = model(**inputs, return_dict=False)[0]
+    (first.square().mean() + second.mean()).backward()
+    return first.detach(), second.detach(), parameter_grads(model)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_gradient_checkpointing_recomputes_each_block_as_its_forward_call_ran_it(family):
+    """diffusers' gradient checkpointing recomputes blocks in the backward pass, after the forward call returned
+    and here after a second call (step 1, stock with until_step=0) advanced the step: outputs and every
+    parameter gradient equal those without checkpointing."""
+    fam = FAMILIES[family]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=0)
+    plain = forward(fam.model(), inputs)
+    model = fam.model()
+    apply_tar(model, config)
+    first, second, grads = train_two_steps(model, inputs)
+    assert (first - plain).abs().max() > 1e-4 and torch.equal(second, plain)
+
+    model = fam.model()
+    model.enable_gradient_checkpointing()
+    apply_tar(model, config)
+    checkpointed = train_two_steps(model, inputs)
+    assert model.is_gradient_checkpointing
+    torch.testing.assert_close(checkpointed[0], first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(checkpointed[1], second, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == checkpointed[2].keys() and all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_enabled_after_apply_tar_and_remove_tar_gives_its_function_back():
+    fam = FAMILIES["wan"]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    model = fam.model()
+    apply_tar(model, config)
+    out = model(**inputs, return_dict=False)[0]
+    out.square().mean().backward()
+    grads = parameter_grads(model)
+
+    model = fam.model()
+    apply_tar(model, config)
+    model.enable_gradient_checkpointing()
+    stock_function = model._gradient_checkpointing_func
+    checkpointed = model(**inputs, return_dict=False)[0]
+    checkpointed.square().mean().backward()
+    torch.testing.assert_close(checkpointed, out, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert model._gradient_checkpointing_func is not stock_function  # bound to each forward call's state
+    remove_tar(model)
+    assert model._gradient_checkpointing_func is stock_function

@@ -30,7 +30,9 @@ intercepted: a regularized call that saw no SDPA call raises a RuntimeError.
 
 Tokens per frame and frames come from the model's config (patch sizes) and each forward
 call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments), read by a
-forward pre-hook; the text length is what the attention call receives.
+forward pre-hook; the text length is what the attention call receives. A block that
+diffusers' gradient checkpointing recomputes in the backward pass, after the forward call
+returned, gets the token layout and the step of the forward call that ran it (`steps`).
 """
 
 from __future__ import annotations
@@ -137,9 +139,10 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 class _TARAttention(TorchFunctionMode):
     """Answers scaled_dot_product_attention calls with `processor.attention`; passes all else through."""
 
-    def __init__(self, processor: "DiTTARProcessor", attn: torch.nn.Module, spec: LevelSpec, state: "_DiTState"):
+    def __init__(self, processor: "DiTTARProcessor", attn: torch.nn.Module, spec: LevelSpec,
+                 grid: Optional[Tuple[int, int]]):
         super().__init__()
-        self.processor, self.attn, self.spec, self.state = processor, attn, spec, state
+        self.processor, self.attn, self.spec, self.grid = processor, attn, spec, grid
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -154,10 +157,10 @@ class _TARAttention(TorchFunctionMode):
         if enable_gqa and query.shape[1] != key.shape[1]:
             raise ValueError(f"{where}: TAR needs as many key heads as query heads (no grouped-query attention)")
         key_mask = key_mask_of(mask, query.shape[0], key.shape[2], where)
-        frames = self.state.frames(query.shape[2], key.shape[2], where, query.device)
-        count = self.state.grid[0]  # a delta is a (frames, frames) matrix
-        kwargs = dict(causal=is_causal, scale=scale, frames=frames, key_mask=key_mask,
-                      backend=self.state.config.backend,
+        state = self.processor.state
+        frames = token_frames(state.family, self.grid, query.shape[2], key.shape[2], where, query.device)
+        count = self.grid[0]  # a delta is a (frames, frames) matrix
+        kwargs = dict(causal=is_causal, scale=scale, frames=frames, key_mask=key_mask, backend=state.config.backend,
                       **self.spec.tar_kwargs(count, count, device=query.device, dtype=query.dtype, where=where))
         return self.processor.attention(self.attn, query, key, value, **kwargs)
 
@@ -213,10 +216,11 @@ class DiTTARProcessor:
         self.processor._parallel_config = config
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
-        spec = self.state.spec_at(self.block)
+        grid, step = self.state.call()
+        spec = self.state.spec_at(self.block, step)
         if spec is None:
             return self.processor(attn, *args, **kwargs)
-        mode = _TARAttention(self, attn, spec, self.state)
+        mode = _TARAttention(self, attn, spec, grid)
         with mode:
             out = self.processor(attn, *args, **kwargs)
         if mode.calls == 0:
@@ -245,13 +249,17 @@ class _DiTState:
     def step(self) -> int:
         return loop_step(self.steps, self.pipeline)
 
-    def spec_at(self, block: int) -> Optional[LevelSpec]:
-        if block not in self.blocks or not self.spec.active or not self.config.regularizes(self.step):
+    def call(self) -> Tuple[Optional[Tuple[int, int]], int]:
+        """(token grid, step) of the forward call in progress; in a gradient-checkpointed block, of the
+        forward call that ran it, also when torch recomputes the block in the backward pass."""
+        return self.steps.current(_OWNER)
+
+    def spec_at(self, block: int, step: Optional[int] = None) -> Optional[LevelSpec]:
+        """The spec of `block` at `step` (default: the live step), or None where it runs stock."""
+        step = self.step if step is None else step
+        if block not in self.blocks or not self.spec.active or not self.config.regularizes(step):
             return None
         return self.spec
-
-    def frames(self, nq: int, nk: int, where: str, device) -> torch.Tensor:
-        return token_frames(self.family, self.grid, nq, nk, where, device)
 
 
 def loop_step(steps: StepTracker, pipeline) -> int:
@@ -369,8 +377,9 @@ def _install(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
     family = dit_family(model)
     modules = dit_attention_modules(model)
     remove_dit_tar(model)
-    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline)
     blocks = frozenset(range(len(modules)) if config.blocks is None else config.blocks)
+    # the snapshot is taken in forward calls, once `state` below exists
+    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline, snapshot=lambda: (state.grid, state.step))
     state = _DiTState(config, family, steps, config.levels[0], blocks,
                       None if pipeline is None else weakref.ref(pipeline))
     state._hooks = watch_layout(model, family, state)

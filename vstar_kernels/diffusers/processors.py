@@ -16,7 +16,9 @@ temporal transformers, per resolution level, in the early denoising steps.
   call: ``down_blocks.i`` -> i, ``mid_block`` -> the last level,
   ``up_blocks.j`` -> last - j, input blocks and models without down blocks -> 0.
 * Which step: a `StepTracker` on the denoiser counts its forward calls since
-  the pipeline's last `set_timesteps` (see `steps.py`).
+  the pipeline's last `set_timesteps` (see `steps.py`). A block that diffusers'
+  gradient checkpointing recomputes in the backward pass gets the step of the
+  forward call that ran it.
 
 The per-module state (level spec, step tracker, the processor to restore)
 lives on the `Attention` module, so the processor itself is stateless and
@@ -156,7 +158,7 @@ class TARAttnProcessor:
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
 
         site = tar_site(attn)
-        step = None if site is None else site.steps.step
+        step = None if site is None else site.steps.step  # in a checkpointed block: the step that ran it
         out = self.attention(attn, query, key, value, attention_mask=attention_mask, step=step)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -259,6 +261,7 @@ def _sync(model: torch.nn.Module) -> None:
     state.sites = [site for site in state.sites if id(site.module) in present]
     _install(state, temporal)
     state.layout = _layout(model, temporal)
+    state.steps.find_checkpointing(model)
 
 
 def apply_tar(target, config: TARConfig) -> List[str]:
@@ -284,6 +287,11 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     while TAR is applied it raises a ValueError (naming the first processor it lists, not
     necessarily TAR's). Call `remove_tar` first, then ``set_default_attn_processor()``, then
     `apply_tar` again to regularize on top of the default processors.
+
+    Training with diffusers' gradient checkpointing (``model.enable_gradient_checkpointing()``,
+    before or after `apply_tar`): a block recomputed in the backward pass is regularized as
+    its forward call ran it (same step, same token layout), so gradients equal those without
+    checkpointing.
 
     Video diffusion transformers (Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi) get
     frame-aware TAR on the full attention of their transformer blocks (see `dit`): level 0
