@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import UniPCMultistepScheduler, WanPipeline
 from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-from vstar_kernels.diffusers import TARConfig, apply_tar, remove_tar, reset_steps
+from vstar_kernels.diffusers import TARConfig, apply_tar, dit, remove_tar, reset_steps
 from vstar_kernels.diffusers.dit import DiTTARProcessor, _layout_ids
 from vstar_kernels.diffusers.steps import StepTracker
 
@@ -442,3 +443,62 @@ def test_gradient_checkpointing_enabled_after_apply_tar_and_remove_tar_gives_its
     assert model._gradient_checkpointing_func is not stock_function  # bound to each forward call's state
     remove_tar(model)
     assert model._gradient_checkpointing_func is stock_function
+
+
+# fuse_qkv_projections replaces CogVideoX's processors; the others' (Wan, LTX, HunyuanVideo) read the fused
+# projections themselves; Mochi has no fused projections
+REPLACEMENTS = {
+    "fuse_qkv_projections": lambda model: model.fuse_qkv_projections(),
+    "set_attn_processor": lambda model: model.set_attn_processor(CogVideoXAttnProcessor2_0()),
+}
+
+
+@pytest.mark.parametrize("family, replace", [("cogvideox", "fuse_qkv_projections"), ("cogvideox", "set_attn_processor"),
+                                             ("wan", "fuse_qkv_projections"), ("hunyuan", "fuse_qkv_projections")])
+def test_processors_replaced_after_apply_tar_keep_tar(family, replace, monkeypatch):
+    """apply_tar then a processor replacement: the output of the other order (replacement, then apply_tar), not
+    the stock one; remove_tar gives back the replacement's processors."""
+    fam = FAMILIES[family]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    model = fam.model()
+    REPLACEMENTS[replace](model)
+    replaced = processors(model)
+    stock = forward(model, inputs)
+    apply_tar(model, config)
+    oracle = forward(model, inputs)
+    assert (oracle - stock).abs().max() > 1e-4
+
+    model = fam.model()
+    apply_tar(model, config)
+    REPLACEMENTS[replace](model)
+    # taking the new processors' place costs no model walk
+    monkeypatch.setattr(dit, "dit_attention_modules", None)
+    assert torch.equal(forward(model, inputs), oracle)
+    calls = record(model)
+    forward(model, inputs)
+    assert sorted({c[0] for c in calls}) == sorted(fam.modules)
+    for name, proc in processors(model).items():
+        if name in fam.modules:
+            assert isinstance(proc, DiTTARProcessor) and type(proc.processor) is type(replaced[name])
+        else:
+            assert type(proc) is type(replaced[name])
+    remove_tar(model)
+    assert {n: type(p) for n, p in processors(model).items()} == {n: type(p) for n, p in replaced.items()}
+    assert torch.equal(forward(model, inputs), stock)
+
+
+def test_unfuse_qkv_projections_after_fusing_under_tar_keeps_tar():
+    """CogVideoX's unfuse_qkv_projections sets back the processors it saved when fusing: TAR's own."""
+    fam = FAMILIES["cogvideox"]
+    inputs = fam.inputs()
+    model = fam.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    regularized = forward(model, inputs)
+    model.fuse_qkv_projections()
+    forward(model, inputs)
+    model.unfuse_qkv_projections()
+    calls = record(model)
+    assert torch.equal(forward(model, inputs), regularized) and len(calls) == len(fam.modules)
+    remove_tar(model)
+    assert all(type(p) is CogVideoXAttnProcessor2_0 for n, p in processors(model).items() if n in fam.modules)

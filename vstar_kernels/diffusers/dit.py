@@ -33,6 +33,11 @@ call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments)
 forward pre-hook; the text length is what the attention call receives. A block that
 diffusers' gradient checkpointing recomputes in the backward pass, after the forward call
 returned, gets the token layout and the step of the forward call that ran it (`steps`).
+
+A processor set on a regularized module after `apply_tar` (``set_attn_processor``;
+CogVideoX's ``fuse_qkv_projections`` sets its fused processor) is wrapped in a new
+`DiTTARProcessor` before the model's next forward call, as `apply_tar` would have wrapped it:
+one attribute comparison per module and call.
 """
 
 from __future__ import annotations
@@ -254,6 +259,21 @@ class _DiTState:
         forward call that ran it, also when torch recomputes the block in the backward pass."""
         return self.steps.current(_OWNER)
 
+    def sync(self) -> None:
+        """Before each forward call: wrap the processors set on the regularized modules since the last one
+        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module."""
+        for index, (module, installed) in enumerate(self.installed):
+            current = module.processor
+            if current is installed:
+                continue
+            if isinstance(current, DiTTARProcessor) and current.state is self and current.block == installed.block:
+                self.installed[index] = (module, current)  # TAR's own, set back (unfuse_qkv_projections)
+                continue
+            stock = current.processor if isinstance(current, DiTTARProcessor) else current
+            wrapper = DiTTARProcessor(stock, installed.name, installed.block, self)
+            _set_processor(module, wrapper)
+            self.installed[index] = (module, wrapper)
+
     def spec_at(self, block: int, step: Optional[int] = None) -> Optional[LevelSpec]:
         """The spec of `block` at `step` (default: the live step), or None where it runs stock."""
         step = self.step if step is None else step
@@ -378,8 +398,9 @@ def _install(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
     modules = dit_attention_modules(model)
     remove_dit_tar(model)
     blocks = frozenset(range(len(modules)) if config.blocks is None else config.blocks)
-    # the snapshot is taken in forward calls, once `state` below exists
-    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline, snapshot=lambda: (state.grid, state.step))
+    # the hooks run in forward calls, once `state` below exists
+    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),
+                               snapshot=lambda: (state.grid, state.step))
     state = _DiTState(config, family, steps, config.levels[0], blocks,
                       None if pipeline is None else weakref.ref(pipeline))
     state._hooks = watch_layout(model, family, state)
@@ -401,6 +422,7 @@ def remove_dit_tar(model: torch.nn.Module) -> None:
     state = vars(model).get(_STATE_ATTR)
     if state is None:
         return
+    state.sync()  # a processor set since the last forward call is the one to give back
     for module, processor in state.installed:
         _set_processor(module, processor.processor)
     for hook in state._hooks:
