@@ -15,6 +15,7 @@ from diffusers import AnimateDiffPipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from vstar_kernels.diffusers import PRESETS, TARAttnProcessor, TARConfig, apply_tar, remove_tar, reset_steps
+from vstar_kernels.diffusers import processors as tar_processors
 from vstar_kernels.diffusers.processors import tar_site
 from vstar_kernels.diffusers.steps import StepTracker
 
@@ -381,3 +382,119 @@ def test_errors_name_the_problem():
     x = torch.randn(2, 8, attn.query_dim)
     with pytest.raises(ValueError, match="attention_mask"), torch.no_grad():
         attn(x, attention_mask=torch.zeros(2, 1, 8))
+
+
+def all_levels(family, until_step=None):
+    """TAR at every level of `family`'s temporal attention (LEVEL_SPECS)."""
+    levels = sorted(set(FAMILIES[family].expected_levels(FAMILIES[family].model()).values()))
+    return TARConfig(levels={level: LEVEL_SPECS[level] for level in levels}, until_step=until_step)
+
+
+# the families whose checkpointed blocks hold temporal attention
+@pytest.mark.parametrize("family", ["motion", "latte"])
+def test_gradient_checkpointing_recomputes_each_block_at_the_step_of_its_forward_call(family):
+    """Checkpointed blocks are recomputed in the backward pass after a second forward call (step 1, stock with
+    until_step=0) advanced the step: outputs and every parameter gradient equal those without checkpointing."""
+    fam = FAMILIES[family]
+    config = all_levels(family, until_step=0)
+    runs = []
+    for checkpointing in (False, True):
+        model = fam.model()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        apply_tar(model, config)
+        inputs = fam.inputs(model)
+        first = model(**inputs, return_dict=False)[0]
+        second = model(**inputs, return_dict=False)[0]
+        (first.square().mean() + second.mean()).backward()
+        runs.append((first.detach(), second.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (first, second, grads), checkpointed = runs
+    assert (first - second).abs().max() > 1e-3, "TAR did not change step 0"
+    torch.testing.assert_close(checkpointed[0], first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(checkpointed[1], second, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == checkpointed[2].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+REPLACEMENTS = {
+    "fuse_qkv_projections": lambda model: model.fuse_qkv_projections(),
+    "AttnProcessor2_0": lambda model: model.set_attn_processor(AttnProcessor2_0()),
+    "AttnProcessor": lambda model: model.set_attn_processor(AttnProcessor()),
+}
+
+
+@pytest.mark.parametrize("replace", list(REPLACEMENTS))
+def test_processors_replaced_after_apply_tar_keep_tar(replace, monkeypatch):
+    """apply_tar then a replacement of every processor: the output of the other order (replacement, then
+    apply_tar), not the stock one; remove_tar gives back the replacement's processors."""
+    fam = FAMILIES["unet3d"]
+    config = all_levels("unet3d")
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    REPLACEMENTS[replace](model)
+    replaced = processors(model)
+    stock = forward(model, inputs)
+    names = apply_tar(model, config)
+    oracle = forward(model, inputs)
+    assert (oracle - stock).abs().max() > 1e-3
+
+    model = fam.model()
+    apply_tar(model, config)
+    REPLACEMENTS[replace](model)
+    monkeypatch.setattr(tar_processors, "temporal_attention_modules", None)  # taking their place walks no model
+    assert torch.equal(forward(model, inputs), oracle)
+    for name, proc in processors(model).items():
+        if name in names:
+            assert type(proc) is TARAttnProcessor and type(tar_site(attention_modules(model)[name]).previous) \
+                is type(replaced[name])
+        else:
+            assert type(proc) is type(replaced[name])
+    remove_tar(model)
+    assert {n: type(p) for n, p in processors(model).items()} == {n: type(p) for n, p in replaced.items()}
+    assert torch.equal(forward(model, inputs), stock)
+
+
+def test_tar_standing_in_for_fused_projections_projects_with_them():
+    """With FusedAttnProcessor2_0's place taken, q, k and v come from to_qkv, as that processor computes them."""
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    model.fuse_qkv_projections()
+    stock = forward(model, inputs)
+    names = apply_tar(model, all_levels("unet3d"))
+    fused = forward(model, inputs)
+    assert (fused - stock).abs().max() > 1e-3
+    modules = attention_modules(model)
+    with torch.no_grad():
+        for name in names:
+            for layer in (modules[name].to_q, modules[name].to_k, modules[name].to_v):
+                layer.weight.zero_()
+    assert torch.equal(forward(model, inputs), fused)
+
+
+class ScaledProcessor(AttnProcessor2_0):
+    """A processor TAR cannot stand in for: it does more than AttnProcessor2_0."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return 2 * super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+def test_processor_tar_cannot_stand_in_for_raises_at_the_next_forward():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    config = all_levels("unet3d")
+    names = apply_tar(model, config)
+    custom = ScaledProcessor()
+    model.set_attn_processor(custom)
+    with pytest.raises(RuntimeError, match=f"{names[0]}: its attention processor was replaced by ScaledProcessor "
+                                           "after apply_tar.*apply_tar again.*remove_tar"):
+        forward(model, inputs)
+    remove_tar(model)  # keeps the processor set last
+    assert all(p is custom for p in processors(model).values())
+    stock = forward(model, inputs)
+    apply_tar(model, config)  # TAR in its place, as on any processor
+    assert (forward(model, inputs) - stock).abs().max() > 1e-3
+    remove_tar(model)
+    assert all(p is custom for p in processors(model).values())

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import UniPCMultistepScheduler, WanPipeline
 from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-from vstar_kernels.diffusers import TARConfig, apply_tar, remove_tar, reset_steps
+from vstar_kernels.diffusers import TARConfig, apply_tar, dit, remove_tar, reset_steps
 from vstar_kernels.diffusers.dit import DiTTARProcessor, _layout_ids
 from vstar_kernels.diffusers.steps import StepTracker
 
@@ -342,3 +343,162 @@ def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_
     assert all(m.processor._attention_backend == AttentionBackendName._NATIVE_MATH
                for m in (b.attn1 for b in model.blocks))
     assert (forward(model, inputs) - regularized).abs().max() > 1e-4
+
+
+def test_wan22_pipeline_with_only_the_low_noise_expert_counts_scheduler_steps():
+    """Wan 2.2 with transformer=None and boundary_ratio=1.0: the low-noise expert runs every step, guidance as
+    two calls per step; until_step=0 regularizes both calls of step 0 and no call of step 1."""
+    fam = FAMILIES["wan"]
+    low = fam.model()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=None,
+                       transformer_2=low, boundary_ratio=1.0)
+    names = apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    assert names == [f"transformer_2.{name}" for name in fam.modules]
+    forwards, regularized = [], []
+    low.register_forward_pre_hook(lambda *_: forwards.append(len(regularized)))
+    for proc in processors(low).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, **kwargs):
+                regularized.append(proc.name)
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+
+    def run():
+        forwards.clear()
+        regularized.clear()
+        with torch.no_grad():
+            return pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+                        height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=5.0,
+                        output_type="latent").frames
+
+    run()
+    blocks = len(fam.modules)
+    # calls 0 and 1 (step 0) regularize every block, calls 2 and 3 (step 1) none
+    assert forwards == [0, blocks, 2 * blocks, 2 * blocks] and len(regularized) == 2 * blocks
+    run()  # the next run starts at step 0 again
+    assert forwards == [0, blocks, 2 * blocks, 2 * blocks]
+    reset_steps(pipe)
+    remove_tar(pipe)
+    assert not any(isinstance(p, DiTTARProcessor) for p in processors(low).values())
+
+
+def parameter_grads(model):
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def train_two_steps(model, inputs):
+    """Two forward calls (steps 0 and 1), then one backward pass through both."""
+    first = model(**inputs, return_dict=False)[0]
+    second = model(**inputs, return_dict=False)[0]
+    (first.square().mean() + second.mean()).backward()
+    return first.detach(), second.detach(), parameter_grads(model)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_gradient_checkpointing_recomputes_each_block_as_its_forward_call_ran_it(family):
+    """diffusers' gradient checkpointing recomputes blocks in the backward pass, after the forward call returned
+    and here after a second call (step 1, stock with until_step=0) advanced the step: outputs and every
+    parameter gradient equal those without checkpointing."""
+    fam = FAMILIES[family]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=0)
+    plain = forward(fam.model(), inputs)
+    model = fam.model()
+    apply_tar(model, config)
+    first, second, grads = train_two_steps(model, inputs)
+    assert (first - plain).abs().max() > 1e-4 and torch.equal(second, plain)
+
+    model = fam.model()
+    model.enable_gradient_checkpointing()
+    apply_tar(model, config)
+    checkpointed = train_two_steps(model, inputs)
+    assert model.is_gradient_checkpointing
+    torch.testing.assert_close(checkpointed[0], first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(checkpointed[1], second, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == checkpointed[2].keys() and all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_enabled_after_apply_tar_and_remove_tar_gives_its_function_back():
+    fam = FAMILIES["wan"]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    model = fam.model()
+    apply_tar(model, config)
+    out = model(**inputs, return_dict=False)[0]
+    out.square().mean().backward()
+    grads = parameter_grads(model)
+
+    model = fam.model()
+    apply_tar(model, config)
+    model.enable_gradient_checkpointing()
+    stock_function = model._gradient_checkpointing_func
+    checkpointed = model(**inputs, return_dict=False)[0]
+    checkpointed.square().mean().backward()
+    torch.testing.assert_close(checkpointed, out, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert model._gradient_checkpointing_func is not stock_function  # bound to each forward call's state
+    remove_tar(model)
+    assert model._gradient_checkpointing_func is stock_function
+
+
+# fuse_qkv_projections replaces CogVideoX's processors; the others' (Wan, LTX, HunyuanVideo) read the fused
+# projections themselves; Mochi has no fused projections
+REPLACEMENTS = {
+    "fuse_qkv_projections": lambda model: model.fuse_qkv_projections(),
+    "set_attn_processor": lambda model: model.set_attn_processor(CogVideoXAttnProcessor2_0()),
+}
+
+
+@pytest.mark.parametrize("family, replace", [("cogvideox", "fuse_qkv_projections"), ("cogvideox", "set_attn_processor"),
+                                             ("wan", "fuse_qkv_projections"), ("hunyuan", "fuse_qkv_projections")])
+def test_processors_replaced_after_apply_tar_keep_tar(family, replace, monkeypatch):
+    """apply_tar then a processor replacement: the output of the other order (replacement, then apply_tar), not
+    the stock one; remove_tar gives back the replacement's processors."""
+    fam = FAMILIES[family]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    model = fam.model()
+    REPLACEMENTS[replace](model)
+    replaced = processors(model)
+    stock = forward(model, inputs)
+    apply_tar(model, config)
+    oracle = forward(model, inputs)
+    assert (oracle - stock).abs().max() > 1e-4
+
+    model = fam.model()
+    apply_tar(model, config)
+    REPLACEMENTS[replace](model)
+    # taking the new processors' place costs no model walk
+    monkeypatch.setattr(dit, "dit_attention_modules", None)
+    assert torch.equal(forward(model, inputs), oracle)
+    calls = record(model)
+    forward(model, inputs)
+    assert sorted({c[0] for c in calls}) == sorted(fam.modules)
+    for name, proc in processors(model).items():
+        if name in fam.modules:
+            assert isinstance(proc, DiTTARProcessor) and type(proc.processor) is type(replaced[name])
+        else:
+            assert type(proc) is type(replaced[name])
+    remove_tar(model)
+    assert {n: type(p) for n, p in processors(model).items()} == {n: type(p) for n, p in replaced.items()}
+    assert torch.equal(forward(model, inputs), stock)
+
+
+def test_unfuse_qkv_projections_after_fusing_under_tar_keeps_tar():
+    """CogVideoX's unfuse_qkv_projections sets back the processors it saved when fusing: TAR's own."""
+    fam = FAMILIES["cogvideox"]
+    inputs = fam.inputs()
+    model = fam.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    regularized = forward(model, inputs)
+    model.fuse_qkv_projections()
+    forward(model, inputs)
+    model.unfuse_qkv_projections()
+    calls = record(model)
+    assert torch.equal(forward(model, inputs), regularized) and len(calls) == len(fam.modules)
+    remove_tar(model)
+    assert all(type(p) is CogVideoXAttnProcessor2_0 for n, p in processors(model).items() if n in fam.modules)

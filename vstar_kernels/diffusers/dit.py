@@ -30,7 +30,14 @@ intercepted: a regularized call that saw no SDPA call raises a RuntimeError.
 
 Tokens per frame and frames come from the model's config (patch sizes) and each forward
 call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments), read by a
-forward pre-hook; the text length is what the attention call receives.
+forward pre-hook; the text length is what the attention call receives. A block that
+diffusers' gradient checkpointing recomputes in the backward pass, after the forward call
+returned, gets the token layout and the step of the forward call that ran it (`steps`).
+
+A processor set on a regularized module after `apply_tar` (``set_attn_processor``;
+CogVideoX's ``fuse_qkv_projections`` sets its fused processor) is wrapped in a new
+`DiTTARProcessor` before the model's next forward call, as `apply_tar` would have wrapped it:
+one attribute comparison per module and call.
 """
 
 from __future__ import annotations
@@ -137,9 +144,10 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 class _TARAttention(TorchFunctionMode):
     """Answers scaled_dot_product_attention calls with `processor.attention`; passes all else through."""
 
-    def __init__(self, processor: "DiTTARProcessor", attn: torch.nn.Module, spec: LevelSpec, state: "_DiTState"):
+    def __init__(self, processor: "DiTTARProcessor", attn: torch.nn.Module, spec: LevelSpec,
+                 grid: Optional[Tuple[int, int]]):
         super().__init__()
-        self.processor, self.attn, self.spec, self.state = processor, attn, spec, state
+        self.processor, self.attn, self.spec, self.grid = processor, attn, spec, grid
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -154,10 +162,10 @@ class _TARAttention(TorchFunctionMode):
         if enable_gqa and query.shape[1] != key.shape[1]:
             raise ValueError(f"{where}: TAR needs as many key heads as query heads (no grouped-query attention)")
         key_mask = key_mask_of(mask, query.shape[0], key.shape[2], where)
-        frames = self.state.frames(query.shape[2], key.shape[2], where, query.device)
-        count = self.state.grid[0]  # a delta is a (frames, frames) matrix
-        kwargs = dict(causal=is_causal, scale=scale, frames=frames, key_mask=key_mask,
-                      backend=self.state.config.backend,
+        state = self.processor.state
+        frames = token_frames(state.family, self.grid, query.shape[2], key.shape[2], where, query.device)
+        count = self.grid[0]  # a delta is a (frames, frames) matrix
+        kwargs = dict(causal=is_causal, scale=scale, frames=frames, key_mask=key_mask, backend=state.config.backend,
                       **self.spec.tar_kwargs(count, count, device=query.device, dtype=query.dtype, where=where))
         return self.processor.attention(self.attn, query, key, value, **kwargs)
 
@@ -213,10 +221,11 @@ class DiTTARProcessor:
         self.processor._parallel_config = config
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
-        spec = self.state.spec_at(self.block)
+        grid, step = self.state.call()
+        spec = self.state.spec_at(self.block, step)
         if spec is None:
             return self.processor(attn, *args, **kwargs)
-        mode = _TARAttention(self, attn, spec, self.state)
+        mode = _TARAttention(self, attn, spec, grid)
         with mode:
             out = self.processor(attn, *args, **kwargs)
         if mode.calls == 0:
@@ -245,13 +254,32 @@ class _DiTState:
     def step(self) -> int:
         return loop_step(self.steps, self.pipeline)
 
-    def spec_at(self, block: int) -> Optional[LevelSpec]:
-        if block not in self.blocks or not self.spec.active or not self.config.regularizes(self.step):
+    def call(self) -> Tuple[Optional[Tuple[int, int]], int]:
+        """(token grid, step) of the forward call in progress; in a gradient-checkpointed block, of the
+        forward call that ran it, also when torch recomputes the block in the backward pass."""
+        return self.steps.current(_OWNER)
+
+    def sync(self) -> None:
+        """Before each forward call: wrap the processors set on the regularized modules since the last one
+        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module."""
+        for index, (module, installed) in enumerate(self.installed):
+            current = module.processor
+            if current is installed:
+                continue
+            if isinstance(current, DiTTARProcessor) and current.state is self and current.block == installed.block:
+                self.installed[index] = (module, current)  # TAR's own, set back (unfuse_qkv_projections)
+                continue
+            stock = current.processor if isinstance(current, DiTTARProcessor) else current
+            wrapper = DiTTARProcessor(stock, installed.name, installed.block, self)
+            _set_processor(module, wrapper)
+            self.installed[index] = (module, wrapper)
+
+    def spec_at(self, block: int, step: Optional[int] = None) -> Optional[LevelSpec]:
+        """The spec of `block` at `step` (default: the live step), or None where it runs stock."""
+        step = self.step if step is None else step
+        if block not in self.blocks or not self.spec.active or not self.config.regularizes(step):
             return None
         return self.spec
-
-    def frames(self, nq: int, nk: int, where: str, device) -> torch.Tensor:
-        return token_frames(self.family, self.grid, nq, nk, where, device)
 
 
 def loop_step(steps: StepTracker, pipeline) -> int:
@@ -340,18 +368,25 @@ def _check_config(model: torch.nn.Module, config: TARConfig, count: int) -> None
 
 
 def dit_models(model: torch.nn.Module, pipeline) -> List[Tuple[str, torch.nn.Module]]:
-    """(pipeline attribute, model) of every DiT TAR goes on: the model, and Wan 2.2's second expert."""
-    second = getattr(pipeline, "transformer_2", None) if pipeline is not None else None
-    if isinstance(second, torch.nn.Module) and dit_family(second) is not None and second is not model:
-        return [("transformer", model), ("transformer_2", second)]
-    return [("", model)]
+    """(name prefix, model) of every DiT TAR goes on: a bare model; a pipeline's ``transformer`` and
+    Wan 2.2's second expert ``transformer_2``, whichever are present (prefixed by the attribute, unless
+    ``transformer`` is the only one)."""
+    if pipeline is None:
+        return [("", model)]
+    experts = []
+    for attr in ("transformer", "transformer_2"):
+        expert = getattr(pipeline, attr, None)
+        if isinstance(expert, torch.nn.Module) and dit_family(expert) is not None \
+                and all(expert is not other for _, other in experts):
+            experts.append((attr, expert))
+    return [("", model)] if [attr for attr, _ in experts] == ["transformer"] else experts
 
 
 def apply_dit_tar(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
-    """`apply_tar` for a supported DiT (and a pipeline's second expert): returns the regularized modules' names.
+    """`apply_tar` for a supported DiT (and a pipeline's other expert): returns the regularized modules' names.
 
-    With two experts (Wan 2.2's ``transformer`` and ``transformer_2``) the names carry the
-    expert's attribute as a prefix; ``config.blocks`` applies to each.
+    With Wan 2.2's experts (``transformer`` and ``transformer_2``, or ``transformer_2`` alone) the
+    names carry the expert's attribute as a prefix; ``config.blocks`` applies to each.
     """
     experts = dit_models(model, pipeline)
     for _, expert in experts:
@@ -366,8 +401,10 @@ def _install(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
     family = dit_family(model)
     modules = dit_attention_modules(model)
     remove_dit_tar(model)
-    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline)
     blocks = frozenset(range(len(modules)) if config.blocks is None else config.blocks)
+    # the hooks run in forward calls, once `state` below exists
+    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),
+                               snapshot=lambda: (state.grid, state.step))
     state = _DiTState(config, family, steps, config.levels[0], blocks,
                       None if pipeline is None else weakref.ref(pipeline))
     state._hooks = watch_layout(model, family, state)
@@ -389,6 +426,7 @@ def remove_dit_tar(model: torch.nn.Module) -> None:
     state = vars(model).get(_STATE_ATTR)
     if state is None:
         return
+    state.sync()  # a processor set since the last forward call is the one to give back
     for module, processor in state.installed:
         _set_processor(module, processor.processor)
     for hook in state._hooks:

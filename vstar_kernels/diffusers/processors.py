@@ -16,7 +16,15 @@ temporal transformers, per resolution level, in the early denoising steps.
   call: ``down_blocks.i`` -> i, ``mid_block`` -> the last level,
   ``up_blocks.j`` -> last - j, input blocks and models without down blocks -> 0.
 * Which step: a `StepTracker` on the denoiser counts its forward calls since
-  the pipeline's last `set_timesteps` (see `steps.py`).
+  the pipeline's last `set_timesteps` (see `steps.py`). A block that diffusers'
+  gradient checkpointing recomputes in the backward pass gets the step of the
+  forward call that ran it.
+* Processors set behind TAR's back (``set_attn_processor``, ``fuse_qkv_projections``)
+  are checked before each forward call of the model, one attribute per module:
+  where the new processor is one whose attention `TARAttnProcessor` computes
+  (`AttnProcessor`, `AttnProcessor2_0`, `FusedAttnProcessor2_0`), TAR takes its
+  place again and stands in for it from then on; any other processor raises a
+  RuntimeError, since TAR would either drop what it does or not run at all.
 
 The per-module state (level spec, step tracker, the processor to restore)
 lives on the `Attention` module, so the processor itself is stateless and
@@ -31,7 +39,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
@@ -40,6 +48,9 @@ from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
 INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
+
+# the processors whose attention TARAttnProcessor computes (it takes their place)
+STANDS_IN_FOR = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
 
 _SITE_ATTR = "_vstar_tar_site"
 _STATE_ATTR = "_vstar_tar"
@@ -90,7 +101,12 @@ class TARSite:
     spec: LevelSpec
     config: TARConfig
     steps: StepTracker
-    previous: Any  # the processor before apply_tar
+    previous: Any  # the processor TAR stands in for: the one before apply_tar, or one set since (see `_sync`)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the processor TAR stands in for projects q, k and v with the fused ``to_qkv`` / ``to_kv``."""
+        return isinstance(self.previous, FusedAttnProcessor2_0)
 
     def spec_at(self, step: Optional[int]) -> Optional[LevelSpec]:
         """The spec to apply at `step`, or None for plain attention."""
@@ -105,12 +121,13 @@ def tar_site(attn: Attention) -> Optional[TARSite]:
 
 
 def project_heads(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                  temb: Optional[torch.Tensor] = None):
+                  temb: Optional[torch.Tensor] = None, fused: bool = False):
     """q, k, v of an `Attention` call as (B, H, N, D) views of its projections.
 
     The steps `AttnProcessor2_0` takes before the attention: spatial norm, image-shaped input
     flattened to tokens, group norm, the q/k/v projections (cross-attention context normed
-    where the module asks), the head split, and the q/k norms.
+    where the module asks), the head split, and the q/k norms. `fused`: as
+    `FusedAttnProcessor2_0`, from ``to_qkv`` (self-attention) or ``to_q`` and ``to_kv``.
     """
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -118,13 +135,19 @@ def project_heads(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_s
         hidden_states = hidden_states.flatten(2).transpose(1, 2)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = attn.to_q(hidden_states)
-    if encoder_hidden_states is None:
-        encoder_hidden_states = hidden_states
-    elif attn.norm_cross:
-        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-    value = attn.to_v(encoder_hidden_states)
+    if fused and encoder_hidden_states is None:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if fused:
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
     batch, head_dim = hidden_states.shape[0], key.shape[-1] // attn.heads
     query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
     if attn.norm_q is not None:
@@ -139,8 +162,9 @@ class TARAttnProcessor:
 
     On a module without TAR state, or outside the regularized steps, it computes
     exactly what `AttnProcessor2_0` computes (same operations, equal outputs),
-    including its softmax scale ``head_dim ** -0.5``. q, k and v reach the
-    attention as (B, H, N, D) views of the (B, N, H * D) projections, no copies.
+    including its softmax scale ``head_dim ** -0.5``; where TAR stands in for
+    `FusedAttnProcessor2_0` (``fuse_qkv_projections``), what that one computes. q, k
+    and v reach the attention as (B, H, N, D) views of the projections, no copies.
     """
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
@@ -149,14 +173,15 @@ class TARAttnProcessor:
                  temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         residual = hidden_states
         image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
-        query, key, value = project_heads(attn, hidden_states, encoder_hidden_states, temb)
+        site = tar_site(attn)
+        query, key, value = project_heads(attn, hidden_states, encoder_hidden_states, temb,
+                                          fused=site is not None and site.fused)
         batch, head_dim = query.shape[0], value.shape[-1]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
 
-        site = tar_site(attn)
-        step = None if site is None else site.steps.step
+        step = None if site is None else site.steps.step  # in a checkpointed block: the step that ran it
         out = self.attention(attn, query, key, value, attention_mask=attention_mask, step=step)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -195,16 +220,19 @@ class _TARState:
     layout: List[Tuple[torch.nn.Module, tuple]] = field(default_factory=list)  # see `_layout`
 
 
+DENOISERS = ("unet", "transformer", "transformer_2")
+
+
 def _denoiser(target):
-    """(model, pipeline or None) for a pipeline (its .unet or .transformer) or a model."""
+    """(model, pipeline or None) for a pipeline (its first denoiser of `DENOISERS` present) or a model."""
     if isinstance(target, torch.nn.Module):
         return target, None
-    for attr in ("unet", "transformer"):
+    for attr in DENOISERS:
         model = getattr(target, attr, None)
         if isinstance(model, torch.nn.Module):
             return model, target
-    raise TypeError("expected a diffusers pipeline with a .unet or .transformer, or a model (torch.nn.Module); "
-                    f"got {type(target).__name__}")
+    raise TypeError(f"expected a diffusers pipeline with a denoiser ({', '.join('.' + a for a in DENOISERS)}) "
+                    f"or a model (torch.nn.Module); got {type(target).__name__}")
 
 
 def _install(state: _TARState, temporal: List[TemporalAttention]) -> None:
@@ -221,7 +249,9 @@ def _install(state: _TARState, temporal: List[TemporalAttention]) -> None:
 
 
 def _uninstall(site: TARSite) -> None:
-    site.module.set_processor(site.previous)
+    """Give the module the processor TAR stood in for; one set behind TAR's back and not yet replaced stays."""
+    if isinstance(site.module.processor, TARAttnProcessor):
+        site.module.set_processor(site.previous)
     delattr(site.module, _SITE_ATTR)
 
 
@@ -240,44 +270,76 @@ def _layout(model: torch.nn.Module, temporal: List[TemporalAttention]) -> List[T
 
 
 def _sync(model: torch.nn.Module) -> None:
-    """Before each forward call: give TAR to temporal attentions swapped in since the last one.
+    """Before each forward call: give TAR to temporal attentions swapped in since the last one, and take the
+    place of processors set on TAR's modules since (see the module docstring).
 
     A site whose module left the model gets its previous processor back (the module is clean
     if it returns); sites whose module is still there are left as they are.
     """
     state = vars(model)[_STATE_ATTR]
-    if all(tuple(module._modules.values()) == children for module, children in state.layout):
-        return
-    temporal = temporal_attention_modules(model)
-    present = {id(t.module) for t in temporal}
+    if not all(tuple(module._modules.values()) == children for module, children in state.layout):
+        temporal = temporal_attention_modules(model)
+        present = {id(t.module) for t in temporal}
+        for site in state.sites:
+            if id(site.module) not in present:
+                _uninstall(site)
+        state.sites = [site for site in state.sites if id(site.module) in present]
+        _install(state, temporal)
+        state.layout = _layout(model, temporal)
+        state.steps.find_checkpointing(model)
     for site in state.sites:
-        if id(site.module) not in present:
-            _uninstall(site)
-    state.sites = [site for site in state.sites if id(site.module) in present]
-    _install(state, temporal)
-    state.layout = _layout(model, temporal)
+        if not isinstance(site.module.processor, TARAttnProcessor):
+            _stand_in(state, site)
+
+
+def _stand_in(state: _TARState, site: TARSite) -> None:
+    """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""
+    processor = site.module.processor
+    if type(processor) not in STANDS_IN_FOR:
+        raise RuntimeError(
+            f"{site.name}: its attention processor was replaced by {type(processor).__name__} after apply_tar "
+            f"(set_attn_processor?); TAR computes the attention of {', '.join(c.__name__ for c in STANDS_IN_FOR)} "
+            "only and would drop what this one does. Call apply_tar again to regularize with TAR's processor "
+            "in its place, or remove_tar to run it without TAR")
+    site.previous = processor
+    site.module.set_processor(state.processor)
 
 
 def apply_tar(target, config: TARConfig) -> List[str]:
     """Regularize the temporal attention of a pipeline's denoiser (or of a model) with TAR.
 
     Args:
-        target: a diffusers pipeline (its ``.unet`` or ``.transformer`` is used; its
-            scheduler's `set_timesteps` restarts the step count) or the model itself
-            (each forward call is one step, counted from 0 now; see `reset_steps`).
+        target: a diffusers pipeline (its ``.unet`` or ``.transformer``, and Wan 2.2's
+            ``.transformer_2``, either expert alone too; its scheduler's `set_timesteps`
+            restarts the step count) or the model itself (each forward call is one step,
+            counted from 0 now; see `reset_steps`). Where a pipeline runs the guidance
+            branches as two calls (Wan, HunyuanVideo), pass the pipeline: both calls of a
+            step then count as one.
         config: a `TARConfig`, e.g. ``TARConfig.from_preset("64D1")``.
 
     Returns:
         The names of the attention modules TAR now runs on. Applying again replaces the
-        previous config; `remove_tar` restores the processors from before the first apply.
-        Temporal attentions swapped in later (``pipe.enable_free_noise()`` and
-        ``disable_free_noise()`` replace the motion modules' blocks) get TAR before the model's
-        next forward call runs, with the pipeline or the model as `target`.
+        previous config; `remove_tar` restores the processors from before the first apply
+        (or those set since, see below). Temporal attentions swapped in later
+        (``pipe.enable_free_noise()`` and ``disable_free_noise()`` replace the motion modules'
+        blocks) get TAR before the model's next forward call runs, with the pipeline or the
+        model as `target`.
 
-    diffusers' ``set_default_attn_processor()`` accepts only diffusers' own processor classes:
-    while TAR is applied it raises a ValueError (naming the first processor it lists, not
-    necessarily TAR's). Call `remove_tar` first, then ``set_default_attn_processor()``, then
-    `apply_tar` again to regularize on top of the default processors.
+    Processors set on TAR's modules after `apply_tar` (``set_attn_processor``,
+    ``fuse_qkv_projections``) are found before the model's next forward call: a DiT's
+    `DiTTARProcessor` wraps the new processor; a UNet's `TARAttnProcessor` takes the place of
+    `AttnProcessor`, `AttnProcessor2_0` and `FusedAttnProcessor2_0` (projecting with the fused
+    weights) and raises a RuntimeError for any other. The output is then that of the other
+    order (the processor set first, then `apply_tar`). diffusers' ``set_default_attn_processor()``
+    accepts only diffusers' own processor classes: while TAR is applied to a UNet it raises a
+    ValueError (naming the first processor it lists, not necessarily TAR's). Call `remove_tar`
+    first, then ``set_default_attn_processor()``, then `apply_tar` again to regularize on top
+    of the default processors.
+
+    Training with diffusers' gradient checkpointing (``model.enable_gradient_checkpointing()``,
+    before or after `apply_tar`): a block recomputed in the backward pass is regularized as
+    its forward call ran it (same step, same token layout), so gradients equal those without
+    checkpointing.
 
     Video diffusion transformers (Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi) get
     frame-aware TAR on the full attention of their transformer blocks (see `dit`): level 0
@@ -320,7 +382,7 @@ def apply_tar(target, config: TARConfig) -> List[str]:
 
 
 def remove_tar(target) -> None:
-    """Restore the processors from before `apply_tar` and remove its hook (no-op without TAR).
+    """Restore the processors from before `apply_tar` (or those set since) and remove its hooks (no-op without TAR).
 
     Needed before diffusers' ``set_default_attn_processor()``, which raises while TAR's
     processors are installed; ``apply_tar`` may follow it.

@@ -12,12 +12,23 @@ scheduler is patched.
 
 On a bare model (no pipeline) each forward call is one step, counted from 0
 at the first `attach` or the last `reset`.
+
+Gradient checkpointing. diffusers' ``enable_gradient_checkpointing()`` makes the
+model run some blocks through ``module._gradient_checkpointing_func(block, *args)``,
+which recomputes the block in the backward pass, after the model's forward call
+has returned (and maybe after further forward calls advanced the step). Before
+each forward call the tracker wraps that function of every module that has one
+(an attribute comparison per module), so that a checkpointed block's call, the
+first and the recomputed one, sees the step and the owners' `snapshot` values
+of the forward call that ran it: `step` and `current` answer with those inside
+it, and with the live values everywhere else.
 """
 
 from __future__ import annotations
 
+import contextvars
 import weakref
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -25,6 +36,50 @@ import torch
 class _Owner(NamedTuple):
     on_run_start: Optional[Callable[[], None]]
     before_forward: Optional[Callable[[], None]]
+    snapshot: Optional[Callable[[], Any]]
+
+
+class _Snapshot(NamedTuple):
+    step: int
+    owners: Dict[str, Any]  # owner -> its snapshot value
+
+
+# tracker -> the snapshot of the forward call whose checkpointed block runs now (in this thread)
+_BOUND: contextvars.ContextVar[Dict["StepTracker", _Snapshot]] = contextvars.ContextVar("vstar_bound_calls",
+                                                                                        default={})
+
+
+class _BoundBlock:
+    """A checkpointed block that runs with the snapshot of the forward call that checkpointed it.
+
+    Passed to the gradient-checkpointing function instead of the block: torch keeps it and calls
+    it again to recompute the block in the backward pass. Other attributes are the block's.
+    """
+
+    def __init__(self, block: torch.nn.Module, tracker: "StepTracker", snapshot: _Snapshot):
+        self._block, self._tracker, self._snapshot = block, tracker, snapshot
+
+    def __call__(self, *args, **kwargs):
+        token = _BOUND.set({**_BOUND.get(), self._tracker: self._snapshot})
+        try:
+            return self._block(*args, **kwargs)
+        finally:
+            _BOUND.reset(token)
+
+    def __getattr__(self, name: str):
+        if name in ("_block", "_tracker", "_snapshot"):  # not set yet (copies, pickling)
+            raise AttributeError(name)
+        return getattr(self._block, name)
+
+
+class _BindingCheckpoint:
+    """A module's gradient-checkpointing function, binding the tracker's snapshot to each block it runs."""
+
+    def __init__(self, function: Callable, tracker: "StepTracker"):
+        self.function, self.tracker = function, tracker
+
+    def __call__(self, block: torch.nn.Module, *args, **kwargs):
+        return self.function(_BoundBlock(block, self.tracker, self.tracker._snapshot()), *args, **kwargs)
 
 
 class StepTracker:
@@ -35,18 +90,61 @@ class StepTracker:
     forward pre-hook is removed when the last owner detaches. An owner may give
     ``on_run_start``, called (before the model runs) whenever the count restarts
     at 0: a new pipeline run, or `reset`; and ``before_forward``, called before
-    every forward call of the model, once ``step`` is set.
+    every forward call of the model, once ``step`` is set; and ``snapshot``, whose
+    value `current` gives back inside a gradient-checkpointed block as it was when
+    the forward call ran the block (see the module docstring).
     """
 
     _ATTR = "_vstar_step_tracker"
+    _CHECKPOINT_ATTR = "_gradient_checkpointing_func"
 
     def __init__(self, model: torch.nn.Module):
-        self.step = 0
+        self._step = 0
         self._next = 0
         self._owners: Dict[str, _Owner] = {}
         self._pipeline = None  # weakref to the pipeline whose scheduler marks a new run
         self._timesteps = None  # the scheduler tensor of the current run
+        self._checkpointing: List[torch.nn.Module] = []
+        self.find_checkpointing(model)
         self._handle = model.register_forward_pre_hook(self._before_forward)
+
+    @property
+    def step(self) -> int:
+        """The step of the forward call in progress (inside a checkpointed block: of the call that ran it)."""
+        bound = _BOUND.get().get(self)
+        return self._step if bound is None else bound.step
+
+    def current(self, owner: str) -> Any:
+        """`owner`'s snapshot value for the call in progress: inside a checkpointed block, the value when
+        the forward call ran the block (also when torch recomputes it in the backward pass); else the live one."""
+        bound = _BOUND.get().get(self)
+        if bound is None or owner not in bound.owners:  # owner attached after that forward call: live
+            return self._owners[owner].snapshot()
+        return bound.owners[owner]
+
+    def find_checkpointing(self, model: torch.nn.Module) -> None:
+        """Note the modules of `model` that can checkpoint their blocks (diffusers' ``gradient_checkpointing``
+        attribute); a model walk, for `attach` and for callers that swapped modules in."""
+        self._checkpointing = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+    def _snapshot(self) -> _Snapshot:
+        bound = _BOUND.get().get(self)
+        if bound is not None:  # a checkpointed block inside a checkpointed block
+            return bound
+        return _Snapshot(self._step, {name: owner.snapshot() for name, owner in self._owners.items()
+                                      if owner.snapshot is not None})
+
+    def _bind_checkpointing(self) -> None:
+        for module in self._checkpointing:
+            function = vars(module).get(self._CHECKPOINT_ATTR)
+            if function is not None and not (isinstance(function, _BindingCheckpoint) and function.tracker is self):
+                setattr(module, self._CHECKPOINT_ATTR, _BindingCheckpoint(function, self))
+
+    def _unbind_checkpointing(self) -> None:
+        for module in self._checkpointing:
+            function = vars(module).get(self._CHECKPOINT_ATTR)
+            if isinstance(function, _BindingCheckpoint) and function.tracker is self:
+                setattr(module, self._CHECKPOINT_ATTR, function.function)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Optional["StepTracker"]:
@@ -56,7 +154,8 @@ class StepTracker:
     @classmethod
     def attach(cls, model: torch.nn.Module, owner: str, *, pipeline=None,
                on_run_start: Optional[Callable[[], None]] = None,
-               before_forward: Optional[Callable[[], None]] = None) -> "StepTracker":
+               before_forward: Optional[Callable[[], None]] = None,
+               snapshot: Optional[Callable[[], Any]] = None) -> "StepTracker":
         """The model's tracker (created on first use), now also serving `owner`.
 
         With `pipeline`, a new `pipeline.scheduler.timesteps` tensor restarts the count.
@@ -68,7 +167,7 @@ class StepTracker:
         if pipeline is not None:
             tracker._pipeline = weakref.ref(pipeline)
             tracker._timesteps = tracker._scheduler_timesteps()
-        tracker._owners[owner] = _Owner(on_run_start, before_forward)
+        tracker._owners[owner] = _Owner(on_run_start, before_forward, snapshot)
         return tracker
 
     @classmethod
@@ -80,11 +179,12 @@ class StepTracker:
         tracker._owners.pop(owner, None)
         if not tracker._owners:
             tracker._handle.remove()
+            tracker._unbind_checkpointing()
             delattr(model, cls._ATTR)
 
     def reset(self) -> None:
         """The next forward call is step 0."""
-        self.step = 0
+        self._step = 0
         self._next = 0
         for owner in list(self._owners.values()):
             if owner.on_run_start is not None:
@@ -99,8 +199,9 @@ class StepTracker:
         if timesteps is not None and timesteps is not self._timesteps:
             self._timesteps = timesteps
             self.reset()
-        self.step = self._next
+        self._step = self._next
         self._next += 1
+        self._bind_checkpointing()
         for owner in list(self._owners.values()):
             if owner.before_forward is not None:
                 owner.before_forward()
