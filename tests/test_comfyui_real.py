@@ -266,6 +266,8 @@ WAN_CASES = {
                     video_ids(3, 6, 8)),
     "reference image tokens first": (dict(in_dim_ref_conv=16), (1, 16, 3, 6, 8),
                                      {"reference_latents": (1, 16, 1, 6, 8)}, video_ids(3, 6, 8, before=12)),
+    "HuMo reference frames last": (dict(cls="HumoWanModel"), (1, 16, 3, 6, 8),
+                                   {"reference_latents": (1, 16, 2, 6, 8)}, video_ids(3, 6, 8, after=24)),
 }
 
 
