@@ -7,6 +7,7 @@ sampled latents must match it, and be stock bit for bit where TAR is off. tests/
 runs such checks against a real ComfyUI.
 """
 
+import importlib
 import math
 import pathlib
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import vstar_kernels.comfyui as vc
+from vstar_kernels import cli
 from vstar_kernels.comfyui import models as vc_models
 from vstar_kernels.comfyui.patch import MarkedForward, key_mask
 
@@ -181,32 +183,28 @@ def test_imports_without_comfyui():
     assert res.stdout.strip() == "['VSTAR_TAR']"
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vstar_kernels", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
-
-
-def test_install_writes_a_custom_nodes_package(tmp_path):
+def test_install_writes_a_custom_nodes_package(tmp_path, capsys, monkeypatch):
     (tmp_path / "custom_nodes").mkdir()
-    res = _cli("comfyui-install", str(tmp_path))
-    assert res.returncode == 0, res.stderr
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 0
     init = tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py"
-    assert str(init) in res.stdout
-    code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'custom_nodes')!r}); import vstar_kernels_tar as p; "
-            "print(sorted(p.NODE_CLASS_MAPPINGS), p.NODE_CLASS_MAPPINGS['VSTAR_TAR'].__module__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['VSTAR_TAR'] vstar_kernels.comfyui.node"
-    assert _cli("comfyui-install", str(tmp_path)).returncode == 0    # its own package is replaced
+    assert str(init) in capsys.readouterr().out
+    monkeypatch.syspath_prepend(str(tmp_path / "custom_nodes"))
+    package = importlib.import_module("vstar_kernels_tar")
+    try:
+        assert package.NODE_CLASS_MAPPINGS is vc.NODE_CLASS_MAPPINGS
+        assert package.NODE_DISPLAY_NAME_MAPPINGS is vc.NODE_DISPLAY_NAME_MAPPINGS
+    finally:
+        del sys.modules["vstar_kernels_tar"]
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 0    # its own package is replaced
 
 
-def test_install_refuses_other_folders(tmp_path):
-    res = _cli("comfyui-install", str(tmp_path))
-    assert res.returncode == 2 and "no custom_nodes/ folder" in res.stderr
+def test_install_refuses_other_folders(tmp_path, capsys):
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 2
+    assert "no custom_nodes/ folder" in capsys.readouterr().err
     (tmp_path / "custom_nodes" / "vstar_kernels_tar").mkdir(parents=True)
     (tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py").write_text("# someone else's\n")
-    res = _cli("comfyui-install", str(tmp_path))
-    assert res.returncode == 2 and "was not written by this command" in res.stderr
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 2
+    assert "was not written by this command" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- numerics against the oracle
@@ -447,6 +445,15 @@ def test_too_many_reference_frames_is_an_error(comfy):
     (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, reference_frames=2)
     with pytest.raises(ValueError, match="reference_frames=2 leaves none of this call's 2 latent frames as video"):
         sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
+
+
+def test_a_call_mixing_steps_inside_and_outside_the_window_is_an_error():
+    settings = vc.patch.Settings(1.0, 1.0, sigma_start=0.75, sigma_end=0.25, reference_frames=0, backend="auto")
+    wrapper = vc.patch.TARWrapper(settings, vc_models.WAN)
+    assert wrapper.regularizes(torch.tensor([0.75, 0.75])) and wrapper.regularizes(torch.tensor([0.25]))
+    assert not wrapper.regularizes(torch.tensor([0.875, 0.875]))
+    with pytest.raises(ValueError, match=r"one model call mixes sigmas inside and outside the window \[0.25, 0.75\]"):
+        wrapper.regularizes(torch.tensor([0.5, 0.875]))
 
 
 def test_key_masks():
