@@ -92,7 +92,7 @@ class TARWrapper:
 
     def regularizes(self, sigmas: torch.Tensor) -> bool:
         """Whether a call at `sigmas` (one per batch entry) is in the window; mixed batches are an error."""
-        values = [float(s) for s in torch.as_tensor(sigmas).detach().reshape(-1).tolist()]
+        values = torch.as_tensor(sigmas).detach().reshape(-1).tolist()
         inside = [self.settings.sigma_end <= s <= self.settings.sigma_start for s in values]
         if all(inside):
             return True
