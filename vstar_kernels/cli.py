@@ -228,6 +228,25 @@ def cmd_demo_attention(args) -> int:
     return 0
 
 
+def _comfyui_install_options(parser) -> None:
+    parser.add_argument("comfyui", help="the ComfyUI directory (the one with custom_nodes/)")
+
+
+@command("comfyui-install", "add the VSTAR_TAR node to a ComfyUI installation (a small custom_nodes package)",
+         _comfyui_install_options)
+def cmd_comfyui_install(args) -> int:
+    from .comfyui.install import install
+
+    try:
+        path = install(args.comfyui)
+    except ValueError as exc:
+        print(f"comfyui-install: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}\nrestart ComfyUI; the node is 'VSTAR temporal attention regularization (TAR)' under "
+          f"model_patches/video. vstar_kernels must be installed in the Python environment that runs ComfyUI.")
+    return 0
+
+
 def _configure_bench(parser):
     from .bench import configure
 

@@ -1,0 +1,1 @@
+"""Stand-in for the few ComfyUI surfaces vstar_kernels.comfyui uses (see ../README.md)."""

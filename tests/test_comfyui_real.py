@@ -1,0 +1,479 @@
+"""The ComfyUI node against a real ComfyUI: set COMFYUI_SRC to a ComfyUI checkout (skipped otherwise).
+
+Tiny random-weight models built from ComfyUI's own classes (Wan through its state-dict loader, the
+others from their supported-model configs) are sampled through ``comfy.sample.sample``. A float64
+oracle computes TAR densely from its definition in an attention override of its own, on the calls
+of the classes that hold the video self-attention (patched here, not through the node), with frame
+ids written out from the latent's shape. The node's samples must match it, and be stock bit for bit
+where TAR is off; the input model must stay as it was; an override already on the model must get
+every call the node does not regularize.
+
+ComfyUI's Python requirements must be importable (PYTHONPATH may name a folder they were installed
+into with ``pip install --target``): torch, einops, safetensors, psutil, scipy, torchsde,
+torchvision, av, ... When torchvision's compiled operators do not load against this torch (a CUDA
+wheel of torchvision with a CPU torch: "operator torchvision::nms does not exist"), their schemas
+are defined here first so that it imports; nothing here calls them. ComfyUI runs on its CPU path
+(``comfy.cli_args.args.cpu``).
+"""
+
+import asyncio
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import vstar_kernels.comfyui as vc
+from vstar_kernels.comfyui.patch import MarkedForward
+
+COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
+pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
+
+NODE = vc.NODE_CLASS_MAPPINGS["VSTAR_TAR"]
+ORACLE = "oracle_regularizes"
+CPU = torch.device("cpu")
+_TORCHVISION_SCHEMAS = []
+
+
+def _torchvision_loads() -> None:
+    """Make `import torchvision` work when its compiled operators cannot load (see the module docstring)."""
+    if "torchvision" in sys.modules:
+        return
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True, timeout=300)
+    if probe.returncode == 0:
+        return
+    if "torchvision::nms does not exist" not in probe.stderr:
+        pytest.fail(f"torchvision does not import:\n{probe.stderr[-2000:]}")
+    library = torch.library.Library("torchvision", "DEF")
+    for name in ("nms", "qnms"):
+        library.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_SCHEMAS.append(library)
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    root = pathlib.Path(COMFYUI_SRC).resolve()
+    _torchvision_loads()
+    path = list(sys.path)
+    saved = {name: mod for name, mod in sys.modules.items() if name == "comfy" or name.startswith("comfy.")}
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        import comfy.ldm.cosmos.blocks
+        import comfy.ldm.cosmos.predict2
+        import comfy.ldm.flux.layers
+        import comfy.ldm.genmo.joint_model.asymm_models_joint
+        import comfy.ldm.lightricks.model
+        import comfy.ldm.modules.attention
+        import comfy.ldm.wan.model
+        import comfy.model_management
+        import comfy.model_patcher
+        import comfy.model_sampling
+        import comfy.ops
+        import comfy.sample
+        import comfy.sd
+        import comfy.supported_models
+
+        yield comfy
+    finally:
+        sys.path[:] = path
+        for name, mod in list(sys.modules.items()):
+            file = getattr(mod, "__file__", None)
+            if file and pathlib.Path(file).resolve().is_relative_to(root):
+                del sys.modules[name]
+        sys.modules.update(saved)
+
+
+# ---------------------------------------------------------------- models
+
+# the scales of the q and k norms in Wan, LTX-Video, Cosmos Predict2, Mochi, HunyuanVideo, Cosmos Predict1
+QK_NORMS = ("norm_q.weight", "norm_k.weight", "q_norm.weight", "k_norm.weight", "q_norm_x.weight", "k_norm_x.weight",
+            "query_norm.scale", "key_norm.scale", "to_q.1.weight", "to_k.1.weight")
+
+
+def _init(named, seed):
+    """Random weights that make attention rows peaked (q/k norms at 2), so that TAR moves the result."""
+    gen = torch.Generator().manual_seed(seed)
+    values = {}
+    for name, value in named:
+        if name.endswith(QK_NORMS):
+            values[name] = torch.full(value.shape, 2.0)
+        elif value.dim() > 1:
+            values[name] = torch.randn(value.shape, generator=gen) * 0.05
+        elif name.endswith(("weight", "scale")):
+            values[name] = 1.0 + 0.1 * torch.randn(value.shape, generator=gen)
+        else:
+            values[name] = 0.02 * torch.randn(value.shape, generator=gen)
+    return values
+
+
+def wan(comfy, seed=0, cls="WanModel", **config):
+    """A tiny Wan (2 heads of 128, 2 blocks) loaded through ComfyUI's model detection, in float64."""
+    config = {"dim": 256, "ffn_dim": 256, "num_heads": 2, "num_layers": 2, "text_dim": 4096, "in_dim": 16,
+              "out_dim": 16, **config}
+    net = getattr(comfy.ldm.wan.model, cls)(operations=comfy.ops.disable_weight_init, **config)
+    state = _init(net.state_dict().items(), seed)
+    return comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float64})
+
+
+def configured(comfy, config_name, unet_config, dtype=torch.float64, seed=0):
+    """A tiny model from a supported-model config of ComfyUI."""
+    config = getattr(comfy.supported_models, config_name)(unet_config)
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({})
+    with torch.no_grad():
+        for name, value in _init(model.diffusion_model.named_parameters(), seed).items():
+            model.diffusion_model.get_parameter(name).copy_(value)
+    return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+
+
+def shift_one(comfy, model):
+    """The model with flow sigmas unshifted (ComfyUI's ModelSamplingSD3 node at shift 1): percent p is sigma 1 - p."""
+    import comfy_extras.nodes_model_advanced as advanced
+
+    return advanced.ModelSamplingSD3().patch(model, 1.0)[0]
+
+
+def run(comfy, model, latent, positive, negative, steps=3, cfg=4.0, sigmas=None, noise=None, **kwargs):
+    if noise is None:
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
+                               sigmas=sigmas, disable_pbar=True, seed=1, **kwargs)
+
+
+def texts(dim=4096, length=7, **extra):
+    gen = torch.Generator().manual_seed(3)
+    return ([[torch.randn(1, length, dim, generator=gen), dict(extra)]],
+            [[torch.randn(1, length, dim, generator=gen), dict(extra)]])
+
+
+# ---------------------------------------------------------------- the oracle
+
+def video_ids(frames, height, width, patch=2, before=0, after=0):
+    per_frame = -(-height // patch) * -(-width // patch)
+    return torch.tensor([-1] * before + [f for f in range(frames) for _ in range(per_frame)] + [-1] * after)
+
+
+def _attention_call(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                    **kwargs):
+    return q, k, v, heads, mask, skip_reshape, skip_output_reshape
+
+
+def oracle_override(ids, sigma, strength, sigmas_in):
+    """TAR by its definition (float64) on calls marked ORACLE at the steps whose sigma is in `sigmas_in` (all
+    steps when None); the tokens after `ids` (text) get -1; masks are additive key masks."""
+    def override(func, *args, **kwargs):
+        options = kwargs["transformer_options"]
+        if not options.get(ORACLE) or (sigmas_in is not None and float(options["sigmas"][0]) not in sigmas_in):
+            return func(*args, **kwargs)
+        q, k, v, heads, mask, skip_reshape, skip_output_reshape = _attention_call(*args, **kwargs)
+        if not skip_reshape:
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        n = q.shape[2]
+        full = torch.cat([ids, torch.full((n - len(ids),), -1)]).double()
+        scores = q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
+        if mask is not None:
+            keep = (mask.reshape(mask.shape[0], -1) == 0).expand(q.shape[0], n)
+            scores = scores.masked_fill(~keep[:, None, None, :], -math.inf)
+        fq, fk = full[:, None], full[None, :]
+        band = torch.where((fq >= 0) & (fk >= 0), torch.exp(-0.5 * ((fk - fq) / sigma) ** 2), 0.0)
+        row_max = scores.amax(-1, keepdim=True)
+        out = (torch.softmax(scores + strength * row_max * band, dim=-1) @ v.double()).to(q.dtype)
+        return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
+    return override
+
+
+def _no_context(self, args, kwargs):
+    return (args[1] if len(args) > 1 else kwargs.get("context")) is None
+
+
+# where the video self-attention is, per model: (module, class, which calls of it are self-attention)
+MARKS = {
+    "wan": ("comfy.ldm.wan.model", "WanSelfAttention", None),
+    "hunyuan": ("comfy.ldm.flux.layers", ("DoubleStreamBlock", "SingleStreamBlock"), None),
+    "ltxv": ("comfy.ldm.lightricks.model", "CrossAttention", _no_context),
+    "mochi": ("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmetricAttention", None),
+    "cosmos1": ("comfy.ldm.cosmos.blocks", "VideoAttn", _no_context),
+    "cosmos2": ("comfy.ldm.cosmos.predict2", "Attention", _no_context),
+}
+
+
+@pytest.fixture
+def mark(comfy, monkeypatch):
+    """mark(kind): the video self-attention of that kind of model marks its transformer_options for the oracle."""
+    def marking(kind):
+        module, names, is_self = MARKS[kind]
+        for name in (names,) if isinstance(names, str) else names:
+            cls = getattr(sys.modules[module], name)
+            original = cls.forward
+
+            def forward(self, *args, _original=original, **kwargs):
+                if is_self is None or is_self(self, args, kwargs):
+                    kwargs["transformer_options"] = {**kwargs["transformer_options"], ORACLE: True}
+                return _original(self, *args, **kwargs)
+            monkeypatch.setattr(cls, "forward", forward)
+    return marking
+
+
+def oracle_run(comfy, model, ids, sigma, strength, latent, positive, negative, sigmas_in=None, **kwargs):
+    oracle = model.clone()
+    oracle.model_options["transformer_options"]["optimized_attention_override"] = oracle_override(
+        ids, sigma, strength, sigmas_in)
+    return run(comfy, oracle, latent, positive, negative, **kwargs)
+
+
+def assert_matches(out, expected, stock, atol=1e-6):
+    """The node's sample matches the oracle's (both float32 at the end of ComfyUI's sampling), and TAR moved it."""
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+    assert (out - stock).abs().max() > 100 * atol
+
+
+# ---------------------------------------------------------------- the node in ComfyUI
+
+def test_comfyui_loads_the_installed_node(comfy, tmp_path):
+    import nodes
+
+    from vstar_kernels.comfyui.install import install
+
+    (tmp_path / "custom_nodes").mkdir()
+    package = install(str(tmp_path)).parent
+    try:
+        assert asyncio.run(nodes.load_custom_node(str(package)))
+        assert nodes.NODE_CLASS_MAPPINGS["VSTAR_TAR"] is NODE
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS["VSTAR_TAR"] == vc.NODE_DISPLAY_NAME_MAPPINGS["VSTAR_TAR"]
+    finally:
+        nodes.NODE_CLASS_MAPPINGS.pop("VSTAR_TAR", None)
+        nodes.NODE_DISPLAY_NAME_MAPPINGS.pop("VSTAR_TAR", None)
+    required = NODE.INPUT_TYPES()["required"]
+    assert list(required) == ["model", "strength", "sigma"] and NODE.RETURN_TYPES == ("MODEL",)
+
+
+WAN_CASES = {
+    # name: (model, latent, extra conditioning, ids)
+    "t2v, odd height": (dict(), (1, 16, 4, 9, 10), {}, video_ids(4, 9, 10)),
+    "i2v (CLIP image cross-attention)": (
+        dict(model_type="i2v", in_dim=36), (1, 16, 3, 8, 8),
+        {"clip_vision_output": (1, 257, 1280), "concat_latent_image": (1, 16, 3, 8, 8)}, video_ids(3, 8, 8)),
+    "VACE blocks": (dict(cls="VaceWanModel", vace_layers=1, vace_in_dim=96), (1, 16, 3, 6, 8), {},
+                    video_ids(3, 6, 8)),
+    "reference image tokens first": (dict(in_dim_ref_conv=16), (1, 16, 3, 6, 8),
+                                     {"reference_latents": (1, 16, 1, 6, 8)}, video_ids(3, 6, 8, before=12)),
+    "HuMo reference frames last": (dict(cls="HumoWanModel"), (1, 16, 3, 6, 8),
+                                   {"reference_latents": (1, 16, 2, 6, 8)}, video_ids(3, 6, 8, after=24)),
+}
+
+
+def _extra(spec):
+    gen = torch.Generator().manual_seed(4)
+    out = {}
+    for name, shape in spec.items():
+        value = torch.randn(shape, generator=gen)
+        if name == "clip_vision_output":
+            value = types.SimpleNamespace(penultimate_hidden_states=value)
+        elif name == "reference_latents":
+            value = [value]
+        out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("case", list(WAN_CASES))
+def test_wan_matches_the_float64_oracle(comfy, mark, case):
+    config, shape, extra, ids = WAN_CASES[case]
+    mark("wan")
+    model = wan(comfy, **config)
+    positive, negative = texts(**_extra(extra))
+    latent = torch.zeros(shape)
+    stock = run(comfy, model, latent, positive, negative)
+    (tar,) = NODE().apply(model, 1.0, 1.5)
+    out = run(comfy, tar, latent, positive, negative)
+    assert_matches(out, oracle_run(comfy, model, ids, 1.5, 1.0, latent, positive, negative), stock)
+
+
+def test_wan22_experts_each_take_the_node(comfy, mark):
+    """Two models share one sampling (high noise, then low noise, as Wan 2.2's experts): each clone has TAR."""
+    mark("wan")
+    high, low = wan(comfy, seed=0), wan(comfy, seed=1)
+    latent = torch.zeros(1, 16, 3, 6, 6)
+    positive, negative = texts()
+
+    def stage(model, start, oracle, **kwargs):
+        if oracle:
+            return oracle_run(comfy, model, video_ids(3, 6, 6), 1.0, 1.0, start, positive, negative, steps=4, **kwargs)
+        return run(comfy, model, start, positive, negative, steps=4, **kwargs)
+
+    def experts(first, second, oracle=False):
+        middle = stage(first, latent, oracle, last_step=2, force_full_denoise=False)
+        return stage(second, middle, oracle, start_step=2, noise=torch.zeros(latent.shape))
+
+    stock = experts(high, low)
+    out = experts(NODE().apply(high, 1.0, 1.0)[0], NODE().apply(low, 1.0, 1.0)[0])
+    assert_matches(out, experts(high, low, oracle=True), stock)
+
+
+@pytest.mark.parametrize("start, end, steps_in", [(0.25, 0.5, (1, 2)), (0.0, 0.25, (0, 1)), (0.75, 1.0, (3,))])
+def test_step_window_includes_both_ends(comfy, mark, start, end, steps_in):
+    """Sigmas 1, 0.75, 0.5, 0.25 with flow shift 1, where percent p is sigma 1 - p exactly."""
+    mark("wan")
+    model = shift_one(comfy, wan(comfy))
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    latent = torch.zeros(1, 16, 3, 6, 8)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=start, end_percent=end)
+    out = run(comfy, tar, latent, positive, negative, sigmas=sigmas)
+    inside = {float(sigmas[i]) for i in steps_in}
+    expected = oracle_run(comfy, model, video_ids(3, 6, 8), 1.0, 1.0, latent, positive, negative, sigmas_in=inside,
+                          sigmas=sigmas)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    fewer = oracle_run(comfy, model, video_ids(3, 6, 8), 1.0, 1.0, latent, positive, negative,
+                       sigmas_in=inside - {float(sigmas[steps_in[-1]])}, sigmas=sigmas)
+    assert (out - fewer).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("strength, start, end", [(0.0, 0.0, 1.0), (1.0, 0.6, 0.4), (1.0, 0.3, 0.45)])
+def test_off_is_stock_bit_for_bit(comfy, strength, start, end):
+    """Strength 0, a window that starts after it ends, a window between two steps (sigmas 0.75 and 0.5)."""
+    model = shift_one(comfy, wan(comfy))
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    latent = torch.zeros(1, 16, 3, 6, 8)
+    positive, negative = texts()
+    stock = run(comfy, model, latent, positive, negative, sigmas=sigmas)
+    (tar,) = NODE().apply(model, strength, 1.0, start_percent=start, end_percent=end)
+    assert torch.equal(run(comfy, tar, latent, positive, negative, sigmas=sigmas), stock)
+
+
+def test_strength_zero_is_stock_with_the_default_schedule(comfy):
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 5, 8)
+    positive, negative = texts()
+    stock = run(comfy, model, latent, positive, negative)
+    assert torch.equal(run(comfy, NODE().apply(model, 0.0, 1.0)[0], latent, positive, negative), stock)
+
+
+def test_clone_semantics(comfy):
+    model = wan(comfy)
+    before = (repr(model.model_options), dict(model.object_patches), repr(model.wrappers))
+    latent = torch.zeros(1, 16, 3, 6, 8)
+    positive, negative = texts()
+    stock = run(comfy, model, latent, positive, negative)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    assert tar is not model and tar.model is model.model
+    assert (repr(model.model_options), dict(model.object_patches), repr(model.wrappers)) == before
+    assert not torch.equal(run(comfy, tar, latent, positive, negative), stock)
+    assert torch.equal(run(comfy, model, latent, positive, negative), stock)     # the input, after the clone ran
+    assert not any(isinstance(block.self_attn.forward, MarkedForward) for block in model.model.diffusion_model.blocks)
+
+
+def recorder(calls):
+    """An override such as a backend-selector node sets: records (queries, keys, sigma) and runs the stock call."""
+    def override(func, *args, **kwargs):
+        q, k, *_ = args
+        axis = 2 if kwargs.get("skip_reshape") else 1
+        calls.append((q.shape[axis], k.shape[axis], float(kwargs["transformer_options"]["sigmas"][0])))
+        return func(*args, **kwargs)
+    return override
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["override set before the node", "set after"])
+def test_an_override_on_the_model_gets_every_call_not_regularized(comfy, before):
+    model = shift_one(comfy, wan(comfy))
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    latent = torch.zeros(1, 16, 3, 6, 8)   # 3 frames x 12 tokens; the text has 7
+    positive, negative = texts()
+    window = dict(start_percent=0.25, end_percent=0.5)
+    (plain,) = NODE().apply(model, 1.0, 1.0, **window)
+    reference = run(comfy, plain, latent, positive, negative, sigmas=sigmas)
+    calls = []
+    if before:
+        chained = model.clone()
+        chained.model_options["transformer_options"]["optimized_attention_override"] = recorder(calls)
+        (chained,) = NODE().apply(chained, 1.0, 1.0, **window)
+    else:
+        chained = plain.clone()
+        chained.model_options["transformer_options"]["optimized_attention_override"] = recorder(calls)
+    assert torch.equal(run(comfy, chained, latent, positive, negative, sigmas=sigmas), reference)
+    cross = [(36, 7, float(s)) for s in sigmas[:-1] for _ in range(2)]
+    own = [(36, 36, float(s)) for s in (sigmas[0], sigmas[3]) for _ in range(2)]
+    assert sorted(calls) == sorted(cross + own)
+
+
+# ---------------------------------------------------------------- the other models
+
+OTHERS = {
+    "hunyuan": ("HunyuanVideo", {
+        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
+        "vec_in_dim": None, "axes_dim": [16, 56, 56], "context_in_dim": 32, "hidden_size": 256, "mlp_ratio": 2.0,
+        "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "theta": 256, "qkv_bias": True,
+        "guidance_embed": False, "byt5": False, "meanflow": False},
+        (1, 16, 3, 6, 4), {"pooled_output": torch.zeros(1, 768)}, video_ids(3, 6, 4), torch.float64, 4.0),
+    "hunyuan, padded text": (
+        "HunyuanVideo", None, (1, 16, 3, 6, 4),
+        {"pooled_output": torch.zeros(1, 768), "attention_mask": torch.tensor([[1] * 5 + [0] * 2])},
+        video_ids(3, 6, 4), torch.float64, 1.0),
+    "ltxv": ("LTXV", {
+        "image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+        "num_attention_heads": 2, "caption_channels": 32, "num_layers": 2},
+        (1, 128, 3, 4, 5), {"attention_mask": torch.ones(1, 7, dtype=torch.long)}, video_ids(3, 4, 5, patch=1),
+        torch.float64, 4.0),
+    "mochi": ("GenmoMochi", {
+        "image_model": "mochi_preview", "depth": 1, "patch_size": 2, "num_heads": 2, "hidden_size_x": 128,
+        "hidden_size_y": 64, "mlp_ratio_x": 96.0, "mlp_ratio_y": 2.0, "learn_sigma": False, "in_channels": 12,
+        "qk_norm": True, "qkv_bias": False, "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True,
+        "posenc_preserve_area": True, "timestep_mlp_bias": True, "attend_to_padding": False, "timestep_scale": 1000.0,
+        "use_t5": True, "t5_feat_dim": 32, "t5_token_length": 16, "rope_theta": 10000.0},
+        (1, 12, 3, 6, 4), {"attention_mask": torch.tensor([[1] * 5 + [0] * 2])}, video_ids(3, 6, 4), torch.float64,
+        4.0),
+    "cosmos1": ("CosmosT2V", {
+        "image_model": "cosmos", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
+        "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 128,
+        "block_config": "FA-CA-MLP", "concat_padding_mask": True, "pos_emb_cls": "rope3d", "pos_emb_learnable": False,
+        "pos_emb_interpolation": "crop", "block_x_format": "THWBD", "affline_emb_norm": True, "use_adaln_lora": True,
+        "adaln_lora_dim": 32, "num_blocks": 2, "num_heads": 2, "crossattn_emb_channels": 32,
+        "extra_per_block_abs_pos_emb": True, "extra_per_block_abs_pos_emb_type": "learnable",
+        "rope_t_extrapolation_ratio": 2.0},
+        (1, 16, 3, 4, 6), {}, video_ids(3, 4, 6), torch.float32, 4.0),   # its position embedding needs float32
+    "cosmos2": ("CosmosT2IPredict2", {
+        "image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
+        "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 128, "concat_padding_mask": True,
+        "crossattn_emb_channels": 32, "pos_emb_cls": "rope3d", "pos_emb_learnable": True,
+        "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30, "use_adaln_lora": True, "adaln_lora_dim": 32,
+        "num_blocks": 2, "num_heads": 2},
+        (1, 16, 3, 4, 6), {}, video_ids(3, 4, 6), torch.float64, 4.0),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHERS))
+def test_other_models_match_the_oracle(comfy, mark, case):
+    config_name, unet_config, shape, extra, ids, dtype, cfg = OTHERS[case]
+    if unet_config is None:   # the same model, another conditioning
+        unet_config = OTHERS[case.split(",")[0]][1]
+    mark(case.split(",")[0].split(" ")[0])
+    model = configured(comfy, config_name, unet_config, dtype)
+    if case == "ltxv":
+        # ComfyUI's CPU attention (sub-quadratic) does not take LTX's cross-attention mask: a backend selector
+        # as users chain one, which the node must leave in place for every call it does not regularize
+        attention = sys.modules["comfy.ldm.modules.attention"]
+        model.model_options["transformer_options"]["optimized_attention_override"] = \
+            lambda func, *args, **kwargs: attention.attention_pytorch(*args, **kwargs)
+    positive, negative = texts(dim=32, **extra)
+    latent = torch.zeros(shape)
+    stock = run(comfy, model, latent, positive, negative, steps=2, cfg=cfg)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    out = run(comfy, tar, latent, positive, negative, steps=2, cfg=cfg)
+    expected = oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative, steps=2, cfg=cfg)
+    assert_matches(out, expected, stock, atol=1e-6 if dtype == torch.float64 else 1e-4)
+
+
+def test_a_model_the_node_does_not_know_is_an_error(comfy):
+    model = wan(comfy)
+    s2v = model.clone()
+    s2v.add_object_patch("diffusion_model", comfy.ldm.wan.model.WanModel_S2V.__new__(comfy.ldm.wan.model.WanModel_S2V))
+    with pytest.raises(ValueError, match="comfy.ldm.wan.model.WanModel_S2V is not a video model the node knows"):
+        NODE().apply(s2v, 1.0, 1.0)

@@ -1,0 +1,211 @@
+"""The video models of ComfyUI the node knows: where their video self-attention sits and how their tokens lie.
+
+A model is recognised by the exact class of its diffusion model (module and name, so nothing of
+ComfyUI is imported here, and a subclass with another token layout is not taken for its parent).
+For each, `targets` names the modules whose forward makes the regularized attention calls and
+nothing else: a block's self-attention (Wan, LTX-Video, Cosmos Predict2), or the module holding a
+joint attention over the video and the text (HunyuanVideo's dual- and single-stream blocks, Mochi's
+``attn``, Cosmos Predict1's full-attention blocks). `layout` reads one model call's latent and
+extra conditions and says where the frames are in that attention's token sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The token sequence of one call's regularized attention.
+
+    ``before`` tokens outside the video (id -1), then ``frames`` latent frames of ``per_frame``
+    tokens each (frame-major, after the patch embedding), then ``after`` tokens outside the video;
+    with ``text_after`` the attention is joint and whatever follows is text (id -1 too).
+    """
+
+    before: int
+    frames: int
+    per_frame: int
+    after: int
+    text_after: bool
+
+    def tokens(self) -> int:
+        return self.before + self.frames * self.per_frame + self.after
+
+    def describe(self) -> str:
+        parts = [f"{self.before} reference tokens"] if self.before else []
+        parts.append(f"{self.frames} frames x {self.per_frame} tokens")
+        if self.after:
+            parts.append(f"{self.after} reference tokens")
+        if self.text_after:
+            parts.append("the text")
+        return ", then ".join(parts)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    targets: Callable[[torch.nn.Module], List[str]]
+    layout: Callable[[torch.nn.Module, torch.Tensor, dict], Layout]
+
+
+def _ceil(size: int, patch: int) -> int:
+    return -(-size // patch)
+
+
+def _grid(shape, patch, rounding) -> Tuple[int, int]:
+    """(frames, tokens per frame) of a (.., T, H, W) latent under a (pt, ph, pw) patch."""
+    t, h, w = (rounding(int(s), int(p)) for s, p in zip(shape[-3:], patch))
+    return t, h * w
+
+
+def _video(x: torch.Tensor, where: str) -> torch.Tensor:
+    if x.dim() != 5:
+        raise ValueError(f"{where}: expected a 5-D video latent (batch, channels, frames, height, width), "
+                         f"got shape {tuple(x.shape)}")
+    return x
+
+
+def _listed(dm, container: str, attribute: str) -> List[str]:
+    return [f"{container}.{i}.{attribute}" if attribute else f"{container}.{i}"
+            for i in range(len(getattr(dm, container, None) or ()))]
+
+
+# Wan: the latent (and Phantom's subject frames, time_dim_concat) is padded up to the patch size (circular
+# padding), so a frame has ceil(H / 2) x ceil(W / 2) tokens. The Fun models' reference image
+# (reference_latent, through ref_conv, no padding) comes first; HuMo's reference frames (through the patch
+# embedding, no padding) come last.
+def _wan_layout(dm, x, extra) -> Layout:
+    frames, per_frame = _grid(_video(x, "Wan").shape, dm.patch_size, _ceil)
+    after = 0
+    concat = extra.get("time_dim_concat")
+    if concat is not None:
+        after += _ceil(concat.shape[-3], dm.patch_size[0]) * per_frame
+    before = 0
+    reference = extra.get("reference_latent")
+    if reference is not None and getattr(dm, "ref_conv", None) is not None:
+        before = (reference.shape[-2] // dm.patch_size[1]) * (reference.shape[-1] // dm.patch_size[2])
+    return Layout(before, frames, per_frame, after, False)
+
+
+def _humo_layout(dm, x, extra) -> Layout:
+    layout = _wan_layout(dm, x, extra)
+    reference = extra.get("reference_latent")
+    if reference is None:
+        return layout
+    ref_frames, ref_per_frame = _grid(reference.shape, dm.patch_size, lambda s, p: s // p)
+    return Layout(layout.before, layout.frames, layout.per_frame, layout.after + ref_frames * ref_per_frame, False)
+
+
+def _wan_targets(dm) -> List[str]:
+    return _listed(dm, "blocks", "self_attn")
+
+
+def _vace_targets(dm) -> List[str]:
+    return _listed(dm, "vace_blocks", "self_attn") + _listed(dm, "blocks", "self_attn")
+
+
+# HunyuanVideo: joint attention over [reference image (ref_latent), video, text (+ byT5)], padded patches.
+def _hunyuan_layout(dm, x, extra) -> Layout:
+    patch = list(dm.patch_size)
+    if len(patch) != 3:
+        raise ValueError(f"HunyuanVideo: this model has a {len(patch)}-D patch {tuple(patch)}: an image model, "
+                         "not a video model")
+    frames, per_frame = _grid(_video(x, "HunyuanVideo").shape, patch, _ceil)
+    before = 0
+    reference = extra.get("ref_latent")
+    if reference is not None:
+        ref_frames, ref_per_frame = _grid(reference.shape, patch, _ceil)
+        before = ref_frames * ref_per_frame
+    return Layout(before, frames, per_frame, 0, True)
+
+
+def _hunyuan_targets(dm) -> List[str]:
+    return _listed(dm, "double_blocks", "") + _listed(dm, "single_blocks", "")
+
+
+# LTX-Video: patch size 1; keyframe guides (keyframe_idxs, one entry per guide token) are appended to the
+# latent after the video frames and keep positions of their own: they are tokens outside the video here.
+def _ltx_layout(dm, x, extra) -> Layout:
+    frames, per_frame = _grid(_video(x, "LTX-Video").shape, (1, 1, 1), lambda s, p: s)
+    guides = extra.get("keyframe_idxs")
+    after = 0 if guides is None else int(guides.shape[-1])
+    if after % per_frame:
+        raise ValueError(f"LTX-Video: {after} keyframe guide tokens are not whole frames of {per_frame} tokens")
+    return Layout(0, frames - after // per_frame, per_frame, after, False)
+
+
+def _ltx_targets(dm) -> List[str]:
+    return _listed(dm, "transformer_blocks", "attn1")
+
+
+# Mochi: joint attention over [video, the unpadded text], spatial patch padded up.
+def _mochi_layout(dm, x, extra) -> Layout:
+    patch = int(dm.patch_size)
+    frames, per_frame = _grid(_video(x, "Mochi").shape, (1, patch, patch), _ceil)
+    return Layout(0, frames, per_frame, 0, True)
+
+
+def _mochi_targets(dm) -> List[str]:
+    return _listed(dm, "blocks", "attn")
+
+
+# Cosmos: the latent must divide into patches; tokens are (t h w), frame-major.
+def _cosmos_layout(dm, x, extra) -> Layout:
+    patch = (int(dm.patch_temporal), int(dm.patch_spatial), int(dm.patch_spatial))
+    frames, per_frame = _grid(_video(x, "Cosmos").shape, patch, lambda s, p: s // p)
+    return Layout(0, frames, per_frame, 0, False)
+
+
+def _cosmos1_targets(dm) -> List[str]:
+    found = []
+    for name, block in dm.blocks.items():
+        for index, sub in enumerate(block.blocks):
+            if sub.block_type in ("fa", "full_attn"):
+                found.append(f"blocks.{name}.blocks.{index}.block")
+    return found
+
+
+def _cosmos2_targets(dm) -> List[str]:
+    return _listed(dm, "blocks", "self_attn")
+
+
+WAN = Family("Wan", _wan_targets, _wan_layout)
+FAMILIES: Dict[Tuple[str, str], Family] = {
+    ("comfy.ldm.wan.model", "WanModel"): WAN,
+    ("comfy.ldm.wan.model", "CameraWanModel"): WAN,
+    ("comfy.ldm.wan.model", "VaceWanModel"): Family("Wan VACE", _vace_targets, _wan_layout),
+    ("comfy.ldm.wan.model", "HumoWanModel"): Family("Wan HuMo", _wan_targets, _humo_layout),
+    ("comfy.ldm.hunyuan_video.model", "HunyuanVideo"): Family("HunyuanVideo", _hunyuan_targets, _hunyuan_layout),
+    ("comfy.ldm.lightricks.model", "LTXVModel"): Family("LTX-Video", _ltx_targets, _ltx_layout),
+    ("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint"): Family("Mochi", _mochi_targets,
+                                                                                _mochi_layout),
+    ("comfy.ldm.cosmos.model", "GeneralDIT"): Family("Cosmos Predict1", _cosmos1_targets, _cosmos_layout),
+    ("comfy.ldm.cosmos.predict2", "MiniTrainDIT"): Family("Cosmos Predict2", _cosmos2_targets, _cosmos_layout),
+}
+
+
+def family_of(diffusion_model: torch.nn.Module) -> Family:
+    """The family of a ComfyUI diffusion model; a ValueError naming the supported ones for any other."""
+    cls = type(diffusion_model)
+    family = FAMILIES.get((cls.__module__, cls.__qualname__))
+    if family is None:
+        known = ", ".join(f"{family.name} ({module}.{name})" for (module, name), family in FAMILIES.items())
+        raise ValueError(f"VSTAR_TAR: the diffusion model {cls.__module__}.{cls.__qualname__} is not a video model the "
+                         f"node knows; it supports {known}")
+    return family
+
+
+def check_tokens(layout: Layout, n: int, where: str) -> int:
+    """The number of text tokens after the video in an attention over `n` tokens (0 without text)."""
+    text = n - layout.tokens()
+    if text < 0 or (text and not layout.text_after):
+        raise ValueError(f"{where}: the self-attention has {n} tokens, but this call's latent makes "
+                         f"{layout.describe()} ({layout.tokens()} tokens)")
+    return text
+
+
+__all__ = ["FAMILIES", "Family", "Layout", "check_tokens", "family_of"]

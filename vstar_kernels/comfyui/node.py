@@ -1,0 +1,125 @@
+"""The VSTAR_TAR node, and `apply_tar`, the same thing as a function of a ComfyUI MODEL."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from .._validation import check_sigma
+from .models import family_of
+from .patch import KEY, MarkedForward, Settings, TARWrapper
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"VSTAR_TAR: {name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def _percent(name: str, value) -> float:
+    value = _real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"VSTAR_TAR: {name} must be in [0, 1], got {value}")
+    return value
+
+
+def _remove(model, targets) -> None:
+    """Take this node's wrapper and object patches off `model` (a clone), putting back what they replaced."""
+    from comfy.patcher_extension import WrappersMP
+
+    model.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, KEY)
+    for path in targets:
+        patch = model.object_patches.get(path)
+        if isinstance(patch, MarkedForward):
+            if patch.patched:
+                model.object_patches[path] = patch.original
+            else:
+                del model.object_patches[path]
+
+
+def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, end_percent: float = 1.0,
+              reference_frames: int = 0, backend: str = "auto"):
+    """A clone of the ComfyUI ModelPatcher `model` with frame-aware TAR on its video self-attention.
+
+    Args:
+        model: a MODEL (ModelPatcher) whose diffusion model is one `vstar_kernels.comfyui.models` knows.
+        strength: TAR's factor c (0: the clone computes what `model` does, bit for bit).
+        sigma: the Gaussian's width in latent frames (after the patch embedding), > 0.
+        start_percent, end_percent: the steps regularized, in ComfyUI's percent convention: a step with
+            ``percent_to_sigma(end_percent) <= sigma <= percent_to_sigma(start_percent)``.
+        reference_frames: leading latent frames that hold reference images rather than video (the
+            ``trim_latent`` of WanVaceToVideo): their tokens get frame -1, no bias.
+        backend: `tar_attention`'s backend: "auto" (the Triton kernel on CUDA, the reference on CPU),
+            "triton" or "reference".
+
+    Returns the clone; `model` itself is left as it was. Applying the node again to its own output
+    replaces the settings.
+    """
+    strength = _real("strength", strength)
+    sigma = check_sigma(sigma)
+    start_percent = _percent("start_percent", start_percent)
+    end_percent = _percent("end_percent", end_percent)
+    if isinstance(reference_frames, bool) or not isinstance(reference_frames, numbers.Integral) \
+            or reference_frames < 0:
+        raise ValueError(f"VSTAR_TAR: reference_frames must be a non-negative int, got {reference_frames!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"VSTAR_TAR: backend must be one of {BACKENDS}, got {backend!r}")
+    from comfy.patcher_extension import WrappersMP
+
+    family = family_of(model.get_model_object("diffusion_model"))
+    clone = model.clone()
+    targets = [f"diffusion_model.{path}.forward" for path in family.targets(clone.get_model_object("diffusion_model"))]
+    _remove(clone, targets)
+    sampling = clone.get_model_object("model_sampling")
+    sigma_start = float(sampling.percent_to_sigma(start_percent))
+    sigma_end = float(sampling.percent_to_sigma(end_percent))
+    if strength == 0.0 or sigma_start < sigma_end:
+        return clone
+    settings = Settings(strength, sigma, sigma_start, sigma_end, int(reference_frames), backend)
+    clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, TARWrapper(settings, family))
+    for path in targets:
+        patched = path in clone.object_patches
+        name = path[len("diffusion_model."):-len(".forward")]
+        clone.add_object_patch(path, MarkedForward(clone.get_model_object(path), name, patched))
+    return clone
+
+
+class VSTARTemporalAttentionRegularization:
+    """ComfyUI node: TAR (VSTAR's temporal attention regularization) on a video model's self-attention."""
+
+    DESCRIPTION = ("Temporal attention regularization (VSTAR): each video token's attention to the tokens of "
+                   "nearby frames gets strength * (its best score) * exp(-(frame distance / sigma)^2 / 2) added, "
+                   "for more and longer motion. Self-attention only, in the steps between start_percent and "
+                   "end_percent; text cross-attention is untouched.")
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = "model_patches/video"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A Wan, HunyuanVideo, LTX-Video, Mochi or Cosmos video model."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                       "tooltip": "TAR's strength c; 0 leaves the model as it is."}),
+                "sigma": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 64.0, "step": 0.05,
+                                    "tooltip": "Width of the band in latent frames; smaller is a stronger pull "
+                                               "towards neighbouring frames."}),
+            },
+            "optional": {
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                            "tooltip": "First step regularized, as a fraction of the schedule."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                          "tooltip": "Last step regularized, as a fraction of the schedule."}),
+                "reference_frames": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                             "tooltip": "Leading latent frames that are reference images, not "
+                                                        "video (WanVaceToVideo's trim_latent): no bias."}),
+                "backend": (list(BACKENDS), {"default": "auto",
+                                             "tooltip": "auto: the Triton kernel on a GPU, the reference on CPU."}),
+            },
+        }
+
+    def apply(self, model, strength, sigma, start_percent=0.0, end_percent=1.0, reference_frames=0, backend="auto"):
+        return (apply_tar(model, strength, sigma, start_percent, end_percent, reference_frames, backend),)
