@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
 
-from vstar_kernels.diffusers import TARConfig, apply_tar, capture_temporal_attention, remove_tar, reset_steps
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar, capture_temporal_attention, remove_tar, reset_steps
 from vstar_kernels.diffusers import capture as capture_module
 from vstar_kernels.diffusers.steps import StepTracker
 from vstar_kernels.regularization import delta_from_features

@@ -14,7 +14,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from vstar_kernels import cli
-from vstar_kernels.diffusers import PRESETS, LevelSpec, TARAttnProcessor, TARConfig, apply_tar
+from vstar_kernels import LevelSpec, PRESETS, TARConfig
+from vstar_kernels.diffusers import TARAttnProcessor, apply_tar
 from vstar_kernels.diffusers.steps import StepTracker
 
 from .tiny_dit_models import FAMILIES as DIT_FAMILIES
@@ -174,3 +175,12 @@ def test_import_contract_without_diffusers():
 def test_info_shows_the_diffusers_version(capsys):
     assert cli.main(["info"]) == 0
     assert f"diffusers     {importlib.metadata.version('diffusers')}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["TARConfig", "LevelSpec", "PRESETS"])
+def test_the_config_is_public_from_the_package_and_its_old_home_warns(name):
+    import vstar_kernels
+    import vstar_kernels.diffusers as front_end
+
+    with pytest.warns(DeprecationWarning, match=f"vstar_kernels.diffusers.{name} is deprecated.*vstar_kernels.{name}"):
+        assert getattr(front_end, name) is getattr(vstar_kernels, name)

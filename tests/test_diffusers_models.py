@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from diffusers import AnimateDiffPipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from vstar_kernels.diffusers import PRESETS, TARAttnProcessor, TARConfig, apply_tar, remove_tar, reset_steps
+from vstar_kernels import PRESETS, TARConfig
+from vstar_kernels.diffusers import TARAttnProcessor, apply_tar, remove_tar, reset_steps
 from vstar_kernels.diffusers import processors as tar_processors
 from vstar_kernels.diffusers.processors import tar_site
 from vstar_kernels.diffusers.steps import StepTracker

@@ -15,7 +15,8 @@ from diffusers import (
     TextToVideoSDPipeline,
 )
 
-from vstar_kernels.diffusers import TARAttnProcessor, TARConfig, apply_tar, remove_tar
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import TARAttnProcessor, apply_tar, remove_tar
 from vstar_kernels.diffusers.processors import tar_site, temporal_attention_modules
 
 from .tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)

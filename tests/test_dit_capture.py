@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from vstar_kernels.diffusers import TARConfig, apply_tar, capture_frame_attention
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar, capture_frame_attention
 
 from .test_dit_models import expected_key_mask, forward, processors, record
 from .tiny_dit_models import BATCH, FAMILIES, expected_frames, frame_map64, frame_tar_probabilities64

@@ -14,7 +14,8 @@ from diffusers import UniPCMultistepScheduler, WanPipeline
 from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-from vstar_kernels.diffusers import TARConfig, apply_tar, dit, remove_tar, reset_steps
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar, dit, remove_tar, reset_steps
 from vstar_kernels.diffusers.dit import DiTTARProcessor, _layout_ids
 from vstar_kernels.diffusers.steps import StepTracker
 

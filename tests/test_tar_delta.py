@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels.diffusers import LevelSpec, TARConfig, apply_tar
+from vstar_kernels import LevelSpec, TARConfig
+from vstar_kernels.diffusers import apply_tar
 from vstar_kernels.regularization import delta_from_features
 
 from .helpers import assert_close_to_reference

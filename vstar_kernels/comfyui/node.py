@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from .._validation import check_sigma
+from .._problem import check_sigma
 from .models import family_of
 from .patch import KEY, MarkedForward, Settings, TARWrapper
 

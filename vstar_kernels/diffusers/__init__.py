@@ -1,4 +1,4 @@
-"""TAR for diffusers video pipelines: ``from vstar_kernels.diffusers import apply_tar`` (with ``vstar_kernels.TARConfig``).
+"""TAR for diffusers video pipelines: ``from vstar_kernels.diffusers import apply_tar``, with vstar_kernels.TARConfig.
 
 Needs the diffusers package (the ``diffusers`` extra: ``pip install -e ".[diffusers]"`` in a
 checkout); importing this package, or any module in it, without diffusers raises an ImportError
