@@ -1,7 +1,9 @@
-"""Every ```python block of README.md runs, except blocks whose first line says why it cannot here.
+"""Every ```python block of README.md and of the pages under docs/ runs, except blocks whose first
+line says why it cannot here; every relative link points into the repository.
 
-A block that cannot run in CI (it downloads model weights, or needs a GPU) starts with
-`# not run in CI: <reason>`.
+A block that cannot run in CI (it downloads model weights, or needs a GPU or several processes)
+starts with `# not run in CI: <reason>`. The blocks of one page run in order in one namespace, as
+a reader would paste them.
 """
 
 import pathlib
@@ -11,43 +13,70 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 SKIP_MARK = "# not run in CI:"
+
+
+def blocks(page: pathlib.Path) -> list:
+    return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+BLOCKS = blocks(README)
+
+
+def _page_id(page):
+    return str(page.relative_to(ROOT))
+
+
+# pages the README reaches through another page rather than directly
+LINKED_FROM_PAGES = {"dits.md"}
 
 
 def test_readme_has_examples():
     assert any(not b.startswith(SKIP_MARK) for b in BLOCKS)
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if not b.startswith(SKIP_MARK)],
-                         ids=lambda b: b.strip().splitlines()[0][:40])
-def test_readme_block_runs(block, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page", [p for p in PAGES if any(not b.startswith(SKIP_MARK) for b in blocks(p))],
+                         ids=_page_id)
+def test_page_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
+    namespace = {"__name__": "__docs__"}
+    for block in blocks(page):
+        if not block.startswith(SKIP_MARK):
+            exec(compile(block, str(page), "exec"), namespace)
 
 
-def test_blocks_not_run_still_compile():
-    for block in BLOCKS:
-        compile(block, str(README), "exec")
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_blocks_not_run_still_compile(page):
+    for block in blocks(page):
+        compile(block, str(page), "exec")
 
 
 def test_blocks_write_files_of_their_own():
     """Two examples writing the same file would overwrite each other's output (and a reader's)."""
     writers = {}
-    for index, block in enumerate(BLOCKS):
+    for index, block in enumerate(b for page in PAGES for b in blocks(page)):
         for name in set(re.findall(r"[\"']([\w./-]+\.(?:png|pdf|svg|gif|mp4))[\"']", block)):
             writers.setdefault(name, []).append(index)
     assert "unet_maps.png" in writers
     assert {name: blocks for name, blocks in writers.items() if len(blocks) > 1} == {}
 
 
-def test_relative_links_point_to_files_in_the_repository():
-    targets = re.findall(r"\]\(([^)\s]+)\)", README.read_text(encoding="utf-8"))
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_relative_links_point_to_files_in_the_repository(page):
+    targets = re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8"))
     local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:|#", t)]
-    assert "docs/semantics.md" in local
     for target in local:
-        path = (ROOT / target).resolve()
-        assert path.is_relative_to(ROOT) and path.exists(), f"README links {target}, which is not in the repository"
+        path = (page.parent / target).resolve()
+        assert path.is_relative_to(ROOT) and path.exists(), f"{_page_id(page)} links {target}, not in the repository"
+
+
+def test_the_readme_is_a_front_door():
+    """About 200 lines, linking every page of docs/ (the rest of the documentation lives there)."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 210
+    assert {f"docs/{p.name}" for p in PAGES[1:]} <= set(re.findall(r"\]\((docs/[\w-]+\.md)", text)) | {
+        f"docs/{p.name}" for p in PAGES[1:] if p.name in LINKED_FROM_PAGES}
 
 
 # What users read: the README, the docs, the package's messages and docstrings, the examples.

@@ -7,12 +7,12 @@ import pathlib
 PACKAGE = "vstar_kernels_tar"
 MARK = "# Written by `vstar-kernels comfyui-install`"
 SOURCE = f'''{MARK}: ComfyUI loads the VSTAR_TAR node from the vstar_kernels package.
-# It must be installed in the Python environment that runs ComfyUI (pip install vstar_kernels).
+# It must be installed in the Python environment that runs ComfyUI (pip install -e <its checkout>).
 try:
     from vstar_kernels.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 except ImportError as exc:
     raise ImportError("the VSTAR_TAR node needs the vstar_kernels package in the Python environment that runs "
-                      f"ComfyUI: pip install vstar_kernels ({{exc}})") from exc
+                      f"ComfyUI: pip install -e <a checkout of the vstar_kernels repository> ({{exc}})") from exc
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 '''
