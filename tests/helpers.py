@@ -4,6 +4,8 @@ independent float64 evaluation, and the inputs, option grids and parametrization
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import vstar_kernels as vk
 from vstar_kernels.dispatch import BACKENDS
@@ -112,7 +114,7 @@ def assert_close_to_reference(out, ref64, dtype=None):
 # atol is relative to the tensor's largest entry because gradient magnitudes vary with N, scale
 # and strength. fp16/bf16 cover rounding P and dS to the input dtype before their matmuls (as the
 # forward rounds P), which the reference (float32 math) does not do. Worst error / max|ref| seen
-# over tests/test_triton_backward.py: 2.3e-6 (fp32), 1.1e-3 (fp16), 6.0e-3 (bf16).
+# over tests/kernels/test_triton_backward.py: 2.3e-6 (fp32), 1.1e-3 (fp16), 6.0e-3 (bf16).
 GRAD_TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
     torch.float16: (3e-3, 3e-3),
@@ -180,3 +182,19 @@ def saved_figures(monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", record)
     return saved
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest storage an op allocates (views of its inputs do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out

@@ -148,7 +148,7 @@ def test_tile_counts_cover_every_tile_and_load_what_tiled_bytes_counts(n, block_
 
 
 def test_band_is_the_launchers():
-    assert roofline.band(256, 1.0) == 15  # tests/test_traffic.py: the kernel's band at sigma 1
+    assert roofline.band(256, 1.0) == 15  # tests/perf/test_traffic.py: the kernel's band at sigma 1
     assert roofline.band(256, 8.0) > roofline.band(256, 4.0) > roofline.band(256, 1.0)
     assert roofline.band(64, 1e6) == 128 and roofline.band(64, None) is None
 

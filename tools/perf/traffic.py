@@ -10,7 +10,7 @@ What is ideal (`ideal_bytes`, `useful_flops`): reading Q, K, V once and writing 
 the delta entries the attention uses (Nq x Nk, the causal lower triangle when causal) when a
 custom delta is given; the FLOPs of Q K^T and P V over the real rows and columns of each
 sequence, 2 Nq Nk (D + Dv), causal or not. What the tiled algorithm requests (`tiled_bytes`,
-`band_tiles`): the formula the interpreter counts must equal (tests/test_traffic.py), which
+`band_tiles`): the formula the interpreter counts must equal (tests/perf/test_traffic.py), which
 tools/perf/model.py uses. Numbers are counts, not timings.
 
 `python -m tools.perf traffic` runs `sweep()` over TRAFFIC_CASES and writes

@@ -324,7 +324,7 @@ def block_coords(N, H, BLOCK: tl.constexpr):
 # GPU's ex2.approx.ftz) gives 0 sooner. The band stops at -160, so that the float32 rounding of
 # gauss_coef and of gauss_coef * d * d (relative 2**-22 at most) cannot bring an off-band exponent
 # above -150, and the reference's float64 Gaussian rounded to float32 is 0 there too
-# (exp(-0.5 (d / sigma)**2) <= 2**-160 < 2**-150). tests/test_one_pass.py checks all three.
+# (exp(-0.5 (d / sigma)**2) <= 2**-160 < 2**-150). tests/kernels/test_one_pass.py checks all three.
 BAND_EXPONENT = -160.0
 
 

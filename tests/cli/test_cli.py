@@ -1,0 +1,166 @@
+"""The command line (`vstar-kernels`, `python -m vstar_kernels`) and the README's `make demo` / `make test`.
+
+tests/conftest.py sets TRITON_INTERPRET=1 for this process, and subprocesses would inherit it;
+a user's shell usually has no TRITON_INTERPRET at all, so the subprocesses here run without it.
+"""
+
+import csv
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+from vstar_kernels import _env, cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CPU = not torch.cuda.is_available()
+
+
+# What an outer `make` (CI runs the suite as `make test`) passes to the commands it starts; with
+# MAKELEVEL set, an inner make prints "Entering/Leaving directory" lines around its output.
+MAKE_VARIABLES = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+
+
+def clean_env(**extra):
+    """This process's environment without TRITON_INTERPRET (nor an outer make's variables), as in a
+    fresh shell; tiny CPU shapes: one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and k not in MAKE_VARIABLES}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run(*args, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "vstar_kernels", *args], capture_output=True, text=True,
+                          timeout=600, env=clean_env() if env is None else env, cwd=cwd)
+
+
+def test_kernels_run_in_the_interpreter_in_this_suite():
+    """`make test` relies on tests/conftest.py turning the interpreter on (see test_make_test_...)."""
+    q = torch.randn(1, 2, 16, 16, device="cpu" if CPU else "cuda")
+    torch.testing.assert_close(vk.tar_attention(q, q, q, backend="triton"), vk.tar_attention_reference(q, q, q))
+
+
+def test_help_names_the_command_as_typed():
+    res = run("--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: python -m vstar_kernels ")
+    assert cli.DESCRIPTION.split(":")[0] in res.stdout and "@command" not in res.stdout
+    for name in cli.COMMANDS:
+        assert name in res.stdout
+
+
+def test_console_script_help_names_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])  # what setup.py's `vstar-kernels` entry point runs
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: vstar-kernels ")
+
+
+def test_info_lists_versions_and_backends():
+    res = run("info")
+    assert res.returncode == 0, res.stderr
+    assert f"torch         {torch.__version__}" in res.stdout
+    assert ("\nTRITON_INTERPRET not set (the Triton kernels run compiled, on CUDA tensors; TRITON_INTERPRET=1 runs "
+            "them on CPU tensors)\n") in res.stdout
+    assert "backend reference  on cpu    : available" in res.stdout
+    assert "backend triton     on cpu    : unavailable: cpu tensors need TRITON_INTERPRET=1" in res.stdout
+
+
+@pytest.mark.parametrize("value,line", [
+    ("1", "TRITON_INTERPRET '1' (the Triton kernels run in the interpreter, on CPU tensors)"),
+    ("", "TRITON_INTERPRET '' (the Triton kernels run compiled, on CUDA tensors; TRITON_INTERPRET=1 runs them on "
+         "CPU tensors)"),
+])
+def test_info_says_what_triton_interpret_does(value, line, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert cli.main(["info"]) == 0
+    assert f"\n{line}\n" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_runs_without_triton_interpret():
+    """The README's first command. `-o setup`: the set-up's pip install is not repeated here."""
+    res = subprocess.run(["make", "-o", "setup", "demo", f"PY={sys.executable}"], capture_output=True, text=True,
+                         timeout=600, env=clean_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "all outputs match the reference" in res.stdout
+    if CPU:
+        assert "Triton interpreter" in res.stdout and "MISMATCH" not in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_sets_up_then_runs_the_suite_with_the_interpreter():
+    """The README's second command: the set-up it runs, then its pytest call on one test that needs
+    the interpreter (the whole suite is what CI runs)."""
+    res = subprocess.run(["make", "-n", "test", f"PY={sys.executable}"], capture_output=True, text=True,
+                         timeout=60, env=clean_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert [ln.strip() for ln in res.stdout.splitlines()][-2:] == [
+        f'{sys.executable} -m pip install -e ".[test]"', f"{sys.executable} -m pytest -q"]
+    one = f"{pathlib.Path(__file__).resolve().relative_to(ROOT)}::test_kernels_run_in_the_interpreter_in_this_suite"
+    res = subprocess.run(["make", "-o", "setup", "test", f"PY={sys.executable}"], capture_output=True, text=True,
+                         timeout=600, env=clean_env(PYTEST_ADDOPTS=f"{one} -p no:cacheprovider"), cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 passed" in res.stdout
+
+
+def test_plot_delta_and_demo_attention_draw_their_pictures(tmp_path):
+    res = run("plot-delta", "--sigmas", "1", "--num-frames", "8", "--dpi", "30", "--out", str(tmp_path / "d.png"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run("demo-attention", "--num-frames", "4", "--size", "8", "--dpi", "30", "--out", str(tmp_path / "a.png"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in ("d.png", "a.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not CPU, reason="the CPU path: the kernels in the Triton interpreter")
+def test_bench_runs_the_kernels_without_triton_interpret(tmp_path):
+    res = run("bench", "--quick", "--n", "16", "--impls", "vstar_triton", "--no-plots", "--no-progress",
+              "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    [path] = tmp_path.glob("*.csv")
+    with path.open() as f:
+        status = {r["impl"]: r["status"] for r in csv.DictReader(f)}
+    assert status["vstar_triton_interpreter"].startswith("checked: "), status
+
+
+def test_bench_results_go_to_the_checkout_or_a_named_folder(tmp_path, monkeypatch):
+    from vstar_kernels.bench.harness import default_results_dir
+
+    assert default_results_dir() == ROOT / "benchmarks" / "results"  # this suite runs from the checkout
+    monkeypatch.setattr(_env, "source_checkout", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert default_results_dir() == tmp_path / "vstar-bench-results"
+
+
+@pytest.mark.parametrize("argv, module, extra", [
+    (["plot-delta"], "matplotlib", "plot"),
+    (["demo-attention"], "diffusers", "diffusers"),
+    (["demo-attention"], "matplotlib", "plot"),
+])
+def test_a_missing_extra_is_named(argv, module, extra, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails with ModuleNotFoundError
+    assert cli.main([*argv, "--out", str(tmp_path / "x.png")]) == 1
+    assert capsys.readouterr().err.strip() == (f"{argv[0]} needs {module}, not installed: "
+                                               f'pip install -e "{ROOT}[{extra}]"')
+    assert not list(tmp_path.iterdir())
+
+
+def test_install_hint_fits_a_checkout_or_a_wheel(monkeypatch):
+    """The package is on no index: its extras install from the checkout it runs from, or from one."""
+    assert _env.install_hint("diffusers,plot") == f'pip install -e "{ROOT}[diffusers,plot]"'
+    monkeypatch.setattr(_env, "source_checkout", lambda: None)
+    assert _env.install_hint("plot") == 'pip install ".[plot]" in a checkout of the vstar_kernels repository'
+
+
+def test_cuda_build_hint_fits_a_checkout_or_a_wheel(tmp_path):
+    from vstar_kernels.ops.tar_cuda import build_hint
+
+    assert "pip install -e . --no-build-isolation in " + str(tmp_path) in build_hint(tmp_path)
+    wheel = build_hint(None)
+    assert "installed wheel" in wheel and "-e" not in wheel.split()
+    assert _env.source_checkout() == ROOT

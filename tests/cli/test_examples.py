@@ -1,0 +1,61 @@
+"""The examples under examples/ run, learn, and give the same numbers on the Triton backend."""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+from .._device import DEVICE
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_example():
+    return load("train_temporal_tar")
+
+
+@pytest.fixture(scope="module")
+def band_example():
+    return load("match_band_attention")
+
+
+def test_training_with_tar_learns_to_use_neighbouring_frames(train_example, capsys):
+    losses = train_example.main(["--steps", "40"])
+    assert "loss" in capsys.readouterr().out
+    noise = 0.5  # the example's default: returning the noisy input scores noise ** 2
+    final = sum(losses[-5:]) / 5
+    assert final < 0.9 * noise ** 2, f"the model does not beat the identity: {final:.4f}"
+    assert final < 0.5 * losses[0]
+
+
+def test_training_on_triton_backend_matches_reference(train_example):
+    kw = dict(steps=3, batch=8, device=DEVICE, log=None)
+    triton = train_example.train(backend="triton", **kw)
+    reference = train_example.train(backend="reference", **kw)
+    torch.testing.assert_close(torch.tensor(triton), torch.tensor(reference), atol=1e-5, rtol=1e-4)
+
+
+def test_input_optimization_makes_attention_band_like(band_example, capsys):
+    result = band_example.main(["--steps", "100"])
+    assert "diagonality" in capsys.readouterr().out
+    losses = result["losses"]
+    assert losses[-1] < 0.05 * losses[0]
+    assert result["diagonality_before"] < 0.3
+    assert result["diagonality_after"] > 0.85
+
+
+def test_input_optimization_on_triton_backend_matches_reference(band_example):
+    kw = dict(steps=4, strength=1.0, device=DEVICE, log=None)
+    triton = band_example.optimize(backend="triton", **kw)
+    reference = band_example.optimize(backend="reference", **kw)
+    torch.testing.assert_close(torch.tensor(triton["losses"]), torch.tensor(reference["losses"]),
+                               atol=1e-5, rtol=1e-4)

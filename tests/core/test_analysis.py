@@ -1,0 +1,283 @@
+"""Attention analysis: diagonality and band energy on known maps, and the pictures (PNG files read back)."""
+
+import math
+import re
+import sys
+
+import pytest
+import torch
+
+from vstar_kernels import _env, gaussian_toeplitz
+from vstar_kernels.analysis import (band_energy, diagonality, minmax_normalize, plot_attention_maps, plot_delta,
+                                     short_layer_name)
+from vstar_kernels.cli import main as cli_main
+
+from ..helpers import saved_figures
+
+matplotlib = pytest.importorskip("matplotlib")
+Image = pytest.importorskip("PIL.Image")
+np = pytest.importorskip("numpy")
+
+
+def weighted_index_correlation(a):
+    """The same coefficient through torch.cov's frequency weights over (row, column) index pairs."""
+    n, m = a.shape
+    i, j = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(m, dtype=torch.float64), indexing="ij")
+    c = torch.cov(torch.stack([i.flatten(), j.flatten()]), aweights=a.flatten().double(), correction=0)
+    return c[0, 1] / torch.sqrt(c[0, 0] * c[1, 1])
+
+
+def test_diagonality_of_known_maps():
+    n = 12
+    assert diagonality(torch.eye(n)).item() == pytest.approx(1.0, abs=1e-12)
+    assert diagonality(torch.eye(n).flip(0)).item() == pytest.approx(-1.0, abs=1e-12)
+    assert diagonality(torch.ones(n, n)).item() == pytest.approx(0.0, abs=1e-12)
+    assert diagonality(torch.rand(1, n).expand(n, n)).item() == pytest.approx(0.0, abs=1e-12)  # rows all alike
+    assert diagonality(gaussian_toeplitz(n, 1.0)).item() > 0.9
+
+
+def test_narrower_bands_are_more_diagonal():
+    values = [diagonality(gaussian_toeplitz(16, s)).item() for s in (0.5, 1, 2, 4, 8, 16)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert values[0] > 0.99 and values[-1] < 0.5
+
+
+def test_diagonality_matches_weighted_covariance_and_batches():
+    torch.manual_seed(0)
+    maps = torch.softmax(torch.randn(3, 2, 9, 7), dim=-1)
+    out = diagonality(maps)
+    assert out.shape == (3, 2) and out.dtype == torch.float64
+    for idx in np.ndindex(3, 2):
+        torch.testing.assert_close(out[idx], weighted_index_correlation(maps[idx]))
+
+
+def test_diagonality_is_nan_when_undefined():
+    single_row = torch.zeros(5, 5)
+    single_row[2] = 1.0
+    assert math.isnan(diagonality(single_row).item())
+
+
+def test_band_energy_of_known_maps():
+    n = 10
+    assert band_energy(torch.eye(n), 0).item() == 1.0
+    assert band_energy(torch.ones(n, n), n - 1).item() == 1.0
+    for w in range(4):
+        uniform = (n + 2 * sum(n - d for d in range(1, w + 1))) / n ** 2
+        assert band_energy(torch.ones(n, n), w).item() == pytest.approx(uniform, abs=1e-15)
+    assert band_energy(torch.eye(n).flip(0), 0).item() == 0.0  # n even: the anti-diagonal misses the diagonal
+    assert band_energy(torch.eye(n).flip(0), 1).item() == pytest.approx(2 / n)  # and crosses it between two cells
+
+
+def test_band_energy_is_average_attention_share_nearby():
+    torch.manual_seed(1)
+    p = torch.softmax(torch.randn(2, 8, 8), dim=-1)
+    out = band_energy(p, 2)
+    for b in range(2):
+        share = sum(p[b, i, j].item() for i in range(8) for j in range(8) if abs(i - j) <= 2) / 8
+        assert out[b].item() == pytest.approx(share, abs=1e-6)
+
+
+@pytest.mark.parametrize("fn", [diagonality, lambda a: band_energy(a, 1)], ids=["diagonality", "band_energy"])
+@pytest.mark.parametrize("bad,exc,match", [
+    ([[1.0]], TypeError, "must be a torch.Tensor"),
+    (torch.ones(4), ValueError, r"\(\.\.\., N, M\) map"),
+    (-torch.eye(3), ValueError, "non-negative"),
+    (torch.zeros(3, 3), ValueError, "all zero"),
+    (torch.full((3, 3), math.nan), ValueError, "non-finite"),
+], ids=["list", "1-D", "negative", "zero", "nan"])
+def test_measures_reject_bad_maps(fn, bad, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(bad)
+
+
+def test_band_energy_width_is_checked():
+    for width in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="width must be a non-negative int"):
+            band_energy(torch.eye(3), width)
+
+
+def png(path):
+    img = Image.open(path)
+    assert img.format == "PNG"
+    return img
+
+
+def colors_in(img):
+    rgb = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    return {tuple(int(c) for c in px) for px in np.unique(rgb, axis=0)}
+
+
+def jet_bytes(values):
+    return {tuple(int(c) for c in matplotlib.colormaps["jet"](float(v), bytes=True)[:3]) for v in np.unique(values)}
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    return saved_figures(monkeypatch)
+
+
+def panels(fig):
+    """The axes that show a map (colour bars excluded), in drawing order."""
+    return [ax for ax in fig.axes if ax.images]
+
+
+def colour_bars(fig):
+    return [ax for ax in fig.axes if not ax.images and ax.get_visible() and ax.axison]
+
+
+def test_plot_delta_draws_the_gaussian_matrices(tmp_path, figures):
+    path = tmp_path / "delta.png"
+    drawn = plot_delta([1, 4, 8], 16, path)
+    assert list(drawn) == ["sigma = 1", "sigma = 4", "sigma = 8"]
+    for sigma, (title, array) in zip((1, 4, 8), drawn.items()):
+        assert np.array_equal(array, gaussian_toeplitz(16, sigma, dtype=torch.float64).numpy())
+    # every value drawn shows up in the file in its jet colour (nearest-neighbour, no smoothing)
+    assert jet_bytes(drawn["sigma = 1"]) <= colors_in(png(path))
+    [fig] = figures
+    assert "TAR's Gaussian matrix dA, 16 frames" in fig.get_suptitle()
+    assert "shared scale 0..1" in fig.get_suptitle()
+    axes = panels(fig)
+    assert [ax.get_title() for ax in axes] == list(drawn)
+    assert [ax.get_xlabel() for ax in axes] == ["key frame"] * 3
+    assert [ax.get_ylabel() for ax in axes] == ["query frame", "", ""]
+    assert [(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in axes] == [(0.0, 1.0)] * 3
+    [bar] = colour_bars(fig)
+    assert bar.get_ylabel() == "dA" and axes[0].images[0].colorbar.ax is bar
+
+
+def test_plot_size_follows_panel_size_and_dpi(tmp_path):
+    sizes = {}
+    for panel_size, dpi in ((2, 40), (2, 80), (4, 40)):
+        path = tmp_path / f"{panel_size}-{dpi}.png"
+        plot_delta([2.0, 4.0], 8, path, panel_size=panel_size, dpi=dpi)
+        sizes[panel_size, dpi] = png(path).size
+    assert sizes[2, 80] == (2 * sizes[2, 40][0], 2 * sizes[2, 40][1])
+    # two more inches per panel side: two panels wider, one panel taller
+    assert sizes[4, 40][0] - sizes[2, 40][0] == 2 * 2 * 40 and sizes[4, 40][1] - sizes[2, 40][1] == 2 * 40
+
+
+def test_plot_attention_maps_shared_scale(tmp_path, figures):
+    torch.manual_seed(2)
+    a, b = torch.rand(8, 8), torch.softmax(torch.randn(8, 8), dim=-1)
+    flat = plot_attention_maps({"down.0": a, "up.1": b}, tmp_path / "flat.png")
+    for name, m in (("down.0", a), ("up.1", b)):
+        assert np.array_equal(flat[name], m.double().numpy())  # the values, not a rescaling
+    assert jet_bytes(flat["up.1"] / float(a.max())) <= colors_in(png(tmp_path / "flat.png"))
+    [fig] = figures
+    high = float(a.max())
+    assert f"shared scale 0..{high:.3g}: one colour bar for all panels" in fig.get_suptitle()
+    axes = panels(fig)
+    assert [(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in axes] == [(0.0, high)] * 2
+    assert [ax.get_xlabel() for ax in axes] == ["key frame"] * 2
+    assert [ax.get_ylabel() for ax in axes] == ["query frame", ""]
+    assert len(colour_bars(fig)) == 1 and colour_bars(fig)[0].get_ylabel() == "attention weight"
+
+    nested = {"level 64": {"down": a, "mid": b, "up": a.T}, "level 32": {"down": torch.eye(4)}}
+    drawn = plot_attention_maps(nested, tmp_path / "nested.png", title="temporal attention", dpi=50)
+    assert list(drawn) == ["level 64 / down", "level 64 / mid", "level 64 / up", "level 32 / down"]
+    assert np.array_equal(drawn["level 32 / down"], np.eye(4))
+    fig = figures[-1]
+    assert fig.get_suptitle().startswith("temporal attention\nshared scale 0..1:")
+    axes = panels(fig)
+    assert [ax.get_title() for ax in axes] == ["down", "mid", "up", "down"]
+    assert [ax.get_ylabel() for ax in axes] == ["level 64\nquery frame", "", "", "level 32\nquery frame"]
+    # "key frame" under the last map of each column
+    assert [ax.get_xlabel() for ax in axes] == ["", "key frame", "key frame", "key frame"]
+
+
+def test_plot_attention_maps_per_panel_scale(tmp_path, figures):
+    a, b = torch.rand(6, 6) + 1.0, torch.eye(6) * 0.25
+    plot_attention_maps({"a": a, "b": b}, tmp_path / "maps.png", color_scale="per-panel")
+    [fig] = figures
+    assert "per-panel scale: each panel from its own min to its own max" in fig.get_suptitle()
+    axes = panels(fig)
+    assert [(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in axes] == \
+        [(float(a.min()), float(a.max())), (0.0, 0.25)]
+    assert all(ax.images[0].colorbar is not None for ax in axes) and len(colour_bars(fig)) == 2
+
+
+def test_long_layer_names_are_shortened_or_wrapped(tmp_path, figures):
+    layers = ["transformer_in.transformer_blocks.0.attn1", "down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1",
+              "mid_block.temp_attentions.0.transformer_blocks.0.attn2",
+              "up_blocks.3.motion_modules.1.transformer_blocks.1.attn1"]
+    drawn = plot_attention_maps({0: {name: torch.eye(4) for name in layers}}, tmp_path / "maps.png")
+    assert list(drawn) == [f"0 / {name}" for name in layers]
+    assert [ax.get_title() for ax in panels(figures[-1])] == \
+        ["transformer_in.attn1", "down0.t0.attn1", "mid.t0.attn2", "up3.m1.b1.attn1"]
+    assert [short_layer_name(name) for name in layers[1:3]] == ["down0.t0.attn1", "mid.t0.attn2"]
+
+    # names that shorten alike are kept, and a name wider than a panel is wrapped at its dots
+    alike = {"down_blocks.0.temp_attentions.0.attn1": torch.eye(4), "down0.t0.attn1": torch.eye(4),
+             "a_very_long_module_name.with.many.parts.that.will_not_fit_in_one_line": torch.eye(4)}
+    plot_attention_maps(alike, tmp_path / "alike.png")
+    titles = [ax.get_title() for ax in panels(figures[-1])]
+    assert titles[:2] == ["down_blocks.0.temp_attentions.0.\nattn1", "down0.t0.attn1"]
+    assert titles[2].replace("\n", "") == "a_very_long_module_name.with.many.parts.that.will_not_fit_in_one_line"
+    assert titles[2].count("\n") >= 1 and all(len(line) <= 40 for line in titles[2].splitlines())
+
+
+def test_minmax_normalize():
+    m = torch.tensor([[2.0, 4.0], [3.0, 6.0]])
+    assert torch.equal(minmax_normalize(m), torch.tensor([[0.0, 0.5], [0.25, 1.0]], dtype=torch.float64))
+    assert torch.equal(minmax_normalize(torch.full((3, 3), 7.0)), torch.zeros(3, 3, dtype=torch.float64))
+    assert torch.equal(minmax_normalize(np.array([[1.0, 3.0]])), torch.tensor([[0.0, 1.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("maps,kwargs,exc,match", [
+    ({}, {}, TypeError, "non-empty dict"),
+    ([torch.eye(3)], {}, TypeError, "non-empty dict"),
+    ({"a": torch.eye(3), "b": {"c": torch.eye(3)}}, {}, TypeError, "not a mix"),
+    ({"a": {}}, {}, ValueError, r"maps\['a'\] holds no layer"),
+    ({"a": torch.ones(2, 3, 3)}, {}, ValueError, "a must be a non-empty 2-D map"),
+    ({"a": torch.tensor([[0.0, math.inf]])}, {}, ValueError, "non-finite"),
+    ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
+    ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
+    ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
+    ({"a": torch.eye(3)}, {"color_scale": "minmax"}, ValueError, r"color_scale must be one of \('shared', 'per-panel'\)"),
+], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "dpi", "panel-size", "panel-too-small", "scale"])
+def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        plot_attention_maps(maps, tmp_path / "x.png", **kwargs)
+
+
+@pytest.mark.parametrize("sigmas,n,exc,match", [
+    ([], 8, ValueError, "at least one value"),
+    (1.0, 8, TypeError, "sequence of numbers"),
+    ([1.0], 0, ValueError, "n must be a positive int"),
+    ([0.0], 8, ValueError, "sigma must be > 0"),
+])
+def test_plot_delta_rejects_bad_input(tmp_path, sigmas, n, exc, match):
+    with pytest.raises(exc, match=match):
+        plot_delta(sigmas, n, tmp_path / "x.png")
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib as if it were not installed: every import of it or of its modules fails."""
+    for name in {"matplotlib", *(n for n in sys.modules if n.startswith("matplotlib."))}:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize("name,draw", [
+    ("plot_delta", lambda path: plot_delta([1.0, 4.0], 8, path)),
+    ("plot_attention_maps", lambda path: plot_attention_maps({"a": torch.eye(3)}, path)),
+])
+def test_plots_without_matplotlib_name_the_extra(tmp_path, no_matplotlib, name, draw):
+    message = (f"vstar_kernels.analysis.{name} needs matplotlib, which is not importable (.*); install the plot extra "
+               f"with: {re.escape(_env.install_hint('plot'))}$")
+    with pytest.raises(ImportError, match=message) as caught:
+        draw(tmp_path / "x.png")
+    assert type(caught.value) is ImportError and 'pip install -e "' in str(caught.value)
+    assert not list(tmp_path.iterdir())
+    assert float(diagonality(torch.eye(3))) == 1.0  # the measures need only torch
+
+
+def test_cli_plot_delta(tmp_path, capsys):
+    out = tmp_path / "delta.png"
+    plot_delta([1, 4, 8], 16, tmp_path / "api.png")
+    assert cli_main(["plot-delta", "--sigmas", "1", "4", "8", "--num-frames", "16", "--out", str(out)]) == 0
+    assert png(out).size == png(tmp_path / "api.png").size  # the CLI draws what the function draws
+    assert "sigma = 1, sigma = 4, sigma = 8 over 16 frames" in capsys.readouterr().out
+    assert cli_main(["plot-delta", "--sigmas", "-1", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "sigma must be > 0" in capsys.readouterr().out
+    assert not (tmp_path / "bad.png").exists()

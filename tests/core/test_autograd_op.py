@@ -1,0 +1,194 @@
+"""Gradients of the reference, the vstar::tar_attention op (opcheck, autograd) and torch.compile."""
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import vstar_kernels as vk
+
+from .._device import DEVICE
+from ..helpers import opts_id
+
+GRADCHECK_OPTIONS = [
+    dict(),
+    dict(causal=True, sigma=2.5, strength=0.7),
+    dict(max_mode="global"),
+    dict(max_mode="global", causal=True, strength=-1.3, scale=0.31),
+    dict(sigma=math.inf),
+]
+
+
+def float64_inputs(B, H, nq, nk, d, dv, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+                 for shape in ((B, H, nq, d), (B, H, nk, d), (B, H, nk, dv)))
+
+
+@pytest.mark.parametrize("opts", GRADCHECK_OPTIONS, ids=opts_id)
+def test_reference_gradcheck(opts):
+    q, k, v = float64_inputs(2, 1, 5, 6, 4, 3, seed=1)
+    assert torch.autograd.gradcheck(lambda a, b, c: vk.tar_attention_reference(a, b, c, **opts), (q, k, v))
+
+
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_reference_gradcheck_in_delta(max_mode):
+    q, k, v = float64_inputs(2, 2, 4, 5, 3, 3, seed=2)
+    delta = torch.rand(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)  # broadcast over heads
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, dl: vk.tar_attention_reference(a, b, c, delta=dl, max_mode=max_mode), (q, k, v, delta))
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(max_mode="global", causal=True)], ids=opts_id)
+def test_op_gradcheck_on_reference_backend(opts):
+    """The op's registered backward (torch.func.vjp of the reference) against finite differences."""
+    q, k, v = float64_inputs(1, 2, 5, 5, 4, 3, seed=3)
+    delta = torch.rand(5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, dl: vk.tar_attention(a, b, c, delta=dl, backend="reference", **opts), (q, k, v, delta))
+
+
+def test_ties_get_even_shares_on_reference_backend():
+    """A row of equal scores: torch.amax's gradient splits evenly, and the op's backward agrees."""
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.float64, requires_grad=True)  # every score is 0: all keys tie
+    k, v = (torch.randn(1, 1, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    refs = torch.autograd.grad(vk.tar_attention_reference(q, k, v), (q, k, v), grad_out)
+    grads = torch.autograd.grad(vk.tar_attention(q, k, v, backend="reference"), (q, k, v), grad_out)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
+
+
+def op_args(B, H, nq, nk, d, dv, *, delta, backend, needs_grad=True, dtype=torch.float32, max_mode="row"):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(needs_grad)
+               for shape in ((B, H, nq, d), (B, H, nk, d), (B, H, nk, dv)))
+    if delta:
+        delta = torch.rand(nq, nk, generator=g).to(DEVICE).expand(B, H, nq, nk).detach().requires_grad_(needs_grad)
+    else:
+        delta = None
+    return (q, k, v, 1.5, 1.0, delta, False, max_mode, d ** -0.5, None, None, None, backend, needs_grad)
+
+
+OPCHECK_CASES = [
+    dict(shape=(2, 2, 6, 7, 8, 5), delta=False, backend="reference"),
+    dict(shape=(2, 2, 6, 7, 8, 5), delta=True, backend="reference", max_mode="global"),
+    dict(shape=(2, 2, 6, 7, 8, 5), delta=False, backend="reference", needs_grad=False),
+    dict(shape=(2, 2, 12, 12, 16, 16), delta=True, backend="triton"),
+    dict(shape=(1, 1, 130, 132, 16, 16), delta=False, backend="triton", max_mode="global"),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES,
+                         ids=lambda c: "-".join(str(c[key]) for key in ("backend", "delta", "max_mode", "needs_grad")
+                                                if key in c) + "-N{}".format(c["shape"][2]))
+def test_opcheck(case):
+    args = op_args(*case["shape"], delta=case["delta"], backend=case["backend"],
+                   needs_grad=case.get("needs_grad", True), max_mode=case.get("max_mode", "row"))
+    opcheck(torch.ops.vstar.tar_attention.default, args)
+    if case["backend"] == "triton":  # the reference's backward is traced PyTorch, not this op
+        out, stats = torch.ops.vstar.tar_attention(*args)
+        q, k, v, sigma, strength, delta = (t.detach() if isinstance(t, torch.Tensor) else t for t in args[:6])
+        back_args = (torch.randn_like(out), out.detach(), stats, q, k, v, sigma, strength, delta, *args[6:13],
+                     delta is not None)
+        opcheck(torch.ops.vstar.tar_attention_backward.default, back_args)
+
+
+def test_inference_call_saves_nothing():
+    args = op_args(1, 1, 130, 130, 16, 16, delta=False, backend="triton", needs_grad=False)
+    _, stats = torch.ops.vstar.tar_attention(*args)
+    assert stats.numel() == 0
+    _, stats = torch.ops.vstar.tar_attention(*args[:-1], True)
+    assert stats.shape == (1, 130, vk.ops.layout.STATS_FIELDS)
+
+
+def test_second_order_gradients_on_reference_backend():
+    """The reference's backward is traced PyTorch (torch.func.vjp), so it is differentiable too."""
+    q, k, v = float64_inputs(1, 1, 4, 4, 3, 3, seed=5)
+    assert torch.autograd.gradgradcheck(lambda a, b, c: vk.tar_attention(a, b, c, backend="reference"), (q, k, v))
+
+
+def test_double_backward_through_kernels_is_refused_clearly():
+    q, k, v = (torch.randn(1, 1, 8, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    (dq,) = torch.autograd.grad(vk.tar_attention(q, k, v, backend="triton").sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        dq.sum().backward()
+
+
+class TinyTemporalBlock(torch.nn.Module):
+    """A projection + tar_attention over frames with a learnable delta: what a compiled model calls.
+    Kept to few ops around the call: each one inductor compiles costs seconds of C++ on CPU."""
+
+    def __init__(self, channels=16, heads=2, frames=10, **tar):
+        super().__init__()
+        self.heads, self.tar = heads, tar
+        self.qkv = torch.nn.Linear(channels, 3 * channels, bias=False)
+        self.delta = torch.nn.Parameter(vk.gaussian_toeplitz(frames, 2.0))
+
+    def forward(self, x):  # x: (batch, frames, channels) -> (batch, heads, frames, channels / heads)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return vk.tar_attention(q, k, v, delta=self.delta, **self.tar)
+
+
+def eager_and_compiled(model, x, compiled):
+    """Output and parameter gradients of the compiled and the eager model for one output gradient."""
+    results = []
+    for fn in (compiled, model):
+        model.zero_grad()
+        y = fn(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)))
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    return results
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """Inductor on CPU (the reference inside the op); fullgraph=True raises on any graph break."""
+    torch.manual_seed(0)
+    model = TinyTemporalBlock(max_mode="global")
+    (y_c, g_c), (y_e, g_e) = eager_and_compiled(model, torch.randn(3, 10, 16),
+                                                torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(y_c, y_e, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_traces_the_triton_backend():
+    """backend="triton" (the interpreter on CPU) in a compiled graph: one opaque op each way."""
+    torch.manual_seed(1)
+    model = TinyTemporalBlock(frames=12, backend="triton", causal=True)
+    x = torch.randn(2, 12, 16)
+    (y_c, g_c), (y_e, g_e) = eager_and_compiled(model, x, torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(y_c, y_e, atol=0, rtol=0)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    model.tar["backend"] = "reference"
+    (_, g_ref), _ = eager_and_compiled(model, x, model)
+    for a, b in zip(g_c, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def tar_with_scalar_args(q, k, v, sigma, strength, scale, backend):
+    """sigma, strength and scale as arguments of the compiled function: symbolic floats with dynamic=True."""
+    return vk.tar_attention(q, k, v, sigma=sigma, strength=strength, scale=scale, max_mode="global", causal=True,
+                            backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "default"])
+def test_torch_compile_fullgraph_traces_validation(backend, dynamic):
+    """make_problem's checks trace with symbolic sizes and floats: two shapes and two sets of scalars
+    through one compiled function, outputs and gradients equal to eager."""
+    torch._dynamo.reset()  # no compiled code of another parametrization
+    compiled = torch.compile(tar_with_scalar_args, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for shape, scalars in (((2, 2, 6, 8), (1.5, 0.7, 0.3)), ((3, 2, 9, 8), (2.5, -0.4, 0.2))):
+        g = torch.Generator().manual_seed(shape[0])
+        inputs = [torch.randn(shape, generator=g, requires_grad=True) for _ in range(3)]
+        grad_out = torch.randn(shape, generator=g)
+        results = []
+        for fn in (compiled, tar_with_scalar_args):
+            out = fn(*inputs, *scalars, backend)
+            results.append((out, *torch.autograd.grad(out, inputs, grad_out)))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,165 @@
+"""The reference path against an independent float64 evaluation, and the exact invariants."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vstar_kernels as vk
+from vstar_kernels import reference
+
+from ..helpers import naive_tar, opts_id, shape_id
+
+OPTIONS = [
+    dict(),
+    dict(sigma=2.5, strength=0.7),
+    dict(causal=True),
+    dict(max_mode="global"),
+    dict(max_mode="global", causal=True, strength=-1.3),
+    dict(scale=0.31),
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=opts_id)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 9, 8, 5), (1, 2, 16, 16, 40, 40), (2, 1, 1, 4, 8, 8)], ids=shape_id)
+def test_reference_matches_semantics(shape, opts):
+    B, H, nq, nk, d, dv = shape
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, nq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, nk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, nk, dv, generator=g, dtype=torch.float64)
+    out = vk.tar_attention_reference(q, k, v, **opts)
+    torch.testing.assert_close(out, naive_tar(q, k, v, **opts), atol=1e-12, rtol=1e-12)
+
+
+def test_reference_custom_delta_broadcast():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    delta = torch.rand(3, 6, 6, generator=g, dtype=torch.float64)
+    out = vk.tar_attention_reference(q, k, v, delta=delta, sigma=123.0)  # sigma ignored with delta
+    torch.testing.assert_close(out, naive_tar(q, k, v, delta=delta), atol=1e-12, rtol=1e-12)
+
+
+def test_reference_computes_fp16_in_fp32():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 12, 16, generator=g) for _ in range(3))
+    out16 = vk.tar_attention_reference(q.half(), k.half(), v.half())
+    out32 = vk.tar_attention_reference(q.half().float(), k.half().float(), v.half().float())
+    assert out16.dtype == torch.float16
+    torch.testing.assert_close(out16, out32.half(), atol=0, rtol=0)
+
+
+def test_reference_chunks_give_the_same_result(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(5, 3, 10, 8, generator=g) for _ in range(3))
+    whole = vk.tar_attention_reference(q, k, v, max_mode="global")
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * 10 * 10)  # 2 slices per chunk
+    chunked = vk.tar_attention_reference(q, k, v, max_mode="global")
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
+
+
+def test_three_d_input_means_one_head():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 9, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    out = vk.tar_attention_reference(q, k, v, sigma=1.5)
+    assert out.shape == (3, 9, 8)
+    ref = naive_tar(q[:, None], k[:, None], v[:, None], sigma=1.5)[:, 0]
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_plain_attention_invariants(causal, max_mode):
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 11, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    for kwargs in (dict(strength=0.0), dict(sigma=math.inf)):
+        out = vk.tar_attention_reference(q, k, v, causal=causal, max_mode=max_mode, **kwargs)
+        torch.testing.assert_close(out, sdpa, atol=1e-12, rtol=1e-12)
+
+
+def test_regularization_changes_the_output():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g) for _ in range(3))
+    plain = vk.tar_attention_reference(q, k, v, strength=0.0)
+    assert (vk.tar_attention_reference(q, k, v, sigma=1.0) - plain).abs().max() > 1e-2
+
+
+def test_gaussian_toeplitz():
+    m = vk.gaussian_toeplitz(5, 2.0)
+    assert m.shape == (5, 5) and m.dtype == torch.float32
+    expected = torch.tensor([[math.exp(-0.5 * ((j - i) / 2.0) ** 2) for j in range(5)] for i in range(5)])
+    torch.testing.assert_close(m, expected)
+    assert torch.equal(m, m.T) and torch.all(m.diagonal() == 1)
+    assert torch.equal(vk.gaussian_toeplitz(4, math.inf, dtype=torch.float64), torch.ones(4, 4, dtype=torch.float64))
+    assert vk.gaussian_toeplitz(0, 1.0).shape == (0, 0)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+def test_gaussian_toeplitz_rejects_bad_sigma(bad):
+    with pytest.raises(ValueError, match="sigma"):
+        vk.gaussian_toeplitz(4, bad)
+
+
+def test_reference_is_differentiable():
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: vk.tar_attention_reference(a, b, c, sigma=1.3), (q, k, v))
+
+
+BNHD_OPTIONS = [dict(), dict(causal=True, sigma=2.0), dict(max_mode="global", strength=-0.7), dict(delta=True),
+                dict(key_mask=True), dict(frames=True)]
+
+
+@pytest.mark.parametrize("opts", BNHD_OPTIONS, ids=opts_id)
+@pytest.mark.parametrize("per_chunk", [None, 2, "rows"], ids=["whole", "2-batches", "row-blocks"])
+def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypatch):
+    """q, k, v stored (B, N, H, D) (diffusers' layout) are no batch of matrices over (batch, head): the
+    in-place path takes one head's batches per chunk and reads them in place (no copy). Same values
+    as the float64 definition and as contiguous inputs, in whole-batch chunks, in chunks of 2 batches
+    and in blocks of 3 rows (one slice at a time: no head chunks needed)."""
+    B, H, N, D = 3, 4, 9, 8
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3))
+    opts = dict(opts)
+    if opts.pop("delta", False):
+        opts["delta"] = torch.rand(B, H, N, N, generator=g)
+    if opts.pop("key_mask", False):
+        opts["key_mask"] = torch.rand(B, N, generator=g) > 0.3
+        opts["key_mask"][:, 0] = True
+    if opts.pop("frames", False):
+        opts["frames"] = torch.arange(N) // 3
+    if per_chunk is not None:
+        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", 3 * N if per_chunk == "rows" else per_chunk * N * N)
+    chunks, head_chunks, as_batch, copied = [], reference._head_chunks, reference._as_batch, []
+    monkeypatch.setattr(reference, "_head_chunks", lambda *a: chunks.append(head_chunks(*a)) or chunks[-1])
+
+    def spy(x, buf, dtype):
+        batch = as_batch(x, buf, dtype)
+        copied.append(batch.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+        return batch
+
+    monkeypatch.setattr(reference, "_as_batch", spy)
+    out = vk.tar_attention(q, k, v, backend="reference", **opts)
+    assert copied and not any(copied)
+    if per_chunk == "rows":
+        assert not chunks
+    else:
+        assert chunks and all(h.stop - h.start == 1 for _, h in chunks[0])
+        assert len(chunks[0]) == H * (1 if per_chunk is None else 2)
+    contiguous = vk.tar_attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="reference", **opts)
+    torch.testing.assert_close(out, contiguous, atol=2e-6, rtol=2e-6)
+    if "key_mask" not in opts and "frames" not in opts:
+        expected = naive_tar(q, k, v, **{key: value for key, value in opts.items()})
+        torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=2e-6)
+
+
+def test_inplace_path_copies_blocks_it_must_convert(monkeypatch):
+    """16-bit (B, N, H, D) inputs are converted to float32 block by block, in (batch, head) chunks."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 7, 3, 8, generator=g).half().transpose(1, 2) for _ in range(3))
+    monkeypatch.setattr(reference, "_head_chunks", lambda *a: pytest.fail("head chunks for a converted input"))
+    out = vk.tar_attention(q, k, v, backend="reference", sigma=1.5)
+    expected = naive_tar(q, k, v, sigma=1.5)
+    torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,266 @@
+"""capture_temporal_attention: the recorded maps against float64, on every family, without and with TAR.
+
+The float64 map of a call is computed here from the module's input and weights, independently of
+the library: projections, per-head scores (TAR's bias where TAR regularizes), softmax, then the mean
+over heads and over the sequences recorded (all, or the conditional second half under guidance).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
+
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar, capture_temporal_attention, remove_tar, reset_steps
+from vstar_kernels.diffusers import capture as capture_module
+from vstar_kernels.diffusers.steps import StepTracker
+from vstar_kernels.regularization import delta_from_features
+
+from .tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+    LEVEL_SPECS,
+    attention_modules,
+    forward,
+    run_capturing,
+    FAMILIES,
+    motion_adapter,
+    motion_inputs,
+    one_torch_thread,
+    randn,
+    unet2d,
+    unet3d_inputs,
+)
+
+MAP_TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 probabilities summed in float64, against float64 throughout
+
+
+def map64(attn, x, *, rows=None, sigma=None, strength=1.0, delta=None):
+    """Mean over heads and the sequences `rows` of softmax(q k^T / sqrt(d) [+ strength * m_i * dA]), float64."""
+    assert attn.group_norm is None and attn.spatial_norm is None and attn.norm_q is None
+    x = x.double() if rows is None else x[rows].double()
+
+    def heads(layer):
+        t = F.linear(x, layer.weight.double(), None if layer.bias is None else layer.bias.double())
+        return t.view(x.shape[0], x.shape[1], attn.heads, -1).transpose(1, 2)
+
+    q, k = heads(attn.to_q), heads(attn.to_k)
+    n = q.shape[2]
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if sigma is not None or delta is not None:
+        i = torch.arange(n, dtype=torch.float64)
+        da = torch.exp(-0.5 * ((i[None, :] - i[:, None]) / sigma) ** 2) if delta is None else delta.double()
+        s = s + strength * s.amax(dim=-1, keepdim=True) * da
+    return torch.softmax(s, dim=-1).mean(dim=(0, 1))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_maps_match_float64_and_outputs_stay_bit_identical(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    watched = fam.expected_levels(model, include_input_block=True)  # TAR's modules + the input blocks
+    regularized = fam.expected_levels(model)
+    plain = forward(model, inputs)
+
+    with capture_temporal_attention(model) as maps:
+        out, calls = run_capturing(model, inputs, watched)
+    assert torch.equal(out, plain)
+    assert maps.levels == watched and sorted(maps) == sorted((name, 0) for name in watched)
+    modules = attention_modules(model)
+    for name in watched:
+        (x, _, _), = calls[name]
+        assert maps[(name, 0)].shape == (x.shape[1],) * 2
+        torch.testing.assert_close(maps[(name, 0)], map64(modules[name], x), **MAP_TOL)
+
+    apply_tar(model, TARConfig(levels={lvl: LEVEL_SPECS[lvl] for lvl in set(regularized.values())}, until_step=None))
+    tar_out = forward(model, inputs)
+    reset_steps(model)
+    with capture_temporal_attention(model) as maps:
+        out, calls = run_capturing(model, inputs, watched)
+    assert torch.equal(out, tar_out)
+    for name, level in watched.items():
+        (x, _, _), = calls[name]
+        sigma, strength = LEVEL_SPECS[level] if name in regularized else (None, 1.0)
+        torch.testing.assert_close(maps[(name, 0)], map64(modules[name], x, sigma=sigma, strength=strength),
+                                   **MAP_TOL)
+    assert not any(m._forward_hooks for m in attention_modules(model).values())
+
+
+def test_delta_levels_are_recorded_with_their_delta():
+    model = FAMILIES["unet3d"].model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    delta = delta_from_features(randn(5, 4, seed=3).cumsum(0), num_frames=8)
+    names = apply_tar(model, TARConfig(levels={0: (delta, 0.5)}, until_step=None))
+    with capture_temporal_attention(model, layers=names) as maps:
+        _, calls = run_capturing(model, inputs, names)
+    for name in names:
+        (x, _, _), = calls[name]
+        expected = map64(attention_modules(model)[name], x, strength=0.5, delta=delta)
+        torch.testing.assert_close(maps[(name, 0)], expected, **MAP_TOL)
+
+
+def test_batched_guidance_records_the_conditional_second_half():
+    model = FAMILIES["unet3d"].model()
+    inputs = unet3d_inputs(model, batch=2, size=4)  # two different samples: the halves differ
+    names = ["down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1", "mid_block.temp_attentions.0."
+             "transformer_blocks.0.attn2"]
+    with capture_temporal_attention(model, layers=names, cfg=True) as cond, \
+            capture_temporal_attention(model, layers=names) as both:
+        _, calls = run_capturing(model, inputs, names)
+    for name in names:
+        (x, _, _), = calls[name]
+        half = x.shape[0] // 2
+        attn = attention_modules(model)[name]
+        torch.testing.assert_close(cond[(name, 0)], map64(attn, x, rows=slice(half, None)), **MAP_TOL)
+        torch.testing.assert_close(both[(name, 0)], map64(attn, x), **MAP_TOL)
+        assert (map64(attn, x, rows=slice(0, half)) - cond[(name, 0)]).abs().max() > 1e-3
+
+
+def animatediff():
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                               motion_adapter=motion_adapter(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, guidance_scale, steps=2, frames=8):
+    return pipe(prompt_embeds=randn(1, 3, 8, seed=5), negative_prompt_embeds=randn(1, 3, 8, seed=6),
+                num_inference_steps=steps, num_frames=frames, height=16, width=16, guidance_scale=guidance_scale,
+                output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_pipeline_guidance_is_read_from_the_pipeline(guidance_scale):
+    pipe = animatediff()
+    name = "down_blocks.0.motion_modules.0.transformer_blocks.0.attn1"
+    with capture_temporal_attention(pipe, steps=[1], layers=[name]) as maps:
+        recorded = []
+        handle = attention_modules(pipe.unet)[name].register_forward_hook(
+            lambda m, args, out: recorded.append(args[0]))
+        generate(pipe, guidance_scale)
+        handle.remove()
+    assert list(maps) == [(name, 1)]
+    x = recorded[1]  # the step-1 call
+    rows = slice(x.shape[0] // 2, None) if guidance_scale > 1 else None
+    torch.testing.assert_close(maps[(name, 1)], map64(attention_modules(pipe.unet)[name], x, rows=rows), **MAP_TOL)
+
+
+def test_text_to_video_pipeline_needs_cfg_given():
+    unet = FAMILIES["unet3d"].model()
+    pipe = TextToVideoSDPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="TextToVideoSDPipeline does not say whether guidance is batched.*cfg=True"):
+        with capture_temporal_attention(pipe):
+            pass
+    with capture_temporal_attention(pipe, cfg=True, steps=[0], levels=[2]) as maps:
+        pipe(prompt_embeds=randn(1, 3, 8, seed=5), negative_prompt_embeds=randn(1, 3, 8, seed=6),
+             num_inference_steps=2, num_frames=8, height=16, width=16, guidance_scale=7.5, output_type="latent")
+    assert {step for _, step in maps} == {0} and set(maps.by_level(0)) == {2}
+
+
+def test_free_noise_blocks_swapped_in_are_watched_from_the_next_run():
+    pipe = animatediff()
+    model = pipe.unet
+    with capture_temporal_attention(model, levels=[0]) as maps:
+        pipe.enable_free_noise(context_length=8, context_stride=4)  # new attention modules, same names
+        reset_steps(model)  # a new run (a pipeline's set_timesteps does the same)
+        _, calls = run_capturing(model, motion_inputs(model, batch=1, frames=16), maps.levels)
+    assert sorted(maps) == sorted((name, 0) for name in maps.levels)
+    for name in maps.levels:
+        windows = [x for x, _, _ in calls[name]]
+        assert len(windows) == 3 and all(x.shape[1] == 8 for x in windows)  # frames 0-8, 4-12, 8-16
+        expected = map64(attention_modules(model)[name], torch.cat(windows))  # the windows averaged together
+        torch.testing.assert_close(maps[(name, 0)], expected, **MAP_TOL)
+
+
+def test_steps_levels_and_layers_filter_what_is_recorded():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    levels = fam.expected_levels(model, include_input_block=True)
+    with capture_temporal_attention(model, steps=[0, 2], levels=[1]) as by_level, \
+            capture_temporal_attention(model, layers=["mid_block.temp_attentions.0.transformer_blocks.0.attn1"]) as one:
+        outs = [forward(model, inputs) for _ in range(3)]
+    assert sorted(by_level) == sorted((n, s) for n, lvl in levels.items() if lvl == 1 for s in (0, 2))
+    assert by_level.steps() == [0, 2] and set(by_level.levels.values()) == {1}
+    assert list(one) == [("mid_block.temp_attentions.0.transformer_blocks.0.attn1", s) for s in range(3)]
+    assert set(one.by_level(1)) == {2}
+    assert torch.equal(outs[0], outs[2])
+    with pytest.raises(KeyError, match="no map recorded at step 5"):
+        one.by_level(5)
+
+
+def test_chunks_give_the_map_of_one_chunk_and_bound_the_probabilities(monkeypatch):
+    model = FAMILIES["unet3d"].model()
+    inputs = unet3d_inputs(model, batch=2, size=8)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    names = [n for n, lvl in FAMILIES["unet3d"].expected_levels(model).items() if lvl == 0]
+    sizes = []
+    real_scores = capture_module.tar_scores
+
+    def counting_scores(problem, *args):
+        sizes.append(problem.batch * problem.heads * problem.nq * problem.nk)
+        return real_scores(problem, *args)
+
+    monkeypatch.setattr(capture_module, "tar_scores", counting_scores)
+    runs = {}
+    one = 2 * 8 * 8  # the scores of one sequence of the level-0 modules (2 heads, 8 frames)
+    for elements in (1, 7 * one, 10 ** 6):  # 1: a sequence per chunk all the same
+        reset_steps(model)
+        with capture_temporal_attention(model, layers=names, chunk_elements=elements) as maps:
+            forward(model, inputs)
+        runs[elements] = maps
+    budget = 5 * one
+    sizes.clear()
+    reset_steps(model)
+    with capture_temporal_attention(model, layers=names, chunk_elements=budget) as runs["budget"]:
+        forward(model, inputs)
+    assert max(sizes) <= budget and len(sizes) >= len(names) * one // 5
+    reset_steps(model)
+    with pytest.warns(DeprecationWarning, match="chunk_size"):
+        with capture_temporal_attention(model, layers=names, chunk_size=3) as runs["sequences"]:
+            forward(model, inputs)
+    for chunk, maps in runs.items():
+        for key in runs[10 ** 6]:
+            torch.testing.assert_close(maps[key], runs[10 ** 6][key], atol=1e-7, rtol=0, msg=f"chunk {chunk}")
+
+
+def test_exit_removes_hooks_and_the_step_tracker_it_added():
+    model = FAMILIES["unet3d"].model()
+    with capture_temporal_attention(model):
+        assert StepTracker.of(model) is not None
+    assert StepTracker.of(model) is None and not model._forward_pre_hooks
+    assert not any(m._forward_hooks for m in model.modules())
+    apply_tar(model, TARConfig.from_preset("64D1"))
+    tracker = StepTracker.of(model)
+    with capture_temporal_attention(model):
+        pass
+    assert StepTracker.of(model) is tracker and len(model._forward_pre_hooks) == 1
+    remove_tar(model)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    pytest.param(dict(levels=[3]), ValueError, r"levels \[3\] do not exist.*levels \[0, 1, 2\]", id="level"),
+    pytest.param(dict(layers=["conv_in"]), ValueError, r"layers \['conv_in'\] are not temporal", id="layer"),
+    pytest.param(dict(layers="mid_block"), TypeError, "layers must be a collection", id="layers-str"),
+    pytest.param(dict(steps=[-1]), ValueError, "steps must hold ints >= 0", id="step-negative"),
+    pytest.param(dict(steps=[]), ValueError, "steps must hold ints >= 0", id="steps-empty"),
+    pytest.param(dict(steps=3), TypeError, "steps must be a collection", id="steps-int"),
+    pytest.param(dict(cfg=1), TypeError, "cfg must be a bool or None", id="cfg"),
+    pytest.param(dict(chunk_elements=0), ValueError, "chunk_elements must be a positive int", id="chunk"),
+    pytest.param(dict(levels=[0], layers=["mid_block.temp_attentions.0.transformer_blocks.0.attn1"]), ValueError,
+                 "no temporal attention module is both", id="disjoint"),
+])
+def test_bad_arguments_raise_naming_them(kwargs, error, match):
+    model = FAMILIES["unet3d"].model()
+    with pytest.raises(error, match=match):
+        with capture_temporal_attention(model, **kwargs):
+            pass
+    assert StepTracker.of(model) is None
+
+
+def test_models_without_temporal_attention_are_rejected():
+    with pytest.raises(ValueError, match="UNet2DConditionModel has no temporal self-attention"):
+        with capture_temporal_attention(unet2d()):
+            pass

@@ -1,0 +1,78 @@
+"""`python -m vstar_kernels demo-attention`: the PNG it draws and the numbers it prints."""
+
+import pytest
+import torch
+
+from vstar_kernels.analysis import band_energy, diagonality
+from vstar_kernels.cli import main as cli_main
+from vstar_kernels.diffusers.attention_demo import attention_demo
+
+from ..helpers import saved_figures
+from .tiny_video_models import one_torch_thread  # noqa: F401 (autouse fixture)
+
+Image = pytest.importorskip("PIL.Image")
+
+LEVEL0_LAYERS = 6  # the tiny UNet's level-0 temporal attention: down block 0 (1 transformer), up block 1 (2), x 2
+
+
+def test_demo_maps_show_the_band_tar_adds(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    runs = attention_demo(tmp_path / "att.png", num_frames=8, size=8, dpi=40)
+    assert list(runs) == ["without TAR", "with TAR"]
+    plain, tar = runs["without TAR"], runs["with TAR"]
+    assert list(plain) == list(tar) and len(plain) == LEVEL0_LAYERS
+    for layer in plain:
+        assert plain[layer].shape == tar[layer].shape == (8, 8)
+        torch.testing.assert_close(tar[layer].sum(dim=1), torch.ones(8, dtype=torch.float64))
+        assert diagonality(tar[layer]) > diagonality(plain[layer]) + 0.02, layer
+        assert band_energy(tar[layer], 1) > band_energy(plain[layer], 1), layer
+    with Image.open(tmp_path / "att.png") as img:
+        img.verify()
+    with Image.open(tmp_path / "att.png") as img:
+        assert img.format == "PNG"
+    # one colour scale for both runs, so that the weak structure without TAR looks weak
+    [fig] = figures
+    high = max(float(m.max()) for maps in runs.values() for m in maps.values())
+    assert f"shared scale 0..{high:.3g}: one colour bar for all panels" in fig.get_suptitle()
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 2 * LEVEL0_LAYERS and len(fig.axes) == len(axes) + 1  # + one colour bar
+    assert all((ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0.0, high) for ax in axes)
+    assert [ax.get_title() for ax in axes[:2]] == ["down0.t0.attn1", "down0.t0.attn2"]
+    assert [axes[0].get_ylabel(), axes[LEVEL0_LAYERS].get_ylabel()] == ["without TAR\nquery frame",
+                                                                       "with TAR\nquery frame"]
+    assert {ax.get_xlabel() for ax in axes[LEVEL0_LAYERS:]} == {"key frame"}
+
+
+def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    out = tmp_path / "cli.png"
+    assert cli_main(["demo-attention", "--num-frames", "8", "--size", "8", "--dpi", "40", "--color-scale",
+                     "per-panel", "--out", str(out)]) == 0
+    assert "per-panel scale" in figures[0].get_suptitle()
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and out.exists()
+    runs = attention_demo(tmp_path / "again.png", num_frames=8, size=8, dpi=40)
+    mean_line = next(line for line in text.splitlines() if line.startswith("mean"))
+    printed = [float(v) for v in mean_line.split()[1:]]
+    expected = [sum(float(diagonality(m)) for m in runs[r].values()) / LEVEL0_LAYERS for r in runs] + \
+        [sum(float(band_energy(m, 1)) for m in runs[r].values()) / LEVEL0_LAYERS for r in runs]
+    assert printed == pytest.approx(expected, abs=5e-4)
+    assert printed[1] > printed[0]
+
+
+def test_cli_rejects_bad_sizes(tmp_path, capsys):
+    assert cli_main(["demo-attention", "--num-frames", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "num_frames must be an int >= 2" in capsys.readouterr().out
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_old_spellings_still_work_with_a_deprecation(tmp_path, capsys, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    assert cli_main(["demo-attention", "--frames", "4", "--size", "8", "--dpi", "30", "--scale", "per-panel",
+                     "--out", str(tmp_path / "old.png")]) == 0
+    err = capsys.readouterr().err
+    assert "--frames is deprecated" in err and "use --num-frames" in err and "use --color-scale" in err
+    assert "per-panel scale" in figures[0].get_suptitle() and "4 frames" in figures[0].get_suptitle()
+    with pytest.warns(DeprecationWarning, match="attention_demo: frames= is deprecated"):
+        runs = attention_demo(tmp_path / "old2.png", frames=4, size=8, dpi=30)
+    assert next(iter(runs["with TAR"].values())).shape == (4, 4)

@@ -1,0 +1,535 @@
+"""The ComfyUI node (vstar_kernels.comfyui) on a stand-in of ComfyUI (tests/integrations/comfyui_standin, see its README).
+
+A float64 oracle computes TAR densely from its definition (docs/semantics.md) with frame ids written
+out here from the latent's shape, in an attention override of its own; it finds the video
+self-attention by patching the toy models' classes, not through the node's mechanism. The node's
+sampled latents must match it, and be stock bit for bit where TAR is off. tests/integrations/test_comfyui_real.py
+runs such checks against a real ComfyUI.
+"""
+
+import importlib
+import math
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import vstar_kernels.comfyui as vc
+from vstar_kernels import cli
+from vstar_kernels.comfyui import models as vc_models
+from vstar_kernels.comfyui.patch import MarkedForward, key_mask
+
+STANDIN = pathlib.Path(__file__).resolve().parent / "comfyui_standin"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+NODE = vc.NODE_CLASS_MAPPINGS["VSTAR_TAR"]
+ORACLE = "oracle_regularizes"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    """The stand-in `comfy` package, in sys.modules for this module's tests only."""
+    saved = {name: mod for name, mod in sys.modules.items() if name == "comfy" or name.startswith("comfy.")}
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, str(STANDIN))
+    try:
+        import comfy.ldm.hunyuan_video.model
+        import comfy.ldm.wan.model
+        import comfy.model_base
+        import comfy.model_patcher
+        import comfy.samplers
+
+        yield comfy
+    finally:
+        sys.path.remove(str(STANDIN))
+        for name in [n for n in sys.modules if n == "comfy" or n.startswith("comfy.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+# ---------------------------------------------------------------- models, conditions, sampling
+
+def wan(comfy, dtype=torch.float64, seed=0, **config):
+    torch.manual_seed(seed)
+    net = comfy.ldm.wan.model.WanModel(**config)
+    _sharpen(net)
+    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+
+
+def hunyuan(comfy, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    net = comfy.ldm.hunyuan_video.model.HunyuanVideo()
+    _sharpen(net)
+    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+
+
+def _sharpen(net):
+    """Larger weights, so that attention rows have clear maxima and TAR's bias moves the result."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+
+
+def conditions(dtype, text=7, batch_one=True, **extra):
+    gen = torch.Generator().manual_seed(1)
+    cond = {"c_crossattn": torch.randn(1, text, 8, generator=gen, dtype=dtype)}
+    uncond = {"c_crossattn": torch.randn(1, text, 8, generator=gen, dtype=dtype)}
+    for name, shape in extra.items():
+        if name == "attention_mask":
+            cond[name] = uncond[name] = shape
+            continue
+        cond[name] = torch.randn(shape, generator=gen, dtype=dtype)
+        uncond[name] = torch.randn(shape, generator=gen, dtype=dtype)
+    return cond, uncond
+
+
+def sample(comfy, model, latent_shape, cond, uncond, dtype, steps=STEPS):
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    sigmas = comfy.samplers.schedule(model, steps)
+    return comfy.samplers.sample(model, noise, sigmas, cond, uncond, cfg=3.0)
+
+
+# ---------------------------------------------------------------- the oracle
+
+def video_ids(frames, height, width, before=0, after=0, lead=0):
+    """-1 * before, frames frame by frame (ceil(H/2) x ceil(W/2) tokens each, the first `lead` -1), -1 * after."""
+    per_frame = -(-height // 2) * -(-width // 2)
+    ids = [-1] * before + [f if f >= lead else -1 for f in range(frames) for _ in range(per_frame)] + [-1] * after
+    return torch.tensor(ids)
+
+
+def dense_tar(q, k, v, ids, sigma, strength, keep=None):
+    """TAR by its definition, float64: (B, H, N, D) q/k/v, one id per token (-1: no bias)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], -math.inf)
+    row_max = scores.amax(-1, keepdim=True)
+    fq, fk = ids[:, None].double(), ids[None, :].double()
+    band = torch.where((fq >= 0) & (fk >= 0), torch.exp(-0.5 * ((fk - fq) / sigma) ** 2), 0.0)
+    return torch.softmax(scores + strength * row_max * band, dim=-1) @ v
+
+
+def oracle_override(ids, sigma, strength, sigmas_in):
+    """An attention override that regularizes the calls marked by `mark_self_attention` at the steps whose
+    sigma is in `sigmas_in`; ids of the video come first, whatever follows (text) gets -1."""
+    def override(func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
+                 transformer_options=None, **kwargs):
+        options = transformer_options
+        if not options.get(ORACLE) or float(options["sigmas"][0]) not in sigmas_in:
+            return func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+                        transformer_options=options, **kwargs)
+        if not skip_reshape:
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        n = q.shape[2]
+        full = torch.cat([ids, torch.full((n - len(ids),), -1)])
+        keep = None if mask is None else (mask.reshape(mask.shape[0], -1) == 0).expand(q.shape[0], n)
+        out = dense_tar(q, k, v, full, sigma, strength, keep).to(q.dtype)
+        return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
+    return override
+
+
+@pytest.fixture
+def mark_self_attention(comfy, monkeypatch):
+    """Patch the toy models' classes so their video self-attention marks its transformer_options for the oracle."""
+    def marking(cls):
+        original = cls.forward
+
+        def forward(self, *args, transformer_options={}, **kwargs):
+            return original(self, *args, transformer_options={**transformer_options, ORACLE: True}, **kwargs)
+        monkeypatch.setattr(cls, "forward", forward)
+
+    marking(comfy.ldm.wan.model.WanSelfAttention)
+    marking(comfy.ldm.hunyuan_video.model.DoubleStreamBlock)
+    marking(comfy.ldm.hunyuan_video.model.SingleStreamBlock)
+
+
+def oracle_sample(comfy, model, ids, sigma, strength, steps_in, latent_shape, cond, uncond, dtype):
+    sigmas = comfy.samplers.schedule(model, STEPS)
+    oracle = model.clone()
+    oracle.model_options["transformer_options"]["optimized_attention_override"] = oracle_override(
+        ids, sigma, strength, {float(sigmas[i].to(dtype)) for i in steps_in})
+    return sample(comfy, oracle, latent_shape, cond, uncond, dtype)
+
+
+# ---------------------------------------------------------------- declaration, import, install
+
+def test_node_declaration():
+    types_ = NODE.INPUT_TYPES()
+    required, optional = types_["required"], types_["optional"]
+    assert list(required) == ["model", "strength", "sigma"]
+    assert required["model"][0] == "MODEL"
+    strength, sigma = required["strength"], required["sigma"]
+    assert strength[0] == "FLOAT" and strength[1]["min"] <= 0.0 and strength[1]["max"] >= 1.0
+    assert sigma[0] == "FLOAT" and 0.0 < sigma[1]["min"] <= 0.5 and sigma[1]["max"] >= 8.0
+    for name, default in (("start_percent", 0.0), ("end_percent", 1.0)):
+        kind, spec = optional[name]
+        assert kind == "FLOAT" and (spec["default"], spec["min"], spec["max"]) == (default, 0.0, 1.0)
+    assert NODE.RETURN_TYPES == ("MODEL",)
+    assert callable(getattr(NODE(), NODE.FUNCTION)) and isinstance(NODE.CATEGORY, str)
+    assert set(vc.NODE_DISPLAY_NAME_MAPPINGS) == {"VSTAR_TAR"}
+
+
+def test_imports_without_comfyui():
+    code = ("import sys; sys.modules['comfy'] = None; import vstar_kernels.comfyui as c; "
+            "print(sorted(c.NODE_CLASS_MAPPINGS))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "['VSTAR_TAR']"
+
+
+def test_install_writes_a_custom_nodes_package(tmp_path, capsys, monkeypatch):
+    (tmp_path / "custom_nodes").mkdir()
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 0
+    init = tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py"
+    assert str(init) in capsys.readouterr().out
+    monkeypatch.syspath_prepend(str(tmp_path / "custom_nodes"))
+    package = importlib.import_module("vstar_kernels_tar")
+    try:
+        assert package.NODE_CLASS_MAPPINGS is vc.NODE_CLASS_MAPPINGS
+        assert package.NODE_DISPLAY_NAME_MAPPINGS is vc.NODE_DISPLAY_NAME_MAPPINGS
+    finally:
+        del sys.modules["vstar_kernels_tar"]
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 0    # its own package is replaced
+
+
+def test_install_refuses_other_folders(tmp_path, capsys):
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 2
+    assert "no custom_nodes/ folder" in capsys.readouterr().err
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar").mkdir(parents=True)
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py").write_text("# someone else's\n")
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 2
+    assert "was not written by this command" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- numerics against the oracle
+
+WAN_CASES = {
+    # name: (model config, latent shape, extra conditions, ids of the video self-attention)
+    "t2v, odd height": ({}, (1, 4, 5, 7, 10), {}, video_ids(5, 7, 10)),
+    "i2v": ({"image_to_video": True, "in_dim": 8}, (1, 4, 4, 6, 6),
+            {"clip_fea": (1, 3, 6), "c_concat": (1, 4, 4, 6, 6)}, video_ids(4, 6, 6)),
+    "reference image first": ({"in_dim_ref_conv": 4}, (1, 4, 3, 6, 8), {"reference_latent": (1, 4, 6, 8)},
+                              video_ids(3, 6, 8, before=12)),
+    "extra frames in time": ({}, (1, 4, 3, 5, 6), {"time_dim_concat": (1, 4, 2, 5, 6)},
+                             video_ids(3, 5, 6, after=2 * 9)),
+}
+
+
+@pytest.mark.parametrize("case", list(WAN_CASES))
+def test_wan_matches_the_float64_oracle(comfy, mark_self_attention, case):
+    config, shape, extra, ids = WAN_CASES[case]
+    dtype = torch.float64
+    model = wan(comfy, dtype, **config)
+    cond, uncond = conditions(dtype, **extra)
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.5, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, model, ids, 1.5, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    assert (out - stock).abs().max() > 1e-3       # TAR changes the result, far beyond the tolerance
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_float32_model_matches_the_oracle(comfy, mark_self_attention, backend):
+    """Kernel (Triton interpreter on CPU) or reference in float32 against the float64 formula on the same model."""
+    dtype = torch.float32
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 5, 6)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend=backend)
+    out = sample(comfy, tar, shape, cond, uncond, dtype, steps=STEPS)
+    expected = oracle_sample(comfy, model, video_ids(3, 5, 6), 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_text_as_long_as_the_video(comfy, mark_self_attention):
+    """Self- and cross-attention are told apart by where the call comes from, not by lengths: 4 frames x 4
+    video tokens and 16 text tokens."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 4, 4, 4)
+    cond, uncond = conditions(dtype, text=16)
+    (tar,) = NODE().apply(model, 2.0, 0.7, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, model, video_ids(4, 4, 4), 0.7, 2.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_joint_attention_with_a_text_mask(comfy, mark_self_attention):
+    """HunyuanVideo's layout: video then text in one attention, padded text masked; the text gets frame -1."""
+    dtype = torch.float64
+    model = hunyuan(comfy, dtype)
+    shape = (1, 4, 3, 6, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    cond, uncond = conditions(dtype, text=6, attention_mask=mask)
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, model, video_ids(3, 6, 5), 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    assert (out - stock).abs().max() > 1e-3
+
+
+def test_reference_frames_lead_the_latent(comfy, mark_self_attention):
+    """reference_frames=1 (WanVaceToVideo's trim_latent): the first latent frame gets frame -1."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 4, 6, 6)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=1, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, model, video_ids(4, 6, 6, lead=1), 1.0, 1.0, range(STEPS), shape, cond, uncond,
+                             dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------- steps, stock identity, clones, chaining
+
+@pytest.mark.parametrize("start, end, steps_in", [(0.25, 0.5, [1, 2]), (0.0, 0.25, [0, 1]), (0.5, 1.0, [2, 3])])
+def test_step_window_includes_both_ends(comfy, mark_self_attention, start, end, steps_in):
+    """Step i of 4 has sigma percent_to_sigma(i / 4): windows whose ends are step sigmas include those steps."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=start, end_percent=end, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, model, video_ids(3, 4, 4), 1.0, 1.0, steps_in, shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    fewer = oracle_sample(comfy, model, video_ids(3, 4, 4), 1.0, 1.0, steps_in[1:], shape, cond, uncond, dtype)
+    assert (out - fewer).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strength, start, end", [(0.0, 0.0, 1.0), (1.0, 0.6, 0.4), (1.0, 0.3, 0.35)])
+def test_off_is_stock_bit_for_bit(comfy, dtype, strength, start, end):
+    """Strength 0, a window that starts after it ends, and a window between two steps (0.25 and 0.5)."""
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 5, 6)
+    cond, uncond = conditions(dtype)
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    (tar,) = NODE().apply(model, strength, 1.0, start_percent=start, end_percent=end)
+    assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), stock)
+    if strength == 0.0 or start > end:   # nothing is added at all
+        assert tar.object_patches == {} and tar.wrappers == model.wrappers
+
+
+def test_clone_semantics(comfy):
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    model.model_options["transformer_options"]["custom"] = {"kept": [1]}
+    options, patches, wrappers = repr(model.model_options), dict(model.object_patches), repr(model.wrappers)
+    shape = (1, 4, 3, 4, 6)
+    cond, uncond = conditions(dtype)
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    assert tar is not model and tar.model is model.model
+    assert (repr(model.model_options), model.object_patches, repr(model.wrappers)) == (options, patches, wrappers)
+    assert not torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), stock)
+    assert torch.equal(sample(comfy, model, shape, cond, uncond, dtype), stock)   # the input, after the clone ran
+    for block in model.model.diffusion_model.blocks:
+        assert not isinstance(block.self_attn.forward, MarkedForward)
+    assert len(tar.object_patches) == 2 and all(isinstance(p, MarkedForward) for p in tar.object_patches.values())
+
+
+def recorder(calls):
+    """An override already on the model (as a backend selector sets one): records each call's (q length,
+    k length, sigma) and runs the stock attention."""
+    def override(func, *args, **kwargs):
+        q, k = args[0], args[1]
+        axis = 2 if kwargs.get("skip_reshape") else 1
+        calls.append((q.shape[axis], k.shape[axis], float(kwargs["transformer_options"]["sigmas"][0])))
+        return func(*args, **kwargs)
+    return override
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["override set before the node", "set after"])
+def test_an_earlier_override_gets_every_call_not_regularized(comfy, before):
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 6)          # 3 frames x 6 tokens; text of 7 tokens
+    cond, uncond = conditions(dtype)
+    (plain,) = NODE().apply(model, 1.0, 1.0, start_percent=0.25, end_percent=0.5)
+    reference = sample(comfy, plain, shape, cond, uncond, dtype)
+    calls = []
+    if before:
+        chained = model.clone()
+        chained.model_options["transformer_options"]["optimized_attention_override"] = recorder(calls)
+        (chained,) = NODE().apply(chained, 1.0, 1.0, start_percent=0.25, end_percent=0.5)
+    else:
+        chained = plain.clone()
+        chained.model_options["transformer_options"]["optimized_attention_override"] = recorder(calls)
+    assert torch.equal(sample(comfy, chained, shape, cond, uncond, dtype), reference)
+    sigmas = [float(s) for s in comfy.samplers.schedule(model, STEPS)[:-1]]
+    cross = sorted((18, 7, s) for s in sigmas for _ in range(2))         # 2 blocks
+    own = sorted((18, 18, s) for s in (sigmas[0], sigmas[3]) for _ in range(2))   # steps 0 and 3 only
+    assert sorted(calls) == sorted(cross + own)
+
+
+def test_applying_again_replaces_the_settings(comfy):
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 6)
+    cond, uncond = conditions(dtype)
+    (once,) = NODE().apply(model, 0.5, 2.0)
+    (first,) = NODE().apply(model, 1.0, 1.0)
+    (twice,) = NODE().apply(first, 0.5, 2.0)
+    expected = sample(comfy, once, shape, cond, uncond, dtype)
+    assert torch.equal(sample(comfy, twice, shape, cond, uncond, dtype), expected)
+    (off,) = NODE().apply(first, 0.0, 1.0)
+    assert off.object_patches == {} and off.get_wrappers("apply_model", "vstar_tar") == []
+    assert torch.equal(sample(comfy, off, shape, cond, uncond, dtype), sample(comfy, model, shape, cond, uncond, dtype))
+
+
+def test_an_object_patch_already_there_keeps_running(comfy):
+    """The node's patch calls a forward another node object-patched before it; applied again, it puts it back."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    seen = []
+    path = "diffusion_model.blocks.0.self_attn.forward"
+    original = model.get_model_object(path)
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["transformer_options"].get("optimized_attention_override"))
+        return original(*args, **kwargs)
+    model.add_object_patch(path, spy)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(dtype), dtype)
+    assert len(seen) == STEPS and all(s is vc.patch.tar_override for s in seen)
+    (off,) = NODE().apply(tar, 0.0, 1.0)
+    assert off.object_patches == {path: spy}
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_model_is_an_error(comfy):
+    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"torch.nn.modules.linear.Linear is not a video model the node knows; "
+                                         r"it supports Wan \(comfy\.ldm\.wan\.model\.WanModel\)"):
+        NODE().apply(model, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sigma=0.0), "sigma must be > 0"),
+    (dict(strength=math.nan), "strength must be a finite real"),
+    (dict(start_percent=1.5), r"start_percent must be in \[0, 1\]"),
+    (dict(end_percent=-0.1), r"end_percent must be in \[0, 1\]"),
+    (dict(reference_frames=-1), "reference_frames must be a non-negative int"),
+    (dict(backend="cuda"), "backend must be one of"),
+])
+def test_bad_inputs_name_the_argument(comfy, kwargs, match):
+    args = {"strength": 1.0, "sigma": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        NODE().apply(wan(comfy), **args)
+
+
+def test_attention_outside_the_override_is_an_error(comfy, monkeypatch):
+    """A self-attention that does not go through ComfyUI's attention functions cannot be regularized: error."""
+    def own_attention(self, x, transformer_options={}):
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        return self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+    monkeypatch.setattr(comfy.ldm.wan.model.WanSelfAttention, "forward", own_attention)
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="blocks.0.self_attn computed its attention without ComfyUI's attention "
+                                           "override"):
+        sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
+
+
+def test_too_many_reference_frames_is_an_error(comfy):
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, reference_frames=2)
+    with pytest.raises(ValueError, match="reference_frames=2 leaves none of this call's 2 latent frames as video"):
+        sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
+
+
+def test_a_call_mixing_steps_inside_and_outside_the_window_is_an_error():
+    settings = vc.patch.Settings(1.0, 1.0, sigma_start=0.75, sigma_end=0.25, reference_frames=0, backend="auto")
+    wrapper = vc.patch.TARWrapper(settings, vc_models.WAN)
+    assert wrapper.regularizes(torch.tensor([0.75, 0.75])) and wrapper.regularizes(torch.tensor([0.25]))
+    assert not wrapper.regularizes(torch.tensor([0.875, 0.875]))
+    with pytest.raises(ValueError, match=r"one model call mixes sigmas inside and outside the window \[0.25, 0.75\]"):
+        wrapper.regularizes(torch.tensor([0.5, 0.875]))
+
+
+def test_key_masks():
+    keys = 5
+    additive = torch.tensor([[0.0, 0.0, -torch.finfo(torch.float16).max, 0.0, -math.inf]], dtype=torch.float16)
+    keep = torch.tensor([[True, True, False, True, False]])
+    assert torch.equal(key_mask(additive, 2, keys, "m"), keep.expand(2, keys))
+    assert torch.equal(key_mask(additive[:, None], 2, keys, "m"), keep.expand(2, keys))     # (1, 1, N)
+    per_batch = torch.tensor([[True] * keys, [False, True, True, True, True]])
+    assert torch.equal(key_mask(per_batch[:, None, None], 2, keys, "m"), per_batch)           # bool, (B, 1, 1, N)
+    assert key_mask(None, 2, keys, "m") is None
+    with pytest.raises(ValueError, match="m: an additive mask with entries other than 0 and -inf"):
+        key_mask(torch.tensor([[0.0, -1.0, 0.0, 0.0, 0.0]]), 2, keys, "m")
+    with pytest.raises(ValueError, match=r"m: TAR takes masks over keys only, of shape \(B or 1, 1, 1, 5\)"):
+        key_mask(torch.zeros(2, 3, keys), 2, keys, "m")              # one row per query
+    with pytest.raises(ValueError, match=r"got a mask of shape \(2, 5\)"):
+        key_mask(per_batch, 2, keys, "m")                             # 2-D is (queries, keys) in ComfyUI
+    with pytest.raises(ValueError, match="m: a torch.int64 attention mask"):
+        key_mask(torch.zeros(1, keys, dtype=torch.long), 2, keys, "m")
+
+
+# ---------------------------------------------------------------- token layouts of the other models
+
+def fake(module, name, **attributes):
+    """An object whose class has the module and name of a ComfyUI diffusion model."""
+    cls = type(name, (), {"__module__": module})
+    obj = cls()
+    for key, value in attributes.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def test_layouts_of_the_other_models():
+    x = torch.zeros(1, 4, 5, 7, 9)
+    humo = fake("comfy.ldm.wan.model", "HumoWanModel", patch_size=(1, 2, 2), ref_conv=None, blocks=[0, 1])
+    layout = vc_models.family_of(humo).layout(humo, x, {"reference_latent": torch.zeros(1, 4, 2, 7, 9)})
+    assert layout == vc_models.Layout(0, 5, 20, 2 * 12, False)      # padded video; unpadded reference frames last
+    hunyuan_ = fake("comfy.ldm.hunyuan_video.model", "HunyuanVideo", patch_size=[1, 2, 2])
+    layout = vc_models.family_of(hunyuan_).layout(hunyuan_, x, {"ref_latent": torch.zeros(1, 4, 1, 7, 9)})
+    assert layout == vc_models.Layout(20, 5, 20, 0, True)
+    image = fake("comfy.ldm.hunyuan_video.model", "HunyuanVideo", patch_size=[2, 2])
+    with pytest.raises(ValueError, match="an image model, not a video model"):
+        vc_models.family_of(image).layout(image, x, {})
+    ltx = fake("comfy.ldm.lightricks.model", "LTXVModel")
+    assert vc_models.family_of(ltx).layout(ltx, x, {"keyframe_idxs": torch.zeros(1, 3, 2 * 63)}) == \
+        vc_models.Layout(0, 3, 63, 126, False)
+    with pytest.raises(ValueError, match="10 keyframe guide tokens are not whole frames of 63 tokens"):
+        vc_models.family_of(ltx).layout(ltx, x, {"keyframe_idxs": torch.zeros(1, 3, 10)})
+    mochi = fake("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint", patch_size=2)
+    assert vc_models.family_of(mochi).layout(mochi, x, {}) == vc_models.Layout(0, 5, 20, 0, True)
+    for module, name in (("comfy.ldm.cosmos.model", "GeneralDIT"), ("comfy.ldm.cosmos.predict2", "MiniTrainDIT")):
+        cosmos = fake(module, name, patch_temporal=1, patch_spatial=2)
+        assert vc_models.family_of(cosmos).layout(cosmos, torch.zeros(1, 4, 6, 8, 10), {}) == \
+            vc_models.Layout(0, 6, 20, 0, False)
+    with pytest.raises(ValueError, match=r"expected a 5-D video latent .* got shape \(1, 4, 8, 8\)"):
+        vc_models.family_of(mochi).layout(mochi, torch.zeros(1, 4, 8, 8), {})
+
+
+def test_targets_of_the_other_models():
+    def listing(n):
+        return [types.SimpleNamespace() for _ in range(n)]
+    vace = fake("comfy.ldm.wan.model", "VaceWanModel", blocks=listing(2), vace_blocks=listing(1))
+    assert vc_models.family_of(vace).targets(vace) == ["vace_blocks.0.self_attn", "blocks.0.self_attn",
+                                                        "blocks.1.self_attn"]
+    hunyuan_ = fake("comfy.ldm.hunyuan_video.model", "HunyuanVideo", double_blocks=listing(1), single_blocks=listing(2))
+    assert vc_models.family_of(hunyuan_).targets(hunyuan_) == ["double_blocks.0", "single_blocks.0", "single_blocks.1"]
+    ltx = fake("comfy.ldm.lightricks.model", "LTXVModel", transformer_blocks=listing(1))
+    assert vc_models.family_of(ltx).targets(ltx) == ["transformer_blocks.0.attn1"]
+    mochi = fake("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint", blocks=listing(1))
+    assert vc_models.family_of(mochi).targets(mochi) == ["blocks.0.attn"]
+    block = types.SimpleNamespace(blocks=[types.SimpleNamespace(block_type=t) for t in ("ca", "fa", "mlp")])
+    cosmos1 = fake("comfy.ldm.cosmos.model", "GeneralDIT", blocks={"block0": block, "block1": block})
+    assert vc_models.family_of(cosmos1).targets(cosmos1) == ["blocks.block0.blocks.1.block",
+                                                              "blocks.block1.blocks.1.block"]
+    cosmos2 = fake("comfy.ldm.cosmos.predict2", "MiniTrainDIT", blocks=listing(1))
+    assert vc_models.family_of(cosmos2).targets(cosmos2) == ["blocks.0.self_attn"]
+    s2v = fake("comfy.ldm.wan.model", "WanModel_S2V")
+    with pytest.raises(ValueError, match="WanModel_S2V is not a video model the node knows"):
+        vc_models.family_of(s2v)

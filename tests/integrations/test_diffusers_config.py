@@ -1,0 +1,186 @@
+"""TARConfig, presets, the processor's interface, the step tracker, and the optional-import contract."""
+
+import dataclasses
+import importlib.metadata
+import inspect
+import math
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from vstar_kernels import cli
+from vstar_kernels import LevelSpec, PRESETS, TARConfig
+from vstar_kernels.diffusers import TARAttnProcessor, apply_tar
+from vstar_kernels.diffusers.steps import StepTracker
+
+from .tiny_dit_models import FAMILIES as DIT_FAMILIES
+from .tiny_video_models import FAMILIES as UNET_FAMILIES
+
+PAPER_PRESETS = ["64D1", "64D4", "64D8", "64D1_32D8", "64D1_32D1", "64D1_32D12", "64D4_32D8", "64D4_32D12"]
+
+
+def test_presets_are_the_papers():
+    assert sorted(PRESETS) == sorted(PAPER_PRESETS)
+    cfg = TARConfig.from_preset("64D1_32D12")
+    assert cfg.levels == {0: LevelSpec(1.0, 1.0), 1: LevelSpec(12.0, 1.0)}
+    assert (cfg.until_step, cfg.include_input_block, cfg.backend) == (13, False, "auto")
+    with pytest.raises(ValueError, match="unknown TAR preset '64D2'.*64D1, 64D4, 64D8, 64D1_32D8"):
+        TARConfig.from_preset("64D2")
+
+
+def test_config_fields_can_be_changed_for_a_preset():
+    cfg = dataclasses.replace(TARConfig.from_preset("64D1"), backend="triton")
+    assert cfg.backend == "triton" and cfg.levels == {0: LevelSpec(1.0, 1.0)}
+    assert TARConfig.from_preset("64D4", until_step=None, backend="reference").until_step is None
+
+
+def test_a_config_remembers_its_preset():
+    assert TARConfig.from_preset("64D4", backend="reference").preset == "64D4"
+    assert dataclasses.replace(TARConfig.from_preset("64D1"), backend="triton").preset == "64D1"
+    assert TARConfig(levels={0: (1.0, 1.0)}).preset is None
+    with pytest.raises(ValueError, match=r"preset must be None or one of the paper's presets \(64D1, .*got '64D2'"):
+        TARConfig(levels={0: (1.0, 1.0)}, preset="64D2")
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_a_dit_refuses_a_unet_preset(preset):
+    """The paper's presets are for video UNets; on a DiT a preset config raises, naming the preset and
+    what to give instead; the same levels given as levels are taken, and a UNet takes the preset."""
+    model = DIT_FAMILIES["wan"].model()
+    with pytest.raises(ValueError, match=rf"'{preset}' is a paper preset for video UNets and WanTransformer3DModel "
+                                         r"is a video DiT.*levels=\{0: \(sigma, strength\)\} with sigma in latent "
+                                         "frames"):
+        apply_tar(model, TARConfig.from_preset(preset))
+    assert not model._forward_pre_hooks, "a refused apply_tar left a hook"
+    assert apply_tar(model, TARConfig(levels={0: TARConfig.from_preset(preset).levels[0]})) == \
+        DIT_FAMILIES["wan"].modules
+    assert apply_tar(UNET_FAMILIES["unet3d"].model(), TARConfig.from_preset(preset))
+
+
+def test_levels_take_pairs_or_level_specs():
+    cfg = TARConfig(levels={1: [8.0, 0.5], 0: LevelSpec(sigma=math.inf)})
+    assert list(cfg.levels) == [0, 1]
+    assert cfg.levels[1] == LevelSpec(8.0, 0.5)
+    assert not cfg.levels[0].active and not LevelSpec(1.0, 0.0).active and LevelSpec(2.0, -1.0).active
+
+
+ONE = {0: (1.0, 1.0)}
+BAD_CONFIGS = [
+    pytest.param(dict(levels=[(1.0, 1.0)]), TypeError, "levels must be a mapping", id="levels-list"),
+    pytest.param(dict(levels={}), ValueError, "at least one level", id="levels-empty"),
+    pytest.param(dict(levels={-1: (1.0, 1.0)}), ValueError, "levels keys must be ints >= 0", id="level-negative"),
+    pytest.param(dict(levels={True: (1.0, 1.0)}), ValueError, "levels keys must be ints >= 0", id="level-bool"),
+    pytest.param(dict(levels={"64": (1.0, 1.0)}), ValueError, "levels keys must be ints >= 0", id="level-name"),
+    pytest.param(dict(levels={0: 1.0}), TypeError, r"levels\[0\] must be a \(sigma, strength\) pair", id="spec-number"),
+    pytest.param(dict(levels={0: (1.0, 1.0, 1.0)}), TypeError, r"levels\[0\] must be a \(sigma, strength\) pair",
+                 id="spec-triple"),
+    pytest.param(dict(levels={0: (0.0, 1.0)}), ValueError, r"levels\[0\]: sigma must be > 0", id="sigma-zero"),
+    pytest.param(dict(levels={2: (1.0, math.nan)}), ValueError, r"levels\[2\]: strength must be finite",
+                 id="strength-nan"),
+    pytest.param(dict(levels={0: (1.0, "1")}), TypeError, r"levels\[0\]: strength must be a real number",
+                 id="strength-str"),
+    pytest.param(dict(levels=ONE, until_step=-1), ValueError, "until_step must be an int >= 0 or None",
+                 id="until-negative"),
+    pytest.param(dict(levels=ONE, until_step=True), ValueError, "until_step must be an int >= 0 or None",
+                 id="until-bool"),
+    pytest.param(dict(levels=ONE, include_input_block=1), TypeError, "include_input_block must be a bool",
+                 id="input-block-int"),
+    pytest.param(dict(levels=ONE, backend="flash"), ValueError, "backend must be one of", id="backend"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", BAD_CONFIGS)
+def test_bad_config_raises_naming_the_field(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TARConfig(**kwargs)
+
+
+def test_step_gate():
+    cfg = TARConfig(levels={0: (1.0, 1.0)}, until_step=13)
+    assert [cfg.regularizes(s) for s in (0, 13, 14)] == [True, True, False]
+    assert TARConfig(levels={0: (1.0, 1.0)}, until_step=None).regularizes(10 ** 6)
+
+
+def test_processor_interface_is_what_diffusers_expects():
+    TARAttnProcessor()  # diffusers re-creates processors with cls() (IP adapters)
+    params = inspect.signature(TARAttnProcessor.__call__).parameters
+    assert list(params) == ["self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "temb"]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params.values())
+
+
+def test_step_tracker_counts_forward_calls_and_is_shared_by_owners():
+    model = torch.nn.Linear(2, 2)
+    runs = []
+    tracker = StepTracker.attach(model, "a", on_run_start=lambda: runs.append("a"))
+    seen = []
+    assert StepTracker.attach(model, "b", before_forward=lambda: seen.append(("b", tracker.step))) is tracker
+    assert StepTracker.of(model) is tracker
+    model.register_forward_pre_hook(lambda m, args: seen.append(tracker.step))
+    for _ in range(3):
+        model(torch.zeros(2))
+    tracker.reset()
+    model(torch.zeros(2))
+    assert seen == [("b", 0), 0, ("b", 1), 1, ("b", 2), 2, ("b", 0), 0] and runs == ["a"]
+    StepTracker.detach(model, "a")
+    assert StepTracker.of(model) is tracker and len(model._forward_pre_hooks) == 2
+    StepTracker.detach(model, "b")
+    assert StepTracker.of(model) is None and len(model._forward_pre_hooks) == 1
+
+
+def test_step_tracker_restarts_when_the_scheduler_gets_new_timesteps():
+    class Pipe:
+        scheduler = DDIMScheduler()
+
+    model = torch.nn.Linear(2, 2)
+    pipe = Pipe()
+    pipe.scheduler.set_timesteps(5)
+    tracker = StepTracker.attach(model, "a", pipeline=pipe)
+    steps = []
+    for call in range(7):
+        if call in (2, 5):
+            pipe.scheduler.set_timesteps(5)
+        model(torch.zeros(2))
+        steps.append(tracker.step)
+    assert steps == [0, 1, 0, 1, 2, 0, 1]
+    pipe.scheduler = DDIMScheduler()  # a replaced scheduler: its timesteps are new too
+    model(torch.zeros(2))
+    assert tracker.step == 0
+
+
+def test_import_contract_without_diffusers():
+    """`import vstar_kernels` never imports diffusers; without it, vstar_kernels.diffusers names the extra."""
+    code = textwrap.dedent("""
+        import sys
+        import vstar_kernels
+        assert "diffusers" not in sys.modules, "import vstar_kernels imported diffusers"
+        sys.modules["diffusers"] = None  # as if it were not installed
+        try:
+            import vstar_kernels.diffusers
+        except ImportError as exc:
+            print(exc)
+        else:
+            raise SystemExit("imported without diffusers")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    checkout = pathlib.Path(__file__).resolve().parents[2]
+    assert f'install the diffusers extra with: pip install -e "{checkout}[diffusers]"' in res.stdout
+
+
+def test_info_shows_the_diffusers_version(capsys):
+    assert cli.main(["info"]) == 0
+    assert f"diffusers     {importlib.metadata.version('diffusers')}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["TARConfig", "LevelSpec", "PRESETS"])
+def test_the_config_is_public_from_the_package_and_its_old_home_warns(name):
+    import vstar_kernels
+    import vstar_kernels.diffusers as front_end
+
+    with pytest.warns(DeprecationWarning, match=f"vstar_kernels.diffusers.{name} is deprecated.*vstar_kernels.{name}"):
+        assert getattr(front_end, name) is getattr(vstar_kernels, name)

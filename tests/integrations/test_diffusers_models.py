@@ -1,0 +1,456 @@
+"""apply_tar / remove_tar on tiny random models of the five video families (CPU, no downloads).
+
+Each regularized attention module is checked call by call: its output must equal
+a float64 evaluation of the semantics (helpers.naive_tar) on the inputs it received,
+with the (sigma, strength) of the level where the module sits.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+from diffusers import AnimateDiffPipeline
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+from vstar_kernels import PRESETS, TARConfig
+from vstar_kernels.diffusers import TARAttnProcessor, apply_tar, remove_tar, reset_steps
+from vstar_kernels.diffusers import processors as tar_processors
+from vstar_kernels.diffusers.processors import tar_site
+from vstar_kernels.diffusers.steps import StepTracker
+
+from .._device import DEVICE
+from ..helpers import TOLERANCES, assert_close_to_reference, naive_tar
+from .tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+    FAMILIES,
+    LEVEL_SPECS,
+    attention64,
+    attention_modules,
+    forward,
+    run_capturing,
+    motion_adapter,
+    motion_inputs,
+    one_torch_thread,
+    unet2d,
+    unet3d_inputs,
+    wide_motion,
+)
+
+
+def processors(model):
+    return {name: m.processor for name, m in attention_modules(model).items()}
+
+
+def check_modules(model, calls, specs):
+    """Every call of every module in `specs` (name -> (sigma, strength)) against float64."""
+    modules = attention_modules(model)
+    for name, (sigma, strength) in specs.items():
+        assert calls[name], f"{name} was not called"
+        for x, context, out in calls[name]:
+            ref = attention64(modules[name], x, context, sigma, strength)
+            assert_close_to_reference(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tar_regularizes_exactly_the_temporal_attention(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    expected = fam.expected_levels(model)
+    levels = sorted(set(expected.values()))
+    before = processors(model)
+    plain = forward(model, inputs)
+
+    config = TARConfig(levels={lvl: LEVEL_SPECS[lvl] for lvl in levels}, until_step=None)
+    names = apply_tar(model, config)
+    assert sorted(names) == sorted(expected)
+    out, calls = run_capturing(model, inputs, expected)
+    check_modules(model, calls, {name: LEVEL_SPECS[lvl] for name, lvl in expected.items()})
+    for name, proc in processors(model).items():
+        if name in expected:
+            assert isinstance(proc, TARAttnProcessor)
+            assert tar_site(attention_modules(model)[name]).level == expected[name]
+        else:
+            assert proc is before[name], f"{name} was touched"
+    assert (out - plain).abs().max() > 1e-3, "TAR did not change the model output"
+
+    remove_tar(model)
+    assert torch.equal(forward(model, inputs), plain)
+    assert all(processors(model)[name] is proc for name, proc in before.items())
+    assert not model._forward_pre_hooks
+    assert StepTracker.of(model) is None
+    assert all(tar_site(m) is None for m in attention_modules(model).values())
+
+
+@pytest.mark.parametrize("family", ["unet3d", "i2vgen_xl"])
+def test_input_block_temporal_attention_only_on_request(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    without = fam.expected_levels(model)
+    with_input = fam.expected_levels(model, include_input_block=True)
+    assert len(with_input) > len(without)
+
+    assert sorted(apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))) == sorted(
+        n for n, lvl in without.items() if lvl == 0)
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, include_input_block=True))
+    level0 = sorted(n for n, lvl in with_input.items() if lvl == 0)
+    assert sorted(names) == level0
+    _, calls = run_capturing(model, inputs, level0)
+    check_modules(model, calls, {name: (1.0, 1.0) for name in level0})
+
+
+def preset_levels(name):
+    """Paper preset name -> {level: sigma}: "64" is level 0, "32" level 1, "D" precedes sigma."""
+    width_level = {"64": 0, "32": 1, "16": 2, "8": 3}
+    return {width_level[w]: float(s) for w, s in re.findall(r"(\d+)D(\d+)", name)}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_regularize_the_levels_in_their_names(preset):
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    expected = fam.expected_levels(model)
+    levels = preset_levels(preset)
+    config = TARConfig.from_preset(preset)
+    assert config.until_step == 13 and not config.include_input_block
+    names = apply_tar(model, config)
+    assert sorted(names) == sorted(n for n, lvl in expected.items() if lvl in levels)
+    modules = attention_modules(model)
+    for name in names:
+        site = tar_site(modules[name])
+        assert (site.spec.sigma, site.spec.strength) == (levels[expected[name]], 1.0)
+
+
+def test_step_gate_flips_after_until_step_and_reset_restarts():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 1.0)}, until_step=2))
+    outs = [forward(model, inputs) for _ in range(5)]
+    assert (outs[0] - plain).abs().max() > 1e-3
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    assert torch.equal(outs[3], plain) and torch.equal(outs[4], plain)
+    reset_steps(model)
+    assert torch.equal(forward(model, inputs), outs[0])
+
+
+def test_apply_tar_starts_counting_at_0_on_a_shared_step_tracker():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    plain = forward(model, inputs)
+    tracker = StepTracker.attach(model, "another feature")
+    for _ in range(3):
+        forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    assert StepTracker.of(model) is tracker
+    assert (forward(model, inputs) - plain).abs().max() > 1e-3
+    assert torch.equal(forward(model, inputs), plain)
+    remove_tar(model)
+    assert StepTracker.of(model) is tracker and len(model._forward_pre_hooks) == 1
+
+
+def test_identity_levels_and_sdpa_path_match_attn_processor_2_0_bitwise():
+    """strength 0 / sigma = inf, and a TARAttnProcessor on every module without TAR: the plain model, bit for bit."""
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 0.0), 1: (math.inf, 1.0)}, until_step=None))
+    assert torch.equal(forward(model, inputs), plain)
+    remove_tar(model)
+    model.set_attn_processor(TARAttnProcessor())
+    assert torch.equal(forward(model, inputs), plain)
+
+
+@pytest.mark.parametrize("case", ["mask-4d-residual", "cross-groupnorm-rescale"])
+def test_processor_without_tar_equals_attn_processor_2_0_on_module_options(case):
+    torch.manual_seed(0)
+    if case == "mask-4d-residual":
+        attn = Attention(query_dim=8, heads=2, dim_head=4, residual_connection=True)
+        x = torch.randn(2, 8, 3, 3)  # image-shaped input
+        kwargs = dict(attention_mask=torch.randn(2, 1, 9))
+    else:
+        attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, norm_num_groups=2,
+                         rescale_output_factor=2.0, cross_attention_norm="layer_norm")
+        x = torch.randn(2, 5, 8)
+        kwargs = dict(encoder_hidden_states=torch.randn(2, 7, 6))
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        ref = attn(x, **kwargs)
+        attn.set_processor(TARAttnProcessor())
+        assert torch.equal(attn(x, **kwargs), ref)
+
+
+class ViewRecorder(TARAttnProcessor):
+    """Records the layout of the q/k/v it receives and the step it is called at."""
+
+    def __init__(self):
+        self.seen = []
+
+    def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
+        self.seen.append((attn.heads, query, key, value, step))
+        return super().attention(attn, query, key, value, attention_mask=attention_mask, step=step)
+
+
+def test_q_k_v_are_strided_views_and_recreated_processors_keep_tar():
+    """A fresh TARAttnProcessor() (as diffusers makes when loading IP adapters) keeps the module's TAR."""
+    fam = FAMILIES["motion"]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 1.0)}, until_step=None))
+    tar_out = forward(model, inputs)
+    recorder = ViewRecorder()
+    modules = attention_modules(model)
+    for name in names:
+        modules[name].set_processor(recorder)
+    assert torch.equal(forward(model, inputs), tar_out)
+    assert len(recorder.seen) == len(names)
+    for heads, *qkv, step in recorder.seen:
+        assert step == 1
+        for t in qkv:
+            B, H, N, D = t.shape
+            assert H == heads
+            # (B, N, H, D) memory viewed as (B, H, N, D): no copy was made
+            assert t.stride() == (N * H * D, D, H * D, 1)
+
+
+def test_free_noise_blocks_swapped_in_after_apply_tar_on_the_model_get_tar_at_the_next_forward():
+    """apply_tar on the bare model, then FreeNoise swaps its motion blocks in (and out): no reset_steps in between.
+
+    With FreeNoise the motion modules run on frame windows, each regularized on its own.
+    """
+    fam = FAMILIES["motion"]
+    model = fam.model()
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=model,
+                               motion_adapter=motion_adapter(), scheduler=None)
+    inputs = motion_inputs(model, batch=1, frames=16)
+    config = TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 0.75)}, until_step=None)
+    expected = {n: lvl for n, lvl in fam.expected_levels(model).items() if lvl <= 1}
+
+    names = apply_tar(model, config)
+    assert sorted(names) == sorted(expected)
+    for enable, windows, frames in ((True, 3, 8), (False, 1, 16)):  # FreeNoise windows 0-8, 4-12, 8-16
+        old = {name: attention_modules(model)[name] for name in expected}
+        if enable:
+            pipe.enable_free_noise(context_length=8, context_stride=4)
+        else:
+            pipe.disable_free_noise()
+        assert all(attention_modules(model)[name] is not old[name] for name in expected)
+        _, calls = run_capturing(model, inputs, expected)
+        for name, module_calls in calls.items():
+            assert len(module_calls) == windows and all(x.shape[1] == frames for x, _, _ in module_calls)
+        check_modules(model, calls, {n: LEVEL_SPECS[lvl] for n, lvl in expected.items()})
+        modules = attention_modules(model)
+        assert {n for n, m in modules.items() if isinstance(m.processor, TARAttnProcessor)} == set(expected)
+        assert all(tar_site(old[name]) is None and isinstance(old[name].processor, AttnProcessor2_0)
+                   for name in expected), "a module swapped out keeps TAR"
+    remove_tar(model)
+    assert all(isinstance(m.processor, AttnProcessor2_0) and tar_site(m) is None
+               for m in attention_modules(model).values())
+    assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family", ["unet3d", "motion"])
+def test_set_default_attn_processor_works_in_the_documented_order(family):
+    """diffusers' set_default_attn_processor refuses TAR's processors: remove_tar, then it, then apply_tar again."""
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    apply_tar(model, config)
+    installed = processors(model)
+    with pytest.raises(ValueError, match="set_default_attn_processor"):
+        model.set_default_attn_processor()
+    assert processors(model) == installed
+
+    remove_tar(model)
+    model.set_default_attn_processor()
+    assert all(type(proc) is AttnProcessor for proc in processors(model).values())
+    plain = forward(model, inputs)
+    apply_tar(model, config)
+    assert (forward(model, inputs) - plain).abs().max() > 1e-3
+    remove_tar(model)
+    assert all(type(proc) is AttnProcessor for proc in processors(model).values())
+
+
+def test_triton_and_reference_backends_give_the_same_unet_output():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    outs = {}
+    for backend in ("reference", "triton"):
+        apply_tar(model, TARConfig.from_preset("64D1_32D8", backend=backend))
+        outs[backend] = forward(model, inputs)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=atol, rtol=rtol)
+
+
+class KernelRecorder(TARAttnProcessor):
+    """Keeps q, k, v, the level spec and the output of every regularized attention call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
+        out = super().attention(attn, query, key, value, attention_mask=attention_mask, step=step)
+        self.calls.append((query, key, value, tar_site(attn).spec_at(step), out))
+        return out
+
+
+@pytest.mark.gpu
+def test_fused_kernel_in_a_half_precision_animatediff_unet_matches_float64():
+    """CUDA fp16 with head dims 16 and 160 (AnimateDiff's widest): every TAR call against naive_tar."""
+    model = wide_motion().to(DEVICE, torch.float16)
+    inputs = {k: v.to(DEVICE, torch.float16) if v.is_floating_point() else v.to(DEVICE)
+              for k, v in motion_inputs(model).items()}
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (8.0, 1.0)}, until_step=None, backend="triton"))
+    recorder = KernelRecorder()
+    modules = attention_modules(model)
+    for name in names:
+        modules[name].set_processor(recorder)
+    forward(model, inputs)
+    assert len(recorder.calls) == len(names)
+    assert {q.shape[-1] for q, *_ in recorder.calls} == {16, 160}
+    for q, k, v, spec, out in recorder.calls:
+        ref = naive_tar(q.cpu(), k.cpu(), v.cpu(), sigma=spec.sigma, strength=spec.strength)
+        assert_close_to_reference(out.cpu(), ref, torch.float16)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="no temporal self-attention.*UNet2DConditionModel|UNet2DConditionModel.*no temporal"):
+        apply_tar(unet2d(), TARConfig.from_preset("64D1"))
+    latte = FAMILIES["latte"].model()
+    with pytest.raises(ValueError, match=r"levels \[1\].*levels \[0\]"):
+        apply_tar(latte, TARConfig.from_preset("64D1_32D8"))
+    with pytest.raises(TypeError, match="config must be a TARConfig"):
+        apply_tar(latte, {0: (1.0, 1.0)})
+    with pytest.raises(TypeError, match="pipeline"):
+        apply_tar(object(), TARConfig.from_preset("64D1"))
+    with pytest.raises(ValueError, match="apply_tar first"):
+        reset_steps(latte)
+    remove_tar(latte)  # nothing applied: a no-op
+
+    names = apply_tar(latte, TARConfig.from_preset("64D1"))
+    attn = attention_modules(latte)[names[0]]
+    x = torch.randn(2, 8, attn.query_dim)
+    with pytest.raises(ValueError, match="attention_mask"), torch.no_grad():
+        attn(x, attention_mask=torch.zeros(2, 1, 8))
+
+
+def all_levels(family, until_step=None):
+    """TAR at every level of `family`'s temporal attention (LEVEL_SPECS)."""
+    levels = sorted(set(FAMILIES[family].expected_levels(FAMILIES[family].model()).values()))
+    return TARConfig(levels={level: LEVEL_SPECS[level] for level in levels}, until_step=until_step)
+
+
+# the families whose checkpointed blocks hold temporal attention
+@pytest.mark.parametrize("family", ["motion", "latte"])
+def test_gradient_checkpointing_recomputes_each_block_at_the_step_of_its_forward_call(family):
+    """Checkpointed blocks are recomputed in the backward pass after a second forward call (step 1, stock with
+    until_step=0) advanced the step: outputs and every parameter gradient equal those without checkpointing."""
+    fam = FAMILIES[family]
+    config = all_levels(family, until_step=0)
+    runs = []
+    for checkpointing in (False, True):
+        model = fam.model()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        apply_tar(model, config)
+        inputs = fam.inputs(model)
+        first = model(**inputs, return_dict=False)[0]
+        second = model(**inputs, return_dict=False)[0]
+        (first.square().mean() + second.mean()).backward()
+        runs.append((first.detach(), second.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (first, second, grads), checkpointed = runs
+    assert (first - second).abs().max() > 1e-3, "TAR did not change step 0"
+    torch.testing.assert_close(checkpointed[0], first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(checkpointed[1], second, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == checkpointed[2].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+REPLACEMENTS = {
+    "fuse_qkv_projections": lambda model: model.fuse_qkv_projections(),
+    "AttnProcessor2_0": lambda model: model.set_attn_processor(AttnProcessor2_0()),
+    "AttnProcessor": lambda model: model.set_attn_processor(AttnProcessor()),
+}
+
+
+@pytest.mark.parametrize("replace", list(REPLACEMENTS))
+def test_processors_replaced_after_apply_tar_keep_tar(replace, monkeypatch):
+    """apply_tar then a replacement of every processor: the output of the other order (replacement, then
+    apply_tar), not the stock one; remove_tar gives back the replacement's processors."""
+    fam = FAMILIES["unet3d"]
+    config = all_levels("unet3d")
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    REPLACEMENTS[replace](model)
+    replaced = processors(model)
+    stock = forward(model, inputs)
+    names = apply_tar(model, config)
+    oracle = forward(model, inputs)
+    assert (oracle - stock).abs().max() > 1e-3
+
+    model = fam.model()
+    apply_tar(model, config)
+    REPLACEMENTS[replace](model)
+    monkeypatch.setattr(tar_processors, "temporal_attention_modules", None)  # taking their place walks no model
+    assert torch.equal(forward(model, inputs), oracle)
+    for name, proc in processors(model).items():
+        if name in names:
+            assert type(proc) is TARAttnProcessor and type(tar_site(attention_modules(model)[name]).previous) \
+                is type(replaced[name])
+        else:
+            assert type(proc) is type(replaced[name])
+    remove_tar(model)
+    assert {n: type(p) for n, p in processors(model).items()} == {n: type(p) for n, p in replaced.items()}
+    assert torch.equal(forward(model, inputs), stock)
+
+
+def test_tar_standing_in_for_fused_projections_projects_with_them():
+    """With FusedAttnProcessor2_0's place taken, q, k and v come from to_qkv, as that processor computes them."""
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    model.fuse_qkv_projections()
+    stock = forward(model, inputs)
+    names = apply_tar(model, all_levels("unet3d"))
+    fused = forward(model, inputs)
+    assert (fused - stock).abs().max() > 1e-3
+    modules = attention_modules(model)
+    with torch.no_grad():
+        for name in names:
+            for layer in (modules[name].to_q, modules[name].to_k, modules[name].to_v):
+                layer.weight.zero_()
+    assert torch.equal(forward(model, inputs), fused)
+
+
+class ScaledProcessor(AttnProcessor2_0):
+    """A processor TAR cannot stand in for: it does more than AttnProcessor2_0."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return 2 * super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+def test_processor_tar_cannot_stand_in_for_raises_at_the_next_forward():
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    config = all_levels("unet3d")
+    names = apply_tar(model, config)
+    custom = ScaledProcessor()
+    model.set_attn_processor(custom)
+    with pytest.raises(RuntimeError, match=f"{names[0]}: its attention processor was replaced by ScaledProcessor "
+                                           "after apply_tar.*apply_tar again.*remove_tar"):
+        forward(model, inputs)
+    remove_tar(model)  # keeps the processor set last
+    assert all(p is custom for p in processors(model).values())
+    stock = forward(model, inputs)
+    apply_tar(model, config)  # TAR in its place, as on any processor
+    assert (forward(model, inputs) - stock).abs().max() > 1e-3
+    remove_tar(model)
+    assert all(p is custom for p in processors(model).values())

@@ -1,0 +1,133 @@
+"""capture_frame_attention on tiny random video DiTs (CPU): maps against a float64 evaluation on the modules' q/k."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar, capture_frame_attention
+
+from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_map64,
+                              frame_tar_probabilities64, processors, record)
+from .tiny_video_models import FAMILIES as UNET_FAMILIES
+from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
+
+
+class SDPASpy:
+    """A processor that runs `processor` and keeps the q, k of its scaled_dot_product_attention calls."""
+
+    def __init__(self, processor, seen):
+        self.processor, self.seen = processor, seen
+
+    def __call__(self, attn, *args, **kwargs):
+        spy = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.nn.functional.scaled_dot_product_attention:
+                    spy.seen.append((args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"]))
+                return func(*args, **kwargs)
+
+        with Mode():
+            return self.processor(attn, *args, **kwargs)
+
+
+def expected_map(family, calls, sigma=None, strength=0.0):
+    """The (F, F) map of one module's calls [(q, k), ...] in float64, averaged per query-frame row."""
+    total, rows = None, 0
+    for index, (q, k) in enumerate(calls):
+        frames = expected_frames(family, k.shape[2])
+        mask = expected_key_mask(family, k.shape[2])
+        p = frame_tar_probabilities64(q, k, frames, sigma=sigma or 1.0, strength=strength, key_mask=mask)
+        part = frame_map64(p, frames)
+        total = part if total is None else total + part
+        rows += q.shape[0] * q.shape[1] * family.per_frame
+    return total / rows
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan", "mochi"])
+def test_maps_of_plain_attention_match_float64(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    seen = {name: [] for name in fam.modules}
+    modules = dict(model.named_modules())
+    for name in fam.modules:
+        modules[name].processor = SDPASpy(modules[name].processor, seen[name])
+    before = processors(model)
+    plain = forward(model, inputs)
+    for calls in seen.values():
+        calls.clear()
+    with capture_frame_attention(model) as maps:
+        assert torch.equal(forward(model, inputs), plain)
+    assert processors(model) == before and all(p is before[n] for n, p in processors(model).items())
+    assert sorted(maps) == sorted((name, 0) for name in fam.modules)
+    for name in fam.modules:
+        ref = expected_map(fam, seen[name])
+        torch.testing.assert_close(maps[(name, 0)], ref, atol=1e-5, rtol=1e-5, msg=name)
+        if fam.text == "none":
+            torch.testing.assert_close(maps[(name, 0)].sum(1), torch.ones(fam.frames, dtype=torch.float64))
+
+
+def before_processor(fam):
+    """The stock processor of the family's first regularized module."""
+    return dict(fam.model().named_modules())[fam.modules[0]].processor
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_maps_of_regularized_attention_match_float64(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, blocks=[0]))
+    tar_out = forward(model, inputs)
+    calls = record(model)
+    with capture_frame_attention(model, blocks=[0, 1]) as maps:
+        assert torch.equal(forward(model, inputs), tar_out)
+    assert isinstance(dict(model.named_modules())[fam.modules[0]].processor.processor, type(before_processor(fam)))
+    regularized = [(q, k) for name, q, k, *_ in calls if name == fam.modules[0]]
+    # steps count from apply_tar on a bare model: the captured call is the second
+    torch.testing.assert_close(maps[(fam.modules[0], 1)], expected_map(fam, regularized, 1.0, 1.0),
+                               atol=1e-5, rtol=1e-5)
+    assert sorted(maps) == sorted((name, 1) for name in fam.modules[:2])
+
+
+def test_batched_guidance_records_the_conditional_half_and_steps_filter():
+    fam = FAMILIES["cogvideox"]
+    model = fam.model()
+    inputs = fam.inputs()
+    half = {k: v[BATCH // 2:] for k, v in inputs.items()}
+    with capture_frame_attention(model, cfg=True, steps=[1]) as maps:
+        forward(model, inputs)
+        forward(model, inputs)
+    with capture_frame_attention(model) as alone:
+        forward(model, half)
+    assert maps.steps() == [1] and alone.steps() == [0]
+    for name in fam.modules:
+        torch.testing.assert_close(maps[(name, 1)], alone[(name, 0)], atol=1e-5, rtol=1e-5)
+
+
+def test_capture_errors_name_the_problem():
+    model = FAMILIES["wan"].model()
+    with pytest.raises(ValueError, match=r"blocks \[5\] do not exist in WanTransformer3DModel: it has blocks 0\.\.1"):
+        with capture_frame_attention(model, blocks=[5]):
+            pass
+    with pytest.raises(TypeError, match="cfg must be a bool"):
+        with capture_frame_attention(model, cfg="yes"):
+            pass
+    with pytest.raises(ValueError, match="not a supported video DiT"):
+        with capture_frame_attention(UNET_FAMILIES["unet3d"].model()):
+            pass
+    with pytest.raises(ValueError, match="odd batch"):
+        with capture_frame_attention(model, cfg=True):
+            forward(model, {k: v[:1] for k, v in FAMILIES["wan"].inputs().items()})
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+    def no_sdpa(attn, hidden_states, *args, **kwargs):
+        return attn.to_out[0](attn.to_v(hidden_states))
+    model.blocks[1].attn1.set_processor(no_sdpa)
+    with pytest.raises(RuntimeError, match="blocks.1.attn1.*could not be recorded.*native"):
+        with capture_frame_attention(model, blocks=[1]):
+            forward(model, FAMILIES["wan"].inputs())
+    assert model.blocks[1].attn1.processor is no_sdpa

@@ -1,0 +1,476 @@
+"""apply_tar / remove_tar on tiny random video DiTs: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi (CPU).
+
+Every regularized attention call is checked against a float64 evaluation of frame-aware TAR
+(tiny_dit_models.frame_tar64) on the q, k, v the module's own processor computed, with the
+frame ids and the text mask written from each model's layout in tiny_dit_models.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UniPCMultistepScheduler, WanPipeline
+from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar, dit, remove_tar, reset_steps
+from vstar_kernels.diffusers.dit import DiTTARProcessor, _layout_ids
+from vstar_kernels.diffusers.steps import StepTracker
+
+from ..helpers import TOLERANCES
+from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_tar64, processors, randn,
+                              record, wan_inputs)
+from .tiny_video_models import FAMILIES as UNET_FAMILIES
+from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
+
+ALL = list(FAMILIES)
+
+
+def check_call(family, call, sigma, strength):
+    name, q, k, v, kwargs, out = call
+    frames = expected_frames(family, k.shape[2])
+    assert torch.equal(kwargs["frames"].cpu().long(), frames), name
+    mask = expected_key_mask(family, k.shape[2])
+    if mask is None:
+        assert kwargs["key_mask"] is None, name
+    else:
+        assert torch.equal(kwargs["key_mask"].cpu(), mask), name
+    assert (kwargs["sigma"], kwargs["strength"]) == (sigma, strength)
+    ref = frame_tar64(q, k, v, frames, sigma=sigma, strength=strength, key_mask=mask, scale=kwargs["scale"])
+    atol, rtol = TOLERANCES[q.dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_tar_regularizes_the_video_attention_of_every_block(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    before = processors(model)
+    plain = forward(model, inputs)
+
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    assert names == fam.modules
+    calls = record(model)
+    out = forward(model, inputs)
+    per_module = BATCH if family == "mochi" else 1  # Mochi's processor runs the attention sample by sample
+    assert [c[0] for c in calls] == [n for n in fam.modules for _ in range(per_module)]
+    for call in calls:
+        check_call(fam, call, 1.0, 1.0)
+    for name, proc in processors(model).items():
+        if name in fam.modules:
+            assert isinstance(proc, DiTTARProcessor) and proc.processor is before[name]
+        else:
+            assert proc is before[name], f"{name} was touched"
+    assert (out - plain).abs().max() > 1e-4, "TAR did not change the model output"
+
+    remove_tar(model)
+    assert processors(model) == before and all(p is before[n] for n, p in processors(model).items())
+    assert torch.equal(forward(model, inputs), plain)
+    assert not model._forward_pre_hooks and not model._forward_hooks and StepTracker.of(model) is None
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_only_the_attention_call_changes(family):
+    """With the regularized attention swapped for plain SDPA on the q, k, v, mask it gets: stock, bit for bit."""
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    seen = []
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, *, key_mask, scale, causal, **_):
+                seen.append(query.shape)
+                mask = None if key_mask is None else key_mask[:, None, None, :]
+                return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
+                                                      scale=scale)
+            proc.attention = attention
+    assert torch.equal(forward(model, inputs), plain)
+    assert seen
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan", "mochi"])
+def test_identity_levels_equal_stock_bitwise(family):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    plain = forward(model, inputs)
+    for level in ((1.0, 0.0), (math.inf, 1.0)):
+        apply_tar(model, TARConfig(levels={0: level}, until_step=None))
+        assert torch.equal(forward(model, inputs), plain)
+
+
+@pytest.mark.parametrize("family, blocks", [("wan", [1]), ("hunyuan", [0, 3]), ("ltx", (0,))])
+def test_blocks_selects_blocks_in_forward_order(family, blocks):
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    before = processors(model)
+    names = apply_tar(model, TARConfig(levels={0: (2.0, 0.5)}, until_step=None, blocks=blocks))
+    assert names == [fam.modules[b] for b in blocks]
+    assert all(p is before[n] for n, p in processors(model).items() if n not in names)
+    calls = record(model)
+    forward(model, inputs)
+    assert [c[0] for c in calls] == names
+    for call in calls:
+        check_call(fam, call, 2.0, 0.5)
+
+
+def test_step_gate_flips_after_until_step_and_reset_restarts():
+    fam = FAMILIES["cogvideox"]
+    model = fam.model()
+    inputs = fam.inputs()
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    outs = [forward(model, inputs) for _ in range(4)]
+    assert (outs[0] - plain).abs().max() > 1e-4 and torch.equal(outs[1], outs[0])
+    assert torch.equal(outs[2], plain) and torch.equal(outs[3], plain)
+    reset_steps(model)
+    assert torch.equal(forward(model, inputs), outs[0])
+
+
+def test_both_halves_of_a_guidance_batch_are_regularized_alike():
+    """A batched CFG call [uncond, cond] gives each half what the half alone gives."""
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    both = forward(model, inputs)
+    for half in range(BATCH):
+        alone = forward(model, {k: v[half:half + 1] for k, v in inputs.items()})
+        torch.testing.assert_close(both[half:half + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_frames_follow_the_latent_shape_of_each_call():
+    """Tokens per frame and frames come from the call: a second resolution and length need no new apply_tar."""
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    calls = record(model)
+    forward(model, wan_inputs(frames=5, size=4))
+    assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(5).repeat_interleave(4)) for c in calls)
+    # one id tensor per layout, shared by every block and call (tar_attention reads its values once)
+    forward(model, wan_inputs(frames=5, size=4))
+    assert len({id(c[4]["frames"]) for c in calls}) == 1
+    calls.clear()
+    forward(model, wan_inputs(frames=3, size=4))
+    assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(3).repeat_interleave(4)) for c in calls)
+    calls.clear()
+    _layout_ids.cache_clear()  # the ids are made in the call below, under inference mode
+    with torch.inference_mode():  # as pipelines run: the kept ids are no inference tensor (they keep a version)
+        model(**wan_inputs(frames=2, size=4), return_dict=False)
+    assert calls and not any(c[4]["frames"].is_inference() for c in calls)
+
+
+def test_delta_frame_matrix_and_its_size_check():
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    inputs = fam.inputs()
+    delta = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]])
+    apply_tar(model, TARConfig(levels={0: (delta, 1.0)}, until_step=None))
+    calls = record(model)
+    forward(model, inputs)
+    for name, q, k, v, kwargs, out in calls:
+        assert torch.equal(kwargs["delta"].cpu(), delta) and "sigma" not in kwargs
+    apply_tar(model, TARConfig(levels={0: (torch.eye(4), 1.0)}, until_step=None))
+    with pytest.raises(ValueError, match="4 x 4 but this attention runs over 3 frames"):
+        forward(model, inputs)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_bfloat16_forward_runs(family):
+    fam = FAMILIES[family]
+    model = fam.model().to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in fam.inputs().items()}
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    calls = record(model)
+    out = forward(model, inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, plain)
+    for call in calls:
+        check_call(fam, call, 1.0, 1.0)
+
+
+def test_errors_name_the_problem():
+    model = FAMILIES["wan"].model()
+    with pytest.raises(ValueError, match=r"one resolution level, 0.*levels \[1\]"):
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 1.0)}))
+    with pytest.raises(ValueError, match=r"blocks \[2, 7\] do not exist in WanTransformer3DModel.*0\.\.1"):
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, blocks=[0, 2, 7]))
+    with pytest.raises(ValueError, match="include_input_block"):
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, include_input_block=True))
+    assert not model._forward_pre_hooks, "a refused apply_tar left a hook"
+    with pytest.raises(ValueError, match="blocks= selects transformer blocks.*levels"):
+        apply_tar(UNET_FAMILIES["unet3d"].model(), TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]))
+    with pytest.raises(ValueError, match="at least one block"):
+        TARConfig(levels={0: (1.0, 1.0)}, blocks=[])
+    with pytest.raises(ValueError, match="blocks must hold block indices"):
+        TARConfig(levels={0: (1.0, 1.0)}, blocks=[0, -1])
+    with pytest.raises(TypeError, match="blocks must be an iterable"):
+        TARConfig(levels={0: (1.0, 1.0)}, blocks=3)
+    assert TARConfig(levels={0: (1.0, 1.0)}, blocks=[3, 1, 3]).blocks == (1, 3)
+
+    def no_sdpa(attn, hidden_states, *args, **kwargs):
+        return attn.to_out[0](attn.to_v(hidden_states))
+    model.blocks[0].attn1.set_processor(no_sdpa)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]))
+    with pytest.raises(RuntimeError, match="blocks.0.attn1.*scaled_dot_product_attention.*native"):
+        forward(model, FAMILIES["wan"].inputs())
+
+
+def test_wan22_pipeline_two_experts_and_unbatched_guidance_share_the_loop_index():
+    """A real WanPipeline run (prompt embeddings given, latents out): Wan 2.2's two experts, guidance as two calls.
+
+    Both calls of an iteration (conditional, unconditional) are one step; the low-noise expert
+    continues the high-noise expert's count; steps past until_step run stock attention.
+    """
+    fam = FAMILIES["wan"]
+    high, low = fam.model(), fam.model()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=high,
+                       transformer_2=low, boundary_ratio=0.8)
+    names = apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=2))
+    assert names == [f"{expert}.{name}" for expert in ("transformer", "transformer_2") for name in fam.modules]
+    forwards, regularized = [], []
+    for expert, model in (("high", high), ("low", low)):
+        model.register_forward_pre_hook(lambda *_, expert=expert: forwards.append(expert))
+        for proc in processors(model).values():
+            if isinstance(proc, DiTTARProcessor):
+                def attention(attn, query, key, value, proc=proc, expert=expert, **kwargs):
+                    regularized.append((expert, proc.state.step, kwargs["frames"].max().item()))
+                    return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+                proc.attention = attention
+
+    def run():
+        forwards.clear()
+        regularized.clear()
+        with torch.no_grad():
+            return pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+                        height=32, width=32, num_frames=9, num_inference_steps=4, guidance_scale=5.0,
+                        output_type="latent").frames
+
+    run()
+    assert forwards == ["high"] * 4 + ["low"] * 4  # 2 steps each expert, 2 calls per step
+    # steps 0, 1 (high) and 2 (low): 2 calls x 2 blocks each, over the 3 latent frames of 9 video frames
+    assert [(e, s) for e, s, _ in regularized] == [("high", 0)] * 4 + [("high", 1)] * 4 + [("low", 2)] * 4
+    assert {f for _, _, f in regularized} == {2}
+    first = list(regularized)
+    run()  # a second run starts at step 0 again
+    assert regularized == first
+    remove_tar(pipe)
+    assert not any(isinstance(p, DiTTARProcessor) for m in (high, low) for p in processors(m).values())
+
+
+def test_calls_whose_layout_or_mask_tar_cannot_honour_raise():
+    ltx = FAMILIES["ltx"].model()
+    apply_tar(ltx, TARConfig(levels={0: (1.0, 1.0)}))
+    inputs = FAMILIES["ltx"].inputs()
+    del inputs["num_frames"]
+    with pytest.raises(ValueError, match="num_frames, height and width"):
+        forward(ltx, inputs)
+    wan = FAMILIES["wan"].model()
+    apply_tar(wan, TARConfig(levels={0: (1.0, 1.0)}))
+    attn = wan.blocks[0].attn1
+    x = torch.randn(1, 48, attn.inner_dim)
+    with pytest.raises(RuntimeError, match="outside a forward call of the model"), torch.no_grad():
+        attn(x)
+    wan._vstar_tar.grid = (2, 16)  # as if inside a forward call over 2 frames of 16 tokens
+    with pytest.raises(ValueError, match="blocks.0.attn1: expected a self-attention over the 32 video tokens "
+                                         r"\(2 frames x 16 tokens\), got 48 queries and 48 keys"), torch.no_grad():
+        attn(x)
+    wan._vstar_tar.grid = (3, 16)
+    with pytest.raises(ValueError, match=r"boolean key masks of shape \(B, 1, 1, Nk\).*torch.float32 mask of shape "
+                                         r"\(1, 1, 48, 48\)"), torch.no_grad():
+        attn(x, attention_mask=torch.zeros(1, 1, 48, 48))
+
+
+def test_torch_compile_traces_the_processors_and_keeps_the_step_gate():
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    inputs = fam.inputs()
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    regularized = forward(model, inputs)
+    reset_steps(model)
+    compiled = torch.compile(model, backend="eager")
+    outs = [forward(compiled, inputs) for _ in range(3)]
+    assert torch.equal(outs[0], regularized) and torch.equal(outs[1], plain) and torch.equal(outs[2], plain)
+
+
+def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_it():
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    stock = [proc.processor for proc in processors(model).values() if isinstance(proc, DiTTARProcessor)]
+    model.set_attention_backend("_native_math")  # every module, attn2 included: outputs move by rounding
+    assert all(p._attention_backend == AttentionBackendName._NATIVE_MATH for p in stock)
+    regularized = forward(model, inputs)  # still through SDPA: still regularized
+    remove_tar(model)
+    assert all(m.processor._attention_backend == AttentionBackendName._NATIVE_MATH
+               for m in (b.attn1 for b in model.blocks))
+    assert (forward(model, inputs) - regularized).abs().max() > 1e-4
+
+
+def test_wan22_pipeline_with_only_the_low_noise_expert_counts_scheduler_steps():
+    """Wan 2.2 with transformer=None and boundary_ratio=1.0: the low-noise expert runs every step, guidance as
+    two calls per step; until_step=0 regularizes both calls of step 0 and no call of step 1."""
+    fam = FAMILIES["wan"]
+    low = fam.model()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=None,
+                       transformer_2=low, boundary_ratio=1.0)
+    names = apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    assert names == [f"transformer_2.{name}" for name in fam.modules]
+    forwards, regularized = [], []
+    low.register_forward_pre_hook(lambda *_: forwards.append(len(regularized)))
+    for proc in processors(low).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, **kwargs):
+                regularized.append(proc.name)
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+
+    def run():
+        forwards.clear()
+        regularized.clear()
+        with torch.no_grad():
+            return pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+                        height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=5.0,
+                        output_type="latent").frames
+
+    run()
+    blocks = len(fam.modules)
+    # calls 0 and 1 (step 0) regularize every block, calls 2 and 3 (step 1) none
+    assert forwards == [0, blocks, 2 * blocks, 2 * blocks] and len(regularized) == 2 * blocks
+    run()  # the next run starts at step 0 again
+    assert forwards == [0, blocks, 2 * blocks, 2 * blocks]
+    reset_steps(pipe)
+    remove_tar(pipe)
+    assert not any(isinstance(p, DiTTARProcessor) for p in processors(low).values())
+
+
+def parameter_grads(model):
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def train_two_steps(model, inputs):
+    """Two forward calls (steps 0 and 1), then one backward pass through both."""
+    first = model(**inputs, return_dict=False)[0]
+    second = model(**inputs, return_dict=False)[0]
+    (first.square().mean() + second.mean()).backward()
+    return first.detach(), second.detach(), parameter_grads(model)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_gradient_checkpointing_recomputes_each_block_as_its_forward_call_ran_it(family):
+    """diffusers' gradient checkpointing recomputes blocks in the backward pass, after the forward call returned
+    and here after a second call (step 1, stock with until_step=0) advanced the step: outputs and every
+    parameter gradient equal those without checkpointing."""
+    fam = FAMILIES[family]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=0)
+    plain = forward(fam.model(), inputs)
+    model = fam.model()
+    apply_tar(model, config)
+    first, second, grads = train_two_steps(model, inputs)
+    assert (first - plain).abs().max() > 1e-4 and torch.equal(second, plain)
+
+    model = fam.model()
+    model.enable_gradient_checkpointing()
+    apply_tar(model, config)
+    checkpointed = train_two_steps(model, inputs)
+    assert model.is_gradient_checkpointing
+    torch.testing.assert_close(checkpointed[0], first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(checkpointed[1], second, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == checkpointed[2].keys() and all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_enabled_after_apply_tar_and_remove_tar_gives_its_function_back():
+    fam = FAMILIES["wan"]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    model = fam.model()
+    apply_tar(model, config)
+    out = model(**inputs, return_dict=False)[0]
+    out.square().mean().backward()
+    grads = parameter_grads(model)
+
+    model = fam.model()
+    apply_tar(model, config)
+    model.enable_gradient_checkpointing()
+    stock_function = model._gradient_checkpointing_func
+    checkpointed = model(**inputs, return_dict=False)[0]
+    checkpointed.square().mean().backward()
+    torch.testing.assert_close(checkpointed, out, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert model._gradient_checkpointing_func is not stock_function  # bound to each forward call's state
+    remove_tar(model)
+    assert model._gradient_checkpointing_func is stock_function
+
+
+# fuse_qkv_projections replaces CogVideoX's processors; the others' (Wan, LTX, HunyuanVideo) read the fused
+# projections themselves; Mochi has no fused projections
+REPLACEMENTS = {
+    "fuse_qkv_projections": lambda model: model.fuse_qkv_projections(),
+    "set_attn_processor": lambda model: model.set_attn_processor(CogVideoXAttnProcessor2_0()),
+}
+
+
+@pytest.mark.parametrize("family, replace", [("cogvideox", "fuse_qkv_projections"), ("cogvideox", "set_attn_processor"),
+                                             ("wan", "fuse_qkv_projections"), ("hunyuan", "fuse_qkv_projections")])
+def test_processors_replaced_after_apply_tar_keep_tar(family, replace, monkeypatch):
+    """apply_tar then a processor replacement: the output of the other order (replacement, then apply_tar), not
+    the stock one; remove_tar gives back the replacement's processors."""
+    fam = FAMILIES[family]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    model = fam.model()
+    REPLACEMENTS[replace](model)
+    replaced = processors(model)
+    stock = forward(model, inputs)
+    apply_tar(model, config)
+    oracle = forward(model, inputs)
+    assert (oracle - stock).abs().max() > 1e-4
+
+    model = fam.model()
+    apply_tar(model, config)
+    REPLACEMENTS[replace](model)
+    # taking the new processors' place costs no model walk
+    monkeypatch.setattr(dit, "dit_attention_modules", None)
+    assert torch.equal(forward(model, inputs), oracle)
+    calls = record(model)
+    forward(model, inputs)
+    assert sorted({c[0] for c in calls}) == sorted(fam.modules)
+    for name, proc in processors(model).items():
+        if name in fam.modules:
+            assert isinstance(proc, DiTTARProcessor) and type(proc.processor) is type(replaced[name])
+        else:
+            assert type(proc) is type(replaced[name])
+    remove_tar(model)
+    assert {n: type(p) for n, p in processors(model).items()} == {n: type(p) for n, p in replaced.items()}
+    assert torch.equal(forward(model, inputs), stock)
+
+
+def test_unfuse_qkv_projections_after_fusing_under_tar_keeps_tar():
+    """CogVideoX's unfuse_qkv_projections sets back the processors it saved when fusing: TAR's own."""
+    fam = FAMILIES["cogvideox"]
+    inputs = fam.inputs()
+    model = fam.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    regularized = forward(model, inputs)
+    model.fuse_qkv_projections()
+    forward(model, inputs)
+    model.unfuse_qkv_projections()
+    calls = record(model)
+    assert torch.equal(forward(model, inputs), regularized) and len(calls) == len(fam.modules)
+    remove_tar(model)
+    assert all(type(p) is CogVideoXAttnProcessor2_0 for n, p in processors(model).items() if n in fam.modules)

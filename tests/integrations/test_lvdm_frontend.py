@@ -1,0 +1,318 @@
+"""apply_tar_to_modules on a small network of lvdm-style attention modules laid out like VideoCrafter2's UNet.
+
+`LvdmAttention` follows lvdm's attention interface and math (written here from its description:
+heads split from the last dim, ``softmax(q k^T * scale) v``, Linear + Dropout out). `ToyUNet` names
+its modules as VideoCrafter2 does (``input_blocks.<i>.<j>``, ``middle_block``, ``output_blocks``,
+``init_attn``) so that the README's `select` function is exercised on the same names.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vstar_kernels.lvdm import (
+    LevelSpec,
+    TARConfig,
+    apply_tar_to_modules,
+    remove_tar_from_modules,
+    set_step,
+    tar_modules,
+)
+from vstar_kernels.regularization import delta_from_features
+
+from ..helpers import assert_close_to_reference, naive_tar
+from .tiny_video_models import one_torch_thread  # noqa: F401 (autouse fixture)
+
+DIM = 16
+
+
+class LvdmAttention(torch.nn.Module):
+    def __init__(self, dim, heads, context_dim=None):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = torch.nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.Dropout(0.0))
+
+    def forward(self, x, context=None, mask=None):
+        context = x if context is None else context
+        b, h = x.shape[0], self.heads
+
+        def split(t):  # (b, n, h * d) -> (b * h, n, d)
+            return t.view(b, t.shape[1], h, -1).transpose(1, 2).reshape(b * h, t.shape[1], -1)
+
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        sim = torch.einsum("bid,bjd->bij", q, k) * self.scale
+        if mask is not None:
+            sim = sim.masked_fill(~(mask.repeat_interleave(h, dim=0) > 0.5), -torch.finfo(sim.dtype).max)
+        out = torch.einsum("bij,bjd->bid", sim.softmax(dim=-1), v)
+        out = out.view(b, h, x.shape[1], -1).transpose(1, 2).reshape(b, x.shape[1], -1)
+        return self.to_out(out)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, heads):
+        super().__init__()
+        self.attn1 = LvdmAttention(DIM, heads)
+        self.attn2 = LvdmAttention(DIM, heads)
+
+    def forward(self, x):
+        x = x + self.attn1(x)
+        return x + self.attn2(x)
+
+
+class TemporalTransformer(torch.nn.Module):  # lvdm's class name: the README's select looks for it
+    def __init__(self, heads):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([Block(heads)])
+
+
+class SpatialTransformer(TemporalTransformer):
+    pass
+
+
+def level_block(heads):
+    return torch.nn.Sequential(torch.nn.Identity(), SpatialTransformer(heads), TemporalTransformer(heads))
+
+
+class ToyUNet(torch.nn.Module):
+    """Temporal attention at levels 0 (2 heads), 1 (4 heads) and 3 (middle), plus init_attn and spatial ones."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.init_attn = torch.nn.Sequential(TemporalTransformer(2))
+        self.input_blocks = torch.nn.ModuleList(
+            [torch.nn.Identity(), level_block(2), level_block(2), torch.nn.Identity(), level_block(4)])
+        self.middle_block = level_block(8)
+        self.output_blocks = torch.nn.ModuleList([torch.nn.Identity() for _ in range(6)] + [level_block(4)] +
+                                                 [torch.nn.Identity() for _ in range(2)] + [level_block(2)])
+
+    def forward(self, x):
+        for module in self.modules():
+            if isinstance(module, Block):
+                x = module(x)
+        return x
+
+
+def videocrafter2_select(model):
+    """The README's select for VideoCrafter2's UNet (written out here so that it runs in CI)."""
+    modules = dict(model.named_modules())
+
+    def select(name, module):
+        parent = name.rsplit(".transformer_blocks.", 1)[0]
+        if not name.endswith((".attn1", ".attn2")) or type(modules.get(parent)).__name__ != "TemporalTransformer":
+            return None
+        block, _, rest = name.partition(".")
+        if block == "input_blocks":
+            return (int(rest.split(".")[0]) - 1) // 3
+        if block == "output_blocks":
+            return 3 - int(rest.split(".")[0]) // 3
+        return 3 if block == "middle_block" else None
+
+    return select
+
+
+EXPECTED = {f"{block}.2.transformer_blocks.0.{attn}": level
+            for block, level in [("input_blocks.1", 0), ("input_blocks.2", 0), ("input_blocks.4", 1),
+                                 ("output_blocks.6", 1), ("output_blocks.9", 0)]
+            for attn in ("attn1", "attn2")}
+
+
+def video(rows=6, frames=8, seed=1):
+    return torch.randn(rows, frames, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def run_recording(model, x):
+    """Forward once; {name: (input, output)} of every LvdmAttention call."""
+    calls = {}
+    handles = [m.register_forward_hook(lambda m, args, out, name=name: calls.__setitem__(name, (args[0], out)))
+               for name, m in model.named_modules() if isinstance(m, LvdmAttention)]
+    with torch.no_grad():
+        out = model(x)
+    for h in handles:
+        h.remove()
+    return out, calls
+
+
+def attention64(module, x, **tar):
+    """The module's output in float64 with TAR (naive_tar) between the projections and to_out."""
+    def linear(layer, t):
+        return F.linear(t.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+
+    b, n, _ = x.shape
+    q, k, v = (linear(p, x).view(b, n, module.heads, -1).transpose(1, 2) for p in (module.to_q, module.to_k,
+                                                                                   module.to_v))
+    out = naive_tar(q, k, v, scale=module.scale, **tar).transpose(1, 2).reshape(b, n, -1)
+    return linear(module.to_out[0], out)
+
+
+def test_select_finds_videocrafter2_temporal_attention_and_tar_matches_float64():
+    model = ToyUNet()
+    dict(model.named_modules())["input_blocks.4.2.transformer_blocks.0.attn1"].scale = 0.3  # not head_dim ** -0.5
+    x = video()
+    plain_out, _ = run_recording(model, x)
+    config = TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 0.5)}, until_step=None)
+    names = apply_tar_to_modules(model, config, select=videocrafter2_select(model))
+    assert sorted(names) == sorted(EXPECTED)
+    assert {name: level for name, level, _ in tar_modules(model)} == EXPECTED
+    out, calls = run_recording(model, x)
+    assert (out - plain_out).abs().max() > 1e-3
+    for name, (inp, result) in calls.items():
+        module = dict(model.named_modules())[name]
+        if name in EXPECTED:
+            sigma, strength = {0: (1.0, 1.0), 1: (2.0, 0.5)}[EXPECTED[name]]
+            assert_close_to_reference(result, attention64(module, inp, sigma=sigma, strength=strength))
+        else:  # init_attn, spatial and the middle block (level 3, not configured): the module's own forward
+            assert "forward" not in vars(module)
+            assert torch.equal(result, module.forward(inp))
+
+
+def test_step_gate_follows_set_step():
+    model = ToyUNet()
+    x = video(rows=2)
+    plain, _ = run_recording(model, x)
+    apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=1), select=videocrafter2_select(model))
+    with pytest.raises(RuntimeError, match=r"input_blocks\.1\.2\.transformer_blocks\.0\.attn1: TAR runs on steps "
+                                           r"0\.\.1 only.*set_step\(model, i\)"):
+        run_recording(model, x)
+    outs = []
+    for step in (0, 1, 2, 3, 0):
+        set_step(model, step)
+        outs.append(run_recording(model, x)[0])
+    assert (outs[0] - plain).abs().max() > 1e-3
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[4], outs[0])
+    assert torch.equal(outs[2], plain) and torch.equal(outs[3], plain)
+
+
+def test_remove_restores_every_module_exactly():
+    model = ToyUNet()
+    x = video()
+    plain, _ = run_recording(model, x)
+    fast = dict(model.named_modules())["input_blocks.2.2.transformer_blocks.0.attn2"]
+    fast.forward = fast.forward  # an instance-level forward, as lvdm sets when it picks xformers
+    own_forward = vars(fast)["forward"]
+    before = {name: dict(vars(m)) for name, m in model.named_modules()}
+
+    apply_tar_to_modules(model, TARConfig.from_preset("64D1_32D8", until_step=None), select=videocrafter2_select(model))
+    apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=videocrafter2_select(model))  # replaces
+    assert len(tar_modules(model)) == 6
+    remove_tar_from_modules(model)
+    remove_tar_from_modules(model)  # nothing applied: a no-op
+
+    after = {name: dict(vars(m)) for name, m in model.named_modules()}
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name].keys() == before[name].keys(), name
+        assert all(after[name][k] is before[name][k] for k in before[name]), name
+    assert vars(fast)["forward"] is own_forward
+    assert torch.equal(run_recording(model, x)[0], plain)
+    with pytest.raises(ValueError, match="no TAR modules: call apply_tar_to_modules first"):
+        set_step(model, 0)
+
+
+def test_outside_regularized_steps_the_previous_forward_runs_with_its_arguments():
+    model = ToyUNet()
+    select = videocrafter2_select(model)
+    apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0), select=select)
+    attn = dict(model.named_modules())["input_blocks.1.2.transformer_blocks.0.attn1"]
+    x = video(rows=3, frames=5)
+    mask = torch.ones(3, 5, 5).tril()
+    set_step(model, 1)
+    with torch.no_grad():
+        masked = attn(x, mask=mask)
+        remove_tar_from_modules(model)
+        assert torch.equal(masked, attn(x, mask=mask))
+    apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0), select=select)
+    set_step(model, 0)
+    with pytest.raises(ValueError, match="attn1: TAR takes no mask"), torch.no_grad():
+        attn(x, mask=mask)
+    with pytest.raises(ValueError, match="attn1: TAR regularizes self-attention over frames.*context"):
+        attn(x, torch.randn(3, 4, DIM))
+    with torch.no_grad():
+        assert torch.equal(attn(x, context=x), attn(x))  # the context of self-attention is x itself
+
+
+def test_delta_level_matches_float64_and_rejects_other_frame_counts():
+    model = ToyUNet()
+    delta = delta_from_features(torch.randn(10, 4, generator=torch.Generator().manual_seed(2)).cumsum(0),
+                                num_frames=8)
+    apply_tar_to_modules(model, TARConfig(levels={0: LevelSpec(delta=delta, strength=0.5)}, until_step=None),
+                         select=videocrafter2_select(model))
+    x = video()
+    _, calls = run_recording(model, x)
+    modules = dict(model.named_modules())
+    for name, level in EXPECTED.items():
+        if level == 0:
+            inp, result = calls[name]
+            assert_close_to_reference(result, attention64(modules[name], inp, strength=0.5, delta=delta))
+    with pytest.raises(ValueError, match=r"delta is 8 x 8 but this attention runs over 6 frames"):
+        run_recording(model, video(frames=6))
+
+
+def test_triton_backend_gives_the_reference_output():
+    model = ToyUNet()
+    x = video(rows=3)
+    outs = {}
+    for backend in ("reference", "triton"):
+        apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0), 1: (8.0, 1.0)}, until_step=None,
+                                              backend=backend), select=videocrafter2_select(model))
+        outs[backend] = run_recording(model, x)[0]
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=2e-5, rtol=2e-5)
+
+
+class NotAttention(torch.nn.Module):
+    def __init__(self, **attrs):
+        super().__init__()
+        self.to_q = self.to_k = self.to_v = torch.nn.Identity()
+        self.to_out = torch.nn.Identity()
+        self.heads, self.scale = 2, 1.0
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+
+@pytest.mark.parametrize("select, error, match", [
+    pytest.param(lambda name, m: None, ValueError, "select returned a level for no module", id="none"),
+    pytest.param(lambda name, m: -1 if name == "init_attn" else None, ValueError,
+                 r"select\('init_attn', \.\.\.\) returned -1", id="negative"),
+    pytest.param(lambda name, m: 1 if name.endswith("attn1") else None, ValueError,
+                 r"config levels \[0\] have no module: select put modules at levels \[1\]", id="missing-level"),
+    pytest.param(lambda name, m: 0 if name == "input_blocks.1.1" else None, TypeError,
+                 r"input_blocks\.1\.1 \(SpatialTransformer\) lacks to_q, to_k, to_v, to_out, heads, scale", id="api"),
+])
+def test_bad_selection_raises_and_patches_nothing(select, error, match):
+    model = ToyUNet()
+    with pytest.raises(error, match=match):
+        apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=select)
+    assert not tar_modules(model) and not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("attrs, error, match", [
+    pytest.param(dict(heads=0), TypeError, "heads must be a positive int", id="heads"),
+    pytest.param(dict(scale="0.5"), TypeError, "scale must be a real number", id="scale"),
+    pytest.param(dict(to_out=torch.nn.ModuleList([torch.nn.Identity()])), TypeError, "diffusers", id="modulelist"),
+    pytest.param(dict(relative_position=True), ValueError, "relative position", id="relative-position"),
+])
+def test_interface_checks(attrs, error, match):
+    model = torch.nn.Sequential(NotAttention(**attrs))
+    with pytest.raises(error, match=match):
+        apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=lambda name, m: 0 if name == "0" else None)
+
+
+def test_argument_errors():
+    model = ToyUNet()
+    select = videocrafter2_select(model)
+    with pytest.raises(TypeError, match="config must be a TARConfig"):
+        apply_tar_to_modules(model, {0: (1.0, 1.0)}, select=select)
+    with pytest.raises(TypeError, match="select must be a function"):
+        apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select="temporal")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        apply_tar_to_modules(object(), TARConfig.from_preset("64D1"), select=select)
+    with pytest.raises(ValueError, match="blocks= selects transformer blocks of a video DiT"):
+        apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]), select=select)
+    apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=select)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            set_step(model, bad)

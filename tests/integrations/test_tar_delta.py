@@ -1,0 +1,89 @@
+"""Dynamics transfer: a level of TARConfig carries a custom (N, N) delta instead of a sigma."""
+
+import math
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+from vstar_kernels import LevelSpec, TARConfig
+from vstar_kernels.diffusers import apply_tar
+from vstar_kernels.regularization import delta_from_features
+
+from ..helpers import assert_close_to_reference
+from .tiny_video_models import (FAMILIES, attention64, attention_modules, forward, one_torch_thread,  # noqa: F401
+                                randn, run_capturing, unet3d_inputs)
+
+
+def reference_delta(frames):
+    """A reference video's similarity: 12 frames of drifting synthetic features, resampled to `frames`."""
+    features = randn(12, 6, seed=7).cumsum(0)
+    return delta_from_features(features, normalize="minmax", num_frames=frames)
+
+
+def test_levels_take_delta_pairs_and_level_specs():
+    delta = reference_delta(8)
+    cfg = TARConfig(levels={0: (delta, 0.5), 1: LevelSpec(delta=delta.half()), 2: (3.0, 1.0)})
+    spec = cfg.levels[0]
+    assert spec.sigma is None and spec.strength == 0.5 and torch.equal(spec.delta, delta)
+    assert cfg.levels[1].delta.dtype == torch.float32  # fp16 given: kept as float32
+    assert spec == LevelSpec(delta=delta.clone(), strength=0.5)
+    assert spec != LevelSpec(delta=delta + 1e-3, strength=0.5) and spec != LevelSpec(1.0, 0.5)
+    assert hash(spec) == hash(LevelSpec(delta=delta.clone(), strength=0.5))
+    assert repr(spec) == "LevelSpec(delta=<8x8 float32>, strength=0.5)"
+    assert LevelSpec() == LevelSpec(1.0, 1.0) and LevelSpec(delta=delta, strength=0.0).active is False
+    delta.fill_(7.0)  # the spec holds its own copy
+    assert spec.delta.max() <= 1.0
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    pytest.param((torch.ones(8, 7), 1.0), ValueError, r"levels\[0\]: delta must be a square", id="not-square"),
+    pytest.param((torch.ones(1, 8, 8), 1.0), ValueError, r"levels\[0\]: delta must be a square", id="3-d"),
+    pytest.param((torch.ones(8, 8, dtype=torch.int64), 1.0), TypeError, r"levels\[0\]: delta must be a floating",
+                 id="int"),
+    pytest.param((torch.full((4, 4), math.nan), 1.0), ValueError, r"levels\[0\]: delta has non-finite", id="nan"),
+    pytest.param((torch.ones(4, 4), math.inf), ValueError, r"levels\[0\]: strength must be finite", id="strength"),
+    pytest.param(torch.ones(2, 2), TypeError, r"levels\[0\] must be a \(sigma, strength\) pair, a \(delta, strength\)",
+                 id="bare-tensor"),
+])
+def test_bad_delta_raises_naming_the_level(spec, error, match):
+    with pytest.raises(error, match=match):
+        TARConfig(levels={0: spec})
+
+
+def test_sigma_and_delta_together_are_rejected():
+    with pytest.raises(ValueError, match="sigma or delta, not both"):
+        LevelSpec(sigma=2.0, delta=torch.ones(3, 3))
+
+
+def test_delta_level_regularizes_every_call_like_the_float64_semantics():
+    model = FAMILIES["unet3d"].model()
+    inputs = unet3d_inputs(model, batch=1, frames=8, size=4)
+    delta = reference_delta(8)
+    names = apply_tar(model, TARConfig(levels={0: (delta, 0.75), 1: (2.0, 0.5)}, until_step=None))
+    levels = FAMILIES["unet3d"].expected_levels(model)
+    _, calls = run_capturing(model, inputs, names)
+    modules = attention_modules(model)
+    for name in names:
+        kwargs = dict(sigma=1.0, strength=0.75, delta=delta.double()) if levels[name] == 0 else \
+            dict(sigma=2.0, strength=0.5)
+        assert calls[name], name
+        for x, context, out in calls[name]:
+            assert_close_to_reference(out, attention64(modules[name], x, context, **kwargs), torch.float32)
+
+
+def test_a_delta_equal_to_the_gaussian_gives_the_sigma_output():
+    model = FAMILIES["unet3d"].model()
+    inputs = unet3d_inputs(model, batch=1, frames=8, size=4)
+    apply_tar(model, TARConfig(levels={0: (1.5, 1.0)}, until_step=None))
+    with_sigma = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (vk.gaussian_toeplitz(8, 1.5), 1.0)}, until_step=None))
+    torch.testing.assert_close(forward(model, inputs), with_sigma, atol=2e-5, rtol=2e-5)
+
+
+def test_a_delta_for_another_frame_count_is_rejected_not_resampled():
+    model = FAMILIES["unet3d"].model()
+    apply_tar(model, TARConfig(levels={0: (reference_delta(8), 1.0)}, until_step=None))
+    with pytest.raises(ValueError, match=r"level 0\).*delta is 8 x 8 but this attention runs over 6 frames.*"
+                                         r"delta_from_features\(features, num_frames=6\)"):
+        forward(model, unet3d_inputs(model, batch=1, frames=6, size=4))

@@ -1,0 +1,52 @@
+"""Checks only a GPU can run: skipped without CUDA (marker `gpu`)."""
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+
+from ..helpers import assert_close_to_reference
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batch_times_heads_above_65535(dtype):
+    # 2 x 40 x 64 positions x 20 heads = 102,400 sequences of 16 frames: past the 65,535 grid-axis limit.
+    B, H, N, D = 2 * 40 * 64, 20, 16, 64
+    q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
+    out = vk.tar_attention(q, k, v, backend="triton")
+    torch.cuda.synchronize()
+    idx = torch.tensor([0, 1, B // 2, B - 1], device="cuda")
+    ref = vk.tar_attention_reference(q[idx].double(), k[idx].double(), v[idx].double())
+    assert_close_to_reference(out[idx].cpu(), ref.cpu(), dtype)
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("n", [1024, 4096])
+@pytest.mark.parametrize("max_mode", ["row", "global"])
+def test_long_videos(n, max_mode):
+    q, k, v = (torch.randn(2, 4, n, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    out = vk.tar_attention(q, k, v, sigma=8.0, max_mode=max_mode, backend="triton")
+    ref = vk.tar_attention_reference(q.double(), k.double(), v.double(), sigma=8.0, max_mode=max_mode)
+    assert_close_to_reference(out.cpu(), ref.cpu())
+
+
+@pytest.mark.parametrize("d", [40, 64, 80, 128, 160, 256])
+@pytest.mark.parametrize("n", [16, 64, 200])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compiled_kernels_across_head_dims(d, n, dtype):
+    q, k, v = (torch.randn(64, n, 4, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
+    for opts in (dict(), dict(causal=True, max_mode="global")):
+        out = vk.tar_attention(q, k, v, backend="triton", **opts)
+        ref = vk.tar_attention_reference(q.double(), k.double(), v.double(), **opts)
+        assert_close_to_reference(out.cpu(), ref.cpu(), dtype)
+
+
+def test_auto_picks_triton_on_cuda():
+    from vstar_kernels import dispatch
+    from vstar_kernels._problem import make_problem
+
+    q = torch.randn(1, 1, 16, 16, device="cuda", dtype=torch.float16)
+    p = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    assert dispatch.select(p, "auto").name == "triton"
