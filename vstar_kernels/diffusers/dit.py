@@ -35,6 +35,7 @@ forward pre-hook; the text length is what the attention call receives.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
@@ -55,6 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import frame_ids, tar_attention
 from ..tar_config import LevelSpec, TARConfig
+from .context_parallel import ContextParallelTAR, local_stock_call
 from .steps import StepTracker
 
 _STATE_ATTR = "_vstar_tar"
@@ -137,9 +139,10 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 class _TARAttention(TorchFunctionMode):
     """Answers scaled_dot_product_attention calls with `processor.attention`; passes all else through."""
 
-    def __init__(self, processor: "DiTTARProcessor", attn: torch.nn.Module, spec: LevelSpec, state: "_DiTState"):
+    def __init__(self, processor: "DiTTARProcessor", attn: torch.nn.Module, spec: LevelSpec, state: "_DiTState",
+                 parallel: Optional[ContextParallelTAR] = None):
         super().__init__()
-        self.processor, self.attn, self.spec, self.state = processor, attn, spec, state
+        self.processor, self.attn, self.spec, self.state, self.parallel = processor, attn, spec, state, parallel
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -153,6 +156,9 @@ class _TARAttention(TorchFunctionMode):
             raise ValueError(f"{where}: TAR takes no attention dropout, but the processor asked for {dropout_p}")
         if enable_gqa and query.shape[1] != key.shape[1]:
             raise ValueError(f"{where}: TAR needs as many key heads as query heads (no grouped-query attention)")
+        if self.parallel is not None:  # this rank's shard: the layout's communication around one TAR call
+            return self.parallel.attention(query, key, value, mask, is_causal, self.state.grid,
+                                           functools.partial(self._attend, scale, where))
         key_mask = key_mask_of(mask, query.shape[0], key.shape[2], where)
         frames = self.state.frames(query.shape[2], key.shape[2], where, query.device)
         count = self.state.grid[0]  # a delta is a (frames, frames) matrix
@@ -160,6 +166,13 @@ class _TARAttention(TorchFunctionMode):
                       backend=self.state.config.backend,
                       **self.spec.tar_kwargs(count, count, device=query.device, dtype=query.dtype, where=where))
         return self.processor.attention(self.attn, query, key, value, **kwargs)
+
+    def _attend(self, scale, where, query, key, value, *, frames):
+        """The regularized attention of a context-parallel call, over all keys (`ContextParallelTAR.attention`)."""
+        count = self.state.grid[0]
+        kwargs = self.spec.tar_kwargs(count, count, device=query.device, dtype=query.dtype, where=where)
+        return self.processor.attention(self.attn, query, key, value, scale=scale, frames=frames,
+                                        backend=self.state.config.backend, **kwargs)
 
 
 def key_mask_of(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) -> Optional[torch.Tensor]:
@@ -216,8 +229,10 @@ class DiTTARProcessor:
         spec = self.state.spec_at(self.block)
         if spec is None:
             return self.processor(attn, *args, **kwargs)
-        mode = _TARAttention(self, attn, spec, self.state)
-        with mode:
+        # under context parallelism: the stock processor on this rank's shard, its attention answered over all ranks
+        parallel = ContextParallelTAR.of(self.processor, self.state.family.text, self.name)
+        mode = _TARAttention(self, attn, spec, self.state, parallel)
+        with contextlib.nullcontext() if parallel is None else local_stock_call(self.processor), mode:
             out = self.processor(attn, *args, **kwargs)
         if mode.calls == 0:
             raise no_sdpa_call(self.name, "TAR could not run there")
