@@ -95,29 +95,34 @@ def _all_to_all(blocks: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+# The exchanged blocks are laid out token-major, (tokens, B, heads, D): the received buffer then reads as the
+# sequence in order, a (B, heads, N, D) view without a copy (tar_attention takes any strides).
+
+
 def _heads_to_sequence(x: torch.Tensor, group, size: int) -> torch.Tensor:
     """(B, H, n, D) sequence shard, all heads -> (B, H / size, size * n, D): the group's `size`
     shards in group rank order, for this rank's block of H / size heads."""
     batch, heads, n, dim = x.shape
-    blocks = x.reshape(batch, size, heads // size, n, dim).transpose(0, 1)  # block p: the heads rank p gets
-    got = _AllToAll.apply(blocks, group)                                   # block p: rank p's tokens, my heads
-    return got.permute(1, 2, 0, 3, 4).reshape(batch, heads // size, size * n, dim)
+    blocks = x.reshape(batch, size, heads // size, n, dim).permute(1, 3, 0, 2, 4)  # block p: the heads rank p gets
+    got = _AllToAll.apply(blocks, group)                                          # block p: rank p's tokens, my heads
+    return got.reshape(size * n, batch, heads // size, dim).permute(1, 2, 0, 3)
 
 
 def _sequence_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
-    """The inverse of `_heads_to_sequence`: (B, h, size * n, D) -> (B, h * size, n, D)."""
+    """The inverse of `_heads_to_sequence`: (B, h, size * n, D) -> (B, h * size, n, D), a view of a
+    (B, n, h * size, D) tensor (the layout the processors go on with)."""
     batch, heads, tokens, dim = x.shape
     n = tokens // size
-    blocks = x.reshape(batch, heads, size, n, dim).permute(2, 0, 1, 3, 4)  # block p: rank p's tokens
-    got = _AllToAll.apply(blocks, group)                                   # block p: rank p's heads, my tokens
-    return got.transpose(0, 1).reshape(batch, size * heads, n, dim)
+    blocks = x.reshape(batch, heads, size, n, dim).permute(2, 3, 0, 1, 4)  # block p: rank p's tokens
+    got = _AllToAll.apply(blocks, group)                                  # block p: rank p's heads, my tokens
+    return got.permute(2, 1, 0, 3, 4).reshape(batch, n, size * heads, dim).transpose(1, 2)
 
 
 def _gather_sequence(x: torch.Tensor, group, size: int) -> torch.Tensor:
     """(B, h, n, D) -> (B, h, size * n, D): the group's shards along the sequence, in group rank order."""
-    gathered = _AllGather.apply(x, group)  # (size, B, h, n, D)
     batch, heads, n, dim = x.shape
-    return gathered.permute(1, 2, 0, 3, 4).reshape(batch, heads, size * n, dim)
+    gathered = _AllGather.apply(x.permute(2, 0, 1, 3), group)  # (size, n, B, h, D)
+    return gathered.reshape(size * n, batch, heads, dim).permute(1, 2, 0, 3)
 
 
 @functools.lru_cache(maxsize=64)
@@ -226,12 +231,14 @@ class ContextParallelTAR:
             raise ValueError(f"{where}: Ulysses with ulysses_degree={self.ulysses} needs a head count it divides; the "
                              f"call has {heads} heads")
         head_dim, v_dim = query.shape[-1], value.shape[-1]
-        if self.ulysses > 1:
+        if self.ulysses > 1:  # q, k and v in one exchange
             qkv = _heads_to_sequence(torch.cat((query, key, value), dim=-1), self.ulysses_group, self.ulysses)
-            query, key, value = qkv.split((head_dim, head_dim, v_dim), dim=-1)
-        if self.ring > 1:
-            kv = _gather_sequence(torch.cat((key, value), dim=-1), self.ring_group, self.ring)
-            key, value = kv.split((head_dim, v_dim), dim=-1)
+            query, kv = qkv.split((head_dim, head_dim + v_dim), dim=-1)
+        else:
+            kv = torch.cat((key, value), dim=-1)
+        if self.ring > 1:  # k and v in one gather
+            kv = _gather_sequence(kv, self.ring_group, self.ring)
+        key, value = kv.split((head_dim, v_dim), dim=-1)
         query_shards, key_shards = self.shard_order(query.device)
         ids = (_ids(count, per_frame, local, query_shards, query.device),
                _ids(count, per_frame, local, key_shards, query.device))
