@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import inspect
 import os
 import pathlib
 import time
@@ -19,6 +20,7 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh
 from diffusers import ContextParallelConfig, ParallelConfig
@@ -107,19 +109,88 @@ def _lse_forward_op(stock_op: Callable):
     CPU stand-in, in the test harness only: the stock ring asks its backend for each chunk's
     lse, which the native op refuses and the lse-returning backends (flash, cuDNN, Sage) do not
     run on a CPU. TAR's own path never uses it; it is here for the stock calls TAR leaves alone.
+    Its backward (the native op's) ignores the ring's per-chunk keys: the stock ring's backward
+    is run for its communication only (`traffic`), its gradients never compared.
     """
 
     def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        out = stock_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False, _save_ctx,
+                       _parallel_config)
         if not return_lse:
-            return stock_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
-                            _save_ctx, _parallel_config)
+            return out
         q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
-                                                                             attn_mask=attn_mask, scale=scale)
-        return out.permute(0, 2, 1, 3), lse.permute(0, 2, 1)
+        _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
+                                                                           attn_mask=attn_mask, scale=scale)
+        return out, lse.permute(0, 2, 1)
 
     return forward_op
+
+
+class _Traffic:
+    """Counts the bytes this rank sends through the collectives of diffusers' and TAR's attention."""
+
+    def __init__(self):
+        self.sent = 0
+        self.saved = []
+
+    def _wrap(self, module, name: str, sent: Callable[[torch.Tensor, dict, int, int], float]):
+        """Count `sent(tensor, arguments, group size, group rank)` bytes for each call of module.name."""
+        stock = getattr(module, name)
+        signature = inspect.signature(stock)
+        self.saved.append((module, name, stock))
+
+        def counted(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            tensor = arguments["tensor" if "tensor" in arguments else "input" if "input" in arguments else "self"]
+            group = arguments.get("group")
+            self.sent += round(sent(tensor, arguments, dist.get_world_size(group), dist.get_rank(group)))
+            return stock(*args, **kwargs)
+
+        setattr(module, name, counted)
+
+    def __enter__(self):
+        def nbytes(x):
+            return x.numel() * x.element_size()
+
+        def gathered(x, arguments, size, rank):  # to every other rank
+            return nbytes(x) * (size - 1)
+
+        def exchanged(x, arguments, size, rank):  # every row block but its own (funcol's permute is one of these)
+            splits = arguments.get("input_split_sizes")
+            return nbytes(x) * ((size - 1) / size if splits is None else 1 - splits[rank] / x.shape[0])
+
+        self._wrap(dist, "all_gather", gathered)
+        self._wrap(dist, "all_to_all_single", exchanged)
+        self._wrap(funcol, "all_gather_tensor", gathered)
+        self._wrap(funcol, "all_to_all_single", exchanged)
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, stock in reversed(self.saved):
+            setattr(module, name, stock)
+
+
+def _traffic(layout: str) -> torch.Tensor:
+    """Bytes this rank sends for one call of blocks.0.attn1 over 3 frames of 16 tokens, forward and backward:
+    (stock forward, stock backward, TAR forward, TAR backward)."""
+    model = _model("wan", layout)
+    attn = model.blocks[0].attn1
+    shards = LAYOUTS[layout].get("ring_degree", 1) * LAYOUTS[layout].get("ulysses_degree", 1)
+    x = randn(BATCH, 48 // shards, attn.inner_dim, seed=3).requires_grad_(True)
+
+    def count():
+        with _Traffic() as traffic:
+            out = attn(x)
+            forward = traffic.sent
+            out.sum().backward()
+        return [forward, traffic.sent - forward]
+
+    stock = count()
+    apply_tar(model, tar_config("band", 3))
+    model._vstar_tar.grid = (3, 16)  # as if inside a forward call over 3 frames of 16 tokens
+    attn(x)  # the first call exchanges the shard order, once per config
+    return torch.tensor(stock + count())
 
 
 def _enable(model, layout: str, **options):
@@ -234,6 +305,8 @@ def cases(world: int) -> Dict[str, Callable]:
                 for frames in frame_counts:
                     cases[f"{kind}/{layout}/{family}/{frames}"] = functools.partial(run, family, layout, frames)
         cases[f"grad/{layout}/wan/3"] = functools.partial(_grad, layout)
+        if "mesh" not in LAYOUTS[layout]:
+            cases[f"traffic/{layout}"] = functools.partial(_traffic, layout)
     cases.update(_error_cases(world))
     if world == 2:
         cases["backend/ring/wan/3"] = _any_backend

@@ -114,6 +114,26 @@ def test_a_backend_the_stock_ring_needs_is_kept_for_the_calls_tar_leaves(runs):
         assert kept == ["_native_flash"] * 2
 
 
+def sent_bytes(layout: str, element: int = 4, accumulator: int = 4) -> list:
+    """docs/multi-gpu.md's count of the bytes one rank sends in one attention call, for the traffic cases'
+    call (batch 2, 2 heads of 12, 48 tokens): [stock forward, stock backward, TAR forward, TAR backward]."""
+    ulysses, ring = (cp_worker.LAYOUTS[layout].get(f"{kind}_degree", 1) for kind in ("ulysses", "ring"))
+    local = 2 * 2 * (48 // (ulysses * ring)) * 12 * element  # one of q, k, v: this rank's tokens, every head
+    exchange = 4 * local * (ulysses - 1) / ulysses   # Ulysses: q, k, v there and the output back
+    gather = 2 * local * (ring - 1)                  # ring: K and V to every other rank of the ring
+    passed = 2 * local * ring * accumulator / element if ring > 1 else 0  # the stock ring's dK, dV, round the ring
+    stock_backward = exchange + gather + passed  # and the stock ring gathers K and V again
+    return [exchange + gather, stock_backward, exchange + gather, exchange + gather]
+
+
+@pytest.mark.parametrize("world,name", cases("traffic/"))
+def test_bytes_sent_per_attention_call_are_the_documented_counts(runs, world, name):
+    want = sent_bytes(name.split("/")[1])
+    results = runs(world)
+    for rank in range(world):
+        assert result(results, rank, name).tolist() == want, rank
+
+
 ERRORS = {
     "error/uneven": r"blocks\.0\.attn1: under context parallelism \(ring_degree=2, ulysses_degree=1\) this rank holds "
                     r"1[34] tokens, and 2 equal shards of 1[34] are 2[68] tokens, not the call's 27 video tokens "
