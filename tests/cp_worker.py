@@ -15,6 +15,8 @@ import functools
 import inspect
 import os
 import pathlib
+import runpy
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -22,11 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
-from torch.distributed.device_mesh import DeviceMesh
 from diffusers import ContextParallelConfig, ParallelConfig
 from diffusers.models import attention_dispatch
+from torch.distributed.device_mesh import DeviceMesh
 
-from vstar_kernels.diffusers import TARConfig, apply_tar, remove_tar
+from vstar_kernels.diffusers import TARConfig, apply_tar, capture_frame_attention, remove_tar
 
 from .tiny_dit_models import BATCH, FAMILIES, randn
 
@@ -95,7 +97,7 @@ def gradients(model, family: str, frames: int) -> Dict[str, torch.Tensor]:
 
 
 ERRORS = {
-    2: ["error/uneven", "error/mask", "error/text"],
+    2: ["error/uneven", "error/mask", "error/text", "error/capture"],
     4: ["error/heads", "error/mesh"],
 }
 
@@ -239,6 +241,11 @@ def _error_cases(world: int) -> Dict[str, Callable]:
         with torch.no_grad():
             return forward(model, FAMILIES["cogvideox"].inputs())
 
+    def capture():  # under Ulysses the call held every query, for half the heads
+        model = _model("wan", "ulysses")
+        with torch.no_grad(), capture_frame_attention(model, blocks=[0]):
+            return forward(model, inputs("wan", 3))
+
     def heads():  # 2 heads, ulysses_degree 4 (ulysses_anything pads the heads for the stock path)
         model = FAMILIES["wan"].model()
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=4, ulysses_anything=True))
@@ -251,7 +258,8 @@ def _error_cases(world: int) -> Dict[str, Callable]:
         with torch.no_grad():
             return forward(model, inputs("wan", 4))
 
-    cases = {"error/uneven": uneven, "error/mask": mask, "error/text": text, "error/heads": heads, "error/mesh": mesh}
+    cases = {"error/uneven": uneven, "error/mask": mask, "error/text": text, "error/capture": capture,
+             "error/heads": heads, "error/mesh": mesh}
     return {name: cases[name] for name in ERRORS[world]}
 
 
@@ -313,10 +321,14 @@ def cases(world: int) -> Dict[str, Callable]:
     return cases
 
 
-def _run(rank: int, world: int, directory: str) -> None:
+def _cpu_device_count() -> None:
     # diffusers' enable_parallelism picks the device rank % torch.accelerator.device_count(), which is
     # 0 on a CPU: these CPU processes say 1 (the CPU)
     torch.accelerator.device_count = lambda: 1
+
+
+def _run(rank: int, world: int, directory: str) -> None:
+    _cpu_device_count()
     attention_dispatch._native_attention_forward_op = _lse_forward_op(attention_dispatch._native_attention_forward_op)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world,
@@ -346,3 +358,32 @@ def launch(world: int, directory: pathlib.Path, timeout: float = RUN_TIMEOUT_S) 
             if process.is_alive():
                 process.kill()
     return [torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def save_tiny_wan_pipeline(directory: pathlib.Path) -> None:
+    """A WanPipeline of tiny random-weight parts saved to `directory`: a word-level tokenizer, a one-layer
+    UMT5 encoder, a Wan VAE of 8 base channels (4 latent channels) and the tiny Wan transformer."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", *"a red fox running through fresh snow".split()]
+    vocabulary = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    vocabulary.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocabulary, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=512)
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                transformer=FAMILIES["wan"].model()).save_pretrained(directory)
+
+
+if __name__ == "__main__":
+    # python -m tests.cp_worker SCRIPT [ARGS...], one process of a torchrun: SCRIPT as __main__, on a CPU
+    _cpu_device_count()
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -9,8 +9,13 @@ bit against stock context parallelism.
 """
 
 import functools
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
+import PIL.Image
 import pytest
 import torch
 from diffusers import ContextParallelConfig, ParallelConfig
@@ -21,6 +26,8 @@ from vstar_kernels.diffusers.dit import DiTTARProcessor
 
 from . import cp_worker
 from .cp_worker import FAMILIES, gradients, inputs, tar_config, two_calls
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +149,8 @@ ERRORS = {
                   r"torch\.bool mask of shape \(1, 1, 1, 16\)",
     "error/text": r"transformer_blocks\.0\.attn1: TAR under context parallelism handles self-attention over video "
                   r"tokens only; this model's regularized attention joins text tokens \(before the video\)",
+    "error/capture": r"blocks\.0\.attn1: capture_frame_attention records one process's attention calls; under "
+                     r"diffusers' context parallelism each rank's call holds a share of the queries or heads",
     "error/heads": r"blocks\.0\.attn1: Ulysses with ulysses_degree=4 needs a head count it divides; the call has 2 "
                    r"heads",
     "error/mesh": r"blocks\.0\.attn1: under context parallelism \(ring_degree=2, ulysses_degree=2\) the members of a "
@@ -195,3 +204,21 @@ def test_parallel_configs_tar_cannot_read_raise(config, error, match):
     assert processor.processor._parallel_config is config
     with pytest.raises(error, match=r"blocks\.0\.attn1: " + match), torch.no_grad():
         model(**inputs("wan", 3), return_dict=False)
+
+
+def test_the_docs_torchrun_example_runs_as_written_on_cpu_with_gloo(tmp_path):
+    pytest.importorskip("accelerate", reason="WanPipeline.from_pretrained loads Wan's transformer only with "
+                                             "accelerate (diffusers 0.42.1)")
+    page = (ROOT / "docs" / "multi-gpu.md").read_text(encoding="utf-8")
+    script = tmp_path / "wan_tar_multi_gpu.py"
+    script.write_text(re.findall(r"```python\n(.*?)```", page, flags=re.S)[0], encoding="utf-8")
+    model = tmp_path / "tiny-wan"
+    cp_worker.save_tiny_wan_pipeline(model)
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                       OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "tests.cp_worker", str(script), str(model), "32", "32", "9", "2"],
+                         cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=cp_worker.RUN_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    frames = PIL.Image.open(tmp_path / "fox.gif")
+    assert frames.size == (32, 32) and frames.n_frames == 9

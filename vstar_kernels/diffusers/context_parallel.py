@@ -1,8 +1,8 @@
 """Exact frame-aware TAR under diffusers' context parallelism (Ulysses, ring, and both at once).
 
 ``model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))``
-shards a DiT's token sequence over U * R ranks: shard s (the rank's place in the config's
-flattened ("ring", "ulysses") mesh) holds the contiguous tokens [s N / P, (s + 1) N / P), P = U R.
+shards a DiT's token sequence over P = U * R ranks: shard s (the rank's place in the group of
+the config's flattened ("ring", "ulysses") mesh) holds the contiguous tokens [s N / P, (s + 1) N / P).
 diffusers then runs each attention call as Ulysses (an all-to-all from sequence shards to head
 shards, attention over the whole sequence for H / U heads, the inverse all-to-all), as ring
 attention (K and V all-gathered over the ring group, the backend's lse-returning op once per
@@ -18,13 +18,16 @@ backend, for that one call, so that its attention reaches
 wrapper's torch function mode hands that call to `ContextParallelTAR.attention`, which
 
 1. with Ulysses, exchanges q, k and v in one all-to-all over the Ulysses group, as diffusers
-   does: every rank then holds U consecutive shards for H / U heads;
+   does: every rank then holds its Ulysses group's U shards for H / U heads;
 2. with ring, all-gathers K and V (one collective) over the ring group, as diffusers' ring
    does: every rank then holds every key of the sequence for its heads;
 3. makes ONE `tar_attention` call of its queries against all keys, with the frame ids of their
    global positions (``frames=(query ids, key ids)``): the exact row max (the kernels' first
    pass over the keys) and the exact bias, so no log-sum-exp merge is needed;
 4. with Ulysses, sends the output back to sequence shards (the inverse all-to-all).
+
+Which shards arrive in which order is read from the groups (`ContextParallelTAR.shard_order`,
+exchanged once per config), so the ids follow the tokens on any device mesh.
 
 The collectives are autograd functions: the all-to-all's backward is the same exchange of the
 gradients, the all-gather's is a reduce-scatter (an all-to-all and a sum), so the gradient of
@@ -36,8 +39,8 @@ own backend and parallel config, untouched.
 
 What raises (ValueError or TypeError, naming it): a parallel config that is not a set-up
 diffusers ``ParallelConfig`` with a ``ContextParallelConfig``; a DiT whose regularized
-attention joins text tokens (their sharding is not known here); a mesh whose flattened shard
-order is not ring-major; shards that do not cover the call's video tokens exactly (uneven
+attention joins text tokens (their sharding is not known here); a device mesh whose ring groups
+hold different blocks of heads; shards that do not cover the call's video tokens exactly (uneven
 shards of ``ring_anything``/``ulysses_anything``, or a sharding plan that does not split the
 tokens evenly); heads that the Ulysses degree does not divide; an attention mask or a causal
 call; a call that is not self-attention.

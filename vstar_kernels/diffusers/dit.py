@@ -28,6 +28,14 @@ processor runs with no mode at all, so the output is stock's bit for bit. A back
 does not go through that function (``set_attention_backend("flash")``, ...) is not
 intercepted: a regularized call that saw no SDPA call raises a RuntimeError.
 
+Under diffusers' context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``:
+Ulysses, ring or both) a regularized call runs the stock processor on this rank's shard of the
+tokens with the native backend and no parallel config, for that call only, and
+`context_parallel.ContextParallelTAR` answers its SDPA call: its own collectives around one
+`tar_attention` call of the rank's queries against every key, with global frame ids, exact
+forward and backward whatever backend is set (docs/multi-gpu.md). Every other call is diffusers'
+parallel attention, untouched.
+
 Tokens per frame and frames come from the model's config (patch sizes) and each forward
 call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments), read by a
 forward pre-hook; the text length is what the attention call receives.
@@ -186,12 +194,19 @@ def key_mask_of(mask: Optional[torch.Tensor], batch: int, keys: int, where: str)
     return mask.reshape(mask.shape[0], keys).expand(batch, keys)
 
 
-def no_sdpa_call(name: str, consequence: str) -> RuntimeError:
-    """The error for a wrapped processor whose call never reached scaled_dot_product_attention."""
+def no_sdpa_call(name: str, consequence: str, processor: Any = None) -> RuntimeError:
+    """The error for a wrapped `processor` whose call never reached scaled_dot_product_attention."""
+    backend = getattr(processor, "_attention_backend", None)
+    backend = getattr(backend, "value", backend)
+    if backend is None:
+        why = "a processor of its own, or a non-native attention backend set for every model"
+    elif backend == "native":
+        why = "its backend is the native one: the processor itself does not call it"
+    else:
+        why = f"its attention backend, {backend!r}, does not call it"
     return RuntimeError(
-        f"{name}: the processor computed its attention without "
-        f"torch.nn.functional.scaled_dot_product_attention (a non-native attention backend?), so {consequence}; "
-        "use the native backend: model.set_attention_backend('native')")
+        f"{name}: the processor computed its attention without torch.nn.functional.scaled_dot_product_attention "
+        f"({why}), so {consequence}; diffusers' native backend calls it: model.set_attention_backend('native')")
 
 
 class DiTTARProcessor:
@@ -235,7 +250,7 @@ class DiTTARProcessor:
         with contextlib.nullcontext() if parallel is None else local_stock_call(self.processor), mode:
             out = self.processor(attn, *args, **kwargs)
         if mode.calls == 0:
-            raise no_sdpa_call(self.name, "TAR could not run there")
+            raise no_sdpa_call(self.name, "TAR could not run there", self.processor)
         return out
 
     def attention(self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
