@@ -61,11 +61,13 @@ def inputs(family: str, frames: int) -> dict:
 
 
 def tar_config(name: str, frames: int) -> TARConfig:
-    """band: sigma 1 in every block and step; delta: an (F, F) frame matrix in block 1 at step 0 only."""
-    if name == "band":
-        return TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    """band: sigma 1 in every block and step (band-triton: on the Triton kernels); delta: an (F, F) frame matrix
+    in block 1 at step 0 only, on the Triton kernels (the interpreter on a CPU)."""
+    if name in ("band", "band-triton"):
+        return TARConfig(levels={0: (1.0, 1.0)}, until_step=None, backend="triton" if name == "band-triton" else "auto")
     if name == "delta":
-        return TARConfig(levels={0: (randn(frames, frames, seed=5).abs(), 0.8)}, until_step=0, blocks=[1])
+        return TARConfig(levels={0: (randn(frames, frames, seed=5).abs(), 0.8)}, until_step=0, blocks=[1],
+                         backend="triton")
     if name == "off":
         return TARConfig(levels={0: (1.0, 0.0)}, until_step=None)
     raise ValueError(name)
@@ -282,8 +284,8 @@ def _off(family: str, layout: str, frames: int) -> torch.Tensor:
     return two_calls(_model(family, layout, tar_config("off", frames)), family, frames)[0]
 
 
-def _grad(layout: str) -> Dict[str, torch.Tensor]:
-    return _reduced(gradients(_model("wan", layout, tar_config("band", 3)), "wan", 3))
+def _grad(layout: str, config: str) -> Dict[str, torch.Tensor]:
+    return _reduced(gradients(_model("wan", layout, tar_config(config, 3)), "wan", 3))
 
 
 def _any_backend():
@@ -312,7 +314,8 @@ def cases(world: int) -> Dict[str, Callable]:
             for kind, run in (("removed", _removed), ("off", _off)):
                 for frames in frame_counts:
                     cases[f"{kind}/{layout}/{family}/{frames}"] = functools.partial(run, family, layout, frames)
-        cases[f"grad/{layout}/wan/3"] = functools.partial(_grad, layout)
+        for config in ("band", "band-triton") if layout == "ring" else ("band",):
+            cases[f"grad/{layout}/{config}"] = functools.partial(_grad, layout, config)
         if "mesh" not in LAYOUTS[layout]:
             cases[f"traffic/{layout}"] = functools.partial(_traffic, layout)
     cases.update(_error_cases(world))
