@@ -14,7 +14,8 @@ import os
 from setuptools import find_packages, setup
 
 EXTRAS = {
-    "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
+    # accelerate: diffusers loads a pipeline's transformer (from_pretrained) through it
+    "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate>=0.26"],
     "bench": ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4.0"],
     "plot": ["matplotlib>=3.7"],
 }

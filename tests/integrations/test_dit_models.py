@@ -474,3 +474,25 @@ def test_unfuse_qkv_projections_after_fusing_under_tar_keeps_tar():
     assert torch.equal(forward(model, inputs), regularized) and len(calls) == len(fam.modules)
     remove_tar(model)
     assert all(type(p) is CogVideoXAttnProcessor2_0 for n, p in processors(model).items() if n in fam.modules)
+
+
+@pytest.mark.parametrize("backend,why", [
+    (None, r"a processor of its own, or a non-native attention backend set for every model"),
+    ("native", r"its backend is the native one: the processor itself does not call it"),
+    ("sage", r"its attention backend, 'sage', does not call it"),
+])
+def test_the_error_for_a_call_without_sdpa_says_which_backend_the_processor_has(backend, why):
+    class Processor:  # computes its attention without scaled_dot_product_attention
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return attn.to_out[0](attn.to_v(hidden_states))
+
+    processor = Processor()
+    if backend is not None:
+        processor._attention_backend = AttentionBackendName(backend)
+    model = FAMILIES["wan"].model()
+    model.blocks[0].attn1.set_processor(processor)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]))
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn1: the processor computed its attention without torch\.nn"
+                                           rf"\.functional\.scaled_dot_product_attention \({why}\), so TAR could not "
+                                           r"run there; diffusers' native backend calls it"):
+        forward(model, FAMILIES["wan"].inputs())

@@ -28,6 +28,14 @@ processor runs with no mode at all, so the output is stock's bit for bit. A back
 does not go through that function (``set_attention_backend("flash")``, ...) is not
 intercepted: a regularized call that saw no SDPA call raises a RuntimeError.
 
+Under diffusers' context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``:
+Ulysses, ring or both) a regularized call runs the stock processor on this rank's shard of the
+tokens with the native backend and no parallel config, for that call only, and
+`context_parallel.ContextParallelTAR` answers its SDPA call: its own collectives around one
+`tar_attention` call of the rank's queries against every key, with global frame ids, exact
+forward and backward whatever backend is set (docs/multi-gpu.md). Every other call is diffusers'
+parallel attention, untouched.
+
 Tokens per frame and frames come from the model's config (patch sizes) and each forward
 call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments), read by a
 forward pre-hook; the text length is what the attention call receives. A block that
@@ -42,6 +50,7 @@ one attribute comparison per module and call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
@@ -62,6 +71,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import frame_ids, tar_attention
 from ..tar_config import LevelSpec, TARConfig
+from .context_parallel import ContextParallelTAR, local_stock_call
 from .steps import StepTracker
 
 _STATE_ATTR = "_vstar_tar"
@@ -145,9 +155,9 @@ class _TARAttention(TorchFunctionMode):
     """Answers scaled_dot_product_attention calls with `processor.attention`; passes all else through."""
 
     def __init__(self, processor: "DiTTARProcessor", attn: torch.nn.Module, spec: LevelSpec,
-                 grid: Optional[Tuple[int, int]]):
+                 grid: Optional[Tuple[int, int]], parallel: Optional[ContextParallelTAR] = None):
         super().__init__()
-        self.processor, self.attn, self.spec, self.grid = processor, attn, spec, grid
+        self.processor, self.attn, self.spec, self.grid, self.parallel = processor, attn, spec, grid, parallel
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -161,6 +171,9 @@ class _TARAttention(TorchFunctionMode):
             raise ValueError(f"{where}: TAR takes no attention dropout, but the processor asked for {dropout_p}")
         if enable_gqa and query.shape[1] != key.shape[1]:
             raise ValueError(f"{where}: TAR needs as many key heads as query heads (no grouped-query attention)")
+        if self.parallel is not None:  # this rank's shard: the layout's communication around one TAR call
+            return self.parallel.attention(query, key, value, mask, is_causal, self.grid,
+                                           functools.partial(self._attend, scale, where))
         key_mask = key_mask_of(mask, query.shape[0], key.shape[2], where)
         state = self.processor.state
         frames = token_frames(state.family, self.grid, query.shape[2], key.shape[2], where, query.device)
@@ -168,6 +181,13 @@ class _TARAttention(TorchFunctionMode):
         kwargs = dict(causal=is_causal, scale=scale, frames=frames, key_mask=key_mask, backend=state.config.backend,
                       **self.spec.tar_kwargs(count, count, device=query.device, dtype=query.dtype, where=where))
         return self.processor.attention(self.attn, query, key, value, **kwargs)
+
+    def _attend(self, scale, where, query, key, value, *, frames):
+        """The regularized attention of a context-parallel call, over all keys (`ContextParallelTAR.attention`)."""
+        count = self.grid[0]
+        kwargs = self.spec.tar_kwargs(count, count, device=query.device, dtype=query.dtype, where=where)
+        return self.processor.attention(self.attn, query, key, value, scale=scale, frames=frames,
+                                        backend=self.processor.state.config.backend, **kwargs)
 
 
 def key_mask_of(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) -> Optional[torch.Tensor]:
@@ -181,12 +201,19 @@ def key_mask_of(mask: Optional[torch.Tensor], batch: int, keys: int, where: str)
     return mask.reshape(mask.shape[0], keys).expand(batch, keys)
 
 
-def no_sdpa_call(name: str, consequence: str) -> RuntimeError:
-    """The error for a wrapped processor whose call never reached scaled_dot_product_attention."""
+def no_sdpa_call(name: str, consequence: str, processor: Any = None) -> RuntimeError:
+    """The error for a wrapped `processor` whose call never reached scaled_dot_product_attention."""
+    backend = getattr(processor, "_attention_backend", None)
+    backend = getattr(backend, "value", backend)
+    if backend is None:
+        why = "a processor of its own, or a non-native attention backend set for every model"
+    elif backend == "native":
+        why = "its backend is the native one: the processor itself does not call it"
+    else:
+        why = f"its attention backend, {backend!r}, does not call it"
     return RuntimeError(
-        f"{name}: the processor computed its attention without "
-        f"torch.nn.functional.scaled_dot_product_attention (a non-native attention backend?), so {consequence}; "
-        "use the native backend: model.set_attention_backend('native')")
+        f"{name}: the processor computed its attention without torch.nn.functional.scaled_dot_product_attention "
+        f"({why}), so {consequence}; diffusers' native backend calls it: model.set_attention_backend('native')")
 
 
 class DiTTARProcessor:
@@ -225,11 +252,13 @@ class DiTTARProcessor:
         spec = self.state.spec_at(self.block, step)
         if spec is None:
             return self.processor(attn, *args, **kwargs)
-        mode = _TARAttention(self, attn, spec, grid)
-        with mode:
+        # under context parallelism: the stock processor on this rank's shard, its attention answered over all ranks
+        parallel = ContextParallelTAR.of(self.processor, self.state.family.text, self.name)
+        mode = _TARAttention(self, attn, spec, grid, parallel)
+        with contextlib.nullcontext() if parallel is None else local_stock_call(self.processor), mode:
             out = self.processor(attn, *args, **kwargs)
         if mode.calls == 0:
-            raise no_sdpa_call(self.name, "TAR could not run there")
+            raise no_sdpa_call(self.name, "TAR could not run there", self.processor)
         return out
 
     def attention(self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

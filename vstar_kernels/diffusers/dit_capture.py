@@ -219,10 +219,14 @@ class _Watch:
         step = self.recorder.step()
         if step is None:
             return self.processor(attn, *args, **kwargs)
+        if getattr(self.processor, "_parallel_config", None) is not None:
+            raise ValueError(f"{self.name}: capture_frame_attention records one process's attention calls; under "
+                             "diffusers' context parallelism each rank's call holds a share of the queries or heads: "
+                             "capture on a model without enable_parallelism")
         hidden_states = args[0] if args else kwargs["hidden_states"]
         listen = _Listen(self, step, hidden_states.shape[0])
         with listen:
             out = self.processor(attn, *args, **kwargs)
         if listen.seen == 0:
-            raise no_sdpa_call(self.name, "it could not be recorded")
+            raise no_sdpa_call(self.name, "it could not be recorded", self.processor)
         return out

@@ -1,0 +1,288 @@
+"""Exact frame-aware TAR under diffusers' context parallelism (Ulysses, ring, and both at once).
+
+``model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))``
+shards a DiT's token sequence over P = U * R ranks: shard s (the rank's place in the group of
+the config's flattened ("ring", "ulysses") mesh) holds the contiguous tokens [s N / P, (s + 1) N / P).
+diffusers then runs each attention call as Ulysses (an all-to-all from sequence shards to head
+shards, attention over the whole sequence for H / U heads, the inverse all-to-all), as ring
+attention (K and V all-gathered over the ring group, the backend's lse-returning op once per
+KV chunk, the chunks merged by their log-sum-exps), or as both (Ulysses inside, ring across).
+
+TAR's bias ``strength * m_i * dA(f(q_i), f(k_j))`` needs, for each query, the row max ``m_i``
+over all keys of the whole sequence and the frame of each key's global position; a chunk that
+sees part of the keys would get both wrong, and a chunk's lse would not be that of the biased
+scores. So a regularized call does not use diffusers' parallel attention at all:
+`local_stock_call` runs the stock processor with its parallel config removed and the native
+backend, for that one call, so that its attention reaches
+``torch.nn.functional.scaled_dot_product_attention`` with this rank's local q, k, v; the DiT
+wrapper's torch function mode hands that call to `ContextParallelTAR.attention`, which
+
+1. with Ulysses, exchanges q, k and v in one all-to-all over the Ulysses group, as diffusers
+   does: every rank then holds its Ulysses group's U shards for H / U heads;
+2. with ring, all-gathers K and V (one collective) over the ring group, as diffusers' ring
+   does: every rank then holds every key of the sequence for its heads;
+3. makes ONE `tar_attention` call of its queries against all keys, with the frame ids of their
+   global positions (``frames=(query ids, key ids)``): the exact row max (the kernels' first
+   pass over the keys) and the exact bias, so no log-sum-exp merge is needed;
+4. with Ulysses, sends the output back to sequence shards (the inverse all-to-all).
+
+Which shards arrive in which order is read from the groups (`ContextParallelTAR.shard_order`,
+exchanged once per config), so the ids follow the tokens on any device mesh.
+
+The collectives are autograd functions: the all-to-all's backward is the same exchange of the
+gradients, the all-gather's is a reduce-scatter (an all-to-all and a sum), so the gradient of
+every key, its share through the row max included, reaches the rank that owns it. What
+diffusers' backend setting (flash, cuDNN, Sage; needed for its stock ring, which asks the
+backend for the lse) selects is then used only by the calls TAR leaves alone: outside the
+regularized blocks and steps, and for a level that is off, the stock processor runs with its
+own backend and parallel config, untouched.
+
+What raises (ValueError or TypeError, naming it): a parallel config that is not a set-up
+diffusers ``ParallelConfig`` with a ``ContextParallelConfig``; a DiT whose regularized
+attention joins text tokens (their sharding is not known here); a device mesh whose ring groups
+hold different blocks of heads; shards that do not cover the call's video tokens exactly (uneven
+shards of ``ring_anything``/``ulysses_anything``, or a sharding plan that does not split the
+tokens evenly); heads that the Ulysses degree does not divide; an attention mask or a causal
+call; a call that is not self-attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .. import frame_ids
+
+_SWAPPED = ("_attention_backend", "_parallel_config")
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single over dim 0 (one block per rank): block p goes to rank p, and block p of
+    the result came from rank p. It is its own transpose, so the backward is the same exchange."""
+
+    @staticmethod
+    def forward(ctx, blocks: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return _all_to_all(blocks, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_to_all(grad, ctx.group), None
+
+
+class _AllGather(torch.autograd.Function):
+    """(shape) -> (P, shape): every rank's tensor, in group rank order. The backward sums each
+    rank's gradient for this rank's block (a reduce-scatter, here an all-to-all and a sum)."""
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        gathered = shard.new_empty((dist.get_world_size(group), *shard.shape))
+        dist.all_gather(list(gathered.unbind(0)), shard.contiguous(), group=group)
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_to_all(grad, ctx.group).sum(dim=0), None
+
+
+def _all_to_all(blocks: torch.Tensor, group) -> torch.Tensor:
+    blocks = blocks.contiguous()
+    out = torch.empty_like(blocks)
+    dist.all_to_all_single(out, blocks, group=group)
+    return out
+
+
+# The exchanged blocks are laid out token-major, (tokens, B, heads, D): the received buffer then reads as the
+# sequence in order, a (B, heads, N, D) view without a copy (tar_attention takes any strides).
+
+
+def _heads_to_sequence(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """(B, H, n, D) sequence shard, all heads -> (B, H / size, size * n, D): the group's `size`
+    shards in group rank order, for this rank's block of H / size heads."""
+    batch, heads, n, dim = x.shape
+    blocks = x.reshape(batch, size, heads // size, n, dim).permute(1, 3, 0, 2, 4)  # block p: the heads rank p gets
+    got = _AllToAll.apply(blocks, group)                                          # block p: rank p's tokens, my heads
+    return got.reshape(size * n, batch, heads // size, dim).permute(1, 2, 0, 3)
+
+
+def _sequence_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """The inverse of `_heads_to_sequence`: (B, h, size * n, D) -> (B, h * size, n, D), a view of a
+    (B, n, h * size, D) tensor (the layout the processors go on with)."""
+    batch, heads, tokens, dim = x.shape
+    n = tokens // size
+    blocks = x.reshape(batch, heads, size, n, dim).permute(2, 3, 0, 1, 4)  # block p: rank p's tokens
+    got = _AllToAll.apply(blocks, group)                                  # block p: rank p's heads, my tokens
+    return got.permute(2, 1, 0, 3, 4).reshape(batch, n, size * heads, dim).transpose(1, 2)
+
+
+def _gather_sequence(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """(B, h, n, D) -> (B, h, size * n, D): the group's shards along the sequence, in group rank order."""
+    batch, heads, n, dim = x.shape
+    gathered = _AllGather.apply(x.permute(2, 0, 1, 3), group)  # (size, n, B, h, D)
+    return gathered.reshape(size * n, batch, heads, dim).permute(1, 2, 0, 3)
+
+
+@functools.lru_cache(maxsize=64)
+def _ids(count: int, per_frame: int, shard: int, shards: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Frame ids of the tokens of `shards` (each `shard` tokens long, in that order) of a (count x per_frame)
+    grid, kept per layout so that tar_attention reads their values once (see dit._layout_ids); made outside
+    inference mode."""
+    with torch.inference_mode(False):
+        ids = frame_ids(count, per_frame, device=device)
+        return torch.cat([ids[index * shard:(index + 1) * shard] for index in shards])
+
+
+# Shard order of each ContextParallelConfig seen, by id(): (weak reference, (query shards, key shards)).
+_ORDERS: dict = {}
+
+
+@contextlib.contextmanager
+def local_stock_call(processor) -> Iterator[None]:
+    """For one call: the stock `processor` without its parallel config, on the native backend.
+
+    Its attention then runs ``scaled_dot_product_attention`` on this rank's local q, k, v (which
+    the caller's torch function mode answers). The two attributes are put back as they were on
+    exit, also when the call raises: an attribute the instance did not have is removed again.
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName  # diffusers with context parallelism
+
+    saved = {name: vars(processor)[name] for name in _SWAPPED if name in vars(processor)}
+    processor._attention_backend = AttentionBackendName.NATIVE
+    processor._parallel_config = None
+    try:
+        yield
+    finally:
+        for name in _SWAPPED:
+            if name in saved:
+                setattr(processor, name, saved[name])
+            else:
+                vars(processor).pop(name, None)
+
+
+class ContextParallelTAR:
+    """The groups of one context-parallel layout, and the regularized attention over them."""
+
+    def __init__(self, config, where: str):
+        self.config, self.where = config, where
+        self.ring, self.ulysses = config.ring_degree, config.ulysses_degree
+        self.shards = self.ring * self.ulysses
+        self.degrees = f"ring_degree={self.ring}, ulysses_degree={self.ulysses}"
+        self.ring_group = config._ring_mesh.get_group()
+        self.ulysses_group = config._ulysses_mesh.get_group()
+
+    @classmethod
+    def of(cls, processor, text: str, where: str) -> Optional["ContextParallelTAR"]:
+        """The layout of the stock `processor`'s parallel config; None when it has none.
+
+        `text` is where the DiT family's regularized attention has text tokens ("none" is the
+        only layout handled under context parallelism). Raises for any config TAR cannot run exactly.
+        """
+        config = getattr(processor, "_parallel_config", None)
+        if config is None:
+            return None
+        from diffusers import ContextParallelConfig, ParallelConfig  # a diffusers with parallel configs
+
+        if not isinstance(config, ParallelConfig) or not isinstance(config.context_parallel_config,
+                                                                    ContextParallelConfig):
+            raise TypeError(f"{where}: the processor's parallel config is {config!r}; TAR runs under diffusers' "
+                            "ParallelConfig with a ContextParallelConfig (model.enable_parallelism) only")
+        cp = config.context_parallel_config
+        if cp._flattened_mesh is None:
+            raise ValueError(f"{where}: the processor's ContextParallelConfig is not set up (no device mesh); "
+                             "enable it with model.enable_parallelism(config=...)")
+        if text != "none":
+            raise ValueError(
+                f"{where}: TAR under context parallelism handles self-attention over video tokens only; this model's "
+                f"regularized attention joins text tokens ({text} the video), whose sharding TAR does not know")
+        return cls(cp, where)
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, is_causal: bool,
+                  grid: Optional[Tuple[int, int]], attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """TAR over the whole sequence for this rank's (B, H, n, D) shard of queries; returns its (B, H, n, Dv).
+
+        `grid` is the call's (token frames, tokens per frame); `attend(q, k, v, frames=(q_ids,
+        k_ids))` computes the regularized attention. Every check runs before any communication,
+        with the same outcome on every rank.
+        """
+        where = self.where
+        if grid is None:
+            raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown")
+        if mask is not None:
+            raise ValueError(f"{where}: TAR under context parallelism takes no attention mask; the processor passed "
+                             f"a {mask.dtype} mask of shape {tuple(mask.shape)}")
+        if is_causal:
+            raise ValueError(f"{where}: TAR under context parallelism takes no causal attention")
+        batch, heads, local, _ = query.shape
+        if key.shape[2] != local or value.shape[2] != local:
+            raise ValueError(f"{where}: expected a self-attention over this rank's shard of the video tokens, got "
+                             f"{local} queries and {key.shape[2]} keys")
+        count, per_frame = grid
+        video = count * per_frame
+        if local * self.shards != video:
+            raise ValueError(
+                f"{where}: under context parallelism ({self.degrees}) this rank holds {local} tokens, and "
+                f"{self.shards} equal shards of {local} are {local * self.shards} tokens, not the call's {video} video "
+                f"tokens ({count} frames x {per_frame} tokens): TAR needs even shards of the whole sequence (uneven "
+                "shards of ring_anything/ulysses_anything, or a plan that shards otherwise, are not supported)")
+        if heads % self.ulysses:
+            raise ValueError(f"{where}: Ulysses with ulysses_degree={self.ulysses} needs a head count it divides; the "
+                             f"call has {heads} heads")
+        head_dim, v_dim = query.shape[-1], value.shape[-1]
+        if self.ulysses > 1:  # q, k and v in one exchange
+            qkv = _heads_to_sequence(torch.cat((query, key, value), dim=-1), self.ulysses_group, self.ulysses)
+            query, kv = qkv.split((head_dim, head_dim + v_dim), dim=-1)
+        else:
+            kv = torch.cat((key, value), dim=-1)
+        if self.ring > 1:  # k and v in one gather
+            kv = _gather_sequence(kv, self.ring_group, self.ring)
+        key, value = kv.split((head_dim, v_dim), dim=-1)
+        query_shards, key_shards = self.shard_order(query.device)
+        ids = (_ids(count, per_frame, local, query_shards, query.device),
+               _ids(count, per_frame, local, key_shards, query.device))
+        out = attend(query, key, value, frames=ids)
+        if self.ulysses > 1:
+            out = _sequence_to_heads(out, self.ulysses_group, self.ulysses)
+        return out
+
+    def shard_order(self, device) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """(the shards this rank's queries come from, the shards of all keys), in the order the collectives
+        deliver them; exchanged over the layout's ranks once per ContextParallelConfig.
+
+        Shard s is the s-th slice of the sequence (the rank of its holder in the flattened mesh's
+        group, as diffusers shards); the all-to-all delivers the Ulysses group's shards in its group
+        rank order, the all-gather the ring group's in its. Every rank gets the same table, so the
+        check that the ring group shares one block of heads has the same outcome everywhere.
+        """
+        config = self.config
+        hit = _ORDERS.get(id(config))
+        if hit is not None and hit[0]() is config:
+            return hit[1]
+        flat = config._flattened_mesh.get_group()
+        groups = (self.ring_group, self.ulysses_group)
+        mine = [dist.get_rank(flat), *(dist.get_rank(g) for g in groups),
+                *(min(dist.get_process_group_ranks(g)) for g in groups)]
+        table = torch.empty(self.shards, len(mine), dtype=torch.int64, device=device)
+        dist.all_gather(list(table.unbind(0)), torch.tensor(mine, dtype=torch.int64, device=device), group=flat)
+        rows = [tuple(row) for row in table.tolist()]  # (shard, ring rank, ulysses rank, ring group, ulysses group)
+        for ring_group in {row[3] for row in rows}:
+            heads = {row[2] for row in rows if row[3] == ring_group}
+            if len(heads) > 1:
+                raise ValueError(
+                    f"{self.where}: under context parallelism ({self.degrees}) the members of a ring group hold "
+                    f"different blocks of heads (Ulysses ranks {sorted(heads)}): the device mesh's ring and Ulysses "
+                    "groups do not line up (diffusers' ring would mix heads too)")
+
+        def ulysses_shards(group):
+            return tuple(row[0] for row in sorted((row for row in rows if row[4] == group), key=lambda row: row[2]))
+
+        me = rows[mine[0]]
+        ring = sorted((row for row in rows if row[3] == me[3]), key=lambda row: row[1])
+        order = ulysses_shards(me[4]), sum((ulysses_shards(row[4]) for row in ring), ())
+        _ORDERS[id(config)] = (weakref.ref(config, lambda _, key=id(config): _ORDERS.pop(key, None)), order)
+        return order
