@@ -11,8 +11,10 @@ setup:
 demo: setup
 	$(PY) -m vstar_kernels demo
 
+# -n auto: one test process per core (pytest-xdist); --dist loadfile keeps a file's tests, and its module
+# fixtures (a multi-process run, a compiled library), in one process
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 info:
 	$(PY) -m vstar_kernels info

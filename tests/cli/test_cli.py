@@ -100,7 +100,7 @@ def test_make_test_sets_up_then_runs_the_suite_with_the_interpreter():
                          timeout=60, env=clean_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert [ln.strip() for ln in res.stdout.splitlines()][-2:] == [
-        f'{sys.executable} -m pip install -e ".[test]"', f"{sys.executable} -m pytest -q"]
+        f'{sys.executable} -m pip install -e ".[test]"', f"{sys.executable} -m pytest -q -n auto --dist loadfile"]
     one = f"{pathlib.Path(__file__).resolve().relative_to(ROOT)}::test_kernels_run_in_the_interpreter_in_this_suite"
     res = subprocess.run(["make", "-o", "setup", "test", f"PY={sys.executable}"], capture_output=True, text=True,
                          timeout=600, env=clean_env(PYTEST_ADDOPTS=f"{one} -p no:cacheprovider"), cwd=ROOT)
