@@ -9,6 +9,7 @@ with the frame ids and the mask written in tiny_dit_models from each model's des
 
 import math
 
+import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,6 @@ def module_calls(fam, calls):
     joined = {}
     for name, q, k, v, kwargs, out in calls:
         joined.setdefault(name, []).append((q, k, v, kwargs, out))
-    assert list(joined) == fam.modules
     return joined
 
 
@@ -78,7 +78,9 @@ def test_newer_dit_regularizes_its_video_self_attention_against_float64(family):
     assert names == fam.modules
     calls = record(model)
     out = forward(model, inputs)
-    for name, parts in module_calls(fam, calls).items():
+    joined = module_calls(fam, calls)
+    assert list(joined) == fam.modules
+    for name, parts in joined.items():
         check_module(fam, name, parts, 1.0, 1.0)
     assert (out - plain).abs().max() > 1e-4, "TAR did not change the model output"
     for name, proc in processors(model).items():
@@ -101,3 +103,200 @@ def test_newer_dit_regularizes_its_video_self_attention_against_float64(family):
     assert all(p is before[n] for n, p in processors(model).items()) and processors(model).keys() == before.keys()
     assert torch.equal(forward(model, inputs), plain)
     assert not model._forward_pre_hooks and not model._forward_hooks and StepTracker.of(model) is None
+
+
+def expected_map(fam, calls, block, sigma=1.0, strength=0.0):
+    """The (F, F) map of one module's calls [(q, k), ...] in float64: each frame's row averaged over its query
+    tokens (a frame with none: a NaN row), every sequence and head."""
+    total, rows = 0, 0
+    for q, k in calls:
+        frames = expected_frames(fam, k.shape[2], block)
+        p = frame_tar_probabilities64(q, k, frames, sigma=sigma, strength=strength,
+                                      key_mask=expected_mask(fam, k.shape[2], block))
+        total = total + frame_map64(p, frames)
+        tokens = torch.bincount(frames[frames >= 0], minlength=total.shape[0]).double()
+        rows = rows + tokens[:, None] * q.shape[0] * q.shape[1]
+    return total / rows
+
+
+class SDPASpy:
+    """A processor that runs `processor` and keeps the q, k of its scaled_dot_product_attention calls."""
+
+    def __init__(self, processor, seen):
+        self.processor, self.seen = processor, seen
+
+    def __call__(self, attn, *args, **kwargs):
+        spy = self
+
+        class Mode(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is F.scaled_dot_product_attention:
+                    spy.seen.append((args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"]))
+                return func(*args, **kwargs)
+
+        with Mode():
+            return self.processor(attn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["framepack", "hunyuan15", "skyreels_df", "motif", "ltx2"])
+def test_newer_dit_maps_match_float64(family):
+    """Plain attention maps of every block; history frames at their indices (a frame with no token: NaN row),
+    per-query masks, the decoder blocks' video twice, appended tokens out of the map."""
+    fam = NEWER[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    seen = {name: [] for name in fam.modules}
+    modules = dict(model.named_modules())
+    for name in fam.modules:
+        modules[name].processor = SDPASpy(modules[name].processor, seen[name])
+    plain = forward(model, inputs)
+    for calls in seen.values():
+        calls.clear()
+    with capture_frame_attention(model) as maps:
+        assert torch.equal(forward(model, inputs), plain)
+    assert sorted(maps) == sorted((name, 0) for name in fam.modules)
+    for block, name in enumerate(fam.modules):
+        ref = expected_map(fam, seen[name], block)
+        assert maps[(name, 0)].shape == (fam.frames, fam.frames)
+        torch.testing.assert_close(maps[(name, 0)], ref, atol=1e-5, rtol=1e-5, equal_nan=True, msg=name)
+    if family == "framepack":  # frames 6, 7, 9, 10 and 11 have no token
+        assert [f for f in range(fam.frames) if maps[(fam.modules[0], 0)][f].isnan().all()] == [6, 7, 9, 10, 11]
+
+
+@pytest.mark.parametrize("family", ["hunyuan15", "skyreels_df"])
+def test_newer_dit_maps_of_regularized_attention_with_per_query_masks(family):
+    fam = NEWER[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, blocks=[0]))
+    tar_out = forward(model, inputs)
+    calls = record(model)
+    with capture_frame_attention(model, blocks=[0]) as maps:
+        assert torch.equal(forward(model, inputs), tar_out)
+    parts = module_calls(fam, calls)[fam.modules[0]]
+    q, k = torch.cat([p[0] for p in parts], dim=2), parts[0][1]
+    # steps count from apply_tar on a bare model: the captured call is the second
+    torch.testing.assert_close(maps[(fam.modules[0], 1)], expected_map(fam, [(q, k)], 0, 1.0, 1.0),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["hunyuan15", "framepack"])
+def test_newer_dit_bfloat16_forward_runs(family):
+    fam = NEWER[family]
+    model = fam.model().to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in fam.inputs().items()}
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    calls = record(model)
+    out = forward(model, inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, plain)
+    for name, parts in module_calls(fam, calls).items():
+        check_module(fam, name, parts, 1.0, 1.0)
+
+
+def train_two_steps(model, inputs):
+    """Two forward calls (steps 0 and 1), then one backward pass through both."""
+    first = model(**inputs, return_dict=False)[0]
+    second = model(**inputs, return_dict=False)[0]
+    (first.square().mean() + second.mean()).backward()
+    return first.detach(), second.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["skyreels_df", "framepack"])
+def test_newer_dit_gradient_checkpointing_recomputes_blocks_as_their_call_ran_them(family):
+    fam = NEWER[family]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=0)
+    model = fam.model()
+    apply_tar(model, config)
+    first, second, grads = train_two_steps(model, inputs)
+    model = fam.model()
+    model.enable_gradient_checkpointing()
+    apply_tar(model, config)
+    checkpointed = train_two_steps(model, inputs)
+    torch.testing.assert_close(checkpointed[0], first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(checkpointed[1], second, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        if grad is not None:
+            torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_skyreels_diffusion_forcing_pipeline_steps_follow_the_noisiest_frame():
+    """SkyReels-V2's diffusion-forcing pipeline steps a copy of its scheduler per frame, so its own scheduler counts
+    no step: a call's step is that of its noisiest frame. A long video (here 3 chunks of 3 latent frames, 2 of them
+    history) starts each chunk's new frames from noise: every chunk runs steps 0, 1, 2, the guidance branches as
+    two calls each, and until_step=0 regularizes the two calls of each chunk's step 0."""
+    model = NEWER["skyreels"].model()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None,
+                                             scheduler=scheduler)
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    steps, regularized = [], []
+    model.register_forward_pre_hook(lambda *_: steps.append(model._vstar_tar.step))
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, **kwargs):
+                regularized.append(len(steps) - 1)
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+    with torch.no_grad():
+        pipe(prompt=None, prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+             height=32, width=32, num_frames=17, base_num_frames=9, overlap_history=5, num_inference_steps=3,
+             guidance_scale=5.0, output_type="latent")
+    assert steps == [0, 0, 1, 1, 2, 2] * 3
+    assert regularized == [call for chunk in (0, 6, 12) for call in (chunk, chunk, chunk + 1, chunk + 1)]
+
+
+def test_ltx2_spatio_temporal_guidance_blocks_run_stock():
+    """LTX-2's STG: a perturbed block returns its values with no attention; TAR leaves it to the stock processor
+    (and the capture records nothing there), and regularizes the other blocks."""
+    fam = NEWER["ltx2"]
+    model = fam.model()
+    inputs = dict(fam.inputs(), spatio_temporal_guidance_blocks=[0])
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    calls = record(model)
+    forward(model, inputs)
+    assert [c[0] for c in calls] == ["transformer_blocks.1.attn1"]
+    with capture_frame_attention(model) as maps:
+        forward(model, inputs)
+    assert list(maps) == [("transformer_blocks.1.attn1", 1)]
+
+
+def test_newer_dit_errors_name_the_problem(monkeypatch):
+    helios = NEWER["helios"]
+    model = helios.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    inputs = helios.inputs()
+    inputs["indices_latents_history_short"] = torch.tensor([[6, 7], [5, 7]])
+    with pytest.raises(ValueError, match="one frame layout per call.*different indices_latents_history_short"):
+        forward(model, inputs)
+
+    ltx2 = NEWER["ltx2"]
+    model = ltx2.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    with pytest.raises(ValueError, match=r"boolean key masks of shape \(B, 1, 1, Nk\) and boolean masks.*"
+                                         r"torch.float32 mask of shape \(2, 2, 53, 53\)"):
+        forward(model, dict(ltx2.inputs(), video_self_attention_mask=torch.ones(2, 53, 53)))
+
+    hunyuan = NEWER["hunyuan15"]
+    model = hunyuan.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    monkeypatch.setattr("vstar_kernels.diffusers.dit.MAX_MASK_RUNS", 1)
+    with pytest.raises(ValueError, match="transformer_blocks.0.attn: the processor's .* mask has 2 runs of equal rows"):
+        forward(model, hunyuan.inputs())
+
+    sana = diffusers.SanaVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                  attention_head_dim=8, num_layers=1, num_cross_attention_heads=2,
+                                                  cross_attention_head_dim=8, cross_attention_dim=16,
+                                                  caption_channels=16, sample_size=8)
+    with pytest.raises(ValueError, match="SanaVideoTransformer3DModel: TAR does not apply: its self-attention is "
+                                         "linear attention.*docs/dits.md"):
+        apply_tar(sana, TARConfig(levels={0: (1.0, 1.0)}))
+    with pytest.raises(ValueError, match="SanaVideoTransformer3DModel: TAR does not apply"):
+        with capture_frame_attention(sana):
+            pass
+    with pytest.raises(ValueError, match="TAR supports .* video DiTs .*HunyuanVideoFramepackTransformer3DModel.*"
+                                         "SkyReelsV2Transformer3DModel.*docs/dits.md"):
+        apply_tar(torch.nn.Linear(2, 2), TARConfig(levels={0: (1.0, 1.0)}))

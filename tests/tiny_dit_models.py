@@ -242,14 +242,15 @@ def framepack_inputs():
                 guidance=torch.tensor([3500.0, 3500.0]), indices_latents=torch.tensor([1, 2, 3]),
                 latents_clean=randn(BATCH, 4, 2, 8, 8, seed=5), indices_latents_clean=torch.tensor([0, 4]),
                 latents_history_2x=randn(BATCH, 4, 2, 8, 8, seed=6), indices_latents_history_2x=torch.tensor([5, 6]),
-                latents_history_4x=randn(BATCH, 4, 5, 8, 8, seed=7),
-                indices_latents_history_4x=torch.tensor([7, 8, 9, 10, 11]))
+                latents_history_4x=randn(BATCH, 4, 6, 8, 8, seed=7),
+                indices_latents_history_4x=torch.tensor([7, 8, 9, 10, 11, 12]))
 
 
-# 4x history: 5 frames padded to 8 (the last repeated), two tokens of 8 x 8 latent pixels, at the means 8.5 and
-# 11 of frames 7..10 and 11 (x4) (ties go to the earlier frame); 2x: frames 5, 6 in one slot of 2 x 2 tokens at
-# 5.5 -> 5; clean: frames 0 and 4; then the video's frames 1, 2, 3. Text after: 2 image and 6 text tokens.
-FRAMEPACK_IDS = frames_of((8, 1), (11, 1), (5, 4), (0, 16), (4, 16), (1, 16), (2, 16), (3, 16))
+# 4x history: 6 frames padded to 8 (the last repeated), two tokens of 8 x 8 latent pixels, at the integers
+# nearest the means 8.5 of frames 7..10 (a tie: the earlier frame) and 11.75 of 11, 12, 12, 12; 2x: frames 5, 6
+# in one slot of 2 x 2 tokens at 5.5 -> 5; clean: frames 0 and 4; then the video's frames 1, 2, 3.
+# Text after: 2 image and 6 text tokens.
+FRAMEPACK_IDS = frames_of((8, 1), (12, 1), (5, 4), (0, 16), (4, 16), (1, 16), (2, 16), (3, 16))
 
 
 def framepack_mask(family, keys, block):
@@ -384,7 +385,7 @@ NEWER: Dict[str, DiTFamily] = {
             num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
             pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), has_image_proj=True, image_proj_dim=12,
             has_clean_x_embedder=True),
-        framepack_inputs, ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"], 12, 16, "after",
+        framepack_inputs, ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"], 13, 16, "after",
         video_ids=FRAMEPACK_IDS, mask=framepack_mask),
     "ltx2": DiTFamily("ltx2", ltx2_model, ltx2_inputs, TWO, 3, 16, "none",
                       video_ids=grid_of(3, 16) + [-1] * 5),
@@ -440,7 +441,7 @@ NEWER: Dict[str, DiTFamily] = {
     # Kandinsky 5 takes one sequence per call (its pipelines run the guidance branches as two calls)
     "kandinsky5": DiTFamily(
         "kandinsky5",
-        kandinsky5_model, kandinsky5_inputs, ["visual_transformer_blocks.0.self_attention", "visual_transformer_blocks.1.self_attention"],
+        kandinsky5_model, kandinsky5_inputs, [f"visual_transformer_blocks.{i}.self_attention" for i in range(2)],
         3, 16, "none", batch=1),
     "kandinsky6": DiTFamily(
         "kandinsky6",

@@ -598,14 +598,18 @@ def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
     return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
 
 
-# a scheduler's timesteps tensor -> its values (read once per run, not once per attention call)
-_SCHEDULES: "weakref.WeakKeyDictionary[torch.Tensor, List[float]]" = weakref.WeakKeyDictionary()
+# id(a scheduler's timesteps tensor) -> (weak reference, its values): read once per run, not per attention call
+# (schedulers set a new tensor in set_timesteps)
+_SCHEDULES: Dict[int, Tuple[Any, List[float]]] = {}
 
 
 def _schedule(timesteps: torch.Tensor) -> List[float]:
-    values = _SCHEDULES.get(timesteps)
-    if values is None:
-        values = _SCHEDULES[timesteps] = [float(t) for t in timesteps.tolist()]
+    key = id(timesteps)
+    hit = _SCHEDULES.get(key)
+    if hit is not None and hit[0]() is timesteps:
+        return hit[1]
+    values = [float(t) for t in timesteps.tolist()]
+    _SCHEDULES[key] = (weakref.ref(timesteps, lambda _, k=key: _SCHEDULES.pop(k, None)), values)
     return values
 
 
