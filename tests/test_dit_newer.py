@@ -300,3 +300,23 @@ def test_newer_dit_errors_name_the_problem(monkeypatch):
     with pytest.raises(ValueError, match="TAR supports .* video DiTs .*HunyuanVideoFramepackTransformer3DModel.*"
                                          "SkyReelsV2Transformer3DModel.*docs/dits.md"):
         apply_tar(torch.nn.Linear(2, 2), TARConfig(levels={0: (1.0, 1.0)}))
+
+
+def test_ltx2_frames_come_from_video_coords_when_the_grid_arguments_are_not_given():
+    """LTX-2's DFR pipelines pass video_coords alone (a tile of the canvas): the frames come from them, as the
+    rotary embedding's do; a tile keeps the frames of the canvas it is cut from."""
+    fam = NEWER["ltx2"]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    with_grid = forward(model, inputs)
+    calls = record(model)
+    coords_only = {k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width")}
+    assert torch.equal(forward(model, coords_only), with_grid)
+    assert all(torch.equal(c[4]["frames"].long(), expected_frames(fam, 53)) for c in calls)
+    calls.clear()
+    keep = torch.arange(16, 48)  # frames 1 and 2 of the canvas, as a tile
+    tile = dict(coords_only, hidden_states=inputs["hidden_states"][:, keep],
+                video_coords=inputs["video_coords"][:, :, keep])
+    forward(model, tile)
+    assert all(torch.equal(c[4]["frames"].long(), torch.tensor([1] * 16 + [2] * 16)) for c in calls)

@@ -266,7 +266,7 @@ def ltx2_model():
 
 
 def ltx2_inputs():
-    """3 frames of 4 x 4 tokens and 5 appended (keyframe) tokens, placed by video_coords at the first frame's."""
+    """3 frames of 4 x 4 tokens and 5 appended (keyframe) tokens, placed by video_coords in the first frame."""
     coords = diffusers.LTX2VideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24,
         audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=6,
@@ -388,7 +388,7 @@ NEWER: Dict[str, DiTFamily] = {
         framepack_inputs, ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"], 13, 16, "after",
         video_ids=FRAMEPACK_IDS, mask=framepack_mask),
     "ltx2": DiTFamily("ltx2", ltx2_model, ltx2_inputs, TWO, 3, 16, "none",
-                      video_ids=grid_of(3, 16) + [-1] * 5),
+                      video_ids=grid_of(3, 16) + [0] * 5),
     # the first latent frame is the reference image
     "wan_animate": DiTFamily(
         "wan_animate",

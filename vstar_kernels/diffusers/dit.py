@@ -2,35 +2,50 @@
 
 Models: WanTransformer3DModel (Wan 2.1 and 2.2), WanVACETransformer3DModel (its control
 blocks first, in forward order), CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel,
-LTXVideoTransformer3DModel and MochiTransformer3DModel.
+LTXVideoTransformer3DModel and MochiTransformer3DModel, and the newer ones in `FAMILIES`
+(SkyReels-V2, HunyuanVideo 1.5 and Framepack, LTX-2, Wan-Animate, Cosmos, ChronoEdit,
+Allegro, EasyAnimate, Motif-Video, Kandinsky 5 and 6, ConsisID, AnyFlow, Helios, MiniMax-H3);
+docs/dits.md gives each one's layout, and `UNSUPPORTED` the reason for those TAR does not
+apply to (linear attention, flex-only block masks, ...).
 Where TAR goes: the self-attention over all video tokens of every transformer block (Wan's,
 LTX's and Mochi's ``attn1``, CogVideoX's ``attn1``, HunyuanVideo's ``attn`` in its dual- and
 single-stream blocks), together with the text tokens where that attention is joint (CogVideoX:
 text first; HunyuanVideo, Mochi: text after the video); never the cross-attention to the text
-(Wan's and LTX's ``attn2``). A token's frame is its latent frame after the patch embedding;
-text tokens have frame -1 (`vstar_kernels.frame_ids`): no bias in their rows and columns.
+(Wan's and LTX's ``attn2``), nor an audio stream (LTX-2's, Kandinsky 6's). A token's frame is
+its latent frame after the patch embedding; text tokens have frame -1 (`vstar_kernels.frame_ids`):
+no bias in their rows and columns. Where a model's video stream holds more than its frames in
+order (`TokenGrid.runs`), a token gets the frame its rotary embedding places it at: history
+latents (Framepack, Helios) their frame indices, a reference image its frame or -1 (Wan-Animate's
+first latent frame, which is no frame of the video), LTX-2's appended conditioning tokens the
+frame their coordinates fall in.
 
 How only the attention call changes. Each selected module gets a `DiTTARProcessor` that
 wraps the module's own (stock) processor and calls it unchanged: projections, norms, rotary
 embeddings, masks, Mochi's per-sample text selection and the output projection are the stock
 code. In a regularized block and step the call runs under a `torch.overrides.TorchFunctionMode`
 that answers `torch.nn.functional.scaled_dot_product_attention` with `tar_attention` on the
-same q, k, v (and key mask) and passes every other torch call through. Every one of the five
-processors ends in that function: CogVideoX's and Mochi's call it directly, Wan's, LTX's and
-HunyuanVideo's through diffusers' `dispatch_attention_fn`, whose default ("native") backend
-calls it. This was chosen over the alternatives because it needs no copy of diffusers' code
-and patches nothing: a custom attention backend would reach only the three processors that
-use the dispatcher (and diffusers' backend registry is a closed enum), and replacing module
+same q, k, v (and key mask) and passes every other torch call through. Every one of these
+processors ends in that function: CogVideoX's, Mochi's, Allegro's and EasyAnimate's call it
+directly, the others through diffusers' `dispatch_attention_fn`, whose default ("native")
+backend calls it. A boolean mask per query (HunyuanVideo 1.5 masks padded text as queries and
+keys, SkyReels-V2's causal frame blocks the keys of later blocks) is cut into runs of equal rows
+(`mask_runs`), each one `tar_attention` call with that run's key mask: the same attention,
+exactly. This was chosen over the alternatives because it needs no copy of diffusers' code
+and patches nothing: a custom attention backend would reach only the processors that use
+the dispatcher (and diffusers' backend registry is a closed enum), and replacing module
 globals (``F`` or ``dispatch_attention_fn`` in diffusers' modules) is process-wide and not
 thread-safe, where a torch function mode is per thread and lives for one call. Outside the
 regularized blocks and steps, and for a level that is off (strength 0, sigma inf), the stock
 processor runs with no mode at all, so the output is stock's bit for bit. A backend that
 does not go through that function (``set_attention_backend("flash")``, ...) is not
-intercepted: a regularized call that saw no SDPA call raises a RuntimeError.
+intercepted: a regularized call that saw no SDPA call raises a RuntimeError (a call whose
+stock processor computes no attention at all, a block LTX-2's spatio-temporal guidance
+perturbs, runs stock: `DiTFamily.skips_attention`).
 
 Tokens per frame and frames come from the model's config (patch sizes) and each forward
-call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments), read by a
-forward pre-hook; the text length is what the attention call receives. A block that
+call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments; frame indices
+and rotary positions where a model takes them), read by a forward pre-hook into a `TokenGrid`;
+the text length is what the attention call receives. A block that
 diffusers' gradient checkpointing recomputes in the backward pass, after the forward call
 returned, gets the token layout and the step of the forward call that ran it (`steps`).
 
@@ -75,8 +90,8 @@ class TokenGrid(NamedTuple):
 
     ``(frames, per_frame)``: the video stream is `frames` frames of `per_frame` tokens each, in frame
     order. Where it is laid out otherwise, `runs` gives it in full: ``((frame id, tokens), ...)`` in
-    sequence order, -1 for a token that stands for no frame of the video (a reference image, appended
-    conditioning tokens), and `frames` is then the largest id + 1. Text tokens are in neither: where
+    sequence order, -1 for a token that stands for no frame of the video (Wan-Animate's reference
+    image, MiniMax-H3's text and audio rows), and `frames` is then the largest id + 1. Text tokens are in neither: where
     they sit is the family's `text`.
     """
 
@@ -143,17 +158,26 @@ def _ltx_layout(model, arguments) -> TokenGrid:
 
 
 def _ltx2_layout(model, arguments) -> TokenGrid:
-    """LTX-2: the latent grid of num_frames x height x width (over the patch sizes), then the tokens the
-    conditioning pipelines append (keyframe and reference latents): frame -1."""
-    _ltx_layout(model, arguments)  # the arguments are there
+    """LTX-2: a token's frame is the latent frame its temporal rotary coordinate falls in: the start of its
+    ``video_coords`` span times ``fps`` is a video frame p, in latent frame (p + s - c) // s (s: the VAE's
+    temporal scale factor, c: its causal offset), token frame that over patch_size_t. Conditioning tokens
+    appended after the grid (keyframes, IC-LoRA references) get the frame they are placed at. Without
+    video_coords, the model's own grid of num_frames x height x width."""
     p_t, p_h, p_w = _patch(model.config)
-    num_frames, height, width = (int(arguments[name]) for name in ("num_frames", "height", "width"))
-    frames, per_frame = math.ceil(num_frames / p_t), math.ceil(height / p_h) * math.ceil(width / p_w)
-    tokens = arguments["hidden_states"].shape[1]
-    if tokens < frames * per_frame:
-        raise ValueError(f"{type(model).__name__}: hidden_states has {tokens} tokens, fewer than the {frames} x "
-                         f"{per_frame} of its num_frames, height and width")
-    return _runs_grid([(f, per_frame) for f in range(frames)] + [(-1, tokens - frames * per_frame)], per_frame)
+    coords = arguments.get("video_coords")
+    if coords is None:
+        grid = _ltx_layout(model, arguments)
+        height, width = int(arguments["height"]), int(arguments["width"])
+        return TokenGrid(math.ceil(grid.frames / p_t), math.ceil(height / p_h) * math.ceil(width / p_w))
+    start = coords[:, 0, :, 0]
+    if not bool((start == start[:1]).all()):
+        raise ValueError(f"{type(model).__name__}: TAR takes one frame layout per call, but the sequences of the "
+                         "batch have different video_coords")
+    scale, offset = model.config.vae_scale_factors[0], model.config.causal_offset
+    pixel = torch.round(start[0].double() * float(arguments["fps"]))
+    frames = torch.div(pixel + scale - offset, scale * p_t, rounding_mode="floor").long()
+    values, counts = torch.unique_consecutive(frames, return_counts=True)
+    return _runs_grid(zip(values.tolist(), counts.tolist()), int(torch.bincount(frames).max()))
 
 
 def _skyreels_layout(model, arguments) -> TokenGrid:
@@ -665,7 +689,9 @@ def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
     signature = inspect.signature(model.forward)
 
     def read_layout(module, args, kwargs):
-        target.grid = family.layout(module, signature.bind(*args, **kwargs).arguments)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        target.grid = family.layout(module, bound.arguments)
 
     def forget_layout(module, args, output):
         target.grid = None
