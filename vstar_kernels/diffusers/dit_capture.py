@@ -63,15 +63,18 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     ``maps.by_level(step)`` (every block at level 0) feeds `analysis.plot_attention_maps`.
 
     Args:
-        target: a pipeline (its ``.transformer``) or the model: Wan, CogVideoX, HunyuanVideo,
-            LTX-Video or Mochi.
+        target: a pipeline (its ``.transformer``) or the model: a video DiT TAR takes
+            (`dit.FAMILIES`: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi and the newer ones).
+            Where its frame ids span frames that have no token (Framepack's history leaves
+            gaps between its frame indices), those frames' rows are NaN.
         steps: the denoising steps to record (0 = noisiest), as TAR counts them; None: all.
         blocks: the transformer blocks to record, by index in forward order; None: all.
         cfg: whether each call batches classifier-free guidance as ``[negative, positive]``,
             and only the conditional half is recorded. None: the pipeline's
-            ``do_classifier_free_guidance`` for CogVideoX, LTX-Video and Mochi, whose pipelines
-            batch it; False for Wan and HunyuanVideo, whose pipelines run the branches as two
-            calls (both calls are then recorded, and averaged), and for a bare model.
+            ``do_classifier_free_guidance`` for the families whose pipelines batch it (CogVideoX,
+            LTX-Video and LTX-2, Mochi, Allegro, EasyAnimate, ConsisID, AnyFlow); False for those
+            that run the branches as two calls (Wan, HunyuanVideo and the others: both calls are
+            then recorded, and averaged), and for a bare model.
         chunk_elements: the most scores formed at once; the map does not depend on it.
 
     TAR applied before (or during) the capture is in the maps where it regularizes.
@@ -83,8 +86,8 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
         raise ValueError(reason)
     if family is None:
         raise ValueError(f"{type(model).__name__} is not a supported video DiT: capture_frame_attention takes "
-                         "Wan, CogVideoX, HunyuanVideo, LTX-Video and Mochi transformers (capture_temporal_attention "
-                         "takes the UNets)")
+                         "the video DiTs TAR takes (Wan, CogVideoX, HunyuanVideo, ..., docs/dits.md; "
+                         "capture_temporal_attention takes the UNets)")
     modules = dit_attention_modules(model)
     steps = _int_set("steps", steps)
     blocks = _int_set("blocks", blocks)
