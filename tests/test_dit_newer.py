@@ -267,6 +267,8 @@ def test_ltx2_spatio_temporal_guidance_blocks_run_stock():
 def test_newer_dit_errors_name_the_problem(monkeypatch):
     helios = NEWER["helios"]
     model = helios.model()
+    with pytest.raises(ValueError, match="'64D1' is a paper preset for video UNets and HeliosTransformer3DModel"):
+        apply_tar(model, TARConfig.from_preset("64D1"))
     apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
     inputs = helios.inputs()
     inputs["indices_latents_history_short"] = torch.tensor([[6, 7], [5, 7]])
@@ -320,3 +322,17 @@ def test_ltx2_frames_come_from_video_coords_when_the_grid_arguments_are_not_give
                 video_coords=inputs["video_coords"][:, :, keep])
     forward(model, tile)
     assert all(torch.equal(c[4]["frames"].long(), torch.tensor([1] * 16 + [2] * 16)) for c in calls)
+
+
+def test_per_query_mask_runs_on_the_triton_kernels():
+    """The Triton kernels (the interpreter here, as on a GPU) take each run's query rows with the run's key mask
+    and the (query ids, key ids) pair; rows whose keys are all masked in one sequence give 0."""
+    fam = NEWER["hunyuan15"]
+    model = fam.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, backend="triton"))
+    calls = record(model)
+    forward(model, fam.inputs())
+    joined = module_calls(fam, calls)
+    assert [len(parts) for parts in joined.values()] == [2, 2]
+    for name, parts in joined.items():
+        check_module(fam, name, parts, 1.0, 1.0)
