@@ -91,8 +91,8 @@ class TokenGrid(NamedTuple):
     ``(frames, per_frame)``: the video stream is `frames` frames of `per_frame` tokens each, in frame
     order. Where it is laid out otherwise, `runs` gives it in full: ``((frame id, tokens), ...)`` in
     sequence order, -1 for a token that stands for no frame of the video (Wan-Animate's reference
-    image, MiniMax-H3's text and audio rows), and `frames` is then the largest id + 1. Text tokens are in neither: where
-    they sit is the family's `text`.
+    image, MiniMax-H3's text and audio rows), and `frames` is then the largest id + 1. Text tokens
+    are in neither: where they sit is the family's `text`.
     """
 
     frames: int                                   # F: the frames the ids span (a delta is F x F, a map too)
