@@ -4,8 +4,8 @@ Needs the diffusers package (the ``diffusers`` extra: ``pip install -e ".[diffus
 checkout); importing this package, or any module in it, without diffusers raises an ImportError
 that names the extra and the command that installs it.
 The modules: `processors` (TARAttnProcessor, apply/remove), `dit` (frame-aware TAR in the
-video diffusion transformers: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi; apply_tar
-dispatches there), `steps` (the denoising-step tracker), `capture` (temporal attention
+video diffusion transformers: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi and the newer
+ones of docs/dits.md; apply_tar dispatches there), `steps` (the denoising-step tracker), `capture` (temporal attention
 maps), `dit_capture` (a DiT's frame-by-frame attention maps), `vsp` (Video Synopsis
 Prompting for diffusers UNets: apply_vsp, encode_synopsis, ...) and `attention_demo` (the
 CLI's ``demo-attention``).

@@ -222,7 +222,10 @@ class ContextParallelTAR:
         if key.shape[2] != local or value.shape[2] != local:
             raise ValueError(f"{where}: expected a self-attention over this rank's shard of the video tokens, got "
                              f"{local} queries and {key.shape[2]} keys")
-        count, per_frame = grid
+        if getattr(grid, "runs", None) is not None or getattr(grid, "repeat_from", None) is not None:
+            raise ValueError(f"{where}: TAR under context parallelism handles a video laid out as frames x tokens per "
+                             f"frame; this call's token layout ({grid}) is laid out otherwise")
+        count, per_frame = grid[0], grid[1]
         video = count * per_frame
         if local * self.shards != video:
             raise ValueError(

@@ -2,31 +2,45 @@
 
 Models: WanTransformer3DModel (Wan 2.1 and 2.2), WanVACETransformer3DModel (its control
 blocks first, in forward order), CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel,
-LTXVideoTransformer3DModel and MochiTransformer3DModel.
+LTXVideoTransformer3DModel and MochiTransformer3DModel, and the newer ones in `FAMILIES`
+(SkyReels-V2, HunyuanVideo 1.5 and Framepack, LTX-2, Wan-Animate, Cosmos, ChronoEdit,
+Allegro, EasyAnimate, Motif-Video, Kandinsky 5 and 6, ConsisID, AnyFlow, Helios, MiniMax-H3);
+docs/dits.md gives each one's layout, and `UNSUPPORTED` the reason for those TAR does not
+apply to (linear attention, flex-only block masks, ...).
 Where TAR goes: the self-attention over all video tokens of every transformer block (Wan's,
 LTX's and Mochi's ``attn1``, CogVideoX's ``attn1``, HunyuanVideo's ``attn`` in its dual- and
 single-stream blocks), together with the text tokens where that attention is joint (CogVideoX:
 text first; HunyuanVideo, Mochi: text after the video); never the cross-attention to the text
-(Wan's and LTX's ``attn2``). A token's frame is its latent frame after the patch embedding;
-text tokens have frame -1 (`vstar_kernels.frame_ids`): no bias in their rows and columns.
+(Wan's and LTX's ``attn2``), nor an audio stream (LTX-2's, Kandinsky 6's). A token's frame is
+its latent frame after the patch embedding; text tokens have frame -1 (`vstar_kernels.frame_ids`):
+no bias in their rows and columns. Where a model's video stream holds more than its frames in
+order (`TokenGrid.runs`), a token gets the frame its rotary embedding places it at: history
+latents (Framepack, Helios) their frame indices, a reference image its frame or -1 (Wan-Animate's
+first latent frame, which is no frame of the video), LTX-2's appended conditioning tokens the
+frame their coordinates fall in.
 
 How only the attention call changes. Each selected module gets a `DiTTARProcessor` that
 wraps the module's own (stock) processor and calls it unchanged: projections, norms, rotary
 embeddings, masks, Mochi's per-sample text selection and the output projection are the stock
 code. In a regularized block and step the call runs under a `torch.overrides.TorchFunctionMode`
 that answers `torch.nn.functional.scaled_dot_product_attention` with `tar_attention` on the
-same q, k, v (and key mask) and passes every other torch call through. Every one of the five
-processors ends in that function: CogVideoX's and Mochi's call it directly, Wan's, LTX's and
-HunyuanVideo's through diffusers' `dispatch_attention_fn`, whose default ("native") backend
-calls it. This was chosen over the alternatives because it needs no copy of diffusers' code
-and patches nothing: a custom attention backend would reach only the three processors that
-use the dispatcher (and diffusers' backend registry is a closed enum), and replacing module
+same q, k, v (and key mask) and passes every other torch call through. Every one of these
+processors ends in that function: CogVideoX's, Mochi's, Allegro's and EasyAnimate's call it
+directly, the others through diffusers' `dispatch_attention_fn`, whose default ("native")
+backend calls it. A boolean mask per query (HunyuanVideo 1.5 masks padded text as queries and
+keys, SkyReels-V2's causal frame blocks the keys of later blocks) is cut into runs of equal rows
+(`mask_runs`), each one `tar_attention` call with that run's key mask: the same attention,
+exactly. This was chosen over the alternatives because it needs no copy of diffusers' code
+and patches nothing: a custom attention backend would reach only the processors that use
+the dispatcher (and diffusers' backend registry is a closed enum), and replacing module
 globals (``F`` or ``dispatch_attention_fn`` in diffusers' modules) is process-wide and not
 thread-safe, where a torch function mode is per thread and lives for one call. Outside the
 regularized blocks and steps, and for a level that is off (strength 0, sigma inf), the stock
 processor runs with no mode at all, so the output is stock's bit for bit. A backend that
 does not go through that function (``set_attention_backend("flash")``, ...) is not
-intercepted: a regularized call that saw no SDPA call raises a RuntimeError.
+intercepted: a regularized call that saw no SDPA call raises a RuntimeError (a call whose
+stock processor computes no attention at all, a block LTX-2's spatio-temporal guidance
+perturbs, runs stock: `DiTFamily.skips_attention`).
 
 Under diffusers' context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``:
 Ulysses, ring or both) a regularized call runs the stock processor on this rank's shard of the
@@ -37,8 +51,9 @@ forward and backward whatever backend is set (docs/multi-gpu.md). Every other ca
 parallel attention, untouched.
 
 Tokens per frame and frames come from the model's config (patch sizes) and each forward
-call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments), read by a
-forward pre-hook; the text length is what the attention call receives. A block that
+call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments; frame indices
+and rotary positions where a model takes them), read by a forward pre-hook into a `TokenGrid`;
+the text length is what the attention call receives. A block that
 diffusers' gradient checkpointing recomputes in the backward pass, after the forward call
 returned, gets the token layout and the step of the forward call that ran it (`steps`).
 
@@ -53,10 +68,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -78,31 +95,232 @@ _STATE_ATTR = "_vstar_tar"
 _OWNER = "tar"
 
 
-def _video_5d(frames_dim: int) -> Callable:
-    """Layout reader for models whose `hidden_states` is a 5-D latent with frames at `frames_dim`."""
+class TokenGrid(NamedTuple):
+    """The token layout of one forward call of a DiT, read from its arguments by the family's layout reader.
 
-    def layout(model, arguments) -> Tuple[int, int]:
-        latent = arguments["hidden_states"]
-        if latent.dim() != 5:
-            raise ValueError(f"{type(model).__name__}: expected a 5-D latent video, got shape {tuple(latent.shape)}")
-        config = model.config
-        if isinstance(config.patch_size, int):
-            p_t, p_h, p_w = getattr(config, "patch_size_t", None) or 1, config.patch_size, config.patch_size
+    ``(frames, per_frame)``: the video stream is `frames` frames of `per_frame` tokens each, in frame
+    order. Where it is laid out otherwise, `runs` gives it in full: ``((frame id, tokens), ...)`` in
+    sequence order, -1 for a token that stands for no frame of the video (Wan-Animate's reference
+    image, MiniMax-H3's text and audio rows), and `frames` is then the largest id + 1. Text tokens
+    are in neither: where they sit is the family's `text`.
+    """
+
+    frames: int                                   # F: the frames the ids span (a delta is F x F, a map too)
+    per_frame: int                                # tokens per frame of the video grid
+    runs: Optional[Tuple[Tuple[int, int], ...]] = None
+    timestep: Optional[float] = None              # diffusion forcing: the call's largest timestep (see loop_step)
+    repeat_from: Optional[int] = None             # from this block on, the keys after the video are the video again
+
+
+def grid_runs(grid) -> Tuple[Tuple[int, int], ...]:
+    """``((frame id, tokens), ...)`` of a grid's video stream, in sequence order."""
+    runs = getattr(grid, "runs", None)
+    return runs if runs is not None else tuple((frame, grid[1]) for frame in range(grid[0]))
+
+
+def _runs_grid(runs, per_frame: int, **extra) -> TokenGrid:
+    """A grid from its runs (adjacent runs of one id merged); `frames` is the largest id + 1."""
+    merged: List[List[int]] = []
+    for frame, count in runs:
+        if count <= 0:
+            continue
+        if merged and merged[-1][0] == frame:
+            merged[-1][1] += count
         else:
-            p_t, p_h, p_w = config.patch_size
-        height, width = latent.shape[-2:]
-        return latent.shape[frames_dim] // p_t, (height // p_h) * (width // p_w)
+            merged.append([int(frame), int(count)])
+    runs = tuple((frame, count) for frame, count in merged)
+    return TokenGrid(max((frame for frame, _ in runs), default=-1) + 1, per_frame, runs, **extra)
+
+
+def _patch(config) -> Tuple[int, int, int]:
+    if isinstance(config.patch_size, int):
+        return getattr(config, "patch_size_t", None) or 1, config.patch_size, config.patch_size
+    return tuple(config.patch_size)
+
+
+def _latent(model, arguments, name: str = "hidden_states") -> torch.Tensor:
+    latent = arguments[name]
+    if latent.dim() != 5:
+        raise ValueError(f"{type(model).__name__}: expected a 5-D latent video, got shape {tuple(latent.shape)}")
+    return latent
+
+
+def _video_5d(frames_dim: int, channels_last: bool = False) -> Callable:
+    """Layout reader for models whose `hidden_states` is a 5-D latent with frames at `frames_dim`
+    (height and width last, or before the channels with `channels_last`)."""
+
+    def layout(model, arguments) -> TokenGrid:
+        latent = _latent(model, arguments)
+        p_t, p_h, p_w = _patch(model.config)
+        height, width = latent.shape[2:4] if channels_last else latent.shape[-2:]
+        return TokenGrid(latent.shape[frames_dim] // p_t, (height // p_h) * (width // p_w))
 
     return layout
 
 
-def _ltx_layout(model, arguments) -> Tuple[int, int]:
+def _ltx_layout(model, arguments) -> TokenGrid:
     grid = [arguments.get(name) for name in ("num_frames", "height", "width")]
     if any(g is None for g in grid):
         raise ValueError(f"{type(model).__name__}: TAR needs the num_frames, height and width arguments (the token "
                          "grid) of each forward call; calls with video_coords only are not supported")
     frames, height, width = (int(g) for g in grid)
-    return frames, height * width
+    return TokenGrid(frames, height * width)
+
+
+def _ltx2_layout(model, arguments) -> TokenGrid:
+    """LTX-2: a token's frame is the latent frame its temporal rotary coordinate falls in: the start of its
+    ``video_coords`` span times ``fps`` is a video frame p, in latent frame (p + s - c) // s (s: the VAE's
+    temporal scale factor, c: its causal offset), token frame that over patch_size_t. Conditioning tokens
+    appended after the grid (keyframes, IC-LoRA references) get the frame they are placed at. Without
+    video_coords, the model's own grid of num_frames x height x width."""
+    p_t, p_h, p_w = _patch(model.config)
+    coords = arguments.get("video_coords")
+    if coords is None:
+        grid = _ltx_layout(model, arguments)
+        height, width = int(arguments["height"]), int(arguments["width"])
+        return TokenGrid(math.ceil(grid.frames / p_t), math.ceil(height / p_h) * math.ceil(width / p_w))
+    start = coords[:, 0, :, 0]
+    if not bool((start == start[:1]).all()):
+        raise ValueError(f"{type(model).__name__}: TAR takes one frame layout per call, but the sequences of the "
+                         "batch have different video_coords")
+    scale, offset = model.config.vae_scale_factors[0], model.config.causal_offset
+    pixel = torch.round(start[0].double() * float(arguments["fps"]))
+    frames = torch.div(pixel + scale - offset, scale * p_t, rounding_mode="floor").long()
+    values, counts = torch.unique_consecutive(frames, return_counts=True)
+    return _runs_grid(zip(values.tolist(), counts.tolist()), int(torch.bincount(frames).max()))
+
+
+def _skyreels_layout(model, arguments) -> TokenGrid:
+    """SkyReels-V2: Wan's grid; under diffusion forcing (per-frame timesteps) the call's largest timestep."""
+    grid = _video_5d(2)(model, arguments)
+    if not arguments.get("enable_diffusion_forcing"):
+        return grid
+    return grid._replace(timestep=float(torch.as_tensor(arguments["timestep"]).max()))
+
+
+def _reference_first_layout(model, arguments) -> TokenGrid:
+    """Wan-Animate: the first latent frame is the reference (character) image, frame -1; the video's frames follow."""
+    grid = _video_5d(2)(model, arguments)
+    return _runs_grid([(-1, grid.per_frame)] + [(f, grid.per_frame) for f in range(grid.frames - 1)], grid.per_frame)
+
+
+def _chronoedit_layout(model, arguments) -> TokenGrid:
+    """ChronoEdit: with two latent frames (input image, edited image) its rotary embedding puts the second at
+    temporal position rope_temporal_skip_len - 1, the last frame of the video they stand for: so does TAR."""
+    grid = _video_5d(2)(model, arguments)
+    if _latent(model, arguments).shape[2] != 2:
+        return grid
+    last = model.config.rope_temporal_skip_len - 1
+    return _runs_grid([(0, grid.per_frame), (last, grid.per_frame)], grid.per_frame)
+
+
+def _index_row(indices, count: int, what: str, where: str) -> List[int]:
+    """The frame indices of one sequence (the rows of a (B, T) index tensor must agree: one layout per call)."""
+    indices = torch.as_tensor(indices)
+    if indices.dim() == 2:
+        if not bool((indices == indices[:1]).all()):
+            raise ValueError(f"{where}: TAR takes one frame layout per call, but the sequences of the batch have "
+                             f"different {what}")
+        indices = indices[0]
+    values = [int(v) for v in indices.tolist()]
+    if len(values) != count or min(values, default=0) < 0:
+        raise ValueError(f"{where}: {what} must be {count} frame indices >= 0, got {values}")
+    return values
+
+
+def _history_runs(latent, indices, kernel: Tuple[int, int, int], padded: bool, what: str, where: str):
+    """Runs of a history latent patchified by a (kt, kh, kw) kernel (with replicate padding where `padded`):
+    each token stands for kt latent frames, and gets the index nearest to their mean (ties: the earlier)."""
+    frames, height, width = latent.shape[2:]
+    kt, kh, kw = kernel
+    values = _index_row(indices, frames, what, where)
+    if padded:
+        values += values[-1:] * ((-frames) % kt)
+        per_slot = math.ceil(height / kh) * math.ceil(width / kw)
+    else:
+        per_slot = (height // kh) * (width // kw)
+    slots = len(values) // kt
+    return [((2 * sum(values[s * kt:(s + 1) * kt]) + kt - 1) // (2 * kt), per_slot) for s in range(slots)]
+
+
+def _framepack_layout(model, arguments) -> TokenGrid:
+    """HunyuanVideo Framepack: the 4x, 2x and 1x (clean) history latents before the video, each token at the
+    frame index its rotary embedding gets (indices_*; a 4x or 2x token: the nearest to the mean of its frames)."""
+    where = type(model).__name__
+    latent = _latent(model, arguments)
+    p_t, p_h, p_w = _patch(model.config)
+    if p_t != 1:
+        raise ValueError(f"{where}: TAR reads Framepack's frame indices per latent frame: patch_size_t must be 1")
+    runs = []
+    for name, kernel, padded in (("latents_history_4x", (4, 8, 8), True), ("latents_history_2x", (2, 4, 4), True),
+                                 ("latents_clean", (1, 2, 2), False)):
+        history, indices = arguments.get(name), arguments.get(f"indices_{name}")
+        if history is not None and indices is not None:
+            runs += _history_runs(history, indices, kernel, padded, f"indices_{name}", where)
+    frames = latent.shape[2]
+    indices = arguments.get("indices_latents")
+    values = list(range(frames)) if indices is None else _index_row(indices, frames, "indices_latents", where)
+    per_frame = (latent.shape[3] // p_h) * (latent.shape[4] // p_w)
+    return _runs_grid(runs + [(v, per_frame) for v in values], per_frame)
+
+
+def _helios_layout(model, arguments) -> TokenGrid:
+    """Helios: the long, mid and short history latents before the video, as Framepack's (indices_latents_history_*,
+    indices_hidden_states); their patches are 4, 2 and 1 times the model's."""
+    where = type(model).__name__
+    latent = _latent(model, arguments)
+    patch = _patch(model.config)
+    runs = []
+    for name, factor in (("latents_history_long", 4), ("latents_history_mid", 2), ("latents_history_short", 1)):
+        history, indices = arguments.get(name), arguments.get(f"indices_{name}")
+        if history is not None and indices is not None:
+            kernel = tuple(factor * p for p in patch)
+            runs += _history_runs(history, indices, kernel, factor > 1, f"indices_{name}", where)
+    frames = latent.shape[2] // patch[0]
+    indices = arguments.get("indices_hidden_states")
+    values = list(range(frames)) if indices is None else _index_row(indices, frames, "indices_hidden_states", where)
+    per_frame = (latent.shape[3] // patch[1]) * (latent.shape[4] // patch[2])
+    return _runs_grid(runs + [(v, per_frame) for v in values], per_frame)
+
+
+def _kandinsky_layout(model, arguments) -> TokenGrid:
+    """Kandinsky 5 and 6: a channels-last latent (B, T, H, W, C); a frame's id is the temporal index of its rotary
+    embedding (visual_rope_pos[0]), where given: Kandinsky 6 appends the reference image as a last frame at index 0."""
+    grid = _video_5d(1, channels_last=True)(model, arguments)
+    positions = arguments.get("visual_rope_pos")
+    if positions is None:
+        return grid
+    values = _index_row(positions[0], grid.frames, "visual_rope_pos[0]", type(model).__name__)
+    return _runs_grid([(v, grid.per_frame) for v in values], grid.per_frame)
+
+
+def _motif_layout(model, arguments) -> TokenGrid:
+    """Motif-Video: the video, then the text; in its decoder blocks (num_decoder_layers) the keys after the video
+    are the encoder's final video tokens, the same frames again."""
+    grid = _video_5d(2)(model, arguments)
+    decoder = model.config.num_decoder_layers
+    if not decoder:
+        return grid
+    first = len(model.transformer_blocks) + len(model.single_transformer_blocks) - decoder
+    return grid._replace(repeat_from=first)
+
+
+def _minimax_layout(model, arguments) -> TokenGrid:
+    """MiniMax-H3: one packed sequence of text, audio and video rows. Its rotary times of the latent frames are
+    spaced unevenly (a latent frame spans 1 or 4 video frames) and start after the text: a video row's frame is the
+    rank of its rotary time (position_ids[:, 0]) among those of the video rows; text and audio rows get -1."""
+    position_ids, video = arguments["position_ids"], arguments["video_indices"]
+    times, frames = torch.unique(position_ids[video, 0], sorted=True, return_inverse=True)
+    ids = torch.full((position_ids.shape[0],), -1, dtype=torch.long, device=position_ids.device)
+    ids[video] = frames
+    values, counts = torch.unique_consecutive(ids, return_counts=True)
+    per_frame = int(torch.bincount(frames).max()) if frames.numel() else 0
+    return _runs_grid(zip(values.tolist(), counts.tolist()), per_frame)
+
+
+def _ltx2_skips_attention(kwargs: dict) -> bool:
+    # LTX-2's spatio-temporal guidance: a block that perturbs every sample returns its values, with no attention
+    return bool(kwargs.get("all_perturbed"))
 
 
 @dataclass(frozen=True)
@@ -110,10 +328,12 @@ class DiTFamily:
     """Where a DiT's regularized attentions sit and how its tokens are laid out."""
 
     blocks: Tuple[str, ...]   # the ModuleLists of transformer blocks, in forward order
-    attention: str            # the attribute of the regularized attention in a block
+    attention: str            # the (dotted) attribute path of the regularized attention in a block
     text: str                 # where that attention's text tokens are: "none", "before", "after"
-    layout: Callable[[torch.nn.Module, dict], Tuple[int, int]]  # -> (token frames, tokens per frame)
+    layout: Callable[[torch.nn.Module, dict], Tuple[int, int]]  # -> TokenGrid (or (token frames, tokens per frame))
     batched_guidance: bool    # the family's pipelines batch the guidance branches into one call
+    # a call (its processor keywords) for which the stock processor computes no attention: it runs stock
+    skips_attention: Optional[Callable[[dict], bool]] = None
 
 
 FAMILIES: Dict[type, DiTFamily] = {
@@ -127,6 +347,50 @@ FAMILIES: Dict[type, DiTFamily] = {
     MochiTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "after", _video_5d(2), True),
 }
 
+# The video DiTs added to diffusers since (by class name: an older diffusers without one has no entry for it)
+_NEWER: Dict[str, DiTFamily] = {
+    "SkyReelsV2Transformer3DModel": DiTFamily(("blocks",), "attn1", "none", _skyreels_layout, False),
+    "HunyuanVideo15Transformer3DModel": DiTFamily(("transformer_blocks",), "attn", "after", _video_5d(2), False),
+    "HunyuanVideoFramepackTransformer3DModel": DiTFamily(("transformer_blocks", "single_transformer_blocks"),
+                                                         "attn", "after", _framepack_layout, False),
+    "LTX2VideoTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "none", _ltx2_layout, True,
+                                             _ltx2_skips_attention),
+    "WanAnimateTransformer3DModel": DiTFamily(("blocks",), "attn1", "none", _reference_first_layout, False),
+    "CosmosTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "none", _video_5d(2), False),
+    "ChronoEditTransformer3DModel": DiTFamily(("blocks",), "attn1", "none", _chronoedit_layout, False),
+    "AllegroTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "none", _video_5d(2), True),
+    "EasyAnimateTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "before", _video_5d(2), True),
+    "MotifVideoTransformer3DModel": DiTFamily(("transformer_blocks", "single_transformer_blocks"), "attn", "after",
+                                              _motif_layout, False),
+    "Kandinsky5Transformer3DModel": DiTFamily(("visual_transformer_blocks",), "self_attention", "none",
+                                              _kandinsky_layout, False),
+    "Kandinsky6Transformer3DModel": DiTFamily(("visual_transformer_blocks",), "video_dec_block.self_attention",
+                                              "none", _kandinsky_layout, False),
+    "ConsisIDTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "before", _video_5d(1), True),
+    "AnyFlowTransformer3DModel": DiTFamily(("blocks",), "attn1", "none", _video_5d(1), True),
+    "HeliosTransformer3DModel": DiTFamily(("blocks",), "attn1", "none", _helios_layout, False),
+    "MiniMaxH3Transformer3DModel": DiTFamily(("transformer_blocks",), "attn", "none", _minimax_layout, False),
+}
+FAMILIES.update({getattr(diffusers, name): family for name, family in _NEWER.items() if hasattr(diffusers, name)})
+
+# Video models of diffusers whose attention TAR does not apply to, and why
+UNSUPPORTED: Dict[str, str] = {
+    "SanaVideoTransformer3DModel": "its self-attention is linear attention (ReLU kernels, no softmax over the keys), "
+                                   "so there is no score matrix for TAR's bias",
+    "SanaWMTransformer3DModel": "its video attention is gated-delta-net linear attention, and its softmax variant is "
+                                "a plain module with no attention processor",
+    "SanaWMLTX2RefinerTransformer3DModel": "its queries (one window) attend to keys from a sliding-window KV cache "
+                                           "that the call's arguments do not lay out",
+    "Kandinsky6SRTransformer3DModel": "its self-attention is NABLA sparse attention, which runs only on diffusers' "
+                                      "flex backend with a block mask (never through scaled_dot_product_attention)",
+    "AnyFlowFARTransformer3DModel": "its causal self-attention runs only on diffusers' flex backend with a block "
+                                    "mask (never through scaled_dot_product_attention)",
+    "WanAnimate2Transformer3DModel": "its generation pass attends through a flex block mask on diffusers' flex "
+                                     "backend (never through scaled_dot_product_attention)",
+    "Cosmos3OmniTransformer": "its packed two-pathway attention uses grouped-query attention (fewer key heads than "
+                              "query heads), which TAR does not take",
+}
+
 
 def dit_family(model: torch.nn.Module) -> Optional[DiTFamily]:
     """The family of a supported video DiT, or None for any other model."""
@@ -136,13 +400,22 @@ def dit_family(model: torch.nn.Module) -> Optional[DiTFamily]:
     return None
 
 
+def unsupported_dit(model: torch.nn.Module) -> Optional[str]:
+    """Why TAR does not apply to `model`, a video model of diffusers it does not take; None for any other model."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("diffusers.") and cls.__name__ in UNSUPPORTED:
+            return f"{cls.__name__}: TAR does not apply: {UNSUPPORTED[cls.__name__]}"
+    return None
+
+
 def dit_attention_modules(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
     """(name, module) of the regularizable attention of each transformer block, in forward order."""
     family = dit_family(model)
     found = []
     for container in family.blocks:
         for index, block in enumerate(getattr(model, container, None) or ()):
-            found.append((f"{container}.{index}.{family.attention}", getattr(block, family.attention)))
+            module = functools.reduce(getattr, family.attention.split("."), block)
+            found.append((f"{container}.{index}.{family.attention}", module))
     return found
 
 
@@ -174,13 +447,19 @@ class _TARAttention(TorchFunctionMode):
         if self.parallel is not None:  # this rank's shard: the layout's communication around one TAR call
             return self.parallel.attention(query, key, value, mask, is_causal, self.grid,
                                            functools.partial(self._attend, scale, where))
-        key_mask = key_mask_of(mask, query.shape[0], key.shape[2], where)
+        runs = mask_runs(mask, query.shape[0], query.shape[2], key.shape[2], where)
         state = self.processor.state
-        frames = token_frames(state.family, self.grid, query.shape[2], key.shape[2], where, query.device)
+        frames = token_frames(state.family, self.grid, query.shape[2], key.shape[2], where, query.device,
+                              self.processor.block)
         count = self.grid[0]  # a delta is a (frames, frames) matrix
-        kwargs = dict(causal=is_causal, scale=scale, frames=frames, key_mask=key_mask, backend=state.config.backend,
+        kwargs = dict(causal=is_causal, scale=scale, backend=state.config.backend,
                       **self.spec.tar_kwargs(count, count, device=query.device, dtype=query.dtype, where=where))
-        return self.processor.attention(self.attn, query, key, value, **kwargs)
+        if len(runs) == 1:
+            return self.processor.attention(self.attn, query, key, value, frames=frames, key_mask=runs[0][1],
+                                            **kwargs)
+        return torch.cat([self.processor.attention(self.attn, query[:, :, rows], key, value,
+                                                   frames=(frames[rows], frames), key_mask=key_mask, **kwargs)
+                          for rows, key_mask in runs], dim=2)
 
     def _attend(self, scale, where, query, key, value, *, frames):
         """The regularized attention of a context-parallel call, over all keys (`ContextParallelTAR.attention`)."""
@@ -190,15 +469,49 @@ class _TARAttention(TorchFunctionMode):
                                         backend=self.processor.state.config.backend, **kwargs)
 
 
+# The most runs of equal rows a (B, 1, Nq, Nk) mask may have: TAR runs one attention call per run
+MAX_MASK_RUNS = 64
+# bool elements compared at once while finding the runs of a mask
+_RUN_CHUNK = 1 << 26
+
+
 def key_mask_of(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) -> Optional[torch.Tensor]:
     """An SDPA mask that only masks keys, as the (B, Nk) bool key mask `tar_attention` takes."""
+    runs = mask_runs(mask, batch, 1, keys, where)
+    return runs[0][1]
+
+
+def mask_runs(mask, batch: int, queries: int, keys: int, where: str) -> List[Tuple[slice, Optional[torch.Tensor]]]:
+    """The query rows of an SDPA call in runs that share one key mask: ``[(rows, (B, Nk) bool key mask or None)]``.
+
+    A (B, 1, 1, Nk) key mask (or none) is one run over every row. A (B, 1, Nq, Nk) boolean mask is cut
+    where a row differs from the one before it (in any sequence of the batch): HunyuanVideo 1.5 masks
+    padded text as queries and as keys, SkyReels-V2's block-causal frames mask the keys of later frame
+    blocks. In each run the mask is a key mask, which `tar_attention` honours exactly (a row left with
+    no key gives 0, as scaled_dot_product_attention does). Any other mask raises a ValueError.
+    """
     if mask is None:
-        return None
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 \
-            or mask.shape[3] != keys or mask.shape[0] not in (1, batch):
-        raise ValueError(f"{where}: TAR honours boolean key masks of shape (B, 1, 1, Nk); this processor passed a "
-                         f"{mask.dtype} mask of shape {tuple(mask.shape)}")
-    return mask.reshape(mask.shape[0], keys).expand(batch, keys)
+        return [(slice(0, queries), None)]
+    shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else None
+    if shape is None or mask.dtype != torch.bool or mask.dim() != 4 or shape[1] != 1 or shape[2] not in (1, queries) \
+            or shape[3] != keys or shape[0] not in (1, batch):
+        what = f"{mask.dtype} mask of shape {shape}" if shape is not None else f"{type(mask).__name__} mask"
+        raise ValueError(f"{where}: TAR honours boolean key masks of shape (B, 1, 1, Nk) and boolean masks "
+                         f"(B, 1, Nq, Nk) whose rows come in at most {MAX_MASK_RUNS} runs of equal rows; this "
+                         f"processor passed a {what}")
+    rows = mask[:, 0]  # (B or 1, Nq or 1, Nk)
+    starts = [0]
+    if shape[2] > 1:
+        step = max(1, _RUN_CHUNK // (shape[0] * keys))
+        changed = [(rows[:, s:min(s + step, queries)] != rows[:, s - 1:min(s + step, queries) - 1]).any(-1).any(0)
+                   for s in range(1, queries, step)]
+        starts += (torch.nonzero(torch.cat(changed)).flatten() + 1).tolist()
+        if len(starts) > MAX_MASK_RUNS:
+            raise ValueError(f"{where}: the processor's (B, 1, Nq, Nk) mask has {len(starts)} runs of equal rows; "
+                             f"TAR runs one attention call per run and takes at most {MAX_MASK_RUNS}")
+    stops = starts[1:] + [queries]
+    return [(slice(start, stop), rows[:, start if shape[2] > 1 else 0].expand(batch, keys))
+            for start, stop in zip(starts, stops)]
 
 
 def no_sdpa_call(name: str, consequence: str, processor: Any = None) -> RuntimeError:
@@ -250,7 +563,8 @@ class DiTTARProcessor:
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
         grid, step = self.state.call()
         spec = self.state.spec_at(self.block, step)
-        if spec is None:
+        skips = self.state.family.skips_attention
+        if spec is None or (skips is not None and skips(kwargs)):
             return self.processor(attn, *args, **kwargs)
         # under context parallelism: the stock processor on this rank's shard, its attention answered over all ranks
         parallel = ContextParallelTAR.of(self.processor, self.state.family.text, self.name)
@@ -276,12 +590,12 @@ class _DiTState:
     blocks: frozenset
     pipeline: Any = None  # weakref to the pipeline, or None on a bare model
     installed: List[Tuple[torch.nn.Module, DiTTARProcessor]] = field(default_factory=list)
-    grid: Optional[Tuple[int, int]] = None   # (token frames, tokens per frame) of the call in progress
+    grid: Optional[TokenGrid] = None   # the token layout of the call in progress
     _hooks: Tuple = ()
 
     @property
     def step(self) -> int:
-        return loop_step(self.steps, self.pipeline)
+        return loop_step(self.steps, self.pipeline, self.grid)
 
     def call(self) -> Tuple[Optional[Tuple[int, int]], int]:
         """(token grid, step) of the forward call in progress; in a gradient-checkpointed block, of the
@@ -311,7 +625,7 @@ class _DiTState:
         return self.spec
 
 
-def loop_step(steps: StepTracker, pipeline) -> int:
+def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
     """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None).
 
     In a pipeline whose scheduler keeps a ``step_index`` (the flow-matching and multistep
@@ -320,28 +634,62 @@ def loop_step(steps: StepTracker, pipeline) -> int:
     HunyuanVideo run them as separate calls) and for both experts of Wan 2.2. Otherwise the
     model's forward calls since the run began (`StepTracker`), which is the loop index where
     guidance is batched into one call (CogVideoX's DDIM schedulers) and on a bare model.
+
+    Diffusion forcing (SkyReels-V2's pipelines; the call's `grid` has its largest timestep)
+    gives each frame its own timestep and steps copies of the scheduler, one per frame, so the
+    pipeline's own scheduler counts no step: there the step is that of the call's noisiest
+    frame, the number of the scheduler's timesteps above the call's largest timestep. A long
+    video's later chunks, whose new frames start from noise, begin again at step 0.
     """
     scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
     if scheduler is None or not hasattr(scheduler, "step_index"):
         return steps.step
+    timestep = getattr(grid, "timestep", None)
+    if timestep is not None and getattr(scheduler, "timesteps", None) is not None:
+        return sum(t > timestep for t in _schedule(scheduler.timesteps))
     index = scheduler.step_index
     return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
 
 
-def token_frames(family: DiTFamily, grid: Optional[Tuple[int, int]], nq: int, nk: int, where: str,
-                 device) -> torch.Tensor:
-    """Frame ids (N,) of a block's self-attention over nq = nk tokens (text -1), for the call's token grid."""
+# id(a scheduler's timesteps tensor) -> (weak reference, its values): read once per run, not per attention call
+# (schedulers set a new tensor in set_timesteps)
+_SCHEDULES: Dict[int, Tuple[Any, List[float]]] = {}
+
+
+def _schedule(timesteps: torch.Tensor) -> List[float]:
+    key = id(timesteps)
+    hit = _SCHEDULES.get(key)
+    if hit is not None and hit[0]() is timesteps:
+        return hit[1]
+    values = [float(t) for t in timesteps.tolist()]
+    _SCHEDULES[key] = (weakref.ref(timesteps, lambda _, k=key: _SCHEDULES.pop(k, None)), values)
+    return values
+
+
+def token_frames(family: DiTFamily, grid, nq: int, nk: int, where: str, device,
+                 block: Optional[int] = None) -> torch.Tensor:
+    """Frame ids (N,) of a block's self-attention over nq = nk tokens (text -1), for the call's token grid
+    (a `TokenGrid`, or a (token frames, tokens per frame) pair); `block` (forward order) for the grids whose
+    later blocks see the video twice."""
     if grid is None:
         raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown")
-    count, per_frame = grid
-    video = count * per_frame
+    count, per_frame = grid[0], grid[1]
+    runs = getattr(grid, "runs", None)
+    repeat_from = getattr(grid, "repeat_from", None)
+    twice = repeat_from is not None and block is not None and block >= repeat_from
+    video = (count * per_frame if runs is None else sum(tokens for _, tokens in runs)) * (2 if twice else 1)
     text = nk - video
     if nq != nk or text < 0 or (text and family.text == "none"):
+        shape = f"{count} frames x {per_frame} tokens" if runs is None else f"{count} frames"
         raise ValueError(
-            f"{where}: expected a self-attention over the {video} video tokens ({count} frames x {per_frame} "
-            f"tokens){'' if family.text == 'none' else ' and the text tokens'}, got {nq} queries and {nk} keys")
+            f"{where}: expected a self-attention over the {video} video tokens ({shape}"
+            f"{', twice' if twice else ''}){'' if family.text == 'none' else ' and the text tokens'}, got {nq} "
+            f"queries and {nk} keys")
     before, after = (text, 0) if family.text == "before" else (0, text)
-    return _layout_ids(count, per_frame, before, after, torch.device(device))
+    if runs is None and not twice:
+        return _layout_ids(count, per_frame, before, after, torch.device(device))
+    runs = grid_runs(grid)
+    return _run_ids(runs + runs if twice else runs, before, after, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -353,15 +701,26 @@ def _layout_ids(count: int, per_frame: int, before: int, after: int, device: tor
         return frame_ids(count, per_frame, text_before=before, text_after=after, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _run_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
+    """The ids of a layout given by its runs, between `before` and `after` text tokens; kept as `_layout_ids`."""
+    with torch.inference_mode(False):
+        frames = torch.tensor([-1] + [frame for frame, _ in runs] + [-1], dtype=torch.int32)
+        tokens = torch.tensor([before] + [count for _, count in runs] + [after])
+        return frames.repeat_interleave(tokens).to(device)
+
+
 def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
-    """Hooks that keep ``target.grid`` the (token frames, tokens per frame) of the model's call in progress.
+    """Hooks that keep ``target.grid`` the `TokenGrid` of the model's call in progress.
 
     Returns the two hook handles; the grid is None outside a forward call (also after one raised).
     """
     signature = inspect.signature(model.forward)
 
     def read_layout(module, args, kwargs):
-        target.grid = family.layout(module, signature.bind(*args, **kwargs).arguments)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        target.grid = family.layout(module, bound.arguments)
 
     def forget_layout(module, args, output):
         target.grid = None

@@ -37,10 +37,11 @@ from .dit import (
     _set_processor,
     dit_attention_modules,
     dit_family,
-    key_mask_of,
     loop_step,
+    mask_runs,
     no_sdpa_call,
     token_frames,
+    unsupported_dit,
     watch_layout,
 )
 from .processors import _denoiser
@@ -62,25 +63,31 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     ``maps.by_level(step)`` (every block at level 0) feeds `analysis.plot_attention_maps`.
 
     Args:
-        target: a pipeline (its ``.transformer``) or the model: Wan, CogVideoX, HunyuanVideo,
-            LTX-Video or Mochi.
+        target: a pipeline (its ``.transformer``) or the model: a video DiT TAR takes
+            (`dit.FAMILIES`: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi and the newer ones).
+            Where its frame ids span frames that have no token (Framepack's history leaves
+            gaps between its frame indices), those frames' rows are NaN.
         steps: the denoising steps to record (0 = noisiest), as TAR counts them; None: all.
         blocks: the transformer blocks to record, by index in forward order; None: all.
         cfg: whether each call batches classifier-free guidance as ``[negative, positive]``,
             and only the conditional half is recorded. None: the pipeline's
-            ``do_classifier_free_guidance`` for CogVideoX, LTX-Video and Mochi, whose pipelines
-            batch it; False for Wan and HunyuanVideo, whose pipelines run the branches as two
-            calls (both calls are then recorded, and averaged), and for a bare model.
+            ``do_classifier_free_guidance`` for the families whose pipelines batch it (CogVideoX,
+            LTX-Video and LTX-2, Mochi, Allegro, EasyAnimate, ConsisID, AnyFlow); False for those
+            that run the branches as two calls (Wan, HunyuanVideo and the others: both calls are
+            then recorded, and averaged), and for a bare model.
         chunk_elements: the most scores formed at once; the map does not depend on it.
 
     TAR applied before (or during) the capture is in the maps where it regularizes.
     """
     model, pipeline = _denoiser(target)
     family = dit_family(model)
+    reason = unsupported_dit(model)
+    if reason is not None:
+        raise ValueError(reason)
     if family is None:
         raise ValueError(f"{type(model).__name__} is not a supported video DiT: capture_frame_attention takes "
-                         "Wan, CogVideoX, HunyuanVideo, LTX-Video and Mochi transformers (capture_temporal_attention "
-                         "takes the UNets)")
+                         "the video DiTs TAR takes (Wan, CogVideoX, HunyuanVideo, ..., docs/dits.md; "
+                         "capture_temporal_attention takes the UNets)")
     modules = dit_attention_modules(model)
     steps = _int_set("steps", steps)
     blocks = _int_set("blocks", blocks)
@@ -137,13 +144,13 @@ class _Recorder:
 
     def step(self) -> Optional[int]:
         """The step of the call in progress, or None when it is not recorded."""
-        step = loop_step(self.tracker, self.pipeline)
+        step = loop_step(self.tracker, self.pipeline, self.grid)
         return step if self.steps is None or step in self.steps else None
 
     def record(self, name, block, step, query, key, mask, scale, first, batch) -> None:
         """Add one SDPA call (q, k: (B, H, N, D)) whose first sequence is sequence `first` of the call's `batch`."""
-        key_mask = key_mask_of(mask, query.shape[0], key.shape[2], name)
-        frames = token_frames(self.family, self.grid, query.shape[2], key.shape[2], name, query.device)
+        runs = mask_runs(mask, query.shape[0], query.shape[2], key.shape[2], name)
+        frames = token_frames(self.family, self.grid, query.shape[2], key.shape[2], name, query.device, block)
         state = vars(self.model).get(_STATE_ATTR)  # TAR's, where applied
         spec = None if state is None else state.spec_at(block)
         regularized = {"strength": 0.0} if spec is None else spec.tar_kwargs(
@@ -157,34 +164,43 @@ class _Recorder:
                 return
             keep = slice(start, query.shape[0])
         query, key = query[keep], key[keep]
-        key_mask = None if key_mask is None else key_mask[keep]
+        total = torch.zeros(self.grid[0], self.grid[0], dtype=torch.float64, device=query.device)
         with torch.no_grad():
-            total = self._frame_sum(query, key, frames, key_mask, scale, regularized)
-        self.maps._add((name, step), total, query.shape[0] * query.shape[1] * self.grid[1])
+            for rows, key_mask in runs:
+                key_mask = None if key_mask is None else key_mask[keep]
+                total += self._frame_sum(query[:, :, rows], key, frames[rows], frames, key_mask, scale, regularized)
+        # the query tokens of each frame, in every sequence and head of the call (a frame with none: a NaN row)
+        tokens = torch.bincount(frames[frames >= 0].long(), minlength=self.grid[0]).to(torch.float64)
+        self.maps._add((name, step), total, tokens[:, None] * (query.shape[0] * query.shape[1]))
 
-    def _frame_sum(self, query, key, frames, key_mask, scale, regularized) -> torch.Tensor:
+    def _frame_sum(self, query, key, q_frames, k_frames, key_mask, scale, regularized) -> torch.Tensor:
         """Sum over batch, heads and each frame's query tokens of the probabilities per key frame: (F, F) float64."""
         count = self.grid[0]
+        total = torch.zeros(count, count, dtype=torch.float64, device=query.device)
+        video = torch.nonzero(q_frames >= 0).flatten()
+        if video.numel() == 0:
+            return total
         # the values take no part: a one-column view of k stands in for them
-        problem = make_problem(query, key, key[..., :1], causal=False, max_mode="row", scale=scale, frames=frames,
-                               key_mask=key_mask, **{"sigma": 1.0, "delta": None, **regularized})
+        problem = make_problem(query, key, key[..., :1], causal=False, max_mode="row", scale=scale,
+                               frames=(q_frames, k_frames), key_mask=key_mask,
+                               **{"sigma": 1.0, "delta": None, **regularized})
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         k = problem.k.to(compute)
-        video = torch.nonzero(frames >= 0).flatten()
-        first, stop = int(video[0]), int(video[-1]) + 1  # the video tokens are one contiguous run
-        key_frames = torch.nn.functional.one_hot(frames.clamp(min=0).long(), count).to(compute)
-        key_frames[frames < 0] = 0
+        first, stop = int(video[0]), int(video[-1]) + 1
+        key_frames = torch.nn.functional.one_hot(k_frames.clamp(min=0).long(), count).to(compute)
+        key_frames[k_frames < 0] = 0
         dropped = None if key_mask is None else ~key_mask[:, None, None, :]
         rows = max(1, self.chunk_elements // (query.shape[0] * query.shape[1] * key.shape[2]))
-        total = torch.zeros(count, count, dtype=torch.float64, device=query.device)
         for start in range(first, stop, rows):
             block = slice(start, min(start + rows, stop))
+            ids = q_frames[block]
             bias = None
             if problem.regularized:
-                bias = frame_bias(frames[block], frames, sigma=problem.sigma, delta=problem.delta, dtype=compute)
+                bias = frame_bias(ids, k_frames, sigma=problem.sigma, delta=problem.delta, dtype=compute)
             scores = tar_scores(problem, problem.q[:, :, block].to(compute), k, None, bias, mask=dropped)
-            per_frame = torch.softmax(scores, dim=-1) @ key_frames  # (B, H, rows, F)
-            total.index_add_(0, frames[block].long(), per_frame.sum(dim=(0, 1), dtype=torch.float64))
+            per_frame = (torch.softmax(scores, dim=-1) @ key_frames).sum(dim=(0, 1), dtype=torch.float64)
+            video_rows = ids >= 0  # a text or reference token between the video's has no row
+            total.index_add_(0, ids[video_rows].long(), per_frame[video_rows])
         return total
 
 
@@ -217,7 +233,8 @@ class _Watch:
 
     def __call__(self, attn, *args, **kwargs):
         step = self.recorder.step()
-        if step is None:
+        skips = self.recorder.family.skips_attention
+        if step is None or (skips is not None and skips(kwargs)):
             return self.processor(attn, *args, **kwargs)
         if getattr(self.processor, "_parallel_config", None) is not None:
             raise ValueError(f"{self.name}: capture_frame_attention records one process's attention calls; under "

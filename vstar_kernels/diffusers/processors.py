@@ -43,7 +43,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
-from .dit import apply_dit_tar, dit_family, dit_models, remove_dit_tar
+from .dit import FAMILIES, apply_dit_tar, dit_family, dit_models, remove_dit_tar, unsupported_dit
 from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
@@ -341,7 +341,8 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     its forward call ran it (same step, same token layout), so gradients equal those without
     checkpointing.
 
-    Video diffusion transformers (Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi) get
+    Video diffusion transformers (Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi and the
+    newer ones in `dit.FAMILIES`: SkyReels-V2, HunyuanVideo 1.5 and Framepack, LTX-2, ...) get
     frame-aware TAR on the full attention of their transformer blocks (see `dit`): level 0
     only, and ``config.blocks`` picks blocks.
 
@@ -354,14 +355,16 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     model, pipeline = _denoiser(target)
     if dit_family(model) is not None:
         return apply_dit_tar(model, pipeline, config)
+    reason = unsupported_dit(model)
+    if reason is not None:
+        raise ValueError(f"{reason} (docs/dits.md lists the video models of diffusers and why)")
     temporal = temporal_attention_modules(model)
     if not temporal:
         raise ValueError(
             f"{type(model).__name__} has no temporal self-attention (modules under "
             f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); TAR supports UNet3DConditionModel, "
             "I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and LatteTransformer3DModel, and the "
-            "video DiTs WanTransformer3DModel, WanVACETransformer3DModel, CogVideoXTransformer3DModel, "
-            "HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel and MochiTransformer3DModel")
+            f"video DiTs {', '.join(sorted(cls.__name__ for cls in FAMILIES))} (docs/dits.md)")
     if config.blocks is not None:
         raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
                          f"by resolution level: use levels (its temporal attention runs at levels "

@@ -1,0 +1,337 @@
+"""apply_tar on the newer video DiTs of diffusers (CPU): SkyReels-V2, HunyuanVideo 1.5 and Framepack, LTX-2,
+Wan-Animate, Cosmos, ChronoEdit, Allegro, EasyAnimate, Motif-Video, Kandinsky 5 and 6, ConsisID, AnyFlow,
+Helios and MiniMax-H3, each a tiny random-weight model built from its config.
+
+Every regularized attention (the runs of rows a per-query mask is cut into put back together) is
+checked against the float64 frame-TAR oracle on the q, k, v the module's own processor computed,
+with the frame ids and the mask written in tiny_dit_models from each model's design.
+"""
+
+import math
+
+import diffusers
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar, capture_frame_attention, remove_tar
+from vstar_kernels.diffusers.dit import DiTTARProcessor
+from vstar_kernels.diffusers.steps import StepTracker
+
+from ..helpers import TOLERANCES
+from .tiny_dit_models import (NEWER, expected_frames, expected_mask, forward, frame_map64, frame_tar64,
+                              frame_tar_probabilities64, processors, randn, record)
+from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
+
+
+def module_calls(fam, calls):
+    """{module: [(q, k, v, kwargs, out), ...]} with the calls of one module's runs of rows joined: q and out
+    over all rows, the frames and masks of each run kept."""
+    joined = {}
+    for name, q, k, v, kwargs, out in calls:
+        joined.setdefault(name, []).append((q, k, v, kwargs, out))
+    return joined
+
+
+def check_module(fam, name, parts, sigma, strength):
+    block = fam.modules.index(name)
+    q = torch.cat([p[0] for p in parts], dim=2)
+    k, v, kwargs = parts[0][1], parts[0][2], parts[0][3]
+    out = torch.cat([p[4] for p in parts], dim=2)
+    frames = expected_frames(fam, k.shape[2], block)
+    mask = expected_mask(fam, k.shape[2], block)
+    ids = kwargs["frames"]
+    if len(parts) == 1:
+        assert torch.equal(ids.cpu().long(), frames), name
+        given = kwargs["key_mask"]
+        if mask is None:
+            assert given is None, name
+        else:
+            assert torch.equal(given.cpu()[:, None, :].expand_as(mask), mask), name
+    else:  # a per-query mask: one call per run of equal rows, with that run's ids and key mask
+        assert mask is not None and all(torch.equal(p[3]["frames"][1].cpu().long(), frames) for p in parts), name
+        assert torch.equal(torch.cat([p[3]["frames"][0] for p in parts]).cpu().long(), frames), name
+        rows = torch.cat([p[3]["key_mask"].cpu()[:, None, :].expand(-1, p[0].shape[2], -1) for p in parts], dim=1)
+        assert torch.equal(rows, mask), name
+    assert (kwargs["sigma"], kwargs["strength"]) == (sigma, strength)
+    ref = frame_tar64(q, k, v, frames, sigma=sigma, strength=strength, key_mask=mask, scale=kwargs["scale"])
+    atol, rtol = TOLERANCES[q.dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("family", list(NEWER))
+def test_newer_dit_regularizes_its_video_self_attention_against_float64(family):
+    fam = NEWER[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    before = processors(model)
+    plain = forward(model, inputs)
+    # off: strength 0, or sigma = inf, runs the stock processors with no mode, bit for bit
+    for level in ((1.0, 0.0), (math.inf, 1.0)):
+        apply_tar(model, TARConfig(levels={0: level}, until_step=None))
+        assert torch.equal(forward(model, inputs), plain), level
+
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    assert names == fam.modules
+    calls = record(model)
+    out = forward(model, inputs)
+    joined = module_calls(fam, calls)
+    assert list(joined) == fam.modules
+    for name, parts in joined.items():
+        check_module(fam, name, parts, 1.0, 1.0)
+    assert (out - plain).abs().max() > 1e-4, "TAR did not change the model output"
+    for name, proc in processors(model).items():
+        if name in fam.modules:
+            assert isinstance(proc, DiTTARProcessor) and proc.processor is before[name]
+        else:
+            assert proc is before[name], f"{name} was touched"
+
+    # only the attention call changes: plain SDPA on the q, k, v and masks TAR got gives stock's output
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, *, key_mask, scale, causal, **_):
+                mask = None if key_mask is None else key_mask[:, None, None, :]
+                return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
+                                                      scale=scale)
+            proc.attention = attention
+    torch.testing.assert_close(forward(model, inputs), plain, atol=1e-6, rtol=1e-6)
+
+    remove_tar(model)
+    assert all(p is before[n] for n, p in processors(model).items()) and processors(model).keys() == before.keys()
+    assert torch.equal(forward(model, inputs), plain)
+    assert not model._forward_pre_hooks and not model._forward_hooks and StepTracker.of(model) is None
+
+
+def expected_map(fam, calls, block, sigma=1.0, strength=0.0):
+    """The (F, F) map of one module's calls [(q, k), ...] in float64: each frame's row averaged over its query
+    tokens (a frame with none: a NaN row), every sequence and head."""
+    total, rows = 0, 0
+    for q, k in calls:
+        frames = expected_frames(fam, k.shape[2], block)
+        p = frame_tar_probabilities64(q, k, frames, sigma=sigma, strength=strength,
+                                      key_mask=expected_mask(fam, k.shape[2], block))
+        total = total + frame_map64(p, frames)
+        tokens = torch.bincount(frames[frames >= 0], minlength=total.shape[0]).double()
+        rows = rows + tokens[:, None] * q.shape[0] * q.shape[1]
+    return total / rows
+
+
+class SDPASpy:
+    """A processor that runs `processor` and keeps the q, k of its scaled_dot_product_attention calls."""
+
+    def __init__(self, processor, seen):
+        self.processor, self.seen = processor, seen
+
+    def __call__(self, attn, *args, **kwargs):
+        spy = self
+
+        class Mode(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is F.scaled_dot_product_attention:
+                    spy.seen.append((args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"]))
+                return func(*args, **kwargs)
+
+        with Mode():
+            return self.processor(attn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["framepack", "hunyuan15", "skyreels_df", "motif", "ltx2"])
+def test_newer_dit_maps_match_float64(family):
+    """Plain attention maps of every block; history frames at their indices (a frame with no token: NaN row),
+    per-query masks, the decoder blocks' video twice, appended tokens out of the map."""
+    fam = NEWER[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    seen = {name: [] for name in fam.modules}
+    modules = dict(model.named_modules())
+    for name in fam.modules:
+        modules[name].processor = SDPASpy(modules[name].processor, seen[name])
+    plain = forward(model, inputs)
+    for calls in seen.values():
+        calls.clear()
+    with capture_frame_attention(model) as maps:
+        assert torch.equal(forward(model, inputs), plain)
+    assert sorted(maps) == sorted((name, 0) for name in fam.modules)
+    for block, name in enumerate(fam.modules):
+        ref = expected_map(fam, seen[name], block)
+        assert maps[(name, 0)].shape == (fam.frames, fam.frames)
+        torch.testing.assert_close(maps[(name, 0)], ref, atol=1e-5, rtol=1e-5, equal_nan=True, msg=name)
+    if family == "framepack":  # frames 6, 7, 9, 10 and 11 have no token
+        assert [f for f in range(fam.frames) if maps[(fam.modules[0], 0)][f].isnan().all()] == [6, 7, 9, 10, 11]
+
+
+@pytest.mark.parametrize("family", ["hunyuan15", "skyreels_df"])
+def test_newer_dit_maps_of_regularized_attention_with_per_query_masks(family):
+    fam = NEWER[family]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, blocks=[0]))
+    tar_out = forward(model, inputs)
+    calls = record(model)
+    with capture_frame_attention(model, blocks=[0]) as maps:
+        assert torch.equal(forward(model, inputs), tar_out)
+    parts = module_calls(fam, calls)[fam.modules[0]]
+    q, k = torch.cat([p[0] for p in parts], dim=2), parts[0][1]
+    # steps count from apply_tar on a bare model: the captured call is the second
+    torch.testing.assert_close(maps[(fam.modules[0], 1)], expected_map(fam, [(q, k)], 0, 1.0, 1.0),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["hunyuan15", "framepack"])
+def test_newer_dit_bfloat16_forward_runs(family):
+    fam = NEWER[family]
+    model = fam.model().to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in fam.inputs().items()}
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    calls = record(model)
+    out = forward(model, inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, plain)
+    for name, parts in module_calls(fam, calls).items():
+        check_module(fam, name, parts, 1.0, 1.0)
+
+
+def train_two_steps(model, inputs):
+    """Two forward calls (steps 0 and 1), then one backward pass through both."""
+    first = model(**inputs, return_dict=False)[0]
+    second = model(**inputs, return_dict=False)[0]
+    (first.square().mean() + second.mean()).backward()
+    return first.detach(), second.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["skyreels_df", "framepack"])
+def test_newer_dit_gradient_checkpointing_recomputes_blocks_as_their_call_ran_them(family):
+    fam = NEWER[family]
+    inputs = fam.inputs()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=0)
+    model = fam.model()
+    apply_tar(model, config)
+    first, second, grads = train_two_steps(model, inputs)
+    model = fam.model()
+    model.enable_gradient_checkpointing()
+    apply_tar(model, config)
+    checkpointed = train_two_steps(model, inputs)
+    torch.testing.assert_close(checkpointed[0], first, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(checkpointed[1], second, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        if grad is not None:
+            torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_skyreels_diffusion_forcing_pipeline_steps_follow_the_noisiest_frame():
+    """SkyReels-V2's diffusion-forcing pipeline steps a copy of its scheduler per frame, so its own scheduler counts
+    no step: a call's step is that of its noisiest frame. A long video (here 3 chunks of 3 latent frames, 2 of them
+    history) starts each chunk's new frames from noise: every chunk runs steps 0, 1, 2, the guidance branches as
+    two calls each, and until_step=0 regularizes the two calls of each chunk's step 0."""
+    model = NEWER["skyreels"].model()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None,
+                                             scheduler=scheduler)
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    steps, regularized = [], []
+    model.register_forward_pre_hook(lambda *_: steps.append(model._vstar_tar.step))
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, **kwargs):
+                regularized.append(len(steps) - 1)
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+    with torch.no_grad():
+        pipe(prompt=None, prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+             height=32, width=32, num_frames=17, base_num_frames=9, overlap_history=5, num_inference_steps=3,
+             guidance_scale=5.0, output_type="latent")
+    assert steps == [0, 0, 1, 1, 2, 2] * 3
+    assert regularized == [call for chunk in (0, 6, 12) for call in (chunk, chunk, chunk + 1, chunk + 1)]
+
+
+def test_ltx2_spatio_temporal_guidance_blocks_run_stock():
+    """LTX-2's STG: a perturbed block returns its values with no attention; TAR leaves it to the stock processor
+    (and the capture records nothing there), and regularizes the other blocks."""
+    fam = NEWER["ltx2"]
+    model = fam.model()
+    inputs = dict(fam.inputs(), spatio_temporal_guidance_blocks=[0])
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    calls = record(model)
+    forward(model, inputs)
+    assert [c[0] for c in calls] == ["transformer_blocks.1.attn1"]
+    with capture_frame_attention(model) as maps:
+        forward(model, inputs)
+    assert list(maps) == [("transformer_blocks.1.attn1", 1)]
+
+
+def test_newer_dit_errors_name_the_problem(monkeypatch):
+    helios = NEWER["helios"]
+    model = helios.model()
+    with pytest.raises(ValueError, match="'64D1' is a paper preset for video UNets and HeliosTransformer3DModel"):
+        apply_tar(model, TARConfig.from_preset("64D1"))
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    inputs = helios.inputs()
+    inputs["indices_latents_history_short"] = torch.tensor([[6, 7], [5, 7]])
+    with pytest.raises(ValueError, match="one frame layout per call.*different indices_latents_history_short"):
+        forward(model, inputs)
+
+    ltx2 = NEWER["ltx2"]
+    model = ltx2.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    with pytest.raises(ValueError, match=r"boolean key masks of shape \(B, 1, 1, Nk\) and boolean masks.*"
+                                         r"torch.float32 mask of shape \(2, 2, 53, 53\)"):
+        forward(model, dict(ltx2.inputs(), video_self_attention_mask=torch.ones(2, 53, 53)))
+
+    hunyuan = NEWER["hunyuan15"]
+    model = hunyuan.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    monkeypatch.setattr("vstar_kernels.diffusers.dit.MAX_MASK_RUNS", 1)
+    with pytest.raises(ValueError, match="transformer_blocks.0.attn: the processor's .* mask has 2 runs of equal rows"):
+        forward(model, hunyuan.inputs())
+
+    sana = diffusers.SanaVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                  attention_head_dim=8, num_layers=1, num_cross_attention_heads=2,
+                                                  cross_attention_head_dim=8, cross_attention_dim=16,
+                                                  caption_channels=16, sample_size=8)
+    with pytest.raises(ValueError, match="SanaVideoTransformer3DModel: TAR does not apply: its self-attention is "
+                                         "linear attention.*docs/dits.md"):
+        apply_tar(sana, TARConfig(levels={0: (1.0, 1.0)}))
+    with pytest.raises(ValueError, match="SanaVideoTransformer3DModel: TAR does not apply"):
+        with capture_frame_attention(sana):
+            pass
+    with pytest.raises(ValueError, match="TAR supports .* video DiTs .*HunyuanVideoFramepackTransformer3DModel.*"
+                                         "SkyReelsV2Transformer3DModel.*docs/dits.md"):
+        apply_tar(torch.nn.Linear(2, 2), TARConfig(levels={0: (1.0, 1.0)}))
+
+
+def test_ltx2_frames_come_from_video_coords_when_the_grid_arguments_are_not_given():
+    """LTX-2's DFR pipelines pass video_coords alone (a tile of the canvas): the frames come from them, as the
+    rotary embedding's do; a tile keeps the frames of the canvas it is cut from."""
+    fam = NEWER["ltx2"]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    with_grid = forward(model, inputs)
+    calls = record(model)
+    coords_only = {k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width")}
+    assert torch.equal(forward(model, coords_only), with_grid)
+    assert all(torch.equal(c[4]["frames"].long(), expected_frames(fam, 53)) for c in calls)
+    calls.clear()
+    keep = torch.arange(16, 48)  # frames 1 and 2 of the canvas, as a tile
+    tile = dict(coords_only, hidden_states=inputs["hidden_states"][:, keep],
+                video_coords=inputs["video_coords"][:, :, keep])
+    forward(model, tile)
+    assert all(torch.equal(c[4]["frames"].long(), torch.tensor([1] * 16 + [2] * 16)) for c in calls)
+
+
+def test_per_query_mask_runs_on_the_triton_kernels():
+    """The Triton kernels (the interpreter here, as on a GPU) take each run's query rows with the run's key mask
+    and the (query ids, key ids) pair; rows whose keys are all masked in one sequence give 0."""
+    fam = NEWER["hunyuan15"]
+    model = fam.model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, backend="triton"))
+    calls = record(model)
+    forward(model, fam.inputs())
+    joined = module_calls(fam, calls)
+    assert [len(parts) for parts in joined.values()] == [2, 2]
+    for name, parts in joined.items():
+        check_module(fam, name, parts, 1.0, 1.0)
