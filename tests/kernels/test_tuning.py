@@ -86,7 +86,7 @@ def _tiles(configs):
 
 
 def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles(fwd):
-    """The tiles only one arch compiles without spills (benchmarks/NOTES.md): 128 x 64 with 8 warps
+    """The tiles only one arch compiles without spills (tools/perf/kernel-log.md): 128 x 64 with 8 warps
     for the Gaussian at D <= 64 in 16-bit on sm_90 only; 128 x 32 with frame ids at D 128 dropped on
     sm_80. A GPU of another arch, or none named, keeps the list without these changes."""
     gaussian = dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False)

@@ -403,7 +403,7 @@ def _prune_packed(configs, named_args, **kwargs):
 
     Five (SEQS x SEG_Q x SEG_K) float32 tiles live at once (S', P, dP, dS, dA): for wide heads
     a program holds at most 64 rows (or one sequence, whichever is more), and a 32-row program
-    runs on at most 4 warps (benchmarks/NOTES.md, kernel log v3).
+    runs on at most 4 warps (tools/perf/kernel-log.md, v3).
     """
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     seg = named_args["SEG_MAX"]
@@ -431,7 +431,7 @@ def _row_words(c, block_d):
 
 def _prune_tiled(configs, named_args, **kwargs):
     """The configs whose dQ pass and dK/dV pass (run with the same config) ptxas keeps out of local
-    memory on sm_80 and sm_90 (benchmarks/NOTES.md, kernel log).
+    memory on sm_80 and sm_90 (tools/perf/kernel-log.md).
 
     A (BLOCK_M x BLOCK_N) score tile may take at most 8 float32 words a thread (several live at
     once), at most 32 x 32 with a custom delta (its tile is one more); the rows either pass keeps

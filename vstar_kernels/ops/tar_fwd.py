@@ -418,7 +418,7 @@ def _tiled_configs():
 
 def _prune_tiled(configs, named_args, **kwargs):
     """The tiled configs that compile without spills for the launch's GPU (`_jit.target_sm`;
-    benchmarks/NOTES.md, kernel log: every config compiled for sm_80 and sm_90, fp16/bf16, head
+    tools/perf/kernel-log.md: every config compiled for sm_80 and sm_90, fp16/bf16, head
     dims 64 and 128). 4 warps spill with key tiles wider than 32 on sm_80 (mma.sync), and 128 x 128
     tiles do; the bias (the row-max Gaussian's band softmax, a custom delta) and head dims above 64
     spill in tiles larger than 64 x 64, and both together with 128 rows or 4 warps on sm_80 (a
