@@ -5,6 +5,7 @@ plain-attention baseline for sm_90, which needs JIT functions), on one small sha
 """
 
 import csv
+import json
 import math
 import os
 import pathlib
@@ -91,24 +92,60 @@ def test_cli_writes_model_files_labelled_model(run):
 
 def test_calibration_lands_within_25_percent_of_published_fa2(run):
     out, _ = run
-    rows = _rows(out / "model-h100-calibration.csv")
-    assert [(int(r["d"]), int(r["n"])) for r in rows] == [(d, n) for d, n, _, _ in roofline.PUBLISHED_FA2]
+    rows = [r for r in _rows(out / "model-h100-calibration.csv") if r["peer"] == "FlashAttention-2"]
+    assert [(int(r["d"]), int(r["n"])) for r in rows] == [(d, n) for d, n, _ in roofline.PUBLISHED_FA2]
     for r in rows:
-        assert r["estimate"] == "model vs published" and "arXiv:2407.08608" in r["source"]
+        assert r["estimate"] == "model vs published" and r["role"] == "fit"
+        assert "arXiv:2407.08608" in r["source"] and "FlashAttention-2 bar" in r["source"]
         assert 0.75 <= float(r["model_over_published"]) <= 1.25, r
 
 
+def test_fa3_calibration_lands_within_15_percent_of_its_published_bars(run):
+    """fa3 against the FlashAttention-3 bars of the same panels, at every fitted point; the bars it was not
+    fitted on and pytorch/benchmark's FlashAttention-3 column are checks, written beside them."""
+    out, _ = run
+    rows = [r for r in _rows(out / "model-h100-calibration.csv") if r["peer"] == "FlashAttention-3"]
+    fit = [r for r in rows if r["role"] == "fit"]
+    assert [(int(r["d"]), int(r["n"]), float(r["published_tflops"])) for r in fit] == list(roofline.PUBLISHED_FA3)
+    for r in fit:
+        assert "arXiv:2407.08608" in r["source"] and "FlashAttention-3 bar" in r["source"]
+        assert 0.85 <= float(r["model_over_published"]) <= 1.15, r
+    checks = [r for r in rows if r["role"] == "check"]
+    assert len(checks) == len(roofline.CHECK_FA3) + len(roofline.PUBLISHED_TUTORIAL)
+    assert {r["source"].split(",")[0] for r in checks} == {"FlashAttention-3 paper", "pytorch/benchmark pull request "
+                                                                                     "#2391 (commit ff65cb6"}
+
+
+def test_tutorial_anchor_rows(run):
+    """The baseline in the tutorial's configs, modeled at ETA and unfitted, beside the tutorial's measured
+    throughput at every length pytorch/benchmark tabulates."""
+    out, _ = run
+    rows = [r for r in _rows(out / "model-h100-calibration.csv") if r["role"] == "anchor"]
+    assert [int(r["n"]) for r in rows] == [n for n, _, _ in roofline.PUBLISHED_TUTORIAL]
+    for r in rows:
+        assert r["peer"] == "Triton tutorial" and r["config"].startswith("tutorial ") and int(r["bh"]) * int(
+            r["n"]) == 16384 * roofline.TUTORIAL_HEADS
+        # ETA < 1 can only slow a kernel down
+        assert float(r["model_tflops"]) <= float(r["unfitted_model_tflops"])
+
+
 def test_rows_are_deterministic(run):
-    """Ours and the eager reference again, in this process, from the same inputs: the same numbers.
-    (N = 16 compiles the packed kernel, which needs JIT functions: not under TRITON_INTERPRET=1.)"""
+    """Ours, fa3 and the eager reference again, in this process, from the same inputs: the same numbers."""
     out, _ = run
     eta = float((out / "model-h100.md").read_text().split("ETA = ")[1].split(":")[0])
     gpu, s = roofline.GPUS["h100"], shapes.SHAPES["vc2-320x512-l2"]
+    exposed = float((out / "model-h100.md").read_text().split("MMA at the dense peak plus ")[1].split(" ")[0])
     rows = {(int(r["n"]), r["impl"]): r for r in _rows(out / "model-h100.csv") if r["status"] == "ok"}
-    for n in (256,) if triton.knobs.runtime.interpret else (16, 256):
-        for impl, e in (("vstar_triton", roofline.ours(s.batch * s.heads, n, s.head_dim, gpu, eta)),
-                        ("reference_eager", eager.eager(PEERS["reference_eager"], s.batch, s.heads, n, s.head_dim,
-                                                        gpu, eta))):
+    # ours and flash compile for sm_90, which needs JIT functions: not under TRITON_INTERPRET=1
+    compiles = not triton.knobs.runtime.interpret
+    for n in (16, 256):
+        call = (s.batch, s.heads, n, s.head_dim, gpu)
+        models = [("fa3", lambda: roofline.fa3(*call, exposed)),
+                  ("reference_eager", lambda: eager.eager(PEERS["reference_eager"], *call[:4], gpu, eta))]
+        if compiles:
+            models.append(("vstar_triton", lambda: roofline.ours(*call, eta)))
+        for impl, model in models:
+            e = model()
             r = rows[n, impl]
             assert (round(e.seconds * 1e3, 6), int(e.bytes)) == (float(r["model_time_ms"]), int(r["model_bytes"]))
 
@@ -147,25 +184,84 @@ def test_tile_counts_cover_every_tile_and_load_what_tiled_bytes_counts(n, block_
         2 * n * n if sigma is None else 0)
 
 
+def test_fa3_pays_its_whole_tiles():
+    """FlashAttention-3's tiles (192 x 192 up to head dim 64, 128 x 176 at 128): at N = 16..64 a sequence
+    still costs a whole tile's MMA and exponentials; a head dim runs the next compiled one; from head dim 128
+    an even number of query blocks pairs into clusters that load K and V once."""
+    gpu = roofline.GPUS["h100"]
+    for n in (16, 32, 64):
+        e = roofline.fa3(100, 8, n, 40, gpu, 1.0)
+        assert e.mma_flops == 800 * 192 * 192 * 2 * 2 * 64  # D 40 runs the head dim 64 kernel
+        assert e.mufu * 32 == pytest.approx(800 * 192 * 192 * (1 + 1 / 192))
+        assert e.bytes == 800 * 4 * n * 40 * 2 + 800 * n * 4  # Q, K, V, O once; the log-sum-exp
+    short, long = roofline.fa3(4, 16, 64, 64, gpu, 1.0), roofline.fa3(4, 16, 192, 64, gpu, 1.0)
+    assert short.mma_flops == long.mma_flops and short.seconds == long.seconds  # 64 rows cost the tile of 192
+    one, pair = roofline.fa3(1, 16, 128, 128, gpu, 1.0), roofline.fa3(1, 16, 256, 128, gpu, 1.0)
+    assert "cluster" not in one.config and pair.config == "fa3 128x176 cluster 2"
+    assert pair.bytes == 16 * (2 * 256 + 2 * 256 * 2 // 2) * 128 * 2 + 16 * 256 * 4
+    hidden = roofline.fa3(64, 16, 4096, 128, gpu, 0.0)
+    assert hidden.terms["mma+exp"] == pytest.approx(hidden.mma_flops / gpu.tensor_flop_s * roofline.waves_stretch(
+        64 * 16 * 32, 1, gpu))  # nothing exposed: the MMA at the dense peak
+    assert roofline.fa3(64, 16, 4096, 128, gpu, 1.0).seconds > hidden.seconds
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        roofline.fa3(1, 1, 64, 320, gpu, 1.0)
+
+
 def test_band_is_the_launchers():
     assert roofline.band(256, 1.0) == 15  # tests/perf/test_traffic.py: the kernel's band at sigma 1
     assert roofline.band(256, 8.0) > roofline.band(256, 4.0) > roofline.band(256, 1.0)
     assert roofline.band(64, 1e6) == 128 and roofline.band(64, None) is None
 
 
-def test_loop_costs_map_the_static_loops():
-    """The committed static-sm90.csv's per-loop rows of the tiled forward, in the kernel's order."""
-    for _, _, config in roofline.tiled_configs():
-        one = roofline.loop_costs(config)
-        assert set(one) == set(roofline.ONE_PASS_LOOPS)
-        assert one["row_max"].mufu == 0 and one["biased"].mufu > one["plain_left"].mufu > 0
-    for _, _, config in roofline.tiled_configs(delta=True):
-        two = roofline.loop_costs(config, delta=True)
-        assert set(two) == set(roofline.TWO_PASS_LOOPS) and two["row_max"].mufu == 0
-    # every config the sm_90 pruning keeps (static.py compiles them all in fp16): 128 x 64 for the
-    # Gaussian, not with a custom delta
-    tiles = {c[:2] for c in roofline.tiled_configs()}
-    assert {(64, 32), (128, 32), (128, 64)} <= tiles and (128, 64) not in {c[:2] for c in roofline.tiled_configs(True)}
+_COMPILED_SCRIPT = r'''
+import json
+from tools.perf import roofline
+
+out = {}
+for name, delta in (("gaussian", False), ("delta", True)):
+    launch = roofline.ours_launch(2, 5, 256, 64, 1.0, delta)
+    configs = roofline.compiled_launch(launch)
+    loops = {config: {kind: [c.instr, c.mufu] for kind, c in roofline.tiled_loops(config, rows, delta).items()}
+             for config, rows in configs}
+    outside = [rows[0].outside_warp_instr for _, rows in configs]
+    out[name] = dict(loops=loops, outside=outside, again=roofline.compiled_launch(launch) is configs)
+plain = {}
+for n in (256, 250):  # 256 = 4 whole 64-key tiles; 250 peels a masked last tile, outside the loop
+    (config, rows), = roofline.compiled(roofline.plain_launch(2, 5, n, 64, 128, 64, 8, 3))
+    plain[n] = [rows[0].loop, rows[0].outside_warp_instr, rows[0].kernel_mma, len(rows)]
+out["plain"] = plain
+print(json.dumps(out))
+'''
+
+
+def test_the_model_compiles_each_modeled_call_and_maps_its_loops(tmp_path):
+    """The tiled forward compiled for a modeled call (N = 256, D 64, 5 heads, on meta tensors): every config the
+    sm_90 pruning keeps, each with its six loops of the one-pass Gaussian (two with a custom delta) in the
+    kernel's order, and instructions outside the loops once per program; compiled once per specialization.
+    The baseline: one MMA loop over the whole key tiles, the masked last tile outside it."""
+    if not PTXAS.exists():
+        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                                                     env.get("PYTHONPATH")])))
+    script = tmp_path / "compiled_check.py"
+    script.write_text(_COMPILED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    one, two = out["gaussian"], out["delta"]
+    assert len(one["loops"]) >= 4 and len(two["loops"]) >= 2  # every kept config, not one stand-in
+    for loops in one["loops"].values():
+        assert list(loops) == list(roofline.ONE_PASS_LOOPS)
+        assert loops["row_max"][1] == 0 and loops["biased"][1] > loops["plain_left"][1] > 0
+    for loops in two["loops"].values():
+        assert list(loops) == list(roofline.TWO_PASS_LOOPS) and loops["row_max"][1] == 0
+    assert all(x > 0 for x in one["outside"] + two["outside"]) and one["again"] and two["again"]
+    assert {(int(c.split()[0][8:]), int(c.split()[1][8:])) for c in one["loops"]} >= {(64, 32), (128, 32), (128, 64)}
+    whole, peeled = out["plain"]["256"], out["plain"]["250"]
+    assert whole[0] == peeled[0] == "hot" and whole[2] == peeled[2] == "HGMMA" and whole[3] == peeled[3] == 1
+    assert peeled[1] > whole[1] > 0  # the peeled tile's instructions count once per program
 
 
 @pytest.mark.parametrize("argv", [["model", "--gpu", "a100"], ["model", "--gpu", "cuda"],
@@ -188,7 +284,7 @@ def test_the_package_cli_has_no_maintainer_modes(argv, capsys):
 @pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="checks the error under TRITON_INTERPRET=1")
 def test_calibration_under_the_interpreter_says_why_it_cannot_compile():
     with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"):
-        roofline.calibration_costs(64)
+        roofline.flash(1, 2, 256, 64, roofline.GPUS["h100"], 0.36)
 
 
 # --------------------------------------------------------------------------- DiT rows (`tools.perf model --dit`)
@@ -225,6 +321,9 @@ def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_r
         assert "frames" in ours["config"] and float(ours["model_ours_over_flash"]) > 1  # the walk costs a pass
         assert float(ours["model_time_ms"]) == pytest.approx(
             float(ours["model_ours_over_flash"]) * float(by["flash"]["model_time_ms"]), rel=2e-3)
+        assert float(ours["model_time_ms"]) == pytest.approx(
+            float(ours["model_ours_over_fa3"]) * float(by["fa3"]["model_time_ms"]), rel=2e-3)
+        assert float(ours["model_ours_over_fa3_eta1"]) <= float(ours["model_ours_over_fa3"])
         assert float(by["flex_two_pass"]["model_time_ms"]) == pytest.approx(2 * float(by["flash"]["model_time_ms"]),
                                                                             rel=1e-3)
         committed = {r["impl"]: r for r in _rows(RESULTS / f"model-dit-{gpu}.csv") if r["model"] == DIT}
@@ -286,13 +385,14 @@ def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(mo
     tensors in q's dtype at once (the scores and the scaled scores)."""
     dit = model_dit.Dit("synthetic", heads=2, head_dim=64, latent_frames=4, tokens_per_frame=128)
     small = roofline.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory_bytes=0.0)
-    def kernel(*_):  # ours and flash need the sm_90 compiler; their memory is Q, K, V, O either way
+    def kernel(*_):  # ours and flash need the sm_90 compiler; their memory is Q, K, V, O either way (fa3's too)
         e = roofline.Estimate(bytes=1e6, mma_flops=1e9, launches=1, config="stub")
         return roofline.finish(e, small, 1.0)
 
     monkeypatch.setattr(model_dit, "ours_frames", kernel)
     monkeypatch.setattr(model_dit, "flash", kernel)
-    monkeypatch.setattr(eager, "flash", kernel)  # SDPA with a mask is modeled as the flash loop plus the mask
+    monkeypatch.setattr(model_dit, "fa3", kernel)
+    monkeypatch.setattr(eager, "flash", kernel)  # sdpa_bias's fused kernel
     sdpa = eager.eager(PEERS["sdpa_bias"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
     reference = eager.eager(PEERS["reference_materialized"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
     nn = dit.heads * dit.n ** 2
@@ -301,10 +401,10 @@ def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(mo
     memory = (sdpa + reference) / 2
     monkeypatch.setitem(roofline.GPUS, "synthetic", roofline.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory))
 
-    rows = {r["impl"]: r for r in model_dit.dit_sweep("synthetic", 1.0, (dit,), progress=lambda _: None)}
+    rows = {r["impl"]: r for r in model_dit.dit_sweep("synthetic", 1.0, 1.0, (dit,), progress=lambda _: None)}
     over, under = ("sdpa_bias", "reference_materialized") if sdpa > reference else ("reference_materialized",
                                                                                     "sdpa_bias")
     assert rows[over]["status"].startswith("does not fit (peak ") and "model_time_ms" not in rows[over]
     assert rows[under]["status"] == "ok" and rows[under]["model_time_ms"] > 0
     assert int(rows[over]["model_fits_up_to_n"]) < dit.n <= int(rows[under]["model_fits_up_to_n"])
-    assert all(rows[i]["status"] == "ok" for i in ("vstar_triton_frames", "flash", "flex_two_pass"))
+    assert all(rows[i]["status"] == "ok" for i in ("vstar_triton_frames", "fa3", "flash", "flex_two_pass"))

@@ -44,7 +44,7 @@ plain = ASTSource(copy, {"X": "*fp16", "Y": "*fp16", "n": "i32", "stride": "i32"
                   {(4,): 1024})
 plain_ptx = triton.compile(plain, target=target, options={"num_warps": 4}).asm["ptx"]
 
-case = (torch.float16, (2, 8, 300, 300, 64, 64), {})
+case = (torch.float16, (2, 8, 256, 256, 64, 64), {})
 name, thunk = next(cc.cases([case], backward=False))
 with cc.targeting(90):  # the configs an sm_90 launch keeps
     (launch,) = cc.record(thunk)
@@ -57,7 +57,8 @@ print(json.dumps({"attrs": {str(k): v for k, v in src.attrs.items() if v},
                   "vector": ".v4." in ptx or ".v8." in ptx, "plain_vector": ".v4." in plain_ptx or ".v8." in plain_ptx,
                   "every": every,
                   "rows": [[r.kernel, r.mma, r.hot_loop, r.spill_bytes, r.local_ops_in_loops, r.instr_per_score,
-                            r.mufu_per_score, r.ctas_per_sm, r.loop, r.loop_mma] for r in rows]}))
+                            r.mufu_per_score, r.ctas_per_sm, r.loop, r.loop_mma, r.kernel_mma,
+                            r.outside_loops, r.outside_warp_instr, r.loop_instructions] for r in rows]}))
 '''
 
 
@@ -79,9 +80,12 @@ def test_static_compiles_specialized_kernels(tmp_path):
     hot = [r for r in out["rows"] if r[8] == "hot"]
     assert len(hot) == 2  # the first and last pruned config
     assert out["every"] == [True, False]  # tools.perf static compiles every config of the fp16 tiled forward
-    for kernel, mma, hot_loop, spills, local, instr, mufu, ctas, _, _ in hot:
-        assert (kernel, mma, hot_loop, spills, local) == ("_tar_fwd_tiled_kernel", "HGMMA", "loop", 0, 0)
+    for kernel, mma, hot_loop, spills, local, instr, mufu, ctas, _, _, kinds, outside, warp_instr, _ in hot:
+        assert (kernel, mma, hot_loop, spills, local, kinds) == ("_tar_fwd_tiled_kernel", "HGMMA", "loop", 0, 0,
+                                                                 "HGMMA")
         assert instr > 0 and 0 < mufu < instr and ctas >= 1
+        # the whole kernel: the prologue, the code between its six loops and the epilogue, once per program
+        assert outside > 0 and warp_instr % outside == 0 and warp_instr // outside in (4, 8)
     # each config's MMA loops, in SASS order: the off-band loops (full tiles, the masked last one,
     # left and right), the band's row-max walk (QK^T only: no MUFU), the band's softmax
     loops = [r for r in out["rows"] if r[8] != "hot"]
@@ -96,7 +100,7 @@ def test_static_compiles_specialized_kernels(tmp_path):
 
 
 def test_sass_parse_finds_the_loop():
-    from tools.perf.static import hot_loop, loop_paths, occupancy, parse_sass, sass_graph
+    from tools.perf.static import hot_loop, last_exit, loop_paths, occupancy, outside_loops, parse_sass, sass_graph
 
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -110,6 +114,13 @@ def test_sass_parse_finds_the_loop():
         /*0060*/              @!P1 BRA `(.L_x_1) ;
         /*0070*/                   EXIT ;
 """
+    opcodes, loops = parse_sass(sass + """
+.L_x_2:
+        /*0080*/                   BRA `(.L_x_2) ;
+        /*0090*/                   NOP ;
+""")
+    assert loops == [(1, 3), (4, 6), (8, 8)]
+    assert last_exit(opcodes) == 7 and outside_loops(opcodes, loops) == 2  # MOV and EXIT; not the closing loop
     opcodes, loops = parse_sass(sass)
     assert loops == [(1, 3), (4, 6)]
     assert hot_loop(opcodes, loops) == (1, 3)  # the loop with the MMA

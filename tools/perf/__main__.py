@@ -35,6 +35,11 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--n", nargs="+", type=int, metavar="N", help="sequence lengths (kernel shapes)")
     model.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     _out(model)
+    cpu = sub.add_parser("cpu", help="time the CPU default path (tar_attention, backend auto) against plain SDPA, "
+                                     "default threads and one thread (measured)")
+    cpu.add_argument("--quick", action="store_true", help="one UNet and one DiT case")
+    cpu.add_argument("--rounds", type=int, default=9, help="timed calls of each implementation per case (default 9)")
+    _out(cpu)
     check = sub.add_parser("compile-check", help="compile every launch for an NVIDIA arch (no GPU): registers, "
                                                  "spills, shared memory", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
@@ -56,6 +61,8 @@ def main(argv=None) -> int:
         from .static import main as run
     elif args.command == "traffic":
         from .traffic import main as run
+    elif args.command == "cpu":
+        from .cpu import main as run
     elif args.dit:
         from .model_dit import dit_main as run
     else:

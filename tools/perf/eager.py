@@ -86,8 +86,7 @@ class OpCounter(TorchDispatchMode):
 def _fused_sdpa(counter: OpCounter):
     """SDPA as the GPU runs it with a mask: one fused kernel, modeled as the flash loop plus the mask read."""
     def sdpa(q, k, v, attn_mask=None, **_):
-        bh, n, d = q.shape[0] * q.shape[1], q.shape[2], q.shape[3]
-        e = flash(bh, n, d, counter.gpu, counter.eta)
+        e = flash(*q.shape, counter.gpu, counter.eta)
         mask = _tensor_bytes(attn_mask) if attn_mask is not None else 0
         counter.total.bytes += e.bytes + mask
         counter.total.mma_flops += e.mma_flops

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import torch
 from vstar_kernels.ops._jit import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
-from vstar_kernels.ops.layout import block_dims
 
 from .eager import eager
 from .model import write_table_and_plot
@@ -23,9 +21,14 @@ from .roofline import (
     Estimate,
     Gpu,
     LoopCost,
+    _config_fields,
     calibrate,
+    calibrate_fa3,
+    compiled_launch,
+    fa3,
     finish,
     flash,
+    ours_launch,
     results_dir,
     short_config,
     tile_counts,
@@ -70,7 +73,7 @@ class Dit:
 
 
 # Config values (transformer/config.json of each diffusers checkpoint, or the diffusers class's
-# documented defaults where those are the checkpoint's; see benchmarks/NOTES.md, "DiT shapes (model)"):
+# documented defaults where those are the checkpoint's; see tools/perf/model.md, "DiT shapes (model)"):
 # Wan 2.1 1.3B: dim 1536, num_heads 12 (head dim 128), patch (1, 2, 2), VAE stride (4, 8, 8);
 # Wan 2.1 14B: num_attention_heads 40, attention_head_dim 128, patch (1, 2, 2); 81 frames -> 21
 # latent frames, (H / 16) x (W / 16) tokens each. CogVideoX-5B: 48 heads x 64, patch 2, temporal
@@ -98,11 +101,12 @@ DIT_SHAPES = (
                "patch_size 1, patch_size_t 1; VAE 32x32 spatial, 8x temporal"),
 )
 DIT_EAGER = ("reference_materialized", "sdpa_bias")
-DIT_IMPLS = ("vstar_triton_frames", "flash", "flex_two_pass") + DIT_EAGER
+DIT_IMPLS = ("vstar_triton_frames", "fa3", "flash", "flex_two_pass") + DIT_EAGER
 DIT_COLUMNS = ("estimate", "gpu", "model", "batch", "heads", "d", "n", "latent_frames", "tokens_per_frame",
                "text_tokens", "dtype", "impl", "status", "config", "bound", "model_time_ms", "model_bytes",
-               "model_mma_flops", "model_peak_gb", "model_fits_up_to_n", "model_ours_over_flash",
-               "model_ours_over_flex_two_pass", "model_time_l2_ms", "model_ours_over_flash_l2")
+               "model_mma_flops", "model_peak_gb", "model_fits_up_to_n", "model_ours_over_fa3",
+               "model_ours_over_fa3_eta1", "model_ours_over_flash", "model_ours_over_flex_two_pass",
+               "model_time_l2_ms", "model_ours_over_fa3_l2", "model_ours_over_flash_l2")
 
 
 # The tiled forward's MMA loops with frame ids, in SASS order: the row-max walk over every key tile
@@ -112,41 +116,21 @@ DIT_COLUMNS = ("estimate", "gpu", "model", "batch", "heads", "d", "n", "latent_f
 FRAME_LOOPS = ("row_max",) + ONE_PASS_LOOPS[:4] + ("biased",)
 
 
-@functools.lru_cache(maxsize=4)
-def frames_loop_costs(block_d: int, arch: int = 90) -> tuple:
-    """((BLOCK_M, BLOCK_N, config, {kind: (column LoopCost, per-score LoopCost)}), ...) of the tiled
-    forward with frame ids (HAS_FRAMES, FRAME_TILES; kinds FRAME_LOOPS), compiled for sm_`arch` as a
-    launch there compiles (every config its pruning keeps) on one representative bf16 call per head
-    dim: B 1, H 1, N 1024 in 4 frames. A key tile of one dA column runs the loop's shortest path
-    (static.loop_paths), a tile with dA per score its longest; the row-max walk has one path. The
-    launcher's pruning depends on the head dim and the options, not on N."""
-    import triton
-    from vstar_kernels._problem import make_problem
-    from vstar_kernels.ops._jit import targeting
-
-    from .compile_check import _modules, compile_launch, record
-    from .static import rows
-
-    if triton.knobs.runtime.interpret:
-        raise RuntimeError("tools.perf model compiles the frame-id kernel for sm_90: run it without TRITON_INTERPRET=1")
-    fwd, _ = _modules()
-    n = 1024
-    q = torch.empty(1, n, 1, block_d, dtype=torch.bfloat16).transpose(1, 2)
-    problem = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
-                           frames=torch.arange(n, dtype=torch.int32) // 256)
+def frames_loop_costs(batch: int, heads: int, n: int, d: int, ids: torch.Tensor, sigma: float, arch: int = 90) -> tuple:
+    """((BLOCK_M, BLOCK_N, config, {kind: (column LoopCost, per-score LoopCost)}, per-program
+    warp-instructions outside the loops), ...) of the tiled forward with frame ids (HAS_FRAMES,
+    FRAME_TILES; kinds FRAME_LOOPS) that this bf16 call launches (frame ids `ids`, the Gaussian of
+    `sigma`), compiled for sm_`arch` as the call specializes it (its own N, heads and strides; every
+    config the sm_`arch` pruning keeps). A key tile of one dA column runs the loop's shortest path
+    (static.loop_paths), a tile with dA per score its longest; the row-max walk has one path."""
+    launch = ours_launch(batch, heads, n, d, sigma, frames=ids, dtype=torch.bfloat16, arch=arch)
     out = []
-    with targeting(arch):  # the configs an sm_`arch` launch keeps
-        launches = record(lambda: fwd.tar_forward(problem))
-        compiled_launches = [c for launch in launches
-                             for c in compile_launch(launch, arch, True, f"bf16 B1H1N{n}D{block_d} frames")]
-    for compiled in compiled_launches:
-        if compiled.name != "_tar_fwd_tiled_kernel" or not compiled.constants.get("FRAME_TILES"):
-            continue
-        loops = sorted((r for r in rows(arch, compiled) if r.loop != "hot"), key=lambda r: int(r.loop))
+    for config, rows in compiled_launch(launch, arch):
+        loops = sorted((r for r in rows if r.loop != "hot"), key=lambda r: int(r.loop))
         walk, biased = loops[0], loops[1:]
         if (len(loops) != len(FRAME_LOOPS) or walk.loop_mufu or walk.loop_mma >= min(r.loop_mma for r in biased)
                 or any(r.short_instr_per_score >= r.long_instr_per_score for r in biased)):
-            raise LookupError(f"the frame-id tiled kernel ({compiled.config}) has loops {[r.loop for r in loops]} "
+            raise LookupError(f"the frame-id tiled kernel ({config}) has loops {[r.loop for r in loops]} "
                               f"not in the order {', '.join(FRAME_LOOPS)} (the walk without MUFU and with fewer "
                               "MMA, then loops with a dA column branch): update FRAME_LOOPS to the kernel")
 
@@ -155,10 +139,8 @@ def frames_loop_costs(block_d: int, arch: int = 90) -> tuple:
                             r.ctas_per_sm, f"{r.kernel} {r.tile} {r.config} frames loop {r.loop} {path} path")
 
         costs = {kind: (cost(r, "short"), cost(r, "long")) for kind, r in zip(FRAME_LOOPS, loops)}
-        bm, bn = map(int, loops[0].tile.split("x"))
-        out.append((bm, bn, compiled.config, costs))
-    if not out:
-        raise LookupError("the launcher started no tiled kernel with frame ids for the representative call")
+        fields = _config_fields(config)
+        out.append((fields["BLOCK_M"], fields["BLOCK_N"], config, costs, rows[0].outside_warp_instr))
     return tuple(out)
 
 
@@ -201,22 +183,27 @@ def frame_tile_counts(ids: torch.Tensor, block_m: int, block_n: int, sigma: floa
     return {kind: tuple(c) for kind, c in counts.items()}
 
 
-def ours_frames(bh: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor, sigma: float) -> Estimate:
+def ours_frames(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor,
+                sigma: float) -> Estimate:
     """Modeled `vstar_triton` forward with frame ids `ids` (N,) and the Gaussian of `sigma` (no key
     mask, not causal): bytes and MMA of the two-pass form (traffic.tiled_bytes with every tile
     walked and biased, plus the int32 ids: each query block's once, the keys' once per query block
     in the biased pass); instructions/MUFU per loop and path from `frames_loop_costs`, each key tile
-    on the path `frame_tile_counts` gives it; the fastest config."""
+    on the path `frame_tile_counts` gives it, and each program's instructions outside the loops; the
+    fastest config."""
     out = []
-    for bm, bn, config, costs in frames_loop_costs(max(block_dims(d, d)[0], 64)):
+    for bm, bn, config, costs, program_instr in frames_loop_costs(batch, heads, n, d, ids, sigma):
+        bh = batch * heads
         e = tiled_work(bh, n, d, tile_counts(n, bm, bn, None), bm, bn, sigma=None, frame_ids=True)
         for kind, (column, per_score) in frame_tile_counts(ids, bm, bn, sigma).items():
             short, long = costs[kind]
             e.instr += bh * bm * bn * (column * short.instr + per_score * long.instr)
             e.mufu += bh * bm * bn * (column * short.mufu + per_score * long.mufu)
+        programs = bh * math.ceil(n / bm)
+        e.instr += programs * program_instr
         e.config = f"tiled {bm}x{bn} {short_config(config)} frames"
         ctas = min(c.ctas_per_sm for pair in costs.values() for c in pair)
-        out.append(finish(e, gpu, eta, waves_stretch(bh * math.ceil(n / bm), ctas, gpu)))
+        out.append(finish(e, gpu, eta, waves_stretch(programs, ctas, gpu)))
     return min(out, key=lambda e: e.seconds)
 
 
@@ -241,26 +228,28 @@ def fit_status(peak_bytes: float, capacity: float) -> str:
     return f"does not fit (peak {peak_bytes / 1e9:.1f} GB > {capacity / 1e9:.0f} GB)"
 
 
-def dit_sweep(gpu_key: str, eta: float, dits=DIT_SHAPES, batch: int = 1, progress=print) -> list:
-    """Rows of the model for every DiT shape (bf16): ours with frame ids, flash, flex_two_pass and
-    the eager peers that materialize the bias, whose rows say "does not fit" where their traced
-    peak exceeds the GPU's memory."""
+def dit_sweep(gpu_key: str, eta: float, exposed: float, dits=DIT_SHAPES, batch: int = 1, progress=print) -> list:
+    """Rows of the model for every DiT shape (bf16): ours with frame ids, FlashAttention-3, flash,
+    flex_two_pass and the eager peers that materialize the bias, whose rows say "does not fit" where
+    their traced peak exceeds the GPU's memory."""
     from vstar_kernels.bench.peers import PEERS
 
     gpu = GPUS[gpu_key]
     rows = []
     for s in dits:
         bh, n = batch * s.heads, s.n
-        est = {"vstar_triton_frames": ours_frames(bh, n, s.head_dim, gpu, eta, s.frames(), s.sigma),
-               "flash": flash(bh, n, s.head_dim, gpu, eta)}
+        call = (batch, s.heads, n, s.head_dim, gpu)
+        est = {"vstar_triton_frames": ours_frames(*call, eta, s.frames(), s.sigma), "fa3": fa3(*call, exposed),
+               "flash": flash(*call, eta)}
+        eta1 = ours_frames(*call, 1.0, s.frames(), s.sigma)
         two = est["flash"]
         est["flex_two_pass"] = Estimate(2 * two.bytes, 2 * two.mma_flops, 2 * two.instr, 2 * two.mufu, 2,
                                         2 * two.seconds, two.bound, "2 x " + two.config + " (lower bound)")
-        for impl in ("vstar_triton_frames", "flash", "flex_two_pass"):  # Q, K, V, O
+        for impl in ("vstar_triton_frames", "fa3", "flash", "flex_two_pass"):  # Q, K, V, O
             est[impl].peak_bytes = 4 * bh * n * s.head_dim * ITEMSIZE
         qkvo = 4 * bh * n * s.head_dim * ITEMSIZE  # + K once more (the walk) and the frame ids of both passes
         l2 = {"vstar_triton_frames": l2_resident(est["vstar_triton_frames"], qkvo * 5 / 4 + 2 * n * 4, gpu),
-              "flash": l2_resident(two, qkvo, gpu)}
+              "fa3": l2_resident(est["fa3"], qkvo, gpu), "flash": l2_resident(two, qkvo, gpu)}
         l2["flex_two_pass"] = 2 * l2["flash"]
         for peer in DIT_EAGER:
             est[peer] = eager(PEERS[peer], batch, s.heads, n, s.head_dim, gpu, eta)
@@ -280,17 +269,21 @@ def dit_sweep(gpu_key: str, eta: float, dits=DIT_SHAPES, batch: int = 1, progres
             if impl in l2:
                 row["model_time_l2_ms"] = round(l2[impl] * 1e3, 4)
             if impl == "vstar_triton_frames":
-                row.update(model_ours_over_flash=round(ours_s / est["flash"].seconds, 3),
+                row.update(model_ours_over_fa3=round(ours_s / est["fa3"].seconds, 3),
+                           model_ours_over_fa3_eta1=round(eta1.seconds / est["fa3"].seconds, 3),
+                           model_ours_over_flash=round(ours_s / est["flash"].seconds, 3),
                            model_ours_over_flex_two_pass=round(ours_s / est["flex_two_pass"].seconds, 3),
+                           model_ours_over_fa3_l2=round(l2[impl] / l2["fa3"], 3),
                            model_ours_over_flash_l2=round(l2[impl] / l2["flash"], 3))
             rows.append(row)
-        progress(f"  {gpu_key} {s.name} N={n}: ours (frames) {ours_s * 1e3:.2f} ms, ours/flash "
+        progress(f"  {gpu_key} {s.name} N={n}: ours (frames) {ours_s * 1e3:.2f} ms, ours/fa3 "
+                 f"{ours_s / est['fa3'].seconds:.2f} (ETA 1: {eta1.seconds / est['fa3'].seconds:.2f}), ours/flash "
                  f"{ours_s / est['flash'].seconds:.2f} (K, V from L2: {l2['vstar_triton_frames'] / l2['flash']:.2f}), "
                  f"ours/flex_two_pass {ours_s / est['flex_two_pass'].seconds:.2f} (model)")
     return rows
 
 
-def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
+def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES) -> str:
     """The DiT table: modeled ms per self-attention call, the ratios and where the eager peers stop fitting."""
     from vstar_kernels.bench.measure import commit
 
@@ -303,9 +296,12 @@ def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
              "- ours (vstar_triton_frames): frame ids, no key mask, sigma = latent frames / 16 (the README's starting "
              "point): the two-pass form (a Q K^T row-max walk over every key tile, then the biased online softmax over "
              "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, every "
-             "config the sm_90 pruning keeps per head dim), each key tile on its loop's shortest path (one dA "
-             "column: a tile of one frame, or off the Gaussian's band) or longest (dA per score), counted from the "
-             "layout (`model.frame_tile_counts`); the fastest config.",
+             "config the sm_90 pruning keeps, compiled at the shape's own N, heads and head dim), each key tile on "
+             "its loop's shortest path (one dA column: a tile of one frame, or off the Gaussian's band) or longest "
+             "(dA per score), counted from the layout (`model_dit.frame_tile_counts`), plus each program's "
+             "instructions outside the loops; the fastest config.",
+             "- fa3: FlashAttention-3 as in the model table (the plain-attention floor on an H100); ours / fa3 at ETA "
+             "and, in brackets, with ours at ETA = 1 (the two bounds of the model table's assumptions).",
              "- flash: the calibrated plain loop (no TAR); flex_two_pass: two such loops (a lower bound).",
              "- eager peers as bench/peers.py runs them (the token-index Gaussian): time = summed per-op roofline of "
              "their aten ops on meta tensors; peak = the most storage bytes live at once in that trace (Q, K, V "
@@ -316,11 +312,11 @@ def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
              "- K, V from L2: the same kernels with their repeated K and V loads (once per query block) served by L2: "
              "the memory term from each tensor once per pass, compute terms unchanged. The model's own column sends "
              "every requested byte to HBM; a GPU lies between the two.",
-             "", "| model | heads x D | N (frames x tokens + text) | ours (frames) | flash | flex_two_pass "
-             "| reference_materialized | sdpa_bias | ours / flash | ours / flex_two_pass | ours bound (config) "
-             "| ours, K V from L2 | flash, K V from L2 | ours / flash, K V from L2 "
-             "| reference_materialized fits up to N | sdpa_bias fits up to N |",
-             "| --- | --- | --- |" + " ---: |" * 7 + " --- |" + " ---: |" * 5]
+             "", "| model | heads x D | N (frames x tokens + text) | ours (frames) | fa3 | flash | flex_two_pass "
+             "| reference_materialized | sdpa_bias | ours / fa3 | ours / flash | ours / flex_two_pass "
+             "| ours bound (config) | ours, K V from L2 | fa3, K V from L2 | ours / fa3, K V from L2 "
+             "| ours / flash, K V from L2 | reference_materialized fits up to N | sdpa_bias fits up to N |",
+             "| --- | --- | --- |" + " ---: |" * 9 + " --- |" + " ---: |" * 6]
     by = {}
     for r in rows:
         by.setdefault(r["model"], {})[r["impl"]] = r
@@ -335,9 +331,10 @@ def dit_markdown(rows: list, gpu_key: str, eta: float, dits=DIT_SHAPES) -> str:
         text = s.text_before + s.text_after
         lines.append(f"| {s.name} | {s.heads} x {s.head_dim} | {s.n:,} ({s.latent_frames} x {s.tokens_per_frame}"
                      f"{f' + {text}' if text else ''}) | " + " | ".join(cell(c[i]) for i in DIT_IMPLS)
-                     + f" | {o['model_ours_over_flash']:.2f} | {o['model_ours_over_flex_two_pass']:.2f} "
+                     + f" | {o['model_ours_over_fa3']:.2f} ({o['model_ours_over_fa3_eta1']:.2f}) "
+                       f"| {o['model_ours_over_flash']:.2f} | {o['model_ours_over_flex_two_pass']:.2f} "
                        f"| {o['bound']} ({o['config']}) | {o['model_time_l2_ms']:.3f} "
-                       f"| {c['flash']['model_time_l2_ms']:.3f} "
+                       f"| {c['fa3']['model_time_l2_ms']:.3f} | {o['model_ours_over_fa3_l2']:.2f} "
                        f"| {o['model_ours_over_flash_l2']:.2f} | {c['reference_materialized']['model_fits_up_to_n']:,} "
                        f"| {c['sdpa_bias']['model_fits_up_to_n']:,} |")
     lines += ["", "Config values:", ""] + [f"- {s.name}: {s.source}" for s in dits]
@@ -386,15 +383,16 @@ def dit_main(args) -> int:
         raise SystemExit(f"--shapes with --dit: unknown DiT shape {', '.join(unknown)}; one of {', '.join(by_name)}")
     dits = tuple(by_name[name] for name in args.shapes) if args.shapes else DIT_SHAPES
     eta, _ = calibrate(GPUS["h100"])
+    exposed, _ = calibrate_fa3(GPUS["h100"])
     for key in devices:
-        rows = dit_sweep(key, eta, dits)
+        rows = dit_sweep(key, eta, exposed, dits)
         base = directory / f"model-dit-{key}"
         with open(base.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(DIT_COLUMNS)
             for r in rows:
                 w.writerow([r.get(c, "") for c in DIT_COLUMNS])
-        table = dit_markdown(rows, key, eta, dits)
+        table = dit_markdown(rows, key, dits)
         print(table)
         write_table_and_plot(base, table, None if args.no_plots else lambda path: dit_plot(rows, key, path))
     return 0

@@ -14,7 +14,8 @@ sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseli
 * the hot loop: of the loops in the SASS (a backward branch and the label it returns to), the one
   with the most MMA instructions (then the longest); a kernel with no MMA in a loop (the packed
   layout) counts the whole kernel, which computes one score tile;
-* MMA kind in the hot loop: HGMMA (wgmma, sm_90) or HMMA (mma.sync);
+* MMA kind in the hot loop (`mma`) and anywhere in the kernel (`kernel_mma`): HGMMA (wgmma, sm_90)
+  or HMMA (mma.sync);
 * every MMA loop: a kernel with more than one loop holding MMA instructions (the tiled forward:
   its off-band loops, full tiles and the masked last one, left and right of the band, the band's
   QK^T walk for the row max, the band's softmax; the tiled backward's passes) gets, after its
@@ -26,13 +27,18 @@ sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseli
   CTA / score elements the pass computes (BLOCK_M * BLOCK_N; packed: SEQS sequences of
   SEG_Q x SEG_K); MUFU per element the same with the MUFU (EX2, RCP, ...)
   instructions. A warp-instruction is one instruction issued for 32 threads.
+* the whole kernel per program: `outside_loops`, the instructions up to the kernel's last EXIT that
+  lie in no loop (the prologue, the code between the loops, the epilogue, issued once per program;
+  code a branch may skip counted too, so an upper bound), and `outside_warp_instr`, that times warps
+  per CTA; a kernel without loops (the packed layout) has all of itself there and in its per-score
+  figures;
 * the shortest and the longest path through one pass of a loop whose body branches (a
   conditional branch forward inside the loop may go either way; the frame-id kernel's key
   tiles take a dA column or dA per score): `short_*` and `long_*`, per score element as above.
   A loop without such branches has one path, its whole body.
 
 These are statistics of compiled code, not timings. Written to
-<results>/static-sm<arch>.csv and .md (see benchmarks/NOTES.md).
+<results>/static-sm<arch>.csv and .md (see tools/perf/model.md).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import torch
 import triton
 
 from . import RESULTS
+from .baseline import launch_args as baseline_args
 from .baseline import plain_attention_kernel
 
 # (name, registers per SM, shared memory per SM, per CTA at most, threads per SM, CTAs per SM)
@@ -89,6 +96,12 @@ class Row:
     short_mufu_per_score: float = 0.0
     long_instr_per_score: float = 0.0
     long_mufu_per_score: float = 0.0
+    # the whole kernel (every row of a kernel has the same): its MMA kinds anywhere, and the
+    # instructions a program issues once outside every loop (prologue, code between the loops,
+    # epilogue), per thread and in warp-instructions per program (x warps per CTA)
+    kernel_mma: str = ""
+    outside_loops: int = 0
+    outside_warp_instr: int = 0
 
 
 def disassemble(cubin: bytes) -> str:
@@ -147,6 +160,19 @@ def loop_paths(opcodes: list, jumps: dict, span: tuple) -> tuple:
     return best[lo]
 
 
+def last_exit(opcodes: list) -> int:
+    """The index of the kernel's last EXIT: what follows it (the closing branch to itself, padding, out-of-line
+    slow paths such as a 64-bit division's) is not a pass through the kernel."""
+    return max((i for i, op in enumerate(opcodes) if op == "EXIT"), default=len(opcodes) - 1)
+
+
+def outside_loops(opcodes: list, loops: list) -> int:
+    """Instructions up to the last EXIT that lie in no loop: what one program issues once (the
+    prologue, the code between its loops, the epilogue; code a branch may skip counted too)."""
+    inside = {i for a, b in loops for i in range(a, b + 1)}
+    return sum(i not in inside for i in range(last_exit(opcodes) + 1))
+
+
 def hot_loop(opcodes: list, loops: list) -> tuple:
     """(first, last) opcode indices of the loop with the most MMA instructions, then the longest;
     None when no loop has one (the whole kernel is the hot path)."""
@@ -181,25 +207,32 @@ def _is_mma(op: str) -> bool:
     return op.startswith(_MMA)
 
 
+def _kinds(opcodes: list) -> str:
+    """The MMA instruction kinds among `opcodes`: "HGMMA" (wgmma), "HMMA" (mma.sync), both, or "none"."""
+    return "/".join(sorted({op.split(".")[0] for op in opcodes if _is_mma(op)})) or "none"
+
+
 def _stats(arch: int, compiled, opcodes: list, loops: list, jumps: dict, span, loop: str) -> Row:
     """The Row of one compiled kernel, its figures from the opcodes of `span` ((first, last); None:
-    the whole kernel)."""
-    lo, hi = span if span else (0, len(opcodes) - 1)
+    the whole kernel up to its last EXIT)."""
+    lo, hi = span if span else (0, last_exit(opcodes))
     body = opcodes[lo:hi + 1]
     in_loops = {i for a, b in loops for i in range(a, b + 1)}
     warps = compiled.options["num_warps"]
     ctas, warps_sm = occupancy(arch, compiled.registers, compiled.shared_bytes, warps)
     m, n = score_tile(compiled.constants)
+    outside = outside_loops(opcodes, loops)
     mufu = sum(op.startswith("MUFU") for op in body)
     short, long = loop_paths(opcodes, jumps, span) if span else ((len(body), mufu),) * 2
     per_score = lambda count: round(count * warps / (m * n), 4)  # noqa: E731
     return Row(arch, compiled.name, compiled.case, compiled.config, f"{m}x{n}", compiled.registers,
                compiled.spill_bytes, sum(opcodes[i].startswith(("LDL", "STL")) for i in in_loops),
                compiled.shared_bytes, GPUS[arch][0], ctas, warps_sm,
-               "/".join(sorted({op.split(".")[0] for op in body if _is_mma(op)})) or "none",
+               _kinds(body),
                "loop" if span else "kernel", len(body), mufu, per_score(len(body)), per_score(mufu), loop,
                sum(_is_mma(op) for op in body), per_score(short[0]), per_score(short[1]), per_score(long[0]),
-               per_score(long[1]))
+               per_score(long[1]), kernel_mma=_kinds(opcodes), outside_loops=outside,
+               outside_warp_instr=outside * warps)
 
 
 def rows(arch: int, compiled) -> list:
@@ -227,28 +260,35 @@ def _with_baseline(launch) -> list:
 
     if getattr(launch.kernel, "fn", None) is None or launch.kernel.fn.__name__ != "_tar_fwd_tiled_kernel":
         return [launch]
-    q, k, v, o = launch.args[:4]
+    q, k, v = launch.args[:3]
     launch = replace(launch, all_configs=q.dtype == torch.float16)
     configs = pruned_configs(launch.kernel, launch.args, launch.kwargs)
-    args = (q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), q.shape[1], q.shape[2], k.shape[2],
-            q.shape[3], v.shape[3], q.shape[3] ** -0.5)
-    blocks = {name: launch.kwargs[name] for name in ("BLOCK_D", "BLOCK_DV")}
-    return [launch] + [Launch(plain_attention_kernel, args, {**blocks, **c.kwargs, "num_warps": c.num_warps,
-                                                             "num_stages": c.num_stages})
-                       for c in dict.fromkeys((configs[0], configs[-1])).keys()]
+    out = [launch]
+    for c in dict.fromkeys((configs[0], configs[-1])).keys():
+        args, constexprs = baseline_args(q, k, v, c.kwargs["BLOCK_N"])
+        out.append(Launch(plain_attention_kernel, args, {**constexprs, **c.kwargs, "num_warps": c.num_warps,
+                                                         "num_stages": c.num_stages}))
+    return out
+
+
+# The Wan 2.1 1.3B self-attention at 832 x 480 (tools/perf/model_dit.py): 12 heads of 128, 21 x 1560 tokens.
+# The JIT specializes on N modulo 16, and Wan's 32,760 is not a multiple of 16.
+DIT_SHAPE = (1, 12, 32760, 32760, 128, 128)
 
 
 def combos(quick: bool) -> list:
     """(dtype, (B, H, Nq, Nk, D, Dv), options): a packed and a tiled shape (D 40 and 64, in the
-    (B, N, H, D) storage of diffusers), plain, causal with the global max, a custom delta; frame
-    ids (the tiled kernels, forward and backward) on the tiled shape and at D 128 (the DiTs' head
-    dim); float32 inputs (the ieee dot) on both shapes, plain; --quick: fp16 plain and causal-global only."""
-    shapes = [(64, 8, 16, 16, 40, 40), (2, 8, 300, 300, 64, 64)]
+    (B, N, H, D) storage of diffusers; N multiples of 16, as frame and token counts are, since the
+    JIT specializes on it), plain, causal with the global max, a custom delta; frame ids (the tiled
+    kernels, forward and backward) on the tiled shape and on a DiT's own self-attention call
+    (DIT_SHAPE, D 128); float32 inputs (the ieee dot) on both shapes, plain; --quick: fp16 plain and
+    causal-global only."""
+    shapes = [(64, 8, 16, 16, 40, 40), (2, 8, 256, 256, 64, 64)]
     options = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]
     dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
     out = [(dt, s, o) for dt in dtypes for s in shapes for o in (options[:2] if quick else options)]
     if not quick:
-        out += [(dt, s, dict(frames=True)) for dt in dtypes for s in (shapes[1], (1, 8, 300, 300, 128, 128))]
+        out += [(dt, s, dict(frames=True)) for dt in dtypes for s in (shapes[1], DIT_SHAPE)]
         out += [(torch.float32, s, dict()) for s in shapes]
     return out
 

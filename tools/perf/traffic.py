@@ -14,7 +14,7 @@ sequence, 2 Nq Nk (D + Dv), causal or not. What the tiled algorithm requests (`t
 tools/perf/model.py uses. Numbers are counts, not timings.
 
 `python -m tools.perf traffic` runs `sweep()` over TRAFFIC_CASES and writes
-traffic.csv and traffic.md (see benchmarks/NOTES.md).
+traffic.csv and traffic.md (see tools/perf/model.md).
 """
 
 from __future__ import annotations

@@ -1,0 +1,124 @@
+"""`tools.perf cpu`: the CPU default path timed as users run it, against plain attention.
+
+`tar_attention` on CPU tensors with backend "auto" (the PyTorch reference's in-place path) over
+`sdpa_plain` (F.scaled_dot_product_attention without a bias), fp32, q, k and v in diffusers'
+(B, N, H, D) storage, in one process: with the default thread count and with one thread. The two
+are timed alternately (one call of each per round, after one warm-up call each), so that a change of
+load hits both; the median, p20 and p80 of each and the ratio of the medians go to
+<results>/cpu-default-path-<yyyymmdd>.csv with the device, versions, commit, date, threads and the
+load average before and after each cell (the machine may be shared: the spread says how much).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import RESULTS
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call: (batch, heads, N, head dim), and the frame layout of a DiT (frames x tokens per frame)."""
+
+    name: str
+    batch: int
+    heads: int
+    n: int
+    d: int
+    frames: tuple = ()  # (latent frames, tokens per frame): frame ids of a video DiT
+    sigma: float = 1.0
+
+
+# ModelScope 256x256's temporal attention at level 0 (bench shape modelscope-256x256-l0: 2,048 x 5
+# sequences of head dim 64) at 16, 64 and 256 frames; DiT-like self-attention with frame ids.
+CASES = (
+    Case("modelscope-256x256-l0", 2048, 5, 16, 64),
+    Case("modelscope-256x256-l0", 2048, 5, 64, 64),
+    Case("modelscope-256x256-l0", 2048, 5, 256, 64),
+    Case("dit 16 frames x 256 tokens", 1, 12, 4096, 64, frames=(16, 256)),
+    Case("dit 16 frames x 256 tokens", 1, 8, 4096, 128, frames=(16, 256)),
+)
+QUICK = (CASES[0], CASES[3])
+COLUMNS = ("estimate", "device", "torch", "commit", "date", "case", "batch", "heads", "n", "d", "frames", "dtype",
+           "threads", "impl", "median_ms", "p20_ms", "p80_ms", "rounds", "ours_over_sdpa_plain", "loadavg_before",
+           "loadavg_after")
+
+
+def _quantile(samples, q):
+    s = sorted(samples)
+    x = q * (len(s) - 1)
+    lo = int(x)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (x - lo)
+
+
+def time_pair(ours, plain, rounds: int) -> tuple:
+    """(ours ms samples, plain ms samples): one warm-up call each, then `rounds` rounds of one call each."""
+    ours(), plain()
+    a, b = [], []
+    for _ in range(rounds):
+        for fn, out in ((ours, a), (plain, b)):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return a, b
+
+
+def measure(case: Case, threads: int, rounds: int, seed: int = 0) -> list:
+    """Rows of one case at `threads` threads: ours (the default path) and sdpa_plain."""
+    import vstar_kernels as vk
+    from vstar_kernels.bench.measure import RunInfo
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(case.batch, case.n, case.heads, case.d, generator=g).transpose(1, 2) for _ in range(3))
+    frames = vk.frame_ids(*case.frames) if case.frames else None
+    with torch.no_grad():
+        def ours():
+            return vk.tar_attention(q, k, v, sigma=case.sigma, frames=frames)
+
+        def plain():
+            return F.scaled_dot_product_attention(q, k, v)
+
+        before = os.getloadavg()[0]
+        a, b = time_pair(ours, plain, rounds)
+        after = os.getloadavg()[0]
+    info = RunInfo.collect(torch.device("cpu"))
+    base = dict(estimate="measured", device=info.device, torch=info.torch, commit=info.commit, date=info.date,
+                case=case.name, batch=case.batch, heads=case.heads, n=case.n, d=case.d,
+                frames=f"{case.frames[0]} x {case.frames[1]}" if case.frames else "", dtype="fp32", threads=threads,
+                rounds=rounds, loadavg_before=round(before, 2), loadavg_after=round(after, 2))
+    med = {name: _quantile(x, 0.5) for name, x in (("ours", a), ("plain", b))}
+    return [{**base, "impl": impl, "median_ms": round(_quantile(x, 0.5), 3), "p20_ms": round(_quantile(x, 0.2), 3),
+             "p80_ms": round(_quantile(x, 0.8), 3),
+             "ours_over_sdpa_plain": round(med["ours"] / med["plain"], 3) if impl == "vstar_auto" else ""}
+            for impl, x in (("vstar_auto", a), ("sdpa_plain", b))]
+
+
+def main(args) -> int:
+    directory = Path(os.path.abspath(args.out)) if args.out else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    default = torch.get_num_threads()
+    rows = []
+    for threads in dict.fromkeys((default, 1)):
+        for case in QUICK if args.quick else CASES:
+            out = measure(case, threads, args.rounds)
+            rows += out
+            o, p = out
+            print(f"{case.name} (B{case.batch} H{case.heads} N{case.n} D{case.d}) threads {threads}: ours "
+                  f"{o['median_ms']:.1f} ms [{o['p20_ms']:.1f}, {o['p80_ms']:.1f}], sdpa_plain {p['median_ms']:.1f} ms "
+                  f"[{p['p20_ms']:.1f}, {p['p80_ms']:.1f}], ours/sdpa_plain {o['ours_over_sdpa_plain']:.2f}, load "
+                  f"{o['loadavg_before']} -> {o['loadavg_after']}", flush=True)
+    path = directory / f"cpu-default-path-{rows[0]['date']}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+    return 0
