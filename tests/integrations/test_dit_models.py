@@ -20,8 +20,8 @@ from vstar_kernels.diffusers.dit import DiTTARProcessor, _layout_ids
 from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES
-from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_tar64, processors, randn,
-                              record, wan_inputs)
+from .tiny_dit_models import (BATCH, FAMILIES, bfloat16_run, expected_frames, expected_key_mask, forward,
+                              frame_tar64, processors, randn, record, wan_inputs)
 from .tiny_video_models import FAMILIES as UNET_FAMILIES
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
 
@@ -184,13 +184,7 @@ def test_delta_frame_matrix_and_its_size_check():
 @pytest.mark.parametrize("family", ALL)
 def test_bfloat16_forward_runs(family):
     fam = FAMILIES[family]
-    model = fam.model().to(torch.bfloat16)
-    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-              for k, v in fam.inputs().items()}
-    plain = forward(model, inputs)
-    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
-    calls = record(model)
-    out = forward(model, inputs)
+    plain, out, calls = bfloat16_run(fam)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, plain)
     for call in calls:
         check_call(fam, call, 1.0, 1.0)

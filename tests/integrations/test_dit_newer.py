@@ -21,8 +21,8 @@ from vstar_kernels.diffusers.dit import DiTTARProcessor
 from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES
-from .tiny_dit_models import (NEWER, expected_frames, expected_mask, forward, frame_map64, frame_tar64,
-                              frame_tar_probabilities64, processors, randn, record)
+from .tiny_dit_models import (NEWER, bfloat16_run, expected_frames, expected_mask, forward, frame_map64,
+                              frame_tar64, frame_tar_probabilities64, processors, randn, record)
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -183,13 +183,7 @@ def test_newer_dit_maps_of_regularized_attention_with_per_query_masks(family):
 @pytest.mark.parametrize("family", ["hunyuan15", "framepack"])
 def test_newer_dit_bfloat16_forward_runs(family):
     fam = NEWER[family]
-    model = fam.model().to(torch.bfloat16)
-    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-              for k, v in fam.inputs().items()}
-    plain = forward(model, inputs)
-    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
-    calls = record(model)
-    out = forward(model, inputs)
+    plain, out, calls = bfloat16_run(fam)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, plain)
     for name, parts in module_calls(fam, calls).items():
         check_module(fam, name, parts, 1.0, 1.0)

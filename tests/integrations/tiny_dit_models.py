@@ -520,3 +520,18 @@ def expected_mask(family: DiTFamily, keys: int, block: int = 0) -> Optional[torc
     key_mask = torch.cat([torch.ones(family.batch, video, dtype=torch.bool),
                           text_mask(family.text_lengths, keys - video)], 1)
     return key_mask[:, None, :].expand(family.batch, keys, keys)
+
+
+def bfloat16_run(fam):
+    """The family's model and inputs in bfloat16: (stock output, the output with TAR on every block and
+    step, the recorded regularized calls of that run)."""
+    from vstar_kernels import TARConfig
+    from vstar_kernels.diffusers import apply_tar
+
+    model = fam.model().to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in fam.inputs().items()}
+    plain = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    calls = record(model)
+    return plain, forward(model, inputs), calls
