@@ -239,9 +239,15 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     not (the (B, N, H, D) storage of diffusers), a chunk is one head's batches, which are. Blocks
     in another dtype are converted into the buffers. The PV product is written straight into the
     output when that block is contiguous in the compute dtype.
+
+    With several intra-op threads and several chunks, the chunks are split among that many worker
+    threads, each running its share one chunk after another with one intra-op thread of its own and
+    its own buffers (`_chunk_workers`): a chunk's dozen operations then wait on no other thread,
+    where each would otherwise be a parallel region of its own whose threads meet at its end (on a
+    machine loaded past its cores, a preempted thread stalls every one of them). Each chunk's
+    result is the one-thread result, whatever the thread count.
     """
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
-    d, dv = problem.head_dim, problem.head_dim_v
     budget = min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS)
     row_blocks, chunks = _plan(problem, budget)
     if len(row_blocks) == 1 and not all(_merges(x) or x.dtype != compute for x in (problem.q, problem.k, problem.v)):
@@ -249,60 +255,118 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
         # matrices: one head's block of batches is, so the products read them in place instead of
         # copying each block first.
         chunks = _head_chunks(B, H, budget // (nq * nk))
-    nr = len(range(*row_blocks[0].indices(nq)))
-    slices = max(_block_slices(b, h, B, H) for b, h in chunks)
-    dev = problem.device
-    s_buf = torch.empty(slices * nr * nk, device=dev, dtype=compute)
-    q_buf = torch.empty(slices * nr * d, device=dev, dtype=compute)
-    k_buf = torch.empty(slices * nk * d, device=dev, dtype=compute)
-    v_buf = torch.empty(slices * nk * dv, device=dev, dtype=compute)
-    m_buf = torch.empty(slices * nr, device=dev, dtype=compute)
-    out = torch.empty(problem.output_shape(), device=dev, dtype=problem.dtype)
-    o_buf = None  # for output blocks that are not contiguous in the compute dtype, made on first use
+    out = torch.empty(problem.output_shape(), device=problem.device, dtype=problem.dtype)
     slice_max = None
     if _max_first(problem, row_blocks):
         with torch.no_grad():
             slice_max = _global_max(problem, row_blocks, chunks, compute)
     bias_of = _row_bias(problem, compute, lookup_elements=budget)
-    for rows in row_blocks:
-        dA = bias_of(rows)
-        for b, h in chunks:
-            qc = problem.q[b, h, rows]
-            bb, hh, rr = qc.shape[:3]
-            c = bb * hh
-            q3 = _as_batch(qc, q_buf, compute)
-            k3 = _as_batch(problem.k[b, h], k_buf, compute)
-            v3 = _as_batch(problem.v[b, h], v_buf, compute)
-            s = torch.bmm(q3, k3.transpose(1, 2), out=s_buf[: c * rr * nk].view(c, rr, nk))
-            s.mul_(problem.scale)
-            s4 = s.view(bb, hh, rr, nk)
-            mask = _mask(problem, rows, b)
-            if mask is not None:
-                s4.masked_fill_(mask, -math.inf)
-            if problem.regularized:
-                if slice_max is not None:
-                    m4 = m_buf[:c].view(bb, hh, 1, 1).copy_(slice_max[b, h])
-                elif problem.max_mode == "row":
-                    m4 = torch.amax(s, dim=-1, keepdim=True, out=m_buf[: c * rr].view(c, rr, 1)).view(bb, hh, rr, 1)
-                else:
-                    m4 = torch.amax(s, dim=(-2, -1), keepdim=True, out=m_buf[:c].view(c, 1, 1)).view(bb, hh, 1, 1)
-                m4.mul_(problem.strength)
-                entry_delta = _entry_delta(problem, b, h, rows)
-                s4.addcmul_(m4, dA if entry_delta is None else entry_delta.to(compute))
-                if mask is not None:
-                    s4.masked_fill_(mask, -math.inf)
-            torch.softmax(s, dim=-1, out=s)
-            if problem.key_mask is not None:  # a row with no key to attend to gives 0
-                s4.masked_fill_(mask.all(dim=-1, keepdim=True), 0.0)
-            o_block = out[b, h, rows]
-            direct = problem.dtype == compute and o_block.is_contiguous()
-            if not direct and o_buf is None:
-                o_buf = torch.empty(slices * nr * dv, device=dev, dtype=compute)
-            o = o_block.view(c, rr, dv) if direct else o_buf[: c * rr * dv].view(c, rr, dv)
-            torch.bmm(s, v3, out=o)
-            if not direct:
-                o_block.copy_(o.view(bb, hh, rr, dv))
+    tasks = [(rows, b, h) for rows in row_blocks for b, h in chunks]
+    slices = max(_block_slices(b, h, B, H) for b, h in chunks)
+
+    def run(part):
+        buffers = _ChunkBuffers(problem, compute, slices, len(range(*row_blocks[0].indices(nq))))
+        dA_rows = dA = None
+        for rows, b, h in part:
+            if rows != dA_rows:
+                dA_rows, dA = rows, bias_of(rows)
+            _chunk_inplace(problem, compute, rows, b, h, dA, buffers, slice_max, out)
+
+    workers = min(torch.get_num_threads(), len(tasks))
+    if workers == 1 or any(t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)):
+        # (inputs that require grad reach here from below autograd, e.g. inside the custom op, a state
+        # of the calling thread that a worker thread would not share)
+        run(tasks)
+    else:
+        _chunk_workers(run, [tasks[i * len(tasks) // workers:(i + 1) * len(tasks) // workers] for i in range(workers)])
     return out
+
+
+def _chunk_workers(run, parts: list) -> None:
+    """run(part) for each part on a thread of its own with one intra-op thread, without autograd (inputs
+    that need none) and in inference mode if the caller is; the first error raised there is raised here.
+    The caller's intra-op thread count is set again afterwards (torch keeps the last count set, from
+    any thread, for threads started later)."""
+    import threading
+
+    threads = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()  # thread-local, as grad mode is
+    errors = []
+
+    def work(part):
+        try:
+            torch.set_num_threads(1)
+            with torch.inference_mode() if inference else torch.no_grad():
+                run(part)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(part,)) for part in parts]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+
+
+class _ChunkBuffers:
+    """The buffers of the in-place path for chunks of at most `slices` (batch, head) slices x `rows` query
+    rows: scores, q, k, v in the compute dtype, row maxima, and the output (made on first use)."""
+
+    def __init__(self, problem: TarProblem, compute: torch.dtype, slices: int, rows: int):
+        dev, nk = problem.device, problem.nk
+        self.s = torch.empty(slices * rows * nk, device=dev, dtype=compute)
+        self.q = torch.empty(slices * rows * problem.head_dim, device=dev, dtype=compute)
+        self.k = torch.empty(slices * nk * problem.head_dim, device=dev, dtype=compute)
+        self.v = torch.empty(slices * nk * problem.head_dim_v, device=dev, dtype=compute)
+        self.m = torch.empty(slices * rows, device=dev, dtype=compute)
+        self.o = None
+        self.o_size = slices * rows * problem.head_dim_v
+
+
+def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: slice, h: slice, dA,
+                   buf: _ChunkBuffers, slice_max, out: torch.Tensor) -> None:
+    """out[b, h, rows] of the in-place path: one chunk's scores, bias, softmax and PV product in `buf`."""
+    nk, dv = problem.nk, problem.head_dim_v
+    qc = problem.q[b, h, rows]
+    bb, hh, rr = qc.shape[:3]
+    c = bb * hh
+    q3 = _as_batch(qc, buf.q, compute)
+    k3 = _as_batch(problem.k[b, h], buf.k, compute)
+    v3 = _as_batch(problem.v[b, h], buf.v, compute)
+    s = torch.bmm(q3, k3.transpose(1, 2), out=buf.s[: c * rr * nk].view(c, rr, nk))
+    s.mul_(problem.scale)
+    s4 = s.view(bb, hh, rr, nk)
+    mask = _mask(problem, rows, b)
+    if mask is not None:
+        s4.masked_fill_(mask, -math.inf)
+    if problem.regularized:
+        if slice_max is not None:
+            m4 = buf.m[:c].view(bb, hh, 1, 1).copy_(slice_max[b, h])
+        elif problem.max_mode == "row":
+            m4 = torch.amax(s, dim=-1, keepdim=True, out=buf.m[: c * rr].view(c, rr, 1)).view(bb, hh, rr, 1)
+        else:
+            m4 = torch.amax(s, dim=(-2, -1), keepdim=True, out=buf.m[:c].view(c, 1, 1)).view(bb, hh, 1, 1)
+        m4.mul_(problem.strength)
+        entry_delta = _entry_delta(problem, b, h, rows)
+        s4.addcmul_(m4, dA if entry_delta is None else entry_delta.to(compute))
+        if mask is not None:
+            s4.masked_fill_(mask, -math.inf)
+    torch.softmax(s, dim=-1, out=s)
+    if problem.key_mask is not None:  # a row with no key to attend to gives 0
+        s4.masked_fill_(mask.all(dim=-1, keepdim=True), 0.0)
+    o_block = out[b, h, rows]
+    direct = problem.dtype == compute and o_block.is_contiguous()
+    if not direct and buf.o is None:
+        buf.o = torch.empty(buf.o_size, device=problem.device, dtype=compute)
+    o = o_block.view(c, rr, dv) if direct else buf.o[: c * rr * dv].view(c, rr, dv)
+    torch.bmm(s, v3, out=o)
+    if not direct:
+        o_block.copy_(o.view(bb, hh, rr, dv))
 
 
 def _as_batch(x: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

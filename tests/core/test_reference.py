@@ -155,6 +155,57 @@ def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypat
         torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("opts", BNHD_OPTIONS, ids=opts_id)
+def test_inplace_path_runs_its_chunks_on_one_thread_each(opts, monkeypatch):
+    """With two intra-op threads the chunks go to two worker threads, each running its chunks with one
+    intra-op thread (no op of a chunk waits on another thread); the result is the one-thread result
+    bit for bit, and the caller's thread count is set again, for threads started later too. Inputs that
+    require grad (the reference backend called below autograd) keep the caller's thread."""
+    import threading
+
+    B, H, N, D = 2, 3, 24, 8
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3))
+    opts = dict(opts)
+    if opts.pop("delta", False):
+        opts["delta"] = torch.rand(B, H, N, N, generator=g)
+    if opts.pop("key_mask", False):
+        opts["key_mask"] = torch.rand(B, N, generator=g) > 0.3
+        opts["key_mask"][:, 0] = True
+    if opts.pop("frames", False):
+        opts["frames"] = torch.arange(N) // 5
+    monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", 8 * N)  # blocks of 8 rows: 3 per slice
+    seen, chunk = [], reference._chunk_inplace
+
+    def spy(*args):
+        seen.append((threading.current_thread(), torch.get_num_threads()))
+        return chunk(*args)
+
+    monkeypatch.setattr(reference, "_chunk_inplace", spy)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = vk.tar_attention(q, k, v, backend="reference", **opts)
+        assert {n for _, n in seen} == {1} and {t for t, _ in seen} == {threading.current_thread()}
+        seen.clear()
+        torch.set_num_threads(2)
+        two = vk.tar_attention(q, k, v, backend="reference", **opts)
+        assert len(seen) == B * H * 3 and {n for _, n in seen} == {1}
+        assert len({t for t, _ in seen}) == 2 and threading.current_thread() not in {t for t, _ in seen}
+        later = []
+        started = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        started.start()
+        started.join()
+        assert torch.get_num_threads() == 2 and later == [2]
+        with torch.inference_mode():  # the workers run in the caller's inference mode
+            three = vk.tar_attention(q, k, v, backend="reference", **opts)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, three)
+    if "key_mask" not in opts and "frames" not in opts:
+        torch.testing.assert_close(two.double(), naive_tar(q, k, v, **opts), atol=2e-6, rtol=2e-6)
+
+
 def test_inplace_path_copies_blocks_it_must_convert(monkeypatch):
     """16-bit (B, N, H, D) inputs are converted to float32 block by block, in (batch, head) chunks."""
     g = torch.Generator().manual_seed(12)

@@ -1,0 +1,55 @@
+"""`tools.perf cpu`: the CPU default path timed against plain SDPA, its rows and its file."""
+
+import csv
+
+import pytest
+import torch
+
+from tools.perf import cpu
+from tools.perf.__main__ import main as perf_main
+
+
+def test_time_pair_alternates_the_two_calls():
+    calls = []
+    ours, plain = (lambda: calls.append("ours")), (lambda: calls.append("plain"))
+    a, b = cpu.time_pair(ours, plain, 3)
+    assert calls == ["ours", "plain"] * 4  # one warm-up call each, then 3 rounds of one call each
+    assert len(a) == len(b) == 3 and all(x >= 0 for x in a + b)
+
+
+def test_quantiles_interpolate():
+    assert cpu._quantile([4.0, 1.0, 3.0, 2.0, 5.0], 0.5) == 3.0
+    assert cpu._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+    assert cpu._quantile([7.0], 0.8) == 7.0
+
+
+@pytest.mark.parametrize("frames", [(), (2, 8)])
+def test_measure_rows_say_what_ran(frames):
+    case = cpu.Case("tiny", 2, 3, 16, 8, frames=frames)
+    threads = torch.get_num_threads()
+    rows = cpu.measure(case, 1, 2)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
+    assert [r["impl"] for r in rows] == ["vstar_auto", "sdpa_plain"]
+    ours, plain = rows
+    assert ours["estimate"] == "measured" and ours["threads"] == 1 and ours["rounds"] == 2
+    assert ours["frames"] == ("2 x 8" if frames else "") and ours["torch"] == torch.__version__
+    assert ours["p20_ms"] <= ours["median_ms"] <= ours["p80_ms"]
+    assert ours["ours_over_sdpa_plain"] == pytest.approx(ours["median_ms"] / plain["median_ms"], rel=0.01)
+    assert plain["ours_over_sdpa_plain"] == ""
+
+
+def test_cli_writes_the_csv(tmp_path, monkeypatch):
+    tiny = (cpu.Case("tiny", 2, 3, 16, 8), cpu.Case("tiny dit", 1, 2, 32, 8, frames=(2, 16)))
+    monkeypatch.setattr(cpu, "QUICK", tiny)
+    threads = torch.get_num_threads()
+    try:
+        assert perf_main(["cpu", "--quick", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (path,) = tmp_path.glob("cpu-default-path-*.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == cpu.COLUMNS
+    assert {(r["case"], r["threads"]) for r in rows} == {(c, str(t)) for c in ("tiny", "tiny dit")
+                                                        for t in {threads, 1}}
