@@ -112,12 +112,6 @@ class TokenGrid(NamedTuple):
     repeat_from: Optional[int] = None             # from this block on, the keys after the video are the video again
 
 
-def grid_runs(grid) -> Tuple[Tuple[int, int], ...]:
-    """``((frame id, tokens), ...)`` of a grid's video stream, in sequence order."""
-    runs = getattr(grid, "runs", None)
-    return runs if runs is not None else tuple((frame, grid[1]) for frame in range(grid[0]))
-
-
 def _runs_grid(runs, per_frame: int, **extra) -> TokenGrid:
     """A grid from its runs (adjacent runs of one id merged); `frames` is the largest id + 1."""
     merged: List[List[int]] = []
@@ -138,8 +132,8 @@ def _patch(config) -> Tuple[int, int, int]:
     return tuple(config.patch_size)
 
 
-def _latent(model, arguments, name: str = "hidden_states") -> torch.Tensor:
-    latent = arguments[name]
+def _latent(model, arguments) -> torch.Tensor:
+    latent = arguments["hidden_states"]
     if latent.dim() != 5:
         raise ValueError(f"{type(model).__name__}: expected a 5-D latent video, got shape {tuple(latent.shape)}")
     return latent
@@ -243,44 +237,42 @@ def _history_runs(latent, indices, kernel: Tuple[int, int, int], padded: bool, w
     return [((2 * sum(values[s * kt:(s + 1) * kt]) + kt - 1) // (2 * kt), per_slot) for s in range(slots)]
 
 
-def _framepack_layout(model, arguments) -> TokenGrid:
-    """HunyuanVideo Framepack: the 4x, 2x and 1x (clean) history latents before the video, each token at the
-    frame index its rotary embedding gets (indices_*; a 4x or 2x token: the nearest to the mean of its frames)."""
+def _history_grid(model, arguments, histories, video_indices: str) -> TokenGrid:
+    """History latents before the video, each token at the frame index its rotary embedding gets (``indices_<name>``;
+    a token of a compressed history: the nearest to the mean of its frames), then the video at `video_indices`.
+    `histories`: ``(name, (kt, kh, kw) patch kernel, replicate-padded)`` in sequence order."""
     where = type(model).__name__
     latent = _latent(model, arguments)
     p_t, p_h, p_w = _patch(model.config)
-    if p_t != 1:
-        raise ValueError(f"{where}: TAR reads Framepack's frame indices per latent frame: patch_size_t must be 1")
     runs = []
-    for name, kernel, padded in (("latents_history_4x", (4, 8, 8), True), ("latents_history_2x", (2, 4, 4), True),
-                                 ("latents_clean", (1, 2, 2), False)):
+    for name, kernel, padded in histories:
         history, indices = arguments.get(name), arguments.get(f"indices_{name}")
         if history is not None and indices is not None:
             runs += _history_runs(history, indices, kernel, padded, f"indices_{name}", where)
-    frames = latent.shape[2]
-    indices = arguments.get("indices_latents")
-    values = list(range(frames)) if indices is None else _index_row(indices, frames, "indices_latents", where)
+    frames = latent.shape[2] // p_t
+    indices = arguments.get(video_indices)
+    values = list(range(frames)) if indices is None else _index_row(indices, frames, video_indices, where)
     per_frame = (latent.shape[3] // p_h) * (latent.shape[4] // p_w)
     return _runs_grid(runs + [(v, per_frame) for v in values], per_frame)
 
 
+def _framepack_layout(model, arguments) -> TokenGrid:
+    """HunyuanVideo Framepack: the 4x, 2x and 1x (clean) history latents, then the video (`_history_grid`)."""
+    _latent(model, arguments)
+    if _patch(model.config)[0] != 1:
+        raise ValueError(f"{type(model).__name__}: TAR reads Framepack's frame indices per latent frame: "
+                         "patch_size_t must be 1")
+    histories = (("latents_history_4x", (4, 8, 8), True), ("latents_history_2x", (2, 4, 4), True),
+                 ("latents_clean", (1, 2, 2), False))
+    return _history_grid(model, arguments, histories, "indices_latents")
+
+
 def _helios_layout(model, arguments) -> TokenGrid:
-    """Helios: the long, mid and short history latents before the video, as Framepack's (indices_latents_history_*,
-    indices_hidden_states); their patches are 4, 2 and 1 times the model's."""
-    where = type(model).__name__
-    latent = _latent(model, arguments)
+    """Helios: the long, mid and short history latents (patches 4, 2 and 1 times the model's), then the video."""
     patch = _patch(model.config)
-    runs = []
-    for name, factor in (("latents_history_long", 4), ("latents_history_mid", 2), ("latents_history_short", 1)):
-        history, indices = arguments.get(name), arguments.get(f"indices_{name}")
-        if history is not None and indices is not None:
-            kernel = tuple(factor * p for p in patch)
-            runs += _history_runs(history, indices, kernel, factor > 1, f"indices_{name}", where)
-    frames = latent.shape[2] // patch[0]
-    indices = arguments.get("indices_hidden_states")
-    values = list(range(frames)) if indices is None else _index_row(indices, frames, "indices_hidden_states", where)
-    per_frame = (latent.shape[3] // patch[1]) * (latent.shape[4] // patch[2])
-    return _runs_grid(runs + [(v, per_frame) for v in values], per_frame)
+    histories = [(f"latents_history_{name}", tuple(factor * p for p in patch), factor > 1)
+                 for name, factor in (("long", 4), ("mid", 2), ("short", 1))]
+    return _history_grid(model, arguments, histories, "indices_hidden_states")
 
 
 def _kandinsky_layout(model, arguments) -> TokenGrid:
@@ -327,49 +319,46 @@ def _ltx2_skips_attention(kwargs: dict) -> bool:
 class DiTFamily:
     """Where a DiT's regularized attentions sit and how its tokens are laid out."""
 
-    blocks: Tuple[str, ...]   # the ModuleLists of transformer blocks, in forward order
-    attention: str            # the (dotted) attribute path of the regularized attention in a block
-    text: str                 # where that attention's text tokens are: "none", "before", "after"
-    layout: Callable[[torch.nn.Module, dict], Tuple[int, int]]  # -> TokenGrid (or (token frames, tokens per frame))
-    batched_guidance: bool    # the family's pipelines batch the guidance branches into one call
+    layout: Callable[[torch.nn.Module, dict], TokenGrid] = _video_5d(2)
+    blocks: Tuple[str, ...] = ("transformer_blocks",)  # the ModuleLists of transformer blocks, in forward order
+    attention: str = "attn1"        # the (dotted) attribute path of the regularized attention in a block
+    text: str = "none"              # where that attention's text tokens are: "none", "before", "after"
+    batched_guidance: bool = False  # the family's pipelines batch the guidance branches into one call
     # a call (its processor keywords) for which the stock processor computes no attention: it runs stock
     skips_attention: Optional[Callable[[dict], bool]] = None
 
 
+_DUAL = ("transformer_blocks", "single_transformer_blocks")  # dual-stream blocks, then single-stream ones
 FAMILIES: Dict[type, DiTFamily] = {
-    WanTransformer3DModel: DiTFamily(("blocks",), "attn1", "none", _video_5d(2), False),
+    WanTransformer3DModel: DiTFamily(blocks=("blocks",)),
     # Wan VACE: the control blocks run first, over the control video's tokens (the same token grid)
-    WanVACETransformer3DModel: DiTFamily(("vace_blocks", "blocks"), "attn1", "none", _video_5d(2), False),
-    CogVideoXTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "before", _video_5d(1), True),
-    HunyuanVideoTransformer3DModel: DiTFamily(("transformer_blocks", "single_transformer_blocks"), "attn",
-                                              "after", _video_5d(2), False),
-    LTXVideoTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "none", _ltx_layout, True),
-    MochiTransformer3DModel: DiTFamily(("transformer_blocks",), "attn1", "after", _video_5d(2), True),
+    WanVACETransformer3DModel: DiTFamily(blocks=("vace_blocks", "blocks")),
+    CogVideoXTransformer3DModel: DiTFamily(_video_5d(1), text="before", batched_guidance=True),
+    HunyuanVideoTransformer3DModel: DiTFamily(blocks=_DUAL, attention="attn", text="after"),
+    LTXVideoTransformer3DModel: DiTFamily(_ltx_layout, batched_guidance=True),
+    MochiTransformer3DModel: DiTFamily(text="after", batched_guidance=True),
 }
 
 # The video DiTs added to diffusers since (by class name: an older diffusers without one has no entry for it)
 _NEWER: Dict[str, DiTFamily] = {
-    "SkyReelsV2Transformer3DModel": DiTFamily(("blocks",), "attn1", "none", _skyreels_layout, False),
-    "HunyuanVideo15Transformer3DModel": DiTFamily(("transformer_blocks",), "attn", "after", _video_5d(2), False),
-    "HunyuanVideoFramepackTransformer3DModel": DiTFamily(("transformer_blocks", "single_transformer_blocks"),
-                                                         "attn", "after", _framepack_layout, False),
-    "LTX2VideoTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "none", _ltx2_layout, True,
-                                             _ltx2_skips_attention),
-    "WanAnimateTransformer3DModel": DiTFamily(("blocks",), "attn1", "none", _reference_first_layout, False),
-    "CosmosTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "none", _video_5d(2), False),
-    "ChronoEditTransformer3DModel": DiTFamily(("blocks",), "attn1", "none", _chronoedit_layout, False),
-    "AllegroTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "none", _video_5d(2), True),
-    "EasyAnimateTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "before", _video_5d(2), True),
-    "MotifVideoTransformer3DModel": DiTFamily(("transformer_blocks", "single_transformer_blocks"), "attn", "after",
-                                              _motif_layout, False),
-    "Kandinsky5Transformer3DModel": DiTFamily(("visual_transformer_blocks",), "self_attention", "none",
-                                              _kandinsky_layout, False),
-    "Kandinsky6Transformer3DModel": DiTFamily(("visual_transformer_blocks",), "video_dec_block.self_attention",
-                                              "none", _kandinsky_layout, False),
-    "ConsisIDTransformer3DModel": DiTFamily(("transformer_blocks",), "attn1", "before", _video_5d(1), True),
-    "AnyFlowTransformer3DModel": DiTFamily(("blocks",), "attn1", "none", _video_5d(1), True),
-    "HeliosTransformer3DModel": DiTFamily(("blocks",), "attn1", "none", _helios_layout, False),
-    "MiniMaxH3Transformer3DModel": DiTFamily(("transformer_blocks",), "attn", "none", _minimax_layout, False),
+    "SkyReelsV2Transformer3DModel": DiTFamily(_skyreels_layout, ("blocks",)),
+    "HunyuanVideo15Transformer3DModel": DiTFamily(attention="attn", text="after"),
+    "HunyuanVideoFramepackTransformer3DModel": DiTFamily(_framepack_layout, _DUAL, "attn", "after"),
+    "LTX2VideoTransformer3DModel": DiTFamily(_ltx2_layout, batched_guidance=True,
+                                             skips_attention=_ltx2_skips_attention),
+    "WanAnimateTransformer3DModel": DiTFamily(_reference_first_layout, ("blocks",)),
+    "CosmosTransformer3DModel": DiTFamily(),
+    "ChronoEditTransformer3DModel": DiTFamily(_chronoedit_layout, ("blocks",)),
+    "AllegroTransformer3DModel": DiTFamily(batched_guidance=True),
+    "EasyAnimateTransformer3DModel": DiTFamily(text="before", batched_guidance=True),
+    "MotifVideoTransformer3DModel": DiTFamily(_motif_layout, _DUAL, "attn", "after"),
+    "Kandinsky5Transformer3DModel": DiTFamily(_kandinsky_layout, ("visual_transformer_blocks",), "self_attention"),
+    "Kandinsky6Transformer3DModel": DiTFamily(_kandinsky_layout, ("visual_transformer_blocks",),
+                                              "video_dec_block.self_attention"),
+    "ConsisIDTransformer3DModel": DiTFamily(_video_5d(1), text="before", batched_guidance=True),
+    "AnyFlowTransformer3DModel": DiTFamily(_video_5d(1), ("blocks",), batched_guidance=True),
+    "HeliosTransformer3DModel": DiTFamily(_helios_layout, ("blocks",)),
+    "MiniMaxH3Transformer3DModel": DiTFamily(_minimax_layout, attention="attn"),
 }
 FAMILIES.update({getattr(diffusers, name): family for name, family in _NEWER.items() if hasattr(diffusers, name)})
 
@@ -428,7 +417,7 @@ class _TARAttention(TorchFunctionMode):
     """Answers scaled_dot_product_attention calls with `processor.attention`; passes all else through."""
 
     def __init__(self, processor: "DiTTARProcessor", attn: torch.nn.Module, spec: LevelSpec,
-                 grid: Optional[Tuple[int, int]], parallel: Optional[ContextParallelTAR] = None):
+                 grid: Optional[TokenGrid], parallel: Optional[ContextParallelTAR] = None):
         super().__init__()
         self.processor, self.attn, self.spec, self.grid, self.parallel = processor, attn, spec, grid, parallel
         self.calls = 0
@@ -473,12 +462,6 @@ class _TARAttention(TorchFunctionMode):
 MAX_MASK_RUNS = 64
 # bool elements compared at once while finding the runs of a mask
 _RUN_CHUNK = 1 << 26
-
-
-def key_mask_of(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) -> Optional[torch.Tensor]:
-    """An SDPA mask that only masks keys, as the (B, Nk) bool key mask `tar_attention` takes."""
-    runs = mask_runs(mask, batch, 1, keys, where)
-    return runs[0][1]
 
 
 def mask_runs(mask, batch: int, queries: int, keys: int, where: str) -> List[Tuple[slice, Optional[torch.Tensor]]]:
@@ -529,6 +512,12 @@ def no_sdpa_call(name: str, consequence: str, processor: Any = None) -> RuntimeE
         f"({why}), so {consequence}; diffusers' native backend calls it: model.set_attention_backend('native')")
 
 
+def _forwarded(name: str) -> property:
+    """An attribute of the wrapped processor, read and set through the wrapper."""
+    return property(lambda self: getattr(self.processor, name, None),
+                    lambda self, value: setattr(self.processor, name, value))
+
+
 class DiTTARProcessor:
     """The module's own processor, with TAR on its attention call in the regularized steps.
 
@@ -544,21 +533,8 @@ class DiTTARProcessor:
         self.__call__ = functools.wraps(processor.__call__)(functools.partial(type(self).__call__, self))
 
     # diffusers' set_attention_backend / context parallelism set these on the processor
-    @property
-    def _attention_backend(self):
-        return getattr(self.processor, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, backend):
-        self.processor._attention_backend = backend
-
-    @property
-    def _parallel_config(self):
-        return getattr(self.processor, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, config):
-        self.processor._parallel_config = config
+    _attention_backend = _forwarded("_attention_backend")
+    _parallel_config = _forwarded("_parallel_config")
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
         grid, step = self.state.call()
@@ -597,7 +573,7 @@ class _DiTState:
     def step(self) -> int:
         return loop_step(self.steps, self.pipeline, self.grid)
 
-    def call(self) -> Tuple[Optional[Tuple[int, int]], int]:
+    def call(self) -> Tuple[Optional[TokenGrid], int]:
         """(token grid, step) of the forward call in progress; in a gradient-checkpointed block, of the
         forward call that ran it, also when torch recomputes the block in the backward pass."""
         return self.steps.current(_OWNER)
@@ -688,7 +664,7 @@ def token_frames(family: DiTFamily, grid, nq: int, nk: int, where: str, device,
     before, after = (text, 0) if family.text == "before" else (0, text)
     if runs is None and not twice:
         return _layout_ids(count, per_frame, before, after, torch.device(device))
-    runs = grid_runs(grid)
+    runs = runs or tuple((frame, per_frame) for frame in range(count))
     return _run_ids(runs + runs if twice else runs, before, after, torch.device(device))
 
 
