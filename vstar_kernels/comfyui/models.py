@@ -69,9 +69,12 @@ def _video(x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
-def _listed(dm, container: str, attribute: str) -> List[str]:
-    return [f"{container}.{i}.{attribute}" if attribute else f"{container}.{i}"
-            for i in range(len(getattr(dm, container, None) or ()))]
+def _listed(*places: Tuple[str, str]) -> Callable[[torch.nn.Module], List[str]]:
+    """`targets` for the modules at ``(container, attribute)`` of each block of each container, in that order."""
+    def targets(dm) -> List[str]:
+        return [f"{container}.{i}.{attribute}" if attribute else f"{container}.{i}"
+                for container, attribute in places for i in range(len(getattr(dm, container, None) or ()))]
+    return targets
 
 
 # Wan: the latent (and Phantom's subject frames, time_dim_concat) is padded up to the patch size (circular
@@ -100,14 +103,6 @@ def _humo_layout(dm, x, extra) -> Layout:
     return Layout(layout.before, layout.frames, layout.per_frame, layout.after + ref_frames * ref_per_frame, False)
 
 
-def _wan_targets(dm) -> List[str]:
-    return _listed(dm, "blocks", "self_attn")
-
-
-def _vace_targets(dm) -> List[str]:
-    return _listed(dm, "vace_blocks", "self_attn") + _listed(dm, "blocks", "self_attn")
-
-
 # HunyuanVideo: joint attention over [reference image (ref_latent), video, text (+ byT5)], padded patches.
 def _hunyuan_layout(dm, x, extra) -> Layout:
     patch = list(dm.patch_size)
@@ -123,10 +118,6 @@ def _hunyuan_layout(dm, x, extra) -> Layout:
     return Layout(before, frames, per_frame, 0, True)
 
 
-def _hunyuan_targets(dm) -> List[str]:
-    return _listed(dm, "double_blocks", "") + _listed(dm, "single_blocks", "")
-
-
 # LTX-Video: patch size 1; keyframe guides (keyframe_idxs, one entry per guide token) are appended to the
 # latent after the video frames and keep positions of their own: they are tokens outside the video here.
 def _ltx_layout(dm, x, extra) -> Layout:
@@ -138,19 +129,11 @@ def _ltx_layout(dm, x, extra) -> Layout:
     return Layout(0, frames - after // per_frame, per_frame, after, False)
 
 
-def _ltx_targets(dm) -> List[str]:
-    return _listed(dm, "transformer_blocks", "attn1")
-
-
 # Mochi: joint attention over [video, the unpadded text], spatial patch padded up.
 def _mochi_layout(dm, x, extra) -> Layout:
     patch = int(dm.patch_size)
     frames, per_frame = _grid(_video(x, "Mochi").shape, (1, patch, patch), _ceil)
     return Layout(0, frames, per_frame, 0, True)
-
-
-def _mochi_targets(dm) -> List[str]:
-    return _listed(dm, "blocks", "attn")
 
 
 # Cosmos: the latent must divide into patches; tokens are (t h w), frame-major.
@@ -169,22 +152,22 @@ def _cosmos1_targets(dm) -> List[str]:
     return found
 
 
-def _cosmos2_targets(dm) -> List[str]:
-    return _listed(dm, "blocks", "self_attn")
-
-
-WAN = Family("Wan", _wan_targets, _wan_layout)
+_WAN_BLOCKS = _listed(("blocks", "self_attn"))
+WAN = Family("Wan", _WAN_BLOCKS, _wan_layout)
 FAMILIES: Dict[Tuple[str, str], Family] = {
     ("comfy.ldm.wan.model", "WanModel"): WAN,
     ("comfy.ldm.wan.model", "CameraWanModel"): WAN,
-    ("comfy.ldm.wan.model", "VaceWanModel"): Family("Wan VACE", _vace_targets, _wan_layout),
-    ("comfy.ldm.wan.model", "HumoWanModel"): Family("Wan HuMo", _wan_targets, _humo_layout),
-    ("comfy.ldm.hunyuan_video.model", "HunyuanVideo"): Family("HunyuanVideo", _hunyuan_targets, _hunyuan_layout),
-    ("comfy.ldm.lightricks.model", "LTXVModel"): Family("LTX-Video", _ltx_targets, _ltx_layout),
-    ("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint"): Family("Mochi", _mochi_targets,
-                                                                                _mochi_layout),
+    ("comfy.ldm.wan.model", "VaceWanModel"): Family("Wan VACE", _listed(("vace_blocks", "self_attn"),
+                                                                        ("blocks", "self_attn")), _wan_layout),
+    ("comfy.ldm.wan.model", "HumoWanModel"): Family("Wan HuMo", _WAN_BLOCKS, _humo_layout),
+    ("comfy.ldm.hunyuan_video.model", "HunyuanVideo"): Family(
+        "HunyuanVideo", _listed(("double_blocks", ""), ("single_blocks", "")), _hunyuan_layout),
+    ("comfy.ldm.lightricks.model", "LTXVModel"): Family("LTX-Video", _listed(("transformer_blocks", "attn1")),
+                                                        _ltx_layout),
+    ("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint"): Family(
+        "Mochi", _listed(("blocks", "attn")), _mochi_layout),
     ("comfy.ldm.cosmos.model", "GeneralDIT"): Family("Cosmos Predict1", _cosmos1_targets, _cosmos_layout),
-    ("comfy.ldm.cosmos.predict2", "MiniTrainDIT"): Family("Cosmos Predict2", _cosmos2_targets, _cosmos_layout),
+    ("comfy.ldm.cosmos.predict2", "MiniTrainDIT"): Family("Cosmos Predict2", _WAN_BLOCKS, _cosmos_layout),
 }
 
 

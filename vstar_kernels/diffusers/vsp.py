@@ -77,7 +77,7 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
         for name in names:
             module = modules[name]
             original = module.processor
-            wrapper = _wrapper_class(type(original))(original, state)
+            wrapper = _SynopsisProcessor(original, state)
             state.originals[name] = (module, original, wrapper)
             module.set_processor(wrapper)
         state.hooks = [
@@ -244,6 +244,9 @@ class _SynopsisProcessor:
     def __init__(self, inner, state: _SynopsisState):
         self.inner = inner
         self.state = state
+        # diffusers' Attention.forward drops every cross-attention keyword its processor's ``__call__`` does not
+        # name: this attribute (the same call) shows the wrapped processor's signature
+        self.__call__ = functools.wraps(inner.__call__)(functools.partial(type(self).__call__, self))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
         if isinstance(encoder_hidden_states, tuple):  # (text, image prompts) with IP-Adapter
@@ -251,22 +254,6 @@ class _SynopsisProcessor:
         else:
             encoder_hidden_states = self.state.context(encoder_hidden_states)
         return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def _wrapper_class(inner_type: type) -> type:
-    """A `_SynopsisProcessor` subclass whose ``__call__`` shows the wrapped type's signature.
-
-    diffusers' `Attention.forward` drops every cross-attention keyword its processor's
-    ``__call__`` does not name, so the wrapper must name exactly what the wrapped one does.
-    """
-    inner_sig = inspect.signature(inner_type.__call__)
-
-    def __call__(self, *args, **kwargs):
-        return _SynopsisProcessor.__call__(self, *args, **kwargs)
-
-    __call__.__signature__ = inner_sig
-    return type(f"Synopsis{inner_type.__name__}", (_SynopsisProcessor,), {"__call__": __call__})
 
 
 def _unet_of(target):
