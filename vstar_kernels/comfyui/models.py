@@ -1,12 +1,8 @@
 """The video models of ComfyUI the node knows: where their video self-attention sits and how their tokens lie.
 
-A model is recognised by the exact class of its diffusion model (module and name, so nothing of
-ComfyUI is imported here, and a subclass with another token layout is not taken for its parent).
-For each, `targets` names the modules whose forward makes the regularized attention calls and
-nothing else: a block's self-attention (Wan, LTX-Video, Cosmos Predict2), or the module holding a
-joint attention over the video and the text (HunyuanVideo's dual- and single-stream blocks, Mochi's
-``attn``, Cosmos Predict1's full-attention blocks). `layout` reads one model call's latent and
-extra conditions and says where the frames are in that attention's token sequence.
+A model is recognised by the exact class of its diffusion model (module and name: nothing of ComfyUI is
+imported here). `targets` names the modules whose forward makes the regularized attention calls and
+nothing else; `layout` says where one call's frames are in that attention's tokens (docs/comfyui.md).
 """
 
 from __future__ import annotations
@@ -19,12 +15,9 @@ import torch
 
 @dataclass(frozen=True)
 class Layout:
-    """The token sequence of one call's regularized attention.
-
-    ``before`` tokens outside the video (id -1), then ``frames`` latent frames of ``per_frame``
-    tokens each (frame-major, after the patch embedding), then ``after`` tokens outside the video;
-    with ``text_after`` the attention is joint and whatever follows is text (id -1 too).
-    """
+    """The token sequence of one call's regularized attention: ``before`` tokens outside the video (id -1),
+    ``frames`` latent frames of ``per_frame`` tokens, ``after`` tokens outside the video, then the text
+    (id -1 too) where the attention is joint (``text_after``)."""
 
     before: int
     frames: int

@@ -43,19 +43,10 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
               reference_frames: int = 0, backend: str = "auto"):
     """A clone of the ComfyUI ModelPatcher `model` with frame-aware TAR on its video self-attention.
 
-    Args:
-        model: a MODEL (ModelPatcher) whose diffusion model is one `vstar_kernels.comfyui.models` knows.
-        strength: TAR's factor c (0: the clone computes what `model` does, bit for bit).
-        sigma: the Gaussian's width in latent frames (after the patch embedding), > 0.
-        start_percent, end_percent: the steps regularized, in ComfyUI's percent convention: a step with
-            ``percent_to_sigma(end_percent) <= sigma <= percent_to_sigma(start_percent)``.
-        reference_frames: leading latent frames that hold reference images rather than video (the
-            ``trim_latent`` of WanVaceToVideo): their tokens get frame -1, no bias.
-        backend: `tar_attention`'s backend: "auto" (the Triton kernel on CUDA, the reference on CPU),
-            "triton" or "reference".
-
-    Returns the clone; `model` itself is left as it was. Applying the node again to its own output
-    replaces the settings.
+    The arguments are the node's inputs (docs/comfyui.md, Inputs): strength 0 gives a clone that computes
+    what `model` does, bit for bit; the steps regularized are those with ``percent_to_sigma(end_percent)
+    <= sigma <= percent_to_sigma(start_percent)``. `model` itself is left as it was; applying the node
+    again to its own output replaces the settings.
     """
     strength = _real("strength", strength)
     sigma = check_sigma(sigma)

@@ -1,28 +1,11 @@
-"""What the node adds to a ComfyUI model, and how a model call runs with it.
+"""What the node adds to a ComfyUI model, and how a model call runs with it (docs/comfyui.md, How it works).
 
-Three pieces, all on the node's clone of the ModelPatcher (the input model gets none of them):
-
-- `TARWrapper`, an APPLY_MODEL wrapper (ModelPatcher.add_wrapper_with_key). ComfyUI runs it around
-  every model call with the call's transformer_options, where ``sigmas`` is the step's sigma. In a
-  step of the window (``sigma_end <= sigma <= sigma_start``, ComfyUI's percent convention) it reads
-  the token layout from the latent and the extra conditions (reference images, keyframe guides) and
-  passes the call on with a copy of transformer_options holding a `RegularizedCall` under `KEY`.
-  Outside the window it passes the call on untouched.
-- `MarkedForward`, an object patch on the forward of each module whose attention is the video
-  self-attention (a Wan block's ``self_attn``, a HunyuanVideo block, ...; see `models`). When its
-  transformer_options hold a `RegularizedCall`, it calls the module's own forward with a copy of
-  them whose ``optimized_attention_override`` is `tar_override`; otherwise it calls it unchanged.
-  Self- and cross-attention are told apart by where the call comes from, never by sequence
-  lengths.
-- `tar_override`, ComfyUI's attention-override convention: every attention function of
-  ``comfy.ldm.modules.attention`` hands its call to ``override(func, q, k, v, heads=..., mask=...,
-  skip_reshape=..., skip_output_reshape=..., transformer_options=...)`` when one is set. It
-  answers with `vstar_kernels.tar_attention` on the same q, k, v, with frame ids.
-
-So every attention call outside a regularized module, or outside the window, runs exactly as it
-would without the node, with whatever override the model already had (a backend selector such as a
-Sage attention node): those calls never reach this code. A regularized module whose attention did
-not come through the override raises a RuntimeError instead of running unregularized.
+All on the node's clone of the ModelPatcher: `TARWrapper` (an APPLY_MODEL wrapper that, in the
+window's steps, hands the call's token layout down in a copy of transformer_options), `MarkedForward`
+(an object patch on the forward of each module holding the video self-attention, which sets
+`tar_override` as the attention override inside it) and `tar_override` itself. Self- and
+cross-attention are told apart by where the call comes from, never by sequence lengths; a
+regularized module whose attention did not come through the override raises a RuntimeError.
 """
 
 from __future__ import annotations
@@ -116,8 +99,7 @@ class TARWrapper:
 class MarkedForward:
     """Object patch on a module's forward: in a regularized call, its attention calls go to `tar_override`.
 
-    `original` is the forward it replaced (the module's own, or an earlier object patch, which it
-    keeps calling); `patched` says which, so that the node applied again can put it back.
+    `original`: the forward it replaced (the module's own, or an earlier object patch: `patched`).
     """
 
     def __init__(self, original, name: str, patched: bool):
@@ -150,10 +132,8 @@ def _arguments(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=Fals
 def key_mask(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) -> Optional[torch.Tensor]:
     """A ComfyUI attention mask that only masks keys, as the (B, Nk) bool key mask of `tar_attention`.
 
-    The mask gets ComfyUI's batch and head dimensions (a 2-D mask one in front, a 3-D mask one after
-    the batch) and must then be (B or 1, 1, 1, Nk): bool (True attends) or additive with entries 0
-    (attend) and -inf or at most minus the dtype's largest value (the padded text of HunyuanVideo),
-    which leave a key out of the softmax exactly.
+    With ComfyUI's batch and head dimensions added it must be (B or 1, 1, 1, Nk): bool (True attends), or
+    additive with entries 0 and -inf or at most minus the dtype's largest value (HunyuanVideo's padded text).
     """
     if mask is None:
         return None

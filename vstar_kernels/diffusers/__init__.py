@@ -1,16 +1,9 @@
 """TAR for diffusers video pipelines: ``from vstar_kernels.diffusers import apply_tar``, with vstar_kernels.TARConfig.
 
-Needs the diffusers package (the ``diffusers`` extra: ``pip install -e ".[diffusers]"`` in a
-checkout); importing this package, or any module in it, without diffusers raises an ImportError
-that names the extra and the command that installs it.
-The modules: `processors` (TARAttnProcessor, apply/remove), `dit` (frame-aware TAR in the
-video diffusion transformers: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi and the newer
-ones of docs/dits.md; apply_tar dispatches there), `steps` (the denoising-step tracker), `capture` (temporal attention
-maps), `dit_capture` (a DiT's frame-by-frame attention maps), `vsp` (Video Synopsis
-Prompting for diffusers UNets: apply_vsp, encode_synopsis, ...) and `attention_demo` (the
-CLI's ``demo-attention``).
-The config (`vstar_kernels.TARConfig`) needs only torch and is shared with `vstar_kernels.lvdm`
-and the ComfyUI node.
+Needs the diffusers package (the ``diffusers`` extra); importing this package without it raises an
+ImportError that names the extra and the command that installs it. The modules: `processors` (UNets,
+apply/remove), `dit` (video diffusion transformers), `steps`, `capture` and `dit_capture` (attention
+maps), `context_parallel`, `vsp` (Video Synopsis Prompting) and `attention_demo` (docs/integrations.md).
 """
 
 try:

@@ -36,10 +36,7 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
                    scale=None) -> Dict[str, dict]:
     """Capture the level-0 temporal attention maps at step 0 without and with TAR; draw them into `path`.
 
-    One row per run (without TAR above, with TAR below), one panel per level-0 temporal
-    attention layer (the layers TAR regularizes), jet colormap as in the paper, on one colour
-    scale shared by all panels (``color_scale="per-panel"``: each panel on its own min..max, which
-    makes the weak structure of the maps without TAR look as strong as the band with it).
+    One row per run, one panel per level-0 temporal attention layer (docs/attention-analysis.md, Demo).
     ``frames`` and ``scale`` are the deprecated spellings of ``num_frames`` and ``color_scale``.
 
     Returns:

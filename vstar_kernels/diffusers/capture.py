@@ -1,23 +1,14 @@
 """Record the temporal attention maps of a diffusers video model (VSTAR paper, Fig. 3 and S.10).
 
-`capture_temporal_attention` watches the temporal self-attention modules that TAR targets
-(see `temporal_attention_modules`) with forward hooks. After each call of a watched module
-it recomputes that call's post-softmax attention from the module's own inputs and weights,
-averages it over heads and spatial positions (the batch of the call: batch x height x
-width), and adds it to one N x N map per (layer, step). The model's processors are not
-touched and its outputs are the same, bit for bit, with or without a capture.
+`capture_temporal_attention` watches the temporal self-attention modules TAR targets with forward
+hooks and, after each call, recomputes its post-softmax attention from the module's own inputs and
+weights (docs/attention-analysis.md); the model's processors and outputs are untouched.
 
-Memory. The requirement is O(N^2) per layer, never O(B H N^2): the mean map may be
-accumulated inside the kernel or computed in bounded chunks, and this takes the chunks. The
-recomputation runs over bounded chunks of the call's sequences: q and k are projected for a
-chunk, its probabilities formed in fp32 (float64 for a float64 model) with the reference
-formula (`reference.tar_scores`: plain softmax attention, or TAR's with the module's level
-spec where TAR regularizes that step), summed over the chunk and its heads, and added to a
-float64 N x N sum. A chunk holds at most `CHUNK_ELEMENTS` scores (one sequence's H x N x N
-when that is more), in a few fp32 buffers of that size while its softmax is formed, and each
-(layer, step) keeps one N x N sum. The fused kernels are not asked for probabilities; the
-price is one extra q/k projection and one unfused attention per recorded call, at capture
-time only.
+Memory is O(N^2) per layer, never O(B H N^2): the recomputation runs over chunks of the call's
+sequences of at most `CHUNK_ELEMENTS` scores (one sequence's H x N x N when that is more), formed in
+fp32 (float64 for a float64 model) with the reference formula (`reference.tar_scores`) and added to a
+float64 N x N sum per (layer, step). The fused kernels are not asked for probabilities; the price is
+one extra q/k projection and one unfused attention per recorded call, at capture time only.
 """
 
 from __future__ import annotations
@@ -44,10 +35,8 @@ CHUNK_ELEMENTS = 1 << 24
 class TemporalAttentionMaps(Mapping):
     """``maps[(layer, step)]``: the mean temporal attention of one layer at one step, (N, N) float64 on the CPU.
 
-    Row i is how frame i attends to the frames, averaged over heads and over every
-    sequence of the calls (batch x height x width; the conditional half only under batched
-    guidance); each row sums to 1. Several calls of a layer in one step (FreeNoise windows)
-    are averaged together. Keys are in recording order.
+    Row i is how frame i attends to the frames, averaged over heads and every sequence of the calls
+    (FreeNoise's windows of one step too); rows sum to 1. Keys are in recording order.
     """
 
     def __init__(self, levels: Dict[str, int]):
@@ -93,35 +82,25 @@ class TemporalAttentionMaps(Mapping):
 @contextlib.contextmanager
 def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, cfg: Optional[bool] = None,
                                chunk_elements: int = CHUNK_ELEMENTS, chunk_size: Optional[int] = None):
-    """Record the temporal attention maps of the runs inside the ``with`` block.
+    """Record the temporal attention maps of the runs inside the ``with`` block (docs/attention-analysis.md).
 
     ``with capture_temporal_attention(pipe, steps=[0, 10]) as maps: pipe(...)``, then
-    ``maps[(layer, step)]`` is an (N, N) map (see `TemporalAttentionMaps`), ``maps.levels``
-    gives each layer's level and ``maps.by_level(step)`` feeds `analysis.plot_attention_maps`.
+    ``maps[(layer, step)]`` is an (N, N) map (`TemporalAttentionMaps`).
 
     Args:
         target: a diffusers pipeline (its ``.unet`` or ``.transformer``) or the model.
-        steps: the denoising steps to record (0 = noisiest); None records every step. Steps
-            are the ones TAR uses: a pipeline's loop index, or on a bare model the forward
-            calls counted from `apply_tar` / `reset_steps` (from entering the capture when
-            TAR is not applied).
+        steps: the denoising steps to record, as TAR counts them (0 = noisiest); None: every step.
         levels: record only the layers at these resolution levels (0 = full latent resolution).
         layers: record only these modules (names as in ``model.named_modules()``).
-        cfg: whether each call batches classifier-free guidance the diffusers way
-            (``torch.cat([negative, positive])``: the second half of the batch is conditional,
-            and only that half is recorded). None: read the pipeline's
-            ``do_classifier_free_guidance`` at each call (AnimateDiff, SVD, Latte, I2VGen-XL);
-            False for a bare model. A pipeline without that property (TextToVideoSDPipeline)
-            needs it given: True when ``guidance_scale > 1``.
-        chunk_elements: the most scores formed at once (fp32): a chunk holds as many sequences
-            as fit, at least one. The map does not depend on it.
-        chunk_size: deprecated (sequences per chunk); use chunk_elements, the unit of
-            `capture_frame_attention` too.
+        cfg: whether each call batches classifier-free guidance the diffusers way (only the
+            conditional second half is recorded). None: the pipeline's
+            ``do_classifier_free_guidance`` at each call (a pipeline without it needs `cfg`
+            given); False for a bare model.
+        chunk_elements: the most scores formed at once (fp32); the map does not depend on it.
+        chunk_size: deprecated (sequences per chunk); use chunk_elements.
 
-    Without TAR the maps are the plain softmax attention the model computes; on modules and
-    steps where TAR regularizes, the regularized attention. The input-block temporal
-    attentions (``transformer_in``) are watched too, at level 0. Modules swapped in during
-    the capture (FreeNoise) are watched from the next run on.
+    Where TAR regularizes, the maps hold the regularized attention. Modules swapped in during the
+    capture (FreeNoise) are watched from the next run on.
     """
     model, pipeline = _denoiser(target)
     temporal = temporal_attention_modules(model)

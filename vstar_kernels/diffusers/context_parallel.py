@@ -1,49 +1,12 @@
 """Exact frame-aware TAR under diffusers' context parallelism (Ulysses, ring, and both at once).
 
-``model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))``
-shards a DiT's token sequence over P = U * R ranks: shard s (the rank's place in the group of
-the config's flattened ("ring", "ulysses") mesh) holds the contiguous tokens [s N / P, (s + 1) N / P).
-diffusers then runs each attention call as Ulysses (an all-to-all from sequence shards to head
-shards, attention over the whole sequence for H / U heads, the inverse all-to-all), as ring
-attention (K and V all-gathered over the ring group, the backend's lse-returning op once per
-KV chunk, the chunks merged by their log-sum-exps), or as both (Ulysses inside, ring across).
-
-TAR's bias ``strength * m_i * dA(f(q_i), f(k_j))`` needs, for each query, the row max ``m_i``
-over all keys of the whole sequence and the frame of each key's global position; a chunk that
-sees part of the keys would get both wrong, and a chunk's lse would not be that of the biased
-scores. So a regularized call does not use diffusers' parallel attention at all:
-`local_stock_call` runs the stock processor with its parallel config removed and the native
-backend, for that one call, so that its attention reaches
-``torch.nn.functional.scaled_dot_product_attention`` with this rank's local q, k, v; the DiT
-wrapper's torch function mode hands that call to `ContextParallelTAR.attention`, which
-
-1. with Ulysses, exchanges q, k and v in one all-to-all over the Ulysses group, as diffusers
-   does: every rank then holds its Ulysses group's U shards for H / U heads;
-2. with ring, all-gathers K and V (one collective) over the ring group, as diffusers' ring
-   does: every rank then holds every key of the sequence for its heads;
-3. makes ONE `tar_attention` call of its queries against all keys, with the frame ids of their
-   global positions (``frames=(query ids, key ids)``): the exact row max (the kernels' first
-   pass over the keys) and the exact bias, so no log-sum-exp merge is needed;
-4. with Ulysses, sends the output back to sequence shards (the inverse all-to-all).
-
-Which shards arrive in which order is read from the groups (`ContextParallelTAR.shard_order`,
-exchanged once per config), so the ids follow the tokens on any device mesh.
-
-The collectives are autograd functions: the all-to-all's backward is the same exchange of the
-gradients, the all-gather's is a reduce-scatter (an all-to-all and a sum), so the gradient of
-every key, its share through the row max included, reaches the rank that owns it. What
-diffusers' backend setting (flash, cuDNN, Sage; needed for its stock ring, which asks the
-backend for the lse) selects is then used only by the calls TAR leaves alone: outside the
-regularized blocks and steps, and for a level that is off, the stock processor runs with its
-own backend and parallel config, untouched.
-
-What raises (ValueError or TypeError, naming it): a parallel config that is not a set-up
-diffusers ``ParallelConfig`` with a ``ContextParallelConfig``; a DiT whose regularized
-attention joins text tokens (their sharding is not known here); a device mesh whose ring groups
-hold different blocks of heads; shards that do not cover the call's video tokens exactly (uneven
-shards of ``ring_anything``/``ulysses_anything``, or a sharding plan that does not split the
-tokens evenly); heads that the Ulysses degree does not divide; an attention mask or a causal
-call; a call that is not self-attention.
+TAR's bias needs, for each query, the row max over every key of the sequence and the frame of each
+key's global position; a chunk of diffusers' ring attention sees part of the keys, and its lse would
+not be that of the biased scores. So a regularized call does not use diffusers' parallel attention:
+`local_stock_call` runs the stock processor on this rank's shard with the native backend, and
+`ContextParallelTAR.attention` answers its SDPA call with its own collectives (autograd functions)
+around ONE `tar_attention` call of the rank's queries against every key, with global frame ids.
+docs/multi-gpu.md gives the steps, what is exact and what raises.
 """
 
 from __future__ import annotations
@@ -144,12 +107,9 @@ _ORDERS: dict = {}
 
 @contextlib.contextmanager
 def local_stock_call(processor) -> Iterator[None]:
-    """For one call: the stock `processor` without its parallel config, on the native backend.
-
-    Its attention then runs ``scaled_dot_product_attention`` on this rank's local q, k, v (which
-    the caller's torch function mode answers). The two attributes are put back as they were on
-    exit, also when the call raises: an attribute the instance did not have is removed again.
-    """
+    """For one call: the stock `processor` without its parallel config, on the native backend (so that its
+    attention runs ``scaled_dot_product_attention`` on this rank's local q, k, v). Both attributes are put
+    back as they were on exit, also when the call raises: one the instance did not have is removed again."""
     from diffusers.models.attention_dispatch import AttentionBackendName  # diffusers with context parallelism
 
     saved = {name: vars(processor)[name] for name in _SWAPPED if name in vars(processor)}
@@ -178,11 +138,8 @@ class ContextParallelTAR:
 
     @classmethod
     def of(cls, processor, text: str, where: str) -> Optional["ContextParallelTAR"]:
-        """The layout of the stock `processor`'s parallel config; None when it has none.
-
-        `text` is where the DiT family's regularized attention has text tokens ("none" is the
-        only layout handled under context parallelism). Raises for any config TAR cannot run exactly.
-        """
+        """The layout of the stock `processor`'s parallel config (None without one); raises for any config TAR
+        cannot run exactly, and for a family whose regularized attention has text tokens (`text` not "none")."""
         config = getattr(processor, "_parallel_config", None)
         if config is None:
             return None
@@ -206,9 +163,8 @@ class ContextParallelTAR:
                   grid: Optional[Tuple[int, int]], attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         """TAR over the whole sequence for this rank's (B, H, n, D) shard of queries; returns its (B, H, n, Dv).
 
-        `grid` is the call's (token frames, tokens per frame); `attend(q, k, v, frames=(q_ids,
-        k_ids))` computes the regularized attention. Every check runs before any communication,
-        with the same outcome on every rank.
+        `attend(q, k, v, frames=(q_ids, k_ids))` computes the regularized attention. Every check runs
+        before any communication, with the same outcome on every rank (no rank waits for one that raised).
         """
         where = self.where
         if grid is None:
@@ -257,10 +213,9 @@ class ContextParallelTAR:
         """(the shards this rank's queries come from, the shards of all keys), in the order the collectives
         deliver them; exchanged over the layout's ranks once per ContextParallelConfig.
 
-        Shard s is the s-th slice of the sequence (the rank of its holder in the flattened mesh's
-        group, as diffusers shards); the all-to-all delivers the Ulysses group's shards in its group
-        rank order, the all-gather the ring group's in its. Every rank gets the same table, so the
-        check that the ring group shares one block of heads has the same outcome everywhere.
+        Shard s is held by the rank s of the flattened mesh's group (as diffusers shards); the all-to-all
+        delivers the Ulysses group's shards in its group rank order, the all-gather the ring group's in its.
+        Every rank gets the same table, so the head-block check has the same outcome everywhere.
         """
         config = self.config
         hit = _ORDERS.get(id(config))

@@ -1,66 +1,29 @@
 """TAR in video diffusion transformers: frame-aware TAR on the full 3-D attention of each block.
 
-Models: WanTransformer3DModel (Wan 2.1 and 2.2), WanVACETransformer3DModel (its control
-blocks first, in forward order), CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel,
-LTXVideoTransformer3DModel and MochiTransformer3DModel, and the newer ones in `FAMILIES`
-(SkyReels-V2, HunyuanVideo 1.5 and Framepack, LTX-2, Wan-Animate, Cosmos, ChronoEdit,
-Allegro, EasyAnimate, Motif-Video, Kandinsky 5 and 6, ConsisID, AnyFlow, Helios, MiniMax-H3);
-docs/dits.md gives each one's layout, and `UNSUPPORTED` the reason for those TAR does not
-apply to (linear attention, flex-only block masks, ...).
-Where TAR goes: the self-attention over all video tokens of every transformer block (Wan's,
-LTX's and Mochi's ``attn1``, CogVideoX's ``attn1``, HunyuanVideo's ``attn`` in its dual- and
-single-stream blocks), together with the text tokens where that attention is joint (CogVideoX:
-text first; HunyuanVideo, Mochi: text after the video); never the cross-attention to the text
-(Wan's and LTX's ``attn2``), nor an audio stream (LTX-2's, Kandinsky 6's). A token's frame is
-its latent frame after the patch embedding; text tokens have frame -1 (`vstar_kernels.frame_ids`):
-no bias in their rows and columns. Where a model's video stream holds more than its frames in
-order (`TokenGrid.runs`), a token gets the frame its rotary embedding places it at: history
-latents (Framepack, Helios) their frame indices, a reference image its frame or -1 (Wan-Animate's
-first latent frame, which is no frame of the video), LTX-2's appended conditioning tokens the
-frame their coordinates fall in.
+`FAMILIES` holds the supported models (where the regularized attention sits, how the tokens lie),
+`UNSUPPORTED` the video models of diffusers TAR does not apply to and why; docs/dits.md lists both
+and how a token gets its frame.
 
-How only the attention call changes. Each selected module gets a `DiTTARProcessor` that
-wraps the module's own (stock) processor and calls it unchanged: projections, norms, rotary
-embeddings, masks, Mochi's per-sample text selection and the output projection are the stock
-code. In a regularized block and step the call runs under a `torch.overrides.TorchFunctionMode`
-that answers `torch.nn.functional.scaled_dot_product_attention` with `tar_attention` on the
-same q, k, v (and key mask) and passes every other torch call through. Every one of these
-processors ends in that function: CogVideoX's, Mochi's, Allegro's and EasyAnimate's call it
-directly, the others through diffusers' `dispatch_attention_fn`, whose default ("native")
-backend calls it. A boolean mask per query (HunyuanVideo 1.5 masks padded text as queries and
-keys, SkyReels-V2's causal frame blocks the keys of later blocks) is cut into runs of equal rows
-(`mask_runs`), each one `tar_attention` call with that run's key mask: the same attention,
-exactly. This was chosen over the alternatives because it needs no copy of diffusers' code
-and patches nothing: a custom attention backend would reach only the processors that use
-the dispatcher (and diffusers' backend registry is a closed enum), and replacing module
-globals (``F`` or ``dispatch_attention_fn`` in diffusers' modules) is process-wide and not
-thread-safe, where a torch function mode is per thread and lives for one call. Outside the
-regularized blocks and steps, and for a level that is off (strength 0, sigma inf), the stock
-processor runs with no mode at all, so the output is stock's bit for bit. A backend that
-does not go through that function (``set_attention_backend("flash")``, ...) is not
-intercepted: a regularized call that saw no SDPA call raises a RuntimeError (a call whose
-stock processor computes no attention at all, a block LTX-2's spatio-temporal guidance
-perturbs, runs stock: `DiTFamily.skips_attention`).
+How only the attention call changes. Each selected module gets a `DiTTARProcessor` that wraps the
+module's own (stock) processor and calls it unchanged: projections, norms, rotary embeddings,
+masks and the output projection are the stock code. In a regularized block and step the call runs
+under a `torch.overrides.TorchFunctionMode` that answers
+`torch.nn.functional.scaled_dot_product_attention` with `tar_attention` on the same q, k, v (and key
+mask) and passes every other torch call through; a boolean mask per query is cut into runs of equal
+rows (`mask_runs`), one exact `tar_attention` call each. This needs no copy of diffusers' code and
+patches nothing: a custom attention backend would reach only the processors that use the dispatcher
+(and diffusers' backend registry is a closed enum), and replacing module globals (``F`` or
+``dispatch_attention_fn`` in diffusers' modules) is process-wide and not thread-safe, where a torch
+function mode is per thread and lives for one call. Outside the regularized blocks and steps, and
+for a level that is off, the stock processor runs with no mode at all (stock output bit for bit).
+A backend that does not go through that function (``set_attention_backend("flash")``) is not
+intercepted: a regularized call that saw no SDPA call raises a RuntimeError. Under diffusers'
+context parallelism `context_parallel.ContextParallelTAR` answers the call (docs/multi-gpu.md).
 
-Under diffusers' context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``:
-Ulysses, ring or both) a regularized call runs the stock processor on this rank's shard of the
-tokens with the native backend and no parallel config, for that call only, and
-`context_parallel.ContextParallelTAR` answers its SDPA call: its own collectives around one
-`tar_attention` call of the rank's queries against every key, with global frame ids, exact
-forward and backward whatever backend is set (docs/multi-gpu.md). Every other call is diffusers'
-parallel attention, untouched.
-
-Tokens per frame and frames come from the model's config (patch sizes) and each forward
-call's input (latent shape; LTX's ``num_frames``/``height``/``width`` arguments; frame indices
-and rotary positions where a model takes them), read by a forward pre-hook into a `TokenGrid`;
-the text length is what the attention call receives. A block that
-diffusers' gradient checkpointing recomputes in the backward pass, after the forward call
-returned, gets the token layout and the step of the forward call that ran it (`steps`).
-
-A processor set on a regularized module after `apply_tar` (``set_attn_processor``;
-CogVideoX's ``fuse_qkv_projections`` sets its fused processor) is wrapped in a new
-`DiTTARProcessor` before the model's next forward call, as `apply_tar` would have wrapped it:
-one attribute comparison per module and call.
+A forward pre-hook reads each call's token layout into a `TokenGrid`; a block that gradient
+checkpointing recomputes in the backward pass gets the layout and step of the forward call that
+ran it (`steps`). A processor set on a regularized module after `apply_tar` is wrapped in a new
+`DiTTARProcessor` before the model's next forward call.
 """
 
 from __future__ import annotations
@@ -98,11 +61,9 @@ _OWNER = "tar"
 class TokenGrid(NamedTuple):
     """The token layout of one forward call of a DiT, read from its arguments by the family's layout reader.
 
-    ``(frames, per_frame)``: the video stream is `frames` frames of `per_frame` tokens each, in frame
-    order. Where it is laid out otherwise, `runs` gives it in full: ``((frame id, tokens), ...)`` in
-    sequence order, -1 for a token that stands for no frame of the video (Wan-Animate's reference
-    image, MiniMax-H3's text and audio rows), and `frames` is then the largest id + 1. Text tokens
-    are in neither: where they sit is the family's `text`.
+    The video stream is `frames` frames of `per_frame` tokens, in frame order; where it is laid out otherwise,
+    `runs` gives it in full, ``((frame id, tokens), ...)`` in sequence order (-1: no frame of the video), and
+    `frames` is the largest id + 1. Text tokens are in neither: where they sit is the family's `text`.
     """
 
     frames: int                                   # F: the frames the ids span (a delta is F x F, a map too)
@@ -467,11 +428,8 @@ _RUN_CHUNK = 1 << 26
 def mask_runs(mask, batch: int, queries: int, keys: int, where: str) -> List[Tuple[slice, Optional[torch.Tensor]]]:
     """The query rows of an SDPA call in runs that share one key mask: ``[(rows, (B, Nk) bool key mask or None)]``.
 
-    A (B, 1, 1, Nk) key mask (or none) is one run over every row. A (B, 1, Nq, Nk) boolean mask is cut
-    where a row differs from the one before it (in any sequence of the batch): HunyuanVideo 1.5 masks
-    padded text as queries and as keys, SkyReels-V2's block-causal frames mask the keys of later frame
-    blocks. In each run the mask is a key mask, which `tar_attention` honours exactly (a row left with
-    no key gives 0, as scaled_dot_product_attention does). Any other mask raises a ValueError.
+    A (B, 1, 1, Nk) key mask (or none) is one run; a (B, 1, Nq, Nk) boolean mask is cut where a row differs
+    from the one before it (docs/dits.md, Masks). Any other mask raises a ValueError.
     """
     if mask is None:
         return [(slice(0, queries), None)]
@@ -519,11 +477,9 @@ def _forwarded(name: str) -> property:
 
 
 class DiTTARProcessor:
-    """The module's own processor, with TAR on its attention call in the regularized steps.
+    """The module's own processor, with TAR on its attention call in the regularized steps (module docstring).
 
-    Delegates every call to `processor` (the stock processor it replaced); see the module
-    docstring for how the attention call alone is replaced. `attention` is the one place the
-    regularized attention is computed, for subclasses (and tests) that want to look at it.
+    `attention` is the one place the regularized attention is computed, for subclasses that want to look at it.
     """
 
     def __init__(self, processor: Any, name: str, block: int, state: "_DiTState"):
@@ -602,20 +558,12 @@ class _DiTState:
 
 
 def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
-    """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None).
+    """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None; docs/dits.md, Steps).
 
-    In a pipeline whose scheduler keeps a ``step_index`` (the flow-matching and multistep
-    schedulers these models ship with), the number of scheduler steps taken in this run:
-    the same for the conditional and unconditional calls of one iteration (Wan and
-    HunyuanVideo run them as separate calls) and for both experts of Wan 2.2. Otherwise the
-    model's forward calls since the run began (`StepTracker`), which is the loop index where
-    guidance is batched into one call (CogVideoX's DDIM schedulers) and on a bare model.
-
-    Diffusion forcing (SkyReels-V2's pipelines; the call's `grid` has its largest timestep)
-    gives each frame its own timestep and steps copies of the scheduler, one per frame, so the
-    pipeline's own scheduler counts no step: there the step is that of the call's noisiest
-    frame, the number of the scheduler's timesteps above the call's largest timestep. A long
-    video's later chunks, whose new frames start from noise, begin again at step 0.
+    The scheduler's ``step_index`` where it keeps one (one count for both guidance calls and both of
+    Wan 2.2's experts), else the forward calls counted by `StepTracker`. Under diffusion forcing
+    (`grid.timestep` set) the pipeline steps per-frame copies of its scheduler, which leave its own
+    uncounted: the step is then the number of scheduler timesteps above the call's largest one.
     """
     scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
     if scheduler is None or not hasattr(scheduler, "step_index"):
@@ -747,11 +695,7 @@ def dit_models(model: torch.nn.Module, pipeline) -> List[Tuple[str, torch.nn.Mod
 
 
 def apply_dit_tar(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
-    """`apply_tar` for a supported DiT (and a pipeline's other expert): returns the regularized modules' names.
-
-    With Wan 2.2's experts (``transformer`` and ``transformer_2``, or ``transformer_2`` alone) the
-    names carry the expert's attribute as a prefix; ``config.blocks`` applies to each.
-    """
+    """`apply_tar` for a supported DiT (and Wan 2.2's other expert, see `dit_models`): the regularized modules."""
     experts = dit_models(model, pipeline)
     for _, expert in experts:
         _check_config(expert, config, len(dit_attention_modules(expert)))

@@ -1,19 +1,15 @@
 """Record the frame-by-frame attention of a video DiT: the DiT sibling of `capture`.
 
-`capture_frame_attention` watches the attention TAR regularizes in a DiT (see `dit`): for
-every call of a watched block it takes the q, k (and key mask) the model's own processor
-hands to ``scaled_dot_product_attention`` (the same torch function mode as `dit`, here only
-listening: the call then runs as it would have, TAR included), forms that call's post-softmax
-attention, sums it over the key tokens of each latent frame and over the query tokens of each
-frame, and adds the (frames, frames) result to one map per (block, step). Text tokens take
-part in the softmax (their share of a row is not in the map) but have no row or column.
+`capture_frame_attention` wraps the processor of each watched block (see `dit`) and, in a torch
+function mode that only listens, takes the q, k (and key mask) it hands to
+``scaled_dot_product_attention``; the call then runs as it would have, TAR included. That call's
+post-softmax attention is summed over the key tokens of each latent frame and the query tokens of
+each frame into one (frames, frames) map per (block, step); text tokens take part in the softmax but
+have no row or column.
 
-Memory: the attention is formed over chunks of query rows, at most `CHUNK_ELEMENTS` fp32
-scores (float64 for a float64 model) at a time, never a whole N x N matrix per (batch, head),
-so a 32k-token Wan call fits next to the model. Probabilities come from the reference
-formula (`reference.tar_scores` with `frames.frame_bias`): plain softmax attention, or TAR's
-where TAR regularizes that block and step. The price, at capture time only, is one unfused
-attention per recorded call.
+Memory: the attention is formed over chunks of query rows of at most `CHUNK_ELEMENTS` fp32 scores
+(float64 for a float64 model), never a whole N x N matrix per (batch, head), so a 32k-token Wan call
+fits next to the model; the price, at capture time only, is one unfused attention per recorded call.
 """
 
 from __future__ import annotations
@@ -54,30 +50,21 @@ CHUNK_ELEMENTS = 1 << 24
 @contextlib.contextmanager
 def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bool] = None,
                             chunk_elements: int = CHUNK_ELEMENTS):
-    """Record a DiT's frame-by-frame attention in the runs inside the ``with`` block.
+    """Record a DiT's frame-by-frame attention in the runs inside the ``with`` block (docs/integrations.md).
 
     ``with capture_frame_attention(pipe, steps=[0, 10]) as maps: pipe(...)``, then
-    ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame
-    f attend to the tokens of each frame, averaged over heads and over the query tokens of
-    frame f (the text's share of the row is left out, so rows sum to 1 only without text);
-    ``maps.by_level(step)`` (every block at level 0) feeds `analysis.plot_attention_maps`.
+    ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame f
+    attend to the tokens of each frame, averaged over heads and frame f's query tokens (without the
+    text's share: rows sum to 1 only without text; NaN for a frame id with no token).
 
     Args:
-        target: a pipeline (its ``.transformer``) or the model: a video DiT TAR takes
-            (`dit.FAMILIES`: Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi and the newer ones).
-            Where its frame ids span frames that have no token (Framepack's history leaves
-            gaps between its frame indices), those frames' rows are NaN.
+        target: a pipeline (its ``.transformer``) or the model: a video DiT TAR takes (`dit.FAMILIES`).
         steps: the denoising steps to record (0 = noisiest), as TAR counts them; None: all.
         blocks: the transformer blocks to record, by index in forward order; None: all.
-        cfg: whether each call batches classifier-free guidance as ``[negative, positive]``,
-            and only the conditional half is recorded. None: the pipeline's
-            ``do_classifier_free_guidance`` for the families whose pipelines batch it (CogVideoX,
-            LTX-Video and LTX-2, Mochi, Allegro, EasyAnimate, ConsisID, AnyFlow); False for those
-            that run the branches as two calls (Wan, HunyuanVideo and the others: both calls are
-            then recorded, and averaged), and for a bare model.
+        cfg: whether each call batches classifier-free guidance as ``[negative, positive]`` (only
+            the conditional half is recorded). None: the pipeline's ``do_classifier_free_guidance``
+            for the families whose pipelines batch it (`DiTFamily.batched_guidance`), else False.
         chunk_elements: the most scores formed at once; the map does not depend on it.
-
-    TAR applied before (or during) the capture is in the maps where it regularizes.
     """
     model, pipeline = _denoiser(target)
     family = dit_family(model)

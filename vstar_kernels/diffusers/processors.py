@@ -1,35 +1,10 @@
-"""TAR in diffusers video models: a temporal-attention processor and apply/remove helpers.
+"""TAR in diffusers video models: a temporal-attention processor and apply/remove helpers (docs/integrations.md).
 
-Where TAR goes (docs/semantics.md): the self-attention over frames of the
-temporal transformers, per resolution level, in the early denoising steps.
-
-* Which modules: every `Attention` inside a temporal container
-  (`temp_attentions`, `motion_modules`, `temporal_transformer_blocks`) that is
-  not cross-attention, plus the input-block temporal attentions
-  (`transformer_in`, `image_latents_temporal_encoder`) when asked for. That
-  covers UNet3DConditionModel, I2VGenXLUNet, UNetMotionModel (FreeNoise too),
-  UNetSpatioTemporalConditionModel (attn1 only: its attn2 attends to the image
-  token) and LatteTransformer3DModel. Modules swapped in after `apply_tar`
-  (FreeNoise replaces the motion modules' transformer blocks) get TAR before
-  the next forward call of the model runs.
-* Which level: from where the module sits, never from the batch size of the
-  call: ``down_blocks.i`` -> i, ``mid_block`` -> the last level,
-  ``up_blocks.j`` -> last - j, input blocks and models without down blocks -> 0.
-* Which step: a `StepTracker` on the denoiser counts its forward calls since
-  the pipeline's last `set_timesteps` (see `steps.py`). A block that diffusers'
-  gradient checkpointing recomputes in the backward pass gets the step of the
-  forward call that ran it.
-* Processors set behind TAR's back (``set_attn_processor``, ``fuse_qkv_projections``)
-  are checked before each forward call of the model, one attribute per module:
-  where the new processor is one whose attention `TARAttnProcessor` computes
-  (`AttnProcessor`, `AttnProcessor2_0`, `FusedAttnProcessor2_0`), TAR takes its
-  place again and stands in for it from then on; any other processor raises a
-  RuntimeError, since TAR would either drop what it does or not run at all.
-
-The per-module state (level spec, step tracker, the processor to restore)
-lives on the `Attention` module, so the processor itself is stateless and
-``TARAttnProcessor()`` re-created by diffusers (as when loading IP adapters)
-keeps working.
+Which modules, which level and which step are as that page says; video DiTs go to `dit`. The
+per-module state (level spec, step tracker, the processor to restore) lives on the `Attention`
+module, so the processor itself is stateless and ``TARAttnProcessor()`` re-created by diffusers
+(as when loading IP adapters) keeps working. Processors set behind TAR's back are checked before
+each forward call, one attribute per module (`_sync`).
 """
 
 from __future__ import annotations
@@ -122,13 +97,8 @@ def tar_site(attn: Attention) -> Optional[TARSite]:
 
 def project_heads(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                   temb: Optional[torch.Tensor] = None, fused: bool = False):
-    """q, k, v of an `Attention` call as (B, H, N, D) views of its projections.
-
-    The steps `AttnProcessor2_0` takes before the attention: spatial norm, image-shaped input
-    flattened to tokens, group norm, the q/k/v projections (cross-attention context normed
-    where the module asks), the head split, and the q/k norms. `fused`: as
-    `FusedAttnProcessor2_0`, from ``to_qkv`` (self-attention) or ``to_q`` and ``to_kv``.
-    """
+    """q, k, v of an `Attention` call as (B, H, N, D) views of its projections: the steps `AttnProcessor2_0`
+    takes before the attention (`fused`: `FusedAttnProcessor2_0`'s, from ``to_qkv`` or ``to_q`` and ``to_kv``)."""
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
     if hidden_states.ndim == 4:
@@ -160,11 +130,8 @@ def project_heads(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_s
 class TARAttnProcessor:
     """Scaled dot-product attention with TAR on the modules and steps `apply_tar` chose.
 
-    On a module without TAR state, or outside the regularized steps, it computes
-    exactly what `AttnProcessor2_0` computes (same operations, equal outputs),
-    including its softmax scale ``head_dim ** -0.5``; where TAR stands in for
-    `FusedAttnProcessor2_0` (``fuse_qkv_projections``), what that one computes. q, k
-    and v reach the attention as (B, H, N, D) views of the projections, no copies.
+    Elsewhere it computes exactly what `AttnProcessor2_0` computes (or `FusedAttnProcessor2_0`, where TAR
+    stands in for it), softmax scale ``head_dim ** -0.5`` included; q, k and v are views, no copies.
     """
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
@@ -194,10 +161,7 @@ class TARAttnProcessor:
 
     def attention(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   attention_mask: Optional[torch.Tensor] = None, step: Optional[int] = None) -> torch.Tensor:
-        """The attention of module `attn` at denoising step `step`: (B, H, Nq, D) q/k/v -> (B, H, Nq, Dv).
-
-        TAR with the module's level spec where it is regularized at `step`, else SDPA.
-        """
+        """(B, H, Nq, D) q/k/v -> (B, H, Nq, Dv): TAR where module `attn` is regularized at `step`, else SDPA."""
         site = tar_site(attn)
         spec = None if site is None else site.spec_at(step)
         if spec is None:
@@ -258,9 +222,8 @@ def _uninstall(site: TARSite) -> None:
 def _layout(model: torch.nn.Module, temporal: List[TemporalAttention]) -> List[Tuple[torch.nn.Module, tuple]]:
     """(module, its children) for the model and every module on the way down to a temporal attention.
 
-    Swapping a block in or out (FreeNoise's `enable_free_noise` / `disable_free_noise`, its
-    split inference) replaces a child of one of these modules; comparing the children is a
-    few dozen tuple comparisons, where walking the whole model takes milliseconds.
+    Swapping a block in or out (FreeNoise) replaces a child of one of these modules; comparing the
+    children is a few dozen tuple comparisons, where walking the whole model takes milliseconds.
     """
     paths = {""}
     for t in temporal:
@@ -270,12 +233,8 @@ def _layout(model: torch.nn.Module, temporal: List[TemporalAttention]) -> List[T
 
 
 def _sync(model: torch.nn.Module) -> None:
-    """Before each forward call: give TAR to temporal attentions swapped in since the last one, and take the
-    place of processors set on TAR's modules since (see the module docstring).
-
-    A site whose module left the model gets its previous processor back (the module is clean
-    if it returns); sites whose module is still there are left as they are.
-    """
+    """Before each forward call: give TAR to temporal attentions swapped in since the last one (a site whose
+    module left the model gets its previous processor back), and take the place of processors set since."""
     state = vars(model)[_STATE_ATTR]
     if not all(tuple(module._modules.values()) == children for module, children in state.layout):
         temporal = temporal_attention_modules(model)
@@ -310,41 +269,14 @@ def apply_tar(target, config: TARConfig) -> List[str]:
 
     Args:
         target: a diffusers pipeline (its ``.unet`` or ``.transformer``, and Wan 2.2's
-            ``.transformer_2``, either expert alone too; its scheduler's `set_timesteps`
-            restarts the step count) or the model itself (each forward call is one step,
-            counted from 0 now; see `reset_steps`). Where a pipeline runs the guidance
-            branches as two calls (Wan, HunyuanVideo), pass the pipeline: both calls of a
-            step then count as one.
+            ``.transformer_2``; its scheduler's `set_timesteps` restarts the step count) or the
+            model itself (each forward call is one step, counted from 0 now; see `reset_steps`).
         config: a `TARConfig`, e.g. ``TARConfig.from_preset("64D1")``.
 
     Returns:
-        The names of the attention modules TAR now runs on. Applying again replaces the
-        previous config; `remove_tar` restores the processors from before the first apply
-        (or those set since, see below). Temporal attentions swapped in later
-        (``pipe.enable_free_noise()`` and ``disable_free_noise()`` replace the motion modules'
-        blocks) get TAR before the model's next forward call runs, with the pipeline or the
-        model as `target`.
-
-    Processors set on TAR's modules after `apply_tar` (``set_attn_processor``,
-    ``fuse_qkv_projections``) are found before the model's next forward call: a DiT's
-    `DiTTARProcessor` wraps the new processor; a UNet's `TARAttnProcessor` takes the place of
-    `AttnProcessor`, `AttnProcessor2_0` and `FusedAttnProcessor2_0` (projecting with the fused
-    weights) and raises a RuntimeError for any other. The output is then that of the other
-    order (the processor set first, then `apply_tar`). diffusers' ``set_default_attn_processor()``
-    accepts only diffusers' own processor classes: while TAR is applied to a UNet it raises a
-    ValueError (naming the first processor it lists, not necessarily TAR's). Call `remove_tar`
-    first, then ``set_default_attn_processor()``, then `apply_tar` again to regularize on top
-    of the default processors.
-
-    Training with diffusers' gradient checkpointing (``model.enable_gradient_checkpointing()``,
-    before or after `apply_tar`): a block recomputed in the backward pass is regularized as
-    its forward call ran it (same step, same token layout), so gradients equal those without
-    checkpointing.
-
-    Video diffusion transformers (Wan, CogVideoX, HunyuanVideo, LTX-Video, Mochi and the
-    newer ones in `dit.FAMILIES`: SkyReels-V2, HunyuanVideo 1.5 and Framepack, LTX-2, ...) get
-    frame-aware TAR on the full attention of their transformer blocks (see `dit`): level 0
-    only, and ``config.blocks`` picks blocks.
+        The names of the attention modules TAR now runs on. Applying again replaces the previous
+        config; `remove_tar` restores the processors. docs/integrations.md has the modules, levels
+        and steps, processors set afterwards, gradient checkpointing, and the video DiTs (`dit`).
 
     Raises:
         ValueError: the model has no temporal attention, or lacks a level of the config (or, on
@@ -387,8 +319,7 @@ def apply_tar(target, config: TARConfig) -> List[str]:
 def remove_tar(target) -> None:
     """Restore the processors from before `apply_tar` (or those set since) and remove its hooks (no-op without TAR).
 
-    Needed before diffusers' ``set_default_attn_processor()``, which raises while TAR's
-    processors are installed; ``apply_tar`` may follow it.
+    Needed before diffusers' ``set_default_attn_processor()``, which raises while TAR's processors are installed.
     """
     model, pipeline = _denoiser(target)
     if dit_family(model) is not None:

@@ -1,27 +1,15 @@
 """The denoising-step index of a model's forward calls, shared by every feature attached to it.
 
-A diffusers pipeline calls its denoiser once per iteration of its denoising
-loop (the classifier-free-guidance branches are batched into that one call),
-so the loop index is the number of forward calls since the loop began. A
-loop begins with `scheduler.set_timesteps`, which gives the scheduler a new
-`timesteps` tensor: the tracker notices the new tensor at the next forward
-call and starts counting from 0 again. This holds for every scheduler (Heun
-repeats timesteps, DDIM keeps no step index), for FreeInit's repeated loops,
-and after `pipe.scheduler` is replaced, and nothing in the pipeline or the
-scheduler is patched.
+A pipeline calls its denoiser once per iteration of its denoising loop, and each loop begins with
+`scheduler.set_timesteps`, which sets a new `timesteps` tensor: the tracker notices the new tensor
+at the next forward call and counts from 0 again (any scheduler, FreeInit's repeated loops, a
+replaced ``pipe.scheduler``; nothing is patched). On a bare model each forward call is one step,
+counted from the first `attach` or the last `reset` (docs/integrations.md, Steps).
 
-On a bare model (no pipeline) each forward call is one step, counted from 0
-at the first `attach` or the last `reset`.
-
-Gradient checkpointing. diffusers' ``enable_gradient_checkpointing()`` makes the
-model run some blocks through ``module._gradient_checkpointing_func(block, *args)``,
-which recomputes the block in the backward pass, after the model's forward call
-has returned (and maybe after further forward calls advanced the step). Before
-each forward call the tracker wraps that function of every module that has one
-(an attribute comparison per module), so that a checkpointed block's call, the
-first and the recomputed one, sees the step and the owners' `snapshot` values
-of the forward call that ran it: `step` and `current` answer with those inside
-it, and with the live values everywhere else.
+Gradient checkpointing recomputes a block in the backward pass, after the forward call returned
+(and maybe after later calls advanced the step). Before each forward call the tracker wraps the
+``_gradient_checkpointing_func`` of every module that has one, so that a checkpointed block, run
+first or recomputed, sees the step and the owners' `snapshot` values of the forward call that ran it.
 """
 
 from __future__ import annotations
@@ -85,14 +73,10 @@ class _BindingCheckpoint:
 class StepTracker:
     """Counts the forward calls of one model; ``step`` is the index of the call in progress.
 
-    Features share one tracker per model: each attaches under its own owner key
-    (``StepTracker.attach(model, "tar")``) and detaches with the same key; the
-    forward pre-hook is removed when the last owner detaches. An owner may give
-    ``on_run_start``, called (before the model runs) whenever the count restarts
-    at 0: a new pipeline run, or `reset`; and ``before_forward``, called before
-    every forward call of the model, once ``step`` is set; and ``snapshot``, whose
-    value `current` gives back inside a gradient-checkpointed block as it was when
-    the forward call ran the block (see the module docstring).
+    Features share one tracker per model, each under its own owner key (``attach(model, "tar")``,
+    ``detach`` with the same key; the last owner out removes the hook). An owner may give
+    ``on_run_start`` (called whenever the count restarts at 0), ``before_forward`` (before every
+    forward call, once ``step`` is set) and ``snapshot`` (see `current`).
     """
 
     _ATTR = "_vstar_step_tracker"
@@ -115,8 +99,8 @@ class StepTracker:
         return self._step if bound is None else bound.step
 
     def current(self, owner: str) -> Any:
-        """`owner`'s snapshot value for the call in progress: inside a checkpointed block, the value when
-        the forward call ran the block (also when torch recomputes it in the backward pass); else the live one."""
+        """`owner`'s snapshot value for the call in progress: inside a checkpointed block, the value when the
+        forward call ran the block (also when recomputed in the backward pass); else the live one."""
         bound = _BOUND.get().get(self)
         if bound is None or owner not in bound.owners:  # owner attached after that forward call: live
             return self._owners[owner].snapshot()

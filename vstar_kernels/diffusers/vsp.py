@@ -1,22 +1,12 @@
-"""Video Synopsis Prompting for diffusers video UNets: one text embedding per frame.
+"""Video Synopsis Prompting for diffusers video UNets: one text embedding per frame (docs/vsp-and-dynamics.md).
 
-`apply_vsp(pipe_or_unet, per_frame_embeds)` wraps the processor of every SPATIAL
-cross-attention module (``attn2`` of the transformer blocks under ``attentions``) of a
-`UNet3DConditionModel` or `UNetMotionModel`; the temporal modules (``temp_attentions``,
-``motion_modules``, ``transformer_in``) also have an ``attn2``, a self-attention over
-frames, and are left alone. The wrapper swaps the text context it receives for the
-per-frame one and calls the processor that was there before, so the attention math is
-whatever that processor does. A forward pre-hook on the UNet records the batch and frame
-count of each call; `remove_vsp` puts back the very processor objects it found and removes
-its hooks. Modules and hooks installed by anything else (TAR's temporal processors and
-step counter, for instance) are not touched.
+`apply_vsp` wraps the processor of every spatial cross-attention module (``attn2`` under
+``attentions``; the temporal modules' ``attn2`` is a self-attention over frames and is left alone).
+The wrapper swaps the text context for the per-frame one and calls the processor that was there.
 
-Batch layout. Inside the UNet the spatial blocks see ``B_total * N`` rows of context,
-batch-major (row ``b * N + f`` is video b, frame f). With classifier-free guidance the
-diffusers pipelines put the unconditional half first; that half keeps the context it
-arrived with (one embedding repeated over frames) and only the conditional half gets the
-per-frame embeddings. Each of the ``P`` synopses (the batch of `per_frame_embeds`) covers
-``rows / P`` consecutive videos (``num_videos_per_prompt``).
+Batch layout: the spatial blocks see ``B_total * N`` rows of context, batch-major (row ``b * N + f``
+is video b, frame f). Under classifier-free guidance the unconditional half comes first and keeps its
+context; each of the ``P`` synopses covers ``rows / P`` consecutive conditional videos.
 """
 
 from __future__ import annotations
@@ -51,17 +41,14 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
     """Feed one text embedding per frame into the spatial cross-attention of a video UNet.
 
     Args:
-        target: a `UNet3DConditionModel` or `UNetMotionModel`, or a pipeline holding one as
-            ``.unet`` (`TextToVideoSDPipeline`, `AnimateDiffPipeline`).
-        per_frame_embeds: (N, L, C) for one synopsis or (P, N, L, C) for P of them (see
-            `vstar_kernels.vsp.interpolate_embeddings`), L and C as the text encoder's
-            output. Moved to the UNet's context dtype and device at each call.
-        cfg: True when the UNet is called with classifier-free guidance batched the diffusers
-            way (unconditional half first, kept as is); False when every row is conditional.
-            The pipelines batch guidance when ``guidance_scale > 1``.
+        target: a `UNet3DConditionModel` or `UNetMotionModel`, or a pipeline holding one as ``.unet``.
+        per_frame_embeds: (N, L, C) for one synopsis or (P, N, L, C) for P of them
+            (`vstar_kernels.vsp.interpolate_embeddings`), moved to the context's dtype and device.
+        cfg: True when guidance is batched the diffusers way (unconditional half first, kept as is);
+            False when every row is conditional.
 
-    Calling it again on the same UNet replaces the embeddings and `cfg`. Every UNet call
-    must then have N frames and a batch the synopses divide evenly (ValueError otherwise).
+    Calling it again on the same UNet replaces the embeddings and `cfg`. Every UNet call must then
+    have N frames and a batch the synopses divide evenly (ValueError otherwise).
     """
     unet = _unet_of(target)
     embeds = _check_embeds(per_frame_embeds)
@@ -90,11 +77,7 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
 
 
 def remove_vsp(target) -> None:
-    """Undo `apply_vsp`: the original processor objects and no VSP hooks. No-op if not applied.
-
-    A module whose processor was replaced again after `apply_vsp` keeps that newer processor
-    (with a warning): only VSP's own wrappers are taken out.
-    """
+    """Undo `apply_vsp` (no-op if not applied); a processor set since `apply_vsp` stays, with a warning."""
     unet = _unet_of(target)
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
@@ -117,21 +100,11 @@ def vsp_applied(target) -> bool:
 
 def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear", anchors=None,
                     clip_skip=None, lora_scale=None) -> torch.Tensor:
-    """Encode sub-prompts with the pipeline's own tokenizer and text encoder, then interpolate.
+    """Encode sub-prompts with the pipeline's own ``encode_prompt``, then interpolate (`interpolate_embeddings`).
 
-    Args:
-        pipe: a diffusers pipeline with ``encode_prompt`` (`TextToVideoSDPipeline`,
-            `AnimateDiffPipeline`, ...).
-        sub_prompts: a list of K strings (one synopsis, states in order) or a list of P such
-            lists (one synopsis per video; their lengths may differ when `anchors` is None).
-        num_frames, mode, anchors: as in `vstar_kernels.vsp.interpolate_embeddings`.
-        clip_skip, lora_scale: passed to ``pipe.encode_prompt`` as the pipeline would.
-
-    Returns:
-        (N, L, C) for one synopsis, (P, N, L, C) for a list of them, on the pipeline's
-        execution device. Each sub-prompt is encoded on its own, exactly as the pipeline
-        encodes a single prompt, so a synopsis of identical sub-prompts reproduces the
-        pipeline's own embedding bit for bit.
+    `sub_prompts`: a list of K strings (one synopsis) or a list of P such lists (one per video).
+    Returns (N, L, C) or (P, N, L, C) on the pipeline's execution device. Each sub-prompt is encoded on
+    its own, as the pipeline encodes a prompt, so identical sub-prompts give its own embedding bit for bit.
     """
     synopses, batched = _check_sub_prompts(sub_prompts)
     device = pipe._execution_device
@@ -145,14 +118,8 @@ def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear",
 
 def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str = "linear", anchors=None,
                            **pipe_kwargs):
-    """Run a video pipeline with one interpolated text embedding per frame.
-
-    Encodes `sub_prompts` (see `encode_synopsis`), applies VSP for the duration of the call
-    (classifier-free guidance from ``guidance_scale``, the pipeline's default when not
-    given), and returns what ``pipe(...)`` returns. The unconditional branch is the
-    pipeline's own (``negative_prompt`` or the empty prompt). `pipe_kwargs` go to the
-    pipeline unchanged, except ``prompt`` and ``prompt_embeds``, which the synopsis replaces.
-    """
+    """Run a video pipeline with one interpolated text embedding per frame: `encode_synopsis`, then VSP for
+    this call only (guidance from ``guidance_scale``); `pipe_kwargs` go to the pipeline, but for the prompt."""
     for name in ("prompt", "prompt_embeds"):
         if name in pipe_kwargs:
             raise TypeError(f"generate_with_synopsis got {name}=...: the sub_prompts replace the prompt")
