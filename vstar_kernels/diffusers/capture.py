@@ -1,14 +1,10 @@
 """Record the temporal attention maps of a diffusers video model (VSTAR paper, Fig. 3 and S.10).
 
-`capture_temporal_attention` watches the temporal self-attention modules TAR targets with forward
-hooks and, after each call, recomputes its post-softmax attention from the module's own inputs and
-weights (docs/attention-analysis.md); the model's processors and outputs are untouched.
-
-Memory is O(N^2) per layer, never O(B H N^2): the recomputation runs over chunks of the call's
-sequences of at most `CHUNK_ELEMENTS` scores (one sequence's H x N x N when that is more), formed in
-fp32 (float64 for a float64 model) with the reference formula (`reference.tar_scores`) and added to a
-float64 N x N sum per (layer, step). The fused kernels are not asked for probabilities; the price is
-one extra q/k projection and one unfused attention per recorded call, at capture time only.
+Forward hooks on the temporal self-attention modules TAR targets recompute each call's post-softmax
+attention from the module's own inputs and weights (docs/attention-analysis.md); processors and outputs
+are untouched. Memory is O(N^2) per layer, never O(B H N^2): chunks of the call's sequences of at most
+`CHUNK_ELEMENTS` scores (one sequence's H x N x N when that is more), formed in fp32 (float64 for a
+float64 model) with `reference.tar_scores`, are added to a float64 N x N sum per (layer, step).
 """
 
 from __future__ import annotations
@@ -84,23 +80,12 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
                                chunk_elements: int = CHUNK_ELEMENTS, chunk_size: Optional[int] = None):
     """Record the temporal attention maps of the runs inside the ``with`` block (docs/attention-analysis.md).
 
-    ``with capture_temporal_attention(pipe, steps=[0, 10]) as maps: pipe(...)``, then
-    ``maps[(layer, step)]`` is an (N, N) map (`TemporalAttentionMaps`).
-
-    Args:
-        target: a diffusers pipeline (its ``.unet`` or ``.transformer``) or the model.
-        steps: the denoising steps to record, as TAR counts them (0 = noisiest); None: every step.
-        levels: record only the layers at these resolution levels (0 = full latent resolution).
-        layers: record only these modules (names as in ``model.named_modules()``).
-        cfg: whether each call batches classifier-free guidance the diffusers way (only the
-            conditional second half is recorded). None: the pipeline's
-            ``do_classifier_free_guidance`` at each call (a pipeline without it needs `cfg`
-            given); False for a bare model.
-        chunk_elements: the most scores formed at once (fp32); the map does not depend on it.
-        chunk_size: deprecated (sequences per chunk); use chunk_elements.
-
-    Where TAR regularizes, the maps hold the regularized attention. Modules swapped in during the
-    capture (FreeNoise) are watched from the next run on.
+    ``with capture_temporal_attention(pipe, steps=[0, 10]) as maps: pipe(...)``, then ``maps[(layer, step)]``
+    is an (N, N) map (`TemporalAttentionMaps`), with TAR where it regularizes. `steps`, `levels` and `layers`
+    narrow what is recorded; `cfg` says whether guidance is batched (None: the pipeline's
+    ``do_classifier_free_guidance``, False for a bare model); `chunk_elements` bounds the scores formed at
+    once (fp32) and does not change the map; `chunk_size` is its deprecated spelling in sequences. Modules
+    swapped in during the capture (FreeNoise) are watched from the next run on.
     """
     model, pipeline = _denoiser(target)
     temporal = temporal_attention_modules(model)

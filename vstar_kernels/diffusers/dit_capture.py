@@ -1,15 +1,10 @@
 """Record the frame-by-frame attention of a video DiT: the DiT sibling of `capture`.
 
-`capture_frame_attention` wraps the processor of each watched block (see `dit`) and, in a torch
-function mode that only listens, takes the q, k (and key mask) it hands to
-``scaled_dot_product_attention``; the call then runs as it would have, TAR included. That call's
-post-softmax attention is summed over the key tokens of each latent frame and the query tokens of
-each frame into one (frames, frames) map per (block, step); text tokens take part in the softmax but
-have no row or column.
-
-Memory: the attention is formed over chunks of query rows of at most `CHUNK_ELEMENTS` fp32 scores
-(float64 for a float64 model), never a whole N x N matrix per (batch, head), so a 32k-token Wan call
-fits next to the model; the price, at capture time only, is one unfused attention per recorded call.
+`capture_frame_attention` wraps each watched block's processor and, in a torch function mode that
+only listens, records the q, k (and key mask) it hands to ``scaled_dot_product_attention``, which then
+runs as it would have, TAR included. The attention is formed over chunks of query rows of at most
+`CHUNK_ELEMENTS` fp32 scores, never a whole N x N matrix per (batch, head), so a 32k-token Wan call fits
+next to the model; text tokens take part in the softmax but have no row or column.
 """
 
 from __future__ import annotations
@@ -52,19 +47,11 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
                             chunk_elements: int = CHUNK_ELEMENTS):
     """Record a DiT's frame-by-frame attention in the runs inside the ``with`` block (docs/integrations.md).
 
-    ``with capture_frame_attention(pipe, steps=[0, 10]) as maps: pipe(...)``, then
-    ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame f
-    attend to the tokens of each frame, averaged over heads and frame f's query tokens (without the
-    text's share: rows sum to 1 only without text; NaN for a frame id with no token).
-
-    Args:
-        target: a pipeline (its ``.transformer``) or the model: a video DiT TAR takes (`dit.FAMILIES`).
-        steps: the denoising steps to record (0 = noisiest), as TAR counts them; None: all.
-        blocks: the transformer blocks to record, by index in forward order; None: all.
-        cfg: whether each call batches classifier-free guidance as ``[negative, positive]`` (only
-            the conditional half is recorded). None: the pipeline's ``do_classifier_free_guidance``
-            for the families whose pipelines batch it (`DiTFamily.batched_guidance`), else False.
-        chunk_elements: the most scores formed at once; the map does not depend on it.
+    ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame f attend to
+    the tokens of each frame, averaged over heads and frame f's query tokens (rows sum to 1 only without
+    text; NaN for a frame id with no token). `steps` and `blocks` (forward order) narrow what is recorded;
+    `cfg`, as for `capture_temporal_attention` (None: the pipeline's ``do_classifier_free_guidance`` where
+    the family batches guidance, `DiTFamily.batched_guidance`, else False); `chunk_elements` bounds memory.
     """
     model, pipeline = _denoiser(target)
     family = dit_family(model)

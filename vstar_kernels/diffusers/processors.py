@@ -267,20 +267,11 @@ def _stand_in(state: _TARState, site: TARSite) -> None:
 def apply_tar(target, config: TARConfig) -> List[str]:
     """Regularize the temporal attention of a pipeline's denoiser (or of a model) with TAR.
 
-    Args:
-        target: a diffusers pipeline (its ``.unet`` or ``.transformer``, and Wan 2.2's
-            ``.transformer_2``; its scheduler's `set_timesteps` restarts the step count) or the
-            model itself (each forward call is one step, counted from 0 now; see `reset_steps`).
-        config: a `TARConfig`, e.g. ``TARConfig.from_preset("64D1")``.
-
-    Returns:
-        The names of the attention modules TAR now runs on. Applying again replaces the previous
-        config; `remove_tar` restores the processors. docs/integrations.md has the modules, levels
-        and steps, processors set afterwards, gradient checkpointing, and the video DiTs (`dit`).
-
-    Raises:
-        ValueError: the model has no temporal attention, or lacks a level of the config (or, on
-            a DiT, a block of ``config.blocks``); ``blocks`` given for a UNet.
+    `target`: a pipeline (its ``.unet`` or ``.transformer``, and Wan 2.2's ``.transformer_2``) or the model
+    (each forward call one step, from 0 now; `reset_steps`). Returns the names of the attention modules TAR
+    now runs on; applying again replaces the config. docs/integrations.md has the modules, levels, steps,
+    processors set afterwards, gradient checkpointing and the video DiTs (`dit`). A ValueError names a
+    level or block the model lacks.
     """
     if not isinstance(config, TARConfig):
         raise TypeError(f"config must be a TARConfig, got {type(config).__name__}")

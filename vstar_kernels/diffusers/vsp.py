@@ -40,15 +40,9 @@ def spatial_cross_attention_names(unet) -> list:
 def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> None:
     """Feed one text embedding per frame into the spatial cross-attention of a video UNet.
 
-    Args:
-        target: a `UNet3DConditionModel` or `UNetMotionModel`, or a pipeline holding one as ``.unet``.
-        per_frame_embeds: (N, L, C) for one synopsis or (P, N, L, C) for P of them
-            (`vstar_kernels.vsp.interpolate_embeddings`), moved to the context's dtype and device.
-        cfg: True when guidance is batched the diffusers way (unconditional half first, kept as is);
-            False when every row is conditional.
-
-    Calling it again on the same UNet replaces the embeddings and `cfg`. Every UNet call must then
-    have N frames and a batch the synopses divide evenly (ValueError otherwise).
+    `target`: a `UNet3DConditionModel` or `UNetMotionModel`, or a pipeline holding one as ``.unet``;
+    `per_frame_embeds`: (N, L, C), or (P, N, L, C) for P synopses; `cfg`: guidance batched the diffusers
+    way (unconditional half first, kept as is). Calling it again replaces the embeddings and `cfg`.
     """
     unet = _unet_of(target)
     embeds = _check_embeds(per_frame_embeds)
