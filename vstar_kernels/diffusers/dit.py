@@ -344,18 +344,14 @@ UNSUPPORTED: Dict[str, str] = {
 
 def dit_family(model: torch.nn.Module) -> Optional[DiTFamily]:
     """The family of a supported video DiT, or None for any other model."""
-    for cls in type(model).__mro__:
-        if cls in FAMILIES:
-            return FAMILIES[cls]
-    return None
+    return next((FAMILIES[cls] for cls in type(model).__mro__ if cls in FAMILIES), None)
 
 
 def unsupported_dit(model: torch.nn.Module) -> Optional[str]:
     """Why TAR does not apply to `model`, a video model of diffusers it does not take; None for any other model."""
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("diffusers.") and cls.__name__ in UNSUPPORTED:
-            return f"{cls.__name__}: TAR does not apply: {UNSUPPORTED[cls.__name__]}"
-    return None
+    name = next((cls.__name__ for cls in type(model).__mro__
+                 if cls.__module__.startswith("diffusers.") and cls.__name__ in UNSUPPORTED), None)
+    return None if name is None else f"{name}: TAR does not apply: {UNSUPPORTED[name]}"
 
 
 def dit_attention_modules(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:

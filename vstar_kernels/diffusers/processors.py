@@ -288,11 +288,10 @@ def apply_tar(target, config: TARConfig) -> List[str]:
             f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); TAR supports UNet3DConditionModel, "
             "I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and LatteTransformer3DModel, and the "
             f"video DiTs {', '.join(sorted(cls.__name__ for cls in FAMILIES))} (docs/dits.md)")
+    available = sorted({t.level for t in temporal})
     if config.blocks is not None:
         raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
-                         f"by resolution level: use levels (its temporal attention runs at levels "
-                         f"{sorted({t.level for t in temporal})})")
-    available = sorted({t.level for t in temporal})
+                         f"by resolution level: use levels (its temporal attention runs at levels {available})")
     missing = sorted(set(config.levels) - set(available))
     if missing:
         raise ValueError(f"config levels {missing} do not exist in {type(model).__name__}: its temporal attention "
