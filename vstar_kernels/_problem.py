@@ -1,16 +1,11 @@
 """A TAR call as every backend takes it (`TarProblem`), and `make_problem`, which checks the public
-arguments and builds one.
+arguments (every error names the argument) and builds one: 4-D strided views of q/k/v (no copies),
+the resolved scale, the custom bias as a stride-0 (B, H, Nq, Nk) view (or the (F, F) frame matrix
+with frame ids), the frame ids and the key mask.
 
-`make_problem` turns the public arguments into a `TarProblem`: 4-D strided
-views of q/k/v (no copies), the resolved scale, the custom bias expanded
-(as a stride-0 view) to (B, H, Nq, Nk) (or the (F, F) frame matrix when frame
-ids are given), the query and key frame ids, and the key mask. Every error
-names the argument.
-
-`make_problem` checks only what a tensor's metadata says (shapes, dtypes,
-devices: comparisons torch.compile turns into guards). `check_frame_values`
-checks what needs the ids' values (-1 or more, and the frame matrix's size F = largest id + 1);
-it runs inside the vstar::tar_attention op, where torch.compile does not trace.
+`make_problem` checks only what a tensor's metadata says (comparisons torch.compile turns into
+guards); `check_frame_values` checks what needs the ids' values, inside the vstar::tar_attention
+op, where torch.compile does not trace.
 """
 
 from __future__ import annotations
@@ -204,13 +199,9 @@ _EXTREMA: dict = {}
 
 
 def _id_extrema(ids: torch.Tensor) -> tuple:
-    """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device;
-    the same tensor passed again unchanged (the same object at the same in-place version) is not
-    read again, so a caller that keeps its ids (the DiT processors keep one per frame layout)
-    pays one synchronisation per layout, not one per call. An inference tensor (made under
-    torch.inference_mode) has no version counter and is read on every call. A write the version
-    counter does not see (through .data, .numpy() or DLPack) is not seen here either: ids changed
-    that way must be passed as a new tensor."""
+    """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device, so
+    the same tensor passed again at the same in-place version is not read again (docs/semantics.md,
+    "Memory"); an inference tensor has no version counter and is read on every call."""
     if ids.is_inference():  # no version counter: a change in place could not be seen, so read every time
         return tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
     key = id(ids)
@@ -223,12 +214,8 @@ def _id_extrema(ids: torch.Tensor) -> tuple:
 
 
 def check_frame_values(problem: TarProblem) -> None:
-    """The checks that read the frame ids: every id is -1 or more and below 2**24, and a frame
-    matrix is (F, F) with F the number of frames the ids span (largest id + 1).
-
-    Reads the ids' extrema (one device synchronisation, once per unchanged id tensor:
-    `_id_extrema`); nothing to do without frame ids.
-    """
+    """The checks that read the frame ids: each is -1 or more and below 2**24, and a frame matrix is
+    (F, F) with F the largest id + 1 (docs/semantics.md). Nothing to do without frame ids."""
     if problem.frames_q is None:
         return
     same = problem.frames_q is problem.frames_k
@@ -251,10 +238,8 @@ def check_frame_values(problem: TarProblem) -> None:
 
 
 def _check_frame_matrix(problem: TarProblem, name: str, high: int) -> None:
-    """With frame ids, `delta` is read as the (F, F) frame matrix, F = high + 1 (the largest id + 1):
-    any other size is an error, never a matrix read in part. Above all, a delta the size of the
-    token matrix is refused unless the ids span exactly that many frames (then both readings are
-    one shape, and the frame reading is the documented one)."""
+    """With frame ids, `delta` must be the (F, F) frame matrix, F = high + 1: any other size is an
+    error, never a matrix read in part (docs/semantics.md, "A custom delta with ids")."""
     size, frames = problem.delta.shape[0], high + 1
     if size == frames:
         return

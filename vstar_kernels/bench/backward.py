@@ -1,17 +1,9 @@
 """Backward-pass timing cases (`python -m vstar_kernels bench --backward`, GPU only).
 
-`backward_callables(...)` sets up one case and returns zero-argument callables that each run
-only the backward pass (the forward graph is built once and kept with retain_graph) and return
-the gradients (dq, dk, dv):
-
-    "triton"     tar_attention(backend="triton"): the fused Triton backward
-    "reference"  tar_attention(backend="reference"): autograd on the PyTorch definition (eager)
-    "sdpa"       torch.nn.functional.scaled_dot_product_attention without TAR (flash on GPU)
-
-`time_backward(...)` times them with the harness's timers (measure.time_fn: do_bench on CUDA,
-median, p20, p80 in ms; a wall clock on CPU) and returns one row per case with the ratios the
-targets use: within 1.5x of SDPA's backward at N <= 256, at least 3x faster than the eager
-reference. `main` appends a row per default case to ``<out>/<device>-<yyyymmdd>-backward.csv``.
+`backward_callables` sets up one case and returns callables that each run only the backward
+(triton, reference: autograd on the eager definition, sdpa: without TAR); `time_backward` times
+them with measure.time_fn and returns one row with the ratios to triton; `main` appends a row per
+default case to ``<out>/<device>-<yyyymmdd>-backward.csv`` (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

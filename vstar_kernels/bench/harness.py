@@ -1,13 +1,8 @@
-"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each.
+"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each
+(benchmarks/NOTES.md, "What a row means").
 
-A row of ours names the backend that ran (`backend`); a correctness-only run (the Triton
-kernels in the Triton interpreter, on CPU) is checked and not timed, its status says so
-(CHECKED_ONLY). A timing whose p80/p20 spread says the machine was busy is flagged (`flag`,
-measure.spread_flag).
-
-Rows are appended to ``<out>/<device>-<yyyymmdd>.csv`` as they are measured (a
-killed run keeps what it measured); the markdown table and the plots are then
-regenerated from the whole file (see report.py).
+Rows are appended to ``<out>/<device>-<yyyymmdd>.csv`` as they are measured (a killed run keeps
+what it measured); the markdown table and the plots are then regenerated from the whole file.
 """
 
 from __future__ import annotations

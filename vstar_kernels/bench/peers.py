@@ -1,17 +1,10 @@
-"""Every implementation the benchmark compares, behind one signature.
+"""Every implementation the benchmark compares, behind one signature (benchmarks/NOTES.md,
+"The implementations").
 
-    peer.run(q, k, v, spec) -> out
-
-q, k, v are (B, H, N, D) views (diffusers' layout: (B, N, H, D) storage, heads
-transposed), `spec` holds sigma, strength and the softmax scale; out is
-(B, H, N, Dv) in q's dtype. `peer.why_not(device, dtype)` says why a peer
-cannot run at all on this machine ("" when it can); a peer that cannot run one
-particular shape raises `Unsupported`. `plain` peers compute attention without
-TAR and are checked against plain attention.
-
-Ours are the peers with a `backend` (tar_attention's argument). On CPU tensors the Triton
-kernels run in the Triton interpreter: that run checks them and is not timed
-(`Peer.correctness_only`); ours there is `vstar_auto`, what `tar_attention` runs by default.
+`peer.run(q, k, v, spec) -> out`: q, k, v are (B, H, N, D) views of (B, N, H, D) storage,
+`spec` holds sigma, strength and the softmax scale; out is (B, H, N, Dv) in q's dtype.
+`peer.why_not(device, dtype)` says why a peer cannot run at all here ("" when it can); a peer
+that cannot run one shape raises `Unsupported`. Ours are the peers with a `backend`.
 """
 
 from __future__ import annotations

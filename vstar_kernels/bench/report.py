@@ -1,13 +1,9 @@
 """Tables and plots from a results CSV (the harness's output, or a committed file).
 
-`render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png``
-next to the CSV. Only the CSV is read: benchmarks/plot_results.py regenerates
-everything from committed files.
-
-The speed comparison is against the first timed implementation of ours in a cell
-(peers.TIMED_OURS). Correctness runs (the Triton interpreter on CPU) get no ratio and no
-line in a plot; cells timed on a busy machine (measure.spread_flag) are marked "busy" in the
-tables and drawn with a black ring in the plots.
+`render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` next
+to the CSV from the CSV alone (benchmarks/plot_results.py regenerates them from committed files).
+Peers are compared with the first timed implementation of ours in a cell (peers.TIMED_OURS);
+correctness runs get no ratio and no line, busy cells a mark (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
