@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import vstar_kernels as vk
 
 from .. import dispatch
+from .._problem import make_problem
 from ..ops._load import triton_ops
 from ..reference import CHUNK_ELEMENTS
 from ..regularization import gaussian_bias
@@ -62,13 +63,12 @@ class Peer:
 
     def backend_run(self, q, k, v, spec) -> str:
         """The backend tar_attention runs for this call ("" for a peer that is not ours)."""
-        if not self.backend:
-            return ""
-        from .._problem import make_problem
+        return dispatch.select(_problem(q, k, v, spec), self.backend).name if self.backend else ""
 
-        problem = make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
-                               max_mode="row", scale=spec.scale)
-        return dispatch.select(problem, self.backend).name
+
+def _problem(q, k, v, spec):
+    return make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
+                        max_mode="row", scale=spec.scale)
 
 
 @functools.lru_cache(maxsize=32)
@@ -89,22 +89,10 @@ def _vstar(backend):
     return run
 
 
-def _triton_why_not(device, dtype):
-    from .._problem import make_problem
-
-    t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
-    problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
-    return "; ".join(dispatch.BACKENDS["triton"].not_supported_reasons(problem))
-
-
-def _cuda_why_not(device, dtype):
-    if "cuda" not in dispatch.BACKENDS:
-        return "this vstar_kernels build has no 'cuda' backend (the optional CUDA extension)"
-    from .._problem import make_problem
-
-    t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
-    problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
-    return "; ".join(dispatch.BACKENDS["cuda"].not_supported_reasons(problem))
+def _backend_why_not(name):
+    def why_not(device, dtype):
+        return "; ".join(dispatch.BACKENDS[name].not_supported_reasons(dispatch.probe_problem(device, dtype)))
+    return why_not
 
 
 # --------------------------------------------------------------------------- references
@@ -117,12 +105,9 @@ def reference_eager(q, k, v, spec):
 def reference_materialized(q, k, v, spec):
     """The reference's out-of-place path (the one autograd differentiates): 256 MiB chunks, a new
     tensor per op. The CPU default before the in-place path."""
-    from .._problem import make_problem
     from ..reference import reference_forward
 
-    problem = make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
-                           max_mode="row", scale=spec.scale)
-    return reference_forward(problem, inplace=False)
+    return reference_forward(_problem(q, k, v, spec), inplace=False)
 
 
 def tar_chunk(q, k, v, dA, scale: float, strength: float):
@@ -248,11 +233,12 @@ def sdpa_plain(q, k, v, spec):
 
 
 PEERS = {p.name: p for p in (
-    Peer("vstar_triton", _vstar("triton"), _triton_why_not, backend="triton",
+    Peer("vstar_triton", _vstar("triton"), _backend_why_not("triton"), backend="triton",
          doc="ours: the fused Triton forward (on CPU: checked in the Triton interpreter, not timed)"),
     Peer("vstar_auto", _vstar("auto"), backend="auto",
          doc="ours: tar_attention's default (backend='auto'): the PyTorch reference path on CPU tensors"),
-    Peer("vstar_cuda", _vstar("cuda"), _cuda_why_not, backend="cuda", doc="ours: the CUDA extension, when built"),
+    Peer("vstar_cuda", _vstar("cuda"), _backend_why_not("cuda"), backend="cuda",
+         doc="ours: the CUDA extension, when built"),
     Peer("reference_eager", reference_eager, doc="vstar_kernels.tar_attention_reference (float32, chunked)"),
     Peer("reference_materialized", reference_materialized,
          doc="the reference's out-of-place (autograd) path, 256 MiB chunks: the CPU default before"),
