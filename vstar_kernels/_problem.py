@@ -47,37 +47,14 @@ class TarProblem:
     key_mask: Optional[torch.Tensor]  # (B, Nk) bool, True where a key is attended to; or None
     was_3d: bool
 
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def nq(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def nk(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def head_dim_v(self) -> int:
-        return self.v.shape[3]
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
+    batch = property(lambda self: self.q.shape[0])
+    heads = property(lambda self: self.q.shape[1])
+    nq = property(lambda self: self.q.shape[2])
+    nk = property(lambda self: self.k.shape[2])
+    head_dim = property(lambda self: self.q.shape[3])
+    head_dim_v = property(lambda self: self.v.shape[3])
+    device = property(lambda self: self.q.device)
+    dtype = property(lambda self: self.q.dtype)
 
     @property
     def regularized(self) -> bool:
@@ -303,24 +280,20 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     if key_mask is not None:
         key_mask = _check_key_mask(key_mask, B, Nk, q.device)
 
-    if delta is None:
-        bias = None
-    elif frames is not None:
+    bias = None
+    if delta is not None:
         sigma = math.inf  # ignored when a custom delta is given
         _check_tensor("delta", delta)
         if delta.device != q.device:
             raise ValueError(f"delta is on {delta.device} but q is on {q.device}")
+    if delta is not None and frames is not None:
         if delta.dim() != 2 or delta.shape[0] != delta.shape[1]:
             hint = ", the shape of a per-token delta: leave out frames for one" \
                 if delta.dim() >= 2 and tuple(delta.shape[-2:]) == (Nq, Nk) else ""
             raise ValueError(f"with frames, delta must be a square (F, F) frame matrix (entry [f, g] for query frame "
                              f"f and key frame g, F = the largest id + 1), got shape {tuple(delta.shape)}{hint}")
         bias = delta
-    else:
-        sigma = math.inf  # ignored when a custom delta is given
-        _check_tensor("delta", delta)
-        if delta.device != q.device:
-            raise ValueError(f"delta is on {delta.device} but q is on {q.device}")
+    elif delta is not None:
         target = (B, Nq, Nk) if was_3d else (B, H, Nq, Nk)
         if delta.dim() > len(target):
             raise ValueError(f"delta has {delta.dim()} dims, more than the {len(target)} of {target}")
