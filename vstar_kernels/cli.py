@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from . import bench
+
 DESCRIPTION = ("Fused kernels for VSTAR's temporal attention regularization (TAR): check the installation, "
                "run the kernels against the reference, draw TAR's matrices and attention maps, benchmark.")
 # The optional modules a command imports -> the extra of setup.py that installs them.
@@ -18,15 +20,15 @@ EXTRA_OF = {"matplotlib": "plot", "diffusers": "diffusers"}
 COMMANDS = {}
 
 
-def command(name, help_text, configure=None, cpu_kernels=None):
+def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
     """Register `fn(args) -> exit code` as a subcommand; `configure(parser)` adds its options.
 
     `cpu_kernels(args)` says whether the call runs the Triton kernels on CPU tensors: that needs
     TRITON_INTERPRET=1 from the start of the process, so `main` then runs the command in a
-    child process that has it.
+    child process that has it. `needs`: the optional modules the command imports (EXTRA_OF).
     """
     def register(fn):
-        COMMANDS[name] = (fn, help_text, configure, cpu_kernels)
+        COMMANDS[name] = (fn, help_text, configure, cpu_kernels, needs)
         return fn
     return register
 
@@ -173,12 +175,9 @@ def _plot_delta_options(parser) -> None:
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
 
 
-@command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options)
+@command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options,
+         needs=("matplotlib",))
 def cmd_plot_delta(args) -> int:
-    missing = missing_extras("plot-delta", ["matplotlib"])
-    if missing:
-        print(missing, file=sys.stderr)
-        return 1
     from .analysis import plot_delta
 
     try:
@@ -205,12 +204,8 @@ def _demo_attention_options(parser) -> None:
 
 
 @command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
-         _demo_attention_options)
+         _demo_attention_options, needs=("diffusers", "matplotlib"))
 def cmd_demo_attention(args) -> int:
-    missing = missing_extras("demo-attention", ["diffusers", "matplotlib"])
-    if missing:
-        print(missing, file=sys.stderr)
-        return 1
     from .diffusers.attention_demo import attention_demo, report
 
     try:
@@ -247,24 +242,8 @@ def cmd_comfyui_install(args) -> int:
     return 0
 
 
-def _configure_bench(parser):
-    from .bench import configure
-
-    configure(parser)
-
-
-def _bench_cpu_kernels(args) -> bool:
-    from .bench import runs_cpu_kernels
-
-    return runs_cpu_kernels(args)
-
-
-@command("bench", "benchmark every implementation: CSV rows, a markdown table, plots", _configure_bench,
-         cpu_kernels=_bench_cpu_kernels)
-def cmd_bench(args) -> int:
-    from .bench import main
-
-    return main(args)
+command("bench", "benchmark every implementation: CSV rows, a markdown table, plots", bench.configure,
+        cpu_kernels=bench.runs_cpu_kernels)(bench.main)
 
 
 def run_with_interpreter(argv) -> int:
@@ -282,13 +261,17 @@ def main(argv=None, prog="vstar-kernels") -> int:
 
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text, configure, _cpu) in COMMANDS.items():
+    for name, (_, help_text, configure, _cpu, _needs) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if configure is not None:
             configure(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    fn, _, _, cpu_kernels = COMMANDS[args.command]
+    fn, _, _, cpu_kernels, needs = COMMANDS[args.command]
+    missing = missing_extras(args.command, needs)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 1
     if cpu_kernels is not None and cpu_kernels(args) and not _env.interpreter_requested():
         sys.stdout.flush()
         return run_with_interpreter(argv)
