@@ -8,8 +8,6 @@ default case to ``<out>/<device>-<yyyymmdd>-backward.csv`` (benchmarks/NOTES.md)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -87,11 +85,10 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)")
         return 1
-    from .harness import append_row, default_results_dir
+    from .harness import append_row, results_csv
 
     info = measure.RunInfo.collect(torch.device("cuda"))
-    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
-    csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}-backward.csv"
+    csv_path = results_csv(args, info, "-backward")
     for case in DEFAULT_CASES:
         for tar in DEFAULT_OPTIONS:
             row = dict(timestamp=measure.now_iso(), commit=info.commit, torch=info.torch, triton=info.triton,

@@ -20,7 +20,7 @@ from .. import _env
 from ..dispatch import BackendUnavailableError
 from . import measure, report, shapes
 from .check import check_output
-from .e2e import UNetBench
+from .e2e import VARIANTS, UNetBench
 from .peers import CHECKED, PEERS, Unsupported, default_impls, default_spec
 
 COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", "heads", "n", "d", "dtype",
@@ -91,31 +91,27 @@ class Progress:
     """tqdm when it is installed, else one line per step on stderr."""
 
     def __init__(self, total: int, enabled: bool = True):
-        self.total, self.count, self.enabled = total, 0, enabled
-        self.bar = None
+        self.total, self.count, self.enabled, self.bar = total, 0, enabled, None
         if enabled:
-            try:
+            with contextlib.suppress(ImportError):
                 from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+                self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
 
     @contextlib.contextmanager
     def step(self, text: str, count: int = 1):
         """Show `text` while the step runs; count it (as `count` runs) when it ends."""
-        self.count += count
         if self.bar is not None:
             self.bar.set_description_str(text)
         elif self.enabled:
-            print(f"[{self.count}/{self.total}] {text}", file=sys.stderr, flush=True)
+            print(f"[{self.count + count}/{self.total}] {text}", file=sys.stderr, flush=True)
         try:
             yield
         finally:
-            if self.bar is not None:
-                self.bar.update(count)
+            self.skip(count)
 
     def skip(self, count: int):
-        """Count runs measured by an earlier invocation (--resume)."""
+        """Count `count` runs done (by this step, or by an earlier invocation: --resume)."""
         self.count += count
         if self.bar is not None and count:
             self.bar.update(count)
@@ -203,9 +199,8 @@ class Sweep:
 
     def _kernel_case(self, shape, n, dtype, peers, progress):
         dname = dtype_name(dtype)
-        labels = [p.label(self.device) for p in peers]
-        keys = [self._key(lab, shape.batch, shape.heads, n, shape.head_dim, dname) for lab in labels]
-        todo = [(p, lab) for p, lab, key in zip(peers, labels, keys) if key not in self.done]
+        cell = (shape.batch, shape.heads, n, shape.head_dim, dname)
+        todo = [(p, p.label(self.device)) for p in peers if self._key(p.label(self.device), *cell) not in self.done]
         progress.skip(len(peers) - len(todo))
         if not todo:
             return
@@ -213,8 +208,7 @@ class Sweep:
         nbytes = measure.attention_bytes(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim, itemsize)
         flops = measure.attention_flops(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim)
         spec = default_spec(shape.head_dim)
-        write = lambda label, **kw: self.write(label, shape.batch, shape.heads, n, shape.head_dim, dname,  # noqa: E731
-                                               nbytes=nbytes, flops=flops, **kw)
+        write = lambda label, **kw: self.write(label, *cell, nbytes=nbytes, flops=flops, **kw)  # noqa: E731
         sets, why = None, None
         if not self._out_of_time():
             try:
@@ -245,10 +239,6 @@ class Sweep:
         return [tuple(torch.randn(shape.batch, n, shape.heads, shape.head_dim, generator=gen, device=self.device,
                                   dtype=dtype).transpose(1, 2) for _ in range(3)) for _ in range(count)]
 
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
     def _free(self):
         if self.cuda:
             torch.cuda.empty_cache()
@@ -261,7 +251,8 @@ class Sweep:
         try:
             backend = peer.backend_run(q, k, v, spec)
             out = peer.run(q, k, v, spec)
-            self._sync()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
             why = check_output(out, q, k, v, spec, peer.plain)
             del out
             if why:
@@ -283,22 +274,18 @@ class Sweep:
             return classify(exc), None, None, backend
 
     def _unet_case(self, unet, shape, frames, dtype, progress):
-        from .e2e import VARIANTS
-
         dname = dtype_name(dtype)
-        keys = [self._key(v, shape.batch, shape.heads, frames, shape.head_dim, dname) for v in VARIANTS]
-        write = lambda res: self.write(res.impl, shape.batch, shape.heads, frames, shape.head_dim, dname,  # noqa: E731
-                                       status=res.status, timing=res.timing, peak_mb=res.peak_mb,
-                                       backend=res.backend)
+        cell = (shape.batch, shape.heads, frames, shape.head_dim, dname)
         with progress.step(f"{shape.name} frames={frames} {dname}", len(VARIANTS)):
-            if all(k in self.done for k in keys):  # --resume: measured before
+            if all(self._key(v, *cell) in self.done for v in VARIANTS):  # --resume: measured before
                 return
             if self._out_of_time():
                 for v in VARIANTS:
-                    self.write(v, shape.batch, shape.heads, frames, shape.head_dim, dname, status=self._not_run())
+                    self.write(v, *cell, status=self._not_run())
                 return
             for res in unet.run(shape, frames, dtype, classify):
-                write(res)
+                self.write(res.impl, *cell, status=res.status, timing=res.timing, peak_mb=res.peak_mb,
+                           backend=res.backend)
             self._free()
 
 
@@ -365,6 +352,12 @@ def default_results_dir() -> Path:
     return checkout / "benchmarks" / "results" if checkout is not None else Path.cwd() / "vstar-bench-results"
 
 
+def results_csv(args, info: measure.RunInfo, suffix: str = "") -> Path:
+    """``<--out or default_results_dir()>/<device>-<yyyymmdd><suffix>.csv``."""
+    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
+    return out_dir / f"{measure.slug(info.device)}-{info.date}{suffix}.csv"
+
+
 def main(args) -> int:
     if args.list:
         for name, s in shapes.SHAPES.items():
@@ -392,8 +385,7 @@ def main(args) -> int:
         print(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}", file=sys.stderr)
         return 2
     info = measure.RunInfo.collect(device)
-    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
-    csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}.csv"
+    csv_path = results_csv(args, info)
     if not cuda:
         print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
               "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
