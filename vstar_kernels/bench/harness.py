@@ -133,8 +133,6 @@ class Sweep:
         self.progress_enabled = progress
         self.rows_written = 0
 
-    # ---------------------------------------------------------------- rows
-
     def _done_keys(self) -> set:
         if not self.csv_path.exists():
             return set()
@@ -171,8 +169,6 @@ class Sweep:
 
     def _not_run(self) -> str:
         return f"{NOT_RUN}the sweep's time budget of {self.budget_s:g} s was used up"
-
-    # ---------------------------------------------------------------- the run
 
     def measure_copy(self):
         """The device_copy row: the peak that pct_peak_bw is relative to."""
@@ -287,9 +283,6 @@ class Sweep:
                 self.write(res.impl, *cell, status=res.status, timing=res.timing, peak_mb=res.peak_mb,
                            backend=res.backend)
             self._free()
-
-
-# --------------------------------------------------------------------------- command line
 
 
 def resolve(args, cuda: bool):

@@ -122,9 +122,6 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> tuple:
     return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9, timing, nbytes
 
 
-# --------------------------------------------------------------------------- run metadata
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -76,9 +76,6 @@ def _gaussian(n: int, sigma: float, device: str, dtype: torch.dtype) -> torch.Te
     return gaussian_bias(n, n, sigma, device=device, dtype=dtype)
 
 
-# --------------------------------------------------------------------------- ours
-
-
 def _vstar(backend):
     def run(q, k, v, spec):
         try:
@@ -93,9 +90,6 @@ def _backend_why_not(name):
     def why_not(device, dtype):
         return "; ".join(dispatch.BACKENDS[name].not_supported_reasons(dispatch.probe_problem(device, dtype)))
     return why_not
-
-
-# --------------------------------------------------------------------------- references
 
 
 def reference_eager(q, k, v, spec):
@@ -138,9 +132,6 @@ def _compile_why_not(device, dtype):
     return ""
 
 
-# --------------------------------------------------------------------------- materialized bias
-
-
 def tar_bias(q, k, spec):
     """strength * m_i * dA_ij as a (B, H, N, N) tensor in q's dtype; m from a bmm in q's dtype."""
     m = (torch.matmul(q, k.transpose(-1, -2)) * spec.scale).amax(dim=-1, keepdim=True)
@@ -165,9 +156,6 @@ def _xformers_why_not(device, dtype):
     except Exception as exc:
         return f"xformers is not installed ({type(exc).__name__}: {exc})"
     return ""
-
-
-# --------------------------------------------------------------------------- FlexAttention
 
 
 def flex_tar_pass(flex, q, k, v, row_max, spec):
@@ -214,9 +202,6 @@ def _flex_why_not(device_type: str):
     except NotImplementedError as exc:
         return f"flex_attention in torch {torch.__version__} cannot return the row max here: {exc}"
     return ""
-
-
-# --------------------------------------------------------------------------- plain attention
 
 
 def sdpa_plain(q, k, v, spec):

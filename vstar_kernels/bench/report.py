@@ -30,10 +30,6 @@ def read_csv(path) -> list:
         return list(csv.DictReader(f))
 
 
-def _num(text):
-    return float(text) if text not in ("", None) else None
-
-
 def _impl_order(impl: str) -> tuple:
     names = [*PEERS, INTERPRETER]
     return (0 if impl == INTERPRETER else names.index(impl) if impl in names else len(names), impl)
@@ -74,7 +70,7 @@ def latest(rows) -> "OrderedDict":
 
 
 def copy_gbps(rows):
-    vals = [_num(r["gbps"]) for r in rows if r["impl"] == COPY_IMPL and r["status"] == "ok" and r["gbps"]]
+    vals = [float(r["gbps"]) for r in rows if r["impl"] == COPY_IMPL and r["status"] == "ok" and r["gbps"]]
     return vals[-1] if vals else None
 
 
