@@ -10,7 +10,14 @@ import subprocess
 import sys
 import time
 
-from . import bench
+import torch
+import torch.nn.functional as F
+
+import vstar_kernels as vk
+
+from . import _env, bench
+from .dispatch import availability
+from .ops import tar_cuda
 
 DESCRIPTION = ("Fused kernels for VSTAR's temporal attention regularization (TAR): check the installation, "
                "run the kernels against the reference, draw TAR's matrices and attention maps, benchmark.")
@@ -35,8 +42,6 @@ def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
 
 def missing_extras(command_name, modules) -> str:
     """"" when every module imports; otherwise a message naming the extras that install the missing ones."""
-    from . import _env
-
     missing = []
     for module in modules:
         try:
@@ -51,8 +56,6 @@ def missing_extras(command_name, modules) -> str:
 
 def _interpret_line() -> str:
     """What `info` says of TRITON_INTERPRET: its value (or that it is unset), and what the Triton kernels run on."""
-    from . import _env
-
     value = os.environ.get("TRITON_INTERPRET")
     shown = "not set" if value is None else repr(value)
     if _env.interpreter_requested():
@@ -62,13 +65,7 @@ def _interpret_line() -> str:
 
 @command("info", "versions, devices, and which backends can run (and why not)")
 def cmd_info(args) -> int:
-    import torch
-
-    from . import __version__, _env
-    from .dispatch import availability
-    from .ops import tar_cuda
-
-    print(f"vstar_kernels {__version__}")
+    print(f"vstar_kernels {vk.__version__}")
     print(f"python        {platform.python_version()}")
     print(f"torch         {torch.__version__}")
     print(f"triton        {_env.triton_version()}")
@@ -101,24 +98,13 @@ def _time_ms(fn, cuda: bool) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _no_cuda(args) -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-@command("demo", "check the kernel against the reference and print a small timing table", cpu_kernels=_no_cuda)
+@command("demo", "check the kernel against the reference and print a small timing table",
+         cpu_kernels=lambda args: not torch.cuda.is_available())
 def cmd_demo(args) -> int:
-    import torch
-
     cuda = torch.cuda.is_available()
     if not cuda:
         print("No CUDA device: the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1) "
               "on small CPU shapes. Interpreter times measure the interpreter, not the kernel.")
-    import torch.nn.functional as F
-
-    import vstar_kernels as vk
-
     device = "cuda" if cuda else "cpu"
     dtype = torch.float16 if cuda else torch.float32
     # (name, batch x spatial, heads, frames, head dim)
@@ -223,12 +209,8 @@ def cmd_demo_attention(args) -> int:
     return 0
 
 
-def _comfyui_install_options(parser) -> None:
-    parser.add_argument("comfyui", help="the ComfyUI directory (the one with custom_nodes/)")
-
-
 @command("comfyui-install", "add the VSTAR_TAR node to a ComfyUI installation (a small custom_nodes package)",
-         _comfyui_install_options)
+         lambda parser: parser.add_argument("comfyui", help="the ComfyUI directory (the one with custom_nodes/)"))
 def cmd_comfyui_install(args) -> int:
     from .comfyui.install import install
 
@@ -257,8 +239,6 @@ def run_with_interpreter(argv) -> int:
 
 
 def main(argv=None, prog="vstar-kernels") -> int:
-    from . import _env
-
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text, configure, _cpu, _needs) in COMMANDS.items():
