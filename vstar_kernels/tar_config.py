@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from ._problem import FLOAT_DTYPES, check_sigma
+from ._problem import FLOAT_DTYPES, _real, check_sigma
 from .dispatch import BACKEND_NAMES
 
 
@@ -39,11 +39,10 @@ class LevelSpec:
             if self.sigma is not None:
                 raise ValueError("give sigma or delta, not both: a delta replaces the Gaussian")
             object.__setattr__(self, "delta", _checked_delta(self.delta))
-        if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real):
-            raise TypeError(f"strength must be a real number, got {type(self.strength).__name__}")
-        if not math.isfinite(self.strength):
-            raise ValueError(f"strength must be finite, got {self.strength}")
-        object.__setattr__(self, "strength", float(self.strength))
+        strength = _real("strength", self.strength)
+        if not math.isfinite(strength):
+            raise ValueError(f"strength must be finite, got {strength}")
+        object.__setattr__(self, "strength", strength)
 
     @property
     def active(self) -> bool:
