@@ -200,8 +200,7 @@ class Sweep:
         progress.skip(len(peers) - len(todo))
         if not todo:
             return
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        nbytes = measure.attention_bytes(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim, itemsize)
+        nbytes = measure.attention_bytes(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim, dtype.itemsize)
         flops = measure.attention_flops(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim)
         spec = default_spec(shape.head_dim)
         write = lambda label, **kw: self.write(label, *cell, nbytes=nbytes, flops=flops, **kw)  # noqa: E731
@@ -319,9 +318,9 @@ def plan(names, ns, dtypes, explicit_n: bool):
     return kernel, unet
 
 
-def model_table(names, ns, dtype="fp16") -> str:
-    """Markdown: bytes, FLOPs and the N x N footprint per kernel shape and N (the model in benchmarks/NOTES.md)."""
-    itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+def model_table(names, ns) -> str:
+    """Markdown for fp16: bytes, FLOPs and the N x N footprint per kernel shape and N (benchmarks/NOTES.md)."""
+    itemsize = torch.float16.itemsize
     lines = ["| shape | B x H | D | N | MB moved | GFLOP (2 matmuls) | GFLOP + row-max pass | FLOP/byte "
              "| one N x N matrix, GB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
