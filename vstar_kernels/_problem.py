@@ -252,10 +252,9 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     if was_3d:
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     B, H, Nq, D = q.shape
-    if tuple(k.shape[:2]) != (B, H):
-        raise ValueError(f"k has batch/heads {tuple(k.shape[:2])} but q has {(B, H)}")
-    if tuple(v.shape[:2]) != (B, H):
-        raise ValueError(f"v has batch/heads {tuple(v.shape[:2])} but q has {(B, H)}")
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape[:2]) != (B, H):
+            raise ValueError(f"{name} has batch/heads {tuple(t.shape[:2])} but q has {(B, H)}")
     if k.shape[3] != D:
         raise ValueError(f"k has head dim {k.shape[3]} but q has {D}: q and k must share the head dim")
     if v.shape[2] != k.shape[2]:
