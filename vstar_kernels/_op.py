@@ -1,34 +1,22 @@
-"""The torch.library ops behind `tar_attention`, and their autograd.
+"""The torch.library ops behind `tar_attention`, and their autograd (docs/compile-and-autograd.md).
 
 One opaque call per direction, so `torch.compile(fullgraph=True)` traces a module calling
 `tar_attention` without graph breaks and CUDA graphs capture it:
 
-    vstar::tar_attention(q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q,
-                         frames_k, key_mask, backend, needs_grad) -> (out, stats)
-    vstar::tar_attention_backward(grad_out, out, stats, q, k, v, sigma, strength, delta, causal,
-                                  max_mode, scale, frames_q, frames_k, key_mask, backend,
-                                  delta_grad) -> (dq, dk, dv, ddelta)
+    vstar::tar_attention(<problem>, backend, needs_grad) -> (out, stats)
+    vstar::tar_attention_backward(grad_out, out, stats, <problem>, backend, delta_grad) -> (dq, dk, dv, ddelta)
 
-The problem's arguments (q, k, v, sigma, ..., key_mask) are `TarProblem`'s fields in their order
-(`OP_FIELDS`, the order of `tar_attention`'s keywords; the CUDA operator takes those up to scale):
-the two schemas spell them out, and everything else here converts with `TarProblem.op_args` and
-`TarProblem.from_op_args`.
+<problem> is `TarProblem`'s fields in `OP_FIELDS` order (q, k, v, sigma, ..., key_mask: the order
+of `tar_attention`'s keywords), spelled out in the two schemas and converted everywhere else with
+`TarProblem.op_args` / `TarProblem.from_op_args`. delta is the broadcast view `make_problem`
+built, so autograd sums its broadcast dims. The op checks the ids' values (`check_frame_values`)
+before it runs the backend `dispatch.select` resolved. `stats` is what that backend's backward
+needs beyond the inputs and the output (float32; may be empty); `ddelta` is empty unless
+delta_grad.
 
-q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) are the 4-D views `make_problem` returns
-(any strides), delta the (B, H, Nq, Nk) broadcast view of the custom bias (the (F, F) frame
-matrix with frame ids) or None; the broadcast dims of delta's gradient are summed by autograd
-through that view. frames_q (Nq,) and frames_k (Nk,) are the integer frame ids or both None,
-key_mask the (B, Nk) bool key mask or None; the op checks the ids' values before it runs a
-backend (`check_frame_values`: one read of an id tensor's extrema, kept while it is unchanged). `backend` is the
-name `dispatch.select` resolved ("triton" or "reference"): on CPU tensors the op runs the
-reference unless the caller asked for the Triton interpreter. `stats` holds what the backend's
-backward needs beyond the inputs and the output (float32; empty for the reference and for the
-Triton packed layout). `ddelta` is empty unless delta_grad.
-
-A backend whose backward is plain PyTorch (the reference: torch.func.vjp of its definition)
-runs it straight from the autograd formula, where torch.compile traces it; the backward op is
-for kernel backends. Kernel gradients are first order (a double backward raises); the
-reference's are differentiable again.
+A backend whose backward is plain PyTorch (the reference) runs it straight from the autograd
+formula, where torch.compile traces it (and it is differentiable again); the backward op is for
+kernel backends, whose gradients are first order.
 """
 
 from __future__ import annotations

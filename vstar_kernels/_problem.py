@@ -1,16 +1,11 @@
 """A TAR call as every backend takes it (`TarProblem`), and `make_problem`, which checks the public
-arguments and builds one.
+arguments (every error names the argument) and builds one: 4-D strided views of q/k/v (no copies),
+the resolved scale, the custom bias as a stride-0 (B, H, Nq, Nk) view (or the (F, F) frame matrix
+with frame ids), the frame ids and the key mask.
 
-`make_problem` turns the public arguments into a `TarProblem`: 4-D strided
-views of q/k/v (no copies), the resolved scale, the custom bias expanded
-(as a stride-0 view) to (B, H, Nq, Nk) (or the (F, F) frame matrix when frame
-ids are given), the query and key frame ids, and the key mask. Every error
-names the argument.
-
-`make_problem` checks only what a tensor's metadata says (shapes, dtypes,
-devices: comparisons torch.compile turns into guards). `check_frame_values`
-checks what needs the ids' values (-1 or more, and the frame matrix's size F = largest id + 1);
-it runs inside the vstar::tar_attention op, where torch.compile does not trace.
+`make_problem` checks only what a tensor's metadata says (comparisons torch.compile turns into
+guards); `check_frame_values` checks what needs the ids' values, inside the vstar::tar_attention
+op, where torch.compile does not trace.
 """
 
 from __future__ import annotations
@@ -52,37 +47,14 @@ class TarProblem:
     key_mask: Optional[torch.Tensor]  # (B, Nk) bool, True where a key is attended to; or None
     was_3d: bool
 
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def nq(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def nk(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def head_dim_v(self) -> int:
-        return self.v.shape[3]
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
+    batch = property(lambda self: self.q.shape[0])
+    heads = property(lambda self: self.q.shape[1])
+    nq = property(lambda self: self.q.shape[2])
+    nk = property(lambda self: self.k.shape[2])
+    head_dim = property(lambda self: self.q.shape[3])
+    head_dim_v = property(lambda self: self.v.shape[3])
+    device = property(lambda self: self.q.device)
+    dtype = property(lambda self: self.q.dtype)
 
     @property
     def regularized(self) -> bool:
@@ -204,13 +176,9 @@ _EXTREMA: dict = {}
 
 
 def _id_extrema(ids: torch.Tensor) -> tuple:
-    """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device;
-    the same tensor passed again unchanged (the same object at the same in-place version) is not
-    read again, so a caller that keeps its ids (the DiT processors keep one per frame layout)
-    pays one synchronisation per layout, not one per call. An inference tensor (made under
-    torch.inference_mode) has no version counter and is read on every call. A write the version
-    counter does not see (through .data, .numpy() or DLPack) is not seen here either: ids changed
-    that way must be passed as a new tensor."""
+    """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device, so
+    the same tensor passed again at the same in-place version is not read again (docs/semantics.md,
+    "Memory"); an inference tensor has no version counter and is read on every call."""
     if ids.is_inference():  # no version counter: a change in place could not be seen, so read every time
         return tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
     key = id(ids)
@@ -223,12 +191,8 @@ def _id_extrema(ids: torch.Tensor) -> tuple:
 
 
 def check_frame_values(problem: TarProblem) -> None:
-    """The checks that read the frame ids: every id is -1 or more and below 2**24, and a frame
-    matrix is (F, F) with F the number of frames the ids span (largest id + 1).
-
-    Reads the ids' extrema (one device synchronisation, once per unchanged id tensor:
-    `_id_extrema`); nothing to do without frame ids.
-    """
+    """The checks that read the frame ids: each is -1 or more and below 2**24, and a frame matrix is
+    (F, F) with F the largest id + 1 (docs/semantics.md). Nothing to do without frame ids."""
     if problem.frames_q is None:
         return
     same = problem.frames_q is problem.frames_k
@@ -251,10 +215,8 @@ def check_frame_values(problem: TarProblem) -> None:
 
 
 def _check_frame_matrix(problem: TarProblem, name: str, high: int) -> None:
-    """With frame ids, `delta` is read as the (F, F) frame matrix, F = high + 1 (the largest id + 1):
-    any other size is an error, never a matrix read in part. Above all, a delta the size of the
-    token matrix is refused unless the ids span exactly that many frames (then both readings are
-    one shape, and the frame reading is the documented one)."""
+    """With frame ids, `delta` must be the (F, F) frame matrix, F = high + 1: any other size is an
+    error, never a matrix read in part (docs/semantics.md, "A custom delta with ids")."""
     size, frames = problem.delta.shape[0], high + 1
     if size == frames:
         return
@@ -290,10 +252,9 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     if was_3d:
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     B, H, Nq, D = q.shape
-    if tuple(k.shape[:2]) != (B, H):
-        raise ValueError(f"k has batch/heads {tuple(k.shape[:2])} but q has {(B, H)}")
-    if tuple(v.shape[:2]) != (B, H):
-        raise ValueError(f"v has batch/heads {tuple(v.shape[:2])} but q has {(B, H)}")
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape[:2]) != (B, H):
+            raise ValueError(f"{name} has batch/heads {tuple(t.shape[:2])} but q has {(B, H)}")
     if k.shape[3] != D:
         raise ValueError(f"k has head dim {k.shape[3]} but q has {D}: q and k must share the head dim")
     if v.shape[2] != k.shape[2]:
@@ -318,24 +279,20 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     if key_mask is not None:
         key_mask = _check_key_mask(key_mask, B, Nk, q.device)
 
-    if delta is None:
-        bias = None
-    elif frames is not None:
+    bias = None
+    if delta is not None:
         sigma = math.inf  # ignored when a custom delta is given
         _check_tensor("delta", delta)
         if delta.device != q.device:
             raise ValueError(f"delta is on {delta.device} but q is on {q.device}")
+    if delta is not None and frames is not None:
         if delta.dim() != 2 or delta.shape[0] != delta.shape[1]:
             hint = ", the shape of a per-token delta: leave out frames for one" \
                 if delta.dim() >= 2 and tuple(delta.shape[-2:]) == (Nq, Nk) else ""
             raise ValueError(f"with frames, delta must be a square (F, F) frame matrix (entry [f, g] for query frame "
                              f"f and key frame g, F = the largest id + 1), got shape {tuple(delta.shape)}{hint}")
         bias = delta
-    else:
-        sigma = math.inf  # ignored when a custom delta is given
-        _check_tensor("delta", delta)
-        if delta.device != q.device:
-            raise ValueError(f"delta is on {delta.device} but q is on {q.device}")
+    elif delta is not None:
         target = (B, Nq, Nk) if was_3d else (B, H, Nq, Nk)
         if delta.dim() > len(target):
             raise ValueError(f"delta has {delta.dim()} dims, more than the {len(target)} of {target}")

@@ -1,14 +1,7 @@
 """Temporal attention analysis: how band-like a frame-to-frame map is, and pictures of maps.
 
-Real videos give band matrices (each frame attends to its neighbours), plain text-to-video
-models give unstructured maps, and TAR pulls them towards a band (VSTAR paper, Fig. 3 and
-S.10). The measures here turn that into numbers; the plots draw the maps with the paper's jet
-colormap, query frame down and key frame across, on one shared colour scale (or, on request,
-each panel on its own min..max, the paper's look), with colour bars.
-
-The measures need only torch; the plots need matplotlib (the ``plot`` extra: ``pip install -e
-".[plot]"`` in a checkout), imported on first use (without it a plot raises an ImportError that
-names the extra and the command) and always drawn with the Agg backend into a file, without
+See docs/attention-analysis.md. The measures need only torch; the plots need matplotlib (the
+``plot`` extra), imported on first use and drawn with the Agg backend into a file, without
 touching pyplot's global state.
 """
 
@@ -29,16 +22,9 @@ from .regularization import gaussian_toeplitz
 def diagonality(attention: torch.Tensor) -> torch.Tensor:
     """Weighted correlation coefficient of the row and column index, the map being the weights.
 
-    For a non-negative (..., N, M) map A with total mass W = sum A::
-
-        mu_i = sum_ij A_ij i / W          mu_j = sum_ij A_ij j / W
-        r = sum_ij A_ij (i - mu_i)(j - mu_j) / sqrt(sum_ij A_ij (i - mu_i)^2 * sum_ij A_ij (j - mu_j)^2)
-
-    1 when all mass lies on the main diagonal, near 1 for a narrow band, 0 for a uniform
-    map (and for any map whose rows are all alike), -1 on the anti-diagonal. NaN when the
-    mass lies in a single row or a single column (the correlation is undefined there).
-
-    Returns a float64 tensor of shape (...): 0-d for one map.
+    1 on the main diagonal, near 1 for a narrow band, 0 for a uniform map (or any map whose rows
+    are all alike), -1 on the anti-diagonal; NaN when the mass lies in a single row or column.
+    Takes a non-negative (..., N, M) map; returns float64 of shape (...).
     """
     a = _check_map("attention", attention)
     n, m = a.shape[-2:]
@@ -58,12 +44,8 @@ def diagonality(attention: torch.Tensor) -> torch.Tensor:
 def band_energy(attention: torch.Tensor, width: int) -> torch.Tensor:
     """Fraction of a non-negative (..., N, M) map's mass within ``|i - j| <= width`` of the diagonal.
 
-    ``sum_{|i-j| <= width} A_ij / sum_ij A_ij``, in [0, 1]: 1 when the map is a band of
-    that half-width (width 0: the diagonal alone), ``(N + 2 * sum_{d=1..w} (N - d)) / N^2``
-    for a uniform N x N map. Attention rows sum to 1, so for an attention map this is the
-    average share of attention a frame gives to frames at most `width` away.
-
-    Returns a float64 tensor of shape (...): 0-d for one map.
+    For an attention map (rows sum to 1): the average share of attention a frame gives to frames
+    at most `width` away. Returns float64 of shape (...).
     """
     a = _check_map("attention", attention)
     if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 0:
@@ -102,28 +84,14 @@ def plot_attention_maps(maps, path, *, color_scale: str = "shared", cmap: str = 
                         dpi: int = 100, title=None, scale=None) -> dict:
     """Draw temporal attention maps, one panel each (query frame down, key frame across), into an image file.
 
-    Args:
-        maps: ``{name: (N, N) map}`` drawn as one row, or ``{level: {layer: (N, N) map}}``
-            drawn as one row per level; maps are tensors or arrays (sizes may differ). Layer
-            names are shortened in the panel titles (`short_layer_name`) unless two would
-            then read alike; titles longer than a panel is wide are wrapped.
-        path: output file; the format follows its suffix (``.png``, ``.pdf``, ``.svg``, ...).
-        color_scale: ``"shared"`` (default): every panel on one colour scale from 0 (or the smallest
-            value, when negative) to the largest value of all maps, with one colour bar, so
-            that panels compare (a weak band looks weak). ``"per-panel"``: each panel from its
-            own min to its own max, with its own colour bar (the paper's min-max normalised
-            look: every map uses the whole colormap, however weak its structure). The figure
-            says which scale it uses.
-        cmap: matplotlib colormap; jet, as in the paper, by default.
-        panel_size: inches per panel side (about: axes, labels and colour bars get their share).
-        dpi: pixels per inch.
-        title: optional title above all panels (the scale is stated under it).
-        scale: deprecated spelling of `color_scale` (kept for one release).
+    `maps` is ``{name: (N, N) map}`` (one row) or ``{level: {layer: (N, N) map}}`` (one row per
+    level), tensors or arrays; layer names are shortened in the titles (`short_layer_name`) unless
+    two would then read alike. The file format follows `path`'s suffix. `color_scale` is
+    ``"shared"`` (one scale 0..max for all panels, one colour bar) or ``"per-panel"`` (each panel
+    on its own min..max, the paper's look): see docs/attention-analysis.md. `scale` is the
+    deprecated spelling of `color_scale` (kept for one release).
 
-    Returns:
-        ``{panel key: array drawn}`` in drawing order, keyed by the name as given (``"level /
-        layer"`` for nested maps): the maps' values; the scale is the colour norm, not a
-        rescaling of the values.
+    Returns ``{panel key: array drawn}`` in drawing order (``"level / layer"`` for nested maps).
     """
     if scale is not None:
         color_scale = renamed("plot_attention_maps", "scale", "color_scale", scale)

@@ -10,6 +10,15 @@ import subprocess
 import sys
 import time
 
+import torch
+import torch.nn.functional as F
+
+import vstar_kernels as vk
+
+from . import _env, bench
+from .dispatch import availability
+from .ops import tar_cuda
+
 DESCRIPTION = ("Fused kernels for VSTAR's temporal attention regularization (TAR): check the installation, "
                "run the kernels against the reference, draw TAR's matrices and attention maps, benchmark.")
 # The optional modules a command imports -> the extra of setup.py that installs them.
@@ -18,23 +27,21 @@ EXTRA_OF = {"matplotlib": "plot", "diffusers": "diffusers"}
 COMMANDS = {}
 
 
-def command(name, help_text, configure=None, cpu_kernels=None):
+def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
     """Register `fn(args) -> exit code` as a subcommand; `configure(parser)` adds its options.
 
     `cpu_kernels(args)` says whether the call runs the Triton kernels on CPU tensors: that needs
     TRITON_INTERPRET=1 from the start of the process, so `main` then runs the command in a
-    child process that has it.
+    child process that has it. `needs`: the optional modules the command imports (EXTRA_OF).
     """
     def register(fn):
-        COMMANDS[name] = (fn, help_text, configure, cpu_kernels)
+        COMMANDS[name] = (fn, help_text, configure, cpu_kernels, needs)
         return fn
     return register
 
 
 def missing_extras(command_name, modules) -> str:
     """"" when every module imports; otherwise a message naming the extras that install the missing ones."""
-    from . import _env
-
     missing = []
     for module in modules:
         try:
@@ -49,8 +56,6 @@ def missing_extras(command_name, modules) -> str:
 
 def _interpret_line() -> str:
     """What `info` says of TRITON_INTERPRET: its value (or that it is unset), and what the Triton kernels run on."""
-    from . import _env
-
     value = os.environ.get("TRITON_INTERPRET")
     shown = "not set" if value is None else repr(value)
     if _env.interpreter_requested():
@@ -60,13 +65,7 @@ def _interpret_line() -> str:
 
 @command("info", "versions, devices, and which backends can run (and why not)")
 def cmd_info(args) -> int:
-    import torch
-
-    from . import __version__, _env
-    from .dispatch import availability
-    from .ops import tar_cuda
-
-    print(f"vstar_kernels {__version__}")
+    print(f"vstar_kernels {vk.__version__}")
     print(f"python        {platform.python_version()}")
     print(f"torch         {torch.__version__}")
     print(f"triton        {_env.triton_version()}")
@@ -99,24 +98,13 @@ def _time_ms(fn, cuda: bool) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _no_cuda(args) -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-@command("demo", "check the kernel against the reference and print a small timing table", cpu_kernels=_no_cuda)
+@command("demo", "check the kernel against the reference and print a small timing table",
+         cpu_kernels=lambda args: not torch.cuda.is_available())
 def cmd_demo(args) -> int:
-    import torch
-
     cuda = torch.cuda.is_available()
     if not cuda:
         print("No CUDA device: the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1) "
               "on small CPU shapes. Interpreter times measure the interpreter, not the kernel.")
-    import torch.nn.functional as F
-
-    import vstar_kernels as vk
-
     device = "cuda" if cuda else "cpu"
     dtype = torch.float16 if cuda else torch.float32
     # (name, batch x spatial, heads, frames, head dim)
@@ -173,12 +161,9 @@ def _plot_delta_options(parser) -> None:
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
 
 
-@command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options)
+@command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options,
+         needs=("matplotlib",))
 def cmd_plot_delta(args) -> int:
-    missing = missing_extras("plot-delta", ["matplotlib"])
-    if missing:
-        print(missing, file=sys.stderr)
-        return 1
     from .analysis import plot_delta
 
     try:
@@ -205,12 +190,8 @@ def _demo_attention_options(parser) -> None:
 
 
 @command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
-         _demo_attention_options)
+         _demo_attention_options, needs=("diffusers", "matplotlib"))
 def cmd_demo_attention(args) -> int:
-    missing = missing_extras("demo-attention", ["diffusers", "matplotlib"])
-    if missing:
-        print(missing, file=sys.stderr)
-        return 1
     from .diffusers.attention_demo import attention_demo, report
 
     try:
@@ -228,12 +209,8 @@ def cmd_demo_attention(args) -> int:
     return 0
 
 
-def _comfyui_install_options(parser) -> None:
-    parser.add_argument("comfyui", help="the ComfyUI directory (the one with custom_nodes/)")
-
-
 @command("comfyui-install", "add the VSTAR_TAR node to a ComfyUI installation (a small custom_nodes package)",
-         _comfyui_install_options)
+         lambda parser: parser.add_argument("comfyui", help="the ComfyUI directory (the one with custom_nodes/)"))
 def cmd_comfyui_install(args) -> int:
     from .comfyui.install import install
 
@@ -247,24 +224,8 @@ def cmd_comfyui_install(args) -> int:
     return 0
 
 
-def _configure_bench(parser):
-    from .bench import configure
-
-    configure(parser)
-
-
-def _bench_cpu_kernels(args) -> bool:
-    from .bench import runs_cpu_kernels
-
-    return runs_cpu_kernels(args)
-
-
-@command("bench", "benchmark every implementation: CSV rows, a markdown table, plots", _configure_bench,
-         cpu_kernels=_bench_cpu_kernels)
-def cmd_bench(args) -> int:
-    from .bench import main
-
-    return main(args)
+command("bench", "benchmark every implementation: CSV rows, a markdown table, plots", bench.configure,
+        cpu_kernels=bench.runs_cpu_kernels)(bench.main)
 
 
 def run_with_interpreter(argv) -> int:
@@ -278,17 +239,19 @@ def run_with_interpreter(argv) -> int:
 
 
 def main(argv=None, prog="vstar-kernels") -> int:
-    from . import _env
-
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text, configure, _cpu) in COMMANDS.items():
+    for name, (_, help_text, configure, _cpu, _needs) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if configure is not None:
             configure(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    fn, _, _, cpu_kernels = COMMANDS[args.command]
+    fn, _, _, cpu_kernels, needs = COMMANDS[args.command]
+    missing = missing_extras(args.command, needs)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 1
     if cpu_kernels is not None and cpu_kernels(args) and not _env.interpreter_requested():
         sys.stdout.flush()
         return run_with_interpreter(argv)

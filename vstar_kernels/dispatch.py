@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _env
-from ._problem import FLOAT_DTYPES, TarProblem
+from ._problem import FLOAT_DTYPES, TarProblem, make_problem
 from .ops import _load, layout, tar_cuda
 from .reference import reference_backward, reference_forward
 
@@ -222,10 +222,13 @@ def select(problem: TarProblem, name: str) -> Backend:
     raise BackendUnavailableError("no backend can run this call: " + " | ".join(rejected))
 
 
+def probe_problem(device, dtype=torch.float32) -> TarProblem:
+    """A small plain call on `device`: what `availability` and the benchmark ask the backends about."""
+    t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
+    return make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+
+
 def availability(device) -> dict:
     """Backend name -> "" if it can run a small float32 call on `device`, else why not (for `info`)."""
-    from ._problem import make_problem
-
-    t = torch.zeros(1, 1, 16, 16, device=device)
-    problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    problem = probe_problem(device)
     return {name: "; ".join(b.not_supported_reasons(problem)) for name, b in BACKENDS.items()}

@@ -1,10 +1,5 @@
-"""Frame ids: which latent frame each token of a video DiT's sequence belongs to.
-
-A video diffusion transformer attends over all tokens of all frames at once (and, in joint
-attention, over text tokens too). TAR's band then runs over frame distance rather than token
-distance: `tar_attention(..., frames=ids)` takes one integer id per token, the token's latent
-frame (counted after the patch embedding), or -1 for a token outside the video.
-"""
+"""Frame ids: which latent frame each token of a video DiT's sequence belongs to (-1: outside the
+video), for `tar_attention(..., frames=ids)` (docs/api.md, "Frame ids and key masks")."""
 
 from __future__ import annotations
 
@@ -15,26 +10,15 @@ from .regularization import _size
 
 def frame_ids(num_frames: int, tokens_per_frame: int, *, text_before: int = 0, text_after: int = 0,
               device=None) -> torch.Tensor:
-    """The frame ids of a sequence laid out as text, then the video frame by frame, then text.
-
-    Args:
-        num_frames: latent frames F after the patch embedding (a temporal patch of 2 halves them).
-        tokens_per_frame: tokens of one frame (latent height x width over the spatial patch sizes).
-        text_before: tokens before the video (CogVideoX's text), id -1.
-        text_after: tokens after the video (HunyuanVideo's and Mochi's text), id -1.
-        device: where the ids are made.
-
-    Returns:
-        int32 tensor of shape (text_before + num_frames * tokens_per_frame + text_after,):
-        ``[-1] * text_before + [0] * tokens_per_frame + ... + [F - 1] * tokens_per_frame + [-1] * text_after``.
-    """
-    num_frames = _size("num_frames", num_frames)
-    tokens_per_frame = _size("tokens_per_frame", tokens_per_frame)
-    text_before = _size("text_before", text_before)
-    text_after = _size("text_after", text_after)
+    """The int32 frame ids of a sequence laid out as `text_before` text tokens (id -1), then
+    `num_frames` latent frames of `tokens_per_frame` tokens each (ids 0..F-1), then `text_after`
+    text tokens (id -1): CogVideoX puts its text first, HunyuanVideo and Mochi last."""
+    num_frames, tokens_per_frame, text_before, text_after = [
+        _size(name, n) for name, n in (("num_frames", num_frames), ("tokens_per_frame", tokens_per_frame),
+                                       ("text_before", text_before), ("text_after", text_after))]
+    text = [torch.full((n,), -1, device=device, dtype=torch.int32) for n in (text_before, text_after)]
     video = torch.arange(num_frames, device=device, dtype=torch.int32).repeat_interleave(tokens_per_frame)
-    return torch.cat([torch.full((text_before,), -1, device=device, dtype=torch.int32), video,
-                      torch.full((text_after,), -1, device=device, dtype=torch.int32)])
+    return torch.cat([text[0], video, text[1]])
 
 
 def frame_bias(frames_q: torch.Tensor, frames_k: torch.Tensor, *, sigma: float, delta=None,

@@ -1,21 +1,12 @@
 """TAR for VideoCrafter-style (lvdm) attention modules: ``from vstar_kernels.lvdm import apply_tar_to_modules``.
 
-Needs only torch. This is the front-end of VideoCrafter2, the official VSTAR code base.
-
-lvdm's attention module has ``to_q``, ``to_k``, ``to_v`` (linear maps to heads x head dim),
-``to_out`` (called on the merged heads), ``heads`` and ``scale``, and is called as
-``module(x, context=None, mask=None)``; its temporal transformers call it with x of shape
-(batch x height x width, frames, channels) and no context (self-attention over frames).
-lvdm is not a pip package, so nothing here imports it: `apply_tar_to_modules` patches any
-module with that interface, chosen by a `select(name, module) -> level or None` function.
-
-The patch is an instance attribute ``forward`` (lvdm itself puts one there when it picks its
-xformers path). At a regularized step it computes ``to_out(TAR(q, k, v))`` with the module's
-heads and scale; at any other step it calls the forward that was there before, so the
-module's own computation runs unchanged. `remove_tar_from_modules` puts back exactly what
-was there (the previous instance attribute, or none). The step comes from the caller:
-``set_step(model, i)`` before each denoising step (0 = noisiest), so both guidance branches
-of a step, in one call or two, see the same step.
+Needs only torch (lvdm is not a pip package: nothing here imports it). `apply_tar_to_modules`
+patches any module with lvdm's attention interface (``to_q``, ``to_k``, ``to_v``, ``to_out``,
+``heads``, ``scale``, called as ``module(x, context=None, mask=None)``), chosen by a
+``select(name, module) -> level or None`` function; see docs/integrations.md. The patch is an
+instance attribute ``forward`` (lvdm itself puts one there for its xformers path), so that
+`remove_tar_from_modules` can put back exactly what was there. The step comes from the caller
+(``set_step(model, i)``), so both guidance branches of a step, in one call or two, see the same step.
 """
 
 from __future__ import annotations
@@ -118,26 +109,14 @@ def _check_interface(name: str, module) -> None:
 
 def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
                          select: Callable[[str, torch.nn.Module], Optional[int]]) -> List[str]:
-    """Regularize lvdm-style temporal attention modules of `model` with TAR.
+    """Regularize lvdm-style temporal attention modules of `model` with TAR (docs/integrations.md).
 
-    Args:
-        model: any module holding the attention modules (VideoCrafter2: the diffusion UNet).
-        config: a `TARConfig` (levels, until_step, backend; a level may carry a delta).
-            ``include_input_block`` is not used: `select` decides.
-        select: ``select(name, module)`` for each of ``model.named_modules()``: the resolution
-            level (int, 0 = full latent resolution) of a temporal self-attention module, or
-            None to leave the module alone. Modules at levels the config does not list are
-            left alone too.
-
-    Returns:
-        The names of the patched modules. Applying again replaces the previous config.
-        Call `set_step(model, i)` before each denoising step (needed when
-        ``config.until_step`` is not None) and `remove_tar_from_modules(model)` to undo.
-
-    Raises:
-        TypeError: a selected module lacks the interface (``to_q``, ``to_k``, ``to_v``,
-            ``to_out``, ``heads``, ``scale``).
-        ValueError: select chose no module, returned a bad level, or a config level has no module.
+    ``select(name, module)`` is called for each of ``model.named_modules()`` and returns the
+    resolution level (int, 0 = full latent resolution) of a temporal self-attention module, or
+    None to leave it alone; modules at levels the config does not list are left alone too.
+    ``config.include_input_block`` is not used. Returns the names of the patched modules; applying
+    again replaces the previous config. Raises TypeError when a selected module lacks the
+    interface, ValueError when select chose no module or a bad level, or a config level has no module.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -37,13 +37,10 @@ def gaussian_bias(nq: int, nk: int, sigma: float, *, device=None, dtype=torch.fl
 
 
 def gaussian_toeplitz(n: int, sigma: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The symmetric Gaussian Toeplitz matrix of TAR, shape (n, n).
+    """The symmetric Gaussian Toeplitz matrix of TAR, shape (n, n): ``gaussian_bias(n, n, sigma)``.
 
-    Entry (i, j) is ``exp(-0.5 * ((j - i) / sigma) ** 2)``: 1 on the diagonal,
-    decaying with the frame distance. ``sigma = math.inf`` gives all ones; a sigma so small
-    that every off-diagonal entry underflows gives the identity. n: a non-negative integer
-    (Python or numpy); dtype: a floating-point dtype. The values are the float64 definition
-    rounded once to `dtype`.
+    ``sigma = math.inf`` gives all ones; a sigma so small that every off-diagonal entry underflows
+    gives the identity.
     """
     return gaussian_bias(n, n, sigma, device=device, dtype=dtype, names=("n", "n"))
 
@@ -52,38 +49,15 @@ NORMALIZE_MODES = ("cosine", "minmax")
 
 
 def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", num_frames=None) -> torch.Tensor:
-    """The inter-frame similarity matrix of a reference video, for TAR's `delta`.
+    """The inter-frame similarity matrix of a reference video, for TAR's `delta` (docs/vsp-and-dynamics.md).
 
-    VSTAR transfers the dynamics of a real video by using its frame-to-frame similarity
-    (DreamSim in the paper) in place of the Gaussian band. Any per-frame embedding works
-    (DreamSim, CLIP image features, pooled VAE latents, ...).
-
-    Args:
-        features: (N, F) one feature vector per frame, N >= 1 frames in temporal order;
-            floating point, any device.
-        normalize: how feature vectors become similarities; both options give a symmetric
-            matrix with exactly 1 on the diagonal:
-
-            - ``"cosine"`` (default): ``S_ij = <f_i, f_j> / (|f_i| |f_j|)``, in [-1, 1]. For
-              DreamSim embeddings this is one minus the DreamSim distance, the matrix the
-              paper uses.
-            - ``"minmax"``: the cosine matrix rescaled to [0, 1] by ``(S - min S) / (1 - min S)``,
-              so the least similar pair of frames gets 0 and the diagonal keeps 1, like the
-              Gaussian band. The frames of one video are often all alike (cosine 0.8..1);
-              this stretches their differences over the full range. When no entry is below 1
-              by more than the features' precision (4 eps of their dtype: a static video),
-              the result is all ones.
-        num_frames: resample to this many frames (the generated video's length) before the
-            similarities are taken: the features are interpolated linearly along time, first
-            and last frames kept (frame i of the result sits at time
-            ``i * (N - 1) / (num_frames - 1)`` of the reference). Default: N, no resampling.
-
-    Returns:
-        (M, M) with M = num_frames or N, float32 (float64 for float64 features), on the
-        features' device. Pass it to `tar_attention(..., delta=...)`.
-
-    Raises:
-        ValueError: a frame whose feature vector is all zeros (its similarity is undefined).
+    `features` is (N, F), one floating-point feature vector per frame (DreamSim in the paper; any
+    per-frame embedding works). ``normalize="cosine"`` gives the cosine similarities in [-1, 1];
+    ``"minmax"`` rescales them to [0, 1] by ``(S - min S) / (1 - min S)`` (all ones when no entry is
+    below 1 by more than 4 eps of the features' dtype: a static video). Both are symmetric with
+    exactly 1 on the diagonal. `num_frames` first resamples the features linearly in time (end
+    frames kept). Returns (M, M), M = num_frames or N, float32 (float64 for float64 features), on
+    the features' device. A frame whose features are all zero raises ValueError.
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")

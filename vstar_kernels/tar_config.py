@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from ._problem import FLOAT_DTYPES, check_sigma
+from ._problem import FLOAT_DTYPES, _real, check_sigma
 from .dispatch import BACKEND_NAMES
 
 
@@ -21,16 +21,10 @@ from .dispatch import BACKEND_NAMES
 class LevelSpec:
     """What TAR adds at one resolution level: ``strength * m_i * dA_ij``.
 
-    ``dA`` is the Gaussian band ``exp(-0.5 ((j - i) / sigma)^2)`` (sigma 1 when nothing is
-    given), or `delta`: a custom (N, N) matrix such as a reference video's frame similarity
-    (`vstar_kernels.regularization.delta_from_features`), which transfers that video's
-    dynamics. Give sigma or delta, not both.
-
-    A delta is used as is, never resampled: every attention call at this level must run over
-    exactly N frames, or it raises a ValueError that says how many frames it saw (resample
-    the features instead, with ``delta_from_features(features, num_frames=...)``: interpolating
-    a similarity matrix is not the similarity of interpolated frames). The delta is copied
-    (float32, float64 kept) when the spec is made, and moved to each call's device once.
+    ``dA`` is the Gaussian band of `sigma` (1 when nothing is given), or `delta`: a custom (N, N)
+    matrix such as a reference video's frame similarity (docs/vsp-and-dynamics.md). Give sigma or
+    delta, not both. A delta is copied (float32, float64 kept) when the spec is made, moved to each
+    call's device once, and never resampled: a call over another number of frames raises.
     """
 
     sigma: Optional[float] = None
@@ -45,11 +39,10 @@ class LevelSpec:
             if self.sigma is not None:
                 raise ValueError("give sigma or delta, not both: a delta replaces the Gaussian")
             object.__setattr__(self, "delta", _checked_delta(self.delta))
-        if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real):
-            raise TypeError(f"strength must be a real number, got {type(self.strength).__name__}")
-        if not math.isfinite(self.strength):
-            raise ValueError(f"strength must be finite, got {self.strength}")
-        object.__setattr__(self, "strength", float(self.strength))
+        strength = _real("strength", self.strength)
+        if not math.isfinite(strength):
+            raise ValueError(f"strength must be finite, got {strength}")
+        object.__setattr__(self, "strength", strength)
 
     @property
     def active(self) -> bool:
@@ -151,26 +144,18 @@ def _block_indices(blocks) -> Tuple[int, ...]:
 
 @dataclass(frozen=True)
 class TARConfig:
-    """Where and when TAR regularizes a video model's temporal attention.
+    """Where and when TAR regularizes a video model's temporal attention (docs/integrations.md).
 
     Args:
-        levels: level -> (sigma, strength), (delta, strength) with an (N, N) tensor delta
-            (dynamics transfer: see `LevelSpec`), or a `LevelSpec`. Level 0 is the full latent
-            resolution, 1 the next (half), and so on. Levels not listed are left alone.
-        until_step: regularize the denoising steps 0..until_step (inclusive; 0 is the
-            noisiest); None regularizes every step. The paper: 13 of 25 DDIM steps.
-        include_input_block: also regularize the temporal attention right after conv_in
-            (and I2VGen-XL's image-latent temporal encoder); the reference never does.
-            (diffusers models only: with `apply_tar_to_modules` the `select` function decides.)
-        backend: passed to `tar_attention` ("auto", "triton", "cuda" or "reference").
-        blocks: video diffusion transformers only (Wan, CogVideoX, HunyuanVideo, LTX-Video,
-            Mochi): the indices of the transformer blocks to regularize, counted in forward order
-            (HunyuanVideo's dual-stream blocks first); None regularizes every block. Kept as a
-            sorted tuple. A DiT has one level, 0, with sigma in latent frames.
-        preset: the paper preset the config was made from, set by `from_preset` (None
-            otherwise). The paper's presets are settings for the temporal attention of video
-            UNets; it has none for video DiTs, so `apply_tar` on a DiT refuses a config that
-            carries one rather than read its sigma in latent frames of another architecture.
+        levels: level -> (sigma, strength), (delta, strength) or a `LevelSpec`; level 0 is the
+            full latent resolution, 1 the next (half), and so on. Levels not listed are left alone.
+        until_step: regularize the denoising steps 0..until_step (0 is the noisiest); None: every step.
+        include_input_block: also regularize the temporal attention right after conv_in.
+        backend: passed to `tar_attention`.
+        blocks: video DiTs only: the indices of the transformer blocks to regularize (forward
+            order), None for every block; kept as a sorted tuple.
+        preset: the paper preset the config was made from (set by `from_preset`); `apply_tar` on a
+            DiT refuses such a config, the paper's presets being settings for video UNets.
     """
 
     levels: Mapping[int, Any] = field(hash=False)

@@ -1,14 +1,8 @@
 """Video Synopsis Prompting (VSP): one text embedding per frame, interpolated between key states.
 
-A prompt that describes a change ("a lake from frozen winter to autumn") is split
-into K sub-prompts, one per visual state. Each is encoded by the text encoder, the K
-embeddings are pinned to K anchor frames, and the frames in between get embeddings
-interpolated between their two neighbouring anchors. Frame f's spatial
-cross-attention then reads embedding f.
-
-This module needs only torch. The diffusers glue (`apply_vsp`, `remove_vsp`,
-`encode_synopsis`, `generate_with_synopsis`) is imported from `vstar_kernels.diffusers`
-(its old spelling `vstar_kernels.vsp.apply_vsp` and so on still works for one release, with a
+See docs/vsp-and-dynamics.md. This module needs only torch; the diffusers glue (`apply_vsp`,
+`remove_vsp`, `encode_synopsis`, `generate_with_synopsis`) is in `vstar_kernels.diffusers` (the
+old spelling `vstar_kernels.vsp.apply_vsp` and so on still works for one release, with a
 DeprecationWarning).
 """
 
@@ -27,11 +21,9 @@ _DIFFUSERS_NAMES = ("apply_vsp", "remove_vsp", "encode_synopsis", "generate_with
 
 
 def default_anchors(num_frames: int, num_states: int) -> list:
-    """K anchor frames spread evenly over N frames: ``floor(i * (N - 1) / (K - 1))``.
+    """K anchor frames spread evenly over N frames: ``floor(i * (N - 1) / (K - 1))``, ``[0]`` for K = 1.
 
-    This is ``linspace(0, N - 1, K)`` truncated to integers, computed in integer
-    arithmetic so that no rounding error moves an anchor (N=32, K=5 -> 0, 7, 15, 23, 31).
-    K = 1 gives ``[0]``.
+    Integer arithmetic, so that no rounding error moves an anchor (N=32, K=5 -> 0, 7, 15, 23, 31).
     """
     n = _positive_int("num_frames", num_frames)
     k = _positive_int("num_states", num_states)
@@ -44,23 +36,13 @@ def default_anchors(num_frames: int, num_states: int) -> list:
 
 def interpolate_embeddings(embeds: torch.Tensor, num_frames: int, *, mode: str = "linear",
                            anchors=None) -> torch.Tensor:
-    """Spread K sub-prompt embeddings over N frames.
+    """Spread K sub-prompt embeddings (K, L, C) or (B, K, L, C) over N frames: (N, L, C) or (B, N, L, C).
 
-    Args:
-        embeds: (K, L, C) or (B, K, L, C) text embeddings, K >= 1 states in temporal order
-            (L tokens of C channels, e.g. 77 x 1024), any floating dtype.
-        num_frames: N >= K, the number of frames of the video.
-        mode: "linear" interpolates linearly between the two anchors around a frame;
-            "same" holds each anchor's embedding until the next anchor.
-        anchors: K strictly increasing frame indices in [0, N - 1] (a sequence of ints or a
-            1-D integer tensor), shared by the whole batch. Default: `default_anchors(N, K)`.
-            Frames before the first anchor take the first embedding, frames after the last
-            anchor the last one.
-
-    Returns:
-        (N, L, C) or (B, N, L, C), embeds' dtype and device. Anchor frames hold their
-        embedding exactly, and a run of equal embeddings stays exactly equal in between.
-        Interpolation runs in float32 for float16/bfloat16 input.
+    `mode` "linear" interpolates between the two anchors around a frame, "same" holds each
+    anchor's embedding until the next. `anchors`: K strictly increasing frames in [0, N - 1]
+    (default `default_anchors(N, K)`); frames before the first (after the last) take the first
+    (last) embedding. Anchor frames hold their embedding exactly; the math runs in float32 for
+    float16/bfloat16 input.
     """
     if not isinstance(embeds, torch.Tensor):
         raise TypeError(f"embeds must be a torch.Tensor, got {type(embeds).__name__}")
@@ -97,10 +79,9 @@ def interpolate_embeddings(embeds: torch.Tensor, num_frames: int, *, mode: str =
 
 
 def load_synopses() -> list:
-    """The example prompts of the VSTAR paper with a synopsis (list of sub-prompts) for each.
+    """The paper's example prompts with a synopsis each: ``[{"prompt": str, "synopsis": [str, ...]}, ...]``.
 
-    Returns a list of ``{"prompt": str, "synopsis": [str, ...]}`` dicts, read from the
-    package data file ``vstar_kernels/data/synopses.json``. The synopses are our own
+    Read from the package data file ``vstar_kernels/data/synopses.json``; the synopses are our own
     wording of the visual states the paper's examples go through.
     """
     text = resources.files("vstar_kernels").joinpath("data/synopses.json").read_text(encoding="utf-8")

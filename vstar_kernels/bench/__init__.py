@@ -1,13 +1,9 @@
 """The benchmark harness behind `python -m vstar_kernels bench` (see benchmarks/NOTES.md).
 
-Modules: shapes (named shapes and presets), peers (every implementation, one
-signature), check (correctness before timing), measure (timers, bytes/FLOPs,
-copy bandwidth, run metadata), harness (the sweep and its CSV rows), e2e (the
-UNet forward), backward (the backward-pass cases, --backward), report (markdown
-table and plots from a CSV). This module only defines the command-line
-options, so that building the CLI parser imports nothing heavy. The maintainers'
-yardstick (compiled-code statistics, counted traffic, the roofline model) is not
-part of the package: it lives in the checkout's tools/perf.
+Modules: shapes, peers, check, measure, harness (the sweep and its CSV rows), e2e (the UNet
+forward), backward (--backward), report (markdown and plots from a CSV). This module only defines
+the command-line options, so that building the CLI parser imports nothing heavy. The maintainers'
+yardstick is not part of the package: it lives in the checkout's tools/perf.
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """Backward-pass timing cases (`python -m vstar_kernels bench --backward`, GPU only).
 
-`backward_callables(...)` sets up one case and returns zero-argument callables that each run
-only the backward pass (the forward graph is built once and kept with retain_graph) and return
-the gradients (dq, dk, dv):
-
-    "triton"     tar_attention(backend="triton"): the fused Triton backward
-    "reference"  tar_attention(backend="reference"): autograd on the PyTorch definition (eager)
-    "sdpa"       torch.nn.functional.scaled_dot_product_attention without TAR (flash on GPU)
-
-`time_backward(...)` times them with the harness's timers (measure.time_fn: do_bench on CUDA,
-median, p20, p80 in ms; a wall clock on CPU) and returns one row per case with the ratios the
-targets use: within 1.5x of SDPA's backward at N <= 256, at least 3x faster than the eager
-reference. `main` appends a row per default case to ``<out>/<device>-<yyyymmdd>-backward.csv``.
+`backward_callables` sets up one case and returns callables that each run only the backward
+(triton, reference: autograd on the eager definition, sdpa: without TAR); `time_backward` times
+them with measure.time_fn and returns one row with the ratios to triton; `main` appends a row per
+default case to ``<out>/<device>-<yyyymmdd>-backward.csv`` (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +18,13 @@ from . import measure
 IMPLS = ("triton", "reference", "sdpa")
 
 
-def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS,
-                       seed=0, **tar):
+def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS, **tar):
     """name -> callable running one backward of a (batch, heads, frames, head_dim) self-attention.
 
     q, k, v are (batch, frames, heads, head_dim) projections viewed as (B, H, N, D), as diffusers
     hands them over; `tar` goes to tar_attention (sigma, strength, causal, max_mode, ...).
     """
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(0)
     shape = (batch, frames, heads, head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=g).transpose(1, 2).requires_grad_()
                for _ in range(3))
@@ -95,11 +84,10 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)")
         return 1
-    from .harness import append_row, default_results_dir
+    from .harness import append_row, results_csv
 
     info = measure.RunInfo.collect(torch.device("cuda"))
-    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
-    csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}-backward.csv"
+    csv_path = results_csv(args, info, "-backward")
     for case in DEFAULT_CASES:
         for tar in DEFAULT_OPTIONS:
             row = dict(timestamp=measure.now_iso(), commit=info.commit, torch=info.torch, triton=info.triton,

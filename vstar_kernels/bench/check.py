@@ -1,11 +1,8 @@
 """A fast wrong peer is not a peer: every output is checked against float64 before it is timed.
 
-The check compares a few whole (batch) entries, the first, the middle and the
-last (the last is where a grid-indexing bug past 65,535 programs shows), with
-the reference evaluated in float64. A peer passes when its largest error is at
-most twice the error of the same formula evaluated naively in the input dtype
-(the error any low-precision implementation may make), plus the kernel
-tolerance of that dtype (tests/helpers.py uses the same numbers).
+The first, middle and last batch entries (the last shows a grid-indexing bug past 65,535
+programs) are compared with the float64 reference; a peer passes within twice the error of the
+formula evaluated naively in the input dtype, plus the kernel tolerance (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """End-to-end: one UNet3DConditionModel forward (random weights) with stock processors and with TAR.
 
-Three variants per (resolution, frames, dtype): `unet_stock` (diffusers' own
-attention processors), `unet_tar_triton` and `unet_tar_reference`
-(`vstar_kernels.diffusers.apply_tar` with the `64D1` preset on every call, and that backend).
-The Triton variant must match the reference variant, and TAR must change the
-output (otherwise it was not applied), before anything is timed. On CPU the Triton
-variant runs in the Triton interpreter: it is checked and not timed, and the reference
-variant is what `apply_tar` runs there by default.
+Three variants per (resolution, frames, dtype): `unet_stock`, `unet_tar_triton` and
+`unet_tar_reference` (`apply_tar` with the `64D1` preset and that backend), checked before they
+are timed (benchmarks/NOTES.md, "UNet rows"); on CPU the Triton variant is checked, not timed.
 """
 
 from __future__ import annotations

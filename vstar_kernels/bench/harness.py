@@ -1,13 +1,8 @@
-"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each.
+"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each
+(benchmarks/NOTES.md, "What a row means").
 
-A row of ours names the backend that ran (`backend`); a correctness-only run (the Triton
-kernels in the Triton interpreter, on CPU) is checked and not timed, its status says so
-(CHECKED_ONLY). A timing whose p80/p20 spread says the machine was busy is flagged (`flag`,
-measure.spread_flag).
-
-Rows are appended to ``<out>/<device>-<yyyymmdd>.csv`` as they are measured (a
-killed run keeps what it measured); the markdown table and the plots are then
-regenerated from the whole file (see report.py).
+Rows are appended to ``<out>/<device>-<yyyymmdd>.csv`` as they are measured (a killed run keeps
+what it measured); the markdown table and the plots are then regenerated from the whole file.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from .. import _env
 from ..dispatch import BackendUnavailableError
 from . import measure, report, shapes
 from .check import check_output
-from .e2e import UNetBench
+from .e2e import VARIANTS, UNetBench
 from .peers import CHECKED, PEERS, Unsupported, default_impls, default_spec
 
 COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", "heads", "n", "d", "dtype",
@@ -96,31 +91,27 @@ class Progress:
     """tqdm when it is installed, else one line per step on stderr."""
 
     def __init__(self, total: int, enabled: bool = True):
-        self.total, self.count, self.enabled = total, 0, enabled
-        self.bar = None
+        self.total, self.count, self.enabled, self.bar = total, 0, enabled, None
         if enabled:
-            try:
+            with contextlib.suppress(ImportError):
                 from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+                self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
 
     @contextlib.contextmanager
     def step(self, text: str, count: int = 1):
         """Show `text` while the step runs; count it (as `count` runs) when it ends."""
-        self.count += count
         if self.bar is not None:
             self.bar.set_description_str(text)
         elif self.enabled:
-            print(f"[{self.count}/{self.total}] {text}", file=sys.stderr, flush=True)
+            print(f"[{self.count + count}/{self.total}] {text}", file=sys.stderr, flush=True)
         try:
             yield
         finally:
-            if self.bar is not None:
-                self.bar.update(count)
+            self.skip(count)
 
     def skip(self, count: int):
-        """Count runs measured by an earlier invocation (--resume)."""
+        """Count `count` runs done (by this step, or by an earlier invocation: --resume)."""
         self.count += count
         if self.bar is not None and count:
             self.bar.update(count)
@@ -141,8 +132,6 @@ class Sweep:
         self.done = self._done_keys() if resume else set()
         self.progress_enabled = progress
         self.rows_written = 0
-
-    # ---------------------------------------------------------------- rows
 
     def _done_keys(self) -> set:
         if not self.csv_path.exists():
@@ -181,8 +170,6 @@ class Sweep:
     def _not_run(self) -> str:
         return f"{NOT_RUN}the sweep's time budget of {self.budget_s:g} s was used up"
 
-    # ---------------------------------------------------------------- the run
-
     def measure_copy(self):
         """The device_copy row: the peak that pct_peak_bw is relative to."""
         try:
@@ -208,18 +195,15 @@ class Sweep:
 
     def _kernel_case(self, shape, n, dtype, peers, progress):
         dname = dtype_name(dtype)
-        labels = [p.label(self.device) for p in peers]
-        keys = [self._key(lab, shape.batch, shape.heads, n, shape.head_dim, dname) for lab in labels]
-        todo = [(p, lab) for p, lab, key in zip(peers, labels, keys) if key not in self.done]
+        cell = (shape.batch, shape.heads, n, shape.head_dim, dname)
+        todo = [(p, p.label(self.device)) for p in peers if self._key(p.label(self.device), *cell) not in self.done]
         progress.skip(len(peers) - len(todo))
         if not todo:
             return
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        nbytes = measure.attention_bytes(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim, itemsize)
+        nbytes = measure.attention_bytes(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim, dtype.itemsize)
         flops = measure.attention_flops(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim)
         spec = default_spec(shape.head_dim)
-        write = lambda label, **kw: self.write(label, shape.batch, shape.heads, n, shape.head_dim, dname,  # noqa: E731
-                                               nbytes=nbytes, flops=flops, **kw)
+        write = lambda label, **kw: self.write(label, *cell, nbytes=nbytes, flops=flops, **kw)  # noqa: E731
         sets, why = None, None
         if not self._out_of_time():
             try:
@@ -250,10 +234,6 @@ class Sweep:
         return [tuple(torch.randn(shape.batch, n, shape.heads, shape.head_dim, generator=gen, device=self.device,
                                   dtype=dtype).transpose(1, 2) for _ in range(3)) for _ in range(count)]
 
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
     def _free(self):
         if self.cuda:
             torch.cuda.empty_cache()
@@ -266,7 +246,8 @@ class Sweep:
         try:
             backend = peer.backend_run(q, k, v, spec)
             out = peer.run(q, k, v, spec)
-            self._sync()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
             why = check_output(out, q, k, v, spec, peer.plain)
             del out
             if why:
@@ -288,26 +269,19 @@ class Sweep:
             return classify(exc), None, None, backend
 
     def _unet_case(self, unet, shape, frames, dtype, progress):
-        from .e2e import VARIANTS
-
         dname = dtype_name(dtype)
-        keys = [self._key(v, shape.batch, shape.heads, frames, shape.head_dim, dname) for v in VARIANTS]
-        write = lambda res: self.write(res.impl, shape.batch, shape.heads, frames, shape.head_dim, dname,  # noqa: E731
-                                       status=res.status, timing=res.timing, peak_mb=res.peak_mb,
-                                       backend=res.backend)
+        cell = (shape.batch, shape.heads, frames, shape.head_dim, dname)
         with progress.step(f"{shape.name} frames={frames} {dname}", len(VARIANTS)):
-            if all(k in self.done for k in keys):  # --resume: measured before
+            if all(self._key(v, *cell) in self.done for v in VARIANTS):  # --resume: measured before
                 return
             if self._out_of_time():
                 for v in VARIANTS:
-                    self.write(v, shape.batch, shape.heads, frames, shape.head_dim, dname, status=self._not_run())
+                    self.write(v, *cell, status=self._not_run())
                 return
             for res in unet.run(shape, frames, dtype, classify):
-                write(res)
+                self.write(res.impl, *cell, status=res.status, timing=res.timing, peak_mb=res.peak_mb,
+                           backend=res.backend)
             self._free()
-
-
-# --------------------------------------------------------------------------- command line
 
 
 def resolve(args, cuda: bool):
@@ -344,9 +318,9 @@ def plan(names, ns, dtypes, explicit_n: bool):
     return kernel, unet
 
 
-def model_table(names, ns, dtype="fp16") -> str:
-    """Markdown: bytes, FLOPs and the N x N footprint per kernel shape and N (the model in benchmarks/NOTES.md)."""
-    itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+def model_table(names, ns) -> str:
+    """Markdown for fp16: bytes, FLOPs and the N x N footprint per kernel shape and N (benchmarks/NOTES.md)."""
+    itemsize = torch.float16.itemsize
     lines = ["| shape | B x H | D | N | MB moved | GFLOP (2 matmuls) | GFLOP + row-max pass | FLOP/byte "
              "| one N x N matrix, GB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -368,6 +342,12 @@ def default_results_dir() -> Path:
     """benchmarks/results of the source checkout this package runs from; ./vstar-bench-results otherwise."""
     checkout = _env.source_checkout()
     return checkout / "benchmarks" / "results" if checkout is not None else Path.cwd() / "vstar-bench-results"
+
+
+def results_csv(args, info: measure.RunInfo, suffix: str = "") -> Path:
+    """``<--out or default_results_dir()>/<device>-<yyyymmdd><suffix>.csv``."""
+    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
+    return out_dir / f"{measure.slug(info.device)}-{info.date}{suffix}.csv"
 
 
 def main(args) -> int:
@@ -397,8 +377,7 @@ def main(args) -> int:
         print(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}", file=sys.stderr)
         return 2
     info = measure.RunInfo.collect(device)
-    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
-    csv_path = out_dir / f"{measure.slug(info.device)}-{info.date}.csv"
+    csv_path = results_csv(args, info)
     if not cuda:
         print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
               "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "

@@ -111,18 +111,15 @@ def time_fn(fn, cuda: bool, first_call_ms: float) -> Timing:
     return time_cuda(fn, first_call_ms) if cuda else time_cpu(fn)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> tuple:
+def copy_bandwidth(device: torch.device) -> tuple:
     """Measured device-to-device copy bandwidth in GB/s (read + write counted), and the Timing."""
     cuda = device.type == "cuda"
-    nbytes = nbytes or ((1 << 30) if cuda else (64 << 20))
+    nbytes = (1 << 30) if cuda else (64 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     fn = lambda: dst.copy_(src)  # noqa: E731
     timing = time_fn(fn, cuda, warm_call_ms(fn, cuda))
     return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9, timing, nbytes
-
-
-# --------------------------------------------------------------------------- run metadata
 
 
 def device_name(device: torch.device) -> str:

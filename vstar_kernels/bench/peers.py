@@ -1,17 +1,10 @@
-"""Every implementation the benchmark compares, behind one signature.
+"""Every implementation the benchmark compares, behind one signature (benchmarks/NOTES.md,
+"The implementations").
 
-    peer.run(q, k, v, spec) -> out
-
-q, k, v are (B, H, N, D) views (diffusers' layout: (B, N, H, D) storage, heads
-transposed), `spec` holds sigma, strength and the softmax scale; out is
-(B, H, N, Dv) in q's dtype. `peer.why_not(device, dtype)` says why a peer
-cannot run at all on this machine ("" when it can); a peer that cannot run one
-particular shape raises `Unsupported`. `plain` peers compute attention without
-TAR and are checked against plain attention.
-
-Ours are the peers with a `backend` (tar_attention's argument). On CPU tensors the Triton
-kernels run in the Triton interpreter: that run checks them and is not timed
-(`Peer.correctness_only`); ours there is `vstar_auto`, what `tar_attention` runs by default.
+`peer.run(q, k, v, spec) -> out`: q, k, v are (B, H, N, D) views of (B, N, H, D) storage,
+`spec` holds sigma, strength and the softmax scale; out is (B, H, N, Dv) in q's dtype.
+`peer.why_not(device, dtype)` says why a peer cannot run at all here ("" when it can); a peer
+that cannot run one shape raises `Unsupported`. Ours are the peers with a `backend`.
 """
 
 from __future__ import annotations
@@ -28,6 +21,7 @@ import torch.nn.functional as F
 import vstar_kernels as vk
 
 from .. import dispatch
+from .._problem import make_problem
 from ..ops._load import triton_ops
 from ..reference import CHUNK_ELEMENTS
 from ..regularization import gaussian_bias
@@ -69,21 +63,17 @@ class Peer:
 
     def backend_run(self, q, k, v, spec) -> str:
         """The backend tar_attention runs for this call ("" for a peer that is not ours)."""
-        if not self.backend:
-            return ""
-        from .._problem import make_problem
+        return dispatch.select(_problem(q, k, v, spec), self.backend).name if self.backend else ""
 
-        problem = make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
-                               max_mode="row", scale=spec.scale)
-        return dispatch.select(problem, self.backend).name
+
+def _problem(q, k, v, spec):
+    return make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
+                        max_mode="row", scale=spec.scale)
 
 
 @functools.lru_cache(maxsize=32)
 def _gaussian(n: int, sigma: float, device: str, dtype: torch.dtype) -> torch.Tensor:
     return gaussian_bias(n, n, sigma, device=device, dtype=dtype)
-
-
-# --------------------------------------------------------------------------- ours
 
 
 def _vstar(backend):
@@ -96,25 +86,10 @@ def _vstar(backend):
     return run
 
 
-def _triton_why_not(device, dtype):
-    from .._problem import make_problem
-
-    t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
-    problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
-    return "; ".join(dispatch.BACKENDS["triton"].not_supported_reasons(problem))
-
-
-def _cuda_why_not(device, dtype):
-    if "cuda" not in dispatch.BACKENDS:
-        return "this vstar_kernels build has no 'cuda' backend (the optional CUDA extension)"
-    from .._problem import make_problem
-
-    t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
-    problem = make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
-    return "; ".join(dispatch.BACKENDS["cuda"].not_supported_reasons(problem))
-
-
-# --------------------------------------------------------------------------- references
+def _backend_why_not(name):
+    def why_not(device, dtype):
+        return "; ".join(dispatch.BACKENDS[name].not_supported_reasons(dispatch.probe_problem(device, dtype)))
+    return why_not
 
 
 def reference_eager(q, k, v, spec):
@@ -124,12 +99,9 @@ def reference_eager(q, k, v, spec):
 def reference_materialized(q, k, v, spec):
     """The reference's out-of-place path (the one autograd differentiates): 256 MiB chunks, a new
     tensor per op. The CPU default before the in-place path."""
-    from .._problem import make_problem
     from ..reference import reference_forward
 
-    problem = make_problem(q, k, v, sigma=spec.sigma, strength=spec.strength, delta=None, causal=False,
-                           max_mode="row", scale=spec.scale)
-    return reference_forward(problem, inplace=False)
+    return reference_forward(_problem(q, k, v, spec), inplace=False)
 
 
 def tar_chunk(q, k, v, dA, scale: float, strength: float):
@@ -160,9 +132,6 @@ def _compile_why_not(device, dtype):
     return ""
 
 
-# --------------------------------------------------------------------------- materialized bias
-
-
 def tar_bias(q, k, spec):
     """strength * m_i * dA_ij as a (B, H, N, N) tensor in q's dtype; m from a bmm in q's dtype."""
     m = (torch.matmul(q, k.transpose(-1, -2)) * spec.scale).amax(dim=-1, keepdim=True)
@@ -187,9 +156,6 @@ def _xformers_why_not(device, dtype):
     except Exception as exc:
         return f"xformers is not installed ({type(exc).__name__}: {exc})"
     return ""
-
-
-# --------------------------------------------------------------------------- FlexAttention
 
 
 def flex_tar_pass(flex, q, k, v, row_max, spec):
@@ -238,9 +204,6 @@ def _flex_why_not(device_type: str):
     return ""
 
 
-# --------------------------------------------------------------------------- plain attention
-
-
 def sdpa_plain(q, k, v, spec):
     """SDPA without TAR, flash backend only: what TAR should cost nothing over."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -255,11 +218,12 @@ def sdpa_plain(q, k, v, spec):
 
 
 PEERS = {p.name: p for p in (
-    Peer("vstar_triton", _vstar("triton"), _triton_why_not, backend="triton",
+    Peer("vstar_triton", _vstar("triton"), _backend_why_not("triton"), backend="triton",
          doc="ours: the fused Triton forward (on CPU: checked in the Triton interpreter, not timed)"),
     Peer("vstar_auto", _vstar("auto"), backend="auto",
          doc="ours: tar_attention's default (backend='auto'): the PyTorch reference path on CPU tensors"),
-    Peer("vstar_cuda", _vstar("cuda"), _cuda_why_not, backend="cuda", doc="ours: the CUDA extension, when built"),
+    Peer("vstar_cuda", _vstar("cuda"), _backend_why_not("cuda"), backend="cuda",
+         doc="ours: the CUDA extension, when built"),
     Peer("reference_eager", reference_eager, doc="vstar_kernels.tar_attention_reference (float32, chunked)"),
     Peer("reference_materialized", reference_materialized,
          doc="the reference's out-of-place (autograd) path, 256 MiB chunks: the CPU default before"),

@@ -1,13 +1,9 @@
 """Tables and plots from a results CSV (the harness's output, or a committed file).
 
-`render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png``
-next to the CSV. Only the CSV is read: benchmarks/plot_results.py regenerates
-everything from committed files.
-
-The speed comparison is against the first timed implementation of ours in a cell
-(peers.TIMED_OURS). Correctness runs (the Triton interpreter on CPU) get no ratio and no
-line in a plot; cells timed on a busy machine (measure.spread_flag) are marked "busy" in the
-tables and drawn with a black ring in the plots.
+`render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` next
+to the CSV from the CSV alone (benchmarks/plot_results.py regenerates them from committed files).
+Peers are compared with the first timed implementation of ours in a cell (peers.TIMED_OURS);
+correctness runs get no ratio and no line, busy cells a mark (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -34,16 +30,19 @@ def read_csv(path) -> list:
         return list(csv.DictReader(f))
 
 
-def _num(text):
-    return float(text) if text not in ("", None) else None
-
-
 def _impl_order(impl: str) -> tuple:
     names = [*PEERS, INTERPRETER]
-    base = names.index(impl) if impl in names else len(names)
-    if impl == INTERPRETER:
-        base = 0
-    return (base, impl)
+    return (0 if impl == INTERPRETER else names.index(impl) if impl in names else len(names), impl)
+
+
+def _impls(by_n) -> list:
+    """The implementations with a row in a {n: {impl: row}} group, in table order."""
+    return sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
+
+
+def _ran(impl, by_n) -> bool:
+    """Whether `impl` has a successful row in the group."""
+    return any(cell.get(impl, {}).get("status") == "ok" for cell in by_n.values())
 
 
 def correctness_only(impl: str, row) -> bool:
@@ -71,7 +70,7 @@ def latest(rows) -> "OrderedDict":
 
 
 def copy_gbps(rows):
-    vals = [_num(r["gbps"]) for r in rows if r["impl"] == COPY_IMPL and r["status"] == "ok" and r["gbps"]]
+    vals = [float(r["gbps"]) for r in rows if r["impl"] == COPY_IMPL and r["status"] == "ok" and r["gbps"]]
     return vals[-1] if vals else None
 
 
@@ -179,11 +178,10 @@ def markdown(rows, title: str) -> str:
         out += [f"## {dtype}", ""]
         notes = _Notes()
         for (batch, heads, d), by_n in kernel[dtype].items():
-            impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
+            impls = _impls(by_n)
             # Timed ours with a successful run get the metric columns; the others (correctness runs and
             # ours that never ran included) one column of times or notes.
-            ours_names = [i for i in impls if i in TIMED_OURS
-                          and any(cell.get(i, {}).get("status") == "ok" for cell in by_n.values())]
+            ours_names = [i for i in impls if i in TIMED_OURS and _ran(i, by_n)]
             others = [i for i in impls if i not in ours_names]
             out += [f"### {shapes.shape_label(batch, heads, d)}: B x H = {batch * heads:,}, D = {d}", ""]
             head = ["N"]
@@ -265,11 +263,9 @@ def draw_plots(rows, stem: Path) -> list:
         nrows = math.ceil(len(groups) / cols)
         ours = sorted({i for g in groups.values() for cell in g.values() for i, r in cell.items()
                        if i in TIMED_OURS and r["status"] == "ok"}, key=_impl_order)
+        note = f"ours: {', '.join(ours) or 'none ran'}"
         if device.startswith("cpu"):
-            note = (f"CPU wall clock; ours: {', '.join(ours) or 'none ran'} (tar_attention's default CPU path). "
-                    f"Not GPU speed")
-        else:
-            note = f"ours: {', '.join(ours) or 'none ran'}"
+            note = f"CPU wall clock; {note} (tar_attention's default CPU path). Not GPU speed"
         for metric in METRICS:
             height = 3.6 * nrows + 1.8
             fig, axes = plt.subplots(nrows, cols, figsize=(max(9, 5 * cols), height), squeeze=False)
@@ -310,28 +306,24 @@ def draw_plots(rows, stem: Path) -> list:
 
 def _checked_only(by_n) -> list:
     """The correctness runs in this panel: checked, never timed or compared."""
-    impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
-    return [i for i in impls if any(correctness_only(i, cell[i]) for cell in by_n.values() if i in cell)]
+    return [i for i in _impls(by_n) if any(correctness_only(i, cell[i]) for cell in by_n.values() if i in cell)]
 
 
 def _never_ok(by_n) -> list:
     """The implementations with rows in this panel but no successful one (correctness runs aside)."""
-    impls = sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
-    checked = set(_checked_only(by_n))
-    return [i for i in impls if i not in checked
-            and not any(cell.get(i, {}).get("status") == "ok" for cell in by_n.values())]
+    checked = _checked_only(by_n)
+    return [i for i in _impls(by_n) if i not in checked and not _ran(i, by_n)]
 
 
 def _no_data(metric, by_n) -> str:
     """Why a panel has no line: which runs failed (the table's notes say how)."""
-    ok = {i for cell in by_n.values() for i, r in cell.items() if r["status"] == "ok"}
-    ours = sorted({i for cell in by_n.values() for i in cell if i in OURS}, key=_impl_order)
-    if metric == "speedup" and not ok & set(TIMED_OURS):
-        who = ", ".join(ours) if ours else "no implementation of ours was run"
-        return f"no data: no successful run of ours\n({who}; see the notes under the markdown table)"
-    if metric == "speedup":
-        return "no data: no peer succeeded at an N where ours did\n(see the notes under the markdown table)"
-    return "no data: no implementation ran successfully\n(see the notes under the markdown table)"
+    see = "see the notes under the markdown table"
+    if metric != "speedup":
+        return f"no data: no implementation ran successfully\n({see})"
+    if any(_ran(i, by_n) for i in TIMED_OURS):
+        return f"no data: no peer succeeded at an N where ours did\n({see})"
+    who = ", ".join(i for i in _impls(by_n) if i in OURS) or "no implementation of ours was run"
+    return f"no data: no successful run of ours\n({who}; {see})"
 
 
 def _plot_metric(ax, metric, by_n, peak) -> int:
@@ -339,9 +331,8 @@ def _plot_metric(ax, metric, by_n, peak) -> int:
     busy points get a black ring."""
     ns = sorted(by_n)
     drawn = 0
-    impls = sorted({i for n in ns for i in by_n[n]}, key=_impl_order)
     busy_xy = []
-    for impl in impls:
+    for impl in _impls(by_n):
         xs, ys, lo, hi = [], [], [], []
         for n in ns:
             r = by_n[n].get(impl)
@@ -375,15 +366,13 @@ def _plot_metric(ax, metric, by_n, peak) -> int:
         bx, by = zip(*busy_xy)
         ax.plot(bx, by, linestyle="none", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
                 markeredgewidth=1.5, label=BUSY_LABEL)
-    if metric == "time":
+    if metric in ("time", "speedup"):
         ax.set_yscale("log")
+        if metric == "speedup":
+            ax.axhline(1.0, color="black", lw=0.8)
         _log_ticks(ax)
-        ax.set_ylabel("median ms per call (log scale)")
-    elif metric == "speedup":
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="black", lw=0.8)
-        _log_ticks(ax)
-        ax.set_ylabel("peer time / ours (log; > 1: ours faster)")
+        ax.set_ylabel("median ms per call (log scale)" if metric == "time" else
+                      "peer time / ours (log; > 1: ours faster)")
     else:
         if peak:
             ax.axhline(peak, color="black", ls="--", lw=1, label="measured copy bandwidth")
