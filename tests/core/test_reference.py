@@ -112,15 +112,10 @@ BNHD_OPTIONS = [dict(), dict(causal=True, sigma=2.0), dict(max_mode="global", st
                 dict(key_mask=True), dict(frames=True)]
 
 
-@pytest.mark.parametrize("opts", BNHD_OPTIONS, ids=opts_id)
-@pytest.mark.parametrize("per_chunk", [None, 2, "rows"], ids=["whole", "2-batches", "row-blocks"])
-def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypatch):
-    """q, k, v stored (B, N, H, D) (diffusers' layout) are no batch of matrices over (batch, head): the
-    in-place path takes one head's batches per chunk and reads them in place (no copy). Same values
-    as the float64 definition and as contiguous inputs, in whole-batch chunks, in chunks of 2 batches
-    and in blocks of 3 rows (one slice at a time: no head chunks needed)."""
-    B, H, N, D = 3, 4, 9, 8
-    g = torch.Generator().manual_seed(11)
+def bnhd_inputs(B, H, N, D, opts, *, seed, frame_tokens):
+    """q, k, v stored (B, N, H, D) and viewed (B, H, N, D), and `opts` with its delta, key_mask and frames
+    flags made tensors (frames of `frame_tokens` tokens; every batch item keeps key 0)."""
+    g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3))
     opts = dict(opts)
     if opts.pop("delta", False):
@@ -129,7 +124,19 @@ def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypat
         opts["key_mask"] = torch.rand(B, N, generator=g) > 0.3
         opts["key_mask"][:, 0] = True
     if opts.pop("frames", False):
-        opts["frames"] = torch.arange(N) // 3
+        opts["frames"] = torch.arange(N) // frame_tokens
+    return q, k, v, opts
+
+
+@pytest.mark.parametrize("opts", BNHD_OPTIONS, ids=opts_id)
+@pytest.mark.parametrize("per_chunk", [None, 2, "rows"], ids=["whole", "2-batches", "row-blocks"])
+def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypatch):
+    """q, k, v stored (B, N, H, D) (diffusers' layout) are no batch of matrices over (batch, head): the
+    in-place path takes one head's batches per chunk and reads them in place (no copy). Same values
+    as the float64 definition and as contiguous inputs, in whole-batch chunks, in chunks of 2 batches
+    and in blocks of 3 rows (one slice at a time: no head chunks needed)."""
+    B, H, N, D = 3, 4, 9, 8
+    q, k, v, opts = bnhd_inputs(B, H, N, D, opts, seed=11, frame_tokens=3)
     if per_chunk is not None:
         monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", 3 * N if per_chunk == "rows" else per_chunk * N * N)
     chunks, head_chunks, as_batch, copied = [], reference._head_chunks, reference._as_batch, []
@@ -164,16 +171,7 @@ def test_inplace_path_runs_its_chunks_on_one_thread_each(opts, monkeypatch):
     import threading
 
     B, H, N, D = 2, 3, 24, 8
-    g = torch.Generator().manual_seed(13)
-    q, k, v = (torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3))
-    opts = dict(opts)
-    if opts.pop("delta", False):
-        opts["delta"] = torch.rand(B, H, N, N, generator=g)
-    if opts.pop("key_mask", False):
-        opts["key_mask"] = torch.rand(B, N, generator=g) > 0.3
-        opts["key_mask"][:, 0] = True
-    if opts.pop("frames", False):
-        opts["frames"] = torch.arange(N) // 5
+    q, k, v, opts = bnhd_inputs(B, H, N, D, opts, seed=13, frame_tokens=5)
     monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", 8 * N)  # blocks of 8 rows: 3 per slice
     seen, chunk = [], reference._chunk_inplace
 

@@ -2,35 +2,14 @@
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_frame_attention
 
 from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_map64,
-                              frame_tar_probabilities64, processors, record)
+                              frame_tar_probabilities64, processors, record, spied_plain_run)
 from .tiny_video_models import FAMILIES as UNET_FAMILIES
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
-
-
-class SDPASpy:
-    """A processor that runs `processor` and keeps the q, k of its scaled_dot_product_attention calls."""
-
-    def __init__(self, processor, seen):
-        self.processor, self.seen = processor, seen
-
-    def __call__(self, attn, *args, **kwargs):
-        spy = self
-
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func is torch.nn.functional.scaled_dot_product_attention:
-                    spy.seen.append((args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"]))
-                return func(*args, **kwargs)
-
-        with Mode():
-            return self.processor(attn, *args, **kwargs)
 
 
 def expected_map(family, calls, sigma=None, strength=0.0):
@@ -49,16 +28,8 @@ def expected_map(family, calls, sigma=None, strength=0.0):
 @pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan", "mochi"])
 def test_maps_of_plain_attention_match_float64(family):
     fam = FAMILIES[family]
-    model = fam.model()
-    inputs = fam.inputs()
-    seen = {name: [] for name in fam.modules}
-    modules = dict(model.named_modules())
-    for name in fam.modules:
-        modules[name].processor = SDPASpy(modules[name].processor, seen[name])
+    model, inputs, plain, seen = spied_plain_run(fam)
     before = processors(model)
-    plain = forward(model, inputs)
-    for calls in seen.values():
-        calls.clear()
     with capture_frame_attention(model) as maps:
         assert torch.equal(forward(model, inputs), plain)
     assert processors(model) == before and all(p is before[n] for n, p in processors(model).items())

@@ -217,6 +217,32 @@ def test_errors_name_the_problem():
         forward(model, FAMILIES["wan"].inputs())
 
 
+def wan22_pipeline(transformer, transformer_2, boundary_ratio):
+    """A WanPipeline of the given experts with no text encoder and no VAE (prompt embeddings in, latents out)."""
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer,
+                       transformer_2=transformer_2, boundary_ratio=boundary_ratio)
+
+
+def record_tar_calls(model, regularized, entry):
+    """Each regularized attention call of `model` appends entry(processor, its kwargs) to `regularized`."""
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, **kwargs):
+                regularized.append(entry(proc, kwargs))
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+
+
+def run_wan22(pipe, steps, forwards, regularized):
+    """One guided run of `steps` steps over 9 video frames (3 latent frames), the records cleared first."""
+    forwards.clear()
+    regularized.clear()
+    with torch.no_grad():
+        pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
+             width=32, num_frames=9, num_inference_steps=steps, guidance_scale=5.0, output_type="latent")
+
+
 def test_wan22_pipeline_two_experts_and_unbatched_guidance_share_the_loop_index():
     """A real WanPipeline run (prompt embeddings given, latents out): Wan 2.2's two experts, guidance as two calls.
 
@@ -225,36 +251,22 @@ def test_wan22_pipeline_two_experts_and_unbatched_guidance_share_the_loop_index(
     """
     fam = FAMILIES["wan"]
     high, low = fam.model(), fam.model()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=high,
-                       transformer_2=low, boundary_ratio=0.8)
+    pipe = wan22_pipeline(high, low, boundary_ratio=0.8)
     names = apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=2))
     assert names == [f"{expert}.{name}" for expert in ("transformer", "transformer_2") for name in fam.modules]
     forwards, regularized = [], []
     for expert, model in (("high", high), ("low", low)):
         model.register_forward_pre_hook(lambda *_, expert=expert: forwards.append(expert))
-        for proc in processors(model).values():
-            if isinstance(proc, DiTTARProcessor):
-                def attention(attn, query, key, value, proc=proc, expert=expert, **kwargs):
-                    regularized.append((expert, proc.state.step, kwargs["frames"].max().item()))
-                    return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
-                proc.attention = attention
+        record_tar_calls(model, regularized, lambda proc, kwargs, expert=expert: (
+            expert, proc.state.step, kwargs["frames"].max().item()))
 
-    def run():
-        forwards.clear()
-        regularized.clear()
-        with torch.no_grad():
-            return pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
-                        height=32, width=32, num_frames=9, num_inference_steps=4, guidance_scale=5.0,
-                        output_type="latent").frames
-
-    run()
+    run_wan22(pipe, 4, forwards, regularized)
     assert forwards == ["high"] * 4 + ["low"] * 4  # 2 steps each expert, 2 calls per step
     # steps 0, 1 (high) and 2 (low): 2 calls x 2 blocks each, over the 3 latent frames of 9 video frames
     assert [(e, s) for e, s, _ in regularized] == [("high", 0)] * 4 + [("high", 1)] * 4 + [("low", 2)] * 4
     assert {f for _, _, f in regularized} == {2}
     first = list(regularized)
-    run()  # a second run starts at step 0 again
+    run_wan22(pipe, 4, forwards, regularized)  # a second run starts at step 0 again
     assert regularized == first
     remove_tar(pipe)
     assert not any(isinstance(p, DiTTARProcessor) for m in (high, low) for p in processors(m).values())
@@ -316,33 +328,18 @@ def test_wan22_pipeline_with_only_the_low_noise_expert_counts_scheduler_steps():
     two calls per step; until_step=0 regularizes both calls of step 0 and no call of step 1."""
     fam = FAMILIES["wan"]
     low = fam.model()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=None,
-                       transformer_2=low, boundary_ratio=1.0)
+    pipe = wan22_pipeline(None, low, boundary_ratio=1.0)
     names = apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
     assert names == [f"transformer_2.{name}" for name in fam.modules]
     forwards, regularized = [], []
     low.register_forward_pre_hook(lambda *_: forwards.append(len(regularized)))
-    for proc in processors(low).values():
-        if isinstance(proc, DiTTARProcessor):
-            def attention(attn, query, key, value, proc=proc, **kwargs):
-                regularized.append(proc.name)
-                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
-            proc.attention = attention
+    record_tar_calls(low, regularized, lambda proc, kwargs: proc.name)
 
-    def run():
-        forwards.clear()
-        regularized.clear()
-        with torch.no_grad():
-            return pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
-                        height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=5.0,
-                        output_type="latent").frames
-
-    run()
+    run_wan22(pipe, 2, forwards, regularized)
     blocks = len(fam.modules)
     # calls 0 and 1 (step 0) regularize every block, calls 2 and 3 (step 1) none
     assert forwards == [0, blocks, 2 * blocks, 2 * blocks] and len(regularized) == 2 * blocks
-    run()  # the next run starts at step 0 again
+    run_wan22(pipe, 2, forwards, regularized)  # the next run starts at step 0 again
     assert forwards == [0, blocks, 2 * blocks, 2 * blocks]
     reset_steps(pipe)
     remove_tar(pipe)

@@ -22,7 +22,8 @@ from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES
 from .tiny_dit_models import (NEWER, bfloat16_run, expected_frames, expected_mask, forward, frame_map64,
-                              frame_tar64, frame_tar_probabilities64, processors, randn, record)
+                              frame_tar64, frame_tar_probabilities64, processors, randn, record,
+                              spied_plain_run)
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -118,40 +119,12 @@ def expected_map(fam, calls, block, sigma=1.0, strength=0.0):
     return total / rows
 
 
-class SDPASpy:
-    """A processor that runs `processor` and keeps the q, k of its scaled_dot_product_attention calls."""
-
-    def __init__(self, processor, seen):
-        self.processor, self.seen = processor, seen
-
-    def __call__(self, attn, *args, **kwargs):
-        spy = self
-
-        class Mode(torch.overrides.TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func is F.scaled_dot_product_attention:
-                    spy.seen.append((args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"]))
-                return func(*args, **kwargs)
-
-        with Mode():
-            return self.processor(attn, *args, **kwargs)
-
-
 @pytest.mark.parametrize("family", ["framepack", "hunyuan15", "skyreels_df", "motif", "ltx2"])
 def test_newer_dit_maps_match_float64(family):
     """Plain attention maps of every block; history frames at their indices (a frame with no token: NaN row),
     per-query masks, the decoder blocks' video twice, appended tokens out of the map."""
     fam = NEWER[family]
-    model = fam.model()
-    inputs = fam.inputs()
-    seen = {name: [] for name in fam.modules}
-    modules = dict(model.named_modules())
-    for name in fam.modules:
-        modules[name].processor = SDPASpy(modules[name].processor, seen[name])
-    plain = forward(model, inputs)
-    for calls in seen.values():
-        calls.clear()
+    model, inputs, plain, seen = spied_plain_run(fam)
     with capture_frame_attention(model) as maps:
         assert torch.equal(forward(model, inputs), plain)
     assert sorted(maps) == sorted((name, 0) for name in fam.modules)

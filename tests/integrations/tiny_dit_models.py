@@ -22,6 +22,7 @@ from diffusers import (
     WanTransformer3DModel,
     WanVACETransformer3DModel,
 )
+from torch.overrides import TorchFunctionMode
 
 from vstar_kernels.diffusers.dit import DiTTARProcessor
 
@@ -213,6 +214,41 @@ def record(model):
                 return out
             proc.attention = attention
     return calls
+
+
+class SDPASpy:
+    """A processor that runs `processor` and keeps the q, k of its scaled_dot_product_attention calls."""
+
+    def __init__(self, processor, seen):
+        self.processor, self.seen = processor, seen
+
+    def __call__(self, attn, *args, **kwargs):
+        spy = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.nn.functional.scaled_dot_product_attention:
+                    spy.seen.append((args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"]))
+                return func(*args, **kwargs)
+
+        with Mode():
+            return self.processor(attn, *args, **kwargs)
+
+
+def spied_plain_run(fam):
+    """The family's model (each module TAR would regularize behind an SDPASpy), its inputs, its plain output and
+    {module: [(q, k), ...]}: the q, k of each module's attention calls from the next forward call on."""
+    model = fam.model()
+    inputs = fam.inputs()
+    seen = {name: [] for name in fam.modules}
+    modules = dict(model.named_modules())
+    for name in fam.modules:
+        modules[name].processor = SDPASpy(modules[name].processor, seen[name])
+    plain = forward(model, inputs)
+    for calls in seen.values():
+        calls.clear()
+    return model, inputs, plain, seen
 
 
 def expected_key_mask(family, keys):
