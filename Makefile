@@ -14,7 +14,7 @@ demo: setup
 # -n auto: one test process per core (pytest-xdist); --dist loadfile keeps a file's tests, and its module
 # fixtures (a multi-process run, a compiled library), in one process
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 info:
 	$(PY) -m vstar_kernels info

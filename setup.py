@@ -19,7 +19,7 @@ EXTRAS = {
     "bench": ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4.0"],
     "plot": ["matplotlib>=3.7"],
 }
-EXTRAS["test"] = sorted({"pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *EXTRAS["diffusers"], *EXTRAS["bench"],
+EXTRAS["test"] = sorted({"pytest>=7", "pytest-xdist>=3.6", "hypothesis>=6", *EXTRAS["diffusers"], *EXTRAS["bench"],
                          *EXTRAS["plot"]})
 
 

@@ -8,6 +8,9 @@ from . import _device  # noqa: F401 (sets TRITON_INTERPRET)
 
 
 def pytest_collection_modifyitems(config, items):
+    # files marked `long` first (a stable sort keeps each file's order): with `make test`'s one process per
+    # core, a long file handed out last would leave the other processes idle while it runs
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

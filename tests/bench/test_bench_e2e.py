@@ -19,6 +19,8 @@ from vstar_kernels.bench.harness import classify
 
 from .._device import DEVICE
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 pytest.importorskip("diffusers", reason="the end-to-end case needs diffusers")
 
 TINY = shapes.SHAPES["unet-tiny"]

@@ -17,6 +17,8 @@ import torch
 import vstar_kernels as vk
 from vstar_kernels import _env, cli
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU = not torch.cuda.is_available()
 
@@ -100,7 +102,8 @@ def test_make_test_sets_up_then_runs_the_suite_with_the_interpreter():
                          timeout=60, env=clean_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert [ln.strip() for ln in res.stdout.splitlines()][-2:] == [
-        f'{sys.executable} -m pip install -e ".[test]"', f"{sys.executable} -m pytest -q -n auto --dist loadfile"]
+        f'{sys.executable} -m pip install -e ".[test]"',
+        f"{sys.executable} -m pytest -q -n auto --dist loadfile --no-loadscope-reorder"]
     one = f"{pathlib.Path(__file__).resolve().relative_to(ROOT)}::test_kernels_run_in_the_interpreter_in_this_suite"
     res = subprocess.run(["make", "-o", "setup", "test", f"PY={sys.executable}"], capture_output=True, text=True,
                          timeout=600, env=clean_env(PYTEST_ADDOPTS=f"{one} -p no:cacheprovider"), cwd=ROOT)

@@ -11,6 +11,8 @@ import vstar_kernels as vk
 from .._device import DEVICE
 from ..helpers import opts_id
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 GRADCHECK_OPTIONS = [
     dict(),
     dict(causal=True, sigma=2.5, strength=0.7),

@@ -27,6 +27,8 @@ from vstar_kernels.diffusers.dit import DiTTARProcessor
 from . import cp_worker
 from .cp_worker import FAMILIES, gradients, inputs, tar_config, two_calls
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

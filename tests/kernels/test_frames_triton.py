@@ -20,6 +20,8 @@ from vstar_kernels.ops.layout import is_packed
 from .._device import DEVICE
 from ..helpers import assert_close_to_reference, assert_grads_close, dtype_id, reference_grads
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 D = 16
 
 

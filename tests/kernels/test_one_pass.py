@@ -25,6 +25,8 @@ from vstar_kernels.regularization import gaussian_bias
 from .._device import DEVICE
 from ..helpers import assert_close_to_reference, dtype_id, make_qkv, opts_id, reference64, shape_id
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 SIGMAS = [1e-20, 0.3, 0.5, 1.0, 2.0, 4.7, 8.0, 12.0, 40.0, 1e3]
 
 

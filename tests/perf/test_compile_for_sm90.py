@@ -13,6 +13,8 @@ import sys
 import pytest
 import triton
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 # compile_check's --quick run over fewer cases: in fp16, forward and backward, every kernel in each constexpr

@@ -23,6 +23,8 @@ from vstar_kernels.bench.peers import PEERS
 from tools.perf.traffic import ideal_bytes, tiled_bytes
 from vstar_kernels.ops._jit import band_width
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
