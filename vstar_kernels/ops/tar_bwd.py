@@ -470,8 +470,9 @@ def _prune_tiled(configs, named_args, **kwargs):
     hopper = sm == 90 and narrow_16
     max_tile = (2048 if hopper else 1024) if named_args["HAS_DELTA"] else 8192
     single = named_args["Q"].element_size() == 4
+    configs = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == single]
     keep = [c for c in configs
-            if (c.kwargs["BLOCK_N"] == 16) == single and c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
+            if c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
             and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 256 * c.num_warps and _row_words(c, block_d) <= 32]
     if single and sm == 90:
         keep = [c for c in keep if c.kwargs["BLOCK_M"] == 16]
