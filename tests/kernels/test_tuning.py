@@ -112,18 +112,87 @@ def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles(fwd):
     assert (64, 64, 8) in kept(80)
 
 
-def test_tiled_backward_prune_drops_each_archs_frame_spills(bwd):
-    """Frame ids in 16-bit at D <= 64: sm_80 drops the dQ pass's 64 x 32 tiles, sm_90 its 32 x 32 ones
-    (each spills on that arch only); other archs keep both; without frame ids, at D 128 or in float32
-    (which spill either way) nothing changes."""
-    def kept(sm, d=64, dtype=torch.float16, frames=True):
+def test_tiled_backward_prune_drops_each_archs_spills(bwd):
+    """16-bit at D <= 64: sm_90 keeps 64 x 32 on 8 warps only (32 x 32 spills there), a custom delta
+    included; sm_80 drops 64 x 32 for frame ids. Other archs keep the list; at D 128 nothing changes."""
+    def kept(sm, d=64, dtype=torch.float16, frames=True, delta=False):
         with _target(sm):
-            return {t[:2] for t in _tiles(bwd._prune_tiled(bwd._tiled_configs(), {"Q": torch.empty(1, dtype=dtype)},
-                                                          BLOCK_D=d, BLOCK_DV=d, HAS_DELTA=False, HAS_FRAMES=frames))}
+            return _tiles(bwd._prune_tiled(bwd._tiled_configs(), {"Q": torch.empty(1, dtype=dtype)},
+                                           BLOCK_D=d, BLOCK_DV=d, HAS_DELTA=delta, HAS_FRAMES=frames))
 
-    assert kept(80) == {(32, 32)} and kept(90) == {(64, 32)}
-    assert kept(100) == kept(None) == kept(80, frames=False) == kept(90, dtype=torch.float32) == {(32, 32), (64, 32)}
+    assert {t[:2] for t in kept(80)} == {(32, 32)}
+    for frames, delta in itertools.product((False, True), (False, True)):
+        assert kept(90, frames=frames, delta=delta) == {(64, 32, 8)}
+    assert kept(100) == kept(None) == kept(80, frames=False) == {(32, 32, 4), (32, 32, 8), (64, 32, 8)}
+    assert kept(80, delta=True, frames=False) == kept(None, delta=True) == {(32, 32, 4), (32, 32, 8)}
     assert kept(80, d=128) == kept(90, d=128) == kept(None, d=128)
+
+
+@pytest.mark.parametrize("d", [8, 64, 128, 256])
+def test_float32_takes_its_own_tiles(fwd, bwd, d):
+    """float32 (the tf32x3 dot) takes 32 x 32 forward tiles (sm_90: its 64- and 128-row tiles with 32 keys
+    and 2 stages) and 16-key backward tiles (16 x 16 on sm_90); 16-bit inputs never take these."""
+    block = layout.pow2(d, layout.DOT_MIN)
+    gaussian = dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False)
+    for sm, delta in itertools.product((None, 80, 86, 90, 100), (False, True)):
+        with _target(sm):
+            def prune(dtype):
+                args = {"Q": torch.empty(1, dtype=dtype)}
+                return (_tiles(fwd._prune_tiled(fwd._tiled_configs(), args, BLOCK_D=block, BLOCK_DV=block,
+                                                **{**gaussian, "HAS_DELTA": delta})),
+                        _tiles(bwd._prune_tiled(bwd._tiled_configs(), args, BLOCK_D=block, BLOCK_DV=block,
+                                                HAS_DELTA=delta, HAS_FRAMES=False)))
+
+            fwd32, bwd32 = prune(torch.float32)
+            fwd16, bwd16 = prune(torch.float16)
+        assert fwd32 and bwd32 and {bn for _, bn, _ in bwd32} == {16}
+        if sm == 90:
+            assert {bn for _, bn, _ in fwd32} == {32} and min(bm for bm, _, _ in fwd32) == 64
+            assert {bm for bm, _, _ in bwd32} == {16} or block > 128  # above 128 every tile spills
+        else:
+            assert {bm for bm, _, _ in fwd32} == {32}
+        assert all(bm > 32 for bm, _, _ in fwd16) and all(bn > 16 for _, bn, _ in bwd16)
+    with targeting(90):
+        hopper = fwd._prune_tiled(fwd._tiled_configs(), {"Q": torch.empty(1)}, BLOCK_D=64, BLOCK_DV=64, **gaussian)
+    assert {c.num_stages for c in hopper} == {2}
+
+
+def test_sm80_bias_keeps_two_stages_for_64_x_32(fwd):
+    """16-bit, the bias at D <= 64 on sm_8x: 64 x 32 with 3 stages spilled; 2 stages stay, other tiles keep 3."""
+    def stages(sm, d=64, **flags):
+        with _target(sm):
+            kept = fwd._prune_tiled(fwd._tiled_configs(), {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=d,
+                                    BLOCK_DV=d, **{"REGULARIZE": True, "HAS_DELTA": False, "GLOBAL_MAX": False, **flags})
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept}
+
+    for flags in (dict(), dict(HAS_DELTA=True), dict(HAS_FRAMES=True)):
+        assert (64, 32, 2) in stages(80, **flags) and (64, 32, 3) not in stages(80, **flags)
+        assert (128, 32, 3) in stages(80, **flags)
+        assert (64, 32, 3) in stages(90, **flags) and (64, 32, 3) in stages(None, **flags)
+    assert (64, 32, 3) in stages(80, d=128) and (64, 32, 3) in stages(80, REGULARIZE=False)
+
+
+@pytest.mark.parametrize("d", [40, 64, 128])
+def test_float32_packed_programs_hold_few_operand_words(fwd, bwd, d):
+    """float32 packed programs keep their Q, K, V (and dO) tiles, split for the tf32x3 dot, at 96 (forward)
+    and 128 (backward) words a thread: 128 rows take 8 warps at D 40 (4 warps spilled)."""
+    block = layout.pow2(d, layout.DOT_MIN)
+    for n in (16, 64, 128):
+        seg = layout.pow2(n, layout.DOT_MIN)
+        meta = dict(SEG_Q=seg, SEG_K=seg, SEG_MAX=seg, BLOCK_D=block, BLOCK_DV=block)
+        for module, limit, operands in ((fwd, 96, 3), (bwd, 128, 4)):
+            kept16 = module._prune_packed(module._packed_configs(), {"Q": torch.empty(1, dtype=torch.float16)}, **meta)
+            kept32 = module._prune_packed(module._packed_configs(), {"Q": torch.empty(1)}, **meta)
+            assert kept32 and set(kept32) <= set(kept16)
+            words = [c.kwargs["ROWS"] * operands * block / (32 * c.num_warps) for c in kept32]
+            assert max(words) <= limit or len(set(words)) == 1, (n, words)
+    kept = _tiles_rows(fwd._prune_packed(fwd._packed_configs(), {"Q": torch.empty(1)}, SEG_Q=16, SEG_K=16,
+                                         SEG_MAX=16, BLOCK_D=64, BLOCK_DV=64))
+    assert (128, 8) in kept and (128, 4) not in kept and (128, 2) not in kept
+
+
+def _tiles_rows(configs):
+    return {(c.kwargs["ROWS"], c.num_warps) for c in configs}
 
 
 def test_target_sm_is_the_named_arch_or_none_off_cuda():

@@ -179,7 +179,7 @@ SHAPES = [(64, 4, 16, 16, 40, 40), (64, 4, 64, 64, 80, 80), (8, 2, 128, 128, 128
 OPTIONS = [dict(), dict(causal=True, max_mode="global"), dict(delta=True), dict(frames=True)]
 FULL = list(itertools.product((torch.float16, torch.bfloat16, torch.float32), SHAPES, OPTIONS))
 # The CI subset: forward and backward in fp16 over both layouts, both head-dim regimes and every
-# option; the bf16 and fp32 (ieee dot) forwards once per layout.
+# option; the bf16 and fp32 (tf32x3 dot) forwards once per layout.
 QUICK = list(itertools.product((torch.float16,), (SHAPES[0], SHAPES[3], SHAPES[4]), OPTIONS))
 QUICK_FORWARD_ONLY = [(torch.bfloat16, SHAPES[0], OPTIONS[0]), (torch.bfloat16, SHAPES[4], OPTIONS[1]),
                       (torch.float32, SHAPES[0], OPTIONS[0]), (torch.float32, SHAPES[4], OPTIONS[1])]

@@ -281,7 +281,7 @@ def combos(quick: bool) -> list:
     (B, N, H, D) storage of diffusers; N multiples of 16, as frame and token counts are, since the
     JIT specializes on it), plain, causal with the global max, a custom delta; frame ids (the tiled
     kernels, forward and backward) on the tiled shape and on a DiT's own self-attention call
-    (DIT_SHAPE, D 128); float32 inputs (the ieee dot) on both shapes, plain; --quick: fp16 plain and
+    (DIT_SHAPE, D 128); float32 inputs (the tf32x3 dot) on both shapes, plain; --quick: fp16 plain and
     causal-global only."""
     shapes = [(64, 8, 16, 16, 40, 40), (2, 8, 256, 256, 64, 64)]
     options = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]

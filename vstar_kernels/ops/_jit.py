@@ -352,11 +352,25 @@ def frame_band_width(gauss_coef: float) -> int:
     return band_width(gauss_coef, 2 * FRAME_ID_LIMIT)
 
 
-
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored for 16-bit inputs
+    """tl.dot's input_precision for float32 inputs (16-bit inputs ignore it): "tf32x3" (three TF32
+    tensor-core products, each operand split as hi + lo, hi @ hi + hi @ lo + lo @ hi accumulated in
+    float32: close to float32 accuracy, tests/kernels/test_tf32x3.py), or one TF32 product ("tf32")
+    where torch allows TF32 for its own float32 matmuls. Either keeps float32 off the FMA units."""
+    if dtype == torch.float32 and not _tf32_allowed():
+        return "tf32x3"
+    return "tf32"
+
+
+def _tf32_allowed() -> bool:
+    """Whether torch's CUDA float32 matmuls may use TF32: torch.backends.cuda.matmul.fp32_precision
+    "tf32" (which allow_tf32 = True and set_float32_matmul_precision("high") also set); torch before
+    2.9 has only the allow_tf32 flag. Reading allow_tf32 after the new API set the precision raises."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:
+        return matmul.allow_tf32
 
 
 def delta_args(problem: TarProblem):

@@ -414,13 +414,26 @@ def _prune_packed(configs, named_args, **kwargs):
         if rows < seg or (wide and rows > max(64, seg)) or (rows <= 32 and c.num_warps > 4):
             continue
         keep.append(c)
+    if "Q" in named_args and named_args["Q"].element_size() == 4:
+        # float32 Q, K, V and dO tiles (ROWS x (2 BLOCK_D + 2 BLOCK_DV)), each split in two for the
+        # tf32x3 dot: at most 128 words a thread (ROWS = 128 on 4 warps spilled 1.2 KB, D 40, sm_80
+        # and sm_90); else the configs that hold the fewest.
+        words = {c: c.kwargs["ROWS"] * 2 * (named_args["BLOCK_D"] + named_args["BLOCK_DV"]) / (32 * c.num_warps)
+                 for c in keep}
+        least = min(words.values(), default=0)
+        keep = [c for c in keep if words[c] <= max(128, least)]
     return keep
 
 
 def _tiled_configs():
     blocks = ((32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (128, 32), (64, 128), (128, 64))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-            for bm, bn in blocks for w in (4, 8)]
+            for bm, bn in blocks for w in (4, 8)] + _FLOAT32_TILES
+
+
+# 16-key tiles, for float32 inputs only (`_prune_tiled`)
+_FLOAT32_TILES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16}, num_warps=w, num_stages=2)
+                  for bm, w in ((32, 4), (32, 8), (16, 2), (16, 4))]
 
 
 def _row_words(c, block_d):
@@ -439,20 +452,34 @@ def _prune_tiled(configs, named_args, **kwargs):
     the dK/dV pass spills on sm_80 where 64 x 32 does not). Head dims over 128 meet none of this:
     there the configs with the fewest row words are kept (32 x 32 on 8 warps; they spill, least).
 
-    Per arch (`_jit.target_sm`), for frame ids in 16-bit at head dims up to 64, where the dQ pass's
-    id vectors take registers of their own: sm_8x drops 64 x 32 (16-24 bytes of spill on sm_80 at
-    N = 300) and sm_90 drops 32 x 32 (8 bytes at N = 1024); any other GPU keeps the list as it is.
+    Per arch (`_jit.target_sm`), 16-bit inputs at head dims up to 64: sm_90 keeps 64 x 32 on 8 warps
+    only, a custom delta included (32 x 32 spilled 8 bytes in the dQ pass, plain, causal-global and
+    with a delta, and 24 in the dK/dV pass with a delta, at N = 256; 64 x 32 on 8 warps none); sm_8x
+    drops 64 x 32 for frame ids, whose id vectors take registers of their own in the dQ pass (16-24
+    bytes of spill on sm_80 at N = 300). Any other GPU keeps the list as it is.
+
+    float32 inputs (the tf32x3 dot holds each operand as two TF32 halves) take 16-key tiles, which
+    only they use: 16 x 16 on 2 or 4 warps, and on any GPU but sm_90 also 32 x 16 on 4 or 8 warps
+    (8 bytes of spill in the dQ pass on sm_90). At N = 256, D 64, 32 x 32 spilled 16-120 bytes on
+    sm_80 and 64 x 32 0.7-6 KB.
     """
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     block_d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
-    max_tile = 1024 if named_args["HAS_DELTA"] else 8192
+    sm = target_sm(named_args["Q"])
+    narrow_16 = named_args["Q"].element_size() == 2 and block_d <= 64
+    hopper = sm == 90 and narrow_16
+    max_tile = (2048 if hopper else 1024) if named_args["HAS_DELTA"] else 8192
+    single = named_args["Q"].element_size() == 4
+    configs = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == single]
     keep = [c for c in configs
             if c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
             and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 256 * c.num_warps and _row_words(c, block_d) <= 32]
-    if keep and named_args.get("HAS_FRAMES", False) and named_args["Q"].element_size() == 2 and block_d <= 64:
-        sm = target_sm(named_args["Q"])
-        spills = (64, 32) if sm is not None and 80 <= sm < 90 else (32, 32) if sm == 90 else None
-        keep = [c for c in keep if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != spills] or keep
+    if single and sm == 90:
+        keep = [c for c in keep if c.kwargs["BLOCK_M"] == 16]
+    elif hopper:
+        keep = [c for c in keep if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (64, 32, 8)] or keep
+    elif narrow_16 and named_args.get("HAS_FRAMES", False) and sm is not None and 80 <= sm < 90:
+        keep = [c for c in keep if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 32)] or keep
     if keep:
         return keep
     least = min(_row_words(c, block_d) for c in configs)

@@ -406,6 +406,13 @@ def _prune_packed(configs, named_args, **kwargs):
         if seqs == 1 and c.num_warps < 4:
             continue
         keep.append(c)
+    if "Q" in args and args["Q"].element_size() == 4:
+        # float32 Q, K and V tiles (ROWS x (2 BLOCK_D + BLOCK_DV)), each split in two for the tf32x3
+        # dot: at most 96 words a thread (ROWS = 128 on 4 warps spilled 8 bytes on sm_90, on 2 warps
+        # 1.5-1.9 KB, D 40); else the configs that hold the fewest.
+        words = {c: c.kwargs["ROWS"] * (2 * args["BLOCK_D"] + args["BLOCK_DV"]) / (32 * c.num_warps) for c in keep}
+        least = min(words.values(), default=0)
+        keep = [c for c in keep if words[c] <= max(96, least)]
     return keep
 
 
@@ -413,7 +420,7 @@ def _tiled_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)
-    ]
+    ] + [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=w, num_stages=st) for w, st in ((4, 2), (4, 3), (8, 2))]
 
 
 def _prune_tiled(configs, named_args, **kwargs):
@@ -430,8 +437,15 @@ def _prune_tiled(configs, named_args, **kwargs):
     128 x 32 with 8 warps (query blocks that read K and V half as often as 64-row ones) at head dims
     up to 128, but up to 64 on sm_8x (mma.sync; at 128 it spills 8 bytes on sm_80). On sm_8x a
     custom delta or frame ids keep key tiles of 32 (64 x 64 spills 24 bytes with a delta at D 64,
-    8 bytes in a loop with frame ids saving the statistics). Any other GPU keeps the list without
-    these changes. (Triton's autotune cache is per process, not per arch: a process driving GPUs of
+    8 bytes in a loop with frame ids saving the statistics), and the bias in 16-bit at head dims up to
+    64 keeps 64 x 32 tiles with 2 stages only (3 stages spilled 16 bytes saving the statistics, 4
+    warps, and 8 with a custom delta, 8 warps, at N = 256). Any other GPU keeps the list without
+    these changes.
+
+    float32 inputs (the tf32x3 dot: each Q and K operand held as two TF32 halves) take 32 x 32
+    tiles (4 warps with 2 or 3 stages, 8 warps with 2), which only they use; sm_90 instead keeps
+    its wgmma tiles with 32 keys and 2 stages (64 x 32, 128 x 32). At N = 256, D 64, every 64-row
+    float32 tile spilled 48-104 bytes on sm_80 and 64 x 64 on sm_90 192 bytes. (Triton's autotune cache is per process, not per arch: a process driving GPUs of
     two archs keeps the configs of the one it tuned on first.)"""
     args = {**named_args, **kwargs}
     sm = target_sm(args["Q"])
@@ -445,9 +459,12 @@ def _prune_tiled(configs, named_args, **kwargs):
     gaussian = biased and not delta and half
     frames_128 = gaussian and args.get("HAS_FRAMES", False) and not wide and not (ampere and deep)
     wide_keys = gaussian and hopper and not deep
+    single = args["Q"].element_size() == 4
     keep = []
     for c in configs:
         bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        if (bm == 32) != (single and not hopper) or (single and hopper and (bn > 32 or c.num_stages > 2)):
+            continue
         if wide_keys and (bm, bn, warps) == (128, 64, 8):
             keep.append(c)
             continue
@@ -459,6 +476,8 @@ def _prune_tiled(configs, named_args, **kwargs):
             continue
         if biased and deep and (bm > 64 or warps == 4 or (delta and bn > 32)) \
                 and not (frames_128 and (bm, bn, warps) == (128, 32, 8)):
+            continue
+        if ampere and biased and half and not deep and (bm, bn) == (64, 32) and c.num_stages > 2:
             continue
         keep.append(c)
     return keep
