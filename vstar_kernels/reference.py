@@ -290,7 +290,7 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
         # (batch, head) blocks of these strides (e.g. a (B, N, H, D) storage) are no batch of
         # matrices: one head's block of batches is, so the products read them in place instead of
         # copying each block first.
-        chunks = _head_chunks(B, H, budget // (nq * nk))
+        chunks = _head_chunks(B, H, budget // _slice_elements(problem))
     out = torch.empty(problem.output_shape(), device=problem.device, dtype=problem.dtype)
     slice_max = None
     if _max_first(problem, row_blocks):
@@ -442,9 +442,28 @@ def _merges(x: torch.Tensor) -> bool:
     return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
 
 
+# The in-place path's head chunks come in a multiple of this many when there is more than one, so that
+# 1, 2 or 4 worker threads get equal shares (with 5 chunks, 2 threads would wait on the third).
+CHUNKS_MULTIPLE = 4
+
+
+def _slice_elements(problem: TarProblem) -> int:
+    """The elements of one (batch, head) slice a chunk holds: its scores and its q, k, v and output rows
+    (at N = 16 and D = 64 the rows are 16 times the scores)."""
+    return problem.nq * problem.nk + problem.nq * (problem.head_dim + problem.head_dim_v) + problem.nk * (
+        problem.head_dim + problem.head_dim_v)
+
+
 def _head_chunks(batch: int, heads: int, per_chunk: int):
-    """(batch slice, head slice) blocks of one head and at most `per_chunk` batches, head by head."""
-    return [(slice(b, b + per_chunk), slice(h, h + 1)) for h in range(heads) for b in range(0, batch, per_chunk)]
+    """(batch slice, head slice) blocks of one head and at most `per_chunk` batches (at least 1), head by
+    head: each head's batches in pieces of equal size (within one), as many as make the number of
+    blocks a multiple of CHUNKS_MULTIPLE where the batches allow."""
+    pieces = -(-batch // max(1, per_chunk))
+    if heads * pieces > 1:
+        while (heads * pieces) % CHUNKS_MULTIPLE and pieces < batch:
+            pieces += 1
+    bounds = [i * batch // pieces for i in range(pieces + 1)]
+    return [(slice(b0, b1), slice(h, h + 1)) for h in range(heads) for b0, b1 in zip(bounds[:-1], bounds[1:])]
 
 
 def _block_slices(b: slice, h: slice, batch: int, heads: int) -> int:

@@ -131,7 +131,9 @@ def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypat
     if opts.pop("frames", False):
         opts["frames"] = torch.arange(N) // 3
     if per_chunk is not None:
-        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", 3 * N if per_chunk == "rows" else per_chunk * N * N)
+        # a slice's scores and its q, k, v and output rows
+        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS",
+                            3 * N if per_chunk == "rows" else per_chunk * (N * N + 4 * N * D))
     chunks, head_chunks, as_batch, copied = [], reference._head_chunks, reference._as_batch, []
     monkeypatch.setattr(reference, "_head_chunks", lambda *a: chunks.append(head_chunks(*a)) or chunks[-1])
 
@@ -204,6 +206,21 @@ def test_inplace_path_runs_its_chunks_on_one_thread_each(opts, monkeypatch):
     assert torch.equal(one, two) and torch.equal(one, three)
     if "key_mask" not in opts and "frames" not in opts:
         torch.testing.assert_close(two.double(), naive_tar(q, k, v, **opts), atol=2e-6, rtol=2e-6)
+
+
+def test_head_chunks_come_in_equal_shares():
+    """Each head's batches in pieces of equal size (within one) and at most the chunk's batches, as many as
+    make the number of chunks a multiple of CHUNKS_MULTIPLE (4), so that 2 or 4 worker threads get equal
+    shares (ModelScope's 5 heads in one piece each would leave 2 threads 3 chunks against 2)."""
+    assert reference.CHUNKS_MULTIPLE == 4
+    for batch, heads, per_chunk, count in [(10, 5, 4, 20), (2048, 5, 963, 20), (2048, 5, 4096, 20), (8, 2, 8, 4),
+                                           (3, 4, 8, 4), (1, 5, 8, 5), (2, 3, 1, 6), (1, 1, 8, 1)]:
+        chunks = reference._head_chunks(batch, heads, per_chunk)
+        assert len(chunks) == count
+        sizes = [b.stop - b.start for b, _ in chunks]
+        assert max(sizes) <= max(per_chunk, 1) and max(sizes) - min(sizes) <= 1
+        covered = sorted((bi, h.start) for b, h in chunks for bi in range(b.start, b.stop))
+        assert covered == sorted((bi, hi) for bi in range(batch) for hi in range(heads))
 
 
 def test_inplace_path_copies_blocks_it_must_convert(monkeypatch):
