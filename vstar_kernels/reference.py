@@ -21,12 +21,12 @@ from .regularization import gaussian_bias
 # holds per tensor, but for the int64 / float64 frame distances of a block of rows (8 bytes each)
 # that the out-of-place path evaluates the Gaussian of frame ids from.
 CHUNK_ELEMENTS = 1 << 26
-# Chunk of the in-place path (no autograd): 2**22 fp32 scores = 16 MiB, so that the scores stay
+# Chunk of the in-place path (no autograd): 2**21 fp32 scores = 8 MiB, so that the scores stay
 # in the last-level cache from the QK^T product to the PV product instead of streaming through
-# DRAM once per elementwise pass, while each op still has enough work to amortize its thread-pool
-# dispatch (smaller chunks were slower on a 2-core machine: see benchmarks/NOTES.md). Never more
-# than CHUNK_ELEMENTS.
-INPLACE_CHUNK_ELEMENTS = 1 << 22
+# DRAM once per elementwise pass (on a machine whose cache other processes share, 2**21 was up to
+# 10% faster than 2**22 on the DiT calls of benchmarks/NOTES.md, and 2**20 no faster), while each op
+# still has enough work to amortize its dispatch. Never more than CHUNK_ELEMENTS.
+INPLACE_CHUNK_ELEMENTS = 1 << 21
 
 
 def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
