@@ -21,12 +21,12 @@ from .regularization import gaussian_bias
 # holds per tensor, but for the int64 / float64 frame distances of a block of rows (8 bytes each)
 # that the out-of-place path evaluates the Gaussian of frame ids from.
 CHUNK_ELEMENTS = 1 << 26
-# Chunk of the in-place path (no autograd): 2**22 fp32 scores = 16 MiB, so that the scores stay
+# Chunk of the in-place path (no autograd): 2**21 fp32 scores = 8 MiB, so that the scores stay
 # in the last-level cache from the QK^T product to the PV product instead of streaming through
-# DRAM once per elementwise pass, while each op still has enough work to amortize its thread-pool
-# dispatch (smaller chunks were slower on a 2-core machine: see benchmarks/NOTES.md). Never more
-# than CHUNK_ELEMENTS.
-INPLACE_CHUNK_ELEMENTS = 1 << 22
+# DRAM once per elementwise pass (on a machine whose cache other processes share, 2**21 was up to
+# 10% faster than 2**22 on the DiT calls of benchmarks/NOTES.md, and 2**20 no faster), while each op
+# still has enough work to amortize its dispatch. Never more than CHUNK_ELEMENTS.
+INPLACE_CHUNK_ELEMENTS = 1 << 21
 
 
 def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
@@ -104,6 +104,42 @@ def _row_bias(problem: TarProblem, compute: torch.dtype, lookup_elements: int = 
             table = frame_bias(ids, problem.frames_k, **options)
             return lambda rows: table.index_select(0, problem.frames_q[rows].to(torch.int64) + 1)
     return lambda rows: frame_bias(problem.frames_q[rows], problem.frames_k, **options)
+
+
+# The in-place path adds a frame bias segment by segment when the key ids run in at most RUN_SEGMENTS
+# segments of runs of one length, runs of MIN_RUN_KEYS keys or more (a video DiT's ids: one run of
+# hundreds of keys per frame, one segment for the video and one per block of text).
+RUN_SEGMENTS = 8
+MIN_RUN_KEYS = 16
+
+
+def _key_segments(problem: TarProblem):
+    """((start, first run, runs, run length) of each segment, the first key of each run) when the in-place
+    path adds the frame bias segment by segment, else None: with ids and no per-entry delta, when the key
+    ids run as RUN_SEGMENTS and MIN_RUN_KEYS allow. A run's bias is one value per query row, so a block
+    of rows needs a (rows, runs) table of them instead of a (rows, Nk) block of bias to read."""
+    if not problem.regularized or problem.frames_q is None:
+        return None
+    fk = problem.frames_k
+    starts = [0, *(torch.nonzero(fk[1:] != fk[:-1]).flatten() + 1).tolist()]
+    lengths = [stop - start for start, stop in zip(starts, starts[1:] + [problem.nk])]
+    if min(lengths) < MIN_RUN_KEYS:
+        return None
+    segments = []
+    for run, (start, length) in enumerate(zip(starts, lengths)):
+        if segments and segments[-1][3] == length:
+            segments[-1][2] += 1
+        else:
+            segments.append([start, run, 1, length])
+    return (segments, starts) if len(segments) <= RUN_SEGMENTS else None
+
+
+def _run_bias(problem: TarProblem, compute: torch.dtype, run_starts: list):
+    """A function of a block of query rows giving the bias of each key run, (rows, runs): `frame_bias` at
+    the run's key id, the value every entry of the run has in `_row_bias`'s (rows, Nk) block."""
+    ids_k = problem.frames_k[run_starts]
+    return lambda rows: frame_bias(problem.frames_q[rows], ids_k, sigma=problem.sigma, delta=problem.delta,
+                                   dtype=compute)
 
 
 def _mask(problem: TarProblem, rows: slice, b: slice):
@@ -254,13 +290,17 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
         # (batch, head) blocks of these strides (e.g. a (B, N, H, D) storage) are no batch of
         # matrices: one head's block of batches is, so the products read them in place instead of
         # copying each block first.
-        chunks = _head_chunks(B, H, budget // (nq * nk))
+        chunks = _head_chunks(B, H, budget // _slice_elements(problem))
     out = torch.empty(problem.output_shape(), device=problem.device, dtype=problem.dtype)
     slice_max = None
     if _max_first(problem, row_blocks):
         with torch.no_grad():
             slice_max = _global_max(problem, row_blocks, chunks, compute)
-    bias_of = _row_bias(problem, compute, lookup_elements=budget)
+    segments, run_starts = _key_segments(problem) or (None, None)
+    if segments is None:
+        bias_of = _row_bias(problem, compute, lookup_elements=budget)
+    else:
+        bias_of = _run_bias(problem, compute, run_starts)
     tasks = [(rows, b, h) for rows in row_blocks for b, h in chunks]
     slices = max(_block_slices(b, h, B, H) for b, h in chunks)
 
@@ -270,7 +310,7 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
         for rows, b, h in part:
             if rows != dA_rows:
                 dA_rows, dA = rows, bias_of(rows)
-            _chunk_inplace(problem, compute, rows, b, h, dA, buffers, slice_max, out)
+            _chunk_inplace(problem, compute, rows, b, h, dA, segments, buffers, slice_max, out)
 
     workers = min(torch.get_num_threads(), len(tasks))
     if workers == 1 or any(t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)):
@@ -328,9 +368,15 @@ class _ChunkBuffers:
         self.o_size = slices * rows * problem.head_dim_v
 
 
-def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: slice, h: slice, dA,
+def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: slice, h: slice, dA, segments,
                    buf: _ChunkBuffers, slice_max, out: torch.Tensor) -> None:
-    """out[b, h, rows] of the in-place path: one chunk's scores, bias, softmax and PV product in `buf`."""
+    """out[b, h, rows] of the in-place path: one chunk's scores, bias, softmax and PV product in `buf`.
+
+    `dA` is the rows' (rows, Nk) bias block, or with key `segments` (`_key_segments`) their (rows, runs)
+    table.
+    In float64 the operations are the definition's, in its order. In float32 the GEMM applies the
+    scale (its alpha) instead of a pass over the scores of its own; the rounding of S differs from
+    the definition's product-then-scale in the last bit at most."""
     nk, dv = problem.nk, problem.head_dim_v
     qc = problem.q[b, h, rows]
     bb, hh, rr = qc.shape[:3]
@@ -338,8 +384,11 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
     q3 = _as_batch(qc, buf.q, compute)
     k3 = _as_batch(problem.k[b, h], buf.k, compute)
     v3 = _as_batch(problem.v[b, h], buf.v, compute)
-    s = torch.bmm(q3, k3.transpose(1, 2), out=buf.s[: c * rr * nk].view(c, rr, nk))
-    s.mul_(problem.scale)
+    s = buf.s[: c * rr * nk].view(c, rr, nk)
+    if compute == torch.float64:
+        torch.bmm(q3, k3.transpose(1, 2), out=s).mul_(problem.scale)
+    else:
+        s.baddbmm_(q3, k3.transpose(1, 2), beta=0.0, alpha=problem.scale)  # beta=0: the buffer is not read
     s4 = s.view(bb, hh, rr, nk)
     mask = _mask(problem, rows, b)
     if mask is not None:
@@ -353,7 +402,17 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
             m4 = torch.amax(s, dim=(-2, -1), keepdim=True, out=buf.m[:c].view(c, 1, 1)).view(bb, hh, 1, 1)
         m4.mul_(problem.strength)
         entry_delta = _entry_delta(problem, b, h, rows)
-        s4.addcmul_(m4, dA if entry_delta is None else entry_delta.to(compute))
+        if segments is None:
+            s4.addcmul_(m4, dA if entry_delta is None else entry_delta.to(compute))
+        else:
+            # The same operation (the same values, bit for bit) segment by segment, as (runs, run length)
+            # blocks with the runs' bias broadcast along each run: no (rows, Nk) bias block to read. The max
+            # is spread along a run so that only the bias is broadcast (addcmul's vectorized loop takes one
+            # broadcast operand, not two).
+            m_along = m4.expand(*m4.shape[:-1], max(seg[3] for seg in segments)).contiguous()
+            for start, first, runs, length in segments:
+                block = s4[..., start:start + runs * length].unflatten(-1, (runs, length))
+                block.addcmul_(m_along[..., None, :length], dA[:, first:first + runs, None])
         if mask is not None:
             s4.masked_fill_(mask, -math.inf)
     torch.softmax(s, dim=-1, out=s)
@@ -383,9 +442,28 @@ def _merges(x: torch.Tensor) -> bool:
     return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
 
 
+# The in-place path's head chunks come in a multiple of this many when there is more than one, so that
+# 1, 2 or 4 worker threads get equal shares (with 5 chunks, 2 threads would wait on the third).
+CHUNKS_MULTIPLE = 4
+
+
+def _slice_elements(problem: TarProblem) -> int:
+    """The elements of one (batch, head) slice a chunk holds: its scores and its q, k, v and output rows
+    (at N = 16 and D = 64 the rows are 16 times the scores)."""
+    return problem.nq * problem.nk + problem.nq * (problem.head_dim + problem.head_dim_v) + problem.nk * (
+        problem.head_dim + problem.head_dim_v)
+
+
 def _head_chunks(batch: int, heads: int, per_chunk: int):
-    """(batch slice, head slice) blocks of one head and at most `per_chunk` batches, head by head."""
-    return [(slice(b, b + per_chunk), slice(h, h + 1)) for h in range(heads) for b in range(0, batch, per_chunk)]
+    """(batch slice, head slice) blocks of one head and at most `per_chunk` batches (at least 1), head by
+    head: each head's batches in pieces of equal size (within one), as many as make the number of
+    blocks a multiple of CHUNKS_MULTIPLE where the batches allow."""
+    pieces = -(-batch // max(1, per_chunk))
+    if heads * pieces > 1:
+        while (heads * pieces) % CHUNKS_MULTIPLE and pieces < batch:
+            pieces += 1
+    bounds = [i * batch // pieces for i in range(pieces + 1)]
+    return [(slice(b0, b1), slice(h, h + 1)) for h in range(heads) for b0, b1 in zip(bounds[:-1], bounds[1:])]
 
 
 def _block_slices(b: slice, h: slice, batch: int, heads: int) -> int:

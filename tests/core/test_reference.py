@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import vstar_kernels as vk
 from vstar_kernels import reference
 
-from ..helpers import naive_tar, opts_id, shape_id
+from ..helpers import assert_close_to_reference, naive_tar, opts_id, shape_id
 
 OPTIONS = [
     dict(),
@@ -138,7 +138,9 @@ def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypat
     B, H, N, D = 3, 4, 9, 8
     q, k, v, opts = bnhd_inputs(B, H, N, D, opts, seed=11, frame_tokens=3)
     if per_chunk is not None:
-        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", 3 * N if per_chunk == "rows" else per_chunk * N * N)
+        # a slice's scores and its q, k, v and output rows
+        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS",
+                            3 * N if per_chunk == "rows" else per_chunk * (N * N + 4 * N * D))
     chunks, head_chunks, as_batch, copied = [], reference._head_chunks, reference._as_batch, []
     monkeypatch.setattr(reference, "_head_chunks", lambda *a: chunks.append(head_chunks(*a)) or chunks[-1])
 
@@ -204,6 +206,21 @@ def test_inplace_path_runs_its_chunks_on_one_thread_each(opts, monkeypatch):
         torch.testing.assert_close(two.double(), naive_tar(q, k, v, **opts), atol=2e-6, rtol=2e-6)
 
 
+def test_head_chunks_come_in_equal_shares():
+    """Each head's batches in pieces of equal size (within one) and at most the chunk's batches, as many as
+    make the number of chunks a multiple of CHUNKS_MULTIPLE (4), so that 2 or 4 worker threads get equal
+    shares (ModelScope's 5 heads in one piece each would leave 2 threads 3 chunks against 2)."""
+    assert reference.CHUNKS_MULTIPLE == 4
+    for batch, heads, per_chunk, count in [(10, 5, 4, 20), (2048, 5, 963, 20), (2048, 5, 4096, 20), (8, 2, 8, 4),
+                                           (3, 4, 8, 4), (1, 5, 8, 5), (2, 3, 1, 6), (1, 1, 8, 1)]:
+        chunks = reference._head_chunks(batch, heads, per_chunk)
+        assert len(chunks) == count
+        sizes = [b.stop - b.start for b, _ in chunks]
+        assert max(sizes) <= max(per_chunk, 1) and max(sizes) - min(sizes) <= 1
+        covered = sorted((bi, h.start) for b, h in chunks for bi in range(b.start, b.stop))
+        assert covered == sorted((bi, hi) for bi in range(batch) for hi in range(heads))
+
+
 def test_inplace_path_copies_blocks_it_must_convert(monkeypatch):
     """16-bit (B, N, H, D) inputs are converted to float32 block by block, in (batch, head) chunks."""
     g = torch.Generator().manual_seed(12)
@@ -212,3 +229,47 @@ def test_inplace_path_copies_blocks_it_must_convert(monkeypatch):
     out = vk.tar_attention(q, k, v, backend="reference", sigma=1.5)
     expected = naive_tar(q, k, v, sigma=1.5)
     torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-3)
+
+
+SEGMENT_OPTIONS = [dict(), dict(causal=True, sigma=2.0), dict(max_mode="global", strength=-0.7), dict(delta=True),
+                   dict(key_mask=True), dict(key_mask=True, max_mode="global", causal=True)]
+
+
+@pytest.mark.parametrize("rows", [None, 5], ids=["whole", "row-blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("opts", SEGMENT_OPTIONS, ids=opts_id)
+def test_inplace_path_adds_the_frame_bias_run_by_run(opts, dtype, rows, monkeypatch):
+    """Key ids that run frame by frame (runs of MIN_RUN_KEYS keys or more, here a text run, four frames
+    and another text run: three segments) take a (rows, runs) table of the bias instead of (rows, Nk)
+    blocks: the same values bit for bit, whole and in blocks of rows, in float32 and float64."""
+    ids = vk.frame_ids(4, 20, text_before=16, text_after=18)
+    segments, starts = reference._key_segments(reference.make_problem(
+        *(torch.zeros(1, 1, ids.numel(), 2),) * 3, sigma=1.0, strength=1.0, delta=None, causal=False,
+        max_mode="row", scale=None, frames=ids, key_mask=None))
+    assert segments == [[0, 0, 1, 16], [16, 1, 4, 20], [96, 5, 1, 18]] and starts == [0, 16, 36, 56, 76, 96]
+    B, H, N, D = 2, 3, ids.numel(), 8
+    g = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(B, N, H, D, generator=g, dtype=dtype).transpose(1, 2) for _ in range(3))
+    opts = dict(opts, frames=ids)
+    if opts.pop("delta", False):
+        opts["delta"] = torch.rand(4, 4, generator=g, dtype=dtype)
+    if opts.pop("key_mask", False):
+        opts["key_mask"] = torch.rand(B, N, generator=g) > 0.3
+        opts["key_mask"][1, :] = False  # a batch with no key: its rows give 0
+    if rows is not None:
+        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", rows * N)
+    tables, run_bias = [], reference._run_bias
+    monkeypatch.setattr(reference, "_run_bias", lambda *a: tables.append(a) or run_bias(*a))
+    by_runs = vk.tar_attention(q, k, v, backend="reference", **opts)
+    assert len(tables) == 1
+    monkeypatch.setattr(reference, "RUN_SEGMENTS", 2)  # three segments: (rows, Nk) bias blocks
+    by_blocks = vk.tar_attention(q, k, v, backend="reference", **opts)
+    assert len(tables) == 1
+    assert torch.equal(by_runs, by_blocks)
+    if "key_mask" in opts:
+        assert not by_runs[1].any()
+    if dtype == torch.float32:  # and within float32's tolerance of the float64 definition
+        ref64 = vk.tar_attention_reference(q.double(), k.double(), v.double(),
+                                           **{key: x.double() if torch.is_tensor(x) and x.is_floating_point() else x
+                                              for key, x in opts.items()})
+        assert_close_to_reference(by_runs, ref64)
