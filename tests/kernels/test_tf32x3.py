@@ -152,8 +152,15 @@ def test_tf32_emulation_rounds_as_the_gpu():
     (("allow_tf32", False), "tf32x3"), (("allow_tf32", True), "tf32"),
     (("fp32_precision", "ieee"), "tf32x3"), (("fp32_precision", "tf32"), "tf32"),
 ])
-def test_float32_dot_follows_torch_tf32_setting(monkeypatch, setting, expected):
-    if setting is not None:
-        monkeypatch.setattr(torch.backends.cuda.matmul, *setting)
-    assert _jit._precision(torch.float32) == expected
-    assert _jit._precision(torch.float16) == _jit._precision(torch.bfloat16) == "tf32"  # ignored for 16-bit
+def test_float32_dot_follows_torch_tf32_setting(setting, expected):
+    # set and restored through torch's own setters: these are properties of torch's cuBLAS module, which
+    # pytest's monkeypatch would try to delete on undo
+    matmul = torch.backends.cuda.matmul
+    name, value = setting or ("fp32_precision", matmul.fp32_precision)
+    before = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        assert _jit._precision(torch.float32) == expected
+        assert _jit._precision(torch.float16) == _jit._precision(torch.bfloat16) == "tf32"  # ignored for 16-bit
+    finally:
+        setattr(matmul, name, before)
