@@ -72,7 +72,8 @@ def cmd_info(args) -> int:
     print(f"diffusers     {_env.diffusers_version()}")
     print(f"TRITON_INTERPRET {_interpret_line()}")
     cuda_ext = tar_cuda.load()
-    print(f"cuda ext      {'built: ' + tar_cuda.extension_path() if cuda_ext.ok else 'unavailable: ' + cuda_ext.reason}")
+    ext = f"built: {tar_cuda.extension_path()}" if cuda_ext.ok else f"unavailable: {cuda_ext.reason}"
+    print(f"cuda ext      {ext}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -114,7 +115,8 @@ def cmd_demo(args) -> int:
               [("tiny, packed", 8, 2, 16, 40), ("tiny, tiled", 1, 2, 160, 64)])
     torch.manual_seed(0)
     print(f"\ndevice: {torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}, dtype {dtype}")
-    header = f"{'shape':<28}{'B*H':>8}{'N':>6}{'D':>5}  {'max err':>9}  {'triton ms':>10}  {'reference ms':>13}  {'sdpa ms':>8}"
+    header = (f"{'shape':<28}{'B*H':>8}{'N':>6}{'D':>5}  {'max err':>9}  {'triton ms':>10}  {'reference ms':>13}"
+              f"  {'sdpa ms':>8}")
     print(header)
     print("-" * len(header))
     ok = True

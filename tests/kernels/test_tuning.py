@@ -162,7 +162,8 @@ def test_sm80_bias_keeps_two_stages_for_64_x_32(fwd):
     def stages(sm, d=64, **flags):
         with _target(sm):
             kept = fwd._prune_tiled(fwd._tiled_configs(), {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=d,
-                                    BLOCK_DV=d, **{"REGULARIZE": True, "HAS_DELTA": False, "GLOBAL_MAX": False, **flags})
+                                    BLOCK_DV=d, **{"REGULARIZE": True, "HAS_DELTA": False, "GLOBAL_MAX": False,
+                                                   **flags})
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept}
 
     for flags in (dict(), dict(HAS_DELTA=True), dict(HAS_FRAMES=True)):

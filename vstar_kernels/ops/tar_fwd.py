@@ -420,7 +420,8 @@ def _tiled_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)
-    ] + [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=w, num_stages=st) for w, st in ((4, 2), (4, 3), (8, 2))]
+    ] + [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=w, num_stages=st)  # float32 only (_prune_tiled)
+         for w, st in ((4, 2), (4, 3), (8, 2))]
 
 
 def _prune_tiled(configs, named_args, **kwargs):
@@ -445,8 +446,9 @@ def _prune_tiled(configs, named_args, **kwargs):
     float32 inputs (the tf32x3 dot: each Q and K operand held as two TF32 halves) take 32 x 32
     tiles (4 warps with 2 or 3 stages, 8 warps with 2), which only they use; sm_90 instead keeps
     its wgmma tiles with 32 keys and 2 stages (64 x 32, 128 x 32). At N = 256, D 64, every 64-row
-    float32 tile spilled 48-104 bytes on sm_80 and 64 x 64 on sm_90 192 bytes. (Triton's autotune cache is per process, not per arch: a process driving GPUs of
-    two archs keeps the configs of the one it tuned on first.)"""
+    float32 tile spilled 48-104 bytes on sm_80 and 64 x 64 on sm_90 192 bytes. (Triton's autotune
+    cache is per process, not per arch: a process driving GPUs of two archs keeps the configs of the
+    one it tuned on first.)"""
     args = {**named_args, **kwargs}
     sm = target_sm(args["Q"])
     hopper, ampere = sm == 90, sm is not None and 80 <= sm < 90
