@@ -167,8 +167,9 @@ def markdown(rows, title: str) -> str:
     flagged = [r for r in latest(rows).values() if busy(r)]
     if flagged:
         out += [f"**{BUSY}**: {len(flagged)} cell(s) whose p80/p20 spread exceeds {BUSY_SPREAD:g}: the machine was "
-                "busy while they were timed (an idle one stays below 1.05), so their times and ratios are not "
-                "to be trusted; measure them again on an idle machine.", ""]
+                "busy while they were timed, or the calls were too short to time steadily (calls of 30 ms or more "
+                "on an idle machine stay below 1.05), so their times and ratios are not to be trusted; measure "
+                "them again on an idle machine, at a size that takes milliseconds.", ""]
     out += [f"Measured copy bandwidth (read + write): {peak:,.0f} GB/s." if peak else
             "No copy-bandwidth row in this file.", "",
             "Peer cells: median ms (how many times slower than ours: > 1 means ours is faster). "
@@ -245,7 +246,7 @@ METRIC_TITLES = {
     "speedup": "peer time / time of ours (> 1: ours faster)",
     "bandwidth": "achieved bandwidth, Q, K, V read and O written once",
 }
-BUSY_LABEL = f"{BUSY}: p80/p20 > {BUSY_SPREAD:g}, machine busy, not to be trusted"
+BUSY_LABEL = f"{BUSY}: p80/p20 > {BUSY_SPREAD:g} (a busy machine or too short a call), not to be trusted"
 
 
 def draw_plots(rows, stem: Path) -> list:
