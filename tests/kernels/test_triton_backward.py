@@ -149,7 +149,7 @@ def duplicated_keys(n, d, seed, static=False):
     The static video's q and k are multiples of 1/8: torch's own float64 matmul (the oracle's)
     can round equal columns differently, and with these values every sum is exact."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(2, 2, n, d, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, n, d, generator=g) for _ in range(3))
     if static:
         q, k = (torch.round(t * 8) / 8 for t in (q, k))
         k[:] = k[:, :, :1]
@@ -179,7 +179,7 @@ def grad_errors(grads, refs):
     return [((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, refs)]
 
 
-@pytest.mark.parametrize("strength", [0.0, 2.0, 5.0, 8.0])
+@pytest.mark.parametrize("strength", [0.0, 2.0, 8.0])
 @pytest.mark.parametrize("max_mode", ["row", "global"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_16bit_gradients_as_accurate_as_the_reference_in_that_dtype(dtype, max_mode, strength):

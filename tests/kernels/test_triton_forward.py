@@ -37,7 +37,7 @@ PACKED_SHAPES = [
     (2, 1, 24, 24, TRITON.SUPPORTED_MAX_HEAD_DIM, 72),    # widest head dim: 64-row tiles
 ]
 TILED_SHAPES = [
-    (1, 2, 300, 300, 64, 64),
+    (1, 1, 300, 300, 64, 64),
     (1, 1, 150, 170, 40, 80),
     (1, 1, 129, 129, TRITON.SUPPORTED_MAX_HEAD_DIM, TRITON.SUPPORTED_MAX_HEAD_DIM),
 ]

@@ -29,26 +29,63 @@ PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 ARGS = ["model", "--gpu", "h100", "h200", "--shapes", "vc2-320x512-l2", "--n", "16", "256"]
+DIT = "ltx-video-768x512"  # the smallest DiT shape
 
 
-def _bench(out, *args) -> str:
-    """`python -m tools.perf *args --out out` in a subprocess without TRITON_INTERPRET (the model compiles
-    for sm_90), from the checkout's root; its stdout."""
-    if not PTXAS.exists():
-        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, "-m", "tools.perf", *args, "--out", str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+# The three sm_90 runs share one subprocess (without TRITON_INTERPRET: the model compiles for sm_90), so the
+# calibration's and the modeled calls' compiles (roofline.compiled, once per specialization in a process) run once.
+_RUNS = r'''
+import contextlib
+import io
+import json
+import sys
+
+from tools.perf import roofline
+from tools.perf.__main__ import main
+
+unet, dit = sys.argv[1:3]
+stdout = io.StringIO()
+with contextlib.redirect_stdout(stdout):
+    assert main([*json.loads(sys.argv[3]), "--out", unet]) == 0
+    assert main(["model", "--dit", "--shapes", sys.argv[4], "--out", dit]) == 0
+out = {"stdout": stdout.getvalue()}
+for name, delta in (("gaussian", False), ("delta", True)):
+    launch = roofline.ours_launch(2, 5, 256, 64, 1.0, delta)
+    configs = roofline.compiled_launch(launch)
+    loops = {config: {kind: [c.instr, c.mufu] for kind, c in roofline.tiled_loops(config, rows, delta).items()}
+             for config, rows in configs}
+    outside = [rows[0].outside_warp_instr for _, rows in configs]
+    out[name] = dict(loops=loops, outside=outside, again=roofline.compiled_launch(launch) is configs)
+plain = {}
+for n in (256, 250):  # 256 = 4 whole 64-key tiles; 250 peels a masked last tile, outside the loop
+    (config, rows), = roofline.compiled(roofline.plain_launch(2, 5, n, 64, 128, 64, 8, 3))
+    plain[n] = [rows[0].loop, rows[0].outside_warp_instr, rows[0].kernel_mma, len(rows)]
+out["plain"] = plain
+print(json.dumps(out))
+'''
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The CLI's output directory and stdout, for ARGS."""
-    out = tmp_path_factory.mktemp("model")
-    return out, _bench(out, *ARGS)
+def runs(tmp_path_factory):
+    """`python -m tools.perf model ARGS`, then `model --dit` on the DiT shape DIT, then the tiled forward's and the
+    baseline's compiled loops (test_the_model_compiles_each_modeled_call_and_maps_its_loops), in one subprocess:
+    the two output directories and the script's JSON (the CLI runs' stdout under "stdout")."""
+    if not PTXAS.exists():
+        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
+    unet, dit = tmp_path_factory.mktemp("model"), tmp_path_factory.mktemp("dit")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", _RUNS, str(unet), str(dit), json.dumps(ARGS), DIT], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return unet, dit, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def run(runs):
+    """The model CLI's output directory and stdout, for ARGS."""
+    unet, _, out = runs
+    return unet, out["stdout"]
 
 
 def _rows(path):
@@ -215,43 +252,12 @@ def test_band_is_the_launchers():
     assert roofline.band(64, 1e6) == 128 and roofline.band(64, None) is None
 
 
-_COMPILED_SCRIPT = r'''
-import json
-from tools.perf import roofline
-
-out = {}
-for name, delta in (("gaussian", False), ("delta", True)):
-    launch = roofline.ours_launch(2, 5, 256, 64, 1.0, delta)
-    configs = roofline.compiled_launch(launch)
-    loops = {config: {kind: [c.instr, c.mufu] for kind, c in roofline.tiled_loops(config, rows, delta).items()}
-             for config, rows in configs}
-    outside = [rows[0].outside_warp_instr for _, rows in configs]
-    out[name] = dict(loops=loops, outside=outside, again=roofline.compiled_launch(launch) is configs)
-plain = {}
-for n in (256, 250):  # 256 = 4 whole 64-key tiles; 250 peels a masked last tile, outside the loop
-    (config, rows), = roofline.compiled(roofline.plain_launch(2, 5, n, 64, 128, 64, 8, 3))
-    plain[n] = [rows[0].loop, rows[0].outside_warp_instr, rows[0].kernel_mma, len(rows)]
-out["plain"] = plain
-print(json.dumps(out))
-'''
-
-
-def test_the_model_compiles_each_modeled_call_and_maps_its_loops(tmp_path):
+def test_the_model_compiles_each_modeled_call_and_maps_its_loops(runs):
     """The tiled forward compiled for a modeled call (N = 256, D 64, 5 heads, on meta tensors): every config the
     sm_90 pruning keeps, each with its six loops of the one-pass Gaussian (two with a custom delta) in the
     kernel's order, and instructions outside the loops once per program; compiled once per specialization.
     The baseline: one MMA loop over the whole key tiles, the masked last tile outside it."""
-    if not PTXAS.exists():
-        pytest.skip(f"triton ships no ptxas here ({PTXAS})")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
-                                                                                     env.get("PYTHONPATH")])))
-    script = tmp_path / "compiled_check.py"
-    script.write_text(_COMPILED_SCRIPT)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = runs[2]
     one, two = out["gaussian"], out["delta"]
     assert len(one["loops"]) >= 4 and len(two["loops"]) >= 2  # every kept config, not one stand-in
     for loops in one["loops"].values():
@@ -291,15 +297,11 @@ def test_calibration_under_the_interpreter_says_why_it_cannot_compile():
 
 # --------------------------------------------------------------------------- DiT rows (`tools.perf model --dit`)
 
-DIT = "ltx-video-768x512"
-
 
 @pytest.fixture(scope="module")
-def dit_run(tmp_path_factory):
-    """`tools.perf model --dit` on one DiT shape (the smallest), both GPUs, in a subprocess without TRITON_INTERPRET."""
-    out = tmp_path_factory.mktemp("dit")
-    _bench(out, "model", "--dit", "--shapes", DIT)
-    return out
+def dit_run(runs):
+    """`tools.perf model --dit` on one DiT shape (the smallest), both GPUs: its output directory."""
+    return runs[1]
 
 
 def test_dit_token_counts_follow_the_configs():
