@@ -1,7 +1,8 @@
 """`tools.perf model`: the roofline model's files, its calibration gate, its inputs and its CLI.
 
-The CLI runs once, in a subprocess without TRITON_INTERPRET (the calibration compiles the
-plain-attention baseline for sm_90, which needs JIT functions), on one small shape.
+The CLI runs once per mode (one UNet shape, the smallest DiT shape), with the compiled-loops check, in one
+subprocess without TRITON_INTERPRET (the model compiles the kernels and the plain-attention baseline for sm_90,
+which needs JIT functions).
 """
 
 import csv
