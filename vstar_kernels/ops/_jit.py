@@ -27,7 +27,8 @@ LOG2E = 1.4426950408889634
 # and the diagonal's 0 * -inf would be NaN), so that any tiny sigma gives exactly the identity.
 GAUSS_COEF_MIN = -2.0 ** 32
 INTERPRETING = triton.knobs.runtime.interpret
-# Compile-time in the kernels: mma and cast stand in for the interpreter's inexact bfloat16 arithmetic.
+# Compile-time in the kernels: mma and cast stand in for the interpreter's inexact bfloat16 arithmetic, nanmax
+# for its element-by-element custom reductions.
 _INTERPRETING = tl.constexpr(INTERPRETING)
 # Field offsets of the row statistics the tiled forward saves (layout.STATS_FIELDS), as
 # compile-time constants of the kernels that write and read them.
@@ -119,6 +120,10 @@ def max_nan(a, b):
 @triton.jit
 def nanmax(x, axis):
     """tl.max(x, axis) that returns NaN where a NaN takes part (tl.max skips NaN)."""
+    if _INTERPRETING:  # the same maximum from the interpreter's vectorized tl.max: it runs a custom combine
+        nan = x != x   # function element by element in Python (most of a tiled forward's time there)
+        m = tl.max(tl.where(nan, float("-inf"), x), axis)
+        return tl.where(tl.max(nan.to(tl.int8), axis) > 0, float("nan"), m)
     return tl.reduce(x, axis, max_nan)
 
 
