@@ -29,7 +29,8 @@ pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
-ARGS = ["model", "--gpu", "h100", "h200", "--shapes", "vc2-320x512-l2", "--n", "16", "256"]
+UNET = "vc2-320x512-l2"
+ARGS = ["model", "--gpu", "h100", "h200", "--shapes", UNET, "--n", "16", "256"]
 DIT = "ltx-video-768x512"  # the smallest DiT shape
 
 
@@ -43,6 +44,7 @@ import sys
 
 from tools.perf import roofline
 from tools.perf.__main__ import main
+from vstar_kernels.bench import shapes
 
 unet, dit = sys.argv[1:3]
 stdout = io.StringIO()
@@ -50,8 +52,9 @@ with contextlib.redirect_stdout(stdout):
     assert main([*json.loads(sys.argv[3]), "--out", unet]) == 0
     assert main(["model", "--dit", "--shapes", sys.argv[4], "--out", dit]) == 0
 out = {"stdout": stdout.getvalue()}
-for name, delta in (("gaussian", False), ("delta", True)):
-    launch = roofline.ours_launch(2, 5, 256, 64, 1.0, delta)
+unet_shape = shapes.SHAPES[sys.argv[5]]
+for name, delta in (("gaussian", False), ("delta", True)):  # the UNet run's N = 256 calls: compiled there already
+    launch = roofline.ours_launch(unet_shape.batch, unet_shape.heads, 256, unet_shape.head_dim, 1.0, delta)
     configs = roofline.compiled_launch(launch)
     loops = {config: {kind: [c.instr, c.mufu] for kind, c in roofline.tiled_loops(config, rows, delta).items()}
              for config, rows in configs}
@@ -76,7 +79,7 @@ def runs(tmp_path_factory):
     unet, dit = tmp_path_factory.mktemp("model"), tmp_path_factory.mktemp("dit")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, "-c", _RUNS, str(unet), str(dit), json.dumps(ARGS), DIT], env=env,
+    done = subprocess.run([sys.executable, "-c", _RUNS, str(unet), str(dit), json.dumps(ARGS), DIT, UNET], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return unet, dit, json.loads(done.stdout.strip().splitlines()[-1])
@@ -173,7 +176,7 @@ def test_rows_are_deterministic(run):
     """Ours, fa3 and the eager reference again, in this process, from the same inputs: the same numbers."""
     out, _ = run
     eta = float((out / "model-h100.md").read_text().split("ETA = ")[1].split(":")[0])
-    gpu, s = roofline.GPUS["h100"], shapes.SHAPES["vc2-320x512-l2"]
+    gpu, s = roofline.GPUS["h100"], shapes.SHAPES[UNET]
     exposed = float((out / "model-h100.md").read_text().split("MMA at the dense peak plus ")[1].split(" ")[0])
     rows = {(int(r["n"]), r["impl"]): r for r in _rows(out / "model-h100.csv") if r["status"] == "ok"}
     # ours and flash compile for sm_90, which needs JIT functions: not under TRITON_INTERPRET=1
@@ -254,9 +257,10 @@ def test_band_is_the_launchers():
 
 
 def test_the_model_compiles_each_modeled_call_and_maps_its_loops(runs):
-    """The tiled forward compiled for a modeled call (N = 256, D 64, 5 heads, on meta tensors): every config the
-    sm_90 pruning keeps, each with its six loops of the one-pass Gaussian (two with a custom delta) in the
-    kernel's order, and instructions outside the loops once per program; compiled once per specialization.
+    """The tiled forward compiled for a modeled call (the UNet shape at N = 256, D 64, on meta tensors): every config
+    the sm_90 pruning keeps, each with its six loops of the one-pass Gaussian (two with a custom delta) in the
+    kernel's order, and instructions outside the loops once per program; compiled once per specialization (the
+    CLI run compiled these very launches: the check reads them from the process's memo).
     The baseline: one MMA loop over the whole key tiles, the masked last tile outside it."""
     out = runs[2]
     one, two = out["gaussian"], out["delta"]
