@@ -1,7 +1,10 @@
-"""Shared test helpers: the kernel backends' declared dtypes, the per-dtype tolerance table, an
-independent float64 evaluation, and the inputs, option grids and parametrization ids the kernel tests share."""
+"""Shared test helpers: the checkout's root and a fresh shell's environment for subprocesses, the kernel
+backends' declared dtypes, the per-dtype tolerance table, an independent float64 evaluation, and the inputs,
+option grids and parametrization ids the kernel tests share."""
 
 import math
+import os
+import pathlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -11,6 +14,20 @@ import vstar_kernels as vk
 from vstar_kernels.dispatch import BACKENDS
 
 from ._device import DEVICE
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the checkout the suite runs from
+
+# What an outer `make` (CI runs the suite as `make test`) passes to the commands it starts; with
+# MAKELEVEL set, an inner make prints "Entering/Leaving directory" lines around its output.
+MAKE_VARIABLES = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+
+
+def clean_env(**extra):
+    """This process's environment without TRITON_INTERPRET (nor an outer make's variables), as in a
+    fresh shell; tiny CPU shapes: one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and k not in MAKE_VARIABLES}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The kernel backends' grids come from what they declare (dispatch.Backend.SUPPORTED_*).

@@ -5,7 +5,6 @@ a user's shell usually has no TRITON_INTERPRET at all, so the subprocesses here 
 """
 
 import csv
-import os
 import pathlib
 import shutil
 import subprocess
@@ -17,22 +16,11 @@ import torch
 import vstar_kernels as vk
 from vstar_kernels import _env, cli
 
+from ..helpers import ROOT, clean_env
+
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU = not torch.cuda.is_available()
-
-
-# What an outer `make` (CI runs the suite as `make test`) passes to the commands it starts; with
-# MAKELEVEL set, an inner make prints "Entering/Leaving directory" lines around its output.
-MAKE_VARIABLES = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
-
-
-def clean_env(**extra):
-    """This process's environment without TRITON_INTERPRET (nor an outer make's variables), as in a
-    fresh shell; tiny CPU shapes: one thread."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and k not in MAKE_VARIABLES}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def run(*args, env=None, cwd=ROOT):
