@@ -1,10 +1,8 @@
 """TAR in diffusers video models: a temporal-attention processor and apply/remove helpers (docs/integrations.md).
 
-Which modules, which level and which step are as that page says; video DiTs go to `dit`. The
-per-module state (level spec, step tracker, the processor to restore) lives on the `Attention`
-module, so the processor itself is stateless and ``TARAttnProcessor()`` re-created by diffusers
-(as when loading IP adapters) keeps working. Processors set behind TAR's back are checked before
-each forward call, one attribute per module (`_sync`).
+Video DiTs go to `dit`. The per-module state (`TARSite`: level spec, step tracker, the processor to restore) lives
+on the `Attention` module, so the processor itself is stateless and ``TARAttnProcessor()`` re-created by diffusers
+(as when loading IP adapters) keeps working.
 """
 
 from __future__ import annotations
