@@ -189,8 +189,7 @@ class _Recorder:
         if call.get("attention_mask") is not None:
             raise ValueError(f"{name}: capture_temporal_attention records unmasked temporal attention, but this "
                              "call passed an attention_mask")
-        hidden = call["hidden_states"]
-        rows = hidden.shape[0]
+        rows = call["hidden_states"].shape[0]
         start = 0
         if self._guidance_batched():
             if rows % 2:

@@ -470,7 +470,8 @@ class DiTTARProcessor:
     _parallel_config = _forwarded("_parallel_config")
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
-        grid, step = self.state.call()
+        # (token grid, step) of the call in progress; in a checkpointed block, of the forward call that ran it
+        grid, step = self.state.steps.current(_OWNER)
         spec = self.state.spec_at(self.block, step)
         skips = self.state.family.skips_attention
         if spec is None or (skips is not None and skips(kwargs)):
@@ -505,11 +506,6 @@ class _DiTState:
     @property
     def step(self) -> int:
         return loop_step(self.steps, self.pipeline, self.grid)
-
-    def call(self) -> Tuple[Optional[TokenGrid], int]:
-        """(token grid, step) of the forward call in progress; in a gradient-checkpointed block, of the
-        forward call that ran it, also when torch recomputes the block in the backward pass."""
-        return self.steps.current(_OWNER)
 
     def sync(self) -> None:
         """Before each forward call: wrap the processors set on the regularized modules since the last one
@@ -681,17 +677,15 @@ def _install(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
     state = _DiTState(config, family, steps, config.levels[0], blocks,
                       None if pipeline is None else weakref.ref(pipeline))
     state._hooks = watch_layout(model, family, state)
-    names = []
     for index, (name, module) in enumerate(modules):
         if index not in blocks:
             continue
         processor = DiTTARProcessor(module.processor, name, index, state)
         state.installed.append((module, processor))
         _set_processor(module, processor)
-        names.append(name)
     setattr(model, _STATE_ATTR, state)
     steps.reset()
-    return names
+    return [processor.name for _, processor in state.installed]
 
 
 def remove_dit_tar(model: torch.nn.Module) -> None:
