@@ -74,16 +74,16 @@ def _step0_maps(model, inputs, layers) -> dict:
 
 def report(runs: Dict[str, dict]) -> str:
     """A table of diagonality and band energy (within 1 frame) per layer and run, and their means."""
-    header = f"{'layer':<28}" + "".join(f"{'diag ' + run:>22}" for run in runs) + \
-        "".join(f"{'band1 ' + run:>22}" for run in runs)
-    lines = [header, "-" * len(header)]
-    layers = list(next(iter(runs.values())))
     stats = {run: {layer: (float(diagonality(m)), float(band_energy(m, 1))) for layer, m in maps.items()}
              for run, maps in runs.items()}
-    for layer in layers:
-        lines.append(f"{short_layer_name(layer):<28}" + "".join(f"{stats[run][layer][0]:>22.3f}" for run in runs) +
-                     "".join(f"{stats[run][layer][1]:>22.3f}" for run in runs))
+    layers = list(next(iter(runs.values())))
     means = {run: [sum(v[i] for v in stats[run].values()) / len(layers) for i in (0, 1)] for run in runs}
-    lines.append(f"{'mean':<28}" + "".join(f"{means[run][0]:>22.3f}" for run in runs) +
-                 "".join(f"{means[run][1]:>22.3f}" for run in runs))
+
+    def row(label: str, values: Dict[str, tuple]) -> str:  # values: run -> (diagonality, band energy)
+        return f"{label:<28}" + "".join(f"{values[run][i]:>22.3f}" for i in (0, 1) for run in runs)
+
+    header = f"{'layer':<28}" + "".join(f"{name + ' ' + run:>22}" for name in ("diag", "band1") for run in runs)
+    lines = [header, "-" * len(header)]
+    lines += [row(short_layer_name(layer), {run: stats[run][layer] for run in runs}) for layer in layers]
+    lines.append(row("mean", means))
     return "\n".join(lines)

@@ -1,15 +1,14 @@
 """Record the temporal attention maps of a diffusers video model (VSTAR paper, Fig. 3 and S.10).
 
-Forward hooks on the temporal self-attention modules TAR targets recompute each call's post-softmax
-attention from the module's own inputs and weights (docs/attention-analysis.md); processors and outputs
-are untouched. Memory is O(N^2) per layer, never O(B H N^2): chunks of the call's sequences of at most
-`CHUNK_ELEMENTS` scores (one sequence's H x N x N when that is more), formed in fp32 (float64 for a
-float64 model) with `reference.tar_scores`, are added to a float64 N x N sum per (layer, step).
+Forward hooks on the temporal self-attention modules TAR targets recompute each call's post-softmax attention
+from the module's own inputs and weights, in chunks of sequences of at most `CHUNK_ELEMENTS` scores (or one
+sequence), and add it to a float64 N x N sum per (layer, step) (docs/attention-analysis.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from collections.abc import Mapping
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -171,20 +170,16 @@ class _Recorder:
                 continue
             if hooked is not None:
                 hooked[1].remove()
-            hook = self._hook(name)
+            hook = functools.partial(self.record, name)
             self.handles[name] = (module, module.register_forward_hook(hook, with_kwargs=True))
-
-    def _hook(self, name: str):
-        def after_forward(module, args, kwargs, output):
-            self.record(name, module, args, kwargs)
-        return after_forward
 
     def _guidance_batched(self) -> bool:
         if self.cfg is not None:
             return self.cfg
         return self.pipeline is not None and bool(self.pipeline.do_classifier_free_guidance)
 
-    def record(self, name: str, module, args, kwargs) -> None:
+    def record(self, name: str, module, args, kwargs, output) -> None:
+        """The forward hook of layer `name`: add the call's attention probabilities to its map."""
         step = self.tracker.step
         if self.steps is not None and step not in self.steps:
             return
@@ -194,8 +189,7 @@ class _Recorder:
         if call.get("attention_mask") is not None:
             raise ValueError(f"{name}: capture_temporal_attention records unmasked temporal attention, but this "
                              "call passed an attention_mask")
-        hidden = call["hidden_states"]
-        rows = hidden.shape[0]
+        rows = call["hidden_states"].shape[0]
         start = 0
         if self._guidance_batched():
             if rows % 2:

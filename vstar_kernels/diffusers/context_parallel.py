@@ -1,12 +1,8 @@
-"""Exact frame-aware TAR under diffusers' context parallelism (Ulysses, ring, and both at once).
+"""Exact frame-aware TAR under diffusers' context parallelism (Ulysses, ring, and both at once; docs/multi-gpu.md).
 
-TAR's bias needs, for each query, the row max over every key of the sequence and the frame of each
-key's global position; a chunk of diffusers' ring attention sees part of the keys, and its lse would
-not be that of the biased scores. So a regularized call does not use diffusers' parallel attention:
-`local_stock_call` runs the stock processor on this rank's shard with the native backend, and
-`ContextParallelTAR.attention` answers its SDPA call with its own collectives (autograd functions)
-around ONE `tar_attention` call of the rank's queries against every key, with global frame ids.
-docs/multi-gpu.md gives the steps, what is exact and what raises.
+A regularized call does not use diffusers' parallel attention: `local_stock_call` runs the stock processor on this
+rank's shard with the native backend, and `ContextParallelTAR.attention` answers its SDPA call with its own
+collectives (autograd functions) around ONE `tar_attention` call of the rank's queries against every key.
 """
 
 from __future__ import annotations
@@ -211,12 +207,8 @@ class ContextParallelTAR:
 
     def shard_order(self, device) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         """(the shards this rank's queries come from, the shards of all keys), in the order the collectives
-        deliver them; exchanged over the layout's ranks once per ContextParallelConfig.
-
-        Shard s is held by the rank s of the flattened mesh's group (as diffusers shards); the all-to-all
-        delivers the Ulysses group's shards in its group rank order, the all-gather the ring group's in its.
-        Every rank gets the same table, so the head-block check has the same outcome everywhere.
-        """
+        deliver them (docs/multi-gpu.md, How); exchanged over the layout's ranks once per ContextParallelConfig.
+        Every rank gets the same table, so the head-block check has the same outcome everywhere."""
         config = self.config
         hit = _ORDERS.get(id(config))
         if hit is not None and hit[0]() is config:

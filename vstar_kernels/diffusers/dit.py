@@ -1,29 +1,16 @@
 """TAR in video diffusion transformers: frame-aware TAR on the full 3-D attention of each block.
 
-`FAMILIES` holds the supported models (where the regularized attention sits, how the tokens lie),
-`UNSUPPORTED` the video models of diffusers TAR does not apply to and why; docs/dits.md lists both
-and how a token gets its frame.
+`FAMILIES` holds the supported models (where the regularized attention sits, how the tokens lie), `UNSUPPORTED`
+the video models TAR does not apply to and why; docs/dits.md lists both and how a token gets its frame.
 
-How only the attention call changes. Each selected module gets a `DiTTARProcessor` that wraps the
-module's own (stock) processor and calls it unchanged: projections, norms, rotary embeddings,
-masks and the output projection are the stock code. In a regularized block and step the call runs
-under a `torch.overrides.TorchFunctionMode` that answers
-`torch.nn.functional.scaled_dot_product_attention` with `tar_attention` on the same q, k, v (and key
-mask) and passes every other torch call through; a boolean mask per query is cut into runs of equal
-rows (`mask_runs`), one exact `tar_attention` call each. This needs no copy of diffusers' code and
-patches nothing: a custom attention backend would reach only the processors that use the dispatcher
-(and diffusers' backend registry is a closed enum), and replacing module globals (``F`` or
-``dispatch_attention_fn`` in diffusers' modules) is process-wide and not thread-safe, where a torch
-function mode is per thread and lives for one call. Outside the regularized blocks and steps, and
-for a level that is off, the stock processor runs with no mode at all (stock output bit for bit).
-A backend that does not go through that function (``set_attention_backend("flash")``) is not
-intercepted: a regularized call that saw no SDPA call raises a RuntimeError. Under diffusers'
-context parallelism `context_parallel.ContextParallelTAR` answers the call (docs/multi-gpu.md).
-
-A forward pre-hook reads each call's token layout into a `TokenGrid`; a block that gradient
-checkpointing recomputes in the backward pass gets the layout and step of the forward call that
-ran it (`steps`). A processor set on a regularized module after `apply_tar` is wrapped in a new
-`DiTTARProcessor` before the model's next forward call.
+Each selected module's stock processor is wrapped in a `DiTTARProcessor` and called unchanged (docs/integrations.md).
+In a regularized block and step the call runs under a `TorchFunctionMode` that answers
+`torch.nn.functional.scaled_dot_product_attention` with `tar_attention` on the same q, k, v (and key mask) and passes
+every other torch call through; elsewhere no mode is set (stock output bit for bit). Why a mode: it needs no copy of
+diffusers' code and patches nothing. A custom attention backend would reach only the processors that use the
+dispatcher (and diffusers' backend registry is a closed enum); replacing module globals (``F``,
+``dispatch_attention_fn``) is process-wide and not thread-safe, where a torch function mode is per thread and lives
+for one call. Under context parallelism `context_parallel.ContextParallelTAR` answers the call (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -31,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -49,7 +37,7 @@ from diffusers import (
 )
 from torch.overrides import TorchFunctionMode
 
-from .. import frame_ids, tar_attention
+from .. import tar_attention
 from ..tar_config import LevelSpec, TARConfig
 from .context_parallel import ContextParallelTAR, local_stock_call
 from .steps import StepTracker
@@ -74,16 +62,9 @@ class TokenGrid(NamedTuple):
 
 
 def _runs_grid(runs, per_frame: int, **extra) -> TokenGrid:
-    """A grid from its runs (adjacent runs of one id merged); `frames` is the largest id + 1."""
-    merged: List[List[int]] = []
-    for frame, count in runs:
-        if count <= 0:
-            continue
-        if merged and merged[-1][0] == frame:
-            merged[-1][1] += count
-        else:
-            merged.append([int(frame), int(count)])
-    runs = tuple((frame, count) for frame, count in merged)
+    """A grid from its runs (empty runs dropped, adjacent runs of one id merged); `frames` is the largest id + 1."""
+    runs = [(int(frame), int(count)) for frame, count in runs if count > 0]
+    runs = tuple((frame, sum(count for _, count in group)) for frame, group in itertools.groupby(runs, lambda r: r[0]))
     return TokenGrid(max((frame for frame, _ in runs), default=-1) + 1, per_frame, runs, **extra)
 
 
@@ -489,7 +470,8 @@ class DiTTARProcessor:
     _parallel_config = _forwarded("_parallel_config")
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
-        grid, step = self.state.call()
+        # (token grid, step) of the call in progress; in a checkpointed block, of the forward call that ran it
+        grid, step = self.state.steps.current(_OWNER)
         spec = self.state.spec_at(self.block, step)
         skips = self.state.family.skips_attention
         if spec is None or (skips is not None and skips(kwargs)):
@@ -525,11 +507,6 @@ class _DiTState:
     def step(self) -> int:
         return loop_step(self.steps, self.pipeline, self.grid)
 
-    def call(self) -> Tuple[Optional[TokenGrid], int]:
-        """(token grid, step) of the forward call in progress; in a gradient-checkpointed block, of the
-        forward call that ran it, also when torch recomputes the block in the backward pass."""
-        return self.steps.current(_OWNER)
-
     def sync(self) -> None:
         """Before each forward call: wrap the processors set on the regularized modules since the last one
         (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module."""
@@ -554,13 +531,9 @@ class _DiTState:
 
 
 def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
-    """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None; docs/dits.md, Steps).
-
-    The scheduler's ``step_index`` where it keeps one (one count for both guidance calls and both of
-    Wan 2.2's experts), else the forward calls counted by `StepTracker`. Under diffusion forcing
-    (`grid.timestep` set) the pipeline steps per-frame copies of its scheduler, which leave its own
-    uncounted: the step is then the number of scheduler timesteps above the call's largest one.
-    """
+    """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None; docs/dits.md, Steps):
+    the scheduler's ``step_index`` where it keeps one, else the forward calls counted by `StepTracker`; under
+    diffusion forcing (`grid.timestep` set), the number of scheduler timesteps above the call's largest one."""
     scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
     if scheduler is None or not hasattr(scheduler, "step_index"):
         return steps.step
@@ -606,24 +579,16 @@ def token_frames(family: DiTFamily, grid, nq: int, nk: int, where: str, device,
             f"{', twice' if twice else ''}){'' if family.text == 'none' else ' and the text tokens'}, got {nq} "
             f"queries and {nk} keys")
     before, after = (text, 0) if family.text == "before" else (0, text)
-    if runs is None and not twice:
-        return _layout_ids(count, per_frame, before, after, torch.device(device))
     runs = runs or tuple((frame, per_frame) for frame in range(count))
-    return _run_ids(runs + runs if twice else runs, before, after, torch.device(device))
+    return _layout_ids(runs + runs if twice else runs, before, after, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
-def _layout_ids(count: int, per_frame: int, before: int, after: int, device: torch.device) -> torch.Tensor:
-    """frame_ids of one layout, kept: every block and step of a call passes the same tensor, whose
-    values tar_attention then checks once (a device synchronisation per layout, not per call). Made
-    outside inference mode (a pipeline runs in it), so that it keeps a version counter."""
-    with torch.inference_mode(False):
-        return frame_ids(count, per_frame, text_before=before, text_after=after, device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _run_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
-    """The ids of a layout given by its runs, between `before` and `after` text tokens; kept as `_layout_ids`."""
+def _layout_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
+    """The int32 frame ids of a layout given by its runs, between `before` and `after` text tokens, kept: every
+    block and step of a call passes the same tensor, whose values tar_attention then checks once (a device
+    synchronisation per layout, not per call). Made outside inference mode (a pipeline runs in it), so that it
+    keeps a version counter."""
     with torch.inference_mode(False):
         frames = torch.tensor([-1] + [frame for frame, _ in runs] + [-1], dtype=torch.int32)
         tokens = torch.tensor([before] + [count for _, count in runs] + [after])
@@ -712,17 +677,15 @@ def _install(model: torch.nn.Module, pipeline, config: TARConfig) -> List[str]:
     state = _DiTState(config, family, steps, config.levels[0], blocks,
                       None if pipeline is None else weakref.ref(pipeline))
     state._hooks = watch_layout(model, family, state)
-    names = []
     for index, (name, module) in enumerate(modules):
         if index not in blocks:
             continue
         processor = DiTTARProcessor(module.processor, name, index, state)
         state.installed.append((module, processor))
         _set_processor(module, processor)
-        names.append(name)
     setattr(model, _STATE_ATTR, state)
     steps.reset()
-    return names
+    return [processor.name for _, processor in state.installed]
 
 
 def remove_dit_tar(model: torch.nn.Module) -> None:

@@ -1,10 +1,9 @@
 """Record the frame-by-frame attention of a video DiT: the DiT sibling of `capture`.
 
-`capture_frame_attention` wraps each watched block's processor and, in a torch function mode that
-only listens, records the q, k (and key mask) it hands to ``scaled_dot_product_attention``, which then
-runs as it would have, TAR included. The attention is formed over chunks of query rows of at most
-`CHUNK_ELEMENTS` fp32 scores, never a whole N x N matrix per (batch, head), so a 32k-token Wan call fits
-next to the model; text tokens take part in the softmax but have no row or column.
+`capture_frame_attention` wraps each watched block's processor and, in a torch function mode that only listens,
+records the q, k (and key mask) it hands to ``scaled_dot_product_attention``, which then runs as it would have.
+The attention is formed over chunks of query rows of at most `CHUNK_ELEMENTS` fp32 scores; text tokens take part
+in the softmax but have no row or column.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """TAR in diffusers video models: a temporal-attention processor and apply/remove helpers (docs/integrations.md).
 
-Which modules, which level and which step are as that page says; video DiTs go to `dit`. The
-per-module state (level spec, step tracker, the processor to restore) lives on the `Attention`
-module, so the processor itself is stateless and ``TARAttnProcessor()`` re-created by diffusers
-(as when loading IP adapters) keeps working. Processors set behind TAR's back are checked before
-each forward call, one attribute per module (`_sync`).
+Video DiTs go to `dit`. The per-module state (`TARSite`: level spec, step tracker, the processor to restore) lives
+on the `Attention` module, so the processor itself is stateless and ``TARAttnProcessor()`` re-created by diffusers
+(as when loading IP adapters) keeps working.
 """
 
 from __future__ import annotations
@@ -78,11 +76,6 @@ class TARSite:
     steps: StepTracker
     previous: Any  # the processor TAR stands in for: the one before apply_tar, or one set since (see `_sync`)
 
-    @property
-    def fused(self) -> bool:
-        """Whether the processor TAR stands in for projects q, k and v with the fused ``to_qkv`` / ``to_kv``."""
-        return isinstance(self.previous, FusedAttnProcessor2_0)
-
     def spec_at(self, step: Optional[int]) -> Optional[LevelSpec]:
         """The spec to apply at `step`, or None for plain attention."""
         if step is None or not self.spec.active or not self.config.regularizes(step):
@@ -141,8 +134,9 @@ class TARAttnProcessor:
         residual = hidden_states
         image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
         site = tar_site(attn)
+        # project with the fused ``to_qkv`` / ``to_kv`` where the processor TAR stands in for did
         query, key, value = project_heads(attn, hidden_states, encoder_hidden_states, temb,
-                                          fused=site is not None and site.fused)
+                                          fused=site is not None and isinstance(site.previous, FusedAttnProcessor2_0))
         batch, head_dim = query.shape[0], value.shape[-1]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)

@@ -1,15 +1,11 @@
 """The denoising-step index of a model's forward calls, shared by every feature attached to it.
 
-A pipeline calls its denoiser once per iteration of its denoising loop, and each loop begins with
-`scheduler.set_timesteps`, which sets a new `timesteps` tensor: the tracker notices the new tensor
-at the next forward call and counts from 0 again (any scheduler, FreeInit's repeated loops, a
-replaced ``pipe.scheduler``; nothing is patched). On a bare model each forward call is one step,
-counted from the first `attach` or the last `reset` (docs/integrations.md, Steps).
+Each new `pipeline.scheduler.timesteps` tensor (`set_timesteps`) restarts the count at 0; on a bare model each
+forward call is one step (docs/integrations.md, Steps).
 
-Gradient checkpointing recomputes a block in the backward pass, after the forward call returned
-(and maybe after later calls advanced the step). Before each forward call the tracker wraps the
-``_gradient_checkpointing_func`` of every module that has one, so that a checkpointed block, run
-first or recomputed, sees the step and the owners' `snapshot` values of the forward call that ran it.
+Gradient checkpointing recomputes a block in the backward pass, after the forward call returned. Before each forward
+call the tracker wraps the ``_gradient_checkpointing_func`` of every module that has one, so that a checkpointed
+block, run first or recomputed, sees the step and the owners' `snapshot` values of the forward call that ran it.
 """
 
 from __future__ import annotations

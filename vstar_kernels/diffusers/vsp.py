@@ -1,9 +1,5 @@
 """Video Synopsis Prompting for diffusers video UNets: one text embedding per frame (docs/vsp-and-dynamics.md).
 
-`apply_vsp` wraps the processor of every spatial cross-attention module (``attn2`` under
-``attentions``; the temporal modules' ``attn2`` is a self-attention over frames and is left alone).
-The wrapper swaps the text context for the per-frame one and calls the processor that was there.
-
 Batch layout: the spatial blocks see ``B_total * N`` rows of context, batch-major (row ``b * N + f``
 is video b, frame f). Under classifier-free guidance the unconditional half comes first and keeps its
 context; each of the ``P`` synopses covers ``rows / P`` consecutive conditional videos.
@@ -31,12 +27,6 @@ SPATIAL_CROSS_ATTENTION = re.compile(
 _STATE_ATTR = "_vstar_vsp_state"
 
 
-def spatial_cross_attention_names(unet) -> list:
-    """Names of the modules `apply_vsp` wraps: the spatial transformers' cross-attention."""
-    return [name for name, module in unet.named_modules()
-            if SPATIAL_CROSS_ATTENTION.fullmatch(name) and getattr(module, "is_cross_attention", False)]
-
-
 def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> None:
     """Feed one text embedding per frame into the spatial cross-attention of a video UNet.
 
@@ -50,13 +40,12 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
         raise TypeError(f"cfg must be a bool, got {type(cfg).__name__}")
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
-        names = spatial_cross_attention_names(unet)
-        if not names:
+        modules = [(name, module) for name, module in unet.named_modules()
+                   if SPATIAL_CROSS_ATTENTION.fullmatch(name) and getattr(module, "is_cross_attention", False)]
+        if not modules:
             raise ValueError(f"{type(unet).__name__} has no spatial cross-attention module to feed")
         state = _SynopsisState(embeds, cfg)
-        modules = dict(unet.named_modules())
-        for name in names:
-            module = modules[name]
+        for name, module in modules:
             original = module.processor
             wrapper = _SynopsisProcessor(original, state)
             state.originals[name] = (module, original, wrapper)
@@ -87,11 +76,6 @@ def remove_vsp(target) -> None:
     delattr(unet, _STATE_ATTR)
 
 
-def vsp_applied(target) -> bool:
-    """Whether `apply_vsp` is active on the target's UNet."""
-    return getattr(_unet_of(target), _STATE_ATTR, None) is not None
-
-
 def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear", anchors=None,
                     clip_skip=None, lora_scale=None) -> torch.Tensor:
     """Encode sub-prompts with the pipeline's own ``encode_prompt``, then interpolate (`interpolate_embeddings`).
@@ -117,7 +101,7 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     for name in ("prompt", "prompt_embeds"):
         if name in pipe_kwargs:
             raise TypeError(f"generate_with_synopsis got {name}=...: the sub_prompts replace the prompt")
-    if vsp_applied(pipe):
+    if getattr(_unet_of(pipe), _STATE_ATTR, None) is not None:
         raise ValueError("VSP is already applied to this pipeline; call remove_vsp(pipe) first")
     params = inspect.signature(pipe.__call__).parameters
     guidance_scale = pipe_kwargs.get("guidance_scale", params["guidance_scale"].default)
