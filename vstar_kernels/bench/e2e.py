@@ -39,7 +39,7 @@ PRESET = "64D1"
 TEXT_TOKENS = 77
 # Largest ||triton - reference|| / ||reference|| over the UNet output, per dtype.
 E2E_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-# Least relative change of the output that counts as TAR applied (see UNetBench._check).
+# Least relative change of the output that counts as TAR applied (benchmarks/NOTES.md, "UNet rows").
 E2E_APPLIED_MIN = 1e-3
 CHECKED_ONLY = (f"{CHECKED}matches the reference variant in the Triton interpreter; a correctness run, not timed "
                 "(the interpreter's speed is not the kernels')")
@@ -96,9 +96,6 @@ class UNetBench:
                 dlogging.set_verbosity(verbosity)
             self._key = (config, dtype)
         return self._unet
-
-    def release(self):
-        self._unet, self._key = None, None
 
     def run(self, shape: UNetShape, frames: int, dtype: torch.dtype, classify) -> list:
         """One Result per variant. `classify(exc)` maps an exception to a status."""
@@ -157,28 +154,15 @@ class UNetBench:
         try:
             with self._variant(unet, variant):
                 out = forward()
-                peak = None
-                if self.cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                    base = torch.cuda.memory_allocated(self.device)
-                    forward()
-                    torch.cuda.synchronize()
-                    peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+                peak = measure.peak_call(forward, self.device)[1] if self.cuda else None
             return Result(variant, peak_mb=peak), out
-        except Unsupported as exc:
-            return Result(variant, f"unsupported: {exc}"), None
         except Exception as exc:
             return Result(variant, classify(exc)), None
 
     @staticmethod
     def _check(results, outputs, dtype):
-        """Mark wrong outputs: NaN/inf, TAR not applied, or the Triton variant far from the reference variant.
-
-        TAR counts as applied when it moves the output (relative to stock) by more than
-        E2E_APPLIED_MIN and by more than twice the distance between its two backends: if
-        neither applied it, both differ from stock by rounding noise of that same size.
-        """
+        """Mark wrong outputs: NaN/inf, TAR not applied (a change from stock within E2E_APPLIED_MIN or twice
+        the distance between the two backends, their rounding noise), or Triton far from the reference variant."""
         for variant, out in list(outputs.items()):
             if out is not None and not torch.isfinite(out).all():
                 results[variant].status = "error: output has NaN or inf"

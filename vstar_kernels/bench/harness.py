@@ -189,7 +189,6 @@ class Sweep:
             unet = UNetBench(self.device)
             for shape, frames, dtype in unet_cases:
                 self._unet_case(unet, shape, frames, dtype, progress)
-            unet.release()
         finally:
             progress.close()
 
@@ -254,13 +253,7 @@ class Sweep:
                 return f"error: {why}", None, None, backend
             if peer.correctness_only(self.device):
                 return CHECKED_ONLY, None, None, backend
-            peak = None
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats(self.device)
-                base = torch.cuda.memory_allocated(self.device)
-            warm_ms = measure.warm_call_ms(lambda: peer.run(q, k, v, spec), self.cuda)
-            if self.cuda:
-                peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+            warm_ms, peak = measure.peak_call(lambda: peer.run(q, k, v, spec), self.device)
             turn = itertools.count()
             timing = measure.time_fn(lambda: peer.run(*sets[next(turn) % len(sets)], spec), self.cuda, warm_ms)
             return "ok", timing, peak, backend

@@ -19,9 +19,7 @@ from .. import _env
 QUANTILES = (0.5, 0.2, 0.8)   # median, p20, p80
 SLOW_CALL_MS = 100.0          # CUDA calls slower than this are timed with a few events, not do_bench
 # A timing whose p80 exceeds its p20 by more than this factor was taken on a busy machine, or is of
-# calls too short to time steadily (benchmarks/NOTES.md, "Busy cells"): on an idle one, calls of 30 ms
-# and more stay below 1.05, and a band wider than 25% is wider than the differences the comparisons
-# draw (a 1.3x against a 1.5x target).
+# calls too short to time steadily (why 1.25: benchmarks/NOTES.md, "Busy cells").
 BUSY_SPREAD = 1.25
 BUSY = "busy"
 
@@ -106,6 +104,18 @@ def warm_call_ms(fn, cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3
+
+
+def peak_call(fn, device: torch.device) -> tuple:
+    """Run `fn` once: (ms, the CUDA memory allocated during the call beyond what was allocated before, MiB;
+    None on CPU)."""
+    if device.type != "cuda":
+        return warm_call_ms(fn, False), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    ms = warm_call_ms(fn, True)
+    return ms, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
 def time_fn(fn, cuda: bool, first_call_ms: float) -> Timing:
