@@ -349,37 +349,30 @@ def main(args) -> int:
             print(f"{name:<26} batch {s.batch:>6}  heads {s.heads:>2}  D {s.head_dim:>3}  {s.source}")
         print("\nimplementations: " + ", ".join(PEERS))
         return 0
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    if args.model_table:
-        cuda = True  # the GPU shapes and N, whatever this machine has
-    elif cuda and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available to torch", file=sys.stderr)
-        return 2
+    # --model-table: the GPU shapes and N, whatever this machine has
+    cuda = args.model_table or (torch.cuda.is_available() if args.device == "auto" else args.device == "cuda")
     try:
+        if cuda and not args.model_table and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available to torch")
         names, ns, dtypes = resolve(args, cuda)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if args.model_table:
-        print(model_table(names, ns))
-        return 0
-    device = torch.device("cuda" if cuda else "cpu")
-    peer_names = args.impls or default_impls(device)
-    unknown = [p for p in peer_names if p not in PEERS]
-    if unknown:
-        print(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}", file=sys.stderr)
-        return 2
-    info = measure.RunInfo.collect(device)
-    csv_path = results_csv(args, info)
-    if not cuda:
-        print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
-              "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
-              "(reported as vstar_triton_interpreter) as a correctness check only, not timed.", file=sys.stderr)
-    try:
+        if args.model_table:
+            print(model_table(names, ns))
+            return 0
+        device = torch.device("cuda" if cuda else "cpu")
+        peer_names = args.impls or default_impls(device)
+        unknown = [p for p in peer_names if p not in PEERS]
+        if unknown:
+            raise ValueError(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}")
+        info = measure.RunInfo.collect(device)
+        csv_path = results_csv(args, info)
         check_columns(csv_path, COLUMNS)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if not cuda:
+        print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
+              "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
+              "(reported as vstar_triton_interpreter) as a correctness check only, not timed.", file=sys.stderr)
     kernel_cases, unet_cases = plan(names, ns, dtypes, explicit_n=bool(args.n))
     sweep = Sweep(device, csv_path, info, budget_s=args.time_budget_s, resume=args.resume,
                   progress=not args.no_progress)
