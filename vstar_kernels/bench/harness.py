@@ -279,14 +279,7 @@ class Sweep:
 
 def resolve(args, cuda: bool):
     """(shape names, N list, dtype names) from the options and the preset for this device."""
-    if cuda:
-        names = shapes.GPU_QUICK if args.quick else shapes.GPU_FULL
-        ns = shapes.GPU_QUICK_N if args.quick else shapes.KERNEL_N
-        dtypes = ("fp16",) if args.quick else ("fp16", "bf16")
-    else:
-        names = shapes.CPU_QUICK if args.quick else shapes.CPU_FULL
-        ns = shapes.CPU_QUICK_N if args.quick else shapes.CPU_N
-        dtypes = ("fp32",)
+    names, ns, dtypes = shapes.PRESETS[cuda, bool(args.quick)]
     names = tuple(args.shapes) if args.shapes else names
     for name in names:
         if name not in shapes.SHAPES:
