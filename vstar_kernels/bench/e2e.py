@@ -129,7 +129,8 @@ class UNetBench:
             if results[variant].status == "ok":
                 try:
                     with self._variant(unet, variant):
-                        results[variant].timing = self._time(forward)
+                        first_ms = measure.warm_call_ms(forward, True) if self.cuda else 0.0  # CPU: _warm warmed it
+                        results[variant].timing = measure.time_fn(forward, self.cuda, first_ms)
                 except Exception as exc:
                     results[variant].status = classify(exc)
         return [results[v] for v in VARIANTS]
@@ -184,7 +185,3 @@ class UNetBench:
         elif err is not None and not err <= E2E_RTOL[dtype]:
             results["unet_tar_triton"].status = (f"error: output differs from the reference variant: "
                                                  f"relative error {err:.3g} > {E2E_RTOL[dtype]}")
-
-    def _time(self, fn):
-        first_ms = measure.warm_call_ms(fn, self.cuda) if self.cuda else 0.0  # CPU: _warm warmed it up
-        return measure.time_fn(fn, self.cuda, first_ms)

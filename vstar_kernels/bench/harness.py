@@ -1,9 +1,5 @@
-"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each
-(benchmarks/NOTES.md, "What a row means").
-
-Rows are appended to ``<out>/<device>-<yyyymmdd>.csv`` as they are measured (a killed run keeps
-what it measured); the markdown table and the plots are then regenerated from the whole file.
-"""
+"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each, appended as measured
+to ``<out>/<device>-<yyyymmdd>.csv``; then the tables and plots of the whole file (benchmarks/NOTES.md)."""
 
 from __future__ import annotations
 
@@ -129,13 +125,11 @@ class Sweep:
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
         self.budget_s = budget_s
         self.peak_gbps = None
-        self.done = self._done_keys() if resume else set()
+        self.done = self._done_keys() if resume and csv_path.exists() else set()
         self.progress_enabled = progress
         self.rows_written = 0
 
     def _done_keys(self) -> set:
-        if not self.csv_path.exists():
-            return set()
         return {self._key(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"])
                 for r in report.read_csv(self.csv_path)
                 if r["commit"] == self.info.commit and not r["status"].startswith(NOT_RUN)}

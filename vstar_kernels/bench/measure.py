@@ -74,11 +74,8 @@ def time_cpu(fn, *, min_reps=3, max_reps=25, min_total_s=0.25) -> Timing:
 
 
 def time_cuda(fn, first_call_ms: float) -> Timing:
-    """triton.testing.do_bench (L2 flushed between calls); calls slower than SLOW_CALL_MS get 3 event pairs.
-
-    `first_call_ms` is the warm call's time, which decides the method: do_bench would
-    spend its estimation and warm-up rounds on a call that takes seconds.
-    """
+    """triton.testing.do_bench (L2 flushed between calls); calls slower than SLOW_CALL_MS (the warm call's
+    `first_call_ms`) get 3 event pairs: do_bench would spend seconds estimating them."""
     if first_call_ms > SLOW_CALL_MS:
         samples = []
         for _ in range(3):

@@ -262,8 +262,7 @@ def draw_plots(rows, stem: Path) -> list:
     for dtype, groups in sorted(_groups(rows, unet=False).items()):
         cols = min(3, len(groups))
         nrows = math.ceil(len(groups) / cols)
-        ours = sorted({i for g in groups.values() for cell in g.values() for i, r in cell.items()
-                       if i in TIMED_OURS and r["status"] == "ok"}, key=_impl_order)
+        ours = [i for i in TIMED_OURS if any(_ran(i, by_n) for by_n in groups.values())]
         note = f"ours: {', '.join(ours) or 'none ran'}"
         if device.startswith("cpu"):
             note = f"CPU wall clock; {note} (tar_attention's default CPU path). Not GPU speed"
