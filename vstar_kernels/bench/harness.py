@@ -74,11 +74,10 @@ def check_columns(csv_path: Path, columns) -> None:
 def append_row(csv_path: Path, row: dict) -> None:
     """Append `row` to the CSV (its keys are the columns; a new file gets the header first)."""
     check_columns(csv_path, row)
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
+        if f.tell() == 0:  # a new or empty file
             writer.writeheader()
         writer.writerow(row)
 

@@ -12,7 +12,6 @@ import csv
 import math
 import sys
 import textwrap
-from collections import OrderedDict
 from pathlib import Path
 
 from .. import _env
@@ -66,9 +65,9 @@ def busy(row) -> bool:
     return flag == BUSY
 
 
-def latest(rows) -> "OrderedDict":
+def latest(rows) -> dict:
     """The last row for each (impl, batch, heads, n, d, dtype): a re-run replaces an earlier one."""
-    out = OrderedDict()
+    out = {}
     for r in rows:
         out[(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"])] = r
     return out
@@ -106,23 +105,18 @@ def our_failures(rows) -> list:
     return [r for r in latest(rows).values() if r["impl"] in OURS and r["status"].startswith("error")]
 
 
-class _Notes:
-    """Numbered reasons for non-ok cells, listed under each table."""
-
-    def __init__(self):
-        self.items = OrderedDict()
+class _Notes(dict):
+    """Numbered reasons for non-ok cells ({"impl: status": number}), listed under each table."""
 
     def mark(self, impl, status) -> str:
         if status == "oom":
             return "oom"
         word, _, why = status.partition(": ")
-        key = f"{impl}: {status}"
-        if key not in self.items:
-            self.items[key] = len(self.items) + 1
-        return f"{word} [{self.items[key]}]" if why else word
+        number = self.setdefault(f"{impl}: {status}", len(self) + 1)
+        return f"{word} [{number}]" if why else word
 
     def lines(self):
-        return [f"- [{i}] {text}" for text, i in self.items.items()]
+        return [f"- [{i}] {text}" for text, i in self.items()]
 
 
 def _ms(row) -> float:
