@@ -172,13 +172,12 @@ class UNetBench:
         rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
         err = rel(tri, ref) if tri is not None and ref is not None else None
         if ref is not None and stock is not None:
-            change = rel(ref, stock)
-            if not change > max(E2E_APPLIED_MIN, 2 * (err or 0.0)):
+            change, noise = rel(ref, stock), max(E2E_APPLIED_MIN, 2 * (err or 0.0))
+            if not change > noise:
                 for v in ("unet_tar_reference", "unet_tar_triton"):
                     if results[v].status == "ok":
                         results[v].status = (f"error: apply_tar moved the output by {change:.3g} (relative), no more "
-                                             f"than noise ({max(E2E_APPLIED_MIN, 2 * (err or 0.0)):.3g}): "
-                                             "TAR was not applied")
+                                             f"than noise ({noise:.3g}): TAR was not applied")
                 return
         if tri is not None and ref is None:
             results["unet_tar_triton"].status = "error: no reference-variant output to check against"
