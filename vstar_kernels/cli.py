@@ -139,18 +139,14 @@ def cmd_demo(args) -> int:
 class _Deprecated(argparse.Action):
     """An old option's spelling: sets the new option's value and says on stderr that it is deprecated."""
 
-    def __init__(self, option_strings, dest, new=None, **kwargs):
-        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
-        self.new = new
-
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{option_string} is deprecated and will be removed in the next release: use {self.new}",
-              file=sys.stderr)
+        new = "--" + self.dest.replace("_", "-")
+        print(f"{option_string} is deprecated and will be removed in the next release: use {new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
 def _deprecated_option(parser, old: str, new: str, **kwargs) -> None:
-    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Deprecated, new=new,
+    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Deprecated, help=argparse.SUPPRESS,
                         default=argparse.SUPPRESS, **kwargs)
 
 

@@ -1,12 +1,9 @@
-"""Backward-pass timing cases (`python -m vstar_kernels bench --backward`, GPU only).
-
-`backward_callables` sets up one case and returns callables that each run only the backward
-(triton, reference: autograd on the eager definition, sdpa: without TAR); `time_backward` times
-them with measure.time_fn and returns one row with the ratios to triton; `main` appends a row per
-default case to ``<out>/<device>-<yyyymmdd>-backward.csv`` (benchmarks/NOTES.md).
-"""
+"""Backward-pass timing (`python -m vstar_kernels bench --backward`, GPU only; benchmarks/NOTES.md): the Triton
+backward, autograd on the eager reference, and SDPA's (without TAR), one CSV row per default case."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -34,18 +31,14 @@ def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, d
         "reference": lambda: vk.tar_attention(q, k, v, backend="reference", **tar),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=tar.get("causal", False)),
     }
-    callables = {}
-    for name in impls:
-        out = forwards[name]()
 
-        def backward(out=out):
-            for t in (q, k, v):
-                t.grad = None
-            out.backward(grad_out, retain_graph=True)
-            return q.grad, k.grad, v.grad
+    def backward(out):
+        for t in (q, k, v):
+            t.grad = None
+        out.backward(grad_out, retain_graph=True)
+        return q.grad, k.grad, v.grad
 
-        callables[name] = backward
-    return callables
+    return {name: functools.partial(backward, forwards[name]()) for name in impls}
 
 
 def time_backward(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS, **tar) -> dict:
@@ -58,10 +51,8 @@ def time_backward(batch, heads, frames, head_dim, *, dtype=torch.float16, device
     for name, fn in callables.items():
         t = measure.time_fn(fn, cuda, measure.warm_call_ms(fn, cuda))
         row[f"{name}_ms"], row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = t.median_ms, t.p20_ms, t.p80_ms
-    if "triton" in callables:
-        for peer in ("sdpa", "reference"):
-            if peer in callables:
-                row[f"triton_vs_{peer}"] = row["triton_ms"] / row[f"{peer}_ms"]
+    row.update({f"triton_vs_{peer}": row["triton_ms"] / row[f"{peer}_ms"] for peer in ("sdpa", "reference")
+                if "triton" in callables and peer in callables})
     return row
 
 

@@ -1,9 +1,5 @@
-"""A fast wrong peer is not a peer: every output is checked against float64 before it is timed.
-
-The first, middle and last batch entries (the last shows a grid-indexing bug past 65,535
-programs) are compared with the float64 reference; a peer passes within twice the error of the
-formula evaluated naively in the input dtype, plus the kernel tolerance (benchmarks/NOTES.md).
-"""
+"""A fast wrong peer is not a peer: every output is checked against float64 before it is timed
+(the rule: benchmarks/NOTES.md, "Correctness before timing")."""
 
 from __future__ import annotations
 
@@ -17,6 +13,7 @@ ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def check_indices(batch: int) -> list:
+    """The first, middle and last batch entries: the last shows a grid-indexing bug past 65,535 programs."""
     return sorted({0, batch // 2, batch - 1})
 
 
@@ -31,7 +28,8 @@ def naive_low_precision(q, k, v, spec: TarSpec, plain: bool):
 
 
 def check_output(out, q, k, v, spec: TarSpec, plain: bool) -> str:
-    """"" when `out` (the peer's output for q, k, v) is right, else why not."""
+    """"" when `out` (the peer's output for q, k, v) is right on check_indices: within twice the error of
+    naive_low_precision plus ATOL of the float64 reference; else why not."""
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q.shape[:3]) + (v.shape[3],):
         return f"output has shape {tuple(getattr(out, 'shape', ()))}, expected {tuple(q.shape[:3]) + (v.shape[3],)}"
     if out.dtype != q.dtype:

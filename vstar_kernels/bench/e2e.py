@@ -39,7 +39,7 @@ PRESET = "64D1"
 TEXT_TOKENS = 77
 # Largest ||triton - reference|| / ||reference|| over the UNet output, per dtype.
 E2E_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-# Least relative change of the output that counts as TAR applied (see UNetBench._check).
+# Least relative change of the output that counts as TAR applied (benchmarks/NOTES.md, "UNet rows").
 E2E_APPLIED_MIN = 1e-3
 CHECKED_ONLY = (f"{CHECKED}matches the reference variant in the Triton interpreter; a correctness run, not timed "
                 "(the interpreter's speed is not the kernels')")
@@ -97,9 +97,6 @@ class UNetBench:
             self._key = (config, dtype)
         return self._unet
 
-    def release(self):
-        self._unet, self._key = None, None
-
     def run(self, shape: UNetShape, frames: int, dtype: torch.dtype, classify) -> list:
         """One Result per variant. `classify(exc)` maps an exception to a status."""
         try:
@@ -132,7 +129,8 @@ class UNetBench:
             if results[variant].status == "ok":
                 try:
                     with self._variant(unet, variant):
-                        results[variant].timing = self._time(forward)
+                        first_ms = measure.warm_call_ms(forward, True) if self.cuda else 0.0  # CPU: _warm warmed it
+                        results[variant].timing = measure.time_fn(forward, self.cuda, first_ms)
                 except Exception as exc:
                     results[variant].status = classify(exc)
         return [results[v] for v in VARIANTS]
@@ -157,28 +155,15 @@ class UNetBench:
         try:
             with self._variant(unet, variant):
                 out = forward()
-                peak = None
-                if self.cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                    base = torch.cuda.memory_allocated(self.device)
-                    forward()
-                    torch.cuda.synchronize()
-                    peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+                peak = measure.peak_call(forward, self.device)[1] if self.cuda else None
             return Result(variant, peak_mb=peak), out
-        except Unsupported as exc:
-            return Result(variant, f"unsupported: {exc}"), None
         except Exception as exc:
             return Result(variant, classify(exc)), None
 
     @staticmethod
     def _check(results, outputs, dtype):
-        """Mark wrong outputs: NaN/inf, TAR not applied, or the Triton variant far from the reference variant.
-
-        TAR counts as applied when it moves the output (relative to stock) by more than
-        E2E_APPLIED_MIN and by more than twice the distance between its two backends: if
-        neither applied it, both differ from stock by rounding noise of that same size.
-        """
+        """Mark wrong outputs: NaN/inf, TAR not applied (a change from stock within E2E_APPLIED_MIN or twice
+        the distance between the two backends, their rounding noise), or Triton far from the reference variant."""
         for variant, out in list(outputs.items()):
             if out is not None and not torch.isfinite(out).all():
                 results[variant].status = "error: output has NaN or inf"
@@ -187,20 +172,15 @@ class UNetBench:
         rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
         err = rel(tri, ref) if tri is not None and ref is not None else None
         if ref is not None and stock is not None:
-            change = rel(ref, stock)
-            if not change > max(E2E_APPLIED_MIN, 2 * (err or 0.0)):
+            change, noise = rel(ref, stock), max(E2E_APPLIED_MIN, 2 * (err or 0.0))
+            if not change > noise:
                 for v in ("unet_tar_reference", "unet_tar_triton"):
                     if results[v].status == "ok":
                         results[v].status = (f"error: apply_tar moved the output by {change:.3g} (relative), no more "
-                                             f"than noise ({max(E2E_APPLIED_MIN, 2 * (err or 0.0)):.3g}): "
-                                             "TAR was not applied")
+                                             f"than noise ({noise:.3g}): TAR was not applied")
                 return
         if tri is not None and ref is None:
             results["unet_tar_triton"].status = "error: no reference-variant output to check against"
         elif err is not None and not err <= E2E_RTOL[dtype]:
             results["unet_tar_triton"].status = (f"error: output differs from the reference variant: "
                                                  f"relative error {err:.3g} > {E2E_RTOL[dtype]}")
-
-    def _time(self, fn):
-        first_ms = measure.warm_call_ms(fn, self.cuda) if self.cuda else 0.0  # CPU: _warm warmed it up
-        return measure.time_fn(fn, self.cuda, first_ms)

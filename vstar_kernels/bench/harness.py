@@ -1,9 +1,5 @@
-"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each
-(benchmarks/NOTES.md, "What a row means").
-
-Rows are appended to ``<out>/<device>-<yyyymmdd>.csv`` as they are measured (a killed run keeps
-what it measured); the markdown table and the plots are then regenerated from the whole file.
-"""
+"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each, appended as measured
+to ``<out>/<device>-<yyyymmdd>.csv``; then the tables and plots of the whole file (benchmarks/NOTES.md)."""
 
 from __future__ import annotations
 
@@ -78,11 +74,10 @@ def check_columns(csv_path: Path, columns) -> None:
 def append_row(csv_path: Path, row: dict) -> None:
     """Append `row` to the CSV (its keys are the columns; a new file gets the header first)."""
     check_columns(csv_path, row)
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
+        if f.tell() == 0:  # a new or empty file
             writer.writeheader()
         writer.writerow(row)
 
@@ -129,13 +124,11 @@ class Sweep:
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
         self.budget_s = budget_s
         self.peak_gbps = None
-        self.done = self._done_keys() if resume else set()
+        self.done = self._done_keys() if resume and csv_path.exists() else set()
         self.progress_enabled = progress
         self.rows_written = 0
 
     def _done_keys(self) -> set:
-        if not self.csv_path.exists():
-            return set()
         return {self._key(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"])
                 for r in report.read_csv(self.csv_path)
                 if r["commit"] == self.info.commit and not r["status"].startswith(NOT_RUN)}
@@ -189,7 +182,6 @@ class Sweep:
             unet = UNetBench(self.device)
             for shape, frames, dtype in unet_cases:
                 self._unet_case(unet, shape, frames, dtype, progress)
-            unet.release()
         finally:
             progress.close()
 
@@ -254,13 +246,7 @@ class Sweep:
                 return f"error: {why}", None, None, backend
             if peer.correctness_only(self.device):
                 return CHECKED_ONLY, None, None, backend
-            peak = None
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats(self.device)
-                base = torch.cuda.memory_allocated(self.device)
-            warm_ms = measure.warm_call_ms(lambda: peer.run(q, k, v, spec), self.cuda)
-            if self.cuda:
-                peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+            warm_ms, peak = measure.peak_call(lambda: peer.run(q, k, v, spec), self.device)
             turn = itertools.count()
             timing = measure.time_fn(lambda: peer.run(*sets[next(turn) % len(sets)], spec), self.cuda, warm_ms)
             return "ok", timing, peak, backend
@@ -286,14 +272,7 @@ class Sweep:
 
 def resolve(args, cuda: bool):
     """(shape names, N list, dtype names) from the options and the preset for this device."""
-    if cuda:
-        names = shapes.GPU_QUICK if args.quick else shapes.GPU_FULL
-        ns = shapes.GPU_QUICK_N if args.quick else shapes.KERNEL_N
-        dtypes = ("fp16",) if args.quick else ("fp16", "bf16")
-    else:
-        names = shapes.CPU_QUICK if args.quick else shapes.CPU_FULL
-        ns = shapes.CPU_QUICK_N if args.quick else shapes.CPU_N
-        dtypes = ("fp32",)
+    names, ns, dtypes = shapes.PRESETS[cuda, bool(args.quick)]
     names = tuple(args.shapes) if args.shapes else names
     for name in names:
         if name not in shapes.SHAPES:
@@ -356,37 +335,30 @@ def main(args) -> int:
             print(f"{name:<26} batch {s.batch:>6}  heads {s.heads:>2}  D {s.head_dim:>3}  {s.source}")
         print("\nimplementations: " + ", ".join(PEERS))
         return 0
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    if args.model_table:
-        cuda = True  # the GPU shapes and N, whatever this machine has
-    elif cuda and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available to torch", file=sys.stderr)
-        return 2
+    # --model-table: the GPU shapes and N, whatever this machine has
+    cuda = args.model_table or (torch.cuda.is_available() if args.device == "auto" else args.device == "cuda")
     try:
+        if cuda and not args.model_table and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available to torch")
         names, ns, dtypes = resolve(args, cuda)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if args.model_table:
-        print(model_table(names, ns))
-        return 0
-    device = torch.device("cuda" if cuda else "cpu")
-    peer_names = args.impls or default_impls(device)
-    unknown = [p for p in peer_names if p not in PEERS]
-    if unknown:
-        print(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}", file=sys.stderr)
-        return 2
-    info = measure.RunInfo.collect(device)
-    csv_path = results_csv(args, info)
-    if not cuda:
-        print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
-              "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
-              "(reported as vstar_triton_interpreter) as a correctness check only, not timed.", file=sys.stderr)
-    try:
+        if args.model_table:
+            print(model_table(names, ns))
+            return 0
+        device = torch.device("cuda" if cuda else "cpu")
+        peer_names = args.impls or default_impls(device)
+        unknown = [p for p in peer_names if p not in PEERS]
+        if unknown:
+            raise ValueError(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}")
+        info = measure.RunInfo.collect(device)
+        csv_path = results_csv(args, info)
         check_columns(csv_path, COLUMNS)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if not cuda:
+        print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
+              "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
+              "(reported as vstar_triton_interpreter) as a correctness check only, not timed.", file=sys.stderr)
     kernel_cases, unet_cases = plan(names, ns, dtypes, explicit_n=bool(args.n))
     sweep = Sweep(device, csv_path, info, budget_s=args.time_budget_s, resume=args.resume,
                   progress=not args.no_progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -19,9 +20,7 @@ from .. import _env
 QUANTILES = (0.5, 0.2, 0.8)   # median, p20, p80
 SLOW_CALL_MS = 100.0          # CUDA calls slower than this are timed with a few events, not do_bench
 # A timing whose p80 exceeds its p20 by more than this factor was taken on a busy machine, or is of
-# calls too short to time steadily (benchmarks/NOTES.md, "Busy cells"): on an idle one, calls of 30 ms
-# and more stay below 1.05, and a band wider than 25% is wider than the differences the comparisons
-# draw (a 1.3x against a 1.5x target).
+# calls too short to time steadily (why 1.25: benchmarks/NOTES.md, "Busy cells").
 BUSY_SPREAD = 1.25
 BUSY = "busy"
 
@@ -76,11 +75,8 @@ def time_cpu(fn, *, min_reps=3, max_reps=25, min_total_s=0.25) -> Timing:
 
 
 def time_cuda(fn, first_call_ms: float) -> Timing:
-    """triton.testing.do_bench (L2 flushed between calls); calls slower than SLOW_CALL_MS get 3 event pairs.
-
-    `first_call_ms` is the warm call's time, which decides the method: do_bench would
-    spend its estimation and warm-up rounds on a call that takes seconds.
-    """
+    """triton.testing.do_bench (L2 flushed between calls); calls slower than SLOW_CALL_MS (the warm call's
+    `first_call_ms`) get 3 event pairs: do_bench would spend seconds estimating them."""
     if first_call_ms > SLOW_CALL_MS:
         samples = []
         for _ in range(3):
@@ -108,6 +104,18 @@ def warm_call_ms(fn, cuda: bool) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def peak_call(fn, device: torch.device) -> tuple:
+    """Run `fn` once: (ms, the CUDA memory allocated during the call beyond what was allocated before, MiB;
+    None on CPU)."""
+    if device.type != "cuda":
+        return warm_call_ms(fn, False), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    ms = warm_call_ms(fn, True)
+    return ms, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
 def time_fn(fn, cuda: bool, first_call_ms: float) -> Timing:
     return time_cuda(fn, first_call_ms) if cuda else time_cpu(fn)
 
@@ -127,13 +135,9 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        found = re.search(r"^model name[^:]*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        model = found.group(1).strip() if found else model
     return f"cpu ({model})"
 
 

@@ -23,7 +23,7 @@ import vstar_kernels as vk
 from .. import dispatch
 from .._problem import make_problem
 from ..ops._load import triton_ops
-from ..reference import CHUNK_ELEMENTS
+from ..reference import CHUNK_ELEMENTS, reference_forward
 from ..regularization import gaussian_bias
 
 
@@ -49,7 +49,6 @@ class Peer:
     run: Callable
     why_not: Callable = lambda device, dtype: ""  # noqa: E731
     plain: bool = False   # computes attention without TAR
-    doc: str = ""
     backend: str = ""     # ours: the tar_attention backend it asks for ("" for the other peers)
 
     def label(self, device: torch.device) -> str:
@@ -77,12 +76,8 @@ def _gaussian(n: int, sigma: float, device: str, dtype: torch.dtype) -> torch.Te
 
 
 def _vstar(backend):
-    def run(q, k, v, spec):
-        try:
-            return vk.tar_attention(q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale,
-                                    backend=backend)
-        except vk.BackendUnavailableError as exc:
-            raise Unsupported(str(exc)) from None
+    def run(q, k, v, spec):  # BackendUnavailableError: a status of "unsupported: ..." (harness.classify)
+        return vk.tar_attention(q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale, backend=backend)
     return run
 
 
@@ -97,10 +92,7 @@ def reference_eager(q, k, v, spec):
 
 
 def reference_materialized(q, k, v, spec):
-    """The reference's out-of-place path (the one autograd differentiates): 256 MiB chunks, a new
-    tensor per op. The CPU default before the in-place path."""
-    from ..reference import reference_forward
-
+    """The reference's out-of-place path, the one autograd differentiates."""
     return reference_forward(_problem(q, k, v, spec), inplace=False)
 
 
@@ -111,9 +103,10 @@ def tar_chunk(q, k, v, dA, scale: float, strength: float):
     return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_chunk():
-    return torch.compile(tar_chunk)
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    """torch.compile of `fn`, made once, on first use."""
+    return torch.compile(fn)
 
 
 def reference_compiled(q, k, v, spec):
@@ -121,15 +114,14 @@ def reference_compiled(q, k, v, spec):
     B, H, n, _ = q.shape
     dA = _gaussian(n, spec.sigma, str(q.device), torch.float32)
     step = max(1, CHUNK_ELEMENTS // max(1, H * n * k.shape[2]))
-    fn = _compiled_chunk()
+    fn = _compiled(tar_chunk)
     return torch.cat([fn(q[b:b + step], k[b:b + step], v[b:b + step], dA, spec.scale, spec.strength)
                       for b in range(0, B, step)])
 
 
 def _compile_why_not(device, dtype):
-    if device.type == "cuda":
-        return "" if triton_ops().ok else f"torch.compile on CUDA needs Triton: {triton_ops().reason}"
-    return ""
+    needs = device.type == "cuda" and not triton_ops().ok
+    return f"torch.compile on CUDA needs Triton: {triton_ops().reason}" if needs else ""
 
 
 def tar_bias(q, k, spec):
@@ -177,14 +169,9 @@ def _flex_two_pass(q, k, v, spec):
     return flex_tar_pass(flex_attention, q, k, v, aux.max_scores, spec)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    return torch.compile(_flex_two_pass)
-
-
 def flex_two_pass(q, k, v, spec):
     """FlexAttention, compiled: pass 1 returns the row max (max_scores), pass 2 adds the bias in a score_mod."""
-    return _compiled_flex()(q, k, v, spec)
+    return _compiled(_flex_two_pass)(q, k, v, spec)
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,23 +205,16 @@ def sdpa_plain(q, k, v, spec):
 
 
 PEERS = {p.name: p for p in (
-    Peer("vstar_triton", _vstar("triton"), _backend_why_not("triton"), backend="triton",
-         doc="ours: the fused Triton forward (on CPU: checked in the Triton interpreter, not timed)"),
-    Peer("vstar_auto", _vstar("auto"), backend="auto",
-         doc="ours: tar_attention's default (backend='auto'): the PyTorch reference path on CPU tensors"),
-    Peer("vstar_cuda", _vstar("cuda"), _backend_why_not("cuda"), backend="cuda",
-         doc="ours: the CUDA extension, when built"),
-    Peer("reference_eager", reference_eager, doc="vstar_kernels.tar_attention_reference (float32, chunked)"),
-    Peer("reference_materialized", reference_materialized,
-         doc="the reference's out-of-place (autograd) path, 256 MiB chunks: the CPU default before"),
-    Peer("reference_compiled", reference_compiled, _compile_why_not,
-         doc="torch.compile of the reference formula, same chunking"),
-    Peer("sdpa_bias", sdpa_bias, doc="row max from a bmm, then SDPA with the (B, H, N, N) bias as attn_mask"),
-    Peer("flex_two_pass", flex_two_pass, lambda device, dtype: _flex_why_not(device.type),
-         doc="compiled FlexAttention: row max (max_scores) pass, then a score_mod pass"),
-    Peer("xformers_bias", xformers_bias, _xformers_why_not,
-         doc="xformers memory_efficient_attention with the (B, H, N, N) bias"),
-    Peer("sdpa_plain", sdpa_plain, plain=True, doc="SDPA, flash backend, no TAR"),
+    Peer("vstar_triton", _vstar("triton"), _backend_why_not("triton"), backend="triton"),
+    Peer("vstar_auto", _vstar("auto"), backend="auto"),
+    Peer("vstar_cuda", _vstar("cuda"), _backend_why_not("cuda"), backend="cuda"),
+    Peer("reference_eager", reference_eager),
+    Peer("reference_materialized", reference_materialized),
+    Peer("reference_compiled", reference_compiled, _compile_why_not),
+    Peer("sdpa_bias", sdpa_bias),
+    Peer("flex_two_pass", flex_two_pass, lambda device, dtype: _flex_why_not(device.type)),
+    Peer("xformers_bias", xformers_bias, _xformers_why_not),
+    Peer("sdpa_plain", sdpa_plain, plain=True),
 )}
 
 # Ours that are timed, in the order the speed comparison takes its reference from: on CUDA the Triton

@@ -12,7 +12,6 @@ import csv
 import math
 import sys
 import textwrap
-from collections import OrderedDict
 from pathlib import Path
 
 from .. import _env
@@ -22,7 +21,12 @@ from .measure import BUSY, BUSY_SPREAD, spread_flag
 from .peers import CHECKED, INTERPRETER, OURS, PEERS, TIMED_OURS
 
 COPY_IMPL = "device_copy"
-METRICS = ("time", "speedup", "bandwidth")
+# Each plot's metric: (the figure's title, the y axis's label).
+METRICS = {
+    "time": ("median time per call (bars: p20 to p80)", "median ms per call (log scale)"),
+    "speedup": ("peer time / time of ours (> 1: ours faster)", "peer time / ours (log; > 1: ours faster)"),
+    "bandwidth": ("achieved bandwidth, Q, K, V read and O written once", "GB/s (Q, K, V read + O written)"),
+}
 
 
 def read_csv(path) -> list:
@@ -61,9 +65,9 @@ def busy(row) -> bool:
     return flag == BUSY
 
 
-def latest(rows) -> "OrderedDict":
+def latest(rows) -> dict:
     """The last row for each (impl, batch, heads, n, d, dtype): a re-run replaces an earlier one."""
-    out = OrderedDict()
+    out = {}
     for r in rows:
         out[(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"])] = r
     return out
@@ -101,23 +105,18 @@ def our_failures(rows) -> list:
     return [r for r in latest(rows).values() if r["impl"] in OURS and r["status"].startswith("error")]
 
 
-class _Notes:
-    """Numbered reasons for non-ok cells, listed under each table."""
-
-    def __init__(self):
-        self.items = OrderedDict()
+class _Notes(dict):
+    """Numbered reasons for non-ok cells ({"impl: status": number}), listed under each table."""
 
     def mark(self, impl, status) -> str:
         if status == "oom":
             return "oom"
         word, _, why = status.partition(": ")
-        key = f"{impl}: {status}"
-        if key not in self.items:
-            self.items[key] = len(self.items) + 1
-        return f"{word} [{self.items[key]}]" if why else word
+        number = self.setdefault(f"{impl}: {status}", len(self) + 1)
+        return f"{word} [{number}]" if why else word
 
     def lines(self):
-        return [f"- [{i}] {text}" for text, i in self.items.items()]
+        return [f"- [{i}] {text}" for text, i in self.items()]
 
 
 def _ms(row) -> float:
@@ -142,15 +141,19 @@ def _time_cell(notes: _Notes, impl: str, row, relative=None) -> str:
     return text + (f" **{BUSY}**" if busy(row) else "")
 
 
+def _table(head, body) -> list:
+    """The lines of a markdown table with right-aligned columns."""
+    return ["| " + " | ".join(cells) + " |" for cells in (head, ["---:"] * len(head), *body)]
+
+
 def markdown(rows, title: str) -> str:
     meta = [r for r in rows if r["impl"] != COPY_IMPL] or rows
     devices = sorted({r["device"] for r in rows})
     cpu = any(d.startswith("cpu") for d in devices)
     peak = copy_gbps(rows)
+    seen = lambda column: ", ".join(sorted({r[column] for r in meta}))  # noqa: E731
     out = [f"# {title}", "",
-           f"Device: {', '.join(devices)}. torch {', '.join(sorted({r['torch'] for r in meta}))}, "
-           f"triton {', '.join(sorted({r['triton'] for r in meta}))}, "
-           f"commit {', '.join(sorted({r['commit'] for r in meta}))}, "
+           f"Device: {', '.join(devices)}. torch {seen('torch')}, triton {seen('triton')}, commit {seen('commit')}, "
            f"{min(r['timestamp'] for r in rows)} to {max(r['timestamp'] for r in rows)}.", ""]
     if cpu:
         out += ["**CPU run.** Times are CPU wall clock (perf_counter). Ours is `vstar_auto`: `tar_attention` "
@@ -185,11 +188,9 @@ def markdown(rows, title: str) -> str:
             ours_names = [i for i in impls if i in TIMED_OURS and _ran(i, by_n)]
             others = [i for i in impls if i not in ours_names]
             out += [f"### {shapes.shape_label(batch, heads, d)}: B x H = {batch * heads:,}, D = {d}", ""]
-            head = ["N"]
-            for name in ours_names:
-                head += [f"{name} ms", "GB/s", "% copy BW", "TFLOP/s"]
-            head += others
-            out += ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+            head = ["N", *(c for name in ours_names for c in (f"{name} ms", "GB/s", "% copy BW", "TFLOP/s")),
+                    *others]
+            body = []
             for n in sorted(by_n):
                 cell = by_n[n]
                 ours = _ours(cell)
@@ -204,9 +205,8 @@ def markdown(rows, title: str) -> str:
                                  _g(float(r["pct_peak_bw"])) + "%" if r["pct_peak_bw"] else "",
                                  _g(float(r["tflops"]))]
                 ratio = None if ours is None else (lambda ms: f"{_g(ms / _ms(ours))}x")
-                line += [_time_cell(notes, name, cell.get(name), ratio) for name in others]
-                out.append("| " + " | ".join(line) + " |")
-            out.append("")
+                body.append(line + [_time_cell(notes, name, cell.get(name), ratio) for name in others])
+            out += _table(head, body) + [""]
         out += notes.lines() + [""]
     unet = _groups(rows, unet=True)
     if unet:
@@ -215,8 +215,7 @@ def markdown(rows, title: str) -> str:
                 "Overhead: time over `unet_stock`. Peak MiB: allocated during one forward beyond what "
                 "was allocated before it.", ""]
         notes = _Notes()
-        out += ["| model | dtype | frames | " + " | ".join(f"{i} ms" for i in UNET_IMPLS) + " | "
-                + " | ".join(f"{i} peak MiB" for i in UNET_IMPLS) + " |", "|" + " ---: |" * (3 + 2 * len(UNET_IMPLS))]
+        body = []
         for dtype in sorted(unet):
             for (batch, heads, d), by_n in unet[dtype].items():
                 for n in sorted(by_n):
@@ -227,11 +226,11 @@ def markdown(rows, title: str) -> str:
                     line = [shapes.shape_label(batch, heads, d, unet=True), dtype, str(n)]
                     line += [_time_cell(notes, name, cell.get(name), None if name == "unet_stock" else overhead)
                              for name in UNET_IMPLS]
-                    for name in UNET_IMPLS:
-                        r = cell.get(name)
-                        line.append(f"{float(r['peak_mem_mb']):,.0f}" if r and r["peak_mem_mb"] else "")
-                    out.append("| " + " | ".join(line) + " |")
-        out += [""] + notes.lines() + [""]
+                    line += [f"{float(r['peak_mem_mb']):,.0f}" if r and r["peak_mem_mb"] else ""
+                             for r in map(cell.get, UNET_IMPLS)]
+                    body.append(line)
+        head = ["model", "dtype", "frames", *(f"{i} ms" for i in UNET_IMPLS), *(f"{i} peak MiB" for i in UNET_IMPLS)]
+        out += _table(head, body) + [""] + notes.lines() + [""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -241,11 +240,6 @@ def _color(impl: str):
     return matplotlib.colormaps["tab10"](_impl_order(impl)[0] % 10)
 
 
-METRIC_TITLES = {
-    "time": "median time per call (bars: p20 to p80)",
-    "speedup": "peer time / time of ours (> 1: ours faster)",
-    "bandwidth": "achieved bandwidth, Q, K, V read and O written once",
-}
 BUSY_LABEL = f"{BUSY}: p80/p20 > {BUSY_SPREAD:g} (a busy machine or too short a call), not to be trusted"
 
 
@@ -262,8 +256,7 @@ def draw_plots(rows, stem: Path) -> list:
     for dtype, groups in sorted(_groups(rows, unet=False).items()):
         cols = min(3, len(groups))
         nrows = math.ceil(len(groups) / cols)
-        ours = sorted({i for g in groups.values() for cell in g.values() for i, r in cell.items()
-                       if i in TIMED_OURS and r["status"] == "ok"}, key=_impl_order)
+        ours = [i for i in TIMED_OURS if any(_ran(i, by_n) for by_n in groups.values())]
         note = f"ours: {', '.join(ours) or 'none ran'}"
         if device.startswith("cpu"):
             note = f"CPU wall clock; {note} (tar_attention's default CPU path). Not GPU speed"
@@ -277,12 +270,10 @@ def draw_plots(rows, stem: Path) -> list:
                     ax.text(0.5, 0.5, _no_data(metric, by_n), transform=ax.transAxes, ha="center", va="center",
                             color="firebrick", fontsize=10, wrap=True)
                 title = f"{shapes.shape_label(batch, heads, d)} (B x H {batch * heads:,}, D {d})"
-                checked = _checked_only(by_n)
-                if checked:
-                    title += "\n" + textwrap.fill("correctness run only, not timed: " + ", ".join(checked), 70)
-                never = _never_ok(by_n)
-                if never:
-                    title += "\n" + textwrap.fill("not plotted, no successful run: " + ", ".join(never), 70)
+                for why, impls in (("correctness run only, not timed", _checked_only(by_n)),
+                                   ("not plotted, no successful run", _never_ok(by_n))):
+                    if impls:
+                        title += "\n" + textwrap.fill(f"{why}: {', '.join(impls)}", 70)
                 ax.set_title(title, fontsize=9)
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(sorted(by_n), [str(n) for n in sorted(by_n)])
@@ -295,7 +286,7 @@ def draw_plots(rows, stem: Path) -> list:
                     handles.setdefault(lab, h)
             fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(3, max(1, len(handles))),
                        fontsize=8, frameon=False)
-            fig.suptitle(f"TAR forward, {dtype}: {METRIC_TITLES[metric]}\n{device}\n{note}", fontsize=10)
+            fig.suptitle(f"TAR forward, {dtype}: {METRICS[metric][0]}\n{device}\n{note}", fontsize=10)
             legend_in = 0.15 + 0.22 * math.ceil(len(handles) / 3)
             fig.tight_layout(rect=(0, legend_in / height, 1, 1))
             path = stem.parent / f"{stem.name}-{metric}-{dtype}.png"
@@ -367,17 +358,15 @@ def _plot_metric(ax, metric, by_n, peak) -> int:
         bx, by = zip(*busy_xy)
         ax.plot(bx, by, linestyle="none", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
                 markeredgewidth=1.5, label=BUSY_LABEL)
-    if metric in ("time", "speedup"):
-        ax.set_yscale("log")
-        if metric == "speedup":
-            ax.axhline(1.0, color="black", lw=0.8)
-        _log_ticks(ax)
-        ax.set_ylabel("median ms per call (log scale)" if metric == "time" else
-                      "peer time / ours (log; > 1: ours faster)")
-    else:
+    ax.set_ylabel(METRICS[metric][1])
+    if metric == "bandwidth":
         if peak:
             ax.axhline(peak, color="black", ls="--", lw=1, label="measured copy bandwidth")
-        ax.set_ylabel("GB/s (Q, K, V read + O written)")
+        return drawn
+    ax.set_yscale("log")
+    if metric == "speedup":
+        ax.axhline(1.0, color="black", lw=0.8)
+    _log_ticks(ax)
     return drawn
 
 

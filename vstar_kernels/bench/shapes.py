@@ -79,12 +79,13 @@ _UNET = (
 SHAPES = {s.name: s for s in (*_KERNEL, *_UNET)}
 
 GPU_FULL = tuple(s.name for s in _KERNEL if s.name != "tiny") + tuple(s.name for s in _UNET[:2])
-GPU_QUICK = ("vc2-320x512-l0", "vc2-320x512-l2", "animatediff-512x512-l1")
-GPU_QUICK_N = (16, 64, 256, 1024)
-CPU_FULL = ("tiny", "unet-tiny")
-CPU_QUICK = ("tiny",)
-CPU_N = (16, 64, 160)
-CPU_QUICK_N = (16, 64)
+# (on CUDA, --quick) -> the sweep's default (shape names, N, dtypes)
+PRESETS = {
+    (True, False): (GPU_FULL, KERNEL_N, ("fp16", "bf16")),
+    (True, True): (("vc2-320x512-l0", "vc2-320x512-l2", "animatediff-512x512-l1"), (16, 64, 256, 1024), ("fp16",)),
+    (False, False): (("tiny", "unet-tiny"), (16, 64, 160), ("fp32",)),
+    (False, True): (("tiny",), (16, 64), ("fp32",)),
+}
 
 
 def is_unet(name: str) -> bool:
