@@ -137,12 +137,8 @@ def _cosmos_layout(dm, x, extra) -> Layout:
 
 
 def _cosmos1_targets(dm) -> List[str]:
-    found = []
-    for name, block in dm.blocks.items():
-        for index, sub in enumerate(block.blocks):
-            if sub.block_type in ("fa", "full_attn"):
-                found.append(f"blocks.{name}.blocks.{index}.block")
-    return found
+    return [f"blocks.{name}.blocks.{index}.block" for name, block in dm.blocks.items()
+            for index, sub in enumerate(block.blocks) if sub.block_type in ("fa", "full_attn")]
 
 
 _WAN_BLOCKS = _listed(("blocks", "self_attn"))
@@ -175,13 +171,4 @@ def family_of(diffusion_model: torch.nn.Module) -> Family:
     return family
 
 
-def check_tokens(layout: Layout, n: int, where: str) -> int:
-    """The number of text tokens after the video in an attention over `n` tokens (0 without text)."""
-    text = n - layout.tokens()
-    if text < 0 or (text and not layout.text_after):
-        raise ValueError(f"{where}: the self-attention has {n} tokens, but this call's latent makes "
-                         f"{layout.describe()} ({layout.tokens()} tokens)")
-    return text
-
-
-__all__ = ["FAMILIES", "Family", "Layout", "check_tokens", "family_of"]
+__all__ = ["FAMILIES", "Family", "Layout", "family_of"]
