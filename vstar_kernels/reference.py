@@ -162,25 +162,17 @@ def _entry_delta(problem: TarProblem, b, h, rows):
 def _needs_autograd(problem: TarProblem) -> bool:
     """True when the forward must stay differentiable (autograd, torch.func transforms) or traceable."""
     tensors = [t for t in (problem.q, problem.k, problem.v, problem.delta) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        return True
-    return torch.compiler.is_compiling()
+    return (problem.needs_grad() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+            or torch.compiler.is_compiling())
 
 
 def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor:
     """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype.
 
-    Works on 4-D chunks of (batch, head) slices and query rows of at most CHUNK_ELEMENTS scores,
-    so memory stays within a few chunks whatever the sequence length: a broadcast delta
-    ((Nq, Nk), (1, H, Nq, Nk), (B, 1, Nq, Nk) expanded by stride 0) is only read through views, and
-    the Gaussian or frame bias is built for one block of rows at a time. When a slice's rows take
-    several blocks, max_mode="global" first takes each slice's max in a pass of its own.
-
-    Without autograd the same operations run in place on cache-sized chunks (`_forward_inplace`);
-    under autograd, torch.func or torch.compile (or with inplace=False) the out-of-place definition
-    below runs.
+    On chunks of (batch, head) slices and query rows of at most CHUNK_ELEMENTS scores, the delta read
+    through views and the bias built one block of rows at a time (docs/semantics.md, "Memory"). Without
+    autograd the same operations run in place (`_forward_inplace`); under autograd, torch.func or
+    torch.compile (or with inplace=False) the out-of-place definition below runs.
     """
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
@@ -266,10 +258,8 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
         with torch.no_grad():
             slice_max = _global_max(problem, row_blocks, chunks, compute)
     segments, run_starts = _key_segments(problem) or (None, None)
-    if segments is None:
-        bias_of = _row_bias(problem, compute, lookup_elements=budget)
-    else:
-        bias_of = _run_bias(problem, compute, run_starts)
+    bias_of = (_row_bias(problem, compute, lookup_elements=budget) if segments is None
+               else _run_bias(problem, compute, run_starts))
     tasks = [(rows, b, h) for rows in row_blocks for b, h in chunks]
     slices = max(len(range(*b.indices(B))) * len(range(*h.indices(H))) for b, h in chunks)
 
