@@ -136,17 +136,14 @@ class TritonBackend(Backend):
                 f"{int(interpreting)} but it is now {int(not interpreting)}; {_env.SET_BEFORE_PYTHON}, "
                 "and leave it unchanged"
             )
-        dev = problem.device.type
-        if dev not in self.SUPPORTED_DEVICES:
-            return reasons
-        if interpreting and dev != "cpu":
+        dev = problem.device.type  # (a device outside SUPPORTED_DEVICES has its reason from the base class)
+        if interpreting and dev == "cuda":
             reasons.append(f"TRITON_INTERPRET=1 runs the kernels on CPU tensors, got {dev} tensors")
-        if not interpreting:
-            if dev != "cuda":
-                reasons.append(f"{dev} tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
-                               "compiled kernels run on CUDA tensors")
-            elif not torch.cuda.is_available():
-                reasons.append("CUDA is not available to torch")
+        elif not interpreting and dev == "cpu":
+            reasons.append(f"{dev} tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
+                           "compiled kernels run on CUDA tensors")
+        elif not interpreting and dev == "cuda" and not torch.cuda.is_available():
+            reasons.append("CUDA is not available to torch")
         return reasons
 
     def backward_reason(self):

@@ -429,13 +429,11 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
     """Gradients of `reference_forward` by autograd on the definition (the max's gradient is
     torch.amax's: split evenly over ties). Returns contiguous (dq, dk, dv, ddelta), ddelta the
     gradient of `problem.delta` (the (B, H, Nq, Nk) view, or the (F, F) frame matrix) when
-    delta_grad, else None.
+    delta_grad, else None; all zero when there is no score (no slice or no query).
 
     torch.func.vjp rather than torch.autograd: it also runs inside a custom op's implementation,
-    which the dispatcher calls below the autograd key. When a slice's rows take several blocks,
-    one block at a time (`_backward_by_blocks`), so that memory stays within a few chunks there too.
-    With no (batch, head) slice or no query there are no scores: nothing depends on the inputs, and
-    every gradient is zero (dq empty).
+    below the autograd key. When a slice's rows take several blocks, one block at a time
+    (`_backward_by_blocks`), so that memory stays within a few chunks there too.
     """
     if problem.batch * problem.heads == 0 or problem.nq == 0:
         return (*(torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (problem.q, problem.k, problem.v)),

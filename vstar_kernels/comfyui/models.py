@@ -76,12 +76,9 @@ def _listed(*places: Tuple[str, str]) -> Callable[[torch.nn.Module], List[str]]:
 # embedding, no padding) come last.
 def _wan_layout(dm, x, extra) -> Layout:
     frames, per_frame = _grid(_video(x, "Wan").shape, dm.patch_size, _ceil)
-    after = 0
-    concat = extra.get("time_dim_concat")
-    if concat is not None:
-        after += _ceil(concat.shape[-3], dm.patch_size[0]) * per_frame
+    concat, reference = extra.get("time_dim_concat"), extra.get("reference_latent")
+    after = 0 if concat is None else _ceil(concat.shape[-3], dm.patch_size[0]) * per_frame
     before = 0
-    reference = extra.get("reference_latent")
     if reference is not None and getattr(dm, "ref_conv", None) is not None:
         before = (reference.shape[-2] // dm.patch_size[1]) * (reference.shape[-1] // dm.patch_size[2])
     return Layout(before, frames, per_frame, after, False)
@@ -114,7 +111,7 @@ def _hunyuan_layout(dm, x, extra) -> Layout:
 # LTX-Video: patch size 1; keyframe guides (keyframe_idxs, one entry per guide token) are appended to the
 # latent after the video frames and keep positions of their own: they are tokens outside the video here.
 def _ltx_layout(dm, x, extra) -> Layout:
-    frames, per_frame = _grid(_video(x, "LTX-Video").shape, (1, 1, 1), lambda s, p: s)
+    frames, per_frame = _grid(_video(x, "LTX-Video").shape, (1, 1, 1), _ceil)
     guides = extra.get("keyframe_idxs")
     after = 0 if guides is None else int(guides.shape[-1])
     if after % per_frame:
