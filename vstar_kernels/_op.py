@@ -1,22 +1,14 @@
-"""The torch.library ops behind `tar_attention`, and their autograd (docs/compile-and-autograd.md).
-
-One opaque call per direction, so `torch.compile(fullgraph=True)` traces a module calling
-`tar_attention` without graph breaks and CUDA graphs capture it:
+"""The torch.library ops behind `tar_attention`, and their autograd (docs/compile-and-autograd.md):
 
     vstar::tar_attention(<problem>, backend, needs_grad) -> (out, stats)
     vstar::tar_attention_backward(grad_out, out, stats, <problem>, backend, delta_grad) -> (dq, dk, dv, ddelta)
 
-<problem> is `TarProblem`'s fields in `OP_FIELDS` order (q, k, v, sigma, ..., key_mask: the order
-of `tar_attention`'s keywords), spelled out in the two schemas and converted everywhere else with
-`TarProblem.op_args` / `TarProblem.from_op_args`. delta is the broadcast view `make_problem`
-built, so autograd sums its broadcast dims. The op checks the ids' values (`check_frame_values`)
-before it runs the backend `dispatch.select` resolved. `stats` is what that backend's backward
-needs beyond the inputs and the output (float32; may be empty); `ddelta` is empty unless
-delta_grad.
-
-A backend whose backward is plain PyTorch (the reference) runs it straight from the autograd
-formula, where torch.compile traces it (and it is differentiable again); the backward op is for
-kernel backends, whose gradients are first order.
+<problem> is `TarProblem`'s fields in `OP_FIELDS` order, spelled out in the two schemas and converted
+everywhere else with `TarProblem.op_args` / `from_op_args`; delta is `make_problem`'s broadcast view, so
+autograd sums its broadcast dims. `stats` is what the backend's backward needs beyond the inputs and the
+output (float32; may be empty); `ddelta` is empty unless delta_grad. A backend whose backward is plain
+PyTorch (the reference) runs it straight from the autograd formula, where torch.compile traces it (and it is
+differentiable again); the backward op is for kernel backends, whose gradients are first order.
 """
 
 from __future__ import annotations
@@ -40,9 +32,8 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
                                        key_mask))
     check_frame_values(problem)
     impl = BACKENDS[backend]
-    if needs_grad:
-        return impl.forward_saving(problem)
-    return impl.forward(problem), q.new_empty(impl.stats_shape(problem, False), dtype=torch.float32)
+    stats = q.new_empty(impl.stats_shape(problem, needs_grad), dtype=torch.float32)
+    return impl.forward(problem, stats if stats.numel() else None), stats
 
 
 @_tar_attention.register_fake

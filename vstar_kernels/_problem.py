@@ -20,10 +20,6 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_MODES = ("row", "global")
-# Largest |strength| and |scale|: the kernels and the reference compute in float32 (float64 for
-# float64 input on the reference), so a larger factor would be inf there.
-SCALAR_BOUNDS = {torch.float64: torch.finfo(torch.float64).max}
-FLOAT32_MAX = torch.finfo(torch.float32).max
 # Frame ids: signed integers (-1 marks a token outside the video).
 FRAME_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -118,11 +114,12 @@ def check_sigma(sigma) -> float:
 
 
 def _check_factor(name: str, value, dtype: torch.dtype) -> float:
-    """A finite `value` that the compute dtype of `dtype` inputs can hold (see SCALAR_BOUNDS)."""
+    """A finite `value` (|strength| or |scale|) that the compute dtype of `dtype` inputs can hold: a larger
+    factor would be inf there."""
     value = _real(name, value)
-    bound = SCALAR_BOUNDS.get(dtype, FLOAT32_MAX)
+    compute = "float64" if dtype == torch.float64 else "float32"
+    bound = torch.finfo(getattr(torch, compute)).max
     if not abs(value) <= bound:
-        compute = "float64" if dtype == torch.float64 else "float32"
         raise ValueError(f"{name} must be finite with |{name}| <= {bound:.8g} (the largest {compute}: the math "
                          f"for {dtype} inputs is {compute}), got {value}")
     return value
@@ -179,14 +176,13 @@ def _id_extrema(ids: torch.Tensor) -> tuple:
     """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device, so
     the same tensor passed again at the same in-place version is not read again (docs/semantics.md,
     "Memory"); an inference tensor has no version counter and is read on every call."""
-    if ids.is_inference():  # no version counter: a change in place could not be seen, so read every time
-        return tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
-    key = id(ids)
-    hit = _EXTREMA.get(key)
+    key, versioned = id(ids), not ids.is_inference()  # an inference tensor: a change in place could not be seen
+    hit = _EXTREMA.get(key) if versioned else None
     if hit is not None and hit[0]() is ids and hit[1] == ids._version:
         return hit[2]
     extrema = tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
-    _EXTREMA[key] = (weakref.ref(ids, lambda _, k=key: _EXTREMA.pop(k, None)), ids._version, extrema)
+    if versioned:
+        _EXTREMA[key] = (weakref.ref(ids, lambda _, k=key: _EXTREMA.pop(k, None)), ids._version, extrema)
     return extrema
 
 

@@ -93,17 +93,13 @@ class Backend:
         """Why this backend cannot differentiate a call, or ""."""
         return "" if self.SUPPORTS_BACKWARD else f"{self.kernel} has no backward"
 
-    def forward(self, problem: TarProblem) -> torch.Tensor:
+    def forward(self, problem: TarProblem, stats=None) -> torch.Tensor:
+        """The output; `stats`: None, or the float32 tensor of `stats_shape` to fill for backward()."""
         raise NotImplementedError
 
     def stats_shape(self, problem: TarProblem, needs_grad: bool) -> tuple:
-        """Shape of the float32 statistics `forward_saving` returns for backward() (none by default)."""
+        """Shape of the float32 statistics the forward saves for backward() (none by default)."""
         return (0,)
-
-    def forward_saving(self, problem: TarProblem) -> tuple:
-        """Forward of a call that will be differentiated: (output, statistics for backward())."""
-        stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)
-        return self.forward(problem), stats
 
     def backward(self, problem: TarProblem, out, stats, grad_out, delta_grad: bool) -> tuple:
         """(dq, dk, dv, ddelta or None), contiguous; by default autograd on the reference definition."""
@@ -113,7 +109,7 @@ class Backend:
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def forward(self, problem):
+    def forward(self, problem, stats=None):
         return reference_forward(problem)
 
 
@@ -140,35 +136,27 @@ class TritonBackend(Backend):
                 f"{int(interpreting)} but it is now {int(not interpreting)}; {_env.SET_BEFORE_PYTHON}, "
                 "and leave it unchanged"
             )
-        dev = problem.device.type
-        if dev not in self.SUPPORTED_DEVICES:
-            return reasons
-        if interpreting and dev != "cpu":
+        dev = problem.device.type  # (a device outside SUPPORTED_DEVICES has its reason from the base class)
+        if interpreting and dev == "cuda":
             reasons.append(f"TRITON_INTERPRET=1 runs the kernels on CPU tensors, got {dev} tensors")
-        if not interpreting:
-            if dev != "cuda":
-                reasons.append(f"{dev} tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
-                               "compiled kernels run on CUDA tensors")
-            elif not torch.cuda.is_available():
-                reasons.append("CUDA is not available to torch")
+        elif not interpreting and dev == "cpu":
+            reasons.append(f"{dev} tensors need TRITON_INTERPRET=1 (the Triton interpreter); "
+                           "compiled kernels run on CUDA tensors")
+        elif not interpreting and dev == "cuda" and not torch.cuda.is_available():
+            reasons.append("CUDA is not available to torch")
         return reasons
 
     def backward_reason(self):
         return _load.triton_backward_reason()
 
-    def forward(self, problem):
-        return _load.triton_ops().module.tar_forward(problem)
+    def forward(self, problem, stats=None):
+        return _load.triton_ops().module.tar_forward(problem, stats=stats)
 
     def stats_shape(self, problem, needs_grad):
         bh = problem.batch * problem.heads
         if needs_grad and (problem.frames_q is not None or problem.key_mask is not None):
             return (bh, problem.nq, layout.STATS_FIELDS)  # the tiled kernels run such calls at any length
         return layout.stats_shape(bh, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v, needs_grad)
-
-    def forward_saving(self, problem):
-        stats = torch.empty(self.stats_shape(problem, True), device=problem.device, dtype=torch.float32)
-        out = _load.triton_ops().module.tar_forward(problem, stats=stats if stats.numel() else None)
-        return out, stats
 
     def backward(self, problem, out, stats, grad_out, delta_grad):
         return _load.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
@@ -196,7 +184,7 @@ class CudaBackend(Backend):
         probe = tar_cuda.load()
         return [] if probe.ok else [probe.reason]
 
-    def forward(self, problem):
+    def forward(self, problem, stats=None):
         return tar_cuda.tar_forward(problem)
 
 

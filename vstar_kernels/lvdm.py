@@ -1,12 +1,8 @@
-"""TAR for VideoCrafter-style (lvdm) attention modules: ``from vstar_kernels.lvdm import apply_tar_to_modules``.
+"""TAR for VideoCrafter-style (lvdm) attention modules (docs/integrations.md, "VideoCrafter2 (lvdm) front-ends").
 
-Needs only torch (lvdm is not a pip package: nothing here imports it). `apply_tar_to_modules`
-patches any module with lvdm's attention interface (``to_q``, ``to_k``, ``to_v``, ``to_out``,
-``heads``, ``scale``, called as ``module(x, context=None, mask=None)``), chosen by a
-``select(name, module) -> level or None`` function; see docs/integrations.md. The patch is an
-instance attribute ``forward`` (lvdm itself puts one there for its xformers path), so that
-`remove_tar_from_modules` can put back exactly what was there. The step comes from the caller
-(``set_step(model, i)``), so both guidance branches of a step, in one call or two, see the same step.
+Needs only torch (lvdm is not a pip package). The patch is an instance attribute ``forward`` (lvdm itself
+puts one there for its xformers path), so that `remove_tar_from_modules` can put back exactly what was
+there. The step comes from the caller (``set_step(model, i)``), so both guidance branches of a step see it.
 """
 
 from __future__ import annotations

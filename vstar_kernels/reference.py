@@ -21,11 +21,8 @@ from .regularization import gaussian_bias
 # holds per tensor, but for the int64 / float64 frame distances of a block of rows (8 bytes each)
 # that the out-of-place path evaluates the Gaussian of frame ids from.
 CHUNK_ELEMENTS = 1 << 26
-# Chunk of the in-place path (no autograd): 2**21 fp32 scores = 8 MiB, so that the scores stay
-# in the last-level cache from the QK^T product to the PV product instead of streaming through
-# DRAM once per elementwise pass (on a machine whose cache other processes share, 2**21 was up to
-# 10% faster than 2**22 on the DiT calls of benchmarks/NOTES.md, and 2**20 no faster), while each op
-# still has enough work to amortize its dispatch. Never more than CHUNK_ELEMENTS.
+# Chunk of the in-place path (no autograd): 2**21 fp32 scores = 8 MiB, which stay in the last-level cache
+# from the QK^T product to the PV product (sizes measured in benchmarks/NOTES.md). Never more than CHUNK_ELEMENTS.
 INPLACE_CHUNK_ELEMENTS = 1 << 21
 
 
@@ -39,11 +36,9 @@ def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
     strength * max * dA = inf * 0). `m`: the max to use (the slice's, computed beforehand when a
     slice's rows come in several blocks); by default taken over this chunk.
     """
-    s = torch.matmul(q, k.transpose(-1, -2)) * problem.scale
     if mask is None and problem.causal:
-        mask = _causal_mask(0, s.shape[-2], s.shape[-1], s.device)
-    if mask is not None:
-        s = s.masked_fill(mask, -math.inf)
+        mask = _causal_mask(0, q.shape[-2], k.shape[-2], q.device)
+    s = _masked_scores(problem, q, k, mask)
     if not problem.regularized:
         return s
     if m is None:
@@ -55,6 +50,12 @@ def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
         m = m.masked_fill(empty & torch.isneginf(m), 0.0)
     bias = dA if delta is None else delta.to(s.dtype)
     s = s + problem.strength * m * bias
+    return s if mask is None else s.masked_fill(mask, -math.inf)
+
+
+def _masked_scores(problem: TarProblem, q, k, mask) -> torch.Tensor:
+    """The scaled scores q @ k^T of a chunk, -inf where `mask` (None: no mask) is True."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * problem.scale
     return s if mask is None else s.masked_fill(mask, -math.inf)
 
 
@@ -161,25 +162,17 @@ def _entry_delta(problem: TarProblem, b, h, rows):
 def _needs_autograd(problem: TarProblem) -> bool:
     """True when the forward must stay differentiable (autograd, torch.func transforms) or traceable."""
     tensors = [t for t in (problem.q, problem.k, problem.v, problem.delta) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        return True
-    return torch.compiler.is_compiling()
+    return (problem.needs_grad() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+            or torch.compiler.is_compiling())
 
 
 def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor:
     """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype.
 
-    Works on 4-D chunks of (batch, head) slices and query rows of at most CHUNK_ELEMENTS scores,
-    so memory stays within a few chunks whatever the sequence length: a broadcast delta
-    ((Nq, Nk), (1, H, Nq, Nk), (B, 1, Nq, Nk) expanded by stride 0) is only read through views, and
-    the Gaussian or frame bias is built for one block of rows at a time. When a slice's rows take
-    several blocks, max_mode="global" first takes each slice's max in a pass of its own.
-
-    Without autograd the same operations run in place on cache-sized chunks (`_forward_inplace`);
-    under autograd, torch.func or torch.compile (or with inplace=False) the out-of-place definition
-    below runs.
+    On chunks of (batch, head) slices and query rows of at most CHUNK_ELEMENTS scores, the delta read
+    through views and the bias built one block of rows at a time (docs/semantics.md, "Memory"). Without
+    autograd the same operations run in place (`_forward_inplace`); under autograd, torch.func or
+    torch.compile (or with inplace=False) the out-of-place definition below runs.
     """
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
@@ -193,14 +186,10 @@ def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor
     out_rows = []
     for rows in row_blocks:
         dA = bias_of(rows)
-        outs = []
-        for b, h in chunks:
-            outs.append(_chunk_out(problem, compute, rows, b, problem.q[b, h, rows], problem.k[b, h], problem.v[b, h],
-                                   _entry_delta(problem, b, h, rows), dA, None if m is None else m[b, h]))
-        if chunks[0][1] == slice(None):
-            out_rows.append(torch.cat(outs))
-        else:
-            out_rows.append(torch.cat(outs, dim=1).reshape(B, H, -1, problem.head_dim_v))
+        outs = [_chunk_out(problem, compute, rows, b, problem.q[b, h, rows], problem.k[b, h], problem.v[b, h],
+                           _entry_delta(problem, b, h, rows), dA, None if m is None else m[b, h]).flatten(0, 1)
+                for b, h in chunks]
+        out_rows.append(torch.cat(outs).unflatten(0, (B, H)))
     return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=2)
 
 
@@ -219,46 +208,28 @@ def _max_first(problem: TarProblem, row_blocks) -> bool:
     return problem.regularized and problem.max_mode == "global" and len(row_blocks) > 1
 
 
-def _masked_scores(problem: TarProblem, compute, rows: slice, b: slice, q, k) -> torch.Tensor:
-    """The scaled scores of a chunk, -inf where masked."""
-    s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * problem.scale
-    mask = _mask(problem, rows, b)
-    return s if mask is None else s.masked_fill(mask, -math.inf)
-
-
-def _block_maxima(problem: TarProblem, row_blocks, chunks, compute) -> tuple:
-    """Each row block's max of each slice's masked scores and its number of ties: (R, B, H, 1, 1) each."""
-    maxima, ties = [], []
-    for rows in row_blocks:
-        block_max, block_ties = [], []
-        for b, h in chunks:
-            s = _masked_scores(problem, compute, rows, b, problem.q[b, h, rows], problem.k[b, h])
-            block_max.append(s.amax(dim=(-2, -1), keepdim=True))
-            with torch.no_grad():
-                block_ties.append((s == block_max[-1]).sum(dim=(-2, -1), keepdim=True))
-        maxima.append(torch.cat(block_max).reshape(problem.batch, problem.heads, 1, 1))
-        ties.append(torch.cat(block_ties).reshape(problem.batch, problem.heads, 1, 1))
-    return torch.stack(maxima), torch.stack(ties)
-
-
-def _max_shares(maxima: torch.Tensor, ties: torch.Tensor) -> tuple:
-    """The slices' max (B, H, 1, 1) from the blocks' (no gradient), and the share of its gradient each
-    block's max passes on to its own ties (R, B, H, 1, 1): their number over the slice's, 0 for an
-    infinite max (which has no gradient to pass)."""
-    m = maxima.detach().amax(dim=0)
-    weights = (ties * (maxima.detach() == m)).to(m.dtype)
-    return m, weights / weights.sum(dim=0) * torch.isfinite(maxima.detach())
-
-
 def _global_max(problem: TarProblem, row_blocks, chunks, compute, shares: bool = False):
     """The max of each (batch, head) slice's masked scores, (B, H, 1, 1), one block of rows at a time
-    (with shares=True, and the blocks' shares of its gradient, `_max_shares`).
+    (`chunks` hold one slice each). With shares=True, also the share of its gradient each block's max
+    passes on to its own ties, (R, B, H, 1, 1): their number over the slice's, 0 for an infinite max
+    (which has no gradient to pass).
 
     Its gradient is torch.amax's over the whole slice: shared evenly by every tied entry, whichever
     blocks they are in (each block's maximum passes it to its own ties, weighted by their number).
     """
-    maxima, ties = _block_maxima(problem, row_blocks, chunks, compute)
-    m, weights = _max_shares(maxima, ties)
+    maxima, ties = [], []
+    for rows in row_blocks:
+        for b, h in chunks:
+            mask = _mask(problem, rows, b)
+            s = _masked_scores(problem, problem.q[b, h, rows].to(compute), problem.k[b, h].to(compute), mask)
+            maxima.append(s.amax(dim=(-2, -1), keepdim=True))
+            with torch.no_grad():
+                ties.append((s == maxima[-1]).sum(dim=(-2, -1), keepdim=True))
+    shape = (len(row_blocks), problem.batch, problem.heads, 1, 1)
+    maxima, ties = torch.cat(maxima).reshape(shape), torch.cat(ties).reshape(shape)
+    m = maxima.detach().amax(dim=0)
+    weights = (ties * (maxima.detach() == m)).to(m.dtype)
+    weights = weights / weights.sum(dim=0) * torch.isfinite(maxima.detach())
     # maxima - maxima.detach() is 0 with the blocks' gradients; an infinite maximum adds nothing (inf - inf).
     shift = torch.where(torch.isfinite(maxima), maxima - maxima.detach(), 0.0)
     m = m + (weights * shift).sum(dim=0)
@@ -266,21 +237,11 @@ def _global_max(problem: TarProblem, row_blocks, chunks, compute, shares: bool =
 
 
 def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
-    """`reference_forward`'s operations in the same order, in place.
-
-    One set of buffers (a chunk of scores, of q, k, v in the compute dtype, of row maxima, of the
-    output) is reused by every chunk, small enough to stay in cache. Both products are batched
-    GEMMs that read q, k and v where they are when a block is a batch of matrices as a view (rows
-    of unit-stride elements, any row and batch stride); for strides whose (batch, head) blocks are
-    not (the (B, N, H, D) storage of diffusers), a chunk is one head's batches, which are. Blocks
-    in another dtype are converted into the buffers. The PV product is written straight into the
-    output when that block is contiguous in the compute dtype.
-
-    With several intra-op threads and several chunks, the chunks are split among that many worker
-    threads, each running its share one chunk after another with one intra-op thread of its own and
-    its own buffers (`_chunk_workers`): a chunk's dozen operations then wait on no other thread,
-    where each would otherwise be a parallel region of its own whose threads meet at its end (on a
-    machine loaded past its cores, a preempted thread stalls every one of them). Each chunk's
+    """`reference_forward`'s operations in the same order, in place, on cache-sized buffers (`_ChunkBuffers`)
+    that every chunk reuses. The batched GEMMs read q, k and v in place where a block is a batch of matrices
+    as a view (`_as_batch`); for strides whose (batch, head) blocks are not (diffusers' (B, N, H, D) storage)
+    a chunk is one head's batches, which are. With several intra-op threads the chunks are split among
+    worker threads of one intra-op thread each (`_chunk_workers`; why: benchmarks/NOTES.md); each chunk's
     result is the one-thread result, whatever the thread count.
     """
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
@@ -297,12 +258,10 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
         with torch.no_grad():
             slice_max = _global_max(problem, row_blocks, chunks, compute)
     segments, run_starts = _key_segments(problem) or (None, None)
-    if segments is None:
-        bias_of = _row_bias(problem, compute, lookup_elements=budget)
-    else:
-        bias_of = _run_bias(problem, compute, run_starts)
+    bias_of = (_row_bias(problem, compute, lookup_elements=budget) if segments is None
+               else _run_bias(problem, compute, run_starts))
     tasks = [(rows, b, h) for rows in row_blocks for b, h in chunks]
-    slices = max(_block_slices(b, h, B, H) for b, h in chunks)
+    slices = max(len(range(*b.indices(B))) * len(range(*h.indices(H))) for b, h in chunks)
 
     def run(part):
         buffers = _ChunkBuffers(problem, compute, slices, len(range(*row_blocks[0].indices(nq))))
@@ -466,21 +425,15 @@ def _head_chunks(batch: int, heads: int, per_chunk: int):
     return [(slice(b0, b1), slice(h, h + 1)) for h in range(heads) for b0, b1 in zip(bounds[:-1], bounds[1:])]
 
 
-def _block_slices(b: slice, h: slice, batch: int, heads: int) -> int:
-    return len(range(*b.indices(batch))) * len(range(*h.indices(heads)))
-
-
 def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: bool = False):
     """Gradients of `reference_forward` by autograd on the definition (the max's gradient is
     torch.amax's: split evenly over ties). Returns contiguous (dq, dk, dv, ddelta), ddelta the
     gradient of `problem.delta` (the (B, H, Nq, Nk) view, or the (F, F) frame matrix) when
-    delta_grad, else None.
+    delta_grad, else None; all zero when there is no score (no slice or no query).
 
     torch.func.vjp rather than torch.autograd: it also runs inside a custom op's implementation,
-    which the dispatcher calls below the autograd key. When a slice's rows take several blocks,
-    one block at a time (`_backward_by_blocks`), so that memory stays within a few chunks there too.
-    With no (batch, head) slice or no query there are no scores: nothing depends on the inputs, and
-    every gradient is zero (dq empty).
+    below the autograd key. When a slice's rows take several blocks, one block at a time
+    (`_backward_by_blocks`), so that memory stays within a few chunks there too.
     """
     if problem.batch * problem.heads == 0 or problem.nq == 0:
         return (*(torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (problem.q, problem.k, problem.v)),
@@ -503,7 +456,7 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
 def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blocks, chunks) -> tuple:
     """`reference_backward` one (slice, block of rows) at a time: the vjp of each chunk's output
     (recomputed), then, for max_mode="global", of each block's max with its share of the slice
-    max's gradient (`_max_shares`), as the forward's autograd would give. Every chunk holds one slice."""
+    max's gradient (`_global_max`), as the forward's autograd would give. Every chunk holds one slice."""
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     frame_delta = problem.frames_q is not None and problem.delta is not None
     bias_of = None if problem.delta is not None else _row_bias(problem, compute)
@@ -542,7 +495,8 @@ def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blo
         if m is not None:  # the slice max's gradient, through each block's max
             for i, rows in enumerate(row_blocks):
                 def block_max(q_r, k_s, rows=rows, b=b):
-                    return _masked_scores(problem, compute, rows, b, q_r, k_s).amax(dim=(-2, -1), keepdim=True)
+                    s = _masked_scores(problem, q_r.to(compute), k_s.to(compute), _mask(problem, rows, b))
+                    return s.amax(dim=(-2, -1), keepdim=True)
 
                 _, vjp = torch.func.vjp(block_max, problem.q[b, h, rows], k)
                 g_q, g_k = vjp(weights[i, b, h] * dm)
@@ -553,13 +507,10 @@ def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blo
         dv.append(dv_s)
         if dd_rows:
             ddelta.append(torch.cat(dd_rows, dim=2))
-    shape = (problem.batch, problem.heads)
-    out = [torch.cat(g, dim=1).reshape(*shape, *g[0].shape[2:]).contiguous() for g in (dq, dk, dv)]
-    if delta_grad:
-        out.append(d_frames if frame_delta else torch.cat(ddelta, dim=1).reshape(*shape, *ddelta[0].shape[2:]))
-    else:
-        out.append(None)
-    return tuple(out)
+    def whole(g):  # the slices' gradients as one (B, H, ...) tensor
+        return torch.cat(g).reshape(problem.batch, problem.heads, *g[0].shape[2:]).contiguous()
+
+    return whole(dq), whole(dk), whole(dv), (d_frames if frame_delta else whole(ddelta)) if delta_grad else None
 
 
 def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,

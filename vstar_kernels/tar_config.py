@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from ._problem import FLOAT_DTYPES, _real, check_sigma
+from ._problem import _check_tensor, _real, check_sigma
 from .dispatch import BACKEND_NAMES
 
 
@@ -88,10 +88,7 @@ class LevelSpec:
 
 
 def _checked_delta(delta) -> torch.Tensor:
-    if not isinstance(delta, torch.Tensor):
-        raise TypeError(f"delta must be a torch.Tensor, got {type(delta).__name__}")
-    if delta.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"delta must be a floating-point tensor, got {delta.dtype}")
+    _check_tensor("delta", delta)
     if delta.dim() != 2 or delta.shape[0] != delta.shape[1] or delta.shape[0] < 1:
         raise ValueError(f"delta must be a square (frames, frames) matrix, got shape {tuple(delta.shape)}")
     if not torch.isfinite(delta).all():

@@ -2,10 +2,7 @@
 
 ComfyUI loads ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` from a custom_nodes
 package; ``vstar-kernels comfyui-install /path/to/ComfyUI`` writes one that imports these.
-Importing this package needs no ComfyUI: ``comfy`` is imported when the node runs. The modules:
-`node` (the node and `apply_tar`), `patch` (what the node adds to a model and how a call runs
-with it) and `models` (the video models the node knows and their token layouts).
-See docs/comfyui.md.
+Importing this package needs no ComfyUI: ``comfy`` is imported when the node runs. See docs/comfyui.md.
 """
 
 from .node import VSTARTemporalAttentionRegularization, apply_tar

@@ -76,12 +76,9 @@ def _listed(*places: Tuple[str, str]) -> Callable[[torch.nn.Module], List[str]]:
 # embedding, no padding) come last.
 def _wan_layout(dm, x, extra) -> Layout:
     frames, per_frame = _grid(_video(x, "Wan").shape, dm.patch_size, _ceil)
-    after = 0
-    concat = extra.get("time_dim_concat")
-    if concat is not None:
-        after += _ceil(concat.shape[-3], dm.patch_size[0]) * per_frame
+    concat, reference = extra.get("time_dim_concat"), extra.get("reference_latent")
+    after = 0 if concat is None else _ceil(concat.shape[-3], dm.patch_size[0]) * per_frame
     before = 0
-    reference = extra.get("reference_latent")
     if reference is not None and getattr(dm, "ref_conv", None) is not None:
         before = (reference.shape[-2] // dm.patch_size[1]) * (reference.shape[-1] // dm.patch_size[2])
     return Layout(before, frames, per_frame, after, False)
@@ -114,7 +111,7 @@ def _hunyuan_layout(dm, x, extra) -> Layout:
 # LTX-Video: patch size 1; keyframe guides (keyframe_idxs, one entry per guide token) are appended to the
 # latent after the video frames and keep positions of their own: they are tokens outside the video here.
 def _ltx_layout(dm, x, extra) -> Layout:
-    frames, per_frame = _grid(_video(x, "LTX-Video").shape, (1, 1, 1), lambda s, p: s)
+    frames, per_frame = _grid(_video(x, "LTX-Video").shape, (1, 1, 1), _ceil)
     guides = extra.get("keyframe_idxs")
     after = 0 if guides is None else int(guides.shape[-1])
     if after % per_frame:
@@ -137,12 +134,8 @@ def _cosmos_layout(dm, x, extra) -> Layout:
 
 
 def _cosmos1_targets(dm) -> List[str]:
-    found = []
-    for name, block in dm.blocks.items():
-        for index, sub in enumerate(block.blocks):
-            if sub.block_type in ("fa", "full_attn"):
-                found.append(f"blocks.{name}.blocks.{index}.block")
-    return found
+    return [f"blocks.{name}.blocks.{index}.block" for name, block in dm.blocks.items()
+            for index, sub in enumerate(block.blocks) if sub.block_type in ("fa", "full_attn")]
 
 
 _WAN_BLOCKS = _listed(("blocks", "self_attn"))
@@ -175,13 +168,4 @@ def family_of(diffusion_model: torch.nn.Module) -> Family:
     return family
 
 
-def check_tokens(layout: Layout, n: int, where: str) -> int:
-    """The number of text tokens after the video in an attention over `n` tokens (0 without text)."""
-    text = n - layout.tokens()
-    if text < 0 or (text and not layout.text_after):
-        raise ValueError(f"{where}: the self-attention has {n} tokens, but this call's latent makes "
-                         f"{layout.describe()} ({layout.tokens()} tokens)")
-    return text
-
-
-__all__ = ["FAMILIES", "Family", "Layout", "check_tokens", "family_of"]
+__all__ = ["FAMILIES", "Family", "Layout", "family_of"]

@@ -1,12 +1,6 @@
-"""What the node adds to a ComfyUI model, and how a model call runs with it (docs/comfyui.md, How it works).
-
-All on the node's clone of the ModelPatcher: `TARWrapper` (an APPLY_MODEL wrapper that, in the
-window's steps, hands the call's token layout down in a copy of transformer_options), `MarkedForward`
-(an object patch on the forward of each module holding the video self-attention, which sets
-`tar_override` as the attention override inside it) and `tar_override` itself. Self- and
-cross-attention are told apart by where the call comes from, never by sequence lengths; a
-regularized module whose attention did not come through the override raises a RuntimeError.
-"""
+"""What the node adds to a ComfyUI model, and how a model call runs with it (docs/comfyui.md, How it works):
+`TARWrapper` (the APPLY_MODEL wrapper), `MarkedForward` (the object patch on each module holding the video
+self-attention) and `tar_override` (the attention override inside such a module)."""
 
 from __future__ import annotations
 
@@ -17,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import frame_ids, tar_attention
-from .models import Family, Layout, check_tokens
+from .models import Family, Layout
 
 KEY = "vstar_tar"               # transformer_options key of the regularized call; the wrapper's key
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
@@ -34,17 +28,21 @@ class Settings:
     backend: str
 
 
+@dataclass(frozen=True)
 class RegularizedCall:
     """One model call in the window: its settings and token layout."""
 
-    def __init__(self, settings: Settings, layout: Layout):
-        self.settings, self.layout = settings, layout
+    settings: Settings
+    layout: Layout
 
     def frames(self, n: int, device, where: str) -> torch.Tensor:
-        """Frame ids of a self-attention over `n` tokens of this call (-1 outside the video)."""
-        text = check_tokens(self.layout, n, where)
-        lead = self.settings.reference_frames
-        layout = self.layout
+        """Frame ids of a self-attention over `n` tokens of this call (-1 outside the video, and the text
+        after it where the layout has some)."""
+        layout, lead = self.layout, self.settings.reference_frames
+        text = n - layout.tokens()
+        if text < 0 or (text and not layout.text_after):
+            raise ValueError(f"{where}: the self-attention has {n} tokens, but this call's latent makes "
+                             f"{layout.describe()} ({layout.tokens()} tokens)")
         if lead >= layout.frames:
             raise ValueError(f"{where}: reference_frames={lead} leaves none of this call's {layout.frames} latent "
                              "frames as video")
@@ -91,8 +89,7 @@ class TARWrapper:
         if not self.regularizes(t if sigmas is None else sigmas):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         layout = self.family.layout(executor.class_obj.diffusion_model, x, kwargs)
-        options = dict(options)
-        options[KEY] = RegularizedCall(self.settings, layout)
+        options = {**options, KEY: RegularizedCall(self.settings, layout)}
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
@@ -111,10 +108,7 @@ class MarkedForward:
         if call is None:
             return self.original(*args, **kwargs)
         module = _Module(call, self.name)
-        marked = dict(options)
-        marked[OVERRIDE] = tar_override
-        marked[SITE] = module
-        kwargs["transformer_options"] = marked
+        kwargs["transformer_options"] = {**options, OVERRIDE: tar_override, SITE: module}
         out = self.original(*args, **kwargs)
         if module.calls == 0:
             raise RuntimeError(f"VSTAR_TAR: {self.name} computed its attention without ComfyUI's attention "
