@@ -357,9 +357,7 @@ def _precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision for float32 inputs (16-bit inputs ignore it): "tf32x3" (three TF32
     tensor-core products, float32 accuracy), or one TF32 product ("tf32") where torch allows TF32
     for its own float32 matmuls (docs/semantics.md, "Dtypes and precision")."""
-    if dtype == torch.float32 and not _tf32_allowed():
-        return "tf32x3"
-    return "tf32"
+    return "tf32x3" if dtype == torch.float32 and not _tf32_allowed() else "tf32"
 
 
 def _tf32_allowed() -> bool:
