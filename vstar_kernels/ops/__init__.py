@@ -10,8 +10,6 @@
 * _load.py: loads the kernel modules once and keeps the reason when one cannot be loaded.
 * tar_cuda.py: the optional CUDA C++ operator (vstar_kernels._C); it loads its library itself
   (`tar_cuda.load()`).
-* compile_check.py: compiles every Triton kernel launch for an NVIDIA arch without a GPU and
-  reports registers, spills and shared memory.
 
 The kernel modules import triton at import time: load them only through `_load.py`.
 """

@@ -1,10 +1,6 @@
-"""Building blocks shared by the Triton forward (tar_fwd.py) and backward (tar_bwd.py) kernels.
-
-@triton.jit helpers (the score expression, the Gaussian band, the bias, tile loads and stores,
-the packed and tiled program coordinates, the interpreter's exact bf16 products) and the
-launcher-side helpers both launchers call (compile-time options, delta arguments, packed
-segment sizes). One definition each, so that the backward recomputes exactly the forward's
-arithmetic.
+"""Building blocks shared by the Triton forward (tar_fwd.py) and backward (tar_bwd.py) kernels and
+their launchers (listed in ops/__init__.py). One definition each, so that the backward recomputes
+exactly the forward's arithmetic.
 """
 
 from __future__ import annotations
@@ -359,12 +355,9 @@ def frame_band_width(gauss_coef: float) -> int:
 
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision for float32 inputs (16-bit inputs ignore it): "tf32x3" (three TF32
-    tensor-core products, each operand split as hi + lo, hi @ hi + hi @ lo + lo @ hi accumulated in
-    float32: close to float32 accuracy, tests/kernels/test_tf32x3.py), or one TF32 product ("tf32")
-    where torch allows TF32 for its own float32 matmuls. Either keeps float32 off the FMA units."""
-    if dtype == torch.float32 and not _tf32_allowed():
-        return "tf32x3"
-    return "tf32"
+    tensor-core products, float32 accuracy), or one TF32 product ("tf32") where torch allows TF32
+    for its own float32 matmuls (docs/semantics.md, "Dtypes and precision")."""
+    return "tf32x3" if dtype == torch.float32 and not _tf32_allowed() else "tf32"
 
 
 def _tf32_allowed() -> bool:
@@ -446,7 +439,29 @@ def packed_segments(problem: TarProblem) -> tuple:
     return seg_q, seg_k, max(seg_q, seg_k)
 
 
-def interpreter_rows(problem: TarProblem) -> int:
-    """Packed tile rows the interpreter runs (it does not autotune)."""
-    return max(packed_limit(max(block_dims(problem.head_dim, problem.head_dim_v))),
-               pow2(max(problem.nq, problem.nk)))
+def packed_launch(problem: TarProblem) -> tuple:
+    """(constexprs, grid) of a packed launch: SEG_Q, SEG_K and SEG_MAX (`packed_segments`), and
+    ROWS in the interpreter, which does not autotune."""
+    seg_q, seg_k, seg_max = packed_segments(problem)
+    meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max)
+    if INTERPRETING:
+        meta["ROWS"] = max(packed_limit(max(block_dims(problem.head_dim, problem.head_dim_v))),
+                           pow2(max(problem.nq, problem.nk)))
+    bh = problem.batch * problem.heads
+    return meta, lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)
+
+
+def fewest_words(configs: list, row_words: int, budget: int) -> list:
+    """The packed configs whose ROWS x row_words operand words a thread (float32 inputs) are at most
+    `budget`, else those that hold the fewest."""
+    words = {c: c.kwargs["ROWS"] * row_words / (32 * c.num_warps) for c in configs}
+    least = min(words.values(), default=0)
+    return [c for c in configs if words[c] <= max(budget, least)]
+
+
+def tuned(kernel, configs: list, prune, key: list):
+    """`kernel` autotuned per `key` over the `configs` that `prune` keeps; as it is in the
+    interpreter, which runs one config (no benchmarking of configs on CPU)."""
+    if INTERPRETING:
+        return kernel
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)

@@ -7,6 +7,7 @@ extension has its own loader, `tar_cuda.load()`.
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
@@ -48,26 +49,22 @@ def _load_triton_ops() -> Probe:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising anything
         return Probe(None, f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton")
-    try:
-        from . import tar_fwd
-    except Exception as exc:
-        return Probe(None, f"the Triton kernels failed to load ({type(exc).__name__}: {exc})")
-    return Probe(tar_fwd, "")
+    return _import("tar_fwd", "the Triton kernels")
 
 
 def triton_backward_ops() -> Probe:
     """ops.tar_bwd, the fused backward; needs what triton_ops() needs."""
     forward = triton_ops()
-    return forward if not forward.ok else _load_triton_backward_ops()
+    return forward if not forward.ok else _import("tar_bwd", "the Triton backward kernels")
 
 
 @functools.lru_cache(maxsize=None)
-def _load_triton_backward_ops() -> Probe:
+def _import(name: str, what: str) -> Probe:
     try:
-        from . import tar_bwd
+        module = importlib.import_module(f"{__package__}.{name}")
     except Exception as exc:
-        return Probe(None, f"the Triton backward kernels failed to load ({type(exc).__name__}: {exc})")
-    return Probe(tar_bwd, "")
+        return Probe(None, f"{what} failed to load ({type(exc).__name__}: {exc})")
+    return Probe(module, "")
 
 
 @torch.compiler.assume_constant_result

@@ -6,25 +6,12 @@ With P = softmax(S'), S' = S + c * m * dA and dO the output gradient:
     dS = dS' + (gradient through the max),   dQ = scale * dS K,   dK = scale * dS^T Q
     d delta_ij = c * m_i * dS'_ij   (when a custom delta requires grad)
 
-The max gets dm_i = c * sum_j dS'_ij dA_ij (row mode; global mode: the sum over the whole
-(batch, head) slice). As torch.amax does, that gradient is split evenly over the entries that
-reach the max: in row mode each key k with S_ik = m_i gets dm_i / n_i; in global mode every
-entry equal to the slice's max gets (sum_i dm_i) / (number of such entries).
-
-Two layouts, matching ops/tar_fwd.py:
-
-* packed (whole sequences in one tile): one kernel recomputes S, the max and its ties, the
-  softmax and every gradient in registers; the forward saved nothing.
-* tiled: the forward saved per query row the raw row max and the log-sum-exp of S'
-  (layout.STATS_FIELDS). `_tar_bwd_dq_kernel` walks the keys of a block of query rows (dQ,
-  D_i, dm_i, and the row max and ties of its own recomputed scores), then
-  `_tar_bwd_dkdv_kernel` walks the queries of a block of keys (dK, dV, d delta) with the same
-  tiles. Ties are decided once, in the backward's own arithmetic, so the gradient cannot
-  depend on how the forward's tiles rounded the scores.
-
-Nothing N x N is allocated except the delta gradient itself when it is asked for (with frame
-ids: the (F, F) frame matrix's, summed by atomic adds). Frame ids and key masks run the tiled
-kernels at every length, as in the forward.
+The max gets dm_i = c * sum_j dS'_ij dA_ij (global mode: summed over the (batch, head) slice),
+split evenly over the entries that reach the max, as torch.amax does (docs/compile-and-autograd.md).
+The layouts are ops/tar_fwd.py's: the packed kernel recomputes everything in registers; the tiled
+`_tar_bwd_dq_kernel` (walking the keys of a query block) then `_tar_bwd_dkdv_kernel` (walking the
+queries of a key block) read the forward's row statistics (layout.STATS_FIELDS). Nothing N x N is
+allocated but the delta gradient when it is asked for (with frame ids: the (F, F) frame matrix's).
 """
 
 from __future__ import annotations
@@ -38,9 +25,9 @@ import triton.language as tl
 from .._problem import TarProblem
 from . import layout
 from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, \
-    delta_a, delta_args, exp, frame_args, frame_band_width, frame_span, frame_tile_id, frame_vector, \
-    interpreter_rows, key_ok, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_max, packed_segments, \
-    store_tile, target_sm, tiled_only, vector_width
+    delta_a, delta_args, exp, fewest_words, frame_args, frame_band_width, frame_span, frame_tile_id, frame_vector, \
+    key_ok, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_launch, packed_max, store_tile, \
+    target_sm, tiled_only, tuned, vector_width
 from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
 
 # Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
@@ -158,27 +145,22 @@ def _tar_bwd_dq_kernel(
 ):
     """dQ of BLOCK_M query rows, and their layout.AUX_FIELDS values for the dK/dV pass.
 
-    Precision with TAR: a strong band makes P nearly one-hot, so dS' = P (dP - D) is a small
-    difference of nearly equal numbers, and the max's gradient multiplies its errors by
-    strength. Two FlashAttention shortcuts are then too coarse: D_i = <dO_i, O_i> (off by about
-    2^-9 relative when O is rounded to 16 bits) and P = exp(S' - lse) (lse ~ strength * m_i is
-    large, so its rounding scales the whole row by 1 + several 1e-6, as much as the mass off
-    the band). So when regularizing the walk also sums Z_i = sum_j P_ij, sum_j P_ij dP_ij,
-    sum_j P_ij K_j and sum_j P_ij dA_ij, and at the end computes what the normalized
-    probabilities P / Z give: the exact D_i, and dQ and dm_i corrected from the <dO_i, O_i>
-    baseline the walk used (the baseline keeps the 16-bit rounding of dS' small). D_i and 1 / Z_i
-    go to the dK/dV pass.
+    Precision with TAR (tools/perf/kernel-log.md, v2): a strong band makes P nearly one-hot, so
+    dS' = P (dP - D) is a small difference that the max's gradient multiplies by strength, and
+    two FlashAttention shortcuts are too coarse: D_i = <dO_i, O_i> (O rounded to 16 bits) and
+    P = exp(S' - lse) (lse ~ strength * m_i is large, its rounding scales the row). So when
+    regularizing the walk also sums Z_i = sum_j P_ij, sum_j P_ij dP_ij, sum_j P_ij K_j and
+    sum_j P_ij dA_ij, and at the end corrects D_i, dQ and dm_i from the <dO_i, O_i> baseline it
+    walked with (which keeps the 16-bit rounding of dS' small) to the normalized P / Z. D_i and
+    1 / Z_i go to the dK/dV pass.
 
-    Ties: the walk tracks the row max of its own recomputed raw scores, the first key reaching
-    it and how many do; the dK/dV pass, run with the same tiles, recomputes the same scores bit
-    for bit and finds the same ties. Rows where several keys tie get the sum of the tied keys
-    from a second walk (rare: duplicated or static frames); otherwise the arg-max key is read.
-
-    Global mode: the share needs the whole slice, so DQ (float32) gets the part without the max
-    and TIEK (float32) the sum of the tie keys; the launcher finishes dQ and the shares.
-
-    Frame ids and a key mask as in the forward's tiled kernel. A row with no key (saved
-    log-sum-exp +inf) has every probability 0 and gets zero gradients (1 / Z_i is taken as 0).
+    Ties: the walk tracks the row max of its own recomputed raw scores, the first key reaching it
+    and how many do; the dK/dV pass, on the same tiles, recomputes the same scores bit for bit.
+    Rows where several keys tie get the sum of the tied keys from a second walk (rare: duplicated
+    or static frames); otherwise the arg-max key is read. Global mode: the share needs the whole
+    slice, so DQ (float32) gets the part without the max and TIEK (float32) the sum of the tie
+    keys; the launcher finishes dQ and the shares. Frame ids and a key mask as in the forward's
+    tiled kernel; a row with no key (log-sum-exp +inf) gets zero gradients (1 / Z_i is 0).
     """
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -408,32 +390,20 @@ def _prune_packed(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     seg = named_args["SEG_MAX"]
     wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 64
-    keep = []
-    for c in configs:
-        rows = c.kwargs["ROWS"]
-        if rows < seg or (wide and rows > max(64, seg)) or (rows <= 32 and c.num_warps > 4):
-            continue
-        keep.append(c)
+    keep = [c for c in configs if not (c.kwargs["ROWS"] < seg or (wide and c.kwargs["ROWS"] > max(64, seg))
+                                       or (c.kwargs["ROWS"] <= 32 and c.num_warps > 4))]
     if "Q" in named_args and named_args["Q"].element_size() == 4:
-        # float32 Q, K, V and dO tiles (ROWS x (2 BLOCK_D + 2 BLOCK_DV)), each split in two for the
-        # tf32x3 dot: at most 128 words a thread (ROWS = 128 on 4 warps spilled 1.2 KB, D 40, sm_80
-        # and sm_90); else the configs that hold the fewest.
-        words = {c: c.kwargs["ROWS"] * 2 * (named_args["BLOCK_D"] + named_args["BLOCK_DV"]) / (32 * c.num_warps)
-                 for c in keep}
-        least = min(words.values(), default=0)
-        keep = [c for c in keep if words[c] <= max(128, least)]
+        # float32 Q, K, V and dO tiles, each split in two for the tf32x3 dot: at most 128 words a
+        # thread (ROWS = 128 on 4 warps spilled 1.2 KB, D 40, sm_80 and sm_90)
+        keep = fewest_words(keep, 2 * (named_args["BLOCK_D"] + named_args["BLOCK_DV"]), 128)
     return keep
 
 
 def _tiled_configs():
+    """Each tile on 4 and 8 warps, then the 16-key tiles, for float32 inputs only (`_prune_tiled`)."""
     blocks = ((32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (128, 32), (64, 128), (128, 64))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-            for bm, bn in blocks for w in (4, 8)] + _FLOAT32_TILES
-
-
-# 16-key tiles, for float32 inputs only (`_prune_tiled`)
-_FLOAT32_TILES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16}, num_warps=w, num_stages=2)
-                  for bm, w in ((32, 4), (32, 8), (16, 2), (16, 4))]
+    tiles = [(bm, bn, w) for bm, bn in blocks for w in (4, 8)] + [(32, 16, 4), (32, 16, 8), (16, 16, 2), (16, 16, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2) for bm, bn, w in tiles]
 
 
 def _row_words(c, block_d):
@@ -444,24 +414,17 @@ def _row_words(c, block_d):
 
 def _prune_tiled(configs, named_args, **kwargs):
     """The configs whose dQ pass and dK/dV pass (run with the same config) ptxas keeps out of local
-    memory on sm_80 and sm_90 (tools/perf/kernel-log.md).
+    memory on sm_80 and sm_90 (tools/perf/kernel-log.md: v3b, "Arch-aware pruning", "float32 on tensor
+    cores").
 
     A (BLOCK_M x BLOCK_N) score tile may take at most 8 float32 words a thread (several live at
     once), at most 32 x 32 with a custom delta (its tile is one more); the rows either pass keeps
     across its walk at most 32 words a thread (`_row_words`); and BLOCK_N <= BLOCK_M (at 32 x 64
     the dK/dV pass spills on sm_80 where 64 x 32 does not). Head dims over 128 meet none of this:
     there the configs with the fewest row words are kept (32 x 32 on 8 warps; they spill, least).
-
     Per arch (`_jit.target_sm`), 16-bit inputs at head dims up to 64: sm_90 keeps 64 x 32 on 8 warps
-    only, a custom delta included (32 x 32 spilled 8 bytes in the dQ pass, plain, causal-global and
-    with a delta, and 24 in the dK/dV pass with a delta, at N = 256; 64 x 32 on 8 warps none); sm_8x
-    drops 64 x 32 for frame ids, whose id vectors take registers of their own in the dQ pass (16-24
-    bytes of spill on sm_80 at N = 300). Any other GPU keeps the list as it is.
-
-    float32 inputs (the tf32x3 dot holds each operand as two TF32 halves) take 16-key tiles, which
-    only they use: 16 x 16 on 2 or 4 warps, and on any GPU but sm_90 also 32 x 16 on 4 or 8 warps
-    (8 bytes of spill in the dQ pass on sm_90). At N = 256, D 64, 32 x 32 spilled 16-120 bytes on
-    sm_80 and 64 x 32 0.7-6 KB.
+    only, a custom delta included; sm_8x drops 64 x 32 for frame ids. float32 inputs take 16-key
+    tiles, which only they use: 16 x 16 on 2 or 4 warps, and on any GPU but sm_90 also 32 x 16.
     """
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     block_d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
@@ -486,25 +449,18 @@ def _prune_tiled(configs, named_args, **kwargs):
     return [c for c in configs if _row_words(c, block_d) == least]
 
 
-_TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "HAS_FRAMES",
-              "HAS_KEY_MASK", "FRAME_TILES"]
-
 # The tiled dK/dV pass is not tuned on its own: it runs the config the dQ pass was tuned to
 # (`_dkdv_options`), so both recompute the same score tiles bit for bit and agree on the ties.
 _dkdv = _tar_bwd_dkdv_kernel
 # The interpreter runs one config; unequal query/key blocks make the tests cover the causal
 # start of the dK/dV walk. Tests may change them to check that no result depends on the tiles.
 INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=32)
-if INTERPRETING:
-    _packed = _tar_bwd_packed_kernel
-    _dq = _tar_bwd_dq_kernel
-else:
-    _packed = triton.autotune(
-        _packed_configs(), key=["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA",
-                                "REGULARIZE", "DELTA_GRAD"],
-        prune_configs_by={"early_config_prune": _prune_packed})(_tar_bwd_packed_kernel)
-    _dq = triton.autotune(_tiled_configs(), key=_TILED_KEY,
-                          prune_configs_by={"early_config_prune": _prune_tiled})(_tar_bwd_dq_kernel)
+_packed = tuned(_tar_bwd_packed_kernel, _packed_configs(), _prune_packed,
+                ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE",
+                 "DELTA_GRAD"])
+_dq = tuned(_tar_bwd_dq_kernel, _tiled_configs(), _prune_tiled,
+            ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "HAS_FRAMES",
+             "HAS_KEY_MASK", "FRAME_TILES"])
 
 
 # The dQ launch and the read of the config it was tuned to, as one step: the autotuner keeps only
@@ -563,14 +519,10 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     sizes = (bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
 
     if is_packed(nq, nk, d, dv) and not tiled_only(problem):
-        seg_q, seg_k, seg_max = packed_segments(problem)
-        packed_meta = dict(meta, SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, DELTA_GRAD=delta_grad,
-                           VEC=vector_width(q, k, v, grad_out, *grads))
-        if INTERPRETING:
-            packed_meta["ROWS"] = interpreter_rows(problem)
-        grid = lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)  # noqa: E731
+        packed_meta, grid = packed_launch(problem)
         _packed[grid](q, k, v, grad_out, dq, dk, dv_out, delta, ddelta,
-                      *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, **packed_meta)
+                      *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, **meta,
+                      **packed_meta, DELTA_GRAD=delta_grad, VEC=vector_width(q, k, v, grad_out, *grads))
         return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
 
     if tuple(stats.shape) != (bh, nq, STATS_FIELDS):

@@ -1,29 +1,15 @@
-"""Fused TAR forward kernels (Triton).
+"""Fused TAR forward kernels (Triton); what they compute is docs/semantics.md.
 
-Two layouts, one semantics (see docs/semantics.md):
+* packed (Nq, Nk <= layout.SHORT_MAX): several (batch, head) sequences per program, as the
+  slices of 3-D tiles; each row whole in registers: exact max, bias, softmax and P V in one pass.
+  Nothing is saved: the packed backward recomputes whole rows.
+* tiled (longer sequences, and frame ids or a key mask at any length): one program per
+  (sequence, BLOCK_M query rows), an online softmax over key tiles; `_tar_fwd_tiled_kernel` says
+  how it finds the row max. max_mode="global" runs `_tar_fwd_row_max_kernel` first. With `stats`
+  the tiled kernels also write O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS).
 
-* packed: Nq, Nk <= SHORT_MAX. Several (batch, head) sequences share one
-  program as the slices of 3-D tiles, with one batched Q K^T and P V product per
-  sequence, so N = 16..64 neither leaves a tile mostly padding nor multiplies
-  across sequences. The whole row is in registers: exact max, bias, softmax, PV
-  in one pass.
-* tiled: longer sequences. One program per (sequence, BLOCK_M query rows).
-  For the row max with the Gaussian, one pass: the key tiles where dA is exactly
-  0 in float32 (outside the band, `band_width`) run first as a plain online
-  softmax, whose running max is part of m_i; a QK^T walk of the band tiles
-  completes m_i, and the band tiles join the softmax with the bias. A custom
-  delta walks every key tile for m_i first (two passes). For max_mode="global" a
-  pre-pass kernel writes the row maxima, torch reduces them per sequence, and the
-  main pass reads it. When the call will be differentiated (`stats` given) the tiled kernels also
-  write O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS); the
-  packed layout saves nothing, its backward recomputes whole rows.
-
-The Gaussian dA is computed from (i, j) in registers (with frame ids, from the
-int32 ids of the block's rows and of each key tile); only a user-supplied
-delta (or frame matrix) is read from memory. Frame ids and key masks run the
-tiled layout at every length, in two passes (`_tar_fwd_tiled_kernel`). Nothing
-N x N is written. Offsets are int64 and the whole (batch x heads) axis is on grid
-axis 0.
+The Gaussian dA is computed in registers from positions or frame ids; only a custom delta (or
+frame matrix) is read. Nothing N x N is written; offsets are int64, (batch x heads) on grid axis 0.
 """
 
 from __future__ import annotations
@@ -34,9 +20,9 @@ import triton.language as tl
 
 from .._problem import TarProblem
 from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, add_bias, band_width, bias, \
-    block_coords, cast, common_meta, delta_a, delta_args, frame_args, frame_band_width, frame_span, frame_tile_id, \
-    frame_vector, interpreter_rows, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, \
-    packed_exp, packed_max, packed_segments, store_tile, target_sm, tiled_only, vector_width
+    block_coords, cast, common_meta, delta_a, delta_args, fewest_words, frame_args, frame_band_width, frame_span, \
+    frame_tile_id, frame_vector, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, \
+    packed_launch, packed_max, packed_segments, store_tile, target_sm, tiled_only, tuned, vector_width
 from .layout import STATS_FIELDS, is_packed, pow2
 
 
@@ -62,14 +48,10 @@ def _tar_fwd_packed_kernel(
 ):
     """O = softmax(S + strength * m_i * dA) V for ROWS // SEG_MAX whole (batch, head) sequences.
 
-    Each sequence is one slice of 3-D tiles: SEG_Q query rows x SEG_K key columns
-    (packed_segments), and Q K^T and P V are batched products, one per sequence, so no FLOP is
-    spent between sequences and a NaN/inf in one sequence's v cannot reach another's rows. Each
-    row is whole in registers, so the max (m_i per row, with GLOBAL_MAX one per sequence), the
-    bias, the softmax and P @ V are exact in one pass, and nothing is saved for the backward.
-    Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
-    (read only with HAS_DELTA, broadcast through its strides) have any strides; O is written in
-    its own dtype. The grid is (cdiv(B*H, ROWS // SEG_MAX),).
+    Each sequence is one slice of 3-D tiles, SEG_Q query rows x SEG_K key columns, with one batched
+    Q K^T and P V per sequence (no FLOP between sequences: tools/perf/kernel-log.md, v3). Q, K, V,
+    O (B, H, N, D or Dv) and the custom DELTA (read only with HAS_DELTA, broadcast through its
+    strides) have any strides. The grid is (cdiv(B*H, ROWS // SEG_MAX),).
     """
     SEQS: tl.constexpr = ROWS // SEG_MAX
     b, h, i, j, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
@@ -161,20 +143,15 @@ def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, str
     """The online softmax of the key tiles [lo, hi): (run_max, denom, acc) updated.
 
     MASK: the tiles may hold keys past NK or above the causal diagonal (the scores are masked);
-    without it every key of every tile is valid and no mask is computed (padding query rows,
-    whose q is 0, then see finite scores and are never stored). BIAS: the scores get
-    cm_i * dA_ij, cm = strength * m. exp is exp2 of the score times log2(e) minus the row's
-    max times log2(e): one FMA per score.
+    without it no mask is computed (padding query rows, whose q is 0, see finite scores and are
+    never stored). BIAS: the scores get cm_i * dA_ij, cm = strength * m. exp is exp2 of the score
+    times log2(e) minus the row's max times log2(e): one FMA per score.
 
-    HAS_FRAMES: dA from the rows' frame ids fq and the keys' FK (int32, -1 outside the video;
-    d_base then points at the frame matrix's rows fq). With FRAME_TILES a key tile whose ids are
-    all one frame (or all -1), or whose every video key is FRAME_BAND frames or more from every
-    video row of the block (q_lo, q_hi: frame_span of fq), takes dA as one column
-    (_jit.frame_tile_id, frame_vector): one value per row instead of one Gaussian (or
-    frame-matrix load) per score, the same dA bit for bit. HAS_KEY_MASK (with MASK): the
-    keys KMASK (uint8, + km_base) drops are masked, and a row with no key so far keeps
-    run_max = -inf with denom = 0 (its exponent is taken from 0). With either, masked entries
-    stay -inf after the bias whatever cm is (a row without keys has m = -inf).
+    HAS_FRAMES: dA from the rows' frame ids fq and the keys' FK (d_base then points at the frame
+    matrix's rows fq); with FRAME_TILES a key tile whose dA is one column (`_jit.frame_tile_id`,
+    q_lo and q_hi the `frame_span` of fq) takes it as one value per row, bit for bit the same.
+    HAS_KEY_MASK (with MASK): the keys KMASK (uint8, + km_base) drops are masked; a row with no
+    key so far keeps run_max = -inf and denom = 0. Masked entries stay -inf after the bias.
     """
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -249,35 +226,24 @@ def _tar_fwd_tiled_kernel(
 ):
     """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence.
 
-    The key tiles split into the band, the tiles holding a key within BAND of one of the block's
-    rows, and the rest, where the Gaussian's dA is exactly 0 in float32 (`band_width`) and the
-    biased scores are the plain ones. The off-band tiles run first, an online softmax of plain
-    scores without masks (the last partial tile peeled off with them); then the band tiles with
-    the bias. m_i needs the whole row: with ONE_PASS (max_mode="row", Gaussian) it is the
-    off-band tiles' running max and a QK^T walk of the band tiles only, so K's off-band tiles
-    are read once; without it (the same order, checked bit for bit against ONE_PASS) a QK^T walk
-    of every tile comes first and the off-band tiles get the bias too. A custom delta or the
-    global max (m_i is the sequence's max, read from SEQMAX (float32, (B*H,)), which the launcher
-    reduced from `_tar_fwd_row_max_kernel`) make the whole row the band: exact row max first,
-    then the biased online softmax. Without TAR (REGULARIZE off) there is no bias: the band is
-    the tiles the causal diagonal crosses, or nothing.
+    The key tiles split into the band (a key within BAND of one of the block's rows) and the rest,
+    where the Gaussian's dA is exactly 0 in float32 (`band_width`). The off-band tiles run first,
+    a plain online softmax without masks (the partial last tile peeled off), then the band tiles
+    with the bias. ONE_PASS (max_mode="row", Gaussian): m_i is the off-band running max completed
+    by a QK^T walk of the band tiles; without it a QK^T walk of every tile comes first and the
+    off-band tiles get the bias too, in the same tile order (bit for bit the same, tested). A
+    custom delta, the global max (m_i read from SEQMAX, float32 (B*H,), which the launcher reduces
+    from `_tar_fwd_row_max_kernel`) or a key mask make the whole row the band; without REGULARIZE
+    the band is the tiles the causal diagonal crosses, or none. A row whose strength * m_i is not
+    finite is NaN (the definition's c * m_i * 0 off the band).
 
-    A row whose strength * m_i is not finite is NaN (the definition's c * m_i * 0 off the band).
-    Causal programs stop at their last visible key tile.
-
-    Frame ids (HAS_FRAMES) run two passes in the tile order of the row-max Gaussian (BAND from the
-    same sigma), so that frames = arange(N) is the call without ids bit for bit: dA_ij is the
-    Gaussian of f(k_j) - f(q_i), or the frame matrix DELTA (strides (0, 0, row, column)) at
-    [f(q_i), f(k_j)], 0 where an id is -1; the ids are read per block (O(N) per program). With
-    FRAME_TILES, a key tile of one frame, or whose video keys are all FRAME_BAND frames or more
-    from the block's video rows, gets its dA as one column (_jit.frame_tile_id). A key mask
-    (HAS_KEY_MASK) makes the whole row the band. Masked keys take no part in the max or the
-    softmax; a row with no key gives 0, and its saved log-sum-exp is +inf (so the backward's
-    probabilities are 0).
-    Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA
-    (read only with HAS_DELTA) have any strides. With SAVE_STATS the raw row max and the
-    log-sum-exp of the biased scores go to STATS (float32, (B*H, Nq, layout.STATS_FIELDS),
-    contiguous) for ops/tar_bwd.py. The grid is (B*H * cdiv(Nq, BLOCK_M),).
+    Frame ids run two passes in the row-max Gaussian's tile order, so that frames = arange(N) is
+    the call without ids bit for bit; DELTA is then the frame matrix (strides (0, 0, row, column)),
+    dA as `_jit.delta_a` with FRAMES. Masked keys take no part; a row with no key gives 0 and saves
+    a log-sum-exp of +inf (the backward's probabilities are then 0). Q (B, H, Nq, D), K, V, O and
+    DELTA (read only with HAS_DELTA) have any strides. With SAVE_STATS the raw row max and the
+    log-sum-exp of the biased scores go to STATS (float32, contiguous (B*H, Nq, layout.STATS_FIELDS)).
+    The grid is (B*H * cdiv(Nq, BLOCK_M),).
     """
     WHOLE: tl.constexpr = (REGULARIZE and (GLOBAL_MAX or HAS_DELTA)) or HAS_KEY_MASK
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
@@ -407,12 +373,9 @@ def _prune_packed(configs, named_args, **kwargs):
             continue
         keep.append(c)
     if "Q" in args and args["Q"].element_size() == 4:
-        # float32 Q, K and V tiles (ROWS x (2 BLOCK_D + BLOCK_DV)), each split in two for the tf32x3
-        # dot: at most 96 words a thread (ROWS = 128 on 4 warps spilled 8 bytes on sm_90, on 2 warps
-        # 1.5-1.9 KB, D 40); else the configs that hold the fewest.
-        words = {c: c.kwargs["ROWS"] * (2 * args["BLOCK_D"] + args["BLOCK_DV"]) / (32 * c.num_warps) for c in keep}
-        least = min(words.values(), default=0)
-        keep = [c for c in keep if words[c] <= max(96, least)]
+        # float32 Q, K and V tiles, each split in two for the tf32x3 dot: at most 96 words a thread
+        # (ROWS = 128 on 4 warps spilled 8 bytes on sm_90, on 2 warps 1.5-1.9 KB, D 40)
+        keep = fewest_words(keep, 2 * args["BLOCK_D"] + args["BLOCK_DV"], 96)
     return keep
 
 
@@ -425,30 +388,20 @@ def _tiled_configs():
 
 
 def _prune_tiled(configs, named_args, **kwargs):
-    """The tiled configs that compile without spills for the launch's GPU (`_jit.target_sm`;
-    tools/perf/kernel-log.md: every config compiled for sm_80 and sm_90, fp16/bf16, head
-    dims 64 and 128). 4 warps spill with key tiles wider than 32 on sm_80 (mma.sync), and 128 x 128
-    tiles do; the bias (the row-max Gaussian's band softmax, a custom delta) and head dims above 64
-    spill in tiles larger than 64 x 64, and both together with 128 rows or 4 warps on sm_80 (a
-    custom delta: with key tiles wider than 32). Head dims above 128 keep 64 x 64 at most.
+    """The tiled configs that compile without spills for the launch's GPU (`_jit.target_sm`); the
+    compiles that set these rules (sm_80 and sm_90, fp16/bf16/float32, head dims 64 and 128) are in
+    tools/perf/kernel-log.md ("Pruning" in v3c, "Arch-aware pruning", "float32 on tensor cores").
 
-    Per arch: on sm_90 (wgmma) the Gaussian's bias at head dims up to 64 with 16-bit inputs also
-    keeps 128 x 64 with 8 warps (no spill, up to 255 registers when saving the statistics; one exp2
-    per score and one per row per 64 keys); frame ids with the Gaussian and 16-bit inputs keep
-    128 x 32 with 8 warps (query blocks that read K and V half as often as 64-row ones) at head dims
-    up to 128, but up to 64 on sm_8x (mma.sync; at 128 it spills 8 bytes on sm_80). On sm_8x a
-    custom delta or frame ids keep key tiles of 32 (64 x 64 spills 24 bytes with a delta at D 64,
-    8 bytes in a loop with frame ids saving the statistics), and the bias in 16-bit at head dims up to
-    64 keeps 64 x 32 tiles with 2 stages only (3 stages spilled 16 bytes saving the statistics, 4
-    warps, and 8 with a custom delta, 8 warps, at N = 256). Any other GPU keeps the list without
-    these changes.
-
-    float32 inputs (the tf32x3 dot: each Q and K operand held as two TF32 halves) take 32 x 32
-    tiles (4 warps with 2 or 3 stages, 8 warps with 2), which only they use; sm_90 instead keeps
-    its wgmma tiles with 32 keys and 2 stages (64 x 32, 128 x 32). At N = 256, D 64, every 64-row
-    float32 tile spilled 48-104 bytes on sm_80 and 64 x 64 on sm_90 192 bytes. (Triton's autotune
-    cache is per process, not per arch: a process driving GPUs of two archs keeps the configs of the
-    one it tuned on first.)"""
+    At most 128 x 64 tiles, 64 x 64 with the bias or head dims above 64; 4 warps up to 64 x 32
+    only; head dims above 128 at most 64 x 64. The bias at head dims above 64: 64 rows on 8 warps
+    (a custom delta: 32 keys), but frame ids with the 16-bit Gaussian also keep 128 x 32 on 8 warps
+    (up to D 128; D 64 on sm_8x). sm_90 adds 128 x 64 on 8 warps for the 16-bit Gaussian up to
+    D 64; sm_8x keeps 32-key tiles for a custom delta or frame ids, and for the 16-bit bias at
+    64 x 32 up to D 64 2 stages only. float32 (the tf32x3 dot holds each operand as two halves)
+    takes 32 x 32 tiles, which only it uses; sm_90 instead keeps its 32-key tiles with 2 stages.
+    Any other GPU keeps the list without the per-arch changes. (Triton's autotune cache is per
+    process, not per arch: a process driving GPUs of two archs keeps the configs of the one it
+    tuned on first.)"""
     args = {**named_args, **kwargs}
     sm = target_sm(args["Q"])
     hopper, ampere = sm == 90, sm is not None and 80 <= sm < 90
@@ -489,25 +442,13 @@ def _prune_tiled(configs, named_args, **kwargs):
 
 # The tiled kernels' tiles in the interpreter (tests may set smaller ones).
 INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=64)
-
-if INTERPRETING:
-    # The interpreter runs one config: no benchmarking of configs on CPU.
-    _packed = _tar_fwd_packed_kernel
-    _tiled_row_max = _tar_fwd_row_max_kernel
-    _tiled = _tar_fwd_tiled_kernel
-else:
-    _packed = triton.autotune(
-        _packed_configs(), key=["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA"],
-        prune_configs_by={"early_config_prune": _prune_packed})(_tar_fwd_packed_kernel)
-    _tiled_row_max = triton.autotune(
-        _tiled_configs(), key=["N_BUCKET", "BLOCK_D", "CAUSAL", "SAVE_STATS", "HAS_KEY_MASK"],
-        prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_row_max_kernel)
-    _tiled = triton.autotune(
-        _tiled_configs(),
-        key=["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "REGULARIZE", "GLOBAL_MAX", "ONE_PASS",
-             "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"],
-        prune_configs_by={"early_config_prune": _prune_tiled})(_tar_fwd_tiled_kernel)
-
+_packed = tuned(_tar_fwd_packed_kernel, _packed_configs(), _prune_packed,
+                ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA"])
+_tiled_row_max = tuned(_tar_fwd_row_max_kernel, _tiled_configs(), _prune_tiled,
+                       ["N_BUCKET", "BLOCK_D", "CAUSAL", "SAVE_STATS", "HAS_KEY_MASK"])
+_tiled = tuned(_tar_fwd_tiled_kernel, _tiled_configs(), _prune_tiled,
+               ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "REGULARIZE", "GLOBAL_MAX", "ONE_PASS",
+                "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"])
 
 
 def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
@@ -522,11 +463,9 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
     bit for bit, which the tests check too.
 
     stats: optional float32 (B*H, Nq, layout.STATS_FIELDS) buffer, contiguous, for a call that
-    will be differentiated in the tiled layout (layout.stats_shape): the kernel fills it with the
-    row statistics ops/tar_bwd.py reads. Without it the inference path writes nothing extra.
-
-    Frame ids or a key mask run the tiled layout whatever the length (the packed kernel takes
-    neither: `_jit.tiled_only`), in two passes, so such a call saves statistics at any length.
+    will be differentiated in the tiled layout (layout.stats_shape; frame ids or a key mask run the
+    tiled layout at any length, `_jit.tiled_only`): the kernel fills it with the row statistics
+    ops/tar_bwd.py reads. Without it the inference path writes nothing extra.
     """
     q, k, v = problem.q, problem.k, problem.v
     B, H, nq, nk, d, dv = problem.batch, problem.heads, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v
@@ -542,12 +481,8 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
     if is_packed(nq, nk, d, dv) and not tiled_only(problem):
         if stats is not None and stats.numel():
             raise ValueError("the packed layout saves no statistics: pass stats=None (see layout.stats_shape)")
-        seg_q, seg_k, seg_max = packed_segments(problem)
-        meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, GLOBAL_MAX=problem.max_mode == "global", **common)
-        grid = lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)  # noqa: E731
-        if INTERPRETING:
-            meta["ROWS"] = interpreter_rows(problem)
-        _packed[grid](q, k, v, out, delta, *args, **meta)
+        meta, grid = packed_launch(problem)
+        _packed[grid](q, k, v, out, delta, *args, GLOBAL_MAX=problem.max_mode == "global", **common, **meta)
         return out
 
     save_stats = stats is not None
@@ -570,10 +505,8 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None,
         seq_max = row_max.amax(dim=1)
     gaussian_row_max = problem.regularized and problem.delta is None and not global_max
     one_pass = gaussian_row_max and not tiled_only(problem)
-    if gaussian_row_max:  # the band; with frame ids, the same tile order in two passes
-        band = band_width(gauss_coef, nq + nk)
-    else:
-        band = 1  # without TAR: the tiles the causal diagonal crosses
+    # the band (with frame ids: the same tile order in two passes); without TAR the tiles the causal diagonal crosses
+    band = band_width(gauss_coef, nq + nk) if gaussian_row_max else 1
     frame_band = frame_band_width(gauss_coef)
     _tiled[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, *args[:20], *km_strides, *args[20:], band,
                  frame_band, n_bucket, GLOBAL_MAX=global_max, ONE_PASS=one_pass and one_pass_order,
