@@ -244,7 +244,7 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     worker threads of one intra-op thread each (`_chunk_workers`; why: benchmarks/NOTES.md); each chunk's
     result is the one-thread result, whatever the thread count.
     """
-    B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
+    B, H, nq = problem.batch, problem.heads, problem.nq
     budget = min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS)
     row_blocks, chunks = _plan(problem, budget)
     if len(row_blocks) == 1 and not all(_merges(x) or x.dtype != compute for x in (problem.q, problem.k, problem.v)):

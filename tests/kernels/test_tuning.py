@@ -12,7 +12,7 @@ import torch
 
 from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import layout
-from vstar_kernels.ops._jit import target_sm, targeting
+from vstar_kernels.ops._jit import packed_segments, target_sm, targeting
 from vstar_kernels.ops._load import triton_ops
 
 
@@ -41,7 +41,7 @@ def test_packed_prune_keeps_valid_configs(fwd, bwd, d):
         for nk in (1, 7, 16, 33, 100, 128):
             if not layout.is_packed(nq, nk, d, d):
                 continue
-            seg_q, seg_k, seg_max = fwd.packed_segments(meta_problem(nq, nk, d))
+            seg_q, seg_k, seg_max = packed_segments(meta_problem(nq, nk, d))
             meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, BLOCK_D=block, BLOCK_DV=block)
             kept_bwd = bwd._prune_packed(bwd._packed_configs(), {"BH": 1000}, **meta)
             assert kept_bwd and all(c.kwargs["ROWS"] >= seg_max for c in kept_bwd), (nq, nk, d)

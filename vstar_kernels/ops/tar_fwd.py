@@ -22,7 +22,7 @@ from .._problem import TarProblem
 from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, add_bias, band_width, bias, \
     block_coords, cast, common_meta, delta_a, delta_args, fewest_words, frame_args, frame_band_width, frame_span, \
     frame_tile_id, frame_vector, key_ok, load_tile, masked_scores, max_nan, mma, nanmax, packed_coords, packed_exp, \
-    packed_launch, packed_max, packed_segments, store_tile, target_sm, tiled_only, tuned, vector_width
+    packed_launch, packed_max, store_tile, target_sm, tiled_only, tuned, vector_width
 from .layout import STATS_FIELDS, is_packed, pow2
 
 
