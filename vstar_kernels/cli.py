@@ -137,7 +137,8 @@ def cmd_demo(args) -> int:
 
 
 class _Deprecated(argparse.Action):
-    """An old option's spelling: sets the new option's value and says on stderr that it is deprecated."""
+    """An old option's spelling: sets the new option's value and says on stderr that it is deprecated (the new
+    option is ``--`` + its dest with hyphens, as `_deprecated_option` makes them)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         new = "--" + self.dest.replace("_", "-")

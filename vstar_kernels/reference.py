@@ -240,8 +240,8 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     """`reference_forward`'s operations in the same order, in place, on cache-sized buffers (`_ChunkBuffers`)
     that every chunk reuses. The batched GEMMs read q, k and v in place where a block is a batch of matrices
     as a view (`_as_batch`); for strides whose (batch, head) blocks are not (diffusers' (B, N, H, D) storage)
-    a chunk is one head's batches, which are. With several intra-op threads the chunks are split among
-    worker threads of one intra-op thread each (`_chunk_workers`; why: benchmarks/NOTES.md); each chunk's
+    a chunk is one head's batches, which are. With several intra-op threads and several chunks, the chunks go to
+    that many worker threads of one intra-op thread each (`_chunk_workers`; why: benchmarks/NOTES.md); each chunk's
     result is the one-thread result, whatever the thread count.
     """
     B, H, nq = problem.batch, problem.heads, problem.nq
@@ -507,6 +507,7 @@ def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blo
         dv.append(dv_s)
         if dd_rows:
             ddelta.append(torch.cat(dd_rows, dim=2))
+
     def whole(g):  # the slices' gradients as one (B, H, ...) tensor
         return torch.cat(g).reshape(problem.batch, problem.heads, *g[0].shape[2:]).contiguous()
 

@@ -238,8 +238,10 @@ def test_cli_lists_shapes_and_prints_the_model_table(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_gpu_sweep_refuses_at_once_without_a_gpu():
     before = sorted((ROOT / "benchmarks" / "results").iterdir())
+    # the script's python3: this interpreter, however pytest was started (a virtualenv's python, not activated)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu_sweep.sh"), "quick"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env={**os.environ, "PATH": path})
     assert res.returncode == 1
     assert res.stderr.startswith("run_gpu_sweep.sh needs a CUDA device"), res.stdout + res.stderr
     assert res.stdout == ""

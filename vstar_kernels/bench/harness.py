@@ -335,8 +335,8 @@ def main(args) -> int:
             print(f"{name:<26} batch {s.batch:>6}  heads {s.heads:>2}  D {s.head_dim:>3}  {s.source}")
         print("\nimplementations: " + ", ".join(PEERS))
         return 0
-    # --model-table: the GPU shapes and N, whatever this machine has
-    cuda = args.model_table or (torch.cuda.is_available() if args.device == "auto" else args.device == "cuda")
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    cuda = cuda or args.model_table  # --model-table: the GPU shapes and N, whatever this machine has
     try:
         if cuda and not args.model_table and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available to torch")
@@ -349,16 +349,20 @@ def main(args) -> int:
         unknown = [p for p in peer_names if p not in PEERS]
         if unknown:
             raise ValueError(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}")
-        info = measure.RunInfo.collect(device)
-        csv_path = results_csv(args, info)
-        check_columns(csv_path, COLUMNS)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
+    info = measure.RunInfo.collect(device)
+    csv_path = results_csv(args, info)
     if not cuda:
         print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
               "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
               "(reported as vstar_triton_interpreter) as a correctness check only, not timed.", file=sys.stderr)
+    try:
+        check_columns(csv_path, COLUMNS)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     kernel_cases, unet_cases = plan(names, ns, dtypes, explicit_n=bool(args.n))
     sweep = Sweep(device, csv_path, info, budget_s=args.time_budget_s, resume=args.resume,
                   progress=not args.no_progress)

@@ -4,7 +4,9 @@
   tiled forward saves for the backward. No triton import: the op's fake (meta) functions ask it too.
 * _jit.py: the @triton.jit building blocks the forward and backward kernels share (scores, the
   Gaussian band, the bias, tile loads and stores, program coordinates, the interpreter's exact
-  bf16 products) and the launcher helpers both use (compile-time options, delta arguments).
+  bf16 products) and the launcher helpers both use (compile-time options, delta and frame
+  arguments, the vector width, the packed launch and its float32 operand budget, autotuning or the
+  interpreter's one config, the target arch).
 * tar_fwd.py: the fused forward: packed, tiled, and the row-max pre-pass of max_mode="global".
 * tar_bwd.py: the fused backward: packed, and the tiled dQ and dK/dV passes.
 * _load.py: loads the kernel modules once and keeps the reason when one cannot be loaded.

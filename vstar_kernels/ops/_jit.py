@@ -452,8 +452,8 @@ def packed_launch(problem: TarProblem) -> tuple:
 
 
 def fewest_words(configs: list, row_words: int, budget: int) -> list:
-    """The packed configs whose ROWS x row_words operand words a thread (float32 inputs) are at most
-    `budget`, else those that hold the fewest."""
+    """The packed configs whose operand words a thread (float32 inputs), ROWS x row_words / (32 x
+    num_warps), are at most `budget`, else those that hold the fewest."""
     words = {c: c.kwargs["ROWS"] * row_words / (32 * c.num_warps) for c in configs}
     least = min(words.values(), default=0)
     return [c for c in configs if words[c] <= max(budget, least)]

@@ -421,10 +421,11 @@ def _prune_tiled(configs, named_args, **kwargs):
     once), at most 32 x 32 with a custom delta (its tile is one more); the rows either pass keeps
     across its walk at most 32 words a thread (`_row_words`); and BLOCK_N <= BLOCK_M (at 32 x 64
     the dK/dV pass spills on sm_80 where 64 x 32 does not). Head dims over 128 meet none of this:
-    there the configs with the fewest row words are kept (32 x 32 on 8 warps; they spill, least).
-    Per arch (`_jit.target_sm`), 16-bit inputs at head dims up to 64: sm_90 keeps 64 x 32 on 8 warps
-    only, a custom delta included; sm_8x drops 64 x 32 for frame ids. float32 inputs take 16-key
-    tiles, which only they use: 16 x 16 on 2 or 4 warps, and on any GPU but sm_90 also 32 x 16.
+    there the configs with the fewest row words are kept, on any GPU (16-bit: 32 x 32 on 8 warps;
+    float32: 32 x 16 on 8 warps; they spill, least). Per arch (`_jit.target_sm`), 16-bit inputs at
+    head dims up to 64: sm_90 keeps 64 x 32 on 8 warps only, a custom delta included; sm_8x drops
+    64 x 32 for frame ids; any other GPU keeps the list as it is. float32 inputs take 16-key tiles,
+    which only they use: 16 x 16 on 2 or 4 warps, and on any GPU but sm_90 also 32 x 16.
     """
     named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
     block_d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])

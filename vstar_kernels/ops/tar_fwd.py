@@ -1,11 +1,12 @@
 """Fused TAR forward kernels (Triton); what they compute is docs/semantics.md.
 
-* packed (Nq, Nk <= layout.SHORT_MAX): several (batch, head) sequences per program, as the
-  slices of 3-D tiles; each row whole in registers: exact max, bias, softmax and P V in one pass.
+* packed (`layout.is_packed`: Nq, Nk <= layout.SHORT_MAX, half that above head dim 128): several
+  (batch, head) sequences per program, as the slices of 3-D tiles; each row whole in registers:
+  exact max, bias, softmax and P V in one pass.
   Nothing is saved: the packed backward recomputes whole rows.
 * tiled (longer sequences, and frame ids or a key mask at any length): one program per
   (sequence, BLOCK_M query rows), an online softmax over key tiles; `_tar_fwd_tiled_kernel` says
-  how it finds the row max. max_mode="global" runs `_tar_fwd_row_max_kernel` first. With `stats`
+  how it finds the row max. max_mode="global" (with TAR on) runs `_tar_fwd_row_max_kernel` first. With `stats`
   the tiled kernels also write O(B H N) row statistics for ops/tar_bwd.py (layout.STATS_FIELDS).
 
 The Gaussian dA is computed in registers from positions or frame ids; only a custom delta (or
@@ -49,9 +50,10 @@ def _tar_fwd_packed_kernel(
     """O = softmax(S + strength * m_i * dA) V for ROWS // SEG_MAX whole (batch, head) sequences.
 
     Each sequence is one slice of 3-D tiles, SEG_Q query rows x SEG_K key columns, with one batched
-    Q K^T and P V per sequence (no FLOP between sequences: tools/perf/kernel-log.md, v3). Q, K, V,
-    O (B, H, N, D or Dv) and the custom DELTA (read only with HAS_DELTA, broadcast through its
-    strides) have any strides. The grid is (cdiv(B*H, ROWS // SEG_MAX),).
+    Q K^T and P V per sequence: no FLOP between sequences (tools/perf/kernel-log.md, v3), so a NaN
+    or inf in one sequence's V cannot reach another's rows. Q (B, H, Nq, D), K (B, H, Nk, D),
+    V (B, H, Nk, Dv), O (B, H, Nq, Dv) and the custom DELTA (read only with HAS_DELTA, broadcast
+    through its strides) have any strides. The grid is (cdiv(B*H, ROWS // SEG_MAX),).
     """
     SEQS: tl.constexpr = ROWS // SEG_MAX
     b, h, i, j, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
@@ -151,7 +153,8 @@ def _softmax_tiles(q, K, V, k_base, v_base, stride_kn, stride_kd, stride_vn, str
     matrix's rows fq); with FRAME_TILES a key tile whose dA is one column (`_jit.frame_tile_id`,
     q_lo and q_hi the `frame_span` of fq) takes it as one value per row, bit for bit the same.
     HAS_KEY_MASK (with MASK): the keys KMASK (uint8, + km_base) drops are masked; a row with no
-    key so far keeps run_max = -inf and denom = 0. Masked entries stay -inf after the bias.
+    key so far keeps run_max = -inf and denom = 0. With HAS_FRAMES or HAS_KEY_MASK masked entries
+    stay -inf after the bias whatever cm is (a row without keys has m = -inf).
     """
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -235,15 +238,18 @@ def _tar_fwd_tiled_kernel(
     custom delta, the global max (m_i read from SEQMAX, float32 (B*H,), which the launcher reduces
     from `_tar_fwd_row_max_kernel`) or a key mask make the whole row the band; without REGULARIZE
     the band is the tiles the causal diagonal crosses, or none. A row whose strength * m_i is not
-    finite is NaN (the definition's c * m_i * 0 off the band).
+    finite is NaN (the definition's c * m_i * 0 off the band). Causal programs stop at their last
+    visible key tile.
 
     Frame ids run two passes in the row-max Gaussian's tile order, so that frames = arange(N) is
-    the call without ids bit for bit; DELTA is then the frame matrix (strides (0, 0, row, column)),
-    dA as `_jit.delta_a` with FRAMES. Masked keys take no part; a row with no key gives 0 and saves
-    a log-sum-exp of +inf (the backward's probabilities are then 0). Q (B, H, Nq, D), K, V, O and
-    DELTA (read only with HAS_DELTA) have any strides. With SAVE_STATS the raw row max and the
-    log-sum-exp of the biased scores go to STATS (float32, contiguous (B*H, Nq, layout.STATS_FIELDS)).
-    The grid is (B*H * cdiv(Nq, BLOCK_M),).
+    the call without ids bit for bit; DELTA, if any, is then the (F, F) frame matrix (strides
+    (0, 0, row, column)), dA as `_jit.delta_a` with FRAMES. Masked keys take no part; a row with no
+    key gives 0 and saves a log-sum-exp of +inf (the backward's probabilities are then 0).
+    Q (B, H, Nq, D), K (B, H, Nk, D), V (B, H, Nk, Dv), O (B, H, Nq, Dv) and DELTA (read only with
+    HAS_DELTA) have any strides. With SAVE_STATS the log-sum-exp of the biased scores goes to STATS
+    (float32, contiguous (B*H, Nq, layout.STATS_FIELDS)), and so does the raw row max: this kernel
+    writes it for the row max with TAR on and 0 without TAR; `_tar_fwd_row_max_kernel` writes it for
+    the global max. The grid is (B*H * cdiv(Nq, BLOCK_M),).
     """
     WHOLE: tl.constexpr = (REGULARIZE and (GLOBAL_MAX or HAS_DELTA)) or HAS_KEY_MASK
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
@@ -389,19 +395,23 @@ def _tiled_configs():
 
 def _prune_tiled(configs, named_args, **kwargs):
     """The tiled configs that compile without spills for the launch's GPU (`_jit.target_sm`); the
-    compiles that set these rules (sm_80 and sm_90, fp16/bf16/float32, head dims 64 and 128) are in
-    tools/perf/kernel-log.md ("Pruning" in v3c, "Arch-aware pruning", "float32 on tensor cores").
+    compiles that set these rules (sm_80 and sm_90; fp16/bf16 at head dims 64 and 128, float32 at
+    64) are in tools/perf/kernel-log.md ("Pruning" in v3c, "Arch-aware pruning", "float32 on tensor
+    cores").
 
-    At most 128 x 64 tiles, 64 x 64 with the bias or head dims above 64; 4 warps up to 64 x 32
-    only; head dims above 128 at most 64 x 64. The bias at head dims above 64: 64 rows on 8 warps
-    (a custom delta: 32 keys), but frame ids with the 16-bit Gaussian also keep 128 x 32 on 8 warps
-    (up to D 128; D 64 on sm_8x). sm_90 adds 128 x 64 on 8 warps for the 16-bit Gaussian up to
-    D 64; sm_8x keeps 32-key tiles for a custom delta or frame ids, and for the 16-bit bias at
-    64 x 32 up to D 64 2 stages only. float32 (the tf32x3 dot holds each operand as two halves)
-    takes 32 x 32 tiles, which only it uses; sm_90 instead keeps its 32-key tiles with 2 stages.
-    Any other GPU keeps the list without the per-arch changes. (Triton's autotune cache is per
-    process, not per arch: a process driving GPUs of two archs keeps the configs of the one it
-    tuned on first.)"""
+    "The bias" here: TAR with the row max, a custom delta or frame ids (the global max's Gaussian
+    without frame ids, and the row-max pre-pass, count as unbiased). Tiles of at most 128 x 64
+    scores (64 x 128 too), 64 x 64 (128 x 32 too) with the bias or head dims above 64; on 4 warps
+    at most 64 x 32; above head dim 128 at most 64 in each dimension. The bias above head dim 64:
+    at most 64 rows, on 8 warps (a custom delta: at most 32 keys), but frame ids with the 16-bit
+    Gaussian also keep 128 x 32 on 8 warps up to head dim 128, except on sm_8x. sm_90 adds 128 x 64
+    on 8 warps for the 16-bit Gaussian up to head dim 64 (no spill; up to 255 registers when saving
+    the statistics); sm_8x keeps at most 32 keys for the bias of a custom delta or frame ids, and
+    2 stages only for the 16-bit bias in 64 x 32 tiles up to head dim 64. 4-byte inputs (float32:
+    the tf32x3 or tf32 dot) take only the 32 x 32 tiles, which only they use, but on sm_90 its
+    64- and 128-row tiles with at most 32 keys and 2 stages. Any other GPU keeps the list without
+    the per-arch changes. (Triton's autotune cache is per process, not per arch: a process driving
+    GPUs of two archs keeps the configs of the one it tuned on first.)"""
     args = {**named_args, **kwargs}
     sm = target_sm(args["Q"])
     hopper, ampere = sm == 90, sm is not None and 80 <= sm < 90
