@@ -22,7 +22,7 @@ from tools.perf import eager, model_dit, roofline
 from vstar_kernels.bench import shapes
 from vstar_kernels.bench.peers import PEERS
 from tools.perf.traffic import ideal_bytes, tiled_bytes
-from vstar_kernels.ops._jit import band_width
+from vstar_kernels.ops.launch import band_width
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from vstar_kernels.ops._jit import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
+from vstar_kernels.ops.launch import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
 
 from .eager import eager
 from .model import write_table_and_plot
