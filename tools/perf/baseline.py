@@ -63,10 +63,13 @@ def plain_attention_kernel(
     h = seq % H
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < NQ
-    q = load_tile(View(Q + b * stride_qb + h * stride_qh, stride_qn, stride_qd, HEAD_DIM, BLOCK_D), offs_m, row_ok, VEC)
-    k_view = View(K + b * stride_kb + h * stride_kh, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)
-    v_view = View(V + b * stride_vb + h * stride_vh, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_DV)
+    q = load_tile(View(Q + b * stride_qb + h * stride_qh, 0, stride_qn, offs_d, stride_qd, HEAD_DIM), offs_m, row_ok,
+                  VEC)
+    k_view = View(K + b * stride_kb + h * stride_kh, 0, stride_kn, offs_d, stride_kd, HEAD_DIM)
+    v_view = View(V + b * stride_vb + h * stride_vh, 0, stride_vn, offs_dv, stride_vd, HEAD_DIM_V)
     qk_scale = scale * 1.4426950408889634  # exp via exp2
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -85,7 +88,7 @@ def plain_attention_kernel(
         acc, l_i, m_i = _plain_tile(q, k, v, acc, l_i, m_i, qk_scale, col_ok, True)
     l_i = tl.where(row_ok, l_i, 1.0)
     tl.store(LSE + seq * NQ + offs_m, m_i + tl.log2(l_i), mask=row_ok)
-    store_tile(View(O + b * stride_ob + h * stride_oh, stride_on, stride_od, HEAD_DIM_V, BLOCK_DV), offs_m,
+    store_tile(View(O + b * stride_ob + h * stride_oh, 0, stride_on, offs_dv, stride_od, HEAD_DIM_V), offs_m,
                acc / l_i[:, None], row_ok, VEC)
 
 

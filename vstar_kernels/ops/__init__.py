@@ -15,7 +15,7 @@
 * tar_cuda.py: the optional CUDA C++ operator (vstar_kernels._C); it loads its library itself
   (`tar_cuda.load()`).
 
-The kernel modules (and _jit.py, launch.py) import triton at import time: load them only through
-`_load.py`. The launchers' test variants (constexprs the production launch never sets) go through
-their private entries, `tar_fwd._tar_forward` and `tar_bwd._tar_backward`.
+The kernel modules import triton at import time (so do _jit.py and launch.py): the package loads
+them only through `_load.py`. The launchers' test variants (constexprs the production launch never
+sets) go through their private entries, `tar_fwd._tar_forward` and `tar_bwd._tar_backward`.
 """

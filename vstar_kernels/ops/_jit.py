@@ -31,9 +31,11 @@ _PER_SCORE = tl.constexpr(-2)
 
 
 # The helpers' argument groups, read by field name:
-# View: the tiles of a 2-D view of a tensor, tile[r, c] = ptr[rows[r] * row_stride + cols[c] * col_stride]
-# where cols[c] < n_cols (0 elsewhere).
-View = namedtuple("View", "ptr row_stride cols col_stride n_cols")
+# View: the tiles of a 2-D view of a tensor, tile[r, c] = ptr[base + rows[r] * row_stride + cols[c] *
+# col_stride] where cols[c] < n_cols (0 elsewhere). The base is added where a tile is loaded, as the
+# kernels always did: a pointer moved out of the key loops changed the registers ptxas allocates
+# (tools.perf static: 115 -> 132 in one tiled config, fewer in others).
+View = namedtuple("View", "ptr base row_stride cols col_stride n_cols")
 # Options: the constexprs of a tiled kernel that its helpers read (VEC: see `_tile_ptrs`). A kernel binds it
 # as `opt: tl.constexpr = Options(...)`: a group bound to a plain name in a compiled kernel has its
 # constexprs turned into tensors (and so does a tuple unpacked into names).
@@ -112,8 +114,8 @@ def nanmax(x, axis):
 @triton.jit
 def seq_view(T, strides, b, h, cols, n_cols):
     """The View of sequence (b, h) of a (B, H, N, D) tensor T with `strides`: rows are positions.
-    (A packed tile's View has row stride 1 and packed_rows.)"""
-    return View(T + b * strides[0] + h * strides[1], strides[2], cols, strides[3], n_cols)
+    (A packed tile's View has base 0, row stride 1 and packed_rows.)"""
+    return View(T, b * strides[0] + h * strides[1], strides[2], cols, strides[3], n_cols)
 
 
 @triton.jit
@@ -131,7 +133,7 @@ def _tile_ptrs(view, rows, row_ok, VEC: tl.constexpr):
     (VEC * itemsize bytes), is contiguous, and is in or out of n_cols as a whole: the
     compiler then loads and stores VEC elements per instruction.
     """
-    ptrs = view.ptr + tl.expand_dims(rows * view.row_stride, -1) + view.cols * view.col_stride
+    ptrs = view.ptr + view.base + tl.expand_dims(rows * view.row_stride, -1) + view.cols * view.col_stride
     col_in = view.cols < view.n_cols
     if VEC > 1:
         # The column mask's hint goes on the column comparison itself: a hint on the combined mask
@@ -189,15 +191,18 @@ def key_ok(col_ok, mask, j, HAS_KEY_MASK: tl.constexpr):
 
 
 @triton.jit
-def key_scores(q, rows, rows_ok, keys, j, scale, opt):
-    """(S, valid, k, col_in) of the key tile j (int64 positions) for the query rows `rows` (their mask
-    rows_ok (M, 1), or True): S = masked_scores, valid without the keys past keys.n and those the
-    key mask drops (col_in: j < keys.n)."""
+def key_scores(q, rows, rows_ok, keys, j, scale, opt, LOAD_V: tl.constexpr):
+    """(S, valid, k, v, col_in) of the key tile j (int64 positions) for the query rows `rows` (their
+    mask rows_ok (M, 1), or True): S = masked_scores, valid without the keys past keys.n and those
+    the key mask drops (col_in: j < keys.n); with LOAD_V the tile's v (every key's, masked or not),
+    issued before the scores (the dQ pass: fewer registers than after them), else None."""
     col_in = j < keys.n
     col_ok = key_ok(col_in, keys.mask, j, opt.HAS_KEY_MASK)
     k = load_tile(keys.k, j, col_ok, opt.VEC)
+    if LOAD_V:
+        v = load_tile(keys.v, j, col_in, opt.VEC)
     s, valid = masked_scores(q, k, col_ok[None, :] & rows_ok, rows, j, scale, opt.CAUSAL, opt.PRECISION)
-    return s, valid, k, col_in
+    return s, valid, k, v if LOAD_V else None, col_in
 
 
 @triton.jit
@@ -271,16 +276,17 @@ def frame_ids(F, offs, ok, HAS_FRAMES: tl.constexpr):
 
 @triton.jit
 def bias_source(F, DELTA, d_strides, b, h, offs, ok, gauss_coef, FRAME_BAND, HAS_FRAMES: tl.constexpr,
-                ROWS: tl.constexpr):
-    """The BiasSource of a block of positions offs (ok: in range) of sequence (b, h): ROWS, a block of
-    query rows (the forward, the dQ pass); else of keys (the dK/dV pass). Its ids: frame_ids(F, ...);
-    DELTA (B, H, Nq, Nk) has strides d_strides (a frame matrix: (0, 0, row, column))."""
+                QUERY_BLOCK: tl.constexpr):
+    """The BiasSource of a block of positions offs (ok: in range) of sequence (b, h): QUERY_BLOCK, a
+    block of query rows, whose tiles are keys (the forward, the dQ pass); else of keys (the dK/dV
+    pass). Its ids: frame_ids(F, ...); DELTA (B, H, Nq, Nk) has strides d_strides (a frame matrix:
+    (0, 0, row, column))."""
     ids = frame_ids(F, offs, ok, HAS_FRAMES)
     lo = 0
     hi = 0
     if HAS_FRAMES:
         lo, hi = frame_span(ids)
-    if ROWS:
+    if QUERY_BLOCK:
         base = DELTA + b * d_strides[0] + h * d_strides[1] + ids[:, None] * d_strides[2]
         stride = d_strides[3]
     else:
@@ -290,10 +296,10 @@ def bias_source(F, DELTA, d_strides, b, h, offs, ok, gauss_coef, FRAME_BAND, HAS
 
 
 @triton.jit
-def frame_bias(s, c, valid, src, ids, opt, KEYS: tl.constexpr, USE_DA: tl.constexpr):
+def frame_bias(s, c, valid, src, ids, opt, QUERY_BLOCK: tl.constexpr, USE_DA: tl.constexpr):
     """(S', dA) of a score tile: S' = S + c * dA (add_bias; -inf where not valid with frame ids or a
-    key mask), dA 0 where not valid. src: the block's BiasSource; ids: the tile's `frame_ids`, along
-    the keys (KEYS: the forward, the dQ pass) or the query rows (the dK/dV pass).
+    key mask), dA 0 where not valid. src: the block's BiasSource (bias_source, QUERY_BLOCK as there);
+    ids: the tile's `frame_ids`.
 
     With opt.FRAME_TILES a tile whose dA is one vector along the block (`frame_tile_id`: one frame
     id, or off the Gaussian's band) adds it as that vector; bit for bit dA per score (delta_a).
@@ -301,7 +307,7 @@ def frame_bias(s, c, valid, src, ids, opt, KEYS: tl.constexpr, USE_DA: tl.conste
     in each form, so that the vector's stays a vector (tools.perf static: either the other way
     round compiles to more instructions, registers or spills).
     """
-    if KEYS:
+    if QUERY_BLOCK:
         fq, fk, block_ids, tile_ids = src.ids, ids, src.ids[:, None], ids[None, :]
     else:
         fq, fk, block_ids, tile_ids = ids, src.ids, src.ids[None, :], ids[:, None]
@@ -356,9 +362,9 @@ def packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_
     """A packed program's tiles of Q, K and V (B, H, N, D) with these strides; coords: packed_coords'."""
     b, h, i, j, row_ok, col_ok = coords
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(View(Q, 1, offs_d, q_strides[3], HEAD_DIM), packed_rows(q_strides, b, h, i), row_ok, VEC)
-    k = load_tile(View(K, 1, offs_d, k_strides[3], HEAD_DIM), packed_rows(k_strides, b, h, j), col_ok, VEC)
-    v = load_tile(View(V, 1, tl.arange(0, BLOCK_DV), v_strides[3], HEAD_DIM_V), packed_rows(v_strides, b, h, j),
+    q = load_tile(View(Q, 0, 1, offs_d, q_strides[3], HEAD_DIM), packed_rows(q_strides, b, h, i), row_ok, VEC)
+    k = load_tile(View(K, 0, 1, offs_d, k_strides[3], HEAD_DIM), packed_rows(k_strides, b, h, j), col_ok, VEC)
+    v = load_tile(View(V, 0, 1, tl.arange(0, BLOCK_DV), v_strides[3], HEAD_DIM_V), packed_rows(v_strides, b, h, j),
                   col_ok, VEC)
     return q, k, v
 

@@ -69,7 +69,7 @@ def _tar_bwd_packed_kernel(
     # V issued with Q and K, before the softmax, so that its latency hides behind the scores and the exp
     q, k, v = packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
                          VEC)
-    do = load_tile(View(DO, 1, offs_dv, do_strides[3], HEAD_DIM_V), packed_rows(do_strides, b, h, i), row_ok, VEC)
+    do = load_tile(View(DO, 0, 1, offs_dv, do_strides[3], HEAD_DIM_V), packed_rows(do_strides, b, h, i), row_ok, VEC)
     s, valid = masked_scores(q, k, row_ok[:, :, None] & col_ok[:, None, :], i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
@@ -97,9 +97,9 @@ def _tar_bwd_packed_kernel(
 
     dq = mma(cast(ds, k.dtype), k, PRECISION) * scale
     dk = mma(tl.trans(cast(ds, q.dtype), 0, 2, 1), q, PRECISION) * scale
-    store_tile(View(DQ, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NQ + i, dq, row_ok, VEC)
-    store_tile(View(DK, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NK + j, dk, col_ok, VEC)
-    store_tile(View(DV, HEAD_DIM_V, offs_dv, 1, HEAD_DIM_V), seq * NK + j, dv_acc, col_ok, VEC)
+    store_tile(View(DQ, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NQ + i, dq, row_ok, VEC)
+    store_tile(View(DK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NK + j, dk, col_ok, VEC)
+    store_tile(View(DV, 0, HEAD_DIM_V, offs_dv, 1, HEAD_DIM_V), seq * NK + j, dv_acc, col_ok, VEC)
 
 
 @triton.jit
@@ -178,8 +178,7 @@ def _tar_bwd_dq_kernel(
         count = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        s, valid, k, col_in = key_scores(q, offs_m, row_ok[:, None], keys, j, scale, opt)
-        v = load_tile(keys.v, j, col_in)  # masked keys' too
+        s, valid, k, v, col_in = key_scores(q, offs_m, row_ok[:, None], keys, j, scale, opt, True)
         s_reg = s
         if REGULARIZE:
             m, arg, count = _track_max(s, valid, start, m, arg, count)
@@ -210,13 +209,13 @@ def _tar_bwd_dq_kernel(
             tie_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
             for start in range(0, hi, BLOCK_N):
                 j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                s, valid, k, col_in = key_scores(q, offs_m, row_ok[:, None], keys, j, scale, opt)
+                s, valid, k, v, col_in = key_scores(q, offs_m, row_ok[:, None], keys, j, scale, opt, False)
                 tie = valid & (s == m[:, None])
                 tie_k += mma(cast(tie.to(tl.float32), k.dtype), k, PRECISION)
         else:  # one key per row reaches the max: its arg-max
             tie_k = load_tile(keys.k, arg.to(tl.int64), row_ok).to(tl.float32)
         if GLOBAL_MAX:
-            store_tile(View(TIEK, HEAD_DIM, offs_d, 1, HEAD_DIM), row, tie_k * scale, row_ok)
+            store_tile(View(TIEK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), row, tie_k * scale, row_ok)
             share = dmax  # turned into the share by the launcher
         else:
             share = dmax / tl.maximum(count, 1).to(tl.float32)
@@ -224,7 +223,7 @@ def _tar_bwd_dq_kernel(
         tl.store(AUX + row * _AUX_N + _AUX_SHARE, share, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_MAX, m, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_COUNT, count.to(tl.float32), mask=row_ok)
-    store_tile(View(DQ, HEAD_DIM, offs_d, 1, HEAD_DIM), row, acc * scale, row_ok)
+    store_tile(View(DQ, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), row, acc * scale, row_ok)
     tl.store(AUX + row * _AUX_N + _AUX_D, d_row, mask=row_ok)
 
 
@@ -304,8 +303,8 @@ def _tar_bwd_dkdv_kernel(
             row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
             ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
         dk += mma(tl.trans(cast(ds, q.dtype)), q, PRECISION)
-    store_tile(View(DK, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NK + offs_n, dk * scale, col_in)
-    store_tile(View(DV, HEAD_DIM_V, offs_dv, 1, HEAD_DIM_V), seq * NK + offs_n, dv_acc, col_in)
+    store_tile(View(DK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NK + offs_n, dk * scale, col_in)
+    store_tile(View(DV, 0, HEAD_DIM_V, offs_dv, 1, HEAD_DIM_V), seq * NK + offs_n, dv_acc, col_in)
 
 
 # --------------------------------------------------------------------------- launcher

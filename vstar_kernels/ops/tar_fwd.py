@@ -67,7 +67,7 @@ def _tar_fwd_packed_kernel(
 
     p, denom = packed_exp(s, row_ok)
     out = mma(cast(p, v.dtype), v, PRECISION) / denom[:, :, None]
-    store_tile(View(O, 1, tl.arange(0, BLOCK_DV), o_strides[3], HEAD_DIM_V), packed_rows(o_strides, b, h, i), out,
+    store_tile(View(O, 0, 1, tl.arange(0, BLOCK_DV), o_strides[3], HEAD_DIM_V), packed_rows(o_strides, b, h, i), out,
                row_ok, VEC)
 
 
@@ -80,7 +80,7 @@ def _row_max(q, rows, keys, lo, hi, m, scale, BLOCK_N: tl.constexpr, opt):
     """
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        s = key_scores(q, rows, True, keys, j, scale, opt)[0]
+        s = key_scores(q, rows, True, keys, j, scale, opt, False)[0]
         m = max_nan(m, nanmax(s, 1))
     return m
 
@@ -135,7 +135,7 @@ def _softmax_tiles(state, q, rows, row_ok, keys, src, c, lo, hi, scale, BLOCK_N:
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
         if MASK:
-            s, valid, k, col_in = key_scores(q, rows, row_ok[:, None], keys, j, scale, opt)
+            s, valid, k, v, col_in = key_scores(q, rows, row_ok[:, None], keys, j, scale, opt, False)
         else:
             col_in = tl.full((BLOCK_N,), 1, tl.int1)
             k = load_tile(keys.k, j, col_in, opt.VEC)
