@@ -15,8 +15,9 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 from vstar_kernels import TARConfig
-from vstar_kernels.diffusers import apply_tar, dit, remove_tar, reset_steps
-from vstar_kernels.diffusers.dit import DiTTARProcessor, _layout_ids
+from vstar_kernels.diffusers import apply_tar, install, remove_tar, reset_steps
+from vstar_kernels.diffusers.dit import DiTTARProcessor
+from vstar_kernels.diffusers.token_grid import layout_ids
 from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES
@@ -160,7 +161,7 @@ def test_frames_follow_the_latent_shape_of_each_call():
     forward(model, wan_inputs(frames=3, size=4))
     assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(3).repeat_interleave(4)) for c in calls)
     calls.clear()
-    _layout_ids.cache_clear()  # the ids are made in the call below, under inference mode
+    layout_ids.cache_clear()  # the ids are made in the call below, under inference mode
     with torch.inference_mode():  # as pipelines run: the kept ids are no inference tensor (they keep a version)
         model(**wan_inputs(frames=2, size=4), return_dict=False)
     assert calls and not any(c[4]["frames"].is_inference() for c in calls)
@@ -436,7 +437,7 @@ def test_processors_replaced_after_apply_tar_keep_tar(family, replace, monkeypat
     apply_tar(model, config)
     REPLACEMENTS[replace](model)
     # taking the new processors' place costs no model walk
-    monkeypatch.setattr(dit, "dit_attention_modules", None)
+    monkeypatch.setattr(install, "dit_attention_modules", None)
     assert torch.equal(forward(model, inputs), oracle)
     calls = record(model)
     forward(model, inputs)
