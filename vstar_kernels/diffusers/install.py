@@ -91,7 +91,8 @@ def _dit_state(model: torch.nn.Module, pipeline, config: TARConfig, steps: StepT
     family = dit_family(model)
     modules = dit_attention_modules(model)
     blocks = frozenset(range(len(modules)) if config.blocks is None else config.blocks)
-    state = DiTState(config, family, steps, config.levels[0], blocks, None if pipeline is None else weakref.ref(pipeline))
+    state = DiTState(config, family, steps, config.levels[0], blocks,
+                     None if pipeline is None else weakref.ref(pipeline))
     state.hooks = watch_layout(model, family, state)
     state.installed = [state.wrap(module, module.processor, name, index)
                        for index, (name, module) in enumerate(modules) if index in blocks]
