@@ -35,7 +35,7 @@ CHUNK_ELEMENTS = 1 << 24
 @contextlib.contextmanager
 def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bool] = None,
                             chunk_elements: int = CHUNK_ELEMENTS):
-    """Record a DiT's frame-by-frame attention in the runs inside the ``with`` block (docs/integrations.md).
+    """Record a DiT's frame-by-frame attention in the runs inside the ``with`` block (docs/dits.md, Frame maps).
 
     ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame f attend to
     the tokens of each frame, averaged over heads and frame f's query tokens (rows sum to 1 only without
