@@ -4,7 +4,8 @@
 Why a mode: it needs no copy of diffusers' code and patches nothing. A custom attention backend would reach only the
 processors that use the dispatcher (and diffusers' backend registry is a closed enum); replacing module globals
 (``F``, ``dispatch_attention_fn``) is process-wide and not thread-safe, where a torch function mode is per thread
-and lives for one call.
+and lives for one call. So TAR serves the diffusers attention backends that call that function, `SDPA_BACKENDS`;
+a regularized call on any other raises (`call_through_sdpa`; docs/dits.md, Attention backends).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from torch.overrides import TorchFunctionMode
 from ..tar_config import LevelSpec
 from .token_grid import TokenGrid, token_frames
 
+# diffusers' attention backends whose function runs scaled_dot_product_attention on the call's q, k, v (in
+# diffusers 0.42.1: the native one and the four that pin one of torch's SDPA kernels); the others run kernels of
+# their own (flash-attn, sage, xformers, flex, NPU, XLA, ...)
+SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
+
 # The most runs of equal rows a (B, 1, Nq, Nk) mask may have: TAR runs one attention call per run
 MAX_MASK_RUNS = 64
 # bool elements compared at once while finding the runs of a mask
@@ -29,29 +35,45 @@ def sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
+def backend_of(processor) -> Optional[str]:
+    """The diffusers attention backend a processor's dispatcher calls run on, for a processor whose class has an
+    ``_attention_backend`` (as diffusers' dispatching processors have): its own (``set_attention_backend``), else
+    the active one (the ``attention_backend`` context, ``DIFFUSERS_ATTN_BACKEND``); None for any other processor
+    (one that calls scaled_dot_product_attention itself, or a processor of its own)."""
+    if not hasattr(type(processor), "_attention_backend"):
+        return None
+    backend = processor._attention_backend
+    if backend is None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry  # a diffusers with backends
+
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    return getattr(backend, "value", backend)
+
+
 def call_through_sdpa(mode: TorchFunctionMode, processor, name: str, consequence: str, /, *args, **kwargs):
     """``processor(*args, **kwargs)`` under `mode` (which counts its scaled_dot_product_attention calls in
-    ``calls``); raises after a call that made none."""
+    ``calls``); raises before the call on an attention backend not in `SDPA_BACKENDS`, after one that made none."""
+    backend = backend_of(processor)
+    if backend is not None and backend not in SDPA_BACKENDS:
+        raise _no_sdpa_call(name, consequence, backend)
     with mode:
         out = processor(*args, **kwargs)
     if mode.calls == 0:
-        raise _no_sdpa_call(name, consequence, processor)
+        raise _no_sdpa_call(name, consequence, backend)
     return out
 
 
-def _no_sdpa_call(name: str, consequence: str, processor) -> RuntimeError:
-    """The error for a wrapped `processor` whose call never reached scaled_dot_product_attention."""
-    backend = getattr(processor, "_attention_backend", None)
-    backend = getattr(backend, "value", backend)
+def _no_sdpa_call(name: str, consequence: str, backend: Optional[str]) -> RuntimeError:
     if backend is None:
         why = "a processor of its own, or a non-native attention backend set for every model"
-    elif backend == "native":
-        why = "its backend is the native one: the processor itself does not call it"
+    elif backend in SDPA_BACKENDS:
+        why = f"its backend, {backend!r}, calls it, but the processor does not call its backend"
     else:
         why = f"its attention backend, {backend!r}, does not call it"
     return RuntimeError(
-        f"{name}: the processor computed its attention without torch.nn.functional.scaled_dot_product_attention "
-        f"({why}), so {consequence}; diffusers' native backend calls it: model.set_attention_backend('native')")
+        f"{name}: the processor computes its attention without torch.nn.functional.scaled_dot_product_attention "
+        f"({why}), so {consequence}; the diffusers attention backends that call it: {', '.join(SDPA_BACKENDS)} "
+        "(model.set_attention_backend('native'))")
 
 
 class TARAttention(TorchFunctionMode):
