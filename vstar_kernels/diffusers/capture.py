@@ -144,11 +144,7 @@ class _Recorder:
     """The forward hooks of one capture and what they add to its maps."""
 
     def __init__(self, model, pipeline, maps: TemporalAttentionMaps, steps, cfg, chunk_size, chunk_elements):
-        self.model = model
-        self.pipeline = pipeline
-        self.maps = maps
-        self.steps = steps
-        self.cfg = cfg
+        self.model, self.pipeline, self.maps, self.steps, self.cfg = model, pipeline, maps, steps, cfg
         self.chunk_size, self.chunk_elements = chunk_size, chunk_elements
         self.owner = f"capture-{id(self)}"
         self.tracker: Optional[StepTracker] = None
