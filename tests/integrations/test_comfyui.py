@@ -8,6 +8,7 @@ runs such checks against a real ComfyUI.
 """
 
 import importlib
+import logging
 import math
 import pathlib
 import subprocess
@@ -18,9 +19,12 @@ import pytest
 import torch
 
 import vstar_kernels.comfyui as vc
-from vstar_kernels import cli
+from vstar_kernels import BackendUnavailableError, cli
 from vstar_kernels.comfyui import models as vc_models
 from vstar_kernels.comfyui.patch import MarkedForward, key_mask
+
+from .comfyui_companions import (REPLACED, cache_node, freelong, keyword_recorder, newer_attention,
+                                 replace_self_attention, swallowing, tar_calls, warnings_of)
 
 STANDIN = pathlib.Path(__file__).resolve().parent / "comfyui_standin"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -37,6 +41,7 @@ def comfy():
         del sys.modules[name]
     sys.path.insert(0, str(STANDIN))
     try:
+        import comfy.context_windows
         import comfy.ldm.hunyuan_video.model
         import comfy.ldm.wan.model
         import comfy.model_base
@@ -117,17 +122,22 @@ def dense_tar(q, k, v, ids, sigma, strength, keep=None):
 
 def oracle_override(ids, sigma, strength, sigmas_in):
     """An attention override that regularizes the calls marked by `mark_self_attention` at the steps whose
-    sigma is in `sigmas_in`; ids of the video come first, whatever follows (text) gets -1."""
+    sigma is in `sigmas_in`, over the whole video: ids of the video come first (`ids`, or `ids(options)`: a
+    function of the call's transformer_options), whatever follows (text) gets -1; calls over fewer tokens (a
+    part of the video) and over query slices are left plain."""
     def override(func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
                  transformer_options=None, **kwargs):
         options = transformer_options
-        if not options.get(ORACLE) or float(options["sigmas"][0]) not in sigmas_in:
+        video = ids(options) if callable(ids) else ids
+        axis = 2 if skip_reshape else 1
+        if not options.get(ORACLE) or float(options["sigmas"][0]) not in sigmas_in \
+                or q.shape[axis] != k.shape[axis] or q.shape[axis] < len(video):
             return func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
                         transformer_options=options, **kwargs)
         if not skip_reshape:
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         n = q.shape[2]
-        full = torch.cat([ids, torch.full((n - len(ids),), -1)])
+        full = torch.cat([video, torch.full((n - len(video),), -1)])
         keep = None if mask is None else (mask.reshape(mask.shape[0], -1) == 0).expand(q.shape[0], n)
         out = dense_tar(q, k, v, full, sigma, strength, keep).to(q.dtype)
         return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
@@ -176,11 +186,20 @@ def test_node_declaration():
 
 
 def test_imports_without_comfyui():
+    """The package imports without ComfyUI; apply_tar checks its arguments, then says that it needs ComfyUI."""
     code = ("import sys; sys.modules['comfy'] = None; import vstar_kernels.comfyui as c; "
-            "print(sorted(c.NODE_CLASS_MAPPINGS))")
+            "print(sorted(c.NODE_CLASS_MAPPINGS))\n"
+            "for strength in (float('nan'), 1.0):\n"
+            "    try:\n"
+            "        c.apply_tar(None, strength, 1.0)\n"
+            "    except Exception as exc:\n"
+            "        print(type(exc).__name__, exc)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "['VSTAR_TAR']"
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "['VSTAR_TAR']"
+    assert lines[1].startswith("ValueError VSTAR_TAR: strength must be a finite real number")
+    assert lines[2].startswith("ImportError VSTAR_TAR: apply_tar needs ComfyUI: run it in ComfyUI's Python")
 
 
 def test_install_writes_a_custom_nodes_package(tmp_path, capsys, monkeypatch):
@@ -443,13 +462,14 @@ def test_attention_outside_the_override_is_an_error(comfy, monkeypatch):
 
 def test_too_many_reference_frames_is_an_error(comfy):
     (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, reference_frames=2)
-    with pytest.raises(ValueError, match="reference_frames=2 leaves none of this call's 2 latent frames as video"):
+    with pytest.raises(ValueError, match=r"reference_frames=2 leaves none of this call's latent frames \[0, 1\] as "
+                                         r"video"):
         sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
 
 
 def test_a_call_mixing_steps_inside_and_outside_the_window_is_an_error():
     settings = vc.patch.Settings(1.0, 1.0, sigma_start=0.75, sigma_end=0.25, reference_frames=0, backend="auto")
-    wrapper = vc.patch.TARWrapper(settings, vc_models.WAN)
+    wrapper = vc.patch.TARPatch(settings, vc_models.WAN, {})
     assert wrapper.regularizes(torch.tensor([0.75, 0.75])) and wrapper.regularizes(torch.tensor([0.25]))
     assert not wrapper.regularizes(torch.tensor([0.875, 0.875]))
     with pytest.raises(ValueError, match=r"one model call mixes sigmas inside and outside the window \[0.25, 0.75\]"):
@@ -533,3 +553,142 @@ def test_targets_of_the_other_models():
     s2v = fake("comfy.ldm.wan.model", "WanModel_S2V")
     with pytest.raises(ValueError, match="WanModel_S2V is not a video model the node knows"):
         vc_models.family_of(s2v)
+
+
+# ---------------------------------------------------------------- companion nodes, newer and older ComfyUI
+
+@pytest.mark.parametrize("weight", [0.0, 0.5], ids=["backend patch", "enhance patch"])
+def test_a_later_patch_of_the_same_forward_is_refused(comfy, monkeypatch, weight):
+    """Applied after the node, such a patch replaces TAR's: sampling is refused, naming it. Applied before, the
+    node keeps it and TAR runs in it."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=REPLACED):
+        sample(comfy, replace_self_attention(tar, weight), shape, cond, uncond, dtype)
+    before = replace_self_attention(model, weight)
+    calls = tar_calls(monkeypatch)
+    out = sample(comfy, NODE().apply(before, 1.0, 1.0)[0], shape, cond, uncond, dtype)
+    assert len(calls) == 2 * STEPS
+    assert not torch.equal(out, sample(comfy, before, shape, cond, uncond, dtype))
+    if weight == 0.0:
+        assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+
+
+def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
+    """TeaCache and MagCache run Wan's blocks without transformer_options: TAR still runs in them. A call whose
+    blocks the cache skips regularizes nothing, and says so once per sampling run."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    expected = sample(comfy, tar, shape, cond, uncond, dtype)
+    assert not torch.equal(expected, sample(comfy, model, shape, cond, uncond, dtype))
+    assert torch.equal(sample(comfy, cache_node(tar), shape, cond, uncond, dtype), expected)
+    assert torch.equal(sample(comfy, NODE().apply(cache_node(model), 1.0, 1.0)[0], shape, cond, uncond, dtype),
+                       expected)
+    assert not warnings_of(caplog, "VSTAR_TAR")
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        sample(comfy, cache_node(tar, skip_every=2), shape, cond, uncond, dtype)
+    (skipped,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "a model call in the window ran none of the regularized self-attention modules: another node skipped " \
+           "the model's computation (a cache node reusing an earlier result does)" in skipped.getMessage()
+
+
+def test_freelong_windows_run_without_tar_and_say_so(comfy, mark_self_attention, caplog):
+    """LongLook's FreeLong runs each block again on windows of frames, whose frames the attention call does not
+    carry: those calls are handed on as they came (no error for FreeLong to catch), said once per run; the
+    blocks' passes over the whole video are regularized."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 4, 4, 4)     # 4 frames x 4 tokens
+    cond, uncond = conditions(dtype)
+    errors = []
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        out = sample(comfy, freelong(tar, 4, 2, errors), shape, cond, uncond, dtype)
+    assert errors == []
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "blocks.0.self_attn ran its self-attention over 8 tokens, but this model call's latent makes 4 frames x 4 " \
+           "tokens (16 tokens): another node ran it on other tokens (LongLook's FreeLong does" in said.getMessage()
+    stock = sample(comfy, freelong(model, 4, 2, []), shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, freelong(model, 4, 2, []), video_ids(4, 4, 4), 1.0, 1.0, range(STEPS), shape,
+                             cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    assert (out - stock).abs().max() > 1e-3
+
+
+def test_an_error_another_node_catches_is_raised_after_the_call(comfy):
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, backend="triton")      # float64: not a Triton kernel dtype
+    with pytest.raises(BackendUnavailableError, match="float64 is not a kernel dtype"):
+        sample(comfy, swallowing(tar), (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
+
+
+def test_a_comfyui_without_the_attention_override_is_refused(comfy, monkeypatch):
+    monkeypatch.delattr(comfy.ldm.modules.attention, "wrap_attn")
+    with pytest.raises(RuntimeError, match=r"VSTAR_TAR needs ComfyUI 0\.3\.60 or newer, whose attention functions "
+                                           r"hand each call to .*this ComfyUI \(of unknown version\) has no such "
+                                           r"override"):
+        NODE().apply(wan(comfy), 1.0, 1.0)
+
+
+def test_attention_keywords_the_node_does_not_know_pass(comfy, mark_self_attention, monkeypatch):
+    newer_attention(monkeypatch, comfy.ldm.wan.model, slices=False)
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 6)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, model, video_ids(3, 4, 6), 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_query_slices_are_handed_on_as_they_came(comfy, monkeypatch, caplog):
+    """A self-attention computed in query slices: a slice's rows are not known, so the calls go, unchanged (their
+    keywords too), to the override that was there, and the node says so once per run."""
+    newer_attention(monkeypatch, comfy.ldm.wan.model, slices=True)
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 6)     # 3 frames x 6 tokens: slices of 9 queries
+    cond, uncond = conditions(dtype)
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    calls = []
+    chained = model.clone()
+    chained.model_options["transformer_options"]["optimized_attention_override"] = keyword_recorder(calls)
+    (tar,) = NODE().apply(chained, 1.0, 1.0)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), stock)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "blocks.0.self_attn computed its self-attention in query slices (9 of 18 queries in a call)" \
+           in said.getMessage()
+    assert sorted(set(calls)) == [(9, 18, False), (18, 7, False)]
+    assert calls.count((9, 18, False)) == 2 * 2 * STEPS
+
+
+WINDOWS = {   # windows of 8 latent frames, reference_frames
+    "overlapping, one reference frame": ([[0, 1, 2, 3], [3, 4, 5, 6], [4, 5, 6, 7]], 1),
+    "strided": ([[0, 2, 4, 6], [1, 3, 5, 7]], 0),
+}
+
+
+@pytest.mark.parametrize("case", list(WINDOWS))
+def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attention, case):
+    """In a context window, a frame's id is its index in the whole latent; the reference frames are the whole
+    latent's first ones, so only a window holding them has any."""
+    windows, lead = WINDOWS[case]
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(windows)
+    shape = (1, 4, 8, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=lead, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+
+    def ids(options):
+        return torch.tensor([i if i >= lead else -1 for i in options["context_window"].index_list for _ in range(4)])
+    expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)

@@ -8,6 +8,9 @@ ids written out from the latent's shape. The node's samples must match it, and b
 where TAR is off; the input model must stay as it was; an override already on the model must get
 every call the node does not regularize.
 
+The node's companions (nodes that patch the same model, newer ComfyUI's attention calls) are emulated by
+comfyui_companions.py. On a ComfyUI older than 0.3.60 only the node's refusal is tested.
+
 ComfyUI's Python requirements must be importable (PYTHONPATH may name a folder they were installed
 into with ``pip install --target``): torch, einops, safetensors, psutil, scipy, torchsde,
 torchvision, av, ... When torchvision's compiled operators do not load against this torch (a CUDA
@@ -17,6 +20,7 @@ are defined here first so that it imports; nothing here calls them. ComfyUI runs
 """
 
 import asyncio
+import logging
 import math
 import os
 import pathlib
@@ -28,7 +32,11 @@ import pytest
 import torch
 
 import vstar_kernels.comfyui as vc
+from vstar_kernels import BackendUnavailableError
 from vstar_kernels.comfyui.patch import MarkedForward
+
+from .comfyui_companions import (REPLACED, cache_node, freelong, keyword_recorder, newer_attention,
+                                 replace_self_attention, swallowing, tar_calls, warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
@@ -55,7 +63,8 @@ def _torchvision_loads() -> None:
 
 
 @pytest.fixture(scope="module")
-def comfy():
+def comfy_any():
+    """The ComfyUI at COMFYUI_SRC, whatever its version."""
     root = pathlib.Path(COMFYUI_SRC).resolve()
     _torchvision_loads()
     path = list(sys.path)
@@ -67,6 +76,7 @@ def comfy():
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
+        import comfy.context_windows
         import comfy.ldm.cosmos.blocks
         import comfy.ldm.cosmos.predict2
         import comfy.ldm.flux.layers
@@ -90,6 +100,14 @@ def comfy():
             if file and pathlib.Path(file).resolve().is_relative_to(root):
                 del sys.modules[name]
         sys.modules.update(saved)
+
+
+@pytest.fixture(scope="module")
+def comfy(comfy_any):
+    """The ComfyUI at COMFYUI_SRC, when it can run the node (0.3.60 or newer)."""
+    if not hasattr(comfy_any.ldm.modules.attention, "wrap_attn"):
+        pytest.skip("a ComfyUI older than 0.3.60: only the node's refusal is tested")
+    return comfy_any
 
 
 # ---------------------------------------------------------------- models
@@ -169,16 +187,21 @@ def _attention_call(q, k, v, heads, mask=None, attn_precision=None, skip_reshape
 
 def oracle_override(ids, sigma, strength, sigmas_in):
     """TAR by its definition (float64) on calls marked ORACLE at the steps whose sigma is in `sigmas_in` (all
-    steps when None); the tokens after `ids` (text) get -1; masks are additive key masks."""
+    steps when None), over the whole video: `ids` (or `ids(options)`, a function of the call's
+    transformer_options) for the video, -1 for the tokens after it (text); masks are additive key masks.
+    Calls over fewer tokens (a part of the video) and over query slices are left plain."""
     def override(func, *args, **kwargs):
         options = kwargs["transformer_options"]
-        if not options.get(ORACLE) or (sigmas_in is not None and float(options["sigmas"][0]) not in sigmas_in):
-            return func(*args, **kwargs)
         q, k, v, heads, mask, skip_reshape, skip_output_reshape = _attention_call(*args, **kwargs)
+        video = ids(options) if callable(ids) else ids
+        axis = 2 if skip_reshape else 1
+        if not options.get(ORACLE) or (sigmas_in is not None and float(options["sigmas"][0]) not in sigmas_in) \
+                or q.shape[axis] != k.shape[axis] or q.shape[axis] < len(video):
+            return func(*args, **kwargs)
         if not skip_reshape:
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         n = q.shape[2]
-        full = torch.cat([ids, torch.full((n - len(ids),), -1)]).double()
+        full = torch.cat([video, torch.full((n - len(video),), -1)]).double()
         scores = q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
         if mask is not None:
             keep = (mask.reshape(mask.shape[0], -1) == 0).expand(q.shape[0], n)
@@ -477,3 +500,153 @@ def test_a_model_the_node_does_not_know_is_an_error(comfy):
     s2v.add_object_patch("diffusion_model", comfy.ldm.wan.model.WanModel_S2V.__new__(comfy.ldm.wan.model.WanModel_S2V))
     with pytest.raises(ValueError, match="comfy.ldm.wan.model.WanModel_S2V is not a video model the node knows"):
         NODE().apply(s2v, 1.0, 1.0)
+
+
+# ---------------------------------------------------------------- companion nodes, newer and older ComfyUI
+
+def test_a_comfyui_without_the_attention_override_is_refused(comfy_any, monkeypatch):
+    """On ComfyUI 0.3.59 as it is; on a newer one, with its attention override taken away."""
+    attention = comfy_any.ldm.modules.attention
+    if hasattr(attention, "wrap_attn"):
+        monkeypatch.delattr(attention, "wrap_attn")
+    model = comfy_any.sd.load_diffusion_model_state_dict(
+        _init(comfy_any.ldm.wan.model.WanModel(operations=comfy_any.ops.disable_weight_init, dim=256, ffn_dim=256,
+                                               num_heads=2, num_layers=1, text_dim=4096, in_dim=16,
+                                               out_dim=16).state_dict().items(), 0),
+        model_options={"dtype": torch.float64})
+    with pytest.raises(RuntimeError, match=r"VSTAR_TAR needs ComfyUI 0\.3\.60 or newer, whose attention functions hand "
+                                           r"each call to .*: this ComfyUI \(0\.3\.\d+\) has no such override"):
+        NODE().apply(model, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5], ids=["backend patch", "enhance patch"])
+def test_a_later_patch_of_the_same_forward_is_refused(comfy, monkeypatch, weight):
+    """Applied after the node, such a patch replaces TAR's: sampling is refused, naming it. Applied before, the
+    node keeps it and TAR runs in it."""
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=REPLACED):
+        run(comfy, replace_self_attention(tar, weight), latent, positive, negative, steps=2)
+    before = replace_self_attention(model, weight)
+    calls = tar_calls(monkeypatch)
+    out = run(comfy, NODE().apply(before, 1.0, 1.0)[0], latent, positive, negative, steps=2)
+    assert len(calls) == 2 * 2
+    assert not torch.equal(out, run(comfy, before, latent, positive, negative, steps=2))
+    if weight == 0.0:
+        assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=2))
+
+
+def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
+    """TeaCache and MagCache run Wan's blocks without transformer_options: TAR still runs in them. A call whose
+    blocks a cache skips (theirs, or ComfyUI's EasyCache) regularizes nothing, and says so once per sampling run."""
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    expected = run(comfy, tar, latent, positive, negative)
+    assert not torch.equal(expected, run(comfy, model, latent, positive, negative))
+    assert torch.equal(run(comfy, cache_node(tar), latent, positive, negative), expected)
+    assert torch.equal(run(comfy, NODE().apply(cache_node(model), 1.0, 1.0)[0], latent, positive, negative), expected)
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    easy = EasyCacheNode.execute(tar, 3.0, 0.0, 1.0, False).args[0]      # ComfyUI's own: skips the model in steps
+    for cached in (cache_node(tar, skip_every=2), easy):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+            run(comfy, cached, latent, positive, negative, steps=6)
+        (skipped,) = warnings_of(caplog, "VSTAR_TAR")
+        assert "a model call in the window ran none of the regularized self-attention modules" in skipped.getMessage()
+
+
+def test_freelong_windows_run_without_tar_and_say_so(comfy, mark, caplog):
+    """LongLook's FreeLong runs each block again on windows of frames (tokens and rotary embedding cut): those
+    calls are handed on as they came, said once per run; the blocks' passes over the whole video are regularized."""
+    mark("wan")
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 4, 4, 6)     # 4 frames x 6 tokens
+    positive, negative = texts()
+    errors = []
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        out = run(comfy, freelong(tar, 4, 2, errors), latent, positive, negative)
+    assert errors == []
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "ran its self-attention over 12 tokens, but this model call's latent makes 4 frames x 6 tokens (24 " \
+           "tokens): another node ran it on other tokens (LongLook's FreeLong does" in said.getMessage()
+    stock = run(comfy, freelong(model, 4, 2, []), latent, positive, negative)
+    expected = oracle_run(comfy, freelong(model, 4, 2, []), video_ids(4, 4, 6), 1.0, 1.0, latent, positive, negative)
+    assert_matches(out, expected, stock)
+
+
+def test_an_error_another_node_catches_is_raised_after_the_call(comfy):
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, backend="triton")      # float64: not a Triton kernel dtype
+    with pytest.raises(BackendUnavailableError, match="float64 is not a kernel dtype"):
+        run(comfy, swallowing(tar), torch.zeros(1, 16, 2, 4, 4), *texts(), steps=1)
+
+
+def test_attention_keywords_the_node_does_not_know_pass(comfy, mark, monkeypatch):
+    """Newer ComfyUI passes low_precision_attention=False to the override."""
+    newer_attention(monkeypatch, sys.modules["comfy.ldm.wan.model"], slices=False)
+    mark("wan")
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 6)
+    positive, negative = texts()
+    stock = run(comfy, model, latent, positive, negative)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative)
+    assert_matches(out, oracle_run(comfy, model, video_ids(3, 4, 6), 1.0, 1.0, latent, positive, negative), stock)
+
+
+def test_query_slices_are_handed_on_as_they_came(comfy, monkeypatch, caplog):
+    """A self-attention computed in query slices (newer LTX guide attention): the calls go, unchanged (their
+    keywords too), to the override that was there, and the node says so once per run."""
+    newer_attention(monkeypatch, sys.modules["comfy.ldm.wan.model"], slices=True)
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 6)     # 3 frames x 6 tokens: slices of 9 queries
+    positive, negative = texts()
+    stock = run(comfy, model, latent, positive, negative)
+    calls = []
+    chained = model.clone()
+    chained.model_options["transformer_options"]["optimized_attention_override"] = keyword_recorder(calls)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        assert torch.equal(run(comfy, NODE().apply(chained, 1.0, 1.0)[0], latent, positive, negative), stock)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "blocks.0.self_attn computed its self-attention in query slices (9 of 18 queries in a call)" \
+           in said.getMessage()
+    assert sorted(set(calls)) == [(9, 18, False), (18, 7, False)]
+
+
+def context_windows(comfy, model, schedule, length, overlap, stride=1):
+    """The model with ComfyUI's context windows over the latent's frames (as its WAN Context Windows node sets them)."""
+    windows = comfy.context_windows
+    model = model.clone()
+    model.model_options["context_handler"] = windows.IndexListContextHandler(
+        windows.get_matching_context_schedule(schedule), windows.get_matching_fuse_method("pyramid"),
+        context_length=length, context_overlap=overlap, context_stride=stride, dim=2)
+    return model
+
+
+@pytest.mark.parametrize("schedule, stride, lead", [("standard_static", 1, 1), ("standard_uniform", 2, 0)],
+                         ids=["windows 0-3, 3-6, 4-7 with a reference frame", "strided windows"])
+def test_context_windows_take_the_global_frame_indices(comfy, mark, schedule, stride, lead):
+    """In a context window, a frame's id is its index in the whole latent, and only the window holding the whole
+    latent's reference frames has any (windows of 4 of 8 latent frames; the uniform schedule with stride 2 adds
+    windows of every second frame)."""
+    mark("wan")
+    model = context_windows(comfy, wan(comfy), schedule, 4, 1, stride)
+    latent = torch.zeros(1, 16, 8, 4, 4)
+    positive, negative = texts()
+    seen = set()
+
+    def ids(options):
+        index = options["context_window"].index_list
+        seen.add(tuple(index))
+        return torch.tensor([i if i >= lead else -1 for i in index for _ in range(4)])
+    stock = run(comfy, model, latent, positive, negative, steps=2)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=lead)[0], latent, positive, negative, steps=2)
+    assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative, steps=2), stock)
+    if stride == 1:
+        assert seen == {(0, 1, 2, 3), (3, 4, 5, 6), (4, 5, 6, 7)}
+    else:
+        assert any(b - a == 2 for index in seen for a, b in zip(index, index[1:]))

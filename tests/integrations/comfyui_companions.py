@@ -1,0 +1,136 @@
+"""Companion nodes and newer ComfyUI, as the ComfyUI node's tests emulate them (test_comfyui.py on the stand-in,
+test_comfyui_real.py on a real ComfyUI): written here from the behaviour of those nodes, none of their code.
+Each takes and returns a ModelPatcher (or patches a module) and works on the stand-in's Wan and on ComfyUI's."""
+
+import logging
+import unittest.mock
+
+import torch
+
+import vstar_kernels.comfyui.patch
+
+
+def tar_calls(monkeypatch):
+    """The list of the node's tar_attention calls (their q shapes), from now on."""
+    calls = []
+    original = vstar_kernels.comfyui.patch.tar_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return original(q, *args, **kwargs)
+    monkeypatch.setattr(vstar_kernels.comfyui.patch, "tar_attention", counting)
+    return calls
+
+
+def replace_self_attention(model, weight):
+    """A clone of a Wan `model` whose blocks' self-attention forward is object-patched as nodes that patch it do:
+    call the module's class forward and scale its output by 1 + weight * tanh(mean input) (an Enhance-A-Video
+    patch rescales it; with weight 0, a backend patch that changes only how the attention runs). Neither calls
+    the forward it replaces."""
+    model = model.clone()
+    for i in range(len(model.get_model_object("diffusion_model").blocks)):
+        module = model.get_model_object(f"diffusion_model.blocks.{i}.self_attn")
+
+        def forward(x, *args, module=module, **kwargs):
+            return type(module).forward(module, x, *args, **kwargs) * (1 + weight * torch.tanh(x.mean()))
+        model.add_object_patch(f"diffusion_model.blocks.{i}.self_attn.forward", forward)
+    return model
+
+
+REPLACED = (r"the object patch on diffusion_model.blocks.0.self_attn.forward is \S+replace_self_attention.<locals>."
+            r"forward, set by a node after VSTAR_TAR: it replaces TAR's patch there.*Apply VSTAR_TAR after that node")
+
+
+def cache_node(model, skip_every=0):
+    """A cache node's way with Wan (TeaCache, MagCache): a model function wrapper that, in each model call,
+    puts in the diffusion model's forward_orig one that runs the blocks without the transformer_options; with
+    skip_every=n, every n-th call reuses the previous result instead of running the blocks."""
+    model = model.clone()
+    dm = model.get_model_object("diffusion_model")
+    state = {"calls": 0, "last": None}
+
+    def forward_orig(*args, transformer_options=None, **kwargs):
+        state["calls"] += 1
+        if not (skip_every and state["calls"] % skip_every == 0):
+            state["last"] = type(dm).forward_orig(dm, *args, **kwargs)
+        return state["last"]
+
+    def wrapper(apply_model, args):
+        with unittest.mock.patch.object(dm, "forward_orig", forward_orig, create=True):
+            return apply_model(args["input"], args["timestep"], **args["c"])
+    model.set_model_unet_function_wrapper(wrapper)
+    return model
+
+
+def block_replacement(model, patch):
+    model = model.clone()
+    for i in range(len(model.get_model_object("diffusion_model").blocks)):
+        model.set_model_patch_replace(patch, "dit", "double_block", i)
+    return model
+
+
+def cut_tokens(tensor, tokens, cut):
+    """`tensor` cut to the tokens `cut` along its first axis of length `tokens` (a rotary embedding's)."""
+    axis = list(tensor.shape).index(tokens)
+    return tensor[(slice(None),) * axis + (cut,)]
+
+
+def freelong(model, frames, window, errors):
+    """LongLook's FreeLong, its way: each block runs on all tokens, then again on windows of `window` of the
+    `frames` frames (one frame apart; tokens, and a rotary embedding, cut to the window), and the two results
+    are blended; an error in the windowed pass is caught (appended to `errors`) and the first result stands."""
+    def patch(args, extra):
+        whole = extra["original_block"](args)["img"]
+        tokens = whole.shape[1]
+        per_frame = tokens // frames
+        local, count = torch.zeros_like(whole), torch.zeros(tokens, 1, dtype=whole.dtype)
+        try:
+            for start in range(frames - window + 1):
+                cut = slice(start * per_frame, (start + window) * per_frame)
+                part = {**args, "img": args["img"][:, cut]}
+                if args.get("pe") is not None:
+                    part["pe"] = cut_tokens(args["pe"], tokens, cut)
+                local[:, cut] += extra["original_block"](part)["img"]
+                count[cut] += 1
+        except Exception as exc:
+            errors.append(exc)
+            return {"img": whole}
+        return {"img": 0.5 * whole + 0.5 * local / count}
+    return block_replacement(model, patch)
+
+
+def swallowing(model):
+    """A block replacement that runs a block and, should it fail, leaves the tokens as they were."""
+    def patch(args, extra):
+        try:
+            return extra["original_block"](args)
+        except Exception:
+            return {"img": args["img"]}
+    return block_replacement(model, patch)
+
+
+def newer_attention(monkeypatch, module, slices):
+    """The attention calls of `module` as a newer ComfyUI makes them: each passes low_precision_attention=False,
+    and with `slices` a self-attention (as many queries as keys) runs in two query slices (LTX's guide attention)."""
+    plain = module.optimized_attention
+
+    def attention(q, k, v, *args, **kwargs):
+        kwargs["low_precision_attention"] = False
+        if not slices or q.shape[1] != k.shape[1]:
+            return plain(q, k, v, *args, **kwargs)
+        half = q.shape[1] // 2
+        return torch.cat([plain(q[:, :half], k, v, *args, **kwargs), plain(q[:, half:], k, v, *args, **kwargs)], 1)
+    monkeypatch.setattr(module, "optimized_attention", attention)
+
+
+def keyword_recorder(calls):
+    """An override on the model that records each call's (queries, keys, low_precision_attention) of (B, L, H*D)
+    q and k, and runs the call as it came."""
+    def override(func, q, k, *args, **kwargs):
+        calls.append((q.shape[1], k.shape[1], kwargs.get("low_precision_attention")))
+        return func(q, k, *args, **kwargs)
+    return override
+
+
+def warnings_of(caplog, text):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]
