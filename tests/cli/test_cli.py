@@ -71,6 +71,17 @@ def test_info_says_what_triton_interpret_does(value, line, monkeypatch, capsys):
     assert f"\n{line}\n" in capsys.readouterr().out
 
 
+def test_help_and_a_wrong_option_answer_without_importing_torch():
+    """argparse alone answers `--help` and a bad option: torch (seconds to import) is imported by the commands."""
+    for argv, code in ((["--help"], 0), (["bench", "--help"], 0), (["plot-delta", "--num-frames", "x"], 2),
+                       (["info", "--bogus"], 2)):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "vstar_kernels", *argv], capture_output=True,
+                             text=True, timeout=120, env=clean_env(), cwd=ROOT)
+        assert res.returncode == code, res.stderr
+        imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+        assert "vstar_kernels.cli" in imported and "torch" not in imported, argv
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_demo_runs_without_triton_interpret():
     """The README's first command. `-o setup`: the set-up's pip install is not repeated here."""
