@@ -160,13 +160,30 @@ def _deprecated_option(parser, old: str, new: str, **kwargs) -> None:
                         default=argparse.SUPPRESS, **kwargs)
 
 
+def _positive_int(text: str) -> int:
+    """An option's value that must be an int >= 1 (argparse names the option in its error)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return int(text)
+
+
+def _image_path(text: str) -> str:
+    """An output image's path, refused before any work when its folder does not exist."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
+    return text
+
+
 def _plot_delta_options(parser) -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 4.0, 8.0],
                         help="one panel per sigma (default: 1 4 8)")
-    parser.add_argument("--num-frames", type=int, default=16, help="frames N of the N x N matrix (default: 16)")
-    _deprecated_option(parser, "--frames", "--num-frames", type=int)
-    parser.add_argument("--out", default="delta.png", help="output image; format from the suffix (default: delta.png)")
-    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
+    parser.add_argument("--num-frames", type=_positive_int, default=16,
+                        help="frames N of the N x N matrix (default: 16)")
+    _deprecated_option(parser, "--frames", "--num-frames", type=_positive_int)
+    parser.add_argument("--out", type=_image_path, default="delta.png",
+                        help="output image; format from the suffix (default: delta.png)")
+    parser.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch (default: 100)")
 
 
 @command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options,
@@ -190,7 +207,8 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--strength", type=float, default=1.0, help="TAR's strength at level 0 (default: 1)")
     parser.add_argument("--size", type=int, default=16, help="latent height and width (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the latents (default: 0)")
-    parser.add_argument("--out", default="attention.png", help="output image (default: attention.png)")
+    parser.add_argument("--out", type=_image_path, default="attention.png",
+                        help="output image (default: attention.png)")
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
     parser.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared",
                         help="one colour scale for all panels, or each panel on its own min..max (default: shared)")

@@ -82,6 +82,25 @@ def test_help_and_a_wrong_option_answer_without_importing_torch():
         assert "vstar_kernels.cli" in imported and "torch" not in imported, argv
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--num-frames", "0"], "argument --num-frames: must be a positive int, got '0'"),
+    (["--dpi", "-5"], "argument --dpi: must be a positive int, got '-5'"),
+    (["--out", "/nonexistent/dir/d.png"], "argument --out: the folder /nonexistent/dir does not exist"),
+])
+def test_plot_delta_names_the_bad_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plot-delta", *argv])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"vstar-kernels plot-delta: error: {message}"
+
+
+def test_demo_attention_refuses_a_missing_folder_before_running(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo-attention", "--out", "/nonexistent/dir/a.png"])
+    assert exit_.value.code == 2
+    assert "argument --out: the folder /nonexistent/dir does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_demo_runs_without_triton_interpret():
     """The README's first command. `-o setup`: the set-up's pip install is not repeated here."""
