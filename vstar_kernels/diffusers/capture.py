@@ -90,7 +90,8 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
     temporal = temporal_attention_modules(model)
     if not temporal:
         raise ValueError(f"{type(model).__name__} has no temporal self-attention (modules under "
-                         f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))})")
+                         f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}): capture_temporal_attention "
+                         "takes the video UNets (capture_frame_attention takes the video DiTs)")
     steps = _int_set("steps", steps)
     levels = _int_set("levels", levels)
     available = sorted({t.level for t in temporal})
