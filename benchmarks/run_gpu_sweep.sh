@@ -52,14 +52,14 @@ run_stage() {  # name, then the command
             # SIGINT: pytest stops and still prints what passed and failed.
             run_stage "gpu tests" timeout -s INT "$TEST_BUDGET_S" python3 -m pytest -q -m gpu tests ;;&
         all | kernels)
-            run_stage "kernel sweep" python3 -m vstar_kernels bench --no-progress --resume --no-plots \
+            run_stage "kernel sweep" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume --no-plots \
                 --shapes $(python3 -c "from vstar_kernels.bench import shapes; print(*(n for n in shapes.GPU_FULL if not shapes.is_unet(n)))") \
                 --time-budget-s "$KERNEL_BUDGET_S" ;;&
         all | e2e)
-            run_stage "UNet end to end" python3 -m vstar_kernels bench --no-progress --resume --no-plots \
+            run_stage "UNet end to end" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume --no-plots \
                 --shapes unet-modelscope-320x512 unet-modelscope-256x256 --time-budget-s "$E2E_BUDGET_S" ;;&
         quick)
-            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --no-progress --resume --no-plots ;;
+            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --out "$RESULTS" --no-progress --resume --no-plots ;;
         all | tests | kernels | e2e) ;;
         *)
             echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick)"

@@ -1,11 +1,9 @@
 """The end-to-end UNet case on a tiny UNet3DConditionModel (CPU: TAR's Triton variant runs in the interpreter).
 
-`vstar_kernels.diffusers` is developed separately; until it is importable here a
-small stand-in with the same API (TARConfig, apply_tar, remove_tar) drives the
-harness, and the test against the real integration is skipped with the reason.
+A small stand-in with the integration's API (apply_tar, remove_tar) drives the harness; the
+last test runs the real `vstar_kernels.diffusers`.
 """
 
-import dataclasses
 import functools
 import sys
 import types
@@ -45,17 +43,6 @@ class _TarProcessor:
 def stand_in(applies=True):
     """A module with the integration's API; TAR on the finest level's temporal attention (preset 64D1)."""
 
-    @dataclasses.dataclass
-    class TARConfig:
-        sigma: float = 1.0
-        until_step: object = 13
-        backend: str = "auto"
-
-        @classmethod
-        def from_preset(cls, name, **changes):
-            assert name == "64D1"
-            return cls(sigma=1.0, **changes)
-
     def apply_tar_checked(unet, cfg):
         assert cfg.until_step is None, "timed calls must all be regularized"
         apply_tar(unet, cfg)
@@ -63,7 +50,7 @@ def stand_in(applies=True):
     def apply_tar(unet, cfg):
         unet._saved_processors = dict(unet.attn_processors)
         last_up = f"up_blocks.{len(unet.up_blocks) - 1}."
-        procs = {name: (_TarProcessor(cfg.backend, cfg.sigma)
+        procs = {name: (_TarProcessor(cfg.backend, cfg.levels[0].sigma)
                         if applies and "temp_attentions" in name and name.startswith(("down_blocks.0.", last_up))
                         else proc)
                  for name, proc in unet._saved_processors.items()}
@@ -72,7 +59,7 @@ def stand_in(applies=True):
     def remove_tar(unet):
         unet.set_attn_processor(unet.__dict__.pop("_saved_processors"))
 
-    return types.SimpleNamespace(TARConfig=TARConfig, apply_tar=apply_tar_checked, remove_tar=remove_tar)
+    return types.SimpleNamespace(apply_tar=apply_tar_checked, remove_tar=remove_tar)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +143,9 @@ def test_with_the_real_integration(bench):
     checked = e2e.CHECKED_ONLY if DEVICE == "cpu" else "ok"
     assert {v: r.status for v, r in results.items()} == {"unet_stock": "ok", "unet_tar_triton": checked,
                                                          "unet_tar_reference": "ok"}
+
+
+def test_the_integration_is_taken_without_a_deprecated_name(recwarn):
+    pytest.importorskip("vstar_kernels.diffusers")
+    e2e._integration()
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning) and "vstar_kernels" in str(w.message)]

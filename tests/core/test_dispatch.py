@@ -64,9 +64,10 @@ def test_triton_without_interpreter_explains(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
 def test_interpreter_turned_on_after_import_says_what_to_do():
-    """`import vstar_kernels` imports triton, which keeps the mode of that import: setting
+    """Using vstar_kernels imports triton, which keeps the mode of that import: setting
     TRITON_INTERPRET=1 afterwards cannot work, and the error says where to set it instead."""
     code = ("import os, torch, vstar_kernels as vk\n"
+            "vk.tar_attention  # its first use loads the kernels' modules, and triton with them\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
             "q = torch.randn(1, 1, 8, 8)\n"
             "try:\n"

@@ -12,7 +12,7 @@ import torch
 from vstar_kernels.ops._jit import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
 
 from .eager import eager
-from .model import write_table_and_plot
+from .model import progress_lines, write_table_and_plot
 from .roofline import (
     GPUS,
     ITEMSIZE,
@@ -382,10 +382,11 @@ def dit_main(args) -> int:
     if unknown:
         raise SystemExit(f"--shapes with --dit: unknown DiT shape {', '.join(unknown)}; one of {', '.join(by_name)}")
     dits = tuple(by_name[name] for name in args.shapes) if args.shapes else DIT_SHAPES
+    progress = progress_lines(len(devices) * len(dits))
     eta, _ = calibrate(GPUS["h100"])
     exposed, _ = calibrate_fa3(GPUS["h100"])
     for key in devices:
-        rows = dit_sweep(key, eta, exposed, dits)
+        rows = dit_sweep(key, eta, exposed, dits, progress=progress)
         base = directory / f"model-dit-{key}"
         with open(base.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)

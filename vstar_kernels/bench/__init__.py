@@ -26,8 +26,8 @@ def configure(parser) -> None:
     parser.add_argument("--device", choices=RUNTIME_DEVICES, default="auto",
                         help="where to run: auto, cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", metavar="DIR",
-                        help="results directory (default: benchmarks/results of the source checkout this package "
-                             "runs from, else ./vstar-bench-results; the paths written are printed)")
+                        help="results directory (default: ./vstar-bench-results, in the current folder; the paths "
+                             "written are printed)")
     parser.add_argument("--time-budget-s", type=float, metavar="S",
                         help="stop measuring after S seconds; the rest get 'unsupported: not run: ...' rows")
     parser.add_argument("--resume", action="store_true",

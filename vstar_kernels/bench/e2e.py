@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..tar_config import TARConfig
 from . import measure
 from .peers import CHECKED, Unsupported
 from .shapes import CFG_BATCH, UNetShape
@@ -59,10 +60,10 @@ class Result:
 
 
 def _integration():
-    """(TARConfig, apply_tar, remove_tar) from vstar_kernels.diffusers, or raise Unsupported."""
+    """(apply_tar, remove_tar) from vstar_kernels.diffusers, or raise Unsupported."""
     try:
         mod = importlib.import_module("vstar_kernels.diffusers")
-        return mod.TARConfig, mod.apply_tar, mod.remove_tar
+        return mod.apply_tar, mod.remove_tar
     except Exception as exc:
         raise Unsupported(f"the diffusers integration is not available (vstar_kernels.diffusers: "
                           f"{type(exc).__name__}: {exc})") from None
@@ -141,7 +142,7 @@ class UNetBench:
         if variant == "unet_stock":
             yield
             return
-        TARConfig, apply_tar, remove_tar = _integration()
+        apply_tar, remove_tar = _integration()
         # until_step=None: on a bare model every forward call is one step, and the timing loop makes
         # far more calls than the preset's 14 regularized steps; every timed call must carry TAR.
         apply_tar(unet, TARConfig.from_preset(PRESET, until_step=None, backend=variant.rsplit("_", 1)[1]))

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from .. import _env
 from ..dispatch import BackendUnavailableError
 from . import measure, report, shapes
 from .check import check_output
@@ -318,9 +317,8 @@ def model_table(names, ns) -> str:
 
 
 def default_results_dir() -> Path:
-    """benchmarks/results of the source checkout this package runs from; ./vstar-bench-results otherwise."""
-    checkout = _env.source_checkout()
-    return checkout / "benchmarks" / "results" if checkout is not None else Path.cwd() / "vstar-bench-results"
+    """./vstar-bench-results, in the folder the command runs in (never the source checkout's own files)."""
+    return Path.cwd() / "vstar-bench-results"
 
 
 def results_csv(args, info: measure.RunInfo, suffix: str = "") -> Path:

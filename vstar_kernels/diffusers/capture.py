@@ -89,7 +89,7 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
     model, pipeline = denoiser(target)
     steps = int_set("steps", steps)
     levels = int_set("levels", levels)
-    temporal = temporal_at(model, levels)
+    temporal = temporal_at(model, levels, capture=True)
     if layers is not None:
         if isinstance(layers, str) or not hasattr(layers, "__iter__"):
             raise TypeError(f"layers must be a collection of module names, got {type(layers).__name__}")

@@ -62,15 +62,19 @@ def temporal_attention_modules(model: torch.nn.Module) -> List[TemporalAttention
     return found
 
 
-def temporal_at(model: torch.nn.Module, levels) -> List[TemporalAttention]:
-    """`temporal_attention_modules`; a ValueError where there is none, or none at one of `levels` (ints or None)."""
+def temporal_at(model: torch.nn.Module, levels, capture: bool = False) -> List[TemporalAttention]:
+    """`temporal_attention_modules`; a ValueError where there is none, or none at one of `levels` (ints or None).
+    `capture`: the error is capture_temporal_attention's, which takes the UNets only."""
     temporal = temporal_attention_modules(model)
     if not temporal:
+        unets = ("UNet3DConditionModel, I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and "
+                 "LatteTransformer3DModel")
+        dits = ", ".join(sorted(cls.__name__ for cls in FAMILIES))
         raise ValueError(
             f"{type(model).__name__} has no temporal self-attention (modules under "
-            f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); TAR supports UNet3DConditionModel, "
-            "I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and LatteTransformer3DModel, and the "
-            f"video DiTs {', '.join(sorted(cls.__name__ for cls in FAMILIES))} (docs/dits.md)")
+            f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); "
+            + (f"capture_temporal_attention takes the video UNets {unets} (capture_frame_attention takes the video "
+               f"DiTs {dits})" if capture else f"TAR supports {unets}, and the video DiTs {dits} (docs/dits.md)"))
     available = sorted({t.level for t in temporal})
     missing = sorted(set(levels or ()) - set(available))
     if missing:
