@@ -96,7 +96,7 @@ def test_three_variants_checked_and_timed(monkeypatch, bench):
     """On CPU the Triton variant runs in the interpreter: checked, not timed."""
     results = run_with(monkeypatch, bench, stand_in())
     assert list(results) == list(e2e.VARIANTS)
-    assert [r.backend for r in results.values()] == ["", "triton", "reference"]
+    assert [e2e.BACKENDS[r.impl] for r in results.values()] == ["", "triton", "reference"]
     for res in results.values():
         if res.impl == "unet_tar_triton" and DEVICE == "cpu":
             assert res.status == e2e.CHECKED_ONLY and res.timing is None

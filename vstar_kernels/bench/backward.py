@@ -55,16 +55,8 @@ def time_backward(info: measure.RunInfo, batch, heads, frames, head_dim, *, dtyp
 
 
 # (batch x spatial positions, heads, frames, head dim): VideoCrafter2-like levels, N <= 256, and a long video
-DEFAULT_CASES = [
-    (2 * 40 * 64, 5, 16, 64),
-    (2 * 20 * 32, 10, 32, 64),
-    (2 * 10 * 16, 20, 64, 64),
-    (256, 8, 128, 64),
-    (128, 8, 256, 64),
-    (16, 8, 1024, 64),
-]
-
-
+DEFAULT_CASES = [(2 * 40 * 64, 5, 16, 64), (2 * 20 * 32, 10, 32, 64), (2 * 10 * 16, 20, 64, 64), (256, 8, 128, 64),
+                 (128, 8, 256, 64), (16, 8, 1024, 64)]
 # tar_attention options of each default case: the defaults, and causal with the global max
 DEFAULT_OPTIONS = [dict(), dict(causal=True, max_mode="global")]
 

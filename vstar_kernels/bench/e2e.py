@@ -53,10 +53,6 @@ class Result:
     timing: Optional[measure.Timing] = None
     peak_mb: Optional[float] = None
 
-    @property
-    def backend(self) -> str:
-        return BACKENDS[self.impl]
-
 
 def _integration():
     """(TARConfig, apply_tar, remove_tar) from vstar_kernels.diffusers, or raise Unsupported."""

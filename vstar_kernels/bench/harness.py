@@ -15,6 +15,7 @@ from .. import _env
 from ..dispatch import BackendUnavailableError
 from . import measure, report, shapes
 from .check import check_output
+from .e2e import BACKENDS as UNET_BACKENDS
 from .e2e import VARIANTS, UNetBench
 from .peers import CHECKED, PEERS, Unsupported, default_impls, default_spec
 
@@ -85,6 +86,11 @@ class Progress:
             self.bar.close()
 
 
+def _key(*fields) -> tuple:
+    """A cell of a results file, as --resume compares them."""
+    return tuple(map(str, fields))
+
+
 class Sweep:
     def __init__(self, device: torch.device, csv_path: Path, info: measure.RunInfo, *,
                  budget_s=None, resume=False, progress=True):
@@ -99,13 +105,9 @@ class Sweep:
         self.rows_written = 0
 
     def _done_keys(self) -> set:
-        return {self._key(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"], r["setup"])
+        return {_key(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"], r["setup"])
                 for r in measure.read_csv(self.csv_path)
                 if r["commit"] == self.info.commit and not r["status"].startswith(NOT_RUN)}
-
-    @staticmethod
-    def _key(*fields) -> tuple:
-        return tuple(str(f) for f in fields)
 
     def write(self, impl, batch, heads, n, d, dtype, **kw) -> dict:
         """Append the row of one cell (measure.row's keywords: status, timing, cost, peak_mb, backend)."""
@@ -147,7 +149,7 @@ class Sweep:
         dname = dtype_name(dtype)
         cell = (shape.batch, shape.heads, n, shape.head_dim, dname)
         todo = [(p, p.label(self.device)) for p in peers
-                if self._key(p.label(self.device), *cell, self.setup) not in self.done]
+                if _key(p.label(self.device), *cell, self.setup) not in self.done]
         progress.skip(len(peers) - len(todo))
         if not todo:
             return
@@ -216,7 +218,7 @@ class Sweep:
         dname = dtype_name(dtype)
         cell = (shape.batch, shape.heads, frames, shape.head_dim, dname)
         with progress.step(f"{shape.name} frames={frames} {dname}", len(VARIANTS)):
-            if all(self._key(v, *cell, self.setup) in self.done for v in VARIANTS):  # --resume: measured before
+            if all(_key(v, *cell, self.setup) in self.done for v in VARIANTS):  # --resume: measured before
                 return
             if self._out_of_time():
                 for v in VARIANTS:
@@ -224,7 +226,7 @@ class Sweep:
                 return
             for res in unet.run(shape, frames, dtype, classify):
                 self.write(res.impl, *cell, status=res.status, timing=res.timing, peak_mb=res.peak_mb,
-                           backend=res.backend)
+                           backend=UNET_BACKENDS[res.impl])
             self._free()
 
 

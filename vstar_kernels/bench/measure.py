@@ -58,10 +58,6 @@ class Timing:
     p80_ms: float
     load: str = ""  # the 1-minute load average before and after, "before-after"
 
-    @property
-    def flag(self) -> str:
-        return spread_flag(self.p20_ms, self.p80_ms)
-
 
 def spread_flag(p20_ms, p80_ms) -> str:
     """BUSY when the p80/p20 spread of a timing says the machine was busy while it ran, else ""."""
@@ -222,7 +218,7 @@ def row(info: RunInfo, impl, batch, heads, n, d, dtype, *, setup="", status="ok"
         *map(_fmt, (t and t.median_ms, t and t.p20_ms, t and t.p80_ms, gbps,
                     100 * gbps / peak_gbps if gbps and peak_gbps else None,
                     cost.flops / seconds / 1e12 if t and cost and cost.flops else None, peak_mb)),
-        status, backend, t.flag if t else "", t.load if t else "")))
+        status, backend, spread_flag(t.p20_ms, t.p80_ms) if t else "", t.load if t else "")))
 
 
 def check_columns(csv_path: Path) -> None:

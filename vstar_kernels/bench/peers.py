@@ -98,15 +98,6 @@ def tar_formula(q, k, v, dA, scale: float, strength: float):
     return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
-def reference_eager(q, k, v, spec):
-    return vk.tar_attention_reference(q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale)
-
-
-def reference_materialized(q, k, v, spec):
-    """The reference's out-of-place path, the one autograd differentiates."""
-    return reference_forward(_problem(q, k, v, spec), inplace=False)
-
-
 def float_formula(q, k, v, dA, scale: float, strength: float):
     """tar_formula in float32 (the reference's precision), cast back to q's dtype."""
     return tar_formula(q.float(), k.float(), v.float(), dA, scale, strength).to(q.dtype)
@@ -128,19 +119,15 @@ def reference_compiled(q, k, v, spec):
                       for b in range(0, B, step)])
 
 
-def _compile_why_not(device, dtype):
+def _compile_why_not(device, dtype, what="torch.compile"):
     needs = device.type == "cuda" and not triton_ops().ok
-    return f"torch.compile on CUDA needs Triton: {triton_ops().reason}" if needs else ""
+    return f"{what} on CUDA needs Triton: {triton_ops().reason}" if needs else ""
 
 
 def tar_bias(q, k, spec):
     """strength * m_i * dA_ij as a (B, H, N, N) tensor in q's dtype; m from a bmm in q's dtype."""
     m = (torch.matmul(q, k.transpose(-1, -2)) * spec.scale).amax(dim=-1, keepdim=True)
     return (spec.strength * m) * gaussian(q.shape[2], spec.sigma, str(q.device), q.dtype)
-
-
-def sdpa_bias(q, k, v, spec):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=tar_bias(q, k, spec), scale=spec.scale)
 
 
 def xformers_bias(q, k, v, spec):
@@ -172,15 +159,12 @@ def flex_tar_pass(flex, q, k, v, row_max, spec):
 
 
 def _flex_two_pass(q, k, v, spec):
+    """FlexAttention (compiled by its peer): pass 1 returns the row max (max_scores), pass 2 adds the bias in a
+    score_mod."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     _, aux = flex_attention(q, k, v, scale=spec.scale, return_aux=AuxRequest(max_scores=True))
     return flex_tar_pass(flex_attention, q, k, v, aux.max_scores, spec)
-
-
-def flex_two_pass(q, k, v, spec):
-    """FlexAttention, compiled: pass 1 returns the row max (max_scores), pass 2 adds the bias in a score_mod."""
-    return _compiled(_flex_two_pass)(q, k, v, spec)
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,8 +173,8 @@ def _flex_why_not(device_type: str):
         from torch.nn.attention.flex_attention import AuxRequest, flex_attention
     except ImportError as exc:
         return f"torch {torch.__version__} has no flex_attention AuxRequest ({exc})"
-    if device_type == "cuda" and not triton_ops().ok:
-        return f"compiled flex_attention needs Triton: {triton_ops().reason}"
+    if why := _compile_why_not(torch.device(device_type), None, "compiled flex_attention"):
+        return why
     # Ask torch (eagerly, on a tiny call) whether it returns the row max on this device.
     t = torch.zeros(1, 1, 16, 16, device=device_type)
     try:
@@ -237,11 +221,15 @@ def _floor_why_not(device, dtype):
 OURS_BACKENDS = ("triton", "auto", "cuda")
 PEERS = {p.name: p for p in (
     *map(_ours, OURS_BACKENDS),
-    Peer("reference_eager", reference_eager),
-    Peer("reference_materialized", reference_materialized),
+    Peer("reference_eager", lambda q, k, v, spec: vk.tar_attention_reference(
+        q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale)),
+    # the reference's out-of-place path, the one autograd differentiates
+    Peer("reference_materialized", lambda q, k, v, spec: reference_forward(_problem(q, k, v, spec), inplace=False)),
     Peer("reference_compiled", reference_compiled, _compile_why_not),
-    Peer("sdpa_bias", sdpa_bias),
-    Peer("flex_two_pass", flex_two_pass, lambda device, dtype: _flex_why_not(device.type)),
+    Peer("sdpa_bias", lambda q, k, v, spec: F.scaled_dot_product_attention(q, k, v, attn_mask=tar_bias(q, k, spec),
+                                                                           scale=spec.scale)),
+    Peer("flex_two_pass", lambda q, k, v, spec: _compiled(_flex_two_pass)(q, k, v, spec),
+         lambda device, dtype: _flex_why_not(device.type)),
     Peer("xformers_bias", xformers_bias, _xformers_why_not),
     Peer("sdpa_plain", functools.partial(sdpa_only, "flash"), plain=True),
     Peer("sdpa_floor", lambda q, k, v, spec: sdpa_only(floor_backend(q.device), q, k, v, spec), _floor_why_not,

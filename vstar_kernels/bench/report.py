@@ -29,14 +29,10 @@ METRICS = {
 BUSY_LABEL = f"{BUSY}: p80/p20 > {BUSY_SPREAD:g} (a busy machine or too short a call), not to be trusted"
 
 
-def _impl_order(impl: str) -> tuple:
-    names = [INTERPRETER, *PEERS]
-    return (names.index(impl) if impl in names else len(names), impl)
-
-
 def _impls(by_n) -> list:
     """The implementations with a row in a {n: {impl: row}} group, in table order."""
-    return sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
+    order = [INTERPRETER, *PEERS]
+    return sorted({i for cell in by_n.values() for i in cell}, key=lambda i: (order.index(i) if i in order else 99, i))
 
 
 def _ok(row) -> bool:
