@@ -47,11 +47,9 @@ def time_backward(info: measure.RunInfo, batch, heads, frames, head_dim, *, dtyp
                   impls=IMPLS, **tar) -> list:
     """The rows of one case: each implementation's backward, timed."""
     callables = backward_callables(batch, heads, frames, head_dim, dtype=dtype, device=device, impls=impls, **tar)
-    cuda = torch.device(device).type == "cuda"
     setup = ",".join(["backward", *(f"{k}={v}" for k, v in sorted(tar.items()))])
     return [measure.row(info, name, batch, heads, frames, head_dim, dtype_name(dtype), setup=setup,
-                        timing=measure.time_fn(fn, cuda, measure.warm_call_ms(fn, cuda)))
-            for name, fn in callables.items()]
+                        timing=measure.time_call(fn, torch.device(device))[0]) for name, fn in callables.items()]
 
 
 # (batch x spatial positions, heads, frames, head dim): VideoCrafter2-like levels, N <= 256, and a long video

@@ -134,8 +134,7 @@ class UNetBench:
         for v, res in results.items():
             if res.status == "ok":
                 with _status_of(res, classify), self._variant(unet, v):
-                    warm_ms, res.peak_mb = measure.peak_call(forward, self.device)
-                    res.timing = measure.time_fn(forward, self.cuda, warm_ms)
+                    res.timing, res.peak_mb = measure.time_call(forward, self.device)
         return list(results.values())
 
     @contextlib.contextmanager

@@ -206,9 +206,9 @@ class Sweep:
                 return f"error: {why}", None, None, backend
             if peer.correctness_only(self.device):
                 return CHECKED_ONLY, None, None, backend
-            warm_ms, peak = measure.peak_call(lambda: peer.run(q, k, v, spec), self.device)
             turn = itertools.count()
-            timing = measure.time_fn(lambda: peer.run(*sets[next(turn) % len(sets)], spec), self.cuda, warm_ms)
+            timing, peak = measure.time_call(lambda: peer.run(q, k, v, spec), self.device,
+                                             lambda: peer.run(*sets[next(turn) % len(sets)], spec))
             return "ok", timing, peak, backend
         except Exception as exc:
             self._free()

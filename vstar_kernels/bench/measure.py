@@ -101,29 +101,6 @@ def time_cuda(fn, first_call_ms: float) -> Timing:
     return Timing(float(med), float(p20), float(p80))
 
 
-def warm_call_ms(fn, cuda: bool) -> float:
-    """Run `fn` once (compiles, autotunes, warms caches) and return how long it took."""
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def peak_call(fn, device: torch.device) -> tuple:
-    """Run `fn` once: (ms, the CUDA memory allocated during the call beyond what was allocated before, MiB;
-    None on CPU)."""
-    if device.type != "cuda":
-        return warm_call_ms(fn, False), None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    ms = warm_call_ms(fn, True)
-    return ms, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-
-
 def load_average() -> str:
     """This machine's 1-minute load average ("" where the system has none)."""
     with contextlib.suppress(AttributeError, OSError):
@@ -131,11 +108,24 @@ def load_average() -> str:
     return ""
 
 
-def time_fn(fn, cuda: bool, first_call_ms: float) -> Timing:
-    """time_cuda or time_cpu, with the load average before and after."""
+def time_call(fn, device: torch.device, timed=None) -> tuple:
+    """(Timing, peak MiB or None): one warm call of `fn` (it compiles, autotunes and warms caches; on CUDA
+    the memory it allocates beyond what was allocated before it is the peak), then `timed` (default `fn`)
+    timed by time_cuda or time_cpu, with the load average before and after."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    warm_ms = (time.perf_counter() - t0) * 1e3
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 if cuda else None
     before = load_average()
-    timing = time_cuda(fn, first_call_ms) if cuda else time_cpu(fn)
-    return dataclasses.replace(timing, load=f"{before}-{load_average()}" if before else "")
+    timing = time_cuda(timed or fn, warm_ms) if cuda else time_cpu(timed or fn)
+    return dataclasses.replace(timing, load=f"{before}-{load_average()}" if before else ""), peak
 
 
 def copy_bandwidth(device: torch.device) -> tuple:
@@ -144,8 +134,7 @@ def copy_bandwidth(device: torch.device) -> tuple:
     nbytes = (1 << 30) if cuda else (64 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    fn = lambda: dst.copy_(src)  # noqa: E731
-    timing = time_fn(fn, cuda, warm_call_ms(fn, cuda))
+    timing = time_call(lambda: dst.copy_(src), device)[0]
     return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9, timing, nbytes
 
 
