@@ -252,7 +252,7 @@ def draw_plots(rows, stem: Path) -> list:
         ours = [i for i in TIMED_OURS if any(_ran(i, by_n) for by_n in groups.values())]
         note = f"ours: {', '.join(ours) or 'none ran'}"
         if device.startswith("cpu"):
-            note = f"CPU wall clock; {note} (tar_attention's default CPU path). Not GPU speed"
+            note = f"CPU wall clock; {note}" + " (tar_attention's default CPU path)" * bool(ours) + ". Not GPU speed"
         for metric, (title, ylabel) in METRICS.items():
             height = 3.6 * nrows + 1.8
             fig, axes = plt.subplots(nrows, cols, figsize=(max(9, 5 * cols), height), squeeze=False)
@@ -271,6 +271,7 @@ def draw_plots(rows, stem: Path) -> list:
                         text += "\n" + textwrap.fill(f"{why}: {', '.join(impls)}", 70)
                 ax.set_title(text, fontsize=9)
                 ax.set_xscale("log", base=2)
+                ax.set_xlim(min(by_n) / 1.25, max(by_n) * 1.25)
                 ax.set_xticks(sorted(by_n), [str(n) for n in sorted(by_n)])
                 ax.minorticks_off()
                 ax.set(xlabel="N (frames)", ylabel=ylabel)
