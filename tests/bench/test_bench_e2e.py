@@ -13,6 +13,7 @@ import torch
 
 import vstar_kernels as vk
 from vstar_kernels.bench import e2e, measure, shapes
+from vstar_kernels.bench.check import UNET_RTOL
 from vstar_kernels.bench.harness import classify
 
 from .._device import DEVICE
@@ -82,7 +83,7 @@ def test_three_variants_checked_and_timed(monkeypatch, bench):
     """On CPU the Triton variant runs in the interpreter: checked, not timed."""
     results = run_with(monkeypatch, bench, stand_in())
     assert list(results) == list(e2e.VARIANTS)
-    assert [r.backend for r in results.values()] == ["", "triton", "reference"]
+    assert [e2e.BACKENDS[r.impl] for r in results.values()] == ["", "triton", "reference"]
     for res in results.values():
         if res.impl == "unet_tar_triton" and DEVICE == "cpu":
             assert res.status == e2e.CHECKED_ONLY and res.timing is None
@@ -108,7 +109,7 @@ def test_triton_variant_must_match_the_reference_variant():
     stock = torch.ones(2, 4, 8, 4, 4)
     ref = stock * 1.5
     e2e.UNetBench._check(res, {"unet_stock": stock, "unet_tar_reference": ref,
-                               "unet_tar_triton": ref * (1 + 2 * e2e.E2E_RTOL[torch.float32])}, torch.float32)
+                               "unet_tar_triton": ref * (1 + 2 * UNET_RTOL[torch.float32])}, torch.float32)
     assert res["unet_tar_triton"].status.startswith("error: output differs from the reference variant")
     assert res["unet_tar_reference"].status == res["unet_stock"].status == "ok"
     res = {v: e2e.Result(v) for v in e2e.VARIANTS}

@@ -20,8 +20,9 @@ from tools.perf.__main__ import main as perf_main
 from vstar_kernels import cli
 from tools.perf import eager, model_dit, roofline
 from vstar_kernels.bench import shapes
+from vstar_kernels.bench.measure import ideal_cost
 from vstar_kernels.bench.peers import PEERS
-from tools.perf.traffic import ideal_bytes, tiled_bytes
+from tools.perf.traffic import tiled_bytes
 from vstar_kernels.ops._jit import band_width
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
@@ -204,7 +205,7 @@ def test_ours_bytes_and_flops_are_what_the_interpreter_counts():
             e = roofline.tiled_work(seqs, n, d, roofline.tile_counts(n, 64, 64, 1.0), 64, 64)
         else:  # the interpreter's packed tile: 128 rows (64 above head dim 128), or the sequence
             e = roofline.packed_work(seqs, n, d, max(128 if d <= 128 else 64, 1 << (n - 1).bit_length()))
-            assert e.bytes == ideal_bytes(seqs, n, n, d, d, 2)
+            assert e.bytes == ideal_cost(seqs, n, n, d, d, 2).bytes
         assert (e.bytes, e.mma_flops) == (int(r["requested_bytes"]), int(r["mma_flops_issued"])), r
 
 

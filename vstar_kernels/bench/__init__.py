@@ -1,7 +1,8 @@
 """The benchmark harness behind `python -m vstar_kernels bench` (see benchmarks/NOTES.md).
 
-Modules: shapes, peers, check, measure, harness (the sweep and its CSV rows), e2e (the UNet
-forward), backward (--backward), report (markdown and plots from a CSV). This module only defines
+Modules: shapes, peers, check (the tolerances and the correctness check), measure (timers, the ideal
+cost, the CSV row schema), harness (the sweep), e2e (the UNet forward), backward (--backward), report
+(markdown and plots from a CSV). This module only defines
 the command-line options, so that building the CLI parser imports nothing heavy. The maintainers'
 yardstick is not part of the package: it lives in the checkout's tools/perf.
 """
