@@ -262,7 +262,10 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     Nk = k.shape[2]
 
     strength = _check_factor("strength", strength, q.dtype)
-    scale = D ** -0.5 if scale is None else _check_factor("scale", scale, q.dtype)
+    if scale is None:
+        scale = D ** -0.5
+    elif not _check_factor("scale", scale, q.dtype) > 0:
+        raise ValueError(f"scale must be > 0 (the softmax scale, by default D ** -0.5), got {float(scale)}")
     sigma = check_sigma(sigma)  # checked with a delta too, where it is then ignored
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
