@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_MODES = ("row", "global")
@@ -113,12 +113,15 @@ def check_sigma(sigma) -> float:
     return sigma
 
 
+_LARGEST = {name: torch.finfo(getattr(torch, name)).max for name in ("float32", "float64")}  # by compute dtype
+
+
 def _check_factor(name: str, value, dtype: torch.dtype) -> float:
     """A finite `value` (|strength| or |scale|) that the compute dtype of `dtype` inputs can hold: a larger
     factor would be inf there."""
     value = _real(name, value)
     compute = "float64" if dtype == torch.float64 else "float32"
-    bound = torch.finfo(getattr(torch, compute)).max
+    bound = _LARGEST[compute]
     if not abs(value) <= bound:
         raise ValueError(f"{name} must be finite with |{name}| <= {bound:.8g} (the largest {compute}: the math "
                          f"for {dtype} inputs is {compute}), got {value}")
@@ -168,22 +171,28 @@ def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
 FRAME_ID_LIMIT = 2 ** 24  # frame distances are float32 in the kernels: exact below 2**24
 
 
-# Extrema of the frame-id tensors already read, by id(): (weak reference, in-place version, (low, high)).
-_EXTREMA: dict = {}
+# What the calls read from frame-id tensors' values (each read a device synchronisation), per tensor: an
+# entry lives as long as its tensor (weak keys) and holds for the in-place version it was read at.
+_FRAME_VALUES = WeakIdKeyDictionary()
 
 
-def _id_extrema(ids: torch.Tensor) -> tuple:
-    """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device, so
-    the same tensor passed again at the same in-place version is not read again (docs/semantics.md,
-    "Memory"); an inference tensor has no version counter and is read on every call."""
-    key, versioned = id(ids), not ids.is_inference()  # an inference tensor: a change in place could not be seen
-    hit = _EXTREMA.get(key) if versioned else None
-    if hit is not None and hit[0]() is ids and hit[1] == ids._version:
-        return hit[2]
-    extrema = tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
-    if versioned:
-        _EXTREMA[key] = (weakref.ref(ids, lambda _, k=key: _EXTREMA.pop(k, None)), ids._version, extrema)
-    return extrema
+def frame_value(ids: torch.Tensor, what, read):
+    """read(ids), kept as `what` of `ids`: the same tensor passed again at the same in-place version is not
+    read again (docs/semantics.md, "Memory"); an inference tensor has no version counter and is read on
+    every call."""
+    if ids.is_inference():
+        return read(ids)
+    entry = _FRAME_VALUES.get(ids)
+    if entry is None or entry[0] != ids._version:
+        entry = _FRAME_VALUES[ids] = (ids._version, {})
+    if what not in entry[1]:
+        entry[1][what] = read(ids)
+    return entry[1][what]
+
+
+def id_extrema(ids: torch.Tensor) -> tuple:
+    """(least, greatest) id of a non-empty id vector, read once per tensor (`frame_value`)."""
+    return frame_value(ids, "extrema", lambda x: tuple(int(v) for v in torch.stack([x.min(), x.max()]).tolist()))
 
 
 def check_frame_values(problem: TarProblem) -> None:
@@ -198,7 +207,7 @@ def check_frame_values(problem: TarProblem) -> None:
     for name, ids in named:
         if ids.numel() == 0:
             continue
-        low, high = _id_extrema(ids)
+        low, high = id_extrema(ids)
         if low < -1:
             raise ValueError(f"{name} must be frame ids >= 0, or -1 for a token outside the video; got {low}")
         if high >= FRAME_ID_LIMIT:

@@ -9,11 +9,12 @@ bounded amount of memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 
-from ._problem import TarProblem, check_frame_values, make_problem
+from ._problem import TarProblem, check_frame_values, frame_value, id_extrema, make_problem
 from .frames import frame_bias
 from .regularization import gaussian_bias
 
@@ -73,38 +74,62 @@ def _chunks(batch: int, heads: int, per_chunk: int):
     return [(slice(b, b + 1), slice(h, h + per_chunk)) for b in range(batch) for h in range(0, heads, per_chunk)]
 
 
-def _plan(problem: TarProblem, budget: int):
+def _plan(B: int, H: int, nq: int, nk: int, budget: int):
     """(row blocks, (batch, head) blocks) with at most `budget` scores per chunk: every row and as
     many whole slices as fit while one slice fits, else blocks of rows of one slice at a time."""
-    B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
     if nq * nk <= budget:
         return [slice(0, nq)], _chunks(B, H, budget // (nq * nk))
     rows = max(1, budget // nk)
     return [slice(r, r + rows) for r in range(0, nq, rows)], _chunks(B, H, 1)
 
 
-def _row_bias(problem: TarProblem, compute: torch.dtype, lookup_elements: int = 0):
+def _row_bias(problem: TarProblem, compute: torch.dtype):
     """A function of a block of query rows giving the bias it shares with every (batch, head) slice,
     (rows, Nk), or None when the bias is not applied or is the per-entry `delta`.
 
     Without frame ids: rows of the Gaussian Toeplitz view (`gaussian_bias`, no N x N storage).
-    With them: the Gaussian of frame distance (or the frame matrix) evaluated for the block; or,
-    when `lookup_elements` allows a (F + 1, Nk) table (one row per query frame and one for -1),
-    the block's rows looked up in it, with the same values (this reads the largest query id).
+    With them: the Gaussian of frame distance (or the frame matrix) evaluated for the block.
     """
     if not problem.regularized or (problem.delta is not None and problem.frames_q is None):
         return lambda rows: None
     if problem.frames_q is None:
         dA = gaussian_bias(problem.nq, problem.nk, problem.sigma, device=problem.device, dtype=compute)
         return lambda rows: dA[rows]
-    options = dict(sigma=problem.sigma, delta=problem.delta, dtype=compute)
-    if lookup_elements:
-        frames = int(problem.frames_q.max()) + 1
-        if (frames + 1) * problem.nk <= lookup_elements:
-            ids = torch.arange(-1, frames, device=problem.device)
-            table = frame_bias(ids, problem.frames_k, **options)
+    return lambda rows: frame_bias(problem.frames_q[rows], problem.frames_k, sigma=problem.sigma,
+                                   delta=problem.delta, dtype=compute)
+
+
+# A call of at most this many elements (every slice's scores and q, k, v and output rows) runs as one chunk
+# whatever its strides, on the caller's thread: up to there the operations of more chunks, and starting
+# worker threads for them (about a millisecond), cost more than copying q, k and v (docs/performance.md,
+# "Host overhead").
+SMALL_CALL_ELEMENTS = 1 << 20
+# A bias of at most this many entries made of sigma alone is made once and kept (`_inplace_bias`).
+KEPT_BIAS_ELEMENTS = 1 << 16
+_small_gaussian = functools.lru_cache(maxsize=32)(gaussian_bias)
+
+
+def _inplace_bias(problem: TarProblem, compute: torch.dtype, budget: int):
+    """`_row_bias` of the in-place path. A small call's bias made of sigma alone is kept: the Gaussian by its
+    sizes, sigma and dtype, the Gaussian of the frame ids of self-attention with the ids (`frame_value`).
+    With frame ids and a (F + 1, Nk) table within `budget` (one row per query frame and one for -1), a block's
+    rows are looked up in it (F from the ids' checks): the values of `frame_bias`, which computes each entry
+    from its two ids alone."""
+    if problem.regularized and problem.delta is None and problem.nq * problem.nk <= KEPT_BIAS_ELEMENTS:
+        if problem.frames_q is None:
+            dA = _small_gaussian(problem.nq, problem.nk, problem.sigma, device=problem.device, dtype=compute)
+            return lambda rows: dA[rows]
+        if problem.frames_q is problem.frames_k:
+            dA = frame_value(problem.frames_k, ("bias", problem.sigma, compute),
+                             lambda ids: frame_bias(ids, ids, sigma=problem.sigma, dtype=compute))
+            return lambda rows: dA[rows]
+    if problem.regularized and problem.frames_q is not None:
+        frames = id_extrema(problem.frames_q)[1] + 1
+        if (frames + 1) * problem.nk <= budget:
+            table = frame_bias(torch.arange(-1, frames, device=problem.device), problem.frames_k,
+                               sigma=problem.sigma, delta=problem.delta, dtype=compute)
             return lambda rows: table.index_select(0, problem.frames_q[rows].to(torch.int64) + 1)
-    return lambda rows: frame_bias(problem.frames_q[rows], problem.frames_k, **options)
+    return _row_bias(problem, compute)
 
 
 # The in-place path adds a frame bias segment by segment when the key ids run in at most RUN_SEGMENTS
@@ -121,9 +146,13 @@ def _key_segments(problem: TarProblem):
     of rows needs a (rows, runs) table of them instead of a (rows, Nk) block of bias to read."""
     if not problem.regularized or problem.frames_q is None:
         return None
-    fk = problem.frames_k
+    return frame_value(problem.frames_k, ("segments", MIN_RUN_KEYS, RUN_SEGMENTS), _segments)
+
+
+def _segments(fk: torch.Tensor):
+    """`_key_segments` of the key ids `fk`."""
     starts = [0, *(torch.nonzero(fk[1:] != fk[:-1]).flatten() + 1).tolist()]
-    lengths = [stop - start for start, stop in zip(starts, starts[1:] + [problem.nk])]
+    lengths = [stop - start for start, stop in zip(starts, starts[1:] + [fk.shape[0]])]
     if min(lengths) < MIN_RUN_KEYS:
         return None
     segments = []
@@ -161,9 +190,9 @@ def _entry_delta(problem: TarProblem, b, h, rows):
 
 def _needs_autograd(problem: TarProblem) -> bool:
     """True when the forward must stay differentiable (autograd, torch.func transforms) or traceable."""
-    tensors = [t for t in (problem.q, problem.k, problem.v, problem.delta) if t is not None]
-    return (problem.needs_grad() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-            or torch.compiler.is_compiling())
+    return (problem.needs_grad() or torch.compiler.is_compiling() or any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in (problem.q, problem.k, problem.v, problem.delta)))
 
 
 def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor:
@@ -180,7 +209,7 @@ def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor
         return problem.q.new_empty(problem.output_shape())
     if inplace and nk > 0 and not _needs_autograd(problem):
         return _forward_inplace(problem, compute)
-    row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
+    row_blocks, chunks = _plan(problem.batch, problem.heads, problem.nq, problem.nk, CHUNK_ELEMENTS)
     m = _global_max(problem, row_blocks, chunks, compute) if _max_first(problem, row_blocks) else None
     bias_of = _row_bias(problem, compute)
     out_rows = []
@@ -244,27 +273,28 @@ def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
     that many worker threads of one intra-op thread each (`_chunk_workers`; why: benchmarks/NOTES.md); each chunk's
     result is the one-thread result, whatever the thread count.
     """
-    B, H, nq = problem.batch, problem.heads, problem.nq
+    B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
     budget = min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS)
-    row_blocks, chunks = _plan(problem, budget)
-    if len(row_blocks) == 1 and not all(_merges(x) or x.dtype != compute for x in (problem.q, problem.k, problem.v)):
+    row_blocks, chunks = _plan(B, H, nq, nk, budget)
+    elements = nq * nk + (nq + nk) * (problem.head_dim + problem.head_dim_v)  # a slice's scores, q, k, v, out rows
+    if len(row_blocks) == 1 and B * H * elements > SMALL_CALL_ELEMENTS and not all(
+            _merges(x) or x.dtype != compute for x in (problem.q, problem.k, problem.v)):
         # (batch, head) blocks of these strides (e.g. a (B, N, H, D) storage) are no batch of
         # matrices: one head's block of batches is, so the products read them in place instead of
-        # copying each block first.
-        chunks = _head_chunks(B, H, budget // _slice_elements(problem))
+        # copying each block first (but for a small call, which copies them in one chunk).
+        chunks = _head_chunks(B, H, budget // elements)
     out = torch.empty(problem.output_shape(), device=problem.device, dtype=problem.dtype)
     slice_max = None
     if _max_first(problem, row_blocks):
         with torch.no_grad():
             slice_max = _global_max(problem, row_blocks, chunks, compute)
     segments, run_starts = _key_segments(problem) or (None, None)
-    bias_of = (_row_bias(problem, compute, lookup_elements=budget) if segments is None
-               else _run_bias(problem, compute, run_starts))
+    bias_of = _inplace_bias(problem, compute, budget) if segments is None else _run_bias(problem, compute, run_starts)
     tasks = [(rows, b, h) for rows in row_blocks for b, h in chunks]
     slices = max(len(range(*b.indices(B))) * len(range(*h.indices(H))) for b, h in chunks)
 
     def run(part):
-        buffers = _ChunkBuffers(problem, compute, slices, len(range(*row_blocks[0].indices(nq))))
+        buffers = _ChunkBuffers(problem, compute, slices, len(range(*row_blocks[0].indices(nq))), len(part) > 1)
         dA_rows = dA = None
         for rows, b, h in part:
             if rows != dA_rows:
@@ -314,17 +344,23 @@ def _chunk_workers(run, parts: list) -> None:
 
 class _ChunkBuffers:
     """The buffers of the in-place path for chunks of at most `slices` (batch, head) slices x `rows` query
-    rows: scores, q, k, v in the compute dtype, row maxima, and the output (made on first use)."""
+    rows, in the compute dtype: scores (s), q, k, v, row maxima (m) and output (o), each made on first use and
+    reused by the later chunks; a call of one chunk takes new tensors of its sizes instead."""
 
-    def __init__(self, problem: TarProblem, compute: torch.dtype, slices: int, rows: int):
-        dev, nk = problem.device, problem.nk
-        self.s = torch.empty(slices * rows * nk, device=dev, dtype=compute)
-        self.q = torch.empty(slices * rows * problem.head_dim, device=dev, dtype=compute)
-        self.k = torch.empty(slices * nk * problem.head_dim, device=dev, dtype=compute)
-        self.v = torch.empty(slices * nk * problem.head_dim_v, device=dev, dtype=compute)
-        self.m = torch.empty(slices * rows, device=dev, dtype=compute)
-        self.o = None
-        self.o_size = slices * rows * problem.head_dim_v
+    def __init__(self, problem: TarProblem, compute: torch.dtype, slices: int, rows: int, reuse: bool):
+        nk, d, dv = problem.nk, problem.head_dim, problem.head_dim_v
+        self.sizes = dict(s=slices * rows * nk, q=slices * rows * d, k=slices * nk * d, v=slices * nk * dv,
+                          m=slices * rows, o=slices * rows * dv) if reuse else None
+        self.options = dict(device=problem.device, dtype=compute)
+        self.buffers = {}
+
+    def take(self, name: str, *shape: int) -> torch.Tensor:
+        """An uninitialized (shape) tensor: a view of the buffer `name`, or a new tensor without reuse."""
+        if self.sizes is None:
+            return torch.empty(shape, **self.options)
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.sizes[name], **self.options)
+        return self.buffers[name][: math.prod(shape)].view(shape)
 
 
 def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: slice, h: slice, dA, segments,
@@ -340,10 +376,10 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
     qc = problem.q[b, h, rows]
     bb, hh, rr = qc.shape[:3]
     c = bb * hh
-    q3 = _as_batch(qc, buf.q, compute)
-    k3 = _as_batch(problem.k[b, h], buf.k, compute)
-    v3 = _as_batch(problem.v[b, h], buf.v, compute)
-    s = buf.s[: c * rr * nk].view(c, rr, nk)
+    q3 = _as_batch(qc, buf, "q", compute)
+    k3 = _as_batch(problem.k[b, h], buf, "k", compute)
+    v3 = _as_batch(problem.v[b, h], buf, "v", compute)
+    s = buf.take("s", c, rr, nk)
     if compute == torch.float64:
         torch.bmm(q3, k3.transpose(1, 2), out=s).mul_(problem.scale)
     else:
@@ -354,11 +390,11 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
         s4.masked_fill_(mask, -math.inf)
     if problem.regularized:
         if slice_max is not None:
-            m4 = buf.m[:c].view(bb, hh, 1, 1).copy_(slice_max[b, h])
+            m4 = buf.take("m", bb, hh, 1, 1).copy_(slice_max[b, h])
         elif problem.max_mode == "row":
-            m4 = torch.amax(s, dim=-1, keepdim=True, out=buf.m[: c * rr].view(c, rr, 1)).view(bb, hh, rr, 1)
+            m4 = torch.amax(s, dim=-1, keepdim=True, out=buf.take("m", c, rr, 1)).view(bb, hh, rr, 1)
         else:
-            m4 = torch.amax(s, dim=(-2, -1), keepdim=True, out=buf.m[:c].view(c, 1, 1)).view(bb, hh, 1, 1)
+            m4 = torch.amax(s, dim=(-2, -1), keepdim=True, out=buf.take("m", c, 1, 1)).view(bb, hh, 1, 1)
         m4.mul_(problem.strength)
         entry_delta = _entry_delta(problem, b, h, rows)
         if segments is None:
@@ -379,21 +415,20 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
         s4.masked_fill_(mask.all(dim=-1, keepdim=True), 0.0)
     o_block = out[b, h, rows]
     direct = problem.dtype == compute and o_block.is_contiguous()
-    if not direct and buf.o is None:
-        buf.o = torch.empty(buf.o_size, device=problem.device, dtype=compute)
-    o = o_block.view(c, rr, dv) if direct else buf.o[: c * rr * dv].view(c, rr, dv)
+    o = o_block.view(c, rr, dv) if direct else buf.take("o", c, rr, dv)
     torch.bmm(s, v3, out=o)
     if not direct:
         o_block.copy_(o.view(bb, hh, rr, dv))
 
 
-def _as_batch(x: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _as_batch(x: torch.Tensor, buf: _ChunkBuffers, name: str, dtype: torch.dtype) -> torch.Tensor:
     """A (b, h, n, d) block as a (b * h, n, d) batch in `dtype`: a view when it is one (rows of
-    unit-stride elements at any row and batch stride, as torch.bmm reads them), else a copy into `buf`."""
+    unit-stride elements at any row and batch stride, as torch.bmm reads them), else a copy into `buf` (a new
+    copy in a call of one chunk)."""
     bb, hh, n, d = x.shape
-    if x.dtype == dtype and _merges(x) and (x.stride(-1) == 1 or d == 1):
-        return x.view(bb * hh, n, d)
-    return buf[: x.numel()].view(x.shape).copy_(x).view(bb * hh, n, d)
+    if x.dtype == dtype and (buf.sizes is None or _merges(x) and (x.stride(-1) == 1 or d == 1)):
+        return x.reshape(bb * hh, n, d)
+    return buf.take(name, bb, hh, n, d).copy_(x).view(bb * hh, n, d)
 
 
 def _merges(x: torch.Tensor) -> bool:
@@ -404,13 +439,6 @@ def _merges(x: torch.Tensor) -> bool:
 # The in-place path's head chunks come in a multiple of this many when there is more than one, so that
 # 1, 2 or 4 worker threads get equal shares (with 5 chunks, 2 threads would wait on the third).
 CHUNKS_MULTIPLE = 4
-
-
-def _slice_elements(problem: TarProblem) -> int:
-    """The elements of one (batch, head) slice a chunk holds: its scores and its q, k, v and output rows
-    (at N = 16 and D = 64 the rows are 16 times the scores)."""
-    return problem.nq * problem.nk + problem.nq * (problem.head_dim + problem.head_dim_v) + problem.nk * (
-        problem.head_dim + problem.head_dim_v)
 
 
 def _head_chunks(batch: int, heads: int, per_chunk: int):
@@ -439,7 +467,7 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
         return (*(torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (problem.q, problem.k, problem.v)),
                 torch.zeros(problem.delta.shape, device=problem.device, dtype=problem.delta.dtype)
                 if delta_grad else None)
-    row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
+    row_blocks, chunks = _plan(problem.batch, problem.heads, problem.nq, problem.nk, CHUNK_ELEMENTS)
     if len(row_blocks) > 1:
         return _backward_by_blocks(problem, grad_out, delta_grad, row_blocks, chunks)
 

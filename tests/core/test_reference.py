@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vstar_kernels as vk
 from vstar_kernels import reference
+from vstar_kernels._problem import make_problem
 
 from ..helpers import assert_close_to_reference, naive_tar, opts_id, shape_id
 
@@ -134,9 +136,11 @@ def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypat
     """q, k, v stored (B, N, H, D) (diffusers' layout) are no batch of matrices over (batch, head): the
     in-place path takes one head's batches per chunk and reads them in place (no copy). Same values
     as the float64 definition and as contiguous inputs, in whole-batch chunks, in chunks of 2 batches
-    and in blocks of 3 rows (one slice at a time: no head chunks needed)."""
+    and in blocks of 3 rows (one slice at a time: no head chunks needed). (A small call takes one chunk,
+    copied: test_a_small_call_runs_in_one_chunk_on_the_callers_thread.)"""
     B, H, N, D = 3, 4, 9, 8
     q, k, v, opts = bnhd_inputs(B, H, N, D, opts, seed=11, frame_tokens=3)
+    monkeypatch.setattr(reference, "SMALL_CALL_ELEMENTS", 0)
     if per_chunk is not None:
         # a slice's scores and its q, k, v and output rows
         monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS",
@@ -144,8 +148,8 @@ def test_inplace_path_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypat
     chunks, head_chunks, as_batch, copied = [], reference._head_chunks, reference._as_batch, []
     monkeypatch.setattr(reference, "_head_chunks", lambda *a: chunks.append(head_chunks(*a)) or chunks[-1])
 
-    def spy(x, buf, dtype):
-        batch = as_batch(x, buf, dtype)
+    def spy(x, buf, name, dtype):
+        batch = as_batch(x, buf, name, dtype)
         copied.append(batch.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
         return batch
 
@@ -204,6 +208,67 @@ def test_inplace_path_runs_its_chunks_on_one_thread_each(opts, monkeypatch):
     assert torch.equal(one, two) and torch.equal(one, three)
     if "key_mask" not in opts and "frames" not in opts:
         torch.testing.assert_close(two.double(), naive_tar(q, k, v, **opts), atol=2e-6, rtol=2e-6)
+
+
+def test_a_small_call_runs_in_one_chunk_on_the_callers_thread(monkeypatch):
+    """The quick shape in (B, N, H, D) storage with two intra-op threads: one chunk (q, k, v copied), on
+    the caller's thread, where starting worker threads and the chunks' operations would cost more than
+    the compute (docs/performance.md, "Host overhead"); the result of the chunked call."""
+    import threading
+
+    q, k, v, _ = bnhd_inputs(4, 2, 16, 40, {}, seed=15, frame_tokens=4)
+    seen, chunk = [], reference._chunk_inplace
+    monkeypatch.setattr(reference, "_chunk_inplace", lambda *a: seen.append(threading.current_thread()) or chunk(*a))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = vk.tar_attention(q, k, v, sigma=1.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [threading.current_thread()]
+    monkeypatch.setattr(reference, "SMALL_CALL_ELEMENTS", 0)  # head by head, read in place
+    assert torch.equal(out, vk.tar_attention(q, k, v, sigma=1.5)) and len(seen) > 2
+    torch.testing.assert_close(out.double(), naive_tar(q, k, v, sigma=1.5), atol=2e-6, rtol=2e-6)
+
+
+class Exps(TorchDispatchMode):
+    """Counts the exponentials of the Gaussian (aten.exp), which a small call's bias is made of."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.exp.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("frames", [False, True], ids=["tokens", "frame-ids"])
+def test_a_small_calls_bias_is_made_once(frames):
+    """A small call's Gaussian (of token distance, or of the frame ids of self-attention) is made on its
+    first call and kept: kept by sizes, sigma and dtype, and with the ids tensor, for its in-place version,
+    so ids changed in place make it again (and give their own result)."""
+    ids = vk.frame_ids(3, 4, text_before=4) if frames else None
+    q, k, v, _ = bnhd_inputs(2, 3, 16, 8, {}, seed=16, frame_tokens=4)
+
+    def run(sigma):
+        problem = make_problem(q, k, v, sigma=sigma, strength=1.0, delta=None, causal=False, max_mode="row",
+                               scale=None, frames=ids)
+        with torch.no_grad(), Exps() as mode:
+            out = reference.reference_forward(problem)
+        return out, mode.count
+
+    sigma = 1.0 + frames + 1e-3 * torch.rand(1).item()  # a sigma no other test kept
+    first, made = run(sigma)
+    again, made_again = run(sigma)
+    assert made == 1 and made_again == 0 and torch.equal(first, again)
+    assert run(sigma + 1.0)[1] == 1
+    if frames:
+        ids[-4:] = -1  # the last frame becomes text
+        changed, made = run(sigma)
+        assert made == 1
+        assert torch.equal(changed, vk.tar_attention(q, k, v, frames=ids.clone(), sigma=sigma))
+        assert not torch.equal(changed, first)
 
 
 def test_head_chunks_come_in_equal_shares():
