@@ -15,15 +15,5 @@ from .tar_config import PRESETS, LevelSpec, TARConfig
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS",
-    "BackendUnavailableError",
-    "LevelSpec",
-    "TARConfig",
-    "delta_from_features",
-    "frame_ids",
-    "gaussian_toeplitz",
-    "tar_attention",
-    "tar_attention_reference",
-    "__version__",
-]
+__all__ = ["PRESETS", "BackendUnavailableError", "LevelSpec", "TARConfig", "delta_from_features", "frame_ids",
+           "gaussian_toeplitz", "tar_attention", "tar_attention_reference", "__version__"]

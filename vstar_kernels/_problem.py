@@ -113,15 +113,12 @@ def check_sigma(sigma) -> float:
     return sigma
 
 
-_LARGEST = {name: torch.finfo(getattr(torch, name)).max for name in ("float32", "float64")}  # by compute dtype
-
-
 def _check_factor(name: str, value, dtype: torch.dtype) -> float:
     """A finite `value` (|strength| or |scale|) that the compute dtype of `dtype` inputs can hold: a larger
     factor would be inf there."""
     value = _real(name, value)
     compute = "float64" if dtype == torch.float64 else "float32"
-    bound = _LARGEST[compute]
+    bound = torch.finfo(getattr(torch, compute)).max
     if not abs(value) <= bound:
         raise ValueError(f"{name} must be finite with |{name}| <= {bound:.8g} (the largest {compute}: the math "
                          f"for {dtype} inputs is {compute}), got {value}")
@@ -171,15 +168,13 @@ def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
 FRAME_ID_LIMIT = 2 ** 24  # frame distances are float32 in the kernels: exact below 2**24
 
 
-# What the calls read from frame-id tensors' values (each read a device synchronisation), per tensor: an
-# entry lives as long as its tensor (weak keys) and holds for the in-place version it was read at.
+# What calls read from frame-id tensors' values (a device synchronisation each): an entry lives with its tensor.
 _FRAME_VALUES = WeakIdKeyDictionary()
 
 
 def frame_value(ids: torch.Tensor, what, read):
-    """read(ids), kept as `what` of `ids`: the same tensor passed again at the same in-place version is not
-    read again (docs/semantics.md, "Memory"); an inference tensor has no version counter and is read on
-    every call."""
+    """read(ids), kept as `what` of `ids` for its in-place version: the same tensor passed again unchanged is not
+    read again (docs/semantics.md, "Memory"); an inference tensor (no version counter) is read on every call."""
     if ids.is_inference():
         return read(ids)
     entry = _FRAME_VALUES.get(ids)

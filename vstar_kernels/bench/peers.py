@@ -93,7 +93,7 @@ def reference_eager(q, k, v, spec):
 
 def reference_materialized(q, k, v, spec):
     """The reference's out-of-place path, the one autograd differentiates."""
-    return reference_forward(_problem(q, k, v, spec), inplace=False)
+    return reference_forward(_problem(q, k, v, spec))
 
 
 def tar_chunk(q, k, v, dA, scale: float, strength: float):
