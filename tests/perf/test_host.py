@@ -30,4 +30,4 @@ def test_cli_prints_one_row_per_case(capsys):
     assert torch.get_num_threads() == threads
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + len(host.LENGTHS) * 2 * len({1, threads})
-    assert all(row.count("|") == 9 for row in rows)
+    assert all(row.count("|") == 10 for row in rows)

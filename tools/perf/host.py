@@ -9,6 +9,7 @@ backend that runs CPU tensors without the interpreter. "over the formula" is wha
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -65,20 +66,21 @@ def time_calls(calls: dict, rounds: int, batch: int) -> dict:
 def main(args) -> int:
     default = torch.get_num_threads()
     print("| N | frame ids | threads | " + " | ".join(("sdpa", "formula", "tar auto", "other backends",
-                                                     "auto over the formula")) + " |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |")
+                                                     "auto over the formula", "load average")) + " |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |")
     try:
         for threads in dict.fromkeys((1, default)):
             torch.set_num_threads(threads)
             for n in LENGTHS:
                 for with_frames in (False, True):
+                    load = os.getloadavg()[0]
                     with torch.no_grad():
                         us = time_calls(implementations(n, with_frames), args.rounds, args.batch)
                     others = ", ".join(f"{name[4:]} {t:.0f}" for name, t in us.items() if name.startswith("tar ")
                                        and name != "tar auto")
                     print(f"| {n} | {'yes' if with_frames else 'no'} | {threads} | {us['sdpa']:.0f} | "
                           f"{us['formula']:.0f} | {us['tar auto']:.0f} | {others} | "
-                          f"{us['tar auto'] - us['formula']:.0f} |", flush=True)
+                          f"{us['tar auto'] - us['formula']:.0f} | {load:.1f}-{os.getloadavg()[0]:.1f} |", flush=True)
     finally:
         torch.set_num_threads(default)
     print("microseconds per call, medians of", args.rounds, "rounds of", args.batch, "calls each")
