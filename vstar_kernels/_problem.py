@@ -78,7 +78,7 @@ class TarProblem:
     @classmethod
     def from_op_args(cls, args) -> "TarProblem":
         """The problem back from the ops' leading arguments (4-D views, as `make_problem` made them)."""
-        return cls(**dict(zip(OP_FIELDS, args)), was_3d=False)
+        return cls(*args, False)  # (was_3d is the last field)
 
 
 # The ops' problem arguments: every field but was_3d (the caller's layout, restored outside the op).

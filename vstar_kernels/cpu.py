@@ -103,9 +103,11 @@ def cpu_forward(problem: TarProblem) -> torch.Tensor:
         # matrices: one head's block of batches is, so the products read them in place instead of
         # copying each block first (but for a small call, which copies them in one chunk).
         chunks = _head_chunks(B, H, CHUNK_ELEMENTS // elements)
-    out = torch.empty(problem.output_shape(), device=problem.device, dtype=problem.dtype)
-    with torch.no_grad():
-        slice_max = _global_max(problem, row_blocks, chunks, compute) if _max_first(problem, row_blocks) else None
+    out = problem.q.new_empty(problem.output_shape())
+    slice_max = None
+    if _max_first(problem, row_blocks):
+        with torch.no_grad():
+            slice_max = _global_max(problem, row_blocks, chunks, compute)
     segments, run_starts = (problem.regularized and problem.frames_q is not None and frame_value(
         problem.frames_k, ("segments", MIN_RUN_KEYS, RUN_SEGMENTS), _key_segments)) or (None, None)
     bias_of = _bias_rows(problem, compute) if segments is None else _run_bias(problem, compute, run_starts)
@@ -132,9 +134,7 @@ def _chunk_workers(run, parts: list) -> None:
     that need none) and in inference mode if the caller is; the first error raised there is raised here.
     The caller's intra-op thread count is set again afterwards (torch keeps the last count set, from
     any thread, for threads started later)."""
-    threads = torch.get_num_threads()
-    inference = torch.is_inference_mode_enabled()  # thread-local, as grad mode is
-    errors = []
+    threads, inference, errors = torch.get_num_threads(), torch.is_inference_mode_enabled(), []
 
     def work(part):
         try:
@@ -169,7 +169,7 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
     bb, hh, rr = qc.shape[:3]
     c = bb * hh
     q3, k3, v3 = (_as_batch(x, compute) for x in (qc, problem.k[b, h], problem.v[b, h]))
-    s = torch.empty(c, rr, nk, device=problem.device, dtype=compute)
+    s = q3.new_empty((c, rr, nk))
     if compute == torch.float64:
         torch.bmm(q3, k3.transpose(1, 2), out=s).mul_(problem.scale)
     else:
@@ -205,7 +205,7 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
         s4.masked_fill_(mask.all(dim=-1, keepdim=True), 0.0)
     o_block = out[b, h, rows]
     direct = problem.dtype == compute and o_block.is_contiguous()
-    o = o_block.view(c, rr, dv) if direct else torch.empty(c, rr, dv, device=problem.device, dtype=compute)
+    o = o_block.view(c, rr, dv) if direct else s.new_empty((c, rr, dv))
     torch.bmm(s, v3, out=o)
     if not direct:
         o_block.copy_(o.view(bb, hh, rr, dv))
