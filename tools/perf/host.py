@@ -3,12 +3,14 @@
 B 4 x H 2 sequences of N 16 and 64 tokens, head dim 40, fp32, in (B, N, H, D) storage (what `bench --quick`
 times on a CPU), without and with frame ids. Per call, the median over rounds of a batch of calls of each
 implementation in turn: plain SDPA; the formula (TAR's operations on the whole call, the bias made
-beforehand: the compute with nothing around it); `tar_attention` with backend "auto" and with each other
-backend that runs CPU tensors without the interpreter. "over the formula" is what the call adds to the compute.
+beforehand: the compute with nothing around it); `tar_attention` with backend "auto", with each other
+backend that runs CPU tensors without the interpreter, and with a backend that computes nothing (the
+call's validation, backend choice and custom op). "over the formula" is what the call adds to the compute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -27,10 +29,34 @@ def formula(q, k, v, dA, scale: float):
     return torch.matmul(torch.softmax(s + s.amax(dim=-1, keepdim=True) * dA, dim=-1), v)
 
 
+NO_COMPUTE = "no compute"
+
+
+@contextlib.contextmanager
+def no_compute_backend():
+    """A backend NO_COMPUTE, registered while the block runs, whose forward returns an uninitialized output."""
+    from vstar_kernels import dispatch
+
+    class NoCompute(dispatch.Backend):
+        name = NO_COMPUTE
+
+        def forward(self, problem, stats=None):
+            return problem.q.new_empty(problem.output_shape())
+
+    names, dispatch.BACKEND_NAMES = dispatch.BACKEND_NAMES, (*dispatch.BACKEND_NAMES, NO_COMPUTE)
+    dispatch.BACKENDS[NO_COMPUTE] = NoCompute()
+    try:
+        yield
+    finally:
+        dispatch.BACKEND_NAMES = names
+        del dispatch.BACKENDS[NO_COMPUTE]
+
+
 def implementations(n: int, with_frames: bool) -> dict:
-    """name -> a call on the quick shape at length `n` (frame ids: frames of 4 tokens after 4 text tokens)."""
+    """name -> a call on the quick shape at length `n` (frame ids: frames of 4 tokens after 4 text tokens);
+    the no-compute call needs `no_compute_backend`."""
     import vstar_kernels as vk
-    from vstar_kernels.dispatch import BACKENDS, availability
+    from vstar_kernels.dispatch import availability
     from vstar_kernels.frames import frame_bias
     from vstar_kernels.regularization import gaussian_bias
 
@@ -43,9 +69,9 @@ def implementations(n: int, with_frames: bool) -> dict:
              "formula": lambda: formula(q, k, v, dA, d ** -0.5),
              "tar auto": lambda: vk.tar_attention(q, k, v, frames=ids)}
     for name, why in availability("cpu").items():
-        if not why and name != "triton":  # (on CPU tensors Triton is its interpreter)
+        if not why and name not in ("triton", NO_COMPUTE):  # (on CPU tensors Triton is its interpreter)
             calls[f"tar {name}"] = lambda name=name: vk.tar_attention(q, k, v, frames=ids, backend=name)
-    assert set(calls) - {"sdpa", "formula", "tar auto"} <= {f"tar {name}" for name in BACKENDS}
+    calls[NO_COMPUTE] = lambda: vk.tar_attention(q, k, v, frames=ids, backend=NO_COMPUTE)
     return calls
 
 
@@ -65,21 +91,21 @@ def time_calls(calls: dict, rounds: int, batch: int) -> dict:
 
 def main(args) -> int:
     default = torch.get_num_threads()
-    print("| N | frame ids | threads | " + " | ".join(("sdpa", "formula", "tar auto", "other backends",
+    print("| N | frame ids | threads | " + " | ".join(("sdpa", "formula", "tar auto", "other backends", NO_COMPUTE,
                                                      "auto over the formula", "load average")) + " |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |")
     try:
         for threads in dict.fromkeys((1, default)):
             torch.set_num_threads(threads)
             for n in LENGTHS:
                 for with_frames in (False, True):
                     load = os.getloadavg()[0]
-                    with torch.no_grad():
+                    with torch.no_grad(), no_compute_backend():
                         us = time_calls(implementations(n, with_frames), args.rounds, args.batch)
                     others = ", ".join(f"{name[4:]} {t:.0f}" for name, t in us.items() if name.startswith("tar ")
                                        and name != "tar auto")
                     print(f"| {n} | {'yes' if with_frames else 'no'} | {threads} | {us['sdpa']:.0f} | "
-                          f"{us['formula']:.0f} | {us['tar auto']:.0f} | {others} | "
+                          f"{us['formula']:.0f} | {us['tar auto']:.0f} | {others} | {us[NO_COMPUTE]:.0f} | "
                           f"{us['tar auto'] - us['formula']:.0f} | {load:.1f}-{os.getloadavg()[0]:.1f} |", flush=True)
     finally:
         torch.set_num_threads(default)
