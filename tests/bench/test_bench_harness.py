@@ -92,7 +92,7 @@ def test_cpu_sweep_times_the_default_path_and_only_checks_the_interpreter(tmp_pa
     assert checked["status"] == CHECKED_ONLY and checked["backend"] == "triton"
     assert checked["median_ms"] == checked["p20_ms"] == checked["gbps"] == checked["flag"] == ""
     ours = by["vstar_auto"]
-    assert ours["status"] == "ok" and ours["backend"] == "reference" and float(ours["median_ms"]) > 0
+    assert ours["status"] == "ok" and ours["backend"] == "cpu" and float(ours["median_ms"]) > 0
     assert by["sdpa_plain"]["backend"] == ""
 
 
@@ -218,9 +218,9 @@ def test_cli_writes_csv_markdown_and_plots(tmp_path):
     assert status["xformers_bias"] == "ok" or status["xformers_bias"].startswith("unsupported: xformers")
     assert {r["commit"] for r in rows} == {measure.commit()}
     assert {r["impl"]: r["backend"] for r in rows if r["backend"]} == {"vstar_triton_interpreter": "triton",
-                                                                      "vstar_auto": "reference"}
+                                                                      "vstar_auto": "cpu"}
     md = path.with_suffix(".md").read_text()
-    assert "| 16 |" in md and "vstar_auto ms" in md and "CPU run" in md and "`vstar_auto` ran `reference`" in md
+    assert "| 16 |" in md and "vstar_auto ms" in md and "CPU run" in md and "`vstar_auto` ran `cpu`" in md
     for metric in ("time", "speedup", "bandwidth"):
         assert (tmp_path / f"{path.stem}-{metric}-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
