@@ -132,5 +132,27 @@ def keyword_recorder(calls):
     return override
 
 
+def graph_breaking_attention(model):
+    """A clone of `model` with an attention override that breaks torch.compile's graph in every call it gets, as a
+    Sage attention node's does (and ComfyUI's own CPU attention): each block is then a frame of its own."""
+    model = model.clone()
+
+    def override(func, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return func(*args, **kwargs)
+    model.model_options["transformer_options"]["optimized_attention_override"] = override
+    return model
+
+
+def compiled_frames(sample):
+    """(result, frames torch.compile compiled) of `sample()`, from a fresh dynamo."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        return sample(), torch._dynamo.utils.counters["frames"]["total"]
+    finally:
+        torch._dynamo.reset()
+
+
 def warnings_of(caplog, text):
     return [r for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]

@@ -21,10 +21,11 @@ import torch
 import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError, cli
 from vstar_kernels.comfyui import models as vc_models
-from vstar_kernels.comfyui.patch import MarkedForward, key_mask
+from vstar_kernels.comfyui.patch import key_mask, marked
 
-from .comfyui_companions import (REPLACED, cache_node, freelong, keyword_recorder, newer_attention,
-                                 replace_self_attention, swallowing, tar_calls, warnings_of)
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
+                                 keyword_recorder, newer_attention, replace_self_attention, swallowing, tar_calls,
+                                 warnings_of)
 
 STANDIN = pathlib.Path(__file__).resolve().parent / "comfyui_standin"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -35,8 +36,10 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def comfy():
-    """The stand-in `comfy` package, in sys.modules for this module's tests only."""
-    saved = {name: mod for name, mod in sys.modules.items() if name == "comfy" or name.startswith("comfy.")}
+    """The stand-in `comfy` (and `comfy_api`) package, in sys.modules for this module's tests only."""
+    def standin(name):
+        return name.split(".")[0] in ("comfy", "comfy_api")
+    saved = {name: mod for name, mod in sys.modules.items() if standin(name)}
     for name in saved:
         del sys.modules[name]
     sys.path.insert(0, str(STANDIN))
@@ -47,11 +50,12 @@ def comfy():
         import comfy.model_base
         import comfy.model_patcher
         import comfy.samplers
+        import comfy_api.torch_helpers
 
         yield comfy
     finally:
         sys.path.remove(str(STANDIN))
-        for name in [n for n in sys.modules if n == "comfy" or n.startswith("comfy.")]:
+        for name in [n for n in sys.modules if standin(n)]:
             del sys.modules[name]
         sys.modules.update(saved)
 
@@ -353,8 +357,8 @@ def test_clone_semantics(comfy):
     assert not torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), stock)
     assert torch.equal(sample(comfy, model, shape, cond, uncond, dtype), stock)   # the input, after the clone ran
     for block in model.model.diffusion_model.blocks:
-        assert not isinstance(block.self_attn.forward, MarkedForward)
-    assert len(tar.object_patches) == 2 and all(isinstance(p, MarkedForward) for p in tar.object_patches.values())
+        assert marked(block.self_attn.forward) is None
+    assert len(tar.object_patches) == 2 and all(marked(p) for p in tar.object_patches.values())
 
 
 def recorder(calls):
@@ -468,12 +472,13 @@ def test_too_many_reference_frames_is_an_error(comfy):
 
 
 def test_a_call_mixing_steps_inside_and_outside_the_window_is_an_error():
-    settings = vc.patch.Settings(1.0, 1.0, sigma_start=0.75, sigma_end=0.25, reference_frames=0, backend="auto")
+    settings = vc.patch.Settings(1.0, 1.0, start_percent=0.25, end_percent=0.75, reference_frames=0, backend="auto")
     wrapper = vc.patch.TARPatch(settings, vc_models.WAN, {})
-    assert wrapper.regularizes(torch.tensor([0.75, 0.75])) and wrapper.regularizes(torch.tensor([0.25]))
-    assert not wrapper.regularizes(torch.tensor([0.875, 0.875]))
+    flow = types.SimpleNamespace(percent_to_sigma=lambda percent: 1.0 - percent)
+    assert wrapper.regularizes(torch.tensor([0.75, 0.75]), flow) and wrapper.regularizes(torch.tensor([0.25]), flow)
+    assert not wrapper.regularizes(torch.tensor([0.875, 0.875]), flow)
     with pytest.raises(ValueError, match=r"one model call mixes sigmas inside and outside the window \[0.25, 0.75\]"):
-        wrapper.regularizes(torch.tensor([0.5, 0.875]))
+        wrapper.regularizes(torch.tensor([0.5, 0.875]), flow)
 
 
 def test_key_masks():
@@ -692,3 +697,55 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attentio
         return torch.tensor([i if i >= lead else -1 for i in options["context_window"].index_list for _ in range(4)])
     expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+def test_torch_compile_traces_the_blocks_once(comfy):
+    """ComfyUI's TorchCompileModel on a model with the node, each block a frame of its own (an attention that breaks
+    the graph): the frames compiled do not grow with the blocks (a block's patch once recompiled each block, and
+    dynamo's limit of 8 recompiles left most blocks of a 12-block model uncompiled), and the result is TAR's."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    dtype = torch.float64
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    frames = {}
+    for layers in (4, 12):
+        model = graph_breaking_attention(wan(comfy, dtype, num_layers=layers))
+        (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+        compiled = tar.clone()
+        set_torch_compile_wrapper(compiled, backend="eager")
+        out, frames[layers] = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+        assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+        assert not torch.equal(out, sample(comfy, model, shape, cond, uncond, dtype))
+    assert frames[12] <= frames[4], frames
+
+
+def test_torch_compile_of_a_joint_attention(comfy):
+    """HunyuanVideo's video-then-text attention compiled: the text's ids are made in the graph; the result is TAR's."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    dtype = torch.float64
+    shape = (1, 4, 3, 6, 5)
+    cond, uncond = conditions(dtype, text=6)
+    (tar,) = NODE().apply(hunyuan(comfy, dtype), 1.0, 1.0, backend="reference")
+    compiled = tar.clone()
+    set_torch_compile_wrapper(compiled, backend="eager")
+    out, _ = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+    assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+
+
+def test_a_compiled_diffusion_model_is_unwrapped(comfy):
+    """A diffusion model compiled before the node (put in place by an object patch) is the model it compiled."""
+    dtype = torch.float64
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    model = wan(comfy, dtype)
+    compiled = model.clone()
+    compiled.add_object_patch("diffusion_model", torch.compile(model.get_model_object("diffusion_model"),
+                                                               backend="eager"))
+    (tar,) = NODE().apply(compiled, 1.0, 1.0, backend="reference")
+    out, _ = compiled_frames(lambda: sample(comfy, tar, shape, cond, uncond, dtype))
+    assert torch.equal(out, sample(comfy, NODE().apply(model, 1.0, 1.0, backend="reference")[0], shape, cond, uncond,
+                                   dtype))

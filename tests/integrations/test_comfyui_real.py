@@ -33,9 +33,9 @@ import torch
 
 import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError
-from vstar_kernels.comfyui.patch import MarkedForward
+from vstar_kernels.comfyui.patch import marked
 
-from .comfyui_companions import (REPLACED, cache_node, freelong, keyword_recorder, newer_attention,
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, keyword_recorder, newer_attention,
                                  replace_self_attention, swallowing, tar_calls, warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
@@ -391,7 +391,7 @@ def test_clone_semantics(comfy):
     assert (repr(model.model_options), dict(model.object_patches), repr(model.wrappers)) == before
     assert not torch.equal(run(comfy, tar, latent, positive, negative), stock)
     assert torch.equal(run(comfy, model, latent, positive, negative), stock)     # the input, after the clone ran
-    assert not any(isinstance(block.self_attn.forward, MarkedForward) for block in model.model.diffusion_model.blocks)
+    assert not any(marked(block.self_attn.forward) for block in model.model.diffusion_model.blocks)
 
 
 def recorder(calls):
@@ -650,3 +650,39 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark, schedule, st
         assert seen == {(0, 1, 2, 3), (3, 4, 5, 6), (4, 5, 6, 7)}
     else:
         assert any(b - a == 2 for index in seen for a, b in zip(index, index[1:]))
+
+
+# ---------------------------------------------------------------- torch.compile
+
+def test_torch_compile_traces_the_blocks_once(comfy):
+    """ComfyUI's TorchCompileModel (its set_torch_compile_wrapper, backend "eager") on a model with the node; ComfyUI's
+    CPU attention breaks the graph in every block, so each block is a frame of its own: the frames compiled do not
+    grow with the blocks (dynamo's limit of 8 recompiles once left most blocks of 12 uncompiled), and the result is
+    TAR's."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    frames = {}
+    for layers in (4, 12):
+        model = wan(comfy, num_layers=layers)
+        (tar,) = NODE().apply(model, 1.0, 1.0)
+        compiled = tar.clone()
+        set_torch_compile_wrapper(compiled, backend="eager")
+        out, frames[layers] = compiled_frames(lambda: run(comfy, compiled, latent, positive, negative, steps=1))
+        assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=1))
+        assert not torch.equal(out, run(comfy, model, latent, positive, negative, steps=1))
+    assert frames[12] <= frames[4], frames
+
+
+def test_a_compiled_diffusion_model_is_unwrapped(comfy):
+    """A diffusion model compiled before the node (put in place by an object patch) is the model it compiled."""
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    compiled = model.clone()
+    compiled.add_object_patch("diffusion_model", torch.compile(model.get_model_object("diffusion_model"),
+                                                               backend="eager"))
+    (tar,) = NODE().apply(compiled, 1.0, 1.0)
+    out, _ = compiled_frames(lambda: run(comfy, tar, latent, positive, negative, steps=1))
+    assert torch.equal(out, run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative, steps=1))

@@ -43,6 +43,7 @@ class Family:
     name: str
     targets: Callable[[torch.nn.Module], List[str]]
     layout: Callable[[torch.nn.Module, torch.Tensor, dict], Layout]
+    time_dim: int = 2           # the latent's dimension of frames (that of ComfyUI's context windows over them)
 
 
 def _ceil(size: int, patch: int) -> int:
@@ -157,9 +158,17 @@ FAMILIES: Dict[Tuple[str, str], Family] = {
 }
 
 
+def unwrap(diffusion_model: torch.nn.Module) -> torch.nn.Module:
+    """The module a torch.compile'd diffusion model (an OptimizedModule, maybe nested) wraps; any other as it is."""
+    while isinstance(diffusion_model, torch._dynamo.eval_frame.OptimizedModule):
+        diffusion_model = diffusion_model._orig_mod
+    return diffusion_model
+
+
 def family_of(diffusion_model: torch.nn.Module) -> Family:
-    """The family of a ComfyUI diffusion model; a ValueError naming the supported ones for any other."""
-    cls = type(diffusion_model)
+    """The family of a ComfyUI diffusion model (compiled or not); a ValueError naming the supported ones for any
+    other."""
+    cls = type(unwrap(diffusion_model))
     family = FAMILIES.get((cls.__module__, cls.__qualname__))
     if family is None:
         known = ", ".join(f"{family.name} ({module}.{name})" for (module, name), family in FAMILIES.items())
@@ -168,4 +177,4 @@ def family_of(diffusion_model: torch.nn.Module) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "Family", "Layout", "family_of"]
+__all__ = ["FAMILIES", "Family", "Layout", "family_of", "unwrap"]
