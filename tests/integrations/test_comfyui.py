@@ -329,6 +329,27 @@ def test_step_window_includes_both_ends(comfy, mark_self_attention, start, end, 
     assert (out - fewer).abs().max() > 1e-6
 
 
+def shifted(comfy, model, shift):
+    """The model with ComfyUI's ModelSamplingSD3 applied (an object patch on model_sampling)."""
+    model = model.clone()
+    model.add_object_patch("model_sampling", comfy.model_sampling.ModelSamplingDiscreteFlow(shift))
+    return model
+
+
+def test_the_step_window_follows_a_shift_applied_after_the_node(comfy, mark_self_attention):
+    """A shift node after the node moves the schedule: the window is the shifted model's (resolved when the model
+    runs), steps 1 and 2 of 4 at shift 1; with the sigmas of the model the node saw (shift 8), no step."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=0.25, end_percent=0.5, backend="reference")
+    out = sample(comfy, shifted(comfy, tar, 1.0), shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, shifted(comfy, model, 1.0), video_ids(3, 4, 4), 1.0, 1.0, [1, 2], shape, cond,
+                             uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("strength, start, end", [(0.0, 0.0, 1.0), (1.0, 0.6, 0.4), (1.0, 0.3, 0.35)])
 def test_off_is_stock_bit_for_bit(comfy, dtype, strength, start, end):

@@ -360,6 +360,21 @@ def test_step_window_includes_both_ends(comfy, mark, start, end, steps_in):
     assert (out - fewer).abs().max() > 1e-4
 
 
+def test_the_step_window_follows_a_shift_applied_after_the_node(comfy, mark):
+    """ModelSamplingSD3 after the node: the window is the shifted model's (sigmas 0.75 and 0.5 at shift 1), not the
+    one of the model the node saw (Wan's shift 8, where no step of this schedule is in the window)."""
+    mark("wan")
+    model = wan(comfy)
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    latent = torch.zeros(1, 16, 3, 6, 8)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=0.25, end_percent=0.5)
+    out = run(comfy, shift_one(comfy, tar), latent, positive, negative, sigmas=sigmas)
+    expected = oracle_run(comfy, shift_one(comfy, model), video_ids(3, 6, 8), 1.0, 1.0, latent, positive, negative,
+                          sigmas_in={0.75, 0.5}, sigmas=sigmas)
+    assert_matches(out, expected, run(comfy, shift_one(comfy, model), latent, positive, negative, sigmas=sigmas))
+
+
 @pytest.mark.parametrize("strength, start, end", [(0.0, 0.0, 1.0), (1.0, 0.6, 0.4), (1.0, 0.3, 0.45)])
 def test_off_is_stock_bit_for_bit(comfy, strength, start, end):
     """Strength 0, a window that starts after it ends, a window between two steps (sigmas 0.75 and 0.5)."""
