@@ -154,5 +154,11 @@ def compiled_frames(sample):
         torch._dynamo.reset()
 
 
+def in_time(index, length):
+    """A context window's frames in time: consecutive indices one step apart, across the end of a looped
+    latent of `length` frames too (6, 7, 0, 1 of 8 are 6, 7, 8, 9)."""
+    return [index[0] + sum((b - a) % length for a, b in zip(index[:j], index[1:j + 1])) for j in range(len(index))]
+
+
 def warnings_of(caplog, text):
     return [r for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]

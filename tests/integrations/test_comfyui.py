@@ -23,7 +23,7 @@ from vstar_kernels import BackendUnavailableError, cli
 from vstar_kernels.comfyui import models as vc_models
 from vstar_kernels.comfyui.patch import key_mask, marked
 
-from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention, in_time,
                                  keyword_recorder, newer_attention, replace_self_attention, swallowing, tar_calls,
                                  warnings_of)
 
@@ -698,13 +698,16 @@ def test_query_slices_are_handed_on_as_they_came(comfy, monkeypatch, caplog):
 WINDOWS = {   # windows of 8 latent frames, reference_frames
     "overlapping, one reference frame": ([[0, 1, 2, 3], [3, 4, 5, 6], [4, 5, 6, 7]], 1),
     "strided": ([[0, 2, 4, 6], [1, 3, 5, 7]], 0),
+    "looped": ([[6, 7, 0, 1], [1, 2, 3, 4], [4, 5, 6, 7]], 0),
+    "looped, strided": ([[4, 6, 0, 2], [1, 3, 5, 7], [0, 1, 2, 3]], 0),
 }
 
 
 @pytest.mark.parametrize("case", list(WINDOWS))
 def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attention, case):
-    """In a context window, a frame's id is its index in the whole latent; the reference frames are the whole
-    latent's first ones, so only a window holding them has any."""
+    """In a context window, a frame's id is its index in the whole latent, in time (a looped window's frames stay
+    consecutive across the latent's end); the reference frames are the whole latent's first ones, so only a
+    window holding them has any."""
     windows, lead = WINDOWS[case]
     dtype = torch.float64
     model = wan(comfy, dtype)
@@ -715,9 +718,23 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attentio
     out = sample(comfy, tar, shape, cond, uncond, dtype)
 
     def ids(options):
-        return torch.tensor([i if i >= lead else -1 for i in options["context_window"].index_list for _ in range(4)])
+        index = options["context_window"].index_list
+        return torch.tensor([t if i >= lead else -1 for i, t in zip(index, in_time(index, 8)) for _ in range(4)])
     expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_a_looped_window_needs_the_latent_length(comfy):
+    """Outside ComfyUI's sampler (no OUTER_SAMPLE wrapper: the latent's length unknown) a window that wraps around
+    is an error, never ids that put its last frames far from its first."""
+    settings = vc.patch.Settings(1.0, 1.0, 0.0, 1.0, reference_frames=0, backend="auto")
+    wrapper = vc.patch.TARPatch(settings, vc_models.WAN, {})
+    layout = vc_models.Layout(0, 4, 4, 0, False)
+    window = comfy.context_windows.IndexListContextWindow([6, 7, 0, 1], dim=2)
+    assert wrapper.frame_ids(layout, {"context_window": window}, vc.patch.Run((1, 4, 8, 4, 4))) == (6, 7, 8, 9)
+    with pytest.raises(ValueError, match=r"the context window \[6, 7, 0, 1\] wraps around the latent's end, and the "
+                                         r"latent's length is not known"):
+        wrapper.frame_ids(layout, {"context_window": window}, vc.patch.Run(()))
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -35,8 +35,8 @@ import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError
 from vstar_kernels.comfyui.patch import marked
 
-from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, keyword_recorder, newer_attention,
-                                 replace_self_attention, swallowing, tar_calls, warnings_of)
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, in_time, keyword_recorder,
+                                 newer_attention, replace_self_attention, swallowing, tar_calls, warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
@@ -642,12 +642,13 @@ def context_windows(comfy, model, schedule, length, overlap, stride=1):
     return model
 
 
-@pytest.mark.parametrize("schedule, stride, lead", [("standard_static", 1, 1), ("standard_uniform", 2, 0)],
-                         ids=["windows 0-3, 3-6, 4-7 with a reference frame", "strided windows"])
+@pytest.mark.parametrize("schedule, stride, lead", [("standard_static", 1, 1), ("standard_uniform", 2, 0),
+                                                    ("looped_uniform", 2, 0)],
+                         ids=["windows 0-3, 3-6, 4-7 with a reference frame", "strided windows", "looped windows"])
 def test_context_windows_take_the_global_frame_indices(comfy, mark, schedule, stride, lead):
-    """In a context window, a frame's id is its index in the whole latent, and only the window holding the whole
-    latent's reference frames has any (windows of 4 of 8 latent frames; the uniform schedule with stride 2 adds
-    windows of every second frame)."""
+    """In a context window, a frame's id is its index in the whole latent, in time (a looped window's frames stay
+    consecutive across the latent's end), and only the window holding the whole latent's reference frames has any
+    (windows of 4 of 8 latent frames; the uniform schedules with stride 2 add windows of every second frame)."""
     mark("wan")
     model = context_windows(comfy, wan(comfy), schedule, 4, 1, stride)
     latent = torch.zeros(1, 16, 8, 4, 4)
@@ -657,14 +658,15 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark, schedule, st
     def ids(options):
         index = options["context_window"].index_list
         seen.add(tuple(index))
-        return torch.tensor([i if i >= lead else -1 for i in index for _ in range(4)])
+        return torch.tensor([t if i >= lead else -1 for i, t in zip(index, in_time(index, 8)) for _ in range(4)])
     stock = run(comfy, model, latent, positive, negative, steps=2)
     out = run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=lead)[0], latent, positive, negative, steps=2)
     assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative, steps=2), stock)
-    if stride == 1:
+    if schedule == "standard_static":
         assert seen == {(0, 1, 2, 3), (3, 4, 5, 6), (4, 5, 6, 7)}
     else:
         assert any(b - a == 2 for index in seen for a, b in zip(index, index[1:]))
+    assert any(b < a for index in seen for a, b in zip(index, index[1:])) == (schedule == "looped_uniform")
 
 
 # ---------------------------------------------------------------- torch.compile
