@@ -123,6 +123,15 @@ def newer_attention(monkeypatch, module, slices):
     monkeypatch.setattr(module, "optimized_attention", attention)
 
 
+def newer_context_windows(monkeypatch, module):
+    """ComfyUI's context windows over a video UNet's frames (dim 0) as newer ComfyUI runs them: the step is found
+    from the call's first timestep (0.3.64 compares them all with the schedule, which fails when the batch holds
+    the frames)."""
+    handler = module.IndexListContextHandler
+    find = handler.set_step
+    monkeypatch.setattr(handler, "set_step", lambda self, timestep, options: find(self, timestep[:1], options))
+
+
 def keyword_recorder(calls):
     """An override on the model that records each call's (queries, keys, low_precision_attention) of (B, L, H*D)
     q and k, and runs the call as it came."""

@@ -46,6 +46,7 @@ def comfy():
     try:
         import comfy.context_windows
         import comfy.ldm.hunyuan_video.model
+        import comfy.ldm.modules.diffusionmodules.openaimodel
         import comfy.ldm.wan.model
         import comfy.model_base
         import comfy.model_patcher
@@ -66,6 +67,18 @@ def wan(comfy, dtype=torch.float64, seed=0, **config):
     torch.manual_seed(seed)
     net = comfy.ldm.wan.model.WanModel(**config)
     _sharpen(net)
+    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+
+
+def svd(comfy, dtype=torch.float64, seed=0, **config):
+    """The toy SVD, its temporal self-attention (time_stack attn1) marked for the oracle."""
+    torch.manual_seed(seed)
+    net = comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel(**config)
+    _sharpen(net)
+    for module in net.modules():
+        if type(module).__name__ == "SpatialVideoTransformer":
+            for block in module.time_stack:
+                setattr(block.attn1, ORACLE, True)
     return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
 
 
@@ -126,15 +139,15 @@ def dense_tar(q, k, v, ids, sigma, strength, keep=None):
 
 def oracle_override(ids, sigma, strength, sigmas_in):
     """An attention override that regularizes the calls marked by `mark_self_attention` at the steps whose
-    sigma is in `sigmas_in`, over the whole video: ids of the video come first (`ids`, or `ids(options)`: a
-    function of the call's transformer_options), whatever follows (text) gets -1; calls over fewer tokens (a
-    part of the video) and over query slices are left plain."""
+    sigma is in `sigmas_in` (all steps when None), over the whole video: ids of the video come first (`ids`, or
+    `ids(options)`: a function of the call's transformer_options), whatever follows (text) gets -1; calls over
+    fewer tokens (a part of the video) and over query slices are left plain."""
     def override(func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
                  transformer_options=None, **kwargs):
         options = transformer_options
         video = ids(options) if callable(ids) else ids
         axis = 2 if skip_reshape else 1
-        if not options.get(ORACLE) or float(options["sigmas"][0]) not in sigmas_in \
+        if not options.get(ORACLE) or (sigmas_in is not None and float(options["sigmas"][0]) not in sigmas_in) \
                 or q.shape[axis] != k.shape[axis] or q.shape[axis] < len(video):
             return func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
                         transformer_options=options, **kwargs)
@@ -150,17 +163,21 @@ def oracle_override(ids, sigma, strength, sigmas_in):
 
 @pytest.fixture
 def mark_self_attention(comfy, monkeypatch):
-    """Patch the toy models' classes so their video self-attention marks its transformer_options for the oracle."""
-    def marking(cls):
+    """Patch the toy models' classes so their video self-attention marks its transformer_options for the oracle (the
+    SVD toy's attention class: the instances with an ORACLE attribute, its temporal self-attention)."""
+    def marking(cls, marked=lambda module: True):
         original = cls.forward
 
         def forward(self, *args, transformer_options={}, **kwargs):
-            return original(self, *args, transformer_options={**transformer_options, ORACLE: True}, **kwargs)
+            if marked(self):
+                transformer_options = {**transformer_options, ORACLE: True}
+            return original(self, *args, transformer_options=transformer_options, **kwargs)
         monkeypatch.setattr(cls, "forward", forward)
 
     marking(comfy.ldm.wan.model.WanSelfAttention)
     marking(comfy.ldm.hunyuan_video.model.DoubleStreamBlock)
     marking(comfy.ldm.hunyuan_video.model.SingleStreamBlock)
+    marking(comfy.ldm.modules.diffusionmodules.openaimodel.CrossAttention, lambda module: hasattr(module, ORACLE))
 
 
 def oracle_sample(comfy, model, ids, sigma, strength, steps_in, latent_shape, cond, uncond, dtype):
@@ -310,6 +327,55 @@ def test_reference_frames_lead_the_latent(comfy, mark_self_attention):
     expected = oracle_sample(comfy, model, video_ids(4, 6, 6, lead=1), 1.0, 1.0, range(STEPS), shape, cond, uncond,
                              dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_wan_s2v_matches_the_oracle(comfy, monkeypatch):
+    """Wan S2V: the video, then the reference and motion frames' tokens (no bias), its blocks run without
+    transformer_options (ComfyUI 0.3.64), so the oracle's override goes in at the self-attention."""
+    self_attention = comfy.ldm.wan.model.WanSelfAttention
+    original, oracle = self_attention.forward, []
+
+    def forward(self, *args, transformer_options={}, **kwargs):
+        if oracle:
+            transformer_options = {**transformer_options, ORACLE: True, "optimized_attention_override": oracle[0]}
+        return original(self, *args, transformer_options=transformer_options, **kwargs)
+    monkeypatch.setattr(self_attention, "forward", forward)
+    dtype = torch.float64
+    torch.manual_seed(0)
+    net = comfy.ldm.wan.model.WanModel_S2V()
+    _sharpen(net)
+    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+    shape = (1, 4, 3, 4, 6)
+    cond, uncond = conditions(dtype, reference_latent=(1, 4, 1, 4, 6), reference_motion=(1, 4, 2, 4, 6))
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    out = sample(comfy, NODE().apply(model, 1.0, 1.0, backend="reference")[0], shape, cond, uncond, dtype)
+    oracle.append(oracle_override(video_ids(3, 4, 6), 1.0, 1.0, None))
+    torch.testing.assert_close(out, sample(comfy, model, shape, cond, uncond, dtype), rtol=0, atol=1e-10)
+    assert (out - stock).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("windows", [None, [[0, 1, 2, 3], [2, 3, 4, 5]], [[0, 2, 4], [1, 3, 5]]],
+                         ids=["whole latent", "context windows", "strided windows"])
+def test_svd_temporal_attention_matches_the_oracle(comfy, mark_self_attention, windows):
+    """SVD: the temporal self-attention (each spatial site's 6 frames, one token each: frame ids 0..5) is
+    regularized, the spatial and the cross-attention not; under context windows (over the batch of frames, dim 0)
+    a frame's id is its index in the latent."""
+    dtype = torch.float64
+    model = svd(comfy, dtype)
+    if windows:
+        model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(windows, dim=0)
+    shape = (6, 4, 3, 4)
+    cond, uncond = conditions(dtype, text=5)
+    cond["num_video_frames"] = uncond["num_video_frames"] = 6
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+
+    def ids(options):
+        return torch.tensor(options["context_window"].index_list if windows else range(6))
+    expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    assert (out - stock).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- steps, stock identity, clones, chaining
@@ -548,6 +614,10 @@ def test_layouts_of_the_other_models():
         vc_models.Layout(0, 3, 63, 126, False)
     with pytest.raises(ValueError, match="10 keyframe guide tokens are not whole frames of 63 tokens"):
         vc_models.family_of(ltx).layout(ltx, x, {"keyframe_idxs": torch.zeros(1, 3, 10)})
+    s2v = fake("comfy.ldm.wan.model", "WanModel_S2V", patch_size=(1, 2, 2))
+    layout = vc_models.family_of(s2v).layout(s2v, x, {"reference_latent": torch.zeros(1, 4, 1, 7, 9)})
+    assert layout == vc_models.Layout(0, 5, 20, 0, True, "the reference and motion tokens")
+    assert layout.describe() == "5 frames x 20 tokens, then the reference and motion tokens"
     mochi = fake("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint", patch_size=2)
     assert vc_models.family_of(mochi).layout(mochi, x, {}) == vc_models.Layout(0, 5, 20, 0, True)
     for module, name in (("comfy.ldm.cosmos.model", "GeneralDIT"), ("comfy.ldm.cosmos.predict2", "MiniTrainDIT")):
@@ -576,9 +646,28 @@ def test_targets_of_the_other_models():
                                                               "blocks.block1.blocks.1.block"]
     cosmos2 = fake("comfy.ldm.cosmos.predict2", "MiniTrainDIT", blocks=listing(1))
     assert vc_models.family_of(cosmos2).targets(cosmos2) == ["blocks.0.self_attn"]
-    s2v = fake("comfy.ldm.wan.model", "WanModel_S2V")
-    with pytest.raises(ValueError, match="WanModel_S2V is not a video model the node knows"):
-        vc_models.family_of(s2v)
+    for module, name in (("comfy.ldm.wan.model", "WanModel_S2V"), ("comfy.ldm.wan.model_animate", "AnimateWanModel")):
+        wan_ = fake(module, name, blocks=listing(2))
+        assert vc_models.family_of(wan_).targets(wan_) == ["blocks.0.self_attn", "blocks.1.self_attn"]
+    image = fake("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel", named_modules=lambda: [])
+    with pytest.raises(ValueError, match="this UNet has no temporal attention .* an image model. AnimateDiff-Evolved's "
+                                         "motion modules cannot be regularized"):
+        vc_models.family_of(image).targets(image)
+
+
+def test_svd_targets_and_layout(comfy):
+    """The temporal self-attention of each SpatialVideoTransformer, one token per frame; SD's UNet (the same
+    class, no temporal attention) is refused."""
+    unet = comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel
+    family = vc_models.family_of(unet())
+    assert family.targets(unet()) == ["input_blocks.0.time_stack.0.attn1", "middle_block.0.time_stack.0.attn1"]
+    assert family.layout(unet(), torch.zeros(2 * 6, 4, 3, 4), {"num_video_frames": 6}) == \
+        vc_models.Layout(0, 6, 1, 0, False)
+    with pytest.raises(ValueError, match=r"expected a latent of \(batch x num_video_frames, channels, height, width\), "
+                                         r"got shape \(10, 4, 3, 4\) with num_video_frames=6"):
+        family.layout(unet(), torch.zeros(10, 4, 3, 4), {"num_video_frames": 6})
+    with pytest.raises(ValueError, match="this UNet has no temporal attention"):
+        NODE().apply(comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(unet(temporal=False))), 1.0, 1.0)
 
 
 # ---------------------------------------------------------------- companion nodes, newer and older ComfyUI

@@ -36,7 +36,8 @@ from vstar_kernels import BackendUnavailableError
 from vstar_kernels.comfyui.patch import marked
 
 from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, in_time, keyword_recorder,
-                                 newer_attention, replace_self_attention, swallowing, tar_calls, warnings_of)
+                                 newer_attention, newer_context_windows, replace_self_attention, swallowing, tar_calls,
+                                 warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
@@ -137,7 +138,10 @@ def wan(comfy, seed=0, cls="WanModel", **config):
     """A tiny Wan (2 heads of 128, 2 blocks) loaded through ComfyUI's model detection, in float64."""
     config = {"dim": 256, "ffn_dim": 256, "num_heads": 2, "num_layers": 2, "text_dim": 4096, "in_dim": 16,
               "out_dim": 16, **config}
-    net = getattr(comfy.ldm.wan.model, cls)(operations=comfy.ops.disable_weight_init, **config)
+    if cls == "AnimateWanModel":       # a module that ComfyUI 0.3.59 does not have
+        import comfy.ldm.wan.model_animate
+    module = comfy.ldm.wan.model_animate if cls == "AnimateWanModel" else comfy.ldm.wan.model
+    net = getattr(module, cls)(operations=comfy.ops.disable_weight_init, **config)
     state = _init(net.state_dict().items(), seed)
     return comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float64})
 
@@ -226,6 +230,7 @@ MARKS = {
     "mochi": ("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmetricAttention", None),
     "cosmos1": ("comfy.ldm.cosmos.blocks", "VideoAttn", _no_context),
     "cosmos2": ("comfy.ldm.cosmos.predict2", "Attention", _no_context),
+    "svd": ("comfy.ldm.modules.attention", "CrossAttention", lambda self, args, kwargs: hasattr(self, ORACLE)),
 }
 
 
@@ -509,12 +514,95 @@ def test_other_models_match_the_oracle(comfy, mark, case):
     assert_matches(out, expected, stock, atol=1e-6 if dtype == torch.float64 else 1e-4)
 
 
-def test_a_model_the_node_does_not_know_is_an_error(comfy):
-    model = wan(comfy)
-    s2v = model.clone()
-    s2v.add_object_patch("diffusion_model", comfy.ldm.wan.model.WanModel_S2V.__new__(comfy.ldm.wan.model.WanModel_S2V))
-    with pytest.raises(ValueError, match="comfy.ldm.wan.model.WanModel_S2V is not a video model the node knows"):
-        NODE().apply(s2v, 1.0, 1.0)
+# tiny UNets: 64 channels (ComfyUI's SVD config fixes heads of 64), one level; SVD's temporal attention is in its
+# input, middle and output blocks
+UNET = {"image_size": 32, "use_spatial_transformer": True, "model_channels": 64, "num_res_blocks": [1],
+        "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1], "context_dim": 32}
+SVD_UNET = {**UNET, "in_channels": 8, "out_channels": 4, "transformer_depth_middle": 1,
+            "use_linear_in_transformer": True, "adm_in_channels": 768, "num_classes": "sequential",
+            "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
+            "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "use_temporal_resblock": True,
+            "use_temporal_attention": True, "disable_temporal_crossattention": False}
+
+
+def test_an_image_model_is_an_error(comfy):
+    """SD 1.5's UNet is SVD's class without a temporal attention: refused, saying why AnimateDiff-Evolved's motion
+    modules are not regularized either."""
+    config = {**UNET, "in_channels": 4, "out_channels": 4, "transformer_depth_middle": -1,
+              "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_resblock": False,
+              "use_temporal_attention": False}
+    with pytest.raises(ValueError, match="this UNet has no temporal attention .* an image model. AnimateDiff-Evolved's "
+                                         "motion modules cannot be regularized: they call ComfyUI's attention without "
+                                         "transformer_options"):
+        NODE().apply(configured(comfy, "SD15", config), 1.0, 1.0)
+
+
+@pytest.mark.parametrize("window", [False, True], ids=["whole latent", "context windows over its frames"])
+def test_svd_temporal_attention_matches_the_oracle(comfy, mark, monkeypatch, window):
+    """SVD's temporal attention (each spatial site's 6 frames, one token each) is regularized, the spatial one not;
+    under context windows over the batch of frames (looped, some of every second frame, as newer ComfyUI runs
+    them) a frame's id is its index in the latent, in time."""
+    mark("svd")
+    newer_context_windows(monkeypatch, comfy.context_windows)
+    model = configured(comfy, "SVD_img2vid", SVD_UNET)
+    temporal = [m.time_stack[j].attn1 for m in model.model.diffusion_model.modules()
+                if type(m).__name__ == "SpatialVideoTransformer" for j in range(len(m.time_stack))]
+    assert len(temporal) == 4
+    for attention in temporal:
+        setattr(attention, ORACLE, True)
+    if window:
+        model = context_windows(comfy, model, "looped_uniform", 3, 1, stride=2, dim=0)
+    latent = torch.zeros(6, 4, 8, 8)
+    image = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    positive, negative = texts(dim=32, length=1, concat_latent_image=image)
+    seen = []
+
+    def ids(options):
+        if not window:
+            return torch.arange(6)
+        seen.append(options["context_window"].index_list)
+        return torch.tensor(in_time(seen[-1], 6))
+    stock = run(comfy, model, latent, positive, negative, steps=2)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative, steps=2)
+    assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative, steps=2), stock)
+    assert not window or any(b - a == 2 for index in seen for a, b in zip(index, index[1:]))
+
+
+def test_wan_s2v_matches_the_oracle(comfy, monkeypatch):
+    """Wan 2.2 S2V: the video, then the reference frame's and the motion frames' tokens, which get no bias. ComfyUI
+    0.3.64 runs S2V's blocks without transformer_options, so the oracle's override goes in at the self-attention."""
+    self_attention = comfy.ldm.wan.model.WanSelfAttention
+    original, oracle = self_attention.forward, []
+
+    def forward(self, *args, transformer_options, **kwargs):
+        if oracle:
+            transformer_options = {**transformer_options, ORACLE: True, "optimized_attention_override": oracle[0]}
+        return original(self, *args, transformer_options=transformer_options, **kwargs)
+    monkeypatch.setattr(self_attention, "forward", forward)
+    model = wan(comfy, cls="WanModel_S2V")
+    gen = torch.Generator().manual_seed(6)
+    positive, negative = texts(reference_latents=[torch.randn(1, 16, 1, 8, 8, generator=gen)],
+                               reference_motion=torch.randn(1, 16, 5, 8, 8, generator=gen))
+    latent = torch.zeros(1, 16, 3, 8, 8)
+    stock = run(comfy, model, latent, positive, negative)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative)
+    oracle.append(oracle_override(video_ids(3, 8, 8), 1.0, 1.0, None))
+    assert_matches(out, run(comfy, model, latent, positive, negative), stock)
+
+
+def test_wan_animate_matches_the_oracle(comfy, mark):
+    """Wan 2.2 Animate: its pose latent is added to the video's frames after the first; the leading reference frame
+    (WanAnimateToVideo's trim_latent) gets no bias with reference_frames=1."""
+    mark("wan")
+    model = wan(comfy, cls="AnimateWanModel", num_layers=5, in_dim=36)
+    gen = torch.Generator().manual_seed(7)
+    positive, negative = texts(concat_latent_image=torch.randn(1, 16, 4, 6, 8, generator=gen),
+                               pose_video_latent=torch.randn(1, 16, 3, 6, 8, generator=gen))
+    latent = torch.zeros(1, 16, 4, 6, 8)
+    stock = run(comfy, model, latent, positive, negative)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=1)[0], latent, positive, negative)
+    ids = torch.where(video_ids(4, 6, 8) == 0, -1, video_ids(4, 6, 8))
+    assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative), stock)
 
 
 # ---------------------------------------------------------------- companion nodes, newer and older ComfyUI
@@ -632,13 +720,14 @@ def test_query_slices_are_handed_on_as_they_came(comfy, monkeypatch, caplog):
     assert sorted(set(calls)) == [(9, 18, False), (18, 7, False)]
 
 
-def context_windows(comfy, model, schedule, length, overlap, stride=1):
-    """The model with ComfyUI's context windows over the latent's frames (as its WAN Context Windows node sets them)."""
+def context_windows(comfy, model, schedule, length, overlap, stride=1, dim=2):
+    """The model with ComfyUI's context windows over the latent's frames (as its WAN Context Windows node sets them;
+    its Context Windows node over dim 0 for SVD)."""
     windows = comfy.context_windows
     model = model.clone()
     model.model_options["context_handler"] = windows.IndexListContextHandler(
         windows.get_matching_context_schedule(schedule), windows.get_matching_fuse_method("pyramid"),
-        context_length=length, context_overlap=overlap, context_stride=stride, dim=2)
+        context_length=length, context_overlap=overlap, context_stride=stride, dim=dim)
     return model
 
 

@@ -111,7 +111,7 @@ class VSTARTemporalAttentionRegularization:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A Wan, HunyuanVideo, LTX-Video, Mochi or Cosmos video model."}),
+                "model": ("MODEL", {"tooltip": "A Wan, HunyuanVideo, LTX-Video, Mochi, Cosmos or SVD video model."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "TAR's strength c; 0 leaves the model as it is."}),
                 "sigma": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 64.0, "step": 0.05,
