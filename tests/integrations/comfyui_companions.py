@@ -153,6 +153,46 @@ def graph_breaking_attention(model):
     return model
 
 
+def guard_filtered_compile(model):
+    """KJNodes' TorchCompileModelAdvanced in its default mode: torch.compile (ComfyUI's wrapper) with a guard filter
+    that drops every guard on transformer_options."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    model = model.clone()
+    set_torch_compile_wrapper(model, backend="eager", options={
+        "guard_filter_fn": lambda entries: ["transformer_options" not in entry.name for entry in entries]})
+    return model
+
+
+def nag(model, weight):
+    """Normalized attention guidance, as KJNodes' WanVideoNAG does it: an object patch on each block's
+    cross-attention forward that extrapolates its output away from a negative context's (here the context
+    negated), leaving the self-attention alone."""
+    model = model.clone()
+    for i in range(len(model.get_model_object("diffusion_model").blocks)):
+        module = model.get_model_object(f"diffusion_model.blocks.{i}.cross_attn")
+
+        def forward(x, context, *args, module=module, **kwargs):
+            positive = type(module).forward(module, x, context, *args, **kwargs)
+            negative = type(module).forward(module, x, -context, *args, **kwargs)
+            return positive + weight * (positive - negative)
+        model.add_object_patch(f"diffusion_model.blocks.{i}.cross_attn.forward", forward)
+    return model
+
+
+def rifle_x(model, factor):
+    """KJNodes' RifleX for Wan: an object patch on the diffusion model's rope_embedder that changes the rotary
+    embedding's temporal frequency (here: the frame positions scaled by `factor`)."""
+    model = model.clone()
+    embedder = model.get_model_object("diffusion_model.rope_embedder")
+
+    class Scaled(torch.nn.Module):
+        def forward(self, ids):
+            return embedder(ids * torch.tensor([factor, 1.0, 1.0], dtype=ids.dtype, device=ids.device))
+    model.add_object_patch("diffusion_model.rope_embedder", Scaled())
+    return model
+
+
 def compiled_frames(sample):
     """(result, frames torch.compile compiled) of `sample()`, from a fresh dynamo."""
     torch._dynamo.reset()

@@ -23,9 +23,9 @@ from vstar_kernels import BackendUnavailableError, cli
 from vstar_kernels.comfyui import models as vc_models
 from vstar_kernels.comfyui.patch import key_mask, marked
 
-from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention, in_time,
-                                 keyword_recorder, newer_attention, replace_self_attention, swallowing, tar_calls,
-                                 warnings_of)
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
+                                 guard_filtered_compile, in_time, keyword_recorder, nag, newer_attention,
+                                 replace_self_attention, swallowing, tar_calls, warnings_of)
 
 STANDIN = pathlib.Path(__file__).resolve().parent / "comfyui_standin"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -736,6 +736,22 @@ def test_freelong_windows_run_without_tar_and_say_so(comfy, mark_self_attention,
     assert (out - stock).abs().max() > 1e-3
 
 
+def test_nag_on_the_cross_attention_composes(comfy, mark_self_attention):
+    """KJNodes' WanVideoNAG patches the blocks' cross-attention: applied before or after the node, TAR runs in the
+    self-attention of the model NAG changed."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    expected = oracle_sample(comfy, nag(model, 0.5), video_ids(3, 4, 4), 1.0, 1.0, range(STEPS), shape, cond, uncond,
+                             dtype)
+    assert not torch.equal(sample(comfy, nag(model, 0.5), shape, cond, uncond, dtype),
+                           sample(comfy, model, shape, cond, uncond, dtype))
+    for tar in (nag(NODE().apply(model, 1.0, 1.0, backend="reference")[0], 0.5),
+                NODE().apply(nag(model, 0.5), 1.0, 1.0, backend="reference")[0]):
+        torch.testing.assert_close(sample(comfy, tar, shape, cond, uncond, dtype), expected, rtol=0, atol=1e-10)
+
+
 def test_an_error_another_node_catches_is_raised_after_the_call(comfy):
     (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, backend="triton")      # float64: not a Triton kernel dtype
     with pytest.raises(BackendUnavailableError, match="float64 is not a kernel dtype"):
@@ -860,6 +876,18 @@ def test_torch_compile_of_a_joint_attention(comfy):
     compiled = tar.clone()
     set_torch_compile_wrapper(compiled, backend="eager")
     out, _ = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+    assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+
+
+def test_a_compile_guard_filter_keeps_the_window(comfy):
+    """KJNodes' TorchCompileModelAdvanced compiles with a guard filter that drops the guards on transformer_options;
+    the node does not keep the call under way there, so a graph compiled for the steps before the window does not
+    run in it: the result is the node's without compile."""
+    dtype = torch.float64
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(wan(comfy, dtype), 1.0, 1.0, start_percent=0.5, backend="reference")
+    out, _ = compiled_frames(lambda: sample(comfy, guard_filtered_compile(tar), shape, cond, uncond, dtype))
     assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
 
 

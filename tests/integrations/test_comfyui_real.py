@@ -35,9 +35,9 @@ import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError
 from vstar_kernels.comfyui.patch import marked
 
-from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, in_time, keyword_recorder,
-                                 newer_attention, newer_context_windows, replace_self_attention, swallowing, tar_calls,
-                                 warnings_of)
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, guard_filtered_compile, in_time,
+                                 keyword_recorder, nag, newer_attention, newer_context_windows, replace_self_attention,
+                                 rifle_x, swallowing, tar_calls, warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
@@ -683,6 +683,26 @@ def test_freelong_windows_run_without_tar_and_say_so(comfy, mark, caplog):
     assert_matches(out, expected, stock)
 
 
+@pytest.mark.parametrize("companion", ["NAG", "RifleX", "SLG"])
+def test_companions_beside_the_self_attention_compose(comfy, mark, companion):
+    """KJNodes' WanVideoNAG (the cross-attention's forward patched), RifleX (the rotary embedder replaced) and
+    ComfyUI's SkipLayerGuidanceDiT (one more model call per step with a block skipped), applied before or after the
+    node: TAR runs in the self-attention of the model they changed, in every model call that computes it."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+
+    change = {"NAG": lambda model: nag(model, 0.5), "RifleX": lambda model: rifle_x(model, 0.5),
+              "SLG": lambda model: SkipLayerGuidanceDiT.execute(model, 3.0, 0.0, 1.0, "1", "").args[0]}[companion]
+    mark("wan")
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 6)
+    positive, negative = texts()
+    stock = run(comfy, change(model), latent, positive, negative)
+    expected = oracle_run(comfy, change(model), video_ids(3, 4, 6), 1.0, 1.0, latent, positive, negative)
+    assert not torch.equal(stock, run(comfy, model, latent, positive, negative))
+    for tar in (change(NODE().apply(model, 1.0, 1.0)[0]), NODE().apply(change(model), 1.0, 1.0)[0]):
+        assert_matches(run(comfy, tar, latent, positive, negative), expected, stock)
+
+
 def test_an_error_another_node_catches_is_raised_after_the_call(comfy):
     (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, backend="triton")      # float64: not a Triton kernel dtype
     with pytest.raises(BackendUnavailableError, match="float64 is not a kernel dtype"):
@@ -779,6 +799,17 @@ def test_torch_compile_traces_the_blocks_once(comfy):
         assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=1))
         assert not torch.equal(out, run(comfy, model, latent, positive, negative, steps=1))
     assert frames[12] <= frames[4], frames
+
+
+def test_a_compile_guard_filter_keeps_the_window(comfy):
+    """KJNodes' TorchCompileModelAdvanced compiles with a guard filter that drops the guards on transformer_options;
+    the node does not keep the call under way there, so a graph compiled for the steps before the window does not
+    run in it: the result is the node's without compile."""
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, start_percent=0.5)
+    out, _ = compiled_frames(lambda: run(comfy, guard_filtered_compile(tar), latent, positive, negative, steps=4))
+    assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=4))
 
 
 def test_a_compiled_diffusion_model_is_unwrapped(comfy):

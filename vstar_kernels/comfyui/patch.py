@@ -2,16 +2,18 @@
 `TARPatch` (the OUTER_SAMPLE and APPLY_MODEL wrappers), `MarkedForward` (the object patch on each module holding
 the video self-attention) and `tar_override` (the attention override inside such a module).
 
-Under torch.compile (ComfyUI's TorchCompileModel) every block traces the same code, so that one compiled graph
-serves them all: the object patches are bound methods of one function, nothing that differs between blocks (a
-module's name) is read on the traced path but in messages, and a call's frame ids are a tensor made outside the
-compiled model."""
+The model call under way is a thread-local (`_LIVE`), not an entry of transformer_options: blocks that another
+node runs without transformer_options still find it, and torch.compile guards on it even where a guard filter
+drops the guards on transformer_options. Under torch.compile every block traces the same code, so that one
+compiled graph serves them all: the object patches are bound methods of one function, nothing that differs
+between blocks (a module's name) is read on the traced path but in messages, and a call's frame ids are a tensor
+made outside the compiled model."""
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -22,11 +24,16 @@ from .. import tar_attention
 from .models import Family, Layout
 
 KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
-CALL = "vstar_tar_call"         # transformer_options key of a model call: its RegularizedCall, None outside the window
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
 OVERRIDE = "optimized_attention_override"
 LOG = logging.getLogger("vstar_kernels.comfyui")
-_CALL = contextvars.ContextVar("vstar_tar_call", default=None)    # the same, for blocks run without transformer_options
+
+
+class _Live(threading.local):
+    call = None                 # the model call under way in this thread: its RegularizedCall, None outside the window
+
+
+_LIVE = _Live()
 
 
 @dataclass(frozen=True)
@@ -196,11 +203,11 @@ class TARPatch:
             run = options.get(KEY) or Run(())
             call = RegularizedCall(self.settings, layout, layout_ids(self.frame_ids(layout, options, run), layout,
                                                                      x.device), run)
-        token = _CALL.set(call)
+        outer, _LIVE.call = _LIVE.call, call
         try:
-            out = executor(x, t, c_concat, c_crossattn, control, {**options, CALL: call}, **kwargs)
+            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
-            _CALL.reset(token)
+            _LIVE.call = outer
         if call is not None:
             if call.error is not None:
                 raise call.error
@@ -223,11 +230,10 @@ class MarkedForward:
         self.original, self.name, self.patched = original, name, patched
 
     def forward(self, *args, **kwargs):
-        options = kwargs.get("transformer_options")
-        call = options[CALL] if options is not None and CALL in options else _CALL.get()
+        call = _LIVE.call
         if call is None:
             return self.original(*args, **kwargs)
-        options = options or {}
+        options = kwargs.get("transformer_options") or {}
         module = _Module(call, self, options.get(OVERRIDE))
         kwargs["transformer_options"] = {**options, OVERRIDE: tar_override, SITE: module}
         call.entered = True
