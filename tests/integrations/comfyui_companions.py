@@ -141,14 +141,15 @@ def keyword_recorder(calls):
     return override
 
 
-def graph_breaking_attention(model):
-    """A clone of `model` with an attention override that breaks torch.compile's graph in every call it gets, as a
-    Sage attention node's does (and ComfyUI's own CPU attention): each block is then a frame of its own."""
+def graph_breaking_attention(model, attention=None):
+    """A clone of `model` with an attention override that breaks torch.compile's graph in every call it gets and
+    runs `attention` (else the function the call came to), as KJNodes' Sage attention patch does (its kernel is not
+    traced): each block is then a frame of its own."""
     model = model.clone()
 
     def override(func, *args, **kwargs):
         torch._dynamo.graph_break()
-        return func(*args, **kwargs)
+        return (attention or func)(*args, **kwargs)
     model.model_options["transformer_options"]["optimized_attention_override"] = override
     return model
 

@@ -35,9 +35,10 @@ import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError
 from vstar_kernels.comfyui.patch import marked
 
-from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, guard_filtered_compile, in_time,
-                                 keyword_recorder, nag, newer_attention, newer_context_windows, replace_self_attention,
-                                 rifle_x, swallowing, tar_calls, warnings_of)
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
+                                 guard_filtered_compile, in_time, keyword_recorder, nag, newer_attention,
+                                 newer_context_windows, replace_self_attention, rifle_x, swallowing, tar_calls,
+                                 warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
@@ -781,17 +782,18 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark, schedule, st
 # ---------------------------------------------------------------- torch.compile
 
 def test_torch_compile_traces_the_blocks_once(comfy):
-    """ComfyUI's TorchCompileModel (its set_torch_compile_wrapper, backend "eager") on a model with the node; ComfyUI's
-    CPU attention breaks the graph in every block, so each block is a frame of its own: the frames compiled do not
-    grow with the blocks (dynamo's limit of 8 recompiles once left most blocks of 12 uncompiled), and the result is
-    TAR's."""
+    """ComfyUI's TorchCompileModel (its set_torch_compile_wrapper, backend "eager") on a model with the node, each
+    block a frame of its own (a Sage-like attention override that breaks the graph, running ComfyUI's pytorch
+    attention, whose compiled frames do not depend on free memory as its CPU default's do): the frames compiled do
+    not grow with the blocks (dynamo's limit of 8 recompiles once left most blocks of 12 uncompiled), and the
+    result is TAR's."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     latent = torch.zeros(1, 16, 3, 4, 4)
     positive, negative = texts()
     frames = {}
     for layers in (4, 12):
-        model = wan(comfy, num_layers=layers)
+        model = graph_breaking_attention(wan(comfy, num_layers=layers), comfy.ldm.modules.attention.attention_pytorch)
         (tar,) = NODE().apply(model, 1.0, 1.0)
         compiled = tar.clone()
         set_torch_compile_wrapper(compiled, backend="eager")
