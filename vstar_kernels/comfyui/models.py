@@ -200,9 +200,8 @@ def unwrap(diffusion_model: torch.nn.Module) -> torch.nn.Module:
 
 
 def family_of(diffusion_model: torch.nn.Module) -> Family:
-    """The family of a ComfyUI diffusion model (compiled or not); a ValueError naming the supported ones for any
-    other."""
-    cls = type(unwrap(diffusion_model))
+    """The family of a ComfyUI diffusion model (`unwrap`ped); a ValueError naming the supported ones for any other."""
+    cls = type(diffusion_model)
     family = FAMILIES.get((cls.__module__, cls.__qualname__))
     if family is None:
         known = ", ".join(f"{family.name} ({module}.{name})" for (module, name), family in FAMILIES.items())

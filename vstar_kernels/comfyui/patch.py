@@ -174,17 +174,17 @@ class TARPatch:
         `reference_frames`. Under ComfyUI's context windows the window's ``index_list`` gives the indices; a
         window of a looped schedule that wraps around the latent's end (..., 30, 31, 0, 1 of 32 frames) keeps
         its frames consecutive in time (ids ..., 30, 31, 32, 33)."""
-        window = options.get("context_window")
-        index = list(range(layout.frames))
+        window, index, length = options.get("context_window"), list(range(layout.frames)), 0
         if window is not None and getattr(window, "dim", None) == self.family.time_dim:
             index = list(window.index_list[:layout.frames])
+            length = run.shape[window.dim] if len(run.shape) > window.dim else 0
         ids = index[:1]
         for previous, this in zip(index, index[1:]):
-            if this <= previous and len(run.shape) <= window.dim:
+            if this <= previous and not length:
                 raise ValueError(f"VSTAR_TAR: the context window {index} wraps around the latent's end, and the "
                                  "latent's length is not known: sample through ComfyUI's sampler (whose "
                                  "OUTER_SAMPLE wrappers read it)")
-            ids.append(ids[-1] + this - previous + (run.shape[window.dim] if this <= previous else 0))
+            ids.append(ids[-1] + this - previous + (length if this <= previous else 0))
         lead = self.settings.reference_frames
         ids = tuple(i if r >= lead else -1 for r, i in zip(index, ids))
         if all(i < 0 for i in ids):
@@ -265,11 +265,8 @@ def key_mask(mask: Optional[torch.Tensor], batch: int, keys: int, where) -> Opti
     """
     if mask is None:
         return None
-    full = mask
-    if full.dim() == 2:
-        full = full.unsqueeze(0)
-    if full.dim() == 3:
-        full = full.unsqueeze(1)
+    full = mask.unsqueeze(0) if mask.dim() == 2 else mask        # ComfyUI's batch (2-D), then head (3-D) dimension
+    full = full.unsqueeze(1) if full.dim() == 3 else full
     if full.dim() != 4 or full.shape[1:3] != (1, 1) or full.shape[3] != keys or full.shape[0] not in (1, batch):
         raise ValueError(f"{where}: TAR takes masks over keys only, of shape (B or 1, 1, 1, {keys}) with ComfyUI's "
                          f"batch and head dimensions; got a mask of shape {tuple(mask.shape)}")
