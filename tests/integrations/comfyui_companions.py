@@ -123,6 +123,15 @@ def newer_attention(monkeypatch, module, slices):
     monkeypatch.setattr(module, "optimized_attention", attention)
 
 
+def newer_context_windows(monkeypatch, module):
+    """ComfyUI's context windows over a video UNet's frames (dim 0) as newer ComfyUI runs them: the step is found
+    from the call's first timestep (0.3.64 compares them all with the schedule, which fails when the batch holds
+    the frames)."""
+    handler = module.IndexListContextHandler
+    find = handler.set_step
+    monkeypatch.setattr(handler, "set_step", lambda self, timestep, options: find(self, timestep[:1], options))
+
+
 def keyword_recorder(calls):
     """An override on the model that records each call's (queries, keys, low_precision_attention) of (B, L, H*D)
     q and k, and runs the call as it came."""
@@ -130,6 +139,75 @@ def keyword_recorder(calls):
         calls.append((q.shape[1], k.shape[1], kwargs.get("low_precision_attention")))
         return func(q, k, *args, **kwargs)
     return override
+
+
+def graph_breaking_attention(model, attention=None):
+    """A clone of `model` with an attention override that breaks torch.compile's graph in every call it gets and
+    runs `attention` (else the function the call came to), as KJNodes' Sage attention patch does (its kernel is not
+    traced): each block is then a frame of its own."""
+    model = model.clone()
+
+    def override(func, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return (attention or func)(*args, **kwargs)
+    model.model_options["transformer_options"]["optimized_attention_override"] = override
+    return model
+
+
+def guard_filtered_compile(model):
+    """KJNodes' TorchCompileModelAdvanced in its default mode: torch.compile (ComfyUI's wrapper) with a guard filter
+    that drops every guard on transformer_options."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    model = model.clone()
+    set_torch_compile_wrapper(model, backend="eager", options={
+        "guard_filter_fn": lambda entries: ["transformer_options" not in entry.name for entry in entries]})
+    return model
+
+
+def nag(model, weight):
+    """Normalized attention guidance, as KJNodes' WanVideoNAG does it: an object patch on each block's
+    cross-attention forward that extrapolates its output away from a negative context's (here the context
+    negated), leaving the self-attention alone."""
+    model = model.clone()
+    for i in range(len(model.get_model_object("diffusion_model").blocks)):
+        module = model.get_model_object(f"diffusion_model.blocks.{i}.cross_attn")
+
+        def forward(x, context, *args, module=module, **kwargs):
+            positive = type(module).forward(module, x, context, *args, **kwargs)
+            negative = type(module).forward(module, x, -context, *args, **kwargs)
+            return positive + weight * (positive - negative)
+        model.add_object_patch(f"diffusion_model.blocks.{i}.cross_attn.forward", forward)
+    return model
+
+
+def rifle_x(model, factor):
+    """KJNodes' RifleX for Wan: an object patch on the diffusion model's rope_embedder that changes the rotary
+    embedding's temporal frequency (here: the frame positions scaled by `factor`)."""
+    model = model.clone()
+    embedder = model.get_model_object("diffusion_model.rope_embedder")
+
+    class Scaled(torch.nn.Module):
+        def forward(self, ids):
+            return embedder(ids * torch.tensor([factor, 1.0, 1.0], dtype=ids.dtype, device=ids.device))
+    model.add_object_patch("diffusion_model.rope_embedder", Scaled())
+    return model
+
+
+def compiled_frames(sample):
+    """(result, frames torch.compile compiled) of `sample()`, from a fresh dynamo."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        return sample(), torch._dynamo.utils.counters["frames"]["total"]
+    finally:
+        torch._dynamo.reset()
+
+
+def in_time(index, length):
+    """A context window's frames in time: consecutive indices one step apart, across the end of a looped
+    latent of `length` frames too (6, 7, 0, 1 of 8 are 6, 7, 8, 9)."""
+    return [index[0] + sum((b - a) % length for a, b in zip(index[:j], index[1:j + 1])) for j in range(len(index))]
 
 
 def warnings_of(caplog, text):

@@ -6,8 +6,8 @@ import math
 import numbers
 
 from .._problem import check_sigma
-from .models import family_of
-from .patch import KEY, MarkedForward, Settings, TARPatch
+from .models import family_of, unwrap
+from .patch import KEY, MarkedForward, Settings, TARPatch, marked
 
 BACKENDS = ("auto", "triton", "reference")
 MIN_COMFYUI = "0.3.60"      # the first ComfyUI whose attention functions take an override from transformer_options
@@ -51,10 +51,10 @@ def _remove(model, targets, wrappers) -> None:
     for kind in (wrappers.OUTER_SAMPLE, wrappers.APPLY_MODEL):
         model.remove_wrappers_with_key(kind, KEY)
     for path in targets:
-        patch = model.object_patches.get(path)
-        if isinstance(patch, MarkedForward):
-            if patch.patched:
-                model.object_patches[path] = patch.original
+        ours = marked(model.object_patches.get(path))
+        if ours is not None:
+            if ours.patched:
+                model.object_patches[path] = ours.original
             else:
                 del model.object_patches[path]
 
@@ -79,19 +79,17 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     if backend not in BACKENDS:
         raise ValueError(f"VSTAR_TAR: backend must be one of {BACKENDS}, got {backend!r}")
     wrappers = _wrappers()
-    family = family_of(model.get_model_object("diffusion_model"))
+    diffusion_model = unwrap(model.get_model_object("diffusion_model"))
+    family = family_of(diffusion_model)
     clone = model.clone()
-    targets = [f"diffusion_model.{path}.forward" for path in family.targets(clone.get_model_object("diffusion_model"))]
+    targets = [f"diffusion_model.{path}.forward" for path in family.targets(diffusion_model)]
     _remove(clone, targets, wrappers)
-    sampling = clone.get_model_object("model_sampling")
-    sigma_start = float(sampling.percent_to_sigma(start_percent))
-    sigma_end = float(sampling.percent_to_sigma(end_percent))
-    if strength == 0.0 or sigma_start < sigma_end:
+    if strength == 0.0 or start_percent > end_percent:
         return clone
-    patch = TARPatch(Settings(strength, sigma, sigma_start, sigma_end, int(reference_frames), backend), family, {})
+    patch = TARPatch(Settings(strength, sigma, start_percent, end_percent, int(reference_frames), backend), family, {})
     for path in targets:
         name = path[len("diffusion_model."):-len(".forward")]
-        patch.marked[path] = MarkedForward(clone.get_model_object(path), name, path in clone.object_patches)
+        patch.marked[path] = MarkedForward(clone.get_model_object(path), name, path in clone.object_patches).forward
         clone.add_object_patch(path, patch.marked[path])
     clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, KEY, patch.outer_sample)
     clone.add_wrapper_with_key(wrappers.APPLY_MODEL, KEY, patch.apply_model)
@@ -113,7 +111,7 @@ class VSTARTemporalAttentionRegularization:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A Wan, HunyuanVideo, LTX-Video, Mochi or Cosmos video model."}),
+                "model": ("MODEL", {"tooltip": "A Wan, HunyuanVideo, LTX-Video, Mochi, Cosmos or SVD video model."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "TAR's strength c; 0 leaves the model as it is."}),
                 "sigma": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 64.0, "step": 0.05,

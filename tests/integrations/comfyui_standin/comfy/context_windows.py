@@ -11,7 +11,8 @@ class IndexListContextWindow:
 
 
 class FixedContextHandler:
-    """Stand-in only: fixed windows over dim 2 (ComfyUI's handler makes them from a schedule), blended flat."""
+    """Stand-in only: fixed windows over dim 2 (a video UNet's: dim 0) (ComfyUI's handler makes them from a
+    schedule), blended flat."""
 
-    def __init__(self, windows):
-        self.windows = [IndexListContextWindow(w, dim=2) for w in windows]
+    def __init__(self, windows, dim=2):
+        self.windows = [IndexListContextWindow(w, dim=dim) for w in windows]

@@ -40,7 +40,7 @@ class CFGGuider:
                 x = noise * sigmas[0]
                 for i in range(len(sigmas) - 1):
                     sigma = sigmas[i].to(x.dtype)
-                    cond, uncond = self.denoise(x, sigma, conds).chunk(2)
+                    cond, uncond = self.denoise(x, sigma, conds)
                     guided = uncond + cfg * (cond - uncond)
                     x = x + (x - guided) / sigma * (sigmas[i + 1].to(x.dtype) - sigma)
             return x.clone()
@@ -48,32 +48,42 @@ class CFGGuider:
             self.model_patcher.unpatch_model()
 
     def denoise(self, x, sigma, conds):
-        """The batched (cond, uncond) model output at x; over context windows, the windows' outputs averaged."""
+        """The (cond, uncond) model outputs at x; over context windows, the windows' outputs averaged."""
         handler = self.model_options.get("context_handler")
         if handler is None:
             return self.model_call(x, sigma, conds)
-        out, count = torch.zeros((2, *x.shape[1:]), dtype=x.dtype), torch.zeros(x.shape[2], dtype=x.dtype)
+        outs, count = [torch.zeros_like(x), torch.zeros_like(x)], torch.zeros_like(x)
         for window in handler.windows:
             self.model_options["transformer_options"]["context_window"] = window
-            out[:, :, window.index_list] += self.model_call(window.get_tensor(x), sigma, conds)
-            count[window.index_list] += 1
-        return out / count.reshape(-1, 1, 1)
+            index = (slice(None),) * window.dim + (window.index_list,)
+            for out, part in zip(outs, self.model_call(window.get_tensor(x), sigma, conds)):
+                out[index] += part
+            count[index] += 1
+        return [out / count for out in outs]
 
     def model_call(self, x, sigma, conds):
+        """One model call, both branches batched: (cond, uncond). A video UNet's num_video_frames is the frames in
+        the call's batch (a window's, under context windows)."""
         options = _copy_nested(self.model_options["transformer_options"])
         options["sigmas"] = sigma.reshape(1)
         options["cond_or_uncond"] = [0, 1]
         model = self.model_patcher.model
         c = {**conds, "transformer_options": options}
-        batch, timestep = torch.cat([x, x]), sigma.expand(2)
+        if "num_video_frames" in c:
+            c["num_video_frames"] = x.shape[0]
+        batch = torch.cat([x, x])
+        timestep = sigma.expand(batch.shape[0])
         wrapper = self.model_options.get("model_function_wrapper")
         if wrapper is None:
-            return model.apply_model(batch, timestep, **c)
-        return wrapper(model.apply_model, {"input": batch, "timestep": timestep, "c": c, "cond_or_uncond": [0, 1]})
+            return model.apply_model(batch, timestep, **c).chunk(2)
+        return wrapper(model.apply_model, {"input": batch, "timestep": timestep, "c": c,
+                                           "cond_or_uncond": [0, 1]}).chunk(2)
 
 
 def sample(model_patcher, noise, sigmas, positive, negative, cfg):
     """Sample from `noise` along `sigmas`. `positive`, `negative`: dicts of batch-1 conditions
-    (c_crossattn and extra conditions such as clip_fea); they are batched cond first."""
-    conds = {name: torch.cat([positive[name], negative[name]]) for name in positive}
+    (c_crossattn and extra conditions such as clip_fea); they are batched cond first (not
+    num_video_frames, a video UNet's flag: the frames in a call's batch)."""
+    conds = {name: torch.cat([positive[name], negative[name]]) if name != "num_video_frames" else positive[name]
+             for name in positive}
     return CFGGuider(model_patcher).sample(noise, sigmas, conds, cfg)
