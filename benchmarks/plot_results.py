@@ -1,10 +1,11 @@
 """Regenerate the markdown tables and plots from results CSVs.
 
-    python benchmarks/plot_results.py [CSV ...]    (default: every CSV under benchmarks/results/)
+    python benchmarks/plot_results.py [--out DIR] [--no-plots] [CSV ...]
 
-Each CSV gets ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` beside it,
-built from the CSV alone (vstar_kernels.bench.report), so committed results can be
-re-rendered anywhere.
+Default: every CSV under benchmarks/results/ but those tools.perf writes with its own tables
+(PERF_OUTPUTS). Each CSV gets ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png``
+beside it (or in --out), built from the CSV alone by vstar_kernels.bench.report.render, so
+committed results can be re-rendered anywhere.
 """
 
 from __future__ import annotations
@@ -15,18 +16,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# What `python -m tools.perf` writes into benchmarks/results/ beside its own markdown (model, static, traffic):
+# not benchmark rows.
+PERF_OUTPUTS = ("model-*.csv", "static-*.csv", "traffic.csv")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("csv", nargs="*", help="results CSVs (default: every CSV in benchmarks/results)")
+    parser.add_argument("csv", nargs="*", help="results CSVs (default: every results CSV in benchmarks/results)")
+    parser.add_argument("--out", metavar="DIR", help="write the tables and plots here (default: beside each CSV)")
     parser.add_argument("--no-plots", action="store_true", help="markdown tables only")
     args = parser.parse_args(argv)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # a checkout that is not pip-installed
-    from vstar_kernels.bench import report
+    from vstar_kernels.bench.report import render
 
-    paths = [Path(p) for p in args.csv] or sorted(RESULTS.glob("*.csv"))
+    paths = [Path(p) for p in args.csv] or [p for p in sorted(RESULTS.glob("*.csv"))
+                                            if not any(p.match(pattern) for pattern in PERF_OUTPUTS)]
     if not paths:
         print(f"no CSV files given and none in {RESULTS}", file=sys.stderr)
         return 1
@@ -34,8 +40,15 @@ def main(argv=None) -> int:
     if missing:
         print(f"no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     for path in paths:
-        for out in report.render(path, plots=not args.no_plots):
+        try:
+            written = render(path, plots=not args.no_plots, out_dir=args.out)
+        except ValueError as exc:  # not a results file of this harness
+            print(exc, file=sys.stderr)
+            return 2
+        for out in written:
             print(f"wrote {out}")
     return 0
 

@@ -2,8 +2,9 @@
 # The GPU benchmark in one call (H100/H200, fits a 10-minute command): GPU tests, the kernel
 # sweep, the end-to-end UNet case, then the markdown table and plots. Results land in
 # benchmarks/results/<device>-<yyyymmdd>.{csv,md} (+ PNGs) with a log holding the device,
-# driver, versions, commit and date; when $OUT is set they are copied there too. Without a CUDA
-# device it refuses at once.
+# driver, versions, commit and date; when $OUT is set they are copied there too. The sweep runs every
+# implementation, the FA3-class floor among them (sdpa_floor: cuDNN SDPA on Hopper, flash SDPA
+# elsewhere). Without a CUDA device it refuses at once.
 #
 #   VSTAR_BENCH_COMMIT=<commit of the code> bash benchmarks/run_gpu_sweep.sh [STAGE]
 #
@@ -52,14 +53,14 @@ run_stage() {  # name, then the command
             # SIGINT: pytest stops and still prints what passed and failed.
             run_stage "gpu tests" timeout -s INT "$TEST_BUDGET_S" python3 -m pytest -q -m gpu tests ;;&
         all | kernels)
-            run_stage "kernel sweep" python3 -m vstar_kernels bench --no-progress --resume --no-plots \
+            run_stage "kernel sweep" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume --no-plots \
                 --shapes $(python3 -c "from vstar_kernels.bench import shapes; print(*(n for n in shapes.GPU_FULL if not shapes.is_unet(n)))") \
                 --time-budget-s "$KERNEL_BUDGET_S" ;;&
         all | e2e)
-            run_stage "UNet end to end" python3 -m vstar_kernels bench --no-progress --resume --no-plots \
+            run_stage "UNet end to end" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume --no-plots \
                 --shapes unet-modelscope-320x512 unet-modelscope-256x256 --time-budget-s "$E2E_BUDGET_S" ;;&
         quick)
-            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --no-progress --resume --no-plots ;;
+            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --out "$RESULTS" --no-progress --resume --no-plots ;;
         all | tests | kernels | e2e) ;;
         *)
             echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick)"

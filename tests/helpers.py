@@ -1,6 +1,6 @@
 """Shared test helpers: the checkout's root and a fresh shell's environment for subprocesses, the kernel
-backends' declared dtypes, the per-dtype tolerance table, an independent float64 evaluation, and the inputs,
-option grids and parametrization ids the kernel tests share."""
+backends' declared dtypes, the per-dtype tolerances (the package's, vstar_kernels.bench.check), an independent
+float64 evaluation, and the inputs, option grids and parametrization ids the kernel tests share."""
 
 import math
 import os
@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import vstar_kernels as vk
+from vstar_kernels.bench.check import GRAD_TOLERANCES, TOLERANCES
 from vstar_kernels.dispatch import BACKENDS
 
 from ._device import DEVICE
@@ -109,15 +110,6 @@ def reference_grads(q, k, v, grad_out, delta=None, device="cpu", **opts):
     out = vk.tar_attention_reference(*leaves, delta=d64, **opts)
     return torch.autograd.grad(out, leaves + ([d64] if d64 is not None else []), grad_out.to(device, torch.float64))
 
-# Kernel output vs the float64 reference: |out - ref| <= atol + rtol * |ref|.
-# fp16/bf16 cover rounding P to the input dtype before P @ V and the output cast
-# (the same error a float32 computation cast back to the input dtype makes).
-TOLERANCES = {
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
-
 
 def assert_close_to_reference(out, ref64, dtype=None):
     dtype = dtype or out.dtype
@@ -125,18 +117,6 @@ def assert_close_to_reference(out, ref64, dtype=None):
     assert out.dtype == dtype
     assert not torch.isnan(out).any(), "output has NaN (an element was not written?)"
     torch.testing.assert_close(out.double(), ref64.double(), atol=atol, rtol=rtol)
-
-
-# Gradients vs float64 reference gradients, per tensor: |g - ref| <= atol * max|ref| + rtol * |ref|.
-# atol is relative to the tensor's largest entry because gradient magnitudes vary with N, scale
-# and strength. fp16/bf16 cover rounding P and dS to the input dtype before their matmuls (as the
-# forward rounds P), which the reference (float32 math) does not do. Worst error / max|ref| seen
-# over tests/kernels/test_triton_backward.py: 2.3e-6 (fp32), 1.1e-3 (fp16), 6.0e-3 (bf16).
-GRAD_TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (3e-3, 3e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 
 
 def assert_grads_close(grads, refs, dtype, names=("dq", "dk", "dv", "ddelta")):

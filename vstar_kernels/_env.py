@@ -28,8 +28,8 @@ def triton_mode_mismatch() -> str:
     """Why the Triton kernels cannot load in the mode TRITON_INTERPRET asks for now, or "".
 
     triton.language builds its own jit helpers (tl.max, tl.sum, ...) once, in the mode the
-    environment had when triton was first imported (`import vstar_kernels` imports it, through
-    torch._dynamo; so do torch.compile and diffusers). Kernels loaded in the other mode call
+    environment had when triton was first imported (the first use of vstar_kernels' names imports
+    it, through torch._dynamo; so do torch.compile and diffusers). Kernels loaded in the other mode call
     those helpers and fail, so a change of TRITON_INTERPRET after that import cannot be honoured.
     """
     import triton.language as tl

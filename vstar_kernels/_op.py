@@ -52,8 +52,7 @@ def _tar_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, q: Ten
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
     dq, dk, dv, ddelta = BACKENDS[backend].backward(problem, out, stats, grad_out, delta_grad)
-    ddelta = ddelta.to(delta.dtype).contiguous() if delta_grad else q.new_empty(0)
-    return dq, dk, dv, ddelta
+    return dq, dk, dv, ddelta.to(delta.dtype).contiguous() if delta_grad else q.new_empty(0)
 
 
 @_tar_attention_backward.register_fake

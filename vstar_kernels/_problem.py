@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_MODES = ("row", "global")
@@ -78,7 +78,7 @@ class TarProblem:
     @classmethod
     def from_op_args(cls, args) -> "TarProblem":
         """The problem back from the ops' leading arguments (4-D views, as `make_problem` made them)."""
-        return cls(**dict(zip(OP_FIELDS, args)), was_3d=False)
+        return cls(*args, False)  # (was_3d is the last field)
 
 
 # The ops' problem arguments: every field but was_3d (the caller's layout, restored outside the op).
@@ -168,28 +168,32 @@ def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
 FRAME_ID_LIMIT = 2 ** 24  # frame distances are float32 in the kernels: exact below 2**24
 
 
-# Extrema of the frame-id tensors already read, by id(): (weak reference, in-place version, (low, high)).
-_EXTREMA: dict = {}
+# What calls read from frame-id tensors' values (a device synchronisation each): an entry lives with its tensor.
+_FRAME_VALUES = WeakIdKeyDictionary()
 
 
-def _id_extrema(ids: torch.Tensor) -> tuple:
-    """(least, greatest) id of a non-empty id vector. Reading them synchronises with the device, so
-    the same tensor passed again at the same in-place version is not read again (docs/semantics.md,
-    "Memory"); an inference tensor has no version counter and is read on every call."""
-    key, versioned = id(ids), not ids.is_inference()  # an inference tensor: a change in place could not be seen
-    hit = _EXTREMA.get(key) if versioned else None
-    if hit is not None and hit[0]() is ids and hit[1] == ids._version:
-        return hit[2]
-    extrema = tuple(int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
-    if versioned:
-        _EXTREMA[key] = (weakref.ref(ids, lambda _, k=key: _EXTREMA.pop(k, None)), ids._version, extrema)
-    return extrema
+def frame_value(ids: torch.Tensor, what, read):
+    """read(ids), kept as `what` of `ids` for its in-place version: the same tensor passed again unchanged is not
+    read again (docs/semantics.md, "Memory"); an inference tensor (no version counter) is read on every call."""
+    if ids.is_inference():
+        return read(ids)
+    entry = _FRAME_VALUES.get(ids)
+    if entry is None or entry[0] != ids._version:
+        entry = _FRAME_VALUES[ids] = (ids._version, {})
+    if what not in entry[1]:
+        entry[1][what] = read(ids)
+    return entry[1][what]
+
+
+def id_extrema(ids: torch.Tensor) -> tuple:
+    """(least, greatest) id of a non-empty id vector, read once per tensor (`frame_value`)."""
+    return frame_value(ids, "extrema", lambda x: tuple(int(v) for v in torch.stack([x.min(), x.max()]).tolist()))
 
 
 def check_frame_values(problem: TarProblem) -> None:
     """The checks that read the frame ids: each is -1 or more and below 2**24, and a frame matrix is
-    (F, F) with F the largest id + 1 (docs/semantics.md). Nothing to do without frame ids."""
-    if problem.frames_q is None:
+    (F, F) with F the largest id + 1 (docs/semantics.md). Nothing to check without ids, nor on meta tensors."""
+    if problem.frames_q is None or problem.device.type == "meta":
         return
     same = problem.frames_q is problem.frames_k
     named = [("frames", problem.frames_q)] if same else [("frames[0] (the query ids)", problem.frames_q),
@@ -198,7 +202,7 @@ def check_frame_values(problem: TarProblem) -> None:
     for name, ids in named:
         if ids.numel() == 0:
             continue
-        low, high = _id_extrema(ids)
+        low, high = id_extrema(ids)
         if low < -1:
             raise ValueError(f"{name} must be frame ids >= 0, or -1 for a token outside the video; got {low}")
         if high >= FRAME_ID_LIMIT:
@@ -262,7 +266,10 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     Nk = k.shape[2]
 
     strength = _check_factor("strength", strength, q.dtype)
-    scale = D ** -0.5 if scale is None else _check_factor("scale", scale, q.dtype)
+    if scale is None:
+        scale = D ** -0.5
+    elif not _check_factor("scale", scale, q.dtype) > 0:
+        raise ValueError(f"scale must be > 0 (the softmax scale, by default D ** -0.5), got {float(scale)}")
     sigma = check_sigma(sigma)  # checked with a delta too, where it is then ignored
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")

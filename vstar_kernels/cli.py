@@ -10,14 +10,7 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
-import vstar_kernels as vk
-
-from . import _env, bench
-from .dispatch import availability
-from .ops import tar_cuda
+from . import __version__, _env, bench
 
 DESCRIPTION = ("Fused kernels for VSTAR's temporal attention regularization (TAR): check the installation, "
                "run the kernels against the reference, draw TAR's matrices and attention maps, benchmark.")
@@ -28,7 +21,8 @@ COMMANDS = {}
 
 
 def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
-    """Register `fn(args) -> exit code` as a subcommand; `configure(parser)` adds its options.
+    """Register `fn(args) -> exit code` as a subcommand; `configure(parser)` adds its options. Commands import
+    torch and the kernels inside `fn`: `--help` and a wrong option answer without them.
 
     `cpu_kernels(args)` says whether the call runs the Triton kernels on CPU tensors: that needs
     TRITON_INTERPRET=1 from the start of the process, so `main` then runs the command in a
@@ -65,7 +59,12 @@ def _interpret_line() -> str:
 
 @command("info", "versions, devices, and which backends can run (and why not)")
 def cmd_info(args) -> int:
-    print(f"vstar_kernels {vk.__version__}")
+    import torch
+
+    from .dispatch import availability
+    from .ops import tar_cuda
+
+    print(f"vstar_kernels {__version__}")
     print(f"python        {platform.python_version()}")
     print(f"torch         {torch.__version__}")
     print(f"triton        {_env.triton_version()}")
@@ -99,9 +98,19 @@ def _time_ms(fn, cuda: bool) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-@command("demo", "check the kernel against the reference and print a small timing table",
-         cpu_kernels=lambda args: not torch.cuda.is_available())
+def _no_cuda(args) -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@command("demo", "check the kernel against the reference and print a small timing table", cpu_kernels=_no_cuda)
 def cmd_demo(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from . import tar_attention, tar_attention_reference
+
     cuda = torch.cuda.is_available()
     if not cuda:
         print("No CUDA device: the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1) "
@@ -122,13 +131,13 @@ def cmd_demo(args) -> int:
     ok = True
     for name, batch, heads, n, d in shapes:
         q, k, v = (torch.randn(batch, n, heads, d, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
-        out = vk.tar_attention(q, k, v, sigma=1.0, backend="triton")
-        ref = vk.tar_attention_reference(q, k, v, sigma=1.0)
+        out = tar_attention(q, k, v, sigma=1.0, backend="triton")
+        ref = tar_attention_reference(q, k, v, sigma=1.0)
         err = (out.float() - ref.float()).abs().max().item()
         tol = 2e-2 if dtype == torch.float16 else 1e-4
         ok &= err <= tol
-        t_tri = _time_ms(lambda: vk.tar_attention(q, k, v, backend="triton"), cuda)
-        t_ref = _time_ms(lambda: vk.tar_attention_reference(q, k, v), cuda)
+        t_tri = _time_ms(lambda: tar_attention(q, k, v, backend="triton"), cuda)
+        t_ref = _time_ms(lambda: tar_attention_reference(q, k, v), cuda)
         t_sdpa = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), cuda)
         print(f"{name:<28}{batch * heads:>8}{n:>6}{d:>5}  {err:>9.2e}  {t_tri:>10.3f}  {t_ref:>13.3f}  {t_sdpa:>8.3f}"
               + ("" if err <= tol else f"  MISMATCH (tol {tol})"))
@@ -151,13 +160,30 @@ def _deprecated_option(parser, old: str, new: str, **kwargs) -> None:
                         default=argparse.SUPPRESS, **kwargs)
 
 
+def _positive_int(text: str) -> int:
+    """An option's value that must be an int >= 1 (argparse names the option in its error)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return int(text)
+
+
+def _image_path(text: str) -> str:
+    """An output image's path, refused before any work when its folder does not exist."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
+    return text
+
+
 def _plot_delta_options(parser) -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 4.0, 8.0],
                         help="one panel per sigma (default: 1 4 8)")
-    parser.add_argument("--num-frames", type=int, default=16, help="frames N of the N x N matrix (default: 16)")
-    _deprecated_option(parser, "--frames", "--num-frames", type=int)
-    parser.add_argument("--out", default="delta.png", help="output image; format from the suffix (default: delta.png)")
-    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
+    parser.add_argument("--num-frames", type=_positive_int, default=16,
+                        help="frames N of the N x N matrix (default: 16)")
+    _deprecated_option(parser, "--frames", "--num-frames", type=_positive_int)
+    parser.add_argument("--out", type=_image_path, default="delta.png",
+                        help="output image; format from the suffix (default: delta.png)")
+    parser.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch (default: 100)")
 
 
 @command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options,
@@ -181,7 +207,8 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--strength", type=float, default=1.0, help="TAR's strength at level 0 (default: 1)")
     parser.add_argument("--size", type=int, default=16, help="latent height and width (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the latents (default: 0)")
-    parser.add_argument("--out", default="attention.png", help="output image (default: attention.png)")
+    parser.add_argument("--out", type=_image_path, default="attention.png",
+                        help="output image (default: attention.png)")
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
     parser.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared",
                         help="one colour scale for all panels, or each panel on its own min..max (default: shared)")
@@ -230,8 +257,8 @@ command("bench", "benchmark every implementation: CSV rows, a markdown table, pl
 def run_with_interpreter(argv) -> int:
     """Run `python -m vstar_kernels argv` in a child process whose environment has TRITON_INTERPRET=1.
 
-    The flag cannot be turned on in this process: importing vstar_kernels has already imported
-    triton, which keeps the mode of its first import (see _env.triton_mode_mismatch).
+    Triton keeps the mode of its first import (see _env.triton_mode_mismatch): a process whose environment
+    has the flag from its start runs the kernels in the interpreter whatever it imported before.
     """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-m", "vstar_kernels", *argv], env=env).returncode

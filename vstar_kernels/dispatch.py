@@ -3,7 +3,7 @@
 `select(problem, name)` returns the backend to run. An explicit name that
 cannot run the call raises `BackendUnavailableError` with the reasons;
 "auto" takes the first backend that fits (for CUDA tensors Triton, then the
-optional CUDA C++ operator; the reference otherwise).
+optional CUDA C++ operator; for CPU tensors the CPU backend; the reference otherwise).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from . import _env
 from ._problem import FLOAT_DTYPES, TarProblem, make_problem
+from .cpu import cpu_forward
 from .ops import _load, layout, tar_cuda
 from .reference import reference_backward, reference_forward
 
@@ -107,10 +108,20 @@ class Backend:
 
 
 class ReferenceBackend(Backend):
-    name = "reference"
+    name = "reference"  # the PyTorch definition (reference.py), on any device
 
     def forward(self, problem, stats=None):
         return reference_forward(problem)
+
+
+class CpuBackend(Backend):
+    """The definition's operations in place on cache-sized chunks (cpu.py); its backward is the definition's."""
+
+    name, kernel = "cpu", "the CPU backend"
+    SUPPORTED_DEVICES = ("cpu",)
+
+    def forward(self, problem, stats=None):
+        return cpu_forward(problem)
 
 
 class TritonBackend(Backend):
@@ -188,7 +199,7 @@ class CudaBackend(Backend):
         return tar_cuda.tar_forward(problem)
 
 
-BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), ReferenceBackend())}
+BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -200,7 +211,7 @@ def select(problem: TarProblem, name: str) -> Backend:
         if reasons:
             raise BackendUnavailableError(f"backend={name!r} cannot run this call: " + "; ".join(reasons))
         return BACKENDS[name]
-    candidates = ["triton", "cuda", "reference"] if problem.device.type == "cuda" else ["reference"]
+    candidates = ["triton", "cuda", "reference"] if problem.device.type == "cuda" else ["cpu", "reference"]
     rejected = []
     for cand in candidates:
         reasons = BACKENDS[cand].not_supported_reasons(problem)

@@ -34,11 +34,11 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
             `frames`, the (F, F) frame matrix, F = the largest id + 1.
         causal: mask keys j > i (top-left aligned) before the max.
         max_mode: "row" (one max per query row) or "global" (one per (batch, head)).
-        scale: softmax scale, default ``D ** -0.5``; bounded as strength is.
+        scale: softmax scale, > 0, default ``D ** -0.5``; bounded as strength is.
         frames: None, or integer frame ids (-1 outside the video): one (N,) tensor for
             self-attention or a pair (q_frames, k_frames); `vstar_kernels.frame_ids` builds them.
         key_mask: None, or a (B, Nk) bool tensor, True for a key to attend to.
-        backend: "auto", "triton", "cuda" or "reference"; an explicit backend that cannot run
+        backend: "auto", "triton", "cuda", "cpu" or "reference"; an explicit backend that cannot run
             the call raises BackendUnavailableError.
 
     Returns:

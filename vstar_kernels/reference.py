@@ -1,9 +1,7 @@
-"""The PyTorch definition of TAR. Tests, the CPU fallback and the benchmarks use it.
-
-Math runs in float32 (float64 for float64 input); the result is cast back to
-the input dtype. The (batch x heads) axis, and the query rows of a long
-sequence, are processed in chunks so that the score matrices stay within a
-bounded amount of memory.
+"""The PyTorch definition of TAR, readable as the spec: `tar_attention_reference`, the "reference" backend
+and the tests' float64 oracle run it; the CPU backend (cpu.py) runs its operations in place. Math runs in
+float32 (float64 for float64 input), cast back to the input dtype; the (batch x heads) axis, and the query
+rows of a long sequence, go in chunks so that the score matrices stay within a bounded amount of memory.
 """
 
 from __future__ import annotations
@@ -17,13 +15,10 @@ from ._problem import TarProblem, check_frame_values, make_problem
 from .frames import frame_bias
 from .regularization import gaussian_bias
 
-# Elements of one fp32 score chunk (B*H slices x Nq rows x Nk): 2**26 = 256 MiB. The most any path
-# holds per tensor, but for the int64 / float64 frame distances of a block of rows (8 bytes each)
-# that the out-of-place path evaluates the Gaussian of frame ids from.
+# Elements of one fp32 score chunk (B*H slices x Nq rows x Nk): 2**26 = 256 MiB. The most any tensor
+# of the definition holds, but for the int64 / float64 frame distances of a block of rows (8 bytes each)
+# that it evaluates the Gaussian of frame ids from.
 CHUNK_ELEMENTS = 1 << 26
-# Chunk of the in-place path (no autograd): 2**21 fp32 scores = 8 MiB, which stay in the last-level cache
-# from the QK^T product to the PV product (sizes measured in benchmarks/NOTES.md). Never more than CHUNK_ELEMENTS.
-INPLACE_CHUNK_ELEMENTS = 1 << 21
 
 
 def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
@@ -73,74 +68,29 @@ def _chunks(batch: int, heads: int, per_chunk: int):
     return [(slice(b, b + 1), slice(h, h + per_chunk)) for b in range(batch) for h in range(0, heads, per_chunk)]
 
 
-def _plan(problem: TarProblem, budget: int):
+def _plan(B: int, H: int, nq: int, nk: int, budget: int):
     """(row blocks, (batch, head) blocks) with at most `budget` scores per chunk: every row and as
     many whole slices as fit while one slice fits, else blocks of rows of one slice at a time."""
-    B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
     if nq * nk <= budget:
         return [slice(0, nq)], _chunks(B, H, budget // (nq * nk))
     rows = max(1, budget // nk)
     return [slice(r, r + rows) for r in range(0, nq, rows)], _chunks(B, H, 1)
 
 
-def _row_bias(problem: TarProblem, compute: torch.dtype, lookup_elements: int = 0):
+def _row_bias(problem: TarProblem, compute: torch.dtype):
     """A function of a block of query rows giving the bias it shares with every (batch, head) slice,
     (rows, Nk), or None when the bias is not applied or is the per-entry `delta`.
 
-    Without frame ids: rows of the Gaussian Toeplitz view (`gaussian_bias`, no N x N storage).
-    With them: the Gaussian of frame distance (or the frame matrix) evaluated for the block; or,
-    when `lookup_elements` allows a (F + 1, Nk) table (one row per query frame and one for -1),
-    the block's rows looked up in it, with the same values (this reads the largest query id).
+    Without frame ids: rows of the Gaussian Toeplitz matrix (`gaussian_bias`). With them: the Gaussian
+    of frame distance (or the frame matrix) evaluated for the block.
     """
     if not problem.regularized or (problem.delta is not None and problem.frames_q is None):
         return lambda rows: None
     if problem.frames_q is None:
         dA = gaussian_bias(problem.nq, problem.nk, problem.sigma, device=problem.device, dtype=compute)
         return lambda rows: dA[rows]
-    options = dict(sigma=problem.sigma, delta=problem.delta, dtype=compute)
-    if lookup_elements:
-        frames = int(problem.frames_q.max()) + 1
-        if (frames + 1) * problem.nk <= lookup_elements:
-            ids = torch.arange(-1, frames, device=problem.device)
-            table = frame_bias(ids, problem.frames_k, **options)
-            return lambda rows: table.index_select(0, problem.frames_q[rows].to(torch.int64) + 1)
-    return lambda rows: frame_bias(problem.frames_q[rows], problem.frames_k, **options)
-
-
-# The in-place path adds a frame bias segment by segment when the key ids run in at most RUN_SEGMENTS
-# segments of runs of one length, runs of MIN_RUN_KEYS keys or more (a video DiT's ids: one run of
-# hundreds of keys per frame, one segment for the video and one per block of text).
-RUN_SEGMENTS = 8
-MIN_RUN_KEYS = 16
-
-
-def _key_segments(problem: TarProblem):
-    """((start, first run, runs, run length) of each segment, the first key of each run) when the in-place
-    path adds the frame bias segment by segment, else None: with ids and no per-entry delta, when the key
-    ids run as RUN_SEGMENTS and MIN_RUN_KEYS allow. A run's bias is one value per query row, so a block
-    of rows needs a (rows, runs) table of them instead of a (rows, Nk) block of bias to read."""
-    if not problem.regularized or problem.frames_q is None:
-        return None
-    fk = problem.frames_k
-    starts = [0, *(torch.nonzero(fk[1:] != fk[:-1]).flatten() + 1).tolist()]
-    lengths = [stop - start for start, stop in zip(starts, starts[1:] + [problem.nk])]
-    if min(lengths) < MIN_RUN_KEYS:
-        return None
-    segments = []
-    for run, (start, length) in enumerate(zip(starts, lengths)):
-        if segments and segments[-1][3] == length:
-            segments[-1][2] += 1
-        else:
-            segments.append([start, run, 1, length])
-    return (segments, starts) if len(segments) <= RUN_SEGMENTS else None
-
-
-def _run_bias(problem: TarProblem, compute: torch.dtype, run_starts: list):
-    """A function of a block of query rows giving the bias of each key run, (rows, runs): `frame_bias` at
-    the run's key id, the value every entry of the run has in `_row_bias`'s (rows, Nk) block."""
-    ids_k = problem.frames_k[run_starts]
-    return lambda rows: frame_bias(problem.frames_q[rows], ids_k, sigma=problem.sigma, delta=problem.delta,
-                                   dtype=compute)
+    return lambda rows: frame_bias(problem.frames_q[rows], problem.frames_k, sigma=problem.sigma,
+                                   delta=problem.delta, dtype=compute)
 
 
 def _mask(problem: TarProblem, rows: slice, b: slice):
@@ -159,28 +109,18 @@ def _entry_delta(problem: TarProblem, b, h, rows):
     return None if problem.delta is None or problem.frames_q is not None else problem.delta[b, h, rows]
 
 
-def _needs_autograd(problem: TarProblem) -> bool:
-    """True when the forward must stay differentiable (autograd, torch.func transforms) or traceable."""
-    tensors = [t for t in (problem.q, problem.k, problem.v, problem.delta) if t is not None]
-    return (problem.needs_grad() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-            or torch.compiler.is_compiling())
-
-
-def reference_forward(problem: TarProblem, inplace: bool = True) -> torch.Tensor:
+def reference_forward(problem: TarProblem) -> torch.Tensor:
     """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype.
 
     On chunks of (batch, head) slices and query rows of at most CHUNK_ELEMENTS scores, the delta read
-    through views and the bias built one block of rows at a time (docs/semantics.md, "Memory"). Without
-    autograd the same operations run in place (`_forward_inplace`); under autograd, torch.func or
-    torch.compile (or with inplace=False) the out-of-place definition below runs.
+    through views and the bias built one block of rows at a time (docs/semantics.md, "Memory").
+    Differentiable (autograd, torch.func) and traceable (torch.compile).
     """
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
-    B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
+    B, H, nq = problem.batch, problem.heads, problem.nq
     if B * H == 0 or nq == 0:
         return problem.q.new_empty(problem.output_shape())
-    if inplace and nk > 0 and not _needs_autograd(problem):
-        return _forward_inplace(problem, compute)
-    row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
+    row_blocks, chunks = _plan(B, H, nq, problem.nk, CHUNK_ELEMENTS)
     m = _global_max(problem, row_blocks, chunks, compute) if _max_first(problem, row_blocks) else None
     bias_of = _row_bias(problem, compute)
     out_rows = []
@@ -236,195 +176,6 @@ def _global_max(problem: TarProblem, row_blocks, chunks, compute, shares: bool =
     return (m, weights) if shares else m
 
 
-def _forward_inplace(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
-    """`reference_forward`'s operations in the same order, in place, on cache-sized buffers (`_ChunkBuffers`)
-    that every chunk reuses. The batched GEMMs read q, k and v in place where a block is a batch of matrices
-    as a view (`_as_batch`); for strides whose (batch, head) blocks are not (diffusers' (B, N, H, D) storage)
-    a chunk is one head's batches, which are. With several intra-op threads and several chunks, the chunks go to
-    that many worker threads of one intra-op thread each (`_chunk_workers`; why: benchmarks/NOTES.md); each chunk's
-    result is the one-thread result, whatever the thread count.
-    """
-    B, H, nq = problem.batch, problem.heads, problem.nq
-    budget = min(CHUNK_ELEMENTS, INPLACE_CHUNK_ELEMENTS)
-    row_blocks, chunks = _plan(problem, budget)
-    if len(row_blocks) == 1 and not all(_merges(x) or x.dtype != compute for x in (problem.q, problem.k, problem.v)):
-        # (batch, head) blocks of these strides (e.g. a (B, N, H, D) storage) are no batch of
-        # matrices: one head's block of batches is, so the products read them in place instead of
-        # copying each block first.
-        chunks = _head_chunks(B, H, budget // _slice_elements(problem))
-    out = torch.empty(problem.output_shape(), device=problem.device, dtype=problem.dtype)
-    slice_max = None
-    if _max_first(problem, row_blocks):
-        with torch.no_grad():
-            slice_max = _global_max(problem, row_blocks, chunks, compute)
-    segments, run_starts = _key_segments(problem) or (None, None)
-    bias_of = (_row_bias(problem, compute, lookup_elements=budget) if segments is None
-               else _run_bias(problem, compute, run_starts))
-    tasks = [(rows, b, h) for rows in row_blocks for b, h in chunks]
-    slices = max(len(range(*b.indices(B))) * len(range(*h.indices(H))) for b, h in chunks)
-
-    def run(part):
-        buffers = _ChunkBuffers(problem, compute, slices, len(range(*row_blocks[0].indices(nq))))
-        dA_rows = dA = None
-        for rows, b, h in part:
-            if rows != dA_rows:
-                dA_rows, dA = rows, bias_of(rows)
-            _chunk_inplace(problem, compute, rows, b, h, dA, segments, buffers, slice_max, out)
-
-    workers = min(torch.get_num_threads(), len(tasks))
-    if workers == 1 or any(t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)):
-        # (inputs that require grad reach here from below autograd, e.g. inside the custom op, a state
-        # of the calling thread that a worker thread would not share)
-        run(tasks)
-    else:
-        _chunk_workers(run, [tasks[i * len(tasks) // workers:(i + 1) * len(tasks) // workers] for i in range(workers)])
-    return out
-
-
-def _chunk_workers(run, parts: list) -> None:
-    """run(part) for each part on a thread of its own with one intra-op thread, without autograd (inputs
-    that need none) and in inference mode if the caller is; the first error raised there is raised here.
-    The caller's intra-op thread count is set again afterwards (torch keeps the last count set, from
-    any thread, for threads started later)."""
-    import threading
-
-    threads = torch.get_num_threads()
-    inference = torch.is_inference_mode_enabled()  # thread-local, as grad mode is
-    errors = []
-
-    def work(part):
-        try:
-            torch.set_num_threads(1)
-            with torch.inference_mode() if inference else torch.no_grad():
-                run(part)
-        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
-            errors.append(exc)
-
-    workers = [threading.Thread(target=work, args=(part,)) for part in parts]
-    try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-    finally:
-        torch.set_num_threads(threads)
-    if errors:
-        raise errors[0]
-
-
-class _ChunkBuffers:
-    """The buffers of the in-place path for chunks of at most `slices` (batch, head) slices x `rows` query
-    rows: scores, q, k, v in the compute dtype, row maxima, and the output (made on first use)."""
-
-    def __init__(self, problem: TarProblem, compute: torch.dtype, slices: int, rows: int):
-        dev, nk = problem.device, problem.nk
-        self.s = torch.empty(slices * rows * nk, device=dev, dtype=compute)
-        self.q = torch.empty(slices * rows * problem.head_dim, device=dev, dtype=compute)
-        self.k = torch.empty(slices * nk * problem.head_dim, device=dev, dtype=compute)
-        self.v = torch.empty(slices * nk * problem.head_dim_v, device=dev, dtype=compute)
-        self.m = torch.empty(slices * rows, device=dev, dtype=compute)
-        self.o = None
-        self.o_size = slices * rows * problem.head_dim_v
-
-
-def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: slice, h: slice, dA, segments,
-                   buf: _ChunkBuffers, slice_max, out: torch.Tensor) -> None:
-    """out[b, h, rows] of the in-place path: one chunk's scores, bias, softmax and PV product in `buf`.
-
-    `dA` is the rows' (rows, Nk) bias block, or with key `segments` (`_key_segments`) their (rows, runs)
-    table.
-    In float64 the operations are the definition's, in its order. In float32 the GEMM applies the
-    scale (its alpha) instead of a pass over the scores of its own; the rounding of S differs from
-    the definition's product-then-scale in the last bit at most."""
-    nk, dv = problem.nk, problem.head_dim_v
-    qc = problem.q[b, h, rows]
-    bb, hh, rr = qc.shape[:3]
-    c = bb * hh
-    q3 = _as_batch(qc, buf.q, compute)
-    k3 = _as_batch(problem.k[b, h], buf.k, compute)
-    v3 = _as_batch(problem.v[b, h], buf.v, compute)
-    s = buf.s[: c * rr * nk].view(c, rr, nk)
-    if compute == torch.float64:
-        torch.bmm(q3, k3.transpose(1, 2), out=s).mul_(problem.scale)
-    else:
-        s.baddbmm_(q3, k3.transpose(1, 2), beta=0.0, alpha=problem.scale)  # beta=0: the buffer is not read
-    s4 = s.view(bb, hh, rr, nk)
-    mask = _mask(problem, rows, b)
-    if mask is not None:
-        s4.masked_fill_(mask, -math.inf)
-    if problem.regularized:
-        if slice_max is not None:
-            m4 = buf.m[:c].view(bb, hh, 1, 1).copy_(slice_max[b, h])
-        elif problem.max_mode == "row":
-            m4 = torch.amax(s, dim=-1, keepdim=True, out=buf.m[: c * rr].view(c, rr, 1)).view(bb, hh, rr, 1)
-        else:
-            m4 = torch.amax(s, dim=(-2, -1), keepdim=True, out=buf.m[:c].view(c, 1, 1)).view(bb, hh, 1, 1)
-        m4.mul_(problem.strength)
-        entry_delta = _entry_delta(problem, b, h, rows)
-        if segments is None:
-            s4.addcmul_(m4, dA if entry_delta is None else entry_delta.to(compute))
-        else:
-            # The same operation (the same values, bit for bit) segment by segment, as (runs, run length)
-            # blocks with the runs' bias broadcast along each run: no (rows, Nk) bias block to read. The max
-            # is spread along a run so that only the bias is broadcast (addcmul's vectorized loop takes one
-            # broadcast operand, not two).
-            m_along = m4.expand(*m4.shape[:-1], max(seg[3] for seg in segments)).contiguous()
-            for start, first, runs, length in segments:
-                block = s4[..., start:start + runs * length].unflatten(-1, (runs, length))
-                block.addcmul_(m_along[..., None, :length], dA[:, first:first + runs, None])
-        if mask is not None:
-            s4.masked_fill_(mask, -math.inf)
-    torch.softmax(s, dim=-1, out=s)
-    if problem.key_mask is not None:  # a row with no key to attend to gives 0
-        s4.masked_fill_(mask.all(dim=-1, keepdim=True), 0.0)
-    o_block = out[b, h, rows]
-    direct = problem.dtype == compute and o_block.is_contiguous()
-    if not direct and buf.o is None:
-        buf.o = torch.empty(buf.o_size, device=problem.device, dtype=compute)
-    o = o_block.view(c, rr, dv) if direct else buf.o[: c * rr * dv].view(c, rr, dv)
-    torch.bmm(s, v3, out=o)
-    if not direct:
-        o_block.copy_(o.view(bb, hh, rr, dv))
-
-
-def _as_batch(x: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (b, h, n, d) block as a (b * h, n, d) batch in `dtype`: a view when it is one (rows of
-    unit-stride elements at any row and batch stride, as torch.bmm reads them), else a copy into `buf`."""
-    bb, hh, n, d = x.shape
-    if x.dtype == dtype and _merges(x) and (x.stride(-1) == 1 or d == 1):
-        return x.view(bb * hh, n, d)
-    return buf[: x.numel()].view(x.shape).copy_(x).view(bb * hh, n, d)
-
-
-def _merges(x: torch.Tensor) -> bool:
-    """Whether the batch and head dims of a (b, h, n, d) tensor are one dim of a view."""
-    return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
-
-
-# The in-place path's head chunks come in a multiple of this many when there is more than one, so that
-# 1, 2 or 4 worker threads get equal shares (with 5 chunks, 2 threads would wait on the third).
-CHUNKS_MULTIPLE = 4
-
-
-def _slice_elements(problem: TarProblem) -> int:
-    """The elements of one (batch, head) slice a chunk holds: its scores and its q, k, v and output rows
-    (at N = 16 and D = 64 the rows are 16 times the scores)."""
-    return problem.nq * problem.nk + problem.nq * (problem.head_dim + problem.head_dim_v) + problem.nk * (
-        problem.head_dim + problem.head_dim_v)
-
-
-def _head_chunks(batch: int, heads: int, per_chunk: int):
-    """(batch slice, head slice) blocks of one head and at most `per_chunk` batches (at least 1), head by
-    head: each head's batches in pieces of equal size (within one), as many as make the number of
-    blocks a multiple of CHUNKS_MULTIPLE where the batches allow."""
-    pieces = -(-batch // max(1, per_chunk))
-    if heads * pieces > 1:
-        while (heads * pieces) % CHUNKS_MULTIPLE and pieces < batch:
-            pieces += 1
-    bounds = [i * batch // pieces for i in range(pieces + 1)]
-    return [(slice(b0, b1), slice(h, h + 1)) for h in range(heads) for b0, b1 in zip(bounds[:-1], bounds[1:])]
-
-
 def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: bool = False):
     """Gradients of `reference_forward` by autograd on the definition (the max's gradient is
     torch.amax's: split evenly over ties). Returns contiguous (dq, dk, dv, ddelta), ddelta the
@@ -439,7 +190,7 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
         return (*(torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (problem.q, problem.k, problem.v)),
                 torch.zeros(problem.delta.shape, device=problem.device, dtype=problem.delta.dtype)
                 if delta_grad else None)
-    row_blocks, chunks = _plan(problem, CHUNK_ELEMENTS)
+    row_blocks, chunks = _plan(problem.batch, problem.heads, problem.nq, problem.nk, CHUNK_ELEMENTS)
     if len(row_blocks) > 1:
         return _backward_by_blocks(problem, grad_out, delta_grad, row_blocks, chunks)
 

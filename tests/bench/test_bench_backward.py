@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from vstar_kernels.bench import backward
+from vstar_kernels.bench import backward, measure
 
 from .._device import DEVICE
 
@@ -17,22 +17,24 @@ TOL = dict(atol=2e-2, rtol=2e-2) if DEVICE == "cuda" else dict(atol=1e-4, rtol=1
 
 @pytest.mark.parametrize("frames", [16, 130])
 def test_callables_compute_the_gradients(frames):
-    tar = backward.backward_callables(2, 2, frames, 16, dtype=DTYPE, device=DEVICE, impls=("triton", "reference"))
-    for a, b in zip(tar["triton"](), tar["reference"]()):
+    tar = backward.backward_callables(2, 2, frames, 16, dtype=DTYPE, device=DEVICE,
+                                      impls=("vstar_triton", "vstar_reference"))
+    for a, b in zip(tar["vstar_triton"](), tar["vstar_reference"]()):
         torch.testing.assert_close(a, b, **TOL)
-    plain = backward.backward_callables(2, 2, frames, 16, dtype=DTYPE, device=DEVICE, impls=("triton", "sdpa"),
+    plain = backward.backward_callables(2, 2, frames, 16, dtype=DTYPE, device=DEVICE, impls=("vstar_triton", "sdpa"),
                                         sigma=math.inf)  # a flat band: plain attention
-    for a, b in zip(plain["triton"](), plain["sdpa"]()):
+    for a, b in zip(plain["vstar_triton"](), plain["sdpa"]()):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_time_backward_row():
-    row = backward.time_backward(2, 2, 16, 16, dtype=DTYPE, device=DEVICE, causal=True)
-    for name in backward.IMPLS:
-        assert 0 < row[f"{name}_p20_ms"] <= row[f"{name}_ms"] <= row[f"{name}_p80_ms"]
-    assert row["triton_vs_sdpa"] == pytest.approx(row["triton_ms"] / row["sdpa_ms"])
-    assert row["triton_vs_reference"] == pytest.approx(row["triton_ms"] / row["reference_ms"])
-    assert row["options"] == "causal=True" and row["frames"] == 16
+def test_time_backward_rows_are_harness_rows():
+    info = measure.RunInfo("cpu (test)", torch.__version__, "3.x", "abc123", "20990101", False)
+    rows = backward.time_backward(info, 2, 2, 16, 16, dtype=DTYPE, device=DEVICE, causal=True)
+    assert [r["impl"] for r in rows] == list(backward.IMPLS)
+    for r in rows:
+        assert tuple(r) == measure.COLUMNS and r["status"] == "ok" and r["setup"] == "backward,causal=True"
+        assert (r["batch"], r["heads"], r["n"], r["d"], r["commit"]) == (2, 2, 16, 16, "abc123")
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the command runs the full-size cases")

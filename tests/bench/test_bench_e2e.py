@@ -1,11 +1,9 @@
 """The end-to-end UNet case on a tiny UNet3DConditionModel (CPU: TAR's Triton variant runs in the interpreter).
 
-`vstar_kernels.diffusers` is developed separately; until it is importable here a
-small stand-in with the same API (TARConfig, apply_tar, remove_tar) drives the
-harness, and the test against the real integration is skipped with the reason.
+A small stand-in with the integration's API (apply_tar, remove_tar) drives the harness; the
+last test runs the real `vstar_kernels.diffusers`.
 """
 
-import dataclasses
 import functools
 import sys
 import types
@@ -15,6 +13,7 @@ import torch
 
 import vstar_kernels as vk
 from vstar_kernels.bench import e2e, measure, shapes
+from vstar_kernels.bench.check import UNET_RTOL
 from vstar_kernels.bench.harness import classify
 
 from .._device import DEVICE
@@ -45,17 +44,6 @@ class _TarProcessor:
 def stand_in(applies=True):
     """A module with the integration's API; TAR on the finest level's temporal attention (preset 64D1)."""
 
-    @dataclasses.dataclass
-    class TARConfig:
-        sigma: float = 1.0
-        until_step: object = 13
-        backend: str = "auto"
-
-        @classmethod
-        def from_preset(cls, name, **changes):
-            assert name == "64D1"
-            return cls(sigma=1.0, **changes)
-
     def apply_tar_checked(unet, cfg):
         assert cfg.until_step is None, "timed calls must all be regularized"
         apply_tar(unet, cfg)
@@ -63,7 +51,7 @@ def stand_in(applies=True):
     def apply_tar(unet, cfg):
         unet._saved_processors = dict(unet.attn_processors)
         last_up = f"up_blocks.{len(unet.up_blocks) - 1}."
-        procs = {name: (_TarProcessor(cfg.backend, cfg.sigma)
+        procs = {name: (_TarProcessor(cfg.backend, cfg.levels[0].sigma)
                         if applies and "temp_attentions" in name and name.startswith(("down_blocks.0.", last_up))
                         else proc)
                  for name, proc in unet._saved_processors.items()}
@@ -72,7 +60,7 @@ def stand_in(applies=True):
     def remove_tar(unet):
         unet.set_attn_processor(unet.__dict__.pop("_saved_processors"))
 
-    return types.SimpleNamespace(TARConfig=TARConfig, apply_tar=apply_tar_checked, remove_tar=remove_tar)
+    return types.SimpleNamespace(apply_tar=apply_tar_checked, remove_tar=remove_tar)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +83,7 @@ def test_three_variants_checked_and_timed(monkeypatch, bench):
     """On CPU the Triton variant runs in the interpreter: checked, not timed."""
     results = run_with(monkeypatch, bench, stand_in())
     assert list(results) == list(e2e.VARIANTS)
-    assert [r.backend for r in results.values()] == ["", "triton", "reference"]
+    assert [e2e.BACKENDS[r.impl] for r in results.values()] == ["", "triton", "reference"]
     for res in results.values():
         if res.impl == "unet_tar_triton" and DEVICE == "cpu":
             assert res.status == e2e.CHECKED_ONLY and res.timing is None
@@ -121,7 +109,7 @@ def test_triton_variant_must_match_the_reference_variant():
     stock = torch.ones(2, 4, 8, 4, 4)
     ref = stock * 1.5
     e2e.UNetBench._check(res, {"unet_stock": stock, "unet_tar_reference": ref,
-                               "unet_tar_triton": ref * (1 + 2 * e2e.E2E_RTOL[torch.float32])}, torch.float32)
+                               "unet_tar_triton": ref * (1 + 2 * UNET_RTOL[torch.float32])}, torch.float32)
     assert res["unet_tar_triton"].status.startswith("error: output differs from the reference variant")
     assert res["unet_tar_reference"].status == res["unet_stock"].status == "ok"
     res = {v: e2e.Result(v) for v in e2e.VARIANTS}
@@ -156,3 +144,9 @@ def test_with_the_real_integration(bench):
     checked = e2e.CHECKED_ONLY if DEVICE == "cpu" else "ok"
     assert {v: r.status for v, r in results.items()} == {"unet_stock": "ok", "unet_tar_triton": checked,
                                                          "unet_tar_reference": "ok"}
+
+
+def test_the_integration_is_taken_without_a_deprecated_name(recwarn):
+    pytest.importorskip("vstar_kernels.diffusers")
+    e2e._integration()
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning) and "vstar_kernels" in str(w.message)]

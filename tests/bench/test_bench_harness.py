@@ -1,6 +1,7 @@
 """The sweep writes one row per (peer, shape, N, dtype) with the right status, and the CLI runs end to end."""
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from vstar_kernels import cli
-from vstar_kernels.bench import harness, measure, shapes
-from vstar_kernels.bench.harness import CHECKED_ONLY, COLUMNS, Sweep
+from vstar_kernels.bench import harness, measure, peers, shapes
+from vstar_kernels.bench.harness import CHECKED_ONLY, Sweep
+from vstar_kernels.bench.measure import COLUMNS, ideal_cost
 from vstar_kernels.bench.peers import PEERS, Peer, Unsupported, default_impls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,14 +62,15 @@ def test_every_peer_gets_a_row_with_its_status(tmp_path):
     for n in ("16", "24"):
         ok = by["reference_eager", n]
         assert ok["status"] == "ok"
-        assert (ok["batch"], ok["heads"], ok["d"], ok["dtype"]) == ("4", "2", "40", "fp32")
+        assert (ok["batch"], ok["heads"], ok["d"], ok["dtype"], ok["setup"]) == ("4", "2", "40", "fp32", "threads=1")
         ms = float(ok["median_ms"])
         assert float(ok["p20_ms"]) <= ms <= float(ok["p80_ms"])
-        nbytes = measure.attention_bytes(4, 2, int(n), int(n), 40, 40, 4)
-        assert float(ok["gbps"]) == pytest.approx(nbytes / (ms * 1e-3) / 1e9, rel=1e-4)
+        cost = ideal_cost(8, int(n), int(n), 40, 40, 4)
+        assert float(ok["gbps"]) == pytest.approx(cost.bytes / (ms * 1e-3) / 1e9, rel=1e-4)
         assert float(ok["pct_peak_bw"]) == pytest.approx(100 * float(ok["gbps"]) / peak, rel=1e-4)
-        flops = measure.attention_flops(4, 2, int(n), int(n), 40, 40)
-        assert float(ok["tflops"]) == pytest.approx(flops / (ms * 1e-3) / 1e12, rel=1e-4)
+        assert float(ok["tflops"]) == pytest.approx(cost.flops / (ms * 1e-3) / 1e12, rel=1e-4)
+        before, after = map(float, ok["loadavg"].split("-"))  # the machine's load around the timing
+        assert before >= 0 and after >= 0
         assert by["plain_as_tar", n]["status"].startswith("error: output differs from the float64 reference")
         assert by["plain_as_tar", n]["median_ms"] == ""  # a wrong peer is not timed
         assert by["refuses", n]["status"] == "unsupported: needs N >= 4096"
@@ -89,14 +92,14 @@ def test_cpu_sweep_times_the_default_path_and_only_checks_the_interpreter(tmp_pa
     assert checked["status"] == CHECKED_ONLY and checked["backend"] == "triton"
     assert checked["median_ms"] == checked["p20_ms"] == checked["gbps"] == checked["flag"] == ""
     ours = by["vstar_auto"]
-    assert ours["status"] == "ok" and ours["backend"] == "reference" and float(ours["median_ms"]) > 0
+    assert ours["status"] == "ok" and ours["backend"] == "cpu" and float(ours["median_ms"]) > 0
     assert by["sdpa_plain"]["backend"] == ""
 
 
 def test_a_cpu_sweep_does_not_time_the_interpreter(tmp_path, monkeypatch):
     calls = []
     triton = PEERS["vstar_triton"]
-    counting = Peer("vstar_triton", lambda *a: calls.append(1) or triton.run(*a), triton.why_not, backend="triton")
+    counting = dataclasses.replace(triton, run=lambda *a: calls.append(1) or triton.run(*a))
     make_sweep(tmp_path).run([(TINY, 16, torch.float32)], [], [counting])
     assert len(calls) == 1  # the checked call only
 
@@ -121,7 +124,7 @@ def test_rows_are_not_appended_under_an_older_header(tmp_path, capsys):
     old = tmp_path / "old.csv"
     old.write_text(",".join(COLUMNS[:-2]) + "\n")
     with pytest.raises(ValueError, match="has the columns"):
-        harness.append_row(old, dict.fromkeys(COLUMNS, ""))
+        measure.append_row(old, dict.fromkeys(COLUMNS, ""))
     info = measure.RunInfo.collect(torch.device("cpu"))
     (tmp_path / f"{measure.slug(info.device)}-{info.date}.csv").write_text(",".join(COLUMNS[:-2]) + "\n")
     assert cli.main(["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--impls", "sdpa_plain",
@@ -163,13 +166,17 @@ def test_classify(exc, status):
     assert harness.classify(exc) == status
 
 
-def test_byte_and_flop_model():
+def test_ideal_cost():
     # fp16, B = H = 1, N = 16, D = 64: 4 tensors of 16 x 64 halves; 2 matmuls of 16 x 16 x 64 multiply-adds.
-    assert measure.attention_bytes(1, 1, 16, 16, 64, 64, 2) == 4 * 16 * 64 * 2
-    assert measure.attention_flops(1, 1, 16, 16, 64, 64) == 4 * 16 * 16 * 64
-    assert measure.row_max_flops(1, 1, 16, 16, 64) == 2 * 16 * 16 * 64
-    n = 256  # intensity is N/2 FLOP per byte in fp16
-    assert measure.attention_flops(7, 3, n, n, 64, 64) / measure.attention_bytes(7, 3, n, n, 64, 64, 2) == n / 2
+    assert ideal_cost(1, 16, 16, 64, 64, 2) == (4 * 16 * 64 * 2, 4 * 16 * 16 * 64)
+    assert ideal_cost(1, 16, 16, 64, 0, 2).flops == 2 * 16 * 16 * 64  # Q K^T alone: a separate row-max pass
+    nbytes, flops = ideal_cost(21, 256, 256, 64, 64, 2)
+    assert flops / nbytes == 256 / 2  # intensity is N/2 FLOP per byte in fp16
+    # a custom fp32 delta: Nq x Nk entries, or the causal lower triangle (key j <= query i)
+    plain = ideal_cost(3, 5, 7, 8, 4, 2).bytes
+    assert plain == 3 * (5 * 8 + 7 * 8 + 7 * 4 + 5 * 4) * 2
+    assert ideal_cost(3, 5, 7, 8, 4, 2, delta_itemsize=4).bytes == plain + 3 * 5 * 7 * 4
+    assert ideal_cost(3, 5, 7, 8, 4, 2, causal=True, delta_itemsize=4).bytes == plain + 3 * (1 + 2 + 3 + 4 + 5) * 4
 
 
 def test_named_shapes():
@@ -211,9 +218,9 @@ def test_cli_writes_csv_markdown_and_plots(tmp_path):
     assert status["xformers_bias"] == "ok" or status["xformers_bias"].startswith("unsupported: xformers")
     assert {r["commit"] for r in rows} == {measure.commit()}
     assert {r["impl"]: r["backend"] for r in rows if r["backend"]} == {"vstar_triton_interpreter": "triton",
-                                                                      "vstar_auto": "reference"}
+                                                                      "vstar_auto": "cpu"}
     md = path.with_suffix(".md").read_text()
-    assert "| 16 |" in md and "vstar_auto ms" in md and "CPU run" in md and "`vstar_auto` ran `reference`" in md
+    assert "| 16 |" in md and "vstar_auto ms" in md and "CPU run" in md and "`vstar_auto` ran `cpu`" in md
     for metric in ("time", "speedup", "bandwidth"):
         assert (tmp_path / f"{path.stem}-{metric}-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -251,9 +258,9 @@ def test_gpu_sweep_refuses_at_once_without_a_gpu():
 @pytest.mark.parametrize("failing, code", [("vstar_triton", 1), ("sdpa_plain", 0)], ids=["ours", "a-peer"])
 def test_cli_exits_non_zero_when_ours_errored(tmp_path, monkeypatch, capsys, failing, code):
     # A stand-in for our kernel (the reference, which passes the check) keeps the test fast.
-    monkeypatch.setitem(PEERS, "vstar_triton", Peer("vstar_triton", PEERS["reference_eager"].run, backend="triton"))
-    monkeypatch.setitem(PEERS, failing, Peer(failing, _raise(RuntimeError("launch failed")),
-                                             backend=PEERS[failing].backend))
+    monkeypatch.setitem(PEERS, "vstar_triton", dataclasses.replace(PEERS["vstar_triton"],
+                                                                   run=PEERS["reference_eager"].run))
+    monkeypatch.setitem(PEERS, failing, dataclasses.replace(PEERS[failing], run=_raise(RuntimeError("launch failed"))))
     assert cli.main(["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--impls", "vstar_triton",
                      "sdpa_plain", "--out", str(tmp_path), "--no-plots", "--no-progress"]) == code
     err = capsys.readouterr().err
@@ -261,3 +268,30 @@ def test_cli_exits_non_zero_when_ours_errored(tmp_path, monkeypatch, capsys, fai
     label = "vstar_triton_interpreter" if failing == "vstar_triton" else failing
     assert f"] {label}: error: RuntimeError: launch failed" in md.read_text()
     assert ("FAILED: vstar_triton_interpreter errored in 1 cell(s)" in err) == bool(code)
+
+
+@pytest.mark.parametrize("capability, backend", [((9, 0), "cudnn"), ((8, 0), "flash"), ((8, 9), "flash"),
+                                                 ((10, 0), "flash")], ids=["hopper", "ampere", "ada", "blackwell"])
+def test_the_floor_is_cudnn_sdpa_on_hopper_and_flash_sdpa_elsewhere(monkeypatch, capability, backend):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert peers.floor_backend(cuda) == backend
+    floor = PEERS["sdpa_floor"]
+    assert floor.plain and floor.why_not(cuda, torch.float16) == floor.why_not(cuda, torch.bfloat16) == ""
+    assert "fp16 and bf16, not float32" in floor.why_not(cuda, torch.float32)
+    q = torch.empty(1, 1, 16, 8, device="meta")
+    assert floor.ran(q, q, q, peers.default_spec(8)) == backend  # the CSV's backend column
+    assert peers.FLOOR_LABELS[backend] == {"cudnn": "FA3-class floor (cuDNN SDPA)",
+                                           "flash": "FA2-class (flash SDPA)"}[backend]
+
+
+def test_the_floor_is_unavailable_on_cpu_and_says_why(tmp_path):
+    assert "GPU peer" in PEERS["sdpa_floor"].why_not(torch.device("cpu"), torch.float32)
+    sweep = make_sweep(tmp_path)
+    sweep.run([(TINY, 16, torch.float32)], [], [PEERS["sdpa_floor"]])
+    [row] = read(sweep.csv_path)
+    assert row["status"].startswith("unsupported: the FA3-class floor is a GPU peer") and row["median_ms"] == ""
+    # A call no kernel of the chosen SDPA backend takes is unsupported, not run by another backend.
+    q = torch.randn(1, 1, 16, 8)
+    with pytest.raises(Unsupported, match="SDPA's cudnn backend cannot run this call"):
+        peers.sdpa_only("cudnn", q, q, q, peers.default_spec(8))

@@ -58,10 +58,10 @@ def test_flex_score_mod_pass_matches_the_reference():
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
-def test_tar_chunk_is_the_reference_formula():
+def test_float_formula_is_the_reference_formula():
     q, k, v = (t.double() for t in inputs())
     dA = vk.gaussian_toeplitz(N, 1.5, dtype=torch.float64, device=DEVICE)
-    got = peers.tar_chunk(q.float(), k.float(), v.float(), dA.float(), 0.3, 2.0)
+    got = peers.float_formula(q.float(), k.float(), v.float(), dA.float(), 0.3, 2.0)
     ref = vk.tar_attention_reference(q, k, v, sigma=1.5, strength=2.0, scale=0.3)
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=2e-5)
 

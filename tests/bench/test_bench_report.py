@@ -5,18 +5,23 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from vstar_kernels.bench.harness import CHECKED_ONLY, COLUMNS
-from vstar_kernels.bench.report import BUSY_LABEL, draw_plots, markdown, our_failures, read_csv, render
+import pytest
+
+from vstar_kernels.bench.harness import CHECKED_ONLY
+from vstar_kernels.bench.measure import COLUMNS, read_csv
+from vstar_kernels.bench.report import BUSY_LABEL, draw_plots, markdown, our_failures, render
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def row(impl, batch, heads, n, d, ms, gbps="", pct="", tflops="", peak="", status="ok", dtype="fp16", backend="",
-        flag="", p20=None, p80=None, device="synthetic test device"):
-    return dict(zip(COLUMNS, ("2099-01-01T00:00:00Z", "abc123", device, "2.x", "3.x", impl,
-                              batch, heads, n, d, dtype, ms, ms if p20 is None else p20, ms if p80 is None else p80,
-                              gbps, pct, tflops, peak, status, backend, flag)))
+        flag="", p20=None, p80=None, device="synthetic test device", setup=""):
+    return {**dict.fromkeys(COLUMNS, ""), **dict(
+        timestamp="2099-01-01T00:00:00Z", commit="abc123", device=device, torch="2.x", triton="3.x", impl=impl,
+        batch=batch, heads=heads, n=n, d=d, dtype=dtype, setup=setup, median_ms=ms,
+        p20_ms=ms if p20 is None else p20, p80_ms=ms if p80 is None else p80, gbps=gbps, pct_peak_bw=pct,
+        tflops=tflops, peak_mem_mb=peak, status=status, backend=backend, flag=flag)}
 
 
 ROWS = [
@@ -59,12 +64,17 @@ def test_a_rerun_replaces_the_earlier_row():
     assert "| 16 | 2 | 1,000 | 50% | 1.5 | oom | unsupported [1] | 4 (2x) |" in markdown(ROWS + [rerun], "t")
 
 
-def test_plot_script_regenerates_from_a_csv(tmp_path):
-    path = tmp_path / "synthetic-20990101.csv"
-    write_csv(path, ROWS)
+def plot_script():
     spec = importlib.util.spec_from_file_location("plot_results", BENCHMARKS / "plot_results.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_plot_script_regenerates_from_a_csv(tmp_path):
+    path = tmp_path / "synthetic-20990101.csv"
+    write_csv(path, ROWS)
+    script = plot_script()
     assert script.main([str(path)]) == 0
     assert read_csv(path) == [{k: str(v) for k, v in r.items()} for r in ROWS]  # the CSV is only read
     assert (tmp_path / "synthetic-20990101.md").read_text() == markdown(read_csv(path), f"TAR benchmark: {path.name}")
@@ -162,17 +172,6 @@ def test_cpu_ours_is_the_default_path_and_the_interpreter_a_correctness_run():
     assert "busy" not in md
 
 
-def test_an_older_interpreter_timing_is_never_ours_nor_compared():
-    """A CSV of the harness before the correctness run: the interpreter's time carries no ratio."""
-    old = [{k: v for k, v in r.items() if k not in ("backend", "flag")} for r in (
-        row("vstar_triton_interpreter", 4, 2, 16, 40, "9.7", gbps="0.008", pct="0.02", tflops="3e-05", dtype="fp32",
-            device=CPU),
-        row("sdpa_plain", 4, 2, 16, 40, "0.03", gbps="2", pct="6", tflops="0.01", dtype="fp32", device=CPU))]
-    md = markdown(old, "t")
-    assert "| N | vstar_triton_interpreter | sdpa_plain |" in md
-    assert "| 16 | 9.7 | 0.03 |" in md  # no metric columns, no ratio
-
-
 def plotted(rows, tmp_path, monkeypatch):
     """{metric: figure} drawn for `rows` (one panel each)."""
     import matplotlib.pyplot as plt
@@ -220,9 +219,6 @@ def test_busy_cells_are_flagged_in_the_table_and_the_plots(tmp_path, monkeypatch
         assert ring.get_markeredgecolor() == "black" and list(ring.get_xdata()) == [16]
         assert BUSY_LABEL in [t.get_text() for t in fig.legends[0].get_texts()]
         plt.close(fig)
-    # A file written before the flag column: the spread itself decides.
-    old = [{k: v for k, v in r.items() if k not in ("backend", "flag")} for r in BUSY_ROWS]
-    assert "| 16 | 2 | 1,000 | 50% | 1.5 | 1 (0.5x) **busy** |" in markdown(old, "t")
     calm = [dict(r, flag="") for r in BUSY_ROWS]
     assert "busy" not in markdown(calm, "t")  # the CSV's flag is the record
 
@@ -241,3 +237,51 @@ def test_a_log_axis_within_two_decades_has_numbers_to_read(tmp_path, monkeypatch
                   if t.get_text() and low <= float(t.get_position()[1]) <= high]
         assert len(labels) >= 3, (metric, labels)
         plt.close(fig)
+
+
+def test_plot_script_renders_every_committed_results_csv(tmp_path, capsys):
+    """No arguments: every CSV under benchmarks/results/ but tools.perf's own outputs, each table as committed."""
+    script = plot_script()
+    assert script.main(["--out", str(tmp_path)]) == 0
+    results = BENCHMARKS / "results"
+    rendered = [p for p in sorted(results.glob("*.csv")) if not any(p.match(g) for g in script.PERF_OUTPUTS)]
+    assert {p.stem for p in rendered} >= {"cpu-default-path-20261123", "cpu-amd-epyc-20261122"}
+    for path in rendered:
+        assert (tmp_path / f"{path.stem}.md").read_text() == (results / f"{path.stem}.md").read_text(), path.name
+        for metric in ("time", "speedup", "bandwidth"):
+            assert (tmp_path / f"{path.stem}-{metric}-fp32.png").read_bytes()[:8] == PNG
+    assert not list(tmp_path.glob("model-*")) and not list(tmp_path.glob("static-*"))
+
+
+def test_a_csv_of_other_columns_is_refused(tmp_path, capsys):
+    path = tmp_path / "other.csv"
+    path.write_text("estimate,device,impl\nmeasured,cpu,vstar_auto\n")
+    with pytest.raises(ValueError, match="has the columns"):
+        render(path)
+    assert plot_script().main([str(path)]) == 2
+    assert "not this harness's" in capsys.readouterr().err and not list(tmp_path.glob("other*.md"))
+
+
+FLOOR_ROWS = [
+    row("vstar_triton", 320, 20, 16, 64, "2", gbps="1000", pct="50", tflops="1.5"),
+    row("sdpa_floor", 320, 20, 16, 64, "1", backend="cudnn"),
+]
+
+
+def test_the_floor_is_labelled_by_the_backend_it_ran(tmp_path, monkeypatch):
+    md = markdown(FLOOR_ROWS, "t")
+    assert "`sdpa_floor` ran `cudnn` (FA3-class floor (cuDNN SDPA))" in md
+    assert "| N | vstar_triton ms | GB/s | % copy BW | TFLOP/s | sdpa_floor |" in md
+    assert "| 16 | 2 | 1,000 | 50% | 1.5 | 1 (0.5x) |" in md
+    fig = plotted(FLOOR_ROWS, tmp_path, monkeypatch)["time"]
+    assert "sdpa_floor: FA3-class floor (cuDNN SDPA)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    flash = [FLOOR_ROWS[0], dict(FLOOR_ROWS[1], backend="flash")]
+    assert "`sdpa_floor` ran `flash` (FA2-class (flash SDPA))" in markdown(flash, "t")
+
+
+def test_groups_are_split_by_setup():
+    rows = [row("vstar_auto", 2048, 5, 16, 64, "120", dtype="fp32", setup=f"threads={t}", device=CPU)
+            for t in (1, 2)]
+    md = markdown(rows, "t")
+    for threads in (1, 2):
+        assert f"### modelscope-256x256-l0 [threads={threads}]: B x H = 10,240, D = 64" in md

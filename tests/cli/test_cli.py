@@ -71,10 +71,77 @@ def test_info_says_what_triton_interpret_does(value, line, monkeypatch, capsys):
     assert f"\n{line}\n" in capsys.readouterr().out
 
 
+def test_help_and_a_wrong_option_answer_without_importing_torch():
+    """argparse alone answers `--help` and a bad option: torch (seconds to import) is imported by the commands."""
+    for argv, code in ((["--help"], 0), (["bench", "--help"], 0), (["plot-delta", "--num-frames", "x"], 2),
+                       (["info", "--bogus"], 2)):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "vstar_kernels", *argv], capture_output=True,
+                             text=True, timeout=120, env=clean_env(), cwd=ROOT)
+        assert res.returncode == code, res.stderr
+        imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+        assert "vstar_kernels.cli" in imported and "torch" not in imported, argv
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-frames", "0"], "argument --num-frames: must be a positive int, got '0'"),
+    (["--dpi", "-5"], "argument --dpi: must be a positive int, got '-5'"),
+    (["--out", "/nonexistent/dir/d.png"], "argument --out: the folder /nonexistent/dir does not exist"),
+])
+def test_plot_delta_names_the_bad_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plot-delta", *argv])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"vstar-kernels plot-delta: error: {message}"
+
+
+def test_demo_attention_refuses_a_missing_folder_before_running(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo-attention", "--out", "/nonexistent/dir/a.png"])
+    assert exit_.value.code == 2
+    assert "argument --out: the folder /nonexistent/dir does not exist" in capsys.readouterr().err
+
+
+def make_dry_run(target, setup_dir, cwd=ROOT, **variables):
+    """The commands `make TARGET` would run (make -n), with the install stamps under setup_dir."""
+    args = [f"{k}={v}" for k, v in {"PY": sys.executable, "SETUP_DIR": setup_dir, **variables}.items()]
+    res = subprocess.run(["make", "-n", target, *args], capture_output=True, text=True, timeout=60, env=clean_env(),
+                         cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    return [line.strip() for line in res.stdout.splitlines()]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_installs_the_package_without_the_test_extra(tmp_path):
+    lines = make_dry_run("demo", tmp_path)
+    assert [line for line in lines if "pip install" in line] == [
+        f'{sys.executable} -c "import torch" 2>/dev/null || {sys.executable} -m pip install torch==2.13.0',
+        f'{sys.executable} -m pip install -e "."']
+    assert lines[-1] == f"{sys.executable} -m vstar_kernels demo"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_installs_once_until_setup_py_or_the_interpreter_changes(tmp_path):
+    """A stamp per install, named by setup.py's content and the interpreter: a second `make test` (or a `make demo`
+    after it) runs no pip; a changed setup.py or another interpreter installs again."""
+    for name in ("Makefile", "setup.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    first = make_dry_run("test", ".setup", cwd=tmp_path)
+    assert f'{sys.executable} -m pip install -e ".[test]"' in first
+    [stamp] = [line.split()[-1] for line in first if line.startswith("mkdir -p .setup && touch ")]
+    (tmp_path / stamp).parent.mkdir()
+    (tmp_path / stamp).touch()
+    for target in ("test", "demo"):
+        assert not [line for line in make_dry_run(target, ".setup", cwd=tmp_path) if "pip" in line]
+    assert any("pip install" in line for line in make_dry_run("test", ".setup", cwd=tmp_path, PY="python3.999"))
+    with open(tmp_path / "setup.py", "a") as f:
+        f.write("# a change\n")
+    assert f'{sys.executable} -m pip install -e ".[test]"' in make_dry_run("test", ".setup", cwd=tmp_path)
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_demo_runs_without_triton_interpret():
-    """The README's first command. `-o setup`: the set-up's pip install is not repeated here."""
-    res = subprocess.run(["make", "-o", "setup", "demo", f"PY={sys.executable}"], capture_output=True, text=True,
+    """The README's first command. `-o setup-demo`: the set-up's pip install is not repeated here."""
+    res = subprocess.run(["make", "-o", "setup-demo", "demo", f"PY={sys.executable}"], capture_output=True, text=True,
                          timeout=600, env=clean_env(), cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "all outputs match the reference" in res.stdout
@@ -83,17 +150,15 @@ def test_make_demo_runs_without_triton_interpret():
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_make_test_sets_up_then_runs_the_suite_with_the_interpreter():
+def test_make_test_sets_up_then_runs_the_suite_with_the_interpreter(tmp_path):
     """The README's second command: the set-up it runs, then its pytest call on one test that needs
     the interpreter (the whole suite is what CI runs)."""
-    res = subprocess.run(["make", "-n", "test", f"PY={sys.executable}"], capture_output=True, text=True,
-                         timeout=60, env=clean_env(), cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    assert [ln.strip() for ln in res.stdout.splitlines()][-2:] == [
-        f'{sys.executable} -m pip install -e ".[test]"',
-        f"{sys.executable} -m pytest -q -n auto --dist loadfile --no-loadscope-reorder"]
+    lines = make_dry_run("test", tmp_path)
+    assert f'{sys.executable} -m pip install -e ".[test]"' in lines
+    assert lines[-1] == (f"{sys.executable} -m pytest -q -o console_output_style=count --durations=15 -n auto "
+                         "--dist loadfile --no-loadscope-reorder")
     one = f"{pathlib.Path(__file__).resolve().relative_to(ROOT)}::test_kernels_run_in_the_interpreter_in_this_suite"
-    res = subprocess.run(["make", "-o", "setup", "test", f"PY={sys.executable}"], capture_output=True, text=True,
+    res = subprocess.run(["make", "-o", "setup-test", "test", f"PY={sys.executable}"], capture_output=True, text=True,
                          timeout=600, env=clean_env(PYTEST_ADDOPTS=f"{one} -p no:cacheprovider"), cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 passed" in res.stdout
@@ -109,23 +174,15 @@ def test_plot_delta_and_demo_attention_draw_their_pictures(tmp_path):
 
 
 @pytest.mark.skipif(not CPU, reason="the CPU path: the kernels in the Triton interpreter")
-def test_bench_runs_the_kernels_without_triton_interpret(tmp_path):
+def test_bench_runs_the_kernels_without_triton_interpret_and_writes_where_it_runs(tmp_path):
+    """Run from another folder, the package in this checkout: the results go to ./vstar-bench-results there."""
     res = run("bench", "--quick", "--n", "16", "--impls", "vstar_triton", "--no-plots", "--no-progress",
-              "--out", str(tmp_path))
+              env=clean_env(PYTHONPATH=str(ROOT)), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    [path] = tmp_path.glob("*.csv")
+    [path] = (tmp_path / "vstar-bench-results").glob("*.csv")
     with path.open() as f:
         status = {r["impl"]: r["status"] for r in csv.DictReader(f)}
     assert status["vstar_triton_interpreter"].startswith("checked: "), status
-
-
-def test_bench_results_go_to_the_checkout_or_a_named_folder(tmp_path, monkeypatch):
-    from vstar_kernels.bench.harness import default_results_dir
-
-    assert default_results_dir() == ROOT / "benchmarks" / "results"  # this suite runs from the checkout
-    monkeypatch.setattr(_env, "source_checkout", lambda: None)
-    monkeypatch.chdir(tmp_path)
-    assert default_results_dir() == tmp_path / "vstar-bench-results"
 
 
 @pytest.mark.parametrize("argv, module, extra", [

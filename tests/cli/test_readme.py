@@ -8,6 +8,7 @@ a reader would paste them.
 
 import pathlib
 import re
+import warnings
 
 import pytest
 
@@ -98,6 +99,38 @@ def test_install_commands_fit_a_package_on_no_index():
         for pattern in (BY_NAME, UNQUOTED_BRACKETS):
             found = pattern.search(text)
             assert found is None, f"{path.relative_to(ROOT)}: {text[found.start():found.end() + 30]!r}"
+
+
+def test_the_install_shows_the_cpu_torch_first_and_the_torch_the_tests_run_on():
+    """Without a GPU, pip would bring a CUDA torch for the package's `torch>=...`: the README installs the CPU
+    build first, and names the range setup.py accepts and the build `make` installs, which the tests run on."""
+    text = README.read_text(encoding="utf-8")
+    install = text[text.index("## Install"):text.index("## Quick start")]
+    cpu = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert cpu in install and install.index(cpu) < install.index('pip install -e ".[diffusers]"')
+    [accepted] = re.findall(r'"(torch>=[\d.]+)"', (ROOT / "setup.py").read_text(encoding="utf-8"))
+    [tested] = re.findall(r"pip install torch==([\d.]+)", (ROOT / "Makefile").read_text(encoding="utf-8"))
+    assert f"`{accepted}`" in install and f"the tests run on torch {tested}" in install
+
+
+def test_the_readme_says_how_long_make_test_takes():
+    text = README.read_text(encoding="utf-8")
+    assert re.search(r"make test +# .*about \d+ minutes", text)
+    assert re.search(r"`make test` took \d+ min \d+ s on an idle 2-core machine \(\d{4}-\d\d-\d\d\)", text)
+
+
+IMPORTS = re.compile(r"^(?:from vstar_kernels[\w.]* import .+|import vstar_kernels.*)$", flags=re.M)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_the_pages_import_no_deprecated_name(page):
+    """A reader's first run warns of nothing: every block's imports of vstar_kernels, run or not in CI, are current."""
+    for line in IMPORTS.findall("\n".join(blocks(page))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(line, {})
+        assert not [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)
+                    and "vstar_kernels" in str(w.message)], f"{_page_id(page)}: {line}"
 
 
 def test_the_definition_is_referred_to_where_it_lives():

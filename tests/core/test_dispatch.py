@@ -18,8 +18,22 @@ def problem(q, **kw):
     return make_problem(q, q, q, **opts)
 
 
-def test_auto_uses_reference_for_cpu_tensors():
-    assert dispatch.select(problem(torch.randn(1, 1, 8, 8)), "auto").name == "reference"
+def test_auto_uses_the_cpu_backend_for_cpu_tensors():
+    assert dispatch.select(problem(torch.randn(1, 1, 8, 8)), "auto").name == "cpu"
+    assert dispatch.select(problem(torch.randn(1, 1, 8, 8, dtype=torch.float64), causal=True), "auto").name == "cpu"
+
+
+def test_the_cpu_backend_is_named_with_its_reasons(capsys):
+    """`info` names the CPU backend; on other devices it says why not, and "auto" takes the reference."""
+    from vstar_kernels import cli
+
+    assert cli.main(["info"]) == 0
+    assert "backend cpu        on cpu    : available" in capsys.readouterr().out
+    meta = problem(torch.empty(1, 1, 8, 8, device="meta"))
+    with pytest.raises(vk.BackendUnavailableError, match="backend='cpu' cannot run this call: the CPU backend runs "
+                                                         "on CPU tensors, got meta tensors"):
+        dispatch.select(meta, "cpu")
+    assert dispatch.select(meta, "auto").name == "reference"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
@@ -64,9 +78,10 @@ def test_triton_without_interpreter_explains(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
 def test_interpreter_turned_on_after_import_says_what_to_do():
-    """`import vstar_kernels` imports triton, which keeps the mode of that import: setting
+    """Using vstar_kernels imports triton, which keeps the mode of that import: setting
     TRITON_INTERPRET=1 afterwards cannot work, and the error says where to set it instead."""
     code = ("import os, torch, vstar_kernels as vk\n"
+            "vk.tar_attention  # its first use loads the kernels' modules, and triton with them\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
             "q = torch.randn(1, 1, 8, 8)\n"
             "try:\n"
@@ -93,16 +108,16 @@ def test_missing_triton_is_reported_not_raised_at_import(monkeypatch):
     with pytest.raises(vk.BackendUnavailableError, match=r"triton is not importable \(test\)"):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="triton")
     assert dispatch.availability("cpu")["triton"] == "triton is not importable (test)"
-    assert dispatch.availability("cpu")["reference"] == ""
+    assert dispatch.availability("cpu")["reference"] == dispatch.availability("cpu")["cpu"] == ""
 
 
 def test_auto_error_lists_every_backend(monkeypatch):
     class Refuses(dispatch.Backend):
-        name = "reference"
-
         def not_supported_reasons(self, problem):
             return ["refused for the test"]
 
+    monkeypatch.setitem(dispatch.BACKENDS, "cpu", Refuses())
     monkeypatch.setitem(dispatch.BACKENDS, "reference", Refuses())
-    with pytest.raises(vk.BackendUnavailableError, match="no backend can run this call: reference: refused"):
+    with pytest.raises(vk.BackendUnavailableError, match="no backend can run this call: cpu: refused for the test "
+                                                         r"\| reference: refused for the test"):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)))

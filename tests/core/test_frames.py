@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.library import opcheck
 
 import vstar_kernels as vk
-from vstar_kernels import dispatch, reference
+from vstar_kernels import cpu, dispatch, reference
 from vstar_kernels._problem import make_problem
 
 from ..helpers import TOLERANCES, LargestAllocation, opts_id
@@ -186,7 +186,7 @@ EXACT_OPTIONS = [dict(), dict(causal=True), dict(max_mode="global", causal=True)
 def test_frames_arange_is_todays_call_bit_for_bit(monkeypatch, opts, dtype, chunked):
     if chunked:  # blocks of 4 query rows
         monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 4 * 13)
-        monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", 4 * 13)
+        monkeypatch.setattr(cpu, "CHUNK_ELEMENTS", 4 * 13)
     q, k, v = qkv(2, 3, 13, 13, seed=7, dtype=dtype)
     for ids in (torch.arange(13), torch.arange(13, dtype=torch.int32)):
         for fn in (vk.tar_attention, vk.tar_attention_reference):
@@ -295,7 +295,8 @@ def test_gradcheck(fn, opts):
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
 def test_long_sequences_are_chunked_over_query_rows(monkeypatch, grad, max_mode):
     """With a budget of 4 rows, no op allocates more than 8 bytes per budgeted score (the int64 frame
-    distances of one block) or the output: nothing near one slice's N x N scores, and the same result."""
+    distances of one block) or the output: nothing near one slice's N x N scores, and the same result;
+    the CPU backend's chunks too."""
     ids = vk.frame_ids(5, 40, text_before=7, text_after=13)
     n = ids.numel()
     q, k, v = qkv(1, 2, n, n, seed=17, dtype=torch.float32, requires_grad=grad)
@@ -304,11 +305,15 @@ def test_long_sequences_are_chunked_over_query_rows(monkeypatch, grad, max_mode)
     whole = vk.tar_attention_reference(q, k, v, **opts)
     budget = 4 * n
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", budget)
-    monkeypatch.setattr(reference, "INPLACE_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(cpu, "CHUNK_ELEMENTS", budget)
     with LargestAllocation() as mode:
         chunked = vk.tar_attention_reference(q, k, v, **opts)
     assert mode.largest <= max(8 * budget, 4 * chunked.numel()) < 4 * n * n / 10
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    with LargestAllocation() as mode, torch.no_grad():
+        in_place = cpu.cpu_forward(make_problem(q, k, v, strength=1.0, delta=None, scale=None, **opts))
+    assert mode.largest <= max(8 * budget, 4 * chunked.numel())
+    torch.testing.assert_close(in_place, whole, atol=1e-6, rtol=1e-6)
     if grad:
         grad_out = randn(*whole.shape, seed=19, dtype=torch.float32)
         grads = (torch.autograd.grad(out, (q, k, v), grad_out) for out in (chunked, whole))
@@ -332,7 +337,8 @@ def test_global_max_over_row_blocks_shares_ties_evenly(monkeypatch):
 
 def test_a_wan_480p_key_sequence_runs_in_bounded_memory():
     """Keys of Wan 2.1 at 480p and 81 frames (21 latent frames x 1,560 tokens = 32,760) and a text
-    prefix, queries of two frames: no allocation near the 3,120 x 32,986 scores of the slice."""
+    prefix, queries of two frames, on the CPU backend: no allocation near the 3,120 x 32,986 scores of the
+    slice."""
     fk = vk.frame_ids(21, 1560, text_before=226)
     fq = fk[226 + 9 * 1560:226 + 11 * 1560]
     q = randn(1, 1, fq.numel(), 8, seed=23, dtype=torch.float32)
@@ -340,9 +346,11 @@ def test_a_wan_480p_key_sequence_runs_in_bounded_memory():
                                                                              dtype=torch.float32)
     key_mask = torch.ones(1, fk.numel(), dtype=torch.bool)
     key_mask[0, 200:226] = False  # padded text
+    problem = make_problem(q, k, v, frames=(fq, fk), key_mask=key_mask, sigma=2.0, strength=1.0, delta=None,
+                           causal=False, max_mode="row", scale=None)
     with LargestAllocation() as mode:
-        out = vk.tar_attention_reference(q, k, v, frames=(fq, fk), key_mask=key_mask, sigma=2.0)
-    assert mode.largest <= 4 * reference.INPLACE_CHUNK_ELEMENTS < fq.numel() * fk.numel() * 4 / 20
+        out = cpu.cpu_forward(problem)
+    assert mode.largest <= 4 * cpu.CHUNK_ELEMENTS < fq.numel() * fk.numel() * 4 / 20
     rows = [0, 1559, 1560, 3119]  # the first and last query of each frame
     expected = naive_frames(q[:, :, rows], k, v, fq[rows], fk, key_mask=key_mask, sigma=2.0)
     torch.testing.assert_close(out[:, :, rows].double(), expected, atol=2e-5, rtol=2e-5)
@@ -450,7 +458,7 @@ def test_cuda_kernel_declares_it_takes_neither_yet(kwargs, what):
     problem = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
                            **kwargs)
     assert any(what in reason for reason in dispatch.BACKENDS[backend].not_supported_reasons(problem))
-    assert dispatch.select(problem, "auto").name == "reference"
+    assert dispatch.select(problem, "auto").name == "cpu"
     with pytest.raises(vk.BackendUnavailableError, match=f"backend='{backend}' cannot run this call: .*{what}"):
         vk.tar_attention(q, q, q, backend=backend, **kwargs)
 

@@ -44,6 +44,9 @@ CASES = [
     ("strength inf", lambda: qkv(1, 1, 4, 8), dict(strength=math.inf), ValueError, "strength must be finite"),
     ("strength bool", lambda: qkv(1, 1, 4, 8), dict(strength=True), TypeError, "strength must be a real number"),
     ("scale nan", lambda: qkv(1, 1, 4, 8), dict(scale=math.nan), ValueError, "scale must be finite"),
+    ("scale zero", lambda: qkv(1, 1, 4, 8), dict(scale=0), ValueError, r"scale must be > 0 \(.*\), got 0.0"),
+    ("scale negative", lambda: qkv(1, 1, 4, 8), dict(scale=-1), ValueError, "scale must be > 0 .*got -1.0"),
+    ("scale string", lambda: qkv(1, 1, 4, 8), dict(scale="0.1"), TypeError, "scale must be a real number"),
     ("strength beyond float32", lambda: qkv(1, 1, 4, 8), dict(strength=1e39), ValueError,
      r"strength must be finite with \|strength\| <= 3.4028235e\+38 \(the largest float32"),
     ("scale beyond float32", lambda: qkv(1, 1, 4, 8, dtype=torch.float16), dict(scale=-1e39), ValueError,
@@ -91,3 +94,16 @@ def test_empty_batch_and_queries():
     q = torch.randn(1, 2, 0, 8)
     k = v = torch.randn(1, 2, 4, 8)
     assert vk.tar_attention(q, k, v).shape == (1, 2, 0, 8)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True, max_mode="global"), dict(delta=True), dict(frames=True),
+                                  dict(frames=True, delta=True, key_mask=True)], ids=lambda o: ",".join(o) or "plain")
+def test_meta_inputs_give_a_meta_result_of_the_output_shape(fn, opts):
+    """All-meta inputs (what torch.compile's fake tensors and shape inference pass) give a meta output of
+    the call's shape: no value is read (the checks of the ids' values need values, and are left out)."""
+    q, k, v = (torch.empty(2, 3, 8, d, device="meta") for d in (4, 4, 5))
+    ids = vk.frame_ids(2, 3, text_before=2, device="meta")
+    tensors = dict(delta=torch.empty(2, 2, device="meta") if opts.get("frames") else torch.empty(8, 8, device="meta"),
+                   frames=ids, key_mask=torch.ones(2, 8, dtype=torch.bool, device="meta"))
+    out = fn(q, k, v, **{name: tensors[name] if name in tensors else value for name, value in opts.items()})
+    assert out.device.type == "meta" and out.shape == (2, 3, 8, 5) and out.dtype == torch.float32

@@ -41,7 +41,7 @@ def test_not_built_is_reported_not_raised(monkeypatch, fresh_cuda_probe):
                              r"\(VSTAR_BUILD_CUDA=1 pip install -e \. --no-build-isolation"):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="cuda")
     assert dispatch.availability("cpu")["cuda"].startswith(tar_cuda.NOT_BUILT)
-    assert dispatch.select(problem(torch.randn(1, 1, 8, 8)), "auto").name == "reference"
+    assert dispatch.select(problem(torch.randn(1, 1, 8, 8)), "auto").name == "cpu"
 
 
 def test_broken_library_is_reported_not_raised(monkeypatch, tmp_path, fresh_cuda_probe):

@@ -28,7 +28,8 @@ from diffusers import ContextParallelConfig, ParallelConfig
 from diffusers.models import attention_dispatch
 from torch.distributed.device_mesh import DeviceMesh
 
-from vstar_kernels.diffusers import TARConfig, apply_tar, capture_frame_attention, remove_tar
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar, capture_frame_attention, remove_tar
 
 from .tiny_dit_models import BATCH, FAMILIES, randn
 

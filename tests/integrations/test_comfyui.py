@@ -8,6 +8,7 @@ runs such checks against a real ComfyUI.
 """
 
 import importlib
+import logging
 import math
 import pathlib
 import subprocess
@@ -18,9 +19,13 @@ import pytest
 import torch
 
 import vstar_kernels.comfyui as vc
-from vstar_kernels import cli
+from vstar_kernels import BackendUnavailableError, cli
 from vstar_kernels.comfyui import models as vc_models
-from vstar_kernels.comfyui.patch import MarkedForward, key_mask
+from vstar_kernels.comfyui.patch import key_mask, marked
+
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
+                                 guard_filtered_compile, in_time, keyword_recorder, nag, newer_attention,
+                                 replace_self_attention, swallowing, tar_calls, warnings_of)
 
 STANDIN = pathlib.Path(__file__).resolve().parent / "comfyui_standin"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -31,22 +36,27 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def comfy():
-    """The stand-in `comfy` package, in sys.modules for this module's tests only."""
-    saved = {name: mod for name, mod in sys.modules.items() if name == "comfy" or name.startswith("comfy.")}
+    """The stand-in `comfy` (and `comfy_api`) package, in sys.modules for this module's tests only."""
+    def standin(name):
+        return name.split(".")[0] in ("comfy", "comfy_api")
+    saved = {name: mod for name, mod in sys.modules.items() if standin(name)}
     for name in saved:
         del sys.modules[name]
     sys.path.insert(0, str(STANDIN))
     try:
+        import comfy.context_windows
         import comfy.ldm.hunyuan_video.model
+        import comfy.ldm.modules.diffusionmodules.openaimodel
         import comfy.ldm.wan.model
         import comfy.model_base
         import comfy.model_patcher
         import comfy.samplers
+        import comfy_api.torch_helpers
 
         yield comfy
     finally:
         sys.path.remove(str(STANDIN))
-        for name in [n for n in sys.modules if n == "comfy" or n.startswith("comfy.")]:
+        for name in [n for n in sys.modules if standin(n)]:
             del sys.modules[name]
         sys.modules.update(saved)
 
@@ -57,6 +67,18 @@ def wan(comfy, dtype=torch.float64, seed=0, **config):
     torch.manual_seed(seed)
     net = comfy.ldm.wan.model.WanModel(**config)
     _sharpen(net)
+    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+
+
+def svd(comfy, dtype=torch.float64, seed=0, **config):
+    """The toy SVD, its temporal self-attention (time_stack attn1) marked for the oracle."""
+    torch.manual_seed(seed)
+    net = comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel(**config)
+    _sharpen(net)
+    for module in net.modules():
+        if type(module).__name__ == "SpatialVideoTransformer":
+            for block in module.time_stack:
+                setattr(block.attn1, ORACLE, True)
     return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
 
 
@@ -117,17 +139,22 @@ def dense_tar(q, k, v, ids, sigma, strength, keep=None):
 
 def oracle_override(ids, sigma, strength, sigmas_in):
     """An attention override that regularizes the calls marked by `mark_self_attention` at the steps whose
-    sigma is in `sigmas_in`; ids of the video come first, whatever follows (text) gets -1."""
+    sigma is in `sigmas_in` (all steps when None), over the whole video: ids of the video come first (`ids`, or
+    `ids(options)`: a function of the call's transformer_options), whatever follows (text) gets -1; calls over
+    fewer tokens (a part of the video) and over query slices are left plain."""
     def override(func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
                  transformer_options=None, **kwargs):
         options = transformer_options
-        if not options.get(ORACLE) or float(options["sigmas"][0]) not in sigmas_in:
+        video = ids(options) if callable(ids) else ids
+        axis = 2 if skip_reshape else 1
+        if not options.get(ORACLE) or (sigmas_in is not None and float(options["sigmas"][0]) not in sigmas_in) \
+                or q.shape[axis] != k.shape[axis] or q.shape[axis] < len(video):
             return func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
                         transformer_options=options, **kwargs)
         if not skip_reshape:
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         n = q.shape[2]
-        full = torch.cat([ids, torch.full((n - len(ids),), -1)])
+        full = torch.cat([video, torch.full((n - len(video),), -1)])
         keep = None if mask is None else (mask.reshape(mask.shape[0], -1) == 0).expand(q.shape[0], n)
         out = dense_tar(q, k, v, full, sigma, strength, keep).to(q.dtype)
         return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
@@ -136,17 +163,21 @@ def oracle_override(ids, sigma, strength, sigmas_in):
 
 @pytest.fixture
 def mark_self_attention(comfy, monkeypatch):
-    """Patch the toy models' classes so their video self-attention marks its transformer_options for the oracle."""
-    def marking(cls):
+    """Patch the toy models' classes so their video self-attention marks its transformer_options for the oracle (the
+    SVD toy's attention class: the instances with an ORACLE attribute, its temporal self-attention)."""
+    def marking(cls, marked=lambda module: True):
         original = cls.forward
 
         def forward(self, *args, transformer_options={}, **kwargs):
-            return original(self, *args, transformer_options={**transformer_options, ORACLE: True}, **kwargs)
+            if marked(self):
+                transformer_options = {**transformer_options, ORACLE: True}
+            return original(self, *args, transformer_options=transformer_options, **kwargs)
         monkeypatch.setattr(cls, "forward", forward)
 
     marking(comfy.ldm.wan.model.WanSelfAttention)
     marking(comfy.ldm.hunyuan_video.model.DoubleStreamBlock)
     marking(comfy.ldm.hunyuan_video.model.SingleStreamBlock)
+    marking(comfy.ldm.modules.diffusionmodules.openaimodel.CrossAttention, lambda module: hasattr(module, ORACLE))
 
 
 def oracle_sample(comfy, model, ids, sigma, strength, steps_in, latent_shape, cond, uncond, dtype):
@@ -176,11 +207,20 @@ def test_node_declaration():
 
 
 def test_imports_without_comfyui():
+    """The package imports without ComfyUI; apply_tar checks its arguments, then says that it needs ComfyUI."""
     code = ("import sys; sys.modules['comfy'] = None; import vstar_kernels.comfyui as c; "
-            "print(sorted(c.NODE_CLASS_MAPPINGS))")
+            "print(sorted(c.NODE_CLASS_MAPPINGS))\n"
+            "for strength in (float('nan'), 1.0):\n"
+            "    try:\n"
+            "        c.apply_tar(None, strength, 1.0)\n"
+            "    except Exception as exc:\n"
+            "        print(type(exc).__name__, exc)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "['VSTAR_TAR']"
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "['VSTAR_TAR']"
+    assert lines[1].startswith("ValueError VSTAR_TAR: strength must be a finite real number")
+    assert lines[2].startswith("ImportError VSTAR_TAR: apply_tar needs ComfyUI: run it in ComfyUI's Python")
 
 
 def test_install_writes_a_custom_nodes_package(tmp_path, capsys, monkeypatch):
@@ -289,6 +329,55 @@ def test_reference_frames_lead_the_latent(comfy, mark_self_attention):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
 
 
+def test_wan_s2v_matches_the_oracle(comfy, monkeypatch):
+    """Wan S2V: the video, then the reference and motion frames' tokens (no bias), its blocks run without
+    transformer_options (ComfyUI 0.3.64), so the oracle's override goes in at the self-attention."""
+    self_attention = comfy.ldm.wan.model.WanSelfAttention
+    original, oracle = self_attention.forward, []
+
+    def forward(self, *args, transformer_options={}, **kwargs):
+        if oracle:
+            transformer_options = {**transformer_options, ORACLE: True, "optimized_attention_override": oracle[0]}
+        return original(self, *args, transformer_options=transformer_options, **kwargs)
+    monkeypatch.setattr(self_attention, "forward", forward)
+    dtype = torch.float64
+    torch.manual_seed(0)
+    net = comfy.ldm.wan.model.WanModel_S2V()
+    _sharpen(net)
+    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+    shape = (1, 4, 3, 4, 6)
+    cond, uncond = conditions(dtype, reference_latent=(1, 4, 1, 4, 6), reference_motion=(1, 4, 2, 4, 6))
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    out = sample(comfy, NODE().apply(model, 1.0, 1.0, backend="reference")[0], shape, cond, uncond, dtype)
+    oracle.append(oracle_override(video_ids(3, 4, 6), 1.0, 1.0, None))
+    torch.testing.assert_close(out, sample(comfy, model, shape, cond, uncond, dtype), rtol=0, atol=1e-10)
+    assert (out - stock).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("windows", [None, [[0, 1, 2, 3], [2, 3, 4, 5]], [[0, 2, 4], [1, 3, 5]]],
+                         ids=["whole latent", "context windows", "strided windows"])
+def test_svd_temporal_attention_matches_the_oracle(comfy, mark_self_attention, windows):
+    """SVD: the temporal self-attention (each spatial site's 6 frames, one token each: frame ids 0..5) is
+    regularized, the spatial and the cross-attention not; under context windows (over the batch of frames, dim 0)
+    a frame's id is its index in the latent."""
+    dtype = torch.float64
+    model = svd(comfy, dtype)
+    if windows:
+        model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(windows, dim=0)
+    shape = (6, 4, 3, 4)
+    cond, uncond = conditions(dtype, text=5)
+    cond["num_video_frames"] = uncond["num_video_frames"] = 6
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+
+    def ids(options):
+        return torch.tensor(options["context_window"].index_list if windows else range(6))
+    expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    assert (out - stock).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- steps, stock identity, clones, chaining
 
 @pytest.mark.parametrize("start, end, steps_in", [(0.25, 0.5, [1, 2]), (0.0, 0.25, [0, 1]), (0.5, 1.0, [2, 3])])
@@ -304,6 +393,27 @@ def test_step_window_includes_both_ends(comfy, mark_self_attention, start, end, 
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     fewer = oracle_sample(comfy, model, video_ids(3, 4, 4), 1.0, 1.0, steps_in[1:], shape, cond, uncond, dtype)
     assert (out - fewer).abs().max() > 1e-6
+
+
+def shifted(comfy, model, shift):
+    """The model with ComfyUI's ModelSamplingSD3 applied (an object patch on model_sampling)."""
+    model = model.clone()
+    model.add_object_patch("model_sampling", comfy.model_sampling.ModelSamplingDiscreteFlow(shift))
+    return model
+
+
+def test_the_step_window_follows_a_shift_applied_after_the_node(comfy, mark_self_attention):
+    """A shift node after the node moves the schedule: the window is the shifted model's (resolved when the model
+    runs), steps 1 and 2 of 4 at shift 1; with the sigmas of the model the node saw (shift 8), no step."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=0.25, end_percent=0.5, backend="reference")
+    out = sample(comfy, shifted(comfy, tar, 1.0), shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, shifted(comfy, model, 1.0), video_ids(3, 4, 4), 1.0, 1.0, [1, 2], shape, cond,
+                             uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -334,8 +444,8 @@ def test_clone_semantics(comfy):
     assert not torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), stock)
     assert torch.equal(sample(comfy, model, shape, cond, uncond, dtype), stock)   # the input, after the clone ran
     for block in model.model.diffusion_model.blocks:
-        assert not isinstance(block.self_attn.forward, MarkedForward)
-    assert len(tar.object_patches) == 2 and all(isinstance(p, MarkedForward) for p in tar.object_patches.values())
+        assert marked(block.self_attn.forward) is None
+    assert len(tar.object_patches) == 2 and all(marked(p) for p in tar.object_patches.values())
 
 
 def recorder(calls):
@@ -443,17 +553,19 @@ def test_attention_outside_the_override_is_an_error(comfy, monkeypatch):
 
 def test_too_many_reference_frames_is_an_error(comfy):
     (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, reference_frames=2)
-    with pytest.raises(ValueError, match="reference_frames=2 leaves none of this call's 2 latent frames as video"):
+    with pytest.raises(ValueError, match=r"reference_frames=2 leaves none of this call's latent frames \[0, 1\] as "
+                                         r"video"):
         sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
 
 
 def test_a_call_mixing_steps_inside_and_outside_the_window_is_an_error():
-    settings = vc.patch.Settings(1.0, 1.0, sigma_start=0.75, sigma_end=0.25, reference_frames=0, backend="auto")
-    wrapper = vc.patch.TARWrapper(settings, vc_models.WAN)
-    assert wrapper.regularizes(torch.tensor([0.75, 0.75])) and wrapper.regularizes(torch.tensor([0.25]))
-    assert not wrapper.regularizes(torch.tensor([0.875, 0.875]))
+    settings = vc.patch.Settings(1.0, 1.0, start_percent=0.25, end_percent=0.75, reference_frames=0, backend="auto")
+    wrapper = vc.patch.TARPatch(settings, vc_models.WAN, {})
+    flow = types.SimpleNamespace(percent_to_sigma=lambda percent: 1.0 - percent)
+    assert wrapper.regularizes(torch.tensor([0.75, 0.75]), flow) and wrapper.regularizes(torch.tensor([0.25]), flow)
+    assert not wrapper.regularizes(torch.tensor([0.875, 0.875]), flow)
     with pytest.raises(ValueError, match=r"one model call mixes sigmas inside and outside the window \[0.25, 0.75\]"):
-        wrapper.regularizes(torch.tensor([0.5, 0.875]))
+        wrapper.regularizes(torch.tensor([0.5, 0.875]), flow)
 
 
 def test_key_masks():
@@ -502,6 +614,10 @@ def test_layouts_of_the_other_models():
         vc_models.Layout(0, 3, 63, 126, False)
     with pytest.raises(ValueError, match="10 keyframe guide tokens are not whole frames of 63 tokens"):
         vc_models.family_of(ltx).layout(ltx, x, {"keyframe_idxs": torch.zeros(1, 3, 10)})
+    s2v = fake("comfy.ldm.wan.model", "WanModel_S2V", patch_size=(1, 2, 2))
+    layout = vc_models.family_of(s2v).layout(s2v, x, {"reference_latent": torch.zeros(1, 4, 1, 7, 9)})
+    assert layout == vc_models.Layout(0, 5, 20, 0, True, "the reference and motion tokens")
+    assert layout.describe() == "5 frames x 20 tokens, then the reference and motion tokens"
     mochi = fake("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint", patch_size=2)
     assert vc_models.family_of(mochi).layout(mochi, x, {}) == vc_models.Layout(0, 5, 20, 0, True)
     for module, name in (("comfy.ldm.cosmos.model", "GeneralDIT"), ("comfy.ldm.cosmos.predict2", "MiniTrainDIT")):
@@ -530,6 +646,261 @@ def test_targets_of_the_other_models():
                                                               "blocks.block1.blocks.1.block"]
     cosmos2 = fake("comfy.ldm.cosmos.predict2", "MiniTrainDIT", blocks=listing(1))
     assert vc_models.family_of(cosmos2).targets(cosmos2) == ["blocks.0.self_attn"]
-    s2v = fake("comfy.ldm.wan.model", "WanModel_S2V")
-    with pytest.raises(ValueError, match="WanModel_S2V is not a video model the node knows"):
-        vc_models.family_of(s2v)
+    for module, name in (("comfy.ldm.wan.model", "WanModel_S2V"), ("comfy.ldm.wan.model_animate", "AnimateWanModel")):
+        wan_ = fake(module, name, blocks=listing(2))
+        assert vc_models.family_of(wan_).targets(wan_) == ["blocks.0.self_attn", "blocks.1.self_attn"]
+    image = fake("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel", named_modules=lambda: [])
+    with pytest.raises(ValueError, match="this UNet has no temporal attention .* an image model. AnimateDiff-Evolved's "
+                                         "motion modules cannot be regularized"):
+        vc_models.family_of(image).targets(image)
+
+
+def test_svd_targets_and_layout(comfy):
+    """The temporal self-attention of each SpatialVideoTransformer, one token per frame; SD's UNet (the same
+    class, no temporal attention) is refused."""
+    unet = comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel
+    family = vc_models.family_of(unet())
+    assert family.targets(unet()) == ["input_blocks.0.time_stack.0.attn1", "middle_block.0.time_stack.0.attn1"]
+    assert family.layout(unet(), torch.zeros(2 * 6, 4, 3, 4), {"num_video_frames": 6}) == \
+        vc_models.Layout(0, 6, 1, 0, False)
+    with pytest.raises(ValueError, match=r"expected a latent of \(batch x num_video_frames, channels, height, width\), "
+                                         r"got shape \(10, 4, 3, 4\) with num_video_frames=6"):
+        family.layout(unet(), torch.zeros(10, 4, 3, 4), {"num_video_frames": 6})
+    with pytest.raises(ValueError, match="this UNet has no temporal attention"):
+        NODE().apply(comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(unet(temporal=False))), 1.0, 1.0)
+
+
+# ---------------------------------------------------------------- companion nodes, newer and older ComfyUI
+
+@pytest.mark.parametrize("weight", [0.0, 0.5], ids=["backend patch", "enhance patch"])
+def test_a_later_patch_of_the_same_forward_is_refused(comfy, monkeypatch, weight):
+    """Applied after the node, such a patch replaces TAR's: sampling is refused, naming it. Applied before, the
+    node keeps it and TAR runs in it."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=REPLACED):
+        sample(comfy, replace_self_attention(tar, weight), shape, cond, uncond, dtype)
+    before = replace_self_attention(model, weight)
+    calls = tar_calls(monkeypatch)
+    out = sample(comfy, NODE().apply(before, 1.0, 1.0)[0], shape, cond, uncond, dtype)
+    assert len(calls) == 2 * STEPS
+    assert not torch.equal(out, sample(comfy, before, shape, cond, uncond, dtype))
+    if weight == 0.0:
+        assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+
+
+def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
+    """TeaCache and MagCache run Wan's blocks without transformer_options: TAR still runs in them. A call whose
+    blocks the cache skips regularizes nothing, and says so once per sampling run."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    expected = sample(comfy, tar, shape, cond, uncond, dtype)
+    assert not torch.equal(expected, sample(comfy, model, shape, cond, uncond, dtype))
+    assert torch.equal(sample(comfy, cache_node(tar), shape, cond, uncond, dtype), expected)
+    assert torch.equal(sample(comfy, NODE().apply(cache_node(model), 1.0, 1.0)[0], shape, cond, uncond, dtype),
+                       expected)
+    assert not warnings_of(caplog, "VSTAR_TAR")
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        sample(comfy, cache_node(tar, skip_every=2), shape, cond, uncond, dtype)
+    (skipped,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "a model call in the window ran none of the regularized self-attention modules: another node skipped " \
+           "the model's computation (a cache node reusing an earlier result does)" in skipped.getMessage()
+
+
+def test_freelong_windows_run_without_tar_and_say_so(comfy, mark_self_attention, caplog):
+    """LongLook's FreeLong runs each block again on windows of frames, whose frames the attention call does not
+    carry: those calls are handed on as they came (no error for FreeLong to catch), said once per run; the
+    blocks' passes over the whole video are regularized."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 4, 4, 4)     # 4 frames x 4 tokens
+    cond, uncond = conditions(dtype)
+    errors = []
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        out = sample(comfy, freelong(tar, 4, 2, errors), shape, cond, uncond, dtype)
+    assert errors == []
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "blocks.0.self_attn ran its self-attention over 8 tokens, but this model call's latent makes 4 frames x 4 " \
+           "tokens (16 tokens): another node ran it on other tokens (LongLook's FreeLong does" in said.getMessage()
+    stock = sample(comfy, freelong(model, 4, 2, []), shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, freelong(model, 4, 2, []), video_ids(4, 4, 4), 1.0, 1.0, range(STEPS), shape,
+                             cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    assert (out - stock).abs().max() > 1e-3
+
+
+def test_nag_on_the_cross_attention_composes(comfy, mark_self_attention):
+    """KJNodes' WanVideoNAG patches the blocks' cross-attention: applied before or after the node, TAR runs in the
+    self-attention of the model NAG changed."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    expected = oracle_sample(comfy, nag(model, 0.5), video_ids(3, 4, 4), 1.0, 1.0, range(STEPS), shape, cond, uncond,
+                             dtype)
+    assert not torch.equal(sample(comfy, nag(model, 0.5), shape, cond, uncond, dtype),
+                           sample(comfy, model, shape, cond, uncond, dtype))
+    for tar in (nag(NODE().apply(model, 1.0, 1.0, backend="reference")[0], 0.5),
+                NODE().apply(nag(model, 0.5), 1.0, 1.0, backend="reference")[0]):
+        torch.testing.assert_close(sample(comfy, tar, shape, cond, uncond, dtype), expected, rtol=0, atol=1e-10)
+
+
+def test_an_error_another_node_catches_is_raised_after_the_call(comfy):
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, backend="triton")      # float64: not a Triton kernel dtype
+    with pytest.raises(BackendUnavailableError, match="float64 is not a kernel dtype"):
+        sample(comfy, swallowing(tar), (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
+
+
+def test_a_comfyui_without_the_attention_override_is_refused(comfy, monkeypatch):
+    monkeypatch.delattr(comfy.ldm.modules.attention, "wrap_attn")
+    with pytest.raises(RuntimeError, match=r"VSTAR_TAR needs ComfyUI 0\.3\.60 or newer, whose attention functions "
+                                           r"hand each call to .*this ComfyUI \(of unknown version\) has no such "
+                                           r"override"):
+        NODE().apply(wan(comfy), 1.0, 1.0)
+
+
+def test_attention_keywords_the_node_does_not_know_pass(comfy, mark_self_attention, monkeypatch):
+    newer_attention(monkeypatch, comfy.ldm.wan.model, slices=False)
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 6)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, model, video_ids(3, 4, 6), 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_query_slices_are_handed_on_as_they_came(comfy, monkeypatch, caplog):
+    """A self-attention computed in query slices: a slice's rows are not known, so the calls go, unchanged (their
+    keywords too), to the override that was there, and the node says so once per run."""
+    newer_attention(monkeypatch, comfy.ldm.wan.model, slices=True)
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 6)     # 3 frames x 6 tokens: slices of 9 queries
+    cond, uncond = conditions(dtype)
+    stock = sample(comfy, model, shape, cond, uncond, dtype)
+    calls = []
+    chained = model.clone()
+    chained.model_options["transformer_options"]["optimized_attention_override"] = keyword_recorder(calls)
+    (tar,) = NODE().apply(chained, 1.0, 1.0)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), stock)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "blocks.0.self_attn computed its self-attention in query slices (9 of 18 queries in a call)" \
+           in said.getMessage()
+    assert sorted(set(calls)) == [(9, 18, False), (18, 7, False)]
+    assert calls.count((9, 18, False)) == 2 * 2 * STEPS
+
+
+WINDOWS = {   # windows of 8 latent frames, reference_frames
+    "overlapping, one reference frame": ([[0, 1, 2, 3], [3, 4, 5, 6], [4, 5, 6, 7]], 1),
+    "strided": ([[0, 2, 4, 6], [1, 3, 5, 7]], 0),
+    "looped": ([[6, 7, 0, 1], [1, 2, 3, 4], [4, 5, 6, 7]], 0),
+    "looped, strided": ([[4, 6, 0, 2], [1, 3, 5, 7], [0, 1, 2, 3]], 0),
+}
+
+
+@pytest.mark.parametrize("case", list(WINDOWS))
+def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attention, case):
+    """In a context window, a frame's id is its index in the whole latent, in time (a looped window's frames stay
+    consecutive across the latent's end); the reference frames are the whole latent's first ones, so only a
+    window holding them has any."""
+    windows, lead = WINDOWS[case]
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(windows)
+    shape = (1, 4, 8, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=lead, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+
+    def ids(options):
+        index = options["context_window"].index_list
+        return torch.tensor([t if i >= lead else -1 for i, t in zip(index, in_time(index, 8)) for _ in range(4)])
+    expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_a_looped_window_needs_the_latent_length(comfy):
+    """Outside ComfyUI's sampler (no OUTER_SAMPLE wrapper: the latent's length unknown) a window that wraps around
+    is an error, never ids that put its last frames far from its first."""
+    settings = vc.patch.Settings(1.0, 1.0, 0.0, 1.0, reference_frames=0, backend="auto")
+    wrapper = vc.patch.TARPatch(settings, vc_models.WAN, {})
+    layout = vc_models.Layout(0, 4, 4, 0, False)
+    window = comfy.context_windows.IndexListContextWindow([6, 7, 0, 1], dim=2)
+    assert wrapper.frame_ids(layout, {"context_window": window}, vc.patch.Run((1, 4, 8, 4, 4))) == (6, 7, 8, 9)
+    with pytest.raises(ValueError, match=r"the context window \[6, 7, 0, 1\] wraps around the latent's end, and the "
+                                         r"latent's length is not known"):
+        wrapper.frame_ids(layout, {"context_window": window}, vc.patch.Run(()))
+
+
+# ---------------------------------------------------------------- torch.compile
+
+def test_torch_compile_traces_the_blocks_once(comfy):
+    """ComfyUI's TorchCompileModel on a model with the node, each block a frame of its own (an attention that breaks
+    the graph): the frames compiled do not grow with the blocks (a block's patch once recompiled each block, and
+    dynamo's limit of 8 recompiles left most blocks of a 12-block model uncompiled), and the result is TAR's."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    dtype = torch.float64
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    frames = {}
+    for layers in (4, 12):
+        model = graph_breaking_attention(wan(comfy, dtype, num_layers=layers))
+        (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+        compiled = tar.clone()
+        set_torch_compile_wrapper(compiled, backend="eager")
+        out, frames[layers] = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+        assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+        assert not torch.equal(out, sample(comfy, model, shape, cond, uncond, dtype))
+    assert frames[12] <= frames[4], frames
+
+
+def test_torch_compile_of_a_joint_attention(comfy):
+    """HunyuanVideo's video-then-text attention compiled: the text's ids are made in the graph; the result is TAR's."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    dtype = torch.float64
+    shape = (1, 4, 3, 6, 5)
+    cond, uncond = conditions(dtype, text=6)
+    (tar,) = NODE().apply(hunyuan(comfy, dtype), 1.0, 1.0, backend="reference")
+    compiled = tar.clone()
+    set_torch_compile_wrapper(compiled, backend="eager")
+    out, _ = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+    assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+
+
+def test_a_compile_guard_filter_keeps_the_window(comfy):
+    """KJNodes' TorchCompileModelAdvanced compiles with a guard filter that drops the guards on transformer_options;
+    the node does not keep the call under way there, so a graph compiled for the steps before the window does not
+    run in it: the result is the node's without compile."""
+    dtype = torch.float64
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(wan(comfy, dtype), 1.0, 1.0, start_percent=0.5, backend="reference")
+    out, _ = compiled_frames(lambda: sample(comfy, guard_filtered_compile(tar), shape, cond, uncond, dtype))
+    assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+
+
+def test_a_compiled_diffusion_model_is_unwrapped(comfy):
+    """A diffusion model compiled before the node (put in place by an object patch) is the model it compiled."""
+    dtype = torch.float64
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    model = wan(comfy, dtype)
+    compiled = model.clone()
+    compiled.add_object_patch("diffusion_model", torch.compile(model.get_model_object("diffusion_model"),
+                                                               backend="eager"))
+    (tar,) = NODE().apply(compiled, 1.0, 1.0, backend="reference")
+    out, _ = compiled_frames(lambda: sample(comfy, tar, shape, cond, uncond, dtype))
+    assert torch.equal(out, sample(comfy, NODE().apply(model, 1.0, 1.0, backend="reference")[0], shape, cond, uncond,
+                                   dtype))

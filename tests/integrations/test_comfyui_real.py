@@ -8,6 +8,9 @@ ids written out from the latent's shape. The node's samples must match it, and b
 where TAR is off; the input model must stay as it was; an override already on the model must get
 every call the node does not regularize.
 
+The node's companions (nodes that patch the same model, newer ComfyUI's attention calls) are emulated by
+comfyui_companions.py. On a ComfyUI older than 0.3.60 only the node's refusal is tested.
+
 ComfyUI's Python requirements must be importable (PYTHONPATH may name a folder they were installed
 into with ``pip install --target``): torch, einops, safetensors, psutil, scipy, torchsde,
 torchvision, av, ... When torchvision's compiled operators do not load against this torch (a CUDA
@@ -17,6 +20,7 @@ are defined here first so that it imports; nothing here calls them. ComfyUI runs
 """
 
 import asyncio
+import logging
 import math
 import os
 import pathlib
@@ -28,7 +32,13 @@ import pytest
 import torch
 
 import vstar_kernels.comfyui as vc
-from vstar_kernels.comfyui.patch import MarkedForward
+from vstar_kernels import BackendUnavailableError
+from vstar_kernels.comfyui.patch import marked
+
+from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
+                                 guard_filtered_compile, in_time, keyword_recorder, nag, newer_attention,
+                                 newer_context_windows, replace_self_attention, rifle_x, swallowing, tar_calls,
+                                 warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
@@ -55,7 +65,8 @@ def _torchvision_loads() -> None:
 
 
 @pytest.fixture(scope="module")
-def comfy():
+def comfy_any():
+    """The ComfyUI at COMFYUI_SRC, whatever its version."""
     root = pathlib.Path(COMFYUI_SRC).resolve()
     _torchvision_loads()
     path = list(sys.path)
@@ -67,6 +78,7 @@ def comfy():
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
+        import comfy.context_windows
         import comfy.ldm.cosmos.blocks
         import comfy.ldm.cosmos.predict2
         import comfy.ldm.flux.layers
@@ -90,6 +102,14 @@ def comfy():
             if file and pathlib.Path(file).resolve().is_relative_to(root):
                 del sys.modules[name]
         sys.modules.update(saved)
+
+
+@pytest.fixture(scope="module")
+def comfy(comfy_any):
+    """The ComfyUI at COMFYUI_SRC, when it can run the node (0.3.60 or newer)."""
+    if not hasattr(comfy_any.ldm.modules.attention, "wrap_attn"):
+        pytest.skip("a ComfyUI older than 0.3.60: only the node's refusal is tested")
+    return comfy_any
 
 
 # ---------------------------------------------------------------- models
@@ -119,7 +139,10 @@ def wan(comfy, seed=0, cls="WanModel", **config):
     """A tiny Wan (2 heads of 128, 2 blocks) loaded through ComfyUI's model detection, in float64."""
     config = {"dim": 256, "ffn_dim": 256, "num_heads": 2, "num_layers": 2, "text_dim": 4096, "in_dim": 16,
               "out_dim": 16, **config}
-    net = getattr(comfy.ldm.wan.model, cls)(operations=comfy.ops.disable_weight_init, **config)
+    if cls == "AnimateWanModel":       # a module that ComfyUI 0.3.59 does not have
+        import comfy.ldm.wan.model_animate
+    module = comfy.ldm.wan.model_animate if cls == "AnimateWanModel" else comfy.ldm.wan.model
+    net = getattr(module, cls)(operations=comfy.ops.disable_weight_init, **config)
     state = _init(net.state_dict().items(), seed)
     return comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float64})
 
@@ -169,16 +192,21 @@ def _attention_call(q, k, v, heads, mask=None, attn_precision=None, skip_reshape
 
 def oracle_override(ids, sigma, strength, sigmas_in):
     """TAR by its definition (float64) on calls marked ORACLE at the steps whose sigma is in `sigmas_in` (all
-    steps when None); the tokens after `ids` (text) get -1; masks are additive key masks."""
+    steps when None), over the whole video: `ids` (or `ids(options)`, a function of the call's
+    transformer_options) for the video, -1 for the tokens after it (text); masks are additive key masks.
+    Calls over fewer tokens (a part of the video) and over query slices are left plain."""
     def override(func, *args, **kwargs):
         options = kwargs["transformer_options"]
-        if not options.get(ORACLE) or (sigmas_in is not None and float(options["sigmas"][0]) not in sigmas_in):
-            return func(*args, **kwargs)
         q, k, v, heads, mask, skip_reshape, skip_output_reshape = _attention_call(*args, **kwargs)
+        video = ids(options) if callable(ids) else ids
+        axis = 2 if skip_reshape else 1
+        if not options.get(ORACLE) or (sigmas_in is not None and float(options["sigmas"][0]) not in sigmas_in) \
+                or q.shape[axis] != k.shape[axis] or q.shape[axis] < len(video):
+            return func(*args, **kwargs)
         if not skip_reshape:
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         n = q.shape[2]
-        full = torch.cat([ids, torch.full((n - len(ids),), -1)]).double()
+        full = torch.cat([video, torch.full((n - len(video),), -1)]).double()
         scores = q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
         if mask is not None:
             keep = (mask.reshape(mask.shape[0], -1) == 0).expand(q.shape[0], n)
@@ -203,6 +231,7 @@ MARKS = {
     "mochi": ("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmetricAttention", None),
     "cosmos1": ("comfy.ldm.cosmos.blocks", "VideoAttn", _no_context),
     "cosmos2": ("comfy.ldm.cosmos.predict2", "Attention", _no_context),
+    "svd": ("comfy.ldm.modules.attention", "CrossAttention", lambda self, args, kwargs: hasattr(self, ORACLE)),
 }
 
 
@@ -337,6 +366,21 @@ def test_step_window_includes_both_ends(comfy, mark, start, end, steps_in):
     assert (out - fewer).abs().max() > 1e-4
 
 
+def test_the_step_window_follows_a_shift_applied_after_the_node(comfy, mark):
+    """ModelSamplingSD3 after the node: the window is the shifted model's (sigmas 0.75 and 0.5 at shift 1), not the
+    one of the model the node saw (Wan's shift 8, where no step of this schedule is in the window)."""
+    mark("wan")
+    model = wan(comfy)
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    latent = torch.zeros(1, 16, 3, 6, 8)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=0.25, end_percent=0.5)
+    out = run(comfy, shift_one(comfy, tar), latent, positive, negative, sigmas=sigmas)
+    expected = oracle_run(comfy, shift_one(comfy, model), video_ids(3, 6, 8), 1.0, 1.0, latent, positive, negative,
+                          sigmas_in={0.75, 0.5}, sigmas=sigmas)
+    assert_matches(out, expected, run(comfy, shift_one(comfy, model), latent, positive, negative, sigmas=sigmas))
+
+
 @pytest.mark.parametrize("strength, start, end", [(0.0, 0.0, 1.0), (1.0, 0.6, 0.4), (1.0, 0.3, 0.45)])
 def test_off_is_stock_bit_for_bit(comfy, strength, start, end):
     """Strength 0, a window that starts after it ends, a window between two steps (sigmas 0.75 and 0.5)."""
@@ -368,7 +412,7 @@ def test_clone_semantics(comfy):
     assert (repr(model.model_options), dict(model.object_patches), repr(model.wrappers)) == before
     assert not torch.equal(run(comfy, tar, latent, positive, negative), stock)
     assert torch.equal(run(comfy, model, latent, positive, negative), stock)     # the input, after the clone ran
-    assert not any(isinstance(block.self_attn.forward, MarkedForward) for block in model.model.diffusion_model.blocks)
+    assert not any(marked(block.self_attn.forward) for block in model.model.diffusion_model.blocks)
 
 
 def recorder(calls):
@@ -471,9 +515,313 @@ def test_other_models_match_the_oracle(comfy, mark, case):
     assert_matches(out, expected, stock, atol=1e-6 if dtype == torch.float64 else 1e-4)
 
 
-def test_a_model_the_node_does_not_know_is_an_error(comfy):
+# tiny UNets: 64 channels (ComfyUI's SVD config fixes heads of 64), one level; SVD's temporal attention is in its
+# input, middle and output blocks
+UNET = {"image_size": 32, "use_spatial_transformer": True, "model_channels": 64, "num_res_blocks": [1],
+        "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1], "context_dim": 32}
+SVD_UNET = {**UNET, "in_channels": 8, "out_channels": 4, "transformer_depth_middle": 1,
+            "use_linear_in_transformer": True, "adm_in_channels": 768, "num_classes": "sequential",
+            "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
+            "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "use_temporal_resblock": True,
+            "use_temporal_attention": True, "disable_temporal_crossattention": False}
+
+
+def test_an_image_model_is_an_error(comfy):
+    """SD 1.5's UNet is SVD's class without a temporal attention: refused, saying why AnimateDiff-Evolved's motion
+    modules are not regularized either."""
+    config = {**UNET, "in_channels": 4, "out_channels": 4, "transformer_depth_middle": -1,
+              "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_resblock": False,
+              "use_temporal_attention": False}
+    with pytest.raises(ValueError, match="this UNet has no temporal attention .* an image model. AnimateDiff-Evolved's "
+                                         "motion modules cannot be regularized: they call ComfyUI's attention without "
+                                         "transformer_options"):
+        NODE().apply(configured(comfy, "SD15", config), 1.0, 1.0)
+
+
+@pytest.mark.parametrize("window", [False, True], ids=["whole latent", "context windows over its frames"])
+def test_svd_temporal_attention_matches_the_oracle(comfy, mark, monkeypatch, window):
+    """SVD's temporal attention (each spatial site's 6 frames, one token each) is regularized, the spatial one not;
+    under context windows over the batch of frames (looped, some of every second frame, as newer ComfyUI runs
+    them) a frame's id is its index in the latent, in time."""
+    mark("svd")
+    newer_context_windows(monkeypatch, comfy.context_windows)
+    model = configured(comfy, "SVD_img2vid", SVD_UNET)
+    temporal = [m.time_stack[j].attn1 for m in model.model.diffusion_model.modules()
+                if type(m).__name__ == "SpatialVideoTransformer" for j in range(len(m.time_stack))]
+    assert len(temporal) == 4
+    for attention in temporal:
+        setattr(attention, ORACLE, True)
+    if window:
+        model = context_windows(comfy, model, "looped_uniform", 3, 1, stride=2, dim=0)
+    latent = torch.zeros(6, 4, 8, 8)
+    image = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    positive, negative = texts(dim=32, length=1, concat_latent_image=image)
+    seen = []
+
+    def ids(options):
+        if not window:
+            return torch.arange(6)
+        seen.append(options["context_window"].index_list)
+        return torch.tensor(in_time(seen[-1], 6))
+    stock = run(comfy, model, latent, positive, negative, steps=2)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative, steps=2)
+    assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative, steps=2), stock)
+    assert not window or any(b - a == 2 for index in seen for a, b in zip(index, index[1:]))
+
+
+def test_wan_s2v_matches_the_oracle(comfy, monkeypatch):
+    """Wan 2.2 S2V: the video, then the reference frame's and the motion frames' tokens, which get no bias. ComfyUI
+    0.3.64 runs S2V's blocks without transformer_options, so the oracle's override goes in at the self-attention."""
+    self_attention = comfy.ldm.wan.model.WanSelfAttention
+    original, oracle = self_attention.forward, []
+
+    def forward(self, *args, transformer_options, **kwargs):
+        if oracle:
+            transformer_options = {**transformer_options, ORACLE: True, "optimized_attention_override": oracle[0]}
+        return original(self, *args, transformer_options=transformer_options, **kwargs)
+    monkeypatch.setattr(self_attention, "forward", forward)
+    model = wan(comfy, cls="WanModel_S2V")
+    gen = torch.Generator().manual_seed(6)
+    positive, negative = texts(reference_latents=[torch.randn(1, 16, 1, 8, 8, generator=gen)],
+                               reference_motion=torch.randn(1, 16, 5, 8, 8, generator=gen))
+    latent = torch.zeros(1, 16, 3, 8, 8)
+    stock = run(comfy, model, latent, positive, negative)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative)
+    oracle.append(oracle_override(video_ids(3, 8, 8), 1.0, 1.0, None))
+    assert_matches(out, run(comfy, model, latent, positive, negative), stock)
+
+
+def test_wan_animate_matches_the_oracle(comfy, mark):
+    """Wan 2.2 Animate: its pose latent is added to the video's frames after the first; the leading reference frame
+    (WanAnimateToVideo's trim_latent) gets no bias with reference_frames=1."""
+    mark("wan")
+    model = wan(comfy, cls="AnimateWanModel", num_layers=5, in_dim=36)
+    gen = torch.Generator().manual_seed(7)
+    positive, negative = texts(concat_latent_image=torch.randn(1, 16, 4, 6, 8, generator=gen),
+                               pose_video_latent=torch.randn(1, 16, 3, 6, 8, generator=gen))
+    latent = torch.zeros(1, 16, 4, 6, 8)
+    stock = run(comfy, model, latent, positive, negative)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=1)[0], latent, positive, negative)
+    ids = torch.where(video_ids(4, 6, 8) == 0, -1, video_ids(4, 6, 8))
+    assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative), stock)
+
+
+# ---------------------------------------------------------------- companion nodes, newer and older ComfyUI
+
+def test_a_comfyui_without_the_attention_override_is_refused(comfy_any, monkeypatch):
+    """On ComfyUI 0.3.59 as it is; on a newer one, with its attention override taken away."""
+    attention = comfy_any.ldm.modules.attention
+    if hasattr(attention, "wrap_attn"):
+        monkeypatch.delattr(attention, "wrap_attn")
+    model = comfy_any.sd.load_diffusion_model_state_dict(
+        _init(comfy_any.ldm.wan.model.WanModel(operations=comfy_any.ops.disable_weight_init, dim=256, ffn_dim=256,
+                                               num_heads=2, num_layers=1, text_dim=4096, in_dim=16,
+                                               out_dim=16).state_dict().items(), 0),
+        model_options={"dtype": torch.float64})
+    with pytest.raises(RuntimeError, match=r"VSTAR_TAR needs ComfyUI 0\.3\.60 or newer, whose attention functions hand "
+                                           r"each call to .*: this ComfyUI \(0\.3\.\d+\) has no such override"):
+        NODE().apply(model, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5], ids=["backend patch", "enhance patch"])
+def test_a_later_patch_of_the_same_forward_is_refused(comfy, monkeypatch, weight):
+    """Applied after the node, such a patch replaces TAR's: sampling is refused, naming it. Applied before, the
+    node keeps it and TAR runs in it."""
     model = wan(comfy)
-    s2v = model.clone()
-    s2v.add_object_patch("diffusion_model", comfy.ldm.wan.model.WanModel_S2V.__new__(comfy.ldm.wan.model.WanModel_S2V))
-    with pytest.raises(ValueError, match="comfy.ldm.wan.model.WanModel_S2V is not a video model the node knows"):
-        NODE().apply(s2v, 1.0, 1.0)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=REPLACED):
+        run(comfy, replace_self_attention(tar, weight), latent, positive, negative, steps=2)
+    before = replace_self_attention(model, weight)
+    calls = tar_calls(monkeypatch)
+    out = run(comfy, NODE().apply(before, 1.0, 1.0)[0], latent, positive, negative, steps=2)
+    assert len(calls) == 2 * 2
+    assert not torch.equal(out, run(comfy, before, latent, positive, negative, steps=2))
+    if weight == 0.0:
+        assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=2))
+
+
+def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
+    """TeaCache and MagCache run Wan's blocks without transformer_options: TAR still runs in them. A call whose
+    blocks a cache skips (theirs, or ComfyUI's EasyCache) regularizes nothing, and says so once per sampling run."""
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    expected = run(comfy, tar, latent, positive, negative)
+    assert not torch.equal(expected, run(comfy, model, latent, positive, negative))
+    assert torch.equal(run(comfy, cache_node(tar), latent, positive, negative), expected)
+    assert torch.equal(run(comfy, NODE().apply(cache_node(model), 1.0, 1.0)[0], latent, positive, negative), expected)
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    easy = EasyCacheNode.execute(tar, 3.0, 0.0, 1.0, False).args[0]      # ComfyUI's own: skips the model in steps
+    for cached in (cache_node(tar, skip_every=2), easy):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+            run(comfy, cached, latent, positive, negative, steps=6)
+        (skipped,) = warnings_of(caplog, "VSTAR_TAR")
+        assert "a model call in the window ran none of the regularized self-attention modules" in skipped.getMessage()
+
+
+def test_freelong_windows_run_without_tar_and_say_so(comfy, mark, caplog):
+    """LongLook's FreeLong runs each block again on windows of frames (tokens and rotary embedding cut): those
+    calls are handed on as they came, said once per run; the blocks' passes over the whole video are regularized."""
+    mark("wan")
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 4, 4, 6)     # 4 frames x 6 tokens
+    positive, negative = texts()
+    errors = []
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        out = run(comfy, freelong(tar, 4, 2, errors), latent, positive, negative)
+    assert errors == []
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "ran its self-attention over 12 tokens, but this model call's latent makes 4 frames x 6 tokens (24 " \
+           "tokens): another node ran it on other tokens (LongLook's FreeLong does" in said.getMessage()
+    stock = run(comfy, freelong(model, 4, 2, []), latent, positive, negative)
+    expected = oracle_run(comfy, freelong(model, 4, 2, []), video_ids(4, 4, 6), 1.0, 1.0, latent, positive, negative)
+    assert_matches(out, expected, stock)
+
+
+@pytest.mark.parametrize("companion", ["NAG", "RifleX", "SLG"])
+def test_companions_beside_the_self_attention_compose(comfy, mark, companion):
+    """KJNodes' WanVideoNAG (the cross-attention's forward patched), RifleX (the rotary embedder replaced) and
+    ComfyUI's SkipLayerGuidanceDiT (one more model call per step with a block skipped), applied before or after the
+    node: TAR runs in the self-attention of the model they changed, in every model call that computes it."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+
+    change = {"NAG": lambda model: nag(model, 0.5), "RifleX": lambda model: rifle_x(model, 0.5),
+              "SLG": lambda model: SkipLayerGuidanceDiT.execute(model, 3.0, 0.0, 1.0, "1", "").args[0]}[companion]
+    mark("wan")
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 6)
+    positive, negative = texts()
+    stock = run(comfy, change(model), latent, positive, negative)
+    expected = oracle_run(comfy, change(model), video_ids(3, 4, 6), 1.0, 1.0, latent, positive, negative)
+    assert not torch.equal(stock, run(comfy, model, latent, positive, negative))
+    for tar in (change(NODE().apply(model, 1.0, 1.0)[0]), NODE().apply(change(model), 1.0, 1.0)[0]):
+        assert_matches(run(comfy, tar, latent, positive, negative), expected, stock)
+
+
+def test_an_error_another_node_catches_is_raised_after_the_call(comfy):
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, backend="triton")      # float64: not a Triton kernel dtype
+    with pytest.raises(BackendUnavailableError, match="float64 is not a kernel dtype"):
+        run(comfy, swallowing(tar), torch.zeros(1, 16, 2, 4, 4), *texts(), steps=1)
+
+
+def test_attention_keywords_the_node_does_not_know_pass(comfy, mark, monkeypatch):
+    """Newer ComfyUI passes low_precision_attention=False to the override."""
+    newer_attention(monkeypatch, sys.modules["comfy.ldm.wan.model"], slices=False)
+    mark("wan")
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 6)
+    positive, negative = texts()
+    stock = run(comfy, model, latent, positive, negative)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative)
+    assert_matches(out, oracle_run(comfy, model, video_ids(3, 4, 6), 1.0, 1.0, latent, positive, negative), stock)
+
+
+def test_query_slices_are_handed_on_as_they_came(comfy, monkeypatch, caplog):
+    """A self-attention computed in query slices (newer LTX guide attention): the calls go, unchanged (their
+    keywords too), to the override that was there, and the node says so once per run."""
+    newer_attention(monkeypatch, sys.modules["comfy.ldm.wan.model"], slices=True)
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 6)     # 3 frames x 6 tokens: slices of 9 queries
+    positive, negative = texts()
+    stock = run(comfy, model, latent, positive, negative)
+    calls = []
+    chained = model.clone()
+    chained.model_options["transformer_options"]["optimized_attention_override"] = keyword_recorder(calls)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        assert torch.equal(run(comfy, NODE().apply(chained, 1.0, 1.0)[0], latent, positive, negative), stock)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "blocks.0.self_attn computed its self-attention in query slices (9 of 18 queries in a call)" \
+           in said.getMessage()
+    assert sorted(set(calls)) == [(9, 18, False), (18, 7, False)]
+
+
+def context_windows(comfy, model, schedule, length, overlap, stride=1, dim=2):
+    """The model with ComfyUI's context windows over the latent's frames (as its WAN Context Windows node sets them;
+    its Context Windows node over dim 0 for SVD)."""
+    windows = comfy.context_windows
+    model = model.clone()
+    model.model_options["context_handler"] = windows.IndexListContextHandler(
+        windows.get_matching_context_schedule(schedule), windows.get_matching_fuse_method("pyramid"),
+        context_length=length, context_overlap=overlap, context_stride=stride, dim=dim)
+    return model
+
+
+@pytest.mark.parametrize("schedule, stride, lead", [("standard_static", 1, 1), ("standard_uniform", 2, 0),
+                                                    ("looped_uniform", 2, 0)],
+                         ids=["windows 0-3, 3-6, 4-7 with a reference frame", "strided windows", "looped windows"])
+def test_context_windows_take_the_global_frame_indices(comfy, mark, schedule, stride, lead):
+    """In a context window, a frame's id is its index in the whole latent, in time (a looped window's frames stay
+    consecutive across the latent's end), and only the window holding the whole latent's reference frames has any
+    (windows of 4 of 8 latent frames; the uniform schedules with stride 2 add windows of every second frame)."""
+    mark("wan")
+    model = context_windows(comfy, wan(comfy), schedule, 4, 1, stride)
+    latent = torch.zeros(1, 16, 8, 4, 4)
+    positive, negative = texts()
+    seen = set()
+
+    def ids(options):
+        index = options["context_window"].index_list
+        seen.add(tuple(index))
+        return torch.tensor([t if i >= lead else -1 for i, t in zip(index, in_time(index, 8)) for _ in range(4)])
+    stock = run(comfy, model, latent, positive, negative, steps=2)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=lead)[0], latent, positive, negative, steps=2)
+    assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative, steps=2), stock)
+    if schedule == "standard_static":
+        assert seen == {(0, 1, 2, 3), (3, 4, 5, 6), (4, 5, 6, 7)}
+    else:
+        assert any(b - a == 2 for index in seen for a, b in zip(index, index[1:]))
+    assert any(b < a for index in seen for a, b in zip(index, index[1:])) == (schedule == "looped_uniform")
+
+
+# ---------------------------------------------------------------- torch.compile
+
+def test_torch_compile_traces_the_blocks_once(comfy):
+    """ComfyUI's TorchCompileModel (its set_torch_compile_wrapper, backend "eager") on a model with the node, each
+    block a frame of its own (a Sage-like attention override that breaks the graph, running ComfyUI's pytorch
+    attention, whose compiled frames do not depend on free memory as its CPU default's do): the frames compiled do
+    not grow with the blocks (dynamo's limit of 8 recompiles once left most blocks of 12 uncompiled), and the
+    result is TAR's."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    frames = {}
+    for layers in (4, 12):
+        model = graph_breaking_attention(wan(comfy, num_layers=layers), comfy.ldm.modules.attention.attention_pytorch)
+        (tar,) = NODE().apply(model, 1.0, 1.0)
+        compiled = tar.clone()
+        set_torch_compile_wrapper(compiled, backend="eager")
+        out, frames[layers] = compiled_frames(lambda: run(comfy, compiled, latent, positive, negative, steps=1))
+        assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=1))
+        assert not torch.equal(out, run(comfy, model, latent, positive, negative, steps=1))
+    assert frames[12] <= frames[4], frames
+
+
+def test_a_compile_guard_filter_keeps_the_window(comfy):
+    """KJNodes' TorchCompileModelAdvanced compiles with a guard filter that drops the guards on transformer_options;
+    the node does not keep the call under way there, so a graph compiled for the steps before the window does not
+    run in it: the result is the node's without compile."""
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, start_percent=0.5)
+    out, _ = compiled_frames(lambda: run(comfy, guard_filtered_compile(tar), latent, positive, negative, steps=4))
+    assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=4))
+
+
+def test_a_compiled_diffusion_model_is_unwrapped(comfy):
+    """A diffusion model compiled before the node (put in place by an object patch) is the model it compiled."""
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    compiled = model.clone()
+    compiled.add_object_patch("diffusion_model", torch.compile(model.get_model_object("diffusion_model"),
+                                                               backend="eager"))
+    (tar,) = NODE().apply(compiled, 1.0, 1.0)
+    out, _ = compiled_frames(lambda: run(comfy, tar, latent, positive, negative, steps=1))
+    assert torch.equal(out, run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative, steps=1))

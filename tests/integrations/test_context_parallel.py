@@ -20,7 +20,8 @@ import pytest
 import torch
 from diffusers import ContextParallelConfig, ParallelConfig
 
-from vstar_kernels.diffusers import TARConfig, apply_tar
+from vstar_kernels import TARConfig
+from vstar_kernels.diffusers import apply_tar
 from vstar_kernels.diffusers.context_parallel import local_stock_call
 from vstar_kernels.diffusers.dit import DiTTARProcessor
 

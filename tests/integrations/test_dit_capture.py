@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vstar_kernels import TARConfig
-from vstar_kernels.diffusers import apply_tar, capture_frame_attention
+from vstar_kernels.diffusers import apply_tar, capture_frame_attention, capture_temporal_attention
 
 from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_map64,
                               frame_tar_probabilities64, processors, record, spied_plain_run)
@@ -102,3 +102,9 @@ def test_capture_errors_name_the_problem():
         with capture_frame_attention(model, blocks=[1]):
             forward(model, FAMILIES["wan"].inputs())
     assert model.blocks[1].attn1.processor is no_sdpa
+
+
+def test_the_unet_capture_on_a_dit_names_the_dit_capture():
+    with pytest.raises(ValueError, match=r"^WanTransformer3DModel .*capture_frame_attention takes the video DiTs"):
+        with capture_temporal_attention(FAMILIES["wan"].model()):
+            pass

@@ -5,18 +5,23 @@ Every regularized attention call is checked against a float64 evaluation of fram
 frame ids and the text mask written from each model's layout in tiny_dit_models.
 """
 
+import inspect
 import math
+import pathlib
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UniPCMultistepScheduler, WanPipeline
-from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 from vstar_kernels import TARConfig
-from vstar_kernels.diffusers import apply_tar, dit, remove_tar, reset_steps
-from vstar_kernels.diffusers.dit import DiTTARProcessor, _layout_ids
+from vstar_kernels.diffusers import apply_tar, install, remove_tar, reset_steps
+from vstar_kernels.diffusers.dit import DiTTARProcessor
+from vstar_kernels.diffusers.interception import SDPA_BACKENDS
+from vstar_kernels.diffusers.token_grid import layout_ids
 from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES
@@ -160,7 +165,7 @@ def test_frames_follow_the_latent_shape_of_each_call():
     forward(model, wan_inputs(frames=3, size=4))
     assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(3).repeat_interleave(4)) for c in calls)
     calls.clear()
-    _layout_ids.cache_clear()  # the ids are made in the call below, under inference mode
+    layout_ids.cache_clear()  # the ids are made in the call below, under inference mode
     with torch.inference_mode():  # as pipelines run: the kept ids are no inference tensor (they keep a version)
         model(**wan_inputs(frames=2, size=4), return_dict=False)
     assert calls and not any(c[4]["frames"].is_inference() for c in calls)
@@ -436,7 +441,7 @@ def test_processors_replaced_after_apply_tar_keep_tar(family, replace, monkeypat
     apply_tar(model, config)
     REPLACEMENTS[replace](model)
     # taking the new processors' place costs no model walk
-    monkeypatch.setattr(dit, "dit_attention_modules", None)
+    monkeypatch.setattr(install, "dit_attention_modules", None)
     assert torch.equal(forward(model, inputs), oracle)
     calls = record(model)
     forward(model, inputs)
@@ -467,23 +472,97 @@ def test_unfuse_qkv_projections_after_fusing_under_tar_keeps_tar():
     assert all(type(p) is CogVideoXAttnProcessor2_0 for n, p in processors(model).items() if n in fam.modules)
 
 
+SERVED = re.escape(", ".join(SDPA_BACKENDS))
+
+
 @pytest.mark.parametrize("backend,why", [
     (None, r"a processor of its own, or a non-native attention backend set for every model"),
-    ("native", r"its backend is the native one: the processor itself does not call it"),
-    ("sage", r"its attention backend, 'sage', does not call it"),
+    ("native", r"its backend, 'native', calls it, but the processor does not call its backend"),
+    ("_native_math", r"its backend, '_native_math', calls it, but the processor does not call its backend"),
 ])
 def test_the_error_for_a_call_without_sdpa_says_which_backend_the_processor_has(backend, why):
     class Processor:  # computes its attention without scaled_dot_product_attention
         def __call__(self, attn, hidden_states, *args, **kwargs):
             return attn.to_out[0](attn.to_v(hidden_states))
 
-    processor = Processor()
+    class Dispatching(Processor):  # with an attention backend, as diffusers' processors that use the dispatcher
+        _attention_backend = None
+
+    processor = Processor() if backend is None else Dispatching()
     if backend is not None:
         processor._attention_backend = AttentionBackendName(backend)
     model = FAMILIES["wan"].model()
     model.blocks[0].attn1.set_processor(processor)
     apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]))
-    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn1: the processor computed its attention without torch\.nn"
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn1: the processor computes its attention without torch\.nn"
                                            rf"\.functional\.scaled_dot_product_attention \({why}\), so TAR could not "
-                                           r"run there; diffusers' native backend calls it"):
+                                           rf"run there; the diffusers attention backends that call it: {SERVED}"):
         forward(model, FAMILIES["wan"].inputs())
+
+
+def test_the_backends_tar_serves_are_those_whose_function_calls_sdpa():
+    """Each diffusers attention backend, classified by what its registered function runs: those that call
+    scaled_dot_product_attention are SDPA_BACKENDS (served); a backend diffusers adds is classified here too."""
+    registry = _AttentionBackendRegistry._backends
+    calls_sdpa = {backend.value for backend in AttentionBackendName
+                  if "torch.nn.functional.scaled_dot_product_attention(" in inspect.getsource(registry[backend])}
+    assert calls_sdpa == set(SDPA_BACKENDS)
+
+
+def regularized_wan():
+    """The tiny Wan with TAR on every block, its inputs, and its output on the native backend."""
+    fam = FAMILIES["wan"]
+    model, inputs = fam.model(), fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    return model, inputs, forward(model, inputs)
+
+
+@pytest.mark.parametrize("backend", [backend.value for backend in AttentionBackendName])
+def test_every_attention_backend_is_served_or_raises_before_its_kernel_runs(backend, monkeypatch):
+    """A backend set on the regularized processors (as set_attention_backend does; most cannot be installed on a
+    CPU): one of SDPA_BACKENDS gives the native backend's TAR output bit for bit, any other raises and its
+    kernel never runs."""
+    model, inputs, native = regularized_wan()
+    if backend not in SDPA_BACKENDS:
+        def kernel(**kwargs):
+            raise AssertionError(f"the {backend} kernel ran")
+        monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName(backend), kernel)
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            proc._attention_backend = AttentionBackendName(backend)
+    if backend in SDPA_BACKENDS:
+        assert torch.equal(forward(model, inputs), native)
+        return
+    with pytest.raises(RuntimeError, match=rf"blocks\.0\.attn1: .*\(its attention backend, '{backend}', does not call "
+                                           rf"it\), so TAR could not run there; .*call it: {SERVED}"):
+        forward(model, inputs)
+
+
+def test_the_active_backend_decides_for_a_processor_without_its_own(monkeypatch):
+    """The backend of the attention_backend context (or DIFFUSERS_ATTN_BACKEND) runs a dispatching processor that
+    has none set (Wan's); a processor that calls scaled_dot_product_attention itself (CogVideoX's) is served on
+    any backend."""
+    model, inputs, native = regularized_wan()
+    with attention_backend("_native_math"):
+        assert torch.equal(forward(model, inputs), native)
+    fam = FAMILIES["cogvideox"]
+    cogvideox, cogvideox_inputs = fam.model(), fam.inputs()
+    apply_tar(cogvideox, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    expected = forward(cogvideox, cogvideox_inputs)
+    # what the context sets; flash-attn is not installed here
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", AttentionBackendName.FLASH)
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn1: .*its attention backend, 'flash', does not call it"):
+        forward(model, inputs)
+    assert torch.equal(forward(cogvideox, cogvideox_inputs), expected)
+    for proc in processors(cogvideox).values():
+        if isinstance(proc, DiTTARProcessor):
+            proc._attention_backend = AttentionBackendName.FLASH  # set_attention_backend("flash"), where it installs
+    assert torch.equal(forward(cogvideox, cogvideox_inputs), expected)
+
+
+def test_the_docs_say_which_backends_tar_serves_and_which_raise():
+    page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "dits.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| (served|raises)[^|]*\| (.*) \|$", page, flags=re.M))
+    served, raising = (set(re.findall(r"`(\w+)`", rows[kind])) for kind in ("served", "raises"))
+    assert served == set(SDPA_BACKENDS)
+    assert raising == {backend.value for backend in AttentionBackendName} - served

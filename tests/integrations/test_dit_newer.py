@@ -251,7 +251,7 @@ def test_newer_dit_errors_name_the_problem(monkeypatch):
     hunyuan = NEWER["hunyuan15"]
     model = hunyuan.model()
     apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
-    monkeypatch.setattr("vstar_kernels.diffusers.dit.MAX_MASK_RUNS", 1)
+    monkeypatch.setattr("vstar_kernels.diffusers.interception.MAX_MASK_RUNS", 1)
     with pytest.raises(ValueError, match="transformer_blocks.0.attn: the processor's .* mask has 2 runs of equal rows"):
         forward(model, hunyuan.inputs())
 

@@ -95,7 +95,7 @@ CASES = [
     ((1, 1, 150, 150, 16, 16), torch.bfloat16, dict(sigma=2.0, strength=-1.5)),
     ((1, 1, 141, 150, 16, 16), torch.float32, dict(causal=True, sigma=1.0)),
     ((1, 1, 170, 131, 16, 8), torch.float16, dict(causal=True, sigma=0.3)),
-    ((1, 1, 131, 170, 8, 16), torch.float32, dict(sigma=4.7, scale=-0.3)),
+    ((1, 1, 131, 170, 8, 16), torch.float32, dict(sigma=4.7, scale=0.3)),
     ((1, 1, 200, 135, 16, 16), torch.float32, dict(sigma=1.0)),  # rows past Nk: blocks with no band
     ((1, 1, 140, 140, 16, 16), torch.float32, dict(sigma=40.0)),  # the band is the whole sequence
     ((1, 1, 140, 140, 16, 16), torch.float32, dict(sigma=1e-20)),  # the band is the diagonal

@@ -1,11 +1,10 @@
 """`tools.perf cpu`: the CPU default path timed against plain SDPA, its rows and its file."""
 
-import csv
-
 import pytest
 import torch
 
 from tools.perf import cpu
+from vstar_kernels.bench.measure import COLUMNS, ideal_cost, read_csv
 from tools.perf.__main__ import main as perf_main
 
 
@@ -32,13 +31,12 @@ def test_measure_rows_say_what_ran(frames):
     torch.set_num_threads(threads)
     assert [r["impl"] for r in rows] == ["vstar_auto", "sdpa_plain"]
     ours, plain = rows
-    assert ours["estimate"] == "measured" and ours["threads"] == 1 and ours["rounds"] == 2
-    assert ours["frames"] == ("2 x 8" if frames else "") and ours["torch"] == torch.__version__
-    assert ours["p20_ms"] <= ours["median_ms"] <= ours["p80_ms"]
-    # the ratio of the unrounded medians; the columns are rounded to the microsecond
-    rounding = 0.0005 / plain["median_ms"] + 0.0005 / ours["median_ms"] + 0.0005
-    assert ours["ours_over_sdpa_plain"] == pytest.approx(ours["median_ms"] / plain["median_ms"], rel=rounding)
-    assert plain["ours_over_sdpa_plain"] == ""
+    assert tuple(ours) == COLUMNS and ours["status"] == "ok" and ours["torch"] == torch.__version__
+    assert ours["setup"] == ("frames=2x8,threads=1" if frames else "threads=1") == plain["setup"]
+    assert (ours["batch"], ours["heads"], ours["n"], ours["d"], ours["dtype"]) == (2, 3, 16, 8, "fp32")
+    assert float(ours["p20_ms"]) <= float(ours["median_ms"]) <= float(ours["p80_ms"])
+    cost = ideal_cost(6, 16, 16, 8, 8, 4)
+    assert float(ours["gbps"]) == pytest.approx(cost.bytes / float(ours["median_ms"]) / 1e6, rel=1e-4)
 
 
 def test_cli_writes_the_csv(tmp_path, monkeypatch):
@@ -50,8 +48,5 @@ def test_cli_writes_the_csv(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     (path,) = tmp_path.glob("cpu-default-path-*.csv")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == cpu.COLUMNS
-    assert {(r["case"], r["threads"]) for r in rows} == {(c, str(t)) for c in ("tiny", "tiny dit")
-                                                        for t in {threads, 1}}
+    rows = read_csv(path)  # the harness's schema
+    assert {r["setup"] for r in rows} == {f"{f}threads={t}" for f in ("", "frames=2x16,") for t in {threads, 1}}

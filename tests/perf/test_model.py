@@ -20,8 +20,9 @@ from tools.perf.__main__ import main as perf_main
 from vstar_kernels import cli
 from tools.perf import eager, model_dit, roofline
 from vstar_kernels.bench import shapes
+from vstar_kernels.bench.measure import ideal_cost
 from vstar_kernels.bench.peers import PEERS
-from tools.perf.traffic import ideal_bytes, tiled_bytes
+from tools.perf.traffic import tiled_bytes
 from vstar_kernels.ops.launch import band_width
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
@@ -204,7 +205,7 @@ def test_ours_bytes_and_flops_are_what_the_interpreter_counts():
             e = roofline.tiled_work(seqs, n, d, roofline.tile_counts(n, 64, 64, 1.0), 64, 64)
         else:  # the interpreter's packed tile: 128 rows (64 above head dim 128), or the sequence
             e = roofline.packed_work(seqs, n, d, max(128 if d <= 128 else 64, 1 << (n - 1).bit_length()))
-            assert e.bytes == ideal_bytes(seqs, n, n, d, d, 2)
+            assert e.bytes == ideal_cost(seqs, n, n, d, d, 2).bytes
         assert (e.bytes, e.mma_flops) == (int(r["requested_bytes"]), int(r["mma_flops_issued"])), r
 
 
@@ -417,3 +418,28 @@ def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(mo
     assert rows[under]["status"] == "ok" and rows[under]["model_time_ms"] > 0
     assert int(rows[over]["model_fits_up_to_n"]) < dit.n <= int(rows[under]["model_fits_up_to_n"])
     assert all(rows[i]["status"] == "ok" for i in ("vstar_triton_frames", "fa3", "flash", "flex_two_pass"))
+
+
+def test_the_model_cli_numbers_each_row_on_stderr_as_it_goes(monkeypatch, tmp_path, capsys):
+    """The full model runs for minutes: it first says what is to come, then a numbered line per row on stderr
+    (unbuffered, so shown at once even when stdout goes to a file). The sm_90 compiles are stubbed: what is
+    checked is the progress."""
+    from tools.perf import model
+
+    def kernel(batch, heads, n, *_, **__):
+        return roofline.finish(roofline.Estimate(bytes=1e6 * n, mma_flops=1e9, launches=1, config="stub"),
+                               roofline.GPUS["h100"], 1.0)
+
+    for name in ("ours", "fa3", "flash"):
+        monkeypatch.setattr(model, name, kernel)
+    monkeypatch.setattr(model, "eager", lambda peer, *call: kernel(*call))
+    monkeypatch.setattr(model, "calibrate", lambda gpu: (1.0, []))
+    monkeypatch.setattr(model, "calibrate_fa3", lambda gpu: (0.0, []))
+    monkeypatch.setattr(model, "tutorial_anchor", lambda gpu, eta: [])
+    assert perf_main(["model", "--shapes", UNET, "--n", "16", "64", "--no-plots", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == ("calibrating on the published FlashAttention bars, then 4 rows; each compiles its kernels for "
+                        "sm_90 (seconds each)")
+    assert [line.split(" s] ")[1].split(":")[0] for line in lines[1:]] == [
+        f"{gpu} {UNET} N={n}" for gpu in ("h100", "h200") for n in (16, 64)]
+    assert [line.split(",")[0] for line in lines[1:]] == ["[1/4", "[2/4", "[3/4", "[4/4"]

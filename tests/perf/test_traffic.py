@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tools.perf.traffic import (TrafficCase, band_tiles, count_traffic, delta_entries, ideal_bytes,
-                                         measure_case, tiled_bytes)
+from tools.perf.traffic import TrafficCase, band_tiles, count_traffic, measure_case, tiled_bytes
 from vstar_kernels import frame_ids as vk_frame_ids
+from vstar_kernels.bench.measure import delta_entries, ideal_cost
 from vstar_kernels.ops.layout import block_dims
 from vstar_kernels.ops.launch import band_width
 
@@ -158,8 +158,8 @@ def test_tiled_requests_exactly_the_algorithms_bytes(option):
             for r in range(0, n, block_m))
     extra = 4 * (n + 1) if option == "global" else 0  # the row maxima and the sequence max
     extra += 4 * n if frames is not None else 0  # the ids: one int32 tensor for the queries and the keys
-    assert t.distinct_bytes == ideal_bytes(1, n, n, d, d, 2, causal=causal,
-                                           delta_itemsize=2 if option == "delta" else 0) + extra
+    assert t.distinct_bytes == ideal_cost(1, n, n, d, d, 2, causal=causal,
+                                          delta_itemsize=2 if option == "delta" else 0).bytes + extra
 
 
 def test_tiled_n256_one_pass_is_flash_plus_the_band():

@@ -5,6 +5,7 @@
     python -m tools.perf model    [--gpu h100 h200] [--dit]  the roofline model, calibrated on published bars
     python -m tools.perf compile-check [--arch 90]           every launch compiled for an NVIDIA arch, no GPU
     python -m tools.perf cpu      [--quick]                  the CPU default path against plain SDPA (measured)
+    python -m tools.perf host                                the host time of one small call (measured)
 
 Modules: static (SASS statistics) and baseline (the plain-attention loop they compare with, in the
 structure of Triton's fused-attention tutorial), traffic (interpreter counts), compile_check
@@ -12,7 +13,7 @@ structure of Triton's fused-attention tutorial), traffic (interpreter counts), c
 as it specializes, the roofline of one launch, the FlashAttention-2 and FlashAttention-3
 calibrations and the tutorial anchor), eager (eager peers counted on meta tensors), model (the
 kernel-shape sweep and its files), model_dit (the video DiT rows), cpu (the CPU default path
-timed). tools/perf/model.md says what each number means. Results go to benchmarks/results/ unless --out says otherwise.
+timed), host (the per-call host time on the quick shape). tools/perf/model.md says what each number means. Results go to benchmarks/results/ unless --out says otherwise.
 """
 
 from pathlib import Path

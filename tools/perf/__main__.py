@@ -1,4 +1,4 @@
-"""`python -m tools.perf <static|traffic|model|compile-check> ...`: the maintainers' yardstick (see __init__)."""
+"""`python -m tools.perf <static|traffic|model|cpu|host|compile-check> ...`: the maintainers' yardstick (see __init__)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
     cpu.add_argument("--quick", action="store_true", help="one UNet and one DiT case")
     cpu.add_argument("--rounds", type=int, default=9, help="timed calls of each implementation per case (default 9)")
     _out(cpu)
+    host = sub.add_parser("host", help="the host time of tar_attention on the quick shape, per call, against plain "
+                                       "SDPA and the bare formula (measured)")
+    host.add_argument("--rounds", type=int, default=50, help="rounds of timed batches (default 50)")
+    host.add_argument("--batch", type=int, default=20, help="calls of each implementation per round (default 20)")
     check = sub.add_parser("compile-check", help="compile every launch for an NVIDIA arch (no GPU): registers, "
                                                  "spills, shared memory", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
@@ -63,6 +67,8 @@ def main(argv=None) -> int:
         from .traffic import main as run
     elif args.command == "cpu":
         from .cpu import main as run
+    elif args.command == "host":
+        from .host import main as run
     elif args.dit:
         from .model_dit import dit_main as run
     else:

@@ -4,9 +4,10 @@
 `sdpa_plain` (F.scaled_dot_product_attention without a bias), fp32, q, k and v in diffusers'
 (B, N, H, D) storage, in one process: with the default thread count and with one thread. The two
 are timed alternately (one call of each per round, after one warm-up call each), so that a change of
-load hits both; the median, p20 and p80 of each and the ratio of the medians go to
-<results>/cpu-default-path-<yyyymmdd>.csv with the device, versions, commit, date, threads and the
-load average before and after each cell (the machine may be shared: the spread says how much).
+load hits both; the median, p20 and p80 of each go to <results>/cpu-default-path-<yyyymmdd>.csv in the
+benchmark harness's row schema (vstar_kernels.bench.measure.row: device, versions, commit, time; the
+threads and frame ids in `setup`; the load average before and after each cell, for the machine may be
+shared: the spread says how much), which benchmarks/plot_results.py renders.
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ CASES = (
     Case("dit 16 frames x 256 tokens", 1, 8, 4096, 128, frames=(16, 256)),
 )
 QUICK = (CASES[0], CASES[3])
-COLUMNS = ("estimate", "device", "torch", "commit", "date", "case", "batch", "heads", "n", "d", "frames", "dtype",
-           "threads", "impl", "median_ms", "p20_ms", "p80_ms", "rounds", "ours_over_sdpa_plain", "loadavg_before",
-           "loadavg_after")
 
 
 def _quantile(samples, q):
@@ -73,7 +71,7 @@ def time_pair(ours, plain, rounds: int) -> tuple:
 def measure(case: Case, threads: int, rounds: int, seed: int = 0) -> list:
     """Rows of one case at `threads` threads: ours (the default path) and sdpa_plain."""
     import vstar_kernels as vk
-    from vstar_kernels.bench.measure import RunInfo
+    from vstar_kernels.bench.measure import RunInfo, Timing, ideal_cost, load_average, row
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
@@ -86,22 +84,20 @@ def measure(case: Case, threads: int, rounds: int, seed: int = 0) -> list:
         def plain():
             return F.scaled_dot_product_attention(q, k, v)
 
-        before = os.getloadavg()[0]
+        before = load_average()
         a, b = time_pair(ours, plain, rounds)
-        after = os.getloadavg()[0]
+        load = f"{before}-{load_average()}" if before else ""
     info = RunInfo.collect(torch.device("cpu"))
-    base = dict(estimate="measured", device=info.device, torch=info.torch, commit=info.commit, date=info.date,
-                case=case.name, batch=case.batch, heads=case.heads, n=case.n, d=case.d,
-                frames=f"{case.frames[0]} x {case.frames[1]}" if case.frames else "", dtype="fp32", threads=threads,
-                rounds=rounds, loadavg_before=round(before, 2), loadavg_after=round(after, 2))
-    med = {name: _quantile(x, 0.5) for name, x in (("ours", a), ("plain", b))}
-    return [{**base, "impl": impl, "median_ms": round(_quantile(x, 0.5), 3), "p20_ms": round(_quantile(x, 0.2), 3),
-             "p80_ms": round(_quantile(x, 0.8), 3),
-             "ours_over_sdpa_plain": round(med["ours"] / med["plain"], 3) if impl == "vstar_auto" else ""}
+    setup = ",".join(([f"frames={case.frames[0]}x{case.frames[1]}"] if case.frames else []) + [f"threads={threads}"])
+    cost = ideal_cost(case.batch * case.heads, case.n, case.n, case.d, case.d, 4)
+    return [row(info, impl, case.batch, case.heads, case.n, case.d, "fp32", setup=setup, cost=cost,
+                timing=Timing(*(_quantile(x, q) for q in (0.5, 0.2, 0.8)), load=load))
             for impl, x in (("vstar_auto", a), ("sdpa_plain", b))]
 
 
 def main(args) -> int:
+    from vstar_kernels.bench.measure import COLUMNS
+
     directory = Path(os.path.abspath(args.out)) if args.out else RESULTS
     directory.mkdir(parents=True, exist_ok=True)
     default = torch.get_num_threads()
@@ -111,11 +107,11 @@ def main(args) -> int:
             out = measure(case, threads, args.rounds)
             rows += out
             o, p = out
+            ratio = float(o["median_ms"]) / float(p["median_ms"])
             print(f"{case.name} (B{case.batch} H{case.heads} N{case.n} D{case.d}) threads {threads}: ours "
-                  f"{o['median_ms']:.1f} ms [{o['p20_ms']:.1f}, {o['p80_ms']:.1f}], sdpa_plain {p['median_ms']:.1f} ms "
-                  f"[{p['p20_ms']:.1f}, {p['p80_ms']:.1f}], ours/sdpa_plain {o['ours_over_sdpa_plain']:.2f}, load "
-                  f"{o['loadavg_before']} -> {o['loadavg_after']}", flush=True)
-    path = directory / f"cpu-default-path-{rows[0]['date']}.csv"
+                  f"{o['median_ms']} ms [{o['p20_ms']}, {o['p80_ms']}], sdpa_plain {p['median_ms']} ms "
+                  f"[{p['p20_ms']}, {p['p80_ms']}], ours/sdpa_plain {ratio:.2f}, load {o['loadavg']}", flush=True)
+    path = directory / f"cpu-default-path-{time.strftime('%Y%m%d', time.gmtime())}.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()

@@ -14,7 +14,7 @@ ceil(P / (SMs c)) * SMs c / P times the average share. What goes in:
   specializes it (`roofline.ours_launch`, `roofline.compiled`: the JIT specializes integers on
   divisibility by 16, so the modeled N, heads and head dim are compiled, not a stand-in length);
   bytes as `tools.perf traffic` counts them (packed: Q, K, V read and O written once,
-  traffic.ideal_bytes; tiled: traffic.tiled_bytes, the one-pass band of the row-max Gaussian or the
+  vstar_kernels.bench.measure.ideal_cost; tiled: traffic.tiled_bytes, the one-pass band of the row-max Gaussian or the
   two-pass form of a custom delta), MMA FLOPs as issued (whole tiles: BLOCK_D padding, the packed
   SEG x SEG products of every sequence slot), warp-instructions and MUFU: tiled, each loop's per
   score element (`roofline.tiled_loops`) times the score elements it computes (`tile_counts`: the
@@ -50,7 +50,10 @@ See tools/perf/model.md ("Roofline model") for the sources of every constant.
 from __future__ import annotations
 
 import csv
+import itertools
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -321,6 +324,16 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
     plt.close(fig)
 
 
+def progress_lines(rows: int):
+    """The sweeps' `progress`, on stderr (shown at once, even when stdout goes to a file): first what is to come,
+    then each row's line numbered i/rows with the seconds since the start."""
+    print(f"calibrating on the published FlashAttention bars, then {rows} rows; each compiles its kernels for "
+          "sm_90 (seconds each)", file=sys.stderr, flush=True)
+    start, done = time.perf_counter(), itertools.count(1)
+    return lambda line: print(f"[{next(done)}/{rows}, {time.perf_counter() - start:.0f} s] {line.strip()}",
+                              file=sys.stderr, flush=True)
+
+
 def write_table_and_plot(base: Path, table: str, draw, extra=()) -> None:
     """base.md from `table`, base.png by `draw(path)` (None: no plot); print every file written
     (base.csv, written by the caller, and `extra` among them)."""
@@ -341,6 +354,7 @@ def main(args) -> int:
     devices = args.gpu or list(GPUS)
     names = [n for n in (args.shapes or shapes.GPU_FULL) if not shapes.is_unet(n)]
     ns = args.n or list(MODEL_N)
+    progress = progress_lines(len(devices) * len(names) * len(ns))
     h100 = GPUS["h100"]
     eta, calibration = calibrate(h100)
     exposed, fa3_rows = calibrate_fa3(h100)
@@ -350,7 +364,7 @@ def main(args) -> int:
               f"{c['published_tflops']} TFLOP/s = {c['model_over_published']} "
               f"(unfitted {c['unfitted_over_published']})")
     for key in devices:
-        rows = sweep(key, names, ns, eta, exposed)
+        rows = sweep(key, names, ns, eta, exposed, progress)
         base = directory / f"model-{key}"
         write_csv(rows, base.with_suffix(".csv"), calibration if key == "h100" else [])
         table = markdown(rows, key, eta, exposed, calibration)

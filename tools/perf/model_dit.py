@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from vstar_kernels.bench.measure import ideal_cost
 from vstar_kernels.ops.launch import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
 
 from .eager import eager
-from .model import write_table_and_plot
+from .model import progress_lines, write_table_and_plot
 from .roofline import (
     GPUS,
     ITEMSIZE,
@@ -245,9 +246,10 @@ def dit_sweep(gpu_key: str, eta: float, exposed: float, dits=DIT_SHAPES, batch: 
         two = est["flash"]
         est["flex_two_pass"] = Estimate(2 * two.bytes, 2 * two.mma_flops, 2 * two.instr, 2 * two.mufu, 2,
                                         2 * two.seconds, two.bound, "2 x " + two.config + " (lower bound)")
-        for impl in ("vstar_triton_frames", "fa3", "flash", "flex_two_pass"):  # Q, K, V, O
-            est[impl].peak_bytes = 4 * bh * n * s.head_dim * ITEMSIZE
-        qkvo = 4 * bh * n * s.head_dim * ITEMSIZE  # + K once more (the walk) and the frame ids of both passes
+        qkvo = ideal_cost(bh, n, n, s.head_dim, s.head_dim, ITEMSIZE).bytes  # Q, K, V and O
+        for impl in ("vstar_triton_frames", "fa3", "flash", "flex_two_pass"):
+            est[impl].peak_bytes = qkvo
+        # compulsory bytes; ours: + K once more (the walk) and the frame ids of both passes
         l2 = {"vstar_triton_frames": l2_resident(est["vstar_triton_frames"], qkvo * 5 / 4 + 2 * n * 4, gpu),
               "fa3": l2_resident(est["fa3"], qkvo, gpu), "flash": l2_resident(two, qkvo, gpu)}
         l2["flex_two_pass"] = 2 * l2["flash"]
@@ -382,10 +384,11 @@ def dit_main(args) -> int:
     if unknown:
         raise SystemExit(f"--shapes with --dit: unknown DiT shape {', '.join(unknown)}; one of {', '.join(by_name)}")
     dits = tuple(by_name[name] for name in args.shapes) if args.shapes else DIT_SHAPES
+    progress = progress_lines(len(devices) * len(dits))
     eta, _ = calibrate(GPUS["h100"])
     exposed, _ = calibrate_fa3(GPUS["h100"])
     for key in devices:
-        rows = dit_sweep(key, eta, exposed, dits)
+        rows = dit_sweep(key, eta, exposed, dits, progress=progress)
         base = directory / f"model-dit-{key}"
         with open(base.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from vstar_kernels.bench.measure import ideal_cost
 from vstar_kernels.ops.launch import GAUSS_COEF_MIN, LOG2E, band_width
 from vstar_kernels.ops.layout import DOT_MIN, block_dims, pow2
 
 from . import RESULTS
-from .traffic import band_tiles, ideal_bytes, tiled_bytes
+from .traffic import band_tiles, tiled_bytes
 
 
 @dataclass(frozen=True)
@@ -348,12 +349,12 @@ def ours(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, sigma: fl
 def packed_work(bh, n, d, rows) -> Estimate:
     """Bytes and MMA FLOPs of the packed launch: SEQS = ROWS // SEG sequences per program (SEG: N
     padded to a power of two >= DOT_MIN), one Q K^T and one P V product of SEG x SEG per sequence,
-    empty slots of the last program included; Q, K, V read and O written once (traffic.ideal_bytes)."""
+    empty slots of the last program included; Q, K, V read and O written once (measure.ideal_cost)."""
     seg = pow2(n, DOT_MIN)
     seqs = rows // seg
     bd, bdv = block_dims(d, d)
     programs = math.ceil(bh / seqs)
-    return Estimate(bytes=ideal_bytes(bh, n, n, d, d, ITEMSIZE),
+    return Estimate(bytes=ideal_cost(bh, n, n, d, d, ITEMSIZE).bytes,
                     mma_flops=programs * seqs * 2 * seg * seg * (bd + bdv), launches=1, config=f"packed ROWS={rows}")
 
 
@@ -429,8 +430,8 @@ def calibration_shape(n: int, d: int) -> tuple:
 
 
 def tflops(batch: int, heads: int, n: int, d: int, seconds: float) -> float:
-    """The forward's FLOP rate as the benchmarks count it: 4 B H N^2 D (two N x N x D products)."""
-    return 4 * batch * heads * n * n * d / seconds / 1e12
+    """The forward's FLOP rate as the benchmarks count it (measure.ideal_cost: 4 B H N^2 D)."""
+    return ideal_cost(batch * heads, n, n, d, d, ITEMSIZE).flops / seconds / 1e12
 
 
 def _grid(lo: float, hi: float, step: float = 0.005) -> list:

@@ -6,12 +6,12 @@ byte addresses it touches; every `tl.dot` adds 2 M N K FLOPs whatever its masks.
 per call of whatever runs inside the block, all kernel launches together, plus one entry per
 launch.
 
-What is ideal (`ideal_bytes`, `useful_flops`): reading Q, K, V once and writing O once, plus
-the delta entries the attention uses (Nq x Nk, the causal lower triangle when causal) when a
-custom delta is given; the FLOPs of Q K^T and P V over the real rows and columns of each
-sequence, 2 Nq Nk (D + Dv), causal or not. What the tiled algorithm requests (`tiled_bytes`,
-`band_tiles`): the formula the interpreter counts must equal (tests/perf/test_traffic.py), which
-tools/perf/model.py uses. Numbers are counts, not timings.
+What is ideal (the package's `vstar_kernels.bench.measure.ideal_cost`, which the harness's GB/s and
+TFLOP/s use too): reading Q, K, V once and writing O once, plus the delta entries the attention uses
+(Nq x Nk, the causal lower triangle when causal) when a custom delta is given; the FLOPs of Q K^T and
+P V over the real rows and columns of each sequence, 2 Nq Nk (D + Dv), causal or not. What the tiled
+algorithm requests (`tiled_bytes`, `band_tiles`): the formula the interpreter counts must equal
+(tests/perf/test_traffic.py), which tools/perf/model.py uses. Numbers are counts, not timings.
 
 `python -m tools.perf traffic` runs `sweep()` over TRAFFIC_CASES and writes
 traffic.csv and traffic.md (see tools/perf/model.md).
@@ -147,26 +147,7 @@ def count_traffic():
         fn_class.run = run
 
 
-# --------------------------------------------------------------------------- the ideal
-
-
-def delta_entries(nq: int, nk: int, causal: bool) -> int:
-    """Delta entries one sequence's attention uses: all Nq x Nk, or those with key j <= query i."""
-    if not causal:
-        return nq * nk
-    return sum(min(i + 1, nk) for i in range(nq))
-
-
-def ideal_bytes(bh, nq, nk, d, dv, itemsize, *, causal=False, delta_itemsize=0) -> int:
-    """Q, K, V read once and O written once; plus the delta entries used when delta_itemsize > 0."""
-    qkvo = (nq * d + nk * d + nk * dv + nq * dv) * itemsize
-    return bh * (qkvo + delta_entries(nq, nk, causal) * delta_itemsize)
-
-
-def useful_flops(bh, nq, nk, d, dv) -> int:
-    """Q K^T and P V over the real rows and columns of each sequence; causal halves are not discounted."""
-    return bh * 2 * nq * nk * (d + dv)
-
+# --------------------------------------------------------------------------- the tiled algorithm's requests
 
 def band_tiles(mb, hi, block_m, block_n, band):
     """[lo, hi) of the key tiles in query block mb's band (ops/tar_fwd.py), keys within `band` of a row."""
@@ -187,7 +168,7 @@ def tiled_bytes(nq, nk, d, dv, itemsize, block_m, block_n, *, band=None, causal=
     ids (int32, two passes: band None) add each block's query ids once and the key ids of every
     tile of the biased softmax.
     """
-    total = delta_entries(nq, nk, causal) * delta_itemsize
+    total = measure.delta_entries(nq, nk, causal) * delta_itemsize
     for mb in range(math.ceil(nq / block_m)):
         rows = min(block_m, nq - mb * block_m)
         hi = min(nk, (mb + 1) * block_m) if causal else nk
@@ -269,9 +250,8 @@ def measure_case(case: TrafficCase, batch: int | None = None, heads: int | None 
         tar_attention(q, k, v, delta=delta, causal=case.option == "causal",
                       max_mode="global" if case.option == "global" else "row", frames=frames, backend="triton")
     bh = batch * heads
-    ideal = ideal_bytes(bh, n, n, d, d, q.element_size(), causal=case.option == "causal",
-                        delta_itemsize=delta.element_size() if delta is not None else 0)
-    useful = useful_flops(bh, n, n, d, d)
+    ideal, useful = measure.ideal_cost(bh, n, n, d, d, q.element_size(), causal=case.option == "causal",
+                                       delta_itemsize=delta.element_size() if delta is not None else 0)
     return {
         "shape": case.shape, "layout": layout(case), "dtype": case.dtype,
         "n": n, "d": d, "options": case.option, "sequences": bh,

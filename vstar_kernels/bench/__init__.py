@@ -1,7 +1,8 @@
 """The benchmark harness behind `python -m vstar_kernels bench` (see benchmarks/NOTES.md).
 
-Modules: shapes, peers, check, measure, harness (the sweep and its CSV rows), e2e (the UNet
-forward), backward (--backward), report (markdown and plots from a CSV). This module only defines
+Modules: shapes, peers, check (the tolerances and the correctness check), measure (timers, the ideal
+cost, the CSV row schema), harness (the sweep), e2e (the UNet forward), backward (--backward), report
+(markdown and plots from a CSV). This module only defines
 the command-line options, so that building the CLI parser imports nothing heavy. The maintainers'
 yardstick is not part of the package: it lives in the checkout's tools/perf.
 """
@@ -26,8 +27,8 @@ def configure(parser) -> None:
     parser.add_argument("--device", choices=RUNTIME_DEVICES, default="auto",
                         help="where to run: auto, cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", metavar="DIR",
-                        help="results directory (default: benchmarks/results of the source checkout this package "
-                             "runs from, else ./vstar-bench-results; the paths written are printed)")
+                        help="results directory (default: ./vstar-bench-results, in the current folder; the paths "
+                             "written are printed)")
     parser.add_argument("--time-budget-s", type=float, metavar="S",
                         help="stop measuring after S seconds; the rest get 'unsupported: not run: ...' rows")
     parser.add_argument("--resume", action="store_true",

@@ -14,7 +14,9 @@ from typing import Optional
 
 import torch
 
+from ..tar_config import TARConfig
 from . import measure
+from .check import UNET_RTOL
 from .peers import CHECKED, Unsupported
 from .shapes import CFG_BATCH, UNetShape
 
@@ -34,11 +36,11 @@ UNET_CONFIGS = {
         attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8, sample_size=4,
     ),
 }
-VARIANTS = ("unet_stock", "unet_tar_triton", "unet_tar_reference")
+# Each variant and the backend apply_tar is given ("" for stock processors).
+BACKENDS = {"unet_stock": "", "unet_tar_triton": "triton", "unet_tar_reference": "reference"}
+VARIANTS = tuple(BACKENDS)
 PRESET = "64D1"
 TEXT_TOKENS = 77
-# Largest ||triton - reference|| / ||reference|| over the UNet output, per dtype.
-E2E_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 # Least relative change of the output that counts as TAR applied (benchmarks/NOTES.md, "UNet rows").
 E2E_APPLIED_MIN = 1e-3
 CHECKED_ONLY = (f"{CHECKED}matches the reference variant in the Triton interpreter; a correctness run, not timed "
@@ -52,20 +54,24 @@ class Result:
     timing: Optional[measure.Timing] = None
     peak_mb: Optional[float] = None
 
-    @property
-    def backend(self) -> str:
-        """The backend apply_tar was given ("" for stock)."""
-        return "" if self.impl == "unet_stock" else self.impl.rsplit("_", 1)[1]
-
 
 def _integration():
-    """(TARConfig, apply_tar, remove_tar) from vstar_kernels.diffusers, or raise Unsupported."""
+    """(apply_tar, remove_tar) from vstar_kernels.diffusers, or raise Unsupported."""
     try:
         mod = importlib.import_module("vstar_kernels.diffusers")
-        return mod.TARConfig, mod.apply_tar, mod.remove_tar
+        return mod.apply_tar, mod.remove_tar
     except Exception as exc:
         raise Unsupported(f"the diffusers integration is not available (vstar_kernels.diffusers: "
                           f"{type(exc).__name__}: {exc})") from None
+
+
+@contextlib.contextmanager
+def _status_of(result: Result, classify):
+    """An exception in the block becomes `result`'s status."""
+    try:
+        yield
+    except Exception as exc:
+        result.status = classify(exc)
 
 
 class UNetBench:
@@ -98,12 +104,12 @@ class UNetBench:
         return self._unet
 
     def run(self, shape: UNetShape, frames: int, dtype: torch.dtype, classify) -> list:
-        """One Result per variant. `classify(exc)` maps an exception to a status."""
+        """One Result per variant: every output checked (_check), then the variants that passed timed (on CPU
+        the Triton variant, in the interpreter, is only checked). `classify(exc)` maps an exception to a status."""
         try:
             importlib.import_module("diffusers")
         except Exception as exc:
-            why = f"unsupported: diffusers not installed ({type(exc).__name__}: {exc})"
-            return [Result(v, why) for v in VARIANTS]
+            return [Result(v, f"unsupported: diffusers not installed ({type(exc).__name__}: {exc})") for v in VARIANTS]
         try:
             unet = self.model(shape.config, dtype)
             cfg = UNET_CONFIGS[shape.config]
@@ -119,46 +125,33 @@ class UNetBench:
             with torch.no_grad():
                 return unet(sample, timestep, encoder_hidden_states=text).sample
 
-        results, outputs = {}, {}
-        for variant in VARIANTS:
-            results[variant], outputs[variant] = self._warm(unet, variant, forward, classify)
+        results, outputs = {v: Result(v) for v in VARIANTS}, dict.fromkeys(VARIANTS)
+        for v, res in results.items():
+            with _status_of(res, classify), self._variant(unet, v):
+                outputs[v] = forward()
         self._check(results, outputs, dtype)
         if not self.cuda and results["unet_tar_triton"].status == "ok":
             results["unet_tar_triton"].status = CHECKED_ONLY
-        for variant in VARIANTS:
-            if results[variant].status == "ok":
-                try:
-                    with self._variant(unet, variant):
-                        first_ms = measure.warm_call_ms(forward, True) if self.cuda else 0.0  # CPU: _warm warmed it
-                        results[variant].timing = measure.time_fn(forward, self.cuda, first_ms)
-                except Exception as exc:
-                    results[variant].status = classify(exc)
-        return [results[v] for v in VARIANTS]
+        for v, res in results.items():
+            if res.status == "ok":
+                with _status_of(res, classify), self._variant(unet, v):
+                    res.timing, res.peak_mb = measure.time_call(forward, self.device)
+        return list(results.values())
 
     @contextlib.contextmanager
     def _variant(self, unet, variant):
         """The UNet with TAR applied for the duration (stock: as it is)."""
-        if variant == "unet_stock":
+        if not BACKENDS[variant]:
             yield
             return
-        TARConfig, apply_tar, remove_tar = _integration()
+        apply_tar, remove_tar = _integration()
         # until_step=None: on a bare model every forward call is one step, and the timing loop makes
         # far more calls than the preset's 14 regularized steps; every timed call must carry TAR.
-        apply_tar(unet, TARConfig.from_preset(PRESET, until_step=None, backend=variant.rsplit("_", 1)[1]))
+        apply_tar(unet, TARConfig.from_preset(PRESET, until_step=None, backend=BACKENDS[variant]))
         try:
             yield
         finally:
             remove_tar(unet)
-
-    def _warm(self, unet, variant, forward, classify):
-        """Warm call (its output is checked), then a second call for peak memory."""
-        try:
-            with self._variant(unet, variant):
-                out = forward()
-                peak = measure.peak_call(forward, self.device)[1] if self.cuda else None
-            return Result(variant, peak_mb=peak), out
-        except Exception as exc:
-            return Result(variant, classify(exc)), None
 
     @staticmethod
     def _check(results, outputs, dtype):
@@ -181,6 +174,6 @@ class UNetBench:
                 return
         if tri is not None and ref is None:
             results["unet_tar_triton"].status = "error: no reference-variant output to check against"
-        elif err is not None and not err <= E2E_RTOL[dtype]:
+        elif err is not None and not err <= UNET_RTOL[dtype]:
             results["unet_tar_triton"].status = (f"error: output differs from the reference variant: "
-                                                 f"relative error {err:.3g} > {E2E_RTOL[dtype]}")
+                                                 f"relative error {err:.3g} > {UNET_RTOL[dtype]}")

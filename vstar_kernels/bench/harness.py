@@ -4,7 +4,6 @@ to ``<out>/<device>-<yyyymmdd>.csv``; then the tables and plots of the whole fil
 from __future__ import annotations
 
 import contextlib
-import csv
 import itertools
 import sys
 import time
@@ -12,16 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .. import _env
 from ..dispatch import BackendUnavailableError
 from . import measure, report, shapes
 from .check import check_output
+from .e2e import BACKENDS as UNET_BACKENDS
 from .e2e import VARIANTS, UNetBench
 from .peers import CHECKED, PEERS, Unsupported, default_impls, default_spec
 
-COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", "heads", "n", "d", "dtype",
-           "median_ms", "p20_ms", "p80_ms", "gbps", "pct_peak_bw", "tflops", "peak_mem_mb", "status", "backend",
-           "flag")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 NOT_RUN = "unsupported: not run: "
@@ -53,33 +49,6 @@ def classify(exc: BaseException) -> str:
         return "oom"
     text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
     return "error: " + (text if len(text) <= 300 else text[:297] + "...")
-
-
-def _fmt(x) -> str:
-    return "" if x is None else f"{x:.6g}"
-
-
-def check_columns(csv_path: Path, columns) -> None:
-    """Raise ValueError when the CSV exists with other columns (written by an older harness): rows
-    appended to it would land under the wrong names."""
-    if not csv_path.exists() or csv_path.stat().st_size == 0:
-        return
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    if header != list(columns):
-        raise ValueError(f"{csv_path} has the columns {header}, not this harness's {list(columns)}: "
-                         "move it aside or write elsewhere (--out)")
-
-
-def append_row(csv_path: Path, row: dict) -> None:
-    """Append `row` to the CSV (its keys are the columns; a new file gets the header first)."""
-    check_columns(csv_path, row)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if f.tell() == 0:  # a new or empty file
-            writer.writeheader()
-        writer.writerow(row)
 
 
 class Progress:
@@ -116,6 +85,11 @@ class Progress:
             self.bar.close()
 
 
+def _key(*fields) -> tuple:
+    """A cell of a results file, as --resume compares them."""
+    return tuple(map(str, fields))
+
+
 class Sweep:
     def __init__(self, device: torch.device, csv_path: Path, info: measure.RunInfo, *,
                  budget_s=None, resume=False, progress=True):
@@ -124,36 +98,21 @@ class Sweep:
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
         self.budget_s = budget_s
         self.peak_gbps = None
+        self.setup = "" if self.cuda else f"threads={torch.get_num_threads()}"  # what else defines a CPU timing
         self.done = self._done_keys() if resume and csv_path.exists() else set()
         self.progress_enabled = progress
         self.rows_written = 0
 
     def _done_keys(self) -> set:
-        return {self._key(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"])
-                for r in report.read_csv(self.csv_path)
+        return {_key(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"], r["setup"])
+                for r in measure.read_csv(self.csv_path)
                 if r["commit"] == self.info.commit and not r["status"].startswith(NOT_RUN)}
 
-    @staticmethod
-    def _key(*fields) -> tuple:
-        return tuple(str(f) for f in fields)
-
-    def write(self, impl, batch, heads, n, d, dtype, *, status="ok", timing=None, nbytes=None, flops=None,
-              peak_mb=None, backend=""):
-        gbps = pct = tflops = None
-        if timing is not None and status == "ok":
-            seconds = timing.median_ms * 1e-3
-            if nbytes is not None:
-                gbps = nbytes / seconds / 1e9
-                pct = 100.0 * gbps / self.peak_gbps if self.peak_gbps else None
-            if flops is not None:
-                tflops = flops / seconds / 1e12
-        row = dict(zip(COLUMNS, (
-            measure.now_iso(), self.info.commit, self.info.device, self.info.torch, self.info.triton, impl,
-            batch, heads, n, d, dtype,
-            _fmt(timing.median_ms if timing else None), _fmt(timing.p20_ms if timing else None),
-            _fmt(timing.p80_ms if timing else None), _fmt(gbps), _fmt(pct), _fmt(tflops), _fmt(peak_mb), status,
-            backend, timing.flag if timing is not None and status == "ok" else "")))
-        append_row(self.csv_path, row)
+    def write(self, impl, batch, heads, n, d, dtype, **kw) -> dict:
+        """Append the row of one cell (measure.row's keywords: status, timing, cost, peak_mb, backend)."""
+        row = measure.row(self.info, impl, batch, heads, n, d, dtype, setup=self.setup, peak_gbps=self.peak_gbps,
+                          **kw)
+        measure.append_row(self.csv_path, row)
         self.rows_written += 1
         return row
 
@@ -171,7 +130,7 @@ class Sweep:
             self.write(report.COPY_IMPL, "", "", "", "", "uint8", status=classify(exc))
             return
         self.peak_gbps = gbps
-        self.write(report.COPY_IMPL, "", "", "", "", "uint8", timing=timing, nbytes=2 * nbytes)
+        self.write(report.COPY_IMPL, "", "", "", "", "uint8", timing=timing, cost=measure.Cost(2 * nbytes, 0))
 
     def run(self, kernel_cases, unet_cases, peers):
         total = len(kernel_cases) * len(peers) + len(unet_cases) * 3
@@ -188,18 +147,18 @@ class Sweep:
     def _kernel_case(self, shape, n, dtype, peers, progress):
         dname = dtype_name(dtype)
         cell = (shape.batch, shape.heads, n, shape.head_dim, dname)
-        todo = [(p, p.label(self.device)) for p in peers if self._key(p.label(self.device), *cell) not in self.done]
+        todo = [(p, p.label(self.device)) for p in peers
+                if _key(p.label(self.device), *cell, self.setup) not in self.done]
         progress.skip(len(peers) - len(todo))
         if not todo:
             return
-        nbytes = measure.attention_bytes(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim, dtype.itemsize)
-        flops = measure.attention_flops(shape.batch, shape.heads, n, n, shape.head_dim, shape.head_dim)
+        cost = measure.ideal_cost(shape.batch * shape.heads, n, n, shape.head_dim, shape.head_dim, dtype.itemsize)
         spec = default_spec(shape.head_dim)
-        write = lambda label, **kw: self.write(label, *cell, nbytes=nbytes, flops=flops, **kw)  # noqa: E731
+        write = lambda label, **kw: self.write(label, *cell, cost=cost, **kw)  # noqa: E731
         sets, why = None, None
         if not self._out_of_time():
             try:
-                sets = self._inputs(shape, n, dtype, nbytes)
+                sets = self._inputs(shape, n, dtype, cost.bytes)
             except Exception as exc:
                 why = classify(exc)
         for peer, label in todo:
@@ -236,7 +195,7 @@ class Sweep:
         q, k, v = sets[0]
         backend = ""
         try:
-            backend = peer.backend_run(q, k, v, spec)
+            backend = peer.ran(q, k, v, spec)
             out = peer.run(q, k, v, spec)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
@@ -246,9 +205,9 @@ class Sweep:
                 return f"error: {why}", None, None, backend
             if peer.correctness_only(self.device):
                 return CHECKED_ONLY, None, None, backend
-            warm_ms, peak = measure.peak_call(lambda: peer.run(q, k, v, spec), self.device)
             turn = itertools.count()
-            timing = measure.time_fn(lambda: peer.run(*sets[next(turn) % len(sets)], spec), self.cuda, warm_ms)
+            timing, peak = measure.time_call(lambda: peer.run(q, k, v, spec), self.device,
+                                             lambda: peer.run(*sets[next(turn) % len(sets)], spec))
             return "ok", timing, peak, backend
         except Exception as exc:
             self._free()
@@ -258,7 +217,7 @@ class Sweep:
         dname = dtype_name(dtype)
         cell = (shape.batch, shape.heads, frames, shape.head_dim, dname)
         with progress.step(f"{shape.name} frames={frames} {dname}", len(VARIANTS)):
-            if all(self._key(v, *cell) in self.done for v in VARIANTS):  # --resume: measured before
+            if all(_key(v, *cell, self.setup) in self.done for v in VARIANTS):  # --resume: measured before
                 return
             if self._out_of_time():
                 for v in VARIANTS:
@@ -266,7 +225,7 @@ class Sweep:
                 return
             for res in unet.run(shape, frames, dtype, classify):
                 self.write(res.impl, *cell, status=res.status, timing=res.timing, peak_mb=res.peak_mb,
-                           backend=res.backend)
+                           backend=UNET_BACKENDS[res.impl])
             self._free()
 
 
@@ -308,9 +267,8 @@ def model_table(names, ns) -> str:
         if shapes.is_unet(name):
             continue
         for n in ns:
-            nb = measure.attention_bytes(s.batch, s.heads, n, n, s.head_dim, s.head_dim, itemsize)
-            fl = measure.attention_flops(s.batch, s.heads, n, n, s.head_dim, s.head_dim)
-            fl2 = fl + measure.row_max_flops(s.batch, s.heads, n, n, s.head_dim)
+            nb, fl = measure.ideal_cost(s.batch * s.heads, n, n, s.head_dim, s.head_dim, itemsize)
+            fl2 = fl + measure.ideal_cost(s.batch * s.heads, n, n, s.head_dim, 0, itemsize).flops  # + Q K^T
             square = s.batch * s.heads * n * n * itemsize
             lines.append(f"| {name} | {s.batch * s.heads:,} | {s.head_dim} | {n} | {nb / 1e6:,.1f} | "
                          f"{fl / 1e9:,.1f} | {fl2 / 1e9:,.1f} | {fl / nb:,.0f} | {square / 1e9:,.2f} |")
@@ -318,9 +276,8 @@ def model_table(names, ns) -> str:
 
 
 def default_results_dir() -> Path:
-    """benchmarks/results of the source checkout this package runs from; ./vstar-bench-results otherwise."""
-    checkout = _env.source_checkout()
-    return checkout / "benchmarks" / "results" if checkout is not None else Path.cwd() / "vstar-bench-results"
+    """./vstar-bench-results, in the folder the command runs in (never the source checkout's own files)."""
+    return Path.cwd() / "vstar-bench-results"
 
 
 def results_csv(args, info: measure.RunInfo, suffix: str = "") -> Path:
@@ -359,9 +316,9 @@ def main(args) -> int:
               "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
               "(reported as vstar_triton_interpreter) as a correctness check only, not timed.", file=sys.stderr)
     try:
-        check_columns(csv_path, COLUMNS)
+        measure.check_columns(csv_path)
     except ValueError as exc:
-        print(exc, file=sys.stderr)
+        print(f"{exc}: move it aside or write elsewhere (--out)", file=sys.stderr)
         return 2
     kernel_cases, unet_cases = plan(names, ns, dtypes, explicit_n=bool(args.n))
     sweep = Sweep(device, csv_path, info, budget_s=args.time_budget_s, resume=args.resume,
@@ -376,7 +333,7 @@ def main(args) -> int:
     print(f"{sweep.rows_written} rows appended to {csv_path}")
     for path in outputs:
         print(f"wrote {path}")
-    failed = report.our_failures(r for r in report.read_csv(csv_path) if r["commit"] == info.commit)
+    failed = report.our_failures(r for r in measure.read_csv(csv_path) if r["commit"] == info.commit)
     if failed:
         impls = ", ".join(sorted({r["impl"] for r in failed}))
         print(f"FAILED: {impls} errored in {len(failed)} cell(s) at commit {info.commit}; first: "

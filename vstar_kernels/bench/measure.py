@@ -1,8 +1,11 @@
-"""Measuring: the traffic and FLOP model, timers, the device's copy bandwidth, and run metadata."""
+"""Measuring: the ideal cost of a call, timers, the device's copy bandwidth, run metadata, and the CSV row
+every measurement becomes (one schema for every file the harness writes: COLUMNS)."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
 import datetime
 import os
 import platform
@@ -10,8 +13,8 @@ import re
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,32 +26,37 @@ SLOW_CALL_MS = 100.0          # CUDA calls slower than this are timed with a few
 # calls too short to time steadily (why 1.25: benchmarks/NOTES.md, "Busy cells").
 BUSY_SPREAD = 1.25
 BUSY = "busy"
+COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", "heads", "n", "d", "dtype", "setup",
+           "median_ms", "p20_ms", "p80_ms", "gbps", "pct_peak_bw", "tflops", "peak_mem_mb", "status", "backend",
+           "flag", "loadavg")
 
 
-def attention_bytes(batch, heads, nq, nk, d, dv, itemsize) -> int:
-    """The least traffic of one attention call: read Q, K and V once, write O once."""
-    return batch * heads * (nq * d + nk * d + nk * dv + nq * dv) * itemsize
+class Cost(NamedTuple):
+    bytes: int
+    flops: int
 
 
-def attention_flops(batch, heads, nq, nk, d, dv) -> int:
-    """The two matmuls, S = Q K^T and O = P V: 2 FLOPs per multiply-add. D = Dv gives 4 B H Nq Nk D."""
-    return 2 * batch * heads * nq * nk * (d + dv)
+def delta_entries(nq: int, nk: int, causal: bool) -> int:
+    """Delta entries one sequence's attention uses: all Nq x Nk, or those with key j <= query i."""
+    return sum(min(i + 1, nk) for i in range(nq)) if causal else nq * nk
 
 
-def row_max_flops(batch, heads, nq, nk, d) -> int:
-    """The extra Q K^T of a separate exact row-max pass (the tiled kernel, the two-pass peers)."""
-    return 2 * batch * heads * nq * nk * d
+def ideal_cost(bh, nq, nk, d, dv, itemsize, *, causal=False, delta_itemsize=0) -> Cost:
+    """The least any implementation of one attention call (TAR or plain) over `bh` = batch x heads
+    sequences does. Bytes: Q, K and V read once and O written once, plus the delta entries it uses
+    when a custom delta of `delta_itemsize` bytes is given. FLOPs: the two matmuls S = Q K^T and
+    O = P V, 2 Nq Nk (D + Dv) per sequence (4 B H N^2 D when square), causal or not; dv=0 gives
+    Q K^T alone (a separate row-max pass)."""
+    qkvo = (nq * d + nk * d + nk * dv + nq * dv) * itemsize
+    return Cost(bh * (qkvo + delta_entries(nq, nk, causal) * delta_itemsize), bh * 2 * nq * nk * (d + dv))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
-
-    @property
-    def flag(self) -> str:
-        return spread_flag(self.p20_ms, self.p80_ms)
+    load: str = ""  # the 1-minute load average before and after, "before-after"
 
 
 def spread_flag(p20_ms, p80_ms) -> str:
@@ -93,31 +101,31 @@ def time_cuda(fn, first_call_ms: float) -> Timing:
     return Timing(float(med), float(p20), float(p80))
 
 
-def warm_call_ms(fn, cuda: bool) -> float:
-    """Run `fn` once (compiles, autotunes, warms caches) and return how long it took."""
+def load_average() -> str:
+    """This machine's 1-minute load average ("" where the system has none)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return f"{os.getloadavg()[0]:.2f}"
+    return ""
+
+
+def time_call(fn, device: torch.device, timed=None) -> tuple:
+    """(Timing, peak MiB or None): one warm call of `fn` (it compiles, autotunes and warms caches; on CUDA
+    the memory it allocates beyond what was allocated before it is the peak), then `timed` (default `fn`)
+    timed by time_cuda or time_cpu, with the load average before and after."""
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     fn()
     if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def peak_call(fn, device: torch.device) -> tuple:
-    """Run `fn` once: (ms, the CUDA memory allocated during the call beyond what was allocated before, MiB;
-    None on CPU)."""
-    if device.type != "cuda":
-        return warm_call_ms(fn, False), None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    ms = warm_call_ms(fn, True)
-    return ms, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-
-
-def time_fn(fn, cuda: bool, first_call_ms: float) -> Timing:
-    return time_cuda(fn, first_call_ms) if cuda else time_cpu(fn)
+        torch.cuda.synchronize(device)
+    warm_ms = (time.perf_counter() - t0) * 1e3
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 if cuda else None
+    before = load_average()
+    timing = time_cuda(timed or fn, warm_ms) if cuda else time_cpu(timed or fn)
+    return dataclasses.replace(timing, load=f"{before}-{load_average()}" if before else ""), peak
 
 
 def copy_bandwidth(device: torch.device) -> tuple:
@@ -126,8 +134,7 @@ def copy_bandwidth(device: torch.device) -> tuple:
     nbytes = (1 << 30) if cuda else (64 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    fn = lambda: dst.copy_(src)  # noqa: E731
-    timing = time_fn(fn, cuda, warm_call_ms(fn, cuda))
+    timing = time_call(lambda: dst.copy_(src), device)[0]
     return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9, timing, nbytes
 
 
@@ -162,7 +169,7 @@ def commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RunInfo:
     """What every CSV row of one run carries."""
 
@@ -181,3 +188,51 @@ class RunInfo:
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.6g}"
+
+
+def row(info: RunInfo, impl, batch, heads, n, d, dtype, *, setup="", status="ok", timing=None, cost=None,
+        peak_gbps=None, peak_mb=None, backend="") -> dict:
+    """One CSV row. A timed row ("ok" with a Timing) gets GB/s and TFLOP/s from `cost` (the ideal Cost)
+    and its share of the measured copy bandwidth `peak_gbps`; `setup` says what else defines the call
+    (threads, TAR options, frame ids), `backend` what ran (ours: tar_attention's backend)."""
+    t = timing if status == "ok" else None
+    seconds = t.median_ms * 1e-3 if t else None
+    gbps = cost.bytes / seconds / 1e9 if t and cost else None
+    return dict(zip(COLUMNS, (
+        now_iso(), info.commit, info.device, info.torch, info.triton, impl, batch, heads, n, d, dtype, setup,
+        *map(_fmt, (t and t.median_ms, t and t.p20_ms, t and t.p80_ms, gbps,
+                    100 * gbps / peak_gbps if gbps and peak_gbps else None,
+                    cost.flops / seconds / 1e12 if t and cost and cost.flops else None, peak_mb)),
+        status, backend, spread_flag(t.p20_ms, t.p80_ms) if t else "", t.load if t else "")))
+
+
+def check_columns(csv_path: Path) -> None:
+    """Raise ValueError when the CSV exists with other columns than COLUMNS (an older harness or another tool
+    wrote it): rows appended to it would land under the wrong names, and its tables would be read wrong."""
+    if csv_path.exists() and csv_path.stat().st_size:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f))
+        if header != list(COLUMNS):
+            raise ValueError(f"{csv_path} has the columns {header}, not this harness's {list(COLUMNS)}")
+
+
+def append_row(csv_path: Path, row: dict) -> None:
+    """Append `row` (a dict of COLUMNS) to the CSV; a new file gets the header first."""
+    check_columns(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if f.tell() == 0:  # a new or empty file
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_csv(csv_path) -> list:
+    """The rows of a results CSV (ValueError when its columns are not COLUMNS)."""
+    check_columns(Path(csv_path))
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

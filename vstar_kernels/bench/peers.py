@@ -4,7 +4,8 @@
 `peer.run(q, k, v, spec) -> out`: q, k, v are (B, H, N, D) views of (B, N, H, D) storage,
 `spec` holds sigma, strength and the softmax scale; out is (B, H, N, Dv) in q's dtype.
 `peer.why_not(device, dtype)` says why a peer cannot run at all here ("" when it can); a peer
-that cannot run one shape raises `Unsupported`. Ours are the peers with a `backend`.
+that cannot run one shape raises `Unsupported`; `peer.ran(q, k, v, spec)` names what runs for a
+call (the CSV's backend column). Ours are `vstar_<backend>`, tar_attention with that backend.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from .. import dispatch
 from .._problem import make_problem
 from ..ops._load import triton_ops
 from ..reference import CHUNK_ELEMENTS, reference_forward
-from ..regularization import gaussian_bias
 
 
 class Unsupported(Exception):
@@ -43,13 +43,17 @@ INTERPRETER = "vstar_triton_interpreter"
 CHECKED = "checked: "
 
 
+def _nothing(*args) -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class Peer:
     name: str
     run: Callable
-    why_not: Callable = lambda device, dtype: ""  # noqa: E731
-    plain: bool = False   # computes attention without TAR
-    backend: str = ""     # ours: the tar_attention backend it asks for ("" for the other peers)
+    why_not: Callable = _nothing  # (device, dtype) -> why it cannot run here ("" when it can)
+    plain: bool = False           # computes attention without TAR
+    ran: Callable = _nothing      # (q, k, v, spec) -> what runs for this call (ours: tar_attention's backend)
 
     def label(self, device: torch.device) -> str:
         """The CSV impl name; the Triton kernels on CPU tensors run in the interpreter and say so."""
@@ -58,11 +62,7 @@ class Peer:
     def correctness_only(self, device: torch.device) -> bool:
         """Whether this peer is checked but not timed on `device`: the Triton kernels on CPU
         tensors run in the Triton interpreter, whose speed is not the kernels'."""
-        return self.backend == "triton" and device.type == "cpu"
-
-    def backend_run(self, q, k, v, spec) -> str:
-        """The backend tar_attention runs for this call ("" for a peer that is not ours)."""
-        return dispatch.select(_problem(q, k, v, spec), self.backend).name if self.backend else ""
+        return self.name == "vstar_triton" and device.type == "cpu"
 
 
 def _problem(q, k, v, spec):
@@ -70,37 +70,37 @@ def _problem(q, k, v, spec):
                         max_mode="row", scale=spec.scale)
 
 
-@functools.lru_cache(maxsize=32)
-def _gaussian(n: int, sigma: float, device: str, dtype: torch.dtype) -> torch.Tensor:
-    return gaussian_bias(n, n, sigma, device=device, dtype=dtype)
-
-
-def _vstar(backend):
-    def run(q, k, v, spec):  # BackendUnavailableError: a status of "unsupported: ..." (harness.classify)
+def _ours(backend: str) -> Peer:
+    """vstar_<backend>: tar_attention(backend=...), a BackendUnavailableError a status of "unsupported: ..."."""
+    def run(q, k, v, spec):
         return vk.tar_attention(q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale, backend=backend)
-    return run
 
-
-def _backend_why_not(name):
     def why_not(device, dtype):
-        return "; ".join(dispatch.BACKENDS[name].not_supported_reasons(dispatch.probe_problem(device, dtype)))
-    return why_not
+        if backend == "auto":
+            return ""
+        return "; ".join(dispatch.BACKENDS[backend].not_supported_reasons(dispatch.probe_problem(device, dtype)))
+
+    return Peer(f"vstar_{backend}", run, why_not, ran=lambda q, k, v, spec: dispatch.select(_problem(q, k, v, spec),
+                                                                                           backend).name)
 
 
-def reference_eager(q, k, v, spec):
-    return vk.tar_attention_reference(q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale)
+@functools.lru_cache(maxsize=32)
+def gaussian(n: int, sigma: float, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """VSTAR's (N, N) Gaussian dA, made once per (n, sigma, device, dtype)."""
+    return vk.gaussian_toeplitz(n, sigma, device=device, dtype=dtype)
 
 
-def reference_materialized(q, k, v, spec):
-    """The reference's out-of-place path, the one autograd differentiates."""
-    return reference_forward(_problem(q, k, v, spec), inplace=False)
-
-
-def tar_chunk(q, k, v, dA, scale: float, strength: float):
-    """The reference's materializing formula on (b, H, N, D) in float32: S, row max, S', softmax, P V."""
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+def tar_formula(q, k, v, dA, scale: float, strength: float):
+    """The definition on whole (b, H, N, D) tensors, in their dtype: S = scale Q K^T, S + strength m dA
+    (m: S's row max), softmax, P V. strength 0 is plain attention."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = s + strength * s.amax(dim=-1, keepdim=True) * dA
-    return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def float_formula(q, k, v, dA, scale: float, strength: float):
+    """tar_formula in float32 (the reference's precision), cast back to q's dtype."""
+    return tar_formula(q.float(), k.float(), v.float(), dA, scale, strength).to(q.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,26 +112,22 @@ def _compiled(fn):
 def reference_compiled(q, k, v, spec):
     """torch.compile of the reference formula, chunked over the batch as the reference chunks it."""
     B, H, n, _ = q.shape
-    dA = _gaussian(n, spec.sigma, str(q.device), torch.float32)
+    dA = gaussian(n, spec.sigma, str(q.device), torch.float32)
     step = max(1, CHUNK_ELEMENTS // max(1, H * n * k.shape[2]))
-    fn = _compiled(tar_chunk)
+    fn = _compiled(float_formula)
     return torch.cat([fn(q[b:b + step], k[b:b + step], v[b:b + step], dA, spec.scale, spec.strength)
                       for b in range(0, B, step)])
 
 
-def _compile_why_not(device, dtype):
+def _compile_why_not(device, dtype, what="torch.compile"):
     needs = device.type == "cuda" and not triton_ops().ok
-    return f"torch.compile on CUDA needs Triton: {triton_ops().reason}" if needs else ""
+    return f"{what} on CUDA needs Triton: {triton_ops().reason}" if needs else ""
 
 
 def tar_bias(q, k, spec):
     """strength * m_i * dA_ij as a (B, H, N, N) tensor in q's dtype; m from a bmm in q's dtype."""
     m = (torch.matmul(q, k.transpose(-1, -2)) * spec.scale).amax(dim=-1, keepdim=True)
-    return (spec.strength * m) * _gaussian(q.shape[2], spec.sigma, str(q.device), q.dtype)
-
-
-def sdpa_bias(q, k, v, spec):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=tar_bias(q, k, spec), scale=spec.scale)
+    return (spec.strength * m) * gaussian(q.shape[2], spec.sigma, str(q.device), q.dtype)
 
 
 def xformers_bias(q, k, v, spec):
@@ -163,15 +159,12 @@ def flex_tar_pass(flex, q, k, v, row_max, spec):
 
 
 def _flex_two_pass(q, k, v, spec):
+    """FlexAttention (compiled by its peer): pass 1 returns the row max (max_scores), pass 2 adds the bias in a
+    score_mod."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     _, aux = flex_attention(q, k, v, scale=spec.scale, return_aux=AuxRequest(max_scores=True))
     return flex_tar_pass(flex_attention, q, k, v, aux.max_scores, spec)
-
-
-def flex_two_pass(q, k, v, spec):
-    """FlexAttention, compiled: pass 1 returns the row max (max_scores), pass 2 adds the bias in a score_mod."""
-    return _compiled(_flex_two_pass)(q, k, v, spec)
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,8 +173,8 @@ def _flex_why_not(device_type: str):
         from torch.nn.attention.flex_attention import AuxRequest, flex_attention
     except ImportError as exc:
         return f"torch {torch.__version__} has no flex_attention AuxRequest ({exc})"
-    if device_type == "cuda" and not triton_ops().ok:
-        return f"compiled flex_attention needs Triton: {triton_ops().reason}"
+    if why := _compile_why_not(torch.device(device_type), None, "compiled flex_attention"):
+        return why
     # Ask torch (eagerly, on a tiny call) whether it returns the row max on this device.
     t = torch.zeros(1, 1, 16, 16, device=device_type)
     try:
@@ -191,35 +184,58 @@ def _flex_why_not(device_type: str):
     return ""
 
 
-def sdpa_plain(q, k, v, spec):
-    """SDPA without TAR, flash backend only: what TAR should cost nothing over."""
+# What sdpa_floor is, by the SDPA backend it ran (its rows' backend column), in tables and plots.
+FLOOR_LABELS = {"cudnn": "FA3-class floor (cuDNN SDPA)", "flash": "FA2-class (flash SDPA)"}
+
+
+def floor_backend(device: torch.device) -> str:
+    """The SDPA backend of the fastest plain attention PyTorch has on this CUDA GPU: cuDNN on Hopper
+    (sm_90: the FlashAttention-3 class), flash elsewhere (the FlashAttention-2 class)."""
+    return "cudnn" if torch.cuda.get_device_capability(device) == (9, 0) else "flash"
+
+
+def sdpa_only(backend: str, q, k, v, spec):
+    """Plain SDPA restricted to one of its backends ("flash" or "cudnn"); Unsupported when it cannot run the call."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
     try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        with sdpa_kernel([chosen]):
             return F.scaled_dot_product_attention(q, k, v, scale=spec.scale)
     except RuntimeError as exc:
-        if "No available kernel" in str(exc):
-            raise Unsupported(f"SDPA's flash backend cannot run this call: {str(exc).splitlines()[0]}") from None
+        if any(no in str(exc) for no in ("No available kernel", "No viable backend")):  # CUDA's, CPU's
+            raise Unsupported(f"SDPA's {backend} backend cannot run this call: {str(exc).splitlines()[0]}") from None
         raise
 
 
-PEERS = {p.name: p for p in (
-    Peer("vstar_triton", _vstar("triton"), _backend_why_not("triton"), backend="triton"),
-    Peer("vstar_auto", _vstar("auto"), backend="auto"),
-    Peer("vstar_cuda", _vstar("cuda"), _backend_why_not("cuda"), backend="cuda"),
-    Peer("reference_eager", reference_eager),
-    Peer("reference_materialized", reference_materialized),
-    Peer("reference_compiled", reference_compiled, _compile_why_not),
-    Peer("sdpa_bias", sdpa_bias),
-    Peer("flex_two_pass", flex_two_pass, lambda device, dtype: _flex_why_not(device.type)),
-    Peer("xformers_bias", xformers_bias, _xformers_why_not),
-    Peer("sdpa_plain", sdpa_plain, plain=True),
-)}
+def _floor_why_not(device, dtype):
+    if device.type != "cuda":
+        return f"the FA3-class floor is a GPU peer (cuDNN or flash SDPA on CUDA), there is none on {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"cuDNN and flash SDPA take fp16 and bf16, not {str(dtype).replace('torch.', '')}"
+    return ""
 
-# Ours that are timed, in the order the speed comparison takes its reference from: on CUDA the Triton
-# kernel; on CPU the default path (vstar_triton is the interpreter's correctness run there).
-TIMED_OURS = ("vstar_triton", "vstar_auto", "vstar_cuda")
+
+# tar_attention's backends timed as ours, in the order the speed comparison takes its reference from: on
+# CUDA the Triton kernel; on CPU the default path (vstar_triton is the interpreter's correctness run there).
+OURS_BACKENDS = ("triton", "auto", "cuda")
+PEERS = {p.name: p for p in (
+    *map(_ours, OURS_BACKENDS),
+    Peer("reference_eager", lambda q, k, v, spec: vk.tar_attention_reference(
+        q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale)),
+    # the reference's out-of-place path, the one autograd differentiates
+    Peer("reference_materialized", lambda q, k, v, spec: reference_forward(_problem(q, k, v, spec))),
+    Peer("reference_compiled", reference_compiled, _compile_why_not),
+    Peer("sdpa_bias", lambda q, k, v, spec: F.scaled_dot_product_attention(q, k, v, attn_mask=tar_bias(q, k, spec),
+                                                                           scale=spec.scale)),
+    Peer("flex_two_pass", lambda q, k, v, spec: _compiled(_flex_two_pass)(q, k, v, spec),
+         lambda device, dtype: _flex_why_not(device.type)),
+    Peer("xformers_bias", xformers_bias, _xformers_why_not),
+    Peer("sdpa_plain", functools.partial(sdpa_only, "flash"), plain=True),
+    Peer("sdpa_floor", lambda q, k, v, spec: sdpa_only(floor_backend(q.device), q, k, v, spec), _floor_why_not,
+         plain=True, ran=lambda q, k, v, spec: floor_backend(q.device)),
+)}
+TIMED_OURS = tuple(f"vstar_{b}" for b in OURS_BACKENDS)
 # Every implementation of ours: an error of any of them is a failure of this project.
 OURS = (*TIMED_OURS, INTERPRETER)
 

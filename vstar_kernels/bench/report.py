@@ -1,14 +1,13 @@
 """Tables and plots from a results CSV (the harness's output, or a committed file).
 
-`render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` next
-to the CSV from the CSV alone (benchmarks/plot_results.py regenerates them from committed files).
-Peers are compared with the first timed implementation of ours in a cell (peers.TIMED_OURS);
-correctness runs get no ratio and no line, busy cells a mark (benchmarks/NOTES.md).
+`render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` from the
+CSV alone (benchmarks/plot_results.py regenerates them from committed files). Rows are grouped by
+shape and `setup`; peers are compared with the first timed implementation of ours in a cell
+(peers.TIMED_OURS); correctness runs get no ratio and no line, busy cells a mark (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 import textwrap
@@ -17,8 +16,8 @@ from pathlib import Path
 from .. import _env
 from . import shapes
 from .e2e import VARIANTS as UNET_IMPLS
-from .measure import BUSY, BUSY_SPREAD, spread_flag
-from .peers import CHECKED, INTERPRETER, OURS, PEERS, TIMED_OURS
+from .measure import BUSY, BUSY_SPREAD, read_csv
+from .peers import CHECKED, FLOOR_LABELS, INTERPRETER, OURS, PEERS, TIMED_OURS
 
 COPY_IMPL = "device_copy"
 # Each plot's metric: (the figure's title, the y axis's label).
@@ -27,74 +26,62 @@ METRICS = {
     "speedup": ("peer time / time of ours (> 1: ours faster)", "peer time / ours (log; > 1: ours faster)"),
     "bandwidth": ("achieved bandwidth, Q, K, V read and O written once", "GB/s (Q, K, V read + O written)"),
 }
-
-
-def read_csv(path) -> list:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _impl_order(impl: str) -> tuple:
-    names = [*PEERS, INTERPRETER]
-    return (0 if impl == INTERPRETER else names.index(impl) if impl in names else len(names), impl)
+BUSY_LABEL = f"{BUSY}: p80/p20 > {BUSY_SPREAD:g} (a busy machine or too short a call), not to be trusted"
 
 
 def _impls(by_n) -> list:
     """The implementations with a row in a {n: {impl: row}} group, in table order."""
-    return sorted({i for cell in by_n.values() for i in cell}, key=_impl_order)
+    order = [INTERPRETER, *PEERS]
+    return sorted({i for cell in by_n.values() for i in cell}, key=lambda i: (order.index(i) if i in order else 99, i))
+
+
+def _ok(row) -> bool:
+    return row is not None and row["status"] == "ok"
 
 
 def _ran(impl, by_n) -> bool:
     """Whether `impl` has a successful row in the group."""
-    return any(cell.get(impl, {}).get("status") == "ok" for cell in by_n.values())
+    return any(_ok(cell.get(impl)) for cell in by_n.values())
 
 
-def correctness_only(impl: str, row) -> bool:
-    """A correctness run: checked, not timed (an older harness timed the interpreter: never compared)."""
-    return row["status"].startswith(CHECKED) or impl == INTERPRETER
+def correctness_only(row) -> bool:
+    """A correctness run: checked, not timed."""
+    return row["status"].startswith(CHECKED)
 
 
 def busy(row) -> bool:
-    """Whether the row's timing was flagged busy: its `flag` column, or for a file written before that
-    column, its p80/p20 spread."""
-    if row["status"] != "ok" or not row["p20_ms"]:
-        return False
-    flag = row.get("flag")
-    if flag is None:
-        flag = spread_flag(float(row["p20_ms"]), float(row["p80_ms"]))
-    return flag == BUSY
+    return _ok(row) and row["flag"] == BUSY
 
 
 def latest(rows) -> dict:
-    """The last row for each (impl, batch, heads, n, d, dtype): a re-run replaces an earlier one."""
-    out = {}
-    for r in rows:
-        out[(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"])] = r
-    return out
+    """The last row of each (impl, batch, heads, n, d, dtype, setup): a re-run replaces an earlier one."""
+    return {tuple(r[c] for c in ("impl", "batch", "heads", "n", "d", "dtype", "setup")): r for r in rows}
 
 
 def copy_gbps(rows):
-    vals = [float(r["gbps"]) for r in rows if r["impl"] == COPY_IMPL and r["status"] == "ok" and r["gbps"]]
+    vals = [float(r["gbps"]) for r in rows if r["impl"] == COPY_IMPL and _ok(r) and r["gbps"]]
     return vals[-1] if vals else None
 
 
 def _groups(rows, unet: bool):
-    """{dtype: {(batch, heads, d): {n: {impl: row}}}} for kernel rows (unet=False) or UNet rows."""
+    """{dtype: {(batch, heads, d, setup): {n: {impl: row}}}} for kernel rows (unet=False) or UNet rows."""
     out = {}
     for r in latest(rows).values():
-        if r["impl"] == COPY_IMPL or (r["impl"] in UNET_IMPLS) != unet:
-            continue
-        key = (int(r["batch"]), int(r["heads"]), int(r["d"]))
-        out.setdefault(r["dtype"], {}).setdefault(key, {}).setdefault(int(r["n"]), {})[r["impl"]] = r
+        if r["impl"] != COPY_IMPL and (r["impl"] in UNET_IMPLS) == unet:
+            key = (int(r["batch"]), int(r["heads"]), int(r["d"]), r["setup"])
+            out.setdefault(r["dtype"], {}).setdefault(key, {}).setdefault(int(r["n"]), {})[r["impl"]] = r
     return out
+
+
+def _label(key, unet: bool = False) -> str:
+    """A group's name: the registered shape (or B, H, D) and its setup."""
+    batch, heads, d, setup = key
+    return shapes.shape_label(batch, heads, d, unet) + (f" [{setup}]" if setup else "")
 
 
 def _ours(cell: dict):
     """The row the cell's peers are compared with: the first timed implementation of ours that ran."""
-    for name in TIMED_OURS:
-        if name in cell and cell[name]["status"] == "ok":
-            return cell[name]
-    return None
+    return next((cell[name] for name in TIMED_OURS if _ok(cell.get(name))), None)
 
 
 def our_failures(rows) -> list:
@@ -103,6 +90,12 @@ def our_failures(rows) -> list:
     `unsupported` (not built, not installed) and `oom` (also what inputs too large for the device
     give every implementation) are outcomes of the machine, not failures of ours."""
     return [r for r in latest(rows).values() if r["impl"] in OURS and r["status"].startswith("error")]
+
+
+def _legend(impl, by_n) -> str:
+    """An implementation's name in a plot; the floor peer says which class it is."""
+    ran = {cell[impl]["backend"] for cell in by_n.values() if impl in cell} & set(FLOOR_LABELS)
+    return f"{impl}: {', '.join(FLOOR_LABELS[b] for b in sorted(ran))}" if impl == "sdpa_floor" and ran else impl
 
 
 class _Notes(dict):
@@ -123,22 +116,24 @@ def _ms(row) -> float:
     return float(row["median_ms"])
 
 
-def _g(x: float) -> str:
-    """Three significant digits, without exponents for values >= 100."""
+def _g(x) -> str:
+    """Three significant digits, without exponents for values >= 100 ("" for an empty CSV field)."""
+    if x == "":
+        return ""
+    x = float(x)
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _time_cell(notes: _Notes, impl: str, row, relative=None) -> str:
     """A time column's cell: empty without a row, the note mark of a run that was not timed, else the
-    median ms followed by `(relative(ms))` when a `relative` formatter is given (never for a correctness
-    run), and a bold busy when the machine was busy."""
+    median ms followed by `(relative(ms))` when a `relative` formatter is given, and a bold busy when
+    the machine was busy."""
     if row is None:
         return ""
-    if row["status"] != "ok":
+    if not _ok(row):
         return notes.mark(impl, row["status"])
     ms = _ms(row)
-    text = f"{_g(ms)} ({relative(ms)})" if relative is not None and not correctness_only(impl, row) else _g(ms)
-    return text + (f" **{BUSY}**" if busy(row) else "")
+    return (f"{_g(ms)} ({relative(ms)})" if relative else _g(ms)) + (f" **{BUSY}**" if busy(row) else "")
 
 
 def _table(head, body) -> list:
@@ -146,16 +141,36 @@ def _table(head, body) -> list:
     return ["| " + " | ".join(cells) + " |" for cells in (head, ["---:"] * len(head), *body)]
 
 
+def _kernel_table(by_n, notes: _Notes) -> list:
+    """One group's table: ours that ran get metric columns, every other implementation a time (ratio) column."""
+    impls = _impls(by_n)
+    ours_names = [i for i in impls if i in TIMED_OURS and _ran(i, by_n)]
+    others = [i for i in impls if i not in ours_names]
+    head = ["N", *(c for name in ours_names for c in (f"{name} ms", "GB/s", "% copy BW", "TFLOP/s")), *others]
+    body = []
+    for n, cell in sorted(by_n.items()):
+        line = [str(n)]
+        for name in ours_names:
+            r = cell.get(name)
+            line.append(_time_cell(notes, name, r))
+            line += [_g(r["gbps"]), _g(r["pct_peak_bw"]) + "%" * bool(r["pct_peak_bw"]), _g(r["tflops"])] \
+                if _ok(r) else ["", "", ""]
+        ours = _ours(cell)
+        ratio = ours and (lambda ms: f"{_g(ms / _ms(ours))}x")
+        body.append(line + [_time_cell(notes, name, cell.get(name), None if name in OURS else ratio)
+                            for name in others])
+    return _table(head, body)
+
+
 def markdown(rows, title: str) -> str:
     meta = [r for r in rows if r["impl"] != COPY_IMPL] or rows
     devices = sorted({r["device"] for r in rows})
-    cpu = any(d.startswith("cpu") for d in devices)
     peak = copy_gbps(rows)
     seen = lambda column: ", ".join(sorted({r[column] for r in meta}))  # noqa: E731
     out = [f"# {title}", "",
            f"Device: {', '.join(devices)}. torch {seen('torch')}, triton {seen('triton')}, commit {seen('commit')}, "
            f"{min(r['timestamp'] for r in rows)} to {max(r['timestamp'] for r in rows)}.", ""]
-    if cpu:
+    if any(d.startswith("cpu") for d in devices):
         out += ["**CPU run.** Times are CPU wall clock (perf_counter). Ours is `vstar_auto`: `tar_attention` "
                 "as a user calls it (backend=\"auto\"), which on CPU tensors runs the PyTorch path. "
                 f"`{INTERPRETER}` is the Triton kernel run by the Triton interpreter to check it against "
@@ -164,9 +179,12 @@ def markdown(rows, title: str) -> str:
     else:
         out += ["Times: `triton.testing.do_bench` median (L2 flushed between calls, inputs rotated); "
                 "calls over 100 ms: median of 3 CUDA-event timings.", ""]
-    ran = sorted({(r["impl"], r["backend"]) for r in meta if r["impl"] in TIMED_OURS and r.get("backend")})
+    ran = sorted({(r["impl"], r["backend"]) for r in meta if r["backend"] and r["impl"] not in UNET_IMPLS
+                  and not correctness_only(r)})
     if ran:
-        out += ["Backends that ran: " + ", ".join(f"`{impl}` ran `{backend}`" for impl, backend in ran) + ".", ""]
+        out += ["Backends that ran: " + ", ".join(
+            f"`{impl}` ran `{b}`" + (f" ({FLOOR_LABELS[b]})" if impl == "sdpa_floor" else "") for impl, b in ran)
+            + ".", ""]
     flagged = [r for r in latest(rows).values() if busy(r)]
     if flagged:
         out += [f"**{BUSY}**: {len(flagged)} cell(s) whose p80/p20 spread exceeds {BUSY_SPREAD:g}: the machine was "
@@ -176,37 +194,14 @@ def markdown(rows, title: str) -> str:
     out += [f"Measured copy bandwidth (read + write): {peak:,.0f} GB/s." if peak else
             "No copy-bandwidth row in this file.", "",
             "Peer cells: median ms (how many times slower than ours: > 1 means ours is faster). "
-            "GB/s counts Q, K, V read once and O written once; TFLOP/s counts the two matmuls.", ""]
-    kernel = _groups(rows, unet=False)
-    for dtype in sorted(kernel):
+            "GB/s counts Q, K, V read once and O written once; TFLOP/s counts the two matmuls. "
+            "A group's [setup] is what else defines its calls (threads, TAR options, frame ids).", ""]
+    for dtype, groups in sorted(_groups(rows, unet=False).items()):
         out += [f"## {dtype}", ""]
         notes = _Notes()
-        for (batch, heads, d), by_n in kernel[dtype].items():
-            impls = _impls(by_n)
-            # Timed ours with a successful run get the metric columns; the others (correctness runs and
-            # ours that never ran included) one column of times or notes.
-            ours_names = [i for i in impls if i in TIMED_OURS and _ran(i, by_n)]
-            others = [i for i in impls if i not in ours_names]
-            out += [f"### {shapes.shape_label(batch, heads, d)}: B x H = {batch * heads:,}, D = {d}", ""]
-            head = ["N", *(c for name in ours_names for c in (f"{name} ms", "GB/s", "% copy BW", "TFLOP/s")),
-                    *others]
-            body = []
-            for n in sorted(by_n):
-                cell = by_n[n]
-                ours = _ours(cell)
-                line = [str(n)]
-                for name in ours_names:
-                    r = cell.get(name)
-                    line.append(_time_cell(notes, name, r))
-                    if r is None or r["status"] != "ok":
-                        line += ["", "", ""]
-                    else:
-                        line += [_g(float(r["gbps"])),
-                                 _g(float(r["pct_peak_bw"])) + "%" if r["pct_peak_bw"] else "",
-                                 _g(float(r["tflops"]))]
-                ratio = None if ours is None else (lambda ms: f"{_g(ms / _ms(ours))}x")
-                body.append(line + [_time_cell(notes, name, cell.get(name), ratio) for name in others])
-            out += _table(head, body) + [""]
+        for key, by_n in groups.items():
+            out += [f"### {_label(key)}: B x H = {key[0] * key[1]:,}, D = {key[2]}", ""]
+            out += _kernel_table(by_n, notes) + [""]
         out += notes.lines() + [""]
     unet = _groups(rows, unet=True)
     if unet:
@@ -216,31 +211,29 @@ def markdown(rows, title: str) -> str:
                 "was allocated before it.", ""]
         notes = _Notes()
         body = []
-        for dtype in sorted(unet):
-            for (batch, heads, d), by_n in unet[dtype].items():
-                for n in sorted(by_n):
-                    cell = by_n[n]
+        for dtype, groups in sorted(unet.items()):
+            for key, by_n in groups.items():
+                for n, cell in sorted(by_n.items()):
                     stock = cell.get("unet_stock")
-                    stock_ms = _ms(stock) if stock and stock["status"] == "ok" else None
-                    overhead = (lambda ms: f"{100 * (ms / stock_ms - 1):+.1f}%") if stock_ms else None
-                    line = [shapes.shape_label(batch, heads, d, unet=True), dtype, str(n)]
-                    line += [_time_cell(notes, name, cell.get(name), None if name == "unet_stock" else overhead)
-                             for name in UNET_IMPLS]
-                    line += [f"{float(r['peak_mem_mb']):,.0f}" if r and r["peak_mem_mb"] else ""
-                             for r in map(cell.get, UNET_IMPLS)]
-                    body.append(line)
+                    overhead = _ok(stock) and (lambda ms, s=_ms(stock): f"{100 * (ms / s - 1):+.1f}%")
+                    body.append([_label(key, unet=True), dtype, str(n)]
+                                + [_time_cell(notes, name, cell.get(name), name != "unet_stock" and overhead)
+                                   for name in UNET_IMPLS]
+                                + [f"{float(r['peak_mem_mb']):,.0f}" if r and r["peak_mem_mb"] else ""
+                                   for r in map(cell.get, UNET_IMPLS)])
         head = ["model", "dtype", "frames", *(f"{i} ms" for i in UNET_IMPLS), *(f"{i} peak MiB" for i in UNET_IMPLS)]
         out += _table(head, body) + [""] + notes.lines() + [""]
     return "\n".join(out).rstrip() + "\n"
 
 
 def _color(impl: str):
+    """Ten colors for the peers drawn: vstar_auto takes vstar_triton's (a sweep draws one of them: on CPU the
+    interpreter is only checked, on CUDA auto runs the Triton kernel and is left out)."""
     import matplotlib
 
-    return matplotlib.colormaps["tab10"](_impl_order(impl)[0] % 10)
-
-
-BUSY_LABEL = f"{BUSY}: p80/p20 > {BUSY_SPREAD:g} (a busy machine or too short a call), not to be trusted"
+    palette = [name for name in PEERS if name != "vstar_auto"]
+    impl = "vstar_triton" if impl == "vstar_auto" else impl
+    return matplotlib.colormaps["tab10"]((palette.index(impl) if impl in palette else len(palette)) % 10)
 
 
 def draw_plots(rows, stem: Path) -> list:
@@ -259,26 +252,29 @@ def draw_plots(rows, stem: Path) -> list:
         ours = [i for i in TIMED_OURS if any(_ran(i, by_n) for by_n in groups.values())]
         note = f"ours: {', '.join(ours) or 'none ran'}"
         if device.startswith("cpu"):
-            note = f"CPU wall clock; {note} (tar_attention's default CPU path). Not GPU speed"
-        for metric in METRICS:
+            note = f"CPU wall clock; {note}" + " (tar_attention's default CPU path)" * bool(ours) + ". Not GPU speed"
+        for metric, (title, ylabel) in METRICS.items():
             height = 3.6 * nrows + 1.8
             fig, axes = plt.subplots(nrows, cols, figsize=(max(9, 5 * cols), height), squeeze=False)
             for ax in axes.flat[len(groups):]:
                 ax.set_visible(False)
-            for ax, ((batch, heads, d), by_n) in zip(axes.flat, groups.items()):
+            for ax, (key, by_n) in zip(axes.flat, groups.items()):
                 if not _plot_metric(ax, metric, by_n, peak):
                     ax.text(0.5, 0.5, _no_data(metric, by_n), transform=ax.transAxes, ha="center", va="center",
                             color="firebrick", fontsize=10, wrap=True)
-                title = f"{shapes.shape_label(batch, heads, d)} (B x H {batch * heads:,}, D {d})"
-                for why, impls in (("correctness run only, not timed", _checked_only(by_n)),
-                                   ("not plotted, no successful run", _never_ok(by_n))):
+                text = f"{_label(key)} (B x H {key[0] * key[1]:,}, D {key[2]})"
+                checked = [i for i in _impls(by_n) if any(correctness_only(c[i]) for c in by_n.values() if i in c)]
+                never = [i for i in _impls(by_n) if i not in checked and not _ran(i, by_n)]
+                for why, impls in (("correctness run only, not timed", checked),
+                                   ("not plotted, no successful run", never)):
                     if impls:
-                        title += "\n" + textwrap.fill(f"{why}: {', '.join(impls)}", 70)
-                ax.set_title(title, fontsize=9)
+                        text += "\n" + textwrap.fill(f"{why}: {', '.join(impls)}", 70)
+                ax.set_title(text, fontsize=9)
                 ax.set_xscale("log", base=2)
+                ax.set_xlim(min(by_n) / 1.25, max(by_n) * 1.25)
                 ax.set_xticks(sorted(by_n), [str(n) for n in sorted(by_n)])
                 ax.minorticks_off()
-                ax.set_xlabel("N (frames)")
+                ax.set(xlabel="N (frames)", ylabel=ylabel)
                 ax.grid(True, alpha=0.3)
             handles = {}
             for ax in axes.flat:
@@ -286,7 +282,7 @@ def draw_plots(rows, stem: Path) -> list:
                     handles.setdefault(lab, h)
             fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(3, max(1, len(handles))),
                        fontsize=8, frameon=False)
-            fig.suptitle(f"TAR forward, {dtype}: {METRICS[metric][0]}\n{device}\n{note}", fontsize=10)
+            fig.suptitle(f"{stem.name}, {dtype}: {title}\n{device}\n{note}", fontsize=10)
             legend_in = 0.15 + 0.22 * math.ceil(len(handles) / 3)
             fig.tight_layout(rect=(0, legend_in / height, 1, 1))
             path = stem.parent / f"{stem.name}-{metric}-{dtype}.png"
@@ -294,17 +290,6 @@ def draw_plots(rows, stem: Path) -> list:
             plt.close(fig)
             written.append(path)
     return written
-
-
-def _checked_only(by_n) -> list:
-    """The correctness runs in this panel: checked, never timed or compared."""
-    return [i for i in _impls(by_n) if any(correctness_only(i, cell[i]) for cell in by_n.values() if i in cell)]
-
-
-def _never_ok(by_n) -> list:
-    """The implementations with rows in this panel but no successful one (correctness runs aside)."""
-    checked = _checked_only(by_n)
-    return [i for i in _impls(by_n) if i not in checked and not _ran(i, by_n)]
 
 
 def _no_data(metric, by_n) -> str:
@@ -321,44 +306,38 @@ def _no_data(metric, by_n) -> str:
 def _plot_metric(ax, metric, by_n, peak) -> int:
     """Draw one panel; returns how many lines of measurements it drew. Correctness runs are not drawn;
     busy points get a black ring."""
-    ns = sorted(by_n)
     drawn = 0
     busy_xy = []
     for impl in _impls(by_n):
         xs, ys, lo, hi = [], [], [], []
-        for n in ns:
-            r = by_n[n].get(impl)
-            if r is None or r["status"] != "ok" or correctness_only(impl, r):
+        for n, cell in sorted(by_n.items()):
+            r, ours = cell.get(impl), _ours(cell)
+            if not _ok(r):
                 continue
-            flagged = busy(r)
             if metric == "time":
                 y = _ms(r)
-                lo.append(y - float(r["p20_ms"] or y))
-                hi.append(float(r["p80_ms"] or y) - y)
+                lo.append(y - float(r["p20_ms"]))
+                hi.append(float(r["p80_ms"]) - y)
             elif metric == "speedup":
-                ours = _ours(by_n[n])
                 if impl in OURS or ours is None:
                     continue
                 y = _ms(r) / _ms(ours)
-                flagged = flagged or busy(ours)
-            else:
-                if not r["gbps"]:
-                    continue
+            elif r["gbps"]:
                 y = float(r["gbps"])
+            else:
+                continue
             xs.append(n)
             ys.append(y)
-            if flagged:
+            if busy(r) or (metric == "speedup" and busy(ours)):
                 busy_xy.append((n, y))
         if xs:
-            ax.plot(xs, ys, marker="o", markersize=3, label=impl, color=_color(impl))
+            ax.plot(xs, ys, marker="o", markersize=3, label=_legend(impl, by_n), color=_color(impl))
             if metric == "time":
                 ax.errorbar(xs, ys, yerr=(lo, hi), fmt="none", capsize=2, ecolor=_color(impl))
             drawn += 1
     if busy_xy:
-        bx, by = zip(*busy_xy)
-        ax.plot(bx, by, linestyle="none", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
-                markeredgewidth=1.5, label=BUSY_LABEL)
-    ax.set_ylabel(METRICS[metric][1])
+        ax.plot(*zip(*busy_xy), linestyle="none", marker="o", markersize=10, markerfacecolor="none",
+                markeredgecolor="black", markeredgewidth=1.5, label=BUSY_LABEL)
     if metric == "bandwidth":
         if peak:
             ax.axhline(peak, color="black", ls="--", lw=1, label="measured copy bandwidth")
@@ -371,24 +350,25 @@ def _plot_metric(ax, metric, by_n, peak) -> int:
 
 
 def _log_ticks(ax) -> None:
-    """Plain-number labels on a log axis; at 1, 2 and 5 per decade when it spans at most two decades
-    (with powers of ten only, such an axis may show one label or none)."""
+    """Plain-number labels on a log axis; at 1, 2 and 5 per decade when it spans at most two decades, at
+    every digit within one (with powers of ten only, such an axis may show one label or none)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     low, high = ax.get_ylim()
     if high <= 100 * low:
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=range(1, 10) if high <= 10 * low else (1, 2, 5)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def render(csv_path, plots: bool = True) -> list:
-    """Write the markdown table (and the plots) for one results CSV; returns the paths written."""
+def render(csv_path, plots: bool = True, out_dir=None) -> list:
+    """Write the markdown table (and the plots) of one results CSV into `out_dir` (default: beside it);
+    returns the paths written. ValueError when its columns are not the harness's."""
     csv_path = Path(csv_path)
     rows = read_csv(csv_path)
     if not rows:
         return []
-    stem = csv_path.with_suffix("")
+    stem = Path(out_dir or csv_path.parent) / csv_path.stem
     md = stem.with_suffix(".md")
     md.write_text(markdown(rows, f"TAR benchmark: {csv_path.name}"), encoding="utf-8")
     written = [md]

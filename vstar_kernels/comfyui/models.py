@@ -17,13 +17,14 @@ import torch
 class Layout:
     """The token sequence of one call's regularized attention: ``before`` tokens outside the video (id -1),
     ``frames`` latent frames of ``per_frame`` tokens, ``after`` tokens outside the video, then the text
-    (id -1 too) where the attention is joint (``text_after``)."""
+    (id -1 too) where the attention is joint (``text_after``; `tail` names what follows if not a text)."""
 
     before: int
     frames: int
     per_frame: int
     after: int
     text_after: bool
+    tail: str = "the text"
 
     def tokens(self) -> int:
         return self.before + self.frames * self.per_frame + self.after
@@ -34,7 +35,7 @@ class Layout:
         if self.after:
             parts.append(f"{self.after} reference tokens")
         if self.text_after:
-            parts.append("the text")
+            parts.append(self.tail)
         return ", then ".join(parts)
 
 
@@ -43,6 +44,7 @@ class Family:
     name: str
     targets: Callable[[torch.nn.Module], List[str]]
     layout: Callable[[torch.nn.Module, torch.Tensor, dict], Layout]
+    time_dim: int = 2           # the latent's dimension of frames (that of ComfyUI's context windows over them)
 
 
 def _ceil(size: int, patch: int) -> int:
@@ -91,6 +93,35 @@ def _humo_layout(dm, x, extra) -> Layout:
         return layout
     ref_frames, ref_per_frame = _grid(reference.shape, dm.patch_size, lambda s, p: s // p)
     return Layout(layout.before, layout.frames, layout.per_frame, layout.after + ref_frames * ref_per_frame, False)
+
+
+# Wan S2V: the video (padded), then the reference frames' tokens and the motion frames' (as many as its frame
+# packer makes), in one self-attention.
+def _s2v_layout(dm, x, extra) -> Layout:
+    frames, per_frame = _grid(_video(x, "Wan S2V").shape, dm.patch_size, _ceil)
+    return Layout(0, frames, per_frame, 0, True, "the reference and motion tokens")
+
+
+# SVD / SV3D: a video UNet (ComfyUI's UNetModel, the class of the image UNets too) with frames in the batch; each
+# SpatialVideoTransformer's temporal attention (time_stack[j].attn1) runs over the frames of each spatial site,
+# one token per frame.
+def _time_stack_targets(dm) -> List[str]:
+    targets = [f"{name}.time_stack.{j}.attn1" for name, module in dm.named_modules()
+               if type(module).__name__ == "SpatialVideoTransformer" for j in range(len(module.time_stack))]
+    if not targets:
+        raise ValueError("VSTAR_TAR: this UNet has no temporal attention (SVD's time_stack): an image model. "
+                         "AnimateDiff-Evolved's motion modules cannot be regularized: they call ComfyUI's attention "
+                         "without transformer_options, so its attention override never reaches them "
+                         "(docs/comfyui.md)")
+    return targets
+
+
+def _svd_layout(dm, x, extra) -> Layout:
+    frames = extra.get("num_video_frames")
+    if x.dim() != 4 or not frames or x.shape[0] % int(frames):
+        raise ValueError(f"SVD: expected a latent of (batch x num_video_frames, channels, height, width), got shape "
+                         f"{tuple(x.shape)} with num_video_frames={frames}")
+    return Layout(0, int(frames), 1, 0, False)
 
 
 # HunyuanVideo: joint attention over [reference image (ref_latent), video, text (+ byT5)], padded patches.
@@ -146,6 +177,8 @@ FAMILIES: Dict[Tuple[str, str], Family] = {
     ("comfy.ldm.wan.model", "VaceWanModel"): Family("Wan VACE", _listed(("vace_blocks", "self_attn"),
                                                                         ("blocks", "self_attn")), _wan_layout),
     ("comfy.ldm.wan.model", "HumoWanModel"): Family("Wan HuMo", _WAN_BLOCKS, _humo_layout),
+    ("comfy.ldm.wan.model_animate", "AnimateWanModel"): Family("Wan Animate", _WAN_BLOCKS, _wan_layout),
+    ("comfy.ldm.wan.model", "WanModel_S2V"): Family("Wan S2V", _WAN_BLOCKS, _s2v_layout),
     ("comfy.ldm.hunyuan_video.model", "HunyuanVideo"): Family(
         "HunyuanVideo", _listed(("double_blocks", ""), ("single_blocks", "")), _hunyuan_layout),
     ("comfy.ldm.lightricks.model", "LTXVModel"): Family("LTX-Video", _listed(("transformer_blocks", "attn1")),
@@ -154,11 +187,20 @@ FAMILIES: Dict[Tuple[str, str], Family] = {
         "Mochi", _listed(("blocks", "attn")), _mochi_layout),
     ("comfy.ldm.cosmos.model", "GeneralDIT"): Family("Cosmos Predict1", _cosmos1_targets, _cosmos_layout),
     ("comfy.ldm.cosmos.predict2", "MiniTrainDIT"): Family("Cosmos Predict2", _WAN_BLOCKS, _cosmos_layout),
+    ("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel"): Family("SVD / SV3D", _time_stack_targets,
+                                                                            _svd_layout, time_dim=0),
 }
 
 
+def unwrap(diffusion_model: torch.nn.Module) -> torch.nn.Module:
+    """The module a torch.compile'd diffusion model (an OptimizedModule, maybe nested) wraps; any other as it is."""
+    while isinstance(diffusion_model, torch._dynamo.eval_frame.OptimizedModule):
+        diffusion_model = diffusion_model._orig_mod
+    return diffusion_model
+
+
 def family_of(diffusion_model: torch.nn.Module) -> Family:
-    """The family of a ComfyUI diffusion model; a ValueError naming the supported ones for any other."""
+    """The family of a ComfyUI diffusion model (`unwrap`ped); a ValueError naming the supported ones for any other."""
     cls = type(diffusion_model)
     family = FAMILIES.get((cls.__module__, cls.__qualname__))
     if family is None:
@@ -168,4 +210,4 @@ def family_of(diffusion_model: torch.nn.Module) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "Family", "Layout", "family_of"]
+__all__ = ["FAMILIES", "Family", "Layout", "family_of", "unwrap"]

@@ -6,10 +6,11 @@ import math
 import numbers
 
 from .._problem import check_sigma
-from .models import family_of
-from .patch import KEY, MarkedForward, Settings, TARWrapper
+from .models import family_of, unwrap
+from .patch import KEY, MarkedForward, Settings, TARPatch, marked
 
 BACKENDS = ("auto", "triton", "reference")
+MIN_COMFYUI = "0.3.60"      # the first ComfyUI whose attention functions take an override from transformer_options
 
 
 def _real(name: str, value) -> float:
@@ -25,16 +26,35 @@ def _percent(name: str, value) -> float:
     return value
 
 
-def _remove(model, targets) -> None:
-    """Take this node's wrapper and object patches off `model` (a clone), putting back what they replaced."""
-    from comfy.patcher_extension import WrappersMP
+def _wrappers():
+    """ComfyUI's wrapper types, after checking that this ComfyUI can run the node: a clear error outside ComfyUI,
+    and on a ComfyUI older than MIN_COMFYUI, whose attention functions take no override."""
+    try:
+        from comfy.ldm.modules import attention
+        from comfy.patcher_extension import WrappersMP
+    except ImportError as exc:
+        raise ImportError(f"VSTAR_TAR: apply_tar needs ComfyUI: run it in ComfyUI's Python, or with a ComfyUI "
+                          f"checkout on sys.path ({exc})") from exc
+    if not hasattr(attention, "wrap_attn"):
+        try:
+            from comfyui_version import __version__ as version
+        except ImportError:
+            version = "of unknown version"
+        raise RuntimeError(f"VSTAR_TAR needs ComfyUI {MIN_COMFYUI} or newer, whose attention functions hand each "
+                           f"call to transformer_options['optimized_attention_override']: this ComfyUI ({version}) "
+                           "has no such override, so TAR could not run. Update ComfyUI")
+    return WrappersMP
 
-    model.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, KEY)
+
+def _remove(model, targets, wrappers) -> None:
+    """Take this node's wrappers and object patches off `model` (a clone), putting back what they replaced."""
+    for kind in (wrappers.OUTER_SAMPLE, wrappers.APPLY_MODEL):
+        model.remove_wrappers_with_key(kind, KEY)
     for path in targets:
-        patch = model.object_patches.get(path)
-        if isinstance(patch, MarkedForward):
-            if patch.patched:
-                model.object_patches[path] = patch.original
+        ours = marked(model.object_patches.get(path))
+        if ours is not None:
+            if ours.patched:
+                model.object_patches[path] = ours.original
             else:
                 del model.object_patches[path]
 
@@ -46,7 +66,8 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     The arguments are the node's inputs (docs/comfyui.md, Inputs): strength 0 gives a clone that computes
     what `model` does, bit for bit; the steps regularized are those with ``percent_to_sigma(end_percent)
     <= sigma <= percent_to_sigma(start_percent)``. `model` itself is left as it was; applying the node
-    again to its own output replaces the settings.
+    again to its own output replaces the settings. After the arguments are checked: ImportError outside ComfyUI,
+    RuntimeError on a ComfyUI older than 0.3.60.
     """
     strength = _real("strength", strength)
     sigma = check_sigma(sigma)
@@ -57,23 +78,21 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
         raise ValueError(f"VSTAR_TAR: reference_frames must be a non-negative int, got {reference_frames!r}")
     if backend not in BACKENDS:
         raise ValueError(f"VSTAR_TAR: backend must be one of {BACKENDS}, got {backend!r}")
-    from comfy.patcher_extension import WrappersMP
-
-    family = family_of(model.get_model_object("diffusion_model"))
+    wrappers = _wrappers()
+    diffusion_model = unwrap(model.get_model_object("diffusion_model"))
+    family = family_of(diffusion_model)
     clone = model.clone()
-    targets = [f"diffusion_model.{path}.forward" for path in family.targets(clone.get_model_object("diffusion_model"))]
-    _remove(clone, targets)
-    sampling = clone.get_model_object("model_sampling")
-    sigma_start = float(sampling.percent_to_sigma(start_percent))
-    sigma_end = float(sampling.percent_to_sigma(end_percent))
-    if strength == 0.0 or sigma_start < sigma_end:
+    targets = [f"diffusion_model.{path}.forward" for path in family.targets(diffusion_model)]
+    _remove(clone, targets, wrappers)
+    if strength == 0.0 or start_percent > end_percent:
         return clone
-    settings = Settings(strength, sigma, sigma_start, sigma_end, int(reference_frames), backend)
-    clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, TARWrapper(settings, family))
+    patch = TARPatch(Settings(strength, sigma, start_percent, end_percent, int(reference_frames), backend), family, {})
     for path in targets:
-        patched = path in clone.object_patches
         name = path[len("diffusion_model."):-len(".forward")]
-        clone.add_object_patch(path, MarkedForward(clone.get_model_object(path), name, patched))
+        patch.marked[path] = MarkedForward(clone.get_model_object(path), name, path in clone.object_patches).forward
+        clone.add_object_patch(path, patch.marked[path])
+    clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, KEY, patch.outer_sample)
+    clone.add_wrapper_with_key(wrappers.APPLY_MODEL, KEY, patch.apply_model)
     return clone
 
 
@@ -92,7 +111,7 @@ class VSTARTemporalAttentionRegularization:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A Wan, HunyuanVideo, LTX-Video, Mochi or Cosmos video model."}),
+                "model": ("MODEL", {"tooltip": "A Wan, HunyuanVideo, LTX-Video, Mochi, Cosmos or SVD video model."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "TAR's strength c; 0 leaves the model as it is."}),
                 "sigma": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 64.0, "step": 0.05,

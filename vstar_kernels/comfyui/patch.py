@@ -1,100 +1,227 @@
-"""What the node adds to a ComfyUI model, and how a model call runs with it (docs/comfyui.md, How it works):
-`TARWrapper` (the APPLY_MODEL wrapper), `MarkedForward` (the object patch on each module holding the video
-self-attention) and `tar_override` (the attention override inside such a module)."""
+"""What the node adds to a ComfyUI model, and how a sampling run goes with it (docs/comfyui.md, How it works):
+`TARPatch` (the OUTER_SAMPLE and APPLY_MODEL wrappers), `MarkedForward` (the object patch on each module holding
+the video self-attention) and `tar_override` (the attention override inside such a module).
+
+The model call under way is a thread-local (`_LIVE`), not an entry of transformer_options: blocks that another
+node runs without transformer_options still find it, and torch.compile guards on it even where a guard filter
+drops the guards on transformer_options. Under torch.compile every block traces the same code, so that one
+compiled graph serves them all: the object patches are bound methods of one function, nothing that differs
+between blocks (a module's name) is read on the traced path but in messages, and a call's frame ids are a tensor
+made outside the compiled model."""
 
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from .. import frame_ids, tar_attention
+from .. import tar_attention
 from .models import Family, Layout
 
-KEY = "vstar_tar"               # transformer_options key of the regularized call; the wrapper's key
+KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
 OVERRIDE = "optimized_attention_override"
+LOG = logging.getLogger("vstar_kernels.comfyui")
+
+
+class _Live(threading.local):
+    call = None                 # the model call under way in this thread: its RegularizedCall, None outside the window
+
+
+_LIVE = _Live()
 
 
 @dataclass(frozen=True)
 class Settings:
     strength: float
     sigma: float
-    sigma_start: float          # the window: steps with sigma_end <= sigma <= sigma_start
-    sigma_end: float
-    reference_frames: int       # leading latent frames that are reference images (frame -1)
+    start_percent: float        # the window: steps with percent_to_sigma(end) <= sigma <= percent_to_sigma(start)
+    end_percent: float
+    reference_frames: int       # leading latent frames (of the whole latent) that are reference images (frame -1)
     backend: str
 
 
-@dataclass(frozen=True)
+class Run:
+    """A sampling run: the shape of its latent (a context window that wraps around needs its length; () when the
+    run did not start through ComfyUI's sampler) and the kinds of warning said in it."""
+
+    def __init__(self, shape):
+        self.shape, self.said = tuple(shape), set()
+
+
+def _warn(run: Run, kind: str, message: str) -> None:
+    """A WARNING record, once per sampling run and kind."""
+    if kind not in run.said:
+        run.said.add(kind)
+        LOG.warning("VSTAR_TAR: %s (said once per sampling run)", message)
+
+
 class RegularizedCall:
-    """One model call in the window: its settings and token layout."""
+    """One model call in the window: its settings, token layout and the frame ids of the layout's tokens (`ids`,
+    int32), and what happened in it: whether a regularized module was entered, and the first error TAR raised."""
 
-    settings: Settings
-    layout: Layout
+    def __init__(self, settings: Settings, layout: Layout, ids: torch.Tensor, run: Run):
+        self.settings, self.layout, self.ids, self.run = settings, layout, ids, run
+        self.entered = False
+        self.error: Optional[BaseException] = None
 
-    def frames(self, n: int, device, where: str) -> torch.Tensor:
-        """Frame ids of a self-attention over `n` tokens of this call (-1 outside the video, and the text
-        after it where the layout has some)."""
-        layout, lead = self.layout, self.settings.reference_frames
-        text = n - layout.tokens()
+    def fail(self, error: BaseException) -> BaseException:
+        """Keep TAR's first error, to raise it again after the call should another node catch it inside."""
+        self.error = self.error or error
+        return error
+
+    def unplaced(self, queries: int, keys: int) -> Optional[Tuple[str, str]]:
+        """(kind, reason) when a self-attention over these token counts has tokens whose frames are not known."""
+        layout = self.layout
+        if queries != keys:
+            return "slices", (f"computed its self-attention in query slices ({queries} of {keys} queries in a call), "
+                              "and a call does not say which tokens its slice holds")
+        text = keys - layout.tokens()
         if text < 0 or (text and not layout.text_after):
-            raise ValueError(f"{where}: the self-attention has {n} tokens, but this call's latent makes "
-                             f"{layout.describe()} ({layout.tokens()} tokens)")
-        if lead >= layout.frames:
-            raise ValueError(f"{where}: reference_frames={lead} leaves none of this call's {layout.frames} latent "
-                             "frames as video")
-        return _layout_ids(layout.frames - lead, layout.per_frame, layout.before + lead * layout.per_frame,
-                           layout.after + text, torch.device(device))
+            return "tokens", (f"ran its self-attention over {keys} tokens, but this model call's latent makes "
+                              f"{layout.describe()} ({layout.tokens()} tokens): another node ran it on other tokens "
+                              "(LongLook's FreeLong does, on windows of frames), whose frames are not known")
+        return None
+
+    def frames(self, n: int) -> torch.Tensor:
+        """Frame ids of a self-attention over `n` tokens of this call (placed: `unplaced` said nothing): the
+        layout's, then -1 for the tokens after them (the text of a joint attention)."""
+        tail = n - self.layout.tokens()
+        if tail == 0:
+            return self.ids
+        if torch.compiler.is_compiling():
+            return F.pad(self.ids, (0, tail), value=-1)
+        return _with_tail(self.ids, tail)
+
+
+# The id tensors are kept: every block and step passes the same tensor, whose values tar_attention then checks
+# once. They are made outside inference mode (ComfyUI samples in it), so that they keep a version counter.
+@functools.lru_cache(maxsize=64)
+def layout_ids(frame_ids: Tuple[int, ...], layout: Layout, device: torch.device) -> torch.Tensor:
+    """The ids of the layout's tokens: `before` tokens -1, each frame's `per_frame` tokens, `after` tokens -1."""
+    with torch.inference_mode(False):
+        video = torch.tensor(frame_ids, dtype=torch.int32, device=device).repeat_interleave(layout.per_frame)
+        return F.pad(video, (layout.before, layout.after), value=-1)
 
 
 @functools.lru_cache(maxsize=64)
-def _layout_ids(frames: int, per_frame: int, before: int, after: int, device: torch.device) -> torch.Tensor:
-    """frame_ids of one layout, kept: every block and step passes the same tensor, whose values tar_attention
-    then checks once. Made outside inference mode (ComfyUI samples in it), so that it keeps a version counter."""
+def _with_tail(ids: torch.Tensor, tail: int) -> torch.Tensor:
     with torch.inference_mode(False):
-        return frame_ids(frames, per_frame, text_before=before, text_after=after, device=device)
+        return F.pad(ids, (0, tail), value=-1)
 
 
 class _Module:
-    """The regularized module a call is in, and how many attention calls it made through the override."""
+    """A regularized module at work in a call: its patch, the override it replaced, and its attention calls so far."""
 
-    def __init__(self, call: RegularizedCall, name: str):
-        self.call, self.name, self.calls = call, name, 0
+    def __init__(self, call: RegularizedCall, marked: "MarkedForward", previous):
+        self.call, self.marked, self.previous = call, marked, previous
+        self.regularized = self.handed_on = 0
+
+    def __str__(self) -> str:       # where an error happened, read only when one is raised
+        return f"VSTAR_TAR: {self.marked.name}"
+
+    def hand_on(self, func, args, kwargs):
+        """The attention call as it came, to the override this module's options had, else to ComfyUI's function."""
+        self.handed_on += 1
+        if self.previous is None:
+            return func(*args, **kwargs)
+        return self.previous(func, *args, **kwargs)
 
 
-class TARWrapper:
-    """APPLY_MODEL wrapper: hands the call's token layout down in the window's steps."""
+class TARPatch:
+    """The node's wrappers. `outer_sample` (OUTER_SAMPLE) starts a sampling run, after checking that the node's
+    object patches (`marked`, by path) are the ones in force; `apply_model` (APPLY_MODEL) regularizes the model
+    calls in the window and checks each one afterwards."""
 
-    def __init__(self, settings: Settings, family: Family):
-        self.settings, self.family = settings, family
+    def __init__(self, settings: Settings, family: Family, marked: Dict[str, object]):
+        self.settings, self.family, self.marked = settings, family, marked
 
-    def regularizes(self, sigmas: torch.Tensor) -> bool:
-        """Whether a call at `sigmas` (one per batch entry) is in the window; mixed batches are an error."""
+    def outer_sample(self, executor, noise, *args, **kwargs):
+        guider = executor.class_obj
+        patches = guider.model_patcher.object_patches
+        for path, ours in self.marked.items():
+            found = patches.get(path)
+            if found is not ours:
+                what = f"{getattr(found, '__module__', '')}.{getattr(found, '__qualname__', type(found).__qualname__)}"
+                raise RuntimeError(f"VSTAR_TAR: the object patch on {path} is {what}, set by a node after VSTAR_TAR: "
+                                   "it replaces TAR's patch there, so TAR would not run. Apply VSTAR_TAR after that "
+                                   "node (it keeps the forward it finds and calls it)")
+        guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
+        return executor(noise, *args, **kwargs)
+
+    def regularizes(self, sigmas: torch.Tensor, sampling) -> bool:
+        """Whether a call at `sigmas` (one per batch entry) is in the window, by the `percent_to_sigma` of
+        `sampling`: the model_sampling in force when the model runs, a shift node's applied after this one
+        included. Mixed batches are an error."""
+        high = float(sampling.percent_to_sigma(self.settings.start_percent))
+        low = float(sampling.percent_to_sigma(self.settings.end_percent))
         values = torch.as_tensor(sigmas).detach().reshape(-1).tolist()
-        inside = [self.settings.sigma_end <= s <= self.settings.sigma_start for s in values]
+        inside = [low <= s <= high for s in values]
         if all(inside):
             return True
         if not any(inside):
             return False
-        raise ValueError(f"VSTAR_TAR: one model call mixes sigmas inside and outside the window "
-                         f"[{self.settings.sigma_end}, {self.settings.sigma_start}]: {values}")
+        raise ValueError(f"VSTAR_TAR: one model call mixes sigmas inside and outside the window [{low}, {high}]: "
+                         f"{values}")
 
-    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
-                 **kwargs):
+    def frame_ids(self, layout: Layout, options: dict, run: Run) -> Tuple[int, ...]:
+        """The id of each video frame of a call: its index in the whole latent, -1 for the whole latent's leading
+        `reference_frames`. Under ComfyUI's context windows the window's ``index_list`` gives the indices; a
+        window of a looped schedule that wraps around the latent's end (..., 30, 31, 0, 1 of 32 frames) keeps
+        its frames consecutive in time (ids ..., 30, 31, 32, 33)."""
+        window, index, length = options.get("context_window"), list(range(layout.frames)), 0
+        if window is not None and getattr(window, "dim", None) == self.family.time_dim:
+            index = list(window.index_list[:layout.frames])
+            length = run.shape[window.dim] if len(run.shape) > window.dim else 0
+        ids = index[:1]
+        for previous, this in zip(index, index[1:]):
+            if this <= previous and not length:
+                raise ValueError(f"VSTAR_TAR: the context window {index} wraps around the latent's end, and the "
+                                 "latent's length is not known: sample through ComfyUI's sampler (whose "
+                                 "OUTER_SAMPLE wrappers read it)")
+            ids.append(ids[-1] + this - previous + (length if this <= previous else 0))
+        lead = self.settings.reference_frames
+        ids = tuple(i if r >= lead else -1 for r, i in zip(index, ids))
+        if all(i < 0 for i in ids):
+            raise ValueError(f"VSTAR_TAR: reference_frames={lead} leaves none of this call's latent frames "
+                             f"{index} as video")
+        return ids
+
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                    **kwargs):
         options = {} if transformer_options is None else transformer_options
         sigmas = options.get("sigmas")
-        if not self.regularizes(t if sigmas is None else sigmas):
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        layout = self.family.layout(executor.class_obj.diffusion_model, x, kwargs)
-        options = {**options, KEY: RegularizedCall(self.settings, layout)}
-        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        base = executor.class_obj
+        call = None
+        if self.regularizes(t if sigmas is None else sigmas, base.model_sampling):
+            layout = self.family.layout(base.diffusion_model, x, kwargs)
+            run = options.get(KEY) or Run(())
+            call = RegularizedCall(self.settings, layout, layout_ids(self.frame_ids(layout, options, run), layout,
+                                                                     x.device), run)
+        outer, _LIVE.call = _LIVE.call, call
+        try:
+            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            _LIVE.call = outer
+        if call is not None:
+            if call.error is not None:
+                raise call.error
+            if not call.entered:
+                _warn(call.run, "skipped", "a model call in the window ran none of the regularized self-attention "
+                                           "modules: another node skipped the model's computation (a cache node "
+                                           "reusing an earlier result does) or computed it without those modules; "
+                                           "TAR regularizes only what the model computes")
+        return out
 
 
 class MarkedForward:
-    """Object patch on a module's forward: in a regularized call, its attention calls go to `tar_override`.
+    """The object patch on a module's forward is ``MarkedForward(...).forward``, a bound method of one function for
+    every module; in a regularized call, the module's attention calls go to `tar_override`.
 
     `original`: the forward it replaced (the module's own, or an earlier object patch: `patched`).
     """
@@ -102,40 +229,44 @@ class MarkedForward:
     def __init__(self, original, name: str, patched: bool):
         self.original, self.name, self.patched = original, name, patched
 
-    def __call__(self, *args, **kwargs):
-        options = kwargs.get("transformer_options")
-        call = None if options is None else options.get(KEY)
+    def forward(self, *args, **kwargs):
+        call = _LIVE.call
         if call is None:
             return self.original(*args, **kwargs)
-        module = _Module(call, self.name)
+        options = kwargs.get("transformer_options") or {}
+        module = _Module(call, self, options.get(OVERRIDE))
         kwargs["transformer_options"] = {**options, OVERRIDE: tar_override, SITE: module}
+        call.entered = True
         out = self.original(*args, **kwargs)
-        if module.calls == 0:
-            raise RuntimeError(f"VSTAR_TAR: {self.name} computed its attention without ComfyUI's attention "
-                               f"override ({OVERRIDE} in transformer_options), so TAR could not run there")
+        if module.regularized + module.handed_on == 0:
+            raise call.fail(RuntimeError(f"VSTAR_TAR: {self.name} computed its attention without ComfyUI's attention "
+                                         f"override ({OVERRIDE} in transformer_options), so TAR could not run there"))
         return out
 
 
-def _arguments(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
-               transformer_options=None, _inside_attn_wrapper=False, **unknown):
-    """The attention call's arguments (ComfyUI's convention); attn_precision does not matter (TAR's math is float32,
-    float64 for float64 inputs)."""
-    return q, k, v, heads, mask, skip_reshape, skip_output_reshape, transformer_options, unknown
+def marked(patch) -> Optional[MarkedForward]:
+    """The MarkedForward whose patch `patch` is, else None."""
+    owner = getattr(patch, "__self__", None)
+    return owner if isinstance(owner, MarkedForward) else None
 
 
-def key_mask(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) -> Optional[torch.Tensor]:
-    """A ComfyUI attention mask that only masks keys, as the (B, Nk) bool key mask of `tar_attention`.
+def _arguments(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **_):
+    """The attention call's arguments (ComfyUI's convention). The others (attn_precision, transformer_options,
+    hints such as low_precision_attention) do not change TAR's math: float32, float64 for float64 inputs."""
+    return q, k, v, heads, mask, skip_reshape, skip_output_reshape
+
+
+def key_mask(mask: Optional[torch.Tensor], batch: int, keys: int, where) -> Optional[torch.Tensor]:
+    """A ComfyUI attention mask that only masks keys, as the (B, Nk) bool key mask of `tar_attention` (`where`:
+    where the call is made, for the messages).
 
     With ComfyUI's batch and head dimensions added it must be (B or 1, 1, 1, Nk): bool (True attends), or
     additive with entries 0 and -inf or at most minus the dtype's largest value (HunyuanVideo's padded text).
     """
     if mask is None:
         return None
-    full = mask
-    if full.dim() == 2:
-        full = full.unsqueeze(0)
-    if full.dim() == 3:
-        full = full.unsqueeze(1)
+    full = mask.unsqueeze(0) if mask.dim() == 2 else mask        # ComfyUI's batch (2-D), then head (3-D) dimension
+    full = full.unsqueeze(1) if full.dim() == 3 else full
     if full.dim() != 4 or full.shape[1:3] != (1, 1) or full.shape[3] != keys or full.shape[0] not in (1, batch):
         raise ValueError(f"{where}: TAR takes masks over keys only, of shape (B or 1, 1, 1, {keys}) with ComfyUI's "
                          f"batch and head dimensions; got a mask of shape {tuple(mask.shape)}")
@@ -153,22 +284,27 @@ def key_mask(mask: Optional[torch.Tensor], batch: int, keys: int, where: str) ->
 
 
 def tar_override(func, *args, **kwargs):
-    """The attention override inside a regularized module: TAR with frame ids instead of `func`."""
-    q, k, v, heads, mask, skip_reshape, skip_output_reshape, options, unknown = _arguments(*args, **kwargs)
-    module = options[SITE]
-    where = f"VSTAR_TAR: {module.name}"
-    if unknown:
-        raise ValueError(f"{where}: the attention call passed arguments TAR does not know: {sorted(unknown)}")
+    """The attention override inside a regularized module: TAR with frame ids instead of `func`, or, for a call
+    whose tokens' frames are not known, the call handed on as it came (said once per sampling run)."""
+    module = kwargs["transformer_options"][SITE]
+    call = module.call
+    q, k, v, heads, mask, skip_reshape, skip_output_reshape = _arguments(*args, **kwargs)
+    axis = 2 if skip_reshape else 1
+    unplaced = call.unplaced(q.shape[axis], k.shape[axis])
+    if unplaced is not None:
+        kind, reason = unplaced
+        _warn(call.run, kind, f"{module.marked.name} {reason}; such calls run without TAR, as they came")
+        return module.hand_on(func, args, kwargs)
     if not skip_reshape:
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     batch, n = q.shape[0], q.shape[2]
-    if k.shape[2] != n:
-        raise ValueError(f"{where}: a self-attention over {n} queries has {k.shape[2]} keys")
-    settings = module.call.settings
-    out = tar_attention(q, k, v, sigma=settings.sigma, strength=settings.strength,
-                        frames=module.call.frames(n, q.device, where), key_mask=key_mask(mask, batch, n, where),
-                        backend=settings.backend)
-    module.calls += 1
+    settings = call.settings
+    try:
+        out = tar_attention(q, k, v, sigma=settings.sigma, strength=settings.strength, frames=call.frames(n),
+                            key_mask=key_mask(mask, batch, n, module), backend=settings.backend)
+    except Exception as exc:
+        raise call.fail(exc)
+    module.regularized += 1
     if skip_output_reshape:
         return out
     return out.transpose(1, 2).reshape(batch, n, -1)

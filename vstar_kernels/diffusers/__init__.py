@@ -1,9 +1,10 @@
 """TAR for diffusers video pipelines: ``from vstar_kernels.diffusers import apply_tar``, with vstar_kernels.TARConfig.
 
 Needs the diffusers package (the ``diffusers`` extra); importing this package without it raises an
-ImportError that names the extra and the command that installs it. The modules: `processors` (UNets,
-apply/remove), `dit` (video diffusion transformers), `steps`, `capture` and `dit_capture` (attention
-maps), `context_parallel`, `vsp` (Video Synopsis Prompting) and `attention_demo` (docs/integrations.md).
+ImportError that names the extra and the command that installs it. The modules: `install` (apply/remove),
+`processors` (UNets), the video DiTs' `dit_families`, `token_grid`, `interception`, `dit` and `dit_state`
+(docs/dits.md), `steps`, `capture` and `dit_capture` (attention maps), `context_parallel`, `vsp` (Video
+Synopsis Prompting) and `attention_demo` (docs/integrations.md).
 """
 
 try:
@@ -18,7 +19,8 @@ except ImportError as exc:
 
 from .capture import TemporalAttentionMaps, capture_temporal_attention
 from .dit_capture import capture_frame_attention
-from .processors import TARAttnProcessor, apply_tar, remove_tar, reset_steps
+from .install import apply_tar, remove_tar, reset_steps
+from .processors import TARAttnProcessor
 from .vsp import apply_vsp, encode_synopsis, generate_with_synopsis, remove_vsp
 
 __all__ = ["TARAttnProcessor", "TemporalAttentionMaps", "apply_tar", "apply_vsp", "capture_frame_attention",

@@ -16,7 +16,7 @@ from .._deprecation import renamed
 from ..analysis import band_energy, diagonality, plot_attention_maps, short_layer_name
 from ..tar_config import TARConfig
 from .capture import capture_temporal_attention
-from .processors import apply_tar, remove_tar
+from .install import apply_tar, remove_tar
 
 
 def tiny_unet3d(seed: int = 0):

@@ -19,8 +19,8 @@ from .._deprecation import renamed
 from .._problem import make_problem
 from ..reference import tar_scores
 from ..regularization import gaussian_bias
-from .processors import INPUT_BLOCKS, TEMPORAL_CONTAINERS, _denoiser, project_heads, tar_site, \
-    temporal_attention_modules
+from .install import denoiser
+from .processors import project_heads, tar_site, temporal_at
 from .steps import StepTracker
 
 # fp32 probabilities of one chunk of sequences (chunk x heads x N x N): 2**24 = 64 MiB
@@ -86,17 +86,10 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
     once (fp32) and does not change the map; `chunk_size` is its deprecated spelling in sequences. Modules
     swapped in during the capture (FreeNoise) are watched from the next run on.
     """
-    model, pipeline = _denoiser(target)
-    temporal = temporal_attention_modules(model)
-    if not temporal:
-        raise ValueError(f"{type(model).__name__} has no temporal self-attention (modules under "
-                         f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))})")
-    steps = _int_set("steps", steps)
-    levels = _int_set("levels", levels)
-    available = sorted({t.level for t in temporal})
-    if levels is not None and not levels <= set(available):
-        raise ValueError(f"levels {sorted(levels - set(available))} do not exist in {type(model).__name__}: its "
-                         f"temporal attention runs at levels {available}")
+    model, pipeline = denoiser(target)
+    steps = int_set("steps", steps)
+    levels = int_set("levels", levels)
+    temporal = temporal_at(model, levels, capture=True)
     if layers is not None:
         if isinstance(layers, str) or not hasattr(layers, "__iter__"):
             raise TypeError(f"layers must be a collection of module names, got {type(layers).__name__}")
@@ -134,7 +127,8 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
         StepTracker.detach(model, recorder.owner)
 
 
-def _int_set(name: str, values) -> Optional[set]:
+def int_set(name: str, values) -> Optional[set]:
+    """`values` as a set of ints >= 0 (None: None); raises naming `name` for anything else."""
     if values is None:
         return None
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
@@ -150,11 +144,7 @@ class _Recorder:
     """The forward hooks of one capture and what they add to its maps."""
 
     def __init__(self, model, pipeline, maps: TemporalAttentionMaps, steps, cfg, chunk_size, chunk_elements):
-        self.model = model
-        self.pipeline = pipeline
-        self.maps = maps
-        self.steps = steps
-        self.cfg = cfg
+        self.model, self.pipeline, self.maps, self.steps, self.cfg = model, pipeline, maps, steps, cfg
         self.chunk_size, self.chunk_elements = chunk_size, chunk_elements
         self.owner = f"capture-{id(self)}"
         self.tracker: Optional[StepTracker] = None

@@ -90,7 +90,7 @@ def _gather_sequence(x: torch.Tensor, group, size: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _ids(count: int, per_frame: int, shard: int, shards: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Frame ids of the tokens of `shards` (each `shard` tokens long, in that order) of a (count x per_frame)
-    grid, kept per layout so that tar_attention reads their values once (see dit._layout_ids); made outside
+    grid, kept per layout so that tar_attention reads their values once (see token_grid.layout_ids); made outside
     inference mode."""
     with torch.inference_mode(False):
         ids = frame_ids(count, per_frame, device=device)

@@ -19,23 +19,14 @@ from torch.overrides import TorchFunctionMode
 from .._problem import make_problem
 from ..frames import frame_bias
 from ..reference import tar_scores
-from .capture import TemporalAttentionMaps, _int_set
-from .dit import (
-    _STATE_ATTR,
-    DiTTARProcessor,
-    _sdpa_arguments,
-    _set_processor,
-    dit_attention_modules,
-    dit_family,
-    loop_step,
-    mask_runs,
-    no_sdpa_call,
-    token_frames,
-    unsupported_dit,
-    watch_layout,
-)
-from .processors import _denoiser
-from .steps import StepTracker
+from .capture import TemporalAttentionMaps, int_set
+from .dit import DiTTARProcessor
+from .dit_families import dit_attention_modules, dit_family, set_processor, unsupported_dit
+from .dit_state import watch_layout
+from .install import denoiser, tar_state
+from .interception import call_through_sdpa, mask_runs, sdpa_arguments
+from .steps import StepTracker, loop_step
+from .token_grid import token_frames
 
 # fp32 probabilities of one chunk of query rows (batch x heads x rows x Nk): 2**24 = 64 MiB
 CHUNK_ELEMENTS = 1 << 24
@@ -44,7 +35,7 @@ CHUNK_ELEMENTS = 1 << 24
 @contextlib.contextmanager
 def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bool] = None,
                             chunk_elements: int = CHUNK_ELEMENTS):
-    """Record a DiT's frame-by-frame attention in the runs inside the ``with`` block (docs/integrations.md).
+    """Record a DiT's frame-by-frame attention in the runs inside the ``with`` block (docs/dits.md, Frame maps).
 
     ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame f attend to
     the tokens of each frame, averaged over heads and frame f's query tokens (rows sum to 1 only without
@@ -52,7 +43,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     `cfg`, as for `capture_temporal_attention` (None: the pipeline's ``do_classifier_free_guidance`` where
     the family batches guidance, `DiTFamily.batched_guidance`, else False); `chunk_elements` bounds memory.
     """
-    model, pipeline = _denoiser(target)
+    model, pipeline = denoiser(target)
     family = dit_family(model)
     reason = unsupported_dit(model)
     if reason is not None:
@@ -61,13 +52,9 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
         raise ValueError(f"{type(model).__name__} is not a supported video DiT: capture_frame_attention takes "
                          "the video DiTs TAR takes (Wan, CogVideoX, HunyuanVideo, ..., docs/dits.md; "
                          "capture_temporal_attention takes the UNets)")
-    modules = dit_attention_modules(model)
-    steps = _int_set("steps", steps)
-    blocks = _int_set("blocks", blocks)
-    missing = sorted(blocks - set(range(len(modules)))) if blocks is not None else []
-    if missing:
-        raise ValueError(f"blocks {missing} do not exist in {type(model).__name__}: it has blocks "
-                         f"0..{len(modules) - 1}")
+    steps = int_set("steps", steps)
+    blocks = int_set("blocks", blocks)
+    modules = dit_attention_modules(model, blocks)
     if cfg is not None and not isinstance(cfg, bool):
         raise TypeError(f"cfg must be a bool or None, got {type(cfg).__name__}")
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
@@ -87,7 +74,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
         inner = module.processor if holder is None else holder.processor
         watch = _Watch(inner, recorder, name, index)
         if holder is None:
-            _set_processor(module, watch)
+            set_processor(module, watch)
         else:
             holder.processor = watch
         watches.append((module, watch))
@@ -96,7 +83,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     finally:
         for module, watch in watches:
             if module.processor is watch:
-                _set_processor(module, watch.processor)
+                set_processor(module, watch.processor)
             elif isinstance(module.processor, DiTTARProcessor) and module.processor.processor is watch:
                 module.processor.processor = watch.processor
         for hook in hooks:
@@ -123,8 +110,8 @@ class _Recorder:
     def record(self, name, block, step, query, key, mask, scale, first, batch) -> None:
         """Add one SDPA call (q, k: (B, H, N, D)) whose first sequence is sequence `first` of the call's `batch`."""
         runs = mask_runs(mask, query.shape[0], query.shape[2], key.shape[2], name)
-        frames = token_frames(self.family, self.grid, query.shape[2], key.shape[2], name, query.device, block)
-        state = vars(self.model).get(_STATE_ATTR)  # TAR's, where applied
+        frames = token_frames(self.grid, self.family.text, query.shape[2], key.shape[2], name, query.device, block)
+        state = tar_state(self.model)  # TAR's, where applied
         spec = None if state is None else state.spec_at(block)
         regularized = {"strength": 0.0} if spec is None else spec.tar_kwargs(
             self.grid[0], self.grid[0], device=query.device, dtype=query.dtype, where=name)
@@ -182,12 +169,13 @@ class _Listen(TorchFunctionMode):
 
     def __init__(self, watch: "_Watch", step: int, batch: int):
         super().__init__()
-        self.watch, self.step, self.batch, self.seen = watch, step, batch, 0
+        self.watch, self.step, self.batch, self.seen, self.calls = watch, step, batch, 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            query, key, _, mask, _, _, scale, _ = _sdpa_arguments(*args, **kwargs)
+            query, key, _, mask, _, _, scale, _ = sdpa_arguments(*args, **kwargs)
+            self.calls += 1
             # Mochi's processor runs one call per sequence: the calls come in batch order
             first = 0 if query.shape[0] == self.batch else self.seen
             self.seen += query.shape[0]
@@ -214,9 +202,5 @@ class _Watch:
                              "diffusers' context parallelism each rank's call holds a share of the queries or heads: "
                              "capture on a model without enable_parallelism")
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        listen = _Listen(self, step, hidden_states.shape[0])
-        with listen:
-            out = self.processor(attn, *args, **kwargs)
-        if listen.seen == 0:
-            raise no_sdpa_call(self.name, "it could not be recorded", self.processor)
-        return out
+        return call_through_sdpa(_Listen(self, step, hidden_states.shape[0]), self.processor, self.name,
+                                 "it could not be recorded", attn, *args, **kwargs)

@@ -1,13 +1,13 @@
-"""TAR in diffusers video models: a temporal-attention processor and apply/remove helpers (docs/integrations.md).
+"""TAR on the temporal attention of diffusers' video UNets: the processor and its state (docs/integrations.md).
 
-Video DiTs go to `dit`. The per-module state (`TARSite`: level spec, step tracker, the processor to restore) lives
-on the `Attention` module, so the processor itself is stateless and ``TARAttnProcessor()`` re-created by diffusers
-(as when loading IP adapters) keeps working.
+`install.apply_tar` puts it on; video DiTs have `dit`. The per-module state (`TARSite`: level spec, step tracker,
+the processor to restore) lives on the `Attention` module, so the processor itself is stateless and
+``TARAttnProcessor()`` re-created by diffusers (as when loading IP adapters) keeps working.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
-from .dit import FAMILIES, apply_dit_tar, dit_family, dit_models, remove_dit_tar, unsupported_dit
+from .dit_families import FAMILIES
 from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
@@ -26,8 +26,6 @@ INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
 STANDS_IN_FOR = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
 
 _SITE_ATTR = "_vstar_tar_site"
-_STATE_ATTR = "_vstar_tar"
-_OWNER = "tar"
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,27 @@ def temporal_attention_modules(model: torch.nn.Module) -> List[TemporalAttention
     return found
 
 
+def temporal_at(model: torch.nn.Module, levels, capture: bool = False) -> List[TemporalAttention]:
+    """`temporal_attention_modules`; a ValueError where there is none, or none at one of `levels` (ints or None).
+    `capture`: the error is capture_temporal_attention's, which takes the UNets only."""
+    temporal = temporal_attention_modules(model)
+    if not temporal:
+        unets = ("UNet3DConditionModel, I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and "
+                 "LatteTransformer3DModel")
+        dits = ", ".join(sorted(cls.__name__ for cls in FAMILIES))
+        raise ValueError(
+            f"{type(model).__name__} has no temporal self-attention (modules under "
+            f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); "
+            + (f"capture_temporal_attention takes the video UNets {unets} (capture_frame_attention takes the video "
+               f"DiTs {dits})" if capture else f"TAR supports {unets}, and the video DiTs {dits} (docs/dits.md)"))
+    available = sorted({t.level for t in temporal})
+    missing = sorted(set(levels or ()) - set(available))
+    if missing:
+        raise ValueError(f"levels {missing} do not exist in {type(model).__name__}: its temporal attention runs at "
+                         f"levels {available} (0 = full latent resolution)")
+    return temporal
+
+
 @dataclass
 class TARSite:
     """TAR's state on one attention module: what to add there, and what to restore."""
@@ -74,7 +93,7 @@ class TARSite:
     spec: LevelSpec
     config: TARConfig
     steps: StepTracker
-    previous: Any  # the processor TAR stands in for: the one before apply_tar, or one set since (see `_sync`)
+    previous: Any  # the processor TAR stands in for: the one before apply_tar, or one set since (`UNetState.sync`)
 
     def spec_at(self, step: Optional[int]) -> Optional[LevelSpec]:
         """The spec to apply at `step`, or None for plain attention."""
@@ -169,41 +188,63 @@ class TARAttnProcessor:
                                                dtype=query.dtype, where=where))
 
 
-@dataclass
-class _TARState:
-    config: TARConfig
-    processor: TARAttnProcessor
-    steps: StepTracker
-    sites: List[TARSite] = field(default_factory=list)
-    layout: List[Tuple[torch.nn.Module, tuple]] = field(default_factory=list)  # see `_layout`
+class UNetState:
+    """TAR's state on a UNet-style model: its sites, and the modules on the way to them (FreeNoise swaps blocks)."""
 
+    def __init__(self, model: torch.nn.Module, config: TARConfig, steps: StepTracker,
+                 temporal: List[TemporalAttention]):
+        self.model, self.config, self.steps = model, config, steps
+        self.processor = TARAttnProcessor()
+        self.sites: List[TARSite] = []
+        self._install(temporal)
 
-DENOISERS = ("unet", "transformer", "transformer_2")
+    def _install(self, temporal: List[TemporalAttention]) -> None:
+        """Put TAR on the temporal attentions the config selects that do not have it yet."""
+        config = self.config
+        for t in temporal:
+            spec = config.levels.get(t.level)
+            if spec is None or (t.input_block and not config.include_input_block) or tar_site(t.module) is not None:
+                continue
+            site = TARSite(t.name, t.module, t.level, spec, config, self.steps, t.module.processor)
+            setattr(t.module, _SITE_ATTR, site)
+            t.module.set_processor(self.processor)
+            self.sites.append(site)
+        self.layout = _layout(self.model, temporal)
 
+    def snapshot(self) -> None:
+        """Nothing beyond the step: the processor reads it from the tracker."""
 
-def _denoiser(target):
-    """(model, pipeline or None) for a pipeline (its first denoiser of `DENOISERS` present) or a model."""
-    if isinstance(target, torch.nn.Module):
-        return target, None
-    for attr in DENOISERS:
-        model = getattr(target, attr, None)
-        if isinstance(model, torch.nn.Module):
-            return model, target
-    raise TypeError(f"expected a diffusers pipeline with a denoiser ({', '.join('.' + a for a in DENOISERS)}) "
-                    f"or a model (torch.nn.Module); got {type(target).__name__}")
+    def sync(self) -> None:
+        """Before each forward call: give TAR to temporal attentions swapped in since the last one (a site whose
+        module left the model gets its previous processor back), and take the place of processors set since."""
+        if not all(tuple(module._modules.values()) == children for module, children in self.layout):
+            temporal = temporal_attention_modules(self.model)
+            present = {id(t.module) for t in temporal}
+            for site in self.sites:
+                if id(site.module) not in present:
+                    _uninstall(site)
+            self.sites = [site for site in self.sites if id(site.module) in present]
+            self._install(temporal)
+            self.steps.find_checkpointing(self.model)
+        for site in self.sites:
+            if not isinstance(site.module.processor, TARAttnProcessor):
+                self._stand_in(site)
 
+    def _stand_in(self, site: TARSite) -> None:
+        """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""
+        processor = site.module.processor
+        if type(processor) not in STANDS_IN_FOR:
+            raise RuntimeError(
+                f"{site.name}: its attention processor was replaced by {type(processor).__name__} after apply_tar "
+                f"(set_attn_processor?); TAR computes the attention of {', '.join(c.__name__ for c in STANDS_IN_FOR)} "
+                "only and would drop what this one does. Call apply_tar again to regularize with TAR's processor "
+                "in its place, or remove_tar to run it without TAR")
+        site.previous = processor
+        site.module.set_processor(self.processor)
 
-def _install(state: _TARState, temporal: List[TemporalAttention]) -> None:
-    """Put TAR on the temporal attentions the config selects that do not have it yet."""
-    config = state.config
-    for t in temporal:
-        spec = config.levels.get(t.level)
-        if spec is None or (t.input_block and not config.include_input_block) or tar_site(t.module) is not None:
-            continue
-        site = TARSite(t.name, t.module, t.level, spec, config, state.steps, t.module.processor)
-        setattr(t.module, _SITE_ATTR, site)
-        t.module.set_processor(state.processor)
-        state.sites.append(site)
+    def uninstall(self) -> None:
+        for site in self.sites:
+            _uninstall(site)
 
 
 def _uninstall(site: TARSite) -> None:
@@ -224,107 +265,3 @@ def _layout(model: torch.nn.Module, temporal: List[TemporalAttention]) -> List[T
         parts = t.name.split(".")
         paths.update(".".join(parts[:i]) for i in range(len(parts)))
     return [(module, tuple(module._modules.values())) for module in map(model.get_submodule, sorted(paths))]
-
-
-def _sync(model: torch.nn.Module) -> None:
-    """Before each forward call: give TAR to temporal attentions swapped in since the last one (a site whose
-    module left the model gets its previous processor back), and take the place of processors set since."""
-    state = vars(model)[_STATE_ATTR]
-    if not all(tuple(module._modules.values()) == children for module, children in state.layout):
-        temporal = temporal_attention_modules(model)
-        present = {id(t.module) for t in temporal}
-        for site in state.sites:
-            if id(site.module) not in present:
-                _uninstall(site)
-        state.sites = [site for site in state.sites if id(site.module) in present]
-        _install(state, temporal)
-        state.layout = _layout(model, temporal)
-        state.steps.find_checkpointing(model)
-    for site in state.sites:
-        if not isinstance(site.module.processor, TARAttnProcessor):
-            _stand_in(state, site)
-
-
-def _stand_in(state: _TARState, site: TARSite) -> None:
-    """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""
-    processor = site.module.processor
-    if type(processor) not in STANDS_IN_FOR:
-        raise RuntimeError(
-            f"{site.name}: its attention processor was replaced by {type(processor).__name__} after apply_tar "
-            f"(set_attn_processor?); TAR computes the attention of {', '.join(c.__name__ for c in STANDS_IN_FOR)} "
-            "only and would drop what this one does. Call apply_tar again to regularize with TAR's processor "
-            "in its place, or remove_tar to run it without TAR")
-    site.previous = processor
-    site.module.set_processor(state.processor)
-
-
-def apply_tar(target, config: TARConfig) -> List[str]:
-    """Regularize the temporal attention of a pipeline's denoiser (or of a model) with TAR.
-
-    `target`: a pipeline (its ``.unet`` or ``.transformer``, and Wan 2.2's ``.transformer_2``) or the model
-    (each forward call one step, from 0 now; `reset_steps`). Returns the names of the attention modules TAR
-    now runs on; applying again replaces the config. docs/integrations.md has the modules, levels, steps,
-    processors set afterwards, gradient checkpointing and the video DiTs (`dit`). A ValueError names a
-    level or block the model lacks.
-    """
-    if not isinstance(config, TARConfig):
-        raise TypeError(f"config must be a TARConfig, got {type(config).__name__}")
-    model, pipeline = _denoiser(target)
-    if dit_family(model) is not None:
-        return apply_dit_tar(model, pipeline, config)
-    reason = unsupported_dit(model)
-    if reason is not None:
-        raise ValueError(f"{reason} (docs/dits.md lists the video models of diffusers and why)")
-    temporal = temporal_attention_modules(model)
-    if not temporal:
-        raise ValueError(
-            f"{type(model).__name__} has no temporal self-attention (modules under "
-            f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); TAR supports UNet3DConditionModel, "
-            "I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and LatteTransformer3DModel, and the "
-            f"video DiTs {', '.join(sorted(cls.__name__ for cls in FAMILIES))} (docs/dits.md)")
-    available = sorted({t.level for t in temporal})
-    if config.blocks is not None:
-        raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
-                         f"by resolution level: use levels (its temporal attention runs at levels {available})")
-    missing = sorted(set(config.levels) - set(available))
-    if missing:
-        raise ValueError(f"config levels {missing} do not exist in {type(model).__name__}: its temporal attention "
-                         f"runs at levels {available} (0 = full latent resolution)")
-    remove_tar(model)
-    steps = StepTracker.attach(model, _OWNER, pipeline=pipeline, before_forward=lambda: _sync(model))
-    state = _TARState(config, TARAttnProcessor(), steps)
-    _install(state, temporal)
-    state.layout = _layout(model, temporal)
-    setattr(model, _STATE_ATTR, state)
-    steps.reset()  # the next forward call is step 0, also where another feature was counting already
-    return [site.name for site in state.sites]
-
-
-def remove_tar(target) -> None:
-    """Restore the processors from before `apply_tar` (or those set since) and remove its hooks (no-op without TAR).
-
-    Needed before diffusers' ``set_default_attn_processor()``, which raises while TAR's processors are installed.
-    """
-    model, pipeline = _denoiser(target)
-    if dit_family(model) is not None:
-        for _, expert in dit_models(model, pipeline):
-            remove_dit_tar(expert)
-        return
-    state = vars(model).get(_STATE_ATTR)
-    if state is None:
-        return
-    for site in state.sites:
-        _uninstall(site)
-    delattr(model, _STATE_ATTR)
-    StepTracker.detach(model, _OWNER)
-
-
-def reset_steps(target) -> None:
-    """Make the next forward call of the model step 0 (needed on a bare model between runs)."""
-    model, pipeline = _denoiser(target)
-    experts = dit_models(model, pipeline) if dit_family(model) is not None else [("", model)]
-    for _, expert in experts:
-        tracker = StepTracker.of(expert)
-        if tracker is None:
-            raise ValueError(f"{type(expert).__name__} has no step counter: call apply_tar first")
-        tracker.reset()

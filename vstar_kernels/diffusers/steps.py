@@ -1,7 +1,7 @@
 """The denoising-step index of a model's forward calls, shared by every feature attached to it.
 
 Each new `pipeline.scheduler.timesteps` tensor (`set_timesteps`) restarts the count at 0; on a bare model each
-forward call is one step (docs/integrations.md, Steps).
+forward call is one step (docs/integrations.md, Steps). A DiT pipeline's step is read from its scheduler (`loop_step`).
 
 Gradient checkpointing recomputes a block in the backward pass, after the forward call returned. Before each forward
 call the tracker wraps the ``_gradient_checkpointing_func`` of every module that has one, so that a checkpointed
@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import contextvars
 import weakref
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+
+
+# the owner key of apply_tar's state (each capture attaches under a key of its own)
+TAR_OWNER = "tar"
 
 
 class _Owner(NamedTuple):
@@ -185,3 +189,32 @@ class StepTracker:
         for owner in list(self._owners.values()):
             if owner.before_forward is not None:
                 owner.before_forward()
+
+
+def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
+    """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None; docs/dits.md, Steps):
+    the scheduler's ``step_index`` where it keeps one, else the forward calls counted by `StepTracker`; under
+    diffusion forcing (`grid.timestep` set), the number of scheduler timesteps above the call's largest one."""
+    scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
+    if scheduler is None or not hasattr(scheduler, "step_index"):
+        return steps.step
+    timestep = getattr(grid, "timestep", None)
+    if timestep is not None and getattr(scheduler, "timesteps", None) is not None:
+        return sum(t > timestep for t in _schedule(scheduler.timesteps))
+    index = scheduler.step_index
+    return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
+
+
+# id(a scheduler's timesteps tensor) -> (weak reference, its values): read once per run, not per attention call
+# (schedulers set a new tensor in set_timesteps)
+_SCHEDULES: Dict[int, Tuple[Any, List[float]]] = {}
+
+
+def _schedule(timesteps: torch.Tensor) -> List[float]:
+    key = id(timesteps)
+    hit = _SCHEDULES.get(key)
+    if hit is not None and hit[0]() is timesteps:
+        return hit[1]
+    values = [float(t) for t in timesteps.tolist()]
+    _SCHEDULES[key] = (weakref.ref(timesteps, lambda _, k=key: _SCHEDULES.pop(k, None)), values)
+    return values

@@ -22,6 +22,15 @@ class ModelPatcher:
                           for kind, by_key in self.wrappers.items()}
         return other
 
+    def set_model_unet_function_wrapper(self, wrapper):
+        """`wrapper(apply_model, {"input", "timestep", "c", "cond_or_uncond"})` runs each model call instead."""
+        self.model_options["model_function_wrapper"] = wrapper
+
+    def set_model_patch_replace(self, patch, name, block_name, number):
+        """`patch(args, {"original_block": f})` runs block `number` instead (for Wan: name "dit", "double_block")."""
+        replace = self.model_options["transformer_options"].setdefault("patches_replace", {}).setdefault(name, {})
+        replace[(block_name, number)] = patch
+
     def add_object_patch(self, name, obj):
         self.object_patches[name] = obj
 

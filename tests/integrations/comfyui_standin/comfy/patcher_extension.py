@@ -2,6 +2,7 @@
 
 
 class WrappersMP:
+    OUTER_SAMPLE = "outer_sample"
     APPLY_MODEL = "apply_model"
     DIFFUSION_MODEL = "diffusion_model"
 

@@ -1,9 +1,27 @@
 """The attention entry point of the models, and the override hook every call goes through."""
 
+import functools
+
 import torch.nn.functional as F
 
 
-def _sdpa(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+def wrap_attn(func):
+    """An attention function whose calls go to ``transformer_options["optimized_attention_override"](func, *args,
+    **kwargs)`` when the options hold one, `func` the undecorated function; the override runs the attention
+    itself by calling `func` with the arguments it got (they carry a marker, ``_inside_attn_wrapper``)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        options = kwargs.get("transformer_options")
+        if "_inside_attn_wrapper" not in kwargs and options is not None and "optimized_attention_override" in options:
+            return options["optimized_attention_override"](func, *args, _inside_attn_wrapper=True, **kwargs)
+        return func(*args, **kwargs)
+    return wrapper
+
+
+@wrap_attn
+def optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                        **kwargs):
+    """Attention of (B, L, H*D) q/k/v (or (B, H, L, D) with skip_reshape)."""
     if not skip_reshape:
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     if mask is not None:
@@ -15,16 +33,3 @@ def _sdpa(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, sk
     if skip_output_reshape:
         return out
     return out.transpose(1, 2).flatten(2)
-
-
-def optimized_attention(*args, **kwargs):
-    """Attention of (B, L, H*D) q/k/v (or (B, H, L, D) with skip_reshape). With an override in
-    transformer_options, the call goes to ``override(optimized_attention, *args, **kwargs)``; calling
-    the function it got back (with the marker it received) runs the attention itself."""
-    options = kwargs.get("transformer_options")
-    if "_inside_attn_wrapper" not in kwargs and options is not None and "optimized_attention_override" in options:
-        return options["optimized_attention_override"](optimized_attention, *args, _inside_attn_wrapper=True,
-                                                       **kwargs)
-    kwargs.pop("_inside_attn_wrapper", None)
-    kwargs.pop("transformer_options", None)
-    return _sdpa(*args, **kwargs)

@@ -5,7 +5,9 @@ a strided Conv3d; tokens are frame-major, ceil(H / 2) * ceil(W / 2) per frame. E
 (``time_dim_concat``) are padded and joined in time first; with ``ref_conv`` a reference image
 (``reference_latent``, (B, C, H, W), no padding) comes first as tokens of its own. Every block runs
 its self-attention, then the cross-attention to the text (an I2V block: first to the CLIP image
-tokens that lead the context, then to the text), both through optimized_attention.
+tokens that lead the context, then to the text), both through optimized_attention. ``forward`` pads
+and crops; ``forward_orig`` runs the rest, and the blocks through block replacement patches.
+``WanModel_S2V`` puts tokens after the video's and runs its blocks without transformer_options.
 """
 
 import math
@@ -86,11 +88,24 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanAttentionBlock(dim, num_heads, image_to_video) for _ in range(num_layers))
         self.head = nn.Linear(dim, out_dim * math.prod(self.patch_size))
 
+    blocks_take_options = True
+
+    def after_video(self, extra):
+        """Tokens that follow the video's in the self-attention (none here)."""
+        return []
+
     def forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
         frames, height, width = x.shape[2:]
         x = pad_to_patch(x, self.patch_size)
         if time_dim_concat is not None:
             x = torch.cat([x, pad_to_patch(time_dim_concat, self.patch_size)], dim=2)
+        out = self.forward_orig(x, timestep, context, clip_fea=clip_fea, transformer_options=transformer_options,
+                                **kwargs)
+        return out[:, :, :frames, :height, :width]
+
+    def forward_orig(self, x, timestep, context, clip_fea=None, transformer_options={}, **kwargs):
+        """The padded latent through the embeddings, the blocks and the head. Block i runs through
+        ``transformer_options["patches_replace"]["dit"][("double_block", i)]`` when there is one."""
         x = self.patch_embedding(x)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
@@ -100,16 +115,35 @@ class WanModel(nn.Module):
             reference = self.ref_conv(reference).flatten(2).transpose(1, 2)
             ref_tokens = reference.shape[1]
             x = torch.cat([reference, x], dim=1)
+        x = torch.cat([x, *self.after_video(kwargs)], dim=1)
         time = self.time_embedding(timestep.reshape(-1, 1, 1).to(x.dtype))
         context = self.text_embedding(context)
         context_img_len = None
         if clip_fea is not None:
             context = torch.cat([self.img_emb(clip_fea), context], dim=1)
             context_img_len = clip_fea.shape[1]
-        for block in self.blocks:
-            x = block(x, time, context, context_img_len=context_img_len, transformer_options=transformer_options)
+        replace = transformer_options.get("patches_replace", {}).get("dit", {})
+        for i, block in enumerate(self.blocks):
+            def original(args, block=block):
+                options = args["transformer_options"] if self.blocks_take_options else {}
+                return {"img": block(args["img"], args["vec"], args["txt"], context_img_len=context_img_len,
+                                     transformer_options=options)}
+            args = {"img": x, "txt": context, "vec": time, "transformer_options": transformer_options}
+            x = (replace[("double_block", i)](args, {"original_block": original}) if ("double_block", i) in replace
+                 else original(args))["img"]
         x = self.head(x[:, ref_tokens:ref_tokens + math.prod(grid)])
         x = x.reshape(x.shape[0], *grid, *self.patch_size, self.out_dim)
-        x = torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(x.shape[0], self.out_dim,
-                                                          *[g * p for g, p in zip(grid, self.patch_size)])
-        return x[:, :, :frames, :height, :width]
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(x.shape[0], self.out_dim, *[g * p for g, p in zip(grid, self.patch_size)])
+
+
+class WanModel_S2V(WanModel):
+    """Wan S2V as ComfyUI 0.3.64 runs it: the reference frames' tokens (`reference_latent`) and the motion frames'
+    (`reference_motion`), both unpadded, follow the video in the self-attention, and the blocks run without
+    transformer_options."""
+
+    blocks_take_options = False
+
+    def after_video(self, extra):
+        return [self.patch_embedding(extra[name]).flatten(2).transpose(1, 2)
+                for name in ("reference_latent", "reference_motion") if extra.get(name) is not None]

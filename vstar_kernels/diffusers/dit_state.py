@@ -1,0 +1,94 @@
+"""TAR's state on one video DiT: where and when it regularizes, the processors it installed (kept in place of
+processors set since), and the token grid of the call in progress (`watch_layout`)."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+from ..tar_config import LevelSpec, TARConfig
+from .dit import DiTTARProcessor
+from .dit_families import DiTFamily, set_processor
+from .steps import TAR_OWNER, StepTracker, loop_step
+from .token_grid import TokenGrid
+
+
+@dataclass
+class DiTState:
+    config: TARConfig
+    family: DiTFamily
+    steps: StepTracker
+    spec: LevelSpec
+    blocks: frozenset
+    pipeline: Any = None  # weakref to the pipeline, or None on a bare model
+    installed: List[Tuple[torch.nn.Module, DiTTARProcessor]] = field(default_factory=list)
+    grid: Optional[TokenGrid] = None   # the token layout of the call in progress
+    hooks: Tuple = ()
+
+    @property
+    def step(self) -> int:
+        return loop_step(self.steps, self.pipeline, self.grid)
+
+    def snapshot(self) -> Tuple[Optional[TokenGrid], int]:
+        return self.grid, self.step
+
+    def current(self) -> Tuple[Optional[TokenGrid], int]:
+        """(token grid, step) of the call in progress; in a checkpointed block, of the forward call that ran it."""
+        return self.steps.current(TAR_OWNER)
+
+    def wrap(self, module: torch.nn.Module, stock, name: str, block: int) -> Tuple[torch.nn.Module, DiTTARProcessor]:
+        """Give `module` a `DiTTARProcessor` around its `stock` processor."""
+        processor = DiTTARProcessor(stock, name, block, self)
+        set_processor(module, processor)
+        return module, processor
+
+    def sync(self) -> None:
+        """Before each forward call: wrap the processors set on the regularized modules since the last one
+        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module."""
+        for index, (module, installed) in enumerate(self.installed):
+            current = module.processor
+            if current is installed:
+                continue
+            if isinstance(current, DiTTARProcessor) and current.state is self and current.block == installed.block:
+                self.installed[index] = (module, current)  # TAR's own, set back (unfuse_qkv_projections)
+                continue
+            stock = current.processor if isinstance(current, DiTTARProcessor) else current
+            self.installed[index] = self.wrap(module, stock, installed.name, installed.block)
+
+    def uninstall(self) -> None:
+        """Give every module its stock processor back (one set since the last forward call: that one), and
+        remove the hooks."""
+        self.sync()
+        for module, processor in self.installed:
+            set_processor(module, processor.processor)
+        for hook in self.hooks:
+            hook.remove()
+
+    def spec_at(self, block: int, step: Optional[int] = None) -> Optional[LevelSpec]:
+        """The spec of `block` at `step` (default: the live step), or None where it runs stock."""
+        step = self.step if step is None else step
+        if block not in self.blocks or not self.spec.active or not self.config.regularizes(step):
+            return None
+        return self.spec
+
+
+def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
+    """Hooks that keep ``target.grid`` the `TokenGrid` of the model's call in progress.
+
+    Returns the two hook handles; the grid is None outside a forward call (also after one raised).
+    """
+    signature = inspect.signature(model.forward)
+
+    def read_layout(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        target.grid = family.layout(module, bound.arguments)
+
+    def forget_layout(module, args, output):
+        target.grid = None
+
+    return (model.register_forward_pre_hook(read_layout, with_kwargs=True),
+            model.register_forward_hook(forget_layout, always_call=True))

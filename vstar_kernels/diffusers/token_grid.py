@@ -1,0 +1,69 @@
+"""The token layout of one forward call of a video DiT (`TokenGrid`) and the frame id of each token (`token_frames`).
+
+Needs only torch: the one layout type the front-ends can share (docs/dits.md, How a token gets its frame).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+
+class TokenGrid(NamedTuple):
+    """The token layout of one forward call of a DiT, read from its arguments by the family's layout reader.
+
+    The video stream is `frames` frames of `per_frame` tokens, in frame order; where it is laid out otherwise,
+    `runs` gives it in full, ``((frame id, tokens), ...)`` in sequence order (-1: no frame of the video), and
+    `frames` is the largest id + 1. Text tokens are in neither: where they sit is the family's `text`.
+    """
+
+    frames: int                                   # F: the frames the ids span (a delta is F x F, a map too)
+    per_frame: int                                # tokens per frame of the video grid
+    runs: Optional[Tuple[Tuple[int, int], ...]] = None
+    timestep: Optional[float] = None              # diffusion forcing: the call's largest timestep (see loop_step)
+    repeat_from: Optional[int] = None             # from this block on, the keys after the video are the video again
+
+
+def runs_grid(runs, per_frame: int, **extra) -> TokenGrid:
+    """A grid from its runs (empty runs dropped, adjacent runs of one id merged); `frames` is the largest id + 1."""
+    runs = [(int(frame), int(count)) for frame, count in runs if count > 0]
+    runs = tuple((frame, sum(count for _, count in group)) for frame, group in itertools.groupby(runs, lambda r: r[0]))
+    return TokenGrid(max((frame for frame, _ in runs), default=-1) + 1, per_frame, runs, **extra)
+
+
+def token_frames(grid, text: str, nq: int, nk: int, where: str, device, block: Optional[int] = None) -> torch.Tensor:
+    """Frame ids (N,) of a block's self-attention over nq = nk tokens (text -1, `text` "none", "before" or "after"
+    the video), for the call's token grid (a `TokenGrid`, or a (token frames, tokens per frame) pair); `block`
+    (forward order) for the grids whose later blocks see the video twice."""
+    if grid is None:
+        raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown")
+    count, per_frame = grid[0], grid[1]
+    runs = getattr(grid, "runs", None)
+    repeat_from = getattr(grid, "repeat_from", None)
+    twice = repeat_from is not None and block is not None and block >= repeat_from
+    video = (count * per_frame if runs is None else sum(tokens for _, tokens in runs)) * (2 if twice else 1)
+    extra = nk - video
+    if nq != nk or extra < 0 or (extra and text == "none"):
+        shape = f"{count} frames x {per_frame} tokens" if runs is None else f"{count} frames"
+        raise ValueError(
+            f"{where}: expected a self-attention over the {video} video tokens ({shape}"
+            f"{', twice' if twice else ''}){'' if text == 'none' else ' and the text tokens'}, got {nq} "
+            f"queries and {nk} keys")
+    before, after = (extra, 0) if text == "before" else (0, extra)
+    runs = runs or tuple((frame, per_frame) for frame in range(count))
+    return layout_ids(runs + runs if twice else runs, before, after, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def layout_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
+    """The int32 frame ids of a layout given by its runs, between `before` and `after` text tokens, kept: every
+    block and step of a call passes the same tensor, whose values tar_attention then checks once (a device
+    synchronisation per layout, not per call). Made outside inference mode (a pipeline runs in it), so that it
+    keeps a version counter."""
+    with torch.inference_mode(False):
+        frames = torch.tensor([-1] + [frame for frame, _ in runs] + [-1], dtype=torch.int32)
+        tokens = torch.tensor([before] + [count for _, count in runs] + [after])
+        return frames.repeat_interleave(tokens).to(device)
