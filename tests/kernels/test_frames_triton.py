@@ -15,6 +15,7 @@ import torch
 import vstar_kernels as vk
 from vstar_kernels import dispatch
 from vstar_kernels._problem import make_problem
+from vstar_kernels.ops.launch import INTERPRETER_TILES, delta_args, frame_band_width
 from vstar_kernels.ops.layout import is_packed
 
 from .._device import DEVICE
@@ -168,9 +169,7 @@ def test_frames_arange_is_the_call_without_frames(tiles, monkeypatch):
     if tiles is not None:
         if DEVICE != "cpu":
             pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
-        from vstar_kernels.ops._load import triton_ops
-
-        monkeypatch.setattr(triton_ops().module, "INTERPRETER_TILES", tiles)
+        monkeypatch.setitem(INTERPRETER_TILES, "forward", tiles)
     n = 150
     q, k, v = qkv(1, 2, n, n, torch.float32, seed=12)
     assert not is_packed(n, n, D, D)
@@ -258,12 +257,11 @@ def test_frame_tiles_are_the_per_score_dA_bit_for_bit(case, monkeypatch):
     float64 reference to the tolerance."""
     if DEVICE != "cpu":
         pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
-    from vstar_kernels.ops._jit import delta_args, frame_band_width
     from vstar_kernels.ops._load import triton_backward_ops, triton_ops
 
     fwd, bwd = triton_ops().module, triton_backward_ops().module
-    monkeypatch.setattr(fwd, "INTERPRETER_TILES", dict(BLOCK_M=16, BLOCK_N=16))
-    monkeypatch.setattr(bwd, "INTERPRETER_TILES", dict(BLOCK_M=32, BLOCK_N=16))
+    monkeypatch.setitem(INTERPRETER_TILES, "forward", dict(BLOCK_M=16, BLOCK_N=16))
+    monkeypatch.setitem(INTERPRETER_TILES, "backward", dict(BLOCK_M=32, BLOCK_N=16))
     make_ids, opts, kinds = FRAME_TILE_CASES[case]
     frames = make_ids()
     n = frames.numel()
@@ -295,9 +293,9 @@ def test_frame_tiles_are_the_per_score_dA_bit_for_bit(case, monkeypatch):
     for frame_tiles in (True, False):
         stats = torch.full(dispatch.BACKENDS["triton"].stats_shape(problem, True), math.nan, device=DEVICE)
         out = torch.full(problem.output_shape(), math.nan, device=DEVICE)
-        fwd.tar_forward(problem, out, stats=stats, frame_tiles=frame_tiles)
-        grads = bwd.tar_backward(problem, out, stats, grad_out, delta_grad=problem.delta is not None,
-                                 frame_tiles=frame_tiles)
+        variant = {} if frame_tiles else dict(FRAME_TILES=False)
+        fwd._tar_forward(problem, out, stats, variant)
+        grads = bwd._tar_backward(problem, out, stats, grad_out, problem.delta is not None, None, variant)
         runs.append((out, stats, grads))
     (out, stats, grads), (out_per_score, stats_per_score, grads_per_score) = runs
     torch.testing.assert_close(out, out_per_score, rtol=0, atol=0, equal_nan=True)
@@ -392,10 +390,8 @@ def test_small_tiles_split_frames_and_masks(max_mode, monkeypatch):
     masks and the causal limit cut across many tiles; forward and gradients still match."""
     if DEVICE != "cpu":
         pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
-    from vstar_kernels.ops._load import triton_backward_ops, triton_ops
-
-    monkeypatch.setattr(triton_ops().module, "INTERPRETER_TILES", dict(BLOCK_M=16, BLOCK_N=16))
-    monkeypatch.setattr(triton_backward_ops().module, "INTERPRETER_TILES", dict(BLOCK_M=32, BLOCK_N=16))
+    monkeypatch.setitem(INTERPRETER_TILES, "forward", dict(BLOCK_M=16, BLOCK_N=16))
+    monkeypatch.setitem(INTERPRETER_TILES, "backward", dict(BLOCK_M=32, BLOCK_N=16))
     frames = vk.frame_ids(3, 17, text_before=5, text_after=9, device=DEVICE)
     n = frames.numel()
     q, k, v = qkv(2, 1, n, n, torch.float32, seed=31)

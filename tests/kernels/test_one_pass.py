@@ -1,7 +1,7 @@
 """The tiled forward's one-pass path (max_mode="row", Gaussian): the band it skips the bias outside
 is where the bias is exactly 0, and the result is the two-pass result bit for bit.
 
-The two-pass run (`tar_forward(..., one_pass_order=False)`) takes m_i from a QK^T walk of every
+The two-pass run (`tar_fwd._tar_forward` with ONE_PASS=False) takes m_i from a QK^T walk of every
 key tile and adds the bias on every tile, in the one-pass kernel's tile order; the one-pass run
 takes m_i from the off-band softmax's running max and a walk of the band tiles, and adds no bias
 off the band. Same tile order, so the two are equal bit for bit exactly when the skipped bias is
@@ -18,7 +18,7 @@ import torch
 import vstar_kernels as vk
 from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import layout
-from vstar_kernels.ops._jit import BAND_EXPONENT, delta_args
+from vstar_kernels.ops.launch import BAND_EXPONENT, INTERPRETER_TILES, band_width, delta_args
 from vstar_kernels.ops._load import triton_ops
 from vstar_kernels.regularization import gaussian_bias
 
@@ -41,10 +41,9 @@ def test_gaussian_is_exactly_zero_off_the_band(sigma):
     """Every |j - i| >= band_width: the kernel's float32 exp2(coef * d * d) is 0 (the interpreter's
     numpy, rounding to nearest; a flush-to-zero exp2 only adds zeros) and so is the reference's
     float32 Gaussian; one step inside the band the exponent is above the margin."""
-    fwd = triton_ops().module
     coef = coef_of(sigma)
     n = 40_000
-    w = fwd.band_width(coef, 2 * n)
+    w = band_width(coef, 2 * n)
     assert 1 <= w <= 2 * n
     d = np.arange(w, 2 * n, dtype=np.float32)
     exponent = np.float32(coef) * d * d  # the kernel's (coef * dist) * dist in float32
@@ -59,13 +58,12 @@ def test_gaussian_is_exactly_zero_off_the_band(sigma):
 
 
 def test_band_width_limits():
-    fwd = triton_ops().module
-    assert fwd.band_width(0.0, 300) == 300  # sigma = inf: every key
-    assert fwd.band_width(-1e-9, 300) == 300  # wider than the sequence
-    assert fwd.band_width(coef_of(1.0), 10_000) == 15  # sqrt(160 / (0.5 log2 e)) = 14.9
-    assert fwd.band_width(-2.0 ** 32, 5) == 1  # the floored coefficient of a tiny sigma: the diagonal
-    assert fwd.band_width(-5e-324, 300) == 300  # sigma ~1e161: the quotient overflows, every key
-    assert fwd.band_width(coef_of(1e160), 2 ** 25) == 2 ** 25
+    assert band_width(0.0, 300) == 300  # sigma = inf: every key
+    assert band_width(-1e-9, 300) == 300  # wider than the sequence
+    assert band_width(coef_of(1.0), 10_000) == 15  # sqrt(160 / (0.5 log2 e)) = 14.9
+    assert band_width(-2.0 ** 32, 5) == 1  # the floored coefficient of a tiny sigma: the diagonal
+    assert band_width(-5e-324, 300) == 300  # sigma ~1e161: the quotient overflows, every key
+    assert band_width(coef_of(1e160), 2 ** 25) == 2 ** 25
 
 
 def run_both(q, k, v, **opts):
@@ -78,7 +76,7 @@ def run_both(q, k, v, **opts):
         stats = torch.full(layout.stats_shape(problem.batch * problem.heads, problem.nq, problem.nk,
                                               problem.head_dim, problem.head_dim_v, True), math.nan, device=DEVICE)
         out = torch.full(problem.output_shape(), math.nan, dtype=q.dtype, device=DEVICE)
-        triton_ops().module.tar_forward(problem, out, stats=stats, one_pass_order=order)
+        triton_ops().module._tar_forward(problem, out, stats, {} if order else dict(ONE_PASS=False))
         runs.append((out.cpu(), stats.cpu()))
     return problem, runs
 
@@ -88,7 +86,7 @@ def small_tiles(monkeypatch):
     """32 x 16 tiles in the interpreter: most key tiles of a 150-frame sequence are off the band."""
     if DEVICE != "cpu":
         pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
-    monkeypatch.setattr(triton_ops().module, "INTERPRETER_TILES", dict(BLOCK_M=32, BLOCK_N=16))
+    monkeypatch.setitem(INTERPRETER_TILES, "forward", dict(BLOCK_M=32, BLOCK_N=16))
 
 
 CASES = [

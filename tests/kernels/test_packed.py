@@ -22,7 +22,7 @@ import torch
 import triton
 
 import vstar_kernels as vk
-from vstar_kernels.ops._jit import vector_width
+from vstar_kernels.ops.launch import vector_width
 
 from .._device import DEVICE
 from ..helpers import assert_close_to_reference, assert_grads_close, dtype_id, reference64, reference_grads

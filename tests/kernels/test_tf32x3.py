@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from vstar_kernels.ops import _jit
+from vstar_kernels.ops import launch
 
 from ..helpers import GRAD_TOLERANCES, TOLERANCES, assert_grads_close, make_delta, make_qkv, reference_grads, \
     reference64
@@ -79,7 +79,7 @@ def tar_float32(q, k, v, mm, *, sigma=1.0, strength=1.0, delta=None, causal=Fals
     m = s.amax(-1, keepdim=True) if max_mode == "row" else s.amax((-2, -1), keepdim=True)
     if delta is None:
         dist = torch.arange(nk, dtype=torch.float32) - torch.arange(nq, dtype=torch.float32)[:, None]
-        delta = torch.exp2(-0.5 * _jit.LOG2E / sigma / sigma * dist * dist)
+        delta = torch.exp2(-0.5 * launch.LOG2E / sigma / sigma * dist * dist)
     s = (s + strength * m * delta).masked_fill(masked, -math.inf)
     p = torch.exp(s - s.amax(-1, keepdim=True).detach())
     return mm(p, v) / p.sum(-1, keepdim=True)
@@ -163,7 +163,7 @@ def test_float32_dot_follows_torch_tf32_setting(setting, expected):
     before = getattr(matmul, name)
     setattr(matmul, name, value)
     try:
-        assert _jit._precision(torch.float32) == expected
-        assert _jit._precision(torch.float16) == _jit._precision(torch.bfloat16) == "tf32"  # ignored for 16-bit
+        assert launch._precision(torch.float32) == expected
+        assert launch._precision(torch.float16) == launch._precision(torch.bfloat16) == "tf32"  # ignored for 16-bit
     finally:
         setattr(matmul, name, before)

@@ -13,6 +13,7 @@ import vstar_kernels as vk
 from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import layout
 from vstar_kernels.ops._load import triton_backward_ops, triton_ops
+from vstar_kernels.ops.launch import INTERPRETER_TILES
 
 from .._device import DEVICE
 from ..helpers import DELTA_KINDS, DTYPES, OPTION_GRID, assert_grads_close, dtype_id, make_delta, make_qkv, opts_id, \
@@ -169,8 +170,7 @@ def test_tied_keys_whatever_the_tiles(max_mode, static, tiles, monkeypatch):
     if tiles is not None:
         if DEVICE != "cpu":
             pytest.skip("the interpreter's tiles are set by the launcher; on a GPU the autotuner picks them")
-        monkeypatch.setattr(triton_backward_ops().module, "INTERPRETER_TILES",
-                            dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]))
+        monkeypatch.setitem(INTERPRETER_TILES, "backward", dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]))
     q, k, v = duplicated_keys(150, 40, seed=0, static=static)
     run_and_check(q, k, v, max_mode=max_mode, causal=static)
 

@@ -12,20 +12,8 @@ import torch
 
 from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import layout
-from vstar_kernels.ops._jit import packed_segments, target_sm, targeting
-from vstar_kernels.ops._load import triton_ops
-
-
-@pytest.fixture(scope="module")
-def fwd():
-    return triton_ops().module
-
-
-@pytest.fixture(scope="module")
-def bwd():
-    from vstar_kernels.ops._load import triton_backward_ops
-
-    return triton_backward_ops().module
+from vstar_kernels.ops.launch import BWD_PACKED, BWD_TILED, FWD_PACKED, FWD_TILED, packed_segments, target_sm, \
+    targeting
 
 
 def meta_problem(nq, nk, d):
@@ -35,7 +23,7 @@ def meta_problem(nq, nk, d):
 
 
 @pytest.mark.parametrize("d", [8, 40, 64, 80, 128, 160, 256])
-def test_packed_prune_keeps_valid_configs(fwd, bwd, d):
+def test_packed_prune_keeps_valid_configs(d):
     block = layout.pow2(d, layout.DOT_MIN)
     for nq in range(1, 129):
         for nk in (1, 7, 16, 33, 100, 128):
@@ -43,9 +31,9 @@ def test_packed_prune_keeps_valid_configs(fwd, bwd, d):
                 continue
             seg_q, seg_k, seg_max = packed_segments(meta_problem(nq, nk, d))
             meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, BLOCK_D=block, BLOCK_DV=block)
-            kept_bwd = bwd._prune_packed(bwd._packed_configs(), {"BH": 1000}, **meta)
+            kept_bwd = BWD_PACKED.prune(BWD_PACKED.configs, {"BH": 1000}, **meta)
             assert kept_bwd and all(c.kwargs["ROWS"] >= seg_max for c in kept_bwd), (nq, nk, d)
-            kept = fwd._prune_packed(fwd._packed_configs(), {"BH": 1000}, **meta)
+            kept = FWD_PACKED.prune(FWD_PACKED.configs, {"BH": 1000}, **meta)
             assert kept, (nq, nk, d)
             for c in kept:
                 seqs = c.kwargs["ROWS"] // seg_max
@@ -61,12 +49,12 @@ def _target(sm):
 @pytest.mark.parametrize("sm", [None, 80, 90, 100])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("d", [8, 64, 128, 160, 256])
-def test_tiled_prune_keeps_configs(fwd, bwd, d, dtype, sm):
+def test_tiled_prune_keeps_configs(d, dtype, sm):
     block = layout.pow2(d, layout.DOT_MIN)
     args = {"BH": 10, "Q": torch.empty(1, dtype=dtype)}
     with _target(sm):
         for has_delta, frames in itertools.product((False, True), (False, True)):
-            kept_bwd = bwd._prune_tiled(bwd._tiled_configs(), args, BLOCK_D=block, BLOCK_DV=block,
+            kept_bwd = BWD_TILED.prune(BWD_TILED.configs, args, BLOCK_D=block, BLOCK_DV=block,
                                         HAS_DELTA=has_delta, HAS_FRAMES=frames)
             # the dK/dV pass runs these too; neither pass may hold more than a 64 x 32 score tile
             assert kept_bwd and all(c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] <= 64 for c in kept_bwd), \
@@ -75,7 +63,7 @@ def test_tiled_prune_keeps_configs(fwd, bwd, d, dtype, sm):
                       dict(REGULARIZE=True, HAS_DELTA=True, GLOBAL_MAX=False),
                       dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=True),
                       dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False, HAS_FRAMES=True)):
-            kept = fwd._prune_tiled(fwd._tiled_configs(), args, BLOCK_D=block, BLOCK_DV=block, **flags)
+            kept = FWD_TILED.prune(FWD_TILED.configs, args, BLOCK_D=block, BLOCK_DV=block, **flags)
             assert kept, flags
             if block > 128:
                 assert all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
@@ -85,7 +73,7 @@ def _tiles(configs):
     return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs}
 
 
-def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles(fwd):
+def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles():
     """The tiles only one arch compiles without spills (tools/perf/kernel-log.md): 128 x 64 with 8 warps
     for the Gaussian at D <= 64 in 16-bit on sm_90 only; 128 x 32 with frame ids at D 128 dropped on
     sm_80. A GPU of another arch, or none named, keeps the list without these changes."""
@@ -93,7 +81,7 @@ def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles(fwd):
 
     def kept(sm, d=64, dtype=torch.float16, **flags):
         with _target(sm):
-            return _tiles(fwd._prune_tiled(fwd._tiled_configs(), {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=d,
+            return _tiles(FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=d,
                                            BLOCK_DV=d, **{**gaussian, **flags}))
 
     assert (128, 64, 8) in kept(90) and (128, 64, 8) in kept(90, HAS_FRAMES=True)
@@ -112,12 +100,12 @@ def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles(fwd):
     assert (64, 64, 8) in kept(80)
 
 
-def test_tiled_backward_prune_drops_each_archs_spills(bwd):
+def test_tiled_backward_prune_drops_each_archs_spills():
     """16-bit at D <= 64: sm_90 keeps 64 x 32 on 8 warps only (32 x 32 spills there), a custom delta
     included; sm_80 drops 64 x 32 for frame ids. Other archs keep the list; at D 128 nothing changes."""
     def kept(sm, d=64, dtype=torch.float16, frames=True, delta=False):
         with _target(sm):
-            return _tiles(bwd._prune_tiled(bwd._tiled_configs(), {"Q": torch.empty(1, dtype=dtype)},
+            return _tiles(BWD_TILED.prune(BWD_TILED.configs, {"Q": torch.empty(1, dtype=dtype)},
                                            BLOCK_D=d, BLOCK_DV=d, HAS_DELTA=delta, HAS_FRAMES=frames))
 
     assert {t[:2] for t in kept(80)} == {(32, 32)}
@@ -129,7 +117,7 @@ def test_tiled_backward_prune_drops_each_archs_spills(bwd):
 
 
 @pytest.mark.parametrize("d", [8, 64, 128, 256])
-def test_float32_takes_its_own_tiles(fwd, bwd, d):
+def test_float32_takes_its_own_tiles(d):
     """float32 (the tf32x3 dot) takes 32 x 32 forward tiles (sm_90: its 64- and 128-row tiles with 32 keys
     and 2 stages) and 16-key backward tiles (16 x 16 on sm_90); 16-bit inputs never take these."""
     block = layout.pow2(d, layout.DOT_MIN)
@@ -138,9 +126,9 @@ def test_float32_takes_its_own_tiles(fwd, bwd, d):
         with _target(sm):
             def prune(dtype):
                 args = {"Q": torch.empty(1, dtype=dtype)}
-                return (_tiles(fwd._prune_tiled(fwd._tiled_configs(), args, BLOCK_D=block, BLOCK_DV=block,
+                return (_tiles(FWD_TILED.prune(FWD_TILED.configs, args, BLOCK_D=block, BLOCK_DV=block,
                                                 **{**gaussian, "HAS_DELTA": delta})),
-                        _tiles(bwd._prune_tiled(bwd._tiled_configs(), args, BLOCK_D=block, BLOCK_DV=block,
+                        _tiles(BWD_TILED.prune(BWD_TILED.configs, args, BLOCK_D=block, BLOCK_DV=block,
                                                 HAS_DELTA=delta, HAS_FRAMES=False)))
 
             fwd32, bwd32 = prune(torch.float32)
@@ -153,15 +141,15 @@ def test_float32_takes_its_own_tiles(fwd, bwd, d):
             assert {bm for bm, _, _ in fwd32} == {32}
         assert all(bm > 32 for bm, _, _ in fwd16) and all(bn > 16 for _, bn, _ in bwd16)
     with targeting(90):
-        hopper = fwd._prune_tiled(fwd._tiled_configs(), {"Q": torch.empty(1)}, BLOCK_D=64, BLOCK_DV=64, **gaussian)
+        hopper = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1)}, BLOCK_D=64, BLOCK_DV=64, **gaussian)
     assert {c.num_stages for c in hopper} == {2}
 
 
-def test_sm80_bias_keeps_two_stages_for_64_x_32(fwd):
+def test_sm80_bias_keeps_two_stages_for_64_x_32():
     """16-bit, the bias at D <= 64 on sm_8x: 64 x 32 with 3 stages spilled; 2 stages stay, other tiles keep 3."""
     def stages(sm, d=64, **flags):
         with _target(sm):
-            kept = fwd._prune_tiled(fwd._tiled_configs(), {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=d,
+            kept = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=d,
                                     BLOCK_DV=d, **{"REGULARIZE": True, "HAS_DELTA": False, "GLOBAL_MAX": False,
                                                    **flags})
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept}
@@ -174,20 +162,20 @@ def test_sm80_bias_keeps_two_stages_for_64_x_32(fwd):
 
 
 @pytest.mark.parametrize("d", [40, 64, 128])
-def test_float32_packed_programs_hold_few_operand_words(fwd, bwd, d):
+def test_float32_packed_programs_hold_few_operand_words(d):
     """float32 packed programs keep their Q, K, V (and dO) tiles, split for the tf32x3 dot, at 96 (forward)
     and 128 (backward) words a thread: 128 rows take 8 warps at D 40 (4 warps spilled)."""
     block = layout.pow2(d, layout.DOT_MIN)
     for n in (16, 64, 128):
         seg = layout.pow2(n, layout.DOT_MIN)
         meta = dict(SEG_Q=seg, SEG_K=seg, SEG_MAX=seg, BLOCK_D=block, BLOCK_DV=block)
-        for module, limit, operands in ((fwd, 96, 3), (bwd, 128, 4)):
-            kept16 = module._prune_packed(module._packed_configs(), {"Q": torch.empty(1, dtype=torch.float16)}, **meta)
-            kept32 = module._prune_packed(module._packed_configs(), {"Q": torch.empty(1)}, **meta)
+        for tuning, limit, operands in ((FWD_PACKED, 96, 3), (BWD_PACKED, 128, 4)):
+            kept16 = tuning.prune(tuning.configs, {"Q": torch.empty(1, dtype=torch.float16)}, **meta)
+            kept32 = tuning.prune(tuning.configs, {"Q": torch.empty(1)}, **meta)
             assert kept32 and set(kept32) <= set(kept16)
             words = [c.kwargs["ROWS"] * operands * block / (32 * c.num_warps) for c in kept32]
             assert max(words) <= limit or len(set(words)) == 1, (n, words)
-    kept = _tiles_rows(fwd._prune_packed(fwd._packed_configs(), {"Q": torch.empty(1)}, SEG_Q=16, SEG_K=16,
+    kept = _tiles_rows(FWD_PACKED.prune(FWD_PACKED.configs, {"Q": torch.empty(1)}, SEG_Q=16, SEG_K=16,
                                          SEG_MAX=16, BLOCK_D=64, BLOCK_DV=64))
     assert (128, 8) in kept and (128, 4) not in kept and (128, 2) not in kept
 

@@ -23,7 +23,7 @@ from vstar_kernels.bench import shapes
 from vstar_kernels.bench.measure import ideal_cost
 from vstar_kernels.bench.peers import PEERS
 from tools.perf.traffic import tiled_bytes
-from vstar_kernels.ops._jit import band_width
+from vstar_kernels.ops.launch import band_width
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 

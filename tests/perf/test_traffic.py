@@ -17,7 +17,7 @@ from tools.perf.traffic import TrafficCase, band_tiles, count_traffic, measure_c
 from vstar_kernels import frame_ids as vk_frame_ids
 from vstar_kernels.bench.measure import delta_entries, ideal_cost
 from vstar_kernels.ops.layout import block_dims
-from vstar_kernels.ops._jit import band_width
+from vstar_kernels.ops.launch import band_width
 
 pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret,
                                 reason="counts the Triton interpreter's work (TRITON_INTERPRET=1)")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vstar_kernels.ops._jit import load_tile, store_tile
+from vstar_kernels.ops._jit import View, load_tile, store_tile
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def plain_attention_kernel(
     H, NQ, NK, HEAD_DIM, HEAD_DIM_V, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_N: tl.constexpr,  # NK % BLOCK_N == 0: no key tile needs a mask
-    VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
+    VEC: tl.constexpr,  # head-dim entries per vector load and store (launch.vector_width)
 ):
     """O = softmax(scale * Q K^T) V for BLOCK_M query rows of one (batch, head) sequence, and
     LSE = log2 of each row's sum of exp2 (scores in base 2), float32 (B*H, NQ) contiguous;
@@ -66,9 +66,10 @@ def plain_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < NQ
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM, VEC)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q = load_tile(View(Q + b * stride_qb + h * stride_qh, 0, stride_qn, offs_d, stride_qd, HEAD_DIM), offs_m, row_ok,
+                  VEC)
+    k_view = View(K + b * stride_kb + h * stride_kh, 0, stride_kn, offs_d, stride_kd, HEAD_DIM)
+    v_view = View(V + b * stride_vb + h * stride_vh, 0, stride_vn, offs_dv, stride_vd, HEAD_DIM_V)
     qk_scale = scale * 1.4426950408889634  # exp via exp2
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -77,18 +78,18 @@ def plain_attention_kernel(
     full = NK if EVEN_N else NK // BLOCK_N * BLOCK_N
     for start in range(0, full, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
-        k = load_tile(k_base, start + offs_n, stride_kn, offs_d, stride_kd, every, HEAD_DIM, VEC)
-        v = load_tile(v_base, start + offs_n, stride_vn, offs_dv, stride_vd, every, HEAD_DIM_V, VEC)
+        k = load_tile(k_view, start + offs_n, every, VEC)
+        v = load_tile(v_view, start + offs_n, every, VEC)
         acc, l_i, m_i = _plain_tile(q, k, v, acc, l_i, m_i, qk_scale, every, False)
     if not EVEN_N:
         col_ok = full + offs_n < NK
-        k = load_tile(k_base, full + offs_n, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM, VEC)
-        v = load_tile(v_base, full + offs_n, stride_vn, offs_dv, stride_vd, col_ok, HEAD_DIM_V, VEC)
+        k = load_tile(k_view, full + offs_n, col_ok, VEC)
+        v = load_tile(v_view, full + offs_n, col_ok, VEC)
         acc, l_i, m_i = _plain_tile(q, k, v, acc, l_i, m_i, qk_scale, col_ok, True)
     l_i = tl.where(row_ok, l_i, 1.0)
     tl.store(LSE + seq * NQ + offs_m, m_i + tl.log2(l_i), mask=row_ok)
-    store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, acc / l_i[:, None], row_ok,
-               HEAD_DIM_V, VEC)
+    store_tile(View(O + b * stride_ob + h * stride_oh, 0, stride_on, offs_dv, stride_od, HEAD_DIM_V), offs_m,
+               acc / l_i[:, None], row_ok, VEC)
 
 
 # Triton's fused-attention tutorial autotunes its forward over these (BLOCK_M, BLOCK_N, warps, stages)
@@ -102,7 +103,7 @@ TUTORIAL_CONFIGS = tuple((bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) f
 def launch_args(q, k, v, block_n: int):
     """(args, constexprs) of a plain_attention_kernel launch on (B, H, N, D) q, k, v (any strides;
     meta tensors too) with key tiles of block_n: the output and the log-sum-exp allocated like q."""
-    from vstar_kernels.ops._jit import vector_width
+    from vstar_kernels.ops.launch import vector_width
     from vstar_kernels.ops.layout import block_dims
 
     b, h, nq, d = q.shape

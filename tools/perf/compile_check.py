@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 from vstar_kernels._problem import make_problem
-from vstar_kernels.ops._jit import targeting
+from vstar_kernels.ops.launch import targeting
 from vstar_kernels.ops._load import triton_backward_ops, triton_ops
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -167,7 +167,7 @@ def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> l
             raise RuntimeError(f"{jit_fn.__name__} [{case}] with {config} for sm_{arch} failed to compile: "
                                f"{type(exc).__name__}: {exc}") from exc
         regs, spills = _resources(compiled.asm["cubin"])
-        constants = {jit_fn.arg_names[path[0]]: value for path, value in src.constants.items()}
+        constants = {jit_fn.arg_names[path[0]]: value for path, value in src.constants.items() if len(path) == 1}
         results.append(Compiled(jit_fn.__name__, case, config_text(config), regs, spills, compiled.metadata.shared,
                                 options, constants, compiled.asm["cubin"]))
     return results

@@ -190,7 +190,7 @@ def assumptions(gpu_key: str, eta: float, exposed: float) -> list:
         "P V per sequence slot (SEG = N padded to a power of two >= 16), empty slots of the last program included; "
         "the whole kernel's instructions/MUFU per program.",
         "Ours, tiled, row max of the Gaussian (one pass; sigma column: 1 = preset 64D1, 8 = 64D8): bytes "
-        "traffic.tiled_bytes over the band of ops/_jit.band_width (Q, O once; K, V once per query block; K "
+        "traffic.tiled_bytes over the band of ops/launch.band_width (Q, O once; K, V once per query block; K "
         "once more over the band tiles); per query block, off-band full tiles run the plain loops, the off-band "
         "partial last tile the masked plain loops, band tiles the Q K^T row-max walk and the biased softmax; "
         "each loop's instructions/MUFU per score element from the compiled kernel's own loop (loop 1..6 = left "

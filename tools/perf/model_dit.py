@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from vstar_kernels.bench.measure import ideal_cost
-from vstar_kernels.ops._jit import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
+from vstar_kernels.ops.launch import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
 
 from .eager import eager
 from .model import progress_lines, write_table_and_plot

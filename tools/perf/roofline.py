@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from vstar_kernels.bench.measure import ideal_cost
-from vstar_kernels.ops._jit import GAUSS_COEF_MIN, LOG2E, band_width
+from vstar_kernels.ops.launch import GAUSS_COEF_MIN, LOG2E, band_width
 from vstar_kernels.ops.layout import DOT_MIN, block_dims, pow2
 
 from . import RESULTS
@@ -165,7 +165,7 @@ def ours_launch(batch: int, heads: int, n: int, d: int, sigma=1.0, delta: bool =
     `sigma`, or a custom (N, N) delta in q's dtype; frame ids `frames` (N,) int32), recorded with the
     launcher's sm_`arch` pruning."""
     from vstar_kernels._problem import make_problem
-    from vstar_kernels.ops._jit import targeting
+    from vstar_kernels.ops.launch import targeting
 
     from .compile_check import _modules, record
 
@@ -181,7 +181,7 @@ def ours_launch(batch: int, heads: int, n: int, d: int, sigma=1.0, delta: bool =
 
 def compiled_launch(launch, arch: int = 90, all_configs: bool = True) -> tuple:
     """`compiled` under the sm_`arch` pruning (the configs a launch there keeps)."""
-    from vstar_kernels.ops._jit import targeting
+    from vstar_kernels.ops.launch import targeting
 
     with targeting(arch):
         return compiled(launch, arch, all_configs)
@@ -236,7 +236,7 @@ def tiled_loops(config: str, rows: tuple, delta: bool = False) -> dict:
 
 def band(n: int, sigma) -> int | None:
     """The band width the launcher gives the tiled kernel for the row max of a Gaussian of `sigma`
-    (ops/_jit.band_width, limit Nq + Nk); None for the two-pass form (a custom delta)."""
+    (ops/launch.band_width, limit Nq + Nk); None for the two-pass form (a custom delta)."""
     if sigma is None:
         return None
     return band_width(max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma), 2 * n)

@@ -1,66 +1,54 @@
-"""Building blocks shared by the Triton forward (tar_fwd.py) and backward (tar_bwd.py) kernels and
-their launchers (listed in ops/__init__.py). One definition each, so that the backward recomputes
-exactly the forward's arithmetic.
+"""The @triton.jit building blocks of the forward (tar_fwd.py) and backward (tar_bwd.py) kernels: one
+definition each, so that the backward recomputes exactly the forward's arithmetic. Device code only;
+the host's launch policy is launch.py.
+
+The helpers take their arguments in a few named groups (below): a `View` of a tensor's tiles, the
+kernel's compile-time `Options`, the `Keys` a query block walks and the `BiasSource` of a block's dA.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
+from collections import namedtuple
 
-import torch
 import triton
 import triton.language as tl
 
-from .._problem import FRAME_ID_LIMIT, TarProblem
-from .layout import DOT_MIN, STAT_LSE, STAT_MAX, STATS_FIELDS, block_dims, packed_limit, pow2
+from .layout import STAT_LSE, STAT_MAX, STATS_FIELDS
 
-LOG2E = 1.4426950408889634
-# Floor of the Gaussian's exponent coefficient -0.5 * log2(e) / sigma**2. Below about -150 every
-# off-diagonal exp2(coef * (j - i)**2) is 0 in float32, as the definition is for such a narrow
-# Gaussian; the floor keeps the coefficient finite (for sigma < ~1e-19 it would overflow float32,
-# and the diagonal's 0 * -inf would be NaN), so that any tiny sigma gives exactly the identity.
-GAUSS_COEF_MIN = -2.0 ** 32
 INTERPRETING = triton.knobs.runtime.interpret
-# Compile-time in the kernels: mma and cast stand in for the interpreter's inexact bfloat16 arithmetic, nanmax
-# for its element-by-element custom reductions.
+# The interpreter's stand-ins, compile-time in the kernels: `_mma2` and `cast` for its inexact
+# bfloat16 arithmetic, `nanmax` for its element-by-element custom reductions (speed only).
 _INTERPRETING = tl.constexpr(INTERPRETING)
 # Field offsets of the row statistics the tiled forward saves (layout.STATS_FIELDS), as
 # compile-time constants of the kernels that write and read them.
 _STATS_N = tl.constexpr(STATS_FIELDS)
 _STAT_MAX = tl.constexpr(STAT_MAX)
 _STAT_LSE = tl.constexpr(STAT_LSE)
+# The least video id of a block or tile without one: above every id (_problem.FRAME_ID_LIMIT),
+# and far enough from the int32 limit that differences with ids cannot overflow.
+_NO_VIDEO = tl.constexpr(1 << 30)
+_PER_SCORE = tl.constexpr(-2)
 
 
-# The SM version whose spill-free tiles the autotuners keep (`target_sm`): None but while
-# `targeting` names one (ahead-of-time compiles for a GPU this machine may not have).
-_TARGET_SM = contextvars.ContextVar("vstar_kernels_target_sm", default=None)
-
-
-@contextlib.contextmanager
-def targeting(sm: int):
-    """Prune the autotune configs for sm_`sm` inside the block, whatever device the tensors are on."""
-    token = _TARGET_SM.set(sm)
-    try:
-        yield
-    finally:
-        _TARGET_SM.reset(token)
-
-
-def target_sm(x: torch.Tensor) -> int | None:
-    """The SM version (80, 86, 90, ...) a launch on x's device compiles for: the one `targeting`
-    names, else the CUDA device's compute capability; None for any other device."""
-    forced = _TARGET_SM.get()
-    if forced is not None:
-        return forced
-    if x.device.type != "cuda" or torch.version.hip:
-        return None
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return 10 * major + minor
-
-
-# --------------------------------------------------------------------------- jit helpers
+# The helpers' argument groups, read by field name:
+# View: the tiles of a 2-D view of a tensor, tile[r, c] = ptr[base + rows[r] * row_stride + cols[c] *
+# col_stride] where cols[c] < n_cols (0 elsewhere). The base is added where a tile is loaded, as the
+# kernels always did: a pointer moved out of the key loops changed the registers ptxas allocates
+# (tools.perf static: 115 -> 132 in one tiled config, fewer in others).
+View = namedtuple("View", "ptr base row_stride cols col_stride n_cols")
+# Options: the constexprs of a tiled kernel that its helpers read (VEC: see `_tile_ptrs`). A kernel binds it
+# as `opt: tl.constexpr = Options(...)`: a group bound to a plain name in a compiled kernel has its
+# constexprs turned into tensors (and so does a tuple unpacked into names).
+Options = namedtuple("Options", "CAUSAL HAS_DELTA HAS_FRAMES HAS_KEY_MASK FRAME_TILES PRECISION VEC")
+# Keys: what a block of query rows walks: the K and V Views of its sequence, their count n, the key mask
+# (its pointer, the sequence's offset and its stride; the pointer None without one) and the keys' frame
+# ids (None without them).
+Keys = namedtuple("Keys", "k v n mask ids")
+# BiasSource (`bias_source`): what a block of rows (query rows, or the dK/dV pass's keys) needs for the
+# dA of the tiles it walks: its frame ids (its positions without frame ids) and their span (lo, hi)
+# (`frame_span`), pointers `base` into the delta or frame matrix at the block's entries ((M, 1) or
+# (1, N)) and the stride along the tiles, the Gaussian's coefficient and FRAME_BAND.
+BiasSource = namedtuple("BiasSource", "ids lo hi base stride gauss_coef band")
 
 
 @triton.jit
@@ -82,8 +70,8 @@ def mma(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _mma2(a, b, PRECISION: tl.constexpr):
     if _INTERPRETING and a.dtype == tl.bfloat16:
-        # The Triton interpreter multiplies bfloat16 operands as raw integers. Widening
-        # bf16 to fp32 is exact, so this computes what the GPU's bf16 MMA computes.
+        # Stands in for the GPU's bf16 MMA, which the interpreter computes on the raw 16-bit
+        # integers: widening bf16 to fp32 is exact, so this is the product the GPU computes.
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
@@ -94,8 +82,8 @@ def _mma2(a, b, PRECISION: tl.constexpr):
 def cast(x, dtype: tl.constexpr):
     """x.to(dtype), rounding to nearest even as the GPU does."""
     if _INTERPRETING and dtype == tl.bfloat16:
-        # The interpreter truncates fp32 -> bf16; round the fp32 bits first so that
-        # truncation is exact (round half to even on the 16 dropped bits).
+        # Stands in for the GPU's rounding fp32 -> bf16, which the interpreter truncates: round the
+        # fp32 bits first so that truncation is exact (round half to even on the 16 dropped bits).
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
@@ -124,20 +112,34 @@ def nanmax(x, axis):
 
 
 @triton.jit
-def _tile_ptrs(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC: tl.constexpr):
-    """(pointers, mask) of load_tile: rows (any rank) index the leading dims, cols the last.
+def seq_view(T, strides, b, h, cols, n_cols):
+    """The View of sequence (b, h) of a (B, H, N, D) tensor T with `strides`: rows are positions.
+    (A packed tile's View has base 0, row stride 1 and packed_rows.)"""
+    return View(T, b * strides[0] + h * strides[1], strides[2], cols, strides[3], n_cols)
+
+
+@triton.jit
+def packed_rows(strides, b, h, i):
+    """Rows (SEQS, SEG) of a packed tile of a (B, H, N, D) tensor with `strides`, for a View of row
+    stride 1: positions i (SEG,) of the sequences (b, h) (SEQS,)."""
+    return (b * strides[0] + h * strides[1])[:, None] + i * strides[2]
+
+
+@triton.jit
+def _tile_ptrs(view, rows, row_ok, VEC: tl.constexpr):
+    """(pointers, mask) of load_tile: rows (any rank) index the leading dims, the view's columns the last.
 
     VEC > 1 (vector_width) promises that each run of VEC columns starts VEC-aligned in memory
     (VEC * itemsize bytes), is contiguous, and is in or out of n_cols as a whole: the
     compiler then loads and stores VEC elements per instruction.
     """
-    ptrs = ptr + tl.expand_dims(rows * row_stride, -1) + cols * col_stride
-    col_in = cols < n_cols
+    ptrs = view.ptr + view.base + tl.expand_dims(rows * view.row_stride, -1) + view.cols * view.col_stride
+    col_in = view.cols < view.n_cols
     if VEC > 1:
         # The column mask's hint goes on the column comparison itself: a hint on the combined mask
         # is lost when the compiler folds an all-true row_ok away (the unmasked loops).
         col_in = tl.max_constancy(col_in, VEC)
-        vec_bytes: tl.constexpr = VEC * ptr.dtype.element_ty.primitive_bitwidth // 8
+        vec_bytes: tl.constexpr = VEC * view.ptr.dtype.element_ty.primitive_bitwidth // 8
         if len(ptrs.shape) == 3:
             ptrs = tl.max_contiguous(tl.multiple_of(ptrs, (1, 1, vec_bytes)), (1, 1, VEC))
         else:
@@ -146,21 +148,17 @@ def _tile_ptrs(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC: tl.
 
 
 @triton.jit
-def load_tile(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC: tl.constexpr = 1):
-    """tile[..., c] = ptr[rows[...] * row_stride + cols[c] * col_stride], 0 outside row_ok x (cols < n_cols).
-
-    rows and row_ok have the tile's leading shape (1-D for a 2-D tile, 2-D for a packed 3-D
-    one); VEC: see _tile_ptrs.
-    """
-    ptrs, mask = _tile_ptrs(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC)
+def load_tile(view, rows, row_ok, VEC: tl.constexpr = 1):
+    """The view's tile at rows (any rank; row_ok its shape), 0 outside row_ok x (columns < n_cols)."""
+    ptrs, mask = _tile_ptrs(view, rows, row_ok, VEC)
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def store_tile(ptr, rows, row_stride, cols, col_stride, x, row_ok, n_cols, VEC: tl.constexpr = 1):
-    """x, cast to ptr's dtype, into the places load_tile reads."""
-    ptrs, mask = _tile_ptrs(ptr, rows, row_stride, cols, col_stride, row_ok, n_cols, VEC)
-    tl.store(ptrs, cast(x, ptr.dtype.element_ty), mask=mask)
+def store_tile(view, rows, x, row_ok, VEC: tl.constexpr = 1):
+    """x, cast to the view's dtype, into the places load_tile reads."""
+    ptrs, mask = _tile_ptrs(view, rows, row_ok, VEC)
+    tl.store(ptrs, cast(x, view.ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -183,6 +181,31 @@ def masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISIO
 
 
 @triton.jit
+def key_ok(col_ok, mask, j, HAS_KEY_MASK: tl.constexpr):
+    """col_ok, and with HAS_KEY_MASK the key mask's entries (uint8, nonzero = attend) of keys j;
+    mask: (pointer, the sequence's offset, stride), as Keys holds it."""
+    if HAS_KEY_MASK:
+        KMASK, base, stride = mask
+        col_ok = col_ok & (tl.load(KMASK + base + j * stride, mask=col_ok, other=0) != 0)
+    return col_ok
+
+
+@triton.jit
+def key_scores(q, rows, rows_ok, keys, j, scale, opt, LOAD_V: tl.constexpr):
+    """(S, valid, k, v, col_in) of the key tile j (int64 positions) for the query rows `rows` (their
+    mask rows_ok (M, 1), or True): S = masked_scores, valid without the keys past keys.n and those
+    the key mask drops (col_in: j < keys.n); with LOAD_V the tile's v (every key's, masked or not),
+    issued before the scores (the dQ pass: fewer registers than after them), else None."""
+    col_in = j < keys.n
+    col_ok = key_ok(col_in, keys.mask, j, opt.HAS_KEY_MASK)
+    k = load_tile(keys.k, j, col_ok, opt.VEC)
+    if LOAD_V:
+        v = load_tile(keys.v, j, col_in, opt.VEC)
+    s, valid = masked_scores(q, k, col_ok[None, :] & rows_ok, rows, j, scale, opt.CAUSAL, opt.PRECISION)
+    return s, valid, k, v if LOAD_V else None, col_in
+
+
+@triton.jit
 def delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr, FRAMES: tl.constexpr = False):
     """dA_ij: the user's delta (read where valid) or the Gaussian exp2(gauss_coef * (j - i)^2).
 
@@ -200,12 +223,6 @@ def delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA: tl.constexpr, FRAMES: tl
         if FRAMES:
             dA = tl.where(valid, dA, 0.0)
     return dA
-
-
-# The least video id of a block or tile without one: above every id (_problem.FRAME_ID_LIMIT),
-# and far enough from the int32 limit that differences with ids cannot overflow.
-_NO_VIDEO = tl.constexpr(1 << 30)
-_PER_SCORE = tl.constexpr(-2)
 
 
 @triton.jit
@@ -248,28 +265,80 @@ def frame_vector(ids2, b, d_ptrs, b_stride, gauss_coef, HAS_DELTA: tl.constexpr)
 
 
 @triton.jit
-def key_ok(col_ok, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK: tl.constexpr):
-    """col_ok, and with HAS_KEY_MASK the key mask's entries (uint8, nonzero = attend) of keys j."""
-    if HAS_KEY_MASK:
-        col_ok = col_ok & (tl.load(KMASK + km_base + j * stride_kmn, mask=col_ok, other=0) != 0)
-    return col_ok
+def frame_ids(F, offs, ok, HAS_FRAMES: tl.constexpr):
+    """With HAS_FRAMES the frame ids F[offs] (int32, -1 outside the video; -1 where not ok); else the
+    positions offs, which take their place in dA."""
+    ids = offs
+    if HAS_FRAMES:
+        ids = tl.load(F + offs, mask=ok, other=-1)
+    return ids
+
+
+@triton.jit
+def bias_source(F, DELTA, d_strides, b, h, offs, ok, gauss_coef, FRAME_BAND, HAS_FRAMES: tl.constexpr,
+                QUERY_BLOCK: tl.constexpr):
+    """The BiasSource of a block of positions offs (ok: in range) of sequence (b, h): QUERY_BLOCK, a
+    block of query rows, whose tiles are keys (the forward, the dQ pass); else of keys (the dK/dV
+    pass). Its ids: frame_ids(F, ...); DELTA (B, H, Nq, Nk) has strides d_strides (a frame matrix:
+    (0, 0, row, column))."""
+    ids = frame_ids(F, offs, ok, HAS_FRAMES)
+    lo = 0
+    hi = 0
+    if HAS_FRAMES:
+        lo, hi = frame_span(ids)
+    if QUERY_BLOCK:
+        base = DELTA + b * d_strides[0] + h * d_strides[1] + ids[:, None] * d_strides[2]
+        stride = d_strides[3]
+    else:
+        base = DELTA + b * d_strides[0] + h * d_strides[1] + ids[None, :] * d_strides[3]
+        stride = d_strides[2]
+    return BiasSource(ids, lo, hi, base, stride, gauss_coef, FRAME_BAND)
+
+
+@triton.jit
+def frame_bias(s, c, valid, src, ids, opt, QUERY_BLOCK: tl.constexpr, USE_DA: tl.constexpr):
+    """(S', dA) of a score tile: S' = S + c * dA (add_bias; -inf where not valid with frame ids or a
+    key mask), dA 0 where not valid. src: the block's BiasSource (bias_source, QUERY_BLOCK as there);
+    ids: the tile's `frame_ids`.
+
+    With opt.FRAME_TILES a tile whose dA is one vector along the block (`frame_tile_id`: one frame
+    id, or off the Gaussian's band) adds it as that vector; bit for bit dA per score (delta_a).
+    USE_DA (the backward, which sums dA): S' is added once, after dA's two forms meet; without it
+    in each form, so that the vector's stays a vector (tools.perf static: either the other way
+    round compiles to more instructions, registers or spills).
+    """
+    if QUERY_BLOCK:
+        fq, fk, block_ids, tile_ids = src.ids, ids, src.ids[:, None], ids[None, :]
+    else:
+        fq, fk, block_ids, tile_ids = ids, src.ids, src.ids[None, :], ids[:, None]
+    one = _PER_SCORE
+    if opt.HAS_FRAMES and opt.FRAME_TILES:
+        one = frame_tile_id(src.lo, src.hi, ids, src.band, opt.HAS_DELTA)
+    if one != _PER_SCORE:  # dA as one vector along the block (frame_tile_id)
+        vec = frame_vector(block_ids, one, src.base, src.stride, src.gauss_coef, opt.HAS_DELTA)
+        dA = tl.where(valid, vec, 0.0)
+        if not USE_DA:
+            s = add_bias(s, c, vec)
+    else:
+        dA = delta_a(fq, fk, valid, src.base + tile_ids * src.stride, src.gauss_coef, opt.HAS_DELTA, opt.HAS_FRAMES)
+        if not USE_DA:
+            s = add_bias(s, c, dA)
+    if USE_DA:
+        s = add_bias(s, c, dA)
+    if opt.HAS_FRAMES or opt.HAS_KEY_MASK:
+        s = tl.where(valid, s, float("-inf"))
+    return s, dA
 
 
 @triton.jit
 def add_bias(s, c, dA):
     """S' = S + c_i * dA_ij as one fused multiply-add (c has S's shape less its last axis; dA S's
-    shape, or one column): rounded once, on a GPU and in the interpreter alike, so that two code
-    paths holding the same dA give the same S' bit for bit whatever the compiler contracts
+    shape, or one column or row): rounded once, on a GPU and in the interpreter alike, so that two
+    code paths holding the same dA give the same S' bit for bit whatever the compiler contracts
     around them. Masked entries (-inf) stay -inf for a finite c_i * dA_ij."""
     if len(dA.shape) < len(s.shape):  # a packed tile's Gaussian (SEG_Q, SEG_K), shared by its sequences
         dA = tl.expand_dims(dA, 0)
     return tl.fma(tl.broadcast_to(tl.expand_dims(c, -1), s.shape), tl.broadcast_to(dA, s.shape), s)
-
-
-@triton.jit
-def bias(s, row_max, dA, strength):
-    """S' = S + strength * m_i * dA_ij (row_max has S's shape less its last axis): add_bias."""
-    return add_bias(s, strength * row_max, dA)
 
 
 @triton.jit
@@ -285,6 +354,28 @@ def packed_coords(BH, H, NQ, NK, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K:
     j = tl.arange(0, SEG_K).to(tl.int64)
     seq_ok = (seq < BH)[:, None]
     return seq // H, seq % H, i, j, seq_ok & (i < NQ)[None, :], seq_ok & (j < NK)[None, :]
+
+
+@triton.jit
+def packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, VEC: tl.constexpr):
+    """A packed program's tiles of Q, K and V (B, H, N, D) with these strides; coords: packed_coords'."""
+    b, h, i, j, row_ok, col_ok = coords
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_tile(View(Q, 0, 1, offs_d, q_strides[3], HEAD_DIM), packed_rows(q_strides, b, h, i), row_ok, VEC)
+    k = load_tile(View(K, 0, 1, offs_d, k_strides[3], HEAD_DIM), packed_rows(k_strides, b, h, j), col_ok, VEC)
+    v = load_tile(View(V, 0, 1, tl.arange(0, BLOCK_DV), v_strides[3], HEAD_DIM_V), packed_rows(v_strides, b, h, j),
+                  col_ok, VEC)
+    return q, k, v
+
+
+@triton.jit
+def packed_delta(DELTA, d_strides, coords, valid, gauss_coef, HAS_DELTA: tl.constexpr):
+    """dA of a packed program's scores (delta_a): DELTA (B, H, Nq, Nk) with d_strides, or the Gaussian."""
+    b, h, i, j, row_ok, col_ok = coords
+    d_ptrs = DELTA + (b * d_strides[0] + h * d_strides[1])[:, None, None] + (i * d_strides[2])[:, None] \
+        + j[None, :] * d_strides[3]
+    return delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
 
 
 @triton.jit
@@ -316,152 +407,3 @@ def block_coords(N, H, BLOCK: tl.constexpr):
     h = seq % H
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     return seq, blk, b, h, offs, offs < N
-
-
-# --------------------------------------------------------------------------- launcher helpers
-
-# A Gaussian exponent (log2 units) at or below -150 is exactly 0 in float32: exp2 rounds to
-# nearest, 2**-150 is half the smallest subnormal and ties to 0, and a flush-to-zero exp2 (the
-# GPU's ex2.approx.ftz) gives 0 sooner. The band stops at -160, so that the float32 rounding of
-# gauss_coef and of gauss_coef * d * d (relative 2**-22 at most) cannot bring an off-band exponent
-# above -150, and the reference's float64 Gaussian rounded to float32 is 0 there too
-# (exp(-0.5 (d / sigma)**2) <= 2**-160 < 2**-150). tests/kernels/test_one_pass.py checks all three.
-BAND_EXPONENT = -160.0
-
-
-def band_width(gauss_coef: float, limit: int) -> int:
-    """Least W >= 1 with gauss_coef * d * d <= BAND_EXPONENT for every integer |d| >= W, at most
-    `limit` (a W as long as the sequence: every key is in the band).
-
-    Off the band (|j - i| >= W) the Gaussian's dA is exactly 0 in float32, so the biased score is
-    the plain score there, bit for bit (for a finite strength * m_i).
-    """
-    if gauss_coef >= 0.0:
-        return limit
-    square = BAND_EXPONENT / gauss_coef  # inf for a subnormal coefficient (sigma ~1e153 and more)
-    if not square < float(limit) ** 2:
-        return limit
-    w = max(1, math.ceil(math.sqrt(square)))
-    while gauss_coef * w * w > BAND_EXPONENT:
-        w += 1
-    return min(w, limit)
-
-
-def frame_band_width(gauss_coef: float) -> int:
-    """FRAME_BAND of the kernels with frame ids: ids this far apart or more have a Gaussian dA of
-    exactly 0 (band_width; ids are below FRAME_ID_LIMIT, so a band that wide is never left)."""
-    return band_width(gauss_coef, 2 * FRAME_ID_LIMIT)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision for float32 inputs (16-bit inputs ignore it): "tf32x3" (three TF32
-    tensor-core products, float32 accuracy), or one TF32 product ("tf32") where torch allows TF32
-    for its own float32 matmuls (docs/semantics.md, "Dtypes and precision")."""
-    return "tf32x3" if dtype == torch.float32 and not _tf32_allowed() else "tf32"
-
-
-def _tf32_allowed() -> bool:
-    """Whether torch's CUDA float32 matmuls may use TF32: torch.backends.cuda.matmul.fp32_precision
-    "tf32" (which allow_tf32 = True and set_float32_matmul_precision("high") also set); torch before
-    2.9 has only the allow_tf32 flag. Reading allow_tf32 after the new API set the precision raises."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        return matmul.fp32_precision == "tf32"
-    except AttributeError:
-        return matmul.allow_tf32
-
-
-def delta_args(problem: TarProblem):
-    """(delta pointer, its 4 strides, gauss_coef) for a kernel launch. A frame matrix (F, F) (with
-    frame ids) has strides (0, 0, row, column): the kernels index it by the ids."""
-    if problem.delta is not None:
-        strides = problem.delta.stride()
-        return problem.delta, (0, 0, *strides) if problem.frames_q is not None else strides, 0.0
-    sigma = problem.sigma
-    # / sigma / sigma, not / sigma ** 2: the square of a tiny sigma is 0, the quotient overflows to -inf
-    gauss_coef = 0.0 if math.isinf(sigma) else max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma)
-    return problem.q, (0, 0, 0, 0), gauss_coef  # q: a dummy pointer, never read
-
-
-def common_meta(problem: TarProblem) -> dict:
-    """Compile-time options shared by the forward and backward kernels."""
-    block_d, block_dv = block_dims(problem.head_dim, problem.head_dim_v)
-    return dict(BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=problem.causal, HAS_DELTA=problem.delta is not None,
-                REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype))
-
-
-def tiled_only(problem: TarProblem) -> bool:
-    """Frame ids or a key mask: the tiled kernels run the call at any length (the packed ones take neither)."""
-    return problem.frames_q is not None or problem.key_mask is not None
-
-
-def frame_args(problem: TarProblem) -> tuple:
-    """(query ids, key ids, key mask, its 2 strides, HAS_FRAMES, HAS_KEY_MASK) for a tiled launch.
-
-    The ids as contiguous int32 (read only when the bias is applied), the key mask (B, Nk) as a
-    uint8 view of the bool tensor; None for what the call lacks (the kernels then compile without it).
-    """
-    has_frames = problem.frames_q is not None and problem.regularized
-    fq = fk = None
-    if has_frames:
-        fq = problem.frames_q.to(torch.int32).contiguous()
-        fk = fq if problem.frames_k is problem.frames_q else problem.frames_k.to(torch.int32).contiguous()
-    km, km_strides = None, (0, 0)
-    if problem.key_mask is not None:
-        km = problem.key_mask.view(torch.uint8)
-        km_strides = km.stride()
-    return fq, fk, km, *km_strides, has_frames, km is not None
-
-
-def vector_width(*tensors: torch.Tensor) -> int:
-    """load_tile's VEC for tiles of these tensors, (..., D) with their head dim last: the largest
-    power of two, at most 16 bytes of elements, that divides each tensor's address (in elements),
-    every stride but the last, and D; 1 unless the last stride is 1 (or D is 1).
-
-    Then every run of VEC head-dim entries a tile reads or writes starts VEC-aligned, and a
-    row's columns below D are whole runs: load_tile's hints hold for any index in range.
-    """
-    vec = 16 // max(t.element_size() for t in tensors)
-    for t in tensors:
-        size = t.element_size()
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            return 1
-        for x in (t.data_ptr() // size if t.data_ptr() % size == 0 else 1, t.shape[-1], *t.stride()[:-1]):
-            while x % vec:
-                vec //= 2
-    return vec
-
-
-def packed_segments(problem: TarProblem) -> tuple:
-    """(SEG_Q, SEG_K, SEG_MAX): power-of-two query rows and key columns per sequence in a packed
-    tile, at least DOT_MIN (the contraction of P @ V and of the backward's transposed products)."""
-    seg_q, seg_k = pow2(problem.nq, DOT_MIN), pow2(problem.nk, DOT_MIN)
-    return seg_q, seg_k, max(seg_q, seg_k)
-
-
-def packed_launch(problem: TarProblem) -> tuple:
-    """(constexprs, grid) of a packed launch: SEG_Q, SEG_K and SEG_MAX (`packed_segments`), and
-    ROWS in the interpreter, which does not autotune."""
-    seg_q, seg_k, seg_max = packed_segments(problem)
-    meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max)
-    if INTERPRETING:
-        meta["ROWS"] = max(packed_limit(max(block_dims(problem.head_dim, problem.head_dim_v))),
-                           pow2(max(problem.nq, problem.nk)))
-    bh = problem.batch * problem.heads
-    return meta, lambda m: (triton.cdiv(bh, m["ROWS"] // seg_max),)
-
-
-def fewest_words(configs: list, row_words: int, budget: int) -> list:
-    """The packed configs whose operand words a thread (float32 inputs), ROWS x row_words / (32 x
-    num_warps), are at most `budget`, else those that hold the fewest."""
-    words = {c: c.kwargs["ROWS"] * row_words / (32 * c.num_warps) for c in configs}
-    least = min(words.values(), default=0)
-    return [c for c in configs if words[c] <= max(budget, least)]
-
-
-def tuned(kernel, configs: list, prune, key: list):
-    """`kernel` autotuned per `key` over the `configs` that `prune` keeps; as it is in the
-    interpreter, which runs one config (no benchmarking of configs on CPU)."""
-    if INTERPRETING:
-        return kernel
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)

@@ -24,11 +24,12 @@ import triton.language as tl
 
 from .._problem import TarProblem
 from . import layout
-from ._jit import _PER_SCORE, _STAT_LSE, _STAT_MAX, _STATS_N, INTERPRETING, bias, block_coords, cast, common_meta, \
-    delta_a, delta_args, exp, fewest_words, frame_args, frame_band_width, frame_span, frame_tile_id, frame_vector, \
-    key_ok, load_tile, masked_scores, mma, packed_coords, packed_exp, packed_launch, packed_max, store_tile, \
-    target_sm, tiled_only, tuned, vector_width
-from .layout import STAT_MAX, STATS_FIELDS, is_packed, pow2
+from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View, add_bias, bias_source, block_coords, cast, exp, \
+    frame_bias, frame_ids, key_ok, key_scores, load_tile, masked_scores, mma, packed_coords, packed_delta, \
+    packed_exp, packed_max, packed_qkv, packed_rows, seq_view, store_tile
+from .launch import BWD_PACKED, BWD_TILED, common_meta, delta_args, frame_args, frame_band_width, interpreter_tiles, \
+    packed, packed_launch, tuned, tuned_config, vector_width
+from .layout import STAT_MAX, STATS_FIELDS, pow2
 
 # Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
 # the kernels.
@@ -46,47 +47,36 @@ _AUX_NORM = tl.constexpr(layout.AUX_NORM)
 @triton.jit
 def _tar_bwd_packed_kernel(
     Q, K, V, DO, DQ, DK, DV, DELTA, DDELTA,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
+    q_strides, k_strides, v_strides, do_strides, d_strides,  # each tensor's 4 strides
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     ROWS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
     REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-    VEC: tl.constexpr,  # head-dim entries per vector load and store (_jit.vector_width)
+    VEC: tl.constexpr,  # head-dim entries per vector load and store (launch.vector_width)
 ):
     """Gradients of the packed forward (ops/tar_fwd.py) for ROWS // SEG_MAX whole sequences, with
     the forward's 3-D tiles (one batched product per sequence). DQ, DK, DV are contiguous
     (B*H*Nq, D), (B*H*Nk, D), (B*H*Nk, Dv); DDELTA (B*H, Nq, Nk) float32, written with DELTA_GRAD.
     """
     SEQS: tl.constexpr = ROWS // SEG_MAX
-    b, h, i, j, row_ok, col_ok = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
+    coords = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
+    b, h, i, j, row_ok, col_ok = coords
     seq = (b * H + h)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-
-    q = load_tile(Q, (b * stride_qb + h * stride_qh)[:, None] + i * stride_qn, 1, offs_d, stride_qd, row_ok,
-                  HEAD_DIM, VEC)
-    k = load_tile(K, (b * stride_kb + h * stride_kh)[:, None] + j * stride_kn, 1, offs_d, stride_kd, col_ok,
-                  HEAD_DIM, VEC)
-    v = load_tile(V, (b * stride_vb + h * stride_vh)[:, None] + j * stride_vn, 1, offs_dv, stride_vd, col_ok,
-                  HEAD_DIM_V, VEC)
-    do = load_tile(DO, (b * stride_dob + h * stride_doh)[:, None] + i * stride_don, 1, offs_dv, stride_dod, row_ok,
-                   HEAD_DIM_V, VEC)
-
+    # V issued with Q and K, before the softmax, so that its latency hides behind the scores and the exp
+    q, k, v = packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                         VEC)
+    do = load_tile(View(DO, 0, 1, offs_dv, do_strides[3], HEAD_DIM_V), packed_rows(do_strides, b, h, i), row_ok, VEC)
     s, valid = masked_scores(q, k, row_ok[:, :, None] & col_ok[:, None, :], i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
         m = packed_max(s, row_ok, GLOBAL_MAX)
         tie = valid & (s == m[:, :, None])  # the entries torch.amax splits the max's gradient over
-        d_ptrs = DELTA + (b * stride_deltab + h * stride_deltah)[:, None, None] \
-            + (i * stride_deltam)[:, None] + j[None, :] * stride_deltan
-        dA = delta_a(i, j, valid, d_ptrs, gauss_coef, HAS_DELTA)
-        s = bias(s, m, dA, strength)
+        dA = packed_delta(DELTA, d_strides, coords, valid, gauss_coef, HAS_DELTA)
+        s = add_bias(s, strength * m, dA)
 
     p, denom = packed_exp(s, row_ok)
     p = p / denom[:, :, None]
@@ -107,9 +97,9 @@ def _tar_bwd_packed_kernel(
 
     dq = mma(cast(ds, k.dtype), k, PRECISION) * scale
     dk = mma(tl.trans(cast(ds, q.dtype), 0, 2, 1), q, PRECISION) * scale
-    store_tile(DQ, seq * NQ + i, HEAD_DIM, offs_d, 1, dq, row_ok, HEAD_DIM, VEC)
-    store_tile(DK, seq * NK + j, HEAD_DIM, offs_d, 1, dk, col_ok, HEAD_DIM, VEC)
-    store_tile(DV, seq * NK + j, HEAD_DIM_V, offs_dv, 1, dv_acc, col_ok, HEAD_DIM_V, VEC)
+    store_tile(View(DQ, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NQ + i, dq, row_ok, VEC)
+    store_tile(View(DK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NK + j, dk, col_ok, VEC)
+    store_tile(View(DV, 0, HEAD_DIM_V, offs_dv, 1, HEAD_DIM_V), seq * NK + j, dv_acc, col_ok, VEC)
 
 
 @triton.jit
@@ -126,17 +116,11 @@ def _track_max(s, valid, start, m, arg, count):
 @triton.jit
 def _tar_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, DELTA, STATS, SEQMAX, AUX, TIEK, FQ, FK, KMASK,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
-    stride_kmb, stride_kmn,
-    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
+    q_strides, k_strides, v_strides, o_strides, do_strides, d_strides, km_strides,  # each tensor's strides
+    H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
-    N_BUCKET,  # autotune key only
     FRAME_BAND,  # with HAS_FRAMES: frame ids FRAME_BAND or more apart have a Gaussian dA of exactly 0
+    N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -162,25 +146,19 @@ def _tar_bwd_dq_kernel(
     keys; the launcher finishes dQ and the shares. Frame ids and a key mask as in the forward's
     tiled kernel; a row with no key (log-sum-exp +inf) gets zero gradients (1 / Z_i is 0).
     """
+    opt: tl.constexpr = Options(CAUSAL, HAS_DELTA, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES, PRECISION, 1)
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
-    o = load_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, stride_od, row_ok, HEAD_DIM_V)
+    q = load_tile(seq_view(Q, q_strides, b, h, offs_d, HEAD_DIM), offs_m, row_ok)
+    do = load_tile(seq_view(DO, do_strides, b, h, offs_dv, HEAD_DIM_V), offs_m, row_ok)
+    o = load_tile(seq_view(O, o_strides, b, h, offs_dv, HEAD_DIM_V), offs_m, row_ok)
     d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = seq * NQ + offs_m
     lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
-    k_base = b * stride_kb + h * stride_kh
-    v_base = b * stride_vb + h * stride_vh
-    fq = offs_m
-    q_lo = 0
-    q_hi = 0
-    if HAS_FRAMES:
-        fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
-        q_lo, q_hi = frame_span(fq)
-    d_base = DELTA + b * stride_deltab + h * stride_deltah + fq[:, None] * stride_deltam
-    km_base = b * stride_kmb
+    keys = Keys(seq_view(K, k_strides, b, h, offs_d, HEAD_DIM), seq_view(V, v_strides, b, h, offs_dv, HEAD_DIM_V),
+                NK, (KMASK, b * km_strides[0], km_strides[1]), FK)
+    src = bias_source(FQ, DELTA, d_strides, b, h, offs_m, row_ok, gauss_coef, FRAME_BAND, HAS_FRAMES, True)
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
@@ -200,28 +178,12 @@ def _tar_bwd_dq_kernel(
         count = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = key_ok(j < NK, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK)
-        k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
-        v = load_tile(V + v_base, j, stride_vn, offs_dv, stride_vd, j < NK, HEAD_DIM_V)  # masked keys' too
-        s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL, PRECISION)
+        s, valid, k, v, col_in = key_scores(q, offs_m, row_ok[:, None], keys, j, scale, opt, True)
         s_reg = s
         if REGULARIZE:
             m, arg, count = _track_max(s, valid, start, m, arg, count)
-            if HAS_FRAMES:
-                fk = tl.load(FK + j, mask=j < NK, other=-1)
-                one = _PER_SCORE
-                if FRAME_TILES:
-                    one = frame_tile_id(q_lo, q_hi, fk, FRAME_BAND, HAS_DELTA)
-                if one != _PER_SCORE:  # one column, masked as delta_a masks
-                    dA = tl.where(valid, frame_vector(fq[:, None], one, d_base, stride_deltan, gauss_coef,
-                                                      HAS_DELTA), 0.0)
-                else:
-                    dA = delta_a(fq, fk, valid, d_base + fk[None, :] * stride_deltan, gauss_coef, HAS_DELTA, True)
-            else:
-                dA = delta_a(offs_m, j, valid, d_base + j[None, :] * stride_deltan, gauss_coef, HAS_DELTA)
-            s_reg = bias(s, bias_max, dA, strength)
-            if HAS_FRAMES or HAS_KEY_MASK:
-                s_reg = tl.where(valid, s_reg, float("-inf"))
+            s_reg, dA = frame_bias(s, strength * bias_max, valid, src, frame_ids(FK, j, col_in, HAS_FRAMES), opt, True,
+                                   True)
         p = exp(s_reg - lse[:, None])
         dp = mma(do, tl.trans(v), PRECISION)
         ds = p * (dp - d_row[:, None])
@@ -247,18 +209,13 @@ def _tar_bwd_dq_kernel(
             tie_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
             for start in range(0, hi, BLOCK_N):
                 j = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                col_ok = key_ok(j < NK, KMASK, km_base, j, stride_kmn, HAS_KEY_MASK)
-                k = load_tile(K + k_base, j, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
-                s, valid = masked_scores(q, k, col_ok[None, :] & row_ok[:, None], offs_m, j, scale, CAUSAL,
-                                          PRECISION)
+                s, valid, k, v, col_in = key_scores(q, offs_m, row_ok[:, None], keys, j, scale, opt, False)
                 tie = valid & (s == m[:, None])
                 tie_k += mma(cast(tie.to(tl.float32), k.dtype), k, PRECISION)
         else:  # one key per row reaches the max: its arg-max
-            tie_k = load_tile(K + k_base, arg.to(tl.int64), stride_kn, offs_d, stride_kd, row_ok,
-                              HEAD_DIM).to(tl.float32)
+            tie_k = load_tile(keys.k, arg.to(tl.int64), row_ok).to(tl.float32)
         if GLOBAL_MAX:
-            tl.store(TIEK + row[:, None] * HEAD_DIM + offs_d[None, :], tie_k * scale,
-                     mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+            store_tile(View(TIEK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), row, tie_k * scale, row_ok)
             share = dmax  # turned into the share by the launcher
         else:
             share = dmax / tl.maximum(count, 1).to(tl.float32)
@@ -266,22 +223,16 @@ def _tar_bwd_dq_kernel(
         tl.store(AUX + row * _AUX_N + _AUX_SHARE, share, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_MAX, m, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_COUNT, count.to(tl.float32), mask=row_ok)
-    store_tile(DQ, row, HEAD_DIM, offs_d, 1, acc * scale, row_ok, HEAD_DIM)
+    store_tile(View(DQ, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), row, acc * scale, row_ok)
     tl.store(AUX + row * _AUX_N + _AUX_D, d_row, mask=row_ok)
 
 
 @triton.jit
 def _tar_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, DELTA, DDELTA, STATS, SEQMAX, AUX, FQ, FK, KMASK,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_deltab, stride_deltah, stride_deltam, stride_deltan,
-    stride_kmb, stride_kmn,
-    BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
+    q_strides, k_strides, v_strides, do_strides, d_strides, km_strides,  # each tensor's strides
+    H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
-    N_BUCKET,  # autotune key only
     FRAME_BAND,  # as in the dQ pass
     NUM_FRAMES,  # the frame matrix's size F (DDELTA (F, F) with HAS_FRAMES)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -300,21 +251,16 @@ def _tar_bwd_dkdv_kernel(
     (float32 (F, F), zeroed): entry [f(q_i), f(k_j)] sums the entries' c * m_i * dS'_ij, in an
     order that may vary between runs.
     """
+    opt: tl.constexpr = Options(CAUSAL, HAS_DELTA, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES, PRECISION, 1)
     seq, nb, b, h, offs_n, col_in = block_coords(NK, H, BLOCK_N)
-    col_ok = key_ok(col_in, KMASK, b * stride_kmb, offs_n, stride_kmn, HAS_KEY_MASK)
+    col_ok = key_ok(col_in, (KMASK, b * km_strides[0], km_strides[1]), offs_n, HAS_KEY_MASK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, stride_kd, col_ok, HEAD_DIM)
-    v = load_tile(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, col_in, HEAD_DIM_V)
-    q_base = b * stride_qb + h * stride_qh
-    g_base = b * stride_dob + h * stride_doh
-    fk = offs_n
-    k_lo = 0
-    k_hi = 0
-    if HAS_FRAMES:
-        fk = tl.load(FK + offs_n, mask=col_in, other=-1)
-        k_lo, k_hi = frame_span(fk)
-    d_base = DELTA + b * stride_deltab + h * stride_deltah + fk[None, :] * stride_deltan
+    k = load_tile(seq_view(K, k_strides, b, h, offs_d, HEAD_DIM), offs_n, col_ok)
+    v = load_tile(seq_view(V, v_strides, b, h, offs_dv, HEAD_DIM_V), offs_n, col_in)
+    q_view = seq_view(Q, q_strides, b, h, offs_d, HEAD_DIM)
+    do_view = seq_view(DO, do_strides, b, h, offs_dv, HEAD_DIM_V)
+    src = bias_source(FK, DELTA, d_strides, b, h, offs_n, col_in, gauss_coef, FRAME_BAND, HAS_FRAMES, False)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv_acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     lo = 0
@@ -326,8 +272,8 @@ def _tar_bwd_dkdv_kernel(
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = offs_m < NQ
         row = seq * NQ + offs_m
-        q = load_tile(Q + q_base, offs_m, stride_qn, offs_d, stride_qd, row_ok, HEAD_DIM)
-        do = load_tile(DO + g_base, offs_m, stride_don, offs_dv, stride_dod, row_ok, HEAD_DIM_V)
+        q = load_tile(q_view, offs_m, row_ok)
+        do = load_tile(do_view, offs_m, row_ok)
         lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
         d_row = tl.load(AUX + row * _AUX_N + _AUX_D, mask=row_ok, other=0.0)
         s, valid = masked_scores(q, k, row_ok[:, None] & col_ok[None, :], offs_m, offs_n, scale, CAUSAL, PRECISION)
@@ -336,22 +282,8 @@ def _tar_bwd_dkdv_kernel(
             bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
             if GLOBAL_MAX:
                 bias_max = seq_max
-            if HAS_FRAMES:
-                fq = tl.load(FQ + offs_m, mask=row_ok, other=-1)
-                one = _PER_SCORE
-                if FRAME_TILES:
-                    one = frame_tile_id(k_lo, k_hi, fq, FRAME_BAND, HAS_DELTA)
-                if one != _PER_SCORE:  # one row along the keys, masked as delta_a masks
-                    dA = tl.where(valid, frame_vector(fk[None, :], one, d_base, stride_deltam, gauss_coef,
-                                                      HAS_DELTA), 0.0)
-                else:
-                    dA = delta_a(fq, fk, valid, d_base + fq[:, None] * stride_deltam, gauss_coef, HAS_DELTA, True)
-            else:
-                dA = delta_a(offs_m, offs_n, valid, d_base + offs_m[:, None] * stride_deltam, gauss_coef,
-                             HAS_DELTA)
-            s_reg = bias(s, bias_max, dA, strength)
-            if HAS_FRAMES or HAS_KEY_MASK:
-                s_reg = tl.where(valid, s_reg, float("-inf"))
+            fq = frame_ids(FQ, offs_m, row_ok, HAS_FRAMES)
+            s_reg, dA = frame_bias(s, strength * bias_max, valid, src, fq, opt, False, True)
         p = exp(s_reg - lse[:, None])
         if REGULARIZE:
             p = p * tl.load(AUX + row * _AUX_N + _AUX_NORM, mask=row_ok, other=1.0)[:, None]
@@ -361,8 +293,9 @@ def _tar_bwd_dkdv_kernel(
         if REGULARIZE:
             if DELTA_GRAD:
                 if HAS_FRAMES:
-                    tl.atomic_add(DDELTA + fq[:, None] * NUM_FRAMES + fk[None, :], (strength * bias_max)[:, None] * ds,
-                                  mask=valid & (fq[:, None] >= 0) & (fk[None, :] >= 0))
+                    tl.atomic_add(DDELTA + fq[:, None] * NUM_FRAMES + src.ids[None, :],
+                                  (strength * bias_max)[:, None] * ds, mask=valid & (fq[:, None] >= 0)
+                                  & (src.ids[None, :] >= 0))
                 else:
                     tl.store(DDELTA + row[:, None] * NK + offs_n[None, :], (strength * bias_max)[:, None] * ds,
                              mask=valid)
@@ -370,99 +303,19 @@ def _tar_bwd_dkdv_kernel(
             row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
             ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
         dk += mma(tl.trans(cast(ds, q.dtype)), q, PRECISION)
-    store_tile(DK, seq * NK + offs_n, HEAD_DIM, offs_d, 1, dk * scale, col_in, HEAD_DIM)
-    store_tile(DV, seq * NK + offs_n, HEAD_DIM_V, offs_dv, 1, dv_acc, col_in, HEAD_DIM_V)
+    store_tile(View(DK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NK + offs_n, dk * scale, col_in)
+    store_tile(View(DV, 0, HEAD_DIM_V, offs_dv, 1, HEAD_DIM_V), seq * NK + offs_n, dv_acc, col_in)
 
 
-# --------------------------------------------------------------------------- configs
+# --------------------------------------------------------------------------- launcher
 
-def _packed_configs():
-    return [triton.Config({"ROWS": rows}, num_warps=w, num_stages=1) for rows in (16, 32, 64, 128) for w in (4, 8)]
-
-
-def _prune_packed(configs, named_args, **kwargs):
-    """The configs that can run (a whole sequence per program) and keep their tiles small.
-
-    Five (SEQS x SEG_Q x SEG_K) float32 tiles live at once (S', P, dP, dS, dA): for wide heads
-    a program holds at most 64 rows (or one sequence, whichever is more), and a 32-row program
-    runs on at most 4 warps (tools/perf/kernel-log.md, v3).
-    """
-    named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
-    seg = named_args["SEG_MAX"]
-    wide = max(named_args["BLOCK_D"], named_args["BLOCK_DV"]) > 64
-    keep = [c for c in configs if not (c.kwargs["ROWS"] < seg or (wide and c.kwargs["ROWS"] > max(64, seg))
-                                       or (c.kwargs["ROWS"] <= 32 and c.num_warps > 4))]
-    if "Q" in named_args and named_args["Q"].element_size() == 4:
-        # float32 Q, K, V and dO tiles, each split in two for the tf32x3 dot: at most 128 words a
-        # thread (ROWS = 128 on 4 warps spilled 1.2 KB, D 40, sm_80 and sm_90)
-        keep = fewest_words(keep, 2 * (named_args["BLOCK_D"] + named_args["BLOCK_DV"]), 128)
-    return keep
-
-
-def _tiled_configs():
-    """Each tile on 4 and 8 warps, then the 16-key tiles, for float32 inputs only (`_prune_tiled`)."""
-    blocks = ((32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (128, 32), (64, 128), (128, 64))
-    tiles = [(bm, bn, w) for bm, bn in blocks for w in (4, 8)] + [(32, 16, 4), (32, 16, 8), (16, 16, 2), (16, 16, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2) for bm, bn, w in tiles]
-
-
-def _row_words(c, block_d):
-    """32-bit words a thread holds for the rows either pass keeps across its walk: per query row
-    Q, dO and the float32 dQ and sum P K (dQ pass), per key K, V, dK, dV (dK/dV pass)."""
-    return (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * block_d / (32 * c.num_warps)
-
-
-def _prune_tiled(configs, named_args, **kwargs):
-    """The configs whose dQ pass and dK/dV pass (run with the same config) ptxas keeps out of local
-    memory on sm_80 and sm_90 (tools/perf/kernel-log.md: v3b, "Arch-aware pruning", "float32 on tensor
-    cores").
-
-    A (BLOCK_M x BLOCK_N) score tile may take at most 8 float32 words a thread (several live at
-    once), at most 32 x 32 with a custom delta (its tile is one more); the rows either pass keeps
-    across its walk at most 32 words a thread (`_row_words`); and BLOCK_N <= BLOCK_M (at 32 x 64
-    the dK/dV pass spills on sm_80 where 64 x 32 does not). Head dims over 128 meet none of this:
-    there the configs with the fewest row words are kept, on any GPU (16-bit: 32 x 32 on 8 warps;
-    float32: 32 x 16 on 8 warps; they spill, least). Per arch (`_jit.target_sm`), 16-bit inputs at
-    head dims up to 64: sm_90 keeps 64 x 32 on 8 warps only, a custom delta included; sm_8x drops
-    64 x 32 for frame ids; any other GPU keeps the list as it is. float32 inputs take 16-key tiles,
-    which only they use: 16 x 16 on 2 or 4 warps, and on any GPU but sm_90 also 32 x 16.
-    """
-    named_args = {**named_args, **kwargs}  # the autotuner passes constexprs in kwargs
-    block_d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
-    sm = target_sm(named_args["Q"])
-    narrow_16 = named_args["Q"].element_size() == 2 and block_d <= 64
-    hopper = sm == 90 and narrow_16
-    max_tile = (2048 if hopper else 1024) if named_args["HAS_DELTA"] else 8192
-    single = named_args["Q"].element_size() == 4
-    configs = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == single]
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
-            and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 256 * c.num_warps and _row_words(c, block_d) <= 32]
-    if single and sm == 90:
-        keep = [c for c in keep if c.kwargs["BLOCK_M"] == 16]
-    elif hopper:
-        keep = [c for c in keep if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (64, 32, 8)] or keep
-    elif narrow_16 and named_args.get("HAS_FRAMES", False) and sm is not None and 80 <= sm < 90:
-        keep = [c for c in keep if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 32)] or keep
-    if keep:
-        return keep
-    least = min(_row_words(c, block_d) for c in configs)
-    return [c for c in configs if _row_words(c, block_d) == least]
-
-
+_packed = tuned(_tar_bwd_packed_kernel, BWD_PACKED, ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX",
+                                                    "HAS_DELTA", "REGULARIZE", "DELTA_GRAD"])
+_dq = tuned(_tar_bwd_dq_kernel, BWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA",
+                                           "REGULARIZE", "HAS_FRAMES", "HAS_KEY_MASK", "FRAME_TILES"])
 # The tiled dK/dV pass is not tuned on its own: it runs the config the dQ pass was tuned to
-# (`_dkdv_options`), so both recompute the same score tiles bit for bit and agree on the ties.
+# (`launch.tuned_config`), so both recompute the same score tiles bit for bit and agree on the ties.
 _dkdv = _tar_bwd_dkdv_kernel
-# The interpreter runs one config; unequal query/key blocks make the tests cover the causal
-# start of the dK/dV walk. Tests may change them to check that no result depends on the tiles.
-INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=32)
-_packed = tuned(_tar_bwd_packed_kernel, _packed_configs(), _prune_packed,
-                ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE",
-                 "DELTA_GRAD"])
-_dq = tuned(_tar_bwd_dq_kernel, _tiled_configs(), _prune_tiled,
-            ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "HAS_FRAMES",
-             "HAS_KEY_MASK", "FRAME_TILES"])
-
 
 # The dQ launch and the read of the config it was tuned to, as one step: the autotuner keeps only
 # its latest choice, and another thread's backward (autograd runs one per device) may launch the
@@ -470,19 +323,8 @@ _dq = tuned(_tar_bwd_dq_kernel, _tiled_configs(), _prune_tiled,
 _TUNED_LAUNCH = threading.Lock()
 
 
-def _dkdv_options() -> dict:
-    """Tiles, warps and stages of the dQ launch just made, for the dK/dV launch."""
-    if INTERPRETING:
-        return dict(INTERPRETER_TILES)
-    config = _dq.best_config
-    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-# --------------------------------------------------------------------------- launcher
-
-
 def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, grad_out: torch.Tensor,
-                 delta_grad: bool = False, grads: tuple | None = None, frame_tiles: bool = True):
+                 delta_grad: bool = False, grads: tuple | None = None):
     """Gradients of a Triton forward. Returns (dq, dk, dv, ddelta).
 
     problem: the forward's validated problem; out (B, H, Nq, Dv) its output; stats what
@@ -491,10 +333,15 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     dq, dk, dv are contiguous in q's dtype with q/k/v's shapes (written into `grads` when given:
     three such tensors). ddelta is the float32 gradient of the (B, H, Nq, Nk) bias
     `problem.delta` (with frame ids: of the (F, F) frame matrix) when delta_grad, else None.
-    Frame ids or a key mask run the tiled kernels at any length, as the forward does;
-    frame_tiles=False computes their dA per score on every tile (the same gradients bit for bit,
-    which the tests check), as tar_forward's frame_tiles.
+    Frame ids or a key mask run the tiled kernels at any length, as the forward does.
     """
+    return _tar_backward(problem, out, stats, grad_out, delta_grad, grads, {})
+
+
+def _tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, grad_out: torch.Tensor,
+                  delta_grad: bool, grads: tuple | None, variant: dict):
+    """tar_backward, the tiled kernels' constexprs overridden by `variant`: the tests' FRAME_TILES=False
+    computes the frame ids' dA per score on every tile (the same gradients bit for bit)."""
     q, k, v = problem.q, problem.k, problem.v
     B, H, nq, nk, d, dv = problem.batch, problem.heads, problem.nq, problem.nk, problem.head_dim, problem.head_dim_v
     bh = B * H
@@ -517,13 +364,13 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
     delta, d_strides, gauss_coef = delta_args(problem)
     meta = dict(common_meta(problem), GLOBAL_MAX=problem.max_mode == "global")
-    sizes = (bh, H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
+    sizes = (H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
 
-    if is_packed(nq, nk, d, dv) and not tiled_only(problem):
+    if packed(problem):
         packed_meta, grid = packed_launch(problem)
-        _packed[grid](q, k, v, grad_out, dq, dk, dv_out, delta, ddelta,
-                      *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *sizes, **meta,
-                      **packed_meta, DELTA_GRAD=delta_grad, VEC=vector_width(q, k, v, grad_out, *grads))
+        _packed[grid](q, k, v, grad_out, dq, dk, dv_out, delta, ddelta, q.stride(), k.stride(), v.stride(),
+                      grad_out.stride(), d_strides, bh, *sizes, **meta, **packed_meta, DELTA_GRAD=delta_grad,
+                      VEC=vector_width(q, k, v, grad_out, *grads))
         return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
 
     if tuple(stats.shape) != (bh, nq, STATS_FIELDS):
@@ -536,16 +383,15 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     if regularized_global:
         dq_buf = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
         tie_k = torch.empty(bh, nq, d, device=q.device, dtype=torch.float32)
-    n_bucket = pow2(max(nq, nk))
-    fq, fk, km, *km_strides, has_frames, has_key_mask = frame_args(problem)
-    meta.update(HAS_FRAMES=has_frames, HAS_KEY_MASK=has_key_mask, FRAME_TILES=has_frames and frame_tiles)
+    fq, fk, km, km_strides, frame_meta = frame_args(problem)
+    meta.update(frame_meta, **variant)
     frame_band = frame_band_width(gauss_coef)
     with _TUNED_LAUNCH:
         _dq[lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)](
-            q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k, fq, fk, km,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *d_strides, *km_strides,
-            *sizes, n_bucket, frame_band, **meta, **(INTERPRETER_TILES if INTERPRETING else {}))
-        tiles = _dkdv_options()
+            q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k, fq, fk, km, q.stride(), k.stride(),
+            v.stride(), out.stride(), grad_out.stride(), d_strides, km_strides, *sizes, frame_band,
+            pow2(max(nq, nk)), **meta, **interpreter_tiles("backward"))
+        tiles = tuned_config(_dq, "backward")
     if regularized_global:
         # Every entry equal to the slice's max (as the dQ pass recomputed the scores) gets the same
         # share of the summed dm_i.
@@ -557,9 +403,9 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
         aux[..., layout.AUX_SHARE] = share
         dq.copy_((dq_buf + share[..., None] * tie_k).view(q.shape))
     _dkdv[(bh * triton.cdiv(nk, tiles["BLOCK_N"]),)](
-        q, k, v, grad_out, dk, dv_out, delta, ddelta, stats, seq_max, aux, fq, fk, km,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *d_strides, *km_strides, *sizes, n_bucket,
-        frame_band, problem.delta.shape[0] if frame_delta else 0, DELTA_GRAD=delta_grad, **meta, **tiles)
+        q, k, v, grad_out, dk, dv_out, delta, ddelta, stats, seq_max, aux, fq, fk, km, q.stride(), k.stride(),
+        v.stride(), grad_out.stride(), d_strides, km_strides, *sizes, frame_band,
+        problem.delta.shape[0] if frame_delta else 0, DELTA_GRAD=delta_grad, **meta, **tiles)
     return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
 
 
