@@ -24,7 +24,7 @@ import vstar_kernels as vk
 from .. import dispatch
 from .._problem import make_problem
 from ..ops._load import triton_ops
-from ..reference import CHUNK_ELEMENTS, reference_forward
+from ..reference import CHUNK_ELEMENTS
 
 
 class Unsupported(Exception):
@@ -223,8 +223,6 @@ PEERS = {p.name: p for p in (
     *map(_ours, OURS_BACKENDS),
     Peer("reference_eager", lambda q, k, v, spec: vk.tar_attention_reference(
         q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale)),
-    # the reference's out-of-place path, the one autograd differentiates
-    Peer("reference_materialized", lambda q, k, v, spec: reference_forward(_problem(q, k, v, spec))),
     Peer("reference_compiled", reference_compiled, _compile_why_not),
     Peer("sdpa_bias", lambda q, k, v, spec: F.scaled_dot_product_attention(q, k, v, attn_mask=tar_bias(q, k, spec),
                                                                            scale=spec.scale)),
