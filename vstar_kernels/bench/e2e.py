@@ -17,7 +17,7 @@ import torch
 from ..tar_config import TARConfig
 from . import measure
 from .check import UNET_RTOL
-from .peers import CHECKED, Unsupported
+from .peers import Unsupported, checked_only
 from .shapes import CFG_BATCH, UNetShape
 
 # UNet3DConditionModel configs. "modelscope" is the ModelScope text-to-video UNet (1.4B
@@ -43,8 +43,7 @@ PRESET = "64D1"
 TEXT_TOKENS = 77
 # Least relative change of the output that counts as TAR applied (benchmarks/NOTES.md, "UNet rows").
 E2E_APPLIED_MIN = 1e-3
-CHECKED_ONLY = (f"{CHECKED}matches the reference variant in the Triton interpreter; a correctness run, not timed "
-                "(the interpreter's speed is not the kernels')")
+CHECKED_ONLY = checked_only("the reference variant")
 
 
 @dataclass

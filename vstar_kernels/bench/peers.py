@@ -43,6 +43,12 @@ INTERPRETER = "vstar_triton_interpreter"
 CHECKED = "checked: "
 
 
+def checked_only(against: str) -> str:
+    """The status of a correctness run in the Triton interpreter, checked against `against`."""
+    return (f"{CHECKED}matches {against} in the Triton interpreter; a correctness run, not timed "
+            "(the interpreter's speed is not the kernels')")
+
+
 def _nothing(*args) -> str:
     return ""
 
