@@ -1,5 +1,5 @@
-"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each, appended as measured
-to ``<out>/<device>-<yyyymmdd>.csv``; then the tables and plots of the whole file (benchmarks/NOTES.md)."""
+"""The sweep: every peer on every (shape, N, dtype), checked, timed, one row each appended to
+``<out>/<device>-<yyyymmdd>.csv``; then the file's tables and plots (benchmarks/NOTES.md)."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ class Sweep:
         self._free()
 
     def _inputs(self, shape, n, dtype, nbytes):
-        """Rotating sets of (q, k, v): (B, H, N, D) views of (B, N, H, D) storage, as diffusers hands them."""
+        """Rotating sets of (q, k, v), (B, H, N, D) views of (B, N, H, D) storage as diffusers hands them."""
         count = max(1, min(MAX_SETS, -(-ROTATE_BYTES // nbytes)))
         if self.cuda:
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -254,7 +254,7 @@ def plan(names, ns, dtypes, explicit_n: bool):
 
 
 def model_table(names, ns) -> str:
-    """Markdown for fp16: bytes, FLOPs and the N x N footprint per kernel shape and N (benchmarks/NOTES.md)."""
+    """Markdown for fp16: bytes, FLOPs and the N x N footprint per kernel shape and N."""
     itemsize = torch.float16.itemsize
     lines = ["| shape | B x H | D | N | MB moved | GFLOP (2 matmuls) | GFLOP + row-max pass | FLOP/byte "
              "| one N x N matrix, GB |",

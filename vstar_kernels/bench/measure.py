@@ -153,16 +153,12 @@ def commit() -> str:
     if os.environ.get("VSTAR_BENCH_COMMIT"):
         return os.environ["VSTAR_BENCH_COMMIT"]
     root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+    try:  # the abbreviated hash, never a tag name
+        head = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"],
                               capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return head.stdout.strip() if head.returncode == 0 else "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
