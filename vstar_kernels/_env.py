@@ -1,9 +1,6 @@
-"""Facts about the environment: TRITON_INTERPRET, where the package runs from, versions.
-
-The bottom layer: it imports nothing from this package (but for the two names kept at the end
-for the compile check in tools/perf). The loaders of the optional pieces live
-with what they load (ops/_load.py for the Triton kernels, ops/tar_cuda.py for the CUDA extension).
-"""
+"""Facts about the environment: TRITON_INTERPRET, where the package runs from, versions. The bottom layer:
+it imports nothing from this package. The optional pieces' loaders live with what they load (ops/_load.py,
+ops/tar_cuda.py)."""
 
 from __future__ import annotations
 
@@ -25,12 +22,9 @@ SET_BEFORE_PYTHON = ("set TRITON_INTERPRET in the environment before Python star
 
 
 def triton_mode_mismatch() -> str:
-    """Why the Triton kernels cannot load in the mode TRITON_INTERPRET asks for now, or "".
-
-    triton.language builds its own jit helpers (tl.max, tl.sum, ...) once, in the mode the
-    environment had when triton was first imported (the first use of vstar_kernels' names imports
-    it, through torch._dynamo; so do torch.compile and diffusers). Kernels loaded in the other mode call
-    those helpers and fail, so a change of TRITON_INTERPRET after that import cannot be honoured.
+    """Why the Triton kernels cannot load in the mode TRITON_INTERPRET asks for now, or "". triton.language
+    builds its jit helpers (tl.max, ...) once, in the mode of triton's first import (torch._dynamo,
+    torch.compile and diffusers import it); kernels loaded in the other mode fail calling them.
     """
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
@@ -44,16 +38,14 @@ def triton_mode_mismatch() -> str:
 
 
 def source_checkout() -> Optional[Path]:
-    """The source tree this package runs from (an editable install, or PYTHONPATH pointing at a
-    checkout); None when it runs from an installed wheel."""
+    """The source checkout this package runs from (editable install, PYTHONPATH); None from a wheel."""
     root = Path(__file__).resolve().parents[1]
     return root if (root / "setup.py").is_file() and (root / "bindings").is_dir() else None
 
 
 def install_hint(extras: str) -> str:
-    """The command that installs this package's extras `extras` ("diffusers", "plot", ...). The
-    package is on no package index: it installs from its source checkout (this one, when it runs
-    from one; brackets in quotes, a glob in zsh otherwise)."""
+    """The command that installs this package's `extras` ("diffusers", "plot", ...) from its source checkout
+    (it is on no package index; brackets quoted, a glob in zsh otherwise)."""
     checkout = source_checkout()
     if checkout is None:
         return f'pip install ".[{extras}]" in a checkout of the vstar_kernels repository'

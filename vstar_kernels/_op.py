@@ -3,11 +3,9 @@
     vstar::tar_attention(<problem>, backend, needs_grad) -> (out, stats)
     vstar::tar_attention_backward(grad_out, out, stats, <problem>, backend, delta_grad) -> (dq, dk, dv, ddelta)
 
-<problem> is `TarProblem`'s fields in `OP_FIELDS` order, spelled out in the two schemas and converted
-everywhere else with `TarProblem.op_args` / `from_op_args`; delta is `make_problem`'s broadcast view, so
-autograd sums its broadcast dims. `stats` is what the backend's backward needs beyond the inputs and the
-output (float32; may be empty); `ddelta` is empty unless delta_grad. A backend whose backward is plain
-PyTorch (the reference) runs it straight from the autograd formula, where torch.compile traces it (and it is
+<problem> is `TarProblem`'s fields in `OP_FIELDS` order (`op_args` / `from_op_args`); delta is the broadcast
+view, so autograd sums its broadcast dims. `stats`: what the backend's backward needs (float32; may be empty);
+`ddelta` is empty unless delta_grad. A plain-PyTorch backward runs straight from the autograd formula (traced,
 differentiable again); the backward op is for kernel backends, whose gradients are first order.
 """
 

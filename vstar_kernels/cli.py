@@ -21,12 +21,9 @@ COMMANDS = {}
 
 
 def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
-    """Register `fn(args) -> exit code` as a subcommand; `configure(parser)` adds its options. Commands import
-    torch and the kernels inside `fn`: `--help` and a wrong option answer without them.
-
-    `cpu_kernels(args)` says whether the call runs the Triton kernels on CPU tensors: that needs
-    TRITON_INTERPRET=1 from the start of the process, so `main` then runs the command in a
-    child process that has it. `needs`: the optional modules the command imports (EXTRA_OF).
+    """Register `fn(args) -> exit code` as a subcommand (it imports torch inside, so `--help` does not);
+    `configure(parser)` adds its options. `cpu_kernels(args)`: whether the call runs the Triton kernels on CPU
+    tensors, which `main` then does in a child process with TRITON_INTERPRET=1. `needs`: modules it imports.
     """
     def register(fn):
         COMMANDS[name] = (fn, help_text, configure, cpu_kernels, needs)
@@ -146,8 +143,7 @@ def cmd_demo(args) -> int:
 
 
 class _Deprecated(argparse.Action):
-    """An old option's spelling: sets the new option's value and says on stderr that it is deprecated (the new
-    option is ``--`` + its dest with hyphens, as `_deprecated_option` makes them)."""
+    """An old option's spelling: sets the new option's value and says on stderr that it is deprecated."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         new = "--" + self.dest.replace("_", "-")
@@ -255,11 +251,8 @@ command("bench", "benchmark every implementation: CSV rows, a markdown table, pl
 
 
 def run_with_interpreter(argv) -> int:
-    """Run `python -m vstar_kernels argv` in a child process whose environment has TRITON_INTERPRET=1.
-
-    Triton keeps the mode of its first import (see _env.triton_mode_mismatch): a process whose environment
-    has the flag from its start runs the kernels in the interpreter whatever it imported before.
-    """
+    """Run `python -m vstar_kernels argv` in a child process with TRITON_INTERPRET=1 from its start (triton
+    keeps the mode of its first import: _env.triton_mode_mismatch)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-m", "vstar_kernels", *argv], env=env).returncode
 

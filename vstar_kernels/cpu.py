@@ -1,6 +1,6 @@
-"""The CPU backend (`backend="cpu"`, what "auto" runs on CPU tensors): the operations of the definition
-(reference.py) in its order, in place, on cache-sized chunks; no autograd (the op's backward differentiates
-the definition). Why each choice: benchmarks/NOTES.md and docs/performance.md."""
+"""The CPU backend (`backend="cpu"`, what "auto" runs on CPU tensors): the definition's operations (reference.py)
+in its order, in place, on cache-sized chunks; no autograd (the op's backward differentiates the definition).
+Why each choice: benchmarks/NOTES.md and docs/performance.md."""
 
 from __future__ import annotations
 
@@ -15,12 +15,10 @@ from .frames import frame_bias
 from .reference import _entry_delta, _global_max, _mask, _max_first, _plan, _row_bias
 from .regularization import gaussian_bias
 
-# Scores of one chunk: 2**21 fp32 scores = 8 MiB, which stay in the last-level cache from the QK^T product to
-# the PV product (sizes measured in benchmarks/NOTES.md).
+# Scores of one chunk: 2**21 fp32 = 8 MiB, which stay in the last-level cache from QK^T to PV (benchmarks/NOTES.md).
 CHUNK_ELEMENTS = 1 << 21
-# A call of at most this many elements (every slice's scores and q, k, v and output rows) runs as one chunk on
-# the caller's thread whatever its strides: up to there the operations of more chunks, and starting worker
-# threads for them (a millisecond), cost more than copying q, k, v (docs/performance.md, "Host overhead").
+# A call of at most this many elements (scores, q, k, v and output rows) runs as one chunk on the caller's thread:
+# below it, more chunks and worker threads cost more than copying q, k, v (docs/performance.md, "Host overhead").
 SMALL_CALL_ELEMENTS = 1 << 20
 # A bias of at most this many entries made of sigma alone is made once and kept (`_bias_rows`).
 KEPT_BIAS_ELEMENTS = 1 << 16
@@ -28,10 +26,9 @@ _small_gaussian = functools.lru_cache(maxsize=32)(gaussian_bias)
 
 
 def _bias_rows(problem: TarProblem, compute: torch.dtype):
-    """`_row_bias` of the CPU backend. A small call's bias made of sigma alone (in one block of rows) is kept:
-    the Gaussian by its sizes, sigma and dtype, the Gaussian of the frame ids of self-attention with the ids.
-    Else with frame ids, a block's rows are looked up in a (F + 1, Nk) table (one row per query frame and one
-    for -1; F from the ids' checks) when it fits a chunk: `frame_bias` computes each entry from its ids alone."""
+    """`_row_bias` of the CPU backend. A small call's bias of sigma alone is kept (the Gaussian by sizes, sigma
+    and dtype; that of self-attention's frame ids with the ids). Else with frame ids, a block's rows come from
+    a (F + 1, Nk) table (a row per query frame and one for -1) when it fits a chunk."""
     small = problem.nq * problem.nk <= min(KEPT_BIAS_ELEMENTS, CHUNK_ELEMENTS)
     if small and problem.regularized and problem.delta is None and problem.frames_q is problem.frames_k:
         if problem.frames_q is None:
@@ -49,18 +46,16 @@ def _bias_rows(problem: TarProblem, compute: torch.dtype):
     return _row_bias(problem, compute)
 
 
-# The CPU backend adds a frame bias segment by segment when the key ids run in at most RUN_SEGMENTS
-# segments of runs of one length, runs of MIN_RUN_KEYS keys or more (a video DiT's ids: one run of
-# hundreds of keys per frame, one segment for the video and one per block of text).
+# A frame bias goes segment by segment when the key ids run in at most RUN_SEGMENTS segments of runs of one
+# length, of MIN_RUN_KEYS keys or more (a video DiT: a run per frame; a segment for the video, one per text block).
 RUN_SEGMENTS = 8
 MIN_RUN_KEYS = 16
 
 
 def _key_segments(fk: torch.Tensor):
     """((start, first run, runs, run length) of each segment, the first key of each run) of the key ids `fk`
-    when the CPU backend adds the frame bias segment by segment (they run as RUN_SEGMENTS and MIN_RUN_KEYS
-    allow), else None. A run's bias is one value per query row, so a block of rows needs a (rows, runs) table
-    of them instead of a (rows, Nk) block of bias to read."""
+    when they run as RUN_SEGMENTS and MIN_RUN_KEYS allow, else None. A run's bias is one value per query row:
+    a block of rows needs a (rows, runs) table instead of a (rows, Nk) block."""
     starts = [0, *(torch.nonzero(fk[1:] != fk[:-1]).flatten() + 1).tolist()]
     lengths = [stop - start for start, stop in zip(starts, starts[1:] + [fk.shape[0]])]
     if min(lengths) < MIN_RUN_KEYS:
@@ -75,21 +70,19 @@ def _key_segments(fk: torch.Tensor):
 
 
 def _run_bias(problem: TarProblem, compute: torch.dtype, run_starts: list):
-    """A function of a block of query rows giving the bias of each key run, (rows, runs): `frame_bias` at
-    the run's key id, the value every entry of the run has in `_row_bias`'s (rows, Nk) block."""
+    """A function of a block of query rows giving each key run's bias, (rows, runs): `frame_bias` at the
+    run's key id."""
     ids_k = problem.frames_k[run_starts]
     return lambda rows: frame_bias(problem.frames_q[rows], ids_k, sigma=problem.sigma, delta=problem.delta,
                                    dtype=compute)
 
 
 def cpu_forward(problem: TarProblem) -> torch.Tensor:
-    """`reference_forward`'s operations in the same order, in place on each cache-sized chunk's scores;
-    returns (B, H, Nq, Dv) in the input dtype, not differentiable. The batched GEMMs read q, k and v in place
-    where a block is a batch of matrices as a view (`_as_batch`); for strides whose (batch, head) blocks are
-    not (diffusers' (B, N, H, D) storage) a chunk is one head's batches, which are. With several intra-op
-    threads and several chunks, the chunks go to that many worker threads of one intra-op thread each
-    (`_chunk_workers`; why: benchmarks/NOTES.md); each chunk's result is the one-thread result, whatever the
-    thread count.
+    """`reference_forward`'s operations in order, in place on each cache-sized chunk's scores; returns
+    (B, H, Nq, Dv) in the input dtype, not differentiable. The GEMMs read q, k, v in place where a block is a
+    batch of matrices as a view; for strides where it is not (diffusers' (B, N, H, D) storage) a chunk is one
+    head's batches. Several chunks go to as many worker threads of one intra-op thread each (`_chunk_workers`,
+    benchmarks/NOTES.md); each chunk's result is the one-thread result.
     """
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     B, H, nq, nk = problem.batch, problem.heads, problem.nq, problem.nk
@@ -99,9 +92,7 @@ def cpu_forward(problem: TarProblem) -> torch.Tensor:
     elements = nq * nk + (nq + nk) * (problem.head_dim + problem.head_dim_v)  # a slice's scores, q, k, v, out rows
     if len(row_blocks) == 1 and B * H * elements > SMALL_CALL_ELEMENTS and not all(
             _merges(x) or x.dtype != compute for x in (problem.q, problem.k, problem.v)):
-        # (batch, head) blocks of these strides (e.g. a (B, N, H, D) storage) are no batch of
-        # matrices: one head's block of batches is, so the products read them in place instead of
-        # copying each block first (but for a small call, which copies them in one chunk).
+        # (batch, head) blocks of these strides are no batch of matrices, one head's batches are: read in place.
         chunks = _head_chunks(B, H, CHUNK_ELEMENTS // elements)
     out = problem.q.new_empty(problem.output_shape())
     slice_max = None
@@ -130,10 +121,9 @@ def cpu_forward(problem: TarProblem) -> torch.Tensor:
 
 
 def _chunk_workers(run, parts: list) -> None:
-    """run(part) for each part on a thread of its own with one intra-op thread, without autograd (inputs
-    that need none) and in inference mode if the caller is; the first error raised there is raised here.
-    The caller's intra-op thread count is set again afterwards (torch keeps the last count set, from
-    any thread, for threads started later)."""
+    """run(part) for each part on a thread of its own with one intra-op thread, without autograd (in inference
+    mode if the caller is); the first error there is raised here. The caller's thread count is set again
+    afterwards (torch keeps the last count set, from any thread)."""
     threads, inference, errors = torch.get_num_threads(), torch.is_inference_mode_enabled(), []
 
     def work(part):
@@ -158,12 +148,9 @@ def _chunk_workers(run, parts: list) -> None:
 
 def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: slice, h: slice, dA, segments,
                    slice_max, out: torch.Tensor) -> None:
-    """out[b, h, rows] of the CPU backend: one chunk's scores, bias, softmax and PV product, in place.
-
-    `dA` is the rows' (rows, Nk) bias block, or with key `segments` (`_key_segments`) their (rows, runs) table.
-    In float64 the operations are the definition's, in its order. In float32 the GEMM applies the scale (its
-    alpha) instead of a pass over the scores of its own; the rounding of S differs from the definition's
-    product-then-scale in the last bit at most."""
+    """out[b, h, rows]: one chunk's scores, bias, softmax and PV product, in place. `dA` is the rows' (rows, Nk)
+    bias, or with key `segments` their (rows, runs) table. In float32 the GEMM applies the scale (alpha): S
+    differs from the definition's product-then-scale in the last bit at most; float64 follows the definition."""
     nk, dv = problem.nk, problem.head_dim_v
     qc = problem.q[b, h, rows]
     bb, hh, rr = qc.shape[:3]
@@ -190,10 +177,8 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
         if segments is None:
             s4.addcmul_(m4, dA if entry_delta is None else entry_delta.to(compute))
         else:
-            # The same operation (the same values, bit for bit) segment by segment, as (runs, run length)
-            # blocks with the runs' bias broadcast along each run: no (rows, Nk) bias block to read. The max
-            # is spread along a run so that only the bias is broadcast (addcmul's vectorized loop takes one
-            # broadcast operand, not two).
+            # The same values bit for bit, segment by segment as (runs, run length) blocks, each run's bias
+            # broadcast along it; the max is spread along a run (addcmul vectorizes one broadcast operand).
             m_along = m4.expand(*m4.shape[:-1], max(seg[3] for seg in segments)).contiguous()
             for start, first, runs, length in segments:
                 block = s4[..., start:start + runs * length].unflatten(-1, (runs, length))
@@ -212,8 +197,7 @@ def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: sl
 
 
 def _as_batch(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (b, h, n, d) block as a (b * h, n, d) batch in `dtype`: a view when it is one (the batch and head
-    dims merge), else a copy."""
+    """A (b, h, n, d) block as a (b * h, n, d) batch in `dtype`: a view when the dims merge, else a copy."""
     bb, hh, n, d = x.shape
     if x.dtype == dtype:
         return x.reshape(bb * hh, n, d)
@@ -225,15 +209,13 @@ def _merges(x: torch.Tensor) -> bool:
     return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
 
 
-# The CPU backend's head chunks come in a multiple of this many when there is more than one, so that
-# 1, 2 or 4 worker threads get equal shares (with 5 chunks, 2 threads would wait on the third).
+# Head chunks come in a multiple of this many (more than one), so 1, 2 or 4 worker threads get equal shares.
 CHUNKS_MULTIPLE = 4
 
 
 def _head_chunks(batch: int, heads: int, per_chunk: int):
-    """(batch slice, head slice) blocks of one head and at most `per_chunk` batches (at least 1), head by
-    head: each head's batches in pieces of equal size (within one), as many as make the number of
-    blocks a multiple of CHUNKS_MULTIPLE where the batches allow."""
+    """(batch slice, head slice) blocks of one head and at most `per_chunk` batches, head by head, in pieces
+    of equal size (within one), their number a multiple of CHUNKS_MULTIPLE where the batches allow."""
     pieces = -(-batch // max(1, per_chunk))
     if heads * pieces > 1:
         while (heads * pieces) % CHUNKS_MULTIPLE and pieces < batch:

@@ -1,9 +1,6 @@
-"""Backends declare what they support; choosing one explains every rejection.
-
-`select(problem, name)` returns the backend to run. An explicit name that
-cannot run the call raises `BackendUnavailableError` with the reasons;
-"auto" takes the first backend that fits (for CUDA tensors Triton, then the
-optional CUDA C++ operator; for CPU tensors the CPU backend; the reference otherwise).
+"""Backends declare what they support; choosing one explains every rejection. `select(problem, name)` returns
+the backend to run; an explicit name that cannot run the call raises `BackendUnavailableError` with the reasons;
+"auto" takes the first that fits (CUDA tensors: Triton, the CUDA C++ op; CPU tensors: cpu; then the reference).
 """
 
 from __future__ import annotations
@@ -35,16 +32,12 @@ def _one_of(names) -> str:
 
 
 class Backend:
-    """A backend: its capabilities are declared as data, which `not_supported_reasons` checks.
-
-    A subclass declares what it supports in the SUPPORTED_* attributes below (None: no limit) and
-    overrides `state_reasons` / `backward_reason` only for what depends on its runtime state.
-    """
+    """A backend declares its capabilities as data (SUPPORTED_*, None: no limit), which `not_supported_reasons`
+    checks; `state_reasons` / `backward_reason` cover what depends on its runtime state."""
 
     name = ""
     kernel = ""  # what a reason calls this backend
-    # backward() is differentiable PyTorch that torch.compile can trace: the op's autograd formula
-    # calls it directly. False for kernels: they run behind the opaque vstar::tar_attention_backward.
+    # backward() is traceable PyTorch the op's autograd calls; kernels go through vstar::tar_attention_backward.
     traceable_backward = True
 
     SUPPORTED_DEVICES = None  # device types

@@ -1,8 +1,6 @@
 """TAR for VideoCrafter-style (lvdm) attention modules (docs/integrations.md, "VideoCrafter2 (lvdm) front-ends").
-
-Needs only torch (lvdm is not a pip package). The patch is an instance attribute ``forward`` (lvdm itself
-puts one there for its xformers path), so that `remove_tar_from_modules` can put back exactly what was
-there. The step comes from the caller (``set_step(model, i)``), so both guidance branches of a step see it.
+Needs only torch. The patch is an instance attribute ``forward`` (lvdm puts one there for xformers), so removal
+puts back exactly what was there; the caller sets the step (``set_step(model, i)``) for both guidance branches.
 """
 
 from __future__ import annotations
@@ -107,12 +105,11 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
                          select: Callable[[str, torch.nn.Module], Optional[int]]) -> List[str]:
     """Regularize lvdm-style temporal attention modules of `model` with TAR (docs/integrations.md).
 
-    ``select(name, module)`` is called for each of ``model.named_modules()`` and returns the
-    resolution level (int, 0 = full latent resolution) of a temporal self-attention module, or
-    None to leave it alone; modules at levels the config does not list are left alone too.
-    ``config.include_input_block`` is not used. Returns the names of the patched modules; applying
-    again replaces the previous config. Raises TypeError when a selected module lacks the
-    interface, ValueError when select chose no module or a bad level, or a config level has no module.
+    ``select(name, module)`` returns the resolution level (int, 0 = full latent resolution) of a temporal
+    self-attention module of ``model.named_modules()``, or None; modules at levels the config does not list
+    are left alone (``config.include_input_block`` is not used). Returns the patched modules' names; applying
+    again replaces the config. TypeError: a selected module lacks the interface; ValueError: no module, a bad
+    level, or a config level without a module.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -1,7 +1,6 @@
-"""The PyTorch definition of TAR, readable as the spec: `tar_attention_reference`, the "reference" backend
-and the tests' float64 oracle run it; the CPU backend (cpu.py) runs its operations in place. Math runs in
-float32 (float64 for float64 input), cast back to the input dtype; the (batch x heads) axis, and the query
-rows of a long sequence, go in chunks so that the score matrices stay within a bounded amount of memory.
+"""The PyTorch definition of TAR, readable as the spec: `tar_attention_reference`, the "reference" backend and
+the tests' float64 oracle run it (cpu.py runs its operations in place). Math in float32 (float64 for float64
+input), cast back; (batch x heads) slices and a long sequence's query rows go in chunks of bounded memory.
 """
 
 from __future__ import annotations
@@ -15,21 +14,18 @@ from ._problem import TarProblem, check_frame_values, make_problem
 from .frames import frame_bias
 from .regularization import gaussian_bias
 
-# Elements of one fp32 score chunk (B*H slices x Nq rows x Nk): 2**26 = 256 MiB. The most any tensor
-# of the definition holds, but for the int64 / float64 frame distances of a block of rows (8 bytes each)
-# that it evaluates the Gaussian of frame ids from.
+# Elements of one fp32 score chunk (B*H slices x Nq rows x Nk): 2**26 = 256 MiB, the most any tensor of the
+# definition holds (but for a row block's 8-byte frame distances).
 CHUNK_ELEMENTS = 1 << 26
 
 
 def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
     """S' = S + strength * max(S) * dA for one chunk, in the compute dtype (masked entries -inf).
 
-    q: a block of query rows, k the keys; `delta` a block of the per-entry delta (or None), `dA`
-    the bias otherwise. `mask`: True where an entry takes no part, broadcast to the scores (by
-    default the causal mask of whole rows when the problem is causal). A masked entry is -inf in S
-    (so not in the max) and again in S', whatever its bias (a NaN or inf delta entry there, or
-    strength * max * dA = inf * 0). `m`: the max to use (the slice's, computed beforehand when a
-    slice's rows come in several blocks); by default taken over this chunk.
+    q: a block of query rows, k the keys; `delta` a block of the per-entry delta (or None), else `dA`.
+    `mask`: True where an entry takes no part (default: the causal mask when causal); a masked entry is
+    -inf in S (not in the max) and in S', whatever its bias. `m`: the max to use (the slice's, when its
+    rows come in several blocks); by default this chunk's.
     """
     if mask is None and problem.causal:
         mask = _causal_mask(0, q.shape[-2], k.shape[-2], q.device)
@@ -69,8 +65,7 @@ def _chunks(batch: int, heads: int, per_chunk: int):
 
 
 def _plan(B: int, H: int, nq: int, nk: int, budget: int):
-    """(row blocks, (batch, head) blocks) with at most `budget` scores per chunk: every row and as
-    many whole slices as fit while one slice fits, else blocks of rows of one slice at a time."""
+    """(row blocks, (batch, head) blocks) of at most `budget` scores: whole slices while one fits, else row blocks."""
     if nq * nk <= budget:
         return [slice(0, nq)], _chunks(B, H, budget // (nq * nk))
     rows = max(1, budget // nk)
@@ -78,12 +73,8 @@ def _plan(B: int, H: int, nq: int, nk: int, budget: int):
 
 
 def _row_bias(problem: TarProblem, compute: torch.dtype):
-    """A function of a block of query rows giving the bias it shares with every (batch, head) slice,
-    (rows, Nk), or None when the bias is not applied or is the per-entry `delta`.
-
-    Without frame ids: rows of the Gaussian Toeplitz matrix (`gaussian_bias`). With them: the Gaussian
-    of frame distance (or the frame matrix) evaluated for the block.
-    """
+    """A function of a block of query rows giving the (rows, Nk) bias every slice shares (None without bias or
+    with a per-entry `delta`): rows of the Gaussian Toeplitz matrix, or with frame ids `frame_bias`'s."""
     if not problem.regularized or (problem.delta is not None and problem.frames_q is None):
         return lambda rows: None
     if problem.frames_q is None:
@@ -94,8 +85,8 @@ def _row_bias(problem: TarProblem, compute: torch.dtype):
 
 
 def _mask(problem: TarProblem, rows: slice, b: slice):
-    """True where an entry of a (batch block, rows) chunk takes no part: (rows, Nk) for the causal
-    mask alone, (bb, 1, rows, Nk) with a key mask; None when every entry takes part."""
+    """True where an entry of a (batch block, rows) chunk takes no part: (rows, Nk) causal, (bb, 1, rows, Nk)
+    with a key mask; None when every entry takes part."""
     first, stop, _ = rows.indices(problem.nq)
     mask = _causal_mask(first, stop - first, problem.nk, problem.device) if problem.causal else None
     if problem.key_mask is None:
@@ -110,11 +101,8 @@ def _entry_delta(problem: TarProblem, b, h, rows):
 
 
 def reference_forward(problem: TarProblem) -> torch.Tensor:
-    """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype.
-
-    On chunks of (batch, head) slices and query rows of at most CHUNK_ELEMENTS scores, the delta read
-    through views and the bias built one block of rows at a time (docs/semantics.md, "Memory").
-    Differentiable (autograd, torch.func) and traceable (torch.compile).
+    """Evaluate a validated problem; returns (B, H, Nq, Dv) in the input dtype. Chunks of at most CHUNK_ELEMENTS
+    scores, the bias one block of rows at a time (docs/semantics.md, "Memory"); differentiable and traceable.
     """
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     B, H, nq = problem.batch, problem.heads, problem.nq
@@ -149,13 +137,9 @@ def _max_first(problem: TarProblem, row_blocks) -> bool:
 
 
 def _global_max(problem: TarProblem, row_blocks, chunks, compute, shares: bool = False):
-    """The max of each (batch, head) slice's masked scores, (B, H, 1, 1), one block of rows at a time
-    (`chunks` hold one slice each). With shares=True, also the share of its gradient each block's max
-    passes on to its own ties, (R, B, H, 1, 1): their number over the slice's, 0 for an infinite max
-    (which has no gradient to pass).
-
-    Its gradient is torch.amax's over the whole slice: shared evenly by every tied entry, whichever
-    blocks they are in (each block's maximum passes it to its own ties, weighted by their number).
+    """The max of each slice's masked scores, (B, H, 1, 1), one block of rows at a time (`chunks` of one slice).
+    Its gradient is torch.amax's over the slice, shared evenly by every tie in any block; with shares=True,
+    also each block's share of it, (R, B, H, 1, 1): its ties over the slice's (0 for an infinite max).
     """
     maxima, ties = [], []
     for rows in row_blocks:
@@ -177,14 +161,10 @@ def _global_max(problem: TarProblem, row_blocks, chunks, compute, shares: bool =
 
 
 def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: bool = False):
-    """Gradients of `reference_forward` by autograd on the definition (the max's gradient is
-    torch.amax's: split evenly over ties). Returns contiguous (dq, dk, dv, ddelta), ddelta the
-    gradient of `problem.delta` (the (B, H, Nq, Nk) view, or the (F, F) frame matrix) when
-    delta_grad, else None; all zero when there is no score (no slice or no query).
-
-    torch.func.vjp rather than torch.autograd: it also runs inside a custom op's implementation,
-    below the autograd key. When a slice's rows take several blocks, one block at a time
-    (`_backward_by_blocks`), so that memory stays within a few chunks there too.
+    """Gradients of `reference_forward` by autograd on the definition (the max's: split evenly over ties):
+    contiguous (dq, dk, dv, ddelta), ddelta that of `problem.delta` (the (B, H, Nq, Nk) view or the (F, F)
+    frame matrix) when delta_grad, else None; zeros when there is no score. torch.func.vjp, which also runs
+    below the autograd key (in the op); one block of rows at a time when a slice takes several.
     """
     if problem.batch * problem.heads == 0 or problem.nq == 0:
         return (*(torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (problem.q, problem.k, problem.v)),
@@ -205,9 +185,8 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
 
 
 def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blocks, chunks) -> tuple:
-    """`reference_backward` one (slice, block of rows) at a time: the vjp of each chunk's output
-    (recomputed), then, for max_mode="global", of each block's max with its share of the slice
-    max's gradient (`_global_max`), as the forward's autograd would give. Every chunk holds one slice."""
+    """`reference_backward` one (slice, block of rows) at a time: the vjp of each chunk's output (recomputed),
+    then for max_mode="global" of each block's max with its share of the slice max's gradient (`_global_max`)."""
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     frame_delta = problem.frames_q is not None and problem.delta is not None
     bias_of = None if problem.delta is not None else _row_bias(problem, compute)

@@ -18,11 +18,9 @@ def _size(name: str, n) -> int:
 
 def gaussian_bias(nq: int, nk: int, sigma: float, *, device=None, dtype=torch.float32,
                   names=("nq", "nk")) -> torch.Tensor:
-    """dA_ij = exp(-0.5 * ((j - i) / sigma) ** 2) for i < nq, j < nk: (nq, nk), 1 on the diagonal.
-
-    Evaluated in float64 and rounded once to `dtype`: exactly the definition, for every sigma > 0
-    (a sigma too small for float32, down to the smallest float64, gives the identity). Only the
-    nq + nk - 1 distinct values are computed; `names` are the sizes' names in errors.
+    """dA_ij = exp(-0.5 * ((j - i) / sigma) ** 2) for i < nq, j < nk: (nq, nk), 1 on the diagonal. The
+    nq + nk - 1 distinct values are evaluated in float64 and rounded once to `dtype` (a sigma too small for
+    float32 gives the identity); `names` are the sizes' names in errors.
     """
     sigma = check_sigma(sigma)
     nq, nk = (_size(name, n) for name, n in zip(names, (nq, nk)))
@@ -37,11 +35,8 @@ def gaussian_bias(nq: int, nk: int, sigma: float, *, device=None, dtype=torch.fl
 
 
 def gaussian_toeplitz(n: int, sigma: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The symmetric Gaussian Toeplitz matrix of TAR, shape (n, n): ``gaussian_bias(n, n, sigma)``.
-
-    ``sigma = math.inf`` gives all ones; a sigma so small that every off-diagonal entry underflows
-    gives the identity.
-    """
+    """TAR's symmetric Gaussian Toeplitz matrix, (n, n): ``gaussian_bias(n, n, sigma)``; ``math.inf`` gives
+    all ones, a sigma whose off-diagonal entries underflow the identity."""
     return gaussian_bias(n, n, sigma, device=device, dtype=dtype, names=("n", "n"))
 
 
@@ -69,20 +64,13 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     f = features.to(torch.float64)
-    norms = f.norm(dim=1)
-    zero = (norms == 0).nonzero().flatten().tolist()
-    if zero:
-        raise ValueError(f"features of frame(s) {zero} are all zero: their similarity is undefined")
+    _check_nonzero(f, "features of frame(s) {} are all zero")
     if num_frames is not None:
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         f = _resample_frames(f, num_frames)
-        norms = f.norm(dim=1)
-        zero = (norms == 0).nonzero().flatten().tolist()
-        if zero:
-            raise ValueError(f"resampled frame(s) {zero} interpolate to all-zero features (opposite neighbours): "
-                             "their similarity is undefined")
-    unit = f / norms[:, None]
+        _check_nonzero(f, "resampled frame(s) {} interpolate to all-zero features (opposite neighbours)")
+    unit = f / f.norm(dim=1)[:, None]
     sim = unit @ unit.T
     sim = (0.5 * (sim + sim.T)).clamp(-1.0, 1.0)  # exactly symmetric whatever the matmul's rounding
     sim.fill_diagonal_(1.0)
@@ -93,6 +81,12 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
         else:  # no difference beyond the features' own precision: a static video
             sim = torch.ones_like(sim)
     return sim.to(out_dtype)
+
+
+def _check_nonzero(f: torch.Tensor, what: str) -> None:
+    zero = (f.norm(dim=1) == 0).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(what.format(zero) + ": their similarity is undefined")
 
 
 def _resample_frames(f: torch.Tensor, m: int) -> torch.Tensor:

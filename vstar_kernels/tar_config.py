@@ -1,8 +1,5 @@
 """Where and when TAR regularizes a video model: per-level specs, the step gate, the paper's presets.
-
-Shared by every front-end (the diffusers processors, the lvdm-style module patch). It needs only
-torch, so it lives outside `vstar_kernels.diffusers`, whose import requires diffusers.
-"""
+Shared by every front-end; needs only torch (`vstar_kernels.diffusers` needs diffusers)."""
 
 from __future__ import annotations
 
@@ -19,12 +16,9 @@ from .dispatch import BACKEND_NAMES
 
 @dataclass(frozen=True, eq=False)
 class LevelSpec:
-    """What TAR adds at one resolution level: ``strength * m_i * dA_ij``.
-
-    ``dA`` is the Gaussian band of `sigma` (1 when nothing is given), or `delta`: a custom (N, N)
-    matrix such as a reference video's frame similarity (docs/vsp-and-dynamics.md). Give sigma or
-    delta, not both. A delta is copied (float32, float64 kept) when the spec is made, moved to each
-    call's device once, and never resampled: a call over another number of frames raises.
+    """What TAR adds at one resolution level: ``strength * m_i * dA_ij``, dA the Gaussian of `sigma` (default
+    1) or `delta`, a custom (N, N) matrix (docs/vsp-and-dynamics.md); not both. A delta is copied (float32,
+    float64 kept), moved to each call's device once, never resampled: another number of frames raises.
     """
 
     sigma: Optional[float] = None
@@ -50,10 +44,7 @@ class LevelSpec:
         return self.strength != 0.0 and (self.delta is not None or math.isfinite(self.sigma))
 
     def tar_kwargs(self, nq: int, nk: int, *, device, dtype, where: str) -> dict:
-        """`tar_attention` keywords for a call with nq queries and nk keys (frames) at this level.
-
-        `where` names the call site in the error raised when a delta does not fit.
-        """
+        """`tar_attention` keywords for nq queries and nk keys (frames); `where` names the call site in errors."""
         if self.delta is None:
             return {"sigma": self.sigma, "strength": self.strength}
         if tuple(self.delta.shape) != (nq, nk):
@@ -97,8 +88,7 @@ def _checked_delta(delta) -> torch.Tensor:
     return delta.detach().to(dtype=work, copy=True)
 
 
-# Paper names: "64" is the full latent resolution (40x64 latent) = level 0, "32" level 1;
-# "D" is followed by sigma. Strength 1 and steps 0..13 of 25 in all of them.
+# Paper names: "64" is level 0 (the 40x64 latent), "32" level 1; "D" precedes sigma. Strength 1, steps 0..13 of 25.
 PRESET_UNTIL_STEP = 13
 PRESETS: Dict[str, Dict[int, float]] = {
     "64D1": {0: 1.0},
@@ -189,9 +179,7 @@ class TARConfig:
     @classmethod
     def from_preset(cls, name: str, **changes) -> "TARConfig":
         """A paper preset (``"64D1"``, ``"64D1_32D8"``, ...) for a video UNet; `changes` override other fields.
-
-        The config remembers its preset (`preset`): a video DiT refuses it (the paper has no DiT preset).
-        """
+        The config keeps its `preset`: a video DiT refuses it (the paper has no DiT preset)."""
         if name not in PRESETS:
             raise ValueError(f"unknown TAR preset {name!r}; known presets: {', '.join(PRESETS)}")
         levels = {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}

@@ -1,9 +1,6 @@
-"""Video Synopsis Prompting (VSP): one text embedding per frame, interpolated between key states.
-
-See docs/vsp-and-dynamics.md. This module needs only torch; the diffusers glue (`apply_vsp`,
-`remove_vsp`, `encode_synopsis`, `generate_with_synopsis`) is in `vstar_kernels.diffusers` (the
-old spelling `vstar_kernels.vsp.apply_vsp` and so on still works for one release, with a
-DeprecationWarning).
+"""Video Synopsis Prompting (VSP): one text embedding per frame, interpolated between key states
+(docs/vsp-and-dynamics.md). Needs only torch; the diffusers glue is in `vstar_kernels.diffusers` (the old
+spelling `vstar_kernels.vsp.apply_vsp` and so on still works for one release, with a DeprecationWarning).
 """
 
 from __future__ import annotations
@@ -21,10 +18,8 @@ _DIFFUSERS_NAMES = ("apply_vsp", "remove_vsp", "encode_synopsis", "generate_with
 
 
 def default_anchors(num_frames: int, num_states: int) -> list:
-    """K anchor frames spread evenly over N frames: ``floor(i * (N - 1) / (K - 1))``, ``[0]`` for K = 1.
-
-    Integer arithmetic, so that no rounding error moves an anchor (N=32, K=5 -> 0, 7, 15, 23, 31).
-    """
+    """K anchor frames spread evenly over N frames: ``floor(i * (N - 1) / (K - 1))``, ``[0]`` for K = 1
+    (integer arithmetic: N=32, K=5 -> 0, 7, 15, 23, 31)."""
     n = _positive_int("num_frames", num_frames)
     k = _positive_int("num_states", num_states)
     if k > n:
@@ -79,11 +74,8 @@ def interpolate_embeddings(embeds: torch.Tensor, num_frames: int, *, mode: str =
 
 
 def load_synopses() -> list:
-    """The paper's example prompts with a synopsis each: ``[{"prompt": str, "synopsis": [str, ...]}, ...]``.
-
-    Read from the package data file ``vstar_kernels/data/synopses.json``; the synopses are our own
-    wording of the visual states the paper's examples go through.
-    """
+    """The paper's example prompts with a synopsis each, ``[{"prompt": str, "synopsis": [str, ...]}, ...]``
+    (``vstar_kernels/data/synopses.json``: our own wording of the states the paper's examples go through)."""
     text = resources.files("vstar_kernels").joinpath("data/synopses.json").read_text(encoding="utf-8")
     return json.loads(text)["examples"]
 

@@ -287,6 +287,18 @@ def test_bad_gpu_names_are_argparse_errors(argv, capsys):
     assert "--gpu" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, valid", [(["model", "--shapes", "vc2-320x512-l0", "nonesuch"], "vc2-320x512-l0"),
+                                         (["model", "--shapes", "unet-tiny"], "vc2-320x512-l0"),
+                                         (["model", "--dit", "--shapes", "nonesuch"], "wan2.1-1.3b-480p")])
+def test_unknown_shape_names_are_argparse_errors(argv, valid, capsys):
+    """An unknown --shapes name (a UNet shape has no model row) is refused before any work, naming the valid ones."""
+    with pytest.raises(SystemExit) as exc:
+        perf_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --shapes" in err and argv[-1] in err and valid in err
+
+
 @pytest.mark.parametrize("argv", [["--static"], ["--traffic"], ["--dit"], ["--device", "h100"]])
 def test_the_package_cli_has_no_maintainer_modes(argv, capsys):
     """The yardstick runs from the checkout (python -m tools.perf), not from the installed package."""
@@ -404,7 +416,7 @@ def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(mo
     monkeypatch.setattr(model_dit, "fa3", kernel)
     monkeypatch.setattr(eager, "flash", kernel)  # sdpa_bias's fused kernel
     sdpa = eager.eager(PEERS["sdpa_bias"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
-    reference = eager.eager(PEERS["reference_materialized"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
+    reference = eager.eager(PEERS["reference_eager"], 1, dit.heads, dit.n, 64, small, 1.0).peak_bytes
     nn = dit.heads * dit.n ** 2
     assert 2 * nn * 2 <= sdpa < 3 * nn * 2
     assert reference != sdpa
@@ -412,7 +424,7 @@ def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(mo
     monkeypatch.setitem(roofline.GPUS, "synthetic", roofline.Gpu("synthetic", 3.35e12, 989.4e12, 66.9e12, 132, memory))
 
     rows = {r["impl"]: r for r in model_dit.dit_sweep("synthetic", 1.0, 1.0, (dit,), progress=lambda _: None)}
-    over, under = ("sdpa_bias", "reference_materialized") if sdpa > reference else ("reference_materialized",
+    over, under = ("sdpa_bias", "reference_eager") if sdpa > reference else ("reference_eager",
                                                                                     "sdpa_bias")
     assert rows[over]["status"].startswith("does not fit (peak ") and "model_time_ms" not in rows[over]
     assert rows[under]["status"] == "ok" and rows[under]["model_time_ms"] > 0

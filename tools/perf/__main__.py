@@ -50,13 +50,31 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _model_shapes(dit: bool) -> list:
+    """The names `model --shapes` takes: the DiT shapes with --dit, else the kernel shapes (a UNet has no row)."""
+    if dit:
+        from .model_dit import DIT_SHAPES
+
+        return [s.name for s in DIT_SHAPES]
+    from vstar_kernels.bench import shapes
+
+    return [name for name in shapes.SHAPES if not shapes.is_unet(name)]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compile-check"]:
         from .compile_check import main as compile_check
 
         return compile_check(argv[1:])
-    args = parser().parse_args(argv)
+    top = parser()
+    args = top.parse_args(argv)
+    if args.command == "model" and args.shapes:
+        valid = _model_shapes(args.dit)
+        unknown = [name for name in args.shapes if name not in valid]
+        if unknown:
+            top.error(f"argument --shapes: unknown {'DiT ' * args.dit}shape(s) {', '.join(unknown)}; "
+                      f"choose from {', '.join(valid)}")
     if args.command == "traffic" and os.environ.get("TRITON_INTERPRET") != "1":
         # the counts come from the Triton interpreter, whose mode is fixed when triton is first imported
         env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -77,7 +77,7 @@ from .roofline import (
 
 # --------------------------------------------------------------------------- the sweep
 
-EAGER = ("reference_eager", "reference_materialized", "sdpa_bias")
+EAGER = ("reference_eager", "sdpa_bias")
 NOT_MODELED = ("reference_compiled", "vstar_cuda", "xformers_bias")
 # The Gaussian's sigma of each row of ours (paper presets, tar_config.PRESETS: 64D1 at level 0, the
 # default; 64D8, the widest band of the presets at sigma <= 8); the delta row has no sigma.

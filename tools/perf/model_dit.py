@@ -101,7 +101,7 @@ DIT_SHAPES = (
         source="Lightricks/LTX-Video transformer/config.json: num_attention_heads 32, attention_head_dim 64, "
                "patch_size 1, patch_size_t 1; VAE 32x32 spatial, 8x temporal"),
 )
-DIT_EAGER = ("reference_materialized", "sdpa_bias")
+DIT_EAGER = ("reference_eager", "sdpa_bias")
 DIT_IMPLS = ("vstar_triton_frames", "fa3", "flash", "flex_two_pass") + DIT_EAGER
 DIT_COLUMNS = ("estimate", "gpu", "model", "batch", "heads", "d", "n", "latent_frames", "tokens_per_frame",
                "text_tokens", "dtype", "impl", "status", "config", "bound", "model_time_ms", "model_bytes",
@@ -218,7 +218,7 @@ def l2_resident(e: Estimate, compulsory_bytes: float, gpu: Gpu) -> float:
 def fits_up_to(peak_bytes: float, n: int, capacity: float) -> int:
     """The largest N whose peak fits in `capacity` when the whole peak scales as N^2 from `peak_bytes`
     at `n`: exact for a peak of N x N tensors only (sdpa_bias), a lower bound where part of it grows
-    slower (reference_materialized: chunks of at most 2^26 scores beside its (N, N) Gaussian)."""
+    slower (reference_eager: chunks of at most 2^26 scores beside its (N, N) Gaussian)."""
     return int(n * math.sqrt(capacity / peak_bytes))
 
 
@@ -309,15 +309,15 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES) -> str:
              "their aten ops on meta tensors; peak = the most storage bytes live at once in that trace (Q, K, V "
              "included). A peak above the memory gives \"does not fit\"; fits up to N: the peak scaled as N^2 "
              "(exact for sdpa_bias, whose peak is two (B, H, N, N) tensors; a lower bound for "
-             "reference_materialized, whose score chunks stop growing at 2^26 scores beside its full (N, N) float32 "
+             "reference_eager, whose score chunks stop growing at 2^26 scores beside its full (N, N) float32 "
              "Gaussian).",
              "- K, V from L2: the same kernels with their repeated K and V loads (once per query block) served by L2: "
              "the memory term from each tensor once per pass, compute terms unchanged. The model's own column sends "
              "every requested byte to HBM; a GPU lies between the two.",
              "", "| model | heads x D | N (frames x tokens + text) | ours (frames) | fa3 | flash | flex_two_pass "
-             "| reference_materialized | sdpa_bias | ours / fa3 | ours / flash | ours / flex_two_pass "
+             "| reference_eager | sdpa_bias | ours / fa3 | ours / flash | ours / flex_two_pass "
              "| ours bound (config) | ours, K V from L2 | fa3, K V from L2 | ours / fa3, K V from L2 "
-             "| ours / flash, K V from L2 | reference_materialized fits up to N | sdpa_bias fits up to N |",
+             "| ours / flash, K V from L2 | reference_eager fits up to N | sdpa_bias fits up to N |",
              "| --- | --- | --- |" + " ---: |" * 9 + " --- |" + " ---: |" * 6]
     by = {}
     for r in rows:
@@ -337,7 +337,7 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES) -> str:
                        f"| {o['model_ours_over_flash']:.2f} | {o['model_ours_over_flex_two_pass']:.2f} "
                        f"| {o['bound']} ({o['config']}) | {o['model_time_l2_ms']:.3f} "
                        f"| {c['fa3']['model_time_l2_ms']:.3f} | {o['model_ours_over_fa3_l2']:.2f} "
-                       f"| {o['model_ours_over_flash_l2']:.2f} | {c['reference_materialized']['model_fits_up_to_n']:,} "
+                       f"| {o['model_ours_over_flash_l2']:.2f} | {c['reference_eager']['model_fits_up_to_n']:,} "
                        f"| {c['sdpa_bias']['model_fits_up_to_n']:,} |")
     lines += ["", "Config values:", ""] + [f"- {s.name}: {s.source}" for s in dits]
     return "\n".join(lines) + "\n"
@@ -379,10 +379,7 @@ def dit_main(args) -> int:
     directory = Path(os.path.abspath(args.out)) if args.out else results_dir()
     directory.mkdir(parents=True, exist_ok=True)
     devices = args.gpu or list(GPUS)
-    by_name = {s.name: s for s in DIT_SHAPES}
-    unknown = [name for name in args.shapes or () if name not in by_name]
-    if unknown:
-        raise SystemExit(f"--shapes with --dit: unknown DiT shape {', '.join(unknown)}; one of {', '.join(by_name)}")
+    by_name = {s.name: s for s in DIT_SHAPES}  # (--shapes is checked by the CLI)
     dits = tuple(by_name[name] for name in args.shapes) if args.shapes else DIT_SHAPES
     progress = progress_lines(len(devices) * len(dits))
     eta, _ = calibrate(GPUS["h100"])

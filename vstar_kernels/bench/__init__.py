@@ -1,10 +1,6 @@
-"""The benchmark harness behind `python -m vstar_kernels bench` (see benchmarks/NOTES.md).
-
-Modules: shapes, peers, check (the tolerances and the correctness check), measure (timers, the ideal
-cost, the CSV row schema), harness (the sweep), e2e (the UNet forward), backward (--backward), report
-(markdown and plots from a CSV). This module only defines
-the command-line options, so that building the CLI parser imports nothing heavy. The maintainers'
-yardstick is not part of the package: it lives in the checkout's tools/perf.
+"""The benchmark harness behind `python -m vstar_kernels bench` (benchmarks/NOTES.md): shapes, peers, check
+(tolerances), measure (timers, ideal cost, CSV schema), harness (the sweep), e2e (UNet), backward, report.
+This module only defines the options, so that building the CLI parser imports nothing heavy.
 """
 
 from __future__ import annotations

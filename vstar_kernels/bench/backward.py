@@ -18,11 +18,8 @@ IMPLS = ("vstar_triton", "vstar_reference", "sdpa")
 
 
 def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS, **tar):
-    """name -> callable running one backward of a (batch, heads, frames, head_dim) self-attention.
-
-    q, k, v are (batch, frames, heads, head_dim) projections viewed as (B, H, N, D), as diffusers
-    hands them over; `tar` goes to tar_attention (sigma, strength, causal, max_mode, ...).
-    """
+    """name -> callable running one backward of a (batch, heads, frames, head_dim) self-attention; q, k, v are
+    (B, N, H, D) storage viewed as (B, H, N, D), as diffusers hands them; `tar` goes to tar_attention."""
     g = torch.Generator(device=device).manual_seed(0)
     shape = (batch, frames, heads, head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=g).transpose(1, 2).requires_grad_()

@@ -1,6 +1,5 @@
-"""The tolerances, in one place (the tests, tests/helpers.py, take them from here), and the check every
-output passes before it is timed: a fast wrong peer is not a peer (benchmarks/NOTES.md, "Correctness
-before timing")."""
+"""The tolerances, in one place (tests/helpers.py takes them from here), and the check every output passes
+before it is timed (benchmarks/NOTES.md, "Correctness before timing")."""
 
 from __future__ import annotations
 

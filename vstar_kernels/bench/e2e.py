@@ -1,8 +1,5 @@
-"""End-to-end: one UNet3DConditionModel forward (random weights) with stock processors and with TAR.
-
-Three variants per (resolution, frames, dtype): `unet_stock`, `unet_tar_triton` and
-`unet_tar_reference` (`apply_tar` with the `64D1` preset and that backend), checked before they
-are timed (benchmarks/NOTES.md, "UNet rows"); on CPU the Triton variant is checked, not timed.
+"""End-to-end: one UNet3DConditionModel forward (random weights), stock and with `apply_tar` (preset 64D1) on
+each backend, checked before timed (benchmarks/NOTES.md, "UNet rows"); on CPU the Triton variant is only checked.
 """
 
 from __future__ import annotations
@@ -17,11 +14,10 @@ import torch
 from ..tar_config import TARConfig
 from . import measure
 from .check import UNET_RTOL
-from .peers import CHECKED, Unsupported
+from .peers import Unsupported, checked_only
 from .shapes import CFG_BATCH, UNetShape
 
-# UNet3DConditionModel configs. "modelscope" is the ModelScope text-to-video UNet (1.4B
-# parameters): heads 5/10/20 with head dim 64 in its temporal transformers.
+# UNet3DConditionModel configs; "modelscope" is ModelScope's text-to-video UNet (1.4B; heads 5/10/20 x 64).
 UNET_CONFIGS = {
     "modelscope": dict(
         in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -43,8 +39,7 @@ PRESET = "64D1"
 TEXT_TOKENS = 77
 # Least relative change of the output that counts as TAR applied (benchmarks/NOTES.md, "UNet rows").
 E2E_APPLIED_MIN = 1e-3
-CHECKED_ONLY = (f"{CHECKED}matches the reference variant in the Triton interpreter; a correctness run, not timed "
-                "(the interpreter's speed is not the kernels')")
+CHECKED_ONLY = checked_only("the reference variant")
 
 
 @dataclass
@@ -104,8 +99,8 @@ class UNetBench:
         return self._unet
 
     def run(self, shape: UNetShape, frames: int, dtype: torch.dtype, classify) -> list:
-        """One Result per variant: every output checked (_check), then the variants that passed timed (on CPU
-        the Triton variant, in the interpreter, is only checked). `classify(exc)` maps an exception to a status."""
+        """One Result per variant: every output checked, then those that passed timed; `classify(exc)` maps an
+        exception to a status."""
         try:
             importlib.import_module("diffusers")
         except Exception as exc:
@@ -155,8 +150,8 @@ class UNetBench:
 
     @staticmethod
     def _check(results, outputs, dtype):
-        """Mark wrong outputs: NaN/inf, TAR not applied (a change from stock within E2E_APPLIED_MIN or twice
-        the distance between the two backends, their rounding noise), or Triton far from the reference variant."""
+        """Mark wrong outputs: NaN/inf, TAR not applied (no change from stock beyond E2E_APPLIED_MIN or twice the
+        backends' distance), or Triton far from the reference variant."""
         for variant, out in list(outputs.items()):
             if out is not None and not torch.isfinite(out).all():
                 results[variant].status = "error: output has NaN or inf"

@@ -1,5 +1,5 @@
-"""The sweep: every peer on every (shape, N, dtype), checked, timed, one CSV row each, appended as measured
-to ``<out>/<device>-<yyyymmdd>.csv``; then the tables and plots of the whole file (benchmarks/NOTES.md)."""
+"""The sweep: every peer on every (shape, N, dtype), checked, timed, one row each appended to
+``<out>/<device>-<yyyymmdd>.csv``; then the file's tables and plots (benchmarks/NOTES.md)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,13 @@ from . import measure, report, shapes
 from .check import check_output
 from .e2e import BACKENDS as UNET_BACKENDS
 from .e2e import VARIANTS, UNetBench
-from .peers import CHECKED, PEERS, Unsupported, default_impls, default_spec
+from .peers import PEERS, Unsupported, checked_only, default_impls, default_spec
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 NOT_RUN = "unsupported: not run: "
-CHECKED_ONLY = (f"{CHECKED}matches the float64 reference in the Triton interpreter; a correctness run, "
-                "not timed (the interpreter's speed is not the kernels')")
-# Inputs are rotated through enough copies to fill this many bytes (at most MAX_SETS copies), so
-# a small shape is not timed from a warm cache.
+CHECKED_ONLY = checked_only("the float64 reference")
+# Inputs rotate through enough copies to fill this many bytes (at most MAX_SETS): no timing from a warm cache.
 ROTATE_BYTES = 256 << 20
 MAX_SETS = 8
 
@@ -64,7 +62,7 @@ class Progress:
 
     @contextlib.contextmanager
     def step(self, text: str, count: int = 1):
-        """Show `text` while the step runs; count it (as `count` runs) when it ends."""
+        """Show `text` while the step runs; count `count` runs when it ends."""
         if self.bar is not None:
             self.bar.set_description_str(text)
         elif self.enabled:
@@ -75,7 +73,7 @@ class Progress:
             self.skip(count)
 
     def skip(self, count: int):
-        """Count `count` runs done (by this step, or by an earlier invocation: --resume)."""
+        """Count `count` runs done (by a step, or by an earlier invocation: --resume)."""
         self.count += count
         if self.bar is not None and count:
             self.bar.update(count)
@@ -125,12 +123,11 @@ class Sweep:
     def measure_copy(self):
         """The device_copy row: the peak that pct_peak_bw is relative to."""
         try:
-            gbps, timing, nbytes = measure.copy_bandwidth(self.device)
+            self.peak_gbps, timing, nbytes = measure.copy_bandwidth(self.device)
         except Exception as exc:
             self.write(report.COPY_IMPL, "", "", "", "", "uint8", status=classify(exc))
-            return
-        self.peak_gbps = gbps
-        self.write(report.COPY_IMPL, "", "", "", "", "uint8", timing=timing, cost=measure.Cost(2 * nbytes, 0))
+        else:
+            self.write(report.COPY_IMPL, "", "", "", "", "uint8", timing=timing, cost=measure.Cost(2 * nbytes, 0))
 
     def run(self, kernel_cases, unet_cases, peers):
         total = len(kernel_cases) * len(peers) + len(unet_cases) * 3
@@ -176,7 +173,7 @@ class Sweep:
         self._free()
 
     def _inputs(self, shape, n, dtype, nbytes):
-        """Rotating sets of (q, k, v): (B, H, N, D) views of (B, N, H, D) storage, as diffusers hands them."""
+        """Rotating sets of (q, k, v), (B, H, N, D) views of (B, N, H, D) storage as diffusers hands them."""
         count = max(1, min(MAX_SETS, -(-ROTATE_BYTES // nbytes)))
         if self.cuda:
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -190,8 +187,8 @@ class Sweep:
             torch.cuda.empty_cache()
 
     def _measure_peer(self, peer, sets, spec):
-        """(status, Timing or None, peak MiB or None, backend run). Untimed: a warm call, checked, then one
-        for peak memory; a correctness-only peer stops after the check."""
+        """(status, Timing or None, peak MiB or None, backend run): a call checked (a correctness-only peer
+        stops there), then measure.time_call."""
         q, k, v = sets[0]
         backend = ""
         try:
@@ -257,7 +254,7 @@ def plan(names, ns, dtypes, explicit_n: bool):
 
 
 def model_table(names, ns) -> str:
-    """Markdown for fp16: bytes, FLOPs and the N x N footprint per kernel shape and N (benchmarks/NOTES.md)."""
+    """Markdown for fp16: bytes, FLOPs and the N x N footprint per kernel shape and N."""
     itemsize = torch.float16.itemsize
     lines = ["| shape | B x H | D | N | MB moved | GFLOP (2 matmuls) | GFLOP + row-max pass | FLOP/byte "
              "| one N x N matrix, GB |",

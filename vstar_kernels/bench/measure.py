@@ -22,8 +22,7 @@ from .. import _env
 
 QUANTILES = (0.5, 0.2, 0.8)   # median, p20, p80
 SLOW_CALL_MS = 100.0          # CUDA calls slower than this are timed with a few events, not do_bench
-# A timing whose p80 exceeds its p20 by more than this factor was taken on a busy machine, or is of
-# calls too short to time steadily (why 1.25: benchmarks/NOTES.md, "Busy cells").
+# A p80/p20 spread above this: a busy machine, or calls too short to time (benchmarks/NOTES.md, "Busy cells").
 BUSY_SPREAD = 1.25
 BUSY = "busy"
 COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", "heads", "n", "d", "dtype", "setup",
@@ -42,11 +41,9 @@ def delta_entries(nq: int, nk: int, causal: bool) -> int:
 
 
 def ideal_cost(bh, nq, nk, d, dv, itemsize, *, causal=False, delta_itemsize=0) -> Cost:
-    """The least any implementation of one attention call (TAR or plain) over `bh` = batch x heads
-    sequences does. Bytes: Q, K and V read once and O written once, plus the delta entries it uses
-    when a custom delta of `delta_itemsize` bytes is given. FLOPs: the two matmuls S = Q K^T and
-    O = P V, 2 Nq Nk (D + Dv) per sequence (4 B H N^2 D when square), causal or not; dv=0 gives
-    Q K^T alone (a separate row-max pass)."""
+    """The least any attention call (TAR or plain) over `bh` = batch x heads sequences does. Bytes: Q, K,
+    V read and O written once, plus the delta entries it uses (`delta_itemsize` bytes each). FLOPs: the
+    matmuls Q K^T and P V, 2 Nq Nk (D + Dv) per sequence, causal or not; dv=0 gives Q K^T alone."""
     qkvo = (nq * d + nk * d + nk * dv + nq * dv) * itemsize
     return Cost(bh * (qkvo + delta_entries(nq, nk, causal) * delta_itemsize), bh * 2 * nq * nk * (d + dv))
 
@@ -83,8 +80,8 @@ def time_cpu(fn, *, min_reps=3, max_reps=25, min_total_s=0.25) -> Timing:
 
 
 def time_cuda(fn, first_call_ms: float) -> Timing:
-    """triton.testing.do_bench (L2 flushed between calls); calls slower than SLOW_CALL_MS (the warm call's
-    `first_call_ms`) get 3 event pairs: do_bench would spend seconds estimating them."""
+    """triton.testing.do_bench (L2 flushed between calls); a call slower than SLOW_CALL_MS (`first_call_ms`,
+    the warm call's) gets 3 event pairs: do_bench would spend seconds estimating it."""
     if first_call_ms > SLOW_CALL_MS:
         samples = []
         for _ in range(3):
@@ -109,9 +106,8 @@ def load_average() -> str:
 
 
 def time_call(fn, device: torch.device, timed=None) -> tuple:
-    """(Timing, peak MiB or None): one warm call of `fn` (it compiles, autotunes and warms caches; on CUDA
-    the memory it allocates beyond what was allocated before it is the peak), then `timed` (default `fn`)
-    timed by time_cuda or time_cpu, with the load average before and after."""
+    """(Timing, peak MiB or None): a warm call of `fn` (compiles, autotunes; on CUDA, what it allocates is the
+    peak), then `timed` (default `fn`) timed by time_cuda or time_cpu, with the load average around it."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -157,16 +153,12 @@ def commit() -> str:
     if os.environ.get("VSTAR_BENCH_COMMIT"):
         return os.environ["VSTAR_BENCH_COMMIT"]
     root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+    try:  # the abbreviated hash, never a tag name
+        head = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"],
                               capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return head.stdout.strip() if head.returncode == 0 else "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +188,8 @@ def _fmt(x) -> str:
 
 def row(info: RunInfo, impl, batch, heads, n, d, dtype, *, setup="", status="ok", timing=None, cost=None,
         peak_gbps=None, peak_mb=None, backend="") -> dict:
-    """One CSV row. A timed row ("ok" with a Timing) gets GB/s and TFLOP/s from `cost` (the ideal Cost)
-    and its share of the measured copy bandwidth `peak_gbps`; `setup` says what else defines the call
-    (threads, TAR options, frame ids), `backend` what ran (ours: tar_attention's backend)."""
+    """One CSV row. A timed row ("ok" with a Timing) gets GB/s and TFLOP/s from `cost` (the ideal Cost) and
+    its share of the copy bandwidth `peak_gbps`; `setup`: what else defines the call; `backend`: what ran."""
     t = timing if status == "ok" else None
     seconds = t.median_ms * 1e-3 if t else None
     gbps = cost.bytes / seconds / 1e9 if t and cost else None
@@ -211,8 +202,8 @@ def row(info: RunInfo, impl, batch, heads, n, d, dtype, *, setup="", status="ok"
 
 
 def check_columns(csv_path: Path) -> None:
-    """Raise ValueError when the CSV exists with other columns than COLUMNS (an older harness or another tool
-    wrote it): rows appended to it would land under the wrong names, and its tables would be read wrong."""
+    """ValueError when the CSV exists with other columns than COLUMNS: rows appended would land under the
+    wrong names."""
     if csv_path.exists() and csv_path.stat().st_size:
         with open(csv_path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f))

@@ -1,11 +1,8 @@
-"""Every implementation the benchmark compares, behind one signature (benchmarks/NOTES.md,
-"The implementations").
+"""Every implementation the benchmark compares, behind one signature (benchmarks/NOTES.md, "The implementations").
 
-`peer.run(q, k, v, spec) -> out`: q, k, v are (B, H, N, D) views of (B, N, H, D) storage,
-`spec` holds sigma, strength and the softmax scale; out is (B, H, N, Dv) in q's dtype.
-`peer.why_not(device, dtype)` says why a peer cannot run at all here ("" when it can); a peer
-that cannot run one shape raises `Unsupported`; `peer.ran(q, k, v, spec)` names what runs for a
-call (the CSV's backend column). Ours are `vstar_<backend>`, tar_attention with that backend.
+`peer.run(q, k, v, spec) -> out`: (B, H, N, D) views of (B, N, H, D) storage in, (B, H, N, Dv) in q's dtype out.
+`peer.why_not(device, dtype)`: why it cannot run here ("" when it can); a shape it cannot run raises
+`Unsupported`. Ours are `vstar_<backend>`, tar_attention with that backend.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import vstar_kernels as vk
 from .. import dispatch
 from .._problem import make_problem
 from ..ops._load import triton_ops
-from ..reference import CHUNK_ELEMENTS, reference_forward
+from ..reference import CHUNK_ELEMENTS
 
 
 class Unsupported(Exception):
@@ -43,6 +40,12 @@ INTERPRETER = "vstar_triton_interpreter"
 CHECKED = "checked: "
 
 
+def checked_only(against: str) -> str:
+    """The status of a correctness run in the Triton interpreter, checked against `against`."""
+    return (f"{CHECKED}matches {against} in the Triton interpreter; a correctness run, not timed "
+            "(the interpreter's speed is not the kernels')")
+
+
 def _nothing(*args) -> str:
     return ""
 
@@ -56,12 +59,11 @@ class Peer:
     ran: Callable = _nothing      # (q, k, v, spec) -> what runs for this call (ours: tar_attention's backend)
 
     def label(self, device: torch.device) -> str:
-        """The CSV impl name; the Triton kernels on CPU tensors run in the interpreter and say so."""
+        """The CSV impl name (INTERPRETER for the Triton kernels on CPU tensors)."""
         return INTERPRETER if self.correctness_only(device) else self.name
 
     def correctness_only(self, device: torch.device) -> bool:
-        """Whether this peer is checked but not timed on `device`: the Triton kernels on CPU
-        tensors run in the Triton interpreter, whose speed is not the kernels'."""
+        """Checked but not timed on `device`: the Triton kernels in the interpreter, on CPU tensors."""
         return self.name == "vstar_triton" and device.type == "cpu"
 
 
@@ -91,8 +93,7 @@ def gaussian(n: int, sigma: float, device: str, dtype: torch.dtype) -> torch.Ten
 
 
 def tar_formula(q, k, v, dA, scale: float, strength: float):
-    """The definition on whole (b, H, N, D) tensors, in their dtype: S = scale Q K^T, S + strength m dA
-    (m: S's row max), softmax, P V. strength 0 is plain attention."""
+    """The definition on whole (b, H, N, D) tensors in their dtype (strength 0: plain attention)."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = s + strength * s.amax(dim=-1, keepdim=True) * dA
     return torch.matmul(torch.softmax(s, dim=-1), v)
@@ -159,8 +160,7 @@ def flex_tar_pass(flex, q, k, v, row_max, spec):
 
 
 def _flex_two_pass(q, k, v, spec):
-    """FlexAttention (compiled by its peer): pass 1 returns the row max (max_scores), pass 2 adds the bias in a
-    score_mod."""
+    """FlexAttention: pass 1 returns the row max (max_scores), pass 2 adds the bias in a score_mod."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     _, aux = flex_attention(q, k, v, scale=spec.scale, return_aux=AuxRequest(max_scores=True))
@@ -189,8 +189,7 @@ FLOOR_LABELS = {"cudnn": "FA3-class floor (cuDNN SDPA)", "flash": "FA2-class (fl
 
 
 def floor_backend(device: torch.device) -> str:
-    """The SDPA backend of the fastest plain attention PyTorch has on this CUDA GPU: cuDNN on Hopper
-    (sm_90: the FlashAttention-3 class), flash elsewhere (the FlashAttention-2 class)."""
+    """The SDPA backend of the fastest plain attention on this GPU: cuDNN on Hopper (FA3 class), else flash."""
     return "cudnn" if torch.cuda.get_device_capability(device) == (9, 0) else "flash"
 
 
@@ -223,8 +222,6 @@ PEERS = {p.name: p for p in (
     *map(_ours, OURS_BACKENDS),
     Peer("reference_eager", lambda q, k, v, spec: vk.tar_attention_reference(
         q, k, v, sigma=spec.sigma, strength=spec.strength, scale=spec.scale)),
-    # the reference's out-of-place path, the one autograd differentiates
-    Peer("reference_materialized", lambda q, k, v, spec: reference_forward(_problem(q, k, v, spec))),
     Peer("reference_compiled", reference_compiled, _compile_why_not),
     Peer("sdpa_bias", lambda q, k, v, spec: F.scaled_dot_product_attention(q, k, v, attn_mask=tar_bias(q, k, spec),
                                                                            scale=spec.scale)),
@@ -241,8 +238,7 @@ OURS = (*TIMED_OURS, INTERPRETER)
 
 
 def default_impls(device: torch.device) -> list:
-    """The peers a sweep runs unless --impls says otherwise: all of them, but on CUDA not vstar_auto,
-    which runs the Triton kernel that vstar_triton times."""
+    """The peers a sweep runs by default: all, but on CUDA not vstar_auto (the kernel vstar_triton times)."""
     return [name for name in PEERS if not (name == "vstar_auto" and device.type == "cuda")]
 
 

@@ -1,9 +1,6 @@
-"""Tables and plots from a results CSV (the harness's output, or a committed file).
-
-`render(csv_path)` writes ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` from the
-CSV alone (benchmarks/plot_results.py regenerates them from committed files). Rows are grouped by
-shape and `setup`; peers are compared with the first timed implementation of ours in a cell
-(peers.TIMED_OURS); correctness runs get no ratio and no line, busy cells a mark (benchmarks/NOTES.md).
+"""Tables and plots from a results CSV: `render(csv_path)` writes ``<stem>.md`` and
+``<stem>-{time,speedup,bandwidth}-<dtype>.png`` (benchmarks/plot_results.py, benchmarks/NOTES.md). Rows group by
+shape and `setup`; peers are compared with the first timed implementation of ours (peers.TIMED_OURS).
 """
 
 from __future__ import annotations
@@ -85,10 +82,7 @@ def _ours(cell: dict):
 
 
 def our_failures(rows) -> list:
-    """The latest rows of ours (OURS) whose status is an error: a failure of this project's kernels.
-
-    `unsupported` (not built, not installed) and `oom` (also what inputs too large for the device
-    give every implementation) are outcomes of the machine, not failures of ours."""
+    """The latest rows of ours (OURS) whose status is an error (`unsupported` and `oom` are the machine's)."""
     return [r for r in latest(rows).values() if r["impl"] in OURS and r["status"].startswith("error")]
 
 
@@ -125,9 +119,7 @@ def _g(x) -> str:
 
 
 def _time_cell(notes: _Notes, impl: str, row, relative=None) -> str:
-    """A time column's cell: empty without a row, the note mark of a run that was not timed, else the
-    median ms followed by `(relative(ms))` when a `relative` formatter is given, and a bold busy when
-    the machine was busy."""
+    """A time column's cell: empty, a not-timed run's note mark, or the median ms [(relative(ms))] [**busy**]."""
     if row is None:
         return ""
     if not _ok(row):
@@ -227,8 +219,7 @@ def markdown(rows, title: str) -> str:
 
 
 def _color(impl: str):
-    """Ten colors for the peers drawn: vstar_auto takes vstar_triton's (a sweep draws one of them: on CPU the
-    interpreter is only checked, on CUDA auto runs the Triton kernel and is left out)."""
+    """Ten colors for the peers; vstar_auto takes vstar_triton's (a sweep draws only one of them)."""
     import matplotlib
 
     palette = [name for name in PEERS if name != "vstar_auto"]
@@ -304,8 +295,7 @@ def _no_data(metric, by_n) -> str:
 
 
 def _plot_metric(ax, metric, by_n, peak) -> int:
-    """Draw one panel; returns how many lines of measurements it drew. Correctness runs are not drawn;
-    busy points get a black ring."""
+    """Draw one panel (busy points ringed); returns how many lines it drew."""
     drawn = 0
     busy_xy = []
     for impl in _impls(by_n):
@@ -350,8 +340,7 @@ def _plot_metric(ax, metric, by_n, peak) -> int:
 
 
 def _log_ticks(ax) -> None:
-    """Plain-number labels on a log axis; at 1, 2 and 5 per decade when it spans at most two decades, at
-    every digit within one (with powers of ten only, such an axis may show one label or none)."""
+    """Plain-number labels on a log axis: at 1, 2, 5 per decade over at most two decades, every digit in one."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     low, high = ax.get_ylim()
@@ -362,8 +351,8 @@ def _log_ticks(ax) -> None:
 
 
 def render(csv_path, plots: bool = True, out_dir=None) -> list:
-    """Write the markdown table (and the plots) of one results CSV into `out_dir` (default: beside it);
-    returns the paths written. ValueError when its columns are not the harness's."""
+    """Write one results CSV's markdown (and plots) into `out_dir` (default: beside it); returns the paths.
+    ValueError when its columns are not the harness's."""
     csv_path = Path(csv_path)
     rows = read_csv(csv_path)
     if not rows:

@@ -1,10 +1,5 @@
-"""Named benchmark shapes: the temporal attention calls of real video UNets, and the sweep presets.
-
-A temporal attention call attends over frames; its batch is the classifier-free
-guidance batch (2) times the latent height x width at that resolution level
-(each level halves both), its heads and head dim are the block's. See
-docs/semantics.md for where TAR is applied.
-"""
+"""Named benchmark shapes (real video UNets' temporal attention calls) and the sweep presets. A call's batch is
+the CFG batch (2) times the latent height x width at its level (each level halves both)."""
 
 from __future__ import annotations
 
