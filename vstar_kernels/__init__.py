@@ -22,6 +22,7 @@ _HOMES = {
     "delta_from_features": "regularization",
     "gaussian_toeplitz": "regularization",
     "PRESETS": "tar_config",
+    "Speculation": "functional",
     "LevelSpec": "tar_config",
     "TARConfig": "tar_config",
 }

@@ -1,11 +1,13 @@
 """The torch.library ops behind `tar_attention`, and their autograd (docs/compile-and-autograd.md):
 
-    vstar::tar_attention(<problem>, backend, needs_grad) -> (out, stats)
+    vstar::tar_attention(<problem>, backend, needs_grad, speculate) -> (out, stats, flags)
     vstar::tar_attention_backward(grad_out, out, stats, <problem>, backend, delta_grad) -> (dq, dk, dv, ddelta)
 
 <problem> is `TarProblem`'s fields in `OP_FIELDS` order (`op_args` / `from_op_args`); delta is the broadcast
 view, so autograd sums its broadcast dims. `stats`: what the backend's backward needs (float32; may be empty);
-`ddelta` is empty unless delta_grad. A plain-PyTorch backward runs straight from the autograd formula (traced,
+`flags`: int32 (B*H,), each sequence's rows the speculative one pass
+recomputed, where it ran (`_problem.speculates`, the Triton backend, speculate), else empty. `ddelta` is empty
+unless delta_grad. A plain-PyTorch backward runs straight from the autograd formula (traced,
 differentiable again); the backward op is for kernel backends, whose gradients are first order.
 """
 
@@ -16,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._problem import OP_FIELDS, TarProblem, check_frame_values
+from ._problem import OP_FIELDS, TarProblem, check_frame_values, speculates
 from .dispatch import BACKENDS
 
 _N = len(OP_FIELDS)  # the ops' leading arguments are the problem's fields, in OP_FIELDS order
@@ -25,20 +27,29 @@ _N = len(OP_FIELDS)  # the ops' leading arguments are the problem's fields, in O
 @torch.library.custom_op("vstar::tar_attention", mutates_args=())
 def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: float, delta: Optional[Tensor],
                    causal: bool, max_mode: str, scale: float, frames_q: Optional[Tensor], frames_k: Optional[Tensor],
-                   key_mask: Optional[Tensor], backend: str, needs_grad: bool) -> Tuple[Tensor, Tensor]:
+                   key_mask: Optional[Tensor], backend: str, needs_grad: bool,
+                   speculate: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
     check_frame_values(problem)
     impl = BACKENDS[backend]
     stats = q.new_empty(impl.stats_shape(problem, needs_grad), dtype=torch.float32)
-    return impl.forward(problem, stats if stats.numel() else None), stats
+    flags = q.new_zeros(_flags_len(problem, backend, speculate), dtype=torch.int32)
+    out = impl.forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
+    return out, stats, flags
+
+
+def _flags_len(problem: TarProblem, backend: str, speculate: bool) -> int:
+    return problem.batch * problem.heads if speculate and backend == "triton" and speculates(problem) else 0
 
 
 @_tar_attention.register_fake
 def _tar_attention_fake(*args):
-    problem, (backend, needs_grad) = TarProblem.from_op_args(args[:_N]), args[_N:]
+    problem, (backend, needs_grad, *rest) = TarProblem.from_op_args(args[:_N]), args[_N:]
+    speculate = rest[0] if rest else True
     out = problem.q.new_empty(problem.output_shape())
-    return out, problem.q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32)
+    return (out, problem.q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32),
+            problem.q.new_empty(_flags_len(problem, backend, speculate), dtype=torch.int32))
 
 
 @torch.library.custom_op("vstar::tar_attention_backward", mutates_args=())
@@ -69,13 +80,13 @@ _TENSORS = tuple(i for i, name in enumerate(OP_FIELDS)
 
 def _setup_context(ctx, inputs, output):
     problem_args, backend = inputs[:_N], inputs[_N]
-    out, stats = output
-    ctx.mark_non_differentiable(stats)
+    out, stats, flags = output
+    ctx.mark_non_differentiable(stats, flags)
     ctx.save_for_backward(*(problem_args[i] for i in _TENSORS), out, stats)
     ctx.options = (tuple(a for i, a in enumerate(problem_args) if i not in _TENSORS), backend)
 
 
-def _backward(ctx, grad_out, _grad_stats):
+def _backward(ctx, grad_out, _grad_stats, _grad_flags):
     *tensors, out, stats = ctx.saved_tensors
     options, backend = ctx.options
     tensors, options = iter(tensors), iter(options)
@@ -87,7 +98,7 @@ def _backward(ctx, grad_out, _grad_stats):
     else:
         dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, out, stats, *problem.op_args(),
                                                                     backend, delta_grad)
-    grads = [None] * (_N + 2)  # + backend, needs_grad
+    grads = [None] * (_N + 3)  # + backend, needs_grad, speculate
     grads[:3] = dq, dk, dv
     grads[_DELTA] = ddelta if delta_grad else None
     return tuple(grads)
@@ -96,7 +107,12 @@ def _backward(ctx, grad_out, _grad_stats):
 _tar_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def tar_attention_op(problem: TarProblem, backend: str) -> Tensor:
-    """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv)."""
-    out, _ = _tar_attention(*problem.op_args(), backend, problem.needs_grad())
+def tar_attention_op(problem: TarProblem, backend: str, speculate: bool = True,
+                     flags: Optional[Tensor] = None) -> Tensor:
+    """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv). flags:
+    None, or an int64 (2,) tensor to which the call adds (flagged rows, rows) where it speculated."""
+    out, _, counts = _tar_attention(*problem.op_args(), backend, problem.needs_grad(), speculate)
+    if flags is not None and counts.numel():
+        flags.add_(torch.stack((counts.sum(dtype=torch.int64), counts.new_tensor(counts.numel() * problem.nq,
+                                                                                 dtype=torch.int64))))
     return out

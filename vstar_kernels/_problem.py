@@ -234,6 +234,25 @@ def _check_frame_matrix(problem: TarProblem, name: str, high: int) -> None:
                      f"in part: pass delta[:{frames}, :{frames}] if its first {frames} frames are these")
 
 
+def speculates(problem: TarProblem) -> bool:
+    """Whether a call runs the speculative one pass where the Triton kernels run it with speculate=True:
+    TAR's Gaussian with frame ids and the row max (what the video DiTs call; docs/api.md)."""
+    return (problem.regularized and problem.frames_q is not None and problem.delta is None
+            and problem.max_mode == "row" and problem.batch * problem.heads * problem.nq > 0)
+
+
+def check_speculation(speculate, flags, device) -> None:
+    """speculate a bool; flags None or an int64 (2,) tensor on the inputs' device (flagged, counted rows)."""
+    if not isinstance(speculate, bool):
+        raise TypeError(f"speculate must be a bool, got {type(speculate).__name__}")
+    if flags is not None and not (torch.is_tensor(flags) and flags.shape == (2,) and flags.dtype == torch.int64
+                                  and flags.device == device):
+        got = f"{flags.dtype} {tuple(flags.shape)} on {flags.device}" if torch.is_tensor(flags) \
+            else type(flags).__name__
+        raise ValueError(f"flags must be None or an int64 tensor of shape (2,) on {device} (flagged rows, rows "
+                         f"counted), got {got}")
+
+
 def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, frames=None,
                  key_mask=None) -> TarProblem:
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -87,8 +87,9 @@ class Backend:
         """Why this backend cannot differentiate a call, or ""."""
         return "" if self.SUPPORTS_BACKWARD else f"{self.kernel} has no backward"
 
-    def forward(self, problem: TarProblem, stats=None) -> torch.Tensor:
-        """The output; `stats`: None, or the float32 tensor of `stats_shape` to fill for backward()."""
+    def forward(self, problem: TarProblem, stats=None, flags=None) -> torch.Tensor:
+        """The output; `stats`: None, or the float32 tensor of `stats_shape` to fill for backward();
+        `flags`: None, or (the Triton backend) the zeroed counts of the speculative one pass."""
         raise NotImplementedError
 
     def stats_shape(self, problem: TarProblem, needs_grad: bool) -> tuple:
@@ -103,7 +104,7 @@ class Backend:
 class ReferenceBackend(Backend):
     name = "reference"  # the PyTorch definition (reference.py), on any device
 
-    def forward(self, problem, stats=None):
+    def forward(self, problem, stats=None, flags=None):
         return reference_forward(problem)
 
 
@@ -113,7 +114,7 @@ class CpuBackend(Backend):
     name, kernel = "cpu", "the CPU backend"
     SUPPORTED_DEVICES = ("cpu",)
 
-    def forward(self, problem, stats=None):
+    def forward(self, problem, stats=None, flags=None):
         return cpu_forward(problem)
 
 
@@ -153,8 +154,8 @@ class TritonBackend(Backend):
     def backward_reason(self):
         return _load.triton_backward_reason()
 
-    def forward(self, problem, stats=None):
-        return _load.triton_ops().module.tar_forward(problem, stats=stats)
+    def forward(self, problem, stats=None, flags=None):
+        return _load.triton_ops().module.tar_forward(problem, stats=stats, flags=flags)
 
     def stats_shape(self, problem, needs_grad):
         bh = problem.batch * problem.heads
@@ -188,7 +189,7 @@ class CudaBackend(Backend):
         probe = tar_cuda.load()
         return [] if probe.ok else [probe.reason]
 
-    def forward(self, problem, stats=None):
+    def forward(self, problem, stats=None, flags=None):
         return tar_cuda.tar_forward(problem)
 
 

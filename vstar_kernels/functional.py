@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from ._op import tar_attention_op
-from ._problem import make_problem
+from ._problem import check_speculation, make_problem
 from .dispatch import select
 
 
 def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row",
-                  scale=None, frames=None, key_mask=None, backend="auto") -> torch.Tensor:
+                  scale=None, frames=None, key_mask=None, backend="auto", speculate=True,
+                  flags=None) -> torch.Tensor:
     """Attention with VSTAR's temporal attention regularization (TAR).
 
     For each (batch, head) slice::
@@ -40,6 +41,12 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         key_mask: None, or a (B, Nk) bool tensor, True for a key to attend to.
         backend: "auto", "triton", "cuda", "cpu" or "reference"; an explicit backend that cannot run
             the call raises BackendUnavailableError.
+        speculate: with frame ids, the Gaussian and the row max on the Triton kernels, one pass over the
+            keys with a guessed m_i (the query's own frames and the text), the rows it guessed wrong
+            recomputed: the two-pass result bit for bit (docs/api.md, "The speculative forward");
+            False runs two passes. Other calls ignore it.
+        flags: None, or an int64 tensor of shape (2,) on q's device, to which a speculative call adds
+            (rows recomputed, rows) without a host synchronisation; `Speculation` reads it.
 
     Returns:
         (B, H, Nq, Dv) (or (B, Nq, Dv) for 3-D input), q's dtype and device. The call is the
@@ -47,5 +54,46 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
     """
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale, frames=frames, key_mask=key_mask)
+    check_speculation(speculate, flags, problem.device)
     impl = select(problem, backend)
-    return problem.restore(tar_attention_op(problem, impl.name))
+    return problem.restore(tar_attention_op(problem, impl.name, speculate, flags))
+
+
+class Speculation:
+    """The speculative one pass or two passes, chosen per step for a call site that runs every step.
+
+    One pass costs about 1 + g/2 + f plain passes (g the share of key tiles the guess walks, f the
+    share of rows recomputed), two passes 1.5, so past f = BREAK_EVEN the two passes are cheaper.
+    `kwargs` gives a step's calls their tar_attention arguments; `next_step` (once per step, one
+    host synchronisation) reads the rows they flagged and chooses the next step's form; after
+    PROBE steps of two passes one step speculates again, to see whether f fell.
+    """
+
+    BREAK_EVEN = 0.45
+    PROBE = 8
+
+    def __init__(self):
+        self.speculate = True
+        self.rate = None  # the last measured share of rows recomputed
+        self._counts = None
+        self._two_pass_steps = 0
+
+    def kwargs(self, device) -> dict:
+        """tar_attention's speculate= and flags= for a call on `device`."""
+        if self._counts is None or self._counts.device != torch.device(device):
+            self._counts = torch.zeros(2, dtype=torch.int64, device=device)
+        return dict(speculate=self.speculate, flags=self._counts)
+
+    def next_step(self) -> None:
+        """Choose the next step's form from this step's counts (kept where no call counted)."""
+        if self._counts is not None:
+            flagged, rows = self._counts.tolist()
+            self._counts.zero_()
+            if rows:
+                self.rate = flagged / rows
+                self.speculate = self.rate <= self.BREAK_EVEN
+                self._two_pass_steps = 0
+                return
+        if not self.speculate:
+            self._two_pass_steps += 1
+            self.speculate = self._two_pass_steps >= self.PROBE

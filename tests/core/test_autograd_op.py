@@ -90,7 +90,7 @@ def test_opcheck(case):
                    needs_grad=case.get("needs_grad", True), max_mode=case.get("max_mode", "row"))
     opcheck(torch.ops.vstar.tar_attention.default, args)
     if case["backend"] == "triton":  # the reference's backward is traced PyTorch, not this op
-        out, stats = torch.ops.vstar.tar_attention(*args)
+        out, stats, _ = torch.ops.vstar.tar_attention(*args)
         q, k, v, sigma, strength, delta = (t.detach() if isinstance(t, torch.Tensor) else t for t in args[:6])
         back_args = (torch.randn_like(out), out.detach(), stats, q, k, v, sigma, strength, delta, *args[6:13],
                      delta is not None)
@@ -99,9 +99,9 @@ def test_opcheck(case):
 
 def test_inference_call_saves_nothing():
     args = op_args(1, 1, 130, 130, 16, 16, delta=False, backend="triton", needs_grad=False)
-    _, stats = torch.ops.vstar.tar_attention(*args)
+    _, stats, _ = torch.ops.vstar.tar_attention(*args)
     assert stats.numel() == 0
-    _, stats = torch.ops.vstar.tar_attention(*args[:-1], True)
+    _, stats, _ = torch.ops.vstar.tar_attention(*args[:-1], True)
     assert stats.shape == (1, 130, vk.ops.layout.STATS_FIELDS)
 
 

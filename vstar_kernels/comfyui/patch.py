@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import tar_attention
+from ..functional import Speculation
 from .models import Family, Layout
 
 KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
@@ -48,10 +49,12 @@ class Settings:
 
 class Run:
     """A sampling run: the shape of its latent (a context window that wraps around needs its length; () when the
-    run did not start through ComfyUI's sampler) and the kinds of warning said in it."""
+    run did not start through ComfyUI's sampler), the kinds of warning said in it, and its choice between the
+    speculative one pass and two passes (the rows the last model call recomputed decide the next's)."""
 
     def __init__(self, shape):
         self.shape, self.said = tuple(shape), set()
+        self.speculation = Speculation()
 
 
 def _warn(run: Run, kind: str, message: str) -> None:
@@ -201,6 +204,7 @@ class TARPatch:
         if self.regularizes(t if sigmas is None else sigmas, base.model_sampling):
             layout = self.family.layout(base.diffusion_model, x, kwargs)
             run = options.get(KEY) or Run(())
+            run.speculation.next_step()
             call = RegularizedCall(self.settings, layout, layout_ids(self.frame_ids(layout, options, run), layout,
                                                                      x.device), run)
         outer, _LIVE.call = _LIVE.call, call
@@ -301,7 +305,8 @@ def tar_override(func, *args, **kwargs):
     settings = call.settings
     try:
         out = tar_attention(q, k, v, sigma=settings.sigma, strength=settings.strength, frames=call.frames(n),
-                            key_mask=key_mask(mask, batch, n, module), backend=settings.backend)
+                            key_mask=key_mask(mask, batch, n, module), backend=settings.backend,
+                            **call.run.speculation.kwargs(q.device))
     except Exception as exc:
         raise call.fail(exc)
     module.regularized += 1

@@ -9,6 +9,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
+from ..functional import Speculation
 from ..tar_config import LevelSpec, TARConfig
 from .dit import DiTTARProcessor
 from .dit_families import DiTFamily, set_processor
@@ -27,6 +28,8 @@ class DiTState:
     installed: List[Tuple[torch.nn.Module, DiTTARProcessor]] = field(default_factory=list)
     grid: Optional[TokenGrid] = None   # the token layout of the call in progress
     hooks: Tuple = ()
+    # the speculative one pass or two passes: the rows the last forward call recomputed decide the next's
+    speculation: Speculation = field(default_factory=Speculation)
 
     @property
     def step(self) -> int:
@@ -47,7 +50,9 @@ class DiTState:
 
     def sync(self) -> None:
         """Before each forward call: wrap the processors set on the regularized modules since the last one
-        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module."""
+        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module; and choose
+        the call's speculative or two-pass forward (`Speculation.next_step`)."""
+        self.speculation.next_step()
         for index, (module, installed) in enumerate(self.installed):
             current = module.processor
             if current is installed:

@@ -113,9 +113,9 @@ class TARAttention(TorchFunctionMode):
 
     def _attend(self, query, key, value, **kwargs):
         """`processor.attention` at the call's level (a delta is a (frames, frames) matrix) and with its backend."""
-        count, where = self.grid[0], self.processor.name
+        count, where, state = self.grid[0], self.processor.name, self.processor.state
         return self.processor.attention(
-            self.attn, query, key, value, backend=self.processor.state.config.backend,
+            self.attn, query, key, value, backend=state.config.backend, **state.speculation.kwargs(query.device),
             **self.spec.tar_kwargs(count, count, device=query.device, dtype=query.dtype, where=where), **kwargs)
 
 

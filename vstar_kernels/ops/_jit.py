@@ -69,7 +69,13 @@ def mma(a, b, PRECISION: tl.constexpr):
 
 @triton.jit
 def _mma2(a, b, PRECISION: tl.constexpr):
-    if _INTERPRETING and a.dtype == tl.bfloat16:
+    if _INTERPRETING and len(a.shape) == 2:
+        # Stands in for the GPU's MMA, whose row i of a @ b is the same whatever rows share the tile
+        # (the speculative forward's redo gathers rows of several blocks): numpy's matmul rounds a row
+        # by its place in the tile, a sum over the middle axis does not. Widening 16-bit inputs is
+        # exact (and the interpreter would compute bf16 on the raw integers).
+        c = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+    elif _INTERPRETING and a.dtype == tl.bfloat16:
         # Stands in for the GPU's bf16 MMA, which the interpreter computes on the raw 16-bit
         # integers: widening bf16 to fp32 is exact, so this is the product the GPU computes.
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")

@@ -263,12 +263,14 @@ class Tuning:
         return [t.config for t in reach if words(f, t) == least]
 
 
-def tuned(kernel, tuning: Tuning, key: list):
+def tuned(kernel, tuning: Tuning, key: list, reset_to_zero: list | None = None):
     """`kernel` autotuned per `key` over the configs `tuning` keeps; as it is in the interpreter,
-    which runs one config (no benchmarking of configs on CPU)."""
+    which runs one config (no benchmarking of configs on CPU). reset_to_zero: the arguments (counters)
+    zeroed before each timing run and after the last."""
     if INTERPRETING:
         return kernel
-    return triton.autotune(tuning.configs, key=key, prune_configs_by={"early_config_prune": tuning.prune})(kernel)
+    return triton.autotune(tuning.configs, key=key, prune_configs_by={"early_config_prune": tuning.prune},
+                           reset_to_zero=reset_to_zero)(kernel)
 
 
 def tuned_config(tuner, direction: str) -> dict:

@@ -1,0 +1,230 @@
+"""The speculative one pass of the Triton forward (frame ids, the Gaussian, the row max): the guessed
+max is checked, the rows it got wrong are recomputed, and every output, saved statistic and gradient
+is the two-pass form's (speculate=False) bit for bit, and within the float64 tolerance table.
+
+Each case plants where a row's max lies: in a far frame, in a text key, in the last key tile, in
+exact ties between frames; every row flagged, none. The interpreter's tiles (64 x 64 forward) split
+the sequences into several query blocks and key tiles, so the redo gathers rows of several blocks.
+"""
+
+import math
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+from vstar_kernels._problem import make_problem
+from vstar_kernels.ops.layout import STATS_FIELDS
+
+from .._device import DEVICE
+from ..helpers import assert_close_to_reference, assert_grads_close, reference_grads
+
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
+D = 16
+
+
+def layout(name):
+    """Frame layouts of 256-285 tokens: 4-5 key tiles, so that most tiles are outside a block's own frames."""
+    return {"text_before": lambda: vk.frame_ids(10, 26, text_before=11, device=DEVICE),
+            "text_after": lambda: vk.frame_ids(12, 23, text_after=9, device=DEVICE),
+            "no_text": lambda: vk.frame_ids(16, 16, device=DEVICE)}[name]()
+
+
+def qkv(frames, dtype=torch.float32, B=1, H=2, seed=0):
+    """Small random scores (scale 0.5), so that a planted key decides where a row's max lies."""
+    g = torch.Generator().manual_seed(seed)
+    n = frames.numel()
+    return [(0.5 * torch.randn(B, H, n, D, generator=g)).to(DEVICE, dtype) for _ in range(3)]
+
+
+def far_end(frames):
+    """A video key at an end of the sequence whose tile holds no text (the guess walks every text tile)."""
+    return 0 if int(frames[-1]) == -1 else frames.numel() - 1
+
+
+def plant(q, k, keys, rows=None, dim=0):
+    """Rows `rows` (default: all) score the keys `keys` highest, in exact ties: q_i[dim] = 3, k_j = 8 e_dim."""
+    q[..., slice(None) if rows is None else rows, dim] = 3
+    k[..., keys, :] = 0
+    k[..., keys, dim] = 8
+
+
+PLANTS = {
+    "none": lambda q, k, f: plant(q, k, [int((f == g).nonzero()[0]) for g in range(int(f.max()) + 1)], f >= 0),
+    "far": lambda q, k, f: plant(q, k, [far_end(f)]),
+    "text": lambda q, k, f: plant(q, k, [int((f == -1).nonzero()[0])]),
+    "last_tile": lambda q, k, f: plant(q, k, [f.numel() - 1]),
+    "ties": lambda q, k, f: plant(q, k, [far_end(f), int((f == int(f.max()) // 2).nonzero()[0])]),
+    # the first half of the frames to the last key, the second half to the first: every video row
+    # flagged where no text tile holds either (no_text)
+    "all": lambda q, k, f: (plant(q, k, [f.numel() - 1], (f >= 0) & (f < (int(f.max()) + 1) // 2), 0),
+                            plant(q, k, [0], f >= (int(f.max()) + 1) // 2, 1)),
+}
+
+
+def forward(q, k, v, frames, speculate, stats=True, **opts):
+    """(out, saved statistics, (flagged, rows)) of the Triton forward."""
+    problem = make_problem(q, k, v, sigma=opts.pop("sigma", 2.0), strength=opts.pop("strength", 0.7), delta=None,
+                           causal=opts.pop("causal", False), max_mode="row", scale=None, frames=frames, **opts)
+    from vstar_kernels.ops.tar_fwd import tar_forward
+    bh = problem.batch * problem.heads
+    saved = torch.full((bh, problem.nq, STATS_FIELDS), float("nan"), device=DEVICE) if stats else None
+    flags = torch.zeros(bh, dtype=torch.int32, device=DEVICE) if speculate else None
+    out = tar_forward(problem, stats=saved, flags=flags)
+    return out, saved, flags
+
+
+def assert_bitwise(a, b, what):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("where", list(PLANTS))
+@pytest.mark.parametrize("frames_name", ["text_before", "text_after", "no_text"])
+def test_forward_is_the_two_pass_bit_for_bit(where, frames_name):
+    frames = layout(frames_name)
+    if where == "text" and frames_name == "no_text":
+        pytest.skip("no text key to plant in")
+    q, k, v = qkv(frames, seed=len(where))
+    PLANTS[where](q, k, frames)
+    out2, stats2, _ = forward(q, k, v, frames, False)
+    out1, stats1, flags = forward(q, k, v, frames, True)
+    assert_bitwise(out1, out2, "output")
+    assert_bitwise(stats1, stats2, "statistics")
+    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), sigma=2.0, strength=0.7,
+                                     frames=frames.cpu())
+    assert_close_to_reference(out1.cpu(), ref)
+    flagged = int(flags.sum())
+    if where in ("none", "text"):  # every row's max in its own frame or the text (the guess walks both)
+        assert flagged == 0
+    elif where == "all" and frames_name == "no_text":
+        assert flagged == q.shape[1] * frames.numel()
+    elif where in ("far", "all") or (where == "last_tile" and frames_name != "text_after"):  # (text there)
+        assert flagged > 0
+
+
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(key_mask="mask"), dict(sigma=0.5, strength=3.0),
+                                  dict(sigma=math.inf)], ids=["causal", "key_mask", "narrow", "sigma_inf"])
+def test_options_bit_for_bit(opts):
+    frames = layout("text_before")
+    q, k, v = qkv(frames, B=2, seed=3)
+    PLANTS["far"](q, k, frames)
+    if opts.get("key_mask") == "mask":
+        g = torch.Generator().manual_seed(4)
+        opts = dict(key_mask=(torch.rand(2, frames.numel(), generator=g) < 0.7).to(DEVICE))
+        opts["key_mask"][1, :50] = False  # the text and the first frame out of reach of batch item 1
+    out2, stats2, _ = forward(q, k, v, frames, False, **dict(opts))
+    out1, stats1, flags = forward(q, k, v, frames, True, **dict(opts))
+    assert flags.sum() > 0
+    assert_bitwise(out1, out2, "output")
+    assert_bitwise(stats1, stats2, "statistics")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs(dtype):
+    frames = layout("text_after")
+    q, k, v = qkv(frames, dtype=dtype, seed=5)
+    PLANTS["far"](q, k, frames)
+    out2, stats2, _ = forward(q, k, v, frames, False)
+    out1, stats1, flags = forward(q, k, v, frames, True)
+    assert flags.sum() > 0
+    assert_bitwise(out1, out2, "output")
+    assert_bitwise(stats1, stats2, "statistics")
+
+
+def test_non_finite_rows():
+    """A NaN key in a far frame, and a video and a text query row with infinite scores (c * m_i = inf):
+    NaN rows and saved maxima as the two-pass form's."""
+    frames = layout("text_before")
+    q, k, v = qkv(frames, seed=6)
+    k[0, 0, -3, 2] = float("nan")
+    q[0, 1, 50, 0] = float("inf")  # scores of +inf, -inf and NaN
+    q[0, 1, 3, 0] = float("inf")  # a text row
+    out2, stats2, _ = forward(q, k, v, frames, False)
+    out1, stats1, flags = forward(q, k, v, frames, True)
+    assert out1[0, 0].isnan().all() and out1[0, 1, 50].isnan().all() and out1[0, 1, 3].isnan().all()
+    assert flags[0] == frames.numel()
+    assert_bitwise(out1, out2, "output")
+    assert_bitwise(stats1, stats2, "statistics")
+
+
+@pytest.mark.parametrize("where", ["none", "far"])
+def test_gradients(where):
+    """The backward reads the speculative forward's statistics: the gradients are the two-pass ones bit
+    for bit and within the float64 tolerance table."""
+    frames = layout("text_after")
+    q, k, v = qkv(frames, seed=7)
+    PLANTS[where](q, k, frames)
+    grad_out = torch.randn_like(q)
+    grads = {}
+    for speculate in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = vk.tar_attention(*leaves, sigma=2.0, strength=0.7, frames=frames, backend="triton",
+                               speculate=speculate)
+        out.backward(grad_out)
+        grads[speculate] = [t.grad for t in leaves]
+    for name, a, b in zip(("dq", "dk", "dv"), grads[True], grads[False]):
+        assert_bitwise(a, b, name)
+    refs = reference_grads(q, k, v, grad_out, sigma=2.0, strength=0.7, frames=frames.cpu())
+    assert_grads_close([g.cpu() for g in grads[True]], refs, torch.float32)
+
+
+def test_flags_count_through_the_public_call():
+    frames = layout("text_before")
+    q, k, v = qkv(frames, seed=8)
+    PLANTS["far"](q, k, frames)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    vk.tar_attention(q, k, v, frames=frames, backend="triton", flags=counts)
+    _, _, per_seq = forward(q, k, v, frames, True, stats=False, sigma=1.0, strength=1.0)
+    assert counts.tolist() == [int(per_seq.sum()), 2 * frames.numel()]
+    vk.tar_attention(q, k, v, frames=frames, backend="triton", flags=counts, speculate=False)  # counts nothing
+    vk.tar_attention(q, k, v, backend="triton", flags=counts)  # no frame ids: no speculation
+    assert counts.tolist() == [int(per_seq.sum()), 2 * frames.numel()]
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(speculate=1), TypeError, "speculate must be a bool"),
+    (dict(flags=torch.zeros(2, dtype=torch.int32)), ValueError, "flags must be None or an int64"),
+    (dict(flags=torch.zeros(3, dtype=torch.int64)), ValueError, "flags must be None or an int64"),
+    (dict(flags=[0, 0]), ValueError, "flags must be None or an int64 .* got list"),
+])
+def test_bad_speculation_arguments_name_themselves(bad, error, match):
+    q = torch.randn(1, 1, 8, D, device=DEVICE)
+    with pytest.raises(error, match=match):
+        vk.tar_attention(q, q, q, frames=vk.frame_ids(2, 4, device=DEVICE), **bad)
+
+
+def test_speculation_policy():
+    """Two passes after a step whose flag rate passed BREAK_EVEN; one speculative step after PROBE two-pass steps;
+    the choice kept through steps that counted nothing."""
+    spec = vk.Speculation()
+    assert spec.kwargs("cpu")["speculate"] is True
+    counts = spec.kwargs("cpu")["flags"]
+    counts += torch.tensor([46, 100])
+    spec.next_step()
+    assert spec.rate == 0.46 and spec.kwargs("cpu")["speculate"] is False and counts.tolist() == [0, 0]
+    for _ in range(spec.PROBE - 1):
+        spec.next_step()
+        assert spec.kwargs("cpu")["speculate"] is False
+    spec.next_step()
+    assert spec.kwargs("cpu")["speculate"] is True
+    spec.kwargs("cpu")["flags"].add_(torch.tensor([45, 100]))
+    spec.next_step()
+    assert spec.rate == 0.45 and spec.speculate
+    spec.next_step()
+    assert spec.speculate and spec.rate == 0.45
+
+
+def test_the_op_compiles_with_counts():
+    """The public call with flags under torch.compile(fullgraph=True): the counts as eager."""
+    frames = layout("no_text")
+    q, k, v = qkv(frames, seed=9)
+    PLANTS["far"](q, k, frames)
+
+    def call(q, k, v, counts):
+        return vk.tar_attention(q, k, v, frames=frames, backend="triton", flags=counts)
+
+    eager, compiled = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    out = call(q, k, v, eager)
+    assert_bitwise(torch.compile(call, fullgraph=True, backend="eager")(q, k, v, compiled), out, "output")
+    assert compiled.tolist() == eager.tolist() and eager[0] > 0
