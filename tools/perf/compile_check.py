@@ -30,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
-from vstar_kernels._problem import make_problem
+from vstar_kernels._problem import make_problem, speculates
 from vstar_kernels.ops.launch import targeting
 from vstar_kernels.ops._load import triton_backward_ops, triton_ops
 
@@ -104,12 +104,13 @@ def record(fn) -> list:
     """The kernel launches `fn()` makes, with the kernels swapped for recorders (nothing runs)."""
     fwd, bwd = _modules()
     launches = []
-    kernels = ("_packed", "_tiled_row_max", "_tiled", "_dq", "_dkdv")
+    kernels = ("_packed", "_tiled_row_max", "_tiled", "_tiled_speculative", "_redo", "_dq", "_dkdv")
     saved = {(m, name): getattr(m, name) for m in (fwd, bwd) for name in kernels if hasattr(m, name)}
     try:
         for (m, name), kernel in saved.items():
             setattr(m, name, _Recorder(kernel, launches))
         bwd._dkdv.follows = bwd._dq  # the dK/dV pass runs the dQ pass's tuned config
+        fwd._redo.follows = fwd._tiled_speculative  # and the redo the speculative forward's
         fn()
     finally:
         for (m, name), kernel in saved.items():
@@ -206,6 +207,9 @@ def cases(combos=FULL, backward=True):
         name = (f"{_TORCH_TO_TRITON[dtype]} B{B}H{H}Nq{nq}Nk{nk}D{d}Dv{dv} {opts or ''}"
                 f"{' delta' if delta is not None else ''}{' frames' if frames is not None else ''}")
         yield name, (lambda p=problem: fwd.tar_forward(p))
+        if speculates(problem):  # the speculative one pass and its redo (speculate=True, the default)
+            yield name + " speculative", (lambda p=problem: fwd.tar_forward(
+                p, flags=torch.zeros(p.batch * p.heads, dtype=torch.int32)))
         if backward:
             stats = torch.empty(_layout_stats(problem), dtype=torch.float32)
             out = torch.empty(problem.output_shape(), dtype=dtype)

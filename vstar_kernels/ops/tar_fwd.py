@@ -372,7 +372,7 @@ def _tar_fwd_redo_kernel(
     the Gaussian with frame ids (no delta, the row max).
     """
     opt: tl.constexpr = Options(CAUSAL, False, True, HAS_KEY_MASK, True, PRECISION, VEC)
-    seq, blk, b, h, slots, _ = block_coords(NQ, H, BLOCK_M)
+    seq, blk, b, h, slots, _slot_in = block_coords(NQ, H, BLOCK_M)
     if blk * BLOCK_M < tl.load(COUNT + seq):
         ok = slots < tl.load(COUNT + seq)
         rows = tl.load(LIST + seq * NQ + slots, mask=ok, other=0).to(tl.int64)
@@ -405,7 +405,7 @@ def _tar_fwd_redo_kernel(
         if not HAS_KEY_MASK:  # with a key mask the band is the whole row
             state = _softmax_tiles(state, q, rows, ok, keys, src, cm, 0, tl.max(tl.where(ok, end, 0), 0), scale,
                                    BLOCK_N, True, True, opt, False, 1, band)
-        run_max, denom, acc, _ = _softmax_tiles(state, q, rows, ok, keys, src, cm, tl.min(tl.where(ok, lo, NK), 0),
+        run_max, denom, acc, _raw = _softmax_tiles(state, q, rows, ok, keys, src, cm, tl.min(tl.where(ok, lo, NK), 0),
                                                 tl.max(tl.where(ok, hi, 0), 0), scale, BLOCK_N, True, True, opt,
                                                 False, 2, band)
         out, lse = _finish(run_max, denom, acc, ok, HAS_KEY_MASK)
