@@ -8,7 +8,9 @@
 #
 #   VSTAR_BENCH_COMMIT=<commit of the code> bash benchmarks/run_gpu_sweep.sh [STAGE]
 #
-# STAGE: all (default) | tests | kernels | e2e | quick
+# STAGE: all (default) | tests | kernels | e2e | quick | speculation
+#   speculation (not in all): the speculative one pass against two passes and the floor at the DiT shapes
+#   and forced flag rates 0 / 5 / 20 / 100% (benchmarks/speculation.py), budget SPEC_BUDGET_S.
 #   kernels and e2e resume: cells this commit already measured in today's CSV (copied back into
 #   benchmarks/results/ between calls) are skipped, so a second call continues where the first
 #   one's time budget ran out. Budgets (seconds): TEST_BUDGET_S, KERNEL_BUDGET_S, E2E_BUDGET_S.
@@ -21,6 +23,7 @@ STAGE="${1:-all}"
 TEST_BUDGET_S="${TEST_BUDGET_S:-120}"
 KERNEL_BUDGET_S="${KERNEL_BUDGET_S:-300}"
 E2E_BUDGET_S="${E2E_BUDGET_S:-90}"
+SPEC_BUDGET_S="${SPEC_BUDGET_S:-420}"
 RESULTS=benchmarks/results
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .gpu_site ]; then
@@ -61,12 +64,16 @@ run_stage() {  # name, then the command
                 --shapes unet-modelscope-320x512 unet-modelscope-256x256 --time-budget-s "$E2E_BUDGET_S" ;;&
         quick)
             run_stage "quick sweep" python3 -m vstar_kernels bench --quick --out "$RESULTS" --no-progress --resume --no-plots ;;
+        speculation)
+            run_stage "speculative one pass" python3 benchmarks/speculation.py --out "$RESULTS" \
+                --time-budget-s "$SPEC_BUDGET_S" ;;
         all | tests | kernels | e2e) ;;
         *)
-            echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick)"
+            echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick, speculation)"
             exit 2 ;;
     esac
-    run_stage "tables and plots" python3 benchmarks/plot_results.py $(ls "$RESULTS"/*-"$STAMP".csv 2>/dev/null)
+    run_stage "tables and plots" python3 benchmarks/plot_results.py \
+        $(ls "$RESULTS"/*-"$STAMP".csv 2>/dev/null | grep -v /speculation-)
 } 2>&1 | tee "$LOG"
 
 if [ -n "${OUT:-}" ]; then

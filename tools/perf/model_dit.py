@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from vstar_kernels.bench.measure import ideal_cost
 from vstar_kernels.ops.launch import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
+from vstar_kernels.ops.layout import block_dims
 
 from .eager import eager
 from .model import progress_lines, write_table_and_plot
@@ -25,6 +26,7 @@ from .roofline import (
     _config_fields,
     calibrate,
     calibrate_fa3,
+    calibrate_tutorial,
     compiled_launch,
     fa3,
     finish,
@@ -36,7 +38,7 @@ from .roofline import (
     tiled_work,
     waves_stretch,
 )
-from .traffic import band_tiles
+from .traffic import band_tiles, tiled_bytes
 
 # --------------------------------------------------------------------------- DiT shapes (`tools.perf model --dit`)
 
@@ -103,11 +105,14 @@ DIT_SHAPES = (
 )
 DIT_EAGER = ("reference_eager", "sdpa_bias")
 DIT_IMPLS = ("vstar_triton_frames", "fa3", "flash", "flex_two_pass") + DIT_EAGER
+SPECULATIVE = "vstar_triton_frames_one_pass"  # rows at each of FLAG_RATES, beside the two-pass rows
+FLAG_RATES = (0.0, 0.05, 0.2, 1.0)
 DIT_COLUMNS = ("estimate", "gpu", "model", "batch", "heads", "d", "n", "latent_frames", "tokens_per_frame",
-               "text_tokens", "dtype", "impl", "status", "config", "bound", "model_time_ms", "model_bytes",
-               "model_mma_flops", "model_peak_gb", "model_fits_up_to_n", "model_ours_over_fa3",
-               "model_ours_over_fa3_eta1", "model_ours_over_flash", "model_ours_over_flex_two_pass",
-               "model_time_l2_ms", "model_ours_over_fa3_l2", "model_ours_over_flash_l2")
+               "text_tokens", "dtype", "impl", "flag_rate", "guess_tile_share", "status", "config", "bound",
+               "model_time_ms", "model_bytes", "model_mma_flops", "model_peak_gb", "model_fits_up_to_n",
+               "model_ours_over_fa3", "model_ours_over_fa3_tutorial", "model_ours_over_fa3_eta1",
+               "model_ours_over_flash", "model_ours_over_flex_two_pass", "model_time_l2_ms", "model_ours_over_fa3_l2",
+               "model_ours_over_flash_l2")
 
 
 # The tiled forward's MMA loops with frame ids, in SASS order: the row-max walk over every key tile
@@ -208,6 +213,88 @@ def ours_frames(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, id
     return min(out, key=lambda e: e.seconds)
 
 
+def guess_tiles(ids: torch.Tensor, block_m: int, block_n: int) -> int:
+    """Key tiles the speculative forward's guess walks over one sequence of frame ids (ops/tar_fwd.py
+    `_guess_max`): for each query block with a video row, the tiles holding a text key or a key of a
+    frame within the block's span of frames."""
+    n, none = ids.numel(), 1 << 30
+
+    def padded(size):
+        t = torch.full((math.ceil(n / size) * size,), -2, dtype=torch.int64)
+        t[:n] = ids
+        return t.view(-1, size)
+
+    k, q = padded(block_n), padded(block_m)
+    k_lo, k_hi, text = torch.where(k >= 0, k, none).min(1).values, k.max(1).values, (k == -1).any(1)
+    q_lo, q_hi = torch.where(q >= 0, q, none).min(1).values, q.max(1).values
+    walk = text[None, :] | ((k_lo[None, :] <= q_hi[:, None]) & (k_hi[None, :] >= q_lo[:, None]))
+    return int((walk & (q_lo <= q_hi)[:, None]).sum())
+
+
+def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor,
+                            sigma: float, flag_rate: float) -> tuple:
+    """(Estimate, guess tile share) of the speculative forward (frame ids, the Gaussian of `sigma`, no key
+    mask) when `flag_rate` of the video rows are flagged: the one-pass kernel (the guess walk over
+    `guess_tiles`, then the biased softmax over every tile in the two-pass tile order, each loop's
+    path as `frame_tile_counts` gives it) and the redo, both compiled for sm_90 at the call's shape.
+    The redo, modeled: ceil(f x video rows / BLOCK_M) programs per sequence, each over every key tile
+    (its rows' off-band tiles) and the union of its rows' bands (ceil(1 / f) blocks' bands, at most
+    every tile), on its loops' longest paths (dA per score: an upper bound); its other programs exit
+    at once (not counted). Bytes as requested: Q, O once, K and V once per tile, K of the guess tiles,
+    the key ids twice (the guess's scan, the softmax), the flagged rows' index and max, and the redo's
+    Q rows, K, V and ids of its tiles, O rows; the fastest config."""
+    main, redo = ours_launch(batch, heads, n, d, sigma, frames=ids, dtype=torch.bfloat16, speculate=True)
+    redo_rows = dict(compiled_launch(redo))
+    bh, bd = batch * heads, block_dims(d, d)[0]
+    video = int((ids >= 0).sum())
+    out = []
+    for config, rows in compiled_launch(main):
+        loops = sorted((r for r in rows if r.loop != "hot"), key=lambda r: int(r.loop))
+        fields = _config_fields(config)
+        bm, bn = fields["BLOCK_M"], fields["BLOCK_N"]
+        blocks, tiles = math.ceil(n / bm), math.ceil(n / bn)
+        redo_loops = sorted((r for r in redo_rows[config] if r.loop != "hot"), key=lambda r: int(r.loop))
+        if len(loops) != len(FRAME_LOOPS) or loops[0].loop_mufu or len(redo_loops) != 3:
+            raise LookupError(f"the speculative kernels ({config}) have loops {[r.loop for r in loops]} and "
+                              f"{[r.loop for r in redo_loops]}, not the guess walk, the five softmax loops and the "
+                              "redo's walk and two softmax loops: update the model to the kernels")
+        guess = guess_tiles(ids, bm, bn)
+        counts = frame_tile_counts(ids, bm, bn, sigma)
+        e = Estimate(launches=2, config=f"tiled {bm}x{bn} {short_config(config)} frames, speculative")
+        e.bytes = bh * (tiled_bytes(n, n, d, d, ITEMSIZE, bm, bn, frame_ids=True) - blocks * n * d * ITEMSIZE
+                        + guess * bn * d * ITEMSIZE + blocks * n * 4 + flag_rate * video * 8)
+        softmax_tiles = sum(sum(counts[kind]) for kind in FRAME_LOOPS[1:])
+        e.mma_flops = bh * 2 * bm * bn * (guess * bd + softmax_tiles * 2 * bd)
+        e.instr = bh * bm * bn * guess * loops[0].instr_per_score
+        for kind, r in zip(FRAME_LOOPS[1:], loops[1:]):
+            column, per_score = counts[kind]
+            e.instr += bh * bm * bn * (column * r.short_instr_per_score + per_score * r.long_instr_per_score)
+            e.mufu += bh * bm * bn * (column * r.short_mufu_per_score + per_score * r.long_mufu_per_score)
+        e.instr += bh * blocks * rows[0].outside_warp_instr
+        if flag_rate > 0:
+            programs = bh * math.ceil(flag_rate * video / bm)
+            band = math.ceil(sum(counts["biased"]) / blocks)
+            walked = tiles + min(tiles, math.ceil(1 / flag_rate) * band)
+            per_score = max(r.long_instr_per_score for r in redo_loops[1:])
+            e.bytes += programs * (bm * (d + d) * ITEMSIZE + bm * 8 + walked * bn * ((d + d) * ITEMSIZE + 4))
+            e.mma_flops += programs * walked * 2 * bm * bn * 2 * bd
+            e.instr += programs * (walked * bm * bn * per_score + redo_loops[0].outside_warp_instr)
+            e.mufu += programs * walked * bm * bn * max(r.long_mufu_per_score for r in redo_loops[1:])
+        ctas = min(r.ctas_per_sm for r in (*loops, *redo_loops))
+        out.append((finish(e, gpu, eta, waves_stretch(bh * blocks, ctas, gpu)), guess / (blocks * tiles)))
+    return min(out, key=lambda pair: pair[0].seconds)
+
+
+def with_fallback(one_pass: float, two_pass: float, flag_rate: float) -> float:
+    """Seconds per call under `vk.Speculation`: the one pass up to BREAK_EVEN; past it two passes, with one
+    speculative step after every PROBE two-pass steps."""
+    from vstar_kernels.functional import Speculation
+
+    if flag_rate <= Speculation.BREAK_EVEN:
+        return one_pass
+    return (one_pass + Speculation.PROBE * two_pass) / (Speculation.PROBE + 1)
+
+
 def l2_resident(e: Estimate, compulsory_bytes: float, gpu: Gpu) -> float:
     """Seconds of a finished kernel estimate if its repeated K and V loads (once per query block)
     hit L2: the memory term from the compulsory bytes (each tensor once per pass), the compute
@@ -229,10 +316,13 @@ def fit_status(peak_bytes: float, capacity: float) -> str:
     return f"does not fit (peak {peak_bytes / 1e9:.1f} GB > {capacity / 1e9:.0f} GB)"
 
 
-def dit_sweep(gpu_key: str, eta: float, exposed: float, dits=DIT_SHAPES, batch: int = 1, progress=print) -> list:
-    """Rows of the model for every DiT shape (bf16): ours with frame ids, FlashAttention-3, flash,
-    flex_two_pass and the eager peers that materialize the bias, whose rows say "does not fit" where
-    their traced peak exceeds the GPU's memory."""
+def dit_sweep(gpu_key: str, eta: float, exposed: float, dits=DIT_SHAPES, batch: int = 1, progress=print,
+              eta_tutorial: float | None = None) -> list:
+    """Rows of the model for every DiT shape (bf16): ours with frame ids in two passes and, at each of
+    FLAG_RATES, the speculative one pass with the adaptive fallback (`with_fallback`), FlashAttention-3,
+    flash, flex_two_pass and the eager peers that materialize the bias, whose rows say "does not fit"
+    where their traced peak exceeds the GPU's memory. eta_tutorial: the MMA efficiency of our loops
+    fitted on the tutorial's published numbers (`calibrate_tutorial`), for model_ours_over_fa3_tutorial."""
     from vstar_kernels.bench.peers import PEERS
 
     gpu = GPUS[gpu_key]
@@ -277,6 +367,23 @@ def dit_sweep(gpu_key: str, eta: float, exposed: float, dits=DIT_SHAPES, batch: 
                            model_ours_over_flex_two_pass=round(ours_s / est["flex_two_pass"].seconds, 3),
                            model_ours_over_fa3_l2=round(l2[impl] / l2["fa3"], 3),
                            model_ours_over_flash_l2=round(l2[impl] / l2["flash"], 3))
+            rows.append(row)
+        two_tut = ours_frames(*call, eta_tutorial, s.frames(), s.sigma).seconds if eta_tutorial else None
+        if two_tut:
+            rows[-len(DIT_IMPLS)]["model_ours_over_fa3_tutorial"] = round(two_tut / est["fa3"].seconds, 3)
+        for f in FLAG_RATES:
+            one, share = ours_frames_speculative(*call, eta, s.frames(), s.sigma, f)
+            seconds = with_fallback(one.seconds, ours_s, f)
+            row = {**base, "impl": SPECULATIVE, "flag_rate": f, "guess_tile_share": round(share, 4), "status": "ok",
+                   "config": one.config, "bound": one.bound, "model_bytes": int(one.bytes),
+                   "model_mma_flops": int(one.mma_flops), "model_peak_gb": round(qkvo / 1e9, 3),
+                   "model_time_ms": round(seconds * 1e3, 4),
+                   "model_ours_over_fa3": round(seconds / est["fa3"].seconds, 3),
+                   "model_ours_over_flash": round(seconds / est["flash"].seconds, 3)}
+            if eta_tutorial:
+                one_tut = ours_frames_speculative(*call, eta_tutorial, s.frames(), s.sigma, f)[0].seconds
+                row["model_ours_over_fa3_tutorial"] = round(with_fallback(one_tut, two_tut, f) / est["fa3"].seconds,
+                                                            3)
             rows.append(row)
         progress(f"  {gpu_key} {s.name} N={n}: ours (frames) {ours_s * 1e3:.2f} ms, ours/fa3 "
                  f"{ours_s / est['fa3'].seconds:.2f} (ETA 1: {eta1.seconds / est['fa3'].seconds:.2f}), ours/flash "
@@ -339,6 +446,24 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES) -> str:
                        f"| {c['fa3']['model_time_l2_ms']:.3f} | {o['model_ours_over_fa3_l2']:.2f} "
                        f"| {o['model_ours_over_flash_l2']:.2f} | {c['reference_eager']['model_fits_up_to_n']:,} "
                        f"| {c['sdpa_bias']['model_fits_up_to_n']:,} |")
+    lines += ["", "The speculative one pass (model): ours at each flag rate f (the share of video rows whose max "
+              "lies outside the key tiles the guess walks, g of all key tiles), under `vk.Speculation` (two passes "
+              "past f = 0.45, one speculative step after every 8), against the two-pass rows above; the redo "
+              "modeled as `model_dit.ours_frames_speculative` says (an upper bound). Ours / fa3 at the "
+              "FlashAttention-2 calibration of our loops and, in brackets, at the calibration on the Triton "
+              "tutorial's published H100 numbers (head dim 128).", "",
+              "| model | g | two passes | f = " + " | f = ".join(f"{f:g}" for f in FLAG_RATES) + " |",
+              "| --- |" + " ---: |" * (2 + len(FLAG_RATES))]
+    for s in dits:
+        one = {r["flag_rate"]: r for r in rows if r["model"] == s.name and r["impl"] == SPECULATIVE}
+        two = by[s.name]["vstar_triton_frames"]
+
+        def ratio(r):
+            tut = r.get("model_ours_over_fa3_tutorial")
+            return f"{r['model_ours_over_fa3']:.2f}" + (f" ({tut:.2f})" if tut else "")
+
+        lines.append(f"| {s.name} | {one[FLAG_RATES[0]]['guess_tile_share']:.3f} | {ratio(two)} | "
+                     + " | ".join(ratio(one[f]) for f in FLAG_RATES) + " |")
     lines += ["", "Config values:", ""] + [f"- {s.name}: {s.source}" for s in dits]
     return "\n".join(lines) + "\n"
 
@@ -384,8 +509,9 @@ def dit_main(args) -> int:
     progress = progress_lines(len(devices) * len(dits))
     eta, _ = calibrate(GPUS["h100"])
     exposed, _ = calibrate_fa3(GPUS["h100"])
+    eta_tutorial = calibrate_tutorial(GPUS["h100"])
     for key in devices:
-        rows = dit_sweep(key, eta, exposed, dits, progress=progress)
+        rows = dit_sweep(key, eta, exposed, dits, progress=progress, eta_tutorial=eta_tutorial)
         base = directory / f"model-dit-{key}"
         with open(base.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)

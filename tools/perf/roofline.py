@@ -160,10 +160,11 @@ def meta_qkv(batch: int, heads: int, n: int, d: int, dtype=torch.float16) -> tup
 
 
 def ours_launch(batch: int, heads: int, n: int, d: int, sigma=1.0, delta: bool = False, frames=None,
-                dtype=torch.float16, arch: int = 90):
-    """The one kernel launch `tar_attention` makes for this call (row max, not causal; the Gaussian of
-    `sigma`, or a custom (N, N) delta in q's dtype; frame ids `frames` (N,) int32), recorded with the
-    launcher's sm_`arch` pruning."""
+                dtype=torch.float16, arch: int = 90, speculate: bool = False):
+    """The one kernel launch `tar_attention(..., speculate=False)` makes for this call (row max, not
+    causal; the Gaussian of `sigma`, or a custom (N, N) delta in q's dtype; frame ids `frames` (N,)
+    int32), recorded with the launcher's sm_`arch` pruning; with `speculate` (frame ids) the two
+    launches of the speculative forward, (one pass, redo)."""
     from vstar_kernels._problem import make_problem
     from vstar_kernels.ops.launch import targeting
 
@@ -174,9 +175,10 @@ def ours_launch(batch: int, heads: int, n: int, d: int, sigma=1.0, delta: bool =
     problem = make_problem(q, k, v, sigma=1.0 if sigma is None else sigma, strength=1.0,
                            delta=torch.empty(n, n, dtype=dtype, device="meta") if delta else None, causal=False,
                            max_mode="row", scale=None, frames=None if frames is None else frames.to("meta"))
+    flags = torch.zeros(batch * heads, dtype=torch.int32, device="meta") if speculate else None
     with targeting(arch):
-        (launch,) = record(lambda: fwd.tar_forward(problem))
-    return launch
+        launches = record(lambda: fwd.tar_forward(problem, flags=flags))
+    return tuple(launches) if speculate else launches[0]
 
 
 def compiled_launch(launch, arch: int = 90, all_configs: bool = True) -> tuple:
@@ -524,6 +526,17 @@ def calibrate_fa3(gpu: Gpu) -> tuple:
                          model(1.0, TUTORIAL_D, n, batch, TUTORIAL_HEADS), config(TUTORIAL_D, n),
                          TUTORIAL_SOURCE + " (flash_v3 column)"))
     return exposed, rows
+
+
+def calibrate_tutorial(gpu: Gpu) -> float:
+    """The MMA efficiency at which `tutorial` (the plain loop in the tutorial's configs, our Triton loop
+    structure) best matches the tutorial's published H100 throughput (PUBLISHED_TUTORIAL, head dim 128):
+    a second calibration of our Triton loops, beside `calibrate`'s on FlashAttention-2."""
+    def model(eta, d, n):
+        batch = CALIBRATION_TOKENS // n
+        return tflops(batch, TUTORIAL_HEADS, n, d, tutorial(batch, TUTORIAL_HEADS, n, d, gpu, eta).seconds)
+
+    return _fit(model, [(TUTORIAL_D, n, p) for n, p, _ in PUBLISHED_TUTORIAL], _grid(0.1, 1.0))
 
 
 def tutorial_anchor(gpu: Gpu, eta: float) -> list:

@@ -1,0 +1,131 @@
+"""The speculative one pass against two passes and the plain-attention floor, at the video DiT shapes and at
+forced flag rates (a GPU run; `run_gpu_sweep.sh speculation`).
+
+Real weights decide how many rows the speculative forward flags; none can be loaded where this project is
+built, so the data here is planted: every video query row scores one key highest, a key of its own frame or,
+for a chosen share of the rows (0, 5, 20, 100%), a key in the middle of a far frame (a key tile no guess
+walks). Correctness first: per call, the one pass must equal the two passes bit for bit, or the row says
+"mismatch" and is not timed. Rows: the harness's CSV schema (vstar_kernels.bench.measure.COLUMNS), impl
+vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN SDPA on Hopper, FA3-class; flash SDPA
+elsewhere), setup naming the DiT shape, the planted and the measured flag rate.
+
+    python3 benchmarks/speculation.py [--out DIR] [--shapes NAME ...] [--rates 0 0.05 0.2 1] [--time-budget-s S]
+
+--smoke runs one tiny layout through the Triton interpreter (TRITON_INTERPRET=1) on the CPU: the same checks,
+timed on the CPU, for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vstar_kernels as vk
+from vstar_kernels.bench import measure
+from vstar_kernels.bench.peers import FLOOR_LABELS, floor_backend, sdpa_only
+
+RATES = (0.0, 0.05, 0.2, 1.0)
+
+
+def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype, seed: int = 0) -> tuple:
+    """q, k, v (1, heads, N, d): small random scores, then each video row aimed at one key: its own frame's
+    middle key (dim 0 of q and k), or, for ceil(rate x the video rows) rows of a fixed shuffle, a key in the
+    middle of the first or the last frame, whichever is farther from its own. Such a row is flagged unless a
+    tile its query block walks holds that key (the text's, or one shared with the block's frames): the
+    measured rate is at most the planted one."""
+    g = torch.Generator().manual_seed(seed)
+    n, top = frames.numel(), int(frames.max())
+    q, k, v = (0.1 * torch.randn(1, heads, n, d, generator=g) for _ in range(3))
+    middle = {f: int((frames == f).nonzero()[int((frames == f).sum()) // 2]) for f in range(top + 1)}
+    video = (frames >= 0).nonzero().flatten()
+    far = torch.zeros(n, dtype=torch.bool)
+    far[video[torch.randperm(video.numel(), generator=g)[:math.ceil(rate * video.numel())]]] = True
+    for f in range(top + 1):
+        own = (frames == f).nonzero().flatten()
+        # (the key after the far frame's middle one, which is that frame's own target; dim 1 towards the last
+        # frame, dim 2 towards the first, so that no row finds its score again in a nearer frame)
+        late = f > top / 2
+        for dim, rows, key in ((0, own[~far[own]], middle[f]), (1 + late, own[far[own]], middle[0 if late else top] + 1)):
+            q[..., rows, dim] = 2.0
+            k[..., key, :] = 0
+            k[..., key, dim] = 8.0
+    return tuple(t.to(device, dtype) for t in (q, k, v))
+
+
+def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype, info, out: Path,
+              sigma: float) -> None:
+    q, k, v = planted(frames, heads, d, rate, device, dtype)
+    frames = frames.to(device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
+    one = vk.tar_attention(q, k, v, sigma=sigma, frames=frames, backend="triton", flags=counts)
+    two = vk.tar_attention(q, k, v, sigma=sigma, frames=frames, backend="triton", speculate=False)
+    flagged, rows = counts.tolist()
+    measured = flagged / rows
+    setup = f"dit={name} planted_flag_rate={rate:g} flag_rate={measured:.4f} sigma={sigma:g}"
+    ok = torch.equal(one, two)
+    status = "ok" if ok else "mismatch: the one pass is not the two passes bit for bit"
+    cost = measure.ideal_cost(heads, frames.numel(), frames.numel(), d, d, q.element_size())
+    calls = {"vstar_triton_one_pass": lambda: vk.tar_attention(q, k, v, sigma=sigma, frames=frames,
+                                                               backend="triton"),
+             "vstar_triton_two_pass": lambda: vk.tar_attention(q, k, v, sigma=sigma, frames=frames,
+                                                               backend="triton", speculate=False)}
+    if device.type == "cuda" and rate == RATES[0]:
+        floor = floor_backend(device)
+        calls["sdpa_floor"] = lambda: sdpa_only(floor, q, k, v, None)
+    dt = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+    for impl, fn in calls.items():
+        timing = measure.time_call(fn, device)[0] if ok else None
+        backend = FLOOR_LABELS[floor_backend(device)] if impl == "sdpa_floor" else "triton"
+        measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=setup,
+                                            status=status, timing=timing, cost=cost, backend=backend))
+        print(f"{name} f={rate:g} (measured {measured:.3f}) {impl}: "
+              + (f"{timing.median_ms:.3f} ms" if timing else status), flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--shapes", nargs="*", help="DiT shapes of tools/perf/model_dit.py (default: all)")
+    parser.add_argument("--rates", nargs="*", type=float, default=list(RATES))
+    parser.add_argument("--time-budget-s", type=float, default=420.0)
+    parser.add_argument("--smoke", action="store_true", help="one tiny layout in the Triton interpreter (CPU)")
+    args = parser.parse_args(argv)
+    if any(not 0 <= r <= 1 for r in args.rates):
+        parser.error(f"--rates: shares in [0, 1], got {args.rates}")
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        cases = [("smoke", vk.frame_ids(8, 20), 1, 16, 0.5)]
+    else:
+        if not torch.cuda.is_available():
+            print("benchmarks/speculation.py times GPU kernels: torch sees no CUDA device (--smoke runs the CPU check)",
+                  file=sys.stderr)
+            return 1
+        from tools.perf.model_dit import DIT_SHAPES
+
+        known = {s.name: s for s in DIT_SHAPES}
+        unknown = sorted(set(args.shapes or ()) - set(known))
+        if unknown:
+            parser.error(f"--shapes: unknown {unknown}; known: {sorted(known)}")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        cases = [(s.name, s.frames(), s.heads, s.head_dim, s.sigma) for s in DIT_SHAPES
+                 if not args.shapes or s.name in args.shapes]
+    info = measure.RunInfo.collect(device)
+    out = Path(args.out) / f"speculation-{measure.slug(info.device)}-{info.date}.csv"
+    start = time.monotonic()
+    for name, frames, heads, d, sigma in cases:
+        for rate in args.rates:
+            if time.monotonic() - start > args.time_budget_s:
+                print(f"time budget of {args.time_budget_s:g} s spent: stopped before {name} f={rate:g}")
+                return 0
+            run_shape(name, frames, heads, d, rate, device, dtype, info, out, sigma)
+    print(f"rows in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
