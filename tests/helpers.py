@@ -167,6 +167,29 @@ def naive_tar(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False, max
     return out
 
 
+def rows_outside64(q, k, q_frames, k_frames, *, key_mask=None, scale=None):
+    """(B, H, Nq) bool, element by element in float64: whether query row i's largest score scale q_i . k_j over
+    the unmasked keys (key_mask (B, Nk), True = kept) is strictly larger than its largest over the keys of its
+    own frame and the text (id -1), a max over no key being -inf. Written without the library's code."""
+    q, k, q_frames, k_frames = q.double(), k.double(), q_frames.tolist(), k_frames.tolist()
+    B, H, nq, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.zeros(B, H, nq, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nq):
+                full = inside = -math.inf
+                for j in range(k.shape[2]):
+                    if key_mask is not None and not key_mask[b, j]:
+                        continue
+                    s = scale * float(q[b, h, i] @ k[b, h, j])
+                    full = max(full, s)
+                    if k_frames[j] in (-1, q_frames[i]):
+                        inside = max(inside, s)
+                out[b, h, i] = full > inside
+    return out
+
+
 def saved_figures(monkeypatch):
     """A list that collects every matplotlib Figure saved from now on (to inspect what a plot drew)."""
     from matplotlib.figure import Figure

@@ -1,4 +1,5 @@
-"""Temporal attention analysis: how band-like a frame-to-frame map is, and pictures of maps.
+"""Temporal attention analysis: how band-like a frame-to-frame map is, where a DiT's row maxima lie, and
+pictures of maps.
 
 See docs/attention-analysis.md. The measures need only torch; the plots need matplotlib (the
 ``plot`` extra), imported on first use and drawn with the Agg backend into a file, without
@@ -16,6 +17,8 @@ import torch
 
 from . import _env
 from ._deprecation import renamed
+from ._problem import TarProblem, check_frame_values, make_problem
+from .reference import CHUNK_ELEMENTS, _masked_scores
 from .regularization import gaussian_toeplitz
 
 
@@ -55,6 +58,51 @@ def band_energy(attention: torch.Tensor, width: int) -> torch.Tensor:
     j = torch.arange(m, device=a.device)[None, :]
     band = (i - j).abs() <= width
     return (a * band).sum(dim=(-2, -1)) / a.sum(dim=(-2, -1))
+
+
+def max_outside_own_frame(q, k, frames, *, scale=None, key_mask=None) -> torch.Tensor:
+    """Per (batch, head), the share of the video query rows whose max score lies outside their own frame.
+
+    q (B, H, Nq, D) and k (B, H, Nk, D) (3-D (B, N, D) give (B,)), with `frames`, `scale` and `key_mask` as
+    `vstar_kernels.tar_attention` takes them: one (N,) tensor of frame ids (-1 for text) or a pair
+    (q_frames, k_frames). A row of a video query (id >= 0) counts when its max of S = scale q k^T over the
+    unmasked keys is strictly larger than its max over the keys of its own frame and the text (a tie is
+    inside; a row with no unmasked key is inside). Returns float64 (B, H), NaN where no query is a video token.
+
+    The speculative forward (docs/api.md) recomputes the rows whose max it did not guess: this share is an
+    upper bound of its flag rate, as its guess walks whole key tiles of the query block's frames and the text,
+    which may hold neighbouring frames' keys too (and it also recomputes a row with no unmasked key). Text rows
+    are not counted: the kernel never flags a text row with a finite max. Scores in float32 (float64 for
+    float64 input), over blocks of query rows of at most `reference.CHUNK_ELEMENTS` scores.
+    """
+    if frames is None:
+        raise TypeError("frames must be a torch.Tensor of frame ids or a pair (q_frames, k_frames), got None")
+    problem = make_problem(q, k, k, sigma=1.0, strength=0.0, delta=None, causal=False, max_mode="row",
+                           scale=scale, frames=frames, key_mask=key_mask)
+    check_frame_values(problem)
+    for name, t in (("q", problem.q), ("k", problem.k)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} has non-finite entries")
+    k = problem.k.to(torch.float64 if problem.dtype == torch.float64 else torch.float32)
+    dropped = None if problem.key_mask is None else ~problem.key_mask[:, None, None, :]
+    video = problem.frames_q >= 0
+    outside = torch.zeros(problem.batch, problem.heads, dtype=torch.int64, device=problem.device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, problem.batch * problem.heads * problem.nk))
+    for start in range(0, problem.nq, rows):
+        block = slice(start, start + rows)
+        outside += (_outside_own_frame(problem, block, k, dropped) & video[block]).sum(dim=-1)
+    share = outside.to(torch.float64) / video.sum()
+    return share.squeeze(1) if problem.was_3d else share
+
+
+def _outside_own_frame(problem: TarProblem, rows: slice, k: torch.Tensor, dropped=None) -> torch.Tensor:
+    """(B, H, rows) bool: whether the max score of each query row of the block `rows` of `problem` (which has
+    frame ids) is strictly larger than its max over the keys of its own frame and the text. k: problem.k in the
+    compute dtype; `dropped`: None or True where a key is masked, broadcast to (B, H, rows, Nk)."""
+    s = _masked_scores(problem, problem.q[:, :, rows].to(k.dtype), k, dropped)
+    keys = problem.frames_k[None, :]
+    own = (keys == problem.frames_q[rows, None]) | (keys == -1)
+    return s.amax(dim=-1) > s.masked_fill(~own, -math.inf).amax(dim=-1)
 
 
 def minmax_normalize(attention) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Attention analysis: diagonality and band energy on known maps, and the pictures (PNG files read back)."""
+"""Attention analysis: diagonality and band energy on known maps, the share of rows whose max lies outside their
+own frame against an element-by-element float64 evaluation, and the pictures (PNG files read back)."""
 
 import math
 import re
@@ -7,12 +8,13 @@ import sys
 import pytest
 import torch
 
-from vstar_kernels import _env, gaussian_toeplitz
-from vstar_kernels.analysis import (band_energy, diagonality, minmax_normalize, plot_attention_maps, plot_delta,
-                                     short_layer_name)
+import vstar_kernels as vk
+from vstar_kernels import _env, analysis, gaussian_toeplitz
+from vstar_kernels.analysis import (band_energy, diagonality, max_outside_own_frame, minmax_normalize,
+                                     plot_attention_maps, plot_delta, short_layer_name)
 from vstar_kernels.cli import main as cli_main
 
-from ..helpers import saved_figures
+from ..helpers import LargestAllocation, rows_outside64, saved_figures
 
 matplotlib = pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")
@@ -94,6 +96,106 @@ def test_band_energy_width_is_checked():
     for width in (-1, 1.5, True):
         with pytest.raises(ValueError, match="width must be a non-negative int"):
             band_energy(torch.eye(3), width)
+
+
+def share64(q, k, q_frames, k_frames, **kwargs):
+    """(B, H) float64: the share of the video query rows that `rows_outside64` marks."""
+    return rows_outside64(q, k, q_frames, k_frames, **kwargs)[..., q_frames >= 0].double().mean(dim=-1)
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_max_outside_own_frame_matches_the_definition(dtype):
+    ids = vk.frame_ids(4, 5, text_before=3, text_after=2)
+    q, k = randn(2, 3, 25, 8, seed=0).to(dtype), randn(2, 3, 25, 8, seed=1).to(dtype)
+    key_mask = torch.rand(2, 25, generator=torch.Generator().manual_seed(2)) > 0.3
+    out = max_outside_own_frame(q, k, ids)
+    assert out.shape == (2, 3) and out.dtype == torch.float64
+    assert torch.equal(out, share64(q, k, ids, ids))
+    assert 0 < out.min() and out.max() < 1
+    masked = max_outside_own_frame(q, k, ids, scale=0.7, key_mask=key_mask)
+    assert torch.equal(masked, share64(q, k, ids, ids, scale=0.7, key_mask=key_mask))
+    assert torch.equal(max_outside_own_frame(q[:, 0], k[:, 0], ids), out[:, 0])  # 3-D: (B, N, D) gives (B,)
+
+
+def planted():
+    """Frames 0, 1, 2 of 4 tokens, then 2 text tokens; every query looks along e0, and every score is 0 but
+    those of the keys planted along e0: head 0 a far key (frame 2), head 1 a text key, head 2 a tie of a frame 0
+    and a frame 2 key."""
+    ids = vk.frame_ids(3, 4, text_after=2)
+    q = torch.zeros(1, 3, 14, 4)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 3, 14, 4)
+    k[0, 0, 9, 0] = k[0, 1, 12, 0] = k[0, 2, 1, 0] = k[0, 2, 9, 0] = 3.0
+    return ids, q, k
+
+
+def test_max_outside_own_frame_of_planted_maxima():
+    ids, q, k = planted()
+    # head 0: the rows of frames 0 and 1 (8 of the 12 video rows; the text rows, whose max is there too, do not
+    # count); head 1: none (the text is inside); head 2: the rows of frame 1 (frames 0 and 2 tie)
+    assert max_outside_own_frame(q, k, ids, scale=1.0).tolist() == [[8 / 12, 0.0, 4 / 12]]
+    assert rows_outside64(q, k, ids, ids)[0, 0].tolist() == [True] * 8 + [False] * 4 + [True] * 2
+
+
+def test_max_outside_own_frame_with_a_key_mask():
+    ids, q, k = planted()
+    q, k = q.expand(3, -1, -1, -1), k.expand(3, -1, -1, -1)
+    # batch 1 drops the far key 9, frame 1's keys and the text: frame 1's rows have only other frames' keys, and
+    # in head 2 frame 0's key is the max of frame 2's rows too
+    key_mask = torch.ones(3, 14, dtype=torch.bool)
+    key_mask[1, [4, 5, 6, 7, 9, 12, 13]] = False
+    key_mask[2] = False  # no key: every row is inside
+    out = max_outside_own_frame(q, k, ids, key_mask=key_mask)
+    assert out.tolist() == [[8 / 12, 0.0, 4 / 12], [4 / 12, 4 / 12, 8 / 12], [0.0, 0.0, 0.0]]
+    assert torch.equal(out, share64(q, k, ids, ids, key_mask=key_mask))
+
+
+def test_max_outside_own_frame_of_a_frame_pair_and_without_video_rows():
+    q_frames = torch.tensor([0, 0, 1, -1, 1, 2])
+    k_frames = torch.tensor([-1, -1, 0, 0, 0, 1, 1, 2, 2, 3])
+    q, k = randn(2, 2, 6, 8, seed=3), randn(2, 2, 10, 8, seed=4)
+    out = max_outside_own_frame(q, k, (q_frames, k_frames))
+    assert torch.equal(out, share64(q, k, q_frames, k_frames))
+    text = torch.full((6,), -1)
+    assert max_outside_own_frame(q, k, (text, k_frames)).isnan().all()  # no video row to count
+
+
+def test_max_outside_own_frame_in_blocks_of_rows(monkeypatch):
+    ids = vk.frame_ids(5, 8, text_before=4)
+    q, k = randn(2, 2, 44, 4, seed=5), randn(2, 2, 44, 4, seed=6)
+    whole = max_outside_own_frame(q, k, ids)
+    monkeypatch.setattr(analysis, "CHUNK_ELEMENTS", 2 * 2 * 44 * 5)  # 5 rows a block, the last of 4
+    with LargestAllocation() as mode:
+        assert torch.equal(max_outside_own_frame(q, k, ids), whole)
+    assert mode.largest <= 2 * 2 * 5 * 44 * 4  # one block's fp32 scores, never the 44 x 44 matrix
+    monkeypatch.setattr(analysis, "CHUNK_ELEMENTS", 1)
+    assert torch.equal(max_outside_own_frame(q, k, ids), whole)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+    (dict(k=torch.zeros(1, 2, 6, 3)), ValueError, "k has head dim 3 but q has 4"),
+    (dict(frames=None), TypeError, "frames must be a torch.Tensor of frame ids or a pair"),
+    (dict(frames=torch.zeros(5, dtype=torch.int32)), ValueError, r"frames must have shape \(6,\)"),
+    (dict(frames=torch.zeros(6)), TypeError, "frames must hold signed integers"),
+    (dict(frames=torch.tensor([0, 0, -2, 1, 1, 1])), ValueError, "frames must be frame ids >= 0, or -1"),
+    (dict(k=torch.zeros(1, 2, 7, 4)), ValueError, "frames of one tensor gives the same ids"),
+    (dict(key_mask=torch.ones(1, 6)), TypeError, "key_mask must be a bool tensor"),
+    (dict(key_mask=torch.ones(2, 6, dtype=torch.bool)), ValueError, r"key_mask must have shape \(B, Nk\)"),
+    (dict(scale=0.0), ValueError, "scale must be > 0"),
+    (dict(q=torch.full((1, 2, 6, 4), math.nan)), ValueError, "q has non-finite entries"),
+    (dict(k=torch.full((1, 2, 6, 4), math.inf)), ValueError, "k has non-finite entries"),
+], ids=["q-list", "head-dim", "no-frames", "frames-length", "frames-float", "frames-id", "frames-cross",
+        "mask-dtype", "mask-shape", "scale", "q-nan", "k-inf"])
+def test_max_outside_own_frame_rejects_bad_input(change, exc, match):
+    args = dict(q=torch.zeros(1, 2, 6, 4), k=torch.zeros(1, 2, 6, 4), frames=torch.tensor([0, 0, 1, 1, -1, -1]))
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        max_outside_own_frame(args.pop("q"), args.pop("k"), args.pop("frames"), **args)
 
 
 def png(path):

@@ -1,11 +1,13 @@
-"""capture_frame_attention on tiny random video DiTs (CPU): maps against a float64 evaluation on the modules' q/k."""
+"""capture_frame_attention on tiny random video DiTs (CPU): maps, and the share of rows whose max lies outside
+their own frame, against a float64 evaluation on the modules' q/k."""
 
 import pytest
 import torch
 
 from vstar_kernels import TARConfig
-from vstar_kernels.diffusers import apply_tar, capture_frame_attention, capture_temporal_attention
+from vstar_kernels.diffusers import FrameAttentionMaps, apply_tar, capture_frame_attention, capture_temporal_attention
 
+from ..helpers import rows_outside64
 from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_map64,
                               frame_tar_probabilities64, processors, record, spied_plain_run)
 from .tiny_video_models import FAMILIES as UNET_FAMILIES
@@ -25,6 +27,18 @@ def expected_map(family, calls, sigma=None, strength=0.0):
     return total / rows
 
 
+def expected_share(family, calls):
+    """(H,) float64: per head, the share of the video query rows of one module's calls [(q, k), ...] whose max
+    lies outside their own frame and the text."""
+    outside, rows = 0, 0
+    for q, k in calls:
+        frames = expected_frames(family, k.shape[2])
+        flagged = rows_outside64(q, k, frames, frames, key_mask=expected_key_mask(family, k.shape[2]))
+        outside = outside + flagged[..., frames >= 0].sum(dim=(0, 2))
+        rows += q.shape[0] * int((frames >= 0).sum())
+    return outside.double() / rows
+
+
 @pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan", "mochi"])
 def test_maps_of_plain_attention_match_float64(family):
     fam = FAMILIES[family]
@@ -33,10 +47,12 @@ def test_maps_of_plain_attention_match_float64(family):
     with capture_frame_attention(model) as maps:
         assert torch.equal(forward(model, inputs), plain)
     assert processors(model) == before and all(p is before[n] for n, p in processors(model).items())
-    assert sorted(maps) == sorted((name, 0) for name in fam.modules)
+    assert sorted(maps) == sorted((name, 0) for name in fam.modules) and isinstance(maps, FrameAttentionMaps)
     for name in fam.modules:
         ref = expected_map(fam, seen[name])
         torch.testing.assert_close(maps[(name, 0)], ref, atol=1e-5, rtol=1e-5, msg=name)
+        share = maps.max_outside_own_frame((name, 0))
+        assert share.shape == (2,) and torch.equal(share, expected_share(fam, seen[name])), name
         if fam.text == "none":
             torch.testing.assert_close(maps[(name, 0)].sum(1), torch.ones(fam.frames, dtype=torch.float64))
 
@@ -61,6 +77,8 @@ def test_maps_of_regularized_attention_match_float64(family):
     # steps count from apply_tar on a bare model: the captured call is the second
     torch.testing.assert_close(maps[(fam.modules[0], 1)], expected_map(fam, regularized, 1.0, 1.0),
                                atol=1e-5, rtol=1e-5)
+    # the max of the unbiased scores, with TAR as without
+    assert torch.equal(maps.max_outside_own_frame((fam.modules[0], 1)), expected_share(fam, regularized))
     assert sorted(maps) == sorted((name, 1) for name in fam.modules[:2])
 
 
@@ -77,6 +95,9 @@ def test_batched_guidance_records_the_conditional_half_and_steps_filter():
     assert maps.steps() == [1] and alone.steps() == [0]
     for name in fam.modules:
         torch.testing.assert_close(maps[(name, 1)], alone[(name, 0)], atol=1e-5, rtol=1e-5)
+        assert torch.equal(maps.max_outside_own_frame((name, 1)), alone.max_outside_own_frame((name, 0)))
+    with pytest.raises(KeyError):
+        maps.max_outside_own_frame((fam.modules[0], 0))  # step 0 was not recorded
 
 
 def test_capture_errors_name_the_problem():

@@ -18,14 +18,14 @@ except ImportError as exc:
     ) from exc
 
 from .capture import TemporalAttentionMaps, capture_temporal_attention
-from .dit_capture import capture_frame_attention
+from .dit_capture import FrameAttentionMaps, capture_frame_attention
 from .install import apply_tar, remove_tar, reset_steps
 from .processors import TARAttnProcessor
 from .vsp import apply_vsp, encode_synopsis, generate_with_synopsis, remove_vsp
 
-__all__ = ["TARAttnProcessor", "TemporalAttentionMaps", "apply_tar", "apply_vsp", "capture_frame_attention",
-           "capture_temporal_attention", "encode_synopsis", "generate_with_synopsis", "remove_tar", "remove_vsp",
-           "reset_steps"]
+__all__ = ["FrameAttentionMaps", "TARAttnProcessor", "TemporalAttentionMaps", "apply_tar", "apply_vsp",
+           "capture_frame_attention", "capture_temporal_attention", "encode_synopsis", "generate_with_synopsis",
+           "remove_tar", "remove_vsp", "reset_steps"]
 
 _MOVED = ("TARConfig", "LevelSpec", "PRESETS")  # the configuration lives in vstar_kernels itself
 

@@ -3,7 +3,8 @@
 `capture_frame_attention` wraps each watched block's processor and, in a torch function mode that only listens,
 records the q, k (and key mask) it hands to ``scaled_dot_product_attention``, which then runs as it would have.
 The attention is formed over chunks of query rows of at most `CHUNK_ELEMENTS` fp32 scores; text tokens take part
-in the softmax but have no row or column.
+in the softmax but have no row or column. Beside each map it counts, per head, the video query rows whose max score
+lies outside their own frame and the text (`FrameAttentionMaps.max_outside_own_frame`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .._problem import make_problem
+from ..analysis import _outside_own_frame
 from ..frames import frame_bias
 from ..reference import tar_scores
 from .capture import TemporalAttentionMaps, int_set
@@ -39,7 +41,8 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
 
     ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame f attend to
     the tokens of each frame, averaged over heads and frame f's query tokens (rows sum to 1 only without
-    text; NaN for a frame id with no token). `steps` and `blocks` (forward order) narrow what is recorded;
+    text; NaN for a frame id with no token); `FrameAttentionMaps.max_outside_own_frame` gives the share of
+    rows whose max lies outside their frame. `steps` and `blocks` (forward order) narrow what is recorded;
     `cfg`, as for `capture_temporal_attention` (None: the pipeline's ``do_classifier_free_guidance`` where
     the family batches guidance, `DiTFamily.batched_guidance`, else False); `chunk_elements` bounds memory.
     """
@@ -64,7 +67,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
 
     selected = [(index, name, module) for index, (name, module) in enumerate(modules)
                 if blocks is None or index in blocks]
-    maps = TemporalAttentionMaps({name: 0 for _, name, _ in selected})
+    maps = FrameAttentionMaps({name: 0 for _, name, _ in selected})
     recorder = _Recorder(model, pipeline, family, maps, steps, cfg, chunk_elements)
     recorder.tracker = StepTracker.attach(model, recorder.owner, pipeline=pipeline)
     hooks = watch_layout(model, family, recorder)
@@ -89,6 +92,27 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
         for hook in hooks:
             hook.remove()
         StepTracker.detach(model, recorder.owner)
+
+
+class FrameAttentionMaps(TemporalAttentionMaps):
+    """`capture_frame_attention`'s maps: `TemporalAttentionMaps` of (F, F) frame maps (every layer at level 0),
+    and where each call's row maxima lie."""
+
+    def __init__(self, levels):
+        super().__init__(levels)
+        self._outside = {}  # (layer, step) -> [(H,) int64 rows whose max lies outside, video rows per head]
+
+    def max_outside_own_frame(self, key) -> torch.Tensor:
+        """(H,) float64 on the CPU: per head, the share of the video query rows of the (layer, step) `key`'s
+        calls (every sequence recorded) whose max score lies outside their own frame and the text, as
+        `vstar_kernels.analysis.max_outside_own_frame` computes it on each call's q and k: an upper bound of the
+        speculative forward's flag rate there (docs/attention-analysis.md)."""
+        outside, rows = self._outside[key]
+        return (outside.to(torch.float64) / rows).cpu()
+
+    def _add_outside(self, key, outside: torch.Tensor, rows: int) -> None:
+        entry = self._outside.setdefault(key, [0, 0])
+        entry[0], entry[1] = entry[0] + outside, entry[1] + rows
 
 
 class _Recorder:
@@ -125,21 +149,28 @@ class _Recorder:
             keep = slice(start, query.shape[0])
         query, key = query[keep], key[keep]
         total = torch.zeros(self.grid[0], self.grid[0], dtype=torch.float64, device=query.device)
+        outside = torch.zeros(query.shape[1], dtype=torch.int64, device=query.device)
         with torch.no_grad():
             for rows, key_mask in runs:
                 key_mask = None if key_mask is None else key_mask[keep]
-                total += self._frame_sum(query[:, :, rows], key, frames[rows], frames, key_mask, scale, regularized)
+                part, flagged = self._frame_sum(query[:, :, rows], key, frames[rows], frames, key_mask, scale,
+                                                regularized)
+                total += part
+                outside += flagged
         # the query tokens of each frame, in every sequence and head of the call (a frame with none: a NaN row)
         tokens = torch.bincount(frames[frames >= 0].long(), minlength=self.grid[0]).to(torch.float64)
         self.maps._add((name, step), total, tokens[:, None] * (query.shape[0] * query.shape[1]))
+        self.maps._add_outside((name, step), outside, int(tokens.sum()) * query.shape[0])
 
-    def _frame_sum(self, query, key, q_frames, k_frames, key_mask, scale, regularized) -> torch.Tensor:
-        """Sum over batch, heads and each frame's query tokens of the probabilities per key frame: (F, F) float64."""
+    def _frame_sum(self, query, key, q_frames, k_frames, key_mask, scale, regularized) -> tuple:
+        """Sum over batch, heads and each frame's query tokens of the probabilities per key frame, (F, F) float64,
+        and per head the video query rows whose max lies outside their frame and the text, (H,) int64."""
         count = self.grid[0]
         total = torch.zeros(count, count, dtype=torch.float64, device=query.device)
+        outside = torch.zeros(query.shape[1], dtype=torch.int64, device=query.device)
         video = torch.nonzero(q_frames >= 0).flatten()
         if video.numel() == 0:
-            return total
+            return total, outside
         # the values take no part: a one-column view of k stands in for them
         problem = make_problem(query, key, key[..., :1], causal=False, max_mode="row", scale=scale,
                                frames=(q_frames, k_frames), key_mask=key_mask,
@@ -161,7 +192,8 @@ class _Recorder:
             per_frame = (torch.softmax(scores, dim=-1) @ key_frames).sum(dim=(0, 1), dtype=torch.float64)
             video_rows = ids >= 0  # a text or reference token between the video's has no row
             total.index_add_(0, ids[video_rows].long(), per_frame[video_rows])
-        return total
+            outside += _outside_own_frame(problem, block, k, dropped)[:, :, video_rows].sum(dim=(0, 2))
+        return total, outside
 
 
 class _Listen(TorchFunctionMode):
