@@ -129,16 +129,46 @@ def _tiled_blocks(launches):
     return blocks.pop()
 
 
-def _run(n, d, dtype, *, causal=False, delta=False, global_max=False, frames=None):
-    """One sequence stored (B, N, H, D) through tar_attention(backend="triton"), counted."""
+def _run(n, d, dtype, *, causal=False, delta=False, global_max=False, frames=None, speculate=False, zeros=False):
+    """One sequence stored (B, N, H, D) through tar_attention(backend="triton"), counted (frame ids: two passes
+    unless `speculate`; `zeros`: q = k = 0, every score 0, so that the speculative guess is every row's max)."""
     import vstar_kernels as vk
 
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    q, k, v = (torch.randn(1, n, 1, d).to(dt).transpose(1, 2) for _ in range(3))
+    q, k, v = ((torch.zeros if zeros and i < 2 else torch.randn)(1, n, 1, d).to(dt).transpose(1, 2) for i in range(3))
     with torch.no_grad(), count_traffic() as t:
         vk.tar_attention(q, k, v, delta=torch.rand(1, 1, n, n).to(dt) if delta else None, causal=causal,
-                         max_mode="global" if global_max else "row", frames=frames, backend="triton")
+                         max_mode="global" if global_max else "row", frames=frames, backend="triton",
+                         speculate=speculate)
     return t
+
+
+def test_speculative_requests_the_guess_tiles_instead_of_the_walk():
+    """Frame ids, nothing flagged: the two passes' bytes less the walk's K, plus the K of the tiles the guess
+    walks (model_dit.guess_tiles; the keys past N masked) and its scan of every key tile's ids, and the redo's
+    count read by each program; the QK^T product issued over the guess tiles instead of every tile."""
+    from tools.perf.model_dit import guess_tiles
+
+    n, d = 200, 160
+    frames = vk_frame_ids(10, 18, text_before=20)
+    two = _run(n, d, "fp16", frames=frames, zeros=True)
+    one = _run(n, d, "fp16", frames=frames, speculate=True, zeros=True)
+    block_m, block_n = _tiled_blocks(two.launches)
+    blocks, tiles = math.ceil(n / block_m), math.ceil(n / block_n)
+    guess = guess_tiles(frames, block_m, block_n)
+    ids = frames.tolist()
+    guess_keys = 0  # the keys of the walked tiles, per (query block, key tile) by `_guess_max`'s rule
+    for r in range(0, n, block_m):
+        rows = [f for f in ids[r:r + block_m] if f >= 0]
+        for c in range(0, n, block_n):
+            keys = ids[c:c + block_n]
+            if rows and (-1 in keys or any(min(rows) <= f <= max(rows) for f in keys)):
+                guess_keys += len(keys)
+    assert 0 < guess < blocks * tiles and guess * block_n > guess_keys
+    assert one.requested_bytes == (two.requested_bytes - blocks * n * d * 2 + guess_keys * d * 2
+                                   + 4 * blocks * n + 4 * blocks)
+    padded = block_dims(d, d)[0]  # the products run at the padded head dim
+    assert two.mma_flops - one.mma_flops == 2 * block_m * block_n * padded * (blocks * tiles - guess)
 
 
 @pytest.mark.parametrize("option", ["plain", "causal", "global", "delta", "frames", "frames_causal"])

@@ -40,7 +40,7 @@ def no_compute_backend():
     class NoCompute(dispatch.Backend):
         name = NO_COMPUTE
 
-        def forward(self, problem, stats=None):
+        def forward(self, problem, stats=None, flags=None):
             return problem.q.new_empty(problem.output_shape())
 
     names, dispatch.BACKEND_NAMES = dispatch.BACKEND_NAMES, (*dispatch.BACKEND_NAMES, NO_COMPUTE)

@@ -69,12 +69,8 @@ def mma(a, b, PRECISION: tl.constexpr):
 
 @triton.jit
 def _mma2(a, b, PRECISION: tl.constexpr):
-    if _INTERPRETING and len(a.shape) == 2:
-        # Stands in for the GPU's MMA, whose row i of a @ b is the same whatever rows share the tile
-        # (the speculative forward's redo gathers rows of several blocks): numpy's matmul rounds a row
-        # by its place in the tile, a sum over the middle axis does not. Widening 16-bit inputs is
-        # exact (and the interpreter would compute bf16 on the raw integers).
-        c = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+    if _INTERPRETING and len(a.shape) == 2 and a.shape[0] * a.shape[1] * b.shape[1] <= 1 << 20:
+        c = _mma_rows(a, b)
     elif _INTERPRETING and a.dtype == tl.bfloat16:
         # Stands in for the GPU's bf16 MMA, which the interpreter computes on the raw 16-bit
         # integers: widening bf16 to fp32 is exact, so this is the product the GPU computes.
@@ -82,6 +78,16 @@ def _mma2(a, b, PRECISION: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
     return c
+
+
+@triton.jit
+def _mma_rows(a, b):
+    """The interpreter's stand-in for the GPU's 2-D MMA, whose row i of a @ b is the same whatever rows
+    share the tile (the speculative forward's redo gathers rows of several blocks): numpy's matmul rounds
+    a row by its place in the tile, a sum over the middle axis does not (used for tiles of at most 2^20
+    products, the interpreter's tensor limit; tools.perf.traffic counts it as the dot it replaces).
+    Widening 16-bit inputs is exact (and the interpreter would compute bf16 on the raw integers)."""
+    return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
 
 
 @triton.jit
