@@ -341,14 +341,15 @@ def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_r
         one_pass = {float(r["flag_rate"]): r for r in rows if r["impl"] == model_dit.SPECULATIVE}
         by = {r["impl"]: r for r in rows if r["impl"] != model_dit.SPECULATIVE}
         # the speculative one pass: cheaper than two passes at f <= 0.05, dearer the more rows it redoes, and with
-        # the fallback at f = 1 within 10% of two passes; the tutorial calibration faster than the FA2 one
+        # the fallback at f = 1 within 10% of two passes; the tutorial calibration (a higher MMA efficiency) no
+        # slower than the FA2 one (equal where a row is bound by issue, not MMA)
         two = float(by["vstar_triton_frames"]["model_time_ms"])
         times = [float(one_pass[f]["model_time_ms"]) for f in model_dit.FLAG_RATES]
         assert times == sorted(times) and times[1] < two and times[-1] <= 1.1 * two
         assert 0 < float(one_pass[0.0]["guess_tile_share"]) < 0.5 and one_pass[0.0]["flag_rate"] == "0.0"
         assert by["vstar_triton_frames"]["flag_rate"] == ""
         for r in (*one_pass.values(), by["vstar_triton_frames"]):
-            assert float(r["model_ours_over_fa3_tutorial"]) < float(r["model_ours_over_fa3"])
+            assert float(r["model_ours_over_fa3_tutorial"]) <= float(r["model_ours_over_fa3"])
         ours = by["vstar_triton_frames"]
         assert "frames" in ours["config"] and float(ours["model_ours_over_flash"]) > 1  # the walk costs a pass
         assert float(ours["model_time_ms"]) == pytest.approx(
@@ -437,6 +438,7 @@ def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(mo
         return roofline.finish(e, small, 1.0)
 
     monkeypatch.setattr(model_dit, "ours_frames", kernel)
+    monkeypatch.setattr(model_dit, "ours_frames_speculative", lambda *args: (kernel(), 0.1))
     monkeypatch.setattr(model_dit, "flash", kernel)
     monkeypatch.setattr(model_dit, "fa3", kernel)
     monkeypatch.setattr(eager, "flash", kernel)  # sdpa_bias's fused kernel
