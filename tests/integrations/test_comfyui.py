@@ -288,6 +288,30 @@ def test_float32_model_matches_the_oracle(comfy, mark_self_attention, backend):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_each_model_call_speculates_by_the_last_calls_flag_rate(comfy, mark_self_attention, monkeypatch):
+    """The Triton kernels' speculative forward under a sampling run: every regularized attention call gets the
+    run's speculate= and flags=, and past Speculation.BREAK_EVEN the next model call runs two passes."""
+    import vstar_kernels as vk
+    from vstar_kernels.comfyui import patch
+
+    seen = []
+    real = patch.tar_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["speculate"], kwargs["flags"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(patch, "tar_attention", spy)
+    monkeypatch.setattr(vk.Speculation, "BREAK_EVEN", -1.0)  # any rate is above it
+    dtype = torch.float32
+    model = wan(comfy, dtype)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="triton")
+    sample(comfy, tar, (1, 4, 3, 5, 6), cond, uncond, dtype, steps=2)
+    flags = {id(f) for _, f in seen}
+    assert seen[0][0] is True and not seen[-1][0] and len(flags) == 1  # one run, one counter
+
+
 def test_text_as_long_as_the_video(comfy, mark_self_attention):
     """Self- and cross-attention are told apart by where the call comes from, not by lengths: 4 frames x 4
     video tokens and 16 text tokens."""

@@ -566,3 +566,28 @@ def test_the_docs_say_which_backends_tar_serves_and_which_raise():
     served, raising = (set(re.findall(r"`(\w+)`", rows[kind])) for kind in ("served", "raises"))
     assert served == set(SDPA_BACKENDS)
     assert raising == {backend.value for backend in AttentionBackendName} - served
+
+
+def test_the_speculative_forward_is_chosen_per_call_from_the_last_calls_flag_rate(monkeypatch):
+    """On the Triton kernels every regularized call speculates and counts its flagged rows; the next forward
+    call reads the rate and runs two passes past Speculation.BREAK_EVEN, and either form gives the same output
+    bit for bit."""
+    import vstar_kernels as vk
+    from vstar_kernels.diffusers.install import STATE_ATTR
+
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    inputs = fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, backend="triton"))
+    state = getattr(model, STATE_ATTR)
+    calls = record(model)
+    first = forward(model, inputs)
+    assert calls and all(c[4]["speculate"] is True and c[4]["flags"] is calls[0][4]["flags"] for c in calls)
+    flagged, rows = calls[0][4]["flags"].tolist()
+    assert rows == sum(c[1].shape[0] * c[1].shape[1] * c[1].shape[2] for c in calls) and 0 <= flagged <= rows
+    monkeypatch.setattr(vk.Speculation, "BREAK_EVEN", -1.0)  # any rate is above it: the next call runs two passes
+    calls.clear()
+    second = forward(model, inputs)
+    assert state.speculation.rate == flagged / rows
+    assert calls and all(c[4]["speculate"] is False for c in calls)
+    assert torch.equal(first, second)
