@@ -476,15 +476,20 @@ def dit_plot(rows: list, gpu_key: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["model"] for r in rows))
-    by = {(r["model"], r["impl"]): r for r in rows}
-    fig, ax = plt.subplots(figsize=(12, 6.5))
-    width = 0.8 / len(DIT_IMPLS)
-    for k, impl in enumerate(DIT_IMPLS):
+    by = {(r["model"], r["impl"]): r for r in rows if r["impl"] != SPECULATIVE}
+    one_pass = f"{SPECULATIVE}, f = {FLAG_RATES[1]:g}"
+    by.update({(r["model"], one_pass): r for r in rows if r["impl"] == SPECULATIVE and r["flag_rate"] == FLAG_RATES[1]})
+    impls = (DIT_IMPLS[0], one_pass) + DIT_IMPLS[1:]
+    fig, ax = plt.subplots(figsize=(12, 7.5))
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
         for i, name in enumerate(names):
             r = by[name, impl]
-            y = i + (k - (len(DIT_IMPLS) - 1) / 2) * width
+            y = i + (k - (len(impls) - 1) / 2) * width
             if r["status"] == "ok":
-                ax.barh(y, r["model_time_ms"], height=width, color=f"C{k}", label=impl if i == 0 else None)
+                label = {DIT_IMPLS[0]: f"{impl} (two passes)",
+                         one_pass: f"{DIT_IMPLS[0]} (one pass, {FLAG_RATES[1]:.0%} of rows flagged)"}.get(impl, impl)
+                ax.barh(y, r["model_time_ms"], height=width, color=f"C{k}", label=label if i == 0 else None)
             else:
                 ax.text(0.012, y, f"{impl}: does not fit ({r['model_peak_gb']:.0f} GB)", va="center", fontsize=7,
                         transform=ax.get_yaxis_transform())
