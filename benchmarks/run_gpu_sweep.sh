@@ -10,7 +10,8 @@
 #
 # STAGE: all (default) | tests | kernels | e2e | quick | speculation
 #   speculation (not in all): the speculative one pass against two passes and the floor at the DiT shapes
-#   and forced flag rates 0 / 5 / 20 / 100% (benchmarks/speculation.py), budget SPEC_BUDGET_S.
+#   and forced flag rates 0 / 5 / 20 / 100%, and the launches timed apart (the row-max walk, the biased loop, the
+#   redo) with the profiler (benchmarks/speculation.py), budget SPEC_BUDGET_S.
 #   kernels and e2e resume: cells this commit already measured in today's CSV (copied back into
 #   benchmarks/results/ between calls) are skipped, so a second call continues where the first
 #   one's time budget ran out. Budgets (seconds): TEST_BUDGET_S, KERNEL_BUDGET_S, E2E_BUDGET_S.

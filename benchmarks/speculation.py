@@ -7,7 +7,12 @@ for a chosen share of the rows (0, 5, 20, 100%), a key in the middle of a far fr
 walks). Correctness first: per call, the one pass must equal the two passes bit for bit, or the row says
 "mismatch" and is not timed. Rows: the harness's CSV schema (vstar_kernels.bench.measure.COLUMNS), impl
 vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN SDPA on Hopper, FA3-class; flash SDPA
-elsewhere), setup naming the DiT shape, the planted and the measured flag rate.
+elsewhere), setup naming the DiT shape, the planted and the measured flag rate. On a GPU the launches are also
+timed apart (the profiler's kernel records, `kernel_times`): at each rate the one pass's main launch (the guess
+walk, the biased loop, the flags) and its redo launch; at the first rate the halves of the two-pass form, which
+max_mode="global" runs as two launches: the walk of every key tile for the row max (impl vstar_triton_walk) and
+the biased online softmax with that max known (vstar_triton_biased_loop; its output is the global-max variant's,
+so these two rows time the work, not the row-max call).
 
     python3 benchmarks/speculation.py [--out DIR] [--shapes NAME ...] [--rates 0 0.05 0.2 1] [--time-budget-s S]
 
@@ -24,12 +29,42 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity
 
 import vstar_kernels as vk
 from vstar_kernels.bench import measure
 from vstar_kernels.bench.peers import FLOOR_LABELS, floor_backend, sdpa_only
 
 RATES = (0.0, 0.05, 0.2, 1.0)
+# {kernel: impl} of the launches timed apart (vstar_kernels/ops/tar_fwd.py's kernel names)
+ONE_PASS_KERNELS = {"_tar_fwd_tiled_kernel": "vstar_triton_one_pass_main",
+                    "_tar_fwd_redo_kernel": "vstar_triton_one_pass_redo"}
+GLOBAL_MAX_KERNELS = {"_tar_fwd_row_max_kernel": "vstar_triton_walk",
+                      "_tar_fwd_tiled_kernel": "vstar_triton_biased_loop"}
+
+
+def kernel_times(fn, kernels, activity=ProfilerActivity.CUDA, reps: int = 20) -> dict:
+    """{name: Timing} of each named kernel's own time per call of `fn` (after a warm call), from the profiler's
+    records of `activity` (CUDA: the device's kernel records; CPU: operator records, for the tests). A name not
+    recorded exactly once per call raises ValueError: a launch that did not run, or ran twice, has no time."""
+    cuda = activity == ProfilerActivity.CUDA
+    device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    samples = {name: [] for name in kernels}
+    for event in prof.events():
+        if event.device_type == device_type and event.name in samples:
+            samples[event.name].append(event.time_range.elapsed_us() / 1e3)
+    odd = {name: len(times) for name, times in samples.items() if len(times) != reps}
+    if odd:
+        raise ValueError(f"kernels: recorded {odd} times in {reps} calls, expected once per call")
+    return {name: measure.quantiles(times) for name, times in samples.items()}
 
 
 def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype, seed: int = 0) -> tuple:
@@ -85,6 +120,19 @@ def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, 
                                             status=status, timing=timing, cost=cost, backend=backend))
         print(f"{name} f={rate:g} (measured {measured:.3f}) {impl}: "
               + (f"{timing.median_ms:.3f} ms" if timing else status), flush=True)
+    if device.type != "cuda" or not ok:
+        return
+    parts = [(ONE_PASS_KERNELS, calls["vstar_triton_one_pass"], setup)]
+    if rate == RATES[0]:
+        parts.append((GLOBAL_MAX_KERNELS, lambda: vk.tar_attention(q, k, v, sigma=sigma, frames=frames,
+                                                                  backend="triton", max_mode="global"),
+                      f"dit={name} max_mode=global sigma={sigma:g}"))
+    for kernels, fn, part_setup in parts:
+        for kernel, timing in kernel_times(fn, kernels).items():
+            measure.append_row(out, measure.row(info, kernels[kernel], 1, heads, frames.numel(), d, dt,
+                                                setup=f"{part_setup} kernel={kernel}", status="ok", timing=timing,
+                                                cost=cost, backend="triton"))
+            print(f"{name} f={rate:g} {kernels[kernel]} ({kernel}): {timing.median_ms:.3f} ms", flush=True)
 
 
 def main(argv=None) -> int:

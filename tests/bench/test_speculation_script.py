@@ -1,12 +1,15 @@
 """benchmarks/speculation.py (the GPU sweep's `speculation` stage) on its CPU smoke layout, in the interpreter:
 the planted rows are flagged, the one pass equals the two passes, rows in the harness's schema."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.profiler import ProfilerActivity
 
 from vstar_kernels.bench import measure
 
@@ -34,3 +37,29 @@ def test_bad_rates_and_no_gpu_are_refused(tmp_path):
         if not args and done.returncode == 0:
             pytest.skip("a CUDA device is present")
         assert done.returncode != 0 and message in done.stderr
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("speculation_script", ROOT / "benchmarks" / "speculation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_times_reads_one_record_per_call_and_refuses_others():
+    script = _script()
+    a = torch.randn(64, 64)
+    times = script.kernel_times(lambda: (a @ a, a + a), ["aten::mm", "aten::add"], ProfilerActivity.CPU, reps=4)
+    assert set(times) == {"aten::mm", "aten::add"}
+    assert all(0 < t.p20_ms <= t.median_ms <= t.p80_ms for t in times.values())
+    for fn, count in ((lambda: a + a, 0), (lambda: (a @ a, a @ a), 8)):
+        with pytest.raises(ValueError, match=rf"kernels: recorded \{{'aten::mm': {count}\}} times in 4 calls"):
+            script.kernel_times(fn, ["aten::mm"], ProfilerActivity.CPU, reps=4)
+
+
+def test_the_kernels_timed_apart_are_the_forward_kernels():
+    from vstar_kernels.ops import tar_fwd
+
+    script = _script()
+    for name in {**script.ONE_PASS_KERNELS, **script.GLOBAL_MAX_KERNELS}:
+        assert getattr(tar_fwd, name).__name__ == name

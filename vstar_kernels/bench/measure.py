@@ -61,7 +61,8 @@ def spread_flag(p20_ms, p80_ms) -> str:
     return BUSY if p20_ms > 0 and p80_ms / p20_ms > BUSY_SPREAD else ""
 
 
-def _quantiles(samples) -> Timing:
+def quantiles(samples) -> Timing:
+    """Median, p20 and p80 of timing samples (ms)."""
     if len(samples) == 1:
         return Timing(samples[0], samples[0], samples[0])
     cuts = statistics.quantiles(samples, n=10, method="inclusive")  # deciles: cuts[1] = p20, cuts[7] = p80
@@ -76,7 +77,7 @@ def time_cpu(fn, *, min_reps=3, max_reps=25, min_total_s=0.25) -> Timing:
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(samples)
+    return quantiles(samples)
 
 
 def time_cuda(fn, first_call_ms: float) -> Timing:
@@ -91,7 +92,7 @@ def time_cuda(fn, first_call_ms: float) -> Timing:
             end.record()
             torch.cuda.synchronize()
             samples.append(begin.elapsed_time(end))
-        return _quantiles(samples)
+        return quantiles(samples)
     import triton.testing
 
     med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))
