@@ -3,6 +3,9 @@ video), for `tar_attention(..., frames=ids)` (docs/api.md, "Frame ids and key ma
 
 from __future__ import annotations
 
+import functools
+from typing import Tuple
+
 import torch
 
 from .regularization import _size
@@ -19,6 +22,20 @@ def frame_ids(num_frames: int, tokens_per_frame: int, *, text_before: int = 0, t
     text = [torch.full((n,), -1, device=device, dtype=torch.int32) for n in (text_before, text_after)]
     video = torch.arange(num_frames, device=device, dtype=torch.int32).repeat_interleave(tokens_per_frame)
     return torch.cat([text[0], video, text[1]])
+
+
+@functools.lru_cache(maxsize=64)
+def layout_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
+    """The int32 ids of a token layout given as runs ``((frame id, tokens), ...)`` in sequence order (-1: no
+    frame), between `before` and `after` tokens of id -1: the one frame-id builder of the front-ends (diffusers'
+    DiTs, their context-parallel shards, ComfyUI). Kept per layout (the 64 last), so that every block and step of
+    a call passes the same tensor, whose values tar_attention then checks once (a synchronisation per layout, not
+    per call); made outside inference mode (pipelines and ComfyUI sample in it), so that it has a version counter.
+    """
+    with torch.inference_mode(False):
+        frames = torch.tensor([-1] + [frame for frame, _ in runs] + [-1], dtype=torch.int32)
+        tokens = torch.tensor([before] + [count for _, count in runs] + [after])
+        return frames.repeat_interleave(tokens).to(device)
 
 
 def frame_bias(frames_q: torch.Tensor, frames_k: torch.Tensor, *, sigma: float, delta=None,

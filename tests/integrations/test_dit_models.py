@@ -21,7 +21,7 @@ from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, install, remove_tar, reset_steps
 from vstar_kernels.diffusers.dit import DiTTARProcessor
 from vstar_kernels.diffusers.interception import SDPA_BACKENDS
-from vstar_kernels.diffusers.token_grid import layout_ids
+from vstar_kernels.frames import layout_ids
 from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES

@@ -11,7 +11,6 @@ made outside the compiled model."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import tar_attention
+from ..frames import layout_ids
 from ..functional import Speculation
 from .models import Family, Layout
 
@@ -65,11 +65,15 @@ def _warn(run: Run, kind: str, message: str) -> None:
 
 
 class RegularizedCall:
-    """One model call in the window: its settings, token layout and the frame ids of the layout's tokens (`ids`,
-    int32), and what happened in it: whether a regularized module was entered, and the first error TAR raised."""
+    """One model call in the window: its settings, token layout, the frame id of each of its frames (`frame_ids`)
+    and of each of the layout's tokens (`ids`, int32, frames.layout_ids), and what happened in it: whether a
+    regularized module was entered, and the first error TAR raised."""
 
-    def __init__(self, settings: Settings, layout: Layout, ids: torch.Tensor, run: Run):
-        self.settings, self.layout, self.ids, self.run = settings, layout, ids, run
+    def __init__(self, settings: Settings, layout: Layout, frame_ids: Tuple[int, ...], device: torch.device,
+                 run: Run):
+        self.settings, self.layout, self.run = settings, layout, run
+        self.runs = tuple((frame, layout.per_frame) for frame in frame_ids)
+        self.ids = layout_ids(self.runs, layout.before, layout.after, device)
         self.entered = False
         self.error: Optional[BaseException] = None
 
@@ -99,23 +103,7 @@ class RegularizedCall:
             return self.ids
         if torch.compiler.is_compiling():
             return F.pad(self.ids, (0, tail), value=-1)
-        return _with_tail(self.ids, tail)
-
-
-# The id tensors are kept: every block and step passes the same tensor, whose values tar_attention then checks
-# once. They are made outside inference mode (ComfyUI samples in it), so that they keep a version counter.
-@functools.lru_cache(maxsize=64)
-def layout_ids(frame_ids: Tuple[int, ...], layout: Layout, device: torch.device) -> torch.Tensor:
-    """The ids of the layout's tokens: `before` tokens -1, each frame's `per_frame` tokens, `after` tokens -1."""
-    with torch.inference_mode(False):
-        video = torch.tensor(frame_ids, dtype=torch.int32, device=device).repeat_interleave(layout.per_frame)
-        return F.pad(video, (layout.before, layout.after), value=-1)
-
-
-@functools.lru_cache(maxsize=64)
-def _with_tail(ids: torch.Tensor, tail: int) -> torch.Tensor:
-    with torch.inference_mode(False):
-        return F.pad(ids, (0, tail), value=-1)
+        return layout_ids(self.runs, self.layout.before, self.layout.after + tail, self.ids.device)
 
 
 class _Module:
@@ -205,8 +193,7 @@ class TARPatch:
             layout = self.family.layout(base.diffusion_model, x, kwargs)
             run = options.get(KEY) or Run(())
             run.speculation.next_step()
-            call = RegularizedCall(self.settings, layout, layout_ids(self.frame_ids(layout, options, run), layout,
-                                                                     x.device), run)
+            call = RegularizedCall(self.settings, layout, self.frame_ids(layout, options, run), x.device, run)
         outer, _LIVE.call = _LIVE.call, call
         try:
             out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

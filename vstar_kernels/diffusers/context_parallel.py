@@ -8,14 +8,13 @@ collectives (autograd functions) around ONE `tar_attention` call of the rank's q
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .. import frame_ids
+from ..frames import layout_ids
 
 _SWAPPED = ("_attention_backend", "_parallel_config")
 
@@ -87,14 +86,15 @@ def _gather_sequence(x: torch.Tensor, group, size: int) -> torch.Tensor:
     return gathered.reshape(size * n, batch, heads, dim).permute(1, 2, 0, 3)
 
 
-@functools.lru_cache(maxsize=64)
 def _ids(count: int, per_frame: int, shard: int, shards: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Frame ids of the tokens of `shards` (each `shard` tokens long, in that order) of a (count x per_frame)
-    grid, kept per layout so that tar_attention reads their values once (see token_grid.layout_ids); made outside
-    inference mode."""
-    with torch.inference_mode(False):
-        ids = frame_ids(count, per_frame, device=device)
-        return torch.cat([ids[index * shard:(index + 1) * shard] for index in shards])
+    grid, from frames.layout_ids (kept per layout: tar_attention reads their values once)."""
+    runs = []
+    for index in shards:
+        lo, hi = index * shard, (index + 1) * shard
+        runs += [(f, min(hi, (f + 1) * per_frame) - max(lo, f * per_frame))
+                 for f in range(lo // per_frame, min(count, -(-hi // per_frame)))]
+    return layout_ids(tuple(runs), 0, 0, device)
 
 
 # Shard order of each ContextParallelConfig seen, by id(): (weak reference, (query shards, key shards)).

@@ -5,11 +5,12 @@ Needs only torch: the one layout type the front-ends can share (docs/dits.md, Ho
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+from ..frames import layout_ids
 
 
 class TokenGrid(NamedTuple):
@@ -55,15 +56,3 @@ def token_frames(grid, text: str, nq: int, nk: int, where: str, device, block: O
     before, after = (extra, 0) if text == "before" else (0, extra)
     runs = runs or tuple((frame, per_frame) for frame in range(count))
     return layout_ids(runs + runs if twice else runs, before, after, torch.device(device))
-
-
-@functools.lru_cache(maxsize=64)
-def layout_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
-    """The int32 frame ids of a layout given by its runs, between `before` and `after` text tokens, kept: every
-    block and step of a call passes the same tensor, whose values tar_attention then checks once (a device
-    synchronisation per layout, not per call). Made outside inference mode (a pipeline runs in it), so that it
-    keeps a version counter."""
-    with torch.inference_mode(False):
-        frames = torch.tensor([-1] + [frame for frame, _ in runs] + [-1], dtype=torch.int32)
-        tokens = torch.tensor([before] + [count for _, count in runs] + [after])
-        return frames.repeat_interleave(tokens).to(device)
