@@ -381,6 +381,18 @@ def test_guess_tiles_count_what_the_kernel_walks(layout):
     assert model_dit.guess_tiles(model_dit.Dit("t", 1, 64, **layout).frames(), 64, 32) == want
 
 
+@pytest.mark.parametrize("layout", [dict(latent_frames=8, tokens_per_frame=32),
+                                    dict(latent_frames=7, tokens_per_frame=48, text_before=20),
+                                    dict(latent_frames=5, tokens_per_frame=70, text_after=33)])
+def test_one_id_tiles_count_the_key_tiles_of_one_frame_id(layout):
+    """model_dit.one_id_tiles (the redo's tiles on its loop's short path) against a tile-by-tile reading: the
+    keys of a tile, those past N read as -1, are one value."""
+    ids = model_dit.Dit("t", 1, 64, **layout).frames()
+    keys = ids.tolist()
+    want = sum(len(set((keys + [-1] * 32)[c:c + 32])) == 1 for c in range(0, len(keys), 32))
+    assert model_dit.one_id_tiles(ids, 32) == want > 0
+
+
 def _column_by_loops(ids, block_m, block_n, frame_band):
     """Per (query block, key tile): whether the frame-id kernel takes one dA column, by loops."""
     n = len(ids)

@@ -231,6 +231,16 @@ def guess_tiles(ids: torch.Tensor, block_m: int, block_n: int) -> int:
     return int((walk & (q_lo <= q_hi)[:, None]).sum())
 
 
+def one_id_tiles(ids: torch.Tensor, block_n: int) -> int:
+    """Key tiles of BLOCK_N keys (the last padded with -1, as the kernels read keys past N) whose frame ids are
+    one value (text included): there dA is one column along any block of rows (ops/_jit.frame_tile_id)."""
+    n = ids.numel()
+    t = torch.full((math.ceil(n / block_n) * block_n,), -1, dtype=torch.int64)
+    t[:n] = ids
+    t = t.view(-1, block_n)
+    return int((t.min(1).values == t.max(1).values).sum())
+
+
 def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, ids: torch.Tensor,
                             sigma: float, flag_rate: float) -> tuple:
     """(Estimate, guess tile share) of the speculative forward (frame ids, the Gaussian of `sigma`, no key
@@ -238,9 +248,10 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
     `guess_tiles`, then the biased softmax over every tile in the two-pass tile order, each loop's
     path as `frame_tile_counts` gives it) and the redo, both compiled for sm_90 at the call's shape.
     The redo, modeled: ceil(f x video rows / BLOCK_M) programs per sequence, each over every key tile
-    (its rows' off-band tiles) and the union of its rows' bands (ceil(1 / f) blocks' bands, at most
-    every tile), on its loops' longest paths (dA per score: an upper bound); its other programs exit
-    at once (not counted). Bytes as requested: Q, O once, K and V once per tile, K of the guess tiles,
+    (its rows' off-band tiles: the shortest path of its first softmax loop on a tile of one frame id,
+    the longest elsewhere) and the union of its rows' bands (ceil(1 / f) blocks' bands, at most every
+    tile; its second loop's longest path); dA per score wherever a tile holds two ids, an upper bound
+    (the kernel's far-frame test spares some); its other programs exit at once (not counted). Bytes as requested: Q, O once, K and V once per tile, K of the guess tiles,
     the key ids twice (the guess's scan, the softmax), the flagged rows' index and max, and the redo's
     Q rows, K, V and ids of its tiles, O rows; the fastest config."""
     main, redo = ours_launch(batch, heads, n, d, sigma, frames=ids, dtype=torch.bfloat16, speculate=True)
@@ -254,7 +265,8 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
         bm, bn = fields["BLOCK_M"], fields["BLOCK_N"]
         blocks, tiles = math.ceil(n / bm), math.ceil(n / bn)
         redo_loops = sorted((r for r in redo_rows[config] if r.loop != "hot"), key=lambda r: int(r.loop))
-        if len(loops) != len(FRAME_LOOPS) or loops[0].loop_mufu or len(redo_loops) != 3:
+        if (len(loops) != len(FRAME_LOOPS) or loops[0].loop_mufu or len(redo_loops) != 3 or redo_loops[0].loop_mufu
+                or not all(r.loop_mufu and r.short_instr_per_score < r.long_instr_per_score for r in redo_loops[1:])):
             raise LookupError(f"the speculative kernels ({config}) have loops {[r.loop for r in loops]} and "
                               f"{[r.loop for r in redo_loops]}, not the guess walk, the five softmax loops and the "
                               "redo's walk and two softmax loops: update the model to the kernels")
@@ -274,12 +286,17 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
         if flag_rate > 0:
             programs = bh * math.ceil(flag_rate * video / bm)
             band = math.ceil(sum(counts["biased"]) / blocks)
-            walked = tiles + min(tiles, math.ceil(1 / flag_rate) * band)
-            per_score = max(r.long_instr_per_score for r in redo_loops[1:])
+            extra = min(tiles, math.ceil(1 / flag_rate) * band)
+            walked = tiles + extra
+            off, on = redo_loops[1:]
+            single = one_id_tiles(ids, bn)
             e.bytes += programs * (bm * (d + d) * ITEMSIZE + bm * 8 + walked * bn * ((d + d) * ITEMSIZE + 4))
             e.mma_flops += programs * walked * 2 * bm * bn * 2 * bd
-            e.instr += programs * (walked * bm * bn * per_score + redo_loops[0].outside_warp_instr)
-            e.mufu += programs * walked * bm * bn * max(r.long_mufu_per_score for r in redo_loops[1:])
+            e.instr += programs * (bm * bn * (single * off.short_instr_per_score + (tiles - single)
+                                              * off.long_instr_per_score + extra * on.long_instr_per_score)
+                                   + redo_loops[0].outside_warp_instr)
+            e.mufu += programs * bm * bn * (single * off.short_mufu_per_score + (tiles - single) * off.long_mufu_per_score
+                                            + extra * on.long_mufu_per_score)
         ctas = min(r.ctas_per_sm for r in (*loops, *redo_loops))
         out.append((finish(e, gpu, eta, waves_stretch(bh * blocks, ctas, gpu)), guess / (blocks * tiles)))
     return min(out, key=lambda pair: pair[0].seconds)
