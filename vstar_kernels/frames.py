@@ -4,7 +4,7 @@ video), for `tar_attention(..., frames=ids)` (docs/api.md, "Frame ids and key ma
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -22,6 +22,45 @@ def frame_ids(num_frames: int, tokens_per_frame: int, *, text_before: int = 0, t
     text = [torch.full((n,), -1, device=device, dtype=torch.int32) for n in (text_before, text_after)]
     video = torch.arange(num_frames, device=device, dtype=torch.int32).repeat_interleave(tokens_per_frame)
     return torch.cat([text[0], video, text[1]])
+
+
+class TokenLayout(NamedTuple):
+    """Where the frames are in the tokens of one video call, for every front-end (diffusers' DiTs and their
+    context-parallel shards, ComfyUI): `before` tokens outside the video (id -1), the video stream, `after` tokens
+    outside it, then, where the attention is joint, the text (`text_after`; `tail` names what follows when it is
+    not a text). The video stream is `frames` frames of `per_frame` tokens in frame order; where it is laid out
+    otherwise, `runs` gives it in full, ``((frame id, tokens), ...)`` in sequence order (-1: no frame), and
+    `frames` is the largest id + 1. diffusers' DiT readers say where the text is by their family instead, and
+    fill `timestep` (diffusion forcing: the call's largest timestep) and `repeat_from` (from this block on, the
+    keys after the video are the video again).
+    """
+
+    frames: int                                   # F: the frames the ids span (a delta is F x F, a map too)
+    per_frame: int                                # tokens per frame of the video grid
+    runs: Optional[Tuple[Tuple[int, int], ...]] = None
+    timestep: Optional[float] = None
+    repeat_from: Optional[int] = None
+    before: int = 0
+    after: int = 0
+    text_after: bool = False
+    tail: str = "the text"
+
+    def video_runs(self) -> Tuple[Tuple[int, int], ...]:
+        """The video stream as runs: `runs`, or each frame's `per_frame` tokens in frame order."""
+        return self.runs or tuple((frame, self.per_frame) for frame in range(self.frames))
+
+    def tokens(self) -> int:
+        """The tokens before the text: `before`, the video's, `after`."""
+        return self.before + sum(count for _, count in self.video_runs()) + self.after
+
+    def describe(self) -> str:
+        parts = [f"{self.before} reference tokens"] if self.before else []
+        parts.append(f"{self.frames} frames x {self.per_frame} tokens")
+        if self.after:
+            parts.append(f"{self.after} reference tokens")
+        if self.text_after:
+            parts.append(self.tail)
+        return ", then ".join(parts)
 
 
 @functools.lru_cache(maxsize=64)

@@ -22,6 +22,7 @@ import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError, cli
 from vstar_kernels.comfyui import models as vc_models
 from vstar_kernels.comfyui.patch import key_mask, marked
+from vstar_kernels.frames import TokenLayout
 
 from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
                                  guard_filtered_compile, in_time, keyword_recorder, nag, newer_attention,
@@ -626,28 +627,28 @@ def test_layouts_of_the_other_models():
     x = torch.zeros(1, 4, 5, 7, 9)
     humo = fake("comfy.ldm.wan.model", "HumoWanModel", patch_size=(1, 2, 2), ref_conv=None, blocks=[0, 1])
     layout = vc_models.family_of(humo).layout(humo, x, {"reference_latent": torch.zeros(1, 4, 2, 7, 9)})
-    assert layout == vc_models.Layout(0, 5, 20, 2 * 12, False)      # padded video; unpadded reference frames last
+    assert layout == TokenLayout(5, 20, after=2 * 12)      # padded video; unpadded reference frames last
     hunyuan_ = fake("comfy.ldm.hunyuan_video.model", "HunyuanVideo", patch_size=[1, 2, 2])
     layout = vc_models.family_of(hunyuan_).layout(hunyuan_, x, {"ref_latent": torch.zeros(1, 4, 1, 7, 9)})
-    assert layout == vc_models.Layout(20, 5, 20, 0, True)
+    assert layout == TokenLayout(5, 20, before=20, text_after=True)
     image = fake("comfy.ldm.hunyuan_video.model", "HunyuanVideo", patch_size=[2, 2])
     with pytest.raises(ValueError, match="an image model, not a video model"):
         vc_models.family_of(image).layout(image, x, {})
     ltx = fake("comfy.ldm.lightricks.model", "LTXVModel")
     assert vc_models.family_of(ltx).layout(ltx, x, {"keyframe_idxs": torch.zeros(1, 3, 2 * 63)}) == \
-        vc_models.Layout(0, 3, 63, 126, False)
+        TokenLayout(3, 63, after=126)
     with pytest.raises(ValueError, match="10 keyframe guide tokens are not whole frames of 63 tokens"):
         vc_models.family_of(ltx).layout(ltx, x, {"keyframe_idxs": torch.zeros(1, 3, 10)})
     s2v = fake("comfy.ldm.wan.model", "WanModel_S2V", patch_size=(1, 2, 2))
     layout = vc_models.family_of(s2v).layout(s2v, x, {"reference_latent": torch.zeros(1, 4, 1, 7, 9)})
-    assert layout == vc_models.Layout(0, 5, 20, 0, True, "the reference and motion tokens")
+    assert layout == TokenLayout(5, 20, text_after=True, tail="the reference and motion tokens")
     assert layout.describe() == "5 frames x 20 tokens, then the reference and motion tokens"
     mochi = fake("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint", patch_size=2)
-    assert vc_models.family_of(mochi).layout(mochi, x, {}) == vc_models.Layout(0, 5, 20, 0, True)
+    assert vc_models.family_of(mochi).layout(mochi, x, {}) == TokenLayout(5, 20, text_after=True)
     for module, name in (("comfy.ldm.cosmos.model", "GeneralDIT"), ("comfy.ldm.cosmos.predict2", "MiniTrainDIT")):
         cosmos = fake(module, name, patch_temporal=1, patch_spatial=2)
         assert vc_models.family_of(cosmos).layout(cosmos, torch.zeros(1, 4, 6, 8, 10), {}) == \
-            vc_models.Layout(0, 6, 20, 0, False)
+            TokenLayout(6, 20)
     with pytest.raises(ValueError, match=r"expected a 5-D video latent .* got shape \(1, 4, 8, 8\)"):
         vc_models.family_of(mochi).layout(mochi, torch.zeros(1, 4, 8, 8), {})
 
@@ -686,7 +687,7 @@ def test_svd_targets_and_layout(comfy):
     family = vc_models.family_of(unet())
     assert family.targets(unet()) == ["input_blocks.0.time_stack.0.attn1", "middle_block.0.time_stack.0.attn1"]
     assert family.layout(unet(), torch.zeros(2 * 6, 4, 3, 4), {"num_video_frames": 6}) == \
-        vc_models.Layout(0, 6, 1, 0, False)
+        TokenLayout(6, 1)
     with pytest.raises(ValueError, match=r"expected a latent of \(batch x num_video_frames, channels, height, width\), "
                                          r"got shape \(10, 4, 3, 4\) with num_video_frames=6"):
         family.layout(unet(), torch.zeros(10, 4, 3, 4), {"num_video_frames": 6})
@@ -858,7 +859,7 @@ def test_a_looped_window_needs_the_latent_length(comfy):
     is an error, never ids that put its last frames far from its first."""
     settings = vc.patch.Settings(1.0, 1.0, 0.0, 1.0, reference_frames=0, backend="auto")
     wrapper = vc.patch.TARPatch(settings, vc_models.WAN, {})
-    layout = vc_models.Layout(0, 4, 4, 0, False)
+    layout = TokenLayout(4, 4)
     window = comfy.context_windows.IndexListContextWindow([6, 7, 0, 1], dim=2)
     assert wrapper.frame_ids(layout, {"context_window": window}, vc.patch.Run((1, 4, 8, 4, 4))) == (6, 7, 8, 9)
     with pytest.raises(ValueError, match=r"the context window \[6, 7, 0, 1\] wraps around the latent's end, and the "

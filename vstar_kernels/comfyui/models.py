@@ -12,38 +12,14 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-
-@dataclass(frozen=True)
-class Layout:
-    """The token sequence of one call's regularized attention: ``before`` tokens outside the video (id -1),
-    ``frames`` latent frames of ``per_frame`` tokens, ``after`` tokens outside the video, then the text
-    (id -1 too) where the attention is joint (``text_after``; `tail` names what follows if not a text)."""
-
-    before: int
-    frames: int
-    per_frame: int
-    after: int
-    text_after: bool
-    tail: str = "the text"
-
-    def tokens(self) -> int:
-        return self.before + self.frames * self.per_frame + self.after
-
-    def describe(self) -> str:
-        parts = [f"{self.before} reference tokens"] if self.before else []
-        parts.append(f"{self.frames} frames x {self.per_frame} tokens")
-        if self.after:
-            parts.append(f"{self.after} reference tokens")
-        if self.text_after:
-            parts.append(self.tail)
-        return ", then ".join(parts)
+from ..frames import TokenLayout
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     targets: Callable[[torch.nn.Module], List[str]]
-    layout: Callable[[torch.nn.Module, torch.Tensor, dict], Layout]
+    layout: Callable[[torch.nn.Module, torch.Tensor, dict], TokenLayout]
     time_dim: int = 2           # the latent's dimension of frames (that of ComfyUI's context windows over them)
 
 
@@ -76,30 +52,30 @@ def _listed(*places: Tuple[str, str]) -> Callable[[torch.nn.Module], List[str]]:
 # padding), so a frame has ceil(H / 2) x ceil(W / 2) tokens. The Fun models' reference image
 # (reference_latent, through ref_conv, no padding) comes first; HuMo's reference frames (through the patch
 # embedding, no padding) come last.
-def _wan_layout(dm, x, extra) -> Layout:
+def _wan_layout(dm, x, extra) -> TokenLayout:
     frames, per_frame = _grid(_video(x, "Wan").shape, dm.patch_size, _ceil)
     concat, reference = extra.get("time_dim_concat"), extra.get("reference_latent")
     after = 0 if concat is None else _ceil(concat.shape[-3], dm.patch_size[0]) * per_frame
     before = 0
     if reference is not None and getattr(dm, "ref_conv", None) is not None:
         before = (reference.shape[-2] // dm.patch_size[1]) * (reference.shape[-1] // dm.patch_size[2])
-    return Layout(before, frames, per_frame, after, False)
+    return TokenLayout(frames, per_frame, before=before, after=after)
 
 
-def _humo_layout(dm, x, extra) -> Layout:
+def _humo_layout(dm, x, extra) -> TokenLayout:
     layout = _wan_layout(dm, x, extra)
     reference = extra.get("reference_latent")
     if reference is None:
         return layout
     ref_frames, ref_per_frame = _grid(reference.shape, dm.patch_size, lambda s, p: s // p)
-    return Layout(layout.before, layout.frames, layout.per_frame, layout.after + ref_frames * ref_per_frame, False)
+    return layout._replace(after=layout.after + ref_frames * ref_per_frame)
 
 
 # Wan S2V: the video (padded), then the reference frames' tokens and the motion frames' (as many as its frame
 # packer makes), in one self-attention.
-def _s2v_layout(dm, x, extra) -> Layout:
+def _s2v_layout(dm, x, extra) -> TokenLayout:
     frames, per_frame = _grid(_video(x, "Wan S2V").shape, dm.patch_size, _ceil)
-    return Layout(0, frames, per_frame, 0, True, "the reference and motion tokens")
+    return TokenLayout(frames, per_frame, text_after=True, tail="the reference and motion tokens")
 
 
 # SVD / SV3D: a video UNet (ComfyUI's UNetModel, the class of the image UNets too) with frames in the batch; each
@@ -116,16 +92,16 @@ def _time_stack_targets(dm) -> List[str]:
     return targets
 
 
-def _svd_layout(dm, x, extra) -> Layout:
+def _svd_layout(dm, x, extra) -> TokenLayout:
     frames = extra.get("num_video_frames")
     if x.dim() != 4 or not frames or x.shape[0] % int(frames):
         raise ValueError(f"SVD: expected a latent of (batch x num_video_frames, channels, height, width), got shape "
                          f"{tuple(x.shape)} with num_video_frames={frames}")
-    return Layout(0, int(frames), 1, 0, False)
+    return TokenLayout(int(frames), 1)
 
 
 # HunyuanVideo: joint attention over [reference image (ref_latent), video, text (+ byT5)], padded patches.
-def _hunyuan_layout(dm, x, extra) -> Layout:
+def _hunyuan_layout(dm, x, extra) -> TokenLayout:
     patch = list(dm.patch_size)
     if len(patch) != 3:
         raise ValueError(f"HunyuanVideo: this model has a {len(patch)}-D patch {tuple(patch)}: an image model, "
@@ -136,32 +112,32 @@ def _hunyuan_layout(dm, x, extra) -> Layout:
     if reference is not None:
         ref_frames, ref_per_frame = _grid(reference.shape, patch, _ceil)
         before = ref_frames * ref_per_frame
-    return Layout(before, frames, per_frame, 0, True)
+    return TokenLayout(frames, per_frame, before=before, text_after=True)
 
 
 # LTX-Video: patch size 1; keyframe guides (keyframe_idxs, one entry per guide token) are appended to the
 # latent after the video frames and keep positions of their own: they are tokens outside the video here.
-def _ltx_layout(dm, x, extra) -> Layout:
+def _ltx_layout(dm, x, extra) -> TokenLayout:
     frames, per_frame = _grid(_video(x, "LTX-Video").shape, (1, 1, 1), _ceil)
     guides = extra.get("keyframe_idxs")
     after = 0 if guides is None else int(guides.shape[-1])
     if after % per_frame:
         raise ValueError(f"LTX-Video: {after} keyframe guide tokens are not whole frames of {per_frame} tokens")
-    return Layout(0, frames - after // per_frame, per_frame, after, False)
+    return TokenLayout(frames - after // per_frame, per_frame, after=after)
 
 
 # Mochi: joint attention over [video, the unpadded text], spatial patch padded up.
-def _mochi_layout(dm, x, extra) -> Layout:
+def _mochi_layout(dm, x, extra) -> TokenLayout:
     patch = int(dm.patch_size)
     frames, per_frame = _grid(_video(x, "Mochi").shape, (1, patch, patch), _ceil)
-    return Layout(0, frames, per_frame, 0, True)
+    return TokenLayout(frames, per_frame, text_after=True)
 
 
 # Cosmos: the latent must divide into patches; tokens are (t h w), frame-major.
-def _cosmos_layout(dm, x, extra) -> Layout:
+def _cosmos_layout(dm, x, extra) -> TokenLayout:
     patch = (int(dm.patch_temporal), int(dm.patch_spatial), int(dm.patch_spatial))
     frames, per_frame = _grid(_video(x, "Cosmos").shape, patch, lambda s, p: s // p)
-    return Layout(0, frames, per_frame, 0, False)
+    return TokenLayout(frames, per_frame)
 
 
 def _cosmos1_targets(dm) -> List[str]:
@@ -210,4 +186,4 @@ def family_of(diffusion_model: torch.nn.Module) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "Family", "Layout", "family_of", "unwrap"]
+__all__ = ["FAMILIES", "Family", "family_of", "unwrap"]

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import tar_attention
-from ..frames import layout_ids
+from ..frames import TokenLayout, layout_ids
 from ..functional import Speculation
-from .models import Family, Layout
+from .models import Family
 
 KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
@@ -69,7 +69,7 @@ class RegularizedCall:
     and of each of the layout's tokens (`ids`, int32, frames.layout_ids), and what happened in it: whether a
     regularized module was entered, and the first error TAR raised."""
 
-    def __init__(self, settings: Settings, layout: Layout, frame_ids: Tuple[int, ...], device: torch.device,
+    def __init__(self, settings: Settings, layout: TokenLayout, frame_ids: Tuple[int, ...], device: torch.device,
                  run: Run):
         self.settings, self.layout, self.run = settings, layout, run
         self.runs = tuple((frame, layout.per_frame) for frame in frame_ids)
@@ -160,7 +160,7 @@ class TARPatch:
         raise ValueError(f"VSTAR_TAR: one model call mixes sigmas inside and outside the window [{low}, {high}]: "
                          f"{values}")
 
-    def frame_ids(self, layout: Layout, options: dict, run: Run) -> Tuple[int, ...]:
+    def frame_ids(self, layout: TokenLayout, options: dict, run: Run) -> Tuple[int, ...]:
         """The id of each video frame of a call: its index in the whole latent, -1 for the whole latent's leading
         `reference_frames`. Under ComfyUI's context windows the window's ``index_list`` gives the indices; a
         window of a looped schedule that wraps around the latent's end (..., 30, 31, 0, 1 of 32 frames) keeps

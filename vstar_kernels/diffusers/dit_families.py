@@ -11,7 +11,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import diffusers
 import torch
 
-from .token_grid import TokenGrid, runs_grid
+from ..frames import TokenLayout
+from .token_grid import runs_grid
 
 
 def _patch(config) -> Tuple[int, int, int]:
@@ -31,25 +32,25 @@ def _video_5d(frames_dim: int, channels_last: bool = False) -> Callable:
     """Layout reader for models whose `hidden_states` is a 5-D latent with frames at `frames_dim`
     (height and width last, or before the channels with `channels_last`)."""
 
-    def layout(model, arguments) -> TokenGrid:
+    def layout(model, arguments) -> TokenLayout:
         latent = _latent(model, arguments)
         p_t, p_h, p_w = _patch(model.config)
         height, width = latent.shape[2:4] if channels_last else latent.shape[-2:]
-        return TokenGrid(latent.shape[frames_dim] // p_t, (height // p_h) * (width // p_w))
+        return TokenLayout(latent.shape[frames_dim] // p_t, (height // p_h) * (width // p_w))
 
     return layout
 
 
-def _ltx_layout(model, arguments) -> TokenGrid:
+def _ltx_layout(model, arguments) -> TokenLayout:
     grid = [arguments.get(name) for name in ("num_frames", "height", "width")]
     if any(g is None for g in grid):
         raise ValueError(f"{type(model).__name__}: TAR needs the num_frames, height and width arguments (the token "
                          "grid) of each forward call; calls with video_coords only are not supported")
     frames, height, width = (int(g) for g in grid)
-    return TokenGrid(frames, height * width)
+    return TokenLayout(frames, height * width)
 
 
-def _ltx2_layout(model, arguments) -> TokenGrid:
+def _ltx2_layout(model, arguments) -> TokenLayout:
     """LTX-2: a token's frame is the latent frame its temporal rotary coordinate falls in: the start of its
     ``video_coords`` span times ``fps`` is a video frame p, in latent frame (p + s - c) // s (s: the VAE's
     temporal scale factor, c: its causal offset), token frame that over patch_size_t. Conditioning tokens
@@ -60,7 +61,7 @@ def _ltx2_layout(model, arguments) -> TokenGrid:
     if coords is None:
         grid = _ltx_layout(model, arguments)
         height, width = int(arguments["height"]), int(arguments["width"])
-        return TokenGrid(math.ceil(grid.frames / p_t), math.ceil(height / p_h) * math.ceil(width / p_w))
+        return TokenLayout(math.ceil(grid.frames / p_t), math.ceil(height / p_h) * math.ceil(width / p_w))
     start = coords[:, 0, :, 0]
     if not bool((start == start[:1]).all()):
         raise ValueError(f"{type(model).__name__}: TAR takes one frame layout per call, but the sequences of the "
@@ -72,7 +73,7 @@ def _ltx2_layout(model, arguments) -> TokenGrid:
     return runs_grid(zip(values.tolist(), counts.tolist()), int(torch.bincount(frames).max()))
 
 
-def _skyreels_layout(model, arguments) -> TokenGrid:
+def _skyreels_layout(model, arguments) -> TokenLayout:
     """SkyReels-V2: Wan's grid; under diffusion forcing (per-frame timesteps) the call's largest timestep."""
     grid = _video_5d(2)(model, arguments)
     if not arguments.get("enable_diffusion_forcing"):
@@ -80,13 +81,13 @@ def _skyreels_layout(model, arguments) -> TokenGrid:
     return grid._replace(timestep=float(torch.as_tensor(arguments["timestep"]).max()))
 
 
-def _reference_first_layout(model, arguments) -> TokenGrid:
+def _reference_first_layout(model, arguments) -> TokenLayout:
     """Wan-Animate: the first latent frame is the reference (character) image, frame -1; the video's frames follow."""
     grid = _video_5d(2)(model, arguments)
     return runs_grid([(-1, grid.per_frame)] + [(f, grid.per_frame) for f in range(grid.frames - 1)], grid.per_frame)
 
 
-def _chronoedit_layout(model, arguments) -> TokenGrid:
+def _chronoedit_layout(model, arguments) -> TokenLayout:
     """ChronoEdit: with two latent frames (input image, edited image) its rotary embedding puts the second at
     temporal position rope_temporal_skip_len - 1, the last frame of the video they stand for: so does TAR."""
     grid = _video_5d(2)(model, arguments)
@@ -125,7 +126,7 @@ def _history_runs(latent, indices, kernel: Tuple[int, int, int], padded: bool, w
     return [((2 * sum(values[s * kt:(s + 1) * kt]) + kt - 1) // (2 * kt), per_slot) for s in range(slots)]
 
 
-def _history_grid(model, arguments, histories, video_indices: str) -> TokenGrid:
+def _history_grid(model, arguments, histories, video_indices: str) -> TokenLayout:
     """History latents before the video, each token at the frame index its rotary embedding gets (``indices_<name>``;
     a token of a compressed history: the nearest to the mean of its frames), then the video at `video_indices`.
     `histories`: ``(name, (kt, kh, kw) patch kernel, replicate-padded)`` in sequence order."""
@@ -144,7 +145,7 @@ def _history_grid(model, arguments, histories, video_indices: str) -> TokenGrid:
     return runs_grid(runs + [(v, per_frame) for v in values], per_frame)
 
 
-def _framepack_layout(model, arguments) -> TokenGrid:
+def _framepack_layout(model, arguments) -> TokenLayout:
     """HunyuanVideo Framepack: the 4x, 2x and 1x (clean) history latents, then the video (`_history_grid`)."""
     _latent(model, arguments)
     if _patch(model.config)[0] != 1:
@@ -155,7 +156,7 @@ def _framepack_layout(model, arguments) -> TokenGrid:
     return _history_grid(model, arguments, histories, "indices_latents")
 
 
-def _helios_layout(model, arguments) -> TokenGrid:
+def _helios_layout(model, arguments) -> TokenLayout:
     """Helios: the long, mid and short history latents (patches 4, 2 and 1 times the model's), then the video."""
     patch = _patch(model.config)
     histories = [(f"latents_history_{name}", tuple(factor * p for p in patch), factor > 1)
@@ -163,7 +164,7 @@ def _helios_layout(model, arguments) -> TokenGrid:
     return _history_grid(model, arguments, histories, "indices_hidden_states")
 
 
-def _kandinsky_layout(model, arguments) -> TokenGrid:
+def _kandinsky_layout(model, arguments) -> TokenLayout:
     """Kandinsky 5 and 6: a channels-last latent (B, T, H, W, C); a frame's id is the temporal index of its rotary
     embedding (visual_rope_pos[0]), where given: Kandinsky 6 appends the reference image as a last frame at index 0."""
     grid = _video_5d(1, channels_last=True)(model, arguments)
@@ -174,7 +175,7 @@ def _kandinsky_layout(model, arguments) -> TokenGrid:
     return runs_grid([(v, grid.per_frame) for v in values], grid.per_frame)
 
 
-def _motif_layout(model, arguments) -> TokenGrid:
+def _motif_layout(model, arguments) -> TokenLayout:
     """Motif-Video: the video, then the text; in its decoder blocks (num_decoder_layers) the keys after the video
     are the encoder's final video tokens, the same frames again."""
     grid = _video_5d(2)(model, arguments)
@@ -185,7 +186,7 @@ def _motif_layout(model, arguments) -> TokenGrid:
     return grid._replace(repeat_from=first)
 
 
-def _minimax_layout(model, arguments) -> TokenGrid:
+def _minimax_layout(model, arguments) -> TokenLayout:
     """MiniMax-H3: one packed sequence of text, audio and video rows. Its rotary times of the latent frames are
     spaced unevenly (a latent frame spans 1 or 4 video frames) and start after the text: a video row's frame is the
     rank of its rotary time (position_ids[:, 0]) among those of the video rows; text and audio rows get -1."""
@@ -207,7 +208,7 @@ def _ltx2_skips_attention(kwargs: dict) -> bool:
 class DiTFamily:
     """Where a DiT's regularized attentions sit and how its tokens are laid out."""
 
-    layout: Callable[[torch.nn.Module, dict], TokenGrid] = _video_5d(2)
+    layout: Callable[[torch.nn.Module, dict], TokenLayout] = _video_5d(2)
     blocks: Tuple[str, ...] = ("transformer_blocks",)  # the ModuleLists of transformer blocks, in forward order
     attention: str = "attn1"        # the (dotted) attribute path of the regularized attention in a block
     text: str = "none"              # where that attention's text tokens are: "none", "before", "after"

@@ -9,12 +9,12 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
+from ..frames import TokenLayout
 from ..functional import Speculation
 from ..tar_config import LevelSpec, TARConfig
 from .dit import DiTTARProcessor
 from .dit_families import DiTFamily, set_processor
 from .steps import TAR_OWNER, StepTracker, loop_step
-from .token_grid import TokenGrid
 
 
 @dataclass
@@ -26,7 +26,7 @@ class DiTState:
     blocks: frozenset
     pipeline: Any = None  # weakref to the pipeline, or None on a bare model
     installed: List[Tuple[torch.nn.Module, DiTTARProcessor]] = field(default_factory=list)
-    grid: Optional[TokenGrid] = None   # the token layout of the call in progress
+    grid: Optional[TokenLayout] = None   # the token layout of the call in progress
     hooks: Tuple = ()
     # the speculative one pass or two passes: the rows the last forward call recomputed decide the next's
     speculation: Speculation = field(default_factory=Speculation)
@@ -35,10 +35,10 @@ class DiTState:
     def step(self) -> int:
         return loop_step(self.steps, self.pipeline, self.grid)
 
-    def snapshot(self) -> Tuple[Optional[TokenGrid], int]:
+    def snapshot(self) -> Tuple[Optional[TokenLayout], int]:
         return self.grid, self.step
 
-    def current(self) -> Tuple[Optional[TokenGrid], int]:
+    def current(self) -> Tuple[Optional[TokenLayout], int]:
         """(token grid, step) of the call in progress; in a checkpointed block, of the forward call that ran it."""
         return self.steps.current(TAR_OWNER)
 
@@ -81,7 +81,7 @@ class DiTState:
 
 
 def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
-    """Hooks that keep ``target.grid`` the `TokenGrid` of the model's call in progress.
+    """Hooks that keep ``target.grid`` the `TokenLayout` of the model's call in progress.
 
     Returns the two hook handles; the grid is None outside a forward call (also after one raised).
     """

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..frames import TokenLayout
 from ..tar_config import LevelSpec
-from .token_grid import TokenGrid, token_frames
+from .token_grid import token_frames
 
 # diffusers' attention backends whose function runs scaled_dot_product_attention on the call's q, k, v (in
 # diffusers 0.42.1: the native one and the four that pin one of torch's SDPA kernels); the others run kernels of
@@ -83,7 +84,7 @@ class TARAttention(TorchFunctionMode):
     the call of this rank's shard with its collectives around one TAR call (docs/multi-gpu.md).
     """
 
-    def __init__(self, processor, attn: torch.nn.Module, spec: LevelSpec, grid: Optional[TokenGrid], parallel=None):
+    def __init__(self, processor, attn: torch.nn.Module, spec: LevelSpec, grid: Optional[TokenLayout], parallel=None):
         super().__init__()
         self.processor, self.attn, self.spec, self.grid, self.parallel = processor, attn, spec, grid, parallel
         self.calls = 0

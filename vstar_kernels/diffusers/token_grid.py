@@ -1,43 +1,28 @@
-"""The token layout of one forward call of a video DiT (`TokenGrid`) and the frame id of each token (`token_frames`).
-
-Needs only torch: the one layout type the front-ends can share (docs/dits.md, How a token gets its frame).
+"""A video DiT call's token layout from its runs (`runs_grid`) and the frame id of each token of a block's
+self-attention (`token_frames`); the layout type is frames.TokenLayout, every front-end's (docs/dits.md, How a
+token gets its frame).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional
 
 import torch
 
-from ..frames import layout_ids
+from ..frames import TokenLayout, layout_ids
 
 
-class TokenGrid(NamedTuple):
-    """The token layout of one forward call of a DiT, read from its arguments by the family's layout reader.
-
-    The video stream is `frames` frames of `per_frame` tokens, in frame order; where it is laid out otherwise,
-    `runs` gives it in full, ``((frame id, tokens), ...)`` in sequence order (-1: no frame of the video), and
-    `frames` is the largest id + 1. Text tokens are in neither: where they sit is the family's `text`.
-    """
-
-    frames: int                                   # F: the frames the ids span (a delta is F x F, a map too)
-    per_frame: int                                # tokens per frame of the video grid
-    runs: Optional[Tuple[Tuple[int, int], ...]] = None
-    timestep: Optional[float] = None              # diffusion forcing: the call's largest timestep (see loop_step)
-    repeat_from: Optional[int] = None             # from this block on, the keys after the video are the video again
-
-
-def runs_grid(runs, per_frame: int, **extra) -> TokenGrid:
+def runs_grid(runs, per_frame: int, **extra) -> TokenLayout:
     """A grid from its runs (empty runs dropped, adjacent runs of one id merged); `frames` is the largest id + 1."""
     runs = [(int(frame), int(count)) for frame, count in runs if count > 0]
     runs = tuple((frame, sum(count for _, count in group)) for frame, group in itertools.groupby(runs, lambda r: r[0]))
-    return TokenGrid(max((frame for frame, _ in runs), default=-1) + 1, per_frame, runs, **extra)
+    return TokenLayout(max((frame for frame, _ in runs), default=-1) + 1, per_frame, runs, **extra)
 
 
 def token_frames(grid, text: str, nq: int, nk: int, where: str, device, block: Optional[int] = None) -> torch.Tensor:
     """Frame ids (N,) of a block's self-attention over nq = nk tokens (text -1, `text` "none", "before" or "after"
-    the video), for the call's token grid (a `TokenGrid`, or a (token frames, tokens per frame) pair); `block`
+    the video), for the call's token grid (a `TokenLayout`, or a (token frames, tokens per frame) pair); `block`
     (forward order) for the grids whose later blocks see the video twice."""
     if grid is None:
         raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown")
