@@ -248,12 +248,13 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
     `guess_tiles`, then the biased softmax over every tile in the two-pass tile order, each loop's
     path as `frame_tile_counts` gives it) and the redo, both compiled for sm_90 at the call's shape.
     The redo, modeled: ceil(f x video rows / BLOCK_M) programs per sequence, each over every key tile
-    (its rows' off-band tiles: the shortest path of its first softmax loop on a tile of one frame id,
-    the longest elsewhere) and the union of its rows' bands (ceil(1 / f) blocks' bands, at most every
-    tile; its second loop's longest path); dA per score wherever a tile holds two ids, an upper bound
-    (the kernel's far-frame test spares some); its other programs exit at once (not counted). Bytes as requested: Q, O once, K and V once per tile, K of the guess tiles,
-    the key ids twice (the guess's scan, the softmax), the flagged rows' index and max, and the redo's
-    Q rows, K, V and ids of its tiles, O rows; the fastest config."""
+    (its rows' off-band tiles) and the union of its rows' bands (ceil(1 / f) blocks' bands, at most
+    every tile), each tile at the costlier of its two softmax loops: on the shortest path where the
+    pass over every tile meets a tile of one frame id (dA one column, as ops/_jit.frame_tile_id takes
+    it), the longest elsewhere (dA per score: an upper bound, the far-frame test spares some); its
+    other programs exit at once (not counted). Bytes as requested: Q, O once, K and V once per tile, K
+    of the guess tiles, the key ids twice (the guess's scan, the softmax), the flagged rows' index and
+    max, and the redo's Q rows, K, V and ids of its tiles, O rows; the fastest config."""
     main, redo = ours_launch(batch, heads, n, d, sigma, frames=ids, dtype=torch.bfloat16, speculate=True)
     redo_rows = dict(compiled_launch(redo))
     bh, bd = batch * heads, block_dims(d, d)[0]
@@ -288,15 +289,17 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
             band = math.ceil(sum(counts["biased"]) / blocks)
             extra = min(tiles, math.ceil(1 / flag_rate) * band)
             walked = tiles + extra
-            off, on = redo_loops[1:]
-            single = one_id_tiles(ids, bn)
+            single = one_id_tiles(ids, bn)  # of the pass over every tile; the band's tiles: dA per score
+            softmax = redo_loops[1:]
+            short_instr, long_instr = (max(getattr(r, f"{path}_instr_per_score") for r in softmax)
+                                       for path in ("short", "long"))
+            short_mufu, long_mufu = (max(getattr(r, f"{path}_mufu_per_score") for r in softmax)
+                                     for path in ("short", "long"))
             e.bytes += programs * (bm * (d + d) * ITEMSIZE + bm * 8 + walked * bn * ((d + d) * ITEMSIZE + 4))
             e.mma_flops += programs * walked * 2 * bm * bn * 2 * bd
-            e.instr += programs * (bm * bn * (single * off.short_instr_per_score + (tiles - single)
-                                              * off.long_instr_per_score + extra * on.long_instr_per_score)
+            e.instr += programs * (bm * bn * (single * short_instr + (walked - single) * long_instr)
                                    + redo_loops[0].outside_warp_instr)
-            e.mufu += programs * bm * bn * (single * off.short_mufu_per_score + (tiles - single) * off.long_mufu_per_score
-                                            + extra * on.long_mufu_per_score)
+            e.mufu += programs * bm * bn * (single * short_mufu + (walked - single) * long_mufu)
         ctas = min(r.ctas_per_sm for r in (*loops, *redo_loops))
         out.append((finish(e, gpu, eta, waves_stretch(bh * blocks, ctas, gpu)), guess / (blocks * tiles)))
     return min(out, key=lambda pair: pair[0].seconds)
