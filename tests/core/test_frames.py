@@ -583,3 +583,25 @@ def test_frame_values_are_read_once_per_unchanged_tensor():
             with pytest.raises(ValueError, match="frames must be frame ids >= 0"):
                 check(fresh)
             assert Reads.count == before + 4
+
+
+def test_token_layouts_give_their_ids_once_per_layout():
+    """frames.layout_ids, every front-end's frame-id builder: runs between -1 tokens, as frame_ids gives them
+    for a grid and element by element for other runs; one tensor per layout, made outside inference mode.
+    TokenLayout counts and names the tokens the same way."""
+    from vstar_kernels.frames import TokenLayout, layout_ids as build
+
+    grid = TokenLayout(3, 4, before=2, after=5, text_after=True)
+    ids = build(grid.video_runs(), grid.before, grid.after, torch.device("cpu"))
+    assert torch.equal(ids, vk.frame_ids(3, 4, text_before=2, text_after=5)) and ids.dtype == torch.int32
+    assert grid.tokens() == ids.numel() == 19
+    assert grid.describe() == "2 reference tokens, then 3 frames x 4 tokens, then 5 reference tokens, then the text"
+    runs = ((-1, 2), (0, 3), (2, 1), (0, 2))
+    odd = TokenLayout(3, 3, runs)
+    assert odd.tokens() == 8 and odd.describe() == "3 frames x 3 tokens"
+    want = [f for f, count in runs for _ in range(count)]
+    assert build(runs, 1, 0, torch.device("cpu")).tolist() == [-1] + want
+    with torch.inference_mode():
+        kept = build(runs, 0, 3, torch.device("cpu"))
+    assert not kept.is_inference() and kept is build(runs, 0, 3, torch.device("cpu"))
+    assert kept.tolist() == want + [-1] * 3
