@@ -150,6 +150,13 @@ def frames_loop_costs(batch: int, heads: int, n: int, d: int, ids: torch.Tensor,
     return tuple(out)
 
 
+def tiles_of(ids: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    """The frame ids (N,) as (ceil(N / size), size) tiles, the last padded with `fill` (what a kernel reads past N)."""
+    t = torch.full((math.ceil(ids.numel() / size) * size,), fill, dtype=torch.int64)
+    t[:ids.numel()] = ids
+    return t.view(-1, size)
+
+
 def frame_tile_counts(ids: torch.Tensor, block_m: int, block_n: int, sigma: float) -> dict:
     """{kind: (column tiles, per-score tiles)} of the frame-id kernel over one sequence of frame ids
     `ids` (N,) (self-attention, not causal), summed over its query blocks: which loop runs each
@@ -163,9 +170,7 @@ def frame_tile_counts(ids: torch.Tensor, block_m: int, block_n: int, sigma: floa
     none = 1 << 30
 
     def blocks(size):
-        t = torch.full((math.ceil(n / size) * size,), -1, dtype=torch.int64)
-        t[:n] = ids
-        t = t.view(-1, size)
+        t = tiles_of(ids, size, -1)
         return t.min(1).values, torch.where(t >= 0, t, none).min(1).values, t.max(1).values
 
     k_min, k_lo, k_hi = blocks(block_n)
@@ -217,14 +222,8 @@ def guess_tiles(ids: torch.Tensor, block_m: int, block_n: int) -> int:
     """Key tiles the speculative forward's guess walks over one sequence of frame ids (ops/tar_fwd.py
     `_guess_max`): for each query block with a video row, the tiles holding a text key or a key of a
     frame within the block's span of frames."""
-    n, none = ids.numel(), 1 << 30
-
-    def padded(size):
-        t = torch.full((math.ceil(n / size) * size,), -2, dtype=torch.int64)
-        t[:n] = ids
-        return t.view(-1, size)
-
-    k, q = padded(block_n), padded(block_m)
+    none = 1 << 30
+    k, q = tiles_of(ids, block_n, -2), tiles_of(ids, block_m, -2)
     k_lo, k_hi, text = torch.where(k >= 0, k, none).min(1).values, k.max(1).values, (k == -1).any(1)
     q_lo, q_hi = torch.where(q >= 0, q, none).min(1).values, q.max(1).values
     walk = text[None, :] | ((k_lo[None, :] <= q_hi[:, None]) & (k_hi[None, :] >= q_lo[:, None]))
@@ -234,10 +233,7 @@ def guess_tiles(ids: torch.Tensor, block_m: int, block_n: int) -> int:
 def one_id_tiles(ids: torch.Tensor, block_n: int) -> int:
     """Key tiles of BLOCK_N keys (the last padded with -1, as the kernels read keys past N) whose frame ids are
     one value (text included): there dA is one column along any block of rows (ops/_jit.frame_tile_id)."""
-    n = ids.numel()
-    t = torch.full((math.ceil(n / block_n) * block_n,), -1, dtype=torch.int64)
-    t[:n] = ids
-    t = t.view(-1, block_n)
+    t = tiles_of(ids, block_n, -1)
     return int((t.min(1).values == t.max(1).values).sum())
 
 
