@@ -167,6 +167,40 @@ class TritonBackend(Backend):
         return _load.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
 
 
+class TritonLeanBackend(TritonBackend):
+    """The lean forward (ops/tar_fwd_lean.py): TAR with the regular frame-id layout of the video DiTs, tensor
+    descriptors, warp-specialized on sm_90. An explicit opt-in, never "auto": it has not yet run on a GPU. Its
+    backward is the Triton backend's, which reads the statistics it saves."""
+
+    name = "triton-lean"
+    kernel = "the lean Triton forward"
+    SUPPORTED_MAX_HEAD_DIM = 128
+    SUPPORTS_KEY_MASK = False
+
+    def not_supported_reasons(self, problem):
+        reasons = super().not_supported_reasons(problem)
+        probe = _load.triton_lean_ops()
+        if not probe.ok or reasons:
+            return reasons or [probe.reason]
+        return probe.module.layout_reasons(problem)
+
+    def state_reasons(self, problem):
+        reasons = super().state_reasons(problem)
+        probe = _load.triton_lean_ops()
+        if probe.ok and not probe.module.SUPPORTED:
+            reasons.append(f"{self.kernel} needs a Triton with device-side tensor descriptors and warp "
+                           f"specialization (3.4 or later), installed: {_env.triton_version()}")
+        if problem.device.type == "cuda" and not reasons and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(problem.device)
+            if major != 9:
+                reasons.append(f"{self.kernel} is built for sm_90 (Hopper); compiled for sm_80 it spills "
+                               f"(tools.perf static), and this GPU is sm_{major}{minor}: use backend='triton'")
+        return reasons
+
+    def forward(self, problem, stats=None, flags=None):
+        return _load.triton_lean_ops().module.lean_forward(problem, stats)
+
+
 class CudaBackend(Backend):
     """The CUDA C++ operator of bindings/ (optional: built with VSTAR_BUILD_CUDA=1)."""
 
@@ -193,7 +227,7 @@ class CudaBackend(Backend):
         return tar_cuda.tar_forward(problem)
 
 
-BACKENDS = {b.name: b for b in (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())}
+BACKENDS = {b.name: b for b in (TritonBackend(), TritonLeanBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -215,13 +249,17 @@ def select(problem: TarProblem, name: str) -> Backend:
     raise BackendUnavailableError("no backend can run this call: " + " | ".join(rejected))
 
 
-def probe_problem(device, dtype=torch.float32) -> TarProblem:
-    """A small plain call on `device`: what `availability` and the benchmark ask the backends about."""
+def probe_problem(device, dtype=torch.float32, frames: bool = False) -> TarProblem:
+    """A small plain call on `device` (with `frames`, 2 frames of 8 tokens): what `availability` and the benchmark
+    ask the backends about."""
     t = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
-    return make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    ids = torch.arange(2, device=device, dtype=torch.int32).repeat_interleave(8) if frames else None
+    return make_problem(t, t, t, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
+                        frames=ids)
 
 
 def availability(device) -> dict:
-    """Backend name -> "" if it can run a small float32 call on `device`, else why not (for `info`)."""
-    problem = probe_problem(device)
-    return {name: "; ".join(b.not_supported_reasons(problem)) for name, b in BACKENDS.items()}
+    """Backend name -> "" if it can run a small float32 call on `device` (the lean forward: with frame ids), else
+    why not (for `info`)."""
+    return {name: "; ".join(b.not_supported_reasons(probe_problem(device, frames=name == "triton-lean")))
+            for name, b in BACKENDS.items()}

@@ -39,8 +39,9 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         frames: None, or integer frame ids (-1 outside the video): one (N,) tensor for
             self-attention or a pair (q_frames, k_frames); `vstar_kernels.frame_ids` builds them.
         key_mask: None, or a (B, Nk) bool tensor, True for a key to attend to.
-        backend: "auto", "triton", "cuda", "cpu" or "reference"; an explicit backend that cannot run
-            the call raises BackendUnavailableError.
+        backend: "auto", "triton", "triton-lean" (an opt-in: the video DiTs' regular frame layout, built
+            for sm_90), "cuda", "cpu" or "reference"; an explicit backend that cannot run the call raises
+            BackendUnavailableError.
         speculate: with frame ids, the Gaussian and the row max on the Triton kernels, one pass over the
             keys with a guessed m_i (the query's own frames and the text), the rows it guessed wrong
             recomputed: the two-pass result bit for bit (docs/api.md, "The speculative forward");

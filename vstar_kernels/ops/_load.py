@@ -58,6 +58,12 @@ def triton_backward_ops() -> Probe:
     return forward if not forward.ok else _import("tar_bwd", "the Triton backward kernels")
 
 
+def triton_lean_ops() -> Probe:
+    """ops.tar_fwd_lean, the lean forward; needs what triton_ops() needs."""
+    forward = triton_ops()
+    return forward if not forward.ok else _import("tar_fwd_lean", "the lean Triton forward")
+
+
 @functools.lru_cache(maxsize=None)
 def _import(name: str, what: str) -> Probe:
     try:

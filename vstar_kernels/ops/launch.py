@@ -42,7 +42,8 @@ BAND_EXPONENT = -160.0
 
 # The tiled kernels' tiles in the interpreter (tests may set smaller ones). The backward's unequal
 # query and key blocks make the tests cover the causal start of the dK/dV walk.
-INTERPRETER_TILES = dict(forward=dict(BLOCK_M=64, BLOCK_N=64), backward=dict(BLOCK_M=64, BLOCK_N=32))
+INTERPRETER_TILES = dict(forward=dict(BLOCK_M=64, BLOCK_N=64), backward=dict(BLOCK_M=64, BLOCK_N=32),
+                         lean=dict(BLOCK_M=64, BLOCK_N=32))
 
 # --------------------------------------------------------------------------- target arch
 
@@ -230,7 +231,7 @@ def facts(a: dict) -> SimpleNamespace:
     input size, the widest head dim block and the options."""
     q = a.get("Q")
     sm = target_sm(q) if q is not None else None
-    block = max(a["BLOCK_D"], a.get("BLOCK_DV", 0))  # the row-max pre-pass has no BLOCK_DV
+    block = max(a.get("BLOCK_D", a.get("HEAD_DIM")), a.get("BLOCK_DV", 0))  # the row-max pre-pass has no BLOCK_DV
     delta, frames = a.get("HAS_DELTA", False), a.get("HAS_FRAMES", False)
     biased = a.get("REGULARIZE", False) and (delta or frames or not a.get("GLOBAL_MAX", False))
     size = q.element_size() if q is not None else None
@@ -367,3 +368,15 @@ BWD_TILED = Tuning(
     # head dims over 128, which no row keeps: the input size's tiles with the fewest row words, on any
     # GPU (16-bit: 32 x 32 on 8 warps; float32: 32 x 16 on 8 warps; they spill, least)
     fewest=(_ROW_WORDS, 1))
+
+# The lean forward (ops/tar_fwd_lean.py), sm_90 only: 128 query rows, on 4 warps warp-specialized (Triton adds
+# its producer and consumer partitions) or on 8 warps without. Compiled for sm_90 without spills (tools.perf
+# static, kernel-log v5); 128 x 128 above head dim 64 spills on 8 warps and needs 257 KB of shared memory
+# warp-specialized.
+FWD_LEAN = Tuning(
+    [triton.Config(dict(BLOCK_M=128, BLOCK_N=bn, WARP_SPECIALIZE=ws), num_warps=w, num_stages=st)
+     for bn, w, ws, st in ((64, 4, True, 2), (64, 4, True, 3), (128, 4, True, 2), (64, 8, False, 2),
+                           (128, 8, False, 2))],
+    ((DROP, lambda f, c: f.deep and c.bn > 64, "above head dim 64 at most 64 keys a tile"),
+     (DROP, lambda f, c: not f.deep and c.stages > 2, "up to head dim 64: 2 stages")))
+

@@ -1,0 +1,173 @@
+"""The lean forward (backend="triton-lean", ops/tar_fwd_lean.py) against the float64 reference: regular frame
+layouts (text before, after, none, one frame, frames longer than a tile), lengths that are not tile multiples,
+the dtypes, head dims, with and without warp specialization, the (B, N, H, D) storage of diffusers, gradients
+through the tiled backward from the statistics it saves, NaN and inf, and every input it must refuse by name.
+
+Tensor descriptors run in the interpreter; warp specialization does not (the flag is accepted and ignored there),
+so both settings run the same code here and only a GPU run tells them apart (benchmarks/run_gpu_sweep.sh lean).
+"""
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+from vstar_kernels import dispatch
+from vstar_kernels._op import _tar_attention
+from vstar_kernels._problem import make_problem
+from vstar_kernels.ops import tar_fwd_lean
+from vstar_kernels.ops.launch import INTERPRETER_TILES
+from vstar_kernels.ops.layout import STAT_LSE, STAT_MAX
+
+from .._device import DEVICE
+from ..helpers import assert_close_to_reference, assert_grads_close, dtype_id, reference_grads
+
+# (frames, tokens per frame, text before, text after): CogVideoX's text first, HunyuanVideo's last, none, one
+# frame, frames longer than the 32-key interpreter tile, and a video alone shorter than one tile
+LAYOUTS = {"text_before": (3, 12, 7, 0), "text_after": (4, 9, 0, 5), "no_text": (5, 8, 0, 0),
+           "one_frame": (1, 40, 3, 0), "long_frames": (2, 45, 0, 6), "short": (2, 5, 1, 1)}
+SIGMA, STRENGTH = 1.5, 0.7
+
+
+def reference64(q, k, v, **opts):
+    """The float64 reference on CPU (the frame ids as they are)."""
+    return vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), **opts)
+
+
+def lean_call(q, k, v, ids, **opts):
+    return vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=ids, backend="triton-lean", **opts)
+
+
+def qkv(B, H, n, d, dtype, seed=0, bnhd=False, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, n, H, d) if bnhd else (B, H, n, d)
+    out = [torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype) for _ in range(3)]
+    if bnhd:  # diffusers' storage: (B, N, H, D) seen as (B, H, N, D)
+        out = [t.transpose(1, 2) for t in out]
+    return [t.requires_grad_(requires_grad) for t in out]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+def test_forward_matches_reference(layout, dtype):
+    frames, per_frame, before, after = LAYOUTS[layout]
+    ids = vk.frame_ids(frames, per_frame, text_before=before, text_after=after, device=DEVICE)
+    q, k, v = qkv(2, 2, ids.numel(), 32, dtype)
+    out = lean_call(q, k, v, ids)
+    assert_close_to_reference(out.cpu(), reference64(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=ids.cpu()))
+
+
+@pytest.mark.parametrize("d", [16, 64, 128])
+@pytest.mark.parametrize("warp_specialize", [False, True])
+def test_head_dims_and_warp_specialization(d, warp_specialize, monkeypatch):
+    monkeypatch.setitem(INTERPRETER_TILES, "lean", dict(BLOCK_M=32, BLOCK_N=16))
+    ids = vk.frame_ids(4, 10, text_after=3, device=DEVICE)
+    q, k, v = qkv(1, 2, ids.numel(), d, torch.float16, seed=d)
+    problem = make_problem(q, k, v, sigma=SIGMA, strength=STRENGTH, delta=None, causal=False, max_mode="row",
+                           scale=None, frames=ids)
+    out = tar_fwd_lean.lean_forward(problem, warp_specialize=warp_specialize)
+    assert_close_to_reference(out.cpu(), reference64(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=ids.cpu()))
+
+
+def test_strided_storage_and_options():
+    """diffusers' (B, N, H, D) storage, a scale, a wide and a narrow Gaussian, a negative strength."""
+    ids = vk.frame_ids(3, 16, text_before=5, device=DEVICE)
+    q, k, v = qkv(2, 3, ids.numel(), 32, torch.bfloat16, seed=4, bnhd=True)
+    assert not q.is_contiguous()
+    for sigma, strength, scale in ((0.3, 1.0, None), (50.0, -0.4, 0.2), (float("inf"), 2.0, None)):
+        out = vk.tar_attention(q, k, v, sigma=sigma, strength=strength, scale=scale, frames=ids, backend="triton-lean")
+        ref = reference64(q, k, v, sigma=sigma, strength=strength, scale=scale, frames=ids.cpu())
+        assert_close_to_reference(out.cpu(), ref)
+
+
+def test_statistics_match_the_tiled_forward():
+    """The saved row max is the tiled forward's bit for bit (the scale applied once per row is exact: rounding is
+    monotone), and the log-sum-exp agrees to rounding (other tiles)."""
+    ids = vk.frame_ids(3, 20, text_before=4, text_after=3, device=DEVICE)
+    q, k, v = qkv(2, 2, ids.numel(), 32, torch.float16, seed=7)
+    problem = make_problem(q, k, v, sigma=SIGMA, strength=STRENGTH, delta=None, causal=False, max_mode="row",
+                           scale=None, frames=ids)
+    stats = {b: _tar_attention(*problem.op_args(), b, True, False)[1] for b in ("triton", "triton-lean")}
+    assert stats["triton-lean"].shape == stats["triton"].shape
+    assert torch.equal(stats["triton-lean"][..., STAT_MAX], stats["triton"][..., STAT_MAX])
+    torch.testing.assert_close(stats["triton-lean"][..., STAT_LSE], stats["triton"][..., STAT_LSE], atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+def test_gradients_through_the_tiled_backward(dtype):
+    ids = vk.frame_ids(3, 14, text_after=6, device=DEVICE)
+    q, k, v = qkv(1, 2, ids.numel(), 32, dtype, seed=11, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE, dtype)
+    out = lean_call(q, k, v, ids)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    refs = reference_grads(q, k, v, grad_out, sigma=SIGMA, strength=STRENGTH, frames=ids.cpu())
+    assert_grads_close([g.cpu() for g in grads], refs, dtype)
+
+
+def test_nan_and_inf_rows_as_the_definition():
+    """A NaN key makes every row NaN (its score enters every row's max); an infinite query entry gives that row
+    an infinite max and so a non-finite bias: NaN, as the reference."""
+    ids = vk.frame_ids(2, 20, text_before=3, device=DEVICE)
+    q, k, v = qkv(1, 1, ids.numel(), 16, torch.float32, seed=3)
+    for which, where, value in ((1, (0, 0, 9, 2), float("nan")), (0, (0, 0, 17, 5), float("inf"))):
+        bad = [x.clone() for x in (q, k, v)]
+        bad[which][where] = value
+        out = lean_call(*bad, ids)
+        ref = reference64(*bad, sigma=SIGMA, strength=STRENGTH, frames=ids.cpu())
+        torch.testing.assert_close(out.cpu().double(), ref, equal_nan=True, atol=1e-5, rtol=1e-5)
+        assert torch.isnan(ref).any()
+
+
+@pytest.mark.parametrize("ids, expected", [
+    (lambda: vk.frame_ids(3, 4, text_before=2, text_after=1), (2, 4, 3)),
+    (lambda: vk.frame_ids(1, 7), (0, 7, 1)),
+    (lambda: torch.full((5,), -1, dtype=torch.int32), (5, 1, 0)),
+    (lambda: torch.tensor([0, 0, 1, 1, 2], dtype=torch.int32), None),   # frames of unequal length
+    (lambda: torch.tensor([0, 0, 2, 2], dtype=torch.int32), None),      # a frame missing
+    (lambda: torch.tensor([1, 1, 0, 0], dtype=torch.int32), None),      # out of order
+    (lambda: torch.tensor([0, 0, -1, 1, 1], dtype=torch.int32), None),  # text inside the video
+])
+def test_regular_layout(ids, expected):
+    assert tar_fwd_lean.regular_layout(ids().to(DEVICE)) == expected
+
+
+def test_refusals_name_the_argument():
+    ids = vk.frame_ids(2, 8, device=DEVICE)
+    q, k, v = qkv(1, 1, 16, 16, torch.float16)
+    with pytest.raises(ValueError, match="frames: backend='triton-lean' takes the regular layout"):
+        lean_call(q, k, v, torch.tensor([0] * 4 + [1] * 12, dtype=torch.int32, device=DEVICE))
+    unavailable = dispatch.BackendUnavailableError
+    cases = [
+        (dict(frames=None), "frame ids"),
+        (dict(key_mask=torch.ones(1, 16, dtype=torch.bool, device=DEVICE)), "key mask"),
+        (dict(causal=True), "no causal mask"),
+        (dict(max_mode="global"), "max_mode='row'"),
+        (dict(delta=torch.ones(2, 2, device=DEVICE)), "no delta"),
+        (dict(strength=0.0), "strength != 0"),
+    ]
+    for opts, match in cases:
+        call = {**dict(sigma=SIGMA, strength=STRENGTH, frames=ids, backend="triton-lean"), **opts}
+        with pytest.raises(unavailable, match=match):
+            vk.tar_attention(q, k, v, **call)
+    q80 = torch.randn(1, 1, 16, 80, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(unavailable, match="one head dim of 16, 32, 64 or 128"):
+        lean_call(q80, q80, q80, ids)
+    odd = torch.randn(1, 1, 16, 24, device=DEVICE, dtype=torch.float16)[..., :16]  # rows 48 bytes apart: aligned
+    lean_call(odd, odd, odd, ids)
+    odd = torch.randn(1, 1, 16, 20, device=DEVICE, dtype=torch.float16)[..., :16]  # rows 40 bytes apart
+    with pytest.raises(unavailable, match="q must have .* multiples of 16 bytes"):
+        lean_call(odd, k, v, ids)
+    shifted = torch.randn(1, 1, 16 * 16 + 1, device=DEVICE, dtype=torch.float16)[..., 1:].view(1, 1, 16, 16)
+    with pytest.raises(unavailable, match="v must have"):
+        lean_call(q, k, shifted, ids)
+    with pytest.raises(unavailable, match="self-attention"):
+        vk.tar_attention(q, k[:, :, :8], v[:, :, :8], frames=(ids, ids[:8]), backend="triton-lean")
+
+
+def test_never_chosen_by_auto_and_listed_by_info():
+    ids = vk.frame_ids(2, 8, device=DEVICE)
+    q, k, v = qkv(1, 1, 16, 16, torch.float32)
+    problem = make_problem(q, k, v, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
+                           frames=ids)
+    assert dispatch.select(problem, "auto").name != "triton-lean"
+    assert dispatch.availability(DEVICE)["triton-lean"] == ""

@@ -1,0 +1,229 @@
+"""The lean forward (backend="triton-lean", an explicit opt-in): TAR with frame ids for the regular layout every
+supported video DiT passes, `frame_ids(F, T, text_before, text_after)`, built for Hopper (issue 34 items 3 and 5).
+
+Where the tiled forward (tar_fwd.py) loads each key tile's frame ids and walks the keys in its general tile order,
+this kernel computes a token's frame from its index, loads every tile of Q, K and V through a device-side tensor
+descriptor (TMA on sm_90) and runs two loops over the keys: the exact row max (a walk of Q K^T, the scale
+applied once per row: max_j fl(scale * x_j) = fl(scale * max_j x_j), rounding being monotone), then the online
+softmax of the biased scores. With no pointer load in the kernel, Triton's automatic warp specialization applies
+to both loops on sm_90 (WARP_SPECIALIZE, 4 warps; `tools.perf static` shows the partitions). It saves the row
+statistics the tiled backward reads, so gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
+so its output agrees with it to rounding, not bit for bit; the float64 reference and the tolerance table are its
+tests (tests/kernels/test_lean.py).
+
+Not chosen by "auto": it has not yet run on a GPU (benchmarks/run_gpu_sweep.sh, stage `lean`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from .._problem import TarProblem, frame_value
+from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, cast, max_nan, mma, nanmax
+from .launch import FWD_LEAN, common_meta, delta_args, interpreter_tiles, tuned
+from .layout import STATS_FIELDS
+
+# Whether the installed Triton has device-side tensor descriptors and tl.range(..., warp_specialize=...).
+SUPPORTED = hasattr(tl, "make_tensor_descriptor") and "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+# A tensor descriptor's base address and strides (all but the last, which must be 1) are multiples of this.
+DESCRIPTOR_ALIGN = 16
+
+
+@triton.jit
+def frame_of(n, BEFORE, PER_FRAME, VIDEO):
+    """The frame id of token positions n (int32) in the regular layout: BEFORE tokens outside the video, VIDEO =
+    frames x PER_FRAME tokens of frames in order, then tokens outside it (-1)."""
+    v = n - BEFORE
+    return tl.where((v >= 0) & (v < VIDEO), v // PER_FRAME, -1)
+
+
+@triton.jit
+def _tar_fwd_lean_kernel(
+    Q, K, V, O, STATS,
+    q_strides, k_strides, v_strides, o_strides,  # (batch, head, token) strides; the head dim's is 1
+    H, N, BEFORE, PER_FRAME, VIDEO,
+    scale, strength, gauss_coef,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence of N tokens,
+    dA the Gaussian exp2(gauss_coef * (f_j - f_i)^2) of the frames `frame_of` gives (0 where either is -1).
+
+    Q, K, V, O (B, H, N, HEAD_DIM) with the head dim contiguous; the launcher checks that every other stride and
+    each sequence's address are multiples of 16 bytes (DESCRIPTOR_ALIGN). A tile past N loads as zeros, its
+    scores masked to -inf; a store past N is dropped. With SAVE_STATS the raw row max and the log-sum-exp of the
+    biased scores go to STATS (float32, contiguous (B*H, N, layout.STATS_FIELDS)), as the tiled forward saves
+    them. The grid is (B*H * cdiv(N, BLOCK_M),).
+    """
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK_M)
+    seq = pid // blocks
+    start_m = (pid % blocks) * BLOCK_M
+    b = (seq // H).to(tl.int64)
+    h = (seq % H).to(tl.int64)
+    q_desc = tl.make_tensor_descriptor(Q + b * q_strides[0] + h * q_strides[1], [N, HEAD_DIM], [q_strides[2], 1],
+                                       [BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K + b * k_strides[0] + h * k_strides[1], [N, HEAD_DIM], [k_strides[2], 1],
+                                       [BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V + b * v_strides[0] + h * v_strides[1], [N, HEAD_DIM], [v_strides[2], 1],
+                                       [BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(O + b * o_strides[0] + h * o_strides[1], [N, HEAD_DIM], [o_strides[2], 1],
+                                       [BLOCK_M, HEAD_DIM])
+    q = q_desc.load([start_m, 0])
+    cols = tl.arange(0, BLOCK_N)
+
+    # The exact row max. The mask stays in the loop: a peeled last tile (a descriptor load under a branch) keeps
+    # Triton 3.9 from warp-specializing the loop.
+    raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = k_desc.load([start, 0])
+        s = tl.where((start + cols < N)[None, :], mma(q, tl.trans(k), PRECISION), float("-inf"))
+        raw = max_nan(raw, nanmax(s, 1))
+    m = raw * scale
+    c = strength * m
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    fq = frame_of(rows, BEFORE, PER_FRAME, VIDEO)
+    run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    denom = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = k_desc.load([start, 0])
+        s = mma(q, tl.trans(k), PRECISION) * scale
+        fk = frame_of(start + cols, BEFORE, PER_FRAME, VIDEO)
+        dist = fk.to(tl.float32)[None, :] - fq.to(tl.float32)[:, None]
+        dA = tl.where((fq[:, None] >= 0) & (fk[None, :] >= 0), tl.exp2(gauss_coef * dist * dist), 0.0)
+        # one fused multiply-add, as the tiled kernels' add_bias: a non-finite c_i makes the row NaN
+        s = tl.fma(tl.broadcast_to(c[:, None], s.shape), dA, s)
+        s = tl.where((start + cols < N)[None, :], s, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(s, 1))
+        m2 = new_max * 1.4426950408889634
+        alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
+        p = tl.exp2(s * 1.4426950408889634 - m2[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        v = v_desc.load([start, 0])
+        acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
+        run_max = new_max
+    o_desc.store([start_m, 0], cast(acc / denom[:, None], O.dtype.element_ty))
+    if SAVE_STATS:
+        row_ok = rows < N
+        stat = (seq.to(tl.int64) * N + rows) * _STATS_N
+        tl.store(STATS + stat + _STAT_MAX, m, mask=row_ok)
+        tl.store(STATS + stat + _STAT_LSE, run_max + tl.log(denom), mask=row_ok)
+
+
+_KEY = ["N", "HEAD_DIM", "SAVE_STATS", "PRECISION"]
+# autotuned over every config (None), or over those with (True) or without (False) warp specialization
+_lean = {ws: tuned(_tar_fwd_lean_kernel, FWD_LEAN if ws is None else dataclasses.replace(
+    FWD_LEAN, configs=[c for c in FWD_LEAN.configs if c.kwargs["WARP_SPECIALIZE"] == ws]), _KEY)
+    for ws in (None, True, False)}
+
+
+# --------------------------------------------------------------------------- host side
+
+def regular_layout(ids: torch.Tensor):
+    """(before, per_frame, frames) when `ids` is frame_ids(frames, per_frame, text_before=before, text_after=...),
+    else None. Read once per id tensor and version (`_problem.frame_value`: one device synchronisation)."""
+    return frame_value(ids, "regular layout", _read_regular_layout)
+
+
+def _read_regular_layout(ids: torch.Tensor):
+    x = ids.to(torch.int64).cpu()
+    video = (x >= 0).nonzero().flatten()
+    if video.numel() == 0:
+        return (x.numel(), 1, 0) if bool((x == -1).all()) else None
+    lo, hi = int(video[0]), int(video[-1]) + 1
+    frames = int(x[lo:hi].max()) + 1
+    per_frame = (hi - lo) // frames
+    if per_frame * frames != hi - lo or bool((x[:lo] != -1).any()) or bool((x[hi:] != -1).any()):
+        return None
+    expected = torch.arange(frames).repeat_interleave(per_frame)
+    return (lo, per_frame, frames) if torch.equal(x[lo:hi], expected) else None
+
+
+def layout_reasons(problem: TarProblem) -> list:
+    """Why the lean forward cannot run `problem` for what its kernel assumes (dispatch adds the Triton state's)."""
+    reasons = []
+    if not (problem.regularized and problem.frames_q is not None and problem.delta is None
+            and problem.max_mode == "row"):
+        reasons.append("the lean forward runs TAR's Gaussian with frame ids and the row max (frames=, no delta, "
+                       "max_mode='row', strength != 0)")
+    if problem.causal or problem.key_mask is not None:
+        reasons.append("the lean forward takes no causal mask and no key mask")
+    if problem.nq != problem.nk:
+        reasons.append(f"the lean forward is self-attention (Nq == Nk), got Nq {problem.nq}, Nk {problem.nk}")
+    d = problem.head_dim
+    if problem.head_dim_v != d or d not in (16, 32, 64, 128):
+        reasons.append(f"the lean forward takes one head dim of 16, 32, 64 or 128 for q, k and v, got "
+                       f"{d} and {problem.head_dim_v}")
+    for name, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % DESCRIPTOR_ALIGN or any(s * size % DESCRIPTOR_ALIGN
+                                                                      for s in t.stride()[:-1]):
+            reasons.append(f"{name} must have its head dim contiguous and its address and other strides multiples "
+                           f"of {DESCRIPTOR_ALIGN} bytes (tensor descriptors), got strides {tuple(t.stride())}")
+    return reasons
+
+
+def frame_layout(problem: TarProblem) -> tuple:
+    """(before, per_frame, frames) of the call's frame ids; ValueError naming `frames` when they are not one
+    regular layout for queries and keys."""
+    layout = regular_layout(problem.frames_q)
+    if problem.frames_k is not problem.frames_q and regular_layout(problem.frames_k) != layout:
+        layout = None
+    if layout is None:
+        raise ValueError("frames: backend='triton-lean' takes the regular layout frame_ids(num_frames, "
+                         "tokens_per_frame, text_before=, text_after=) builds (the same for queries and keys); "
+                         "these ids are laid out otherwise: use backend='triton'")
+    return layout
+
+
+def _allocate(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_specialize: bool | None = None):
+    """Launch the lean forward for a validated problem (layout_reasons() empty); returns (B, H, N, D).
+
+    stats: None, or the contiguous float32 (B*H, N, layout.STATS_FIELDS) buffer the tiled backward reads.
+    warp_specialize: None lets the autotuner choose among the configs (FWD_LEAN); True or False keeps only the
+    configs with or without warp specialization (the benchmark times both).
+    """
+    reasons = layout_reasons(problem)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    before, per_frame, frames = frame_layout(problem)
+    q, k, v = problem.q, problem.k, problem.v
+    bh, n, d = problem.batch * problem.heads, problem.nq, problem.head_dim
+    out = torch.empty(problem.output_shape(), device=q.device, dtype=q.dtype)
+    if stats is not None and (tuple(stats.shape) != (bh, n, STATS_FIELDS) or stats.dtype != torch.float32
+                              or not stats.is_contiguous()):
+        raise ValueError(f"stats must be a contiguous float32 ({bh}, {n}, {STATS_FIELDS}) tensor, "
+                         f"got {stats.dtype} {tuple(stats.shape)}")
+    if bh == 0 or n == 0:
+        return out
+    _, _, gauss_coef = delta_args(problem)
+    strides = [t.stride()[:3] for t in (q, k, v, out)]
+    args = (q, k, v, out, stats, *strides, problem.heads, n, before, per_frame, frames * per_frame, problem.scale,
+            problem.strength, gauss_coef)
+    meta = dict(HEAD_DIM=d, SAVE_STATS=stats is not None, PRECISION=common_meta(problem)["PRECISION"])
+    grid = lambda m: (bh * triton.cdiv(n, m["BLOCK_M"]),)  # noqa: E731
+    tiles = interpreter_tiles("lean")
+    if tiles:  # the interpreter: one config, warp specialization a no-op there
+        _lean[None][grid](*args, **meta, **tiles, WARP_SPECIALIZE=bool(warp_specialize))
+        return out
+    from triton.runtime import _allocation  # device-side descriptors take a scratch buffer per launch
+    kernel = _lean[warp_specialize]
+    token = _allocation._allocator.set(_allocate) \
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator) else None
+    try:
+        kernel[grid](*args, **meta)
+    finally:
+        if token is not None:
+            _allocation._allocator.reset(token)
+    return out
