@@ -148,3 +148,44 @@ def test_sass_parse_finds_the_loop():
     # 128 threads x 255 registers: 8 warps by registers -> 2 CTAs; 100 KB shared: 2 CTAs on H100, 1 on A100
     assert occupancy(90, 255, 100 * 1024, 4) == (2, 8)
     assert occupancy(80, 255, 100 * 1024, 4) == (1, 4)
+
+
+_LEAN = r'''
+import json
+import torch
+from tools.perf import static
+from tools.perf import compile_check as cc
+
+case = (torch.bfloat16, (2, 8, 256, 256, 64, 64), dict(frames=True, lean=True))
+name, thunk = next(cc.cases([case], backward=False))
+with cc.targeting(90):
+    (launch,) = cc.record(thunk)
+    (expanded,) = static._with_baseline(launch)
+    rows = [r for c in cc.compile_launch(expanded, 90, expanded.all_configs, name) for r in static.rows(90, c)]
+print(json.dumps([[r.kernel, r.config, r.loop, r.spill_bytes, r.mma, r.partitions, r.cta_warps, r.register_split,
+                   r.short_instr_per_score, r.long_instr_per_score] for r in rows if r.loop == "hot"]))
+'''
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason=f"triton ships no ptxas here ({PTXAS})")
+def test_lean_forward_warp_specializes_on_sm90(tmp_path):
+    """The lean forward's configs for sm_90 compile without spills; the warp-specialized ones get Triton's producer
+    and two consumer partitions (12 warps a CTA) and a setmaxnreg register split; the others take the one-frame
+    tiles' short path, under half the instructions of their per-score path."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    script = tmp_path / "lean_check.py"
+    script.write_text(_LEAN)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    hot = json.loads(res.stdout.strip().splitlines()[-1])
+    specialized = [r for r in hot if "WARP_SPECIALIZE=True" in r[1]]
+    plain = [r for r in hot if "WARP_SPECIALIZE=False" in r[1]]
+    assert len(specialized) == 2 and len(plain) == 2  # D 64: 128 x 64 and 128 x 128 each way
+    for kernel, config, _, spills, mma, partitions, warps, split, short, long in hot:
+        assert (kernel, spills, mma) == ("_tar_fwd_lean_kernel", 0, "HGMMA"), config
+    for *_, partitions, warps, split, short, long in specialized:
+        assert (partitions, warps) == (2, 12) and split.startswith("+") and "-" in split
+    for *_, partitions, warps, split, short, long in plain:
+        assert (partitions, warps, split) == (0, 8, "") and short < long / 2

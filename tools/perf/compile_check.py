@@ -32,7 +32,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 from vstar_kernels._problem import make_problem, speculates
 from vstar_kernels.ops.launch import targeting
-from vstar_kernels.ops._load import triton_backward_ops, triton_ops
+from vstar_kernels.ops._load import triton_backward_ops, triton_lean_ops, triton_ops
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -59,6 +59,9 @@ class Compiled:
     options: dict = field(repr=False)  # the compile options: num_warps, num_stages, ...
     constants: dict = field(repr=False)  # the constexpr values, config included, by name
     cubin: bytes = field(repr=False)
+    # warp specialization: the warps the launch runs (num_warps plus the partitions'), and the partitions
+    total_warps: int = 0
+    partitions: int = 0
 
 
 class _Recorder:
@@ -91,30 +94,33 @@ def pruned_configs(tuner, args, kwargs) -> list:
 
 
 def _modules():
-    fwd, bwd = triton_ops(), triton_backward_ops()
-    for probe in (fwd, bwd):
+    fwd, bwd, lean = triton_ops(), triton_backward_ops(), triton_lean_ops()
+    for probe in (fwd, bwd, lean):
         if not probe.ok:
             raise RuntimeError(probe.reason)
     if fwd.module.INTERPRETING:
         raise RuntimeError("the kernels were loaded for the interpreter: run without TRITON_INTERPRET=1")
-    return fwd.module, bwd.module
+    return fwd.module, bwd.module, lean.module
 
 
 def record(fn) -> list:
     """The kernel launches `fn()` makes, with the kernels swapped for recorders (nothing runs)."""
-    fwd, bwd = _modules()
+    fwd, bwd, lean = _modules()
     launches = []
     kernels = ("_packed", "_tiled_row_max", "_tiled", "_tiled_speculative", "_redo", "_dq", "_dkdv")
     saved = {(m, name): getattr(m, name) for m in (fwd, bwd) for name in kernels if hasattr(m, name)}
+    lean_kernels = dict(lean._lean)  # the lean forward's autotuners, by warp specialization
     try:
         for (m, name), kernel in saved.items():
             setattr(m, name, _Recorder(kernel, launches))
+        lean._lean.update({ws: _Recorder(kernel, launches) for ws, kernel in lean_kernels.items()})
         bwd._dkdv.follows = bwd._dq  # the dK/dV pass runs the dQ pass's tuned config
         fwd._redo.follows = fwd._tiled_speculative  # and the redo the speculative forward's
         fn()
     finally:
         for (m, name), kernel in saved.items():
             setattr(m, name, kernel)
+        lean._lean.update(lean_kernels)
     return launches
 
 
@@ -170,7 +176,8 @@ def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> l
         regs, spills = _resources(compiled.asm["cubin"])
         constants = {jit_fn.arg_names[path[0]]: value for path, value in src.constants.items() if len(path) == 1}
         results.append(Compiled(jit_fn.__name__, case, config_text(config), regs, spills, compiled.metadata.shared,
-                                options, constants, compiled.asm["cubin"]))
+                                options, constants, compiled.asm["cubin"], compiled.metadata.num_warps,
+                                len(re.findall(r"^\s*partition\d+\(", compiled.asm["ttgir"], re.M))))
     return results
 
 
@@ -192,7 +199,7 @@ FRAMES_PER_CASE = 4
 def cases(combos=FULL, backward=True):
     """(name, thunk) pairs whose launches cover the forward (and backward) kernels for each
     (dtype, shape, options) combination."""
-    fwd, bwd = _modules()
+    fwd, bwd, lean = _modules()
     for dtype, shape, opts in combos:
         B, H, nq, nk, d, dv = shape
         q = torch.empty(B, nq, H, d, dtype=dtype).transpose(1, 2)
@@ -204,8 +211,12 @@ def cases(combos=FULL, backward=True):
         frames = torch.arange(nq, dtype=torch.int32) * FRAMES_PER_CASE // nq if opts.pop("frames", False) else None
         problem = make_problem(q, k, v, sigma=1.0, strength=1.0, delta=delta, causal=opts.get("causal", False),
                                max_mode=opts.get("max_mode", "row"), scale=None, frames=frames)
+        lean_only = opts.pop("lean", False)  # the lean forward alone (frame ids of a regular layout)
         name = (f"{_TORCH_TO_TRITON[dtype]} B{B}H{H}Nq{nq}Nk{nk}D{d}Dv{dv} {opts or ''}"
                 f"{' delta' if delta is not None else ''}{' frames' if frames is not None else ''}")
+        if lean_only:
+            yield name + " lean", (lambda p=problem: lean.lean_forward(p))
+            continue
         yield name, (lambda p=problem: fwd.tar_forward(p))
         if speculates(problem):  # the speculative one pass and its redo (speculate=True, the default)
             yield name + " speculative", (lambda p=problem: fwd.tar_forward(

@@ -36,6 +36,11 @@ sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseli
   conditional branch forward inside the loop may go either way; the frame-id kernel's key
   tiles take a dA column or dA per score): `short_*` and `long_*`, per score element as above.
   A loop without such branches has one path, its whole body.
+* warp specialization (the lean forward's WARP_SPECIALIZE configs): `partitions`, the partitions Triton
+  made beside the kernel's own warps (the TMA producer stays in them; each partition is a consumer
+  warp group); `cta_warps`, the warps a CTA then runs, which the occupancy counts; `register_split`, the
+  setmaxnreg values of the SASS in order. Such a kernel's per-score figures still count its num_warps
+  over the whole tile; they are one partition's loop, not the CTA's work, and the model does not read them.
 
 These are statistics of compiled code, not timings. Written to
 <results>/static-sm<arch>.csv and .md (see tools/perf/model.md).
@@ -102,6 +107,12 @@ class Row:
     kernel_mma: str = ""
     outside_loops: int = 0
     outside_warp_instr: int = 0
+    # warp specialization (the lean forward's WARP_SPECIALIZE configs): the partitions Triton made beside the
+    # kernel's own num_warps, the warps a CTA then runs, and the register split its SASS sets (setmaxnreg:
+    # "+N" a warp group raising its registers to N, "-N" lowering them), in SASS order
+    partitions: int = 0
+    cta_warps: int = 0
+    register_split: str = ""
 
 
 def disassemble(cubin: bytes) -> str:
@@ -212,14 +223,15 @@ def _kinds(opcodes: list) -> str:
     return "/".join(sorted({op.split(".")[0] for op in opcodes if _is_mma(op)})) or "none"
 
 
-def _stats(arch: int, compiled, opcodes: list, loops: list, jumps: dict, span, loop: str) -> Row:
+def _stats(arch: int, compiled, opcodes: list, loops: list, jumps: dict, span, loop: str, text: str = "") -> Row:
     """The Row of one compiled kernel, its figures from the opcodes of `span` ((first, last); None:
     the whole kernel up to its last EXIT)."""
     lo, hi = span if span else (0, last_exit(opcodes))
     body = opcodes[lo:hi + 1]
     in_loops = {i for a, b in loops for i in range(a, b + 1)}
     warps = compiled.options["num_warps"]
-    ctas, warps_sm = occupancy(arch, compiled.registers, compiled.shared_bytes, warps)
+    cta_warps = compiled.total_warps or warps
+    ctas, warps_sm = occupancy(arch, compiled.registers, compiled.shared_bytes, cta_warps)
     m, n = score_tile(compiled.constants)
     outside = outside_loops(opcodes, loops)
     mufu = sum(op.startswith("MUFU") for op in body)
@@ -232,17 +244,28 @@ def _stats(arch: int, compiled, opcodes: list, loops: list, jumps: dict, span, l
                "loop" if span else "kernel", len(body), mufu, per_score(len(body)), per_score(mufu), loop,
                sum(_is_mma(op) for op in body), per_score(short[0]), per_score(short[1]), per_score(long[0]),
                per_score(long[1]), kernel_mma=_kinds(opcodes), outside_loops=outside,
-               outside_warp_instr=outside * warps)
+               outside_warp_instr=outside * warps, partitions=compiled.partitions, cta_warps=cta_warps,
+               register_split=register_split(text))
+
+
+_SETMAXREG = re.compile(r"SETMAXREG\.(TRY_ALLOC|DEALLOC)\S*\s+(?:U?P\w+,\s*)?(0x[0-9a-f]+|\d+)")
+
+
+def register_split(text: str) -> str:
+    """The setmaxnreg of a warp-specialized kernel's SASS, in order: "+N" raises a warp group's registers to N,
+    "-N" lowers them; "" without."""
+    return " ".join(("+" if kind == "TRY_ALLOC" else "-") + str(int(n, 0)) for kind, n in _SETMAXREG.findall(text))
 
 
 def rows(arch: int, compiled) -> list:
     """The statistics of one compiled kernel (compile_check.Compiled): its hot-loop row, then
     one row per MMA loop when it has more than one (see the module doc)."""
-    opcodes, loops, jumps = sass_graph(disassemble(compiled.cubin))
-    out = [_stats(arch, compiled, opcodes, loops, jumps, hot_loop(opcodes, loops), "hot")]
+    text = disassemble(compiled.cubin)
+    opcodes, loops, jumps = sass_graph(text)
+    out = [_stats(arch, compiled, opcodes, loops, jumps, hot_loop(opcodes, loops), "hot", text)]
     mma_loops = [lp for lp in loops if any(_is_mma(op) for op in opcodes[lp[0]:lp[1] + 1])]
     if len(mma_loops) > 1:
-        out += [_stats(arch, compiled, opcodes, loops, jumps, lp, str(i))
+        out += [_stats(arch, compiled, opcodes, loops, jumps, lp, str(i), text)
                 for i, lp in enumerate(sorted(mma_loops), 1)]
     return out
 
@@ -258,7 +281,10 @@ def _with_baseline(launch) -> list:
     model's rows: the autotuner picks among them), any other launch its first and last."""
     from .compile_check import Launch, pruned_configs
 
-    if getattr(launch.kernel, "fn", None) is None or launch.kernel.fn.__name__ != "_tar_fwd_tiled_kernel":
+    name = getattr(getattr(launch.kernel, "fn", None), "__name__", "")
+    if name == "_tar_fwd_lean_kernel":  # every pruned config: warp-specialized or not
+        return [replace(launch, all_configs=True)]
+    if name != "_tar_fwd_tiled_kernel":
         return [launch]
     q, k, v = launch.args[:3]
     launch = replace(launch, all_configs=q.dtype == torch.float16)
@@ -281,14 +307,15 @@ def combos(quick: bool) -> list:
     (B, N, H, D) storage of diffusers; N multiples of 16, as frame and token counts are, since the
     JIT specializes on it), plain, causal with the global max, a custom delta; frame ids (the tiled
     kernels, forward and backward) on the tiled shape and on a DiT's own self-attention call
-    (DIT_SHAPE, D 128); float32 inputs (the tf32x3 dot) on both shapes, plain; --quick: fp16 plain and
-    causal-global only."""
+    (DIT_SHAPE, D 128), and there the lean forward too (its every config); float32 inputs (the tf32x3 dot) on
+    both shapes, plain; --quick: fp16 plain and causal-global only."""
     shapes = [(64, 8, 16, 16, 40, 40), (2, 8, 256, 256, 64, 64)]
     options = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]
     dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
     out = [(dt, s, o) for dt in dtypes for s in shapes for o in (options[:2] if quick else options)]
     if not quick:
         out += [(dt, s, dict(frames=True)) for dt in dtypes for s in (shapes[1], DIT_SHAPE)]
+        out += [(dt, s, dict(frames=True, lean=True)) for dt in dtypes for s in (shapes[1], DIT_SHAPE)]
         out += [(torch.float32, s, dict()) for s in shapes]
     return out
 

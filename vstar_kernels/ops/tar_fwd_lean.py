@@ -77,12 +77,17 @@ def _tar_fwd_lean_kernel(
     q = q_desc.load([start_m, 0])
     cols = tl.arange(0, BLOCK_N)
 
-    # The exact row max. The mask stays in the loop: a peeled last tile (a descriptor load under a branch) keeps
-    # Triton 3.9 from warp-specializing the loop.
+    # A branch in a loop (a peeled last tile, a tile of one frame id) keeps Triton 3.9 from warp-specializing it
+    # (tools.perf static: no partitions, and spills on 4 warps): warp-specialized, every tile takes the general
+    # path; without, a tile of one frame id adds dA as one vector along the rows, and only the last tile is masked.
+    BRANCHES: tl.constexpr = not WARP_SPECIALIZE
+    # the exact row max
     raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([start, 0])
-        s = tl.where((start + cols < N)[None, :], mma(q, tl.trans(k), PRECISION), float("-inf"))
+        s = mma(q, tl.trans(k), PRECISION)
+        if not BRANCHES or start + BLOCK_N > N:  # keys past N (zeros) take no part
+            s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         raw = max_nan(raw, nanmax(s, 1))
     m = raw * scale
     c = strength * m
@@ -95,12 +100,21 @@ def _tar_fwd_lean_kernel(
     for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([start, 0])
         s = mma(q, tl.trans(k), PRECISION) * scale
-        fk = frame_of(start + cols, BEFORE, PER_FRAME, VIDEO)
-        dist = fk.to(tl.float32)[None, :] - fq.to(tl.float32)[:, None]
-        dA = tl.where((fq[:, None] >= 0) & (fk[None, :] >= 0), tl.exp2(gauss_coef * dist * dist), 0.0)
+        last = tl.minimum(start + BLOCK_N, N) - 1
+        one = frame_of(start, BEFORE, PER_FRAME, VIDEO)
+        # one frame id across the tile (frames are runs in order; two -1 ends may hold the video between them)
+        if BRANCHES and (one == frame_of(last, BEFORE, PER_FRAME, VIDEO)) & ((start >= BEFORE) | (last < BEFORE)):
+            gap = one - fq.to(tl.float32)  # dA as one vector along the rows: the per-score values
+            vec = tl.where((fq >= 0) & (one >= 0), tl.exp2(gauss_coef * gap * gap), 0.0)
+            dA = tl.broadcast_to(vec[:, None], s.shape)
+        else:
+            fk = frame_of(start + cols, BEFORE, PER_FRAME, VIDEO)
+            dist = fk.to(tl.float32)[None, :] - fq.to(tl.float32)[:, None]
+            dA = tl.where((fq[:, None] >= 0) & (fk[None, :] >= 0), tl.exp2(gauss_coef * dist * dist), 0.0)
         # one fused multiply-add, as the tiled kernels' add_bias: a non-finite c_i makes the row NaN
         s = tl.fma(tl.broadcast_to(c[:, None], s.shape), dA, s)
-        s = tl.where((start + cols < N)[None, :], s, float("-inf"))
+        if not BRANCHES or start + BLOCK_N > N:
+            s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
         m2 = new_max * 1.4426950408889634
         alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
