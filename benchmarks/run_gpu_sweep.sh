@@ -8,7 +8,9 @@
 #
 #   VSTAR_BENCH_COMMIT=<commit of the code> bash benchmarks/run_gpu_sweep.sh [STAGE]
 #
-# STAGE: all (default) | tests | kernels | e2e | quick | speculation
+# STAGE: all (default) | tests | kernels | e2e | quick | speculation | lean
+#   lean (not in all): the lean forward (backend="triton-lean"), autotuned, warp-specialized and not, against two
+#   passes and the floor at the DiT shapes (benchmarks/speculation.py --lean), budget SPEC_BUDGET_S.
 #   speculation (not in all): the speculative one pass against two passes and the floor at the DiT shapes
 #   and forced flag rates 0 / 5 / 20 / 100%, and the launches timed apart (the row-max walk, the biased loop, the
 #   redo) with the profiler (benchmarks/speculation.py), budget SPEC_BUDGET_S.
@@ -68,9 +70,12 @@ run_stage() {  # name, then the command
         speculation)
             run_stage "speculative one pass" python3 benchmarks/speculation.py --out "$RESULTS" \
                 --time-budget-s "$SPEC_BUDGET_S" ;;
+        lean)
+            run_stage "lean forward" python3 benchmarks/speculation.py --lean --out "$RESULTS" \
+                --time-budget-s "$SPEC_BUDGET_S" ;;
         all | tests | kernels | e2e) ;;
         *)
-            echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick, speculation)"
+            echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick, speculation, lean)"
             exit 2 ;;
     esac
     run_stage "tables and plots" python3 benchmarks/plot_results.py \

@@ -14,7 +14,15 @@ max_mode="global" runs as two launches: the walk of every key tile for the row m
 the biased online softmax with that max known (vstar_triton_biased_loop; its output is the global-max variant's,
 so these two rows time the work, not the row-max call).
 
+--lean (`run_gpu_sweep.sh lean`) times the lean forward (backend="triton-lean", two loops over the keys, frames
+from the token index, tensor descriptors) at each DiT shape beside the two passes and the floor, once (its time
+does not depend on the flag rate): autotuned (vstar_triton_lean), and restricted to its warp-specialized configs
+(vstar_triton_lean_ws) and to the others (vstar_triton_lean_no_ws). Correctness first: each output must agree
+with the two-pass output within the tolerance table (vstar_kernels.bench.check.TOLERANCES), or the row says
+"mismatch" and is not timed; a GPU it cannot run on gives the reason as the row's status.
+
     python3 benchmarks/speculation.py [--out DIR] [--shapes NAME ...] [--rates 0 0.05 0.2 1] [--time-budget-s S]
+                                      [--lean]
 
 --smoke runs one tiny layout through the Triton interpreter (TRITON_INTERPRET=1) on the CPU: the same checks,
 timed on the CPU, for the tests.
@@ -32,7 +40,10 @@ import torch
 from torch.profiler import ProfilerActivity
 
 import vstar_kernels as vk
+from vstar_kernels import dispatch
+from vstar_kernels._problem import make_problem
 from vstar_kernels.bench import measure
+from vstar_kernels.bench.check import TOLERANCES
 from vstar_kernels.bench.peers import FLOOR_LABELS, floor_backend, sdpa_only
 
 RATES = (0.0, 0.05, 0.2, 1.0)
@@ -135,6 +146,46 @@ def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, 
             print(f"{name} f={rate:g} {kernels[kernel]} ({kernel}): {timing.median_ms:.3f} ms", flush=True)
 
 
+LEAN_IMPLS = {"vstar_triton_lean": None, "vstar_triton_lean_ws": True, "vstar_triton_lean_no_ws": False}
+
+
+def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype, info, out: Path,
+             sigma: float) -> None:
+    """The lean forward's rows at one DiT shape (module doc, --lean); planted data at flag rate 0."""
+    q, k, v = planted(frames, heads, d, 0.0, device, dtype)
+    frames = frames.to(device)
+    setup = f"dit={name} sigma={sigma:g}"
+    cost = measure.ideal_cost(heads, frames.numel(), frames.numel(), d, d, q.element_size())
+    dt = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+    two = vk.tar_attention(q, k, v, sigma=sigma, frames=frames, backend="triton", speculate=False)
+    problem = make_problem(q, k, v, sigma=sigma, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
+                           frames=frames)
+    why = "; ".join(dispatch.BACKENDS["triton-lean"].not_supported_reasons(problem))
+    for impl, ws in LEAN_IMPLS.items():
+        timing, status = None, f"unsupported: {why}"
+        if not why:
+            from vstar_kernels.ops.tar_fwd_lean import lean_forward
+
+            fn = lambda ws=ws: lean_forward(problem, warp_specialize=ws)  # noqa: E731
+            atol, rtol = TOLERANCES[dtype]
+            close = torch.allclose(fn().float(), two.float(), atol=atol, rtol=rtol)
+            status = "ok" if close else "mismatch: outside the tolerance table against the two passes"
+            timing = measure.time_call(fn, device)[0] if close else None
+        measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=setup, status=status,
+                                            timing=timing, cost=cost, backend="triton-lean"))
+        print(f"{name} {impl}: " + (f"{timing.median_ms:.3f} ms" if timing else status), flush=True)
+    peers = {"vstar_triton_two_pass": ("triton", lambda: vk.tar_attention(q, k, v, sigma=sigma, frames=frames,
+                                                                          backend="triton", speculate=False))}
+    if device.type == "cuda":
+        floor = floor_backend(device)
+        peers["sdpa_floor"] = (FLOOR_LABELS[floor], lambda: sdpa_only(floor, q, k, v, None))
+    for impl, (backend, fn) in peers.items():
+        timing = measure.time_call(fn, device)[0]
+        measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=setup, status="ok",
+                                            timing=timing, cost=cost, backend=backend))
+        print(f"{name} {impl}: {timing.median_ms:.3f} ms", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -142,6 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rates", nargs="*", type=float, default=list(RATES))
     parser.add_argument("--time-budget-s", type=float, default=420.0)
     parser.add_argument("--smoke", action="store_true", help="one tiny layout in the Triton interpreter (CPU)")
+    parser.add_argument("--lean", action="store_true", help="the lean forward's rows (once per shape) first")
     args = parser.parse_args(argv)
     if any(not 0 <= r <= 1 for r in args.rates):
         parser.error(f"--rates: shares in [0, 1], got {args.rates}")
@@ -165,6 +217,11 @@ def main(argv=None) -> int:
     info = measure.RunInfo.collect(device)
     out = Path(args.out) / f"speculation-{measure.slug(info.device)}-{info.date}.csv"
     start = time.monotonic()
+    if args.lean:
+        for name, frames, heads, d, sigma in cases:
+            run_lean(name, frames, heads, d, device, dtype, info, out, sigma)
+        print(f"rows in {out}")
+        return 0
     for name, frames, heads, d, sigma in cases:
         for rate in args.rates:
             if time.monotonic() - start > args.time_budget_s:

@@ -29,6 +29,21 @@ def test_smoke_run_writes_checked_rows(tmp_path):
     assert float(rates[0]) == 0 and 0.3 < float(rates[-1]) <= 1
 
 
+def test_lean_smoke_run_checks_before_timing(tmp_path):
+    """--lean (the sweep's `lean` stage): each lean variant checked against the two passes, then timed, and the two
+    passes beside them."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--smoke", "--lean", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (csv_path,) = tmp_path.glob("speculation-*.csv")
+    rows = measure.read_csv(csv_path)
+    assert [r["impl"] for r in rows] == ["vstar_triton_lean", "vstar_triton_lean_ws", "vstar_triton_lean_no_ws",
+                                         "vstar_triton_two_pass"]
+    assert {r["status"] for r in rows} == {"ok"} and all(float(r["median_ms"]) > 0 for r in rows)
+    assert [r["backend"] for r in rows] == ["triton-lean"] * 3 + ["triton"]
+
+
 def test_bad_rates_and_no_gpu_are_refused(tmp_path):
     for args, message in ((["--smoke", "--rates", "1.5"], "--rates: shares in [0, 1]"),
                           ([], "torch sees no CUDA device")):
