@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UniPCMultistepScheduler, WanPipeline
+from diffusers import CogVideoXTransformer3DModel, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
@@ -25,8 +25,8 @@ from vstar_kernels.frames import layout_ids
 from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES
-from .tiny_dit_models import (BATCH, FAMILIES, bfloat16_run, expected_frames, expected_key_mask, forward,
-                              frame_tar64, processors, randn, record, wan_inputs)
+from .tiny_dit_models import (BATCH, FAMILIES, bfloat16_run, cogvideox_inputs, expected_frames, expected_key_mask,
+                              forward, frame_tar64, processors, randn, record, wan_inputs)
 from .tiny_video_models import FAMILIES as UNET_FAMILIES
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
 
@@ -591,3 +591,34 @@ def test_the_speculative_forward_is_chosen_per_call_from_the_last_calls_flag_rat
     assert state.speculation.rate == flagged / rows
     assert calls and all(c[4]["speculate"] is False for c in calls)
     assert torch.equal(first, second)
+
+
+# The lean forward takes head dims of 16, 32, 64 or 128: Wan (no text in its self-attention) and CogVideoX (text
+# first) built with head dim 16.
+LEAN_MODELS = {
+    "wan": (lambda: WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                          num_layers=2, rope_max_seq_len=32), wan_inputs),
+    "cogvideox": (lambda: CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                                      out_channels=4, time_embed_dim=4, text_embed_dim=16, num_layers=2,
+                                                      sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                                                      max_text_seq_length=7), cogvideox_inputs),
+}
+
+
+@pytest.mark.parametrize("family", list(LEAN_MODELS))
+def test_lean_backend_through_the_dit_processors(family):
+    """TARConfig(backend="triton-lean") reaches the processors: the frame ids they build are the regular layout the
+    lean forward takes, and the model's output is the Triton backend's to rounding (and not stock)."""
+    build, inputs = LEAN_MODELS[family]
+    outs = {}
+    for backend in ("triton", "triton-lean", None):
+        torch.manual_seed(0)
+        model = build().eval()
+        if backend:
+            apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, backend=backend))
+        outs[backend] = forward(model, inputs())
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(outs["triton-lean"], outs["triton"], atol=atol, rtol=rtol)
+    assert (outs["triton-lean"] - outs[None]).abs().max() > 1e-3
+
