@@ -56,7 +56,7 @@ def implementations(n: int, with_frames: bool) -> dict:
     """name -> a call on the quick shape at length `n` (frame ids: frames of 4 tokens after 4 text tokens);
     the no-compute call needs `no_compute_backend`."""
     import vstar_kernels as vk
-    from vstar_kernels.dispatch import availability
+    from vstar_kernels.dispatch import BACKENDS, TritonBackend, availability
     from vstar_kernels.frames import frame_bias
     from vstar_kernels.regularization import gaussian_bias
 
@@ -69,7 +69,8 @@ def implementations(n: int, with_frames: bool) -> dict:
              "formula": lambda: formula(q, k, v, dA, d ** -0.5),
              "tar auto": lambda: vk.tar_attention(q, k, v, frames=ids)}
     for name, why in availability("cpu").items():
-        if not why and name not in ("triton", NO_COMPUTE):  # (on CPU tensors Triton is its interpreter)
+        # (on CPU tensors the Triton backends run their interpreter, which is not what a host call costs)
+        if not why and name != NO_COMPUTE and not isinstance(BACKENDS[name], TritonBackend):
             calls[f"tar {name}"] = lambda name=name: vk.tar_attention(q, k, v, frames=ids, backend=name)
     calls[NO_COMPUTE] = lambda: vk.tar_attention(q, k, v, frames=ids, backend=NO_COMPUTE)
     return calls

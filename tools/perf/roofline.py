@@ -170,7 +170,7 @@ def ours_launch(batch: int, heads: int, n: int, d: int, sigma=1.0, delta: bool =
 
     from .compile_check import _modules, record
 
-    fwd, _ = _modules()
+    fwd = _modules()[0]
     q, k, v = meta_qkv(batch, heads, n, d, dtype)
     problem = make_problem(q, k, v, sigma=1.0 if sigma is None else sigma, strength=1.0,
                            delta=torch.empty(n, n, dtype=dtype, device="meta") if delta else None, causal=False,
