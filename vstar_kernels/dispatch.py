@@ -175,14 +175,15 @@ class TritonLeanBackend(TritonBackend):
     name = "triton-lean"
     kernel = "the lean Triton forward"
     SUPPORTED_MAX_HEAD_DIM = 128
-    SUPPORTS_KEY_MASK = False
 
     def not_supported_reasons(self, problem):
+        """The Triton backend's reasons, then what the lean kernel assumes (its own words for a key mask or float32,
+        which the Triton backend takes)."""
         reasons = super().not_supported_reasons(problem)
         probe = _load.triton_lean_ops()
-        if not probe.ok or reasons:
+        if not probe.ok:
             return reasons or [probe.reason]
-        return probe.module.layout_reasons(problem)
+        return reasons + [r for r in probe.module.layout_reasons(problem) if r not in reasons]
 
     def state_reasons(self, problem):
         reasons = super().state_reasons(problem)
@@ -259,7 +260,9 @@ def probe_problem(device, dtype=torch.float32, frames: bool = False) -> TarProbl
 
 
 def availability(device) -> dict:
-    """Backend name -> "" if it can run a small float32 call on `device` (the lean forward: with frame ids), else
-    why not (for `info`)."""
-    return {name: "; ".join(b.not_supported_reasons(probe_problem(device, frames=name == "triton-lean")))
-            for name, b in BACKENDS.items()}
+    """Backend name -> "" if it can run a small float32 call on `device` (the lean forward: float16 with frame ids),
+    else why not (for `info`)."""
+    def probe(name):
+        lean = name == "triton-lean"
+        return probe_problem(device, dtype=torch.float16 if lean else torch.float32, frames=lean)
+    return {name: "; ".join(b.not_supported_reasons(probe(name))) for name, b in BACKENDS.items()}

@@ -176,9 +176,9 @@ def _softmax_tiles(state, q, rows, row_ok, keys, src, c, lo, hi, scale, BLOCK_N:
         new_max = tl.maximum(run_max, tl.max(s, 1))
         if MASK:
             new_max = tl.where(row_ok, new_max, 0.0)  # padding rows are all -inf here
-        m2 = new_max * 1.4426950408889634
-        if opt.HAS_KEY_MASK or TAKE != 0:  # a row without keys so far: every p is 0
-            m2 = tl.where(new_max == float("-inf"), 0.0, m2)
+        # a row whose scores so far are all -inf (keys masked, or -inf in the inputs): every p and alpha is 0,
+        # not exp2(-inf - -inf) = NaN
+        m2 = tl.where(new_max == float("-inf"), 0.0, new_max * 1.4426950408889634)
         alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
         p = tl.exp2(s * 1.4426950408889634 - m2[:, None])
         denom = denom * alpha + tl.sum(p, 1)

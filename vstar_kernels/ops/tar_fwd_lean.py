@@ -16,6 +16,8 @@ Not chosen by "auto": it has not yet run on a GPU (benchmarks/run_gpu_sweep.sh, 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 
@@ -116,7 +118,8 @@ def _tar_fwd_lean_kernel(
         if not BRANCHES or start + BLOCK_N > N:
             s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
-        m2 = new_max * 1.4426950408889634
+        # a row whose scores so far are all -inf (-inf in the inputs): every p and alpha is 0, not NaN
+        m2 = tl.where(new_max == float("-inf"), 0.0, new_max * 1.4426950408889634)
         alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
         p = tl.exp2(s * 1.4426950408889634 - m2[:, None])
         denom = denom * alpha + tl.sum(p, 1)
@@ -160,6 +163,14 @@ def _read_regular_layout(ids: torch.Tensor):
     return (lo, per_frame, frames) if torch.equal(x[lo:hi], expected) else None
 
 
+def descriptor_strides(t: torch.Tensor) -> tuple:
+    """The (batch, head, token) strides the kernel takes for a (B, H, N, D) tensor whose head dim is contiguous:
+    a dim of size 1 is only ever indexed at 0, so its stride, whatever it is, is replaced by an aligned one (0, and
+    D for the token dim, which the descriptor itself reads)."""
+    b, h, n = t.stride()[:3]
+    return (b if t.shape[0] > 1 else 0, h if t.shape[1] > 1 else 0, n if t.shape[2] > 1 else t.shape[3])
+
+
 def layout_reasons(problem: TarProblem) -> list:
     """Why the lean forward cannot run `problem` for what its kernel assumes (dispatch adds the Triton state's)."""
     reasons = []
@@ -168,7 +179,11 @@ def layout_reasons(problem: TarProblem) -> list:
         reasons.append("the lean forward runs TAR's Gaussian with frame ids and the row max (frames=, no delta, "
                        "max_mode='row', strength != 0)")
     if problem.causal or problem.key_mask is not None:
-        reasons.append("the lean forward takes no causal mask and no key mask")
+        reasons.append("the lean forward takes no causal mask and no key mask: use backend='triton'")
+    if problem.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"the lean forward takes float16 or bfloat16 (its float32 build does not compile for sm_90: "
+                       f"tools.perf static), got q.dtype {str(problem.dtype).replace('torch.', '')}: "
+                       f"use backend='triton'")
     if problem.nq != problem.nk:
         reasons.append(f"the lean forward is self-attention (Nq == Nk), got Nq {problem.nq}, Nk {problem.nk}")
     d = problem.head_dim
@@ -178,7 +193,7 @@ def layout_reasons(problem: TarProblem) -> list:
     for name, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % DESCRIPTOR_ALIGN or any(s * size % DESCRIPTOR_ALIGN
-                                                                      for s in t.stride()[:-1]):
+                                                                      for s in descriptor_strides(t)):
             reasons.append(f"{name} must have its head dim contiguous and its address and other strides multiples "
                            f"of {DESCRIPTOR_ALIGN} bytes (tensor descriptors), got strides {tuple(t.stride())}")
     return reasons
@@ -199,6 +214,32 @@ def frame_layout(problem: TarProblem) -> tuple:
 
 def _allocate(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def scratch_allocator(allocation=None):
+    """Device-side tensor descriptors take a scratch buffer per launch from Triton's allocator: while none is set
+    (Triton's NullAllocator), set one of torch's memory for the launch, then put the NullAllocator back. Triton
+    keeps the allocator in a ContextVar (3.9) or, in earlier releases, in a plain module global; both are handled.
+    `allocation` stands for triton.runtime._allocation (tests pass a stand-in)."""
+    if allocation is None:
+        from triton.runtime import _allocation as allocation
+    slot = allocation._allocator
+    is_var = isinstance(slot, contextvars.ContextVar)
+    current = slot.get() if is_var else slot
+    if not isinstance(current, allocation.NullAllocator):  # the caller's allocator
+        yield
+        return
+    token = slot.set(_allocate) if is_var else None
+    if not is_var:
+        allocation._allocator = _allocate
+    try:
+        yield
+    finally:
+        if is_var:
+            slot.reset(token)
+        else:
+            allocation._allocator = current
 
 
 def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_specialize: bool | None = None):
@@ -222,7 +263,7 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
     if bh == 0 or n == 0:
         return out
     _, _, gauss_coef = delta_args(problem)
-    strides = [t.stride()[:3] for t in (q, k, v, out)]
+    strides = [descriptor_strides(t) for t in (q, k, v, out)]
     args = (q, k, v, out, stats, *strides, problem.heads, n, before, per_frame, frames * per_frame, problem.scale,
             problem.strength, gauss_coef)
     meta = dict(HEAD_DIM=d, SAVE_STATS=stats is not None, PRECISION=common_meta(problem)["PRECISION"])
@@ -231,13 +272,6 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
     if tiles:  # the interpreter: one config, warp specialization a no-op there
         _lean[None][grid](*args, **meta, **tiles, WARP_SPECIALIZE=bool(warp_specialize))
         return out
-    from triton.runtime import _allocation  # device-side descriptors take a scratch buffer per launch
-    kernel = _lean[warp_specialize]
-    token = _allocation._allocator.set(_allocate) \
-        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator) else None
-    try:
-        kernel[grid](*args, **meta)
-    finally:
-        if token is not None:
-            _allocation._allocator.reset(token)
+    with scratch_allocator():
+        _lean[warp_specialize][grid](*args, **meta)
     return out
