@@ -26,7 +26,8 @@ from ..helpers import TOLERANCES, assert_close_to_reference, assert_grads_close,
 # than a tile before and after
 LAYOUTS = {"text_before": (3, 12, 7, 0), "text_after": (4, 9, 0, 5), "no_text": (5, 8, 0, 0),
            "one_frame": (1, 40, 3, 0), "long_frames": (2, 45, 0, 6), "short": (2, 5, 1, 1),
-           "long_text": (2, 10, 40, 35)}  # text runs longer than a tile: whole tiles of frame id -1
+           "long_text": (2, 10, 40, 35),  # text runs longer than a key tile: whole tiles of frame id -1
+           "text_blocks": (2, 16, 70, 80)}  # text runs longer than a query block: blocks that skip the walk
 SIGMA, STRENGTH = 1.5, 0.7
 
 
@@ -84,10 +85,12 @@ def test_strided_storage_and_options():
         assert_close_to_reference(out.cpu(), ref)
 
 
-def test_statistics_match_the_tiled_forward():
+@pytest.mark.parametrize("text", [(4, 3), (70, 80)], ids=["short_text", "text_blocks"])
+def test_statistics_match_the_tiled_forward(text):
     """The saved row max is the tiled forward's bit for bit (the scale applied once per row is exact: rounding is
-    monotone), and the log-sum-exp agrees to rounding (other tiles)."""
-    ids = vk.frame_ids(3, 20, text_before=4, text_after=3, device=DEVICE)
+    monotone; a block of text rows alone reads it from its biased loop), and the log-sum-exp agrees to rounding
+    (other tiles)."""
+    ids = vk.frame_ids(3, 20, text_before=text[0], text_after=text[1], device=DEVICE)
     q, k, v = qkv(2, 2, ids.numel(), 32, torch.float16, seed=7)
     problem = make_problem(q, k, v, sigma=SIGMA, strength=STRENGTH, delta=None, causal=False, max_mode="row",
                            scale=None, frames=ids)
@@ -122,6 +125,23 @@ def test_nan_and_inf_rows_as_the_definition():
         ref = reference64(*bad, sigma=SIGMA, strength=STRENGTH, frames=ids.cpu())
         torch.testing.assert_close(out.cpu().double(), ref, equal_nan=True, atol=atol, rtol=rtol)
         assert torch.isnan(ref).any()
+
+
+def test_text_blocks_overflowing_bias_as_the_two_passes():
+    """A row whose c_i = strength * m_i overflows float32 is NaN (the definition's c_i * dA_ij with dA_ij = 0): in a
+    block of text rows alone, which skips the walk, as in the tiled forward and the reference (float32 math for
+    16-bit inputs); the other rows agree to rounding."""
+    ids = vk.frame_ids(2, 16, text_before=70, text_after=80, device=DEVICE)
+    q, k, v = qkv(1, 2, ids.numel(), 16, torch.float16, seed=13)
+    q[:, :, [3, 40, 150, 170]] *= 1000  # text rows of the text-only blocks: m_i about 1e3, c_i = inf
+    q[:, :, 80] *= 1000  # a video row
+    opts = dict(sigma=SIGMA, strength=1e36, frames=ids)
+    lean = vk.tar_attention(q, k, v, backend="triton-lean", **opts).cpu().double()
+    tiled = vk.tar_attention(q, k, v, backend="triton", **opts).cpu().double()
+    assert torch.equal(lean.isnan(), tiled.isnan())
+    assert torch.equal(lean.isnan(), vk.tar_attention_reference(q, k, v, **opts).isnan().cpu())  # float32 math
+    assert lean[:, :, [3, 40, 150, 170, 80]].isnan().all() and not lean[:, :, :3].isnan().any()
+    torch.testing.assert_close(lean, tiled, equal_nan=True, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("backend", ["triton-lean", "triton"])

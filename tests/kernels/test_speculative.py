@@ -147,6 +147,20 @@ def test_non_finite_rows():
     assert_bitwise(stats1, stats2, "statistics")
 
 
+def test_overflowing_bias_in_text_rows():
+    """A text row whose c_i = strength * m_i overflows float32 while its scores are finite is NaN in the two-pass
+    form (c_i * 0 = NaN) and so in the one pass: flagged and redone, in a block with video rows and in a block
+    of text rows alone (whose guess is 0)."""
+    frames = vk.frame_ids(8, 16, text_before=70, device=DEVICE)
+    q, k, v = qkv(frames, seed=9)
+    q[0, 0, [3, 68, 100]] *= 4000  # text rows of a text-only block (3) and of a mixed block (68), a video row
+    out2, stats2, _ = forward(q, k, v, frames, False, strength=1e36)
+    out1, stats1, flags = forward(q, k, v, frames, True, strength=1e36)
+    assert out2[0, 0, [3, 68, 100]].isnan().all() and not out2[0, 1].isnan().any()
+    assert_bitwise(out1, out2, "output")
+    assert_bitwise(stats1, stats2, "statistics")
+
+
 @pytest.mark.parametrize("where", ["none", "far"])
 def test_gradients(where):
     """The backward reads the speculative forward's statistics: the gradients are the two-pass ones bit

@@ -301,7 +301,8 @@ def _tar_fwd_tiled_kernel(
     run_max, denom, acc, raw = _softmax_tiles(state, q, offs_m, row_ok, keys, src, cm, band_lo, band_hi, scale,
                                               BLOCK_N, True, REGULARIZE, opt, SPECULATE)
     if SPECULATE:
-        _flag_rows(COUNT, LIST, MAXES, STATS, seq, NQ, offs_m, row_ok, src.ids >= 0, m, raw, denom, SAVE_STATS)
+        _flag_rows(COUNT, LIST, MAXES, STATS, seq, NQ, offs_m, row_ok, src.ids >= 0, m, raw, denom, strength,
+                   SAVE_STATS)
     out, lse = _finish(run_max, denom, acc, row_ok, HAS_KEY_MASK)
     if REGULARIZE and ONE_PASS:  # off the band the definition adds c * m_i * 0: NaN for an inf or NaN c * m_i
         finite = (cm - cm) == 0.0
@@ -327,19 +328,24 @@ def _finish(run_max, denom, acc, row_ok, HAS_KEY_MASK: tl.constexpr):
 
 
 @triton.jit
-def _flag_rows(COUNT, LIST, MAXES, STATS, seq, NQ, rows, row_ok, video, guess, raw, denom, SAVE_STATS: tl.constexpr):
+def _flag_rows(COUNT, LIST, MAXES, STATS, seq, NQ, rows, row_ok, video, guess, raw, denom, strength,
+               SAVE_STATS: tl.constexpr):
     """The end of a speculative block (`_tar_fwd_tiled_kernel`): its exact row max, saved, and its
     flagged rows appended to the sequence's redo list.
 
     raw is the unbiased scores' running max: the row max where no score is NaN (tl.max skips NaN). A
     NaN score makes the row's denominator NaN, so a NaN denominator with a finite raw max saves NaN,
     the two-pass max; a raw max of +inf may hide a NaN, and the redo walks such a row's keys again.
-    Flagged: a video row whose raw max exceeds its guess, and any row whose raw max is +inf or whose
-    denominator is NaN (a text row's finite guess hides an infinite c_i * 0).
+    Flagged: a video row whose raw max exceeds its guess, and any row whose denominator is NaN or whose
+    strength * raw max is not finite (a text row's guess, finite or 0, hides the NaN of an infinite
+    c_i * 0: a raw max of +inf, or a finite one whose product with strength overflows). Where the guess's
+    own strength * guess is not finite, a NaN denominator may be the bias's rather than a score's: such a
+    row's max goes to the redo as +inf, which walks its keys again.
     """
     nan_rows = denom != denom
     exact = tl.where(nan_rows & (raw < float("inf")), float("nan"), raw)
-    redo = row_ok & ((video & (raw > guess)) | (raw == float("inf")) | nan_rows)
+    exact = tl.where(nan_rows & ~(tl.abs(strength * guess) < float("inf")), float("inf"), exact)
+    redo = row_ok & ((video & (raw > guess)) | ~(tl.abs(strength * raw) < float("inf")) | nan_rows)
     stat_row = seq * NQ + rows
     if SAVE_STATS:
         tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, exact, mask=row_ok)
@@ -383,7 +389,7 @@ def _tar_fwd_redo_kernel(
                     FK)
         stat_row = seq * NQ + rows
         m = tl.load(MAXES + stat_row, mask=ok, other=0.0)
-        walk = m == float("inf")  # a raw max of +inf: NaN if a score is (_flag_rows)
+        walk = m == float("inf")  # a raw max of +inf (NaN if a score is), or a max a NaN bias hid (_flag_rows)
         if tl.max(walk.to(tl.int32), 0) > 0:
             m = tl.where(walk, _row_max(q, rows, keys, 0, NK, tl.full((BLOCK_M,), float("-inf"), tl.float32), scale,
                                         BLOCK_N, opt), m)

@@ -4,8 +4,8 @@ supported video DiT passes, `frame_ids(F, T, text_before, text_after)`, built fo
 Where the tiled forward (tar_fwd.py) loads each key tile's frame ids and walks the keys in its general tile order,
 this kernel computes a token's frame from its index, loads every tile of Q, K and V through a device-side tensor
 descriptor (TMA on sm_90) and runs two loops over the keys: the exact row max (a walk of Q K^T, the scale
-applied once per row: max_j fl(scale * x_j) = fl(scale * max_j x_j), rounding being monotone), then the online
-softmax of the biased scores. With no pointer load in the kernel, Triton's automatic warp specialization applies
+applied once per row: max_j fl(scale * x_j) = fl(scale * max_j x_j), rounding being monotone; skipped by a block
+of text rows alone, which needs no max for its zero bias), then the online softmax of the biased scores. With no pointer load in the kernel, Triton's automatic warp specialization applies
 to both loops on sm_90 (WARP_SPECIALIZE, 4 warps; `tools.perf static` shows the partitions). It saves the row
 statistics the tiled backward reads, so gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
 so its output agrees with it to rounding, not bit for bit; the float64 reference and the tolerance table are its
@@ -83,16 +83,20 @@ def _tar_fwd_lean_kernel(
     # (tools.perf static: no partitions, and spills on 4 warps): warp-specialized, every tile takes the general
     # path; without, a tile of one frame id adds dA as one vector along the rows, and only the last tile is masked.
     BRANCHES: tl.constexpr = not WARP_SPECIALIZE
+    # A block with no video row (text only) has dA = 0 on every score, so its rows need no max for the bias: the
+    # walk is skipped (a loop bound, not a branch) and the max read from the biased loop, whose scores are then
+    # the raw ones scaled, as the walk would (below).
+    video = (start_m < BEFORE + VIDEO) & (start_m + BLOCK_M > BEFORE)
     # the exact row max
     raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start in tl.range(0, tl.where(video, N, 0), BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([start, 0])
         s = mma(q, tl.trans(k), PRECISION)
         if not BRANCHES or start + BLOCK_N > N:  # keys past N (zeros) take no part
             s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         raw = max_nan(raw, nanmax(s, 1))
     m = raw * scale
-    c = strength * m
+    c = tl.where(video, strength * m, 0.0)
 
     rows = start_m + tl.arange(0, BLOCK_M)
     fq = frame_of(rows, BEFORE, PER_FRAME, VIDEO)
@@ -126,7 +130,13 @@ def _tar_fwd_lean_kernel(
         v = v_desc.load([start, 0])
         acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
         run_max = new_max
-    o_desc.store([start_m, 0], cast(acc / denom[:, None], O.dtype.element_ty))
+    out = acc / denom[:, None]
+    # a text-only block: the max the walk would give (NaN for a row with a NaN or +inf score, whose output is NaN),
+    # and the definition's NaN row where c_i = strength * m_i is not finite (its c_i * 0; a video block's rows get
+    # it from the fused multiply-add); selects, not a branch, which would stop warp specialization
+    m = tl.where(video, m, tl.where(denom == denom, run_max, float("nan")))
+    out = tl.where(video | (tl.abs(strength * m) < float("inf"))[:, None], out, float("nan"))
+    o_desc.store([start_m, 0], cast(out, O.dtype.element_ty))
     if SAVE_STATS:
         row_ok = rows < N
         stat = (seq.to(tl.int64) * N + rows) * _STATS_N
