@@ -9,6 +9,8 @@ so both settings run the same code here and only a GPU run tells them apart (ben
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import vstar_kernels as vk
 from vstar_kernels import dispatch
@@ -216,6 +218,9 @@ def test_refusals_name_the_argument():
     with pytest.raises(unavailable, match="no key mask: use backend='triton'") as refused:
         lean_call(q, k, v, ids, key_mask=torch.ones(1, 16, dtype=torch.bool, device=DEVICE))
     assert "reference" not in str(refused.value)
+    big = torch.zeros(1, 1, 1, 16, device=DEVICE, dtype=torch.float16).expand(1, 1, tar_fwd_lean.MAX_TOKENS, 16)
+    with pytest.raises(unavailable, match="sequences under 4,194,304 tokens"):
+        lean_call(big, big, big, vk.frame_ids(4, tar_fwd_lean.MAX_TOKENS // 4, device=DEVICE))
     with pytest.raises(unavailable, match="self-attention"):
         vk.tar_attention(q, k[:, :, :8], v[:, :, :8], frames=(ids, ids[:8]), backend="triton-lean")
 
@@ -272,3 +277,27 @@ def test_scratch_allocator_is_set_for_the_launch_and_put_back(as_context_var):
     with tar_fwd_lean.scratch_allocator(allocation):
         assert read() is mine
     assert read() is mine
+
+
+@triton.jit
+def _frames_of_kernel(N_PTR, OUT, BEFORE, INV_PER_FRAME, VIDEO, COUNT, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.load(N_PTR + offs, mask=offs < COUNT, other=0)
+    tl.store(OUT + offs, tar_fwd_lean.frame_of(n, BEFORE, INV_PER_FRAME, VIDEO), mask=offs < COUNT)
+
+
+@pytest.mark.parametrize("per_frame", [1, 3, 7, 1560, 3600, 99991, (1 << 21) - 1])
+def test_frame_of_is_the_integer_division_below_max_tokens(per_frame):
+    """The kernel's float32 frame id, floor((v + 0.5) * fl(1 / P)), is v // P at every frame boundary (the last
+    token of a frame, the first of the next) up to MAX_TOKENS, and -1 outside the video."""
+    before, video = 5, (tar_fwd_lean.MAX_TOKENS - 5) // per_frame * per_frame
+    starts = torch.arange(per_frame, video + 1, per_frame, dtype=torch.int64)
+    picks = torch.unique(torch.cat([starts[:2000], starts[-2000:]]))  # the first and last 2,000 boundaries
+    v = torch.cat([picks - 1, picks, torch.tensor([0, video - 1])]).clamp(0, video - 1)
+    n = torch.cat([v + before, torch.tensor([0, before - 1, before + video, tar_fwd_lean.MAX_TOKENS - 1])])
+    out = torch.empty(n.numel(), dtype=torch.float32, device=DEVICE)
+    _frames_of_kernel[(triton.cdiv(n.numel(), 1024),)](n.to(DEVICE, torch.int32), out, before, 1.0 / per_frame,
+                                                        video, n.numel(), BLOCK=1024)
+    rel = n - before
+    expected = torch.where((rel >= 0) & (rel < video), rel // per_frame, -1).float()
+    assert torch.equal(out.cpu(), expected)

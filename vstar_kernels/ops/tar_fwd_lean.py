@@ -36,19 +36,29 @@ SUPPORTED = hasattr(tl, "make_tensor_descriptor") and "warp_specialize" in inspe
 DESCRIPTOR_ALIGN = 16
 
 
+# Sequences shorter than this (2**22 tokens): `frame_of`'s float32 floor is exact below it.
+MAX_TOKENS = 1 << 22
+
+
 @triton.jit
-def frame_of(n, BEFORE, PER_FRAME, VIDEO):
-    """The frame id of token positions n (int32) in the regular layout: BEFORE tokens outside the video, VIDEO =
-    frames x PER_FRAME tokens of frames in order, then tokens outside it (-1)."""
+def frame_of(n, BEFORE, INV_PER_FRAME, VIDEO):
+    """The frame id of token positions n (int32) in the regular layout, as float32: BEFORE tokens outside the
+    video, VIDEO = frames x P tokens of frames in order, then tokens outside it (-1).
+
+    floor((v + 0.5) * INV_PER_FRAME), INV_PER_FRAME = fl(1 / P), for v = n - BEFORE: a multiply where v // P is an
+    integer division per key column (tools.perf static, Wan's D 128 on 8 warps: the per-score path 1.79
+    instructions a score against 2.04 with the division). Exact for v < MAX_TOKENS: (v + 0.5) / P lies at least
+    0.5 / P from an integer, and the two roundings move it by at most (v + 0.5) / P * 2**-23, less than that
+    below 2**22."""
     v = n - BEFORE
-    return tl.where((v >= 0) & (v < VIDEO), v // PER_FRAME, -1)
+    return tl.where((v >= 0) & (v < VIDEO), tl.floor((v.to(tl.float32) + 0.5) * INV_PER_FRAME), -1.0)
 
 
 @triton.jit
 def _tar_fwd_lean_kernel(
     Q, K, V, O, STATS,
     q_strides, k_strides, v_strides, o_strides,  # (batch, head, token) strides; the head dim's is 1
-    H, N, BEFORE, PER_FRAME, VIDEO,
+    H, N, BEFORE, INV_PER_FRAME, VIDEO,
     scale, strength, gauss_coef,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -99,7 +109,7 @@ def _tar_fwd_lean_kernel(
     c = tl.where(video, strength * m, 0.0)
 
     rows = start_m + tl.arange(0, BLOCK_M)
-    fq = frame_of(rows, BEFORE, PER_FRAME, VIDEO)
+    fq = frame_of(rows, BEFORE, INV_PER_FRAME, VIDEO)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -107,15 +117,16 @@ def _tar_fwd_lean_kernel(
         k = k_desc.load([start, 0])
         s = mma(q, tl.trans(k), PRECISION) * scale
         last = tl.minimum(start + BLOCK_N, N) - 1
-        one = frame_of(start, BEFORE, PER_FRAME, VIDEO)
+        one = frame_of(start, BEFORE, INV_PER_FRAME, VIDEO)
         # one frame id across the tile (frames are runs in order; two -1 ends may hold the video between them)
-        if BRANCHES and (one == frame_of(last, BEFORE, PER_FRAME, VIDEO)) & ((start >= BEFORE) | (last < BEFORE)):
-            gap = one - fq.to(tl.float32)  # dA as one vector along the rows: the per-score values
-            vec = tl.where((fq >= 0) & (one >= 0), tl.exp2(gauss_coef * gap * gap), 0.0)
+        if BRANCHES and (one == frame_of(last, BEFORE, INV_PER_FRAME, VIDEO)) & ((start >= BEFORE) | (last < BEFORE)):
+            gap = one - fq  # dA as one vector along the rows: the per-score values
+            vec = tl.where(fq >= 0, tl.exp2(gauss_coef * gap * gap), 0.0)
+            vec = tl.where(one >= 0, vec, 0.0)
             dA = tl.broadcast_to(vec[:, None], s.shape)
         else:
-            fk = frame_of(start + cols, BEFORE, PER_FRAME, VIDEO)
-            dist = fk.to(tl.float32)[None, :] - fq.to(tl.float32)[:, None]
+            fk = frame_of(start + cols, BEFORE, INV_PER_FRAME, VIDEO)
+            dist = fk[None, :] - fq[:, None]
             dA = tl.where((fq[:, None] >= 0) & (fk[None, :] >= 0), tl.exp2(gauss_coef * dist * dist), 0.0)
         # one fused multiply-add, as the tiled kernels' add_bias: a non-finite c_i makes the row NaN
         s = tl.fma(tl.broadcast_to(c[:, None], s.shape), dA, s)
@@ -130,12 +141,14 @@ def _tar_fwd_lean_kernel(
         v = v_desc.load([start, 0])
         acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
         run_max = new_max
-    out = acc / denom[:, None]
     # a text-only block: the max the walk would give (NaN for a row with a NaN or +inf score, whose output is NaN),
     # and the definition's NaN row where c_i = strength * m_i is not finite (its c_i * 0; a video block's rows get
-    # it from the fused multiply-add); selects, not a branch, which would stop warp specialization
+    # it from the fused multiply-add), set through the row's denominator: selects, not a branch, which would stop
+    # warp specialization, and per row: a select on the output tile costs its loop 0.13 instructions a score more
+    # (tools.perf static, Wan's D 128 on 8 warps: 0.66 on the short path against 0.53)
     m = tl.where(video, m, tl.where(denom == denom, run_max, float("nan")))
-    out = tl.where(video | (tl.abs(strength * m) < float("inf"))[:, None], out, float("nan"))
+    denom = tl.where(video | (tl.abs(strength * m) < float("inf")), denom, float("nan"))
+    out = acc / denom[:, None]
     o_desc.store([start_m, 0], cast(out, O.dtype.element_ty))
     if SAVE_STATS:
         row_ok = rows < N
@@ -194,6 +207,9 @@ def layout_reasons(problem: TarProblem) -> list:
         reasons.append(f"the lean forward takes float16 or bfloat16 (its float32 build does not compile for sm_90: "
                        f"tools.perf static), got q.dtype {str(problem.dtype).replace('torch.', '')}: "
                        f"use backend='triton'")
+    if problem.nq >= MAX_TOKENS:
+        reasons.append(f"the lean forward takes sequences under {MAX_TOKENS:,} tokens (its frame ids are exact "
+                       f"in float32 below it), got {problem.nq:,}: use backend='triton'")
     if problem.nq != problem.nk:
         reasons.append(f"the lean forward is self-attention (Nq == Nk), got Nq {problem.nq}, Nk {problem.nk}")
     d = problem.head_dim
@@ -274,7 +290,7 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
         return out
     _, _, gauss_coef = delta_args(problem)
     strides = [descriptor_strides(t) for t in (q, k, v, out)]
-    args = (q, k, v, out, stats, *strides, problem.heads, n, before, per_frame, frames * per_frame, problem.scale,
+    args = (q, k, v, out, stats, *strides, problem.heads, n, before, 1.0 / per_frame, frames * per_frame, problem.scale,
             problem.strength, gauss_coef)
     meta = dict(HEAD_DIM=d, SAVE_STATS=stats is not None, PRECISION=common_meta(problem)["PRECISION"])
     grid = lambda m: (bh * triton.cdiv(n, m["BLOCK_M"]),)  # noqa: E731
