@@ -609,16 +609,18 @@ LEAN_MODELS = {
 @pytest.mark.parametrize("family", list(LEAN_MODELS))
 def test_lean_backend_through_the_dit_processors(family):
     """TARConfig(backend="triton-lean") reaches the processors: the frame ids they build are the regular layout the
-    lean forward takes, and the model's output is the Triton backend's to rounding (and not stock)."""
+    lean forward takes, and the model's output is the Triton backend's to rounding (and not stock). In bfloat16:
+    the lean forward refuses float32."""
     build, inputs = LEAN_MODELS[family]
     outs = {}
     for backend in ("triton", "triton-lean", None):
         torch.manual_seed(0)
-        model = build().eval()
+        model = build().eval().to(torch.bfloat16)
         if backend:
             apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, backend=backend))
-        outs[backend] = forward(model, inputs())
-    atol, rtol = TOLERANCES[torch.float32]
+        outs[backend] = forward(model, {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point()
+                                        else v for k, v in inputs().items()}).float()
+    atol, rtol = TOLERANCES[torch.bfloat16]
     torch.testing.assert_close(outs["triton-lean"], outs["triton"], atol=atol, rtol=rtol)
-    assert (outs["triton-lean"] - outs[None]).abs().max() > 1e-3
+    assert (outs["triton-lean"] - outs[None]).abs().max() > 1e-2
 
