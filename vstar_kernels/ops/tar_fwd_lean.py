@@ -5,9 +5,10 @@ Where the tiled forward (tar_fwd.py) loads each key tile's frame ids and walks t
 this kernel computes a token's frame from its index, loads every tile of Q, K and V through a device-side tensor
 descriptor (TMA on sm_90) and runs two loops over the keys: the exact row max (a walk of Q K^T, the scale
 applied once per row: max_j fl(scale * x_j) = fl(scale * max_j x_j), rounding being monotone; skipped by a block
-of text rows alone, which needs no max for its zero bias), then the online softmax of the biased scores. With no pointer load in the kernel, Triton's automatic warp specialization applies
-to both loops on sm_90 (WARP_SPECIALIZE, 4 warps; `tools.perf static` shows the partitions). It saves the row
-statistics the tiled backward reads, so gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
+of text rows alone, which needs no max for its zero bias), then the online softmax of the biased scores. With no
+pointer load in the kernel, Triton's automatic warp specialization applies to both loops on sm_90 (WARP_SPECIALIZE,
+4 warps; `tools.perf static` shows the partitions). It saves the row statistics the tiled backward reads, so
+gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
 so its output agrees with it to rounding, not bit for bit; the float64 reference and the tolerance table are its
 tests (tests/kernels/test_lean.py).
 
