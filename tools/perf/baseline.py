@@ -63,11 +63,11 @@ def plain_attention_kernel(
     h = seq % H
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d = (tl.arange(0, BLOCK_D),)  # one column chunk (ops/_jit.head_cols): the head dim padded
+    offs_dv = (tl.arange(0, BLOCK_DV),)
     row_ok = offs_m < NQ
     q = load_tile(View(Q + b * stride_qb + h * stride_qh, 0, stride_qn, offs_d, stride_qd, HEAD_DIM), offs_m, row_ok,
-                  VEC)
+                  VEC)[0]
     k_view = View(K + b * stride_kb + h * stride_kh, 0, stride_kn, offs_d, stride_kd, HEAD_DIM)
     v_view = View(V + b * stride_vb + h * stride_vh, 0, stride_vn, offs_dv, stride_vd, HEAD_DIM_V)
     qk_scale = scale * 1.4426950408889634  # exp via exp2
@@ -78,18 +78,18 @@ def plain_attention_kernel(
     full = NK if EVEN_N else NK // BLOCK_N * BLOCK_N
     for start in range(0, full, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
-        k = load_tile(k_view, start + offs_n, every, VEC)
-        v = load_tile(v_view, start + offs_n, every, VEC)
+        k = load_tile(k_view, start + offs_n, every, VEC)[0]
+        v = load_tile(v_view, start + offs_n, every, VEC)[0]
         acc, l_i, m_i = _plain_tile(q, k, v, acc, l_i, m_i, qk_scale, every, False)
     if not EVEN_N:
         col_ok = full + offs_n < NK
-        k = load_tile(k_view, full + offs_n, col_ok, VEC)
-        v = load_tile(v_view, full + offs_n, col_ok, VEC)
+        k = load_tile(k_view, full + offs_n, col_ok, VEC)[0]
+        v = load_tile(v_view, full + offs_n, col_ok, VEC)[0]
         acc, l_i, m_i = _plain_tile(q, k, v, acc, l_i, m_i, qk_scale, col_ok, True)
     l_i = tl.where(row_ok, l_i, 1.0)
     tl.store(LSE + seq * NQ + offs_m, m_i + tl.log2(l_i), mask=row_ok)
     store_tile(View(O + b * stride_ob + h * stride_oh, 0, stride_on, offs_dv, stride_od, HEAD_DIM_V), offs_m,
-               acc / l_i[:, None], row_ok, VEC)
+               (acc / l_i[:, None],), row_ok, VEC)
 
 
 # Triton's fused-attention tutorial autotunes its forward over these (BLOCK_M, BLOCK_N, warps, stages)
@@ -104,12 +104,12 @@ def launch_args(q, k, v, block_n: int):
     """(args, constexprs) of a plain_attention_kernel launch on (B, H, N, D) q, k, v (any strides;
     meta tensors too) with key tiles of block_n: the output and the log-sum-exp allocated like q."""
     from vstar_kernels.ops.launch import vector_width
-    from vstar_kernels.ops.layout import block_dims
+    from vstar_kernels.ops.layout import DOT_MIN, pow2
 
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
     o = torch.empty(b, nq, h, dv, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(b * h * nq, dtype=torch.float32, device=q.device)
-    block_d, block_dv = block_dims(d, dv)
+    block_d, block_dv = pow2(d, DOT_MIN), pow2(dv, DOT_MIN)
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, nk, d, dv, d ** -0.5)
     return args, dict(BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_N=nk % block_n == 0, VEC=vector_width(q, k, v, o))

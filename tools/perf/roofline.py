@@ -299,7 +299,7 @@ def tiled_work(bh, n, d, kinds: dict, block_m, block_n, sigma=1.0, delta: bool =
     """Bytes and MMA FLOPs of one tiled launch over `bh` sequences: bytes as the algorithm requests
     them (traffic.tiled_bytes: the one-pass band of `sigma`, or with a custom delta the two-pass
     form and the delta entries once); MMA over whole (BLOCK_M, BLOCK_N) tiles of each loop kind
-    (`tile_counts`), Q K^T only in the row-max walk, at the padded BLOCK_D."""
+    (`tile_counts`), Q K^T only in the row-max walk, at the head dim's chunks (layout.head_chunks)."""
     bd, bdv = block_dims(d, d)
     e = Estimate(bytes=bh * tiled_bytes(n, n, d, d, ITEMSIZE, block_m, block_n,
                                         band=None if delta else band(n, sigma),
@@ -391,8 +391,9 @@ def plain(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, tiles=CA
     """The plain-attention baseline on this call, compiled for sm_90 in each of `tiles` ((BLOCK_M,
     BLOCK_N, warps, stages)), the fastest: its loop over the whole key tiles, the rest of the kernel
     (prologue, the masked last tile when N is not a multiple of BLOCK_N, epilogue) once per program.
-    A config whose shared memory exceeds the SM's (no CTA fits) cannot launch and is skipped."""
-    bd, bdv = block_dims(d, d)
+    A config whose shared memory exceeds the SM's (no CTA fits) cannot launch and is skipped. Its
+    products run at the head dim padded to a power of two, as the tutorial's do."""
+    bd = bdv = pow2(d, DOT_MIN)
     bh = batch * heads
     estimates = []
     for bm, bn, warps, stages in tiles:
@@ -413,7 +414,7 @@ def plain(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, tiles=CA
 
 def flash(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float) -> Estimate:
     """The FlashAttention-2-class plain loop on the same call: the baseline in CALIBRATION_TILES, the faster."""
-    if block_dims(d, d)[0] > 128:
+    if pow2(d, DOT_MIN) > 128:
         raise ValueError(f"the calibration compiles head dims up to 128, got {d}")
     return plain(batch, heads, n, d, gpu, eta)
 

@@ -32,7 +32,8 @@ _PER_SCORE = tl.constexpr(-2)
 
 # The helpers' argument groups, read by field name:
 # View: the tiles of a 2-D view of a tensor, tile[r, c] = ptr[base + rows[r] * row_stride + cols[c] *
-# col_stride] where cols[c] < n_cols (0 elsewhere). The base is added where a tile is loaded, as the
+# col_stride] where cols[c] < n_cols (0 elsewhere); cols is a tuple of column chunks (`head_cols`), and
+# a tile a tuple of one tile per chunk. The base is added where a tile is loaded, as the
 # kernels always did: a pointer moved out of the key loops changed the registers ptxas allocates
 # (tools.perf static: 115 -> 132 in one tiled config, fewer in others).
 View = namedtuple("View", "ptr base row_stride cols col_stride n_cols")
@@ -49,6 +50,99 @@ Keys = namedtuple("Keys", "k v n mask ids")
 # (`frame_span`), pointers `base` into the delta or frame matrix at the block's entries ((M, 1) or
 # (1, N)) and the stride along the tiles, the Gaussian's coefficient and FRAME_BAND.
 BiasSource = namedtuple("BiasSource", "ids lo hi base stride gauss_coef band")
+
+
+@triton.jit
+def head_cols(BLOCK: tl.constexpr, BLOCK2: tl.constexpr):
+    """The head-dim columns of a View as its chunks (layout.head_chunks): [0, BLOCK), and [BLOCK,
+    BLOCK + BLOCK2) where BLOCK2 > 0. Every tile of a head dim is a tuple of one tile per chunk, and
+    the products below take such tuples: a head dim of 80 runs as 64 + 16 columns, not 128."""
+    if BLOCK2 > 0:
+        cols = (tl.arange(0, BLOCK), BLOCK + tl.arange(0, BLOCK2))
+    else:
+        cols = (tl.arange(0, BLOCK),)
+    return cols
+
+
+@triton.jit
+def _t(x):
+    """x transposed: its last two axes swapped (a batch of packed tiles keeps its first)."""
+    if len(x.shape) == 3:
+        y = tl.trans(x, 0, 2, 1)
+    else:
+        y = tl.trans(x)
+    return y
+
+
+@triton.jit
+def mma_nt(a, b, PRECISION: tl.constexpr):
+    """a b^T of two chunked tiles (tuples, `head_cols`): the sum over the chunks of a[c] @ b[c]^T."""
+    c = mma(a[0], _t(b[0]), PRECISION)
+    for i in tl.static_range(1, len(a)):
+        c += mma(a[i], _t(b[i]), PRECISION)
+    return c
+
+
+@triton.jit
+def mma_each(a, b, PRECISION: tl.constexpr, TRANS_A: tl.constexpr = False):
+    """a @ b[c] for each chunk of b (a chunked result; a cast to b's dtype, transposed first with TRANS_A)."""
+    a = cast(a, b[0].dtype)
+    if TRANS_A:
+        a = _t(a)
+    out = ()
+    for i in tl.static_range(len(b)):
+        out = out + (mma(a, b[i], PRECISION),)
+    return out
+
+
+@triton.jit
+def fma_each(a, f, b):
+    """a[c] * f + b[c] for each chunk (f None: a[c] + b[c]; b None: a[c] * f); f broadcasts against a chunk."""
+    out = ()
+    for i in tl.static_range(len(a)):
+        if f is None:
+            out = out + (a[i] + b[i],)
+        elif b is None:
+            out = out + (a[i] * f,)
+        else:
+            out = out + (a[i] * f + b[i],)
+    return out
+
+
+@triton.jit
+def f32_each(a):
+    """Each chunk of a as float32."""
+    out = ()
+    for i in tl.static_range(len(a)):
+        out = out + (a[i].to(tl.float32),)
+    return out
+
+
+@triton.jit
+def row_dot(a, b):
+    """sum_c <a[c]_r, b[c]_r> per row r of two chunked tiles, in float32."""
+    d = tl.sum(a[0].to(tl.float32) * b[0].to(tl.float32), 1)
+    for i in tl.static_range(1, len(a)):
+        d += tl.sum(a[i].to(tl.float32) * b[i].to(tl.float32), 1)
+    return d
+
+
+@triton.jit
+def div_each(a, d):
+    """a[c] / d for each chunk (d broadcasts against a chunk)."""
+    out = ()
+    for i in tl.static_range(len(a)):
+        out = out + (a[i] / d,)
+    return out
+
+
+@triton.jit
+def zeros_each(rows: tl.constexpr, cols):
+    """A float32 zero tile of `rows` rows for each column chunk of cols (`head_cols`)."""
+    out = ()
+    for i in tl.static_range(len(cols)):
+        out = out + (tl.zeros((rows, cols[i].shape[0]), tl.float32),)
+    return out
 
 
 @triton.jit
@@ -138,15 +232,15 @@ def packed_rows(strides, b, h, i):
 
 
 @triton.jit
-def _tile_ptrs(view, rows, row_ok, VEC: tl.constexpr):
-    """(pointers, mask) of load_tile: rows (any rank) index the leading dims, the view's columns the last.
+def _tile_ptrs(view, cols, rows, row_ok, VEC: tl.constexpr):
+    """(pointers, mask) of load_tile: rows (any rank) index the leading dims, cols (one of the view's chunks) the last.
 
     VEC > 1 (vector_width) promises that each run of VEC columns starts VEC-aligned in memory
     (VEC * itemsize bytes), is contiguous, and is in or out of n_cols as a whole: the
     compiler then loads and stores VEC elements per instruction.
     """
-    ptrs = view.ptr + view.base + tl.expand_dims(rows * view.row_stride, -1) + view.cols * view.col_stride
-    col_in = view.cols < view.n_cols
+    ptrs = view.ptr + view.base + tl.expand_dims(rows * view.row_stride, -1) + cols * view.col_stride
+    col_in = cols < view.n_cols
     if VEC > 1:
         # The column mask's hint goes on the column comparison itself: a hint on the combined mask
         # is lost when the compiler folds an all-true row_ok away (the unmasked loops).
@@ -161,16 +255,21 @@ def _tile_ptrs(view, rows, row_ok, VEC: tl.constexpr):
 
 @triton.jit
 def load_tile(view, rows, row_ok, VEC: tl.constexpr = 1):
-    """The view's tile at rows (any rank; row_ok its shape), 0 outside row_ok x (columns < n_cols)."""
-    ptrs, mask = _tile_ptrs(view, rows, row_ok, VEC)
-    return tl.load(ptrs, mask=mask, other=0.0)
+    """The view's tile at rows (any rank; row_ok its shape), 0 outside row_ok x (columns < n_cols):
+    a tuple, one tile per column chunk."""
+    tiles = ()
+    for i in tl.static_range(len(view.cols)):
+        ptrs, mask = _tile_ptrs(view, view.cols[i], rows, row_ok, VEC)
+        tiles = tiles + (tl.load(ptrs, mask=mask, other=0.0),)
+    return tiles
 
 
 @triton.jit
 def store_tile(view, rows, x, row_ok, VEC: tl.constexpr = 1):
-    """x, cast to the view's dtype, into the places load_tile reads."""
-    ptrs, mask = _tile_ptrs(view, rows, row_ok, VEC)
-    tl.store(ptrs, cast(x, view.ptr.dtype.element_ty), mask=mask)
+    """x (a tile per column chunk), cast to the view's dtype, into the places load_tile reads."""
+    for i in tl.static_range(len(view.cols)):
+        ptrs, mask = _tile_ptrs(view, view.cols[i], rows, row_ok, VEC)
+        tl.store(ptrs, cast(x[i], view.ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -178,14 +277,10 @@ def masked_scores(q, k, valid, rows, cols, scale, CAUSAL: tl.constexpr, PRECISIO
     """S = scale * q k^T where valid (and key col <= query row when CAUSAL), -inf elsewhere.
 
     q (rows, D) and k (cols, D), or packed (SEQS, rows, D) and (SEQS, cols, D), one product per
-    sequence. Returns (S, valid with the causal mask). The one score expression of the forward
-    and the backward kernels.
+    sequence, each a tuple of head-dim chunks. Returns (S, valid with the causal mask). The one
+    score expression of the forward and the backward kernels.
     """
-    if len(k.shape) == 3:
-        kt = tl.trans(k, 0, 2, 1)
-    else:
-        kt = tl.trans(k)
-    s = mma(q, kt, PRECISION) * scale
+    s = mma_nt(q, k, PRECISION) * scale
     if CAUSAL:
         # int32 positions: the 2-D comparison costs half the registers of an int64 one
         valid = valid & (cols.to(tl.int32)[None, :] <= rows.to(tl.int32)[:, None])
@@ -369,15 +464,14 @@ def packed_coords(BH, H, NQ, NK, SEQS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K:
 
 
 @triton.jit
-def packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, VEC: tl.constexpr):
-    """A packed program's tiles of Q, K and V (B, H, N, D) with these strides; coords: packed_coords'."""
+def packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, cols_d, cols_dv,
+               VEC: tl.constexpr):
+    """A packed program's tiles of Q, K and V (B, H, N, D) with these strides (chunked: cols_d and
+    cols_dv, `head_cols`); coords: packed_coords'."""
     b, h, i, j, row_ok, col_ok = coords
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(View(Q, 0, 1, offs_d, q_strides[3], HEAD_DIM), packed_rows(q_strides, b, h, i), row_ok, VEC)
-    k = load_tile(View(K, 0, 1, offs_d, k_strides[3], HEAD_DIM), packed_rows(k_strides, b, h, j), col_ok, VEC)
-    v = load_tile(View(V, 0, 1, tl.arange(0, BLOCK_DV), v_strides[3], HEAD_DIM_V), packed_rows(v_strides, b, h, j),
-                  col_ok, VEC)
+    q = load_tile(View(Q, 0, 1, cols_d, q_strides[3], HEAD_DIM), packed_rows(q_strides, b, h, i), row_ok, VEC)
+    k = load_tile(View(K, 0, 1, cols_d, k_strides[3], HEAD_DIM), packed_rows(k_strides, b, h, j), col_ok, VEC)
+    v = load_tile(View(V, 0, 1, cols_dv, v_strides[3], HEAD_DIM_V), packed_rows(v_strides, b, h, j), col_ok, VEC)
     return q, k, v
 
 

@@ -24,7 +24,7 @@ import triton
 
 from .._problem import FRAME_ID_LIMIT, TarProblem
 from ._jit import INTERPRETING
-from .layout import DOT_MIN, block_dims, is_packed, packed_limit, pow2
+from .layout import DOT_MIN, block_dims, head_chunks, is_packed, packed_limit, pow2
 
 LOG2E = 1.4426950408889634
 # Floor of the Gaussian's exponent coefficient -0.5 * log2(e) / sigma**2. Below about -150 every
@@ -143,9 +143,9 @@ def delta_args(problem: TarProblem):
 
 def common_meta(problem: TarProblem) -> dict:
     """Compile-time options shared by the forward and backward kernels."""
-    block_d, block_dv = block_dims(problem.head_dim, problem.head_dim_v)
-    return dict(BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=problem.causal, HAS_DELTA=problem.delta is not None,
-                REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype))
+    (block_d, block_d2), (block_dv, block_dv2) = head_chunks(problem.head_dim), head_chunks(problem.head_dim_v)
+    return dict(BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2, CAUSAL=problem.causal,
+                HAS_DELTA=problem.delta is not None, REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype))
 
 
 def frame_args(problem: TarProblem) -> tuple:
@@ -231,7 +231,9 @@ def facts(a: dict) -> SimpleNamespace:
     input size, the widest head dim block and the options."""
     q = a.get("Q")
     sm = target_sm(q) if q is not None else None
-    block = max(a.get("BLOCK_D", a.get("HEAD_DIM")), a.get("BLOCK_DV", 0))  # the row-max pre-pass has no BLOCK_DV
+    # the widest head dim's columns (its chunks' sum); the row-max pre-pass has no BLOCK_DV
+    block = max(a.get("BLOCK_D", a.get("HEAD_DIM")) + a.get("BLOCK_D2", 0),
+                a.get("BLOCK_DV", 0) + a.get("BLOCK_DV2", 0))
     delta, frames = a.get("HAS_DELTA", False), a.get("HAS_FRAMES", False)
     biased = a.get("REGULARIZE", False) and (delta or frames or not a.get("GLOBAL_MAX", False))
     size = q.element_size() if q is not None else None
@@ -292,8 +294,10 @@ def _configs(tiles, stages) -> list:
 # float32 packed programs hold their Q, K, V (and dO) tiles split in two for the tf32x3 dot: ROWS x
 # these head dims / (32 x warps) words a thread, at most 96 (forward: ROWS = 128 on 4 warps spilled 8 B
 # on sm_90, on 2 warps 1.5-1.9 KB, D 40) and 128 (backward: ROWS = 128 on 4 warps spilled 1.2 KB).
-_FWD_WORDS = lambda f, c: c.rows * (2 * f.a["BLOCK_D"] + f.a["BLOCK_DV"]) / (32 * c.warps)  # noqa: E731
-_BWD_WORDS = lambda f, c: c.rows * 2 * (f.a["BLOCK_D"] + f.a["BLOCK_DV"]) / (32 * c.warps)  # noqa: E731
+_D = lambda f: f.a["BLOCK_D"] + f.a.get("BLOCK_D2", 0)  # noqa: E731 (a head dim's columns: its chunks' sum)
+_DV = lambda f: f.a["BLOCK_DV"] + f.a.get("BLOCK_DV2", 0)  # noqa: E731
+_FWD_WORDS = lambda f, c: c.rows * (2 * _D(f) + _DV(f)) / (32 * c.warps)  # noqa: E731
+_BWD_WORDS = lambda f, c: c.rows * 2 * (_D(f) + _DV(f)) / (32 * c.warps)  # noqa: E731
 _SEQS = lambda f, c: c.rows // f.a["SEG_MAX"]  # noqa: E731
 FWD_PACKED = Tuning(
     _configs([(rows, w) for rows in (32, 64, 128) for w in (2, 4, 8)], (1,)),

@@ -29,8 +29,22 @@ def pow2(n: int, lo: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def head_chunks(d: int) -> tuple:
+    """(BLOCK, BLOCK2): the power-of-two column chunks a kernel holds a head dim d in, each at least
+    DOT_MIN (tl.dot's least extent); BLOCK2 = 0 for one chunk. Two chunks where they are narrower
+    than the one power of two above d (80 = 64 + 16, 40 -> 32 + 16, 96 = 64 + 32, 160 = 128 + 32):
+    the products then run at 80 columns, not 128. The columns past d are zero (masked loads)."""
+    whole = pow2(d, DOT_MIN)
+    first = whole // 2
+    second = pow2(d - first, DOT_MIN) if d > first else 0
+    if first >= DOT_MIN and 0 < second and first + second < whole:
+        return first, second
+    return whole, 0
+
+
 def block_dims(d: int, dv: int) -> tuple:
-    return pow2(d, DOT_MIN), pow2(dv, DOT_MIN)
+    """The head-dim columns the kernels' products run at, for d and dv (`head_chunks`' sum)."""
+    return sum(head_chunks(d)), sum(head_chunks(dv))
 
 
 def packed_limit(block_d: int) -> int:

@@ -24,9 +24,10 @@ import triton.language as tl
 
 from .._problem import TarProblem
 from . import layout
-from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View, add_bias, bias_source, block_coords, cast, exp, \
-    frame_bias, frame_ids, key_ok, key_scores, load_tile, masked_scores, mma, packed_coords, packed_delta, \
-    packed_exp, packed_max, packed_qkv, packed_rows, seq_view, store_tile
+from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View, add_bias, bias_source, block_coords, exp, \
+    f32_each, fma_each, frame_bias, frame_ids, head_cols, key_ok, key_scores, load_tile, masked_scores, mma_each, \
+    mma_nt, packed_coords, packed_delta, packed_exp, packed_max, packed_qkv, packed_rows, row_dot, seq_view, \
+    store_tile, zeros_each
 from .launch import BWD_PACKED, BWD_TILED, common_meta, delta_args, frame_args, frame_band_width, interpreter_tiles, \
     packed, packed_launch, tuned, tuned_config, vector_width
 from .layout import STAT_MAX, STATS_FIELDS, pow2
@@ -51,7 +52,8 @@ def _tar_bwd_packed_kernel(
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     ROWS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,  # the head dims' column chunks (layout.head_chunks)
+    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
     REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     VEC: tl.constexpr,  # head-dim entries per vector load and store (launch.vector_width)
@@ -64,12 +66,11 @@ def _tar_bwd_packed_kernel(
     coords = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
     b, h, i, j, row_ok, col_ok = coords
     seq = (b * H + h)[:, None]
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    cols_d = head_cols(BLOCK_D, BLOCK_D2)
+    cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
     # V issued with Q and K, before the softmax, so that its latency hides behind the scores and the exp
-    q, k, v = packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                         VEC)
-    do = load_tile(View(DO, 0, 1, offs_dv, do_strides[3], HEAD_DIM_V), packed_rows(do_strides, b, h, i), row_ok, VEC)
+    q, k, v = packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, cols_d, cols_dv, VEC)
+    do = load_tile(View(DO, 0, 1, cols_dv, do_strides[3], HEAD_DIM_V), packed_rows(do_strides, b, h, i), row_ok, VEC)
     s, valid = masked_scores(q, k, row_ok[:, :, None] & col_ok[:, None, :], i, j, scale, CAUSAL, PRECISION)
 
     if REGULARIZE:
@@ -80,9 +81,9 @@ def _tar_bwd_packed_kernel(
 
     p, denom = packed_exp(s, row_ok)
     p = p / denom[:, :, None]
-    dp = mma(do, tl.trans(v, 0, 2, 1), PRECISION)
+    dp = mma_nt(do, v, PRECISION)
     ds = p * (dp - tl.sum(p * dp, 2)[:, :, None])
-    dv_acc = mma(tl.trans(cast(p, do.dtype), 0, 2, 1), do, PRECISION)
+    dv_acc = mma_each(p, do, PRECISION, True)
 
     if REGULARIZE:
         if DELTA_GRAD:
@@ -95,11 +96,11 @@ def _tar_bwd_packed_kernel(
             share = dmax / tl.maximum(count, 1.0)
         ds = ds + tl.where(tie, share[:, :, None], 0.0)
 
-    dq = mma(cast(ds, k.dtype), k, PRECISION) * scale
-    dk = mma(tl.trans(cast(ds, q.dtype), 0, 2, 1), q, PRECISION) * scale
-    store_tile(View(DQ, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NQ + i, dq, row_ok, VEC)
-    store_tile(View(DK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NK + j, dk, col_ok, VEC)
-    store_tile(View(DV, 0, HEAD_DIM_V, offs_dv, 1, HEAD_DIM_V), seq * NK + j, dv_acc, col_ok, VEC)
+    dq = fma_each(mma_each(ds, k, PRECISION), scale, None)
+    dk = fma_each(mma_each(ds, q, PRECISION, True), scale, None)
+    store_tile(View(DQ, 0, HEAD_DIM, cols_d, 1, HEAD_DIM), seq * NQ + i, dq, row_ok, VEC)
+    store_tile(View(DK, 0, HEAD_DIM, cols_d, 1, HEAD_DIM), seq * NK + j, dk, col_ok, VEC)
+    store_tile(View(DV, 0, HEAD_DIM_V, cols_dv, 1, HEAD_DIM_V), seq * NK + j, dv_acc, col_ok, VEC)
 
 
 @triton.jit
@@ -121,7 +122,8 @@ def _tar_bwd_dq_kernel(
     scale, strength, gauss_coef,
     FRAME_BAND,  # with HAS_FRAMES: frame ids FRAME_BAND or more apart have a Gaussian dA of exactly 0
     N_BUCKET,  # autotune key only
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,  # head_chunks
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,  # as in ops/tar_fwd.py's tiled kernel
@@ -148,22 +150,21 @@ def _tar_bwd_dq_kernel(
     """
     opt: tl.constexpr = Options(CAUSAL, HAS_DELTA, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES, PRECISION, 1)
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(seq_view(Q, q_strides, b, h, offs_d, HEAD_DIM), offs_m, row_ok)
-    do = load_tile(seq_view(DO, do_strides, b, h, offs_dv, HEAD_DIM_V), offs_m, row_ok)
-    o = load_tile(seq_view(O, o_strides, b, h, offs_dv, HEAD_DIM_V), offs_m, row_ok)
-    d_row = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    cols_d = head_cols(BLOCK_D, BLOCK_D2)
+    cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
+    q = load_tile(seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM), offs_m, row_ok)
+    do = load_tile(seq_view(DO, do_strides, b, h, cols_dv, HEAD_DIM_V), offs_m, row_ok)
+    d_row = row_dot(do, load_tile(seq_view(O, o_strides, b, h, cols_dv, HEAD_DIM_V), offs_m, row_ok))
     row = seq * NQ + offs_m
     lse = tl.load(STATS + row * _STATS_N + _STAT_LSE, mask=row_ok, other=0.0)
-    keys = Keys(seq_view(K, k_strides, b, h, offs_d, HEAD_DIM), seq_view(V, v_strides, b, h, offs_dv, HEAD_DIM_V),
+    keys = Keys(seq_view(K, k_strides, b, h, cols_d, HEAD_DIM), seq_view(V, v_strides, b, h, cols_dv, HEAD_DIM_V),
                 NK, (KMASK, b * km_strides[0], km_strides[1]), FK)
     src = bias_source(FQ, DELTA, d_strides, b, h, offs_m, row_ok, gauss_coef, FRAME_BAND, HAS_FRAMES, True)
     hi = NK
     if CAUSAL:
         hi = tl.minimum(NK, (mb + 1) * BLOCK_M)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    acc = zeros_each(BLOCK_M, cols_d)
     if REGULARIZE:
         bias_max = tl.load(STATS + row * _STATS_N + _STAT_MAX, mask=row_ok, other=0.0)
         if GLOBAL_MAX:
@@ -172,7 +173,7 @@ def _tar_bwd_dq_kernel(
         p_sum = tl.zeros((BLOCK_M,), tl.float32)
         p_dp = tl.zeros((BLOCK_M,), tl.float32)
         p_da = tl.zeros((BLOCK_M,), tl.float32)
-        p_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        p_k = zeros_each(BLOCK_M, cols_d)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         arg = tl.zeros((BLOCK_M,), tl.int32)
         count = tl.zeros((BLOCK_M,), tl.int32)
@@ -185,15 +186,15 @@ def _tar_bwd_dq_kernel(
             s_reg, dA = frame_bias(s, strength * bias_max, valid, src, frame_ids(FK, j, col_in, HAS_FRAMES), opt, True,
                                    True)
         p = exp(s_reg - lse[:, None])
-        dp = mma(do, tl.trans(v), PRECISION)
+        dp = mma_nt(do, v, PRECISION)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             dmax += tl.sum(ds * dA, 1)
             p_sum += tl.sum(p, 1)
             p_dp += tl.sum(p * dp, 1)
             p_da += tl.sum(p * dA, 1)
-            p_k += mma(cast(p, k.dtype), k, PRECISION)
-        acc += mma(cast(ds, k.dtype), k, PRECISION)
+            p_k = fma_each(mma_each(p, k, PRECISION), None, p_k)
+        acc = fma_each(mma_each(ds, k, PRECISION), None, acc)
 
     if REGULARIZE:
         if HAS_KEY_MASK:  # a row with no key: every probability is 0
@@ -201,29 +202,29 @@ def _tar_bwd_dq_kernel(
         else:
             norm = 1.0 / tl.where(row_ok, p_sum, 1.0)
         d_exact = p_dp * norm
-        acc = (acc + (d_row - d_exact)[:, None] * p_k) * norm[:, None]
+        acc = fma_each(fma_each(p_k, (d_row - d_exact)[:, None], acc), norm[:, None], None)
         dmax = strength * norm * (dmax + (d_row - d_exact) * p_da)
         d_row = d_exact
         tl.store(AUX + row * _AUX_N + _AUX_NORM, norm, mask=row_ok)
         if tl.max(tl.where(row_ok & (count > 1), 1, 0), 0) > 0:
-            tie_k = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            tie_k = zeros_each(BLOCK_M, cols_d)
             for start in range(0, hi, BLOCK_N):
                 j = start + tl.arange(0, BLOCK_N).to(tl.int64)
                 s, valid, k, v, col_in = key_scores(q, offs_m, row_ok[:, None], keys, j, scale, opt, False)
                 tie = valid & (s == m[:, None])
-                tie_k += mma(cast(tie.to(tl.float32), k.dtype), k, PRECISION)
+                tie_k = fma_each(mma_each(tie.to(tl.float32), k, PRECISION), None, tie_k)
         else:  # one key per row reaches the max: its arg-max
-            tie_k = load_tile(keys.k, arg.to(tl.int64), row_ok).to(tl.float32)
+            tie_k = f32_each(load_tile(keys.k, arg.to(tl.int64), row_ok))
         if GLOBAL_MAX:
-            store_tile(View(TIEK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), row, tie_k * scale, row_ok)
+            store_tile(View(TIEK, 0, HEAD_DIM, cols_d, 1, HEAD_DIM), row, fma_each(tie_k, scale, None), row_ok)
             share = dmax  # turned into the share by the launcher
         else:
             share = dmax / tl.maximum(count, 1).to(tl.float32)
-            acc += share[:, None] * tie_k
+            acc = fma_each(tie_k, share[:, None], acc)
         tl.store(AUX + row * _AUX_N + _AUX_SHARE, share, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_MAX, m, mask=row_ok)
         tl.store(AUX + row * _AUX_N + _AUX_COUNT, count.to(tl.float32), mask=row_ok)
-    store_tile(View(DQ, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), row, acc * scale, row_ok)
+    store_tile(View(DQ, 0, HEAD_DIM, cols_d, 1, HEAD_DIM), row, fma_each(acc, scale, None), row_ok)
     tl.store(AUX + row * _AUX_N + _AUX_D, d_row, mask=row_ok)
 
 
@@ -235,7 +236,8 @@ def _tar_bwd_dkdv_kernel(
     scale, strength, gauss_coef,
     FRAME_BAND,  # as in the dQ pass
     NUM_FRAMES,  # the frame matrix's size F (DDELTA (F, F) with HAS_FRAMES)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,  # head_chunks
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,  # as in ops/tar_fwd.py's tiled kernel
@@ -254,15 +256,15 @@ def _tar_bwd_dkdv_kernel(
     opt: tl.constexpr = Options(CAUSAL, HAS_DELTA, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES, PRECISION, 1)
     seq, nb, b, h, offs_n, col_in = block_coords(NK, H, BLOCK_N)
     col_ok = key_ok(col_in, (KMASK, b * km_strides[0], km_strides[1]), offs_n, HAS_KEY_MASK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(seq_view(K, k_strides, b, h, offs_d, HEAD_DIM), offs_n, col_ok)
-    v = load_tile(seq_view(V, v_strides, b, h, offs_dv, HEAD_DIM_V), offs_n, col_in)
-    q_view = seq_view(Q, q_strides, b, h, offs_d, HEAD_DIM)
-    do_view = seq_view(DO, do_strides, b, h, offs_dv, HEAD_DIM_V)
+    cols_d = head_cols(BLOCK_D, BLOCK_D2)
+    cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
+    k = load_tile(seq_view(K, k_strides, b, h, cols_d, HEAD_DIM), offs_n, col_ok)
+    v = load_tile(seq_view(V, v_strides, b, h, cols_dv, HEAD_DIM_V), offs_n, col_in)
+    q_view = seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM)
+    do_view = seq_view(DO, do_strides, b, h, cols_dv, HEAD_DIM_V)
     src = bias_source(FK, DELTA, d_strides, b, h, offs_n, col_in, gauss_coef, FRAME_BAND, HAS_FRAMES, False)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv_acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    dk = zeros_each(BLOCK_N, cols_d)
+    dv_acc = zeros_each(BLOCK_N, cols_dv)
     lo = 0
     if CAUSAL:  # rows above this block's first key see none of its keys
         lo = (nb * BLOCK_N // BLOCK_M) * BLOCK_M
@@ -287,8 +289,8 @@ def _tar_bwd_dkdv_kernel(
         p = exp(s_reg - lse[:, None])
         if REGULARIZE:
             p = p * tl.load(AUX + row * _AUX_N + _AUX_NORM, mask=row_ok, other=1.0)[:, None]
-        dv_acc += mma(tl.trans(cast(p, do.dtype)), do, PRECISION)
-        dp = mma(do, tl.trans(v), PRECISION)
+        dv_acc = fma_each(mma_each(p, do, PRECISION, True), None, dv_acc)
+        dp = mma_nt(do, v, PRECISION)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
             if DELTA_GRAD:
@@ -302,17 +304,18 @@ def _tar_bwd_dkdv_kernel(
             share = tl.load(AUX + row * _AUX_N + _AUX_SHARE, mask=row_ok, other=0.0)
             row_max = tl.load(AUX + row * _AUX_N + _AUX_MAX, mask=row_ok, other=0.0)
             ds = ds + tl.where(valid & (s == row_max[:, None]), share[:, None], 0.0)
-        dk += mma(tl.trans(cast(ds, q.dtype)), q, PRECISION)
-    store_tile(View(DK, 0, HEAD_DIM, offs_d, 1, HEAD_DIM), seq * NK + offs_n, dk * scale, col_in)
-    store_tile(View(DV, 0, HEAD_DIM_V, offs_dv, 1, HEAD_DIM_V), seq * NK + offs_n, dv_acc, col_in)
+        dk = fma_each(mma_each(ds, q, PRECISION, True), None, dk)
+    store_tile(View(DK, 0, HEAD_DIM, cols_d, 1, HEAD_DIM), seq * NK + offs_n, fma_each(dk, scale, None), col_in)
+    store_tile(View(DV, 0, HEAD_DIM_V, cols_dv, 1, HEAD_DIM_V), seq * NK + offs_n, dv_acc, col_in)
 
 
 # --------------------------------------------------------------------------- launcher
 
-_packed = tuned(_tar_bwd_packed_kernel, BWD_PACKED, ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX",
-                                                    "HAS_DELTA", "REGULARIZE", "DELTA_GRAD"])
-_dq = tuned(_tar_bwd_dq_kernel, BWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX", "HAS_DELTA",
-                                           "REGULARIZE", "HAS_FRAMES", "HAS_KEY_MASK", "FRAME_TILES"])
+_packed = tuned(_tar_bwd_packed_kernel, BWD_PACKED, ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2",
+                                                    "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "DELTA_GRAD"])
+_dq = tuned(_tar_bwd_dq_kernel, BWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSAL",
+                                           "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "HAS_FRAMES", "HAS_KEY_MASK",
+                                           "FRAME_TILES"])
 # The tiled dK/dV pass is not tuned on its own: it runs the config the dQ pass was tuned to
 # (`launch.tuned_config`), so both recompute the same score tiles bit for bit and agree on the ties.
 _dkdv = _tar_bwd_dkdv_kernel

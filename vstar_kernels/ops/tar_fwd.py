@@ -22,8 +22,9 @@ import triton.language as tl
 from .._problem import TarProblem, speculates
 from ._jit import INTERPRETING  # noqa: F401 (_load.triton_state reads it here)
 from ._jit import _NO_VIDEO, _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View, add_bias, bias_source, \
-    block_coords, cast, frame_bias, frame_ids, key_scores, load_tile, masked_scores, max_nan, mma, nanmax, \
-    packed_coords, packed_delta, packed_exp, packed_max, packed_qkv, packed_rows, seq_view, store_tile
+    block_coords, div_each, fma_each, frame_bias, frame_ids, head_cols, key_scores, load_tile, masked_scores, \
+    max_nan, mma_each, mma_nt, nanmax, packed_coords, packed_delta, packed_exp, packed_max, packed_qkv, packed_rows, \
+    seq_view, store_tile, zeros_each
 from .launch import FWD_PACKED, FWD_TILED, band_width, common_meta, delta_args, frame_args, frame_band_width, \
     interpreter_tiles, packed, packed_launch, tiled_only, tuned, tuned_config, vector_width
 from .layout import STATS_FIELDS, pow2
@@ -40,7 +41,8 @@ def _tar_fwd_packed_kernel(
     scale, strength, gauss_coef,
     ROWS: tl.constexpr,  # ROWS // SEG_MAX sequences per program
     SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,  # the head dims' column chunks (layout.head_chunks)
+    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
     REGULARIZE: tl.constexpr, PRECISION: tl.constexpr,
     VEC: tl.constexpr,  # head-dim entries per vector load and store (launch.vector_width)
@@ -57,8 +59,9 @@ def _tar_fwd_packed_kernel(
     coords = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
     b, h, i, j, row_ok, col_ok = coords
     # V issued with Q and K, before the softmax, so that its latency hides behind the scores and the exp
-    q, k, v = packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                         VEC)
+    cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
+    q, k, v = packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V,
+                         head_cols(BLOCK_D, BLOCK_D2), cols_dv, VEC)
     s, valid = masked_scores(q, k, row_ok[:, :, None] & col_ok[:, None, :], i, j, scale, CAUSAL, PRECISION)
     if REGULARIZE:
         m = packed_max(s, row_ok, GLOBAL_MAX)
@@ -66,9 +69,8 @@ def _tar_fwd_packed_kernel(
         s = add_bias(s, strength * m, dA)
 
     p, denom = packed_exp(s, row_ok)
-    out = mma(cast(p, v.dtype), v, PRECISION) / denom[:, :, None]
-    store_tile(View(O, 0, 1, tl.arange(0, BLOCK_DV), o_strides[3], HEAD_DIM_V), packed_rows(o_strides, b, h, i), out,
-               row_ok, VEC)
+    out = div_each(mma_each(p, v, PRECISION), denom[:, :, None])
+    store_tile(View(O, 0, 1, cols_dv, o_strides[3], HEAD_DIM_V), packed_rows(o_strides, b, h, i), out, row_ok, VEC)
 
 
 @triton.jit
@@ -111,7 +113,8 @@ def _tar_fwd_row_max_kernel(
     q_strides, k_strides, km_strides,
     NQ, NK, H, HEAD_DIM, scale,
     N_BUCKET,  # autotune key only
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,  # the head dim's column chunks (layout.head_chunks)
     CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr,
     VEC: tl.constexpr,  # head-dim entries per vector load (launch.vector_width)
     HAS_KEY_MASK: tl.constexpr,  # KMASK (uint8 (B, Nk)) drops keys: a row without keys has max -inf
@@ -125,9 +128,9 @@ def _tar_fwd_row_max_kernel(
     """
     opt: tl.constexpr = Options(CAUSAL, False, False, HAS_KEY_MASK, False, PRECISION, VEC)
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(seq_view(Q, q_strides, b, h, offs_d, HEAD_DIM), offs_m, row_ok, VEC)
-    keys = Keys(seq_view(K, k_strides, b, h, offs_d, HEAD_DIM), None, NK, (KMASK, b * km_strides[0], km_strides[1]),
+    cols_d = head_cols(BLOCK_D, BLOCK_D2)
+    q = load_tile(seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM), offs_m, row_ok, VEC)
+    keys = Keys(seq_view(K, k_strides, b, h, cols_d, HEAD_DIM), None, NK, (KMASK, b * km_strides[0], km_strides[1]),
                 None)
     hi = NK
     if CAUSAL:
@@ -166,8 +169,7 @@ def _softmax_tiles(state, q, rows, row_ok, keys, src, c, lo, hi, scale, BLOCK_N:
             s, valid, k, v, col_in = key_scores(q, rows, take[:, None], keys, j, scale, opt, False)
         else:
             col_in = tl.full((BLOCK_N,), 1, tl.int1)
-            k = load_tile(keys.k, j, col_in, opt.VEC)
-            s = mma(q, tl.trans(k), opt.PRECISION) * scale
+            s = mma_nt(q, load_tile(keys.k, j, col_in, opt.VEC), opt.PRECISION) * scale
             valid = col_in[None, :]
         if SPECULATE:
             raw = tl.maximum(raw, tl.max(s, 1))
@@ -184,7 +186,7 @@ def _softmax_tiles(state, q, rows, row_ok, keys, src, c, lo, hi, scale, BLOCK_N:
         denom = denom * alpha + tl.sum(p, 1)
         # every key's v, masked or not, as the definition's P @ V (weight 0 for a masked key)
         v = load_tile(keys.v, j, col_in, opt.VEC)
-        acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, opt.PRECISION)
+        acc = fma_each(acc, alpha[:, None], mma_each(p, v, opt.PRECISION))
         run_max = new_max
     return run_max, denom, acc, raw
 
@@ -200,7 +202,8 @@ def _tar_fwd_tiled_kernel(
     FRAME_BAND,  # with HAS_FRAMES: frame ids FRAME_BAND or more apart have a Gaussian dA of exactly 0
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,  # the head dims' column chunks (layout.head_chunks)
+    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     GLOBAL_MAX: tl.constexpr,  # read m_i from SEQMAX (one per sequence) instead of computing the row max
     ONE_PASS: tl.constexpr,  # row max of the Gaussian: m_i from the off-band softmax's running max + the band
@@ -246,10 +249,10 @@ def _tar_fwd_tiled_kernel(
     WHOLE: tl.constexpr = (REGULARIZE and (GLOBAL_MAX or HAS_DELTA)) or HAS_KEY_MASK
     opt: tl.constexpr = Options(CAUSAL, HAS_DELTA, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES, PRECISION, VEC)
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(seq_view(Q, q_strides, b, h, offs_d, HEAD_DIM), offs_m, row_ok, VEC)
-    keys = Keys(seq_view(K, k_strides, b, h, offs_d, HEAD_DIM), seq_view(V, v_strides, b, h, offs_dv, HEAD_DIM_V),
+    cols_d = head_cols(BLOCK_D, BLOCK_D2)
+    cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
+    q = load_tile(seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM), offs_m, row_ok, VEC)
+    keys = Keys(seq_view(K, k_strides, b, h, cols_d, HEAD_DIM), seq_view(V, v_strides, b, h, cols_dv, HEAD_DIM_V),
                 NK, (KMASK, b * km_strides[0], km_strides[1]), FK)
     hi = NK
     if CAUSAL:
@@ -278,7 +281,7 @@ def _tar_fwd_tiled_kernel(
             m = _row_max(q, offs_m, keys, 0, hi, m, scale, BLOCK_N, opt)
     cm = strength * tl.where(row_ok, m, 0.0)
     state = (tl.full((BLOCK_M,), float("-inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32),
-             tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), tl.full((BLOCK_M,), float("-inf"), tl.float32))
+             zeros_each(BLOCK_M, cols_dv), tl.full((BLOCK_M,), float("-inf"), tl.float32))
     # (run_max, denom, acc, the raw running max with SPECULATE)
     OFF_BIAS: tl.constexpr = REGULARIZE and not ONE_PASS
     if not WHOLE:  # the off-band tiles: left of the band, then right of it, the partial last tile masked
@@ -303,12 +306,10 @@ def _tar_fwd_tiled_kernel(
     if SPECULATE:
         _flag_rows(COUNT, LIST, MAXES, STATS, seq, NQ, offs_m, row_ok, src.ids >= 0, m, raw, denom, strength,
                    SAVE_STATS)
+    if REGULARIZE and ONE_PASS:  # off the band the definition adds c * m_i * 0: NaN for an inf or NaN c * m_i,
+        denom = tl.where((cm - cm) == 0.0, denom, float("nan"))  # which a NaN denominator gives output and lse
     out, lse = _finish(run_max, denom, acc, row_ok, HAS_KEY_MASK)
-    if REGULARIZE and ONE_PASS:  # off the band the definition adds c * m_i * 0: NaN for an inf or NaN c * m_i
-        finite = (cm - cm) == 0.0
-        out = tl.where(finite[:, None], out, float("nan"))
-        lse = tl.where(finite, lse, float("nan"))
-    store_tile(seq_view(O, o_strides, b, h, offs_dv, HEAD_DIM_V), offs_m, out, row_ok, VEC)
+    store_tile(seq_view(O, o_strides, b, h, cols_dv, HEAD_DIM_V), offs_m, out, row_ok, VEC)
     if SAVE_STATS:
         tl.store(STATS + stat_row * _STATS_N + _STAT_LSE, lse, mask=row_ok)
 
@@ -318,12 +319,12 @@ def _finish(run_max, denom, acc, row_ok, HAS_KEY_MASK: tl.constexpr):
     """(output rows, log-sum-exp) of a finished online softmax. With HAS_KEY_MASK a row with no key
     gives sum_j 0 * v_j (0 for finite v), as the definition says, and a log-sum-exp of +inf."""
     denom = tl.where(row_ok, denom, 1.0)
-    out = acc / denom[:, None]
     lse = run_max + tl.log(denom)
     if HAS_KEY_MASK:
         empty = denom == 0.0
-        out = tl.where(empty[:, None], acc, out)
         lse = tl.where(empty, float("inf"), lse)
+        denom = tl.where(empty, 1.0, denom)  # acc / 1: acc, sum_j 0 * v_j
+    out = div_each(acc, denom[:, None])
     return out, lse
 
 
@@ -364,7 +365,7 @@ def _tar_fwd_redo_kernel(
     H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef, BAND, FRAME_BAND,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # the speculative launch's tiles
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
 ):
@@ -382,11 +383,11 @@ def _tar_fwd_redo_kernel(
     if blk * BLOCK_M < tl.load(COUNT + seq):
         ok = slots < tl.load(COUNT + seq)
         rows = tl.load(LIST + seq * NQ + slots, mask=ok, other=0).to(tl.int64)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        q = load_tile(seq_view(Q, q_strides, b, h, tl.arange(0, BLOCK_D), HEAD_DIM), rows, ok, VEC)
-        keys = Keys(seq_view(K, k_strides, b, h, tl.arange(0, BLOCK_D), HEAD_DIM),
-                    seq_view(V, v_strides, b, h, offs_dv, HEAD_DIM_V), NK, (KMASK, b * km_strides[0], km_strides[1]),
-                    FK)
+        cols_d = head_cols(BLOCK_D, BLOCK_D2)
+        cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
+        q = load_tile(seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM), rows, ok, VEC)
+        keys = Keys(seq_view(K, k_strides, b, h, cols_d, HEAD_DIM), seq_view(V, v_strides, b, h, cols_dv, HEAD_DIM_V),
+                    NK, (KMASK, b * km_strides[0], km_strides[1]), FK)
         stat_row = seq * NQ + rows
         m = tl.load(MAXES + stat_row, mask=ok, other=0.0)
         walk = m == float("inf")  # a raw max of +inf (NaN if a score is), or a max a NaN bias hid (_flag_rows)
@@ -406,7 +407,7 @@ def _tar_fwd_redo_kernel(
             hi = tl.maximum(tl.minimum(tl.cdiv((mb + 1) * BLOCK_M - 1 + BAND, BLOCK_N) * BLOCK_N, end), lo)
         band = (lo, hi, end)
         state = (tl.full((BLOCK_M,), float("-inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32),
-                 tl.zeros((BLOCK_M, BLOCK_DV), tl.float32), tl.full((BLOCK_M,), float("-inf"), tl.float32))
+                 zeros_each(BLOCK_M, cols_dv), tl.full((BLOCK_M,), float("-inf"), tl.float32))
         cm = strength * m
         if not HAS_KEY_MASK:  # with a key mask the band is the whole row
             state = _softmax_tiles(state, q, rows, ok, keys, src, cm, 0, tl.max(tl.where(ok, end, 0), 0), scale,
@@ -415,7 +416,7 @@ def _tar_fwd_redo_kernel(
                                                 tl.max(tl.where(ok, hi, 0), 0), scale, BLOCK_N, True, True, opt,
                                                 False, 2, band)
         out, lse = _finish(run_max, denom, acc, ok, HAS_KEY_MASK)
-        store_tile(seq_view(O, o_strides, b, h, offs_dv, HEAD_DIM_V), rows, out, ok, VEC)
+        store_tile(seq_view(O, o_strides, b, h, cols_dv, HEAD_DIM_V), rows, out, ok, VEC)
         if SAVE_STATS:
             tl.store(STATS + stat_row * _STATS_N + _STAT_LSE, lse, mask=ok)
             tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, m, mask=ok)
@@ -423,11 +424,11 @@ def _tar_fwd_redo_kernel(
 
 # --------------------------------------------------------------------------- launcher
 
-_packed = tuned(_tar_fwd_packed_kernel, FWD_PACKED, ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "GLOBAL_MAX",
-                                                    "HAS_DELTA"])
-_tiled_row_max = tuned(_tar_fwd_row_max_kernel, FWD_TILED, ["N_BUCKET", "BLOCK_D", "CAUSAL", "SAVE_STATS",
+_packed = tuned(_tar_fwd_packed_kernel, FWD_PACKED, ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2",
+                                                    "CAUSAL", "GLOBAL_MAX", "HAS_DELTA"])
+_tiled_row_max = tuned(_tar_fwd_row_max_kernel, FWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "CAUSAL", "SAVE_STATS",
                                                             "HAS_KEY_MASK"])
-_TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_DELTA", "REGULARIZE", "GLOBAL_MAX", "ONE_PASS",
+_TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSAL", "HAS_DELTA", "REGULARIZE", "GLOBAL_MAX", "ONE_PASS",
               "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"]
 _tiled = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)
 # the speculative launches: COUNT zeroed again after the autotuner's timing runs
@@ -488,7 +489,8 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
     if global_max:
         row_max = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
         _tiled_row_max[grid](q, k, row_max, stats, km, q.stride(), k.stride(), km_strides, nq, nk, H, d,
-                             problem.scale, n_bucket, BLOCK_D=meta["BLOCK_D"], CAUSAL=meta["CAUSAL"],
+                             problem.scale, n_bucket, BLOCK_D=meta["BLOCK_D"], BLOCK_D2=meta["BLOCK_D2"],
+                             CAUSAL=meta["CAUSAL"],
                              SAVE_STATS=save_stats, PRECISION=meta["PRECISION"], VEC=meta["VEC"],
                              HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **tiles)
         seq_max = row_max.amax(dim=1)
@@ -511,7 +513,7 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
                              **{**meta, **variant})
     used = tuned_config(_tiled_speculative, "forward")
     _redo[grid(used)](q, k, v, out, stats, fq, fk, km, flags, rows, maxes, *strides[:4], km_strides, *sizes, band,
-                      frame_band_width(gauss_coef), BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
+                      frame_band_width(gauss_coef), **{k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")},
                       CAUSAL=meta["CAUSAL"], SAVE_STATS=save_stats, PRECISION=meta["PRECISION"], VEC=meta["VEC"],
                       HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **used)
     return out
