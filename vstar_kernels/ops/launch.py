@@ -323,6 +323,9 @@ FWD_TILED = Tuning(
       "... the 64- and 128-row tiles with at most 32 keys and 2 stages"),
      (KEEP, lambda f, c: f.gaussian and f.sm90 and not f.deep and c.tile == (128, 64, 8),
       "sm_90, the 16-bit Gaussian up to head dim 64: 128 x 64 on 8 warps (up to 255 registers saving statistics)"),
+     (KEEP, lambda f, c: f.gaussian and f.sm90 and not f.frames and f.deep and f.block <= 96
+      and c.tile in ((128, 32, 8), (128, 64, 8)), "sm_90, the 16-bit Gaussian at head dims held in 80 or 96 columns "
+                                                  "(layout.head_chunks): 128 x 32 and 128 x 64 on 8 warps"),
      (DROP, lambda f, c: f.wide and (c.bm > 64 or c.bn > 64), "above head dim 128 at most 64 x 64"),
      (DROP, lambda f, c: c.warps == 4 and (c.bm > 64 or c.bn > 32), "on 4 warps at most 64 x 32"),
      (DROP, lambda f, c: f.sm8x and f.biased and c.bn > 32 and (f.delta or f.frames),
