@@ -88,11 +88,12 @@ def test_causal_delta_reads_only_the_entries_used(n, d):
     assert with_delta.distinct_bytes - plain.distinct_bytes == n * (n + 1) // 2 * 2
 
 
-@pytest.mark.parametrize("n, d, share", [(16, 64, 1.0), (16, 40, 40 / 64), (13, 64, (13 / 16) ** 2), (64, 64, 1.0)])
+@pytest.mark.parametrize("n, d, share", [(16, 64, 1.0), (16, 40, 40 / 48), (16, 80, 1.0), (13, 64, (13 / 16) ** 2),
+                                         (64, 64, 1.0)])
 def test_packed_useful_mma_share(n, d, share):
     """One batched product per sequence of SEG = pow2(N) (at least 16) rows and columns: every
-    issued FLOP is useful at N = 16 and 64, times D / BLOCK_D for a padded head dim (62.5% at
-    D = 40) and (N / SEG)^2 for a padded sequence."""
+    issued FLOP is useful at N = 16 and 64, times D / (the head dim's chunks, layout.head_chunks)
+    (40 / 48 at D = 40, held as 32 + 16; 80 = 64 + 16 whole) and (N / SEG)^2 for a padded sequence."""
     row = measure_case(TrafficCase("t", n, d, "fp16", "plain"))
     assert row["layout"] == "packed"
     assert row["useful_share"] == share
@@ -167,7 +168,7 @@ def test_speculative_requests_the_guess_tiles_instead_of_the_walk():
     assert 0 < guess < blocks * tiles and guess * block_n > guess_keys
     assert one.requested_bytes == (two.requested_bytes - blocks * n * d * 2 + guess_keys * d * 2
                                    + 4 * blocks * n + 4 * blocks)
-    padded = block_dims(d, d)[0]  # the products run at the padded head dim
+    padded = block_dims(d, d)[0]  # the columns the products run at (the head dim's chunks)
     assert two.mma_flops - one.mma_flops == 2 * block_m * block_n * padded * (blocks * tiles - guess)
 
 
