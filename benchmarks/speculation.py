@@ -96,7 +96,8 @@ def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype
         # (the key after the far frame's middle one, which is that frame's own target; dim 1 towards the last
         # frame, dim 2 towards the first, so that no row finds its score again in a nearer frame)
         late = f > top / 2
-        for dim, rows, key in ((0, own[~far[own]], middle[f]), (1 + late, own[far[own]], middle[0 if late else top] + 1)):
+        for dim, rows, key in ((0, own[~far[own]], middle[f]),
+                               (1 + late, own[far[own]], middle[0 if late else top] + 1)):
             q[..., rows, dim] = 2.0
             k[..., key, :] = 0
             k[..., key, dim] = 8.0

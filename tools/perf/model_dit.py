@@ -513,7 +513,8 @@ def dit_plot(rows: list, gpu_key: str, path: Path) -> None:
     ax.invert_yaxis()
     ax.set(xscale="log", xlabel="modeled time per self-attention call, batch 1, bf16 (ms, model)",
            title=f"DiT self-attention, {GPUS[gpu_key].name} - model, not measured")
-    ax.legend(fontsize=8, loc="lower right")
+    # below the axes: inside, the legend covered the ends of the longest bars
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

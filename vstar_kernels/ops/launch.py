@@ -145,7 +145,8 @@ def common_meta(problem: TarProblem) -> dict:
     """Compile-time options shared by the forward and backward kernels."""
     (block_d, block_d2), (block_dv, block_dv2) = head_chunks(problem.head_dim), head_chunks(problem.head_dim_v)
     return dict(BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2, CAUSAL=problem.causal,
-                HAS_DELTA=problem.delta is not None, REGULARIZE=problem.regularized, PRECISION=_precision(problem.dtype))
+                HAS_DELTA=problem.delta is not None, REGULARIZE=problem.regularized,
+                PRECISION=_precision(problem.dtype))
 
 
 def frame_args(problem: TarProblem) -> tuple:

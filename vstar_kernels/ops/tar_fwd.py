@@ -286,13 +286,15 @@ def _tar_fwd_tiled_kernel(
     OFF_BIAS: tl.constexpr = REGULARIZE and not ONE_PASS
     if not WHOLE:  # the off-band tiles: left of the band, then right of it, the partial last tile masked
         left = tl.minimum(band_lo, full_hi)
-        state = _softmax_tiles(state, q, offs_m, row_ok, keys, src, cm, 0, left, scale, BLOCK_N, False, OFF_BIAS, opt, SPECULATE)
+        state = _softmax_tiles(state, q, offs_m, row_ok, keys, src, cm, 0, left, scale, BLOCK_N, False, OFF_BIAS, opt,
+                               SPECULATE)
         state = _softmax_tiles(state, q, offs_m, row_ok, keys, src, cm, left, band_lo, scale, BLOCK_N, True, OFF_BIAS,
                                opt, SPECULATE)
         right = tl.maximum(band_hi, full_hi)
         state = _softmax_tiles(state, q, offs_m, row_ok, keys, src, cm, band_hi, right, scale, BLOCK_N, False,
                                OFF_BIAS, opt, SPECULATE)
-        state = _softmax_tiles(state, q, offs_m, row_ok, keys, src, cm, right, hi, scale, BLOCK_N, True, OFF_BIAS, opt, SPECULATE)
+        state = _softmax_tiles(state, q, offs_m, row_ok, keys, src, cm, right, hi, scale, BLOCK_N, True, OFF_BIAS, opt,
+                               SPECULATE)
     if REGULARIZE and ONE_PASS:  # the row max: the off-band scores' (their running max), then the band's
         m = _row_max(q, offs_m, keys, band_lo, band_hi, state[0], scale, BLOCK_N, opt)
         cm = strength * tl.where(row_ok, m, 0.0)
@@ -428,8 +430,8 @@ _packed = tuned(_tar_fwd_packed_kernel, FWD_PACKED, ["SEG_Q", "SEG_K", "BLOCK_D"
                                                     "CAUSAL", "GLOBAL_MAX", "HAS_DELTA"])
 _tiled_row_max = tuned(_tar_fwd_row_max_kernel, FWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "CAUSAL", "SAVE_STATS",
                                                             "HAS_KEY_MASK"])
-_TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSAL", "HAS_DELTA", "REGULARIZE", "GLOBAL_MAX", "ONE_PASS",
-              "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"]
+_TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSAL", "HAS_DELTA", "REGULARIZE",
+              "GLOBAL_MAX", "ONE_PASS", "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"]
 _tiled = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)
 # the speculative launches: COUNT zeroed again after the autotuner's timing runs
 _tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY, reset_to_zero=["COUNT"])
@@ -512,8 +514,8 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
                              km_strides, *sizes, band, frame_band_width(gauss_coef), n_bucket, SPECULATE=True,
                              **{**meta, **variant})
     used = tuned_config(_tiled_speculative, "forward")
+    heads = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")}
     _redo[grid(used)](q, k, v, out, stats, fq, fk, km, flags, rows, maxes, *strides[:4], km_strides, *sizes, band,
-                      frame_band_width(gauss_coef), **{k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")},
-                      CAUSAL=meta["CAUSAL"], SAVE_STATS=save_stats, PRECISION=meta["PRECISION"], VEC=meta["VEC"],
-                      HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **used)
+                      frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=save_stats,
+                      PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **used)
     return out

@@ -32,7 +32,8 @@ from .launch import FWD_LEAN, common_meta, delta_args, interpreter_tiles, tuned
 from .layout import STATS_FIELDS
 
 # Whether the installed Triton has device-side tensor descriptors and tl.range(..., warp_specialize=...).
-SUPPORTED = hasattr(tl, "make_tensor_descriptor") and "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+SUPPORTED = hasattr(tl, "make_tensor_descriptor") and \
+    "warp_specialize" in inspect.signature(tl.range.__init__).parameters
 # A tensor descriptor's base address and strides (all but the last, which must be 1) are multiples of this.
 DESCRIPTOR_ALIGN = 16
 
