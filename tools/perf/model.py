@@ -15,7 +15,7 @@ ceil(P / (SMs c)) * SMs c / P times the average share. What goes in:
   divisibility by 16, so the modeled N, heads and head dim are compiled, not a stand-in length);
   bytes as `tools.perf traffic` counts them (packed: Q, K, V read and O written once,
   vstar_kernels.bench.measure.ideal_cost; tiled: traffic.tiled_bytes, the one-pass band of the row-max Gaussian or the
-  two-pass form of a custom delta), MMA FLOPs as issued (whole tiles: BLOCK_D padding, the packed
+  two-pass form of a custom delta), MMA FLOPs as issued (whole tiles at the head dim's chunks, the packed
   SEG x SEG products of every sequence slot), warp-instructions and MUFU: tiled, each loop's per
   score element (`roofline.tiled_loops`) times the score elements it computes (`tile_counts`: the
   kernel's tile ranges around the band), plus each program's instructions outside the loops
