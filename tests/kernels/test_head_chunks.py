@@ -1,8 +1,9 @@
-"""Head dims that are not powers of two, held as two power-of-two column chunks (layout.head_chunks:
-80 = 64 + 16) instead of padded to the next power of two: the split itself, and the kernels through
-every layout with the chunks on one side only (D two chunks, Dv one, and the other way round),
-strided storage, frame ids and the speculative one pass, against the float64 reference and, for the
-one pass, bit for bit against the two passes."""
+"""Head dims that are not powers of two, held by the forward kernels as two power-of-two column chunks
+(layout.head_chunks: 80 = 64 + 16) instead of padded to the next power of two (the backward keeps one
+block: launch.common_meta): the split itself, and the kernels through every layout with the chunks on
+one side only (D two chunks, Dv one, and the other way round), strided storage, frame ids and the
+speculative one pass, against the float64 reference and, for the one pass, bit for bit against the
+two passes."""
 
 import math
 
@@ -34,6 +35,22 @@ def test_head_chunks_cover_and_never_widen():
         assert d <= first + second <= pow2(d, DOT_MIN), d
         assert second == 0 or first + second < pow2(d, DOT_MIN), d
         assert block_dims(d, d) == (first + second, first + second)
+
+
+def test_forward_chunks_and_backward_holds_one_block():
+    """The forward's launches take the chunks; the backward's one power-of-two block a head dim."""
+    from vstar_kernels._problem import make_problem
+    from vstar_kernels.ops.launch import common_meta
+
+    q = torch.empty(1, 2, 40, 80, device="meta")
+    v = torch.empty(1, 2, 40, 40, device="meta")
+    problem = make_problem(q, q, v, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    forward, backward = common_meta(problem), common_meta(problem, chunked=False)
+    assert (forward["BLOCK_D"], forward["BLOCK_D2"], forward["BLOCK_DV"], forward["BLOCK_DV2"]) == (64, 16, 32, 16)
+    assert (backward["BLOCK_D"], backward["BLOCK_DV"]) == (128, 64)
+    assert "BLOCK_D2" not in backward and "BLOCK_DV2" not in backward
+    assert {k: v for k, v in forward.items() if not k.startswith("BLOCK")} == \
+        {k: v for k, v in backward.items() if not k.startswith("BLOCK")}
 
 
 # (B, H, Nq, Nk, D, Dv): packed (N <= 128) then tiled; each has one side split and the other not, or both

@@ -16,6 +16,12 @@ from vstar_kernels.ops.launch import BWD_PACKED, BWD_TILED, FWD_PACKED, FWD_TILE
     targeting
 
 
+def dims(d):
+    """A launch's head-dim constexprs at head dim d (d = dv): its chunks, as `launch.common_meta` passes them."""
+    block, block2 = layout.head_chunks(d)
+    return dict(BLOCK_D=block, BLOCK_D2=block2, BLOCK_DV=block, BLOCK_DV2=block2)
+
+
 def meta_problem(nq, nk, d):
     q = torch.empty(2, 3, nq, d, device="meta")
     k = torch.empty(2, 3, nk, d, device="meta")
@@ -24,15 +30,20 @@ def meta_problem(nq, nk, d):
 
 @pytest.mark.parametrize("d", [8, 40, 64, 80, 128, 160, 256])
 def test_packed_prune_keeps_valid_configs(d):
-    block = layout.pow2(d, layout.DOT_MIN)
+    block = sum(layout.head_chunks(d))
     for nq in range(1, 129):
         for nk in (1, 7, 16, 33, 100, 128):
             if not layout.is_packed(nq, nk, d, d):
                 continue
             seg_q, seg_k, seg_max = packed_segments(meta_problem(nq, nk, d))
-            meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, BLOCK_D=block, BLOCK_DV=block)
-            kept_bwd = BWD_PACKED.prune(BWD_PACKED.configs, {"BH": 1000}, **meta)
+            meta = dict(SEG_Q=seg_q, SEG_K=seg_k, SEG_MAX=seg_max, **dims(d))
+            # the backward holds the head dim in one power-of-two block (launch.common_meta)
+            whole = layout.pow2(d, layout.DOT_MIN)
+            kept_bwd = BWD_PACKED.prune(BWD_PACKED.configs, {"BH": 1000}, SEG_Q=seg_q, SEG_K=seg_k,
+                                        SEG_MAX=seg_max, BLOCK_D=whole, BLOCK_DV=whole)
             assert kept_bwd and all(c.kwargs["ROWS"] >= seg_max for c in kept_bwd), (nq, nk, d)
+            if whole > 64:  # 64 rows and more on 8 warps (4 spilled at D 80)
+                assert all(c.num_warps == 8 for c in kept_bwd if c.kwargs["ROWS"] >= 64), (nq, nk, d)
             kept = FWD_PACKED.prune(FWD_PACKED.configs, {"BH": 1000}, **meta)
             assert kept, (nq, nk, d)
             for c in kept:
@@ -48,13 +59,13 @@ def _target(sm):
 
 @pytest.mark.parametrize("sm", [None, 80, 90, 100])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("d", [8, 64, 128, 160, 256])
+@pytest.mark.parametrize("d", [8, 40, 64, 72, 80, 96, 128, 160, 256])
 def test_tiled_prune_keeps_configs(d, dtype, sm):
-    block = layout.pow2(d, layout.DOT_MIN)
+    block = sum(layout.head_chunks(d))
     args = {"BH": 10, "Q": torch.empty(1, dtype=dtype)}
     with _target(sm):
         for has_delta, frames in itertools.product((False, True), (False, True)):
-            kept_bwd = BWD_TILED.prune(BWD_TILED.configs, args, BLOCK_D=block, BLOCK_DV=block,
+            kept_bwd = BWD_TILED.prune(BWD_TILED.configs, args, **dims(d),
                                         HAS_DELTA=has_delta, HAS_FRAMES=frames)
             # the dK/dV pass runs these too; neither pass may hold more than a 64 x 32 score tile
             assert kept_bwd and all(c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] <= 64 for c in kept_bwd), \
@@ -63,7 +74,7 @@ def test_tiled_prune_keeps_configs(d, dtype, sm):
                       dict(REGULARIZE=True, HAS_DELTA=True, GLOBAL_MAX=False),
                       dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=True),
                       dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False, HAS_FRAMES=True)):
-            kept = FWD_TILED.prune(FWD_TILED.configs, args, BLOCK_D=block, BLOCK_DV=block, **flags)
+            kept = FWD_TILED.prune(FWD_TILED.configs, args, **dims(d), **flags)
             assert kept, flags
             if block > 128:
                 assert all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
@@ -100,6 +111,38 @@ def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles():
     assert (64, 64, 8) in kept(80)
 
 
+def test_sm90_gaussian_keeps_128_rows_at_chunked_head_dims():
+    """sm_90, the 16-bit Gaussian without frame ids at head dims held in 80 or 96 columns: 128 x 32 and
+    128 x 64 on 8 warps (compiled without spills); not with frame ids, a custom delta, float32, on
+    another arch, or at a head dim held in 128 columns."""
+    gaussian = dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False)
+
+    def kept(sm, d=80, dtype=torch.float16, **flags):
+        with _target(sm):
+            return _tiles(FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=dtype)}, **dims(d),
+                                           **{**gaussian, **flags}))
+
+    for d in (72, 80, 88, 96):
+        assert {(128, 32, 8), (128, 64, 8)} <= kept(90, d)
+    for other in (kept(80), kept(None), kept(100), kept(90, 112), kept(90, 128), kept(90, HAS_DELTA=True),
+                  kept(90, dtype=torch.float32)):
+        assert not {(128, 32, 8), (128, 64, 8)} & other
+    assert (128, 64, 8) not in kept(90, HAS_FRAMES=True) and (128, 32, 8) in kept(90, HAS_FRAMES=True)
+
+
+def test_backward_tiles_at_chunked_head_dims_are_the_padded_ones():
+    """The backward holds a head dim in one power-of-two block (launch.common_meta), so at D 80 and 96
+    its tiles are D 128's: 32 x 32 on 8 warps on sm_80, sm_90 and unnamed GPUs alike."""
+    def kept(sm, d):
+        block = layout.pow2(d, layout.DOT_MIN)
+        with _target(sm):
+            return _tiles(BWD_TILED.prune(BWD_TILED.configs, {"Q": torch.empty(1, dtype=torch.float16)},
+                                           BLOCK_D=block, BLOCK_DV=block, HAS_DELTA=False, HAS_FRAMES=False))
+
+    for sm in (80, 90, None):
+        assert kept(sm, 80) == kept(sm, 96) == kept(sm, 128) == {(32, 32, 8)}
+
+
 def test_tiled_backward_prune_drops_each_archs_spills():
     """16-bit at D <= 64: sm_90 keeps 64 x 32 on 8 warps only (32 x 32 spills there), a custom delta
     included; sm_80 drops 64 x 32 for frame ids. Other archs keep the list; at D 128 nothing changes."""
@@ -116,19 +159,19 @@ def test_tiled_backward_prune_drops_each_archs_spills():
     assert kept(80, d=128) == kept(90, d=128) == kept(None, d=128)
 
 
-@pytest.mark.parametrize("d", [8, 64, 128, 256])
+@pytest.mark.parametrize("d", [8, 64, 80, 128, 160, 256])
 def test_float32_takes_its_own_tiles(d):
     """float32 (the tf32x3 dot) takes 32 x 32 forward tiles (sm_90: its 64- and 128-row tiles with 32 keys
     and 2 stages) and 16-key backward tiles (16 x 16 on sm_90); 16-bit inputs never take these."""
-    block = layout.pow2(d, layout.DOT_MIN)
+    block = sum(layout.head_chunks(d))
     gaussian = dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False)
     for sm, delta in itertools.product((None, 80, 86, 90, 100), (False, True)):
         with _target(sm):
             def prune(dtype):
                 args = {"Q": torch.empty(1, dtype=dtype)}
-                return (_tiles(FWD_TILED.prune(FWD_TILED.configs, args, BLOCK_D=block, BLOCK_DV=block,
+                return (_tiles(FWD_TILED.prune(FWD_TILED.configs, args, **dims(d),
                                                 **{**gaussian, "HAS_DELTA": delta})),
-                        _tiles(BWD_TILED.prune(BWD_TILED.configs, args, BLOCK_D=block, BLOCK_DV=block,
+                        _tiles(BWD_TILED.prune(BWD_TILED.configs, args, **dims(d),
                                                 HAS_DELTA=delta, HAS_FRAMES=False)))
 
             fwd32, bwd32 = prune(torch.float32)
@@ -161,15 +204,16 @@ def test_sm80_bias_keeps_two_stages_for_64_x_32():
     assert (64, 32, 3) in stages(80, d=128) and (64, 32, 3) in stages(80, REGULARIZE=False)
 
 
-@pytest.mark.parametrize("d", [40, 64, 128])
+@pytest.mark.parametrize("d", [40, 64, 80, 128])
 def test_float32_packed_programs_hold_few_operand_words(d):
     """float32 packed programs keep their Q, K, V (and dO) tiles, split for the tf32x3 dot, at 96 (forward)
     and 128 (backward) words a thread: 128 rows take 8 warps at D 40 (4 warps spilled)."""
-    block = layout.pow2(d, layout.DOT_MIN)
+    whole = layout.pow2(d, layout.DOT_MIN)  # the backward's one block (launch.common_meta)
     for n in (16, 64, 128):
         seg = layout.pow2(n, layout.DOT_MIN)
-        meta = dict(SEG_Q=seg, SEG_K=seg, SEG_MAX=seg, BLOCK_D=block, BLOCK_DV=block)
-        for tuning, limit, operands in ((FWD_PACKED, 96, 3), (BWD_PACKED, 128, 4)):
+        for tuning, limit, operands, block, heads in ((FWD_PACKED, 96, 3, sum(layout.head_chunks(d)), dims(d)),
+                                                      (BWD_PACKED, 128, 4, whole, dict(BLOCK_D=whole, BLOCK_DV=whole))):
+            meta = dict(SEG_Q=seg, SEG_K=seg, SEG_MAX=seg, **heads)
             kept16 = tuning.prune(tuning.configs, {"Q": torch.empty(1, dtype=torch.float16)}, **meta)
             kept32 = tuning.prune(tuning.configs, {"Q": torch.empty(1)}, **meta)
             assert kept32 and set(kept32) <= set(kept16)

@@ -141,12 +141,19 @@ def delta_args(problem: TarProblem):
     return problem.q, (0, 0, 0, 0), gauss_coef  # q: a dummy pointer, never read
 
 
-def common_meta(problem: TarProblem) -> dict:
-    """Compile-time options shared by the forward and backward kernels."""
-    (block_d, block_d2), (block_dv, block_dv2) = head_chunks(problem.head_dim), head_chunks(problem.head_dim_v)
-    return dict(BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2, CAUSAL=problem.causal,
-                HAS_DELTA=problem.delta is not None, REGULARIZE=problem.regularized,
+def common_meta(problem: TarProblem, chunked: bool = True) -> dict:
+    """Compile-time options shared by the forward and backward kernels. The head dims: the forward's
+    in their column chunks (BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2: layout.head_chunks); with
+    chunked=False, the backward's, each in one power-of-two block (BLOCK_D, BLOCK_DV): compiled for
+    sm_80 and sm_90, the backward in two chunks spilled in nearly every config at head dims 40, 80
+    and 96 (up to 700 B a thread in the packed kernel at D 80 on sm_80), in one block at none of
+    the configs its rules keep at D 64 and 128 (kernel log v6b)."""
+    meta = dict(CAUSAL=problem.causal, HAS_DELTA=problem.delta is not None, REGULARIZE=problem.regularized,
                 PRECISION=_precision(problem.dtype))
+    if not chunked:
+        return dict(meta, BLOCK_D=pow2(problem.head_dim, DOT_MIN), BLOCK_DV=pow2(problem.head_dim_v, DOT_MIN))
+    (block_d, block_d2), (block_dv, block_dv2) = head_chunks(problem.head_dim), head_chunks(problem.head_dim_v)
+    return dict(meta, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2)
 
 
 def frame_args(problem: TarProblem) -> tuple:
@@ -325,8 +332,9 @@ FWD_TILED = Tuning(
      (KEEP, lambda f, c: f.gaussian and f.sm90 and not f.deep and c.tile == (128, 64, 8),
       "sm_90, the 16-bit Gaussian up to head dim 64: 128 x 64 on 8 warps (up to 255 registers saving statistics)"),
      (KEEP, lambda f, c: f.gaussian and f.sm90 and not f.frames and f.deep and f.block <= 96
-      and c.tile in ((128, 32, 8), (128, 64, 8)), "sm_90, the 16-bit Gaussian at head dims held in 80 or 96 columns "
-                                                  "(layout.head_chunks): 128 x 32 and 128 x 64 on 8 warps"),
+      and c.tile in ((128, 32, 8), (128, 64, 8)),
+      "sm_90, the 16-bit Gaussian without frame ids at head dims held in 80 or 96 columns (layout.head_chunks): "
+      "128 x 32 and 128 x 64 on 8 warps"),
      (DROP, lambda f, c: f.wide and (c.bm > 64 or c.bn > 64), "above head dim 128 at most 64 x 64"),
      (DROP, lambda f, c: c.warps == 4 and (c.bm > 64 or c.bn > 32), "on 4 warps at most 64 x 32"),
      (DROP, lambda f, c: f.sm8x and f.biased and c.bn > 32 and (f.delta or f.frames),
@@ -347,6 +355,8 @@ BWD_PACKED = Tuning(
     ((DROP, lambda f, c: c.rows < f.a["SEG_MAX"], "a program holds whole sequences"),
      (DROP, lambda f, c: f.deep and c.rows > max(64, f.a["SEG_MAX"]),
       "above head dim 64 at most 64 rows (or one sequence, whichever is more)"),
+     (DROP, lambda f, c: f.deep and c.rows >= 64 and c.warps < 8,
+      "above head dim 64, 64 rows or more on 8 warps (on 4, 24-368 B spilled at D 80, sm_80 and sm_90)"),
      (DROP, lambda f, c: c.rows <= 32 and c.warps > 4, "32 rows on at most 4 warps"),
      (DROP, lambda f, c: f.single and _BWD_WORDS(f, c) > 128, "float32: 128 words a thread")),
     fewest=(_BWD_WORDS, 3))

@@ -52,8 +52,7 @@ def _tar_bwd_packed_kernel(
     BH, H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
     ROWS: tl.constexpr, SEG_Q: tl.constexpr, SEG_K: tl.constexpr, SEG_MAX: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,  # the head dims' column chunks (layout.head_chunks)
-    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # the head dims in one block each (launch.common_meta)
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr,
     REGULARIZE: tl.constexpr, DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     VEC: tl.constexpr,  # head-dim entries per vector load and store (launch.vector_width)
@@ -66,8 +65,8 @@ def _tar_bwd_packed_kernel(
     coords = packed_coords(BH, H, NQ, NK, SEQS, SEG_Q, SEG_K)
     b, h, i, j, row_ok, col_ok = coords
     seq = (b * H + h)[:, None]
-    cols_d = head_cols(BLOCK_D, BLOCK_D2)
-    cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
+    cols_d = head_cols(BLOCK_D, 0)
+    cols_dv = head_cols(BLOCK_DV, 0)
     # V issued with Q and K, before the softmax, so that its latency hides behind the scores and the exp
     q, k, v = packed_qkv(Q, K, V, q_strides, k_strides, v_strides, coords, HEAD_DIM, HEAD_DIM_V, cols_d, cols_dv, VEC)
     do = load_tile(View(DO, 0, 1, cols_dv, do_strides[3], HEAD_DIM_V), packed_rows(do_strides, b, h, i), row_ok, VEC)
@@ -123,7 +122,7 @@ def _tar_bwd_dq_kernel(
     FRAME_BAND,  # with HAS_FRAMES: frame ids FRAME_BAND or more apart have a Gaussian dA of exactly 0
     N_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,  # head_chunks
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # the head dims in one block each (launch.common_meta)
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,  # as in ops/tar_fwd.py's tiled kernel
@@ -150,8 +149,8 @@ def _tar_bwd_dq_kernel(
     """
     opt: tl.constexpr = Options(CAUSAL, HAS_DELTA, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES, PRECISION, 1)
     seq, mb, b, h, offs_m, row_ok = block_coords(NQ, H, BLOCK_M)
-    cols_d = head_cols(BLOCK_D, BLOCK_D2)
-    cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
+    cols_d = head_cols(BLOCK_D, 0)
+    cols_dv = head_cols(BLOCK_DV, 0)
     q = load_tile(seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM), offs_m, row_ok)
     do = load_tile(seq_view(DO, do_strides, b, h, cols_dv, HEAD_DIM_V), offs_m, row_ok)
     d_row = row_dot(do, load_tile(seq_view(O, o_strides, b, h, cols_dv, HEAD_DIM_V), offs_m, row_ok))
@@ -237,7 +236,7 @@ def _tar_bwd_dkdv_kernel(
     FRAME_BAND,  # as in the dQ pass
     NUM_FRAMES,  # the frame matrix's size F (DDELTA (F, F) with HAS_FRAMES)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,  # head_chunks
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # the head dims in one block each (launch.common_meta)
     CAUSAL: tl.constexpr, GLOBAL_MAX: tl.constexpr, HAS_DELTA: tl.constexpr, REGULARIZE: tl.constexpr,
     DELTA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     HAS_FRAMES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,  # as in ops/tar_fwd.py's tiled kernel
@@ -256,8 +255,8 @@ def _tar_bwd_dkdv_kernel(
     opt: tl.constexpr = Options(CAUSAL, HAS_DELTA, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES, PRECISION, 1)
     seq, nb, b, h, offs_n, col_in = block_coords(NK, H, BLOCK_N)
     col_ok = key_ok(col_in, (KMASK, b * km_strides[0], km_strides[1]), offs_n, HAS_KEY_MASK)
-    cols_d = head_cols(BLOCK_D, BLOCK_D2)
-    cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
+    cols_d = head_cols(BLOCK_D, 0)
+    cols_dv = head_cols(BLOCK_DV, 0)
     k = load_tile(seq_view(K, k_strides, b, h, cols_d, HEAD_DIM), offs_n, col_ok)
     v = load_tile(seq_view(V, v_strides, b, h, cols_dv, HEAD_DIM_V), offs_n, col_in)
     q_view = seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM)
@@ -311,9 +310,9 @@ def _tar_bwd_dkdv_kernel(
 
 # --------------------------------------------------------------------------- launcher
 
-_packed = tuned(_tar_bwd_packed_kernel, BWD_PACKED, ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2",
-                                                    "CAUSAL", "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "DELTA_GRAD"])
-_dq = tuned(_tar_bwd_dq_kernel, BWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSAL",
+_packed = tuned(_tar_bwd_packed_kernel, BWD_PACKED, ["SEG_Q", "SEG_K", "BLOCK_D", "BLOCK_DV", "CAUSAL",
+                                                     "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "DELTA_GRAD"])
+_dq = tuned(_tar_bwd_dq_kernel, BWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL",
                                            "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "HAS_FRAMES", "HAS_KEY_MASK",
                                            "FRAME_TILES"])
 # The tiled dK/dV pass is not tuned on its own: it runs the config the dQ pass was tuned to
@@ -366,7 +365,7 @@ def _tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, g
             g.zero_()
         return dq, dk, dv_out, _ddelta(ddelta, frame_delta, (B, H, nq, nk))
     delta, d_strides, gauss_coef = delta_args(problem)
-    meta = dict(common_meta(problem), GLOBAL_MAX=problem.max_mode == "global")
+    meta = dict(common_meta(problem, chunked=False), GLOBAL_MAX=problem.max_mode == "global")
     sizes = (H, nq, nk, d, dv, problem.scale, problem.strength, gauss_coef)
 
     if packed(problem):
