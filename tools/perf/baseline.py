@@ -14,7 +14,10 @@ algorithm), written here for our tensors:
 
 Loads and stores go through the tiled forward's own helpers (ops/_jit.load_tile, store_tile: the head
 dim masked below BLOCK_D, vector hints), so that its loop differs from the tiled forward's only by
-what TAR adds. It is compiled, never timed or tested for numerics: `tools/perf/static.py` builds its
+what TAR adds and, at a head dim that is not a power of two, by its width: it holds the head dim in
+one power-of-two block (FlashAttention's kernels pad so), where the tiled forward holds two chunks
+(layout.head_chunks: 80 = 64 + 16).
+It is compiled, never timed or tested for numerics: `tools/perf/static.py` builds its
 launches from the tiled forward's (the same tensors, tiles, warps and stages) and `tools/perf/roofline.py`
 models it (the FlashAttention-2 calibration and the tutorial anchor).
 """

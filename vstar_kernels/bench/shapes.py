@@ -59,7 +59,7 @@ _KERNEL = (
     # Stable Video Diffusion: heads 5 x head dim 64 at level 0; batch x heads = 92,160 > 65,535.
     _temporal("svd-576x1024-l0", (72, 128), 0, 5, 64,
               "Stable Video Diffusion 576x1024, level 0: the batch x heads > 65,535 case"),
-    # CPU: small enough for the Triton interpreter; head dim 40 exercises the padded path.
+    # CPU: small enough for the Triton interpreter; head dim 40 exercises two head-dim chunks (32 + 16 columns).
     KernelShape("tiny", 4, 2, 40, "CPU smoke shape (Triton interpreter)"),
 )
 
