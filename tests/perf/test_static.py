@@ -189,3 +189,35 @@ def test_lean_forward_warp_specializes_on_sm90(tmp_path):
         assert (partitions, warps) == (2, 12) and split.startswith("+") and "-" in split
     for *_, partitions, warps, split, short, long in plain:
         assert (partitions, warps, split) == (0, 8, "") and short < long / 2
+
+
+def _row(kernel, case, registers, **kw):
+    from tools.perf.static import Row
+
+    fields = dict(arch=90, kernel=kernel, case=case, config="BLOCK_M=64 BLOCK_N=32 warps=8 stages=2", tile="64x32",
+                  registers=registers, spill_bytes=0, local_ops_in_loops=0, shared_bytes=1024, gpu="H100",
+                  ctas_per_sm=2, warps_per_sm=16, mma="HGMMA", hot_loop="loop", loop_instructions=100, loop_mufu=4,
+                  instr_per_score=1.25, mufu_per_score=0.0625)
+    return Row(**{**fields, **kw})
+
+
+def test_recompiled_kernels_replace_their_rows_in_place(tmp_path):
+    """`static --kernels`: the table read back as written, a kernel's rows replaced where they were (a
+    case the table lacked at the end), the other rows kept, and the header naming both commits."""
+    from tools.perf import static
+
+    old = [_row("fwd", "a", 100), _row("bwd", "a", 200), _row("bwd", "a", 201, loop="1"), _row("fwd", "b", 110),
+           _row("bwd", "b", 210)]
+    static.write(old, 90, str(tmp_path))
+    md = (tmp_path / "static-sm90.md").read_text()
+    assert static.read(str(tmp_path / "static-sm90.csv")) == old
+    new = [_row("bwd", "a", 150), _row("bwd", "c", 160), _row("bwd", "b", 170, spill_bytes=8)]
+    merged = static.merge(old, new, {"bwd"})
+    assert [(r.kernel, r.case, r.registers) for r in merged] == [("fwd", "a", 100), ("bwd", "a", 150),
+                                                                  ("fwd", "b", 110), ("bwd", "b", 170),
+                                                                  ("bwd", "c", 160)]
+    static.write(merged, 90, str(tmp_path), kernels={"bwd"})
+    first = md.split("Commit ")[1].split(".")[0]  # "<commit>, <date>"
+    header = (tmp_path / "static-sm90.md").read_text()
+    assert f"Commit {first}; the rows of bwd recompiled at commit " in header
+    assert static.read(str(tmp_path / "static-sm90.csv")) == merged

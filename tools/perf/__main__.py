@@ -22,6 +22,9 @@ def parser() -> argparse.ArgumentParser:
     static.add_argument("--arch", nargs="+", type=int, default=[80, 90], metavar="SM",
                         help="SM versions to compile for (default: 80 90)")
     static.add_argument("--quick", action="store_true", help="the CI subset")
+    static.add_argument("--kernels", nargs="+", metavar="NAME",
+                        help="recompile these kernels' launches only and replace their rows in the tables "
+                             "already in --out (after a change to those kernels alone)")
     _out(static)
     traffic = sub.add_parser("traffic", help="count the forward's bytes and MMA FLOPs in the Triton interpreter")
     traffic.add_argument("--quick", action="store_true", help="the CI subset")

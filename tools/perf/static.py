@@ -320,7 +320,15 @@ def combos(quick: bool) -> list:
     return out
 
 
-def collect(arch: int, quick: bool = False, report=None) -> list:
+def _kernel_name(launch) -> str:
+    kernel = launch.kernel
+    while hasattr(kernel, "fn"):  # an autotuner's JIT function, a JIT function's Python function
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+def collect(arch: int, quick: bool = False, report=None, kernels=None) -> list:
+    """The rows of every launch of `combos(quick)`; with `kernels` (names), of those kernels' only."""
     from . import compile_check
 
     out = []
@@ -331,29 +339,60 @@ def collect(arch: int, quick: bool = False, report=None) -> list:
             if report is not None:
                 report(r)
 
-    compile_check.check(arch, False, add, combos(quick), backward=True, expand=_with_baseline)
+    expand = _with_baseline if kernels is None else \
+        (lambda launch: [one for one in _with_baseline(launch) if _kernel_name(one) in kernels])
+    compile_check.check(arch, False, add, combos(quick), backward=True, expand=expand)
     return out
+
+
+def read(path: str) -> list:
+    """The Rows of a static-sm<arch>.csv that `write` wrote."""
+    types = {"int": int, "float": float, "str": str}
+    kinds = {name: types[str(field.type)] for name, field in Row.__dataclass_fields__.items()}
+    with open(path, newline="") as f:
+        return [Row(**{k: kinds[k](v) for k, v in line.items()}) for line in csv.DictReader(f)]
+
+
+def merge(old: list, new: list, kernels) -> list:
+    """`old` with the rows of `kernels` replaced by `new`'s: each (kernel, case)'s new rows where its
+    old rows were, a pair the old table lacks at the end."""
+    fresh, out, placed = {}, [], set()
+    for r in new:
+        fresh.setdefault((r.kernel, r.case), []).append(r)
+    for r in old:
+        if r.kernel not in kernels:
+            out.append(r)
+        elif (r.kernel, r.case) not in placed:
+            placed.add((r.kernel, r.case))
+            out += fresh.get((r.kernel, r.case), [])
+    return out + [r for key, rs in fresh.items() if key not in placed for r in rs]
 
 
 def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def write(rows: list, arch: int, directory: str) -> list:
-    """static-sm<arch>.csv and .md in `directory`; returns their paths."""
+def write(rows: list, arch: int, directory: str, kernels=None) -> list:
+    """static-sm<arch>.csv and .md in `directory`; returns their paths. With `kernels`, `rows` are the
+    table already there with those kernels' rows recompiled (`merge`), and the header says so."""
     from vstar_kernels.bench.measure import commit
 
     os.makedirs(directory, exist_ok=True)
     fields = list(Row.__dataclass_fields__)
     base = os.path.join(directory, f"static-sm{arch}")
+    stamp = f"Commit {commit()}, {datetime.date.today().isoformat()}"
+    if kernels:
+        with open(base + ".md") as f:
+            before = re.search(r"Commit (\S+), (\d{4}-\d\d-\d\d)", f.read())
+        stamp = (f"Commit {before[1]}, {before[2]}; the rows of {', '.join(sorted(kernels))} recompiled at "
+                 f"{stamp[0].lower()}{stamp[1:]}")
     with open(base + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     header = [f"# Compiled-code statistics, sm_{arch} (occupancy for {GPUS[arch][0]})", "",
               f"Not timings: what Triton {triton.__version__} and its bundled ptxas produce for each kernel "
-              f"launch, specialized as a GPU launch is. Commit {commit()}, "
-              f"{datetime.date.today().isoformat()}. Columns and formulas: tools/perf/static.py.", "",
+              f"launch, specialized as a GPU launch is. {stamp}. Columns and formulas: tools/perf/static.py.", "",
               "| " + " | ".join(fields[1:]) + " |", "|" + "---|" * (len(fields) - 1)]
     with open(base + ".md", "w") as f:
         f.write("\n".join(header + ["| " + " | ".join(_fmt(v) for v in list(asdict(r).values())[1:]) + " |"
@@ -366,10 +405,13 @@ def main(args) -> int:
     for arch in args.arch:
         print(f"sm_{arch}: kernel, tile, config, registers, spill B, smem B, CTAs/SM, MMA, instr/score, MUFU/score, "
               "loop", flush=True)
-        table = collect(arch, args.quick, lambda r: print(
+        kernels = set(args.kernels or ()) or None
+        table = collect(arch, args.quick, kernels=kernels, report=lambda r: print(
             f"  {r.kernel:<26} {r.tile:>7} {r.config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.shared_bytes:>7} "
             f"{r.ctas_per_sm:>2} {r.mma:<6} {r.instr_per_score:>7.3f} {r.mufu_per_score:>6.3f} {r.loop:>4} | {r.case}",
             flush=True))
-        for path in write(table, arch, directory):
+        if kernels:
+            table = merge(read(os.path.join(directory, f"static-sm{arch}.csv")), table, kernels)
+        for path in write(table, arch, directory, kernels):
             print(f"wrote {path}")
     return 0
