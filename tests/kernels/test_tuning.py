@@ -130,6 +130,19 @@ def test_sm90_gaussian_keeps_128_rows_at_chunked_head_dims():
     assert (128, 64, 8) not in kept(90, HAS_FRAMES=True) and (128, 32, 8) in kept(90, HAS_FRAMES=True)
 
 
+def test_sm80_bias_keeps_32_keys_at_chunked_head_dims():
+    """sm_8x, the 16-bit bias at head dims held in 80 or 96 columns: 32-key tiles only (64 x 64 spilled
+    at D 80); D 128 and sm_90 keep 64 x 64."""
+    def keys(sm, d):
+        with _target(sm):
+            kept = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=torch.float16)}, **dims(d),
+                                   REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False)
+        return {c.kwargs["BLOCK_N"] for c in kept}
+
+    assert keys(80, 80) == keys(86, 96) == {32}
+    assert 64 in keys(80, 128) and 64 in keys(90, 80) and 64 in keys(None, 80)
+
+
 def test_backward_tiles_at_chunked_head_dims_are_the_padded_ones():
     """The backward holds a head dim in one power-of-two block (launch.common_meta), so at D 80 and 96
     its tiles are D 128's: 32 x 32 on 8 warps on sm_80, sm_90 and unnamed GPUs alike."""
@@ -189,12 +202,12 @@ def test_float32_takes_its_own_tiles(d):
 
 
 def test_sm80_bias_keeps_two_stages_for_64_x_32():
-    """16-bit, the bias at D <= 64 on sm_8x: 64 x 32 with 3 stages spilled; 2 stages stay, other tiles keep 3."""
+    """16-bit, the bias at D <= 64 and at 96 columns on sm_8x: 64 x 32 with 3 stages spilled; 2 stages stay,
+    other tiles keep 3 (and D 80: 64 x 32 with 3 stages compiled without spills)."""
     def stages(sm, d=64, **flags):
         with _target(sm):
-            kept = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=d,
-                                    BLOCK_DV=d, **{"REGULARIZE": True, "HAS_DELTA": False, "GLOBAL_MAX": False,
-                                                   **flags})
+            kept = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=torch.float16)}, **dims(d),
+                                   **{"REGULARIZE": True, "HAS_DELTA": False, "GLOBAL_MAX": False, **flags})
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept}
 
     for flags in (dict(), dict(HAS_DELTA=True), dict(HAS_FRAMES=True)):
@@ -202,6 +215,7 @@ def test_sm80_bias_keeps_two_stages_for_64_x_32():
         assert (128, 32, 3) in stages(80, **flags)
         assert (64, 32, 3) in stages(90, **flags) and (64, 32, 3) in stages(None, **flags)
     assert (64, 32, 3) in stages(80, d=128) and (64, 32, 3) in stages(80, REGULARIZE=False)
+    assert (64, 32, 3) not in stages(80, d=96) and (64, 32, 3) in stages(80, d=80)
 
 
 @pytest.mark.parametrize("d", [40, 64, 80, 128])

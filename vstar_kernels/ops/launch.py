@@ -337,8 +337,9 @@ FWD_TILED = Tuning(
       "128 x 32 and 128 x 64 on 8 warps"),
      (DROP, lambda f, c: f.wide and (c.bm > 64 or c.bn > 64), "above head dim 128 at most 64 x 64"),
      (DROP, lambda f, c: c.warps == 4 and (c.bm > 64 or c.bn > 32), "on 4 warps at most 64 x 32"),
-     (DROP, lambda f, c: f.sm8x and f.biased and c.bn > 32 and (f.delta or f.frames),
-      "sm_8x: at most 32 keys for the bias of a custom delta or frame ids"),
+     (DROP, lambda f, c: f.sm8x and f.biased and c.bn > 32 and (f.delta or f.frames or f.deep and f.block <= 96),
+      "sm_8x: at most 32 keys for the bias of a custom delta, frame ids or at head dims held in 80 or 96 columns "
+      "(64 x 64 spilled 16-40 B at D 80)"),
      (DROP, lambda f, c: c.bm * c.bn > (64 * 64 if f.biased or f.deep else 128 * 64),
       "at most 128 x 64 scores (64 x 128 too), 64 x 64 (128 x 32 too) with the bias or above head dim 64"),
      (KEEP, lambda f, c: f.gaussian and f.frames and not f.wide and not (f.sm8x and f.deep)
@@ -346,8 +347,9 @@ FWD_TILED = Tuning(
                                   "(on sm_8x up to 64)"),
      (DROP, lambda f, c: f.biased and f.deep and (c.bm > 64 or c.warps == 4 or (f.delta and c.bn > 32)),
       "the bias above head dim 64: at most 64 rows, on 8 warps (a custom delta: at most 32 keys)"),
-     (DROP, lambda f, c: f.sm8x and f.biased and f.half and not f.deep and (c.bm, c.bn) == (64, 32) and c.stages > 2,
-      "sm_8x, the 16-bit bias up to head dim 64: 64 x 32 with 2 stages only")))
+     (DROP, lambda f, c: f.sm8x and f.biased and f.half and (not f.deep or f.block == 96) and (c.bm, c.bn) == (64, 32)
+      and c.stages > 2, "sm_8x, the 16-bit bias up to head dim 64 and at 96 columns: 64 x 32 with 2 stages only "
+                        "(3 spilled 32 B at D 96)")))
 
 # Five (SEQS x SEG_Q x SEG_K) float32 tiles live at once (S', P, dP, dS, dA).
 BWD_PACKED = Tuning(
