@@ -12,14 +12,21 @@ import torch
 
 from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import layout
-from vstar_kernels.ops.launch import BWD_PACKED, BWD_TILED, FWD_PACKED, FWD_TILED, packed_segments, target_sm, \
-    targeting
+from vstar_kernels.ops.launch import BWD_PACKED, BWD_TILED, FWD_PACKED, FWD_TILED, common_meta, packed_segments, \
+    target_sm, targeting
 
 
 def dims(d):
-    """A launch's head-dim constexprs at head dim d (d = dv): its chunks, as `launch.common_meta` passes them."""
+    """A forward launch's head-dim constexprs at head dim d (d = dv): its chunks (`launch.common_meta`)."""
     block, block2 = layout.head_chunks(d)
     return dict(BLOCK_D=block, BLOCK_D2=block2, BLOCK_DV=block, BLOCK_DV2=block2)
+
+
+def bwd_dims(d):
+    """A backward launch's: one power-of-two block (`launch.common_meta(chunked=False)`)."""
+    q = torch.empty(1, 1, 16, d, device="meta")
+    problem = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
+    return {k: v for k, v in common_meta(problem, chunked=False).items() if k.startswith("BLOCK")}
 
 
 def meta_problem(nq, nk, d):
@@ -65,7 +72,7 @@ def test_tiled_prune_keeps_configs(d, dtype, sm):
     args = {"BH": 10, "Q": torch.empty(1, dtype=dtype)}
     with _target(sm):
         for has_delta, frames in itertools.product((False, True), (False, True)):
-            kept_bwd = BWD_TILED.prune(BWD_TILED.configs, args, **dims(d),
+            kept_bwd = BWD_TILED.prune(BWD_TILED.configs, args, **bwd_dims(d),
                                         HAS_DELTA=has_delta, HAS_FRAMES=frames)
             # the dK/dV pass runs these too; neither pass may hold more than a 64 x 32 score tile
             assert kept_bwd and all(c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"] <= 64 for c in kept_bwd), \
@@ -147,13 +154,13 @@ def test_backward_tiles_at_chunked_head_dims_are_the_padded_ones():
     """The backward holds a head dim in one power-of-two block (launch.common_meta), so at D 80 and 96
     its tiles are D 128's: 32 x 32 on 8 warps on sm_80, sm_90 and unnamed GPUs alike."""
     def kept(sm, d):
-        block = layout.pow2(d, layout.DOT_MIN)
         with _target(sm):
             return _tiles(BWD_TILED.prune(BWD_TILED.configs, {"Q": torch.empty(1, dtype=torch.float16)},
-                                           BLOCK_D=block, BLOCK_DV=block, HAS_DELTA=False, HAS_FRAMES=False))
+                                           **bwd_dims(d), HAS_DELTA=False, HAS_FRAMES=False))
 
+    assert bwd_dims(80) == bwd_dims(96) == dict(BLOCK_D=128, BLOCK_DV=128)
     for sm in (80, 90, None):
-        assert kept(sm, 80) == kept(sm, 96) == kept(sm, 128) == {(32, 32, 8)}
+        assert kept(sm, 80) == kept(sm, 96) == {(32, 32, 8)}
 
 
 def test_tiled_backward_prune_drops_each_archs_spills():
@@ -184,7 +191,7 @@ def test_float32_takes_its_own_tiles(d):
                 args = {"Q": torch.empty(1, dtype=dtype)}
                 return (_tiles(FWD_TILED.prune(FWD_TILED.configs, args, **dims(d),
                                                 **{**gaussian, "HAS_DELTA": delta})),
-                        _tiles(BWD_TILED.prune(BWD_TILED.configs, args, **dims(d),
+                        _tiles(BWD_TILED.prune(BWD_TILED.configs, args, **bwd_dims(d),
                                                 HAS_DELTA=delta, HAS_FRAMES=False)))
 
             fwd32, bwd32 = prune(torch.float32)
@@ -218,15 +225,17 @@ def test_sm80_bias_keeps_two_stages_for_64_x_32():
     assert (64, 32, 3) not in stages(80, d=96) and (64, 32, 3) in stages(80, d=80)
 
 
-@pytest.mark.parametrize("d", [40, 64, 80, 128])
+@pytest.mark.parametrize("d", [40, 64, 80, 128, 160, 256])
 def test_float32_packed_programs_hold_few_operand_words(d):
     """float32 packed programs keep their Q, K, V (and dO) tiles, split for the tf32x3 dot, at 96 (forward)
     and 128 (backward) words a thread: 128 rows take 8 warps at D 40 (4 warps spilled)."""
     whole = layout.pow2(d, layout.DOT_MIN)  # the backward's one block (launch.common_meta)
-    for n in (16, 64, 128):
+    for n in (16, 32, 64, 128):
+        if not layout.is_packed(n, n, d, d):  # above head dim 128 a packed sequence has at most 64 rows
+            continue
         seg = layout.pow2(n, layout.DOT_MIN)
         for tuning, limit, operands, block, heads in ((FWD_PACKED, 96, 3, sum(layout.head_chunks(d)), dims(d)),
-                                                      (BWD_PACKED, 128, 4, whole, dict(BLOCK_D=whole, BLOCK_DV=whole))):
+                                                      (BWD_PACKED, 128, 4, whole, bwd_dims(d))):
             meta = dict(SEG_Q=seg, SEG_K=seg, SEG_MAX=seg, **heads)
             kept16 = tuning.prune(tuning.configs, {"Q": torch.empty(1, dtype=torch.float16)}, **meta)
             kept32 = tuning.prune(tuning.configs, {"Q": torch.empty(1)}, **meta)

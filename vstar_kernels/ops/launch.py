@@ -145,9 +145,9 @@ def common_meta(problem: TarProblem, chunked: bool = True) -> dict:
     """Compile-time options shared by the forward and backward kernels. The head dims: the forward's
     in their column chunks (BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2: layout.head_chunks); with
     chunked=False, the backward's, each in one power-of-two block (BLOCK_D, BLOCK_DV): compiled for
-    sm_80 and sm_90, the backward in two chunks spilled in nearly every config at head dims 40, 80
-    and 96 (up to 700 B a thread in the packed kernel at D 80 on sm_80), in one block at none of
-    the configs its rules keep at D 64 and 128 (kernel log v6b)."""
+    sm_80 and sm_90, the backward in two chunks spilled in nearly every config at head dims 80 and
+    96 (up to 700 B a thread in the packed kernel at D 80 on sm_80), in one block at most 8 B in
+    the configs its rules keep (kernel log v6b)."""
     meta = dict(CAUSAL=problem.causal, HAS_DELTA=problem.delta is not None, REGULARIZE=problem.regularized,
                 PRECISION=_precision(problem.dtype))
     if not chunked:
@@ -357,9 +357,9 @@ BWD_PACKED = Tuning(
     ((DROP, lambda f, c: c.rows < f.a["SEG_MAX"], "a program holds whole sequences"),
      (DROP, lambda f, c: f.deep and c.rows > max(64, f.a["SEG_MAX"]),
       "above head dim 64 at most 64 rows (or one sequence, whichever is more)"),
+     (DROP, lambda f, c: c.rows <= 32 and c.warps > 4, "32 rows on at most 4 warps"),
      (DROP, lambda f, c: f.deep and c.rows >= 64 and c.warps < 8,
       "above head dim 64, 64 rows or more on 8 warps (on 4, 24-368 B spilled at D 80, sm_80 and sm_90)"),
-     (DROP, lambda f, c: c.rows <= 32 and c.warps > 4, "32 rows on at most 4 warps"),
      (DROP, lambda f, c: f.single and _BWD_WORDS(f, c) > 128, "float32: 128 words a thread")),
     fewest=(_BWD_WORDS, 3))
 
