@@ -30,10 +30,11 @@ def pow2(n: int, lo: int = 1) -> int:
 
 
 def head_chunks(d: int) -> tuple:
-    """(BLOCK, BLOCK2): the power-of-two column chunks a kernel holds a head dim d in, each at least
+    """(BLOCK, BLOCK2): the power-of-two column chunks a forward kernel holds a head dim d in, each at least
     DOT_MIN (tl.dot's least extent); BLOCK2 = 0 for one chunk. Two chunks where they are narrower
     than the one power of two above d (80 = 64 + 16, 40 -> 32 + 16, 96 = 64 + 32, 160 = 128 + 32):
-    the products then run at 80 columns, not 128. The columns past d are zero (masked loads)."""
+    the products then run at 80 columns, not 128. The columns past d are zero (masked loads). The
+    backward holds d in the one power of two (launch.common_meta: in chunks it spilled)."""
     whole = pow2(d, DOT_MIN)
     first = whole // 2
     second = pow2(d - first, DOT_MIN) if d > first else 0
@@ -43,7 +44,7 @@ def head_chunks(d: int) -> tuple:
 
 
 def block_dims(d: int, dv: int) -> tuple:
-    """The head-dim columns the kernels' products run at, for d and dv (`head_chunks`' sum)."""
+    """The head-dim columns the forward kernels' products run at, for d and dv (`head_chunks`' sum)."""
     return sum(head_chunks(d)), sum(head_chunks(dv))
 
 
