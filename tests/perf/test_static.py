@@ -202,22 +202,43 @@ def _row(kernel, case, registers, **kw):
 
 
 def test_recompiled_kernels_replace_their_rows_in_place(tmp_path):
-    """`static --kernels`: the table read back as written, a kernel's rows replaced where they were (a
-    case the table lacked at the end), the other rows kept, and the header naming both commits."""
+    """`static --kernels`: the table read back as written, a recompiled (kernel, case)'s rows replaced
+    where they were (a case the table lacked at the end, a case not recompiled kept), the other rows
+    kept, and the header naming every commit, a second recompile's included."""
     from tools.perf import static
 
     old = [_row("fwd", "a", 100), _row("bwd", "a", 200), _row("bwd", "a", 201, loop="1"), _row("fwd", "b", 110),
-           _row("bwd", "b", 210)]
+           _row("bwd", "b", 210), _row("bwd", "d", 220)]
     static.write(old, 90, str(tmp_path))
-    md = (tmp_path / "static-sm90.md").read_text()
     assert static.read(str(tmp_path / "static-sm90.csv")) == old
+    first = static.stamp(str(tmp_path / "static-sm90.md"))
+    assert first.startswith("Commit ") and ";" not in first
     new = [_row("bwd", "a", 150), _row("bwd", "c", 160), _row("bwd", "b", 170, spill_bytes=8)]
-    merged = static.merge(old, new, {"bwd"})
+    merged = static.merge(old, new)
     assert [(r.kernel, r.case, r.registers) for r in merged] == [("fwd", "a", 100), ("bwd", "a", 150),
                                                                   ("fwd", "b", 110), ("bwd", "b", 170),
-                                                                  ("bwd", "c", 160)]
+                                                                  ("bwd", "d", 220), ("bwd", "c", 160)]
     static.write(merged, 90, str(tmp_path), kernels={"bwd"})
-    first = md.split("Commit ")[1].split(".")[0]  # "<commit>, <date>"
-    header = (tmp_path / "static-sm90.md").read_text()
-    assert f"Commit {first}; the rows of bwd recompiled at commit " in header
+    second = static.stamp(str(tmp_path / "static-sm90.md"))
+    assert second.startswith(first + "; the rows of bwd recompiled at commit ")
     assert static.read(str(tmp_path / "static-sm90.csv")) == merged
+    static.write(merged, 90, str(tmp_path), kernels={"fwd", "bwd"})
+    assert static.stamp(str(tmp_path / "static-sm90.md")).startswith(second + "; the rows of bwd, fwd recompiled at ")
+    (tmp_path / "static-sm90.md").write_text("no stamp here\n")
+    with pytest.raises(ValueError, match="no 'Commit <hash>, <date>' stamp"):
+        static.stamp(str(tmp_path / "static-sm90.md"))
+
+
+def test_recompiling_a_kernel_no_case_runs_is_an_error(tmp_path, monkeypatch):
+    """A misspelt --kernels name compiles nothing: an error naming it, the tables left as they were."""
+    import argparse
+
+    from tools.perf import static
+
+    static.write([_row("bwd", "a", 200)], 90, str(tmp_path))
+    before = (tmp_path / "static-sm90.md").read_text()
+    monkeypatch.setattr(static, "collect", lambda *args, **kwargs: [_row("bwd", "a", 150)])
+    args = argparse.Namespace(out=str(tmp_path), arch=[90], quick=False, kernels=["bwd", "bwdd"])
+    with pytest.raises(SystemExit, match="--kernels bwdd: no launch"):
+        static.main(args)
+    assert (tmp_path / "static-sm90.md").read_text() == before

@@ -353,19 +353,33 @@ def read(path: str) -> list:
         return [Row(**{k: kinds[k](v) for k, v in line.items()}) for line in csv.DictReader(f)]
 
 
-def merge(old: list, new: list, kernels) -> list:
-    """`old` with the rows of `kernels` replaced by `new`'s: each (kernel, case)'s new rows where its
-    old rows were, a pair the old table lacks at the end."""
+def merge(old: list, new: list) -> list:
+    """`old` with each (kernel, case) that `new` has replaced by `new`'s rows, where its old rows were
+    (a pair `old` lacks at the end); the other rows kept."""
     fresh, out, placed = {}, [], set()
     for r in new:
         fresh.setdefault((r.kernel, r.case), []).append(r)
     for r in old:
-        if r.kernel not in kernels:
+        key = (r.kernel, r.case)
+        if key not in fresh:
             out.append(r)
-        elif (r.kernel, r.case) not in placed:
-            placed.add((r.kernel, r.case))
-            out += fresh.get((r.kernel, r.case), [])
+        elif key not in placed:
+            placed.add(key)
+            out += fresh[key]
     return out + [r for key, rs in fresh.items() if key not in placed for r in rs]
+
+
+# A table's stamp: its commit and date, and those of each later recompile of some kernels (`write`)
+_STAMP = re.compile(r"Commit \S+, \d{4}-\d\d-\d\d(?:; the rows of [^;]+? recompiled at commit \S+, \d{4}-\d\d-\d\d)*")
+
+
+def stamp(path: str) -> str:
+    """The stamp of the static-sm<arch>.md at `path`."""
+    with open(path) as f:
+        found = _STAMP.search(f.read())
+    if found is None:
+        raise ValueError(f"{path} has no 'Commit <hash>, <date>' stamp: not a table `write` wrote")
+    return found[0]
 
 
 def _fmt(value) -> str:
@@ -380,19 +394,16 @@ def write(rows: list, arch: int, directory: str, kernels=None) -> list:
     os.makedirs(directory, exist_ok=True)
     fields = list(Row.__dataclass_fields__)
     base = os.path.join(directory, f"static-sm{arch}")
-    stamp = f"Commit {commit()}, {datetime.date.today().isoformat()}"
-    if kernels:
-        with open(base + ".md") as f:
-            before = re.search(r"Commit (\S+), (\d{4}-\d\d-\d\d)", f.read())
-        stamp = (f"Commit {before[1]}, {before[2]}; the rows of {', '.join(sorted(kernels))} recompiled at "
-                 f"{stamp[0].lower()}{stamp[1:]}")
+    now = f"commit {commit()}, {datetime.date.today().isoformat()}"
+    provenance = (f"{stamp(base + '.md')}; the rows of {', '.join(sorted(kernels))} recompiled at {now}" if kernels
+                  else now[0].upper() + now[1:])
     with open(base + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     header = [f"# Compiled-code statistics, sm_{arch} (occupancy for {GPUS[arch][0]})", "",
               f"Not timings: what Triton {triton.__version__} and its bundled ptxas produce for each kernel "
-              f"launch, specialized as a GPU launch is. {stamp}. Columns and formulas: tools/perf/static.py.", "",
+              f"launch, specialized as a GPU launch is. {provenance}. Columns and formulas: tools/perf/static.py.", "",
               "| " + " | ".join(fields[1:]) + " |", "|" + "---|" * (len(fields) - 1)]
     with open(base + ".md", "w") as f:
         f.write("\n".join(header + ["| " + " | ".join(_fmt(v) for v in list(asdict(r).values())[1:]) + " |"
@@ -406,12 +417,20 @@ def main(args) -> int:
         print(f"sm_{arch}: kernel, tile, config, registers, spill B, smem B, CTAs/SM, MMA, instr/score, MUFU/score, "
               "loop", flush=True)
         kernels = set(args.kernels or ()) or None
+        base = os.path.join(directory, f"static-sm{arch}")
+        old = read(base + ".csv") if kernels else None  # (before the long compile) the table the rows go into
+        if kernels:
+            stamp(base + ".md")
         table = collect(arch, args.quick, kernels=kernels, report=lambda r: print(
             f"  {r.kernel:<26} {r.tile:>7} {r.config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.shared_bytes:>7} "
             f"{r.ctas_per_sm:>2} {r.mma:<6} {r.instr_per_score:>7.3f} {r.mufu_per_score:>6.3f} {r.loop:>4} | {r.case}",
             flush=True))
         if kernels:
-            table = merge(read(os.path.join(directory, f"static-sm{arch}.csv")), table, kernels)
+            missing = kernels - {r.kernel for r in table}
+            if missing:
+                raise SystemExit(f"--kernels {' '.join(sorted(missing))}: no launch of the cases runs such a kernel "
+                                 f"(names: the kernels' function names, e.g. _tar_bwd_dq_kernel)")
+            table = merge(old, table)
         for path in write(table, arch, directory, kernels):
             print(f"wrote {path}")
     return 0
