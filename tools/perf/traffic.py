@@ -118,18 +118,20 @@ def count_traffic():
                                    fn_class.run, fn_class.__call__)
     traffic = Traffic()
 
-    def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # Each counter reads the leading arguments only and passes every argument on: the cache hints
+    # after them differ between Triton releases (3.7: cache_modifier, eviction_policy; 3.9: cache_policy).
+    def counted_load(self, ptrs, mask, *rest):
         traffic._access(ptrs, mask, store=False)
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, *rest)
 
-    def counted_store(self, ptrs, value, mask, cache_policy):
+    def counted_store(self, ptrs, value, mask, *rest):
         traffic._access(ptrs, mask, store=True)
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *rest)
 
-    def counted_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def counted_dot(self, a, b, *rest):
         *batch, m, k = a.data.shape
         traffic._mma(m, b.data.shape[-1], k, int(np.prod(batch, dtype=np.int64)))
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        return dot(self, a, b, *rest)
 
     def counted_call(self, *args, **kwargs):
         if self.fn.__name__ == "_mma_rows":  # ops/_jit.py: the interpreter's stand-in for a 2-D tile product
