@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -332,8 +333,8 @@ def test_dit_token_counts_follow_the_configs():
     assert ids.shape == (cog.n,) and (ids[:226] == -1).all() and ids[226:].min() == 0 and ids.max() == 12
 
 
-def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_run):
-    """Every DiT impl on both GPUs, labelled model; the same numbers as the committed model-dit CSVs (deterministic)."""
+def test_dit_rows_are_produced_labelled_model(dit_run):
+    """Every DiT impl on both GPUs, labelled model, in the relations the model must keep."""
     for gpu in ("h100", "h200"):
         rows = _rows(dit_run / f"model-dit-{gpu}.csv")
         assert {r["estimate"] for r in rows} == {"model"}
@@ -359,10 +360,22 @@ def test_dit_rows_are_produced_labelled_model_and_match_the_committed_rows(dit_r
         assert float(ours["model_ours_over_fa3_eta1"]) <= float(ours["model_ours_over_fa3"])
         assert float(by["flex_two_pass"]["model_time_ms"]) == pytest.approx(2 * float(by["flash"]["model_time_ms"]),
                                                                             rel=1e-3)
-        committed = [r for r in _rows(RESULTS / f"model-dit-{gpu}.csv") if r["model"] == DIT]
-        assert rows == committed
         assert "(model, not measured)" in (dit_run / f"model-dit-{gpu}.md").read_text()
         assert (dit_run / f"model-dit-{gpu}.png").stat().st_size > 10_000
+
+
+# The Triton the committed results were compiled with: its passes and ptxas decide the loop costs the model reads.
+COMMITTED_TRITON = re.search(r"what Triton (\S+) and its bundled ptxas", (RESULTS / "static-sm90.md").read_text())[1]
+
+
+@pytest.mark.skipif(triton.__version__ != COMMITTED_TRITON,
+                    reason=f"the committed model rows were compiled with Triton {COMMITTED_TRITON}, this is "
+                           f"{triton.__version__}: other compiled loops, other numbers")
+def test_dit_rows_match_the_committed_rows(dit_run):
+    """The model is deterministic: with the committed results' Triton, the same numbers as the committed CSVs."""
+    for gpu in ("h100", "h200"):
+        committed = [r for r in _rows(RESULTS / f"model-dit-{gpu}.csv") if r["model"] == DIT]
+        assert _rows(dit_run / f"model-dit-{gpu}.csv") == committed
 
 
 @pytest.mark.parametrize("layout", [dict(latent_frames=8, tokens_per_frame=32),

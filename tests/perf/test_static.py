@@ -186,7 +186,7 @@ def test_lean_forward_warp_specializes_on_sm90(tmp_path):
     for kernel, config, _, spills, mma, partitions, warps, split, short, long in hot:
         assert (kernel, spills, mma) == ("_tar_fwd_lean_kernel", 0, "HGMMA"), config
     for *_, partitions, warps, split, short, long in specialized:
-        assert (partitions, warps) == (2, 12) and split.startswith("+") and "-" in split
+        assert (partitions, warps) == (2, 12) and "+" in split and "-" in split  # raised and lowered (order: Triton's)
     for *_, partitions, warps, split, short, long in plain:
         assert (partitions, warps, split) == (0, 8, "") and short < long / 2
 
