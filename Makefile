@@ -11,7 +11,9 @@ KEY := $(shell { cat setup.py; command -v $(PY); } | cksum | cut -d' ' -f1)
 INSTALL_demo := .
 INSTALL_test := .[test]
 
-# torch: keep an installed build (a GPU machine's CUDA torch); otherwise take the CPU build 2.13.0.
+# torch: keep an installed build (a GPU machine's CUDA torch); otherwise take 2.13.0: the CPU build where pip
+# finds one (our machines' wheel directory), else PyPI's CUDA build and the Triton it pins (3.7.1); the suite
+# passes with either.
 $(SETUP_DIR)/%-$(KEY):
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e "$(INSTALL_$*)"
