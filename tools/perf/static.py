@@ -418,8 +418,8 @@ def main(args) -> int:
               "loop", flush=True)
         kernels = set(args.kernels or ()) or None
         base = os.path.join(directory, f"static-sm{arch}")
-        old = read(base + ".csv") if kernels else None  # (before the long compile) the table the rows go into
-        if kernels:
+        if kernels:  # the table the rows go into, read (and its stamp checked) before the long compile
+            old = read(base + ".csv")
             stamp(base + ".md")
         table = collect(arch, args.quick, kernels=kernels, report=lambda r: print(
             f"  {r.kernel:<26} {r.tile:>7} {r.config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.shared_bytes:>7} "
