@@ -24,9 +24,7 @@ def dims(d):
 
 def bwd_dims(d):
     """A backward launch's: one power-of-two block (`launch.common_meta(chunked=False)`)."""
-    q = torch.empty(1, 1, 16, d, device="meta")
-    problem = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
-    return {k: v for k, v in common_meta(problem, chunked=False).items() if k.startswith("BLOCK")}
+    return {k: v for k, v in common_meta(meta_problem(16, 16, d), chunked=False).items() if k.startswith("BLOCK")}
 
 
 def meta_problem(nq, nk, d):
