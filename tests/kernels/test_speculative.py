@@ -11,9 +11,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import vstar_kernels as vk
 from vstar_kernels._problem import make_problem
+from vstar_kernels.ops import tar_fwd
 from vstar_kernels.ops.layout import STATS_FIELDS
 
 from .._device import DEVICE
@@ -180,6 +183,44 @@ def test_gradients(where):
         assert_bitwise(a, b, name)
     refs = reference_grads(q, k, v, grad_out, sigma=2.0, strength=0.7, frames=frames.cpu())
     assert_grads_close([g.cpu() for g in grads[True]], refs, torch.float32)
+
+
+@triton.jit
+def _listed_rows_kernel(COUNT, LIST, FLAGS, OUT, OK, H, NQ, BLOCK_M: tl.constexpr):
+    seq, p, _b, _h, slots, _in = tar_fwd.block_coords(NQ, H, BLOCK_M)
+    rows, ok = tar_fwd._listed_rows(COUNT, LIST, FLAGS, seq, p, NQ, BLOCK_M)
+    tl.store(OUT + seq * NQ + slots, rows, mask=_in)
+    tl.store(OK + seq * NQ + slots, ok.to(tl.int8), mask=_in)
+
+
+@pytest.mark.parametrize("nq, rate", [(637, 0.3), (640, 0.03), (200, 0.0), (75, 1.0)])
+def test_redo_lists_the_flagged_rows_in_row_order(nq, rate):
+    """Each query block lists its flagged rows at its own slots (`_flag_rows`, no atomics); the redo's
+    program p takes the sequence's p-th BLOCK_M of them in row order (so its rows come from consecutive
+    blocks), across blocks with none, more blocks than BLOCK_M (several passes over the counts), a
+    partial last block, none flagged and all; program 0 writes each sequence's count."""
+    bm, seqs = 16, 3
+    g = torch.Generator().manual_seed(nq)
+    flagged = torch.rand(seqs, nq, generator=g) < rate
+    flagged[1, 3 * bm:9 * bm] = False  # a run of blocks with none
+    blocks = -(-nq // bm)
+    count = torch.zeros(seqs, nq, dtype=torch.int32)
+    listed = torch.full((seqs, nq), -7, dtype=torch.int32)  # slots no block writes: never read
+    for s in range(seqs):
+        for b in range(blocks):
+            rows = flagged[s, b * bm:(b + 1) * bm].nonzero().flatten() + b * bm
+            count[s, b] = rows.numel()
+            listed[s, b * bm:b * bm + rows.numel()] = rows.to(torch.int32)
+    flags = torch.full((seqs,), -1, dtype=torch.int32, device=DEVICE)
+    out = torch.full((seqs, nq), -1, dtype=torch.int64, device=DEVICE)
+    ok = torch.zeros(seqs, nq, dtype=torch.int8, device=DEVICE)
+    _listed_rows_kernel[(seqs * blocks,)](count.to(DEVICE), listed.to(DEVICE), flags, out, ok, 1, nq, BLOCK_M=bm)
+    for s in range(seqs):
+        want = flagged[s].nonzero().flatten()
+        got_ok = ok[s].cpu().bool()
+        assert int(flags[s]) == want.numel()
+        assert got_ok.tolist() == [i < want.numel() for i in range(nq)]
+        assert torch.equal(out[s].cpu()[got_ok], want)
 
 
 def test_flags_count_through_the_public_call():

@@ -274,14 +274,12 @@ class Tuning:
         return [t.config for t in reach if words(f, t) == least]
 
 
-def tuned(kernel, tuning: Tuning, key: list, reset_to_zero: list | None = None):
+def tuned(kernel, tuning: Tuning, key: list):
     """`kernel` autotuned per `key` over the configs `tuning` keeps; as it is in the interpreter,
-    which runs one config (no benchmarking of configs on CPU). reset_to_zero: the arguments (counters)
-    zeroed before each timing run and after the last."""
+    which runs one config (no benchmarking of configs on CPU)."""
     if INTERPRETING:
         return kernel
-    return triton.autotune(tuning.configs, key=key, prune_configs_by={"early_config_prune": tuning.prune},
-                           reset_to_zero=reset_to_zero)(kernel)
+    return triton.autotune(tuning.configs, key=key, prune_configs_by={"early_config_prune": tuning.prune})(kernel)
 
 
 def tuned_config(tuner, direction: str) -> dict:

@@ -194,7 +194,7 @@ def _softmax_tiles(state, q, rows, row_ok, keys, src, c, lo, hi, scale, BLOCK_N:
 @triton.jit
 def _tar_fwd_tiled_kernel(
     Q, K, V, O, DELTA, SEQMAX, STATS, FQ, FK, KMASK,
-    COUNT, LIST, MAXES,  # with SPECULATE: the rows to redo (`_tar_fwd_redo_kernel`)
+    COUNT, LIST, MAXES,  # with SPECULATE: the rows to redo, per query block (`_tar_fwd_redo_kernel`)
     q_strides, k_strides, v_strides, o_strides, d_strides, km_strides,  # each tensor's strides
     H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef,
@@ -242,9 +242,10 @@ def _tar_fwd_tiled_kernel(
     SPECULATE replaces the first pass by `_guess_max` (the tiles of the block's own frames and of the
     text) and keeps the raw running max in the softmax pass. A row whose guess was its max, and a text
     row (dA = 0) with a finite max and output, is then exactly the two-pass row; the others are
-    flagged: COUNT[seq] (int32 (B*H,), zeroed) counts them, LIST (int32 (B*H, Nq)) gets their
-    positions from COUNT's old value on and MAXES (float32 (B*H, Nq)) their max, for
-    `_tar_fwd_redo_kernel`. The saved max is the exact one either way.
+    flagged: the block writes their number to COUNT[seq, block] and their positions, in order, to
+    LIST[seq, block * BLOCK_M:] (COUNT and LIST int32 (B*H, Nq)), their max to MAXES (float32
+    (B*H, Nq)), for `_tar_fwd_redo_kernel`; no atomics, nothing to zero. The saved max is the exact
+    one either way.
     """
     WHOLE: tl.constexpr = (REGULARIZE and (GLOBAL_MAX or HAS_DELTA)) or HAS_KEY_MASK
     opt: tl.constexpr = Options(CAUSAL, HAS_DELTA, HAS_FRAMES, HAS_KEY_MASK, FRAME_TILES, PRECISION, VEC)
@@ -306,7 +307,7 @@ def _tar_fwd_tiled_kernel(
     run_max, denom, acc, raw = _softmax_tiles(state, q, offs_m, row_ok, keys, src, cm, band_lo, band_hi, scale,
                                               BLOCK_N, True, REGULARIZE, opt, SPECULATE)
     if SPECULATE:
-        _flag_rows(COUNT, LIST, MAXES, STATS, seq, NQ, offs_m, row_ok, src.ids >= 0, m, raw, denom, strength,
+        _flag_rows(COUNT, LIST, MAXES, STATS, seq, mb, NQ, offs_m, row_ok, src.ids >= 0, m, raw, denom, strength,
                    SAVE_STATS)
     if REGULARIZE and ONE_PASS:  # off the band the definition adds c * m_i * 0: NaN for an inf or NaN c * m_i,
         denom = tl.where((cm - cm) == 0.0, denom, float("nan"))  # which a NaN denominator gives output and lse
@@ -331,10 +332,11 @@ def _finish(run_max, denom, acc, row_ok, HAS_KEY_MASK: tl.constexpr):
 
 
 @triton.jit
-def _flag_rows(COUNT, LIST, MAXES, STATS, seq, NQ, rows, row_ok, video, guess, raw, denom, strength,
+def _flag_rows(COUNT, LIST, MAXES, STATS, seq, mb, NQ, rows, row_ok, video, guess, raw, denom, strength,
                SAVE_STATS: tl.constexpr):
     """The end of a speculative block (`_tar_fwd_tiled_kernel`): its exact row max, saved, and its
-    flagged rows appended to the sequence's redo list.
+    flagged rows listed for the redo (their number in COUNT, their positions at the block's own
+    slots of LIST, their max in MAXES).
 
     raw is the unbiased scores' running max: the row max where no score is NaN (tl.max skips NaN). A
     NaN score makes the row's denominator NaN, so a NaN denominator with a finite raw max saves NaN,
@@ -352,17 +354,47 @@ def _flag_rows(COUNT, LIST, MAXES, STATS, seq, NQ, rows, row_ok, video, guess, r
     stat_row = seq * NQ + rows
     if SAVE_STATS:
         tl.store(STATS + stat_row * _STATS_N + _STAT_MAX, exact, mask=row_ok)
-    flagged = tl.sum(redo.to(tl.int32), 0)
-    if flagged > 0:
-        first = tl.atomic_add(COUNT + seq, flagged)
-        slot = first + tl.cumsum(redo.to(tl.int32), 0) - 1
-        tl.store(LIST + seq * NQ + slot, rows.to(tl.int32), mask=redo)
-        tl.store(MAXES + stat_row, exact, mask=redo)
+    tl.store(COUNT + seq * NQ + mb, tl.sum(redo.to(tl.int32), 0))
+    slot = mb * rows.shape[0] + tl.cumsum(redo.to(tl.int32), 0) - 1
+    tl.store(LIST + seq * NQ + slot, rows.to(tl.int32), mask=redo)
+    tl.store(MAXES + stat_row, exact, mask=redo)
+
+
+@triton.jit
+def _listed_rows(COUNT, LIST, FLAGS, seq, p, NQ, BLOCK_M: tl.constexpr):
+    """(rows, ok) of redo program (seq, p): the sequence's flagged rows at slots p * BLOCK_M on, in
+    row order (the query blocks' lists of `_flag_rows` one after the other), so that a program's rows
+    come from consecutive blocks, whose bands overlap. ok is all false past the last flagged row.
+    Program 0 writes the sequence's count to FLAGS."""
+    nblk = tl.cdiv(NQ, BLOCK_M)
+    base = COUNT + seq * NQ
+    total = 0
+    for c in range(0, nblk, BLOCK_M):
+        idx = c + tl.arange(0, BLOCK_M)
+        total += tl.sum(tl.load(base + idx, mask=idx < nblk, other=0), 0)
+    if p == 0:
+        tl.store(FLAGS + seq, total)
+    slots = p * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = slots < total
+    block = tl.zeros((BLOCK_M,), tl.int32)  # of each slot's row: the blocks whose lists end at or before it
+    before = tl.zeros((BLOCK_M,), tl.int32)  # and the rows listed in them
+    if p * BLOCK_M < total:
+        done = 0
+        for c in range(0, nblk, BLOCK_M):
+            idx = c + tl.arange(0, BLOCK_M)
+            cnt = tl.load(base + idx, mask=idx < nblk, other=0)
+            ends = done + tl.cumsum(cnt, 0)
+            past = ends[None, :] <= slots[:, None]
+            block += tl.sum(past.to(tl.int32), 1)
+            before = tl.maximum(before, tl.max(tl.where(past, ends[None, :], 0), 1))
+            done += tl.sum(cnt, 0)
+    rows = tl.load(LIST + seq * NQ + block.to(tl.int64) * BLOCK_M + slots - before, mask=ok, other=0)
+    return rows.to(tl.int64), ok
 
 
 @triton.jit
 def _tar_fwd_redo_kernel(
-    Q, K, V, O, STATS, FQ, FK, KMASK, COUNT, LIST, MAXES,
+    Q, K, V, O, STATS, FQ, FK, KMASK, COUNT, LIST, MAXES, FLAGS,
     q_strides, k_strides, v_strides, o_strides, km_strides,
     H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef, BAND, FRAME_BAND,
@@ -373,18 +405,18 @@ def _tar_fwd_redo_kernel(
 ):
     """The flagged rows of a speculative `_tar_fwd_tiled_kernel` launch, recomputed with their exact max.
 
-    Program (seq, p) takes the sequence's flagged rows COUNT[seq] at slots p * BLOCK_M on, from LIST,
-    with their max from MAXES, and exits at once when there are none (no host synchronisation). Rows
+    Program (seq, p) takes the sequence's flagged rows at slots p * BLOCK_M on, in row order
+    (`_listed_rows`), with their max from MAXES, and exits at once when there are none (no host
+    synchronisation); FLAGS (int32 (B*H,)) gets each sequence's number of flagged rows. Rows
     of several query blocks share its tiles: each row takes its block's key tiles in its block's order
     (the off-band ones, then the band) and skips the others (all -inf for it: no change to its state),
     so its output and statistics are the two-pass ones bit for bit. Arguments as the tiled kernel's,
     the Gaussian with frame ids (no delta, the row max).
     """
     opt: tl.constexpr = Options(CAUSAL, False, True, HAS_KEY_MASK, True, PRECISION, VEC)
-    seq, blk, b, h, slots, _slot_in = block_coords(NQ, H, BLOCK_M)
-    if blk * BLOCK_M < tl.load(COUNT + seq):
-        ok = slots < tl.load(COUNT + seq)
-        rows = tl.load(LIST + seq * NQ + slots, mask=ok, other=0).to(tl.int64)
+    seq, p, b, h, _slots, _slot_in = block_coords(NQ, H, BLOCK_M)
+    rows, ok = _listed_rows(COUNT, LIST, FLAGS, seq, p, NQ, BLOCK_M)
+    if tl.max(ok.to(tl.int32), 0) > 0:
         cols_d = head_cols(BLOCK_D, BLOCK_D2)
         cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
         q = load_tile(seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM), rows, ok, VEC)
@@ -433,8 +465,7 @@ _tiled_row_max = tuned(_tar_fwd_row_max_kernel, FWD_TILED, ["N_BUCKET", "BLOCK_D
 _TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSAL", "HAS_DELTA", "REGULARIZE",
               "GLOBAL_MAX", "ONE_PASS", "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"]
 _tiled = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)
-# the speculative launches: COUNT zeroed again after the autotuner's timing runs
-_tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY, reset_to_zero=["COUNT"])
+_tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)  # tuned apart from two passes
 _redo = _tar_fwd_redo_kernel  # run with the speculative launch's config (launch.tuned_config)
 
 
@@ -446,8 +477,8 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None, stats: tor
     will be differentiated in the tiled layout (layout.stats_shape; frame ids or a key mask run the
     tiled layout at any length, `launch.tiled_only`): the kernel fills it with the row statistics
     ops/tar_bwd.py reads. Without it the inference path writes nothing extra.
-    flags: for a call that `speculates`, a zeroed int32 (B*H,) tensor: the speculative one pass
-    runs and counts each sequence's flagged (recomputed) rows there; None runs two passes.
+    flags: for a call that `speculates`, an int32 (B*H,) tensor: the speculative one pass runs and
+    writes each sequence's number of flagged (recomputed) rows there; None runs two passes.
     """
     return _tar_forward(problem, out, stats, {}, flags)
 
@@ -506,16 +537,16 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
                      band, frame_band_width(gauss_coef), n_bucket, **{**meta, **variant})
         return out
     if not speculates(problem) or flags.shape != (bh,) or flags.dtype != torch.int32:
-        raise ValueError(f"flags: a zeroed int32 ({bh},) tensor, for a call that speculates (frame ids, the "
+        raise ValueError(f"flags: an int32 ({bh},) tensor, for a call that speculates (frame ids, the "
                          f"Gaussian, the row max), got {flags.dtype} {tuple(flags.shape)}")
-    rows = torch.empty(bh, nq, device=q.device, dtype=torch.int32)
+    counts, rows = torch.empty(2, bh, nq, device=q.device, dtype=torch.int32)
     maxes = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
-    _tiled_speculative[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, flags, rows, maxes, *strides,
+    _tiled_speculative[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, counts, rows, maxes, *strides,
                              km_strides, *sizes, band, frame_band_width(gauss_coef), n_bucket, SPECULATE=True,
                              **{**meta, **variant})
     used = tuned_config(_tiled_speculative, "forward")
     heads = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")}
-    _redo[grid(used)](q, k, v, out, stats, fq, fk, km, flags, rows, maxes, *strides[:4], km_strides, *sizes, band,
-                      frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=save_stats,
+    _redo[grid(used)](q, k, v, out, stats, fq, fk, km, counts, rows, maxes, flags, *strides[:4], km_strides, *sizes,
+                      band, frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=save_stats,
                       PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **used)
     return out
