@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 import vstar_kernels as vk
 from vstar_kernels._problem import make_problem
@@ -185,21 +184,14 @@ def test_gradients(where):
     assert_grads_close([g.cpu() for g in grads[True]], refs, torch.float32)
 
 
-@triton.jit
-def _listed_rows_kernel(COUNT, LIST, FLAGS, OUT, OK, H, NQ, BLOCK_M: tl.constexpr):
-    seq, p, _b, _h, slots, _in = tar_fwd.block_coords(NQ, H, BLOCK_M)
-    rows, ok = tar_fwd._listed_rows(COUNT, LIST, FLAGS, seq, p, NQ, BLOCK_M)
-    tl.store(OUT + seq * NQ + slots, rows, mask=_in)
-    tl.store(OK + seq * NQ + slots, ok.to(tl.int8), mask=_in)
-
-
 @pytest.mark.parametrize("nq, rate", [(637, 0.3), (640, 0.03), (200, 0.0), (75, 1.0)])
 def test_redo_lists_the_flagged_rows_in_row_order(nq, rate):
-    """Each query block lists its flagged rows at its own slots (`_flag_rows`, no atomics); the redo's
-    program p takes the sequence's p-th BLOCK_M of them in row order (so its rows come from consecutive
-    blocks), across blocks with none, more blocks than BLOCK_M (several passes over the counts), a
-    partial last block, none flagged and all; program 0 writes each sequence's count."""
-    bm, seqs = 16, 3
+    """Each query block lists its flagged rows at its own slots (`_flag_rows`, no atomics);
+    `_tar_fwd_list_kernel` lays the sequence's flagged rows out in row order for the redo (so that a redo
+    program's rows come from consecutive blocks), across blocks with none, more blocks than one pass
+    reads (16: several passes over the counts), a partial last block, none flagged and all, and writes each
+    sequence's count."""
+    bm, slots, seqs = 16, 32, 3
     g = torch.Generator().manual_seed(nq)
     flagged = torch.rand(seqs, nq, generator=g) < rate
     flagged[1, 3 * bm:9 * bm] = False  # a run of blocks with none
@@ -212,15 +204,13 @@ def test_redo_lists_the_flagged_rows_in_row_order(nq, rate):
             count[s, b] = rows.numel()
             listed[s, b * bm:b * bm + rows.numel()] = rows.to(torch.int32)
     flags = torch.full((seqs,), -1, dtype=torch.int32, device=DEVICE)
-    out = torch.full((seqs, nq), -1, dtype=torch.int64, device=DEVICE)
-    ok = torch.zeros(seqs, nq, dtype=torch.int8, device=DEVICE)
-    _listed_rows_kernel[(seqs * blocks,)](count.to(DEVICE), listed.to(DEVICE), flags, out, ok, 1, nq, BLOCK_M=bm)
+    ordered = torch.full((seqs, nq), -1, dtype=torch.int32, device=DEVICE)
+    tar_fwd._tar_fwd_list_kernel[(seqs, triton.cdiv(nq, slots))](count.to(DEVICE), listed.to(DEVICE), ordered, flags,
+                                                                  nq, bm, SLOTS=slots, BLOCKS=16)
     for s in range(seqs):
         want = flagged[s].nonzero().flatten()
-        got_ok = ok[s].cpu().bool()
         assert int(flags[s]) == want.numel()
-        assert got_ok.tolist() == [i < want.numel() for i in range(nq)]
-        assert torch.equal(out[s].cpu()[got_ok], want)
+        assert ordered[s].cpu().tolist() == want.tolist() + [-1] * (nq - want.numel())
 
 
 def test_flags_count_through_the_public_call():

@@ -50,7 +50,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     rows = [line for line in res.stdout.splitlines() if line.startswith("_tar_")]
     kernels = {line.split()[0] for line in rows}
     assert kernels == {"_tar_fwd_packed_kernel", "_tar_fwd_row_max_kernel", "_tar_fwd_tiled_kernel",
-                       "_tar_fwd_redo_kernel", "_tar_bwd_packed_kernel", "_tar_bwd_dq_kernel", "_tar_bwd_dkdv_kernel"}
+                       "_tar_fwd_list_kernel", "_tar_fwd_redo_kernel", "_tar_bwd_packed_kernel", "_tar_bwd_dq_kernel",
+                       "_tar_bwd_dkdv_kernel"}
     assert res.stdout.rstrip().endswith(f"{len(rows)} kernels compiled for sm_90")
     # compiled with sm_90's pruning: the row-max Gaussian at D 64 in fp16 keeps 128 x 64 tiles there
     gaussian = [line for line in rows if line.startswith("_tar_fwd_tiled_kernel")

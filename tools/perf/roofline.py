@@ -163,8 +163,8 @@ def ours_launch(batch: int, heads: int, n: int, d: int, sigma=1.0, delta: bool =
                 dtype=torch.float16, arch: int = 90, speculate: bool = False):
     """The one kernel launch `tar_attention(..., speculate=False)` makes for this call (row max, not
     causal; the Gaussian of `sigma`, or a custom (N, N) delta in q's dtype; frame ids `frames` (N,)
-    int32), recorded with the launcher's sm_`arch` pruning; with `speculate` (frame ids) the two
-    launches of the speculative forward, (one pass, redo)."""
+    int32), recorded with the launcher's sm_`arch` pruning; with `speculate` (frame ids) the three
+    launches of the speculative forward, (one pass, listing, redo)."""
     from vstar_kernels._problem import make_problem
     from vstar_kernels.ops.launch import targeting
 

@@ -361,40 +361,42 @@ def _flag_rows(COUNT, LIST, MAXES, STATS, seq, mb, NQ, rows, row_ok, video, gues
 
 
 @triton.jit
-def _listed_rows(COUNT, LIST, FLAGS, seq, p, NQ, BLOCK_M: tl.constexpr):
-    """(rows, ok) of redo program (seq, p): the sequence's flagged rows at slots p * BLOCK_M on, in
-    row order (the query blocks' lists of `_flag_rows` one after the other), so that a program's rows
-    come from consecutive blocks, whose bands overlap. ok is all false past the last flagged row.
-    Program 0 writes the sequence's count to FLAGS."""
+def _tar_fwd_list_kernel(COUNT, LIST, ORDERED, FLAGS, NQ, BLOCK_M, SLOTS: tl.constexpr, BLOCKS: tl.constexpr):
+    """Between the speculative launch and its redo: program (seq, p) copies the sequence's flagged rows
+    at slots p * SLOTS on, in row order (the lists `_flag_rows` wrote for the query blocks of BLOCK_M
+    rows, one after the other; their counts read BLOCKS at a time), from LIST to ORDERED (int32
+    (B*H, Nq)); program 0 writes the sequence's count to FLAGS (int32 (B*H,)). So a redo program's
+    rows come from consecutive query blocks, whose bands overlap. The grid is (B*H, cdiv(Nq, SLOTS))."""
+    seq = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
     nblk = tl.cdiv(NQ, BLOCK_M)
     base = COUNT + seq * NQ
     total = 0
-    for c in range(0, nblk, BLOCK_M):
-        idx = c + tl.arange(0, BLOCK_M)
+    for c in range(0, nblk, BLOCKS):
+        idx = c + tl.arange(0, BLOCKS)
         total += tl.sum(tl.load(base + idx, mask=idx < nblk, other=0), 0)
     if p == 0:
         tl.store(FLAGS + seq, total)
-    slots = p * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = slots < total
-    block = tl.zeros((BLOCK_M,), tl.int32)  # of each slot's row: the blocks whose lists end at or before it
-    before = tl.zeros((BLOCK_M,), tl.int32)  # and the rows listed in them
-    if p * BLOCK_M < total:
+    if p * SLOTS < total:
+        slots = p * SLOTS + tl.arange(0, SLOTS)
+        block = tl.zeros((SLOTS,), tl.int32)  # of each slot's row: the blocks whose lists end at or before it
+        before = tl.zeros((SLOTS,), tl.int32)  # and the rows listed in them
         done = 0
-        for c in range(0, nblk, BLOCK_M):
-            idx = c + tl.arange(0, BLOCK_M)
-            cnt = tl.load(base + idx, mask=idx < nblk, other=0)
-            ends = done + tl.cumsum(cnt, 0)
+        for c in range(0, nblk, BLOCKS):
+            idx = c + tl.arange(0, BLOCKS)
+            ends = done + tl.cumsum(tl.load(base + idx, mask=idx < nblk, other=0), 0)
             past = ends[None, :] <= slots[:, None]
             block += tl.sum(past.to(tl.int32), 1)
             before = tl.maximum(before, tl.max(tl.where(past, ends[None, :], 0), 1))
-            done += tl.sum(cnt, 0)
-    rows = tl.load(LIST + seq * NQ + block.to(tl.int64) * BLOCK_M + slots - before, mask=ok, other=0)
-    return rows.to(tl.int64), ok
+            done = tl.max(ends, 0)
+        ok = slots < total
+        rows = tl.load(LIST + seq * NQ + block.to(tl.int64) * BLOCK_M + slots - before, mask=ok)
+        tl.store(ORDERED + seq * NQ + slots, rows, mask=ok)
 
 
 @triton.jit
 def _tar_fwd_redo_kernel(
-    Q, K, V, O, STATS, FQ, FK, KMASK, COUNT, LIST, MAXES, FLAGS,
+    Q, K, V, O, STATS, FQ, FK, KMASK, COUNT, LIST, MAXES,
     q_strides, k_strides, v_strides, o_strides, km_strides,
     H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef, BAND, FRAME_BAND,
@@ -405,18 +407,19 @@ def _tar_fwd_redo_kernel(
 ):
     """The flagged rows of a speculative `_tar_fwd_tiled_kernel` launch, recomputed with their exact max.
 
-    Program (seq, p) takes the sequence's flagged rows at slots p * BLOCK_M on, in row order
-    (`_listed_rows`), with their max from MAXES, and exits at once when there are none (no host
-    synchronisation); FLAGS (int32 (B*H,)) gets each sequence's number of flagged rows. Rows
+    Program (seq, p) takes the sequence's flagged rows COUNT[seq] at slots p * BLOCK_M on, in row
+    order, from LIST (`_tar_fwd_list_kernel`), with their max from MAXES, and exits at once when
+    there are none (no host synchronisation). Rows
     of several query blocks share its tiles: each row takes its block's key tiles in its block's order
     (the off-band ones, then the band) and skips the others (all -inf for it: no change to its state),
     so its output and statistics are the two-pass ones bit for bit. Arguments as the tiled kernel's,
     the Gaussian with frame ids (no delta, the row max).
     """
     opt: tl.constexpr = Options(CAUSAL, False, True, HAS_KEY_MASK, True, PRECISION, VEC)
-    seq, p, b, h, _slots, _slot_in = block_coords(NQ, H, BLOCK_M)
-    rows, ok = _listed_rows(COUNT, LIST, FLAGS, seq, p, NQ, BLOCK_M)
-    if tl.max(ok.to(tl.int32), 0) > 0:
+    seq, blk, b, h, slots, _slot_in = block_coords(NQ, H, BLOCK_M)
+    if blk * BLOCK_M < tl.load(COUNT + seq):
+        ok = slots < tl.load(COUNT + seq)
+        rows = tl.load(LIST + seq * NQ + slots, mask=ok, other=0).to(tl.int64)
         cols_d = head_cols(BLOCK_D, BLOCK_D2)
         cols_dv = head_cols(BLOCK_DV, BLOCK_DV2)
         q = load_tile(seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM), rows, ok, VEC)
@@ -467,6 +470,8 @@ _TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSA
 _tiled = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)
 _tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)  # tuned apart from two passes
 _redo = _tar_fwd_redo_kernel  # run with the speculative launch's config (launch.tuned_config)
+_list = _tar_fwd_list_kernel
+_LIST = dict(SLOTS=128, BLOCKS=32)  # _tar_fwd_list_kernel's rows per program, and query blocks per pass
 
 
 def tar_forward(problem: TarProblem, out: torch.Tensor | None = None, stats: torch.Tensor | None = None,
@@ -539,14 +544,15 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
     if not speculates(problem) or flags.shape != (bh,) or flags.dtype != torch.int32:
         raise ValueError(f"flags: an int32 ({bh},) tensor, for a call that speculates (frame ids, the "
                          f"Gaussian, the row max), got {flags.dtype} {tuple(flags.shape)}")
-    counts, rows = torch.empty(2, bh, nq, device=q.device, dtype=torch.int32)
+    counts, listed, rows = torch.empty(3, bh, nq, device=q.device, dtype=torch.int32)
     maxes = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
-    _tiled_speculative[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, counts, rows, maxes, *strides,
+    _tiled_speculative[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, counts, listed, maxes, *strides,
                              km_strides, *sizes, band, frame_band_width(gauss_coef), n_bucket, SPECULATE=True,
                              **{**meta, **variant})
     used = tuned_config(_tiled_speculative, "forward")
     heads = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")}
-    _redo[grid(used)](q, k, v, out, stats, fq, fk, km, counts, rows, maxes, flags, *strides[:4], km_strides, *sizes,
+    _list[(bh, triton.cdiv(nq, _LIST["SLOTS"]))](counts, listed, rows, flags, nq, used["BLOCK_M"], **_LIST)
+    _redo[grid(used)](q, k, v, out, stats, fq, fk, km, flags, rows, maxes, *strides[:4], km_strides, *sizes,
                       band, frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=save_stats,
                       PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **used)
     return out
