@@ -242,16 +242,19 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
     """(Estimate, guess tile share) of the speculative forward (frame ids, the Gaussian of `sigma`, no key
     mask) when `flag_rate` of the video rows are flagged: the one-pass kernel (the guess walk over
     `guess_tiles`, then the biased softmax over every tile in the two-pass tile order, each loop's
-    path as `frame_tile_counts` gives it) and the redo, both compiled for sm_90 at the call's shape.
+    path as `frame_tile_counts` gives it) and the redo, both compiled for sm_90 at the call's shape,
+    with the listing launch between them counted as a launch (it moves 8 bytes a flagged row).
     The redo, modeled: ceil(f x video rows / BLOCK_M) programs per sequence, each over every key tile
-    (its rows' off-band tiles) and the union of its rows' bands (ceil(1 / f) blocks' bands, at most
-    every tile), each tile at the costlier of its two softmax loops: on the shortest path where the
-    pass over every tile meets a tile of one frame id (dA one column, as ops/_jit.frame_tile_id takes
-    it), the longest elsewhere (dA per score: an upper bound, the far-frame test spares some); its
-    other programs exit at once (not counted). Bytes as requested: Q, O once, K and V once per tile, K
+    (its rows' off-band tiles) and the union of its rows' bands: its rows, listed in row order, come
+    from ceil(1 / f) consecutive query blocks, whose bands span one block's band and BLOCK_M / BLOCK_N
+    tiles more for each further block (at most every tile), each tile at the costlier of its two
+    softmax loops: on the shortest path where the pass over every tile meets a tile of one frame id
+    (dA one column, as ops/_jit.frame_tile_id takes it), the longest elsewhere (dA per score: an upper
+    bound, the far-frame test spares some); its other programs exit at once (not counted). Bytes as
+    requested: Q, O once, K and V once per tile, K
     of the guess tiles, the key ids twice (the guess's scan, the softmax), the flagged rows' index and
     max, and the redo's Q rows, K, V and ids of its tiles, O rows; the fastest config."""
-    main, redo = ours_launch(batch, heads, n, d, sigma, frames=ids, dtype=torch.bfloat16, speculate=True)
+    main, _listing, redo = ours_launch(batch, heads, n, d, sigma, frames=ids, dtype=torch.bfloat16, speculate=True)
     redo_rows = dict(compiled_launch(redo))
     bh, bd = batch * heads, block_dims(d, d)[0]
     video = int((ids >= 0).sum())
@@ -269,7 +272,7 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
                               "redo's walk and two softmax loops: update the model to the kernels")
         guess = guess_tiles(ids, bm, bn)
         counts = frame_tile_counts(ids, bm, bn, sigma)
-        e = Estimate(launches=2, config=f"tiled {bm}x{bn} {short_config(config)} frames, speculative")
+        e = Estimate(launches=3, config=f"tiled {bm}x{bn} {short_config(config)} frames, speculative")
         e.bytes = bh * (tiled_bytes(n, n, d, d, ITEMSIZE, bm, bn, frame_ids=True) - blocks * n * d * ITEMSIZE
                         + guess * bn * d * ITEMSIZE + blocks * n * 4 + flag_rate * video * 8)
         softmax_tiles = sum(sum(counts[kind]) for kind in FRAME_LOOPS[1:])
@@ -283,7 +286,7 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
         if flag_rate > 0:
             programs = bh * math.ceil(flag_rate * video / bm)
             band = math.ceil(sum(counts["biased"]) / blocks)
-            extra = min(tiles, math.ceil(1 / flag_rate) * band)
+            extra = min(tiles, (math.ceil(1 / flag_rate) - 1) * bm // bn + band)
             walked = tiles + extra
             single = one_id_tiles(ids, bn)  # of the pass over every tile; the band's tiles: dA per score
             softmax = redo_loops[1:]
