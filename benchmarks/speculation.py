@@ -9,10 +9,11 @@ walks). Correctness first: per call, the one pass must equal the two passes bit 
 vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN SDPA on Hopper, FA3-class; flash SDPA
 elsewhere), setup naming the DiT shape, the planted and the measured flag rate. On a GPU the launches are also
 timed apart (the profiler's kernel records, `kernel_times`): at each rate the one pass's main launch (the guess
-walk, the biased loop, the flags) and its redo launch; at the first rate the halves of the two-pass form, which
-max_mode="global" runs as two launches: the walk of every key tile for the row max (impl vstar_triton_walk) and
-the biased online softmax with that max known (vstar_triton_biased_loop; its output is the global-max variant's,
-so these two rows time the work, not the row-max call).
+walk, the biased loop, the flags), the listing of the flagged rows in row order and the redo launch; at the first
+rate the halves of the two-pass form, which max_mode="global" runs as two launches: the walk of every key tile
+for the row max (impl vstar_triton_walk) and the biased online softmax with that max known
+(vstar_triton_biased_loop; its output is the global-max variant's, so these two rows time the work, not the
+row-max call).
 
 --lean (`run_gpu_sweep.sh lean`) times the lean forward (backend="triton-lean", two loops over the keys, frames
 from the token index, tensor descriptors) at each DiT shape beside the two passes and the floor, once (its time
@@ -49,6 +50,7 @@ from vstar_kernels.bench.peers import FLOOR_LABELS, floor_backend, sdpa_only
 RATES = (0.0, 0.05, 0.2, 1.0)
 # {kernel: impl} of the launches timed apart (vstar_kernels/ops/tar_fwd.py's kernel names)
 ONE_PASS_KERNELS = {"_tar_fwd_tiled_kernel": "vstar_triton_one_pass_main",
+                    "_tar_fwd_list_kernel": "vstar_triton_one_pass_listing",
                     "_tar_fwd_redo_kernel": "vstar_triton_one_pass_redo"}
 GLOBAL_MAX_KERNELS = {"_tar_fwd_row_max_kernel": "vstar_triton_walk",
                       "_tar_fwd_tiled_kernel": "vstar_triton_biased_loop"}
