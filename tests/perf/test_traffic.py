@@ -17,6 +17,7 @@ from tools.perf.traffic import TrafficCase, band_tiles, count_traffic, measure_c
 from vstar_kernels import frame_ids as vk_frame_ids
 from vstar_kernels.bench.measure import delta_entries, ideal_cost
 from vstar_kernels.ops.layout import block_dims
+from vstar_kernels.ops import tar_fwd
 from vstar_kernels.ops.launch import band_width
 
 pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret,
@@ -146,8 +147,10 @@ def _run(n, d, dtype, *, causal=False, delta=False, global_max=False, frames=Non
 
 def test_speculative_requests_the_guess_tiles_instead_of_the_walk():
     """Frame ids, nothing flagged: the two passes' bytes less the walk's K, plus the K of the tiles the guess
-    walks (model_dit.guess_tiles; the keys past N masked) and its scan of every key tile's ids, and the redo's
-    count read by each program; the QK^T product issued over the guess tiles instead of every tile."""
+    walks (model_dit.guess_tiles; the keys past N masked) and its scan of every key tile's ids, each block's
+    count of flagged rows (written, then read by each program of the listing launch), the sequence's count
+    (written by the listing, read by each redo program); the QK^T product issued over the guess tiles instead
+    of every tile."""
     from tools.perf.model_dit import guess_tiles
 
     n, d = 200, 160
@@ -166,8 +169,9 @@ def test_speculative_requests_the_guess_tiles_instead_of_the_walk():
             if rows and (-1 in keys or any(min(rows) <= f <= max(rows) for f in keys)):
                 guess_keys += len(keys)
     assert 0 < guess < blocks * tiles and guess * block_n > guess_keys
+    listing = math.ceil(n / tar_fwd._LIST["SLOTS"])  # programs of the listing launch
     assert one.requested_bytes == (two.requested_bytes - blocks * n * d * 2 + guess_keys * d * 2
-                                   + 4 * blocks * n + 4 * blocks)
+                                   + 4 * blocks * n + 4 * blocks * (1 + listing) + 4 + 4 * blocks)
     padded = block_dims(d, d)[0]  # the columns the products run at (the head dim's chunks)
     assert two.mma_flops - one.mma_flops == 2 * block_m * block_n * padded * (blocks * tiles - guess)
 
