@@ -243,7 +243,8 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
     mask) when `flag_rate` of the video rows are flagged: the one-pass kernel (the guess walk over
     `guess_tiles`, then the biased softmax over every tile in the two-pass tile order, each loop's
     path as `frame_tile_counts` gives it) and the redo, both compiled for sm_90 at the call's shape,
-    with the listing launch between them counted as a launch (it moves 8 bytes a flagged row).
+    with the listing launch between them counted as a launch only (its bytes, 8 a flagged row and the
+    block counts it reads, are not counted: under 0.1% of the call's at these shapes).
     The redo, modeled: ceil(f x video rows / BLOCK_M) programs per sequence, each over every key tile
     (its rows' off-band tiles) and the union of its rows' bands: its rows, listed in row order, come
     from ceil(1 / f) consecutive query blocks, whose bands span one block's band and BLOCK_M / BLOCK_N
@@ -251,9 +252,9 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
     softmax loops: on the shortest path where the pass over every tile meets a tile of one frame id
     (dA one column, as ops/_jit.frame_tile_id takes it), the longest elsewhere (dA per score: an upper
     bound, the far-frame test spares some); its other programs exit at once (not counted). Bytes as
-    requested: Q, O once, K and V once per tile, K
-    of the guess tiles, the key ids twice (the guess's scan, the softmax), the flagged rows' index and
-    max, and the redo's Q rows, K, V and ids of its tiles, O rows; the fastest config."""
+    requested: Q, O once, K and V once per tile, K of the guess tiles, the key ids twice (the guess's
+    scan, the softmax), the flagged rows' index and max, and the redo's Q rows, K, V and ids of its
+    tiles, O rows; the fastest config."""
     main, _listing, redo = ours_launch(batch, heads, n, d, sigma, frames=ids, dtype=torch.bfloat16, speculate=True)
     redo_rows = dict(compiled_launch(redo))
     bh, bd = batch * heads, block_dims(d, d)[0]
