@@ -23,7 +23,7 @@ from .install import denoiser
 from .processors import project_heads, tar_site, temporal_at
 from .steps import StepTracker
 
-# fp32 probabilities of one chunk of sequences (chunk x heads x N x N): 2**24 = 64 MiB
+# fp32 probabilities of one chunk (sequences x heads x N x N here, batch x heads x rows x Nk in dit_capture): 64 MiB
 CHUNK_ELEMENTS = 1 << 24
 
 

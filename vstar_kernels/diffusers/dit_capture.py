@@ -2,7 +2,7 @@
 
 `capture_frame_attention` wraps each watched block's processor and, in a torch function mode that only listens,
 records the q, k (and key mask) it hands to ``scaled_dot_product_attention``, which then runs as it would have.
-The attention is formed over chunks of query rows of at most `CHUNK_ELEMENTS` fp32 scores; text tokens take part
+The attention is formed over chunks of query rows of at most `capture.CHUNK_ELEMENTS` scores; text tokens take part
 in the softmax but have no row or column. Beside each map it counts, per head, the video query rows whose max score
 lies outside their own frame and the text (`FrameAttentionMaps.max_outside_own_frame`).
 """
@@ -21,7 +21,7 @@ from .._problem import make_problem
 from ..analysis import _outside_own_frame
 from ..frames import frame_bias
 from ..reference import tar_scores
-from .capture import TemporalAttentionMaps, int_set
+from .capture import CHUNK_ELEMENTS, TemporalAttentionMaps, int_set
 from .dit import DiTTARProcessor
 from .dit_families import dit_attention_modules, dit_family, set_processor, unsupported_dit
 from .dit_state import watch_layout
@@ -29,9 +29,6 @@ from .install import denoiser, tar_state
 from .interception import call_through_sdpa, mask_runs, sdpa_arguments
 from .steps import StepTracker, loop_step
 from .token_grid import token_frames
-
-# fp32 probabilities of one chunk of query rows (batch x heads x rows x Nk): 2**24 = 64 MiB
-CHUNK_ELEMENTS = 1 << 24
 
 
 @contextlib.contextmanager
@@ -153,24 +150,20 @@ class _Recorder:
         with torch.no_grad():
             for rows, key_mask in runs:
                 key_mask = None if key_mask is None else key_mask[keep]
-                part, flagged = self._frame_sum(query[:, :, rows], key, frames[rows], frames, key_mask, scale,
-                                                regularized)
-                total += part
-                outside += flagged
+                self._frame_sum(total, outside, query[:, :, rows], key, frames[rows], frames, key_mask, scale,
+                                regularized)
         # the query tokens of each frame, in every sequence and head of the call (a frame with none: a NaN row)
         tokens = torch.bincount(frames[frames >= 0].long(), minlength=self.grid[0]).to(torch.float64)
         self.maps._add((name, step), total, tokens[:, None] * (query.shape[0] * query.shape[1]))
         self.maps._add_outside((name, step), outside, int(tokens.sum()) * query.shape[0])
 
-    def _frame_sum(self, query, key, q_frames, k_frames, key_mask, scale, regularized) -> tuple:
-        """Sum over batch, heads and each frame's query tokens of the probabilities per key frame, (F, F) float64,
-        and per head the video query rows whose max lies outside their frame and the text, (H,) int64."""
-        count = self.grid[0]
-        total = torch.zeros(count, count, dtype=torch.float64, device=query.device)
-        outside = torch.zeros(query.shape[1], dtype=torch.int64, device=query.device)
+    def _frame_sum(self, total, outside, query, key, q_frames, k_frames, key_mask, scale, regularized) -> None:
+        """Add to `total` ((F, F) float64) the probabilities per key frame summed over batch, heads and each frame's
+        query tokens, and to `outside` ((H,) int64) the video query rows per head whose max lies outside their
+        frame and the text."""
         video = torch.nonzero(q_frames >= 0).flatten()
         if video.numel() == 0:
-            return total, outside
+            return
         # the values take no part: a one-column view of k stands in for them
         problem = make_problem(query, key, key[..., :1], causal=False, max_mode="row", scale=scale,
                                frames=(q_frames, k_frames), key_mask=key_mask,
@@ -178,7 +171,7 @@ class _Recorder:
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         k = problem.k.to(compute)
         first, stop = int(video[0]), int(video[-1]) + 1
-        key_frames = torch.nn.functional.one_hot(k_frames.clamp(min=0).long(), count).to(compute)
+        key_frames = torch.nn.functional.one_hot(k_frames.clamp(min=0).long(), self.grid[0]).to(compute)
         key_frames[k_frames < 0] = 0
         dropped = None if key_mask is None else ~key_mask[:, None, None, :]
         rows = max(1, self.chunk_elements // (query.shape[0] * query.shape[1] * key.shape[2]))
@@ -193,7 +186,6 @@ class _Recorder:
             video_rows = ids >= 0  # a text or reference token between the video's has no row
             total.index_add_(0, ids[video_rows].long(), per_frame[video_rows])
             outside += _outside_own_frame(problem, block, k, dropped)[:, :, video_rows].sum(dim=(0, 2))
-        return total, outside
 
 
 class _Listen(TorchFunctionMode):
