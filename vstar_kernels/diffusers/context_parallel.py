@@ -8,11 +8,11 @@ collectives (autograd functions) around ONE `tar_attention` call of the rank's q
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..frames import layout_ids
 
@@ -97,8 +97,8 @@ def _ids(count: int, per_frame: int, shard: int, shards: Tuple[int, ...], device
     return layout_ids(tuple(runs), 0, 0, device)
 
 
-# Shard order of each ContextParallelConfig seen, by id(): (weak reference, (query shards, key shards)).
-_ORDERS: dict = {}
+# Shard order of each ContextParallelConfig seen: (query shards, key shards).
+_ORDERS = WeakIdKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -210,9 +210,8 @@ class ContextParallelTAR:
         deliver them (docs/multi-gpu.md, How); exchanged over the layout's ranks once per ContextParallelConfig.
         Every rank gets the same table, so the head-block check has the same outcome everywhere."""
         config = self.config
-        hit = _ORDERS.get(id(config))
-        if hit is not None and hit[0]() is config:
-            return hit[1]
+        if config in _ORDERS:
+            return _ORDERS[config]
         flat = config._flattened_mesh.get_group()
         groups = (self.ring_group, self.ulysses_group)
         mine = [dist.get_rank(flat), *(dist.get_rank(g) for g in groups),
@@ -234,5 +233,5 @@ class ContextParallelTAR:
         me = rows[mine[0]]
         ring = sorted((row for row in rows if row[3] == me[3]), key=lambda row: row[1])
         order = ulysses_shards(me[4]), sum((ulysses_shards(row[4]) for row in ring), ())
-        _ORDERS[id(config)] = (weakref.ref(config, lambda _, key=id(config): _ORDERS.pop(key, None)), order)
+        _ORDERS[config] = order
         return order

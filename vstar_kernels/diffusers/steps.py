@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextvars
 import weakref
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 # the owner key of apply_tar's state (each capture attaches under a key of its own)
@@ -205,16 +206,13 @@ def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
     return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
 
 
-# id(a scheduler's timesteps tensor) -> (weak reference, its values): read once per run, not per attention call
-# (schedulers set a new tensor in set_timesteps)
-_SCHEDULES: Dict[int, Tuple[Any, List[float]]] = {}
+# a scheduler's timesteps tensor -> its values: read once per run, not per attention call (schedulers set a new
+# tensor in set_timesteps)
+_SCHEDULES = WeakIdKeyDictionary()
 
 
 def _schedule(timesteps: torch.Tensor) -> List[float]:
-    key = id(timesteps)
-    hit = _SCHEDULES.get(key)
-    if hit is not None and hit[0]() is timesteps:
-        return hit[1]
-    values = [float(t) for t in timesteps.tolist()]
-    _SCHEDULES[key] = (weakref.ref(timesteps, lambda _, k=key: _SCHEDULES.pop(k, None)), values)
+    values = _SCHEDULES.get(timesteps)
+    if values is None:
+        values = _SCHEDULES[timesteps] = [float(t) for t in timesteps.tolist()]
     return values
