@@ -1,9 +1,7 @@
 """The attention demo: a tiny random UNet3DConditionModel's temporal attention without and with TAR.
 
-Built from a config (no download) and run once on random noise latents (denoising step 0),
-which takes about a second on a CPU. Random weights give small attention scores, and TAR's
-bias is scaled by each row's largest score, so the band it adds is weaker than in a trained
-model; the numbers printed say by how much.
+Built from a config and run once at step 0; docs/attention-analysis.md (Demo) says what it shows, and why the
+band is weaker than in a trained model.
 """
 
 from __future__ import annotations
@@ -46,13 +44,12 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
         num_frames = renamed("attention_demo", "frames", "num_frames", frames)
     if scale is not None:
         color_scale = renamed("attention_demo", "scale", "color_scale", scale)
-    frames = num_frames
-    for name, value in (("num_frames", frames), ("size", size)):
+    for name, value in (("num_frames", num_frames), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
     model = tiny_unet3d(seed)
     generator = torch.Generator().manual_seed(seed)
-    inputs = dict(sample=torch.randn(1, 4, frames, size, size, generator=generator), timestep=torch.tensor(999),
+    inputs = dict(sample=torch.randn(1, 4, num_frames, size, size, generator=generator), timestep=torch.tensor(999),
                   encoder_hidden_states=torch.randn(1, 4, 16, generator=generator))
     config = TARConfig(levels={0: (sigma, strength)}, until_step=0)
     layers = apply_tar(model, config)  # the layers TAR regularizes, watched in both runs
@@ -61,7 +58,7 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
     apply_tar(model, config)
     runs["with TAR"] = _step0_maps(model, inputs, layers)
     remove_tar(model)
-    title = f"tiny random UNet3D, {frames} frames, step 0; TAR sigma={sigma:g}, strength={strength:g}"
+    title = f"tiny random UNet3D, {num_frames} frames, step 0; TAR sigma={sigma:g}, strength={strength:g}"
     plot_attention_maps(runs, path, color_scale=color_scale, title=title, dpi=dpi)
     return runs
 
