@@ -51,11 +51,8 @@ def _ltx_layout(model, arguments) -> TokenLayout:
 
 
 def _ltx2_layout(model, arguments) -> TokenLayout:
-    """LTX-2: a token's frame is the latent frame its temporal rotary coordinate falls in: the start of its
-    ``video_coords`` span times ``fps`` is a video frame p, in latent frame (p + s - c) // s (s: the VAE's
-    temporal scale factor, c: its causal offset), token frame that over patch_size_t. Conditioning tokens
-    appended after the grid (keyframes, IC-LoRA references) get the frame they are placed at. Without
-    video_coords, the model's own grid of num_frames x height x width."""
+    """LTX-2: each token (appended conditioning tokens too) at the latent frame its ``video_coords`` fall in, as
+    docs/dits.md (Per model) derives it; without video_coords, the model's grid of num_frames x height x width."""
     p_t, p_h, p_w = _patch(model.config)
     coords = arguments.get("video_coords")
     if coords is None:

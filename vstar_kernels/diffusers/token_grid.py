@@ -13,11 +13,11 @@ import torch
 from ..frames import TokenLayout, layout_ids
 
 
-def runs_grid(runs, per_frame: int, **extra) -> TokenLayout:
+def runs_grid(runs, per_frame: int) -> TokenLayout:
     """A grid from its runs (empty runs dropped, adjacent runs of one id merged); `frames` is the largest id + 1."""
     runs = [(int(frame), int(count)) for frame, count in runs if count > 0]
     runs = tuple((frame, sum(count for _, count in group)) for frame, group in itertools.groupby(runs, lambda r: r[0]))
-    return TokenLayout(max((frame for frame, _ in runs), default=-1) + 1, per_frame, runs, **extra)
+    return TokenLayout(max((frame for frame, _ in runs), default=-1) + 1, per_frame, runs)
 
 
 def token_frames(grid, text: str, nq: int, nk: int, where: str, device, block: Optional[int] = None) -> torch.Tensor:
