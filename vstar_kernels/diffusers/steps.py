@@ -141,10 +141,7 @@ class StepTracker:
                on_run_start: Optional[Callable[[], None]] = None,
                before_forward: Optional[Callable[[], None]] = None,
                snapshot: Optional[Callable[[], Any]] = None) -> "StepTracker":
-        """The model's tracker (created on first use), now also serving `owner`.
-
-        With `pipeline`, a new `pipeline.scheduler.timesteps` tensor restarts the count.
-        """
+        """The model's tracker (created on first use), now also serving `owner`; `pipeline`: module docstring."""
         tracker = cls.of(model)
         if tracker is None:
             tracker = cls(model)
