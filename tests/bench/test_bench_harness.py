@@ -27,7 +27,7 @@ def read(path):
 
 
 def make_sweep(tmp_path, **kw):
-    info = measure.RunInfo("cpu (test)", torch.__version__, "3.x", "abc123", "20990101", False)
+    info = measure.RunInfo("cpu (test)", torch.__version__, "3.x", "abc123", "20990101")
     kw.setdefault("progress", False)
     return Sweep(torch.device("cpu"), tmp_path / "cpu-test-20990101.csv", info, **kw)
 

@@ -171,12 +171,11 @@ class RunInfo:
     triton: str
     commit: str
     date: str        # yyyymmdd (UTC), the results file's name
-    cuda: bool
 
     @classmethod
     def collect(cls, device: torch.device) -> "RunInfo":
         return cls(device_name(device), torch.__version__, _env.triton_version(), commit(),
-                   datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d"), device.type == "cuda")
+                   datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d"))
 
 
 def now_iso() -> str:
