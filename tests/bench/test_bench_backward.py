@@ -28,7 +28,7 @@ def test_callables_compute_the_gradients(frames):
 
 
 def test_time_backward_rows_are_harness_rows():
-    info = measure.RunInfo("cpu (test)", torch.__version__, "3.x", "abc123", "20990101", False)
+    info = measure.RunInfo("cpu (test)", torch.__version__, "3.x", "abc123", "20990101")
     rows = backward.time_backward(info, 2, 2, 16, 16, dtype=DTYPE, device=DEVICE, causal=True)
     assert [r["impl"] for r in rows] == list(backward.IMPLS)
     for r in rows:

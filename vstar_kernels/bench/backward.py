@@ -1,6 +1,5 @@
-"""Backward-pass timing (`python -m vstar_kernels bench --backward`, GPU only; benchmarks/NOTES.md): the Triton
-backward, autograd through tar_attention's reference backend, and SDPA's (without TAR), one row each per default
-case, in the harness's schema (setup "backward" and the case's TAR options)."""
+"""Backward-pass timing, `python -m vstar_kernels bench --backward` (GPU only): the implementations, rows and
+files are those benchmarks/NOTES.md ("Running it") and the option's help describe."""
 
 from __future__ import annotations
 
@@ -41,9 +40,9 @@ def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, d
 
 
 def time_backward(info: measure.RunInfo, batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda",
-                  impls=IMPLS, **tar) -> list:
+                  **tar) -> list:
     """The rows of one case: each implementation's backward, timed."""
-    callables = backward_callables(batch, heads, frames, head_dim, dtype=dtype, device=device, impls=impls, **tar)
+    callables = backward_callables(batch, heads, frames, head_dim, dtype=dtype, device=device, **tar)
     setup = ",".join(["backward", *(f"{k}={v}" for k, v in sorted(tar.items()))])
     return [measure.row(info, name, batch, heads, frames, head_dim, dtype_name(dtype), setup=setup,
                         timing=measure.time_call(fn, torch.device(device))[0]) for name, fn in callables.items()]

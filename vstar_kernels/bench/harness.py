@@ -84,7 +84,7 @@ class Progress:
 
 
 def _key(*fields) -> tuple:
-    """A cell of a results file, as --resume compares them."""
+    """A cell of a results file, as report.latest keys it and --resume compares them."""
     return tuple(map(str, fields))
 
 
@@ -102,9 +102,8 @@ class Sweep:
         self.rows_written = 0
 
     def _done_keys(self) -> set:
-        return {_key(r["impl"], r["batch"], r["heads"], r["n"], r["d"], r["dtype"], r["setup"])
-                for r in measure.read_csv(self.csv_path)
-                if r["commit"] == self.info.commit and not r["status"].startswith(NOT_RUN)}
+        return set(report.latest(r for r in measure.read_csv(self.csv_path)
+                                 if r["commit"] == self.info.commit and not r["status"].startswith(NOT_RUN)))
 
     def write(self, impl, batch, heads, n, d, dtype, **kw) -> dict:
         """Append the row of one cell (measure.row's keywords: status, timing, cost, peak_mb, backend)."""
@@ -244,12 +243,8 @@ def plan(names, ns, dtypes, explicit_n: bool):
     """Kernel cases ordered by N, then shape, then dtype (cheap first, so a time budget cuts the costly end)."""
     kernel = [(shapes.SHAPES[name], n, DTYPES[dt]) for n in sorted(ns) for name in names if not shapes.is_unet(name)
               for dt in dtypes]
-    unet = []
-    for name in names:
-        if shapes.is_unet(name):
-            shape = shapes.SHAPES[name]
-            for frames in (sorted(ns) if explicit_n else shape.frames):
-                unet.extend((shape, frames, DTYPES[dt]) for dt in dtypes)
+    unet = [(shapes.SHAPES[name], frames, DTYPES[dt]) for name in names if shapes.is_unet(name)
+            for frames in (sorted(ns) if explicit_n else shapes.SHAPES[name].frames) for dt in dtypes]
     return kernel, unet
 
 
@@ -272,14 +267,10 @@ def model_table(names, ns) -> str:
     return "\n".join(lines)
 
 
-def default_results_dir() -> Path:
-    """./vstar-bench-results, in the folder the command runs in (never the source checkout's own files)."""
-    return Path.cwd() / "vstar-bench-results"
-
-
 def results_csv(args, info: measure.RunInfo, suffix: str = "") -> Path:
-    """``<--out or default_results_dir()>/<device>-<yyyymmdd><suffix>.csv``."""
-    out_dir = Path(args.out).resolve() if args.out else default_results_dir()
+    """``<--out or ./vstar-bench-results>/<device>-<yyyymmdd><suffix>.csv``; the default is in the folder the
+    command runs in (never the source checkout's own files)."""
+    out_dir = Path(args.out).resolve() if args.out else Path.cwd() / "vstar-bench-results"
     return out_dir / f"{measure.slug(info.device)}-{info.date}{suffix}.csv"
 
 

@@ -20,7 +20,6 @@ import torch
 
 from .. import _env
 
-QUANTILES = (0.5, 0.2, 0.8)   # median, p20, p80
 SLOW_CALL_MS = 100.0          # CUDA calls slower than this are timed with a few events, not do_bench
 # A p80/p20 spread above this: a busy machine, or calls too short to time (benchmarks/NOTES.md, "Busy cells").
 BUSY_SPREAD = 1.25
@@ -95,7 +94,7 @@ def time_cuda(fn, first_call_ms: float) -> Timing:
         return quantiles(samples)
     import triton.testing
 
-    med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
     return Timing(float(med), float(p20), float(p80))
 
 
@@ -171,12 +170,11 @@ class RunInfo:
     triton: str
     commit: str
     date: str        # yyyymmdd (UTC), the results file's name
-    cuda: bool
 
     @classmethod
     def collect(cls, device: torch.device) -> "RunInfo":
         return cls(device_name(device), torch.__version__, _env.triton_version(), commit(),
-                   datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d"), device.type == "cuda")
+                   datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d"))
 
 
 def now_iso() -> str:

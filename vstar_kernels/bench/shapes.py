@@ -8,7 +8,6 @@ from dataclasses import dataclass
 CFG_BATCH = 2
 KERNEL_N = (16, 32, 64, 128, 256, 512, 1024, 2048)
 E2E_FRAMES = (16, 32, 64)
-GRID_AXIS_LIMIT = 65_535
 
 
 @dataclass(frozen=True)
