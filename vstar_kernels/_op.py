@@ -32,24 +32,23 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
     check_frame_values(problem)
-    impl = BACKENDS[backend]
-    stats = q.new_empty(impl.stats_shape(problem, needs_grad), dtype=torch.float32)
-    flags = q.new_zeros(_flags_len(problem, backend, speculate), dtype=torch.int32)
-    out = impl.forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
+    stats, flags = _side_outputs(problem, backend, needs_grad, speculate)
+    out = BACKENDS[backend].forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
     return out, stats, flags
 
 
-def _flags_len(problem: TarProblem, backend: str, speculate: bool) -> int:
-    return problem.batch * problem.heads if speculate and backend == "triton" and speculates(problem) else 0
+def _side_outputs(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool) -> tuple:
+    """The op's stats (to fill) and flags (zeros), empty where the call has none."""
+    flags = problem.batch * problem.heads if speculate and backend == "triton" and speculates(problem) else 0
+    return (problem.q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32),
+            problem.q.new_zeros(flags, dtype=torch.int32))
 
 
 @_tar_attention.register_fake
 def _tar_attention_fake(*args):
     problem, (backend, needs_grad, *rest) = TarProblem.from_op_args(args[:_N]), args[_N:]
     speculate = rest[0] if rest else True
-    out = problem.q.new_empty(problem.output_shape())
-    return (out, problem.q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32),
-            problem.q.new_empty(_flags_len(problem, backend, speculate), dtype=torch.int32))
+    return (problem.q.new_empty(problem.output_shape()), *_side_outputs(problem, backend, needs_grad, speculate))
 
 
 @torch.library.custom_op("vstar::tar_attention_backward", mutates_args=())

@@ -301,7 +301,7 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     if key_mask is not None:
         key_mask = _check_key_mask(key_mask, B, Nk, q.device)
 
-    bias = None
+    bias = delta
     if delta is not None:
         sigma = math.inf  # ignored when a custom delta is given
         _check_tensor("delta", delta)
@@ -313,7 +313,6 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
                 if delta.dim() >= 2 and tuple(delta.shape[-2:]) == (Nq, Nk) else ""
             raise ValueError(f"with frames, delta must be a square (F, F) frame matrix (entry [f, g] for query frame "
                              f"f and key frame g, F = the largest id + 1), got shape {tuple(delta.shape)}{hint}")
-        bias = delta
     elif delta is not None:
         target = (B, Nq, Nk) if was_3d else (B, H, Nq, Nk)
         if delta.dim() > len(target):

@@ -4,6 +4,7 @@ Why each choice: benchmarks/NOTES.md and docs/performance.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -70,11 +71,8 @@ def _key_segments(fk: torch.Tensor):
 
 
 def _run_bias(problem: TarProblem, compute: torch.dtype, run_starts: list):
-    """A function of a block of query rows giving each key run's bias, (rows, runs): `frame_bias` at the
-    run's key id."""
-    ids_k = problem.frames_k[run_starts]
-    return lambda rows: frame_bias(problem.frames_q[rows], ids_k, sigma=problem.sigma, delta=problem.delta,
-                                   dtype=compute)
+    """`_row_bias` with each key run's first key for the keys: a block of query rows' bias, (rows, runs)."""
+    return _row_bias(dataclasses.replace(problem, frames_k=problem.frames_k[run_starts]), compute)
 
 
 def cpu_forward(problem: TarProblem) -> torch.Tensor:

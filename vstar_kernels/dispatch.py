@@ -262,7 +262,6 @@ def probe_problem(device, dtype=torch.float32, frames: bool = False) -> TarProbl
 def availability(device) -> dict:
     """Backend name -> "" if it can run a small float32 call on `device` (the lean forward: float16 with frame ids),
     else why not (for `info`)."""
-    def probe(name):
-        lean = name == "triton-lean"
-        return probe_problem(device, dtype=torch.float16 if lean else torch.float32, frames=lean)
-    return {name: "; ".join(b.not_supported_reasons(probe(name))) for name, b in BACKENDS.items()}
+    plain, lean = probe_problem(device), probe_problem(device, dtype=torch.float16, frames=True)
+    return {name: "; ".join(b.not_supported_reasons(lean if name == "triton-lean" else plain))
+            for name, b in BACKENDS.items()}

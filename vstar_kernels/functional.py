@@ -43,9 +43,8 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
             for sm_90), "cuda", "cpu" or "reference"; an explicit backend that cannot run the call raises
             BackendUnavailableError.
         speculate: with frame ids, the Gaussian and the row max on the Triton kernels, one pass over the
-            keys with a guessed m_i (the query's own frames and the text), the rows it guessed wrong
-            recomputed: the two-pass result bit for bit (docs/api.md, "The speculative forward");
-            False runs two passes. Other calls ignore it.
+            keys with a guessed m_i, the rows guessed wrong recomputed: the two-pass result bit for bit
+            (docs/api.md, "The speculative forward"); False runs two passes. Other calls ignore it.
         flags: None, or an int64 tensor of shape (2,) on q's device, to which a speculative call adds
             (rows recomputed, rows) without a host synchronisation; `Speculation` reads it.
 
@@ -61,13 +60,10 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
 
 
 class Speculation:
-    """The speculative one pass or two passes, chosen per step for a call site that runs every step.
-
-    One pass costs about 1 + g/2 + f plain passes (g the share of key tiles the guess walks, f the
-    share of rows recomputed), two passes 1.5, so past f = BREAK_EVEN the two passes are cheaper.
-    `kwargs` gives a step's calls their tar_attention arguments; `next_step` (once per step, one
-    host synchronisation) reads the rows they flagged and chooses the next step's form; after
-    PROBE steps of two passes one step speculates again, to see whether f fell.
+    """The speculative one pass or two passes, chosen per step for a call site that runs every step (the cost
+    model, BREAK_EVEN and PROBE: docs/api.md, "The speculative forward"). `kwargs` gives a step's calls their
+    tar_attention arguments; `next_step` (once per step, one host synchronisation) reads the rows they flagged
+    and chooses the next step's form; after PROBE steps of two passes one step speculates again.
     """
 
     BREAK_EVEN = 0.45

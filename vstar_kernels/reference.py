@@ -167,9 +167,8 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
     below the autograd key (in the op); one block of rows at a time when a slice takes several.
     """
     if problem.batch * problem.heads == 0 or problem.nq == 0:
-        return (*(torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (problem.q, problem.k, problem.v)),
-                torch.zeros(problem.delta.shape, device=problem.device, dtype=problem.delta.dtype)
-                if delta_grad else None)
+        return (*(t.new_zeros(t.shape) for t in (problem.q, problem.k, problem.v)),
+                problem.delta.new_zeros(problem.delta.shape) if delta_grad else None)
     row_blocks, chunks = _plan(problem.batch, problem.heads, problem.nq, problem.nk, CHUNK_ELEMENTS)
     if len(row_blocks) > 1:
         return _backward_by_blocks(problem, grad_out, delta_grad, row_blocks, chunks)
