@@ -70,12 +70,10 @@ class _TARForward:
         config, step = self.state.config, self.state.step
         if not self.spec.active:
             return False
-        if step is None:
-            if config.until_step is None:
-                return True
+        if step is None and config.until_step is not None:
             raise RuntimeError(f"{self.name}: TAR runs on steps 0..{config.until_step} only and no step was set: "
                                "call set_step(model, i) before each denoising step (0 = noisiest)")
-        return config.regularizes(step)
+        return config.regularizes(step)     # every step, set or not, without until_step
 
     def restore(self) -> None:
         if self.previous is _NO_FORWARD:
