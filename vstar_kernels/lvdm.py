@@ -72,7 +72,7 @@ class _TARForward:
         if step is None and config.until_step is not None:
             raise RuntimeError(f"{self.name}: TAR runs on steps 0..{config.until_step} only and no step was set: "
                                "call set_step(model, i) before each denoising step (0 = noisiest)")
-        return config.regularizes(step)     # every step, set or not, without until_step
+        return config.regularizes(step)     # a step of None gets here only without until_step: every step
 
     def restore(self) -> None:
         if self.previous is _NO_FORWARD:
