@@ -69,11 +69,9 @@ def max_outside_own_frame(q, k, frames, *, scale=None, key_mask=None) -> torch.T
     unmasked keys is strictly larger than its max over the keys of its own frame and the text (a tie is
     inside; a row with no unmasked key is inside). Returns float64 (B, H), NaN where no query is a video token.
 
-    The speculative forward (docs/api.md) recomputes the rows whose max it did not guess: this share is an
-    upper bound of its flag rate, as its guess walks whole key tiles of the query block's frames and the text,
-    which may hold neighbouring frames' keys too (and it also recomputes a row with no unmasked key). Text rows
-    are not counted: the kernel never flags a text row with a finite max. Scores in float32 (float64 for
-    float64 input), over blocks of query rows of at most `reference.CHUNK_ELEMENTS` scores.
+    This share is an upper bound of the speculative forward's flag rate (docs/attention-analysis.md says why; the
+    kernel also flags a row with no unmasked key, and no text row with a finite max: text rows are not counted).
+    Scores in float32 (float64 for float64 input), in blocks of query rows of `reference.CHUNK_ELEMENTS` at most.
     """
     if frames is None:
         raise TypeError("frames must be a torch.Tensor of frame ids or a pair (q_frames, k_frames), got None")
@@ -224,11 +222,8 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
                 ax.set_axis_off()
                 continue
             key, _, a = row[c]
-            if color_scale == "shared":
-                vmin, vmax = low, high
-            else:
-                vmin, vmax = float(a.min()), float(a.max())
-                vmax = vmax if vmax > vmin else vmin + 1.0
+            vmin, vmax = (low, high) if color_scale == "shared" else (float(a.min()), float(a.max()))
+            vmax = vmax if vmax > vmin else vmin + 1.0
             image = ax.imshow(a.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set_title(titles[r][c], fontsize=TITLE_FONT)
             ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))

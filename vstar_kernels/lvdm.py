@@ -58,9 +58,8 @@ class _TARForward:
             raise ValueError(f"{self.name}: TAR takes no mask, but this call passed one")
         module = self.module
         batch, frames = x.shape[:2]
-        q, k, v = (proj(x) for proj in (module.to_q, module.to_k, module.to_v))
-        q, k, v = (t.view(batch, frames, module.heads, t.shape[-1] // module.heads).transpose(1, 2)
-                   for t in (q, k, v))
+        q, k, v = (proj(x).unflatten(-1, (module.heads, -1)).transpose(1, 2)
+                   for proj in (module.to_q, module.to_k, module.to_v))
         out = tar_attention(q, k, v, scale=float(module.scale), backend=self.state.config.backend,
                             **self.spec.tar_kwargs(frames, frames, device=q.device, dtype=q.dtype,
                                                    where=f"{self.name} (level {self.level})"))
@@ -70,12 +69,10 @@ class _TARForward:
         config, step = self.state.config, self.state.step
         if not self.spec.active:
             return False
-        if step is None:
-            if config.until_step is None:
-                return True
+        if step is None and config.until_step is not None:
             raise RuntimeError(f"{self.name}: TAR runs on steps 0..{config.until_step} only and no step was set: "
                                "call set_step(model, i) before each denoising step (0 = noisiest)")
-        return config.regularizes(step)
+        return config.regularizes(step)     # a step of None gets here only without until_step: every step
 
     def restore(self) -> None:
         if self.previous is _NO_FORWARD:

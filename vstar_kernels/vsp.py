@@ -24,9 +24,7 @@ def default_anchors(num_frames: int, num_states: int) -> list:
     k = _positive_int("num_states", num_states)
     if k > n:
         raise ValueError(f"num_states ({k}) must not exceed num_frames ({n}): each state needs its own frame")
-    if k == 1:
-        return [0]
-    return [i * (n - 1) // (k - 1) for i in range(k)]
+    return [i * (n - 1) // max(k - 1, 1) for i in range(k)]
 
 
 def interpolate_embeddings(embeds: torch.Tensor, num_frames: int, *, mode: str = "linear",

@@ -7,6 +7,7 @@ nothing else; `layout` says where one call's frames are in that attention's toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
@@ -107,11 +108,8 @@ def _hunyuan_layout(dm, x, extra) -> TokenLayout:
         raise ValueError(f"HunyuanVideo: this model has a {len(patch)}-D patch {tuple(patch)}: an image model, "
                          "not a video model")
     frames, per_frame = _grid(_video(x, "HunyuanVideo").shape, patch, _ceil)
-    before = 0
     reference = extra.get("ref_latent")
-    if reference is not None:
-        ref_frames, ref_per_frame = _grid(reference.shape, patch, _ceil)
-        before = ref_frames * ref_per_frame
+    before = 0 if reference is None else math.prod(_grid(reference.shape, patch, _ceil))
     return TokenLayout(frames, per_frame, before=before, text_after=True)
 
 

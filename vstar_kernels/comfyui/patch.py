@@ -2,12 +2,9 @@
 `TARPatch` (the OUTER_SAMPLE and APPLY_MODEL wrappers), `MarkedForward` (the object patch on each module holding
 the video self-attention) and `tar_override` (the attention override inside such a module).
 
-The model call under way is a thread-local (`_LIVE`), not an entry of transformer_options: blocks that another
-node runs without transformer_options still find it, and torch.compile guards on it even where a guard filter
-drops the guards on transformer_options. Under torch.compile every block traces the same code, so that one
-compiled graph serves them all: the object patches are bound methods of one function, nothing that differs
-between blocks (a module's name) is read on the traced path but in messages, and a call's frame ids are a tensor
-made outside the compiled model."""
+The model call under way is a thread-local (`_LIVE`), not an entry of transformer_options (docs/comfyui.md says
+why). So that every block traces the same code under torch.compile, nothing that differs between blocks (a
+module's name) is read on the traced path but in messages."""
 
 from __future__ import annotations
 
@@ -161,10 +158,9 @@ class TARPatch:
                          f"{values}")
 
     def frame_ids(self, layout: TokenLayout, options: dict, run: Run) -> Tuple[int, ...]:
-        """The id of each video frame of a call: its index in the whole latent, -1 for the whole latent's leading
-        `reference_frames`. Under ComfyUI's context windows the window's ``index_list`` gives the indices; a
-        window of a looped schedule that wraps around the latent's end (..., 30, 31, 0, 1 of 32 frames) keeps
-        its frames consecutive in time (ids ..., 30, 31, 32, 33)."""
+        """The id of each video frame of a call: its index in the whole latent (a context window's by its
+        ``index_list``, a looped one's as docs/comfyui.md, Context windows, says), -1 for the leading
+        `reference_frames` of the whole latent."""
         window, index, length = options.get("context_window"), list(range(layout.frames)), 0
         if window is not None and getattr(window, "dim", None) == self.family.time_dim:
             index = list(window.index_list[:layout.frames])
