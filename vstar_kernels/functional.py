@@ -27,7 +27,7 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
 
     Args:
         q, k, v: (B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv) (or 3-D without H), any strides;
-            float16, bfloat16, float32 (float64: reference only), one dtype and device.
+            float16, bfloat16, float32 (float64: the reference and cpu backends), one dtype and device.
         sigma: width of the Gaussian, > 0 (``math.inf`` allowed); checked with `delta` too.
         strength: the factor of the bias, a finite real within the float32 range (float64 input:
             the float64 range); 0 gives plain attention.
