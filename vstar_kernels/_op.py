@@ -38,10 +38,10 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
 
 
 def _side_outputs(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool) -> tuple:
-    """The op's stats (to fill) and flags (zeros), empty where the call has none."""
+    """The op's stats and flags, for the backend to fill; empty where the call has none."""
     flags = problem.batch * problem.heads if speculate and backend == "triton" and speculates(problem) else 0
     return (problem.q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32),
-            problem.q.new_zeros(flags, dtype=torch.int32))
+            problem.q.new_empty(flags, dtype=torch.int32))
 
 
 @_tar_attention.register_fake

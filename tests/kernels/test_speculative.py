@@ -72,7 +72,7 @@ def forward(q, k, v, frames, speculate, stats=True, **opts):
     from vstar_kernels.ops.tar_fwd import tar_forward
     bh = problem.batch * problem.heads
     saved = torch.full((bh, problem.nq, STATS_FIELDS), float("nan"), device=DEVICE) if stats else None
-    flags = torch.zeros(bh, dtype=torch.int32, device=DEVICE) if speculate else None
+    flags = torch.full((bh,), -7, dtype=torch.int32, device=DEVICE) if speculate else None  # the launch writes all
     out = tar_forward(problem, stats=saved, flags=flags)
     return out, saved, flags
 
@@ -211,6 +211,14 @@ def test_redo_lists_the_flagged_rows_in_row_order(nq, rate):
         want = flagged[s].nonzero().flatten()
         assert int(flags[s]) == want.numel()
         assert ordered[s].cpu().tolist() == want.tolist() + [-1] * (nq - want.numel())
+
+
+def test_no_query_rows_count_no_flags():
+    """Nq = 0: nothing launches, and the flags (not zeroed by the caller) still say 0 per sequence."""
+    frames = layout("text_before")
+    _, k, v = qkv(frames, seed=3)
+    out, _, flags = forward(k[:, :, :0], k, v, (frames[:0], frames), True, stats=False)
+    assert out.shape[2] == 0 and flags.tolist() == [0] * flags.numel()
 
 
 def test_flags_count_through_the_public_call():

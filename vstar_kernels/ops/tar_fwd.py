@@ -483,7 +483,8 @@ def tar_forward(problem: TarProblem, out: torch.Tensor | None = None, stats: tor
     tiled layout at any length, `launch.tiled_only`): the kernel fills it with the row statistics
     ops/tar_bwd.py reads. Without it the inference path writes nothing extra.
     flags: for a call that `speculates`, an int32 (B*H,) tensor: the speculative one pass runs and
-    writes each sequence's number of flagged (recomputed) rows there; None runs two passes.
+    writes each sequence's number of flagged (recomputed) rows there (every entry: no need to zero
+    it); None runs two passes.
     """
     return _tar_forward(problem, out, stats, {}, flags)
 
@@ -500,6 +501,8 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
         out = torch.empty(problem.output_shape(), device=q.device, dtype=q.dtype)
     bh = B * H
     if bh == 0 or nq == 0:
+        if flags is not None:
+            flags.zero_()
         return out
     delta, d_strides, gauss_coef = delta_args(problem)
     meta = dict(common_meta(problem), VEC=vector_width(q, k, v, out))
