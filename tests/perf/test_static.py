@@ -238,7 +238,41 @@ def test_recompiling_a_kernel_no_case_runs_is_an_error(tmp_path, monkeypatch):
     static.write([_row("bwd", "a", 200)], 90, str(tmp_path))
     before = (tmp_path / "static-sm90.md").read_text()
     monkeypatch.setattr(static, "collect", lambda *args, **kwargs: [_row("bwd", "a", 150)])
-    args = argparse.Namespace(out=str(tmp_path), arch=[90], quick=False, kernels=["bwd", "bwdd"])
+    args = argparse.Namespace(out=str(tmp_path), arch=[90], quick=False, kernels=["bwd", "bwdd"], cases=None)
     with pytest.raises(SystemExit, match="--kernels bwdd: no launch"):
         static.main(args)
+    assert (tmp_path / "static-sm90.md").read_text() == before
+
+
+def test_compiling_some_cases_adds_their_rows(tmp_path, monkeypatch):
+    """`static --cases`: only the cases whose name holds a text compile (compile_check's select), their rows
+    added to the table (or replacing theirs), the header naming them; a text no case holds is an error."""
+    import argparse
+
+    from tools.perf import compile_check, static
+
+    seen = []
+    monkeypatch.setattr(compile_check, "cases", lambda combos, backward: iter([("fp16 D64", None), ("fp16 D80", None),
+                                                                               ("bf16 D80 +bwd", None)]))
+    monkeypatch.setattr(compile_check, "record", lambda thunk: seen.append(thunk) or [])
+    compile_check.check(90, False, None, [], select=lambda name: "D80" in name)
+    assert len(seen) == 2
+    calls = []
+    monkeypatch.setattr(compile_check, "check", lambda *a, select=None, **kw: calls.append(select))
+    static.collect(90, cases=["D80", "D96"])
+    assert [calls[0](n) for n in ("fp16 D64", "fp16 D80 +bwd", "bf16 D96")] == [False, True, True]
+
+    static.write([_row("bwd", "a", 200)], 90, str(tmp_path))
+    first = static.stamp(str(tmp_path / "static-sm90.md"))
+    monkeypatch.setattr(static, "collect", lambda *args, **kwargs: [_row("bwd", "fp16 D80", 150, spill_bytes=8)])
+    args = argparse.Namespace(out=str(tmp_path), arch=[90], quick=False, kernels=None, cases=["D80"])
+    static.main(args)
+    rows = static.read(str(tmp_path / "static-sm90.csv"))
+    assert [(r.case, r.registers, r.spill_bytes) for r in rows] == [("a", 200, 0), ("fp16 D80", 150, 8)]
+    assert static.stamp(str(tmp_path / "static-sm90.md")).startswith(
+        first + "; the rows of every kernel in the cases with D80 recompiled at commit ")
+    monkeypatch.setattr(static, "collect", lambda *args, **kwargs: [])
+    before = (tmp_path / "static-sm90.md").read_text()
+    with pytest.raises(SystemExit, match="--cases D9: no case's name holds"):
+        static.main(argparse.Namespace(out=str(tmp_path), arch=[90], quick=False, kernels=None, cases=["D9"]))
     assert (tmp_path / "static-sm90.md").read_text() == before

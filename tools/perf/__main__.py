@@ -25,6 +25,9 @@ def parser() -> argparse.ArgumentParser:
     static.add_argument("--kernels", nargs="+", metavar="NAME",
                         help="recompile these kernels' launches only and replace their rows in the tables "
                              "already in --out (after a change to those kernels alone)")
+    static.add_argument("--cases", nargs="+", metavar="TEXT",
+                        help="compile only the cases whose name holds one of these texts (e.g. D80Dv80) and "
+                             "replace or add their rows in the tables already in --out")
     _out(static)
     traffic = sub.add_parser("traffic", help="count the forward's bytes and MMA FLOPs in the Triton interpreter")
     traffic.add_argument("--quick", action="store_true", help="the CI subset")

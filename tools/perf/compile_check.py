@@ -252,12 +252,15 @@ def launch_key(launch: Launch, arch: int) -> tuple:
 
 
 def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, backward=True,
-          expand=lambda launch: [launch]) -> list:
+          expand=lambda launch: [launch], select=None) -> list:
     """Compile every distinct launch of `cases(combos, backward)` (each recorded launch replaced by
-    the launches `expand(launch)` returns); `report(row)` is called as each compiles."""
+    the launches `expand(launch)` returns; with `select`, of the cases whose name it accepts);
+    `report(row)` is called as each compiles."""
     results, seen = [], set()
     with targeting(arch):  # the configs a launch on an sm_`arch` GPU keeps
         for name, thunk in cases(combos, backward):
+            if select is not None and not select(name):
+                continue
             for launch in (one for recorded in record(thunk) for one in expand(recorded)):
                 key = launch_key(launch, arch)
                 if key in seen:

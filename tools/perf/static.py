@@ -303,6 +303,9 @@ def _with_baseline(launch) -> list:
 # The Wan 2.1 1.3B self-attention at 832 x 480 (tools/perf/model_dit.py): 12 heads of 128, 21 x 1560 tokens.
 # The JIT specializes on N modulo 16, and Wan's 32,760 is not a multiple of 16.
 DIT_SHAPE = (1, 12, 32760, 32760, 128, 128)
+# A head dim of 80 (AnimateDiff's deeper blocks), tiled: 512 frames, the forward in 64 + 16 columns
+# (layout.head_chunks), the backward in one block of 128.
+D80_SHAPE = (2, 8, 512, 512, 80, 80)
 
 
 def combos(quick: bool) -> list:
@@ -311,7 +314,8 @@ def combos(quick: bool) -> list:
     JIT specializes on it), plain, causal with the global max, a custom delta; frame ids (the tiled
     kernels, forward and backward) on the tiled shape and on a DiT's own self-attention call
     (DIT_SHAPE, D 128), and there the lean forward too (its every config); float32 inputs (the tf32x3 dot) on
-    both shapes, plain; --quick: fp16 plain and causal-global only."""
+    both shapes, plain; D80_SHAPE as the tiled shape (frame ids too, float32 plain); --quick: fp16 plain and
+    causal-global only."""
     shapes = [(64, 8, 16, 16, 40, 40), (2, 8, 256, 256, 64, 64)]
     options = [dict(), dict(causal=True, max_mode="global"), dict(delta=True)]
     dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
@@ -320,6 +324,8 @@ def combos(quick: bool) -> list:
         out += [(dt, s, dict(frames=True)) for dt in dtypes for s in (shapes[1], DIT_SHAPE)]
         out += [(dt, s, dict(frames=True, lean=True)) for dt in dtypes for s in (shapes[1], DIT_SHAPE)]
         out += [(torch.float32, s, dict()) for s in shapes]
+        out += [(dt, D80_SHAPE, o) for dt in dtypes for o in options + [dict(frames=True)]]
+        out += [(torch.float32, D80_SHAPE, dict())]
     return out
 
 
@@ -330,8 +336,9 @@ def _kernel_name(launch) -> str:
     return kernel.__name__
 
 
-def collect(arch: int, quick: bool = False, report=None, kernels=None) -> list:
-    """The rows of every launch of `combos(quick)`; with `kernels` (names), of those kernels' only."""
+def collect(arch: int, quick: bool = False, report=None, kernels=None, cases=None) -> list:
+    """The rows of every launch of `combos(quick)`; with `kernels` (names), of those kernels' only; with
+    `cases` (texts), of the cases whose name holds one of them only."""
     from . import compile_check
 
     out = []
@@ -344,7 +351,8 @@ def collect(arch: int, quick: bool = False, report=None, kernels=None) -> list:
 
     expand = _with_baseline if kernels is None else \
         (lambda launch: [one for one in _with_baseline(launch) if _kernel_name(one) in kernels])
-    compile_check.check(arch, False, add, combos(quick), backward=True, expand=expand)
+    select = None if cases is None else (lambda name: any(text in name for text in cases))
+    compile_check.check(arch, False, add, combos(quick), backward=True, expand=expand, select=select)
     return out
 
 
@@ -389,16 +397,19 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def write(rows: list, arch: int, directory: str, kernels=None) -> list:
-    """static-sm<arch>.csv and .md in `directory`; returns their paths. With `kernels`, `rows` are the
-    table already there with those kernels' rows recompiled (`merge`), and the header says so."""
+def write(rows: list, arch: int, directory: str, kernels=None, cases=None) -> list:
+    """static-sm<arch>.csv and .md in `directory`; returns their paths. With `kernels` or `cases`, `rows`
+    are the table already there with those kernels' rows, or those cases' (`collect`), recompiled
+    (`merge`), and the header says so."""
     from vstar_kernels.bench.measure import commit
 
     os.makedirs(directory, exist_ok=True)
     fields = list(Row.__dataclass_fields__)
     base = os.path.join(directory, f"static-sm{arch}")
     now = f"commit {commit()}, {datetime.date.today().isoformat()}"
-    provenance = (f"{stamp(base + '.md')}; the rows of {', '.join(sorted(kernels))} recompiled at {now}" if kernels
+    which = (", ".join(sorted(kernels or ())) or "every kernel") + (f" in the cases with {', '.join(cases)}"
+                                                                    if cases else "")
+    provenance = (f"{stamp(base + '.md')}; the rows of {which} recompiled at {now}" if kernels or cases
                   else now[0].upper() + now[1:])
     with open(base + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -420,11 +431,12 @@ def main(args) -> int:
         print(f"sm_{arch}: kernel, tile, config, registers, spill B, smem B, CTAs/SM, MMA, instr/score, MUFU/score, "
               "loop", flush=True)
         kernels = set(args.kernels or ()) or None
+        cases = list(args.cases or ()) or None
         base = os.path.join(directory, f"static-sm{arch}")
-        if kernels:  # the table the rows go into, read (and its stamp checked) before the long compile
+        if kernels or cases:  # the table the rows go into, read (and its stamp checked) before the long compile
             old = read(base + ".csv")
             stamp(base + ".md")
-        table = collect(arch, args.quick, kernels=kernels, report=lambda r: print(
+        table = collect(arch, args.quick, kernels=kernels, cases=cases, report=lambda r: print(
             f"  {r.kernel:<26} {r.tile:>7} {r.config:<40} {r.registers:>4} {r.spill_bytes:>5} {r.shared_bytes:>7} "
             f"{r.ctas_per_sm:>2} {r.mma:<6} {r.instr_per_score:>7.3f} {r.mufu_per_score:>6.3f} {r.loop:>4} | {r.case}",
             flush=True))
@@ -433,7 +445,11 @@ def main(args) -> int:
             if missing:
                 raise SystemExit(f"--kernels {' '.join(sorted(missing))}: no launch of the cases runs such a kernel "
                                  f"(names: the kernels' function names, e.g. _tar_bwd_dq_kernel)")
+        if cases and not table:
+            raise SystemExit(f"--cases {' '.join(cases)}: no case's name holds any of them (names as in the tables' "
+                             "case column, e.g. D80Dv80)")
+        if kernels or cases:
             table = merge(old, table)
-        for path in write(table, arch, directory, kernels):
+        for path in write(table, arch, directory, kernels, cases):
             print(f"wrote {path}")
     return 0
