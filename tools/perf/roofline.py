@@ -8,6 +8,7 @@ See model.py for the model as a whole and tools/perf/model.md ("Roofline model")
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,6 +387,13 @@ def plain_launch(batch: int, heads: int, n: int, d: int, block_m: int, block_n: 
                                                  "num_warps": warps, "num_stages": stages})
 
 
+@functools.lru_cache(maxsize=None)
+def _plain_compiled(batch: int, heads: int, n: int, d: int, tile: tuple, dtype) -> tuple:
+    """`compiled` of the baseline's launch on this call in one tile, looked up once: the calibration's fits
+    re-evaluate the same calls at every ETA they scan (thousands of launch keys, each a binder built)."""
+    return compiled(plain_launch(batch, heads, n, d, *tile, dtype))
+
+
 def plain(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, tiles=CALIBRATION_TILES,
           name: str = "flash", dtype=torch.float16) -> Estimate:
     """The plain-attention baseline on this call, compiled for sm_90 in each of `tiles` ((BLOCK_M,
@@ -397,7 +405,7 @@ def plain(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, tiles=CA
     bh = batch * heads
     estimates = []
     for bm, bn, warps, stages in tiles:
-        (config, rows), = compiled(plain_launch(batch, heads, n, d, bm, bn, warps, stages, dtype))
+        (config, rows), = _plain_compiled(batch, heads, n, d, (bm, bn, warps, stages), dtype)
         hot = rows[0]
         if not hot.ctas_per_sm:
             continue
