@@ -180,8 +180,11 @@ def test_tiled_backward_prune_drops_each_archs_spills():
 @pytest.mark.parametrize("d", [8, 64, 80, 128, 160, 256])
 def test_float32_takes_its_own_tiles(d):
     """float32 (the tf32x3 dot) takes 32 x 32 forward tiles (sm_90: its 64- and 128-row tiles with 32 keys
-    and 2 stages) and 16-key backward tiles (16 x 16 on sm_90); 16-bit inputs never take these."""
+    and 2 stages) and 16-key backward tiles (16 x 16 on sm_90); in 65-80 forward columns 64 x 16 on 8 warps
+    alone and in a 128-column backward block 16 x 16 on 8 warps alone, on every arch (sm_80 and sm_90 spilled
+    in every other tile at D 80); 16-bit inputs never take these."""
     block = sum(layout.head_chunks(d))
+    whole = layout.pow2(d, layout.DOT_MIN)  # the backward's one block
     gaussian = dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False)
     for sm, delta in itertools.product((None, 80, 86, 90, 100), (False, True)):
         with _target(sm):
@@ -195,12 +198,15 @@ def test_float32_takes_its_own_tiles(d):
             fwd32, bwd32 = prune(torch.float32)
             fwd16, bwd16 = prune(torch.float16)
         assert fwd32 and bwd32 and {bn for _, bn, _ in bwd32} == {16}
-        if sm == 90:
+        assert (bwd32 == {(16, 16, 8)}) == (64 < whole <= 128)
+        if 64 < block <= 80:
+            assert fwd32 == {(64, 16, 8)}
+        elif sm == 90:
             assert {bn for _, bn, _ in fwd32} == {32} and min(bm for bm, _, _ in fwd32) == 64
             assert {bm for bm, _, _ in bwd32} == {16} or block > 128  # above 128 every tile spills
         else:
             assert {bm for bm, _, _ in fwd32} == {32}
-        assert all(bm > 32 for bm, _, _ in fwd16) and all(bn > 16 for _, bn, _ in bwd16)
+        assert all(bm > 32 and bn > 16 for bm, bn, _ in fwd16) and all(bn > 16 for _, bn, _ in bwd16)
     with targeting(90):
         hopper = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1)}, BLOCK_D=64, BLOCK_DV=64, **gaussian)
     assert {c.num_stages for c in hopper} == {2}

@@ -322,8 +322,13 @@ FWD_PACKED = Tuning(
 # frame ids, and the row-max pre-pass, count as unbiased).
 FWD_TILED = Tuning(
     _configs([(bm, bn, w) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)], (2, 3))
-    + _configs([(32, 32, 4)], (2, 3)) + _configs([(32, 32, 8)], (2,)),  # 32 x 32: float32 only
-    ((DROP, lambda f, c: (c.bm == 32) != (f.single and not f.sm90),
+    + _configs([(32, 32, 4)], (2, 3)) + _configs([(32, 32, 8)], (2,))  # 32 x 32: float32 only
+    + _configs([(64, 16, 8)], (2,)),  # float32 in 65-80 columns only
+    ((KEEP, lambda f, c: f.single and f.deep and f.block <= 80 and c.tile == (64, 16, 8),
+      "float32 in 65-80 columns (72 and 80 held as 64 + 16): 64 x 16 on 8 warps, without spills on sm_80 and sm_90 "
+      "(at D 80 64 x 32 spilled 120-232 B, 32 x 32 80-200 B)"),
+     (DROP, lambda f, c: c.bn == 16 or (f.single and f.deep and f.block <= 80), "and no other tile there"),
+     (DROP, lambda f, c: (c.bm == 32) != (f.single and not f.sm90),
       "4-byte inputs (the tf32x3 or tf32 dot) take the 32 x 32 tiles, which only they use, but on sm_90 ..."),
      (DROP, lambda f, c: f.single and f.sm90 and (c.bn > 32 or c.stages > 2),
       "... the 64- and 128-row tiles with at most 32 keys and 2 stages"),
@@ -370,8 +375,11 @@ _HOPPER_16 = lambda f: f.sm90 and f.half and f.block <= 64  # noqa: E731
 BWD_TILED = Tuning(
     _configs([(bm, bn, w) for bm, bn in ((32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (128, 32), (64, 128),
                                          (128, 64)) for w in (4, 8)] + [(32, 16, 4), (32, 16, 8), (16, 16, 2),
-                                                                         (16, 16, 4)], (2,)),
+                                                                         (16, 16, 4), (16, 16, 8)], (2,)),
     ((DROP, lambda f, c: (c.bn == 16) != f.single, "float32 inputs take the 16-key tiles, which only they use"),
+     (DROP, lambda f, c: (f.single and f.deep and not f.wide) != (c.tile == (16, 16, 8)),
+      "float32 in 65-128 columns: 16 x 16 on 8 warps, and that tile nowhere else (at D 80 16 x 16 on 4 warps "
+      "spilled 40-64 B in the dK/dV pass, 32 x 16 80-824 B; on 8 warps none at 80, 96 or 128, sm_80 and sm_90)"),
      (DROP, lambda f, c: _ROW_WORDS(f, c) > 32, "at most 32 row words a thread"),
      # A score tile may take at most 8 float32 words a thread (several live at once), at most 32 x 32
      # with a custom delta (its tile is one more; 64 x 32 on sm_90 at 16 bits up to head dim 64); and
@@ -385,7 +393,7 @@ BWD_TILED = Tuning(
       "sm_8x, 16-bit frame ids up to head dim 64: no 64 x 32")),
     # head dims over 128, which no row keeps: the input size's tiles with the fewest row words, on any
     # GPU (16-bit: 32 x 32 on 8 warps; float32: 32 x 16 on 8 warps; they spill, least)
-    fewest=(_ROW_WORDS, 1))
+    fewest=(_ROW_WORDS, 2))
 
 # The lean forward (ops/tar_fwd_lean.py), sm_90 only: 128 query rows, on 4 warps warp-specialized (Triton adds
 # its producer and consumer partitions) or on 8 warps without. Compiled for sm_90 without spills (tools.perf
