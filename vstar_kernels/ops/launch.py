@@ -326,7 +326,7 @@ FWD_TILED = Tuning(
     + _configs([(64, 16, 8)], (2,)),  # float32 in 65-80 columns only
     ((KEEP, lambda f, c: f.single and f.deep and f.block <= 80 and c.tile == (64, 16, 8),
       "float32 in 65-80 columns (72 and 80 held as 64 + 16): 64 x 16 on 8 warps, without spills on sm_80 and sm_90 "
-      "(at D 80 64 x 32 spilled 120-232 B, 32 x 32 80-200 B)"),
+      "(at D 80 64 x 32 on 8 warps spilled 120-232 B, on 4 216 B on sm_80, 32 x 32 80-200 B; kernel log v6e)"),
      (DROP, lambda f, c: c.bn == 16 or (f.single and f.deep and f.block <= 80), "and no other tile there"),
      (DROP, lambda f, c: (c.bm == 32) != (f.single and not f.sm90),
       "4-byte inputs (the tf32x3 or tf32 dot) take the 32 x 32 tiles, which only they use, but on sm_90 ..."),
