@@ -181,8 +181,8 @@ def test_tiled_backward_prune_drops_each_archs_spills():
 def test_float32_takes_its_own_tiles(d):
     """float32 (the tf32x3 dot) takes 32 x 32 forward tiles (sm_90: its 64- and 128-row tiles with 32 keys
     and 2 stages) and 16-key backward tiles (16 x 16 on sm_90); in 65-80 forward columns 64 x 16 on 8 warps
-    alone and in a 128-column backward block 16 x 16 on 8 warps alone, on every arch (sm_80 and sm_90 spilled
-    in every other tile at D 80); 16-bit inputs never take these."""
+    alone and in a 128-column backward block 16 x 16 on 8 warps alone, on every arch (the tiles kept before spilled
+    40-584 B at D 80 on sm_80 and sm_90, kernel log v6e); 16-bit inputs never take these."""
     block = sum(layout.head_chunks(d))
     whole = layout.pow2(d, layout.DOT_MIN)  # the backward's one block
     gaussian = dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False)

@@ -379,7 +379,8 @@ BWD_TILED = Tuning(
     ((DROP, lambda f, c: (c.bn == 16) != f.single, "float32 inputs take the 16-key tiles, which only they use"),
      (DROP, lambda f, c: (f.single and f.deep and not f.wide) != (c.tile == (16, 16, 8)),
       "float32 in 65-128 columns: 16 x 16 on 8 warps, and that tile nowhere else (at D 80 16 x 16 on 4 warps "
-      "spilled 40-64 B in the dK/dV pass, 32 x 16 80-824 B; on 8 warps none at 80, 96 or 128, sm_80 and sm_90)"),
+      "spilled 40-64 B in the dK/dV pass, 32 x 16 80-824 B; on 8 warps none at 80, 96 or 128, sm_80 and sm_90, "
+      "but 8 B in sm_80's dK/dV pass with causal and the global max; kernel log v6e)"),
      (DROP, lambda f, c: _ROW_WORDS(f, c) > 32, "at most 32 row words a thread"),
      # A score tile may take at most 8 float32 words a thread (several live at once), at most 32 x 32
      # with a custom delta (its tile is one more; 64 x 32 on sm_90 at 16 bits up to head dim 64); and
