@@ -31,14 +31,19 @@ def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
     return register
 
 
-def missing_extras(command_name, modules) -> str:
-    """"" when every module imports; otherwise a message naming the extras that install the missing ones."""
+def _unimportable(modules) -> list:
     missing = []
     for module in modules:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError:
             missing.append(module)
+    return missing
+
+
+def missing_extras(command_name, modules) -> str:
+    """"" when every module imports; otherwise a message naming the extras that install the missing ones."""
+    missing = _unimportable(modules)
     if not missing:
         return ""
     extras = ",".join(sorted({EXTRA_OF[m] for m in missing}))
@@ -267,6 +272,11 @@ def main(argv=None, prog="vstar-kernels") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     fn, _, _, cpu_kernels, needs = COMMANDS[args.command]
+    required = _unimportable(("torch", "triton"))  # a checkout run without installing the package
+    if required:
+        print(f"{args.command} needs {' and '.join(required)}, not installed in this Python ({sys.executable}): "
+              "`make demo` in the checkout installs them, or see the README's Install", file=sys.stderr)
+        return 1
     missing = missing_extras(args.command, needs)
     if missing:
         print(missing, file=sys.stderr)

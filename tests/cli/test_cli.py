@@ -185,6 +185,15 @@ def test_bench_runs_the_kernels_without_triton_interpret_and_writes_where_it_run
     assert status["vstar_triton_interpreter"].startswith("checked: "), status
 
 
+@pytest.mark.parametrize("module", ["torch", "triton"])
+def test_a_python_without_the_requirements_is_told_how_to_install_them(module, monkeypatch, capsys):
+    """A checkout run with a Python the package was never installed in: a message, not a traceback."""
+    monkeypatch.setitem(sys.modules, module, None)
+    assert cli.main(["demo"]) == 1
+    assert capsys.readouterr().err.strip() == (f"demo needs {module}, not installed in this Python ({sys.executable}): "
+                                               "`make demo` in the checkout installs them, or see the README's Install")
+
+
 @pytest.mark.parametrize("argv, module, extra", [
     (["plot-delta"], "matplotlib", "plot"),
     (["demo-attention"], "diffusers", "diffusers"),
