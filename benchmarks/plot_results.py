@@ -5,7 +5,8 @@
 Default: every CSV under benchmarks/results/ but those tools.perf writes with its own tables
 (PERF_OUTPUTS). Each CSV gets ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png``
 beside it (or in --out), built from the CSV alone by vstar_kernels.bench.report.render, so
-committed results can be re-rendered anywhere.
+committed results can be re-rendered anywhere. A speculation-*.csv (benchmarks/speculation.py's rows) gets its
+markdown and, for plots, that script's one picture, ``<stem>-flag-rates.png``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 # What `python -m tools.perf` writes into benchmarks/results/ beside its own markdown (model, static, traffic):
 # not benchmark rows.
 PERF_OUTPUTS = ("model-*.csv", "static-*.csv", "traffic.csv")
+
+
+def _speculation_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speculation", ROOT / "benchmarks" / "speculation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv=None) -> int:
@@ -43,8 +53,11 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     for path in paths:
+        speculation = path.name.startswith("speculation-")
         try:
-            written = render(path, plots=not args.no_plots, out_dir=args.out)
+            written = render(path, plots=not (args.no_plots or speculation), out_dir=args.out)
+            if speculation and not args.no_plots:
+                written.append(_speculation_script().plot(path, args.out))
         except ValueError as exc:  # not a results file of this harness
             print(exc, file=sys.stderr)
             return 2

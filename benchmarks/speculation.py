@@ -27,6 +27,10 @@ with the two-pass output within the tolerance table (vstar_kernels.bench.check.T
 
 --smoke runs one tiny layout through the Triton interpreter (TRITON_INTERPRET=1) on the CPU: the same checks,
 timed on the CPU, for the tests.
+
+--plot CSV draws a results file of this script as one picture, `<stem>-flag-rates.png` beside it: per DiT shape,
+the one pass (its redo launch hatched) and the two passes at each flag rate, each bar labelled with its time over
+the floor's, the floor a dashed line (benchmarks/plot_results.py draws it for speculation-*.csv files).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from vstar_kernels import dispatch
 from vstar_kernels._problem import make_problem
 from vstar_kernels.bench import measure
 from vstar_kernels.bench.check import TOLERANCES
-from vstar_kernels.bench.peers import FLOOR_LABELS, floor_backend, sdpa_only
+from vstar_kernels.bench.peers import default_spec, floor_backend, sdpa_only
 
 RATES = (0.0, 0.05, 0.2, 1.0)
 # {kernel: impl} of the launches timed apart (vstar_kernels/ops/tar_fwd.py's kernel names)
@@ -106,6 +110,12 @@ def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype
     return tuple(t.to(device, dtype) for t in (q, k, v))
 
 
+def floor_call(floor: str, q, k, v):
+    """The FA3-class floor's call on q, k, v: plain attention (TAR's default scale) on SDPA backend `floor`, the
+    key its rows record in their backend column."""
+    return lambda: sdpa_only(floor, q, k, v, default_spec(q.shape[-1]))
+
+
 def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype, info, out: Path,
               sigma: float) -> None:
     q, k, v = planted(frames, heads, d, rate, device, dtype)
@@ -124,12 +134,11 @@ def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, 
              "vstar_triton_two_pass": lambda: vk.tar_attention(q, k, v, sigma=sigma, frames=frames,
                                                                backend="triton", speculate=False)}
     if device.type == "cuda" and rate == RATES[0]:
-        floor = floor_backend(device)
-        calls["sdpa_floor"] = lambda: sdpa_only(floor, q, k, v, None)
+        calls["sdpa_floor"] = floor_call(floor_backend(device), q, k, v)
     dt = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
     for impl, fn in calls.items():
         timing = measure.time_call(fn, device)[0] if ok else None
-        backend = FLOOR_LABELS[floor_backend(device)] if impl == "sdpa_floor" else "triton"
+        backend = floor_backend(device) if impl == "sdpa_floor" else "triton"
         measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=setup,
                                             status=status, timing=timing, cost=cost, backend=backend))
         print(f"{name} f={rate:g} (measured {measured:.3f}) {impl}: "
@@ -181,12 +190,65 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
                                                                           backend="triton", speculate=False))}
     if device.type == "cuda":
         floor = floor_backend(device)
-        peers["sdpa_floor"] = (FLOOR_LABELS[floor], lambda: sdpa_only(floor, q, k, v, None))
+        peers["sdpa_floor"] = (floor, floor_call(floor, q, k, v))
     for impl, (backend, fn) in peers.items():
         timing = measure.time_call(fn, device)[0]
         measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=setup, status="ok",
                                             timing=timing, cost=cost, backend=backend))
         print(f"{name} {impl}: {timing.median_ms:.3f} ms", flush=True)
+
+
+def plot(csv_path, out_dir=None) -> Path:
+    """The picture --plot describes, from the CSV alone, into `out_dir` (default: beside it); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path = Path(csv_path)
+    rows = [r for r in measure.read_csv(csv_path) if r["median_ms"] and r["status"] == "ok"]
+    setups = [dict(part.split("=", 1) for part in r["setup"].split()) for r in rows]
+    shapes = list(dict.fromkeys(s["dit"] for s in setups))
+    if not shapes:
+        raise ValueError(f"{csv_path}: no timed row of benchmarks/speculation.py")
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 6), squeeze=False)
+    for ax, shape in zip(axes.flat, shapes):
+        # the latest row per (impl, rate, kernel): a re-run replaces the earlier one
+        cell = {(r["impl"], s.get("planted_flag_rate"), s.get("kernel")): float(r["median_ms"])
+                for r, s in zip(rows, setups) if s["dit"] == shape}
+        floor = next((ms for (impl, _, _), ms in cell.items() if impl == "sdpa_floor"), None)
+        rates = sorted({rate for (impl, rate, kernel) in cell if rate and impl.endswith("pass") and not kernel},
+                       key=float)
+        for i, rate in enumerate(rates):
+            for j, (impl, color) in enumerate((("vstar_triton_one_pass", "tab:blue"),
+                                               ("vstar_triton_two_pass", "tab:orange"))):
+                ms = cell.get((impl, rate, None))
+                if ms is None:
+                    continue
+                x = i + (j - 0.5) * 0.38
+                ax.bar(x, ms, 0.36, color=color, label=impl if i == 0 else None)
+                redo = cell.get(("vstar_triton_one_pass_redo", rate, "_tar_fwd_redo_kernel"))
+                if impl == "vstar_triton_one_pass" and redo:
+                    ax.bar(x, redo, 0.36, bottom=ms - redo, color="none", edgecolor="navy", hatch="//",
+                           label="its redo launch" if i == 0 else None)
+                ax.text(x, ms, f"{ms:.1f} ms" + (f"\n{ms / floor:.2f}x floor" if floor else ""), ha="center",
+                        va="bottom", fontsize=8)
+        if floor:
+            ax.axhline(floor, color="black", ls="--", lw=1, label=f"sdpa_floor (plain attention) {floor:.1f} ms")
+        ax.set_xticks(range(len(rates)), [f"{float(r):.0%}" for r in rates])
+        ax.set(xlabel="flagged rows (planted flag rate)", ylabel="median ms per call", title=shape)
+        ax.set_xlim(-0.8, max(len(rates), 2) - 0.2)
+        ax.set_ylim(0, 1.15 * max(cell.values()))
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    first = rows[0]
+    fig.suptitle(f"TAR forward, one pass vs two passes vs the plain-attention floor ({first['dtype']}, "
+                 f"{first['device']}, commit {first['commit']})", fontsize=10)
+    fig.tight_layout()
+    path = Path(out_dir or csv_path.parent) / f"{csv_path.stem}-flag-rates.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
@@ -197,7 +259,11 @@ def main(argv=None) -> int:
     parser.add_argument("--time-budget-s", type=float, default=420.0)
     parser.add_argument("--smoke", action="store_true", help="one tiny layout in the Triton interpreter (CPU)")
     parser.add_argument("--lean", action="store_true", help="the lean forward's rows (once per shape) first")
+    parser.add_argument("--plot", metavar="CSV", help="draw a results file of this script (no run)")
     args = parser.parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot(args.plot)}")
+        return 0
     if any(not 0 <= r <= 1 for r in args.rates):
         parser.error(f"--rates: shares in [0, 1], got {args.rates}")
     if args.smoke:

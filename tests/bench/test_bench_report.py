@@ -9,7 +9,7 @@ import pytest
 
 from vstar_kernels.bench.harness import CHECKED_ONLY
 from vstar_kernels.bench.measure import COLUMNS, read_csv
-from vstar_kernels.bench.report import BUSY_LABEL, draw_plots, markdown, our_failures, render
+from vstar_kernels.bench.report import BUSY_LABEL, COPY_IMPL, UNET_IMPLS, draw_plots, markdown, our_failures, render
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -248,8 +248,14 @@ def test_plot_script_renders_every_committed_results_csv(tmp_path, capsys):
     assert {p.stem for p in rendered} >= {"cpu-default-path-20261123", "cpu-amd-epyc-20261122"}
     for path in rendered:
         assert (tmp_path / f"{path.stem}.md").read_text() == (results / f"{path.stem}.md").read_text(), path.name
-        for metric in ("time", "speedup", "bandwidth"):
-            assert (tmp_path / f"{path.stem}-{metric}-fp32.png").read_bytes()[:8] == PNG
+        if path.name.startswith("speculation-"):  # the speculation script's own picture
+            pngs = [f"{path.stem}-flag-rates.png"]
+        else:
+            dtypes = {r["dtype"] for r in read_csv(path) if r["impl"] not in UNET_IMPLS and r["impl"] != COPY_IMPL}
+            pngs = [f"{path.stem}-{metric}-{dtype}.png" for metric in ("time", "speedup", "bandwidth")
+                    for dtype in dtypes]
+        for png in pngs:
+            assert (tmp_path / png).read_bytes()[:8] == PNG, png
     assert not list(tmp_path.glob("model-*")) and not list(tmp_path.glob("static-*"))
 
 

@@ -27,6 +27,11 @@ def test_smoke_run_writes_checked_rows(tmp_path):
     assert {r["status"] for r in rows} == {"ok"} and all(float(r["median_ms"]) > 0 for r in rows)
     rates = [dict(part.split("=") for part in r["setup"].split())["flag_rate"] for r in rows]
     assert float(rates[0]) == 0 and 0.3 < float(rates[-1]) <= 1
+    # --plot: one picture from the CSV alone
+    done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--plot", str(csv_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / f"{csv_path.stem}-flag-rates.png").stat().st_size > 10_000
 
 
 def test_lean_smoke_run_checks_before_timing(tmp_path):
@@ -78,3 +83,16 @@ def test_the_kernels_timed_apart_are_the_forward_kernels():
     script = _script()
     for name in {**script.ONE_PASS_KERNELS, **script.GLOBAL_MAX_KERNELS}:
         assert getattr(tar_fwd, name).__name__ == name
+
+
+def test_floor_call_is_plain_attention_at_tars_scale():
+    """The floor the GPU stage times beside ours: SDPA on the named backend with TAR's default scale, D^-1/2 (the
+    CPU runs flash SDPA; cuDNN's refusal there is the harness's Unsupported, not a crash)."""
+    from vstar_kernels.bench.peers import Unsupported
+
+    script = _script()
+    q, k, v = (torch.randn(1, 2, 24, 40, dtype=torch.float64) for _ in range(3))
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 40 ** 0.5, dim=-1) @ v
+    torch.testing.assert_close(script.floor_call("flash", q, k, v)(), expected)
+    with pytest.raises(Unsupported, match="cudnn backend cannot run this call"):
+        script.floor_call("cudnn", q, k, v)()
