@@ -111,6 +111,27 @@ def test_missing_triton_is_reported_not_raised_at_import(monkeypatch):
     assert dispatch.availability("cpu")["reference"] == dispatch.availability("cpu")["cpu"] == ""
 
 
+@pytest.mark.parametrize("version, ok", [("3.6.0", False), ("3.0.0", False), ("3.7.1", True), ("3.10.0+git1a2b", True),
+                                         ("4.0.0", True)])
+def test_a_triton_older_than_the_kernels_need_is_a_reason(monkeypatch, version, ok):
+    """Triton 3.6's front end rejects the tiled forward: an older Triton is named as the reason, never a compile
+    error at the first call."""
+    import triton
+    from vstar_kernels.ops import _load
+
+    monkeypatch.setattr(triton, "__version__", version)
+    _load._load_triton_ops.cache_clear()
+    try:
+        reason = _load.triton_ops().reason
+    finally:
+        _load._load_triton_ops.cache_clear()
+    if ok:
+        assert reason == ""
+    else:
+        assert reason == (f"the Triton kernels need Triton 3.7 or later (older front ends reject them: 3.6 cannot "
+                          f"compile the tiled forward), installed: {version}; pip install 'triton>=3.7'")
+
+
 def test_auto_error_lists_every_backend(monkeypatch):
     class Refuses(dispatch.Backend):
         def not_supported_reasons(self, problem):

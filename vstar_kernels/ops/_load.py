@@ -46,10 +46,23 @@ def triton_ops() -> Probe:
 @functools.lru_cache(maxsize=None)
 def _load_triton_ops() -> Probe:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # ImportError, or a broken install raising anything
         return Probe(None, f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton")
+    if _release(triton.__version__) < MIN_TRITON:
+        return Probe(None, f"the Triton kernels need Triton {'.'.join(map(str, MIN_TRITON))} or later (older "
+                           f"front ends reject them: 3.6 cannot compile the tiled forward), installed: "
+                           f"{triton.__version__}; pip install 'triton>={'.'.join(map(str, MIN_TRITON))}'")
     return _import("tar_fwd", "the Triton kernels")
+
+
+# The oldest Triton the kernels compile with (for sm_80 and sm_90) and run with in the interpreter; setup.py's.
+MIN_TRITON = (3, 7)
+
+
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as "3.9.0" or "3.7.1+git1234"."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
 
 
 def triton_backward_ops() -> Probe:
