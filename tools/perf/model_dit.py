@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from vstar_kernels.bench.measure import ideal_cost
+from vstar_kernels.functional import Speculation
 from vstar_kernels.ops.launch import GAUSS_COEF_MIN, LOG2E, band_width, frame_band_width
 from vstar_kernels.ops.layout import block_dims
 
@@ -308,8 +309,6 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
 def with_fallback(one_pass: float, two_pass: float, flag_rate: float) -> float:
     """Seconds per call under `vk.Speculation`: the one pass up to BREAK_EVEN; past it two passes, with one
     speculative step after every PROBE two-pass steps."""
-    from vstar_kernels.functional import Speculation
-
     if flag_rate <= Speculation.BREAK_EVEN:
         return one_pass
     return (one_pass + Speculation.PROBE * two_pass) / (Speculation.PROBE + 1)
@@ -468,7 +467,8 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES) -> str:
                        f"| {c['sdpa_bias']['model_fits_up_to_n']:,} |")
     lines += ["", "The speculative one pass (model): ours at each flag rate f (the share of video rows whose max "
               "lies outside the key tiles the guess walks, g of all key tiles), under `vk.Speculation` (two passes "
-              "past f = 0.45, one speculative step after every 8), against the two-pass rows above; the redo "
+              f"past f = {Speculation.BREAK_EVEN:g}, one speculative step after every {Speculation.PROBE}), against the "
+              "two-pass rows above; the redo "
               "modeled as `model_dit.ours_frames_speculative` says (an upper bound). Ours / fa3 at the "
               "FlashAttention-2 calibration of our loops and, in brackets, at the calibration on the Triton "
               "tutorial's published H100 numbers (head dim 128).", "",
