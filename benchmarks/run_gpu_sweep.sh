@@ -37,6 +37,12 @@ if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; th
         "through the Triton interpreter. For a CPU smoke run: python3 -m vstar_kernels bench --quick" >&2
     exit 1
 fi
+# A Triton the kernels cannot compile with (older than 3.7) would spend every budget on errors: refuse at once.
+why="$(python3 -c "from vstar_kernels.ops import _load; print(_load.triton_ops().reason)")"
+if [ -n "$why" ]; then
+    echo "run_gpu_sweep.sh: the Triton kernels cannot load here: $why" >&2
+    exit 1
+fi
 export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y%m%d)"
