@@ -60,8 +60,10 @@ setup(
     python_requires=">=3.9",
     # A range the local CPU build (torch 2.13.0) satisfies: never pin a CUDA build here.
     # numpy: the Triton interpreter and matplotlib need it, and a torch wheel does not bring it.
-    # triton: the oldest the kernels compile with (vstar_kernels/ops/_load.py MIN_TRITON; 3.6 rejects them)
-    install_requires=["torch>=2.4", "numpy", "triton>=3.7; platform_system == 'Linux'"],
+    # triton: the Triton backend needs 3.7 or later (vstar_kernels/ops/_load.py MIN_TRITON: 3.6 rejects the kernels),
+    # but a CUDA torch pins its own Triton (torch 2.11's is 3.6), and a higher floor here would make pip replace the
+    # user's torch: an older Triton is that backend's named reason instead (`info`, BackendUnavailableError).
+    install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
@@ -49,20 +50,17 @@ def _load_triton_ops() -> Probe:
         import triton
     except Exception as exc:  # ImportError, or a broken install raising anything
         return Probe(None, f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton")
-    if _release(triton.__version__) < MIN_TRITON:
-        return Probe(None, f"the Triton kernels need Triton {'.'.join(map(str, MIN_TRITON))} or later (older "
-                           f"front ends reject them: 3.6 cannot compile the tiled forward), installed: "
-                           f"{triton.__version__}; pip install 'triton>={'.'.join(map(str, MIN_TRITON))}'")
+    release = re.match(r"(\d+)\.(\d+)", triton.__version__)  # "3.9.0", "3.7.1+git1234", "3.8rc1"
+    if release and tuple(map(int, release.groups())) < MIN_TRITON:
+        return Probe(None, f"the Triton kernels need Triton 3.7 or later (older front ends reject them: 3.6 cannot "
+                           f"compile the tiled forward), installed: {triton.__version__}; a CUDA torch pins its "
+                           f"Triton (torch 2.13 brings 3.7.1)")
     return _import("tar_fwd", "the Triton kernels")
 
 
-# The oldest Triton the kernels compile with (for sm_80 and sm_90) and run with in the interpreter; setup.py's.
+# The oldest Triton the kernels are known to compile with: 3.7.1 compiles the sm_90 kernels of
+# `tools.perf.compile_check --quick`; 3.6.0 fails there.
 MIN_TRITON = (3, 7)
-
-
-def _release(version: str) -> tuple:
-    """(major, minor) of a version string such as "3.9.0" or "3.7.1+git1234"."""
-    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
 
 
 def triton_backward_ops() -> Probe:
