@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         try:
             written = render(path, plots=not (args.no_plots or speculation), out_dir=args.out)
             if speculation and not args.no_plots:
-                written.append(_speculation_script().plot(path, args.out))
+                written += [p for p in [_speculation_script().plot(path, args.out)] if p]
         except ValueError as exc:  # not a results file of this harness
             print(exc, file=sys.stderr)
             return 2

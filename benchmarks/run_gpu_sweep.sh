@@ -38,7 +38,7 @@ if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; th
     exit 1
 fi
 # A Triton the kernels cannot compile with (older than 3.7) would spend every budget on errors: refuse at once.
-why="$(python3 -c "from vstar_kernels.ops import _load; print(_load.triton_ops().reason)")"
+why="$(python3 -c "from vstar_kernels.ops import _load; print(_load.triton_ops().reason)")" || exit 1
 if [ -n "$why" ]; then
     echo "run_gpu_sweep.sh: the Triton kernels cannot load here: $why" >&2
     exit 1

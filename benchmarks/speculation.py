@@ -198,8 +198,9 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
         print(f"{name} {impl}: {timing.median_ms:.3f} ms", flush=True)
 
 
-def plot(csv_path, out_dir=None) -> Path:
-    """The picture --plot describes, from the CSV alone, into `out_dir` (default: beside it); returns its path."""
+def plot(csv_path, out_dir=None):
+    """The picture --plot describes, from the CSV alone, into `out_dir` (default: beside it); returns its path, or
+    None for a file with no timed row (a run whose every cell failed: its markdown says why)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,7 +211,7 @@ def plot(csv_path, out_dir=None) -> Path:
     setups = [dict(part.split("=", 1) for part in r["setup"].split()) for r in rows]
     shapes = list(dict.fromkeys(s["dit"] for s in setups))
     if not shapes:
-        raise ValueError(f"{csv_path}: no timed row of benchmarks/speculation.py")
+        return None
     fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 6), squeeze=False)
     for ax, shape in zip(axes.flat, shapes):
         # the latest row per (impl, rate, kernel): a re-run replaces the earlier one
@@ -262,7 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", metavar="CSV", help="draw a results file of this script (no run)")
     args = parser.parse_args(argv)
     if args.plot:
-        print(f"wrote {plot(args.plot)}")
+        path = plot(args.plot)
+        print(f"wrote {path}" if path else f"{args.plot}: no timed row to draw")
         return 0
     if any(not 0 <= r <= 1 for r in args.rates):
         parser.error(f"--rates: shares in [0, 1], got {args.rates}")

@@ -66,8 +66,8 @@ class Speculation:
     and chooses the next step's form; after PROBE steps of two passes one step speculates again.
     """
 
-    # Measured (H100, bf16, Wan 2.1 480p, benchmarks/results/speculation-nvidia-h100-80gb-hbm3-20261125.md): the
-    # one pass takes 36.3 / 40.0 / 44.9 ms at 0 / 5 / 20% of rows flagged, two passes 40.1: it pays off up to 5%.
+    # Measured at one shape (H100, bf16, Wan 2.1 480p; benchmarks/NOTES.md): the one pass takes 36.3 / 40.0 /
+    # 44.9 ms at 0 / 5 / 20% of rows flagged, two passes 40.1: it pays up to 5%.
     BREAK_EVEN = 0.05
     PROBE = 8
 

@@ -96,3 +96,16 @@ def test_floor_call_is_plain_attention_at_tars_scale():
     torch.testing.assert_close(script.floor_call("flash", q, k, v)(), expected)
     with pytest.raises(Unsupported, match="cudnn backend cannot run this call"):
         script.floor_call("cudnn", q, k, v)()
+
+
+def test_a_file_with_no_timed_row_draws_nothing(tmp_path):
+    """A run whose every cell failed: --plot says so and writes no picture (plot_results goes on to the next file)."""
+    import csv
+
+    path = tmp_path / "speculation-gpu-20260101.csv"
+    with path.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=measure.COLUMNS)
+        out.writeheader()
+        out.writerow({**dict.fromkeys(measure.COLUMNS, ""), "impl": "vstar_triton_one_pass", "setup": "dit=x",
+                      "status": "mismatch: the one pass is not the two passes bit for bit"})
+    assert _script().plot(path) is None and not list(tmp_path.glob("*.png"))
