@@ -7,7 +7,8 @@ for a chosen share of the rows (0, 5, 20, 100%), a key in the middle of a far fr
 walks). Correctness first: per call, the one pass must equal the two passes bit for bit, or the row says
 "mismatch" and is not timed. Rows: the harness's CSV schema (vstar_kernels.bench.measure.COLUMNS), impl
 vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN SDPA on Hopper, FA3-class; flash SDPA
-elsewhere), setup naming the DiT shape, the planted and the measured flag rate. On a GPU the launches are also
+elsewhere), setup naming the DiT shape, the planted and the measured flag rate and the tiles each form ran
+with (`chosen`: the autotuner's pick on a GPU). On a GPU the launches are also
 timed apart (the profiler's kernel records, `kernel_times`): at each rate the one pass's main launch (the guess
 walk, the biased loop, the flags), the listing of the flagged rows in row order and the redo launch; at the first
 rate the halves of the two-pass form, which max_mode="global" runs as two launches: the walk of every key tile
@@ -47,6 +48,7 @@ from torch.profiler import ProfilerActivity
 import vstar_kernels as vk
 from vstar_kernels import dispatch
 from vstar_kernels._problem import make_problem
+from vstar_kernels.ops import launch, tar_fwd
 from vstar_kernels.bench import measure
 from vstar_kernels.bench.check import TOLERANCES
 from vstar_kernels.bench.peers import default_spec, floor_backend, sdpa_only
@@ -110,6 +112,16 @@ def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype
     return tuple(t.to(device, dtype) for t in (q, k, v))
 
 
+def chosen(tuner) -> str:
+    """The config the autotuner `tuner` (one of ops.tar_fwd's) ran its latest launch with, as BLOCK_MxBLOCK_N,
+    warps and stages (the interpreter's fixed tiles there)."""
+    if not launch.INTERPRETING and getattr(tuner, "best_config", None) is None:
+        return "none"  # never launched in this process
+    config = launch.tuned_config(tuner, "forward")
+    return f"{config['BLOCK_M']}x{config['BLOCK_N']}" + (
+        f"w{config['num_warps']}s{config['num_stages']}" if "num_warps" in config else "")
+
+
 def floor_call(floor: str, q, k, v):
     """The FA3-class floor's call on q, k, v: plain attention (TAR's default scale) on SDPA backend `floor`, the
     key its rows record in their backend column."""
@@ -125,7 +137,8 @@ def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, 
     two = vk.tar_attention(q, k, v, sigma=sigma, frames=frames, backend="triton", speculate=False)
     flagged, rows = counts.tolist()
     measured = flagged / rows
-    setup = f"dit={name} planted_flag_rate={rate:g} flag_rate={measured:.4f} sigma={sigma:g}"
+    setup = (f"dit={name} planted_flag_rate={rate:g} flag_rate={measured:.4f} sigma={sigma:g} "
+             f"tiles_one_pass={chosen(tar_fwd._tiled_speculative)} tiles_two_pass={chosen(tar_fwd._tiled)}")
     ok = torch.equal(one, two)
     status = "ok" if ok else "mismatch: the one pass is not the two passes bit for bit"
     cost = measure.ideal_cost(heads, frames.numel(), frames.numel(), d, d, q.element_size())

@@ -25,8 +25,10 @@ def test_smoke_run_writes_checked_rows(tmp_path):
     rows = measure.read_csv(csv_path)
     assert [r["impl"] for r in rows] == ["vstar_triton_one_pass", "vstar_triton_two_pass"] * 2
     assert {r["status"] for r in rows} == {"ok"} and all(float(r["median_ms"]) > 0 for r in rows)
-    rates = [dict(part.split("=") for part in r["setup"].split())["flag_rate"] for r in rows]
-    assert float(rates[0]) == 0 and 0.3 < float(rates[-1]) <= 1
+    setups = [dict(part.split("=") for part in r["setup"].split()) for r in rows]
+    assert float(setups[0]["flag_rate"]) == 0 and 0.3 < float(setups[-1]["flag_rate"]) <= 1
+    # the tiles each form ran with (on a GPU the autotuner's pick; the interpreter's fixed tiles here)
+    assert {(s["tiles_one_pass"], s["tiles_two_pass"]) for s in setups} == {("64x64", "64x64")}
     # --plot: one picture from the CSV alone
     done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--plot", str(csv_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
