@@ -48,7 +48,6 @@ from torch.profiler import ProfilerActivity
 import vstar_kernels as vk
 from vstar_kernels import dispatch
 from vstar_kernels._problem import make_problem
-from vstar_kernels.ops import launch, tar_fwd
 from vstar_kernels.bench import measure
 from vstar_kernels.bench.check import TOLERANCES
 from vstar_kernels.bench.peers import default_spec, floor_backend, sdpa_only
@@ -115,6 +114,8 @@ def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype
 def chosen(tuner) -> str:
     """The config the autotuner `tuner` (one of ops.tar_fwd's) ran its latest launch with, as BLOCK_MxBLOCK_N,
     warps and stages (the interpreter's fixed tiles there)."""
+    from vstar_kernels.ops import launch  # triton: not needed to draw a CSV (--plot, plot_results.py)
+
     if not launch.INTERPRETING and getattr(tuner, "best_config", None) is None:
         return "none"  # never launched in this process
     config = launch.tuned_config(tuner, "forward")
@@ -137,6 +138,8 @@ def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, 
     two = vk.tar_attention(q, k, v, sigma=sigma, frames=frames, backend="triton", speculate=False)
     flagged, rows = counts.tolist()
     measured = flagged / rows
+    from vstar_kernels.ops import tar_fwd
+
     setup = (f"dit={name} planted_flag_rate={rate:g} flag_rate={measured:.4f} sigma={sigma:g} "
              f"tiles_one_pass={chosen(tar_fwd._tiled_speculative)} tiles_two_pass={chosen(tar_fwd._tiled)}")
     ok = torch.equal(one, two)
