@@ -116,6 +116,25 @@ def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles():
     assert (64, 64, 8) in kept(80)
 
 
+def test_sm90_frame_ids_keep_128_x_64_at_head_dim_128():
+    """sm_90, frame ids with the 16-bit Gaussian in 128 columns: 128 x 64 on 8 warps with 2 stages (the two-pass
+    forward compiles without spills there, kernel log v7), beside 128 x 32; not with 3 stages (8 B spilled saving
+    statistics), nor on another arch, in float32, without frame ids or at a head dim held in fewer columns."""
+    def kept(sm, d=128, dtype=torch.float16, frames=True):
+        with _target(sm):
+            configs = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=dtype)}, **dims(d),
+                                      REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False, HAS_FRAMES=frames)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (128, 112):  # 112 is held in one block of 128 columns
+            tiles = kept(90, d, dtype)
+            assert (128, 64, 8, 2) in tiles and (128, 64, 8, 3) not in tiles and (128, 32, 8, 2) in tiles, (d, tiles)
+    for other in (kept(80), kept(None), kept(100), kept(90, dtype=torch.float32), kept(90, frames=False),
+                  kept(90, d=80), kept(90, d=96), kept(90, d=160)):
+        assert not {t for t in other if t[:3] == (128, 64, 8)}, other
+
+
 def test_sm90_gaussian_keeps_128_rows_at_chunked_head_dims():
     """sm_90, the 16-bit Gaussian without frame ids at head dims held in 80 or 96 columns: 128 x 32 and
     128 x 64 on 8 warps (compiled without spills); not with frame ids, a custom delta, float32, on
