@@ -117,21 +117,27 @@ def test_tiled_forward_prune_keeps_each_archs_spill_free_tiles():
 
 
 def test_sm90_frame_ids_keep_128_x_64_at_head_dim_128():
-    """sm_90, frame ids with the 16-bit Gaussian in 128 columns: 128 x 64 on 8 warps with 2 stages (the two-pass
-    forward compiles without spills there, kernel log v7), beside 128 x 32; not with 3 stages (8 B spilled saving
-    statistics), nor on another arch, in float32, without frame ids or at a head dim held in fewer columns."""
-    def kept(sm, d=128, dtype=torch.float16, frames=True):
+    """sm_90, frame ids with the row max and the 16-bit Gaussian in 128 columns: 128 x 64 on 8 warps with 2
+    stages beside 128 x 32 (compiled at Wan 480p without spills in its loops, kernel log v7 and v7b); not with 3
+    stages (the speculative form spills in its loops), nor on another arch, in float32, without frame ids, with
+    the global max, a custom delta, a causal or key mask, or at head dims held in other columns (v's included),
+    none of which was compiled there."""
+    def kept(sm, d=128, dtype=torch.float16, dv=None, **flags):
+        flags = {**dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False, HAS_FRAMES=True), **flags}
+        dims_v = dims(d if dv is None else dv)
         with _target(sm):
-            configs = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=dtype)}, **dims(d),
-                                      REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False, HAS_FRAMES=frames)
+            configs = FWD_TILED.prune(FWD_TILED.configs, {"Q": torch.empty(1, dtype=dtype)}, **{
+                **dims(d), "BLOCK_DV": dims_v["BLOCK_DV"], "BLOCK_DV2": dims_v["BLOCK_DV2"]}, **flags)
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
 
     for dtype in (torch.float16, torch.bfloat16):
         for d in (128, 112):  # 112 is held in one block of 128 columns
             tiles = kept(90, d, dtype)
             assert (128, 64, 8, 2) in tiles and (128, 64, 8, 3) not in tiles and (128, 32, 8, 2) in tiles, (d, tiles)
-    for other in (kept(80), kept(None), kept(100), kept(90, dtype=torch.float32), kept(90, frames=False),
-                  kept(90, d=80), kept(90, d=96), kept(90, d=160)):
+    for other in (kept(80), kept(None), kept(100), kept(90, dtype=torch.float32), kept(90, HAS_FRAMES=False),
+                  kept(90, GLOBAL_MAX=True), kept(90, HAS_DELTA=True), kept(90, CAUSAL=True),
+                  kept(90, HAS_KEY_MASK=True), kept(90, dv=64), kept(90, d=64, dv=128), kept(90, d=80),
+                  kept(90, d=96), kept(90, d=160)):
         assert not {t for t in other if t[:3] == (128, 64, 8)}, other
 
 
