@@ -239,6 +239,24 @@ def test_a_log_axis_within_two_decades_has_numbers_to_read(tmp_path, monkeypatch
         plt.close(fig)
 
 
+def test_a_log_axis_labels_a_value_near_its_top(tmp_path, monkeypatch):
+    """Times from 0.04 to 0.4 ms (a decade, the axis a bit more): with labels at 1, 2 and 5 per decade the
+    top one would be 0.2, under every point of ours; a label within a factor 2 of the top is drawn."""
+    import matplotlib.pyplot as plt
+
+    rows = [row("vstar_triton", 320, 20, 16, 64, "0.38"), row("sdpa_plain", 320, 20, 16, 64, "0.04"),
+            row("vstar_triton", 320, 20, 32, 64, "0.4"), row("sdpa_plain", 320, 20, 32, 64, "0.1")]
+    fig = plotted(rows, tmp_path, monkeypatch)["time"]
+    fig.canvas.draw()
+    [ax] = [a for a in fig.axes if a.get_visible()]
+    low, high = ax.get_ylim()
+    assert 10 * low < high <= 100 * low
+    ticks = [float(t.get_position()[1]) for t in ax.get_yticklabels()
+             if t.get_text() and low <= float(t.get_position()[1]) <= high]
+    assert max(ticks) >= high / 2, (low, high, ticks)
+    plt.close(fig)
+
+
 def test_plot_script_renders_every_committed_results_csv(tmp_path, capsys):
     """No arguments: every CSV under benchmarks/results/ but tools.perf's own outputs, each table as committed."""
     script = plot_script()

@@ -340,12 +340,13 @@ def _plot_metric(ax, metric, by_n, peak) -> int:
 
 
 def _log_ticks(ax) -> None:
-    """Plain-number labels on a log axis: at 1, 2, 5 per decade over at most two decades, every digit in one."""
+    """Plain-number labels on a log axis: at 1, 2, 3, 5 per decade over at most two decades (so that no
+    labelled value lies more than a factor 2 below the top), every digit in one."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     low, high = ax.get_ylim()
     if high <= 100 * low:
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=range(1, 10) if high <= 10 * low else (1, 2, 5)))
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=range(1, 10) if high <= 10 * low else (1, 2, 3, 5)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
