@@ -187,7 +187,7 @@ def test_backward_tiles_at_chunked_head_dims_are_the_padded_ones():
 
 
 def test_tiled_backward_prune_drops_each_archs_spills():
-    """16-bit at D <= 64: sm_90 keeps 64 x 32 on 8 warps only (32 x 32 spills there), a custom delta
+    """16-bit at D <= 64: sm_90 keeps 64 x 32 on 8 warps only (32 x 32 untimed, kernel log v8), a custom delta
     included; sm_80 drops 64 x 32 for frame ids. Other archs keep the list; at D 128 nothing changes."""
     def kept(sm, d=64, dtype=torch.float16, frames=True, delta=False):
         with _target(sm):

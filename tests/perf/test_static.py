@@ -276,3 +276,31 @@ def test_compiling_some_cases_adds_their_rows(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--cases D9: no case's name holds"):
         static.main(argparse.Namespace(out=str(tmp_path), arch=[90], quick=False, kernels=None, cases=["D9"]))
     assert (tmp_path / "static-sm90.md").read_text() == before
+
+
+_SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*00c0*/                   VIADD R1, R1, 0xfffffff8 ;
+        /*0ea0*/                   STL [R1+0x34], R13 ;
+        /*0ed0*/               @P0 STL.64 [R1+0x30], R16 ;
+        /*0f10*/                   STL.128 [R1+0x20], R20 ;
+        /*0f20*/                   STL.U8 [R1+0x1f], R9 ;
+        /*0f30*/                   LDL R13, [R1+0x34] ;
+        /*0f40*/                   STG.E.128 desc[UR4][R2.64], R20 ;
+"""
+
+
+@pytest.mark.parametrize("stack, sass, want", [(0, _SASS, 0), (8, "", 0), (64, _SASS, 4 + 8 + 16 + 1)],
+                         ids=["no_frame", "unused_frame", "stores"])
+def test_spill_bytes_are_what_the_local_stores_write(monkeypatch, stack, sass, want):
+    """A spill is a local store: its bytes, each store once (what ptxas -v counts); a stack frame no instruction
+    stores to is none (ptxas reserves 8 B for an unused local array, as in the sm_90 dQ pass at head dim 80);
+    without a frame the SASS is not read."""
+    from tools.perf import compile_check as cc
+
+    usage = f" Function k:\n  REG:217 STACK:{stack} SHARED:1024 LOCAL:0 CONSTANT[0]:744\n"
+    read = []
+    monkeypatch.setattr(cc, "_dump", lambda tool, flags, cubin: read.append(tool) or (
+        usage if tool == "cuobjdump" else sass))
+    assert cc._resources(b"") == (217, want)
+    assert read == (["cuobjdump"] if stack == 0 else ["cuobjdump", "nvdisasm"])

@@ -134,16 +134,41 @@ def specialize(jit_fn, args, kwargs: dict, arch: int) -> tuple:
     return ASTSource(jit_fn, signature, constexprs, attrs), options.__dict__
 
 
-def _resources(cubin: bytes) -> tuple:
-    """(registers, stack + local bytes: spills) of a cubin, read with the cuobjdump triton ships."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _dump(tool: str, flags: list, cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run([_tool(tool), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(cubin: bytes) -> str:
+    """The SASS of a cubin, by the nvdisasm Triton ships."""
+    return _dump("nvdisasm", ["-c"], cubin)
+
+
+# a local store and its width: STL is 32 bits, STL.64 and STL.128 wider, STL.U8 / .S16 ... narrower
+_LOCAL_STORE = re.compile(r"\bSTL(?:\.(U8|S8|U16|S16|64|128))?\b")
+_STORE_BYTES = {None: 4, "U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+
+
+def _resources(cubin: bytes) -> tuple:
+    """(registers, spill bytes) of a cubin: the registers cuobjdump reports, and the bytes its local stores
+    (STL) write, the figure ptxas -v calls spill stores. A stack frame no instruction stores to is not a
+    spill: ptxas keeps 8 bytes for an unused local array in the PTX (the sm_90 dQ pass at head dim 80)."""
+    text = _dump("cuobjdump", ["--dump-resource-usage"], cubin)
     field = lambda key: int(re.search(rf"{key}:(\d+)", text).group(1))  # noqa: E731
-    return field("REG"), field("STACK") + field("LOCAL")
+    if not field("STACK") + field("LOCAL"):  # no frame: no local store to look for
+        return field("REG"), 0
+    return field("REG"), spill_store_bytes(disassemble(cubin))
+
+
+def spill_store_bytes(sass: str) -> int:
+    """The bytes the local stores (STL) of a SASS listing write, each store counted once."""
+    return sum(_STORE_BYTES[m.group(1)] for m in _LOCAL_STORE.finditer(sass))
 
 
 def config_text(config) -> str:

@@ -5,7 +5,8 @@ Each launch a forward or backward call makes is recorded and compiled as a GPU l
 sm_80 and sm_90 with the ptxas Triton ships), next to the plain-attention baseline
 (tools/perf/baseline.py) in the tiled forward's tiles. Per kernel, from ptxas and the SASS:
 
-* registers per thread, spill bytes (stack + local), LDL/STL instructions inside loops,
+* registers per thread, spill bytes (what the local stores write, compile_check), LDL/STL instructions
+  inside loops,
   shared memory per CTA;
 * theoretical occupancy on the arch's reference GPU (sm_90: H100, sm_80: A100): CTAs per SM is
   the least of the thread, CTA, register and shared-memory limits, where a warp holds
@@ -53,8 +54,6 @@ import datetime
 import math
 import os
 import re
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -63,6 +62,7 @@ import triton
 from . import RESULTS
 from .baseline import launch_args as baseline_args
 from .baseline import plain_attention_kernel
+from .compile_check import disassemble
 
 # (name, registers per SM, shared memory per SM, per CTA at most, threads per SM, CTAs per SM)
 GPUS = {90: ("H100", 65536, 228 * 1024, 227 * 1024, 2048, 32), 80: ("A100", 65536, 164 * 1024, 163 * 1024, 2048, 32)}
@@ -113,15 +113,6 @@ class Row:
     partitions: int = 0
     cta_warps: int = 0
     register_split: str = ""
-
-
-def disassemble(cubin: bytes) -> str:
-    """The SASS of a cubin, by the nvdisasm Triton ships."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def sass_graph(text: str) -> tuple:

@@ -395,7 +395,8 @@ BWD_TILED = Tuning(
       or c.bm * c.bn > ((2048 if _HOPPER_16(f) else 1024) if f.delta else 8192), "score tiles that spill"),
      (DROP, lambda f, c: f.single and f.sm90 and c.bm != 16, "float32 on sm_90: 16 x 16 only"),
      (DROP, lambda f, c: _HOPPER_16(f) and c.tile != (64, 32, 8),
-      "sm_90, 16-bit up to head dim 64: 64 x 32 on 8 warps only (32 x 32 spills), a custom delta included"),
+      "sm_90, 16-bit up to head dim 64: 64 x 32 on 8 warps only, a custom delta included (32 x 32 was read as "
+      "spilling: an 8-byte stack frame it never stores to, kernel log v8; untimed)"),
      (DROP, lambda f, c: f.sm8x and f.half and f.block <= 64 and f.frames and (c.bm, c.bn) == (64, 32),
       "sm_8x, 16-bit frame ids up to head dim 64: no 64 x 32")),
     # head dims over 128, which no row keeps: the input size's tiles with the fewest row words, on any
