@@ -19,6 +19,9 @@ from .._device import DEVICE
 from ..helpers import DELTA_KINDS, DTYPES, OPTION_GRID, assert_grads_close, dtype_id, make_delta, make_qkv, opts_id, \
     reference_grads, shape_id
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py): 112 interpreted backward calls
+
+
 def random_grad_out(q, v, *, layout_="bhnd", seed=10):
     """An output gradient (B, H, Nq, Dv), contiguous or as a strided (B, N, H, D) view."""
     B, H, nq, dv = *q.shape[:3], v.shape[-1]
