@@ -290,17 +290,25 @@ _SASS = """
 """
 
 
-@pytest.mark.parametrize("stack, sass, want", [(0, _SASS, 0), (8, "", 0), (64, _SASS, 4 + 8 + 16 + 1)],
-                         ids=["no_frame", "unused_frame", "stores"])
-def test_spill_bytes_are_what_the_local_stores_write(monkeypatch, stack, sass, want):
-    """A spill is a local store: its bytes, each store once (what ptxas -v counts); a stack frame no instruction
+@pytest.mark.parametrize("stack, local, sass, want", [(0, 0, _SASS, 0), (8, 0, "", 0), (64, 0, _SASS, 4 + 8 + 16 + 1),
+                                                      (0, 16, _SASS, 4 + 8 + 16 + 1)],
+                         ids=["no_frame", "unused_frame", "stores", "local_only"])
+def test_spill_bytes_are_what_the_local_stores_write(monkeypatch, stack, local, sass, want):
+    """A spill is a local store: its bytes, each instruction once (what ptxas -v counts); a stack frame no instruction
     stores to is none (ptxas reserves 8 B for an unused local array, as in the sm_90 dQ pass at head dim 80);
-    without a frame the SASS is not read."""
+    without a stack or local frame the SASS is not read."""
     from tools.perf import compile_check as cc
 
-    usage = f" Function k:\n  REG:217 STACK:{stack} SHARED:1024 LOCAL:0 CONSTANT[0]:744\n"
+    usage = f" Function k:\n  REG:217 STACK:{stack} SHARED:1024 LOCAL:{local} CONSTANT[0]:744\n"
     read = []
     monkeypatch.setattr(cc, "_dump", lambda tool, flags, cubin: read.append(tool) or (
         usage if tool == "cuobjdump" else sass))
     assert cc._resources(b"") == (217, want)
-    assert read == (["cuobjdump"] if stack == 0 else ["cuobjdump", "nvdisasm"])
+    assert read == (["cuobjdump"] if stack + local == 0 else ["cuobjdump", "nvdisasm"])
+
+
+def test_a_local_store_of_unknown_width_is_an_error():
+    from tools.perf import compile_check as cc
+
+    with pytest.raises(ValueError, match=r"\['EF'\]: 'STL.EF.64'"):
+        cc.spill_store_bytes("        /*0ea0*/                   STL.EF.64 [R1+0x34], R12 ;\n")
