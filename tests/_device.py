@@ -2,7 +2,8 @@
 
 Without CUDA the Triton kernels run in the interpreter on CPU tensors: TRITON_INTERPRET
 must be set before they are first loaded, so it is set when this module is imported
-(tests/conftest.py imports it at collection time).
+(tests/conftest.py imports it at collection time), with a step of the interpreter that repeats
+itself skipped (tests/_interpreter.py).
 """
 
 import os
@@ -11,5 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from . import _interpreter
+
+    _interpreter.install()  # one patch of triton.language per grid, not per helper call
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,46 @@
+"""tests/_interpreter.py, the interpreter step the suite skips: the same bits without it, and it applies."""
+
+import math
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+
+from .. import _interpreter
+from .._device import DEVICE
+from ..helpers import make_qkv
+
+pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the shim serves the Triton interpreter")
+
+
+def _run():
+    """Forward and backward through our kernels (tiled: frame ids and a key mask; packed: causal, global max,
+    sigma = inf), whose helpers call Triton's own (tl.max, tl.sum: their module sees tl.core, ours tl): the
+    outputs and gradients, and how many helper patches the shim skipped."""
+    skipped = _interpreter.skipped
+    results = []
+    gen = torch.Generator().manual_seed(3)
+    frames = vk.frame_ids(4, 32, text_before=7, device=DEVICE)  # 135 tokens: the tiled layout
+    key_mask = torch.rand(1, frames.numel(), generator=gen) > 0.2
+    for n, opts in ((frames.numel(), dict(frames=frames, sigma=0.7, key_mask=key_mask)),
+                    (40, dict(causal=True, max_mode="global", sigma=math.inf))):
+        q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, n, n, 32, 32, torch.float32, seed=5))
+        out = vk.tar_attention(q, k, v, backend="triton", **opts)
+        grad_out = torch.randn(out.shape, generator=gen)
+        results += [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+    return results, _interpreter.skipped - skipped
+
+
+def test_kernels_give_the_same_bits_without_the_shim():
+    assert _interpreter.interpreter._patch_lang is _interpreter._patch_lang_once, "tests/_device.py installs it"
+    _interpreter.uninstall()
+    try:
+        stock, none_skipped = _run()
+    finally:
+        _interpreter.install()
+    shimmed, skipped = _run()
+    assert none_skipped == 0 and skipped > 100  # it applies to the Triton installed (thousands a call)
+    for a, b in zip(stock, shimmed, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    assert not _interpreter._grids  # every grid's patch undone
