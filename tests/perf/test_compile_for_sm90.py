@@ -13,7 +13,7 @@ import sys
 import pytest
 import triton
 
-pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+pytestmark = pytest.mark.long(one_subprocess=True)  # scheduled first of all (tests/conftest.py)
 
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 

@@ -26,7 +26,7 @@ from vstar_kernels.bench.peers import PEERS
 from tools.perf.traffic import tiled_bytes
 from vstar_kernels.ops.launch import band_width
 
-pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+pytestmark = pytest.mark.long(one_subprocess=True)  # scheduled first of all (tests/conftest.py)
 
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
