@@ -157,7 +157,7 @@ ARANGE_OPTS = (dict(sigma=3.0), dict(sigma=0.5, strength=2.0), dict(sigma=3.0, c
                dict(sigma=40.0, max_mode="global"))
 
 
-@pytest.mark.parametrize("tiles", [None, dict(BLOCK_M=16, BLOCK_N=16)], ids=["default_tiles", "16x16"])
+@pytest.mark.parametrize("tiles", [None, dict(BLOCK_M=64, BLOCK_N=16)], ids=["default_tiles", "64x16"])
 def test_frames_arange_is_the_call_without_frames(tiles, monkeypatch):
     """Token i in frame i is today's Gaussian bit for bit where both run the tiled layout (150
     tokens: past the packed layout, which takes no ids) and the same tiles (the interpreter's; on a
