@@ -14,6 +14,7 @@
 #   speculation (not in all): the speculative one pass against two passes and the floor at the DiT shapes
 #   and forced flag rates 0 / 5 / 20 / 100%, and the launches timed apart (the row-max walk, the biased loop, the
 #   redo) with the profiler (benchmarks/speculation.py), budget SPEC_BUDGET_S.
+#   Both take SPEC_SHAPES (DiT shape names, default all) and speculation SPEC_RATES (default 0 0.05 0.2 1).
 #   kernels and e2e resume: cells this commit already measured in today's CSV (copied back into
 #   benchmarks/results/ between calls) are skipped, so a second call continues where the first
 #   one's time budget ran out. Budgets (seconds): TEST_BUDGET_S, KERNEL_BUDGET_S, E2E_BUDGET_S.
@@ -75,17 +76,20 @@ run_stage() {  # name, then the command
             run_stage "quick sweep" python3 -m vstar_kernels bench --quick --out "$RESULTS" --no-progress --resume --no-plots ;;
         speculation)
             run_stage "speculative one pass" python3 benchmarks/speculation.py --out "$RESULTS" \
-                --time-budget-s "$SPEC_BUDGET_S" ;;
+                --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} ${SPEC_RATES:+--rates $SPEC_RATES} ;;
         lean)
             run_stage "lean forward" python3 benchmarks/speculation.py --lean --out "$RESULTS" \
-                --time-budget-s "$SPEC_BUDGET_S" ;;
+                --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} ;;
         all | tests | kernels | e2e) ;;
         *)
             echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick, speculation, lean)"
             exit 2 ;;
     esac
-    run_stage "tables and plots" python3 benchmarks/plot_results.py \
-        $(ls "$RESULTS"/*-"$STAMP".csv 2>/dev/null | grep -v /speculation-)
+    # today's files only (with none, plot_results.py would render every committed one)
+    today=$(ls "$RESULTS"/*-"$STAMP".csv 2>/dev/null)
+    if [ -n "$today" ]; then
+        run_stage "tables and plots" python3 benchmarks/plot_results.py $today
+    fi
 } 2>&1 | tee "$LOG"
 
 if [ -n "${OUT:-}" ]; then
