@@ -4,8 +4,9 @@ forced flag rates (a GPU run; `run_gpu_sweep.sh speculation`).
 Real weights decide how many rows the speculative forward flags; none can be loaded where this project is
 built, so the data here is planted: every video query row scores one key highest, a key of its own frame or,
 for a chosen share of the rows (0, 5, 20, 100%), a key in the middle of a far frame (a key tile no guess
-walks). Correctness first: per call, the one pass must equal the two passes bit for bit, or the row says
-"mismatch" and is not timed. Rows: the harness's CSV schema (vstar_kernels.bench.measure.COLUMNS), impl
+walks). Correctness first: per call, the one pass must equal the two passes bit for bit where the autotuner
+picked the same tiles for both (else, their sums in another order, agree within the tolerance table; the setup's
+`check=`), or the row says "mismatch" and is not timed. Rows: the harness's CSV schema (vstar_kernels.bench.measure.COLUMNS), impl
 vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN SDPA on Hopper, FA3-class; flash SDPA
 elsewhere), setup naming the DiT shape, the planted and the measured flag rate and the tiles each form ran
 with (`chosen`: the autotuner's pick on a GPU). On a GPU the launches are also
@@ -140,10 +141,19 @@ def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, 
     measured = flagged / rows
     from vstar_kernels.ops import tar_fwd
 
+    tiles = chosen(tar_fwd._tiled_speculative), chosen(tar_fwd._tiled)
+    # bit for bit at the same tiles; where the autotuner picked other tiles for each form, their sums run in
+    # another order: within the tolerance table
+    check = "bitwise" if tiles[0] == tiles[1] else "tolerance"
     setup = (f"dit={name} planted_flag_rate={rate:g} flag_rate={measured:.4f} sigma={sigma:g} "
-             f"tiles_one_pass={chosen(tar_fwd._tiled_speculative)} tiles_two_pass={chosen(tar_fwd._tiled)}")
-    ok = torch.equal(one, two)
-    status = "ok" if ok else "mismatch: the one pass is not the two passes bit for bit"
+             f"tiles_one_pass={tiles[0]} tiles_two_pass={tiles[1]} check={check}")
+    if check == "bitwise":
+        ok = torch.equal(one, two)
+        status = "ok" if ok else "mismatch: the one pass is not the two passes bit for bit at the same tiles"
+    else:
+        atol, rtol = TOLERANCES[dtype]
+        ok = torch.allclose(one.float(), two.float(), atol=atol, rtol=rtol)
+        status = "ok" if ok else "mismatch: the one pass is outside the tolerance table against the two passes"
     cost = measure.ideal_cost(heads, frames.numel(), frames.numel(), d, d, q.element_size())
     calls = {"vstar_triton_one_pass": lambda: vk.tar_attention(q, k, v, sigma=sigma, frames=frames,
                                                                backend="triton"),
