@@ -169,12 +169,15 @@ class TritonBackend(Backend):
 
 class TritonLeanBackend(TritonBackend):
     """The lean forward (ops/tar_fwd_lean.py): TAR with the regular frame-id layout of the video DiTs, tensor
-    descriptors, warp-specialized on sm_90. An explicit opt-in, never "auto": it has not yet run on a GPU. Its
-    backward is the Triton backend's, which reads the statistics it saves."""
+    descriptors, warp-specialized on sm_90. An explicit opt-in, never "auto", and refused on a GPU until a GPU run
+    passes its tests (UNVERIFIED). Its backward is the Triton backend's, which reads the statistics it saves."""
 
     name = "triton-lean"
     kernel = "the lean Triton forward"
     SUPPORTED_MAX_HEAD_DIM = 128
+    UNVERIFIED = ("the lean Triton forward gave wrong outputs in its first GPU test run (an H200, 2026-11-26: "
+                  "short sequences of several key tiles) and runs in the Triton interpreter only until a GPU run "
+                  "passes tests/kernels/test_lean.py: use backend='triton'")
 
     def not_supported_reasons(self, problem):
         """The Triton backend's reasons, then what the lean kernel assumes (its own words for a key mask or float32,
@@ -191,6 +194,8 @@ class TritonLeanBackend(TritonBackend):
         if probe.ok and not probe.module.SUPPORTED:
             reasons.append(f"{self.kernel} needs a Triton with device-side tensor descriptors and warp "
                            f"specialization (3.4 or later), installed: {_env.triton_version()}")
+        if problem.device.type == "cuda" and probe.ok and not probe.module.GPU_VERIFIED:
+            reasons.append(self.UNVERIFIED)
         if problem.device.type == "cuda" and not reasons and torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(problem.device)
             if major != 9:

@@ -33,6 +33,13 @@ LAYOUTS = {"text_before": (3, 12, 7, 0), "text_after": (4, 9, 0, 5), "no_text": 
 SIGMA, STRENGTH = 1.5, 0.7
 
 
+@pytest.fixture(autouse=True)
+def on_a_gpu_too(monkeypatch):
+    """Dispatch refuses the lean forward on a GPU until these tests pass there (tar_fwd_lean.GPU_VERIFIED): they
+    run it anyway, to say whether they do."""
+    monkeypatch.setattr(tar_fwd_lean, "GPU_VERIFIED", True)
+
+
 def reference64(q, k, v, **opts):
     """The float64 reference on CPU (the frame ids as they are)."""
     return vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), **opts)
@@ -223,6 +230,18 @@ def test_refusals_name_the_argument():
         lean_call(big, big, big, vk.frame_ids(4, tar_fwd_lean.MAX_TOKENS // 4, device=DEVICE))
     with pytest.raises(unavailable, match="self-attention"):
         vk.tar_attention(q, k[:, :, :8], v[:, :, :8], frames=(ids, ids[:8]), backend="triton-lean")
+
+
+def test_refused_on_a_gpu_until_its_gpu_tests_pass(monkeypatch):
+    """The dispatcher's reason for CUDA tensors while GPU_VERIFIED is False (a stand-in problem: no GPU needed)."""
+    lean = dispatch.BACKENDS["triton-lean"]
+    cuda = make_problem(*qkv(1, 1, 16, 16, torch.float16), sigma=1.0, strength=1.0, delta=None, causal=False,
+                        max_mode="row", scale=None, frames=vk.frame_ids(2, 8, device=DEVICE))
+    monkeypatch.setattr(type(cuda), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(tar_fwd_lean, "GPU_VERIFIED", False)
+    assert lean.UNVERIFIED in lean.state_reasons(cuda)
+    monkeypatch.setattr(tar_fwd_lean, "GPU_VERIFIED", True)
+    assert lean.UNVERIFIED not in lean.state_reasons(cuda)
 
 
 def test_never_chosen_by_auto_and_listed_by_info():
