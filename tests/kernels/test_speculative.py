@@ -4,7 +4,8 @@ is the two-pass form's (speculate=False) bit for bit, and within the float64 tol
 
 Each case plants where a row's max lies: in a far frame, in a text key, in the last key tile, in
 exact ties between frames; every row flagged, none. The interpreter's tiles (64 x 64 forward) split
-the sequences into several query blocks and key tiles, so the redo gathers rows of several blocks.
+the sequences into several query blocks and key tiles, so the redo gathers rows of several blocks; on
+a GPU both forms run one config (`same_tiles`).
 """
 
 import math
@@ -24,6 +25,17 @@ from ..helpers import assert_close_to_reference, assert_grads_close, reference_g
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 
 D = 16
+
+
+@pytest.fixture(autouse=True)
+def same_tiles(monkeypatch):
+    """On a GPU the two forms are autotuned apart and may pick other tiles, whose sums run in another order (an
+    H200 run did: 128 x 64 against 64 x 32); bit equality is a property of one tile shape, so each form runs the
+    first config its pruning keeps, the same for both (the interpreter runs INTERPRETER_TILES already)."""
+    for tuner in (tar_fwd._tiled, tar_fwd._tiled_speculative):
+        if hasattr(tuner, "prune_configs"):
+            monkeypatch.setattr(tuner, "prune_configs", lambda kwargs, prune=tuner.prune_configs: prune(kwargs)[:1])
+            monkeypatch.setattr(tuner, "cache", {})
 
 
 def layout(name):
@@ -294,7 +306,7 @@ def test_the_op_compiles_with_counts():
     def call(q, k, v, counts):
         return vk.tar_attention(q, k, v, frames=frames, backend="triton", flags=counts)
 
-    eager, compiled = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    eager, compiled = (torch.zeros(2, dtype=torch.int64, device=DEVICE) for _ in range(2))
     out = call(q, k, v, eager)
     assert_bitwise(torch.compile(call, fullgraph=True, backend="eager")(q, k, v, compiled), out, "output")
     assert compiled.tolist() == eager.tolist() and eager[0] > 0
