@@ -179,6 +179,8 @@ def test_redo_rows_keep_their_state_over_tiles_they_do_not_take():
     assert_bitwise(stats1, stats2, "statistics")
 
 
+@pytest.mark.xfail(DEVICE == "cuda", strict=True, reason="a GPU's fused exp2(s * log2(e) - m2) at |s| near 1e35 is "
+                   "exp2 of a rounding error of 1e28: the two-pass form's video rows are NaN there (docs/semantics.md)")
 def test_overflowing_bias_in_text_rows():
     """A text row whose c_i = strength * m_i overflows float32 while its scores are finite is NaN in the two-pass
     form (c_i * 0 = NaN) and so in the one pass: flagged and redone, in a block with video rows and in a block
