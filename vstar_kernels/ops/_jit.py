@@ -110,15 +110,6 @@ def fma_each(a, f, b):
 
 
 @triton.jit
-def where_each(cond, a, b):
-    """where(cond, a[c], b[c]) for each chunk (cond broadcasts against a chunk)."""
-    out = ()
-    for i in tl.static_range(len(a)):
-        out = out + (tl.where(cond, a[i], b[i]),)
-    return out
-
-
-@triton.jit
 def f32_each(a):
     """Each chunk of a as float32."""
     out = ()

@@ -24,7 +24,7 @@ from ._jit import INTERPRETING  # noqa: F401 (_load.triton_state reads it here)
 from ._jit import _NO_VIDEO, _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View, add_bias, bias_source, \
     block_coords, div_each, fma_each, frame_bias, frame_ids, head_cols, key_scores, load_tile, masked_scores, \
     max_nan, mma_each, mma_nt, nanmax, packed_coords, packed_delta, packed_exp, packed_max, packed_qkv, packed_rows, \
-    seq_view, store_tile, where_each, zeros_each
+    seq_view, store_tile, zeros_each
 from .launch import FWD_PACKED, FWD_TILED, band_width, common_meta, delta_args, frame_args, frame_band_width, \
     interpreter_tiles, packed, packed_launch, tiled_only, tuned, tuned_config, vector_width
 from .layout import STATS_FIELDS, pow2
@@ -154,10 +154,12 @@ def _softmax_tiles(state, q, rows, row_ok, keys, src, c, lo, hi, scale, BLOCK_N:
     per score. With opt.HAS_KEY_MASK (and MASK) the keys the mask drops are masked; a row with no
     key so far keeps run_max = -inf and denom = 0. SPECULATE: state[3] keeps the running max of the
     unbiased scores. TAKE (the redo kernel, rows of several query blocks): each row takes only the
-    tiles outside (1) or inside (2) its block's band, band = (lo, hi, end) per row; over the tiles it
-    does not take its state is kept as it was, bit for bit (not updated with scores of -inf: a v of
-    inf there gives 0 * inf = NaN, and on a GPU alpha of an unchanged max, exp2 of a contracted
-    run_max * log2(e) - m2, need not be 1).
+    tiles outside (1) or inside (2) its block's band, band = (lo, hi, end) per row; the tiles it does
+    not take are all -inf for it (p = 0) and its alpha is set to 1, which leaves its state unchanged
+    bit for bit (on a GPU alpha of an unchanged max, exp2 of a contracted run_max * log2(e) - m2, need
+    not be 1; a select of the whole state instead costs the redo's loop at 128 x 64 on sm_90 0.21
+    warp-instructions a score and 260 B of spills); an inf or NaN in v there still reaches it through
+    0 * inf, as docs/semantics.md allows for rows sharing a tile with that key.
     """
     run_max, denom, acc, raw = state
     for start in range(lo, hi, BLOCK_N):
@@ -185,14 +187,12 @@ def _softmax_tiles(state, q, rows, row_ok, keys, src, c, lo, hi, scale, BLOCK_N:
         m2 = tl.where(new_max == float("-inf"), 0.0, new_max * 1.4426950408889634)
         alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
         p = tl.exp2(s * 1.4426950408889634 - m2[:, None])
+        if TAKE != 0:  # p is 0 for a row that does not take the tile; its alpha is made 1 (see above)
+            alpha = tl.where(take, alpha, 1.0)
+        denom = denom * alpha + tl.sum(p, 1)
         # every key's v, masked or not, as the definition's P @ V (weight 0 for a masked key)
         v = load_tile(keys.v, j, col_in, opt.VEC)
-        if TAKE == 0:
-            denom = denom * alpha + tl.sum(p, 1)
-            acc = fma_each(acc, alpha[:, None], mma_each(p, v, opt.PRECISION))
-        else:
-            denom = tl.where(take, denom * alpha + tl.sum(p, 1), denom)
-            acc = where_each(take[:, None], fma_each(acc, alpha[:, None], mma_each(p, v, opt.PRECISION)), acc)
+        acc = fma_each(acc, alpha[:, None], mma_each(p, v, opt.PRECISION))
         run_max = new_max
     return run_max, denom, acc, raw
 
