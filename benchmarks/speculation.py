@@ -5,9 +5,9 @@ Real weights decide how many rows the speculative forward flags; none can be loa
 built, so the data here is planted: every video query row scores one key highest, a key of its own frame or,
 for a chosen share of the rows (0, 5, 20, 100%), a key in the middle of a far frame (a key tile no guess
 walks). Correctness first: per call, the one pass must equal the two passes bit for bit where the autotuner
-picked the same tiles for both (else, their sums in another order, agree within the tolerance table; the setup's
-`check=`), or the row says "mismatch" and is not timed. Rows: the harness's CSV schema (vstar_kernels.bench.measure.COLUMNS), impl
-vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN SDPA on Hopper, FA3-class; flash SDPA
+picked the same tiles for both (else, their sums in another order, agree within the tolerance table; the
+setup's `check=`), or the row says "mismatch" and is not timed. Rows: the harness's CSV schema
+(vstar_kernels.bench.measure.COLUMNS), impl vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN SDPA on Hopper, FA3-class; flash SDPA
 elsewhere), setup naming the DiT shape, the planted and the measured flag rate and the tiles each form ran
 with (`chosen`: the autotuner's pick on a GPU). On a GPU the launches are also
 timed apart (the profiler's kernel records, `kernel_times`): at each rate the one pass's main launch (the guess

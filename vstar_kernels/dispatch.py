@@ -194,13 +194,13 @@ class TritonLeanBackend(TritonBackend):
         if probe.ok and not probe.module.SUPPORTED:
             reasons.append(f"{self.kernel} needs a Triton with device-side tensor descriptors and warp "
                            f"specialization (3.4 or later), installed: {_env.triton_version()}")
-        if problem.device.type == "cuda" and probe.ok and not probe.module.GPU_VERIFIED:
-            reasons.append(self.UNVERIFIED)
         if problem.device.type == "cuda" and not reasons and torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(problem.device)
             if major != 9:
                 reasons.append(f"{self.kernel} is built for sm_90 (Hopper); compiled for sm_80 it spills "
                                f"(tools.perf static), and this GPU is sm_{major}{minor}: use backend='triton'")
+        if problem.device.type == "cuda" and probe.ok and not probe.module.GPU_VERIFIED:
+            reasons.append(self.UNVERIFIED)  # last: the reasons above hold whatever a GPU run says
         return reasons
 
     def forward(self, problem, stats=None, flags=None):

@@ -92,6 +92,7 @@ def test_frames_and_modes(max_mode, causal):
     assert_grads_close([g.cpu() for g in grads], reference_grads(q, k, v, grad_out, **ref_opts), torch.float16)
 
 
+@pytest.mark.usefixtures("same_tiles")  # tests/kernels/conftest.py
 def test_speculative_bit_for_bit():
     """The one pass at D 80 with a row max planted in a far frame (rows flagged and redone, gathered
     from several query blocks): output and saved statistics the two passes' bit for bit."""

@@ -5,7 +5,7 @@ is the two-pass form's (speculate=False) bit for bit, and within the float64 tol
 Each case plants where a row's max lies: in a far frame, in a text key, in the last key tile, in
 exact ties between frames; every row flagged, none. The interpreter's tiles (64 x 64 forward) split
 the sequences into several query blocks and key tiles, so the redo gathers rows of several blocks; on
-a GPU both forms run one config (`same_tiles`).
+a GPU both forms run one config (`same_tiles`, tests/kernels/conftest.py).
 """
 
 import math
@@ -22,20 +22,10 @@ from vstar_kernels.ops.layout import STATS_FIELDS
 from .._device import DEVICE
 from ..helpers import assert_close_to_reference, assert_grads_close, reference_grads
 
-pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+pytestmark = [pytest.mark.long,  # scheduled first (tests/conftest.py)
+              pytest.mark.usefixtures("same_tiles")]  # tests/kernels/conftest.py
 
 D = 16
-
-
-@pytest.fixture(autouse=True)
-def same_tiles(monkeypatch):
-    """On a GPU the two forms are autotuned apart and may pick other tiles, whose sums run in another order (an
-    H200 run did: 128 x 64 against 64 x 32); bit equality is a property of one tile shape, so each form runs the
-    first config its pruning keeps, the same for both (the interpreter runs INTERPRETER_TILES already)."""
-    for tuner in (tar_fwd._tiled, tar_fwd._tiled_speculative):
-        if hasattr(tuner, "prune_configs"):
-            monkeypatch.setattr(tuner, "prune_configs", lambda kwargs, prune=tuner.prune_configs: prune(kwargs)[:1])
-            monkeypatch.setattr(tuner, "cache", {})
 
 
 def layout(name):
@@ -161,8 +151,6 @@ def test_non_finite_rows():
     assert_bitwise(stats1, stats2, "statistics")
 
 
-@pytest.mark.xfail(DEVICE == "cuda", strict=True, reason="a GPU's fused exp2(s * log2(e) - m2) at |s| near 1e35 is "
-                   "exp2 of a rounding error of 1e28: the two-pass form's video rows are NaN there (docs/semantics.md)")
 def test_overflowing_bias_in_text_rows():
     """A text row whose c_i = strength * m_i overflows float32 while its scores are finite is NaN in the two-pass
     form (c_i * 0 = NaN) and so in the one pass: flagged and redone, in a block with video rows and in a block
@@ -172,7 +160,9 @@ def test_overflowing_bias_in_text_rows():
     q[0, 0, [3, 68, 100]] *= 4000  # text rows of a text-only block (3) and of a mixed block (68), a video row
     out2, stats2, _ = forward(q, k, v, frames, False, strength=1e36)
     out1, stats1, flags = forward(q, k, v, frames, True, strength=1e36)
-    assert out2[0, 0, [3, 68, 100]].isnan().all() and not out2[0, 1].isnan().any()
+    assert out2[0, 0, [3, 68, 100]].isnan().all()
+    if DEVICE == "cpu":  # a GPU's fused exp2 at biased scores near 1e35 loses head 1's rows (docs/semantics.md)
+        assert not out2[0, 1].isnan().any()
     assert_bitwise(out1, out2, "output")
     assert_bitwise(stats1, stats2, "statistics")
 

@@ -342,8 +342,8 @@ FWD_TILED = Tuning(
       and c.stages == 2 and not (f.a.get("GLOBAL_MAX") or f.a.get("CAUSAL") or f.a.get("HAS_KEY_MASK")),
       "sm_90, frame ids with the row max, the 16-bit Gaussian in 128 columns (q, k and v), no causal mask or key "
       "mask: 128 x 64 on 8 warps with 2 stages (compiled at Wan 480p: two passes 228-230 registers, no spill; the "
-      "speculative form and its redo spill 24 and 52 B, no local access in a loop; with 3 stages the speculative "
-      "form has 6 local accesses in its loops; kernel log v7, v7b, v8)"),
+      "speculative form spills 24 B, no local access in a loop, and its redo 112 B, 17 local accesses in its loops; "
+      "with 3 stages the speculative form has 6 local accesses in its loops; kernel log v7, v7b, v8, v9)"),
      (DROP, lambda f, c: f.wide and (c.bm > 64 or c.bn > 64), "above head dim 128 at most 64 x 64"),
      (DROP, lambda f, c: c.warps == 4 and (c.bm > 64 or c.bn > 32), "on 4 warps at most 64 x 32"),
      (DROP, lambda f, c: f.sm8x and f.biased and c.bn > 32 and (f.delta or f.frames or f.deep and f.block <= 96),

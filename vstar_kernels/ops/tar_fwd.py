@@ -417,8 +417,8 @@ def _tar_fwd_redo_kernel(
     order, from LIST (`_tar_fwd_list_kernel`), with their max from MAXES, and exits at once when
     there are none (no host synchronisation). Rows of several query blocks share its tiles: each row
     takes its block's key tiles in its block's order (the off-band ones, then the band) and skips the
-    others (all -inf for it: no change to its state), so its output and statistics are the two-pass
-    ones bit for bit. Arguments as the tiled kernel's,
+    others (all -inf for it, its alpha 1: no change to its state; `_softmax_tiles`), so its output and
+    statistics are the two-pass ones bit for bit at the same tiles. Arguments as the tiled kernel's,
     the Gaussian with frame ids (no delta, the row max).
     """
     opt: tl.constexpr = Options(CAUSAL, False, True, HAS_KEY_MASK, True, PRECISION, VEC)
