@@ -7,9 +7,9 @@ for a chosen share of the rows (0, 5, 20, 100%), a key in the middle of a far fr
 walks). Correctness first: per call, the one pass must equal the two passes bit for bit where the autotuner
 picked the same tiles for both (else, their sums in another order, agree within the tolerance table; the
 setup's `check=`), or the row says "mismatch" and is not timed. Rows: the harness's CSV schema
-(vstar_kernels.bench.measure.COLUMNS), impl vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN SDPA on Hopper, FA3-class; flash SDPA
-elsewhere), setup naming the DiT shape, the planted and the measured flag rate and the tiles each form ran
-with (`chosen`: the autotuner's pick on a GPU). On a GPU the launches are also
+(vstar_kernels.bench.measure.COLUMNS), impl vstar_triton_two_pass, vstar_triton_one_pass or sdpa_floor (cuDNN
+SDPA on Hopper, FA3-class; flash SDPA elsewhere), setup naming the DiT shape, the planted and the measured flag
+rate and the tiles each form ran with (`chosen`: the autotuner's pick on a GPU). On a GPU the launches are also
 timed apart (the profiler's kernel records, `kernel_times`): at each rate the one pass's main launch (the guess
 walk, the biased loop, the flags), the listing of the flagged rows in row order and the redo launch; at the first
 rate the halves of the two-pass form, which max_mode="global" runs as two launches: the walk of every key tile
