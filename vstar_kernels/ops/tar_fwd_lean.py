@@ -284,6 +284,20 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
     warp_specialize: None lets the autotuner choose among the configs (FWD_LEAN); True or False keeps only the
     configs with or without warp specialization (the benchmark times both).
     """
+    out, launch = _launch(problem, stats)
+    tiles = interpreter_tiles("lean")
+    if launch is not None and tiles:  # the interpreter: one config, warp specialization a no-op there
+        launch(_lean[None], **tiles, WARP_SPECIALIZE=bool(warp_specialize))
+    elif launch is not None:
+        with scratch_allocator():
+            launch(_lean[warp_specialize])
+    return out
+
+
+def _launch(problem: TarProblem, stats: torch.Tensor | None):
+    """(out, launch): the output tensor and launch(kernel, **config) running `kernel` (an autotuner of
+    _tar_fwd_lean_kernel, or the kernel itself with a config's constexprs and options) on the problem; launch is
+    None when there is nothing to compute. The tests run every config of FWD_LEAN through it."""
     reasons = layout_reasons(problem)
     if reasons:
         raise ValueError("; ".join(reasons))
@@ -296,17 +310,11 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
         raise ValueError(f"stats must be a contiguous float32 ({bh}, {n}, {STATS_FIELDS}) tensor, "
                          f"got {stats.dtype} {tuple(stats.shape)}")
     if bh == 0 or n == 0:
-        return out
+        return out, None
     _, _, gauss_coef = delta_args(problem)
     strides = [descriptor_strides(t) for t in (q, k, v, out)]
     args = (q, k, v, out, stats, *strides, problem.heads, n, before, 1.0 / per_frame, frames * per_frame, problem.scale,
             problem.strength, gauss_coef)
     meta = dict(HEAD_DIM=d, SAVE_STATS=stats is not None, PRECISION=common_meta(problem)["PRECISION"])
     grid = lambda m: (bh * triton.cdiv(n, m["BLOCK_M"]),)  # noqa: E731
-    tiles = interpreter_tiles("lean")
-    if tiles:  # the interpreter: one config, warp specialization a no-op there
-        _lean[None][grid](*args, **meta, **tiles, WARP_SPECIALIZE=bool(warp_specialize))
-        return out
-    with scratch_allocator():
-        _lean[warp_specialize][grid](*args, **meta)
-    return out
+    return out, lambda kernel, **config: kernel[grid](*args, **meta, **config)
