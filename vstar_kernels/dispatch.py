@@ -176,8 +176,8 @@ class TritonLeanBackend(TritonBackend):
     kernel = "the lean Triton forward"
     SUPPORTED_MAX_HEAD_DIM = 128
     UNVERIFIED = ("the lean Triton forward gave wrong outputs in its first GPU test run (an H200, 2026-11-26: "
-                  "short sequences of several key tiles) and runs in the Triton interpreter only until a GPU run "
-                  "passes tests/kernels/test_lean.py: use backend='triton'")
+                  "Triton 3.9's warp specialization shifted half a block's rows, avoided since) and runs in the "
+                  "Triton interpreter only until a GPU run passes tests/kernels/test_lean.py: use backend='triton'")
 
     def not_supported_reasons(self, problem):
         """The Triton backend's reasons, then what the lean kernel assumes (its own words for a key mask or float32,

@@ -12,7 +12,8 @@ gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
 so its output agrees with it to rounding, not bit for bit; the float64 reference and the tolerance table are its
 tests (tests/kernels/test_lean.py).
 
-Not chosen by "auto", and refused on a GPU (GPU_VERIFIED): its first GPU test run gave wrong outputs.
+Not chosen by "auto", and refused on a GPU (GPU_VERIFIED): its first GPU test run gave wrong outputs, from a
+miscompile its rows now avoid (below), not yet run on a GPU since.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ DESCRIPTOR_ALIGN = 16
 # Whether dispatch lets the lean forward run on a GPU. Its first GPU test run (an H200, 2026-11-26, Triton 3.9.0;
 # benchmarks/NOTES.md) failed 4 of tests/kernels/test_lean.py's cases with wrong outputs (errors up to 0.67 on
 # sequences of 96 and 182 tokens, several key tiles, configs the autotuner picked) that the interpreter does not
-# show, while its rows at Wan 480p and CogVideoX agreed with the tiled forward: refused there until a GPU run
-# passes them. Its GPU tests set it to run the kernel; the benchmark's lean stage calls lean_forward itself.
+# show, while its rows at Wan 480p and CogVideoX agreed with the tiled forward. The cause, read in the sm_90 TTGIR
+# without a GPU: warp-specialized, the second 64-row partition took rows start_m + 128..191 for its frame ids and
+# statistics (see the kernel); avoided since, but refused there until a GPU run passes them. Its GPU tests set it
+# to run the kernel; the benchmark's lean stage calls lean_forward itself.
 GPU_VERIFIED = False
 
 # Sequences shorter than this (2**22 tokens): `frame_of`'s float32 floor is exact below it.
@@ -117,8 +120,12 @@ def _tar_fwd_lean_kernel(
     m = raw * scale
     c = tl.where(video, strength * m, 0.0)
 
-    rows = start_m + tl.arange(0, BLOCK_M)
-    fq = frame_of(rows, BEFORE, INV_PER_FRAME, VIDEO)
+    # The block's rows as offsets from start_m, start_m folded into the scalars (BEFORE - start_m, N - start_m, the
+    # stats' base): warp-specialized, Triton 3.9 splits the block into two 64-row partitions and in the second one
+    # shifts both tl.arange's range and a splat of start_m by 64, so that start_m + tl.arange(0, BLOCK_M) read rows
+    # start_m + 128..191 there (the sm_90 TTGIR; the wrong outputs of the first GPU run, benchmarks/NOTES.md).
+    offs = tl.arange(0, BLOCK_M)
+    fq = frame_of(offs, BEFORE - start_m, INV_PER_FRAME, VIDEO)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -160,8 +167,8 @@ def _tar_fwd_lean_kernel(
     out = acc / denom[:, None]
     o_desc.store([start_m, 0], cast(out, O.dtype.element_ty))
     if SAVE_STATS:
-        row_ok = rows < N
-        stat = (seq.to(tl.int64) * N + rows) * _STATS_N
+        row_ok = offs < N - start_m
+        stat = (seq.to(tl.int64) * N + start_m + offs) * _STATS_N
         tl.store(STATS + stat + _STAT_MAX, m, mask=row_ok)
         tl.store(STATS + stat + _STAT_LSE, run_max + tl.log(denom), mask=row_ok)
 
