@@ -12,8 +12,8 @@ import torch
 
 from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import layout
-from vstar_kernels.ops.launch import BWD_PACKED, BWD_TILED, FWD_PACKED, FWD_TILED, common_meta, packed_segments, \
-    target_sm, targeting
+from vstar_kernels.ops.launch import BWD_PACKED, BWD_TILED, FWD_PACKED, FWD_TILED, FWD_TILED_SPECULATIVE, \
+    SPECULATIVE_MAXNREG, common_meta, packed_segments, target_sm, targeting
 
 
 def dims(d):
@@ -288,3 +288,39 @@ def test_target_sm_is_the_named_arch_or_none_off_cuda():
             assert target_sm(torch.empty(1)) == 80
         assert target_sm(torch.empty(1)) == 90
     assert target_sm(torch.empty(1)) is None
+
+
+@pytest.mark.parametrize("sm", [80, 90])
+@pytest.mark.parametrize("d", [16, 64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_speculative_configs_add_register_capped_64_x_32(sm, d, dtype):
+    """The speculative one pass keeps the two passes' configs, in their order, each 64 x 32 on 4 warps followed by
+    the same capped at SPECULATIVE_MAXNREG registers on sm_90 (nothing else, nowhere else): the first and the last config the two
+    forms keep are the same (the tests' `same_tiles`, `tools.perf static`'s first-and-last), and a launch that
+    follows the speculative form's config (the redo) runs its cap (`tuned_config`)."""
+    frames = dict(REGULARIZE=True, HAS_DELTA=False, GLOBAL_MAX=False, HAS_FRAMES=True)
+    with _target(sm):
+        args = {"Q": torch.empty(1, dtype=dtype)}
+        plain = FWD_TILED.prune(FWD_TILED.configs, args, **dims(d), **frames)
+        spec = FWD_TILED_SPECULATIVE.prune(FWD_TILED_SPECULATIVE.configs, args, **dims(d), **frames)
+    expected = [x for c in plain for x in ([c, c] if sm == 90 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                                  c.num_warps) == (64, 32, 4) else [c])]
+    key = lambda c: (c.kwargs, c.num_warps, c.num_stages)  # noqa: E731
+    assert [key(c) for c in spec] == [key(c) for c in expected] and spec[0] is plain[0] and spec[-1] is plain[-1]
+    capped = [c for c in spec if c.maxnreg]
+    assert all(c.maxnreg == SPECULATIVE_MAXNREG and key(c)[1:] == (4, c.num_stages) for c in capped)
+    assert len(capped) == (sm == 90) * sum(1 for c in plain if key(c)[1] == 4 and c.kwargs == dict(BLOCK_M=64,
+                                                                                                    BLOCK_N=32))
+    assert capped or not (sm == 90 and d == 64 and dtype != torch.float32)  # CogVideoX's and LTX-Video's launch
+
+
+def test_tuned_config_carries_the_register_cap(monkeypatch):
+    from vstar_kernels.ops import launch
+
+    monkeypatch.setattr(launch, "INTERPRETING", False)
+    capped = next(c for c in FWD_TILED_SPECULATIVE.configs if c.maxnreg)
+    tuner = type("Tuner", (), {"best_config": capped})()
+    assert launch.tuned_config(tuner, "forward") == dict(BLOCK_M=64, BLOCK_N=32, num_warps=4,
+                                                         num_stages=capped.num_stages, maxnreg=SPECULATIVE_MAXNREG)
+    tuner.best_config = FWD_TILED.configs[0]
+    assert "maxnreg" not in launch.tuned_config(tuner, "forward")

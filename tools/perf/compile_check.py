@@ -183,7 +183,7 @@ def spill_store_bytes(sass: str) -> int:
 
 def config_text(config) -> str:
     return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"warps={config.num_warps}",
-                     f"stages={config.num_stages}"])
+                     f"stages={config.num_stages}", *([f"maxnreg={config.maxnreg}"] if config.maxnreg else [])])
 
 
 def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> list:

@@ -201,9 +201,9 @@ def _config_fields(config: str) -> dict:
 
 
 def short_config(config: str) -> str:
-    """'BLOCK_M=128 BLOCK_N=64 warps=8 stages=3' -> '8w 3st'."""
+    """'BLOCK_M=128 BLOCK_N=64 warps=8 stages=3' -> '8w 3st' (and ' r168' after a register cap, maxnreg=168)."""
     fields = _config_fields(config)
-    return f"{fields['warps']}w {fields['stages']}st"
+    return f"{fields['warps']}w {fields['stages']}st" + (f" r{fields['maxnreg']}" if "maxnreg" in fields else "")
 
 
 # The tiled forward's MMA loops in source order (ops/tar_fwd.py), which static.py's `loop` = 1, 2, ...

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -225,13 +225,14 @@ KEEP, DROP = True, False
 
 
 class _Tile:
-    """A config as the rules read it: bm, bn (BLOCK_M, BLOCK_N), rows (ROWS), warps, stages, tile."""
+    """A config as the rules read it: bm, bn (BLOCK_M, BLOCK_N), rows (ROWS), warps, stages, tile, cap (maxnreg)."""
 
     def __init__(self, c):
         self.config, k = c, c.kwargs
         self.bm, self.bn, self.rows, self.warps, self.stages = k.get("BLOCK_M"), k.get("BLOCK_N"), k.get("ROWS"), \
             c.num_warps, c.num_stages
         self.tile = (self.bm, self.bn, self.warps)
+        self.cap = c.maxnreg
 
 
 def facts(a: dict) -> SimpleNamespace:
@@ -283,12 +284,14 @@ def tuned(kernel, tuning: Tuning, key: list):
 
 
 def tuned_config(tuner, direction: str) -> dict:
-    """The tiles, warps and stages of `tuner`'s latest launch (INTERPRETER_TILES[direction] in the
-    interpreter), for a launch that must run the same config (the dK/dV pass runs the dQ pass's)."""
+    """The tiles, warps, stages and register cap (if any) of `tuner`'s latest launch (INTERPRETER_TILES[direction]
+    in the interpreter), for a launch that must run the same config (the dK/dV pass runs the dQ pass's, the redo
+    the speculative form's)."""
     if INTERPRETING:
         return dict(INTERPRETER_TILES[direction])
     config = tuner.best_config
-    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    cap = dict(maxnreg=config.maxnreg) if config.maxnreg else {}
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **cap)
 
 
 def _configs(tiles, stages) -> list:
@@ -359,6 +362,20 @@ FWD_TILED = Tuning(
      (DROP, lambda f, c: f.sm8x and f.biased and f.half and (not f.deep or f.block == 96) and (c.bm, c.bn) == (64, 32)
       and c.stages > 2, "sm_8x, the 16-bit bias up to head dim 64 and at 96 columns: 64 x 32 with 2 stages only "
                         "(3 spilled 32 B at D 96)")))
+
+# The speculative one pass (frame ids) tunes over FWD_TILED's configs and, after each 64 x 32 config on 4 warps, the
+# same capped at 168 registers (Config.maxnreg): compiled for sm_90 at CogVideoX (bf16, head dim 64), the form takes
+# 176 registers with 2 stages and 190 with 3 (2 programs an SM) where two passes take 148 and 158 (3); capped, 168
+# and 157 without a spill and with the same hot loop (1.107 and 1.129 warp-instructions a score; ~50 more outside
+# the loops): 3 programs. Two passes ran 64 x 32 x 4 on an H200 (24.6 ms) where the one pass, tuned to 128 x 64 x 8,
+# took 26.7 (benchmarks/NOTES.md); the tuner picks between them on the GPU. The redo runs the same config (capped:
+# 152 and 154 registers, no spill). sm_90 only: on sm_80 the capped form spilled 8 B, in its loops.
+SPECULATIVE_MAXNREG = 168
+FWD_TILED_SPECULATIVE = replace(FWD_TILED, configs=[
+    x for c in FWD_TILED.configs
+    for x in ([c, triton.Config(c.kwargs, num_warps=4, num_stages=c.num_stages, maxnreg=SPECULATIVE_MAXNREG)]
+              if (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps) == (64, 32, 4) else [c])],
+    rules=((DROP, lambda f, c: c.cap and not f.sm90, "a register cap on sm_90 only"), *FWD_TILED.rules))
 
 # Five (SEQS x SEG_Q x SEG_K) float32 tiles live at once (S', P, dP, dS, dA).
 BWD_PACKED = Tuning(

@@ -25,8 +25,8 @@ from ._jit import _NO_VIDEO, _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View
     block_coords, div_each, fma_each, frame_bias, frame_ids, head_cols, key_scores, load_tile, masked_scores, \
     max_nan, mma_each, mma_nt, nanmax, packed_coords, packed_delta, packed_exp, packed_max, packed_qkv, packed_rows, \
     seq_view, store_tile, zeros_each
-from .launch import FWD_PACKED, FWD_TILED, band_width, common_meta, delta_args, frame_args, frame_band_width, \
-    interpreter_tiles, packed, packed_launch, tiled_only, tuned, tuned_config, vector_width
+from .launch import FWD_PACKED, FWD_TILED, FWD_TILED_SPECULATIVE, band_width, common_meta, delta_args, frame_args, \
+    frame_band_width, interpreter_tiles, packed, packed_launch, tiled_only, tuned, tuned_config, vector_width
 from .layout import STATS_FIELDS, pow2
 
 
@@ -474,7 +474,7 @@ _tiled_row_max = tuned(_tar_fwd_row_max_kernel, FWD_TILED, ["N_BUCKET", "BLOCK_D
 _TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSAL", "HAS_DELTA", "REGULARIZE",
               "GLOBAL_MAX", "ONE_PASS", "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"]
 _tiled = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)
-_tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)  # tuned apart from two passes
+_tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED_SPECULATIVE, _TILED_KEY)  # tuned apart from two passes
 _redo = _tar_fwd_redo_kernel  # run with the speculative launch's config (launch.tuned_config)
 _list = _tar_fwd_list_kernel
 _LIST = dict(SLOTS=128, BLOCKS=32)  # _tar_fwd_list_kernel's rows per program, and query blocks per pass
