@@ -135,6 +135,38 @@ def test_16_bit_inputs(dtype):
     assert_bitwise(stats1, stats2, "statistics")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a register cap (launch.FWD_TILED_SPECULATIVE) is a GPU compile option; "
+                                              "the interpreter runs no config")
+def test_register_capped_config_bit_for_bit(monkeypatch):
+    """The speculative form on a 64 x 32 x 4 config capped at SPECULATIVE_MAXNREG registers (its main kernel and,
+    every video row flagged, its redo) against two passes on the same config uncapped: bit for bit, a cap being a
+    register allocation. On a GPU whose pruning keeps no capped config (not sm_90): skipped there."""
+    from vstar_kernels.ops.launch import SPECULATIVE_MAXNREG
+
+    def pin(tuner, capped):
+        prune = type(tuner).prune_configs.__get__(tuner)  # under same_tiles' pin
+
+        def pick(kwargs):
+            kept = [c for c in prune(kwargs) if c.maxnreg == capped and c.num_warps == 4
+                    and c.kwargs == dict(BLOCK_M=64, BLOCK_N=32)][:1]
+            if not kept:
+                pytest.skip("this GPU's pruning keeps no register-capped 64 x 32 x 4 config (sm_90, 16-bit, D <= 64)")
+            return kept
+        monkeypatch.setattr(tuner, "prune_configs", pick)
+        monkeypatch.setattr(tuner, "cache", {})
+
+    pin(tar_fwd._tiled_speculative, SPECULATIVE_MAXNREG)
+    pin(tar_fwd._tiled, None)
+    frames = layout("no_text")
+    q, k, v = qkv(frames, dtype=torch.float16, seed=8)
+    PLANTS["all"](q, k, frames)
+    out2, stats2, _ = forward(q, k, v, frames, False)
+    out1, stats1, flags = forward(q, k, v, frames, True)
+    assert tar_fwd._tiled_speculative.best_config.maxnreg == SPECULATIVE_MAXNREG and flags.sum() > 0
+    assert_bitwise(out1, out2, "output")
+    assert_bitwise(stats1, stats2, "statistics")
+
+
 def test_non_finite_rows():
     """A NaN key in a far frame, and a video and a text query row with infinite scores (c * m_i = inf):
     NaN rows and saved maxima as the two-pass form's."""
