@@ -126,9 +126,9 @@ PICKABLE = [(c, d) for d in (32, 128) for c in FWD_LEAN.prune(FWD_LEAN.configs, 
 def test_every_config_on_several_key_tiles(config, d):
     """Each config the autotuner may pick, run as it is (on a GPU the tuner picks one per call, and not the same one
     on every GPU or size), on 182 tokens: three key tiles of 64, text blocks on both sides of the video. The output
-    against the float64 reference; the saved row max against the tiled forward's to a few float32 ulps (the two
-    kernels' products need not sum a score's terms in one order: at head dim 128 the interpreter's 128 x 128 and
-    64 x 64 products differ in the last bit). The first GPU run failed cases of this kind: the warp-specialized
+    against the float64 reference; the saved row max against the tiled forward's, bit for bit at head dim 32 and to a
+    few float32 ulps at 128 (there the two kernels' products need not sum a score's terms in one order: the
+    interpreter's 128 x 128 and 64 x 64 products differ in the last bit). The first GPU run failed cases of this kind: the warp-specialized
     configs computed rows 64-127 of each block as rows 128-191 (`_tar_fwd_lean_kernel`'s rows). In the interpreter,
     where BLOCK_M = 128 is one program, WARP_SPECIALIZE=True runs the path without the branches."""
     ids = vk.frame_ids(2, 16, text_before=70, text_after=80, device=DEVICE)
@@ -141,7 +141,7 @@ def test_every_config_on_several_key_tiles(config, d):
         launch(tar_fwd_lean._tar_fwd_lean_kernel, **config.all_kwargs())
     assert_close_to_reference(out.cpu(), reference64(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=ids.cpu()))
     tiled = _tar_attention(*problem.op_args(), "triton", True, False)[1]
-    torch.testing.assert_close(stats[..., STAT_MAX], tiled[..., STAT_MAX], atol=0, rtol=1e-6)
+    torch.testing.assert_close(stats[..., STAT_MAX], tiled[..., STAT_MAX], atol=0, rtol=0 if d == 32 else 1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
