@@ -344,18 +344,17 @@ def _flag_rows(COUNT, LIST, MAXES, STATS, seq, mb, NQ, rows, row_ok, video, gues
     flagged rows listed for the redo (their number in COUNT, their positions at the block's own
     slots of LIST, their max in MAXES).
 
-    raw is the unbiased scores' running max: the row max where no score is NaN (tl.max skips NaN). A
-    NaN score makes the row's denominator NaN, so a NaN denominator with a finite raw max saves NaN,
-    the two-pass max; a raw max of +inf may hide a NaN, and the redo walks such a row's keys again.
+    raw is the unbiased scores' running max: the row max where no score is NaN (tl.max skips NaN).
     Flagged: a video row whose raw max exceeds its guess, and any row whose denominator is NaN or whose
     strength * raw max is not finite (a text row's guess, finite or 0, hides the NaN of an infinite
-    c_i * 0: a raw max of +inf, or a finite one whose product with strength overflows). Where the guess's
-    own strength * guess is not finite, a NaN denominator may be the bias's rather than a score's: such a
-    row's max goes to the redo as +inf, which walks its keys again.
+    c_i * 0: a raw max of +inf, or a finite one whose product with strength overflows). A NaN
+    denominator does not say whether a score was NaN (the two-pass max NaN) or the bias or the exp2 of
+    huge finite scores made it (on a GPU, docs/semantics.md; the max finite), and a raw max of +inf may
+    hide a NaN: such rows go to the redo with a max of +inf, which walks their keys again (`_row_max`,
+    as two passes do).
     """
     nan_rows = denom != denom
-    exact = tl.where(nan_rows & (raw < float("inf")), float("nan"), raw)
-    exact = tl.where(nan_rows & ~(tl.abs(strength * guess) < float("inf")), float("inf"), exact)
+    exact = tl.where(nan_rows, float("inf"), raw)
     redo = row_ok & ((video & (raw > guess)) | ~(tl.abs(strength * raw) < float("inf")) | nan_rows)
     stat_row = seq * NQ + rows
     if SAVE_STATS:
@@ -433,7 +432,7 @@ def _tar_fwd_redo_kernel(
                     NK, (KMASK, b * km_strides[0], km_strides[1]), FK)
         stat_row = seq * NQ + rows
         m = tl.load(MAXES + stat_row, mask=ok, other=0.0)
-        walk = m == float("inf")  # a raw max of +inf (NaN if a score is), or a max a NaN bias hid (_flag_rows)
+        walk = m == float("inf")  # a raw max of +inf or a NaN denominator (_flag_rows): the keys walked again
         if tl.max(walk.to(tl.int32), 0) > 0:
             m = tl.where(walk, _row_max(q, rows, keys, 0, NK, tl.full((BLOCK_M,), float("-inf"), tl.float32), scale,
                                         BLOCK_N, opt), m)
