@@ -250,8 +250,10 @@ def plot(csv_path, out_dir=None):
     for ax, shape in zip(axes.flat, shapes):
         # the latest row per (impl, group, kernel): a re-run replaces the earlier one. A group is a planted rate
         # (the speculation rows) or "lean" (the --lean rows, no rate), each with the floor timed beside it.
-        cell = {(r["impl"], s.get("planted_flag_rate", "lean"), s.get("kernel")): float(r["median_ms"])
-                for r, s in zip(rows, setups) if s["dit"] == shape}
+        latest = {(r["impl"], s.get("planted_flag_rate", "lean"), s.get("kernel")): r
+                  for r, s in zip(rows, setups) if s["dit"] == shape}
+        cell = {key: float(r["median_ms"]) for key, r in latest.items()}
+        commits = ", ".join(dict.fromkeys(r["commit"] for r in latest.values()))
         rates = sorted({g for (impl, g, kernel) in cell if g != "lean" and impl.endswith("pass") and not kernel},
                        key=float)
         groups = rates + (["lean"] if ("vstar_triton_lean", "lean", None) in cell else [])
@@ -282,14 +284,14 @@ def plot(csv_path, out_dir=None):
         ax.set_xticks(range(len(groups)), [f"{float(g):.0%} flagged" if g != "lean" else "lean forward\n(two loops)"
                                            for g in groups])
         ax.set(xlabel="the one pass at planted flag rates" + ("; the lean forward" if "lean" in groups else ""),
-               ylabel="median ms per call", title=shape)
+               ylabel="median ms per call", title=f"{shape} (commit {commits})")
         ax.set_xlim(-0.8, max(len(groups), 2) - 0.2)
         ax.set_ylim(0, 1.15 * max(cell.values()))
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     first = rows[0]
     fig.suptitle(f"TAR forward, one pass vs two passes vs the plain-attention floor\n({first['dtype']}, "
-                 f"{first['device']}, commit {first['commit']})", fontsize=10)
+                 f"{first['device']})", fontsize=10)
     fig.tight_layout()
     path = Path(out_dir or csv_path.parent) / f"{csv_path.stem}-flag-rates.png"
     fig.savefig(path, dpi=110)
