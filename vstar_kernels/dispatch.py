@@ -1,6 +1,7 @@
 """Backends declare what they support; choosing one explains every rejection. `select(problem, name)` returns
 the backend to run; an explicit name that cannot run the call raises `BackendUnavailableError` with the reasons;
-"auto" takes the first that fits (CUDA tensors: Triton, the CUDA C++ op; CPU tensors: cpu; then the reference).
+"auto" takes the first that fits (CUDA tensors: the lean Triton forward where its frame layout and sm_90 allow it,
+Triton, the CUDA C++ op; CPU tensors: cpu; then the reference).
 """
 
 from __future__ import annotations
@@ -169,15 +170,13 @@ class TritonBackend(Backend):
 
 class TritonLeanBackend(TritonBackend):
     """The lean forward (ops/tar_fwd_lean.py): TAR with the regular frame-id layout of the video DiTs, tensor
-    descriptors, warp-specialized on sm_90. An explicit opt-in, never "auto", and refused on a GPU until a GPU run
-    passes its tests (UNVERIFIED). Its backward is the Triton backend's, which reads the statistics it saves."""
+    descriptors, warp-specialized on sm_90. "auto"'s first choice on sm_90 where it fits (`fits_auto`): its GPU
+    tests pass there, and it was the fastest form measured at Wan 2.1 480p and CogVideoX (benchmarks/NOTES.md).
+    Its backward is the Triton backend's, which reads the statistics it saves."""
 
     name = "triton-lean"
     kernel = "the lean Triton forward"
     SUPPORTED_MAX_HEAD_DIM = 128
-    UNVERIFIED = ("the lean Triton forward gave wrong outputs in its first GPU test run (an H200, 2026-11-26: "
-                  "Triton 3.9's warp specialization shifted half a block's rows, avoided since) and runs in the "
-                  "Triton interpreter only until a GPU run passes tests/kernels/test_lean.py: use backend='triton'")
 
     def not_supported_reasons(self, problem):
         """The Triton backend's reasons, then what the lean kernel assumes (its own words for a key mask or float32,
@@ -199,8 +198,24 @@ class TritonLeanBackend(TritonBackend):
             if major != 9:
                 reasons.append(f"{self.kernel} is built for sm_90 (Hopper); compiled for sm_80 it spills "
                                f"(tools.perf static), and this GPU is sm_{major}{minor}: use backend='triton'")
-        if problem.device.type == "cuda" and probe.ok and not probe.module.GPU_VERIFIED:
-            reasons.append(self.UNVERIFIED)  # last: the reasons above hold whatever a GPU run says
+        return reasons
+
+    def fits_auto(self, problem) -> list:
+        """Why "auto" passes the lean forward over for `problem` ([] if it takes it): CUDA tensors only (on CPU
+        tensors the interpreter runs it, which "auto" leaves to the cpu backend), not under torch.compile (its
+        checks read data pointers and frame ids), and frame ids in the one regular layout it computes (read once
+        per id tensor), on top of what an explicit call needs."""
+        if problem.device.type != "cuda":
+            return [f"{self.kernel} is chosen by 'auto' for CUDA tensors only"]
+        if torch.compiler.is_compiling():
+            return [f"{self.kernel} is not chosen by 'auto' under torch.compile"]
+        reasons = self.not_supported_reasons(problem)
+        if not reasons:
+            lean = _load.triton_lean_ops().module
+            if lean.regular_layout(problem.frames_q) is None or (
+                    problem.frames_k is not problem.frames_q
+                    and lean.regular_layout(problem.frames_k) != lean.regular_layout(problem.frames_q)):
+                reasons.append("frames are not one regular layout (frame_ids(F, T, text_before=, text_after=))")
         return reasons
 
     def forward(self, problem, stats=None, flags=None):
@@ -245,10 +260,12 @@ def select(problem: TarProblem, name: str) -> Backend:
         if reasons:
             raise BackendUnavailableError(f"backend={name!r} cannot run this call: " + "; ".join(reasons))
         return BACKENDS[name]
-    candidates = ["triton", "cuda", "reference"] if problem.device.type == "cuda" else ["cpu", "reference"]
+    candidates = ["triton-lean", "triton", "cuda", "reference"] if problem.device.type == "cuda" \
+        else ["cpu", "reference"]
     rejected = []
     for cand in candidates:
-        reasons = BACKENDS[cand].not_supported_reasons(problem)
+        backend = BACKENDS[cand]
+        reasons = backend.fits_auto(problem) if cand == "triton-lean" else backend.not_supported_reasons(problem)
         if not reasons:
             return BACKENDS[cand]
         rejected.append(f"{cand}: " + "; ".join(reasons))

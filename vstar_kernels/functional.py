@@ -39,13 +39,13 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         frames: None, or integer frame ids (-1 outside the video): one (N,) tensor for
             self-attention or a pair (q_frames, k_frames); `vstar_kernels.frame_ids` builds them.
         key_mask: None, or a (B, Nk) bool tensor, True for a key to attend to.
-        backend: "auto", "triton", "triton-lean" (an opt-in: the video DiTs' regular frame layout, built
-            for sm_90; refused on a GPU until it passes its GPU tests), "cuda", "cpu" or "reference"; an
-            explicit backend that cannot run the call raises BackendUnavailableError.
-        speculate: with frame ids, the Gaussian and the row max on the Triton kernels, one pass over the
+        backend: "auto", "triton", "triton-lean" (the video DiTs' regular frame layout, built for sm_90,
+            where "auto" takes it), "cuda", "cpu" or "reference"; an explicit backend that cannot run the
+            call raises BackendUnavailableError.
+        speculate: with frame ids, the Gaussian and the row max on the "triton" backend, one pass over the
             keys with a guessed m_i, the rows guessed wrong recomputed: the two-pass result bit for bit at
-            the same tiles (docs/api.md, "The speculative forward"); False runs two passes. Other calls
-            ignore it.
+            the same tiles (docs/api.md, "The speculative forward"); False runs two passes. Other calls,
+            the lean forward's among them, ignore it.
         flags: None, or an int64 tensor of shape (2,) on q's device, to which a speculative call adds
             (rows recomputed, rows) without a host synchronisation; `Speculation` reads it.
 

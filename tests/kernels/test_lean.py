@@ -35,13 +35,6 @@ LAYOUTS = {"text_before": (3, 12, 7, 0), "text_after": (4, 9, 0, 5), "no_text": 
 SIGMA, STRENGTH = 1.5, 0.7
 
 
-@pytest.fixture(autouse=True)
-def on_a_gpu_too(monkeypatch):
-    """Dispatch refuses the lean forward on a GPU until these tests pass there (tar_fwd_lean.GPU_VERIFIED): they
-    run it anyway, to say whether they do."""
-    monkeypatch.setattr(tar_fwd_lean, "GPU_VERIFIED", True)
-
-
 def reference64(q, k, v, **opts):
     """The float64 reference on CPU (the frame ids as they are)."""
     return vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), **opts)
@@ -128,8 +121,9 @@ def test_every_config_on_several_key_tiles(config, d):
     on every GPU or size), on 182 tokens: three key tiles of 64, text blocks on both sides of the video. The output
     against the float64 reference; the saved row max against the tiled forward's, bit for bit at head dim 32 and to a
     few float32 ulps at 128 (there the two kernels' products need not sum a score's terms in one order: the
-    interpreter's 128 x 128 and 64 x 64 products differ in the last bit). The first GPU run failed cases of this kind: the warp-specialized
-    configs computed rows 64-127 of each block as rows 128-191 (`_tar_fwd_lean_kernel`'s rows). In the interpreter,
+    interpreter's 128 x 128 and 64 x 64 products differ in the last bit). The first GPU run failed cases of this
+    kind: the warp-specialized configs computed rows 64-127 of each block as rows 128-191 (`_tar_fwd_lean_kernel`'s
+    rows); they pass since. In the interpreter,
     where BLOCK_M = 128 is one program, WARP_SPECIALIZE=True runs the path without the branches."""
     ids = vk.frame_ids(2, 16, text_before=70, text_after=80, device=DEVICE)
     q, k, v = qkv(1, 2, ids.numel(), d, torch.bfloat16, seed=d)
@@ -266,25 +260,52 @@ def test_refusals_name_the_argument():
         vk.tar_attention(q, k[:, :, :8], v[:, :, :8], frames=(ids, ids[:8]), backend="triton-lean")
 
 
-def test_refused_on_a_gpu_until_its_gpu_tests_pass(monkeypatch):
-    """The dispatcher's reason for CUDA tensors while GPU_VERIFIED is False (a stand-in problem: no GPU needed)."""
+def cuda_stand_in(monkeypatch, frames, dtype=torch.float16, n=16):
+    """A problem whose tensors say they are on a CUDA device, with the Triton backend's own state taken as fit:
+    what "auto" decides for it, without a GPU (the lean forward's layout checks run as they are)."""
+    problem = make_problem(*qkv(1, 1, n, 16, dtype), sigma=1.0, strength=1.0, delta=None, causal=False,
+                           max_mode="row", scale=None, frames=frames)
+    monkeypatch.setattr(type(problem), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(dispatch.TritonBackend, "not_supported_reasons", lambda self, problem: [])
+    return problem
+
+
+def test_auto_takes_it_where_it_fits(monkeypatch):
+    ids = vk.frame_ids(2, 6, text_before=4, device=DEVICE)
+    assert dispatch.select(cuda_stand_in(monkeypatch, ids), "auto").name == "triton-lean"
+    assert dispatch.select(cuda_stand_in(monkeypatch, (ids, ids.clone())), "auto").name == "triton-lean"
+
+
+@pytest.mark.parametrize("case", ["irregular", "two_layouts", "float32", "compiling"])
+def test_auto_passes_it_over_where_it_does_not(case, monkeypatch):
+    """Frame ids in another layout (for queries, or keys unlike the queries), a dtype it does not take, and a call
+    under torch.compile: "auto" takes the Triton backend, and says why it passed the lean forward over."""
+    ids = vk.frame_ids(2, 8, device=DEVICE)
+    frames = {"irregular": ids.flip(0), "two_layouts": (ids, vk.frame_ids(4, 4, device=DEVICE))}.get(case, ids)
+    problem = cuda_stand_in(monkeypatch, frames, torch.float32 if case == "float32" else torch.float16)
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     lean = dispatch.BACKENDS["triton-lean"]
-    cuda = make_problem(*qkv(1, 1, 16, 16, torch.float16), sigma=1.0, strength=1.0, delta=None, causal=False,
-                        max_mode="row", scale=None, frames=vk.frame_ids(2, 8, device=DEVICE))
-    monkeypatch.setattr(type(cuda), "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(tar_fwd_lean, "GPU_VERIFIED", False)
-    assert lean.UNVERIFIED in lean.state_reasons(cuda)
-    monkeypatch.setattr(tar_fwd_lean, "GPU_VERIFIED", True)
-    assert lean.UNVERIFIED not in lean.state_reasons(cuda)
+    why = {"irregular": "not one regular layout", "two_layouts": "not one regular layout",
+           "float32": "float16 or bfloat16", "compiling": "under torch.compile"}[case]
+    assert any(why in r for r in lean.fits_auto(problem))
+    assert dispatch.select(problem, "auto").name == "triton"
 
 
-def test_never_chosen_by_auto_and_listed_by_info():
+def test_what_auto_takes_here_and_listed_by_info():
+    """On CPU tensors "auto" leaves the interpreter's lean forward to the cpu backend; on a GPU it takes it on sm_90
+    only, and runs it as an explicit call does."""
     ids = vk.frame_ids(2, 8, device=DEVICE)
     q, k, v = qkv(1, 1, 16, 16, torch.float16)
     problem = make_problem(q, k, v, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
                            frames=ids)
-    assert dispatch.select(problem, "auto").name != "triton-lean"
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+    assert dispatch.select(problem, "auto").name == ("triton-lean" if hopper else "triton" if DEVICE == "cuda"
+                                                     else "cpu")
     assert dispatch.availability(DEVICE)["triton-lean"] == ""
+    if hopper:
+        auto = vk.tar_attention(q, k, v, sigma=1.0, frames=ids)
+        assert torch.equal(auto, vk.tar_attention(q, k, v, sigma=1.0, frames=ids, backend="triton-lean"))
 
 
 def test_size_one_dims_take_any_stride_and_distinct_id_tensors():

@@ -1,5 +1,6 @@
-"""The lean forward (backend="triton-lean", an explicit opt-in): TAR with frame ids for the regular layout every
-supported video DiT passes, `frame_ids(F, T, text_before, text_after)`, built for Hopper (issue 34 items 3 and 5).
+"""The lean forward (backend="triton-lean", what "auto" runs on sm_90 where it fits): TAR with frame ids for the
+regular layout every supported video DiT passes, `frame_ids(F, T, text_before, text_after)`, built for Hopper
+(issue 34 items 3 and 5).
 
 Where the tiled forward (tar_fwd.py) loads each key tile's frame ids and walks the keys in its general tile order,
 this kernel computes a token's frame from its index, loads every tile of Q, K and V through a device-side tensor
@@ -12,8 +13,11 @@ gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
 so its output agrees with it to rounding, not bit for bit; the float64 reference and the tolerance table are its
 tests (tests/kernels/test_lean.py).
 
-Not chosen by "auto", and refused on a GPU (GPU_VERIFIED): its first GPU test run gave wrong outputs, from a
-miscompile its rows now avoid (below), not yet run on a GPU since.
+"auto" chooses it on sm_90 where it fits (dispatch.TritonLeanBackend.fits_auto). Its first GPU test run (an H200,
+2026-11-26) gave wrong outputs: Triton 3.9's warp specialization split a 128-row block into two 64-row partitions
+and shifted, in the second, both tl.arange's range and a splat of start_m added to it, so rows 64-127 took the frame
+ids and statistics of rows start_m + 128..191. start_m now goes into the scalars, never onto a range (the kernel);
+every test of tests/kernels/test_lean.py passed on the H200 since (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -38,15 +42,6 @@ SUPPORTED = hasattr(tl, "make_tensor_descriptor") and \
 # A tensor descriptor's base address and strides (all but the last, which must be 1) are multiples of this.
 DESCRIPTOR_ALIGN = 16
 
-
-# Whether dispatch lets the lean forward run on a GPU. Its first GPU test run (an H200, 2026-11-26, Triton 3.9.0;
-# benchmarks/NOTES.md) failed 4 of tests/kernels/test_lean.py's cases with wrong outputs (errors up to 0.67 on
-# sequences of 96 and 182 tokens, several key tiles, configs the autotuner picked) that the interpreter does not
-# show, while its rows at Wan 480p and CogVideoX agreed with the tiled forward. The cause, read in the sm_90 TTGIR
-# without a GPU: warp-specialized, the second 64-row partition took rows start_m + 128..191 for its frame ids and
-# statistics (see the kernel); avoided since, but refused there until a GPU run passes them. Its GPU tests set it
-# to run the kernel; the benchmark's lean stage calls lean_forward itself.
-GPU_VERIFIED = False
 
 # Sequences shorter than this (2**22 tokens): `frame_of`'s float32 floor is exact below it.
 MAX_TOKENS = 1 << 22
