@@ -2,7 +2,7 @@
 # The GPU benchmark in one call (H100/H200, fits a 10-minute command): GPU tests, the kernel
 # sweep, the end-to-end UNet case, then the markdown table and plots. Results land in
 # benchmarks/results/<device>-<yyyymmdd>.{csv,md} (+ PNGs) with a log holding the device,
-# driver, versions, commit and date; when $OUT is set they are copied there too. The sweep runs every
+# driver, versions, commit and date; when $OUT is set the files this run wrote are copied there too. The sweep runs every
 # implementation, the FA3-class floor among them (sdpa_floor: cuDNN SDPA on Hopper, flash SDPA
 # elsewhere). Without a CUDA device it refuses at once.
 #
@@ -47,6 +47,7 @@ fi
 export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y%m%d)"
+START_MARK="$(mktemp)"  # the files this run writes are newer: only they go to $OUT
 LOG="$RESULTS/gpu-$STAMP-$(date -u +%H%M%S)-$STAGE.log"
 
 run_stage() {  # name, then the command
@@ -93,6 +94,8 @@ run_stage() {  # name, then the command
 } 2>&1 | tee "$LOG"
 
 if [ -n "${OUT:-}" ]; then
-    cp "$RESULTS"/*"$STAMP"* "$OUT"/ 2>/dev/null
-    echo "copied $(ls "$RESULTS"/*"$STAMP"* | wc -l) files to $OUT"
+    written=$(find "$RESULTS" -maxdepth 1 -type f -newer "$START_MARK")
+    [ -n "$written" ] && cp $written "$OUT"/
+    echo "copied $(echo "$written" | grep -c .) files this run wrote to $OUT"
 fi
+rm -f "$START_MARK"
