@@ -67,8 +67,9 @@ class Speculation:
     and chooses the next step's form; after PROBE steps of two passes one step speculates again.
     """
 
-    # Measured at one shape (H100, bf16, Wan 2.1 480p; benchmarks/NOTES.md): the one pass takes 36.3 / 40.0 /
-    # 44.9 ms at 0 / 5 / 20% of rows flagged, two passes 40.1: it pays up to 5%.
+    # Measured at one shape (H100, bf16, Wan 2.1 480p; benchmarks/NOTES.md): the one pass takes 28.9 / 32.1 ms at
+    # 0 / 5% of rows flagged, two passes 32.3 (on the day before's tiles 36.3 / 40.0 / 44.9 at 0 / 5 / 20%, two
+    # passes 40.1): it pays up to 5%.
     BREAK_EVEN = 0.05
     PROBE = 8
 
