@@ -84,6 +84,10 @@ class Backend:
         """Reasons that come from the backend's runtime state rather than its declared limits."""
         return []
 
+    def fits_auto(self, problem: TarProblem) -> list:
+        """Why "auto" passes this backend over for `problem` ([] if it takes it): by default its reasons."""
+        return self.not_supported_reasons(problem)
+
     def backward_reason(self) -> str:
         """Why this backend cannot differentiate a call, or ""."""
         return "" if self.SUPPORTS_BACKWARD else f"{self.kernel} has no backward"
@@ -201,12 +205,11 @@ class TritonLeanBackend(TritonBackend):
         return reasons
 
     def fits_auto(self, problem) -> list:
-        """Why "auto" passes the lean forward over for `problem` ([] if it takes it): CUDA tensors only (on CPU
-        tensors the interpreter runs it, which "auto" leaves to the cpu backend), not under torch.compile (its
-        checks read data pointers and frame ids), and frame ids in the one regular layout it computes (read once
-        per id tensor), on top of what an explicit call needs."""
-        if problem.device.type != "cuda":
-            return [f"{self.kernel} is chosen by 'auto' for CUDA tensors only"]
+        """Why "auto" passes the lean forward over ([] if it takes it): what an explicit call needs, frame ids in
+        the one regular layout it computes (read once per id tensor), and no torch.compile tracing (its checks
+        read data pointers and ids). A call without frame ids or in float32 is passed over first, at no cost."""
+        if problem.frames_q is None or problem.dtype not in (torch.float16, torch.bfloat16):
+            return [f"{self.kernel} takes frame ids in float16 or bfloat16"]
         if torch.compiler.is_compiling():
             return [f"{self.kernel} is not chosen by 'auto' under torch.compile"]
         reasons = self.not_supported_reasons(problem)
@@ -264,8 +267,7 @@ def select(problem: TarProblem, name: str) -> Backend:
         else ["cpu", "reference"]
     rejected = []
     for cand in candidates:
-        backend = BACKENDS[cand]
-        reasons = backend.fits_auto(problem) if cand == "triton-lean" else backend.not_supported_reasons(problem)
+        reasons = BACKENDS[cand].fits_auto(problem)
         if not reasons:
             return BACKENDS[cand]
         rejected.append(f"{cand}: " + "; ".join(reasons))

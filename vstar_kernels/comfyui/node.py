@@ -127,7 +127,8 @@ class VSTARTemporalAttentionRegularization:
                                              "tooltip": "Leading latent frames that are reference images, not "
                                                         "video (WanVaceToVideo's trim_latent): no bias."}),
                 "backend": (list(BACKENDS), {"default": "auto",
-                                             "tooltip": "auto: the Triton kernel on a GPU, the reference on CPU."}),
+                                             "tooltip": "auto: the Triton kernels on a GPU (the lean forward on "
+                                                        "an H100 or H200 where it fits), the CPU backend on CPU."}),
             },
         }
 
