@@ -2,9 +2,9 @@
 # The GPU benchmark in one call (H100/H200, fits a 10-minute command): GPU tests, the kernel
 # sweep, the end-to-end UNet case, then the markdown table and plots. Results land in
 # benchmarks/results/<device>-<yyyymmdd>.{csv,md} (+ PNGs) with a log holding the device,
-# driver, versions, commit and date; when $OUT is set the files this run wrote are copied there too. The sweep runs every
-# implementation, the FA3-class floor among them (sdpa_floor: cuDNN SDPA on Hopper, flash SDPA
-# elsewhere). Without a CUDA device it refuses at once.
+# driver, versions, commit and date; when $OUT is set the files this run wrote are copied there
+# too. The sweep runs every implementation, the FA3-class floor among them (sdpa_floor: cuDNN SDPA
+# on Hopper, flash SDPA elsewhere). Without a CUDA device it refuses at once.
 #
 #   VSTAR_BENCH_COMMIT=<commit of the code> bash benchmarks/run_gpu_sweep.sh [STAGE]
 #

@@ -214,10 +214,10 @@ class TritonLeanBackend(TritonBackend):
             return [f"{self.kernel} is not chosen by 'auto' under torch.compile"]
         reasons = self.not_supported_reasons(problem)
         if not reasons:
-            lean = _load.triton_lean_ops().module
-            if lean.regular_layout(problem.frames_q) is None or (
-                    problem.frames_k is not problem.frames_q
-                    and lean.regular_layout(problem.frames_k) != lean.regular_layout(problem.frames_q)):
+            regular_layout = _load.triton_lean_ops().module.regular_layout
+            layout = regular_layout(problem.frames_q)
+            if layout is None or (problem.frames_k is not problem.frames_q
+                                  and regular_layout(problem.frames_k) != layout):
                 reasons.append("frames are not one regular layout (frame_ids(F, T, text_before=, text_after=))")
         return reasons
 
