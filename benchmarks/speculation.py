@@ -17,10 +17,11 @@ for the row max (impl vstar_triton_walk) and the biased online softmax with that
 (vstar_triton_biased_loop; its output is the global-max variant's, so these two rows time the work, not the
 row-max call).
 
---lean (`run_gpu_sweep.sh lean`) times the lean forward (backend="triton-lean", two loops over the keys, frames
-from the token index, tensor descriptors) at each DiT shape beside the two passes and the floor, once (its time
-does not depend on the flag rate): autotuned (vstar_triton_lean), and restricted to its warp-specialized configs
-(vstar_triton_lean_ws) and to the others (vstar_triton_lean_no_ws). Correctness first: each output must agree
+--lean (`run_gpu_sweep.sh lean`) times the lean forward (backend="triton-lean", frames from the token index, tensor
+descriptors) at each DiT shape beside the two passes and the floor: its two loops over the keys once (their time
+does not depend on the flag rate), autotuned (vstar_triton_lean), and restricted to its warp-specialized configs
+(vstar_triton_lean_ws) and to the others (vstar_triton_lean_no_ws); its speculative form (one loop, the flagged
+rows redone: vstar_triton_lean_one_pass) at each of --rates. Correctness first: each output must agree
 with the two-pass output within the tolerance table (vstar_kernels.bench.check.TOLERANCES), or the row says
 "mismatch" and is not timed; a GPU it cannot run on gives the reason as the row's status.
 
@@ -187,13 +188,17 @@ def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, 
             print(f"{name} f={rate:g} {kernels[kernel]} ({kernel}): {timing.median_ms:.3f} ms", flush=True)
 
 
-LEAN_IMPLS = {"vstar_triton_lean": None, "vstar_triton_lean_ws": True, "vstar_triton_lean_no_ws": False}
+# the lean forward's two loops autotuned, restricted to warp-specialized configs and to the others; its speculative
+# form (one loop, flags=), which runs without warp specialization (launch.FWD_LEAN)
+LEAN_IMPLS = {"vstar_triton_lean": (None, False), "vstar_triton_lean_ws": (True, False),
+              "vstar_triton_lean_no_ws": (False, False), "vstar_triton_lean_one_pass": (None, True)}
 
 
 def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype, info, out: Path,
-             sigma: float) -> None:
-    """The lean forward's rows at one DiT shape (module doc, --lean); planted data at flag rate 0."""
-    q, k, v = planted(frames, heads, d, 0.0, device, dtype)
+             sigma: float, rate: float = 0.0) -> None:
+    """The lean forward's rows at one DiT shape (module doc, --lean), planted data at flag rate `rate`: at rate 0
+    every form of LEAN_IMPLS and the peers, at any other its speculative form alone."""
+    q, k, v = planted(frames, heads, d, rate, device, dtype)
     frames = frames.to(device)
     setup = f"dit={name} sigma={sigma:g}"
     cost = measure.ideal_cost(heads, frames.numel(), frames.numel(), d, d, q.element_size())
@@ -203,19 +208,27 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
                            frames=frames)
     lean = dispatch.BACKENDS["triton-lean"]
     why = "; ".join(lean.not_supported_reasons(problem))  # each cell checks its output before it is timed
-    for impl, ws in LEAN_IMPLS.items():
-        timing, status = None, f"unsupported: {why}"
+    for impl, (ws, speculative) in LEAN_IMPLS.items():
+        if rate and not speculative:
+            continue
+        timing, status, row_setup = None, f"unsupported: {why}", setup
         if not why:
             from vstar_kernels.ops.tar_fwd_lean import lean_forward
 
-            fn = lambda ws=ws: lean_forward(problem, warp_specialize=ws)  # noqa: E731
+            flags = torch.zeros(heads, dtype=torch.int32, device=device) if speculative else None
+            fn = lambda ws=ws, flags=flags: lean_forward(problem, warp_specialize=ws, flags=flags)  # noqa: E731
             atol, rtol = TOLERANCES[dtype]
             close = torch.allclose(fn().float(), two.float(), atol=atol, rtol=rtol)
+            if speculative:
+                row_setup += (f" planted_flag_rate={rate:g} "
+                              f"flag_rate={int(flags.sum()) / (heads * frames.numel()):.4f}")
             status = "ok" if close else "mismatch: outside the tolerance table against the two passes"
             timing = measure.time_call(fn, device)[0] if close else None
-        measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=setup, status=status,
-                                            timing=timing, cost=cost, backend="triton-lean"))
-        print(f"{name} {impl}: " + (f"{timing.median_ms:.3f} ms" if timing else status), flush=True)
+        measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=row_setup,
+                                            status=status, timing=timing, cost=cost, backend="triton-lean"))
+        print(f"{name} {impl} {row_setup}: " + (f"{timing.median_ms:.3f} ms" if timing else status), flush=True)
+    if rate:
+        return
     peers = {"vstar_triton_two_pass": ("triton", lambda: vk.tar_attention(q, k, v, sigma=sigma, frames=frames,
                                                                           backend="triton", speculate=False))}
     if device.type == "cuda":
@@ -339,7 +352,9 @@ def main(argv=None) -> int:
                 print(f"time budget of {args.time_budget_s:g} s spent: stopped before {name}")
                 return 0
             # the lean forward takes 16-bit inputs only (the smoke run's float32 is refused)
-            run_lean(name, frames, heads, d, device, torch.float16 if args.smoke else dtype, info, out, sigma)
+            for rate in args.rates:
+                run_lean(name, frames, heads, d, device, torch.float16 if args.smoke else dtype, info, out, sigma,
+                         rate)
         print(f"rows in {out}")
         return 0
     for name, frames, heads, d, sigma in cases:

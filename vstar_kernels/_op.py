@@ -6,7 +6,7 @@
 <problem> is `TarProblem`'s fields in `OP_FIELDS` order (`op_args` / `from_op_args`); delta is the broadcast
 view, so autograd sums its broadcast dims. `stats`: what the backend's backward needs (float32; may be empty);
 `flags`: int32 (B*H,), each sequence's rows the speculative one pass
-recomputed, where it ran (`_problem.speculates`, the Triton backend, speculate), else empty. `ddelta` is empty
+recomputed, where it ran (`_problem.speculates`, a backend of SPECULATING, speculate), else empty. `ddelta` is empty
 unless delta_grad. A plain-PyTorch backward runs straight from the autograd formula (traced,
 differentiable again); the backward op is for kernel backends, whose gradients are first order.
 """
@@ -22,6 +22,7 @@ from ._problem import OP_FIELDS, TarProblem, check_frame_values, speculates
 from .dispatch import BACKENDS
 
 _N = len(OP_FIELDS)  # the ops' leading arguments are the problem's fields, in OP_FIELDS order
+SPECULATING = ("triton", "triton-lean")  # the backends with a speculative one pass
 
 
 @torch.library.custom_op("vstar::tar_attention", mutates_args=())
@@ -39,7 +40,7 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
 
 def _side_outputs(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool) -> tuple:
     """The op's stats and flags, for the backend to fill; empty where the call has none."""
-    flags = problem.batch * problem.heads if speculate and backend == "triton" and speculates(problem) else 0
+    flags = problem.batch * problem.heads if speculate and backend in SPECULATING and speculates(problem) else 0
     return (problem.q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32),
             problem.q.new_empty(flags, dtype=torch.int32))
 

@@ -222,7 +222,7 @@ class TritonLeanBackend(TritonBackend):
         return reasons
 
     def forward(self, problem, stats=None, flags=None):
-        return _load.triton_lean_ops().module.lean_forward(problem, stats)
+        return _load.triton_lean_ops().module.lean_forward(problem, stats, flags=flags)
 
 
 class CudaBackend(Backend):

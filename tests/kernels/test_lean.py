@@ -134,7 +134,7 @@ def test_every_config_on_several_key_tiles(config, d):
     problem = make_problem(q, k, v, sigma=SIGMA, strength=STRENGTH, delta=None, causal=False, max_mode="row",
                            scale=None, frames=ids)
     stats = torch.full((2, ids.numel(), STATS_FIELDS), float("nan"), device=DEVICE)
-    out, launch = tar_fwd_lean._launch(problem, stats)
+    out, launch, _ = tar_fwd_lean._launch(problem, stats)
     with tar_fwd_lean.scratch_allocator() if q.is_cuda else contextlib.nullcontext():
         launch(tar_fwd_lean._tar_fwd_lean_kernel, **config.all_kwargs())
     assert_close_to_reference(out.cpu(), reference64(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=ids.cpu()))

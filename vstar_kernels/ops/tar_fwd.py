@@ -558,9 +558,27 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
                              km_strides, *sizes, band, frame_band_width(gauss_coef), n_bucket, SPECULATE=True,
                              **{**meta, **variant})
     used = tuned_config(_tiled_speculative, "forward")
-    heads = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")}
     _list[(bh, triton.cdiv(nq, _LIST["SLOTS"]))](counts, listed, rows, flags, nq, used["BLOCK_M"], **_LIST)
-    _redo[grid(used)](q, k, v, out, stats, fq, fk, km, flags, rows, maxes, *strides[:4], km_strides, *sizes,
-                      band, frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=save_stats,
-                      PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **used)
+    redo_rows(problem, out, stats, flags, rows, maxes, used)
     return out
+
+
+def redo_rows(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor | None, counts: torch.Tensor,
+              rows: torch.Tensor, maxes: torch.Tensor, config: dict) -> None:
+    """Recompute the flagged rows of a speculative launch into `out` (and `stats`) with `_tar_fwd_redo_kernel` at
+    `config`'s tiles, warps and stages (the interpreter's in the interpreter): each sequence's counts[seq] rows
+    from the start of its row of `rows` (int32 (B*H, Nq)), their max from `maxes` (float32 (B*H, Nq)). Its
+    programs exit at once where a sequence flagged none."""
+    q, k, v = problem.q, problem.k, problem.v
+    bh, nq = problem.batch * problem.heads, problem.nq
+    _, _, gauss_coef = delta_args(problem)
+    meta = dict(common_meta(problem), VEC=vector_width(q, k, v, out))
+    fq, fk, km, km_strides, frame_meta = frame_args(problem)
+    heads = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")}
+    config = dict(config, **interpreter_tiles("forward"))
+    grid = (bh * triton.cdiv(nq, config["BLOCK_M"]),)
+    _redo[grid](q, k, v, out, stats, fq, fk, km, counts, rows, maxes, q.stride(), k.stride(), v.stride(),
+                out.stride(), km_strides, problem.heads, nq, problem.nk, problem.head_dim, problem.head_dim_v,
+                problem.scale, problem.strength, gauss_coef, band_width(gauss_coef, nq + problem.nk),
+                frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=stats is not None,
+                PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **config)

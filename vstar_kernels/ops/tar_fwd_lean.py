@@ -63,12 +63,13 @@ def frame_of(n, BEFORE, INV_PER_FRAME, VIDEO):
 
 @triton.jit
 def _tar_fwd_lean_kernel(
-    Q, K, V, O, STATS,
+    Q, K, V, O, STATS, FLAGS, MAXES,
     q_strides, k_strides, v_strides, o_strides,  # (batch, head, token) strides; the head dim's is 1
-    H, N, BEFORE, INV_PER_FRAME, VIDEO,
+    H, N, BEFORE, PER_FRAME, INV_PER_FRAME, VIDEO,
     scale, strength, gauss_coef,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    SPECULATE: tl.constexpr = False,  # one loop over the keys with a guessed max (below)
 ):
     """O = softmax(S + strength * m_i * dA) V for BLOCK_M query rows of one (batch, head) sequence of N tokens,
     dA the Gaussian exp2(gauss_coef * (f_j - f_i)^2) of the frames `frame_of` gives (0 where either is -1).
@@ -78,6 +79,13 @@ def _tar_fwd_lean_kernel(
     scores masked to -inf; a store past N is dropped. With SAVE_STATS the raw row max and the log-sum-exp of the
     biased scores go to STATS (float32, contiguous (B*H, N, layout.STATS_FIELDS)), as the tiled forward saves
     them. The grid is (B*H * cdiv(N, BLOCK_M),).
+
+    SPECULATE: the walk takes only the key tiles of the block's own frames and of the text (the guess, a max over
+    some of the keys with the biased loop's tiles and arithmetic), and the biased loop keeps the raw scores'
+    running max. A row whose raw max is its guess had its exact max; the others (a video row whose max lies in a
+    key tile not walked, and, as `tar_fwd._flag_rows`, a row whose denominator is NaN or whose strength * max is
+    not finite) are flagged for the redo: FLAGS (int32 (B*H, N)) gets 1 for them and 0 for every other row, MAXES
+    (float32 (B*H, N)) their raw max (+inf for a NaN denominator: the redo walks their keys again).
     """
     pid = tl.program_id(0)
     blocks = tl.cdiv(N, BLOCK_M)
@@ -106,7 +114,25 @@ def _tar_fwd_lean_kernel(
     video = (start_m < BEFORE + VIDEO) & (start_m + BLOCK_M > BEFORE)
     # the exact row max
     raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for start in tl.range(0, tl.where(video, N, 0), BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    walked = N  # the tiles [0, N), or with SPECULATE three runs of tiles one after the other:
+    e1 = N  # the text before the video [0, e1),
+    e2 = N  # the block's own frames [a0, a0 + e2 - e1),
+    a0 = 0
+    t1 = 0  # and the text after it [t1, t1 + walked - e2), no tile twice
+    if SPECULATE:
+        end = tl.cdiv(N, BLOCK_N) * BLOCK_N
+        e1 = tl.cdiv(BEFORE, BLOCK_N) * BLOCK_N
+        v_lo = tl.maximum(start_m - BEFORE, 0) // PER_FRAME * PER_FRAME  # the first and last frames' keys
+        v_hi = (tl.minimum(start_m + BLOCK_M - BEFORE, VIDEO) - 1) // PER_FRAME * PER_FRAME + PER_FRAME
+        a0 = tl.maximum((BEFORE + v_lo) // BLOCK_N * BLOCK_N, e1)
+        a1 = tl.maximum(tl.minimum(tl.cdiv(BEFORE + v_hi, BLOCK_N) * BLOCK_N, end), a0)
+        t1 = tl.maximum(tl.where(BEFORE + VIDEO < N, (BEFORE + VIDEO) // BLOCK_N * BLOCK_N, end), a1)
+        e2 = e1 + a1 - a0
+        walked = e2 + end - t1
+    for i in tl.range(0, tl.where(video, walked, 0), BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        start = i
+        if SPECULATE:
+            start = tl.where(i < e1, i, tl.where(i < e2, i - e1 + a0, i - e2 + t1))
         k = k_desc.load([start, 0])
         s = mma(q, tl.trans(k), PRECISION)
         if not BRANCHES or start + BLOCK_N > N:  # keys past N (zeros) take no part
@@ -124,6 +150,7 @@ def _tar_fwd_lean_kernel(
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    raw_run = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([start, 0])
         s = mma(q, tl.trans(k), PRECISION) * scale
@@ -139,9 +166,14 @@ def _tar_fwd_lean_kernel(
             fk = frame_of(start + cols, BEFORE, INV_PER_FRAME, VIDEO)
             dist = fk[None, :] - fq[:, None]
             dA = tl.where((fq[:, None] >= 0) & (fk[None, :] >= 0), tl.exp2(gauss_coef * dist * dist), 0.0)
+        if SPECULATE:  # the raw max of the keys: those past N masked first (then -inf + c_i * dA is -inf
+            # where c_i is finite; a row whose c_i is not is flagged)
+            if not BRANCHES or start + BLOCK_N > N:
+                s = tl.where((start + cols < N)[None, :], s, float("-inf"))
+            raw_run = tl.maximum(raw_run, tl.max(s, 1))
         # one fused multiply-add, as the tiled kernels' add_bias: a non-finite c_i makes the row NaN
         s = tl.fma(tl.broadcast_to(c[:, None], s.shape), dA, s)
-        if not BRANCHES or start + BLOCK_N > N:
+        if not SPECULATE and (not BRANCHES or start + BLOCK_N > N):
             s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(s, 1))
         # a row whose scores so far are all -inf (-inf in the inputs): every p and alpha is 0, not NaN
@@ -157,18 +189,27 @@ def _tar_fwd_lean_kernel(
     # it from the fused multiply-add), set through the row's denominator: selects, not a branch, which would stop
     # warp specialization, and per row: a select on the output tile costs its loop 0.13 instructions a score more
     # (tools.perf static, Wan's D 128 on 8 warps: 0.66 on the short path against 0.53)
+    row_ok = offs < N - start_m
+    if SPECULATE:  # flag the rows whose guess was not their max (a video block's only: see the docstring)
+        nan_rows = denom != denom
+        exact = tl.where(nan_rows, float("inf"), raw_run)
+        redo = row_ok & (((fq >= 0) & (raw_run > m)) | ~(tl.abs(strength * raw_run) < float("inf")) | nan_rows)
+        redo = tl.where(video, redo, False)
+        m = tl.where(video, exact, m)
+        row = seq.to(tl.int64) * N + start_m + offs
+        tl.store(FLAGS + row, redo.to(tl.int32), mask=row_ok)
+        tl.store(MAXES + row, exact, mask=redo)
     m = tl.where(video, m, tl.where(denom == denom, run_max, float("nan")))
     denom = tl.where(video | (tl.abs(strength * m) < float("inf")), denom, float("nan"))
     out = acc / denom[:, None]
     o_desc.store([start_m, 0], cast(out, O.dtype.element_ty))
     if SAVE_STATS:
-        row_ok = offs < N - start_m
         stat = (seq.to(tl.int64) * N + start_m + offs) * _STATS_N
         tl.store(STATS + stat + _STAT_MAX, m, mask=row_ok)
         tl.store(STATS + stat + _STAT_LSE, run_max + tl.log(denom), mask=row_ok)
 
 
-_KEY = ["N", "HEAD_DIM", "SAVE_STATS", "PRECISION"]
+_KEY = ["N", "HEAD_DIM", "SAVE_STATS", "PRECISION", "SPECULATE"]
 # autotuned over every config (None), or over those with (True) or without (False) warp specialization
 _lean = {ws: tuned(_tar_fwd_lean_kernel, FWD_LEAN if ws is None else dataclasses.replace(
     FWD_LEAN, configs=[c for c in FWD_LEAN.configs if c.kwargs["WARP_SPECIALIZE"] == ws]), _KEY)
@@ -279,27 +320,65 @@ def scratch_allocator(allocation=None):
             allocation._allocator = current
 
 
-def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_specialize: bool | None = None):
+def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_specialize: bool | None = None,
+                 flags: torch.Tensor | None = None, config: triton.Config | None = None):
     """Launch the lean forward for a validated problem (layout_reasons() empty); returns (B, H, N, D).
 
     stats: None, or the contiguous float32 (B*H, N, layout.STATS_FIELDS) buffer the tiled backward reads.
     warp_specialize: None lets the autotuner choose among the configs (FWD_LEAN); True or False keeps only the
     configs with or without warp specialization (the benchmark times both).
+    flags: None runs two loops over the keys (the walk for the exact row max, then the biased loop); an int32
+    (B*H,) tensor runs the speculative form: one biased loop with a guessed max (the kernel's SPECULATE), then the
+    flagged rows, compacted on the device, recomputed with their exact max by the tiled forward's redo
+    (`tar_fwd.redo_rows`), and each sequence's number of them written to `flags`. No host synchronisation.
+    config: one of FWD_LEAN's configs, run as it is instead of the autotuned one (the tests pin one for both forms).
     """
-    out, launch = _launch(problem, stats)
+    if flags is not None and (warp_specialize or (config is not None and config.kwargs["WARP_SPECIALIZE"])):
+        raise ValueError("warp_specialize: the speculative form (flags=) runs without warp specialization "
+                         "(launch.FWD_LEAN's rules)")
+    out, launch, spec = _launch(problem, stats, flags)
     tiles = interpreter_tiles("lean")
-    if launch is not None and tiles:  # the interpreter: one config, warp specialization a no-op there
+    if launch is not None and config is not None:
+        with scratch_allocator() if problem.q.is_cuda else contextlib.nullcontext():
+            launch(_tar_fwd_lean_kernel, **config.all_kwargs())
+    elif launch is not None and tiles:  # the interpreter: one config, warp specialization a no-op there
         launch(_lean[None], **tiles, WARP_SPECIALIZE=bool(warp_specialize))
     elif launch is not None:
         with scratch_allocator():
             launch(_lean[warp_specialize])
+    if spec is not None:
+        from .tar_fwd import redo_rows
+
+        row_flags, maxes = spec
+        redo_rows(problem, out, stats, flags, compact_rows(row_flags, flags), maxes, LEAN_REDO)
     return out
 
 
-def _launch(problem: TarProblem, stats: torch.Tensor | None):
-    """(out, launch): the output tensor and launch(kernel, **config) running `kernel` (an autotuner of
-    _tar_fwd_lean_kernel, or the kernel itself with a config's constexprs and options) on the problem; launch is
-    None when there is nothing to compute. The tests run every config of FWD_LEAN through it."""
+# The tiles of the redo after a speculative lean launch (the tiled forward's redo kernel; any tiles give the rows
+# the two-pass result to rounding): 64 x 32 on 4 warps, a tile every head dim up to 128 takes on sm_80 and sm_90.
+LEAN_REDO = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def compact_rows(row_flags: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The flagged rows of each sequence, in order, at the start of its row of an int32 (B*H, N) tensor (the rest
+    unspecified), from row_flags (int32 (B*H, N), 1 for a flagged row, else 0); each sequence's count written to
+    `counts` (int32 (B*H,)). Device-side torch ops (a prefix sum and a scatter): no host synchronisation, so a
+    CUDA graph may capture it."""
+    bh, n = row_flags.shape
+    counts.copy_(row_flags.sum(1))
+    slot = torch.cumsum(row_flags, 1, dtype=torch.int64) - 1
+    slot += torch.arange(bh, device=row_flags.device)[:, None] * n
+    slot = torch.where(row_flags.bool(), slot, bh * n)  # unflagged rows to one spare slot past the end
+    rows = torch.empty(bh * n + 1, dtype=torch.int32, device=row_flags.device)
+    rows.scatter_(0, slot.flatten(), torch.arange(n, dtype=torch.int32, device=row_flags.device).repeat(bh))
+    return rows[:-1].view(bh, n)
+
+
+def _launch(problem: TarProblem, stats: torch.Tensor | None, flags: torch.Tensor | None = None):
+    """(out, launch, spec): the output tensor, launch(kernel, **config) running `kernel` (an autotuner of
+    _tar_fwd_lean_kernel, or the kernel itself with a config's constexprs and options) on the problem, and with
+    `flags` the (row flags, maxes) buffers of the speculative form (else None); launch and spec are None when there
+    is nothing to compute. The tests run every config of FWD_LEAN through it."""
     reasons = layout_reasons(problem)
     if reasons:
         raise ValueError("; ".join(reasons))
@@ -311,12 +390,21 @@ def _launch(problem: TarProblem, stats: torch.Tensor | None):
                               or not stats.is_contiguous()):
         raise ValueError(f"stats must be a contiguous float32 ({bh}, {n}, {STATS_FIELDS}) tensor, "
                          f"got {stats.dtype} {tuple(stats.shape)}")
+    if flags is not None and (tuple(flags.shape) != (bh,) or flags.dtype != torch.int32
+                              or flags.device != q.device):
+        raise ValueError(f"flags: an int32 ({bh},) tensor on {q.device}, got {flags.dtype} {tuple(flags.shape)} on "
+                         f"{flags.device}")
     if bh == 0 or n == 0:
-        return out, None
+        if flags is not None:
+            flags.zero_()
+        return out, None, None
+    spec = None if flags is None else (torch.zeros(bh, n, dtype=torch.int32, device=q.device),  # (all written)
+                                       torch.empty(bh, n, dtype=torch.float32, device=q.device))
     _, _, gauss_coef = delta_args(problem)
     strides = [descriptor_strides(t) for t in (q, k, v, out)]
-    args = (q, k, v, out, stats, *strides, problem.heads, n, before, 1.0 / per_frame, frames * per_frame, problem.scale,
-            problem.strength, gauss_coef)
-    meta = dict(HEAD_DIM=d, SAVE_STATS=stats is not None, PRECISION=common_meta(problem)["PRECISION"])
+    args = (q, k, v, out, stats, *(spec or (None, None)), *strides, problem.heads, n, before, per_frame,
+            1.0 / per_frame, frames * per_frame, problem.scale, problem.strength, gauss_coef)
+    meta = dict(HEAD_DIM=d, SAVE_STATS=stats is not None, PRECISION=common_meta(problem)["PRECISION"],
+                SPECULATE=flags is not None)
     grid = lambda m: (bh * triton.cdiv(n, m["BLOCK_M"]),)  # noqa: E731
-    return out, lambda kernel, **config: kernel[grid](*args, **meta, **config)
+    return out, lambda kernel, **config: kernel[grid](*args, **meta, **config), spec

@@ -1,0 +1,205 @@
+"""The lean forward's speculative form (backend="triton-lean" with speculate=True, the default; ops/tar_fwd_lean.py):
+one biased loop over the keys with a max guessed from the tiles of the block's own frames and of the text, the
+rows it got wrong flagged and recomputed by the tiled forward's redo.
+
+Each case plants where a row's max lies (tests/kernels/test_speculative.py's plants: a far frame, a text key, the
+last key tile, exact ties between frames, every row flagged, none) and checks which rows are flagged against the
+rule written here as sets (a video row is flagged where its largest score lies only in key tiles its block did
+not walk), every unflagged row against the lean two loops bit for bit at the same config, every flagged row
+against the tiled two passes (bit for bit in the interpreter, whose tiles the redo runs; to the tolerance table on
+a GPU), and everything against the float64 reference, forward and backward.
+"""
+
+import pytest
+import torch
+
+import vstar_kernels as vk
+from vstar_kernels._problem import make_problem
+from vstar_kernels.ops import tar_fwd_lean
+from vstar_kernels.ops.launch import FWD_LEAN, INTERPRETER_TILES
+from vstar_kernels.ops.layout import STATS_FIELDS
+
+from .._device import DEVICE
+from ..helpers import TOLERANCES, assert_close_to_reference, assert_grads_close, reference_grads
+from .test_speculative import PLANTS, layout, qkv
+
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,
+                                reason="the lean forward is built for sm_90, and this GPU is not")
+
+SIGMA, STRENGTH = 2.0, 0.7
+# the configs the speculative form may run (FWD_LEAN's rules drop the warp-specialized ones for it)
+CONFIGS = FWD_LEAN.prune(FWD_LEAN.configs, {"SPECULATE": True}, HEAD_DIM=16)
+
+
+def config_under_test():
+    """The interpreter's tiles (as a config), or on a GPU the first config the speculative form may run."""
+    if DEVICE == "cpu":
+        import triton
+        return triton.Config(dict(INTERPRETER_TILES["lean"], WARP_SPECIALIZE=False))
+    return CONFIGS[0]
+
+
+def run(q, k, v, frames, speculate, config, **opts):
+    """(out, saved statistics, flagged rows per sequence) of the lean forward at `config`."""
+    problem = make_problem(q, k, v, sigma=opts.get("sigma", SIGMA), strength=opts.get("strength", STRENGTH),
+                           delta=None, causal=False, max_mode="row", scale=None, frames=frames)
+    bh = problem.batch * problem.heads
+    stats = torch.full((bh, problem.nq, STATS_FIELDS), float("nan"), device=DEVICE)
+    flags = torch.full((bh,), -7, dtype=torch.int32, device=DEVICE) if speculate else None
+    out = tar_fwd_lean.lean_forward(problem, stats, flags=flags, config=config)
+    return out, stats, flags
+
+
+def expected_flags(q, k, frames, config):
+    """(B*H, N) bool: the video rows whose largest score (float64) lies only in key tiles their query block does not
+    walk for its guess: the tiles holding a text key or a key of one of the block's frames."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    n = frames.numel()
+    s = torch.einsum("bhid,bhjd->bhij", q.double().cpu(), k.double().cpu()).flatten(0, 1)
+    f = frames.cpu()
+    flagged = torch.zeros(s.shape[:2], dtype=torch.bool)
+    for start in range(0, n, bm):
+        rows = torch.arange(start, min(start + bm, n))
+        own = set(f[rows][f[rows] >= 0].tolist())
+        if not own:
+            continue
+        walked = torch.zeros(n, dtype=torch.bool)
+        for t in range(0, n, bn):
+            ids = set(f[t:t + bn].tolist())
+            walked[t:t + bn] = -1 in ids or bool(ids & own)
+        video = rows[f[rows] >= 0]
+        flagged[:, video] = s[:, video].amax(-1) > s[:, video][..., walked].amax(-1)
+    return flagged
+
+
+def assert_bitwise(a, b, what):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("where, frames_name", [(where, name) for name in ("text_before", "text_after", "no_text")
+                                                for where in PLANTS if (where, name) != ("text", "no_text")])
+def test_flagged_rows_redone_the_others_the_two_loops(where, frames_name):
+    frames = layout(frames_name)
+    q, k, v = qkv(frames, dtype=torch.float16, seed=len(where))
+    PLANTS[where](q, k, frames)
+    config = config_under_test()
+    out1, stats1, counts = run(q, k, v, frames, True, config)
+    out2, stats2, _ = run(q, k, v, frames, False, config)
+    flagged = expected_flags(q, k, frames, config)
+    assert counts.tolist() == flagged.sum(1).tolist()
+    if where == "none":
+        assert not flagged.any()
+    elif where in ("far", "all"):
+        assert flagged.any()
+    keep = ~flagged.view(q.shape[:3]).to(DEVICE)
+    assert_bitwise(out1[keep], out2[keep], "unflagged rows' output against the lean two loops")
+    assert_bitwise(stats1.view(*q.shape[:3], -1)[keep], stats2.view(*q.shape[:3], -1)[keep],
+                   "unflagged rows' statistics against the lean two loops")
+    tiled = vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=frames, backend="triton",
+                             speculate=False)
+    if DEVICE == "cpu":  # the redo runs the interpreter's tiles, as the tiled two passes do
+        assert_bitwise(out1[~keep], tiled[~keep], "flagged rows' output against the tiled two passes")
+    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), sigma=SIGMA,
+                                     strength=STRENGTH, frames=frames.cpu())
+    assert_close_to_reference(out1.cpu(), ref)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-w{c.num_warps}")
+def test_every_config_it_may_run(config):
+    """Each config the speculative form may run, as it is, at head dim 64 on 212 tokens whose later query block
+    aims at the last frame (flagged where its block does not hold it): the reference, and the flag count."""
+    frames = vk.frame_ids(6, 30, text_before=20, text_after=12, device=DEVICE)
+    q, k, v = qkv(frames, dtype=torch.bfloat16, seed=2)
+    q, k, v = (torch.cat([t] * 4, -1) for t in (q, k, v))  # head dim 64
+    last = int((frames == 5).nonzero()[0])
+    q[..., 100:180, 0] = 3
+    k[..., last, :] = 0
+    k[..., last, 0] = 8
+    out, _, counts = run(q, k, v, frames, True, config)
+    assert counts.tolist() == expected_flags(q, k, frames, config).sum(1).tolist()
+    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), sigma=SIGMA,
+                                     strength=STRENGTH, frames=frames.cpu())
+    assert_close_to_reference(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("where", ["far", "all"])
+def test_gradients(where):
+    """The backward reads the statistics each row was computed with (the redo's for a flagged row)."""
+    frames = layout("text_before")
+    q, k, v = qkv(frames, dtype=torch.bfloat16, seed=4)
+    PLANTS[where](q, k, frames)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, q.dtype)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    out = vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=frames, backend="triton-lean",
+                           flags=counts)
+    assert counts[0] > 0 and counts[1] == q.shape[1] * frames.numel()
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    refs = reference_grads(q.detach(), k.detach(), v.detach(), grad_out, sigma=SIGMA, strength=STRENGTH,
+                           frames=frames.cpu())
+    assert_grads_close([g.cpu() for g in grads], refs, q.dtype)
+
+
+def test_non_finite_rows():
+    """A NaN key in a far frame (every row NaN), a video and a text row with infinite scores, and rows whose
+    c_i = strength * m_i overflows: NaN exactly where the two loops and the reference (float32 math) have it,
+    the other rows to the tolerance table."""
+    frames = vk.frame_ids(8, 16, text_before=70, device=DEVICE)
+    q, k, v = qkv(frames, dtype=torch.float16, seed=6, H=3)
+    k[0, 0, -3, 2] = float("nan")
+    q[0, 1, 90, 0] = float("inf")
+    q[0, 1, 3, 0] = float("inf")
+    q[0, 2, [3, 68, 100]] *= 1000  # scores near 1e3: c_i = 1e36 * 1e3 overflows
+    strength = 1e36
+    atol, rtol = TOLERANCES[torch.float16]
+    for heads, s in (((0, 1), STRENGTH), ((2,), strength)):
+        qs, ks, vs = (t[:, list(heads)] for t in (q, k, v))
+        out1, _, counts = run(qs, ks, vs, frames, True, config_under_test(), strength=s)
+        out2 = run(qs, ks, vs, frames, False, config_under_test(), strength=s)[0]
+        ref = vk.tar_attention_reference(qs.float().cpu(), ks.float().cpu(), vs.float().cpu(), sigma=SIGMA,
+                                         strength=s, frames=frames.cpu())
+        assert torch.equal(out1.isnan().cpu(), out2.isnan().cpu()) and torch.equal(out1.isnan().cpu(), ref.isnan())
+        assert counts.sum() > 0
+        torch.testing.assert_close(out1.cpu().float(), ref, equal_nan=True, atol=atol, rtol=rtol)
+    assert out1[0, 0, [3, 68, 100]].isnan().all()
+
+
+def test_compact_rows():
+    g = torch.Generator().manual_seed(0)
+    row_flags = (torch.rand(5, 77, generator=g) < torch.tensor([0.0, 0.1, 0.5, 1.0, 0.03])[:, None]).int()
+    counts = torch.full((5,), -1, dtype=torch.int32)
+    rows = tar_fwd_lean.compact_rows(row_flags.to(DEVICE), counts := counts.to(DEVICE)).cpu()
+    assert rows.shape == (5, 77) and rows.dtype == torch.int32 and rows.is_contiguous()
+    for seq in range(5):
+        listed = row_flags[seq].nonzero().flatten()
+        assert int(counts[seq]) == listed.numel()
+        assert torch.equal(rows[seq, :listed.numel()].long(), listed)
+
+
+def test_flags_and_warp_specialization_refused():
+    frames = layout("no_text")
+    q, k, v = qkv(frames, dtype=torch.float16)
+    problem = make_problem(q, k, v, sigma=SIGMA, strength=STRENGTH, delta=None, causal=False, max_mode="row",
+                           scale=None, frames=frames)
+    with pytest.raises(ValueError, match="flags: an int32 \\(2,\\) tensor"):
+        tar_fwd_lean.lean_forward(problem, flags=torch.zeros(3, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="flags: an int32"):
+        tar_fwd_lean.lean_forward(problem, flags=torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="warp_specialize"):
+        tar_fwd_lean.lean_forward(problem, warp_specialize=True, flags=torch.zeros(2, dtype=torch.int32,
+                                                                                   device=DEVICE))
+
+
+def test_speculate_false_runs_the_two_loops_and_counts_nothing():
+    frames = layout("text_after")
+    q, k, v = qkv(frames, dtype=torch.float16, seed=3)
+    PLANTS["far"](q, k, frames)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    out = vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=frames, backend="triton-lean",
+                           speculate=False, flags=counts)
+    assert counts.tolist() == [0, 0]
+    problem = make_problem(q, k, v, sigma=SIGMA, strength=STRENGTH, delta=None, causal=False, max_mode="row",
+                           scale=None, frames=frames)
+    assert_bitwise(out, tar_fwd_lean.lean_forward(problem), "speculate=False against the two loops")
+    vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=frames, backend="triton-lean", flags=counts)
+    assert counts[0] > 0 and counts[1] == q.shape[1] * frames.numel()
