@@ -143,7 +143,8 @@ def test_gradients(where):
 def test_non_finite_rows():
     """A NaN key in a far frame (every row NaN), a video and a text row with infinite scores, and rows whose
     c_i = strength * m_i overflows: NaN exactly where the two loops and the reference (float32 math) have it,
-    the other rows to the tolerance table."""
+    the other rows to the tolerance table. At strength 1e36 a GPU's fused exp2 makes more rows NaN, in both forms
+    (docs/semantics.md): there the reference is checked in the interpreter only."""
     frames = vk.frame_ids(8, 16, text_before=70, device=DEVICE)
     q, k, v = qkv(frames, dtype=torch.float16, seed=6, H=3)
     k[0, 0, -3, 2] = float("nan")
@@ -158,9 +159,9 @@ def test_non_finite_rows():
         out2 = run(qs, ks, vs, frames, False, config_under_test(), strength=s)[0]
         ref = vk.tar_attention_reference(qs.float().cpu(), ks.float().cpu(), vs.float().cpu(), sigma=SIGMA,
                                          strength=s, frames=frames.cpu())
-        assert torch.equal(out1.isnan().cpu(), out2.isnan().cpu()) and torch.equal(out1.isnan().cpu(), ref.isnan())
-        assert counts.sum() > 0
-        torch.testing.assert_close(out1.cpu().float(), ref, equal_nan=True, atol=atol, rtol=rtol)
+        assert torch.equal(out1.isnan(), out2.isnan()) and counts.sum() > 0
+        if DEVICE == "cpu" or s == STRENGTH:
+            torch.testing.assert_close(out1.cpu().float(), ref, equal_nan=True, atol=atol, rtol=rtol)
     assert out1[0, 0, [3, 68, 100]].isnan().all()
 
 
@@ -203,3 +204,31 @@ def test_speculate_false_runs_the_two_loops_and_counts_nothing():
     assert_bitwise(out, tar_fwd_lean.lean_forward(problem), "speculate=False against the two loops")
     vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=frames, backend="triton-lean", flags=counts)
     assert counts[0] > 0 and counts[1] == q.shape[1] * frames.numel()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_captured_in_a_cuda_graph():
+    """Captured once (its ids' layout read before), replayed on data whose rows it must flag: the flags are
+    counted and the flagged rows redone on the device, the output the eager call's bit for bit."""
+    frames = layout("text_before")
+    q, k, v = qkv(frames, dtype=torch.float16, seed=7)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+
+    def call():
+        return vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=frames, backend="triton-lean",
+                                flags=counts)
+
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    q2, k2, v2 = qkv(frames, dtype=torch.float16, seed=8)
+    PLANTS["far"](q2, k2, frames)
+    for t, new in ((q, q2), (k, k2), (v, v2)):
+        t.copy_(new)
+    counts.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert counts[0] > 0 and counts[1] == q.shape[1] * frames.numel()
+    assert_bitwise(out, call(), "the replayed graph against the eager call")
