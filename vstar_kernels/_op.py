@@ -112,7 +112,7 @@ def tar_attention_op(problem: TarProblem, backend: str, speculate: bool = True,
     """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv). flags:
     None, or an int64 (2,) tensor to which the call adds (flagged rows, rows) where it speculated."""
     out, _, counts = _tar_attention(*problem.op_args(), backend, problem.needs_grad(), speculate)
-    if flags is not None and counts.numel():
-        flags.add_(torch.stack((counts.sum(dtype=torch.int64), counts.new_tensor(counts.numel() * problem.nq,
-                                                                                 dtype=torch.int64))))
+    if flags is not None and counts.numel():  # device-side adds, no host copy: a CUDA graph may capture them
+        flags[0].add_(counts.sum(dtype=torch.int64))
+        flags[1].add_(counts.numel() * problem.nq)
     return out
