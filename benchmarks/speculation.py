@@ -42,6 +42,7 @@ import argparse
 import math
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -241,6 +242,10 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
         print(f"{name} {impl}: {timing.median_ms:.3f} ms", flush=True)
 
 
+def _seconds(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp).timestamp()
+
+
 def plot(csv_path, out_dir=None):
     """The picture --plot describes, from the CSV alone, into `out_dir` (default: beside it); returns its path, or
     None for a file with no timed row (a run whose every cell failed: its markdown says why)."""
@@ -255,8 +260,9 @@ def plot(csv_path, out_dir=None):
     shapes = list(dict.fromkeys(s["dit"] for s in setups))
     if not shapes:
         return None
-    fig, axes = plt.subplots(1, len(shapes), figsize=(max(6.5 * len(shapes), 8), 6.3), squeeze=False)
-    bars = {"rates": (("vstar_triton_one_pass", "tab:blue"), ("vstar_triton_two_pass", "tab:orange")),
+    fig, axes = plt.subplots(1, len(shapes), figsize=(max(7.5 * len(shapes), 8), 6.5), squeeze=False)
+    bars = {"rates": (("vstar_triton_one_pass", "tab:blue"), ("vstar_triton_lean_one_pass", "tab:purple"),
+                      ("vstar_triton_two_pass", "tab:orange")),
             "lean": (("vstar_triton_lean", "tab:green"), ("vstar_triton_two_pass", "tab:orange"))}
     for ax, shape in zip(axes.flat, shapes):
         # the latest row per (impl, group, kernel): a re-run replaces the earlier one. A group is a planted rate
@@ -268,30 +274,35 @@ def plot(csv_path, out_dir=None):
         rates = sorted({g for (impl, g, kernel) in cell if g != "lean" and impl.endswith("pass") and not kernel},
                        key=float)
         groups = rates + (["lean"] if ("vstar_triton_lean", "lean", None) in cell else [])
-        floor_of = {"lean": cell.get(("sdpa_floor", "lean", None))}
-        floor_of["rates"] = next((cell[("sdpa_floor", g, None)] for g in rates if ("sdpa_floor", g, None) in cell),
-                                 None)
+        # each bar against the floor timed in its own run: the floor row of its commit nearest to it in time (the
+        # floor differs between runs by up to 12%); none where its commit timed no floor at this shape
+        floors = [(r["commit"], _seconds(r["timestamp"]), float(r["median_ms"])) for r, s in zip(rows, setups)
+                  if s["dit"] == shape and r["impl"] == "sdpa_floor"]
         for i, group in enumerate(groups):
             kind = "lean" if group == "lean" else "rates"
-            floor = floor_of[kind]
-            for j, (impl, color) in enumerate(bars[kind]):
-                ms = cell.get((impl, group, None))
-                if ms is None:
-                    continue
-                x = i + (j - 0.5) * 0.38
-                ax.bar(x, ms, 0.36, color=color, label=impl if impl not in ax.get_legend_handles_labels()[1] else None)
+            present = [(impl, color) for impl, color in bars[kind] if (impl, group, None) in cell]
+            width = 0.84 / max(len(present), 2)
+            for j, (impl, color) in enumerate(present):
+                ms = cell[(impl, group, None)]
+                run = latest[(impl, group, None)]
+                floor = min(((abs(t - _seconds(run["timestamp"])), ms) for c, t, ms in floors if c == run["commit"]),
+                            default=(None, None))[1]
+                x = i + (j - (len(present) - 1) / 2) * width
+                ax.bar(x, ms, width * 0.95, color=color,
+                       label=impl if impl not in ax.get_legend_handles_labels()[1] else None)
                 redo = cell.get(("vstar_triton_one_pass_redo", group, "_tar_fwd_redo_kernel"))
                 if impl == "vstar_triton_one_pass" and redo:
-                    ax.bar(x, redo, 0.36, bottom=ms - redo, color="none", edgecolor="navy", hatch="//",
-                           label="its redo launch" if i == 0 else None)
-                ax.text(x, ms, f"{ms:.1f} ms" + (f"\n{ms / floor:.2f}x floor" if floor else ""), ha="center",
-                        va="bottom", fontsize=8)
-            if floor:  # the floor timed with this group's bars, over the group
-                ax.hlines(floor, i - 0.45, i + 0.45, color="black", ls="--", lw=1)
-        for kind, text in (("rates", "with the one-pass rows"), ("lean", "with the lean rows")):
-            if floor_of[kind] and any((kind == "lean") == (g == "lean") for g in groups):
-                ax.plot([], [], color="black", ls="--", lw=1,
-                        label=f"sdpa_floor (plain attention) {floor_of[kind]:.1f} ms, timed {text}")
+                    ax.bar(x, redo, width * 0.95, bottom=ms - redo, color="none", edgecolor="navy", hatch="//",
+                           label="its redo launch" if "its redo launch" not in ax.get_legend_handles_labels()[1]
+                           else None)
+                ax.text(x, ms, f"{ms:.1f} ms" + (f"\n{ms / floor:.2f}x" if floor else ""), ha="center",
+                        va="bottom", fontsize=7.5)
+                if floor:  # the floor timed in this bar's run, across the bar
+                    ax.hlines(floor, x - width / 2, x + width / 2, color="black", ls="--", lw=1)
+        if floors:
+            ms = [f[2] for f in floors]
+            ax.plot([], [], color="black", ls="--", lw=1, label="sdpa_floor (plain attention) timed in the bar's "
+                    f"run ({min(ms):.1f}-{max(ms):.1f} ms); Nx = bar / it")
         ax.set_xticks(range(len(groups)), [f"{float(g):.0%} flagged" if g != "lean" else "lean forward\n(two loops)"
                                            for g in groups])
         ax.set(xlabel="the one pass at planted flag rates" + ("; the lean forward" if "lean" in groups else ""),

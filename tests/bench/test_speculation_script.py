@@ -38,17 +38,20 @@ def test_smoke_run_writes_checked_rows(tmp_path):
 
 def test_lean_smoke_run_checks_before_timing(tmp_path):
     """--lean (the sweep's `lean` stage): each lean variant checked against the two passes, then timed, and the two
-    passes beside them."""
+    passes beside them at rate 0; at another planted rate the speculative form alone, with the rate it measured."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--smoke", "--lean", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--smoke", "--lean", "--rates", "0", "0.5",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     (csv_path,) = tmp_path.glob("speculation-*.csv")
     rows = measure.read_csv(csv_path)
     assert [r["impl"] for r in rows] == ["vstar_triton_lean", "vstar_triton_lean_ws", "vstar_triton_lean_no_ws",
-                                         "vstar_triton_two_pass"]
+                                         "vstar_triton_lean_one_pass", "vstar_triton_two_pass",
+                                         "vstar_triton_lean_one_pass"]
     assert {r["status"] for r in rows} == {"ok"} and all(float(r["median_ms"]) > 0 for r in rows)
-    assert [r["backend"] for r in rows] == ["triton-lean"] * 3 + ["triton"]
+    assert [r["backend"] for r in rows] == ["triton-lean"] * 4 + ["triton", "triton-lean"]
+    setups = [dict(part.split("=", 1) for part in r["setup"].split()) for r in rows]
+    assert setups[3]["flag_rate"] == "0.0000" and 0 < float(setups[5]["flag_rate"]) <= 0.5
 
 
 def test_bad_rates_and_no_gpu_are_refused(tmp_path):
