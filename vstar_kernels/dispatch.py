@@ -174,8 +174,9 @@ class TritonBackend(Backend):
 
 class TritonLeanBackend(TritonBackend):
     """The lean forward (ops/tar_fwd_lean.py): TAR with the regular frame-id layout of the video DiTs, tensor
-    descriptors, warp-specialized on sm_90. "auto"'s first choice on sm_90 where it fits (`fits_auto`): its GPU
-    tests pass there, and it was the fastest form measured at Wan 2.1 480p and CogVideoX (benchmarks/NOTES.md).
+    descriptors, one loop with a guessed max (speculate=True) or two loops, warp-specialized on sm_90. "auto"'s
+    first choice on sm_90 where it fits (`fits_auto`): its GPU tests pass there, and it was the fastest form
+    measured at Wan 2.1 480p, CogVideoX and LTX-Video (benchmarks/NOTES.md).
     Its backward is the Triton backend's, which reads the statistics it saves."""
 
     name = "triton-lean"

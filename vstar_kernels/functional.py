@@ -42,10 +42,11 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         backend: "auto", "triton", "triton-lean" (the video DiTs' regular frame layout, built for sm_90,
             where "auto" takes it), "cuda", "cpu" or "reference"; an explicit backend that cannot run the
             call raises BackendUnavailableError.
-        speculate: with frame ids, the Gaussian and the row max on the "triton" backend, one pass over the
-            keys with a guessed m_i, the rows guessed wrong recomputed: the two-pass result bit for bit at
-            the same tiles (docs/api.md, "The speculative forward"); False runs two passes. Other calls,
-            the lean forward's among them, ignore it.
+        speculate: with frame ids, the Gaussian and the row max on the "triton" or "triton-lean" backend,
+            one pass over the keys with a guessed m_i, the rows guessed wrong recomputed: the two-pass
+            result (bit for bit at the same tiles on "triton"; to rounding for the recomputed rows on
+            "triton-lean"; docs/api.md, "The speculative forward"); False runs two passes. Other calls
+            ignore it.
         flags: None, or an int64 tensor of shape (2,) on q's device, to which a speculative call adds
             (rows recomputed, rows) without a host synchronisation; `Speculation` reads it.
 
@@ -69,7 +70,8 @@ class Speculation:
 
     # Measured at one shape (H100, bf16, Wan 2.1 480p; benchmarks/NOTES.md): the one pass takes 28.9 / 32.1 ms at
     # 0 / 5% of rows flagged, two passes 32.3 (on the day before's tiles 36.3 / 40.0 / 44.9 at 0 / 5 / 20%, two
-    # passes 40.1): it pays up to 5%.
+    # passes 40.1): it pays up to 5%. The lean forward's (sm_90's "auto"): 18.9 / 21.7 / 26.5 ms at 0 / 5 / 20%
+    # against its two loops' 24.8 at Wan (break-even near 15%), 15.0 / 16.8 against 16.1 at CogVideoX (near 3%).
     BREAK_EVEN = 0.05
     PROBE = 8
 

@@ -8,8 +8,11 @@ descriptor (TMA on sm_90) and runs two loops over the keys: the exact row max (a
 applied once per row: max_j fl(scale * x_j) = fl(scale * max_j x_j), rounding being monotone; skipped by a block
 of text rows alone, which needs no max for its zero bias), then the online softmax of the biased scores. With no
 pointer load in the kernel, Triton's automatic warp specialization applies to both loops on sm_90 (WARP_SPECIALIZE,
-4 warps; `tools.perf static` shows the partitions). It saves the row statistics the tiled backward reads, so
-gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
+4 warps; `tools.perf static` shows the partitions). Its speculative form (SPECULATE, what a call with
+speculate=True runs) walks only the key tiles of each block's own frames and of the text for a guessed max, runs
+the biased loop once with it, and flags the rows whose raw max was larger, which the tiled forward's redo
+recomputes (`lean_forward`); Triton 3.9 does not warp-specialize it (launch.FWD_LEAN). It saves the row
+statistics the tiled backward reads, so gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
 so its output agrees with it to rounding, not bit for bit; the float64 reference and the tolerance table are its
 tests (tests/kernels/test_lean.py).
 
