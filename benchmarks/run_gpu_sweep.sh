@@ -9,8 +9,9 @@
 #   VSTAR_BENCH_COMMIT=<commit of the code> bash benchmarks/run_gpu_sweep.sh [STAGE]
 #
 # STAGE: all (default) | tests | kernels | e2e | quick | speculation | lean
-#   lean (not in all): the lean forward (backend="triton-lean"), autotuned, warp-specialized and not, against two
-#   passes and the floor at the DiT shapes (benchmarks/speculation.py --lean), budget SPEC_BUDGET_S.
+#   lean (not in all): the lean forward (backend="triton-lean"): its two loops autotuned, warp-specialized and not,
+#   against two passes and the floor at the DiT shapes, and its speculative form at each forced flag rate
+#   (benchmarks/speculation.py --lean), budget SPEC_BUDGET_S.
 #   speculation (not in all): the speculative one pass against two passes and the floor at the DiT shapes
 #   and forced flag rates 0 / 5 / 20 / 100%, and the launches timed apart (the row-max walk, the biased loop, the
 #   redo) with the profiler (benchmarks/speculation.py), budget SPEC_BUDGET_S.
@@ -80,7 +81,7 @@ run_stage() {  # name, then the command
                 --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} ${SPEC_RATES:+--rates $SPEC_RATES} ;;
         lean)
             run_stage "lean forward" python3 benchmarks/speculation.py --lean --out "$RESULTS" \
-                --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} ;;
+                --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} ${SPEC_RATES:+--rates $SPEC_RATES} ;;
         all | tests | kernels | e2e) ;;
         *)
             echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick, speculation, lean)"

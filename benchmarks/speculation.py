@@ -32,8 +32,9 @@ with the two-pass output within the tolerance table (vstar_kernels.bench.check.T
 timed on the CPU, for the tests.
 
 --plot CSV draws a results file of this script as one picture, `<stem>-flag-rates.png` beside it: per DiT shape,
-the one pass (its redo launch hatched) and the two passes at each flag rate, each bar labelled with its time over
-the floor's, the floor a dashed line (benchmarks/plot_results.py draws it for speculation-*.csv files).
+the one pass (its redo launch hatched), the lean forward's one pass and the two passes at each flag rate, then the
+lean forward's two loops, each bar labelled with its time over that of the floor timed in its own run, that floor a
+dashed line across the bar (benchmarks/plot_results.py draws it for speculation-*.csv files).
 """
 
 from __future__ import annotations

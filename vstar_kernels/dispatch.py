@@ -94,7 +94,8 @@ class Backend:
 
     def forward(self, problem: TarProblem, stats=None, flags=None) -> torch.Tensor:
         """The output; `stats`: None, or the float32 tensor of `stats_shape` to fill for backward();
-        `flags`: None, or (the Triton backend) the int32 (B*H,) counts the speculative one pass writes."""
+        `flags`: None, or (the Triton backends, `_op.SPECULATING`) the int32 (B*H,) counts the speculative one
+        pass writes."""
         raise NotImplementedError
 
     def stats_shape(self, problem: TarProblem, needs_grad: bool) -> tuple:

@@ -115,7 +115,7 @@ def _tar_fwd_lean_kernel(
     # walk is skipped (a loop bound, not a branch) and the max read from the biased loop, whose scores are then
     # the raw ones scaled, as the walk would (below).
     video = (start_m < BEFORE + VIDEO) & (start_m + BLOCK_M > BEFORE)
-    # the exact row max
+    # the exact row max (with SPECULATE the guess)
     raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     walked = N  # the tiles [0, N), or with SPECULATE three runs of tiles one after the other:
     e1 = N  # the text before the video [0, e1),
@@ -187,11 +187,6 @@ def _tar_fwd_lean_kernel(
         v = v_desc.load([start, 0])
         acc = acc * alpha[:, None] + mma(cast(p, v.dtype), v, PRECISION)
         run_max = new_max
-    # a text-only block: the max the walk would give (NaN for a row with a NaN or +inf score, whose output is NaN),
-    # and the definition's NaN row where c_i = strength * m_i is not finite (its c_i * 0; a video block's rows get
-    # it from the fused multiply-add), set through the row's denominator: selects, not a branch, which would stop
-    # warp specialization, and per row: a select on the output tile costs its loop 0.13 instructions a score more
-    # (tools.perf static, Wan's D 128 on 8 warps: 0.66 on the short path against 0.53)
     row_ok = offs < N - start_m
     if SPECULATE:  # flag the rows whose guess was not their max (a video block's only: see the docstring)
         nan_rows = denom != denom
@@ -202,6 +197,11 @@ def _tar_fwd_lean_kernel(
         row = seq.to(tl.int64) * N + start_m + offs
         tl.store(FLAGS + row, redo.to(tl.int32), mask=row_ok)
         tl.store(MAXES + row, exact, mask=redo)
+    # a text-only block: the max the walk would give (NaN for a row with a NaN or +inf score, whose output is NaN),
+    # and the definition's NaN row where c_i = strength * m_i is not finite (its c_i * 0; a video block's rows get
+    # it from the fused multiply-add), set through the row's denominator: selects, not a branch, which would stop
+    # warp specialization, and per row: a select on the output tile costs its loop 0.13 instructions a score more
+    # (tools.perf static, Wan's D 128 on 8 warps: 0.66 on the short path against 0.53)
     m = tl.where(video, m, tl.where(denom == denom, run_max, float("nan")))
     denom = tl.where(video | (tl.abs(strength * m) < float("inf")), denom, float("nan"))
     out = acc / denom[:, None]
@@ -358,7 +358,8 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
 
 
 # The tiles of the redo after a speculative lean launch (the tiled forward's redo kernel; any tiles give the rows
-# the two-pass result to rounding): 64 x 32 on 4 warps, a tile every head dim up to 128 takes on sm_80 and sm_90.
+# the two-pass result to rounding): 64 x 32 on 4 warps, which compiles for sm_90 at every head dim up to 128
+# without a spill (at Wan's head dim 128: 246 registers; tools.perf static).
 LEAN_REDO = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
@@ -401,7 +402,9 @@ def _launch(problem: TarProblem, stats: torch.Tensor | None, flags: torch.Tensor
         if flags is not None:
             flags.zero_()
         return out, None, None
-    spec = None if flags is None else (torch.zeros(bh, n, dtype=torch.int32, device=q.device),  # (all written)
+    # (the kernel writes every row's flag; zeros, not empty, for `tools.perf`, which records launches and runs
+    # the compaction on buffers no kernel wrote)
+    spec = None if flags is None else (torch.zeros(bh, n, dtype=torch.int32, device=q.device),
                                        torch.empty(bh, n, dtype=torch.float32, device=q.device))
     _, _, gauss_coef = delta_args(problem)
     strides = [descriptor_strides(t) for t in (q, k, v, out)]
