@@ -22,7 +22,7 @@ from vstar_kernels.ops.layout import STATS_FIELDS
 
 from .._device import DEVICE
 from ..helpers import TOLERANCES, assert_close_to_reference, assert_grads_close, reference_grads
-from .test_speculative import PLANTS, layout, qkv
+from .test_speculative import PLANT_CASES, PLANTS, assert_bitwise, layout, qkv
 
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,
                                 reason="the lean forward is built for sm_90, and this GPU is not")
@@ -73,12 +73,7 @@ def expected_flags(q, k, frames, config):
     return flagged
 
 
-def assert_bitwise(a, b, what):
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-@pytest.mark.parametrize("where, frames_name", [(where, name) for name in ("text_before", "text_after", "no_text")
-                                                for where in PLANTS if (where, name) != ("text", "no_text")])
+@pytest.mark.parametrize("where, frames_name", PLANT_CASES)
 def test_flagged_rows_redone_the_others_the_two_loops(where, frames_name):
     frames = layout(frames_name)
     q, k, v = qkv(frames, dtype=torch.float16, seed=len(where))

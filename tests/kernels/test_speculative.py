@@ -84,8 +84,11 @@ def assert_bitwise(a, b, what):
 
 
 # every plant in every layout, but a text key where there is no text
-@pytest.mark.parametrize("where, frames_name", [(where, name) for name in ("text_before", "text_after", "no_text")
-                                                for where in PLANTS if (where, name) != ("text", "no_text")])
+PLANT_CASES = [(where, name) for name in ("text_before", "text_after", "no_text") for where in PLANTS
+               if (where, name) != ("text", "no_text")]
+
+
+@pytest.mark.parametrize("where, frames_name", PLANT_CASES)
 def test_forward_is_the_two_pass_bit_for_bit(where, frames_name):
     frames = layout(frames_name)
     q, k, v = qkv(frames, seed=len(where))
