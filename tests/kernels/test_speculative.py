@@ -29,10 +29,12 @@ D = 16
 
 
 def layout(name):
-    """Frame layouts of 256-285 tokens: 4-5 key tiles, so that most tiles are outside a block's own frames."""
+    """Frame layouts of 247-285 tokens: 4-5 key tiles, so that most tiles are outside a block's own frames
+    (long_frames, frames longer than a key tile, for the lean forward's tiles of one frame)."""
     return {"text_before": lambda: vk.frame_ids(10, 26, text_before=11, device=DEVICE),
             "text_after": lambda: vk.frame_ids(12, 23, text_after=9, device=DEVICE),
-            "no_text": lambda: vk.frame_ids(16, 16, device=DEVICE)}[name]()
+            "no_text": lambda: vk.frame_ids(16, 16, device=DEVICE),
+            "long_frames": lambda: vk.frame_ids(3, 80, text_before=7, device=DEVICE)}[name]()
 
 
 def qkv(frames, dtype=torch.float32, B=1, H=2, seed=0):

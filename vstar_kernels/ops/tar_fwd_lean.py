@@ -10,7 +10,7 @@ of text rows alone, which needs no max for its zero bias), then the online softm
 pointer load in the kernel, Triton's automatic warp specialization applies to both loops on sm_90 (WARP_SPECIALIZE,
 4 warps; `tools.perf static` shows the partitions). Its speculative form (SPECULATE, what a call with
 speculate=True runs) walks only the key tiles of each block's own frames and of the text for a guessed max, runs
-the biased loop once with it, and flags the rows whose raw max was larger, which the tiled forward's redo
+the biased loop once with it, and flags the rows whose max may lie elsewhere, which the tiled forward's redo
 recomputes (`lean_forward`); Triton 3.9 does not warp-specialize it (launch.FWD_LEAN). It saves the row
 statistics the tiled backward reads, so gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
 so its output agrees with it to rounding, not bit for bit; the float64 reference and the tolerance table are its
@@ -84,11 +84,14 @@ def _tar_fwd_lean_kernel(
     them. The grid is (B*H * cdiv(N, BLOCK_M),).
 
     SPECULATE: the walk takes only the key tiles of the block's own frames and of the text (the guess, a max over
-    some of the keys with the biased loop's tiles and arithmetic), and the biased loop keeps the raw scores'
-    running max. A row whose raw max is its guess had its exact max; the others (a video row whose max lies in a
-    key tile not walked, and, as `tar_fwd._flag_rows`, a row whose denominator is NaN or whose strength * max is
-    not finite) are flagged for the redo: FLAGS (int32 (B*H, N)) gets 1 for them and 0 for every other row, MAXES
-    (float32 (B*H, N)) their raw max (+inf for a NaN denominator: the redo walks their keys again).
+    some of the keys with the biased loop's tiles and arithmetic), and the biased loop checks it: on a tile of
+    several frame ids or one the walk took, by the raw scores' running max; on a tile of one frame id the walk did
+    not take, by the biased tile max against the guess's biased value (the bias is one number per row there, see
+    the loop). A row whose guess was its max keeps it; the others (a video row whose max lies in a key tile not
+    walked, or ties it there, and, as `tar_fwd._flag_rows`, a row whose denominator is NaN or whose strength * max
+    is not finite) are flagged for the redo: FLAGS (int32 (B*H, N)) gets 1 for them and 0 for every other row,
+    MAXES (float32 (B*H, N)) their raw max, or +inf where the loop does not know it (a NaN denominator, a row
+    flagged on the biased tile max): the redo walks their keys again.
     """
     pid = tl.program_id(0)
     blocks = tl.cdiv(N, BLOCK_M)
@@ -119,8 +122,9 @@ def _tar_fwd_lean_kernel(
     raw = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     walked = N  # the tiles [0, N), or with SPECULATE three runs of tiles one after the other:
     e1 = N  # the text before the video [0, e1),
-    e2 = N  # the block's own frames [a0, a0 + e2 - e1),
+    e2 = N  # the block's own frames [a0, a1), a1 - a0 = e2 - e1,
     a0 = 0
+    a1 = 0
     t1 = 0  # and the text after it [t1, t1 + walked - e2), no tile twice
     if SPECULATE:
         end = tl.cdiv(N, BLOCK_N) * BLOCK_N
@@ -154,17 +158,29 @@ def _tar_fwd_lean_kernel(
     denom = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     raw_run = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    hit = tl.zeros((BLOCK_M,), tl.int1)  # with SPECULATE: a biased tile max at or above its bound (below)
     for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([start, 0])
         s = mma(q, tl.trans(k), PRECISION) * scale
         last = tl.minimum(start + BLOCK_N, N) - 1
         one = frame_of(start, BEFORE, INV_PER_FRAME, VIDEO)
+        cheap = False  # SPECULATE, a tile of one frame id the walk did not take (below)
+        bound = tl.full((BLOCK_M,), float("nan"), tl.float32)
         # one frame id across the tile (frames are runs in order; two -1 ends may hold the video between them)
         if BRANCHES and (one == frame_of(last, BEFORE, INV_PER_FRAME, VIDEO)) & ((start >= BEFORE) | (last < BEFORE)):
             gap = one - fq  # dA as one vector along the rows: the per-score values
             vec = tl.where(fq >= 0, tl.exp2(gauss_coef * gap * gap), 0.0)
             vec = tl.where(one >= 0, vec, 0.0)
             dA = tl.broadcast_to(vec[:, None], s.shape)
+            if SPECULATE:
+                # Here a row's biased scores are fl(s_j + c_i * vec_i), one addend per row, so, rounding being
+                # monotone, their max is fl(max_j s_j + c_i * vec_i): a row whose raw tile max exceeds its guess
+                # m_i has its biased tile max at or above fl(m_i + c_i * vec_i) (`bound`). So the raw tile max
+                # is not taken: a video row at or above its bound is flagged (`hit`, its max walked again by the
+                # redo), and one below it has its raw tile max below m_i, at most the raw max of the tiles the
+                # walk took. Not on those tiles: there a raw max equal to the guess is the rule, not a miss.
+                cheap = (start >= e1) & ((start < a0) | (start >= a1)) & (start < t1)
+                bound = tl.where(cheap, tl.fma(c, vec, m), float("nan"))
         else:
             fk = frame_of(start + cols, BEFORE, INV_PER_FRAME, VIDEO)
             dist = fk[None, :] - fq[:, None]
@@ -173,12 +189,16 @@ def _tar_fwd_lean_kernel(
             # where c_i is finite; a row whose c_i is not is flagged)
             if not BRANCHES or start + BLOCK_N > N:
                 s = tl.where((start + cols < N)[None, :], s, float("-inf"))
-            raw_run = tl.maximum(raw_run, tl.max(s, 1))
+            if not cheap:
+                raw_run = tl.maximum(raw_run, tl.max(s, 1))
         # one fused multiply-add, as the tiled kernels' add_bias: a non-finite c_i makes the row NaN
         s = tl.fma(tl.broadcast_to(c[:, None], s.shape), dA, s)
         if not SPECULATE and (not BRANCHES or start + BLOCK_N > N):
             s = tl.where((start + cols < N)[None, :], s, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(s, 1))
+        tile_max = tl.max(s, 1)
+        new_max = tl.maximum(run_max, tile_max)
+        if SPECULATE:
+            hit = hit | (tile_max >= bound)
         # a row whose scores so far are all -inf (-inf in the inputs): every p and alpha is 0, not NaN
         m2 = tl.where(new_max == float("-inf"), 0.0, new_max * 1.4426950408889634)
         alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
@@ -190,8 +210,13 @@ def _tar_fwd_lean_kernel(
     row_ok = offs < N - start_m
     if SPECULATE:  # flag the rows whose guess was not their max (a video block's only: see the docstring)
         nan_rows = denom != denom
-        exact = tl.where(nan_rows, float("inf"), raw_run)
-        redo = row_ok & (((fq >= 0) & (raw_run > m)) | ~(tl.abs(strength * raw_run) < float("inf")) | nan_rows)
+        hit = hit & (fq >= 0)
+        # a text row's scores take no bias (c_i * 0, c_i finite; a row whose c_i is not is NaN): its raw max is
+        # its biased one, taken over every tile
+        raw_run = tl.where(fq >= 0, raw_run, run_max)
+        exact = tl.where(nan_rows | hit, float("inf"), raw_run)
+        redo = row_ok & (((fq >= 0) & (raw_run > m)) | hit | ~(tl.abs(strength * raw_run) < float("inf"))
+                         | nan_rows)
         redo = tl.where(video, redo, False)
         m = tl.where(video, exact, m)
         row = seq.to(tl.int64) * N + start_m + offs
