@@ -63,23 +63,32 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
 
 class Speculation:
     """The speculative one pass or two passes, chosen per step for a call site that runs every step (the cost
-    model, BREAK_EVEN and PROBE: docs/api.md, "The speculative forward"). `kwargs` gives a step's calls their
-    tar_attention arguments; `next_step` (once per step, one host synchronisation) reads the rows they flagged
-    and chooses the next step's form; after PROBE steps of two passes one step speculates again.
+    model, BREAK_EVEN, PROBE and PROBE_MAX: docs/api.md, "The speculative forward"). `kwargs` gives a step's calls
+    their tar_attention arguments; `next_step` (once per step, one host synchronisation) reads the rows they flagged
+    and chooses the next step's form: two passes after a step that flagged more than BREAK_EVEN of its rows, and
+    one speculative step (a probe) after PROBE steps of them, after twice as many each time a probe flags too many
+    again (at most PROBE_MAX), so that a model whose rows are all flagged pays for a few probes a run, not one in
+    every PROBE + 1 steps.
     """
 
     # Measured at one shape (H100, bf16, Wan 2.1 480p; benchmarks/NOTES.md): the one pass takes 28.9 / 32.1 ms at
     # 0 / 5% of rows flagged, two passes 32.3 (on the day before's tiles 36.3 / 40.0 / 44.9 at 0 / 5 / 20%, two
     # passes 40.1): it pays up to 5%. The lean forward's (sm_90's "auto"): 18.9 / 21.7 / 26.5 ms at 0 / 5 / 20%
     # against its two loops' 24.8 at Wan (break-even near 15%), 15.0 / 16.8 against 16.1 at CogVideoX (near 3%).
+    # At 100% flagged a probe costs 53.1 ms against 24.8 at Wan, 43.4 against 16.1 at CogVideoX: over a 50-step
+    # run three probes (steps 1, 10 and 27) make a call 1.07x and 1.10x the two loops', where a probe every 9
+    # steps made it 1.13x and 1.19x.
     BREAK_EVEN = 0.05
     PROBE = 8
+    PROBE_MAX = 64
 
     def __init__(self):
         self.speculate = True
         self.rate = None  # the last measured share of rows recomputed
         self._counts = None
         self._two_pass_steps = 0
+        self._wait = self.PROBE  # two-pass steps before the next probe
+        self._probe = False  # the speculative step now is a probe
 
     def kwargs(self, device) -> dict:
         """tar_attention's speculate= and flags= for a call on `device`."""
@@ -95,8 +104,11 @@ class Speculation:
             if rows:
                 self.rate = flagged / rows
                 self.speculate = self.rate <= self.BREAK_EVEN
+                if not self.speculate:
+                    self._wait = min(2 * self._wait, self.PROBE_MAX) if self._probe else self.PROBE
+                self._probe = False
                 self._two_pass_steps = 0
                 return
         if not self.speculate:
             self._two_pass_steps += 1
-            self.speculate = self._two_pass_steps >= self.PROBE
+            self.speculate = self._probe = self._two_pass_steps >= self._wait

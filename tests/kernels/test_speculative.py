@@ -325,6 +325,34 @@ def test_speculation_policy():
     assert spec.speculate and spec.rate == 0.05
 
 
+def speculated_steps(spec, rates):
+    """The steps (0-based) at which `spec` speculated, the calls flagging rates[step] of 1000 rows when they do (a
+    two-pass step counts nothing)."""
+    steps = []
+    for step, rate in enumerate(rates):
+        if spec.kwargs("cpu")["speculate"]:
+            steps.append(step)
+            spec.kwargs("cpu")["flags"].add_(torch.tensor([round(rate * 1000), 1000]))
+        spec.next_step()
+    return steps
+
+
+def test_speculation_waits_twice_as_long_after_each_failed_probe():
+    """Every row flagged at every step: probes after PROBE, 2 PROBE, 4 PROBE ... two-pass steps, at most PROBE_MAX
+    (a 50-step run pays for three); a probe that passes, then a step that flags too many, and the wait is PROBE
+    again."""
+    spec = vk.Speculation()
+    p, cap = spec.PROBE, spec.PROBE_MAX
+    steps = speculated_steps(spec, [1.0] * 400)
+    gaps = [b - a - 1 for a, b in zip(steps, steps[1:])]
+    assert steps[:3] == [0, p + 1, 3 * p + 2] and gaps[:4] == [p, 2 * p, 4 * p, min(8 * p, cap)]
+    assert max(gaps) == cap and gaps[-1] == cap
+    assert len([s for s in steps if s < 50]) == 3  # Speculation's comment: a 50-step run, steps 1, 10 and 27
+    spec = vk.Speculation()
+    rates = [1.0] * (3 * p + 2) + [0.0] * 4 + [1.0] * (2 * p)  # the probe at 3p + 2 passes, 3p + 6 fails again
+    assert speculated_steps(spec, rates) == [0, p + 1, *range(3 * p + 2, 3 * p + 7), 4 * p + 7]
+
+
 def test_the_op_compiles_with_counts():
     """The public call with flags under torch.compile(fullgraph=True): the counts as eager."""
     frames = layout("no_text")

@@ -364,6 +364,14 @@ def test_dit_rows_are_produced_labelled_model(dit_run):
         assert (dit_run / f"model-dit-{gpu}.png").stat().st_size > 10_000
 
 
+def test_fallback_averages_the_policy_over_a_run():
+    """with_fallback runs vk.Speculation step by step: the one pass up to BREAK_EVEN; at f = 1, in a 50-step run,
+    the first step and the probes after 8 and 16 two-pass steps (steps 1, 10 and 27) speculate."""
+    assert model_dit.with_fallback(2.0, 3.0, model_dit.Speculation.BREAK_EVEN) == 2.0
+    assert model_dit.with_fallback(5.0, 1.0, 1.0) == pytest.approx((3 * 5.0 + 47 * 1.0) / 50)
+    assert model_dit.with_fallback(5.0, 1.0, 1.0, steps=9) == pytest.approx((5.0 + 8 * 1.0) / 9)
+
+
 # The Triton the committed results were compiled with: its passes and ptxas decide the loop costs the model reads.
 COMMITTED_TRITON = re.search(r"what Triton (\S+) and its bundled ptxas", (RESULTS / "static-sm90.md").read_text())[1]
 
