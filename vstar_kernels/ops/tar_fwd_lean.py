@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._problem import TarProblem, frame_value
-from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, cast, max_nan, mma, nanmax
+from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, add_bias, cast, max_nan, mma, nanmax
 from .launch import FWD_LEAN, common_meta, delta_args, interpreter_tiles, tuned
 from .layout import STATS_FIELDS
 
@@ -164,14 +164,20 @@ def _tar_fwd_lean_kernel(
         s = mma(q, tl.trans(k), PRECISION) * scale
         last = tl.minimum(start + BLOCK_N, N) - 1
         one = frame_of(start, BEFORE, INV_PER_FRAME, VIDEO)
+        if SPECULATE:  # keys past N masked first (then -inf + c_i * dA is -inf where c_i is finite; a row whose
+            # c_i is not is flagged), for the raw max below
+            if not BRANCHES or start + BLOCK_N > N:
+                s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         cheap = False  # SPECULATE, a tile of one frame id the walk did not take (below)
         bound = tl.full((BLOCK_M,), float("nan"), tl.float32)
-        # one frame id across the tile (frames are runs in order; two -1 ends may hold the video between them)
+        # The bias: one fused multiply-add (`add_bias`; a non-finite c_i makes the row NaN) in each branch, its
+        # factors swapped in one of them, so that the compiler does not sink the two into one after the branch,
+        # which first copies a vector's dA into a whole tile of registers (30 copies a pass here, sm_90).
+        # One frame id across the tile (frames are runs in order; two -1 ends may hold the video between them):
         if BRANCHES and (one == frame_of(last, BEFORE, INV_PER_FRAME, VIDEO)) & ((start >= BEFORE) | (last < BEFORE)):
             gap = one - fq  # dA as one vector along the rows: the per-score values
             vec = tl.where(fq >= 0, tl.exp2(gauss_coef * gap * gap), 0.0)
             vec = tl.where(one >= 0, vec, 0.0)
-            dA = tl.broadcast_to(vec[:, None], s.shape)
             if SPECULATE:
                 # Here a row's biased scores are fl(s_j + c_i * vec_i), one addend per row, so, rounding being
                 # monotone, their max is fl(max_j s_j + c_i * vec_i): a row whose raw tile max exceeds its guess
@@ -181,18 +187,16 @@ def _tar_fwd_lean_kernel(
                 # walk took. Not on those tiles: there a raw max equal to the guess is the rule, not a miss.
                 cheap = (start >= e1) & ((start < a0) | (start >= a1)) & (start < t1)
                 bound = tl.where(cheap, tl.fma(c, vec, m), float("nan"))
+                if not cheap:
+                    raw_run = tl.maximum(raw_run, tl.max(s, 1))
+            s = add_bias(s, c, vec[:, None], SWAP=True)
         else:
             fk = frame_of(start + cols, BEFORE, INV_PER_FRAME, VIDEO)
             dist = fk[None, :] - fq[:, None]
             dA = tl.where((fq[:, None] >= 0) & (fk[None, :] >= 0), tl.exp2(gauss_coef * dist * dist), 0.0)
-        if SPECULATE:  # the raw max of the keys: those past N masked first (then -inf + c_i * dA is -inf
-            # where c_i is finite; a row whose c_i is not is flagged)
-            if not BRANCHES or start + BLOCK_N > N:
-                s = tl.where((start + cols < N)[None, :], s, float("-inf"))
-            if not cheap:
+            if SPECULATE:
                 raw_run = tl.maximum(raw_run, tl.max(s, 1))
-        # one fused multiply-add, as the tiled kernels' add_bias: a non-finite c_i makes the row NaN
-        s = tl.fma(tl.broadcast_to(c[:, None], s.shape), dA, s)
+            s = add_bias(s, c, dA)
         if not SPECULATE and (not BRANCHES or start + BLOCK_N > N):
             s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         tile_max = tl.max(s, 1)
