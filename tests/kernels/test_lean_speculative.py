@@ -5,7 +5,7 @@ rows it got wrong flagged and recomputed by the tiled forward's redo.
 Each case plants where a row's max lies (tests/kernels/test_speculative.py's plants: a far frame, a text key, the
 last key tile, exact ties between frames, every row flagged, none) and checks which rows are flagged against the
 rule written here as sets (a video row is flagged where its largest score lies only in key tiles its block did
-not walk), every unflagged row against the lean two loops bit for bit at the same config, every flagged row
+not walk, or ties it in a tile of one frame id its block did not walk), every unflagged row against the lean two loops bit for bit at the same config, every flagged row
 against the tiled two passes (bit for bit in the interpreter, whose tiles the redo runs; to the tolerance table on
 a GPU), and everything against the float64 reference, forward and backward.
 """
@@ -18,7 +18,7 @@ from vstar_kernels._op import _tar_attention
 from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import tar_fwd_lean
 from vstar_kernels.ops.launch import FWD_LEAN, INTERPRETER_TILES
-from vstar_kernels.ops.layout import STATS_FIELDS
+from vstar_kernels.ops.layout import STAT_MAX, STATS_FIELDS
 
 from .._device import DEVICE
 from ..helpers import TOLERANCES, assert_close_to_reference, assert_grads_close, reference_grads
@@ -119,6 +119,69 @@ def test_flagged_rows_redone_the_others_the_two_loops(where, frames_name):
     assert_close_to_reference(out1.cpu(), ref)
 
 
+# Frames longer than a key tile, with key tiles of text alone at both ends (interpreter tiles of 32 keys: [0, 32)
+# and [288, 320) text only; [64, 96), [128, 160), [160, 192), [224, 256) one frame each). The rows of frame g score
+# highest on key WALKED[case](frames)(g), on a head-dim column of their own.
+WALKED = {
+    "own_middle": lambda f: (lambda g: int((f == g).nonzero()[40])),  # a tile of one frame the walk takes
+    "text_before": lambda f: (lambda g: 0),  # a tile of text alone, walked by every block
+    "text_after": lambda f: (lambda g: f.numel() - 1),
+    "next_frame": lambda f: (lambda g: int((f == (g + 1) % 3).nonzero()[40])),  # skipped by some blocks: flags
+}
+
+
+@pytest.mark.parametrize("case", WALKED)
+def test_tiles_the_walk_took_flag_nothing(case):
+    """A max on a tile the guess walked, of one frame or of text alone, flags nothing (there the loop keeps the raw
+    max: a biased tile max equal to its bound is the rule, not a miss); on a skipped tile of one frame it flags."""
+    frames = vk.frame_ids(3, 80, text_before=40, text_after=40, device=DEVICE)
+    q, k, v = qkv(frames, dtype=torch.float16, seed=1)
+    key_of = WALKED[case](frames.cpu())
+    for g in range(3):
+        k[..., key_of(g), :] = 0
+    for g in range(3):
+        q[..., frames == g, g] = 3
+        k[..., key_of(g), g] = 8
+    config = config_under_test()
+    out1, stats1, counts = run(q, k, v, frames, True, config)
+    out2, stats2, _ = run(q, k, v, frames, False, config)
+    flagged = expected_flags(q, k, frames, config)
+    assert counts.tolist() == flagged.sum(1).tolist()
+    assert (counts.sum() > 0) == (case == "next_frame")
+    keep = ~flagged.view(q.shape[:3]).to(DEVICE)
+    assert_bitwise(out1[keep], out2[keep], "unflagged rows' output against the lean two loops")
+    assert_bitwise(stats1.view(*q.shape[:3], -1)[keep], stats2.view(*q.shape[:3], -1)[keep],
+                   "unflagged rows' statistics against the lean two loops")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("direction", ["above", "below"])
+def test_raw_max_within_rounding_of_the_guess(direction, dtype, monkeypatch):
+    """Row 5 (frame 0) scores 2 on key 10 (its guess) and 2 (1 +- one ulp of the input) on key 100, of frame 1, in a
+    tile of one frame its block does not walk; at strength 1e5 the bias c_i vec_i (about 1.8e5) rounds the two
+    biased scores together. Above, the guess is wrong and the row is flagged (its raw max not taken on that tile);
+    either way every unflagged row is the two loops' bit for bit, and row 5's saved max the true one."""
+    frames = vk.frame_ids(3, 64, device=DEVICE)
+    q, k, v = qkv(frames, dtype=dtype, H=1, seed=0)
+    q[..., 5, :] = 0
+    q[..., 5, 0] = 2
+    k[..., 10, :] = 0
+    k[..., 10, 0] = 4
+    k[..., 100, :] = 0
+    k[..., 100, 0] = (torch.tensor(4.0, dtype=dtype).view(torch.int16) + (1 if direction == "above" else -1)).view(dtype)
+    seen = {}
+    compact = tar_fwd_lean.compact_rows
+    monkeypatch.setattr(tar_fwd_lean, "compact_rows", lambda f, c: compact(seen.setdefault("flags", f.clone()), c))
+    out1, stats1, _ = run(q, k, v, frames, True, config_under_test(), strength=1e5)
+    out2, stats2, _ = run(q, k, v, frames, False, config_under_test(), strength=1e5)
+    flagged = seen["flags"].view(q.shape[:3]).bool()
+    assert flagged[0, 0, 5] or direction == "below"
+    stats1, stats2 = stats1.view(*q.shape[:3], -1), stats2.view(*q.shape[:3], -1)
+    assert_bitwise(out1[~flagged], out2[~flagged], "unflagged rows' output against the lean two loops")
+    assert_bitwise(stats1[~flagged], stats2[~flagged], "unflagged rows' statistics against the lean two loops")
+    assert_bitwise(stats1[0, 0, 5, STAT_MAX], stats2[0, 0, 5, STAT_MAX], "row 5's saved max")
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-w{c.num_warps}")
 def test_every_config_it_may_run(config):
     """Each config the speculative form may run, as it is, at head dim 64 on 212 tokens whose later query block
@@ -163,7 +226,7 @@ def test_non_finite_rows(per_frame):
     c_i = strength * m_i overflows: NaN exactly where the two loops and the reference (float32 math) have it,
     the other rows to the tolerance table. At strength 1e36 a GPU's fused exp2 makes more rows NaN, in both forms
     (docs/semantics.md): there the reference is checked in the interpreter only. Frames of 16 tokens put two
-    in every key tile; of 48, most tiles hold one (the flag read off the biased tile max)."""
+    in every key tile; of 48, some hold one (the flag read off the biased tile max there)."""
     frames = vk.frame_ids(8 if per_frame == 16 else 3, per_frame, text_before=70, device=DEVICE)
     q, k, v = qkv(frames, dtype=torch.float16, seed=6, H=3)
     k[0, 0, -3, 2] = float("nan")

@@ -87,9 +87,10 @@ def _tar_fwd_lean_kernel(
     some of the keys with the biased loop's tiles and arithmetic), and the biased loop checks it: on a tile of
     several frame ids or one the walk took, by the raw scores' running max; on a tile of one frame id the walk did
     not take, by the biased tile max against the guess's biased value (the bias is one number per row there, see
-    the loop). A row whose guess was its max keeps it; the others (a video row whose max lies in a key tile not
-    walked, or ties it there, and, as `tar_fwd._flag_rows`, a row whose denominator is NaN or whose strength * max
-    is not finite) are flagged for the redo: FLAGS (int32 (B*H, N)) gets 1 for them and 0 for every other row,
+    the loop). Flagged for the redo: a video row whose max lies in a key tile not walked, one whose biased tile
+    max there ties its bound (a raw score equal to the guess, or below it by less than the bias's rounding), and,
+    as `tar_fwd._flag_rows`, a row whose denominator is NaN or whose strength * max is not finite; every other row
+    kept its guess, its exact max. FLAGS (int32 (B*H, N)) gets 1 for the flagged rows and 0 for every other row,
     MAXES (float32 (B*H, N)) their raw max, or +inf where the loop does not know it (a NaN denominator, a row
     flagged on the biased tile max): the redo walks their keys again.
     """
