@@ -13,8 +13,8 @@ speculate=True runs) walks only the key tiles of each block's own frames and of 
 the biased loop once with it, and flags the rows whose max may lie elsewhere, which the tiled forward's redo
 recomputes (`lean_forward`); Triton 3.9 does not warp-specialize it (launch.FWD_LEAN). It saves the row
 statistics the tiled backward reads, so gradients run ops/tar_bwd.py. Its tiles differ from the tiled forward's,
-so its output agrees with it to rounding, not bit for bit; the float64 reference and the tolerance table are its
-tests (tests/kernels/test_lean.py).
+and on a key tile of one frame it takes the scale and the bias in one multiply-add, so its output agrees with it to
+rounding, not bit for bit; the float64 reference and the tolerance table are its tests (tests/kernels/test_lean.py).
 
 "auto" chooses it on sm_90 where it fits (dispatch.TritonLeanBackend.fits_auto). Its first GPU test run (an H200,
 2026-11-26) gave wrong outputs: Triton 3.9's warp specialization split a 128-row block into two 64-row partitions
@@ -162,42 +162,43 @@ def _tar_fwd_lean_kernel(
     hit = tl.zeros((BLOCK_M,), tl.int1)  # with SPECULATE: a biased tile max at or above its bound (below)
     for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([start, 0])
-        s = mma(q, tl.trans(k), PRECISION) * scale
+        s = mma(q, tl.trans(k), PRECISION)  # unscaled: the scale comes with the bias (below)
         last = tl.minimum(start + BLOCK_N, N) - 1
         one = frame_of(start, BEFORE, INV_PER_FRAME, VIDEO)
         if SPECULATE:  # keys past N masked first (then -inf + c_i * dA is -inf where c_i is finite; a row whose
-            # c_i is not is flagged), for the raw max below
+            # c_i is not is flagged), for the raw max below (of unscaled scores: fl(scale * max) is max fl(scale *))
             if not BRANCHES or start + BLOCK_N > N:
                 s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         cheap = False  # SPECULATE, a tile of one frame id the walk did not take (below)
         bound = tl.full((BLOCK_M,), float("nan"), tl.float32)
-        # The bias: one fused multiply-add (`add_bias`; a non-finite c_i makes the row NaN) in each branch, its
-        # factors swapped in one of them, so that the compiler does not sink the two into one after the branch,
-        # which first copies a vector's dA into a whole tile of registers (30 copies a pass here, sm_90).
-        # One frame id across the tile (frames are runs in order; two -1 ends may hold the video between them):
+        # The biased scores, in each branch (two forms the compiler cannot sink into one after the branch, which
+        # would first copy a vector's dA into a whole tile of registers: 30 copies a pass, sm_90; kernel log v15);
+        # a non-finite c_i makes the row NaN. One frame id across the tile (frames are runs in order; two -1 ends
+        # may hold the video between them): one addend per row, b_i = fl(c_i * vec_i), and the scale with it in one
+        # fused multiply-add a score, fl(scale * s_j + b_i); else fl(scale * s_j) and the bias as `add_bias`.
         if BRANCHES and (one == frame_of(last, BEFORE, INV_PER_FRAME, VIDEO)) & ((start >= BEFORE) | (last < BEFORE)):
             gap = one - fq  # dA as one vector along the rows: the per-score values
             vec = tl.where(fq >= 0, tl.exp2(gauss_coef * gap * gap), 0.0)
             vec = tl.where(one >= 0, vec, 0.0)
+            bias = c * vec
             if SPECULATE:
-                # Here a row's biased scores are fl(s_j + c_i * vec_i), one addend per row, so, rounding being
-                # monotone, their max is fl(max_j s_j + c_i * vec_i): a row whose raw tile max exceeds its guess
-                # m_i has its biased tile max at or above fl(m_i + c_i * vec_i) (`bound`). So the raw tile max
-                # is not taken: a video row at or above its bound is flagged (`hit`, its max walked again by the
-                # redo), and one below it has its raw tile max below m_i, at most the raw max of the tiles the
-                # walk took. Not on those tiles: there a raw max equal to the guess is the rule, not a miss.
+                # Rounding being monotone, a row whose scaled raw tile max exceeds its guess m_i (scale * s_j > m_i
+                # for some j, exactly) has its biased tile max at or above fl(m_i + b_i) (`bound`). So the raw tile
+                # max is not taken: a video row at or above its bound is flagged (`hit`, its max walked again by
+                # the redo), and one below it has scale * s_j < m_i for every j, a raw tile max at most its guess.
+                # Not on the tiles the walk took: there a raw max equal to the guess is the rule, not a miss.
                 cheap = (start >= e1) & ((start < a0) | (start >= a1)) & (start < t1)
-                bound = tl.where(cheap, tl.fma(c, vec, m), float("nan"))
+                bound = tl.where(cheap, m + bias, float("nan"))
                 if not cheap:
                     raw_run = tl.maximum(raw_run, tl.max(s, 1))
-            s = add_bias(s, c, vec[:, None], SWAP=True)
+            s = tl.fma(s, scale, tl.broadcast_to(bias[:, None], s.shape))
         else:
             fk = frame_of(start + cols, BEFORE, INV_PER_FRAME, VIDEO)
             dist = fk[None, :] - fq[:, None]
             dA = tl.where((fq[:, None] >= 0) & (fk[None, :] >= 0), tl.exp2(gauss_coef * dist * dist), 0.0)
             if SPECULATE:
                 raw_run = tl.maximum(raw_run, tl.max(s, 1))
-            s = add_bias(s, c, dA)
+            s = add_bias(s * scale, c, dA)
         if not SPECULATE and (not BRANCHES or start + BLOCK_N > N):
             s = tl.where((start + cols < N)[None, :], s, float("-inf"))
         tile_max = tl.max(s, 1)
@@ -216,9 +217,9 @@ def _tar_fwd_lean_kernel(
     if SPECULATE:  # flag the rows whose guess was not their max (a video block's only: see the docstring)
         nan_rows = denom != denom
         hit = hit & (fq >= 0)
-        # a text row's scores take no bias (c_i * 0, c_i finite; a row whose c_i is not is NaN): its raw max is
-        # its biased one, taken over every tile
-        raw_run = tl.where(fq >= 0, raw_run, run_max)
+        # the raw max scaled, as the walk's; a text row's scores take no bias (c_i * 0, c_i finite; a row whose c_i
+        # is not is NaN): its raw max is its biased one, taken over every tile
+        raw_run = tl.where(fq >= 0, raw_run * scale, run_max)
         exact = tl.where(nan_rows | hit, float("inf"), raw_run)
         redo = row_ok & (((fq >= 0) & (raw_run > m)) | hit | ~(tl.abs(strength * raw_run) < float("inf"))
                          | nan_rows)
