@@ -75,9 +75,9 @@ class Speculation:
     # 0 / 5% of rows flagged, two passes 32.3 (on the day before's tiles 36.3 / 40.0 / 44.9 at 0 / 5 / 20%, two
     # passes 40.1): it pays up to 5%. The lean forward's (sm_90's "auto"): 18.9 / 21.7 / 26.5 ms at 0 / 5 / 20%
     # against its two loops' 24.8 at Wan (break-even near 15%), 15.0 / 16.8 against 16.1 at CogVideoX (near 3%).
-    # At 100% flagged a probe costs 53.1 ms against 24.8 at Wan, 43.4 against 16.1 at CogVideoX: over a 50-step
-    # run three probes (steps 1, 10 and 27) make a call 1.07x and 1.10x the two loops', where a probe every 9
-    # steps made it 1.13x and 1.19x.
+    # At 100% flagged a probe cost 53.1 ms against 24.8 at Wan, 43.4 against 16.1 at CogVideoX (kernel log v13;
+    # more since v14, untimed): over a 50-step run three probes (steps 1, 10 and 27) make a call at least 1.07x and
+    # 1.10x the two loops', where a probe every 9 steps made it 1.13x and 1.19x.
     BREAK_EVEN = 0.05
     PROBE = 8
     PROBE_MAX = 64

@@ -182,6 +182,53 @@ def test_raw_max_within_rounding_of_the_guess(direction, dtype, monkeypatch):
     assert_bitwise(stats1[0, 0, 5, STAT_MAX], stats2[0, 0, 5, STAT_MAX], "row 5's saved max")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_raw_max_one_ulp_above_the_guess_on_many_rows(dtype, monkeypatch):
+    """Each row of frame 0 scores a_i k on key 10 (its guess) and a_i (k + one input ulp) on key 100, of frame 1, in
+    a tile its block does not walk, a_i different a row; at strength 1e7 the bias rounds the biased values
+    together. Every such row's guess is wrong and each must be flagged: the bound must round as the scores do (an
+    add m_i + b_i, which a GPU compile contracts with b_i's multiply into one FMA, missed about one row in seven)."""
+    frames = vk.frame_ids(3, 64, device=DEVICE)
+    q, k, v = qkv(frames, dtype=dtype, H=1, seed=0)
+    q[..., :64, :] = 0
+    q[..., :64, 0] = (1 + torch.arange(64) / 64).to(DEVICE, dtype)
+    k[..., 10, :] = 0
+    k[..., 10, 0] = 4
+    k[..., 100, :] = 0
+    k[..., 100, 0] = (torch.tensor(4.0, dtype=dtype).view(torch.int16) + 1).view(dtype)
+    seen = {}
+    compact = tar_fwd_lean.compact_rows
+    monkeypatch.setattr(tar_fwd_lean, "compact_rows", lambda f, c: compact(seen.setdefault("flags", f.clone()), c))
+    out1, _, _ = run(q, k, v, frames, True, config_under_test(), strength=1e7)
+    out2, _, _ = run(q, k, v, frames, False, config_under_test(), strength=1e7)
+    flagged = seen["flags"].view(q.shape[:3]).bool()
+    missed = (~flagged[0, 0, :64]).nonzero().flatten().tolist()
+    assert not missed, f"rows whose guess was wrong, not flagged: {missed}"
+    assert_bitwise(out1[~flagged], out2[~flagged], "unflagged rows' output against the lean two loops")
+
+
+def test_rows_whose_scores_are_all_negative_past_a_partial_last_tile():
+    """Keys past N load as zeros (a score of 0): masked before the raw max is taken, a row whose every score is
+    negative keeps its negative max (not flagged, its saved max the two loops')."""
+    frames = vk.frame_ids(3, 70, text_before=5, text_after=3, device=DEVICE)  # 218 tokens: a partial last tile
+    q, k, v = qkv(frames, dtype=torch.float16, seed=3)
+    k[..., 0] = -(k[..., 0].abs() + 1)
+    q[..., 0] = 2
+    q[..., 1:] = 0  # every score of every row is 2 k_j0 < 0
+    config = config_under_test()
+    out1, stats1, counts = run(q, k, v, frames, True, config)
+    out2, stats2, _ = run(q, k, v, frames, False, config)
+    flagged = expected_flags(q, k, frames, config)
+    assert counts.tolist() == flagged.sum(1).tolist()
+    keep = ~flagged.view(q.shape[:3]).to(DEVICE)
+    assert_bitwise(out1[keep], out2[keep], "unflagged rows' output against the lean two loops")
+    assert_bitwise(stats1.view(*q.shape[:3], -1)[keep], stats2.view(*q.shape[:3], -1)[keep],
+                   "unflagged rows' statistics against the lean two loops")
+    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), sigma=SIGMA,
+                                     strength=STRENGTH, frames=frames.cpu())
+    assert_close_to_reference(out1.cpu(), ref)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-w{c.num_warps}")
 def test_every_config_it_may_run(config):
     """Each config the speculative form may run, as it is, at head dim 64 on 212 tokens whose later query block

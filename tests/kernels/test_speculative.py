@@ -351,6 +351,12 @@ def test_speculation_waits_twice_as_long_after_each_failed_probe():
     spec = vk.Speculation()
     rates = [1.0] * (3 * p + 2) + [0.0] * 4 + [1.0] * (2 * p)  # the probe at 3p + 2 passes, 3p + 6 fails again
     assert speculated_steps(spec, rates) == [0, p + 1, *range(3 * p + 2, 3 * p + 7), 4 * p + 7]
+    # a probe step whose calls count nothing stays the probe: when one counts too many, the wait doubles
+    spec = vk.Speculation()
+    assert speculated_steps(spec, [1.0] * (p + 1)) == [0]
+    spec.next_step()  # the probe step (p + 1): no call counted
+    assert spec.speculate
+    assert speculated_steps(spec, [1.0] * (2 * p + 2)) == [0, 2 * p + 1]
 
 
 def test_the_op_compiles_with_counts():

@@ -182,13 +182,16 @@ def _tar_fwd_lean_kernel(
             vec = tl.where(one >= 0, vec, 0.0)
             bias = c * vec
             if SPECULATE:
-                # Rounding being monotone, a row whose scaled raw tile max exceeds its guess m_i (scale * s_j > m_i
-                # for some j, exactly) has its biased tile max at or above fl(m_i + b_i) (`bound`). So the raw tile
-                # max is not taken: a video row at or above its bound is flagged (`hit`, its max walked again by
-                # the redo), and one below it has scale * s_j < m_i for every j, a raw tile max at most its guess.
-                # Not on the tiles the walk took: there a raw max equal to the guess is the rule, not a miss.
+                # Rounding being monotone, a row whose scaled raw tile max exceeds its guess m_i = fl(scale * r_i)
+                # (r_i the walk's unscaled max) has s_j > r_i for some j, so its biased tile max is at or above
+                # fl(scale * r_i + b_i) (`bound`: the scores' own multiply-add, with the same rounded b_i; an add
+                # m_i + b_i would be contracted with the multiply c_i * vec_i into one FMA, which is not the
+                # scores' rounding). So the raw tile max is not taken: a video row at or above its bound is flagged
+                # (`hit`, its max walked again by the redo), and one below it has s_j < r_i for every j, a raw
+                # tile max at most its guess. Not on the tiles the walk took: there a raw max equal to the guess
+                # is the rule, not a miss.
                 cheap = (start >= e1) & ((start < a0) | (start >= a1)) & (start < t1)
-                bound = tl.where(cheap, m + bias, float("nan"))
+                bound = tl.where(cheap, tl.fma(raw, scale, bias), float("nan"))
                 if not cheap:
                     raw_run = tl.maximum(raw_run, tl.max(s, 1))
             s = tl.fma(s, scale, tl.broadcast_to(bias[:, None], s.shape))
