@@ -234,11 +234,18 @@ def _check_frame_matrix(problem: TarProblem, name: str, high: int) -> None:
                      f"in part: pass delta[:{frames}, :{frames}] if its first {frames} frames are these")
 
 
+# The speculative form lists its flagged rows in int32 and its redo takes each row's key-tile bounds in int32, which
+# stay below 2**31 for sequences of up to this many tokens (tiles of up to 1,024 rows or keys).
+SPECULATE_TOKENS = 2 ** 30 - 2 ** 10
+
+
 def speculates(problem: TarProblem) -> bool:
     """Whether a call runs the speculative one pass where the Triton kernels run it with speculate=True:
-    TAR's Gaussian with frame ids and the row max (what the video DiTs call; docs/api.md)."""
+    TAR's Gaussian with frame ids and the row max (what the video DiTs call; docs/api.md), at most
+    SPECULATE_TOKENS queries and keys (longer sequences run two passes)."""
     return (problem.regularized and problem.frames_q is not None and problem.delta is None
-            and problem.max_mode == "row" and problem.batch * problem.heads * problem.nq > 0)
+            and problem.max_mode == "row" and problem.batch * problem.heads * problem.nq > 0
+            and max(problem.nq, problem.nk) <= SPECULATE_TOKENS)
 
 
 def check_speculation(speculate, flags, device) -> None:

@@ -98,6 +98,9 @@ CASES = [
     ((1, 1, 131, 170, 8, 16), torch.float32, dict(sigma=4.7, scale=0.3)),
     ((1, 1, 200, 135, 16, 16), torch.float32, dict(sigma=1.0)),  # rows past Nk: blocks with no band
     ((1, 1, 140, 140, 16, 16), torch.float32, dict(sigma=40.0)),  # the band is the whole sequence
+    # a band of 224 and 179 keys, longer than Nq and Nk but shorter than their sum: taken as max(Nq, Nk)
+    ((1, 1, 140, 140, 16, 16), torch.float32, dict(sigma=15.0)),
+    ((1, 1, 131, 170, 16, 16), torch.float16, dict(sigma=12.0, causal=True)),
     ((1, 1, 140, 140, 16, 16), torch.float32, dict(sigma=1e-20)),  # the band is the diagonal
 ]
 

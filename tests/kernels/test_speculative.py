@@ -292,6 +292,23 @@ def test_flags_count_through_the_public_call():
     assert counts.tolist() == [int(per_seq.sum()), 2 * frames.numel()]
 
 
+def test_sequences_past_the_int32_row_lists_run_two_passes(monkeypatch):
+    """Past _problem.SPECULATE_TOKENS queries or keys (the redo's int32 row lists and tile bounds) a call that may
+    speculate runs two passes: nothing counted, the two-pass output bit for bit; at the bound it speculates."""
+    from vstar_kernels import _problem
+    frames = layout("text_before")
+    q, k, v = qkv(frames, seed=8)
+    PLANTS["far"](q, k, frames)
+    two_pass = vk.tar_attention(q, k, v, frames=frames, backend="triton", speculate=False)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    monkeypatch.setattr(_problem, "SPECULATE_TOKENS", frames.numel() - 1)
+    out = vk.tar_attention(q, k, v, frames=frames, backend="triton", flags=counts)
+    assert counts.tolist() == [0, 0] and torch.equal(out, two_pass)
+    monkeypatch.setattr(_problem, "SPECULATE_TOKENS", frames.numel())
+    vk.tar_attention(q, k, v, frames=frames, backend="triton", flags=counts)
+    assert counts[0] > 0 and counts[1] == 2 * frames.numel()
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (dict(speculate=1), TypeError, "speculate must be a bool"),
     (dict(flags=torch.zeros(2, dtype=torch.int32)), ValueError, "flags must be None or an int64"),

@@ -345,7 +345,7 @@ FWD_TILED = Tuning(
       and c.stages == 2 and not (f.a.get("GLOBAL_MAX") or f.a.get("CAUSAL") or f.a.get("HAS_KEY_MASK")),
       "sm_90, frame ids with the row max, the 16-bit Gaussian in 128 columns (q, k and v), no causal mask or key "
       "mask: 128 x 64 on 8 warps with 2 stages (compiled at Wan 480p: two passes 228-230 registers, no spill; the "
-      "speculative form spills 24 B, no local access in a loop, and its redo 112 B, 17 local accesses in its loops; "
+      "speculative form spills 24 B, no local access in a loop, its redo none since kernel log v17; "
       "with 3 stages the speculative form has 6 local accesses in its loops; kernel log v7, v7b, v8, v9)"),
      (DROP, lambda f, c: f.wide and (c.bm > 64 or c.bn > 64), "above head dim 128 at most 64 x 64"),
      (DROP, lambda f, c: c.warps == 4 and (c.bm > 64 or c.bn > 32), "on 4 warps at most 64 x 32"),

@@ -437,12 +437,13 @@ def _tar_fwd_redo_kernel(
             m = tl.where(walk, _row_max(q, rows, keys, 0, NK, tl.full((BLOCK_M,), float("-inf"), tl.float32), scale,
                                         BLOCK_N, opt), m)
         src = bias_source(FQ, Q, (0, 0, 0, 0), b, h, rows, ok, gauss_coef, FRAME_BAND, True, True)
-        # each row's key tiles and band, as its query block's in _tar_fwd_tiled_kernel
-        mb = rows // BLOCK_M
-        end = tl.zeros_like(rows) + NK
+        # each row's key tiles and band, as its query block's in _tar_fwd_tiled_kernel, in int32 (`speculates`: at
+        # most 2**30 - 2**10 rows and keys; BAND at most max(NQ, NK), which gives the tiled kernel's bounds at NQ + NK)
+        mb = (rows // BLOCK_M).to(tl.int32)
+        end = tl.zeros_like(mb) + NK
         if CAUSAL:
             end = tl.minimum(end, (mb + 1) * BLOCK_M)
-        lo = tl.zeros_like(rows)
+        lo = tl.zeros_like(mb)
         hi = end
         if not HAS_KEY_MASK:
             lo = tl.minimum(tl.maximum(mb * BLOCK_M - BAND + 1, 0) // BLOCK_N * BLOCK_N, end)
@@ -542,7 +543,7 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
         seq_max = row_max.amax(dim=1)
     gaussian_row_max = problem.regularized and problem.delta is None and not global_max
     # the band (with frame ids: the same tile order in two passes); without TAR the tiles the causal diagonal crosses
-    band = band_width(gauss_coef, nq + nk) if gaussian_row_max else 1
+    band = band_width(gauss_coef, max(nq, nk)) if gaussian_row_max else 1
     meta.update(frame_meta, GLOBAL_MAX=global_max, ONE_PASS=gaussian_row_max and not tiled_only(problem),
                 SAVE_STATS=save_stats, **tiles)
     if flags is None:
@@ -579,6 +580,6 @@ def redo_rows(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor | None
     grid = (bh * triton.cdiv(nq, config["BLOCK_M"]),)
     _redo[grid](q, k, v, out, stats, fq, fk, km, counts, rows, maxes, q.stride(), k.stride(), v.stride(),
                 out.stride(), km_strides, problem.heads, nq, problem.nk, problem.head_dim, problem.head_dim_v,
-                problem.scale, problem.strength, gauss_coef, band_width(gauss_coef, nq + problem.nk),
+                problem.scale, problem.strength, gauss_coef, band_width(gauss_coef, max(nq, problem.nk)),
                 frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=stats is not None,
                 PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"], **config)

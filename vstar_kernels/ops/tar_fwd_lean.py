@@ -393,7 +393,7 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
 
 # The tiles of the redo after a speculative lean launch (the tiled forward's redo kernel; any tiles give the rows
 # the two-pass result to rounding): 64 x 32 on 4 warps, which compiles for sm_90 at every head dim up to 128
-# without a spill (at Wan's head dim 128: 246 registers; tools.perf static).
+# without a spill (at Wan's head dim 128: 219 registers; tools.perf static).
 LEAN_REDO = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
