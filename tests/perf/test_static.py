@@ -191,6 +191,38 @@ def test_lean_forward_warp_specializes_on_sm90(tmp_path):
         assert (partitions, warps, split) == (0, 8, "") and short < long / 2
 
 
+_LEAN_REDO = r'''
+import json
+import torch
+from tools.perf import compile_check as cc
+
+out = []
+for d in (64, 128):
+    case = (torch.bfloat16, (1, 2, 256, 256, d, d), dict(frames=True, lean=True))
+    name, thunk = [c for c in cc.cases([case], backward=False) if c[0].endswith("lean speculative")][0]
+    with cc.targeting(90):
+        (redo,) = [launch for launch in cc.record(thunk) if "redo" in str(launch.kernel)]
+        out += [[d, redo.kwargs["BLOCK_M"], redo.kwargs["BLOCK_N"], c.config, c.spill_bytes]
+                for c in cc.compile_launch(redo, 90, False, name)]
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason=f"triton ships no ptxas here ({PTXAS})")
+def test_lean_forwards_redo_takes_its_tiles_by_head_dim(tmp_path):
+    """After a speculative lean launch the redo runs 64 x 32 on 4 warps up to head dim 64 and 128 x 64 on 8 warps
+    at 128 (tar_fwd_lean.LEAN_REDO), each compiled for sm_90 without a spill."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    script = tmp_path / "lean_redo_check.py"
+    script.write_text(_LEAN_REDO)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [
+        [64, 64, 32, "warps=4 stages=2", 0], [128, 128, 64, "warps=8 stages=2", 0]]
+
+
 def _row(kernel, case, registers, **kw):
     from tools.perf.static import Row
 

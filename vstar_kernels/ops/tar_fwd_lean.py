@@ -387,14 +387,18 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
         from .tar_fwd import redo_rows
 
         row_flags, maxes = spec
-        redo_rows(problem, out, stats, flags, compact_rows(row_flags, flags), maxes, LEAN_REDO)
+        redo_rows(problem, out, stats, flags, compact_rows(row_flags, flags), maxes,
+                  LEAN_REDO[max(64, problem.head_dim)])
     return out
 
 
 # The tiles of the redo after a speculative lean launch (the tiled forward's redo kernel; any tiles give the rows
-# the two-pass result to rounding): 64 x 32 on 4 warps, which compiles for sm_90 at every head dim up to 128
-# without a spill (at Wan's head dim 128: 219 registers; tools.perf static).
-LEAN_REDO = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+# the two-pass result to rounding), by head dim, each compiled for sm_90 without a spill (tools.perf static): up to
+# 64, 64 x 32 on 4 warps; at 128, 128 x 64 on 8 warps (240 registers at Wan), whose hot loop takes 1.49
+# warp-instructions a score against 64 x 32's 1.72 and loads each key tile for twice the rows (kernel log v17;
+# untimed). At head dim 64 the two take the same 1.46 a score, and 64 x 32 fits three CTAs an SM.
+LEAN_REDO = {64: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+             128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)}
 
 
 def compact_rows(row_flags: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
