@@ -45,8 +45,8 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         speculate: with frame ids, the Gaussian and the row max on the "triton" or "triton-lean" backend,
             one pass over the keys with a guessed m_i, the rows guessed wrong recomputed: the two-pass
             result (bit for bit at the same tiles on "triton"; to rounding for the recomputed rows on
-            "triton-lean"; docs/api.md, "The speculative forward"); False runs two passes. Other calls
-            ignore it.
+            "triton-lean"; docs/api.md, "The speculative forward"); False runs two passes. Other calls,
+            and sequences of more than 2**30 - 2**10 queries or keys, ignore it.
         flags: None, or an int64 tensor of shape (2,) on q's device, to which a speculative call adds
             (rows recomputed, rows) without a host synchronisation; `Speculation` reads it.
 

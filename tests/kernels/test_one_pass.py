@@ -101,6 +101,8 @@ CASES = [
     # a band of 224 and 179 keys, longer than Nq and Nk but shorter than their sum: taken as max(Nq, Nk)
     ((1, 1, 140, 140, 16, 16), torch.float32, dict(sigma=15.0)),
     ((1, 1, 131, 170, 16, 16), torch.float16, dict(sigma=12.0, causal=True)),
+    ((1, 1, 131, 250, 16, 16), torch.float32, dict(sigma=40.0)),  # not causal, Nq != Nk: the band is max(Nq, Nk)
+    ((1, 1, 250, 131, 16, 16), torch.float32, dict(sigma=40.0)),
     ((1, 1, 140, 140, 16, 16), torch.float32, dict(sigma=1e-20)),  # the band is the diagonal
 ]
 

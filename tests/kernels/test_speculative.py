@@ -292,21 +292,28 @@ def test_flags_count_through_the_public_call():
     assert counts.tolist() == [int(per_seq.sum()), 2 * frames.numel()]
 
 
-def test_sequences_past_the_int32_row_lists_run_two_passes(monkeypatch):
+@pytest.mark.parametrize("cut", ["queries", "keys"])
+def test_sequences_past_the_int32_row_lists_run_two_passes(cut, monkeypatch):
     """Past _problem.SPECULATE_TOKENS queries or keys (the redo's int32 row lists and tile bounds) a call that may
-    speculate runs two passes: nothing counted, the two-pass output bit for bit; at the bound it speculates."""
+    speculate runs two passes: nothing counted, the two-pass output; at the bound it speculates. The other side is
+    cut short, so that a bound on one of Nq and Nk alone fails."""
     from vstar_kernels import _problem
     frames = layout("text_before")
     q, k, v = qkv(frames, seed=8)
     PLANTS["far"](q, k, frames)
-    two_pass = vk.tar_attention(q, k, v, frames=frames, backend="triton", speculate=False)
+    n = frames.numel()
+    if cut == "queries":
+        q, ids = q[:, :, : n - 40], (frames[: n - 40], frames)
+    else:
+        k, v, ids = k[:, :, : n - 40], v[:, :, : n - 40], (frames, frames[: n - 40])
+    two_pass = vk.tar_attention(q, k, v, frames=ids, backend="triton", speculate=False)
     counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    monkeypatch.setattr(_problem, "SPECULATE_TOKENS", frames.numel() - 1)
-    out = vk.tar_attention(q, k, v, frames=frames, backend="triton", flags=counts)
+    monkeypatch.setattr(_problem, "SPECULATE_TOKENS", n - 1)
+    out = vk.tar_attention(q, k, v, frames=ids, backend="triton", flags=counts)
     assert counts.tolist() == [0, 0] and torch.equal(out, two_pass)
-    monkeypatch.setattr(_problem, "SPECULATE_TOKENS", frames.numel())
-    vk.tar_attention(q, k, v, frames=frames, backend="triton", flags=counts)
-    assert counts[0] > 0 and counts[1] == 2 * frames.numel()
+    monkeypatch.setattr(_problem, "SPECULATE_TOKENS", n)
+    vk.tar_attention(q, k, v, frames=ids, backend="triton", flags=counts)
+    assert counts[0] > 0 and counts[1] == 2 * q.shape[2]
 
 
 @pytest.mark.parametrize("bad, error, match", [

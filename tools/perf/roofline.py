@@ -239,10 +239,10 @@ def tiled_loops(config: str, rows: tuple, delta: bool = False) -> dict:
 
 def band(n: int, sigma) -> int | None:
     """The band width the launcher gives the tiled kernel for the row max of a Gaussian of `sigma`
-    (ops/launch.band_width, limit Nq + Nk); None for the two-pass form (a custom delta)."""
+    (ops/launch.band_width, limit max(Nq, Nk)); None for the two-pass form (a custom delta)."""
     if sigma is None:
         return None
-    return band_width(max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma), 2 * n)
+    return band_width(max(GAUSS_COEF_MIN, -0.5 * LOG2E / sigma / sigma), n)
 
 
 def tile_counts(n: int, block_m: int, block_n: int, sigma) -> dict:

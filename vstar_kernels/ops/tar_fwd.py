@@ -552,7 +552,8 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
         return out
     if not speculates(problem) or flags.shape != (bh,) or flags.dtype != torch.int32:
         raise ValueError(f"flags: an int32 ({bh},) tensor, for a call that speculates (frame ids, the "
-                         f"Gaussian, the row max), got {flags.dtype} {tuple(flags.shape)}")
+                         f"Gaussian, the row max, at most 2**30 - 2**10 queries and keys), got {flags.dtype} "
+                         f"{tuple(flags.shape)}")
     counts, listed, rows = torch.empty(3, bh, nq, device=q.device, dtype=torch.int32)
     maxes = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
     _tiled_speculative[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, counts, listed, maxes, *strides,
