@@ -150,6 +150,19 @@ def test_sass_parse_finds_the_loop():
     assert occupancy(80, 255, 100 * 1024, 4) == (1, 4)
 
 
+def _compile_script(tmp_path, source: str):
+    """Run `source` (it compiles for sm_90 with the real ptxas, outside the interpreter) in a fresh process with a
+    cache of its own: the JSON it prints last."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    script = tmp_path / "check_script.py"
+    script.write_text(source)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 _LEAN = r'''
 import json
 import torch
@@ -172,14 +185,7 @@ def test_lean_forward_warp_specializes_on_sm90(tmp_path):
     """The lean forward's configs for sm_90 compile without spills; the warp-specialized ones get Triton's producer
     and two consumer partitions (12 warps a CTA) and a setmaxnreg register split; the others take the one-frame
     tiles' short path, under half the instructions of their per-score path."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-    script = tmp_path / "lean_check.py"
-    script.write_text(_LEAN)
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    hot = json.loads(res.stdout.strip().splitlines()[-1])
+    hot = _compile_script(tmp_path, _LEAN)
     specialized = [r for r in hot if "WARP_SPECIALIZE=True" in r[1]]
     plain = [r for r in hot if "WARP_SPECIALIZE=False" in r[1]]
     assert len(specialized) == 2 and len(plain) == 2  # D 64: 128 x 64 and 128 x 128 each way
@@ -212,14 +218,7 @@ print(json.dumps(out))
 def test_lean_forwards_redo_takes_its_tiles_by_head_dim(tmp_path):
     """After a speculative lean launch the redo runs 64 x 32 on 4 warps up to head dim 64 and 128 x 64 on 8 warps
     at 128 (tar_fwd_lean.LEAN_REDO), each compiled for sm_90 without a spill."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-    script = tmp_path / "lean_redo_check.py"
-    script.write_text(_LEAN_REDO)
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == [
+    assert _compile_script(tmp_path, _LEAN_REDO) == [
         [64, 64, 32, "warps=4 stages=2", 0], [128, 128, 64, "warps=8 stages=2", 0]]
 
 
