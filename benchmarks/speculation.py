@@ -215,7 +215,7 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
             continue
         timing, status, row_setup = None, f"unsupported: {why}", setup
         if not why:
-            from vstar_kernels.ops.tar_fwd_lean import lean_forward
+            from vstar_kernels.ops.tar_fwd_lean import _lean, lean_forward
 
             flags = torch.zeros(heads, dtype=torch.int32, device=device) if speculative else None
             fn = lambda ws=ws, flags=flags: lean_forward(problem, warp_specialize=ws, flags=flags)  # noqa: E731
@@ -226,6 +226,7 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
                               f"flag_rate={int(flags.sum()) / (heads * frames.numel()):.4f}")
             status = "ok" if close else "mismatch: outside the tolerance table against the two passes"
             timing = measure.time_call(fn, device)[0] if close else None
+            row_setup += f" tiles={chosen(_lean[ws])}"  # the autotuner's pick (the interpreter's fixed tiles)
         measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=row_setup,
                                             status=status, timing=timing, cost=cost, backend="triton-lean"))
         print(f"{name} {impl} {row_setup}: " + (f"{timing.median_ms:.3f} ms" if timing else status), flush=True)
