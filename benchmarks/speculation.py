@@ -91,12 +91,16 @@ def kernel_times(fn, kernels, activity=ProfilerActivity.CUDA, reps: int = 20) ->
 
 def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype, seed: int = 0) -> tuple:
     """q, k, v (1, heads, N, d): small random scores, then each video row aimed at one key: its own frame's
-    middle key (dim 0 of q and k), or, for ceil(rate x the video rows) rows of a fixed shuffle, a key in the
-    middle of the first or the last frame, whichever is farther from its own. Such a row is flagged unless a
-    tile its query block walks holds that key (the text's, or one shared with the block's frames): the
-    measured rate is at most the planted one."""
+    middle key (dim 2 + f of q and k for frame f, so that no other frame's key ties with it: the lean forward
+    flags a row whose far key tile holds a score equal to its max, and one dim for every frame gave each row
+    such a tie in every frame, every row flagged), or, for ceil(rate x the video rows) rows of a fixed shuffle,
+    a key in the middle of the first or the last frame, whichever is farther from its own. Such a row is flagged
+    unless a tile its query block walks holds that key (the text's, or one shared with the block's frames): the
+    measured rate is at most the planted one. Needs d >= frames + 2."""
     g = torch.Generator().manual_seed(seed)
     n, top = frames.numel(), int(frames.max())
+    if d < top + 3:
+        raise ValueError(f"planted: a dim for each of {top + 1} frames and two far targets, got d={d}")
     q, k, v = (0.1 * torch.randn(1, heads, n, d, generator=g) for _ in range(3))
     middle = {f: int((frames == f).nonzero()[int((frames == f).sum()) // 2]) for f in range(top + 1)}
     video = (frames >= 0).nonzero().flatten()
@@ -104,26 +108,26 @@ def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype
     far[video[torch.randperm(video.numel(), generator=g)[:math.ceil(rate * video.numel())]]] = True
     for f in range(top + 1):
         own = (frames == f).nonzero().flatten()
-        # (the key after the far frame's middle one, which is that frame's own target; dim 1 towards the last
-        # frame, dim 2 towards the first, so that no row finds its score again in a nearer frame)
+        # (the key after the far frame's middle one, which is that frame's own target; dim 0 towards the last
+        # frame, dim 1 towards the first, so that no row finds its score again in a nearer frame)
         late = f > top / 2
-        for dim, rows, key in ((0, own[~far[own]], middle[f]),
-                               (1 + late, own[far[own]], middle[0 if late else top] + 1)):
+        for dim, rows, key in ((2 + f, own[~far[own]], middle[f]),
+                               (int(late), own[far[own]], middle[0 if late else top] + 1)):
             q[..., rows, dim] = 2.0
             k[..., key, :] = 0
             k[..., key, dim] = 8.0
     return tuple(t.to(device, dtype) for t in (q, k, v))
 
 
-def chosen(tuner) -> str:
-    """The config the autotuner `tuner` (one of ops.tar_fwd's) ran its latest launch with, as BLOCK_MxBLOCK_N,
-    warps, stages and a register cap (`r168`, launch.SPECULATIVE_MAXNREG) if any (the interpreter's fixed tiles
-    there)."""
+def chosen(tuner, direction: str = "forward") -> str:
+    """The config the autotuner `tuner` (one of ops.tar_fwd's, or with direction "lean" of ops.tar_fwd_lean's) ran
+    its latest launch with, as BLOCK_MxBLOCK_N, warps, stages and a register cap (`r168`,
+    launch.SPECULATIVE_MAXNREG) if any (the interpreter's fixed tiles there)."""
     from vstar_kernels.ops import launch  # triton: not needed to draw a CSV (--plot, plot_results.py)
 
     if not launch.INTERPRETING and getattr(tuner, "best_config", None) is None:
         return "none"  # never launched in this process
-    config = launch.tuned_config(tuner, "forward")
+    config = launch.tuned_config(tuner, direction)
     cap = config.get("maxnreg")
     return f"{config['BLOCK_M']}x{config['BLOCK_N']}" + (
         f"w{config['num_warps']}s{config['num_stages']}" if "num_warps" in config else "") + (f"r{cap}" if cap else "")
@@ -226,7 +230,7 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
                               f"flag_rate={int(flags.sum()) / (heads * frames.numel()):.4f}")
             status = "ok" if close else "mismatch: outside the tolerance table against the two passes"
             timing = measure.time_call(fn, device)[0] if close else None
-            row_setup += f" tiles={chosen(_lean[ws])}"  # the autotuner's pick (the interpreter's fixed tiles)
+            row_setup += f" tiles={chosen(_lean[ws], 'lean')}"  # the autotuner's pick (the interpreter's fixed tiles)
         measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=row_setup,
                                             status=status, timing=timing, cost=cost, backend="triton-lean"))
         print(f"{name} {impl} {row_setup}: " + (f"{timing.median_ms:.3f} ms" if timing else status), flush=True)

@@ -156,47 +156,52 @@ def test_tiles_the_walk_took_flag_nothing(case):
 
 def near_the_guess(rows, ulps, dtype, strength, monkeypatch):
     """(out and statistics of the speculative form, the same of the two loops, each row's flag) on frame_ids(3, 64),
-    one head, where `rows` of frame 0 score a_i * 4 on key 10 (their guess) and a_i * (4 + `ulps` input ulps) on key
-    100, of frame 1, in a tile their block does not walk (q_i = a_i e_0, a_i = 1 + i / 64)."""
+    one head, where rows 64 + i (i in `rows`) of frame 1 score a_i * 4 on key 74 (their guess) and a_i * (4 + `ulps`
+    input ulps) on key 164, of frame 2, in a tile their block does not walk (q_i = a_i e_0, a_i = 1 + i / 64): a
+    block of at most 128 rows holding frame 1 ends at frame 2 (with 128 rows it holds frame 0 too, whose keys the
+    walk then takes)."""
+    config = config_under_test()
+    assert config.kwargs["BLOCK_M"] in (64, 128), "the planted key must lie past the block's frames"
     frames = vk.frame_ids(3, 64, device=DEVICE)
     q, k, v = qkv(frames, dtype=dtype, H=1, seed=0)
-    q[..., rows, :] = 0
-    q[..., rows, 0] = (1 + torch.as_tensor(rows) / 64).to(DEVICE, dtype)
-    k[..., [10, 100], :] = 0
-    k[..., 10, 0] = 4
-    k[..., 100, 0] = (torch.tensor(4.0, dtype=dtype).view(torch.int16) + ulps).view(dtype)
+    tokens = [64 + i for i in rows]
+    q[..., tokens, :] = 0
+    q[..., tokens, 0] = (1 + torch.as_tensor(rows) / 64).to(DEVICE, dtype)
+    k[..., [74, 164], :] = 0
+    k[..., 74, 0] = 4
+    k[..., 164, 0] = (torch.tensor(4.0, dtype=dtype).view(torch.int16) + ulps).view(dtype)
     seen = {}
     compact = tar_fwd_lean.compact_rows
     monkeypatch.setattr(tar_fwd_lean, "compact_rows", lambda f, c: compact(seen.setdefault("flags", f.clone()), c))
-    out1, stats1, _ = run(q, k, v, frames, True, config_under_test(), strength=strength)
-    out2, stats2, _ = run(q, k, v, frames, False, config_under_test(), strength=strength)
+    out1, stats1, _ = run(q, k, v, frames, True, config, strength=strength)
+    out2, stats2, _ = run(q, k, v, frames, False, config, strength=strength)
     flagged = seen["flags"].view(q.shape[:3]).bool()
     assert_bitwise(out1[~flagged], out2[~flagged], "unflagged rows' output against the lean two loops")
     stats1, stats2 = stats1.view(*q.shape[:3], -1), stats2.view(*q.shape[:3], -1)
     assert_bitwise(stats1[~flagged], stats2[~flagged], "unflagged rows' statistics against the lean two loops")
-    return stats1, stats2, flagged
+    return stats1[0, 0, 64:128], stats2[0, 0, 64:128], flagged[0, 0, 64:128]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ulps", [1, -1], ids=["above", "below"])
 def test_raw_max_within_rounding_of_the_guess(ulps, dtype, monkeypatch):
-    """Row 5 scores its guess and, one input ulp above or below it, a key of a tile its block does not walk; at
-    strength 1e5 the bias c_i vec_i (about 1.8e5) rounds the two biased scores together. Above, the guess is wrong
-    and the row is flagged (its raw max not taken on that tile); either way every unflagged row is the two loops'
-    bit for bit, and row 5's saved max the true one."""
+    """Row 5 of frame 1 scores its guess and, one input ulp above or below it, a key of a tile its block does not
+    walk; at strength 1e5 the bias c_i vec_i (about 1.8e5) rounds the two biased scores together. Above, the guess
+    is wrong and the row is flagged (its raw max not taken on that tile); either way every unflagged row is the two
+    loops' bit for bit, and row 5's saved max the true one."""
     stats1, stats2, flagged = near_the_guess([5], ulps, dtype, 1e5, monkeypatch)
-    assert flagged[0, 0, 5] or ulps < 0
-    assert_bitwise(stats1[0, 0, 5, STAT_MAX], stats2[0, 0, 5, STAT_MAX], "row 5's saved max")
+    assert flagged[5] or ulps < 0
+    assert_bitwise(stats1[5, STAT_MAX], stats2[5, STAT_MAX], "row 5's saved max")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_raw_max_one_ulp_above_the_guess_on_many_rows(dtype, monkeypatch):
-    """Every row of frame 0 one input ulp above its guess, a_i different a row, at strength 1e7: each must be
+    """Every row of frame 1 one input ulp above its guess, a_i different a row, at strength 1e7: each must be
     flagged, so the bound must round as the scores do (an add m_i + b_i, which a GPU compile contracts with b_i's
     multiply into one FMA, missed about one row in seven)."""
     _, _, flagged = near_the_guess(list(range(64)), 1, dtype, 1e7, monkeypatch)
-    missed = (~flagged[0, 0, :64]).nonzero().flatten().tolist()
-    assert not missed, f"rows whose guess was wrong, not flagged: {missed}"
+    missed = (~flagged).nonzero().flatten().tolist()
+    assert not missed, f"rows of frame 1 whose guess was wrong, not flagged: {missed}"
 
 
 def test_rows_whose_scores_are_all_negative_past_a_partial_last_tile():
