@@ -138,3 +138,17 @@ def test_a_file_with_no_timed_row_draws_nothing(tmp_path):
         out.writerow({**dict.fromkeys(measure.COLUMNS, ""), "impl": "vstar_triton_one_pass", "setup": "dit=x",
                       "status": "mismatch: the one pass is not the two passes bit for bit"})
     assert _script().plot(path) is None and not list(tmp_path.glob("*.png"))
+
+
+def test_rows_whose_plant_did_not_hold_are_not_drawn(tmp_path):
+    """A one-pass row that flagged more rows than were planted timed other data than its rate names: --plot leaves
+    it out (a file of such rows alone draws nothing)."""
+    import csv
+
+    path = tmp_path / "speculation-gpu-20260101.csv"
+    with path.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=measure.COLUMNS)
+        out.writeheader()
+        out.writerow({**dict.fromkeys(measure.COLUMNS, ""), "impl": "vstar_triton_lean_one_pass", "status": "ok",
+                      "median_ms": "57.5", "setup": "dit=x planted_flag_rate=0 flag_rate=1.0000"})
+    assert _script().plot(path) is None and not list(tmp_path.glob("*.png"))
