@@ -426,7 +426,8 @@ BWD_TILED = Tuning(
 # its producer and consumer partitions) or on 8 warps without. Compiled for sm_90 without spills (tools.perf
 # static, kernel-log v5); 128 x 128 above head dim 64 needs 257 KB of shared memory warp-specialized, and on 8
 # warps spilled until its bias stopped copying a tile of registers (kernel log v15: at Wan 226 registers for the
-# two loops, 241 for the speculative form, 160 KB of shared memory, untimed: the tuner picks on the GPU).
+# two loops, 241 for the speculative form, 160 KB of shared memory; an H100's tuner took it at Wan 480p: the two
+# loops 21.95 ms where 128 x 64 took 24.8 before v15, benchmarks/NOTES.md).
 FWD_LEAN = Tuning(
     [triton.Config(dict(BLOCK_M=128, BLOCK_N=bn, WARP_SPECIALIZE=ws), num_warps=w, num_stages=st)
      for bn, w, ws, st in ((64, 4, True, 2), (64, 4, True, 3), (128, 4, True, 2), (64, 8, False, 2),
