@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._problem import TarProblem, speculates
+from .._problem import SPECULATE_TOKENS, TarProblem, speculates
 from ._jit import INTERPRETING  # noqa: F401 (_load.triton_state reads it here)
 from ._jit import _NO_VIDEO, _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View, add_bias, bias_source, \
     block_coords, div_each, fma_each, frame_bias, frame_ids, head_cols, key_scores, load_tile, masked_scores, \
@@ -552,7 +552,7 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
         return out
     if not speculates(problem) or flags.shape != (bh,) or flags.dtype != torch.int32:
         raise ValueError(f"flags: an int32 ({bh},) tensor, for a call that speculates (frame ids, the "
-                         f"Gaussian, the row max, at most 2**30 - 2**10 queries and keys), got {flags.dtype} "
+                         f"Gaussian, the row max, at most {SPECULATE_TOKENS} queries and keys), got {flags.dtype} "
                          f"{tuple(flags.shape)}")
     counts, listed, rows = torch.empty(3, bh, nq, device=q.device, dtype=torch.int32)
     maxes = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
