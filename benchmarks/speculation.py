@@ -101,6 +101,8 @@ def planted(frames: torch.Tensor, heads: int, d: int, rate: float, device, dtype
     n, top = frames.numel(), int(frames.max())
     if d < top + 3:
         raise ValueError(f"planted: a dim for each of {top + 1} frames and two far targets, got d={d}")
+    if int(torch.bincount(frames[frames >= 0]).min()) < 3:
+        raise ValueError("planted: frames of at least 3 tokens (a far target is the one after a frame's middle)")
     q, k, v = (0.1 * torch.randn(1, heads, n, d, generator=g) for _ in range(3))
     middle = {f: int((frames == f).nonzero()[int((frames == f).sum()) // 2]) for f in range(top + 1)}
     video = (frames >= 0).nonzero().flatten()

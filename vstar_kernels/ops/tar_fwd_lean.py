@@ -395,9 +395,9 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
 # The tiles of the redo after a speculative lean launch (the tiled forward's redo kernel; any tiles give the rows
 # the two-pass result to rounding), by head dim, each compiled for sm_90 without a spill (tools.perf static): up to
 # 64, 64 x 32 on 4 warps; at 128, 128 x 64 on 8 warps (240 registers at Wan), whose hot loop takes 1.49
-# warp-instructions a score against 64 x 32's 1.72 and loads each key tile for twice the rows (kernel log v17; on
-# an H100 at Wan 20% flagged took 25.2 ms, 26.5 before). At head dim 64 the two take the same 1.46 a score, and
-# 64 x 32 fits three CTAs an SM.
+# warp-instructions a score against 64 x 32's 1.72 and loads each key tile for twice the rows (kernel log v17;
+# timed only within the whole call: flagged rows cost more since v14, which walks some twice). At head dim 64 the
+# two take the same 1.46 a score, and 64 x 32 fits three CTAs an SM.
 LEAN_REDO = {64: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
              128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)}
 
