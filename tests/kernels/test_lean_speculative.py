@@ -5,16 +5,16 @@ rows it got wrong flagged and recomputed by the tiled forward's redo.
 Each case plants where a row's max lies (tests/kernels/test_speculative.py's plants: a far frame, a text key, the
 last key tile, exact ties between frames, every row flagged, none) and checks which rows are flagged against the
 rule written here as sets (a video row is flagged where its largest score lies only in key tiles its block did
-not walk, or ties it in a tile of one frame id its block did not walk), every unflagged row against the lean two loops bit for bit at the same config, every flagged row
-against the tiled two passes (bit for bit in the interpreter, whose tiles the redo runs; to the tolerance table on
-a GPU), and everything against the float64 reference, forward and backward.
+not walk, or ties it in a tile of one frame id its block did not walk), every unflagged row against the lean two
+loops bit for bit at the same config, every flagged row's statistics against theirs (its max bit for bit in the
+interpreter, whose scores are the same at the redo's tiles; to rounding on a GPU), and everything against the
+float64 reference, forward and backward.
 """
 
 import pytest
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels._op import _tar_attention
 from vstar_kernels._problem import make_problem
 from vstar_kernels.ops import tar_fwd_lean
 from vstar_kernels.ops.launch import FWD_LEAN, INTERPRETER_TILES
@@ -22,7 +22,7 @@ from vstar_kernels.ops.layout import STAT_MAX, STATS_FIELDS
 
 from .._device import DEVICE
 from ..helpers import TOLERANCES, assert_close_to_reference, assert_grads_close, reference_grads
-from .test_speculative import PLANT_CASES, PLANTS, assert_bitwise, layout, qkv
+from .test_speculative import PLANT_CASES, PLANTS, assert_bitwise, layout, plant, qkv
 
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,
                                 reason="the lean forward is built for sm_90, and this GPU is not")
@@ -104,16 +104,38 @@ def test_flagged_rows_redone_the_others_the_two_loops(where, frames_name):
     assert_bitwise(out1[keep], out2[keep], "unflagged rows' output against the lean two loops")
     assert_bitwise(stats1.view(*q.shape[:3], -1)[keep], stats2.view(*q.shape[:3], -1)[keep],
                    "unflagged rows' statistics against the lean two loops")
-    problem = make_problem(q, k, v, sigma=SIGMA, strength=STRENGTH, delta=None, causal=False, max_mode="row",
-                           scale=None, frames=frames)
-    tiled, tiled_stats, _ = _tar_attention(*problem.op_args(), "triton", True, False)
-    flagged_stats = stats1.view(*q.shape[:3], -1)[~keep]
-    if DEVICE == "cpu":  # the redo runs the interpreter's tiles, as the tiled two passes do
-        assert_bitwise(out1[~keep], tiled[~keep], "flagged rows' output against the tiled two passes")
-        assert_bitwise(flagged_stats, tiled_stats.view(*q.shape[:3], -1)[~keep],
-                       "flagged rows' statistics against the tiled two passes")
-    else:  # other tiles: to rounding
-        torch.testing.assert_close(flagged_stats, stats2.view(*q.shape[:3], -1)[~keep], atol=1e-5, rtol=1e-5)
+    flagged_stats, two_loops = (t.view(*q.shape[:3], -1)[~keep] for t in (stats1, stats2))
+    if DEVICE == "cpu":  # the interpreter's scores are the same at the redo's tiles: the max is
+        assert_bitwise(flagged_stats[:, STAT_MAX], two_loops[:, STAT_MAX], "flagged rows' max against the two loops")
+    torch.testing.assert_close(flagged_stats, two_loops, atol=1e-5, rtol=1e-5)
+    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), sigma=SIGMA,
+                                     strength=STRENGTH, frames=frames.cpu())
+    assert_close_to_reference(out1.cpu(), ref)
+
+
+def test_redo_walks_the_whole_of_each_hit_tile(monkeypatch):
+    """The rows of frame 0 score highest on the last key of a key tile of frame 2 alone, which their blocks do not
+    walk: each is flagged there on the biased tile max, and the redo, on key tiles narrower than the lean forward's
+    (the interpreter's, set here; on a GPU 64 x 32 at this head dim against a config's 64 or 128), must walk the
+    whole of that tile for the row's max."""
+    monkeypatch.setitem(INTERPRETER_TILES, "forward", dict(BLOCK_M=64, BLOCK_N=16))
+    frames = vk.frame_ids(3, 160, text_before=7, device=DEVICE)
+    q, k, v = qkv(frames, dtype=torch.float16, seed=9)
+    config = config_under_test()
+    bn = config.kwargs["BLOCK_N"]
+    start = -(-int((frames == 2).nonzero()[0]) // bn) * bn  # the first key tile of frame 2 alone
+    assert bool((frames[start:start + bn] == 2).all())
+    plant(q, k, [start + bn - 1], frames == 0)
+    out1, stats1, counts = run(q, k, v, frames, True, config)
+    _, stats2, _ = run(q, k, v, frames, False, config)
+    flagged = expected_flags(q, k, frames, config)
+    assert counts.tolist() == flagged.sum(1).tolist()
+    assert bool(flagged[:, (frames == 0).cpu()].all())
+    flagged_stats, two_loops = (t.view(*q.shape[:3], -1)[flagged.view(q.shape[:3]).to(DEVICE)]
+                                for t in (stats1, stats2))
+    if DEVICE == "cpu":
+        assert_bitwise(flagged_stats[:, STAT_MAX], two_loops[:, STAT_MAX], "flagged rows' max against the two loops")
+    torch.testing.assert_close(flagged_stats, two_loops, atol=1e-5, rtol=1e-5)
     ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), sigma=SIGMA,
                                      strength=STRENGTH, frames=frames.cpu())
     assert_close_to_reference(out1.cpu(), ref)
