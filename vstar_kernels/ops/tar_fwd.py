@@ -440,13 +440,13 @@ def _tar_fwd_redo_kernel(
         stat_row = seq * NQ + rows
         m = tl.load(MAXES + stat_row, mask=ok, other=0.0)
         walk = m == float("inf")  # a raw max of +inf or a NaN denominator (_flag_rows): the keys walked again
-        if LEAN:  # every row's walk its own keys [lo, hi): a tile no row needs is skipped, and the others are
-            # walked for every row (a max over more of a row's keys is still its max)
+        if LEAN:  # the rows' keys [lo, hi), walked for every row (a max over more of a row's keys is still its
+            # max) in one loop from the first to the last: a branch per tile to skip the tiles no row needs kept
+            # the loads from being pipelined (an H100 timed that redo at Wan 2.1 480p slower than the walk of every
+            # key and two softmax loops before it, benchmarks/NOTES.md)
             w_lo = tl.load(WALKS + stat_row * 2, mask=ok, other=NK)
             w_hi = tl.load(WALKS + stat_row * 2 + 1, mask=ok, other=0)
-            for start in range(tl.min(w_lo, 0) // BLOCK_N * BLOCK_N, tl.max(w_hi, 0), BLOCK_N):
-                if tl.max(((w_lo < start + BLOCK_N) & (start < w_hi)).to(tl.int32), 0) > 0:
-                    m = _row_max(q, rows, keys, start, start + BLOCK_N, m, scale, BLOCK_N, opt)
+            m = _row_max(q, rows, keys, tl.min(w_lo, 0) // BLOCK_N * BLOCK_N, tl.max(w_hi, 0), m, scale, BLOCK_N, opt)
         elif tl.max(walk.to(tl.int32), 0) > 0:
             m = tl.where(walk, _row_max(q, rows, keys, 0, NK, tl.full((BLOCK_M,), float("-inf"), tl.float32), scale,
                                         BLOCK_N, opt), m)
