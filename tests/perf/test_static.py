@@ -208,18 +208,17 @@ for d in (64, 128):
     name, thunk = [c for c in cc.cases([case], backward=False) if c[0].endswith("lean speculative")][0]
     with cc.targeting(90):
         (redo,) = [launch for launch in cc.record(thunk) if "redo" in str(launch.kernel)]
-        tiles = [d, redo.kwargs["BLOCK_M"], redo.kwargs["BLOCK_N"], redo.kwargs["num_warps"]]
-        # compiled at head dim 128, where the config changed (static-sm90.csv holds both)
-        out += [tiles + [c.spill_bytes for c in cc.compile_launch(redo, 90, False, name)] if d == 128 else tiles]
+        tiles = [d, redo.kwargs["BLOCK_M"], redo.kwargs["BLOCK_N"], redo.kwargs["num_warps"], redo.kwargs["LEAN"]]
+        out.append(tiles + [c.spill_bytes for c in cc.compile_launch(redo, 90, False, name)])
 print(json.dumps(out))
 '''
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason=f"triton ships no ptxas here ({PTXAS})")
-def test_lean_forwards_redo_takes_its_tiles_by_head_dim(tmp_path):
-    """After a speculative lean launch the redo runs 64 x 32 on 4 warps up to head dim 64 and 128 x 64 on 8 warps
-    at 128 (tar_fwd_lean.LEAN_REDO), which compiles for sm_90 without a spill."""
-    assert _compile_script(tmp_path, _LEAN_REDO) == [[64, 64, 32, 4], [128, 128, 64, 8, 0]]
+def test_lean_forwards_redo_takes_its_tiles(tmp_path):
+    """After a speculative lean launch the redo runs its lean form (LEAN) on 64 x 64 tiles on 4 warps
+    (tar_fwd_lean.LEAN_REDO), which compiles for sm_90 without a spill at head dims 64 and 128."""
+    assert _compile_script(tmp_path, _LEAN_REDO) == [[64, 64, 64, 4, True, 0], [128, 64, 64, 4, True, 0]]
 
 
 def _row(kernel, case, registers, **kw):

@@ -395,19 +395,17 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
         from .tar_fwd import redo_rows
 
         row_flags, maxes, walks = spec
-        redo_rows(problem, out, stats, flags, compact_rows(row_flags, flags), maxes,
-                  LEAN_REDO[max(64, problem.head_dim)], walks)
+        redo_rows(problem, out, stats, flags, compact_rows(row_flags, flags), maxes, LEAN_REDO, walks)
     return out
 
 
-# The tiles of the redo after a speculative lean launch (the tiled forward's redo kernel; any tiles give the rows
-# the two-pass result to rounding), by head dim, each compiled for sm_90 without a spill (tools.perf static): up to
-# 64, 64 x 32 on 4 warps; at 128, 128 x 64 on 8 warps (240 registers at Wan), whose hot loop takes 1.49
-# warp-instructions a score against 64 x 32's 1.72 and loads each key tile for twice the rows (kernel log v17;
-# timed only within the whole call: flagged rows cost more since v14, which walks some twice). At head dim 64 the
-# two take the same 1.46 a score, and 64 x 32 fits three CTAs an SM.
-LEAN_REDO = {64: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-             128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)}
+# The tiles of the redo after a speculative lean launch (the tiled forward's redo kernel with LEAN; any tiles give
+# the rows the two-pass result to rounding): 64 x 64 on 4 warps at every head dim, compiled for sm_90 without a
+# spill (179 registers at head dim 64, 218 at 128). A few flagged rows make few programs, each as long as a whole
+# row: the redo is bound by its programs' length and the waves they fill, so two CTAs an SM of 64 rows beat one of
+# 128. An H100 timed the redo kernel at 5% flagged (planted data, torch.profiler; benchmarks/NOTES.md) at 0.228 /
+# 2.95 / 1.75 ms at LTX-Video / Wan 2.1 480p / CogVideoX, against 0.338 / 4.12 / 1.83 on 64 x 32 or 128 x 64.
+LEAN_REDO = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 def compact_rows(row_flags: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
