@@ -113,12 +113,10 @@ def test_flagged_rows_redone_the_others_the_two_loops(where, frames_name):
     assert_close_to_reference(out1.cpu(), ref)
 
 
-def test_redo_walks_the_whole_of_each_hit_tile(monkeypatch):
+def test_rows_flagged_on_the_biased_tile_max_get_their_max_from_the_redo():
     """The rows of frame 0 score highest on the last key of a key tile of frame 2 alone, which their blocks do not
-    walk: each is flagged there on the biased tile max, and the redo, on key tiles narrower than the lean forward's
-    (the interpreter's, set here; on a GPU 64 x 32 at this head dim against a config's 64 or 128), must walk the
-    whole of that tile for the row's max."""
-    monkeypatch.setitem(INTERPRETER_TILES, "forward", dict(BLOCK_M=64, BLOCK_N=16))
+    walk: each is flagged there on the biased tile max (the loop does not take its raw max there), and the redo,
+    which walks their keys, must find it: their saved max is the two loops', their output the reference's."""
     frames = vk.frame_ids(3, 160, text_before=7, device=DEVICE)
     q, k, v = qkv(frames, dtype=torch.float16, seed=9)
     config = config_under_test()

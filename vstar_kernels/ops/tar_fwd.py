@@ -401,7 +401,7 @@ def _tar_fwd_list_kernel(COUNT, LIST, ORDERED, FLAGS, NQ, BLOCK_M, SLOTS: tl.con
 
 @triton.jit
 def _tar_fwd_redo_kernel(
-    Q, K, V, O, STATS, FQ, FK, KMASK, COUNT, LIST, MAXES, WALKS,
+    Q, K, V, O, STATS, FQ, FK, KMASK, COUNT, LIST, MAXES,
     q_strides, k_strides, v_strides, o_strides, km_strides,
     H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef, BAND, FRAME_BAND,
@@ -422,10 +422,8 @@ def _tar_fwd_redo_kernel(
     the Gaussian with frame ids (no delta, the row max).
 
     LEAN: the rows of the lean forward's speculative form, whose output agrees with the two passes to
-    rounding, not bit for bit: MAXES holds a row's raw max over some of its keys and WALKS (int32
-    (B*H, NQ, 2)) the keys [lo, hi) that may hold a larger score (`_tar_fwd_lean_kernel`), which the
-    program walks (the tiles some row of its own needs), and the softmax takes every key tile in
-    order in one loop (no causal mask, no key mask).
+    rounding, not bit for bit: the softmax takes every key tile in order in one loop (no causal mask,
+    no key mask), where the band order takes two.
     """
     opt: tl.constexpr = Options(CAUSAL, False, True, HAS_KEY_MASK, True, PRECISION, VEC)
     seq, blk, b, h, slots, _slot_in = block_coords(NQ, H, BLOCK_M)
@@ -440,14 +438,7 @@ def _tar_fwd_redo_kernel(
         stat_row = seq * NQ + rows
         m = tl.load(MAXES + stat_row, mask=ok, other=0.0)
         walk = m == float("inf")  # a raw max of +inf or a NaN denominator (_flag_rows): the keys walked again
-        if LEAN:  # the rows' keys [lo, hi), walked for every row (a max over more of a row's keys is still its
-            # max) in one loop from the first to the last: a branch per tile to skip the tiles no row needs kept
-            # the loads from being pipelined (an H100 timed that redo at Wan 2.1 480p slower than the walk of every
-            # key and two softmax loops before it, benchmarks/NOTES.md)
-            w_lo = tl.load(WALKS + stat_row * 2, mask=ok, other=NK)
-            w_hi = tl.load(WALKS + stat_row * 2 + 1, mask=ok, other=0)
-            m = _row_max(q, rows, keys, tl.min(w_lo, 0) // BLOCK_N * BLOCK_N, tl.max(w_hi, 0), m, scale, BLOCK_N, opt)
-        elif tl.max(walk.to(tl.int32), 0) > 0:
+        if tl.max(walk.to(tl.int32), 0) > 0:
             m = tl.where(walk, _row_max(q, rows, keys, 0, NK, tl.full((BLOCK_M,), float("-inf"), tl.float32), scale,
                                         BLOCK_N, opt), m)
         src = bias_source(FQ, Q, (0, 0, 0, 0), b, h, rows, ok, gauss_coef, FRAME_BAND, True, True)
@@ -584,12 +575,12 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
 
 
 def redo_rows(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor | None, counts: torch.Tensor,
-              rows: torch.Tensor, maxes: torch.Tensor, config: dict, walks: torch.Tensor | None = None) -> None:
+              rows: torch.Tensor, maxes: torch.Tensor, config: dict, lean: bool = False) -> None:
     """Recompute the flagged rows of a speculative launch into `out` (and `stats`) with `_tar_fwd_redo_kernel` at
     `config`'s tiles, warps and stages (the interpreter's in the interpreter): each sequence's counts[seq] rows
     from the start of its row of `rows` (int32 (B*H, Nq)), their max from `maxes` (float32 (B*H, Nq)). Its
-    programs exit at once where a sequence flagged none. `walks` (int32 (B*H, Nq, 2)): the rows are a lean
-    launch's, their maxes completed over the keys it names (the redo kernel's LEAN)."""
+    programs exit at once where a sequence flagged none. lean: the rows are a lean launch's (the redo kernel's
+    LEAN)."""
     q, k, v = problem.q, problem.k, problem.v
     bh, nq = problem.batch * problem.heads, problem.nq
     _, _, gauss_coef = delta_args(problem)
@@ -598,9 +589,9 @@ def redo_rows(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor | None
     heads = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")}
     config = dict(config, **interpreter_tiles("forward"))
     grid = (bh * triton.cdiv(nq, config["BLOCK_M"]),)
-    _redo[grid](q, k, v, out, stats, fq, fk, km, counts, rows, maxes, walks, q.stride(), k.stride(), v.stride(),
+    _redo[grid](q, k, v, out, stats, fq, fk, km, counts, rows, maxes, q.stride(), k.stride(), v.stride(),
                 out.stride(), km_strides, problem.heads, nq, problem.nk, problem.head_dim, problem.head_dim_v,
                 problem.scale, problem.strength, gauss_coef, band_width(gauss_coef, max(nq, problem.nk)),
                 frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=stats is not None,
                 PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"],
-                LEAN=walks is not None, **config)
+                LEAN=lean, **config)

@@ -66,7 +66,7 @@ def frame_of(n, BEFORE, INV_PER_FRAME, VIDEO):
 
 @triton.jit
 def _tar_fwd_lean_kernel(
-    Q, K, V, O, STATS, FLAGS, MAXES, WALKS,
+    Q, K, V, O, STATS, FLAGS, MAXES,
     q_strides, k_strides, v_strides, o_strides,  # (batch, head, token) strides; the head dim's is 1
     H, N, BEFORE, PER_FRAME, INV_PER_FRAME, VIDEO,
     scale, strength, gauss_coef,
@@ -90,10 +90,9 @@ def _tar_fwd_lean_kernel(
     the loop). Flagged for the redo: a video row whose max lies in a key tile not walked, one whose biased tile
     max there ties its bound (a raw score equal to the guess, or below it by less than the bias's rounding), and,
     as `tar_fwd._flag_rows`, a row whose denominator is NaN or whose strength * max is not finite; every other row
-    kept its guess, its exact max. FLAGS (int32 (B*H, N)) gets 1 for the flagged rows and 0 for every other row;
-    for the flagged rows, MAXES (float32 (B*H, N)) their raw max over the tiles whose raw scores the loop took (-inf
-    for a NaN denominator) and WALKS (int32 (B*H, N, 2)) the keys [lo, hi) whose raw max the redo must add to it:
-    none, the tiles where the biased tile max reached its bound, or for a NaN denominator every key.
+    kept its guess, its exact max. FLAGS (int32 (B*H, N)) gets 1 for the flagged rows and 0 for every other row,
+    MAXES (float32 (B*H, N)) their raw max, or +inf where the loop does not know it (a NaN denominator, a row
+    flagged on the biased tile max): the redo walks their keys again.
     """
     pid = tl.program_id(0)
     blocks = tl.cdiv(N, BLOCK_M)
@@ -160,9 +159,7 @@ def _tar_fwd_lean_kernel(
     denom = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     raw_run = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    # with SPECULATE, the keys [hit_lo, hit_hi) of the tiles where a row's biased tile max reached its bound (below)
-    hit_lo = tl.full((BLOCK_M,), 0, tl.int32) + N
-    hit_hi = tl.zeros((BLOCK_M,), tl.int32)
+    hit = tl.zeros((BLOCK_M,), tl.int1)  # with SPECULATE: a biased tile max at or above its bound (below)
     for start in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([start, 0])
         s = mma(q, tl.trans(k), PRECISION)  # unscaled: the scale comes with the bias (below)
@@ -190,9 +187,9 @@ def _tar_fwd_lean_kernel(
                 # fl(scale * r_i + b_i) (`bound`: the scores' own multiply-add, with the same rounded b_i; an add
                 # m_i + b_i would be contracted with the multiply c_i * vec_i into one FMA, which is not the
                 # scores' rounding). So the raw tile max is not taken: a video row at or above its bound is flagged
-                # (`hit`: the redo walks the keys of its hit tiles, [hit_lo, hit_hi), for its max), and one below
-                # it has s_j < r_i for every j, a raw tile max at most its guess. Not on the tiles the walk took:
-                # there a raw max equal to the guess is the rule, not a miss.
+                # (`hit`, its max walked again by the redo), and one below it has s_j < r_i for every j, a raw
+                # tile max at most its guess. Not on the tiles the walk took: there a raw max equal to the guess
+                # is the rule, not a miss.
                 cheap = (start >= e1) & ((start < a0) | (start >= a1)) & (start < t1)
                 bound = tl.where(cheap, tl.fma(raw, scale, bias), float("nan"))
                 if not cheap:
@@ -210,9 +207,7 @@ def _tar_fwd_lean_kernel(
         tile_max = tl.max(s, 1)
         new_max = tl.maximum(run_max, tile_max)
         if SPECULATE:
-            hit = tile_max >= bound
-            hit_lo = tl.where(hit, tl.minimum(hit_lo, start), hit_lo)
-            hit_hi = tl.where(hit, start + BLOCK_N, hit_hi)
+            hit = hit | (tile_max >= bound)
         # a row whose scores so far are all -inf (-inf in the inputs): every p and alpha is 0, not NaN
         m2 = tl.where(new_max == float("-inf"), 0.0, new_max * 1.4426950408889634)
         alpha = tl.exp2(run_max * 1.4426950408889634 - m2)
@@ -224,21 +219,18 @@ def _tar_fwd_lean_kernel(
     row_ok = offs < N - start_m
     if SPECULATE:  # flag the rows whose guess was not their max (a video block's only: see the docstring)
         nan_rows = denom != denom
-        hit = (hit_hi > 0) & (fq >= 0)
+        hit = hit & (fq >= 0)
         # the raw max scaled, as the walk's; a text row's scores take no bias (c_i * 0, c_i finite; a row whose c_i
         # is not is NaN): its raw max is its biased one, taken over every tile
         raw_run = tl.where(fq >= 0, raw_run * scale, run_max)
+        exact = tl.where(nan_rows | hit, float("inf"), raw_run)
         redo = row_ok & (((fq >= 0) & (raw_run > m)) | hit | ~(tl.abs(strength * raw_run) < float("inf"))
                          | nan_rows)
         redo = tl.where(video, redo, False)
-        m = tl.where(video, raw_run, m)
+        m = tl.where(video, exact, m)
         row = seq.to(tl.int64) * N + start_m + offs
         tl.store(FLAGS + row, redo.to(tl.int32), mask=row_ok)
-        # for the redo: the max over the tiles not hit, and the keys to walk for the rest (none, the hit tiles', or
-        # for a NaN denominator every key from -inf)
-        tl.store(MAXES + row, tl.where(nan_rows, float("-inf"), raw_run), mask=redo)
-        tl.store(WALKS + 2 * row, tl.where(nan_rows, 0, tl.where(hit, hit_lo, N)), mask=redo)
-        tl.store(WALKS + 2 * row + 1, tl.where(nan_rows, N, tl.where(hit, hit_hi, 0)), mask=redo)
+        tl.store(MAXES + row, exact, mask=redo)
     # a text-only block: the max the walk would give (NaN for a row with a NaN or +inf score, whose output is NaN),
     # and the definition's NaN row where c_i = strength * m_i is not finite (its c_i * 0; a video block's rows get
     # it from the fused multiply-add), set through the row's denominator: selects, not a branch, which would stop
@@ -394,17 +386,17 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
     if spec is not None:
         from .tar_fwd import redo_rows
 
-        row_flags, maxes, walks = spec
-        redo_rows(problem, out, stats, flags, compact_rows(row_flags, flags), maxes, LEAN_REDO, walks)
+        row_flags, maxes = spec
+        redo_rows(problem, out, stats, flags, compact_rows(row_flags, flags), maxes, LEAN_REDO, lean=True)
     return out
 
 
 # The tiles of the redo after a speculative lean launch (the tiled forward's redo kernel with LEAN; any tiles give
 # the rows the two-pass result to rounding): 64 x 64 on 4 warps at every head dim, compiled for sm_90 without a
-# spill (179 registers at head dim 64, 218 at 128). A few flagged rows make few programs, each as long as a whole
-# row: the redo is bound by its programs' length and the waves they fill, so two CTAs an SM of 64 rows beat one of
-# 128. An H100 timed the redo kernel at 5% flagged (planted data, torch.profiler; benchmarks/NOTES.md) at 0.228 /
-# 2.95 / 1.75 ms at LTX-Video / Wan 2.1 480p / CogVideoX, against 0.338 / 4.12 / 1.83 on 64 x 32 or 128 x 64.
+# spill. A few flagged rows make few programs, each as long as a whole row: the redo is bound by its programs'
+# length and the waves they fill, so two CTAs an SM of 64 rows beat one of 128. An H100 timed the redo kernel at 5%
+# flagged (planted data, torch.profiler; benchmarks/NOTES.md) at 0.228 / 2.95 / 1.75 ms at LTX-Video / Wan 2.1 480p
+# / CogVideoX, against 0.338 / 4.12 / 1.83 on 64 x 32 or 128 x 64.
 LEAN_REDO = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
@@ -426,8 +418,8 @@ def compact_rows(row_flags: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 def _launch(problem: TarProblem, stats: torch.Tensor | None, flags: torch.Tensor | None = None):
     """(out, launch, spec): the output tensor, launch(kernel, **config) running `kernel` (an autotuner of
     _tar_fwd_lean_kernel, or the kernel itself with a config's constexprs and options) on the problem, and with
-    `flags` the (row flags, maxes, walks) buffers of the speculative form (else None); launch and spec are None when
-    there is nothing to compute. The tests run every config of FWD_LEAN through it."""
+    `flags` the (row flags, maxes) buffers of the speculative form (else None); launch and spec are None when there
+    is nothing to compute. The tests run every config of FWD_LEAN through it."""
     reasons = layout_reasons(problem)
     if reasons:
         raise ValueError("; ".join(reasons))
@@ -450,11 +442,10 @@ def _launch(problem: TarProblem, stats: torch.Tensor | None, flags: torch.Tensor
     # (the kernel writes every row's flag; zeros, not empty, for `tools.perf`, which records launches and runs
     # the compaction on buffers no kernel wrote)
     spec = None if flags is None else (torch.zeros(bh, n, dtype=torch.int32, device=q.device),
-                                       torch.empty(bh, n, dtype=torch.float32, device=q.device),
-                                       torch.empty(bh, n, 2, dtype=torch.int32, device=q.device))
+                                       torch.empty(bh, n, dtype=torch.float32, device=q.device))
     _, _, gauss_coef = delta_args(problem)
     strides = [descriptor_strides(t) for t in (q, k, v, out)]
-    args = (q, k, v, out, stats, *(spec or (None, None, None)), *strides, problem.heads, n, before, per_frame,
+    args = (q, k, v, out, stats, *(spec or (None, None)), *strides, problem.heads, n, before, per_frame,
             1.0 / per_frame, frames * per_frame, problem.scale, problem.strength, gauss_coef)
     meta = dict(HEAD_DIM=d, SAVE_STATS=stats is not None, PRECISION=common_meta(problem)["PRECISION"],
                 SPECULATE=flags is not None)
