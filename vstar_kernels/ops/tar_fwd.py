@@ -405,7 +405,7 @@ def _tar_fwd_redo_kernel(
     q_strides, k_strides, v_strides, o_strides, km_strides,
     H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef, BAND, FRAME_BAND,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # the speculative launch's tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # the speculative launch's tiles (LEAN: tar_fwd_lean.LEAN_REDO)
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
@@ -415,16 +415,17 @@ def _tar_fwd_redo_kernel(
 
     Program (seq, p) takes the sequence's flagged rows COUNT[seq] at slots p * BLOCK_M on, in row
     order, from LIST (`_tar_fwd_list_kernel`), with their max from MAXES, and exits at once when
-    there are none (no host synchronisation). Rows of several query blocks share its tiles: each row
-    takes its block's key tiles in its block's order (the off-band ones, then the band) and skips the
-    others (all -inf for it, its alpha 1: no change to its state; `_softmax_tiles`), so its output and
-    statistics are the two-pass ones bit for bit at the same tiles. Arguments as the tiled kernel's,
-    the Gaussian with frame ids (no delta, the row max).
+    there are none (no host synchronisation). Rows of several query blocks share its tiles: without
+    LEAN each row takes its block's key tiles in its block's order (the off-band ones, then the band)
+    and skips the others (all -inf for it, its alpha 1: no change to its state; `_softmax_tiles`), so
+    its output and statistics are the two-pass ones bit for bit at the same tiles. Arguments as the
+    tiled kernel's, the Gaussian with frame ids (no delta, the row max).
 
     LEAN: the rows of the lean forward's speculative form, whose output agrees with the two passes to
-    rounding, not bit for bit: the softmax takes every key tile in order in one loop (no causal mask,
-    no key mask), where the band order takes two.
+    rounding, not bit for bit: the softmax takes every key tile in order in one loop, where the band
+    order takes two (the lean forward has no causal mask and no key mask).
     """
+    tl.static_assert(not (LEAN and (CAUSAL or HAS_KEY_MASK)), "LEAN: the lean forward's rows, without masks")
     opt: tl.constexpr = Options(CAUSAL, False, True, HAS_KEY_MASK, True, PRECISION, VEC)
     seq, blk, b, h, slots, _slot_in = block_coords(NQ, H, BLOCK_M)
     if blk * BLOCK_M < tl.load(COUNT + seq):
@@ -442,18 +443,6 @@ def _tar_fwd_redo_kernel(
             m = tl.where(walk, _row_max(q, rows, keys, 0, NK, tl.full((BLOCK_M,), float("-inf"), tl.float32), scale,
                                         BLOCK_N, opt), m)
         src = bias_source(FQ, Q, (0, 0, 0, 0), b, h, rows, ok, gauss_coef, FRAME_BAND, True, True)
-        # each row's key tiles and band, as its query block's in _tar_fwd_tiled_kernel, in int32 (`speculates`: at
-        # most 2**30 - 2**10 rows and keys; BAND at most max(NQ, NK), which gives the tiled kernel's bounds at NQ + NK)
-        mb = (rows // BLOCK_M).to(tl.int32)
-        end = tl.zeros_like(mb) + NK
-        if CAUSAL:
-            end = tl.minimum(end, (mb + 1) * BLOCK_M)
-        lo = tl.zeros_like(mb)
-        hi = end
-        if not HAS_KEY_MASK:
-            lo = tl.minimum(tl.maximum(mb * BLOCK_M - BAND + 1, 0) // BLOCK_N * BLOCK_N, end)
-            hi = tl.maximum(tl.minimum(tl.cdiv((mb + 1) * BLOCK_M - 1 + BAND, BLOCK_N) * BLOCK_N, end), lo)
-        band = (lo, hi, end)
         state = (tl.full((BLOCK_M,), float("-inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32),
                  zeros_each(BLOCK_M, cols_dv), tl.full((BLOCK_M,), float("-inf"), tl.float32))
         cm = strength * m
@@ -461,12 +450,23 @@ def _tar_fwd_redo_kernel(
             run_max, denom, acc, _raw = _softmax_tiles(state, q, rows, ok, keys, src, cm, 0, NK, scale, BLOCK_N, True,
                                                     True, opt)
         else:
+            # each row's key tiles and band, as its query block's in _tar_fwd_tiled_kernel, in int32 (`speculates`:
+            # at most 2**30 - 2**10 rows and keys; BAND at most max(NQ, NK), which gives the tiled kernel's bounds at
+            # NQ + NK)
+            mb = (rows // BLOCK_M).to(tl.int32)
+            end = tl.zeros_like(mb) + NK
+            if CAUSAL:
+                end = tl.minimum(end, (mb + 1) * BLOCK_M)
+            lo = tl.zeros_like(mb)
+            hi = end
             if not HAS_KEY_MASK:  # with a key mask the band is the whole row
+                lo = tl.minimum(tl.maximum(mb * BLOCK_M - BAND + 1, 0) // BLOCK_N * BLOCK_N, end)
+                hi = tl.maximum(tl.minimum(tl.cdiv((mb + 1) * BLOCK_M - 1 + BAND, BLOCK_N) * BLOCK_N, end), lo)
                 state = _softmax_tiles(state, q, rows, ok, keys, src, cm, 0, tl.max(tl.where(ok, end, 0), 0), scale,
-                                       BLOCK_N, True, True, opt, False, 1, band)
+                                       BLOCK_N, True, True, opt, False, 1, (lo, hi, end))
             run_max, denom, acc, _raw = _softmax_tiles(state, q, rows, ok, keys, src, cm,
                                                     tl.min(tl.where(ok, lo, NK), 0), tl.max(tl.where(ok, hi, 0), 0),
-                                                    scale, BLOCK_N, True, True, opt, False, 2, band)
+                                                    scale, BLOCK_N, True, True, opt, False, 2, (lo, hi, end))
         out, lse = _finish(run_max, denom, acc, ok, HAS_KEY_MASK)
         store_tile(seq_view(O, o_strides, b, h, cols_dv, HEAD_DIM_V), rows, out, ok, VEC)
         if SAVE_STATS:
