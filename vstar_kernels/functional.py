@@ -73,11 +73,11 @@ class Speculation:
 
     # Measured at one shape (H100, bf16, Wan 2.1 480p; benchmarks/NOTES.md): the one pass takes 28.9 / 32.1 ms at
     # 0 / 5% of rows flagged, two passes 32.3 (on the day before's tiles 36.3 / 40.0 / 44.9 at 0 / 5 / 20%, two
-    # passes 40.1): it pays up to 5%. The lean forward's (sm_90's "auto"): 16.0 / 19.8 / 25.2 ms at 0 / 5 / 20%
-    # against its two loops' 22.0 at Wan (break-even near 11%), 12.3 / 14.3 against 16.0 at CogVideoX (near
-    # 9-11%), 1.08 / 1.51 against 1.40 at LTX-Video (near 4%: 1.08x its two loops at 5%). At 100% flagged a probe
-    # costs 57.5 ms at Wan, 40.6 at CogVideoX: over a 50-step run three probes (steps 1, 10 and 27) make a call
-    # 1.10x and 1.09x the two loops', where a probe every 9 steps would make it 1.19x and 1.18x.
+    # passes 40.1): it pays up to 5%. The lean forward's (sm_90's "auto"), its redo since the 13th session (kernel
+    # times): 16.3 / 19.3 / 24.5 ms at 0 / 5 / 20% against its two loops' 22.1 at Wan (break-even near 13%), 12.2 /
+    # 13.8 / 17.6 against 16.1 at CogVideoX (near 14%), 1.07 / 1.29 / 1.64 against 1.39 at LTX-Video (near 9%). At
+    # 100% flagged a probe cost 57.5 ms at Wan, 40.6 at CogVideoX with the redo before: over a 50-step run three
+    # probes (steps 1, 10 and 27) make a call 1.10x and 1.09x the two loops', a probe every 9 steps 1.19x and 1.18x.
     BREAK_EVEN = 0.05
     PROBE = 8
     PROBE_MAX = 64
