@@ -21,7 +21,8 @@ row-max call).
 descriptors) at each DiT shape beside the two passes and the floor: its two loops over the keys once (their time
 does not depend on the flag rate), autotuned (vstar_triton_lean), and restricted to its warp-specialized configs
 (vstar_triton_lean_ws) and to the others (vstar_triton_lean_no_ws); its speculative form (one loop, the flagged
-rows redone: vstar_triton_lean_one_pass) at each of --rates. Correctness first: each output must agree
+rows redone: vstar_triton_lean_one_pass) at each of --rates, on a GPU also its launches timed apart (the lean
+kernel, the two listing launches, the redo: LEAN_ONE_PASS_KERNELS). Correctness first: each output must agree
 with the two-pass output within the tolerance table (vstar_kernels.bench.check.TOLERANCES), or the row says
 "mismatch" and is not timed; a GPU it cannot run on gives the reason as the row's status.
 
@@ -32,9 +33,9 @@ with the two-pass output within the tolerance table (vstar_kernels.bench.check.T
 timed on the CPU, for the tests.
 
 --plot CSV draws a results file of this script as one picture, `<stem>-flag-rates.png` beside it: per DiT shape,
-the one pass (its redo launch hatched), the lean forward's one pass and the two passes at each flag rate, then the
-lean forward's two loops, each bar labelled with its time over that of the floor timed in its own run, that floor a
-dashed line across the bar (benchmarks/plot_results.py draws it for speculation-*.csv files).
+the one pass and the lean forward's one pass (each with its redo launch hatched) and the two passes at each flag
+rate, then the lean forward's two loops, each bar labelled with its time over that of the floor timed in its own
+run, that floor a dashed line across the bar (benchmarks/plot_results.py draws it for speculation-*.csv files).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ ONE_PASS_KERNELS = {"_tar_fwd_tiled_kernel": "vstar_triton_one_pass_main",
                     "_tar_fwd_redo_kernel": "vstar_triton_one_pass_redo"}
 GLOBAL_MAX_KERNELS = {"_tar_fwd_row_max_kernel": "vstar_triton_walk",
                       "_tar_fwd_tiled_kernel": "vstar_triton_biased_loop"}
+# and the lean forward's speculative form's (ops/tar_fwd_lean.py, ops/tar_fwd.py)
+LEAN_ONE_PASS_KERNELS = {"_tar_fwd_lean_kernel": "vstar_triton_lean_one_pass_main",
+                         "_tar_fwd_block_list_kernel": "vstar_triton_lean_one_pass_listing_blocks",
+                         "_tar_fwd_list_kernel": "vstar_triton_lean_one_pass_listing",
+                         "_tar_fwd_redo_kernel": "vstar_triton_lean_one_pass_redo"}
 
 
 def kernel_times(fn, kernels, activity=ProfilerActivity.CUDA, reps: int = 20) -> dict:
@@ -236,6 +242,12 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
         measure.append_row(out, measure.row(info, impl, 1, heads, frames.numel(), d, dt, setup=row_setup,
                                             status=status, timing=timing, cost=cost, backend="triton-lean"))
         print(f"{name} {impl} {row_setup}: " + (f"{timing.median_ms:.3f} ms" if timing else status), flush=True)
+        if speculative and timing and device.type == "cuda":  # its launches timed apart
+            for kernel, part in kernel_times(fn, LEAN_ONE_PASS_KERNELS).items():
+                measure.append_row(out, measure.row(info, LEAN_ONE_PASS_KERNELS[kernel], 1, heads, frames.numel(), d,
+                                                    dt, setup=f"{row_setup} kernel={kernel}", status="ok",
+                                                    timing=part, cost=cost, backend="triton-lean"))
+                print(f"{name} f={rate:g} {LEAN_ONE_PASS_KERNELS[kernel]}: {part.median_ms:.3f} ms", flush=True)
     if rate:
         return
     peers = {"vstar_triton_two_pass": ("triton", lambda: vk.tar_attention(q, k, v, sigma=sigma, frames=frames,
@@ -303,8 +315,8 @@ def plot(csv_path, out_dir=None):
                 x = i + (j - (len(present) - 1) / 2) * width
                 ax.bar(x, ms, width * 0.95, color=color,
                        label=impl if impl not in ax.get_legend_handles_labels()[1] else None)
-                redo = cell.get(("vstar_triton_one_pass_redo", group, "_tar_fwd_redo_kernel"))
-                if impl == "vstar_triton_one_pass" and redo:
+                redo = cell.get((impl + "_redo", group, "_tar_fwd_redo_kernel"))
+                if redo:
                     ax.bar(x, redo, width * 0.95, bottom=ms - redo, color="none", edgecolor="navy", hatch="//",
                            label="its redo launch" if "its redo launch" not in ax.get_legend_handles_labels()[1]
                            else None)

@@ -106,11 +106,42 @@ def test_kernel_times_reads_one_record_per_call_and_refuses_others():
 
 
 def test_the_kernels_timed_apart_are_the_forward_kernels():
-    from vstar_kernels.ops import tar_fwd
+    from vstar_kernels.ops import tar_fwd, tar_fwd_lean
 
     script = _script()
-    for name in {**script.ONE_PASS_KERNELS, **script.GLOBAL_MAX_KERNELS}:
-        assert getattr(tar_fwd, name).__name__ == name
+    for name in {**script.ONE_PASS_KERNELS, **script.GLOBAL_MAX_KERNELS, **script.LEAN_ONE_PASS_KERNELS}:
+        assert getattr(tar_fwd, name, None) or getattr(tar_fwd_lean, name), name
+
+
+def test_the_lean_one_pass_launches_each_kernel_timed_apart_once(monkeypatch):
+    """kernel_times refuses a kernel not launched exactly once a call: the lean forward's speculative form, with a
+    row flagged, launches each of LEAN_ONE_PASS_KERNELS once (in the interpreter)."""
+    import vstar_kernels as vk
+    from vstar_kernels._problem import make_problem
+    from vstar_kernels.ops import tar_fwd, tar_fwd_lean
+
+    launched = []
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(getattr(self.kernel, "fn", self.kernel).__name__)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for module, name in ((tar_fwd, "_block_list"), (tar_fwd, "_list"), (tar_fwd, "_redo")):
+        monkeypatch.setattr(module, name, Counted(getattr(module, name)))
+    monkeypatch.setitem(tar_fwd_lean._lean, None, Counted(tar_fwd_lean._lean[None]))
+    frames = vk.frame_ids(8, 20)
+    q, k, v = _script().planted(frames, 1, 16, 0.5, torch.device(DEVICE), torch.float16)
+    problem = make_problem(q, k, v, sigma=0.5, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
+                           frames=frames.to(DEVICE))
+    flags = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    tar_fwd_lean.lean_forward(problem, flags=flags)
+    assert int(flags[0]) > 0 and sorted(launched) == sorted(_script().LEAN_ONE_PASS_KERNELS)
 
 
 def test_floor_call_is_plain_attention_at_tars_scale():

@@ -16,7 +16,7 @@ import torch
 
 import vstar_kernels as vk
 from vstar_kernels._problem import make_problem
-from vstar_kernels.ops import tar_fwd_lean
+from vstar_kernels.ops import tar_fwd, tar_fwd_lean
 from vstar_kernels.ops.launch import FWD_LEAN, INTERPRETER_TILES
 from vstar_kernels.ops.layout import STAT_MAX, STATS_FIELDS
 
@@ -194,8 +194,8 @@ def near_the_guess(rows, ulps, dtype, strength, monkeypatch):
     k[..., 74, 0] = 4
     k[..., 164, 0] = (torch.tensor(4.0, dtype=dtype).view(torch.int16) + ulps).view(dtype)
     seen = {}
-    compact = tar_fwd_lean.compact_rows
-    monkeypatch.setattr(tar_fwd_lean, "compact_rows", lambda f, c: compact(seen.setdefault("flags", f.clone()), c))
+    compact = tar_fwd.compact_rows
+    monkeypatch.setattr(tar_fwd, "compact_rows", lambda f, c: compact(seen.setdefault("flags", f.clone()), c))
     out1, stats1, _ = run(q, k, v, frames, True, config, strength=strength)
     out2, stats2, _ = run(q, k, v, frames, False, config, strength=strength)
     flagged = seen["flags"].view(q.shape[:3]).bool()
@@ -333,13 +333,17 @@ def test_text_row_whose_guess_overflows_its_bias():
     torch.testing.assert_close(out[0, :, 5].cpu().float(), ref[0, :, 5], atol=atol, rtol=rtol)
 
 
-def test_compact_rows():
-    g = torch.Generator().manual_seed(0)
-    row_flags = (torch.rand(5, 77, generator=g) < torch.tensor([0.0, 0.1, 0.5, 1.0, 0.03])[:, None]).int()
-    counts = torch.full((5,), -1, dtype=torch.int32)
-    rows = tar_fwd_lean.compact_rows(row_flags.to(DEVICE), counts := counts.to(DEVICE)).cpu()
-    assert rows.shape == (5, 77) and rows.dtype == torch.int32 and rows.is_contiguous()
-    for seq in range(5):
+@pytest.mark.parametrize("n", [1, 77, 2 * tar_fwd.LIST_BLOCK + 5])
+def test_compact_rows(n):
+    """Each sequence's flagged rows in order, and their count, at none, a few, half, all and a run of flagged rows;
+    at 2 LIST_BLOCK + 5 rows from three per-block lists."""
+    g = torch.Generator().manual_seed(n)
+    row_flags = (torch.rand(6, n, generator=g) < torch.tensor([0.0, 0.1, 0.5, 1.0, 0.03, 0.0])[:, None]).int()
+    row_flags[5, n // 3:n // 2 + 1] = 1
+    counts = torch.full((6,), -1, dtype=torch.int32)
+    rows = tar_fwd.compact_rows(row_flags.to(DEVICE), counts := counts.to(DEVICE)).cpu()
+    assert rows.shape == (6, n) and rows.dtype == torch.int32 and rows.is_contiguous()
+    for seq in range(6):
         listed = row_flags[seq].nonzero().flatten()
         assert int(counts[seq]) == listed.numel()
         assert torch.equal(rows[seq, :listed.numel()].long(), listed)

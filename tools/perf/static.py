@@ -199,12 +199,14 @@ def occupancy(arch: int, registers: int, shared: int, warps: int) -> tuple:
 def score_tile(constants: dict) -> tuple:
     """(rows, columns) of the score elements one hot-loop pass (a packed kernel: one program) computes;
     a packed program's SEQS sequences of SEG_Q x SEG_K scores count as SEQS * SEG_Q rows. The speculative
-    forward's listing computes no score: its SLOTS rows count as SLOTS x 1."""
+    forward's listings compute no score: their SLOTS or BLOCK_M rows count as SLOTS x 1 or BLOCK_M x 1."""
     if "ROWS" in constants:
         seqs = constants["ROWS"] // constants["SEG_MAX"]
         return seqs * constants["SEG_Q"], constants["SEG_K"]
     if "SLOTS" in constants:
         return constants["SLOTS"], 1
+    if "BLOCK_N" not in constants:
+        return constants["BLOCK_M"], 1
     return constants["BLOCK_M"], constants["BLOCK_N"]
 
 

@@ -366,12 +366,28 @@ def _flag_rows(COUNT, LIST, MAXES, STATS, seq, mb, NQ, rows, row_ok, video, gues
 
 
 @triton.jit
+def _tar_fwd_block_list_kernel(ROW_FLAGS, COUNT, LIST, NQ, BLOCK_M: tl.constexpr):
+    """The lean forward's flags (int32 (B*H, Nq), 1 for a flagged row) as the lists `_flag_rows` writes:
+    program (seq, block) writes the number of flagged rows among rows [block * BLOCK_M, + BLOCK_M) to
+    COUNT[seq, block] and their positions, in order, to LIST[seq, block * BLOCK_M:] (COUNT and LIST int32
+    (B*H, Nq)), for `_tar_fwd_list_kernel`. The grid is (B*H, cdiv(Nq, BLOCK_M))."""
+    seq = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    flagged = tl.load(ROW_FLAGS + seq * NQ + rows, mask=rows < NQ, other=0) != 0
+    tl.store(COUNT + seq * NQ + block, tl.sum(flagged.to(tl.int32), 0))
+    slot = block * BLOCK_M + tl.cumsum(flagged.to(tl.int32), 0) - 1
+    tl.store(LIST + seq * NQ + slot, rows, mask=flagged)
+
+
+@triton.jit
 def _tar_fwd_list_kernel(COUNT, LIST, ORDERED, FLAGS, NQ, BLOCK_M, SLOTS: tl.constexpr, BLOCKS: tl.constexpr):
     """Between the speculative launch and its redo: program (seq, p) copies the sequence's flagged rows
-    at slots p * SLOTS on, in row order (the lists `_flag_rows` wrote for the query blocks of BLOCK_M
-    rows, one after the other; their counts read BLOCKS at a time), from LIST to ORDERED (int32
-    (B*H, Nq)); program 0 writes the sequence's count to FLAGS (int32 (B*H,)). So a redo program's
-    rows come from consecutive query blocks, whose bands overlap. The grid is (B*H, cdiv(Nq, SLOTS))."""
+    at slots p * SLOTS on, in row order (the lists `_flag_rows` or `_tar_fwd_block_list_kernel` wrote
+    for the blocks of BLOCK_M rows, one after the other; their counts read BLOCKS at a time), from LIST
+    to ORDERED (int32 (B*H, Nq)); program 0 writes the sequence's count to FLAGS (int32 (B*H,)). So a
+    redo program's rows come from consecutive query blocks, whose bands overlap. The grid is
+    (B*H, cdiv(Nq, SLOTS))."""
     seq = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     nblk = tl.cdiv(NQ, BLOCK_M)
@@ -487,6 +503,9 @@ _tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED_SPECULATIVE, _TILED_
 _redo = _tar_fwd_redo_kernel  # run with the speculative launch's config (launch.tuned_config)
 _list = _tar_fwd_list_kernel
 _LIST = dict(SLOTS=128, BLOCKS=32)  # _tar_fwd_list_kernel's rows per program, and query blocks per pass
+_block_list = _tar_fwd_block_list_kernel
+# the lean forward's rows per list of `_tar_fwd_block_list_kernel`: 32 x 32 lists a pass of `_tar_fwd_list_kernel`
+LIST_BLOCK = 1024
 
 
 def tar_forward(problem: TarProblem, out: torch.Tensor | None = None, stats: torch.Tensor | None = None,
@@ -572,6 +591,19 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
     _list[(bh, triton.cdiv(nq, _LIST["SLOTS"]))](counts, listed, rows, flags, nq, used["BLOCK_M"], **_LIST)
     redo_rows(problem, out, stats, flags, rows, maxes, used)
     return out
+
+
+def compact_rows(row_flags: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The flagged rows of each sequence, in order, at the start of its row of an int32 (B*H, N) tensor (the rest
+    unspecified), from row_flags (int32 (B*H, N), 1 for a flagged row, else 0; the lean forward's); each
+    sequence's count written to `counts` (int32 (B*H,)). Two launches on the device (the rows listed per block
+    of LIST_BLOCK, then the lists joined, as the speculative tiled forward's): no host synchronisation, so a CUDA
+    graph may capture it."""
+    bh, n = row_flags.shape
+    block_counts, listed, rows = torch.empty(3, bh, n, dtype=torch.int32, device=row_flags.device)
+    _block_list[(bh, triton.cdiv(n, LIST_BLOCK))](row_flags, block_counts, listed, n, BLOCK_M=LIST_BLOCK)
+    _list[(bh, triton.cdiv(n, _LIST["SLOTS"]))](block_counts, listed, rows, counts, n, LIST_BLOCK, **_LIST)
+    return rows
 
 
 def redo_rows(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor | None, counts: torch.Tensor,

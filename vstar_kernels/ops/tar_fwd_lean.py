@@ -384,7 +384,7 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
         with scratch_allocator():
             launch(_lean[warp_specialize])
     if spec is not None:
-        from .tar_fwd import redo_rows
+        from .tar_fwd import compact_rows, redo_rows
 
         row_flags, maxes = spec
         redo_rows(problem, out, stats, flags, compact_rows(row_flags, flags), maxes, LEAN_REDO, lean=True)
@@ -398,21 +398,6 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
 # flagged (planted data, torch.profiler; benchmarks/NOTES.md) at 0.228 / 2.95 / 1.75 ms at LTX-Video / Wan 2.1 480p
 # / CogVideoX, against 0.338 / 4.12 / 1.83 on 64 x 32 or 128 x 64.
 LEAN_REDO = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-
-
-def compact_rows(row_flags: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The flagged rows of each sequence, in order, at the start of its row of an int32 (B*H, N) tensor (the rest
-    unspecified), from row_flags (int32 (B*H, N), 1 for a flagged row, else 0); each sequence's count written to
-    `counts` (int32 (B*H,)). Device-side torch ops (a prefix sum and a scatter): no host synchronisation, so a
-    CUDA graph may capture it."""
-    bh, n = row_flags.shape
-    counts.copy_(row_flags.sum(1))
-    slot = torch.cumsum(row_flags, 1, dtype=torch.int64) - 1
-    slot += torch.arange(bh, device=row_flags.device)[:, None] * n
-    slot = torch.where(row_flags.bool(), slot, bh * n)  # unflagged rows to one spare slot past the end
-    rows = torch.empty(bh * n + 1, dtype=torch.int32, device=row_flags.device)
-    rows.scatter_(0, slot.flatten(), torch.arange(n, dtype=torch.int32, device=row_flags.device).repeat(bh))
-    return rows[:-1].view(bh, n)
 
 
 def _launch(problem: TarProblem, stats: torch.Tensor | None, flags: torch.Tensor | None = None):
@@ -439,9 +424,8 @@ def _launch(problem: TarProblem, stats: torch.Tensor | None, flags: torch.Tensor
         if flags is not None:
             flags.zero_()
         return out, None, None
-    # (the kernel writes every row's flag; zeros, not empty, for `tools.perf`, which records launches and runs
-    # the compaction on buffers no kernel wrote)
-    spec = None if flags is None else (torch.zeros(bh, n, dtype=torch.int32, device=q.device),
+    # (the kernel writes every row's flag)
+    spec = None if flags is None else (torch.empty(bh, n, dtype=torch.int32, device=q.device),
                                        torch.empty(bh, n, dtype=torch.float32, device=q.device))
     _, _, gauss_coef = delta_args(problem)
     strides = [descriptor_strides(t) for t in (q, k, v, out)]
