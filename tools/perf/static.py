@@ -117,7 +117,11 @@ class Row:
 
 def sass_graph(text: str) -> tuple:
     """(opcodes in order, loops as (first, last) opcode indices: a label and the branch back to it,
-    jumps {branch index: (target index, conditional)} of every branch to a label)."""
+    jumps {branch index: (target index, conditional)} of every branch to a label).
+
+    A branch back from past the kernel's last EXIT is no loop: the out-of-line slow paths there return
+    into the kernel (an mbarrier wait, which a tensor-descriptor load makes on sm_90, retries its
+    SYNCS.PHASECHK there and branches back after the inline one), as does the closing branch to itself."""
     opcodes, labels, branches = [], {}, []
     for line in text.splitlines():
         label = _LABEL.match(line.strip())
@@ -131,7 +135,8 @@ def sass_graph(text: str) -> tuple:
             if ins.group(3).startswith("BRA") and target and predicate != "@!PT":  # @!PT: never taken
                 branches.append((len(opcodes), target.group(1), predicate not in ("", "@PT")))
             opcodes.append(ins.group(3))
-    loops = [(labels[t], at) for at, t, _ in branches if t in labels and labels[t] <= at]
+    end = last_exit(opcodes)
+    loops = [(labels[t], at) for at, t, _ in branches if t in labels and labels[t] <= at <= end]
     jumps = {at: (labels[t], conditional) for at, t, conditional in branches if t in labels}
     return opcodes, loops, jumps
 

@@ -55,10 +55,9 @@ def frame_of(n, BEFORE, INV_PER_FRAME, VIDEO):
     """The frame id of token positions n (int32) in the regular layout, as float32: BEFORE tokens outside the
     video, VIDEO = frames x P tokens of frames in order, then tokens outside it (-1).
 
-    floor((v + 0.5) * INV_PER_FRAME), INV_PER_FRAME = fl(1 / P), for v = n - BEFORE: a multiply where v // P is an
-    integer division per key column (tools.perf static, Wan's D 128 on 8 warps: the per-score path 1.79
-    instructions a score against 2.04 with the division). Exact for v < MAX_TOKENS: (v + 0.5) / P lies at least
-    0.5 / P from an integer, and the two roundings move it by at most (v + 0.5) / P * 2**-23, less than that
+    floor((v + 0.5) * INV_PER_FRAME), INV_PER_FRAME = fl(1 / P), for v = n - BEFORE: a multiply a key column where
+    v // P would be an integer division's instruction sequence. Exact for v < MAX_TOKENS: (v + 0.5) / P lies at
+    least 0.5 / P from an integer, and the two roundings move it by at most (v + 0.5) / P * 2**-23, less than that
     below 2**22."""
     v = n - BEFORE
     return tl.where((v >= 0) & (v < VIDEO), tl.floor((v.to(tl.float32) + 0.5) * INV_PER_FRAME), -1.0)
@@ -234,8 +233,7 @@ def _tar_fwd_lean_kernel(
     # a text-only block: the max the walk would give (NaN for a row with a NaN or +inf score, whose output is NaN),
     # and the definition's NaN row where c_i = strength * m_i is not finite (its c_i * 0; a video block's rows get
     # it from the fused multiply-add), set through the row's denominator: selects, not a branch, which would stop
-    # warp specialization, and per row: a select on the output tile costs its loop 0.13 instructions a score more
-    # (tools.perf static, Wan's D 128 on 8 warps: 0.66 on the short path against 0.53)
+    # warp specialization, and one a row, not one an output element
     m = tl.where(video, m, tl.where(denom == denom, run_max, float("nan")))
     denom = tl.where(video | (tl.abs(strength * m) < float("inf")), denom, float("nan"))
     out = acc / denom[:, None]
