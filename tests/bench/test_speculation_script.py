@@ -110,9 +110,12 @@ def test_the_kernels_timed_apart_are_the_forward_kernels():
 
     script = _script()
     for name in {**script.ONE_PASS_KERNELS, **script.GLOBAL_MAX_KERNELS, **script.LEAN_ONE_PASS_KERNELS}:
-        assert getattr(tar_fwd, name, None) or getattr(tar_fwd_lean, name), name
+        kernel = getattr(tar_fwd, name, None) or getattr(tar_fwd_lean, name)
+        assert kernel.__name__ == name, name
 
 
+@pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,
+                    reason="the lean forward is built for sm_90, and this GPU is not")
 def test_the_lean_one_pass_launches_each_kernel_timed_apart_once(monkeypatch):
     """kernel_times refuses a kernel not launched exactly once a call: the lean forward's speculative form, with a
     row flagged, launches each of LEAN_ONE_PASS_KERNELS once (in the interpreter)."""

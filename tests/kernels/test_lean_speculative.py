@@ -22,7 +22,7 @@ from vstar_kernels.ops.layout import STAT_MAX, STATS_FIELDS
 
 from .._device import DEVICE
 from ..helpers import TOLERANCES, assert_close_to_reference, assert_grads_close, reference_grads
-from .test_speculative import PLANT_CASES, PLANTS, assert_bitwise, layout, plant, qkv
+from .test_speculative import PLANT_CASES, PLANTS, assert_bitwise, layout, plant, poisoned_empty, qkv
 
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,
                                 reason="the lean forward is built for sm_90, and this GPU is not")
@@ -333,20 +333,15 @@ def test_text_row_whose_guess_overflows_its_bias():
     torch.testing.assert_close(out[0, :, 5].cpu().float(), ref[0, :, 5], atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("n", [1, 77, 2 * tar_fwd.LIST_BLOCK + 5])
-def test_compact_rows(n):
-    """Each sequence's flagged rows in order, and their count, at none, a few, half, all and a run of flagged rows;
-    at 2 LIST_BLOCK + 5 rows from three per-block lists."""
-    g = torch.Generator().manual_seed(n)
-    row_flags = (torch.rand(6, n, generator=g) < torch.tensor([0.0, 0.1, 0.5, 1.0, 0.03, 0.0])[:, None]).int()
-    row_flags[5, n // 3:n // 2 + 1] = 1
-    counts = torch.full((6,), -1, dtype=torch.int32)
-    rows = tar_fwd.compact_rows(row_flags.to(DEVICE), counts := counts.to(DEVICE)).cpu()
-    assert rows.shape == (6, n) and rows.dtype == torch.int32 and rows.is_contiguous()
-    for seq in range(6):
-        listed = row_flags[seq].nonzero().flatten()
-        assert int(counts[seq]) == listed.numel()
-        assert torch.equal(rows[seq, :listed.numel()].long(), listed)
+def test_every_row_gets_a_flag(monkeypatch):
+    """The lean kernel writes every row's flag (the buffer is torch.empty): with int32 buffers poisoned to 1, a call
+    counts what it counts without, on a layout whose first query block is text alone (it flags nothing)."""
+    frames = vk.frame_ids(3, 40, text_before=150, text_after=70, device=DEVICE)
+    q, k, v = qkv(frames, dtype=torch.float16, seed=5)
+    config = config_under_test()
+    clean = run(q, k, v, frames, True, config)[2]
+    poisoned_empty(monkeypatch, 1)
+    assert torch.equal(run(q, k, v, frames, True, config)[2], clean)
 
 
 def test_flags_and_warp_specialization_refused():

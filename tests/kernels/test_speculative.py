@@ -271,6 +271,39 @@ def test_redo_lists_the_flagged_rows_in_row_order(nq, rate):
         assert ordered[s].cpu().tolist() == want.tolist() + [-1] * (nq - want.numel())
 
 
+def poisoned_empty(monkeypatch, value: int):
+    """torch.empty gives int32 buffers filled with `value` while the test runs: a launch that leaves an entry unwritten
+    which it should write shows as that value, not as whatever memory held."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(value) if out.dtype == torch.int32 else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.mark.parametrize("n, list_block", [(1, None), (77, None), (1024, None), (2053, None), (16 * 40 + 3, 16)])
+def test_compact_rows_lists_the_lean_flags_in_row_order(n, list_block, monkeypatch):
+    """tar_fwd.compact_rows (the lean forward's flags to the redo's rows): each sequence's flagged rows in order
+    and their count, at none, a few, half, all and a run of flagged rows crossing a list's end; one list, a whole
+    number of lists, three, and with 16-row lists 41 of them (more than one pass of the join reads). Its buffers
+    start poisoned: an entry it should write and does not shows."""
+    if list_block:
+        monkeypatch.setattr(tar_fwd, "LIST_BLOCK", list_block)
+    poisoned_empty(monkeypatch, -7)
+    g = torch.Generator().manual_seed(n)
+    row_flags = (torch.rand(6, n, generator=g) < torch.tensor([0.0, 0.1, 0.5, 1.0, 0.03, 0.0])[:, None]).int()
+    row_flags[5, n // 3:n // 2 + 1] = 1
+    counts = torch.full((6,), -1, dtype=torch.int32, device=DEVICE)
+    rows = tar_fwd.compact_rows(row_flags.to(DEVICE), counts).cpu()
+    assert rows.shape == (6, n) and rows.dtype == torch.int32 and rows.is_contiguous()
+    for seq in range(6):
+        listed = row_flags[seq].nonzero().flatten()
+        assert int(counts[seq]) == listed.numel()
+        assert torch.equal(rows[seq, :listed.numel()].long(), listed)
+
+
 def test_no_query_rows_count_no_flags():
     """Nq = 0: nothing launches, and the flags (not zeroed by the caller) still say 0 per sequence."""
     frames = layout("text_before")

@@ -252,7 +252,7 @@ def cases(combos=FULL, backward=True):
                 f"{' delta' if delta is not None else ''}{' frames' if frames is not None else ''}")
         if lean_only:
             yield name + " lean", (lambda p=problem: lean.lean_forward(p))
-            yield name + " lean speculative", (lambda p=problem: lean.lean_forward(  # and its redo
+            yield name + " lean speculative", (lambda p=problem: lean.lean_forward(  # its listing and redo
                 p, flags=torch.zeros(p.batch * p.heads, dtype=torch.int32)))
             continue
         yield name, (lambda p=problem: fwd.tar_forward(p))

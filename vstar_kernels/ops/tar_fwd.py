@@ -504,7 +504,7 @@ _redo = _tar_fwd_redo_kernel  # run with the speculative launch's config (launch
 _list = _tar_fwd_list_kernel
 _LIST = dict(SLOTS=128, BLOCKS=32)  # _tar_fwd_list_kernel's rows per program, and query blocks per pass
 _block_list = _tar_fwd_block_list_kernel
-# the lean forward's rows per list of `_tar_fwd_block_list_kernel`: 32 x 32 lists a pass of `_tar_fwd_list_kernel`
+# the lean forward's rows per list of `_tar_fwd_block_list_kernel` (a pass of `_tar_fwd_list_kernel` reads 32 lists)
 LIST_BLOCK = 1024
 
 
