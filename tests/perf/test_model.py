@@ -338,7 +338,19 @@ def test_dit_rows_are_produced_labelled_model(dit_run):
     for gpu in ("h100", "h200"):
         rows = _rows(dit_run / f"model-dit-{gpu}.csv")
         assert {r["estimate"] for r in rows} == {"model"}
-        assert [r["impl"] for r in rows] == list(model_dit.DIT_IMPLS) + [model_dit.SPECULATIVE] * 4
+        assert [r["impl"] for r in rows] == (list(model_dit.DIT_IMPLS) + [model_dit.SPECULATIVE] * 4 + [model_dit.LEAN]
+                                             + [model_dit.LEAN_SPECULATIVE] * 4)
+        # the lean forward: its one pass cheaper than its two loops at f <= 0.05, dearer the more rows it redoes,
+        # within 10% of them at f = 1 with the fallback; its two loops, a walk and a biased pass, dearer than flash
+        lean = {float(r["flag_rate"]): r for r in rows if r["impl"] == model_dit.LEAN_SPECULATIVE}
+        lean_two = next(r for r in rows if r["impl"] == model_dit.LEAN)
+        lean_times = [float(lean[f]["model_time_ms"]) for f in model_dit.FLAG_RATES]
+        assert lean_times == sorted(lean_times) and lean_times[1] < float(lean_two["model_time_ms"])
+        assert lean_times[-1] <= 1.1 * float(lean_two["model_time_ms"]) and lean_two["flag_rate"] == ""
+        assert float(lean_two["model_ours_over_flash"]) > 1 and lean_two["config"].startswith("lean ")
+        assert "redo 64x64" in lean[0.05]["config"] and "redo" not in lean[0.0]["config"]
+        for r in (*lean.values(), lean_two):
+            assert float(r["model_ours_over_fa3_tutorial"]) <= float(r["model_ours_over_fa3"])
         one_pass = {float(r["flag_rate"]): r for r in rows if r["impl"] == model_dit.SPECULATIVE}
         by = {r["impl"]: r for r in rows if r["impl"] != model_dit.SPECULATIVE}
         # the speculative one pass: cheaper than two passes at f <= 0.05, dearer the more rows it redoes, and with
@@ -384,6 +396,27 @@ def test_dit_rows_match_the_committed_rows(dit_run):
     for gpu in ("h100", "h200"):
         committed = [r for r in _rows(RESULTS / f"model-dit-{gpu}.csv") if r["model"] == DIT]
         assert _rows(dit_run / f"model-dit-{gpu}.csv") == committed
+
+
+@pytest.mark.parametrize("block_m, block_n", [(128, 64), (128, 128), (64, 64)])
+@pytest.mark.parametrize("layout", [dict(latent_frames=8, tokens_per_frame=32),
+                                    dict(latent_frames=7, tokens_per_frame=48, text_before=20),
+                                    dict(latent_frames=5, tokens_per_frame=70, text_after=33),
+                                    dict(latent_frames=3, tokens_per_frame=200, text_before=100, text_after=7)])
+def test_lean_blocks_count_what_the_lean_kernel_walks(layout, block_m, block_n):
+    """model_dit.lean_blocks against a per (query block, key tile) reading of the lean kernel's speculative walk:
+    a block with a video row walks each key tile that holds a text key or a key of one of the block's frames; a key
+    tile is one frame id where its keys (up to N) are."""
+    s = model_dit.Dit("t", 1, 64, **layout)
+    ids = s.frames().tolist()
+    n, blocks, walked = len(ids), 0, 0
+    for r in range(0, n, block_m):
+        frames = {f for f in ids[r:r + block_m] if f >= 0}
+        if frames:
+            blocks += 1
+            walked += sum(any(f == -1 or f in frames for f in ids[c:c + block_n]) for c in range(0, n, block_n))
+    single = sum(len(set(ids[c:c + block_n])) == 1 for c in range(0, n, block_n))
+    assert model_dit.lean_blocks(s, block_m, block_n) == (blocks, walked, single)
 
 
 @pytest.mark.parametrize("layout", [dict(latent_frames=8, tokens_per_frame=32),
@@ -472,6 +505,7 @@ def test_dit_sweep_says_does_not_fit_where_the_traced_peak_exceeds_the_memory(mo
 
     monkeypatch.setattr(model_dit, "ours_frames", kernel)
     monkeypatch.setattr(model_dit, "ours_frames_speculative", lambda *args: (kernel(), 0.1))
+    monkeypatch.setattr(model_dit, "ours_lean", kernel)
     monkeypatch.setattr(model_dit, "flash", kernel)
     monkeypatch.setattr(model_dit, "fa3", kernel)
     monkeypatch.setattr(eager, "flash", kernel)  # sdpa_bias's fused kernel

@@ -306,6 +306,137 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
     return min(out, key=lambda pair: pair[0].seconds)
 
 
+# --------------------------------------------------------------------------- the lean forward (backend="triton-lean")
+
+LEAN = "vstar_triton_lean"  # its two loops (the walk, the biased loop), what speculate=False and the fallback run
+LEAN_SPECULATIVE = "vstar_triton_lean_one_pass"  # its speculative form at each of FLAG_RATES, with the fallback
+
+
+def lean_launches(batch: int, heads: int, d: int, s: Dit, speculate: bool) -> list:
+    """The launches `tar_fwd_lean.lean_forward` makes for the DiT call `s` (bf16, recorded, nothing runs): the lean
+    kernel, and with `speculate` the two listing launches and the redo. Its inputs are CPU tensors never written
+    (the launcher reads the frame ids' layout, which meta tensors cannot give)."""
+    from vstar_kernels._problem import make_problem
+    from vstar_kernels.ops.launch import targeting
+
+    from .compile_check import _modules, record
+
+    lean = _modules()[2]
+    q, k, v = (torch.empty(batch, s.n, heads, d, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    problem = make_problem(q, k, v, sigma=s.sigma, strength=1.0, delta=None, causal=False, max_mode="row",
+                           scale=None, frames=s.frames())
+    flags = torch.zeros(batch * heads, dtype=torch.int32) if speculate else None
+    with targeting(90):
+        return record(lambda: lean.lean_forward(problem, flags=flags))
+
+
+def lean_loops(rows: tuple, config: str) -> tuple:
+    """(walk, biased) static rows of a lean or redo kernel compiled without warp specialization: its two MMA loops,
+    the walk the one without MUFU."""
+    loops = sorted((r for r in rows if r.loop != "hot"), key=lambda r: int(r.loop))
+    if len(loops) != 2 or loops[0].loop_mufu or not loops[1].loop_mufu:
+        raise LookupError(f"{rows[0].kernel} ({config}) has loops {[r.loop for r in loops]}, not the walk and the "
+                          "biased loop: update model_dit.lean_loops to the kernel")
+    return tuple(loops)
+
+
+def lean_blocks(s: Dit, block_m: int, block_n: int) -> tuple:
+    """(query blocks with a video row, tiles each of them walks speculatively, summed, one-frame key tiles) of the
+    lean kernel over the call `s`: the walk's tiles as `_tar_fwd_lean_kernel` bounds them (the text before the
+    video, the block's own frames, the text after), and the key tiles whose keys (up to N) are one frame id (its
+    short path: dA one vector along the rows)."""
+    n, before, per, video = s.n, s.text_before, s.tokens_per_frame, s.latent_frames * s.tokens_per_frame
+    end = math.ceil(n / block_n) * block_n
+    e1 = math.ceil(before / block_n) * block_n
+    t1_text = (before + video) // block_n * block_n if before + video < n else end
+    blocks, guess = 0, 0
+    for start_m in range(0, n, block_m):
+        if not (start_m < before + video and start_m + block_m > before):
+            continue
+        blocks += 1
+        v_lo = max(start_m - before, 0) // per * per
+        v_hi = (min(start_m + block_m - before, video) - 1) // per * per + per
+        a0 = max((before + v_lo) // block_n * block_n, e1)
+        a1 = max(min(math.ceil((before + v_hi) / block_n) * block_n, end), a0)
+        t1 = max(t1_text, a1)
+        guess += (e1 + a1 - a0 + end - t1) // block_n
+    ids = s.frames()
+    single = sum(int(ids[a:a + block_n].min() == ids[a:a + block_n].max()) for a in range(0, n, block_n))
+    return blocks, guess, single
+
+
+def ours_lean(batch: int, heads: int, d: int, gpu: Gpu, eta: float, s: Dit, flag_rate: float | None) -> Estimate:
+    """Modeled lean forward (frame ids of the regular layout from the token index, tensor-descriptor loads, no
+    stats), compiled for sm_90 at the call's shape: flag_rate None runs its two loops (the walk over every key tile
+    for each query block with a video row, the biased loop over every tile); a number, its speculative form with
+    that share of the video rows flagged: the walk over the tiles `lean_blocks` gives, the biased loop over every
+    tile, the flags written, the two listing launches (as launches, their bytes the flags read and the lists), and
+    the redo (tar_fwd_lean.LEAN_REDO: ceil(f x video rows / BLOCK_M) programs a sequence, each walking every key
+    tile and then running its softmax over every tile: an upper bound, the walk taken only for rows flagged on a
+    biased tile max) as a launch of its own, with its own waves. Each biased tile on its loop's shortest path where
+    its keys are one frame id, the longest elsewhere. Configs without warp specialization only (the speculative
+    form has no other; the two loops' warp-specialized configs run partitions whose loops the model cannot add up):
+    the fastest."""
+    speculate = flag_rate is not None
+    main, *rest = lean_launches(batch, heads, d, s, speculate)
+    bh, n, bd = batch * heads, s.n, block_dims(d, d)[0]
+    video = s.latent_frames * s.tokens_per_frame
+    out = []
+    for config, rows in compiled_launch(main):
+        if "WARP_SPECIALIZE=True" in config:
+            continue
+        walk, biased = lean_loops(rows, config)
+        config = config.replace(" WARP_SPECIALIZE=False", "")
+        fields = _config_fields(config)
+        bm, bn = fields["BLOCK_M"], fields["BLOCK_N"]
+        blocks, tiles = math.ceil(n / bm), math.ceil(n / bn)
+        video_blocks, guess, single = lean_blocks(s, bm, bn)
+        walked = guess if speculate else video_blocks * tiles
+        e = Estimate(launches=1, config=f"lean {bm}x{bn} {short_config(config)}" + (", speculative" if speculate
+                                                                                    else ""))
+        e.bytes = bh * (2 * n * d * ITEMSIZE + walked * bn * d * ITEMSIZE + blocks * tiles * bn * 2 * d * ITEMSIZE)
+        e.mma_flops = bh * 2 * bm * bn * (walked * bd + blocks * tiles * 2 * bd)
+        e.instr = bh * bm * bn * (walked * walk.short_instr_per_score
+                                  + blocks * (single * biased.short_instr_per_score
+                                              + (tiles - single) * biased.long_instr_per_score))
+        e.mufu = bh * bm * bn * blocks * (single * biased.short_mufu_per_score
+                                          + (tiles - single) * biased.long_mufu_per_score)
+        e.instr += bh * blocks * rows[0].outside_warp_instr
+        flagged = (flag_rate or 0.0) * video
+        if speculate:
+            e.bytes += bh * (n * 4 + flagged * 4)  # the flags written, the flagged rows' max
+        e = finish(e, gpu, eta, waves_stretch(bh * blocks, min(walk.ctas_per_sm, biased.ctas_per_sm), gpu))
+        if speculate:  # the listing: the flags read, each block's list written, then read and joined
+            listing = Estimate(bytes=bh * (n * 4 + 3 * flagged * 4), launches=2)
+            e.seconds += finish(listing, gpu, eta).seconds
+            e.launches += 2
+            if flagged:
+                (redo_config, redo_rows), = compiled_launch(rest[-1])
+                r_walk, r_soft = lean_loops(redo_rows, redo_config)
+                rm, rn = rest[-1].kwargs["BLOCK_M"], rest[-1].kwargs["BLOCK_N"]
+                programs = bh * math.ceil(flagged / rm)
+                r_tiles = math.ceil(n / rn)
+                r_single = lean_blocks(s, rm, rn)[2]
+                redo = Estimate(launches=1, config=f"redo {rm}x{rn}")
+                redo.bytes = programs * (rm * (2 * d * ITEMSIZE + 8) + r_tiles * rn * (3 * d * ITEMSIZE + 4))
+                redo.mma_flops = programs * r_tiles * 2 * rm * rn * 3 * bd
+                redo.instr = programs * (rm * rn * (r_tiles * r_walk.short_instr_per_score
+                                                   + r_single * r_soft.short_instr_per_score
+                                                   + (r_tiles - r_single) * r_soft.long_instr_per_score)
+                                         + redo_rows[0].outside_warp_instr)
+                redo.mufu = programs * rm * rn * (r_single * r_soft.short_mufu_per_score
+                                                  + (r_tiles - r_single) * r_soft.long_mufu_per_score)
+                redo = finish(redo, gpu, eta, waves_stretch(programs, min(r_walk.ctas_per_sm, r_soft.ctas_per_sm),
+                                                            gpu))
+                e.seconds += redo.seconds
+                e.launches += 1
+                e.bytes += redo.bytes
+                e.mma_flops += redo.mma_flops
+                e.config += f", redo {rm}x{rn} {short_config(redo_config)}"
+        out.append(e)
+    return min(out, key=lambda e: e.seconds)
+
+
 # the steps of the sampler run `with_fallback` averages over (Wan 2.1's and CogVideoX's default)
 RUN_STEPS = 50
 
@@ -350,7 +481,9 @@ def dit_sweep(gpu_key: str, eta: float, exposed: float, dits=DIT_SHAPES, batch: 
     """Rows of the model for every DiT shape (bf16): ours with frame ids in two passes and, at each of
     FLAG_RATES, the speculative one pass with the adaptive fallback (`with_fallback`), FlashAttention-3,
     flash, flex_two_pass and the eager peers that materialize the bias, whose rows say "does not fit"
-    where their traced peak exceeds the GPU's memory. eta_tutorial: the MMA efficiency of our loops
+    where their traced peak exceeds the GPU's memory; then the lean forward (what "auto" runs on sm_90 at
+    these calls, `ours_lean`): its two loops, and its speculative form at each of FLAG_RATES with the fallback
+    to its two loops. eta_tutorial: the MMA efficiency of our loops
     fitted on the tutorial's published numbers (`calibrate_tutorial`), for model_ours_over_fa3_tutorial."""
     from vstar_kernels.bench.peers import PEERS
 
@@ -413,6 +546,22 @@ def dit_sweep(gpu_key: str, eta: float, exposed: float, dits=DIT_SHAPES, batch: 
                 one_tut = ours_frames_speculative(*call, eta_tutorial, s.frames(), s.sigma, f)[0].seconds
                 row["model_ours_over_fa3_tutorial"] = round(with_fallback(one_tut, two_tut, f) / est["fa3"].seconds,
                                                             3)
+            rows.append(row)
+        lean_two = {e: ours_lean(batch, s.heads, s.head_dim, gpu, e, s, None).seconds for e in (eta, eta_tutorial)
+                    if e}
+        for f in (None, *FLAG_RATES):
+            est_lean = ours_lean(batch, s.heads, s.head_dim, gpu, eta, s, f)
+            seconds = est_lean.seconds if f is None else with_fallback(est_lean.seconds, lean_two[eta], f)
+            row = {**base, "impl": LEAN if f is None else LEAN_SPECULATIVE, "flag_rate": "" if f is None else f,
+                   "status": "ok", "config": est_lean.config, "bound": est_lean.bound,
+                   "model_bytes": int(est_lean.bytes), "model_mma_flops": int(est_lean.mma_flops),
+                   "model_peak_gb": round(qkvo / 1e9, 3), "model_time_ms": round(seconds * 1e3, 4),
+                   "model_ours_over_fa3": round(seconds / est["fa3"].seconds, 3),
+                   "model_ours_over_flash": round(seconds / est["flash"].seconds, 3)}
+            if eta_tutorial:
+                tut = ours_lean(batch, s.heads, s.head_dim, gpu, eta_tutorial, s, f).seconds
+                tut = tut if f is None else with_fallback(tut, lean_two[eta_tutorial], f)
+                row["model_ours_over_fa3_tutorial"] = round(tut / est["fa3"].seconds, 3)
             rows.append(row)
         progress(f"  {gpu_key} {s.name} N={n}: ours (frames) {ours_s * 1e3:.2f} ms, ours/fa3 "
                  f"{ours_s / est['fa3'].seconds:.2f} (ETA 1: {eta1.seconds / est['fa3'].seconds:.2f}), ours/flash "
@@ -495,6 +644,25 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES) -> str:
 
         lines.append(f"| {s.name} | {one[FLAG_RATES[0]]['guess_tile_share']:.3f} | {ratio(two)} | "
                      + " | ".join(ratio(one[f]) for f in FLAG_RATES) + " |")
+    lines += ["", "The lean forward (model; `backend=\"triton-lean\"`, what \"auto\" runs on sm_90 at these calls): frame "
+              "ids from the token index, tensor-descriptor loads, its configs without warp specialization "
+              "(`model_dit.ours_lean`): its two loops (the walk, the biased loop) and its speculative form at each f "
+              "under `vk.Speculation` as above, the redo its own launch (`tar_fwd_lean.LEAN_REDO`, each program "
+              "walking every key tile, then its softmax over every tile: an upper bound), the two listing launches "
+              "beside it. Ours / fa3 as above, the tutorial calibration in brackets; the H100 timings of these "
+              "calls are in benchmarks/results/speculation-*.csv and docs/performance.md.", "",
+              "| model | two loops (config) | f = " + " | f = ".join(f"{f:g}" for f in FLAG_RATES) + " |",
+              "| --- | --- |" + " ---: |" * len(FLAG_RATES)]
+    for s in dits:
+        lean = {r["flag_rate"]: r for r in rows if r["model"] == s.name and r["impl"] == LEAN_SPECULATIVE}
+        two = next(r for r in rows if r["model"] == s.name and r["impl"] == LEAN)
+
+        def ratio(r):
+            tut = r.get("model_ours_over_fa3_tutorial")
+            return f"{r['model_ours_over_fa3']:.2f}" + (f" ({tut:.2f})" if tut else "")
+
+        lines.append(f"| {s.name} | {ratio(two)} ({two['config']}) | "
+                     + " | ".join(ratio(lean[f]) for f in FLAG_RATES) + " |")
     lines += ["", "Config values:", ""] + [f"- {s.name}: {s.source}" for s in dits]
     return "\n".join(lines) + "\n"
 
@@ -507,10 +675,11 @@ def dit_plot(rows: list, gpu_key: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["model"] for r in rows))
-    by = {(r["model"], r["impl"]): r for r in rows if r["impl"] != SPECULATIVE}
-    one_pass = f"{SPECULATIVE}, f = {FLAG_RATES[1]:g}"
-    by.update({(r["model"], one_pass): r for r in rows if r["impl"] == SPECULATIVE and r["flag_rate"] == FLAG_RATES[1]})
-    impls = (DIT_IMPLS[0], one_pass) + DIT_IMPLS[1:]
+    by = {(r["model"], r["impl"]): r for r in rows if r["impl"] not in (SPECULATIVE, LEAN_SPECULATIVE)}
+    one_pass, lean_pass = (f"{impl}, f = {FLAG_RATES[1]:g}" for impl in (SPECULATIVE, LEAN_SPECULATIVE))
+    for impl, key in ((SPECULATIVE, one_pass), (LEAN_SPECULATIVE, lean_pass)):
+        by.update({(r["model"], key): r for r in rows if r["impl"] == impl and r["flag_rate"] == FLAG_RATES[1]})
+    impls = (DIT_IMPLS[0], one_pass, lean_pass) + DIT_IMPLS[1:]
     fig, ax = plt.subplots(figsize=(12, 7.5))
     width = 0.8 / len(impls)
     for k, impl in enumerate(impls):
@@ -519,7 +688,8 @@ def dit_plot(rows: list, gpu_key: str, path: Path) -> None:
             y = i + (k - (len(impls) - 1) / 2) * width
             if r["status"] == "ok":
                 label = {DIT_IMPLS[0]: f"{impl} (two passes)",
-                         one_pass: f"{DIT_IMPLS[0]} (one pass, {FLAG_RATES[1]:.0%} of rows flagged)"}.get(impl, impl)
+                         one_pass: f"{DIT_IMPLS[0]} (one pass, {FLAG_RATES[1]:.0%} of rows flagged)",
+                         lean_pass: f"{LEAN} (sm_90's \"auto\": one pass, {FLAG_RATES[1]:.0%} flagged)"}.get(impl, impl)
                 ax.barh(y, r["model_time_ms"], height=width, color=f"C{k}", label=label if i == 0 else None)
             else:
                 ax.text(0.012, y, f"{impl}: does not fit ({r['model_peak_gb']:.0f} GB)", va="center", fontsize=7,
