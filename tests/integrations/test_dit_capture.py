@@ -3,12 +3,13 @@ their own frame, against a float64 evaluation on the modules' q/k."""
 
 import pytest
 import torch
+from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, FlowMatchEulerDiscreteScheduler, LTXPipeline
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import FrameAttentionMaps, apply_tar, capture_frame_attention, capture_temporal_attention
 
 from ..helpers import rows_outside64
-from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_map64,
+from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_map64, randn,
                               frame_tar_probabilities64, processors, record, spied_plain_run)
 from .tiny_video_models import FAMILIES as UNET_FAMILIES
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
@@ -98,6 +99,51 @@ def test_batched_guidance_records_the_conditional_half_and_steps_filter():
         assert torch.equal(maps.max_outside_own_frame((name, 1)), alone.max_outside_own_frame((name, 0)))
     with pytest.raises(KeyError):
         maps.max_outside_own_frame((fam.modules[0], 0))  # step 0 was not recorded
+
+
+def run_ltx_pipeline(pipe, guidance_scale):
+    """A real LTXPipeline run (prompt embeddings in, latents out): 2 latent frames of 2 x 2 tokens, 2 steps."""
+    pipe(prompt_embeds=randn(1, 5, 16, seed=5), prompt_attention_mask=torch.ones(1, 5),
+         negative_prompt_embeds=randn(1, 5, 16, seed=6), negative_prompt_attention_mask=torch.ones(1, 5), num_frames=9,
+         height=64, width=64, num_inference_steps=2, guidance_scale=guidance_scale, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 1.0])
+def test_pipeline_guidance_is_read_when_the_pipeline_runs(guidance_scale):
+    """cfg=None reads the pipeline's do_classifier_free_guidance at each call (a diffusers pipeline sets it only when
+    it runs; before, the property has nothing to read): with guidance the conditional half is recorded, as cfg=True
+    records it; without, the one sequence, as cfg=False."""
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                       transformer=FAMILIES["ltx"].model())
+    pipe.set_progress_bar_config(disable=True)
+    with capture_frame_attention(pipe, steps=[1]) as read:
+        run_ltx_pipeline(pipe, guidance_scale)
+    with capture_frame_attention(pipe, steps=[1], cfg=guidance_scale > 1) as given:
+        run_ltx_pipeline(pipe, guidance_scale)
+    assert sorted(read) == sorted(given) and len(read) == 2
+    for key in read:
+        assert torch.equal(read[key], given[key])
+        assert torch.equal(read.max_outside_own_frame(key), given.max_outside_own_frame(key))
+    if guidance_scale > 1:  # both halves give another map
+        with capture_frame_attention(pipe, steps=[1], cfg=False) as both:
+            run_ltx_pipeline(pipe, guidance_scale)
+        assert not torch.equal(both[key], given[key])
+
+
+def test_a_pipeline_that_batches_guidance_without_saying_so_needs_cfg():
+    """CogVideoX's pipelines batch guidance and keep whether they do in a local: no cfg, no capture (both halves
+    would be averaged as one batch); with cfg given it records."""
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=FAMILIES["cogvideox"].model(),
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="CogVideoXPipeline batches guidance but does not say when: pass cfg=True"):
+        with capture_frame_attention(pipe):
+            pass
+    with capture_frame_attention(pipe, cfg=True, steps=[0]) as maps:
+        pipe(prompt_embeds=randn(1, 7, 16, seed=5), negative_prompt_embeds=randn(1, 7, 16, seed=6), num_frames=9,
+             height=64, width=64, num_inference_steps=2, guidance_scale=6.0, output_type="latent")
+    assert maps.steps() == [0]
 
 
 def test_capture_errors_name_the_problem():

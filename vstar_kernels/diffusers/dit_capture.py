@@ -40,8 +40,10 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     the tokens of each frame, averaged over heads and frame f's query tokens (rows sum to 1 only without
     text; NaN for a frame id with no token); `FrameAttentionMaps.max_outside_own_frame` gives the share of
     rows whose max lies outside their frame. `steps` and `blocks` (forward order) narrow what is recorded;
-    `cfg`, as for `capture_temporal_attention` (None: the pipeline's ``do_classifier_free_guidance`` where
-    the family batches guidance, `DiTFamily.batched_guidance`, else False); `chunk_elements` bounds memory.
+    `cfg`, as for `capture_temporal_attention` (None: where the family batches guidance,
+    `DiTFamily.batched_guidance`, the pipeline's ``do_classifier_free_guidance`` read at each call, as it is set
+    only while the pipeline runs; a pipeline without it, CogVideoX's or Allegro's, needs `cfg` given; else
+    False); `chunk_elements` bounds memory.
     """
     model, pipeline = denoiser(target)
     family = dit_family(model)
@@ -57,10 +59,12 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     modules = dit_attention_modules(model, blocks)
     if cfg is not None and not isinstance(cfg, bool):
         raise TypeError(f"cfg must be a bool or None, got {type(cfg).__name__}")
+    if cfg is None and pipeline is not None and family.batched_guidance \
+            and not hasattr(type(pipeline), "do_classifier_free_guidance"):
+        raise ValueError(f"{type(pipeline).__name__} batches guidance but does not say when: pass cfg=True "
+                         "(guidance_scale > 1) or cfg=False")
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-    if cfg is None:
-        cfg = family.batched_guidance and bool(getattr(pipeline, "do_classifier_free_guidance", False))
 
     selected = [(index, name, module) for index, (name, module) in enumerate(modules)
                 if blocks is None or index in blocks]
@@ -123,6 +127,13 @@ class _Recorder:
         self.tracker: Optional[StepTracker] = None
         self.grid = None  # kept by watch_layout's hooks
 
+    def _guidance_batched(self) -> bool:
+        """Whether this call batches guidance: `cfg` where given, else what the running pipeline says."""
+        if self.cfg is not None:
+            return self.cfg
+        pipeline = None if self.pipeline is None else self.pipeline()
+        return self.family.batched_guidance and bool(getattr(pipeline, "do_classifier_free_guidance", False))
+
     def step(self) -> Optional[int]:
         """The step of the call in progress, or None when it is not recorded."""
         step = loop_step(self.tracker, self.pipeline, self.grid)
@@ -137,7 +148,7 @@ class _Recorder:
         regularized = {"strength": 0.0} if spec is None else spec.tar_kwargs(
             self.grid[0], self.grid[0], device=query.device, dtype=query.dtype, where=name)
         keep = slice(0, query.shape[0])
-        if self.cfg:
+        if self._guidance_batched():
             if batch % 2:
                 raise ValueError(f"{name}: guidance is batched but the call has an odd batch ({batch} sequences)")
             start = max(batch // 2 - first, 0)
