@@ -105,6 +105,19 @@ def _real(name: str, value) -> float:
 # and comparisons are what torch.compile traces (as guards).
 
 
+def int_set(name: str, values) -> Optional[set]:
+    """`values` as a set of ints >= 0, at least one (None: None, every one); raises naming `name` otherwise."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes, torch.Tensor)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a collection of ints >= 0 or None, got {values!r}")
+    values = list(values)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+    if bad or not values:
+        raise ValueError(f"{name} must hold ints >= 0, at least one (None: every one), got {values!r}")
+    return {int(v) for v in values}
+
+
 def check_sigma(sigma) -> float:
     """sigma > 0; math.inf is allowed (the Gaussian is then all ones)."""
     sigma = _real("sigma", sigma)

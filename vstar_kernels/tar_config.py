@@ -4,13 +4,12 @@ Shared by every front-end; needs only torch (`vstar_kernels.diffusers` needs dif
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
 
-from ._problem import _check_tensor, _real, check_sigma
+from ._problem import _check_tensor, _real, check_sigma, int_set
 from .dispatch import BACKEND_NAMES
 
 
@@ -117,18 +116,6 @@ def _level_spec(level, spec) -> LevelSpec:
         raise type(exc)(f"levels[{level}]: {exc}") from None
 
 
-def _block_indices(blocks) -> Tuple[int, ...]:
-    if isinstance(blocks, (str, bytes, torch.Tensor)) or not isinstance(blocks, Iterable):
-        raise TypeError(f"blocks must be an iterable of block indices or None, got {blocks!r}")
-    indices = tuple(blocks)
-    if not indices:
-        raise ValueError("blocks must name at least one block index (None = every block)")
-    for index in indices:
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
-            raise ValueError(f"blocks must hold block indices (ints >= 0), got {index!r}")
-    return tuple(sorted({int(index) for index in indices}))
-
-
 @dataclass(frozen=True)
 class TARConfig:
     """Where and when TAR regularizes a video model's temporal attention (docs/integrations.md).
@@ -171,7 +158,7 @@ class TARConfig:
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.blocks is not None:
-            object.__setattr__(self, "blocks", _block_indices(self.blocks))
+            object.__setattr__(self, "blocks", tuple(sorted(int_set("blocks", self.blocks))))
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"preset must be None or one of the paper's presets ({', '.join(PRESETS)}), "
                              f"got {self.preset!r}")

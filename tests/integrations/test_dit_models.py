@@ -206,11 +206,11 @@ def test_errors_name_the_problem():
     assert not model._forward_pre_hooks, "a refused apply_tar left a hook"
     with pytest.raises(ValueError, match="blocks= selects transformer blocks.*levels"):
         apply_tar(UNET_FAMILIES["unet3d"].model(), TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]))
-    with pytest.raises(ValueError, match="at least one block"):
+    with pytest.raises(ValueError, match="blocks must hold ints >= 0, at least one"):
         TARConfig(levels={0: (1.0, 1.0)}, blocks=[])
-    with pytest.raises(ValueError, match="blocks must hold block indices"):
+    with pytest.raises(ValueError, match="blocks must hold ints >= 0"):
         TARConfig(levels={0: (1.0, 1.0)}, blocks=[0, -1])
-    with pytest.raises(TypeError, match="blocks must be an iterable"):
+    with pytest.raises(TypeError, match="blocks must be a collection of ints"):
         TARConfig(levels={0: (1.0, 1.0)}, blocks=3)
     assert TARConfig(levels={0: (1.0, 1.0)}, blocks=[3, 1, 3]).blocks == (1, 3)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 from collections.abc import Mapping
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from .._deprecation import renamed
-from .._problem import make_problem
+from .._problem import int_set, make_problem
 from ..reference import tar_scores
 from ..regularization import gaussian_bias
 from .install import denoiser
@@ -125,19 +124,6 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
         for _, handle in recorder.handles.values():
             handle.remove()
         StepTracker.detach(model, recorder.owner)
-
-
-def int_set(name: str, values) -> Optional[set]:
-    """`values` as a set of ints >= 0 (None: None); raises naming `name` for anything else."""
-    if values is None:
-        return None
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{name} must be a collection of ints >= 0 or None, got {type(values).__name__}")
-    values = list(values)
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
-    if bad or not values:
-        raise ValueError(f"{name} must hold ints >= 0 (at least one), got {values!r}")
-    return {int(v) for v in values}
 
 
 class _Recorder:

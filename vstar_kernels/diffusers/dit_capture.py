@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .._problem import make_problem
+from .._problem import int_set, make_problem
 from ..analysis import _outside_own_frame
 from ..frames import frame_bias
 from ..reference import tar_scores
-from .capture import CHUNK_ELEMENTS, TemporalAttentionMaps, int_set
+from .capture import CHUNK_ELEMENTS, TemporalAttentionMaps
 from .dit import DiTTARProcessor
 from .dit_families import dit_attention_modules, dit_family, set_processor, unsupported_dit
 from .dit_state import watch_layout
