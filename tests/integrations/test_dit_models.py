@@ -13,7 +13,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import CogVideoXTransformer3DModel, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (CogVideoXTransformer3DModel, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
+                       WanPipeline, WanTransformer3DModel, WanVideoToVideoPipeline)
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
@@ -328,6 +329,23 @@ def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_
     assert all(m.processor._attention_backend == AttentionBackendName._NATIVE_MATH
                for m in (b.attn1 for b in model.blocks))
     assert (forward(model, inputs) - regularized).abs().max() > 1e-4
+
+
+def test_video_to_video_counts_its_loop_from_where_it_starts_the_schedule():
+    """WanVideoToVideoPipeline at strength 0.6 runs the last 6 of 10 timesteps without set_begin_index, so its
+    scheduler's step_index starts at 5 (then 6, 7, ...): the steps are still the loop's 0, 1, 2, 3 (until_step=3:
+    four iterations of two calls, two blocks each, regularized)."""
+    model = FAMILIES["wan"].model()
+    pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=3))
+    regularized = []
+    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    with torch.no_grad():
+        pipe(latents=randn(1, 4, 3, 8, 8, seed=1), prompt_embeds=randn(1, 5, 16, seed=2),
+             negative_prompt_embeds=randn(1, 5, 16, seed=3), height=64, width=64, num_inference_steps=10,
+             strength=0.6, guidance_scale=5.0, output_type="latent")
+    assert regularized == [step for step in range(4) for _ in range(4)]
 
 
 def test_wan22_pipeline_with_only_the_low_noise_expert_counts_scheduler_steps():

@@ -191,7 +191,8 @@ class StepTracker:
 
 def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
     """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None; docs/dits.md, Steps):
-    the scheduler's ``step_index`` where it keeps one, else the forward calls counted by `StepTracker`; under
+    the loop iteration the scheduler's ``step_index`` gives where it keeps one (counted from the run's first, which
+    need not be the schedule's: strength < 1), else the forward calls counted by `StepTracker`; under
     diffusion forcing (`grid.timestep` set), the number of scheduler timesteps above the call's largest one."""
     scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
     if scheduler is None or not hasattr(scheduler, "step_index"):
@@ -200,7 +201,22 @@ def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
     if timestep is not None and getattr(scheduler, "timesteps", None) is not None:
         return sum(t > timestep for t in _schedule(scheduler.timesteps))
     index = scheduler.step_index
-    return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
+    timesteps = getattr(scheduler, "timesteps", None)
+    run = _RUNS.setdefault(timesteps, [False, None]) if timesteps is not None else [False, None]
+    if index is None:  # the loop's first iteration: the scheduler sets its index at its first step
+        run[0] = True
+        return 0
+    if run[1] is None:
+        # the run's first index: the loop's second iteration after calls that read none, else its first. A
+        # pipeline that starts part-way down the schedule (video-to-video, strength < 1) without set_begin_index
+        # starts its index there, at the first step's timestep.
+        run[1] = index - 1 if run[0] else index
+    return index - run[1]
+
+
+# a run's scheduler timesteps tensor -> [whether a call read no step index, the index of the loop's first
+# iteration]: one entry per run, shared by every model the scheduler steps (Wan 2.2's two experts)
+_RUNS = WeakIdKeyDictionary()
 
 
 # a scheduler's timesteps tensor -> its values: read once per run, not per attention call (schedulers set a new
