@@ -492,6 +492,24 @@ def test_unfuse_qkv_projections_after_fusing_under_tar_keeps_tar():
     assert all(type(p) is CogVideoXAttnProcessor2_0 for n, p in processors(model).items() if n in fam.modules)
 
 
+def test_unfuse_qkv_projections_after_remove_tar_runs_stock():
+    """Fused under TAR, then remove_tar, then unfuse_qkv_projections: diffusers sets back the processors it saved
+    when fusing, TAR's, whose state remove_tar detached; they run the stock processor (the model's stock output bit
+    for bit), and TAR applied again regularizes as before."""
+    fam = FAMILIES["cogvideox"]
+    inputs = fam.inputs()
+    model = fam.model()
+    stock = forward(model, inputs)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    regularized = forward(model, inputs)
+    model.fuse_qkv_projections()
+    remove_tar(model)
+    model.unfuse_qkv_projections()
+    assert torch.equal(forward(model, inputs), stock)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    assert torch.equal(forward(model, inputs), regularized)
+
+
 SERVED = re.escape(", ".join(SDPA_BACKENDS))
 
 

@@ -40,6 +40,8 @@ class DiTTARProcessor:
     _parallel_config = _forwarded("_parallel_config")
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
+        if self.state.removed:  # set back after remove_tar (diffusers' unfuse_qkv_projections): stock
+            return self.processor(attn, *args, **kwargs)
         grid, step = self.state.current()
         spec = self.state.spec_at(self.block, step)
         skips = self.state.family.skips_attention

@@ -30,6 +30,7 @@ class DiTState:
     hooks: Tuple = ()
     # the speculative one pass or two passes: the rows the last forward call recomputed decide the next's
     speculation: Speculation = field(default_factory=Speculation)
+    removed: bool = False  # remove_tar ran: a processor of this state set back later (unfuse) runs stock
 
     @property
     def step(self) -> int:
@@ -71,6 +72,7 @@ class DiTState:
             set_processor(module, processor.processor)
         for hook in self.hooks:
             hook.remove()
+        self.removed = True
 
     def spec_at(self, block: int, step: Optional[int] = None) -> Optional[LevelSpec]:
         """The spec of `block` at `step` (default: the live step), or None where it runs stock."""
