@@ -331,6 +331,26 @@ def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_
     assert (forward(model, inputs) - regularized).abs().max() > 1e-4
 
 
+def test_a_pipeline_sharing_the_model_is_refused_not_counted_from_the_other_pipeline():
+    """TAR applied to one WanPipeline reads that pipeline's scheduler; a second pipeline made with from_pipe (its
+    own scheduler, the same transformer) would have run TAR at a frozen step (0 before the first ran, its last
+    step after): it raises instead, before and after the first pipeline's run, which is regularized as asked."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    other = WanPipeline.from_pipe(pipe, scheduler=UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
+    assert other.transformer is model and other.scheduler is not pipe.scheduler
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    regularized = []
+    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    with pytest.raises(RuntimeError, match="WanPipeline it was applied to, which is not running its denoising loop"):
+        run_wan22(other, 3, [], regularized)
+    run_wan22(pipe, 3, [], regularized)
+    assert regularized == [step for step in range(2) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="another pipeline sharing it"):
+        run_wan22(other, 3, [], regularized)
+
+
 def test_video_to_video_counts_its_loop_from_where_it_starts_the_schedule():
     """WanVideoToVideoPipeline at strength 0.6 runs the last 6 of 10 timesteps without set_begin_index, so its
     scheduler's step_index starts at 5 (then 6, 7, ...): the steps are still the loop's 0, 1, 2, 3 (until_step=3:

@@ -200,6 +200,14 @@ def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
     timestep = getattr(grid, "timestep", None)
     if timestep is not None and getattr(scheduler, "timesteps", None) is not None:
         return sum(t > timestep for t in _schedule(scheduler.timesteps))
+    running = pipeline()
+    if hasattr(type(running), "current_timestep") and getattr(running, "_current_timestep", None) is None:
+        # a pipeline that marks its loop (diffusers' current_timestep) is not in it: its scheduler's index is
+        # another run's, or none
+        raise RuntimeError(f"TAR takes its steps from the {type(running).__name__} it was applied to, which is not "
+                           "running its denoising loop: the model was called by another pipeline sharing it (as "
+                           "from_pipe makes) or directly. Apply TAR to the pipeline that runs, or to the model "
+                           "itself (forward calls counted)")
     index = scheduler.step_index
     timesteps = getattr(scheduler, "timesteps", None)
     run = _RUNS.setdefault(timesteps, [False, None]) if timesteps is not None else [False, None]
