@@ -97,7 +97,10 @@ def _check_tensor(name: str, t) -> None:
 def _real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name} must be within the float range, got an int of {value.bit_length()} bits") from None
 
 
 # The value checks below use comparisons only (no math.isfinite/isnan, which a NaN fails as a
@@ -266,9 +269,11 @@ def check_speculation(speculate, flags, device) -> None:
     if not isinstance(speculate, bool):
         raise TypeError(f"speculate must be a bool, got {type(speculate).__name__}")
     if flags is not None and not (torch.is_tensor(flags) and flags.shape == (2,) and flags.dtype == torch.int64
-                                  and flags.device == device):
+                                  and flags.device == device and flags.stride(0) != 0):
         got = f"{flags.dtype} {tuple(flags.shape)} on {flags.device}" if torch.is_tensor(flags) \
             else type(flags).__name__
+        if torch.is_tensor(flags) and flags.dim() == 1 and flags.stride(0) == 0:
+            got += " whose two entries are one element (stride 0)"
         raise ValueError(f"flags must be None or an int64 tensor of shape (2,) on {device} (flagged rows, rows "
                          f"counted), got {got}")
 

@@ -85,22 +85,31 @@ class Speculation:
     def __init__(self):
         self.speculate = True
         self.rate = None  # the last measured share of rows recomputed
-        self._counts = None
+        self._counts = {}  # device -> its calls' (flagged, rows), int64 (2,)
         self._two_pass_steps = 0
         self._wait = self.PROBE  # two-pass steps before the next probe
         self._probe = False  # the speculative step now is a probe
 
     def kwargs(self, device) -> dict:
-        """tar_attention's speculate= and flags= for a call on `device`."""
-        if self._counts is None or self._counts.device != torch.device(device):
-            self._counts = torch.zeros(2, dtype=torch.int64, device=device)
-        return dict(speculate=self.speculate, flags=self._counts)
+        """tar_attention's speculate= and flags= for a call on `device` (one count per device: a model split over
+        several GPUs counts on each)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            device = torch.device("cpu")  # "cpu:0" too
+        elif device.index is None:  # "cuda": the current one, as its tensors name it ("cuda:0")
+            device = torch.empty(0, device=device).device
+        if device not in self._counts:
+            self._counts[device] = torch.zeros(2, dtype=torch.int64, device=device)
+        return dict(speculate=self.speculate, flags=self._counts[device])
 
     def next_step(self) -> None:
-        """Choose the next step's form from this step's counts (kept where no call counted)."""
-        if self._counts is not None:
-            flagged, rows = self._counts.tolist()
-            self._counts.zero_()
+        """Choose the next step's form from this step's counts, summed over devices (kept where no call counted)."""
+        if self._counts:
+            flagged = rows = 0
+            for counts in self._counts.values():
+                f, r = counts.tolist()
+                counts.zero_()
+                flagged, rows = flagged + f, rows + r
             if rows:
                 self.rate = flagged / rows
                 self.speculate = self.rate <= self.BREAK_EVEN

@@ -354,11 +354,28 @@ def test_sequences_past_the_int32_row_lists_run_two_passes(cut, monkeypatch):
     (dict(flags=torch.zeros(2, dtype=torch.int32)), ValueError, "flags must be None or an int64"),
     (dict(flags=torch.zeros(3, dtype=torch.int64)), ValueError, "flags must be None or an int64"),
     (dict(flags=[0, 0]), ValueError, "flags must be None or an int64 .* got list"),
+    (dict(flags=torch.zeros(1, dtype=torch.int64, device=DEVICE).expand(2)), ValueError,
+     "flags must be None .* whose two entries are one element"),
 ])
 def test_bad_speculation_arguments_name_themselves(bad, error, match):
     q = torch.randn(1, 1, 8, D, device=DEVICE)
     with pytest.raises(error, match=match):
         vk.tar_attention(q, q, q, frames=vk.frame_ids(2, 4, device=DEVICE), **bad)
+
+
+def test_speculation_counts_once_per_device_and_sums_them():
+    """kwargs names a device as its tensors do ("cpu:0" is "cpu"; on a GPU "cuda" is "cuda:0"): one count per
+    device, whatever the spelling, and next_step sums the devices' counts (a model split over GPUs)."""
+    spec = vk.Speculation()
+    counts = spec.kwargs("cpu")["flags"]
+    assert spec.kwargs("cpu:0")["flags"] is counts and spec.kwargs(torch.device("cpu"))["flags"] is counts
+    if torch.cuda.is_available():
+        assert spec.kwargs("cuda")["flags"] is spec.kwargs(f"cuda:{torch.cuda.current_device()}")["flags"]
+    counts += torch.tensor([1, 100])
+    spec._counts[torch.device("cuda", 7)] = torch.tensor([9, 100])  # another device's calls (a stand-in tensor)
+    spec.next_step()
+    assert spec.rate == 0.05 and spec.speculate
+    assert all(c.tolist() == [0, 0] for c in spec._counts.values())
 
 
 def test_speculation_policy():
