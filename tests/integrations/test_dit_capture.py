@@ -131,6 +131,33 @@ def test_pipeline_guidance_is_read_when_the_pipeline_runs(guidance_scale):
         assert not torch.equal(both[key], given[key])
 
 
+def test_a_wan22_pipeline_records_both_experts():
+    """Wan 2.2's two experts, each step run by one (the high-noise expert steps 0-1, the low-noise one 2-3, guidance
+    as two calls a step): both are recorded, named as apply_tar names them, and each map is the one a capture of
+    that expert alone at that call records."""
+    from .test_dit_models import wan22_pipeline
+
+    fam = FAMILIES["wan"]
+    pipe = wan22_pipeline(fam.model(), fam.model(), boundary_ratio=0.8)
+    pipe.set_progress_bar_config(disable=True)
+    calls = {"transformer": [], "transformer_2": []}
+    for attr in calls:
+        getattr(pipe, attr).register_forward_pre_hook(
+            lambda m, args, kwargs, seen=calls[attr]: seen.append(kwargs), with_kwargs=True)
+    with torch.no_grad(), capture_frame_attention(pipe, blocks=[0]) as maps:
+        pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
+             width=32, num_frames=9, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    assert sorted(maps) == [("transformer.blocks.0.attn1", 0), ("transformer.blocks.0.attn1", 1),
+                            ("transformer_2.blocks.0.attn1", 2), ("transformer_2.blocks.0.attn1", 3)]
+    assert [len(c) for c in calls.values()] == [4, 4]  # two steps each, two calls a step
+    expert = pipe.transformer_2
+    with torch.no_grad(), capture_frame_attention(expert, blocks=[0]) as alone:  # a bare model: a step a call
+        for kwargs in calls["transformer_2"][:2]:  # its first step (2): the conditional and unconditional calls
+            expert(**kwargs)
+    both = (alone[("blocks.0.attn1", 0)] + alone[("blocks.0.attn1", 1)]) / 2  # the two calls' tokens alike
+    torch.testing.assert_close(maps[("transformer_2.blocks.0.attn1", 2)], both, atol=1e-12, rtol=1e-12)
+
+
 def test_a_pipeline_that_batches_guidance_without_saying_so_needs_cfg():
     """CogVideoX's pipelines batch guidance and keep whether they do in a local: no cfg, no capture (both halves
     would be averaged as one batch); with cfg given it records."""

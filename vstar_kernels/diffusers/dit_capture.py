@@ -25,7 +25,7 @@ from .capture import CHUNK_ELEMENTS, TemporalAttentionMaps
 from .dit import DiTTARProcessor
 from .dit_families import dit_attention_modules, dit_family, set_processor, unsupported_dit
 from .dit_state import watch_layout
-from .install import denoiser, tar_state
+from .install import denoiser, tar_models, tar_state
 from .interception import call_through_sdpa, mask_runs, sdpa_arguments
 from .steps import StepTracker, loop_step
 from .token_grid import token_frames
@@ -39,7 +39,9 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     ``maps[(layer, step)]`` is an (F, F) float64 map: row f is how the tokens of latent frame f attend to
     the tokens of each frame, averaged over heads and frame f's query tokens (rows sum to 1 only without
     text; NaN for a frame id with no token); `FrameAttentionMaps.max_outside_own_frame` gives the share of
-    rows whose max lies outside their frame. `steps` and `blocks` (forward order) narrow what is recorded;
+    rows whose max lies outside their frame; a pipeline's every model TAR takes is recorded (Wan 2.2's second
+    expert's layers named ``transformer_2.``, as `apply_tar` names them). `steps` and `blocks` (forward order)
+    narrow what is recorded;
     `cfg`, as for `capture_temporal_attention` (None: where the family batches guidance,
     `DiTFamily.batched_guidance`, the pipeline's ``do_classifier_free_guidance`` read at each call, as it is set
     only while the pipeline runs; a pipeline without it, CogVideoX's or Allegro's, needs `cfg` given; else
@@ -56,7 +58,6 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
                          "capture_temporal_attention takes the UNets)")
     steps = int_set("steps", steps)
     blocks = int_set("blocks", blocks)
-    modules = dit_attention_modules(model, blocks)
     if cfg is not None and not isinstance(cfg, bool):
         raise TypeError(f"cfg must be a bool or None, got {type(cfg).__name__}")
     if cfg is None and pipeline is not None and family.batched_guidance \
@@ -66,23 +67,28 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
         raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
 
-    selected = [(index, name, module) for index, (name, module) in enumerate(modules)
-                if blocks is None or index in blocks]
-    maps = FrameAttentionMaps({name: 0 for _, name, _ in selected})
-    recorder = _Recorder(model, pipeline, family, maps, steps, cfg, chunk_elements)
-    recorder.tracker = StepTracker.attach(model, recorder.owner, pipeline=pipeline)
-    hooks = watch_layout(model, family, recorder)
-    watches = []
-    for index, name, module in selected:
-        holder = module.processor if isinstance(module.processor, DiTTARProcessor) else None
-        inner = module.processor if holder is None else holder.processor
-        watch = _Watch(inner, recorder, name, index)
-        if holder is None:
-            set_processor(module, watch)
-        else:
-            holder.processor = watch
-        watches.append((module, watch))
+    # every model apply_tar takes (Wan 2.2's two experts: the second's layers prefixed "transformer_2.")
+    experts = [(prefix, expert, [(index, f"{prefix}.{name}" if prefix else name, module)
+                                 for index, (name, module) in enumerate(dit_attention_modules(expert, blocks))
+                                 if blocks is None or index in blocks])
+               for prefix, expert in tar_models(model, pipeline)]
+    maps = FrameAttentionMaps({name: 0 for _, _, selected in experts for _, name, _ in selected})
+    recorders, hooks, watches = [], [], []
     try:
+        for _, expert, selected in experts:
+            recorder = _Recorder(expert, pipeline, family, maps, steps, cfg, chunk_elements)
+            recorder.tracker = StepTracker.attach(expert, recorder.owner, pipeline=pipeline)
+            recorders.append(recorder)
+            hooks += watch_layout(expert, family, recorder)
+            for index, name, module in selected:
+                holder = module.processor if isinstance(module.processor, DiTTARProcessor) else None
+                inner = module.processor if holder is None else holder.processor
+                watch = _Watch(inner, recorder, name, index)
+                if holder is None:
+                    set_processor(module, watch)
+                else:
+                    holder.processor = watch
+                watches.append((module, watch))
         yield maps
     finally:
         for module, watch in watches:
@@ -92,7 +98,8 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
                 module.processor.processor = watch.processor
         for hook in hooks:
             hook.remove()
-        StepTracker.detach(model, recorder.owner)
+        for recorder in recorders:
+            StepTracker.detach(recorder.model, recorder.owner)
 
 
 class FrameAttentionMaps(TemporalAttentionMaps):
