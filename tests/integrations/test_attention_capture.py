@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
+from diffusers import AnimateDiffPAGPipeline, AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_temporal_attention, remove_tar, reset_steps
@@ -144,6 +144,33 @@ def test_pipeline_guidance_is_read_from_the_pipeline(guidance_scale):
     x = recorded[1]  # the step-1 call
     rows = slice(x.shape[0] // 2, None) if guidance_scale > 1 else None
     torch.testing.assert_close(maps[(name, 1)], map64(attention_modules(pipe.unet)[name], x, rows=rows), **MAP_TOL)
+
+
+def test_a_pipeline_with_perturbed_attention_guidance_is_refused():
+    """AnimateDiff's PAG pipeline batches [unconditional, conditional, perturbed]: at two videos a prompt the
+    conditional half of the batch would mix conditional and perturbed rows; the capture refuses it, whatever cfg
+    says, and records at pag_scale=0."""
+    def pipeline():  # a fresh one each run: a run the capture stopped leaves PAG's processors set
+        pipe = AnimateDiffPAGPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                                      motion_adapter=motion_adapter(), scheduler=DDIMScheduler(),
+                                      pag_applied_layers=["mid"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(pipe, pag_scale):
+        pipe(prompt_embeds=randn(1, 3, 8, seed=5), negative_prompt_embeds=randn(1, 3, 8, seed=6),
+             num_inference_steps=2, num_frames=8, height=16, width=16, guidance_scale=7.5, pag_scale=pag_scale,
+             num_videos_per_prompt=2, output_type="latent")
+
+    for cfg in (None, True):
+        pipe = pipeline()
+        with pytest.raises(ValueError, match="perturbed-attention-guidance branch .* capture with pag_scale=0"):
+            with capture_temporal_attention(pipe, steps=[1], cfg=cfg):
+                run(pipe, 3.0)
+    pipe = pipeline()
+    with capture_temporal_attention(pipe, steps=[1]) as maps:
+        run(pipe, 0.0)
+    assert maps.steps() == [1]
 
 
 def test_text_to_video_pipeline_needs_cfg_given():

@@ -166,6 +166,10 @@ class _Recorder:
             raise ValueError(f"{name}: capture_temporal_attention records unmasked temporal attention, but this "
                              "call passed an attention_mask")
         rows = call["hidden_states"].shape[0]
+        if self.pipeline is not None and getattr(self.pipeline, "do_perturbed_attention_guidance", False):
+            raise ValueError(f"{name}: the pipeline batches a perturbed-attention-guidance branch beside its guidance "
+                             "([unconditional, conditional, perturbed]), which capture_temporal_attention does not "
+                             "take apart: capture with pag_scale=0")
         start = 0
         if self._guidance_batched():
             if rows % 2:
