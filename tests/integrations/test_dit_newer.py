@@ -217,7 +217,7 @@ def test_skyreels_diffusion_forcing_pipeline_steps_follow_the_noisiest_frame():
 
 def test_ltx2_spatio_temporal_guidance_blocks_run_stock():
     """LTX-2's STG: a perturbed block returns its values with no attention; TAR leaves it to the stock processor
-    (and the capture records nothing there), and regularizes the other blocks."""
+    and regularizes the other blocks (the capture records no block of such a call: a guidance perturbation)."""
     fam = NEWER["ltx2"]
     model = fam.model()
     inputs = dict(fam.inputs(), spatio_temporal_guidance_blocks=[0])
@@ -227,7 +227,32 @@ def test_ltx2_spatio_temporal_guidance_blocks_run_stock():
     assert [c[0] for c in calls] == ["transformer_blocks.1.attn1"]
     with capture_frame_attention(model) as maps:
         forward(model, inputs)
-    assert list(maps) == [("transformer_blocks.1.attn1", 1)]
+    assert list(maps) == []
+
+
+def test_ltx2_guidance_perturbation_calls_are_not_recorded():
+    """An LTX-2 pipeline's step: the batched guidance call, then a spatio-temporal-guidance call and a
+    modality-isolation call of the conditional sequence alone (diffusers' LTX2Pipeline, its default scales). The
+    capture records the guidance call's conditional half, and only it: the maps equal a capture of that call alone
+    (it raised "odd batch" on the perturbation calls)."""
+    fam = NEWER["ltx2"]
+    model = fam.model()
+    inputs = fam.inputs()  # batch 2: [unconditional, conditional]
+    conditional = {k: v[1:] if torch.is_tensor(v) and v.dim() and v.shape[0] == 2 else v for k, v in inputs.items()}
+
+    class Pipeline:  # what the capture reads of LTX2Pipeline: its transformer, scheduler and guidance flag
+        transformer, scheduler = model, UniPCMultistepScheduler()
+        do_classifier_free_guidance = True
+
+    with torch.no_grad(), capture_frame_attention(Pipeline(), blocks=[0, 1]) as step:
+        forward(model, inputs)
+        forward(model, dict(conditional, spatio_temporal_guidance_blocks=[1]))
+        forward(model, dict(conditional, isolate_modalities=True))
+    with torch.no_grad(), capture_frame_attention(Pipeline(), blocks=[0, 1]) as alone:
+        forward(model, inputs)
+    assert sorted(step) == sorted(alone) == [("transformer_blocks.0.attn1", 0), ("transformer_blocks.1.attn1", 0)]
+    for key in alone:
+        assert torch.equal(step[key], alone[key])
 
 
 def test_newer_dit_errors_name_the_problem(monkeypatch):

@@ -132,7 +132,8 @@ class _Recorder:
         self.cfg, self.chunk_elements = cfg, chunk_elements
         self.owner = f"capture-{id(self)}"
         self.tracker: Optional[StepTracker] = None
-        self.grid = None  # kept by watch_layout's hooks
+        self.grid = None  # kept by watch_layout's hooks, as is:
+        self.perturbed = False  # the call in progress perturbs the model for guidance (not recorded)
 
     def _guidance_batched(self) -> bool:
         """Whether this call batches guidance: `cfg` where given, else what the running pipeline says."""
@@ -143,6 +144,8 @@ class _Recorder:
 
     def step(self) -> Optional[int]:
         """The step of the call in progress, or None when it is not recorded."""
+        if self.perturbed:
+            return None
         step = loop_step(self.tracker, self.pipeline, self.grid)
         return step if self.steps is None or step in self.steps else None
 

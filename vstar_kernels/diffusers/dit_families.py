@@ -201,6 +201,12 @@ def _ltx2_skips_attention(kwargs: dict) -> bool:
     return bool(kwargs.get("all_perturbed"))
 
 
+def _ltx2_perturbs(arguments: dict) -> bool:
+    # LTX-2's pipelines add, per step, a spatio-temporal-guidance call and a modality-isolation call of the
+    # conditional sequences alone (diffusers' pipeline_ltx2.py), beside the batched guidance call
+    return bool(arguments.get("spatio_temporal_guidance_blocks")) or bool(arguments.get("isolate_modalities"))
+
+
 @dataclass(frozen=True)
 class DiTFamily:
     """Where a DiT's regularized attentions sit and how its tokens are laid out."""
@@ -212,6 +218,9 @@ class DiTFamily:
     batched_guidance: bool = False  # the family's pipelines batch the guidance branches into one call
     # a call (its processor keywords) for which the stock processor computes no attention: it runs stock
     skips_attention: Optional[Callable[[dict], bool]] = None
+    # a model call (its bound forward arguments) that perturbs the model for guidance, beside the guidance call:
+    # capture_frame_attention does not record it
+    perturbs: Optional[Callable[[dict], bool]] = None
 
 
 _DUAL = ("transformer_blocks", "single_transformer_blocks")  # dual-stream blocks, then single-stream ones
@@ -228,7 +237,7 @@ _BY_NAME: Dict[str, DiTFamily] = {
     "HunyuanVideo15Transformer3DModel": DiTFamily(attention="attn", text="after"),
     "HunyuanVideoFramepackTransformer3DModel": DiTFamily(_framepack_layout, _DUAL, "attn", "after"),
     "LTX2VideoTransformer3DModel": DiTFamily(_ltx2_layout, batched_guidance=True,
-                                             skips_attention=_ltx2_skips_attention),
+                                             skips_attention=_ltx2_skips_attention, perturbs=_ltx2_perturbs),
     "WanAnimateTransformer3DModel": DiTFamily(_reference_first_layout, ("blocks",)),
     "CosmosTransformer3DModel": DiTFamily(),
     "ChronoEditTransformer3DModel": DiTFamily(_chronoedit_layout, ("blocks",)),

@@ -27,6 +27,7 @@ class DiTState:
     pipeline: Any = None  # weakref to the pipeline, or None on a bare model
     installed: List[Tuple[torch.nn.Module, DiTTARProcessor]] = field(default_factory=list)
     grid: Optional[TokenLayout] = None   # the token layout of the call in progress
+    perturbed: bool = False  # that call perturbs the model for guidance (watch_layout; TAR runs it as any other)
     hooks: Tuple = ()
     # the speculative one pass or two passes: the rows the last forward call recomputed decide the next's
     speculation: Speculation = field(default_factory=Speculation)
@@ -83,7 +84,8 @@ class DiTState:
 
 
 def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
-    """Hooks that keep ``target.grid`` the `TokenLayout` of the model's call in progress.
+    """Hooks that keep ``target.grid`` the `TokenLayout` of the model's call in progress, and ``target.perturbed``
+    whether that call perturbs the model for guidance (`DiTFamily.perturbs`).
 
     Returns the two hook handles; the grid is None outside a forward call (also after one raised).
     """
@@ -93,9 +95,11 @@ def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         target.grid = family.layout(module, bound.arguments)
+        target.perturbed = family.perturbs is not None and family.perturbs(bound.arguments)
 
     def forget_layout(module, args, output):
         target.grid = None
+        target.perturbed = False
 
     return (model.register_forward_pre_hook(read_layout, with_kwargs=True),
             model.register_forward_hook(forget_layout, always_call=True))
