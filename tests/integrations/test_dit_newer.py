@@ -255,6 +255,25 @@ def test_ltx2_guidance_perturbation_calls_are_not_recorded():
         assert torch.equal(step[key], alone[key])
 
 
+def test_cosmos_refuses_a_non_sdpa_backend_before_its_kernel_runs(monkeypatch):
+    """Cosmos's processors call dispatch_attention_fn with no backend of their own (no _attention_backend): the
+    active backend runs them. One that does not call scaled_dot_product_attention (flash, a stand-in kernel here)
+    is refused by name before its kernel runs, as for the processors that keep a backend."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    fam = NEWER["cosmos"]
+    model, inputs = fam.model(), fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    ran = []
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.FLASH,
+                        lambda query, key, value, **kwargs: ran.append(query.shape) or torch.zeros_like(query))
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", AttentionBackendName.FLASH)
+    monkeypatch.setattr(_AttentionBackendRegistry, "_checks_enabled", False)
+    with pytest.raises(RuntimeError, match=r"attn1: .*its attention backend, 'flash', does not call it"):
+        forward(model, inputs)
+    assert ran == []
+
+
 def test_newer_dit_errors_name_the_problem(monkeypatch):
     helios = NEWER["helios"]
     model = helios.model()

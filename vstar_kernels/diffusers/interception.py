@@ -38,12 +38,15 @@ def sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 
 def backend_of(processor) -> Optional[str]:
     """The diffusers attention backend a processor's dispatcher calls run on, for a processor whose class has an
-    ``_attention_backend`` (as diffusers' dispatching processors have): its own (``set_attention_backend``), else
-    the active one (the ``attention_backend`` context, ``DIFFUSERS_ATTN_BACKEND``); None for any other processor
-    (one that calls scaled_dot_product_attention itself, or a processor of its own)."""
-    if not hasattr(type(processor), "_attention_backend"):
+    ``_attention_backend`` (as diffusers' dispatching processors have) or whose ``__call__`` calls
+    ``dispatch_attention_fn`` without one (Cosmos's): its own (``set_attention_backend``), else the active one (the
+    ``attention_backend`` context, ``DIFFUSERS_ATTN_BACKEND``); None for any other processor (one that calls
+    scaled_dot_product_attention itself, or a processor of its own)."""
+    code = getattr(getattr(type(processor), "__call__", None), "__code__", None)
+    if not hasattr(type(processor), "_attention_backend") and "dispatch_attention_fn" not in getattr(
+            code, "co_names", ()):
         return None
-    backend = processor._attention_backend
+    backend = getattr(processor, "_attention_backend", None)
     if backend is None:
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry  # a diffusers with backends
 
