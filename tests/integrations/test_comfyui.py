@@ -738,6 +738,25 @@ def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
            "the model's computation (a cache node reusing an earlier result does)" in skipped.getMessage()
 
 
+def test_one_frame_says_that_tar_changes_nothing(comfy, caplog):
+    """A latent of one frame (Wan at length 1, an image): every key gets the same bias, which the softmax ignores;
+    the node says so once per run, and the output is the stock model's. Two frames say nothing."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 5.0, 0.1)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        out = sample(comfy, tar, (1, 4, 1, 4, 4), cond, uncond, dtype)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "has one latent frame and no other tokens in its self-attention: TAR adds the same score to every key" \
+           in said.getMessage()
+    torch.testing.assert_close(out, sample(comfy, model, (1, 4, 1, 4, 4), cond, uncond, dtype), rtol=0, atol=1e-12)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        sample(comfy, tar, (1, 4, 2, 4, 4), cond, uncond, dtype)
+    assert not warnings_of(caplog, "VSTAR_TAR")
+
+
 def test_freelong_windows_run_without_tar_and_say_so(comfy, mark_self_attention, caplog):
     """LongLook's FreeLong runs each block again on windows of frames, whose frames the attention call does not
     carry: those calls are handed on as they came (no error for FreeLong to catch), said once per run; the
