@@ -757,6 +757,24 @@ def test_one_frame_says_that_tar_changes_nothing(comfy, caplog):
     assert not warnings_of(caplog, "VSTAR_TAR")
 
 
+def test_a_call_that_runs_some_regularized_modules_says_so(comfy, caplog):
+    """A node that computes a block without its self-attention module (a pass that skips the block, as skip-layer
+    guidance's does; an attn1 replace patch on SVD): TAR cannot run there, and the node says how many of its
+    modules a model call ran, once per run."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    cond, uncond = conditions(dtype)
+    skipping = model.clone()
+    blocks = len(skipping.get_model_object("diffusion_model").blocks)
+    skipping.add_object_patch(f"diffusion_model.blocks.{blocks - 1}.forward", lambda x, *args, **kwargs: x)
+    (tar,) = NODE().apply(skipping, 1.0, 1.0)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        sample(comfy, tar, (1, 4, 3, 4, 4), cond, uncond, dtype)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert f"a model call in the window ran {blocks - 1} of the {blocks} regularized self-attention modules" \
+           in said.getMessage()
+
+
 def test_freelong_windows_run_without_tar_and_say_so(comfy, mark_self_attention, caplog):
     """LongLook's FreeLong runs each block again on windows of frames, whose frames the attention call does not
     carry: those calls are handed on as they came (no error for FreeLong to catch), said once per run; the

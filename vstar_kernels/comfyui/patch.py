@@ -64,14 +64,14 @@ def _warn(run: Run, kind: str, message: str) -> None:
 class RegularizedCall:
     """One model call in the window: its settings, token layout, the frame id of each of its frames (`frame_ids`)
     and of each of the layout's tokens (`ids`, int32, frames.layout_ids), and what happened in it: whether a
-    regularized module was entered, and the first error TAR raised."""
+    regularized modules were entered, and the first error TAR raised."""
 
     def __init__(self, settings: Settings, layout: TokenLayout, frame_ids: Tuple[int, ...], device: torch.device,
                  run: Run):
         self.settings, self.layout, self.run = settings, layout, run
         self.runs = tuple((frame, layout.per_frame) for frame in frame_ids)
         self.ids = layout_ids(self.runs, layout.before, layout.after, device)
-        self.entered = False
+        self.entered = set()  # the regularized modules (MarkedForward) the call ran
         self.error: Optional[BaseException] = None
 
     def fail(self, error: BaseException) -> BaseException:
@@ -209,6 +209,12 @@ class TARPatch:
                                            "modules: another node skipped the model's computation (a cache node "
                                            "reusing an earlier result does) or computed it without those modules; "
                                            "TAR regularizes only what the model computes")
+            elif len(call.entered) < len(self.marked):
+                _warn(call.run, "some skipped", f"a model call in the window ran {len(call.entered)} of the "
+                                                f"{len(self.marked)} regularized self-attention modules: another node "
+                                                "computed the others' attention without them (an attn1 replace patch, "
+                                                "as SelfAttentionGuidance sets, or a pass that skips blocks, as "
+                                                "skip-layer guidance's does), so TAR did not run there")
         return out
 
 
@@ -229,7 +235,7 @@ class MarkedForward:
         options = kwargs.get("transformer_options") or {}
         module = _Module(call, self, options.get(OVERRIDE))
         kwargs["transformer_options"] = {**options, OVERRIDE: tar_override, SITE: module}
-        call.entered = True
+        call.entered.add(self)
         out = self.original(*args, **kwargs)
         if module.regularized + module.handed_on == 0:
             raise call.fail(RuntimeError(f"VSTAR_TAR: {self.name} computed its attention without ComfyUI's attention "
