@@ -158,6 +158,24 @@ def test_a_wan22_pipeline_records_both_experts():
     torch.testing.assert_close(maps[("transformer_2.blocks.0.attn1", 2)], both, atol=1e-12, rtol=1e-12)
 
 
+def test_a_pipeline_without_guidance_needs_no_cfg():
+    """A pipeline of a family that batches guidance, with no guidance_scale to give (LTX-2's distilled DFR
+    pipelines): the capture takes cfg=False, as for a model."""
+    model = FAMILIES["ltx"].model()
+
+    class Distilled:  # a pipeline's transformer and a __call__ without guidance_scale
+        transformer = model
+
+        def __call__(self, prompt_embeds, num_inference_steps=8):
+            pass
+
+    with torch.no_grad(), capture_frame_attention(Distilled(), blocks=[0]) as maps:
+        forward(model, FAMILIES["ltx"].inputs())
+    with torch.no_grad(), capture_frame_attention(model, blocks=[0]) as alone:
+        forward(model, FAMILIES["ltx"].inputs())
+    assert sorted(maps) == sorted(alone) and all(torch.equal(maps[key], alone[key]) for key in alone)
+
+
 def test_a_pipeline_that_batches_guidance_without_saying_so_needs_cfg():
     """CogVideoX's pipelines batch guidance and keep whether they do in a local: no cfg, no capture (both halves
     would be averaged as one batch); with cfg given it records."""

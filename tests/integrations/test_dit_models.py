@@ -343,12 +343,32 @@ def test_a_pipeline_sharing_the_model_is_refused_not_counted_from_the_other_pipe
     apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
     regularized = []
     record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
-    with pytest.raises(RuntimeError, match="WanPipeline it was applied to, which is not running its denoising loop"):
+    with pytest.raises(RuntimeError, match="scheduler of the WanPipeline it was applied to, which is not running"):
         run_wan22(other, 3, [], regularized)
     run_wan22(pipe, 3, [], regularized)
     assert regularized == [step for step in range(2) for _ in range(4)]
-    with pytest.raises(RuntimeError, match="another pipeline sharing it"):
+    with pytest.raises(RuntimeError, match="another pipeline with a scheduler of its own"):
         run_wan22(other, 3, [], regularized)
+    run_wan22(WanPipeline.from_pipe(pipe), 3, [], regularized)  # from_pipe's default: the same scheduler, its steps
+    assert regularized == [step for step in range(2) for _ in range(4)]
+
+
+def test_a_hand_written_loop_counts_steps_from_its_begin_index():
+    """A loop of one's own over the pipeline's scheduler (set_begin_index(0)) that does not call the model at
+    iteration 1 (as a cache skipping a step does): the call at iteration 2 is step 2, read from the scheduler."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    regularized = []
+    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    inputs = FAMILIES["wan"].inputs()
+    latents = inputs["hidden_states"]
+    pipe.scheduler.set_timesteps(4)
+    pipe.scheduler.set_begin_index(0)
+    for i, t in enumerate(pipe.scheduler.timesteps):
+        out = forward(model, dict(inputs, hidden_states=latents)) if i != 1 else torch.zeros_like(latents)
+        latents = pipe.scheduler.step(out, t, latents, return_dict=False)[0]
+    assert regularized == [step for step in (0, 2, 3) for _ in range(2)]
 
 
 def test_video_to_video_counts_its_loop_from_where_it_starts_the_schedule():

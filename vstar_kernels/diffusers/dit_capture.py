@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import weakref
 from typing import Optional
 
@@ -44,8 +45,8 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     narrow what is recorded;
     `cfg`, as for `capture_temporal_attention` (None: where the family batches guidance,
     `DiTFamily.batched_guidance`, the pipeline's ``do_classifier_free_guidance`` read at each call, as it is set
-    only while the pipeline runs; a pipeline without it, CogVideoX's or Allegro's, needs `cfg` given; else
-    False); `chunk_elements` bounds memory.
+    only while the pipeline runs; a pipeline with a guidance_scale but without it, CogVideoX's or Allegro's, needs
+    `cfg` given; else False); `chunk_elements` bounds memory.
     """
     model, pipeline = denoiser(target)
     family = dit_family(model)
@@ -61,7 +62,8 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     if cfg is not None and not isinstance(cfg, bool):
         raise TypeError(f"cfg must be a bool or None, got {type(cfg).__name__}")
     if cfg is None and pipeline is not None and family.batched_guidance \
-            and not hasattr(type(pipeline), "do_classifier_free_guidance"):
+            and not hasattr(type(pipeline), "do_classifier_free_guidance") \
+            and "guidance_scale" in inspect.signature(type(pipeline).__call__).parameters:
         raise ValueError(f"{type(pipeline).__name__} batches guidance but does not say when: pass cfg=True "
                          "(guidance_scale > 1) or cfg=False")
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:

@@ -204,7 +204,8 @@ def _ltx2_skips_attention(kwargs: dict) -> bool:
 def _ltx2_perturbs(arguments: dict) -> bool:
     # LTX-2's pipelines add, per step, a spatio-temporal-guidance call and a modality-isolation call of the
     # conditional sequences alone (diffusers' pipeline_ltx2.py), beside the batched guidance call
-    return bool(arguments.get("spatio_temporal_guidance_blocks")) or bool(arguments.get("isolate_modalities"))
+    blocks = arguments.get("spatio_temporal_guidance_blocks")
+    return (blocks is not None and len(blocks) > 0) or bool(arguments.get("isolate_modalities"))
 
 
 @dataclass(frozen=True)

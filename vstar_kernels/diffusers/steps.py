@@ -89,6 +89,7 @@ class StepTracker:
         self._owners: Dict[str, _Owner] = {}
         self._pipeline = None  # weakref to the pipeline whose scheduler marks a new run
         self._timesteps = None  # the scheduler tensor of the current run
+        self._applied_timesteps = None  # and the one it had when the pipeline was given (`loop_step`)
         self._checkpointing: List[torch.nn.Module] = []
         self.find_checkpointing(model)
         self._handle = model.register_forward_pre_hook(self._before_forward)
@@ -148,7 +149,7 @@ class StepTracker:
             setattr(model, cls._ATTR, tracker)
         if pipeline is not None:
             tracker._pipeline = weakref.ref(pipeline)
-            tracker._timesteps = tracker._scheduler_timesteps()
+            tracker._timesteps = tracker._applied_timesteps = tracker._scheduler_timesteps()
         tracker._owners[owner] = _Owner(on_run_start, before_forward, snapshot)
         return tracker
 
@@ -200,25 +201,27 @@ def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
     timestep = getattr(grid, "timestep", None)
     if timestep is not None and getattr(scheduler, "timesteps", None) is not None:
         return sum(t > timestep for t in _schedule(scheduler.timesteps))
-    running = pipeline()
-    if hasattr(type(running), "current_timestep") and getattr(running, "_current_timestep", None) is None:
-        # a pipeline that marks its loop (diffusers' current_timestep) is not in it: its scheduler's index is
-        # another run's, or none
-        raise RuntimeError(f"TAR takes its steps from the {type(running).__name__} it was applied to, which is not "
-                           "running its denoising loop: the model was called by another pipeline sharing it (as "
-                           "from_pipe makes) or directly. Apply TAR to the pipeline that runs, or to the model "
-                           "itself (forward calls counted)")
     index = scheduler.step_index
     timesteps = getattr(scheduler, "timesteps", None)
-    run = _RUNS.setdefault(timesteps, [False, None]) if timesteps is not None else [False, None]
+    if timesteps is None:
+        return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
+    if timesteps is steps._applied_timesteps or (index is not None and index >= len(timesteps)):
+        # the scheduler has not been set for a run since the pipeline was given, or has finished its run: the
+        # model runs outside that pipeline's loop, and its index is another run's, or none
+        raise RuntimeError(f"TAR takes its steps from the scheduler of the {type(pipeline()).__name__} it was "
+                           "applied to, which is not running a denoising loop: the model was called by another "
+                           "pipeline with a scheduler of its own (from_pipe(..., scheduler=...)) or outside a run. "
+                           "Apply TAR to the pipeline that runs, or to the model itself (forward calls counted)")
+    run = _RUNS.setdefault(timesteps, [False, None])
     if index is None:  # the loop's first iteration: the scheduler sets its index at its first step
         run[0] = True
         return 0
     if run[1] is None:
-        # the run's first index: the loop's second iteration after calls that read none, else its first. A
-        # pipeline that starts part-way down the schedule (video-to-video, strength < 1) without set_begin_index
-        # starts its index there, at the first step's timestep.
-        run[1] = index - 1 if run[0] else index
+        # the loop's first index: the pipeline's begin_index where it sets one, else the first index read less one
+        # after calls that read none (a pipeline that starts part-way down the schedule, video-to-video at strength
+        # < 1, without set_begin_index starts its index there), or that index
+        begin = getattr(scheduler, "begin_index", None)
+        run[1] = begin if begin is not None else index - 1 if run[0] else index
     return index - run[1]
 
 
