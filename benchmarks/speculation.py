@@ -285,7 +285,11 @@ def plot(csv_path, out_dir=None):
     shapes = list(dict.fromkeys(s["dit"] for s in setups))
     if not shapes:
         return None
-    fig, axes = plt.subplots(1, len(shapes), figsize=(max(7.5 * len(shapes), 8), 6.5), squeeze=False)
+    cols = min(len(shapes), 3)  # rows of at most three panels: six side by side are too narrow to read
+    rows_of = math.ceil(len(shapes) / cols)
+    fig, axes = plt.subplots(rows_of, cols, figsize=(max(7.5 * cols, 8), 6.5 * rows_of), squeeze=False)
+    for ax in axes.flat[len(shapes):]:
+        ax.set_visible(False)
     bars = {"rates": (("vstar_triton_one_pass", "tab:blue"), ("vstar_triton_lean_one_pass", "tab:purple"),
                       ("vstar_triton_two_pass", "tab:orange")),
             "lean": (("vstar_triton_lean", "tab:green"), ("vstar_triton_two_pass", "tab:orange"))}

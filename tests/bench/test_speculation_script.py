@@ -185,3 +185,22 @@ def test_rows_whose_plant_did_not_hold_are_not_drawn(tmp_path):
         out.writerow({**dict.fromkeys(measure.COLUMNS, ""), "impl": "vstar_triton_lean_one_pass", "status": "ok",
                       "median_ms": "57.5", "setup": "dit=x planted_flag_rate=0 flag_rate=1.0000"})
     assert _script().plot(path) is None and not list(tmp_path.glob("*.png"))
+
+
+def test_many_shapes_wrap_into_rows_of_three(tmp_path):
+    """Six DiT shapes side by side made a picture too wide to read: --plot draws at most three panels a row."""
+    import csv
+
+    from matplotlib.image import imread
+
+    path = tmp_path / "speculation-gpu-20260101.csv"
+    with path.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=measure.COLUMNS)
+        out.writeheader()
+        for i in range(4):
+            for impl, ms in (("vstar_triton_lean_one_pass", "1.5"), ("vstar_triton_two_pass", "3.0")):
+                out.writerow({**dict.fromkeys(measure.COLUMNS, ""), "impl": impl, "status": "ok", "median_ms": ms,
+                              "setup": f"dit=shape{i} planted_flag_rate=0 flag_rate=0.0000", "commit": "abc", "timestamp": "2026-01-01T00:00:00Z",
+                              "dtype": "bf16", "device": "gpu"})
+    height, width, _ = imread(_script().plot(path)).shape
+    assert width < 2 * height  # 2 rows of 3 panels (one left blank), not 4 panels in a row of 4:1
