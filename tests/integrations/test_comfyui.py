@@ -442,17 +442,49 @@ def test_the_step_window_follows_a_shift_applied_after_the_node(comfy, mark_self
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("strength, start, end", [(0.0, 0.0, 1.0), (1.0, 0.6, 0.4), (1.0, 0.3, 0.35)])
-def test_off_is_stock_bit_for_bit(comfy, dtype, strength, start, end):
-    """Strength 0, a window that starts after it ends, and a window between two steps (0.25 and 0.5)."""
+@pytest.mark.parametrize("strength, start, end, said", [
+    (0.0, 0.0, 1.0, None),  # strength 0 is the node's off switch: nothing to say
+    (1.0, 0.6, 0.4, "start_percent=0.6 is after end_percent=0.4: the window holds no step, so the model runs "
+                    "without TAR"),
+    (1.0, 0.3, 0.35, "no model call of this sampling run ({STEPS} in all) was in the window, so TAR did not run: "
+                     "start_percent=0.3 and end_percent=0.35 give sigmas from {high:g} down to {low:g}, and the calls "
+                     "ran at sigmas from {first:g} down to {last:g}. Widen the window, or move it to these steps")])
+def test_off_is_stock_bit_for_bit(comfy, caplog, dtype, strength, start, end, said):
+    """Strength 0, a window that starts after it ends, and a window between two steps (0.25 and 0.5): the model's
+    output bit for bit; but for strength 0, a warning says that TAR is off (when the node is applied, or after a
+    sampling run none of whose steps was in the window)."""
     model = wan(comfy, dtype)
     shape = (1, 4, 3, 5, 6)
     cond, uncond = conditions(dtype)
     stock = sample(comfy, model, shape, cond, uncond, dtype)
-    (tar,) = NODE().apply(model, strength, 1.0, start_percent=start, end_percent=end)
-    assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), stock)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        (tar,) = NODE().apply(model, strength, 1.0, start_percent=start, end_percent=end)
+        assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), stock)
+    sampling, schedule = model.get_model_object("model_sampling"), comfy.samplers.schedule(model, STEPS)
+    said = said and said.format(STEPS=STEPS, high=float(sampling.percent_to_sigma(start)),
+                                low=float(sampling.percent_to_sigma(end)), first=float(schedule[0]),
+                                last=float(schedule[-2]))  # cond and uncond in one call a step; none at sigma 0
+    assert [w.getMessage() for w in warnings_of(caplog, "VSTAR_TAR")] == ([f"VSTAR_TAR: {said}"] if said else [])
     if strength == 0.0 or start > end:   # nothing is added at all
         assert tar.object_patches == {} and tar.wrappers == model.wrappers
+
+
+def test_a_run_with_a_step_in_the_window_says_nothing_of_it(comfy, caplog):
+    """The window's warning is the run's, not the call's: a run whose first steps are outside the window but one
+    step is in says nothing; a run (a second sampler, its steps after the window) none of whose steps is says so."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=0.7, end_percent=0.8)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        sample(comfy, tar, shape, cond, uncond, dtype)
+    assert not warnings_of(caplog, "VSTAR_TAR")
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        comfy.samplers.sample(tar, noise, comfy.samplers.schedule(tar, STEPS)[:2], cond, uncond, cfg=3.0)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "no model call of this sampling run (1 in all) was in the window" in said.getMessage()
 
 
 def test_clone_semantics(comfy):

@@ -381,16 +381,25 @@ def test_the_step_window_follows_a_shift_applied_after_the_node(comfy, mark):
     assert_matches(out, expected, run(comfy, shift_one(comfy, model), latent, positive, negative, sigmas=sigmas))
 
 
-@pytest.mark.parametrize("strength, start, end", [(0.0, 0.0, 1.0), (1.0, 0.6, 0.4), (1.0, 0.3, 0.45)])
-def test_off_is_stock_bit_for_bit(comfy, strength, start, end):
-    """Strength 0, a window that starts after it ends, a window between two steps (sigmas 0.75 and 0.5)."""
+@pytest.mark.parametrize("strength, start, end, said", [
+    (0.0, 0.0, 1.0, None),
+    (1.0, 0.6, 0.4, "start_percent=0.6 is after end_percent=0.4: the window holds no step"),
+    (1.0, 0.3, 0.45, "no model call of this sampling run (4 in all) was in the window, so TAR did not run: "
+                     "start_percent=0.3 and end_percent=0.45 give sigmas from 0.7 down to 0.55, and the calls ran at "
+                     "sigmas from 1 down to 0.25")])
+def test_off_is_stock_bit_for_bit(comfy, caplog, strength, start, end, said):
+    """Strength 0, a window that starts after it ends, a window between two steps (sigmas 0.75 and 0.5): stock,
+    and but for strength 0 (the node's off switch) a warning that TAR is off."""
     model = shift_one(comfy, wan(comfy))
     sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
     latent = torch.zeros(1, 16, 3, 6, 8)
     positive, negative = texts()
     stock = run(comfy, model, latent, positive, negative, sigmas=sigmas)
-    (tar,) = NODE().apply(model, strength, 1.0, start_percent=start, end_percent=end)
-    assert torch.equal(run(comfy, tar, latent, positive, negative, sigmas=sigmas), stock)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        (tar,) = NODE().apply(model, strength, 1.0, start_percent=start, end_percent=end)
+        assert torch.equal(run(comfy, tar, latent, positive, negative, sigmas=sigmas), stock)
+    messages = [w.getMessage() for w in warnings_of(caplog, "VSTAR_TAR")]
+    assert len(messages) == (said is not None) and all(said in m for m in messages)
 
 
 def test_strength_zero_is_stock_with_the_default_schedule(comfy):

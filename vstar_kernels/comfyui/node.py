@@ -7,7 +7,7 @@ import numbers
 
 from .._problem import check_sigma
 from .models import family_of, unwrap
-from .patch import KEY, MarkedForward, Settings, TARPatch, marked
+from .patch import KEY, LOG, MarkedForward, Settings, TARPatch, marked
 
 BACKENDS = ("auto", "triton", "reference")
 MIN_COMFYUI = "0.3.60"      # the first ComfyUI whose attention functions take an override from transformer_options
@@ -84,6 +84,9 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     clone = model.clone()
     targets = [f"diffusion_model.{path}.forward" for path in family.targets(diffusion_model)]
     _remove(clone, targets, wrappers)
+    if start_percent > end_percent:
+        LOG.warning("VSTAR_TAR: start_percent=%g is after end_percent=%g: the window holds no step, so the model "
+                    "runs without TAR", start_percent, end_percent)
     if strength == 0.0 or start_percent > end_percent:
         return clone
     patch = TARPatch(Settings(strength, sigma, start_percent, end_percent, int(reference_frames), backend), family, {})

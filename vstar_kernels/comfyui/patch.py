@@ -52,6 +52,25 @@ class Run:
     def __init__(self, shape):
         self.shape, self.said = tuple(shape), set()
         self.speculation = Speculation()
+        self.calls = self.regularized = 0   # the run's model calls, and those in the window
+        self.sigmas = []                    # the sigmas of its calls, and the window's [low, high] (its last call's)
+        self.window = None
+
+    def saw(self, sigmas, window, inside: bool) -> None:
+        """A model call of the run at `sigmas`, in the window or not."""
+        self.calls += 1
+        self.regularized += inside
+        self.sigmas += sigmas
+        self.window = window
+
+    def end(self, settings: "Settings") -> None:
+        """After the run: a warning when none of its model calls was in the window, so that TAR never ran."""
+        if self.calls and not self.regularized:
+            low, high = self.window
+            LOG.warning("VSTAR_TAR: no model call of this sampling run (%d in all) was in the window, so TAR did "
+                        "not run: start_percent=%g and end_percent=%g give sigmas from %g down to %g, and the calls "
+                        "ran at sigmas from %g down to %g. Widen the window, or move it to these steps", self.calls,
+                        settings.start_percent, settings.end_percent, high, low, max(self.sigmas), min(self.sigmas))
 
 
 def _warn(run: Run, kind: str, message: str) -> None:
@@ -139,23 +158,25 @@ class TARPatch:
                 raise RuntimeError(f"VSTAR_TAR: the object patch on {path} is {what}, set by a node after VSTAR_TAR: "
                                    "it replaces TAR's patch there, so TAR would not run. Apply VSTAR_TAR after that "
                                    "node (it keeps the forward it finds and calls it)")
-        guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
-        return executor(noise, *args, **kwargs)
+        run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
+        out = executor(noise, *args, **kwargs)
+        run.end(self.settings)
+        return out
 
-    def regularizes(self, sigmas: torch.Tensor, sampling) -> bool:
+    def regularizes(self, sigmas: torch.Tensor, sampling, run: Optional[Run] = None) -> bool:
         """Whether a call at `sigmas` (one per batch entry) is in the window, by the `percent_to_sigma` of
         `sampling`: the model_sampling in force when the model runs, a shift node's applied after this one
-        included. Mixed batches are an error."""
+        included. Mixed batches are an error. The call is counted in `run`, if given."""
         high = float(sampling.percent_to_sigma(self.settings.start_percent))
         low = float(sampling.percent_to_sigma(self.settings.end_percent))
         values = torch.as_tensor(sigmas).detach().reshape(-1).tolist()
         inside = [low <= s <= high for s in values]
-        if all(inside):
-            return True
-        if not any(inside):
-            return False
-        raise ValueError(f"VSTAR_TAR: one model call mixes sigmas inside and outside the window [{low}, {high}]: "
-                         f"{values}")
+        if any(inside) and not all(inside):
+            raise ValueError(f"VSTAR_TAR: one model call mixes sigmas inside and outside the window [{low}, {high}]: "
+                             f"{values}")
+        if run is not None:
+            run.saw(values, (low, high), all(inside))
+        return all(inside)
 
     def frame_ids(self, layout: TokenLayout, options: dict, run: Run) -> Tuple[int, ...]:
         """The id of each video frame of a call: its index in the whole latent (a context window's by its
@@ -185,7 +206,7 @@ class TARPatch:
         sigmas = options.get("sigmas")
         base = executor.class_obj
         call = None
-        if self.regularizes(t if sigmas is None else sigmas, base.model_sampling):
+        if self.regularizes(t if sigmas is None else sigmas, base.model_sampling, options.get(KEY)):
             layout = self.family.layout(base.diffusion_model, x, kwargs)
             run = options.get(KEY) or Run(())
             run.speculation.next_step()
