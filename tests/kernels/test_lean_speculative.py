@@ -142,6 +142,80 @@ def test_rows_flagged_on_the_biased_tile_max_get_their_max_from_the_redo():
     assert_close_to_reference(out1.cpu(), ref)
 
 
+# frame_ids(3, 160, text_before=7): 487 tokens, 8 key tiles of the redo's 64 keys (LEAN_REDO and the interpreter's),
+# the last partial, which WALK_TILES = 2 walks in 4 chunks, [0, 128), [128, 256), [256, 384), [384, 487). The rows of
+# one frame score highest on a key of another frame, in a key tile of the lean launch (BLOCK_N keys) of that frame
+# alone, which their blocks do not walk for the guess: flagged on the biased tile max, with a max of +inf, their
+# max is the redo's walk's. (their frame, the key at BLOCK_N)
+SPLIT_PLANTS = {
+    "first_chunk": (2, lambda bn: bn),  # frame 0's first tile without text
+    "third_chunk": (0, lambda bn: 256 + bn - 1),  # a tile of frame 1 alone
+    "last_partial_tile": (0, lambda bn: 486),  # frame 2's last key
+}
+
+
+@pytest.mark.parametrize("case", [*SPLIT_PLANTS, "nan"])
+def test_the_redos_walk_split_across_the_keys(case, monkeypatch):
+    """The redo's walk for the max of the rows flagged with a max of +inf runs before it in chunks of the keys
+    (tar_fwd._tar_fwd_redo_walk_kernel), here 4: each such row's max, whichever chunk holds it, is the two loops'
+    (bit for bit in the interpreter), its statistics and output theirs to rounding, the output the reference's. A
+    NaN key in the second chunk makes every row NaN, each flagged with a max of +inf: the chunks' max is NaN, as the
+    two loops' walk."""
+    frames = vk.frame_ids(3, 160, text_before=7, device=DEVICE)
+    q, k, v = qkv(frames, dtype=torch.float16, seed=11)
+    config = config_under_test()
+    bn = config.kwargs["BLOCK_N"]
+    if case == "nan":
+        k[..., 200, 2] = float("nan")
+    else:
+        frame, key_at = SPLIT_PLANTS[case]
+        key = key_at(bn)
+        assert len(set(frames[key // bn * bn:key // bn * bn + bn].tolist())) == 1, "the key's tile: one frame"
+        plant(q, k, [key], frames == frame)
+    monkeypatch.setattr(tar_fwd, "WALK_TILES", 2)
+    splits, walked = [], []
+    walk_kernel, redo_rows = tar_fwd._redo_walk, tar_fwd.redo_rows
+
+    class Recorded:
+        def __getitem__(self, grid):
+            splits.append(grid[1])
+            return walk_kernel[grid]
+
+    def recorded_redo(problem, out, stats, counts, rows, maxes, *args, **kwargs):
+        walked.append(int(((maxes == float("inf")) & rows_flagged(rows, counts)).sum()))  # (the others unwritten)
+        return redo_rows(problem, out, stats, counts, rows, maxes, *args, **kwargs)
+
+    monkeypatch.setattr(tar_fwd, "_redo_walk", Recorded())
+    monkeypatch.setattr(tar_fwd, "redo_rows", recorded_redo)
+    out1, stats1, counts = run(q, k, v, frames, True, config)
+    out2, stats2, _ = run(q, k, v, frames, False, config)
+    assert splits == [4] and walked[0] > 0
+    stats1, stats2 = stats1.view(*q.shape[:3], -1), stats2.view(*q.shape[:3], -1)
+    if case == "nan":
+        assert counts.tolist() == [frames.numel()] * q.shape[1] and out1.isnan().all() and out2.isnan().all()
+        assert_bitwise(stats1[..., STAT_MAX], stats2[..., STAT_MAX], "every row's max (NaN) against the two loops")
+        return
+    flagged = expected_flags(q, k, frames, config)
+    assert counts.tolist() == flagged.sum(1).tolist()
+    redone = flagged.view(q.shape[:3]).to(DEVICE)
+    if DEVICE == "cpu":
+        assert_bitwise(stats1[redone][:, STAT_MAX], stats2[redone][:, STAT_MAX],
+                       "flagged rows' max against the two loops")
+    torch.testing.assert_close(stats1[redone], stats2[redone], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out1[redone].float(), out2[redone].float(), atol=1e-4, rtol=2 ** -9)
+    ref = vk.tar_attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), sigma=SIGMA,
+                                     strength=STRENGTH, frames=frames.cpu())
+    assert_close_to_reference(out1.cpu(), ref)
+
+
+def rows_flagged(rows, counts):
+    """(B*H, N) bool of the rows listed: the first counts[seq] entries of each sequence's row of `rows`."""
+    listed = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+    for seq, n in enumerate(counts.tolist()):
+        listed[seq, rows[seq, :n].long()] = True
+    return listed
+
+
 # Frames longer than a key tile, with key tiles of text alone at both ends (interpreter tiles of 32 keys: [0, 32)
 # and [288, 320) text only; [64, 96), [128, 160), [160, 192), [224, 256) one frame each). The rows of frame g score
 # highest on key WALKED[case](frames)(g), on a head-dim column of their own.
