@@ -22,10 +22,9 @@ descriptors) at each DiT shape beside the two passes and the floor: its two loop
 does not depend on the flag rate), autotuned (vstar_triton_lean), and restricted to its warp-specialized configs
 (vstar_triton_lean_ws) and to the others (vstar_triton_lean_no_ws); its speculative form (one loop, the flagged
 rows redone: vstar_triton_lean_one_pass) at each of --rates, on a GPU also its launches timed apart (the lean
-kernel, the two listing launches, the redo's walk split across the keys, the redo: LEAN_ONE_PASS_KERNELS).
-Correctness first: each output must agree with the two-pass output within the tolerance table
-(vstar_kernels.bench.check.TOLERANCES), or the row says "mismatch" and is not timed; a GPU it cannot run on gives
-the reason as the row's status.
+kernel, the two listing launches, the redo: LEAN_ONE_PASS_KERNELS). Correctness first: each output must agree
+with the two-pass output within the tolerance table (vstar_kernels.bench.check.TOLERANCES), or the row says
+"mismatch" and is not timed; a GPU it cannot run on gives the reason as the row's status.
 
     python3 benchmarks/speculation.py [--out DIR] [--shapes NAME ...] [--rates 0 0.05 0.2 1] [--time-budget-s S]
                                       [--lean]
@@ -34,10 +33,9 @@ the reason as the row's status.
 timed on the CPU, for the tests.
 
 --plot CSV draws a results file of this script as one picture, `<stem>-flag-rates.png` beside it: per DiT shape,
-the one pass and the lean forward's one pass (each with its redo launch hatched, the lean one's walk with it) and
-the two passes at each flag rate, then the lean forward's two loops, each bar labelled with its time over that of
-the floor timed in its own run, that floor a dashed line across the bar (benchmarks/plot_results.py draws it for
-speculation-*.csv files).
+the one pass and the lean forward's one pass (each with its redo launch hatched) and the two passes at each flag
+rate, then the lean forward's two loops, each bar labelled with its time over that of the floor timed in its own
+run, that floor a dashed line across the bar (benchmarks/plot_results.py draws it for speculation-*.csv files).
 """
 
 from __future__ import annotations
@@ -70,7 +68,6 @@ GLOBAL_MAX_KERNELS = {"_tar_fwd_row_max_kernel": "vstar_triton_walk",
 LEAN_ONE_PASS_KERNELS = {"_tar_fwd_lean_kernel": "vstar_triton_lean_one_pass_main",
                          "_tar_fwd_block_list_kernel": "vstar_triton_lean_one_pass_listing_blocks",
                          "_tar_fwd_list_kernel": "vstar_triton_lean_one_pass_listing",
-                         "_tar_fwd_redo_walk_kernel": "vstar_triton_lean_one_pass_redo_walk",
                          "_tar_fwd_redo_kernel": "vstar_triton_lean_one_pass_redo"}
 
 
@@ -322,9 +319,7 @@ def plot(csv_path, out_dir=None):
                 x = i + (j - (len(present) - 1) / 2) * width
                 ax.bar(x, ms, width * 0.95, color=color,
                        label=impl if impl not in ax.get_legend_handles_labels()[1] else None)
-                # the redo, and the lean form's walk for its rows' max before it (timed since it was split out)
-                redo = sum(cell.get((impl + part, group, kernel), 0.0) for part, kernel in (
-                    ("_redo", "_tar_fwd_redo_kernel"), ("_redo_walk", "_tar_fwd_redo_walk_kernel")))
+                redo = cell.get((impl + "_redo", group, "_tar_fwd_redo_kernel"))
                 if redo:
                     ax.bar(x, redo, width * 0.95, bottom=ms - redo, color="none", edgecolor="navy", hatch="//",
                            label="its redo launch" if "its redo launch" not in ax.get_legend_handles_labels()[1]

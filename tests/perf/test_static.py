@@ -217,11 +217,9 @@ for d in (64, 128):
     case = (torch.bfloat16, (1, 2, 256, 256, d, d), dict(frames=True, lean=True))
     name, thunk = [c for c in cc.cases([case], backward=False) if c[0].endswith("lean speculative")][0]
     with cc.targeting(90):
-        walk, redo = [launch for launch in cc.record(thunk) if "redo" in getattr(launch.kernel, "__name__", "")]
-        for launch in (walk, redo):
-            kw = launch.kwargs
-            out.append([launch.kernel.__name__, d, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw.get("LEAN")]
-                       + [c.spill_bytes for c in cc.compile_launch(launch, 90, False, name)])
+        (redo,) = [launch for launch in cc.record(thunk) if "redo" in str(launch.kernel)]
+        tiles = [d, redo.kwargs["BLOCK_M"], redo.kwargs["BLOCK_N"], redo.kwargs["num_warps"], redo.kwargs["LEAN"]]
+        out.append(tiles + [c.spill_bytes for c in cc.compile_launch(redo, 90, False, name)])
 print(json.dumps(out))
 '''
 
@@ -229,12 +227,8 @@ print(json.dumps(out))
 @pytest.mark.skipif(not PTXAS.exists(), reason=f"triton ships no ptxas here ({PTXAS})")
 def test_lean_forwards_redo_takes_its_tiles(tmp_path):
     """After a speculative lean launch the redo runs its lean form (LEAN) on 64 x 64 tiles on 4 warps
-    (tar_fwd_lean.LEAN_REDO), after its walk split across the keys on the same tiles; both compile for sm_90
-    without a spill at head dims 64 and 128."""
-    walk, redo = "_tar_fwd_redo_walk_kernel", "_tar_fwd_redo_kernel"
-    assert _compile_script(tmp_path, _LEAN_REDO) == [[walk, 64, 64, 64, 4, None, 0], [redo, 64, 64, 64, 4, True, 0],
-                                                     [walk, 128, 64, 64, 4, None, 0],
-                                                     [redo, 128, 64, 64, 4, True, 0]]
+    (tar_fwd_lean.LEAN_REDO), which compiles for sm_90 without a spill at head dims 64 and 128."""
+    assert _compile_script(tmp_path, _LEAN_REDO) == [[64, 64, 64, 4, True, 0], [128, 64, 64, 4, True, 0]]
 
 
 def _row(kernel, case, registers, **kw):

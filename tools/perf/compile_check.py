@@ -107,8 +107,8 @@ def record(fn) -> list:
     """The kernel launches `fn()` makes, with the kernels swapped for recorders (nothing runs)."""
     fwd, bwd, lean = _modules()
     launches = []
-    kernels = ("_packed", "_tiled_row_max", "_tiled", "_tiled_speculative", "_block_list", "_list", "_redo_walk",
-               "_redo", "_dq", "_dkdv")
+    kernels = ("_packed", "_tiled_row_max", "_tiled", "_tiled_speculative", "_block_list", "_list", "_redo", "_dq",
+               "_dkdv")
     saved = {(m, name): getattr(m, name) for m in (fwd, bwd) for name in kernels if hasattr(m, name)}
     lean_kernels = dict(lean._lean)  # the lean forward's autotuners, by warp specialization
     try:

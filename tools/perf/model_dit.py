@@ -314,8 +314,8 @@ LEAN_SPECULATIVE = "vstar_triton_lean_one_pass"  # its speculative form at each 
 
 def lean_launches(batch: int, heads: int, d: int, s: Dit, speculate: bool) -> list:
     """The launches `tar_fwd_lean.lean_forward` makes for the DiT call `s` (bf16, recorded, nothing runs): the lean
-    kernel, and with `speculate` the two listing launches, the redo's split walk and the redo. Its inputs are CPU
-    tensors never written (the launcher reads the frame ids' layout, which meta tensors cannot give)."""
+    kernel, and with `speculate` the two listing launches and the redo. Its inputs are CPU tensors never written
+    (the launcher reads the frame ids' layout, which meta tensors cannot give)."""
     from vstar_kernels._problem import make_problem
     from vstar_kernels.ops.launch import targeting
 
@@ -331,22 +331,13 @@ def lean_launches(batch: int, heads: int, d: int, s: Dit, speculate: bool) -> li
 
 
 def lean_loops(rows: tuple, config: str) -> tuple:
-    """(walk, biased) static rows of the lean kernel compiled without warp specialization: its two MMA loops, the
-    walk the one without MUFU."""
+    """(walk, biased) static rows of a lean or redo kernel compiled without warp specialization: its two MMA loops,
+    the walk the one without MUFU."""
     loops = sorted((r for r in rows if r.loop != "hot"), key=lambda r: int(r.loop))
     if len(loops) != 2 or loops[0].loop_mufu or not loops[1].loop_mufu:
         raise LookupError(f"{rows[0].kernel} ({config}) has loops {[r.loop for r in loops]}, not the walk and the "
                           "biased loop: update model_dit.lean_loops to the kernel")
     return tuple(loops)
-
-
-def redo_loops(walk_rows: tuple, redo_rows: tuple) -> tuple:
-    """(walk, biased) static rows of the lean redo's two launches, each the kernel's row of its one MMA loop (static
-    adds a row a loop only to a kernel of several): the split walk's, without MUFU, and the redo's biased loop."""
-    if len(walk_rows) + len(redo_rows) != 2 or walk_rows[0].loop_mufu or not redo_rows[0].loop_mufu:
-        raise LookupError(f"the lean redo's walk and redo have {len(walk_rows)} and {len(redo_rows)} rows, not one "
-                          "walk and one biased loop: update model_dit.redo_loops to the kernels")
-    return walk_rows[0], redo_rows[0]
 
 
 def lean_blocks(s: Dit, block_m: int, block_n: int) -> tuple:
@@ -381,9 +372,8 @@ def ours_lean(batch: int, heads: int, d: int, gpu: Gpu, eta: float, s: Dit, flag
     that share of the video rows flagged: the walk over the tiles `lean_blocks` gives, the biased loop over every
     tile, the flags written, the two listing launches (as launches, their bytes the flags read and the lists), and
     the redo (tar_fwd_lean.LEAN_REDO: ceil(f x video rows / BLOCK_M) programs a sequence, each walking every key
-    tile, split into SPLIT chunks walked by programs of their own in a launch before it, and then running its
-    softmax over every tile: an upper bound, the walk taken only for rows flagged on a biased tile max) as two
-    launches of their own, each with its own waves. Each biased tile on its loop's shortest path where
+    tile and then running its softmax over every tile: an upper bound, the walk taken only for rows flagged on a
+    biased tile max) as a launch of its own, with its own waves. Each biased tile on its loop's shortest path where
     its keys are one frame id, the longest elsewhere. Configs without warp specialization only (the speculative
     form has no other; the two loops' warp-specialized configs run partitions whose loops the model cannot add up):
     the fastest."""
@@ -421,37 +411,28 @@ def ours_lean(batch: int, heads: int, d: int, gpu: Gpu, eta: float, s: Dit, flag
             e.seconds += finish(listing, gpu, eta).seconds
             e.launches += 2
             if flagged:
-                walk_launch, redo_launch = rest[-2:]
-                (_, walk_rows), = compiled_launch(walk_launch)
-                (redo_config, redo_rows), = compiled_launch(redo_launch)
-                r_walk, r_soft = redo_loops(walk_rows, redo_rows)
-                rm, rn = redo_launch.kwargs["BLOCK_M"], redo_launch.kwargs["BLOCK_N"]
+                (redo_config, redo_rows), = compiled_launch(rest[-1])
+                r_walk, r_soft = lean_loops(redo_rows, redo_config)
+                rm, rn = rest[-1].kwargs["BLOCK_M"], rest[-1].kwargs["BLOCK_N"]
                 programs = bh * math.ceil(flagged / rm)
                 r_tiles = math.ceil(n / rn)
-                split = math.ceil(n / dict(zip(walk_launch.kernel.arg_names, walk_launch.args))["CHUNK"])
                 r_single = lean_blocks(s, rm, rn)[2]
-                # the walk: each program's Q rows and exit once a chunk, its K tiles once, its partial max per chunk
-                walk = Estimate(launches=1, config=f"walk {rm}x{rn}")
-                walk.bytes = programs * (split * rm * (d * ITEMSIZE + 12) + r_tiles * rn * d * ITEMSIZE)
-                walk.mma_flops = programs * r_tiles * 2 * rm * rn * bd
-                walk.instr = programs * (rm * rn * r_tiles * r_walk.short_instr_per_score
-                                         + split * walk_rows[0].outside_warp_instr)
-                walk = finish(walk, gpu, eta, waves_stretch(programs * split, r_walk.ctas_per_sm, gpu))
                 redo = Estimate(launches=1, config=f"redo {rm}x{rn}")
-                redo.bytes = programs * (rm * (2 * d * ITEMSIZE + 8 + 4 * split)
-                                         + r_tiles * rn * (2 * d * ITEMSIZE + 4))
-                redo.mma_flops = programs * r_tiles * 2 * rm * rn * 2 * bd
-                redo.instr = programs * (rm * rn * (r_single * r_soft.short_instr_per_score
+                redo.bytes = programs * (rm * (2 * d * ITEMSIZE + 8) + r_tiles * rn * (3 * d * ITEMSIZE + 4))
+                redo.mma_flops = programs * r_tiles * 2 * rm * rn * 3 * bd
+                redo.instr = programs * (rm * rn * (r_tiles * r_walk.short_instr_per_score
+                                                   + r_single * r_soft.short_instr_per_score
                                                    + (r_tiles - r_single) * r_soft.long_instr_per_score)
                                          + redo_rows[0].outside_warp_instr)
                 redo.mufu = programs * rm * rn * (r_single * r_soft.short_mufu_per_score
                                                   + (r_tiles - r_single) * r_soft.long_mufu_per_score)
-                redo = finish(redo, gpu, eta, waves_stretch(programs, r_soft.ctas_per_sm, gpu))
-                e.seconds += walk.seconds + redo.seconds
-                e.launches += 2
-                e.bytes += walk.bytes + redo.bytes
-                e.mma_flops += walk.mma_flops + redo.mma_flops
-                e.config += f", redo {rm}x{rn} {short_config(redo_config)} after {split} walks"
+                redo = finish(redo, gpu, eta, waves_stretch(programs, min(r_walk.ctas_per_sm, r_soft.ctas_per_sm),
+                                                            gpu))
+                e.seconds += redo.seconds
+                e.launches += 1
+                e.bytes += redo.bytes
+                e.mma_flops += redo.mma_flops
+                e.config += f", redo {rm}x{rn} {short_config(redo_config)}"
         out.append(e)
     return min(out, key=lambda e: e.seconds)
 
@@ -667,8 +648,8 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES) -> str:
               "ids from the token index, tensor-descriptor loads, its configs without warp specialization "
               "(`model_dit.ours_lean`): its two loops (the walk, the biased loop) and its speculative form at each f "
               "under `vk.Speculation` as above, the redo its own launch (`tar_fwd_lean.LEAN_REDO`, each program "
-              "walking every key tile, split into chunks walked in a launch before it, then its softmax over every "
-              "tile: an upper bound), the two listing launches beside it. Ours / fa3 as above, the tutorial calibration in brackets; the H100 timings of these "
+              "walking every key tile, then its softmax over every tile: an upper bound), the two listing launches "
+              "beside it. Ours / fa3 as above, the tutorial calibration in brackets; the H100 timings of these "
               "calls are in benchmarks/results/speculation-*.csv and docs/performance.md.", "",
               "| model | two loops (config) | f = " + " | f = ".join(f"{f:g}" for f in FLAG_RATES) + " |",
               "| --- | --- |" + " ---: |" * len(FLAG_RATES)]

@@ -416,55 +416,11 @@ def _tar_fwd_list_kernel(COUNT, LIST, ORDERED, FLAGS, NQ, BLOCK_M, SLOTS: tl.con
 
 
 @triton.jit
-def _tar_fwd_redo_walk_kernel(
-    Q, K, COUNT, LIST, MAXES, PARTIAL,
-    q_strides, k_strides,
-    H, NQ, NK, HEAD_DIM, scale,
-    CHUNK,  # keys per chunk, whole BLOCK_N tiles (`redo_rows`: WALK_TILES, WALK_SPLIT)
-    split_stride,  # PARTIAL's stride between chunks, B*H*Nq
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # the redo's (tar_fwd_lean.LEAN_REDO)
-    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr,
-):
-    """The walk for the exact max of a lean redo's rows flagged with a max of +inf, split across the keys.
-
-    A redo program is latency-bound where few rows are flagged (few programs, each as long as two
-    passes over the keys): its walk runs here instead, before it, over SPLIT chunks of CHUNK keys
-    in SPLIT times the programs. Program (p, s) takes the rows redo program p takes (COUNT, LIST and
-    MAXES as `_tar_fwd_redo_kernel` reads them), and exits at once where none of them has a max of
-    +inf (and so where the sequence flagged none: no host synchronisation); else it walks the key
-    tiles [s * CHUNK, (s + 1) * CHUNK) with `_row_max`, the redo's own tiles and arithmetic, and
-    writes its rows' partial max to PARTIAL[s] (float32 (SPLIT, B*H, Nq), written at those rows
-    only). The max of the partials in chunk order is the walk's over every tile bit for bit: a max
-    (NaN where a score is) folded in another grouping. Q (B, H, Nq, D) and K (B, H, Nk, D) any
-    strides, no causal mask and no key mask (the lean forward's); the grid is
-    (B*H * cdiv(Nq, BLOCK_M), SPLIT).
-    """
-    opt: tl.constexpr = Options(False, False, True, False, True, PRECISION, VEC)
-    seq, blk, b, h, slots, _slot_in = block_coords(NQ, H, BLOCK_M)
-    if blk * BLOCK_M < tl.load(COUNT + seq):
-        ok = slots < tl.load(COUNT + seq)
-        rows = tl.load(LIST + seq * NQ + slots, mask=ok, other=0).to(tl.int64)
-        stat_row = seq * NQ + rows
-        walk = tl.load(MAXES + stat_row, mask=ok, other=0.0) == float("inf")
-        if tl.max(walk.to(tl.int32), 0) > 0:
-            cols_d = head_cols(BLOCK_D, BLOCK_D2)
-            q = load_tile(seq_view(Q, q_strides, b, h, cols_d, HEAD_DIM), rows, ok, VEC)
-            keys = Keys(seq_view(K, k_strides, b, h, cols_d, HEAD_DIM), None, NK, None, None)
-            chunk = tl.program_id(1)
-            lo = chunk * CHUNK
-            m = _row_max(q, rows, keys, lo, tl.minimum(lo + CHUNK, NK), tl.full((BLOCK_M,), float("-inf"),
-                                                                                tl.float32), scale, BLOCK_N, opt)
-            tl.store(PARTIAL + chunk.to(tl.int64) * split_stride + stat_row, m, mask=walk)
-
-
-@triton.jit
 def _tar_fwd_redo_kernel(
     Q, K, V, O, STATS, FQ, FK, KMASK, COUNT, LIST, MAXES,
-    PARTIAL,  # with LEAN: the chunks' partial max of the rows MAXES gives +inf (`_tar_fwd_redo_walk_kernel`)
     q_strides, k_strides, v_strides, o_strides, km_strides,
     H, NQ, NK, HEAD_DIM, HEAD_DIM_V,
     scale, strength, gauss_coef, BAND, FRAME_BAND,
-    SPLIT, split_stride,  # with LEAN: PARTIAL's chunks, and its stride between them
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # the speculative launch's tiles (LEAN: tar_fwd_lean.LEAN_REDO)
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr,
@@ -483,13 +439,7 @@ def _tar_fwd_redo_kernel(
 
     LEAN: the rows of the lean forward's speculative form, whose output agrees with the two passes to
     rounding, not bit for bit: the softmax takes every key tile in order in one loop, where the band
-    order takes two (the lean forward has no causal mask and no key mask). A row whose MAXES is +inf
-    (flagged on a biased tile max, which every planted row of the benchmark is) takes the max of the
-    SPLIT partial maxes `_tar_fwd_redo_walk_kernel` wrote to PARTIAL before this launch, not a walk of
-    its own: a redo program of a few flagged rows is latency-bound, and the walk was half its length.
-    Without LEAN the program walks such rows' keys itself: the tiled forward gives +inf only to a row
-    whose raw max is +inf or whose denominator is NaN (non-finite inputs), so finite inputs never walk,
-    and a launch of chunked walks would cost every call for nothing.
+    order takes two (the lean forward has no causal mask and no key mask).
     """
     tl.static_assert(not (LEAN and (CAUSAL or HAS_KEY_MASK)), "LEAN: the lean forward's rows, without masks")
     opt: tl.constexpr = Options(CAUSAL, False, True, HAS_KEY_MASK, True, PRECISION, VEC)
@@ -505,14 +455,7 @@ def _tar_fwd_redo_kernel(
         stat_row = seq * NQ + rows
         m = tl.load(MAXES + stat_row, mask=ok, other=0.0)
         walk = m == float("inf")  # a raw max of +inf or a NaN denominator (_flag_rows): the keys walked again
-        if LEAN:  # walked before this launch, in chunks: their max in chunk order, NaN where one is
-            exact = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            partial = PARTIAL + stat_row  # the pointer moved a chunk at a time: no int32 product to overflow
-            for _chunk in range(0, SPLIT):
-                exact = max_nan(exact, tl.load(partial, mask=walk))
-                partial += split_stride
-            m = tl.where(walk, exact, m)
-        elif tl.max(walk.to(tl.int32), 0) > 0:
+        if tl.max(walk.to(tl.int32), 0) > 0:
             m = tl.where(walk, _row_max(q, rows, keys, 0, NK, tl.full((BLOCK_M,), float("-inf"), tl.float32), scale,
                                         BLOCK_N, opt), m)
         src = bias_source(FQ, Q, (0, 0, 0, 0), b, h, rows, ok, gauss_coef, FRAME_BAND, True, True)
@@ -558,13 +501,6 @@ _TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSA
 _tiled = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)
 _tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED_SPECULATIVE, _TILED_KEY)  # tuned apart from two passes
 _redo = _tar_fwd_redo_kernel  # run with the speculative launch's config (launch.tuned_config)
-_redo_walk = _tar_fwd_redo_walk_kernel  # and its lean walk with the redo's
-# The lean redo's walk (`_tar_fwd_redo_walk_kernel`) splits the key tiles into chunks of at least WALK_TILES whole
-# tiles, at most WALK_SPLIT of them (SPLIT = clamp(tiles // WALK_TILES, 1, WALK_SPLIT), no chunk empty): a chunk
-# long enough that a program's start, its Q rows and its exit are small beside its walk, and few enough chunks
-# that the redo's fold of the partials stays short (LTX-Video: 96 tiles of 64 keys, 6 chunks; Wan 2.1 480p: 512,
-# 8 chunks of 64).
-WALK_TILES, WALK_SPLIT = 16, 8
 _list = _tar_fwd_list_kernel
 _LIST = dict(SLOTS=128, BLOCKS=32)  # _tar_fwd_list_kernel's rows per program, and query blocks per pass
 _block_list = _tar_fwd_block_list_kernel
@@ -676,9 +612,7 @@ def redo_rows(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor | None
     `config`'s tiles, warps and stages (the interpreter's in the interpreter): each sequence's counts[seq] rows
     from the start of its row of `rows` (int32 (B*H, Nq)), their max from `maxes` (float32 (B*H, Nq)). Its
     programs exit at once where a sequence flagged none. lean: the rows are a lean launch's (the redo kernel's
-    LEAN), and `_tar_fwd_redo_walk_kernel` runs first, at the same config, the walk for the max of the rows whose
-    `maxes` is +inf split into SPLIT chunks of the keys (WALK_TILES, WALK_SPLIT); with none flagged its programs
-    exit at once too (one launch more, a few microseconds)."""
+    LEAN)."""
     q, k, v = problem.q, problem.k, problem.v
     bh, nq = problem.batch * problem.heads, problem.nq
     _, _, gauss_coef = delta_args(problem)
@@ -686,21 +620,10 @@ def redo_rows(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor | None
     fq, fk, km, km_strides, frame_meta = frame_args(problem)
     heads = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2")}
     config = dict(config, **interpreter_tiles("forward"))
-    programs = bh * triton.cdiv(nq, config["BLOCK_M"])
-    partial, split = None, 1
-    if lean:
-        tiles = triton.cdiv(problem.nk, config["BLOCK_N"])
-        split = min(max(tiles // WALK_TILES, 1), WALK_SPLIT)
-        partial = torch.empty(split, bh, nq, device=q.device, dtype=torch.float32)  # read where written only
-        _redo_walk[(programs, split)](q, k, counts, rows, maxes, partial, q.stride(), k.stride(), problem.heads, nq,
-                                      problem.nk, problem.head_dim, problem.scale,
-                                      triton.cdiv(tiles, split) * config["BLOCK_N"], bh * nq,
-                                      BLOCK_D=meta["BLOCK_D"], BLOCK_D2=meta["BLOCK_D2"], PRECISION=meta["PRECISION"],
-                                      VEC=meta["VEC"], **config)
-    _redo[(programs,)](q, k, v, out, stats, fq, fk, km, counts, rows, maxes, partial, q.stride(), k.stride(),
-                       v.stride(), out.stride(), km_strides, problem.heads, nq, problem.nk, problem.head_dim,
-                       problem.head_dim_v, problem.scale, problem.strength, gauss_coef,
-                       band_width(gauss_coef, max(nq, problem.nk)), frame_band_width(gauss_coef),
-                       split, bh * nq, **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=stats is not None,
-                       PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"],
-                       LEAN=lean, **config)
+    grid = (bh * triton.cdiv(nq, config["BLOCK_M"]),)
+    _redo[grid](q, k, v, out, stats, fq, fk, km, counts, rows, maxes, q.stride(), k.stride(), v.stride(),
+                out.stride(), km_strides, problem.heads, nq, problem.nk, problem.head_dim, problem.head_dim_v,
+                problem.scale, problem.strength, gauss_coef, band_width(gauss_coef, max(nq, problem.nk)),
+                frame_band_width(gauss_coef), **heads, CAUSAL=meta["CAUSAL"], SAVE_STATS=stats is not None,
+                PRECISION=meta["PRECISION"], VEC=meta["VEC"], HAS_KEY_MASK=frame_meta["HAS_KEY_MASK"],
+                LEAN=lean, **config)

@@ -394,8 +394,7 @@ def lean_forward(problem: TarProblem, stats: torch.Tensor | None = None, warp_sp
 # spill. A few flagged rows make few programs, each as long as a whole row: the redo is bound by its programs'
 # length and the waves they fill, so two CTAs an SM of 64 rows beat one of 128. An H100 timed the redo kernel at 5%
 # flagged (planted data, torch.profiler; benchmarks/NOTES.md) at 0.228 / 2.95 / 1.75 ms at LTX-Video / Wan 2.1 480p
-# / CogVideoX, against 0.338 / 4.12 / 1.83 on 64 x 32 or 128 x 64; those timings predate the split of its walk for a
-# max of +inf across the keys into a launch before it (`tar_fwd.redo_rows`), which runs at these tiles too.
+# / CogVideoX, against 0.338 / 4.12 / 1.83 on 64 x 32 or 128 x 64.
 LEAN_REDO = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
