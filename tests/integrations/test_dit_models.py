@@ -5,6 +5,7 @@ Every regularized attention call is checked against a float64 evaluation of fram
 frame ids and the text mask written from each model's layout in tiny_dit_models.
 """
 
+import functools
 import inspect
 import math
 import pathlib
@@ -108,6 +109,25 @@ def test_identity_levels_equal_stock_bitwise(family):
     for level in ((1.0, 0.0), (math.inf, 1.0)):
         apply_tar(model, TARConfig(levels={0: level}, until_step=None))
         assert torch.equal(forward(model, inputs), plain)
+
+
+def test_a_diffusers_hook_on_the_model_before_apply_tar(monkeypatch):
+    """A diffusers hook on the model itself (enable_parallelism registers one for a plan entry on the model, as
+    Wan's and LTX-Video's have) wraps its forward; before diffusers 0.40 the wrapper's signature was (module, *args,
+    **kwargs), imitated here. apply_tar after it reads the call's layout all the same."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    fam = FAMILIES["wan"]
+    model, inputs = fam.model(), fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    expected = forward(model, inputs)
+    remove_tar(model)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(ModelHook(), "root")
+    hooked = model.forward  # functools.partial(the hook chain's forward, model)
+    model.forward = functools.update_wrapper(functools.partial(hooked.func, model), hooked.func)
+    assert list(inspect.signature(model.forward).parameters) == ["module", "args", "kwargs"]
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    assert torch.equal(forward(model, inputs), expected)
 
 
 @pytest.mark.parametrize("family, blocks", [("wan", [1]), ("hunyuan", [0, 3]), ("ltx", (0,))])

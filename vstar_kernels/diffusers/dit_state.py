@@ -3,6 +3,7 @@ processors set since), and the token grid of the call in progress (`watch_layout
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
@@ -89,7 +90,9 @@ def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
 
     Returns the two hook handles; the grid is None outside a forward call (also after one raised).
     """
-    signature = inspect.signature(model.forward)
+    # the class's forward, not the instance's: diffusers before 0.40 put a hook's wrapper there (enable_parallelism
+    # does, for a plan entry on the model itself), whose signature is (module, *args, **kwargs)
+    signature = inspect.signature(functools.partial(type(model).forward, model))
 
     def read_layout(module, args, kwargs):
         bound = signature.bind(*args, **kwargs)
