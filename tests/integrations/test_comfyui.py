@@ -420,6 +420,42 @@ def test_step_window_includes_both_ends(comfy, mark_self_attention, start, end, 
     assert (out - fewer).abs().max() > 1e-6
 
 
+def test_a_step_on_the_windows_end_is_in_it_whatever_its_rounding(comfy, monkeypatch):
+    """At shift 1.32 the float32 sigmas of steps 1 and 2 of 4 lie a rounding above percent_to_sigma(0.25) and
+    below percent_to_sigma(0.5): both ends being included, the window [0.25, 0.5] regularizes both steps (it took
+    neither), and the default window every step."""
+    dtype = torch.float32
+    model = shifted(comfy, wan(comfy, dtype), 1.32)
+    sampling = model.get_model_object("model_sampling")
+    sigmas = [float(torch.tensor(sampling.percent_to_sigma(p), dtype=dtype)) for p in (0.25, 0.5)]
+    assert sigmas[0] > sampling.percent_to_sigma(0.25) and sigmas[1] < sampling.percent_to_sigma(0.5)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    calls = tar_calls(monkeypatch)
+    sample(comfy, NODE().apply(model, 1.0, 1.0)[0], shape, cond, uncond, dtype)
+    per_step = len(calls) / STEPS
+    assert per_step > 0
+    calls.clear()
+    sample(comfy, NODE().apply(model, 1.0, 1.0, start_percent=0.25, end_percent=0.5)[0], shape, cond, uncond, dtype)
+    assert len(calls) == 2 * per_step
+
+
+def test_a_second_node_says_that_it_replaces_the_first(comfy, caplog):
+    """The node applied to a model that has TAR replaces it (one node holds every setting): it says so, naming the
+    settings it replaces, also at strength 0, which leaves the model without TAR."""
+    dtype = torch.float64
+    (first,) = NODE().apply(wan(comfy, dtype), 1.5, 2.0, start_percent=0.0, end_percent=0.5)
+    for strength, how in ((1.0, "with its own settings"), (0.0, "with none (strength 0)")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+            NODE().apply(first, strength, 1.0, start_percent=0.5, end_percent=1.0)
+        (said,) = warnings_of(caplog, "VSTAR_TAR")
+        assert said.getMessage() == ("VSTAR_TAR: the model already had TAR from an earlier VSTAR_TAR node "
+                                     "(strength=1.5, sigma=2, start_percent=0, end_percent=0.5); this node replaces it "
+                                     f"{how}. One node holds every setting: to keep the earlier TAR, leave this node "
+                                     "out")
+
+
 def shifted(comfy, model, shift):
     """The model with ComfyUI's ModelSamplingSD3 applied (an object patch on model_sampling)."""
     model = model.clone()

@@ -366,6 +366,25 @@ def test_step_window_includes_both_ends(comfy, mark, start, end, steps_in):
     assert (out - fewer).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("shift, start, end, steps_in", [(1.32, 0.0, 1.0, 4), (8.06, 0.25, 0.75, 3)])
+def test_a_step_on_the_windows_end_is_in_it_at_any_shift(comfy, monkeypatch, shift, start, end, steps_in):
+    """ModelSamplingSD3 at shift 1.32 makes the first step's float32 sigma 1.00000012, a rounding above
+    percent_to_sigma(0): the default window now regularizes it too; at shift 8.06 the steps at 0.25, 0.5 and 0.75 of
+    four are in [0.25, 0.75], both ends included."""
+    import comfy_extras.nodes_model_advanced as advanced
+
+    model = advanced.ModelSamplingSD3().patch(wan(comfy), shift)[0]
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    calls = tar_calls(monkeypatch)
+    run(comfy, NODE().apply(shift_one(comfy, wan(comfy)), 1.0, 1.0)[0], latent, positive, negative, steps=4)
+    per_step = len(calls) // 4
+    calls.clear()
+    run(comfy, NODE().apply(model, 1.0, 1.0, start_percent=start, end_percent=end)[0], latent, positive, negative,
+        steps=4)
+    assert per_step and len(calls) == steps_in * per_step
+
+
 def test_the_step_window_follows_a_shift_applied_after_the_node(comfy, mark):
     """ModelSamplingSD3 after the node: the window is the shifted model's (sigmas 0.75 and 0.5 at shift 1), not the
     one of the model the node saw (Wan's shift 8, where no step of this schedule is in the window)."""

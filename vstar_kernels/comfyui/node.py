@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 from .._problem import check_sigma
 from .models import family_of, unwrap
@@ -46,8 +47,11 @@ def _wrappers():
     return WrappersMP
 
 
-def _remove(model, targets, wrappers) -> None:
-    """Take this node's wrappers and object patches off `model` (a clone), putting back what they replaced."""
+def _remove(model, targets, wrappers) -> Optional[Settings]:
+    """Take this node's wrappers and object patches off `model` (a clone), putting back what they replaced; returns
+    the settings of the TAR taken off, if there was one."""
+    earlier = [getattr(w, "__self__", None) for w in model.get_wrappers(wrappers.APPLY_MODEL, KEY)]
+    earlier = next((patch.settings for patch in earlier if isinstance(patch, TARPatch)), None)
     for kind in (wrappers.OUTER_SAMPLE, wrappers.APPLY_MODEL):
         model.remove_wrappers_with_key(kind, KEY)
     for path in targets:
@@ -57,6 +61,7 @@ def _remove(model, targets, wrappers) -> None:
                 model.object_patches[path] = ours.original
             else:
                 del model.object_patches[path]
+    return earlier
 
 
 def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, end_percent: float = 1.0,
@@ -65,8 +70,9 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
 
     The arguments are the node's inputs (docs/comfyui.md, Inputs): strength 0 gives a clone that computes
     what `model` does, bit for bit; the steps regularized are those with ``percent_to_sigma(end_percent)
-    <= sigma <= percent_to_sigma(start_percent)``. `model` itself is left as it was; applying the node
-    again to its own output replaces the settings. After the arguments are checked: ImportError outside ComfyUI,
+    <= sigma <= percent_to_sigma(start_percent)``, both ends with a rounding's tolerance
+    (`TARPatch.regularizes`). `model` itself is left as it was; applying the node again to its own output
+    replaces the settings, with a warning. After the arguments are checked: ImportError outside ComfyUI,
     RuntimeError on a ComfyUI older than 0.3.60.
     """
     strength = _real("strength", strength)
@@ -83,7 +89,13 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     family = family_of(diffusion_model)
     clone = model.clone()
     targets = [f"diffusion_model.{path}.forward" for path in family.targets(diffusion_model)]
-    _remove(clone, targets, wrappers)
+    earlier = _remove(clone, targets, wrappers)
+    if earlier is not None:
+        LOG.warning("VSTAR_TAR: the model already had TAR from an earlier VSTAR_TAR node (strength=%g, sigma=%g, "
+                    "start_percent=%g, end_percent=%g); this node replaces it%s. One node holds every setting: to "
+                    "keep the earlier TAR, leave this node out", earlier.strength, earlier.sigma,
+                    earlier.start_percent, earlier.end_percent,
+                    " with none (strength 0)" if strength == 0.0 else " with its own settings")
     if start_percent > end_percent:
         LOG.warning("VSTAR_TAR: start_percent=%g is after end_percent=%g: the window holds no step, so the model "
                     "runs without TAR", start_percent, end_percent)

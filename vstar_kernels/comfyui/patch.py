@@ -9,6 +9,7 @@ module's name) is read on the traced path but in messages."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -24,6 +25,7 @@ from .models import Family
 KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
 OVERRIDE = "optimized_attention_override"
+EDGE = 1e-5                     # the window's ends' relative tolerance (`TARPatch.regularizes`)
 LOG = logging.getLogger("vstar_kernels.comfyui")
 
 
@@ -167,10 +169,15 @@ class TARPatch:
         """Whether a call at `sigmas` (one per batch entry) is in the window, by the `percent_to_sigma` of
         `sampling`: the model_sampling in force when the model runs, a shift node's applied after this one
         included. Mixed batches are an error. The call is counted in `run`, if given."""
-        high = float(sampling.percent_to_sigma(self.settings.start_percent))
-        low = float(sampling.percent_to_sigma(self.settings.end_percent))
+        start, end = self.settings.start_percent, self.settings.end_percent
+        high, low = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+        # Both ends included. A step's sigma is the schedule's float32 and percent_to_sigma's a float64 of the same
+        # percent, a rounding apart (the first step at shift 1.32 is 1.00000012 against 1.0): the ends take a
+        # relative tolerance far below any two steps' distance, and percents 0 and 1 bound nothing
+        top = math.inf if start <= 0 else high * (1 + EDGE)
+        bottom = -math.inf if end >= 1 else low * (1 - EDGE)
         values = torch.as_tensor(sigmas).detach().reshape(-1).tolist()
-        inside = [low <= s <= high for s in values]
+        inside = [bottom <= s <= top for s in values]
         if any(inside) and not all(inside):
             raise ValueError(f"VSTAR_TAR: one model call mixes sigmas inside and outside the window [{low}, {high}]: "
                              f"{values}")
