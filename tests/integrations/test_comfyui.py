@@ -521,6 +521,12 @@ def test_a_run_with_a_step_in_the_window_says_nothing_of_it(comfy, caplog):
         comfy.samplers.sample(tar, noise, comfy.samplers.schedule(tar, STEPS)[:2], cond, uncond, cfg=3.0)
     (said,) = warnings_of(caplog, "VSTAR_TAR")
     assert "no model call of this sampling run (1 in all) was in the window" in said.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):  # a run of no step: no model call at all
+        comfy.samplers.sample(tar, noise, comfy.samplers.schedule(tar, STEPS)[-1:], cond, uncond, cfg=3.0)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert said.getMessage() == ("VSTAR_TAR: no model call of this sampling run reached the node (another node "
+                                 "skipped the model, or ran it without ComfyUI's model call), so TAR did not run")
 
 
 def test_clone_semantics(comfy):

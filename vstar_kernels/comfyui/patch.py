@@ -66,8 +66,12 @@ class Run:
         self.window = window
 
     def end(self, settings: "Settings") -> None:
-        """After the run: a warning when none of its model calls was in the window, so that TAR never ran."""
-        if self.calls and not self.regularized:
+        """After the run: a warning when none of its model calls was in the window, so that TAR never ran (or none
+        reached the node's APPLY_MODEL wrapper: another node ran the model some other way, or skipped it)."""
+        if not self.calls:
+            LOG.warning("VSTAR_TAR: no model call of this sampling run reached the node (another node skipped the "
+                        "model, or ran it without ComfyUI's model call), so TAR did not run")
+        elif not self.regularized:
             low, high = self.window
             LOG.warning("VSTAR_TAR: no model call of this sampling run (%d in all) was in the window, so TAR did "
                         "not run: start_percent=%g and end_percent=%g give sigmas from %g down to %g, and the calls "
