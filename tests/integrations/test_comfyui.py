@@ -812,6 +812,39 @@ def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
            "the model's computation (a cache node reusing an earlier result does)" in skipped.getMessage()
 
 
+def skipping_steps(model, skipped):
+    """LazyCache's way (emulated): a wrapper around the model call that, at the steps `skipped` (call indices, one
+    call a step), returns the previous step's output without calling the model."""
+    model = model.clone()
+    state = {"calls": 0, "last": None}
+
+    def wrapper(apply_model, args):
+        step, state["calls"] = state["calls"], state["calls"] + 1
+        if step not in skipped:
+            state["last"] = apply_model(args["input"], args["timestep"], **args["c"])
+        return state["last"]
+    model.set_model_unet_function_wrapper(wrapper)
+    return model
+
+
+@pytest.mark.parametrize("start, end, said", [(0.0, 1.0, "1 of the 4 steps"), (0.25, 1.0, "1 of the 3 steps"),
+                                              (0.0, 0.25, None)])
+def test_steps_a_node_skips_the_model_in_are_said(comfy, caplog, start, end, said):
+    """A node that skips the model in whole steps (LazyCache) keeps the node from seeing them: at the run's end the
+    schedule's steps in the window that no model call ran at are counted and said (step 2 here), and nothing is
+    said where they lie outside the window."""
+    dtype = torch.float64
+    model = skipping_steps(wan(comfy, dtype), skipped={2})
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=start, end_percent=end)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        sample(comfy, tar, (1, 4, 3, 4, 4), cond, uncond, dtype)
+    messages = [w.getMessage() for w in warnings_of(caplog, "VSTAR_TAR")]
+    assert messages == ([f"VSTAR_TAR: {said} of this sampling run in the window ran no model call, so TAR did not "
+                         "run in them: a node skipped the model there (LazyCache reuses an earlier step's result)"]
+                        if said else [])
+
+
 def test_one_frame_says_that_tar_changes_nothing(comfy, caplog):
     """A latent of one frame (Wan at length 1, an image): every key gets the same bias, which the softmax ignores;
     the node says so once per run, and the output is the stock model's. Two frames say nothing."""

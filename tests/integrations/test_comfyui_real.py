@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -690,6 +691,36 @@ def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
             run(comfy, cached, latent, positive, negative, steps=6)
         (skipped,) = warnings_of(caplog, "VSTAR_TAR")
         assert "a model call in the window ran none of the regularized self-attention modules" in skipped.getMessage()
+
+
+def test_lazycaches_skipped_steps_are_said(comfy, caplog):
+    """ComfyUI's LazyCache skips the model in whole steps (a noise-prediction wrapper around it), which the node
+    never sees: at the run's end it counts the window's steps no model call ran at, and says so."""
+    from comfy_extras.nodes_easycache import LazyCacheNode
+
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0)
+    lazy = LazyCacheNode.execute(tar, 3.0, 0.0, 1.0, False).args[0]
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        run(comfy, lazy, latent, positive, negative, steps=6)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert re.fullmatch(r"VSTAR_TAR: [1-5] of the 6 steps of this sampling run in the window ran no model call, so "
+                        r"TAR did not run in them: a node skipped the model there \(LazyCache reuses an earlier "
+                        r"step's result\)", said.getMessage()), said.getMessage()
+
+
+def test_a_sampler_of_its_own_steps_is_not_said_to_skip_any(comfy, caplog):
+    """dpm_adaptive calls the model at sigmas of its own, not the schedule's: which steps it skipped cannot be told,
+    and nothing is said."""
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        comfy.sample.sample(tar, noise, 6, 4.0, "dpm_adaptive", "simple", positive, negative, latent,
+                            disable_pbar=True, seed=1)
+    assert not warnings_of(caplog, "VSTAR_TAR")
 
 
 def test_freelong_windows_run_without_tar_and_say_so(comfy, mark, caplog):

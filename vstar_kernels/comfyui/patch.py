@@ -55,15 +55,33 @@ class Run:
         self.shape, self.said = tuple(shape), set()
         self.speculation = Speculation()
         self.calls = self.regularized = 0   # the run's model calls, and those in the window
-        self.sigmas = []                    # the sigmas of its calls, and the window's [low, high] (its last call's)
-        self.window = None
+        self.sigmas = []                    # the sigmas of its calls
+        self.window = None                  # (low, high, bottom, top) of its last call (`TARPatch.bounds`)
+        self.schedule = None                # the run's sigmas (transformer_options["sample_sigmas"]), if given
 
-    def saw(self, sigmas, window, inside: bool) -> None:
+    def saw(self, sigmas, window, inside: bool, schedule) -> None:
         """A model call of the run at `sigmas`, in the window or not."""
         self.calls += 1
         self.regularized += inside
         self.sigmas += sigmas
         self.window = window
+        if schedule is not None and self.schedule is None:
+            self.schedule = torch.as_tensor(schedule).detach().reshape(-1).tolist()
+
+    def steps_missed(self) -> Tuple[int, int]:
+        """(steps of the window no model call ran at, steps of the window), of the run's schedule: a call runs a step
+        when its sigma is the step's (to ComfyUI's own 1e-4, context windows'). (0, 0) when that cannot be told: no
+        schedule, or a sampler that calls the model at sigmas of its own (fewer than half the steps called at
+        theirs, as dpm_adaptive does)."""
+        if not self.schedule or self.window is None:
+            return 0, 0
+        steps = self.schedule[:-1]  # the last sigma is where the run ends, no call's
+        called = [any(abs(c - s) <= 1e-4 * abs(s) for c in self.sigmas) for s in steps]
+        if 2 * sum(called) < len(steps):
+            return 0, 0
+        bottom, top = self.window[2:]
+        window = [bottom <= s <= top for s in steps]
+        return sum(w and not c for w, c in zip(window, called)), sum(window)
 
     def end(self, settings: "Settings") -> None:
         """After the run: a warning when none of its model calls was in the window, so that TAR never ran (or none
@@ -72,11 +90,17 @@ class Run:
             LOG.warning("VSTAR_TAR: no model call of this sampling run reached the node (another node skipped the "
                         "model, or ran it without ComfyUI's model call), so TAR did not run")
         elif not self.regularized:
-            low, high = self.window
+            low, high = self.window[:2]
             LOG.warning("VSTAR_TAR: no model call of this sampling run (%d in all) was in the window, so TAR did "
                         "not run: start_percent=%g and end_percent=%g give sigmas from %g down to %g, and the calls "
                         "ran at sigmas from %g down to %g. Widen the window, or move it to these steps", self.calls,
                         settings.start_percent, settings.end_percent, high, low, max(self.sigmas), min(self.sigmas))
+        else:
+            missed, steps = self.steps_missed()
+            if missed:
+                LOG.warning("VSTAR_TAR: %d of the %d steps of this sampling run in the window ran no model call, so "
+                            "TAR did not run in them: a node skipped the model there (LazyCache reuses an earlier "
+                            "step's result)", missed, steps)
 
 
 def _warn(run: Run, kind: str, message: str) -> None:
@@ -169,24 +193,29 @@ class TARPatch:
         run.end(self.settings)
         return out
 
-    def regularizes(self, sigmas: torch.Tensor, sampling, run: Optional[Run] = None) -> bool:
-        """Whether a call at `sigmas` (one per batch entry) is in the window, by the `percent_to_sigma` of
-        `sampling`: the model_sampling in force when the model runs, a shift node's applied after this one
-        included. Mixed batches are an error. The call is counted in `run`, if given."""
+    def bounds(self, sampling) -> Tuple[float, float, float, float]:
+        """(low, high): the window's sigmas, `percent_to_sigma` of end_percent and start_percent by `sampling` (the
+        model_sampling in force when the model runs, a shift node's applied after this one included), and (bottom,
+        top): the sigmas a call's may take. Both ends included. A step's sigma is the schedule's float32 and
+        percent_to_sigma's a float64 of the same percent, a rounding apart (the first step at shift 1.32 is
+        1.00000012 against 1.0): the ends take a relative tolerance far below any two steps' distance, and percents
+        0 and 1 bound nothing."""
         start, end = self.settings.start_percent, self.settings.end_percent
         high, low = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
-        # Both ends included. A step's sigma is the schedule's float32 and percent_to_sigma's a float64 of the same
-        # percent, a rounding apart (the first step at shift 1.32 is 1.00000012 against 1.0): the ends take a
-        # relative tolerance far below any two steps' distance, and percents 0 and 1 bound nothing
-        top = math.inf if start <= 0 else high * (1 + EDGE)
-        bottom = -math.inf if end >= 1 else low * (1 - EDGE)
+        return low, high, -math.inf if end >= 1 else low * (1 - EDGE), math.inf if start <= 0 else high * (1 + EDGE)
+
+    def regularizes(self, sigmas: torch.Tensor, sampling, run: Optional[Run] = None, schedule=None) -> bool:
+        """Whether a call at `sigmas` (one per batch entry) is in the window (`bounds` by `sampling`). Mixed
+        batches are an error. The call is counted in `run`, if given, with the run's `schedule` of sigmas."""
+        window = self.bounds(sampling)
+        low, high, bottom, top = window
         values = torch.as_tensor(sigmas).detach().reshape(-1).tolist()
         inside = [bottom <= s <= top for s in values]
         if any(inside) and not all(inside):
             raise ValueError(f"VSTAR_TAR: one model call mixes sigmas inside and outside the window [{low}, {high}]: "
                              f"{values}")
         if run is not None:
-            run.saw(values, (low, high), all(inside))
+            run.saw(values, window, all(inside), schedule)
         return all(inside)
 
     def frame_ids(self, layout: TokenLayout, options: dict, run: Run) -> Tuple[int, ...]:
@@ -217,7 +246,8 @@ class TARPatch:
         sigmas = options.get("sigmas")
         base = executor.class_obj
         call = None
-        if self.regularizes(t if sigmas is None else sigmas, base.model_sampling, options.get(KEY)):
+        if self.regularizes(t if sigmas is None else sigmas, base.model_sampling, options.get(KEY),
+                            options.get("sample_sigmas")):
             layout = self.family.layout(base.diffusion_model, x, kwargs)
             run = options.get(KEY) or Run(())
             run.speculation.next_step()

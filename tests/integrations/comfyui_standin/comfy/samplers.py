@@ -34,6 +34,7 @@ class CFGGuider:
         return WrapperExecutor.new_class_executor(self.outer_sample, self, wrappers).execute(noise, sigmas, conds, cfg)
 
     def outer_sample(self, noise, sigmas, conds, cfg):
+        self.model_options["transformer_options"]["sample_sigmas"] = sigmas  # as ComfyUI gives the run's sigmas
         self.model_patcher.patch_model()
         try:
             with torch.inference_mode():
