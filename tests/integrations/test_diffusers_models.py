@@ -106,6 +106,27 @@ def preset_levels(name):
     return {width_level[w]: float(s) for w, s in re.findall(r"(\d+)D(\d+)", name)}
 
 
+@pytest.mark.parametrize("family", ["motion", "unet3d"])
+def test_a_compiled_unet_gets_its_own_levels(family):
+    """pipe.unet = torch.compile(pipe.unet) names every module "_orig_mod. ...": TAR goes on the module it wraps,
+    by that module's names and levels (the preset's, not every temporal attention at level 0), and the compiled
+    model runs it, also when it ran once before apply_tar."""
+    fam = FAMILIES[family]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    config = TARConfig.from_preset("64D1")
+    names = apply_tar(model, config)
+    expected = forward(model, inputs)
+    remove_tar(model)
+    compiled = torch.compile(model, backend="eager")
+    stock = forward(compiled, inputs)
+    assert apply_tar(compiled, config) == names
+    assert not torch.equal(expected, stock)
+    torch.testing.assert_close(forward(compiled, inputs), expected, rtol=0, atol=1e-6)
+    remove_tar(compiled)
+    torch.testing.assert_close(forward(compiled, inputs), stock, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_regularize_the_levels_in_their_names(preset):
     fam = FAMILIES["unet3d"]

@@ -9,6 +9,7 @@ import weakref
 from typing import Callable, List, Tuple
 
 import torch
+from diffusers.utils.torch_utils import is_compiled_module
 
 from ..tar_config import TARConfig
 from .dit_families import dit_attention_modules, dit_family, unsupported_dit
@@ -20,14 +21,23 @@ STATE_ATTR = "_vstar_tar"
 DENOISERS = ("unet", "transformer", "transformer_2")
 
 
+def uncompiled(model):
+    """The module a torch.compile'd model (maybe compiled twice) wraps, any other as it is: TAR goes on the modules
+    themselves, and their names (a UNet's levels) are the model's own, not the wrapper's ``_orig_mod.``-prefixed
+    ones."""
+    while is_compiled_module(model):
+        model = model._orig_mod
+    return model
+
+
 def denoiser(target):
-    """(model, pipeline or None) for a pipeline (its first denoiser of `DENOISERS` present) or a model."""
+    """(model, pipeline or None) for a pipeline (its first denoiser of `DENOISERS` present) or a model, `uncompiled`."""
     if isinstance(target, torch.nn.Module):
-        return target, None
+        return uncompiled(target), None
     for attr in DENOISERS:
         model = getattr(target, attr, None)
         if isinstance(model, torch.nn.Module):
-            return model, target
+            return uncompiled(model), target
     raise TypeError(f"expected a diffusers pipeline with a denoiser ({', '.join('.' + a for a in DENOISERS)}) "
                     f"or a model (torch.nn.Module); got {type(target).__name__}")
 
@@ -40,7 +50,7 @@ def tar_models(model: torch.nn.Module, pipeline) -> List[Tuple[str, torch.nn.Mod
         return [("", model)]
     experts = []
     for attr in ("transformer", "transformer_2"):
-        expert = getattr(pipeline, attr, None)
+        expert = uncompiled(getattr(pipeline, attr, None))
         if isinstance(expert, torch.nn.Module) and dit_family(expert) is not None \
                 and all(expert is not other for _, other in experts):
             experts.append((attr, expert))
