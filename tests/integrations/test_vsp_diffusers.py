@@ -227,6 +227,29 @@ def test_works_alongside_temporal_processors_and_a_step_counter():
             modules[n].set_processor(original[n])
 
 
+def test_processors_replaced_after_apply_keep_vsp():
+    """fuse_qkv_projections (as set_attn_processor and an IP-Adapter's load) sets new processors on every module
+    after apply_vsp: the UNet's next call wraps them again, so the per-frame context still reaches the spatial
+    cross-attention (it was dropped without a word); unfuse_qkv_projections puts the wrapped plain ones back, and
+    remove_vsp gives the modules their plain processors."""
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    plain = call(unet, sample, ehs)
+    embeds = torch.randn(N, L, C, generator=torch.Generator().manual_seed(5))
+    apply_vsp(unet, embeds, cfg=True)
+    expected = call(unet, sample, ehs)
+    assert not torch.allclose(expected, plain)
+    unet.fuse_qkv_projections()
+    torch.testing.assert_close(call(unet, sample, ehs), expected, rtol=1e-5, atol=1e-5)
+    unet.unfuse_qkv_projections()
+    torch.testing.assert_close(call(unet, sample, ehs), expected, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        remove_vsp(unet)
+    assert all(type(p) is AttnProcessor2_0 for p in processors(unet).values())
+    torch.testing.assert_close(call(unet, sample, ehs), plain, rtol=0, atol=0)
+
+
 def test_remove_leaves_a_processor_replaced_after_apply():
     unet = tiny_unet3d()
     apply_vsp(unet, torch.zeros(N, L, C))

@@ -60,7 +60,8 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
 
 
 def remove_vsp(target) -> None:
-    """Undo `apply_vsp` (no-op if not applied); a processor set since `apply_vsp` stays, with a warning."""
+    """Undo `apply_vsp` (no-op if not applied): each module gets back the processor VSP wrapped last (one set since
+    `apply_vsp` is wrapped at the UNet's next call); a processor set since that call stays, with a warning."""
     unet = _unet_of(target)
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
@@ -148,6 +149,23 @@ class _SynopsisState:
                              f"synopses of per_frame_embeds do not divide evenly")
         self.batch = batch
         self._source = self._context = None
+        self.rewrap()
+
+    def rewrap(self) -> None:
+        """Wrap again each module whose processor was replaced since (`fuse_qkv_projections`, `set_attn_processor`,
+        an IP-Adapter's load set new ones on every module): VSP follows the processor the module has now, as TAR
+        does, and `remove_vsp` gives that one back. A processor of this state's (`unfuse_qkv_projections` puts
+        back the ones it saved, wrappers among them) is taken as it is."""
+        for name, (module, original, wrapper) in self.originals.items():
+            found = module.processor
+            if found is wrapper:
+                continue
+            if isinstance(found, _SynopsisProcessor) and found.state is self:
+                self.originals[name] = (module, found.inner, found)
+            else:
+                wrapper = _SynopsisProcessor(found, self)
+                self.originals[name] = (module, found, wrapper)
+                module.set_processor(wrapper)
 
     def end_call(self, module, args, output):
         self.batch = None
