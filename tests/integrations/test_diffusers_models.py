@@ -157,6 +157,26 @@ def test_step_gate_flips_after_until_step_and_reset_restarts():
     assert torch.equal(forward(model, inputs), outs[0])
 
 
+def test_a_call_at_a_larger_timestep_starts_a_new_run():
+    """A UNet's denoising loop passes falling timesteps (repeated: Heun's, unbatched guidance): a call at a larger
+    one than the last call's starts a new run, counted from step 0, also where no scheduler marks it (a bare model;
+    another pipeline's scheduler, test_diffusers_pipelines); a timestep given by keyword counts too."""
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    tracker = StepTracker.of(model)
+    steps = []
+    for t in (999, 600, 600, 200, 999, 500, 900):
+        forward(model, {**inputs, "timestep": torch.tensor(t)})
+        steps.append(tracker.step)
+    assert steps == [0, 1, 2, 3, 0, 1, 0]
+    with torch.no_grad():
+        model(inputs["sample"], torch.tensor(100), inputs["encoder_hidden_states"])  # positional
+        model(inputs["sample"], torch.tensor(950.0), encoder_hidden_states=inputs["encoder_hidden_states"])
+    assert tracker.step == 0
+
+
 def test_apply_tar_starts_counting_at_0_on_a_shared_step_tracker():
     fam = FAMILIES["unet3d"]
     model = fam.model()

@@ -118,6 +118,21 @@ def test_animatediff_pipeline_steps_are_the_loop_index(scheduler):
     watcher.check([2 * n - 1 if scheduler == "heun" else n for n in runs], modules)
 
 
+def test_another_pipeline_with_its_own_scheduler_counts_its_own_loop():
+    """TAR applied to one pipeline, its UNet run by another with a scheduler of its own (from_pipe(...,
+    scheduler=...)), whose set_timesteps the first one's scheduler does not see: each of its runs counts from its
+    first call, told by the timestep going up (it went on counting from the first pipeline's run, past until_step,
+    and ran without TAR and without a word)."""
+    pipe = animatediff(DDIMScheduler())
+    watcher, modules = record(pipe, TARConfig.from_preset("64D1"))
+    run_animatediff(pipe, watcher, 12)
+    other = AnimateDiffPipeline.from_pipe(pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config))
+    other.set_progress_bar_config(disable=True)
+    for steps in (12, 5):
+        run_animatediff(other, watcher, steps)
+    watcher.check([12, 12, 5], modules)
+
+
 def test_free_init_iterations_each_restart_at_step_0():
     pipe = animatediff(DDIMScheduler())
     pipe.enable_free_init(num_iters=2)

@@ -62,12 +62,13 @@ def tar_state(model: torch.nn.Module):
     return vars(model).get(STATE_ATTR)
 
 
-def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker], object]):
-    """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0."""
+def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker], object], unet: bool = False):
+    """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0. A
+    `unet`'s runs are also told by their timesteps (`StepTracker.attach`)."""
     _detach(model)
     # the tracker's hooks run in forward calls, once `state` below exists
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),
-                               snapshot=lambda: state.snapshot())
+                               snapshot=lambda: state.snapshot(), timestep_runs=unet)
     state = make_state(steps)
     setattr(model, STATE_ATTR, state)
     steps.reset()  # also where another feature was counting already
@@ -138,7 +139,7 @@ def apply_tar(target, config: TARConfig) -> List[str]:
         raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
                          f"by resolution level: use levels (its temporal attention runs at levels "
                          f"{sorted({t.level for t in temporal})})")
-    state = _attach(model, pipeline, lambda steps: UNetState(model, config, steps, temporal))
+    state = _attach(model, pipeline, lambda steps: UNetState(model, config, steps, temporal), unet=True)
     return [site.name for site in state.sites]
 
 
@@ -152,7 +153,8 @@ def remove_tar(target) -> None:
 
 
 def reset_steps(target) -> None:
-    """Make the next forward call of the model step 0 (needed on a bare model between runs)."""
+    """Make the next forward call of the model step 0 (a bare DiT's between runs; a bare UNet's next run starts at
+    a larger timestep, which restarts the count too)."""
     for _, model in tar_models(*denoiser(target)):
         tracker = StepTracker.of(model)
         if tracker is None:

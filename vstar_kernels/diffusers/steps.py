@@ -91,8 +91,10 @@ class StepTracker:
         self._timesteps = None  # the scheduler tensor of the current run
         self._applied_timesteps = None  # and the one it had when the pipeline was given (`loop_step`)
         self._checkpointing: List[torch.nn.Module] = []
+        self._timestep_runs = False  # a call at a larger timestep than the last one's starts a new run (`attach`)
+        self._last_timestep = None
         self.find_checkpointing(model)
-        self._handle = model.register_forward_pre_hook(self._before_forward)
+        self._handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     @property
     def step(self) -> int:
@@ -141,12 +143,17 @@ class StepTracker:
     def attach(cls, model: torch.nn.Module, owner: str, *, pipeline=None,
                on_run_start: Optional[Callable[[], None]] = None,
                before_forward: Optional[Callable[[], None]] = None,
-               snapshot: Optional[Callable[[], Any]] = None) -> "StepTracker":
-        """The model's tracker (created on first use), now also serving `owner`; `pipeline`: module docstring."""
+               snapshot: Optional[Callable[[], Any]] = None, timestep_runs: bool = False) -> "StepTracker":
+        """The model's tracker (created on first use), now also serving `owner`; `pipeline`: module docstring.
+        `timestep_runs` (a video UNet's, whose denoising loop passes its ``timestep`` on every call, falling or
+        repeated: Heun's, unbatched guidance): a call at a larger timestep than the last call's also restarts the
+        count, so that a run the pipeline's scheduler does not mark (another pipeline's, from_pipe with a
+        scheduler of its own; a bare model's next run) is counted from its own first step."""
         tracker = cls.of(model)
         if tracker is None:
             tracker = cls(model)
             setattr(model, cls._ATTR, tracker)
+        tracker._timestep_runs = tracker._timestep_runs or timestep_runs
         if pipeline is not None:
             tracker._pipeline = weakref.ref(pipeline)
             tracker._timesteps = tracker._applied_timesteps = tracker._scheduler_timesteps()
@@ -177,17 +184,31 @@ class StepTracker:
         pipeline = self._pipeline() if self._pipeline is not None else None
         return getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
 
-    def _before_forward(self, module, args) -> None:
+    def _before_forward(self, module, args, kwargs) -> None:
         timesteps = self._scheduler_timesteps()
+        timestep = self._timestep_of(args, kwargs)
         if timesteps is not None and timesteps is not self._timesteps:
             self._timesteps = timesteps
             self.reset()
+        elif timestep is not None and self._last_timestep is not None and timestep > self._last_timestep:
+            self.reset()
+        self._last_timestep = timestep
         self._step = self._next
         self._next += 1
         self._bind_checkpointing()
         for owner in list(self._owners.values()):
             if owner.before_forward is not None:
                 owner.before_forward()
+
+
+    def _timestep_of(self, args, kwargs) -> Optional[float]:
+        """The largest timestep of a call (a UNet's second argument, or ``timestep=``), where `_timestep_runs`."""
+        if not self._timestep_runs:
+            return None
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if isinstance(timestep, torch.Tensor) and timestep.numel():
+            return float(timestep.max())
+        return float(timestep) if isinstance(timestep, (int, float)) else None
 
 
 def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
