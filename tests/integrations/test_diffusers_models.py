@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 from diffusers import AnimateDiffPipeline
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from vstar_kernels import PRESETS, TARConfig
 from vstar_kernels.diffusers import TARAttnProcessor, apply_tar, remove_tar, reset_steps
@@ -443,8 +443,10 @@ def test_processors_replaced_after_apply_tar_keep_tar(replace, monkeypatch):
     assert torch.equal(forward(model, inputs), oracle)
     for name, proc in processors(model).items():
         if name in names:
-            assert type(proc) is TARAttnProcessor and type(tar_site(attention_modules(model)[name]).previous) \
-                is type(replaced[name])
+            site = tar_site(attention_modules(model)[name])
+            fused = isinstance(replaced[name], FusedAttnProcessor2_0)  # TAR's fused processor stands in for it
+            assert type(proc) is TARAttnProcessor and proc.fused == fused
+            assert type(site.previous_fused if fused else site.previous) is type(replaced[name])
         else:
             assert type(proc) is type(replaced[name])
     remove_tar(model)
@@ -468,6 +470,34 @@ def test_tar_standing_in_for_fused_projections_projects_with_them():
             for layer in (modules[name].to_q, modules[name].to_k, modules[name].to_v):
                 layer.weight.zero_()
     assert torch.equal(forward(model, inputs), fused)
+
+
+def test_unfuse_after_fusing_under_tar_projects_with_the_separate_weights_again():
+    """apply_tar, fuse_qkv_projections, unfuse_qkv_projections (diffusers puts back the processors it saved, TAR's
+    plain one): TAR projects with to_q, to_k and to_v again, which changed since (a LoRA, a training step), as it
+    does on a model that was never fused; remove_tar leaves diffusers' plain processor, as stock fuse and unfuse do.
+    TAR went on projecting with the stale fused to_qkv, and remove_tar left FusedAttnProcessor2_0."""
+    fam = FAMILIES["motion"]
+    model, fresh = fam.model(), fam.model()
+    inputs = fam.inputs(model)
+    config = all_levels("motion")
+    names = apply_tar(model, config)
+    model.fuse_qkv_projections()
+    forward(model, inputs)
+    model.unfuse_qkv_projections()
+    for unet in (model, fresh):
+        modules = attention_modules(unet)
+        with torch.no_grad():
+            for name in names:
+                modules[name].to_q.weight.mul_(3.0)
+                modules[name].to_v.weight.add_(0.1)
+    apply_tar(fresh, config)
+    assert torch.equal(forward(model, inputs), forward(fresh, inputs))
+    remove_tar(model)
+    remove_tar(fresh)
+    modules = attention_modules(model)
+    assert {type(modules[name].processor) for name in names} == {AttnProcessor2_0}
+    assert torch.equal(forward(model, inputs), forward(fresh, inputs))
 
 
 class ScaledProcessor(AttnProcessor2_0):

@@ -93,7 +93,10 @@ class TARSite:
     spec: LevelSpec
     config: TARConfig
     steps: StepTracker
-    previous: Any  # the processor TAR stands in for: the one before apply_tar, or one set since (`UNetState.sync`)
+    # the processors TAR stands in for, plain and fused (projecting with ``to_qkv``): the one before apply_tar, or
+    # one set since (`UNetState.sync`); `_uninstall` gives back the one of the kind of TAR's processor there then
+    previous: Any = None
+    previous_fused: Any = None
 
     def spec_at(self, step: Optional[int]) -> Optional[LevelSpec]:
         """The spec to apply at `step`, or None for plain attention."""
@@ -142,9 +145,16 @@ def project_heads(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_s
 class TARAttnProcessor:
     """Scaled dot-product attention with TAR on the modules and steps `apply_tar` chose.
 
-    Elsewhere it computes exactly what `AttnProcessor2_0` computes (or `FusedAttnProcessor2_0`, where TAR
-    stands in for it), softmax scale ``head_dim ** -0.5`` included; q, k and v are views, no copies.
+    Elsewhere it computes exactly what `AttnProcessor2_0` computes (or, `fused`, `FusedAttnProcessor2_0`, which
+    TAR stands in for with a fused instance of its own), softmax scale ``head_dim ** -0.5`` included; q, k and v
+    are views, no copies. Fused or not is the instance's, not the module's: diffusers' unfuse_qkv_projections
+    puts back the processors it saved, TAR's plain one among them.
     """
+
+    fused = False  # (a subclass that sets no state of its own is plain)
+
+    def __init__(self, fused: bool = False):
+        self.fused = fused
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -154,8 +164,7 @@ class TARAttnProcessor:
         image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
         site = tar_site(attn)
         # project with the fused ``to_qkv`` / ``to_kv`` where the processor TAR stands in for did
-        query, key, value = project_heads(attn, hidden_states, encoder_hidden_states, temb,
-                                          fused=site is not None and isinstance(site.previous, FusedAttnProcessor2_0))
+        query, key, value = project_heads(attn, hidden_states, encoder_hidden_states, temb, fused=self.fused)
         batch, head_dim = query.shape[0], value.shape[-1]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
@@ -194,7 +203,7 @@ class UNetState:
     def __init__(self, model: torch.nn.Module, config: TARConfig, steps: StepTracker,
                  temporal: List[TemporalAttention]):
         self.model, self.config, self.steps = model, config, steps
-        self.processor = TARAttnProcessor()
+        self.processor, self.fused_processor = TARAttnProcessor(), TARAttnProcessor(fused=True)
         self.sites: List[TARSite] = []
         self._install(temporal)
 
@@ -205,9 +214,9 @@ class UNetState:
             spec = config.levels.get(t.level)
             if spec is None or (t.input_block and not config.include_input_block) or tar_site(t.module) is not None:
                 continue
-            site = TARSite(t.name, t.module, t.level, spec, config, self.steps, t.module.processor)
+            site = TARSite(t.name, t.module, t.level, spec, config, self.steps)
             setattr(t.module, _SITE_ATTR, site)
-            t.module.set_processor(self.processor)
+            self._take(site, t.module.processor)
             self.sites.append(site)
         self.layout = _layout(self.model, temporal)
 
@@ -239,8 +248,16 @@ class UNetState:
                 f"(set_attn_processor?); TAR computes the attention of {', '.join(c.__name__ for c in STANDS_IN_FOR)} "
                 "only and would drop what this one does. Call apply_tar again to regularize with TAR's processor "
                 "in its place, or remove_tar to run it without TAR")
-        site.previous = processor
-        site.module.set_processor(self.processor)
+        self._take(site, processor)
+
+    def _take(self, site: TARSite, processor) -> None:
+        """TAR's processor in `processor`'s place on `site`'s module: the fused one for a FusedAttnProcessor2_0."""
+        if isinstance(processor, FusedAttnProcessor2_0):
+            site.previous_fused = processor
+            site.module.set_processor(self.fused_processor)
+        else:
+            site.previous = processor
+            site.module.set_processor(self.processor)
 
     def uninstall(self) -> None:
         for site in self.sites:
@@ -248,9 +265,13 @@ class UNetState:
 
 
 def _uninstall(site: TARSite) -> None:
-    """Give the module the processor TAR stood in for; one set behind TAR's back and not yet replaced stays."""
-    if isinstance(site.module.processor, TARAttnProcessor):
-        site.module.set_processor(site.previous)
+    """Give the module the processor TAR stood in for, of the kind (fused or not) of TAR's processor there now (one
+    TAR never stood in for, diffusers' `AttnProcessor2_0`); one set behind TAR's back and not yet replaced stays."""
+    processor = site.module.processor
+    if isinstance(processor, TARAttnProcessor):
+        previous = site.previous_fused if processor.fused else site.previous
+        site.module.set_processor(previous if previous is not None
+                                  else FusedAttnProcessor2_0() if processor.fused else AttnProcessor2_0())
     delattr(site.module, _SITE_ATTR)
 
 
