@@ -218,6 +218,24 @@ def test_steps_levels_and_layers_filter_what_is_recorded():
         one.by_level(5)
 
 
+@pytest.mark.parametrize("tar", ["none", "applied", "removed"])
+def test_a_bare_unets_steps_are_numbered_by_its_timesteps_with_or_without_tar(tar):
+    """Two bare-model runs of two steps (timesteps 999, 500 each): a capture numbers them 0, 1 and 0, 1 whether
+    TAR was never applied, is applied, or was applied and removed (the rule is the model's, not the feature's)."""
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = unet3d_inputs(model, batch=1, size=4)
+    if tar != "none":
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    name = "mid_block.temp_attentions.0.transformer_blocks.0.attn1"
+    with capture_temporal_attention(model, layers=[name], steps=[1, 2]) as maps:
+        if tar == "removed":
+            remove_tar(model)
+        for t in (999, 500, 999, 500):
+            forward(model, {**inputs, "timestep": torch.tensor(t)})
+    assert list(maps) == [(name, 1)]
+
+
 def test_chunks_give_the_map_of_one_chunk_and_bound_the_probabilities(monkeypatch):
     model = FAMILIES["unet3d"].model()
     inputs = unet3d_inputs(model, batch=2, size=8)

@@ -62,13 +62,12 @@ def tar_state(model: torch.nn.Module):
     return vars(model).get(STATE_ATTR)
 
 
-def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker], object], unet: bool = False):
-    """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0. A
-    `unet`'s runs are also told by their timesteps (`StepTracker.attach`)."""
+def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker], object]):
+    """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0."""
     _detach(model)
     # the tracker's hooks run in forward calls, once `state` below exists
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),
-                               snapshot=lambda: state.snapshot(), timestep_runs=unet)
+                               snapshot=lambda: state.snapshot())
     state = make_state(steps)
     setattr(model, STATE_ATTR, state)
     steps.reset()  # also where another feature was counting already
@@ -114,8 +113,8 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     """Regularize the temporal attention of a pipeline's denoiser (or of a model) with TAR.
 
     `target`: a pipeline (its ``.unet`` or ``.transformer``, and Wan 2.2's ``.transformer_2``) or the model
-    (each forward call one step, from 0 now; `reset_steps`). Returns the names of the attention modules TAR
-    now runs on; applying again replaces the config. docs/integrations.md has the modules, levels, steps,
+    (each forward call one step, from 0 now and, on a UNet, at a larger timestep; `reset_steps`). Returns the
+    names of the attention modules TAR now runs on; applying again replaces the config. docs/integrations.md has the modules, levels, steps,
     processors set afterwards and gradient checkpointing, docs/dits.md the video DiTs. A ValueError names a
     level or block the model lacks.
     """
@@ -139,7 +138,7 @@ def apply_tar(target, config: TARConfig) -> List[str]:
         raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
                          f"by resolution level: use levels (its temporal attention runs at levels "
                          f"{sorted({t.level for t in temporal})})")
-    state = _attach(model, pipeline, lambda steps: UNetState(model, config, steps, temporal), unet=True)
+    state = _attach(model, pipeline, lambda steps: UNetState(model, config, steps, temporal))
     return [site.name for site in state.sites]
 
 

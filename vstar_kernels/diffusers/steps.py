@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .dit_families import dit_family, unsupported_dit
+
 
 # the owner key of apply_tar's state (each capture attaches under a key of its own)
 TAR_OWNER = "tar"
@@ -91,7 +93,11 @@ class StepTracker:
         self._timesteps = None  # the scheduler tensor of the current run
         self._applied_timesteps = None  # and the one it had when the pipeline was given (`loop_step`)
         self._checkpointing: List[torch.nn.Module] = []
-        self._timestep_runs = False  # a call at a larger timestep than the last one's starts a new run (`attach`)
+        # a video UNet's denoising loop passes its ``timestep`` on every call, falling or repeated (Heun's, unbatched
+        # guidance): a call at a larger timestep than the last call's restarts the count, so that a run the
+        # pipeline's scheduler does not mark (another pipeline's, from_pipe with a scheduler of its own; a bare
+        # model's next run) is counted from its own first step, for every feature attached (TAR, capture, VSP)
+        self._timestep_runs = dit_family(model) is None and unsupported_dit(model) is None
         self._last_timestep = None
         self.find_checkpointing(model)
         self._handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -143,17 +149,12 @@ class StepTracker:
     def attach(cls, model: torch.nn.Module, owner: str, *, pipeline=None,
                on_run_start: Optional[Callable[[], None]] = None,
                before_forward: Optional[Callable[[], None]] = None,
-               snapshot: Optional[Callable[[], Any]] = None, timestep_runs: bool = False) -> "StepTracker":
-        """The model's tracker (created on first use), now also serving `owner`; `pipeline`: module docstring.
-        `timestep_runs` (a video UNet's, whose denoising loop passes its ``timestep`` on every call, falling or
-        repeated: Heun's, unbatched guidance): a call at a larger timestep than the last call's also restarts the
-        count, so that a run the pipeline's scheduler does not mark (another pipeline's, from_pipe with a
-        scheduler of its own; a bare model's next run) is counted from its own first step."""
+               snapshot: Optional[Callable[[], Any]] = None) -> "StepTracker":
+        """The model's tracker (created on first use), now also serving `owner`; `pipeline`: module docstring."""
         tracker = cls.of(model)
         if tracker is None:
             tracker = cls(model)
             setattr(model, cls._ATTR, tracker)
-        tracker._timestep_runs = tracker._timestep_runs or timestep_runs
         if pipeline is not None:
             tracker._pipeline = weakref.ref(pipeline)
             tracker._timesteps = tracker._applied_timesteps = tracker._scheduler_timesteps()
