@@ -710,6 +710,16 @@ def test_lazycaches_skipped_steps_are_said(comfy, caplog):
                         r"step's result\)", said.getMessage()), said.getMessage()
 
 
+def test_a_run_of_one_sigma_says_nothing(comfy, caplog):
+    """Sigmas of one value (a custom sampler given no step): the run calls no model, and nothing is said of it."""
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        run(comfy, tar, latent, positive, negative, sigmas=torch.tensor([1.0]))
+    assert not warnings_of(caplog, "VSTAR_TAR")
+
+
 def test_a_sampler_of_its_own_steps_is_not_said_to_skip_any(comfy, caplog):
     """dpm_adaptive calls the model at sigmas of its own, not the schedule's: which steps it skipped cannot be told,
     and nothing is said."""

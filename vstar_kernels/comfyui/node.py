@@ -96,7 +96,7 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
                     "keep the earlier TAR, leave this node out", earlier.strength, earlier.sigma,
                     earlier.start_percent, earlier.end_percent,
                     " with none (strength 0)" if strength == 0.0 else " with its own settings")
-    if start_percent > end_percent:
+    if start_percent > end_percent and strength != 0.0:
         LOG.warning("VSTAR_TAR: start_percent=%g is after end_percent=%g: the window holds no step, so the model "
                     "runs without TAR", start_percent, end_percent)
     if strength == 0.0 or start_percent > end_percent:

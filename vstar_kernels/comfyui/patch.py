@@ -178,7 +178,7 @@ class TARPatch:
     def __init__(self, settings: Settings, family: Family, marked: Dict[str, object]):
         self.settings, self.family, self.marked = settings, family, marked
 
-    def outer_sample(self, executor, noise, *args, **kwargs):
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
         patches = guider.model_patcher.object_patches
         for path, ours in self.marked.items():
@@ -189,8 +189,9 @@ class TARPatch:
                                    "it replaces TAR's patch there, so TAR would not run. Apply VSTAR_TAR after that "
                                    "node (it keeps the forward it finds and calls it)")
         run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
-        out = executor(noise, *args, **kwargs)
-        run.end(self.settings)
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        if len(sigmas) > 1:  # a run of one sigma has no step, so no model call
+            run.end(self.settings)
         return out
 
     def bounds(self, sampling) -> Tuple[float, float, float, float]:

@@ -30,10 +30,13 @@ class CFGGuider:
                 wrappers.setdefault(kind, {}).setdefault(key, []).extend(found)
 
     def sample(self, noise, sigmas, conds, cfg):
+        self.conds, self.cfg = conds, cfg
         wrappers = get_all_wrappers(WrappersMP.OUTER_SAMPLE, self.model_options["transformer_options"])
-        return WrapperExecutor.new_class_executor(self.outer_sample, self, wrappers).execute(noise, sigmas, conds, cfg)
+        return WrapperExecutor.new_class_executor(self.outer_sample, self, wrappers).execute(noise, None, None, sigmas)
 
-    def outer_sample(self, noise, sigmas, conds, cfg):
+    def outer_sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+                     seed=None):  # ComfyUI's arguments; the latent, sampler and the rest unused here
+        conds, cfg = self.conds, self.cfg
         self.model_options["transformer_options"]["sample_sigmas"] = sigmas  # as ComfyUI gives the run's sigmas
         self.model_patcher.patch_model()
         try:
