@@ -250,6 +250,24 @@ def test_processors_replaced_after_apply_keep_vsp():
     torch.testing.assert_close(call(unet, sample, ehs), plain, rtol=0, atol=0)
 
 
+def test_unfuse_after_remove_runs_the_plain_model():
+    """remove_vsp while fused gives back the fused processors; unfuse_qkv_projections then puts back the ones
+    diffusers saved, VSP's wrappers among them: they run what they wrap (they raised), the plain model."""
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    plain = call(unet, sample, ehs)
+    apply_vsp(unet, torch.randn(N, L, C, generator=torch.Generator().manual_seed(5)), cfg=True)
+    unet.fuse_qkv_projections()
+    call(unet, sample, ehs)
+    remove_vsp(unet)
+    unet.unfuse_qkv_projections()
+    torch.testing.assert_close(call(unet, sample, ehs), plain, rtol=0, atol=0)
+    apply_vsp(unet, torch.randn(N, L, C, generator=torch.Generator().manual_seed(5)), cfg=True)
+    assert not torch.allclose(call(unet, sample, ehs), plain)  # applied again: VSP's new state runs
+    remove_vsp(unet)
+    assert all(type(p) is AttnProcessor2_0 for p in processors(unet).values())
+
+
 def test_remove_leaves_a_processor_replaced_after_apply():
     unet = tiny_unet3d()
     apply_vsp(unet, torch.zeros(N, L, C))

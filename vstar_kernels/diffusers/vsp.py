@@ -47,6 +47,8 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
         state = _SynopsisState(embeds, cfg)
         for name, module in modules:
             original = module.processor
+            while isinstance(original, _SynopsisProcessor) and original.state.removed:  # put back after remove_vsp
+                original = original.inner
             wrapper = _SynopsisProcessor(original, state)
             state.originals[name] = (module, original, wrapper)
             module.set_processor(wrapper)
@@ -74,6 +76,7 @@ def remove_vsp(target) -> None:
         else:
             warnings.warn(f"remove_vsp: the processor of {name} was replaced after apply_vsp; leaving it",
                           stacklevel=2)
+    state.removed = True  # a wrapper diffusers saved and puts back (unfuse_qkv_projections) runs what it wraps
     delattr(unet, _STATE_ATTR)
 
 
@@ -127,6 +130,7 @@ class _SynopsisState:
         self.cfg = cfg
         self.originals = {}   # name -> (module, original processor, wrapper)
         self.hooks = []
+        self.removed = False  # by remove_vsp
         self.batch = None     # videos in the current UNet call (both guidance halves)
         self._source = None
         self._context = None
@@ -212,7 +216,9 @@ class _SynopsisProcessor:
         self.__call__ = functools.wraps(inner.__call__)(functools.partial(type(self).__call__, self))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
-        if isinstance(encoder_hidden_states, tuple):  # (text, image prompts) with IP-Adapter
+        if self.state.removed:
+            pass
+        elif isinstance(encoder_hidden_states, tuple):  # (text, image prompts) with IP-Adapter
             encoder_hidden_states = (self.state.context(encoder_hidden_states[0]),) + encoder_hidden_states[1:]
         else:
             encoder_hidden_states = self.state.context(encoder_hidden_states)
