@@ -14,13 +14,14 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import (CogVideoXTransformer3DModel, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
-                       WanPipeline, WanTransformer3DModel, WanVideoToVideoPipeline)
+from diffusers import (CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel,
+                       FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel,
+                       WanVideoToVideoPipeline)
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 from vstar_kernels import TARConfig
-from vstar_kernels.diffusers import apply_tar, install, remove_tar, reset_steps
+from vstar_kernels.diffusers import apply_tar, capture_frame_attention, install, remove_tar, reset_steps
 from vstar_kernels.diffusers.dit import DiTTARProcessor
 from vstar_kernels.diffusers.interception import SDPA_BACKENDS
 from vstar_kernels.frames import layout_ids
@@ -373,22 +374,96 @@ def test_a_pipeline_sharing_the_model_is_refused_not_counted_from_the_other_pipe
     assert regularized == [step for step in range(2) for _ in range(4)]
 
 
-def test_a_hand_written_loop_counts_steps_from_its_begin_index():
-    """A loop of one's own over the pipeline's scheduler (set_begin_index(0)) that does not call the model at
-    iteration 1 (as a cache skipping a step does): the call at iteration 2 is step 2, read from the scheduler."""
-    model = FAMILIES["wan"].model()
-    pipe = wan22_pipeline(model, None, boundary_ratio=None)
-    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+def run_cogvideox(pipe, steps=3):
+    with torch.no_grad():
+        pipe(prompt_embeds=randn(1, 7, 16, seed=2), negative_prompt_embeds=randn(1, 7, 16, seed=3), height=64,
+             width=64, num_frames=9, num_inference_steps=steps, guidance_scale=5.0, output_type="latent")
+
+
+def test_a_pipeline_sharing_the_model_is_refused_where_forward_calls_are_counted():
+    """CogVideoX's DDIM keeps no step_index, so TAR counts the forward calls of the pipeline it was applied to
+    (one a step: guidance batched). A second pipeline with a scheduler of its own ran at that count, past
+    until_step, without TAR and without a word: it raises, before the first pipeline ran (its scheduler never
+    set) and after (the count past that run's steps); the first pipeline's runs each count from 0."""
+    model = FAMILIES["cogvideox"].model()
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                             scheduler=CogVideoXDDIMScheduler())
+    other = CogVideoXPipeline.from_pipe(pipe, scheduler=CogVideoXDDIMScheduler())
+    for p in (pipe, other):
+        p.set_progress_bar_config(disable=True)
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
     regularized = []
     record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    with pytest.raises(RuntimeError, match="scheduler of the CogVideoXPipeline it was applied to, which is not"):
+        run_cogvideox(other)
+    for _ in range(2):
+        regularized.clear()
+        run_cogvideox(pipe)
+        assert regularized == [step for step in range(2) for _ in range(2)]  # 2 blocks a step
+    with pytest.raises(RuntimeError, match="another pipeline with a scheduler of its own"):
+        run_cogvideox(other)
+
+
+def test_capture_given_the_pipeline_leaves_the_count_of_tar_on_the_bare_model():
+    """TAR applied to the bare model counts its forward calls across runs; a capture given the pipeline reads
+    that pipeline's scheduler while it is open, and no longer once closed (it restarted TAR's count at each of
+    the pipeline's runs from then on)."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    regularized = []
+    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    run_wan22(pipe, 2, [], regularized)  # four calls: steps 0 to 3
+    assert regularized == [step for step in range(2) for _ in range(2)]
+    with capture_frame_attention(pipe, blocks=[0]):
+        pass
+    run_wan22(pipe, 2, [], regularized)  # steps 4 to 7: none regularized
+    assert regularized == []
+
+
+@pytest.mark.parametrize("applied", ["before set_timesteps", "after set_timesteps"])
+def test_a_hand_written_loop_counts_steps_from_its_begin_index(applied):
+    """A loop of one's own over the pipeline's scheduler (set_begin_index(0)) that does not call the model at
+    iteration 1 (as a cache skipping a step does): the call at iteration 2 is step 2, read from the scheduler.
+    TAR applied after set_timesteps reads the run in progress (it raised)."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    if applied == "before set_timesteps":
+        apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
     inputs = FAMILIES["wan"].inputs()
     latents = inputs["hidden_states"]
     pipe.scheduler.set_timesteps(4)
     pipe.scheduler.set_begin_index(0)
+    if applied == "after set_timesteps":
+        apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    regularized = []
+    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
     for i, t in enumerate(pipe.scheduler.timesteps):
         out = forward(model, dict(inputs, hidden_states=latents)) if i != 1 else torch.zeros_like(latents)
         latents = pipe.scheduler.step(out, t, latents, return_dict=False)[0]
     assert regularized == [step for step in (0, 2, 3) for _ in range(2)]
+
+
+def test_apply_tar_again_in_a_step_callback_goes_on_with_the_run():
+    """Applying again replaces the config, also from callback_on_step_end in the middle of a run (it raised: the
+    scheduler's timesteps were those it had when applied); the steps go on from the run's."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    regularized = []
+
+    def again(p, i, t, kwargs):
+        if i == 0:
+            apply_tar(p, TARConfig(levels={0: (1.0, 2.0)}, until_step=None))
+            record_tar_calls(model, regularized, lambda proc, kwargs: (proc.state.step, kwargs["strength"]))
+        return {}
+
+    record_tar_calls(model, regularized, lambda proc, kwargs: (proc.state.step, kwargs["strength"]))
+    with torch.no_grad():
+        pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
+             width=32, num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+             callback_on_step_end=again)
+    assert sorted(set(regularized)) == [(0, 1.0), (1, 2.0), (2, 2.0)]
 
 
 def test_video_to_video_counts_its_loop_from_where_it_starts_the_schedule():

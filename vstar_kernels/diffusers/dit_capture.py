@@ -148,7 +148,7 @@ class _Recorder:
         """The step of the call in progress, or None when it is not recorded."""
         if self.perturbed:
             return None
-        step = loop_step(self.tracker, self.pipeline, self.grid)
+        step = loop_step(self.tracker, self.owner, self.grid)
         return step if self.steps is None or step in self.steps else None
 
     def record(self, name, block, step, query, key, mask, scale, first, batch) -> None:

@@ -36,7 +36,7 @@ class DiTState:
 
     @property
     def step(self) -> int:
-        return loop_step(self.steps, self.pipeline, self.grid)
+        return loop_step(self.steps, TAR_OWNER, self.grid)
 
     def snapshot(self) -> Tuple[Optional[TokenLayout], int]:
         return self.grid, self.step

@@ -28,6 +28,9 @@ class _Owner(NamedTuple):
     on_run_start: Optional[Callable[[], None]]
     before_forward: Optional[Callable[[], None]]
     snapshot: Optional[Callable[[], Any]]
+    pipeline: Any = None  # weakref to the pipeline given with the owner, or None
+    applied: Any = None   # its scheduler's timesteps then (`loop_step`)
+    in_run: bool = False  # and whether that scheduler was in a run then (set, not finished)
 
 
 class _Snapshot(NamedTuple):
@@ -79,7 +82,8 @@ class StepTracker:
     Features share one tracker per model, each under its own owner key (``attach(model, "tar")``,
     ``detach`` with the same key; the last owner out removes the hook). An owner may give
     ``on_run_start`` (called whenever the count restarts at 0), ``before_forward`` (before every
-    forward call, once ``step`` is set) and ``snapshot`` (see `current`).
+    forward call, once ``step`` is set), ``snapshot`` (see `current`) and ``pipeline``: the scheduler of
+    the last owner attached with one marks new runs.
     """
 
     _ATTR = "_vstar_step_tracker"
@@ -89,9 +93,7 @@ class StepTracker:
         self._step = 0
         self._next = 0
         self._owners: Dict[str, _Owner] = {}
-        self._pipeline = None  # weakref to the pipeline whose scheduler marks a new run
         self._timesteps = None  # the scheduler tensor of the current run
-        self._applied_timesteps = None  # and the one it had when the pipeline was given (`loop_step`)
         self._checkpointing: List[torch.nn.Module] = []
         # a video UNet's denoising loop passes its ``timestep`` on every call, falling or repeated (Heun's, unbatched
         # guidance): a call at a larger timestep than the last call's restarts the count, so that a run the
@@ -155,10 +157,13 @@ class StepTracker:
         if tracker is None:
             tracker = cls(model)
             setattr(model, cls._ATTR, tracker)
+        tracker._owners.pop(owner, None)  # the last attached last
+        scheduler = getattr(pipeline, "scheduler", None)
+        tracker._owners[owner] = _Owner(on_run_start, before_forward, snapshot,
+                                        None if pipeline is None else weakref.ref(pipeline),
+                                        getattr(scheduler, "timesteps", None), _in_run(scheduler))
         if pipeline is not None:
-            tracker._pipeline = weakref.ref(pipeline)
-            tracker._timesteps = tracker._applied_timesteps = tracker._scheduler_timesteps()
-        tracker._owners[owner] = _Owner(on_run_start, before_forward, snapshot)
+            tracker._timesteps = tracker._scheduler_timesteps()
         return tracker
 
     @classmethod
@@ -167,11 +172,14 @@ class StepTracker:
         tracker = cls.of(model)
         if tracker is None:
             return
+        marking = tracker._marking()
         tracker._owners.pop(owner, None)
         if not tracker._owners:
             tracker._handle.remove()
             tracker._unbind_checkpointing()
             delattr(model, cls._ATTR)
+        elif tracker._marking() is not marking:  # another owner's scheduler (or none) marks runs from now on
+            tracker._timesteps = tracker._scheduler_timesteps()
 
     def reset(self) -> None:
         """The next forward call is step 0."""
@@ -181,8 +189,13 @@ class StepTracker:
             if owner.on_run_start is not None:
                 owner.on_run_start()
 
+    def _marking(self):
+        """The weakref to the pipeline whose scheduler marks new runs: the last owner's given with one."""
+        return next((owner.pipeline for owner in reversed(self._owners.values()) if owner.pipeline is not None), None)
+
     def _scheduler_timesteps(self):
-        pipeline = self._pipeline() if self._pipeline is not None else None
+        marking = self._marking()
+        pipeline = marking() if marking is not None else None
         return getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
 
     def _before_forward(self, module, args, kwargs) -> None:
@@ -212,28 +225,41 @@ class StepTracker:
         return float(timestep) if isinstance(timestep, (int, float)) else None
 
 
-def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
-    """The denoising-loop index of a DiT's call in progress (`pipeline`: a weakref, or None; docs/dits.md, Steps):
-    the loop iteration the scheduler's ``step_index`` gives where it keeps one (counted from the run's first, which
-    need not be the schedule's: strength < 1), else the forward calls counted by `StepTracker`; under
+def _in_run(scheduler) -> bool:
+    """Whether `scheduler` is set for a run (``set_timesteps``) that has not finished."""
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        return False
+    index, timesteps = getattr(scheduler, "step_index", None), getattr(scheduler, "timesteps", None)
+    return index is None or timesteps is None or index < len(timesteps)
+
+
+def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
+    """The denoising-loop index of a DiT's call in progress, for `owner` of `steps` (its pipeline's; docs/dits.md,
+    Steps): the loop iteration the scheduler's ``step_index`` gives where it keeps one (counted from the run's
+    first, which need not be the schedule's: strength < 1), else the forward calls counted by `StepTracker`; under
     diffusion forcing (`grid.timestep` set), the number of scheduler timesteps above the call's largest one."""
+    given = steps._owners[owner]
+    pipeline = given.pipeline
     scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
-    if scheduler is None or not hasattr(scheduler, "step_index"):
+    if scheduler is None:
+        return steps.step
+    timesteps = getattr(scheduler, "timesteps", None)
+    # the scheduler has not been set for a run since the pipeline was given, when it was in none
+    unset = timesteps is not None and timesteps is given.applied and not given.in_run
+    if not hasattr(scheduler, "step_index"):  # forward calls counted: past the run's steps, another run's
+        if unset or (timesteps is not None and steps.step >= len(timesteps)):
+            raise _outside_run(pipeline)
         return steps.step
     timestep = getattr(grid, "timestep", None)
     if timestep is not None and getattr(scheduler, "timesteps", None) is not None:
         return sum(t > timestep for t in _schedule(scheduler.timesteps))
     index = scheduler.step_index
-    timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None:
         return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
-    if timesteps is steps._applied_timesteps or (index is not None and index >= len(timesteps)):
-        # the scheduler has not been set for a run since the pipeline was given, or has finished its run: the
-        # model runs outside that pipeline's loop, and its index is another run's, or none
-        raise RuntimeError(f"TAR takes its steps from the scheduler of the {type(pipeline()).__name__} it was "
-                           "applied to, which is not running a denoising loop: the model was called by another "
-                           "pipeline with a scheduler of its own (from_pipe(..., scheduler=...)) or outside a run. "
-                           "Apply TAR to the pipeline that runs, or to the model itself (forward calls counted)")
+    if unset or (index is not None and index >= len(timesteps)):
+        # not set for a run, or finished its run: the model runs outside that pipeline's loop, and its index is
+        # another run's, or none
+        raise _outside_run(pipeline)
     run = _RUNS.setdefault(timesteps, [False, None])
     if index is None:  # the loop's first iteration: the scheduler sets its index at its first step
         run[0] = True
@@ -245,6 +271,13 @@ def loop_step(steps: StepTracker, pipeline, grid=None) -> int:
         begin = getattr(scheduler, "begin_index", None)
         run[1] = begin if begin is not None else index - 1 if run[0] else index
     return index - run[1]
+
+
+def _outside_run(pipeline) -> RuntimeError:
+    return RuntimeError(f"TAR takes its steps from the scheduler of the {type(pipeline()).__name__} it was applied "
+                        "to, which is not running a denoising loop: the model was called by another pipeline with a "
+                        "scheduler of its own (from_pipe(..., scheduler=...)) or outside a run. Apply TAR to the "
+                        "pipeline that runs, or to the model itself (forward calls counted)")
 
 
 # a run's scheduler timesteps tensor -> [whether a call read no step index, the index of the loop's first
