@@ -191,7 +191,16 @@ class TritonLeanBackend(TritonBackend):
         probe = _load.triton_lean_ops()
         if not probe.ok:
             return reasons or [probe.reason]
-        return reasons + [r for r in probe.module.layout_reasons(problem) if r not in reasons]
+        reasons += [r for r in probe.module.layout_reasons(problem) if r not in reasons]
+        if not reasons and problem.device.type != "meta" and not torch.compiler.is_compiling():
+            # the ids' values (read once per id tensor); traced or meta, the kernel's launch checks them
+            regular_layout = probe.module.regular_layout
+            layout = regular_layout(problem.frames_q)
+            if layout is None or (problem.frames_k is not problem.frames_q
+                                  and regular_layout(problem.frames_k) != layout):
+                reasons.append("frames are not one regular layout (frame_ids(F, T, text_before=, text_after=)), the "
+                               "same for queries and keys: use backend='triton'")
+        return reasons
 
     def state_reasons(self, problem):
         reasons = super().state_reasons(problem)
@@ -214,14 +223,7 @@ class TritonLeanBackend(TritonBackend):
             return [f"{self.kernel} takes frame ids in float16 or bfloat16"]
         if torch.compiler.is_compiling():
             return [f"{self.kernel} is not chosen by 'auto' under torch.compile"]
-        reasons = self.not_supported_reasons(problem)
-        if not reasons:
-            regular_layout = _load.triton_lean_ops().module.regular_layout
-            layout = regular_layout(problem.frames_q)
-            if layout is None or (problem.frames_k is not problem.frames_q
-                                  and regular_layout(problem.frames_k) != layout):
-                reasons.append("frames are not one regular layout (frame_ids(F, T, text_before=, text_after=))")
-        return reasons
+        return self.not_supported_reasons(problem)
 
     def forward(self, problem, stats=None, flags=None):
         return _load.triton_lean_ops().module.lean_forward(problem, stats, flags=flags)

@@ -226,9 +226,13 @@ def test_regular_layout(ids, expected):
 def test_refusals_name_the_argument():
     ids = vk.frame_ids(2, 8, device=DEVICE)
     q, k, v = qkv(1, 1, 16, 16, torch.float16)
-    with pytest.raises(ValueError, match="frames: backend='triton-lean' takes the regular layout"):
-        lean_call(q, k, v, torch.tensor([0] * 4 + [1] * 12, dtype=torch.int32, device=DEVICE))
     unavailable = dispatch.BackendUnavailableError
+    with pytest.raises(unavailable, match=r"frames are not one regular layout \(frame_ids"):
+        lean_call(q, k, v, torch.tensor([0] * 4 + [1] * 12, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="frames: backend='triton-lean' takes the regular layout"):  # the launch's
+        problem = make_problem(q, k, v, sigma=SIGMA, strength=STRENGTH, delta=None, causal=False, max_mode="row",
+                               scale=None, frames=torch.tensor([0] * 4 + [1] * 12, dtype=torch.int32, device=DEVICE))
+        tar_fwd_lean.frame_layout(problem)
     cases = [
         (dict(frames=None), "frame ids"),
         (dict(key_mask=torch.ones(1, 16, dtype=torch.bool, device=DEVICE)), "key mask"),
@@ -253,7 +257,7 @@ def test_refusals_name_the_argument():
     with pytest.raises(unavailable, match="v must have"):
         lean_call(q, k, shifted, ids)
     shifted_ids = vk.frame_ids(2, 8, device=DEVICE)[torch.arange(16, device=DEVICE).roll(4)]  # a ring shard's keys
-    with pytest.raises(ValueError, match="the same for queries and keys"):
+    with pytest.raises(unavailable, match="the same for queries and keys"):
         vk.tar_attention(q, k, v, frames=(ids, shifted_ids), backend="triton-lean")
     with pytest.raises(unavailable, match="q.dtype float32: use backend='triton'"):
         lean_call(q.float(), k.float(), v.float(), ids)
