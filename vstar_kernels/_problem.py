@@ -108,6 +108,13 @@ def _real(name: str, value) -> float:
 # and comparisons are what torch.compile traces (as guards).
 
 
+def check_int(name: str, value, least: int = 1, kinds=numbers.Integral):
+    """`value` if it is an int (of `kinds`, never a bool) >= `least` (0 or 1), else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < least:
+        raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} int, got {value!r}")
+    return value
+
+
 def int_set(name: str, values) -> Optional[set]:
     """`values` as a set of ints >= 0, at least one (None: None, every one); raises naming `name` otherwise."""
     if values is None:

@@ -17,7 +17,7 @@ import torch
 
 from . import _env
 from ._deprecation import renamed
-from ._problem import TarProblem, check_frame_values, make_problem
+from ._problem import TarProblem, check_frame_values, check_int, make_problem
 from .reference import CHUNK_ELEMENTS, _masked_scores
 from .regularization import gaussian_toeplitz
 
@@ -51,8 +51,7 @@ def band_energy(attention: torch.Tensor, width: int) -> torch.Tensor:
     at most `width` away. Returns float64 of shape (...).
     """
     a = _check_map("attention", attention)
-    if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 0:
-        raise ValueError(f"width must be a non-negative int, got {width!r}")
+    check_int("width", width, 0)
     n, m = a.shape[-2:]
     i = torch.arange(n, device=a.device)[:, None]
     j = torch.arange(m, device=a.device)[None, :]
@@ -158,8 +157,7 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
     sigmas = list(sigmas)
     if not sigmas:
         raise ValueError("sigmas must hold at least one value")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     row = [(f"sigma = {s:g}", f"sigma = {s:g}", gaussian_toeplitz(int(n), s, dtype=torch.float64)) for s in sigmas]
     return _draw([(None, row)], path, caller="plot_delta", cmap=cmap, panel_size=panel_size, dpi=dpi,
                  title=f"TAR's Gaussian matrix dA, {int(n)} frames", color_scale="shared", value_label="dA")
@@ -189,8 +187,7 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
         raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
     if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > MIN_PANEL_INCHES:
         raise ValueError(f"panel_size must be a number of inches > {MIN_PANEL_INCHES:g}, got {panel_size!r}")
-    if isinstance(dpi, bool) or not isinstance(dpi, numbers.Integral) or dpi < 1:
-        raise ValueError(f"dpi must be a positive int, got {dpi!r}")
+    check_int("dpi", dpi)
     rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]
     values = [a for _, row in rows for _, _, a in row]
     if color_scale == "shared":

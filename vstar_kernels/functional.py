@@ -71,13 +71,8 @@ class Speculation:
     every PROBE + 1 steps.
     """
 
-    # Measured at one shape (H100, bf16, Wan 2.1 480p; benchmarks/NOTES.md): the one pass takes 28.9 / 32.1 ms at
-    # 0 / 5% of rows flagged, two passes 32.3 (on the day before's tiles 36.3 / 40.0 / 44.9 at 0 / 5 / 20%, two
-    # passes 40.1): it pays up to 5%. The lean forward's (sm_90's "auto"), its redo since the 13th session (kernel
-    # times): 16.3 / 19.3 / 24.5 ms at 0 / 5 / 20% against its two loops' 22.1 at Wan (break-even near 13%), 12.2 /
-    # 13.8 / 17.6 against 16.1 at CogVideoX (near 14%), 1.07 / 1.29 / 1.64 against 1.39 at LTX-Video (near 9%). At
-    # 100% flagged a probe cost 57.5 ms at Wan, 40.6 at CogVideoX with the redo before: over a 50-step run three
-    # probes (steps 1, 10 and 27) make a call 1.10x and 1.09x the two loops', a probe every 9 steps 1.19x and 1.18x.
+    # The measurements behind these (one pass vs two at 0 / 5 / 20 / 100% of rows flagged, Wan, CogVideoX,
+    # LTX-Video): docs/api.md, "The speculative forward", and benchmarks/NOTES.md.
     BREAK_EVEN = 0.05
     PROBE = 8
     PROBE_MAX = 64

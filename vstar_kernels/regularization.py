@@ -6,13 +6,12 @@ import numbers
 
 import torch
 
-from ._problem import check_sigma
+from ._problem import check_int, check_sigma
 
 
 def _size(name: str, n) -> int:
     """A non-negative integer size (numpy integers too; a traced size under torch.compile)."""
-    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)) or n < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    check_int(name, n, 0, (numbers.Integral, torch.SymInt))
     return n if isinstance(n, torch.SymInt) else int(n)
 
 
@@ -66,8 +65,7 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
     f = features.to(torch.float64)
     _check_nonzero(f, "features of frame(s) {} are all zero")
     if num_frames is not None:
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        check_int("num_frames", num_frames, kinds=int)
         f = _resample_frames(f, num_frames)
         _check_nonzero(f, "resampled frame(s) {} interpolate to all-zero features (opposite neighbours)")
     unit = f / f.norm(dim=1)[:, None]

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .._deprecation import renamed
-from .._problem import int_set, make_problem
+from .._problem import check_int, int_set, make_problem
 from ..reference import tar_scores
 from ..regularization import gaussian_bias
 from .install import denoiser
@@ -107,8 +107,7 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
                              chunk_size)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
-        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+    check_int("chunk_elements", chunk_elements, kinds=int)
     selected = [t for t in temporal
                 if (levels is None or t.level in levels) and (layers is None or t.name in layers)]
     if not selected:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .._problem import int_set, make_problem
+from .._problem import check_int, int_set, make_problem
 from ..analysis import _outside_own_frame
 from ..frames import frame_bias
 from ..reference import tar_scores
@@ -66,8 +66,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
             and "guidance_scale" in inspect.signature(type(pipeline).__call__).parameters:
         raise ValueError(f"{type(pipeline).__name__} batches guidance but does not say when: pass cfg=True "
                          "(guidance_scale > 1) or cfg=False")
-    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
-        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+    check_int("chunk_elements", chunk_elements, kinds=int)
 
     # every model apply_tar takes (Wan 2.2's two experts: the second's layers prefixed "transformer_2.")
     experts = [(prefix, expert, [(index, f"{prefix}.{name}" if prefix else name, module)
