@@ -16,11 +16,9 @@ statistics the tiled backward reads, so gradients run ops/tar_bwd.py. Its tiles 
 and on a key tile of one frame it takes the scale and the bias in one multiply-add, so its output agrees with it to
 rounding, not bit for bit; the float64 reference and the tolerance table are its tests (tests/kernels/test_lean.py).
 
-"auto" chooses it on sm_90 where it fits (dispatch.TritonLeanBackend.fits_auto). Its first GPU test run (an H200,
-2026-11-26) gave wrong outputs: Triton 3.9's warp specialization split a 128-row block into two 64-row partitions
-and shifted, in the second, both tl.arange's range and a splat of start_m added to it, so rows 64-127 took the frame
-ids and statistics of rows start_m + 128..191. start_m now goes into the scalars, never onto a range (the kernel);
-every test of tests/kernels/test_lean.py passed on the H200 since (benchmarks/NOTES.md).
+"auto" chooses it on sm_90 where it fits (dispatch.TritonLeanBackend.fits_auto). start_m goes into the scalars,
+never onto a tl.arange range: Triton 3.9's warp specialization shifted both in a block's second 64-row partition
+(wrong rows 64-127 on the first H200 run; benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
