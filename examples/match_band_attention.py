@@ -73,10 +73,16 @@ def optimize(*, steps=150, positions=8, frames=16, channels=32, heads=2, target_
                 target_diagonality=diagonality(target))
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=150)
+    parser.add_argument("--frames", type=positive_int, default=16)
     parser.add_argument("--target-sigma", type=float, default=1.5, help="width of the target band")
     parser.add_argument("--sigma", type=float, default=1.0, help="TAR width in the layer")
     parser.add_argument("--strength", type=float, default=0.0, help="TAR strength in the layer (0: plain map)")

@@ -84,10 +84,16 @@ def train(*, steps=60, batch=32, frames=16, features=8, channels=32, heads=2, si
     return losses
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=60)
+    parser.add_argument("--frames", type=positive_int, default=16)
     parser.add_argument("--sigma", type=float, default=2.0, help="TAR width (math.inf: plain attention)")
     parser.add_argument("--strength", type=float, default=1.0, help="TAR strength (0: plain attention)")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])

@@ -169,10 +169,15 @@ def _positive_int(text: str) -> int:
 
 
 def _image_path(text: str) -> str:
-    """An output image's path, refused before any work when its folder does not exist."""
+    """An output image's path, refused before any work when its folder does not exist, when it is a folder, or
+    when it has no suffix to name the format (matplotlib would add one, and the path printed be another's)."""
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the image's file name (e.g. {text}/out.png)")
+    if not os.path.splitext(text)[1]:
+        raise argparse.ArgumentTypeError(f"{text} has no suffix to name the image format (.png, .pdf, .svg)")
     return text
 
 
@@ -210,7 +215,7 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the latents (default: 0)")
     parser.add_argument("--out", type=_image_path, default="attention.png",
                         help="output image (default: attention.png)")
-    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default: 100)")
+    parser.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch (default: 100)")
     parser.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared",
                         help="one colour scale for all panels, or each panel on its own min..max (default: shared)")
     _deprecated_option(parser, "--scale", "--color-scale", choices=("shared", "per-panel"))

@@ -82,23 +82,43 @@ def test_help_and_a_wrong_option_answer_without_importing_torch():
         assert "vstar_kernels.cli" in imported and "torch" not in imported, argv
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-frames", "0"], "argument --num-frames: must be a positive int, got '0'"),
+IMAGE_OPTION_ERRORS = [
     (["--dpi", "-5"], "argument --dpi: must be a positive int, got '-5'"),
     (["--out", "/nonexistent/dir/d.png"], "argument --out: the folder /nonexistent/dir does not exist"),
+    (["--out", "{tmp}"], "argument --out: {tmp} is a folder; give the image's file name (e.g. {tmp}/out.png)"),
+    (["--out", "{tmp}/delta"], "argument --out: {tmp}/delta has no suffix to name the image format (.png, .pdf, "
+                               ".svg)"),
+]
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("plot-delta", ["--num-frames", "0"], "argument --num-frames: must be a positive int, got '0'"),
+    *[(command, argv, message) for command in ("plot-delta", "demo-attention")
+      for argv, message in IMAGE_OPTION_ERRORS],
 ])
-def test_plot_delta_names_the_bad_option(argv, message, capsys):
+def test_image_commands_name_the_bad_option(command, argv, message, capsys, tmp_path):
+    """Refused before any work (demo-attention's frame count is the demo's to check: test_attention_demo)."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["plot-delta", *argv])
+        cli.main([command, *argv])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"vstar-kernels plot-delta: error: {message}"
+    expected = f"vstar-kernels {command}: error: {message.format(tmp=tmp_path)}"
+    assert capsys.readouterr().err.splitlines()[-1] == expected
 
 
-def test_demo_attention_refuses_a_missing_folder_before_running(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--time-budget-s", "0"], "argument --time-budget-s: must be a number of seconds > 0, got '0'"),
+    (["--time-budget-s", "-1"], "argument --time-budget-s: must be a number of seconds > 0, got '-1'"),
+    (["--time-budget-s", "nan"], "argument --time-budget-s: must be a number of seconds > 0, got 'nan'"),
+    (["--out", "{file}"], "argument --out: {file} is a file; --out names the results folder"),
+])
+def test_bench_names_the_bad_option(argv, message, capsys, tmp_path):
+    file = tmp_path / "results.csv"
+    file.write_text("")
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["demo-attention", "--out", "/nonexistent/dir/a.png"])
+        cli.main(["bench", "--quick", *[a.format(file=file) for a in argv]])
     assert exit_.value.code == 2
-    assert "argument --out: the folder /nonexistent/dir does not exist" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == f"vstar-kernels bench: error: {message.format(file=file)}"
 
 
 def make_dry_run(target, setup_dir, cwd=ROOT, **variables):

@@ -59,3 +59,12 @@ def test_input_optimization_on_triton_backend_matches_reference(band_example):
     reference = band_example.optimize(backend="reference", **kw)
     torch.testing.assert_close(torch.tensor(triton["losses"]), torch.tensor(reference["losses"]),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["train_temporal_tar", "match_band_attention"])
+@pytest.mark.parametrize("option", ["--steps", "--frames"])
+def test_examples_refuse_a_count_below_one(name, option, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main([option, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {option}: must be a positive int, got '0'" in capsys.readouterr().err

@@ -5,7 +5,29 @@ This module only defines the options, so that building the CLI parser imports no
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
+
 RUNTIME_DEVICES = ("auto", "cuda", "cpu")
+
+
+def _seconds(text: str) -> float:
+    """--time-budget-s: a number of seconds > 0 (argparse names the option in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _folder(text: str) -> str:
+    """--out: a folder, made when missing; an existing file is refused before any work."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file; --out names the results folder")
+    return text
 
 
 def configure(parser) -> None:
@@ -22,10 +44,10 @@ def configure(parser) -> None:
                              "path; vstar_triton is only checked there, in the Triton interpreter")
     parser.add_argument("--device", choices=RUNTIME_DEVICES, default="auto",
                         help="where to run: auto, cuda or cpu (default: cuda when available)")
-    parser.add_argument("--out", metavar="DIR",
+    parser.add_argument("--out", metavar="DIR", type=_folder,
                         help="results directory (default: ./vstar-bench-results, in the current folder; the paths "
                              "written are printed)")
-    parser.add_argument("--time-budget-s", type=float, metavar="S",
+    parser.add_argument("--time-budget-s", type=_seconds, metavar="S",
                         help="stop measuring after S seconds; the rest get 'unsupported: not run: ...' rows")
     parser.add_argument("--resume", action="store_true",
                         help="skip cells this commit already measured in today's CSV")
