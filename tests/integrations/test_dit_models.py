@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel,
-                       FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel,
-                       WanVideoToVideoPipeline)
+                       FlowMatchEulerDiscreteScheduler, IPNDMScheduler, UniPCMultistepScheduler,
+                       WanPipeline, WanTransformer3DModel, WanVideoToVideoPipeline)
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
@@ -374,6 +374,14 @@ def test_a_pipeline_sharing_the_model_is_refused_not_counted_from_the_other_pipe
     assert regularized == [step for step in range(2) for _ in range(4)]
 
 
+def cogvideox_pipeline():
+    model = FAMILIES["cogvideox"].model()
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return model, pipe
+
+
 def run_cogvideox(pipe, steps=3):
     with torch.no_grad():
         pipe(prompt_embeds=randn(1, 7, 16, seed=2), negative_prompt_embeds=randn(1, 7, 16, seed=3), height=64,
@@ -385,12 +393,9 @@ def test_a_pipeline_sharing_the_model_is_refused_where_forward_calls_are_counted
     (one a step: guidance batched). A second pipeline with a scheduler of its own ran at that count, past
     until_step, without TAR and without a word: it raises, before the first pipeline ran (its scheduler never
     set) and after (the count past that run's steps); the first pipeline's runs each count from 0."""
-    model = FAMILIES["cogvideox"].model()
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
-                             scheduler=CogVideoXDDIMScheduler())
+    model, pipe = cogvideox_pipeline()
     other = CogVideoXPipeline.from_pipe(pipe, scheduler=CogVideoXDDIMScheduler())
-    for p in (pipe, other):
-        p.set_progress_bar_config(disable=True)
+    other.set_progress_bar_config(disable=True)
     apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
     regularized = []
     record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
@@ -402,6 +407,67 @@ def test_a_pipeline_sharing_the_model_is_refused_where_forward_calls_are_counted
         assert regularized == [step for step in range(2) for _ in range(2)]  # 2 blocks a step
     with pytest.raises(RuntimeError, match="another pipeline with a scheduler of its own"):
         run_cogvideox(other)
+
+
+
+def test_where_calls_are_counted_tar_applied_after_a_finished_run_refuses_another_pipeline():
+    """The applied pipeline ran (its scheduler set, then left at the end of its run) before apply_tar: another
+    pipeline's runs are refused, not counted on from where they would be (they ran at steps 2, 3, no TAR)."""
+    model, pipe = cogvideox_pipeline()
+    other = CogVideoXPipeline.from_pipe(pipe, scheduler=CogVideoXDDIMScheduler())
+    other.set_progress_bar_config(disable=True)
+    run_cogvideox(pipe, steps=6)
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="another pipeline with a scheduler of its own"):
+            run_cogvideox(other, steps=2)
+
+
+def test_where_calls_are_counted_apply_tar_again_in_a_step_callback_goes_on_with_the_run():
+    model, pipe = cogvideox_pipeline()
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    regularized = []
+
+    def again(p, i, t, kwargs):
+        if i == 0:
+            apply_tar(p, TARConfig(levels={0: (1.0, 2.0)}, until_step=None))
+            record_tar_calls(model, regularized, lambda proc, kwargs: (proc.state.step, kwargs["strength"]))
+        return {}
+
+    record_tar_calls(model, regularized, lambda proc, kwargs: (proc.state.step, kwargs["strength"]))
+    with torch.no_grad():
+        pipe(prompt_embeds=randn(1, 7, 16, seed=2), negative_prompt_embeds=randn(1, 7, 16, seed=3), height=64,
+             width=64, num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+             callback_on_step_end=again)
+    assert sorted(set(regularized)) == [(0, 1.0), (1, 2.0), (2, 2.0)]
+
+
+def test_a_scheduler_left_by_an_interrupted_run_or_only_built_is_in_no_run():
+    """TAR applied to a pipeline whose last run was interrupted (its scheduler's step index left part-way), or
+    whose scheduler sets its step count when built (IPNDM): a call of another pipeline is refused,
+    not run at the stale index or at step 0."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    other = WanPipeline.from_pipe(pipe, scheduler=UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
+
+    def stop(p, i, t, kwargs):
+        p._interrupt = i == 1
+        return {}
+
+    with torch.no_grad():
+        pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
+             width=32, num_frames=9, num_inference_steps=6, guidance_scale=5.0, output_type="latent",
+             callback_on_step_end=stop)
+    assert pipe.scheduler.step_index == 2
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    with pytest.raises(RuntimeError, match="another pipeline with a scheduler of its own"):
+        run_wan22(other, 3, [], [])
+    built = WanPipeline.from_pipe(pipe, scheduler=IPNDMScheduler())
+    assert built.scheduler.num_inference_steps is not None
+    apply_tar(built, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    with pytest.raises(RuntimeError, match="not running a denoising loop"):
+        forward(model, FAMILIES["wan"].inputs())
 
 
 def test_capture_given_the_pipeline_leaves_the_count_of_tar_on_the_bare_model():

@@ -251,8 +251,10 @@ def test_processors_replaced_after_apply_keep_vsp():
 
 
 def test_unfuse_after_remove_runs_the_plain_model():
-    """remove_vsp while fused gives back the fused processors; unfuse_qkv_projections then puts back the ones
-    diffusers saved, VSP's wrappers among them: they run what they wrap (they raised), the plain model."""
+    """remove_vsp while fused gives back the fused processors, and the ones diffusers saved at fuse time (VSP's
+    wrappers) without VSP: unfuse_qkv_projections then puts back the plain processors (it put back wrappers
+    whose state was gone, which raised), and set_default_attn_processor works. Applied again while fused,
+    unfused, and removed: the plain processors again."""
     unet = tiny_unet3d()
     sample, ehs = unet_inputs("unet3d", batch=2)
     plain = call(unet, sample, ehs)
@@ -261,11 +263,17 @@ def test_unfuse_after_remove_runs_the_plain_model():
     call(unet, sample, ehs)
     remove_vsp(unet)
     unet.unfuse_qkv_projections()
+    assert all(type(p) is AttnProcessor2_0 for p in processors(unet).values())
     torch.testing.assert_close(call(unet, sample, ehs), plain, rtol=0, atol=0)
+    unet.fuse_qkv_projections()
     apply_vsp(unet, torch.randn(N, L, C, generator=torch.Generator().manual_seed(5)), cfg=True)
-    assert not torch.allclose(call(unet, sample, ehs), plain)  # applied again: VSP's new state runs
+    expected = call(unet, sample, ehs)
+    assert not torch.allclose(expected, plain)
+    unet.unfuse_qkv_projections()
+    torch.testing.assert_close(call(unet, sample, ehs), expected, rtol=1e-5, atol=1e-5)  # VSP still on
     remove_vsp(unet)
     assert all(type(p) is AttnProcessor2_0 for p in processors(unet).values())
+    unet.set_default_attn_processor()
 
 
 def test_remove_leaves_a_processor_replaced_after_apply():

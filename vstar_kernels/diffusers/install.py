@@ -15,7 +15,7 @@ from ..tar_config import TARConfig
 from .dit_families import dit_attention_modules, dit_family, unsupported_dit
 from .dit_state import DiTState, watch_layout
 from .processors import UNetState, temporal_at
-from .steps import TAR_OWNER, StepTracker
+from .steps import TAR_OWNER, StepTracker, in_run
 
 STATE_ATTR = "_vstar_tar"
 DENOISERS = ("unet", "transformer", "transformer_2")
@@ -63,14 +63,17 @@ def tar_state(model: torch.nn.Module):
 
 
 def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker], object]):
-    """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0."""
+    """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0, or
+    where TAR, applied again, replaces its config in the middle of `pipeline`'s run, the run's next step."""
+    tracker = StepTracker.of(model)
+    start = tracker._next if tracker is not None and tar_state(model) is not None and in_run(pipeline) else 0
     _detach(model)
     # the tracker's hooks run in forward calls, once `state` below exists
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),
                                snapshot=lambda: state.snapshot())
     state = make_state(steps)
     setattr(model, STATE_ATTR, state)
-    steps.reset()  # also where another feature was counting already
+    steps.reset(start)  # also where another feature was counting already
     return state
 
 

@@ -98,7 +98,7 @@ class StepTracker:
         # a video UNet's denoising loop passes its ``timestep`` on every call, falling or repeated (Heun's, unbatched
         # guidance): a call at a larger timestep than the last call's restarts the count, so that a run the
         # pipeline's scheduler does not mark (another pipeline's, from_pipe with a scheduler of its own; a bare
-        # model's next run) is counted from its own first step, for every feature attached (TAR, capture, VSP)
+        # model's next run) is counted from its own first step, for every feature attached (TAR, captures)
         self._timestep_runs = dit_family(model) is None and unsupported_dit(model) is None
         self._last_timestep = None
         self.find_checkpointing(model)
@@ -161,7 +161,7 @@ class StepTracker:
         scheduler = getattr(pipeline, "scheduler", None)
         tracker._owners[owner] = _Owner(on_run_start, before_forward, snapshot,
                                         None if pipeline is None else weakref.ref(pipeline),
-                                        getattr(scheduler, "timesteps", None), _in_run(scheduler))
+                                        getattr(scheduler, "timesteps", None), in_run(pipeline))
         if pipeline is not None:
             tracker._timesteps = tracker._scheduler_timesteps()
         return tracker
@@ -181,10 +181,10 @@ class StepTracker:
         elif tracker._marking() is not marking:  # another owner's scheduler (or none) marks runs from now on
             tracker._timesteps = tracker._scheduler_timesteps()
 
-    def reset(self) -> None:
-        """The next forward call is step 0."""
-        self._step = 0
-        self._next = 0
+    def reset(self, start: int = 0) -> None:
+        """The next forward call is step `start` (0: a new run)."""
+        self._step = start
+        self._next = start
         for owner in list(self._owners.values()):
             if owner.on_run_start is not None:
                 owner.on_run_start()
@@ -225,12 +225,20 @@ class StepTracker:
         return float(timestep) if isinstance(timestep, (int, float)) else None
 
 
-def _in_run(scheduler) -> bool:
-    """Whether `scheduler` is set for a run (``set_timesteps``) that has not finished."""
-    if getattr(scheduler, "num_inference_steps", None) is None:
+def in_run(pipeline) -> bool:
+    """Whether `pipeline`'s scheduler is in a run now: inside the pipeline's own loop (its ``current_timestep``
+    set, not interrupted), or in a loop of one's own (a step index below the schedule's length, or before the
+    first step a begin index, ``set_begin_index``). A scheduler only set (``set_timesteps``, or at construction),
+    or left by a finished or interrupted run, is in none."""
+    if pipeline is None or getattr(pipeline, "_interrupt", False):
         return False
+    if getattr(pipeline, "_current_timestep", None) is not None:
+        return True
+    scheduler = getattr(pipeline, "scheduler", None)
     index, timesteps = getattr(scheduler, "step_index", None), getattr(scheduler, "timesteps", None)
-    return index is None or timesteps is None or index < len(timesteps)
+    if index is not None:
+        return timesteps is None or index < len(timesteps)
+    return getattr(scheduler, "begin_index", None) is not None
 
 
 def loop_step(steps: StepTracker, owner: str, grid=None) -> int:

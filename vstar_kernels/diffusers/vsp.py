@@ -46,9 +46,7 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
             raise ValueError(f"{type(unet).__name__} has no spatial cross-attention module to feed")
         state = _SynopsisState(embeds, cfg)
         for name, module in modules:
-            original = module.processor
-            while isinstance(original, _SynopsisProcessor) and original.state.removed:  # put back after remove_vsp
-                original = original.inner
+            original = _unwrapped(module.processor)
             wrapper = _SynopsisProcessor(original, state)
             state.originals[name] = (module, original, wrapper)
             module.set_processor(wrapper)
@@ -76,7 +74,11 @@ def remove_vsp(target) -> None:
         else:
             warnings.warn(f"remove_vsp: the processor of {name} was replaced after apply_vsp; leaving it",
                           stacklevel=2)
-    state.removed = True  # a wrapper diffusers saved and puts back (unfuse_qkv_projections) runs what it wraps
+    state.removed = True  # a wrapper diffusers put back regardless (a stale copy) runs what it wraps
+    saved = getattr(unet, "original_attn_processors", None)  # fuse_qkv_projections's, which unfuse puts back
+    if isinstance(saved, dict):
+        for name, processor in saved.items():
+            saved[name] = _unwrapped(processor)
     delattr(unet, _STATE_ATTR)
 
 
@@ -161,7 +163,7 @@ class _SynopsisState:
         does, and `remove_vsp` gives that one back. A processor of this state's (`unfuse_qkv_projections` puts
         back the ones it saved, wrappers among them) is taken as it is."""
         for name, (module, original, wrapper) in self.originals.items():
-            found = module.processor
+            found = _unwrapped(module.processor)
             if found is wrapper:
                 continue
             if isinstance(found, _SynopsisProcessor) and found.state is self:
@@ -223,6 +225,13 @@ class _SynopsisProcessor:
         else:
             encoder_hidden_states = self.state.context(encoder_hidden_states)
         return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+def _unwrapped(processor):
+    """`processor` without the wrappers of VSP states since removed."""
+    while isinstance(processor, _SynopsisProcessor) and processor.state.removed:
+        processor = processor.inner
+    return processor
 
 
 def _unet_of(target):
