@@ -549,3 +549,25 @@ def test_the_model_cli_numbers_each_row_on_stderr_as_it_goes(monkeypatch, tmp_pa
     assert [line.split(" s] ")[1].split(":")[0] for line in lines[1:]] == [
         f"{gpu} {UNET} N={n}" for gpu in ("h100", "h200") for n in (16, 64)]
     assert [line.split(",")[0] for line in lines[1:]] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+
+
+def test_the_ratio_panels_draw_shapes_within_5_percent_as_one_line(tmp_path, monkeypatch):
+    """Shapes whose modeled ratios lie within 5% at every N hid one another (eight legend entries, three lines
+    seen): they share one line, its label naming them; a shape farther off keeps its own."""
+    import matplotlib.pyplot as plt
+
+    from tools.perf import model
+
+    def rows_of(shape, ratios):
+        return [dict(shape=shape, n=n, impl=impl, status="ok", model_time_ms=1.0, model_ours_over_fa3=r)
+                for impl in model.OURS_SIGMA for n, r in zip((16, 32), ratios)]
+
+    rows = rows_of("a", (1.0, 2.0)) + rows_of("b", (1.04, 1.95)) + rows_of("c", (1.2, 2.0))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    model.plot(rows, "h100", tmp_path / "m.png")
+    [fig] = figures
+    for ax in fig.axes[1:]:
+        assert [line.get_label() for line in ax.get_lines()][:3] == ["a, b (within 5%)", "c",
+                                                                     "target N <= 256: 1.0"]
+    plt.close(fig)

@@ -53,6 +53,7 @@ import csv
 import itertools
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -299,19 +300,33 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
     fig, (left, *ratios) = plt.subplots(1, 3, figsize=(19, 5.5))
     first = rows[0]["shape"]
     ns = sorted({r["n"] for r in rows})
+    markers = itertools.cycle("os^Dvx*P")
     for impl in IMPLS:
         pts = [(r["n"], r["model_time_ms"]) for r in rows if r["shape"] == first and r["impl"] == impl
                and r["status"] == "ok"]
-        if pts and impl != "sdpa_plain":
-            left.plot(*zip(*pts), marker="o", label=impl if impl != "flash" else "flash (= sdpa_plain)")
+        if pts and impl != "sdpa_plain":  # ours' variants dashed: they lie on or near ours
+            left.plot(*zip(*pts), marker=next(markers), ls="--" if impl.startswith("vstar_triton_") else "-",
+                      label=impl if impl != "flash" else "flash (= sdpa_plain)")
     left.set(xscale="log", yscale="log", xlabel="N (frames)", ylabel="modeled time per call (ms)",
              title=f"{first}: time per call (model)")
     left.set_xticks(ns, [str(n) for n in ns])
     left.legend(fontsize=8)
     for ax, impl, label in zip(ratios, OURS_SIGMA, ("sigma 1 (64D1)", "sigma 8 (64D8)")):
+        curves = []  # [(points, shapes)]: shapes within 5% of the first of a line at every N (the ratio follows N
+        # and D far more than B x H) drawn as one line, else they hide one another; the table has each
         for shape in dict.fromkeys(r["shape"] for r in rows):
             pts = [(r["n"], r["model_ours_over_fa3"]) for r in rows if r["shape"] == shape and r["impl"] == impl]
-            ax.plot(*zip(*pts), marker="o", label=shape)
+            same = [c for c in curves if len(c[0]) == len(pts) and all(
+                n == m and abs(a - b) <= 0.05 * abs(b) for (n, a), (m, b) in zip(pts, c[0]))]
+            if same:
+                same[0][1].append(shape)
+            else:
+                curves.append((pts, [shape]))
+        for index, ((pts, shapes_of), marker) in enumerate(zip(curves, itertools.cycle("os^Dvx*P"))):
+            names = ", ".join(shapes_of) + (" (within 5%)" if len(shapes_of) > 1 else "")
+            # hollow markers, each line's smaller than the last's: lines that meet still show each
+            ax.plot(*zip(*pts), marker=marker, mfc="none", ms=max(4, 11 - 2 * index), lw=max(1, 2.5 - 0.4 * index),
+                    label=textwrap.fill(names, 48))
         ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="target N <= 256: 1.0")
         ax.axhline(1.5, color="grey", lw=0.8, ls=":", label="target N = 512..4096: 1.5")
         ax.set(xscale="log", xlabel="N (frames)", ylabel="ours / FlashAttention-3 (modeled time ratio)",
