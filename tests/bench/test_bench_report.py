@@ -148,6 +148,24 @@ def test_a_panel_without_data_says_why(tmp_path, monkeypatch):
         plt.close(fig)
 
 
+def test_n_a_time_budget_left_unrun_is_said_and_not_drawn(tmp_path, monkeypatch):
+    """A sweep cut by its time budget: the panels' N axis holds the N that ran, and the title says which not."""
+    import matplotlib.pyplot as plt
+
+    budget = "unsupported: not run: the sweep's time budget of 5 s was used up"
+    rows = ROWS[:5] + [row(impl, 320, 20, n, 64, "", status=budget)
+                       for n in (32, 64) for impl in ("vstar_triton", "sdpa_plain")]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    draw_plots(rows, tmp_path / "synthetic-20990101")
+    assert len(figures) == 3
+    for fig in list(figures):  # closing appends to figures
+        [ax] = [a for a in fig.axes if a.get_visible()]
+        assert "N not run (the sweep's time budget used up): 32, 64" in ax.get_title()
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["16"]
+        plt.close(fig)
+
+
 CPU = "cpu (synthetic)"
 CPU_ROWS = [
     row("device_copy", "", "", "", "", "1", gbps="30", pct="100", dtype="uint8", device=CPU),

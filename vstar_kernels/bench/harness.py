@@ -20,7 +20,6 @@ from .peers import PEERS, Unsupported, checked_only, default_impls, default_spec
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
-NOT_RUN = "unsupported: not run: "
 CHECKED_ONLY = checked_only("the float64 reference")
 # Inputs rotate through enough copies to fill this many bytes (at most MAX_SETS): no timing from a warm cache.
 ROTATE_BYTES = 256 << 20
@@ -103,7 +102,7 @@ class Sweep:
 
     def _done_keys(self) -> set:
         return set(report.latest(r for r in measure.read_csv(self.csv_path)
-                                 if r["commit"] == self.info.commit and not r["status"].startswith(NOT_RUN)))
+                                 if r["commit"] == self.info.commit and not r["status"].startswith(measure.NOT_RUN)))
 
     def write(self, impl, batch, heads, n, d, dtype, **kw) -> dict:
         """Append the row of one cell (measure.row's keywords: status, timing, cost, peak_mb, backend)."""
@@ -117,7 +116,7 @@ class Sweep:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def _not_run(self) -> str:
-        return f"{NOT_RUN}the sweep's time budget of {self.budget_s:g} s was used up"
+        return f"{measure.NOT_RUN}the sweep's time budget of {self.budget_s:g} s was used up"
 
     def measure_copy(self):
         """The device_copy row: the peak that pct_peak_bw is relative to."""

@@ -23,6 +23,8 @@ from .. import _env
 SLOW_CALL_MS = 100.0          # CUDA calls slower than this are timed with a few events, not do_bench
 # A p80/p20 spread above this: a busy machine, or calls too short to time (benchmarks/NOTES.md, "Busy cells").
 BUSY_SPREAD = 1.25
+# the status prefix of a cell the sweep did not run (its time budget used up)
+NOT_RUN = "unsupported: not run: "
 BUSY = "busy"
 COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "impl", "batch", "heads", "n", "d", "dtype", "setup",
            "median_ms", "p20_ms", "p80_ms", "gbps", "pct_peak_bw", "tflops", "peak_mem_mb", "status", "backend",

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import _env
 from . import shapes
 from .e2e import VARIANTS as UNET_IMPLS
-from .measure import BUSY, BUSY_SPREAD, read_csv
+from .measure import BUSY, BUSY_SPREAD, NOT_RUN, read_csv
 from .peers import CHECKED, FLOOR_LABELS, INTERPRETER, OURS, PEERS, TIMED_OURS
 
 COPY_IMPL = "device_copy"
@@ -256,14 +256,18 @@ def draw_plots(rows, stem: Path) -> list:
                 text = f"{_label(key)} (B x H {key[0] * key[1]:,}, D {key[2]})"
                 checked = [i for i in _impls(by_n) if any(correctness_only(c[i]) for c in by_n.values() if i in c)]
                 never = [i for i in _impls(by_n) if i not in checked and not _ran(i, by_n)]
+                unrun = [n for n, cell in sorted(by_n.items()) if all(r["status"].startswith(NOT_RUN)
+                                                                       for r in cell.values())]
                 for why, impls in (("correctness run only, not timed", checked),
-                                   ("not plotted, no successful run", never)):
+                                   ("not plotted, no successful run", never),
+                                   ("N not run (the sweep's time budget used up)", [str(n) for n in unrun])):
                     if impls:
                         text += "\n" + textwrap.fill(f"{why}: {', '.join(impls)}", 70)
                 ax.set_title(text, fontsize=9)
                 ax.set_xscale("log", base=2)
-                ax.set_xlim(min(by_n) / 1.25, max(by_n) * 1.25)
-                ax.set_xticks(sorted(by_n), [str(n) for n in sorted(by_n)])
+                shown = [n for n in sorted(by_n) if n not in unrun] or sorted(by_n)
+                ax.set_xlim(min(shown) / 1.25, max(shown) * 1.25)
+                ax.set_xticks(shown, [str(n) for n in shown])
                 ax.minorticks_off()
                 ax.set(xlabel="N (frames)", ylabel=ylabel)
                 ax.grid(True, alpha=0.3)
