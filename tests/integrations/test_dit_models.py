@@ -423,25 +423,6 @@ def test_where_calls_are_counted_tar_applied_after_a_finished_run_refuses_anothe
             run_cogvideox(other, steps=2)
 
 
-def test_where_calls_are_counted_apply_tar_again_in_a_step_callback_goes_on_with_the_run():
-    model, pipe = cogvideox_pipeline()
-    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
-    regularized = []
-
-    def again(p, i, t, kwargs):
-        if i == 0:
-            apply_tar(p, TARConfig(levels={0: (1.0, 2.0)}, until_step=None))
-            record_tar_calls(model, regularized, lambda proc, kwargs: (proc.state.step, kwargs["strength"]))
-        return {}
-
-    record_tar_calls(model, regularized, lambda proc, kwargs: (proc.state.step, kwargs["strength"]))
-    with torch.no_grad():
-        pipe(prompt_embeds=randn(1, 7, 16, seed=2), negative_prompt_embeds=randn(1, 7, 16, seed=3), height=64,
-             width=64, num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
-             callback_on_step_end=again)
-    assert sorted(set(regularized)) == [(0, 1.0), (1, 2.0), (2, 2.0)]
-
-
 def test_a_scheduler_left_by_an_interrupted_run_or_only_built_is_in_no_run():
     """TAR applied to a pipeline whose last run was interrupted (its scheduler's step index left part-way), or
     whose scheduler sets its step count when built (IPNDM): a call of another pipeline is refused,
@@ -510,11 +491,18 @@ def test_a_hand_written_loop_counts_steps_from_its_begin_index(applied):
     assert regularized == [step for step in (0, 2, 3) for _ in range(2)]
 
 
-def test_apply_tar_again_in_a_step_callback_goes_on_with_the_run():
-    """Applying again replaces the config, also from callback_on_step_end in the middle of a run (it raised: the
-    scheduler's timesteps were those it had when applied); the steps go on from the run's."""
-    model = FAMILIES["wan"].model()
-    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_apply_tar_again_in_a_step_callback_goes_on_with_the_run(family):
+    """Applying again replaces the config, also from callback_on_step_end in the middle of a run: the steps go
+    on from the run's, read from the scheduler's step_index (Wan; it raised: the scheduler's timesteps were those
+    it had when applied) or counted (CogVideoX's DDIM; the count restarted at 0)."""
+    if family == "wan":
+        model = FAMILIES["wan"].model()
+        pipe = wan22_pipeline(model, None, boundary_ratio=None)
+        text, size = 5, 32
+    else:
+        model, pipe = cogvideox_pipeline()
+        text, size = 7, 64
     apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
     regularized = []
 
@@ -526,8 +514,8 @@ def test_apply_tar_again_in_a_step_callback_goes_on_with_the_run():
 
     record_tar_calls(model, regularized, lambda proc, kwargs: (proc.state.step, kwargs["strength"]))
     with torch.no_grad():
-        pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
-             width=32, num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+        pipe(prompt_embeds=randn(1, text, 16, seed=2), negative_prompt_embeds=randn(1, text, 16, seed=3),
+             height=size, width=size, num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
              callback_on_step_end=again)
     assert sorted(set(regularized)) == [(0, 1.0), (1, 2.0), (2, 2.0)]
 
