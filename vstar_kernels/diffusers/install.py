@@ -66,7 +66,7 @@ def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker]
     """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0, or
     where TAR, applied again, replaces its config in the middle of `pipeline`'s run, the run's next step."""
     tracker = StepTracker.of(model)
-    start = tracker._next if tracker is not None and tar_state(model) is not None and in_run(pipeline) else 0
+    start = tracker.next_step if tracker is not None and tar_state(model) is not None and in_run(pipeline) else 0
     _detach(model)
     # the tracker's hooks run in forward calls, once `state` below exists
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),
@@ -117,9 +117,9 @@ def apply_tar(target, config: TARConfig) -> List[str]:
 
     `target`: a pipeline (its ``.unet`` or ``.transformer``, and Wan 2.2's ``.transformer_2``) or the model
     (each forward call one step, from 0 now and, on a UNet, at a larger timestep; `reset_steps`). Returns the
-    names of the attention modules TAR now runs on; applying again replaces the config. docs/integrations.md has the modules, levels, steps,
-    processors set afterwards and gradient checkpointing, docs/dits.md the video DiTs. A ValueError names a
-    level or block the model lacks.
+    names of the attention modules TAR now runs on; applying again replaces the config. docs/integrations.md
+    has the modules, levels, steps, processors set afterwards and gradient checkpointing, docs/dits.md the
+    video DiTs. A ValueError names a level or block the model lacks.
     """
     if not isinstance(config, TARConfig):
         raise TypeError(f"config must be a TARConfig, got {type(config).__name__}")

@@ -30,7 +30,7 @@ class _Owner(NamedTuple):
     snapshot: Optional[Callable[[], Any]]
     pipeline: Any = None  # weakref to the pipeline given with the owner, or None
     applied: Any = None   # its scheduler's timesteps then (`loop_step`)
-    in_run: bool = False  # and whether that scheduler was in a run then (set, not finished)
+    in_run: bool = False  # and whether that pipeline was in a run then (`in_run`)
 
 
 class _Snapshot(NamedTuple):
@@ -109,6 +109,11 @@ class StepTracker:
         """The step of the forward call in progress (inside a checkpointed block: of the call that ran it)."""
         bound = _BOUND.get().get(self)
         return self._step if bound is None else bound.step
+
+    @property
+    def next_step(self) -> int:
+        """The step the next forward call will be (unless a new run starts at it)."""
+        return self._next
 
     def current(self, owner: str) -> Any:
         """`owner`'s snapshot value for the call in progress: inside a checkpointed block, the value when the
