@@ -194,10 +194,7 @@ class TritonLeanBackend(TritonBackend):
         reasons += [r for r in probe.module.layout_reasons(problem) if r not in reasons]
         if not reasons and problem.device.type != "meta" and not torch.compiler.is_compiling():
             # the ids' values (read once per id tensor); traced or meta, the kernel's launch checks them
-            regular_layout = probe.module.regular_layout
-            layout = regular_layout(problem.frames_q)
-            if layout is None or (problem.frames_k is not problem.frames_q
-                                  and regular_layout(problem.frames_k) != layout):
+            if probe.module.common_layout(problem) is None:
                 reasons.append("frames are not one regular layout (frame_ids(F, T, text_before=, text_after=)), the "
                                "same for queries and keys: use backend='triton'")
         return reasons

@@ -310,12 +310,18 @@ def layout_reasons(problem: TarProblem) -> list:
     return reasons
 
 
-def frame_layout(problem: TarProblem) -> tuple:
-    """(before, per_frame, frames) of the call's frame ids; ValueError naming `frames` when they are not one
-    regular layout for queries and keys."""
+def common_layout(problem: TarProblem) -> "tuple | None":
+    """(before, per_frame, frames) of the call's frame ids, or None when they are not one regular layout for
+    queries and keys (dispatch's reason; `frame_layout`'s error)."""
     layout = regular_layout(problem.frames_q)
     if problem.frames_k is not problem.frames_q and regular_layout(problem.frames_k) != layout:
-        layout = None
+        return None
+    return layout
+
+
+def frame_layout(problem: TarProblem) -> tuple:
+    """`common_layout`, or a ValueError naming `frames` when there is none."""
+    layout = common_layout(problem)
     if layout is None:
         raise ValueError("frames: backend='triton-lean' takes the regular layout frame_ids(num_frames, "
                          "tokens_per_frame, text_before=, text_after=) builds (the same for queries and keys); "
