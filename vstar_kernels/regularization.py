@@ -65,8 +65,7 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
     f = features.to(torch.float64)
     _check_nonzero(f, "features of frame(s) {} are all zero")
     if num_frames is not None:
-        check_int("num_frames", num_frames, kinds=int)
-        f = _resample_frames(f, num_frames)
+        f = _resample_frames(f, int(check_int("num_frames", num_frames)))
         _check_nonzero(f, "resampled frame(s) {} interpolate to all-zero features (opposite neighbours)")
     unit = f / f.norm(dim=1)[:, None]
     sim = unit @ unit.T

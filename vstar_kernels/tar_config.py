@@ -4,6 +4,7 @@ Shared by every front-end; needs only torch (`vstar_kernels.diffusers` needs dif
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional
 
@@ -146,13 +147,15 @@ class TARConfig:
             raise ValueError("levels must name at least one level, e.g. {0: (1.0, 1.0)}")
         levels = {}
         for level, spec in self.levels.items():
-            if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+            if isinstance(level, bool) or not isinstance(level, numbers.Integral) or level < 0:
                 raise ValueError(f"levels keys must be ints >= 0 (0 = full latent resolution), got {level!r}")
-            levels[level] = _level_spec(level, spec)
+            levels[int(level)] = _level_spec(int(level), spec)
         object.__setattr__(self, "levels", dict(sorted(levels.items())))
-        if self.until_step is not None and (
-                isinstance(self.until_step, bool) or not isinstance(self.until_step, int) or self.until_step < 0):
-            raise ValueError(f"until_step must be an int >= 0 or None (every step), got {self.until_step!r}")
+        if self.until_step is not None:
+            if isinstance(self.until_step, bool) or not isinstance(self.until_step, numbers.Integral) \
+                    or self.until_step < 0:
+                raise ValueError(f"until_step must be an int >= 0 or None (every step), got {self.until_step!r}")
+            object.__setattr__(self, "until_step", int(self.until_step))
         if not isinstance(self.include_input_block, bool):
             raise TypeError(f"include_input_block must be a bool, got {type(self.include_input_block).__name__}")
         if self.backend not in BACKEND_NAMES:
@@ -169,6 +172,10 @@ class TARConfig:
         The config keeps its `preset`: a video DiT refuses it (the paper has no DiT preset)."""
         if name not in PRESETS:
             raise ValueError(f"unknown TAR preset {name!r}; known presets: {', '.join(PRESETS)}")
+        fixed = sorted({"preset", "levels"} & changes.keys())
+        if fixed:
+            raise ValueError(f"from_preset: {' and '.join(fixed)} come from the preset {name!r}; to change them, "
+                             "build a TARConfig")
         levels = {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}
         return cls(levels=levels, **{"until_step": PRESET_UNTIL_STEP, **changes, "preset": name})
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,7 @@ def test_upsampling_a_turning_vector_halves_the_angle_steps():
 def test_single_frame():
     assert torch.equal(delta_from_features(torch.randn(1, 4)), torch.ones(1, 1))
     assert torch.equal(delta_from_features(torch.randn(1, 4), num_frames=3), torch.ones(3, 3))
+    assert torch.equal(delta_from_features(torch.randn(1, 4), num_frames=np.int64(3)), torch.ones(3, 3))
 
 
 @pytest.mark.parametrize("features,kwargs,exc,match", [

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -98,6 +99,16 @@ BAD_CONFIGS = [
 def test_bad_config_raises_naming_the_field(kwargs, error, match):
     with pytest.raises(error, match=match):
         TARConfig(**kwargs)
+
+
+def test_numpy_ints_are_ints_and_from_preset_keeps_its_preset():
+    cfg = TARConfig(levels={np.int64(1): (8.0, 1.0)}, until_step=np.int64(13))
+    assert cfg == TARConfig(levels={1: (8.0, 1.0)}, until_step=13)
+    assert type(cfg.until_step) is int and [type(level) for level in cfg.levels] == [int]
+    for changes in (dict(preset="64D4"), dict(levels=ONE)):
+        with pytest.raises(ValueError, match=f"from_preset: {next(iter(changes))} come from the preset '64D1'"):
+            TARConfig.from_preset("64D1", **changes)
+    assert TARConfig.from_preset("64D1", until_step=5).until_step == 5
 
 
 def test_step_gate():
