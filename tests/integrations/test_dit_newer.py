@@ -13,7 +13,11 @@ import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+import numpy as np
+import PIL.Image
+from diffusers import (AutoencoderKLWan, HeliosDMDScheduler, HeliosPyramidPipeline, HeliosScheduler,
+                       SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler, WanVACEPipeline,
+                       WanVACETransformer3DModel)
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_frame_attention, remove_tar
@@ -213,6 +217,93 @@ def test_skyreels_diffusion_forcing_pipeline_steps_follow_the_noisiest_frame():
              guidance_scale=5.0, output_type="latent")
     assert steps == [0, 0, 1, 1, 2, 2] * 3
     assert regularized == [call for chunk in (0, 6, 12) for call in (chunk, chunk, chunk + 1, chunk + 1)]
+
+
+def tiny_wan_vae():
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def test_skyreels_diffusion_forcing_refuses_another_pipelines_calls():
+    """A pipeline made with from_pipe and a scheduler of its own runs the model that TAR applied to the first
+    pipeline steps by: its calls' timesteps are not of that scheduler's run, and are refused (they ran at steps of
+    the first pipeline's finished schedule)."""
+    model = NEWER["skyreels"].model()
+    scheduler = lambda: UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                flow_shift=8.0)
+    pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None,
+                                             scheduler=scheduler())
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    kwargs = dict(prompt=None, prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+                  height=32, width=32, num_frames=9, guidance_scale=5.0, output_type="latent")
+    with torch.no_grad():
+        pipe(num_inference_steps=3, **kwargs)
+        other = SkyReelsV2DiffusionForcingPipeline.from_pipe(pipe, scheduler=scheduler())
+        with pytest.raises(RuntimeError, match="scheduler of the SkyReelsV2DiffusionForcingPipeline it was applied"):
+            other(num_inference_steps=10, **kwargs)
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["helios", "helios-distilled"])
+def test_helios_pyramid_counts_steps_across_its_stages(distilled):
+    """Helios' pyramid pipeline sets a schedule per stage, each below the last one's end, and its distilled
+    scheduler keeps no step index: a chunk's calls are steps 0..5 over 2 stages of 3 steps (each stage counted from 0
+    before, and every call step 0 on the distilled one), each chunk from 0 again, and until_step=1 regularizes the
+    first two calls of each chunk."""
+    vae = tiny_wan_vae()
+    model = diffusers.HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                               in_channels=16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=32,
+                                               num_layers=1, rope_dim=(4, 4, 4)).eval()
+    scheduler = (HeliosDMDScheduler if distilled else HeliosScheduler)(stages=2, stage_range=[0, 0.5, 1], gamma=0.2)
+    pipe = HeliosPyramidPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=model,
+                                 is_distilled=distilled)
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    steps, regularized = [], []
+    model.register_forward_pre_hook(lambda *_: steps.append(model._vstar_tar.step))
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, **kwargs):
+                regularized.append(len(steps) - 1)
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+    with torch.no_grad():
+        pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=64,
+             width=64, num_frames=9, guidance_scale=1.0, history_sizes=[4, 2, 1], num_latent_frames_per_chunk=2,
+             pyramid_num_inference_steps_list=[3, 3], output_type="latent")
+    assert steps == [0, 1, 2, 3, 4, 5] * 2
+    assert regularized == [0, 1, 6, 7]
+
+
+@pytest.mark.parametrize("references, keep", [(0, False), (0, True), (1, False), (2, True)],
+                         ids=["none", "none-first-frames-kept", "one", "two-first-frames-kept"])
+def test_wan_vace_reference_images_are_no_frame(references, keep):
+    """WanVACEPipeline puts each reference image before the video as a latent frame (and drops it before decoding):
+    in every block, control and main, those frames' tokens get frame -1 and the video's frames are 0..2. A mask that
+    keeps the first frames (zero) makes no reference."""
+    model = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                      in_channels=16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=32,
+                                      num_layers=2, rope_max_seq_len=32, vace_layers=[0], vace_in_channels=96).eval()
+    pipe = WanVACEPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), transformer=model,
+                           scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                             flow_shift=3.0))
+    image = lambda seed: PIL.Image.fromarray(np.random.RandomState(seed).randint(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = [PIL.Image.fromarray(np.full((32, 32, 3), 0 if i < 5 else 255, dtype=np.uint8)) for i in range(9)]
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}))
+    seen = {}
+    for name, proc in processors(model).items():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, name=name, **kwargs):
+                seen.setdefault(name, kwargs["frames"].tolist())
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+    with torch.no_grad():
+        out = pipe(video=[image(i) for i in range(9)], mask=mask if keep else None,
+                   reference_images=[image(99 + i) for i in range(references)] or None,
+                   prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
+                   width=32, num_frames=9, num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    assert out.frames.shape[2] == references + 3  # the latent output keeps the references
+    expected = [-1] * 4 * references + [f for f in range(3) for _ in range(4)]
+    assert seen == {name: expected for name in ("vace_blocks.0.attn1", "blocks.0.attn1", "blocks.1.attn1")}
 
 
 def test_ltx2_spatio_temporal_guidance_blocks_run_stock():

@@ -70,18 +70,42 @@ def _ltx2_layout(model, arguments) -> TokenLayout:
     return runs_grid(zip(values.tolist(), counts.tolist()), int(torch.bincount(frames).max()))
 
 
+def _with_timestep(grid: TokenLayout, arguments) -> TokenLayout:
+    """`grid` with the call's largest timestep, from which `steps.loop_step` reads the step."""
+    return grid._replace(timestep=float(torch.as_tensor(arguments["timestep"]).max()))
+
+
 def _skyreels_layout(model, arguments) -> TokenLayout:
     """SkyReels-V2: Wan's grid; under diffusion forcing (per-frame timesteps) the call's largest timestep."""
     grid = _video_5d(2)(model, arguments)
-    if not arguments.get("enable_diffusion_forcing"):
-        return grid
-    return grid._replace(timestep=float(torch.as_tensor(arguments["timestep"]).max()))
+    return _with_timestep(grid, arguments) if arguments.get("enable_diffusion_forcing") else grid
+
+
+def _references_first(grid: TokenLayout, references: int) -> TokenLayout:
+    """`grid` whose first `references` latent frames are reference images, frame -1; the video's frames follow."""
+    return runs_grid([(-1, grid.per_frame * references)] +
+                     [(f, grid.per_frame) for f in range(grid.frames - references)], grid.per_frame)
 
 
 def _reference_first_layout(model, arguments) -> TokenLayout:
     """Wan-Animate: the first latent frame is the reference (character) image, frame -1; the video's frames follow."""
+    return _references_first(_video_5d(2)(model, arguments), 1)
+
+
+def _vace_layout(model, arguments) -> TokenLayout:
+    """Wan VACE: its pipeline puts each reference image before the video as a latent frame, in the control video
+    too, where such a frame alone has the second half of the conditioning latent and the mask all zero (a video
+    frame's second half is the VAE's latent of its masked pixels, which is not zero): those frames are frame -1."""
     grid = _video_5d(2)(model, arguments)
-    return runs_grid([(-1, grid.per_frame)] + [(f, grid.per_frame) for f in range(grid.frames - 1)], grid.per_frame)
+    control = arguments.get("control_hidden_states")
+    if control is None or control.dim() != 5 or control.shape[1] <= model.config.in_channels:
+        return grid
+    unused = (control[:, model.config.in_channels:] == 0).flatten(3).all(dim=3).all(dim=1)  # (batch, frames)
+    leading = unused.to(torch.int32).cumprod(dim=1).sum(dim=1)
+    if not bool((leading == leading[:1]).all()):
+        raise ValueError(f"{type(model).__name__}: TAR takes one frame layout per call, but the sequences of the "
+                         "batch have different numbers of reference images")
+    return _references_first(grid, min(int(leading[0]), grid.frames))
 
 
 def _chronoedit_layout(model, arguments) -> TokenLayout:
@@ -154,11 +178,12 @@ def _framepack_layout(model, arguments) -> TokenLayout:
 
 
 def _helios_layout(model, arguments) -> TokenLayout:
-    """Helios: the long, mid and short history latents (patches 4, 2 and 1 times the model's), then the video."""
+    """Helios: the long, mid and short history latents (patches 4, 2 and 1 times the model's), then the video; and
+    the call's timestep (its pyramid's stages each set a schedule, and its distilled scheduler keeps no step index)."""
     patch = _patch(model.config)
     histories = [(f"latents_history_{name}", tuple(factor * p for p in patch), factor > 1)
                  for name, factor in (("long", 4), ("mid", 2), ("short", 1))]
-    return _history_grid(model, arguments, histories, "indices_hidden_states")
+    return _with_timestep(_history_grid(model, arguments, histories, "indices_hidden_states"), arguments)
 
 
 def _kandinsky_layout(model, arguments) -> TokenLayout:
@@ -229,7 +254,7 @@ _DUAL = ("transformer_blocks", "single_transformer_blocks")  # dual-stream block
 _BY_NAME: Dict[str, DiTFamily] = {
     "WanTransformer3DModel": DiTFamily(blocks=("blocks",)),
     # Wan VACE: the control blocks run first, over the control video's tokens (the same token grid)
-    "WanVACETransformer3DModel": DiTFamily(blocks=("vace_blocks", "blocks")),
+    "WanVACETransformer3DModel": DiTFamily(_vace_layout, blocks=("vace_blocks", "blocks")),
     "CogVideoXTransformer3DModel": DiTFamily(_video_5d(1), text="before", batched_guidance=True),
     "HunyuanVideoTransformer3DModel": DiTFamily(blocks=_DUAL, attention="attn", text="after"),
     "LTXVideoTransformer3DModel": DiTFamily(_ltx_layout, batched_guidance=True),

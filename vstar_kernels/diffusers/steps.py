@@ -249,8 +249,8 @@ def in_run(pipeline) -> bool:
 def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
     """The denoising-loop index of a DiT's call in progress, for `owner` of `steps` (its pipeline's; docs/dits.md,
     Steps): the loop iteration the scheduler's ``step_index`` gives where it keeps one (counted from the run's
-    first, which need not be the schedule's: strength < 1), else the forward calls counted by `StepTracker`; under
-    diffusion forcing (`grid.timestep` set), the number of scheduler timesteps above the call's largest one."""
+    first, which need not be the schedule's: strength < 1), else the forward calls counted by `StepTracker`; where
+    the grid gives the call's largest timestep (`grid.timestep`: diffusion forcing, Helios), `_timestep_step`."""
     given = steps._owners[owner]
     pipeline = given.pipeline
     scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
@@ -264,8 +264,10 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
             raise _outside_run(pipeline)
         return steps.step
     timestep = getattr(grid, "timestep", None)
-    if timestep is not None and getattr(scheduler, "timesteps", None) is not None:
-        return sum(t > timestep for t in _schedule(scheduler.timesteps))
+    if timestep is not None and timesteps is not None:
+        if unset:
+            raise _outside_run(pipeline)
+        return _timestep_step(scheduler, timesteps, timestep, pipeline)
     index = scheduler.step_index
     if timesteps is None:
         return 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
@@ -286,6 +288,23 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
     return index - run[1]
 
 
+def _timestep_step(scheduler, timesteps: torch.Tensor, timestep: float, pipeline) -> int:
+    """The step of a call whose largest timestep is `timestep`: the position in the schedule of the value nearest it
+    (a pipeline may pass it truncated to an integer: Helios), after the steps of the run's earlier stages. A schedule
+    set after another whose first timestep lies below that one's last continues its run (Helios' pyramid sets one
+    per stage); one that starts higher starts a run. A timestep 1 or more from every value is another run's."""
+    schedule = _schedule(timesteps)
+    position = min(range(len(schedule)), key=lambda i: abs(schedule[i] - timestep), default=None)
+    if position is None or not abs(schedule[position] - timestep) < 1:
+        raise _outside_run(pipeline)
+    stage = _STAGES.get(scheduler)
+    if stage is None or stage[0] is not timesteps:
+        earlier = _schedule(stage[0]) if stage is not None else []
+        offset = stage[1] + len(earlier) if earlier and schedule[0] < earlier[-1] else 0
+        stage = _STAGES[scheduler] = (timesteps, offset)
+    return stage[1] + position
+
+
 def _outside_run(pipeline) -> RuntimeError:
     return RuntimeError(f"TAR takes its steps from the scheduler of the {type(pipeline()).__name__} it was applied "
                         "to, which is not running a denoising loop: the model was called by another pipeline with a "
@@ -296,6 +315,10 @@ def _outside_run(pipeline) -> RuntimeError:
 # a run's scheduler timesteps tensor -> [whether a call read no step index, the index of the loop's first
 # iteration]: one entry per run, shared by every model the scheduler steps (Wan 2.2's two experts)
 _RUNS = WeakIdKeyDictionary()
+
+
+# a scheduler -> (the timesteps tensor of its run's latest stage, the steps of the run's stages before it)
+_STAGES = WeakIdKeyDictionary()
 
 
 # a scheduler's timesteps tensor -> its values: read once per run, not per attention call (schedulers set a new
