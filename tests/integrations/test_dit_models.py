@@ -306,6 +306,11 @@ def test_calls_whose_layout_or_mask_tar_cannot_honour_raise():
     del inputs["num_frames"]
     with pytest.raises(ValueError, match="num_frames, height and width"):
         forward(ltx, inputs)
+    # LTXConditionPipeline passes video_coords alone, LTXI2VLongMultiPromptPipeline with a grid of 1 x 1 x 1
+    coords = torch.zeros(2, 3, 48)
+    for grid in (dict(num_frames=None, height=None, width=None), dict(num_frames=1, height=1, width=1)):
+        with pytest.raises(ValueError, match="calls with video_coords .* are not supported: .* no frame rate"):
+            forward(ltx, dict(FAMILIES["ltx"].inputs(), video_coords=coords, **grid))
     wan = FAMILIES["wan"].model()
     apply_tar(wan, TARConfig(levels={0: (1.0, 1.0)}))
     attn = wan.blocks[0].attn1

@@ -41,13 +41,24 @@ def _video_5d(frames_dim: int, channels_last: bool = False) -> Callable:
     return layout
 
 
-def _ltx_layout(model, arguments) -> TokenLayout:
+def _ltx_grid(model, arguments) -> TokenLayout:
     grid = [arguments.get(name) for name in ("num_frames", "height", "width")]
     if any(g is None for g in grid):
         raise ValueError(f"{type(model).__name__}: TAR needs the num_frames, height and width arguments (the token "
-                         "grid) of each forward call; calls with video_coords only are not supported")
+                         "grid) of each forward call")
     frames, height, width = (int(g) for g in grid)
     return TokenLayout(frames, height * width)
+
+
+def _ltx_layout(model, arguments) -> TokenLayout:
+    """LTX-Video: the grid of its num_frames, height and width arguments, which place its tokens unless the call
+    gives video_coords (the conditioning pipelines): those are seconds, and the call says neither the frame rate nor
+    the VAE's temporal compression that map them to latent frames."""
+    if arguments.get("video_coords") is not None:
+        raise ValueError(f"{type(model).__name__}: calls with video_coords (LTXConditionPipeline, "
+                         "LTXI2VLongMultiPromptPipeline) are not supported: they place the tokens in seconds, and the "
+                         "call gives no frame rate to map them to latent frames")
+    return _ltx_grid(model, arguments)
 
 
 def _ltx2_layout(model, arguments) -> TokenLayout:
@@ -56,7 +67,7 @@ def _ltx2_layout(model, arguments) -> TokenLayout:
     p_t, p_h, p_w = _patch(model.config)
     coords = arguments.get("video_coords")
     if coords is None:
-        grid = _ltx_layout(model, arguments)
+        grid = _ltx_grid(model, arguments)
         height, width = int(arguments["height"]), int(arguments["width"])
         return TokenLayout(math.ceil(grid.frames / p_t), math.ceil(height / p_h) * math.ceil(width / p_w))
     start = coords[:, 0, :, 0]
