@@ -191,8 +191,8 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
     rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]
     values = [a for _, row in rows for _, _, a in row]
     if color_scale == "shared":
-        low = min(0.0, min(float(a.min()) for a in values))
-        high = max(float(a.max()) for a in values)
+        low = min(0.0, min(_range(a)[0] for a in values))
+        high = max(_range(a)[1] for a in values)
         high = high if high > low else low + 1.0
         note = f"shared scale {low:.3g}..{high:.3g}: one colour bar for all panels"
     else:
@@ -219,7 +219,7 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
                 ax.set_axis_off()
                 continue
             key, _, a = row[c]
-            vmin, vmax = (low, high) if color_scale == "shared" else (float(a.min()), float(a.max()))
+            vmin, vmax = (low, high) if color_scale == "shared" else _range(a)
             vmax = vmax if vmax > vmin else vmin + 1.0
             image = ax.imshow(a.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set_title(titles[r][c], fontsize=TITLE_FONT)
@@ -281,14 +281,21 @@ def _panel_rows(maps) -> list:
 
 
 def _as_map(name: str, value) -> torch.Tensor:
-    """A finite, non-empty 2-D map as a float64 CPU tensor (from a tensor or an array-like)."""
+    """A non-empty 2-D map as a float64 CPU tensor (from a tensor or an array-like): finite, but for NaN entries (a
+    captured map's row of a frame without a token), drawn blank; not all NaN."""
     a = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     a = a.to("cpu", torch.float64)
     if a.dim() != 2 or 0 in a.shape:
         raise ValueError(f"{name} must be a non-empty 2-D map, got shape {tuple(a.shape)}")
-    if not torch.isfinite(a).all():
-        raise ValueError(f"{name} has non-finite entries")
+    if torch.isinf(a).any() or torch.isnan(a).all():
+        raise ValueError(f"{name} has infinite entries, or no entry that is not NaN")
     return a
+
+
+def _range(a: torch.Tensor) -> tuple:
+    """(min, max) of a map's entries that are not NaN."""
+    shown = a[~a.isnan()]
+    return float(shown.min()), float(shown.max())
 
 
 def _check_map(name: str, attention) -> torch.Tensor:

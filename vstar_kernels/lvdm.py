@@ -122,9 +122,9 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
         level = select(name, module)
         if level is None:
             continue
-        if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral) or level < 0:
             raise ValueError(f"select({name!r}, ...) returned {level!r}: a level is an int >= 0, or None")
-        chosen.append((name, module, level))
+        chosen.append((name, module, int(level)))
     if not chosen:
         raise ValueError("select returned a level for no module of the model")
     found = sorted({level for _, _, level in chosen})
@@ -132,8 +132,13 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
     if missing:
         raise ValueError(f"config levels {missing} have no module: select put modules at levels {found}")
     chosen = [(name, module, level) for name, module, level in chosen if level in config.levels]
+    ours = vars(model).get(_STATE_ATTR)
+    ours = {id(patch.module) for patch in ours.patched} if ours is not None else set()
     for name, module, _ in chosen:
         _check_interface(name, module)
+        if isinstance(vars(module).get("forward"), _TARForward) and id(module) not in ours:
+            raise ValueError(f"{name}: TAR is applied to it already, through another model that holds it (or one "
+                             "it holds); call remove_tar_from_modules on that model first")
 
     remove_tar_from_modules(model)
     state = _State(config)

@@ -63,6 +63,9 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     f = features.to(torch.float64)
+    bad = (~torch.isfinite(f)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"features of frame(s) {bad} have NaN or infinite entries")
     _check_nonzero(f, "features of frame(s) {} are all zero")
     if num_frames is not None:
         f = _resample_frames(f, int(check_int("num_frames", num_frames)))

@@ -298,6 +298,19 @@ def test_plot_attention_maps_per_panel_scale(tmp_path, figures):
     assert all(ax.images[0].colorbar is not None for ax in axes) and len(colour_bars(fig)) == 2
 
 
+@pytest.mark.parametrize("color_scale", ["shared", "per-panel"])
+def test_a_captured_maps_nan_row_is_drawn_blank(tmp_path, figures, color_scale):
+    """A captured map has a NaN row for a frame without a token (Framepack's indices leave gaps): it is drawn blank
+    (transparent), and the scale comes from the other entries."""
+    m = torch.tensor([[0.5, 0.25, 0.25], [math.nan] * 3, [0.0, 0.125, 0.875]])
+    drawn = plot_attention_maps({"gaps": m}, tmp_path / "gaps.png", color_scale=color_scale)
+    assert np.array_equal(drawn["gaps"], m.double().numpy(), equal_nan=True)
+    [ax] = panels(figures[-1])
+    assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0.0, 0.875)
+    blank = np.asarray(ax.images[0].to_rgba(ax.images[0].get_array()))[1]
+    assert (blank[:, 3] == 0).all()  # transparent
+
+
 def test_long_layer_names_are_shortened_or_wrapped(tmp_path, figures):
     layers = ["transformer_in.transformer_blocks.0.attn1", "down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1",
               "mid_block.temp_attentions.0.transformer_blocks.0.attn2",
@@ -331,12 +344,14 @@ def test_minmax_normalize():
     ({"a": torch.eye(3), "b": {"c": torch.eye(3)}}, {}, TypeError, "not a mix"),
     ({"a": {}}, {}, ValueError, r"maps\['a'\] holds no layer"),
     ({"a": torch.ones(2, 3, 3)}, {}, ValueError, "a must be a non-empty 2-D map"),
-    ({"a": torch.tensor([[0.0, math.inf]])}, {}, ValueError, "non-finite"),
+    ({"a": torch.tensor([[0.0, math.inf]])}, {}, ValueError, "a has infinite entries, or no entry that is not NaN"),
+    ({"a": torch.full((2, 2), math.nan)}, {}, ValueError, "a has infinite entries, or no entry that is not NaN"),
     ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
     ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"color_scale": "minmax"}, ValueError, r"color_scale must be one of \('shared', 'per-panel'\)"),
-], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "dpi", "panel-size", "panel-too-small", "scale"])
+], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "panel-size", "panel-too-small",
+        "scale"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)

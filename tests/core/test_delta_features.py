@@ -125,8 +125,10 @@ def test_single_frame():
     (torch.ones(3, 2), {"num_frames": 0}, ValueError, "num_frames must be a positive int"),
     (torch.ones(3, 2), {"num_frames": 2.0}, ValueError, "num_frames must be a positive int"),
     (torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]), {}, ValueError, r"frame\(s\) \[1\] are all zero"),
+    (torch.tensor([[1.0, 0.0], [0.0, math.nan], [math.inf, 1.0]]), {}, ValueError,
+     r"frame\(s\) \[1, 2\] have NaN or infinite entries"),
     (torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), {"num_frames": 3}, ValueError, r"resampled frame\(s\) \[1\]"),
-], ids=["list", "int-dtype", "1-D", "empty", "mode", "zero-frames", "float-frames", "zero-vector",
+], ids=["list", "int-dtype", "1-D", "empty", "mode", "zero-frames", "float-frames", "zero-vector", "non-finite",
         "zero-after-resample"])
 def test_bad_input(features, kwargs, exc, match):
     with pytest.raises(exc, match=match):

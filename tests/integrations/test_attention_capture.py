@@ -117,6 +117,15 @@ def test_batched_guidance_records_the_conditional_second_half():
         assert (map64(attn, x, rows=slice(0, half)) - cond[(name, 0)]).abs().max() > 1e-3
 
 
+def test_batched_guidance_needs_an_even_unet_batch():
+    """cfg=True on a UNet call of one video: its temporal attention's batch (videos x height x width) is even, but
+    its second half is half the video's positions, not a guidance branch: refused, naming the UNet's batch."""
+    model = FAMILIES["unet3d"].model()
+    with capture_temporal_attention(model, cfg=True):
+        with pytest.raises(ValueError, match=r"guidance is batched .* UNet call's batch is not even .*1 videos"):
+            model(**unet3d_inputs(model, batch=1, size=4))
+
+
 def animatediff():
     pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
                                motion_adapter=motion_adapter(), scheduler=DDIMScheduler())

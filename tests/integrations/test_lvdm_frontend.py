@@ -213,6 +213,25 @@ def test_remove_restores_every_module_exactly():
         set_step(model, 0)
 
 
+def test_a_module_patched_through_another_root_is_refused():
+    """TAR applied to the UNet, then to a model holding it: removing it from the outer model would have put the
+    UNet's patch back as the module's own forward (TAR on, tar_modules empty). Refused, naming the module; nothing
+    changes, and the UNet's own TAR is removed as applied."""
+    unet = ToyUNet()
+    outer = torch.nn.Sequential(unet)
+    x = video()
+    plain, _ = run_recording(unet, x)
+    apply_tar_to_modules(unet, TARConfig.from_preset("64D1", until_step=None), select=videocrafter2_select(unet))
+    patched = run_recording(unet, x)[0]
+    with pytest.raises(ValueError, match=r"0\.input_blocks\..*: TAR is applied to it already, through another model"):
+        inner = videocrafter2_select(unet)
+        apply_tar_to_modules(outer, TARConfig.from_preset("64D1", until_step=None),
+                             select=lambda name, module: inner(name[2:], module) if name.startswith("0.") else None)
+    assert tar_modules(outer) == [] and torch.equal(run_recording(unet, x)[0], patched)
+    remove_tar_from_modules(unet)
+    assert torch.equal(run_recording(unet, x)[0], plain)
+
+
 def test_outside_regularized_steps_the_previous_forward_runs_with_its_arguments():
     model = ToyUNet()
     select = videocrafter2_select(model)

@@ -117,9 +117,11 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
     recorder = _Recorder(model, pipeline, maps, steps, cfg, chunk_size, chunk_elements)
     recorder.tracker = StepTracker.attach(model, recorder.owner, pipeline=pipeline, on_run_start=recorder.resync)
     recorder.resync()
+    batch_hook = model.register_forward_pre_hook(recorder.begin_call, with_kwargs=True)
     try:
         yield maps
     finally:
+        batch_hook.remove()
         for _, handle in recorder.handles.values():
             handle.remove()
         StepTracker.detach(model, recorder.owner)
@@ -134,6 +136,11 @@ class _Recorder:
         self.owner = f"capture-{id(self)}"
         self.tracker: Optional[StepTracker] = None
         self.handles: Dict[str, tuple] = {}  # layer -> (module hooked, hook handle)
+        self.batch = None  # videos in the UNet call in progress (both guidance halves)
+
+    def begin_call(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        self.batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() == 5 else None
 
     def resync(self) -> None:
         """Hook the watched layers; a layer whose module was replaced gets its new module hooked."""
@@ -171,9 +178,10 @@ class _Recorder:
                              "take apart: capture with pag_scale=0")
         start = 0
         if self._guidance_batched():
-            if rows % 2:
-                raise ValueError(f"{name}: guidance is batched but the call has an odd batch ({rows} sequences)")
-            start = rows // 2  # diffusers batches [unconditional, conditional]
+            if self.batch is None or self.batch % 2:
+                raise ValueError(f"{name}: guidance is batched (cfg=True, or the pipeline's do_classifier_free_guidance) "
+                                 f"but the UNet call's batch is not even (its sample: {self.batch} videos)")
+            start = rows // 2  # diffusers batches [unconditional, conditional], each video's sequences together
         site = tar_site(module)
         spec = None if site is None else site.spec_at(step)
         where = f"{name} (level {self.maps.levels[name]})"
