@@ -289,14 +289,16 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
 
 
 def _timestep_step(scheduler, timesteps: torch.Tensor, timestep: float, pipeline) -> int:
-    """The step of a call whose largest timestep is `timestep`: the position in the schedule of the value nearest it
-    (a pipeline may pass it truncated to an integer: Helios), after the steps of the run's earlier stages. A schedule
-    set after another whose first timestep lies below that one's last continues its run (Helios' pyramid sets one
-    per stage); one that starts higher starts a run. A timestep 1 or more from every value is another run's."""
+    """The step of a call whose largest timestep is `timestep`: the number of the schedule's timesteps 1 or more above
+    it (a pipeline may pass them truncated to integers: Helios; SkyReels-V2 passes 999 for a frame not started and
+    its own value for a re-noised condition frame), after the steps of the run's earlier stages. A schedule set after
+    another whose first timestep lies below that one's last continues its run (Helios' pyramid sets one per stage);
+    one that starts higher starts a run. Outside the pipeline's loop (`in_run`: Helios' pyramid marks none), a
+    timestep 1 or more from every one of the schedule's is another run's."""
     schedule = _schedule(timesteps)
-    position = min(range(len(schedule)), key=lambda i: abs(schedule[i] - timestep), default=None)
-    if position is None or not abs(schedule[position] - timestep) < 1:
+    if not in_run(pipeline()) and not any(abs(t - timestep) < 1 for t in schedule):
         raise _outside_run(pipeline)
+    position = sum(t >= timestep + 1 for t in schedule)
     stage = _STAGES.get(scheduler)
     if stage is None or stage[0] is not timesteps:
         earlier = _schedule(stage[0]) if stage is not None else []
