@@ -219,6 +219,28 @@ def test_skyreels_diffusion_forcing_pipeline_steps_follow_the_noisiest_frame():
     assert regularized == [call for chunk in (0, 6, 12) for call in (chunk, chunk, chunk + 1, chunk + 1)]
 
 
+def test_skyreels_asynchronous_run_with_renoised_condition_frames():
+    """Asynchronous diffusion forcing (ar_step=1) over a long video with addnoise_condition=60: a call's frames carry
+    999 (not started), 60 (the re-noised condition frames, above the schedule's last timesteps) and the schedule's
+    timesteps; each call's step is the number of timesteps above its largest (60 at the end of a chunk: no value of
+    the schedule), and the run goes through."""
+    model = NEWER["skyreels"].model()
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=None, text_encoder=None, transformer=model, vae=None,
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0))
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+    seen = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(
+        (float(kwargs["timestep"].max()), model._vstar_tar.step)), with_kwargs=True)
+    with torch.no_grad():
+        pipe(prompt=None, prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+             height=32, width=32, num_frames=33, base_num_frames=17, overlap_history=9, num_inference_steps=20,
+             guidance_scale=1.0, output_type="latent", ar_step=1, causal_block_size=1, addnoise_condition=60)
+    schedule = pipe.scheduler.timesteps.tolist()
+    assert len(seen) > 20 and [step for _, step in seen] == [sum(t > top for t in schedule) for top, _ in seen]
+    assert {top for top, _ in seen} - set(schedule) == {60.0}, schedule  # the last timesteps lie below 60
+
+
 def tiny_wan_vae():
     torch.manual_seed(0)
     return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
