@@ -193,6 +193,19 @@ def test_newer_dit_gradient_checkpointing_recomputes_blocks_as_their_call_ran_th
             torch.testing.assert_close(checkpointed[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def spy_steps(model):
+    """([the TAR step of each forward call], [the forward call of each regularized attention call]) of `model`."""
+    steps, regularized = [], []
+    model.register_forward_pre_hook(lambda *_: steps.append(model._vstar_tar.step))
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            def attention(attn, query, key, value, proc=proc, **kwargs):
+                regularized.append(len(steps) - 1)
+                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
+            proc.attention = attention
+    return steps, regularized
+
+
 def test_skyreels_diffusion_forcing_pipeline_steps_follow_the_noisiest_frame():
     """SkyReels-V2's diffusion-forcing pipeline steps a copy of its scheduler per frame, so its own scheduler counts
     no step: a call's step is that of its noisiest frame. A long video (here 3 chunks of 3 latent frames, 2 of them
@@ -203,14 +216,7 @@ def test_skyreels_diffusion_forcing_pipeline_steps_follow_the_noisiest_frame():
     pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None,
                                              scheduler=scheduler)
     apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
-    steps, regularized = [], []
-    model.register_forward_pre_hook(lambda *_: steps.append(model._vstar_tar.step))
-    for proc in processors(model).values():
-        if isinstance(proc, DiTTARProcessor):
-            def attention(attn, query, key, value, proc=proc, **kwargs):
-                regularized.append(len(steps) - 1)
-                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
-            proc.attention = attention
+    steps, regularized = spy_steps(model)
     with torch.no_grad():
         pipe(prompt=None, prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
              height=32, width=32, num_frames=17, base_num_frames=9, overlap_history=5, num_inference_steps=3,
@@ -280,14 +286,7 @@ def test_helios_pyramid_counts_steps_across_its_stages(distilled):
     pipe = HeliosPyramidPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=model,
                                  is_distilled=distilled)
     apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
-    steps, regularized = [], []
-    model.register_forward_pre_hook(lambda *_: steps.append(model._vstar_tar.step))
-    for proc in processors(model).values():
-        if isinstance(proc, DiTTARProcessor):
-            def attention(attn, query, key, value, proc=proc, **kwargs):
-                regularized.append(len(steps) - 1)
-                return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
-            proc.attention = attention
+    steps, regularized = spy_steps(model)
     with torch.no_grad():
         pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=64,
              width=64, num_frames=9, guidance_scale=1.0, history_sizes=[4, 2, 1], num_latent_frames_per_chunk=2,
