@@ -354,6 +354,52 @@ def test_reference_frames_lead_the_latent(comfy, mark_self_attention):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
 
 
+def vace_context(dtype, frames, references, inputs=1):
+    """A Wan VACE condition (1, inputs, 16 + 16 + 64 channels, frames, 6, 6) as WanVaceToVideo makes it and the
+    model's latent_in leaves it: its first `references` frames are reference images (0 past the first 16 channels)."""
+    context = torch.randn(1, inputs, 96, frames, 6, 6, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    context[:, :, 16:, :references] = 0
+    return context
+
+
+@pytest.mark.parametrize("references, reference_frames", [(1, 0), (2, 2), (0, 0)],
+                         ids=["read", "agreeing", "none"])
+def test_wan_vace_reference_images_are_read_from_the_conditioning(comfy, mark_self_attention, references,
+                                                                   reference_frames):
+    """WanVaceToVideo's reference images (leading latent frames, their control's reactive half and mask 0) get
+    frame -1 with reference_frames left at 0, as with it set to trim_latent."""
+    dtype = torch.float64
+    torch.manual_seed(0)
+    net = comfy.ldm.wan.model.VaceWanModel()
+    _sharpen(net)
+    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+    shape = (1, 4, 4, 6, 6)
+    cond, uncond = conditions(dtype)
+    cond["vace_context"] = uncond["vace_context"] = vace_context(dtype, 4, references)
+    (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=reference_frames, backend="reference")
+    out = sample(comfy, tar, shape, cond, uncond, dtype)
+    expected = oracle_sample(comfy, model, video_ids(4, 6, 6, lead=references), 1.0, 1.0, range(STEPS), shape, cond,
+                             uncond, dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_wan_vace_reference_frames_must_agree_with_the_conditioning(comfy):
+    dtype = torch.float64
+    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(comfy.ldm.wan.model.VaceWanModel().to(dtype)))
+    cond, uncond = conditions(dtype)
+    cond["vace_context"] = uncond["vace_context"] = vace_context(dtype, 4, 1)
+    (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=2, backend="reference")
+    with pytest.raises(ValueError, match=r"reference_frames=2 makes 2 of this call's latent frames \[0, 1, 2, 3\] "
+                                         r"reference images, but its VACE conditioning marks 1"):
+        sample(comfy, tar, (1, 4, 4, 6, 6), cond, uncond, dtype)
+    cond["vace_context"] = uncond["vace_context"] = torch.cat([vace_context(dtype, 4, 1), vace_context(dtype, 4, 2)],
+                                                              dim=1)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    with pytest.raises(ValueError, match=r"the VACE inputs \(or sequences\) of this call lead with different "
+                                         r"numbers of reference images \[\[1, 2\], \[1, 2\]\]"):
+        sample(comfy, tar, (1, 4, 4, 6, 6), cond, uncond, dtype)
+
+
 def test_wan_s2v_matches_the_oracle(comfy, monkeypatch):
     """Wan S2V: the video, then the reference and motion frames' tokens (no bias), its blocks run without
     transformer_options (ComfyUI 0.3.64), so the oracle's override goes in at the self-attention."""

@@ -635,6 +635,26 @@ def test_wan_animate_matches_the_oracle(comfy, mark):
     assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative), stock)
 
 
+@pytest.mark.parametrize("reference_frames", [0, 1])
+def test_wan_vace_reference_image_is_read_from_the_conditioning(comfy, mark, reference_frames):
+    """Wan VACE: WanVaceToVideo's conditioning as it builds it with a reference image (a leading latent frame whose
+    reactive half is the latent format's zero, its mask 0): that frame gets no bias, reference_frames left at 0 or
+    set to its trim_latent."""
+    mark("wan")
+    model = wan(comfy, cls="VaceWanModel", vace_layers=1, vace_in_dim=96)
+    gen = torch.Generator().manual_seed(8)
+    frames = torch.randn(1, 32, 4, 6, 8, generator=gen)
+    frames[:, 16:, :1] = comfy.latent_formats.Wan21().process_out(torch.zeros(1, 16, 1, 6, 8))
+    mask = torch.ones(1, 64, 4, 6, 8)
+    mask[:, :, :1] = 0
+    positive, negative = texts(vace_frames=[frames], vace_mask=[mask], vace_strength=[1.0])
+    latent = torch.zeros(1, 16, 4, 6, 8)
+    stock = run(comfy, model, latent, positive, negative)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=reference_frames)[0], latent, positive, negative)
+    ids = torch.where(video_ids(4, 6, 8) == 0, -1, video_ids(4, 6, 8))
+    assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative), stock)
+
+
 # ---------------------------------------------------------------- companion nodes, newer and older ComfyUI
 
 def test_a_comfyui_without_the_attention_override_is_refused(comfy_any, monkeypatch):

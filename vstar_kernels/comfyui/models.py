@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -22,6 +22,8 @@ class Family:
     targets: Callable[[torch.nn.Module], List[str]]
     layout: Callable[[torch.nn.Module, torch.Tensor, dict], TokenLayout]
     time_dim: int = 2           # the latent's dimension of frames (that of ComfyUI's context windows over them)
+    # the call's leading latent frames that its conditioning marks as reference images, or None where it says nothing
+    references: Optional[Callable[[torch.Tensor, dict], Optional[int]]] = None
 
 
 def _ceil(size: int, patch: int) -> int:
@@ -138,6 +140,23 @@ def _cosmos_layout(dm, x, extra) -> TokenLayout:
     return TokenLayout(frames, per_frame)
 
 
+def _vace_references(x, extra) -> Optional[int]:
+    """Wan VACE: WanVaceToVideo puts a reference image before the control video as a latent frame whose second
+    half (the reactive latent) is the latent format's zero and whose mask is 0, so its `vace_context` (batch,
+    inputs, 16 + 16 + mask channels, frames, H, W; the model's latent_in applied) is exactly 0 past its first 16
+    channels there; a video frame's reactive half is the VAE's latent of grey or of pixels, never 0. The count of
+    such leading frames, the same in every input and sequence; None without a vace_context of the call's frames."""
+    context = extra.get("vace_context")
+    if not isinstance(context, torch.Tensor) or context.dim() != 6 or context.shape[3] != x.shape[2]:
+        return None
+    unused = (context[:, :, 16:] == 0).flatten(4).all(dim=4).all(dim=2)  # (batch, inputs, frames)
+    leading = unused.to(torch.int32).cumprod(dim=2).sum(dim=2)
+    if not bool((leading == leading.flatten()[0]).all()):
+        raise ValueError(f"VSTAR_TAR: the VACE inputs (or sequences) of this call lead with different numbers of "
+                         f"reference images {leading.tolist()}: set reference_frames to the latent's")
+    return int(leading.flatten()[0])
+
+
 def _cosmos1_targets(dm) -> List[str]:
     return [f"blocks.{name}.blocks.{index}.block" for name, block in dm.blocks.items()
             for index, sub in enumerate(block.blocks) if sub.block_type in ("fa", "full_attn")]
@@ -149,7 +168,8 @@ FAMILIES: Dict[Tuple[str, str], Family] = {
     ("comfy.ldm.wan.model", "WanModel"): WAN,
     ("comfy.ldm.wan.model", "CameraWanModel"): WAN,
     ("comfy.ldm.wan.model", "VaceWanModel"): Family("Wan VACE", _listed(("vace_blocks", "self_attn"),
-                                                                        ("blocks", "self_attn")), _wan_layout),
+                                                                        ("blocks", "self_attn")), _wan_layout,
+                                                    references=_vace_references),
     ("comfy.ldm.wan.model", "HumoWanModel"): Family("Wan HuMo", _WAN_BLOCKS, _humo_layout),
     ("comfy.ldm.wan.model_animate", "AnimateWanModel"): Family("Wan Animate", _WAN_BLOCKS, _wan_layout),
     ("comfy.ldm.wan.model", "WanModel_S2V"): Family("Wan S2V", _WAN_BLOCKS, _s2v_layout),

@@ -140,7 +140,8 @@ class VSTARTemporalAttentionRegularization:
                                           "tooltip": "Last step regularized, as a fraction of the schedule."}),
                 "reference_frames": ("INT", {"default": 0, "min": 0, "max": 4096,
                                              "tooltip": "Leading latent frames that are reference images, not "
-                                                        "video (WanVaceToVideo's trim_latent): no bias."}),
+                                                        "video (WanAnimateToVideo's trim_latent): no bias. Wan "
+                                                        "VACE reads them from its conditioning."}),
                 "backend": (list(BACKENDS), {"default": "auto",
                                              "tooltip": "auto: the Triton kernels on a GPU (the lean forward on "
                                                         "an H100 or H200 where it fits), the CPU backend on CPU."}),

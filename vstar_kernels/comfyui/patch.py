@@ -219,10 +219,13 @@ class TARPatch:
             run.saw(values, window, all(inside), schedule)
         return all(inside)
 
-    def frame_ids(self, layout: TokenLayout, options: dict, run: Run) -> Tuple[int, ...]:
+    def frame_ids(self, layout: TokenLayout, options: dict, run: Run, references: Optional[int] = None
+                  ) -> Tuple[int, ...]:
         """The id of each video frame of a call: its index in the whole latent (a context window's by its
         ``index_list``, a looped one's as docs/comfyui.md, Context windows, says), -1 for the leading
-        `reference_frames` of the whole latent."""
+        `reference_frames` of the whole latent, or, where that is 0, for the call's leading `references` (the
+        frames its conditioning marks as reference images: `Family.references`), which a nonzero
+        `reference_frames` must agree with."""
         window, index, length = options.get("context_window"), list(range(layout.frames)), 0
         if window is not None and getattr(window, "dim", None) == self.family.time_dim:
             index = list(window.index_list[:layout.frames])
@@ -235,10 +238,19 @@ class TARPatch:
                                  "OUTER_SAMPLE wrappers read it)")
             ids.append(ids[-1] + this - previous + (length if this <= previous else 0))
         lead = self.settings.reference_frames
-        ids = tuple(i if r >= lead else -1 for r, i in zip(index, ids))
+        marked = [r < lead for r in index]
+        if references is not None:
+            by_call = [k < references for k in range(len(index))]
+            if lead and by_call != marked:
+                raise ValueError(f"VSTAR_TAR: reference_frames={lead} makes {sum(marked)} of this call's latent "
+                                 f"frames {index} reference images, but its VACE conditioning marks {references}: "
+                                 "connect WanVaceToVideo's trim_latent, or leave reference_frames at 0 to read them "
+                                 "from the conditioning")
+            marked = by_call
+        ids = tuple(-1 if reference else i for reference, i in zip(marked, ids))
         if all(i < 0 for i in ids):
-            raise ValueError(f"VSTAR_TAR: reference_frames={lead} leaves none of this call's latent frames "
-                             f"{index} as video")
+            given = f"reference_frames={lead}" if lead else "the VACE conditioning's reference images"
+            raise ValueError(f"VSTAR_TAR: {given} leaves none of this call's latent frames {index} as video")
         return ids
 
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
@@ -252,7 +264,8 @@ class TARPatch:
             layout = self.family.layout(base.diffusion_model, x, kwargs)
             run = options.get(KEY) or Run(())
             run.speculation.next_step()
-            ids = self.frame_ids(layout, options, run)
+            references = None if self.family.references is None else self.family.references(x, kwargs)
+            ids = self.frame_ids(layout, options, run, references)
             if len(set(ids)) == 1 and ids[0] >= 0 and not (layout.before or layout.after or layout.text_after):
                 _warn(run, "one frame", "a model call in the window has one latent frame and no other tokens in its "
                                         "self-attention: TAR adds the same score to every key there, which the "

@@ -147,3 +147,12 @@ class WanModel_S2V(WanModel):
     def after_video(self, extra):
         return [self.patch_embedding(extra[name]).flatten(2).transpose(1, 2)
                 for name in ("reference_latent", "reference_motion") if extra.get(name) is not None]
+
+
+class VaceWanModel(WanModel):
+    """Wan VACE: the `vace_context` condition (batch, inputs, channels, frames, H, W) reaches the model as a keyword;
+    the toy's control blocks are none (the node reads the condition, not what the blocks make of it)."""
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.vace_blocks = nn.ModuleList()
