@@ -64,9 +64,9 @@ def comfy():
 
 # ---------------------------------------------------------------- models, conditions, sampling
 
-def wan(comfy, dtype=torch.float64, seed=0, **config):
+def wan(comfy, dtype=torch.float64, seed=0, cls="WanModel", **config):
     torch.manual_seed(seed)
-    net = comfy.ldm.wan.model.WanModel(**config)
+    net = getattr(comfy.ldm.wan.model, cls)(**config)
     _sharpen(net)
     return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
 
@@ -369,10 +369,7 @@ def test_wan_vace_reference_images_are_read_from_the_conditioning(comfy, mark_se
     """WanVaceToVideo's reference images (leading latent frames, their control's reactive half and mask 0) get
     frame -1 with reference_frames left at 0, as with it set to trim_latent."""
     dtype = torch.float64
-    torch.manual_seed(0)
-    net = comfy.ldm.wan.model.VaceWanModel()
-    _sharpen(net)
-    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+    model = wan(comfy, dtype, cls="VaceWanModel")
     shape = (1, 4, 4, 6, 6)
     cond, uncond = conditions(dtype)
     cond["vace_context"] = uncond["vace_context"] = vace_context(dtype, 4, references)
@@ -385,7 +382,7 @@ def test_wan_vace_reference_images_are_read_from_the_conditioning(comfy, mark_se
 
 def test_wan_vace_reference_frames_must_agree_with_the_conditioning(comfy):
     dtype = torch.float64
-    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(comfy.ldm.wan.model.VaceWanModel().to(dtype)))
+    model = wan(comfy, dtype, cls="VaceWanModel")
     cond, uncond = conditions(dtype)
     cond["vace_context"] = uncond["vace_context"] = vace_context(dtype, 4, 1)
     (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=2, backend="reference")
@@ -412,10 +409,7 @@ def test_wan_s2v_matches_the_oracle(comfy, monkeypatch):
         return original(self, *args, transformer_options=transformer_options, **kwargs)
     monkeypatch.setattr(self_attention, "forward", forward)
     dtype = torch.float64
-    torch.manual_seed(0)
-    net = comfy.ldm.wan.model.WanModel_S2V()
-    _sharpen(net)
-    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+    model = wan(comfy, dtype, cls="WanModel_S2V")
     shape = (1, 4, 3, 4, 6)
     cond, uncond = conditions(dtype, reference_latent=(1, 4, 1, 4, 6), reference_motion=(1, 4, 2, 4, 6))
     stock = sample(comfy, model, shape, cond, uncond, dtype)
