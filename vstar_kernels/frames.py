@@ -64,6 +64,18 @@ class TokenLayout(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
+def leading_references(control: torch.Tensor, unused_from: int, where: str) -> int:
+    """The leading frames of a (sequences, channels, frames, ...) control latent that are reference images, which
+    Wan VACE's pipelines mark by channels `unused_from`.. all exactly 0 (the reactive half and the mask: docs/dits.md,
+    docs/comfyui.md); the same count in every sequence, else a ValueError naming `where`."""
+    unused = (control[:, unused_from:] == 0).flatten(3).all(dim=3).all(dim=1)  # (sequences, frames)
+    leading = unused.to(torch.int32).cumprod(dim=1).sum(dim=1)
+    if not bool((leading == leading[:1]).all()):
+        raise ValueError(f"{where}: TAR takes one frame layout per call, but its sequences (or VACE inputs) lead with "
+                         f"different numbers of reference images, {leading.tolist()}")
+    return int(leading[0])
+
+
 def layout_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
     """The int32 ids of a token layout given as runs ``((frame id, tokens), ...)`` in sequence order (-1: no
     frame), between `before` and `after` tokens of id -1: the one frame-id builder of the front-ends (diffusers'

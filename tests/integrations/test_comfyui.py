@@ -392,8 +392,9 @@ def test_wan_vace_reference_frames_must_agree_with_the_conditioning(comfy):
     cond["vace_context"] = uncond["vace_context"] = torch.cat([vace_context(dtype, 4, 1), vace_context(dtype, 4, 2)],
                                                               dim=1)
     (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
-    with pytest.raises(ValueError, match=r"the VACE inputs \(or sequences\) of this call lead with different "
-                                         r"numbers of reference images \[\[1, 2\], \[1, 2\]\]"):
+    with pytest.raises(ValueError, match=r"VSTAR_TAR: TAR takes one frame layout per call, but its sequences \(or "
+                                         r"VACE inputs\) lead with different numbers of reference images, "
+                                         r"\[1, 2, 1, 2\]"):
         sample(comfy, tar, (1, 4, 4, 6, 6), cond, uncond, dtype)
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..frames import TokenLayout
+from ..frames import TokenLayout, leading_references
 
 
 @dataclass(frozen=True)
@@ -149,12 +149,7 @@ def _vace_references(x, extra) -> Optional[int]:
     context = extra.get("vace_context")
     if not isinstance(context, torch.Tensor) or context.dim() != 6 or context.shape[3] != x.shape[2]:
         return None
-    unused = (context[:, :, 16:] == 0).flatten(4).all(dim=4).all(dim=2)  # (batch, inputs, frames)
-    leading = unused.to(torch.int32).cumprod(dim=2).sum(dim=2)
-    if not bool((leading == leading.flatten()[0]).all()):
-        raise ValueError(f"VSTAR_TAR: the VACE inputs (or sequences) of this call lead with different numbers of "
-                         f"reference images {leading.tolist()}: set reference_frames to the latent's")
-    return int(leading.flatten()[0])
+    return leading_references(context.flatten(0, 1), 16, "VSTAR_TAR")
 
 
 def _cosmos1_targets(dm) -> List[str]:

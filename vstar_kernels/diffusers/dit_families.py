@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import diffusers
 import torch
 
-from ..frames import TokenLayout
+from ..frames import TokenLayout, leading_references
 from .token_grid import runs_grid
 
 
@@ -109,14 +109,10 @@ def _vace_layout(model, arguments) -> TokenLayout:
     frame's second half is the VAE's latent of its masked pixels, which is not zero): those frames are frame -1."""
     grid = _video_5d(2)(model, arguments)
     control = arguments.get("control_hidden_states")
-    if control is None or control.dim() != 5 or control.shape[1] <= model.config.in_channels:
+    if control is None or control.dim() != 5 or control.shape[1] <= model.config.in_channels \
+            or control.shape[2] != _latent(model, arguments).shape[2]:
         return grid
-    unused = (control[:, model.config.in_channels:] == 0).flatten(3).all(dim=3).all(dim=1)  # (batch, frames)
-    leading = unused.to(torch.int32).cumprod(dim=1).sum(dim=1)
-    if not bool((leading == leading[:1]).all()):
-        raise ValueError(f"{type(model).__name__}: TAR takes one frame layout per call, but the sequences of the "
-                         "batch have different numbers of reference images")
-    return _references_first(grid, min(int(leading[0]), grid.frames))
+    return _references_first(grid, leading_references(control, model.config.in_channels, type(model).__name__))
 
 
 def _chronoedit_layout(model, arguments) -> TokenLayout:
