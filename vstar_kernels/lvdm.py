@@ -132,8 +132,8 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
     if missing:
         raise ValueError(f"config levels {missing} have no module: select put modules at levels {found}")
     chosen = [(name, module, level) for name, module, level in chosen if level in config.levels]
-    ours = vars(model).get(_STATE_ATTR)
-    ours = {id(patch.module) for patch in ours.patched} if ours is not None else set()
+    applied = vars(model).get(_STATE_ATTR)  # this model's own patches, which applying again replaces
+    ours = set() if applied is None else {id(patch.module) for patch in applied.patched}
     for name, module, _ in chosen:
         _check_interface(name, module)
         if isinstance(vars(module).get("forward"), _TARForward) and id(module) not in ours:
