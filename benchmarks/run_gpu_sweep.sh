@@ -25,6 +25,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 STAGE="${1:-all}"
+case "$STAGE" in
+    all | tests | kernels | e2e | quick | speculation | lean) ;;
+    *) echo "run_gpu_sweep.sh: unknown stage '$STAGE' (all, tests, kernels, e2e, quick, speculation, lean)" >&2
+       exit 2 ;;
+esac
 TEST_BUDGET_S="${TEST_BUDGET_S:-120}"
 KERNEL_BUDGET_S="${KERNEL_BUDGET_S:-300}"
 E2E_BUDGET_S="${E2E_BUDGET_S:-90}"
@@ -49,6 +54,7 @@ export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-$(git rev-parse --short=12 HEAD
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y%m%d)"
 START_MARK="$(mktemp)"  # the files this run writes are newer: only they go to $OUT
+FAILED="$(mktemp)"      # the stages that exited non-zero (run in the tee'd subshell): the script's exit status
 LOG="$RESULTS/gpu-$STAMP-$(date -u +%H%M%S)-$STAGE.log"
 
 run_stage() {  # name, then the command
@@ -56,7 +62,9 @@ run_stage() {  # name, then the command
     shift
     echo "== $name: $* ($(date -u +%T))"
     "$@"
-    echo "== $name: exit $? ($(date -u +%T))"
+    local status=$?
+    echo "== $name: exit $status ($(date -u +%T))"
+    [ "$status" -eq 0 ] || echo "$name (exit $status)" >> "$FAILED"
 }
 
 {
@@ -82,10 +90,6 @@ run_stage() {  # name, then the command
         lean)
             run_stage "lean forward" python3 benchmarks/speculation.py --lean --out "$RESULTS" \
                 --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} ${SPEC_RATES:+--rates $SPEC_RATES} ;;
-        all | tests | kernels | e2e) ;;
-        *)
-            echo "unknown stage '$STAGE' (all, tests, kernels, e2e, quick, speculation, lean)"
-            exit 2 ;;
     esac
     # today's files only (with none, plot_results.py would render every committed one)
     today=$(ls "$RESULTS"/*-"$STAMP".csv 2>/dev/null)
@@ -100,3 +104,9 @@ if [ -n "${OUT:-}" ]; then
     echo "copied $(echo "$written" | grep -c .) files this run wrote to $OUT"
 fi
 rm -f "$START_MARK"
+if [ -s "$FAILED" ]; then
+    echo "run_gpu_sweep.sh: stages that failed: $(paste -sd, "$FAILED")" >&2
+    rm -f "$FAILED"
+    exit 1
+fi
+rm -f "$FAILED"
