@@ -63,7 +63,6 @@ class TokenLayout(NamedTuple):
         return ", then ".join(parts)
 
 
-@functools.lru_cache(maxsize=64)
 def leading_references(control: torch.Tensor, unused_from: int, where: str) -> int:
     """The leading frames of a (sequences, channels, frames, ...) control latent that are reference images, which
     Wan VACE's pipelines mark by channels `unused_from`.. all exactly 0 (the reactive half and the mask: docs/dits.md,
@@ -76,6 +75,7 @@ def leading_references(control: torch.Tensor, unused_from: int, where: str) -> i
     return int(leading[0])
 
 
+@functools.lru_cache(maxsize=64)
 def layout_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
     """The int32 ids of a token layout given as runs ``((frame id, tokens), ...)`` in sequence order (-1: no
     frame), between `before` and `after` tokens of id -1: the one frame-id builder of the front-ends (diffusers'
