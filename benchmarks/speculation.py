@@ -352,7 +352,8 @@ def plot(csv_path, out_dir=None):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", help="the folder to write to (default: benchmarks/results; with --plot, beside the "
+                                      "CSV)")
     parser.add_argument("--shapes", nargs="*", help="DiT shapes of tools/perf/model_dit.py (default: all)")
     parser.add_argument("--rates", nargs="*", type=float, default=list(RATES))
     parser.add_argument("--time-budget-s", type=float, default=420.0)
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", metavar="CSV", help="draw a results file of this script (no run)")
     args = parser.parse_args(argv)
     if args.plot:
-        path = plot(args.plot)
+        path = plot(args.plot, args.out)
         print(f"wrote {path}" if path else f"{args.plot}: no timed row to draw")
         return 0
     if any(not 0 <= r <= 1 for r in args.rates):
@@ -384,7 +385,7 @@ def main(argv=None) -> int:
         cases = [(s.name, s.frames(), s.heads, s.head_dim, s.sigma) for s in DIT_SHAPES
                  if not args.shapes or s.name in args.shapes]
     info = measure.RunInfo.collect(device)
-    out = Path(args.out) / f"speculation-{measure.slug(info.device)}-{info.date}.csv"
+    out = Path(args.out or Path(__file__).parent / "results") / f"speculation-{measure.slug(info.device)}-{info.date}.csv"
     start = time.monotonic()
     if args.lean:
         for name, frames, heads, d, sigma in cases:

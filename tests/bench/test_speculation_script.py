@@ -37,6 +37,13 @@ def test_smoke_run_writes_checked_rows(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / f"{csv_path.stem}-flag-rates.png").stat().st_size > 10_000
+    # --plot with --out: the picture goes there (it went beside the CSV, over a committed picture)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--plot", str(csv_path), "--out",
+                           str(elsewhere)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in elsewhere.iterdir()] == [f"{csv_path.stem}-flag-rates.png"]
 
 
 def test_lean_smoke_run_checks_before_timing(tmp_path):
