@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         except ValueError as exc:  # not a results file of this harness
             print(exc, file=sys.stderr)
             return 2
+        if not written:
+            print(f"{path}: no rows (an empty file, or its header alone)", file=sys.stderr)
+            return 2
         for out in written:
             print(f"wrote {out}")
     return 0

@@ -81,6 +81,9 @@ def test_plot_script_regenerates_from_a_csv(tmp_path):
     for metric in ("time", "speedup", "bandwidth"):
         assert (tmp_path / f"synthetic-20990101-{metric}-fp16.png").read_bytes()[:8] == PNG
     assert script.main([str(tmp_path / "missing.csv")]) == 2
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text(path.read_text().splitlines()[0] + "\n")
+    assert script.main([str(tmp_path / "empty.csv")]) == 2 and script.main([str(tmp_path / "header.csv")]) == 2
 
 
 def test_without_matplotlib_the_table_is_still_written(tmp_path, monkeypatch, capsys):

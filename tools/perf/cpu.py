@@ -71,6 +71,8 @@ def time_pair(ours, plain, rounds: int) -> tuple:
 def measure(case: Case, threads: int, rounds: int, seed: int = 0) -> list:
     """Rows of one case at `threads` threads: ours (the default path) and sdpa_plain."""
     import vstar_kernels as vk
+    from vstar_kernels import dispatch
+    from vstar_kernels._problem import make_problem
     from vstar_kernels.bench.measure import RunInfo, Timing, ideal_cost, load_average, row
 
     torch.set_num_threads(threads)
@@ -90,9 +92,11 @@ def measure(case: Case, threads: int, rounds: int, seed: int = 0) -> list:
     info = RunInfo.collect(torch.device("cpu"))
     setup = ",".join(([f"frames={case.frames[0]}x{case.frames[1]}"] if case.frames else []) + [f"threads={threads}"])
     cost = ideal_cost(case.batch * case.heads, case.n, case.n, case.d, case.d, 4)
+    ran = dispatch.select(make_problem(q, k, v, sigma=case.sigma, strength=1.0, delta=None, causal=False,
+                                       max_mode="row", scale=None, frames=frames), "auto").name
     return [row(info, impl, case.batch, case.heads, case.n, case.d, "fp32", setup=setup, cost=cost,
-                timing=Timing(*(_quantile(x, q) for q in (0.5, 0.2, 0.8)), load=load))
-            for impl, x in (("vstar_auto", a), ("sdpa_plain", b))]
+                timing=Timing(*(_quantile(x, q) for q in (0.5, 0.2, 0.8)), load=load), backend=backend)
+            for impl, x, backend in (("vstar_auto", a, ran), ("sdpa_plain", b, ""))]
 
 
 def main(args) -> int:
