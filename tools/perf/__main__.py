@@ -81,6 +81,9 @@ def main(argv=None) -> int:
         if unknown:
             top.error(f"argument --shapes: unknown {'DiT ' * args.dit}shape(s) {', '.join(unknown)}; "
                       f"choose from {', '.join(valid)}")
+    if args.command in ("static", "traffic") and args.quick and not args.out:
+        top.error(f"{args.command} --quick writes the CI subset, which would replace the committed full tables in "
+                  "benchmarks/results: give --out DIR")
     if args.command == "traffic" and os.environ.get("TRITON_INTERPRET") != "1":
         # the counts come from the Triton interpreter, whose mode is fixed when triton is first imported
         env = {**os.environ, "TRITON_INTERPRET": "1"}

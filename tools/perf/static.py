@@ -432,6 +432,9 @@ def main(args) -> int:
         cases = list(args.cases or ()) or None
         base = os.path.join(directory, f"static-sm{arch}")
         if kernels or cases:  # the table the rows go into, read (and its stamp checked) before the long compile
+            if not os.path.isfile(base + ".csv"):
+                raise SystemExit(f"--kernels / --cases replace rows of the table in {directory}, which has no "
+                                 f"static-sm{arch}.csv: run a full `python -m tools.perf static --out DIR` first")
             old = read(base + ".csv")
             stamp(base + ".md")
         table = collect(arch, args.quick, kernels=kernels, cases=cases, report=lambda r: print(
