@@ -300,6 +300,7 @@ def plot(csv_path, out_dir=None):
                   for r, s in zip(rows, setups) if s["dit"] == shape}
         cell = {key: float(r["median_ms"]) for key, r in latest.items()}
         commits = ", ".join(dict.fromkeys(r["commit"] for r in latest.values()))
+        mixed = "," in commits  # the panel's bars come from several commits: each bar names its own
         rates = sorted({g for (impl, g, kernel) in cell if g != "lean" and impl.endswith("pass") and not kernel},
                        key=float)
         groups = rates + (["lean"] if ("vstar_triton_lean", "lean", None) in cell else [])
@@ -324,8 +325,8 @@ def plot(csv_path, out_dir=None):
                     ax.bar(x, redo, width * 0.95, bottom=ms - redo, color="none", edgecolor="navy", hatch="//",
                            label="its redo launch" if "its redo launch" not in ax.get_legend_handles_labels()[1]
                            else None)
-                ax.text(x, ms, f"{ms:.1f} ms" + (f"\n{ms / floor:.2f}x" if floor else ""), ha="center",
-                        va="bottom", fontsize=7.5)
+                ax.text(x, ms, f"{ms:.1f} ms" + (f"\n{ms / floor:.2f}x" if floor else "") +
+                        (f"\n@{run['commit'][:7]}" if mixed else ""), ha="center", va="bottom", fontsize=7)
                 if floor:  # the floor timed in this bar's run, across the bar
                     ax.hlines(floor, x - width / 2, x + width / 2, color="black", ls="--", lw=1)
         if floors:
