@@ -31,7 +31,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_frame_attention, remove_tar
 
-from .tiny_dit_models import BATCH, FAMILIES, randn
+from .tiny_dit_models import BATCH, FAMILIES, NEWER, randn
+
+# ChronoEdit's edit call: 2 latent frames at rotary positions 0 and 4 (a token layout of runs, not a grid)
+FAMILIES = {**FAMILIES, "chronoedit": NEWER["chronoedit"]}
 
 COLLECTIVE_TIMEOUT_S = 120   # one collective waiting for a rank that raised, or hangs
 RUN_TIMEOUT_S = 540          # the whole suite
@@ -53,7 +56,7 @@ SUITES = {2: {"ulysses": FULL, "ring": FULL}, 4: {"unified": FULL, "strided": ((
 def inputs(family: str, frames: int) -> dict:
     """One forward call's inputs: batch 2, 16 tokens per frame, 8 text tokens (an even split for 2 and 4 ranks)."""
     text = randn(BATCH, 8, 16, seed=2)
-    if family == "wan":
+    if family in ("wan", "chronoedit"):
         return dict(hidden_states=randn(BATCH, 4, frames, 8, 8, seed=1), timestep=torch.tensor([700, 700]),
                     encoder_hidden_states=text)
     # no text mask: diffusers' Ulysses splits the heads of q, k, v but not of LTX's per-head mask (a stock failure)
@@ -321,6 +324,11 @@ def cases(world: int) -> Dict[str, Callable]:
             cases[f"traffic/{layout}"] = functools.partial(_traffic, layout)
     cases.update(_error_cases(world))
     if world == 2:
+        for layout in ("ulysses", "ring"):  # frame ids from the layout's runs (ChronoEdit's frames 0 and 4)
+            for kind, run in (("stock", _stock), ("removed", _removed), ("off", _off)):
+                cases[f"{kind}/{layout}/chronoedit/2"] = functools.partial(run, "chronoedit", layout, 2)
+            cases[f"tar/{layout}/chronoedit/band/after/2"] = functools.partial(
+                _tar, "chronoedit", layout, "band", "after", 2)
         cases["backend/ring/wan/3"] = _any_backend
     return cases
 

@@ -8,13 +8,14 @@ collectives (autograd functions) around ONE `tar_attention` call of the rank's q
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..frames import layout_ids
+from ..frames import TokenLayout, layout_ids
 
 _SWAPPED = ("_attention_backend", "_parallel_config")
 
@@ -86,14 +87,17 @@ def _gather_sequence(x: torch.Tensor, group, size: int) -> torch.Tensor:
     return gathered.reshape(size * n, batch, heads, dim).permute(1, 2, 0, 3)
 
 
-def _ids(count: int, per_frame: int, shard: int, shards: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Frame ids of the tokens of `shards` (each `shard` tokens long, in that order) of a (count x per_frame)
-    grid, from frames.layout_ids (kept per layout: tar_attention reads their values once)."""
+def _ids(video: Tuple[Tuple[int, int], ...], shard: int, shards: Tuple[int, ...], device: torch.device
+         ) -> torch.Tensor:
+    """Frame ids of the tokens of `shards` (each `shard` tokens long, in that order) of a video laid out as the runs
+    `video` ((frame id, tokens), ... in sequence order: `TokenLayout.video_runs`), from frames.layout_ids (kept per
+    layout: tar_attention reads their values once)."""
+    starts = list(itertools.accumulate((tokens for _, tokens in video), initial=0))
     runs = []
     for index in shards:
         lo, hi = index * shard, (index + 1) * shard
-        runs += [(f, min(hi, (f + 1) * per_frame) - max(lo, f * per_frame))
-                 for f in range(lo // per_frame, min(count, -(-hi // per_frame)))]
+        runs += [(frame, min(hi, end) - max(lo, start))
+                 for (frame, _), start, end in zip(video, starts, starts[1:]) if start < hi and end > lo]
     return layout_ids(tuple(runs), 0, 0, device)
 
 
@@ -174,17 +178,19 @@ class ContextParallelTAR:
         if key.shape[2] != local or value.shape[2] != local:
             raise ValueError(f"{where}: expected a self-attention over this rank's shard of the video tokens, got "
                              f"{local} queries and {key.shape[2]} keys")
-        if getattr(grid, "runs", None) is not None or getattr(grid, "repeat_from", None) is not None:
-            raise ValueError(f"{where}: TAR under context parallelism handles a video laid out as frames x tokens per "
-                             f"frame; this call's token layout ({grid}) is laid out otherwise")
-        count, per_frame = grid[0], grid[1]
-        video = count * per_frame
-        if local * self.shards != video:
+        if not isinstance(grid, TokenLayout):
+            grid = TokenLayout(*grid)
+        if grid.repeat_from is not None or grid.before or grid.after:
+            raise ValueError(f"{where}: TAR under context parallelism handles a call of video tokens alone; this "
+                             f"call's token layout ({grid}) has other tokens")
+        video = grid.video_runs()
+        tokens = sum(count for _, count in video)
+        if local * self.shards != tokens:
             raise ValueError(
                 f"{where}: under context parallelism ({self.degrees}) this rank holds {local} tokens, and "
-                f"{self.shards} equal shards of {local} are {local * self.shards} tokens, not the call's {video} video "
-                f"tokens ({count} frames x {per_frame} tokens): TAR needs even shards of the whole sequence (uneven "
-                "shards of ring_anything/ulysses_anything, or a plan that shards otherwise, are not supported)")
+                f"{self.shards} equal shards of {local} are {local * self.shards} tokens, not the call's {tokens} video "
+                f"tokens ({grid.describe()}): TAR needs even shards of the whole sequence (uneven shards of "
+                "ring_anything/ulysses_anything, or a plan that shards otherwise, are not supported)")
         if heads % self.ulysses:
             raise ValueError(f"{where}: Ulysses with ulysses_degree={self.ulysses} needs a head count it divides; the "
                              f"call has {heads} heads")
@@ -198,8 +204,7 @@ class ContextParallelTAR:
             kv = _gather_sequence(kv, self.ring_group, self.ring)
         key, value = kv.split((head_dim, v_dim), dim=-1)
         query_shards, key_shards = self.shard_order(query.device)
-        ids = (_ids(count, per_frame, local, query_shards, query.device),
-               _ids(count, per_frame, local, key_shards, query.device))
+        ids = (_ids(video, local, query_shards, query.device), _ids(video, local, key_shards, query.device))
         out = attend(query, key, value, frames=ids)
         if self.ulysses > 1:
             out = _sequence_to_heads(out, self.ulysses_group, self.ulysses)
