@@ -163,8 +163,9 @@ class ContextParallelTAR:
                   grid: Optional[Tuple[int, int]], attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         """TAR over the whole sequence for this rank's (B, H, n, D) shard of queries; returns its (B, H, n, Dv).
 
-        `attend(q, k, v, frames=(q_ids, k_ids))` computes the regularized attention. Every check runs
-        before any communication, with the same outcome on every rank (no rank waits for one that raised).
+        `attend(q, k, v, frames=(q_ids, k_ids))` computes the regularized attention. Every check has the same
+        outcome on every rank (no rank waits for one that raised), and all but the mesh's (`shard_order`, after
+        the first call's exchanges) run before any communication.
         """
         where = self.where
         if grid is None:
