@@ -386,7 +386,8 @@ def main(argv=None) -> int:
         cases = [(s.name, s.frames(), s.heads, s.head_dim, s.sigma) for s in DIT_SHAPES
                  if not args.shapes or s.name in args.shapes]
     info = measure.RunInfo.collect(device)
-    out = Path(args.out or Path(__file__).parent / "results") / f"speculation-{measure.slug(info.device)}-{info.date}.csv"
+    folder = Path(args.out) if args.out else Path(__file__).parent / "results"
+    out = folder / f"speculation-{measure.slug(info.device)}-{info.date}.csv"
     start = time.monotonic()
     if args.lean:
         for name, frames, heads, d, sigma in cases:

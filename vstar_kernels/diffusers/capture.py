@@ -179,8 +179,9 @@ class _Recorder:
         start = 0
         if self._guidance_batched():
             if self.batch is None or self.batch % 2:
-                raise ValueError(f"{name}: guidance is batched (cfg=True, or the pipeline's do_classifier_free_guidance) "
-                                 f"but the UNet call's batch is not even (its sample: {self.batch} videos)")
+                raise ValueError(f"{name}: guidance is batched (cfg=True, or the pipeline's "
+                                 "do_classifier_free_guidance) but the UNet call's batch is not even (its sample: "
+                                 f"{self.batch} videos)")
             start = rows // 2  # diffusers batches [unconditional, conditional], each video's sequences together
         site = tar_site(module)
         spec = None if site is None else site.spec_at(step)

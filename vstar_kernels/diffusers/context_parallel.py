@@ -160,7 +160,7 @@ class ContextParallelTAR:
         return cls(cp, where)
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, is_causal: bool,
-                  grid: Optional[Tuple[int, int]], attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+                  grid: Optional[TokenLayout], attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         """TAR over the whole sequence for this rank's (B, H, n, D) shard of queries; returns its (B, H, n, Dv).
 
         `attend(q, k, v, frames=(q_ids, k_ids))` computes the regularized attention. Every check has the same
@@ -179,7 +179,7 @@ class ContextParallelTAR:
         if key.shape[2] != local or value.shape[2] != local:
             raise ValueError(f"{where}: expected a self-attention over this rank's shard of the video tokens, got "
                              f"{local} queries and {key.shape[2]} keys")
-        if not isinstance(grid, TokenLayout):
+        if not isinstance(grid, TokenLayout):  # a (frames, tokens per frame) pair, as token_grid.token_frames takes
             grid = TokenLayout(*grid)
         if grid.repeat_from is not None or grid.before or grid.after:
             raise ValueError(f"{where}: TAR under context parallelism handles a call of video tokens alone; this "
@@ -189,8 +189,8 @@ class ContextParallelTAR:
         if local * self.shards != tokens:
             raise ValueError(
                 f"{where}: under context parallelism ({self.degrees}) this rank holds {local} tokens, and "
-                f"{self.shards} equal shards of {local} are {local * self.shards} tokens, not the call's {tokens} video "
-                f"tokens ({grid.describe()}): TAR needs even shards of the whole sequence (uneven shards of "
+                f"{self.shards} equal shards of {local} are {local * self.shards} tokens, not the call's {tokens} "
+                f"video tokens ({grid.describe()}): TAR needs even shards of the whole sequence (uneven shards of "
                 "ring_anything/ulysses_anything, or a plan that shards otherwise, are not supported)")
         if heads % self.ulysses:
             raise ValueError(f"{where}: Ulysses with ulysses_degree={self.ulysses} needs a head count it divides; the "
