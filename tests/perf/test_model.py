@@ -126,6 +126,8 @@ def test_cli_writes_model_files_labelled_model(run):
             assert float(wide["model_time_ms"]) >= float(by[str(n), "vstar_triton"]["model_time_ms"])
         md = (out / f"model-{gpu}.md").read_text()
         assert "(model, not measured)" in md and "ETA =" in md and "arXiv:2407.08608" in md
+        # the command that wrote it, with the options the run was given
+        assert f"`python -m tools.perf model --gpu {gpu} --shapes {UNET} --n 16 256`" in md
         assert (out / f"model-{gpu}.png").stat().st_size > 10_000
     assert "MODEL, not a measurement" in stdout
     # H200 has more bandwidth and the same SMs: no modeled call is slower there
@@ -372,7 +374,8 @@ def test_dit_rows_are_produced_labelled_model(dit_run):
         assert float(ours["model_ours_over_fa3_eta1"]) <= float(ours["model_ours_over_fa3"])
         assert float(by["flex_two_pass"]["model_time_ms"]) == pytest.approx(2 * float(by["flash"]["model_time_ms"]),
                                                                             rel=1e-3)
-        assert "(model, not measured)" in (dit_run / f"model-dit-{gpu}.md").read_text()
+        md = (dit_run / f"model-dit-{gpu}.md").read_text()
+        assert "(model, not measured)" in md and f"`python -m tools.perf model --dit --gpu {gpu} --shapes {DIT}`" in md
         assert (dit_run / f"model-dit-{gpu}.png").stat().st_size > 10_000
 
 

@@ -312,7 +312,8 @@ def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, b
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.perf compile-check",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 or 90 (default: 90)")
     parser.add_argument("--all-configs", action="store_true", help="every pruned config, not the first and last")
     parser.add_argument("--quick", action="store_true", help="the CI subset: fp16 and bf16, fewer shapes")

@@ -255,11 +255,20 @@ def _source_label(source: str) -> str:
         "FA2 bar" if "FlashAttention-2 bar" in source else "FA3 bar")
 
 
-def markdown(rows: list, gpu_key: str, eta: float, exposed: float, calibration: list) -> str:
+def command(gpu_key: str, args=None, dit: bool = False) -> str:
+    """The command that writes this GPU's table, with the --shapes/--n options the run was given."""
+    words = ["python -m tools.perf model"] + ["--dit"] * dit + [f"--gpu {gpu_key}"]
+    for option in ("shapes", "n"):
+        if getattr(args, option, None):
+            words.append(f"--{option} " + " ".join(map(str, getattr(args, option))))
+    return " ".join(words)
+
+
+def markdown(rows: list, gpu_key: str, eta: float, exposed: float, calibration: list, args=None) -> str:
     from vstar_kernels.bench.measure import commit
 
     lines = [f"# Roofline model of the forward, {GPUS[gpu_key].name} (model, not measured)", "",
-             f"`python -m tools.perf model --gpu {gpu_key}`, commit {commit()}. "
+             f"`{command(gpu_key, args)}`, commit {commit()}. "
              "Modeled milliseconds per forward call, fp16 (bf16 identical). Assumptions:", ""]
     lines += [f"- {a}" for a in assumptions(gpu_key, eta, exposed)]
     lines += calibration_lines(calibration)
@@ -382,7 +391,7 @@ def main(args) -> int:
         rows = sweep(key, names, ns, eta, exposed, progress)
         base = directory / f"model-{key}"
         write_csv(rows, base.with_suffix(".csv"), calibration if key == "h100" else [])
-        table = markdown(rows, key, eta, exposed, calibration)
+        table = markdown(rows, key, eta, exposed, calibration, args)
         print(table)
         extra = [base.with_name(base.name + "-calibration.csv")] if key == "h100" else []
         write_table_and_plot(base, table, None if args.no_plots else lambda path: plot(rows, key, path), extra)

@@ -15,7 +15,7 @@ from vstar_kernels.ops.launch import GAUSS_COEF_MIN, LOG2E, band_width, frame_ba
 from vstar_kernels.ops.layout import block_dims
 
 from .eager import eager
-from .model import progress_lines, write_table_and_plot
+from .model import command, progress_lines, write_table_and_plot
 from .roofline import (
     GPUS,
     ITEMSIZE,
@@ -570,13 +570,13 @@ def dit_sweep(gpu_key: str, eta: float, exposed: float, dits=DIT_SHAPES, batch: 
     return rows
 
 
-def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES) -> str:
+def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES, args=None) -> str:
     """The DiT table: modeled ms per self-attention call, the ratios and where the eager peers stop fitting."""
     from vstar_kernels.bench.measure import commit
 
     g = GPUS[gpu_key]
     lines = [f"# DiT self-attention, {g.name} (model, not measured)", "",
-             f"`python -m tools.perf model --dit --gpu {gpu_key}`, commit {commit()}. Modeled ms per "
+             f"`{command(gpu_key, args, dit=True)}`, commit {commit()}. Modeled ms per "
              f"self-attention call (one layer, one denoising step), batch 1, bf16; classifier-free guidance runs it "
              f"at batch 2 (about twice the time; sdpa_bias's peak doubles). Memory: {g.memory_bytes / 1e9:.0f} GB "
              "(nominal). Assumptions as in the model table, and:", "",
@@ -725,7 +725,7 @@ def dit_main(args) -> int:
             w.writerow(DIT_COLUMNS)
             for r in rows:
                 w.writerow([r.get(c, "") for c in DIT_COLUMNS])
-        table = dit_markdown(rows, key, dits)
+        table = dit_markdown(rows, key, dits, args)
         print(table)
         write_table_and_plot(base, table, None if args.no_plots else lambda path: dit_plot(rows, key, path))
     return 0
