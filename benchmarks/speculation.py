@@ -342,8 +342,9 @@ def plot(csv_path, out_dir=None):
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     first = rows[0]
+    cpu = first["device"].startswith("cpu")  # a --smoke run: the kernels in the Triton interpreter
     fig.suptitle(f"TAR forward, one pass vs two passes vs the plain-attention floor\n({first['dtype']}, "
-                 f"{first['device']})", fontsize=10)
+                 f"{first['device']}" + ": the Triton interpreter, not GPU speed" * cpu + ")", fontsize=10)
     fig.tight_layout()
     path = Path(out_dir or csv_path.parent) / f"{csv_path.stem}-flag-rates.png"
     fig.savefig(path, dpi=110)

@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from vstar_kernels.bench import measure
+from vstar_kernels.bench.report import render
 
 from .._device import DEVICE
 
@@ -44,6 +45,11 @@ def test_smoke_run_writes_checked_rows(tmp_path):
                            str(elsewhere)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert [p.name for p in elsewhere.iterdir()] == [f"{csv_path.stem}-flag-rates.png"]
+    # its table says the times are the Triton interpreter's (it said ours was the CPU PyTorch path)
+    (md,) = render(csv_path, plots=False, out_dir=elsewhere)
+    cpu_note = md.read_text().split("**CPU run.**")[1].split("\n")[0]
+    assert "`vstar_triton_one_pass`, `vstar_triton_two_pass`: Triton kernels timed in the Triton interpreter" in cpu_note
+    assert "vstar_auto" not in cpu_note and "PyTorch path" not in cpu_note
 
 
 def test_lean_smoke_run_checks_before_timing(tmp_path):

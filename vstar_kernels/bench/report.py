@@ -163,11 +163,16 @@ def markdown(rows, title: str) -> str:
            f"Device: {', '.join(devices)}. torch {seen('torch')}, triton {seen('triton')}, commit {seen('commit')}, "
            f"{min(r['timestamp'] for r in rows)} to {max(r['timestamp'] for r in rows)}.", ""]
     if any(d.startswith("cpu") for d in devices):
-        out += ["**CPU run.** Times are CPU wall clock (perf_counter). Ours is `vstar_auto`: `tar_attention` "
-                "as a user calls it (backend=\"auto\"), which on CPU tensors runs the PyTorch path. "
-                f"`{INTERPRETER}` is the Triton kernel run by the Triton interpreter to check it against "
-                "float64: a correctness run, not timed and not compared. These numbers say nothing about GPU "
-                "performance.", ""]
+        impls = {r["impl"] for r in meta}
+        interpreted = sorted({r["impl"] for r in meta if r["backend"] == "triton" and r["median_ms"]})
+        out += [" ".join(["**CPU run.** Times are CPU wall clock (perf_counter)."]
+                         + ["Ours is `vstar_auto`: `tar_attention` as a user calls it (backend=\"auto\"), which on "
+                            "CPU tensors runs the PyTorch path."] * ("vstar_auto" in impls)
+                         + [f"`{INTERPRETER}` is the Triton kernel run by the Triton interpreter to check it against "
+                            "float64: a correctness run, not timed and not compared."] * (INTERPRETER in impls)
+                         + [f"{', '.join(f'`{i}`' for i in interpreted)}: Triton kernels timed in the Triton "
+                            "interpreter (a check that they run, at the interpreter's speed)."] * bool(interpreted)
+                         + ["These numbers say nothing about GPU performance."]), ""]
     else:
         out += ["Times: `triton.testing.do_bench` median (L2 flushed between calls, inputs rotated); "
                 "calls over 100 ms: median of 3 CUDA-event timings.", ""]
