@@ -287,7 +287,7 @@ def plot(csv_path, out_dir=None):
         return None
     cols = min(len(shapes), 3)  # rows of at most three panels: six side by side are too narrow to read
     rows_of = math.ceil(len(shapes) / cols)
-    fig, axes = plt.subplots(rows_of, cols, figsize=(max(7.5 * cols, 8), 6.5 * rows_of), squeeze=False)
+    fig, axes = plt.subplots(rows_of, cols, figsize=(max(8.5 * cols, 8), 6.5 * rows_of), squeeze=False)
     for ax in axes.flat[len(shapes):]:
         ax.set_visible(False)
     bars = {"rates": (("vstar_triton_one_pass", "tab:blue"), ("vstar_triton_lean_one_pass", "tab:purple"),
@@ -326,7 +326,8 @@ def plot(csv_path, out_dir=None):
                            label="its redo launch" if "its redo launch" not in ax.get_legend_handles_labels()[1]
                            else None)
                 ax.text(x, ms, f"{ms:.1f} ms" + (f"\n{ms / floor:.2f}x" if floor else "") +
-                        (f"\n@{run['commit'][:7]}" if mixed else ""), ha="center", va="bottom", fontsize=7)
+                        (f"\n@{run['commit'][:7]}" if mixed else ""), ha="center", va="bottom",
+                        fontsize=7 if len(present) < 3 else 6)  # three bars' labels side by side: smaller
                 if floor:  # the floor timed in this bar's run, across the bar
                     ax.hlines(floor, x - width / 2, x + width / 2, color="black", ls="--", lw=1)
         if floors:
