@@ -2,9 +2,11 @@
 backends' declared dtypes, the per-dtype tolerances (the package's, vstar_kernels.bench.check), an independent
 float64 evaluation, and the inputs, option grids and parametrization ids the kernel tests share."""
 
+import collections
 import math
 import os
 import pathlib
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -217,4 +219,33 @@ class LargestAllocation(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+class PeakLive(TorchDispatchMode):
+    """Records the most bytes the storages ops allocate hold at once (a storage counts until its last tensor
+    that an op returned is freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.size, self.refs = {}, collections.Counter()
+
+    def _drop(self, ptr):
+        self.refs[ptr] -= 1
+        if not self.refs[ptr]:
+            self.live -= self.size.pop(ptr)
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.size:
+                    self.size[ptr] = t.untyped_storage().nbytes()
+                    self.live += self.size[ptr]
+                    self.peak = max(self.peak, self.live)
+                self.refs[ptr] += 1
+                weakref.finalize(t, self._drop, ptr)
         return out

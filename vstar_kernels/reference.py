@@ -40,12 +40,20 @@ def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
         empty = mask.all(dim=-1, keepdim=True) if problem.max_mode == "row" else mask.all(dim=(-2, -1), keepdim=True)
         m = m.masked_fill(empty & torch.isneginf(m), 0.0)
     bias = dA if delta is None else delta.to(s.dtype)
-    s = s + problem.strength * m * bias
+    c = problem.strength * m
+    if problem.delta is None:
+        s = s + c * bias
+    else:  # a -inf entry (weight 0 where c > 0) or a masked one takes no part in m's gradient (0 * inf is NaN)
+        off = torch.isneginf(bias) & (c > 0)
+        off = off if mask is None else off | mask
+        s = torch.where(off, -math.inf, s + c * bias.masked_fill(off, 0.0))
     return s if mask is None else s.masked_fill(mask, -math.inf)
 
 
 def _masked_scores(problem: TarProblem, q, k, mask) -> torch.Tensor:
     """The scaled scores q @ k^T of a chunk, -inf where `mask` (None: no mask) is True."""
+    if mask is not None:  # a key no row of the chunk attends to is 0 here, so that its NaN reaches no dq (0 * NaN)
+        k = k.masked_fill(mask.all(dim=-2).unsqueeze(-1), 0.0)
     s = torch.matmul(q, k.transpose(-1, -2)) * problem.scale
     return s if mask is None else s.masked_fill(mask, -math.inf)
 
@@ -164,13 +172,13 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
     """Gradients of `reference_forward` by autograd on the definition (the max's: split evenly over ties):
     contiguous (dq, dk, dv, ddelta), ddelta that of `problem.delta` (the (B, H, Nq, Nk) view or the (F, F)
     frame matrix) when delta_grad, else None; zeros when there is no score. torch.func.vjp, which also runs
-    below the autograd key (in the op); one block of rows at a time when a slice takes several.
+    below the autograd key (in the op); one chunk (a block of rows when a slice takes several) at a time.
     """
     if problem.batch * problem.heads == 0 or problem.nq == 0:
         return (*(t.new_zeros(t.shape) for t in (problem.q, problem.k, problem.v)),
                 problem.delta.new_zeros(problem.delta.shape) if delta_grad else None)
     row_blocks, chunks = _plan(problem.batch, problem.heads, problem.nq, problem.nk, CHUNK_ELEMENTS)
-    if len(row_blocks) > 1:
+    if len(row_blocks) > 1 or len(chunks) > 1:  # one vjp of the whole forward would keep every chunk's scores
         return _backward_by_blocks(problem, grad_out, delta_grad, row_blocks, chunks)
 
     def forward(q, k, v, *delta):
@@ -237,8 +245,8 @@ def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blo
         if dd_rows:
             ddelta.append(torch.cat(dd_rows, dim=2))
 
-    def whole(g):  # the slices' gradients as one (B, H, ...) tensor
-        return torch.cat(g).reshape(problem.batch, problem.heads, *g[0].shape[2:]).contiguous()
+    def whole(g):  # the chunks' gradients (of whole batches, or of head ranges of one) as one (B, H, ...) tensor
+        return torch.cat([t.flatten(0, 1) for t in g]).unflatten(0, (problem.batch, problem.heads)).contiguous()
 
     return whole(dq), whole(dk), whole(dv), (d_frames if frame_delta else whole(ddelta)) if delta_grad else None
 

@@ -12,6 +12,7 @@ import vstar_kernels as vk
 from vstar_kernels import reference
 
 BACKENDS = ["reference", "triton"]
+GRAD_BACKENDS = ["reference", "cpu", "triton"]  # "cpu" has a forward of its own, and the reference's backward
 # a packed-layout and a tiled-layout size (the Triton kernels have one code path each)
 SIZES = [8, 130]
 
@@ -50,6 +51,64 @@ def test_delta_entry_masked_by_causal_takes_no_part(backend, n, bad, max_mode):
     assert torch.equal(out, clean)
     torch.testing.assert_close(out.double(), reference64(q, k, v, delta=delta, causal=True, max_mode=max_mode),
                                atol=2e-5, rtol=2e-5)
+
+
+def _grads(q, k, v, **kwargs):
+    """dq, dk, dv of tar_attention(q, k, v, **kwargs) for a fixed random grad_out."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = vk.tar_attention(q, k, v, **kwargs)
+    return torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=torch.Generator().manual_seed(9)))
+
+
+def _key_mask(n, dropped=5):
+    mask = torch.ones(1, n, dtype=torch.bool)
+    mask[0, dropped] = False
+    return mask
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+@pytest.mark.parametrize("bad,masked_by", [(math.nan, "causal"), (math.inf, "causal"), (math.nan, "key_mask"),
+                                           (-math.inf, "key_mask")])
+def test_delta_entry_masked_takes_no_part_in_the_gradients(backend, n, bad, masked_by):
+    """The forward's rule for the backward: the gradients of the clean call, bit for bit (the reference's were
+    NaN: the max's gradient summed 0 * inf over the masked entries)."""
+    q, k, v = make_qkv(1, 1, n, n, 16, 16, torch.float32)
+    delta = torch.rand(n, n, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(causal=True) if masked_by == "causal" else dict(key_mask=_key_mask(n))
+    clean = _grads(q, k, v, delta=delta, backend=backend, **kwargs)
+    delta[2, 5] = bad  # above the diagonal, and in the masked key's column
+    for got, expected in zip(_grads(q, k, v, delta=delta, backend=backend, **kwargs), clean):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+def test_minus_inf_delta_entry_gives_weight_0_and_finite_gradients(backend, n):
+    """Where strength * m[i] > 0 a -inf delta entry is a key of weight 0 in the gradients too: those of a
+    -1e30 entry (they were NaN on every backend: 0 * -inf in the max's gradient)."""
+    q, k, v = make_qkv(1, 2, n, n, 16, 16, torch.float32)
+    assert (torch.matmul(q[0, :, 5], k[0].transpose(-1, -2)).amax(-1) > 0).all()  # row 5's max, both heads
+    delta = torch.rand(n, n, generator=torch.Generator().manual_seed(3))
+    delta[5, 2] = -1e30
+    finite = _grads(q, k, v, delta=delta, backend=backend)
+    delta[5, 2] = -math.inf
+    for got, expected in zip(_grads(q, k, v, delta=delta, backend=backend), finite):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+def test_nan_in_a_masked_key_takes_no_part_in_the_gradients(backend, n):
+    """A key key_mask drops is ignored in the backward too: the clean call's gradients (the reference's dq was
+    NaN: dS @ K took 0 * NaN)."""
+    q, k, v = make_qkv(1, 2, n, n, 16, 16, torch.float32)
+    kwargs = dict(key_mask=_key_mask(n), frames=vk.frame_ids(2, n // 2), backend=backend)
+    clean = _grads(q, k, v, **kwargs)
+    k[0, :, 5] = math.nan
+    for got, expected in zip(_grads(q, k, v, **kwargs), clean):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("n", SIZES)

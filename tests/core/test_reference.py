@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import vstar_kernels as vk
 from vstar_kernels import reference
 
-from ..helpers import naive_tar, opts_id, shape_id
+from ..helpers import PeakLive, make_delta, naive_tar, opts_id, shape_id
 
 OPTIONS = [
     dict(),
@@ -106,3 +106,54 @@ def test_reference_is_differentiable():
     g = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda a, b, c: vk.tar_attention_reference(a, b, c, sigma=1.3), (q, k, v))
+
+
+CHUNKED = [dict(), dict(causal=True, max_mode="global"), dict(delta="b_1_nq_nk"), dict(delta="frames"),
+           dict(key_mask=True, frames=True), dict(max_mode="global", strength=-0.7, delta="strided")]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("opts", CHUNKED, ids=opts_id)
+@pytest.mark.parametrize("slices", [1, 3, 4])  # chunks of heads of one batch, of whole batches
+def test_backward_over_several_chunks_is_the_backward_of_one(monkeypatch, opts, slices, backend):
+    """Slices in several chunks take a backward per chunk (one vjp of the whole forward kept every chunk's
+    scores): the same gradients as with every slice in one chunk, delta's included."""
+    B, H, n = 3, 4, 12
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(B, H, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kwargs = dict(opts)
+    if kwargs.get("frames") or kwargs.get("delta") == "frames":
+        kwargs["frames"] = vk.frame_ids(3, 4)
+    if kwargs.pop("key_mask", False):
+        kwargs["key_mask"] = torch.rand(B, n, generator=g) > 0.3
+    kind = kwargs.pop("delta", None)
+    if kind == "frames":
+        kwargs["delta"] = torch.rand(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    elif kind is not None:
+        kwargs["delta"] = make_delta(kind, B, H, n, n, dtype=torch.float64, device="cpu").requires_grad_()
+    inputs = (q, k, v) + ((kwargs["delta"],) if kind else ())
+    grad_out = torch.randn(B, H, n, 8, generator=g, dtype=torch.float64)
+    whole = torch.autograd.grad(vk.tar_attention(q, k, v, backend=backend, **kwargs), inputs, grad_out)
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", slices * n * n)
+    assert len(reference._plan(B, H, n, n, reference.CHUNK_ELEMENTS)[1]) > 1
+    chunked = torch.autograd.grad(vk.tar_attention(q, k, v, backend=backend, **kwargs), inputs, grad_out)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_backward_memory_does_not_grow_with_the_chunks(monkeypatch, backend):
+    """A slice per chunk: the backward's peak grows by the gradients of each added slice (and their copy into
+    one tensor), not by its scores (it grew by three slices of scores per slice)."""
+    n, d = 128, 8
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", n * n)
+
+    def peak(batch):
+        q, k, v = (torch.randn(batch, 4, n, d, requires_grad=True) for _ in range(3))
+        out = vk.tar_attention(q, k, v, frames=vk.frame_ids(4, n // 4), backend=backend)
+        with PeakLive() as mode:
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        return mode.peak
+
+    per_slice = (peak(4) - peak(1)) / (3 * 4)
+    assert per_slice < n * n * 4  # one slice's float32 scores: 64 KiB (the gradients, 12 KiB, go in at most 3 times)

@@ -87,6 +87,8 @@ def _tar_bwd_packed_kernel(
     if REGULARIZE:
         if DELTA_GRAD:
             tl.store(DDELTA + ((seq * NQ + i) * NK)[:, :, None] + j, (strength * m)[:, :, None] * ds, mask=valid)
+        if HAS_DELTA:  # a -inf delta entry has P = 0: no part in the max's gradient (0 * -inf is NaN)
+            dA = tl.where(p == 0.0, 0.0, dA)
         dmax = strength * tl.sum(ds * dA, 2)
         count = tl.sum(tie.to(tl.float32), 2)
         if GLOBAL_MAX:
@@ -188,6 +190,8 @@ def _tar_bwd_dq_kernel(
         dp = mma_nt(do, v, PRECISION)
         ds = p * (dp - d_row[:, None])
         if REGULARIZE:
+            if HAS_DELTA:  # as in the packed kernel: a -inf delta entry's P = 0 keeps it out of dmax and p_da
+                dA = tl.where(p == 0.0, 0.0, dA)
             dmax += tl.sum(ds * dA, 1)
             p_sum += tl.sum(p, 1)
             p_dp += tl.sum(p * dp, 1)
