@@ -133,6 +133,31 @@ def test_packed_ties_and_static_frames_forward_and_backward(dtype, max_mode, n):
     assert_grads_close([t.grad.cpu() for t in leaves], reference_grads(q, k, v, grad_out, **opts), dtype)
 
 
+def _exact_ties_tar(q, k, v, strength):
+    """The definition (Gaussian sigma 1, row max) in float64 with each score summed entry by entry, so that copies
+    of a key score exactly alike and torch.amax splits the max's gradient over all of them."""
+    s = (q[..., :, None, :] * k[..., None, :, :]).sum(-1) * q.shape[-1] ** -0.5
+    i = torch.arange(s.shape[-2], dtype=s.dtype)
+    gauss = torch.exp(-0.5 * (i[None, :] - i[:, None]) ** 2)
+    return torch.softmax(s + strength * s.amax(-1, keepdim=True) * gauss, -1) @ v
+
+
+@needs_kernels
+def test_copied_keys_split_the_max_gradient_in_a_packed_tile():
+    """Every other key a copy of key 0, several sequences per program (3-D products): the copies tie and share the
+    max's gradient, as an exact-tie evaluation says (in the interpreter the batched product was numpy's, which
+    rounds copies of a key apart: dk was off by up to 1.6e-2 of its largest value)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (torch.randn(2, 2, 33, 8, generator=g) for _ in range(4))
+    k[:, :, 1::2] = k[:, :, :1]
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(_exact_ties_tar(*leaves, 3.0), leaves, grad_out.double())
+    leaves = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out = vk.tar_attention(*leaves, strength=3.0, backend="triton")
+    got = torch.autograd.grad(out, leaves, grad_out.to(DEVICE))
+    assert_grads_close([t.cpu() for t in got], want, torch.float32)
+
+
 @needs_kernels
 def test_nonfinite_v_stays_in_its_sequence_of_a_packed_tile():
     """9 sequences of 16 in one program: a NaN in one sequence's v reaches only that sequence."""

@@ -134,9 +134,9 @@ def count_traffic():
         return dot(self, a, b, *rest)
 
     def counted_call(self, *args, **kwargs):
-        if self.fn.__name__ == "_mma_rows":  # ops/_jit.py: the interpreter's stand-in for a 2-D tile product
-            (m, k), n = args[0].handle.data.shape, args[1].handle.data.shape[-1]
-            traffic._mma(m, n, k)
+        if self.fn.__name__ == "_mma_rows":  # ops/_jit.py: the interpreter's stand-in for a tile product
+            *batch, m, k = args[0].handle.data.shape
+            traffic._mma(m, args[1].handle.data.shape[-1], k, int(np.prod(batch, dtype=np.int64)))
         return call(self, *args, **kwargs)
 
     def counted_run(self, *args, grid, warmup, **kwargs):

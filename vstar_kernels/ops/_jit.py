@@ -163,7 +163,8 @@ def mma(a, b, PRECISION: tl.constexpr):
 
 @triton.jit
 def _mma2(a, b, PRECISION: tl.constexpr):
-    if _INTERPRETING and len(a.shape) == 2 and a.shape[0] * a.shape[1] * b.shape[1] <= 1 << 20:
+    products: tl.constexpr = a.numel * b.shape[len(b.shape) - 1]
+    if _INTERPRETING and products <= 1 << 20:
         c = _mma_rows(a, b)
     elif _INTERPRETING and a.dtype == tl.bfloat16:
         # Stands in for the GPU's bf16 MMA, which the interpreter computes on the raw 16-bit
@@ -176,11 +177,15 @@ def _mma2(a, b, PRECISION: tl.constexpr):
 
 @triton.jit
 def _mma_rows(a, b):
-    """The interpreter's stand-in for the GPU's 2-D MMA, whose row i of a @ b is the same whatever rows
-    share the tile (the speculative forward's redo gathers rows of several blocks): numpy's matmul rounds
-    a row by its place in the tile, a sum over the middle axis does not (used for tiles of at most 2^20
-    products, the interpreter's tensor limit; tools.perf.traffic counts it as the dot it replaces).
-    Widening 16-bit inputs is exact (and the interpreter would compute bf16 on the raw integers)."""
+    """The interpreter's stand-in for the GPU's MMA (2-D, or batched over a packed tile's sequences), whose
+    row i of a @ b is the same whatever rows share the tile (the speculative forward's redo gathers rows of
+    several blocks) and whose equal columns of b give equal columns of a @ b (copies of a key tie for the
+    max, as the backward needs): numpy's matmul rounds an entry by its place in the tile, a sum over the
+    inner axis does not (used for tiles of at most 2^20 products, the interpreter's tensor limit;
+    tools.perf.traffic counts it as the dot it replaces). Widening 16-bit inputs is exact (and the
+    interpreter would compute bf16 on the raw integers)."""
+    if len(a.shape) == 3:
+        return tl.sum(a.to(tl.float32)[:, :, :, None] * b.to(tl.float32)[:, None, :, :], 2)
     return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
 
 
