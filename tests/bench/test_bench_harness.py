@@ -295,3 +295,16 @@ def test_the_floor_is_unavailable_on_cpu_and_says_why(tmp_path):
     q = torch.randn(1, 1, 16, 8)
     with pytest.raises(Unsupported, match="SDPA's cudnn backend cannot run this call"):
         peers.sdpa_only("cudnn", q, q, q, peers.default_spec(8))
+
+
+def test_the_commit_is_read_once_per_process(monkeypatch):
+    """A run that writes tables into the checkout names the tree it ran in each (its own earlier tables made git
+    report '-dirty' for the later ones); VSTAR_BENCH_COMMIT still names a tree without .git."""
+    monkeypatch.delenv("VSTAR_BENCH_COMMIT", raising=False)
+    measure._git_head.cache_clear()
+    calls, run = [], subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or run(*a, **k))
+    first = measure.commit()
+    assert measure.commit() == first and len(calls) == 1
+    monkeypatch.setenv("VSTAR_BENCH_COMMIT", "abc123")
+    assert measure.commit() == "abc123"

@@ -68,6 +68,9 @@ def _model_shapes(dit: bool) -> list:
 
 
 def main(argv=None) -> int:
+    from vstar_kernels.bench.measure import commit
+
+    commit()  # the tree as the run begins, before its first table dirties it (measure.commit)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compile-check"]:
         from .compile_check import main as compile_check

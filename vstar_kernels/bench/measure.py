@@ -7,6 +7,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import re
@@ -151,9 +152,14 @@ def slug(text: str) -> str:
 
 
 def commit() -> str:
-    """VSTAR_BENCH_COMMIT if set (a copy of the tree without .git), else git's HEAD (+ '-dirty')."""
-    if os.environ.get("VSTAR_BENCH_COMMIT"):
-        return os.environ["VSTAR_BENCH_COMMIT"]
+    """VSTAR_BENCH_COMMIT if set (a copy of the tree without .git), else git's HEAD (+ '-dirty'), read once per
+    process: a run that writes tables into the checkout (tools.perf) reads it first, so that its later tables
+    name the tree it ran, not one dirtied by its own earlier tables."""
+    return os.environ.get("VSTAR_BENCH_COMMIT") or _git_head()
+
+
+@functools.lru_cache(maxsize=None)
+def _git_head() -> str:
     root = Path(__file__).resolve().parents[2]
     try:  # the abbreviated hash, never a tag name
         head = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"],
