@@ -664,6 +664,17 @@ def test_unknown_model_is_an_error(comfy):
         NODE().apply(model, 1.0, 1.0)
 
 
+@pytest.mark.parametrize("base", ["HunyuanImage21", "HunyuanImage21Refiner"])
+def test_hunyuan_image_is_an_error(comfy, base):
+    """HunyuanImage 2.1 (and its refiner, a subclass) runs an image model on the HunyuanVideo class: refused by its
+    ComfyUI base model, naming it an image model."""
+    net = comfy.ldm.hunyuan_video.model.HunyuanVideo()
+    model = comfy.model_patcher.ModelPatcher(getattr(comfy.model_base, base)(net))
+    with pytest.raises(ValueError, match=rf"VSTAR_TAR: the model is comfy\.model_base\.{base}, an image model "
+                                         r"\(HunyuanImage 2\.1 .*\): TAR regularizes the frames of a video model"):
+        NODE().apply(model, 1.0, 1.0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sigma=0.0), "sigma must be > 0"),
     (dict(strength=math.nan), "strength must be a finite real"),

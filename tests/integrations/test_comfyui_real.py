@@ -544,6 +544,18 @@ def test_other_models_match_the_oracle(comfy, mark, case):
     assert_matches(out, expected, stock, atol=1e-6 if dtype == torch.float64 else 1e-4)
 
 
+@pytest.mark.parametrize("config_name, patch", [("HunyuanImage21", [1, 2, 2]), ("HunyuanImage21Refiner", [1, 1, 1])])
+def test_hunyuan_image_is_an_error(comfy, config_name, patch):
+    """HunyuanImage 2.1 and its refiner (a subclass) run an image model on the HunyuanVideo class, the refiner with a
+    3-D patch and a one-frame latent: refused by ComfyUI's base model, naming it an image model."""
+    config = {**OTHERS["hunyuan"][1], "patch_size": patch, "in_channels": 64, "out_channels": 32}
+    model = configured(comfy, config_name, config)
+    assert type(model.model.diffusion_model).__name__ == "HunyuanVideo"
+    with pytest.raises(ValueError, match=rf"VSTAR_TAR: the model is comfy\.model_base\.{config_name}, an image model "
+                                         r"\(HunyuanImage 2\.1 .*\): TAR regularizes the frames of a video model"):
+        NODE().apply(model, 1.0, 1.0)
+
+
 # tiny UNets: 64 channels (ComfyUI's SVD config fixes heads of 64), one level; SVD's temporal attention is in its
 # input, middle and output blocks
 UNET = {"image_size": 32, "use_spatial_transformer": True, "model_channels": 64, "num_res_blocks": [1],

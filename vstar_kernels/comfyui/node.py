@@ -12,6 +12,8 @@ from .patch import KEY, LOG, MarkedForward, Settings, TARPatch, marked
 
 BACKENDS = ("auto", "triton", "reference")
 MIN_COMFYUI = "0.3.60"      # the first ComfyUI whose attention functions take an override from transformer_options
+# ComfyUI base models (comfy.model_base; subclasses too) that run an image model on a video model's diffusion class
+IMAGE_MODELS = {"HunyuanImage21": "HunyuanImage 2.1 (its refiner too), on the HunyuanVideo class"}
 
 
 def _real(name: str, value) -> float:
@@ -45,6 +47,16 @@ def _wrappers():
                            f"call to transformer_options['optimized_attention_override']: this ComfyUI ({version}) "
                            "has no such override, so TAR could not run. Update ComfyUI")
     return WrappersMP
+
+
+def _refuse_image_model(model) -> None:
+    """A ValueError for a ComfyUI model whose base model (`model.model`) is an `IMAGE_MODELS` one or a subclass."""
+    for cls in type(getattr(model, "model", None)).__mro__:
+        if cls.__module__ == "comfy.model_base" and cls.__qualname__ in IMAGE_MODELS:
+            found = type(model.model)
+            raise ValueError(f"VSTAR_TAR: the model is {found.__module__}.{found.__qualname__}, an image model "
+                             f"({IMAGE_MODELS[cls.__qualname__]}): TAR regularizes the frames of a video model. "
+                             "Connect a video model (docs/comfyui.md, Supported models), or leave the node out")
 
 
 def _remove(model, targets, wrappers) -> Optional[Settings]:
@@ -85,6 +97,7 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     if backend not in BACKENDS:
         raise ValueError(f"VSTAR_TAR: backend must be one of {BACKENDS}, got {backend!r}")
     wrappers = _wrappers()
+    _refuse_image_model(model)
     diffusion_model = unwrap(model.get_model_object("diffusion_model"))
     family = family_of(diffusion_model)
     clone = model.clone()

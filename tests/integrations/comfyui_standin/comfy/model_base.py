@@ -21,3 +21,11 @@ class BaseModel(torch.nn.Module):
         xc = x if c_concat is None else torch.cat([x, c_concat], dim=1)
         velocity = self.diffusion_model(xc, t, c_crossattn, transformer_options=transformer_options, **kwargs)
         return x - t.reshape(-1, *[1] * (x.dim() - 1)) * velocity
+
+
+class HunyuanImage21(BaseModel):
+    """HunyuanImage 2.1, an image model on the HunyuanVideo class (its diffusion model here: any)."""
+
+
+class HunyuanImage21Refiner(HunyuanImage21):
+    """Its refiner."""
