@@ -909,23 +909,28 @@ def test_a_run_whose_every_step_a_node_skips_is_said(comfy, caplog):
         "without ComfyUI's model call), so TAR did not run"]
 
 
-def test_one_frame_says_that_tar_changes_nothing(comfy, caplog):
-    """A latent of one frame (Wan at length 1, an image): every key gets the same bias, which the softmax ignores;
-    the node says so once per run, and the output is the stock model's. Two frames say nothing."""
+@pytest.mark.parametrize("case", ["wan", "joint attention with text", "a reference frame before it"])
+def test_one_frame_runs_without_tar_and_says_so(comfy, caplog, case):
+    """A model call whose video has one latent frame (Wan at length 1, an image; one frame after a reference frame;
+    HunyuanVideo's one frame in a joint attention with the text, whose keys would get no bias) runs without TAR,
+    stock bit for bit, and the node says so once per run. Two frames of video say nothing."""
     dtype = torch.float64
-    model = wan(comfy, dtype)
+    model = hunyuan(comfy, dtype) if case == "joint attention with text" else wan(comfy, dtype)
     cond, uncond = conditions(dtype)
-    (tar,) = NODE().apply(model, 5.0, 0.1)
+    lead = 1 if case == "a reference frame before it" else 0
+    (tar,) = NODE().apply(model, 5.0, 0.1, reference_frames=lead)
     with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
-        out = sample(comfy, tar, (1, 4, 1, 4, 4), cond, uncond, dtype)
+        out = sample(comfy, tar, (1, 4, 1 + lead, 4, 4), cond, uncond, dtype)
     (said,) = warnings_of(caplog, "VSTAR_TAR")
-    assert "has one latent frame and no other tokens in its self-attention: TAR adds the same score to every key" \
-           in said.getMessage()
-    torch.testing.assert_close(out, sample(comfy, model, (1, 4, 1, 4, 4), cond, uncond, dtype), rtol=0, atol=1e-12)
+    assert said.getMessage() == ("VSTAR_TAR: a model call in the window has one latent frame of video: TAR needs two "
+                                 "frames or more, so such calls run without TAR (the stock model's output) (said once "
+                                 "per sampling run)")
+    assert torch.equal(out, sample(comfy, model, (1, 4, 1 + lead, 4, 4), cond, uncond, dtype))
     caplog.clear()
     with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
-        sample(comfy, tar, (1, 4, 2, 4, 4), cond, uncond, dtype)
+        two = sample(comfy, tar, (1, 4, 2 + lead, 4, 4), cond, uncond, dtype)
     assert not warnings_of(caplog, "VSTAR_TAR")
+    assert not torch.equal(two, sample(comfy, model, (1, 4, 2 + lead, 4, 4), cond, uncond, dtype))
 
 
 def test_a_call_that_runs_some_regularized_modules_says_so(comfy, caplog):

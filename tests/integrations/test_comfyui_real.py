@@ -544,6 +544,26 @@ def test_other_models_match_the_oracle(comfy, mark, case):
     assert_matches(out, expected, stock, atol=1e-6 if dtype == torch.float64 else 1e-4)
 
 
+@pytest.mark.parametrize("case", ["wan", "hunyuan", "mochi"])
+def test_one_frame_runs_without_tar_and_says_so(comfy, caplog, case):
+    """A latent of one frame (HunyuanVideo or Mochi as a text-to-image model, whose joint attention holds the text
+    too; Wan at length 1) runs without TAR, stock bit for bit, and the node says so once per run."""
+    if case == "wan":
+        model, (positive, negative), shape, cfg = wan(comfy), texts(), (1, 16, 1, 4, 4), 4.0
+    else:
+        config_name, unet_config, shape, extra, _, dtype, cfg = OTHERS[case]
+        model, (positive, negative) = configured(comfy, config_name, unet_config, dtype), texts(dim=32, **extra)
+        shape = shape[:2] + (1,) + shape[3:]
+    latent = torch.zeros(shape)
+    stock = run(comfy, model, latent, positive, negative, steps=2, cfg=cfg)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        out = run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative, steps=2, cfg=cfg)
+    assert [w.getMessage() for w in warnings_of(caplog, "VSTAR_TAR")] == [
+        "VSTAR_TAR: a model call in the window has one latent frame of video: TAR needs two frames or more, so such "
+        "calls run without TAR (the stock model's output) (said once per sampling run)"]
+    assert torch.equal(out, stock)
+
+
 @pytest.mark.parametrize("config_name, patch", [("HunyuanImage21", [1, 2, 2]), ("HunyuanImage21Refiner", [1, 1, 1])])
 def test_hunyuan_image_is_an_error(comfy, config_name, patch):
     """HunyuanImage 2.1 and its refiner (a subclass) run an image model on the HunyuanVideo class, the refiner with a

@@ -263,15 +263,14 @@ class TARPatch:
                             options.get("sample_sigmas")):
             layout = self.family.layout(base.diffusion_model, x, kwargs)
             run = options.get(KEY) or Run(())
-            run.speculation.next_step()
             references = None if self.family.references is None else self.family.references(x, kwargs)
             ids = self.frame_ids(layout, options, run, references)
-            if len(set(ids)) == 1 and ids[0] >= 0 and not (layout.before or layout.after or layout.text_after):
-                _warn(run, "one frame", "a model call in the window has one latent frame and no other tokens in its "
-                                        "self-attention: TAR adds the same score to every key there, which the "
-                                        "softmax ignores, so the call's output is the stock model's (TAR needs two "
-                                        "frames or more)")
-            call = RegularizedCall(self.settings, layout, ids, x.device, run)
+            if len({i for i in ids if i >= 0}) == 1:
+                _warn(run, "one frame", "a model call in the window has one latent frame of video: TAR needs two "
+                                        "frames or more, so such calls run without TAR (the stock model's output)")
+            else:
+                run.speculation.next_step()
+                call = RegularizedCall(self.settings, layout, ids, x.device, run)
         outer, _LIVE.call = _LIVE.call, call
         try:
             out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
