@@ -708,6 +708,30 @@ def test_too_many_reference_frames_is_an_error(comfy):
         sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
 
 
+def test_reference_frames_with_a_temporal_crop_is_an_error(comfy, monkeypatch):
+    """A model call on some of the latent's frames outside a context window (an area conditioning over time crops
+    the latent so): TAR takes frame differences, so it runs on the crop's frames numbered from 0; but the crop's
+    place in the latent, and so its reference frames, are not known: an error with reference_frames."""
+    dtype = torch.float64
+    model = wan(comfy, dtype).clone()
+
+    def crop(apply_model, args):        # frames 2 and 3 of 4, as ConditioningSetAreaPercentageVideo's area runs them
+        out = torch.zeros_like(args["input"])
+        out[:, :, 2:] = apply_model(args["input"][:, :, 2:], args["timestep"], **args["c"])
+        return out
+    model.set_model_unet_function_wrapper(crop)
+    cond, uncond = conditions(dtype)
+    calls = tar_calls(monkeypatch)
+    sample(comfy, NODE().apply(model, 1.0, 1.0)[0], (1, 4, 4, 4, 4), cond, uncond, dtype)
+    assert calls and all(q[2] == 2 * 2 * 2 for q in calls)      # the crop's 2 frames of 2 x 2 tokens
+    (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=1)
+    with pytest.raises(ValueError, match=r"VSTAR_TAR: reference_frames=1 are the leading frames of the whole latent "
+                                         r"\(4 frames\), but this model call runs on 2 of them without a context "
+                                         r"window \(a temporal crop: .*ConditioningSetAreaPercentageVideo.*\).* Take "
+                                         r"the temporal area off the conditioning, or set reference_frames to 0"):
+        sample(comfy, tar, (1, 4, 4, 4, 4), cond, uncond, dtype)
+
+
 def test_a_call_mixing_steps_inside_and_outside_the_window_is_an_error():
     settings = vc.patch.Settings(1.0, 1.0, start_percent=0.25, end_percent=0.75, reference_frames=0, backend="auto")
     wrapper = vc.patch.TARPatch(settings, vc_models.WAN, {})

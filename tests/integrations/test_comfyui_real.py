@@ -667,6 +667,25 @@ def test_wan_animate_matches_the_oracle(comfy, mark):
     assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative), stock)
 
 
+def test_reference_frames_with_a_temporal_area_is_an_error(comfy, monkeypatch):
+    """ConditioningSetAreaPercentageVideo over frames 2 and 3 of 4: ComfyUI runs the model on those frames alone,
+    outside any context window. TAR runs there (it takes frame differences), but with reference_frames the crop's
+    reference frames are not known: an error."""
+    import comfy_extras.nodes_video_model as video_model
+
+    model = wan(comfy)
+    positive, negative = texts()
+    (positive,) = video_model.ConditioningSetAreaPercentageVideo().append(positive, 1.0, 1.0, 0.5, 0.0, 0.0, 0.5, 1.0)
+    latent = torch.zeros(1, 16, 4, 4, 4)
+    calls = tar_calls(monkeypatch)
+    run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative, steps=1)
+    assert {q[2] for q in calls} == {2 * 2 * 2, 4 * 2 * 2}       # the area's 2 frames, the negative's 4
+    with pytest.raises(ValueError, match=r"VSTAR_TAR: reference_frames=1 are the leading frames of the whole latent "
+                                         r"\(4 frames\), but this model call runs on 2 of them without a context "
+                                         r"window"):
+        run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=1)[0], latent, positive, negative, steps=1)
+
+
 @pytest.mark.parametrize("reference_frames", [0, 1])
 def test_wan_vace_reference_image_is_read_from_the_conditioning(comfy, mark, reference_frames):
     """Wan VACE: WanVaceToVideo's conditioning as it builds it with a reference image (a leading latent frame whose

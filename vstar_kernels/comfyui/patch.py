@@ -219,17 +219,27 @@ class TARPatch:
             run.saw(values, window, all(inside), schedule)
         return all(inside)
 
-    def frame_ids(self, layout: TokenLayout, options: dict, run: Run, references: Optional[int] = None
-                  ) -> Tuple[int, ...]:
+    def frame_ids(self, layout: TokenLayout, options: dict, run: Run, references: Optional[int] = None,
+                  frames: Optional[int] = None) -> Tuple[int, ...]:
         """The id of each video frame of a call: its index in the whole latent (a context window's by its
         ``index_list``, a looped one's as docs/comfyui.md, Context windows, says), -1 for the leading
         `reference_frames` of the whole latent, or, where that is 0, for the call's leading `references` (the
         frames its conditioning marks as reference images: `Family.references`), which a nonzero
-        `reference_frames` must agree with."""
+        `reference_frames` must agree with. `frames`: the length in frames of the call's 5-D latent, if it has
+        one; with `reference_frames`, a call outside a context window on fewer frames than the run's latent (a
+        temporal crop) is an error, as where its frames lie in the latent is not known."""
         window, index, length = options.get("context_window"), list(range(layout.frames)), 0
         if window is not None and getattr(window, "dim", None) == self.family.time_dim:
             index = list(window.index_list[:layout.frames])
             length = run.shape[window.dim] if len(run.shape) > window.dim else 0
+        elif self.settings.reference_frames and frames is not None and len(run.shape) == 5 \
+                and frames != run.shape[2]:
+            raise ValueError(f"VSTAR_TAR: reference_frames={self.settings.reference_frames} are the leading frames "
+                             f"of the whole latent ({run.shape[2]} frames), but this model call runs on {frames} of "
+                             "them without a context window (a temporal crop: an area conditioning over time, such "
+                             "as ConditioningSetAreaPercentageVideo's), so which of its frames are references is not "
+                             "known. Take the temporal area off the conditioning, or set reference_frames to 0 "
+                             "(TAR then treats the reference frames as video)")
         ids = index[:1]
         for previous, this in zip(index, index[1:]):
             if this <= previous and not length:
@@ -264,7 +274,7 @@ class TARPatch:
             layout = self.family.layout(base.diffusion_model, x, kwargs)
             run = options.get(KEY) or Run(())
             references = None if self.family.references is None else self.family.references(x, kwargs)
-            ids = self.frame_ids(layout, options, run, references)
+            ids = self.frame_ids(layout, options, run, references, x.shape[2] if x.dim() == 5 else None)
             if len({i for i in ids if i >= 0}) == 1:
                 _warn(run, "one frame", "a model call in the window has one latent frame of video: TAR needs two "
                                         "frames or more, so such calls run without TAR (the stock model's output)")
