@@ -708,6 +708,38 @@ def test_too_many_reference_frames_is_an_error(comfy):
         sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
 
 
+@pytest.mark.parametrize("masked, reference_frames, error", [
+    (1, 0, True),       # WanAnimateToVideo's reference frame first, reference_frames left at 0
+    (1, 1, False),      # its trim_latent connected
+    (3, 1, False),      # continue-motion frames after the reference have mask 1 too: video
+    (0, 0, False),      # a first frame of mask 0 (not WanAnimateToVideo's conditioning)
+])
+def test_wan_animate_needs_reference_frames_for_its_reference(comfy, monkeypatch, masked, reference_frames, error):
+    """Wan Animate: WanAnimateToVideo puts its reference image first, with mask 1 in c_concat's 4 leading channels:
+    with reference_frames at 0 that frame would be regularized as video, so the node raises instead."""
+    import comfy.ldm.wan.model_animate
+
+    dtype = torch.float64
+    torch.manual_seed(0)
+    net = comfy.ldm.wan.model_animate.AnimateWanModel(in_dim=4 + 8)     # the latent, then c_concat: mask and image
+    _sharpen(net)
+    model = comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(net.to(dtype)))
+    cond, uncond = conditions(dtype, c_concat=(1, 8, 4, 4, 4))
+    for c in (cond, uncond):
+        c["c_concat"][:, :4] = 0.0
+        c["c_concat"][:, :4, :masked] = 1.0
+    (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=reference_frames)
+    if error:
+        with pytest.raises(ValueError, match=r"VSTAR_TAR: this Wan Animate model call's first latent frame has mask 1 "
+                                             r"in its concat conditioning, .* but reference_frames is 0.* Connect "
+                                             r"WanAnimateToVideo's trim_latent output to reference_frames"):
+            sample(comfy, tar, (1, 4, 4, 4, 4), cond, uncond, dtype)
+    else:
+        calls = tar_calls(monkeypatch)
+        sample(comfy, tar, (1, 4, 4, 4, 4), cond, uncond, dtype)
+        assert calls
+
+
 def test_reference_frames_with_a_temporal_crop_is_an_error(comfy, monkeypatch):
     """A model call on some of the latent's frames outside a context window (an area conditioning over time crops
     the latent so): TAR takes frame differences, so it runs on the crop's frames numbered from 0; but the crop's

@@ -667,6 +667,40 @@ def test_wan_animate_matches_the_oracle(comfy, mark):
     assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative), stock)
 
 
+class _LatentVAE:
+    """Stands in for Wan's VAE where a node only encodes: random latents of Wan's shape (a frame and then one per 4)."""
+
+    def encode(self, pixels):
+        n, height, width = pixels.shape[:3]
+        gen = torch.Generator().manual_seed(n)
+        return torch.randn(1, 16, (n - 1) // 4 + 1, height // 8, width // 8, generator=gen)
+
+
+@pytest.mark.parametrize("continue_motion", [False, True])
+def test_wan_animate_needs_reference_frames(comfy, mark, continue_motion):
+    """Wan 2.2 Animate with ComfyUI's WanAnimateToVideo (no reference image: it encodes a zero one; with continue
+    motion, video frames of mask 1 after it): reference_frames left at 0 would regularize its reference frame as the
+    video's first, so the node raises; with its trim_latent connected, that frame gets no bias."""
+    import comfy_extras.nodes_wan as nodes_wan
+
+    mark("wan")
+    model = wan(comfy, cls="AnimateWanModel", num_layers=5, in_dim=36)
+    motion = {"continue_motion": torch.full((5, 48, 64, 3), 0.3)} if continue_motion else {}
+    positive, negative, latent, trim_latent = nodes_wan.WanAnimateToVideo.execute(
+        *texts(), _LatentVAE(), 64, 48, 13, 1, 5, 0, **motion).result[:4]
+    latent = latent["samples"]
+    assert trim_latent == 1 and latent.shape == (1, 16, 5, 6, 8)
+    with pytest.raises(ValueError, match=r"VSTAR_TAR: this Wan Animate model call's first latent frame has mask 1 in "
+                                         r"its concat conditioning, .* Connect WanAnimateToVideo's trim_latent output "
+                                         r"to reference_frames"):
+        run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative, steps=2)
+    stock = run(comfy, model, latent, positive, negative, steps=2)
+    out = run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=trim_latent)[0], latent, positive, negative,
+              steps=2)
+    ids = torch.where(video_ids(5, 6, 8) == 0, -1, video_ids(5, 6, 8))
+    assert_matches(out, oracle_run(comfy, model, ids, 1.0, 1.0, latent, positive, negative, steps=2), stock)
+
+
 def test_reference_frames_with_a_temporal_area_is_an_error(comfy, monkeypatch):
     """ConditioningSetAreaPercentageVideo over frames 2 and 3 of 4: ComfyUI runs the model on those frames alone,
     outside any context window. TAR runs there (it takes frame differences), but with reference_frames the crop's

@@ -24,6 +24,9 @@ class Family:
     time_dim: int = 2           # the latent's dimension of frames (that of ComfyUI's context windows over them)
     # the call's leading latent frames that its conditioning marks as reference images, or None where it says nothing
     references: Optional[Callable[[torch.Tensor, dict], Optional[int]]] = None
+    # whether the call's concat conditioning (c_concat) marks its first latent frame as a reference image, where
+    # the family's conditioning puts reference images first that the node cannot count (Wan Animate)
+    reference_first: Optional[Callable[[Optional[torch.Tensor]], bool]] = None
 
 
 def _ceil(size: int, patch: int) -> int:
@@ -152,6 +155,16 @@ def _vace_references(x, extra) -> Optional[int]:
     return leading_references(context.flatten(0, 1), 16, "VSTAR_TAR")
 
 
+def _animate_reference_first(c_concat: Optional[torch.Tensor]) -> bool:
+    """Wan Animate: WanAnimateToVideo puts its reference image's latent frame(s) first (a zero image's when none is
+    given) with concat_mask 0, and Wan's concat_cond makes c_concat's first 4 channels 1 - concat_mask: exactly 1
+    there, 0 (or 1 minus the character mask) on the video's frames, 1 again on continue-motion frames (video, after
+    the reference). Whether the call's first latent frame has that mask 1 everywhere."""
+    if not isinstance(c_concat, torch.Tensor) or c_concat.dim() != 5 or c_concat.shape[1] < 4:
+        return False
+    return bool((c_concat[:, :4, 0] == 1).all())
+
+
 def _cosmos1_targets(dm) -> List[str]:
     return [f"blocks.{name}.blocks.{index}.block" for name, block in dm.blocks.items()
             for index, sub in enumerate(block.blocks) if sub.block_type in ("fa", "full_attn")]
@@ -166,7 +179,8 @@ FAMILIES: Dict[Tuple[str, str], Family] = {
                                                                         ("blocks", "self_attn")), _wan_layout,
                                                     references=_vace_references),
     ("comfy.ldm.wan.model", "HumoWanModel"): Family("Wan HuMo", _WAN_BLOCKS, _humo_layout),
-    ("comfy.ldm.wan.model_animate", "AnimateWanModel"): Family("Wan Animate", _WAN_BLOCKS, _wan_layout),
+    ("comfy.ldm.wan.model_animate", "AnimateWanModel"): Family("Wan Animate", _WAN_BLOCKS, _wan_layout,
+                                                               reference_first=_animate_reference_first),
     ("comfy.ldm.wan.model", "WanModel_S2V"): Family("Wan S2V", _WAN_BLOCKS, _s2v_layout),
     ("comfy.ldm.hunyuan_video.model", "HunyuanVideo"): Family(
         "HunyuanVideo", _listed(("double_blocks", ""), ("single_blocks", "")), _hunyuan_layout),

@@ -153,8 +153,9 @@ class VSTARTemporalAttentionRegularization:
                                           "tooltip": "Last step regularized, as a fraction of the schedule."}),
                 "reference_frames": ("INT", {"default": 0, "min": 0, "max": 4096,
                                              "tooltip": "Leading latent frames that are reference images, not "
-                                                        "video (WanAnimateToVideo's trim_latent): no bias. Wan "
-                                                        "VACE reads them from its conditioning."}),
+                                                        "video: no bias. Required for Wan Animate: connect "
+                                                        "WanAnimateToVideo's trim_latent (at 0 its reference is an "
+                                                        "error). Wan VACE reads them from its conditioning."}),
                 "backend": (list(BACKENDS), {"default": "auto",
                                              "tooltip": "auto: the Triton kernels on a GPU (the lean forward on "
                                                         "an H100 or H200 where it fits), the CPU backend on CPU."}),

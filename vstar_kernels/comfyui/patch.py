@@ -275,6 +275,12 @@ class TARPatch:
             run = options.get(KEY) or Run(())
             references = None if self.family.references is None else self.family.references(x, kwargs)
             ids = self.frame_ids(layout, options, run, references, x.shape[2] if x.dim() == 5 else None)
+            if ids[0] == 0 and self.family.reference_first is not None and self.family.reference_first(c_concat):
+                raise ValueError(f"VSTAR_TAR: this {self.family.name} model call's first latent frame has mask 1 in "
+                                 "its concat conditioning, as WanAnimateToVideo marks the reference image it puts "
+                                 "before the video, but reference_frames is 0, so TAR would take the reference for "
+                                 "the video's first frame. Connect WanAnimateToVideo's trim_latent output to "
+                                 "reference_frames")
             if len({i for i in ids if i >= 0}) == 1:
                 _warn(run, "one frame", "a model call in the window has one latent frame of video: TAR needs two "
                                         "frames or more, so such calls run without TAR (the stock model's output)")
