@@ -655,6 +655,33 @@ def test_an_object_patch_already_there_keeps_running(comfy):
     assert off.object_patches == {path: spy}
 
 
+def wrap_self_attention(model, scale):
+    """A node that object-patches each block's self-attention forward with one that calls the forward it finds."""
+    model = model.clone()
+    for i in range(len(model.get_model_object("diffusion_model").blocks)):
+        path = f"diffusion_model.blocks.{i}.self_attn.forward"
+
+        def forward(*args, _found=model.get_model_object(path), **kwargs):
+            return _found(*args, **kwargs) * scale
+        model.add_object_patch(path, forward)
+    return model
+
+
+def test_applying_again_through_another_nodes_patch(comfy, monkeypatch):
+    """VSTAR_TAR, then a node that wraps the same self-attention forward (the first node's patch inside), then
+    VSTAR_TAR again: the second node's TAR runs inside the wrapper, once per call, as if the first were not there."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (chain,) = NODE().apply(wrap_self_attention(NODE().apply(model, 1.0, 1.0)[0], 0.9), 2.0, 2.0)
+    calls = tar_calls(monkeypatch)
+    out = sample(comfy, chain, shape, cond, uncond, dtype)
+    assert len(calls) == STEPS * len(model.get_model_object("diffusion_model").blocks)
+    expected = sample(comfy, NODE().apply(wrap_self_attention(model, 0.9), 2.0, 2.0)[0], shape, cond, uncond, dtype)
+    assert torch.equal(out, expected)
+
+
 # ---------------------------------------------------------------- errors
 
 def test_unknown_model_is_an_error(comfy):

@@ -776,6 +776,28 @@ def test_a_later_patch_of_the_same_forward_is_refused(comfy, monkeypatch, weight
         assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=2))
 
 
+def test_applying_again_through_another_nodes_patch(comfy, monkeypatch):
+    """VSTAR_TAR, then a node that wraps each self-attention forward (the first node's patch inside), then VSTAR_TAR
+    again: the second node's TAR runs inside the wrapper, once per call, as if the first were not there."""
+    def wrapped(model):
+        model = model.clone()
+        for i in range(len(model.get_model_object("diffusion_model").blocks)):
+            path = f"diffusion_model.blocks.{i}.self_attn.forward"
+
+            def forward(*args, _found=model.get_model_object(path), **kwargs):
+                return _found(*args, **kwargs) * 0.9
+            model.add_object_patch(path, forward)
+        return model
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (chain,) = NODE().apply(wrapped(NODE().apply(model, 1.0, 1.0)[0]), 2.0, 2.0)
+    calls = tar_calls(monkeypatch)
+    out = run(comfy, chain, latent, positive, negative, steps=2)
+    assert len(calls) == 2 * 2
+    assert torch.equal(out, run(comfy, NODE().apply(wrapped(model), 2.0, 2.0)[0], latent, positive, negative, steps=2))
+
+
 def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
     """TeaCache and MagCache run Wan's blocks without transformer_options: TAR still runs in them. A call whose
     blocks a cache skips (theirs, or ComfyUI's EasyCache) regularizes nothing, and says so once per sampling run."""

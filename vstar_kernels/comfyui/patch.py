@@ -313,7 +313,9 @@ class MarkedForward:
     """The object patch on a module's forward is ``MarkedForward(...).forward``, a bound method of one function for
     every module; in a regularized call, the module's attention calls go to `tar_override`.
 
-    `original`: the forward it replaced (the module's own, or an earlier object patch: `patched`).
+    `original`: the forward it replaced (the module's own, or an earlier object patch: `patched`). One reached
+    inside a regularized module of the same call (an earlier node's, in another node's patch that this one wraps)
+    calls its `original` as it came.
     """
 
     def __init__(self, original, name: str, patched: bool):
@@ -324,6 +326,11 @@ class MarkedForward:
         if call is None:
             return self.original(*args, **kwargs)
         options = kwargs.get("transformer_options") or {}
+        site = options.get(SITE)
+        if isinstance(site, _Module) and site.call is call:
+            # inside a regularized module of this call: a MarkedForward of an earlier VSTAR_TAR node, kept inside
+            # another node's patch that the node now in force wraps; the attention calls are that module's
+            return self.original(*args, **kwargs)
         module = _Module(call, self, options.get(OVERRIDE))
         kwargs["transformer_options"] = {**options, OVERRIDE: tar_override, SITE: module}
         call.entered.add(self)
