@@ -207,6 +207,18 @@ def test_node_declaration():
     assert set(vc.NODE_DISPLAY_NAME_MAPPINGS) == {"VSTAR_TAR"}
 
 
+def test_tooltips_say_what_the_window_and_reference_frames_are():
+    """The window is ComfyUI's percent (percent_to_sigma), not a fraction of the steps; Wan Animate needs
+    reference_frames."""
+    optional = NODE.INPUT_TYPES()["optional"]
+    for name in ("start_percent", "end_percent"):
+        tooltip = optional[name][1]["tooltip"]
+        assert f"percent_to_sigma({name})" in tooltip and "not a fraction of the steps" in tooltip
+    assert "depends on the scheduler" in optional["end_percent"][1]["tooltip"]
+    assert "Required for Wan Animate: connect WanAnimateToVideo's trim_latent" \
+        in optional["reference_frames"][1]["tooltip"]
+
+
 def test_imports_without_comfyui():
     """The package imports without ComfyUI; apply_tar checks its arguments, then says that it needs ComfyUI."""
     code = ("import sys; sys.modules['comfy'] = None; import vstar_kernels.comfyui as c; "

@@ -386,6 +386,24 @@ def test_a_step_on_the_windows_end_is_in_it_at_any_shift(comfy, monkeypatch, shi
     assert per_step and len(calls) == steps_in * per_step
 
 
+def test_the_steps_a_percent_holds_depend_on_the_scheduler(comfy):
+    """docs/comfyui.md's counts (Settings): end_percent 0.54 on 25 steps of Wan at flow shift 8, by scheduler."""
+    import comfy.samplers
+
+    from vstar_kernels.comfyui.models import WAN
+    from vstar_kernels.comfyui.patch import Settings, TARPatch
+
+    sampling = wan(comfy).get_model_object("model_sampling")
+    assert float(sampling.shift) == 8.0
+    patch = TARPatch(Settings(1.0, 1.0, 0.0, 0.54, 0, "auto"), WAN, {})
+    counts = {scheduler: sum(patch.regularizes(torch.tensor([float(s)]), sampling)
+                             for s in comfy.samplers.calculate_sigmas(sampling, scheduler, 25)[:-1])
+              for scheduler in ("simple", "normal", "beta", "sgm_uniform", "ddim_uniform", "linear_quadratic",
+                                "kl_optimal", "karras", "exponential")}
+    assert counts == {"simple": 14, "normal": 14, "beta": 14, "sgm_uniform": 14, "ddim_uniform": 13,
+                      "linear_quadratic": 17, "kl_optimal": 3, "karras": 1, "exponential": 1}
+
+
 def test_the_step_window_follows_a_shift_applied_after_the_node(comfy, mark):
     """ModelSamplingSD3 after the node: the window is the shifted model's (sigmas 0.75 and 0.5 at shift 1), not the
     one of the model the node saw (Wan's shift 8, where no step of this schedule is in the window)."""

@@ -148,9 +148,14 @@ class VSTARTemporalAttentionRegularization:
             },
             "optional": {
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                                            "tooltip": "First step regularized, as a fraction of the schedule."}),
+                                            "tooltip": "Where TAR starts: steps at sigmas up to the model "
+                                                       "sampling's percent_to_sigma(start_percent) (ComfyUI's "
+                                                       "percent, not a fraction of the steps)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                                          "tooltip": "Last step regularized, as a fraction of the schedule."}),
+                                          "tooltip": "Where TAR ends: steps at sigmas down to the model "
+                                                     "sampling's percent_to_sigma(end_percent) (ComfyUI's percent, "
+                                                     "not a fraction of the steps: how many steps it holds depends "
+                                                     "on the scheduler)."}),
                 "reference_frames": ("INT", {"default": 0, "min": 0, "max": 4096,
                                              "tooltip": "Leading latent frames that are reference images, not "
                                                         "video: no bias. Required for Wan Animate: connect "
