@@ -49,6 +49,11 @@ class TokenLayout(NamedTuple):
         """The video stream as runs: `runs`, or each frame's `per_frame` tokens in frame order."""
         return self.runs or tuple((frame, self.per_frame) for frame in range(self.frames))
 
+    def one_frame(self) -> bool:
+        """Whether the video stream holds one frame (TAR needs two: with one, its bias is the same on every video
+        key and would only pull the video's attention off the tokens outside it)."""
+        return len({frame for frame, _ in self.video_runs() if frame >= 0}) == 1
+
     def tokens(self) -> int:
         """The tokens before the text: `before`, the video's, `after`."""
         return self.before + sum(count for _, count in self.video_runs()) + self.after

@@ -856,3 +856,24 @@ def test_lean_backend_through_the_dit_processors(family):
     torch.testing.assert_close(outs["triton-lean"], outs["triton"], atol=atol, rtol=rtol)
     assert (outs["triton-lean"] - outs[None]).abs().max() > 1e-2
 
+
+
+@pytest.mark.parametrize("family, inputs", [
+    ("wan", lambda: wan_inputs(frames=1)), ("cogvideox", lambda: cogvideox_inputs(frames=1)),
+    ("hunyuan", lambda: dict(FAMILIES["hunyuan"].inputs(), hidden_states=randn(BATCH, 4, 1, 4, 4, seed=1))),
+    ("mochi", lambda: dict(FAMILIES["mochi"].inputs(), hidden_states=randn(BATCH, 4, 1, 8, 8, seed=1)))])
+def test_a_call_with_one_latent_frame_runs_stock_and_says_so(family, inputs):
+    """One latent frame (an image from a video DiT): TAR needs two frames. Where text shares the attention
+    (CogVideoX, HunyuanVideo, Mochi) its bias would only pull the frame's attention off the text, which the output
+    showed; such calls run stock, bit for bit, with a warning."""
+    fam = FAMILIES[family]
+    model = fam.model()
+    plain = forward(model, inputs())
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    calls = record(model)
+    with pytest.warns(UserWarning, match="one latent frame of video"):
+        assert torch.equal(forward(model, inputs()), plain)
+    assert not calls
+    regularized = forward(model, fam.inputs())  # the family's inputs have several frames: TAR runs there
+    remove_tar(model)
+    assert calls and not torch.equal(regularized, forward(model, fam.inputs()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -46,6 +47,10 @@ class DiTTARProcessor:
         spec = self.state.spec_at(self.block, step)
         skips = self.state.family.skips_attention
         if spec is None or (skips is not None and skips(kwargs)):
+            return self.processor(attn, *args, **kwargs)
+        if grid is not None and grid.one_frame():
+            warnings.warn("TAR: a regularized attention call has one latent frame of video; TAR needs two frames or "
+                          "more, so such calls run without TAR (the stock model's output)", stacklevel=2)
             return self.processor(attn, *args, **kwargs)
         # under context parallelism: the stock processor on this rank's shard, its attention answered over all ranks
         parallel = ContextParallelTAR.of(self.processor, self.state.family.text, self.name)
