@@ -224,7 +224,7 @@ class LargestAllocation(TorchDispatchMode):
 
 class PeakLive(TorchDispatchMode):
     """Records the most bytes the storages ops allocate hold at once (a storage counts until its last tensor
-    that an op returned is freed)."""
+    that an op returned is freed; views of an op's inputs do not count)."""
 
     def __init__(self):
         super().__init__()
@@ -239,8 +239,9 @@ class PeakLive(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in self.size:
                     self.size[ptr] = t.untyped_storage().nbytes()

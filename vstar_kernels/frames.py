@@ -50,9 +50,8 @@ class TokenLayout(NamedTuple):
         return self.runs or tuple((frame, self.per_frame) for frame in range(self.frames))
 
     def one_frame(self) -> bool:
-        """Whether the video stream holds one frame (TAR needs two: with one, its bias is the same on every video
-        key and would only pull the video's attention off the tokens outside it)."""
-        return len({frame for frame, _ in self.video_runs() if frame >= 0}) == 1
+        """Whether the video stream holds one frame (`one_frame`)."""
+        return one_frame(frame for frame, _ in self.video_runs())
 
     def tokens(self) -> int:
         """The tokens before the text: `before`, the video's, `after`."""
@@ -78,6 +77,17 @@ def leading_references(control: torch.Tensor, unused_from: int, where: str) -> i
         raise ValueError(f"{where}: TAR takes one frame layout per call, but its sequences (or VACE inputs) lead with "
                          f"different numbers of reference images, {leading.tolist()}")
     return int(leading[0])
+
+
+def one_frame(ids) -> bool:
+    """Whether the frame ids `ids` (-1: no frame) hold one frame: TAR needs two (with one, its bias is the same on
+    every video key, and beside other tokens would only pull the video's attention off them)."""
+    return len({i for i in ids if i >= 0}) == 1
+
+
+def as_layout(grid) -> TokenLayout:
+    """A TokenLayout, or a (frames, tokens per frame) pair as one."""
+    return grid if isinstance(grid, TokenLayout) else TokenLayout(*grid)
 
 
 @functools.lru_cache(maxsize=64)

@@ -43,8 +43,8 @@ def tar_scores(problem: TarProblem, q, k, delta, dA, *, mask=None, m=None):
     c = problem.strength * m
     if problem.delta is None:
         s = s + c * bias
-    else:  # a -inf entry (weight 0 where c > 0) or a masked one takes no part in m's gradient (0 * inf is NaN)
-        off = torch.isneginf(bias) & (c > 0)
+    else:  # an entry of weight 0 (c * delta = -inf) or a masked one takes no part in m's gradient (0 * inf is NaN)
+        off = torch.isneginf((c * bias).detach())
         off = off if mask is None else off | mask
         s = torch.where(off, -math.inf, s + c * bias.masked_fill(off, 0.0))
     return s if mask is None else s.masked_fill(mask, -math.inf)
@@ -192,8 +192,9 @@ def reference_backward(problem: TarProblem, grad_out: torch.Tensor, delta_grad: 
 
 
 def _backward_by_blocks(problem: TarProblem, grad_out, delta_grad: bool, row_blocks, chunks) -> tuple:
-    """`reference_backward` one (slice, block of rows) at a time: the vjp of each chunk's output (recomputed),
-    then for max_mode="global" of each block's max with its share of the slice max's gradient (`_global_max`)."""
+    """`reference_backward` one chunk (whole slices, a range of heads, or a block of rows of one slice) at a time:
+    the vjp of each chunk's output (recomputed), then for max_mode="global" of each block's max with its share of
+    the slice max's gradient (`_global_max`)."""
     compute = torch.float64 if problem.dtype == torch.float64 else torch.float32
     frame_delta = problem.frames_q is not None and problem.delta is not None
     bias_of = None if problem.delta is not None else _row_bias(problem, compute)
@@ -258,7 +259,7 @@ def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, cau
     Same arguments and shapes as :func:`vstar_kernels.tar_attention` (without
     ``backend``). Differentiable in q, k, v and delta through autograd, which saves every chunk's
     scores (O(B * H * Nq * Nk)); ``tar_attention(..., backend="reference")`` differentiates the same
-    definition one block of rows at a time.
+    definition one chunk at a time.
     """
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale, frames=frames, key_mask=key_mask)

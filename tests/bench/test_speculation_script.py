@@ -48,7 +48,8 @@ def test_smoke_run_writes_checked_rows(tmp_path):
     # its table says the times are the Triton interpreter's (it said ours was the CPU PyTorch path)
     (md,) = render(csv_path, plots=False, out_dir=elsewhere)
     cpu_note = md.read_text().split("**CPU run.**")[1].split("\n")[0]
-    assert "`vstar_triton_one_pass`, `vstar_triton_two_pass`: Triton kernels timed in the Triton interpreter" in cpu_note
+    timed = "`vstar_triton_one_pass`, `vstar_triton_two_pass`: Triton kernels timed in the Triton interpreter"
+    assert timed in cpu_note
     assert "vstar_auto" not in cpu_note and "PyTorch path" not in cpu_note
 
 
@@ -70,6 +71,10 @@ def test_lean_smoke_run_checks_before_timing(tmp_path):
     assert setups[3]["flag_rate"] == "0.0000" and 0 < float(setups[5]["flag_rate"]) <= 0.5
     # the tiles each lean row ran with (the autotuner's pick on a GPU; the lean interpreter tiles here)
     assert [s.get("tiles") for s in setups] == ["64x32"] * 4 + [None, "64x32"]
+    # its table says every row is the interpreter's time (the lean backend's rows included)
+    (md,) = render(csv_path, plots=False, out_dir=tmp_path)
+    cpu_note = md.read_text().split("**CPU run.**")[1].split("\n")[0]
+    assert ", ".join(f"`{impl}`" for impl in sorted({r["impl"] for r in rows})) + ": Triton kernels timed" in cpu_note
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,

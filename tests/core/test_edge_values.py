@@ -84,16 +84,17 @@ def test_delta_entry_masked_takes_no_part_in_the_gradients(backend, n, bad, mask
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("backend", GRAD_BACKENDS)
-def test_minus_inf_delta_entry_gives_weight_0_and_finite_gradients(backend, n):
-    """Where strength * m[i] > 0 a -inf delta entry is a key of weight 0 in the gradients too: those of a
-    -1e30 entry (they were NaN on every backend: 0 * -inf in the max's gradient)."""
+@pytest.mark.parametrize("strength", [1.0, -1.0])
+def test_infinite_delta_entry_of_weight_0_gives_finite_gradients(backend, n, strength):
+    """Where strength * m[i] * delta = -inf (a -inf entry with strength * m[i] > 0, a +inf one with it < 0) the key
+    has weight 0 in the gradients too: those of a -+1e30 entry (they were NaN: 0 * inf in the max's gradient)."""
     q, k, v = make_qkv(1, 2, n, n, 16, 16, torch.float32)
     assert (torch.matmul(q[0, :, 5], k[0].transpose(-1, -2)).amax(-1) > 0).all()  # row 5's max, both heads
     delta = torch.rand(n, n, generator=torch.Generator().manual_seed(3))
-    delta[5, 2] = -1e30
-    finite = _grads(q, k, v, delta=delta, backend=backend)
-    delta[5, 2] = -math.inf
-    for got, expected in zip(_grads(q, k, v, delta=delta, backend=backend), finite):
+    delta[5, 2] = -strength * 1e30
+    finite = _grads(q, k, v, delta=delta, strength=strength, backend=backend)
+    delta[5, 2] = -strength * math.inf
+    for got, expected in zip(_grads(q, k, v, delta=delta, strength=strength, backend=backend), finite):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 

@@ -114,7 +114,7 @@ CHUNKED = [dict(), dict(causal=True, max_mode="global"), dict(delta="b_1_nq_nk")
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("opts", CHUNKED, ids=opts_id)
-@pytest.mark.parametrize("slices", [1, 3, 4])  # chunks of heads of one batch, of whole batches
+@pytest.mark.parametrize("slices", [1, 3, 4, 8])  # chunks of heads of one batch, of one batch, of two
 def test_backward_over_several_chunks_is_the_backward_of_one(monkeypatch, opts, slices, backend):
     """Slices in several chunks take a backward per chunk (one vjp of the whole forward kept every chunk's
     scores): the same gradients as with every slice in one chunk, delta's included."""

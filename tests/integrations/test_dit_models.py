@@ -857,7 +857,6 @@ def test_lean_backend_through_the_dit_processors(family):
     assert (outs["triton-lean"] - outs[None]).abs().max() > 1e-2
 
 
-
 @pytest.mark.parametrize("family, inputs", [
     ("wan", lambda: wan_inputs(frames=1)), ("cogvideox", lambda: cogvideox_inputs(frames=1)),
     ("hunyuan", lambda: dict(FAMILIES["hunyuan"].inputs(), hidden_states=randn(BATCH, 4, 1, 4, 4, seed=1))),

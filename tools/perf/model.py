@@ -258,7 +258,7 @@ def _source_label(source: str) -> str:
 def command(gpu_key: str, args=None, dit: bool = False) -> str:
     """The command that writes this GPU's table, with the --shapes/--n options the run was given."""
     words = ["python -m tools.perf model"] + ["--dit"] * dit + [f"--gpu {gpu_key}"]
-    for option in ("shapes", "n"):
+    for option in ("shapes",) + ("n",) * (not dit):  # (--dit takes no --n)
         if getattr(args, option, None):
             words.append(f"--{option} " + " ".join(map(str, getattr(args, option))))
     return " ".join(words)

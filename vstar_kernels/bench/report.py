@@ -164,7 +164,7 @@ def markdown(rows, title: str) -> str:
            f"{min(r['timestamp'] for r in rows)} to {max(r['timestamp'] for r in rows)}.", ""]
     if any(d.startswith("cpu") for d in devices):
         impls = {r["impl"] for r in meta}
-        interpreted = sorted({r["impl"] for r in meta if r["backend"] == "triton" and r["median_ms"]})
+        interpreted = sorted({r["impl"] for r in meta if r["backend"].startswith("triton") and r["median_ms"]})
         out += [" ".join(["**CPU run.** Times are CPU wall clock (perf_counter)."]
                          + ["Ours is `vstar_auto`: `tar_attention` as a user calls it (backend=\"auto\"), which on "
                             "CPU tensors runs the PyTorch path."] * ("vstar_auto" in impls)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import tar_attention
-from ..frames import TokenLayout, layout_ids
+from ..frames import TokenLayout, layout_ids, one_frame
 from ..functional import Speculation
 from .models import Family
 
@@ -281,7 +281,7 @@ class TARPatch:
                                  "before the video, but reference_frames is 0, so TAR would take the reference for "
                                  "the video's first frame. Connect WanAnimateToVideo's trim_latent output to "
                                  "reference_frames")
-            if len({i for i in ids if i >= 0}) == 1:
+            if one_frame(ids):
                 _warn(run, "one frame", "a model call in the window has one latent frame of video: TAR needs two "
                                         "frames or more, so such calls run without TAR (the stock model's output)")
             else:

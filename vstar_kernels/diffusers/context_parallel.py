@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..frames import TokenLayout, layout_ids
+from ..frames import TokenLayout, as_layout, layout_ids
 
 _SWAPPED = ("_attention_backend", "_parallel_config")
 
@@ -179,8 +179,7 @@ class ContextParallelTAR:
         if key.shape[2] != local or value.shape[2] != local:
             raise ValueError(f"{where}: expected a self-attention over this rank's shard of the video tokens, got "
                              f"{local} queries and {key.shape[2]} keys")
-        if not isinstance(grid, TokenLayout):  # a (frames, tokens per frame) pair, as token_grid.token_frames takes
-            grid = TokenLayout(*grid)
+        grid = as_layout(grid)  # or a (frames, tokens per frame) pair, as token_grid.token_frames takes
         if grid.repeat_from is not None or grid.before or grid.after:
             raise ValueError(f"{where}: TAR under context parallelism handles a call of video tokens alone; this "
                              f"call's token layout ({grid}) has other tokens")

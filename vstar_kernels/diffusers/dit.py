@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import tar_attention
+from ..frames import as_layout
 from .context_parallel import ContextParallelTAR, local_stock_call
 from .interception import TARAttention, call_through_sdpa
 
@@ -48,9 +49,11 @@ class DiTTARProcessor:
         skips = self.state.family.skips_attention
         if spec is None or (skips is not None and skips(kwargs)):
             return self.processor(attn, *args, **kwargs)
-        if grid is not None and grid.one_frame():
-            warnings.warn("TAR: a regularized attention call has one latent frame of video; TAR needs two frames or "
-                          "more, so such calls run without TAR (the stock model's output)", stacklevel=2)
+        if grid is not None and as_layout(grid).one_frame():
+            if not self.state.said_one_frame:  # once per apply_tar
+                self.state.said_one_frame = True
+                warnings.warn("TAR: a regularized attention call has one latent frame of video; TAR needs two frames "
+                              "or more, so such calls run without TAR (the stock model's output)", stacklevel=2)
             return self.processor(attn, *args, **kwargs)
         # under context parallelism: the stock processor on this rank's shard, its attention answered over all ranks
         parallel = ContextParallelTAR.of(self.processor, self.state.family.text, self.name)

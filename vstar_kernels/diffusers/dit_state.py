@@ -33,6 +33,7 @@ class DiTState:
     # the speculative one pass or two passes: the rows the last forward call recomputed decide the next's
     speculation: Speculation = field(default_factory=Speculation)
     removed: bool = False  # remove_tar ran: a processor of this state set back later (unfuse) runs stock
+    said_one_frame: bool = False  # the warning that a call of one frame runs stock was given
 
     @property
     def step(self) -> int:
