@@ -521,7 +521,10 @@ def test_processor_tar_cannot_stand_in_for_raises_at_the_next_forward():
     remove_tar(model)  # keeps the processor set last
     assert all(p is custom for p in processors(model).values())
     stock = forward(model, inputs)
-    apply_tar(model, config)  # TAR in its place, as on any processor
+    # TAR in its place, as on any processor, and it says so (it did silently)
+    with pytest.warns(UserWarning, match=f"TAR's processor takes the place of ScaledProcessor on {len(names)} "
+                                         f"regularized temporal attention.*{names[0]}.*remove_tar puts it back"):
+        apply_tar(model, config)
     assert (forward(model, inputs) - stock).abs().max() > 1e-3
     remove_tar(model)
     assert all(p is custom for p in processors(model).values())

@@ -55,14 +55,14 @@ class LoopWatcher:
         self.iterations.append((i, self.recorder.calls[self._mark:]))
         self._mark = len(self.recorder.calls)
 
-    def check(self, loops, modules):
+    def check(self, loops, modules, until=UNTIL):
         """`loops`: the loop lengths of the runs (each restarts at 0); `modules`: regularized modules."""
         expected = [i for n in loops for i in range(n)]
         assert [i for i, _ in self.iterations] == expected
         for i, calls in self.iterations:
             assert len(calls) == modules
             assert all(step == i for step, _ in calls), (i, calls)
-            assert all(regularized == (i <= UNTIL) for _, regularized in calls), (i, calls)
+            assert all(regularized == (i <= until) for _, regularized in calls), (i, calls)
 
 
 def record(pipe, config):
@@ -116,6 +116,28 @@ def test_animatediff_pipeline_steps_are_the_loop_index(scheduler):
     for steps in runs:
         run_animatediff(pipe, watcher, steps)
     watcher.check([2 * n - 1 if scheduler == "heun" else n for n in runs], modules)
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
+def test_apply_tar_again_from_a_step_callback_goes_on_with_the_run(scheduler):
+    """TAR applied again (a new config) at loop index 4 of 10: the next call is step 5, so until_step=3 leaves it
+    unregularized. With DDIM, whose scheduler keeps no step index and whose pipeline marks no loop, the count
+    started again at 0 and steps 5-8 were regularized."""
+    pipe = animatediff(scheduler())
+    config = TARConfig.from_preset("64D1", until_step=3)
+    watcher, modules = record(pipe, config)
+
+    def on_step_end(pipeline, i, t, kwargs):
+        watcher(i)
+        if i == 4:  # the new processors record into the same recorder
+            modules_by_name = dict(pipe.unet.named_modules())
+            for name in apply_tar(pipe, config):
+                modules_by_name[name].set_processor(watcher.recorder)
+        return {}
+
+    pipe(**embeds(), num_inference_steps=10, num_frames=8, height=32, width=32, guidance_scale=7.5,
+         output_type="latent", callback_on_step_end=on_step_end)
+    watcher.check([10], modules, until=3)
 
 
 def test_another_pipeline_with_its_own_scheduler_counts_its_own_loop():

@@ -64,9 +64,11 @@ def tar_state(model: torch.nn.Module):
 
 def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker], object]):
     """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0, or
-    where TAR, applied again, replaces its config in the middle of `pipeline`'s run, the run's next step."""
+    where TAR, applied again, replaces its config in the middle of `pipeline`'s run (as the pipeline says, or as
+    TAR's count of that run's schedule says: `StepTracker.within`), the run's next step."""
     tracker = StepTracker.of(model)
-    start = tracker.next_step if tracker is not None and tar_state(model) is not None and in_run(pipeline) else 0
+    going_on = tracker is not None and tar_state(model) is not None and (in_run(pipeline) or tracker.within(pipeline))
+    start = tracker.next_step if going_on else 0
     _detach(model)
     # the tracker's hooks run in forward calls, once `state` below exists
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),

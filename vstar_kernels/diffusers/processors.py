@@ -7,6 +7,7 @@ the processor to restore) lives on the `Attention` module, so the processor itse
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
@@ -209,16 +210,23 @@ class UNetState:
 
     def _install(self, temporal: List[TemporalAttention]) -> None:
         """Put TAR on the temporal attentions the config selects that do not have it yet."""
-        config = self.config
+        config, replaced = self.config, {}
         for t in temporal:
             spec = config.levels.get(t.level)
             if spec is None or (t.input_block and not config.include_input_block) or tar_site(t.module) is not None:
                 continue
             site = TARSite(t.name, t.module, t.level, spec, config, self.steps)
             setattr(t.module, _SITE_ATTR, site)
+            if type(t.module.processor) not in STANDS_IN_FOR:
+                replaced.setdefault(type(t.module.processor).__name__, []).append(t.name)
             self._take(site, t.module.processor)
             self.sites.append(site)
         self.layout = _layout(self.model, temporal)
+        for name, sites in replaced.items():
+            kept = ", ".join(c.__name__ for c in STANDS_IN_FOR)
+            warnings.warn(f"apply_tar: TAR's processor takes the place of {name} on {len(sites)} regularized temporal "
+                          f"attention(s) ({sites[0]}, ...); TAR computes what {kept} compute and does not keep what "
+                          f"{name} adds (remove_tar puts it back)", stacklevel=4)
 
     def snapshot(self) -> None:
         """Nothing beyond the step: the processor reads it from the tracker."""

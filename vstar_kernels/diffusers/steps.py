@@ -186,6 +186,15 @@ class StepTracker:
         elif tracker._marking() is not marking:  # another owner's scheduler (or none) marks runs from now on
             tracker._timesteps = tracker._scheduler_timesteps()
 
+    def within(self, pipeline) -> bool:
+        """Whether this tracker has counted part of `pipeline`'s run that is not over: calls counted since the
+        scheduler's schedule was set, fewer than its timesteps (for a scheduler that keeps no step index, such as
+        DDIM's, whose pipeline marks no loop: in_run cannot tell)."""
+        if getattr(pipeline, "_interrupt", False):
+            return False
+        timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+        return timesteps is not None and timesteps is self._timesteps and 0 < self._next < len(timesteps)
+
     def reset(self, start: int = 0) -> None:
         """The next forward call is step `start` (0: a new run)."""
         self._step = start
