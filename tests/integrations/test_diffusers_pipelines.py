@@ -140,6 +140,29 @@ def test_apply_tar_again_from_a_step_callback_goes_on_with_the_run(scheduler):
     watcher.check([10], modules, until=3)
 
 
+def test_apply_tar_first_from_a_step_callback_counts_from_the_loop_index():
+    """TAR applied for the first time at loop index 1 (Euler keeps a step index): the next call is loop 2's, step 2,
+    so until_step=3 regularizes loops 2 and 3 only (it counted from 0 there and regularized loops 2-5)."""
+    pipe = animatediff(EulerDiscreteScheduler())
+    recorder, config = StepRecorder(), TARConfig.from_preset("64D1", until_step=3)
+    seen = {}
+
+    def on_step_end(pipeline, i, t, kwargs):
+        seen[i] = list(recorder.calls)
+        recorder.calls.clear()
+        if i == 1:
+            modules = dict(pipe.unet.named_modules())
+            for name in apply_tar(pipe, config):
+                modules[name].set_processor(recorder)
+        return {}
+
+    pipe(**embeds(), num_inference_steps=8, num_frames=8, height=32, width=32, guidance_scale=7.5,
+         output_type="latent", callback_on_step_end=on_step_end)
+    assert not seen[0] and not seen[1]
+    for i in range(2, 8):
+        assert seen[i] and all(call == (i, i <= 3) for call in seen[i]), (i, seen[i])
+
+
 def test_another_pipeline_with_its_own_scheduler_counts_its_own_loop():
     """TAR applied to one pipeline, its UNet run by another with a scheduler of its own (from_pipe(...,
     scheduler=...)), whose set_timesteps the first one's scheduler does not see: each of its runs counts from its

@@ -65,10 +65,12 @@ def tar_state(model: torch.nn.Module):
 def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker], object]):
     """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0, or
     where TAR, applied again, replaces its config in the middle of `pipeline`'s run (as the pipeline says, or as
-    TAR's count of that run's schedule says: `StepTracker.within`), the run's next step."""
+    TAR's count of that run's schedule says: `StepTracker.within`), the run's next step; applied first in the
+    middle of a run whose scheduler keeps a step index, that index (the loop's next iteration)."""
     tracker = StepTracker.of(model)
     going_on = tracker is not None and tar_state(model) is not None and (in_run(pipeline) or tracker.within(pipeline))
-    start = tracker.next_step if going_on else 0
+    index = getattr(getattr(pipeline, "scheduler", None), "step_index", None)
+    start = tracker.next_step if going_on else index if index is not None and in_run(pipeline) else 0
     _detach(model)
     # the tracker's hooks run in forward calls, once `state` below exists
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),
