@@ -8,6 +8,7 @@ carries both branches in one batch.
 import pytest
 import torch
 from diffusers import (
+    AnimateDiffPAGPipeline,
     AnimateDiffPipeline,
     DDIMScheduler,
     EulerDiscreteScheduler,
@@ -161,6 +162,24 @@ def test_apply_tar_first_from_a_step_callback_counts_from_the_loop_index():
     assert not seen[0] and not seen[1]
     for i in range(2, 8):
         assert seen[i] and all(call == (i, i <= 3) for call in seen[i]), (i, seen[i])
+
+
+def test_perturbed_attention_guidance_on_a_regularized_level_is_refused_with_a_fix_that_works():
+    """AnimateDiff's PAG pipeline sets its processors at every call on pag_applied_layers; on a regularized temporal
+    attention the error said to apply TAR again, which gives the same error. It names PAG and what works: PAG
+    layers that leave the regularized levels out run with TAR."""
+    def pag(layers):
+        pipe = AnimateDiffPAGPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                                      motion_adapter=motion_adapter(), scheduler=DDIMScheduler(),
+                                      pag_applied_layers=layers)
+        pipe.set_progress_bar_config(disable=True)
+        apply_tar(pipe, TARConfig.from_preset("64D1"))
+        return pipe(**embeds(), num_inference_steps=2, num_frames=8, height=32, width=32, guidance_scale=7.5,
+                    pag_scale=3.0, output_type="latent")
+
+    with pytest.raises(RuntimeError, match="perturbed-attention guidance put PAG.*pag_applied_layers.*pag_scale=0"):
+        pag(["down_blocks.0"])
+    pag(["up_blocks.1.attentions"])  # spatial attention of a level TAR leaves alone
 
 
 def test_another_pipeline_with_its_own_scheduler_counts_its_own_loop():

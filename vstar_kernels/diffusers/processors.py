@@ -250,6 +250,12 @@ class UNetState:
     def _stand_in(self, site: TARSite) -> None:
         """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""
         processor = site.module.processor
+        if type(processor).__name__.startswith("PAG"):  # diffusers' perturbed-attention guidance sets it each call
+            raise RuntimeError(
+                f"{site.name}: perturbed-attention guidance put {type(processor).__name__} on this regularized "
+                "temporal attention (its pag_applied_layers cover it), and sets it again at every pipeline call, so "
+                "TAR cannot run there: leave the regularized levels' temporal attention out of pag_applied_layers, "
+                "run with pag_scale=0, or remove_tar")
         if type(processor) not in STANDS_IN_FOR:
             raise RuntimeError(
                 f"{site.name}: its attention processor was replaced by {type(processor).__name__} after apply_tar "
