@@ -103,7 +103,7 @@ def gradients(model, family: str, frames: int) -> Dict[str, torch.Tensor]:
 
 
 ERRORS = {
-    2: ["error/uneven", "error/mask", "error/text", "error/capture"],
+    2: ["error/uneven", "error/mask", "error/text", "error/capture", "error/capture-unrecorded"],
     4: ["error/heads", "error/mesh"],
 }
 
@@ -252,6 +252,11 @@ def _error_cases(world: int) -> Dict[str, Callable]:
         with torch.no_grad(), capture_frame_attention(model, blocks=[0]):
             return forward(model, inputs("wan", 3))
 
+    def capture_unrecorded():  # TAR on and a capture open, at a call it does not record (step 0)
+        model = _model("wan", "ulysses", TARConfig(levels={0: (1.0, 2.0)}, until_step=None))
+        with torch.no_grad(), capture_frame_attention(model, steps=[1], blocks=[0]):
+            return forward(model, inputs("wan", 3))
+
     def heads():  # 2 heads, ulysses_degree 4 (ulysses_anything pads the heads for the stock path)
         model = FAMILIES["wan"].model()
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=4, ulysses_anything=True))
@@ -265,6 +270,7 @@ def _error_cases(world: int) -> Dict[str, Callable]:
             return forward(model, inputs("wan", 4))
 
     cases = {"error/uneven": uneven, "error/mask": mask, "error/text": text, "error/capture": capture,
+             "error/capture-unrecorded": capture_unrecorded,
              "error/heads": heads, "error/mesh": mesh}
     return {name: cases[name] for name in ERRORS[world]}
 

@@ -1,6 +1,8 @@
 """capture_frame_attention on tiny random video DiTs (CPU): maps, and the share of rows whose max lies outside
 their own frame, against a float64 evaluation on the modules' q/k."""
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, FlowMatchEulerDiscreteScheduler, LTXPipeline
@@ -81,6 +83,26 @@ def test_maps_of_regularized_attention_match_float64(family):
     # the max of the unbiased scores, with TAR as without
     assert torch.equal(maps.max_outside_own_frame((fam.modules[0], 1)), expected_share(fam, regularized))
     assert sorted(maps) == sorted((name, 1) for name in fam.modules[:2])
+
+
+def test_a_call_with_one_latent_frame_is_recorded_as_it_ran_stock():
+    """TAR runs a call of one latent frame stock (test_dit_models); the map records what ran: where text shares the
+    attention (CogVideoX), TAR's bias would have pulled the frame's attention off the text in the map alone."""
+    fam = FAMILIES["cogvideox"]
+    inputs = dict(fam.inputs(), hidden_states=randn(BATCH, 1, 4, 8, 8, seed=1))
+    recorded = []
+    for tar in (False, True):
+        model = fam.model()
+        if tar:
+            apply_tar(model, TARConfig(levels={0: (1.0, 2.0)}, until_step=None))
+        with pytest.warns(UserWarning, match="one latent frame") if tar else contextlib.nullcontext(), \
+                capture_frame_attention(model, cfg=False) as maps:
+            forward(model, inputs)
+        recorded.append({key: maps[key] for key in maps})
+    assert recorded[0].keys() == recorded[1].keys() and len(recorded[0]) == 2
+    for key, plain in recorded[0].items():
+        assert plain.shape == (1, 1) and 0.5 < plain.item() < 0.9, key  # the rest of the attention: the text
+        assert torch.equal(recorded[1][key], plain), key
 
 
 def test_batched_guidance_records_the_conditional_half_and_steps_filter():

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._problem import check_int, int_set, make_problem
 from ..analysis import _outside_own_frame
-from ..frames import frame_bias
+from ..frames import as_layout, frame_bias
 from ..reference import tar_scores
 from .capture import CHUNK_ELEMENTS, TemporalAttentionMaps
 from .dit import DiTTARProcessor
@@ -154,8 +154,8 @@ class _Recorder:
         """Add one SDPA call (q, k: (B, H, N, D)) whose first sequence is sequence `first` of the call's `batch`."""
         runs = mask_runs(mask, query.shape[0], query.shape[2], key.shape[2], name)
         frames = token_frames(self.grid, self.family.text, query.shape[2], key.shape[2], name, query.device, block)
-        state = tar_state(self.model)  # TAR's, where applied
-        spec = None if state is None else state.spec_at(block)
+        state = tar_state(self.model)  # TAR's, where applied and where it runs (a call of one frame runs stock)
+        spec = None if state is None or as_layout(self.grid).one_frame() else state.spec_at(block)
         regularized = {"strength": 0.0} if spec is None else spec.tar_kwargs(
             self.grid[0], self.grid[0], device=query.device, dtype=query.dtype, where=name)
         keep = slice(0, query.shape[0])
@@ -239,14 +239,15 @@ class _Watch:
         self.__call__ = functools.wraps(processor.__call__)(functools.partial(type(self).__call__, self))
 
     def __call__(self, attn, *args, **kwargs):
-        step = self.recorder.step()
-        skips = self.recorder.family.skips_attention
-        if step is None or (skips is not None and skips(kwargs)):
-            return self.processor(attn, *args, **kwargs)
+        # every call, recorded or not: TAR's processor around this one does not see the parallel config through it
         if getattr(self.processor, "_parallel_config", None) is not None:
             raise ValueError(f"{self.name}: capture_frame_attention records one process's attention calls; under "
                              "diffusers' context parallelism each rank's call holds a share of the queries or heads: "
                              "capture on a model without enable_parallelism")
+        step = self.recorder.step()
+        skips = self.recorder.family.skips_attention
+        if step is None or (skips is not None and skips(kwargs)):
+            return self.processor(attn, *args, **kwargs)
         hidden_states = args[0] if args else kwargs["hidden_states"]
         return call_through_sdpa(_Listen(self, step, hidden_states.shape[0]), self.processor, self.name,
                                  "it could not be recorded", attn, *args, **kwargs)
