@@ -12,8 +12,9 @@ from typing import Optional
 
 
 def interpreter_requested() -> bool:
-    """TRITON_INTERPRET=1 in the environment: Triton kernels run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    """TRITON_INTERPRET=1 in the environment: Triton kernels run on CPU tensors. Read as Triton reads it (1, y,
+    yes, on, true in any case, nothing stripped)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
 
 
 SET_BEFORE_PYTHON = ("set TRITON_INTERPRET in the environment before Python starts "

@@ -76,6 +76,16 @@ def test_triton_without_interpreter_explains(monkeypatch):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="triton")
 
 
+@pytest.mark.parametrize("value", ["1", "y", "Y", "yes", "On", "TRUE", " 1", "1 ", "t", "0", "no", ""])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
+    """Read otherwise (" 1" on, "y" off), the check that Triton's mode is the one asked for failed with advice
+    to set the variable that was set."""
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert vk._env.interpreter_requested() == knobs.runtime.interpret
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
 def test_interpreter_turned_on_after_import_says_what_to_do():
     """Using vstar_kernels imports triton, which keeps the mode of that import: setting
