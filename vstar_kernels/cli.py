@@ -113,10 +113,11 @@ def cmd_demo(args) -> int:
 
     from . import tar_attention, tar_attention_reference
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not _env.interpreter_requested()  # the interpreter takes CPU tensors
     if not cuda:
-        print("No CUDA device: the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1) "
-              "on small CPU shapes. Interpreter times measure the interpreter, not the kernel.")
+        print(f"{'TRITON_INTERPRET is set' if torch.cuda.is_available() else 'No CUDA device'}: the Triton kernels "
+              "run in the Triton interpreter (TRITON_INTERPRET=1) on small CPU shapes. Interpreter times measure "
+              "the interpreter, not the kernel.")
     device = "cuda" if cuda else "cpu"
     dtype = torch.float16 if cuda else torch.float32
     # (name, batch x spatial, heads, frames, head dim)
@@ -168,16 +169,33 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _seed(text: str) -> int:
+    """--seed: an int torch.manual_seed takes, 0 to 2**64 - 1."""
+    if not text.strip().isdigit() or int(text) >= 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an int from 0 to 2**64 - 1, got {text!r}")
+    return int(text)
+
+
 def _image_path(text: str) -> str:
     """An output image's path, refused before any work when its folder does not exist, when it is a folder, or
     when it has no suffix to name the format (matplotlib would add one, and the path printed be another's)."""
+    text = os.path.expanduser(text)  # "--out=~/x.png": the shell leaves that ~ alone
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a folder; give the image's file name (e.g. {text}/out.png)")
-    if not os.path.splitext(text)[1]:
+    suffix = os.path.splitext(text)[1].lower()
+    if not suffix:
         raise argparse.ArgumentTypeError(f"{text} has no suffix to name the image format (.png, .pdf, .svg)")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:  # the command's missing extra is named after parsing
+        return text
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix[1:] not in formats:
+        raise argparse.ArgumentTypeError(f"{text}: matplotlib writes no {suffix} images (formats: "
+                                         f"{', '.join(sorted(formats))})")
     return text
 
 
@@ -199,8 +217,8 @@ def cmd_plot_delta(args) -> int:
 
     try:
         drawn = plot_delta(args.sigmas, args.num_frames, args.out, dpi=args.dpi)
-    except (TypeError, ValueError) as exc:
-        print(f"plot-delta: {exc}")
+    except (TypeError, ValueError, OSError) as exc:  # OSError: the image could not be written
+        print(f"plot-delta: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {', '.join(drawn)} over {args.num_frames} frames")
     return 0
@@ -212,7 +230,7 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--sigma", type=float, default=1.0, help="TAR's sigma at level 0 (default: 1)")
     parser.add_argument("--strength", type=float, default=1.0, help="TAR's strength at level 0 (default: 1)")
     parser.add_argument("--size", type=int, default=16, help="latent height and width (default: 16)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the latents (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the latents (default: 0)")
     parser.add_argument("--out", type=_image_path, default="attention.png",
                         help="output image (default: attention.png)")
     parser.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch (default: 100)")
@@ -229,8 +247,8 @@ def cmd_demo_attention(args) -> int:
     try:
         runs = attention_demo(args.out, num_frames=args.num_frames, sigma=args.sigma, strength=args.strength,
                               size=args.size, seed=args.seed, dpi=args.dpi, color_scale=args.color_scale)
-    except (TypeError, ValueError) as exc:
-        print(f"demo-attention: {exc}")
+    except (TypeError, ValueError, OSError) as exc:  # OSError: the image could not be written
+        print(f"demo-attention: {exc}", file=sys.stderr)
         return 2
     print(f"Step-0 temporal attention of a tiny random UNet3DConditionModel ({args.num_frames} frames), averaged over "
           f"heads and positions; TAR sigma={args.sigma:g}, strength={args.strength:g} at level 0.")

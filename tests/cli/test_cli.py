@@ -4,6 +4,7 @@ tests/conftest.py sets TRITON_INTERPRET=1 for this process, and subprocesses wou
 a user's shell usually has no TRITON_INTERPRET at all, so the subprocesses here run without it.
 """
 
+import argparse
 import csv
 import pathlib
 import shutil
@@ -88,6 +89,9 @@ IMAGE_OPTION_ERRORS = [
     (["--out", "{tmp}"], "argument --out: {tmp} is a folder; give the image's file name (e.g. {tmp}/out.png)"),
     (["--out", "{tmp}/delta"], "argument --out: {tmp}/delta has no suffix to name the image format (.png, .pdf, "
                                ".svg)"),
+    (["--out", "{tmp}/delta.xyz"], "argument --out: {tmp}/delta.xyz: matplotlib writes no .xyz images (formats: "
+                                   "avif, eps, gif, jpeg, jpg, pdf, pgf, png, ps, raw, rgba, svg, svgz, tif, tiff, "
+                                   "webp)"),
 ]
 
 
@@ -104,6 +108,41 @@ def test_image_commands_name_the_bad_option(command, argv, message, capsys, tmp_
     assert exit_.value.code == 2
     expected = f"vstar-kernels {command}: error: {message.format(tmp=tmp_path)}"
     assert capsys.readouterr().err.splitlines()[-1] == expected
+
+
+def test_demo_on_a_gpu_machine_with_triton_interpret_runs_cpu_tensors(monkeypatch, capsys):
+    """The interpreter takes CPU tensors only: CUDA ones ended the demo in a traceback."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.cmd_demo(argparse.Namespace()) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("TRITON_INTERPRET is set: the Triton kernels run in the Triton interpreter")
+    assert "device: cpu (interpreter)" in out and out.endswith("all outputs match the reference\n")
+
+
+def test_image_commands_name_a_seed_out_of_range(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo-attention", "--seed", str(2 ** 64)])
+    assert capsys.readouterr().err.splitlines()[-1] == ("vstar-kernels demo-attention: error: argument --seed: must be "
+                                                        f"an int from 0 to 2**64 - 1, got '{2 ** 64}'")
+
+
+def test_out_expands_a_tilde_and_a_failed_write_is_an_error_on_stderr(tmp_path, monkeypatch, capsys):
+    """`--out=~/...` reaches the program with its ~ (the shell expands it only as a word's start): it is the home
+    folder, not a folder named ~ in the working one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plot-delta", "--out=~/delta.png", "--num-frames", "4"]) == 0
+    assert (tmp_path / "home" / "delta.png").is_file() and not (tmp_path / "~").exists()
+    assert cli.bench._folder("~/results") == str(tmp_path / "home" / "results")
+    capsys.readouterr()
+    taken = tmp_path / "taken.png"
+    taken.mkdir()  # a folder where the image goes: the write fails after parsing
+    args = argparse.Namespace(sigmas=[1.0], num_frames=4, out=str(taken), dpi=50)
+    assert cli.cmd_plot_delta(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("plot-delta: [Errno 21] Is a directory")
 
 
 @pytest.mark.parametrize("argv, message", [

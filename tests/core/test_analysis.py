@@ -396,5 +396,5 @@ def test_cli_plot_delta(tmp_path, capsys):
     assert png(out).size == png(tmp_path / "api.png").size  # the CLI draws what the function draws
     assert "sigma = 1, sigma = 4, sigma = 8 over 16 frames" in capsys.readouterr().out
     assert cli_main(["plot-delta", "--sigmas", "-1", "--out", str(tmp_path / "bad.png")]) == 2
-    assert "sigma must be > 0" in capsys.readouterr().out
+    assert "sigma must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()

@@ -62,7 +62,7 @@ def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys, monkeypatch):
 
 def test_cli_rejects_bad_sizes(tmp_path, capsys):
     assert cli_main(["demo-attention", "--num-frames", "1", "--out", str(tmp_path / "x.png")]) == 2
-    assert "num_frames must be an int >= 2" in capsys.readouterr().out
+    assert "num_frames must be an int >= 2" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -24,7 +24,9 @@ def _seconds(text: str) -> float:
 
 
 def _folder(text: str) -> str:
-    """--out: a folder, made when missing; an existing file is refused before any work."""
+    """--out: a folder, made when missing; an existing file is refused before any work. "--out=~/x": the shell
+    leaves that ~ alone, this expands it."""
+    text = os.path.expanduser(text)
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a file; --out names the results folder")
     return text
