@@ -47,7 +47,19 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = cuda_extension() if os.environ.get("VSTAR_BUILD_CUDA", "0") == "1" else ([], {})
+def build_cuda() -> bool:
+    """VSTAR_BUILD_CUDA: 1 / on / true / yes build the extension, unset, empty, 0 / off / false / no do not; any
+    other value is an error (it would have installed no extension without a word)."""
+    value = os.environ.get("VSTAR_BUILD_CUDA", "").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("", "0", "off", "false", "no"):
+        return False
+    raise SystemExit(f"VSTAR_BUILD_CUDA={os.environ['VSTAR_BUILD_CUDA']!r}: set it to 1 to build the CUDA "
+                     "extension, 0 (or leave it unset) not to")
+
+
+ext_modules, cmdclass = cuda_extension() if build_cuda() else ([], {})
 
 setup(
     name="vstar_kernels",

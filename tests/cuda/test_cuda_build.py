@@ -122,16 +122,27 @@ def run_setup(*args, env, block_torch):
                           env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
 
 
-def test_plain_install_is_pure_python_and_never_imports_torch():
-    res = run_setup("--name", env={"VSTAR_BUILD_CUDA": None}, block_torch=True)
+@pytest.mark.parametrize("value", [None, "", "0", "off", "False"])
+def test_plain_install_is_pure_python_and_never_imports_torch(value):
+    res = run_setup("--name", env={"VSTAR_BUILD_CUDA": value}, block_torch=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "vstar_kernels"
 
 
-def test_cuda_build_without_torch_explains_build_isolation():
-    res = run_setup("--name", env={"VSTAR_BUILD_CUDA": "1"}, block_torch=True)
+@pytest.mark.parametrize("value", ["1", "ON", "true", "yes"])
+def test_cuda_build_without_torch_explains_build_isolation(value):
+    """Each spelling that asks for the build builds (CMake's option is spelled ON)."""
+    res = run_setup("--name", env={"VSTAR_BUILD_CUDA": value}, block_torch=True)
     assert res.returncode != 0
     assert "--no-build-isolation" in res.stderr
+
+
+def test_a_build_switch_neither_on_nor_off_is_an_error():
+    """It installed no extension without a word."""
+    res = run_setup("--name", env={"VSTAR_BUILD_CUDA": "cuda"}, block_torch=True)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1] == ("VSTAR_BUILD_CUDA='cuda': set it to 1 to build the CUDA extension, "
+                                                   "0 (or leave it unset) not to")
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the message of a CPU build of torch")
