@@ -118,6 +118,23 @@ def test_double_backward_through_kernels_is_refused_clearly():
         dq.sum().backward()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_vmap_over_a_batch_of_calls_is_each_call(backend):
+    """torch.func.vmap over a leading dimension (frame ids shared) gives each call's output, bit for bit."""
+    ids = vk.frame_ids(3, 4, text_after=2)
+    x = torch.randn(3, 2, 2, ids.numel(), 8, device=DEVICE)
+    call = lambda t: vk.tar_attention(t, t, t, sigma=1.5, frames=ids.to(DEVICE), backend=backend)  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(call)(x), torch.stack([call(t) for t in x]), atol=0, rtol=0)
+
+
+def test_torch_func_grad_raises_as_the_docs_say():
+    """docs/compile-and-autograd.md: torch 2.13's register_autograd does not run under torch.func.grad. When a
+    torch makes it run, this fails: then the docs' line goes, and this test checks the gradient instead."""
+    x = torch.randn(1, 1, 6, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda t: vk.tar_attention(t, t, t, backend="reference").sum())(x)
+
+
 class TinyTemporalBlock(torch.nn.Module):
     """A projection + tar_attention over frames with a learnable delta: what a compiled model calls.
     Kept to few ops around the call: each one inductor compiles costs seconds of C++ on CPU."""
