@@ -16,8 +16,6 @@ allocated but the delta gradient when it is asked for (with frame ids: the (F, F
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +27,7 @@ from ._jit import _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View, add_bias,
     mma_nt, packed_coords, packed_delta, packed_exp, packed_max, packed_qkv, packed_rows, row_dot, seq_view, \
     store_tile, zeros_each
 from .launch import BWD_PACKED, BWD_TILED, common_meta, delta_args, frame_args, frame_band_width, interpreter_tiles, \
-    packed, packed_launch, tuned, tuned_config, vector_width
+    launch_tuned, packed, packed_launch, tuned, vector_width
 from .layout import STAT_MAX, STATS_FIELDS, pow2
 
 # Field offsets of the dQ pass's per-row values (layout.AUX_FIELDS), as compile-time constants of
@@ -217,7 +215,7 @@ def _tar_bwd_dq_kernel(
                 tie = valid & (s == m[:, None])
                 tie_k = fma_each(mma_each(tie.to(tl.float32), k, PRECISION), None, tie_k)
         else:  # one key per row reaches the max: its arg-max
-            tie_k = f32_each(load_tile(keys.k, arg.to(tl.int64), row_ok))
+            tie_k = f32_each(load_tile(keys.k, arg.to(tl.int64), row_ok & (count > 0)))  # a row with no key: none
         if GLOBAL_MAX:
             store_tile(View(TIEK, 0, HEAD_DIM, cols_d, 1, HEAD_DIM), row, fma_each(tie_k, scale, None), row_ok)
             share = dmax  # turned into the share by the launcher
@@ -320,14 +318,8 @@ _dq = tuned(_tar_bwd_dq_kernel, BWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "
                                            "GLOBAL_MAX", "HAS_DELTA", "REGULARIZE", "HAS_FRAMES", "HAS_KEY_MASK",
                                            "FRAME_TILES"])
 # The tiled dK/dV pass is not tuned on its own: it runs the config the dQ pass was tuned to
-# (`launch.tuned_config`), so both recompute the same score tiles bit for bit and agree on the ties.
+# (`launch.launch_tuned`), so both recompute the same score tiles bit for bit and agree on the ties.
 _dkdv = _tar_bwd_dkdv_kernel
-
-# The dQ launch and the read of the config it was tuned to, as one step: the autotuner keeps only
-# its latest choice, and another thread's backward (autograd runs one per device) may launch the
-# dQ pass with another key in between.
-_TUNED_LAUNCH = threading.Lock()
-
 
 def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, grad_out: torch.Tensor,
                  delta_grad: bool = False, grads: tuple | None = None):
@@ -392,12 +384,10 @@ def _tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, g
     fq, fk, km, km_strides, frame_meta = frame_args(problem)
     meta.update(frame_meta, **variant)
     frame_band = frame_band_width(gauss_coef)
-    with _TUNED_LAUNCH:
-        _dq[lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),)](
-            q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k, fq, fk, km, q.stride(), k.stride(),
-            v.stride(), out.stride(), grad_out.stride(), d_strides, km_strides, *sizes, frame_band,
-            pow2(max(nq, nk)), **meta, **interpreter_tiles("backward"))
-        tiles = tuned_config(_dq, "backward")
+    tiles = launch_tuned(_dq, lambda m: (bh * triton.cdiv(nq, m["BLOCK_M"]),), "backward",
+                         q, k, v, out, grad_out, dq_buf, delta, stats, seq_max, aux, tie_k, fq, fk, km, q.stride(),
+                         k.stride(), v.stride(), out.stride(), grad_out.stride(), d_strides, km_strides, *sizes,
+                         frame_band, pow2(max(nq, nk)), **meta, **interpreter_tiles("backward"))
     if regularized_global:
         # Every entry equal to the slice's max (as the dQ pass recomputed the scores) gets the same
         # share of the summed dm_i.
