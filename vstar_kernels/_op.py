@@ -13,6 +13,7 @@ differentiable again); the backward op is for kernel backends, whose gradients a
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -34,8 +35,15 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
                                        key_mask))
     check_frame_values(problem)
     stats, flags = _side_outputs(problem, backend, needs_grad, speculate)
-    out = BACKENDS[backend].forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
+    with _device_of(q):
+        out = BACKENDS[backend].forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
     return out, stats, flags
+
+
+def _device_of(q: Tensor):
+    """q's CUDA device made the current one for a call: Triton launches on the current device and its stream, and
+    a model split over GPUs (diffusers' device_map) calls with tensors on a device that is not the current one."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
 
 def _side_outputs(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool) -> tuple:
@@ -60,7 +68,8 @@ def _tar_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, q: Ten
                             delta_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
-    dq, dk, dv, ddelta = BACKENDS[backend].backward(problem, out, stats, grad_out, delta_grad)
+    with _device_of(q):
+        dq, dk, dv, ddelta = BACKENDS[backend].backward(problem, out, stats, grad_out, delta_grad)
     return dq, dk, dv, ddelta.to(delta.dtype).contiguous() if delta_grad else q.new_empty(0)
 
 

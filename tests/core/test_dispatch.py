@@ -153,3 +153,16 @@ def test_auto_error_lists_every_backend(monkeypatch):
     with pytest.raises(vk.BackendUnavailableError, match="no backend can run this call: cpu: refused for the test "
                                                          r"\| reference: refused for the test"):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)))
+
+
+def test_a_cuda_call_makes_its_device_the_current_one():
+    """Triton launches on the current CUDA device: the op makes q's the current one for the call (a GPU test runs a
+    call on a second GPU, tests/kernels/test_gpu.py); a CPU call changes nothing."""
+    from vstar_kernels import _op
+
+    class OnSecondGpu:
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    guard = _op._device_of(OnSecondGpu())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(_op._device_of(torch.zeros(1)), torch.cuda.device)

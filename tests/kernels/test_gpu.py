@@ -5,7 +5,7 @@ import torch
 
 import vstar_kernels as vk
 
-from ..helpers import assert_close_to_reference
+from ..helpers import assert_close_to_reference, assert_grads_close
 
 pytestmark = pytest.mark.gpu
 
@@ -50,3 +50,22 @@ def test_auto_picks_triton_on_cuda():
     q = torch.randn(1, 1, 16, 16, device="cuda", dtype=torch.float16)
     p = make_problem(q, q, q, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row", scale=None)
     assert dispatch.select(p, "auto").name == "triton"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("speculate", [False, True])
+def test_a_call_on_a_gpu_that_is_not_the_current_one(speculate):
+    """A model split over GPUs calls with tensors on a device that is not the current one: the kernels launch
+    there (Triton launches on the current device), forward and backward."""
+    ids = vk.frame_ids(4, 40, text_after=7)
+    q, k, v = (torch.randn(2, 3, ids.numel(), 64, device="cuda:1", dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    assert torch.cuda.current_device() == 0
+    out = vk.tar_attention(q, k, v, frames=ids.to("cuda:1"), sigma=1.5, backend="triton", speculate=speculate)
+    out.float().square().sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out = vk.tar_attention_reference(*ref, frames=ids.to("cuda:1"), sigma=1.5)
+    ref_out.square().sum().backward()
+    assert out.device == torch.device("cuda:1")
+    assert_close_to_reference(out.detach().cpu(), ref_out.detach().cpu(), torch.float16)
+    assert_grads_close([t.grad.cpu() for t in (q, k, v)], [r.grad.cpu() for r in ref], torch.float16)
