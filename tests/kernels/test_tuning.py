@@ -325,3 +325,38 @@ def test_tuned_config_carries_the_register_cap(monkeypatch):
                                                          num_stages=capped.num_stages, maxnreg=SPECULATIVE_MAXNREG)
     tuner.best_config = FWD_TILED.configs[0]
     assert "maxnreg" not in launch.tuned_config(tuner, "forward")
+
+
+def test_a_tuned_launch_reads_its_own_config_while_another_thread_launches(monkeypatch):
+    """The autotuner keeps its latest choice only: a launch from another thread between a launch and the read of
+    its config gave the redo (and the dK/dV pass) that thread's tiles. launch_tuned makes them one step."""
+    import threading
+
+    from vstar_kernels.ops import launch
+
+    monkeypatch.setattr(launch, "INTERPRETING", False)
+    first, second = FWD_TILED.configs[0], FWD_TILED.configs[-1]
+    assert first.kwargs != second.kwargs
+    in_first = threading.Event()
+
+    class Tuner:  # a launch sets best_config to its key's config, as triton's Autotuner does
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(config):
+                self.best_config = config
+                if config is first:  # the other thread launches while this launch runs (it waits on the lock)
+                    in_first.set()
+                    other.join(timeout=0.5)
+            return run
+
+    tuner = Tuner()
+    seen = {}
+    other = threading.Thread(target=lambda: in_first.wait(5) and seen.update(
+        second=launch.launch_tuned(tuner, None, "forward", second)))
+    other.start()
+    seen["first"] = launch.launch_tuned(tuner, None, "forward", first)
+    other.join()
+    expected = {name: launch.tuned_config(type("T", (), {"best_config": c})(), "forward")
+                for name, c in (("first", first), ("second", second))}
+    assert seen == expected

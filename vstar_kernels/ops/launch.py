@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -281,6 +282,20 @@ def tuned(kernel, tuning: Tuning, key: list):
     if INTERPRETING:
         return kernel
     return triton.autotune(tuning.configs, key=key, prune_configs_by={"early_config_prune": tuning.prune})(kernel)
+
+
+# A tuned launch and the read of the config it ran, as one step (`launch_tuned`): the autotuner keeps only its
+# latest choice, and another thread (autograd runs a backward per device; forwards may run in several threads)
+# may launch the same kernel with another key in between.
+_TUNED_LAUNCH = threading.Lock()
+
+
+def launch_tuned(tuner, grid, direction: str, *args, **kwargs) -> dict:
+    """Launch `tuner` on `grid` and return the config it ran (`tuned_config`), for the launches that must run it
+    (the dK/dV pass the dQ pass's, the redo the speculative forward's)."""
+    with _TUNED_LAUNCH:
+        tuner[grid](*args, **kwargs)
+        return tuned_config(tuner, direction)
 
 
 def tuned_config(tuner, direction: str) -> dict:

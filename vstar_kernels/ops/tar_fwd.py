@@ -26,7 +26,7 @@ from ._jit import _NO_VIDEO, _STAT_LSE, _STAT_MAX, _STATS_N, Keys, Options, View
     max_nan, mma_each, mma_nt, nanmax, packed_coords, packed_delta, packed_exp, packed_max, packed_qkv, packed_rows, \
     seq_view, store_tile, zeros_each
 from .launch import FWD_PACKED, FWD_TILED, FWD_TILED_SPECULATIVE, band_width, common_meta, delta_args, frame_args, \
-    frame_band_width, interpreter_tiles, packed, packed_launch, tiled_only, tuned, tuned_config, vector_width
+    frame_band_width, interpreter_tiles, launch_tuned, packed, packed_launch, tiled_only, tuned, vector_width
 from .layout import STATS_FIELDS, pow2
 
 
@@ -500,7 +500,7 @@ _TILED_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "BLOCK_DV2", "CAUSA
               "GLOBAL_MAX", "ONE_PASS", "SAVE_STATS", "HAS_FRAMES", "HAS_KEY_MASK"]
 _tiled = tuned(_tar_fwd_tiled_kernel, FWD_TILED, _TILED_KEY)
 _tiled_speculative = tuned(_tar_fwd_tiled_kernel, FWD_TILED_SPECULATIVE, _TILED_KEY)  # tuned apart from two passes
-_redo = _tar_fwd_redo_kernel  # run with the speculative launch's config (launch.tuned_config)
+_redo = _tar_fwd_redo_kernel  # run with the speculative launch's config (launch.launch_tuned)
 _list = _tar_fwd_list_kernel
 _LIST = dict(SLOTS=128, BLOCKS=32)  # _tar_fwd_list_kernel's rows per program, and query blocks per pass
 _block_list = _tar_fwd_block_list_kernel
@@ -584,10 +584,9 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
                          f"{tuple(flags.shape)}")
     counts, listed, rows = torch.empty(3, bh, nq, device=q.device, dtype=torch.int32)
     maxes = torch.empty(bh, nq, device=q.device, dtype=torch.float32)
-    _tiled_speculative[grid](q, k, v, out, delta, seq_max, stats, fq, fk, km, counts, listed, maxes, *strides,
-                             km_strides, *sizes, band, frame_band_width(gauss_coef), n_bucket, SPECULATE=True,
-                             **{**meta, **variant})
-    used = tuned_config(_tiled_speculative, "forward")
+    used = launch_tuned(_tiled_speculative, grid, "forward", q, k, v, out, delta, seq_max, stats, fq, fk, km, counts,
+                        listed, maxes, *strides, km_strides, *sizes, band, frame_band_width(gauss_coef), n_bucket,
+                        SPECULATE=True, **{**meta, **variant})
     _list[(bh, triton.cdiv(nq, _LIST["SLOTS"]))](counts, listed, rows, flags, nq, used["BLOCK_M"], **_LIST)
     redo_rows(problem, out, stats, flags, rows, maxes, used)
     return out
