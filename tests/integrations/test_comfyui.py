@@ -7,6 +7,7 @@ sampled latents must match it, and be stock bit for bit where TAR is off. tests/
 runs such checks against a real ComfyUI.
 """
 
+import copy
 import importlib
 import logging
 import math
@@ -611,7 +612,9 @@ def recorder(calls):
 
 
 @pytest.mark.parametrize("before", [True, False], ids=["override set before the node", "set after"])
-def test_an_earlier_override_gets_every_call_not_regularized(comfy, before):
+def test_an_earlier_override_gets_every_call_not_regularized(comfy, before, caplog):
+    """And the node says, once per run, that it does not run in the regularized calls (an override that changes
+    what attention means, a sparse one, is then off there)."""
     dtype = torch.float64
     model = wan(comfy, dtype)
     shape = (1, 4, 3, 4, 6)          # 3 frames x 6 tokens; text of 7 tokens
@@ -626,11 +629,33 @@ def test_an_earlier_override_gets_every_call_not_regularized(comfy, before):
     else:
         chained = plain.clone()
         chained.model_options["transformer_options"]["optimized_attention_override"] = recorder(calls)
-    assert torch.equal(sample(comfy, chained, shape, cond, uncond, dtype), reference)
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        assert torch.equal(sample(comfy, chained, shape, cond, uncond, dtype), reference)
+    assert [w.getMessage() for w in warnings_of(caplog, "VSTAR_TAR")] == [
+        f"VSTAR_TAR: the attention override on the model ({__name__}.recorder.<locals>.override) does not run in the "
+        "regularized self-attention calls, which TAR computes with its own kernel; it runs in every other attention "
+        "call (said once per sampling run)"]
     sigmas = [float(s) for s in comfy.samplers.schedule(model, STEPS)[:-1]]
     cross = sorted((18, 7, s) for s in sigmas for _ in range(2))         # 2 blocks
     own = sorted((18, 18, s) for s in (sigmas[0], sigmas[3]) for _ in range(2))   # steps 0 and 3 only
     assert sorted(calls) == sorted(cross + own)
+
+
+def test_a_model_built_anew_after_the_node_is_refused(comfy):
+    """A node after this one that clones onto a new model with the object patches kept (newer ComfyUI's
+    clone(disable_dynamic=True), a multi-GPU copy): TAR's patch would call the earlier model's module, its weights
+    (a LoRA patched on the new one lost). Refused when sampling starts; the same chain without that copy runs."""
+    dtype = torch.float64
+    (tar,) = NODE().apply(wan(comfy, dtype), 1.0, 1.0)
+    anew = tar.clone()  # the clone's options, object patches and wrappers, on a copy of the model
+    anew.model = copy.deepcopy(tar.model)
+    cond, uncond = conditions(dtype)
+    with pytest.raises(RuntimeError, match=r"VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: a node "
+                                           r"after it built the model anew .* TAR's patch on "
+                                           r"diffusion_model\.blocks\.0\.self_attn\.forward would run the earlier "
+                                           r"model's module and its weights\. Apply VSTAR_TAR after that node"):
+        sample(comfy, anew, (1, 4, 3, 4, 4), cond, uncond, dtype)
+    sample(comfy, tar.clone(), (1, 4, 3, 4, 4), cond, uncond, dtype)
 
 
 def test_applying_again_replaces_the_settings(comfy):
@@ -701,6 +726,15 @@ def test_unknown_model_is_an_error(comfy):
     with pytest.raises(ValueError, match=r"torch.nn.modules.linear.Linear is not a video model the node knows; "
                                          r"it supports Wan \(comfy\.ldm\.wan\.model\.WanModel\)"):
         NODE().apply(model, 1.0, 1.0)
+
+
+def test_the_wan_video_wrappers_model_is_named_as_such():
+    """Its class is WanModel too: "WanModel is not a model the node knows; it supports ... WanModel" said nothing."""
+    wrapped = type("WanModel", (torch.nn.Module,), {"__module__": "ComfyUI-WanVideoWrapper.wanvideo.modules.model"})
+    with pytest.raises(ValueError, match=r"VSTAR_TAR: ComfyUI-WanVideoWrapper\.wanvideo\.modules\.model\.WanModel is "
+                                         r"ComfyUI-WanVideoWrapper's model, which the node cannot reach: .* Load Wan "
+                                         r"with ComfyUI's own nodes"):
+        vc_models.family_of(wrapped())
 
 
 @pytest.mark.parametrize("base", ["HunyuanImage21", "HunyuanImage21Refiner"])
@@ -796,11 +830,31 @@ def test_reference_frames_with_a_temporal_crop_is_an_error(comfy, monkeypatch):
     sample(comfy, NODE().apply(model, 1.0, 1.0)[0], (1, 4, 4, 4, 4), cond, uncond, dtype)
     assert calls and all(q[2] == 2 * 2 * 2 for q in calls)      # the crop's 2 frames of 2 x 2 tokens
     (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=1)
-    with pytest.raises(ValueError, match=r"VSTAR_TAR: reference_frames=1 are the leading frames of the whole latent "
-                                         r"\(4 frames\), but this model call runs on 2 of them without a context "
-                                         r"window \(a temporal crop: .*ConditioningSetAreaPercentageVideo.*\).* Take "
-                                         r"the temporal area off the conditioning, or set reference_frames to 0"):
+    with pytest.raises(ValueError, match=r"VSTAR_TAR: reference_frames=1 are the leading frames of the whole latent, "
+                                         r"but this model call runs on 2 of the 4 frames of the latent, without a "
+                                         r"context window \(a temporal crop: .*ConditioningSetAreaPercentageVideo.*\)"
+                                         r".* Take the temporal area off the conditioning, or set reference_frames to "
+                                         r"0"):
         sample(comfy, tar, (1, 4, 4, 4, 4), cond, uncond, dtype)
+
+
+@pytest.mark.parametrize("reference_frames", [0, 1])
+def test_reference_frames_with_a_temporal_crop_in_a_context_window_is_an_error(comfy, reference_frames):
+    """The crop inside a window: the call holds frames of the window from the crop's start, which the ids took as
+    the window's first ones (the reference mark on a video frame). With reference_frames an error; without, the
+    crop's frames numbered from the window's first (TAR takes frame differences)."""
+    settings = vc.patch.Settings(1.0, 1.0, 0.0, 1.0, reference_frames=reference_frames, backend="auto")
+    wrapper = vc.patch.TARPatch(settings, vc_models.WAN, {})
+    window = comfy.context_windows.IndexListContextWindow([0, 1, 2, 3], dim=2)
+    run = vc.patch.Run((1, 4, 8, 4, 4))
+    assert wrapper.frame_ids(TokenLayout(4, 4), {"context_window": window}, run, frames=4)[1:] == (1, 2, 3)
+    if not reference_frames:
+        assert wrapper.frame_ids(TokenLayout(3, 4), {"context_window": window}, run, frames=3) == (0, 1, 2)
+        return
+    with pytest.raises(ValueError, match=r"reference_frames=1 are the leading frames of the whole latent, but this "
+                                         r"model call runs on 3 of the 4 frames of its context window \(a temporal "
+                                         r"crop"):
+        wrapper.frame_ids(TokenLayout(3, 4), {"context_window": window}, run, frames=3)
 
 
 def test_a_call_mixing_steps_inside_and_outside_the_window_is_an_error():

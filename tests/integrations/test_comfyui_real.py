@@ -20,6 +20,7 @@ are defined here first so that it imports; nothing here calls them. ComfyUI runs
 """
 
 import asyncio
+import copy
 import logging
 import math
 import os
@@ -732,10 +733,19 @@ def test_reference_frames_with_a_temporal_area_is_an_error(comfy, monkeypatch):
     calls = tar_calls(monkeypatch)
     run(comfy, NODE().apply(model, 1.0, 1.0)[0], latent, positive, negative, steps=1)
     assert {q[2] for q in calls} == {2 * 2 * 2, 4 * 2 * 2}       # the area's 2 frames, the negative's 4
-    with pytest.raises(ValueError, match=r"VSTAR_TAR: reference_frames=1 are the leading frames of the whole latent "
-                                         r"\(4 frames\), but this model call runs on 2 of them without a context "
-                                         r"window"):
+    with pytest.raises(ValueError, match=r"VSTAR_TAR: reference_frames=1 are the leading frames of the whole latent, "
+                                         r"but this model call runs on 2 of the 4 frames of the latent, without a "
+                                         r"context window"):
         run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=1)[0], latent, positive, negative, steps=1)
+    # in context windows of 4 of 8 frames, the area over frames 1-4: the first window's call holds frames 1-3 of it,
+    # which were taken as its frames 0-2 (the reference mark on video frame 1)
+    (positive,) = video_model.ConditioningSetAreaPercentageVideo().append(texts()[0], 1.0, 1.0, 0.5, 0.0, 0.0, 0.125,
+                                                                          1.0)
+    windowed = context_windows(comfy, model, "standard_static", 4, 1)
+    latent = torch.zeros(1, 16, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"VSTAR_TAR: reference_frames=1 are the leading frames of the whole latent, "
+                                         r"but this model call runs on 3 of the 4 frames of its context window"):
+        run(comfy, NODE().apply(windowed, 1.0, 1.0, reference_frames=1)[0], latent, positive, negative, steps=1)
 
 
 @pytest.mark.parametrize("reference_frames", [0, 1])
@@ -953,6 +963,18 @@ def test_query_slices_are_handed_on_as_they_came(comfy, monkeypatch, caplog):
     assert "blocks.0.self_attn computed its self-attention in query slices (9 of 18 queries in a call)" \
            in said.getMessage()
     assert sorted(set(calls)) == [(9, 18, False), (18, 7, False)]
+
+
+def test_a_model_built_anew_after_the_node_is_refused(comfy):
+    """A node after this one that makes a new model and keeps the object patches (newer ComfyUI's
+    clone(disable_dynamic=True) does): TAR's patch would run the earlier model's modules. Refused."""
+    (tar,) = NODE().apply(wan(comfy), 1.0, 1.0)
+    anew = tar.clone()
+    anew.model = copy.deepcopy(tar.model)
+    positive, negative = texts()
+    with pytest.raises(RuntimeError, match=r"VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched"):
+        run(comfy, anew, torch.zeros(1, 16, 3, 4, 4), positive, negative, steps=1)
+    run(comfy, tar.clone(), torch.zeros(1, 16, 3, 4, 4), positive, negative, steps=1)
 
 
 def context_windows(comfy, model, schedule, length, overlap, stride=1, dim=2):

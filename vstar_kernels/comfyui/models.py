@@ -206,6 +206,10 @@ def family_of(diffusion_model: torch.nn.Module) -> Family:
     """The family of a ComfyUI diffusion model (`unwrap`ped); a ValueError naming the supported ones for any other."""
     cls = type(diffusion_model)
     family = FAMILIES.get((cls.__module__, cls.__qualname__))
+    if family is None and "wanvideo" in cls.__module__.lower():
+        raise ValueError(f"VSTAR_TAR: {cls.__module__}.{cls.__qualname__} is ComfyUI-WanVideoWrapper's model, which "
+                         "the node cannot reach: its sampler calls the model itself and its attention skips ComfyUI's "
+                         "override (docs/comfyui.md, Not supported, and why). Load Wan with ComfyUI's own nodes")
     if family is None:
         known = ", ".join(f"{family.name} ({module}.{name})" for (module, name), family in FAMILIES.items())
         raise ValueError(f"VSTAR_TAR: the diffusion model {cls.__module__}.{cls.__qualname__} is not a video model the "

@@ -130,7 +130,8 @@ class VSTARTemporalAttentionRegularization:
     DESCRIPTION = ("Temporal attention regularization (VSTAR): each video token's attention to the tokens of "
                    "nearby frames gets strength * (its best score) * exp(-(frame distance / sigma)^2 / 2) added, "
                    "for more and longer motion. Self-attention only, in the steps between start_percent and "
-                   "end_percent; text cross-attention is untouched.")
+                   "end_percent; text cross-attention is untouched. Apply it after any model merge node (a merge "
+                   "keeps only its second model's weights).")
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
     CATEGORY = "model_patches/video"

@@ -8,6 +8,7 @@ module's name) is read on the traced path but in messages."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -188,6 +189,14 @@ class TARPatch:
                 raise RuntimeError(f"VSTAR_TAR: the object patch on {path} is {what}, set by a node after VSTAR_TAR: "
                                    "it replaces TAR's patch there, so TAR would not run. Apply VSTAR_TAR after that "
                                    "node (it keeps the forward it finds and calls it)")
+            original = ours.__self__.original
+            module = functools.reduce(getattr, path.split(".")[:-1], guider.model_patcher.model)
+            if not ours.__self__.patched and getattr(original, "__self__", module) is not module:
+                raise RuntimeError(f"VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: a node after it "
+                                   "built the model anew and kept the object patches (a clone with new weights, as "
+                                   "ComfyUI's clone(disable_dynamic=True) or a multi-GPU copy makes), so TAR's patch "
+                                   f"on {path} would run the earlier model's module and its weights. Apply "
+                                   "VSTAR_TAR after that node")
         run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if len(sigmas) > 1:  # a run of one sigma has no step, so no model call
@@ -229,15 +238,17 @@ class TARPatch:
         one; with `reference_frames`, a call outside a context window on fewer frames than the run's latent (a
         temporal crop) is an error, as where its frames lie in the latent is not known."""
         window, index, length = options.get("context_window"), list(range(layout.frames)), 0
-        if window is not None and getattr(window, "dim", None) == self.family.time_dim:
+        in_window = window is not None and getattr(window, "dim", None) == self.family.time_dim
+        if in_window:
             index = list(window.index_list[:layout.frames])
             length = run.shape[window.dim] if len(run.shape) > window.dim else 0
-        elif self.settings.reference_frames and frames is not None and len(run.shape) == 5 \
-                and frames != run.shape[2]:
+        whole = len(window.index_list) if in_window else run.shape[2] if len(run.shape) == 5 else None
+        if self.settings.reference_frames and frames is not None and whole is not None and frames != whole:
             raise ValueError(f"VSTAR_TAR: reference_frames={self.settings.reference_frames} are the leading frames "
-                             f"of the whole latent ({run.shape[2]} frames), but this model call runs on {frames} of "
-                             "them without a context window (a temporal crop: an area conditioning over time, such "
-                             "as ConditioningSetAreaPercentageVideo's), so which of its frames are references is not "
+                             f"of the whole latent, but this model call runs on {frames} of the {whole} frames "
+                             f"{'of its context window' if in_window else 'of the latent, without a context window'} "
+                             "(a temporal crop: an area conditioning over time, such as "
+                             "ConditioningSetAreaPercentageVideo's), so which of its frames are references is not "
                              "known. Take the temporal area off the conditioning, or set reference_frames to 0 "
                              "(TAR then treats the reference frames as video)")
         ids = index[:1]
@@ -396,6 +407,11 @@ def tar_override(func, *args, **kwargs):
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     batch, n = q.shape[0], q.shape[2]
     settings = call.settings
+    if module.previous is not None:
+        name = getattr(module.previous, "__qualname__", type(module.previous).__qualname__)
+        _warn(call.run, "override", f"the attention override on the model ({module.previous.__module__}.{name}) "
+                                    "does not run in the regularized self-attention calls, which TAR computes with "
+                                    "its own kernel; it runs in every other attention call")
     try:
         out = tar_attention(q, k, v, sigma=settings.sigma, strength=settings.strength, frames=call.frames(n),
                             key_mask=key_mask(mask, batch, n, module), backend=settings.backend,
