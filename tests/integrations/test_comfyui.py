@@ -641,21 +641,32 @@ def test_an_earlier_override_gets_every_call_not_regularized(comfy, before, capl
     assert sorted(calls) == sorted(cross + own)
 
 
-def test_a_model_built_anew_after_the_node_is_refused(comfy):
+@pytest.mark.parametrize("earlier", [None, "forward", "module"])
+def test_a_model_built_anew_after_the_node_is_refused(comfy, earlier):
     """A node after this one that clones onto a new model with the object patches kept (newer ComfyUI's
-    clone(disable_dynamic=True), a multi-GPU copy): TAR's patch would call the earlier model's module, its weights
-    (a LoRA patched on the new one lost). Refused when sampling starts; the same chain without that copy runs."""
+    clone(disable_dynamic=True)): TAR's patches would call the earlier model's modules, their weights (a LoRA
+    patched on the new one lost). Refused when sampling starts, also where TAR wraps an earlier node's patch of the
+    forward; the model itself, sampled again with the patches of its last run still in place, runs (an earlier
+    node's patch of a whole module there: the module found on the path is that node's)."""
     dtype = torch.float64
-    (tar,) = NODE().apply(wan(comfy, dtype), 1.0, 1.0)
+    model = wan(comfy, dtype)
+    if earlier == "forward":
+        model = replace_self_attention(model, 0.5)
+    elif earlier == "module":
+        model = model.clone()
+        for i, block in enumerate(model.get_model_object("diffusion_model").blocks):
+            model.add_object_patch(f"diffusion_model.blocks.{i}.self_attn", copy.copy(block.self_attn))
+    (tar,) = NODE().apply(model, 1.0, 1.0)
     anew = tar.clone()  # the clone's options, object patches and wrappers, on a copy of the model
     anew.model = copy.deepcopy(tar.model)
     cond, uncond = conditions(dtype)
     with pytest.raises(RuntimeError, match=r"VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: a node "
-                                           r"after it built the model anew .* TAR's patch on "
-                                           r"diffusion_model\.blocks\.0\.self_attn\.forward would run the earlier "
-                                           r"model's module and its weights\. Apply VSTAR_TAR after that node"):
+                                           r"after it built the model anew .* Apply VSTAR_TAR after that node"):
         sample(comfy, anew, (1, 4, 3, 4, 4), cond, uncond, dtype)
-    sample(comfy, tar.clone(), (1, 4, 3, 4, 4), cond, uncond, dtype)
+    first = sample(comfy, tar, (1, 4, 3, 4, 4), cond, uncond, dtype)
+    tar.patch_model()  # the last run's object patches left in place, as ComfyUI leaves a loaded model's
+    assert torch.equal(sample(comfy, tar.clone(), (1, 4, 3, 4, 4), cond, uncond, dtype), first)
+    tar.unpatch_model()
 
 
 def test_applying_again_replaces_the_settings(comfy):

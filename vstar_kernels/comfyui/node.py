@@ -114,7 +114,8 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
                     "runs without TAR", start_percent, end_percent)
     if strength == 0.0 or start_percent > end_percent:
         return clone
-    patch = TARPatch(Settings(strength, sigma, start_percent, end_percent, int(reference_frames), backend), family, {})
+    patch = TARPatch(Settings(strength, sigma, start_percent, end_percent, int(reference_frames), backend), family, {},
+                     clone.model)
     for path in targets:
         name = path[len("diffusion_model."):-len(".forward")]
         patch.marked[path] = MarkedForward(clone.get_model_object(path), name, path in clone.object_patches).forward
@@ -131,7 +132,7 @@ class VSTARTemporalAttentionRegularization:
                    "nearby frames gets strength * (its best score) * exp(-(frame distance / sigma)^2 / 2) added, "
                    "for more and longer motion. Self-attention only, in the steps between start_percent and "
                    "end_percent; text cross-attention is untouched. Apply it after any model merge node (a merge "
-                   "keeps only its second model's weights).")
+                   "takes only the weights of its second model, so TAR there is dropped).")
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
     CATEGORY = "model_patches/video"

@@ -8,10 +8,10 @@ module's name) is read on the traced path but in messages."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -176,8 +176,10 @@ class TARPatch:
     object patches (`marked`, by path) are the ones in force; `apply_model` (APPLY_MODEL) regularizes the model
     calls in the window and checks each one afterwards."""
 
-    def __init__(self, settings: Settings, family: Family, marked: Dict[str, object]):
+    def __init__(self, settings: Settings, family: Family, marked: Dict[str, object], model=None):
         self.settings, self.family, self.marked = settings, family, marked
+        # the model the node patched (its ModelPatcher's), weakly: a copy of a clone's wrappers keeps the reference
+        self.model = None if model is None else weakref.ref(model)
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
@@ -189,14 +191,11 @@ class TARPatch:
                 raise RuntimeError(f"VSTAR_TAR: the object patch on {path} is {what}, set by a node after VSTAR_TAR: "
                                    "it replaces TAR's patch there, so TAR would not run. Apply VSTAR_TAR after that "
                                    "node (it keeps the forward it finds and calls it)")
-            original = ours.__self__.original
-            module = functools.reduce(getattr, path.split(".")[:-1], guider.model_patcher.model)
-            if not ours.__self__.patched and getattr(original, "__self__", module) is not module:
-                raise RuntimeError(f"VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: a node after it "
-                                   "built the model anew and kept the object patches (a clone with new weights, as "
-                                   "ComfyUI's clone(disable_dynamic=True) or a multi-GPU copy makes), so TAR's patch "
-                                   f"on {path} would run the earlier model's module and its weights. Apply "
-                                   "VSTAR_TAR after that node")
+        if self.model is not None and self.model() is not guider.model_patcher.model:
+            raise RuntimeError("VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: a node after it built "
+                               "the model anew and kept the object patches (a clone onto a new model, as newer "
+                               "ComfyUI's clone(disable_dynamic=True) makes), so TAR's patches would run the earlier "
+                               "model's modules and their weights. Apply VSTAR_TAR after that node")
         run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if len(sigmas) > 1:  # a run of one sigma has no step, so no model call
