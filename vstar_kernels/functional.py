@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from ._op import tar_attention_op
 from ._problem import check_speculation, make_problem
@@ -54,6 +55,11 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         (B, H, Nq, Dv) (or (B, Nq, Dv) for 3-D input), q's dtype and device. The call is the
         custom op ``torch.ops.vstar.tar_attention`` (docs/compile-and-autograd.md).
     """
+    for name, t in (("q", q), ("k", k), ("v", v), ("delta", delta)):
+        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"tar_attention has no forward-mode derivative, and {name} carries a tangent "
+                                      "(torch.func.jvp, jacfwd, torch.autograd.forward_ad): its tangent would be "
+                                      "dropped. Use reverse mode (torch.autograd)")
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale, frames=frames, key_mask=key_mask)
     check_speculation(speculate, flags, problem.device)

@@ -135,6 +135,23 @@ def test_torch_func_grad_raises_as_the_docs_say():
         torch.func.grad(lambda t: vk.tar_attention(t, t, t, backend="reference").sum())(x)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "forward_ad"])
+def test_forward_mode_derivatives_are_refused(transform):
+    """The op has no forward-mode formula; torch ran it on the primal values and gave a tangent of 0 (jvp, jacfwd)
+    or none (forward_ad), without a word."""
+    x, t = torch.randn(1, 1, 6, 4, dtype=torch.float64), torch.randn(1, 1, 6, 4, dtype=torch.float64)
+    call = lambda q: vk.tar_attention(q, q, q, backend="reference")  # noqa: E731
+    with pytest.raises(NotImplementedError, match="tar_attention has no forward-mode derivative, and q carries a "
+                                                  "tangent"):
+        if transform == "jvp":
+            torch.func.jvp(call, (x,), (t,))
+        elif transform == "jacfwd":
+            torch.func.jacfwd(call)(x)
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                call(torch.autograd.forward_ad.make_dual(x, t))
+
+
 class TinyTemporalBlock(torch.nn.Module):
     """A projection + tar_attention over frames with a learnable delta: what a compiled model calls.
     Kept to few ops around the call: each one inductor compiles costs seconds of C++ on CPU."""
