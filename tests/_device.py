@@ -10,9 +10,11 @@ import os
 
 import torch
 
+from vstar_kernels import _env
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
+if _env.interpreter_requested():
     from . import _interpreter
 
     _interpreter.install()  # one patch of triton.language per grid, not per helper call

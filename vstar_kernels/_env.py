@@ -12,9 +12,13 @@ from typing import Optional
 
 
 def interpreter_requested() -> bool:
-    """TRITON_INTERPRET=1 in the environment: Triton kernels run on CPU tensors. Read as Triton reads it (1, y,
-    yes, on, true in any case, nothing stripped)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
+    """TRITON_INTERPRET=1 in the environment: Triton kernels run on CPU tensors. As the installed Triton reads it
+    (its knobs); without Triton as Triton 3.9 does (1, y, yes, on, true in any case, nothing stripped)."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
+    return bool(knobs.runtime.interpret)
 
 
 SET_BEFORE_PYTHON = ("set TRITON_INTERPRET in the environment before Python starts "

@@ -76,14 +76,33 @@ def test_triton_without_interpreter_explains(monkeypatch):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)), backend="triton")
 
 
-@pytest.mark.parametrize("value", ["1", "y", "Y", "yes", "On", "TRUE", " 1", "1 ", "t", "0", "no", ""])
-def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
-    """Read otherwise (" 1" on, "y" off), the check that Triton's mode is the one asked for failed with advice
-    to set the variable that was set."""
-    from triton import knobs
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+@pytest.mark.parametrize("value, expected", [
+    ("y", "ran"),
+    (" 1", "cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter); compiled kernels run on CUDA tensors"),
+])
+def test_triton_interpret_is_read_as_triton_reads_it(value, expected):
+    """Read otherwise (y off, " 1" on, where Triton reads them the other way), the check that Triton's mode is the
+    one asked for failed with advice to set the variable that was set."""
+    code = ("import torch, vstar_kernels as vk\n"
+            "q = torch.randn(1, 1, 8, 8)\n"
+            "try:\n"
+            "    vk.tar_attention(q, q, q, backend='triton')\n"
+            "    print('ran')\n"
+            "except vk.BackendUnavailableError as exc:\n"
+            "    print(exc)\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_INTERPRET": value}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith(expected)
 
-    monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert vk._env.interpreter_requested() == knobs.runtime.interpret
+
+def test_triton_interpret_without_triton_is_read_as_triton_3_9_reads_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    for value, on in (("1", True), ("Y", True), ("yes", True), ("On", True), ("TRUE", True), (" 1", False),
+                      ("t", False), ("0", False), ("", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert vk._env.interpreter_requested() == on, value
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
@@ -155,14 +174,28 @@ def test_auto_error_lists_every_backend(monkeypatch):
         vk.tar_attention(*(torch.randn(1, 1, 8, 8) for _ in range(3)))
 
 
-def test_a_cuda_call_makes_its_device_the_current_one():
-    """Triton launches on the current CUDA device: the op makes q's the current one for the call (a GPU test runs a
-    call on a second GPU, tests/kernels/test_gpu.py); a CPU call changes nothing."""
+def test_a_cuda_call_makes_its_device_the_current_one(monkeypatch):
+    """Triton launches on the current CUDA device: the op's forward and backward run inside _device_of(q), which
+    makes a CUDA q's device the current one (a GPU test runs a call on a second GPU, tests/kernels/test_gpu.py)."""
+    import contextlib
+
     from vstar_kernels import _op
 
     class OnSecondGpu:
         is_cuda, device = True, torch.device("cuda", 1)
 
-    guard = _op._device_of(OnSecondGpu())
-    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(_op._device_of(OnSecondGpu()), torch.cuda.device)
     assert not isinstance(_op._device_of(torch.zeros(1)), torch.cuda.device)
+    entered = []
+    real = _op._device_of
+
+    @contextlib.contextmanager
+    def recording(q):
+        entered.append(q.shape)
+        with real(q):
+            yield
+
+    monkeypatch.setattr(_op, "_device_of", recording)
+    q = torch.randn(1, 2, 130, 16, requires_grad=True)  # the tiled kernels: a backward op of its own
+    vk.tar_attention(q, q, q, backend="triton").sum().backward()
+    assert entered == [q.shape, q.shape]  # the forward, the backward

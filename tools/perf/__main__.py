@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     if args.command in ("static", "traffic") and args.quick and not args.out:
         top.error(f"{args.command} --quick writes the CI subset, which would replace the committed full tables in "
                   "benchmarks/results: give --out DIR")
-    if args.command == "traffic" and os.environ.get("TRITON_INTERPRET") != "1":
+    from vstar_kernels import _env
+
+    if args.command == "traffic" and not _env.interpreter_requested():
         # the counts come from the Triton interpreter, whose mode is fixed when triton is first imported
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.run([sys.executable, "-m", "tools.perf", *argv], env=env).returncode
