@@ -170,10 +170,14 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """--seed: an int torch.manual_seed takes, 0 to 2**64 - 1."""
-    if not text.strip().isdigit() or int(text) >= 2 ** 64:
-        raise argparse.ArgumentTypeError(f"must be an int from 0 to 2**64 - 1, got {text!r}")
-    return int(text)
+    """--seed: an int torch.manual_seed takes, -2**63 to 2**64 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -2 ** 63 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an int from -2**63 to 2**64 - 1, got {text!r}")
+    return value
 
 
 def _image_path(text: str) -> str:

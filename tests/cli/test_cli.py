@@ -127,7 +127,8 @@ def test_image_commands_name_a_seed_out_of_range(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo-attention", "--seed", str(2 ** 64)])
     assert capsys.readouterr().err.splitlines()[-1] == ("vstar-kernels demo-attention: error: argument --seed: must be "
-                                                        f"an int from 0 to 2**64 - 1, got '{2 ** 64}'")
+                                                        f"an int from -2**63 to 2**64 - 1, got '{2 ** 64}'")
+    assert [cli._seed(text) for text in ("-1", "+5", str(2 ** 64 - 1))] == [-1, 5, 2 ** 64 - 1]
 
 
 def test_out_expands_a_tilde_and_a_failed_write_is_an_error_on_stderr(tmp_path, monkeypatch, capsys):
