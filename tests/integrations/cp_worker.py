@@ -103,7 +103,7 @@ def gradients(model, family: str, frames: int) -> Dict[str, torch.Tensor]:
 
 
 ERRORS = {
-    2: ["error/uneven", "error/mask", "error/text", "error/capture", "error/capture-unrecorded"],
+    2: ["error/uneven", "error/mask", "error/text", "error/capture", "error/capture-unrecorded", "error/capture-late"],
     4: ["error/heads", "error/mesh"],
 }
 
@@ -257,6 +257,12 @@ def _error_cases(world: int) -> Dict[str, Callable]:
         with torch.no_grad(), capture_frame_attention(model, steps=[1], blocks=[0]):
             return forward(model, inputs("wan", 3))
 
+    def capture_late():  # the model made parallel while a capture is open: diffusers skips the capture's wrapper
+        model = FAMILIES["wan"].model()
+        with torch.no_grad(), capture_frame_attention(model, blocks=[0]):
+            _enable(model, "ring")
+            return forward(model, inputs("wan", 3))
+
     def heads():  # 2 heads, ulysses_degree 4 (ulysses_anything pads the heads for the stock path)
         model = FAMILIES["wan"].model()
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=4, ulysses_anything=True))
@@ -270,7 +276,7 @@ def _error_cases(world: int) -> Dict[str, Callable]:
             return forward(model, inputs("wan", 4))
 
     cases = {"error/uneven": uneven, "error/mask": mask, "error/text": text, "error/capture": capture,
-             "error/capture-unrecorded": capture_unrecorded,
+             "error/capture-unrecorded": capture_unrecorded, "error/capture-late": capture_late,
              "error/heads": heads, "error/mesh": mesh}
     return {name: cases[name] for name in ERRORS[world]}
 

@@ -155,6 +155,7 @@ ERRORS = {
     "error/capture": r"blocks\.0\.attn1: capture_frame_attention records one process's attention calls; under "
                      r"diffusers' context parallelism each rank's call holds a share of the queries or heads",
     "error/capture-unrecorded": r"blocks\.0\.attn1: capture_frame_attention records one process's attention calls",
+    "error/capture-late": r"blocks\.0\.attn1: capture_frame_attention records one process's attention calls",
     "error/heads": r"blocks\.0\.attn1: Ulysses with ulysses_degree=4 needs a head count it divides; the call has 2 "
                    r"heads",
     "error/mesh": r"blocks\.0\.attn1: under context parallelism \(ring_degree=2, ulysses_degree=2\) the members of a "

@@ -239,8 +239,10 @@ class _Watch:
         self.__call__ = functools.wraps(processor.__call__)(functools.partial(type(self).__call__, self))
 
     def __call__(self, attn, *args, **kwargs):
-        # every call, recorded or not: TAR's processor around this one does not see the parallel config through it
-        if getattr(self.processor, "_parallel_config", None) is not None:
+        # every call, recorded or not (TAR's processor around this one does not see the parallel config through it),
+        # and a model made parallel while the capture is open (diffusers does not give this wrapper the config)
+        if getattr(self.processor, "_parallel_config", None) is not None \
+                or getattr(self.recorder.model, "_parallel_config", None) is not None:
             raise ValueError(f"{self.name}: capture_frame_attention records one process's attention calls; under "
                              "diffusers' context parallelism each rank's call holds a share of the queries or heads: "
                              "capture on a model without enable_parallelism")
