@@ -321,6 +321,7 @@ _dq = tuned(_tar_bwd_dq_kernel, BWD_TILED, ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "
 # (`launch.launch_tuned`), so both recompute the same score tiles bit for bit and agree on the ties.
 _dkdv = _tar_bwd_dkdv_kernel
 
+
 def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, grad_out: torch.Tensor,
                  delta_grad: bool = False, grads: tuple | None = None):
     """Gradients of a Triton forward. Returns (dq, dk, dv, ddelta).
