@@ -252,7 +252,8 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
     tiles more for each further block (at most every tile), each tile at the costlier of its two
     softmax loops: on the shortest path where the pass over every tile meets a tile of one frame id
     (dA one column, as ops/_jit.frame_tile_id takes it), the longest elsewhere (dA per score: an upper
-    bound, the far-frame test spares some); its other programs exit at once (not counted). Bytes as
+    bound, the far-frame test spares some); its other programs exit at once (not counted); a launch of its
+    own, in waves of its programs (as the lean redo, `ours_lean`). Bytes as
     requested: Q, O once, K and V once per tile, K of the guess tiles, the key ids twice (the guess's
     scan, the softmax), the flagged rows' index and max, and the redo's Q rows, K, V and ids of its
     tiles, O rows; the fastest config."""
@@ -296,13 +297,18 @@ def ours_frames_speculative(batch: int, heads: int, n: int, d: int, gpu: Gpu, et
                                        for path in ("short", "long"))
             short_mufu, long_mufu = (max(getattr(r, f"{path}_mufu_per_score") for r in softmax)
                                      for path in ("short", "long"))
-            e.bytes += programs * (bm * (d + d) * ITEMSIZE + bm * 8 + walked * bn * ((d + d) * ITEMSIZE + 4))
-            e.mma_flops += programs * walked * 2 * bm * bn * 2 * bd
-            e.instr += programs * (bm * bn * (single * short_instr + (walked - single) * long_instr)
-                                   + redo_loops[0].outside_warp_instr)
-            e.mufu += programs * bm * bn * (single * short_mufu + (walked - single) * long_mufu)
-        ctas = min(r.ctas_per_sm for r in (*loops, *redo_loops))
-        out.append((finish(e, gpu, eta, waves_stretch(bh * blocks, ctas, gpu)), guess / (blocks * tiles)))
+            redo = Estimate()  # a launch of its own (counted in e's), in waves of its own programs
+            redo.bytes = programs * (bm * (d + d) * ITEMSIZE + bm * 8 + walked * bn * ((d + d) * ITEMSIZE + 4))
+            redo.mma_flops = programs * walked * 2 * bm * bn * 2 * bd
+            redo.instr = programs * (bm * bn * (single * short_instr + (walked - single) * long_instr)
+                                     + redo_loops[0].outside_warp_instr)
+            redo.mufu = programs * bm * bn * (single * short_mufu + (walked - single) * long_mufu)
+            redo = finish(redo, gpu, eta, waves_stretch(programs, min(r.ctas_per_sm for r in redo_loops), gpu))
+        e = finish(e, gpu, eta, waves_stretch(bh * blocks, min(r.ctas_per_sm for r in loops), gpu))
+        if flag_rate > 0:
+            e.seconds += redo.seconds
+            e.bytes, e.mma_flops = e.bytes + redo.bytes, e.mma_flops + redo.mma_flops
+        out.append((e, guess / (blocks * tiles)))
     return min(out, key=lambda pair: pair[0].seconds)
 
 
