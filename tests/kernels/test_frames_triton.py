@@ -401,3 +401,57 @@ def test_small_tiles_split_frames_and_masks(max_mode, monkeypatch):
     grad_out = torch.randn(2, 1, n, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     assert_grads_close(triton_grads(q, k, v, grad_out, delta, **opts),
                        reference_grads(q, k, v, grad_out, delta, device=DEVICE, **opts), torch.float32)
+
+
+def big_storage(tmp_path, numel, dtype, name):
+    """A tensor of `numel` zeros: on CPU a sparse file mapped in (no memory or disk until written), on a GPU
+    memory."""
+    if DEVICE != "cpu":
+        return torch.zeros(numel, dtype=dtype, device=DEVICE)
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.truncate(numel * dtype.itemsize)
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+
+
+def test_frame_matrix_offsets_past_2_31(tmp_path):
+    """A frame matrix viewed with rows 2**30 entries apart (a legal view): row 2 starts 2**31 entries on, past
+    int32, and the call gives what the matrix's contiguous copy gives, bit for bit (the offset wrapped to the
+    storage's start, whose -30s moved frame 2's rows by 1.3)."""
+    storage = big_storage(tmp_path, 2 ** 32 + 3, torch.float16, "delta")
+    delta = storage.as_strided((3, 3), (2 ** 30, 1), 2 ** 31)
+    delta.copy_(frame_matrix(3, seed=2).to(torch.float16))
+    storage[:3] = -30.0
+    frames = vk.frame_ids(3, 8, text_before=2, device=DEVICE)
+    q, k, v = qkv(1, 2, 26, 26, torch.float16, seed=4)
+    out = vk.tar_attention(q, k, v, frames=frames, delta=delta, strength=2.0, backend="triton")
+    assert torch.equal(out, vk.tar_attention(q, k, v, frames=frames, delta=delta.clone(), strength=2.0,
+                                             backend="triton"))
+    assert_close_to_reference(out.cpu(), reference64(q, k, v, frames=frames, delta=delta.clone(), strength=2.0))
+
+
+def test_frame_matrix_gradient_past_2_31(tmp_path, monkeypatch):
+    """Frame ids 0 and F - 1 of an (F, F) frame matrix with F = 46,400: the gradient's entry (F - 1, j) lies
+    (F - 1) * F > 2**31 entries on (it wrapped: a write out of bounds). Its four entries are the gradient of the
+    same call with ids 0 and 1 of the (2, 2) matrix they form."""
+    F = 46_400
+    if DEVICE == "cpu":  # the gradient's (F, F) zeros, as a sparse file (8.6 GB otherwise)
+        zeros = torch.zeros
+        monkeypatch.setattr(torch, "zeros", lambda *size, **kw: big_storage(tmp_path, F * F, kw["dtype"], "grad")
+                            .view(F, F) if tuple(size[0]) == (F, F) else zeros(*size, **kw))
+    delta = big_storage(tmp_path, F * F, torch.float32, "delta").view(F, F)
+    small = frame_matrix(2, seed=6)
+    corners = (0, F - 1)
+    for a, fa in enumerate(corners):
+        for b, fb in enumerate(corners):
+            delta[fa, fb] = small[a, b]
+    delta.requires_grad_()
+    small.requires_grad_()
+    frames = vk.frame_ids(2, 8, device=DEVICE)
+    q, k, v = qkv(1, 2, 16, 16, torch.float32, seed=9)
+    out = vk.tar_attention(q, k, v, frames=frames * (F - 1), delta=delta, strength=0.5, backend="triton")
+    (grad,) = torch.autograd.grad(out.sum(), [delta])
+    expected = reference64(q, k, v, frames=frames, delta=small, strength=0.5)
+    (grad_small,) = torch.autograd.grad(expected.sum(), [small])
+    assert_grads_close((grad[corners, :][:, corners].cpu(),), (grad_small,), torch.float32, names=("ddelta",))
+

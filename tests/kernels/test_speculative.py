@@ -263,12 +263,36 @@ def test_redo_lists_the_flagged_rows_in_row_order(nq, rate):
             listed[s, b * bm:b * bm + rows.numel()] = rows.to(torch.int32)
     flags = torch.full((seqs,), -1, dtype=torch.int32, device=DEVICE)
     ordered = torch.full((seqs, nq), -1, dtype=torch.int32, device=DEVICE)
-    tar_fwd._tar_fwd_list_kernel[(seqs, triton.cdiv(nq, slots))](count.to(DEVICE), listed.to(DEVICE), ordered, flags,
-                                                                  nq, bm, SLOTS=slots, BLOCKS=16)
+    tar_fwd._tar_fwd_list_kernel[(seqs * triton.cdiv(nq, slots),)](count.to(DEVICE), listed.to(DEVICE), ordered,
+                                                                    flags, nq, bm, SLOTS=slots, BLOCKS=16)
     for s in range(seqs):
         want = flagged[s].nonzero().flatten()
         assert int(flags[s]) == want.numel()
         assert ordered[s].cpu().tolist() == want.tolist() + [-1] * (nq - want.numel())
+
+
+def test_row_lists_launch_on_one_grid_axis(monkeypatch):
+    """The row-list kernels launch on grid axis 0 alone, as every kernel here: CUDA's axis 1 takes at most 65,535
+    programs, which a sequence of 8.4M queries (of the 2**30 - 2**10 that speculate) passed with 128 rows a program
+    (the launch failed)."""
+    grids = []
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    for name in ("_list", "_block_list"):
+        monkeypatch.setattr(tar_fwd, name, Recorded(getattr(tar_fwd, name)))
+    frames = layout("text_before")
+    q, k, v = qkv(frames, seed=5)
+    vk.tar_attention(q, k, v, frames=frames, backend="triton")
+    tar_fwd.compact_rows(torch.ones(2, 300, dtype=torch.int32, device=DEVICE),
+                         torch.empty(2, dtype=torch.int32, device=DEVICE))
+    assert len(grids) == 3 and all(len(grid) == 1 for grid in grids)
 
 
 def poisoned_empty(monkeypatch, value: int):

@@ -369,7 +369,7 @@ def frame_vector(ids2, b, d_ptrs, b_stride, gauss_coef, HAS_DELTA: tl.constexpr)
     b2 = ids2 * 0 + b
     on = (ids2 >= 0) & (b2 >= 0)
     if HAS_DELTA:
-        vec = tl.load(d_ptrs + b2 * b_stride, mask=on, other=0.0).to(tl.float32)
+        vec = tl.load(d_ptrs + b2.to(tl.int64) * b_stride, mask=on, other=0.0).to(tl.float32)
     else:
         dist = b2.to(tl.float32) - ids2.to(tl.float32)
         vec = tl.where(on, tl.exp2(gauss_coef * dist * dist), 0.0)
@@ -399,10 +399,10 @@ def bias_source(F, DELTA, d_strides, b, h, offs, ok, gauss_coef, FRAME_BAND, HAS
     if HAS_FRAMES:
         lo, hi = frame_span(ids)
     if QUERY_BLOCK:
-        base = DELTA + b * d_strides[0] + h * d_strides[1] + ids[:, None] * d_strides[2]
+        base = DELTA + b * d_strides[0] + h * d_strides[1] + ids[:, None].to(tl.int64) * d_strides[2]
         stride = d_strides[3]
     else:
-        base = DELTA + b * d_strides[0] + h * d_strides[1] + ids[None, :] * d_strides[3]
+        base = DELTA + b * d_strides[0] + h * d_strides[1] + ids[None, :].to(tl.int64) * d_strides[3]
         stride = d_strides[2]
     return BiasSource(ids, lo, hi, base, stride, gauss_coef, FRAME_BAND)
 
@@ -433,7 +433,8 @@ def frame_bias(s, c, valid, src, ids, opt, QUERY_BLOCK: tl.constexpr, USE_DA: tl
         if not USE_DA:
             s = add_bias(s, c, vec, True)
     else:
-        dA = delta_a(fq, fk, valid, src.base + tile_ids * src.stride, src.gauss_coef, opt.HAS_DELTA, opt.HAS_FRAMES)
+        d_ptrs = src.base + tile_ids.to(tl.int64) * src.stride  # int64: an id times a stride may pass 2**31
+        dA = delta_a(fq, fk, valid, d_ptrs, src.gauss_coef, opt.HAS_DELTA, opt.HAS_FRAMES)
         if not USE_DA:
             s = add_bias(s, c, dA)
     if USE_DA:

@@ -296,7 +296,7 @@ def _tar_bwd_dkdv_kernel(
         if REGULARIZE:
             if DELTA_GRAD:
                 if HAS_FRAMES:
-                    tl.atomic_add(DDELTA + fq[:, None] * NUM_FRAMES + src.ids[None, :],
+                    tl.atomic_add(DDELTA + fq[:, None].to(tl.int64) * NUM_FRAMES + src.ids[None, :],
                                   (strength * bias_max)[:, None] * ds, mask=valid & (fq[:, None] >= 0)
                                   & (src.ids[None, :] >= 0))
                 else:

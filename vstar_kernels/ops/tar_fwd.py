@@ -370,14 +370,12 @@ def _tar_fwd_block_list_kernel(ROW_FLAGS, COUNT, LIST, NQ, BLOCK_M: tl.constexpr
     """The lean forward's flags (int32 (B*H, Nq), 1 for a flagged row) as the lists `_flag_rows` writes:
     program (seq, block) writes the number of flagged rows among rows [block * BLOCK_M, + BLOCK_M) to
     COUNT[seq, block] and their positions, in order, to LIST[seq, block * BLOCK_M:] (COUNT and LIST int32
-    (B*H, Nq)), for `_tar_fwd_list_kernel`. The grid is (B*H, cdiv(Nq, BLOCK_M))."""
-    seq = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    flagged = tl.load(ROW_FLAGS + seq * NQ + rows, mask=rows < NQ, other=0) != 0
+    (B*H, Nq)), for `_tar_fwd_list_kernel`. The grid is (B*H * cdiv(Nq, BLOCK_M),)."""
+    seq, block, _b, _h, rows, row_ok = block_coords(NQ, 1, BLOCK_M)
+    flagged = tl.load(ROW_FLAGS + seq * NQ + rows, mask=row_ok, other=0) != 0
     tl.store(COUNT + seq * NQ + block, tl.sum(flagged.to(tl.int32), 0))
     slot = block * BLOCK_M + tl.cumsum(flagged.to(tl.int32), 0) - 1
-    tl.store(LIST + seq * NQ + slot, rows, mask=flagged)
+    tl.store(LIST + seq * NQ + slot, rows.to(tl.int32), mask=flagged)
 
 
 @triton.jit
@@ -387,9 +385,8 @@ def _tar_fwd_list_kernel(COUNT, LIST, ORDERED, FLAGS, NQ, BLOCK_M, SLOTS: tl.con
     for the blocks of BLOCK_M rows, one after the other; their counts read BLOCKS at a time), from LIST
     to ORDERED (int32 (B*H, Nq)); program 0 writes the sequence's count to FLAGS (int32 (B*H,)). So a
     redo program's rows come from consecutive query blocks, whose bands overlap. The grid is
-    (B*H, cdiv(Nq, SLOTS))."""
-    seq = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
+    (B*H * cdiv(Nq, SLOTS),): one axis, as CUDA's second holds at most 65,535 programs (Nq of 8.4M)."""
+    seq, p, _b, _h, slots, _in = block_coords(NQ, 1, SLOTS)
     nblk = tl.cdiv(NQ, BLOCK_M)
     base = COUNT + seq * NQ
     total = 0
@@ -399,7 +396,6 @@ def _tar_fwd_list_kernel(COUNT, LIST, ORDERED, FLAGS, NQ, BLOCK_M, SLOTS: tl.con
     if p == 0:
         tl.store(FLAGS + seq, total)
     if p * SLOTS < total:
-        slots = p * SLOTS + tl.arange(0, SLOTS)
         block = tl.zeros((SLOTS,), tl.int32)  # of each slot's row: the blocks whose lists end at or before it
         before = tl.zeros((SLOTS,), tl.int32)  # and the rows listed in them
         done = 0
@@ -587,7 +583,7 @@ def _tar_forward(problem: TarProblem, out: torch.Tensor | None, stats: torch.Ten
     used = launch_tuned(_tiled_speculative, grid, "forward", q, k, v, out, delta, seq_max, stats, fq, fk, km, counts,
                         listed, maxes, *strides, km_strides, *sizes, band, frame_band_width(gauss_coef), n_bucket,
                         SPECULATE=True, **{**meta, **variant})
-    _list[(bh, triton.cdiv(nq, _LIST["SLOTS"]))](counts, listed, rows, flags, nq, used["BLOCK_M"], **_LIST)
+    _list[(bh * triton.cdiv(nq, _LIST["SLOTS"]),)](counts, listed, rows, flags, nq, used["BLOCK_M"], **_LIST)
     redo_rows(problem, out, stats, flags, rows, maxes, used)
     return out
 
@@ -600,8 +596,8 @@ def compact_rows(row_flags: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     graph may capture it."""
     bh, n = row_flags.shape
     block_counts, listed, rows = torch.empty(3, bh, n, dtype=torch.int32, device=row_flags.device)
-    _block_list[(bh, triton.cdiv(n, LIST_BLOCK))](row_flags, block_counts, listed, n, BLOCK_M=LIST_BLOCK)
-    _list[(bh, triton.cdiv(n, _LIST["SLOTS"]))](block_counts, listed, rows, counts, n, LIST_BLOCK, **_LIST)
+    _block_list[(bh * triton.cdiv(n, LIST_BLOCK),)](row_flags, block_counts, listed, n, BLOCK_M=LIST_BLOCK)
+    _list[(bh * triton.cdiv(n, _LIST["SLOTS"]),)](block_counts, listed, rows, counts, n, LIST_BLOCK, **_LIST)
     return rows
 
 
