@@ -15,6 +15,7 @@ import torch
 import vstar_kernels as vk
 from vstar_kernels import dispatch
 from vstar_kernels._problem import make_problem
+from vstar_kernels.ops import tar_bwd
 from vstar_kernels.ops.launch import INTERPRETER_TILES, delta_args, frame_band_width
 from vstar_kernels.ops.layout import is_packed
 
@@ -455,3 +456,32 @@ def test_frame_matrix_gradient_past_2_31(tmp_path, monkeypatch):
     (grad_small,) = torch.autograd.grad(expected.sum(), [small])
     assert_grads_close((grad[corners, :][:, corners].cpu(),), (grad_small,), torch.float32, names=("ddelta",))
 
+
+def test_deterministic_mode_alerts_on_the_frame_matrix_gradient():
+    """torch.use_deterministic_algorithms(True): the frame matrix's gradient, summed with atomic adds in an order
+    that may vary on a GPU, raises there as torch's nondeterministic CUDA ops do (warns with warn_only=True); the
+    interpreter's adds run in program order, and the CPU call runs."""
+    frames = LAYOUTS["text_before"]()
+    q, k, v = qkv(1, 2, frames.numel(), frames.numel(), torch.float32, seed=3)
+    delta = frame_matrix(3).requires_grad_()
+
+    def gradient():
+        out = vk.tar_attention(q, k, v, frames=frames, delta=delta, backend="triton")
+        return torch.autograd.grad(out.sum(), [delta])[0]
+
+    expected = gradient()
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        if DEVICE == "cuda":
+            with pytest.raises(RuntimeError, match="frame matrix's gradient .* atomic adds"):
+                gradient()
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            with pytest.warns(UserWarning, match="no deterministic implementation"):
+                gradient()
+        else:
+            assert torch.equal(gradient(), expected)
+            with pytest.raises(RuntimeError, match="frame matrix's gradient .* atomic adds"):
+                tar_bwd._alert_atomic_sum()  # what a CUDA call runs
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -16,6 +16,8 @@ allocated but the delta gradient when it is asked for (with frame ids: the (F, F
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -337,6 +339,18 @@ def tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, gr
     return _tar_backward(problem, out, stats, grad_out, delta_grad, grads, {})
 
 
+def _alert_atomic_sum() -> None:
+    """As torch's nondeterministic CUDA ops under torch.use_deterministic_algorithms: an error (a warning with
+    warn_only=True), for the frame matrix's gradient, summed with atomic adds in an order that may vary."""
+    if torch.are_deterministic_algorithms_enabled():
+        message = ("tar_attention's backward sums the frame matrix's gradient (frames= with delta=) with atomic adds "
+                   "on CUDA, in an order that may vary between runs: no deterministic implementation, but "
+                   "torch.use_deterministic_algorithms(True) is set")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+
+
 def _tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, grad_out: torch.Tensor,
                   delta_grad: bool, grads: tuple | None, variant: dict):
     """tar_backward, the tiled kernels' constexprs overridden by `variant`: the tests' FRAME_TILES=False
@@ -355,6 +369,8 @@ def _tar_backward(problem: TarProblem, out: torch.Tensor, stats: torch.Tensor, g
     frame_delta = problem.frames_q is not None and problem.delta is not None
     ddelta = None
     if delta_grad:
+        if frame_delta and q.is_cuda:
+            _alert_atomic_sum()
         ddelta = torch.zeros(problem.delta.shape if frame_delta else (bh, nq, nk), device=q.device,
                              dtype=torch.float32)
     if bh == 0 or nq == 0:  # no scores: nothing depends on the inputs
