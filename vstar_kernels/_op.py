@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ._problem import OP_FIELDS, TarProblem, check_frame_values, speculates
-from .dispatch import BACKENDS
+from .dispatch import BACKENDS, BackendUnavailableError
+from .reference import without_autocast
 
 _N = len(OP_FIELDS)  # the ops' leading arguments are the problem's fields, in OP_FIELDS order
 SPECULATING = ("triton", "triton-lean")  # the backends with a speculative one pass
@@ -34,8 +35,13 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
     check_frame_values(problem)
+    devices = BACKENDS[backend].SUPPORTED_DEVICES
+    if devices is not None and q.device.type not in devices:  # a traced program run elsewhere (torch.export)
+        raise BackendUnavailableError(f"backend={backend!r} runs on {' or '.join(devices)} tensors, got "
+                                      f"{q.device.type} tensors: this call was traced (torch.export) on a device "
+                                      "where tar_attention chose that backend; trace it on the device it runs on")
     stats, flags = _side_outputs(problem, backend, needs_grad, speculate)
-    with _device_of(q):
+    with _device_of(q), without_autocast(q.device):
         out = BACKENDS[backend].forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
     return out, stats, flags
 
@@ -68,7 +74,7 @@ def _tar_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, q: Ten
                             delta_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
-    with _device_of(q):
+    with _device_of(q), without_autocast(q.device):
         dq, dk, dv, ddelta = BACKENDS[backend].backward(problem, out, stats, grad_out, delta_grad)
     return dq, dk, dv, ddelta.to(delta.dtype).contiguous() if delta_grad else q.new_empty(0)
 
@@ -103,7 +109,8 @@ def _backward(ctx, grad_out, _grad_stats, _grad_flags):
     delta_grad = bool(ctx.needs_input_grad[_DELTA])
     impl = BACKENDS[backend]
     if impl.traceable_backward:
-        dq, dk, dv, ddelta = impl.backward(problem, out, stats, grad_out, delta_grad)
+        with without_autocast(grad_out.device):
+            dq, dk, dv, ddelta = impl.backward(problem, out, stats, grad_out, delta_grad)
     else:
         dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, out, stats, *problem.op_args(),
                                                                     backend, delta_grad)

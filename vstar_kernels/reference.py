@@ -5,6 +5,7 @@ input), cast back; (batch x heads) slices and a long sequence's query rows go in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -264,4 +265,13 @@ def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, cau
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale, frames=frames, key_mask=key_mask)
     check_frame_values(problem)
-    return problem.restore(reference_forward(problem))
+    with without_autocast(problem.q.device):
+        return problem.restore(reference_forward(problem))
+
+
+def without_autocast(device: torch.device):
+    """The caller's autocast off on `device`'s type: TAR's math runs in float32 whatever the input dtype
+    (docs/semantics.md), where autocast would run its matmuls in 16 bits."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -1,5 +1,6 @@
 """Gradients of the reference, the vstar::tar_attention op (opcheck, autograd) and torch.compile."""
 
+import functools
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from torch.library import opcheck
 
 import vstar_kernels as vk
+import vstar_kernels._op  # noqa: F401  (registers torch.ops.vstar.*, which the tests below call by name)
 
 from .._device import DEVICE
 from ..helpers import opts_id
@@ -97,6 +99,33 @@ def test_opcheck(case):
         opcheck(torch.ops.vstar.tar_attention_backward.default, back_args)
 
 
+def test_torch_export_round_trip(tmp_path):
+    """docs/compile-and-autograd.md: a model calling tar_attention (frame ids, dynamic length) exports, saves and
+    loads, and the loaded program gives the eager output at another length."""
+
+    class Model(torch.nn.Module):
+        def forward(self, q, frames):
+            return vk.tar_attention(q, q, q, frames=frames, sigma=2.0)
+
+    n = torch.export.Dim("n", min=4, max=4096)
+    q, frames = torch.randn(1, 2, 24, 16, device=DEVICE), torch.arange(24, device=DEVICE) // 6
+    program = torch.export.export(Model(), (q, frames), dynamic_shapes=({2: n}, {0: n}))
+    torch.export.save(program, tmp_path / "tar.pt2")
+    loaded = torch.export.load(tmp_path / "tar.pt2").module()
+    q, frames = torch.randn(1, 2, 40, 16, device=DEVICE), torch.arange(40, device=DEVICE) // 8
+    assert torch.equal(loaded(q, frames), Model()(q, frames))
+
+
+def test_a_backend_baked_in_for_another_device_raises():
+    """The backend "auto" chose is an argument of the op, fixed in a traced program (torch.export): run on another
+    device's tensors the op refuses that backend rather than run it there (the CPU backend on CUDA tensors ran, slowly,
+    without a word)."""
+    other = "cpu" if DEVICE == "cuda" else "cuda"
+    args = op_args(1, 1, 8, 8, 16, 16, delta=False, backend=other, needs_grad=False)
+    with pytest.raises(vk.BackendUnavailableError, match=f"backend='{other}' runs on {other} tensors.*traced"):
+        torch.ops.vstar.tar_attention(*args)
+
+
 def test_inference_call_saves_nothing():
     args = op_args(1, 1, 130, 130, 16, 16, delta=False, backend="triton", needs_grad=False)
     _, stats, _ = torch.ops.vstar.tar_attention(*args)
@@ -116,6 +145,29 @@ def test_double_backward_through_kernels_is_refused_clearly():
     (dq,) = torch.autograd.grad(vk.tar_attention(q, k, v, backend="triton").sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         dq.sum().backward()
+
+
+@pytest.mark.parametrize("backend, n, opts", [("reference", 40, {}), ("cpu", 40, {}), ("triton", 40, {}),
+                                             ("cpu", 2048, dict(max_mode="global")), ("tar_attention_reference", 40, {})],
+                         ids=["reference", "cpu", "triton", "cpu-global-row-blocks", "tar_attention_reference"])
+def test_autocast_leaves_the_math_in_float32(backend, n, opts):
+    """The math runs in float32 whatever the input dtype (docs/semantics.md), under the caller's autocast too: the
+    reference's products, and the CPU backend's slice max for the global max (more than one row block at N = 2048),
+    ran in bfloat16 under CPU autocast (8e-3 and 0.1 from float64). A float32 call under autocast is the call
+    without it, output and gradients, bit for bit."""
+    call = vk.tar_attention_reference if backend == "tar_attention_reference" else \
+        functools.partial(vk.tar_attention, backend=backend)
+    g = torch.Generator().manual_seed(6)
+    inputs = [(3 * torch.randn(1, 2, n, 16, generator=g)).to(DEVICE) for _ in range(3)]
+    results = []
+    for autocast in (False, True):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
+            out = call(q, k, v, sigma=4.0, frames=torch.arange(n, device=DEVICE) // 8, **opts)
+        assert out.dtype == torch.float32
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for plain, autocast in zip(*results):
+        assert torch.equal(plain, autocast)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
