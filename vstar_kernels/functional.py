@@ -99,8 +99,9 @@ class Speculation:
             device = torch.device("cpu")  # "cpu:0" too
         elif device.index is None:  # "cuda": the current one, as its tensors name it ("cuda:0")
             device = torch.empty(0, device=device).device
-        if device not in self._counts:
-            self._counts[device] = torch.zeros(2, dtype=torch.int64, device=device)
+        if device not in self._counts:  # a normal tensor, also when made in inference mode: later calls add to it
+            with torch.inference_mode(False):
+                self._counts[device] = torch.zeros(2, dtype=torch.int64, device=device)
         return dict(speculate=self.speculate, flags=self._counts[device])
 
     def next_step(self) -> None:

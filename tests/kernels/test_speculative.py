@@ -402,6 +402,22 @@ def test_speculation_counts_once_per_device_and_sums_them():
     assert all(c.tolist() == [0, 0] for c in spec._counts.values())
 
 
+def test_speculation_first_used_in_inference_mode_counts_outside_it():
+    """A Speculation whose first call ran under torch.inference_mode (a sampling loop) made its count there, an
+    inference tensor: next_step and every later call outside inference mode raised on the in-place add."""
+    frames = layout("no_text")
+    q, k, v = qkv(frames, seed=4)
+    spec = vk.Speculation()
+    with torch.inference_mode():
+        vk.tar_attention(q, k, v, frames=frames, backend="triton", **spec.kwargs(q.device))
+    with torch.no_grad():
+        vk.tar_attention(q, k, v, frames=frames, backend="triton", **spec.kwargs(q.device))
+    counts = spec.kwargs(q.device)["flags"]
+    assert int(counts[1]) == 2 * q.shape[1] * frames.numel()  # both calls' rows
+    spec.next_step()
+    assert counts.tolist() == [0, 0] and spec.rate is not None
+
+
 def test_speculation_policy():
     """Two passes after a step whose flag rate passed BREAK_EVEN; one speculative step after PROBE two-pass steps;
     the choice kept through steps that counted nothing."""
