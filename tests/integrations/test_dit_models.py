@@ -6,6 +6,7 @@ frame ids and the text mask written from each model's layout in tiny_dit_models.
 """
 
 import functools
+import gc
 import inspect
 import math
 import pathlib
@@ -377,6 +378,26 @@ def test_a_pipeline_sharing_the_model_is_refused_not_counted_from_the_other_pipe
         run_wan22(other, 3, [], regularized)
     run_wan22(WanPipeline.from_pipe(pipe), 3, [], regularized)  # from_pipe's default: the same scheduler, its steps
     assert regularized == [step for step in range(2) for _ in range(4)]
+
+
+def test_a_pipeline_built_anew_around_the_model_is_refused():
+    """TAR applied to a WanPipeline that is then dropped (a new pipeline built around the same transformer): the
+    counted calls went on from the first pipeline's runs, never reset, so every call ran past until_step, stock,
+    without a word. It raises, and TAR applied to the new pipeline regularizes its runs' first steps."""
+    model = FAMILIES["wan"].model()
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=1)
+    apply_tar(wan22_pipeline(model, None, boundary_ratio=None), config)
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    gc.collect()
+    regularized = []
+    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    with pytest.raises(RuntimeError, match="scheduler of the WanPipeline it was applied to, which no longer exists"):
+        run_wan22(pipe, 3, [], regularized)
+    apply_tar(pipe, config)
+    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    for _ in range(2):
+        run_wan22(pipe, 3, [], regularized)
+        assert regularized == [step for step in range(2) for _ in range(4)]
 
 
 def cogvideox_pipeline():

@@ -31,6 +31,7 @@ class _Owner(NamedTuple):
     pipeline: Any = None  # weakref to the pipeline given with the owner, or None
     applied: Any = None   # its scheduler's timesteps then (`loop_step`)
     in_run: bool = False  # and whether that pipeline was in a run then (`in_run`)
+    kind: str = ""  # that pipeline's class name
 
 
 class _Snapshot(NamedTuple):
@@ -166,7 +167,8 @@ class StepTracker:
         scheduler = getattr(pipeline, "scheduler", None)
         tracker._owners[owner] = _Owner(on_run_start, before_forward, snapshot,
                                         None if pipeline is None else weakref.ref(pipeline),
-                                        getattr(scheduler, "timesteps", None), in_run(pipeline))
+                                        getattr(scheduler, "timesteps", None), in_run(pipeline),
+                                        type(pipeline).__name__)
         if pipeline is not None:
             tracker._timesteps = tracker._scheduler_timesteps()
         return tracker
@@ -262,6 +264,10 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
     the grid gives the call's largest timestep (`grid.timestep`: diffusion forcing, Helios), `_timestep_step`."""
     given = steps._owners[owner]
     pipeline = given.pipeline
+    if pipeline is not None and pipeline() is None:  # its steps and runs would be counted on, never reset
+        raise RuntimeError(f"TAR takes its steps from the scheduler of the {given.kind} it was applied to, which no "
+                           "longer exists (a pipeline built anew around the model): apply TAR to the pipeline that "
+                           "runs, or to the model itself (forward calls counted)")
     scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
     if scheduler is None:
         return steps.step
