@@ -37,6 +37,40 @@ def test_time_backward_rows_are_harness_rows():
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
 
 
+def test_each_backward_is_called_once_before_it_is_timed(monkeypatch):
+    """time_call times after a warm call of its own and picks its timer by that call's time: the Triton backward's
+    first call compiles and autotunes (seconds), so each implementation is called once before, untimed."""
+    calls, seen = {}, []
+
+    def counted(name):
+        def fn():
+            calls[name] = calls.get(name, 0) + 1
+        return fn
+
+    def time_call(fn, device):
+        seen.append(dict(calls))  # each implementation's calls before its timing
+        fn()
+        return measure.Timing(1.0, 1.0, 1.0), None
+
+    monkeypatch.setattr(backward, "backward_callables", lambda *a, **k: {n: counted(n) for n in backward.IMPLS})
+    monkeypatch.setattr(measure, "time_call", time_call)
+    info = measure.RunInfo("cpu (test)", torch.__version__, "3.x", "abc123", "20990101")
+    backward.time_backward(info, 2, 2, 16, 16, device="cpu")
+    assert [state[name] for state, name in zip(seen, backward.IMPLS)] == [1, 1, 1]
+
+
+def test_cli_backward_refuses_the_sweeps_options(tmp_path, capsys):
+    """--backward runs its own fp16 cases on CUDA: the sweep's options (a dtype, N, shapes, implementations, a
+    budget, the CPU) were taken and ignored, exit 0; they are refused, each named."""
+    from vstar_kernels.cli import main
+
+    assert main(["bench", "--backward", "--dtype", "bf16", "--n", "64", "--device", "cpu", "--time-budget-s", "1",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "drop --dtype, --n, --time-budget-s, --device cpu" in err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the command runs the full-size cases")
 def test_cli_backward_needs_a_gpu(tmp_path):
     res = subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", "--backward", "--out", str(tmp_path)],

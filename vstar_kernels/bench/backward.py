@@ -4,6 +4,7 @@ files are those benchmarks/NOTES.md ("Running it") and the option's help describ
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,7 @@ import vstar_kernels as vk
 
 from . import measure, report
 from .harness import dtype_name, results_csv
-
-IMPLS = ("vstar_triton", "vstar_reference", "sdpa")
+from .peers import BACKWARD_IMPLS as IMPLS
 
 
 def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS, **tar):
@@ -41,11 +41,16 @@ def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, d
 
 def time_backward(info: measure.RunInfo, batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda",
                   **tar) -> list:
-    """The rows of one case: each implementation's backward, timed."""
+    """The rows of one case: each implementation's backward, timed after an untimed call (the Triton backward's
+    compile and autotuning, which time_call's warm call would take for the call's time and choose its timer by)."""
     callables = backward_callables(batch, heads, frames, head_dim, dtype=dtype, device=device, **tar)
     setup = ",".join(["backward", *(f"{k}={v}" for k, v in sorted(tar.items()))])
-    return [measure.row(info, name, batch, heads, frames, head_dim, dtype_name(dtype), setup=setup,
-                        timing=measure.time_call(fn, torch.device(device))[0]) for name, fn in callables.items()]
+    rows = []
+    for name, fn in callables.items():
+        fn()
+        rows.append(measure.row(info, name, batch, heads, frames, head_dim, dtype_name(dtype), setup=setup,
+                                timing=measure.time_call(fn, torch.device(device))[0]))
+    return rows
 
 
 # (batch x spatial positions, heads, frames, head dim): VideoCrafter2-like levels, N <= 256, and a long video
@@ -55,7 +60,17 @@ DEFAULT_CASES = [(2 * 40 * 64, 5, 16, 64), (2 * 20 * 32, 10, 32, 64), (2 * 10 * 
 DEFAULT_OPTIONS = [dict(), dict(causal=True, max_mode="global")]
 
 
+# the sweep's options this run does not take (its cases, dtype and implementations are its own)
+SWEEP_ONLY = ("quick", "dtype", "n", "shapes", "impls", "time_budget_s", "resume", "list", "model_table")
+
+
 def main(args) -> int:
+    given = [f"--{name.replace('_', '-')}" for name in SWEEP_ONLY if getattr(args, name) not in (None, False)]
+    given += ["--device cpu"] * (args.device == "cpu")
+    if given:
+        print(f"--backward times its own cases (benchmarks/NOTES.md) in fp16 on CUDA, and takes --out, --no-plots, "
+              f"--no-progress and --device cuda only: drop {', '.join(given)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)")
         return 1

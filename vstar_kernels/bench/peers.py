@@ -235,6 +235,8 @@ PEERS = {p.name: p for p in (
 TIMED_OURS = tuple(f"vstar_{b}" for b in OURS_BACKENDS)
 # Every implementation of ours: an error of any of them is a failure of this project.
 OURS = (*TIMED_OURS, INTERPRETER)
+# what `bench --backward` times (bench/backward.py)
+BACKWARD_IMPLS = ("vstar_triton", "vstar_reference", "sdpa")
 
 
 def default_impls(device: torch.device) -> list:
