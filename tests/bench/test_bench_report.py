@@ -64,6 +64,27 @@ def test_a_rerun_replaces_the_earlier_row():
     assert "| 16 | 2 | 1,000 | 50% | 1.5 | oom | unsupported [1] | 4 (2x) |" in markdown(ROWS + [rerun], "t")
 
 
+def test_peers_are_compared_with_one_implementation_of_ours_per_group():
+    """The ratio's reference is the group's first of ours that ran (vstar_triton here), at every N: where it failed
+    (N 32) a peer's cell has no ratio, where it once took one against vstar_cuda (10x instead of 1x)."""
+    rows = [row("vstar_triton", 320, 20, 16, 64, "2"), row("vstar_cuda", 320, 20, 16, 64, "3"),
+            row("sdpa_plain", 320, 20, 16, 64, "4"),
+            row("vstar_triton", 320, 20, 32, 64, "", status="error: RuntimeError: boom"),
+            row("vstar_cuda", 320, 20, 32, 64, "2"), row("sdpa_plain", 320, 20, 32, 64, "20")]
+    md = markdown(rows, "t")
+    assert "| 4 (2x) |" in md and "| 20 |" in md and "10x" not in md
+
+
+def test_every_plotted_implementation_has_a_color_of_its_own():
+    """The sweep's peers, the backward's and the UNet's: the backward's vstar_reference and sdpa once shared the
+    color of every name outside the sweep's peers (the UNet's three too)."""
+    from vstar_kernels.bench import backward, report
+
+    names = {*report.PLOTTED, *backward.IMPLS, *UNET_IMPLS}
+    assert len({tuple(report._color(name)) for name in names}) == len(names)
+    assert report._color("vstar_auto") == report._color("vstar_triton")
+
+
 def plot_script():
     spec = importlib.util.spec_from_file_location("plot_results", BENCHMARKS / "plot_results.py")
     script = importlib.util.module_from_spec(spec)

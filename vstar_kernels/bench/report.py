@@ -1,6 +1,7 @@
 """Tables and plots from a results CSV: `render(csv_path)` writes ``<stem>.md`` and
 ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` (benchmarks/plot_results.py, benchmarks/NOTES.md). Rows group by
-shape and `setup`; peers are compared with the first timed implementation of ours (peers.TIMED_OURS).
+shape and `setup`; peers are compared with the first timed implementation of ours (peers.TIMED_OURS) that ran in
+the group, at every N of it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .. import _env
 from . import shapes
 from .e2e import VARIANTS as UNET_IMPLS
 from .measure import BUSY, BUSY_SPREAD, NOT_RUN, read_csv
-from .peers import CHECKED, FLOOR_LABELS, INTERPRETER, OURS, PEERS, TIMED_OURS
+from .peers import BACKWARD_IMPLS, CHECKED, FLOOR_LABELS, INTERPRETER, OURS, PEERS, TIMED_OURS
 
 COPY_IMPL = "device_copy"
 # Each plot's metric: (the figure's title, the y axis's label).
@@ -76,9 +77,16 @@ def _label(key, unet: bool = False) -> str:
     return shapes.shape_label(batch, heads, d, unet) + (f" [{setup}]" if setup else "")
 
 
-def _ours(cell: dict):
-    """The row the cell's peers are compared with: the first timed implementation of ours that ran."""
-    return next((cell[name] for name in TIMED_OURS if _ok(cell.get(name))), None)
+def _reference(by_n):
+    """The implementation of ours a group's peers are compared with: the first of TIMED_OURS that ran in it. One per
+    group: at an N where it failed the peers get no ratio, not one against another of ours."""
+    return next((name for name in TIMED_OURS if _ran(name, by_n)), None)
+
+
+def _ours(cell: dict, reference):
+    """The row of the group's `reference` (_reference) in a cell, where it ran."""
+    row = cell.get(reference)
+    return row if _ok(row) else None
 
 
 def our_failures(rows) -> list:
@@ -140,6 +148,7 @@ def _kernel_table(by_n, notes: _Notes) -> list:
     others = [i for i in impls if i not in ours_names]
     head = ["N", *(c for name in ours_names for c in (f"{name} ms", "GB/s", "% copy BW", "TFLOP/s")), *others]
     body = []
+    reference = _reference(by_n)
     for n, cell in sorted(by_n.items()):
         line = [str(n)]
         for name in ours_names:
@@ -147,7 +156,7 @@ def _kernel_table(by_n, notes: _Notes) -> list:
             line.append(_time_cell(notes, name, r))
             line += [_g(r["gbps"]), _g(r["pct_peak_bw"]) + "%" * bool(r["pct_peak_bw"]), _g(r["tflops"])] \
                 if _ok(r) else ["", "", ""]
-        ours = _ours(cell)
+        ours = _ours(cell, reference)
         ratio = ours and (lambda ms: f"{_g(ms / _ms(ours))}x")
         body.append(line + [_time_cell(notes, name, cell.get(name), None if name in OURS else ratio)
                             for name in others])
@@ -223,13 +232,19 @@ def markdown(rows, title: str) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+# what the plots draw: the sweep's peers (vstar_auto takes vstar_triton's color: a sweep draws one of them), the
+# backward's and the UNet's
+PLOTTED = (*(name for name in PEERS if name != "vstar_auto"), *BACKWARD_IMPLS, *UNET_IMPLS)
+
+
 def _color(impl: str):
-    """Ten colors for the peers; vstar_auto takes vstar_triton's (a sweep draws only one of them)."""
+    """A color of its own for each of PLOTTED (tab10's, then Dark2's); gray for any other."""
     import matplotlib
 
-    palette = [name for name in PEERS if name != "vstar_auto"]
+    names = list(dict.fromkeys(PLOTTED))
+    colors = [*matplotlib.colormaps["tab10"].colors, *matplotlib.colormaps["Dark2"].colors]
     impl = "vstar_triton" if impl == "vstar_auto" else impl
-    return matplotlib.colormaps["tab10"]((palette.index(impl) if impl in palette else len(palette)) % 10)
+    return colors[names.index(impl)] if impl in names else "gray"
 
 
 def draw_plots(rows, stem: Path) -> list:
@@ -307,10 +322,11 @@ def _plot_metric(ax, metric, by_n, peak) -> int:
     """Draw one panel (busy points ringed); returns how many lines it drew."""
     drawn = 0
     busy_xy = []
+    reference = _reference(by_n)
     for impl in _impls(by_n):
         xs, ys, lo, hi = [], [], [], []
         for n, cell in sorted(by_n.items()):
-            r, ours = cell.get(impl), _ours(cell)
+            r, ours = cell.get(impl), _ours(cell, reference)
             if not _ok(r):
                 continue
             if metric == "time":
