@@ -50,7 +50,9 @@ if [ -n "$why" ]; then
     echo "run_gpu_sweep.sh: the Triton kernels cannot load here: $why" >&2
     exit 1
 fi
-export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+# the tree as it is before the stages write their results: HEAD, "-dirty" where it differs (as measure.commit reads it)
+export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-$(git describe --always --dirty --abbrev=12 --exclude='*' 2>/dev/null \
+    || echo unknown)}"
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y%m%d)"
 START_MARK="$(mktemp)"  # the files this run writes are newer: only they go to $OUT
