@@ -371,11 +371,12 @@ def _tar_fwd_block_list_kernel(ROW_FLAGS, COUNT, LIST, NQ, BLOCK_M: tl.constexpr
     program (seq, block) writes the number of flagged rows among rows [block * BLOCK_M, + BLOCK_M) to
     COUNT[seq, block] and their positions, in order, to LIST[seq, block * BLOCK_M:] (COUNT and LIST int32
     (B*H, Nq)), for `_tar_fwd_list_kernel`. The grid is (B*H * cdiv(Nq, BLOCK_M),)."""
-    seq, block, _b, _h, rows, row_ok = block_coords(NQ, 1, BLOCK_M)
-    flagged = tl.load(ROW_FLAGS + seq * NQ + rows, mask=row_ok, other=0) != 0
+    seq, block, _b, _h, _rows, _in = block_coords(NQ, 1, BLOCK_M)
+    rows = block.to(tl.int32) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32: at most 2**30 - 2**10 (`speculates`)
+    flagged = tl.load(ROW_FLAGS + seq * NQ + rows, mask=rows < NQ, other=0) != 0
     tl.store(COUNT + seq * NQ + block, tl.sum(flagged.to(tl.int32), 0))
     slot = block * BLOCK_M + tl.cumsum(flagged.to(tl.int32), 0) - 1
-    tl.store(LIST + seq * NQ + slot, rows.to(tl.int32), mask=flagged)
+    tl.store(LIST + seq * NQ + slot, rows, mask=flagged)
 
 
 @triton.jit
@@ -386,7 +387,8 @@ def _tar_fwd_list_kernel(COUNT, LIST, ORDERED, FLAGS, NQ, BLOCK_M, SLOTS: tl.con
     to ORDERED (int32 (B*H, Nq)); program 0 writes the sequence's count to FLAGS (int32 (B*H,)). So a
     redo program's rows come from consecutive query blocks, whose bands overlap. The grid is
     (B*H * cdiv(Nq, SLOTS),): one axis, as CUDA's second holds at most 65,535 programs (Nq of 8.4M)."""
-    seq, p, _b, _h, slots, _in = block_coords(NQ, 1, SLOTS)
+    seq, p, _b, _h, _slots, _in = block_coords(NQ, 1, SLOTS)
+    slots = p.to(tl.int32) * SLOTS + tl.arange(0, SLOTS)  # int32: at most 2**30 - 2**10 (`speculates`)
     nblk = tl.cdiv(NQ, BLOCK_M)
     base = COUNT + seq * NQ
     total = 0
