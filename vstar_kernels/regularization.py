@@ -70,6 +70,7 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
     if num_frames is not None:
         f = _resample_frames(f, int(check_int("num_frames", num_frames)))
         _check_nonzero(f, "resampled frame(s) {} interpolate to all-zero features (opposite neighbours)")
+    f = f / f.abs().amax(dim=1, keepdim=True)  # each row's scale out (a cosine has none): its norm cannot overflow
     unit = f / f.norm(dim=1)[:, None]
     sim = unit @ unit.T
     sim = (0.5 * (sim + sim.T)).clamp(-1.0, 1.0)  # exactly symmetric whatever the matmul's rounding
@@ -84,7 +85,7 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
 
 
 def _check_nonzero(f: torch.Tensor, what: str) -> None:
-    zero = (f.norm(dim=1) == 0).nonzero().flatten().tolist()
+    zero = (f == 0).all(dim=1).nonzero().flatten().tolist()  # not the norm, which underflows to 0 (1e-200)
     if zero:
         raise ValueError(what.format(zero) + ": their similarity is undefined")
 

@@ -77,6 +77,10 @@ def test_scale_of_features_does_not_matter():
     f = torch.randn(6, 9, dtype=torch.float64)
     scaled = f * torch.tensor([1.0, 10.0, 0.1, 3.0, 7.0, 0.5], dtype=torch.float64)[:, None]
     torch.testing.assert_close(delta_from_features(f), delta_from_features(scaled))
+    # at float64's ends too: a norm of 1e200 rows overflowed (every similarity 0), one of 1e-200 rows underflowed
+    # (the rows called all zero), 1e-160 lost digits
+    for scale in (1e200, 1e-160, 1e-200):
+        torch.testing.assert_close(delta_from_features(f * scale), delta_from_features(f), rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("m", [1, 4, 9, 17, 40])
