@@ -72,7 +72,7 @@ class _TARForward:
         if step is None and config.until_step is not None:
             raise RuntimeError(f"{self.name}: TAR runs on steps 0..{config.until_step} only and no step was set: "
                                "call set_step(model, i) before each denoising step (0 = noisiest)")
-        return config.regularizes(step)     # a step of None gets here only without until_step: every step
+        return step is None or config.regularizes(step)  # no step set gets here only without until_step: every step
 
     def restore(self) -> None:
         if self.previous is _NO_FORWARD:
@@ -152,7 +152,7 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
 
 def set_step(model: torch.nn.Module, step: int) -> None:
     """The denoising step the next calls belong to (0 = noisiest), for every module TAR patched in `model`."""
-    state = vars(model).get(_STATE_ATTR)
+    state = _state(model)
     if state is None:
         raise ValueError(f"{type(model).__name__} has no TAR modules: call apply_tar_to_modules first")
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
@@ -162,7 +162,7 @@ def set_step(model: torch.nn.Module, step: int) -> None:
 
 def remove_tar_from_modules(model: torch.nn.Module) -> None:
     """Give every patched module back the forward it had before (no-op without TAR)."""
-    state = vars(model).get(_STATE_ATTR)
+    state = _state(model)
     if state is None:
         return
     for patch in state.patched:
@@ -172,5 +172,12 @@ def remove_tar_from_modules(model: torch.nn.Module) -> None:
 
 def tar_modules(model: torch.nn.Module) -> List[Tuple[str, int, LevelSpec]]:
     """(name, level, LevelSpec) of each module TAR patched in `model`, in module order."""
-    state = vars(model).get(_STATE_ATTR)
+    state = _state(model)
     return [] if state is None else [(p.name, p.level, p.spec) for p in state.patched]
+
+
+def _state(model):
+    """TAR's state on `model`, or None."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return vars(model).get(_STATE_ATTR)

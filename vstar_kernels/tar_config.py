@@ -109,6 +109,8 @@ def _level_spec(level, spec) -> LevelSpec:
         raise TypeError(f"levels[{level}] must be a (sigma, strength) pair, a (delta, strength) pair or a "
                         f"LevelSpec, got {spec!r}")
     first, strength = spec
+    if first is None:
+        raise TypeError(f"levels[{level}]: a pair's first entry is sigma (a number) or a delta (a tensor), got None")
     try:
         if isinstance(first, torch.Tensor):
             return LevelSpec(delta=first, strength=strength)
@@ -162,22 +164,33 @@ class TARConfig:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.blocks is not None:
             object.__setattr__(self, "blocks", tuple(sorted(int_set("blocks", self.blocks))))
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"preset must be None or one of the paper's presets ({', '.join(PRESETS)}), "
-                             f"got {self.preset!r}")
+        if self.preset is not None:
+            if not isinstance(self.preset, str) or self.preset not in PRESETS:
+                raise ValueError(f"preset must be None or one of the paper's presets ({', '.join(PRESETS)}), "
+                                 f"got {self.preset!r}")
+            if self.levels != _preset_levels(self.preset):  # it names where the levels came from (from_preset)
+                raise ValueError(f"preset={self.preset!r} names the paper preset the levels are, and these are not "
+                                 f"its levels: leave preset out (None) for levels of one's own")
 
     @classmethod
     def from_preset(cls, name: str, **changes) -> "TARConfig":
         """A paper preset (``"64D1"``, ``"64D1_32D8"``, ...) for a video UNet; `changes` override other fields.
         The config keeps its `preset`: a video DiT refuses it (the paper has no DiT preset)."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown TAR preset {name!r}; known presets: {', '.join(PRESETS)}")
         fixed = sorted({"preset", "levels"} & changes.keys())
         if fixed:
             raise ValueError(f"from_preset: {' and '.join(fixed)} come from the preset {name!r}; to change them, "
                              "build a TARConfig")
-        levels = {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}
-        return cls(levels=levels, **{"until_step": PRESET_UNTIL_STEP, **changes, "preset": name})
+        return cls(levels=_preset_levels(name), **{"until_step": PRESET_UNTIL_STEP, **changes, "preset": name})
 
     def regularizes(self, step: int) -> bool:
+        """Whether TAR regularizes denoising step `step` (0 = noisiest)."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be an int >= 0 (0 = noisiest), got {step!r}")
         return self.until_step is None or step <= self.until_step
+
+
+def _preset_levels(name: str) -> dict:
+    """The paper preset's levels: each level's sigma at strength 1."""
+    return {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}

@@ -92,6 +92,11 @@ BAD_CONFIGS = [
     pytest.param(dict(levels=ONE, include_input_block=1), TypeError, "include_input_block must be a bool",
                  id="input-block-int"),
     pytest.param(dict(levels=ONE, backend="flash"), ValueError, "backend must be one of", id="backend"),
+    pytest.param(dict(levels={0: (None, 0.5)}), TypeError, r"levels\[0\]: a pair's first entry is sigma",
+                 id="sigma-none"),  # was sigma 1.0 without a word
+    pytest.param(dict(levels=ONE, preset=["64D1"]), ValueError, "preset must be None or one of", id="preset-list"),
+    pytest.param(dict(levels={3: (5.0, 7.0)}, preset="64D1"), ValueError, "these are not its levels",
+                 id="preset-other-levels"),  # was accepted, labelled as the paper's preset
 ]
 
 
@@ -115,6 +120,21 @@ def test_step_gate():
     cfg = TARConfig(levels={0: (1.0, 1.0)}, until_step=13)
     assert [cfg.regularizes(s) for s in (0, 13, 14)] == [True, True, False]
     assert TARConfig(levels={0: (1.0, 1.0)}, until_step=None).regularizes(10 ** 6)
+    for bad in (None, -5, True, 1.5):  # None raised a bare TypeError; -5 and True were steps
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            cfg.regularizes(bad)
+
+
+def test_a_preset_s_label_follows_its_levels():
+    """preset names where the levels came from: a replace that keeps the levels keeps it; one that changes them
+    must drop it (the config would be labelled, and refused on a DiT, as the paper's preset it is not)."""
+    cfg = TARConfig.from_preset("64D1_32D8")
+    assert dataclasses.replace(cfg, until_step=3).preset == "64D1_32D8"
+    with pytest.raises(ValueError, match="preset='64D1_32D8' names the paper preset"):
+        dataclasses.replace(cfg, levels={0: (1.0, 1.0)})
+    assert dataclasses.replace(cfg, levels={0: (1.0, 1.0)}, preset=None).preset is None
+    with pytest.raises(ValueError, match=r"unknown TAR preset \['64D1'\]"):
+        TARConfig.from_preset(["64D1"])
 
 
 def test_processor_interface_is_what_diffusers_expects():

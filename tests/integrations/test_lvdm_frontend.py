@@ -329,6 +329,9 @@ def test_argument_errors():
         apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select="temporal")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         apply_tar_to_modules(object(), TARConfig.from_preset("64D1"), select=select)
+    for call in (lambda: set_step(None, 0), lambda: remove_tar_from_modules(None), lambda: tar_modules(None)):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got NoneType"):  # was vars()'s error
+            call()
     with pytest.raises(ValueError, match="blocks= selects transformer blocks of a video DiT"):
         apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]), select=select)
     apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=select)
