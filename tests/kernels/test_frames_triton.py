@@ -408,6 +408,8 @@ def big_storage(tmp_path, numel, dtype, name):
     """A tensor of `numel` zeros: on CPU a sparse file mapped in (no memory or disk until written), on a GPU
     memory."""
     if DEVICE != "cpu":
+        if torch.cuda.mem_get_info()[0] < 1.2 * numel * dtype.itemsize:
+            pytest.skip(f"{numel * dtype.itemsize / 2 ** 30:.1f} GiB on the GPU")
         return torch.zeros(numel, dtype=dtype, device=DEVICE)
     path = tmp_path / name
     with open(path, "wb") as f:
@@ -415,20 +417,28 @@ def big_storage(tmp_path, numel, dtype, name):
     return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
 
 
-def test_frame_matrix_offsets_past_2_31(tmp_path):
-    """A frame matrix viewed with rows 2**30 entries apart (a legal view): row 2 starts 2**31 entries on, past
-    int32, and the call gives what the matrix's contiguous copy gives, bit for bit (the offset wrapped to the
-    storage's start, whose -30s moved frame 2's rows by 1.3)."""
+@pytest.mark.parametrize("strides, tokens", [((2 ** 30, 1), 8), ((1, 2 ** 30), 64)],
+                         ids=["rows-apart", "columns-apart-one-frame-tiles"])
+def test_frame_matrix_offsets_past_2_31(tmp_path, strides, tokens):
+    """A frame matrix viewed with rows (or columns) 2**30 entries apart, a legal view: frame 2's entries start
+    2**31 entries on, past int32, and the call gives what the matrix's contiguous copy gives, forward and q, k, v
+    gradients, bit for bit (the offsets wrapped to the storage's start, whose -30s moved frame 2's rows by 1.3).
+    Frames of 64 tokens fill the interpreter's tiles: a tile's dA is one vector there (`frame_vector`)."""
     storage = big_storage(tmp_path, 2 ** 32 + 3, torch.float16, "delta")
-    delta = storage.as_strided((3, 3), (2 ** 30, 1), 2 ** 31)
+    delta = storage.as_strided((3, 3), strides, 2 ** 31)
     delta.copy_(frame_matrix(3, seed=2).to(torch.float16))
     storage[:3] = -30.0
-    frames = vk.frame_ids(3, 8, text_before=2, device=DEVICE)
-    q, k, v = qkv(1, 2, 26, 26, torch.float16, seed=4)
-    out = vk.tar_attention(q, k, v, frames=frames, delta=delta, strength=2.0, backend="triton")
-    assert torch.equal(out, vk.tar_attention(q, k, v, frames=frames, delta=delta.clone(), strength=2.0,
-                                             backend="triton"))
-    assert_close_to_reference(out.cpu(), reference64(q, k, v, frames=frames, delta=delta.clone(), strength=2.0))
+    frames = vk.frame_ids(3, tokens, text_before=2, device=DEVICE)
+    n = frames.numel()
+    results = []
+    for matrix in (delta, delta.clone()):
+        q, k, v = qkv(1, 2, n, n, torch.float16, seed=4, requires_grad=True)
+        out = vk.tar_attention(q, k, v, frames=frames, delta=matrix, strength=2.0, backend="triton")
+        results.append((out, *torch.autograd.grad(out.float().square().sum(), (q, k, v))))
+    for strided, contiguous in zip(*results):
+        assert torch.equal(strided, contiguous)
+    assert_close_to_reference(results[0][0].detach().cpu(), reference64(q, k, v, frames=frames, delta=delta.clone(),
+                                                                        strength=2.0))
 
 
 def test_frame_matrix_gradient_past_2_31(tmp_path, monkeypatch):
@@ -438,8 +448,13 @@ def test_frame_matrix_gradient_past_2_31(tmp_path, monkeypatch):
     F = 46_400
     if DEVICE == "cpu":  # the gradient's (F, F) zeros, as a sparse file (8.6 GB otherwise)
         zeros = torch.zeros
-        monkeypatch.setattr(torch, "zeros", lambda *size, **kw: big_storage(tmp_path, F * F, kw["dtype"], "grad")
-                            .view(F, F) if tuple(size[0]) == (F, F) else zeros(*size, **kw))
+
+        def sparse_zeros(*size, **kw):
+            if size in (((F, F),), (F, F)):
+                return big_storage(tmp_path, F * F, kw.get("dtype") or torch.float32, "grad").view(F, F)
+            return zeros(*size, **kw)
+
+        monkeypatch.setattr(torch, "zeros", sparse_zeros)
     delta = big_storage(tmp_path, F * F, torch.float32, "delta").view(F, F)
     small = frame_matrix(2, seed=6)
     corners = (0, F - 1)
@@ -457,7 +472,7 @@ def test_frame_matrix_gradient_past_2_31(tmp_path, monkeypatch):
     assert_grads_close((grad[corners, :][:, corners].cpu(),), (grad_small,), torch.float32, names=("ddelta",))
 
 
-def test_deterministic_mode_alerts_on_the_frame_matrix_gradient():
+def test_deterministic_mode_alerts_on_the_frame_matrix_gradient(monkeypatch):
     """torch.use_deterministic_algorithms(True): the frame matrix's gradient, summed with atomic adds in an order
     that may vary on a GPU, raises there as torch's nondeterministic CUDA ops do (warns with warn_only=True); the
     interpreter's adds run in program order, and the CPU call runs."""
@@ -470,6 +485,11 @@ def test_deterministic_mode_alerts_on_the_frame_matrix_gradient():
         return torch.autograd.grad(out.sum(), [delta])[0]
 
     expected = gradient()
+    alerts = []
+    alert = tar_bwd._alert_atomic_sum
+    monkeypatch.setattr(tar_bwd, "_alert_atomic_sum", lambda: (alerts.append(1), alert())[1])
+    gradient()
+    assert alerts == ([1] if DEVICE == "cuda" else [])  # the backward asks on a GPU only
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True)
@@ -483,5 +503,8 @@ def test_deterministic_mode_alerts_on_the_frame_matrix_gradient():
             assert torch.equal(gradient(), expected)
             with pytest.raises(RuntimeError, match="frame matrix's gradient .* atomic adds"):
                 tar_bwd._alert_atomic_sum()  # what a CUDA call runs
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            with pytest.warns(UserWarning, match="no deterministic implementation"):
+                tar_bwd._alert_atomic_sum()
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
