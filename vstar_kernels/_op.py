@@ -35,14 +35,17 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
     check_frame_values(problem)
-    devices = BACKENDS[backend].SUPPORTED_DEVICES
-    if devices is not None and q.device.type not in devices:  # a traced program run elsewhere (torch.export)
-        raise BackendUnavailableError(f"backend={backend!r} runs on {' or '.join(devices)} tensors, got "
-                                      f"{q.device.type} tensors: this call was traced (torch.export) on a device "
-                                      "where tar_attention chose that backend; trace it on the device it runs on")
+    impl, devices = BACKENDS[backend], BACKENDS[backend].SUPPORTED_DEVICES
+    reasons = impl.state_reasons(problem)  # a traced program run elsewhere (torch.export): "auto"'s choice fixed
+    if devices is not None and q.device.type not in devices:
+        reasons.insert(0, f"it runs on {' or '.join(devices)} tensors, got {q.device.type} tensors")
+    if reasons:
+        raise BackendUnavailableError(f"backend={backend!r} cannot run this call: {'; '.join(reasons)}. A call traced "
+                                      "(torch.export) keeps the backend chosen where it was traced: trace it on the "
+                                      "device it runs on")
     stats, flags = _side_outputs(problem, backend, needs_grad, speculate)
     with _device_of(q), without_autocast(q.device):
-        out = BACKENDS[backend].forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
+        out = impl.forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
     return out, stats, flags
 
 

@@ -18,7 +18,7 @@ import torch
 from . import _env
 from ._deprecation import renamed
 from ._problem import TarProblem, check_frame_values, check_int, make_problem
-from .reference import CHUNK_ELEMENTS, _masked_scores
+from .reference import CHUNK_ELEMENTS, _masked_scores, without_autocast
 from .regularization import gaussian_toeplitz
 
 
@@ -85,9 +85,10 @@ def max_outside_own_frame(q, k, frames, *, scale=None, key_mask=None) -> torch.T
     video = problem.frames_q >= 0
     outside = torch.zeros(problem.batch, problem.heads, dtype=torch.int64, device=problem.device)
     rows = max(1, CHUNK_ELEMENTS // max(1, problem.batch * problem.heads * problem.nk))
-    for start in range(0, problem.nq, rows):
-        block = slice(start, start + rows)
-        outside += (_outside_own_frame(problem, block, k, dropped) & video[block]).sum(dim=-1)
+    with without_autocast(problem.device):  # scores in float32, as above
+        for start in range(0, problem.nq, rows):
+            block = slice(start, start + rows)
+            outside += (_outside_own_frame(problem, block, k, dropped) & video[block]).sum(dim=-1)
     share = outside.to(torch.float64) / video.sum()
     return share.squeeze(1) if problem.was_3d else share
 

@@ -271,7 +271,7 @@ def tar_attention_reference(q, k, v, *, sigma=1.0, strength=1.0, delta=None, cau
 
 def without_autocast(device: torch.device):
     """The caller's autocast off on `device`'s type: TAR's math runs in float32 whatever the input dtype
-    (docs/semantics.md), where autocast would run its matmuls in 16 bits."""
-    if torch.amp.is_autocast_available(device.type):
+    (docs/semantics.md), where autocast would run its matmuls in 16 bits. Nothing to enter where it is off."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()

@@ -16,7 +16,7 @@ import torch
 
 from .._deprecation import renamed
 from .._problem import check_int, int_set, make_problem
-from ..reference import tar_scores
+from ..reference import tar_scores, without_autocast
 from ..regularization import gaussian_bias
 from .install import denoiser
 from .processors import project_heads, tar_site, temporal_at
@@ -209,7 +209,8 @@ class _Recorder:
             bias = None
             if problem.delta is None and problem.regularized:
                 bias = gaussian_bias(problem.nq, problem.nk, problem.sigma, device=q.device, dtype=compute)
-            scores = tar_scores(problem, problem.q.to(compute), problem.k.to(compute), problem.delta, bias)
-            summed = torch.softmax(scores, dim=-1).sum(dim=(0, 1), dtype=torch.float64)
+            with without_autocast(q.device):  # the maps in `compute`, whatever the model's autocast
+                scores = tar_scores(problem, problem.q.to(compute), problem.k.to(compute), problem.delta, bias)
+                summed = torch.softmax(scores, dim=-1).sum(dim=(0, 1), dtype=torch.float64)
             total = summed if total is None else total + summed
         return total

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from .._problem import check_int, int_set, make_problem
 from ..analysis import _outside_own_frame
 from ..frames import as_layout, frame_bias
-from ..reference import tar_scores
+from ..reference import tar_scores, without_autocast
 from .capture import CHUNK_ELEMENTS, TemporalAttentionMaps
 from .dit import DiTTARProcessor
 from .dit_families import dit_attention_modules, dit_family, set_processor, unsupported_dit
@@ -197,17 +197,18 @@ class _Recorder:
         key_frames[k_frames < 0] = 0
         dropped = None if key_mask is None else ~key_mask[:, None, None, :]
         rows = max(1, self.chunk_elements // (query.shape[0] * query.shape[1] * key.shape[2]))
-        for start in range(first, stop, rows):
-            block = slice(start, min(start + rows, stop))
-            ids = q_frames[block]
-            bias = None
-            if problem.regularized:
-                bias = frame_bias(ids, k_frames, sigma=problem.sigma, delta=problem.delta, dtype=compute)
-            scores = tar_scores(problem, problem.q[:, :, block].to(compute), k, None, bias, mask=dropped)
-            per_frame = (torch.softmax(scores, dim=-1) @ key_frames).sum(dim=(0, 1), dtype=torch.float64)
-            video_rows = ids >= 0  # a text or reference token between the video's has no row
-            total.index_add_(0, ids[video_rows].long(), per_frame[video_rows])
-            outside += _outside_own_frame(problem, block, k, dropped)[:, :, video_rows].sum(dim=(0, 2))
+        with without_autocast(query.device):  # the maps in `compute`, whatever the model's autocast
+            for start in range(first, stop, rows):
+                block = slice(start, min(start + rows, stop))
+                ids = q_frames[block]
+                bias = None
+                if problem.regularized:
+                    bias = frame_bias(ids, k_frames, sigma=problem.sigma, delta=problem.delta, dtype=compute)
+                scores = tar_scores(problem, problem.q[:, :, block].to(compute), k, None, bias, mask=dropped)
+                per_frame = (torch.softmax(scores, dim=-1) @ key_frames).sum(dim=(0, 1), dtype=torch.float64)
+                video_rows = ids >= 0  # a text or reference token between the video's has no row
+                total.index_add_(0, ids[video_rows].long(), per_frame[video_rows])
+                outside += _outside_own_frame(problem, block, k, dropped)[:, :, video_rows].sum(dim=(0, 2))
 
 
 class _Listen(TorchFunctionMode):
