@@ -50,9 +50,12 @@ if [ -n "$why" ]; then
     echo "run_gpu_sweep.sh: the Triton kernels cannot load here: $why" >&2
     exit 1
 fi
-# the tree as it is before the stages write their results: HEAD, "-dirty" where it differs (as measure.commit reads it)
-export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-$(git describe --always --dirty --abbrev=12 --exclude='*' 2>/dev/null \
-    || echo unknown)}"
+# the code measured: HEAD, "-dirty" where the tree differs from it outside the results (which the stages write:
+# a second call names the commit the first did, and --resume keeps its cells)
+if head="$(git rev-parse --short=12 HEAD 2>/dev/null)"; then
+    git diff --quiet HEAD -- . ':!benchmarks/results' || head="$head-dirty"
+fi
+export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-${head:-unknown}}"
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y%m%d)"
 START_MARK="$(mktemp)"  # the files this run writes are newer: only they go to $OUT

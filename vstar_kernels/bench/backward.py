@@ -68,8 +68,8 @@ def main(args) -> int:
     given = [f"--{name.replace('_', '-')}" for name in SWEEP_ONLY if getattr(args, name) not in (None, False)]
     given += ["--device cpu"] * (args.device == "cpu")
     if given:
-        print(f"--backward times its own cases (benchmarks/NOTES.md) in fp16 on CUDA, and takes --out, --no-plots, "
-              f"--no-progress and --device cuda only: drop {', '.join(given)}", file=sys.stderr)
+        print(f"--backward times its own cases (benchmarks/NOTES.md) in fp16 on CUDA, and takes --out, --no-plots "
+              f"and --device cuda (or auto) only: drop {', '.join(given)}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)")

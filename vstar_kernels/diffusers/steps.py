@@ -265,9 +265,7 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
     given = steps._owners[owner]
     pipeline = given.pipeline
     if pipeline is not None and pipeline() is None:  # its steps and runs would be counted on, never reset
-        raise RuntimeError(f"TAR takes its steps from the scheduler of the {given.kind} it was applied to, which no "
-                           "longer exists (a pipeline built anew around the model): apply TAR to the pipeline that "
-                           "runs, or to the model itself (forward calls counted)")
+        raise _outside_run(given.kind, gone=True)
     scheduler = getattr(pipeline(), "scheduler", None) if pipeline is not None else None
     if scheduler is None:
         return steps.step
@@ -276,12 +274,12 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
     unset = timesteps is not None and timesteps is given.applied and not given.in_run
     if not hasattr(scheduler, "step_index"):  # forward calls counted: past the run's steps, another run's
         if unset or (timesteps is not None and steps.step >= len(timesteps)):
-            raise _outside_run(pipeline)
+            raise _outside_run(given.kind)
         return steps.step
     timestep = getattr(grid, "timestep", None)
     if timestep is not None and timesteps is not None:
         if unset:
-            raise _outside_run(pipeline)
+            raise _outside_run(given.kind)
         return _timestep_step(scheduler, timesteps, timestep, pipeline)
     index = scheduler.step_index
     if timesteps is None:
@@ -289,7 +287,7 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
     if unset or (index is not None and index >= len(timesteps)):
         # not set for a run, or finished its run: the model runs outside that pipeline's loop, and its index is
         # another run's, or none
-        raise _outside_run(pipeline)
+        raise _outside_run(given.kind)
     run = _RUNS.setdefault(timesteps, [False, None])
     if index is None:  # the loop's first iteration: the scheduler sets its index at its first step
         run[0] = True
@@ -312,7 +310,7 @@ def _timestep_step(scheduler, timesteps: torch.Tensor, timestep: float, pipeline
     timestep 1 or more from every one of the schedule's is another run's."""
     schedule = _schedule(timesteps)
     if not in_run(pipeline()) and not any(abs(t - timestep) < 1 for t in schedule):
-        raise _outside_run(pipeline)
+        raise _outside_run(type(pipeline()).__name__)
     position = sum(t >= timestep + 1 for t in schedule)
     stage = _STAGES.get(scheduler)
     if stage is None or stage[0] is not timesteps:
@@ -322,11 +320,14 @@ def _timestep_step(scheduler, timesteps: torch.Tensor, timestep: float, pipeline
     return stage[1] + position
 
 
-def _outside_run(pipeline) -> RuntimeError:
-    return RuntimeError(f"TAR takes its steps from the scheduler of the {type(pipeline()).__name__} it was applied "
-                        "to, which is not running a denoising loop: the model was called by another pipeline with a "
-                        "scheduler of its own (from_pipe(..., scheduler=...)) or outside a run. Apply TAR to the "
-                        "pipeline that runs, or to the model itself (forward calls counted)")
+def _outside_run(kind: str, gone: bool = False) -> RuntimeError:
+    """The error of a call outside the run of the pipeline (of class `kind`) TAR was applied to; `gone`: that
+    pipeline no longer exists."""
+    where = "which no longer exists (a pipeline built anew around the model)" if gone else \
+        "which is not running a denoising loop: the model was called by another pipeline with a scheduler of its " \
+        "own (from_pipe(..., scheduler=...)) or outside a run"
+    return RuntimeError(f"TAR takes its steps from the scheduler of the {kind} it was applied to, {where}. Apply TAR "
+                        "to the pipeline that runs, or to the model itself (forward calls counted)")
 
 
 # a run's scheduler timesteps tensor -> [whether a call read no step index, the index of the loop's first
