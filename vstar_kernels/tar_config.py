@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
@@ -152,7 +153,8 @@ class TARConfig:
             if isinstance(level, bool) or not isinstance(level, numbers.Integral) or level < 0:
                 raise ValueError(f"levels keys must be ints >= 0 (0 = full latent resolution), got {level!r}")
             levels[int(level)] = _level_spec(int(level), spec)
-        object.__setattr__(self, "levels", dict(sorted(levels.items())))
+        # read-only, as the frozen config around it (its hash and the front ends' checks hold for its life)
+        object.__setattr__(self, "levels", MappingProxyType(dict(sorted(levels.items()))))
         if self.until_step is not None:
             if isinstance(self.until_step, bool) or not isinstance(self.until_step, numbers.Integral) \
                     or self.until_step < 0:
@@ -183,6 +185,14 @@ class TARConfig:
             raise ValueError(f"from_preset: {' and '.join(fixed)} come from the preset {name!r}; to change them, "
                              "build a TARConfig")
         return cls(levels=_preset_levels(name), **{"until_step": PRESET_UNTIL_STEP, **changes, "preset": name})
+
+    def __reduce__(self):  # pickle and deepcopy: a read-only mapping has no state of its own to copy
+        return type(self), (dict(self.levels), self.until_step, self.include_input_block, self.backend, self.blocks,
+                            self.preset)
+
+    def __repr__(self) -> str:  # the levels as the dict they were given as
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return "TARConfig(" + ", ".join(f"{k}={dict(v) if k == 'levels' else v!r}" for k, v in values.items()) + ")"
 
     def regularizes(self, step: int) -> bool:
         """Whether TAR regularizes denoising step `step` (0 = noisiest)."""

@@ -1,10 +1,12 @@
 """TARConfig, presets, the processor's interface, the step tracker, and the optional-import contract."""
 
+import copy
 import dataclasses
 import importlib.metadata
 import inspect
 import math
 import pathlib
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from vstar_kernels import cli
-from vstar_kernels import LevelSpec, PRESETS, TARConfig
+from vstar_kernels import LevelSpec, PRESETS, TARConfig, gaussian_toeplitz
 from vstar_kernels.diffusers import TARAttnProcessor, apply_tar
 from vstar_kernels.diffusers.steps import StepTracker
 
@@ -123,6 +125,18 @@ def test_step_gate():
     for bad in (None, -5, True, 1.5):  # None raised a bare TypeError; -5 and True were steps
         with pytest.raises(ValueError, match="step must be an int >= 0"):
             cfg.regularizes(bad)
+
+
+def test_a_config_s_levels_are_read_only_and_it_copies():
+    """The frozen config's levels could be changed in place (its hash did not follow, nothing was checked: a level
+    of "anything" failed at the model's forward); they are read-only. Pickle and deepcopy give an equal config of
+    equal hash, a frame matrix's level too; the repr shows the levels as a dict."""
+    cfg = TARConfig(levels={0: (gaussian_toeplitz(4, 1.0), 1.0), 1: (8.0, 0.5)}, until_step=3)
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        cfg.levels[1] = "anything"
+    for copied in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert copied == cfg and hash(copied) == hash(cfg) and copied.levels[1] == LevelSpec(8.0, 0.5)
+    assert repr(cfg).startswith("TARConfig(levels={0: LevelSpec(") and "until_step=3" in repr(cfg)
 
 
 def test_a_preset_s_label_follows_its_levels():
