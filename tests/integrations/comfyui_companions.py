@@ -132,6 +132,37 @@ def newer_context_windows(monkeypatch, module):
     monkeypatch.setattr(handler, "set_step", lambda self, timestep, options: find(self, timestep[:1], options))
 
 
+def causal_window_fix(monkeypatch, module):
+    """ComfyUI's context windows as newer ComfyUI runs them by default (causal_window_fix): a window that does not
+    start at the latent's first frame runs with the frame before it in front (the window's causal_anchor_index; its
+    index_list unchanged), and that frame's output is dropped."""
+    window, handler = module.IndexListContextWindow, module.IndexListContextHandler
+    get_tensor, evaluate = window.get_tensor, handler.evaluate_context_windows
+
+    def anchored(self, full, *args, **kwargs):
+        anchor = getattr(self, "causal_anchor_index", -1)
+        if anchor < 0:
+            return get_tensor(self, full, *args, **kwargs)
+        index = self.index_list
+        self.index_list = [anchor] + list(index)
+        try:
+            return get_tensor(self, full, *args, **kwargs)
+        finally:
+            self.index_list = index
+
+    def evaluate_anchored(self, calc, model, x_in, conds, timestep, windows, *args, **kwargs):
+        results = []
+        for entry in windows:
+            anchor = entry[1].index_list[0] - 1
+            entry[1].causal_anchor_index = anchor
+            for result in evaluate(self, calc, model, x_in, conds, timestep, [entry], *args, **kwargs):
+                outs = [out.narrow(self.dim, 1, out.shape[self.dim] - 1) for out in result.sub_conds_out]
+                results.append(result._replace(sub_conds_out=outs) if anchor >= 0 else result)
+        return results
+    monkeypatch.setattr(window, "get_tensor", anchored)
+    monkeypatch.setattr(handler, "evaluate_context_windows", evaluate_anchored)
+
+
 def keyword_recorder(calls):
     """An override on the model that records each call's (queries, keys, low_precision_attention) of (B, L, H*D)
     q and k, and runs the call as it came."""

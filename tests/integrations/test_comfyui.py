@@ -660,8 +660,9 @@ def test_a_model_built_anew_after_the_node_is_refused(comfy, earlier):
     anew = tar.clone()  # the clone's options, object patches and wrappers, on a copy of the model
     anew.model = copy.deepcopy(tar.model)
     cond, uncond = conditions(dtype)
-    with pytest.raises(RuntimeError, match=r"VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: a node "
-                                           r"after it built the model anew .* Apply VSTAR_TAR after that node"):
+    with pytest.raises(RuntimeError, match=r"VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: it was "
+                                           r"built anew .* apply VSTAR_TAR after that node. With dynamic VRAM on, "
+                                           r".* --disable-dynamic-vram"):
         sample(comfy, anew, (1, 4, 3, 4, 4), cond, uncond, dtype)
     first = sample(comfy, tar, (1, 4, 3, 4, 4), cond, uncond, dtype)
     tar.patch_model()  # the last run's object patches left in place, as ComfyUI leaves a loaded model's
@@ -913,6 +914,15 @@ def test_layouts_of_the_other_models():
     humo = fake("comfy.ldm.wan.model", "HumoWanModel", patch_size=(1, 2, 2), ref_conv=None, blocks=[0, 1])
     layout = vc_models.family_of(humo).layout(humo, x, {"reference_latent": torch.zeros(1, 4, 2, 7, 9)})
     assert layout == TokenLayout(5, 20, after=2 * 12)      # padded video; unpadded reference frames last
+    # newer ComfyUI's in-context references: after the video (and Phantom's frames), padded, in WanModel's own
+    # forward only (VACE's has one of its own)
+    wan_ = fake("comfy.ldm.wan.model", "WanModel", patch_size=(1, 2, 2), ref_conv=None)
+    references = {"context_latents": [torch.zeros(1, 4, 2, 7, 9), torch.zeros(1, 4, 1, 3, 3)],
+                  "time_dim_concat": torch.zeros(1, 4, 1, 7, 9)}
+    assert vc_models.family_of(wan_).layout(wan_, x, references) == TokenLayout(5, 20, after=20 + 2 * 20 + 4)
+    vace = type("VaceWanModel", (type(wan_),), {"__module__": "comfy.ldm.wan.model", "forward_orig": print})()
+    vace.patch_size, vace.ref_conv = (1, 2, 2), None
+    assert vc_models.family_of(vace).layout(vace, x, references) == TokenLayout(5, 20, after=20)
     hunyuan_ = fake("comfy.ldm.hunyuan_video.model", "HunyuanVideo", patch_size=[1, 2, 2])
     layout = vc_models.family_of(hunyuan_).layout(hunyuan_, x, {"ref_latent": torch.zeros(1, 4, 1, 7, 9)})
     assert layout == TokenLayout(5, 20, before=20, text_after=True)
@@ -924,6 +934,16 @@ def test_layouts_of_the_other_models():
         TokenLayout(3, 63, after=126)
     with pytest.raises(ValueError, match="10 keyframe guide tokens are not whole frames of 63 tokens"):
         vc_models.family_of(ltx).layout(ltx, x, {"keyframe_idxs": torch.zeros(1, 3, 10)})
+    # newer ComfyUI: (batch, 3, guide tokens, 2), and the guide tokens of a negative denoise_mask dropped
+    newer = {"keyframe_idxs": torch.zeros(1, 3, 2 * 63, 2)}
+    assert vc_models.family_of(ltx).layout(ltx, x, newer) == TokenLayout(3, 63, after=126)
+    mask = torch.ones(2, 1, 5, 7, 9)
+    mask[0, :, 4, :3] = -1                                   # 27 tokens of the second guide frame dropped
+    assert vc_models.family_of(ltx).layout(ltx, x, {**newer, "denoise_mask": mask}) == \
+        TokenLayout(3, 63, after=126 - 27)
+    mask[0, :, 2, 0, 0] = -1
+    with pytest.raises(ValueError, match="LTX-Video: this call's denoise_mask drops video tokens"):
+        vc_models.family_of(ltx).layout(ltx, x, {**newer, "denoise_mask": mask})
     s2v = fake("comfy.ldm.wan.model", "WanModel_S2V", patch_size=(1, 2, 2))
     layout = vc_models.family_of(s2v).layout(s2v, x, {"reference_latent": torch.zeros(1, 4, 1, 7, 9)})
     assert layout == TokenLayout(5, 20, text_after=True, tail="the reference and motion tokens")
@@ -1111,6 +1131,42 @@ def test_a_call_that_runs_some_regularized_modules_says_so(comfy, caplog):
            in said.getMessage()
 
 
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_a_self_attention_that_guidance_skips_is_said(comfy, monkeypatch, caplog, order):
+    """Newer ComfyUI's LTX spatio-temporal guidance runs a model call per step in which the self-attention of some
+    blocks returns its values without attention (the block's transformer_options say stg_skip_self_attn): with the
+    node before or after the guidance, those modules run as it asks, the others are regularized, and a warning says
+    how many ran; a module making no attention call without that flag stays an error."""
+    dtype = torch.float64
+    cond, uncond = conditions(dtype)
+    model = wan(comfy, dtype)
+    skipping = model.get_model_object("diffusion_model.blocks.1.self_attn")
+    attention = comfy.ldm.wan.model.WanSelfAttention
+    own = attention.forward
+
+    def forward(self, x, transformer_options={}):
+        if self is skipping and (transformer_options.get("stg_skip_self_attn") or not flagged):
+            return self.v(x)
+        return own(self, x, transformer_options=transformer_options)
+    monkeypatch.setattr(attention, "forward", forward)
+
+    def guided(model):
+        model = model.clone()
+        model.model_options["transformer_options"]["stg_skip_self_attn"] = True
+        return model
+    flagged = True
+    tar = guided(NODE().apply(model, 1.0, 1.0)[0]) if order == "after" else NODE().apply(guided(model), 1.0, 1.0)[0]
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        out = sample(comfy, tar, (1, 4, 3, 4, 4), cond, uncond, dtype)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert "a model call in the window ran 1 of the 2 regularized self-attention modules" in said.getMessage()
+    assert not torch.equal(out, sample(comfy, guided(model), (1, 4, 3, 4, 4), cond, uncond, dtype))
+    flagged = False
+    with pytest.raises(RuntimeError, match="blocks.1.self_attn computed its attention without ComfyUI's attention "
+                                           "override"):
+        sample(comfy, NODE().apply(model, 1.0, 1.0)[0], (1, 4, 3, 4, 4), cond, uncond, dtype)
+
+
 def test_freelong_windows_run_without_tar_and_say_so(comfy, mark_self_attention, caplog):
     """LongLook's FreeLong runs each block again on windows of frames, whose frames the attention call does not
     carry: those calls are handed on as they came (no error for FreeLong to catch), said once per run; the
@@ -1206,22 +1262,25 @@ WINDOWS = {   # windows of 8 latent frames, reference_frames
 }
 
 
+@pytest.mark.parametrize("causal_window_fix", [False, True], ids=["", "causal anchors"])
 @pytest.mark.parametrize("case", list(WINDOWS))
-def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attention, case):
+def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attention, case, causal_window_fix):
     """In a context window, a frame's id is its index in the whole latent, in time (a looped window's frames stay
     consecutive across the latent's end); the reference frames are the whole latent's first ones, so only a
-    window holding them has any."""
+    window holding them has any. With newer ComfyUI's causal_window_fix (its default) a window that does not start
+    at frame 0 runs with the frame before it in front (its causal_anchor_index), which is that frame too."""
     windows, lead = WINDOWS[case]
     dtype = torch.float64
     model = wan(comfy, dtype)
-    model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(windows)
+    model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(
+        windows, causal_window_fix=causal_window_fix)
     shape = (1, 4, 8, 4, 4)
     cond, uncond = conditions(dtype)
     (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=lead, backend="reference")
     out = sample(comfy, tar, shape, cond, uncond, dtype)
 
     def ids(options):
-        index = options["context_window"].index_list
+        index = options["context_window"].frames()
         return torch.tensor([t if i >= lead else -1 for i, t in zip(index, in_time(index, 8)) for _ in range(4)])
     expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)

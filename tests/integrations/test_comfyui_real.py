@@ -37,10 +37,10 @@ import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError
 from vstar_kernels.comfyui.patch import marked
 
-from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
-                                 guard_filtered_compile, in_time, keyword_recorder, nag, newer_attention,
-                                 newer_context_windows, replace_self_attention, rifle_x, swallowing, tar_calls,
-                                 warnings_of)
+from .comfyui_companions import (REPLACED, cache_node, causal_window_fix, compiled_frames, freelong,
+                                 graph_breaking_attention, guard_filtered_compile, in_time, keyword_recorder, nag,
+                                 newer_attention, newer_context_windows, replace_self_attention, rifle_x, swallowing,
+                                 tar_calls, warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
@@ -988,22 +988,29 @@ def context_windows(comfy, model, schedule, length, overlap, stride=1, dim=2):
     return model
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["", "causal anchors"])
 @pytest.mark.parametrize("schedule, stride, lead", [("standard_static", 1, 1), ("standard_uniform", 2, 0),
                                                     ("looped_uniform", 2, 0)],
                          ids=["windows 0-3, 3-6, 4-7 with a reference frame", "strided windows", "looped windows"])
-def test_context_windows_take_the_global_frame_indices(comfy, mark, schedule, stride, lead):
+def test_context_windows_take_the_global_frame_indices(comfy, mark, monkeypatch, schedule, stride, lead, causal):
     """In a context window, a frame's id is its index in the whole latent, in time (a looped window's frames stay
     consecutive across the latent's end), and only the window holding the whole latent's reference frames has any
-    (windows of 4 of 8 latent frames; the uniform schedules with stride 2 add windows of every second frame)."""
+    (windows of 4 of 8 latent frames; the uniform schedules with stride 2 add windows of every second frame). With
+    newer ComfyUI's causal_window_fix, a window's causal anchor (the frame before it, run in front) is that frame."""
     mark("wan")
+    if causal:
+        causal_window_fix(monkeypatch, comfy.context_windows)
     model = context_windows(comfy, wan(comfy), schedule, 4, 1, stride)
     latent = torch.zeros(1, 16, 8, 4, 4)
     positive, negative = texts()
-    seen = set()
+    seen, anchors = set(), set()
 
     def ids(options):
-        index = options["context_window"].index_list
-        seen.add(tuple(index))
+        window = options["context_window"]
+        anchor = getattr(window, "causal_anchor_index", -1)
+        index = ([anchor] if anchor >= 0 else []) + list(window.index_list)
+        seen.add(tuple(window.index_list))
+        anchors.add(anchor)
         return torch.tensor([t if i >= lead else -1 for i, t in zip(index, in_time(index, 8)) for _ in range(4)])
     stock = run(comfy, model, latent, positive, negative, steps=2)
     out = run(comfy, NODE().apply(model, 1.0, 1.0, reference_frames=lead)[0], latent, positive, negative, steps=2)
@@ -1013,6 +1020,7 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark, schedule, st
     else:
         assert any(b - a == 2 for index in seen for a, b in zip(index, index[1:]))
     assert any(b < a for index in seen for a, b in zip(index, index[1:])) == (schedule == "looped_uniform")
+    assert any(anchor >= 0 for anchor in anchors) == causal
 
 
 # ---------------------------------------------------------------- torch.compile

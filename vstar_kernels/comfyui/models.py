@@ -57,11 +57,16 @@ def _listed(*places: Tuple[str, str]) -> Callable[[torch.nn.Module], List[str]]:
 # Wan: the latent (and Phantom's subject frames, time_dim_concat) is padded up to the patch size (circular
 # padding), so a frame has ceil(H / 2) x ceil(W / 2) tokens. The Fun models' reference image
 # (reference_latent, through ref_conv, no padding) comes first; HuMo's reference frames (through the patch
-# embedding, no padding) come last.
+# embedding, no padding) come last. Newer ComfyUI's in-context references (context_latents, padded) come after the
+# video and Phantom's frames, in WanModel's own forward (not in VACE's, which has one of its own).
 def _wan_layout(dm, x, extra) -> TokenLayout:
     frames, per_frame = _grid(_video(x, "Wan").shape, dm.patch_size, _ceil)
     concat, reference = extra.get("time_dim_concat"), extra.get("reference_latent")
     after = 0 if concat is None else _ceil(concat.shape[-3], dm.patch_size[0]) * per_frame
+    wan = next((c for c in type(dm).__mro__ if c.__name__ == "WanModel"), None)
+    if extra.get("context_latents") is not None and wan is not None and \
+            getattr(type(dm), "forward_orig", None) is getattr(wan, "forward_orig", None):
+        after += sum(math.prod(_grid(latent.shape, dm.patch_size, _ceil)) for latent in extra["context_latents"])
     before = 0
     if reference is not None and getattr(dm, "ref_conv", None) is not None:
         before = (reference.shape[-2] // dm.patch_size[1]) * (reference.shape[-1] // dm.patch_size[2])
@@ -118,15 +123,25 @@ def _hunyuan_layout(dm, x, extra) -> TokenLayout:
     return TokenLayout(frames, per_frame, before=before, text_after=True)
 
 
-# LTX-Video: patch size 1; keyframe guides (keyframe_idxs, one entry per guide token) are appended to the
-# latent after the video frames and keep positions of their own: they are tokens outside the video here.
+# LTX-Video: patch size 1; keyframe guides (keyframe_idxs: (batch, 3, guide tokens), newer ComfyUI's with a last
+# dimension of 2) are appended to the latent after the video frames and keep positions of their own: they are tokens
+# outside the video here. Newer ComfyUI drops the tokens whose denoise_mask is negative in the first batch entry (the
+# dilated guides') before the blocks.
 def _ltx_layout(dm, x, extra) -> TokenLayout:
     frames, per_frame = _grid(_video(x, "LTX-Video").shape, (1, 1, 1), _ceil)
     guides = extra.get("keyframe_idxs")
-    after = 0 if guides is None else int(guides.shape[-1])
+    after = 0 if guides is None else int(guides.shape[2])
     if after % per_frame:
         raise ValueError(f"LTX-Video: {after} keyframe guide tokens are not whole frames of {per_frame} tokens")
-    return TokenLayout(frames - after // per_frame, per_frame, after=after)
+    video = frames - after // per_frame
+    mask = extra.get("denoise_mask")
+    if after and isinstance(mask, torch.Tensor) and mask.dim() == 5 and mask.shape[2:] == x.shape[2:]:
+        dropped = (mask[0] < 0).any(0).flatten()
+        if bool(dropped[:video * per_frame].any()):
+            raise ValueError("LTX-Video: this call's denoise_mask drops video tokens (it is negative outside the "
+                             "keyframe guides), so where its frames lie in the attention is not known")
+        after -= int(dropped.sum())
+    return TokenLayout(video, per_frame, after=after)
 
 
 # Mochi: joint attention over [video, the unpadded text], spatial patch padded up.

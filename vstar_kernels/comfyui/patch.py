@@ -26,6 +26,7 @@ from .models import Family
 KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
 OVERRIDE = "optimized_attention_override"
+STG_SKIP = "stg_skip_self_attn"  # transformer_options key: the self-attention returns its values (LTX's STG)
 EDGE = 1e-5                     # the window's ends' relative tolerance (`TARPatch.regularizes`)
 LOG = logging.getLogger("vstar_kernels.comfyui")
 
@@ -192,10 +193,13 @@ class TARPatch:
                                    "it replaces TAR's patch there, so TAR would not run. Apply VSTAR_TAR after that "
                                    "node (it keeps the forward it finds and calls it)")
         if self.model is not None and self.model() is not guider.model_patcher.model:
-            raise RuntimeError("VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: a node after it built "
-                               "the model anew and kept the object patches (a clone onto a new model, as newer "
-                               "ComfyUI's clone(disable_dynamic=True) makes), so TAR's patches would run the earlier "
-                               "model's modules and their weights. Apply VSTAR_TAR after that node")
+            raise RuntimeError("VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: it was built anew with "
+                               "the object patches kept (a clone onto a new model, as newer ComfyUI's "
+                               "clone(disable_dynamic=True) makes), so TAR's patches would run the earlier model's "
+                               "modules and their weights. A node after VSTAR_TAR may have done it: apply VSTAR_TAR "
+                               "after that node. With dynamic VRAM on, newer ComfyUI's sampler does it itself for a "
+                               "conditioning that carries hooks (a hooked LoRA): start ComfyUI with "
+                               "--disable-dynamic-vram, or take the hooks off the conditioning")
         run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if len(sigmas) > 1:  # a run of one sigma has no step, so no model call
@@ -230,7 +234,8 @@ class TARPatch:
     def frame_ids(self, layout: TokenLayout, options: dict, run: Run, references: Optional[int] = None,
                   frames: Optional[int] = None) -> Tuple[int, ...]:
         """The id of each video frame of a call: its index in the whole latent (a context window's by its
-        ``index_list``, a looped one's as docs/comfyui.md, Context windows, says), -1 for the leading
+        ``index_list``, after its ``causal_anchor_index`` where it has one, a looped one's as docs/comfyui.md,
+        Context windows, says), -1 for the leading
         `reference_frames` of the whole latent, or, where that is 0, for the call's leading `references` (the
         frames its conditioning marks as reference images: `Family.references`), which a nonzero
         `reference_frames` must agree with. `frames`: the length in frames of the call's 5-D latent, if it has
@@ -239,9 +244,12 @@ class TARPatch:
         window, index, length = options.get("context_window"), list(range(layout.frames)), 0
         in_window = window is not None and getattr(window, "dim", None) == self.family.time_dim
         if in_window:
-            index = list(window.index_list[:layout.frames])
+            # newer ComfyUI's causal_window_fix puts the frame before a window in front of it (its output dropped)
+            anchor = getattr(window, "causal_anchor_index", None)
+            frames_of_window = ([] if anchor is None or anchor < 0 else [anchor]) + list(window.index_list)
+            index = frames_of_window[:layout.frames]
             length = run.shape[window.dim] if len(run.shape) > window.dim else 0
-        whole = len(window.index_list) if in_window else run.shape[2] if len(run.shape) == 5 else None
+        whole = len(frames_of_window) if in_window else run.shape[2] if len(run.shape) == 5 else None
         if self.settings.reference_frames and frames is not None and whole is not None and frames != whole:
             raise ValueError(f"VSTAR_TAR: reference_frames={self.settings.reference_frames} are the leading frames "
                              f"of the whole latent, but this model call runs on {frames} of the {whole} frames "
@@ -314,8 +322,9 @@ class TARPatch:
                 _warn(call.run, "some skipped", f"a model call in the window ran {len(call.entered)} of the "
                                                 f"{len(self.marked)} regularized self-attention modules: another node "
                                                 "computed the others' attention without them (an attn1 replace patch, "
-                                                "as SelfAttentionGuidance sets, or a pass that skips blocks, as "
-                                                "skip-layer guidance's does), so TAR did not run there")
+                                                "as SelfAttentionGuidance sets, or a pass that skips blocks or their "
+                                                "self-attention, as skip-layer guidance's and LTX's spatio-temporal "
+                                                "guidance's do), so TAR did not run there")
         return out
 
 
@@ -343,11 +352,15 @@ class MarkedForward:
             return self.original(*args, **kwargs)
         module = _Module(call, self, options.get(OVERRIDE))
         kwargs["transformer_options"] = {**options, OVERRIDE: tar_override, SITE: module}
-        call.entered.add(self)
         out = self.original(*args, **kwargs)
         if module.regularized + module.handed_on == 0:
+            if options.get(STG_SKIP):
+                # newer ComfyUI's LTX spatio-temporal guidance: in its perturbed call the self-attention returns its
+                # values, without attention, so there was nothing to regularize: counted as a module not run
+                return out
             raise call.fail(RuntimeError(f"VSTAR_TAR: {self.name} computed its attention without ComfyUI's attention "
                                          f"override ({OVERRIDE} in transformer_options), so TAR could not run there"))
+        call.entered.add(self)
         return out
 
 

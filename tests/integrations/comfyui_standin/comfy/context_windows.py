@@ -3,16 +3,26 @@ blends the results; each window's model calls find it in ``transformer_options["
 
 
 class IndexListContextWindow:
-    def __init__(self, index_list, dim=0):
+    """With a `causal_anchor_index` (newer ComfyUI's causal_window_fix: the frame before the window), the window's
+    latent is that frame and then the window's; the sampler drops the anchor's output."""
+
+    def __init__(self, index_list, dim=0, causal_anchor_index=None):
         self.index_list, self.dim = list(index_list), dim
+        if causal_anchor_index is not None:
+            self.causal_anchor_index = causal_anchor_index
+
+    def frames(self):
+        anchor = getattr(self, "causal_anchor_index", -1)
+        return ([anchor] if anchor >= 0 else []) + self.index_list
 
     def get_tensor(self, full):
-        return full[(slice(None),) * self.dim + (self.index_list,)]
+        return full[(slice(None),) * self.dim + (self.frames(),)]
 
 
 class FixedContextHandler:
     """Stand-in only: fixed windows over dim 2 (a video UNet's: dim 0) (ComfyUI's handler makes them from a
     schedule), blended flat."""
 
-    def __init__(self, windows, dim=2):
-        self.windows = [IndexListContextWindow(w, dim=dim) for w in windows]
+    def __init__(self, windows, dim=2, causal_window_fix=False):
+        self.windows = [IndexListContextWindow(w, dim=dim, causal_anchor_index=w[0] - 1 if causal_window_fix else None)
+                        for w in windows]

@@ -60,8 +60,9 @@ class CFGGuider:
         for window in handler.windows:
             self.model_options["transformer_options"]["context_window"] = window
             index = (slice(None),) * window.dim + (window.index_list,)
+            lead = len(window.frames()) - len(window.index_list)      # a causal anchor's output is dropped
             for out, part in zip(outs, self.model_call(window.get_tensor(x), sigma, conds)):
-                out[index] += part
+                out[index] += part.narrow(window.dim, lead, len(window.index_list))
             count[index] += 1
         return [out / count for out in outs]
 
