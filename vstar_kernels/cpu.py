@@ -100,14 +100,19 @@ def cpu_forward(problem: TarProblem) -> torch.Tensor:
     segments, run_starts = (problem.regularized and problem.frames_q is not None and frame_value(
         problem.frames_k, ("segments", MIN_RUN_KEYS, RUN_SEGMENTS), _key_segments)) or (None, None)
     bias_of = _bias_rows(problem, compute) if segments is None else _run_bias(problem, compute, run_starts)
-    tasks = [(rows, b, h) for rows in row_blocks for b, h in chunks]
+    if problem.k.dtype == compute and problem.v.dtype == compute:
+        tasks = [(rows, b, h) for rows in row_blocks for b, h in chunks]
+    else:  # k and v converted once a chunk of slices, for all its row blocks
+        tasks = [(rows, b, h) for b, h in chunks for rows in row_blocks]
 
     def run(part):
-        dA_rows = dA = None
+        dA_rows = dA = kv_of = kv = None
         for rows, b, h in part:
             if rows != dA_rows:
                 dA_rows, dA = rows, bias_of(rows)
-            _chunk_inplace(problem, compute, rows, b, h, dA, segments, slice_max, out)
+            if (b, h) != kv_of:
+                kv_of, kv = (b, h), tuple(_as_batch(x[b, h], compute) for x in (problem.k, problem.v))
+            _chunk_inplace(problem, compute, rows, b, h, dA, segments, slice_max, out, *kv)
 
     workers = min(torch.get_num_threads(), len(tasks))
     if workers == 1 or any(t is not None and t.requires_grad for t in (problem.q, problem.k, problem.v, problem.delta)):
@@ -145,15 +150,16 @@ def _chunk_workers(run, parts: list) -> None:
 
 
 def _chunk_inplace(problem: TarProblem, compute: torch.dtype, rows: slice, b: slice, h: slice, dA, segments,
-                   slice_max, out: torch.Tensor) -> None:
+                   slice_max, out: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor) -> None:
     """out[b, h, rows]: one chunk's scores, bias, softmax and PV product, in place. `dA` is the rows' (rows, Nk)
-    bias, or with key `segments` their (rows, runs) table. In float32 the GEMM applies the scale (alpha): S
+    bias, or with key `segments` their (rows, runs) table; `k3`, `v3` the chunk's keys and values as batches in
+    the compute dtype (`_as_batch`). In float32 the GEMM applies the scale (alpha): S
     differs from the definition's product-then-scale in the last bit at most; float64 follows the definition."""
     nk, dv = problem.nk, problem.head_dim_v
     qc = problem.q[b, h, rows]
     bb, hh, rr = qc.shape[:3]
     c = bb * hh
-    q3, k3, v3 = (_as_batch(x, compute) for x in (qc, problem.k[b, h], problem.v[b, h]))
+    q3 = _as_batch(qc, compute)
     s = q3.new_empty((c, rr, nk))
     if compute == torch.float64:
         torch.bmm(q3, k3.transpose(1, 2), out=s).mul_(problem.scale)

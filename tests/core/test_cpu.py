@@ -111,6 +111,34 @@ def test_cpu_backend_runs_its_chunks_on_one_thread_each(opts, monkeypatch):
         torch.testing.assert_close(two.double(), naive_tar(q, k, v, **opts), atol=2e-6, rtol=2e-6)
 
 
+def test_16_bit_keys_and_values_are_converted_once_a_chunk_of_slices(monkeypatch):
+    """bfloat16 keys and values are converted to float32 once for all the row blocks of a chunk of slices (they
+    were converted again for every row block: a copy of a whole slice's keys and values each time), on one
+    thread and on two (once more at most where the workers' shares split a chunk); the result is the
+    reference's."""
+    B, H, N, D = 1, 2, 48, 8
+    q, k, v = (torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    frames = vk.frame_ids(6, 8)
+    monkeypatch.setattr(cpu, "CHUNK_ELEMENTS", 8 * N)  # blocks of 8 rows: 6 per slice
+    converted, as_batch, tasks, chunk = [], cpu._as_batch, [], cpu._chunk_inplace
+    monkeypatch.setattr(cpu, "_as_batch", lambda x, compute: converted.append(x.shape[-2]) or as_batch(x, compute))
+    monkeypatch.setattr(cpu, "_chunk_inplace", lambda *a: tasks.append((a[3], a[4])) or chunk(*a))
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            converted.clear()
+            tasks.clear()
+            out = vk.tar_attention(q, k, v, backend="cpu", frames=frames, sigma=1.5)
+            slices = {(b.start, b.stop, h.start, h.stop) for b, h in tasks}
+            assert len(tasks) >= 6 * len(slices)
+            assert converted.count(N) <= 2 * (len(slices) + count - 1), (converted, len(tasks))
+            assert_close_to_reference(out, vk.tar_attention_reference(q.double(), k.double(), v.double(),
+                                                                      frames=frames, sigma=1.5))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_small_call_runs_in_one_chunk_on_the_callers_thread(monkeypatch):
     """The quick shape in (B, N, H, D) storage with two intra-op threads: one chunk (q, k, v copied), on
     the caller's thread, where starting worker threads and the chunks' operations would cost more than
