@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AnimateDiffPAGPipeline, AnimateDiffPipeline, DDIMScheduler, TextToVideoSDPipeline
+from diffusers import (AnimateDiffPAGPipeline, AnimateDiffPipeline, DDIMScheduler, LattePipeline,
+                       TextToVideoSDPipeline)
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_temporal_attention, remove_tar, reset_steps
@@ -28,6 +29,7 @@ from .tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fix
     motion_inputs,
     one_torch_thread,
     randn,
+    tiny_vae,
     unet2d,
     unet3d_inputs,
 )
@@ -122,7 +124,7 @@ def test_batched_guidance_needs_an_even_unet_batch():
     its second half is half the video's positions, not a guidance branch: refused, naming the UNet's batch."""
     model = FAMILIES["unet3d"].model()
     with capture_temporal_attention(model, cfg=True):
-        with pytest.raises(ValueError, match=r"guidance is batched .* UNet call's batch is not even .*1 videos"):
+        with pytest.raises(ValueError, match=r"guidance is batched .* model call's batch is not even .*1 videos"):
             model(**unet3d_inputs(model, batch=1, size=4))
 
 
@@ -153,6 +155,26 @@ def test_pipeline_guidance_is_read_from_the_pipeline(guidance_scale):
     x = recorded[1]  # the step-1 call
     rows = slice(x.shape[0] // 2, None) if guidance_scale > 1 else None
     torch.testing.assert_close(maps[(name, 1)], map64(attention_modules(pipe.unet)[name], x, rows=rows), **MAP_TOL)
+
+
+def test_latte_pipeline_guidance_is_read_from_the_pipeline():
+    """Latte's transformer takes its latent as hidden_states, by keyword: under the pipeline's guidance the capture
+    read no batch there and refused every call."""
+    pipe = LattePipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=FAMILIES["latte"].model(),
+                         scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    name = "temporal_transformer_blocks.0.attn1"
+    with capture_temporal_attention(pipe, steps=[1], layers=[name]) as maps:
+        recorded = []
+        handle = attention_modules(pipe.transformer)[name].register_forward_hook(
+            lambda m, args, out: recorded.append(args[0]))
+        pipe(prompt_embeds=randn(1, 3, 8, seed=5), negative_prompt_embeds=randn(1, 3, 8, seed=6), negative_prompt=None,
+             video_length=8, height=8, width=8, num_inference_steps=2, guidance_scale=7.5, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+        handle.remove()
+    x = recorded[1]  # the step-1 call
+    torch.testing.assert_close(maps[(name, 1)], map64(attention_modules(pipe.transformer)[name], x,
+                                                      rows=slice(x.shape[0] // 2, None)), **MAP_TOL)
 
 
 def test_a_pipeline_with_perturbed_attention_guidance_is_refused():

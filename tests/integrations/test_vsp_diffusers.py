@@ -97,6 +97,25 @@ def test_same_embedding_on_every_frame_is_exactly_stock(kind, cfg):
     assert torch.equal(call(unet, sample, context), stock)
 
 
+def test_a_compiled_unet_takes_vsp_on_the_module_it_wraps():
+    """A torch.compile'd UNet (as apply_tar takes it): VSP goes on the UNet it wraps (it was refused as "not a
+    pipeline holding one"), and the compiled call runs it; a UNet of another kind is named in the error."""
+    unet = UNETS["unet3d"]()
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    context = context_for("unet3d", ehs)
+    embeds = torch.randn(1, N, *ehs.shape[1:], generator=torch.Generator().manual_seed(3))
+    apply_vsp(unet, embeds, cfg=True)
+    expected = call(unet, sample, context)
+    remove_vsp(unet)
+    compiled = torch.compile(unet, backend="eager")
+    apply_vsp(compiled, embeds, cfg=True)
+    torch.testing.assert_close(call(compiled, sample, context), expected, rtol=0, atol=0)
+    remove_vsp(compiled)
+    assert torch.equal(call(unet, sample, context), call(compiled, sample, context))
+    with pytest.raises(TypeError, match="got Holder holding a Linear"):
+        apply_vsp(type("Holder", (), {"unet": torch.nn.Linear(2, 2)})(), embeds)
+
+
 @pytest.mark.parametrize("kind", UNETS)
 def test_each_frame_gets_its_own_embedding_unconditional_half_kept(kind):
     unet = UNETS[kind]()

@@ -139,7 +139,8 @@ class _Recorder:
         self.batch = None  # videos in the UNet call in progress (both guidance halves)
 
     def begin_call(self, module, args, kwargs) -> None:
-        sample = args[0] if args else kwargs.get("sample")
+        # the UNets' sample; Latte's is its hidden_states, passed by keyword
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() == 5 else None
 
     def resync(self) -> None:
@@ -180,8 +181,9 @@ class _Recorder:
         if self._guidance_batched():
             if self.batch is None or self.batch % 2:
                 raise ValueError(f"{name}: guidance is batched (cfg=True, or the pipeline's "
-                                 "do_classifier_free_guidance) but the UNet call's batch is not even (its sample: "
-                                 f"{self.batch} videos)")
+                                 "do_classifier_free_guidance) but the model call's batch is not even (its "
+                                 + ("input is no 5-D video latent)" if self.batch is None else
+                                    f"sample: {self.batch} videos)"))
             start = rows // 2  # diffusers batches [unconditional, conditional], each video's sequences together
         site = tar_site(module)
         spec = None if site is None else site.spec_at(step)

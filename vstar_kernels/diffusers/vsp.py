@@ -16,6 +16,7 @@ import torch
 from diffusers import UNet3DConditionModel, UNetMotionModel
 
 from ..vsp import interpolate_embeddings
+from .install import uncompiled
 
 SUPPORTED_UNETS = (UNet3DConditionModel, UNetMotionModel)
 
@@ -235,10 +236,12 @@ def _unwrapped(processor):
 
 
 def _unet_of(target):
-    unet = getattr(target, "unet", target)
+    unet = uncompiled(getattr(target, "unet", target))
     if not isinstance(unet, SUPPORTED_UNETS):
-        raise TypeError(f"target must be a UNet3DConditionModel, a UNetMotionModel or a pipeline holding one "
-                        f"as .unet, got {type(target).__name__}")
+        held = f"{type(target).__name__} holding a {type(unet).__name__}" if unet is not target else \
+            type(target).__name__
+        raise TypeError(f"target must be a UNet3DConditionModel, a UNetMotionModel or a pipeline holding one as "
+                        f".unet (torch.compile'd or not), got {held}")
     return unet
 
 
