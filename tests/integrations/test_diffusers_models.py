@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from diffusers import AnimateDiffPipeline
+from diffusers import AnimateDiffPipeline, UNet3DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from vstar_kernels import PRESETS, TARConfig
@@ -98,6 +98,24 @@ def test_input_block_temporal_attention_only_on_request(family):
     assert sorted(names) == level0
     _, calls = run_capturing(model, inputs, level0)
     check_modules(model, calls, {name: (1.0, 1.0) for name in level0})
+
+
+def test_a_level_held_by_the_input_block_alone_needs_include_input_block():
+    """A UNet whose first level has no temporal attention but the input block's: without include_input_block,
+    apply_tar regularized nothing there and said nothing; it is a level the model lacks, saying what reaches it.
+    include_input_block on a model without an input block (AnimateDiff's) was ignored: an error too."""
+    model = UNet3DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                 cross_attention_dim=8, attention_head_dim=4, sample_size=8,
+                                 down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
+                                 up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"))
+    with pytest.raises(ValueError, match=r"levels \[0\] do not exist in UNet3DConditionModel: its temporal attention "
+                                         r"runs at levels \[1\] .* the input block's \(transformer_in\..*\) is "
+                                         r"regularized with include_input_block=True"):
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, include_input_block=True))
+    assert names and all(name.startswith("transformer_in.") for name in names)
+    with pytest.raises(ValueError, match="include_input_block=True, but UNetMotionModel has no input block"):
+        apply_tar(FAMILIES["motion"].model(), TARConfig(levels={0: (1.0, 1.0)}, include_input_block=True))
 
 
 def preset_levels(name):

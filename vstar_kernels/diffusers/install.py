@@ -140,7 +140,7 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     reason = unsupported_dit(model)
     if reason is not None:
         raise ValueError(f"{reason} (docs/dits.md lists the video models of diffusers and why)")
-    temporal = temporal_at(model, config.levels)
+    temporal = temporal_at(model, config.levels, input_block=config.include_input_block)
     if config.blocks is not None:
         raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
                          f"by resolution level: use levels (its temporal attention runs at levels "

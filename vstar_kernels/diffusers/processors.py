@@ -63,9 +63,12 @@ def temporal_attention_modules(model: torch.nn.Module) -> List[TemporalAttention
     return found
 
 
-def temporal_at(model: torch.nn.Module, levels, capture: bool = False) -> List[TemporalAttention]:
+def temporal_at(model: torch.nn.Module, levels, capture: bool = False,
+                input_block: Optional[bool] = None) -> List[TemporalAttention]:
     """`temporal_attention_modules`; a ValueError where there is none, or none at one of `levels` (ints or None).
-    `capture`: the error is capture_temporal_attention's, which takes the UNets only."""
+    `capture`: the error is capture_temporal_attention's, which takes the UNets only. `input_block`: TAR's
+    include_input_block, where given: levels count an input block's temporal attention only with it, and with it
+    the model must have one."""
     temporal = temporal_attention_modules(model)
     if not temporal:
         unets = ("UNet3DConditionModel, I2VGenXLUNet, UNetMotionModel, UNetSpatioTemporalConditionModel and "
@@ -76,11 +79,17 @@ def temporal_at(model: torch.nn.Module, levels, capture: bool = False) -> List[T
             f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); "
             + (f"capture_temporal_attention takes the video UNets {unets} (capture_frame_attention takes the video "
                f"DiTs {dits})" if capture else f"TAR supports {unets}, and the video DiTs {dits} (docs/dits.md)"))
-    available = sorted({t.level for t in temporal})
+    inputs = sorted(t.name for t in temporal if t.input_block)
+    if input_block and not inputs:
+        raise ValueError(f"include_input_block=True, but {type(model).__name__} has no input block with temporal "
+                         f"attention (of {', '.join(sorted(INPUT_BLOCKS))})")
+    available = sorted({t.level for t in temporal if input_block is not False or not t.input_block})
     missing = sorted(set(levels or ()) - set(available))
     if missing:
+        hint = "" if input_block is not False or not inputs else (
+            f"; the input block's ({', '.join(inputs)}) is regularized with include_input_block=True")
         raise ValueError(f"levels {missing} do not exist in {type(model).__name__}: its temporal attention runs at "
-                         f"levels {available} (0 = full latent resolution)")
+                         f"levels {available} (0 = full latent resolution){hint}")
     return temporal
 
 
