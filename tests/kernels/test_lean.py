@@ -256,6 +256,9 @@ def test_refusals_name_the_argument():
     shifted = torch.randn(1, 1, 16 * 16 + 1, device=DEVICE, dtype=torch.float16)[..., 1:].view(1, 1, 16, 16)
     with pytest.raises(unavailable, match="v must have"):
         lean_call(q, k, shifted, ids)
+    expanded = torch.randn(1, 1, 1, 16, device=DEVICE, dtype=torch.float16).expand(1, 1, 16, 16)
+    with pytest.raises(unavailable, match="k is expanded along its tokens"):  # a descriptor's token stride 0
+        lean_call(q, expanded, v, ids)
     shifted_ids = vk.frame_ids(2, 8, device=DEVICE)[torch.arange(16, device=DEVICE).roll(4)]  # a ring shard's keys
     with pytest.raises(unavailable, match="the same for queries and keys"):
         vk.tar_attention(q, k, v, frames=(ids, shifted_ids), backend="triton-lean")

@@ -307,6 +307,9 @@ def layout_reasons(problem: TarProblem) -> list:
                                                                       for s in descriptor_strides(t)):
             reasons.append(f"{name} must have its head dim contiguous and its address and other strides multiples "
                            f"of {DESCRIPTOR_ALIGN} bytes (tensor descriptors), got strides {tuple(t.stride())}")
+        elif descriptor_strides(t)[2] == 0:
+            reasons.append(f"{name} is expanded along its tokens (stride 0), which the tensor descriptor reading its "
+                           "tiles is not known to take on a GPU: use backend='triton'")
     return reasons
 
 
