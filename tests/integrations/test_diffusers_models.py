@@ -116,6 +116,11 @@ def test_a_level_held_by_the_input_block_alone_needs_include_input_block():
     assert names and all(name.startswith("transformer_in.") for name in names)
     with pytest.raises(ValueError, match="include_input_block=True, but UNetMotionModel has no input block"):
         apply_tar(FAMILIES["motion"].model(), TARConfig(levels={0: (1.0, 1.0)}, include_input_block=True))
+    with pytest.raises(ValueError, match=r"include_input_block=True regularizes the input block's temporal attention "
+                                         r"at level 0, which levels \[1\] does not name"):
+        apply_tar(model, TARConfig(levels={1: (1.0, 1.0)}, include_input_block=True))
+    with pytest.raises(ValueError, match=r"levels \[5\] do not exist .* \(0 = full latent resolution\)$"):
+        apply_tar(model, TARConfig(levels={1: (1.0, 1.0), 5: (1.0, 1.0)}))
 
 
 def preset_levels(name):

@@ -79,15 +79,19 @@ def temporal_at(model: torch.nn.Module, levels, capture: bool = False,
             f"{', '.join(sorted(TEMPORAL_CONTAINERS | INPUT_BLOCKS))}); "
             + (f"capture_temporal_attention takes the video UNets {unets} (capture_frame_attention takes the video "
                f"DiTs {dits})" if capture else f"TAR supports {unets}, and the video DiTs {dits} (docs/dits.md)"))
-    inputs = sorted(t.name for t in temporal if t.input_block)
+    inputs = [t for t in temporal if t.input_block]
     if input_block and not inputs:
         raise ValueError(f"include_input_block=True, but {type(model).__name__} has no input block with temporal "
                          f"attention (of {', '.join(sorted(INPUT_BLOCKS))})")
+    if input_block and levels is not None and not {t.level for t in inputs} & set(levels):
+        raise ValueError(f"include_input_block=True regularizes the input block's temporal attention at level "
+                         f"{inputs[0].level}, which levels {sorted(levels)} does not name")
     available = sorted({t.level for t in temporal if input_block is not False or not t.input_block})
     missing = sorted(set(levels or ()) - set(available))
     if missing:
-        hint = "" if input_block is not False or not inputs else (
-            f"; the input block's ({', '.join(inputs)}) is regularized with include_input_block=True")
+        held = [t.name for t in inputs if t.level in missing]
+        hint = "" if input_block is not False or not held else (
+            f"; the input block's ({', '.join(held)}) is regularized with include_input_block=True")
         raise ValueError(f"levels {missing} do not exist in {type(model).__name__}: its temporal attention runs at "
                          f"levels {available} (0 = full latent resolution){hint}")
     return temporal
