@@ -5,6 +5,8 @@ output_type="latent"). Classifier-free guidance is on, so each UNet call
 carries both branches in one batch.
 """
 
+import math
+
 import pytest
 import torch
 from diffusers import (
@@ -164,22 +166,90 @@ def test_apply_tar_first_from_a_step_callback_counts_from_the_loop_index():
         assert seen[i] and all(call == (i, i <= 3) for call in seen[i]), (i, seen[i])
 
 
-def test_perturbed_attention_guidance_on_a_regularized_level_is_refused_with_a_fix_that_works():
-    """AnimateDiff's PAG pipeline sets its processors at every call on pag_applied_layers; on a regularized temporal
-    attention the error said to apply TAR again, which gives the same error. It names PAG and what works: PAG
-    layers that leave the regularized levels out run with TAR."""
-    def pag(layers):
+@pytest.mark.parametrize("guidance", [7.5, 1.0], ids=["with guidance", "without"])
+def test_perturbed_attention_guidance_on_a_regularized_level_runs_tar_in_its_guided_branches(guidance):
+    """AnimateDiff's PAG pipeline puts its processors on pag_applied_layers at every call and puts back the ones it
+    found at the call's end. On a regularized temporal attention TAR stands in for PAG's processor in that call:
+    the guided branches regularized, the perturbed one PAG's identity attention. (TAR refused it from inside the
+    call, which skipped PAG's restore and left its processors on the UNet: then every fix that error named failed,
+    and remove_tar ran a pag_scale=0 call with them, wrong by up to 2.)"""
+    def pipeline(layers=("down_blocks.0", "mid")):
         pipe = AnimateDiffPAGPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
                                       motion_adapter=motion_adapter(), scheduler=DDIMScheduler(),
-                                      pag_applied_layers=layers)
+                                      pag_applied_layers=list(layers))
         pipe.set_progress_bar_config(disable=True)
-        apply_tar(pipe, TARConfig.from_preset("64D1"))
-        return pipe(**embeds(), num_inference_steps=2, num_frames=8, height=32, width=32, guidance_scale=7.5,
-                    pag_scale=3.0, output_type="latent")
+        return pipe
 
-    with pytest.raises(RuntimeError, match="perturbed-attention guidance put PAG.*pag_applied_layers.*pag_scale=0"):
-        pag(["down_blocks.0"])
-    pag(["up_blocks.1.attentions"])  # spatial attention of a level TAR leaves alone
+    def run(pipe, pag_scale=3.0):
+        return pipe(**embeds(), num_inference_steps=2, num_frames=8, height=32, width=32, guidance_scale=guidance,
+                    pag_scale=pag_scale, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    stock, stock_unguided = run(pipeline()), run(pipeline(), pag_scale=0.0)
+    pipe = pipeline()
+    sites = apply_tar(pipe, TARConfig.from_preset("64D1"))
+    modules = dict(pipe.unet.named_modules())
+    assert any(name.startswith("down_blocks.0.") for name in sites)
+    tar = run(pipe)
+    assert all(type(modules[name].processor) is TARAttnProcessor and not modules[name].processor.pag_chunks
+               for name in sites)                                   # the call's end put TAR's own back
+    assert (tar - stock).abs().max() > 1e-3
+    apply_tar(pipe, TARConfig(levels={0: (math.inf, 1.0)}))         # a flat band: PAG's output, through TAR's kernel
+    torch.testing.assert_close(run(pipe), stock, rtol=0, atol=1e-5)
+    remove_tar(pipe)
+    assert torch.equal(run(pipe, pag_scale=0.0), stock_unguided)
+    assert torch.equal(run(pipe), stock)
+    # with PAG on other layers only, TAR runs as without PAG's processors anywhere near it
+    pipe = pipeline(["up_blocks.1.attentions"])
+    apply_tar(pipe, TARConfig.from_preset("64D1"))
+    run(pipe)
+
+
+def test_perturbed_attention_guidance_with_tar_changed_inside_the_call():
+    """TAR applied, applied again or removed from a step callback of a PAG pipeline's call (PAG's processors on
+    the regularized modules already): the call runs as with TAR applied before it, as without TAR, or as stock PAG
+    (a flat band is stock attention); a PAG call that an exception stopped (the pipeline's restore skipped) leaves
+    no stand-in of TAR's for the next call without PAG (it split that call's batch in three)."""
+    flat = TARConfig(levels={0: (math.inf, 1.0)})
+
+    def pipeline(layers=("down_blocks.0.motion_modules", "mid")):
+        pipe = AnimateDiffPAGPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                                      motion_adapter=motion_adapter(), scheduler=DDIMScheduler(),
+                                      pag_applied_layers=list(layers))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(pipe, at_step_1=None, pag_scale=3.0):
+        def callback(pipe, i, t, kwargs):
+            if i == 0 and at_step_1 is not None:
+                at_step_1(pipe)
+            return {}
+        return pipe(**embeds(), num_inference_steps=3, num_frames=8, height=32, width=32, guidance_scale=7.5,
+                    pag_scale=pag_scale, output_type="latent", generator=torch.Generator().manual_seed(0),
+                    callback_on_step_end=callback).frames
+
+    config = TARConfig.from_preset("64D1")
+    stock = run(pipeline())
+    applied = pipeline()
+    apply_tar(applied, config)
+    once = run(applied)
+    assert (once - stock).abs().max() > 1e-3
+    assert torch.equal(run(applied, lambda pipe: apply_tar(pipe, config)), once)
+    assert torch.equal(run(pipeline(), lambda pipe: apply_tar(pipe, flat)), stock)
+    removed = pipeline()
+    apply_tar(removed, flat)
+    assert torch.equal(run(removed, remove_tar), stock)
+
+    clean = pipeline(["down_blocks.0.motion_modules"])  # PAG on regularized modules only
+    apply_tar(clean, config)
+    expected = run(clean, pag_scale=0.0)
+    stopped = pipeline(["down_blocks.0.motion_modules"])
+    apply_tar(stopped, config)
+
+    def stop(pipe):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped, stop)
+    assert torch.equal(run(stopped, pag_scale=0.0), expected)
 
 
 def test_another_pipeline_with_its_own_scheduler_counts_its_own_loop():

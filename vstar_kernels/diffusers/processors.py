@@ -25,6 +25,9 @@ INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
 
 # the processors whose attention TARAttnProcessor computes (it takes their place)
 STANDS_IN_FOR = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
+# perturbed-attention guidance's self-attention processors (set by its pipelines at each call): the batch's chunks
+# ([unconditional,] conditional, perturbed), the last one's attention the identity
+PAG_CHUNKS = {"PAGCFGIdentitySelfAttnProcessor2_0": 3, "PAGIdentitySelfAttnProcessor2_0": 2}
 
 _SITE_ATTR = "_vstar_tar_site"
 
@@ -111,6 +114,8 @@ class TARSite:
     # one set since (`UNetState.sync`); `_uninstall` gives back the one of the kind of TAR's processor there then
     previous: Any = None
     previous_fused: Any = None
+    # perturbed-attention guidance's processor TAR stands in for in a PAG pipeline's call (`UNetState._guide`)
+    pag: Any = None
 
     def spec_at(self, step: Optional[int]) -> Optional[LevelSpec]:
         """The spec to apply at `step`, or None for plain attention."""
@@ -166,14 +171,17 @@ class TARAttnProcessor:
     """
 
     fused = False  # (a subclass that sets no state of its own is plain)
+    pag_chunks = 0  # standing in for a perturbed-attention guidance processor (PAG_CHUNKS) of a PAG pipeline's call
 
-    def __init__(self, fused: bool = False):
-        self.fused = fused
+    def __init__(self, fused: bool = False, pag_chunks: int = 0):
+        self.fused, self.pag_chunks = fused, pag_chunks
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,
                  temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.pag_chunks:
+            return self._guided(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
         site = tar_site(attn)
@@ -195,6 +203,30 @@ class TARAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
+    def _guided(self, attn: Attention, hidden_states, encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
+        """What the PAG processor computes, TAR's attention in its guided chunks: the batch's last chunk (the
+        perturbed branch) has the identity for attention (the value projection, then the output projection), the
+        others are this processor's plain call (each batch entry its own: norms, residual and rescale too)."""
+        if attention_mask is not None or encoder_hidden_states is not None:
+            raise ValueError(f"{tar_site(attn).name}: TAR in place of perturbed-attention guidance's processor takes "
+                             "a self-attention (no encoder_hidden_states) without attention_mask")
+        parts = hidden_states.chunk(self.pag_chunks)
+        tembs = (None,) * self.pag_chunks if temb is None else temb.chunk(self.pag_chunks)
+        guided = TARAttnProcessor()(attn, torch.cat(parts[:-1]), temb=None if temb is None else torch.cat(tembs[:-1]))
+        x = perturbed = parts[-1]
+        if attn.spatial_norm is not None:
+            x = attn.spatial_norm(x, tembs[-1])
+        if x.ndim == 4:
+            x = x.flatten(2).transpose(1, 2)
+        if attn.group_norm is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        x = attn.to_out[1](attn.to_out[0](attn.to_v(x)))
+        if perturbed.ndim == 4:
+            x = x.transpose(-1, -2).reshape(perturbed.shape)
+        if attn.residual_connection:
+            x = x + perturbed
+        return torch.cat([guided, x / attn.rescale_output_factor])
+
     def attention(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   attention_mask: Optional[torch.Tensor] = None, step: Optional[int] = None) -> torch.Tensor:
         """(B, H, Nq, D) q/k/v -> (B, H, Nq, Dv): TAR where module `attn` is regularized at `step`, else SDPA."""
@@ -215,9 +247,11 @@ class UNetState:
     """TAR's state on a UNet-style model: its sites, and the modules on the way to them (FreeNoise swaps blocks)."""
 
     def __init__(self, model: torch.nn.Module, config: TARConfig, steps: StepTracker,
-                 temporal: List[TemporalAttention]):
+                 temporal: List[TemporalAttention], pipeline=None):
         self.model, self.config, self.steps = model, config, steps
+        self.pipeline = pipeline  # a weakref to the pipeline TAR was applied to, or None
         self.processor, self.fused_processor = TARAttnProcessor(), TARAttnProcessor(fused=True)
+        self.guided = {chunks: TARAttnProcessor(pag_chunks=chunks) for chunks in set(PAG_CHUNKS.values())}
         self.sites: List[TARSite] = []
         self._install(temporal)
 
@@ -230,10 +264,13 @@ class UNetState:
                 continue
             site = TARSite(t.name, t.module, t.level, spec, config, self.steps)
             setattr(t.module, _SITE_ATTR, site)
+            self.sites.append(site)
+            if type(t.module.processor).__name__ in PAG_CHUNKS:  # applied inside a PAG pipeline's call
+                self._guide(site, t.module.processor)
+                continue
             if type(t.module.processor) not in STANDS_IN_FOR:
                 replaced.setdefault(type(t.module.processor).__name__, []).append(t.name)
             self._take(site, t.module.processor)
-            self.sites.append(site)
         self.layout = _layout(self.model, temporal)
         for name, sites in replaced.items():
             kept = ", ".join(c.__name__ for c in STANDS_IN_FOR)
@@ -257,18 +294,38 @@ class UNetState:
             self._install(temporal)
             self.steps.find_checkpointing(self.model)
         for site in self.sites:
-            if not isinstance(site.module.processor, TARAttnProcessor):
+            processor = site.module.processor
+            if not isinstance(processor, TARAttnProcessor):
                 self._stand_in(site)
+            elif processor.pag_chunks and not self._guiding():
+                # left by a PAG call that did not end (an exception skips the pipeline's restore): TAR's own back
+                site.module.set_processor(self.processor)
+
+    def _guiding(self) -> bool:
+        """Whether the pipeline's call under way has perturbed-attention guidance on (True where TAR was applied to
+        the model alone: no pipeline to ask)."""
+        pipeline = None if self.pipeline is None else self.pipeline()
+        return pipeline is None or bool(getattr(pipeline, "do_perturbed_attention_guidance", False))
+
+    def _guide(self, site: TARSite, processor) -> None:
+        """TAR in `processor`'s place (perturbed-attention guidance's, set by a PAG pipeline's call, which puts the
+        processors it found back at the call's end) for the call: `TARAttnProcessor._guided`."""
+        site.pag = processor
+        site.module.set_processor(self.guided[PAG_CHUNKS[type(processor).__name__]])
 
     def _stand_in(self, site: TARSite) -> None:
         """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""
         processor = site.module.processor
-        if type(processor).__name__.startswith("PAG"):  # diffusers' perturbed-attention guidance sets it each call
+        if type(processor).__name__ in PAG_CHUNKS:  # a PAG pipeline's call set it: its pag_applied_layers cover it
+            self._guide(site, processor)
+            return
+        if type(processor).__name__.startswith("PAG"):
+            site.module.set_processor(self.processor)  # (raised inside the call: the pipeline's restore is skipped)
             raise RuntimeError(
                 f"{site.name}: perturbed-attention guidance put {type(processor).__name__} on this regularized "
-                "temporal attention (its pag_applied_layers cover it), and sets it again at every pipeline call, so "
-                "TAR cannot run there: leave the regularized levels' temporal attention out of pag_applied_layers, "
-                "run with pag_scale=0, or remove_tar")
+                "temporal attention (its pag_applied_layers cover it), and sets it again at every pipeline call; "
+                f"TAR stands in for {', '.join(PAG_CHUNKS)} only: leave the regularized levels' temporal attention "
+                "out of pag_applied_layers, run with pag_scale=0, or remove_tar")
         if type(processor) not in STANDS_IN_FOR:
             raise RuntimeError(
                 f"{site.name}: its attention processor was replaced by {type(processor).__name__} after apply_tar "
@@ -295,7 +352,9 @@ def _uninstall(site: TARSite) -> None:
     """Give the module the processor TAR stood in for, of the kind (fused or not) of TAR's processor there now (one
     TAR never stood in for, diffusers' `AttnProcessor2_0`); one set behind TAR's back and not yet replaced stays."""
     processor = site.module.processor
-    if isinstance(processor, TARAttnProcessor):
+    if isinstance(processor, TARAttnProcessor) and processor.pag_chunks and site.pag is not None:
+        site.module.set_processor(site.pag)  # in a PAG pipeline's call: its processor for the rest of it
+    elif isinstance(processor, TARAttnProcessor):
         previous = site.previous_fused if processor.fused else site.previous
         site.module.set_processor(previous if previous is not None
                                   else FusedAttnProcessor2_0() if processor.fused else AttnProcessor2_0())
