@@ -920,6 +920,8 @@ def test_layouts_of_the_other_models():
     references = {"context_latents": [torch.zeros(1, 4, 2, 7, 9), torch.zeros(1, 4, 1, 3, 3)],
                   "time_dim_concat": torch.zeros(1, 4, 1, 7, 9)}
     assert vc_models.family_of(wan_).layout(wan_, x, references) == TokenLayout(5, 20, after=20 + 2 * 20 + 4)
+    compiled = fake("torch._dynamo.eval_frame", "OptimizedModule", _orig_mod=wan_, patch_size=(1, 2, 2), ref_conv=None)
+    assert vc_models.WAN.layout(compiled, x, references) == TokenLayout(5, 20, after=20 + 2 * 20 + 4)
     vace = type("VaceWanModel", (type(wan_),), {"__module__": "comfy.ldm.wan.model", "forward_orig": print})()
     vace.patch_size, vace.ref_conv = (1, 2, 2), None
     assert vc_models.family_of(vace).layout(vace, x, references) == TokenLayout(5, 20, after=20)

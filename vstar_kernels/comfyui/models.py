@@ -63,9 +63,10 @@ def _wan_layout(dm, x, extra) -> TokenLayout:
     frames, per_frame = _grid(_video(x, "Wan").shape, dm.patch_size, _ceil)
     concat, reference = extra.get("time_dim_concat"), extra.get("reference_latent")
     after = 0 if concat is None else _ceil(concat.shape[-3], dm.patch_size[0]) * per_frame
-    wan = next((c for c in type(dm).__mro__ if c.__name__ == "WanModel"), None)
+    own = type(getattr(dm, "_orig_mod", dm))  # a torch.compile'd model's module
+    wan = next((c for c in own.__mro__ if c.__name__ == "WanModel"), None)
     if extra.get("context_latents") is not None and wan is not None and \
-            getattr(type(dm), "forward_orig", None) is getattr(wan, "forward_orig", None):
+            getattr(own, "forward_orig", None) is getattr(wan, "forward_orig", None):
         after += sum(math.prod(_grid(latent.shape, dm.patch_size, _ceil)) for latent in extra["context_latents"])
     before = 0
     if reference is not None and getattr(dm, "ref_conv", None) is not None:
