@@ -112,8 +112,10 @@ def test_a_compiled_unet_takes_vsp_on_the_module_it_wraps():
     torch.testing.assert_close(call(compiled, sample, context), expected, rtol=0, atol=0)
     remove_vsp(compiled)
     assert torch.equal(call(unet, sample, context), call(compiled, sample, context))
-    with pytest.raises(TypeError, match="got Holder holding a Linear"):
+    with pytest.raises(TypeError, match="got Holder holding a Linear as .unet"):
         apply_vsp(type("Holder", (), {"unet": torch.nn.Linear(2, 2)})(), embeds)
+    with pytest.raises(TypeError, match="got a torch.compile'd Linear"):
+        apply_vsp(torch.compile(torch.nn.Linear(2, 2), backend="eager"), embeds)
 
 
 @pytest.mark.parametrize("kind", UNETS)

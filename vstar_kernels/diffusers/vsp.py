@@ -238,8 +238,8 @@ def _unwrapped(processor):
 def _unet_of(target):
     unet = uncompiled(getattr(target, "unet", target))
     if not isinstance(unet, SUPPORTED_UNETS):
-        held = f"{type(target).__name__} holding a {type(unet).__name__}" if unet is not target else \
-            type(target).__name__
+        held = f"{type(target).__name__} holding a {type(unet).__name__} as .unet" if hasattr(target, "unet") \
+            else type(target).__name__ if unet is target else f"a torch.compile'd {type(unet).__name__}"
         raise TypeError(f"target must be a UNet3DConditionModel, a UNetMotionModel or a pipeline holding one as "
                         f".unet (torch.compile'd or not), got {held}")
     return unet
