@@ -123,6 +123,30 @@ def test_batched_guidance_records_the_conditional_half_and_steps_filter():
         maps.max_outside_own_frame((fam.modules[0], 0))  # step 0 was not recorded
 
 
+def test_a_step_that_skips_the_unconditional_branch_records_the_conditional_call():
+    """diffusers' FasterCache skips the unconditional branch in some steps of batched guidance, its hook passing the
+    blocks the conditional half of the model's batch: that call is the conditional branch, recorded whole (it was
+    refused as an odd batch; with two videos a prompt it would have dropped the first)."""
+    from diffusers import FasterCacheConfig, apply_faster_cache
+
+    fam = FAMILIES["cogvideox"]
+    model = fam.model()
+    apply_faster_cache(model, FasterCacheConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+        current_timestep_callback=lambda: 500, attention_weight_callback=lambda _: 0.3,
+        unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 781), tensor_format="BFCHW",
+        is_guidance_distilled=False))
+    inputs = fam.inputs()
+    with torch.no_grad(), capture_frame_attention(model, cfg=True, steps=[2]) as maps:
+        for _ in range(3):
+            forward(model, inputs)  # step 2: the conditional half alone, its attention computed
+    plain = fam.model()
+    with torch.no_grad(), capture_frame_attention(plain) as alone:
+        forward(plain, {k: v[BATCH // 2:] for k, v in inputs.items()})
+    name = fam.modules[0]
+    torch.testing.assert_close(maps[(name, 2)], alone[(name, 0)], atol=1e-5, rtol=1e-5)
+
+
 def run_ltx_pipeline(pipe, guidance_scale):
     """A real LTXPipeline run (prompt embeddings in, latents out): 2 latent frames of 2 x 2 tokens, 2 steps."""
     pipe(prompt_embeds=randn(1, 5, 16, seed=5), prompt_attention_mask=torch.ones(1, 5),

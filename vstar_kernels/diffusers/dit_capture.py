@@ -135,6 +135,7 @@ class _Recorder:
         self.tracker: Optional[StepTracker] = None
         self.grid = None  # kept by watch_layout's hooks, as is:
         self.perturbed = False  # the call in progress perturbs the model for guidance (not recorded)
+        self.call_batch = None  # the batch the model was called with
 
     def _guidance_batched(self) -> bool:
         """Whether this call batches guidance: `cfg` where given, else what the running pipeline says."""
@@ -159,7 +160,9 @@ class _Recorder:
         regularized = {"strength": 0.0} if spec is None else spec.tar_kwargs(
             self.grid[0], self.grid[0], device=query.device, dtype=query.dtype, where=name)
         keep = slice(0, query.shape[0])
-        if self._guidance_batched():
+        # a call of the conditional half alone: diffusers' FasterCache skips the unconditional branch in some steps,
+        # its hook passing the blocks the second half of the batch the model was called with
+        if self._guidance_batched() and batch * 2 != self.call_batch:
             if batch % 2:
                 raise ValueError(f"{name}: guidance is batched but the call has an odd batch ({batch} sequences)")
             start = max(batch // 2 - first, 0)

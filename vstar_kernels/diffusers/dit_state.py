@@ -86,8 +86,9 @@ class DiTState:
 
 
 def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
-    """Hooks that keep ``target.grid`` the `TokenLayout` of the model's call in progress, and ``target.perturbed``
-    whether that call perturbs the model for guidance (`DiTFamily.perturbs`).
+    """Hooks that keep ``target.grid`` the `TokenLayout` of the model's call in progress, ``target.perturbed``
+    whether that call perturbs the model for guidance (`DiTFamily.perturbs`), and ``target.call_batch`` the batch
+    of its hidden_states as the model was called (a hook inside the forward may pass its blocks fewer).
 
     Returns the two hook handles; the grid is None outside a forward call (also after one raised).
     """
@@ -100,10 +101,13 @@ def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
         bound.apply_defaults()
         target.grid = family.layout(module, bound.arguments)
         target.perturbed = family.perturbs is not None and family.perturbs(bound.arguments)
+        hidden = bound.arguments.get("hidden_states")
+        target.call_batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) else None
 
     def forget_layout(module, args, output):
         target.grid = None
         target.perturbed = False
+        target.call_batch = None
 
     return (model.register_forward_pre_hook(read_layout, with_kwargs=True),
             model.register_forward_hook(forget_layout, always_call=True))
