@@ -177,6 +177,31 @@ def test_latte_pipeline_guidance_is_read_from_the_pipeline():
                                                       rows=slice(x.shape[0] // 2, None)), **MAP_TOL)
 
 
+@pytest.mark.parametrize("skip", [5, 1])
+def test_fastercache_skipping_the_unconditional_branch_is_refused(skip):
+    """diffusers' FasterCache on Latte, under batched guidance, runs some steps on the conditional half alone, which
+    the capture cannot tell from the model's input (it kept the second half of that half's rows: half the positions,
+    without a word): refused; with no step skipped (unconditional_batch_skip_range=1) it records."""
+    from diffusers import FasterCacheConfig, apply_faster_cache
+
+    fam = FAMILIES["latte"]
+    model = fam.model()
+    inputs = {k: torch.cat([v, v]) if k != "timestep" else v.repeat(2) for k, v in fam.inputs(model).items()}
+    apply_faster_cache(model, FasterCacheConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+        current_timestep_callback=lambda: 500, attention_weight_callback=lambda _: 0.3,
+        unconditional_batch_skip_range=skip, unconditional_batch_timestep_skip_range=(-1, 781), tensor_format="BCFHW",
+        is_guidance_distilled=False))
+    name = "temporal_transformer_blocks.0.attn1"
+    with torch.no_grad(), capture_temporal_attention(model, cfg=True, layers=[name]) as maps:
+        if skip > 1:
+            with pytest.raises(ValueError, match="FasterCache on this model skips the unconditional branch"):
+                forward(model, inputs)
+        else:
+            forward(model, inputs)
+            assert list(maps) == [(name, 0)]
+
+
 def test_a_pipeline_with_perturbed_attention_guidance_is_refused():
     """AnimateDiff's PAG pipeline batches [unconditional, conditional, perturbed]: at two videos a prompt the
     conditional half of the batch would mix conditional and perturbed rows; the capture refuses it, whatever cfg

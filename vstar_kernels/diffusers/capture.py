@@ -127,6 +127,13 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
         StepTracker.detach(model, recorder.owner)
 
 
+def _skips_unconditional(model) -> bool:
+    """Whether diffusers' FasterCache on `model` may skip the unconditional branch of batched guidance."""
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = None if registry is None else registry.get_hook("faster_cache_denoiser")
+    return hook is not None and not hook.is_guidance_distilled and hook.unconditional_batch_skip_range > 1
+
+
 class _Recorder:
     """The forward hooks of one capture and what they add to its maps."""
 
@@ -179,6 +186,11 @@ class _Recorder:
                              "take apart: capture with pag_scale=0")
         start = 0
         if self._guidance_batched():
+            if _skips_unconditional(self.model):
+                raise ValueError(f"{name}: diffusers' FasterCache on this model skips the unconditional branch in some "
+                                 "steps, where the model's blocks see the conditional half alone, which the capture "
+                                 "cannot tell from its input: capture without it, or with FasterCacheConfig("
+                                 "unconditional_batch_skip_range=1)")
             if self.batch is None or self.batch % 2:
                 raise ValueError(f"{name}: guidance is batched (cfg=True, or the pipeline's "
                                  "do_classifier_free_guidance) but the model call's batch is not even (its "
