@@ -145,8 +145,7 @@ def apply_tar(target, config: TARConfig) -> List[str]:
         raise ValueError(f"blocks= selects transformer blocks of a video DiT; {type(model).__name__} is regularized "
                          f"by resolution level: use levels (its temporal attention runs at levels "
                          f"{sorted({t.level for t in temporal})})")
-    state = _attach(model, pipeline, lambda steps: UNetState(model, config, steps, temporal,
-                                                             None if pipeline is None else weakref.ref(pipeline)))
+    state = _attach(model, pipeline, lambda steps: UNetState(model, config, steps, temporal))
     return [site.name for site in state.sites]
 
 

@@ -7,12 +7,14 @@ the processor to restore) lives on the `Attention` module, so the processor itse
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from ..functional import tar_attention
@@ -25,9 +27,6 @@ INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
 
 # the processors whose attention TARAttnProcessor computes (it takes their place)
 STANDS_IN_FOR = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
-# perturbed-attention guidance's self-attention processors (set by its pipelines at each call): the batch's chunks
-# ([unconditional,] conditional, perturbed), the last one's attention the identity
-PAG_CHUNKS = {"PAGCFGIdentitySelfAttnProcessor2_0": 3, "PAGIdentitySelfAttnProcessor2_0": 2}
 
 _SITE_ATTR = "_vstar_tar_site"
 
@@ -114,8 +113,6 @@ class TARSite:
     # one set since (`UNetState.sync`); `_uninstall` gives back the one of the kind of TAR's processor there then
     previous: Any = None
     previous_fused: Any = None
-    # perturbed-attention guidance's processor TAR stands in for in a PAG pipeline's call (`UNetState._guide`)
-    pag: Any = None
 
     def spec_at(self, step: Optional[int]) -> Optional[LevelSpec]:
         """The spec to apply at `step`, or None for plain attention."""
@@ -171,17 +168,14 @@ class TARAttnProcessor:
     """
 
     fused = False  # (a subclass that sets no state of its own is plain)
-    pag_chunks = 0  # standing in for a perturbed-attention guidance processor (PAG_CHUNKS) of a PAG pipeline's call
 
-    def __init__(self, fused: bool = False, pag_chunks: int = 0):
-        self.fused, self.pag_chunks = fused, pag_chunks
+    def __init__(self, fused: bool = False):
+        self.fused = fused
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,
                  temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.pag_chunks:
-            return self._guided(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
         site = tar_site(attn)
@@ -203,30 +197,6 @@ class TARAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _guided(self, attn: Attention, hidden_states, encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
-        """What the PAG processor computes, TAR's attention in its guided chunks: the batch's last chunk (the
-        perturbed branch) has the identity for attention (the value projection, then the output projection), the
-        others are this processor's plain call (each batch entry its own: norms, residual and rescale too)."""
-        if attention_mask is not None or encoder_hidden_states is not None:
-            raise ValueError(f"{tar_site(attn).name}: TAR in place of perturbed-attention guidance's processor takes "
-                             "a self-attention (no encoder_hidden_states) without attention_mask")
-        parts = hidden_states.chunk(self.pag_chunks)
-        tembs = (None,) * self.pag_chunks if temb is None else temb.chunk(self.pag_chunks)
-        guided = TARAttnProcessor()(attn, torch.cat(parts[:-1]), temb=None if temb is None else torch.cat(tembs[:-1]))
-        x = perturbed = parts[-1]
-        if attn.spatial_norm is not None:
-            x = attn.spatial_norm(x, tembs[-1])
-        if x.ndim == 4:
-            x = x.flatten(2).transpose(1, 2)
-        if attn.group_norm is not None:
-            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-        x = attn.to_out[1](attn.to_out[0](attn.to_v(x)))
-        if perturbed.ndim == 4:
-            x = x.transpose(-1, -2).reshape(perturbed.shape)
-        if attn.residual_connection:
-            x = x + perturbed
-        return torch.cat([guided, x / attn.rescale_output_factor])
-
     def attention(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   attention_mask: Optional[torch.Tensor] = None, step: Optional[int] = None) -> torch.Tensor:
         """(B, H, Nq, D) q/k/v -> (B, H, Nq, Dv): TAR where module `attn` is regularized at `step`, else SDPA."""
@@ -243,15 +213,62 @@ class TARAttnProcessor:
                                                dtype=query.dtype, where=where))
 
 
+class _TARInSDPA(TorchFunctionMode):
+    """Inside another processor's call on a regularized module: its scaled_dot_product_attention calls answered by
+    `TARAttnProcessor.attention` (TAR where the module is regularized at the step, else SDPA itself)."""
+
+    def __init__(self, attn: Attention, tar: TARAttnProcessor):
+        super().__init__()
+        self.attn, self.tar, self.calls = attn, tar, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        query, key, value, attn_mask = _sdpa_arguments(*args, **kwargs)
+        site = tar_site(self.attn)
+        return self.tar.attention(self.attn, query, key, value, attention_mask=attn_mask,
+                                  step=None if site is None else site.steps.step)
+
+
+def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if dropout_p or is_causal or scale is not None or enable_gqa:
+        raise ValueError("TAR in a perturbed-attention guidance processor takes its scaled_dot_product_attention "
+                         "calls without dropout, causal mask, scale or grouped heads")
+    return query, key, value, attn_mask
+
+
+class PAGWithTAR:
+    """Perturbed-attention guidance's processor on a regularized temporal attention (set by a PAG pipeline's call,
+    which puts the processors it found back at the call's end): it runs as it is, its attention calls (its guided
+    branches'; the perturbed branch, the identity, makes none) answered by TAR (`_TARInSDPA`)."""
+
+    def __init__(self, inner, tar: TARAttnProcessor):
+        self.inner, self.tar = inner, tar
+        # the inner processor's signature, for diffusers' keyword filtering of the attention call
+        self.__call__ = functools.wraps(inner.__call__)(functools.partial(type(self).__call__, self))
+
+    def __call__(self, attn: Attention, *args, **kwargs):
+        mode = _TARInSDPA(attn, self.tar)
+        with mode:
+            out = self.inner(attn, *args, **kwargs)
+        site = tar_site(attn)
+        if not mode.calls and site is not None and site.spec_at(site.steps.step) is not None:
+            raise RuntimeError(f"{site.name}: {type(self.inner).__name__} computed its attention without "
+                               "torch's scaled_dot_product_attention, so TAR could not run there: leave the "
+                               "regularized levels' temporal attention out of pag_applied_layers, or run with "
+                               "pag_scale=0")
+        return out
+
+
 class UNetState:
     """TAR's state on a UNet-style model: its sites, and the modules on the way to them (FreeNoise swaps blocks)."""
 
     def __init__(self, model: torch.nn.Module, config: TARConfig, steps: StepTracker,
-                 temporal: List[TemporalAttention], pipeline=None):
+                 temporal: List[TemporalAttention]):
         self.model, self.config, self.steps = model, config, steps
-        self.pipeline = pipeline  # a weakref to the pipeline TAR was applied to, or None
         self.processor, self.fused_processor = TARAttnProcessor(), TARAttnProcessor(fused=True)
-        self.guided = {chunks: TARAttnProcessor(pag_chunks=chunks) for chunks in set(PAG_CHUNKS.values())}
         self.sites: List[TARSite] = []
         self._install(temporal)
 
@@ -265,10 +282,10 @@ class UNetState:
             site = TARSite(t.name, t.module, t.level, spec, config, self.steps)
             setattr(t.module, _SITE_ATTR, site)
             self.sites.append(site)
-            if type(t.module.processor).__name__ in PAG_CHUNKS:  # applied inside a PAG pipeline's call
-                self._guide(site, t.module.processor)
+            if _is_pag(t.module.processor):  # applied inside a PAG pipeline's call
+                t.module.set_processor(PAGWithTAR(t.module.processor, self.processor))
                 continue
-            if type(t.module.processor) not in STANDS_IN_FOR:
+            if type(t.module.processor) not in STANDS_IN_FOR and not _stateless(t.module.processor):
                 replaced.setdefault(type(t.module.processor).__name__, []).append(t.name)
             self._take(site, t.module.processor)
         self.layout = _layout(self.model, temporal)
@@ -294,39 +311,16 @@ class UNetState:
             self._install(temporal)
             self.steps.find_checkpointing(self.model)
         for site in self.sites:
-            processor = site.module.processor
-            if not isinstance(processor, TARAttnProcessor):
+            if not isinstance(site.module.processor, (TARAttnProcessor, PAGWithTAR)):
                 self._stand_in(site)
-            elif processor.pag_chunks and not self._guiding():
-                # left by a PAG call that did not end (an exception skips the pipeline's restore): TAR's own back
-                site.module.set_processor(self.processor)
-
-    def _guiding(self) -> bool:
-        """Whether the pipeline's call under way has perturbed-attention guidance on (True where TAR was applied to
-        the model alone: no pipeline to ask)."""
-        pipeline = None if self.pipeline is None else self.pipeline()
-        return pipeline is None or bool(getattr(pipeline, "do_perturbed_attention_guidance", False))
-
-    def _guide(self, site: TARSite, processor) -> None:
-        """TAR in `processor`'s place (perturbed-attention guidance's, set by a PAG pipeline's call, which puts the
-        processors it found back at the call's end) for the call: `TARAttnProcessor._guided`."""
-        site.pag = processor
-        site.module.set_processor(self.guided[PAG_CHUNKS[type(processor).__name__]])
 
     def _stand_in(self, site: TARSite) -> None:
         """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""
         processor = site.module.processor
-        if type(processor).__name__ in PAG_CHUNKS:  # a PAG pipeline's call set it: its pag_applied_layers cover it
-            self._guide(site, processor)
+        if _is_pag(processor):  # a PAG pipeline's call set it: its pag_applied_layers cover this attention
+            site.module.set_processor(PAGWithTAR(processor, self.processor))
             return
-        if type(processor).__name__.startswith("PAG"):
-            site.module.set_processor(self.processor)  # (raised inside the call: the pipeline's restore is skipped)
-            raise RuntimeError(
-                f"{site.name}: perturbed-attention guidance put {type(processor).__name__} on this regularized "
-                "temporal attention (its pag_applied_layers cover it), and sets it again at every pipeline call; "
-                f"TAR stands in for {', '.join(PAG_CHUNKS)} only: leave the regularized levels' temporal attention "
-                "out of pag_applied_layers, run with pag_scale=0, or remove_tar")
-        if type(processor) not in STANDS_IN_FOR:
+        if type(processor) not in STANDS_IN_FOR and not _stateless(processor):
             raise RuntimeError(
                 f"{site.name}: its attention processor was replaced by {type(processor).__name__} after apply_tar "
                 f"(set_attn_processor?); TAR computes the attention of {', '.join(c.__name__ for c in STANDS_IN_FOR)} "
@@ -336,6 +330,8 @@ class UNetState:
 
     def _take(self, site: TARSite, processor) -> None:
         """TAR's processor in `processor`'s place on `site`'s module: the fused one for a FusedAttnProcessor2_0."""
+        if _stateless(processor):  # what it stands for, for remove_tar to give back
+            processor = FusedAttnProcessor2_0() if processor.fused else AttnProcessor2_0()
         if isinstance(processor, FusedAttnProcessor2_0):
             site.previous_fused = processor
             site.module.set_processor(self.fused_processor)
@@ -348,12 +344,23 @@ class UNetState:
             _uninstall(site)
 
 
+def _is_pag(processor) -> bool:
+    """Whether `processor` is one of perturbed-attention guidance's (diffusers' PAG...Processor classes)."""
+    return type(processor).__name__.startswith("PAG")
+
+
+def _stateless(processor) -> bool:
+    """A TAR processor on a module TAR is not on (put back by a PAG pipeline's call from which TAR was removed): it
+    computes what the one TAR stands in for computes."""
+    return type(processor) is TARAttnProcessor
+
+
 def _uninstall(site: TARSite) -> None:
     """Give the module the processor TAR stood in for, of the kind (fused or not) of TAR's processor there now (one
     TAR never stood in for, diffusers' `AttnProcessor2_0`); one set behind TAR's back and not yet replaced stays."""
     processor = site.module.processor
-    if isinstance(processor, TARAttnProcessor) and processor.pag_chunks and site.pag is not None:
-        site.module.set_processor(site.pag)  # in a PAG pipeline's call: its processor for the rest of it
+    if isinstance(processor, PAGWithTAR):
+        site.module.set_processor(processor.inner)  # in a PAG pipeline's call: its processor for the rest of it
     elif isinstance(processor, TARAttnProcessor):
         previous = site.previous_fused if processor.fused else site.previous
         site.module.set_processor(previous if previous is not None
