@@ -20,6 +20,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
 from .dit_families import FAMILIES
+from .interception import sdpa_arguments
 from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
@@ -226,17 +227,13 @@ class _TARInSDPA(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         self.calls += 1
-        query, key, value, attn_mask = _sdpa_arguments(*args, **kwargs)
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = sdpa_arguments(*args, **kwargs)
+        if dropout_p or is_causal or scale is not None or enable_gqa:
+            raise ValueError("TAR in a perturbed-attention guidance processor takes its scaled_dot_product_attention "
+                             "calls without dropout, causal mask, scale or grouped heads")
         site = tar_site(self.attn)
         return self.tar.attention(self.attn, query, key, value, attention_mask=attn_mask,
                                   step=None if site is None else site.steps.step)
-
-
-def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    if dropout_p or is_causal or scale is not None or enable_gqa:
-        raise ValueError("TAR in a perturbed-attention guidance processor takes its scaled_dot_product_attention "
-                         "calls without dropout, causal mask, scale or grouped heads")
-    return query, key, value, attn_mask
 
 
 class PAGWithTAR:
@@ -320,7 +317,7 @@ class UNetState:
         if _is_pag(processor):  # a PAG pipeline's call set it: its pag_applied_layers cover this attention
             site.module.set_processor(PAGWithTAR(processor, self.processor))
             return
-        if type(processor) not in STANDS_IN_FOR and not _stateless(processor):
+        if type(processor) not in STANDS_IN_FOR:
             raise RuntimeError(
                 f"{site.name}: its attention processor was replaced by {type(processor).__name__} after apply_tar "
                 f"(set_attn_processor?); TAR computes the attention of {', '.join(c.__name__ for c in STANDS_IN_FOR)} "
