@@ -202,6 +202,29 @@ def test_fastercache_skipping_the_unconditional_branch_is_refused(skip):
             assert list(maps) == [(name, 0)]
 
 
+def test_an_attention_whose_output_a_cache_reuses_is_refused():
+    """diffusers' pyramid attention broadcast on Latte's temporal attention reuses its output in some steps: the
+    capture, which records each call from the module's inputs, recorded a map at every step, also where the model
+    ran no attention (one step in two here). Refused, naming the hook; the other temporal attentions record."""
+    from diffusers import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    fam = FAMILIES["latte"]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    timestep = {"now": 900}
+    apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
+        temporal_attention_block_skip_range=2, temporal_attention_timestep_skip_range=(-1, 1000),
+        temporal_attention_block_identifiers=("temporal_transformer_blocks.0",),
+        current_timestep_callback=lambda: timestep["now"]))
+    with torch.no_grad(), capture_temporal_attention(model, layers=["temporal_transformer_blocks.1.attn1"]) as maps:
+        forward(model, inputs)
+    assert list(maps) == [("temporal_transformer_blocks.1.attn1", 0)]
+    with torch.no_grad(), capture_temporal_attention(model, layers=["temporal_transformer_blocks.0.attn1"]):
+        with pytest.raises(ValueError, match="diffusers' pyramid_attention_broadcast hook on this attention reuses "
+                                             "its output"):
+            forward(model, inputs)
+
+
 def test_a_pipeline_with_perturbed_attention_guidance_is_refused():
     """AnimateDiff's PAG pipeline batches [unconditional, conditional, perturbed]: at two videos a prompt the
     conditional half of the batch would mix conditional and perturbed rows; the capture refuses it, whatever cfg

@@ -134,6 +134,15 @@ def _skips_unconditional(model) -> bool:
     return hook is not None and not hook.is_guidance_distilled and hook.unconditional_batch_skip_range > 1
 
 
+# diffusers' hooks on an attention module that may return an earlier call's output instead of computing it
+REUSING_HOOKS = ("pyramid_attention_broadcast", "faster_cache_block", "taylorseer_cache")
+
+
+def _reusing_hooks(module) -> List[str]:
+    registry = getattr(module, "_diffusers_hook", None)
+    return [] if registry is None else [name for name in REUSING_HOOKS if registry.get_hook(name) is not None]
+
+
 class _Recorder:
     """The forward hooks of one capture and what they add to its maps."""
 
@@ -179,6 +188,11 @@ class _Recorder:
         if call.get("attention_mask") is not None:
             raise ValueError(f"{name}: capture_temporal_attention records unmasked temporal attention, but this "
                              "call passed an attention_mask")
+        reusing = _reusing_hooks(module)
+        if reusing:
+            raise ValueError(f"{name}: diffusers' {reusing[0]} hook on this attention reuses its output in some "
+                             "steps, where capture_temporal_attention, which records each call from the module's "
+                             "inputs, would record a map the model did not compute: capture without it")
         rows = call["hidden_states"].shape[0]
         if self.pipeline is not None and getattr(self.pipeline, "do_perturbed_attention_guidance", False):
             raise ValueError(f"{name}: the pipeline batches a perturbed-attention-guidance branch beside its guidance "
