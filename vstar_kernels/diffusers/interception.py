@@ -80,7 +80,26 @@ def _no_sdpa_call(name: str, consequence: str, backend: Optional[str]) -> Runtim
         "(model.set_attention_backend('native'))")
 
 
-class TARAttention(TorchFunctionMode):
+class SDPACalls(TorchFunctionMode):
+    """Answers torch's scaled_dot_product_attention calls with `answer` (their arguments in SDPA's order), counted
+    in ``calls``; passes all else through."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        return self.answer(*sdpa_arguments(*args, **kwargs))
+
+    def answer(self, query, key, value, mask, dropout_p, is_causal, scale, enable_gqa):
+        raise NotImplementedError
+
+
+class TARAttention(SDPACalls):
     """Answers scaled_dot_product_attention calls with `processor.attention`; passes all else through.
 
     `processor` is a `DiTTARProcessor`; under context parallelism `parallel` (a `ContextParallelTAR`) answers
@@ -90,14 +109,8 @@ class TARAttention(TorchFunctionMode):
     def __init__(self, processor, attn: torch.nn.Module, spec: LevelSpec, grid: Optional[TokenLayout], parallel=None):
         super().__init__()
         self.processor, self.attn, self.spec, self.grid, self.parallel = processor, attn, spec, grid, parallel
-        self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        self.calls += 1
-        query, key, value, mask, dropout_p, is_causal, scale, enable_gqa = sdpa_arguments(*args, **kwargs)
+    def answer(self, query, key, value, mask, dropout_p, is_causal, scale, enable_gqa):
         where = self.processor.name
         if dropout_p != 0.0:
             raise ValueError(f"{where}: TAR takes no attention dropout, but the processor asked for {dropout_p}")

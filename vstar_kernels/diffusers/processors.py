@@ -14,13 +14,12 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
 from .dit_families import FAMILIES
-from .interception import sdpa_arguments
+from .interception import SDPACalls
 from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
@@ -214,20 +213,15 @@ class TARAttnProcessor:
                                                dtype=query.dtype, where=where))
 
 
-class _TARInSDPA(TorchFunctionMode):
+class _TARInSDPA(SDPACalls):
     """Inside another processor's call on a regularized module: its scaled_dot_product_attention calls answered by
     `TARAttnProcessor.attention` (TAR where the module is regularized at the step, else SDPA itself)."""
 
     def __init__(self, attn: Attention, tar: TARAttnProcessor):
         super().__init__()
-        self.attn, self.tar, self.calls = attn, tar, 0
+        self.attn, self.tar = attn, tar
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        self.calls += 1
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = sdpa_arguments(*args, **kwargs)
+    def answer(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         if dropout_p or is_causal or scale is not None or enable_gqa:
             raise ValueError("TAR in a perturbed-attention guidance processor takes its scaled_dot_product_attention "
                              "calls without dropout, causal mask, scale or grouped heads")
