@@ -20,7 +20,6 @@ __all__ = ["PRESETS", "LevelSpec", "TARConfig", "apply_tar_to_modules", "remove_
 INTERFACE = ("to_q", "to_k", "to_v", "to_out", "heads", "scale")
 
 _STATE_ATTR = "_vstar_tar_modules"
-_NO_FORWARD = object()  # the module had no instance attribute `forward`
 
 
 @dataclass
@@ -35,6 +34,11 @@ def _call_arguments(x, context=None, mask=None):
     return x, context, mask
 
 
+@dataclass
+class _Unbound:
+    function: Callable
+
+
 class _TARForward:
     """The forward of one patched module: TAR where regularized, the module's previous forward elsewhere."""
 
@@ -44,8 +48,27 @@ class _TARForward:
         self.level = level
         self.spec = spec
         self.state = state
-        self.previous = vars(module).get("forward", _NO_FORWARD)
-        self.original: Callable = module.forward
+        # the module's instance attribute `forward`, or None (not a sentinel object, which a deepcopy or pickle of
+        # the model would copy into another)
+        self.previous: Optional[Callable] = vars(module).get("forward")
+
+    def original(self, *args, **kwargs):
+        """The module's forward before the patch."""
+        forward = self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+        return forward(*args, **kwargs)
+
+    def __getstate__(self):
+        # pickle stores a method bound to the module as getattr(module, name), which while the model loads gives
+        # this object back (a patched forward calling itself): keep the function, bound again on load
+        state = dict(vars(self))
+        if getattr(self.previous, "__self__", None) is self.module:
+            state["previous"] = _Unbound(self.previous.__func__)
+        return state
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        if isinstance(self.previous, _Unbound):
+            self.previous = self.previous.function.__get__(self.module)
 
     def __call__(self, *args, **kwargs):
         if not self._regularized():
@@ -75,7 +98,7 @@ class _TARForward:
         return step is None or config.regularizes(step)  # no step set gets here only without until_step: every step
 
     def restore(self) -> None:
-        if self.previous is _NO_FORWARD:
+        if self.previous is None:
             del self.module.forward
         else:
             self.module.forward = self.previous

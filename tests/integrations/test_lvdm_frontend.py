@@ -6,6 +6,9 @@ its modules as VideoCrafter2 does (``input_blocks.<i>.<j>``, ``middle_block``, `
 ``init_attn``) so that the README's `select` function is exercised on the same names.
 """
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +214,29 @@ def test_remove_restores_every_module_exactly():
     assert torch.equal(run_recording(model, x)[0], plain)
     with pytest.raises(ValueError, match="no TAR modules: call apply_tar_to_modules first"):
         set_step(model, 0)
+
+
+@pytest.mark.parametrize("copy_model", [copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copy_of_a_patched_model_runs_tar_and_removes_it(copy_model):
+    # an EMA copy, or a whole model saved with torch.save: the copy's modules get back their own forward
+    model = ToyUNet()
+    x = video()
+    plain, _ = run_recording(model, x)
+    fast = dict(model.named_modules())["input_blocks.2.2.transformer_blocks.0.attn1"]
+    fast.forward = fast.forward  # an instance-level forward, as lvdm sets when it picks xformers
+    apply_tar_to_modules(model, TARConfig.from_preset("64D1", until_step=1), select=videocrafter2_select(model))
+    set_step(model, 0)
+    tar_out, _ = run_recording(model, x)
+    copied = copy_model(model)
+    assert torch.equal(run_recording(copied, x)[0], tar_out)
+    set_step(copied, 2)  # the modules' own forward, on the copy
+    assert torch.equal(run_recording(copied, x)[0], plain)
+    remove_tar_from_modules(copied)
+    assert not [name for name, m in copied.named_modules() if "forward" in vars(m)
+                and not callable(vars(m)["forward"])]
+    assert torch.equal(run_recording(copied, x)[0], plain)
+    assert torch.equal(run_recording(model, x)[0], tar_out)  # the original keeps TAR
 
 
 def test_a_module_patched_through_another_root_is_refused():
