@@ -328,8 +328,11 @@ def test_calls_whose_layout_or_mask_tar_cannot_honour_raise():
         attn(x, attention_mask=torch.zeros(1, 1, 48, 48))
 
 
-def test_torch_compile_traces_the_processors_and_keeps_the_step_gate():
-    fam = FAMILIES["wan"]
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_torch_compile_traces_the_processors_and_keeps_the_step_gate(family):
+    """HunyuanVideo passes its rotary embedding to the attention by keyword, which diffusers keeps only where the
+    processor's signature names it: compiled, TAR's wrapper showed its own (it was dropped, at every step)."""
+    fam = FAMILIES[family]
     model = fam.model()
     inputs = fam.inputs()
     plain = forward(model, inputs)

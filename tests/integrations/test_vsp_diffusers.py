@@ -1,5 +1,7 @@
 """Video Synopsis Prompting in diffusers video UNets and pipelines (tiny random models, CPU)."""
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -95,6 +97,26 @@ def test_same_embedding_on_every_frame_is_exactly_stock(kind, cfg):
     assert torch.equal(call(unet, sample, context), stock)
     remove_vsp(unet)
     assert torch.equal(call(unet, sample, context), stock)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_unet_under_vsp_saved_whole_or_copied_gives_the_same_output(how):
+    """VSP's processor shows the wrapped processor's signature through a class made for it: pickled, torch.save of
+    the whole model raised (pickle found another class by that name)."""
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    apply_vsp(unet, torch.randn(1, N, L, C, generator=torch.Generator().manual_seed(5)), cfg=True)
+    if how == "deepcopy":
+        copied = copy.deepcopy(unet)
+    else:
+        buffer = io.BytesIO()
+        torch.save(unet, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    out = call(unet, sample, context_for("unet3d", ehs))
+    assert torch.equal(call(copied, sample, context_for("unet3d", ehs)), out)
+    remove_vsp(copied)
+    assert not torch.equal(call(copied, sample, context_for("unet3d", ehs)), out)
 
 
 def test_a_compiled_unet_takes_vsp_on_the_module_it_wraps():

@@ -6,7 +6,6 @@ mode (stock output bit for bit); under context parallelism `ContextParallelTAR` 
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from .. import tar_attention
 from ..frames import as_layout
 from .context_parallel import ContextParallelTAR, local_stock_call
-from .interception import TARAttention, call_through_sdpa
+from .interception import TARAttention, Wrapping, call_through_sdpa
 
 
 def _forwarded(name: str) -> property:
@@ -24,7 +23,7 @@ def _forwarded(name: str) -> property:
                     lambda self, value: setattr(self.processor, name, value))
 
 
-class DiTTARProcessor:
+class DiTTARProcessor(Wrapping):
     """The module's own processor, with TAR on its attention call in the regularized steps (module docstring).
 
     `state`: the model's `dit_state.DiTState`. `attention` is the one place the regularized attention is computed,
@@ -33,9 +32,7 @@ class DiTTARProcessor:
 
     def __init__(self, processor: Any, name: str, block: int, state):
         self.processor, self.name, self.block, self.state = processor, name, block, state
-        # diffusers' attention modules keep only the keyword arguments named in
-        # inspect.signature(processor.__call__): this attribute (the same call) gives it the stock one's
-        self.__call__ = functools.wraps(processor.__call__)(functools.partial(type(self).__call__, self))
+        self.show(processor)
 
     # diffusers' set_attention_backend / context parallelism set these on the processor
     _attention_backend = _forwarded("_attention_backend")

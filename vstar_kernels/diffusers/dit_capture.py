@@ -10,7 +10,6 @@ lies outside their own frame and the text (`FrameAttentionMaps.max_outside_own_f
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import weakref
 from typing import Optional
@@ -27,7 +26,7 @@ from .dit import DiTTARProcessor
 from .dit_families import dit_attention_modules, dit_family, set_processor, unsupported_dit
 from .dit_state import watch_layout
 from .install import denoiser, tar_models, tar_state
-from .interception import call_through_sdpa, mask_runs, sdpa_arguments
+from .interception import Wrapping, call_through_sdpa, mask_runs, sdpa_arguments
 from .steps import StepTracker, loop_step
 from .token_grid import token_frames
 
@@ -234,13 +233,12 @@ class _Listen(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Watch:
+class _Watch(Wrapping):
     """Wraps a block's processor; in the recorded steps its attention calls are recorded."""
 
     def __init__(self, processor, recorder: _Recorder, name: str, block: int):
         self.processor, self.recorder, self.name, self.block = processor, recorder, name, block
-        # the stock processor's signature, for diffusers' keyword filtering (see DiTTARProcessor)
-        self.__call__ = functools.wraps(processor.__call__)(functools.partial(type(self).__call__, self))
+        self.show(processor)
 
     def __call__(self, attn, *args, **kwargs):
         # every call, recorded or not (TAR's processor around this one does not see the parallel config through it),

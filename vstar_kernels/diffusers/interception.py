@@ -32,6 +32,38 @@ MAX_MASK_RUNS = 64
 _RUN_CHUNK = 1 << 26
 
 
+class Wrapping:
+    """A processor that wraps another and passes its calls on. diffusers' attention modules keep only the keyword
+    arguments that ``inspect.signature(processor.__call__)`` names (a DiT's ``image_rotary_emb``), and under
+    torch.compile read it from the class: `show` makes the instance one of a subclass made per wrapped class,
+    whose ``__call__`` shows that class's signature (kept by copy and pickle)."""
+
+    def show(self, inner) -> None:
+        """Show `inner`'s signature (call once the wrapped processor is known, in ``__init__``)."""
+        self.__class__ = _showing(vars(type(self)).get("_base", type(self)), type(inner))
+
+    def __reduce_ex__(self, protocol):
+        base = vars(type(self)).get("_base")
+        if base is None:
+            return super().__reduce_ex__(protocol)
+        return _remade, (base, type(self)._shows), vars(self)
+
+
+def _remade(base: type, shown: type):
+    """An empty instance of `base` showing `shown`'s signature, for copy and pickle to fill."""
+    return object.__new__(_showing(base, shown))
+
+
+@functools.lru_cache(maxsize=None)  # one class per pair, so that torch.compile sees one
+def _showing(base: type, shown: type) -> type:
+    def __call__(self, *args, **kwargs):
+        return base.__call__(self, *args, **kwargs)
+
+    functools.update_wrapper(__call__, shown.__call__)
+    return type(base.__name__, (base,), {"__call__": __call__, "_base": base, "_shows": shown,
+                                         "__module__": base.__module__, "__qualname__": base.__qualname__})
+
+
 def sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 

@@ -7,7 +7,6 @@ the processor to restore) lives on the `Attention` module, so the processor itse
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -19,7 +18,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
 from .dit_families import FAMILIES
-from .interception import SDPACalls
+from .interception import SDPACalls, Wrapping
 from .steps import StepTracker
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
@@ -230,15 +229,14 @@ class _TARInSDPA(SDPACalls):
                                   step=None if site is None else site.steps.step)
 
 
-class PAGWithTAR:
+class PAGWithTAR(Wrapping):
     """Perturbed-attention guidance's processor on a regularized temporal attention (set by a PAG pipeline's call,
     which puts the processors it found back at the call's end): it runs as it is, its attention calls (its guided
     branches'; the perturbed branch, the identity, makes none) answered by TAR (`_TARInSDPA`)."""
 
     def __init__(self, inner, tar: TARAttnProcessor):
         self.inner, self.tar = inner, tar
-        # the inner processor's signature, for diffusers' keyword filtering of the attention call
-        self.__call__ = functools.wraps(inner.__call__)(functools.partial(type(self).__call__, self))
+        self.show(inner)
 
     def __call__(self, attn: Attention, *args, **kwargs):
         mode = _TARInSDPA(attn, self.tar)

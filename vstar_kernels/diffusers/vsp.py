@@ -7,7 +7,6 @@ context; each of the ``P`` synopses covers ``rows / P`` consecutive conditional 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 import warnings
@@ -17,6 +16,7 @@ from diffusers import UNet3DConditionModel, UNetMotionModel
 
 from ..vsp import interpolate_embeddings
 from .install import uncompiled
+from .interception import Wrapping
 
 SUPPORTED_UNETS = (UNet3DConditionModel, UNetMotionModel)
 
@@ -208,15 +208,13 @@ class _SynopsisState:
         return self._context
 
 
-class _SynopsisProcessor:
+class _SynopsisProcessor(Wrapping):
     """Calls the wrapped processor with the per-frame context in place of the shared one."""
 
     def __init__(self, inner, state: _SynopsisState):
         self.inner = inner
         self.state = state
-        # diffusers' Attention.forward drops every cross-attention keyword its processor's ``__call__`` does not
-        # name: this attribute (the same call) shows the wrapped processor's signature
-        self.__call__ = functools.wraps(inner.__call__)(functools.partial(type(self).__call__, self))
+        self.show(inner)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
         if self.state.removed:
