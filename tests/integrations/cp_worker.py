@@ -30,6 +30,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_frame_attention, remove_tar
+from vstar_kernels.diffusers.context_parallel import ContextParallelTAR
+from vstar_kernels.frames import TokenLayout
 
 from .tiny_dit_models import BATCH, FAMILIES, NEWER, randn
 
@@ -103,7 +105,8 @@ def gradients(model, family: str, frames: int) -> Dict[str, torch.Tensor]:
 
 
 ERRORS = {
-    2: ["error/uneven", "error/mask", "error/text", "error/capture", "error/capture-unrecorded", "error/capture-late"],
+    2: ["error/uneven", "error/mask", "error/text", "error/capture", "error/capture-unrecorded", "error/capture-late",
+        "error/dtype"],
     4: ["error/heads", "error/mesh"],
 }
 
@@ -263,6 +266,13 @@ def _error_cases(world: int) -> Dict[str, Callable]:
             _enable(model, "ring")
             return forward(model, inputs("wan", 3))
 
+    def dtype():  # a processor of one's own passing a bfloat16 key: one exchange of q, k and v would promote it
+        model = _model("wan", "ulysses", TARConfig(levels={0: (1.0, 1.0)}))
+        processor = model.blocks[0].attn1.processor
+        parallel = ContextParallelTAR.of(processor.processor, "none", processor.name)
+        q, k, v = (randn(BATCH, 2, 8, 12, seed=seed) for seed in (1, 2, 3))
+        return parallel.attention(q, k.bfloat16(), v, None, False, TokenLayout(2, 8), lambda *args, **kw: None)
+
     def heads():  # 2 heads, ulysses_degree 4 (ulysses_anything pads the heads for the stock path)
         model = FAMILIES["wan"].model()
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=4, ulysses_anything=True))
@@ -277,7 +287,7 @@ def _error_cases(world: int) -> Dict[str, Callable]:
 
     cases = {"error/uneven": uneven, "error/mask": mask, "error/text": text, "error/capture": capture,
              "error/capture-unrecorded": capture_unrecorded, "error/capture-late": capture_late,
-             "error/heads": heads, "error/mesh": mesh}
+             "error/heads": heads, "error/mesh": mesh, "error/dtype": dtype}
     return {name: cases[name] for name in ERRORS[world]}
 
 

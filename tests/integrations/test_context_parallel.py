@@ -156,6 +156,8 @@ ERRORS = {
                      r"diffusers' context parallelism each rank's call holds a share of the queries or heads",
     "error/capture-unrecorded": r"blocks\.0\.attn1: capture_frame_attention records one process's attention calls",
     "error/capture-late": r"blocks\.0\.attn1: capture_frame_attention records one process's attention calls",
+    "error/dtype": r"blocks\.0\.attn1: key has dtype torch\.bfloat16 but query has torch\.float32: query, key and "
+                   r"value must share one dtype",
     "error/heads": r"blocks\.0\.attn1: Ulysses with ulysses_degree=4 needs a head count it divides; the call has 2 "
                    r"heads",
     "error/mesh": r"blocks\.0\.attn1: under context parallelism \(ring_degree=2, ulysses_degree=2\) the members of a "
@@ -168,7 +170,8 @@ def test_layouts_tar_cannot_run_exactly_raise_on_every_rank(runs, world, name):
     results = runs(world)
     for rank in range(world):
         got = results[rank][name]
-        assert isinstance(got, tuple) and got[:2] == ("error", "ValueError"), (rank, got)
+        kind = "TypeError" if name == "error/dtype" else "ValueError"
+        assert isinstance(got, tuple) and got[:2] == ("error", kind), (rank, got)
         assert re.match(ERRORS[name], got[2]), (rank, got[2])
 
 

@@ -175,6 +175,10 @@ class ContextParallelTAR:
                              f"a {mask.dtype} mask of shape {tuple(mask.shape)}")
         if is_causal:
             raise ValueError(f"{where}: TAR under context parallelism takes no causal attention")
+        for name, t in (("key", key), ("value", value)):  # as one call would (torch.cat below would promote)
+            if t.dtype != query.dtype:
+                raise TypeError(f"{where}: {name} has dtype {t.dtype} but query has {query.dtype}: query, key and "
+                                "value must share one dtype")
         batch, heads, local, _ = query.shape
         if key.shape[2] != local or value.shape[2] != local:
             raise ValueError(f"{where}: expected a self-attention over this rank's shard of the video tokens, got "
