@@ -12,6 +12,7 @@ import torch
 from diffusers import (
     AnimateDiffPAGPipeline,
     AnimateDiffPipeline,
+    AnimateDiffVideoToVideoPipeline,
     DDIMScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -92,8 +93,8 @@ def test_text_to_video_pipeline_steps_are_the_loop_index():
     watcher.check([25, 3], modules)
 
 
-def animatediff(scheduler):
-    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+def animatediff(scheduler, pipeline=AnimateDiffPipeline):
+    pipe = pipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
                                motion_adapter=motion_adapter(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -143,10 +144,14 @@ def test_apply_tar_again_from_a_step_callback_goes_on_with_the_run(scheduler):
     watcher.check([10], modules, until=3)
 
 
-def test_apply_tar_first_from_a_step_callback_counts_from_the_loop_index():
+@pytest.mark.parametrize("strength", [None, 0.5])
+def test_apply_tar_first_from_a_step_callback_counts_from_the_loop_index(strength):
     """TAR applied for the first time at loop index 1 (Euler keeps a step index): the next call is loop 2's, step 2,
-    so until_step=3 regularizes loops 2 and 3 only (it counted from 0 there and regularized loops 2-5)."""
-    pipe = animatediff(EulerDiscreteScheduler())
+    so until_step=3 regularizes loops 2 and 3 only (it counted from 0 there and regularized loops 2-5). The same
+    in video-to-video at strength 0.5 of 16 steps, whose scheduler's index starts at 8 without a begin index (it
+    counted from 10 there and regularized none)."""
+    pipe = animatediff(EulerDiscreteScheduler(), AnimateDiffPipeline if strength is None
+                       else AnimateDiffVideoToVideoPipeline)
     recorder, config = StepRecorder(), TARConfig.from_preset("64D1", until_step=3)
     seen = {}
 
@@ -159,11 +164,37 @@ def test_apply_tar_first_from_a_step_callback_counts_from_the_loop_index():
                 modules[name].set_processor(recorder)
         return {}
 
-    pipe(**embeds(), num_inference_steps=8, num_frames=8, height=32, width=32, guidance_scale=7.5,
-         output_type="latent", callback_on_step_end=on_step_end)
+    inputs = dict(num_frames=8) if strength is None else dict(latents=randn(1, 4, 8, 4, 4, seed=3), strength=strength)
+    pipe(**embeds(), **inputs, num_inference_steps=8 if strength is None else 16, height=32, width=32,
+         guidance_scale=7.5, output_type="latent", callback_on_step_end=on_step_end)
+    assert sorted(seen) == list(range(8))
     assert not seen[0] and not seen[1]
     for i in range(2, 8):
         assert seen[i] and all(call == (i, i <= 3) for call in seen[i]), (i, seen[i])
+
+
+def test_apply_tar_first_in_a_loop_of_ones_own_counts_from_the_scheduler_index():
+    """After a video-to-video call at strength 0.5 (which leaves the pipeline's count of its run, 4 of 8 steps), a
+    loop of one's own over the full schedule applies TAR at its index 6: the next call is step 6 (the pipeline's
+    stale count made it step 2)."""
+    pipe = animatediff(EulerDiscreteScheduler(), AnimateDiffVideoToVideoPipeline)
+    pipe(**embeds(), latents=randn(1, 4, 8, 4, 4, seed=3), strength=0.5, num_inference_steps=8, height=32, width=32,
+         guidance_scale=7.5, output_type="latent")
+    assert pipe._num_timesteps == 4
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(8)
+    latents = randn(2, 4, 8, 4, 4, seed=4)
+    context = torch.cat([embeds()["negative_prompt_embeds"], embeds()["prompt_embeds"]]).repeat_interleave(8, dim=0)
+    recorder = StepRecorder()
+    for i, t in enumerate(scheduler.timesteps):
+        if i == 6:
+            modules = dict(pipe.unet.named_modules())
+            for name in apply_tar(pipe, TARConfig.from_preset("64D1", until_step=6)):
+                modules[name].set_processor(recorder)
+        with torch.no_grad():
+            out = pipe.unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=context).sample
+        latents = scheduler.step(out, t, latents).prev_sample
+    assert sorted(set(recorder.calls)) == [(6, True), (7, False)]
 
 
 def pag_pipeline(layers=("down_blocks.0", "mid"), unet=None):

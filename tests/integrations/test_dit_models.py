@@ -5,12 +5,14 @@ Every regularized attention call is checked against a float64 evaluation of fram
 frame ids and the text mask written from each model's layout in tiny_dit_models.
 """
 
+import copy
 import functools
 import gc
 import inspect
 import math
 import pathlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -271,6 +273,28 @@ def run_wan22(pipe, steps, forwards, regularized):
              width=32, num_frames=9, num_inference_steps=steps, guidance_scale=5.0, output_type="latent")
 
 
+@pytest.mark.parametrize("applied_to", ["transformer", "transformer, reset_steps", "pipeline"])
+def test_tar_on_the_bare_dit_of_a_pipeline_warns_at_its_next_run(applied_to):
+    """TAR applied to pipe.transformer counts forward calls across runs: the second run went on past until_step,
+    stock without a word. It warns at the first call of a larger timestep, once; not after reset_steps, nor
+    applied to the pipeline (whose scheduler marks the runs)."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    apply_tar(pipe if applied_to == "pipeline" else model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    for run in range(3):
+        if applied_to == "transformer, reset_steps":
+            reset_steps(model)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            run_wan22(pipe, 2, [], [])
+        said = [str(w.message) for w in said if "larger timestep" in str(w.message)]
+        if applied_to == "transformer" and run == 1:
+            assert len(said) == 1 and re.search(r"counted on as step 4, not as a new run's step 0 \(until_step=0\): "
+                                                r"on a bare DiT, TAR counts forward calls across runs", said[0]), said
+        else:
+            assert not said, (run, said)
+
+
 def test_wan22_pipeline_two_experts_and_unbatched_guidance_share_the_loop_index():
     """A real WanPipeline run (prompt embeddings given, latents out): Wan 2.2's two experts, guidance as two calls.
 
@@ -326,6 +350,25 @@ def test_calls_whose_layout_or_mask_tar_cannot_honour_raise():
     with pytest.raises(ValueError, match=r"boolean key masks of shape \(B, 1, 1, Nk\).*torch.float32 mask of shape "
                                          r"\(1, 1, 48, 48\)"), torch.no_grad():
         attn(x, attention_mask=torch.zeros(1, 1, 48, 48))
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet", "capture"])
+def test_a_model_under_tar_or_a_capture_is_not_deep_copied(kind):
+    """A deep copy's hooks and processors called back into the original's state: the copy of a DiT with
+    until_step=0 was regularized at its step 1 (the original's step 0), silently. It raises; copied after
+    remove_tar, the copy is stock and TAR applies to it."""
+    model = (UNET_FAMILIES["motion"] if kind == "unet" else FAMILIES["wan"]).model()
+    if kind == "capture":
+        with capture_frame_attention(model, blocks=[0]), pytest.raises(TypeError, match="cannot be deep-copied"):
+            copy.deepcopy(model)
+        copy.deepcopy(model)  # the capture ended
+        return
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)} if kind == "dit" else {1: (1.0, 1.0)}, until_step=0))
+    with pytest.raises(TypeError, match="cannot be deep-copied.*copy it before apply_tar, or after remove_tar"):
+        copy.deepcopy(model)
+    remove_tar(model)
+    copied = copy.deepcopy(model)
+    assert apply_tar(copied, TARConfig(levels={0: (1.0, 1.0)} if kind == "dit" else {1: (1.0, 1.0)}))
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
@@ -549,21 +592,74 @@ def test_apply_tar_again_in_a_step_callback_goes_on_with_the_run(family):
     assert sorted(set(regularized)) == [(0, 1.0), (1, 2.0), (2, 2.0)]
 
 
-def test_video_to_video_counts_its_loop_from_where_it_starts_the_schedule():
+@pytest.mark.parametrize("strength, applied_at", [(0.6, None), (0.6, 0), (1.0, 3)])
+def test_video_to_video_counts_its_loop_from_where_it_starts_the_schedule(strength, applied_at):
     """WanVideoToVideoPipeline at strength 0.6 runs the last 6 of 10 timesteps without set_begin_index, so its
     scheduler's step_index starts at 5 (then 6, 7, ...): the steps are still the loop's 0, 1, 2, 3 (until_step=3:
-    four iterations of two calls, two blocks each, regularized)."""
+    four iterations of two calls, two blocks each, regularized). Applied first from a step callback (after loop 0,
+    or after loop 3 at strength 1), the next call is the loop's next index: steps 1-3, or none (the count started
+    at 0 there: steps 0-2 at loops 1-3, steps 0-3 at loops 4-7)."""
     model = FAMILIES["wan"].model()
     pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=3))
     regularized = []
-    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=3)
+
+    def apply():
+        apply_tar(pipe, config)
+        record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+
+    def on_step_end(p, i, t, kwargs):
+        if i == applied_at:
+            apply()
+        return {}
+
+    if applied_at is None:
+        apply()
     with torch.no_grad():
         pipe(latents=randn(1, 4, 3, 8, 8, seed=1), prompt_embeds=randn(1, 5, 16, seed=2),
              negative_prompt_embeds=randn(1, 5, 16, seed=3), height=64, width=64, num_inference_steps=10,
-             strength=0.6, guidance_scale=5.0, output_type="latent")
-    assert regularized == [step for step in range(4) for _ in range(4)]
+             strength=strength, guidance_scale=5.0, output_type="latent", callback_on_step_end=on_step_end)
+    first = 0 if applied_at is None else applied_at + 1
+    assert regularized == [step for step in range(first, 4) for _ in range(4)]
+
+
+@pytest.mark.parametrize("then", ["the model alone", "a pipeline from from_pipe", "a loop of one's own"])
+def test_after_an_interrupted_run_the_model_alone_is_refused_a_new_run_is_not(then):
+    """The pipeline's run was interrupted at loop 1 (its scheduler's step index left at 2 of 6): the model called
+    alone is refused, as after a finished run (it ran, regularized as step 2); a run of a pipeline made with
+    from_pipe (sharing the scheduler) and a loop of one's own over that scheduler are new runs, counted from 0."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+
+    def stop(p, i, t, kwargs):
+        p._interrupt = i == 1
+        return {}
+
+    with torch.no_grad():
+        pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
+             width=32, num_frames=9, num_inference_steps=6, guidance_scale=5.0, output_type="latent",
+             callback_on_step_end=stop)
+    assert pipe.scheduler.step_index == 2 and pipe._interrupt
+    regularized = []
+    record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
+    if then == "the model alone":
+        with pytest.raises(RuntimeError, match="not running a denoising loop"):
+            forward(model, FAMILIES["wan"].inputs())
+        return
+    if then == "a pipeline from from_pipe":
+        run_wan22(WanPipeline.from_pipe(pipe), 2, [], regularized)
+        assert regularized == [step for step in range(2) for _ in range(4)]  # two calls of two blocks a step
+        return
+    inputs = FAMILIES["wan"].inputs()
+    latents = inputs["hidden_states"]
+    pipe.scheduler.set_timesteps(3)
+    pipe.scheduler.set_begin_index(0)
+    for t in pipe.scheduler.timesteps:
+        out = forward(model, dict(inputs, hidden_states=latents))
+        latents = pipe.scheduler.step(out, t, latents, return_dict=False)[0]
+    assert regularized == [step for step in range(3) for _ in range(2)]
 
 
 def test_wan22_pipeline_with_only_the_low_noise_expert_counts_scheduler_steps():

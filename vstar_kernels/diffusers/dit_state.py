@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -34,6 +35,7 @@ class DiTState:
     speculation: Speculation = field(default_factory=Speculation)
     removed: bool = False  # remove_tar ran: a processor of this state set back later (unfuse) runs stock
     said_one_frame: bool = False  # the warning that a call of one frame runs stock was given
+    said_rise: bool = False  # the warning that a bare model's call at a larger timestep is counted on was given
 
     @property
     def step(self) -> int:
@@ -57,6 +59,13 @@ class DiTState:
         (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module; and choose
         the call's speculative or two-pass forward (`Speculation.next_step`)."""
         self.speculation.next_step()
+        if self.steps.rose is not None and self.config.until_step is not None and not self.said_rise:
+            self.said_rise = True
+            last, now = self.steps.rose
+            warnings.warn(f"TAR: a forward call of a bare video DiT at a larger timestep than the last "
+                          f"({now:g} after {last:g}) is counted on as step {self.steps.step}, not as a new run's "
+                          f"step 0 (until_step={self.config.until_step}): on a bare DiT, TAR counts forward calls "
+                          "across runs. Apply TAR to the pipeline, or call reset_steps(model) before each run")
         for index, (module, installed) in enumerate(self.installed):
             current = module.processor
             if current is installed:

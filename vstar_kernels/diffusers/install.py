@@ -15,7 +15,7 @@ from ..tar_config import TARConfig
 from .dit_families import dit_attention_modules, dit_family, unsupported_dit
 from .dit_state import DiTState, watch_layout
 from .processors import UNetState, temporal_at
-from .steps import TAR_OWNER, StepTracker, in_run
+from .steps import TAR_OWNER, StepTracker, in_run, run_begin
 
 STATE_ATTR = "_vstar_tar"
 DENOISERS = ("unet", "transformer", "transformer_2")
@@ -66,11 +66,15 @@ def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker]
     """TAR's state `make_state(step tracker)` on `model`, in place of any; its next forward call is step 0, or
     where TAR, applied again, replaces its config in the middle of `pipeline`'s run (as the pipeline says, or as
     TAR's count of that run's schedule says: `StepTracker.within`), the run's next step; applied first in the
-    middle of a run whose scheduler keeps a step index, that index (the loop's next iteration)."""
+    middle of a run whose scheduler keeps a step index, that index less the run's first (`run_begin`; 0 where
+    unknown): the loop's next iteration."""
     tracker = StepTracker.of(model)
     going_on = tracker is not None and tar_state(model) is not None and (in_run(pipeline) or tracker.within(pipeline))
     index = getattr(getattr(pipeline, "scheduler", None), "step_index", None)
-    start = tracker.next_step if going_on else index if index is not None and in_run(pipeline) else 0
+    if going_on:
+        start = tracker.next_step
+    else:
+        start = index - (run_begin(pipeline, index) or 0) if index is not None and in_run(pipeline) else 0
     _detach(model)
     # the tracker's hooks run in forward calls, once `state` below exists
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),

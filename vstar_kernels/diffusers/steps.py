@@ -11,6 +11,7 @@ block, run first or recomputed, sees the step and the owners' `snapshot` values 
 from __future__ import annotations
 
 import contextvars
+import sys
 import weakref
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
@@ -102,8 +103,15 @@ class StepTracker:
         # model's next run) is counted from its own first step, for every feature attached (TAR, captures)
         self._timestep_runs = dit_family(model) is None and unsupported_dit(model) is None
         self._last_timestep = None
+        self.rose = None  # a bare DiT's call at a larger timestep than the last: (last, this call's)
         self.find_checkpointing(model)
         self._handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def __deepcopy__(self, memo):
+        # the copy's hooks and processors would call back into the original's state (its step, its config)
+        raise TypeError("a model with TAR or an open attention capture on it cannot be deep-copied (the copy would "
+                        "count its steps with the original's state): copy it before apply_tar, or after remove_tar "
+                        "(and the capture's end), and apply TAR to the copy")
 
     @property
     def step(self) -> int:
@@ -201,6 +209,7 @@ class StepTracker:
         """The next forward call is step `start` (0: a new run)."""
         self._step = start
         self._next = start
+        self._last_timestep = None  # no call of this run yet to compare the next one's timestep with
         for owner in list(self._owners.values()):
             if owner.on_run_start is not None:
                 owner.on_run_start()
@@ -215,13 +224,17 @@ class StepTracker:
         return getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
 
     def _before_forward(self, module, args, kwargs) -> None:
+        self.rose = None
         timesteps = self._scheduler_timesteps()
         timestep = self._timestep_of(args, kwargs)
         if timesteps is not None and timesteps is not self._timesteps:
             self._timesteps = timesteps
             self.reset()
         elif timestep is not None and self._last_timestep is not None and timestep > self._last_timestep:
-            self.reset()
+            if self._timestep_runs:
+                self.reset()
+            else:  # a bare DiT's: counted on (diffusion forcing's timesteps may rise within a run)
+                self.rose = (self._last_timestep, timestep)
         self._last_timestep = timestep
         self._step = self._next
         self._next += 1
@@ -232,10 +245,14 @@ class StepTracker:
 
 
     def _timestep_of(self, args, kwargs) -> Optional[float]:
-        """The largest timestep of a call (a UNet's second argument, or ``timestep=``), where `_timestep_runs`."""
-        if not self._timestep_runs:
+        """The largest timestep of a call (a UNet's second argument, or ``timestep=``); a DiT's only outside a
+        pipeline that marks its runs."""
+        if self._timestep_runs:  # a video UNet's: its second argument
+            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        elif self._marking() is None:  # a bare DiT's, for a warning only (its steps are counted calls)
+            timestep = kwargs.get("timestep")
+        else:  # a DiT's in a pipeline, which marks its runs
             return None
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if isinstance(timestep, torch.Tensor) and timestep.numel():
             return float(timestep.max())
         return float(timestep) if isinstance(timestep, (int, float)) else None
@@ -270,8 +287,10 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
     if scheduler is None:
         return steps.step
     timesteps = getattr(scheduler, "timesteps", None)
-    # the scheduler has not been set for a run since the pipeline was given, when it was in none
-    unset = timesteps is not None and timesteps is given.applied and not given.in_run
+    # the scheduler has not been set for a run since the pipeline was given, when it was in none; or its run was
+    # interrupted (the pipeline's loop calls no model from then on)
+    unset = timesteps is not None and (timesteps is given.applied and not given.in_run
+                                       or _interrupted(pipeline(), timesteps))
     if not hasattr(scheduler, "step_index"):  # forward calls counted: past the run's steps, another run's
         if unset or (timesteps is not None and steps.step >= len(timesteps)):
             raise _outside_run(given.kind)
@@ -295,10 +314,46 @@ def loop_step(steps: StepTracker, owner: str, grid=None) -> int:
     if run[1] is None:
         # the loop's first index: the pipeline's begin_index where it sets one, else the first index read less one
         # after calls that read none (a pipeline that starts part-way down the schedule, video-to-video at strength
-        # < 1, without set_begin_index starts its index there), or that index
+        # < 1, without set_begin_index starts its index there), else (TAR applied in the loop) as the pipeline's
+        # count of its run says, else that index
         begin = getattr(scheduler, "begin_index", None)
-        run[1] = begin if begin is not None else index - 1 if run[0] else index
+        if begin is None:
+            begin = index - 1 if run[0] else run_begin(pipeline(), index)
+        run[1] = index if begin is None else begin
     return index - run[1]
+
+
+def _interrupted(pipeline, timesteps: torch.Tensor) -> bool:
+    """Whether `pipeline` was interrupted in the run of `timesteps`: its flag set now, and not when TAR first saw that
+    run (a later run, of a pipeline sharing the scheduler or a loop of one's own, sets new timesteps)."""
+    flag = bool(getattr(pipeline, "_interrupt", False))
+    when_seen = _INTERRUPTED.setdefault(timesteps, flag)
+    return flag and not when_seen
+
+
+def _in_own_call(pipeline) -> bool:
+    """Whether `pipeline`'s own ``__call__`` is running (on this thread's stack), so that what it counts of its run
+    (``_num_timesteps``) is this run's, not a past call's."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def run_begin(pipeline, index: int) -> Optional[int]:
+    """The scheduler index at which `pipeline`'s run began, where its scheduler is at `index`: its ``begin_index``
+    (``set_begin_index``), else, for a pipeline that counts its run (``_num_timesteps``: a run from part-way down the
+    schedule without a begin index, video-to-video at strength < 1) inside its own call, the schedule's length less
+    the run's; None where neither says, or says an index past `index`."""
+    scheduler = getattr(pipeline, "scheduler", None)
+    begin = getattr(scheduler, "begin_index", None)
+    timesteps, run = getattr(scheduler, "timesteps", None), getattr(pipeline, "_num_timesteps", None)
+    if begin is None and timesteps is not None and type(run) is int and 0 < run <= len(timesteps) \
+            and _in_own_call(pipeline):
+        begin = len(timesteps) - run
+    return begin if begin is not None and 0 <= begin <= index else None
 
 
 def _timestep_step(scheduler, timesteps: torch.Tensor, timestep: float, pipeline) -> int:
@@ -333,6 +388,10 @@ def _outside_run(kind: str, gone: bool = False) -> RuntimeError:
 # a run's scheduler timesteps tensor -> [whether a call read no step index, the index of the loop's first
 # iteration]: one entry per run, shared by every model the scheduler steps (Wan 2.2's two experts)
 _RUNS = WeakIdKeyDictionary()
+
+
+# a run's scheduler timesteps tensor -> whether its pipeline was interrupted when TAR first saw that run
+_INTERRUPTED = WeakIdKeyDictionary()
 
 
 # a scheduler -> (the timesteps tensor of its run's latest stage, the steps of the run's stages before it)
