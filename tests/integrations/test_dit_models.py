@@ -495,15 +495,8 @@ def test_where_calls_are_counted_tar_applied_after_a_finished_run_refuses_anothe
             run_cogvideox(other, steps=2)
 
 
-def test_a_scheduler_left_by_an_interrupted_run_or_only_built_is_in_no_run():
-    """TAR applied to a pipeline whose last run was interrupted (its scheduler's step index left part-way), or
-    whose scheduler sets its step count when built (IPNDM): a call of another pipeline is refused,
-    not run at the stale index or at step 0."""
-    model = FAMILIES["wan"].model()
-    pipe = wan22_pipeline(model, None, boundary_ratio=None)
-    other = WanPipeline.from_pipe(pipe, scheduler=UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
-
+def run_interrupted_at_loop_1(pipe):
+    """A guided run of 6 steps interrupted at loop 1 (the scheduler's step index left at 2)."""
     def stop(p, i, t, kwargs):
         p._interrupt = i == 1
         return {}
@@ -512,6 +505,17 @@ def test_a_scheduler_left_by_an_interrupted_run_or_only_built_is_in_no_run():
         pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
              width=32, num_frames=9, num_inference_steps=6, guidance_scale=5.0, output_type="latent",
              callback_on_step_end=stop)
+
+
+def test_a_scheduler_left_by_an_interrupted_run_or_only_built_is_in_no_run():
+    """TAR applied to a pipeline whose last run was interrupted (its scheduler's step index left part-way), or
+    whose scheduler sets its step count when built (IPNDM): a call of another pipeline is refused,
+    not run at the stale index or at step 0."""
+    model = FAMILIES["wan"].model()
+    pipe = wan22_pipeline(model, None, boundary_ratio=None)
+    other = WanPipeline.from_pipe(pipe, scheduler=UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
+    run_interrupted_at_loop_1(pipe)
     assert pipe.scheduler.step_index == 2
     apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
     with pytest.raises(RuntimeError, match="another pipeline with a scheduler of its own"):
@@ -632,15 +636,7 @@ def test_after_an_interrupted_run_the_model_alone_is_refused_a_new_run_is_not(th
     model = FAMILIES["wan"].model()
     pipe = wan22_pipeline(model, None, boundary_ratio=None)
     apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
-
-    def stop(p, i, t, kwargs):
-        p._interrupt = i == 1
-        return {}
-
-    with torch.no_grad():
-        pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3), height=32,
-             width=32, num_frames=9, num_inference_steps=6, guidance_scale=5.0, output_type="latent",
-             callback_on_step_end=stop)
+    run_interrupted_at_loop_1(pipe)
     assert pipe.scheduler.step_index == 2 and pipe._interrupt
     regularized = []
     record_tar_calls(model, regularized, lambda proc, kwargs: proc.state.step)
