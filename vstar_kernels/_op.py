@@ -126,6 +126,19 @@ def _backward(ctx, grad_out, _grad_stats, _grad_flags):
 _tar_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_setup_context(ctx, inputs, output):
+    ctx.backend = inputs[-2]
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(f"tar_attention: the {ctx.backend!r} backend's gradients are first order: a gradient of them "
+                       "(create_graph=True, then backward) needs backend='reference' or 'cpu', whose backward is "
+                       "differentiable")
+
+
+_tar_attention_backward.register_autograd(_no_double_backward, setup_context=_backward_setup_context)
+
+
 def tar_attention_op(problem: TarProblem, backend: str, speculate: bool = True,
                      flags: Optional[Tensor] = None) -> Tensor:
     """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv). flags:
