@@ -265,6 +265,34 @@ def test_text_to_video_pipeline_needs_cfg_given():
     assert {step for _, step in maps} == {0} and set(maps.by_level(0)) == {2}
 
 
+@pytest.mark.parametrize("split", [32, 48])
+def test_batched_guidance_under_free_noise_split_inference_keeps_the_conditional_half(split):
+    """FreeNoise's split inference (diffusers' SplitInferenceModule around the motion modules' transformer blocks)
+    runs each layer on slices of the 128 sequences (2 videos x 8 x 8), [unconditional, conditional]: the capture
+    takes the second half of the whole call, as without the split (it took the second half of each slice; with
+    slices of 48 the second one straddles the halves)."""
+    from diffusers.pipelines.free_noise_utils import SplitInferenceModule
+
+    model = FAMILIES["motion"].model()
+    inputs = motion_inputs(model, batch=2, frames=16)
+    with torch.no_grad(), capture_temporal_attention(model, cfg=True) as whole:
+        model(**inputs)
+    for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
+        for motion in getattr(block, "motion_modules", []):
+            for i, transformer in enumerate(motion.transformer_blocks):
+                motion.transformer_blocks[i] = SplitInferenceModule(transformer, split, 0,
+                                                                    ["hidden_states", "encoder_hidden_states"])
+    with torch.no_grad(), capture_temporal_attention(model, cfg=True) as sliced:
+        model(**inputs)
+    assert len(sliced) == len(whole) > 0
+    for (name, step), expected in whole.items():
+        got = sliced[(name.replace(".transformer_blocks.0.", ".transformer_blocks.0.module."), step)]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    with torch.no_grad(), capture_temporal_attention(model, cfg=False) as both:
+        model(**inputs)
+    assert max((both[key] - sliced[key]).abs().max() for key in sliced) > 1e-4  # the halves differ
+
+
 def test_free_noise_blocks_swapped_in_are_watched_from_the_next_run():
     pipe = animatediff()
     model = pipe.unet

@@ -14,6 +14,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+try:
+    from diffusers.pipelines.free_noise_utils import SplitInferenceModule
+except ImportError:  # a diffusers without FreeNoise's split inference: nothing is one
+    SplitInferenceModule = ()
+
 from .._deprecation import renamed
 from .._problem import check_int, int_set, make_problem
 from ..reference import tar_scores, without_autocast
@@ -124,6 +129,9 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
         batch_hook.remove()
         for _, handle in recorder.handles.values():
             handle.remove()
+        for _, handles in recorder.split_hooks.values():
+            for handle in handles:
+                handle.remove()
         StepTracker.detach(model, recorder.owner)
 
 
@@ -153,6 +161,12 @@ class _Recorder:
         self.tracker: Optional[StepTracker] = None
         self.handles: Dict[str, tuple] = {}  # layer -> (module hooked, hook handle)
         self.batch = None  # videos in the UNet call in progress (both guidance halves)
+        # FreeNoise's split inference (diffusers' SplitInferenceModule around a layer's transformer block) runs the
+        # block on slices of its sequences: layer -> the split modules above it; split module -> [its call's
+        # sequences, the first sequence of the slice in progress, of the next]; the pre-hooks that fill these
+        self.splits: Dict[str, list] = {}
+        self.slices: Dict[int, list] = {}
+        self.split_hooks: Dict[int, tuple] = {}
 
     def begin_call(self, module, args, kwargs) -> None:
         # the UNets' sample; Latte's is its hidden_states, passed by keyword
@@ -171,6 +185,43 @@ class _Recorder:
                 hooked[1].remove()
             hook = functools.partial(self.record, name)
             self.handles[name] = (module, module.register_forward_hook(hook, with_kwargs=True))
+        for name in self.maps.levels:
+            parts = name.split(".")
+            self.splits[name] = [modules[path] for path in (".".join(parts[:i]) for i in range(1, len(parts)))
+                                 if isinstance(modules.get(path), SplitInferenceModule)]
+            for split in self.splits[name]:
+                if id(split) not in self.split_hooks:
+                    self.split_hooks[id(split)] = (split, (
+                        split.register_forward_pre_hook(functools.partial(self._split_call, split), with_kwargs=True),
+                        split.module.register_forward_pre_hook(functools.partial(self._split_slice, split),
+                                                               with_kwargs=True)))
+
+    def _split_call(self, split, module, args, kwargs) -> None:
+        hidden = kwargs.get("hidden_states")
+        rows = hidden.shape[split.split_dim] if isinstance(hidden, torch.Tensor) else None
+        self.slices[id(split)] = [rows, None, 0]
+
+    def _split_slice(self, split, module, args, kwargs) -> None:
+        state, hidden = self.slices.get(id(split)), kwargs.get("hidden_states")
+        if state is not None and isinstance(hidden, torch.Tensor):
+            state[1] = state[2]
+            state[2] += hidden.shape[split.split_dim]
+
+    def conditional_start(self, name: str, rows: int) -> int:
+        """The first of a call's `rows` sequences in the conditional half of batched guidance: the second half,
+        of the call or, under FreeNoise's split inference, of the split block's call, of which this is a slice."""
+        splits = self.splits.get(name, [])
+        if not splits:
+            return rows // 2
+        split = splits[0]
+        state = self.slices.get(id(split))
+        if len(splits) > 1 or split.split_dim != 0 or "hidden_states" not in split.input_kwargs_to_split \
+                or state is None or state[0] is None or state[1] is None:
+            raise ValueError(f"{name}: the model's split inference runs this layer on slices that "
+                             "capture_temporal_attention cannot place in the batch (it takes FreeNoise's: one "
+                             "split of the sequences, dimension 0): capture without it, or with cfg=False")
+        total, first, _ = state
+        return min(rows, max(0, total // 2 - first))
 
     def _guidance_batched(self) -> bool:
         if self.cfg is not None:
@@ -210,7 +261,10 @@ class _Recorder:
                                  "do_classifier_free_guidance) but the model call's batch is not even (its "
                                  + ("input is no 5-D video latent)" if self.batch is None else
                                     f"sample: {self.batch} videos)"))
-            start = rows // 2  # diffusers batches [unconditional, conditional], each video's sequences together
+            # diffusers batches [unconditional, conditional], each video's sequences together
+            start = self.conditional_start(name, rows)
+            if start == rows:  # a slice of the unconditional half
+                return
         site = tar_site(module)
         spec = None if site is None else site.spec_at(step)
         where = f"{name} (level {self.maps.levels[name]})"
