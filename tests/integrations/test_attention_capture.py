@@ -265,6 +265,21 @@ def test_text_to_video_pipeline_needs_cfg_given():
     assert {step for _, step in maps} == {0} and set(maps.by_level(0)) == {2}
 
 
+def test_a_pipelines_model_called_before_any_run_needs_cfg_given():
+    """capture_temporal_attention(pipe) reads the pipeline's do_classifier_free_guidance, which its call sets: the
+    model called alone before any run raised AttributeError from inside a forward hook."""
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                               motion_adapter=motion_adapter(), scheduler=DDIMScheduler())
+    inputs = motion_inputs(pipe.unet, batch=1, frames=8)
+    with pytest.raises(ValueError, match="AnimateDiffPipeline has not run, so it does not say whether this call of "
+                                         "its model batches guidance: pass cfg=True or cfg=False"):
+        with torch.no_grad(), capture_temporal_attention(pipe):
+            pipe.unet(**inputs)
+    with torch.no_grad(), capture_temporal_attention(pipe, cfg=False) as maps:
+        pipe.unet(**inputs)
+    assert len(maps) > 0
+
+
 @pytest.mark.parametrize("split", [32, 48])
 def test_batched_guidance_under_free_noise_split_inference_keeps_the_conditional_half(split):
     """FreeNoise's split inference (diffusers' SplitInferenceModule around the motion modules' transformer blocks)

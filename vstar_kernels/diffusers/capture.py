@@ -226,7 +226,13 @@ class _Recorder:
     def _guidance_batched(self) -> bool:
         if self.cfg is not None:
             return self.cfg
-        return self.pipeline is not None and bool(self.pipeline.do_classifier_free_guidance)
+        if self.pipeline is None:
+            return False
+        try:
+            return bool(self.pipeline.do_classifier_free_guidance)
+        except AttributeError:  # the pipeline's call sets what it reads: none has run
+            raise ValueError(f"{type(self.pipeline).__name__} has not run, so it does not say whether this call of its "
+                             "model batches guidance: pass cfg=True or cfg=False") from None
 
     def record(self, name: str, module, args, kwargs, output) -> None:
         """The forward hook of layer `name`: add the call's attention probabilities to its map."""
