@@ -266,3 +266,28 @@ def test_the_unet_capture_on_a_dit_names_the_dit_capture():
     with pytest.raises(ValueError, match=r"^WanTransformer3DModel .*capture_frame_attention takes the video DiTs"):
         with capture_temporal_attention(FAMILIES["wan"].model()):
             pass
+
+
+@pytest.mark.parametrize("tar", [False, True], ids=["stock", "tar"])
+def test_captures_closed_in_the_order_they_opened_leave_the_processors_as_they_were(tar):
+    """The first capture closed while the second is open: its watch sat inside the second's, was left there, and
+    every later call raised a KeyError (its recorder gone from the step counter). The second goes on recording."""
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    if tar:
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    stock = {name: module.processor for name, module in model.named_modules() if name in fam.modules}
+    first, second = contextlib.ExitStack(), contextlib.ExitStack()
+    first.enter_context(capture_frame_attention(model))
+    maps = second.enter_context(capture_frame_attention(model))
+    forward(model, fam.inputs())
+    first.close()
+    forward(model, fam.inputs())
+    second.close()
+    assert sorted({step for _, step in maps}) == [0, 1]
+    for name, module in model.named_modules():
+        if name in fam.modules:
+            assert module.processor is stock[name]
+            if tar:
+                assert type(module.processor.processor).__name__ == "WanAttnProcessor"
+    forward(model, fam.inputs())

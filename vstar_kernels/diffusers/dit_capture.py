@@ -92,14 +92,25 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
         yield maps
     finally:
         for module, watch in watches:
-            if module.processor is watch:
-                set_processor(module, watch.processor)
-            elif isinstance(module.processor, DiTTARProcessor) and module.processor.processor is watch:
-                module.processor.processor = watch.processor
+            _unlink(module, watch)
         for hook in hooks:
             hook.remove()
         for recorder in recorders:
             StepTracker.detach(recorder.model, recorder.owner)
+
+
+def _unlink(module, watch) -> None:
+    """Take `watch` out of the processors of `module`, wherever it sits among TAR's and other captures' (a capture
+    closed before one opened after it leaves its watch inside the later one's)."""
+    holder, current = None, module.processor
+    while current is not watch:
+        if not isinstance(current, (DiTTARProcessor, _Watch)):  # replaced since (set_attn_processor): not there
+            return
+        holder, current = current, current.processor
+    if holder is None:
+        set_processor(module, watch.processor)
+    else:
+        holder.processor = watch.processor
 
 
 class FrameAttentionMaps(TemporalAttentionMaps):
