@@ -117,12 +117,14 @@ def short_layer_name(layer: str) -> str:
     """A module path shortened for a panel title.
 
     ``down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1`` -> ``down0.t0.attn1``,
-    ``transformer_in.transformer_blocks.0.attn1`` -> ``transformer_in.attn1``; a name without
-    these parts is returned as it is.
+    ``transformer_in.transformer_blocks.0.attn1`` -> ``transformer_in.attn1``, a DiT's
+    ``transformer_blocks.0.attn1`` -> ``b0.attn1``; a name without these parts is returned as it is.
     """
     name = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", layer)
     name = name.replace("mid_block.", "mid.").replace("temp_attentions.", "t").replace("motion_modules.", "m")
-    name = name.replace("temporal_transformer_blocks.", "tb").replace("transformer_blocks.0.", "")
+    name = name.replace("temporal_transformer_blocks.", "tb")
+    # the one block of a UNet's temporal transformer goes; a DiT's block numbers stay
+    name = re.sub(r"((?:^|\.)(?:t\d+|m\d+|transformer_in))\.transformer_blocks\.0\.", r"\1.", name)
     return name.replace("transformer_blocks.", "b")
 
 
@@ -224,8 +226,9 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
             vmax = vmax if vmax > vmin else vmin + 1.0
             image = ax.imshow(a.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set_title(titles[r][c], fontsize=TITLE_FONT)
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
-            ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+            # integer frames, also for one frame (else the locator falls back to fractions)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True, min_n_ticks=1))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True, min_n_ticks=1))
             ax.tick_params(labelsize=7)
             if r == len(rows) - 1 or c >= len(rows[r + 1][1]):
                 ax.set_xlabel("key frame", fontsize=8)

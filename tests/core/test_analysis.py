@@ -322,6 +322,14 @@ def test_a_captured_maps_nan_row_is_drawn_blank(tmp_path, figures, color_scale):
     assert (blank[:, 3] == 0).all()  # transparent
 
 
+def test_a_one_frame_map_has_integer_frame_ticks(tmp_path, figures):
+    # a video DiT's call of one latent frame is recorded as a 1 x 1 map (its ticks read -0.5 .. 0.5)
+    plot_attention_maps({"a": torch.ones(1, 1), "b": torch.eye(3)}, tmp_path / "one.png")
+    for ax in panels(figures[-1]):
+        shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert shown and all(float(t).is_integer() for t in shown), shown
+
+
 def test_long_layer_names_are_shortened_or_wrapped(tmp_path, figures):
     layers = ["transformer_in.transformer_blocks.0.attn1", "down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1",
               "mid_block.temp_attentions.0.transformer_blocks.0.attn2",
@@ -331,6 +339,9 @@ def test_long_layer_names_are_shortened_or_wrapped(tmp_path, figures):
     assert [ax.get_title() for ax in panels(figures[-1])] == \
         ["transformer_in.attn1", "down0.t0.attn1", "mid.t0.attn2", "up3.m1.b1.attn1"]
     assert [short_layer_name(name) for name in layers[1:3]] == ["down0.t0.attn1", "mid.t0.attn2"]
+    # a DiT's blocks keep their numbers, block 0 too (it read "attn1" beside "b1.attn1")
+    assert [short_layer_name(f"{blocks}.{i}.attn") for blocks in ("transformer_blocks", "single_transformer_blocks")
+            for i in (0, 1)] == ["b0.attn", "b1.attn", "single_b0.attn", "single_b1.attn"]
 
     # names that shorten alike are kept, and a name wider than a panel is wrapped at its dots
     alike = {"down_blocks.0.temp_attentions.0.attn1": torch.eye(4), "down0.t0.attn1": torch.eye(4),
