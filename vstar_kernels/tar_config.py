@@ -1,4 +1,4 @@
-"""Where and when TAR regularizes a video model: per-level specs, the step gate, the paper's presets.
+"""Where and when TAR regularizes a video model: per-level specs, the step gate, VSTAR's presets.
 Shared by every front-end; needs only torch (`vstar_kernels.diffusers` needs diffusers)."""
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def _checked_delta(delta) -> torch.Tensor:
     return delta.detach().to(dtype=work, copy=True)
 
 
-# Paper names: "64" is level 0 (the 40x64 latent), "32" level 1; "D" precedes sigma. Strength 1, steps 0..13 of 25.
+# VSTAR's code's presets and names: "64" is level 0 (the 40x64 latent), "32" level 1; "D" precedes sigma.
+# Strength 1, steps 0..13 of 25.
 PRESET_UNTIL_STEP = 13
 PRESETS: Dict[str, Dict[int, float]] = {
     "64D1": {0: 1.0},
@@ -132,8 +133,8 @@ class TARConfig:
         backend: passed to `tar_attention`.
         blocks: video DiTs only: the indices of the transformer blocks to regularize (forward
             order), None for every block; kept as a sorted tuple.
-        preset: the paper preset the config was made from (set by `from_preset`); `apply_tar` on a
-            DiT refuses such a config, the paper's presets being settings for video UNets.
+        preset: the VSTAR preset the config was made from (set by `from_preset`); `apply_tar` on a
+            DiT refuses such a config, VSTAR's presets being settings for video UNets.
     """
 
     levels: Mapping[int, Any] = field(hash=False)
@@ -168,15 +169,15 @@ class TARConfig:
             object.__setattr__(self, "blocks", tuple(sorted(int_set("blocks", self.blocks))))
         if self.preset is not None:
             if not isinstance(self.preset, str) or self.preset not in PRESETS:
-                raise ValueError(f"preset must be None or one of the paper's presets ({', '.join(PRESETS)}), "
+                raise ValueError(f"preset must be None or one of VSTAR's presets ({', '.join(PRESETS)}), "
                                  f"got {self.preset!r}")
             if self.levels != _preset_levels(self.preset):  # it names where the levels came from (from_preset)
-                raise ValueError(f"preset={self.preset!r} names the paper preset the levels are, and these are not "
+                raise ValueError(f"preset={self.preset!r} names the VSTAR preset the levels are, and these are not "
                                  f"its levels: leave preset out (None) for levels of one's own")
 
     @classmethod
     def from_preset(cls, name: str, **changes) -> "TARConfig":
-        """A paper preset (``"64D1"``, ``"64D1_32D8"``, ...) for a video UNet; `changes` override other fields.
+        """A VSTAR preset (``"64D1"``, ``"64D1_32D8"``, ...) for a video UNet; `changes` override other fields.
         The config keeps its `preset`: a video DiT refuses it (the paper has no DiT preset)."""
         if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown TAR preset {name!r}; known presets: {', '.join(PRESETS)}")
@@ -202,5 +203,5 @@ class TARConfig:
 
 
 def _preset_levels(name: str) -> dict:
-    """The paper preset's levels: each level's sigma at strength 1."""
+    """The VSTAR preset's levels: each level's sigma at strength 1."""
     return {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}

@@ -46,16 +46,16 @@ def test_a_config_remembers_its_preset():
     assert TARConfig.from_preset("64D4", backend="reference").preset == "64D4"
     assert dataclasses.replace(TARConfig.from_preset("64D1"), backend="triton").preset == "64D1"
     assert TARConfig(levels={0: (1.0, 1.0)}).preset is None
-    with pytest.raises(ValueError, match=r"preset must be None or one of the paper's presets \(64D1, .*got '64D2'"):
+    with pytest.raises(ValueError, match=r"preset must be None or one of VSTAR's presets \(64D1, .*got '64D2'"):
         TARConfig(levels={0: (1.0, 1.0)}, preset="64D2")
 
 
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
 def test_a_dit_refuses_a_unet_preset(preset):
-    """The paper's presets are for video UNets; on a DiT a preset config raises, naming the preset and
+    """VSTAR's presets are for video UNets; on a DiT a preset config raises, naming the preset and
     what to give instead; the same levels given as levels are taken, and a UNet takes the preset."""
     model = DIT_FAMILIES["wan"].model()
-    with pytest.raises(ValueError, match=rf"'{preset}' is a paper preset for video UNets and WanTransformer3DModel "
+    with pytest.raises(ValueError, match=rf"'{preset}' is a VSTAR preset for video UNets and WanTransformer3DModel "
                                          r"is a video DiT.*levels=\{0: \(sigma, strength\)\} with sigma in latent "
                                          "frames"):
         apply_tar(model, TARConfig.from_preset(preset))
@@ -98,7 +98,7 @@ BAD_CONFIGS = [
                  id="sigma-none"),  # was sigma 1.0 without a word
     pytest.param(dict(levels=ONE, preset=["64D1"]), ValueError, "preset must be None or one of", id="preset-list"),
     pytest.param(dict(levels={3: (5.0, 7.0)}, preset="64D1"), ValueError, "these are not its levels",
-                 id="preset-other-levels"),  # was accepted, labelled as the paper's preset
+                 id="preset-other-levels"),  # was accepted, labelled as the VSTAR preset
 ]
 
 
@@ -141,10 +141,10 @@ def test_a_config_s_levels_are_read_only_and_it_copies():
 
 def test_a_preset_s_label_follows_its_levels():
     """preset names where the levels came from: a replace that keeps the levels keeps it; one that changes them
-    must drop it (the config would be labelled, and refused on a DiT, as the paper's preset it is not)."""
+    must drop it (the config would be labelled, and refused on a DiT, as the VSTAR preset it is not)."""
     cfg = TARConfig.from_preset("64D1_32D8")
     assert dataclasses.replace(cfg, until_step=3).preset == "64D1_32D8"
-    with pytest.raises(ValueError, match="preset='64D1_32D8' names the paper preset"):
+    with pytest.raises(ValueError, match="preset='64D1_32D8' names the VSTAR preset"):
         dataclasses.replace(cfg, levels={0: (1.0, 1.0)})
     assert dataclasses.replace(cfg, levels={0: (1.0, 1.0)}, preset=None).preset is None
     with pytest.raises(ValueError, match=r"unknown TAR preset \['64D1'\]"):

@@ -391,7 +391,7 @@ def test_cosmos_refuses_a_non_sdpa_backend_before_its_kernel_runs(monkeypatch):
 def test_newer_dit_errors_name_the_problem(monkeypatch):
     helios = NEWER["helios"]
     model = helios.model()
-    with pytest.raises(ValueError, match="'64D1' is a paper preset for video UNets and HeliosTransformer3DModel"):
+    with pytest.raises(ValueError, match="'64D1' is a VSTAR preset for video UNets and HeliosTransformer3DModel"):
         apply_tar(model, TARConfig.from_preset("64D1"))
     apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
     inputs = helios.inputs()

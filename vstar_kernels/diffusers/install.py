@@ -96,7 +96,7 @@ def _detach(model: torch.nn.Module) -> None:
 def _check_dit_config(model: torch.nn.Module, config: TARConfig) -> None:
     name = type(model).__name__
     if config.preset is not None:
-        raise ValueError(f"{config.preset!r} is a paper preset for video UNets and {name} is a video DiT, for "
+        raise ValueError(f"{config.preset!r} is a VSTAR preset for video UNets and {name} is a video DiT, for "
                          "which the paper has none: give its level, levels={0: (sigma, strength)} with sigma in "
                          "latent frames")
     other = sorted(set(config.levels) - {0})
