@@ -280,32 +280,46 @@ def test_a_pipelines_model_called_before_any_run_needs_cfg_given():
     assert len(maps) > 0
 
 
+@pytest.mark.parametrize("when", ["before the capture", "during the capture"])
 @pytest.mark.parametrize("split", [32, 48])
-def test_batched_guidance_under_free_noise_split_inference_keeps_the_conditional_half(split):
+def test_batched_guidance_under_free_noise_split_inference_keeps_the_conditional_half(split, when):
     """FreeNoise's split inference (diffusers' SplitInferenceModule around the motion modules' transformer blocks)
     runs each layer on slices of the 128 sequences (2 videos x 8 x 8), [unconditional, conditional]: the capture
     takes the second half of the whole call, as without the split (it took the second half of each slice; with
-    slices of 48 the second one straddles the halves)."""
+    slices of 48 the second one straddles the halves), also where the split comes in while the capture is open
+    (the same run: its modules are found under their new names from the next call)."""
     from diffusers.pipelines.free_noise_utils import SplitInferenceModule
 
     model = FAMILIES["motion"].model()
     inputs = motion_inputs(model, batch=2, frames=16)
+
+    def split_inference():
+        for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
+            for motion in getattr(block, "motion_modules", []):
+                for i, transformer in enumerate(motion.transformer_blocks):
+                    motion.transformer_blocks[i] = SplitInferenceModule(transformer, split, 0,
+                                                                        ["hidden_states", "encoder_hidden_states"])
+
     with torch.no_grad(), capture_temporal_attention(model, cfg=True) as whole:
         model(**inputs)
-    for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
-        for motion in getattr(block, "motion_modules", []):
-            for i, transformer in enumerate(motion.transformer_blocks):
-                motion.transformer_blocks[i] = SplitInferenceModule(transformer, split, 0,
-                                                                    ["hidden_states", "encoder_hidden_states"])
+    if when == "before the capture":
+        split_inference()
     with torch.no_grad(), capture_temporal_attention(model, cfg=True) as sliced:
         model(**inputs)
-    assert len(sliced) == len(whole) > 0
-    for (name, step), expected in whole.items():
-        got = sliced[(name.replace(".transformer_blocks.0.", ".transformer_blocks.0.module."), step)]
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        if when == "during the capture":
+            split_inference()
+            model(**inputs)  # step 1 of a bare model's run
+    step = 0 if when == "before the capture" else 1
+    assert len(sliced) == len(whole) * (step + 1)
     with torch.no_grad(), capture_temporal_attention(model, cfg=False) as both:
         model(**inputs)
-    assert max((both[key] - sliced[key]).abs().max() for key in sliced) > 1e-4  # the halves differ
+    differ = []
+    for (name, _), expected in whole.items():
+        split_name = name.replace(".transformer_blocks.0.", ".transformer_blocks.0.module.")
+        got = sliced[(name if step else split_name, step)]  # a capture keeps the names it opened with
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        differ.append((both[(split_name, 0)] - got).abs().max())
+    assert max(differ) > 1e-4  # the halves differ
 
 
 def test_free_noise_blocks_swapped_in_are_watched_from_the_next_run():

@@ -88,7 +88,7 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
     narrow what is recorded; `cfg` says whether guidance is batched (None: the pipeline's
     ``do_classifier_free_guidance``, False for a bare model); `chunk_elements` bounds the scores formed at
     once (fp32) and does not change the map; `chunk_size` is its deprecated spelling in sequences. Modules
-    swapped in during the capture (FreeNoise) are watched from the next run on.
+    swapped in during the capture (FreeNoise) are watched from the model's next call on.
     """
     model, pipeline = denoiser(target)
     steps = int_set("steps", steps)
@@ -172,6 +172,7 @@ class _Recorder:
         # the UNets' sample; Latte's is its hidden_states, passed by keyword
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() == 5 else None
+        self.resync()  # modules swapped in since (FreeNoise's blocks, split inference's wrappers), from this call on
 
     def resync(self) -> None:
         """Hook the watched layers; a layer whose module was replaced gets its new module hooked."""
@@ -185,8 +186,9 @@ class _Recorder:
                 hooked[1].remove()
             hook = functools.partial(self.record, name)
             self.handles[name] = (module, module.register_forward_hook(hook, with_kwargs=True))
-        for name in self.maps.levels:
-            parts = name.split(".")
+        paths = {id(module): path for path, module in modules.items()}
+        for name, (module, _) in self.handles.items():  # where each hooked module is now (a split moves it down)
+            parts = paths.get(id(module), "").split(".")
             self.splits[name] = [modules[path] for path in (".".join(parts[:i]) for i in range(1, len(parts)))
                                  if isinstance(modules.get(path), SplitInferenceModule)]
             for split in self.splits[name]:
