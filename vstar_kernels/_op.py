@@ -127,13 +127,14 @@ _tar_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _backward_setup_context(ctx, inputs, output):
-    ctx.backend = inputs[-2]
+    ctx.backend, ctx.device = inputs[-2], inputs[0].device
 
 
 def _no_double_backward(ctx, *grads):
+    differentiable = "backend='reference' or 'cpu', whose backward is" if ctx.device.type == "cpu" else \
+        "backend='reference', whose backward is"
     raise RuntimeError(f"tar_attention: the {ctx.backend!r} backend's gradients are first order: a gradient of them "
-                       "(create_graph=True, then backward) needs backend='reference' or 'cpu', whose backward is "
-                       "differentiable")
+                       f"(create_graph=True, then backward) needs {differentiable} differentiable")
 
 
 _tar_attention_backward.register_autograd(_no_double_backward, setup_context=_backward_setup_context)
