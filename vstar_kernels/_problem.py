@@ -349,8 +349,12 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
         target = (B, Nq, Nk) if was_3d else (B, H, Nq, Nk)
         if delta.dim() > len(target):
             raise ValueError(f"delta has {delta.dim()} dims, more than the {len(target)} of {target}")
+        # a 16-bit delta whose gradient autograd sums over its broadcast dims: summed in float32, rounded once
+        # (each entry's share rounded to 16 bits first overflows or cancels); the values the kernels read are the same
+        wide = delta.requires_grad and delta.dtype in (torch.float16, torch.bfloat16) \
+            and delta.numel() < math.prod(target)
         try:
-            bias = delta.expand(target)
+            bias = (delta.float() if wide else delta).expand(target)
         except RuntimeError:
             raise ValueError(
                 f"delta has shape {tuple(delta.shape)}, which does not broadcast to {target} "

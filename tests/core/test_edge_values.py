@@ -99,6 +99,28 @@ def test_infinite_delta_entry_of_weight_0_gives_finite_gradients(backend, n, str
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+@pytest.mark.parametrize("shape", [(), (4, 1), (1, 4)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_broadcast_16_bit_delta_has_its_gradient_summed_in_float32(backend, shape, dtype):
+    """Scores near 5e4 (m[i] * delta of the same size), their differences small: a scalar or per-row 16-bit delta's
+    gradient, the sum of every entry's share, came back NaN (each share rounded to 16 bits, then summed). It is the
+    float32 delta's gradient, rounded once."""
+    q, k, v, grad_out = make_qkv(1, 1, 4, 4, 4, 4, torch.float32, seed=1) + (None,)
+    q, k = torch.full_like(q, 100.0), 125.0 + 0.01 * k
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    grad_out = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(v)
+    grads = {}
+    for delta_dtype in (dtype, torch.float32):
+        delta = torch.full(shape, 0.5, dtype=delta_dtype, device=q.device, requires_grad=True)
+        out = vk.tar_attention(q, k, v, delta=delta, strength=-3.5, scale=1.0, backend=backend)
+        (grads[delta_dtype],) = torch.autograd.grad(out, delta, grad_out)
+    assert grads[dtype].dtype == dtype and not grads[dtype].isnan().any()
+    if shape != (1, 4):  # a per-row delta's exact gradient is 0 (it shifts a row); a per-key one's is m[i]-sized
+        assert torch.isfinite(grads[dtype]).all()
+    assert torch.equal(grads[dtype], grads[torch.float32].to(dtype))
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("backend", GRAD_BACKENDS)
 def test_nan_in_a_masked_key_takes_no_part_in_the_gradients(backend, n):
