@@ -5,6 +5,7 @@ the library: projections, per-head scores (TAR's bias where TAR regularizes), so
 over heads and over the sequences recorded (all, or the conditional second half under guidance).
 """
 
+import copy
 import math
 
 import pytest
@@ -280,25 +281,31 @@ def test_a_pipelines_model_called_before_any_run_needs_cfg_given():
     assert len(maps) > 0
 
 
-@pytest.mark.parametrize("when", ["before the capture", "during the capture"])
+@pytest.mark.parametrize("when", ["before the capture", "during the capture", "replaced during the capture"])
 @pytest.mark.parametrize("split", [32, 48])
 def test_batched_guidance_under_free_noise_split_inference_keeps_the_conditional_half(split, when):
     """FreeNoise's split inference (diffusers' SplitInferenceModule around the motion modules' transformer blocks)
     runs each layer on slices of the 128 sequences (2 videos x 8 x 8), [unconditional, conditional]: the capture
     takes the second half of the whole call, as without the split (it took the second half of each slice; with
     slices of 48 the second one straddles the halves), also where the split comes in while the capture is open
-    (the same run: its modules are found under their new names from the next call)."""
+    (the same run: its modules are found under their new names from the next call), also around new blocks (as
+    enable_free_noise then enable_free_noise_split_inference make: those layers were no longer recorded)."""
     from diffusers.pipelines.free_noise_utils import SplitInferenceModule
 
     model = FAMILIES["motion"].model()
     inputs = motion_inputs(model, batch=2, frames=16)
 
+    motions = [motion for block in [*model.down_blocks, model.mid_block, *model.up_blocks]
+               for motion in getattr(block, "motion_modules", [])]
+    # new blocks with the same weights, made before any capture hooks the model's
+    fresh = [[copy.deepcopy(transformer) for transformer in motion.transformer_blocks] for motion in motions]
+
     def split_inference():
-        for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
-            for motion in getattr(block, "motion_modules", []):
-                for i, transformer in enumerate(motion.transformer_blocks):
-                    motion.transformer_blocks[i] = SplitInferenceModule(transformer, split, 0,
-                                                                        ["hidden_states", "encoder_hidden_states"])
+        for motion, copies in zip(motions, fresh):
+            for i, transformer in enumerate(motion.transformer_blocks):
+                block = copies[i] if when.startswith("replaced") else transformer
+                motion.transformer_blocks[i] = SplitInferenceModule(block, split, 0,
+                                                                    ["hidden_states", "encoder_hidden_states"])
 
     with torch.no_grad(), capture_temporal_attention(model, cfg=True) as whole:
         model(**inputs)
@@ -306,7 +313,7 @@ def test_batched_guidance_under_free_noise_split_inference_keeps_the_conditional
         split_inference()
     with torch.no_grad(), capture_temporal_attention(model, cfg=True) as sliced:
         model(**inputs)
-        if when == "during the capture":
+        if when != "before the capture":
             split_inference()
             model(**inputs)  # step 1 of a bare model's run
     step = 0 if when == "before the capture" else 1
@@ -320,6 +327,20 @@ def test_batched_guidance_under_free_noise_split_inference_keeps_the_conditional
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
         differ.append((both[(split_name, 0)] - got).abs().max())
     assert max(differ) > 1e-4  # the halves differ
+
+
+def test_a_layer_gone_from_the_model_during_the_capture_raises():
+    """A watched layer's block put under another name (not a split's wrapper) was no longer recorded, silently."""
+    model = FAMILIES["motion"].model()
+    inputs = motion_inputs(model, batch=1, frames=8)
+    motion = model.down_blocks[0].motion_modules[0]
+    with torch.no_grad(), capture_temporal_attention(model) as maps:
+        model(**inputs)
+        motion.transformer_blocks = torch.nn.ModuleList([torch.nn.ModuleDict({"inner": motion.transformer_blocks[0]})])
+        with pytest.raises(ValueError, match=r"down_blocks\.0\.motion_modules\.0\.transformer_blocks\.0\.attn1: this "
+                                             r"layer the capture records is no longer in the model"):
+            model(**inputs)
+    assert maps.steps() == [0]
 
 
 def test_free_noise_blocks_swapped_in_are_watched_from_the_next_run():

@@ -175,12 +175,17 @@ class _Recorder:
         self.resync()  # modules swapped in since (FreeNoise's blocks, split inference's wrappers), from this call on
 
     def resync(self) -> None:
-        """Hook the watched layers; a layer whose module was replaced gets its new module hooked."""
+        """Hook the watched layers; a layer whose module was replaced gets its new module hooked, also where a split
+        inference's wrapper (``.module.``) now stands above it; a layer gone from the model raises."""
         modules = dict(self.model.named_modules())
+        unwrapped = {path.replace(".module.", "."): module for path, module in modules.items() if ".module." in path}
         for name in self.maps.levels:
-            module = modules.get(name)
+            module = modules.get(name, unwrapped.get(name))
             hooked = self.handles.get(name)
-            if module is None or (hooked is not None and hooked[0] is module):
+            if module is None:
+                raise ValueError(f"{name}: this layer the capture records is no longer in the model (replaced under "
+                                 "another name): open the capture after changing the model")
+            if hooked is not None and hooked[0] is module:
                 continue
             if hooked is not None:
                 hooked[1].remove()
