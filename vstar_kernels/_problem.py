@@ -351,7 +351,7 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
             raise ValueError(f"delta has {delta.dim()} dims, more than the {len(target)} of {target}")
         # a 16-bit delta whose gradient autograd sums over its broadcast dims: summed in float32, rounded once
         # (each entry's share rounded to 16 bits first overflows or cancels); the values the kernels read are the same
-        wide = delta.requires_grad and delta.dtype in (torch.float16, torch.bfloat16) \
+        wide = torch.is_grad_enabled() and delta.requires_grad and delta.dtype in (torch.float16, torch.bfloat16) \
             and delta.numel() < math.prod(target)
         try:
             bias = (delta.float() if wide else delta).expand(target)
