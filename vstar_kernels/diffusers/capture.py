@@ -120,7 +120,7 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
 
     maps = TemporalAttentionMaps({t.name: t.level for t in selected})
     recorder = _Recorder(model, pipeline, maps, steps, cfg, chunk_size, chunk_elements)
-    recorder.tracker = StepTracker.attach(model, recorder.owner, pipeline=pipeline, on_run_start=recorder.resync)
+    recorder.tracker = StepTracker.attach(model, recorder.owner, pipeline=pipeline)
     recorder.resync()
     batch_hook = model.register_forward_pre_hook(recorder.begin_call, with_kwargs=True)
     try:
