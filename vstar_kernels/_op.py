@@ -1,6 +1,6 @@
 """The torch.library ops behind `tar_attention`, and their autograd (docs/compile-and-autograd.md):
 
-    vstar::tar_attention(<problem>, backend, needs_grad, speculate) -> (out, stats, flags)
+    vstar::tar_attention(<problem>, backend, needs_grad, speculate, compiled) -> (out, stats, flags)
     vstar::tar_attention_backward(grad_out, out, stats, <problem>, backend, delta_grad) -> (dq, dk, dv, ddelta)
 
 <problem> is `TarProblem`'s fields in `OP_FIELDS` order (`op_args` / `from_op_args`); delta is the broadcast
@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._problem import OP_FIELDS, TarProblem, check_frame_values, speculates
+from ._problem import OP_FIELDS, TarProblem, check_frame_values, speculates, values_unkept
 from .dispatch import BACKENDS, BackendUnavailableError
 from .reference import without_autocast
 
@@ -30,10 +30,18 @@ SPECULATING = ("triton", "triton-lean")  # the backends with a speculative one p
 @torch.library.custom_op("vstar::tar_attention", mutates_args=())
 def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: float, delta: Optional[Tensor],
                    causal: bool, max_mode: str, scale: float, frames_q: Optional[Tensor], frames_k: Optional[Tensor],
-                   key_mask: Optional[Tensor], backend: str, needs_grad: bool,
-                   speculate: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+                   key_mask: Optional[Tensor], backend: str, needs_grad: bool, speculate: bool = True,
+                   compiled: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
+    if compiled:
+        with values_unkept():
+            return _forward(problem, backend, needs_grad, speculate)
+    return _forward(problem, backend, needs_grad, speculate)
+
+
+def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    q = problem.q
     check_frame_values(problem)
     impl, devices = BACKENDS[backend], BACKENDS[backend].SUPPORTED_DEVICES
     reasons = impl.state_reasons(problem)  # a traced program run elsewhere (torch.export): "auto"'s choice fixed
@@ -65,7 +73,7 @@ def _side_outputs(problem: TarProblem, backend: str, needs_grad: bool, speculate
 @_tar_attention.register_fake
 def _tar_attention_fake(*args):
     problem, (backend, needs_grad, *rest) = TarProblem.from_op_args(args[:_N]), args[_N:]
-    speculate = rest[0] if rest else True
+    speculate = rest[0] if rest else True  # the op's defaults, for a call without them
     return (problem.q.new_empty(problem.output_shape()), *_side_outputs(problem, backend, needs_grad, speculate))
 
 
@@ -117,7 +125,7 @@ def _backward(ctx, grad_out, _grad_stats, _grad_flags):
     else:
         dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, out, stats, *problem.op_args(),
                                                                     backend, delta_grad)
-    grads = [None] * (_N + 3)  # + backend, needs_grad, speculate
+    grads = [None] * (_N + 4)  # + backend, needs_grad, speculate, compiled
     grads[:3] = dq, dk, dv
     grads[_DELTA] = ddelta if delta_grad else None
     return tuple(grads)
@@ -144,8 +152,16 @@ def tar_attention_op(problem: TarProblem, backend: str, speculate: bool = True,
                      flags: Optional[Tensor] = None) -> Tensor:
     """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv). flags:
     None, or an int64 (2,) tensor to which the call adds (flagged rows, rows) where it speculated."""
-    out, _, counts = _tar_attention(*problem.op_args(), backend, problem.needs_grad(), speculate)
+    # traced, the ids may be buffers that the compiled code reuses: their values are read on every call
+    out, _, counts = _tar_attention(*problem.op_args(), backend, problem.needs_grad(), speculate,
+                                    torch.compiler.is_compiling())
     if flags is not None and counts.numel():  # device-side adds, no host copy: a CUDA graph may capture them
-        flags[0].add_(counts.sum(dtype=torch.int64))
+        try:
+            flags[0].add_(counts.sum(dtype=torch.int64))
+        except RuntimeError:
+            if torch._C._functorch.is_batchedtensor(counts):
+                raise ValueError("flags=: a call under torch.func.vmap has counts for each of its slices, which it "
+                                 "cannot add into one flags tensor: call without flags there") from None
+            raise
         flags[1].add_(counts.numel() * problem.nq)
     return out

@@ -10,8 +10,10 @@ op, where torch.compile does not trace.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -88,10 +90,23 @@ OP_FIELDS = tuple(f.name for f in fields(TarProblem) if f.name != "was_3d")
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_dense(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
         )
+
+
+def _check_dense(name: str, t: torch.Tensor) -> None:
+    if t.is_nested or t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
+
+
+def type_name(value) -> str:
+    """The name of `value`'s type, with its module where it is not a builtin (numpy's bool is also "bool")."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _real(name: str, value) -> float:
@@ -152,6 +167,7 @@ def _check_ids(name: str, ids, n: int, side: str, device) -> torch.Tensor:
     """One frame id vector: a 1-D signed integer tensor of length `n` on `device`."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of frame ids, got {type(ids).__name__}")
+    _check_dense(name, ids)
     if ids.dtype not in FRAME_DTYPES:
         raise TypeError(f"{name} must hold signed integers (int8, int16, int32 or int64; -1 marks a token "
                         f"outside the video), got {ids.dtype}")
@@ -179,6 +195,7 @@ def _check_frames(frames, nq: int, nk: int, device) -> tuple:
 def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
     if not isinstance(key_mask, torch.Tensor):
         raise TypeError(f"key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
+    _check_dense("key_mask", key_mask)
     if key_mask.dtype != torch.bool:
         raise TypeError(f"key_mask must be a bool tensor (True = attend to the key), got {key_mask.dtype}")
     if key_mask.dim() != 2 or tuple(key_mask.shape) != (batch, nk):
@@ -193,12 +210,25 @@ FRAME_ID_LIMIT = 2 ** 24  # frame distances are float32 in the kernels: exact be
 
 # What calls read from frame-id tensors' values (a device synchronisation each): an entry lives with its tensor.
 _FRAME_VALUES = WeakIdKeyDictionary()
+_UNKEPT = threading.local()  # .depth > 0: inside a call from compiled code (`values_unkept`)
+
+
+@contextlib.contextmanager
+def values_unkept():
+    """Within it, `frame_value` reads on every call: a call from compiled code, whose ids may be a buffer the
+    compiler reuses (inductor: the same tensor object, rewritten with no in-place version)."""
+    _UNKEPT.depth = getattr(_UNKEPT, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _UNKEPT.depth -= 1
 
 
 def frame_value(ids: torch.Tensor, what, read):
     """read(ids), kept as `what` of `ids` for its in-place version: the same tensor passed again unchanged is not
-    read again (docs/semantics.md, "Memory"); an inference tensor (no version counter) is read on every call."""
-    if ids.is_inference():
+    read again (docs/semantics.md, "Memory"); an inference tensor (no version counter) is read on every call, as
+    is any in a call from compiled code (`values_unkept`)."""
+    if ids.is_inference() or getattr(_UNKEPT, "depth", 0):
         return read(ids)
     entry = _FRAME_VALUES.get(ids)
     if entry is None or entry[0] != ids._version:
@@ -274,7 +304,7 @@ def speculates(problem: TarProblem) -> bool:
 def check_speculation(speculate, flags, device) -> None:
     """speculate a bool; flags None or an int64 (2,) tensor on the inputs' device (flagged, counted rows)."""
     if not isinstance(speculate, bool):
-        raise TypeError(f"speculate must be a bool, got {type(speculate).__name__}")
+        raise TypeError(f"speculate must be a bool, got {type_name(speculate)}")
     if flags is not None and not (torch.is_tensor(flags) and flags.shape == (2,) and flags.dtype == torch.int64
                                   and flags.device == device and flags.stride(0) != 0):
         got = f"{flags.dtype} {tuple(flags.shape)} on {flags.device}" if torch.is_tensor(flags) \
@@ -323,7 +353,7 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
         raise ValueError(f"scale must be > 0 (the softmax scale, by default D ** -0.5), got {float(scale)}")
     sigma = check_sigma(sigma)  # checked with a delta too, where it is then ignored
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool, got {type_name(causal)}")
     if max_mode not in MAX_MODES:
         raise ValueError(f"max_mode must be one of {MAX_MODES}, got {max_mode!r}")
 

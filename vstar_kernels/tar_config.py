@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
 
-from ._problem import _check_tensor, _real, check_sigma, int_set
+from ._problem import _check_tensor, _real, check_sigma, int_set, type_name
 from .dispatch import BACKEND_NAMES
 
 
@@ -59,6 +59,9 @@ class LevelSpec:
         if copy is None:
             copy = self._copies[key] = self.delta.to(device=device, dtype=work)
         return {"delta": copy, "strength": self.strength}
+
+    def __getstate__(self):  # pickle and copy: the per-device copies of delta are made again where used
+        return {**vars(self), "_copies": {}}
 
     def __eq__(self, other):
         if not isinstance(other, LevelSpec):
@@ -162,7 +165,7 @@ class TARConfig:
                 raise ValueError(f"until_step must be an int >= 0 or None (every step), got {self.until_step!r}")
             object.__setattr__(self, "until_step", int(self.until_step))
         if not isinstance(self.include_input_block, bool):
-            raise TypeError(f"include_input_block must be a bool, got {type(self.include_input_block).__name__}")
+            raise TypeError(f"include_input_block must be a bool, got {type_name(self.include_input_block)}")
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.blocks is not None:

@@ -185,6 +185,20 @@ def test_vmap_over_a_batch_of_calls_is_each_call(backend):
     torch.testing.assert_close(torch.func.vmap(call)(x), torch.stack([call(t) for t in x]), atol=0, rtol=0)
 
 
+def test_vmap_of_a_speculating_call_with_flags_raises_naming_flags():
+    """flags= takes one count for a call; a vmapped call has one for each slice (a loop of calls adds them all)."""
+    ids = vk.frame_ids(3, 4)
+    x = torch.randn(3, 1, 2, ids.numel(), 8, device=DEVICE)
+    flags = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    call = lambda t: vk.tar_attention(t, t, t, frames=ids.to(DEVICE), backend="triton", flags=flags)  # noqa: E731
+    with pytest.raises(ValueError, match="flags=: a call under torch.func.vmap has counts for each of its slices"):
+        torch.func.vmap(call)(x)
+    assert flags.tolist() == [0, 0]
+    for t in x:
+        call(t)
+    assert flags[1].item() == 3 * 2 * ids.numel()
+
+
 def test_torch_func_grad_raises_as_the_docs_say():
     """docs/compile-and-autograd.md: torch 2.13's register_autograd does not run under torch.func.grad. When a
     torch makes it run, this fails: then the docs' line goes, and this test checks the gradient instead."""
@@ -246,6 +260,20 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(y_c, y_e, atol=1e-6, rtol=1e-5)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_frame_ids_made_in_a_compiled_graph_are_read_on_every_call():
+    """Inductor reuses one buffer for the ids of several calls (the same tensor object, rewritten by its kernels with
+    no in-place version): a call from compiled code reads its ids' values again, none kept from another call's."""
+    n, tar = 64, dict(sigma=0.5, strength=3.0, backend="cpu")
+
+    def three_layouts(q):
+        out = vk.tar_attention(q, q, q, frames=torch.arange(n) // 16, **tar)
+        out = vk.tar_attention(out, out, out, frames=torch.arange(n) // 32, **tar)
+        return vk.tar_attention(out, out, out, frames=((torch.arange(n) + 8) // 16).clamp(max=3), **tar)
+
+    q = torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(0)) * 3
+    torch.testing.assert_close(torch.compile(three_layouts, fullgraph=True)(q), three_layouts(q), atol=1e-5, rtol=0)
 
 
 def test_torch_compile_traces_the_triton_backend():

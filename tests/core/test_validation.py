@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,16 @@ def fn(request):
 
 CASES = [
     ("q not a tensor", lambda: ([[1.0]], *qkv(1, 1, 4, 8)[1:]), {}, TypeError, "q must be a torch.Tensor"),
+    ("sparse q", lambda: (torch.randn(1, 1, 4, 8).to_sparse(), *qkv(1, 1, 4, 8)[1:]), {}, TypeError,
+     "q must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
+    ("mkldnn v", lambda: (*qkv(1, 1, 4, 8)[:2], torch.randn(1, 1, 4, 8).to_mkldnn()), {}, TypeError,
+     "v must be a dense \\(strided\\) tensor, got layout torch._mkldnn"),
+    ("nested k", lambda: (torch.randn(1, 1, 4, 8), torch.nested.nested_tensor([torch.randn(1, 4, 8)]),
+                          torch.randn(1, 1, 4, 8)), {}, TypeError, "k must be a dense \\(strided\\) tensor, got a nested"),
+    ("sparse frames", lambda: qkv(1, 1, 4, 8), dict(frames=torch.tensor([0, 0, 1, 1]).to_sparse()), TypeError,
+     "frames must be a dense \\(strided\\) tensor"),
+    ("sparse key_mask", lambda: qkv(1, 1, 4, 8), dict(key_mask=torch.ones(1, 4, dtype=torch.bool).to_sparse()),
+     TypeError, "key_mask must be a dense \\(strided\\) tensor"),
     ("integer dtype", lambda: (torch.ones(1, 1, 4, 8, dtype=torch.int32), *qkv(1, 1, 4, 8)[1:]), {}, TypeError,
      "q must be a floating-point"),
     ("mixed dtypes", lambda: (*qkv(1, 1, 4, 8)[:2], torch.randn(1, 1, 4, 8, dtype=torch.float64)), {}, TypeError,
@@ -62,6 +73,8 @@ CASES = [
      "sigma must be > 0"),
     ("max_mode", lambda: qkv(1, 1, 4, 8), dict(max_mode="col"), ValueError, "max_mode must be one of"),
     ("causal not bool", lambda: qkv(1, 1, 4, 8), dict(causal=1), TypeError, "causal must be a bool"),
+    ("causal numpy bool", lambda: qkv(1, 1, 4, 8), dict(causal=np.bool_(True)), TypeError,
+     "causal must be a bool, got numpy.bool"),
     ("delta wrong shape", lambda: qkv(2, 3, 4, 8), dict(delta=torch.rand(5, 4)), ValueError,
      r"delta has shape \(5, 4\)"),
     ("delta too many dims", lambda: qkv(2, 3, 4, 8), dict(delta=torch.rand(1, 2, 3, 4, 4)), ValueError,

@@ -51,6 +51,20 @@ def test_bad_delta_raises_naming_the_level(spec, error, match):
         TARConfig(levels={0: spec})
 
 
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_config_copied_after_use_leaves_its_device_copies_behind(how):
+    """The per-device copies of a delta (a GPU's, where it ran on one) are not pickled or copied with the config."""
+    import copy
+    import pickle
+    config = TARConfig(levels={0: LevelSpec(delta=torch.rand(4, 4, dtype=torch.float16))})
+    used = config.levels[0].tar_kwargs(4, 4, device="meta", dtype=torch.float32, where="here")["delta"]
+    assert used.device.type == "meta"
+    copied = pickle.loads(pickle.dumps(config)) if how == "pickle" else copy.deepcopy(config)
+    assert copied == config and not copied.levels[0]._copies
+    assert copied.levels[0].tar_kwargs(4, 4, device="cpu", dtype=torch.float32, where="here")["delta"].dtype \
+        == torch.float32
+
+
 def test_sigma_and_delta_together_are_rejected():
     with pytest.raises(ValueError, match="sigma or delta, not both"):
         LevelSpec(sigma=2.0, delta=torch.ones(3, 3))

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .._problem import check_int, int_set, make_problem
+from .._problem import check_int, int_set, make_problem, type_name
 from ..analysis import _outside_own_frame
 from ..frames import as_layout, frame_bias
 from ..reference import tar_scores, without_autocast
@@ -59,7 +59,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     steps = int_set("steps", steps)
     blocks = int_set("blocks", blocks)
     if cfg is not None and not isinstance(cfg, bool):
-        raise TypeError(f"cfg must be a bool or None, got {type(cfg).__name__}")
+        raise TypeError(f"cfg must be a bool or None, got {type_name(cfg)}")
     if cfg is None and pipeline is not None and family.batched_guidance \
             and not hasattr(type(pipeline), "do_classifier_free_guidance") \
             and "guidance_scale" in inspect.signature(type(pipeline).__call__).parameters:
