@@ -9,14 +9,16 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from diffusers import UNetMotionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
 
 from vstar_kernels.vsp import (apply_vsp, encode_synopsis, generate_with_synopsis,  # noqa: E402
                                interpolate_embeddings, load_synopses, remove_vsp)
 
-from .tiny_video_models import (CONTEXT_DIM, MAX_TOKENS, call_args, one_torch_thread,  # noqa: E402, F401 (autouse)
-                                tiny_animatediff_pipeline, tiny_text_to_video_pipeline, tiny_unet3d, tiny_unet_motion)
+from .tiny_video_models import (CONTEXT_DIM, MAX_TOKENS, call_args, motion_adapter,  # noqa: E402
+                                one_torch_thread, tiny_animatediff_pipeline, tiny_text_to_video_pipeline,  # noqa: F401
+                                tiny_unet3d, tiny_unet_motion)
 
 L, C, N = MAX_TOKENS, CONTEXT_DIM, 4
 UNETS = {"unet3d": tiny_unet3d, "motion": tiny_unet_motion}
@@ -426,3 +428,69 @@ def test_pipeline_helper_arguments_are_checked(pipe):
     with pytest.raises(ValueError, match="already applied"):
         generate_with_synopsis(pipe, ["a"], num_frames=N, **call_args())
     remove_vsp(pipe)
+
+
+# ----- FreeNoise, SDXL -----
+
+def freenoise_pipeline(directory):
+    pipe = tiny_animatediff_pipeline(directory)
+    pipe.motion_adapter = motion_adapter(channels=(8, 16))
+    pipe.enable_free_noise(context_length=4, context_stride=2)
+    return pipe
+
+
+@pytest.mark.parametrize("order", ["vsp-first", "split-first"])
+def test_freenoise_split_inference_gives_each_slice_its_frames_context(tmp_path, order):
+    """FreeNoise's split inference runs the spatial transformers on slices of the (batch * frames) rows."""
+    frames, prompt = 8, "a fox"
+    pipe = freenoise_pipeline(tmp_path)
+    synopsis = encode_synopsis(pipe, ["a red fox", "a blue bird", "a green frog"], frames)
+    seen = []  # FreeNoise's own per-frame rows of the prompt (it interpolates them: not encode_prompt's bit for bit)
+    pipe.unet.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["encoder_hidden_states"]),
+                                        with_kwargs=True)
+    with torch.no_grad():
+        pipe(prompt=prompt, num_frames=frames, **call_args(output_type="latent", num_inference_steps=1))
+    same = seen[0][frames:]  # the conditional half, (frames, L, C)
+
+    def run(embeds, split=None):
+        pipe = freenoise_pipeline(tmp_path)
+        if split and order == "split-first":
+            pipe.enable_free_noise_split_inference(temporal_split_size=split)
+        if embeds is not None:
+            apply_vsp(pipe, embeds)
+        if split and order == "vsp-first":
+            pipe.enable_free_noise_split_inference(temporal_split_size=split)
+        with torch.no_grad():
+            return pipe(prompt=prompt, num_frames=frames, **call_args(output_type="latent")).frames
+
+    unsplit = run(synopsis)
+    assert (unsplit - run(None)).abs().max() > 0.1  # VSP changes the video
+    for split in (2, 3):  # 16 rows a guidance half: slices of whole frames' rows, and a last short one
+        # split inference alone changes the float32 sums by ~3e-5 here
+        torch.testing.assert_close(run(synopsis, split), unsplit, rtol=0, atol=1e-4)
+        assert torch.equal(run(same, split), run(None, split))
+
+
+def test_generate_with_synopsis_under_freenoise(tmp_path):
+    pipe = freenoise_pipeline(tmp_path)
+    stock = pipe(prompt="a fox", num_frames=8, **call_args()).frames
+    # FreeNoise interpolates the prompt's rows (1e-7 from encode_prompt's): close, not equal
+    torch.testing.assert_close(generate_with_synopsis(pipe, ["a fox"], num_frames=8, **call_args()).frames,
+                               stock, rtol=0, atol=1e-4)
+    assert (generate_with_synopsis(pipe, ["a bird"], num_frames=8, **call_args()).frames - stock).abs().max() > 0.01
+    with pytest.raises(ValueError, match="FreeNoise takes one prompt a call: give one synopsis"):
+        generate_with_synopsis(pipe, [["a fox"], ["a bird"]], num_frames=8, **call_args())
+    assert not hasattr(pipe.unet, "_vstar_vsp_state")
+
+
+def test_sdxl_video_unet_is_refused():
+    torch.manual_seed(0)
+    unet = UNetMotionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, num_attention_heads=2,
+                           motion_num_attention_heads=2, cross_attention_dim=C, sample_size=8,
+                           down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+                           up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+                           addition_embed_type="text_time", addition_time_embed_dim=4,
+                           projection_class_embeddings_input_dim=6 * 4 + C)
+    with pytest.raises(ValueError, match="VSP does not take SDXL's video UNet"):
+        apply_vsp(unet, torch.zeros(N, L, C))
+    remove_vsp(unet)  # a no-op where VSP is not applied, as anywhere

@@ -14,15 +14,18 @@ import warnings
 import torch
 from diffusers import UNet3DConditionModel, UNetMotionModel
 
+from .._problem import type_name
 from ..vsp import interpolate_embeddings
+from .capture import SplitInferenceModule
 from .install import uncompiled
 from .interception import Wrapping
 
 SUPPORTED_UNETS = (UNet3DConditionModel, UNetMotionModel)
 
-# Spatial cross-attention: <block>.attentions.<i>.transformer_blocks.<j>.attn2, nothing before or after.
+# Spatial cross-attention: <block>.attentions.<i>.transformer_blocks.<j>.attn2, nothing before or after
+# (``.module`` after <i> where FreeNoise's split inference wraps the spatial transformer).
 SPATIAL_CROSS_ATTENTION = re.compile(
-    r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn2"
+    r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.(?:module\.)?transformer_blocks\.\d+\.attn2"
 )
 
 _STATE_ATTR = "_vstar_vsp_state"
@@ -36,9 +39,11 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
     way (unconditional half first, kept as is). Calling it again replaces the embeddings and `cfg`.
     """
     unet = _unet_of(target)
+    if unet.config.get("addition_embed_type") == "text_time":
+        raise ValueError(_SDXL)
     embeds = _check_embeds(per_frame_embeds)
     if not isinstance(cfg, bool):
-        raise TypeError(f"cfg must be a bool, got {type(cfg).__name__}")
+        raise TypeError(f"cfg must be a bool, got {type_name(cfg)}")
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
         modules = [(name, module) for name, module in unet.named_modules()
@@ -67,7 +72,7 @@ def remove_vsp(target) -> None:
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
         return
-    for hook in state.hooks:
+    for hook in [*state.hooks, *(hook for hooks in state.splits.values() for hook in hooks)]:
         hook.remove()
     for name, (module, original, wrapper) in state.originals.items():
         if module.processor is wrapper:
@@ -91,6 +96,8 @@ def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear",
     Returns (N, L, C) or (P, N, L, C) on the pipeline's execution device. Each sub-prompt is encoded on
     its own, as the pipeline encodes a prompt, so identical sub-prompts give its own embedding bit for bit.
     """
+    if "prompt_2" in inspect.signature(pipe.encode_prompt).parameters:  # a second text encoder's prompt
+        raise ValueError(_SDXL)
     synopses, batched = _check_sub_prompts(sub_prompts)
     device = pipe._execution_device
     out = []
@@ -118,9 +125,14 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     # The conditional context the pipeline builds is replaced frame by frame; it only has
     # to have the right shape, and the first frame's embedding is what frame 0 gets anyway.
     first = embeds[:, 0] if embeds.dim() == 4 else embeds[:1]
+    prompt = {"prompt_embeds": first}
+    if getattr(pipe, "free_noise_enabled", False):  # FreeNoise encodes a prompt of its own (one string)
+        if embeds.dim() == 4:
+            raise ValueError("FreeNoise takes one prompt a call: give one synopsis (a list of strings)")
+        prompt = {"prompt": ""}
     apply_vsp(pipe, embeds, cfg=guidance_scale > 1)
     try:
-        return pipe(prompt_embeds=first, num_frames=num_frames, **pipe_kwargs)
+        return pipe(num_frames=num_frames, **prompt, **pipe_kwargs)
     finally:
         remove_vsp(pipe)
 
@@ -135,6 +147,8 @@ class _SynopsisState:
         self.hooks = []
         self.removed = False  # by remove_vsp
         self.batch = None     # videos in the current UNet call (both guidance halves)
+        self.splits = {}      # FreeNoise's split module above a spatial transformer -> its two hook handles
+        self.presplit = []    # per split call in progress: whether it replaced the context for its slices
         self._source = None
         self._context = None
 
@@ -156,7 +170,34 @@ class _SynopsisState:
                              f"synopses of per_frame_embeds do not divide evenly")
         self.batch = batch
         self._source = self._context = None
+        self.presplit.clear()
         self.rewrap()
+        self.follow_splits(module)
+
+    def follow_splits(self, unet) -> None:
+        """FreeNoise's split inference runs each spatial transformer on slices of its rows: the context is replaced
+        whole above the split, which slices it with the hidden states, and the slices pass the processors as they
+        are."""
+        for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
+            for split in getattr(block, "attentions", None) or ():
+                if isinstance(split, SplitInferenceModule) and split not in self.splits:
+                    self.splits[split] = (split.register_forward_pre_hook(self.split_call, with_kwargs=True),
+                                          split.register_forward_hook(self.split_done, always_call=True))
+
+    def split_call(self, split, args, kwargs):
+        context = kwargs.get("encoder_hidden_states")
+        replace = not self.removed and isinstance(context, torch.Tensor)
+        if replace and (split.split_dim != 0 or "encoder_hidden_states" not in split.input_kwargs_to_split):
+            raise ValueError("VSP takes a split inference of the spatial transformers that slices their rows "
+                             "(dimension 0) with the text context, as FreeNoise's does")
+        self.presplit.append(replace)
+        if replace:
+            return args, {**kwargs, "encoder_hidden_states": self.context(context)}
+        return None
+
+    def split_done(self, split, args, output):
+        if self.presplit:
+            self.presplit.pop()
 
     def rewrap(self) -> None:
         """Wrap again each module whose processor was replaced since (`fuse_qkv_projections`, `set_attn_processor`,
@@ -177,6 +218,7 @@ class _SynopsisState:
     def end_call(self, module, args, output):
         self.batch = None
         self._source = self._context = None
+        self.presplit.clear()
 
     def context(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """The (batch * N, L, C) per-frame context replacing `encoder_hidden_states`."""
@@ -217,8 +259,8 @@ class _SynopsisProcessor(Wrapping):
         self.show(inner)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
-        if self.state.removed:
-            pass
+        if self.state.removed or (self.state.presplit and self.state.presplit[-1]):
+            pass  # removed, or the context was replaced above FreeNoise's split of this block (a slice of it here)
         elif isinstance(encoder_hidden_states, tuple):  # (text, image prompts) with IP-Adapter
             encoder_hidden_states = (self.state.context(encoder_hidden_states[0]),) + encoder_hidden_states[1:]
         else:
@@ -241,6 +283,10 @@ def _unet_of(target):
         raise TypeError(f"target must be a UNet3DConditionModel, a UNetMotionModel or a pipeline holding one as "
                         f".unet (torch.compile'd or not), got {held}")
     return unet
+
+
+_SDXL = ("VSP does not take SDXL's video UNet (AnimateDiff SDXL): its pooled text embedding, added to the time "
+         "embedding, would stay the shared prompt's on every frame")
 
 
 def _check_embeds(embeds) -> torch.Tensor:
