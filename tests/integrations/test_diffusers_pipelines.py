@@ -356,6 +356,29 @@ def test_tar_changes_the_generated_latents_and_remove_restores_them():
     assert torch.equal(generate(), plain)
 
 
+def test_free_noise_split_inference_enabled_after_apply_tar_keeps_tar(tmp_path):
+    """Split inference wraps the motion modules' blocks after apply_tar (a preset's until_step set): TAR runs in them
+    from the next call on, as where it was applied after the split."""
+    tokenizer, text_encoder = tiny_text_parts(tmp_path)
+    config = TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 1.0)}, until_step=0)
+
+    def generate(tar_first):
+        pipe = AnimateDiffPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet_motion(),
+                                   motion_adapter=motion_adapter(channels=(8, 16)), scheduler=DDIMScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        pipe.enable_free_noise(context_length=8, context_stride=4)
+        if tar_first is not None and tar_first:
+            apply_tar(pipe, config)
+        pipe.enable_free_noise_split_inference(spatial_split_size=32, temporal_split_size=4)
+        if tar_first is not None and not tar_first:
+            apply_tar(pipe, config)
+        return pipe("a fox", num_frames=16, **call_args(height=32, width=32, output_type="latent")).frames
+
+    out = generate(tar_first=True)
+    assert (out - generate(tar_first=None)).abs().max() > 1e-3, "the run went without TAR"
+    torch.testing.assert_close(out, generate(tar_first=False), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("target", ["pipe", "unet"])
 def test_free_noise_enabled_or_disabled_after_apply_tar_keeps_tar(target, tmp_path):
     """The blocks FreeNoise swaps in after apply_tar(pipe) or apply_tar(pipe.unet) run TAR from the next call on.

@@ -5,6 +5,7 @@ Every regularized attention call is checked against a float64 evaluation of fram
 frame ids and the text mask written from each model's layout in tiny_dit_models.
 """
 
+import contextlib
 import copy
 import functools
 import gc
@@ -293,6 +294,42 @@ def test_tar_on_the_bare_dit_of_a_pipeline_warns_at_its_next_run(applied_to):
                                                 r"on a bare DiT, TAR counts forward calls across runs", said[0]), said
         else:
             assert not said, (run, said)
+
+
+@pytest.mark.parametrize("model, cache, until_step", [
+    ("wan", "first block cache", 0), ("latte", "pyramid attention broadcast", 0),
+    ("latte", "pyramid attention broadcast on the spatial attention", 0), ("wan", "first block cache", None)])
+def test_a_cache_that_reuses_earlier_steps_outputs_is_said_where_until_step_ends_the_window(model, cache, until_step):
+    """diffusers' step caches hand a step outputs of earlier steps (a block's, an attention's): a step after
+    until_step can get a regularized one. Said once, at the first call; not for a cache on modules TAR does not
+    regularize, nor without a window's end."""
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+    bare = (FAMILIES if model == "wan" else UNET_FAMILIES)[model].model()
+    inputs = (FAMILIES if model == "wan" else UNET_FAMILIES)[model].inputs(bare) if model == "latte" \
+        else FAMILIES[model].inputs()
+    if cache == "first block cache":
+        bare.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    else:
+        kind = "spatial" if "spatial" in cache else "temporal"
+        bare.enable_cache(PyramidAttentionBroadcastConfig(
+            **{f"{kind}_attention_block_skip_range": 2, f"{kind}_attention_timestep_skip_range": (-1, 1001)},
+            spatial_attention_block_identifiers=(r"^transformer_blocks",), current_timestep_callback=lambda: 500))
+    apply_tar(bare, TARConfig(levels={0: (1.0, 1.0)}, until_step=until_step, backend="cpu"))
+    said = []
+    for _ in range(2):
+        context = bare.cache_context("cond") if model == "wan" else contextlib.nullcontext()
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad(), context:
+            warnings.simplefilter("always")
+            bare(**inputs)
+        said += [str(w.message) for w in caught if "hands a step outputs of earlier steps" in str(w.message)]
+    hook = "fbc_leader_block_hook" if cache == "first block cache" else "pyramid_attention_broadcast"
+    if until_step is None or "spatial" in cache:
+        assert not said
+    else:
+        assert said == [f"TAR: diffusers' {hook} hook on this model hands a step outputs of earlier steps, so a step "
+                        f"after until_step={until_step} can reuse a regularized output (for as many steps as the "
+                        "cache skips). Keep the cache off around that step (its timestep range) where the boundary "
+                        "matters"]
 
 
 def test_wan22_pipeline_two_experts_and_unbatched_guidance_share_the_loop_index():

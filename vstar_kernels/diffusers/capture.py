@@ -20,12 +20,12 @@ except ImportError:  # a diffusers without FreeNoise's split inference: nothing 
     SplitInferenceModule = ()
 
 from .._deprecation import renamed
-from .._problem import check_int, int_set, make_problem
+from .._problem import check_int, int_set, make_problem, type_name
 from ..reference import tar_scores, without_autocast
 from ..regularization import gaussian_bias
 from .install import denoiser
 from .processors import project_heads, tar_site, temporal_at
-from .steps import StepTracker
+from .steps import ATTENTION_REUSE, StepTracker
 
 # fp32 probabilities of one chunk (sequences x heads x N x N here, batch x heads x rows x Nk in dit_capture): 64 MiB
 CHUNK_ELEMENTS = 1 << 24
@@ -103,7 +103,7 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
             raise ValueError(f"layers {unknown} are not temporal attention modules of {type(model).__name__}; "
                              f"they are: {', '.join(t.name for t in temporal)}")
     if cfg is not None and not isinstance(cfg, bool):
-        raise TypeError(f"cfg must be a bool or None, got {type(cfg).__name__}")
+        raise TypeError(f"cfg must be a bool or None, got {type_name(cfg)}")
     if cfg is None and pipeline is not None and not hasattr(type(pipeline), "do_classifier_free_guidance"):
         raise ValueError(f"{type(pipeline).__name__} does not say whether guidance is batched: pass cfg=True "
                          "(guidance_scale > 1) or cfg=False")
@@ -143,12 +143,9 @@ def _skips_unconditional(model) -> bool:
 
 
 # diffusers' hooks on an attention module that may return an earlier call's output instead of computing it
-REUSING_HOOKS = ("pyramid_attention_broadcast", "faster_cache_block", "taylorseer_cache")
-
-
 def _reusing_hooks(module) -> List[str]:
     registry = getattr(module, "_diffusers_hook", None)
-    return [] if registry is None else [name for name in REUSING_HOOKS if registry.get_hook(name) is not None]
+    return [] if registry is None else [name for name in ATTENTION_REUSE if registry.get_hook(name) is not None]
 
 
 class _Recorder:

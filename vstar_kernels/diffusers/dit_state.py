@@ -16,7 +16,7 @@ from ..functional import Speculation
 from ..tar_config import LevelSpec, TARConfig
 from .dit import DiTTARProcessor
 from .dit_families import DiTFamily, set_processor
-from .steps import TAR_OWNER, StepTracker, loop_step
+from .steps import TAR_OWNER, StepTracker, loop_step, warn_step_cache
 
 
 @dataclass
@@ -36,6 +36,8 @@ class DiTState:
     removed: bool = False  # remove_tar ran: a processor of this state set back later (unfuse) runs stock
     said_one_frame: bool = False  # the warning that a call of one frame runs stock was given
     said_rise: bool = False  # the warning that a bare model's call at a larger timestep is counted on was given
+    said_cache: bool = False  # the warning that a cache of diffusers' reuses outputs past until_step was given
+    watched: List[torch.nn.Module] = field(default_factory=list)  # `steps.modules_to` the regularized modules
 
     @property
     def step(self) -> int:
@@ -56,7 +58,8 @@ class DiTState:
 
     def sync(self) -> None:
         """Before each forward call: wrap the processors set on the regularized modules since the last one
-        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module; and choose
+        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module; warn of a step
+        cache of diffusers' once (`steps.warn_step_cache`); and choose
         the call's speculative or two-pass forward (`Speculation.next_step`)."""
         self.speculation.next_step()
         if self.steps.rose is not None and self.config.until_step is not None and not self.said_rise:
@@ -75,6 +78,8 @@ class DiTState:
                 continue
             stock = current.processor if isinstance(current, DiTTARProcessor) else current
             self.installed[index] = self.wrap(module, stock, installed.name, installed.block)
+        if not self.said_cache:
+            self.said_cache = warn_step_cache(self.watched, self.config.until_step)
 
     def uninstall(self) -> None:
         """Give every module its stock processor back (one set since the last forward call: that one), and

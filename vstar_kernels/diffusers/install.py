@@ -15,7 +15,7 @@ from ..tar_config import TARConfig
 from .dit_families import dit_attention_modules, dit_family, unsupported_dit
 from .dit_state import DiTState, watch_layout
 from .processors import UNetState, temporal_at
-from .steps import TAR_OWNER, StepTracker, in_run, run_begin
+from .steps import TAR_OWNER, StepTracker, in_run, modules_to, run_begin
 
 STATE_ATTR = "_vstar_tar"
 DENOISERS = ("unet", "transformer", "transformer_2")
@@ -117,6 +117,7 @@ def _dit_state(model: torch.nn.Module, pipeline, config: TARConfig, steps: StepT
     state.hooks = watch_layout(model, family, state)
     state.installed = [state.wrap(module, module.processor, name, index)
                        for index, (name, module) in enumerate(modules) if index in blocks]
+    state.watched = modules_to(model, [processor.name for _, processor in state.installed])
     return state
 
 

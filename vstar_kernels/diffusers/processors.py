@@ -19,7 +19,7 @@ from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
 from .dit_families import FAMILIES
 from .interception import SDPACalls, Wrapping
-from .steps import StepTracker
+from .steps import StepTracker, modules_to, warn_step_cache
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
 INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
@@ -257,6 +257,7 @@ class UNetState:
     def __init__(self, model: torch.nn.Module, config: TARConfig, steps: StepTracker,
                  temporal: List[TemporalAttention]):
         self.model, self.config, self.steps = model, config, steps
+        self.said_cache = False  # the warning that a cache of diffusers' reuses outputs past until_step was given
         self.processor, self.fused_processor = TARAttnProcessor(), TARAttnProcessor(fused=True)
         self.sites: List[TARSite] = []
         self._install(temporal)
@@ -278,6 +279,7 @@ class UNetState:
                 replaced.setdefault(type(t.module.processor).__name__, []).append(t.name)
             self._take(site, t.module.processor)
         self.layout = _layout(self.model, temporal)
+        self.watched = modules_to(self.model, [site.name for site in self.sites])  # for diffusers' step caches
         for name, sites in replaced.items():
             kept = ", ".join(c.__name__ for c in STANDS_IN_FOR)
             warnings.warn(f"apply_tar: TAR's processor takes the place of {name} on {len(sites)} regularized temporal "
@@ -302,6 +304,8 @@ class UNetState:
         for site in self.sites:
             if not isinstance(site.module.processor, (TARAttnProcessor, PAGWithTAR)):
                 self._stand_in(site)
+        if not self.said_cache:
+            self.said_cache = warn_step_cache(self.watched, self.config.until_step)
 
     def _stand_in(self, site: TARSite) -> None:
         """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""

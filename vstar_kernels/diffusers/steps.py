@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import sys
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
@@ -23,6 +24,41 @@ from .dit_families import dit_family, unsupported_dit
 
 # the owner key of apply_tar's state (each capture attaches under a key of its own)
 TAR_OWNER = "tar"
+
+# diffusers' hooks that hand a step an output of earlier steps: an attention's (pyramid attention broadcast,
+# FasterCache, TaylorSeer), and blocks' (first-block cache, MagCache, SeaCache)
+ATTENTION_REUSE = ("pyramid_attention_broadcast", "faster_cache_block", "taylorseer_cache")
+STEP_CACHES = ATTENTION_REUSE + ("fbc_leader_block_hook", "fbc_block_hook", "mag_cache_leader_block_hook",
+                                 "mag_cache_block_hook", "sea_cache_leader_block", "sea_cache_block")
+
+
+def modules_to(model: torch.nn.Module, names) -> List[torch.nn.Module]:
+    """The model and the modules on the way to each module named in `names`, that one included, each once."""
+    found = {id(model): model}
+    for name in names:
+        module = model
+        for part in name.split("."):
+            module = module._modules.get(part) if module is not None else None
+            if module is not None:
+                found[id(module)] = module
+    return list(found.values())
+
+
+def warn_step_cache(modules, until_step: Optional[int]) -> bool:
+    """Warn where one of diffusers' `STEP_CACHES` is on `modules` (`modules_to` the regularized ones) and a window
+    of steps (`until_step`) ends: a step after it can be handed a regularized output. True once said."""
+    if until_step is None:
+        return False
+    for module in modules:
+        registry = module.__dict__.get("_diffusers_hook")
+        found = registry and next((h for h in STEP_CACHES if registry.get_hook(h) is not None), None)
+        if found:
+            warnings.warn(f"TAR: diffusers' {found} hook on this model hands a step outputs of earlier steps, so a "
+                          f"step after until_step={until_step} can reuse a regularized output (for as many steps as "
+                          "the cache skips). Keep the cache off around that step (its timestep range) where the "
+                          "boundary matters", stacklevel=2)
+            return True
+    return False
 
 
 class _Owner(NamedTuple):
