@@ -22,7 +22,7 @@ import torch
 import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError, cli
 from vstar_kernels.comfyui import models as vc_models
-from vstar_kernels.comfyui.patch import key_mask, marked
+from vstar_kernels.comfyui.patch import Run, key_mask, marked
 from vstar_kernels.frames import TokenLayout
 
 from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
@@ -611,10 +611,11 @@ def recorder(calls):
     return override
 
 
-@pytest.mark.parametrize("before", [True, False], ids=["override set before the node", "set after"])
-def test_an_earlier_override_gets_every_call_not_regularized(comfy, before, caplog):
+@pytest.mark.parametrize("before, compiled", [(True, False), (False, False), (True, True)],
+                         ids=["override set before the node", "set after", "set before, compiled"])
+def test_an_earlier_override_gets_every_call_not_regularized(comfy, before, compiled, caplog):
     """And the node says, once per run, that it does not run in the regularized calls (an override that changes
-    what attention means, a sparse one, is then off there)."""
+    what attention means, a sparse one, is then off there), naming it also where the model is compiled."""
     dtype = torch.float64
     model = wan(comfy, dtype)
     shape = (1, 4, 3, 4, 6)          # 3 frames x 6 tokens; text of 7 tokens
@@ -629,6 +630,9 @@ def test_an_earlier_override_gets_every_call_not_regularized(comfy, before, capl
     else:
         chained = plain.clone()
         chained.model_options["transformer_options"]["optimized_attention_override"] = recorder(calls)
+    if compiled:
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+        set_torch_compile_wrapper(chained, backend="eager")
     with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
         assert torch.equal(sample(comfy, chained, shape, cond, uncond, dtype), reference)
     assert [w.getMessage() for w in warnings_of(caplog, "VSTAR_TAR")] == [
@@ -1078,6 +1082,17 @@ def test_steps_a_node_skips_the_model_in_are_said(comfy, caplog, start, end, sai
                         if said else [])
 
 
+@pytest.mark.parametrize("first, missed", [(1.0, 0), (0.9999, 0), (0.99, 0), (0.75, 1)])
+def test_a_flow_models_first_sigma_moved_down_is_its_first_step(first, missed):
+    """ComfyUI's SDE-family samplers call a flow model's first step of sigma 1 a little lower (percent_to_sigma(1e-4):
+    0.9999 at shift 1, lower below it): that call runs the step; a call at the next step's sigma or lower does not."""
+    schedule = [1.0, 0.75, 0.5, 0.25, 0.0]
+    run = Run((1, 4, 3, 4, 4))
+    for sigma in (torch.tensor(first, dtype=torch.float32).item(), 0.75, 0.5, 0.25):
+        run.saw([sigma], (0.0, 1.0, 0.0, 1.0), True, schedule)
+    assert run.steps_missed() == (missed, 4)
+
+
 def test_a_run_whose_every_step_a_node_skips_is_said(comfy, caplog):
     """No model call of a run reached the node (a node skipped the model at every step): said at the run's end."""
     dtype = torch.float64
@@ -1303,10 +1318,12 @@ def test_a_looped_window_needs_the_latent_length(comfy):
 
 # ---------------------------------------------------------------- torch.compile
 
-def test_torch_compile_traces_the_blocks_once(comfy):
-    """ComfyUI's TorchCompileModel on a model with the node, each block a frame of its own (an attention that breaks
-    the graph): the frames compiled do not grow with the blocks (a block's patch once recompiled each block, and
-    dynamo's limit of 8 recompiles left most blocks of a 12-block model uncompiled), and the result is TAR's."""
+@pytest.mark.parametrize("breaking", [True, False], ids=["an attention that breaks the graph", "whole blocks"])
+def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
+    """ComfyUI's TorchCompileModel on a model with the node: the frames compiled do not grow with the blocks (a
+    block's patch once recompiled each block, and dynamo's limit of 8 recompiles left most blocks of a 12-block
+    model uncompiled), the result is TAR's, and the node sees every block run (test_comfyui_real.py has the case
+    that once warned otherwise)."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     dtype = torch.float64
@@ -1314,11 +1331,16 @@ def test_torch_compile_traces_the_blocks_once(comfy):
     cond, uncond = conditions(dtype)
     frames = {}
     for layers in (4, 12):
-        model = graph_breaking_attention(wan(comfy, dtype, num_layers=layers))
+        model = wan(comfy, dtype, num_layers=layers)
+        model = graph_breaking_attention(model) if breaking else model
         (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
         compiled = tar.clone()
         set_torch_compile_wrapper(compiled, backend="eager")
-        out, frames[layers] = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+        with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+            out, frames[layers] = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+        said = [w.getMessage() for w in warnings_of(caplog, "VSTAR_TAR")]  # the breaking override's own, no other
+        assert bool(said) == breaking and all("the attention override on the model" in m for m in said), said
+        caplog.clear()
         assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
         assert not torch.equal(out, sample(comfy, model, shape, cond, uncond, dtype))
     assert frames[12] <= frames[4], frames

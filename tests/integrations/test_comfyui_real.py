@@ -1025,23 +1025,31 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark, monkeypatch,
 
 # ---------------------------------------------------------------- torch.compile
 
-def test_torch_compile_traces_the_blocks_once(comfy):
+@pytest.mark.parametrize("breaking", [True, False], ids=["an attention that breaks the graph", "whole blocks"])
+def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
     """ComfyUI's TorchCompileModel (its set_torch_compile_wrapper, backend "eager") on a model with the node, each
     block a frame of its own (a Sage-like attention override that breaks the graph, running ComfyUI's pytorch
-    attention, whose compiled frames do not depend on free memory as its CPU default's do): the frames compiled do
-    not grow with the blocks (dynamo's limit of 8 recompiles once left most blocks of 12 uncompiled), and the
-    result is TAR's."""
+    attention, whose compiled frames do not depend on free memory as its CPU default's do) or not: the frames
+    compiled do not grow with the blocks (dynamo's limit of 8 recompiles once left most blocks of 12 uncompiled),
+    the result is TAR's, and the node sees every block run (one compiled code serves them all: it once recorded
+    the first block alone, and warned on every run that TAR had not run in the others)."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     latent = torch.zeros(1, 16, 3, 4, 4)
     positive, negative = texts()
     frames = {}
     for layers in (4, 12):
-        model = graph_breaking_attention(wan(comfy, num_layers=layers), comfy.ldm.modules.attention.attention_pytorch)
+        model = wan(comfy, num_layers=layers)
+        if breaking:
+            model = graph_breaking_attention(model, comfy.ldm.modules.attention.attention_pytorch)
         (tar,) = NODE().apply(model, 1.0, 1.0)
         compiled = tar.clone()
         set_torch_compile_wrapper(compiled, backend="eager")
-        out, frames[layers] = compiled_frames(lambda: run(comfy, compiled, latent, positive, negative, steps=1))
+        with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+            out, frames[layers] = compiled_frames(lambda: run(comfy, compiled, latent, positive, negative, steps=1))
+        said = [w.getMessage() for w in warnings_of(caplog, "VSTAR_TAR")]  # the breaking override's own, no other
+        assert bool(said) == breaking and all("the attention override on the model" in m for m in said), said
+        caplog.clear()
         assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=1))
         assert not torch.equal(out, run(comfy, model, latent, positive, negative, steps=1))
     assert frames[12] <= frames[4], frames

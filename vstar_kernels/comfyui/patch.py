@@ -72,13 +72,15 @@ class Run:
 
     def steps_missed(self) -> Tuple[int, int]:
         """(steps of the window no model call ran at, steps of the window), of the run's schedule: a call runs a step
-        when its sigma is the step's (to ComfyUI's own 1e-4, context windows'). (0, 0) when that cannot be told: no
-        schedule, or a sampler that calls the model at sigmas of its own (fewer than half the steps called at
-        theirs, as dpm_adaptive does)."""
+        when its sigma is the step's (to ComfyUI's own 1e-4, context windows'), or, for a first step at sigma 1 or
+        more, lies between it and the next. (0, 0) when that cannot be told: no schedule, or a sampler that calls
+        the model at sigmas of its own (fewer than half the steps called at theirs, as dpm_adaptive does)."""
         if not self.schedule or self.window is None:
             return 0, 0
         steps = self.schedule[:-1]  # the last sigma is where the run ends, no call's
         called = [any(abs(c - s) <= 1e-4 * abs(s) for c in self.sigmas) for s in steps]
+        if steps and steps[0] >= 1:  # ComfyUI's SDE samplers call a flow model's first step (sigma 1) a little lower
+            called[0] = called[0] or any(self.schedule[1] < c < steps[0] for c in self.sigmas)
         if 2 * sum(called) < len(steps):
             return 0, 0
         bottom, top = self.window[2:]
@@ -188,10 +190,9 @@ class TARPatch:
         for path, ours in self.marked.items():
             found = patches.get(path)
             if found is not ours:
-                what = f"{getattr(found, '__module__', '')}.{getattr(found, '__qualname__', type(found).__qualname__)}"
-                raise RuntimeError(f"VSTAR_TAR: the object patch on {path} is {what}, set by a node after VSTAR_TAR: "
-                                   "it replaces TAR's patch there, so TAR would not run. Apply VSTAR_TAR after that "
-                                   "node (it keeps the forward it finds and calls it)")
+                raise RuntimeError(f"VSTAR_TAR: the object patch on {path} is {_qualified_name(found)}, set by a node "
+                                   "after VSTAR_TAR: it replaces TAR's patch there, so TAR would not run. Apply "
+                                   "VSTAR_TAR after that node (it keeps the forward it finds and calls it)")
         if self.model is not None and self.model() is not guider.model_patcher.model:
             raise RuntimeError("VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: it was built anew with "
                                "the object patches kept (a clone onto a new model, as newer ComfyUI's "
@@ -360,8 +361,15 @@ class MarkedForward:
                 return out
             raise call.fail(RuntimeError(f"VSTAR_TAR: {self.name} computed its attention without ComfyUI's attention "
                                          f"override ({OVERRIDE} in transformer_options), so TAR could not run there"))
-        call.entered.add(self)
+        _entered(call, self)
         return out
+
+
+@torch.compiler.disable
+def _entered(call: RegularizedCall, module: MarkedForward) -> None:
+    """`module` ran in `call`, recorded outside compiled code: traced, the set's add is replayed with the module
+    it was traced with, where one compiled code serves every block."""
+    call.entered.add(module)
 
 
 def marked(patch) -> Optional[MarkedForward]:
@@ -403,6 +411,12 @@ def key_mask(mask: Optional[torch.Tensor], batch: int, keys: int, where) -> Opti
     return keep.expand(batch, keys)
 
 
+@torch.compiler.disable
+def _qualified_name(obj) -> str:
+    """`obj`'s module and name, read outside compiled code (traced, a function's ``__qualname__`` reads wrong)."""
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
 def tar_override(func, *args, **kwargs):
     """The attention override inside a regularized module: TAR with frame ids instead of `func`, or, for a call
     whose tokens' frames are not known, the call handed on as it came (said once per sampling run)."""
@@ -419,9 +433,8 @@ def tar_override(func, *args, **kwargs):
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     batch, n = q.shape[0], q.shape[2]
     settings = call.settings
-    if module.previous is not None:
-        name = getattr(module.previous, "__qualname__", type(module.previous).__qualname__)
-        _warn(call.run, "override", f"the attention override on the model ({module.previous.__module__}.{name}) "
+    if module.previous is not None and "override" not in call.run.said:
+        _warn(call.run, "override", f"the attention override on the model ({_qualified_name(module.previous)}) "
                                     "does not run in the regularized self-attention calls, which TAR computes with "
                                     "its own kernel; it runs in every other attention call")
     try:
