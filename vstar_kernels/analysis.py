@@ -167,12 +167,21 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
 
 
 MIN_PANEL_INCHES = 0.5
+MIN_DPI = 10
 LEFT_INCHES = 0.75         # tick labels, the y-axis label and a row name
 BOTTOM_INCHES = 0.45       # tick labels and the x-axis label
 COLORBAR_INCHES = 0.9      # the shared colour bar and its label
 PANEL_COLORBAR_INCHES = 0.75  # a per-panel colour bar and its tick labels
 LINE_INCHES = 0.2          # one line of a (panel or figure) title
 TITLE_FONT = 8
+
+
+def check_dpi(dpi) -> int:
+    """`dpi` if it is an int matplotlib can draw the figures' text at, else a ValueError."""
+    if check_int("dpi", dpi) < MIN_DPI:
+        raise ValueError(f"dpi must be at least {MIN_DPI} (matplotlib cannot draw the labels' text smaller), "
+                         f"got {dpi}")
+    return dpi
 
 
 def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, value_label) -> dict:
@@ -190,7 +199,7 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
         raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
     if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > MIN_PANEL_INCHES:
         raise ValueError(f"panel_size must be a number of inches > {MIN_PANEL_INCHES:g}, got {panel_size!r}")
-    check_int("dpi", dpi)
+    check_dpi(dpi)
     rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]
     values = [a for _, row in rows for _, _, a in row]
     if color_scale == "shared":

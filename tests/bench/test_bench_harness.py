@@ -240,6 +240,8 @@ def test_cli_lists_shapes_and_prints_the_model_table(capsys):
         assert name in out
     assert cli.main(["bench", "--model-table", "--shapes", "vc2-320x512-l0", "--n", "16"]) == 0
     assert capsys.readouterr().out.strip() == harness.model_table(["vc2-320x512-l0"], [16])
+    assert cli.main(["bench", "--model-table", "--dtype", "fp32"]) == 2
+    assert "--model-table counts fp16 inputs: --dtype does not apply to it" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -94,6 +94,15 @@ IMAGE_OPTION_ERRORS = [
 ]
 
 
+@pytest.mark.parametrize("command", ["plot-delta", "demo-attention"])
+def test_a_dpi_too_small_for_the_labels_is_refused_before_any_work(command, capsys, tmp_path):
+    out = tmp_path / "x.png"
+    assert cli.main([command, "--dpi", "5", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"{command}: dpi must be at least 10 (matplotlib cannot draw the "
+                                               "labels' text smaller), got 5")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command, argv, message", [
     ("plot-delta", ["--num-frames", "0"], "argument --num-frames: must be a positive int, got '0'"),
     *[(command, argv, message) for command in ("plot-delta", "demo-attention")

@@ -369,11 +369,12 @@ def test_minmax_normalize():
     ({"a": torch.tensor([[0.0, math.inf]])}, {}, ValueError, "a has infinite entries, or no entry that is not NaN"),
     ({"a": torch.full((2, 2), math.nan)}, {}, ValueError, "a has infinite entries, or no entry that is not NaN"),
     ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
+    ({"a": torch.eye(3)}, {"dpi": 5}, ValueError, "dpi must be at least 10 .matplotlib cannot draw the labels' text"),
     ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"color_scale": "minmax"}, ValueError, r"color_scale must be one of \('shared', 'per-panel'\)"),
-], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "panel-size", "panel-too-small",
-        "scale"])
+], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "panel-size",
+        "panel-too-small", "scale"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)

@@ -302,6 +302,14 @@ def test_unknown_shape_names_are_argparse_errors(argv, valid, capsys):
     assert "argument --shapes" in err and argv[-1] in err and valid in err
 
 
+def test_n_with_the_dit_shapes_is_an_argparse_error(capsys):
+    """The DiT shapes have their own lengths: --n, which would be ignored, is refused."""
+    with pytest.raises(SystemExit) as exc:
+        perf_main(["model", "--dit", "--n", "1024"])
+    assert exc.value.code == 2
+    assert "argument --n: the DiT shapes have their own sequence lengths" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["--static"], ["--traffic"], ["--dit"], ["--device", "h100"]])
 def test_the_package_cli_has_no_maintainer_modes(argv, capsys):
     """The yardstick runs from the checkout (python -m tools.perf), not from the installed package."""

@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--dit", action="store_true", help="the video DiT self-attention shapes, with frame ids")
     model.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (vstar_kernels.bench.shapes, or "
                                                                    "the DiT shapes with --dit)")
-    model.add_argument("--n", nargs="+", type=int, metavar="N", help="sequence lengths (kernel shapes)")
+    model.add_argument("--n", nargs="+", type=int, metavar="N", help="sequence lengths (kernel shapes; not with --dit)")
     model.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     _out(model)
     cpu = sub.add_parser("cpu", help="time the CPU default path (tar_attention, backend auto) against plain SDPA, "
@@ -78,6 +78,8 @@ def main(argv=None) -> int:
         return compile_check(argv[1:])
     top = parser()
     args = top.parse_args(argv)
+    if args.command == "model" and args.dit and args.n:
+        top.error("argument --n: the DiT shapes have their own sequence lengths; --n is for the kernel shapes")
     if args.command == "model" and args.shapes:
         valid = _model_shapes(args.dit)
         unknown = [name for name in args.shapes if name not in valid]

@@ -61,7 +61,8 @@ def configure(parser) -> None:
                              "reference vs SDPA's, on the backward cases; rows go to <device>-<yyyymmdd>-backward.csv "
                              "in the results directory (--out)")
     parser.add_argument("--model-table", action="store_true",
-                        help="print the bytes/FLOPs table (the GPU shapes and N unless --shapes/--n), measure nothing")
+                        help="print the bytes/FLOPs table for fp16 (the GPU shapes and N unless --shapes/--n), "
+                             "measure nothing")
 
 
 def runs_cpu_kernels(args) -> bool:

@@ -11,7 +11,7 @@ from typing import Dict
 import torch
 
 from .._deprecation import renamed
-from ..analysis import band_energy, diagonality, plot_attention_maps, short_layer_name
+from ..analysis import band_energy, check_dpi, diagonality, plot_attention_maps, short_layer_name
 from ..tar_config import TARConfig
 from .capture import capture_temporal_attention
 from .install import apply_tar, remove_tar
@@ -47,6 +47,7 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
     for name, value in (("num_frames", num_frames), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+    check_dpi(dpi)
     model = tiny_unet3d(seed)
     generator = torch.Generator().manual_seed(seed)
     inputs = dict(sample=torch.randn(1, 4, num_frames, size, size, generator=generator), timestep=torch.tensor(999),
