@@ -1025,23 +1025,28 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark, monkeypatch,
 
 # ---------------------------------------------------------------- torch.compile
 
-@pytest.mark.parametrize("breaking", [True, False], ids=["an attention that breaks the graph", "whole blocks"])
-def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
-    """ComfyUI's TorchCompileModel (its set_torch_compile_wrapper, backend "eager") on a model with the node, each
-    block a frame of its own (a Sage-like attention override that breaks the graph, running ComfyUI's pytorch
-    attention, whose compiled frames do not depend on free memory as its CPU default's do) or not: the frames
-    compiled do not grow with the blocks (dynamo's limit of 8 recompiles once left most blocks of 12 uncompiled),
-    the result is TAR's, and the node sees every block run (one compiled code serves them all: it once recorded
-    the first block alone, and warned on every run that TAR had not run in the others)."""
+@pytest.mark.parametrize("attention", ["an override that breaks the graph", "ComfyUI's CPU default", "pytorch"])
+def test_torch_compile_traces_the_blocks_once(comfy, caplog, monkeypatch, attention):
+    """ComfyUI's TorchCompileModel (its set_torch_compile_wrapper, backend "eager") on a model with the node, the
+    attention a Sage-like override that breaks the graph (running ComfyUI's pytorch attention), ComfyUI's CPU
+    default (whose memory query splits the blocks into frames of their own; how many depends on free memory) or
+    its pytorch attention (the whole model one graph): the frames compiled do not grow with the blocks (dynamo's
+    limit of 8 recompiles once left most blocks of 12 uncompiled), the result is TAR's, and the node sees every
+    block run (one compiled code serving them all, it once recorded the first block alone and warned on every run
+    that TAR had not run in the others)."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
+    pytorch = comfy.ldm.modules.attention.attention_pytorch
+    if attention == "pytorch":
+        monkeypatch.setattr(comfy.ldm.wan.model, "optimized_attention", pytorch)
     latent = torch.zeros(1, 16, 3, 4, 4)
     positive, negative = texts()
     frames = {}
     for layers in (4, 12):
         model = wan(comfy, num_layers=layers)
+        breaking = attention.startswith("an override")
         if breaking:
-            model = graph_breaking_attention(model, comfy.ldm.modules.attention.attention_pytorch)
+            model = graph_breaking_attention(model, pytorch)
         (tar,) = NODE().apply(model, 1.0, 1.0)
         compiled = tar.clone()
         set_torch_compile_wrapper(compiled, backend="eager")
@@ -1052,7 +1057,10 @@ def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
         caplog.clear()
         assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=1))
         assert not torch.equal(out, run(comfy, model, latent, positive, negative, steps=1))
-    assert frames[12] <= frames[4], frames
+    if attention != "ComfyUI's CPU default":
+        assert frames[12] <= frames[4], frames
+    if attention == "pytorch":
+        assert frames[4] <= 2, frames  # the model's forward and the sampler's call around it: no break per block
 
 
 def test_a_compile_guard_filter_keeps_the_window(comfy):

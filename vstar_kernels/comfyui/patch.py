@@ -116,15 +116,14 @@ def _warn(run: Run, kind: str, message: str) -> None:
 
 class RegularizedCall:
     """One model call in the window: its settings, token layout, the frame id of each of its frames (`frame_ids`)
-    and of each of the layout's tokens (`ids`, int32, frames.layout_ids), and what happened in it: whether a
-    regularized modules were entered, and the first error TAR raised."""
+    and of each of the layout's tokens (`ids`, int32, frames.layout_ids), and the first error TAR raised in it (the
+    regularized modules it ran mark themselves: `MarkedForward.ran_in`)."""
 
     def __init__(self, settings: Settings, layout: TokenLayout, frame_ids: Tuple[int, ...], device: torch.device,
                  run: Run):
         self.settings, self.layout, self.run = settings, layout, run
         self.runs = tuple((frame, layout.per_frame) for frame in frame_ids)
         self.ids = layout_ids(self.runs, layout.before, layout.after, device)
-        self.entered = set()  # the regularized modules (MarkedForward) the call ran
         self.error: Optional[BaseException] = None
 
     def fail(self, error: BaseException) -> BaseException:
@@ -312,15 +311,19 @@ class TARPatch:
         finally:
             _LIVE.call = outer
         if call is not None:
+            ours = [patch.__self__ for patch in self.marked.values()]  # MarkedForwards (their `forward` marks them)
+            entered = sum(module.ran_in is call for module in ours)
+            for module in ours:
+                module.ran_in = None
             if call.error is not None:
                 raise call.error
-            if not call.entered:
+            if not entered:
                 _warn(call.run, "skipped", "a model call in the window ran none of the regularized self-attention "
                                            "modules: another node skipped the model's computation (a cache node "
                                            "reusing an earlier result does) or computed it without those modules; "
                                            "TAR regularizes only what the model computes")
-            elif len(call.entered) < len(self.marked):
-                _warn(call.run, "some skipped", f"a model call in the window ran {len(call.entered)} of the "
+            elif entered < len(self.marked):
+                _warn(call.run, "some skipped", f"a model call in the window ran {entered} of the "
                                                 f"{len(self.marked)} regularized self-attention modules: another node "
                                                 "computed the others' attention without them (an attn1 replace patch, "
                                                 "as SelfAttentionGuidance sets, or a pass that skips blocks or their "
@@ -340,6 +343,7 @@ class MarkedForward:
 
     def __init__(self, original, name: str, patched: bool):
         self.original, self.name, self.patched = original, name, patched
+        self.ran_in = None  # the RegularizedCall it last ran in, until that call's end
 
     def forward(self, *args, **kwargs):
         call = _LIVE.call
@@ -361,15 +365,10 @@ class MarkedForward:
                 return out
             raise call.fail(RuntimeError(f"VSTAR_TAR: {self.name} computed its attention without ComfyUI's attention "
                                          f"override ({OVERRIDE} in transformer_options), so TAR could not run there"))
-        _entered(call, self)
+        # recorded on the module itself: traced, where one compiled code serves every block, a set's add was
+        # replayed with the module it was traced with; an attribute is set on the module the code runs for
+        self.ran_in = call
         return out
-
-
-@torch.compiler.disable
-def _entered(call: RegularizedCall, module: MarkedForward) -> None:
-    """`module` ran in `call`, recorded outside compiled code: traced, the set's add is replayed with the module
-    it was traced with, where one compiled code serves every block."""
-    call.entered.add(module)
 
 
 def marked(patch) -> Optional[MarkedForward]:
