@@ -179,8 +179,8 @@ TITLE_FONT = 8
 def check_dpi(dpi) -> int:
     """`dpi` if it is an int matplotlib can draw the figures' text at, else a ValueError."""
     if check_int("dpi", dpi) < MIN_DPI:
-        raise ValueError(f"dpi must be at least {MIN_DPI} (matplotlib cannot draw the labels' text smaller), "
-                         f"got {dpi}")
+        raise ValueError(f"dpi must be at least {MIN_DPI} (the labels' text is unreadable below it, and matplotlib "
+                         f"cannot draw it at 5 or less), got {dpi}")
     return dpi
 
 

@@ -98,8 +98,8 @@ IMAGE_OPTION_ERRORS = [
 def test_a_dpi_too_small_for_the_labels_is_refused_before_any_work(command, capsys, tmp_path):
     out = tmp_path / "x.png"
     assert cli.main([command, "--dpi", "5", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == (f"{command}: dpi must be at least 10 (matplotlib cannot draw the "
-                                               "labels' text smaller), got 5")
+    assert capsys.readouterr().err.strip() == (f"{command}: dpi must be at least 10 (the labels' text is unreadable "
+                                               "below it, and matplotlib cannot draw it at 5 or less), got 5")
     assert not out.exists()
 
 

@@ -379,6 +379,31 @@ def test_free_noise_split_inference_enabled_after_apply_tar_keeps_tar(tmp_path):
     torch.testing.assert_close(out, generate(tar_first=False), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("order", [("pab", "tar", "split"), ("tar", "split", "pab")])
+def test_a_step_cache_is_said_whatever_split_inference_wrapped_after_apply_tar(order, tmp_path):
+    """The step-cache warning looks at the regularized modules by where they are now: split inference enabled after
+    apply_tar wraps their blocks (pyramid attention broadcast hooks the motion modules' attention here)."""
+    from diffusers import PyramidAttentionBroadcastConfig
+    from diffusers.hooks import apply_pyramid_attention_broadcast
+
+    tokenizer, text_encoder = tiny_text_parts(tmp_path)
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet_motion(),
+                               motion_adapter=motion_adapter(channels=(8, 16)), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_free_noise(context_length=8, context_stride=4)
+    for step in order:
+        if step == "tar":
+            apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0), 1: (2.0, 1.0)}, until_step=0, backend="cpu"))
+        elif step == "split":
+            pipe.enable_free_noise_split_inference(spatial_split_size=32, temporal_split_size=4)
+        else:
+            apply_pyramid_attention_broadcast(pipe.unet, PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+                current_timestep_callback=lambda: 500))
+    with pytest.warns(UserWarning, match="pyramid_attention_broadcast hook on this model hands a step outputs"):
+        pipe("a fox", num_frames=16, **call_args(height=32, width=32, output_type="latent"))
+
+
 @pytest.mark.parametrize("target", ["pipe", "unet"])
 def test_free_noise_enabled_or_disabled_after_apply_tar_keeps_tar(target, tmp_path):
     """The blocks FreeNoise swaps in after apply_tar(pipe) or apply_tar(pipe.unet) run TAR from the next call on.

@@ -494,3 +494,12 @@ def test_sdxl_video_unet_is_refused():
     with pytest.raises(ValueError, match="VSP does not take SDXL's video UNet"):
         apply_vsp(unet, torch.zeros(N, L, C))
     remove_vsp(unet)  # a no-op where VSP is not applied, as anywhere
+
+
+def test_a_pipeline_with_two_text_encoders_is_refused_by_encode_synopsis():
+    class TwoEncoders:  # encode_prompt as SDXL pipelines have it
+        def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1, cfg=True):
+            raise AssertionError("not called")
+
+    with pytest.raises(ValueError, match="TwoEncoders's encode_prompt takes a second prompt for a second encoder"):
+        encode_synopsis(TwoEncoders(), ["a", "b"], 4)

@@ -279,7 +279,8 @@ class UNetState:
                 replaced.setdefault(type(t.module.processor).__name__, []).append(t.name)
             self._take(site, t.module.processor)
         self.layout = _layout(self.model, temporal)
-        self.watched = modules_to(self.model, [site.name for site in self.sites])  # for diffusers' step caches
+        # for diffusers' step caches: the regularized modules by their names now (a split may have wrapped a block)
+        self.watched = modules_to(self.model, [t.name for t in temporal if tar_site(t.module) is not None])
         for name, sites in replaced.items():
             kept = ", ".join(c.__name__ for c in STANDS_IN_FOR)
             warnings.warn(f"apply_tar: TAR's processor takes the place of {name} on {len(sites)} regularized temporal "

@@ -97,7 +97,8 @@ def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear",
     its own, as the pipeline encodes a prompt, so identical sub-prompts give its own embedding bit for bit.
     """
     if "prompt_2" in inspect.signature(pipe.encode_prompt).parameters:  # a second text encoder's prompt
-        raise ValueError(_SDXL)
+        raise ValueError(f"VSP encodes each sub-prompt with a pipeline's one text encoder; {type(pipe).__name__}'s "
+                         "encode_prompt takes a second prompt for a second encoder (prompt_2, as SDXL's does)")
     synopses, batched = _check_sub_prompts(sub_prompts)
     device = pipe._execution_device
     out = []
