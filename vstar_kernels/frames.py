@@ -90,18 +90,31 @@ def as_layout(grid) -> TokenLayout:
     return grid if isinstance(grid, TokenLayout) else TokenLayout(*grid)
 
 
-@functools.lru_cache(maxsize=64)
 def layout_ids(runs: Tuple[Tuple[int, int], ...], before: int, after: int, device: torch.device) -> torch.Tensor:
     """The int32 ids of a token layout given as runs ``((frame id, tokens), ...)`` in sequence order (-1: no
     frame), between `before` and `after` tokens of id -1: the one frame-id builder of the front-ends (diffusers'
     DiTs, their context-parallel shards, ComfyUI). Kept per layout (the 64 last), so that every block and step of
     a call passes the same tensor, whose values tar_attention then checks once (a synchronisation per layout, not
     per call); made outside inference mode (pipelines and ComfyUI sample in it), so that it has a version counter.
+    Under torch.compile, made in the graph (a compiled call reads its ids' values every time).
     """
+    if torch.compiler.is_compiling():
+        return _built_ids(runs, before, after, device)
+    return _kept_ids(runs, before, after, device)
+
+
+def _built_ids(runs, before: int, after: int, device) -> torch.Tensor:
+    frames = torch.tensor([-1] + [frame for frame, _ in runs] + [-1], dtype=torch.int32)
+    counts = [before] + [count for _, count in runs] + [after]
+    # the length given: a shape torch.compile knows without the counts' values
+    return frames.repeat_interleave(torch.tensor(counts), output_size=sum(counts)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_ids(runs, before: int, after: int, device) -> torch.Tensor:
     with torch.inference_mode(False):
-        frames = torch.tensor([-1] + [frame for frame, _ in runs] + [-1], dtype=torch.int32)
-        tokens = torch.tensor([before] + [count for _, count in runs] + [after])
-        return frames.repeat_interleave(tokens).to(device)
+        return _built_ids(runs, before, after, device)
+
 
 
 def frame_bias(frames_q: torch.Tensor, frames_k: torch.Tensor, *, sigma: float, delta=None,

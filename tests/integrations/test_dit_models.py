@@ -14,10 +14,12 @@ import math
 import pathlib
 import re
 import warnings
+from typing import List, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
 from diffusers import (CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel,
                        FlowMatchEulerDiscreteScheduler, IPNDMScheduler, UniPCMultistepScheduler,
                        WanPipeline, WanTransformer3DModel, WanVideoToVideoPipeline)
@@ -28,7 +30,7 @@ from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_frame_attention, install, remove_tar, reset_steps
 from vstar_kernels.diffusers.dit import DiTTARProcessor
 from vstar_kernels.diffusers.interception import SDPA_BACKENDS
-from vstar_kernels.frames import layout_ids
+import vstar_kernels.frames
 from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES
@@ -191,7 +193,7 @@ def test_frames_follow_the_latent_shape_of_each_call():
     forward(model, wan_inputs(frames=3, size=4))
     assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(3).repeat_interleave(4)) for c in calls)
     calls.clear()
-    layout_ids.cache_clear()  # the ids are made in the call below, under inference mode
+    vstar_kernels.frames._kept_ids.cache_clear()  # the ids are made in the call below, under inference mode
     with torch.inference_mode():  # as pipelines run: the kept ids are no inference tensor (they keep a version)
         model(**wan_inputs(frames=2, size=4), return_dict=False)
     assert calls and not any(c[4]["frames"].is_inference() for c in calls)
@@ -298,10 +300,12 @@ def test_tar_on_the_bare_dit_of_a_pipeline_warns_at_its_next_run(applied_to):
 
 @pytest.mark.parametrize("model, cache, until_step", [
     ("wan", "first block cache", 0), ("latte", "pyramid attention broadcast", 0),
-    ("latte", "pyramid attention broadcast on the spatial attention", 0), ("wan", "first block cache", None)])
+    ("latte", "pyramid attention broadcast on the spatial attention", 0), ("wan", "first block cache", None),
+    ("wan", "first block cache", 2), ("latte", "pyramid attention broadcast", 2)])
 def test_a_cache_that_reuses_earlier_steps_outputs_is_said_where_until_step_ends_the_window(model, cache, until_step):
     """diffusers' step caches hand a step outputs of earlier steps (a block's, an attention's): a step after
-    until_step can get a regularized one. Said once, at the first call; not for a cache on modules TAR does not
+    until_step can get a regularized one. Said once, at the first step after the window; not within it (it was said
+    at the first call, also of a run that ended within the window), not for a cache on modules TAR does not
     regularize, nor without a window's end."""
     from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
     bare = (FAMILIES if model == "wan" else UNET_FAMILIES)[model].model()
@@ -316,20 +320,20 @@ def test_a_cache_that_reuses_earlier_steps_outputs_is_said_where_until_step_ends
             spatial_attention_block_identifiers=(r"^transformer_blocks",), current_timestep_callback=lambda: 500))
     apply_tar(bare, TARConfig(levels={0: (1.0, 1.0)}, until_step=until_step, backend="cpu"))
     said = []
-    for _ in range(2):
+    for _ in range(3):
         context = bare.cache_context("cond") if model == "wan" else contextlib.nullcontext()
         with warnings.catch_warnings(record=True) as caught, torch.no_grad(), context:
             warnings.simplefilter("always")
             bare(**inputs)
-        said += [str(w.message) for w in caught if "hands a step outputs of earlier steps" in str(w.message)]
+        said.append([str(w.message) for w in caught if "hands a step outputs of earlier steps" in str(w.message)])
     hook = "fbc_leader_block_hook" if cache == "first block cache" else "pyramid_attention_broadcast"
-    if until_step is None or "spatial" in cache:
-        assert not said
+    if until_step is None or until_step >= 2 or "spatial" in cache:
+        assert said == [[], [], []]
     else:
-        assert said == [f"TAR: diffusers' {hook} hook on this model hands a step outputs of earlier steps, so a step "
-                        f"after until_step={until_step} can reuse a regularized output (for as many steps as the "
-                        "cache skips). Keep the cache off around that step (its timestep range) where the boundary "
-                        "matters"]
+        assert said == [[], [f"TAR: diffusers' {hook} hook on this model hands a step outputs of earlier steps, so a "
+                             f"step after until_step={until_step} can reuse a regularized output (for as many steps as "
+                             "the cache skips). Keep the cache off around that step (its timestep range) where the "
+                             "boundary matters"], []]
 
 
 def test_wan22_pipeline_two_experts_and_unbatched_guidance_share_the_loop_index():
@@ -408,20 +412,51 @@ def test_a_model_under_tar_or_a_capture_is_not_deep_copied(kind):
     assert apply_tar(copied, TARConfig(levels={0: (1.0, 1.0)} if kind == "dit" else {1: (1.0, 1.0)}))
 
 
+def compiled_runs(family: str, layers: int, compile_model) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
+    """Three calls of a `layers`-block model of `family` under TAR at step 0 only, eager and then compiled by
+    `compile_model(model, backend)` (which returns what to call), and the frames torch.compile compiled."""
+    base = FAMILIES[family].model()
+    torch.manual_seed(0)
+    model = type(base).from_config({**base.config, "num_layers": layers}).eval()
+    inputs = FAMILIES[family].inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
+    eager = [forward(model, inputs) for _ in range(3)]
+    reset_steps(model)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    target = compile_model(model, counter)
+    return eager, [forward(target, inputs) for _ in range(3)], counter.frame_count
+
+
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
 def test_torch_compile_traces_the_processors_and_keeps_the_step_gate(family):
     """HunyuanVideo passes its rotary embedding to the attention by keyword, which diffusers keeps only where the
-    processor's signature names it: compiled, TAR's wrapper showed its own (it was dropped, at every step)."""
-    fam = FAMILIES[family]
-    model = fam.model()
-    inputs = fam.inputs()
-    plain = forward(model, inputs)
-    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0))
-    regularized = forward(model, inputs)
-    reset_steps(model)
-    compiled = torch.compile(model, backend="eager")
-    outs = [forward(compiled, inputs) for _ in range(3)]
-    assert torch.equal(outs[0], regularized) and torch.equal(outs[1], plain) and torch.equal(outs[2], plain)
+    processor's signature names it: compiled, TAR's wrapper showed its own (it was dropped, at every step). The frames
+    compiled do not grow with the blocks: a block read its step or index, or broke its graph, and compiled again per
+    block (12 frames for 12 blocks, and dynamo's limit of 8 recompiles runs the rest eager)."""
+    frames = []
+    for layers in (2, 4):
+        eager, compiled, count = compiled_runs(family, layers, lambda model, backend: torch.compile(model, backend=backend))
+        assert not torch.equal(eager[0], eager[1]) and torch.equal(eager[1], eager[2])  # TAR at step 0 only
+        assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+        frames.append(count)
+    assert frames[0] == frames[1], frames
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan", "ltx"])
+def test_regional_compile_with_fullgraph_runs_tar_without_a_graph_break(family):
+    """diffusers' regional compile, ``compile_repeated_blocks(fullgraph=True)``, raised under TAR: in the blocks, the
+    step's context variable, Tensor.unflatten handed over by TAR's mode, and frame ids of a length their values
+    give are graph breaks. Now each block kind compiles once with TAR and once without, whatever the blocks."""
+    frames = []
+    for layers in (2, 4):
+        def regional(model, backend):
+            model.compile_repeated_blocks(fullgraph=True, backend=backend)
+            return model
+        eager, compiled, count = compiled_runs(family, layers, regional)
+        assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+        frames.append(count)
+    assert frames[0] == frames[1], frames
 
 
 def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_it(monkeypatch):

@@ -6,13 +6,11 @@ mode (stock output bit for bit); under context parallelism `ContextParallelTAR` 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any
 
 import torch
 
 from .. import tar_attention
-from ..frames import as_layout
 from .context_parallel import ContextParallelTAR, local_stock_call
 from .interception import TARAttention, Wrapping, call_through_sdpa
 
@@ -41,16 +39,9 @@ class DiTTARProcessor(Wrapping):
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
         if self.state.removed:  # set back after remove_tar (diffusers' unfuse_qkv_projections): stock
             return self.processor(attn, *args, **kwargs)
-        grid, step = self.state.current()
-        spec = self.state.spec_at(self.block, step)
+        grid, spec = self.state.current()  # the call's (`DiTState.begin_call`): no step or block read here
         skips = self.state.family.skips_attention
         if spec is None or (skips is not None and skips(kwargs)):
-            return self.processor(attn, *args, **kwargs)
-        if grid is not None and as_layout(grid).one_frame():
-            if not self.state.said_one_frame:  # once per apply_tar
-                self.state.said_one_frame = True
-                warnings.warn("TAR: a regularized attention call has one latent frame of video; TAR needs two frames "
-                              "or more, so such calls run without TAR (the stock model's output)", stacklevel=2)
             return self.processor(attn, *args, **kwargs)
         # under context parallelism: the stock processor on this rank's shard, its attention answered over all ranks
         parallel = ContextParallelTAR.of(self.processor, self.state.family.text, self.name)

@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from ..frames import TokenLayout
+from ..frames import TokenLayout, as_layout
 from ..functional import Speculation
 from ..tar_config import LevelSpec, TARConfig
 from .dit import DiTTARProcessor
@@ -29,6 +29,8 @@ class DiTState:
     pipeline: Any = None  # weakref to the pipeline, or None on a bare model
     installed: List[Tuple[torch.nn.Module, DiTTARProcessor]] = field(default_factory=list)
     grid: Optional[TokenLayout] = None   # the token layout of the call in progress
+    # what every regularized module of the call in progress reads (`begin_call`): its grid, and the spec or None
+    call: Optional[Tuple[Optional[TokenLayout], Optional[LevelSpec]]] = None
     perturbed: bool = False  # that call perturbs the model for guidance (watch_layout; TAR runs it as any other)
     hooks: Tuple = ()
     # the speculative one pass or two passes: the rows the last forward call recomputed decide the next's
@@ -43,11 +45,33 @@ class DiTState:
     def step(self) -> int:
         return loop_step(self.steps, TAR_OWNER, self.grid)
 
-    def snapshot(self) -> Tuple[Optional[TokenLayout], int]:
-        return self.grid, self.step
+    def begin_call(self) -> None:
+        """Before each forward call, once its grid is known: fix the call's (grid, spec or None), which every
+        regularized module reads (`current`), so that a module reads no step (under torch.compile, a value read is a
+        guard: a step would compile again at every step, a block index at every block). A call of one frame runs
+        stock (with a warning, once); the first step after `until_step` with a step cache on warns, once."""
+        self.call = None
+        step = self.step
+        spec = self.spec_at(None, step)
+        if not self.said_cache:  # a step cache of diffusers' (`steps.warn_step_cache`), once
+            self.said_cache = warn_step_cache(self.watched, self.config.until_step, step)
+        if spec is not None and self.grid is not None and as_layout(self.grid).one_frame():
+            if not self.said_one_frame:  # once per apply_tar
+                self.said_one_frame = True
+                warnings.warn("TAR: a regularized attention call has one latent frame of video; TAR needs two frames "
+                              "or more, so such calls run without TAR (the stock model's output)", stacklevel=2)
+            spec = None
+        self.call = (self.grid, spec)
 
-    def current(self) -> Tuple[Optional[TokenLayout], int]:
-        """(token grid, step) of the call in progress; in a checkpointed block, of the forward call that ran it."""
+    def end_call(self) -> None:
+        self.call = None
+
+    def snapshot(self) -> Tuple[Optional[TokenLayout], Optional[LevelSpec]]:
+        return self.call if self.call is not None else (self.grid, self.spec_at(None))
+
+    def current(self) -> Tuple[Optional[TokenLayout], Optional[LevelSpec]]:
+        """(token grid, spec or None) of the call in progress; in a checkpointed block, of the forward call that ran
+        it; outside a forward call, the live step's spec (and no grid)."""
         return self.steps.current(TAR_OWNER)
 
     def wrap(self, module: torch.nn.Module, stock, name: str, block: int) -> Tuple[torch.nn.Module, DiTTARProcessor]:
@@ -58,9 +82,8 @@ class DiTState:
 
     def sync(self) -> None:
         """Before each forward call: wrap the processors set on the regularized modules since the last one
-        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module; warn of a step
-        cache of diffusers' once (`steps.warn_step_cache`); and choose
-        the call's speculative or two-pass forward (`Speculation.next_step`)."""
+        (``set_attn_processor``, ``fuse_qkv_projections``): one attribute comparison per module; and choose the
+        call's speculative or two-pass forward (`Speculation.next_step`)."""
         self.speculation.next_step()
         if self.steps.rose is not None and self.config.until_step is not None and not self.said_rise:
             self.said_rise = True
@@ -78,8 +101,6 @@ class DiTState:
                 continue
             stock = current.processor if isinstance(current, DiTTARProcessor) else current
             self.installed[index] = self.wrap(module, stock, installed.name, installed.block)
-        if not self.said_cache:
-            self.said_cache = warn_step_cache(self.watched, self.config.until_step)
 
     def uninstall(self) -> None:
         """Give every module its stock processor back (one set since the last forward call: that one), and
@@ -91,10 +112,11 @@ class DiTState:
             hook.remove()
         self.removed = True
 
-    def spec_at(self, block: int, step: Optional[int] = None) -> Optional[LevelSpec]:
-        """The spec of `block` at `step` (default: the live step), or None where it runs stock."""
+    def spec_at(self, block: Optional[int], step: Optional[int] = None) -> Optional[LevelSpec]:
+        """The spec of `block` (None: of the regularized blocks) at `step` (default: the live step), or None where
+        it runs stock."""
         step = self.step if step is None else step
-        if block not in self.blocks or not self.spec.active or not self.config.regularizes(step):
+        if (block is not None and block not in self.blocks) or not self.spec.active or not self.config.regularizes(step):
             return None
         return self.spec
 

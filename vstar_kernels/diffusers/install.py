@@ -114,7 +114,10 @@ def _dit_state(model: torch.nn.Module, pipeline, config: TARConfig, steps: StepT
     blocks = frozenset(range(len(modules)) if config.blocks is None else config.blocks)
     state = DiTState(config, family, steps, config.levels[0], blocks,
                      None if pipeline is None else weakref.ref(pipeline))
-    state.hooks = watch_layout(model, family, state)
+    # after the layout's pre-hook: the call's grid and spec, fixed before its blocks run
+    state.hooks = watch_layout(model, family, state) + (
+        model.register_forward_pre_hook(lambda *_: state.begin_call()),
+        model.register_forward_hook(lambda *_: state.end_call(), always_call=True))
     state.installed = [state.wrap(module, module.processor, name, index)
                        for index, (name, module) in enumerate(modules) if index in blocks]
     state.watched = modules_to(model, [processor.name for _, processor in state.installed])

@@ -11,6 +11,7 @@ a regularized call on any other raises (`call_through_sdpa`; docs/dits.md, Atten
 from __future__ import annotations
 
 import functools
+import types
 from typing import List, Optional, Tuple
 
 import torch
@@ -112,6 +113,11 @@ def _no_sdpa_call(name: str, consequence: str, backend: Optional[str]) -> Runtim
         "(model.set_attention_backend('native'))")
 
 
+# torch.Tensor's methods written in Python (``unflatten``, ``split``, ...): handed to a mode, torch.compile cannot
+# trace their ``super()`` call to the C method; the mode calls them on the tensor instead (the same code)
+_PYTHON_METHODS = {name: value for name, value in vars(torch.Tensor).items() if isinstance(value, types.FunctionType)}
+
+
 class SDPACalls(TorchFunctionMode):
     """Answers torch's scaled_dot_product_attention calls with `answer` (their arguments in SDPA's order), counted
     in ``calls``; passes all else through."""
@@ -123,6 +129,9 @@ class SDPACalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            name = getattr(func, "__name__", None)
+            if args and _PYTHON_METHODS.get(name) is func:  # the mode is off in here: the method's own code
+                return getattr(args[0], name)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.calls += 1
         return self.answer(*sdpa_arguments(*args, **kwargs))

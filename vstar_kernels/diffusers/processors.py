@@ -306,7 +306,7 @@ class UNetState:
             if not isinstance(site.module.processor, (TARAttnProcessor, PAGWithTAR)):
                 self._stand_in(site)
         if not self.said_cache:
-            self.said_cache = warn_step_cache(self.watched, self.config.until_step)
+            self.said_cache = warn_step_cache(self.watched, self.config.until_step, self.steps.step)
 
     def _stand_in(self, site: TARSite) -> None:
         """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""

@@ -10,7 +10,6 @@ block, run first or recomputed, sees the step and the owners' `snapshot` values 
 
 from __future__ import annotations
 
-import contextvars
 import sys
 import warnings
 import weakref
@@ -44,10 +43,10 @@ def modules_to(model: torch.nn.Module, names) -> List[torch.nn.Module]:
     return list(found.values())
 
 
-def warn_step_cache(modules, until_step: Optional[int]) -> bool:
-    """Warn where one of diffusers' `STEP_CACHES` is on `modules` (`modules_to` the regularized ones) and a window
-    of steps (`until_step`) ends: a step after it can be handed a regularized output. True once said."""
-    if until_step is None:
+def warn_step_cache(modules, until_step: Optional[int], step: int) -> bool:
+    """Warn where one of diffusers' `STEP_CACHES` is on `modules` (`modules_to` the regularized ones) at the first
+    `step` after a window of steps (`until_step`): it can be handed a regularized output. True once said."""
+    if until_step is None or step <= until_step:
         return False
     for module in modules:
         registry = module.__dict__.get("_diffusers_hook")
@@ -76,27 +75,25 @@ class _Snapshot(NamedTuple):
     owners: Dict[str, Any]  # owner -> its snapshot value
 
 
-# tracker -> the snapshot of the forward call whose checkpointed block runs now (in this thread)
-_BOUND: contextvars.ContextVar[Dict["StepTracker", _Snapshot]] = contextvars.ContextVar("vstar_bound_calls",
-                                                                                        default={})
-
-
 class _BoundBlock:
     """A checkpointed block that runs with the snapshot of the forward call that checkpointed it.
 
     Passed to the gradient-checkpointing function instead of the block: torch keeps it and calls
-    it again to recompute the block in the backward pass. Other attributes are the block's.
+    it again to recompute the block in the backward pass. Other attributes are the block's. The snapshot is
+    the tracker's while the block runs (an attribute, not a context variable, which torch.compile cannot
+    trace; a model is counted by one tracker, so one thread at a time runs its forward calls anyway).
     """
 
     def __init__(self, block: torch.nn.Module, tracker: "StepTracker", snapshot: _Snapshot):
         self._block, self._tracker, self._snapshot = block, tracker, snapshot
 
     def __call__(self, *args, **kwargs):
-        token = _BOUND.set({**_BOUND.get(), self._tracker: self._snapshot})
+        tracker = self._tracker
+        outer, tracker._bound = tracker._bound, self._snapshot
         try:
             return self._block(*args, **kwargs)
         finally:
-            _BOUND.reset(token)
+            tracker._bound = outer
 
     def __getattr__(self, name: str):
         if name in ("_block", "_tracker", "_snapshot"):  # not set yet (copies, pickling)
@@ -133,6 +130,7 @@ class StepTracker:
         self._owners: Dict[str, _Owner] = {}
         self._timesteps = None  # the scheduler tensor of the current run
         self._checkpointing: List[torch.nn.Module] = []
+        self._bound: Optional[_Snapshot] = None  # the snapshot of the call whose checkpointed block runs now
         # a video UNet's denoising loop passes its ``timestep`` on every call, falling or repeated (Heun's, unbatched
         # guidance): a call at a larger timestep than the last call's restarts the count, so that a run the
         # pipeline's scheduler does not mark (another pipeline's, from_pipe with a scheduler of its own; a bare
@@ -152,7 +150,7 @@ class StepTracker:
     @property
     def step(self) -> int:
         """The step of the forward call in progress (inside a checkpointed block: of the call that ran it)."""
-        bound = _BOUND.get().get(self)
+        bound = self._bound
         return self._step if bound is None else bound.step
 
     @property
@@ -163,7 +161,7 @@ class StepTracker:
     def current(self, owner: str) -> Any:
         """`owner`'s snapshot value for the call in progress: inside a checkpointed block, the value when the
         forward call ran the block (also when recomputed in the backward pass); else the live one."""
-        bound = _BOUND.get().get(self)
+        bound = self._bound
         if bound is None or owner not in bound.owners:  # owner attached after that forward call: live
             return self._owners[owner].snapshot()
         return bound.owners[owner]
@@ -174,7 +172,7 @@ class StepTracker:
         self._checkpointing = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     def _snapshot(self) -> _Snapshot:
-        bound = _BOUND.get().get(self)
+        bound = self._bound
         if bound is not None:  # a checkpointed block inside a checkpointed block
             return bound
         return _Snapshot(self._step, {name: owner.snapshot() for name, owner in self._owners.items()
