@@ -478,9 +478,11 @@ def test_generate_with_synopsis_under_freenoise(tmp_path):
     torch.testing.assert_close(generate_with_synopsis(pipe, ["a fox"], num_frames=8, **call_args()).frames,
                                stock, rtol=0, atol=1e-4)
     assert (generate_with_synopsis(pipe, ["a bird"], num_frames=8, **call_args()).frames - stock).abs().max() > 0.01
+    encoded = []  # refused before the text encoder runs (it ran first, for nothing)
+    pipe.text_encoder.register_forward_hook(lambda *_: encoded.append(1))
     with pytest.raises(ValueError, match="FreeNoise takes one prompt a call: give one synopsis"):
         generate_with_synopsis(pipe, [["a fox"], ["a bird"]], num_frames=8, **call_args())
-    assert not hasattr(pipe.unet, "_vstar_vsp_state")
+    assert not hasattr(pipe.unet, "_vstar_vsp_state") and not encoded
 
 
 def test_sdxl_video_unet_is_refused():

@@ -118,6 +118,9 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
             raise TypeError(f"generate_with_synopsis got {name}=...: the sub_prompts replace the prompt")
     if getattr(_unet_of(pipe), _STATE_ATTR, None) is not None:
         raise ValueError("VSP is already applied to this pipeline; call remove_vsp(pipe) first")
+    free_noise = getattr(pipe, "free_noise_enabled", False)  # FreeNoise encodes a prompt of its own (one string)
+    if free_noise and _check_sub_prompts(sub_prompts)[1]:  # before any encoding
+        raise ValueError("FreeNoise takes one prompt a call: give one synopsis (a list of strings)")
     params = inspect.signature(pipe.__call__).parameters
     guidance_scale = pipe_kwargs.get("guidance_scale", params["guidance_scale"].default)
     attention_kwargs = pipe_kwargs.get("cross_attention_kwargs") or {}
@@ -125,12 +128,7 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
                              clip_skip=pipe_kwargs.get("clip_skip"), lora_scale=attention_kwargs.get("scale"))
     # The conditional context the pipeline builds is replaced frame by frame; it only has
     # to have the right shape, and the first frame's embedding is what frame 0 gets anyway.
-    first = embeds[:, 0] if embeds.dim() == 4 else embeds[:1]
-    prompt = {"prompt_embeds": first}
-    if getattr(pipe, "free_noise_enabled", False):  # FreeNoise encodes a prompt of its own (one string)
-        if embeds.dim() == 4:
-            raise ValueError("FreeNoise takes one prompt a call: give one synopsis (a list of strings)")
-        prompt = {"prompt": ""}
+    prompt = {"prompt": ""} if free_noise else {"prompt_embeds": embeds[:, 0] if embeds.dim() == 4 else embeds[:1]}
     apply_vsp(pipe, embeds, cfg=guidance_scale > 1)
     try:
         return pipe(num_frames=num_frames, **prompt, **pipe_kwargs)
