@@ -20,11 +20,16 @@ import torch
 from torch import Tensor
 
 from ._problem import OP_FIELDS, TarProblem, check_frame_values, speculates, values_unkept
-from .dispatch import BACKENDS, BackendUnavailableError
+from .dispatch import AUTO_LEAN, BACKENDS, BackendUnavailableError, run_as
 from .reference import without_autocast
 
 _N = len(OP_FIELDS)  # the ops' leading arguments are the problem's fields, in OP_FIELDS order
-SPECULATING = ("triton", "triton-lean")  # the backends with a speculative one pass
+SPECULATING = ("triton", "triton-lean", AUTO_LEAN)  # the backends with a speculative one pass
+
+
+def _saving(backend: str):
+    """The backend whose statistics, flags and backward a call given `backend` has (AUTO_LEAN: both its choices')."""
+    return BACKENDS["triton" if backend == AUTO_LEAN else backend]
 
 
 @torch.library.custom_op("vstar::tar_attention", mutates_args=())
@@ -43,6 +48,7 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
 def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool) -> Tuple[Tensor, Tensor, Tensor]:
     q = problem.q
     check_frame_values(problem)
+    given, backend = backend, run_as(problem, backend)
     impl, devices = BACKENDS[backend], BACKENDS[backend].SUPPORTED_DEVICES
     reasons = impl.state_reasons(problem)  # a traced program run elsewhere (torch.export): "auto"'s choice fixed
     if devices is not None and q.device.type not in devices:
@@ -51,7 +57,7 @@ def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: boo
         raise BackendUnavailableError(f"backend={backend!r} cannot run this call: {'; '.join(reasons)}. A call traced "
                                       "(torch.export) keeps the backend chosen where it was traced: trace it on the "
                                       "device it runs on")
-    stats, flags = _side_outputs(problem, backend, needs_grad, speculate)
+    stats, flags = _side_outputs(problem, given, needs_grad, speculate)
     with _device_of(q), without_autocast(q.device):
         out = impl.forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)
     return out, stats, flags
@@ -66,7 +72,7 @@ def _device_of(q: Tensor):
 def _side_outputs(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool) -> tuple:
     """The op's stats and flags, for the backend to fill; empty where the call has none."""
     flags = problem.batch * problem.heads if speculate and backend in SPECULATING and speculates(problem) else 0
-    return (problem.q.new_empty(BACKENDS[backend].stats_shape(problem, needs_grad), dtype=torch.float32),
+    return (problem.q.new_empty(_saving(backend).stats_shape(problem, needs_grad), dtype=torch.float32),
             problem.q.new_empty(flags, dtype=torch.int32))
 
 
@@ -86,7 +92,7 @@ def _tar_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, q: Ten
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask))
     with _device_of(q), without_autocast(q.device):
-        dq, dk, dv, ddelta = BACKENDS[backend].backward(problem, out, stats, grad_out, delta_grad)
+        dq, dk, dv, ddelta = _saving(backend).backward(problem, out, stats, grad_out, delta_grad)
     return dq, dk, dv, ddelta.to(delta.dtype).contiguous() if delta_grad else q.new_empty(0)
 
 
@@ -118,7 +124,7 @@ def _backward(ctx, grad_out, _grad_stats, _grad_flags):
     tensors, options = iter(tensors), iter(options)
     problem = TarProblem.from_op_args([next(tensors) if i in _TENSORS else next(options) for i in range(_N)])
     delta_grad = bool(ctx.needs_input_grad[_DELTA])
-    impl = BACKENDS[backend]
+    impl = _saving(backend)
     if impl.traceable_backward:
         with without_autocast(grad_out.device):
             dq, dk, dv, ddelta = impl.backward(problem, out, stats, grad_out, delta_grad)

@@ -215,11 +215,12 @@ class TritonLeanBackend(TritonBackend):
     def fits_auto(self, problem) -> list:
         """Why "auto" passes the lean forward over ([] if it takes it): what an explicit call needs, frame ids in
         the one regular layout it computes (read once per id tensor), and no torch.compile tracing (its checks
-        read data pointers and ids). A call without frame ids or in float32 is passed over first, at no cost."""
+        read data pointers and ids: a traced call decides where the op runs, `AUTO_LEAN`). A call without frame
+        ids or in float32 is passed over first, at no cost."""
         if problem.frames_q is None or problem.dtype not in (torch.float16, torch.bfloat16):
             return [f"{self.kernel} takes frame ids in float16 or bfloat16"]
         if torch.compiler.is_compiling():
-            return [f"{self.kernel} is not chosen by 'auto' under torch.compile"]
+            return [f"{self.kernel} is decided where the op runs, under torch.compile"]
         return self.not_supported_reasons(problem)
 
     def forward(self, problem, stats=None, flags=None):
@@ -254,6 +255,13 @@ class CudaBackend(Backend):
 
 BACKENDS = {b.name: b for b in (TritonBackend(), TritonLeanBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())}
 BACKEND_NAMES = ("auto", *BACKENDS)
+# "auto"'s choice for a traced call that the Triton kernels run and the lean forward might (frame ids, 16-bit):
+# the trace cannot read the ids, nor run the lean forward's checks, so the op decides where it runs (`run_as`):
+# the lean forward where it fits, else the Triton kernels, which save the same statistics and whose backward the
+# lean forward's is
+AUTO_LEAN = "auto:triton-lean"
+# the order in which "auto" tries the backends, by device type
+AUTO_ORDER = {"cuda": ("triton-lean", "triton", "cuda", "reference")}
 
 
 def select(problem: TarProblem, name: str) -> Backend:
@@ -264,8 +272,7 @@ def select(problem: TarProblem, name: str) -> Backend:
         if reasons:
             raise BackendUnavailableError(f"backend={name!r} cannot run this call: " + "; ".join(reasons))
         return BACKENDS[name]
-    candidates = ["triton-lean", "triton", "cuda", "reference"] if problem.device.type == "cuda" \
-        else ["cpu", "reference"]
+    candidates = AUTO_ORDER.get(problem.device.type, ("cpu", "reference"))
     rejected = []
     for cand in candidates:
         reasons = BACKENDS[cand].fits_auto(problem)
@@ -273,6 +280,23 @@ def select(problem: TarProblem, name: str) -> Backend:
             return BACKENDS[cand]
         rejected.append(f"{cand}: " + "; ".join(reasons))
     raise BackendUnavailableError("no backend can run this call: " + " | ".join(rejected))
+
+
+def op_backend(problem: TarProblem, name: str) -> str:
+    """The backend name the op is given for `problem` and `name`: `select`'s, or, for "auto" in a trace where it
+    takes the Triton kernels on a call the lean forward might take, `AUTO_LEAN`."""
+    chosen = select(problem, name).name
+    lean = name == "auto" and chosen == "triton" and problem.frames_q is not None and \
+        problem.dtype in (torch.float16, torch.bfloat16) and torch.compiler.is_compiling()
+    return AUTO_LEAN if lean else chosen
+
+
+def run_as(problem: TarProblem, name: str) -> str:
+    """The backend that runs a call the op was given `name` for: `name`, or for `AUTO_LEAN` what "auto" takes
+    outside a trace, the lean forward where it fits (the ids' layout read here, where the op runs), else "triton"."""
+    if name != AUTO_LEAN:
+        return name
+    return "triton" if BACKENDS["triton-lean"].fits_auto(problem) else "triton-lean"
 
 
 def probe_problem(device, dtype=torch.float32, frames: bool = False) -> TarProblem:

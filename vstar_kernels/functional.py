@@ -7,7 +7,7 @@ from torch.autograd import forward_ad
 
 from ._op import tar_attention_op
 from ._problem import check_speculation, make_problem
-from .dispatch import select
+from .dispatch import op_backend
 
 
 def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row",
@@ -63,8 +63,7 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
     problem = make_problem(q, k, v, sigma=sigma, strength=strength, delta=delta, causal=causal,
                            max_mode=max_mode, scale=scale, frames=frames, key_mask=key_mask)
     check_speculation(speculate, flags, problem.device)
-    impl = select(problem, backend)
-    return problem.restore(tar_attention_op(problem, impl.name, speculate, flags))
+    return problem.restore(tar_attention_op(problem, op_backend(problem, backend), speculate, flags))
 
 
 class Speculation:

@@ -291,26 +291,67 @@ def test_auto_takes_it_where_it_fits(monkeypatch):
     assert dispatch.select(cuda_stand_in(monkeypatch, (ids, ids.clone())), "auto").name == "triton-lean"
 
 
-@pytest.mark.parametrize("case", ["irregular", "two_layouts", "float32", "no_frames", "compiling", "sm_80"])
+@pytest.mark.parametrize("case", ["irregular", "two_layouts", "float32", "no_frames", "sm_80"])
 def test_auto_passes_it_over_where_it_does_not(case, monkeypatch):
     """Frame ids in another layout (for queries, or keys unlike the queries), a dtype it does not take, no frame
-    ids, a call under torch.compile, a GPU that is not sm_90: "auto" takes the Triton backend, and says why it
-    passed the lean forward over."""
+    ids, a GPU that is not sm_90: "auto" takes the Triton backend, and says why it passed the lean forward over."""
     ids = vk.frame_ids(2, 8, device=DEVICE)
     frames = {"irregular": ids.flip(0), "two_layouts": (ids, vk.frame_ids(4, 4, device=DEVICE)),
               "no_frames": None}.get(case, ids)
     problem = cuda_stand_in(monkeypatch, frames, torch.float32 if case == "float32" else torch.float16)
-    if case == "compiling":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     if case == "sm_80":
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     lean = dispatch.BACKENDS["triton-lean"]
     why = {"irregular": "not one regular layout", "two_layouts": "not one regular layout",
-           "float32": "float16 or bfloat16", "no_frames": "takes frame ids", "compiling": "under torch.compile",
-           "sm_80": "built for sm_90"}[case]
+           "float32": "float16 or bfloat16", "no_frames": "takes frame ids", "sm_80": "built for sm_90"}[case]
     assert any(why in r for r in lean.fits_auto(problem))
     assert dispatch.select(problem, "auto").name == "triton"
+
+
+@pytest.mark.parametrize("layout", ["regular", "irregular"])
+def test_auto_under_torch_compile_leaves_the_layout_to_the_op(layout, monkeypatch):
+    """Traced, the ids' values cannot be read, and "auto" took the Triton kernels on sm_90 for every call, so a
+    compiled DiT never ran the lean forward. It now hands the op AUTO_LEAN, which reads the layout where it runs:
+    the lean forward on regular ids, the Triton kernels on others. An explicit backend stays as it is."""
+    ids = vk.frame_ids(2, 8, device=DEVICE)
+    problem = cuda_stand_in(monkeypatch, ids if layout == "regular" else ids.flip(0))
+    with monkeypatch.context() as tracing:
+        tracing.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert dispatch.op_backend(problem, "auto") == dispatch.AUTO_LEAN
+        assert dispatch.op_backend(problem, "triton") == "triton"
+    assert dispatch.op_backend(problem, "auto") == ("triton-lean" if layout == "regular" else "triton")
+    assert dispatch.run_as(problem, dispatch.AUTO_LEAN) == ("triton-lean" if layout == "regular" else "triton")
+    assert dispatch.run_as(problem, "triton") == "triton"
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors stand in for sm_90 here; a GPU run tests auto itself")
+@pytest.mark.parametrize("layout", ["regular", "irregular"])
+def test_a_compiled_call_runs_what_auto_leaves_to_the_op(layout, monkeypatch):
+    """A compiled call, forward and backward, with "auto" ordered as on sm_90 (the interpreter's CPU tensors):
+    the kernel the ids' layout asks for ran, and output and gradients are the explicit backend's bit for bit."""
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", dispatch.AUTO_ORDER["cuda"])
+    ran = []
+    for name in ("triton", "triton-lean"):
+        backend = dispatch.BACKENDS[name]
+        monkeypatch.setattr(backend, "forward", lambda *a, backend=backend, name=name, **k: (
+            ran.append(name), type(backend).forward(backend, *a, **k))[1])
+    ids = vk.frame_ids(3, 8, text_before=5, device=DEVICE)
+    ids = ids if layout == "regular" else ids.flip(0)
+    q, k, v = qkv(1, 2, ids.numel(), 16, torch.float16, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
+
+    def call(q, k, v, backend="auto"):
+        return vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=ids, backend=backend)
+
+    torch._dynamo.reset()
+    out = torch.compile(call, backend="eager", fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected_kernel = "triton-lean" if layout == "regular" else "triton"
+    assert ran == [expected_kernel]
+    expected = call(q, k, v, backend=expected_kernel)
+    assert torch.equal(out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_out)))
 
 
 def test_what_auto_takes_here_and_listed_by_info():
