@@ -116,7 +116,6 @@ def _kept_ids(runs, before: int, after: int, device) -> torch.Tensor:
         return _built_ids(runs, before, after, device)
 
 
-
 def frame_bias(frames_q: torch.Tensor, frames_k: torch.Tensor, *, sigma: float, delta=None,
                dtype=torch.float32) -> torch.Tensor:
     """dA for queries with ids `frames_q` (Nq,) and keys with ids `frames_k` (Nk,): (Nq, Nk) in `dtype`.

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 from diffusers import AnimateDiffPipeline, UNet3DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
@@ -150,6 +151,26 @@ def test_a_compiled_unet_gets_its_own_levels(family):
     torch.testing.assert_close(forward(compiled, inputs), stock, rtol=0, atol=1e-6)
 
 
+def test_a_compiled_unet_compiles_once_with_tar_and_once_without_whatever_the_steps():
+    """Each regularized temporal attention read the step: under torch.compile a graph break at each (a context
+    variable), and without it a guard, the whole UNet compiled again at every step until dynamo's limit of 8 ran it
+    eagerly. Now the call's decision is fixed before it: one frame set with TAR, one more once until_step ends."""
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (1.0, 1.0)}, until_step=1))
+    expected = [forward(model, inputs) for _ in range(4)]
+    reset_steps(model)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    for out in expected:
+        assert torch.equal(forward(compiled, inputs), out)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1] < frames[2] == frames[3], frames
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_regularize_the_levels_in_their_names(preset):
     fam = FAMILIES["unet3d"]
@@ -254,9 +275,9 @@ class ViewRecorder(TARAttnProcessor):
     def __init__(self):
         self.seen = []
 
-    def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
-        self.seen.append((attn.heads, query, key, value, step))
-        return super().attention(attn, query, key, value, attention_mask=attention_mask, step=step)
+    def attention(self, attn, query, key, value, *, attention_mask=None, spec=None):
+        self.seen.append((attn.heads, query, key, value, tar_site(attn).steps.step))
+        return super().attention(attn, query, key, value, attention_mask=attention_mask, spec=spec)
 
 
 def test_q_k_v_are_strided_views_and_recreated_processors_keep_tar():
@@ -358,9 +379,9 @@ class KernelRecorder(TARAttnProcessor):
     def __init__(self):
         self.calls = []
 
-    def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
-        out = super().attention(attn, query, key, value, attention_mask=attention_mask, step=step)
-        self.calls.append((query, key, value, tar_site(attn).spec_at(step), out))
+    def attention(self, attn, query, key, value, *, attention_mask=None, spec=None):
+        out = super().attention(attn, query, key, value, attention_mask=attention_mask, spec=spec)
+        self.calls.append((query, key, value, spec, out))
         return out
 
 

@@ -42,9 +42,9 @@ class StepRecorder(TARAttnProcessor):
     def __init__(self):
         self.calls = []
 
-    def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
-        self.calls.append((step, tar_site(attn).spec_at(step) is not None))
-        return super().attention(attn, query, key, value, attention_mask=attention_mask, step=step)
+    def attention(self, attn, query, key, value, *, attention_mask=None, spec=None):
+        self.calls.append((tar_site(attn).steps.step, spec is not None))
+        return super().attention(attn, query, key, value, attention_mask=attention_mask, spec=spec)
 
 
 class LoopWatcher:

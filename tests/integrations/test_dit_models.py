@@ -29,7 +29,7 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_frame_attention, install, remove_tar, reset_steps
 from vstar_kernels.diffusers.dit import DiTTARProcessor
-from vstar_kernels.diffusers.interception import SDPA_BACKENDS
+from vstar_kernels.diffusers.interception import SDPA_BACKENDS, SDPACalls
 import vstar_kernels.frames
 from vstar_kernels.diffusers.steps import StepTracker
 
@@ -436,11 +436,27 @@ def test_torch_compile_traces_the_processors_and_keeps_the_step_gate(family):
     block (12 frames for 12 blocks, and dynamo's limit of 8 recompiles runs the rest eager)."""
     frames = []
     for layers in (2, 4):
-        eager, compiled, count = compiled_runs(family, layers, lambda model, backend: torch.compile(model, backend=backend))
+        eager, compiled, count = compiled_runs(family, layers,
+                                               lambda model, backend: torch.compile(model, backend=backend))
         assert not torch.equal(eager[0], eager[1]) and torch.equal(eager[1], eager[2])  # TAR at step 0 only
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
         frames.append(count)
     assert frames[0] == frames[1], frames
+
+
+def test_a_tensor_subclass_override_runs_once_under_tar_mode():
+    """TAR's mode calls torch.Tensor's methods written in Python on the tensor (torch.compile cannot trace their
+    super() call under a mode); a subclass's override of one, whose super() call reached the mode, ran twice."""
+    seen = []
+
+    class Counted(torch.Tensor):
+        def unflatten(self, dim, sizes):
+            seen.append(dim)
+            return super().unflatten(dim, sizes)
+
+    with SDPACalls():
+        out = torch.zeros(2, 6).as_subclass(Counted).unflatten(1, (2, 3))
+    assert seen == [1] and out.shape == (2, 2, 3)
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan", "ltx"])

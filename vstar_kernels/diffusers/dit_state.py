@@ -116,9 +116,9 @@ class DiTState:
         """The spec of `block` (None: of the regularized blocks) at `step` (default: the live step), or None where
         it runs stock."""
         step = self.step if step is None else step
-        if (block is not None and block not in self.blocks) or not self.spec.active or not self.config.regularizes(step):
+        if block is not None and block not in self.blocks:
             return None
-        return self.spec
+        return self.spec if self.spec.active and self.config.regularizes(step) else None
 
 
 def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:

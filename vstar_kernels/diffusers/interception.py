@@ -130,7 +130,8 @@ class SDPACalls(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             name = getattr(func, "__name__", None)
-            if args and _PYTHON_METHODS.get(name) is func:  # the mode is off in here: the method's own code
+            # the mode is off in here: the method's own code (a subclass's override ran already: its super() call)
+            if args and _PYTHON_METHODS.get(name) is func and type(args[0]) in (torch.Tensor, torch.nn.Parameter):
                 return getattr(args[0], name)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.calls += 1

@@ -19,7 +19,7 @@ from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
 from .dit_families import FAMILIES
 from .interception import SDPACalls, Wrapping
-from .steps import StepTracker, modules_to, warn_step_cache
+from .steps import TAR_OWNER, StepTracker, modules_to, warn_step_cache
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
 INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
@@ -119,6 +119,12 @@ class TARSite:
             return None
         return self.spec
 
+    def spec_now(self) -> Optional[LevelSpec]:
+        """`spec_at` the step of the call in progress (in a checkpointed block: of the call that ran it), as
+        `UNetState.sync` fixed it before the call: read here, a step would be a guard of torch.compile, which
+        compiled the model again at every step."""
+        return self.spec if self.spec.active and self.steps.current(TAR_OWNER) else None
+
 
 def tar_site(attn: Attention) -> Optional[TARSite]:
     """The TAR state of an attention module, or None where TAR is not applied."""
@@ -185,8 +191,8 @@ class TARAttnProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
 
-        step = None if site is None else site.steps.step  # in a checkpointed block: the step that ran it
-        out = self.attention(attn, query, key, value, attention_mask=attention_mask, step=step)
+        out = self.attention(attn, query, key, value, attention_mask=attention_mask,
+                             spec=None if site is None else site.spec_now())
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -197,11 +203,11 @@ class TARAttnProcessor:
         return out / attn.rescale_output_factor
 
     def attention(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                  attention_mask: Optional[torch.Tensor] = None, step: Optional[int] = None) -> torch.Tensor:
-        """(B, H, Nq, D) q/k/v -> (B, H, Nq, Dv): TAR where module `attn` is regularized at `step`, else SDPA."""
+                  attention_mask: Optional[torch.Tensor] = None, spec: Optional[LevelSpec] = None) -> torch.Tensor:
+        """(B, H, Nq, D) q/k/v -> (B, H, Nq, Dv): TAR with `spec`, module `attn`'s level spec where the call
+        regularizes it (`TARSite.spec_now`), else SDPA."""
         site = tar_site(attn)
-        spec = None if site is None else site.spec_at(step)
-        if spec is None:
+        if spec is None or site is None:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                   is_causal=False)
         if attention_mask is not None:
@@ -226,7 +232,7 @@ class _TARInSDPA(SDPACalls):
                              "calls without dropout, causal mask, scale or grouped heads")
         site = tar_site(self.attn)
         return self.tar.attention(self.attn, query, key, value, attention_mask=attn_mask,
-                                  step=None if site is None else site.steps.step)
+                                  spec=None if site is None else site.spec_now())
 
 
 class PAGWithTAR(Wrapping):
@@ -243,7 +249,7 @@ class PAGWithTAR(Wrapping):
         with mode:
             out = self.inner(attn, *args, **kwargs)
         site = tar_site(attn)
-        if not mode.calls and site is not None and site.spec_at(site.steps.step) is not None:
+        if not mode.calls and site is not None and site.spec_now() is not None:
             raise RuntimeError(f"{site.name}: {type(self.inner).__name__} computed its attention without "
                                "torch's scaled_dot_product_attention, so TAR could not run there: leave the "
                                "regularized levels' temporal attention out of pag_applied_layers, or run with "
@@ -258,6 +264,7 @@ class UNetState:
                  temporal: List[TemporalAttention]):
         self.model, self.config, self.steps = model, config, steps
         self.said_cache = False  # the warning that a cache of diffusers' reuses outputs past until_step was given
+        self.regularizing = config.regularizes(steps.step)  # the call in progress does (`sync`)
         self.processor, self.fused_processor = TARAttnProcessor(), TARAttnProcessor(fused=True)
         self.sites: List[TARSite] = []
         self._install(temporal)
@@ -287,12 +294,14 @@ class UNetState:
                           f"attention(s) ({sites[0]}, ...); TAR computes what {kept} compute and does not keep what "
                           f"{name} adds (remove_tar puts it back)", stacklevel=4)
 
-    def snapshot(self) -> None:
-        """Nothing beyond the step: the processor reads it from the tracker."""
+    def snapshot(self) -> bool:
+        """Whether the call in progress regularizes (`sync`), which every site reads (`TARSite.spec_now`)."""
+        return self.regularizing
 
     def sync(self) -> None:
         """Before each forward call: give TAR to temporal attentions swapped in since the last one (a site whose
-        module left the model gets its previous processor back), and take the place of processors set since."""
+        module left the model gets its previous processor back), take the place of processors set since, and fix
+        whether the call regularizes (`snapshot`)."""
         if not all(tuple(module._modules.values()) == children for module, children in self.layout):
             temporal = temporal_attention_modules(self.model)
             present = {id(t.module) for t in temporal}
@@ -305,6 +314,7 @@ class UNetState:
         for site in self.sites:
             if not isinstance(site.module.processor, (TARAttnProcessor, PAGWithTAR)):
                 self._stand_in(site)
+        self.regularizing = self.config.regularizes(self.steps.step)
         if not self.said_cache:
             self.said_cache = warn_step_cache(self.watched, self.config.until_step, self.steps.step)
 

@@ -81,7 +81,7 @@ class _BoundBlock:
     Passed to the gradient-checkpointing function instead of the block: torch keeps it and calls
     it again to recompute the block in the backward pass. Other attributes are the block's. The snapshot is
     the tracker's while the block runs (an attribute, not a context variable, which torch.compile cannot
-    trace; a model is counted by one tracker, so one thread at a time runs its forward calls anyway).
+    trace): one model's forward calls and recomputations run one at a time, as its step count is shared too.
     """
 
     def __init__(self, block: torch.nn.Module, tracker: "StepTracker", snapshot: _Snapshot):
