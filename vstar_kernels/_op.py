@@ -54,7 +54,8 @@ def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: boo
     if devices is not None and q.device.type not in devices:
         reasons.insert(0, f"it runs on {' or '.join(devices)} tensors, got {q.device.type} tensors")
     if reasons:
-        raise BackendUnavailableError(f"backend={backend!r} cannot run this call: {'; '.join(reasons)}. A call traced "
+        asked = f"'auto' (traced: {backend!r} where the op ran)" if given == AUTO_LEAN else repr(backend)
+        raise BackendUnavailableError(f"backend={asked} cannot run this call: {'; '.join(reasons)}. A call traced "
                                       "(torch.export) keeps the backend chosen where it was traced: trace it on the "
                                       "device it runs on")
     stats, flags = _side_outputs(problem, given, needs_grad, speculate)
@@ -141,7 +142,7 @@ _tar_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _backward_setup_context(ctx, inputs, output):
-    ctx.backend, ctx.device = inputs[-2], inputs[0].device
+    ctx.backend, ctx.device = "auto" if inputs[-2] == AUTO_LEAN else inputs[-2], inputs[0].device
 
 
 def _no_double_backward(ctx, *grads):

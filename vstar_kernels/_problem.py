@@ -210,25 +210,35 @@ FRAME_ID_LIMIT = 2 ** 24  # frame distances are float32 in the kernels: exact be
 
 # What calls read from frame-id tensors' values (a device synchronisation each): an entry lives with its tensor.
 _FRAME_VALUES = WeakIdKeyDictionary()
-_UNKEPT = threading.local()  # .depth > 0: inside a call from compiled code (`values_unkept`)
+_UNKEPT = threading.local()  # .memo: a dict inside a call from compiled code (`values_unkept`), else None
 
 
 @contextlib.contextmanager
 def values_unkept():
-    """Within it, `frame_value` reads on every call: a call from compiled code, whose ids may be a buffer the
-    compiler reuses (inductor: the same tensor object, rewritten with no in-place version)."""
-    _UNKEPT.depth = getattr(_UNKEPT, "depth", 0) + 1
+    """Within it, `frame_value` reads once, for the op call it spans, what it would keep for the tensor: a call
+    from compiled code, whose ids may be a buffer the compiler reuses (inductor: the same tensor object,
+    rewritten with no in-place version), but not while the call holds them."""
+    outer = getattr(_UNKEPT, "memo", None)
+    if outer is None:
+        _UNKEPT.memo = {}
     try:
         yield
     finally:
-        _UNKEPT.depth -= 1
+        if outer is None:
+            _UNKEPT.memo = None
 
 
 def frame_value(ids: torch.Tensor, what, read):
     """read(ids), kept as `what` of `ids` for its in-place version: the same tensor passed again unchanged is not
-    read again (docs/semantics.md, "Memory"); an inference tensor (no version counter) is read on every call, as
-    is any in a call from compiled code (`values_unkept`)."""
-    if ids.is_inference() or getattr(_UNKEPT, "depth", 0):
+    read again (docs/semantics.md, "Memory"); an inference tensor (no version counter) is read on every call, and
+    in a call from compiled code once for the call (`values_unkept`)."""
+    memo = getattr(_UNKEPT, "memo", None)
+    if memo is not None:
+        key = (id(ids), what)  # the call holds `ids`: no other tensor has its id while the memo lives
+        if key not in memo:
+            memo[key] = read(ids)
+        return memo[key]
+    if ids.is_inference():
         return read(ids)
     entry = _FRAME_VALUES.get(ids)
     if entry is None or entry[0] != ids._version:

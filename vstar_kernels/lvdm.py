@@ -26,6 +26,9 @@ _STATE_ATTR = "_vstar_tar_modules"
 class _State:
     config: TARConfig
     step: Optional[int] = None
+    # whether `step` is regularized (None: no step set), what the patched forwards read: a step read there would be
+    # a guard of torch.compile, which compiled the model again at every step
+    regularizing: Optional[bool] = None
     patched: List["_TARForward"] = field(default_factory=list)
 
 
@@ -89,13 +92,13 @@ class _TARForward:
         return module.to_out(out.transpose(1, 2).reshape(batch, frames, -1))
 
     def _regularized(self) -> bool:
-        config, step = self.state.config, self.state.step
+        config, regularizing = self.state.config, self.state.regularizing
         if not self.spec.active:
             return False
-        if step is None and config.until_step is not None:
+        if regularizing is None and config.until_step is not None:
             raise RuntimeError(f"{self.name}: TAR runs on steps 0..{config.until_step} only and no step was set: "
                                "call set_step(model, i) before each denoising step (0 = noisiest)")
-        return step is None or config.regularizes(step)  # no step set gets here only without until_step: every step
+        return regularizing is None or regularizing  # no step set gets here only without until_step: every step
 
     def restore(self) -> None:
         if self.previous is None:
@@ -181,6 +184,7 @@ def set_step(model: torch.nn.Module, step: int) -> None:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an int >= 0 (0 = noisiest), got {step!r}")
     state.step = int(step)
+    state.regularizing = state.config.regularizes(state.step)
 
 
 def remove_tar_from_modules(model: torch.nn.Module) -> None:

@@ -583,6 +583,17 @@ def test_frame_values_are_read_once_per_unchanged_tensor():
             with pytest.raises(ValueError, match="frames must be frame ids >= 0"):
                 check(fresh)
             assert Reads.count == before + 4
+    from vstar_kernels._problem import values_unkept
+
+    ids = vk.frame_ids(3, 4, text_after=2)
+    with Reads(), values_unkept():  # a call from compiled code: once for the call, whatever asks
+        before = Reads.count
+        check(ids.clone())
+        check(ids.clone())
+        held = ids.clone()
+        check(held)
+        check(held)  # the lean forward's layout read after dispatch's, in one call, read twice before
+        assert Reads.count == before + 6
 
 
 def test_token_layouts_give_their_ids_once_per_layout():

@@ -158,7 +158,7 @@ def test_a_compiled_unet_compiles_once_with_tar_and_once_without_whatever_the_st
     fam = FAMILIES["unet3d"]
     model = fam.model()
     inputs = fam.inputs(model)
-    apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (1.0, 1.0)}, until_step=1))
+    names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (1.0, 1.0)}, until_step=1))
     expected = [forward(model, inputs) for _ in range(4)]
     reset_steps(model)
     torch._dynamo.reset()
@@ -169,6 +169,10 @@ def test_a_compiled_unet_compiles_once_with_tar_and_once_without_whatever_the_st
         assert torch.equal(forward(compiled, inputs), out)
         frames.append(counter.frame_count)
     assert frames[0] == frames[1] < frames[2] == frames[3], frames
+    site = tar_site(attention_modules(model)[names[0]])
+    assert site.spec_now() is None  # after step 3
+    reset_steps(model)  # step 0 next: regularized, also for a module called alone before the model's next call
+    assert site.spec_now() is site.spec
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -190,6 +190,30 @@ def test_step_gate_follows_set_step():
     assert torch.equal(outs[2], plain) and torch.equal(outs[3], plain)
 
 
+def test_compiled_the_step_gate_compiles_once_on_and_once_off():
+    """The patched forwards read the step set_step gave, a guard of torch.compile: the model compiled again at
+    every step (and after dynamo's limit of 8 ran eagerly). They read whether it is regularized now."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = ToyUNet()
+    x = video(rows=2)
+    apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=1), select=videocrafter2_select(model))
+    expected = []
+    for step in range(4):
+        set_step(model, step)
+        expected.append(run_recording(model, x)[0])
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    for step, out in enumerate(expected):
+        set_step(model, step)
+        with torch.no_grad():
+            assert torch.equal(compiled(x), out)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1] < frames[2] == frames[3], frames
+
+
 def test_remove_restores_every_module_exactly():
     model = ToyUNet()
     x = video()

@@ -66,6 +66,9 @@ class DiTState:
     def end_call(self) -> None:
         self.call = None
 
+    def restart(self) -> None:
+        """The count restarts: nothing to do (outside a call, `snapshot` reads the live step)."""
+
     def snapshot(self) -> Tuple[Optional[TokenLayout], Optional[LevelSpec]]:
         return self.call if self.call is not None else (self.grid, self.spec_at(None))
 

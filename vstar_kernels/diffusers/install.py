@@ -77,8 +77,8 @@ def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker]
         start = index - (run_begin(pipeline, index) or 0) if index is not None and in_run(pipeline) else 0
     _detach(model)
     # the tracker's hooks run in forward calls, once `state` below exists
-    steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, before_forward=lambda: state.sync(),
-                               snapshot=lambda: state.snapshot())
+    steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, on_run_start=lambda: state.restart(),
+                               before_forward=lambda: state.sync(), snapshot=lambda: state.snapshot())
     state = make_state(steps)
     setattr(model, STATE_ATTR, state)
     steps.reset(start)  # also where another feature was counting already

@@ -294,6 +294,10 @@ class UNetState:
                           f"attention(s) ({sites[0]}, ...); TAR computes what {kept} compute and does not keep what "
                           f"{name} adds (remove_tar puts it back)", stacklevel=4)
 
+    def restart(self) -> None:
+        """The count restarts (a new run, reset_steps, apply_tar): what its next step regularizes, until a call."""
+        self.regularizing = self.config.regularizes(self.steps.step)
+
     def snapshot(self) -> bool:
         """Whether the call in progress regularizes (`sync`), which every site reads (`TARSite.spec_now`)."""
         return self.regularizing
