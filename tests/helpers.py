@@ -206,6 +206,26 @@ def saved_figures(monkeypatch):
     return saved
 
 
+class ValueReads:
+    """Records what is read of frame-id values (`_problem.frame_value`'s `what`, wherever it is called from: a
+    device synchronisation each on a GPU) while it is patched in (`monkeypatch`), in `reads`."""
+
+    def __init__(self, monkeypatch):
+        from vstar_kernels import _problem, cpu
+        from vstar_kernels.ops import tar_fwd_lean
+
+        self.reads, inner = [], _problem.frame_value
+
+        def counted(ids, what, read):
+            return inner(ids, what, lambda x: (self.reads.append(what), read(x))[1])
+        for module in (_problem, cpu, tar_fwd_lean):
+            monkeypatch.setattr(module, "frame_value", counted)
+
+    def of_ids(self) -> list:
+        """The reads that a GPU call makes (the cpu backend's tables of the ids, CPU tensors, left out)."""
+        return [what for what in self.reads if not isinstance(what, tuple)]
+
+
 class LargestAllocation(TorchDispatchMode):
     """Records the largest storage an op allocates (views of its inputs do not count)."""
 

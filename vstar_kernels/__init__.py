@@ -1,9 +1,9 @@
 """vstar_kernels: fused kernels for VSTAR's temporal attention regularization (TAR).
 
 The public names: `tar_attention` (the fused op) and `tar_attention_reference` (its PyTorch
-definition); the dA builders `gaussian_toeplitz`, `frame_ids` and `delta_from_features`; the
-configuration of TAR in a model (`TARConfig`, `LevelSpec`, `PRESETS`), which the front-ends
-(`vstar_kernels.diffusers`, `vstar_kernels.lvdm`, `vstar_kernels.comfyui`) take.
+definition); the dA builders `gaussian_toeplitz`, `frame_ids` (`FrameLayout`: its layout, as `frames=`
+takes it) and `delta_from_features`; the configuration of TAR in a model (`TARConfig`, `LevelSpec`,
+`PRESETS`), which the front-ends (`vstar_kernels.diffusers`, `vstar_kernels.lvdm`, `vstar_kernels.comfyui`) take.
 
 Each name loads its module (and torch) on first use, so that `python -m vstar_kernels --help`
 answers without importing torch.
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "BackendUnavailableError": "dispatch",
     "frame_ids": "frames",
+    "FrameLayout": "frames",
     "tar_attention": "functional",
     "tar_attention_reference": "reference",
     "delta_from_features": "regularization",

@@ -1,10 +1,10 @@
 """The torch.library ops behind `tar_attention`, and their autograd (docs/compile-and-autograd.md):
 
-    vstar::tar_attention(<problem>, backend, needs_grad, speculate, compiled) -> (out, stats, flags)
+    vstar::tar_attention(<problem>, backend, needs_grad, speculate, compiled, layout) -> (out, stats, flags)
     vstar::tar_attention_backward(grad_out, out, stats, <problem>, backend, delta_grad) -> (dq, dk, dv, ddelta)
 
 <problem> is `TarProblem`'s fields in `OP_FIELDS` order (`op_args` / `from_op_args`); delta is the broadcast
-view, so autograd sums its broadcast dims. `stats`: what the backend's backward needs (float32; may be empty);
+view, so autograd sums its broadcast dims; `layout` is `TarProblem.layout` (a list; None: ids without one). `stats`: what the backend's backward needs (float32; may be empty);
 `flags`: int32 (B*H,), each sequence's rows the speculative one pass
 recomputed, where it ran (`_problem.speculates`, a backend of SPECULATING, speculate), else empty. `ddelta` is empty
 unless delta_grad. A plain-PyTorch backward runs straight from the autograd formula (traced,
@@ -14,7 +14,7 @@ differentiable again); the backward op is for kernel backends, whose gradients a
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,9 +36,9 @@ def _saving(backend: str):
 def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: float, delta: Optional[Tensor],
                    causal: bool, max_mode: str, scale: float, frames_q: Optional[Tensor], frames_k: Optional[Tensor],
                    key_mask: Optional[Tensor], backend: str, needs_grad: bool, speculate: bool = True,
-                   compiled: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                   compiled: bool = False, layout: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
-                                       key_mask))
+                                       key_mask), layout)
     if compiled:
         with values_unkept():
             return _forward(problem, backend, needs_grad, speculate)
@@ -117,13 +117,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats, flags)
     ctx.save_for_backward(*(problem_args[i] for i in _TENSORS), out, stats)
     ctx.options = (tuple(a for i, a in enumerate(problem_args) if i not in _TENSORS), backend)
+    ctx.layout = inputs[_N + 4] if len(inputs) > _N + 4 else None
 
 
 def _backward(ctx, grad_out, _grad_stats, _grad_flags):
     *tensors, out, stats = ctx.saved_tensors
     options, backend = ctx.options
     tensors, options = iter(tensors), iter(options)
-    problem = TarProblem.from_op_args([next(tensors) if i in _TENSORS else next(options) for i in range(_N)])
+    problem = TarProblem.from_op_args([next(tensors) if i in _TENSORS else next(options) for i in range(_N)],
+                                      ctx.layout)
     delta_grad = bool(ctx.needs_input_grad[_DELTA])
     impl = _saving(backend)
     if impl.traceable_backward:
@@ -132,7 +134,7 @@ def _backward(ctx, grad_out, _grad_stats, _grad_flags):
     else:
         dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, out, stats, *problem.op_args(),
                                                                     backend, delta_grad)
-    grads = [None] * (_N + 4)  # + backend, needs_grad, speculate, compiled
+    grads = [None] * (_N + 5)  # + backend, needs_grad, speculate, compiled, layout
     grads[:3] = dq, dk, dv
     grads[_DELTA] = ddelta if delta_grad else None
     return tuple(grads)
@@ -161,7 +163,8 @@ def tar_attention_op(problem: TarProblem, backend: str, speculate: bool = True,
     None, or an int64 (2,) tensor to which the call adds (flagged rows, rows) where it speculated."""
     # traced, the ids may be buffers that the compiled code reuses: their values are read on every call
     out, _, counts = _tar_attention(*problem.op_args(), backend, problem.needs_grad(), speculate,
-                                    torch.compiler.is_compiling())
+                                    torch.compiler.is_compiling(),
+                                    None if problem.layout is None else list(problem.layout))
     if flags is not None and counts.numel():  # device-side adds, no host copy: a CUDA graph may capture them
         try:
             flags[0].add_(counts.sum(dtype=torch.int64))

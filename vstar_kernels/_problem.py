@@ -44,6 +44,9 @@ class TarProblem:
     frames_k: Optional[torch.Tensor]  # (Nk,) the same for the keys; set exactly when frames_q is
     key_mask: Optional[torch.Tensor]  # (B, Nk) bool, True where a key is attended to; or None
     was_3d: bool
+    # (before, per_frame, frames) when the call gave its ids as a frames.FrameLayout: frames_q is frames_k, those
+    # ids, whose values are then known without reading them (`known_layout`)
+    layout: Optional[tuple] = None
 
     batch = property(lambda self: self.q.shape[0])
     heads = property(lambda self: self.q.shape[1])
@@ -78,13 +81,15 @@ class TarProblem:
         return tuple(getattr(self, name) for name in OP_FIELDS)
 
     @classmethod
-    def from_op_args(cls, args) -> "TarProblem":
-        """The problem back from the ops' leading arguments (4-D views, as `make_problem` made them)."""
-        return cls(*args, False)  # (was_3d is the last field)
+    def from_op_args(cls, args, layout=None) -> "TarProblem":
+        """The problem back from the ops' leading arguments (4-D views, as `make_problem` made them) and the
+        layout the forward op takes apart (a list; empty or None: none)."""
+        return cls(*args, False, tuple(layout) if layout else None)
 
 
-# The ops' problem arguments: every field but was_3d (the caller's layout, restored outside the op).
-OP_FIELDS = tuple(f.name for f in fields(TarProblem) if f.name != "was_3d")
+# The ops' problem arguments: every field but was_3d (the caller's layout, restored outside the op) and layout
+# (an option of the forward op).
+OP_FIELDS = tuple(f.name for f in fields(TarProblem) if f.name not in ("was_3d", "layout"))
 
 
 def _check_tensor(name: str, t) -> None:
@@ -192,6 +197,19 @@ def _check_frames(frames, nq: int, nk: int, device) -> tuple:
     return ids, ids
 
 
+def _check_layout(layout, nq: int, nk: int) -> tuple:
+    """A frames.FrameLayout of self-attention over nq = nk tokens, as `TarProblem.layout`: (before, per_frame,
+    frames), or (N, 1, 0) for a layout of no video token (every id -1), as the lean forward reads its ids."""
+    for name, value in zip(layout._fields, layout):
+        check_int(f"frames.{name}", value, 0, (numbers.Integral, torch.SymInt))
+    if nq != nk or layout.tokens() != nq:
+        raise ValueError(f"frames: {layout} lays out {layout.tokens()} tokens of a self-attention, but q has {nq} "
+                         f"tokens and k has {nk}")
+    if layout.num_frames == 0 or layout.tokens_per_frame == 0:
+        return nq, 1, 0
+    return layout.text_before, layout.tokens_per_frame, layout.num_frames
+
+
 def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
     if not isinstance(key_mask, torch.Tensor):
         raise TypeError(f"key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
@@ -248,8 +266,14 @@ def frame_value(ids: torch.Tensor, what, read):
     return entry[1][what]
 
 
-def id_extrema(ids: torch.Tensor) -> tuple:
-    """(least, greatest) id of a non-empty id vector, read once per tensor (`frame_value`)."""
+def id_extrema(ids: torch.Tensor, problem: Optional[TarProblem] = None) -> tuple:
+    """(least, greatest) id of a non-empty id vector: from `problem`'s layout where it has one, else read once
+    per tensor (`frame_value`)."""
+    if problem is not None and problem.layout is not None:
+        before, per_frame, frames = problem.layout
+        if frames == 0:
+            return -1, -1
+        return (-1 if before or before + frames * per_frame < ids.shape[0] else 0), frames - 1
     return frame_value(ids, "extrema", lambda x: tuple(int(v) for v in torch.stack([x.min(), x.max()]).tolist()))
 
 
@@ -265,7 +289,7 @@ def check_frame_values(problem: TarProblem) -> None:
     for name, ids in named:
         if ids.numel() == 0:
             continue
-        low, high = id_extrema(ids)
+        low, high = id_extrema(ids, problem)
         if low < -1:
             raise ValueError(f"{name} must be frame ids >= 0, or -1 for a token outside the video; got {low}")
         if high >= FRAME_ID_LIMIT:
@@ -367,8 +391,11 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     if max_mode not in MAX_MODES:
         raise ValueError(f"max_mode must be one of {MAX_MODES}, got {max_mode!r}")
 
-    frames_q = frames_k = None
+    frames_q = frames_k = layout = None
     if frames is not None:
+        from .frames import FrameLayout  # (frames imports this module)
+        if isinstance(frames, FrameLayout):
+            layout, frames = _check_layout(frames, Nq, Nk), frames.ids(q.device)
         frames_q, frames_k = _check_frames(frames, Nq, Nk, q.device)
     if key_mask is not None:
         key_mask = _check_key_mask(key_mask, B, Nk, q.device)
@@ -403,4 +430,5 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
         if was_3d:
             bias = bias.unsqueeze(1)
     return TarProblem(q=q, k=k, v=v, sigma=sigma, strength=strength, delta=bias, causal=causal, max_mode=max_mode,
-                      scale=float(scale), frames_q=frames_q, frames_k=frames_k, key_mask=key_mask, was_3d=was_3d)
+                      scale=float(scale), frames_q=frames_q, frames_k=frames_k, key_mask=key_mask, was_3d=was_3d,
+                      layout=layout)

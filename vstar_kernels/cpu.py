@@ -39,7 +39,7 @@ def _bias_rows(problem: TarProblem, compute: torch.dtype):
                              lambda ids: frame_bias(ids, ids, sigma=problem.sigma, dtype=compute))
         return lambda rows: dA[rows]
     if problem.regularized and problem.frames_q is not None:
-        frames = id_extrema(problem.frames_q)[1] + 1
+        frames = id_extrema(problem.frames_q, problem)[1] + 1
         if (frames + 1) * problem.nk <= CHUNK_ELEMENTS:
             table = frame_bias(torch.arange(-1, frames, device=problem.device), problem.frames_k,
                                sigma=problem.sigma, delta=problem.delta, dtype=compute)

@@ -24,6 +24,27 @@ def frame_ids(num_frames: int, tokens_per_frame: int, *, text_before: int = 0, t
     return torch.cat([text[0], video, text[1]])
 
 
+class FrameLayout(NamedTuple):
+    """The regular layout `frame_ids` builds, as `tar_attention(..., frames=FrameLayout(...))` takes it for
+    self-attention: `text_before` tokens outside the video (id -1), `num_frames` frames of `tokens_per_frame`
+    tokens, `text_after` tokens outside it. The call then knows its ids' values without reading them from the
+    device: under torch.compile, where a call with an id tensor reads them on every call (a host
+    synchronisation), a call with a FrameLayout reads nothing (docs/compile-and-autograd.md)."""
+
+    num_frames: int
+    tokens_per_frame: int
+    text_before: int = 0
+    text_after: int = 0
+
+    def tokens(self) -> int:
+        return self.text_before + self.num_frames * self.tokens_per_frame + self.text_after
+
+    def ids(self, device=None) -> torch.Tensor:
+        """Its int32 ids, `frame_ids`' values (`layout_ids`: kept per layout, made in the graph when compiling)."""
+        runs = tuple((frame, self.tokens_per_frame) for frame in range(self.num_frames))
+        return layout_ids(runs, self.text_before, self.text_after, torch.device(device or "cpu"))
+
+
 class TokenLayout(NamedTuple):
     """Where the frames are in the tokens of one video call, for every front-end (diffusers' DiTs and their
     context-parallel shards, ComfyUI): `before` tokens outside the video (id -1), the video stream, `after` tokens

@@ -14,7 +14,7 @@ import vstar_kernels as vk
 from vstar_kernels import cpu, dispatch, reference
 from vstar_kernels._problem import make_problem
 
-from ..helpers import TOLERANCES, LargestAllocation, opts_id
+from ..helpers import TOLERANCES, LargestAllocation, ValueReads, opts_id
 
 
 def naive_frames(q, k, v, fq, fk, *, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row",
@@ -499,6 +499,100 @@ def test_torch_compile_fullgraph_with_frames_and_key_mask(dynamic):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="frames must be frame ids >= 0"):
         compiled(q, k, v, ids - 2, key_mask, 1.0)
+
+
+# ------------------------------------------------------------------------ FrameLayout: ids known, not read
+
+LAYOUT_CASES = [dict(num_frames=3, tokens_per_frame=4), dict(num_frames=3, tokens_per_frame=4, text_before=5),
+                dict(num_frames=2, tokens_per_frame=5, text_after=3, key_mask=True, max_mode="global"),
+                dict(num_frames=4, tokens_per_frame=2, text_before=1, text_after=2, delta=True, causal=True),
+                dict(num_frames=0, tokens_per_frame=4, text_before=6), dict(num_frames=3, tokens_per_frame=0,
+                                                                            text_after=5, delta=True)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=opts_id)
+def test_a_frame_layout_is_its_ids_and_is_not_read(case, backend, monkeypatch):
+    """frames=FrameLayout(...) gives the call of frame_ids' ids bit for bit, forward and backward (a frame matrix's
+    gradient too), with no read of the ids' values (the cpu backend's tables of them aside: CPU tensors)."""
+    from vstar_kernels.frames import FrameLayout
+
+    case = dict(case)
+    opts = dict(sigma=1.5, strength=0.8, causal=case.pop("causal", False), max_mode=case.pop("max_mode", "row"))
+    layout = FrameLayout(**{k: case.pop(k) for k in list(case) if k in FrameLayout._fields})
+    ids = vk.frame_ids(**layout._asdict())
+    n = ids.numel()
+    q, k, v = qkv(2, 2, n, n, dtype=torch.float32, seed=n, requires_grad=True)
+    leaves = [q, k, v]
+    if case.get("delta"):
+        frames = layout.num_frames if layout.tokens_per_frame else 0  # F = the largest id + 1
+        opts["delta"] = torch.rand(frames, frames, requires_grad=True)
+        leaves.append(opts["delta"])
+    if case.get("key_mask"):
+        opts["key_mask"] = random_key_mask(2, n, seed=n)
+    grad_out = randn(2, 2, n, 4, seed=7, dtype=torch.float32)
+    reads = ValueReads(monkeypatch)
+    out = vk.tar_attention(q, k, v, frames=layout, backend=backend, **opts)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert reads.of_ids() == []
+    expected = vk.tar_attention(q, k, v, frames=ids, backend=backend, **opts)
+    assert reads.reads  # the same call with an id tensor reads them
+    assert torch.equal(out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(expected, leaves, grad_out)))
+    assert torch.equal(vk.tar_attention_reference(q, k, v, frames=layout, **opts),
+                       vk.tar_attention_reference(q, k, v, frames=ids, **opts))
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS, ids=["tar_attention", "reference"])
+def test_frame_layout_arguments(fn):
+    from vstar_kernels.frames import FrameLayout
+
+    q, k, v = qkv(1, 1, 12, 12, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"frames: FrameLayout\(num_frames=3, tokens_per_frame=4, text_before=1, "
+                                         r"text_after=0\) lays out 13 tokens of a self-attention, but q has 12"):
+        fn(q, k, v, frames=FrameLayout(3, 4, 1))
+    with pytest.raises(ValueError, match="q has 12 tokens and k has 8"):
+        fn(q, k[:, :, :8], v[:, :, :8], frames=FrameLayout(3, 4))
+    for field, bad in (("num_frames", -1), ("tokens_per_frame", 4.0), ("text_before", True), ("text_after", "0")):
+        values = dict(num_frames=3, tokens_per_frame=4, text_before=0, text_after=0)
+        values[field] = bad
+        with pytest.raises(ValueError, match=f"frames.{field} must be a non-negative int, got {bad!r}"):
+            fn(q, k, v, frames=FrameLayout(**values))
+    with pytest.raises(ValueError, match=r"has frame id 2 but delta is a \(2, 2\) frame matrix"):
+        fn(q, k, v, frames=FrameLayout(3, 4), delta=torch.rand(2, 2))
+
+
+def test_opcheck_with_a_frame_layout():
+    args = op_args(True)
+    opcheck(torch.ops.vstar.tar_attention.default, (*args, True, False, [2, 3, 2]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_compiled_call_with_a_frame_layout_reads_no_id_value(backend, monkeypatch):
+    """Under torch.compile a call with an id tensor reads its values on every call (a host synchronisation on a GPU,
+    which a CUDA graph's capture refuses); with a FrameLayout, none, in the forward and the backward, whose output
+    and gradients are the eager call's."""
+    from vstar_kernels.frames import FrameLayout
+
+    layout = FrameLayout(3, 4, text_after=2)
+    q, k, v = qkv(1, 2, 14, 14, dtype=torch.float32, requires_grad=True)
+
+    def call(q, k, v, frames):
+        return vk.tar_attention(q, k, v, sigma=0.8, frames=frames, backend=backend)
+
+    reads = ValueReads(monkeypatch)
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        out = compiled(q, k, v, layout)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert reads.reads == []
+    ids = vk.frame_ids(**layout._asdict())
+    compiled(q, k, v, ids)
+    assert reads.reads == ["extrema"]  # an id tensor: read (a second call would read again)
+    expected = call(q, k, v, ids)
+    assert torch.equal(out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))))
 
 
 BACKWARD_CASES = [dict(), dict(max_mode="global", causal=True), dict(delta="frames"), dict(delta="entries"),

@@ -25,6 +25,7 @@ from vstar_kernels.comfyui import models as vc_models
 from vstar_kernels.comfyui.patch import Run, key_mask, marked
 from vstar_kernels.frames import TokenLayout
 
+from ..helpers import ValueReads
 from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
                                  guard_filtered_compile, in_time, keyword_recorder, nag, newer_attention,
                                  replace_self_attention, swallowing, tar_calls, warnings_of)
@@ -1346,8 +1347,9 @@ def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
     assert frames[12] <= frames[4], frames
 
 
-def test_torch_compile_of_a_joint_attention(comfy):
-    """HunyuanVideo's video-then-text attention compiled: the text's ids are made in the graph; the result is TAR's."""
+def test_torch_compile_of_a_joint_attention(comfy, monkeypatch):
+    """HunyuanVideo's video-then-text attention compiled: its frames are a FrameLayout whose ids are made in the
+    graph, their values not read (a host synchronisation on a GPU); the result is TAR's."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     dtype = torch.float64
@@ -1356,7 +1358,9 @@ def test_torch_compile_of_a_joint_attention(comfy):
     (tar,) = NODE().apply(hunyuan(comfy, dtype), 1.0, 1.0, backend="reference")
     compiled = tar.clone()
     set_torch_compile_wrapper(compiled, backend="eager")
+    reads = ValueReads(monkeypatch)
     out, _ = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+    assert reads.of_ids() == []
     assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
 
 

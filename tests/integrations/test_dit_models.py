@@ -31,11 +31,12 @@ from vstar_kernels.diffusers import apply_tar, capture_frame_attention, install,
 from vstar_kernels.diffusers.dit import DiTTARProcessor
 from vstar_kernels.diffusers.interception import SDPA_BACKENDS, SDPACalls
 import vstar_kernels.frames
+from vstar_kernels.frames import FrameLayout
 from vstar_kernels.diffusers.steps import StepTracker
 
-from ..helpers import TOLERANCES
+from ..helpers import TOLERANCES, ValueReads
 from .tiny_dit_models import (BATCH, FAMILIES, bfloat16_run, cogvideox_inputs, expected_frames, expected_key_mask,
-                              forward, frame_tar64, processors, randn, record, wan_inputs)
+                              forward, frame_tar64, ids_of, processors, randn, record, wan_inputs)
 from .tiny_video_models import FAMILIES as UNET_FAMILIES
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
 
@@ -45,7 +46,7 @@ ALL = list(FAMILIES)
 def check_call(family, call, sigma, strength):
     name, q, k, v, kwargs, out = call
     frames = expected_frames(family, k.shape[2])
-    assert torch.equal(kwargs["frames"].cpu().long(), frames), name
+    assert torch.equal(ids_of(kwargs["frames"]).cpu().long(), frames), name
     mask = expected_key_mask(family, k.shape[2])
     if mask is None:
         assert kwargs["key_mask"] is None, name
@@ -179,24 +180,26 @@ def test_both_halves_of_a_guidance_batch_are_regularized_alike():
 
 
 def test_frames_follow_the_latent_shape_of_each_call():
-    """Tokens per frame and frames come from the call: a second resolution and length need no new apply_tar."""
+    """Tokens per frame and frames come from the call: a second resolution and length need no new apply_tar. The
+    processors pass the regular layout as a FrameLayout, whose ids tar_attention knows without reading them."""
     fam = FAMILIES["wan"]
     model = fam.model()
     apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
     calls = record(model)
     forward(model, wan_inputs(frames=5, size=4))
-    assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(5).repeat_interleave(4)) for c in calls)
-    # one id tensor per layout, shared by every block and call (tar_attention reads its values once)
+    assert calls and all(c[4]["frames"] == FrameLayout(5, 4) for c in calls)
+    assert all(torch.equal(ids_of(c[4]["frames"]).long(), torch.arange(5).repeat_interleave(4)) for c in calls)
+    # one id tensor per layout, shared by every block and call
     forward(model, wan_inputs(frames=5, size=4))
-    assert len({id(c[4]["frames"]) for c in calls}) == 1
+    assert len({id(ids_of(c[4]["frames"])) for c in calls}) == 1
     calls.clear()
     forward(model, wan_inputs(frames=3, size=4))
-    assert calls and all(torch.equal(c[4]["frames"].long(), torch.arange(3).repeat_interleave(4)) for c in calls)
+    assert calls and all(c[4]["frames"] == FrameLayout(3, 4) for c in calls)
     calls.clear()
     vstar_kernels.frames._kept_ids.cache_clear()  # the ids are made in the call below, under inference mode
     with torch.inference_mode():  # as pipelines run: the kept ids are no inference tensor (they keep a version)
         model(**wan_inputs(frames=2, size=4), return_dict=False)
-    assert calls and not any(c[4]["frames"].is_inference() for c in calls)
+    assert calls and not any(ids_of(c[4]["frames"]).is_inference() for c in calls)
 
 
 def test_delta_frame_matrix_and_its_size_check():
@@ -351,7 +354,7 @@ def test_wan22_pipeline_two_experts_and_unbatched_guidance_share_the_loop_index(
     for expert, model in (("high", high), ("low", low)):
         model.register_forward_pre_hook(lambda *_, expert=expert: forwards.append(expert))
         record_tar_calls(model, regularized, lambda proc, kwargs, expert=expert: (
-            expert, proc.state.step, kwargs["frames"].max().item()))
+            expert, proc.state.step, ids_of(kwargs["frames"]).max().item()))
 
     run_wan22(pipe, 4, forwards, regularized)
     assert forwards == ["high"] * 4 + ["low"] * 4  # 2 steps each expert, 2 calls per step
@@ -460,16 +463,20 @@ def test_a_tensor_subclass_override_runs_once_under_tar_mode():
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan", "ltx"])
-def test_regional_compile_with_fullgraph_runs_tar_without_a_graph_break(family):
+def test_regional_compile_with_fullgraph_runs_tar_without_a_graph_break(family, monkeypatch):
     """diffusers' regional compile, ``compile_repeated_blocks(fullgraph=True)``, raised under TAR: in the blocks, the
     step's context variable, Tensor.unflatten handed over by TAR's mode, and frame ids of a length their values
-    give are graph breaks. Now each block kind compiles once with TAR and once without, whatever the blocks."""
+    give are graph breaks. Now each block kind compiles once with TAR and once without, whatever the blocks; and
+    the compiled calls read no frame id's value (the processors pass a FrameLayout), where a read in each is a
+    host synchronisation on a GPU, which a CUDA graph's capture refuses."""
     frames = []
     for layers in (2, 4):
         def regional(model, backend):
             model.compile_repeated_blocks(fullgraph=True, backend=backend)
             return model
+        reads = ValueReads(monkeypatch)
         eager, compiled, count = compiled_runs(family, layers, regional)
+        assert reads.of_ids() == []
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
         frames.append(count)
     assert frames[0] == frames[1], frames

@@ -25,7 +25,7 @@ from vstar_kernels.diffusers.dit import DiTTARProcessor
 from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import TOLERANCES
-from .tiny_dit_models import (NEWER, bfloat16_run, expected_frames, expected_mask, forward, frame_map64,
+from .tiny_dit_models import (NEWER, bfloat16_run, expected_frames, expected_mask, forward, frame_map64, ids_of,
                               frame_tar64, frame_tar_probabilities64, processors, randn, record,
                               spied_plain_run)
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
@@ -47,7 +47,7 @@ def check_module(fam, name, parts, sigma, strength):
     out = torch.cat([p[4] for p in parts], dim=2)
     frames = expected_frames(fam, k.shape[2], block)
     mask = expected_mask(fam, k.shape[2], block)
-    ids = kwargs["frames"]
+    ids = ids_of(kwargs["frames"])
     if len(parts) == 1:
         assert torch.equal(ids.cpu().long(), frames), name
         given = kwargs["key_mask"]
@@ -314,7 +314,7 @@ def test_wan_vace_reference_images_are_no_frame(references, keep):
     for name, proc in processors(model).items():
         if isinstance(proc, DiTTARProcessor):
             def attention(attn, query, key, value, proc=proc, name=name, **kwargs):
-                seen.setdefault(name, kwargs["frames"].tolist())
+                seen.setdefault(name, ids_of(kwargs["frames"]).tolist())
                 return DiTTARProcessor.attention(proc, attn, query, key, value, **kwargs)
             proc.attention = attention
     with torch.no_grad():
@@ -439,13 +439,13 @@ def test_ltx2_frames_come_from_video_coords_when_the_grid_arguments_are_not_give
     calls = record(model)
     coords_only = {k: v for k, v in inputs.items() if k not in ("num_frames", "height", "width")}
     assert torch.equal(forward(model, coords_only), with_grid)
-    assert all(torch.equal(c[4]["frames"].long(), expected_frames(fam, 53)) for c in calls)
+    assert all(torch.equal(ids_of(c[4]["frames"]).long(), expected_frames(fam, 53)) for c in calls)
     calls.clear()
     keep = torch.arange(16, 48)  # frames 1 and 2 of the canvas, as a tile
     tile = dict(coords_only, hidden_states=inputs["hidden_states"][:, keep],
                 video_coords=inputs["video_coords"][:, :, keep])
     forward(model, tile)
-    assert all(torch.equal(c[4]["frames"].long(), torch.tensor([1] * 16 + [2] * 16)) for c in calls)
+    assert all(torch.equal(ids_of(c[4]["frames"]).long(), torch.tensor([1] * 16 + [2] * 16)) for c in calls)
 
 
 def test_per_query_mask_runs_on_the_triton_kernels():

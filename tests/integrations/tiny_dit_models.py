@@ -25,6 +25,7 @@ from diffusers import (
 from torch.overrides import TorchFunctionMode
 
 from vstar_kernels.diffusers.dit import DiTTARProcessor
+from vstar_kernels.frames import FrameLayout
 
 BATCH = 2
 
@@ -141,6 +142,11 @@ FAMILIES: Dict[str, DiTFamily] = {
                                         max_sequence_length=6),
         mochi_inputs, ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"], 3, 16, "after", [6, 3]),
 }
+
+
+def ids_of(frames) -> torch.Tensor:
+    """The ids a processor's `frames=` gives: an id tensor, or a FrameLayout's (the regular layout)."""
+    return frames.ids() if isinstance(frames, FrameLayout) else frames
 
 
 def expected_frames(family: DiTFamily, keys: int, block: int = 0) -> torch.Tensor:

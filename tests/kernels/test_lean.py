@@ -23,7 +23,8 @@ from vstar_kernels.ops.launch import FWD_LEAN, INTERPRETER_TILES
 from vstar_kernels.ops.layout import STAT_LSE, STAT_MAX, STATS_FIELDS
 
 from .._device import DEVICE
-from ..helpers import TOLERANCES, assert_close_to_reference, assert_grads_close, dtype_id, reference_grads
+from ..helpers import (TOLERANCES, ValueReads, assert_close_to_reference, assert_grads_close, dtype_id,
+                       reference_grads)
 
 # Built for sm_90: dispatch refuses it on other GPUs ("auto" there: test_auto_passes_it_over_where_it_does_not)
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,
@@ -326,29 +327,33 @@ def test_auto_under_torch_compile_leaves_the_layout_to_the_op(layout, monkeypatc
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors stand in for sm_90 here; a GPU run tests auto itself")
-@pytest.mark.parametrize("layout", ["regular", "irregular"])
+@pytest.mark.parametrize("layout", ["regular", "irregular", "FrameLayout"])
 def test_a_compiled_call_runs_what_auto_leaves_to_the_op(layout, monkeypatch):
     """A compiled call, forward and backward, with "auto" ordered as on sm_90 (the interpreter's CPU tensors):
-    the kernel the ids' layout asks for ran, and output and gradients are the explicit backend's bit for bit."""
+    the kernel the ids' layout asks for ran, and output and gradients are the explicit backend's bit for bit. With
+    an id tensor the op reads its values (a host synchronisation on a GPU), with a FrameLayout it reads none."""
+    from vstar_kernels.frames import FrameLayout
+
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", dispatch.AUTO_ORDER["cuda"])
-    ran = []
+    ran, reads = [], ValueReads(monkeypatch)
     for name in ("triton", "triton-lean"):
         backend = dispatch.BACKENDS[name]
         monkeypatch.setattr(backend, "forward", lambda *a, backend=backend, name=name, **k: (
             ran.append(name), type(backend).forward(backend, *a, **k))[1])
     ids = vk.frame_ids(3, 8, text_before=5, device=DEVICE)
-    ids = ids if layout == "regular" else ids.flip(0)
+    frames = {"regular": ids, "irregular": ids.flip(0), "FrameLayout": FrameLayout(3, 8, text_before=5)}[layout]
     q, k, v = qkv(1, 2, ids.numel(), 16, torch.float16, requires_grad=True)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
 
     def call(q, k, v, backend="auto"):
-        return vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=ids, backend=backend)
+        return vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=frames, backend=backend)
 
     torch._dynamo.reset()
     out = torch.compile(call, backend="eager", fullgraph=True)(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    expected_kernel = "triton-lean" if layout == "regular" else "triton"
+    expected_kernel = "triton" if layout == "irregular" else "triton-lean"
     assert ran == [expected_kernel]
+    assert bool(reads.of_ids()) == (layout != "FrameLayout")
     expected = call(q, k, v, backend=expected_kernel)
     assert torch.equal(out, expected)
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_out)))

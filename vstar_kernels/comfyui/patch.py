@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .. import tar_attention
-from ..frames import TokenLayout, layout_ids, one_frame
+from ..frames import FrameLayout, TokenLayout, layout_ids, one_frame
 from ..functional import Speculation
 from .models import Family
 
@@ -115,15 +114,15 @@ def _warn(run: Run, kind: str, message: str) -> None:
 
 
 class RegularizedCall:
-    """One model call in the window: its settings, token layout, the frame id of each of its frames (`frame_ids`)
-    and of each of the layout's tokens (`ids`, int32, frames.layout_ids), and the first error TAR raised in it (the
-    regularized modules it ran mark themselves: `MarkedForward.ran_in`)."""
+    """One model call in the window: its settings, token layout, the frame id of each of its frames (`frame_ids`),
+    the device, and the first error TAR raised in it (the regularized modules it ran mark themselves:
+    `MarkedForward.ran_in`)."""
 
     def __init__(self, settings: Settings, layout: TokenLayout, frame_ids: Tuple[int, ...], device: torch.device,
                  run: Run):
-        self.settings, self.layout, self.run = settings, layout, run
+        self.settings, self.layout, self.run, self.device = settings, layout, run, device
         self.runs = tuple((frame, layout.per_frame) for frame in frame_ids)
-        self.ids = layout_ids(self.runs, layout.before, layout.after, device)
+        self.regular = frame_ids == tuple(range(len(frame_ids)))  # its frames in order: a FrameLayout
         self.error: Optional[BaseException] = None
 
     def fail(self, error: BaseException) -> BaseException:
@@ -144,15 +143,14 @@ class RegularizedCall:
                               "(LongLook's FreeLong does, on windows of frames), whose frames are not known")
         return None
 
-    def frames(self, n: int) -> torch.Tensor:
-        """Frame ids of a self-attention over `n` tokens of this call (placed: `unplaced` said nothing): the
-        layout's, then -1 for the tokens after them (the text of a joint attention)."""
-        tail = n - self.layout.tokens()
-        if tail == 0:
-            return self.ids
-        if torch.compiler.is_compiling():
-            return F.pad(self.ids, (0, tail), value=-1)
-        return layout_ids(self.runs, self.layout.before, self.layout.after + tail, self.ids.device)
+    def frames(self, n: int):
+        """The frames of a self-attention over `n` tokens of this call (placed: `unplaced` said nothing), as
+        tar_attention's `frames=` takes them: the layout's, then -1 for the tokens after them (the text of a joint
+        attention); a FrameLayout where the frames are in order (their ids then known without reading them)."""
+        after = self.layout.after + n - self.layout.tokens()
+        if self.regular:
+            return FrameLayout(len(self.runs), self.layout.per_frame, self.layout.before, after)
+        return layout_ids(self.runs, self.layout.before, after, self.device)
 
 
 class _Module:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..frames import TokenLayout, as_layout, layout_ids
+from ..frames import FrameLayout, TokenLayout, as_layout, layout_ids
 
 _SWAPPED = ("_attention_backend", "_parallel_config")
 
@@ -208,8 +208,12 @@ class ContextParallelTAR:
             kv = _gather_sequence(kv, self.ring_group, self.ring)
         key, value = kv.split((head_dim, v_dim), dim=-1)
         query_shards, key_shards = self.shard_order(query.device)
-        ids = (_ids(video, local, query_shards, query.device), _ids(video, local, key_shards, query.device))
-        out = attend(query, key, value, frames=ids)
+        regular = video == tuple((frame, grid.per_frame) for frame in range(grid.frames))
+        if regular and query_shards == key_shards == tuple(range(self.shards)):
+            frames = FrameLayout(grid.frames, grid.per_frame)  # the whole video in order (Ulysses alone)
+        else:
+            frames = (_ids(video, local, query_shards, query.device), _ids(video, local, key_shards, query.device))
+        out = attend(query, key, value, frames=frames)
         if self.ulysses > 1:
             out = _sequence_to_heads(out, self.ulysses_group, self.ulysses)
         return out

@@ -51,5 +51,6 @@ class DiTTARProcessor(Wrapping):
 
     def attention(self, attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   **kwargs) -> torch.Tensor:
-        """TAR on (B, H, N, D) q/k/v; `kwargs` are `tar_attention`'s (frames, key_mask, sigma, ...)."""
+        """TAR on (B, H, N, D) q/k/v; `kwargs` are `tar_attention`'s (frames: a `FrameLayout` for the regular
+        layout, else ids; key_mask, sigma, ...)."""
         return tar_attention(query, key, value, **kwargs)

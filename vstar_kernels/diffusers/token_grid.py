@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..frames import TokenLayout, layout_ids
+from ..frames import FrameLayout, TokenLayout, layout_ids
 
 
 def runs_grid(runs, per_frame: int) -> TokenLayout:
@@ -20,10 +20,12 @@ def runs_grid(runs, per_frame: int) -> TokenLayout:
     return TokenLayout(max((frame for frame, _ in runs), default=-1) + 1, per_frame, runs)
 
 
-def token_frames(grid, text: str, nq: int, nk: int, where: str, device, block: Optional[int] = None) -> torch.Tensor:
-    """Frame ids (N,) of a block's self-attention over nq = nk tokens (text -1, `text` "none", "before" or "after"
-    the video), for the call's token grid (a `TokenLayout`, or a (token frames, tokens per frame) pair); `block`
-    (forward order) for the grids whose later blocks see the video twice."""
+def token_frames(grid, text: str, nq: int, nk: int, where: str, device, block: Optional[int] = None):
+    """The frames of a block's self-attention over nq = nk tokens (text -1, `text` "none", "before" or "after" the
+    video), for the call's token grid (a `TokenLayout`, or a (token frames, tokens per frame) pair), as
+    tar_attention's `frames=` takes them: a `FrameLayout` where the video is its frames in order (its ids then
+    known without reading them), else the (N,) ids; `block` (forward order) for the grids whose later blocks see
+    the video twice."""
     if grid is None:
         raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown")
     count, per_frame = grid[0], grid[1]
@@ -39,5 +41,8 @@ def token_frames(grid, text: str, nq: int, nk: int, where: str, device, block: O
             f"{', twice' if twice else ''}){'' if text == 'none' else ' and the text tokens'}, got {nq} "
             f"queries and {nk} keys")
     before, after = (extra, 0) if text == "before" else (0, extra)
-    runs = runs or tuple((frame, per_frame) for frame in range(count))
+    regular = tuple((frame, per_frame) for frame in range(count))
+    if not twice and runs in (None, regular):
+        return FrameLayout(count, per_frame, before, after)
+    runs = runs or regular
     return layout_ids(runs + runs if twice else runs, before, after, torch.device(device))

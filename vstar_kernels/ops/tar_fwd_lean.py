@@ -315,7 +315,10 @@ def layout_reasons(problem: TarProblem) -> list:
 
 def common_layout(problem: TarProblem) -> "tuple | None":
     """(before, per_frame, frames) of the call's frame ids, or None when they are not one regular layout for
-    queries and keys (dispatch's reason; `frame_layout`'s error)."""
+    queries and keys (dispatch's reason; `frame_layout`'s error): the problem's `layout` where the call gave it,
+    else read from the ids."""
+    if problem.layout is not None:
+        return problem.layout
     layout = regular_layout(problem.frames_q)
     if problem.frames_k is not problem.frames_q and regular_layout(problem.frames_k) != layout:
         return None
