@@ -203,8 +203,9 @@ def _check_layout(layout, nq: int, nk: int) -> tuple:
     for name, value in zip(layout._fields, layout):
         check_int(f"frames.{name}", value, 0, (numbers.Integral, torch.SymInt))
     if nq != nk or layout.tokens() != nq:
+        pair = ": a FrameLayout is a self-attention's; pass a pair (q_frames, k_frames) of ids" if nq != nk else ""
         raise ValueError(f"frames: {layout} lays out {layout.tokens()} tokens of a self-attention, but q has {nq} "
-                         f"tokens and k has {nk}")
+                         f"tokens and k has {nk}{pair}")
     if layout.num_frames == 0 or layout.tokens_per_frame == 0:
         return nq, 1, 0
     return layout.text_before, layout.tokens_per_frame, layout.num_frames
@@ -395,7 +396,7 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     if frames is not None:
         from .frames import FrameLayout  # (frames imports this module)
         if isinstance(frames, FrameLayout):
-            layout, frames = _check_layout(frames, Nq, Nk), frames.ids(q.device)
+            layout, frames = _check_layout(frames, Nq, Nk), frames.shared_ids(q.device)
         frames_q, frames_k = _check_frames(frames, Nq, Nk, q.device)
     if key_mask is not None:
         key_mask = _check_key_mask(key_mask, B, Nk, q.device)

@@ -40,9 +40,15 @@ class FrameLayout(NamedTuple):
         return self.text_before + self.num_frames * self.tokens_per_frame + self.text_after
 
     def ids(self, device=None) -> torch.Tensor:
-        """Its int32 ids, `frame_ids`' values (`layout_ids`: kept per layout, made in the graph when compiling)."""
-        runs = tuple((frame, self.tokens_per_frame) for frame in range(self.num_frames))
-        return layout_ids(runs, self.text_before, self.text_after, torch.device(device or "cpu"))
+        """Its int32 ids, a tensor of the caller's own (`frame_ids`)."""
+        return frame_ids(*self[:2], text_before=self.text_before, text_after=self.text_after, device=device)
+
+    def shared_ids(self, device) -> torch.Tensor:
+        """Its ids as the calls of this layout share them (not to be written): kept per layout and device (the 64
+        last), made outside inference mode (it has a version counter); made in the graph when compiling."""
+        if torch.compiler.is_compiling():
+            return self.ids(device)
+        return _kept_layout_ids(self, torch.device(device))
 
 
 class TokenLayout(NamedTuple):
@@ -129,6 +135,12 @@ def _built_ids(runs, before: int, after: int, device) -> torch.Tensor:
     counts = [before] + [count for _, count in runs] + [after]
     # the length given: a shape torch.compile knows without the counts' values
     return frames.repeat_interleave(torch.tensor(counts), output_size=sum(counts)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_layout_ids(layout: FrameLayout, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return layout.ids(device)
 
 
 @functools.lru_cache(maxsize=64)

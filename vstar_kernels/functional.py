@@ -38,7 +38,8 @@ def tar_attention(q, k, v, *, sigma=1.0, strength=1.0, delta=None, causal=False,
         max_mode: "row" (one max per query row) or "global" (one per (batch, head)).
         scale: softmax scale, > 0, default ``D ** -0.5``; bounded as strength is.
         frames: None, or integer frame ids (-1 outside the video): one (N,) tensor for
-            self-attention or a pair (q_frames, k_frames); `vstar_kernels.frame_ids` builds them.
+            self-attention or a pair (q_frames, k_frames); `vstar_kernels.frame_ids` builds them. Or a
+            `vstar_kernels.FrameLayout`, that layout for self-attention, whose ids are then not read.
         key_mask: None, or a (B, Nk) bool tensor, True for a key to attend to.
         backend: "auto", "triton", "triton-lean" (the video DiTs' regular frame layout, built for sm_90,
             where "auto" takes it), "cuda", "cpu" or "reference"; an explicit backend that cannot run the

@@ -551,7 +551,8 @@ def test_frame_layout_arguments(fn):
     with pytest.raises(ValueError, match=r"frames: FrameLayout\(num_frames=3, tokens_per_frame=4, text_before=1, "
                                          r"text_after=0\) lays out 13 tokens of a self-attention, but q has 12"):
         fn(q, k, v, frames=FrameLayout(3, 4, 1))
-    with pytest.raises(ValueError, match="q has 12 tokens and k has 8"):
+    with pytest.raises(ValueError, match="q has 12 tokens and k has 8: a FrameLayout is a self-attention's; pass a "
+                                         r"pair \(q_frames, k_frames\) of ids"):
         fn(q, k[:, :, :8], v[:, :, :8], frames=FrameLayout(3, 4))
     for field, bad in (("num_frames", -1), ("tokens_per_frame", 4.0), ("text_before", True), ("text_after", "0")):
         values = dict(num_frames=3, tokens_per_frame=4, text_before=0, text_after=0)
@@ -560,6 +561,23 @@ def test_frame_layout_arguments(fn):
             fn(q, k, v, frames=FrameLayout(**values))
     with pytest.raises(ValueError, match=r"has frame id 2 but delta is a \(2, 2\) frame matrix"):
         fn(q, k, v, frames=FrameLayout(3, 4), delta=torch.rand(2, 2))
+
+
+def test_a_frame_layouts_ids_are_the_callers_own():
+    """FrameLayout.ids() is frame_ids' tensor, a new one each time: writing it changes no later call of the layout,
+    whose ids the calls share (`shared_ids`, kept per layout and device, with a version counter)."""
+    from vstar_kernels.frames import FrameLayout
+
+    layout = FrameLayout(3, 4, text_after=2)
+    q = randn(1, 1, 14, 8, seed=3, dtype=torch.float32)
+    before = vk.tar_attention(q, q, q, frames=layout)
+    ids = layout.ids()
+    assert torch.equal(ids, vk.frame_ids(3, 4, text_after=2)) and ids is not layout.ids()
+    ids[ids >= 0] = 0
+    assert torch.equal(vk.tar_attention(q, q, q, frames=layout), before)
+    with torch.inference_mode():
+        shared = FrameLayout(2, 5).shared_ids(torch.device("cpu"))
+    assert shared is FrameLayout(2, 5).shared_ids("cpu") and not shared.is_inference()
 
 
 def test_opcheck_with_a_frame_layout():

@@ -284,6 +284,18 @@ class ViewRecorder(TARAttnProcessor):
         return super().attention(attn, query, key, value, attention_mask=attention_mask, spec=spec)
 
 
+def test_a_subclass_written_for_the_hooks_old_step_argument_is_refused_where_it_is_defined():
+    with pytest.raises(TypeError, match=r"Old.attention takes `step`: TARAttnProcessor.attention takes the call's "
+                                        r"level spec as `spec` instead"):
+        class Old(TARAttnProcessor):
+            def attention(self, attn, query, key, value, *, attention_mask=None, step=None):
+                return super().attention(attn, query, key, value, attention_mask=attention_mask)
+
+    class Both(TARAttnProcessor):  # a step of its own beside spec: left alone
+        def attention(self, attn, query, key, value, *, attention_mask=None, spec=None, step=0):
+            return super().attention(attn, query, key, value, attention_mask=attention_mask, spec=spec)
+
+
 def test_q_k_v_are_strided_views_and_recreated_processors_keep_tar():
     """A fresh TARAttnProcessor() (as diffusers makes when loading IP adapters) keeps the module's TAR."""
     fam = FAMILIES["motion"]

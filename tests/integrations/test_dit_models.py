@@ -196,7 +196,7 @@ def test_frames_follow_the_latent_shape_of_each_call():
     forward(model, wan_inputs(frames=3, size=4))
     assert calls and all(c[4]["frames"] == FrameLayout(3, 4) for c in calls)
     calls.clear()
-    vstar_kernels.frames._kept_ids.cache_clear()  # the ids are made in the call below, under inference mode
+    vstar_kernels.frames._kept_layout_ids.cache_clear()  # the ids are made in the call below, under inference mode
     with torch.inference_mode():  # as pipelines run: the kept ids are no inference tensor (they keep a version)
         model(**wan_inputs(frames=2, size=4), return_dict=False)
     assert calls and not any(ids_of(c[4]["frames"]).is_inference() for c in calls)

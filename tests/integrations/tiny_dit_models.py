@@ -145,8 +145,8 @@ FAMILIES: Dict[str, DiTFamily] = {
 
 
 def ids_of(frames) -> torch.Tensor:
-    """The ids a processor's `frames=` gives: an id tensor, or a FrameLayout's (the regular layout)."""
-    return frames.ids() if isinstance(frames, FrameLayout) else frames
+    """The ids a processor's `frames=` gives: an id tensor, or the one a FrameLayout's calls share (on the CPU)."""
+    return frames.shared_ids("cpu") if isinstance(frames, FrameLayout) else frames
 
 
 def expected_frames(family: DiTFamily, keys: int, block: int = 0) -> torch.Tensor:

@@ -165,7 +165,7 @@ class _Recorder:
         """Add one SDPA call (q, k: (B, H, N, D)) whose first sequence is sequence `first` of the call's `batch`."""
         runs = mask_runs(mask, query.shape[0], query.shape[2], key.shape[2], name)
         frames = token_frames(self.grid, self.family.text, query.shape[2], key.shape[2], name, query.device, block)
-        frames = frames.ids(query.device) if isinstance(frames, FrameLayout) else frames
+        frames = frames.shared_ids(query.device) if isinstance(frames, FrameLayout) else frames
         state = tar_state(self.model)  # TAR's, where applied and where it runs (a call of one frame runs stock)
         spec = None if state is None or as_layout(self.grid).one_frame() else state.spec_at(block)
         regularized = {"strength": 0.0} if spec is None else spec.tar_kwargs(

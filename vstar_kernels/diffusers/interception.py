@@ -166,7 +166,7 @@ class TARAttention(SDPACalls):
                               query.device, self.processor.block)
         if len(runs) == 1:
             return self._attend(query, key, value, frames=frames, key_mask=runs[0][1], causal=is_causal, scale=scale)
-        frames = frames.ids(query.device) if isinstance(frames, FrameLayout) else frames
+        frames = frames.shared_ids(query.device) if isinstance(frames, FrameLayout) else frames
         return torch.cat([self._attend(query[:, :, rows], key, value, frames=(frames[rows], frames),
                                        key_mask=key_mask, causal=is_causal, scale=scale)
                           for rows, key_mask in runs], dim=2)

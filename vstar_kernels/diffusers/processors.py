@@ -7,6 +7,7 @@ the processor to restore) lives on the `Attention` module, so the processor itse
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -173,6 +174,17 @@ class TARAttnProcessor:
     """
 
     fused = False  # (a subclass that sets no state of its own is plain)
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass's `attention` written for the method's old form, which took the call's `step` where it now
+        takes `spec`, is refused where it is defined, not at its first call."""
+        super().__init_subclass__(**kwargs)
+        params = inspect.signature(cls.attention).parameters
+        if "step" in params and "spec" not in params:
+            raise TypeError(f"{cls.__qualname__}.attention takes `step`: TARAttnProcessor.attention takes the call's "
+                            "level spec as `spec` instead (None where the call is not regularized) since 2026-11-27; "
+                            "the step, where wanted: vstar_kernels.diffusers.processors.tar_site(attn).steps.step "
+                            "(docs/integrations.md)")
 
     def __init__(self, fused: bool = False):
         self.fused = fused
