@@ -69,3 +69,32 @@ def test_a_call_on_a_gpu_that_is_not_the_current_one(speculate):
     assert out.device == torch.device("cuda:1")
     assert_close_to_reference(out.detach().cpu(), ref_out.detach().cpu(), torch.float16)
     assert_grads_close([t.grad.cpu() for t in (q, k, v)], [r.grad.cpu() for r in ref], torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_a_compiled_call_with_a_frame_layout_is_captured_in_cuda_graphs(backend):
+    """torch.compile(mode="reduce-overhead") captures a call whose frames are a FrameLayout (no host read of its
+    ids; an id tensor's read on every compiled call would stop the capture), forward and backward: the replays
+    give the eager call's output bit for bit and its gradients."""
+    from torch._dynamo.utils import counters
+
+    layout = vk.FrameLayout(4, 40, text_after=7)
+    q, k, v = (torch.randn(1, 2, layout.tokens(), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad_out = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def call(q, k, v):
+        return vk.tar_attention(q, k, v, sigma=1.5, frames=layout, backend=backend)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(call, mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay
+        out = compiled(q, k, v)
+        grads = [g.clone() for g in torch.autograd.grad(out, (q, k, v), grad_out)]
+        out = out.clone()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    expected = call(q, k, v)
+    assert torch.equal(out, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(got, want)
