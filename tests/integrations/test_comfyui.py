@@ -23,7 +23,7 @@ import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError, cli
 from vstar_kernels.comfyui import models as vc_models
 from vstar_kernels.comfyui.patch import Run, key_mask, marked
-from vstar_kernels.frames import TokenLayout
+from vstar_kernels.frames import FrameLayout, TokenLayout
 
 from ..helpers import ValueReads
 from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
@@ -1302,6 +1302,23 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attentio
         return torch.tensor([t if i >= lead else -1 for i, t in zip(index, in_time(index, 8)) for _ in range(4)])
     expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_a_call_passes_its_frames_as_a_frame_layout_where_they_are_in_order():
+    """Video frames in order, from 0 or from a context window's first, go as a FrameLayout from 0 (the same frame
+    distances, all the Gaussian reads; the ids then not read on the host); a reference frame (-1), a strided or
+    looped window's ids go as ids, and the text after the layout is the layout's text_after."""
+    settings = vc.patch.Settings(1.0, 1.0, 0.0, 1.0, reference_frames=0, backend="auto")
+    layout = TokenLayout(4, 3, before=2)
+
+    def frames(ids, n=14):
+        return vc.patch.RegularizedCall(settings, layout, ids, torch.device("cpu"), Run(())).frames(n)
+    assert frames((0, 1, 2, 3)) == frames((5, 6, 7, 8)) == FrameLayout(4, 3, text_before=2)
+    assert frames((5, 6, 7, 8), 19) == FrameLayout(4, 3, text_before=2, text_after=5)
+    for ids in ((-1, 0, 1, 2), (0, 2, 4, 6), (6, 7, 0, 1)):
+        got = frames(ids, 16)
+        assert torch.equal(got, torch.tensor([-1] * 2 + [i for i in ids for _ in range(3)] + [-1] * 2,
+                                             dtype=torch.int32)), ids
 
 
 def test_a_looped_window_needs_the_latent_length(comfy):

@@ -122,7 +122,10 @@ class RegularizedCall:
                  run: Run):
         self.settings, self.layout, self.run, self.device = settings, layout, run, device
         self.runs = tuple((frame, layout.per_frame) for frame in frame_ids)
-        self.regular = frame_ids == tuple(range(len(frame_ids)))  # its frames in order: a FrameLayout
+        # video frames in order from any first one (a context window's): a FrameLayout from 0, of the same frame
+        # distances, which are all TAR's Gaussian reads of the ids (no reference frame, id -1, among them)
+        first = frame_ids[0]
+        self.regular = first >= 0 and frame_ids == tuple(range(first, first + len(frame_ids)))
         self.error: Optional[BaseException] = None
 
     def fail(self, error: BaseException) -> BaseException:
