@@ -48,7 +48,8 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
     `features` is (N, F), one floating-point feature vector per frame (DreamSim in the paper; any
     per-frame embedding works). ``normalize="cosine"`` gives the cosine similarities in [-1, 1];
     ``"minmax"`` rescales them to [0, 1] by ``(S - min S) / (1 - min S)`` (all ones when no entry is
-    below 1 by more than 4 eps of the features' dtype: a static video). Both are symmetric with
+    below 1 by more than the rounding of the features and of the cosine, 4 max(eps**2, F eps64), eps the
+    features' dtype's: a static video, whose frames differ by rounding alone). Both are symmetric with
     exactly 1 on the diagonal. `num_frames` first resamples the features linearly in time (end
     frames kept). Returns (M, M), M = num_frames or N, float32 (float64 for float64 features), on
     the features' device. A frame whose features are all zero raises ValueError.
@@ -77,7 +78,10 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
     sim.fill_diagonal_(1.0)
     if normalize == "minmax":
         low = sim.min()
-        if 1.0 - low > 4 * torch.finfo(features.dtype).eps:
+        # frames that differ by a rounding of relative size eps are eps**2 / 2 from a cosine of 1; the cosine's
+        # own float64 rounding grows with the F products summed
+        rounding = max(torch.finfo(features.dtype).eps ** 2, features.shape[1] * torch.finfo(torch.float64).eps)
+        if 1.0 - low > 4 * rounding:
             sim = (sim - low) / (1.0 - low)
         else:  # no difference beyond the features' own precision: a static video
             sim = torch.ones_like(sim)

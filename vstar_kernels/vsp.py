@@ -92,6 +92,8 @@ def _check_anchors(anchors, n: int, k: int) -> list:
             raise TypeError(f"anchors must be a 1-D integer tensor, got {anchors.dtype} "
                             f"of shape {tuple(anchors.shape)}")
         values = anchors.tolist()
+    elif isinstance(anchors, (set, frozenset, dict)):  # no order: accepted or refused by its hash order
+        raise TypeError(f"anchors must be a sequence of ints in frame order, got a {type(anchors).__name__}")
     else:
         try:
             values = list(anchors)

@@ -73,6 +73,26 @@ def test_static_video_gives_all_ones():
         assert torch.equal(delta_from_features(f, normalize=normalize), torch.ones(5, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_minmax_tells_slow_motion_from_a_static_video_in_every_dtype(dtype):
+    """A static video (frames equal up to their scale and a rounding of the features) gives all ones; a slow one
+    is stretched as its float32 copy is, whatever the dtype: the cut-off was 4 eps of the dtype, which flattened
+    a 16-bit video moving by 1 - cos = 2.4e-3 to all ones, and below a float64 cosine's rounding over 4,096
+    features, which stretched that rounding of a static video to [0, 1]."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1, 64, generator=g)
+    moving = (base + 0.02 * torch.randn(16, 64, generator=g).cumsum(0)).to(dtype)
+    torch.testing.assert_close(delta_from_features(moving, normalize="minmax").double(),
+                               delta_from_features(moving.double(), normalize="minmax"), atol=1e-6, rtol=0)
+    assert delta_from_features(moving, normalize="minmax").min() == 0.0
+    for features in (64, 4096):
+        frame = torch.randn(1, features, generator=g, dtype=torch.float64)
+        scaled = torch.cat([frame, 3 * frame, 0.7 * frame, 1e3 * frame]).to(dtype)
+        assert torch.equal(delta_from_features(scaled, normalize="minmax"), torch.ones(4, 4, dtype=scaled.dtype
+                                                                                        if dtype == torch.float64
+                                                                                        else torch.float32))
+
+
 def test_scale_of_features_does_not_matter():
     f = torch.randn(6, 9, dtype=torch.float64)
     scaled = f * torch.tensor([1.0, 10.0, 0.1, 3.0, 7.0, 0.5], dtype=torch.float64)[:, None]

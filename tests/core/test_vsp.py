@@ -111,6 +111,9 @@ BAD = [
     (dict(embeds=torch.ones(2, 3, 4), num_frames=4, anchors=[0, 1.5]), TypeError, "anchors must be ints"),
     (dict(embeds=torch.ones(2, 3, 4), num_frames=4, anchors=torch.tensor([0.0, 3.0])), TypeError, "integer tensor"),
     (dict(embeds=torch.ones(2, 3, 4), num_frames=4, anchors=5), TypeError, "sequence of ints"),
+    # a set has no order (one of {1, 2, 8} was taken, another refused, by hash order)
+    (dict(embeds=torch.ones(2, 3, 4), num_frames=4, anchors={0, 3}), TypeError, "in frame order, got a set"),
+    (dict(embeds=torch.ones(2, 3, 4), num_frames=4, anchors={0: 0, 3: 1}), TypeError, "in frame order, got a dict"),
 ]
 
 

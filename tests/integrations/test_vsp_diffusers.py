@@ -410,6 +410,17 @@ def test_pipeline_batch_of_synopses(pipe):
     assert torch.equal(out, stock)
 
 
+def test_one_negative_prompt_for_a_batch_of_synopses(pipe):
+    """A string negative_prompt with several synopses is each synopsis's (it raised a size mismatch inside the
+    pipeline, which encoded the string as one sequence beside P prompt embeddings)."""
+    synopses = [["a red car on a road", "a blue car"], ["a dog", "a cat"]]
+    out = generate_with_synopsis(pipe, synopses, num_frames=N, negative_prompt="blurry",
+                                 **call_args(guidance_scale=7.5)).frames
+    assert torch.equal(out, generate_with_synopsis(pipe, synopses, num_frames=N, negative_prompt=["blurry"] * 2,
+                                                   **call_args(guidance_scale=7.5)).frames)
+    assert out.shape[0] == 2
+
+
 def test_encode_synopsis_shapes(pipe):
     one = encode_synopsis(pipe, ["a boy", "an old man"], 6)
     assert one.shape == (6, L, C)

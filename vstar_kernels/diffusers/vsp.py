@@ -129,6 +129,9 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     # The conditional context the pipeline builds is replaced frame by frame; it only has
     # to have the right shape, and the first frame's embedding is what frame 0 gets anyway.
     prompt = {"prompt": ""} if free_noise else {"prompt_embeds": embeds[:, 0] if embeds.dim() == 4 else embeds[:1]}
+    if embeds.dim() == 4 and isinstance(pipe_kwargs.get("negative_prompt"), str):
+        # one negative for every synopsis (the pipeline, given embeddings, encodes a string as one sequence)
+        pipe_kwargs = {**pipe_kwargs, "negative_prompt": [pipe_kwargs["negative_prompt"]] * embeds.shape[0]}
     apply_vsp(pipe, embeds, cfg=guidance_scale > 1)
     try:
         return pipe(num_frames=num_frames, **prompt, **pipe_kwargs)
