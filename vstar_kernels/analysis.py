@@ -17,7 +17,7 @@ import torch
 
 from . import _env
 from ._deprecation import renamed
-from ._problem import TarProblem, check_frame_values, check_int, make_problem
+from ._problem import TarProblem, check_frame_values, check_int, check_sigma, make_problem
 from .reference import CHUNK_ELEMENTS, _masked_scores, without_autocast
 from .regularization import gaussian_toeplitz
 
@@ -104,10 +104,11 @@ def _outside_own_frame(problem: TarProblem, rows: slice, k: torch.Tensor, droppe
 
 
 def minmax_normalize(attention) -> torch.Tensor:
-    """``(A - min A) / (max A - min A)`` of a 2-D map, float64; a constant map gives zeros."""
+    """``(A - min A) / (max A - min A)`` of a 2-D map, float64, over its entries that are not NaN (a captured map's
+    row of a frame with no token), which stay NaN; a constant map gives zeros."""
     a = _as_map("attention", attention)
-    low, high = a.min(), a.max()
-    return (a - low) / (high - low) if high > low else torch.zeros_like(a)
+    low, high = _range(a)
+    return (a - low) / (high - low) if high > low else torch.where(a.isnan(), a, 0.0)
 
 
 SCALES = ("shared", "per-panel")
@@ -161,6 +162,7 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
     if not sigmas:
         raise ValueError("sigmas must hold at least one value")
     check_int("n", n)
+    sigmas = [check_sigma(s) for s in sigmas]
     row = [(f"sigma = {s:g}", f"sigma = {s:g}", gaussian_toeplitz(int(n), s, dtype=torch.float64)) for s in sigmas]
     return _draw([(None, row)], path, caller="plot_delta", cmap=cmap, panel_size=panel_size, dpi=dpi,
                  title=f"TAR's Gaussian matrix dA, {int(n)} frames", color_scale="shared", value_label="dA")
@@ -197,7 +199,8 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
 
     if color_scale not in SCALES:
         raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
-    if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > MIN_PANEL_INCHES:
+    if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > MIN_PANEL_INCHES \
+            or not math.isfinite(panel_size):
         raise ValueError(f"panel_size must be a number of inches > {MIN_PANEL_INCHES:g}, got {panel_size!r}")
     check_dpi(dpi)
     rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]

@@ -358,6 +358,12 @@ def test_minmax_normalize():
     assert torch.equal(minmax_normalize(m), torch.tensor([[0.0, 0.5], [0.25, 1.0]], dtype=torch.float64))
     assert torch.equal(minmax_normalize(torch.full((3, 3), 7.0)), torch.zeros(3, 3, dtype=torch.float64))
     assert torch.equal(minmax_normalize(np.array([[1.0, 3.0]])), torch.tensor([[0.0, 1.0]], dtype=torch.float64))
+    # a captured map's row of a frame with no token (NaN) stays NaN; the rest is normalized (it was all zeros)
+    nan = math.nan
+    got = minmax_normalize(torch.tensor([[0.2, 0.8], [nan, nan]]))
+    assert torch.equal(got[0], torch.tensor([0.0, 1.0], dtype=torch.float64)) and got[1].isnan().all()
+    got = minmax_normalize(torch.tensor([[0.5, 0.5], [nan, nan]]))
+    assert torch.equal(got[0], torch.zeros(2, dtype=torch.float64)) and got[1].isnan().all()
 
 
 @pytest.mark.parametrize("maps,kwargs,exc,match", [
@@ -372,9 +378,10 @@ def test_minmax_normalize():
     ({"a": torch.eye(3)}, {"dpi": 5}, ValueError, "dpi must be at least 10 .the labels' text is unreadable below"),
     ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
+    ({"a": torch.eye(3)}, {"panel_size": math.inf}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"color_scale": "minmax"}, ValueError, r"color_scale must be one of \('shared', 'per-panel'\)"),
 ], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "panel-size",
-        "panel-too-small", "scale"])
+        "panel-too-small", "panel-inf", "scale"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)
@@ -385,6 +392,8 @@ def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, matc
     (1.0, 8, TypeError, "sequence of numbers"),
     ([1.0], 0, ValueError, "n must be a positive int"),
     ([0.0], 8, ValueError, "sigma must be > 0"),
+    (["a"], 8, TypeError, "sigma must be a real number, got str"),  # (it failed formatting the title)
+    ([None], 8, TypeError, "sigma must be a real number, got NoneType"),
 ])
 def test_plot_delta_rejects_bad_input(tmp_path, sigmas, n, exc, match):
     with pytest.raises(exc, match=match):

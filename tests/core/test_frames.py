@@ -700,8 +700,10 @@ def test_frame_values_are_read_once_per_unchanged_tensor():
     ids = vk.frame_ids(3, 4, text_after=2)
     with Reads(), values_unkept():  # a call from compiled code: once for the call, whatever asks
         before = Reads.count
-        check(ids.clone())
-        check(ids.clone())
+        # two tensors alive together (as in a call, which holds its ids: a freed clone's id could be the next's)
+        one, other = ids.clone(), ids.clone()
+        check(one)
+        check(other)
         held = ids.clone()
         check(held)
         check(held)  # the lean forward's layout read after dispatch's, in one call, read twice before

@@ -291,3 +291,59 @@ def test_captures_closed_in_the_order_they_opened_leave_the_processors_as_they_w
             if tar:
                 assert type(module.processor.processor).__name__ == "WanAttnProcessor"
     forward(model, fam.inputs())
+
+
+@pytest.mark.parametrize("tar", [False, True], ids=["stock", "tar"])
+def test_a_capture_set_back_after_it_closed_passes_calls_on(tar):
+    """diffusers' unfuse_qkv_projections sets back the processors fuse_qkv_projections saved: fused inside a
+    capture, it set the capture's watches back after it closed, and every later call raised a KeyError (the
+    capture's step counter gone). A closed watch passes the call on: the model's output is the stock one."""
+    fam = FAMILIES["cogvideox"]
+    model, inputs = fam.model(), fam.inputs()
+    if tar:
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    expected = forward(model, inputs)
+    with capture_frame_attention(model, cfg=False):
+        model.fuse_qkv_projections()
+    model.unfuse_qkv_projections()
+    assert torch.equal(forward(model, inputs), expected)
+
+
+@pytest.mark.parametrize("tar", [False, True], ids=["stock", "tar"])
+def test_a_processor_set_during_a_capture_is_recorded_from_the_next_call(tar):
+    """set_attn_processor while a capture is open: the new processors went unrecorded, in silence. They are
+    watched from the model's next call, as TAR wraps them, and the capture closes leaving them as they were set."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    fam = FAMILIES["cogvideox"]
+    model, inputs = fam.model(), fam.inputs()
+    if tar:
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    with capture_frame_attention(model, cfg=False) as maps:
+        forward(model, inputs)
+        model.set_attn_processor(CogVideoXAttnProcessor2_0())
+        forward(model, inputs)
+    assert sorted(maps) == sorted((name, step) for name in fam.modules for step in (0, 1))
+    for name in fam.modules:
+        torch.testing.assert_close(maps[(name, 1)], maps[(name, 0)], atol=1e-6, rtol=0)
+    for name, module in model.named_modules():
+        if name in fam.modules:
+            inner = module.processor.processor if tar else module.processor
+            assert type(inner) is CogVideoXAttnProcessor2_0
+
+
+def test_set_attention_backend_during_a_capture_reaches_the_processor(monkeypatch):
+    """diffusers sets an attention backend on processors that have the attribute: a capture's watch hid it, so a
+    reset inside a capture never reached the processor, which kept the old backend after the capture."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend also makes its backend the process's active one: put it back after the test
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    fam = FAMILIES["wan"]
+    model, inputs = fam.model(), fam.inputs()
+    model.set_attention_backend("_native_math")
+    with capture_frame_attention(model):
+        forward(model, inputs)
+        model.reset_attention_backend()
+    assert all(module.processor._attention_backend is None
+               for name, module in model.named_modules() if name in fam.modules)

@@ -12,13 +12,7 @@ import torch
 
 from .. import tar_attention
 from .context_parallel import ContextParallelTAR, local_stock_call
-from .interception import TARAttention, Wrapping, call_through_sdpa
-
-
-def _forwarded(name: str) -> property:
-    """An attribute of the wrapped processor, read and set through the wrapper."""
-    return property(lambda self: getattr(self.processor, name, None),
-                    lambda self, value: setattr(self.processor, name, value))
+from .interception import BACKEND_ATTRIBUTES, TARAttention, Wrapping, call_through_sdpa
 
 
 class DiTTARProcessor(Wrapping):
@@ -32,9 +26,7 @@ class DiTTARProcessor(Wrapping):
         self.processor, self.name, self.block, self.state = processor, name, block, state
         self.show(processor)
 
-    # diffusers' set_attention_backend / context parallelism set these on the processor
-    _attention_backend = _forwarded("_attention_backend")
-    _parallel_config = _forwarded("_parallel_config")
+    _attention_backend, _parallel_config = BACKEND_ATTRIBUTES
 
     def __call__(self, attn: torch.nn.Module, *args, **kwargs):
         if self.state.removed:  # set back after remove_tar (diffusers' unfuse_qkv_projections): stock

@@ -26,7 +26,7 @@ from .dit import DiTTARProcessor
 from .dit_families import dit_attention_modules, dit_family, set_processor, unsupported_dit
 from .dit_state import watch_layout
 from .install import denoiser, tar_models, tar_state
-from .interception import Wrapping, call_through_sdpa, mask_runs, sdpa_arguments
+from .interception import BACKEND_ATTRIBUTES, Wrapping, call_through_sdpa, mask_runs, sdpa_arguments
 from .steps import StepTracker, loop_step
 from .token_grid import token_frames
 
@@ -73,7 +73,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
                                  if blocks is None or index in blocks])
                for prefix, expert in tar_models(model, pipeline)]
     maps = FrameAttentionMaps({name: 0 for _, _, selected in experts for _, name, _ in selected})
-    recorders, hooks, watches = [], [], []
+    recorders, hooks, watches = [], [], {}  # watches: module -> its watch
     try:
         for _, expert, selected in experts:
             recorder = _Recorder(expert, pipeline, family, maps, steps, cfg, chunk_elements)
@@ -81,22 +81,45 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
             recorders.append(recorder)
             hooks += watch_layout(expert, family, recorder)
             for index, name, module in selected:
-                holder = module.processor if isinstance(module.processor, DiTTARProcessor) else None
-                inner = module.processor if holder is None else holder.processor
-                watch = _Watch(inner, recorder, name, index)
-                if holder is None:
-                    set_processor(module, watch)
-                else:
-                    holder.processor = watch
-                watches.append((module, watch))
+                watches[module] = _watch(module, recorder, name, index)
+
+            def resync(model, args, recorder=recorder, selected=selected):
+                """A processor set while the capture is open (set_attn_processor, fuse_qkv_projections) is watched
+                from the model's next call, as the one it replaced was."""
+                for index, name, module in selected:
+                    if not _holds(module, watches[module]):
+                        watches[module] = _watch(module, recorder, name, index)
+            hooks.append(expert.register_forward_pre_hook(resync))
         yield maps
     finally:
-        for module, watch in watches:
+        for module, watch in watches.items():
+            watch.closed = True
             _unlink(module, watch)
         for hook in hooks:
             hook.remove()
         for recorder in recorders:
             StepTracker.detach(recorder.model, recorder.owner)
+
+
+def _watch(module, recorder: "_Recorder", name: str, block: int) -> "_Watch":
+    """A watch on `module`'s processor, inside TAR's wrapper where TAR is on."""
+    holder = module.processor if isinstance(module.processor, DiTTARProcessor) else None
+    watch = _Watch(module.processor if holder is None else holder.processor, recorder, name, block)
+    if holder is None:
+        set_processor(module, watch)
+    else:
+        holder.processor = watch
+    return watch
+
+
+def _holds(module, watch) -> bool:
+    """Whether `watch` is among the processors of `module` (TAR's and captures' wrappers, outermost first)."""
+    current = module.processor
+    while isinstance(current, (DiTTARProcessor, _Watch)):
+        if current is watch:
+            return True
+        current = current.processor
+    return False
 
 
 def _unlink(module, watch) -> None:
@@ -246,13 +269,19 @@ class _Listen(TorchFunctionMode):
 
 
 class _Watch(Wrapping):
-    """Wraps a block's processor; in the recorded steps its attention calls are recorded."""
+    """Wraps a block's processor; in the recorded steps its attention calls are recorded; `closed` after its
+    capture (set back since, by diffusers' unfuse_qkv_projections or a saved set of processors: passes calls on)."""
 
     def __init__(self, processor, recorder: _Recorder, name: str, block: int):
         self.processor, self.recorder, self.name, self.block = processor, recorder, name, block
+        self.closed = False
         self.show(processor)
 
+    _attention_backend, _parallel_config = BACKEND_ATTRIBUTES
+
     def __call__(self, attn, *args, **kwargs):
+        if self.closed:
+            return self.processor(attn, *args, **kwargs)
         # every call, recorded or not (TAR's processor around this one does not see the parallel config through it),
         # and a model made parallel while the capture is open (diffusers does not give this wrapper the config)
         if getattr(self.processor, "_parallel_config", None) is not None \

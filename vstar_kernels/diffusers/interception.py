@@ -33,6 +33,17 @@ MAX_MASK_RUNS = 64
 _RUN_CHUNK = 1 << 26
 
 
+def forwarded(name: str) -> property:
+    """An attribute of the wrapped processor, read and set through the wrapper."""
+    return property(lambda self: getattr(self.processor, name, None),
+                    lambda self, value: setattr(self.processor, name, value))
+
+
+# what diffusers' set_attention_backend / reset_attention_backend and context parallelism set on a DiT's processor
+# (where it has them): a wrapper's reach the processor it wraps
+BACKEND_ATTRIBUTES = (forwarded("_attention_backend"), forwarded("_parallel_config"))
+
+
 class Wrapping:
     """A processor that wraps another and passes its calls on. diffusers' attention modules keep only the keyword
     arguments that ``inspect.signature(processor.__call__)`` names (a DiT's ``image_rotary_emb``), and under
