@@ -347,3 +347,51 @@ def test_set_attention_backend_during_a_capture_reaches_the_processor(monkeypatc
         model.reset_attention_backend()
     assert all(module.processor._attention_backend is None
                for name, module in model.named_modules() if name in fam.modules)
+
+
+@pytest.mark.parametrize("tar", [False, True], ids=["stock", "tar"])
+@pytest.mark.parametrize("unfuse", ["inside", "after"])
+def test_a_fuse_inside_a_capture_with_calls_between(tar, unfuse):
+    """Fused inside a capture and called: the capture watches the fused processors; unfused (inside or after),
+    the saved ones come back. The watch of the saved ones was left open (every call after the capture raised a
+    KeyError) or, set back inside, ran beside a second one (each call recorded twice); now each call is recorded
+    once, and after the capture the processors are those set, with no watch of the capture among them."""
+    fam = FAMILIES["cogvideox"]
+    model, inputs = fam.model(), fam.inputs()
+    if tar:
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    before = processors(model)
+    expected = forward(model, inputs)
+    with capture_frame_attention(model, cfg=False) as maps:
+        forward(model, inputs)
+        model.fuse_qkv_projections()
+        forward(model, inputs)
+        if unfuse == "inside":
+            model.unfuse_qkv_projections()
+            forward(model, inputs)
+    if unfuse == "after":
+        model.unfuse_qkv_projections()
+    steps = sorted({step for _, step in maps})  # (under TAR counted on from the call before the capture)
+    assert len(steps) == 2 + (unfuse == "inside")
+    assert sorted(maps) == sorted((name, step) for name in fam.modules for step in steps)
+    for name in fam.modules:  # each call once: a call's map (the fused projections move it by rounding)
+        for step in steps[1:]:
+            torch.testing.assert_close(maps[(name, step)], maps[(name, steps[0])], atol=1e-5, rtol=0)
+    assert torch.equal(forward(model, inputs), expected)
+    assert all(p is before[n] for n, p in processors(model).items())
+
+
+def test_a_capture_under_tar_with_an_active_backend_that_is_not_sdpa(monkeypatch):
+    """CogVideoX's processor calls SDPA itself: the active diffusers backend does not concern it. A capture's watch
+    inside TAR's wrapper looked like a dispatching processor (it forwards _attention_backend), and TAR refused the
+    call under an active flash backend."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    fam = FAMILIES["cogvideox"]
+    model, inputs = fam.model(), fam.inputs()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None))
+    expected = forward(model, inputs)
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", AttentionBackendName.FLASH)
+    with capture_frame_attention(model, cfg=False) as maps:
+        assert torch.equal(forward(model, inputs), expected)
+    assert sorted(name for name, _ in maps) == sorted(fam.modules)

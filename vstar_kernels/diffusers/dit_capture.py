@@ -73,7 +73,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
                                  if blocks is None or index in blocks])
                for prefix, expert in tar_models(model, pipeline)]
     maps = FrameAttentionMaps({name: 0 for _, _, selected in experts for _, name, _ in selected})
-    recorders, hooks, watches = [], [], {}  # watches: module -> its watch
+    recorders, hooks, watches = [], [], {}  # watches: module -> the watches made for it
     try:
         for _, expert, selected in experts:
             recorder = _Recorder(expert, pipeline, family, maps, steps, cfg, chunk_elements)
@@ -81,20 +81,30 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
             recorders.append(recorder)
             hooks += watch_layout(expert, family, recorder)
             for index, name, module in selected:
-                watches[module] = _watch(module, recorder, name, index)
+                watches[module] = [_watch(module, recorder, name, index)]
 
             def resync(model, args, recorder=recorder, selected=selected):
                 """A processor set while the capture is open (set_attn_processor, fuse_qkv_projections) is watched
-                from the model's next call, as the one it replaced was."""
+                from the model's next call, as the one it replaced was; one of its watches set back (unfuse) is
+                watched by it again."""
                 for index, name, module in selected:
-                    if not _holds(module, watches[module]):
-                        watches[module] = _watch(module, recorder, name, index)
+                    if not any(_holds(module, watch) for watch in watches[module]):
+                        watches[module].append(_watch(module, recorder, name, index))
             hooks.append(expert.register_forward_pre_hook(resync))
         yield maps
     finally:
-        for module, watch in watches.items():
-            watch.closed = True
-            _unlink(module, watch)
+        ours = {id(watch) for made in watches.values() for watch in made}
+        for module, made in watches.items():
+            for watch in made:
+                watch.closed = True  # one kept elsewhere and set back later passes calls on
+            outer = _without(module.processor, ours)
+            if outer is not module.processor:
+                set_processor(module, outer)
+        for _, expert, _ in experts:  # fuse_qkv_projections's saved processors, which unfuse puts back
+            saved = getattr(expert, "original_attn_processors", None)
+            if isinstance(saved, dict):
+                for name, processor in saved.items():
+                    saved[name] = _without(processor, ours)
         for hook in hooks:
             hook.remove()
         for recorder in recorders:
@@ -122,18 +132,14 @@ def _holds(module, watch) -> bool:
     return False
 
 
-def _unlink(module, watch) -> None:
-    """Take `watch` out of the processors of `module`, wherever it sits among TAR's and other captures' (a capture
-    closed before one opened after it leaves its watch inside the later one's)."""
-    holder, current = None, module.processor
-    while current is not watch:
-        if not isinstance(current, (DiTTARProcessor, _Watch)):  # replaced since (set_attn_processor): not there
-            return
-        holder, current = current, current.processor
-    if holder is None:
-        set_processor(module, watch.processor)
-    else:
-        holder.processor = watch.processor
+def _without(processor, ours: set):
+    """`processor` with the watches whose ids are in `ours` taken out, wherever they sit among TAR's and other
+    captures' wrappers (a capture closed before one opened after it leaves its watch inside the later one's)."""
+    if isinstance(processor, _Watch) and id(processor) in ours:
+        return _without(processor.processor, ours)
+    if isinstance(processor, (DiTTARProcessor, _Watch)):
+        processor.processor = _without(processor.processor, ours)
+    return processor
 
 
 class FrameAttentionMaps(TemporalAttentionMaps):

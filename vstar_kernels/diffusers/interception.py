@@ -85,7 +85,9 @@ def backend_of(processor) -> Optional[str]:
     ``_attention_backend`` (as diffusers' dispatching processors have) or whose ``__call__`` calls
     ``dispatch_attention_fn`` without one (Cosmos's): its own (``set_attention_backend``), else the active one (the
     ``attention_backend`` context, ``DIFFUSERS_ATTN_BACKEND``); None for any other processor (one that calls
-    scaled_dot_product_attention itself, or a processor of its own)."""
+    scaled_dot_product_attention itself, or a processor of its own). A wrapper's is that of what it wraps."""
+    while isinstance(processor, Wrapping) and hasattr(processor, "processor"):  # (a DiT's: TAR's, a capture's)
+        processor = processor.processor
     code = getattr(getattr(type(processor), "__call__", None), "__code__", None)
     if not hasattr(type(processor), "_attention_backend") and "dispatch_attention_fn" not in getattr(
             code, "co_names", ()):
