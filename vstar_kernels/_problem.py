@@ -45,7 +45,7 @@ class TarProblem:
     key_mask: Optional[torch.Tensor]  # (B, Nk) bool, True where a key is attended to; or None
     was_3d: bool
     # (before, per_frame, frames) when the call gave its ids as a frames.FrameLayout: frames_q is frames_k, those
-    # ids, whose values are then known without reading them (`known_layout`)
+    # ids, whose values are then known without reading them (`id_extrema`, the lean forward's `common_layout`)
     layout: Optional[tuple] = None
 
     batch = property(lambda self: self.q.shape[0])
