@@ -43,6 +43,7 @@ from .comfyui_companions import (REPLACED, cache_node, causal_window_fix, compil
                                  tar_calls, warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
+WANVIDEOWRAPPER_SRC = os.environ.get("WANVIDEOWRAPPER_SRC")  # kijai's ComfyUI-WanVideoWrapper (its refusal)
 pytestmark = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC does not point at a ComfyUI checkout")
 
 NODE = vc.NODE_CLASS_MAPPINGS["VSTAR_TAR"]
@@ -616,6 +617,42 @@ def test_an_image_model_is_an_error(comfy):
                                          "motion modules cannot be regularized: they call ComfyUI's attention without "
                                          "transformer_options"):
         NODE().apply(configured(comfy, "SD15", config), 1.0, 1.0)
+
+
+@pytest.mark.skipif(not WANVIDEOWRAPPER_SRC, reason="WANVIDEOWRAPPER_SRC does not point at a ComfyUI-WanVideoWrapper "
+                                                    "checkout")
+def test_the_wan_video_wrappers_model_is_refused(comfy):
+    """kijai's ComfyUI-WanVideoWrapper, loaded by ComfyUI's own custom-node loader, its model built as its loader
+    node builds it (its WanVideoModel holding its own WanModel, in a ModelPatcher): the node cannot reach that
+    model's attention (docs/comfyui.md, "Not supported, and why"), so it refuses the model, naming the wrapper,
+    instead of returning a clone that would sample stock. The wrapper's requirements (ftfy, sentencepiece,
+    accelerate, diffusers) must be importable."""
+    import nodes
+
+    root = pathlib.Path(WANVIDEOWRAPPER_SRC).resolve()
+    mappings = dict(nodes.NODE_CLASS_MAPPINGS), dict(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    try:
+        assert asyncio.run(nodes.load_custom_node(str(root)))
+        loaded = {pathlib.Path(m.__file__).resolve().relative_to(root).as_posix(): m for m in list(sys.modules.values())
+                  if getattr(m, "__file__", None) and pathlib.Path(m.__file__).resolve().is_relative_to(root)}
+        loader, transformer = loaded["nodes.py"], loaded["wanvideo/modules/model.py"]
+        cpu = torch.device("cpu")
+        wrapped = loader.WanVideoModel(loader.WanVideoModelConfig(torch.float32),
+                                       model_type=comfy.model_base.ModelType.FLOW, device=cpu)
+        wrapped.diffusion_model = transformer.WanModel(dim=32, ffn_dim=64, freq_dim=32, text_dim=32, num_heads=2,
+                                                       num_layers=1, text_len=8, main_device=cpu, offload_device=cpu)
+        model = comfy.model_patcher.ModelPatcher(wrapped, cpu, cpu)
+        with pytest.raises(ValueError, match=r"VSTAR_TAR: .*WanModel is ComfyUI-WanVideoWrapper's model, which the "
+                                             r"node cannot reach: its sampler calls the model itself"):
+            NODE().apply(model, 1.0, 1.0)
+    finally:
+        for name, module in list(sys.modules.items()):
+            file = getattr(module, "__file__", None)
+            if file and pathlib.Path(file).resolve().is_relative_to(root):
+                del sys.modules[name]
+        for table, kept in zip((nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS), mappings):
+            table.clear()
+            table.update(kept)
 
 
 @pytest.mark.parametrize("window", [False, True], ids=["whole latent", "context windows over its frames"])
