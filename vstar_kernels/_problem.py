@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import operator
 import threading
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -198,17 +199,20 @@ def _check_frames(frames, nq: int, nk: int, device) -> tuple:
 
 
 def _check_layout(layout, nq: int, nk: int) -> tuple:
-    """A frames.FrameLayout of self-attention over nq = nk tokens, as `TarProblem.layout`: (before, per_frame,
-    frames), or (N, 1, 0) for a layout of no video token (every id -1), as the lean forward reads its ids."""
+    """A frames.FrameLayout of self-attention over nq = nk tokens: (the layout with Python ints, as
+    `TarProblem.layout`: (before, per_frame, frames), or (N, 1, 0) for a layout of no video token (every id -1), as
+    the lean forward reads its ids)."""
     for name, value in zip(layout._fields, layout):
         check_int(f"frames.{name}", value, 0, (numbers.Integral, torch.SymInt))
+    # numpy's fixed-width ints would wrap in tokens(): Python's (a traced size stays symbolic)
+    layout = type(layout)(*(v if isinstance(v, torch.SymInt) else operator.index(v) for v in layout))
     if nq != nk or layout.tokens() != nq:
         pair = ": a FrameLayout is a self-attention's; pass a pair (q_frames, k_frames) of ids" if nq != nk else ""
         raise ValueError(f"frames: {layout} lays out {layout.tokens()} tokens of a self-attention, but q has {nq} "
                          f"tokens and k has {nk}{pair}")
     if layout.num_frames == 0 or layout.tokens_per_frame == 0:
-        return nq, 1, 0
-    return layout.text_before, layout.tokens_per_frame, layout.num_frames
+        return layout, (nq, 1, 0)
+    return layout, (layout.text_before, layout.tokens_per_frame, layout.num_frames)
 
 
 def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
@@ -396,7 +400,8 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
     if frames is not None:
         from .frames import FrameLayout  # (frames imports this module)
         if isinstance(frames, FrameLayout):
-            layout, frames = _check_layout(frames, Nq, Nk), frames.shared_ids(q.device)
+            frames, layout = _check_layout(frames, Nq, Nk)
+            frames = frames.shared_ids(q.device)
         frames_q, frames_k = _check_frames(frames, Nq, Nk, q.device)
     if key_mask is not None:
         key_mask = _check_key_mask(key_mask, B, Nk, q.device)

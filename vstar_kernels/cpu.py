@@ -23,6 +23,7 @@ CHUNK_ELEMENTS = 1 << 21
 SMALL_CALL_ELEMENTS = 1 << 20
 # A bias of at most this many entries made of sigma alone is made once and kept (`_bias_rows`).
 KEPT_BIAS_ELEMENTS = 1 << 16
+KEPT_BIASES = 4  # of the frame ids of one tensor (`_kept_frame_bias`)
 _small_gaussian = functools.lru_cache(maxsize=32)(gaussian_bias)
 
 
@@ -35,8 +36,7 @@ def _bias_rows(problem: TarProblem, compute: torch.dtype):
         if problem.frames_q is None:
             dA = _small_gaussian(problem.nq, problem.nk, problem.sigma, device=problem.device, dtype=compute)
         else:
-            dA = frame_value(problem.frames_k, ("bias", problem.sigma, compute),
-                             lambda ids: frame_bias(ids, ids, sigma=problem.sigma, dtype=compute))
+            dA = _kept_frame_bias(problem, compute)
         return lambda rows: dA[rows]
     if problem.regularized and problem.frames_q is not None:
         frames = id_extrema(problem.frames_q, problem)[1] + 1
@@ -45,6 +45,20 @@ def _bias_rows(problem: TarProblem, compute: torch.dtype):
                                sigma=problem.sigma, delta=problem.delta, dtype=compute)
             return lambda rows: table.index_select(0, problem.frames_q[rows].to(torch.int64) + 1)
     return _row_bias(problem, compute)
+
+
+def _kept_frame_bias(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
+    """The small bias of self-attention's frame ids, kept with the ids for the last KEPT_BIASES (sigma, dtype)
+    pairs: ids that live long (a FrameLayout's, a DiT's layout) called with ever new sigmas keep a few."""
+    key = (problem.sigma, compute)
+    slot = frame_value(problem.frames_k, "biases", lambda ids: [()])  # one list per ids: [((key, dA), ...)]
+    kept = slot[0]  # read once: another thread may put a new tuple in the slot meanwhile
+    for entry in kept:
+        if entry[0] == key:
+            return entry[1]
+    dA = frame_bias(problem.frames_k, problem.frames_k, sigma=problem.sigma, dtype=compute)
+    slot[0] = ((key, dA),) + kept[:KEPT_BIASES - 1]
+    return dA
 
 
 # A frame bias goes segment by segment when the key ids run in at most RUN_SEGMENTS segments of runs of one

@@ -173,6 +173,14 @@ class TritonBackend(Backend):
         return _load.triton_backward_ops().module.tar_backward(problem, out, stats, grad_out, delta_grad)
 
 
+def _lean_module():
+    """ops.tar_fwd_lean, once `_load.triton_lean_reason()` says it loaded: imported, not read from the probe's cache,
+    which torch.compile cannot trace (an explicit "triton-lean" is checked while tracing)."""
+    from .ops import tar_fwd_lean
+
+    return tar_fwd_lean
+
+
 class TritonLeanBackend(TritonBackend):
     """The lean forward (ops/tar_fwd_lean.py): TAR with the regular frame-id layout of the video DiTs, tensor
     descriptors, one loop with a guessed max (speculate=True) or two loops, warp-specialized on sm_90. "auto"'s
@@ -188,21 +196,21 @@ class TritonLeanBackend(TritonBackend):
         """The Triton backend's reasons, then what the lean kernel assumes (its own words for a key mask or float32,
         which the Triton backend takes)."""
         reasons = super().not_supported_reasons(problem)
-        probe = _load.triton_lean_ops()
-        if not probe.ok:
-            return reasons or [probe.reason]
-        reasons += [r for r in probe.module.layout_reasons(problem) if r not in reasons]
+        unloaded = _load.triton_lean_reason()
+        if unloaded:
+            return reasons or [unloaded]
+        lean = _lean_module()
+        reasons += [r for r in lean.layout_reasons(problem) if r not in reasons]
         if not reasons and problem.device.type != "meta" and not torch.compiler.is_compiling():
             # the ids' values (read once per id tensor); traced or meta, the kernel's launch checks them
-            if probe.module.common_layout(problem) is None:
+            if lean.common_layout(problem) is None:
                 reasons.append("frames are not one regular layout (frame_ids(F, T, text_before=, text_after=)), the "
                                "same for queries and keys: use backend='triton'")
         return reasons
 
     def state_reasons(self, problem):
         reasons = super().state_reasons(problem)
-        probe = _load.triton_lean_ops()
-        if probe.ok and not probe.module.SUPPORTED:
+        if not _load.triton_lean_reason() and not _lean_module().SUPPORTED:
             reasons.append(f"{self.kernel} needs a Triton with device-side tensor descriptors and warp "
                            f"specialization (3.4 or later), installed: {_env.triton_version()}")
         if problem.device.type == "cuda" and not reasons and torch.cuda.is_available():

@@ -20,7 +20,9 @@ def frame_ids(num_frames: int, tokens_per_frame: int, *, text_before: int = 0, t
         _size(name, n) for name, n in (("num_frames", num_frames), ("tokens_per_frame", tokens_per_frame),
                                        ("text_before", text_before), ("text_after", text_after))]
     text = [torch.full((n,), -1, device=device, dtype=torch.int32) for n in (text_before, text_after)]
-    video = torch.arange(num_frames, device=device, dtype=torch.int32).repeat_interleave(tokens_per_frame)
+    # (frames of no token: no video, whatever their number)
+    video = torch.arange(num_frames if tokens_per_frame else 0, device=device,
+                         dtype=torch.int32).repeat_interleave(tokens_per_frame)
     return torch.cat([text[0], video, text[1]])
 
 
@@ -44,11 +46,16 @@ class FrameLayout(NamedTuple):
         return frame_ids(*self[:2], text_before=self.text_before, text_after=self.text_after, device=device)
 
     def shared_ids(self, device) -> torch.Tensor:
-        """Its ids as the calls of this layout share them (not to be written): kept per layout and device (the 64
-        last), made outside inference mode (it has a version counter); made in the graph when compiling."""
+        """Its ids as the calls of this layout share them (not to be written: ids written in place are made again
+        at the next call, which trusts their values): kept per layout and device (the 64 last), made outside
+        inference mode (they have a version counter); made in the graph when compiling."""
         if torch.compiler.is_compiling():
             return self.ids(device)
-        return _kept_layout_ids(self, torch.device(device))
+        ids = _kept_layout_ids(self, torch.device(device))
+        if ids._version:
+            _kept_layout_ids.cache_clear()
+            ids = _kept_layout_ids(self, torch.device(device))
+        return ids
 
 
 class TokenLayout(NamedTuple):
@@ -86,7 +93,11 @@ class TokenLayout(NamedTuple):
 
     def describe(self) -> str:
         parts = [f"{self.before} reference tokens"] if self.before else []
-        parts.append(f"{self.frames} frames x {self.per_frame} tokens")
+        if self.runs:
+            parts.append(f"{sum(count for _, count in self.runs)} tokens in {len(self.runs)} runs over {self.frames} "
+                         "frames")
+        else:
+            parts.append(f"{self.frames} frames x {self.per_frame} tokens")
         if self.after:
             parts.append(f"{self.after} reference tokens")
         if self.text_after:

@@ -200,6 +200,34 @@ def test_a_small_calls_bias_is_made_once(frames):
         assert not torch.equal(changed, first)
 
 
+
+def test_long_lived_ids_keep_a_few_biases():
+    """Ids that live as long as the process (a FrameLayout's shared ids) called with ever new sigmas keep the
+    biases of the last cpu.KEPT_BIASES sigmas, not one per sigma (100 MiB after 400 sigmas before): a kept
+    sigma is not made again, one pushed out is, and each call's output is the reference's."""
+    from vstar_kernels._problem import _FRAME_VALUES
+
+    layout = vk.FrameLayout(3, 4, text_before=4)
+    q, k, v, _ = bnhd_inputs(1, 2, 16, 8, {}, seed=17, frame_tokens=4)
+    ids = layout.shared_ids("cpu")
+    sigmas = [1.0 + i / 7 + 1e-3 * torch.rand(1).item() for i in range(3 * cpu.KEPT_BIASES)]
+
+    def run(sigma):
+        problem = make_problem(q, k, v, sigma=sigma, strength=1.0, delta=None, causal=False, max_mode="row",
+                               scale=None, frames=layout)
+        with torch.no_grad(), Exps() as mode:
+            out = cpu.cpu_forward(problem)
+        torch.testing.assert_close(out, vk.tar_attention(q, k, v, frames=layout.ids(), sigma=sigma,
+                                                         backend="reference"), atol=1e-6, rtol=0)
+        return mode.count
+
+    assert all(run(sigma) == 1 for sigma in sigmas)
+    values = _FRAME_VALUES[ids][1]
+    assert [key for key in values if "bias" in str(key)] == ["biases"]
+    assert len(values["biases"][0]) == cpu.KEPT_BIASES
+    assert run(sigmas[-1]) == 0 and run(sigmas[-cpu.KEPT_BIASES]) == 0
+    assert run(sigmas[0]) == 1
+
 def test_head_chunks_come_in_equal_shares():
     """Each head's batches in pieces of equal size (within one) and at most the chunk's batches, as many as
     make the number of chunks a multiple of CHUNKS_MULTIPLE (4), so that 2 or 4 worker threads get equal

@@ -3,6 +3,7 @@ evaluation written here, the invariants, memory bounds, gradients, validation, d
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -561,6 +562,13 @@ def test_frame_layout_arguments(fn):
             fn(q, k, v, frames=FrameLayout(**values))
     with pytest.raises(ValueError, match=r"has frame id 2 but delta is a \(2, 2\) frame matrix"):
         fn(q, k, v, frames=FrameLayout(3, 4), delta=torch.rand(2, 2))
+    # numpy's int16 would wrap 257 x 256 to 256 tokens, which the layout check took (and the ids were 65,792)
+    q256 = qkv(1, 1, 256, 8, dtype=torch.float32)[0]
+    with pytest.raises(ValueError, match=r"lays out 65792 tokens of a self-attention, but q has 256"):
+        fn(q256, q256, q256, frames=FrameLayout(np.int16(257), np.int16(256)))
+    # frames of no token: all 12 tokens are text, and no id is made for the frames (2**40 int32s before)
+    out = fn(q, k, v, frames=FrameLayout(2 ** 40, 0, text_after=12))
+    assert torch.equal(out, fn(q, k, v, frames=torch.full((12,), -1, dtype=torch.int32)))
 
 
 def test_a_frame_layouts_ids_are_the_callers_own():
@@ -578,6 +586,10 @@ def test_a_frame_layouts_ids_are_the_callers_own():
     with torch.inference_mode():
         shared = FrameLayout(2, 5).shared_ids(torch.device("cpu"))
     assert shared is FrameLayout(2, 5).shared_ids("cpu") and not shared.is_inference()
+    kept = layout.shared_ids("cpu")
+    kept.fill_(-7)  # written, though it is not to be: made again, not trusted with these values
+    assert torch.equal(layout.shared_ids("cpu"), layout.ids())
+    assert torch.equal(vk.tar_attention(q, q, q, frames=layout), before)
 
 
 def test_opcheck_with_a_frame_layout():
@@ -723,7 +735,7 @@ def test_token_layouts_give_their_ids_once_per_layout():
     assert grid.describe() == "2 reference tokens, then 3 frames x 4 tokens, then 5 reference tokens, then the text"
     runs = ((-1, 2), (0, 3), (2, 1), (0, 2))
     odd = TokenLayout(3, 3, runs)
-    assert odd.tokens() == 8 and odd.describe() == "3 frames x 3 tokens"
+    assert odd.tokens() == 8 and odd.describe() == "8 tokens in 4 runs over 3 frames"
     want = [f for f, count in runs for _ in range(count)]
     assert build(runs, 1, 0, torch.device("cpu")).tolist() == [-1] + want
     with torch.inference_mode():

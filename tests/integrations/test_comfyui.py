@@ -766,7 +766,7 @@ def test_hunyuan_image_is_an_error(comfy, base):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(sigma=0.0), "sigma must be > 0"),
+    (dict(sigma=0.0), "^VSTAR_TAR: sigma must be > 0"),
     (dict(strength=math.nan), "strength must be a finite real"),
     (dict(start_percent=1.5), r"start_percent must be in \[0, 1\]"),
     (dict(end_percent=-0.1), r"end_percent must be in \[0, 1\]"),
@@ -777,6 +777,13 @@ def test_bad_inputs_name_the_argument(comfy, kwargs, match):
     args = {"strength": 1.0, "sigma": 1.0, **kwargs}
     with pytest.raises(ValueError, match=match):
         NODE().apply(wan(comfy), **args)
+
+
+def test_a_model_that_is_not_a_model_patcher_is_named(comfy):
+    """(Once an AttributeError on `get_model_object`.)"""
+    with pytest.raises(TypeError, match=r"VSTAR_TAR: model must be a ComfyUI MODEL \(a ModelPatcher\), got "
+                                        r"WanModel"):
+        NODE().apply(wan(comfy).model.diffusion_model, 1.0, 1.0)
 
 
 def test_attention_outside_the_override_is_an_error(comfy, monkeypatch):
@@ -1362,6 +1369,28 @@ def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
         assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
         assert not torch.equal(out, sample(comfy, model, shape, cond, uncond, dtype))
     assert frames[12] <= frames[4], frames
+
+
+def test_torch_compile_does_not_recompile_for_each_windows_frames(comfy):
+    """TorchCompileModel with context windows whose frames go as ids (strided windows, each its own): the frames
+    compiled do not grow with the windows (their ids, made in the graph, once recompiled it for each window's
+    frames, up to dynamo's limit of 8), and the result is the node's without compile."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    dtype = torch.float64
+    shape = (1, 4, 8, 4, 4)
+    cond, uncond = conditions(dtype)
+    frames = {}
+    for windows in ([[0, 2, 4, 6], [1, 3, 5, 7]],
+                    [[0, 2, 4, 6], [1, 3, 5, 7], [0, 3, 5, 7], [1, 2, 4, 6], [0, 1, 3, 6], [2, 4, 5, 7]]):
+        model = wan(comfy, dtype)
+        model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(windows)
+        (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+        compiled = tar.clone()
+        set_torch_compile_wrapper(compiled, backend="eager")
+        out, frames[len(windows)] = compiled_frames(lambda: sample(comfy, compiled, shape, cond, uncond, dtype))
+        assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
+    assert frames[6] <= frames[2], frames
 
 
 def test_torch_compile_of_a_joint_attention(comfy, monkeypatch):

@@ -146,7 +146,7 @@ def test_bytes_sent_per_attention_call_are_the_documented_counts(runs, world, na
 
 ERRORS = {
     "error/uneven": r"blocks\.0\.attn1: under context parallelism \(ring_degree=2, ulysses_degree=1\) this rank holds "
-                    r"1[34] tokens, and 2 equal shards of 1[34] are 2[68] tokens, not the call's 27 video tokens "
+                    r"1[34] tokens, and 2 equal shards of 1[34] are 2[68] tokens, not the call's 27 tokens "
                     r"\(3 frames x 9 tokens\): TAR needs even shards",
     "error/mask": r"blocks\.0\.attn1: TAR under context parallelism takes no attention mask; the processor passed a "
                   r"torch\.bool mask of shape \(1, 1, 1, 16\)",

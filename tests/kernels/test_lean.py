@@ -359,6 +359,34 @@ def test_a_compiled_call_runs_what_auto_leaves_to_the_op(layout, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_out)))
 
 
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("layout", ["ids", "FrameLayout"])
+def test_an_explicit_lean_call_compiles_without_a_graph_break(layout, compiler):
+    """backend="triton-lean" under torch.compile(fullgraph=True): its checks are traced (the probe of the lean
+    module and a tensor's address are not: the launch checks the address where the op runs); output and gradients
+    are the eager call's bit for bit. A misaligned q is still refused there, naming it."""
+    from vstar_kernels.frames import FrameLayout
+
+    frames = vk.frame_ids(3, 8, text_before=2, text_after=1, device=DEVICE) if layout == "ids" else \
+        FrameLayout(3, 8, text_before=2, text_after=1)
+    q, k, v = qkv(1, 2, 27, 16, torch.float16, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
+
+    def call(q, k, v):
+        return vk.tar_attention(q, k, v, sigma=SIGMA, strength=STRENGTH, frames=frames, backend="triton-lean")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend=compiler, fullgraph=True)
+    out = compiled(q, k, v)
+    expected = call(q, k, v)
+    assert torch.equal(out, expected)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_out)))
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)[1:].view(q.shape).copy_(q)
+    with pytest.raises(ValueError, match="q must have its head dim contiguous and its address"):
+        compiled(shifted, k.detach(), v.detach())
+
+
 def test_what_auto_takes_here_and_listed_by_info():
     """On CPU tensors "auto" leaves the interpreter's lean forward to the cpu backend; on sm_90 it takes it, and runs
     it as an explicit call does."""

@@ -41,7 +41,7 @@ def _grid(shape, patch, rounding) -> Tuple[int, int]:
 
 def _video(x: torch.Tensor, where: str) -> torch.Tensor:
     if x.dim() != 5:
-        raise ValueError(f"{where}: expected a 5-D video latent (batch, channels, frames, height, width), "
+        raise ValueError(f"VSTAR_TAR: {where}: expected a 5-D video latent (batch, channels, frames, height, width), "
                          f"got shape {tuple(x.shape)}")
     return x
 
@@ -107,8 +107,8 @@ def _time_stack_targets(dm) -> List[str]:
 def _svd_layout(dm, x, extra) -> TokenLayout:
     frames = extra.get("num_video_frames")
     if x.dim() != 4 or not frames or x.shape[0] % int(frames):
-        raise ValueError(f"SVD: expected a latent of (batch x num_video_frames, channels, height, width), got shape "
-                         f"{tuple(x.shape)} with num_video_frames={frames}")
+        raise ValueError(f"VSTAR_TAR: SVD: expected a latent of (batch x num_video_frames, channels, height, width), "
+                         f"got shape {tuple(x.shape)} with num_video_frames={frames}")
     return TokenLayout(int(frames), 1)
 
 
@@ -116,8 +116,8 @@ def _svd_layout(dm, x, extra) -> TokenLayout:
 def _hunyuan_layout(dm, x, extra) -> TokenLayout:
     patch = list(dm.patch_size)
     if len(patch) != 3:
-        raise ValueError(f"HunyuanVideo: this model has a {len(patch)}-D patch {tuple(patch)}: an image model, "
-                         "not a video model")
+        raise ValueError(f"VSTAR_TAR: HunyuanVideo: this model has a {len(patch)}-D patch {tuple(patch)}: an image "
+                         "model, not a video model")
     frames, per_frame = _grid(_video(x, "HunyuanVideo").shape, patch, _ceil)
     reference = extra.get("ref_latent")
     before = 0 if reference is None else math.prod(_grid(reference.shape, patch, _ceil))
@@ -133,14 +133,15 @@ def _ltx_layout(dm, x, extra) -> TokenLayout:
     guides = extra.get("keyframe_idxs")
     after = 0 if guides is None else int(guides.shape[2])
     if after % per_frame:
-        raise ValueError(f"LTX-Video: {after} keyframe guide tokens are not whole frames of {per_frame} tokens")
+        raise ValueError(f"VSTAR_TAR: LTX-Video: {after} keyframe guide tokens are not whole frames of {per_frame} "
+                         "tokens")
     video = frames - after // per_frame
     mask = extra.get("denoise_mask")
     if after and isinstance(mask, torch.Tensor) and mask.dim() == 5 and mask.shape[2:] == x.shape[2:]:
         dropped = (mask[0] < 0).any(0).flatten()
         if bool(dropped[:video * per_frame].any()):
-            raise ValueError("LTX-Video: this call's denoise_mask drops video tokens (it is negative outside the "
-                             "keyframe guides), so where its frames lie in the attention is not known")
+            raise ValueError("VSTAR_TAR: LTX-Video: this call's denoise_mask drops video tokens (it is negative "
+                             "outside the keyframe guides), so where its frames lie in the attention is not known")
         after -= int(dropped.sum())
     return TokenLayout(video, per_frame, after=after)
 

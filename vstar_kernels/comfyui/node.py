@@ -80,7 +80,8 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
               reference_frames: int = 0, backend: str = "auto"):
     """A clone of the ComfyUI ModelPatcher `model` with frame-aware TAR on its video self-attention.
 
-    The arguments are the node's inputs (docs/comfyui.md, Inputs): strength 0 gives a clone that computes
+    The arguments are the node's inputs (docs/comfyui.md, Inputs), without the ranges of its widgets (any finite
+    strength, a negative one too, any sigma > 0, as tar_attention takes them): strength 0 gives a clone that computes
     what `model` does, bit for bit; the steps regularized are those with ``percent_to_sigma(end_percent)
     <= sigma <= percent_to_sigma(start_percent)``, both ends with a rounding's tolerance
     (`TARPatch.regularizes`). `model` itself is left as it was; applying the node again to its own output
@@ -88,7 +89,10 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     RuntimeError on a ComfyUI older than 0.3.60.
     """
     strength = _real("strength", strength)
-    sigma = check_sigma(sigma)
+    try:
+        sigma = check_sigma(sigma)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"VSTAR_TAR: {exc}") from None
     start_percent = _percent("start_percent", start_percent)
     end_percent = _percent("end_percent", end_percent)
     if isinstance(reference_frames, bool) or not isinstance(reference_frames, numbers.Integral) \
@@ -97,6 +101,8 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     if backend not in BACKENDS:
         raise ValueError(f"VSTAR_TAR: backend must be one of {BACKENDS}, got {backend!r}")
     wrappers = _wrappers()
+    if not all(callable(getattr(model, name, None)) for name in ("clone", "get_model_object", "add_object_patch")):
+        raise TypeError(f"VSTAR_TAR: model must be a ComfyUI MODEL (a ModelPatcher), got {type(model).__name__}")
     _refuse_image_model(model)
     diffusion_model = unwrap(model.get_model_object("diffusion_model"))
     family = family_of(diffusion_model)

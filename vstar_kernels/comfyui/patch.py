@@ -126,6 +126,9 @@ class RegularizedCall:
         # distances, which are all TAR's Gaussian reads of the ids (no reference frame, id -1, among them)
         first = frame_ids[0]
         self.regular = first >= 0 and frame_ids == tuple(range(first, first + len(frame_ids)))
+        # other frames' ids made here, outside a compiled model (TorchCompileModel): made in its graph, their values
+        # would be constants that each window's frames recompile it for
+        self.ids = None if self.regular else layout_ids(self.runs, layout.before, layout.after, device)
         self.error: Optional[BaseException] = None
 
     def fail(self, error: BaseException) -> BaseException:
@@ -150,10 +153,14 @@ class RegularizedCall:
         """The frames of a self-attention over `n` tokens of this call (placed: `unplaced` said nothing), as
         tar_attention's `frames=` takes them: the layout's, then -1 for the tokens after them (the text of a joint
         attention); a FrameLayout where the frames are in order (their ids then known without reading them)."""
-        after = self.layout.after + n - self.layout.tokens()
+        tail = n - self.layout.tokens()
         if self.regular:
-            return FrameLayout(len(self.runs), self.layout.per_frame, self.layout.before, after)
-        return layout_ids(self.runs, self.layout.before, after, self.device)
+            return FrameLayout(len(self.runs), self.layout.per_frame, self.layout.before, self.layout.after + tail)
+        if tail == 0:
+            return self.ids
+        if torch.compiler.is_compiling():
+            return torch.nn.functional.pad(self.ids, (0, tail), value=-1)
+        return layout_ids(self.runs, self.layout.before, self.layout.after + tail, self.device)
 
 
 class _Module:
@@ -257,8 +264,9 @@ class TARPatch:
                              f"{'of its context window' if in_window else 'of the latent, without a context window'} "
                              "(a temporal crop: an area conditioning over time, such as "
                              "ConditioningSetAreaPercentageVideo's), so which of its frames are references is not "
-                             "known. Take the temporal area off the conditioning, or set reference_frames to 0 "
-                             "(TAR then treats the reference frames as video)")
+                             "known. Take the temporal area off the conditioning; or, unless the references are "
+                             "WanAnimateToVideo's (refused at 0), set reference_frames to 0 (TAR then treats the "
+                             "reference frames as video)")
         ids = index[:1]
         for previous, this in zip(index, index[1:]):
             if this <= previous and not length:

@@ -193,7 +193,7 @@ class ContextParallelTAR:
             raise ValueError(
                 f"{where}: under context parallelism ({self.degrees}) this rank holds {local} tokens, and "
                 f"{self.shards} equal shards of {local} are {local * self.shards} tokens, not the call's {tokens} "
-                f"video tokens ({grid.describe()}): TAR needs even shards of the whole sequence (uneven shards of "
+                f"tokens ({grid.describe()}): TAR needs even shards of the whole sequence (uneven shards of "
                 "ring_anything/ulysses_anything, or a plan that shards otherwise, are not supported)")
         if heads % self.ulysses:
             raise ValueError(f"{where}: Ulysses with ulysses_degree={self.ulysses} needs a head count it divides; the "

@@ -95,6 +95,12 @@ def triton_state() -> tuple:
 
 
 @torch.compiler.assume_constant_result
+def triton_lean_reason() -> str:
+    """Why the lean forward cannot load, or "" (constant under torch.compile, as above)."""
+    return triton_lean_ops().reason
+
+
+@torch.compiler.assume_constant_result
 def triton_backward_reason() -> str:
     """Why the Triton backward kernels cannot load, or "" (constant under torch.compile, as above)."""
     return triton_backward_ops().reason

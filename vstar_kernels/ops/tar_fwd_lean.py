@@ -303,7 +303,9 @@ def layout_reasons(problem: TarProblem) -> list:
                        f"{d} and {problem.head_dim_v}")
     for name, t in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
         size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % DESCRIPTOR_ALIGN or any(s * size % DESCRIPTOR_ALIGN
+        # (traced, a tensor has no address: the launch checks it where the op runs)
+        misaligned = not torch.compiler.is_compiling() and t.data_ptr() % DESCRIPTOR_ALIGN
+        if t.stride(-1) != 1 or misaligned or any(s * size % DESCRIPTOR_ALIGN
                                                                       for s in descriptor_strides(t)):
             reasons.append(f"{name} must have its head dim contiguous and its address and other strides multiples "
                            f"of {DESCRIPTOR_ALIGN} bytes (tensor descriptors), got strides {tuple(t.stride())}")
