@@ -41,11 +41,12 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
                                        key_mask), layout)
     if compiled:
         with values_unkept():
-            return _forward(problem, backend, needs_grad, speculate)
+            return _forward(problem, backend, needs_grad, speculate, compiled)
     return _forward(problem, backend, needs_grad, speculate)
 
 
-def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool,
+             compiled: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     q = problem.q
     check_frame_values(problem)
     given, backend = backend, run_as(problem, backend)
@@ -53,11 +54,14 @@ def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: boo
     reasons = impl.state_reasons(problem)  # a traced program run elsewhere (torch.export): "auto"'s choice fixed
     if devices is not None and q.device.type not in devices:
         reasons.insert(0, f"it runs on {' or '.join(devices)} tensors, got {q.device.type} tensors")
+    asked = f"'auto' (traced: {backend!r} where the op ran)" if given == AUTO_LEAN else repr(backend)
     if reasons:
-        asked = f"'auto' (traced: {backend!r} where the op ran)" if given == AUTO_LEAN else repr(backend)
         raise BackendUnavailableError(f"backend={asked} cannot run this call: {'; '.join(reasons)}. A call traced "
                                       "(torch.export) keeps the backend chosen where it was traced: trace it on the "
                                       "device it runs on")
+    untraced = impl.untraced_reasons(problem) if compiled else []
+    if untraced:
+        raise BackendUnavailableError(f"backend={asked} cannot run this call: {'; '.join(untraced)}")
     stats, flags = _side_outputs(problem, given, needs_grad, speculate)
     with _device_of(q), without_autocast(q.device):
         out = impl.forward(problem, stats if stats.numel() else None, flags if flags.numel() else None)

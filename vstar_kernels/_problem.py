@@ -204,7 +204,7 @@ def _check_layout(layout, nq: int, nk: int) -> tuple:
     the lean forward reads its ids)."""
     for name, value in zip(layout._fields, layout):
         check_int(f"frames.{name}", value, 0, (numbers.Integral, torch.SymInt))
-    # numpy's fixed-width ints would wrap in tokens(): Python's (a traced size stays symbolic)
+    # Python ints for the ids and the kernels (numpy's fixed-width ones would wrap; a traced size stays symbolic)
     layout = type(layout)(*(v if isinstance(v, torch.SymInt) else operator.index(v) for v in layout))
     if nq != nk or layout.tokens() != nq:
         pair = ": a FrameLayout is a self-attention's; pass a pair (q_frames, k_frames) of ids" if nq != nk else ""

@@ -48,13 +48,16 @@ def _bias_rows(problem: TarProblem, compute: torch.dtype):
 
 
 def _kept_frame_bias(problem: TarProblem, compute: torch.dtype) -> torch.Tensor:
-    """The small bias of self-attention's frame ids, kept with the ids for the last KEPT_BIASES (sigma, dtype)
-    pairs: ids that live long (a FrameLayout's, a DiT's layout) called with ever new sigmas keep a few."""
+    """The small bias of self-attention's frame ids, kept with the ids for the KEPT_BIASES (sigma, dtype) pairs
+    last used: ids that live long (a FrameLayout's, a DiT's layout) called with ever new sigmas keep a few."""
     key = (problem.sigma, compute)
-    slot = frame_value(problem.frames_k, "biases", lambda ids: [()])  # one list per ids: [((key, dA), ...)]
+    # one list per ids, [((key, dA), ...)] (a tuple names a table of the cpu backend's, tests/helpers.py ValueReads)
+    slot = frame_value(problem.frames_k, ("biases",), lambda ids: [()])
     kept = slot[0]  # read once: another thread may put a new tuple in the slot meanwhile
     for entry in kept:
         if entry[0] == key:
+            if entry is not kept[0]:  # the last used first: the one pushed out is the least recently used
+                slot[0] = (entry,) + tuple(e for e in kept if e is not entry)
             return entry[1]
     dA = frame_bias(problem.frames_k, problem.frames_k, sigma=problem.sigma, dtype=compute)
     slot[0] = ((key, dA),) + kept[:KEPT_BIASES - 1]

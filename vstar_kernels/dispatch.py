@@ -84,6 +84,10 @@ class Backend:
         """Reasons that come from the backend's runtime state rather than its declared limits."""
         return []
 
+    def untraced_reasons(self, problem: TarProblem) -> list:
+        """Reasons a traced call cannot give (a tensor's address, the ids' values), checked where the op runs."""
+        return []
+
     def fits_auto(self, problem: TarProblem) -> list:
         """Why "auto" passes this backend over for `problem` ([] if it takes it): by default its reasons."""
         return self.not_supported_reasons(problem)
@@ -219,6 +223,10 @@ class TritonLeanBackend(TritonBackend):
                 reasons.append(f"{self.kernel} is built for sm_90 (Hopper); compiled for sm_80 it spills "
                                f"(tools.perf static), and this GPU is sm_{major}{minor}: use backend='triton'")
         return reasons
+
+    def untraced_reasons(self, problem):
+        """What tracing left out of `not_supported_reasons` (its address check, the ids' layout)."""
+        return self.not_supported_reasons(problem)
 
     def fits_auto(self, problem) -> list:
         """Why "auto" passes the lean forward over ([] if it takes it): what an explicit call needs, frame ids in

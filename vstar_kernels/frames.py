@@ -4,6 +4,7 @@ video), for `tar_attention(..., frames=ids)` (docs/api.md, "Frame ids and key ma
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -39,15 +40,18 @@ class FrameLayout(NamedTuple):
     text_after: int = 0
 
     def tokens(self) -> int:
-        return self.text_before + self.num_frames * self.tokens_per_frame + self.text_after
+        # in Python ints: numpy's fixed-width ones would wrap (a traced size stays symbolic)
+        frames, per_frame, before, after = (v if isinstance(v, torch.SymInt) else operator.index(v) for v in self)
+        return before + frames * per_frame + after
 
     def ids(self, device=None) -> torch.Tensor:
         """Its int32 ids, a tensor of the caller's own (`frame_ids`)."""
         return frame_ids(*self[:2], text_before=self.text_before, text_after=self.text_after, device=device)
 
     def shared_ids(self, device) -> torch.Tensor:
-        """Its ids as the calls of this layout share them (not to be written: ids written in place are made again
-        at the next call, which trusts their values): kept per layout and device (the 64 last), made outside
+        """Its ids as the calls of this layout share them, whose values the calls trust (not to be written: ids
+        written through torch, which counts in-place writes, are made again at the next call; a write around that
+        count, through `.data` or numpy, is not seen): kept per layout and device (the 64 last), made outside
         inference mode (they have a version counter); made in the graph when compiling."""
         if torch.compiler.is_compiling():
             return self.ids(device)

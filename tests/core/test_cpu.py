@@ -223,10 +223,11 @@ def test_long_lived_ids_keep_a_few_biases():
 
     assert all(run(sigma) == 1 for sigma in sigmas)
     values = _FRAME_VALUES[ids][1]
-    assert [key for key in values if "bias" in str(key)] == ["biases"]
-    assert len(values["biases"][0]) == cpu.KEPT_BIASES
-    assert run(sigmas[-1]) == 0 and run(sigmas[-cpu.KEPT_BIASES]) == 0
-    assert run(sigmas[0]) == 1
+    assert [key for key in values if "bias" in str(key)] == [("biases",)]
+    assert len(values[("biases",)][0]) == cpu.KEPT_BIASES
+    assert run(sigmas[-1]) == 0 and run(sigmas[-cpu.KEPT_BIASES]) == 0  # (the latter now the last used)
+    assert run(sigmas[0]) == 1  # pushes out the least recently used, sigmas[-KEPT_BIASES + 1]
+    assert run(sigmas[-cpu.KEPT_BIASES]) == 0 and run(sigmas[-cpu.KEPT_BIASES + 1]) == 1
 
 def test_head_chunks_come_in_equal_shares():
     """Each head's batches in pieces of equal size (within one) and at most the chunk's batches, as many as

@@ -857,8 +857,8 @@ def test_reference_frames_with_a_temporal_crop_is_an_error(comfy, monkeypatch):
     with pytest.raises(ValueError, match=r"VSTAR_TAR: reference_frames=1 are the leading frames of the whole latent, "
                                          r"but this model call runs on 2 of the 4 frames of the latent, without a "
                                          r"context window \(a temporal crop: .*ConditioningSetAreaPercentageVideo.*\)"
-                                         r".* Take the temporal area off the conditioning, or set reference_frames to "
-                                         r"0"):
+                                         r".* Take the temporal area off the conditioning; or, unless the references "
+                                         r"are WanAnimateToVideo's \(refused at 0\), set reference_frames to 0"):
         sample(comfy, tar, (1, 4, 4, 4, 4), cond, uncond, dtype)
 
 

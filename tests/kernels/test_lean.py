@@ -364,7 +364,8 @@ def test_a_compiled_call_runs_what_auto_leaves_to_the_op(layout, monkeypatch):
 def test_an_explicit_lean_call_compiles_without_a_graph_break(layout, compiler):
     """backend="triton-lean" under torch.compile(fullgraph=True): its checks are traced (the probe of the lean
     module and a tensor's address are not: the launch checks the address where the op runs); output and gradients
-    are the eager call's bit for bit. A misaligned q is still refused there, naming it."""
+    are the eager call's bit for bit. A misaligned q and ids out of the regular layout are still refused, as in an
+    eager call."""
     from vstar_kernels.frames import FrameLayout
 
     frames = vk.frame_ids(3, 8, text_before=2, text_after=1, device=DEVICE) if layout == "ids" else \
@@ -383,8 +384,14 @@ def test_an_explicit_lean_call_compiles_without_a_graph_break(layout, compiler):
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(expected, (q, k, v), grad_out)))
     shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)[1:].view(q.shape).copy_(q)
-    with pytest.raises(ValueError, match="q must have its head dim contiguous and its address"):
+    with pytest.raises(vk.BackendUnavailableError, match="backend='triton-lean' cannot run this call: q must have "
+                                                          "its head dim contiguous and its address"):
         compiled(shifted, k.detach(), v.detach())
+    if layout == "ids":
+        frames = frames.flip(0)
+        with pytest.raises(vk.BackendUnavailableError, match="backend='triton-lean' cannot run this call: frames are "
+                                                              "not one regular layout"):
+            compiled(q, k, v)
 
 
 def test_what_auto_takes_here_and_listed_by_info():
