@@ -59,7 +59,8 @@ def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: boo
         raise BackendUnavailableError(f"backend={asked} cannot run this call: {'; '.join(reasons)}. A call traced "
                                       "(torch.export) keeps the backend chosen where it was traced: trace it on the "
                                       "device it runs on")
-    untraced = impl.untraced_reasons(problem) if compiled else []
+    # (for "auto", run_as checked them choosing the lean forward)
+    untraced = impl.untraced_reasons(problem) if compiled and given != AUTO_LEAN else []
     if untraced:
         raise BackendUnavailableError(f"backend={asked} cannot run this call: {'; '.join(untraced)}")
     stats, flags = _side_outputs(problem, given, needs_grad, speculate)

@@ -199,9 +199,9 @@ def _check_frames(frames, nq: int, nk: int, device) -> tuple:
 
 
 def _check_layout(layout, nq: int, nk: int) -> tuple:
-    """A frames.FrameLayout of self-attention over nq = nk tokens: (the layout with Python ints, as
-    `TarProblem.layout`: (before, per_frame, frames), or (N, 1, 0) for a layout of no video token (every id -1), as
-    the lean forward reads its ids)."""
+    """A frames.FrameLayout of self-attention over nq = nk tokens, checked: (the layout in Python ints, its
+    `TarProblem.layout`), the latter (before, per_frame, frames), or (N, 1, 0) for a layout of no video token
+    (every id -1), as the lean forward reads its ids."""
     for name, value in zip(layout._fields, layout):
         check_int(f"frames.{name}", value, 0, (numbers.Integral, torch.SymInt))
     # Python ints for the ids and the kernels (numpy's fixed-width ones would wrap; a traced size stays symbolic)
