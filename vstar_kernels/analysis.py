@@ -68,8 +68,9 @@ def max_outside_own_frame(q, k, frames, *, scale=None, key_mask=None) -> torch.T
     unmasked keys is strictly larger than its max over the keys of its own frame and the text (a tie is
     inside; a row with no unmasked key is inside). Returns float64 (B, H), NaN where no query is a video token.
 
-    This share is an upper bound of the speculative forward's flag rate (docs/attention-analysis.md says why; the
-    kernel also flags a row with no unmasked key, and no text row with a finite max: text rows are not counted).
+    This share is an upper bound of the tiled speculative forward's flag rate (docs/attention-analysis.md says why
+    and why the lean forward's is not: it flags ties too; the kernel also flags a row with no unmasked key, and no
+    text row with a finite max: text rows are not counted).
     Scores in float32 (float64 for float64 input), in blocks of query rows of `reference.CHUNK_ELEMENTS` at most.
     """
     if frames is None:
@@ -175,14 +176,15 @@ BOTTOM_INCHES = 0.45       # tick labels and the x-axis label
 COLORBAR_INCHES = 0.9      # the shared colour bar and its label
 PANEL_COLORBAR_INCHES = 0.75  # a per-panel colour bar and its tick labels
 LINE_INCHES = 0.2          # one line of a (panel or figure) title
+PANEL_MARGIN_INCHES = 0.5  # and 1.25 inches a map inch: what a panel gives to its frame, ticks and colour bar
 TITLE_FONT = 8
 
 
 def check_dpi(dpi) -> int:
     """`dpi` if it is an int matplotlib can draw the figures' text at, else a ValueError."""
     if check_int("dpi", dpi) < MIN_DPI:
-        raise ValueError(f"dpi must be at least {MIN_DPI} (the labels' text is unreadable below it, and matplotlib "
-                         f"cannot draw it at 5 or less), got {dpi}")
+        raise ValueError(f"dpi must be at least {MIN_DPI} (matplotlib cannot draw the labels' text at 5 or less; "
+                         f"it is readable from about 72), got {dpi}")
     return dpi
 
 
@@ -205,6 +207,8 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
     check_dpi(dpi)
     rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]
     values = [a for _, row in rows for _, _, a in row]
+    # a pixel or more per frame (fewer, and drawing "nearest" drops frames: a diagonal drawn as its neighbours)
+    panel_size = max(panel_size, 1.25 * max(max(a.shape) for a in values) / dpi + PANEL_MARGIN_INCHES)
     if color_scale == "shared":
         low = min(0.0, min(_range(a)[0] for a in values))
         high = max(_range(a)[1] for a in values)

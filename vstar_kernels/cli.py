@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -193,10 +194,14 @@ def _image_path(text: str) -> str:
     if not suffix:
         raise argparse.ArgumentTypeError(f"{text} has no suffix to name the image format (.png, .pdf, .svg)")
     try:
+        import matplotlib
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:  # the command's missing extra is named after parsing
         return text
     formats = FigureCanvasBase.get_supported_filetypes()
+    texsystem = matplotlib.rcParams["pgf.texsystem"]
+    if suffix == ".pgf" and shutil.which(texsystem) is None:  # matplotlib sets a .pgf image's text with TeX
+        raise argparse.ArgumentTypeError(f"{text}: a .pgf image needs TeX ({texsystem}), which is not on the PATH")
     if suffix[1:] not in formats:
         raise argparse.ArgumentTypeError(f"{text}: matplotlib writes no {suffix} images (formats: "
                                          f"{', '.join(sorted(formats))})")

@@ -98,8 +98,8 @@ IMAGE_OPTION_ERRORS = [
 def test_a_dpi_too_small_for_the_labels_is_refused_before_any_work(command, capsys, tmp_path):
     out = tmp_path / "x.png"
     assert cli.main([command, "--dpi", "5", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == (f"{command}: dpi must be at least 10 (the labels' text is unreadable "
-                                               "below it, and matplotlib cannot draw it at 5 or less), got 5")
+    assert capsys.readouterr().err.strip() == (f"{command}: dpi must be at least 10 (matplotlib cannot draw the "
+                                               "labels' text at 5 or less; it is readable from about 72), got 5")
     assert not out.exists()
 
 
@@ -120,6 +120,20 @@ def test_image_commands_name_the_bad_option(command, argv, message, capsys, tmp_
     assert "png" in formats
     expected = f"vstar-kernels {command}: error: {message.format(tmp=tmp_path, formats=formats)}"
     assert capsys.readouterr().err.splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("command", ["plot-delta", "demo-attention"])
+def test_a_pgf_image_without_tex_is_refused_before_any_work(command, capsys, tmp_path, monkeypatch):
+    """matplotlib sets a .pgf image's text with TeX: without it, savefig failed after the work with a traceback."""
+    import matplotlib
+
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--out", str(tmp_path / "d.pgf")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vstar-kernels {command}: error: argument --out: {tmp_path}/d.pgf: a .pgf image needs TeX "
+        f"({matplotlib.rcParams['pgf.texsystem']}), which is not on the PATH")
 
 
 def test_demo_on_a_gpu_machine_with_triton_interpret_runs_cpu_tensors(monkeypatch, capsys):

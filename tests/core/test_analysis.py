@@ -269,6 +269,18 @@ def test_plot_size_follows_panel_size_and_dpi(tmp_path):
     assert sizes[4, 40][0] - sizes[2, 40][0] == 2 * 2 * 40 and sizes[4, 40][1] - sizes[2, 40][1] == 2 * 40
 
 
+def test_a_map_of_more_frames_than_a_panels_pixels_is_drawn_a_pixel_a_frame(tmp_path):
+    """300 frames in a 2.5-inch panel at dpi 50 (125 pixels) drew dA's diagonal as its neighbours' value for most
+    frames: the panel grows until every row of frames has a pixel row of its own."""
+    import matplotlib.image
+
+    n, dpi = 300, 50
+    plot_delta([1.0, 2.0], n, tmp_path / "d.png", dpi=dpi)
+    image = matplotlib.image.imread(tmp_path / "d.png")[:, :-dpi, :3]  # less the colour bar at the right
+    diagonal = (abs(image - torch.tensor([0.5, 0.0, 0.0]).numpy()) < 0.02).all(-1)  # jet at dA = 1
+    assert diagonal.any(1).sum() >= n and diagonal.any(0).sum() >= 2 * n  # rows once, columns in both panels
+
+
 def test_plot_attention_maps_shared_scale(tmp_path, figures):
     torch.manual_seed(2)
     a, b = torch.rand(8, 8), torch.softmax(torch.randn(8, 8), dim=-1)
@@ -375,7 +387,7 @@ def test_minmax_normalize():
     ({"a": torch.tensor([[0.0, math.inf]])}, {}, ValueError, "a has infinite entries, or no entry that is not NaN"),
     ({"a": torch.full((2, 2), math.nan)}, {}, ValueError, "a has infinite entries, or no entry that is not NaN"),
     ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
-    ({"a": torch.eye(3)}, {"dpi": 5}, ValueError, "dpi must be at least 10 .the labels' text is unreadable below"),
+    ({"a": torch.eye(3)}, {"dpi": 5}, ValueError, "dpi must be at least 10 .matplotlib cannot draw the labels' text at 5"),
     ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": math.inf}, ValueError, r"panel_size must be a number of inches > 0.5"),

@@ -8,6 +8,7 @@ over heads and over the sequences recorded (all, or the conditional second half 
 import copy
 import math
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -408,7 +409,7 @@ def test_chunks_give_the_map_of_one_chunk_and_bound_the_probabilities(monkeypatc
     monkeypatch.setattr(capture_module, "tar_scores", counting_scores)
     runs = {}
     one = 2 * 8 * 8  # the scores of one sequence of the level-0 modules (2 heads, 8 frames)
-    for elements in (1, 7 * one, 10 ** 6):  # 1: a sequence per chunk all the same
+    for elements in (1, numpy.int64(7 * one), 10 ** 6):  # 1: a sequence per chunk all the same; numpy ints taken
         reset_steps(model)
         with capture_temporal_attention(model, layers=names, chunk_elements=elements) as maps:
             forward(model, inputs)

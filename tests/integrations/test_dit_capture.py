@@ -262,6 +262,26 @@ def test_capture_errors_name_the_problem():
     assert model.blocks[1].attn1.processor is no_sdpa
 
 
+@pytest.mark.parametrize("ask", [{"is_causal": True}, {"enable_gqa": True}])
+def test_a_causal_or_grouped_call_is_refused_not_recorded_as_full_attention(ask):
+    """The maps are of attention over every key: a causal call was recorded as if it attended to later frames."""
+    model = FAMILIES["wan"].model()
+    stock = model.blocks[0].attn1.processor
+
+    def asking(attn, hidden_states, *args, **kwargs):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        q = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        k = q[:, :1] if "enable_gqa" in ask else q  # one key head for every query head
+        out = sdpa(q, k, k, **ask)
+        return attn.to_out[0](out.transpose(1, 2).flatten(2))
+    model.blocks[0].attn1.set_processor(asking)
+    what = "is_causal=True" if "is_causal" in ask else "grouped-query attention"
+    with pytest.raises(ValueError, match=f"^blocks.0.attn1: capture_frame_attention records .* asks for {what}$"):
+        with capture_frame_attention(model, blocks=[0]):
+            forward(model, FAMILIES["wan"].inputs())
+    assert model.blocks[0].attn1.processor is asking and stock is not asking
+
+
 def test_the_unet_capture_on_a_dit_names_the_dit_capture():
     with pytest.raises(ValueError, match=r"^WanTransformer3DModel .*capture_frame_attention takes the video DiTs"):
         with capture_temporal_attention(FAMILIES["wan"].model()):

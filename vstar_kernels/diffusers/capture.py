@@ -112,7 +112,7 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
                              chunk_size)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_int("chunk_elements", chunk_elements, kinds=int)
+    chunk_elements = int(check_int("chunk_elements", chunk_elements))
     selected = [t for t in temporal
                 if (levels is None or t.level in levels) and (layers is None or t.name in layers)]
     if not selected:

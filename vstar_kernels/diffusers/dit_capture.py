@@ -65,7 +65,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
             and "guidance_scale" in inspect.signature(type(pipeline).__call__).parameters:
         raise ValueError(f"{type(pipeline).__name__} batches guidance but does not say when: pass cfg=True "
                          "(guidance_scale > 1) or cfg=False")
-    check_int("chunk_elements", chunk_elements, kinds=int)
+    chunk_elements = int(check_int("chunk_elements", chunk_elements))
 
     # every model apply_tar takes (Wan 2.2's two experts: the second's layers prefixed "transformer_2.")
     experts = [(prefix, expert, [(index, f"{prefix}.{name}" if prefix else name, module)
@@ -154,7 +154,7 @@ class FrameAttentionMaps(TemporalAttentionMaps):
         """(H,) float64 on the CPU: per head, the share of the video query rows of the (layer, step) `key`'s
         calls (every sequence recorded) whose max score lies outside their own frame and the text, as
         `vstar_kernels.analysis.max_outside_own_frame` computes it on each call's q and k: an upper bound of the
-        speculative forward's flag rate there (docs/attention-analysis.md)."""
+        tiled speculative forward's flag rate there; the lean forward's flags ties too (docs/attention-analysis.md)."""
         outside, rows = self._outside[key]
         return (outside.to(torch.float64) / rows).cpu()
 
@@ -264,7 +264,11 @@ class _Listen(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            query, key, _, mask, _, _, scale, _ = sdpa_arguments(*args, **kwargs)
+            query, key, _, mask, _, is_causal, scale, gqa = sdpa_arguments(*args, **kwargs)
+            if is_causal or (gqa and query.shape[1] != key.shape[1]):  # the maps are of full attention, one k a head
+                raise ValueError(f"{self.watch.name}: capture_frame_attention records attention over every key with "
+                                 f"a key head per query head; this call asks for "
+                                 f"{'is_causal=True' if is_causal else 'grouped-query attention'}")
             self.calls += 1
             # Mochi's processor runs one call per sequence: the calls come in batch order
             first = 0 if query.shape[0] == self.batch else self.seen
