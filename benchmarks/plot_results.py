@@ -46,20 +46,24 @@ def main(argv=None) -> int:
     if not paths:
         print(f"no CSV files given and none in {RESULTS}", file=sys.stderr)
         return 1
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [f"{p} ({'a folder' if p.is_dir() else 'no such file'})" for p in paths if not p.is_file()]
     if missing:
-        print(f"no such file: {', '.join(missing)}", file=sys.stderr)
+        print(f"not a file: {', '.join(missing)}", file=sys.stderr)
         return 2
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"--out: {exc}", file=sys.stderr)
+            return 2
     for path in paths:
         speculation = path.name.startswith("speculation-")
         try:
             written = render(path, plots=not (args.no_plots or speculation), out_dir=args.out)
             if speculation and not args.no_plots:
                 written += [p for p in [_speculation_script().plot(path, args.out)] if p]
-        except ValueError as exc:  # not a results file of this harness
-            print(exc, file=sys.stderr)
+        except ValueError as exc:  # not a results file of this harness (a UnicodeDecodeError too)
+            print(exc if str(path) in str(exc) else f"{path}: {exc}", file=sys.stderr)
             return 2
         if not written:
             print(f"{path}: no rows (an empty file, or its header alone)", file=sys.stderr)

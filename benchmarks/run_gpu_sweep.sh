@@ -24,6 +24,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$#" -gt 1 ]; then
+    echo "run_gpu_sweep.sh: one STAGE at most, got $# arguments: $*" >&2
+    exit 2
+fi
 STAGE="${1:-all}"
 case "$STAGE" in
     all | tests | kernels | e2e | quick | speculation | lean) ;;

@@ -55,6 +55,7 @@ from vstar_kernels import dispatch
 from vstar_kernels._problem import make_problem
 from vstar_kernels.bench import measure
 from vstar_kernels.bench.check import TOLERANCES
+from vstar_kernels.bench.harness import dtype_name
 from vstar_kernels.bench.peers import default_spec, floor_backend, sdpa_only
 
 RATES = (0.0, 0.05, 0.2, 1.0)
@@ -179,7 +180,7 @@ def run_shape(name: str, frames: torch.Tensor, heads: int, d: int, rate: float, 
                                                                backend="triton", speculate=False)}
     if device.type == "cuda" and rate == RATES[0]:
         calls["sdpa_floor"] = floor_call(floor_backend(device), q, k, v)
-    dt = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+    dt = dtype_name(dtype)
     for impl, fn in calls.items():
         timing = measure.time_call(fn, device)[0] if ok else None
         backend = floor_backend(device) if impl == "sdpa_floor" else "triton"
@@ -216,7 +217,7 @@ def run_lean(name: str, frames: torch.Tensor, heads: int, d: int, device, dtype,
     frames = frames.to(device)
     setup = f"dit={name} sigma={sigma:g}"
     cost = measure.ideal_cost(heads, frames.numel(), frames.numel(), d, d, q.element_size())
-    dt = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+    dt = dtype_name(dtype)
     two = vk.tar_attention(q, k, v, sigma=sigma, frames=frames, backend="triton", speculate=False)
     problem = make_problem(q, k, v, sigma=sigma, strength=1.0, delta=None, causal=False, max_mode="row", scale=None,
                            frames=frames)
@@ -277,6 +278,8 @@ def plot(csv_path, out_dir=None):
     csv_path = Path(csv_path)
     rows = [r for r in measure.read_csv(csv_path) if r["median_ms"] and r["status"] == "ok"]
     setups = [dict(part.split("=", 1) for part in r["setup"].split()) for r in rows]
+    if not all("dit" in s for s in setups):
+        raise ValueError(f"{csv_path}: not a results file of this script (a timed row's setup names no dit=)")
     # a row that flagged more rows than were planted timed data whose plant did not hold (`planted`: the tied
     # targets before 078d4c7 flagged every row), not the rate it names: not drawn
     held = [not ("planted_flag_rate" in s and float(s["flag_rate"]) > float(s["planted_flag_rate"]) + 0.005)
@@ -344,7 +347,8 @@ def plot(csv_path, out_dir=None):
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     first = rows[0]
     cpu = first["device"].startswith("cpu")  # a --smoke run: the kernels in the Triton interpreter
-    fig.suptitle(f"TAR forward, one pass vs two passes vs the plain-attention floor\n({first['dtype']}, "
+    dtypes = ", ".join(dict.fromkeys(r["dtype"] for r in rows))
+    fig.suptitle(f"TAR forward, one pass vs two passes vs the plain-attention floor\n({dtypes}, "
                  f"{first['device']}" + ": the Triton interpreter, not GPU speed" * cpu + ")", fontsize=10)
     fig.tight_layout()
     path = Path(out_dir or csv_path.parent) / f"{csv_path.stem}-flag-rates.png"
@@ -353,19 +357,36 @@ def plot(csv_path, out_dir=None):
     return path
 
 
+def _budget(text: str) -> float:
+    """--time-budget-s: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="the folder to write to (default: benchmarks/results; with --plot, beside the "
                                       "CSV)")
     parser.add_argument("--shapes", nargs="*", help="DiT shapes of tools/perf/model_dit.py (default: all)")
-    parser.add_argument("--rates", nargs="*", type=float, default=list(RATES))
-    parser.add_argument("--time-budget-s", type=float, default=420.0)
+    parser.add_argument("--rates", nargs="+", type=float, default=list(RATES))
+    parser.add_argument("--time-budget-s", type=_budget, default=420.0)
     parser.add_argument("--smoke", action="store_true", help="one tiny layout in the Triton interpreter (CPU)")
     parser.add_argument("--lean", action="store_true", help="the lean forward's rows (once per shape) first")
     parser.add_argument("--plot", metavar="CSV", help="draw a results file of this script (no run)")
     args = parser.parse_args(argv)
     if args.plot:
-        path = plot(args.plot, args.out)
+        if not Path(args.plot).is_file():
+            parser.error(f"--plot: {args.plot} is not a file")
+        try:
+            path = plot(args.plot, args.out)
+        except (KeyError, ValueError) as exc:  # a CSV of other columns, or of another harness
+            print(f"--plot: {exc}" if str(args.plot) in str(exc) else f"--plot: {args.plot}: {exc!r}", file=sys.stderr)
+            return 2
         print(f"wrote {path}" if path else f"{args.plot}: no timed row to draw")
         return 0
     if any(not 0 <= r <= 1 for r in args.rates):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from vstar_kernels.bench import backward, measure
+from vstar_kernels.bench import backward, measure, report
 
 from .._device import DEVICE
 
@@ -27,14 +27,23 @@ def test_callables_compute_the_gradients(frames):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_time_backward_rows_are_harness_rows():
+def test_time_backward_rows_are_harness_rows(tmp_path):
     info = measure.RunInfo("cpu (test)", torch.__version__, "3.x", "abc123", "20990101")
     rows = backward.time_backward(info, 2, 2, 16, 16, dtype=DTYPE, device=DEVICE, causal=True)
     assert [r["impl"] for r in rows] == list(backward.IMPLS)
+    assert [r["backend"] for r in rows] == ["triton", "reference", ""]  # what ran, as the sweep's rows say
     for r in rows:
         assert tuple(r) == measure.COLUMNS and r["status"] == "ok" and r["setup"] == "backward,causal=True"
         assert (r["batch"], r["heads"], r["n"], r["d"], r["commit"]) == (2, 2, 16, 16, "abc123")
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert (r["peak_mem_mb"] != "") == (DEVICE == "cuda") and r["gbps"] == ""
+    # drawn as any results file, but for the bandwidth: the rows count no bytes (it said "no implementation ran")
+    path = tmp_path / "cpu-test-20990101-backward.csv"
+    for r in rows:
+        measure.append_row(path, r)
+    written = [p.name for p in report.render(path)]
+    assert "cpu-test-20990101-backward-time-fp32.png" in written or DEVICE == "cuda"
+    assert not [name for name in written if "-bandwidth-" in name]
 
 
 def test_each_backward_is_called_once_before_it_is_timed(monkeypatch):
@@ -65,9 +74,9 @@ def test_cli_backward_refuses_the_sweeps_options(tmp_path, capsys):
     from vstar_kernels.cli import main
 
     assert main(["bench", "--backward", "--dtype", "bf16", "--n", "64", "--device", "cpu", "--time-budget-s", "1",
-                 "--out", str(tmp_path)]) == 2
+                 "--no-progress", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "drop --dtype, --n, --time-budget-s, --device cpu" in err
+    assert "drop --dtype, --n, --time-budget-s, --no-progress, --device cpu" in err
     assert not any(tmp_path.iterdir())
 
 
@@ -76,5 +85,5 @@ def test_cli_backward_needs_a_gpu(tmp_path):
     res = subprocess.run([sys.executable, "-m", "vstar_kernels", "bench", "--backward", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "backward benchmarks need a CUDA device" in res.stdout
+    assert "backward benchmarks need a CUDA device" in res.stderr and not res.stdout
     assert not any(tmp_path.iterdir())

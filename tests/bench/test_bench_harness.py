@@ -1,5 +1,6 @@
 """The sweep writes one row per (peer, shape, N, dtype) with the right status, and the CLI runs end to end."""
 
+import argparse
 import csv
 import dataclasses
 import os
@@ -231,6 +232,19 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
         assert cli.main(["bench", *args, "--out", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    (tmp_path / "a-file").write_text("")  # a folder under a file cannot be made: refused before any work
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--quick", "--out", str(tmp_path / "a-file" / "sub")])
+    assert exit_.value.code == 2
+    assert f"{tmp_path}/a-file/sub cannot be made: {tmp_path}/a-file is a file" in capsys.readouterr().err
+
+
+def test_values_given_twice_are_measured_once():
+    """--n 16 16 measured each cell twice (21 rows for 11); --dtype was taken once already."""
+    parser = argparse.ArgumentParser()
+    cli.bench.configure(parser)
+    args = parser.parse_args(["--n", "64", "16", "64", "--shapes", "tiny", "tiny", "--dtype", "fp32", "fp32"])
+    assert harness.resolve(args, cuda=False) == (("tiny",), (64, 16), ("fp32",))
 
 
 def test_cli_lists_shapes_and_prints_the_model_table(capsys):

@@ -83,6 +83,9 @@ def test_every_plotted_implementation_has_a_color_of_its_own():
     names = {*report.PLOTTED, *backward.IMPLS, *UNET_IMPLS}
     assert len({tuple(report._color(name)) for name in names}) == len(names)
     assert report._color("vstar_auto") == report._color("vstar_triton")
+    # an older file's names (reference_materialized) were all drawn in sdpa_plain's gray
+    older = {tuple(report._color(name)) for name in ("reference_materialized", "reference_chunked")}
+    assert len(older) == 2 and not older & {tuple(report._color(name)) for name in names}
 
 
 def plot_script():
@@ -326,6 +329,14 @@ def test_a_csv_of_other_columns_is_refused(tmp_path, capsys):
         render(path)
     assert plot_script().main([str(path)]) == 2
     assert "not this harness's" in capsys.readouterr().err and not list(tmp_path.glob("other*.md"))
+    image = tmp_path / "image.csv"
+    image.write_bytes(b"\x89PNG\r\n")
+    assert plot_script().main([str(image)]) == 2
+    assert capsys.readouterr().err.startswith(f"{image}: 'utf-8' codec can't decode")  # the file named
+    assert plot_script().main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"not a file: {tmp_path} (a folder)"
+    assert plot_script().main(["--out", str(path / "sub"), str(path)]) == 2
+    assert capsys.readouterr().err.startswith("--out: ")
 
 
 FLOOR_ROWS = [

@@ -97,6 +97,9 @@ def test_planted_rows_are_the_rows_the_lean_forward_flags(rate):
 
 def test_bad_rates_and_no_gpu_are_refused(tmp_path):
     for args, message in ((["--smoke", "--rates", "1.5"], "--rates: shares in [0, 1]"),
+                          (["--smoke", "--rates"], "argument --rates: expected at least one argument"),
+                          (["--smoke", "--time-budget-s", "-5"], "--time-budget-s: must be a number of seconds > 0"),
+                          (["--plot", str(tmp_path / "none.csv")], f"--plot: {tmp_path / 'none.csv'} is not a file"),
                           ([], "torch sees no CUDA device")):
         done = subprocess.run([sys.executable, "benchmarks/speculation.py", *args, "--out", str(tmp_path)], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)

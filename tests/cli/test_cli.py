@@ -162,7 +162,7 @@ def test_out_expands_a_tilde_and_a_failed_write_is_an_error_on_stderr(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert cli.main(["plot-delta", "--out=~/delta.png", "--num-frames", "4"]) == 0
     assert (tmp_path / "home" / "delta.png").is_file() and not (tmp_path / "~").exists()
-    assert cli.bench._folder("~/results") == str(tmp_path / "home" / "results")
+    assert cli.bench.results_folder("~/results") == str(tmp_path / "home" / "results")
     capsys.readouterr()
     taken = tmp_path / "taken.png"
     taken.mkdir()  # a folder where the image goes: the write fails after parsing

@@ -290,6 +290,21 @@ def test_bad_gpu_names_are_argparse_errors(argv, capsys):
     assert "--gpu" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["model", "--n", "0"], "--n: must be a positive int, got '0'"),
+    (["cpu", "--rounds", "0"], "--rounds: must be a positive int, got '0'"),
+    (["host", "--batch", "-1"], "--batch: must be a positive int, got '-1'"),
+    (["static", "--arch", "86"], "--arch: invalid choice: 86 (choose from 80, 90)"),
+    (["compile-check", "--arch", "0"], "--arch: an SM version from 75 to 120 (e.g. 80, 90), got '0'"),
+])
+def test_bad_numbers_are_argparse_errors_before_any_work(argv, message, capsys):
+    """They were tracebacks (an IndexError, a ZeroDivisionError, a KeyError after compiling) or an LLVM abort."""
+    with pytest.raises(SystemExit) as exc:
+        perf_main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, valid", [(["model", "--shapes", "vc2-320x512-l0", "nonesuch"], "vc2-320x512-l0"),
                                          (["model", "--shapes", "unet-tiny"], "vc2-320x512-l0"),
                                          (["model", "--dit", "--shapes", "nonesuch"], "wan2.1-1.3b-480p")])

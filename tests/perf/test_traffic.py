@@ -226,7 +226,7 @@ def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):
     assert "Counted in the Triton interpreter" in (tmp_path / "traffic.md").read_text()
 
 
-@pytest.mark.parametrize("command", ["traffic", "static"])
+@pytest.mark.parametrize("command", ["traffic", "static", "cpu"])
 def test_quick_needs_an_out_folder(command, capsys):
     """--quick without --out would have replaced the committed full table with the CI subset."""
     from tools.perf.__main__ import main as perf_main

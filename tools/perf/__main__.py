@@ -11,7 +11,21 @@ GPUS = ("h100", "h200")
 
 
 def _out(parser) -> None:
-    parser.add_argument("--out", metavar="DIR", help="results directory (default: benchmarks/results)")
+    from vstar_kernels.bench import results_folder
+
+    parser.add_argument("--out", metavar="DIR", type=results_folder,
+                        help="results directory (default: benchmarks/results)")
+
+
+def positive(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,8 +33,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     static = sub.add_parser("static", help="compile every kernel config for sm_80/sm_90 and read its SASS: "
                                            "registers, spills, occupancy, MMA kind, instructions per score")
-    static.add_argument("--arch", nargs="+", type=int, default=[80, 90], metavar="SM",
-                        help="SM versions to compile for (default: 80 90)")
+    static.add_argument("--arch", nargs="+", type=int, choices=(80, 90), default=[80, 90], metavar="SM",
+                        help="SM versions to compile for: 80, 90 or both (default: both)")
     static.add_argument("--quick", action="store_true", help="the CI subset")
     static.add_argument("--kernels", nargs="+", metavar="NAME",
                         help="recompile these kernels' launches only and replace their rows in the tables "
@@ -38,18 +52,18 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--dit", action="store_true", help="the video DiT self-attention shapes, with frame ids")
     model.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (vstar_kernels.bench.shapes, or "
                                                                    "the DiT shapes with --dit)")
-    model.add_argument("--n", nargs="+", type=int, metavar="N", help="sequence lengths (kernel shapes; not with --dit)")
+    model.add_argument("--n", nargs="+", type=positive, metavar="N", help="sequence lengths (kernel shapes; not with --dit)")
     model.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     _out(model)
     cpu = sub.add_parser("cpu", help="time the CPU default path (tar_attention, backend auto) against plain SDPA, "
                                      "default threads and one thread (measured)")
     cpu.add_argument("--quick", action="store_true", help="one UNet and one DiT case")
-    cpu.add_argument("--rounds", type=int, default=9, help="timed calls of each implementation per case (default 9)")
+    cpu.add_argument("--rounds", type=positive, default=9, help="timed calls of each implementation per case (default 9)")
     _out(cpu)
     host = sub.add_parser("host", help="the host time of tar_attention on the quick shape, per call, against plain "
                                        "SDPA and the bare formula (measured)")
-    host.add_argument("--rounds", type=int, default=50, help="rounds of timed batches (default 50)")
-    host.add_argument("--batch", type=int, default=20, help="calls of each implementation per round (default 20)")
+    host.add_argument("--rounds", type=positive, default=50, help="rounds of timed batches (default 50)")
+    host.add_argument("--batch", type=positive, default=20, help="calls of each implementation per round (default 20)")
     check = sub.add_parser("compile-check", help="compile every launch for an NVIDIA arch (no GPU): registers, "
                                                  "spills, shared memory", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
@@ -86,7 +100,7 @@ def main(argv=None) -> int:
         if unknown:
             top.error(f"argument --shapes: unknown {'DiT ' * args.dit}shape(s) {', '.join(unknown)}; "
                       f"choose from {', '.join(valid)}")
-    if args.command in ("static", "traffic") and args.quick and not args.out:
+    if args.command in ("static", "traffic", "cpu") and args.quick and not args.out:
         top.error(f"{args.command} --quick writes the CI subset, which would replace the committed full tables in "
                   "benchmarks/results: give --out DIR")
     from vstar_kernels import _env

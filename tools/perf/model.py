@@ -305,6 +305,7 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, (left, *ratios) = plt.subplots(1, 3, figsize=(19, 5.5))
     first = rows[0]["shape"]
@@ -319,6 +320,7 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
     left.set(xscale="log", yscale="log", xlabel="N (frames)", ylabel="modeled time per call (ms)",
              title=f"{first}: time per call (model)")
     left.set_xticks(ns, [str(n) for n in ns])
+    left.xaxis.set_minor_locator(NullLocator())  # the log axis' own labels (2x10^1, ...) would overlap these
     left.legend(fontsize=8)
     for ax, impl, label in zip(ratios, OURS_SIGMA, ("sigma 1 (64D1)", "sigma 8 (64D8)")):
         curves = []  # [(points, shapes)]: shapes within 5% of the first of a line at every N (the ratio follows N
@@ -341,6 +343,7 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
         ax.set(xscale="log", xlabel="N (frames)", ylabel="ours / FlashAttention-3 (modeled time ratio)",
                title=f"vstar_triton / FlashAttention-3, {label} (model)")
         ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=7)
     fig.suptitle(f"Roofline model, {GPUS[gpu_key].name}, fp16 forward - model, not measured")
     fig.tight_layout()

@@ -23,12 +23,17 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _folder(text: str) -> str:
-    """--out: a folder, made when missing; an existing file is refused before any work. "--out=~/x": the shell
-    leaves that ~ alone, this expands it."""
+def results_folder(text: str) -> str:
+    """--out: a folder, made when missing; an existing file, or one where a folder to make is, is refused before any
+    work. "--out=~/x": the shell leaves that ~ alone, this expands it."""
     text = os.path.expanduser(text)
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a file; --out names the results folder")
+    above = os.path.abspath(text)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise argparse.ArgumentTypeError(f"{text} cannot be made: {above} is a file")
     return text
 
 
@@ -46,7 +51,7 @@ def configure(parser) -> None:
                              "path; vstar_triton is only checked there, in the Triton interpreter")
     parser.add_argument("--device", choices=RUNTIME_DEVICES, default="auto",
                         help="where to run: auto, cuda or cpu (default: cuda when available)")
-    parser.add_argument("--out", metavar="DIR", type=_folder,
+    parser.add_argument("--out", metavar="DIR", type=results_folder,
                         help="results directory (default: ./vstar-bench-results, in the current folder; the paths "
                              "written are printed)")
     parser.add_argument("--time-budget-s", type=_seconds, metavar="S",

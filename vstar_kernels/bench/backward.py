@@ -16,6 +16,10 @@ from .harness import dtype_name, results_csv
 from .peers import BACKWARD_IMPLS as IMPLS
 
 
+# what tar_attention runs for each of ours (the `backend` column); empty for SDPA, a peer
+BACKENDS = {"vstar_triton": "triton", "vstar_reference": "reference"}
+
+
 def backward_callables(batch, heads, frames, head_dim, *, dtype=torch.float16, device="cuda", impls=IMPLS, **tar):
     """name -> callable running one backward of a (batch, heads, frames, head_dim) self-attention; q, k, v are
     (B, N, H, D) storage viewed as (B, H, N, D), as diffusers hands them; `tar` goes to tar_attention."""
@@ -48,8 +52,9 @@ def time_backward(info: measure.RunInfo, batch, heads, frames, head_dim, *, dtyp
     rows = []
     for name, fn in callables.items():
         fn()
+        timing, peak = measure.time_call(fn, torch.device(device))
         rows.append(measure.row(info, name, batch, heads, frames, head_dim, dtype_name(dtype), setup=setup,
-                                timing=measure.time_call(fn, torch.device(device))[0]))
+                                timing=timing, peak_mb=peak, backend=BACKENDS.get(name, "")))
     return rows
 
 
@@ -61,7 +66,8 @@ DEFAULT_OPTIONS = [dict(), dict(causal=True, max_mode="global")]
 
 
 # the sweep's options this run does not take (its cases, dtype and implementations are its own)
-SWEEP_ONLY = ("quick", "dtype", "n", "shapes", "impls", "time_budget_s", "resume", "list", "model_table")
+SWEEP_ONLY = ("quick", "dtype", "n", "shapes", "impls", "time_budget_s", "resume", "list", "model_table",
+              "no_progress")
 
 
 def main(args) -> int:
@@ -72,7 +78,8 @@ def main(args) -> int:
               f"and --device cuda (or auto) only: drop {', '.join(given)}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
-        print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)")
+        print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)",
+              file=sys.stderr)
         return 1
     info = measure.RunInfo.collect(torch.device("cuda"))
     csv_path = results_csv(args, info, "-backward")

@@ -227,11 +227,11 @@ class Sweep:
 def resolve(args, cuda: bool):
     """(shape names, N list, dtype names) from the options and the preset for this device."""
     names, ns, dtypes = shapes.PRESETS[cuda, bool(args.quick)]
-    names = tuple(args.shapes) if args.shapes else names
+    names = tuple(dict.fromkeys(args.shapes)) if args.shapes else names  # each once, in the order given
     for name in names:
         if name not in shapes.SHAPES:
             raise ValueError(f"--shapes: unknown shape {name!r}; known: {', '.join(shapes.SHAPES)}")
-    ns = tuple(args.n) if args.n else ns
+    ns = tuple(dict.fromkeys(args.n)) if args.n else ns
     if any(n < 1 for n in ns):
         raise ValueError(f"--n: frame counts must be >= 1, got {ns}")
     dtypes = tuple(dict.fromkeys(parse_dtype(d) for d in args.dtype)) if args.dtype else dtypes
@@ -291,7 +291,7 @@ def main(args) -> int:
             print(model_table(names, ns))
             return 0
         device = torch.device("cuda" if cuda else "cpu")
-        peer_names = args.impls or default_impls(device)
+        peer_names = list(dict.fromkeys(args.impls)) if args.impls else default_impls(device)
         unknown = [p for p in peer_names if p not in PEERS]
         if unknown:
             raise ValueError(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 from .. import _env
@@ -238,13 +239,17 @@ PLOTTED = (*(name for name in PEERS if name != "vstar_auto"), *BACKWARD_IMPLS, *
 
 
 def _color(impl: str):
-    """A color of its own for each of PLOTTED (tab10's, then Dark2's); gray for any other."""
+    """A color of its own for each of PLOTTED (tab10's, then Dark2's); for any other (an older file's names) one of
+    tab20b's, by its name's hash: none of those, nor gray."""
     import matplotlib
 
     names = list(dict.fromkeys(PLOTTED))
     colors = [*matplotlib.colormaps["tab10"].colors, *matplotlib.colormaps["Dark2"].colors]
     impl = "vstar_triton" if impl == "vstar_auto" else impl
-    return colors[names.index(impl)] if impl in names else "gray"
+    if impl in names:
+        return colors[names.index(impl)]
+    others = matplotlib.colormaps["tab20b"].colors
+    return others[zlib.crc32(impl.encode()) % len(others)]
 
 
 def draw_plots(rows, stem: Path) -> list:
@@ -265,6 +270,8 @@ def draw_plots(rows, stem: Path) -> list:
         if device.startswith("cpu"):
             note = f"CPU wall clock; {note}" + " (tar_attention's default CPU path)" * bool(ours) + ". Not GPU speed"
         for metric, (title, ylabel) in METRICS.items():
+            if metric == "bandwidth" and not any(r["gbps"] for r in rows):  # backward rows count no bytes
+                continue
             height = 3.6 * nrows + 1.8
             fig, axes = plt.subplots(nrows, cols, figsize=(max(9, 5 * cols), height), squeeze=False)
             for ax in axes.flat[len(groups):]:
