@@ -39,10 +39,8 @@ def _tar_attention(q: Tensor, k: Tensor, v: Tensor, sigma: float, strength: floa
                    compiled: bool = False, layout: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     problem = TarProblem.from_op_args((q, k, v, sigma, strength, delta, causal, max_mode, scale, frames_q, frames_k,
                                        key_mask), layout)
-    if compiled:
-        with values_unkept():
-            return _forward(problem, backend, needs_grad, speculate, compiled)
-    return _forward(problem, backend, needs_grad, speculate)
+    with values_unkept() if compiled else contextlib.nullcontext():
+        return _forward(problem, backend, needs_grad, speculate, compiled)
 
 
 def _forward(problem: TarProblem, backend: str, needs_grad: bool, speculate: bool,

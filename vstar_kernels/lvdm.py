@@ -181,10 +181,8 @@ def set_step(model: torch.nn.Module, step: int) -> None:
     state = _state(model)
     if state is None:
         raise ValueError(f"{type(model).__name__} has no TAR modules: call apply_tar_to_modules first")
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"step must be an int >= 0 (0 = noisiest), got {step!r}")
+    state.regularizing = state.config.regularizes(step)  # (which checks `step`)
     state.step = int(step)
-    state.regularizing = state.config.regularizes(state.step)
 
 
 def remove_tar_from_modules(model: torch.nn.Module) -> None:

@@ -205,6 +205,15 @@ class TARConfig:
         return self.until_step is None or step <= self.until_step
 
 
+def uncompiled(model):
+    """The module a torch.compile'd model (an OptimizedModule, maybe compiled twice) wraps, any other as it is: TAR
+    goes on the modules themselves, and their names (a UNet's levels) are the model's own, not the wrapper's
+    ``_orig_mod.``-prefixed ones."""
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 def _preset_levels(name: str) -> dict:
     """The VSTAR preset's levels: each level's sigma at strength 1."""
     return {level: LevelSpec(sigma, 1.0) for level, sigma in PRESETS[name].items()}

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..frames import TokenLayout, leading_references
+from ..tar_config import uncompiled as unwrap
 
 
 @dataclass(frozen=True)
@@ -210,13 +211,6 @@ FAMILIES: Dict[Tuple[str, str], Family] = {
     ("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel"): Family("SVD / SV3D", _time_stack_targets,
                                                                             _svd_layout, time_dim=0),
 }
-
-
-def unwrap(diffusion_model: torch.nn.Module) -> torch.nn.Module:
-    """The module a torch.compile'd diffusion model (an OptimizedModule, maybe nested) wraps; any other as it is."""
-    while isinstance(diffusion_model, torch._dynamo.eval_frame.OptimizedModule):
-        diffusion_model = diffusion_model._orig_mod
-    return diffusion_model
 
 
 def family_of(diffusion_model: torch.nn.Module) -> Family:

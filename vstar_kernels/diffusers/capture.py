@@ -25,7 +25,7 @@ from ..reference import tar_scores, without_autocast
 from ..regularization import gaussian_bias
 from .install import denoiser
 from .processors import project_heads, tar_site, temporal_at
-from .steps import ATTENTION_REUSE, StepTracker
+from .steps import ATTENTION_REUSE, StepTracker, diffusers_hook
 
 # fp32 probabilities of one chunk (sequences x heads x N x N here, batch x heads x rows x Nk in dit_capture): 64 MiB
 CHUNK_ELEMENTS = 1 << 24
@@ -135,19 +135,6 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
         StepTracker.detach(model, recorder.owner)
 
 
-def _skips_unconditional(model) -> bool:
-    """Whether diffusers' FasterCache on `model` may skip the unconditional branch of batched guidance."""
-    registry = getattr(model, "_diffusers_hook", None)
-    hook = None if registry is None else registry.get_hook("faster_cache_denoiser")
-    return hook is not None and not hook.is_guidance_distilled and hook.unconditional_batch_skip_range > 1
-
-
-# diffusers' hooks on an attention module that may return an earlier call's output instead of computing it
-def _reusing_hooks(module) -> List[str]:
-    registry = getattr(module, "_diffusers_hook", None)
-    return [] if registry is None else [name for name in ATTENTION_REUSE if registry.get_hook(name) is not None]
-
-
 class _Recorder:
     """The forward hooks of one capture and what they add to its maps."""
 
@@ -249,7 +236,7 @@ class _Recorder:
         if call.get("attention_mask") is not None:
             raise ValueError(f"{name}: capture_temporal_attention records unmasked temporal attention, but this "
                              "call passed an attention_mask")
-        reusing = _reusing_hooks(module)
+        reusing = [h for h in ATTENTION_REUSE if diffusers_hook(module, h) is not None]  # an earlier call's output
         if reusing:
             raise ValueError(f"{name}: diffusers' {reusing[0]} hook on this attention reuses its output in some "
                              "steps, where capture_temporal_attention, which records each call from the module's "
@@ -261,7 +248,8 @@ class _Recorder:
                              "take apart: capture with pag_scale=0")
         start = 0
         if self._guidance_batched():
-            if _skips_unconditional(self.model):
+            cache = diffusers_hook(self.model, "faster_cache_denoiser")  # may skip the unconditional branch
+            if cache is not None and not cache.is_guidance_distilled and cache.unconditional_batch_skip_range > 1:
                 raise ValueError(f"{name}: diffusers' FasterCache on this model skips the unconditional branch in some "
                                  "steps, where the model's blocks see the conditional half alone, which the capture "
                                  "cannot tell from its input: capture without it, or with FasterCacheConfig("

@@ -175,7 +175,6 @@ def _history_grid(model, arguments, histories, video_indices: str) -> TokenLayou
 
 def _framepack_layout(model, arguments) -> TokenLayout:
     """HunyuanVideo Framepack: the 4x, 2x and 1x (clean) history latents, then the video (`_history_grid`)."""
-    _latent(model, arguments)
     if _patch(model.config)[0] != 1:
         raise ValueError(f"{type(model).__name__}: TAR reads Framepack's frame indices per latent frame: "
                          "patch_size_t must be 1")

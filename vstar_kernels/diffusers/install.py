@@ -9,9 +9,8 @@ import weakref
 from typing import Callable, List, Tuple
 
 import torch
-from diffusers.utils.torch_utils import is_compiled_module
 
-from ..tar_config import TARConfig
+from ..tar_config import TARConfig, uncompiled
 from .dit_families import dit_attention_modules, dit_family, unsupported_dit
 from .dit_state import DiTState, watch_layout
 from .processors import UNetState, temporal_at
@@ -19,15 +18,6 @@ from .steps import TAR_OWNER, StepTracker, in_run, modules_to, run_begin
 
 STATE_ATTR = "_vstar_tar"
 DENOISERS = ("unet", "transformer", "transformer_2")
-
-
-def uncompiled(model):
-    """The module a torch.compile'd model (maybe compiled twice) wraps, any other as it is: TAR goes on the modules
-    themselves, and their names (a UNet's levels) are the model's own, not the wrapper's ``_orig_mod.``-prefixed
-    ones."""
-    while is_compiled_module(model):
-        model = model._orig_mod
-    return model
 
 
 def denoiser(target):

@@ -394,8 +394,5 @@ def _layout(model: torch.nn.Module, temporal: List[TemporalAttention]) -> List[T
     Swapping a block in or out (FreeNoise) replaces a child of one of these modules; comparing the
     children is a few dozen tuple comparisons, where walking the whole model takes milliseconds.
     """
-    paths = {""}
-    for t in temporal:
-        parts = t.name.split(".")
-        paths.update(".".join(parts[:i]) for i in range(len(parts)))
-    return [(module, tuple(module._modules.values())) for module in map(model.get_submodule, sorted(paths))]
+    parents = [t.name.rpartition(".")[0] for t in temporal]
+    return [(module, tuple(module._modules.values())) for module in modules_to(model, parents)]

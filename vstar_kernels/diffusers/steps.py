@@ -43,14 +43,19 @@ def modules_to(model: torch.nn.Module, names) -> List[torch.nn.Module]:
     return list(found.values())
 
 
+def diffusers_hook(module: torch.nn.Module, name: str):
+    """diffusers' hook `name` on `module` (in its hook registry), or None."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return None if registry is None else registry.get_hook(name)
+
+
 def warn_step_cache(modules, until_step: Optional[int], step: int) -> bool:
     """Warn where one of diffusers' `STEP_CACHES` is on `modules` (`modules_to` the regularized ones) at the first
     `step` after a window of steps (`until_step`): it can be handed a regularized output. True once said."""
     if until_step is None or step <= until_step:
         return False
     for module in modules:
-        registry = module.__dict__.get("_diffusers_hook")
-        found = registry and next((h for h in STEP_CACHES if registry.get_hook(h) is not None), None)
+        found = next((h for h in STEP_CACHES if diffusers_hook(module, h) is not None), None)
         if found:
             warnings.warn(f"TAR: diffusers' {found} hook on this model hands a step outputs of earlier steps, so a "
                           f"step after until_step={until_step} can reuse a regularized output (for as many steps as "
