@@ -288,6 +288,8 @@ def main(args) -> int:
             raise ValueError("--model-table counts fp16 inputs: --dtype does not apply to it")
         names, ns, dtypes = resolve(args, cuda)
         if args.model_table:
+            if all(shapes.is_unet(name) for name in names):
+                raise ValueError(f"--model-table counts kernel shapes, and --shapes names UNets only: {names}")
             print(model_table(names, ns))
             return 0
         device = torch.device("cuda" if cuda else "cpu")
