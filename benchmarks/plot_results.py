@@ -3,10 +3,11 @@
     python benchmarks/plot_results.py [--out DIR] [--no-plots] [CSV ...]
 
 Default: every CSV under benchmarks/results/ but those tools.perf writes with its own tables
-(PERF_OUTPUTS). Each CSV gets ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png``
-beside it (or in --out), built from the CSV alone by vstar_kernels.bench.report.render, so
-committed results can be re-rendered anywhere. A speculation-*.csv (benchmarks/speculation.py's rows) gets its
-markdown and, for plots, that script's one picture, ``<stem>-flag-rates.png``.
+(PERF_OUTPUTS). Each CSV gets ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` (no bandwidth
+for `bench --backward`'s rows, which count no bytes) beside it (or in --out), built from the CSV alone by
+vstar_kernels.bench.report.render, so committed results can be re-rendered anywhere. A speculation-*.csv
+(benchmarks/speculation.py's rows) gets its markdown and, for plots, that script's one picture,
+``<stem>-flag-rates.png``.
 """
 
 from __future__ import annotations

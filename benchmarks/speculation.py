@@ -53,7 +53,7 @@ from torch.profiler import ProfilerActivity
 import vstar_kernels as vk
 from vstar_kernels import dispatch
 from vstar_kernels._problem import make_problem
-from vstar_kernels.bench import measure
+from vstar_kernels.bench import measure, results_folder
 from vstar_kernels.bench.check import TOLERANCES
 from vstar_kernels.bench.harness import dtype_name
 from vstar_kernels.bench.peers import default_spec, floor_backend, sdpa_only
@@ -277,9 +277,9 @@ def plot(csv_path, out_dir=None):
 
     csv_path = Path(csv_path)
     rows = [r for r in measure.read_csv(csv_path) if r["median_ms"] and r["status"] == "ok"]
-    setups = [dict(part.split("=", 1) for part in r["setup"].split()) for r in rows]
-    if not all("dit" in s for s in setups):
+    if not all(r["setup"].startswith("dit=") for r in rows):
         raise ValueError(f"{csv_path}: not a results file of this script (a timed row's setup names no dit=)")
+    setups = [dict(part.split("=", 1) for part in r["setup"].split()) for r in rows]
     # a row that flagged more rows than were planted timed data whose plant did not hold (`planted`: the tied
     # targets before 078d4c7 flagged every row), not the rate it names: not drawn
     held = [not ("planted_flag_rate" in s and float(s["flag_rate"]) > float(s["planted_flag_rate"]) + 0.005)
@@ -352,6 +352,7 @@ def plot(csv_path, out_dir=None):
                  f"{first['device']}" + ": the Triton interpreter, not GPU speed" * cpu + ")", fontsize=10)
     fig.tight_layout()
     path = Path(out_dir or csv_path.parent) / f"{csv_path.stem}-flag-rates.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -370,7 +371,7 @@ def _budget(text: str) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="the folder to write to (default: benchmarks/results; with --plot, beside the "
+    parser.add_argument("--out", type=results_folder, help="the folder to write to (default: benchmarks/results; with --plot, beside the "
                                       "CSV)")
     parser.add_argument("--shapes", nargs="*", help="DiT shapes of tools/perf/model_dit.py (default: all)")
     parser.add_argument("--rates", nargs="+", type=float, default=list(RATES))
@@ -379,13 +380,16 @@ def main(argv=None) -> int:
     parser.add_argument("--lean", action="store_true", help="the lean forward's rows (once per shape) first")
     parser.add_argument("--plot", metavar="CSV", help="draw a results file of this script (no run)")
     args = parser.parse_args(argv)
+    args.rates = list(dict.fromkeys(args.rates))  # each once
+    args.shapes = args.shapes and list(dict.fromkeys(args.shapes))
     if args.plot:
         if not Path(args.plot).is_file():
             parser.error(f"--plot: {args.plot} is not a file")
         try:
             path = plot(args.plot, args.out)
         except (KeyError, ValueError) as exc:  # a CSV of other columns, or of another harness
-            print(f"--plot: {exc}" if str(args.plot) in str(exc) else f"--plot: {args.plot}: {exc!r}", file=sys.stderr)
+            print(f"--plot: {exc}" if str(args.plot) in str(exc) else f"--plot: {args.plot}: {type(exc).__name__}: "
+                  f"{exc}", file=sys.stderr)
             return 2
         print(f"wrote {path}" if path else f"{args.plot}: no timed row to draw")
         return 0

@@ -68,9 +68,9 @@ def max_outside_own_frame(q, k, frames, *, scale=None, key_mask=None) -> torch.T
     unmasked keys is strictly larger than its max over the keys of its own frame and the text (a tie is
     inside; a row with no unmasked key is inside). Returns float64 (B, H), NaN where no query is a video token.
 
-    This share is an upper bound of the tiled speculative forward's flag rate (docs/attention-analysis.md says why
-    and why the lean forward's is not: it flags ties too; the kernel also flags a row with no unmasked key, and no
-    text row with a finite max: text rows are not counted).
+    This share bounds the tiled speculative forward's flag rate from above, up to rounding
+    (docs/attention-analysis.md says why, and why the lean forward's is not bounded: it flags ties too; the kernel
+    also flags a row with no unmasked key, and no text row with a finite max: text rows are not counted).
     Scores in float32 (float64 for float64 input), in blocks of query rows of `reference.CHUNK_ELEMENTS` at most.
     """
     if frames is None:

@@ -194,6 +194,20 @@ def test_a_file_with_no_timed_row_draws_nothing(tmp_path):
     assert _script().plot(path) is None and not list(tmp_path.glob("*.png"))
 
 
+def test_plot_refuses_a_file_of_another_harness_by_name(tmp_path, capsys):
+    """A `bench --backward` file (setup "backward", no "="): it failed on the setup's parsing with Python's words."""
+    path = tmp_path / "cpu-20260101-backward.csv"
+    measure.append_row(path, {**dict.fromkeys(measure.COLUMNS, ""), "impl": "sdpa", "setup": "backward",
+                              "median_ms": "1", "status": "ok"})
+    assert _script().main(["--plot", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"--plot: {path}: not a results file of this script (a timed row's "
+                                               "setup names no dit=)")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        _script().main(["--smoke", "--out", str(tmp_path / "a-file" / "sub")])
+    assert "cannot be made" in capsys.readouterr().err
+
+
 def test_rows_whose_plant_did_not_hold_are_not_drawn(tmp_path):
     """A one-pass row that flagged more rows than were planted timed other data than its rate names: --plot leaves
     it out (a file of such rows alone draws nothing)."""

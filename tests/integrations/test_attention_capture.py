@@ -422,7 +422,7 @@ def test_chunks_give_the_map_of_one_chunk_and_bound_the_probabilities(monkeypatc
     assert max(sizes) <= budget and len(sizes) >= len(names) * one // 5
     reset_steps(model)
     with pytest.warns(DeprecationWarning, match="chunk_size"):
-        with capture_temporal_attention(model, layers=names, chunk_size=3) as runs["sequences"]:
+        with capture_temporal_attention(model, layers=names, chunk_size=numpy.int64(3)) as runs["sequences"]:
             forward(model, inputs)
     for chunk, maps in runs.items():
         for key in runs[10 ** 6]:

@@ -1,5 +1,6 @@
 """`python -m vstar_kernels demo-attention`: the PNG it draws and the numbers it prints."""
 
+import numpy
 import pytest
 import torch
 
@@ -51,7 +52,7 @@ def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys, monkeypatch):
     assert "per-panel scale" in figures[0].get_suptitle()
     text = capsys.readouterr().out
     assert f"wrote {out}" in text and out.exists()
-    runs = attention_demo(tmp_path / "again.png", num_frames=8, size=8, dpi=40)
+    runs = attention_demo(tmp_path / "again.png", num_frames=numpy.int64(8), size=8, dpi=40)  # numpy ints taken
     mean_line = next(line for line in text.splitlines() if line.startswith("mean"))
     printed = [float(v) for v in mean_line.split()[1:]]
     expected = [sum(float(diagonality(m)) for m in runs[r].values()) / LEVEL0_LAYERS for r in runs] + \

@@ -92,6 +92,9 @@ def main(argv=None) -> int:
         return compile_check(argv[1:])
     top = parser()
     args = top.parse_args(argv)
+    for name, value in vars(args).items():  # a value given twice is one
+        if isinstance(value, list) and name != "rest":
+            setattr(args, name, list(dict.fromkeys(value)))
     if args.command == "model" and args.dit and args.n:
         top.error("argument --n: the DiT shapes have their own sequence lengths; --n is for the kernel shapes")
     if args.command == "model" and args.shapes:

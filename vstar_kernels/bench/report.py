@@ -1,7 +1,7 @@
 """Tables and plots from a results CSV: `render(csv_path)` writes ``<stem>.md`` and
-``<stem>-{time,speedup,bandwidth}-<dtype>.png`` (benchmarks/plot_results.py, benchmarks/NOTES.md). Rows group by
-shape and `setup`; peers are compared with the first timed implementation of ours (peers.TIMED_OURS) that ran in
-the group, at every N of it.
+``<stem>-{time,speedup,bandwidth}-<dtype>.png``, no bandwidth for rows of no bytes (benchmarks/plot_results.py,
+benchmarks/NOTES.md). Rows group by shape and `setup`; peers are compared with the first timed implementation of
+ours (peers.TIMED_OURS) that ran in the group, at every N of it.
 """
 
 from __future__ import annotations
@@ -253,7 +253,8 @@ def _color(impl: str):
 
 
 def draw_plots(rows, stem: Path) -> list:
-    """Per dtype: time vs N, speed-up of ours vs N, achieved bandwidth vs N against the copy bandwidth."""
+    """Per dtype: time vs N, speed-up of ours vs N, achieved bandwidth vs N against the copy bandwidth (where a row
+    has bytes: a backward row has none)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,6 +6,7 @@ band is weaker than in a trained model.
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict
 
 import torch
@@ -45,8 +46,9 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
     if scale is not None:
         color_scale = renamed("attention_demo", "scale", "color_scale", scale)
     for name, value in (("num_frames", num_frames), ("size", size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+    num_frames, size = int(num_frames), int(size)
     check_dpi(dpi)
     model = tiny_unet3d(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 from collections.abc import Mapping
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -110,8 +111,9 @@ def capture_temporal_attention(target, *, steps=None, levels=None, layers=None, 
     if chunk_size is not None:
         chunk_size = renamed("capture_temporal_attention", "chunk_size (sequences)", "chunk_elements (scores)",
                              chunk_size)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        chunk_size = int(chunk_size)
     chunk_elements = int(check_int("chunk_elements", chunk_elements))
     selected = [t for t in temporal
                 if (levels is None or t.level in levels) and (layers is None or t.name in layers)]

@@ -153,8 +153,9 @@ class FrameAttentionMaps(TemporalAttentionMaps):
     def max_outside_own_frame(self, key) -> torch.Tensor:
         """(H,) float64 on the CPU: per head, the share of the video query rows of the (layer, step) `key`'s
         calls (every sequence recorded) whose max score lies outside their own frame and the text, as
-        `vstar_kernels.analysis.max_outside_own_frame` computes it on each call's q and k: an upper bound of the
-        tiled speculative forward's flag rate there; the lean forward's flags ties too (docs/attention-analysis.md)."""
+        `vstar_kernels.analysis.max_outside_own_frame` computes it on each call's q and k: an upper bound, up to
+        rounding, of the tiled speculative forward's flag rate there; the lean forward's flags ties too
+        (docs/attention-analysis.md)."""
         outside, rows = self._outside[key]
         return (outside.to(torch.float64) / rows).cpu()
 
