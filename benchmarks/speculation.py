@@ -53,7 +53,7 @@ from torch.profiler import ProfilerActivity
 import vstar_kernels as vk
 from vstar_kernels import dispatch
 from vstar_kernels._problem import make_problem
-from vstar_kernels.bench import measure, results_folder
+from vstar_kernels.bench import measure, results_folder, seconds
 from vstar_kernels.bench.check import TOLERANCES
 from vstar_kernels.bench.harness import dtype_name
 from vstar_kernels.bench.peers import default_spec, floor_backend, sdpa_only
@@ -358,24 +358,13 @@ def plot(csv_path, out_dir=None):
     return path
 
 
-def _budget(text: str) -> float:
-    """--time-budget-s: a number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=results_folder, help="the folder to write to (default: benchmarks/results; with --plot, beside the "
-                                      "CSV)")
+    parser.add_argument("--out", type=results_folder,
+                        help="the folder to write to (default: benchmarks/results; with --plot, beside the CSV)")
     parser.add_argument("--shapes", nargs="*", help="DiT shapes of tools/perf/model_dit.py (default: all)")
     parser.add_argument("--rates", nargs="+", type=float, default=list(RATES))
-    parser.add_argument("--time-budget-s", type=_budget, default=420.0)
+    parser.add_argument("--time-budget-s", type=seconds, default=420.0)
     parser.add_argument("--smoke", action="store_true", help="one tiny layout in the Triton interpreter (CPU)")
     parser.add_argument("--lean", action="store_true", help="the lean forward's rows (once per shape) first")
     parser.add_argument("--plot", metavar="CSV", help="draw a results file of this script (no run)")

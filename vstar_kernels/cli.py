@@ -163,13 +163,6 @@ def _deprecated_option(parser, old: str, new: str, **kwargs) -> None:
                         default=argparse.SUPPRESS, **kwargs)
 
 
-def _positive_int(text: str) -> int:
-    """An option's value that must be an int >= 1 (argparse names the option in its error)."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return int(text)
-
-
 def _seed(text: str) -> int:
     """--seed: an int torch.manual_seed takes, -2**63 to 2**64 - 1."""
     try:
@@ -211,12 +204,12 @@ def _image_path(text: str) -> str:
 def _plot_delta_options(parser) -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 4.0, 8.0],
                         help="one panel per sigma (default: 1 4 8)")
-    parser.add_argument("--num-frames", type=_positive_int, default=16,
+    parser.add_argument("--num-frames", type=bench.positive_int, default=16,
                         help="frames N of the N x N matrix (default: 16)")
-    _deprecated_option(parser, "--frames", "--num-frames", type=_positive_int)
+    _deprecated_option(parser, "--frames", "--num-frames", type=bench.positive_int)
     parser.add_argument("--out", type=_image_path, default="delta.png",
                         help="output image; format from the suffix (default: delta.png)")
-    parser.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch (default: 100)")
+    parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
 
 
 @command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options,
@@ -242,7 +235,7 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the latents (default: 0)")
     parser.add_argument("--out", type=_image_path, default="attention.png",
                         help="output image (default: attention.png)")
-    parser.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch (default: 100)")
+    parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
     parser.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared",
                         help="one colour scale for all panels, or each panel on its own min..max (default: shared)")
     _deprecated_option(parser, "--scale", "--color-scale", choices=("shared", "per-panel"))

@@ -7,25 +7,14 @@ import os
 import subprocess
 import sys
 
+from vstar_kernels.bench import positive_int, results_folder
+
 GPUS = ("h100", "h200")
 
 
 def _out(parser) -> None:
-    from vstar_kernels.bench import results_folder
-
     parser.add_argument("--out", metavar="DIR", type=results_folder,
                         help="results directory (default: benchmarks/results)")
-
-
-def positive(text: str) -> int:
-    """An argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,18 +41,21 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--dit", action="store_true", help="the video DiT self-attention shapes, with frame ids")
     model.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (vstar_kernels.bench.shapes, or "
                                                                    "the DiT shapes with --dit)")
-    model.add_argument("--n", nargs="+", type=positive, metavar="N", help="sequence lengths (kernel shapes; not with --dit)")
+    model.add_argument("--n", nargs="+", type=positive_int, metavar="N",
+                       help="sequence lengths (kernel shapes; not with --dit)")
     model.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     _out(model)
     cpu = sub.add_parser("cpu", help="time the CPU default path (tar_attention, backend auto) against plain SDPA, "
                                      "default threads and one thread (measured)")
     cpu.add_argument("--quick", action="store_true", help="one UNet and one DiT case")
-    cpu.add_argument("--rounds", type=positive, default=9, help="timed calls of each implementation per case (default 9)")
+    cpu.add_argument("--rounds", type=positive_int, default=9,
+                     help="timed calls of each implementation per case (default 9)")
     _out(cpu)
     host = sub.add_parser("host", help="the host time of tar_attention on the quick shape, per call, against plain "
                                        "SDPA and the bare formula (measured)")
-    host.add_argument("--rounds", type=positive, default=50, help="rounds of timed batches (default 50)")
-    host.add_argument("--batch", type=positive, default=20, help="calls of each implementation per round (default 20)")
+    host.add_argument("--rounds", type=positive_int, default=50, help="rounds of timed batches (default 50)")
+    host.add_argument("--batch", type=positive_int, default=20,
+                      help="calls of each implementation per round (default 20)")
     check = sub.add_parser("compile-check", help="compile every launch for an NVIDIA arch (no GPU): registers, "
                                                  "spills, shared memory", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)

@@ -12,8 +12,15 @@ import os
 RUNTIME_DEVICES = ("auto", "cuda", "cpu")
 
 
-def _seconds(text: str) -> float:
-    """--time-budget-s: a number of seconds > 0 (argparse names the option in its error)."""
+def positive_int(text: str) -> int:
+    """An argparse type: an option's value that must be an int >= 1 (argparse names the option in its error)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a time budget, a number of seconds > 0 (argparse names the option in its error)."""
     try:
         value = float(text)
     except ValueError:
@@ -54,7 +61,7 @@ def configure(parser) -> None:
     parser.add_argument("--out", metavar="DIR", type=results_folder,
                         help="results directory (default: ./vstar-bench-results, in the current folder; the paths "
                              "written are printed)")
-    parser.add_argument("--time-budget-s", type=_seconds, metavar="S",
+    parser.add_argument("--time-budget-s", type=seconds, metavar="S",
                         help="stop measuring after S seconds; the rest get 'unsupported: not run: ...' rows")
     parser.add_argument("--resume", action="store_true",
                         help="skip cells this commit already measured in today's CSV")
