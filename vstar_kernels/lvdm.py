@@ -5,6 +5,7 @@ puts back exactly what was there; the caller sets the step (``set_step(model, i)
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -12,7 +13,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .functional import tar_attention
-from .tar_config import PRESETS, LevelSpec, TARConfig
+from .tar_config import PRESETS, LevelSpec, TARConfig, uncompiled
 
 __all__ = ["PRESETS", "LevelSpec", "TARConfig", "apply_tar_to_modules", "remove_tar_from_modules", "set_step",
            "tar_modules"]
@@ -32,8 +33,9 @@ class _State:
     patched: List["_TARForward"] = field(default_factory=list)
 
 
-def _call_arguments(x, context=None, mask=None):
-    """The lvdm attention call signature."""
+def _call_arguments(x, context=None, mask=None, time_index=None):
+    """The lvdm attention call signature (VSTAR's lvdm passes ``time_index``, which its attention does not read:
+    the step is what `set_step` set)."""
     return x, context, mask
 
 
@@ -84,7 +86,7 @@ class _TARForward:
             raise ValueError(f"{self.name}: TAR takes no mask, but this call passed one")
         module = self.module
         batch, frames = x.shape[:2]
-        q, k, v = (proj(x).unflatten(-1, (module.heads, -1)).transpose(1, 2)
+        q, k, v = (proj(x).unflatten(-1, (int(module.heads), -1)).transpose(1, 2)
                    for proj in (module.to_q, module.to_k, module.to_v))
         out = tar_attention(q, k, v, scale=float(module.scale), backend=self.state.config.backend,
                             **self.spec.tar_kwargs(frames, frames, device=q.device, dtype=q.dtype,
@@ -116,10 +118,12 @@ def _check_interface(name: str, module) -> None:
         raise TypeError(f"{name}: to_out must be callable on the merged heads (lvdm's Linear + Dropout sequence); "
                         "for diffusers Attention modules use vstar_kernels.diffusers.apply_tar")
     heads = module.heads
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
         raise TypeError(f"{name}: heads must be a positive int, got {heads!r}")
     if isinstance(module.scale, bool) or not isinstance(module.scale, numbers.Real):
         raise TypeError(f"{name}: scale must be a real number, got {module.scale!r}")
+    if not math.isfinite(module.scale):
+        raise ValueError(f"{name}: scale must be finite, got {module.scale!r}")
     if getattr(module, "relative_position", False):
         raise ValueError(f"{name} adds relative position embeddings to its scores, which TAR does not compute")
 
@@ -140,6 +144,7 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
         raise TypeError(f"config must be a TARConfig, got {type(config).__name__}")
     if not callable(select):
         raise TypeError(f"select must be a function (name, module) -> level or None, got {type(select).__name__}")
+    model = uncompiled(model)  # the patches go on the modules, named as the model names them
     if config.blocks is not None:
         raise ValueError("blocks= selects transformer blocks of a video DiT (vstar_kernels.diffusers.apply_tar); "
                          "the LVDM front-end regularizes by resolution level: use levels")
@@ -205,4 +210,4 @@ def _state(model):
     """TAR's state on `model`, or None."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return vars(model).get(_STATE_ATTR)
+    return vars(uncompiled(model)).get(_STATE_ATTR)

@@ -9,6 +9,7 @@ its modules as VideoCrafter2 does (``input_blocks.<i>.<j>``, ``middle_block``, `
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class LvdmAttention(torch.nn.Module):
         self.to_v = torch.nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.Dropout(0.0))
 
-    def forward(self, x, context=None, mask=None):
+    def forward(self, x, context=None, mask=None, time_index=None):  # VSTAR's lvdm passes time_index, unread
         context = x if context is None else context
         b, h = x.shape[0], self.heads
 
@@ -361,6 +362,7 @@ def test_bad_selection_raises_and_patches_nothing(select, error, match):
 @pytest.mark.parametrize("attrs, error, match", [
     pytest.param(dict(heads=0), TypeError, "heads must be a positive int", id="heads"),
     pytest.param(dict(scale="0.5"), TypeError, "scale must be a real number", id="scale"),
+    pytest.param(dict(scale=float("nan")), ValueError, r"^0: scale must be finite, got nan", id="scale-nan"),
     pytest.param(dict(to_out=torch.nn.ModuleList([torch.nn.Identity()])), TypeError, "diffusers", id="modulelist"),
     pytest.param(dict(relative_position=True), ValueError, "relative position", id="relative-position"),
 ])
@@ -368,6 +370,43 @@ def test_interface_checks(attrs, error, match):
     model = torch.nn.Sequential(NotAttention(**attrs))
     with pytest.raises(error, match=match):
         apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=lambda name, m: 0 if name == "0" else None)
+
+
+def test_numpy_heads_are_an_int():
+    model = torch.nn.Sequential(LvdmAttention(DIM, 2))
+    x = video(rows=2)
+    expected = attention64(model[0], x, sigma=1.0, strength=1.0)
+    model[0].heads = np.int64(2)
+    apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None),
+                         select=lambda name, m: 0 if name == "0" else None)
+    assert_close_to_reference(model(x), expected, torch.float32)
+
+
+def test_vstar_lvdm_passes_time_index_which_the_step_overrides():
+    """VSTAR's lvdm calls its attention modules with time_index= (which its attention does not read): at a
+    regularized step the patch raised a TypeError naming a private helper."""
+    model = ToyUNet()
+    apply_tar_to_modules(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=1), select=videocrafter2_select(model))
+    module = dict(model.named_modules())["input_blocks.1.2.transformer_blocks.0.attn1"]
+    x = video(rows=2)
+    for step in (0, 2):
+        set_step(model, step)
+        assert torch.equal(module(x, time_index=7), module(x))
+    set_step(model, 0)
+    assert not torch.equal(module(x), module.forward.original(x))
+
+
+def test_a_compiled_model_is_patched_named_and_restored_as_the_model():
+    """Every function took the torch.compile wrapper's own state: its names carried _orig_mod., set_step said it
+    had no TAR modules and remove_tar_from_modules did nothing, leaving TAR on."""
+    model = ToyUNet()
+    compiled = torch.compile(model)
+    names = apply_tar_to_modules(compiled, TARConfig(levels={0: (1.0, 1.0)}), select=videocrafter2_select(model))
+    assert sorted(names) == sorted(name for name, level in EXPECTED.items() if level == 0)
+    assert tar_modules(compiled) == tar_modules(model) and len(tar_modules(model)) == len(names)
+    set_step(compiled, 0)
+    remove_tar_from_modules(compiled)
+    assert not tar_modules(model) and not any("forward" in vars(m) for m in model.modules())
 
 
 def test_argument_errors():

@@ -113,7 +113,7 @@ def test_the_lvdm_front_end_matches_the_official_code(official, preset):
                             generator=generator, dtype=torch.float64)
             with torch.no_grad():
                 expected = theirs_by_name[name](x, time_index=step)
-                got = ours_by_name[name](x)
+                got = ours_by_name[name](x, time_index=step)  # as VSTAR's lvdm calls it
                 plain = ours_by_name[name].to_out(torch.nn.functional.scaled_dot_product_attention(
                     *(proj(x).unflatten(-1, (HEADS, -1)).transpose(1, 2) for proj in
                       (ours_by_name[name].to_q, ours_by_name[name].to_k, ours_by_name[name].to_v))
