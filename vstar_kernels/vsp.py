@@ -67,7 +67,9 @@ def interpolate_embeddings(embeds: torch.Tensor, num_frames: int, *, mode: str =
         work = torch.promote_types(e.dtype, torch.float32)
         w = weight.to(device=e.device, dtype=work)[None, :, None, None]
         ew = e.to(work)
-        out = torch.lerp(ew[:, left.to(e.device)], ew[:, right.to(e.device)], w).to(e.dtype)
+        start, end = ew[:, left.to(e.device)], ew[:, right.to(e.device)]
+        # at the ends of a span, the state itself (lerp computes inf + 0 * (x - inf) there: NaN)
+        out = torch.where(w == 0, start, torch.where(w == 1, end, torch.lerp(start, end, w))).to(e.dtype)
     return out if batched else out.squeeze(0)
 
 

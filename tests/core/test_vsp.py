@@ -83,6 +83,14 @@ def test_equal_states_stay_exactly_equal(dtype):
     assert torch.equal(out, state.expand(23, 5, 6))
 
 
+def test_anchor_frames_hold_their_state_exactly_even_when_it_is_not_finite():
+    """lerp gave inf + 0 * (1 - inf) = NaN at an anchor beside an infinite state."""
+    e = torch.tensor([[[math.inf, 1.0]], [[1.0, 1.0]], [[-math.inf, 2.0]]])
+    out = interpolate_embeddings(e, 7)
+    anchors = default_anchors(7, 3)
+    assert torch.equal(out[anchors], e)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_is_one_rounding_from_exact(dtype):
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ import copy
 import io
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -419,6 +420,26 @@ def test_one_negative_prompt_for_a_batch_of_synopses(pipe):
     assert torch.equal(out, generate_with_synopsis(pipe, synopses, num_frames=N, negative_prompt=["blurry"] * 2,
                                                    **call_args(guidance_scale=7.5)).frames)
     assert out.shape[0] == 2
+
+
+def test_a_numpy_or_tensor_guidance_scale_is_the_pipelines(pipe):
+    """cfg was `guidance_scale > 1`, which apply_vsp refused as not a bool after every sub-prompt was encoded."""
+    synopsis = ["a red car on a road", "a blue car"]
+    want = generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(guidance_scale=7.5)).frames
+    for scale in (np.float64(7.5), torch.tensor(7.5)):
+        got = generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(guidance_scale=scale)).frames
+        assert torch.equal(got, want)
+
+
+def test_a_video_to_video_pipeline_is_refused_before_encoding(tmp_path):
+    """It was called with num_frames, which it does not take, after every sub-prompt was encoded."""
+    from diffusers import AnimateDiffVideoToVideoPipeline
+
+    pipe = AnimateDiffVideoToVideoPipeline.from_pipe(tiny_animatediff_pipeline(tmp_path))
+    pipe.encode_prompt = None  # not reached
+    with pytest.raises(TypeError, match="generate_with_synopsis runs text-to-video pipelines, which take "
+                                        "num_frames; AnimateDiffVideoToVideoPipeline does not: call encode_synopsis"):
+        generate_with_synopsis(pipe, ["a fox", "a dog"], **call_args())
 
 
 def test_encode_synopsis_shapes(pipe):

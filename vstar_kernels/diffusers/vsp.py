@@ -122,6 +122,9 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     if free_noise and _check_sub_prompts(sub_prompts)[1]:  # before any encoding
         raise ValueError("FreeNoise takes one prompt a call: give one synopsis (a list of strings)")
     params = inspect.signature(pipe.__call__).parameters
+    if "num_frames" not in params:  # a video-to-video pipeline takes its frame count from its video
+        raise TypeError(f"generate_with_synopsis runs text-to-video pipelines, which take num_frames; "
+                        f"{type(pipe).__name__} does not: call encode_synopsis and apply_vsp, then the pipeline")
     guidance_scale = pipe_kwargs.get("guidance_scale", params["guidance_scale"].default)
     attention_kwargs = pipe_kwargs.get("cross_attention_kwargs") or {}
     embeds = encode_synopsis(pipe, sub_prompts, num_frames, mode=mode, anchors=anchors,
@@ -132,7 +135,7 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     if embeds.dim() == 4 and isinstance(pipe_kwargs.get("negative_prompt"), str):
         # one negative for every synopsis (the pipeline, given embeddings, encodes a string as one sequence)
         pipe_kwargs = {**pipe_kwargs, "negative_prompt": [pipe_kwargs["negative_prompt"]] * embeds.shape[0]}
-    apply_vsp(pipe, embeds, cfg=guidance_scale > 1)
+    apply_vsp(pipe, embeds, cfg=bool(guidance_scale > 1))
     try:
         return pipe(num_frames=num_frames, **prompt, **pipe_kwargs)
     finally:
