@@ -301,6 +301,24 @@ def test_tar_on_the_bare_dit_of_a_pipeline_warns_at_its_next_run(applied_to):
             assert not said, (run, said)
 
 
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_a_bare_dits_timestep_given_by_position_is_read(family):
+    """A bare DiT called as the docs call it, its timestep by position (Wan's second, CogVideoX's third), never
+    said that a larger timestep was counted on: only timestep= was read."""
+    model, inputs = FAMILIES[family].model(), FAMILIES[family].inputs()
+    names = list(inspect.signature(model.forward).parameters)
+    args = [inputs.pop(name) for name in names[:names.index("timestep") + 1]]
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0, backend="cpu"))
+    said = []
+    for t in (700, 700, 750):
+        args[-1] = torch.full((BATCH,), t)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            model(*args, **inputs)
+        said.append([str(w.message) for w in caught if "larger timestep" in str(w.message)])
+    assert not said[0] and not said[1] and len(said[2]) == 1 and "(750 after 700)" in said[2][0], said
+
+
 @pytest.mark.parametrize("model, cache, until_step", [
     ("wan", "first block cache", 0), ("latte", "pyramid attention broadcast", 0),
     ("latte", "pyramid attention broadcast on the spatial attention", 0), ("wan", "first block cache", None),

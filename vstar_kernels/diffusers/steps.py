@@ -10,6 +10,7 @@ block, run first or recomputed, sees the step and the owners' `snapshot` values 
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 import weakref
@@ -265,7 +266,7 @@ class StepTracker:
     def _before_forward(self, module, args, kwargs) -> None:
         self.rose = None
         timesteps = self._scheduler_timesteps()
-        timestep = self._timestep_of(args, kwargs)
+        timestep = self._timestep_of(module, args, kwargs)
         if timesteps is not None and timesteps is not self._timesteps:
             self._timesteps = timesteps
             self.reset()
@@ -283,13 +284,18 @@ class StepTracker:
                 owner.before_forward()
 
 
-    def _timestep_of(self, args, kwargs) -> Optional[float]:
+    def _timestep_of(self, module, args, kwargs) -> Optional[float]:
         """The largest timestep of a call (a UNet's second argument, or ``timestep=``); a DiT's only outside a
         pipeline that marks its runs."""
         if self._timestep_runs:  # a video UNet's: its second argument
             timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         elif self._marking() is None:  # a bare DiT's, for a warning only (its steps are counted calls)
             timestep = kwargs.get("timestep")
+            if timestep is None and args:  # given by position: where depends on the family (Wan's 2nd, CogVideoX's 3rd)
+                try:
+                    timestep = inspect.signature(module.forward).bind_partial(*args).arguments.get("timestep")
+                except (TypeError, ValueError):  # a forward that takes no such call fails on it itself
+                    timestep = None
         else:  # a DiT's in a pipeline, which marks its runs
             return None
         if isinstance(timestep, torch.Tensor) and timestep.numel():
