@@ -60,8 +60,10 @@ def install_hint(extras: str) -> str:
 def triton_version() -> str:
     try:
         return importlib.import_module("triton").__version__
-    except Exception:
+    except ModuleNotFoundError:
         return "not installed"
+    except Exception as exc:  # a broken install raises anything
+        return f"not importable ({type(exc).__name__})"
 
 
 def diffusers_version() -> str:

@@ -24,7 +24,8 @@ COMMANDS = {}
 def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
     """Register `fn(args) -> exit code` as a subcommand (it imports torch inside, so `--help` does not);
     `configure(parser)` adds its options. `cpu_kernels(args)`: whether the call runs the Triton kernels on CPU
-    tensors, which `main` then does in a child process with TRITON_INTERPRET=1. `needs`: modules it imports.
+    tensors, which `main` then does in a child process with TRITON_INTERPRET=1 (a command given one needs Triton).
+    `needs`: modules it imports.
     """
     def register(fn):
         COMMANDS[name] = (fn, help_text, configure, cpu_kernels, needs)
@@ -32,14 +33,24 @@ def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
     return register
 
 
-def _unimportable(modules) -> list:
-    missing = []
+def _unimportable(modules) -> dict:
+    """Each module of `modules` that does not import, with why: "not installed", or a broken install's error."""
+    missing = {}
     for module in modules:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError:
-            missing.append(module)
+            missing[module] = "not installed"
+        except Exception as exc:  # a broken install raises anything
+            missing[module] = f"not importable ({type(exc).__name__}: {exc})"
     return missing
+
+
+def _naming(missing: dict) -> str:
+    """"triton, not installed" or "a and b, not installed"; each other reason given with its module."""
+    if len(set(missing.values())) == 1:
+        return f"{' and '.join(missing)}, {next(iter(missing.values()))}"
+    return " and ".join(f"{module} ({why})" for module, why in missing.items())
 
 
 def missing_extras(command_name, modules) -> str:
@@ -48,7 +59,7 @@ def missing_extras(command_name, modules) -> str:
     if not missing:
         return ""
     extras = ",".join(sorted({EXTRA_OF[m] for m in missing}))
-    return f"{command_name} needs {' and '.join(missing)}, not installed: {_env.install_hint(extras)}"
+    return f"{command_name} needs {_naming(missing)}: {_env.install_hint(extras)}"
 
 
 def _interpret_line() -> str:
@@ -297,9 +308,11 @@ def main(argv=None, prog="vstar-kernels") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     fn, _, _, cpu_kernels, needs = COMMANDS[args.command]
-    required = _unimportable(("torch", "triton"))  # a checkout run without installing the package
+    # a checkout run without installing the package; only the commands that run the Triton kernels need them (info
+    # says why they cannot run, on a platform without Triton too)
+    required = _unimportable(("torch", "triton") if cpu_kernels is not None else ("torch",))
     if required:
-        print(f"{args.command} needs {' and '.join(required)}, not installed in this Python ({sys.executable}): "
+        print(f"{args.command} needs {_naming(required)} in this Python ({sys.executable}): "
               "`make demo` in the checkout installs them, or see the README's Install", file=sys.stderr)
         return 1
     missing = missing_extras(args.command, needs)

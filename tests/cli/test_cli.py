@@ -7,6 +7,7 @@ a user's shell usually has no TRITON_INTERPRET at all, so the subprocesses here 
 import argparse
 import csv
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -278,6 +279,35 @@ def test_a_python_without_the_requirements_is_told_how_to_install_them(module, m
     assert cli.main(["demo"]) == 1
     assert capsys.readouterr().err.strip() == (f"demo needs {module}, not installed in this Python ({sys.executable}): "
                                                "`make demo` in the checkout installs them, or see the README's Install")
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["none", "broken"])
+def test_without_triton_info_and_the_pictures_run_and_the_kernels_commands_say_why_not(broken, tmp_path):
+    """Every command was refused without Triton (info too, which says why a backend cannot run: the CUDA
+    extension's page sends a machine without Triton there), and a broken install was a traceback."""
+    if broken:
+        (tmp_path / "triton").mkdir()
+        (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('a broken install')\n")
+        setup, reason = "", "not importable (ImportError: a broken install)"
+    else:
+        setup, reason = "sys.modules['triton'] = None; ", "not installed"
+    code = f"import sys; {setup}from vstar_kernels import cli; sys.exit(cli.main(sys.argv[1:]))"
+    env = clean_env(PYTHONPATH=f"{tmp_path}:{ROOT}")
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                              cwd=tmp_path)
+
+    info = run("info")
+    assert info.returncode == 0, info.stderr
+    assert re.search(r"^triton +not (installed|importable \(ImportError\))$", info.stdout, re.M), info.stdout
+    assert re.search(r"^backend triton +on cpu +: unavailable: triton is not importable", info.stdout, re.M)
+    assert re.search(r"^backend cpu +on cpu +: available$", info.stdout, re.M)
+    assert run("plot-delta", "--out", "d.png").returncode == 0 and (tmp_path / "d.png").stat().st_size
+    for argv in (["demo"], ["bench", "--quick", "--out", "b"]):
+        result = run(*argv)
+        assert result.returncode == 1 and result.stderr.strip().startswith(
+            f"{argv[0]} needs triton, {reason} in this Python"), result.stderr
 
 
 @pytest.mark.parametrize("argv, module, extra", [
