@@ -101,3 +101,11 @@ def test_a_delta_for_another_frame_count_is_rejected_not_resampled():
     with pytest.raises(ValueError, match=r"level 0\).*delta is 8 x 8 but this attention runs over 6 frames.*"
                                          r"delta_from_features\(features, num_frames=6\)"):
         forward(model, unet3d_inputs(model, batch=1, frames=6, size=4))
+
+
+def test_a_delta_for_as_many_queries_as_keys_names_both_counts():
+    """With 4 query frames against 6 key frames the message said a 4 x 4 delta ran over 4 frames."""
+    spec = LevelSpec(delta=torch.eye(4))
+    with pytest.raises(ValueError, match=r"^attn2: the level's delta is 4 x 4 but this attention runs over 4 query "
+                                         r"frames and 6 key frames \(a delta is square\)"):
+        spec.tar_kwargs(4, 6, device="cpu", dtype=torch.float32, where="attn2")
