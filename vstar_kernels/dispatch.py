@@ -130,7 +130,7 @@ class CpuBackend(Backend):
 
 class TritonBackend(Backend):
     name = "triton"
-    kernel = "the Triton kernels"
+    kernel = "the Triton backend"
     traceable_backward = False
 
     SUPPORTED_DEVICES = ("cpu", "cuda")  # CPU under the interpreter only: see state_reasons

@@ -34,6 +34,9 @@ def test_the_cpu_backend_is_named_with_its_reasons(capsys):
                                                          "on CPU tensors, got meta tensors"):
         dispatch.select(meta, "cpu")
     assert dispatch.select(meta, "auto").name == "reference"
+    with pytest.raises(vk.BackendUnavailableError, match="backend='triton' cannot run this call: the Triton backend "
+                                                         "runs on CPU or CUDA tensors, got meta tensors"):
+        dispatch.select(meta, "triton")  # was "the Triton kernels runs"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
