@@ -34,23 +34,23 @@ def command(name, help_text, configure=None, cpu_kernels=None, needs=()):
 
 
 def _unimportable(modules) -> dict:
-    """Each module of `modules` that does not import, with why: "not installed", or a broken install's error."""
+    """Each module of `modules` that does not import, with its error (a broken install raises anything)."""
     missing = {}
     for module in modules:
         try:
             importlib.import_module(module)
-        except ModuleNotFoundError:
-            missing[module] = "not installed"
-        except Exception as exc:  # a broken install raises anything
-            missing[module] = f"not importable ({type(exc).__name__}: {exc})"
+        except Exception as exc:
+            missing[module] = exc
     return missing
 
 
 def _naming(missing: dict) -> str:
     """"triton, not installed" or "a and b, not installed"; each other reason given with its module."""
-    if len(set(missing.values())) == 1:
-        return f"{' and '.join(missing)}, {next(iter(missing.values()))}"
-    return " and ".join(f"{module} ({why})" for module, why in missing.items())
+    why = {module: "not installed" if isinstance(exc, ModuleNotFoundError)
+           else f"not importable ({type(exc).__name__}: {exc})" for module, exc in missing.items()}
+    if len(set(why.values())) == 1:
+        return f"{' and '.join(why)}, {next(iter(why.values()))}"
+    return " and ".join(f"{module} ({reason})" for module, reason in why.items())
 
 
 def missing_extras(command_name, modules) -> str:
@@ -308,9 +308,12 @@ def main(argv=None, prog="vstar-kernels") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     fn, _, _, cpu_kernels, needs = COMMANDS[args.command]
-    # a checkout run without installing the package; only the commands that run the Triton kernels need them (info
-    # says why they cannot run, on a platform without Triton too)
-    required = _unimportable(("torch", "triton") if cpu_kernels is not None else ("torch",))
+    # a checkout run without installing the package. Only the commands that run the Triton kernels need Triton (info
+    # says why they cannot run, on a platform without it too), but torch imports it where it is and takes only an
+    # ImportError: a Triton that raises anything else breaks every command
+    required = _unimportable(("torch", "triton"))
+    if cpu_kernels is None and isinstance(required.get("triton"), ImportError):
+        del required["triton"]
     if required:
         print(f"{args.command} needs {_naming(required)} in this Python ({sys.executable}): "
               "`make demo` in the checkout installs them, or see the README's Install", file=sys.stderr)

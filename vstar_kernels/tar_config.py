@@ -50,9 +50,11 @@ class LevelSpec:
             return {"sigma": self.sigma, "strength": self.strength}
         if tuple(self.delta.shape) != (nq, nk):
             n = self.delta.shape[0]
-            runs = f"{nq} frames" if nq == nk else f"{nq} query frames and {nk} key frames (a delta is square)"
+            if nq != nk:
+                raise ValueError(f"{where}: the level's delta is {n} x {n} (a delta is square) but this attention runs "
+                                 f"{nq} query frames against {nk} key frames: regularize this level with sigma")
             raise ValueError(
-                f"{where}: the level's delta is {n} x {n} but this attention runs over {runs}; a delta is "
+                f"{where}: the level's delta is {n} x {n} but this attention runs over {nq} frames; a delta is "
                 f"not resampled: build it for {nq} frames, e.g. delta_from_features(features, num_frames={nq})")
         work = torch.float64 if dtype == torch.float64 else torch.float32
         key = (torch.device(device), work)

@@ -6,6 +6,7 @@ a user's shell usually has no TRITON_INTERPRET at all, so the subprocesses here 
 
 import argparse
 import csv
+import functools
 import pathlib
 import re
 import shutil
@@ -281,6 +282,23 @@ def test_a_python_without_the_requirements_is_told_how_to_install_them(module, m
                                                "`make demo` in the checkout installs them, or see the README's Install")
 
 
+def _run_code(code, folder, *argv):
+    """`python -c code argv` in `folder`, which comes first on the path, as a fresh shell would run it."""
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=folder,
+                          env=clean_env(PYTHONPATH=f"{folder}:{ROOT}"))
+
+
+def test_a_triton_that_raises_more_than_an_import_error_is_named_by_every_command(tmp_path):
+    """torch imports Triton where it is and takes only an ImportError: info was a traceback of torch's import."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise RuntimeError('a broken install')\n")
+    code = "import sys; from vstar_kernels import cli; sys.exit(cli.main(sys.argv[1:]))"
+    for argv in (["info"], ["demo"]):
+        result = _run_code(code, tmp_path, *argv)
+        assert result.returncode == 1 and result.stderr.strip().startswith(
+            f"{argv[0]} needs triton, not importable (RuntimeError: a broken install) in this Python"), result.stderr
+
+
 @pytest.mark.parametrize("broken", [False, True], ids=["none", "broken"])
 def test_without_triton_info_and_the_pictures_run_and_the_kernels_commands_say_why_not(broken, tmp_path):
     """Every command was refused without Triton (info too, which says why a backend cannot run: the CUDA
@@ -292,12 +310,7 @@ def test_without_triton_info_and_the_pictures_run_and_the_kernels_commands_say_w
     else:
         setup, reason = "sys.modules['triton'] = None; ", "not installed"
     code = f"import sys; {setup}from vstar_kernels import cli; sys.exit(cli.main(sys.argv[1:]))"
-    env = clean_env(PYTHONPATH=f"{tmp_path}:{ROOT}")
-
-    def run(*argv):
-        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
-                              cwd=tmp_path)
-
+    run = functools.partial(_run_code, code, tmp_path)
     info = run("info")
     assert info.returncode == 0, info.stderr
     assert re.search(r"^triton +not (installed|importable \(ImportError\))$", info.stdout, re.M), info.stdout

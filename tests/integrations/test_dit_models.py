@@ -301,12 +301,16 @@ def test_tar_on_the_bare_dit_of_a_pipeline_warns_at_its_next_run(applied_to):
             assert not said, (run, said)
 
 
-@pytest.mark.parametrize("family", ["wan", "cogvideox"])
-def test_a_bare_dits_timestep_given_by_position_is_read(family):
+@pytest.mark.parametrize("family, wrapped", [("wan", False), ("cogvideox", False), ("wan", True)])
+def test_a_bare_dits_timestep_given_by_position_is_read(family, wrapped):
     """A bare DiT called as the docs call it, its timestep by position (Wan's second, CogVideoX's third), never
-    said that a larger timestep was counted on: only timestep= was read."""
+    said that a larger timestep was counted on: only timestep= was read. Also under a hook's wrapper of the
+    forward, (module, *args, **kwargs), as diffusers before 0.40 put on the instance."""
     model, inputs = FAMILIES[family].model(), FAMILIES[family].inputs()
-    names = list(inspect.signature(model.forward).parameters)
+    if wrapped:
+        model.forward = functools.partial(lambda module, *args, **kwargs: type(module).forward(module, *args, **kwargs),
+                                          model)
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
     args = [inputs.pop(name) for name in names[:names.index("timestep") + 1]]
     apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=0, backend="cpu"))
     said = []

@@ -103,9 +103,11 @@ def test_a_delta_for_another_frame_count_is_rejected_not_resampled():
         forward(model, unet3d_inputs(model, batch=1, frames=6, size=4))
 
 
-def test_a_delta_for_as_many_queries_as_keys_names_both_counts():
-    """With 4 query frames against 6 key frames the message said a 4 x 4 delta ran over 4 frames."""
+def test_a_delta_against_more_key_frames_than_query_frames_names_both_counts():
+    """With 4 query frames against 6 key frames the message said a 4 x 4 delta ran over 4 frames, and to build
+    it for 4 frames."""
     spec = LevelSpec(delta=torch.eye(4))
-    with pytest.raises(ValueError, match=r"^attn2: the level's delta is 4 x 4 but this attention runs over 4 query "
-                                         r"frames and 6 key frames \(a delta is square\)"):
+    with pytest.raises(ValueError, match=r"^attn2: the level's delta is 4 x 4 \(a delta is square\) but this "
+                                         r"attention runs 4 query frames against 6 key frames: regularize this "
+                                         r"level with sigma$"):
         spec.tar_kwargs(4, 6, device="cpu", dtype=torch.float32, where="attn2")

@@ -442,6 +442,25 @@ def test_a_video_to_video_pipeline_is_refused_before_encoding(tmp_path):
         generate_with_synopsis(pipe, ["a fox", "a dog"], **call_args())
 
 
+def test_a_pipeline_whose_call_takes_any_keyword_runs(tmp_path):
+    """A pipeline subclass whose __call__ passes *args and **kwargs on was refused as not taking num_frames (and
+    before that raised a KeyError for guidance_scale)."""
+    base = tiny_text_to_video_pipeline(tmp_path)
+
+    class Logged(type(base)):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    pipe = Logged(**base.components)
+    synopsis = ["a red car on a road", "a blue car"]
+    want = generate_with_synopsis(base, synopsis, num_frames=N, **call_args(guidance_scale=7.5)).frames
+    assert torch.equal(generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(guidance_scale=7.5)).frames,
+                       want)
+    with pytest.raises(TypeError, match="generate_with_synopsis needs guidance_scale= for Logged, whose __call__ "
+                                        "gives no default"):
+        generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args())
+
+
 def test_encode_synopsis_shapes(pipe):
     one = encode_synopsis(pipe, ["a boy", "an old man"], 6)
     assert one.shape == (6, L, C)

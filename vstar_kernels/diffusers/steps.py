@@ -291,9 +291,12 @@ class StepTracker:
             timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         elif self._marking() is None:  # a bare DiT's, for a warning only (its steps are counted calls)
             timestep = kwargs.get("timestep")
-            if timestep is None and args:  # given by position: where depends on the family (Wan's 2nd, CogVideoX's 3rd)
+            # given by position: where depends on the family (Wan's 2nd, CogVideoX's 3rd). The class's forward: diffusers
+            # before 0.40 put a hook's (module, *args, **kwargs) wrapper on the instance
+            if timestep is None and args:
                 try:
-                    timestep = inspect.signature(module.forward).bind_partial(*args).arguments.get("timestep")
+                    forward = type(module).forward
+                    timestep = inspect.signature(forward).bind_partial(module, *args).arguments.get("timestep")
                 except (TypeError, ValueError):  # a forward that takes no such call fails on it itself
                     timestep = None
         else:  # a DiT's in a pipeline, which marks its runs

@@ -122,10 +122,15 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     if free_noise and _check_sub_prompts(sub_prompts)[1]:  # before any encoding
         raise ValueError("FreeNoise takes one prompt a call: give one synopsis (a list of strings)")
     params = inspect.signature(pipe.__call__).parameters
-    if "num_frames" not in params:  # a video-to-video pipeline takes its frame count from its video
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "num_frames" not in params and not takes_any:  # a video-to-video pipeline takes its frame count from its video
         raise TypeError(f"generate_with_synopsis runs text-to-video pipelines, which take num_frames; "
                         f"{type(pipe).__name__} does not: call encode_synopsis and apply_vsp, then the pipeline")
-    guidance_scale = pipe_kwargs.get("guidance_scale", params["guidance_scale"].default)
+    default = params["guidance_scale"].default if "guidance_scale" in params else inspect.Parameter.empty
+    guidance_scale = pipe_kwargs.get("guidance_scale", default)
+    if guidance_scale is inspect.Parameter.empty:
+        raise TypeError(f"generate_with_synopsis needs guidance_scale= for {type(pipe).__name__}, whose __call__ "
+                        "gives no default (it says whether VSP's embeddings are batched for classifier-free guidance)")
     attention_kwargs = pipe_kwargs.get("cross_attention_kwargs") or {}
     embeds = encode_synopsis(pipe, sub_prompts, num_frames, mode=mode, anchors=anchors,
                              clip_skip=pipe_kwargs.get("clip_skip"), lora_scale=attention_kwargs.get("scale"))
