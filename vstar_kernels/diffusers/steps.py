@@ -291,8 +291,8 @@ class StepTracker:
             timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         elif self._marking() is None:  # a bare DiT's, for a warning only (its steps are counted calls)
             timestep = kwargs.get("timestep")
-            # given by position: where depends on the family (Wan's 2nd, CogVideoX's 3rd). The class's forward: diffusers
-            # before 0.40 put a hook's (module, *args, **kwargs) wrapper on the instance
+            # given by position: where depends on the family (Wan's 2nd, CogVideoX's 3rd). The class's forward:
+            # diffusers before 0.40 put a hook's (module, *args, **kwargs) wrapper on the instance
             if timestep is None and args:
                 try:
                     forward = type(module).forward
