@@ -467,3 +467,25 @@ def test_models_without_temporal_attention_are_rejected():
     with pytest.raises(ValueError, match="UNet2DConditionModel has no temporal self-attention"):
         with capture_temporal_attention(unet2d()):
             pass
+
+
+def test_tar_applied_mid_run_under_ddim_keeps_an_open_captures_count():
+    """DDIM keeps no step index: TAR applied first from a step callback restarted the count the capture kept, so
+    steps 2 and 3 were recorded as steps 0 and 1 and averaged into their maps, without a word. TAR takes the
+    count the capture kept of the run, and regularizes from the loop's next step."""
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                               motion_adapter=motion_adapter(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def on_step_end(p, i, t, kwargs):
+        if i == 1:
+            apply_tar(p, TARConfig(levels={1: (1.0, 1.0)}, until_step=2))
+            seen.append(StepTracker.of(p.unet).next_step)
+        return {}
+
+    with capture_temporal_attention(pipe, layers=["mid_block.motion_modules.0.transformer_blocks.0.attn1"]) as maps:
+        pipe(prompt_embeds=randn(1, 3, 8, seed=5), negative_prompt_embeds=randn(1, 3, 8, seed=6),
+             num_inference_steps=4, num_frames=8, height=32, width=32, output_type="latent",
+             callback_on_step_end=on_step_end)
+    assert maps.steps() == [0, 1, 2, 3] and seen == [2]

@@ -588,3 +588,85 @@ def test_processor_tar_cannot_stand_in_for_raises_at_the_next_forward():
     assert (forward(model, inputs) - stock).abs().max() > 1e-3
     remove_tar(model)
     assert all(p is custom for p in processors(model).values())
+
+
+def test_a_model_in_data_parallel_takes_tar_on_the_model_it_wraps(tmp_path):
+    """Through DataParallel or DistributedDataParallel every module name began with ``module.``, read as level 0:
+    the middle block's temporal attention (level 1) ran with level 0's settings, silently; apply_tar on the model
+    inside then did nothing (its modules held a site already)."""
+    import torch.distributed as dist
+
+    fam = FAMILIES["unet3d"]
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    bare = fam.model()
+    inputs = fam.inputs(bare)
+    names = apply_tar(bare, config)
+    expected = forward(bare, inputs)
+    wrapped = torch.nn.DataParallel(fam.model())
+    assert apply_tar(wrapped, config) == names and apply_tar(wrapped.module, config) == names  # applied again
+    assert torch.equal(forward(wrapped, inputs), expected)
+    remove_tar(wrapped)
+    assert not any(tar_site(m) for m in wrapped.modules())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(fam.model())
+        assert apply_tar(ddp, config) == names
+        assert torch.equal(forward(ddp, inputs), expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_module_under_tar_through_another_model_is_refused():
+    """A model holding another's regularized modules skipped them without a word."""
+    model = FAMILIES["unet3d"].model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    holder = torch.nn.ModuleDict({"down_blocks": model.down_blocks, "mid_block": model.mid_block,
+                                  "up_blocks": model.up_blocks})
+    with pytest.raises(ValueError, match=r"^down_blocks\.0\.temp_attentions\.0\.transformer_blocks\.0\.attn1: TAR is "
+                                         r"applied to it already, through another model"):
+        apply_tar(holder, TARConfig(levels={0: (1.0, 1.0)}))
+
+
+@pytest.mark.parametrize("family", ["unet3d", "dit"])
+def test_remove_tar_after_fusing_leaves_none_of_tars_processors_in_fuses_saved_ones(family):
+    """fuse_qkv_projections saves the processors it replaces (TAR's), and unfuse_qkv_projections puts them back:
+    after remove_tar a DiT still held TAR's processors (its deep copy refused as under TAR, torch.save failed), a
+    UNet got TAR's processor back at unfuse (set_default_attn_processor raised)."""
+    import copy
+    import io
+
+    from .tiny_dit_models import FAMILIES as DIT_FAMILIES
+
+    model = DIT_FAMILIES["cogvideox"].model() if family == "dit" else FAMILIES["unet3d"].model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    model.fuse_qkv_projections()
+    remove_tar(model)
+    model.unfuse_qkv_projections()
+    assert not any(type(p).__name__ in ("TARAttnProcessor", "DiTTARProcessor") for p in model.attn_processors.values())
+    copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    if family == "unet3d":
+        model.set_default_attn_processor()
+
+
+def test_an_apply_tar_that_raises_leaves_the_model_as_it_was():
+    """With warnings made errors, apply_tar's warning (a processor it takes the place of) left the step counter's
+    hook, TAR's processors and sites on the model and no state for remove_tar: every call raised a NameError."""
+    import warnings
+
+    class MyProcessor(AttnProcessor2_0):
+        pass
+
+    fam = FAMILIES["unet3d"]
+    model = fam.model()
+    inputs = fam.inputs(model)
+    first = next(name for name in attention_modules(model) if "temp_attentions.0" in name)
+    attention_modules(model)[first].set_processor(MyProcessor())
+    before, stock = dict(model.attn_processors), forward(model, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="TAR's processor takes the place of MyProcessor"):
+            apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    assert model.attn_processors == before and not model._forward_pre_hooks
+    assert not any(tar_site(m) for m in model.modules()) and StepTracker.of(model) is None
+    assert torch.equal(forward(model, inputs), stock)

@@ -415,3 +415,17 @@ def test_a_capture_under_tar_with_an_active_backend_that_is_not_sdpa(monkeypatch
     with capture_frame_attention(model, cfg=False) as maps:
         assert torch.equal(forward(model, inputs), expected)
     assert sorted(name for name, _ in maps) == sorted(fam.modules)
+
+
+def test_a_block_recomputed_by_gradient_checkpointing_is_said_to_be_one():
+    """The backward pass of a checkpointed DiT in a capture raised that its attention was called outside a forward
+    call: the message names gradient checkpointing's recomputation."""
+    model = FAMILIES["wan"].model()
+    model.enable_gradient_checkpointing()
+    model.train()
+    with capture_frame_attention(model):
+        out = model(**FAMILIES["wan"].inputs(), return_dict=False)[0]
+        with pytest.raises(RuntimeError, match=r"frame layout is unknown \(as in a block gradient checkpointing "
+                                               r"recomputes in the backward pass: the attention captures run "
+                                               r"without it\)"):
+            out.sum().backward()

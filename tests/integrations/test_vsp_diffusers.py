@@ -556,3 +556,17 @@ def test_a_pipeline_with_two_text_encoders_is_refused_by_encode_synopsis():
 
     with pytest.raises(ValueError, match="TwoEncoders's encode_prompt takes a second prompt for a second encoder"):
         encode_synopsis(TwoEncoders(), ["a", "b"], 4)
+
+
+def test_a_block_recomputed_by_gradient_checkpointing_is_said_to_be_one():
+    """The backward pass of a checkpointed UNet under VSP raised that a processor ran outside a forward call, which
+    the user never did: the message names gradient checkpointing's recomputation."""
+    unet = tiny_unet_motion()
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    apply_vsp(unet, torch.randn(4, MAX_TOKENS, CONTEXT_DIM))
+    out = unet(torch.randn(2, 4, 4, 8, 8), 3, torch.randn(8, MAX_TOKENS, CONTEXT_DIM)).sample
+    with pytest.raises(RuntimeError, match=r"outside a forward call of the UNet it was applied to \(as in a block "
+                                           r"gradient checkpointing recomputes in the backward pass: VSP runs "
+                                           r"without it\)"):
+        out.sum().backward()

@@ -27,7 +27,7 @@ from .dit_families import dit_attention_modules, dit_family, set_processor, unsu
 from .dit_state import watch_layout
 from .install import denoiser, tar_models, tar_state
 from .interception import BACKEND_ATTRIBUTES, Wrapping, call_through_sdpa, mask_runs, sdpa_arguments
-from .steps import StepTracker, loop_step
+from .steps import Hook, StepTracker, loop_step
 from .token_grid import token_frames
 
 
@@ -90,7 +90,7 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
                 for index, name, module in selected:
                     if not any(_holds(module, watch) for watch in watches[module]):
                         watches[module].append(_watch(module, recorder, name, index))
-            hooks.append(expert.register_forward_pre_hook(resync))
+            hooks.append(expert.register_forward_pre_hook(Hook(resync)))
         yield maps
     finally:
         ours = {id(watch) for made in watches.values() for watch in made}

@@ -16,7 +16,7 @@ from ..functional import Speculation
 from ..tar_config import LevelSpec, TARConfig
 from .dit import DiTTARProcessor
 from .dit_families import DiTFamily, set_processor
-from .steps import TAR_OWNER, StepTracker, loop_step, warn_step_cache
+from .steps import TAR_OWNER, Hook, StepTracker, loop_step, warn_step_cache
 
 
 @dataclass
@@ -115,6 +115,11 @@ class DiTState:
             hook.remove()
         self.removed = True
 
+    def stood_in_for(self, key: str, processor):
+        """The stock processor in `processor`, saved under `key` (fuse_qkv_projections's dict), where it is this
+        state's TAR processor; any other as it is."""
+        return processor.processor if getattr(processor, "state", None) is self else processor
+
     def spec_at(self, block: Optional[int], step: Optional[int] = None) -> Optional[LevelSpec]:
         """The spec of `block` (None: of the regularized blocks) at `step` (default: the live step), or None where
         it runs stock."""
@@ -148,5 +153,5 @@ def watch_layout(model: torch.nn.Module, family: DiTFamily, target) -> Tuple:
         target.perturbed = False
         target.call_batch = None
 
-    return (model.register_forward_pre_hook(read_layout, with_kwargs=True),
-            model.register_forward_hook(forget_layout, always_call=True))
+    return (model.register_forward_pre_hook(Hook(read_layout), with_kwargs=True),
+            model.register_forward_hook(Hook(forget_layout), always_call=True))

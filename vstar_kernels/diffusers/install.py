@@ -14,22 +14,32 @@ from ..tar_config import TARConfig, uncompiled
 from .dit_families import dit_attention_modules, dit_family, unsupported_dit
 from .dit_state import DiTState, watch_layout
 from .processors import UNetState, temporal_at
-from .steps import TAR_OWNER, StepTracker, in_run, modules_to, run_begin
+from .steps import TAR_OWNER, Hook, StepTracker, in_run, modules_to, run_begin
 
 STATE_ATTR = "_vstar_tar"
 DENOISERS = ("unet", "transformer", "transformer_2")
 
 
 def denoiser(target):
-    """(model, pipeline or None) for a pipeline (its first denoiser of `DENOISERS` present) or a model, `uncompiled`."""
+    """(model, pipeline or None) for a pipeline (its first denoiser of `DENOISERS` present) or a model, `unwrapped`."""
     if isinstance(target, torch.nn.Module):
-        return uncompiled(target), None
+        return unwrapped(target), None
     for attr in DENOISERS:
         model = getattr(target, attr, None)
         if isinstance(model, torch.nn.Module):
-            return uncompiled(model), target
+            return unwrapped(model), target
     raise TypeError(f"expected a diffusers pipeline with a denoiser ({', '.join('.' + a for a in DENOISERS)}) "
                     f"or a model (torch.nn.Module); got {type(target).__name__}")
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a torch.compile, DataParallel or DistributedDataParallel wrapper holds (TAR goes on it, and its
+    levels are read from its own module names, not the wrapper's ``module.``-prefixed ones)."""
+    while True:
+        model = uncompiled(model)
+        if not isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            return model
+        model = model.module
 
 
 def tar_models(model: torch.nn.Module, pipeline) -> List[Tuple[str, torch.nn.Module]]:
@@ -40,7 +50,7 @@ def tar_models(model: torch.nn.Module, pipeline) -> List[Tuple[str, torch.nn.Mod
         return [("", model)]
     experts = []
     for attr in ("transformer", "transformer_2"):
-        expert = uncompiled(getattr(pipeline, attr, None))
+        expert = unwrapped(getattr(pipeline, attr, None))
         if isinstance(expert, torch.nn.Module) and dit_family(expert) is not None \
                 and all(expert is not other for _, other in experts):
             experts.append((attr, expert))
@@ -57,9 +67,10 @@ def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker]
     where TAR, applied again, replaces its config in the middle of `pipeline`'s run (as the pipeline says, or as
     TAR's count of that run's schedule says: `StepTracker.within`), the run's next step; applied first in the
     middle of a run whose scheduler keeps a step index, that index less the run's first (`run_begin`; 0 where
-    unknown): the loop's next iteration."""
+    unknown): the loop's next iteration; applied first where another feature (a capture) has counted the run, its
+    count."""
     tracker = StepTracker.of(model)
-    going_on = tracker is not None and tar_state(model) is not None and (in_run(pipeline) or tracker.within(pipeline))
+    going_on = tracker is not None and (tar_state(model) is not None and in_run(pipeline) or tracker.within(pipeline))
     index = getattr(getattr(pipeline, "scheduler", None), "step_index", None)
     if going_on:
         start = tracker.next_step
@@ -69,7 +80,11 @@ def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker]
     # the tracker's hooks run in forward calls, once `state` below exists
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, on_run_start=lambda: state.restart(),
                                before_forward=lambda: state.sync(), snapshot=lambda: state.snapshot())
-    state = make_state(steps)
+    try:
+        state = make_state(steps)  # which undoes what it did if it raises
+    except BaseException:
+        StepTracker.detach(model, TAR_OWNER)
+        raise
     setattr(model, STATE_ATTR, state)
     steps.reset(start)  # also where another feature was counting already
     return state
@@ -78,6 +93,10 @@ def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker]
 def _detach(model: torch.nn.Module) -> None:
     state = tar_state(model)
     if state is not None:
+        saved = getattr(model, "original_attn_processors", None)  # fuse_qkv_projections's, which unfuse puts back
+        if isinstance(saved, dict):
+            for key, processor in saved.items():
+                saved[key] = state.stood_in_for(key, processor)
         state.uninstall()
         delattr(model, STATE_ATTR)
         StepTracker.detach(model, TAR_OWNER)
@@ -106,8 +125,8 @@ def _dit_state(model: torch.nn.Module, pipeline, config: TARConfig, steps: StepT
                      None if pipeline is None else weakref.ref(pipeline))
     # after the layout's pre-hook: the call's grid and spec, fixed before its blocks run
     state.hooks = watch_layout(model, family, state) + (
-        model.register_forward_pre_hook(lambda *_: state.begin_call()),
-        model.register_forward_hook(lambda *_: state.end_call(), always_call=True))
+        model.register_forward_pre_hook(Hook(lambda *_: state.begin_call())),
+        model.register_forward_hook(Hook(lambda *_: state.end_call()), always_call=True))
     state.installed = [state.wrap(module, module.processor, name, index)
                        for index, (name, module) in enumerate(modules) if index in blocks]
     state.watched = modules_to(model, [processor.name for _, processor in state.installed])

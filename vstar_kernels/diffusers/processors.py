@@ -279,14 +279,23 @@ class UNetState:
         self.regularizing = config.regularizes(steps.step)  # the call in progress does (`sync`)
         self.processor, self.fused_processor = TARAttnProcessor(), TARAttnProcessor(fused=True)
         self.sites: List[TARSite] = []
-        self._install(temporal)
+        try:
+            self._install(temporal)
+        except BaseException:  # (a warning made an error, after some sites): the model as it was
+            self.uninstall()
+            raise
 
     def _install(self, temporal: List[TemporalAttention]) -> None:
         """Put TAR on the temporal attentions the config selects that do not have it yet."""
         config, replaced = self.config, {}
         for t in temporal:
             spec = config.levels.get(t.level)
-            if spec is None or (t.input_block and not config.include_input_block) or tar_site(t.module) is not None:
+            if spec is None or (t.input_block and not config.include_input_block):
+                continue
+            if tar_site(t.module) is not None:
+                if tar_site(t.module).steps is not self.steps:
+                    raise ValueError(f"{t.name}: TAR is applied to it already, through another model that holds it "
+                                     "(or one it holds); call remove_tar on that model first")
                 continue
             site = TARSite(t.name, t.module, t.level, spec, config, self.steps)
             setattr(t.module, _SITE_ATTR, site)
@@ -363,6 +372,14 @@ class UNetState:
         for site in self.sites:
             _uninstall(site)
 
+    def stood_in_for(self, key: str, processor):
+        """What `processor`, saved under `key` (``name.processor``, fuse_qkv_projections's dict), stands in for
+        where it is TAR's; any other as it is."""
+        if processor is not self.processor and processor is not self.fused_processor:
+            return processor
+        site = next((site for site in self.sites if f"{site.name}.processor" == key), None)
+        return _previous(site, processor.fused)
+
 
 def _is_pag(processor) -> bool:
     """Whether `processor` is one of perturbed-attention guidance's (diffusers' PAG...Processor classes)."""
@@ -382,10 +399,14 @@ def _uninstall(site: TARSite) -> None:
     if isinstance(processor, PAGWithTAR):
         site.module.set_processor(processor.inner)  # in a PAG pipeline's call: its processor for the rest of it
     elif isinstance(processor, TARAttnProcessor):
-        previous = site.previous_fused if processor.fused else site.previous
-        site.module.set_processor(previous if previous is not None
-                                  else FusedAttnProcessor2_0() if processor.fused else AttnProcessor2_0())
+        site.module.set_processor(_previous(site, processor.fused))
     delattr(site.module, _SITE_ATTR)
+
+
+def _previous(site: Optional[TARSite], fused: bool):
+    """The processor TAR stood in for at `site` (fused or not), or diffusers' own of that kind."""
+    previous = None if site is None else site.previous_fused if fused else site.previous
+    return previous if previous is not None else FusedAttnProcessor2_0() if fused else AttnProcessor2_0()
 
 
 def _layout(model: torch.nn.Module, temporal: List[TemporalAttention]) -> List[Tuple[torch.nn.Module, tuple]]:

@@ -117,6 +117,11 @@ class _BindingCheckpoint:
         return self.function(_BoundBlock(block, self.tracker, self.tracker._snapshot()), *args, **kwargs)
 
 
+NOT_COPIED = ("a model with TAR or an open attention capture on it cannot be deep-copied or pickled (the copy would "
+              "count its steps with the original's state): copy or save it before apply_tar, or after remove_tar "
+              "(and the capture's end), and apply TAR to the copy")
+
+
 class StepTracker:
     """Counts the forward calls of one model; ``step`` is the index of the call in progress.
 
@@ -149,9 +154,10 @@ class StepTracker:
 
     def __deepcopy__(self, memo):
         # the copy's hooks and processors would call back into the original's state (its step, its config)
-        raise TypeError("a model with TAR or an open attention capture on it cannot be deep-copied (the copy would "
-                        "count its steps with the original's state): copy it before apply_tar, or after remove_tar "
-                        "(and the capture's end), and apply TAR to the copy")
+        raise TypeError(NOT_COPIED)
+
+    def __reduce_ex__(self, protocol):  # pickle, torch.save: as a deep copy
+        raise TypeError(NOT_COPIED)
 
     @property
     def step(self) -> int:
@@ -304,6 +310,20 @@ class StepTracker:
         if isinstance(timestep, torch.Tensor) and timestep.numel():
             return float(timestep.max())
         return float(timestep) if isinstance(timestep, (int, float)) else None
+
+
+class Hook:
+    """A model hook of a feature that counts steps (TAR, a capture), which raises `NOT_COPIED` where the model is
+    pickled or deep-copied (a closure raised pickle's AttributeError naming it)."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NOT_COPIED)
 
 
 def in_run(pipeline) -> bool:

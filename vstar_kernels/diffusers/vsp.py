@@ -233,7 +233,8 @@ class _SynopsisState:
     def context(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """The (batch * N, L, C) per-frame context replacing `encoder_hidden_states`."""
         if self.batch is None:
-            raise RuntimeError("a VSP processor ran outside a forward call of the UNet it was applied to")
+            raise RuntimeError("a VSP processor ran outside a forward call of the UNet it was applied to (as in a "
+                               "block gradient checkpointing recomputes in the backward pass: VSP runs without it)")
         if encoder_hidden_states is self._source:
             return self._context
         if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
