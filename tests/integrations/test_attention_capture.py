@@ -489,3 +489,33 @@ def test_tar_applied_mid_run_under_ddim_keeps_an_open_captures_count():
              num_inference_steps=4, num_frames=8, height=32, width=32, output_type="latent",
              callback_on_step_end=on_step_end)
     assert maps.steps() == [0, 1, 2, 3] and seen == [2]
+
+
+def test_tar_applied_mid_run_under_euler_counts_from_the_loop_index_with_a_capture_opened_mid_run():
+    """A capture opened mid-run counts from its opening: TAR, applied first later, took that count where the
+    scheduler's step index says the loop's (1 for loop step 3), and regularized past until_step."""
+    import contextlib
+
+    from diffusers import EulerDiscreteScheduler
+    from vstar_kernels.diffusers.install import tar_state
+
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                               motion_adapter=motion_adapter(), scheduler=EulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    stack, seen = contextlib.ExitStack(), []
+
+    def on_step_end(p, i, t, kwargs):
+        if i == 1:
+            stack.enter_context(capture_temporal_attention(p))
+        if i == 2:
+            apply_tar(p, TARConfig(levels={1: (1.0, 1.0)}, until_step=3))
+            seen.append(StepTracker.of(p.unet).next_step)
+        if i > 2:
+            seen.append((i, tar_state(p.unet).regularizing))
+        return {}
+
+    with stack:
+        pipe(prompt_embeds=randn(1, 3, 8, seed=5), negative_prompt_embeds=randn(1, 3, 8, seed=6),
+             num_inference_steps=6, num_frames=8, height=32, width=32, output_type="latent",
+             callback_on_step_end=on_step_end)
+    assert seen == [3, (3, True), (4, False), (5, False)]

@@ -5,6 +5,7 @@ a float64 evaluation of the semantics (helpers.naive_tar) on the inputs it recei
 with the (sigma, strength) of the level where the module sits.
 """
 
+import contextlib
 import math
 import re
 
@@ -602,11 +603,19 @@ def test_a_model_in_data_parallel_takes_tar_on_the_model_it_wraps(tmp_path):
     inputs = fam.inputs(bare)
     names = apply_tar(bare, config)
     expected = forward(bare, inputs)
-    wrapped = torch.nn.DataParallel(fam.model())
-    assert apply_tar(wrapped, config) == names and apply_tar(wrapped.module, config) == names  # applied again
-    assert torch.equal(forward(wrapped, inputs), expected)
-    remove_tar(wrapped)
-    assert not any(tar_site(m) for m in wrapped.modules())
+    if not torch.cuda.is_available():  # (DataParallel moves the model to a GPU where there is one)
+        wrapped = torch.nn.DataParallel(fam.model())
+        assert apply_tar(wrapped, config) == names and apply_tar(wrapped.module, config) == names  # applied again
+        assert torch.equal(forward(wrapped, inputs), expected)
+        remove_tar(wrapped)
+        assert not any(tar_site(m) for m in wrapped.modules())
+        wrapped.device_ids = [0, 1]  # a copy of the model called on each device: two steps a call
+        with pytest.raises(ValueError, match="DataParallel over 2 devices calls a copy of the model on each"):
+            apply_tar(wrapped, config)
+    with pytest.raises(ValueError, match=r"^0\.down_blocks\.0\.temp_attentions\.0\.transformer_blocks\.0\.attn1: a "
+                                         r"temporal attention's level is read from where it sits .* Sequential holds "
+                                         r"it under 0: give the video model itself"):
+        apply_tar(torch.nn.Sequential(fam.model()), config)  # another wrapper: every level was read as 0
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(fam.model())
@@ -638,24 +647,33 @@ def test_remove_tar_after_fusing_leaves_none_of_tars_processors_in_fuses_saved_o
     from .tiny_dit_models import FAMILIES as DIT_FAMILIES
 
     model = DIT_FAMILIES["cogvideox"].model() if family == "dit" else FAMILIES["unet3d"].model()
-    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+    if family == "unet3d":  # one a user set, which remove_tar puts back
+        kept = next(name for name in attention_modules(model) if "temp_attentions.0" in name)
+        attention_modules(model)[kept].set_processor(MyProcessor())
+    with pytest.warns(UserWarning, match="takes the place of MyProcessor") if family == "unet3d" \
+            else contextlib.nullcontext():
+        apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
     model.fuse_qkv_projections()
     remove_tar(model)
     model.unfuse_qkv_projections()
     assert not any(type(p).__name__ in ("TARAttnProcessor", "DiTTARProcessor") for p in model.attn_processors.values())
+    if family == "unet3d":
+        assert type(attention_modules(model)[kept].processor) is MyProcessor
     copy.deepcopy(model)
     torch.save(model, io.BytesIO())
     if family == "unet3d":
+        attention_modules(model)[kept].set_processor(AttnProcessor2_0())  # diffusers' own only, below
         model.set_default_attn_processor()
+
+
+class MyProcessor(AttnProcessor2_0):
+    """A processor of the user's, which TAR takes the place of (with a warning) and remove_tar puts back."""
 
 
 def test_an_apply_tar_that_raises_leaves_the_model_as_it_was():
     """With warnings made errors, apply_tar's warning (a processor it takes the place of) left the step counter's
     hook, TAR's processors and sites on the model and no state for remove_tar: every call raised a NameError."""
     import warnings
-
-    class MyProcessor(AttnProcessor2_0):
-        pass
 
     fam = FAMILIES["unet3d"]
     model = fam.model()
@@ -670,3 +688,28 @@ def test_an_apply_tar_that_raises_leaves_the_model_as_it_was():
     assert model.attn_processors == before and not model._forward_pre_hooks
     assert not any(tar_site(m) for m in model.modules()) and StepTracker.of(model) is None
     assert torch.equal(forward(model, inputs), stock)
+
+
+def test_remove_tar_after_a_split_inference_fused_gives_the_users_processor_back():
+    """FreeNoise's split inference wraps blocks after apply_tar, so fuse_qkv_projections saves TAR's processor under
+    a name with .module. in it, which the site (named at apply_tar) did not match: unfuse gave diffusers' plain
+    processor where the user's had been."""
+    import warnings
+
+    from diffusers import DDIMScheduler
+
+    from .tiny_video_models import motion_adapter
+
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
+                               motion_adapter=motion_adapter(), scheduler=DDIMScheduler())
+    pipe.enable_free_noise(context_length=4, context_stride=2)
+    attn = pipe.unet.get_submodule("down_blocks.1.motion_modules.0.transformer_blocks.0.attn1")
+    attn.set_processor(MyProcessor())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TAR takes its place
+        apply_tar(pipe, TARConfig(levels={1: (1.0, 1.0)}))
+    pipe.enable_free_noise_split_inference(spatial_split_size=8, temporal_split_size=4)
+    pipe.unet.fuse_qkv_projections()
+    remove_tar(pipe)
+    pipe.unet.unfuse_qkv_projections()
+    assert type(attn.processor) is MyProcessor

@@ -426,6 +426,6 @@ def test_a_block_recomputed_by_gradient_checkpointing_is_said_to_be_one():
     with capture_frame_attention(model):
         out = model(**FAMILIES["wan"].inputs(), return_dict=False)[0]
         with pytest.raises(RuntimeError, match=r"frame layout is unknown \(as in a block gradient checkpointing "
-                                               r"recomputes in the backward pass: the attention captures run "
+                                               r"recomputes in the backward pass: the capture runs "
                                                r"without it\)"):
             out.sum().backward()

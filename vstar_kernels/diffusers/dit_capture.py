@@ -193,6 +193,10 @@ class _Recorder:
 
     def record(self, name, block, step, query, key, mask, scale, first, batch) -> None:
         """Add one SDPA call (q, k: (B, H, N, D)) whose first sequence is sequence `first` of the call's `batch`."""
+        if self.grid is None:
+            raise RuntimeError(f"{name}: called outside a forward call of the model, so the frame layout is unknown "
+                               "(as in a block gradient checkpointing recomputes in the backward pass: the capture "
+                               "runs without it)")
         runs = mask_runs(mask, query.shape[0], query.shape[2], key.shape[2], name)
         frames = token_frames(self.grid, self.family.text, query.shape[2], key.shape[2], name, query.device, block)
         frames = frames.shared_ids(query.device) if isinstance(frames, FrameLayout) else frames

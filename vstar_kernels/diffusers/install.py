@@ -33,10 +33,13 @@ def denoiser(target):
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model a torch.compile, DataParallel or DistributedDataParallel wrapper holds (TAR goes on it, and its
-    levels are read from its own module names, not the wrapper's ``module.``-prefixed ones)."""
+    """The model a torch.compile, DistributedDataParallel or one-device DataParallel wrapper holds (TAR goes on it,
+    and its levels are read from its own module names, not the wrapper's ``module.``-prefixed ones)."""
     while True:
         model = uncompiled(model)
+        if isinstance(model, torch.nn.DataParallel) and len(model.device_ids) > 1:
+            raise ValueError(f"DataParallel over {len(model.device_ids)} devices calls a copy of the model on each, "
+                             "which TAR would count as that many steps: use DistributedDataParallel")
         if not isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
             return model
         model = model.module
@@ -67,11 +70,13 @@ def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker]
     where TAR, applied again, replaces its config in the middle of `pipeline`'s run (as the pipeline says, or as
     TAR's count of that run's schedule says: `StepTracker.within`), the run's next step; applied first in the
     middle of a run whose scheduler keeps a step index, that index less the run's first (`run_begin`; 0 where
-    unknown): the loop's next iteration; applied first where another feature (a capture) has counted the run, its
-    count."""
+    unknown): the loop's next iteration; where the scheduler keeps none, the count of the run another feature (a
+    capture) kept, if one did."""
     tracker = StepTracker.of(model)
-    going_on = tracker is not None and (tar_state(model) is not None and in_run(pipeline) or tracker.within(pipeline))
     index = getattr(getattr(pipeline, "scheduler", None), "step_index", None)
+    counted = tracker is not None and tracker.within(pipeline)
+    going_on = (tar_state(model) is not None and (counted or tracker is not None and in_run(pipeline))
+                or index is None and counted)
     if going_on:
         start = tracker.next_step
     else:
@@ -81,7 +86,7 @@ def _attach(model: torch.nn.Module, pipeline, make_state: Callable[[StepTracker]
     steps = StepTracker.attach(model, TAR_OWNER, pipeline=pipeline, on_run_start=lambda: state.restart(),
                                before_forward=lambda: state.sync(), snapshot=lambda: state.snapshot())
     try:
-        state = make_state(steps)  # which undoes what it did if it raises
+        state = make_state(steps)  # a UNet's undoes what it did if it raises
     except BaseException:
         StepTracker.detach(model, TAR_OWNER)
         raise
@@ -140,7 +145,8 @@ def apply_tar(target, config: TARConfig) -> List[str]:
     (each forward call one step, from 0 now and, on a UNet, at a larger timestep; `reset_steps`). Returns the
     names of the attention modules TAR now runs on; applying again replaces the config. docs/integrations.md
     has the modules, levels, steps, processors set afterwards and gradient checkpointing, docs/dits.md the
-    video DiTs. A ValueError names a level or block the model lacks.
+    video DiTs. A ValueError names a level or block the model lacks. One that raises leaves the model without TAR
+    (a config applied before is removed too).
     """
     if not isinstance(config, TARConfig):
         raise TypeError(f"config must be a TARConfig, got {type(config).__name__}")

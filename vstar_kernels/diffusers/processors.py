@@ -59,8 +59,12 @@ def temporal_attention_modules(model: torch.nn.Module) -> List[TemporalAttention
             level = last - int(parts[1])
         elif parts[0] == "mid_block":
             level = last
-        else:
+        elif input_block or parts[0] in TEMPORAL_CONTAINERS:  # Latte's blocks, an input block
             level = 0
+        else:
+            raise ValueError(f"{name}: a temporal attention's level is read from where it sits in a diffusers video "
+                             f"model (down_blocks.i, mid_block, up_blocks.j), and {type(model).__name__} holds it "
+                             f"under {parts[0]}: give the video model itself")
         found.append(TemporalAttention(name, module, level, input_block))
     return found
 
@@ -377,7 +381,11 @@ class UNetState:
         where it is TAR's; any other as it is."""
         if processor is not self.processor and processor is not self.fused_processor:
             return processor
-        site = next((site for site in self.sites if f"{site.name}.processor" == key), None)
+        try:  # the module by the name it has now (a split inference wraps blocks since the sites were named)
+            module = self.model.get_submodule(key.removesuffix(".processor"))
+        except AttributeError:
+            module = None
+        site = next((site for site in self.sites if site.module is module), None)
         return _previous(site, processor.fused)
 
 

@@ -27,9 +27,7 @@ def token_frames(grid, text: str, nq: int, nk: int, where: str, device, block: O
     known without reading them), else the (N,) ids; `block` (forward order) for the grids whose later blocks see
     the video twice."""
     if grid is None:
-        raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown (as "
-                           "in a block gradient checkpointing recomputes in the backward pass: the attention "
-                           "captures run without it)")
+        raise RuntimeError(f"{where}: called outside a forward call of the model, so the frame layout is unknown")
     count, per_frame = grid[0], grid[1]
     runs = getattr(grid, "runs", None)
     repeat_from = getattr(grid, "repeat_from", None)
