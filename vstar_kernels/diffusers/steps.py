@@ -152,11 +152,9 @@ class StepTracker:
         self.find_checkpointing(model)
         self._handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
-    def __deepcopy__(self, memo):
-        # the copy's hooks and processors would call back into the original's state (its step, its config)
-        raise TypeError(NOT_COPIED)
-
-    def __reduce_ex__(self, protocol):  # pickle, torch.save: as a deep copy
+    def __reduce_ex__(self, protocol):
+        # copy.deepcopy, pickle, torch.save: the copy's hooks and processors would call back into the original's
+        # state (its step, its config)
         raise TypeError(NOT_COPIED)
 
     @property
