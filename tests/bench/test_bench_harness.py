@@ -228,8 +228,7 @@ def test_cli_writes_csv_markdown_and_plots(tmp_path):
 
 def test_cli_rejects_bad_options(tmp_path, capsys):
     for args, message in ((["--shapes", "nope"], "unknown shape 'nope'"), (["--dtype", "int8"], "--dtype"),
-                          (["--impls", "magic"], "--impls"), (["--n", "0"], "--n"),
-                          (["--model-table", "--shapes", "unet-tiny"], "--model-table counts kernel shapes")):
+                          (["--impls", "magic"], "--impls"), (["--n", "0"], "--n")):
         assert cli.main(["bench", *args, "--out", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
@@ -255,8 +254,22 @@ def test_cli_lists_shapes_and_prints_the_model_table(capsys):
         assert name in out
     assert cli.main(["bench", "--model-table", "--shapes", "vc2-320x512-l0", "--n", "16"]) == 0
     assert capsys.readouterr().out.strip() == harness.model_table(["vc2-320x512-l0"], [16])
-    assert cli.main(["bench", "--model-table", "--dtype", "fp32"]) == 2
-    assert "--model-table counts fp16 inputs: --dtype does not apply to it" in capsys.readouterr().err
+
+
+
+def test_cli_refuses_options_list_and_model_table_ignore(capsys):
+    """--list and --model-table measure nothing: a dtype, implementations or a device given were taken and ignored
+    (exit 0); each is refused, named."""
+    for args, message in ((["--list", "--impls", "magic", "--device", "cpu"],
+                           "--list lists the named shapes and implementations, and takes no other option: "
+                           "drop --impls, --device cpu"),
+                          (["--list", "--model-table"], "drop --model-table"),
+                          (["--model-table", "--dtype", "fp32", "--n", "16", "--device", "cuda", "--quick"],
+                           "and takes --shapes, --n only: drop --quick, --dtype, --device cuda"),
+                          (["--model-table", "--shapes", "unet-tiny"], "--model-table counts kernel shapes")):
+        assert cli.main(["bench", *args]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and not captured.out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 RUNTIME_DEVICES = ("auto", "cuda", "cpu")
 
@@ -86,7 +87,33 @@ def runs_cpu_kernels(args) -> bool:
     return args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
 
 
+# the modes that run no sweep: what each does, and the options it takes besides itself; any other option given
+# would be taken and ignored, so it is refused, named
+MODES = {"--list": ("lists the named shapes and implementations", ()),
+         "--model-table": ("counts fp16 bytes and FLOPs (the GPU shapes and N unless --shapes/--n)",
+                           ("--shapes", "--n")),
+         "--backward": ("times its own cases (benchmarks/NOTES.md) in fp16 on CUDA", ("--out", "--no-plots",
+                                                                                       "--device cuda"))}
+
+
+def untaken(args) -> str:
+    """Why options given do not apply to the mode given (--list, --model-table, --backward), or ''."""
+    given = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+             if value not in (None, False) and name not in ("device", "command")]
+    given += [f"--device {args.device}"] * (args.device != "auto")
+    for mode, (does, takes) in MODES.items():
+        drop = [flag for flag in given if flag not in (mode, *takes)]
+        if mode in given and drop:
+            takes = f"takes {', '.join(takes)} only" if takes else "takes no other option"
+            return f"{mode} {does}, and {takes}: drop {', '.join(drop)}"
+    return ""
+
+
 def main(args) -> int:
+    refused = untaken(args)
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     if args.backward:
         from .backward import main as run_backward
 

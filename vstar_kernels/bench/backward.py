@@ -65,18 +65,7 @@ DEFAULT_CASES = [(2 * 40 * 64, 5, 16, 64), (2 * 20 * 32, 10, 32, 64), (2 * 10 * 
 DEFAULT_OPTIONS = [dict(), dict(causal=True, max_mode="global")]
 
 
-# the sweep's options this run does not take (its cases, dtype and implementations are its own)
-SWEEP_ONLY = ("quick", "dtype", "n", "shapes", "impls", "time_budget_s", "resume", "list", "model_table",
-              "no_progress")
-
-
 def main(args) -> int:
-    given = [f"--{name.replace('_', '-')}" for name in SWEEP_ONLY if getattr(args, name) not in (None, False)]
-    given += ["--device cpu"] * (args.device == "cpu")
-    if given:
-        print(f"--backward times its own cases (benchmarks/NOTES.md) in fp16 on CUDA, and takes --out, --no-plots "
-              f"and --device cuda (or auto) only: drop {', '.join(given)}", file=sys.stderr)
-        return 2
     if not torch.cuda.is_available():
         print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)",
               file=sys.stderr)

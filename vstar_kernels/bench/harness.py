@@ -284,8 +284,6 @@ def main(args) -> int:
     try:
         if cuda and not args.model_table and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available to torch")
-        if args.model_table and args.dtype:
-            raise ValueError("--model-table counts fp16 inputs: --dtype does not apply to it")
         names, ns, dtypes = resolve(args, cuda)
         if args.model_table:
             if all(shapes.is_unet(name) for name in names):
