@@ -230,7 +230,7 @@ def test_an_attention_whose_output_a_cache_reuses_is_refused():
 def test_a_pipeline_with_perturbed_attention_guidance_is_refused():
     """AnimateDiff's PAG pipeline batches [unconditional, conditional, perturbed]: at two videos a prompt the
     conditional half of the batch would mix conditional and perturbed rows; the capture refuses it, whatever cfg
-    says, and records at pag_scale=0."""
+    says, on the pipeline or on its model called alone (which recorded the mix), and records at pag_scale=0."""
     def pipeline():  # a fresh one each run: a run the capture stopped leaves PAG's processors set
         pipe = AnimateDiffPAGPipeline(vae=None, text_encoder=None, tokenizer=None, unet=FAMILIES["motion"].model(),
                                       motion_adapter=motion_adapter(), scheduler=DDIMScheduler(),
@@ -243,10 +243,10 @@ def test_a_pipeline_with_perturbed_attention_guidance_is_refused():
              num_inference_steps=2, num_frames=8, height=16, width=16, guidance_scale=7.5, pag_scale=pag_scale,
              num_videos_per_prompt=2, output_type="latent")
 
-    for cfg in (None, True):
+    for cfg, on_model in ((None, False), (True, False), (True, True), (False, True)):
         pipe = pipeline()
         with pytest.raises(ValueError, match="perturbed-attention-guidance branch .* capture with pag_scale=0"):
-            with capture_temporal_attention(pipe, steps=[1], cfg=cfg):
+            with capture_temporal_attention(pipe.unet if on_model else pipe, steps=[1], cfg=cfg):
                 run(pipe, 3.0)
     pipe = pipeline()
     with capture_temporal_attention(pipe, steps=[1]) as maps:

@@ -25,7 +25,7 @@ from .._problem import check_int, int_set, make_problem, type_name
 from ..reference import tar_scores, without_autocast
 from ..regularization import gaussian_bias
 from .install import denoiser
-from .processors import project_heads, tar_site, temporal_at
+from .processors import is_pag, project_heads, tar_site, temporal_at
 from .steps import ATTENTION_REUSE, StepTracker, diffusers_hook
 
 # fp32 probabilities of one chunk (sequences x heads x N x N here, batch x heads x rows x Nk in dit_capture): 64 MiB
@@ -35,8 +35,9 @@ CHUNK_ELEMENTS = 1 << 24
 class TemporalAttentionMaps(Mapping):
     """``maps[(layer, step)]``: the mean temporal attention of one layer at one step, (N, N) float64 on the CPU.
 
-    Row i is how frame i attends to the frames, averaged over heads and every sequence of the calls
-    (FreeNoise's windows of one step too); rows sum to 1. Keys are in recording order.
+    Row i is how frame i attends to the frames, averaged over heads and every sequence of the calls; rows sum
+    to 1. Under FreeNoise, N is the context length and row i the i-th frame of every window of the step (the mean
+    over the windows). Keys are in recording order.
     """
 
     def __init__(self, levels: Dict[str, int]):
@@ -147,6 +148,7 @@ class _Recorder:
         self.tracker: Optional[StepTracker] = None
         self.handles: Dict[str, tuple] = {}  # layer -> (module hooked, hook handle)
         self.batch = None  # videos in the UNet call in progress (both guidance halves)
+        self.perturbed = False  # that call batches a perturbed-attention-guidance branch
         # FreeNoise's split inference (diffusers' SplitInferenceModule around a layer's transformer block) runs the
         # block on slices of its sequences: layer -> the split modules above it; split module -> [its call's
         # sequences, the first sequence of the slice in progress, of the next]; the pre-hooks that fill these
@@ -158,6 +160,8 @@ class _Recorder:
         # the UNets' sample; Latte's is its hidden_states, passed by keyword
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() == 5 else None
+        # a PAG pipeline sets its processors for the call: the model called alone batches its branch too
+        self.perturbed = any(is_pag(getattr(m, "processor", None)) for m in self.model.modules())
         self.resync()  # modules swapped in since (FreeNoise's blocks, split inference's wrappers), from this call on
 
     def resync(self) -> None:
@@ -244,7 +248,7 @@ class _Recorder:
                              "steps, where capture_temporal_attention, which records each call from the module's "
                              "inputs, would record a map the model did not compute: capture without it")
         rows = call["hidden_states"].shape[0]
-        if self.pipeline is not None and getattr(self.pipeline, "do_perturbed_attention_guidance", False):
+        if self.perturbed or getattr(self.pipeline, "do_perturbed_attention_guidance", False):
             raise ValueError(f"{name}: the pipeline batches a perturbed-attention-guidance branch beside its guidance "
                              "([unconditional, conditional, perturbed]), which capture_temporal_attention does not "
                              "take apart: capture with pag_scale=0")

@@ -304,7 +304,7 @@ class UNetState:
             site = TARSite(t.name, t.module, t.level, spec, config, self.steps)
             setattr(t.module, _SITE_ATTR, site)
             self.sites.append(site)
-            if _is_pag(t.module.processor):  # applied inside a PAG pipeline's call
+            if is_pag(t.module.processor):  # applied inside a PAG pipeline's call
                 t.module.set_processor(PAGWithTAR(t.module.processor, self.processor))
                 continue
             if type(t.module.processor) not in STANDS_IN_FOR and not _stateless(t.module.processor):
@@ -350,7 +350,7 @@ class UNetState:
     def _stand_in(self, site: TARSite) -> None:
         """TAR takes the place of the processor set on `site`'s module behind its back, or raises."""
         processor = site.module.processor
-        if _is_pag(processor):  # a PAG pipeline's call set it: its pag_applied_layers cover this attention
+        if is_pag(processor):  # a PAG pipeline's call set it: its pag_applied_layers cover this attention
             site.module.set_processor(PAGWithTAR(processor, self.processor))
             return
         if type(processor) not in STANDS_IN_FOR:
@@ -389,7 +389,7 @@ class UNetState:
         return _previous(site, processor.fused)
 
 
-def _is_pag(processor) -> bool:
+def is_pag(processor) -> bool:
     """Whether `processor` is one of perturbed-attention guidance's (diffusers' PAG...Processor classes)."""
     return type(processor).__name__.startswith("PAG")
 
