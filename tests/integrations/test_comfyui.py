@@ -260,6 +260,11 @@ def test_install_refuses_other_folders(tmp_path, capsys):
     (tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py").write_text("# someone else's\n")
     assert cli.main(["comfyui-install", str(tmp_path)]) == 2
     assert "was not written by this command" in capsys.readouterr().err
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py").unlink()
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar").rmdir()
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar").symlink_to(tmp_path / "gone")  # a link to nothing: a traceback
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 2
+    assert "was not written by this command" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- numerics against the oracle
@@ -646,21 +651,16 @@ def test_an_earlier_override_gets_every_call_not_regularized(comfy, before, comp
     assert sorted(calls) == sorted(cross + own)
 
 
-@pytest.mark.parametrize("earlier", [None, "forward", "module"])
+@pytest.mark.parametrize("earlier", [None, "forward"])
 def test_a_model_built_anew_after_the_node_is_refused(comfy, earlier):
     """A node after this one that clones onto a new model with the object patches kept (newer ComfyUI's
     clone(disable_dynamic=True)): TAR's patches would call the earlier model's modules, their weights (a LoRA
     patched on the new one lost). Refused when sampling starts, also where TAR wraps an earlier node's patch of the
-    forward; the model itself, sampled again with the patches of its last run still in place, runs (an earlier
-    node's patch of a whole module there: the module found on the path is that node's)."""
+    forward; the model itself, sampled again with the patches of its last run still in place, runs."""
     dtype = torch.float64
     model = wan(comfy, dtype)
     if earlier == "forward":
         model = replace_self_attention(model, 0.5)
-    elif earlier == "module":
-        model = model.clone()
-        for i, block in enumerate(model.get_model_object("diffusion_model").blocks):
-            model.add_object_patch(f"diffusion_model.blocks.{i}.self_attn", copy.copy(block.self_attn))
     (tar,) = NODE().apply(model, 1.0, 1.0)
     anew = tar.clone()  # the clone's options, object patches and wrappers, on a copy of the model
     anew.model = copy.deepcopy(tar.model)
@@ -673,6 +673,30 @@ def test_a_model_built_anew_after_the_node_is_refused(comfy, earlier):
     tar.patch_model()  # the last run's object patches left in place, as ComfyUI leaves a loaded model's
     assert torch.equal(sample(comfy, tar.clone(), (1, 4, 3, 4, 4), cond, uncond, dtype), first)
     tar.unpatch_model()
+
+
+@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks.1", "diffusion_model.blocks.1.self_attn"])
+def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy, replaced):
+    """An earlier node's object patch that puts another module in place of one holding a regularized self-attention
+    (or of the self-attention itself): TAR's patch of its forward wrapped the module replaced, so the model ran
+    without that node's module in every call, and ComfyUI, putting the patches back in order, left the replacing
+    module's forward on the loader's model. Refused, naming the path; a torch.compile wrapper of the same model
+    (ComfyUI's older TorchCompileModel) is no other module."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    original = model.get_model_object(replaced)
+    other = model.clone()
+    other.add_object_patch(replaced, copy.deepcopy(original))
+    with pytest.raises(ValueError, match=rf"VSTAR_TAR: an earlier node put another module in place of {replaced} "
+                                         r"\(an object patch\).*TAR cannot patch the self-attention's forward"):
+        NODE().apply(other, 1.0, 1.0)
+    compiled = model.clone()
+    compiled.add_object_patch("diffusion_model", torch.compile(model.get_model_object("diffusion_model")))
+    NODE().apply(compiled, 1.0, 1.0)
+    other.patch_model()  # the same check on a model loaded with the object patches in force
+    with pytest.raises(ValueError, match=rf"in place of {replaced}"):
+        NODE().apply(other, 1.0, 1.0)
+    other.unpatch_model()
 
 
 def test_applying_again_replaces_the_settings(comfy):
@@ -768,6 +792,7 @@ def test_hunyuan_image_is_an_error(comfy, base):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sigma=0.0), "^VSTAR_TAR: sigma must be > 0"),
     (dict(strength=math.nan), "strength must be a finite real"),
+    (dict(strength=-1e39), r"^VSTAR_TAR: strength must be at most 3.4028235e\+38 in size"),  # not mid-sampling
     (dict(start_percent=1.5), r"start_percent must be in \[0, 1\]"),
     (dict(end_percent=-0.1), r"end_percent must be in \[0, 1\]"),
     (dict(reference_frames=-1), "reference_frames must be a non-negative int"),

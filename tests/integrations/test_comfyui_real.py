@@ -464,6 +464,21 @@ def test_clone_semantics(comfy):
     assert not any(marked(block.self_attn.forward) for block in model.model.diffusion_model.blocks)
 
 
+@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks.0.self_attn"])
+def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy, replaced):
+    """An earlier node's object patch putting another module (other weights) in place of the self-attention, or of a
+    module holding it: TAR's patch ran the module replaced in every call, and the loader's model, sampled after,
+    ran the other module's forward (ComfyUI puts the patches back in the order they were made). Refused."""
+    model = wan(comfy)
+    other = model.clone()
+    module = copy.deepcopy(model.get_model_object(replaced))
+    with torch.no_grad():
+        module.get_submodule("blocks.0.self_attn" if replaced == "diffusion_model" else "").o.weight.mul_(3.0)
+    other.add_object_patch(replaced, module)
+    with pytest.raises(ValueError, match=rf"VSTAR_TAR: an earlier node put another module in place of {replaced} "):
+        NODE().apply(other, 1.0, 1.0)
+
+
 def recorder(calls):
     """An override such as a backend-selector node sets: records (queries, keys, sigma) and runs the stock call."""
     def override(func, *args, **kwargs):

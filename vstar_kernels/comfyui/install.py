@@ -30,7 +30,7 @@ def install(comfyui: str) -> pathlib.Path:
         raise ValueError(f"{root} is not a ComfyUI directory: it has no custom_nodes/ folder")
     target = nodes / PACKAGE
     init = target / "__init__.py"
-    if target.exists():
+    if target.exists() or target.is_symlink():  # a link to nothing too
         ours = target.is_dir() and init.is_file() and init.read_text(encoding="utf-8").startswith(MARK) \
             and {p.name for p in target.iterdir()} <= {"__init__.py", "__pycache__"}
         if not ours:

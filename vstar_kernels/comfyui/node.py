@@ -11,6 +11,7 @@ from .models import family_of, unwrap
 from .patch import KEY, LOG, MarkedForward, Settings, TARPatch, marked
 
 BACKENDS = ("auto", "triton", "reference")
+FLOAT32_MAX = 3.4028234663852886e38
 MIN_COMFYUI = "0.3.60"      # the first ComfyUI whose attention functions take an override from transformer_options
 # ComfyUI base models (comfy.model_base; subclasses too) that run an image model on a video model's diffusion class
 IMAGE_MODELS = {"HunyuanImage21": "HunyuanImage 2.1 (its refiner too), on the HunyuanVideo class"}
@@ -27,6 +28,26 @@ def _percent(name: str, value) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"VSTAR_TAR: {name} must be in [0, 1], got {value}")
     return value
+
+
+def _refuse_replaced_above(patcher, paths) -> None:
+    """A ValueError where an earlier node's object patch put another module in place of one that holds a module of
+    `paths` (a torch.compile wrapper of the same module is no other): TAR's patch of the module's forward would wrap
+    the module replaced, and ComfyUI, which puts object patches back in the order they were made, would leave the
+    replacing module's forward on the model's own module after sampling."""
+    for path in paths:
+        parts = path.split(".")
+        patched = own = patcher.model
+        for i, part in enumerate(parts, 1):
+            above = ".".join(parts[:i])
+            own = patcher.object_patches_backup.get(above, getattr(own, part))
+            patched = patcher.object_patches.get(above, getattr(patched, part))
+            if above in patcher.object_patches and unwrap(own) is not unwrap(patched):
+                holds = "" if above == path else f", which holds the self-attention {path}"
+                raise ValueError(f"VSTAR_TAR: an earlier node put another module in place of {above} (an object "
+                                 f"patch){holds}: TAR cannot patch the self-attention's forward there (it would "
+                                 "run the module that was replaced). Leave that node out, or ask its author to "
+                                 "patch the module's forward instead")
 
 
 def _wrappers():
@@ -89,6 +110,9 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     RuntimeError on a ComfyUI older than 0.3.60.
     """
     strength = _real("strength", strength)
+    if abs(strength) > FLOAT32_MAX:  # refused here, not at the model's first call mid-sampling
+        raise ValueError(f"VSTAR_TAR: strength must be at most {FLOAT32_MAX:.8g} in size (the largest float32: TAR's "
+                         f"math for ComfyUI's models), got {strength}")
     try:
         sigma = check_sigma(sigma)
     except (TypeError, ValueError) as exc:
@@ -108,6 +132,7 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     family = family_of(diffusion_model)
     clone = model.clone()
     targets = [f"diffusion_model.{path}.forward" for path in family.targets(diffusion_model)]
+    _refuse_replaced_above(clone, [path[:-len(".forward")] for path in targets])
     earlier = _remove(clone, targets, wrappers)
     if earlier is not None:
         LOG.warning("VSTAR_TAR: the model already had TAR from an earlier VSTAR_TAR node (strength=%g, sigma=%g, "
