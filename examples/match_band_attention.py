@@ -82,13 +82,22 @@ def positive_int(text: str) -> int:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=positive_int, default=150)
-    parser.add_argument("--frames", type=positive_int, default=16)
+    parser.add_argument("--frames", type=positive_int, default=16,
+                        help="at least 2; also the head dim of v = I, so at most 256 with --backend triton")
     parser.add_argument("--target-sigma", type=float, default=1.5, help="width of the target band")
-    parser.add_argument("--sigma", type=float, default=1.0, help="TAR width in the layer")
+    parser.add_argument("--sigma", type=float, default=1.0, help="TAR width in the layer (inf: a flat bias)")
     parser.add_argument("--strength", type=float, default=0.0, help="TAR strength in the layer (0: plain map)")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.frames < 2:
+        parser.error("--frames must be at least 2: one frame has no band to match")
+    for option, sigma, strength in (("--target-sigma", args.target_sigma, 1.0), ("--sigma", args.sigma, 1.0),
+                                    ("--strength", 1.0, args.strength)):
+        try:
+            vk.LevelSpec(sigma=sigma, strength=strength)  # refused here, not after the model is built
+        except ValueError as exc:
+            parser.error(f"{option}: {exc}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = optimize(steps=args.steps, frames=args.frames, target_sigma=args.target_sigma, sigma=args.sigma,
                       strength=args.strength, backend=args.backend, seed=args.seed, device=device)

@@ -94,11 +94,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--frames", type=positive_int, default=16)
-    parser.add_argument("--sigma", type=float, default=2.0, help="TAR width (math.inf: plain attention)")
+    parser.add_argument("--sigma", type=float, default=2.0, help="TAR width (inf: plain attention)")
     parser.add_argument("--strength", type=float, default=1.0, help="TAR strength (0: plain attention)")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for option, sigma, strength in (("--sigma", args.sigma, 1.0), ("--strength", 1.0, args.strength)):
+        try:
+            vk.LevelSpec(sigma=sigma, strength=strength)  # refused here, not after the model is built
+        except ValueError as exc:
+            parser.error(f"{option}: {exc}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     losses = train(steps=args.steps, frames=args.frames, sigma=args.sigma, strength=args.strength,
                    backend=args.backend, seed=args.seed, device=device)

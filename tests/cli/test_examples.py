@@ -68,3 +68,18 @@ def test_examples_refuse_a_count_below_one(name, option, capsys):
         load(name).main([option, "0"])
     assert exit_.value.code == 2
     assert f"argument {option}: must be a positive int, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("train_temporal_tar", ["--sigma", "0"], "--sigma: sigma must be > 0"),
+    ("train_temporal_tar", ["--strength", "nan"], "--strength: strength must be finite"),
+    ("match_band_attention", ["--target-sigma", "-1"], "--target-sigma: sigma must be > 0"),
+    ("match_band_attention", ["--sigma", "nan"], "--sigma: sigma must be > 0"),
+    ("match_band_attention", ["--frames", "1"], "--frames must be at least 2"),   # its diagonality was nan
+])
+def test_examples_refuse_bad_values_before_building_anything(name, args, message, capsys):
+    """A band width or strength the kernels refuse was a traceback after the model was built."""
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
