@@ -675,7 +675,8 @@ def test_a_model_built_anew_after_the_node_is_refused(comfy, earlier):
     tar.unpatch_model()
 
 
-@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks.1", "diffusion_model.blocks.1.self_attn"])
+@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks.1",
+                                      "diffusion_model.blocks.1.self_attn"])
 def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy, replaced):
     """An earlier node's object patch that puts another module in place of one holding a regularized self-attention
     (or of the self-attention itself): TAR's patch of its forward wrapped the module replaced, so the model ran
