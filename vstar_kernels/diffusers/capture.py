@@ -249,9 +249,11 @@ class _Recorder:
                              "inputs, would record a map the model did not compute: capture without it")
         rows = call["hidden_states"].shape[0]
         if self.perturbed or getattr(self.pipeline, "do_perturbed_attention_guidance", False):
-            raise ValueError(f"{name}: the pipeline batches a perturbed-attention-guidance branch beside its guidance "
-                             "([unconditional, conditional, perturbed]), which capture_temporal_attention does not "
-                             "take apart: capture with pag_scale=0")
+            raise ValueError(f"{name}: perturbed-attention guidance's processors are on the model (a PAG pipeline "
+                             "sets them for a call at pag_scale > 0, and one interrupted leaves them): the call "
+                             "batches a perturbed-attention-guidance branch beside its guidance ([unconditional, "
+                             "conditional, perturbed]), which capture_temporal_attention does not take apart: "
+                             "capture with pag_scale=0")
         start = 0
         if self._guidance_batched():
             cache = diffusers_hook(self.model, "faster_cache_denoiser")  # may skip the unconditional branch
