@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cfloat>
+#include <cmath>
 #include <optional>
 
 #include "tar_params.h"
@@ -54,6 +56,10 @@ at::Tensor tar_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at:
               " and ", dv);
   TORCH_CHECK(nk >= 1 && nk <= kMaxKeys, "Nk must be in [1, ", kMaxKeys, "], got ", nk);
   TORCH_CHECK(sigma > 0, "sigma must be > 0, got ", sigma);
+  // the kernel's math is float32: a larger factor would be inf there (the Python op refuses the same)
+  TORCH_CHECK(std::abs(strength) <= FLT_MAX, "strength must be finite with |strength| <= ", FLT_MAX, ", got ",
+              strength);
+  TORCH_CHECK(scale > 0 && scale <= FLT_MAX, "scale must be > 0 and <= ", FLT_MAX, ", got ", scale);
 
   TarParams p{};
   p.dtype = dtype_of(q, "q");

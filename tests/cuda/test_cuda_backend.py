@@ -187,6 +187,20 @@ def test_gpu_operator_registration_passes_opcheck():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("sigma, strength, scale, message", [
+    (0.0, 1.0, 0.125, "sigma must be > 0"), (1.0, 1e39, 0.125, "strength must be finite"),
+    (1.0, -math.inf, 0.125, "strength must be finite"), (1.0, 1.0, 0.0, "scale must be > 0"),
+    (1.0, 1.0, 1e39, "scale must be > 0 and <= "), (1.0, 1.0, math.nan, "scale must be > 0")])
+def test_gpu_operator_refuses_what_the_python_op_refuses(sigma, strength, scale, message):
+    """The registered operator called directly: a strength or scale past float32 was inf in the kernel (a NaN
+    output), a scale <= 0 was taken."""
+    cuda_op()
+    q, k, v = qkv(1, 1, 16, 16, 32, 32, torch.float16)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.vstar.tar_attention_fwd(q, k, v, sigma, strength, None, False, False, scale)
+
+
+@pytest.mark.gpu
 def test_gpu_auto_falls_back_to_cuda_without_triton(monkeypatch):
     cuda_op()
     monkeypatch.setattr(_load, "triton_ops", lambda: _load.Probe(None, "triton is not importable (test)"))

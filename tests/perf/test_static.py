@@ -316,6 +316,11 @@ def test_compiling_some_cases_adds_their_rows(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--cases D9: no case's name holds"):
         static.main(argparse.Namespace(out=str(tmp_path), arch=[90], quick=False, kernels=None, cases=["D9"]))
     assert (tmp_path / "static-sm90.md").read_text() == before
+    monkeypatch.setattr(static, "collect", lambda *args, **kwargs: [_row("bwd", "fp16 D80", 150, spill_bytes=8)])
+    with pytest.raises(SystemExit, match="--cases D9: no case's name holds"):  # one text that matches none: it was
+        static.main(argparse.Namespace(out=str(tmp_path), arch=[90], quick=False, kernels=None,  # named recompiled
+                                       cases=["D80", "D9"]))
+    assert (tmp_path / "static-sm90.md").read_text() == before
     with pytest.raises(SystemExit, match="replace rows of the table in .*empty, which has no static-sm90.csv"):
         static.main(argparse.Namespace(out=str(tmp_path / "empty"), arch=[90], quick=False, kernels=None,
                                        cases=["D80"]))

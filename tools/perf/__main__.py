@@ -95,6 +95,9 @@ def main(argv=None) -> int:
         if unknown:
             top.error(f"argument --shapes: unknown {'DiT ' * args.dit}shape(s) {', '.join(unknown)}; "
                       f"choose from {', '.join(valid)}")
+    if args.command == "model" and (args.shapes or args.n) and not args.out:
+        top.error("model --shapes/--n writes those rows only, which would replace the committed full tables in "
+                  "benchmarks/results: give --out DIR")
     if args.command in ("static", "traffic", "cpu") and args.quick and not args.out:
         top.error(f"{args.command} --quick writes the CI subset, which would replace the committed full tables in "
                   "benchmarks/results: give --out DIR")

@@ -446,8 +446,9 @@ def main(args) -> int:
             if missing:
                 raise SystemExit(f"--kernels {' '.join(sorted(missing))}: no launch of the cases runs such a kernel "
                                  f"(names: the kernels' function names, e.g. _tar_bwd_dq_kernel)")
-        if cases and not table:
-            raise SystemExit(f"--cases {' '.join(cases)}: no case's name holds any of them (names as in the tables' "
+        unmatched = [text for text in cases or () if not any(text in r.case for r in table)]
+        if unmatched:
+            raise SystemExit(f"--cases {' '.join(unmatched)}: no case's name holds it (names as in the tables' "
                              "case column, e.g. D80Dv80)")
         if kernels or cases:
             table = merge(old, table)
