@@ -297,6 +297,10 @@ def test_bad_gpu_names_are_argparse_errors(argv, capsys):
     (["static", "--arch", "86"], "--arch: invalid choice: 86 (choose from 80, 90)"),
     (["compile-check", "--arch", "0"], "--arch: an SM version Triton compiles for (75, 80, 86, "),
     (["compile-check", "--arch", "76"], "121), got '76'"),
+    # --shapes or --n without --out replaced the committed full model tables with those rows only
+    (["model", "--shapes", "vc2-320x512-l0"], "model --shapes/--n writes those rows only, which would replace"),
+    (["model", "--n", "16"], "model --shapes/--n writes those rows only"),
+    (["model", "--dit", "--shapes", "wan2.1-1.3b-480p"], "model --shapes/--n writes those rows only"),
 ])
 def test_bad_numbers_are_argparse_errors_before_any_work(argv, message, capsys):
     """They were tracebacks (an IndexError, a ZeroDivisionError, a KeyError after compiling) or an LLVM abort."""

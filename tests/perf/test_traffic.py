@@ -238,19 +238,6 @@ def test_quick_needs_an_out_folder(command, capsys):
         capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["model", "--shapes", "vc2-320x512-l0"], ["model", "--n", "16"],
-                                  ["model", "--dit", "--shapes", "wan2.1-1.3b-480p"]])
-def test_model_for_some_shapes_needs_an_out_folder(argv, capsys):
-    """--shapes or --n without --out replaced the committed full model tables with those rows only."""
-    from tools.perf.__main__ import main as perf_main
-
-    with pytest.raises(SystemExit) as exc:
-        perf_main(argv)
-    assert exc.value.code == 2
-    assert "model --shapes/--n writes those rows only, which would replace the committed full tables" in \
-        capsys.readouterr().err
-
-
 def test_a_case_that_raises_gets_a_row_and_fails_the_command(tmp_path, monkeypatch):
     import csv
 
