@@ -700,6 +700,32 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
     other.unpatch_model()
 
 
+@pytest.mark.parametrize("replaced", ["diffusion_model.blocks.1", "diffusion_model.blocks.1.self_attn",
+                                      "diffusion_model.blocks.1.self_attn.forward"])
+def test_another_branch_loaded_with_its_module_in_place(comfy, replaced):
+    """Another branch of the graph (the loader's model cloned, another module or forward put in place of one on a
+    self-attention's path) sampled first, its object patches left on the shared model as ComfyUI leaves a loaded
+    model's: VSTAR_TAR applied to the loader's model then wrapped that branch's module's forward, without a word."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    expected = sample(comfy, NODE().apply(model, 1.0, 1.0)[0], shape, cond, uncond, dtype)
+    other = model.clone()
+    found = model.get_model_object(replaced)
+    if replaced.endswith(".forward"):
+        other.add_object_patch(replaced, lambda *args, **kwargs: found(*args, **kwargs) * 3.0)
+    else:
+        module = copy.deepcopy(found)
+        with torch.no_grad():
+            module.get_submodule("self_attn" if replaced.endswith("1") else "").o.weight.mul_(3.0)
+        other.add_object_patch(replaced, module)
+    other.patch_model()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    other.unpatch_model()
+    assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), expected)
+
+
 def test_applying_again_replaces_the_settings(comfy):
     dtype = torch.float64
     model = wan(comfy, dtype)

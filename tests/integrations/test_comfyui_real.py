@@ -479,6 +479,28 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
         NODE().apply(other, 1.0, 1.0)
 
 
+@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks.0.self_attn"])
+def test_another_branch_sampled_first_with_its_module_in_place(comfy, replaced):
+    """The loader's model in two branches: one with a node putting another module in place of a self-attention (or
+    of the diffusion model) sampled first, then VSTAR_TAR on the other. ComfyUI keeps the first branch's patches on
+    the shared model until the next load; TAR's patch wrapped that module's forward, so the TAR branch ran the other
+    module, and the loader's model afterwards too."""
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    expected = run(comfy, NODE().apply(wan(comfy), 1.0, 1.0)[0], latent, positive, negative, steps=2)
+    model = wan(comfy)
+    stock = run(comfy, model, latent, positive, negative, steps=2)
+    other = model.clone()
+    module = copy.deepcopy(model.get_model_object(replaced))
+    with torch.no_grad():
+        module.get_submodule("blocks.0.self_attn" if replaced == "diffusion_model" else "").o.weight.mul_(3.0)
+    other.add_object_patch(replaced, module)
+    assert not torch.equal(run(comfy, other, latent, positive, negative, steps=2), stock)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    assert torch.equal(run(comfy, tar, latent, positive, negative, steps=2), expected)
+    assert torch.equal(run(comfy, model, latent, positive, negative, steps=2), stock)
+
+
 def recorder(calls):
     """An override such as a backend-selector node sets: records (queries, keys, sigma) and runs the stock call."""
     def override(func, *args, **kwargs):

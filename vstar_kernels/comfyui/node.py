@@ -30,6 +30,23 @@ def _percent(name: str, value) -> float:
     return value
 
 
+def _resolve(patcher, path: str, own_patches: bool = True):
+    """What `path` names when `patcher` runs: at each step of the path its own object patch (if `own_patches`), else
+    what an object patch there replaced (another clone loaded may have its patches on the shared model), else the
+    attribute of what the step before named."""
+    value = patcher.model
+    parts = path.split(".")
+    for i, part in enumerate(parts, 1):
+        above = ".".join(parts[:i])
+        if own_patches and above in patcher.object_patches:
+            value = patcher.object_patches[above]
+        elif above in patcher.object_patches_backup:
+            value = patcher.object_patches_backup[above]
+        else:
+            value = getattr(value, part)
+    return value
+
+
 def _refuse_replaced_above(patcher, paths) -> None:
     """A ValueError where an earlier node's object patch put another module in place of one that holds a module of
     `paths` (a torch.compile wrapper of the same module is no other): TAR's patch of the module's forward would wrap
@@ -37,12 +54,10 @@ def _refuse_replaced_above(patcher, paths) -> None:
     replacing module's forward on the model's own module after sampling."""
     for path in paths:
         parts = path.split(".")
-        patched = own = patcher.model
-        for i, part in enumerate(parts, 1):
+        for i in range(1, len(parts) + 1):
             above = ".".join(parts[:i])
-            own = patcher.object_patches_backup.get(above, getattr(own, part))
-            patched = patcher.object_patches.get(above, getattr(patched, part))
-            if above in patcher.object_patches and unwrap(own) is not unwrap(patched):
+            if above in patcher.object_patches and \
+                    unwrap(_resolve(patcher, above, own_patches=False)) is not unwrap(_resolve(patcher, above)):
                 holds = "" if above == path else f", which holds the self-attention {path}"
                 raise ValueError(f"VSTAR_TAR: an earlier node put another module in place of {above} (an object "
                                  f"patch){holds}: TAR cannot patch the self-attention's forward there (it would "
@@ -149,7 +164,7 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
                      clone.model)
     for path in targets:
         name = path[len("diffusion_model."):-len(".forward")]
-        patch.marked[path] = MarkedForward(clone.get_model_object(path), name, path in clone.object_patches).forward
+        patch.marked[path] = MarkedForward(_resolve(clone, path), name, path in clone.object_patches).forward
         clone.add_object_patch(path, patch.marked[path])
     clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, KEY, patch.outer_sample)
     clone.add_wrapper_with_key(wrappers.APPLY_MODEL, KEY, patch.apply_model)
