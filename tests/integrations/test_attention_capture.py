@@ -252,6 +252,14 @@ def test_a_pipeline_with_perturbed_attention_guidance_is_refused():
     with capture_temporal_attention(pipe, steps=[1]) as maps:
         run(pipe, 0.0)
     assert maps.steps() == [1]
+    run(pipe, 3.0)  # a PAG run that finished: its processors are off the model, its pipeline still says PAG
+    inputs = motion_inputs(pipe.unet, batch=2, frames=8)
+    recorded = []
+    for opened_on in (pipe.unet, pipe):
+        with capture_temporal_attention(opened_on, cfg=True) as maps, torch.no_grad():
+            pipe.unet(**inputs)
+        recorded.append(maps)
+    assert len(recorded[0]) > 0 and all(torch.equal(recorded[1][key], recorded[0][key]) for key in recorded[0])
 
 
 def test_text_to_video_pipeline_needs_cfg_given():

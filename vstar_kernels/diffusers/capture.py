@@ -248,7 +248,7 @@ class _Recorder:
                              "steps, where capture_temporal_attention, which records each call from the module's "
                              "inputs, would record a map the model did not compute: capture without it")
         rows = call["hidden_states"].shape[0]
-        if self.perturbed or getattr(self.pipeline, "do_perturbed_attention_guidance", False):
+        if self.perturbed:
             raise ValueError(f"{name}: perturbed-attention guidance's processors are on the model (a PAG pipeline "
                              "sets them for a call at pag_scale > 0, and one interrupted leaves them): the call "
                              "batches a perturbed-attention-guidance branch beside its guidance ([unconditional, "
