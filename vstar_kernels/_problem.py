@@ -164,7 +164,7 @@ def _check_factor(name: str, value, dtype: torch.dtype) -> float:
     compute = "float64" if dtype == torch.float64 else "float32"
     bound = torch.finfo(getattr(torch, compute)).max
     if not abs(value) <= bound:
-        raise ValueError(f"{name} must be finite with |{name}| <= {bound:.8g} (the largest {compute}: the math "
+        raise ValueError(f"{name} must be finite with |{name}| <= {bound!r} (the largest {compute}: the math "
                          f"for {dtype} inputs is {compute}), got {value}")
     return value
 

@@ -1,6 +1,7 @@
 """Bad input raises a clear error naming the argument, on every entry point."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -62,11 +63,11 @@ CASES = [
     ("scale negative", lambda: qkv(1, 1, 4, 8), dict(scale=-1), ValueError, "scale must be > 0 .*got -1.0"),
     ("scale string", lambda: qkv(1, 1, 4, 8), dict(scale="0.1"), TypeError, "scale must be a real number"),
     ("strength beyond float32", lambda: qkv(1, 1, 4, 8), dict(strength=1e39), ValueError,
-     r"strength must be finite with \|strength\| <= 3.4028235e\+38 \(the largest float32"),
+     r"strength must be finite with \|strength\| <= 3.4028234663852886e\+38 \(the largest float32"),
     ("scale beyond float32", lambda: qkv(1, 1, 4, 8, dtype=torch.float16), dict(scale=-1e39), ValueError,
-     r"scale must be finite with \|scale\| <= 3.4028235e\+38"),
+     r"scale must be finite with \|scale\| <= 3.4028234663852886e\+38"),
     ("strength beyond float64", lambda: qkv(1, 1, 4, 8, dtype=torch.float64), dict(strength=-math.inf), ValueError,
-     r"\|strength\| <= 1.7976931e\+308 \(the largest float64"),
+     r"\|strength\| <= 1.7976931348623157e\+308 \(the largest float64"),
     ("sigma string with delta", lambda: qkv(1, 1, 4, 8), dict(sigma="abc", delta=torch.rand(4, 4)), TypeError,
      "sigma must be a real number"),
     ("sigma negative with delta", lambda: qkv(1, 1, 4, 8), dict(sigma=-1.0, delta=torch.rand(4, 4)), ValueError,
@@ -89,6 +90,19 @@ CASES = [
 def test_bad_input(fn, name, make, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fn(*make(), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_the_bound_a_factor_is_refused_past_is_taken(fn, dtype):
+    """The largest strength and scale that the message names (the compute dtype's largest value, printed to the
+    last digit) are taken; they once printed rounded up, to a number that was itself refused."""
+    q, k, v = qkv(1, 1, 4, 8, dtype=dtype)
+    with pytest.raises(ValueError, match="strength must be finite") as refused:
+        fn(q, k, v, strength=math.inf)
+    bound = float(re.search(r"<= (\S+) \(", str(refused.value)).group(1))
+    assert bound == torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+    for factor in ("strength", "scale"):
+        assert fn(q, k, v, **{factor: bound}).shape == q.shape
 
 
 def test_different_devices(fn):
