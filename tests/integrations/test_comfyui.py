@@ -819,7 +819,6 @@ def test_hunyuan_image_is_an_error(comfy, base):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sigma=0.0), "^VSTAR_TAR: sigma must be > 0"),
     (dict(strength=math.nan), "strength must be a finite real"),
-    (dict(strength=-1e39), r"^VSTAR_TAR: strength must be at most 3.4028235e\+38 in size"),  # not mid-sampling
     (dict(start_percent=1.5), r"start_percent must be in \[0, 1\]"),
     (dict(end_percent=-0.1), r"end_percent must be in \[0, 1\]"),
     (dict(reference_frames=-1), "reference_frames must be a non-negative int"),
@@ -829,6 +828,23 @@ def test_bad_inputs_name_the_argument(comfy, kwargs, match):
     args = {"strength": 1.0, "sigma": 1.0, **kwargs}
     with pytest.raises(ValueError, match=match):
         NODE().apply(wan(comfy), **args)
+
+
+def test_the_strength_is_bounded_by_the_models_compute_dtype(comfy):
+    """A strength the model's compute dtype cannot hold is refused at apply, not at the first call mid-sampling;
+    the bound named, printed to its last digit, is taken; a float64 model takes a strength past float32 (it was
+    refused at float32's bound, which the message printed rounded up, itself refused)."""
+    bound = torch.finfo(torch.float32).max
+    for model in (wan(comfy, torch.float32), wan(comfy).clone()):
+        if model.model.get_dtype() == torch.float64:
+            model.add_object_patch("manual_cast_dtype", torch.float32)  # ComfyUI's compute-dtype node
+        with pytest.raises(ValueError, match=r"^VSTAR_TAR: strength must be at most 3.4028234663852886e\+38 in size "
+                                             r"\(.* computing in torch.float32\), got -1e\+39"):
+            NODE().apply(model, -1e39, 1.0)
+        NODE().apply(model, -bound, 1.0)
+    dtype = torch.float64
+    (tar,) = NODE().apply(wan(comfy, dtype), 1e300, 1.0)
+    assert torch.isfinite(sample(comfy, tar, (1, 4, 3, 4, 4), *conditions(dtype), dtype)).all()
 
 
 def test_a_model_that_is_not_a_model_patcher_is_named(comfy):

@@ -501,6 +501,18 @@ def test_another_branch_sampled_first_with_its_module_in_place(comfy, replaced):
     assert torch.equal(run(comfy, model, latent, positive, negative, steps=2), stock)
 
 
+def test_the_strength_is_bounded_by_the_compute_dtype(comfy):
+    """The float64 model takes a strength past float32 (it was refused); set to compute in float32 by ComfyUI's
+    compute-dtype call, a strength past float32 is refused at apply, naming the bound."""
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    (tar,) = NODE().apply(wan(comfy), 1e39, 1.0)
+    assert torch.isfinite(run(comfy, tar, latent, *texts(), steps=2)).all()
+    model = wan(comfy)
+    model.set_model_compute_dtype(torch.float32)
+    with pytest.raises(ValueError, match=r"^VSTAR_TAR: strength must be at most 3.4028234663852886e\+38 in size"):
+        NODE().apply(model, 1e39, 1.0)
+
+
 def recorder(calls):
     """An override such as a backend-selector node sets: records (queries, keys, sigma) and runs the stock call."""
     def override(func, *args, **kwargs):

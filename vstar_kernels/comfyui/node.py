@@ -6,12 +6,13 @@ import math
 import numbers
 from typing import Optional
 
+import torch
+
 from .._problem import check_sigma
 from .models import family_of, unwrap
 from .patch import KEY, LOG, MarkedForward, Settings, TARPatch, marked
 
 BACKENDS = ("auto", "triton", "reference")
-FLOAT32_MAX = 3.4028234663852886e38
 MIN_COMFYUI = "0.3.60"      # the first ComfyUI whose attention functions take an override from transformer_options
 # ComfyUI base models (comfy.model_base; subclasses too) that run an image model on a video model's diffusion class
 IMAGE_MODELS = {"HunyuanImage21": "HunyuanImage 2.1 (its refiner too), on the HunyuanVideo class"}
@@ -95,6 +96,17 @@ def _refuse_image_model(model) -> None:
                              "Connect a video model (docs/comfyui.md, Supported models), or leave the node out")
 
 
+def _compute_dtype(model) -> Optional[torch.dtype]:
+    """The dtype the model computes in, as ComfyUI's base model picks it (its manual cast dtype, an object patch of a
+    compute-dtype node included, else its weights'); None where the base model does not say."""
+    try:
+        cast = model.get_model_object("manual_cast_dtype")
+    except AttributeError:
+        cast = None
+    get_dtype = getattr(getattr(model, "model", None), "get_dtype", None)
+    return cast if cast is not None else get_dtype() if callable(get_dtype) else None
+
+
 def _remove(model, targets, wrappers) -> Optional[Settings]:
     """Take this node's wrappers and object patches off `model` (a clone), putting back what they replaced; returns
     the settings of the TAR taken off, if there was one."""
@@ -117,17 +129,14 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     """A clone of the ComfyUI ModelPatcher `model` with frame-aware TAR on its video self-attention.
 
     The arguments are the node's inputs (docs/comfyui.md, Inputs), without the ranges of its widgets (any finite
-    strength, a negative one too, any sigma > 0, as tar_attention takes them): strength 0 gives a clone that computes
-    what `model` does, bit for bit; the steps regularized are those with ``percent_to_sigma(end_percent)
-    <= sigma <= percent_to_sigma(start_percent)``, both ends with a rounding's tolerance
-    (`TARPatch.regularizes`). `model` itself is left as it was; applying the node again to its own output
+    strength the model's compute dtype holds, a negative one too, any sigma > 0, as tar_attention takes them):
+    strength 0 gives a clone that computes what `model` does, bit for bit; the steps regularized are those with
+    ``percent_to_sigma(end_percent) <= sigma <= percent_to_sigma(start_percent)``, both ends with a rounding's
+    tolerance (`TARPatch.regularizes`). `model` itself is left as it was; applying the node again to its own output
     replaces the settings, with a warning. After the arguments are checked: ImportError outside ComfyUI,
     RuntimeError on a ComfyUI older than 0.3.60.
     """
     strength = _real("strength", strength)
-    if abs(strength) > FLOAT32_MAX:  # refused here, not at the model's first call mid-sampling
-        raise ValueError(f"VSTAR_TAR: strength must be at most {FLOAT32_MAX:.8g} in size (the largest float32: TAR's "
-                         f"math for ComfyUI's models), got {strength}")
     try:
         sigma = check_sigma(sigma)
     except (TypeError, ValueError) as exc:
@@ -143,6 +152,11 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     if not all(callable(getattr(model, name, None)) for name in ("clone", "get_model_object", "add_object_patch")):
         raise TypeError(f"VSTAR_TAR: model must be a ComfyUI MODEL (a ModelPatcher), got {type(model).__name__}")
     _refuse_image_model(model)
+    dtype = _compute_dtype(model)  # a strength it cannot hold refused here, not at the first call mid-sampling
+    bound = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+    if abs(strength) > bound:
+        raise ValueError(f"VSTAR_TAR: strength must be at most {bound!r} in size (the largest value of TAR's math "
+                         f"for a model computing in {dtype}), got {strength}")
     diffusion_model = unwrap(model.get_model_object("diffusion_model"))
     family = family_of(diffusion_model)
     clone = model.clone()

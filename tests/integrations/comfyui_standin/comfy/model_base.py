@@ -11,6 +11,10 @@ class BaseModel(torch.nn.Module):
         super().__init__()
         self.diffusion_model = diffusion_model
         self.model_sampling = ModelSamplingDiscreteFlow(shift)
+        self.manual_cast_dtype = None  # a compute dtype other than the weights' (an object patch sets it)
+
+    def get_dtype(self):
+        return next(self.diffusion_model.parameters()).dtype
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         wrappers = patcher_extension.get_all_wrappers(patcher_extension.WrappersMP.APPLY_MODEL, transformer_options)
