@@ -61,6 +61,9 @@ def optimize(*, steps=150, positions=8, frames=16, channels=32, heads=2, target_
     for step in range(steps):
         maps = attention_maps(x, wq, wk, heads, **tar)
         loss = (maps - target).square().sum(dim=(-2, -1)).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: the loss is {loss.item()}; strength {strength} times a row's "
+                                     "largest score can overflow float32 (docs/semantics.md): use a smaller strength")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -98,9 +101,15 @@ def main(argv=None):
             vk.LevelSpec(sigma=sigma, strength=strength)  # refused here, not after the model is built
         except ValueError as exc:
             parser.error(f"{option}: {exc}")
+    if not abs(args.strength) <= torch.finfo(torch.float32).max:  # what the library takes for this float32 model
+        parser.error(f"--strength: must be at most {torch.finfo(torch.float32).max!r} in size (the largest float32), "
+                     f"got {args.strength}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = optimize(steps=args.steps, frames=args.frames, target_sigma=args.target_sigma, sigma=args.sigma,
-                      strength=args.strength, backend=args.backend, seed=args.seed, device=device)
+    try:
+        result = optimize(steps=args.steps, frames=args.frames, target_sigma=args.target_sigma, sigma=args.sigma,
+                          strength=args.strength, backend=args.backend, seed=args.seed, device=device)
+    except FloatingPointError as exc:
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
     print(f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; diagonality "
           f"{result['diagonality_before']:.3f} -> {result['diagonality_after']:.3f} "
           f"(target band {result['target_diagonality']:.3f})")

@@ -75,6 +75,9 @@ def train(*, steps=60, batch=32, frames=16, features=8, channels=32, heads=2, si
         noisy = clean + noise * torch.randn(clean.shape, generator=data)
         clean, noisy = clean.to(device), noisy.to(device)
         loss = torch.nn.functional.mse_loss(model(noisy), clean)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: the loss is {loss.item()}; strength {strength} times a row's "
+                                     "largest score can overflow float32 (docs/semantics.md): use a smaller strength")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -104,9 +107,15 @@ def main(argv=None):
             vk.LevelSpec(sigma=sigma, strength=strength)  # refused here, not after the model is built
         except ValueError as exc:
             parser.error(f"{option}: {exc}")
+    if not abs(args.strength) <= torch.finfo(torch.float32).max:  # what the library takes for this float32 model
+        parser.error(f"--strength: must be at most {torch.finfo(torch.float32).max!r} in size (the largest float32), "
+                     f"got {args.strength}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    losses = train(steps=args.steps, frames=args.frames, sigma=args.sigma, strength=args.strength,
-                   backend=args.backend, seed=args.seed, device=device)
+    try:
+        losses = train(steps=args.steps, frames=args.frames, sigma=args.sigma, strength=args.strength,
+                       backend=args.backend, seed=args.seed, device=device)
+    except FloatingPointError as exc:
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses)} steps")
     return losses
 

@@ -76,6 +76,8 @@ def test_examples_refuse_a_count_below_one(name, option, capsys):
     ("match_band_attention", ["--target-sigma", "-1"], "--target-sigma: sigma must be > 0"),
     ("match_band_attention", ["--sigma", "nan"], "--sigma: sigma must be > 0"),
     ("match_band_attention", ["--frames", "1"], "--frames must be at least 2"),   # its diagonality was nan
+    ("train_temporal_tar", ["--strength=-1e39"], "--strength: must be at most 3.4028234663852886e+38 in size"),
+    ("match_band_attention", ["--strength", "1e39"], "--strength: must be at most 3.4028234663852886e+38 in size"),
 ])
 def test_examples_refuse_bad_values_before_building_anything(name, args, message, capsys):
     """A band width or strength the kernels refuse was a traceback after the model was built."""
@@ -83,3 +85,14 @@ def test_examples_refuse_bad_values_before_building_anything(name, args, message
         load(name).main(args)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["train_temporal_tar", "match_band_attention"])
+def test_examples_stop_at_a_loss_that_is_not_finite(name, capsys):
+    """A strength float32 holds, whose product with a row's largest score overflows: the loss was nan at every step,
+    printed as a result."""
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main(["--strength", "3e38", "--steps", "2"])
+    assert exit_.value.code == 1
+    assert "error: step 0: the loss is nan; strength 3e+38 times a row's largest score can overflow float32" \
+        in capsys.readouterr().err
