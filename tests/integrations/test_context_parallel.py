@@ -8,6 +8,7 @@ and after enable_parallelism; the stock paths (strength 0, steps TAR leaves, rem
 bit against stock context parallelism.
 """
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -19,9 +20,10 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import ContextParallelConfig, ParallelConfig
+from diffusers.models.attention_dispatch import AttentionBackendName
 
 from vstar_kernels import TARConfig
-from vstar_kernels.diffusers import apply_tar
+from vstar_kernels.diffusers import apply_tar, capture_frame_attention
 from vstar_kernels.diffusers.context_parallel import local_stock_call
 from vstar_kernels.diffusers.dit import DiTTARProcessor
 
@@ -194,6 +196,29 @@ def test_local_stock_call_restores_the_processor_exactly_also_when_the_call_rais
         raise KeyError("inside")
     assert stock._parallel_config is config and "_attention_backend" not in vars(stock)
     assert stock._attention_backend is None  # the class attribute again
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["TAR's wrapper", "a capture's inside TAR's"])
+def test_local_stock_call_through_wrappers_restores_the_stock_processor(capture):
+    """Called with TAR's wrapper around the stock processor (with a capture's between them: the processor TAR
+    wraps then), the attributes are swapped and put back on the stock processor, which holds them: the wrappers'
+    forward them. Through a capture's they once stayed swapped after the capture's refusal under context
+    parallelism, and every later stock call ran local attention."""
+    model = FAMILIES["wan"].model()
+    stock = model.blocks[0].attn1.processor
+    stock._attention_backend = AttentionBackendName("_native_flash")  # (set_attention_backend sets a global too)
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+    stock._parallel_config = config
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, blocks=[0]))
+    with contextlib.ExitStack() as stack:
+        if capture:
+            stack.enter_context(capture_frame_attention(model, blocks=[0]))
+        wrapper = model.blocks[0].attn1.processor.processor if capture else model.blocks[0].attn1.processor
+        assert wrapper is not stock and wrapper._parallel_config is config
+        with pytest.raises(KeyError), local_stock_call(wrapper):
+            assert stock._parallel_config is None and stock._attention_backend.value == "native"
+            raise KeyError("inside")
+        assert stock._parallel_config is config and stock._attention_backend.value == "_native_flash"
 
 
 @pytest.mark.parametrize("config,error,match", [

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..frames import FrameLayout, TokenLayout, as_layout, layout_ids
+from .interception import innermost
 
 _SWAPPED = ("_attention_backend", "_parallel_config")
 
@@ -109,9 +110,11 @@ _ORDERS = WeakIdKeyDictionary()
 def local_stock_call(processor) -> Iterator[None]:
     """For one call: the stock `processor` without its parallel config, on the native backend (so that its
     attention runs ``scaled_dot_product_attention`` on this rank's local q, k, v). Both attributes are put
-    back as they were on exit, also when the call raises: one the instance did not have is removed again."""
+    back as they were on exit, also when the call raises: one the instance did not have is removed again. A
+    wrapper's (a capture's, between TAR's and the stock one) are those of the processor it wraps."""
     from diffusers.models.attention_dispatch import AttentionBackendName  # diffusers with context parallelism
 
+    processor = innermost(processor)  # a wrapper's attributes forward to it: vars() would find none to put back
     saved = {name: vars(processor)[name] for name in _SWAPPED if name in vars(processor)}
     processor._attention_backend = AttentionBackendName.NATIVE
     processor._parallel_config = None

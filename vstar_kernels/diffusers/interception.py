@@ -61,6 +61,14 @@ class Wrapping:
         return _remade, (base, type(self)._shows), vars(self)
 
 
+def innermost(processor):
+    """The processor at the bottom of a chain of `Wrapping` ones (a DiT's: TAR's, a capture's): the one that holds
+    the attributes the wrappers forward."""
+    while isinstance(processor, Wrapping) and hasattr(processor, "processor"):
+        processor = processor.processor
+    return processor
+
+
 def _remade(base: type, shown: type):
     """An empty instance of `base` showing `shown`'s signature, for copy and pickle to fill."""
     return object.__new__(_showing(base, shown))
@@ -86,8 +94,7 @@ def backend_of(processor) -> Optional[str]:
     ``dispatch_attention_fn`` without one (Cosmos's): its own (``set_attention_backend``), else the active one (the
     ``attention_backend`` context, ``DIFFUSERS_ATTN_BACKEND``); None for any other processor (one that calls
     scaled_dot_product_attention itself, or a processor of its own). A wrapper's is that of what it wraps."""
-    while isinstance(processor, Wrapping) and hasattr(processor, "processor"):  # (a DiT's: TAR's, a capture's)
-        processor = processor.processor
+    processor = innermost(processor)
     code = getattr(getattr(type(processor), "__call__", None), "__code__", None)
     if not hasattr(type(processor), "_attention_backend") and "dispatch_attention_fn" not in getattr(
             code, "co_names", ()):
