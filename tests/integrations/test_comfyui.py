@@ -700,12 +700,13 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
     other.unpatch_model()
 
 
-@pytest.mark.parametrize("replaced", ["diffusion_model.blocks.1", "diffusion_model.blocks.1.self_attn",
-                                      "diffusion_model.blocks.1.self_attn.forward"])
+@pytest.mark.parametrize("replaced", ["diffusion_model.blocks", "diffusion_model.blocks.1",
+                                      "diffusion_model.blocks.1.self_attn", "diffusion_model.blocks.1.self_attn.forward"])
 def test_another_branch_loaded_with_its_module_in_place(comfy, replaced):
     """Another branch of the graph (the loader's model cloned, another module or forward put in place of one on a
-    self-attention's path) sampled first, its object patches left on the shared model as ComfyUI leaves a loaded
-    model's: VSTAR_TAR applied to the loader's model then wrapped that branch's module's forward, without a word."""
+    self-attention's path; a block list without its second block) sampled first, its object patches left on the
+    shared model as ComfyUI leaves a loaded model's: VSTAR_TAR applied to the loader's model then wrapped that
+    branch's module's forward, or patched the blocks of its list only, without a word."""
     dtype = torch.float64
     model = wan(comfy, dtype)
     shape = (1, 4, 3, 4, 4)
@@ -715,6 +716,8 @@ def test_another_branch_loaded_with_its_module_in_place(comfy, replaced):
     found = model.get_model_object(replaced)
     if replaced.endswith(".forward"):
         other.add_object_patch(replaced, lambda *args, **kwargs: found(*args, **kwargs) * 3.0)
+    elif replaced.endswith("blocks"):
+        other.add_object_patch(replaced, torch.nn.ModuleList([found[0]]))  # a block-dropping node
     else:
         module = copy.deepcopy(found)
         with torch.no_grad():
@@ -724,6 +727,41 @@ def test_another_branch_loaded_with_its_module_in_place(comfy, replaced):
     (tar,) = NODE().apply(model, 1.0, 1.0)
     other.unpatch_model()
     assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), expected)
+
+
+def test_another_branch_loaded_with_a_temporal_transformer_of_its_own(comfy):
+    """SVD: another branch's module in place of a SpatialVideoTransformer (another class: the node's targets go by
+    the class's name) loaded: VSTAR_TAR on the loader's model left that transformer's temporal attention out."""
+    model = svd(comfy)
+    found = NODE().apply(model, 1.0, 1.0)[0].object_patches.keys()
+    path = next(name for name, module in model.get_model_object("diffusion_model").named_modules()
+                if type(module).__name__ == "SpatialVideoTransformer")
+    module = copy.deepcopy(model.get_model_object(f"diffusion_model.{path}"))
+    module.__class__ = type("AnotherTransformer", (type(module),), {})
+    other = model.clone()
+    other.add_object_patch(f"diffusion_model.{path}", module)
+    other.patch_model()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    other.unpatch_model()
+    assert tar.object_patches.keys() == found and any(key.startswith(f"diffusion_model.{path}.") for key in found)
+
+
+def test_a_compiled_attention_stays_compiled_with_another_branch_loaded(comfy):
+    """This branch puts a torch.compile wrapper in place of a self-attention; another, loaded, patched that
+    module's forward: TAR's patch on the wrapper called the module's own forward, not the wrapper's (compile
+    skipped without a word)."""
+    key = "diffusion_model.blocks.0.self_attn"
+    model = wan(comfy)
+    module = model.get_model_object(key)
+    compiled = model.clone()
+    wrapper = torch.compile(module, backend="eager")
+    compiled.add_object_patch(key, wrapper)
+    other = model.clone()
+    other.add_object_patch(f"{key}.forward", lambda *args, **kwargs: module.forward(*args, **kwargs))
+    other.patch_model()
+    (tar,) = NODE().apply(compiled, 1.0, 1.0)
+    other.unpatch_model()
+    assert tar.object_patches[f"{key}.forward"].__self__.original is vars(wrapper)["forward"]
 
 
 def test_applying_again_replaces_the_settings(comfy):
@@ -1041,30 +1079,34 @@ def test_layouts_of_the_other_models():
 
 
 def test_targets_of_the_other_models():
+    """Each family's targets, from the diffusion model's modules by path (as the node reads them)."""
+    def targets(module, name, modules):
+        return vc_models.family_of(fake(module, name)).targets(modules)
+
     def listing(n):
         return [types.SimpleNamespace() for _ in range(n)]
-    vace = fake("comfy.ldm.wan.model", "VaceWanModel", blocks=listing(2), vace_blocks=listing(1))
-    assert vc_models.family_of(vace).targets(vace) == ["vace_blocks.0.self_attn", "blocks.0.self_attn",
-                                                        "blocks.1.self_attn"]
-    hunyuan_ = fake("comfy.ldm.hunyuan_video.model", "HunyuanVideo", double_blocks=listing(1), single_blocks=listing(2))
-    assert vc_models.family_of(hunyuan_).targets(hunyuan_) == ["double_blocks.0", "single_blocks.0", "single_blocks.1"]
-    ltx = fake("comfy.ldm.lightricks.model", "LTXVModel", transformer_blocks=listing(1))
-    assert vc_models.family_of(ltx).targets(ltx) == ["transformer_blocks.0.attn1"]
-    mochi = fake("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint", blocks=listing(1))
-    assert vc_models.family_of(mochi).targets(mochi) == ["blocks.0.attn"]
-    block = types.SimpleNamespace(blocks=[types.SimpleNamespace(block_type=t) for t in ("ca", "fa", "mlp")])
-    cosmos1 = fake("comfy.ldm.cosmos.model", "GeneralDIT", blocks={"block0": block, "block1": block})
-    assert vc_models.family_of(cosmos1).targets(cosmos1) == ["blocks.block0.blocks.1.block",
-                                                              "blocks.block1.blocks.1.block"]
-    cosmos2 = fake("comfy.ldm.cosmos.predict2", "MiniTrainDIT", blocks=listing(1))
-    assert vc_models.family_of(cosmos2).targets(cosmos2) == ["blocks.0.self_attn"]
+    assert targets("comfy.ldm.wan.model", "VaceWanModel", {"blocks": listing(2), "vace_blocks": listing(1)}) == \
+        ["vace_blocks.0.self_attn", "blocks.0.self_attn", "blocks.1.self_attn"]
+    assert targets("comfy.ldm.hunyuan_video.model", "HunyuanVideo", {"double_blocks": listing(1),
+                                                                     "single_blocks": listing(2)}) == \
+        ["double_blocks.0", "single_blocks.0", "single_blocks.1"]
+    assert targets("comfy.ldm.lightricks.model", "LTXVModel", {"transformer_blocks": listing(1)}) == \
+        ["transformer_blocks.0.attn1"]
+    assert targets("comfy.ldm.genmo.joint_model.asymm_models_joint", "AsymmDiTJoint", {"blocks": listing(1)}) == \
+        ["blocks.0.attn"]
+    cosmos1 = {"blocks": {"block0": None, "block1": None}}
+    for block in ("block0", "block1"):
+        cosmos1[f"blocks.{block}.blocks"] = listing(3)
+        cosmos1.update({f"blocks.{block}.blocks.{i}": types.SimpleNamespace(block_type=t)
+                        for i, t in enumerate(("ca", "fa", "mlp"))})
+    assert targets("comfy.ldm.cosmos.model", "GeneralDIT", cosmos1) == ["blocks.block0.blocks.1.block",
+                                                                        "blocks.block1.blocks.1.block"]
+    assert targets("comfy.ldm.cosmos.predict2", "MiniTrainDIT", {"blocks": listing(1)}) == ["blocks.0.self_attn"]
     for module, name in (("comfy.ldm.wan.model", "WanModel_S2V"), ("comfy.ldm.wan.model_animate", "AnimateWanModel")):
-        wan_ = fake(module, name, blocks=listing(2))
-        assert vc_models.family_of(wan_).targets(wan_) == ["blocks.0.self_attn", "blocks.1.self_attn"]
-    image = fake("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel", named_modules=lambda: [])
+        assert targets(module, name, {"blocks": listing(2)}) == ["blocks.0.self_attn", "blocks.1.self_attn"]
     with pytest.raises(ValueError, match="this UNet has no temporal attention .* an image model. AnimateDiff-Evolved's "
                                          "motion modules cannot be regularized"):
-        vc_models.family_of(image).targets(image)
+        targets("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel", {"": None})
 
 
 def test_svd_targets_and_layout(comfy):
@@ -1072,7 +1114,8 @@ def test_svd_targets_and_layout(comfy):
     class, no temporal attention) is refused."""
     unet = comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel
     family = vc_models.family_of(unet())
-    assert family.targets(unet()) == ["input_blocks.0.time_stack.0.attn1", "middle_block.0.time_stack.0.attn1"]
+    assert family.targets(dict(unet().named_modules())) == ["input_blocks.0.time_stack.0.attn1",
+                                                            "middle_block.0.time_stack.0.attn1"]
     assert family.layout(unet(), torch.zeros(2 * 6, 4, 3, 4), {"num_video_frames": 6}) == \
         TokenLayout(6, 1)
     with pytest.raises(ValueError, match=r"expected a latent of \(batch x num_video_frames, channels, height, width\), "

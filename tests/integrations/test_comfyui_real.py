@@ -479,7 +479,7 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
         NODE().apply(other, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks.0.self_attn"])
+@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks", "diffusion_model.blocks.0.self_attn"])
 def test_another_branch_sampled_first_with_its_module_in_place(comfy, replaced):
     """The loader's model in two branches: one with a node putting another module in place of a self-attention (or
     of the diffusion model) sampled first, then VSTAR_TAR on the other. ComfyUI keeps the first branch's patches on
@@ -491,14 +491,37 @@ def test_another_branch_sampled_first_with_its_module_in_place(comfy, replaced):
     model = wan(comfy)
     stock = run(comfy, model, latent, positive, negative, steps=2)
     other = model.clone()
-    module = copy.deepcopy(model.get_model_object(replaced))
-    with torch.no_grad():
-        module.get_submodule("blocks.0.self_attn" if replaced == "diffusion_model" else "").o.weight.mul_(3.0)
+    if replaced.endswith("blocks"):  # a node dropping the second block
+        module = torch.nn.ModuleList([model.get_model_object(replaced)[0]])
+    else:
+        module = copy.deepcopy(model.get_model_object(replaced))
+        with torch.no_grad():
+            module.get_submodule("blocks.0.self_attn" if replaced == "diffusion_model" else "").o.weight.mul_(3.0)
     other.add_object_patch(replaced, module)
     assert not torch.equal(run(comfy, other, latent, positive, negative, steps=2), stock)
     (tar,) = NODE().apply(model, 1.0, 1.0)
     assert torch.equal(run(comfy, tar, latent, positive, negative, steps=2), expected)
     assert torch.equal(run(comfy, model, latent, positive, negative, steps=2), stock)
+
+
+def test_another_branch_sampled_first_with_a_temporal_transformer_of_its_own(comfy):
+    """SVD: another branch's module (another class) in place of a SpatialVideoTransformer, sampled first: VSTAR_TAR
+    on the loader's model then left that transformer's temporal attention out, without a word."""
+    latent = torch.zeros(6, 4, 8, 8)
+    image = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    positive, negative = texts(dim=32, length=1, concat_latent_image=image)
+    expected = run(comfy, NODE().apply(configured(comfy, "SVD_img2vid", SVD_UNET), 1.0, 1.0)[0], latent, positive,
+                   negative, steps=2)
+    model = configured(comfy, "SVD_img2vid", SVD_UNET)
+    path = next(name for name, module in model.get_model_object("diffusion_model").named_modules()
+                if type(module).__name__ == "SpatialVideoTransformer")
+    module = copy.deepcopy(model.get_model_object(f"diffusion_model.{path}"))
+    module.__class__ = type("AnotherTransformer", (type(module),), {})
+    other = model.clone()
+    other.add_object_patch(f"diffusion_model.{path}", module)
+    run(comfy, other, latent, positive, negative, steps=2)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    assert torch.equal(run(comfy, tar, latent, positive, negative, steps=2), expected)
 
 
 def test_the_strength_is_bounded_by_the_compute_dtype(comfy):

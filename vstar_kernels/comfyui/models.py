@@ -2,7 +2,7 @@
 
 A model is recognised by the exact class of its diffusion model (module and name: nothing of ComfyUI is
 imported here). `targets` names the modules whose forward makes the regularized attention calls and
-nothing else; `layout` says where one call's frames are in that attention's tokens (docs/comfyui.md).
+nothing else, from the diffusion model's modules by path (its `named_modules()`, as the model will run); `layout` says where one call's frames are in that attention's tokens (docs/comfyui.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..tar_config import uncompiled as unwrap
 @dataclass(frozen=True)
 class Family:
     name: str
-    targets: Callable[[torch.nn.Module], List[str]]
+    targets: Callable[[Dict[str, torch.nn.Module]], List[str]]  # named_modules() -> paths
     layout: Callable[[torch.nn.Module, torch.Tensor, dict], TokenLayout]
     time_dim: int = 2           # the latent's dimension of frames (that of ComfyUI's context windows over them)
     # the call's leading latent frames that its conditioning marks as reference images, or None where it says nothing
@@ -47,11 +47,11 @@ def _video(x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
-def _listed(*places: Tuple[str, str]) -> Callable[[torch.nn.Module], List[str]]:
+def _listed(*places: Tuple[str, str]) -> Callable[[Dict[str, torch.nn.Module]], List[str]]:
     """`targets` for the modules at ``(container, attribute)`` of each block of each container, in that order."""
-    def targets(dm) -> List[str]:
+    def targets(modules) -> List[str]:
         return [f"{container}.{i}.{attribute}" if attribute else f"{container}.{i}"
-                for container, attribute in places for i in range(len(getattr(dm, container, None) or ()))]
+                for container, attribute in places for i in range(len(modules.get(container) or ()))]
     return targets
 
 
@@ -94,9 +94,11 @@ def _s2v_layout(dm, x, extra) -> TokenLayout:
 # SVD / SV3D: a video UNet (ComfyUI's UNetModel, the class of the image UNets too) with frames in the batch; each
 # SpatialVideoTransformer's temporal attention (time_stack[j].attn1) runs over the frames of each spatial site,
 # one token per frame.
-def _time_stack_targets(dm) -> List[str]:
-    targets = [f"{name}.time_stack.{j}.attn1" for name, module in dm.named_modules()
-               if type(module).__name__ == "SpatialVideoTransformer" for j in range(len(module.time_stack))]
+def _time_stack_targets(modules) -> List[str]:
+    first = {id(module): name for name, module in reversed(modules.items())}  # a module held at several paths: once
+    targets = [f"{name}.time_stack.{j}.attn1" for name, module in modules.items()
+               if type(module).__name__ == "SpatialVideoTransformer" and first[id(module)] == name
+               for j in range(len(modules[f"{name}.time_stack"]))]
     if not targets:
         raise ValueError("VSTAR_TAR: this UNet has no temporal attention (SVD's time_stack): an image model. "
                          "AnimateDiff-Evolved's motion modules cannot be regularized: they call ComfyUI's attention "
@@ -183,9 +185,10 @@ def _animate_reference_first(c_concat: Optional[torch.Tensor]) -> bool:
     return bool((c_concat[:, :4, 0] == 1).all())
 
 
-def _cosmos1_targets(dm) -> List[str]:
-    return [f"blocks.{name}.blocks.{index}.block" for name, block in dm.blocks.items()
-            for index, sub in enumerate(block.blocks) if sub.block_type in ("fa", "full_attn")]
+def _cosmos1_targets(modules) -> List[str]:
+    return [f"blocks.{name}.blocks.{index}.block" for name in modules["blocks"].keys()
+            for index in range(len(modules[f"blocks.{name}.blocks"]))
+            if modules[f"blocks.{name}.blocks.{index}"].block_type in ("fa", "full_attn")]
 
 
 _WAN_BLOCKS = _listed(("blocks", "self_attn"))

@@ -31,21 +31,60 @@ def _percent(name: str, value) -> float:
     return value
 
 
-def _resolve(patcher, path: str, own_patches: bool = True):
-    """What `path` names when `patcher` runs: at each step of the path its own object patch (if `own_patches`), else
-    what an object patch there replaced (another clone loaded may have its patches on the shared model), else the
-    attribute of what the step before named."""
-    value = patcher.model
+def _step(patcher, key: str, parent, live, own_patches: bool):
+    """One step of a path as `patcher` runs it: (what `key` names under `parent`, what it names on the shared model
+    under `live`, the same step taken there). Its own object patch (if `own_patches`); else, where `parent` is the
+    shared model's own object there, what an object patch there replaced (another clone loaded leaves its patches
+    on the model until the next load); else the attribute."""
+    name = key.rpartition(".")[2]
+    on_model = getattr(live, name, None)
+    if own_patches and key in patcher.object_patches:
+        return patcher.object_patches[key], on_model
+    if key in patcher.object_patches_backup and _hands_on(parent, live, name):
+        return patcher.object_patches_backup[key], on_model
+    return getattr(parent, name), on_model
+
+
+def _hands_on(parent, live, name: str) -> bool:
+    """Whether `parent`'s attribute `name` is `live`'s: the same object, or a torch.compile wrapper of it without
+    an attribute of that name of its own (a wrapper hands those on to the module it wraps; its forward is its own)."""
+    while parent is not live and unwrap(parent) is not parent and name not in vars(parent) \
+            and not hasattr(type(parent), name):
+        parent = parent._orig_mod
+    return live is not None and parent is live
+
+
+def _walk(patcher, path: str, own_patches: bool = True):
+    """(what `path` names when `patcher` runs, `_step` by `_step`; what it names on the shared model now)."""
+    value = live = patcher.model
     parts = path.split(".")
-    for i, part in enumerate(parts, 1):
-        above = ".".join(parts[:i])
-        if own_patches and above in patcher.object_patches:
-            value = patcher.object_patches[above]
-        elif above in patcher.object_patches_backup:
-            value = patcher.object_patches_backup[above]
-        else:
-            value = getattr(value, part)
-    return value
+    for i in range(1, len(parts) + 1):
+        value, live = _step(patcher, ".".join(parts[:i]), value, live, own_patches)
+    return value, live
+
+
+def _resolve(patcher, path: str, own_patches: bool = True):
+    """What `path` names when `patcher` runs, not what the shared model holds now."""
+    return _walk(patcher, path, own_patches)[0]
+
+
+def _modules(patcher, root: str):
+    """`named_modules()` of the module at `root` (unwrapped) as `patcher` runs it (`_step` by `_step`): paths below
+    `root` (its own is ""), every path of a module held at several (walked into once)."""
+    top, live = _walk(patcher, root)
+    found, walked = {}, set()
+
+    def walk(path, module, live):
+        found[path] = module
+        if id(module) in walked:
+            return
+        walked.add(id(module))
+        for name in list(module._modules):
+            child, on_model = _step(patcher, f"{root}.{path}.{name}" if path else f"{root}.{name}", module, live, True)
+            if isinstance(child, torch.nn.Module):
+                walk(f"{path}.{name}" if path else name, child, on_model)
+    walk("", unwrap(top), unwrap(live) if isinstance(live, torch.nn.Module) else None)
+    return found
 
 
 def _refuse_replaced_above(patcher, paths) -> None:
@@ -157,10 +196,10 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     if abs(strength) > bound:
         raise ValueError(f"VSTAR_TAR: strength must be at most {bound!r} in size (the largest value of TAR's math "
                          f"for a model computing in {dtype}), got {strength}")
-    diffusion_model = unwrap(model.get_model_object("diffusion_model"))
-    family = family_of(diffusion_model)
+    modules = _modules(model, "diffusion_model")  # as the model runs: another clone's patches may be on it now
+    family = family_of(modules[""])
     clone = model.clone()
-    targets = [f"diffusion_model.{path}.forward" for path in family.targets(diffusion_model)]
+    targets = [f"diffusion_model.{path}.forward" for path in family.targets(modules)]
     _refuse_replaced_above(clone, [path[:-len(".forward")] for path in targets])
     earlier = _remove(clone, targets, wrappers)
     if earlier is not None:
