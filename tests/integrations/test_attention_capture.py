@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import (AnimateDiffPAGPipeline, AnimateDiffPipeline, DDIMScheduler, LattePipeline,
                        TextToVideoSDPipeline)
+from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_temporal_attention, remove_tar, reset_steps
@@ -243,8 +244,13 @@ def test_a_pipeline_with_perturbed_attention_guidance_is_refused():
              num_inference_steps=2, num_frames=8, height=16, width=16, guidance_scale=7.5, pag_scale=pag_scale,
              num_videos_per_prompt=2, output_type="latent")
 
-    for cfg, on_model in ((None, False), (True, False), (True, True), (False, True)):
+    for cfg, on_model, own in ((None, False, False), (True, False, False), (True, True, False), (False, True, False),
+                               (None, False, True), (True, True, True)):
         pipe = pipeline()
+        if own:  # PAG's processors of classes of one's own, derived from diffusers' (they were recorded)
+            pipe.set_pag_applied_layers(["mid"], pag_attn_processors=(
+                type("PerturbedCFG", (PAGCFGIdentitySelfAttnProcessor2_0,), {})(),
+                type("Perturbed", (PAGIdentitySelfAttnProcessor2_0,), {})()))
         with pytest.raises(ValueError, match="perturbed-attention-guidance branch .* capture with pag_scale=0"):
             with capture_temporal_attention(pipe.unet if on_model else pipe, steps=[1], cfg=cfg):
                 run(pipe, 3.0)

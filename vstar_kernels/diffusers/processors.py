@@ -390,8 +390,9 @@ class UNetState:
 
 
 def is_pag(processor) -> bool:
-    """Whether `processor` is one of perturbed-attention guidance's (diffusers' PAG...Processor classes)."""
-    return type(processor).__name__.startswith("PAG")
+    """Whether `processor` is one of perturbed-attention guidance's (diffusers' PAG...Processor classes, a class
+    of one's own derived from them too, as ``set_pag_applied_layers(pag_attn_processors=...)`` takes)."""
+    return any(cls.__name__.startswith("PAG") for cls in type(processor).__mro__)
 
 
 def _stateless(processor) -> bool:
