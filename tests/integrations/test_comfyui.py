@@ -701,7 +701,8 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
 
 
 @pytest.mark.parametrize("replaced", ["diffusion_model.blocks", "diffusion_model.blocks.1",
-                                      "diffusion_model.blocks.1.self_attn", "diffusion_model.blocks.1.self_attn.forward"])
+                                      "diffusion_model.blocks.1.self_attn",
+                                      "diffusion_model.blocks.1.self_attn.forward"])
 def test_another_branch_loaded_with_its_module_in_place(comfy, replaced):
     """Another branch of the graph (the loader's model cloned, another module or forward put in place of one on a
     self-attention's path; a block list without its second block) sampled first, its object patches left on the

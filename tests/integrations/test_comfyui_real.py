@@ -479,7 +479,8 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
         NODE().apply(other, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks", "diffusion_model.blocks.0.self_attn"])
+@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks",
+                                      "diffusion_model.blocks.0.self_attn"])
 def test_another_branch_sampled_first_with_its_module_in_place(comfy, replaced):
     """The loader's model in two branches: one with a node putting another module in place of a self-attention (or
     of the diffusion model) sampled first, then VSTAR_TAR on the other. ComfyUI keeps the first branch's patches on

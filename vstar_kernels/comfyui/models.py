@@ -2,7 +2,8 @@
 
 A model is recognised by the exact class of its diffusion model (module and name: nothing of ComfyUI is
 imported here). `targets` names the modules whose forward makes the regularized attention calls and
-nothing else, from the diffusion model's modules by path (its `named_modules()`, as the model will run); `layout` says where one call's frames are in that attention's tokens (docs/comfyui.md).
+nothing else, from the diffusion model's modules by path (its `named_modules()`, as the model will run);
+`layout` says where one call's frames are in that attention's tokens (docs/comfyui.md).
 """
 
 from __future__ import annotations
