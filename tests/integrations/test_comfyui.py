@@ -730,6 +730,48 @@ def test_another_branch_loaded_with_its_module_in_place(comfy, replaced):
     assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), expected)
 
 
+@pytest.mark.parametrize("case", ["diffusion model compiled, a block dropped", "blocks compiled, one replaced"])
+def test_another_branch_loaded_with_compiled_modules(comfy, case):
+    """The other branch compiled the diffusion model (or each block) by object patches and patched below the
+    wrapper, which hands the assignment on to the module it wraps: the node read the leftover below it (a
+    shortened block list: an AttributeError; a module in place of a self-attention: TAR wrapped it)."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    expected = sample(comfy, NODE().apply(model, 1.0, 1.0)[0], shape, cond, uncond, dtype)
+    dm = model.get_model_object("diffusion_model")
+    other = model.clone()
+    if case.startswith("diffusion model"):
+        other.add_object_patch("diffusion_model", torch.compile(dm, backend="eager"))
+        other.add_object_patch("diffusion_model.blocks", torch.nn.ModuleList([dm.blocks[0]]))
+    else:
+        for i, block in enumerate(dm.blocks):
+            other.add_object_patch(f"diffusion_model.blocks.{i}", torch.compile(block, backend="eager"))
+        module = copy.deepcopy(dm.blocks[0].self_attn)
+        with torch.no_grad():
+            module.o.weight.mul_(3.0)
+        other.add_object_patch("diffusion_model.blocks.0.self_attn", module)
+    other.patch_model()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    other.unpatch_model()
+    assert torch.equal(sample(comfy, tar, shape, cond, uncond, dtype), expected)
+
+
+def test_a_temporal_transformer_compiled_by_this_branch_keeps_its_paths(comfy):
+    """SVD with one SpatialVideoTransformer compiled by an object patch of this branch: the node patches through
+    the wrapper at the module's own paths (they were its ``_orig_mod`` paths)."""
+    model = svd(comfy)
+    found = set(NODE().apply(model, 1.0, 1.0)[0].object_patches)
+    path = next(name for name, module in model.get_model_object("diffusion_model").named_modules()
+                if type(module).__name__ == "SpatialVideoTransformer")
+    compiled = model.clone()
+    compiled.add_object_patch(f"diffusion_model.{path}",
+                              torch.compile(model.get_model_object(f"diffusion_model.{path}"), backend="eager"))
+    (tar,) = NODE().apply(compiled, 1.0, 1.0)
+    assert set(tar.object_patches) == found | {f"diffusion_model.{path}"}
+
+
 def test_another_branch_loaded_with_a_temporal_transformer_of_its_own(comfy):
     """SVD: another branch's module in place of a SpatialVideoTransformer (another class: the node's targets go by
     the class's name) loaded: VSTAR_TAR on the loader's model left that transformer's temporal attention out."""

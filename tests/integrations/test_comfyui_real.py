@@ -505,6 +505,26 @@ def test_another_branch_sampled_first_with_its_module_in_place(comfy, replaced):
     assert torch.equal(run(comfy, model, latent, positive, negative, steps=2), stock)
 
 
+def test_another_branch_sampled_first_with_its_blocks_compiled(comfy):
+    """The other branch compiled each block (object patches) and put its own module in place of a self-attention
+    below one: the wrapper hands that assignment on to the block, and the node wrapped that module's forward."""
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    expected = run(comfy, NODE().apply(wan(comfy), 1.0, 1.0)[0], latent, positive, negative, steps=2)
+    model = wan(comfy)
+    dm = model.get_model_object("diffusion_model")
+    other = model.clone()
+    for i, block in enumerate(dm.blocks):
+        other.add_object_patch(f"diffusion_model.blocks.{i}", torch.compile(block, backend="eager"))
+    module = copy.deepcopy(dm.blocks[0].self_attn)
+    with torch.no_grad():
+        module.o.weight.mul_(3.0)
+    other.add_object_patch("diffusion_model.blocks.0.self_attn", module)
+    run(comfy, other, latent, positive, negative, steps=2)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    assert torch.equal(run(comfy, tar, latent, positive, negative, steps=2), expected)
+
+
 def test_another_branch_sampled_first_with_a_temporal_transformer_of_its_own(comfy):
     """SVD: another branch's module (another class) in place of a SpatialVideoTransformer, sampled first: VSTAR_TAR
     on the loader's model then left that transformer's temporal attention out, without a word."""

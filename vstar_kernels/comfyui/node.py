@@ -46,12 +46,14 @@ def _step(patcher, key: str, parent, live, own_patches: bool):
 
 
 def _hands_on(parent, live, name: str) -> bool:
-    """Whether `parent`'s attribute `name` is `live`'s: the same object, or a torch.compile wrapper of it without
-    an attribute of that name of its own (a wrapper hands those on to the module it wraps; its forward is its own)."""
-    while parent is not live and unwrap(parent) is not parent and name not in vars(parent) \
-            and not hasattr(type(parent), name):
-        parent = parent._orig_mod
-    return live is not None and parent is live
+    """Whether `parent`'s attribute `name` is `live`'s: the same object once each side's torch.compile wrappers
+    without an attribute of that name of their own are looked through (a wrapper hands those on to the module it
+    wraps, setting them too; its forward is its own)."""
+    def holder(obj):
+        while unwrap(obj) is not obj and name not in vars(obj) and not hasattr(type(obj), name):
+            obj = obj._orig_mod
+        return obj
+    return live is not None and holder(parent) is holder(live)
 
 
 def _walk(patcher, path: str, own_patches: bool = True):
@@ -69,8 +71,9 @@ def _resolve(patcher, path: str, own_patches: bool = True):
 
 
 def _modules(patcher, root: str):
-    """`named_modules()` of the module at `root` (unwrapped) as `patcher` runs it (`_step` by `_step`): paths below
-    `root` (its own is ""), every path of a module held at several (walked into once)."""
+    """`named_modules()` of the module at `root` as `patcher` runs it (`_step` by `_step`), each torch.compile
+    wrapper on the way unwrapped at its own path (the node patches through it): paths below `root` (its own is ""),
+    every path of a module held at several (walked into once)."""
     top, live = _walk(patcher, root)
     found, walked = {}, set()
 
@@ -82,7 +85,8 @@ def _modules(patcher, root: str):
         for name in list(module._modules):
             child, on_model = _step(patcher, f"{root}.{path}.{name}" if path else f"{root}.{name}", module, live, True)
             if isinstance(child, torch.nn.Module):
-                walk(f"{path}.{name}" if path else name, child, on_model)
+                walk(f"{path}.{name}" if path else name, unwrap(child),
+                     unwrap(on_model) if isinstance(on_model, torch.nn.Module) else None)
     walk("", unwrap(top), unwrap(live) if isinstance(live, torch.nn.Module) else None)
     return found
 
