@@ -2,6 +2,7 @@
 test_comfyui_real.py on a real ComfyUI): written here from the behaviour of those nodes, none of their code.
 Each takes and returns a ModelPatcher (or patches a module) and works on the stand-in's Wan and on ComfyUI's."""
 
+import copy
 import logging
 import unittest.mock
 
@@ -39,6 +40,33 @@ def replace_self_attention(model, weight):
 
 REPLACED = (r"the object patch on diffusion_model.blocks.0.self_attn.forward is \S+replace_self_attention.<locals>."
             r"forward, set by a node after VSTAR_TAR: it replaces TAR's patch there.*Apply VSTAR_TAR after that node")
+
+
+def compiled_blocks_replacing_one_attention(model):
+    """A clone of `model` with each Wan block compiled (object patches, as per-block compile nodes make) and, below
+    the first one's wrapper, a copy of its self-attention with other weights (the wrapper hands that patch on to
+    the block)."""
+    other = model.clone()
+    blocks = model.get_model_object("diffusion_model").blocks
+    for i, block in enumerate(blocks):
+        other.add_object_patch(f"diffusion_model.blocks.{i}", torch.compile(block, backend="eager"))
+    module = copy.deepcopy(blocks[0].self_attn)
+    with torch.no_grad():
+        module.o.weight.mul_(3.0)
+    other.add_object_patch("diffusion_model.blocks.0.self_attn", module)
+    return other
+
+
+def another_temporal_transformer(model):
+    """(A clone of the SVD `model` with a copy of its first SpatialVideoTransformer, of a class of another name, in
+    its place, that transformer's path)."""
+    path = next(name for name, module in model.get_model_object("diffusion_model").named_modules()
+                if type(module).__name__ == "SpatialVideoTransformer")
+    module = copy.deepcopy(model.get_model_object(f"diffusion_model.{path}"))
+    module.__class__ = type("AnotherTransformer", (type(module),), {})
+    other = model.clone()
+    other.add_object_patch(f"diffusion_model.{path}", module)
+    return other, path
 
 
 def cache_node(model, skip_every=0):

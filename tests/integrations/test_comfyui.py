@@ -26,9 +26,10 @@ from vstar_kernels.comfyui.patch import Run, key_mask, marked
 from vstar_kernels.frames import FrameLayout, TokenLayout
 
 from ..helpers import ValueReads
-from .comfyui_companions import (REPLACED, cache_node, compiled_frames, freelong, graph_breaking_attention,
-                                 guard_filtered_compile, in_time, keyword_recorder, nag, newer_attention,
-                                 replace_self_attention, swallowing, tar_calls, warnings_of)
+from .comfyui_companions import (REPLACED, another_temporal_transformer, cache_node,
+                                 compiled_blocks_replacing_one_attention, compiled_frames, freelong,
+                                 graph_breaking_attention, guard_filtered_compile, in_time, keyword_recorder, nag,
+                                 newer_attention, replace_self_attention, swallowing, tar_calls, warnings_of)
 
 STANDIN = pathlib.Path(__file__).resolve().parent / "comfyui_standin"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -741,17 +742,12 @@ def test_another_branch_loaded_with_compiled_modules(comfy, case):
     cond, uncond = conditions(dtype)
     expected = sample(comfy, NODE().apply(model, 1.0, 1.0)[0], shape, cond, uncond, dtype)
     dm = model.get_model_object("diffusion_model")
-    other = model.clone()
     if case.startswith("diffusion model"):
+        other = model.clone()
         other.add_object_patch("diffusion_model", torch.compile(dm, backend="eager"))
         other.add_object_patch("diffusion_model.blocks", torch.nn.ModuleList([dm.blocks[0]]))
     else:
-        for i, block in enumerate(dm.blocks):
-            other.add_object_patch(f"diffusion_model.blocks.{i}", torch.compile(block, backend="eager"))
-        module = copy.deepcopy(dm.blocks[0].self_attn)
-        with torch.no_grad():
-            module.o.weight.mul_(3.0)
-        other.add_object_patch("diffusion_model.blocks.0.self_attn", module)
+        other = compiled_blocks_replacing_one_attention(model)
     other.patch_model()
     (tar,) = NODE().apply(model, 1.0, 1.0)
     other.unpatch_model()
@@ -777,12 +773,7 @@ def test_another_branch_loaded_with_a_temporal_transformer_of_its_own(comfy):
     the class's name) loaded: VSTAR_TAR on the loader's model left that transformer's temporal attention out."""
     model = svd(comfy)
     found = NODE().apply(model, 1.0, 1.0)[0].object_patches.keys()
-    path = next(name for name, module in model.get_model_object("diffusion_model").named_modules()
-                if type(module).__name__ == "SpatialVideoTransformer")
-    module = copy.deepcopy(model.get_model_object(f"diffusion_model.{path}"))
-    module.__class__ = type("AnotherTransformer", (type(module),), {})
-    other = model.clone()
-    other.add_object_patch(f"diffusion_model.{path}", module)
+    other, path = another_temporal_transformer(model)
     other.patch_model()
     (tar,) = NODE().apply(model, 1.0, 1.0)
     other.unpatch_model()

@@ -37,7 +37,8 @@ import vstar_kernels.comfyui as vc
 from vstar_kernels import BackendUnavailableError
 from vstar_kernels.comfyui.patch import marked
 
-from .comfyui_companions import (REPLACED, cache_node, causal_window_fix, compiled_frames, freelong,
+from .comfyui_companions import (REPLACED, another_temporal_transformer, cache_node, causal_window_fix,
+                                 compiled_blocks_replacing_one_attention, compiled_frames, freelong,
                                  graph_breaking_attention, guard_filtered_compile, in_time, keyword_recorder, nag,
                                  newer_attention, newer_context_windows, replace_self_attention, rifle_x, swallowing,
                                  tar_calls, warnings_of)
@@ -512,15 +513,7 @@ def test_another_branch_sampled_first_with_its_blocks_compiled(comfy):
     positive, negative = texts()
     expected = run(comfy, NODE().apply(wan(comfy), 1.0, 1.0)[0], latent, positive, negative, steps=2)
     model = wan(comfy)
-    dm = model.get_model_object("diffusion_model")
-    other = model.clone()
-    for i, block in enumerate(dm.blocks):
-        other.add_object_patch(f"diffusion_model.blocks.{i}", torch.compile(block, backend="eager"))
-    module = copy.deepcopy(dm.blocks[0].self_attn)
-    with torch.no_grad():
-        module.o.weight.mul_(3.0)
-    other.add_object_patch("diffusion_model.blocks.0.self_attn", module)
-    run(comfy, other, latent, positive, negative, steps=2)
+    run(comfy, compiled_blocks_replacing_one_attention(model), latent, positive, negative, steps=2)
     (tar,) = NODE().apply(model, 1.0, 1.0)
     assert torch.equal(run(comfy, tar, latent, positive, negative, steps=2), expected)
 
@@ -534,13 +527,7 @@ def test_another_branch_sampled_first_with_a_temporal_transformer_of_its_own(com
     expected = run(comfy, NODE().apply(configured(comfy, "SVD_img2vid", SVD_UNET), 1.0, 1.0)[0], latent, positive,
                    negative, steps=2)
     model = configured(comfy, "SVD_img2vid", SVD_UNET)
-    path = next(name for name, module in model.get_model_object("diffusion_model").named_modules()
-                if type(module).__name__ == "SpatialVideoTransformer")
-    module = copy.deepcopy(model.get_model_object(f"diffusion_model.{path}"))
-    module.__class__ = type("AnotherTransformer", (type(module),), {})
-    other = model.clone()
-    other.add_object_patch(f"diffusion_model.{path}", module)
-    run(comfy, other, latent, positive, negative, steps=2)
+    run(comfy, another_temporal_transformer(model)[0], latent, positive, negative, steps=2)
     (tar,) = NODE().apply(model, 1.0, 1.0)
     assert torch.equal(run(comfy, tar, latent, positive, negative, steps=2), expected)
 
