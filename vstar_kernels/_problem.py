@@ -157,7 +157,7 @@ def check_sigma(sigma) -> float:
     return sigma
 
 
-def _check_factor(name: str, value, dtype: torch.dtype) -> float:
+def check_factor(name: str, value, dtype: torch.dtype) -> float:
     """A finite `value` (|strength| or |scale|) that the compute dtype of `dtype` inputs can hold: a larger
     factor would be inf there."""
     value = _real(name, value)
@@ -385,10 +385,10 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
         raise ValueError(f"head dims must be >= 1, got q/k {D} and v {v.shape[3]}")
     Nk = k.shape[2]
 
-    strength = _check_factor("strength", strength, q.dtype)
+    strength = check_factor("strength", strength, q.dtype)
     if scale is None:
         scale = D ** -0.5
-    elif not _check_factor("scale", scale, q.dtype) > 0:
+    elif not check_factor("scale", scale, q.dtype) > 0:
         raise ValueError(f"scale must be > 0 (the softmax scale, by default D ** -0.5), got {float(scale)}")
     sigma = check_sigma(sigma)  # checked with a delta too, where it is then ignored
     if not isinstance(causal, bool):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .._problem import check_sigma
+from .._problem import check_factor, check_sigma
 from .models import family_of, unwrap
 from .patch import KEY, LOG, MarkedForward, Settings, TARPatch, marked
 
@@ -195,11 +195,10 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     if not all(callable(getattr(model, name, None)) for name in ("clone", "get_model_object", "add_object_patch")):
         raise TypeError(f"VSTAR_TAR: model must be a ComfyUI MODEL (a ModelPatcher), got {type(model).__name__}")
     _refuse_image_model(model)
-    dtype = _compute_dtype(model)  # a strength it cannot hold refused here, not at the first call mid-sampling
-    bound = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
-    if abs(strength) > bound:
-        raise ValueError(f"VSTAR_TAR: strength must be at most {bound!r} in size (the largest value of TAR's math "
-                         f"for a model computing in {dtype}), got {strength}")
+    try:  # a strength the model's compute dtype cannot hold refused here, not at the first call mid-sampling
+        check_factor("strength", strength, _compute_dtype(model) or torch.float32)
+    except ValueError as exc:
+        raise ValueError(f"VSTAR_TAR: {exc}") from None
     modules = _modules(model, "diffusion_model")  # as the model runs: another clone's patches may be on it now
     family = family_of(modules[""])
     clone = model.clone()
