@@ -245,7 +245,8 @@ class VSTARTemporalAttentionRegularization:
             "required": {
                 "model": ("MODEL", {"tooltip": "A Wan, HunyuanVideo, LTX-Video, Mochi, Cosmos or SVD video model."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "TAR's strength c; 0 leaves the model as it is."}),
+                                       "tooltip": "TAR's strength c; 0: no TAR (an earlier VSTAR_TAR's taken "
+                                                  "off too, with a warning)."}),
                 "sigma": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 64.0, "step": 0.05,
                                     "tooltip": "Width of the band in latent frames; smaller is a stronger pull "
                                                "towards neighbouring frames."}),
