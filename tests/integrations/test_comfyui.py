@@ -1061,7 +1061,7 @@ def fake(module, name, **attributes):
     return obj
 
 
-def test_layouts_of_the_other_models():
+def test_layouts_of_the_other_models(comfy):
     x = torch.zeros(1, 4, 5, 7, 9)
     humo = fake("comfy.ldm.wan.model", "HumoWanModel", patch_size=(1, 2, 2), ref_conv=None, blocks=[0, 1])
     layout = vc_models.family_of(humo).layout(humo, x, {"reference_latent": torch.zeros(1, 4, 2, 7, 9)})
@@ -1098,6 +1098,16 @@ def test_layouts_of_the_other_models():
     mask[0, :, 2, 0, 0] = -1
     with pytest.raises(ValueError, match="LTX-Video: this call's denoise_mask drops video tokens"):
         vc_models.family_of(ltx).layout(ltx, x, {**newer, "denoise_mask": mask})
+    # guides in a context window: newer ComfyUI's cut them to the window's (it has guide_frames_indices);
+    # 0.3.64's keep them all while the model runs the window's last frames in their places: refused
+    windowed = comfy.context_windows.IndexListContextWindow([4, 5, 6], dim=2)
+    with pytest.raises(ValueError, match=r"LTX-Video: keyframe guides under context windows that do not cut"):
+        vc_models.family_of(ltx).layout(ltx, x, {**newer, "transformer_options": {"context_window": windowed}})
+    windowed.guide_frames_indices = [0, 1]
+    assert vc_models.family_of(ltx).layout(ltx, x, {**newer, "transformer_options": {
+        "context_window": windowed}}) == TokenLayout(3, 63, after=126)
+    with pytest.raises(ValueError, match=r"LTX-Video: 5 keyframe guide frames of this call's 5 latent frames leave"):
+        vc_models.family_of(ltx).layout(ltx, x, {"keyframe_idxs": torch.zeros(1, 3, 5 * 63)})
     s2v = fake("comfy.ldm.wan.model", "WanModel_S2V", patch_size=(1, 2, 2))
     layout = vc_models.family_of(s2v).layout(s2v, x, {"reference_latent": torch.zeros(1, 4, 1, 7, 9)})
     assert layout == TokenLayout(5, 20, text_after=True, tail="the reference and motion tokens")
@@ -1432,18 +1442,21 @@ WINDOWS = {   # windows of 8 latent frames, reference_frames
 }
 
 
+@pytest.mark.parametrize("retain", [(), (0,), (0, 2)], ids=["", "retaining frame 0", "retaining frames 0, 2"])
 @pytest.mark.parametrize("causal_window_fix", [False, True], ids=["", "causal anchors"])
 @pytest.mark.parametrize("case", list(WINDOWS))
-def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attention, case, causal_window_fix):
+def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attention, case, causal_window_fix, retain):
     """In a context window, a frame's id is its index in the whole latent, in time (a looped window's frames stay
     consecutive across the latent's end); the reference frames are the whole latent's first ones, so only a
     window holding them has any. With newer ComfyUI's causal_window_fix (its default) a window that does not start
-    at frame 0 runs with the frame before it in front (its causal_anchor_index), which is that frame too."""
+    at frame 0 runs with the frame before it in front (its causal_anchor_index), which is that frame too. Newer
+    ComfyUI's latent_retain_index_list puts the whole latent's frame k at each window's position k: its id is k
+    (a reference frame's -1), where the node once gave it the id of the frame it replaced."""
     windows, lead = WINDOWS[case]
     dtype = torch.float64
     model = wan(comfy, dtype)
     model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(
-        windows, causal_window_fix=causal_window_fix)
+        windows, causal_window_fix=causal_window_fix, latent_retain_index_list=retain)
     shape = (1, 4, 8, 4, 4)
     cond, uncond = conditions(dtype)
     (tar,) = NODE().apply(model, 1.0, 1.0, reference_frames=lead, backend="reference")
@@ -1451,9 +1464,24 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attentio
 
     def ids(options):
         index = options["context_window"].frames()
-        return torch.tensor([t if i >= lead else -1 for i, t in zip(index, in_time(index, 8)) for _ in range(4)])
+        times = in_time(index, 8)
+        for k in retain:
+            index[k] = times[k] = k
+        return torch.tensor([t if i >= lead else -1 for i, t in zip(index, times) for _ in range(4)])
     expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_a_negative_retained_latent_index_is_refused(comfy, mark_self_attention):
+    """A negative index in latent_retain_index_list: which frame of the whole latent it retains is not known to the
+    node (an LTX-Video latent's end holds the keyframe guides' frames), so the call is an error, not a guess."""
+    model = wan(comfy, torch.float64)
+    model.model_options["context_handler"] = comfy.context_windows.FixedContextHandler(
+        WINDOWS["strided"][0], latent_retain_index_list=(-1,))
+    cond, uncond = conditions(torch.float64)
+    (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
+    with pytest.raises(ValueError, match=r"latent_retain_index_list holds -1"):
+        sample(comfy, tar, (1, 4, 8, 4, 4), cond, uncond, torch.float64)
 
 
 def test_a_call_passes_its_frames_as_a_frame_layout_where_they_are_in_order():

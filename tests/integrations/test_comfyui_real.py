@@ -646,6 +646,27 @@ def test_other_models_match_the_oracle(comfy, mark, case):
     assert_matches(out, expected, stock, atol=1e-6 if dtype == torch.float64 else 1e-4)
 
 
+def test_ltx_guides_under_context_windows_that_keep_them_whole_are_refused(comfy, mark):
+    """LTX-Video with keyframe guides (2 guide latent frames after 6 of video) under this ComfyUI's context windows,
+    which cut the latent, guides' frames included, and keep every guide's keyframe_idxs: the model runs a window's
+    last frames in the guides' places (stock samples), so the node refuses. It once took a window's last video
+    frames for guides without a word (window 0-3: frames 2 and 3 never regularized), and a window of 2 frames
+    was an error that named VACE's reference images."""
+    mark("ltxv")
+    config_name, unet_config, _, extra, _, dtype, cfg = OTHERS["ltxv"]
+    model = configured(comfy, config_name, unet_config, dtype)
+    attention = sys.modules["comfy.ldm.modules.attention"]
+    model.model_options["transformer_options"]["optimized_attention_override"] = \
+        lambda func, *args, **kwargs: attention.attention_pytorch(*args, **kwargs)
+    positive, negative = texts(dim=32, keyframe_idxs=torch.zeros(1, 3, 2 * 4 * 5), **extra)
+    latent = torch.zeros(1, 128, 6 + 2, 4, 5)
+    for length in (4, 2):
+        windowed = context_windows(comfy, model, "standard_static", length, 0)
+        run(comfy, windowed, latent, positive, negative, steps=1, cfg=cfg)
+        with pytest.raises(ValueError, match=r"LTX-Video: keyframe guides under context windows that do not cut"):
+            run(comfy, NODE().apply(windowed, 1.0, 1.0)[0], latent, positive, negative, steps=1, cfg=cfg)
+
+
 @pytest.mark.parametrize("case", ["wan", "hunyuan", "mochi"])
 def test_one_frame_runs_without_tar_and_says_so(comfy, caplog, case):
     """A latent of one frame (HunyuanVideo or Mochi as a text-to-image model, whose joint attention holds the text

@@ -22,6 +22,7 @@ from ..tar_config import uncompiled as unwrap
 class Family:
     name: str
     targets: Callable[[Dict[str, torch.nn.Module]], List[str]]  # named_modules() -> paths
+    # (diffusion model, x, the call's keyword arguments and its transformer_options) -> its tokens
     layout: Callable[[torch.nn.Module, torch.Tensor, dict], TokenLayout]
     time_dim: int = 2           # the latent's dimension of frames (that of ComfyUI's context windows over them)
     # the call's leading latent frames that its conditioning marks as reference images, or None where it says nothing
@@ -131,7 +132,9 @@ def _hunyuan_layout(dm, x, extra) -> TokenLayout:
 # LTX-Video: patch size 1; keyframe guides (keyframe_idxs: (batch, 3, guide tokens), newer ComfyUI's with a last
 # dimension of 2) are appended to the latent after the video frames and keep positions of their own: they are tokens
 # outside the video here. Newer ComfyUI drops the tokens whose denoise_mask is negative in the first batch entry (the
-# dilated guides') before the blocks.
+# dilated guides') before the blocks, and its context windows cut the guides to those in the window (a window has
+# guide_frames_indices); ComfyUI 0.3.64's cut the latent, guides' frames included, and keep every guide's
+# keyframe_idxs, so the model takes the window's last frames for the guides: refused.
 def _ltx_layout(dm, x, extra) -> TokenLayout:
     frames, per_frame = _grid(_video(x, "LTX-Video").shape, (1, 1, 1), _ceil)
     guides = extra.get("keyframe_idxs")
@@ -139,7 +142,16 @@ def _ltx_layout(dm, x, extra) -> TokenLayout:
     if after % per_frame:
         raise ValueError(f"VSTAR_TAR: LTX-Video: {after} keyframe guide tokens are not whole frames of {per_frame} "
                          "tokens")
+    window = (extra.get("transformer_options") or {}).get("context_window")
+    if after and window is not None and not hasattr(window, "guide_frames_indices"):
+        raise ValueError("VSTAR_TAR: LTX-Video: keyframe guides under context windows that do not cut the guides to "
+                         "each window (ComfyUI 0.3.64's): the model runs the window's last latent frames in the "
+                         "guides' places, so which of them are video is not known. Update ComfyUI (newer context "
+                         "windows cut the guides), or take the context windows or the guides off")
     video = frames - after // per_frame
+    if video < 1:
+        raise ValueError(f"VSTAR_TAR: LTX-Video: {after // per_frame} keyframe guide frames of this call's {frames} "
+                         "latent frames leave none as video")
     mask = extra.get("denoise_mask")
     if after and isinstance(mask, torch.Tensor) and mask.dim() == 5 and mask.shape[2:] == x.shape[2:]:
         dropped = (mask[0] < 0).any(0).flatten()

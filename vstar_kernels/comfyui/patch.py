@@ -59,6 +59,7 @@ class Run:
         self.sigmas = []                    # the sigmas of its calls
         self.window = None                  # (low, high, bottom, top) of its last call (`TARPatch.bounds`)
         self.schedule = None                # the run's sigmas (transformer_options["sample_sigmas"]), if given
+        self.retained = ()                  # newer ComfyUI's latent_retain_index_list of its context windows
 
     def saw(self, sigmas, window, inside: bool, schedule) -> None:
         """A model call of the run at `sigmas`, in the window or not."""
@@ -209,6 +210,7 @@ class TARPatch:
                                "conditioning that carries hooks (a hooked LoRA): start ComfyUI with "
                                "--disable-dynamic-vram, or take the hooks off the conditioning")
         run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
+        run.retained = tuple(getattr(guider.model_options.get("context_handler"), "latent_retain_index_list", ()))
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if len(sigmas) > 1:  # a run of one sigma has no step, so no model call
             run.end(self.settings)
@@ -243,12 +245,13 @@ class TARPatch:
                   frames: Optional[int] = None) -> Tuple[int, ...]:
         """The id of each video frame of a call: its index in the whole latent (a context window's by its
         ``index_list``, after its ``causal_anchor_index`` where it has one, a looped one's as docs/comfyui.md,
-        Context windows, says), -1 for the leading
-        `reference_frames` of the whole latent, or, where that is 0, for the call's leading `references` (the
-        frames its conditioning marks as reference images: `Family.references`), which a nonzero
-        `reference_frames` must agree with. `frames`: the length in frames of the call's 5-D latent, if it has
-        one; with `reference_frames`, a call outside a context window on fewer frames than the run's latent (a
-        temporal crop) is an error, as where its frames lie in the latent is not known."""
+        Context windows, says; k at a position k that newer ComfyUI's ``latent_retain_index_list`` holds, as the
+        latent's frame k is there), -1 for the leading `reference_frames` of the whole latent, or, where that is
+        0, for the call's leading `references` (the frames its conditioning marks as reference images:
+        `Family.references`), which a nonzero `reference_frames` must agree with. `frames`: the length in frames
+        of the call's 5-D latent, if it has one; with `reference_frames`, a call outside a context window on fewer
+        frames than the run's latent (a temporal crop) is an error, as where its frames lie in the latent is not
+        known."""
         window, index, length = options.get("context_window"), list(range(layout.frames)), 0
         in_window = window is not None and getattr(window, "dim", None) == self.family.time_dim
         if in_window:
@@ -274,6 +277,13 @@ class TARPatch:
                                  "latent's length is not known: sample through ComfyUI's sampler (whose "
                                  "OUTER_SAMPLE wrappers read it)")
             ids.append(ids[-1] + this - previous + (length if this <= previous else 0))
+        for k in run.retained if in_window else ():  # newer ComfyUI's: the latent's frame k at the window's k
+            if k < 0:
+                raise ValueError(f"VSTAR_TAR: the context windows' latent_retain_index_list holds {k}: which frame "
+                                 "a negative index retains is not known to the node; count from the latent's first "
+                                 "frame")
+            if k < len(index):
+                ids[k] = index[k] = k
         lead = self.settings.reference_frames
         marked = [r < lead for r in index]
         if references is not None:
@@ -298,7 +308,7 @@ class TARPatch:
         call = None
         if self.regularizes(t if sigmas is None else sigmas, base.model_sampling, options.get(KEY),
                             options.get("sample_sigmas")):
-            layout = self.family.layout(base.diffusion_model, x, kwargs)
+            layout = self.family.layout(base.diffusion_model, x, dict(kwargs, transformer_options=options))
             run = options.get(KEY) or Run(())
             references = None if self.family.references is None else self.family.references(x, kwargs)
             ids = self.frame_ids(layout, options, run, references, x.shape[2] if x.dim() == 5 else None)

@@ -15,14 +15,20 @@ class IndexListContextWindow:
         anchor = getattr(self, "causal_anchor_index", -1)
         return ([anchor] if anchor >= 0 else []) + self.index_list
 
-    def get_tensor(self, full):
-        return full[(slice(None),) * self.dim + (self.frames(),)]
+    def get_tensor(self, full, retain_index_list=()):
+        """The window's frames of `full`; at each position k of `retain_index_list` (newer ComfyUI's), the whole
+        latent's frame k."""
+        window = full[(slice(None),) * self.dim + (self.frames(),)]
+        for k in retain_index_list:
+            window.select(self.dim, k).copy_(full.select(self.dim, k))
+        return window
 
 
 class FixedContextHandler:
     """Stand-in only: fixed windows over dim 2 (a video UNet's: dim 0) (ComfyUI's handler makes them from a
     schedule), blended flat."""
 
-    def __init__(self, windows, dim=2, causal_window_fix=False):
+    def __init__(self, windows, dim=2, causal_window_fix=False, latent_retain_index_list=()):
+        self.latent_retain_index_list = list(latent_retain_index_list)
         self.windows = [IndexListContextWindow(w, dim=dim, causal_anchor_index=w[0] - 1 if causal_window_fix else None)
                         for w in windows]

@@ -61,7 +61,8 @@ class CFGGuider:
             self.model_options["transformer_options"]["context_window"] = window
             index = (slice(None),) * window.dim + (window.index_list,)
             lead = len(window.frames()) - len(window.index_list)      # a causal anchor's output is dropped
-            for out, part in zip(outs, self.model_call(window.get_tensor(x), sigma, conds)):
+            windowed = window.get_tensor(x, handler.latent_retain_index_list)
+            for out, part in zip(outs, self.model_call(windowed, sigma, conds)):
                 out[index] += part.narrow(window.dim, lead, len(window.index_list))
             count[index] += 1
         return [out / count for out in outs]
