@@ -106,7 +106,7 @@ def gradients(model, family: str, frames: int) -> Dict[str, torch.Tensor]:
 
 ERRORS = {
     2: ["error/uneven", "error/mask", "error/text", "error/capture", "error/capture-unrecorded", "error/capture-late",
-        "error/dtype"],
+        "error/dtype", "error/mesh-degrees"],
     4: ["error/heads", "error/mesh"],
 }
 
@@ -285,8 +285,14 @@ def _error_cases(world: int) -> Dict[str, Callable]:
         with torch.no_grad():
             return forward(model, inputs("wan", 4))
 
-    cases = {"error/uneven": uneven, "error/mask": mask, "error/text": text, "error/capture": capture,
-             "error/capture-unrecorded": capture_unrecorded, "error/capture-late": capture_late,
+    def mesh_degrees():  # a mesh of 2 ring ranks, the config's ulysses_degree=2 (diffusers runs it as it can)
+        model = _model("wan", "ulysses", TARConfig(levels={0: (1.0, 1.0)}), mesh=[[0], [1]])
+        with torch.no_grad():
+            return forward(model, inputs("wan", 4))
+
+    cases = {"error/uneven": uneven, "error/mesh-degrees": mesh_degrees, "error/mask": mask, "error/text": text,
+             "error/capture": capture, "error/capture-unrecorded": capture_unrecorded,
+             "error/capture-late": capture_late,
              "error/heads": heads, "error/mesh": mesh, "error/dtype": dtype}
     return {name: cases[name] for name in ERRORS[world]}
 

@@ -162,6 +162,8 @@ ERRORS = {
                    r"value must share one dtype",
     "error/heads": r"blocks\.0\.attn1: Ulysses with ulysses_degree=4 needs a head count it divides; the call has 2 "
                    r"heads",
+    "error/mesh-degrees": r"blocks\.0\.attn1: the ContextParallelConfig's mesh has 2 ranks along its ring dimension "
+                          r"and 1 along its Ulysses one, but the config says ring_degree=1, ulysses_degree=2",
     "error/mesh": r"blocks\.0\.attn1: under context parallelism \(ring_degree=2, ulysses_degree=2\) the members of a "
                   r"ring group hold different blocks of heads \(Ulysses ranks \[0, 1\]\)",
 }

@@ -156,6 +156,12 @@ class ContextParallelTAR:
         if cp._flattened_mesh is None:
             raise ValueError(f"{where}: the processor's ContextParallelConfig is not set up (no device mesh); "
                              "enable it with model.enable_parallelism(config=...)")
+        sizes = (cp._ring_mesh.size(), cp._ulysses_mesh.size())
+        if sizes != (cp.ring_degree, cp.ulysses_degree):  # diffusers reads the degrees and the mesh apart
+            raise ValueError(f"{where}: the ContextParallelConfig's mesh has {sizes[0]} ranks along its ring "
+                             f"dimension and {sizes[1]} along its Ulysses one, but the config says "
+                             f"ring_degree={cp.ring_degree}, ulysses_degree={cp.ulysses_degree}: give the degrees "
+                             "of the mesh")
         if text != "none":
             raise ValueError(
                 f"{where}: TAR under context parallelism handles self-attention over video tokens only; this model's "
