@@ -1103,6 +1103,9 @@ def test_layouts_of_the_other_models(comfy):
     windowed = comfy.context_windows.IndexListContextWindow([4, 5, 6], dim=2)
     with pytest.raises(ValueError, match=r"LTX-Video: keyframe guides under context windows that do not cut"):
         vc_models.family_of(ltx).layout(ltx, x, {**newer, "transformer_options": {"context_window": windowed}})
+    over_batch = comfy.context_windows.IndexListContextWindow([1], dim=0)   # each call keeps its frames and guides
+    assert vc_models.family_of(ltx).layout(ltx, x, {**newer, "transformer_options": {
+        "context_window": over_batch}}) == TokenLayout(3, 63, after=126)
     windowed.guide_frames_indices = [0, 1]
     assert vc_models.family_of(ltx).layout(ltx, x, {**newer, "transformer_options": {
         "context_window": windowed}}) == TokenLayout(3, 63, after=126)
@@ -1451,7 +1454,8 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attentio
     window holding them has any. With newer ComfyUI's causal_window_fix (its default) a window that does not start
     at frame 0 runs with the frame before it in front (its causal_anchor_index), which is that frame too. Newer
     ComfyUI's latent_retain_index_list puts the whole latent's frame k at each window's position k: its id is k
-    (a reference frame's -1), where the node once gave it the id of the frame it replaced."""
+    (a reference frame's -1; in a window across the latent's end, k + 8 where k is before the window's first frame,
+    a loop further on, as its other frames are), where the node once gave it the id of the frame it replaced."""
     windows, lead = WINDOWS[case]
     dtype = torch.float64
     model = wan(comfy, dtype)
@@ -1464,9 +1468,9 @@ def test_context_windows_take_the_global_frame_indices(comfy, mark_self_attentio
 
     def ids(options):
         index = options["context_window"].frames()
-        times = in_time(index, 8)
+        times, first, wraps = in_time(index, 8), index[0], any(b <= a for a, b in zip(index, index[1:]))
         for k in retain:
-            index[k] = times[k] = k
+            index[k], times[k] = k, k + (8 if wraps and k < first else 0)
         return torch.tensor([t if i >= lead else -1 for i, t in zip(index, times) for _ in range(4)])
     expected = oracle_sample(comfy, model, ids, 1.0, 1.0, range(STEPS), shape, cond, uncond, dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
@@ -1480,8 +1484,23 @@ def test_a_negative_retained_latent_index_is_refused(comfy, mark_self_attention)
         WINDOWS["strided"][0], latent_retain_index_list=(-1,))
     cond, uncond = conditions(torch.float64)
     (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
-    with pytest.raises(ValueError, match=r"latent_retain_index_list holds -1"):
+    with pytest.raises(ValueError, match=r"latent_retain_index_list \[-1\] .* which frame a negative index"):
         sample(comfy, tar, (1, 4, 8, 4, 4), cond, uncond, torch.float64)
+
+
+def test_retained_frames_in_a_temporal_crop_of_a_window_are_refused(comfy):
+    """A model call on 2 of a window's 4 frames (an area conditioning over time) numbers them from the window's
+    first, which TAR, a function of frame differences, may take; with latent_retain_index_list the retained frame's
+    id would be set at a position the crop may not hold (0 and 5 for frames one apart, once). Refused."""
+    patch = vc.patch.TARPatch(vc.patch.Settings(1.0, 1.0, 0.0, 1.0, reference_frames=0, backend="auto"),
+                              vc_models.WAN, {})
+    run = Run((1, 16, 8, 4, 4))
+    window = comfy.context_windows.IndexListContextWindow([4, 5, 6, 7], dim=2)
+    assert patch.frame_ids(TokenLayout(2, 4), {"context_window": window}, run, frames=2) == (4, 5)
+    run.retained = (0,)
+    assert patch.frame_ids(TokenLayout(4, 4), {"context_window": window}, run, frames=4) == (0, 5, 6, 7)
+    with pytest.raises(ValueError, match=r"runs on 2 of the window's 4 frames \(a temporal crop\)"):
+        patch.frame_ids(TokenLayout(2, 4), {"context_window": window}, run, frames=2)
 
 
 def test_a_call_passes_its_frames_as_a_frame_layout_where_they_are_in_order():

@@ -143,7 +143,7 @@ def _ltx_layout(dm, x, extra) -> TokenLayout:
         raise ValueError(f"VSTAR_TAR: LTX-Video: {after} keyframe guide tokens are not whole frames of {per_frame} "
                          "tokens")
     window = (extra.get("transformer_options") or {}).get("context_window")
-    if after and window is not None and not hasattr(window, "guide_frames_indices"):
+    if after and getattr(window, "dim", None) == 2 and not hasattr(window, "guide_frames_indices"):
         raise ValueError("VSTAR_TAR: LTX-Video: keyframe guides under context windows that do not cut the guides to "
                          "each window (ComfyUI 0.3.64's): the model runs the window's last latent frames in the "
                          "guides' places, so which of them are video is not known. Update ComfyUI (newer context "

@@ -277,13 +277,18 @@ class TARPatch:
                                  "latent's length is not known: sample through ComfyUI's sampler (whose "
                                  "OUTER_SAMPLE wrappers read it)")
             ids.append(ids[-1] + this - previous + (length if this <= previous else 0))
-        for k in run.retained if in_window else ():  # newer ComfyUI's: the latent's frame k at the window's k
-            if k < 0:
-                raise ValueError(f"VSTAR_TAR: the context windows' latent_retain_index_list holds {k}: which frame "
-                                 "a negative index retains is not known to the node; count from the latent's first "
-                                 "frame")
+        retained = run.retained if in_window else ()  # newer ComfyUI's: the latent's frame k at the window's k
+        if retained and (min(retained) < 0 or layout.frames < len(frames_of_window)):
+            raise ValueError(f"VSTAR_TAR: the context windows' latent_retain_index_list {list(retained)} puts "
+                             "latent frames at positions of the window, but "
+                             + ("which frame a negative index retains is not known to the node; count from the "
+                                "latent's first frame" if min(retained) < 0 else
+                                f"this model call runs on {layout.frames} of the window's {len(frames_of_window)} "
+                                "frames (a temporal crop), and where the crop lies is not known"))
+        first, wraps = index[0], any(this <= previous for previous, this in zip(index, index[1:]))
+        for k in retained:  # in a window across the latent's end, a frame before its first is a loop further on
             if k < len(index):
-                ids[k] = index[k] = k
+                ids[k], index[k] = k + (length if wraps and k < first else 0), k
         lead = self.settings.reference_frames
         marked = [r < lead for r in index]
         if references is not None:
