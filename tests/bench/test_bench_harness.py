@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,13 +113,36 @@ def test_by_default_cpu_runs_vstar_auto_and_cuda_does_not():
     assert not PEERS["vstar_triton"].correctness_only(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("p80, flag", [(1.2, ""), (1.25, ""), (1.26, "busy"), (3.0, "busy")])
-def test_a_busy_spread_is_flagged(tmp_path, p80, flag):
-    assert measure.spread_flag(1.0, p80) == flag
+@pytest.mark.parametrize("p80, waited, flag", [(1.2, None, ""), (1.25, 0.1, ""), (1.26, None, "busy"),
+                                                (3.0, 0.0, "busy"), (1.0, 0.11, "busy"), (1.0, 0.9, "busy")])
+def test_a_busy_spread_or_waits_for_a_cpu_are_flagged(tmp_path, p80, waited, flag):
+    timing = measure.Timing(1.1, 1.0, p80, waited=waited)
+    assert measure.busy_flag(timing) == flag
     sweep = make_sweep(tmp_path)
-    row = sweep.write("sdpa_plain", 4, 2, 16, 40, "fp32", timing=measure.Timing(1.1, 1.0, p80))
+    row = sweep.write("sdpa_plain", 4, 2, 16, 40, "fp32", timing=timing)
     assert row["flag"] == flag and read(sweep.csv_path)[-1]["flag"] == flag
     assert sweep.write("sdpa_plain", 4, 2, 16, 40, "fp32", status="oom")["flag"] == ""
+
+
+def test_waits_for_a_cpu_over_run_time():
+    assert measure.waited_share((10, 5), (30, 15)) == 0.5  # ran 20 ns more, waited 10 more
+    assert measure.waited_share((10, 5), (10, 5)) is None  # did not run
+    assert measure.waited_share(None, (30, 15)) is None  # not known
+
+
+@pytest.mark.skipif(measure.sched_ns() is None, reason="no /proc/self/task/*/schedstat here")
+def test_an_evenly_loaded_cpu_is_flagged_busy():
+    """Processes spinning on every CPU this one may use slow each call alike (a small p80/p20): the time the calls
+    waited for a CPU flags the timing all the same."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+    try:
+        time.sleep(0.5)  # started
+        timing, _ = measure.time_call(lambda: sum(range(20000)), torch.device("cpu"))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert timing.waited > 2 * measure.BUSY_WAITED and measure.busy_flag(timing) == measure.BUSY
 
 
 def test_rows_are_not_appended_under_an_older_header(tmp_path, capsys):

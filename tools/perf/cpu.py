@@ -73,7 +73,7 @@ def measure(case: Case, threads: int, rounds: int, seed: int = 0) -> list:
     import vstar_kernels as vk
     from vstar_kernels import dispatch
     from vstar_kernels._problem import make_problem
-    from vstar_kernels.bench.measure import RunInfo, Timing, ideal_cost, load_average, row
+    from vstar_kernels.bench.measure import RunInfo, Timing, ideal_cost, load_average, row, sched_ns, waited_share
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
@@ -86,16 +86,16 @@ def measure(case: Case, threads: int, rounds: int, seed: int = 0) -> list:
         def plain():
             return F.scaled_dot_product_attention(q, k, v)
 
-        before = load_average()
+        before, sched = load_average(), sched_ns()
         a, b = time_pair(ours, plain, rounds)
-        load = f"{before}-{load_average()}" if before else ""
+        load, waited = f"{before}-{load_average()}" if before else "", waited_share(sched, sched_ns())
     info = RunInfo.collect(torch.device("cpu"))
     setup = ",".join(([f"frames={case.frames[0]}x{case.frames[1]}"] if case.frames else []) + [f"threads={threads}"])
     cost = ideal_cost(case.batch * case.heads, case.n, case.n, case.d, case.d, 4)
     ran = dispatch.select(make_problem(q, k, v, sigma=case.sigma, strength=1.0, delta=None, causal=False,
                                        max_mode="row", scale=None, frames=frames), "auto").name
     return [row(info, impl, case.batch, case.heads, case.n, case.d, "fp32", setup=setup, cost=cost,
-                timing=Timing(*(_quantile(x, q) for q in (0.5, 0.2, 0.8)), load=load), backend=backend)
+                timing=Timing(*(_quantile(x, q) for q in (0.5, 0.2, 0.8)), load=load, waited=waited), backend=backend)
             for impl, x, backend in (("vstar_auto", a, ran), ("sdpa_plain", b, ""))]
 
 

@@ -24,6 +24,10 @@ from .. import _env
 SLOW_CALL_MS = 100.0          # CUDA calls slower than this are timed with a few events, not do_bench
 # A p80/p20 spread above this: a busy machine, or calls too short to time (benchmarks/NOTES.md, "Busy cells").
 BUSY_SPREAD = 1.25
+# On a CPU, a timing whose threads waited for a CPU (other processes on it) for more than this share of the time
+# they ran is busy too: an evenly loaded machine slows every call alike, so the spread stays small
+# (benchmarks/NOTES.md, "Busy cells").
+BUSY_WAITED = 0.1
 # the status prefix of a cell the sweep did not run (its time budget used up)
 NOT_RUN = "unsupported: not run: "
 BUSY = "busy"
@@ -56,11 +60,39 @@ class Timing:
     p20_ms: float
     p80_ms: float
     load: str = ""  # the 1-minute load average before and after, "before-after"
+    waited: float | None = None  # on a CPU, waited_share() over the timed calls; None: not known
 
 
-def spread_flag(p20_ms, p80_ms) -> str:
-    """BUSY when the p80/p20 spread of a timing says the machine was busy while it ran, else ""."""
-    return BUSY if p20_ms > 0 and p80_ms / p20_ms > BUSY_SPREAD else ""
+def busy_flag(timing: Timing) -> str:
+    """BUSY when the timing's p80/p20 spread, or on a CPU how long its threads waited for one, says the machine
+    was busy, else ""."""
+    spread = timing.p20_ms > 0 and timing.p80_ms / timing.p20_ms > BUSY_SPREAD
+    return BUSY if spread or (timing.waited or 0.0) > BUSY_WAITED else ""
+
+
+def sched_ns():
+    """(ns on a CPU, ns runnable but waiting for one) summed over this process's threads, as Linux's scheduler
+    counts them (/proc/self/task/*/schedstat); None where it does not (not Linux)."""
+    ran = waited = 0
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for thread in threads:
+        try:
+            on_cpu, on_queue = Path(f"/proc/self/task/{thread}/schedstat").read_text().split()[:2]
+        except (OSError, ValueError):  # a thread gone since the listing; no schedstat
+            continue
+        ran, waited = ran + int(on_cpu), waited + int(on_queue)
+    return ran, waited
+
+
+def waited_share(before, after) -> float | None:
+    """How long this process's threads waited for a CPU between two sched_ns() readings, over how long they
+    ran: 0 when no other process took a CPU they could use, about 1 when they waited as long as they ran."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
 
 
 def quantiles(samples) -> Timing:
@@ -122,9 +154,10 @@ def time_call(fn, device: torch.device, timed=None) -> tuple:
         torch.cuda.synchronize(device)
     warm_ms = (time.perf_counter() - t0) * 1e3
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 if cuda else None
-    before = load_average()
+    before, sched = load_average(), sched_ns()
     timing = time_cuda(timed or fn, warm_ms) if cuda else time_cpu(timed or fn)
-    return dataclasses.replace(timing, load=f"{before}-{load_average()}" if before else ""), peak
+    return dataclasses.replace(timing, load=f"{before}-{load_average()}" if before else "",
+                               waited=None if cuda else waited_share(sched, sched_ns())), peak
 
 
 def copy_bandwidth(device: torch.device) -> tuple:
@@ -205,7 +238,7 @@ def row(info: RunInfo, impl, batch, heads, n, d, dtype, *, setup="", status="ok"
         *map(_fmt, (t and t.median_ms, t and t.p20_ms, t and t.p80_ms, gbps,
                     100 * gbps / peak_gbps if gbps and peak_gbps else None,
                     cost.flops / seconds / 1e12 if t and cost and cost.flops else None, peak_mb)),
-        status, backend, spread_flag(t.p20_ms, t.p80_ms) if t else "", t.load if t else "")))
+        status, backend, busy_flag(t) if t else "", t.load if t else "")))
 
 
 def check_columns(csv_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import _env
 from . import shapes
 from .e2e import VARIANTS as UNET_IMPLS
-from .measure import BUSY, BUSY_SPREAD, NOT_RUN, read_csv
+from .measure import BUSY, BUSY_SPREAD, BUSY_WAITED, NOT_RUN, read_csv
 from .peers import BACKWARD_IMPLS, CHECKED, FLOOR_LABELS, INTERPRETER, OURS, PEERS, TIMED_OURS
 
 COPY_IMPL = "device_copy"
@@ -25,7 +25,8 @@ METRICS = {
     "speedup": ("peer time / time of ours (> 1: ours faster)", "peer time / ours (log; > 1: ours faster)"),
     "bandwidth": ("achieved bandwidth, Q, K, V read and O written once", "GB/s (Q, K, V read + O written)"),
 }
-BUSY_LABEL = f"{BUSY}: p80/p20 > {BUSY_SPREAD:g} (a busy machine or too short a call), not to be trusted"
+BUSY_LABEL = (f"{BUSY}: p80/p20 > {BUSY_SPREAD:g} or CPU waits > {BUSY_WAITED:.0%} of run time "
+              "(a busy machine or too short a call), not to be trusted")
 
 
 def _impls(by_n) -> list:
@@ -194,7 +195,8 @@ def markdown(rows, title: str) -> str:
             + ".", ""]
     flagged = [r for r in latest(rows).values() if busy(r)]
     if flagged:
-        out += [f"**{BUSY}**: {len(flagged)} cell(s) whose p80/p20 spread exceeds {BUSY_SPREAD:g}: the machine was "
+        out += [f"**{BUSY}**: {len(flagged)} cell(s) whose p80/p20 spread exceeds {BUSY_SPREAD:g}, or, on a CPU, whose "
+                f"threads waited for a CPU over {BUSY_WAITED:.0%} of the time they ran: the machine was "
                 "busy while they were timed, or the calls were too short to time steadily (calls of 30 ms or more "
                 "on an idle machine stay below 1.05), so their times and ratios are not to be trusted; measure "
                 "them again on an idle machine, at a size that takes milliseconds.", ""]
