@@ -550,12 +550,34 @@ def test_sdxl_video_unet_is_refused():
 
 
 def test_a_pipeline_with_two_text_encoders_is_refused_by_encode_synopsis():
-    class TwoEncoders:  # encode_prompt as SDXL pipelines have it
+    class TwoEncoders:  # encode_prompt as SDXL pipelines have it, beside AnimateDiff SDXL's motion UNet
+        unet = tiny_unet_motion()
+
         def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1, cfg=True):
             raise AssertionError("not called")
 
     with pytest.raises(ValueError, match="TwoEncoders's encode_prompt takes a second prompt for a second encoder"):
         encode_synopsis(TwoEncoders(), ["a", "b"], 4)
+
+
+def test_encode_synopsis_refuses_a_video_dit_pipeline_before_encoding():
+    """A video DiT's pipeline (VSP feeds the video UNets) raised diffusers' own TypeError from inside its
+    encode_prompt, which takes its arguments in another order (an unexpected keyword, clip_skip), naming no argument
+    of encode_synopsis."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    from .tiny_dit_models import FAMILIES
+
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=FAMILIES["cogvideox"].model(),
+                             scheduler=CogVideoXDDIMScheduler())
+
+    def encode_prompt(prompt, negative_prompt=None, do_classifier_free_guidance=True, **kwargs):
+        raise AssertionError("not reached")
+
+    pipe.encode_prompt = encode_prompt
+    with pytest.raises(TypeError, match="pipe must be a UNet3DConditionModel, a UNetMotionModel or a pipeline "
+                                        "holding one as .unet .*got CogVideoXPipeline"):
+        encode_synopsis(pipe, ["a fox", "a dog"], 4)
 
 
 def test_a_block_recomputed_by_gradient_checkpointing_is_said_to_be_one():

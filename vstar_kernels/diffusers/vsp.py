@@ -96,6 +96,7 @@ def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear",
     Returns (N, L, C) or (P, N, L, C) on the pipeline's execution device. Each sub-prompt is encoded on
     its own, as the pipeline encodes a prompt, so identical sub-prompts give its own embedding bit for bit.
     """
+    _unet_of(pipe, "pipe")  # a video DiT's pipeline encodes its prompts otherwise, and apply_vsp takes UNets only
     if "prompt_2" in inspect.signature(pipe.encode_prompt).parameters:  # a second text encoder's prompt
         raise ValueError(f"VSP encodes each sub-prompt with a pipeline's one text encoder; {type(pipe).__name__}'s "
                          "encode_prompt takes a second prompt for a second encoder (prompt_2, as SDXL's does)")
@@ -286,12 +287,12 @@ def _unwrapped(processor):
     return processor
 
 
-def _unet_of(target):
+def _unet_of(target, argument: str = "target"):
     unet = uncompiled(getattr(target, "unet", target))
     if not isinstance(unet, SUPPORTED_UNETS):
         held = f"{type(target).__name__} holding a {type(unet).__name__} as .unet" if hasattr(target, "unet") \
             else type(target).__name__ if unet is target else f"a torch.compile'd {type(unet).__name__}"
-        raise TypeError(f"target must be a UNet3DConditionModel, a UNetMotionModel or a pipeline holding one as "
+        raise TypeError(f"{argument} must be a UNet3DConditionModel, a UNetMotionModel or a pipeline holding one as "
                         f".unet (torch.compile'd or not), got {held}")
     return unet
 
