@@ -431,6 +431,43 @@ def test_a_numpy_or_tensor_guidance_scale_is_the_pipelines(pipe):
         assert torch.equal(got, want)
 
 
+def test_guidance_turned_off_by_a_step_end_callback_is_followed(tmp_path):
+    """AnimateDiff's callback_on_step_end may end classifier-free guidance in the run (its guidance scale set to 1,
+    the conditional half of prompt_embeds kept, as diffusers' CFG cutoff callbacks do): VSP kept cfg=True from the
+    start and raised that the UNet's batch of one video was odd; with two videos it would have kept the first one's
+    shared prompt as an unconditional half. It follows the pipeline's do_classifier_free_guidance at each call."""
+    pipe = tiny_animatediff_pipeline(tmp_path)
+    synopsis = ["a red car on a road", "a blue car"]
+
+    def cutoff(p, i, t, kwargs):
+        if i != 0:
+            return {}
+        p._guidance_scale = 1.0
+        rows = kwargs["prompt_embeds"]
+        return {"prompt_embeds": rows[rows.shape[0] // 2:]}
+
+    args = dict(num_frames=N, callback_on_step_end=cutoff, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    got = generate_with_synopsis(pipe, synopsis, **args, **call_args(guidance_scale=7.5)).frames
+    embeds = encode_synopsis(pipe, synopsis, N)
+    negative = pipe.encode_prompt("", "cpu", 1, False)[0].expand(N, L, C)
+    seen = []
+
+    def per_frame(module, a, kwargs):  # step 0 guided (unconditional half first), step 1 not
+        rows = kwargs["encoder_hidden_states"].shape[0]
+        seen.append(rows)
+        return a, {**kwargs, "encoder_hidden_states": torch.cat([negative, embeds]) if rows == 2 * N else embeds}
+
+    hooks = [m.register_forward_pre_hook(per_frame, with_kwargs=True)
+             for m in pipe.unet.modules() if isinstance(m, Transformer2DModel)]
+    try:
+        want = pipe(prompt_embeds=embeds[:1], **args, **call_args(guidance_scale=7.5)).frames
+    finally:
+        for h in hooks:
+            h.remove()
+    assert {2 * N, N} <= set(seen)
+    assert torch.equal(got, want)
+
+
 def test_a_video_to_video_pipeline_is_refused_before_encoding(tmp_path):
     """It was called with num_frames, which it does not take, after every sub-prompt was encoded."""
     from diffusers import AnimateDiffVideoToVideoPipeline

@@ -142,6 +142,9 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
         # one negative for every synopsis (the pipeline, given embeddings, encodes a string as one sequence)
         pipe_kwargs = {**pipe_kwargs, "negative_prompt": [pipe_kwargs["negative_prompt"]] * embeds.shape[0]}
     apply_vsp(pipe, embeds, cfg=bool(guidance_scale > 1))
+    if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+        # the pipeline's own flag at each UNet call: a step-end callback may turn guidance off in the run
+        getattr(_unet_of(pipe), _STATE_ATTR).guidance = lambda: bool(pipe.do_classifier_free_guidance)
     try:
         return pipe(num_frames=num_frames, **prompt, **pipe_kwargs)
     finally:
@@ -154,6 +157,8 @@ class _SynopsisState:
     def __init__(self, embeds: torch.Tensor, cfg: bool):
         self.embeds = embeds  # (P, N, L, C)
         self.cfg = cfg
+        self.guidance = None  # generate_with_synopsis's: whether the pipeline's call guides now, in place of cfg
+        self.call_cfg = cfg   # cfg of the current UNet call
         self.originals = {}   # name -> (module, original processor, wrapper)
         self.hooks = []
         self.removed = False  # by remove_vsp
@@ -172,7 +177,8 @@ class _SynopsisState:
         if frames != n:
             raise ValueError(f"the per-frame embeddings cover {n} frames but the UNet is called with {frames}")
         conditional = batch
-        if self.cfg:
+        self.call_cfg = self.cfg if self.guidance is None else self.guidance()
+        if self.call_cfg:
             if batch % 2:
                 raise ValueError(f"cfg=True needs an even UNet batch (unconditional half first), got {batch}")
             conditional = batch // 2
@@ -252,10 +258,10 @@ class _SynopsisState:
         else:
             raise ValueError(f"the text context has {rows} rows, neither batch ({self.batch}) nor "
                              f"batch x frames ({self.batch * n})")
-        conditional = self.batch // 2 if self.cfg else self.batch
+        conditional = self.batch // 2 if self.call_cfg else self.batch
         cond = self.embeds.to(device=encoder_hidden_states.device, dtype=encoder_hidden_states.dtype)
         cond = cond.repeat_interleave(conditional // prompts, dim=0)
-        if self.cfg:
+        if self.call_cfg:
             cond = torch.cat([per_video[: self.batch - conditional], cond])
         self._source = encoder_hidden_states
         self._context = cond.reshape(self.batch * n, tokens, channels)
