@@ -41,9 +41,11 @@ def spatial_cross_attention(unet):
 
 
 def unet_inputs(kind, batch, frames=N, seed=1):
-    """sample (batch, 4, frames, 8, 8) and one text context row per video."""
+    """sample (batch, 4, frames, 8, 8) and one text context row per video; an even batch's sample is one latent
+    batch twice, as classifier-free guidance runs it (what cfg=True checks)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 4, frames, 8, 8, generator=g), torch.randn(batch, L, C, generator=g)
+    latents = torch.randn(batch // 2 if batch % 2 == 0 else batch, 4, frames, 8, 8, generator=g)
+    return latents.repeat(2 if batch % 2 == 0 else 1, 1, 1, 1, 1), torch.randn(batch, L, C, generator=g)
 
 
 def context_for(kind, ehs, frames=N):
@@ -431,6 +433,23 @@ def test_a_numpy_or_tensor_guidance_scale_is_the_pipelines(pipe):
         assert torch.equal(got, want)
 
 
+def test_cfg_true_in_a_run_without_guidance_is_refused(tmp_path):
+    """apply_vsp's default cfg=True with a pipeline run at guidance_scale 1 (two videos, no unconditional half): the
+    first video kept the shared prompt, as if it were the unconditional half, without a word. The UNet's sample is
+    one latent batch twice under guidance; two different latents are an error naming cfg."""
+    pipe = tiny_animatediff_pipeline(tmp_path)
+    embeds = encode_synopsis(pipe, ["a red car on a road", "a blue car"], N)
+    apply_vsp(pipe, embeds)
+    try:
+        with pytest.raises(ValueError, match=r"cfg=True, but the UNet's sample is not one latent batch twice.*"
+                                             r"apply_vsp\(\.\.\., cfg=False\)"):
+            pipe(prompt_embeds=embeds[:1].repeat(2, 1, 1), num_frames=N, **call_args(guidance_scale=1.0))
+        apply_vsp(pipe, embeds, cfg=False)
+        pipe(prompt_embeds=embeds[:1].repeat(2, 1, 1), num_frames=N, **call_args(guidance_scale=1.0))
+    finally:
+        remove_vsp(pipe)
+
+
 def test_guidance_turned_off_by_a_step_end_callback_is_followed(tmp_path):
     """AnimateDiff's callback_on_step_end may end classifier-free guidance in the run (its guidance scale set to 1,
     the conditional half of prompt_embeds kept, as diffusers' CFG cutoff callbacks do): VSP kept cfg=True from the
@@ -624,7 +643,7 @@ def test_a_block_recomputed_by_gradient_checkpointing_is_said_to_be_one():
     unet.enable_gradient_checkpointing()
     unet.train()
     apply_vsp(unet, torch.randn(4, MAX_TOKENS, CONTEXT_DIM))
-    out = unet(torch.randn(2, 4, 4, 8, 8), 3, torch.randn(8, MAX_TOKENS, CONTEXT_DIM)).sample
+    out = unet(torch.randn(1, 4, 4, 8, 8).repeat(2, 1, 1, 1, 1), 3, torch.randn(8, MAX_TOKENS, CONTEXT_DIM)).sample
     with pytest.raises(RuntimeError, match=r"outside a forward call of the UNet it was applied to \(as in a block "
                                            r"gradient checkpointing recomputes in the backward pass: VSP runs "
                                            r"without it\)"):

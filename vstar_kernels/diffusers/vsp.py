@@ -182,6 +182,12 @@ class _SynopsisState:
             if batch % 2:
                 raise ValueError(f"cfg=True needs an even UNet batch (unconditional half first), got {batch}")
             conditional = batch // 2
+            # guidance the diffusers way runs one latent twice; a call without it (guidance_scale 1) would give
+            # the first half's videos the shared prompt, as if unconditional (a host sync; not while compiling)
+            if not torch.compiler.is_compiling() and not torch.equal(sample[:conditional], sample[conditional:]):
+                raise ValueError("cfg=True, but the UNet's sample is not one latent batch twice, as classifier-free "
+                                 "guidance runs it (unconditional half first): for a pipeline run without guidance "
+                                 "(guidance_scale 1), apply_vsp(..., cfg=False)")
         if conditional % prompts:
             raise ValueError(f"the UNet batch has {conditional} conditional videos, which the {prompts} "
                              f"synopses of per_frame_embeds do not divide evenly")
