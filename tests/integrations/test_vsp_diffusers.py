@@ -169,6 +169,16 @@ def test_one_synopsis_shared_by_several_videos_without_cfg():
     assert torch.equal(call(unet, sample, ehs), expected)
 
 
+def test_two_synopses_cover_their_videos():
+    """Two videos per synopsis (num_videos_per_prompt's layout: a prompt's videos consecutive)."""
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=4, seed=3)
+    embeds = torch.randn(2, N, L, C, generator=torch.Generator().manual_seed(8))
+    expected = reference_with_context(unet, "unet3d", sample, embeds.repeat_interleave(2, dim=0).reshape(4 * N, L, C))
+    apply_vsp(unet, embeds, cfg=False)
+    assert torch.equal(call(unet, sample, ehs), expected)
+
+
 def test_motion_unet_called_with_one_context_row_per_video():
     unet = tiny_unet_motion()
     sample, ehs = unet_inputs("motion", batch=1)
@@ -404,12 +414,13 @@ def test_pipeline_feeds_the_interpolated_synopsis(pipe):
 
 
 def test_pipeline_batch_of_synopses(pipe):
+    """(Neither pipeline makes several videos per prompt: TextToVideoSD takes no num_videos_per_prompt and
+    AnimateDiff's sets it to 1; several videos per synopsis: test_two_synopses_cover_their_videos, on the UNet.)"""
     a, b = "a red car on a road", "a snowy road"
-    videos = {"num_videos_per_prompt": 2} if "num_videos_per_prompt" in pipe.__call__.__code__.co_varnames else {}
     embeds = torch.cat([pipe.encode_prompt(t, "cpu", 1, False)[0] for t in (a, b)])
-    stock = pipe(prompt_embeds=embeds, num_frames=N, **call_args(**videos)).frames
-    out = generate_with_synopsis(pipe, [[a, a], [b, b]], num_frames=N, **call_args(**videos)).frames
-    assert out.shape[0] == (4 if videos else 2)
+    stock = pipe(prompt_embeds=embeds, num_frames=N, **call_args()).frames
+    out = generate_with_synopsis(pipe, [[a, a], [b, b]], num_frames=N, **call_args()).frames
+    assert out.shape[0] == 2
     assert torch.equal(out, stock)
 
 
