@@ -130,6 +130,15 @@ def test_waits_for_a_cpu_over_run_time():
     assert measure.waited_share(None, (30, 15)) is None  # not known
 
 
+def test_no_schedstat_is_not_known(monkeypatch):
+    """Linux without schedstat files (a kernel built without them) read as (0, 0), not None: the evenly-loaded test
+    below then ran and failed comparing a None share."""
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(FileNotFoundError(self))
+                        if self.name == "schedstat" else read_text(self, *a, **k))
+    assert measure.sched_ns() is None
+
+
 @pytest.mark.skipif(measure.sched_ns() is None, reason="no /proc/self/task/*/schedstat here")
 def test_an_evenly_loaded_cpu_is_flagged_busy():
     """Processes spinning on every CPU this one may use slow each call alike (a small p80/p20): the time the calls

@@ -72,8 +72,9 @@ def busy_flag(timing: Timing) -> str:
 
 def sched_ns():
     """(ns on a CPU, ns runnable but waiting for one) summed over this process's threads, as Linux's scheduler
-    counts them (/proc/self/task/*/schedstat); None where it does not (not Linux)."""
+    counts them (/proc/self/task/*/schedstat); None where it does not (not Linux, a kernel without schedstat)."""
     ran = waited = 0
+    read = False
     try:
         threads = os.listdir("/proc/self/task")
     except OSError:
@@ -83,8 +84,8 @@ def sched_ns():
             on_cpu, on_queue = Path(f"/proc/self/task/{thread}/schedstat").read_text().split()[:2]
         except (OSError, ValueError):  # a thread gone since the listing; no schedstat
             continue
-        ran, waited = ran + int(on_cpu), waited + int(on_queue)
-    return ran, waited
+        ran, waited, read = ran + int(on_cpu), waited + int(on_queue), True
+    return (ran, waited) if read else None
 
 
 def waited_share(before, after) -> float | None:
