@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,9 +126,49 @@ def test_a_busy_spread_or_waits_for_a_cpu_are_flagged(tmp_path, p80, waited, fla
 
 
 def test_waits_for_a_cpu_over_run_time():
-    assert measure.waited_share((10, 5), (30, 15)) == 0.5  # ran 20 ns more, waited 10 more
-    assert measure.waited_share((10, 5), (10, 5)) is None  # did not run
-    assert measure.waited_share(None, (30, 15)) is None  # not known
+    before = measure.Sched({"1": (10, 5), "2": (4, 4)}, 100)
+    assert measure.waited_share(before, measure.Sched({"1": (30, 15), "2": (4, 4)}, 120)) == 0.5  # ran 20, waited 10
+    assert measure.waited_share(before, measure.Sched({"1": (10, 5), "3": (20, 10)}, 120)) == 0.5  # 3 started since
+    assert measure.waited_share(before, before) is None  # did not run
+    assert measure.waited_share(None, before) is None  # not known
+    # a thread that ended in between ran 80 of the 100 ns: its waits went with it
+    assert measure.waited_share(before, measure.Sched({"1": (30, 15)}, 200)) is None
+
+
+def _spin_cpu(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+@pytest.mark.skipif(measure.sched_ns() is None, reason="no /proc/self/task/*/schedstat here")
+def test_threads_that_end_in_a_timing_leave_its_waits_unknown():
+    """The CPU backend runs each call's chunks on threads of its own, which start and end within the call: the
+    share read the calling thread's waits alone (it starts and joins them), 0.26-0.33 on an idle machine
+    for a call of 256 x 4 sequences of 64 frames, a busy flag on the cell of ours."""
+    before = measure.sched_ns()
+    worker = threading.Thread(target=_spin_cpu, args=(0.1,))
+    worker.start()
+    worker.join()
+    while str(worker.native_id) in os.listdir("/proc/self/task"):  # join() returns before Linux has ended it
+        time.sleep(0.001)
+    assert measure.waited_share(before, measure.sched_ns()) is None
+
+
+@pytest.mark.skipif(measure.sched_ns() is None, reason="no /proc/self/task/*/schedstat here")
+def test_a_thread_that_ends_after_running_before_the_timing_does_not_skew_it():
+    """OpenMP ends threads at a smaller thread count: the sums lost the ended thread's counts from before the
+    timing (-1.06 read after 4 threads went to 2), or its run time made the timing's None."""
+    spun, go = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: (_spin_cpu(0.3), spun.set(), go.wait()))
+    worker.start()
+    spun.wait()
+    before = measure.sched_ns()
+    _spin_cpu(0.05)
+    go.set()
+    worker.join()
+    share = measure.waited_share(before, measure.sched_ns())
+    assert share is not None and share >= 0
 
 
 def test_no_schedstat_is_not_known(monkeypatch):

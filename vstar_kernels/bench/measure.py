@@ -70,30 +70,50 @@ def busy_flag(timing: Timing) -> str:
     return BUSY if spread or (timing.waited or 0.0) > BUSY_WAITED else ""
 
 
+class Sched(NamedTuple):
+    """A sched_ns() reading."""
+
+    threads: dict  # thread id -> (ns on a CPU, ns runnable but waiting for one), the threads alive when read
+    cpu_ns: int    # the process's CPU time, that of its threads gone since included
+
+
+# The share of the process's CPU time between two readings that threads seen in both (or started since) must have
+# run for their waits to stand for the timing's: threads that ended in between (the "cpu" backend's chunk
+# threads, one set per call; OpenMP's when the thread count drops) take their counts with them.
+SEEN_CPU = 0.9
+
+
 def sched_ns():
-    """(ns on a CPU, ns runnable but waiting for one) summed over this process's threads, as Linux's scheduler
-    counts them (/proc/self/task/*/schedstat); None where it does not (not Linux, a kernel without schedstat)."""
-    ran = waited = 0
-    read = False
+    """A Sched: per thread of this process, (ns on a CPU, ns runnable but waiting for one), as Linux's scheduler
+    counts them (/proc/self/task/*/schedstat), and the process's CPU time; None where Linux does not say (not
+    Linux, a kernel without schedstat)."""
     try:
-        threads = os.listdir("/proc/self/task")
+        tids = os.listdir("/proc/self/task")
     except OSError:
         return None
-    for thread in threads:
+    cpu_ns, threads = time.process_time_ns(), {}  # first: it brings this thread's count up to date for the reads
+    for tid in tids:
         try:
-            on_cpu, on_queue = Path(f"/proc/self/task/{thread}/schedstat").read_text().split()[:2]
+            on_cpu, on_queue = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[:2]
         except (OSError, ValueError):  # a thread gone since the listing; no schedstat
             continue
-        ran, waited, read = ran + int(on_cpu), waited + int(on_queue), True
-    return (ran, waited) if read else None
+        threads[tid] = (int(on_cpu), int(on_queue))
+    return Sched(threads, cpu_ns) if threads else None
 
 
 def waited_share(before, after) -> float | None:
     """How long this process's threads waited for a CPU between two sched_ns() readings, over how long they
-    ran: 0 when no other process took a CPU they could use, about 1 when they waited as long as they ran."""
-    if before is None or after is None or after[0] <= before[0]:
+    ran: 0 when no other process took a CPU they could use, about 1 when they waited as long as they ran. None
+    when not known: no reading, nothing ran, or threads that ended in between ran much of it (SEEN_CPU)."""
+    if before is None or after is None:
         return None
-    return (after[1] - before[1]) / (after[0] - before[0])
+    ran = waited = 0
+    for tid, (on_cpu, on_queue) in after.threads.items():
+        was_on_cpu, was_on_queue = before.threads.get(tid, (0, 0))  # (0, 0): started since
+        ran, waited = ran + on_cpu - was_on_cpu, waited + on_queue - was_on_queue
+    if ran <= 0 or ran < SEEN_CPU * (after.cpu_ns - before.cpu_ns):
+        return None
+    return waited / ran
 
 
 def quantiles(samples) -> Timing:
