@@ -179,6 +179,16 @@ def test_two_synopses_cover_their_videos():
     assert torch.equal(call(unet, sample, ehs), expected)
 
 
+def test_a_nan_in_one_latent_batch_twice_is_not_taken_for_a_run_without_guidance():
+    """A NaN in the latents (a float16 run gone wrong) is not equal to itself: cfg=True's check took the sample for
+    two latent batches and raised that guidance was off (naming cfg), not what went wrong."""
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    sample[:, 0, 0, 0, 0] = float("nan")
+    apply_vsp(unet, torch.randn(N, L, C))
+    assert call(unet, sample, ehs).isnan().any()
+
+
 def test_motion_unet_called_with_one_context_row_per_video():
     unet = tiny_unet_motion()
     sample, ehs = unet_inputs("motion", batch=1)

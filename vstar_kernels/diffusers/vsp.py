@@ -184,7 +184,7 @@ class _SynopsisState:
             conditional = batch // 2
             # guidance the diffusers way runs one latent twice; a call without it (guidance_scale 1) would give
             # the first half's videos the shared prompt, as if unconditional (a host sync; not while compiling)
-            if not torch.compiler.is_compiling() and not torch.equal(sample[:conditional], sample[conditional:]):
+            if not torch.compiler.is_compiling() and not _same_bits(sample[:conditional], sample[conditional:]):
                 raise ValueError("cfg=True, but the UNet's sample is not one latent batch twice, as classifier-free "
                                  "guidance runs it (unconditional half first): for a pipeline run without guidance "
                                  "(guidance_scale 1), apply_vsp(..., cfg=False)")
@@ -297,6 +297,12 @@ def _unwrapped(processor):
     while isinstance(processor, _SynopsisProcessor) and processor.state.removed:
         processor = processor.inner
     return processor
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` hold the same values bit for bit: a NaN (a run gone wrong) equals its copy."""
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.view(bits), b.view(bits))
 
 
 def _unet_of(target, argument: str = "target"):
