@@ -471,6 +471,20 @@ def test_cfg_true_in_a_run_without_guidance_is_refused(tmp_path):
         remove_vsp(pipe)
 
 
+def test_apply_vsp_again_takes_its_cfg_over_a_pipelines_flag():
+    """generate_with_synopsis follows the pipeline's do_classifier_free_guidance; an apply_vsp in its run (from a
+    callback) kept following it, its own cfg silently set aside."""
+    unet = tiny_unet3d()
+    embeds = torch.randn(N, L, C)
+    apply_vsp(unet, embeds, cfg=False)
+    unet._vstar_vsp_state.guidance = lambda: False  # as generate_with_synopsis sets it, for a run without guidance
+    apply_vsp(unet, embeds, cfg=True)
+    sample = torch.randn(2, 4, N, 8, 8)  # two videos, not one latent batch twice
+    with pytest.raises(ValueError, match="cfg=True, but the UNet's sample is not one latent batch twice"):
+        call(unet, sample, torch.randn(2, L, C))
+    remove_vsp(unet)
+
+
 def test_guidance_turned_off_by_a_step_end_callback_is_followed(tmp_path):
     """AnimateDiff's callback_on_step_end may end classifier-free guidance in the run (its guidance scale set to 1,
     the conditional half of prompt_embeds kept, as diffusers' CFG cutoff callbacks do): VSP kept cfg=True from the

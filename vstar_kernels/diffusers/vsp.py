@@ -61,8 +61,8 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
             unet.register_forward_hook(state.end_call, always_call=True),
         ]
         setattr(unet, _STATE_ATTR, state)
-    else:
-        state.embeds, state.cfg = embeds, cfg
+    else:  # cfg as given, no longer a pipeline's flag (generate_with_synopsis sets that after this call)
+        state.embeds, state.cfg, state.guidance = embeds, cfg, None
 
 
 def remove_vsp(target) -> None:
