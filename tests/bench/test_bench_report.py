@@ -268,6 +268,21 @@ def test_busy_cells_are_flagged_in_the_table_and_the_plots(tmp_path, monkeypatch
     assert "busy" not in markdown(calm, "t")  # the CSV's flag is the record
 
 
+def test_the_legend_of_a_one_panel_plot_fits_its_figure(tmp_path, monkeypatch):
+    """bench --quick's plots are one panel wide: five implementations and the busy ring's label made a legend wider
+    than the figure, its first and last labels cut at the edges."""
+    import matplotlib.pyplot as plt
+
+    impls = ["vstar_triton", "reference_eager", "reference_compiled", "sdpa_bias", "sdpa_plain"]
+    rows = [row(impl, 2, 8, n, 40, str(i + 1), flag="busy" if i == 0 else "") for i, impl in enumerate(impls)
+            for n in (16, 64)]
+    for fig in plotted(rows, tmp_path, monkeypatch).values():
+        fig.canvas.draw()
+        box = fig.legends[0].get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+        plt.close(fig)
+
+
 def test_a_log_axis_within_two_decades_has_numbers_to_read(tmp_path, monkeypatch):
     """Peers at 0.12x and 0.9x of ours: with labels at powers of ten only, the axis would show just "1"."""
     import matplotlib.pyplot as plt

@@ -25,8 +25,7 @@ METRICS = {
     "speedup": ("peer time / time of ours (> 1: ours faster)", "peer time / ours (log; > 1: ours faster)"),
     "bandwidth": ("achieved bandwidth, Q, K, V read and O written once", "GB/s (Q, K, V read + O written)"),
 }
-BUSY_LABEL = (f"{BUSY}: p80/p20 > {BUSY_SPREAD:g} or CPU waits > {BUSY_WAITED:.0%} of run time "
-              "(a busy machine or too short a call), not to be trusted")
+BUSY_LABEL = f"{BUSY} (p80/p20 > {BUSY_SPREAD:g} or CPU waits > {BUSY_WAITED:.0%} of run time): not to be trusted"
 
 
 def _impls(by_n) -> list:
