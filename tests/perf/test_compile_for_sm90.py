@@ -17,10 +17,11 @@ pytestmark = pytest.mark.long(one_subprocess=True)  # scheduled first of all (te
 
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
-# compile_check's --quick run over fewer cases: in fp16, forward and backward, every kernel in each constexpr
-# variant (causal, global max, delta, frames, saved statistics) and in both head-dim regimes (<= 128, > 128), each
-# once; the bf16 and fp32 forwards as --quick has them. What --quick adds to this: frames at D 40 (the tiled
-# kernels at D <= 128, as frames at D 64 compiles them), the packed options at D 160 (as at D 40) and causal +
+# compile_check's --quick run (each kernel's first and last configs once per dtype and shape, at its first case
+# there; its other launches at the first config) over fewer cases: in fp16, forward and backward, every kernel in
+# each constexpr variant (causal, global max, delta, frames, saved statistics) and in both head-dim regimes (<= 128,
+# > 128), each once; the bf16 and fp32 forwards as --quick has them. What --quick adds to this: frames at D 40 (the
+# tiled kernels at D <= 128, as frames at D 64 compiles them), the packed options at D 160 (as at D 40) and causal +
 # global max apart from delta in the packed kernels (one case turns all three on).
 _QUICK = r"""
 import sys
@@ -57,3 +58,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     gaussian = [line for line in rows if line.startswith("_tar_fwd_tiled_kernel")
                 and line.split(" | ")[1] == "fp16 B2H2Nq300Nk300D64Dv64 "]
     assert any("BLOCK_M=128 BLOCK_N=64 warps=8" in line for line in gaussian), gaussian
+    # the tiled forward's first and last configs at its first fp16 D 64 case (plain), the first alone at the others
+    tiled = [line.split(" | ")[1].split(maxsplit=2)[2:] for line in rows if line.startswith("_tar_fwd_tiled_kernel")
+             and line.split(" | ")[1].startswith("fp16 B2H2Nq300Nk300D64Dv64")]
+    assert [tiled.count(case) for case in ([], ["delta"], ["frames"], ["frames +bwd"])] == [2, 1, 1, 1], tiled

@@ -187,16 +187,16 @@ def config_text(config) -> str:
                      f"stages={config.num_stages}", *([f"maxnreg={config.maxnreg}"] if config.maxnreg else [])])
 
 
-def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str) -> list:
+def compile_launch(launch: Launch, arch: int, all_configs: bool, case: str, first_only: bool = False) -> list:
     """Compile one recorded launch: an autotuned kernel (or a launch that runs another's tuned
-    config) for each pruned config, first and last unless all_configs; any other plain jit
-    kernel with the options its launch named."""
+    config) for each pruned config, first and last unless all_configs (the first alone with
+    first_only); any other plain jit kernel with the options its launch named."""
     kernel = launch.kernel
     jit_fn = kernel.fn if hasattr(kernel, "configs") else kernel
     configs = pruned_configs(kernel, launch.args, launch.kwargs) if hasattr(kernel, "configs") else launch.tuned_with
     if configs is not None:
         if not (all_configs or launch.all_configs):
-            configs = [configs[0], configs[-1]] if len(configs) > 1 else configs
+            configs = configs[:1] if first_only else configs[:1] + configs[1:][-1:]
         runs = [(config, {**launch.kwargs, **config.all_kwargs()}) for config in configs]
     else:
         options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
@@ -290,11 +290,13 @@ def launch_key(launch: Launch, arch: int) -> tuple:
 
 
 def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, backward=True,
-          expand=lambda launch: [launch], select=None) -> list:
+          expand=lambda launch: [launch], select=None, ends_once: bool = False) -> list:
     """Compile every distinct launch of `cases(combos, backward)` (each recorded launch replaced by
     the launches `expand(launch)` returns; with `select`, of the cases whose name it accepts);
-    `report(row)` is called as each compiles."""
-    results, seen = [], set()
+    `report(row)` is called as each compiles. With ends_once, a kernel's first and last configs
+    compile once per dtype and shape (its first case's launch), its other launches there (the
+    options' constexpr variants) at the first config alone."""
+    results, seen, ends = [], set(), set()
     with targeting(arch):  # the configs a launch on an sm_`arch` GPU keeps
         for name, thunk in cases(combos, backward):
             if select is not None and not select(name):
@@ -304,10 +306,12 @@ def check(arch: int = 90, all_configs: bool = False, report=None, combos=FULL, b
                 if key in seen:
                     continue
                 seen.add(key)
-                for row in compile_launch(launch, arch, all_configs, name):
+                at = (key[0], *name.split()[:2])  # the kernel, at the case's dtype and shape (its name's first words)
+                for row in compile_launch(launch, arch, all_configs, name, first_only=ends_once and at in ends):
                     results.append(row)
                     if report is not None:
                         report(row)
+                ends.add(at)
     return results
 
 
@@ -329,7 +333,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=_arch, default=90, metavar="SM",
                         help="SM version, e.g. 80 or 90 (default: 90)")
     parser.add_argument("--all-configs", action="store_true", help="every pruned config, not the first and last")
-    parser.add_argument("--quick", action="store_true", help="the CI subset: fp16 and bf16, fewer shapes")
+    parser.add_argument("--quick", action="store_true",
+                        help="the CI subset: fewer dtypes and shapes; a kernel's first and last configs once per "
+                             "dtype and shape, its other variants there at the first")
     args = parser.parse_args(argv)
     print(f"{'kernel':<26} {'regs':>4} {'spill B':>7} {'smem B':>7}  config | case", flush=True)
 
@@ -338,8 +344,8 @@ def main(argv=None) -> int:
               flush=True)
 
     if args.quick:
-        rows = check(args.arch, args.all_configs, report, QUICK)
-        rows += check(args.arch, args.all_configs, report, QUICK_FORWARD_ONLY, backward=False)
+        rows = check(args.arch, args.all_configs, report, QUICK, ends_once=True)
+        rows += check(args.arch, args.all_configs, report, QUICK_FORWARD_ONLY, backward=False, ends_once=True)
     else:
         rows = check(args.arch, args.all_configs, report)
     print(f"{len(rows)} kernels compiled for sm_{args.arch}")
