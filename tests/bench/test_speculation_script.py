@@ -33,17 +33,14 @@ def test_smoke_run_writes_checked_rows(tmp_path):
     assert float(setups[0]["flag_rate"]) == 0 and 0.3 < float(setups[-1]["flag_rate"]) <= 1
     # the tiles each form ran with (on a GPU the autotuner's pick; the interpreter's fixed tiles here)
     assert {(s["tiles_one_pass"], s["tiles_two_pass"]) for s in setups} == {("64x64", "64x64")}
-    # --plot: one picture from the CSV alone
-    done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--plot", str(csv_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    # --plot: one picture from the CSV alone (in this process: the script's start is the run's above)
+    script = _script()
+    assert script.main(["--plot", str(csv_path)]) == 0
     assert (tmp_path / f"{csv_path.stem}-flag-rates.png").stat().st_size > 10_000
     # --plot with --out: the picture goes there (it went beside the CSV, over a committed picture)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--plot", str(csv_path), "--out",
-                           str(elsewhere)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert script.main(["--plot", str(csv_path), "--out", str(elsewhere)]) == 0
     assert [p.name for p in elsewhere.iterdir()] == [f"{csv_path.stem}-flag-rates.png"]
     # its table says the times are the Triton interpreter's (it said ours was the CPU PyTorch path)
     (md,) = render(csv_path, plots=False, out_dir=elsewhere)
@@ -95,17 +92,20 @@ def test_planted_rows_are_the_rows_the_lean_forward_flags(rate):
     assert counts.tolist() == [2 * math.ceil(rate * 4 * 256), 2 * frames.numel()]
 
 
-def test_bad_rates_and_no_gpu_are_refused(tmp_path):
-    for args, message in ((["--smoke", "--rates", "1.5"], "--rates: shares in [0, 1]"),
-                          (["--smoke", "--rates"], "argument --rates: expected at least one argument"),
-                          (["--smoke", "--time-budget-s", "-5"], "--time-budget-s: must be a number of seconds > 0"),
-                          (["--plot", str(tmp_path / "none.csv")], f"--plot: {tmp_path / 'none.csv'} is not a file"),
-                          ([], "torch sees no CUDA device")):
-        done = subprocess.run([sys.executable, "benchmarks/speculation.py", *args, "--out", str(tmp_path)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        if not args and done.returncode == 0:
-            pytest.skip("a CUDA device is present")
-        assert done.returncode != 0 and message in done.stderr
+def test_bad_rates_and_no_gpu_are_refused(tmp_path, capsys):
+    script = _script()
+    cases = [(["--smoke", "--rates", "1.5"], "--rates: shares in [0, 1]"),
+             (["--smoke", "--rates"], "argument --rates: expected at least one argument"),
+             (["--smoke", "--time-budget-s", "-5"], "--time-budget-s: must be a number of seconds > 0"),
+             (["--plot", str(tmp_path / "none.csv")], f"--plot: {tmp_path / 'none.csv'} is not a file")]
+    if not torch.cuda.is_available():  # on a GPU the sweep would run
+        cases.append(([], "torch sees no CUDA device"))
+    for args, message in cases:
+        try:
+            code = script.main([*args, "--out", str(tmp_path)])
+        except SystemExit as exc:  # argparse's error: usage and the message on stderr, exit status 2
+            code = exc.code
+        assert code != 0 and message in capsys.readouterr().err, args
 
 
 def _script():
