@@ -17,6 +17,8 @@ from vstar_kernels.bench.report import render
 
 from .._device import DEVICE
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -11,6 +11,8 @@ from ..helpers import LargestAllocation, make_qkv, opts_id, reference64
 import vstar_kernels as vk
 from vstar_kernels import reference
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 BACKENDS = ["reference", "triton"]
 GRAD_BACKENDS = ["reference", "cpu", "triton"]  # "cpu" has a forward of its own, and the reference's backward
 # a packed-layout and a tiled-layout size (the Triton kernels have one code path each)

@@ -17,6 +17,8 @@ from vstar_kernels._problem import make_problem
 
 from ..helpers import TOLERANCES, LargestAllocation, ValueReads, opts_id
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 
 def naive_frames(q, k, v, fq, fk, *, sigma=1.0, strength=1.0, delta=None, causal=False, max_mode="row",
                  scale=None, key_mask=None):

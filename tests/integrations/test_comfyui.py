@@ -31,6 +31,8 @@ from .comfyui_companions import (REPLACED, another_temporal_transformer, cache_n
                                  graph_breaking_attention, guard_filtered_compile, in_time, keyword_recorder, nag,
                                  newer_attention, replace_self_attention, swallowing, tar_calls, warnings_of)
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 STANDIN = pathlib.Path(__file__).resolve().parent / "comfyui_standin"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NODE = vc.NODE_CLASS_MAPPINGS["VSTAR_TAR"]

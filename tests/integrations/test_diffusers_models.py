@@ -38,6 +38,8 @@ from .tiny_video_models import (  # noqa: F401 (one_torch_thread: an autouse fix
     wide_motion,
 )
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 
 def processors(model):
     return {name: m.processor for name, m in attention_modules(model).items()}

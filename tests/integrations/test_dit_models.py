@@ -41,6 +41,8 @@ from .tiny_dit_models import (BATCH, FAMILIES, bfloat16_run, cogvideox_inputs, e
 from .tiny_video_models import FAMILIES as UNET_FAMILIES
 from .tiny_video_models import one_torch_thread  # noqa: F401 (an autouse fixture)
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 ALL = list(FAMILIES)
 
 

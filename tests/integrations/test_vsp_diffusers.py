@@ -21,6 +21,8 @@ from .tiny_video_models import (CONTEXT_DIM, MAX_TOKENS, call_args, motion_adapt
                                 one_torch_thread, tiny_animatediff_pipeline, tiny_text_to_video_pipeline,  # noqa: F401
                                 tiny_unet3d, tiny_unet_motion)
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 L, C, N = MAX_TOKENS, CONTEXT_DIM, 4
 UNETS = {"unet3d": tiny_unet3d, "motion": tiny_unet_motion}
 PIPELINES = {"text-to-video-sd": tiny_text_to_video_pipeline, "animatediff": tiny_animatediff_pipeline}

@@ -24,8 +24,9 @@ from .._device import DEVICE
 from ..helpers import TOLERANCES, assert_close_to_reference, assert_grads_close, reference_grads
 from .test_speculative import PLANT_CASES, PLANTS, assert_bitwise, layout, plant, poisoned_empty, qkv
 
-pytestmark = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,
-                                reason="the lean forward is built for sm_90, and this GPU is not")
+pytestmark = [pytest.mark.long,  # scheduled first (tests/conftest.py)
+              pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability()[0] != 9,
+                                 reason="the lean forward is built for sm_90, and this GPU is not")]
 
 SIGMA, STRENGTH = 2.0, 0.7
 # the configs the speculative form may run (FWD_LEAN's rules drop the warp-specialized ones for it)

@@ -16,6 +16,8 @@ import sys
 import pytest
 import triton
 
+pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
