@@ -1,5 +1,6 @@
 """Video Synopsis Prompting in diffusers video UNets and pipelines (tiny random models, CPU)."""
 
+import contextlib
 import copy
 import io
 import warnings
@@ -18,8 +19,9 @@ from vstar_kernels.vsp import (apply_vsp, encode_synopsis, generate_with_synopsi
                                interpolate_embeddings, load_synopses, remove_vsp)
 
 from .tiny_video_models import (CONTEXT_DIM, MAX_TOKENS, call_args, motion_adapter,  # noqa: E402
-                                one_torch_thread, tiny_animatediff_pipeline, tiny_text_to_video_pipeline,  # noqa: F401
-                                tiny_unet3d, tiny_unet_motion)
+                                one_torch_thread, tiny_text_to_video_pipeline,  # noqa: F401 (a fixture)
+                                tiny_animatediff_pag_pipeline, tiny_animatediff_pipeline, tiny_unet3d,
+                                tiny_unet_motion)
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 
@@ -358,8 +360,9 @@ def test_remove_leaves_a_processor_replaced_after_apply():
 
 @pytest.mark.parametrize("setup,exc,match", [
     (dict(frames=5), ValueError, "cover 4 frames but the UNet is called with 5"),
-    (dict(batch=3), ValueError, "cfg=True needs an even UNet batch"),
-    (dict(batch=2, embeds=torch.zeros(2, N, L, C)), ValueError, "1 conditional videos, which the 2 synopses"),
+    (dict(batch=3), ValueError, "cfg=True, but the UNet's sample is not one latent batch twice, as classifier-free "
+                                "guidance runs it .*; it has 3 videos. Give cfg and pag as the pipeline batches"),
+    (dict(batch=2, embeds=torch.zeros(2, N, L, C)), ValueError, "1 videos in each guidance copy, which the 2 synop"),
     (dict(embeds=torch.zeros(N, L + 1, C)), ValueError,
      r"\(tokens, channels\) \(17, 12\) but the UNet's text context has \(16, 12\)"),
 ], ids=["frames", "odd-batch", "synopses-vs-batch", "tokens"])
@@ -381,8 +384,10 @@ def test_apply_arguments_are_checked():
         apply_vsp(unet, [[0.0]])
     with pytest.raises(ValueError, match=r"\(N, L, C\) or \(P, N, L, C\)"):
         apply_vsp(unet, torch.zeros(L, C))
-    with pytest.raises(TypeError, match="cfg must be a bool"):
+    with pytest.raises(TypeError, match="cfg must be a bool or None, got int"):
         apply_vsp(unet, torch.zeros(N, L, C), cfg=1)
+    with pytest.raises(TypeError, match="pag must be a bool or None, got str"):
+        apply_vsp(unet, torch.zeros(N, L, C), pag="yes")
     apply_vsp(unet, torch.zeros(N, L, C))
     with pytest.raises(RuntimeError, match="outside a forward call"):
         first_spatial(unet)(torch.zeros(1, 64, 8), encoder_hidden_states=torch.zeros(1, L, C))
@@ -462,7 +467,7 @@ def test_cfg_true_in_a_run_without_guidance_is_refused(tmp_path):
     one latent batch twice under guidance; two different latents are an error naming cfg."""
     pipe = tiny_animatediff_pipeline(tmp_path)
     embeds = encode_synopsis(pipe, ["a red car on a road", "a blue car"], N)
-    apply_vsp(pipe, embeds)
+    apply_vsp(pipe, embeds, cfg=True)
     try:
         with pytest.raises(ValueError, match=r"cfg=True, but the UNet's sample is not one latent batch twice.*"
                                              r"apply_vsp\(\.\.\., cfg=False\)"):
@@ -479,12 +484,66 @@ def test_apply_vsp_again_takes_its_cfg_over_a_pipelines_flag():
     unet = tiny_unet3d()
     embeds = torch.randn(N, L, C)
     apply_vsp(unet, embeds, cfg=False)
-    unet._vstar_vsp_state.guidance = lambda: False  # as generate_with_synopsis sets it, for a run without guidance
+    unet._vstar_vsp_state.cfg = lambda: False  # a pipeline's flag followed (cfg=None), for a run without guidance
     apply_vsp(unet, embeds, cfg=True)
     sample = torch.randn(2, 4, N, 8, 8)  # two videos, not one latent batch twice
     with pytest.raises(ValueError, match="cfg=True, but the UNet's sample is not one latent batch twice"):
         call(unet, sample, torch.randn(2, L, C))
     remove_vsp(unet)
+
+
+def test_apply_vsp_on_a_pipeline_follows_its_guidance_flag(tmp_path):
+    """apply_vsp(pipe, ...) took cfg=True whatever the pipeline did: a run at guidance_scale 1 raised (two videos)
+    or, of one latent twice, kept the first video on the shared prompt. It reads the pipeline's
+    do_classifier_free_guidance at each UNet call, as generate_with_synopsis does; outside the pipeline's call
+    the flag cannot be read, an error naming cfg."""
+    pipe = tiny_animatediff_pipeline(tmp_path)
+    synopsis = ["a red car on a road", "a blue car"]
+    embeds = encode_synopsis(pipe, synopsis, N)
+    apply_vsp(pipe, embeds)  # before the pipeline's first call, which sets what its flag reads
+    with pytest.raises(RuntimeError, match=r"apply_vsp\(cfg=None\) follows AnimateDiffPipeline\.do_classifier_"
+                                           r"free_guidance, which could not be read .* or give cfg"):
+        call(pipe.unet, torch.randn(2, 4, N, 2, 2), torch.zeros(2 * N, L, C))
+    remove_vsp(pipe)
+    want = {guidance: generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(guidance_scale=guidance)).frames
+            for guidance in (1.0, 7.5)}
+    apply_vsp(pipe, embeds)
+    try:
+        for guidance, frames in want.items():
+            got = pipe(prompt_embeds=embeds[:1], num_frames=N, **call_args(guidance_scale=guidance)).frames
+            assert torch.equal(got, frames)
+    finally:
+        remove_vsp(pipe)
+
+
+@pytest.mark.parametrize("guidance, pag", [(7.5, 3.0), (1.0, 3.0), (7.5, 0.0)], ids=["cfg-pag", "pag", "cfg"])
+def test_perturbed_attention_guidance_copies_take_the_synopsis(tmp_path, guidance, pag):
+    """AnimateDiff's PAG pipeline runs one latent batch in copies: unconditional (with guidance), conditional,
+    perturbed (with PAG). VSP took a batch of three copies for an odd one and refused it; with several synopses its
+    hint said cfg=False. Both conditional copies take the synopsis, the unconditional one keeps its prompt; with one
+    state repeated, the pipeline's output bit for bit."""
+    pipe = tiny_animatediff_pag_pipeline(tmp_path)
+    prompt = "a corgi walking on the grass"
+    args = call_args(guidance_scale=guidance, pag_scale=pag)
+    stock = pipe(prompt=prompt, num_frames=N, **args).frames
+    assert torch.equal(generate_with_synopsis(pipe, [prompt, prompt], num_frames=N, **call_args(
+        guidance_scale=guidance, pag_scale=pag)).frames, stock)
+    synopsis = ["a red car on a road", "a blue car"]
+    spy = Spy()
+    first_spatial(pipe.unet).set_processor(spy)
+    generate_with_synopsis(pipe, synopsis, num_frames=N, negative_prompt="blurry", **call_args(
+        guidance_scale=guidance, pag_scale=pag))
+    cond = encode_synopsis(pipe, synopsis, N)
+    negative = pipe.encode_prompt("blurry", "cpu", 1, False)[0].expand(N, L, C)
+    want = torch.cat([negative] * (guidance > 1) + [cond] * (1 + (pag > 0)))
+    assert len(spy.seen) == 2 and all(torch.equal(context, want) for context, _ in spy.seen)
+    apply_vsp(pipe, cond, pag=False)  # with guidance, a third copy the layout does not have (without, both copies
+    try:                              # are conditional: one copy of two videos takes the synopsis as well)
+        with pytest.raises(ValueError, match="cfg=True, but the UNet's sample is not one latent batch twice.*it "
+                           "has 3 videos") if pag and guidance > 1 else contextlib.nullcontext():
+            pipe(prompt_embeds=cond[:1], num_frames=N, **call_args(guidance_scale=guidance, pag_scale=pag))
+    finally:
+        remove_vsp(pipe)
 
 
 def test_guidance_turned_off_by_a_step_end_callback_is_followed(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (
+    AnimateDiffPAGPipeline,
     AnimateDiffPipeline,
     AutoencoderKL,
     DDIMScheduler,
@@ -248,6 +249,15 @@ def tiny_animatediff_pipeline(directory):
     tokenizer, text_encoder = tiny_text_parts(directory)
     pipe = AnimateDiffPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
                                unet=tiny_unet_motion(), motion_adapter=None, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_animatediff_pag_pipeline(directory, layers=("mid",)):
+    tokenizer, text_encoder = tiny_text_parts(directory)
+    pipe = AnimateDiffPAGPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+                                  unet=tiny_unet_motion(), motion_adapter=None, scheduler=DDIMScheduler(),
+                                  pag_applied_layers=list(layers))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,8 +1,9 @@
 """Video Synopsis Prompting for diffusers video UNets: one text embedding per frame (docs/vsp-and-dynamics.md).
 
 Batch layout: the spatial blocks see ``B_total * N`` rows of context, batch-major (row ``b * N + f``
-is video b, frame f). Under classifier-free guidance the unconditional half comes first and keeps its
-context; each of the ``P`` synopses covers ``rows / P`` consecutive conditional videos.
+is video b, frame f). Guidance runs copies of one latent batch: classifier-free guidance's unconditional copy
+first, which keeps its context, then the conditional one, then perturbed-attention guidance's; in each conditional
+copy, each of the ``P`` synopses covers ``videos / P`` consecutive videos.
 """
 
 from __future__ import annotations
@@ -31,26 +32,29 @@ SPATIAL_CROSS_ATTENTION = re.compile(
 _STATE_ATTR = "_vstar_vsp_state"
 
 
-def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> None:
+def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None, pag: bool | None = None) -> None:
     """Feed one text embedding per frame into the spatial cross-attention of a video UNet.
 
     `target`: a `UNet3DConditionModel` or `UNetMotionModel`, or a pipeline holding one as ``.unet``;
-    `per_frame_embeds`: (N, L, C), or (P, N, L, C) for P synopses; `cfg`: guidance batched the diffusers
-    way (unconditional half first, kept as is). Calling it again replaces the embeddings and `cfg`.
+    `per_frame_embeds`: (N, L, C), or (P, N, L, C) for P synopses; `cfg`: classifier-free guidance batched the
+    diffusers way (an unconditional copy of the batch first, kept as is); `pag`: perturbed-attention guidance's
+    copy of the conditional batch after it. None follows the pipeline's ``do_classifier_free_guidance`` /
+    ``do_perturbed_attention_guidance`` at each UNet call where `target` is a pipeline that has it, else is
+    True for `cfg` and False for `pag`. Calling it again replaces the embeddings, `cfg` and `pag`.
     """
     unet = _unet_of(target)
     if unet.config.get("addition_embed_type") == "text_time":
         raise ValueError(_SDXL)
     embeds = _check_embeds(per_frame_embeds)
-    if not isinstance(cfg, bool):
-        raise TypeError(f"cfg must be a bool, got {type_name(cfg)}")
+    cfg = _guidance(target, cfg, "cfg", "do_classifier_free_guidance", True)
+    pag = _guidance(target, pag, "pag", "do_perturbed_attention_guidance", False)
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
         modules = [(name, module) for name, module in unet.named_modules()
                    if SPATIAL_CROSS_ATTENTION.fullmatch(name) and getattr(module, "is_cross_attention", False)]
         if not modules:
             raise ValueError(f"{type(unet).__name__} has no spatial cross-attention module to feed")
-        state = _SynopsisState(embeds, cfg)
+        state = _SynopsisState(embeds, cfg, pag)
         for name, module in modules:
             original = _unwrapped(module.processor)
             wrapper = _SynopsisProcessor(original, state)
@@ -61,8 +65,8 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool = True) -> No
             unet.register_forward_hook(state.end_call, always_call=True),
         ]
         setattr(unet, _STATE_ATTR, state)
-    else:  # cfg as given, no longer a pipeline's flag (generate_with_synopsis sets that after this call)
-        state.embeds, state.cfg, state.guidance = embeds, cfg, None
+    else:
+        state.embeds, state.cfg, state.pag = embeds, cfg, pag
 
 
 def remove_vsp(target) -> None:
@@ -113,7 +117,8 @@ def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear",
 def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str = "linear", anchors=None,
                            **pipe_kwargs):
     """Run a video pipeline with one interpolated text embedding per frame: `encode_synopsis`, then VSP for
-    this call only (guidance from ``guidance_scale``); `pipe_kwargs` go to the pipeline, but for the prompt."""
+    this call only (guidance as the pipeline's flags say at each UNet call, or from ``guidance_scale`` for a
+    pipeline without them); `pipe_kwargs` go to the pipeline, but for the prompt."""
     for name in ("prompt", "prompt_embeds"):
         if name in pipe_kwargs:
             raise TypeError(f"generate_with_synopsis got {name}=...: the sub_prompts replace the prompt")
@@ -141,10 +146,9 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     if embeds.dim() == 4 and isinstance(pipe_kwargs.get("negative_prompt"), str):
         # one negative for every synopsis (the pipeline, given embeddings, encodes a string as one sequence)
         pipe_kwargs = {**pipe_kwargs, "negative_prompt": [pipe_kwargs["negative_prompt"]] * embeds.shape[0]}
-    apply_vsp(pipe, embeds, cfg=bool(guidance_scale > 1))
-    if isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
-        # the pipeline's own flag at each UNet call: a step-end callback may turn guidance off in the run
-        getattr(_unet_of(pipe), _STATE_ATTR).guidance = lambda: bool(pipe.do_classifier_free_guidance)
+    # the pipeline's own flag at each UNet call where it has one: a step-end callback may turn guidance off
+    follows = isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property)
+    apply_vsp(pipe, embeds, cfg=None if follows else bool(guidance_scale > 1))
     try:
         return pipe(num_frames=num_frames, **prompt, **pipe_kwargs)
     finally:
@@ -154,15 +158,15 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
 class _SynopsisState:
     """Embeddings, the current UNet call's shape, and the per-call context cache."""
 
-    def __init__(self, embeds: torch.Tensor, cfg: bool):
+    def __init__(self, embeds: torch.Tensor, cfg, pag):
         self.embeds = embeds  # (P, N, L, C)
-        self.cfg = cfg
-        self.guidance = None  # generate_with_synopsis's: whether the pipeline's call guides now, in place of cfg
-        self.call_cfg = cfg   # cfg of the current UNet call
+        self.cfg, self.pag = cfg, pag  # each a bool, or a pipeline's flag read at each UNet call (`_guidance`)
+        self.copies = 1       # of one latent batch in the current UNet call
+        self.unconditional = False  # whether its first copy is classifier-free guidance's unconditional one
         self.originals = {}   # name -> (module, original processor, wrapper)
         self.hooks = []
         self.removed = False  # by remove_vsp
-        self.batch = None     # videos in the current UNet call (both guidance halves)
+        self.batch = None     # videos in the current UNet call (every copy)
         self.splits = {}      # FreeNoise's split module above a spatial transformer -> its two hook handles
         self.presplit = []    # per split call in progress: whether it replaced the context for its slices
         self._source = None
@@ -176,22 +180,20 @@ class _SynopsisState:
         prompts, n = self.embeds.shape[:2]
         if frames != n:
             raise ValueError(f"the per-frame embeddings cover {n} frames but the UNet is called with {frames}")
-        conditional = batch
-        self.call_cfg = self.cfg if self.guidance is None else self.guidance()
-        if self.call_cfg:
-            if batch % 2:
-                raise ValueError(f"cfg=True needs an even UNet batch (unconditional half first), got {batch}")
-            conditional = batch // 2
-            # guidance the diffusers way runs one latent twice; a call without it (guidance_scale 1) would give
-            # the first half's videos the shared prompt, as if unconditional (a host sync; not while compiling)
-            if not torch.compiler.is_compiling() and not _same_bits(sample[:conditional], sample[conditional:]):
-                raise ValueError("cfg=True, but the UNet's sample is not one latent batch twice, as classifier-free "
-                                 "guidance runs it (unconditional half first): for a pipeline run without guidance "
-                                 "(guidance_scale 1), apply_vsp(..., cfg=False)")
-        if conditional % prompts:
-            raise ValueError(f"the UNet batch has {conditional} conditional videos, which the {prompts} "
-                             f"synopses of per_frame_embeds do not divide evenly")
-        self.batch = batch
+        cfg = self.cfg() if callable(self.cfg) else self.cfg
+        pag = self.pag() if callable(self.pag) else self.pag
+        copies = 1 + cfg + pag
+        if copies > 1:
+            # guidance runs one latent batch in copies; a call without it would give the first copy's videos the
+            # shared prompt, as if unconditional, or the wrong synopses (a host sync; not while compiling)
+            videos = batch // copies
+            if batch % copies or (not torch.compiler.is_compiling() and not all(
+                    _same_bits(sample[:videos], sample[i * videos:(i + 1) * videos]) for i in range(1, copies))):
+                raise ValueError(_copies(cfg, pag, batch))
+        if batch // copies % prompts:
+            raise ValueError(f"the UNet batch has {batch // copies} videos in each guidance copy, which the "
+                             f"{prompts} synopses of per_frame_embeds do not divide evenly")
+        self.batch, self.copies, self.unconditional = batch, copies, cfg
         self._source = self._context = None
         self.presplit.clear()
         self.rewrap()
@@ -264,11 +266,11 @@ class _SynopsisState:
         else:
             raise ValueError(f"the text context has {rows} rows, neither batch ({self.batch}) nor "
                              f"batch x frames ({self.batch * n})")
-        conditional = self.batch // 2 if self.call_cfg else self.batch
+        videos = self.batch // self.copies
         cond = self.embeds.to(device=encoder_hidden_states.device, dtype=encoder_hidden_states.dtype)
-        cond = cond.repeat_interleave(conditional // prompts, dim=0)
-        if self.call_cfg:
-            cond = torch.cat([per_video[: self.batch - conditional], cond])
+        cond = cond.repeat_interleave(videos // prompts, dim=0).repeat(self.copies - self.unconditional, 1, 1, 1)
+        if self.unconditional:
+            cond = torch.cat([per_video[:videos], cond])
         self._source = encoder_hidden_states
         self._context = cond.reshape(self.batch * n, tokens, channels)
         return self._context
@@ -297,6 +299,36 @@ def _unwrapped(processor):
     while isinstance(processor, _SynopsisProcessor) and processor.state.removed:
         processor = processor.inner
     return processor
+
+
+def _guidance(target, given, name: str, flag: str, default: bool):
+    """`given` checked, or for None the pipeline's `flag` read at each UNet call (a pipeline with it), else
+    `default`."""
+    if given is not None:
+        if not isinstance(given, bool):
+            raise TypeError(f"{name} must be a bool or None, got {type_name(given)}")
+        return given
+    if not hasattr(target, "unet") or not isinstance(getattr(type(target), flag, None), property):
+        return default
+
+    def read() -> bool:
+        try:
+            return bool(getattr(target, flag))
+        except AttributeError as error:  # the pipeline sets what the property reads in its call
+            raise RuntimeError(f"apply_vsp({name}=None) follows {type(target).__name__}.{flag}, which could not be "
+                               f"read ({error}): call the UNet in the pipeline's call, or give {name}") from error
+    return read
+
+
+def _copies(cfg: bool, pag: bool, batch: int) -> str:
+    """The error for a UNet batch that is not one latent batch in the copies `cfg` and `pag` say."""
+    given = " and ".join(f"{name}=True" for name, on in (("cfg", cfg), ("pag", pag)) if on)
+    copies = {(True, False): "twice, as classifier-free guidance runs it (unconditional copy first)",
+              (False, True): "twice, as perturbed-attention guidance runs it (conditional copy, then perturbed)",
+              (True, True): "three times, as the two guidances run it (unconditional, conditional, perturbed)"}
+    return (f"{given}, but the UNet's sample is not one latent batch {copies[cfg, pag]}; it has {batch} videos. "
+            f"Give cfg and pag as the pipeline batches its call (for a run without guidance, guidance_scale 1, "
+            f"apply_vsp(..., cfg=False); with perturbed-attention guidance, pag=True)")
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
