@@ -1,6 +1,5 @@
 """Video Synopsis Prompting in diffusers video UNets and pipelines (tiny random models, CPU)."""
 
-import contextlib
 import copy
 import io
 import warnings
@@ -361,7 +360,7 @@ def test_remove_leaves_a_processor_replaced_after_apply():
 @pytest.mark.parametrize("setup,exc,match", [
     (dict(frames=5), ValueError, "cover 4 frames but the UNet is called with 5"),
     (dict(batch=3), ValueError, "cfg=True, but the UNet's sample is not one latent batch twice, as classifier-free "
-                                "guidance runs it .*; it has 3 videos. Give cfg and pag as the pipeline batches"),
+                                "guidance runs it .*; it has 3 videos. For a run without classifier-free guid"),
     (dict(batch=2, embeds=torch.zeros(2, N, L, C)), ValueError, "1 videos in each guidance copy, which the 2 synop"),
     (dict(embeds=torch.zeros(N, L + 1, C)), ValueError,
      r"\(tokens, channels\) \(17, 12\) but the UNet's text context has \(16, 12\)"),
@@ -386,8 +385,6 @@ def test_apply_arguments_are_checked():
         apply_vsp(unet, torch.zeros(L, C))
     with pytest.raises(TypeError, match="cfg must be a bool or None, got int"):
         apply_vsp(unet, torch.zeros(N, L, C), cfg=1)
-    with pytest.raises(TypeError, match="pag must be a bool or None, got str"):
-        apply_vsp(unet, torch.zeros(N, L, C), pag="yes")
     apply_vsp(unet, torch.zeros(N, L, C))
     with pytest.raises(RuntimeError, match="outside a forward call"):
         first_spatial(unet)(torch.zeros(1, 64, 8), encoder_hidden_states=torch.zeros(1, L, C))
@@ -502,7 +499,8 @@ def test_apply_vsp_on_a_pipeline_follows_its_guidance_flag(tmp_path):
     embeds = encode_synopsis(pipe, synopsis, N)
     apply_vsp(pipe, embeds)  # before the pipeline's first call, which sets what its flag reads
     with pytest.raises(RuntimeError, match=r"apply_vsp\(cfg=None\) follows AnimateDiffPipeline\.do_classifier_"
-                                           r"free_guidance, which could not be read .* or give cfg"):
+                                           r"free_guidance, which could not be read .*: the UNet was called outside "
+                                           r"that pipeline.s call .*; give cfg"):
         call(pipe.unet, torch.randn(2, 4, N, 2, 2), torch.zeros(2 * N, L, C))
     remove_vsp(pipe)
     want = {guidance: generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(guidance_scale=guidance)).frames
@@ -521,29 +519,61 @@ def test_perturbed_attention_guidance_copies_take_the_synopsis(tmp_path, guidanc
     """AnimateDiff's PAG pipeline runs one latent batch in copies: unconditional (with guidance), conditional,
     perturbed (with PAG). VSP took a batch of three copies for an odd one and refused it; with several synopses its
     hint said cfg=False. Both conditional copies take the synopsis, the unconditional one keeps its prompt; with one
-    state repeated, the pipeline's output bit for bit."""
+    state repeated, the pipeline's output bit for bit. On the bare UNet (no pipeline flag to follow), PAG's
+    processors on it tell its copy: without guidance its default cfg=True had fed the first, conditional, copy the
+    shared prompt without a word; now the batch is not the three copies cfg=True says, an error naming cfg."""
     pipe = tiny_animatediff_pag_pipeline(tmp_path)
     prompt = "a corgi walking on the grass"
-    args = call_args(guidance_scale=guidance, pag_scale=pag)
-    stock = pipe(prompt=prompt, num_frames=N, **args).frames
-    assert torch.equal(generate_with_synopsis(pipe, [prompt, prompt], num_frames=N, **call_args(
-        guidance_scale=guidance, pag_scale=pag)).frames, stock)
+
+    def args():  # a fresh generator each call
+        return call_args(guidance_scale=guidance, pag_scale=pag)
+
+    stock = pipe(prompt=prompt, num_frames=N, **args()).frames
+    assert torch.equal(generate_with_synopsis(pipe, [prompt, prompt], num_frames=N, **args()).frames, stock)
     synopsis = ["a red car on a road", "a blue car"]
     spy = Spy()
     first_spatial(pipe.unet).set_processor(spy)
-    generate_with_synopsis(pipe, synopsis, num_frames=N, negative_prompt="blurry", **call_args(
-        guidance_scale=guidance, pag_scale=pag))
+    generate_with_synopsis(pipe, synopsis, num_frames=N, negative_prompt="blurry", **args())
     cond = encode_synopsis(pipe, synopsis, N)
     negative = pipe.encode_prompt("blurry", "cpu", 1, False)[0].expand(N, L, C)
     want = torch.cat([negative] * (guidance > 1) + [cond] * (1 + (pag > 0)))
     assert len(spy.seen) == 2 and all(torch.equal(context, want) for context, _ in spy.seen)
-    apply_vsp(pipe, cond, pag=False)  # with guidance, a third copy the layout does not have (without, both copies
-    try:                              # are conditional: one copy of two videos takes the synopsis as well)
-        with pytest.raises(ValueError, match="cfg=True, but the UNet's sample is not one latent batch twice.*it "
-                           "has 3 videos") if pag and guidance > 1 else contextlib.nullcontext():
-            pipe(prompt_embeds=cond[:1], num_frames=N, **call_args(guidance_scale=guidance, pag_scale=pag))
+    frames = generate_with_synopsis(pipe, synopsis, num_frames=N, **args()).frames
+    apply_vsp(pipe.unet, cond)
+    try:
+        if guidance == 1:
+            with pytest.raises(ValueError, match="cfg=True and perturbed-attention guidance's processors are on the "
+                               r"UNet, but .* three times, .*; it has 2 videos\. .* apply_vsp\(\.\.\., cfg=False\)"):
+                pipe(prompt_embeds=cond[:1], num_frames=N, **args())
+            apply_vsp(pipe.unet, cond, cfg=False)
+        assert torch.equal(pipe(prompt_embeds=cond[:1], num_frames=N, **args()).frames, frames)
     finally:
         remove_vsp(pipe)
+
+
+def test_a_pipeline_sharing_the_unet_is_not_fed_a_stale_flag(tmp_path):
+    """apply_vsp(pag_pipe) follows pag_pipe's flags; a pipeline made from it (from_pipe, the same UNet) calling the
+    UNet read pag_pipe's flags of its last call: at guidance_scale 1 there, its guided run fed the unconditional copy
+    the synopsis without a word. A followed flag that says no guidance where the batch is one latent batch in the
+    copies guidance makes is an error naming cfg; PAG is read from the UNet's processors, not from a flag."""
+    from diffusers import AnimateDiffPipeline
+
+    pag_pipe = tiny_animatediff_pag_pipeline(tmp_path)
+    plain = AnimateDiffPipeline.from_pipe(pag_pipe)
+    synopsis = ["a red car on a road", "a blue car"]
+    embeds = encode_synopsis(pag_pipe, synopsis, N)
+    want = generate_with_synopsis(plain, synopsis, num_frames=N, **call_args(guidance_scale=7.5)).frames
+    apply_vsp(pag_pipe, embeds)
+    try:
+        pag_pipe(prompt_embeds=embeds[:1], num_frames=N, **call_args(guidance_scale=1.0, pag_scale=3.0))
+        with pytest.raises(ValueError, match=r"apply_vsp\(cfg=None\) follows AnimateDiffPAGPipeline\.do_classifier_"
+                                             r"free_guidance, which says no classifier-free guidance, but the UNet's "
+                                             r"sample is one latent batch 2 times.*give apply_vsp's cfg"):
+            plain(prompt_embeds=embeds[:1], num_frames=N, **call_args(guidance_scale=7.5))
+        apply_vsp(pag_pipe, embeds, cfg=True)
+        assert torch.equal(plain(prompt_embeds=embeds[:1], num_frames=N, **call_args(guidance_scale=7.5)).frames, want)
+    finally:
+        remove_vsp(pag_pipe)
 
 
 def test_guidance_turned_off_by_a_step_end_callback_is_followed(tmp_path):

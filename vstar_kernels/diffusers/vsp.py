@@ -14,12 +14,14 @@ import warnings
 
 import torch
 from diffusers import UNet3DConditionModel, UNetMotionModel
+from diffusers.models.attention_processor import Attention
 
 from .._problem import type_name
 from ..vsp import interpolate_embeddings
 from .capture import SplitInferenceModule
 from .install import uncompiled
 from .interception import Wrapping
+from .processors import is_pag
 
 SUPPORTED_UNETS = (UNet3DConditionModel, UNetMotionModel)
 
@@ -32,29 +34,29 @@ SPATIAL_CROSS_ATTENTION = re.compile(
 _STATE_ATTR = "_vstar_vsp_state"
 
 
-def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None, pag: bool | None = None) -> None:
+def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None) -> None:
     """Feed one text embedding per frame into the spatial cross-attention of a video UNet.
 
     `target`: a `UNet3DConditionModel` or `UNetMotionModel`, or a pipeline holding one as ``.unet``;
     `per_frame_embeds`: (N, L, C), or (P, N, L, C) for P synopses; `cfg`: classifier-free guidance batched the
-    diffusers way (an unconditional copy of the batch first, kept as is); `pag`: perturbed-attention guidance's
-    copy of the conditional batch after it. None follows the pipeline's ``do_classifier_free_guidance`` /
-    ``do_perturbed_attention_guidance`` at each UNet call where `target` is a pipeline that has it, else is
-    True for `cfg` and False for `pag`. Calling it again replaces the embeddings, `cfg` and `pag`.
+    diffusers way (an unconditional copy of the batch first, kept as is). None follows the pipeline's
+    ``do_classifier_free_guidance`` at each UNet call where `target` is a pipeline that has it, else is True.
+    Perturbed-attention guidance (a conditional copy after the others) is read from the UNet at each call: a PAG
+    pipeline's call puts its processors there. Calling it again replaces the embeddings and `cfg`.
     """
     unet = _unet_of(target)
     if unet.config.get("addition_embed_type") == "text_time":
         raise ValueError(_SDXL)
     embeds = _check_embeds(per_frame_embeds)
-    cfg = _guidance(target, cfg, "cfg", "do_classifier_free_guidance", True)
-    pag = _guidance(target, pag, "pag", "do_perturbed_attention_guidance", False)
+    cfg = _guidance(target, cfg)
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
         modules = [(name, module) for name, module in unet.named_modules()
                    if SPATIAL_CROSS_ATTENTION.fullmatch(name) and getattr(module, "is_cross_attention", False)]
         if not modules:
             raise ValueError(f"{type(unet).__name__} has no spatial cross-attention module to feed")
-        state = _SynopsisState(embeds, cfg, pag)
+        state = _SynopsisState(embeds, cfg)
+        state.attentions = [m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross_attention]
         for name, module in modules:
             original = _unwrapped(module.processor)
             wrapper = _SynopsisProcessor(original, state)
@@ -66,7 +68,7 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None
         ]
         setattr(unet, _STATE_ATTR, state)
     else:
-        state.embeds, state.cfg, state.pag = embeds, cfg, pag
+        state.embeds, state.cfg = embeds, cfg
 
 
 def remove_vsp(target) -> None:
@@ -158,9 +160,10 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
 class _SynopsisState:
     """Embeddings, the current UNet call's shape, and the per-call context cache."""
 
-    def __init__(self, embeds: torch.Tensor, cfg, pag):
+    def __init__(self, embeds: torch.Tensor, cfg):
         self.embeds = embeds  # (P, N, L, C)
-        self.cfg, self.pag = cfg, pag  # each a bool, or a pipeline's flag read at each UNet call (`_guidance`)
+        self.cfg = cfg        # a bool, or a pipeline's flag read at each UNet call (`_guidance`)
+        self.attentions = []  # the UNet's self-attention modules, where a PAG pipeline's call puts its processors
         self.copies = 1       # of one latent batch in the current UNet call
         self.unconditional = False  # whether its first copy is classifier-free guidance's unconditional one
         self.originals = {}   # name -> (module, original processor, wrapper)
@@ -181,15 +184,19 @@ class _SynopsisState:
         if frames != n:
             raise ValueError(f"the per-frame embeddings cover {n} frames but the UNet is called with {frames}")
         cfg = self.cfg() if callable(self.cfg) else self.cfg
-        pag = self.pag() if callable(self.pag) else self.pag
+        pag = any(_perturbs(module.processor) for module in self.attentions)
         copies = 1 + cfg + pag
-        if copies > 1:
-            # guidance runs one latent batch in copies; a call without it would give the first copy's videos the
-            # shared prompt, as if unconditional, or the wrong synopses (a host sync; not while compiling)
-            videos = batch // copies
-            if batch % copies or (not torch.compiler.is_compiling() and not all(
-                    _same_bits(sample[:videos], sample[i * videos:(i + 1) * videos]) for i in range(1, copies))):
-                raise ValueError(_copies(cfg, pag, batch))
+        # guidance runs one latent batch in copies; a call without it would give the first copy's videos the shared
+        # prompt, as if unconditional, or the wrong synopses (a host sync; not while compiling)
+        checks = not torch.compiler.is_compiling()
+        if copies > 1 and (batch % copies or (checks and not _copies_of_one(sample, copies))):
+            raise ValueError(_copies(cfg, pag, batch))
+        if checks and callable(self.cfg) and not cfg and _copies_of_one(sample, copies + 1):
+            # a flag followed says no guidance, but the batch is laid out as guidance lays it: a stale flag (the
+            # UNet called outside that pipeline's call, by another sharing it) would feed the unconditional copy
+            raise ValueError(f"apply_vsp(cfg=None) follows {self.cfg.flag}, which says no classifier-free "
+                             f"guidance, but the UNet's sample is one latent batch {copies + 1} times, as "
+                             f"guidance runs it: give apply_vsp's cfg (True or False) for this UNet's calls")
         if batch // copies % prompts:
             raise ValueError(f"the UNet batch has {batch // copies} videos in each guidance copy, which the "
                              f"{prompts} synopses of per_frame_embeds do not divide evenly")
@@ -301,34 +308,55 @@ def _unwrapped(processor):
     return processor
 
 
-def _guidance(target, given, name: str, flag: str, default: bool):
-    """`given` checked, or for None the pipeline's `flag` read at each UNet call (a pipeline with it), else
-    `default`."""
-    if given is not None:
-        if not isinstance(given, bool):
-            raise TypeError(f"{name} must be a bool or None, got {type_name(given)}")
-        return given
+def _guidance(target, cfg):
+    """`cfg` checked, or for None the pipeline's ``do_classifier_free_guidance`` read at each UNet call (a
+    pipeline with it), else True."""
+    if cfg is not None:
+        if not isinstance(cfg, bool):
+            raise TypeError(f"cfg must be a bool or None, got {type_name(cfg)}")
+        return cfg
+    flag = "do_classifier_free_guidance"
     if not hasattr(target, "unet") or not isinstance(getattr(type(target), flag, None), property):
-        return default
+        return True
 
     def read() -> bool:
         try:
             return bool(getattr(target, flag))
         except AttributeError as error:  # the pipeline sets what the property reads in its call
-            raise RuntimeError(f"apply_vsp({name}=None) follows {type(target).__name__}.{flag}, which could not be "
-                               f"read ({error}): call the UNet in the pipeline's call, or give {name}") from error
+            raise RuntimeError(f"apply_vsp(cfg=None) follows {type(target).__name__}.{flag}, which could not be "
+                               f"read ({error}): the UNet was called outside that pipeline's call (directly, or by "
+                               f"another pipeline sharing it); give cfg") from error
+    read.flag = f"{type(target).__name__}.{flag}"
     return read
+
+
+def _perturbs(processor) -> bool:
+    """Whether `processor`, or one it wraps, is perturbed-attention guidance's."""
+    while processor is not None:
+        if is_pag(processor):
+            return True
+        processor = getattr(processor, "inner", None) if isinstance(processor, Wrapping) else None
+    return False
+
+
+def _copies_of_one(sample: torch.Tensor, copies: int) -> bool:
+    """Whether `sample` is one latent batch `copies` times over, bit for bit."""
+    videos, left = divmod(sample.shape[0], copies)
+    return not left and all(_same_bits(sample[:videos], sample[i * videos:(i + 1) * videos])
+                            for i in range(1, copies))
 
 
 def _copies(cfg: bool, pag: bool, batch: int) -> str:
     """The error for a UNet batch that is not one latent batch in the copies `cfg` and `pag` say."""
-    given = " and ".join(f"{name}=True" for name, on in (("cfg", cfg), ("pag", pag)) if on)
-    copies = {(True, False): "twice, as classifier-free guidance runs it (unconditional copy first)",
-              (False, True): "twice, as perturbed-attention guidance runs it (conditional copy, then perturbed)",
-              (True, True): "three times, as the two guidances run it (unconditional, conditional, perturbed)"}
-    return (f"{given}, but the UNet's sample is not one latent batch {copies[cfg, pag]}; it has {batch} videos. "
-            f"Give cfg and pag as the pipeline batches its call (for a run without guidance, guidance_scale 1, "
-            f"apply_vsp(..., cfg=False); with perturbed-attention guidance, pag=True)")
+    said = {(True, False): "cfg=True, but the UNet's sample is not one latent batch twice, as classifier-free "
+                           "guidance runs it (unconditional copy first)",
+            (False, True): "perturbed-attention guidance's processors are on the UNet, but its sample is not one "
+                           "latent batch twice, as that guidance runs it (conditional copy, then perturbed)",
+            (True, True): "cfg=True and perturbed-attention guidance's processors are on the UNet, but its sample "
+                          "is not one latent batch three times, as the two guidances run it (unconditional, "
+                          "conditional, perturbed)"}
+    return (f"{said[cfg, pag]}; it has {batch} videos. For a run without classifier-free guidance "
+            f"(guidance_scale 1), give apply_vsp(..., cfg=False)")
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
