@@ -718,6 +718,28 @@ def test_generate_with_synopsis_under_freenoise(tmp_path):
     assert not hasattr(pipe.unet, "_vstar_vsp_state") and not encoded
 
 
+def test_the_pag_pipeline_under_freenoise_takes_several_synopses(tmp_path):
+    """AnimateDiff's PAG pipeline encodes its prompt the plain way under FreeNoise too: generate_with_synopsis
+    refused several synopses there as AnimateDiff's own pipeline needs (one FreeNoise prompt a call). It runs them
+    as with FreeNoise off, each video's frames taking its synopsis, as a call by hand gives."""
+    pipe = tiny_animatediff_pag_pipeline(tmp_path)
+    pipe.motion_adapter = motion_adapter(channels=(8, 16))
+    pipe.enable_free_noise(context_length=4, context_stride=2)
+    synopses = [["a red fox", "a blue bird"], ["a green frog", "a dog"]]
+
+    def args():
+        return call_args(guidance_scale=7.5, pag_scale=3.0)
+
+    got = generate_with_synopsis(pipe, synopses, num_frames=8, **args()).frames
+    embeds = encode_synopsis(pipe, synopses, 8)
+    apply_vsp(pipe, embeds)
+    try:
+        want = pipe(prompt_embeds=embeds[:, 0], num_frames=8, **args()).frames
+    finally:
+        remove_vsp(pipe)
+    assert got.shape[0] == 2 and torch.equal(got, want)
+
+
 def test_sdxl_video_unet_is_refused():
     torch.manual_seed(0)
     unet = UNetMotionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, num_attention_heads=2,

@@ -126,7 +126,9 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
             raise TypeError(f"generate_with_synopsis got {name}=...: the sub_prompts replace the prompt")
     if getattr(_unet_of(pipe), _STATE_ATTR, None) is not None:
         raise ValueError("VSP is already applied to this pipeline; call remove_vsp(pipe) first")
-    free_noise = getattr(pipe, "free_noise_enabled", False)  # FreeNoise encodes a prompt of its own (one string)
+    # FreeNoise encodes a prompt of its own (one string) where the pipeline's call encodes with it (AnimateDiff's;
+    # not its PAG pipeline, which encodes the plain way under FreeNoise too)
+    free_noise = getattr(pipe, "free_noise_enabled", False) and _encodes_free_noise(pipe)
     if free_noise and _check_sub_prompts(sub_prompts)[1]:  # before any encoding
         raise ValueError("FreeNoise takes one prompt a call: give one synopsis (a list of strings)")
     params = inspect.signature(pipe.__call__).parameters
@@ -357,6 +359,11 @@ def _copies(cfg: bool, pag: bool, batch: int) -> str:
                           "conditional, perturbed)"}
     return (f"{said[cfg, pag]}; it has {batch} videos. For a run without classifier-free guidance "
             f"(guidance_scale 1), give apply_vsp(..., cfg=False)")
+
+
+def _encodes_free_noise(pipe) -> bool:
+    """Whether `pipe`'s call encodes its prompt with FreeNoise's own encoder (names it), where FreeNoise is on."""
+    return "_encode_prompt_free_noise" in inspect.unwrap(type(pipe).__call__).__code__.co_names
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
