@@ -95,8 +95,10 @@ def cmd_info(args) -> int:
     else:
         print("cuda          not available")
     for dev in devices:
-        for name, why in availability(dev).items():
-            print(f"backend {name:<10} on {dev:<7}: {'available' if not why else 'unavailable: ' + why}")
+        reasons = availability(dev)
+        width = max(map(len, reasons))  # the names in one column (triton-lean is the longest)
+        for name, why in reasons.items():
+            print(f"backend {name:<{width}} on {dev:<7}: {'available' if not why else 'unavailable: ' + why}")
     return 0
 
 

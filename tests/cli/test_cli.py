@@ -59,8 +59,8 @@ def test_info_lists_versions_and_backends():
     assert f"torch         {torch.__version__}" in res.stdout
     assert ("\nTRITON_INTERPRET not set (the Triton kernels run compiled, on CUDA tensors; TRITON_INTERPRET=1 runs "
             "them on CPU tensors)\n") in res.stdout
-    assert "backend reference  on cpu    : available" in res.stdout
-    assert "backend triton     on cpu    : unavailable: cpu tensors need TRITON_INTERPRET=1" in res.stdout
+    assert "backend reference   on cpu    : available" in res.stdout
+    assert "backend triton      on cpu    : unavailable: cpu tensors need TRITON_INTERPRET=1" in res.stdout
 
 
 @pytest.mark.parametrize("value,line", [

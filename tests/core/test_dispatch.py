@@ -28,7 +28,10 @@ def test_the_cpu_backend_is_named_with_its_reasons(capsys):
     from vstar_kernels import cli
 
     assert cli.main(["info"]) == 0
-    assert "backend cpu        on cpu    : available" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backend cpu         on cpu    : available" in out
+    lines = [line for line in out.splitlines() if line.startswith("backend ")]
+    assert len(lines) == 5 and len({line.index(" on ") for line in lines}) == 1, lines  # one column of names
     meta = problem(torch.empty(1, 1, 8, 8, device="meta"))
     with pytest.raises(vk.BackendUnavailableError, match="backend='cpu' cannot run this call: the CPU backend runs "
                                                          "on CPU tensors, got meta tensors"):

@@ -81,7 +81,7 @@ def test_info_says_whether_the_extension_is_built(capsys, fresh_cuda_probe):
         assert line == f"cuda ext      unavailable: {tar_cuda.NOT_BUILT}"
     else:
         assert line.startswith(("cuda ext      built: ", "cuda ext      unavailable: the CUDA C++ extension failed"))
-    assert "backend cuda       on cpu    : unavailable:" in stdout
+    assert "backend cuda        on cpu    : unavailable:" in stdout
 
 
 # --------------------------------------------------------------------------- GPU
