@@ -109,7 +109,8 @@ def minmax_normalize(attention) -> torch.Tensor:
     row of a frame with no token), which stay NaN; a constant map gives zeros."""
     a = _as_map("attention", attention)
     low, high = _range(a)
-    return (a - low) / (high - low) if high > low else torch.where(a.isnan(), a, 0.0)
+    # halved (exactly) first: a range wider than float64's largest number would overflow to inf
+    return (a / 2 - low / 2) / (high / 2 - low / 2) if high > low else torch.where(a.isnan(), a, 0.0)
 
 
 SCALES = ("shared", "per-panel")
@@ -164,6 +165,10 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
         raise ValueError("sigmas must hold at least one value")
     check_int("n", n)
     sigmas = [check_sigma(s) for s in sigmas]
+    titles = [f"{s:g}" for s in sigmas]
+    for title in titles:
+        if titles.count(title) > 1:
+            raise ValueError(f"sigmas holds {title} twice (as its panel title shows it): give each sigma once")
     row = [(f"sigma = {s:g}", f"sigma = {s:g}", gaussian_toeplitz(int(n), s, dtype=torch.float64)) for s in sigmas]
     return _draw([(None, row)], path, caller="plot_delta", cmap=cmap, panel_size=panel_size, dpi=dpi,
                  title=f"TAR's Gaussian matrix dA, {int(n)} frames", color_scale="shared", value_label="dA")
@@ -206,6 +211,10 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
         raise ValueError(f"panel_size must be a number of inches > {MIN_PANEL_INCHES:g}, got {panel_size!r}")
     check_dpi(dpi)
     rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]
+    keys = [key for _, row in rows for key, _, _ in row]
+    for key in keys:
+        if keys.count(key) > 1:  # the dict returned holds one array per panel key
+            raise ValueError(f"{caller}: two panels are both named {key!r}; give each panel a name of its own")
     values = [a for _, row in rows for _, _, a in row]
     # a pixel or more per frame (fewer, and drawing "nearest" drops frames: a diagonal drawn as its neighbours)
     panel_size = max(panel_size, 1.25 * max(max(a.shape) for a in values) / dpi + PANEL_MARGIN_INCHES)
@@ -303,7 +312,14 @@ def _panel_rows(maps) -> list:
 def _as_map(name: str, value) -> torch.Tensor:
     """A non-empty 2-D map as a float64 CPU tensor (from a tensor or an array-like): finite, but for NaN entries (a
     captured map's row of a frame without a token), drawn blank; not all NaN."""
-    a = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    import numpy as np
+    try:  # numbers in lists through numpy: float64 (torch would make them float32)
+        a = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a 2-D map: a tensor, or an array or nested lists of numbers of one shape; "
+                        f"got a {type(value).__name__} that is not") from None
+    if a.is_complex():
+        raise TypeError(f"{name} must be a real map, got {a.dtype}")
     a = a.to("cpu", torch.float64)
     if a.dim() != 2 or 0 in a.shape:
         raise ValueError(f"{name} must be a non-empty 2-D map, got shape {tuple(a.shape)}")

@@ -4,7 +4,6 @@ video), for `tar_attention(..., frames=ids)` (docs/api.md, "Frame ids and key ma
 from __future__ import annotations
 
 import functools
-import operator
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -41,7 +40,7 @@ class FrameLayout(NamedTuple):
 
     def tokens(self) -> int:
         # in Python ints: numpy's fixed-width ones would wrap (a traced size stays symbolic)
-        frames, per_frame, before, after = (v if isinstance(v, torch.SymInt) else operator.index(v) for v in self)
+        frames, per_frame, before, after = (_size(f"FrameLayout.{name}", v) for name, v in zip(self._fields, self))
         return before + frames * per_frame + after
 
     def ids(self, device=None) -> torch.Tensor:

@@ -93,8 +93,10 @@ class Speculation:
 
     def kwargs(self, device) -> dict:
         """tar_attention's speculate= and flags= for a call on `device` (one count per device: a model split over
-        several GPUs counts on each)."""
+        several GPUs counts on each; a call on meta tensors, which computes nothing, counts nothing)."""
         device = torch.device(device)
+        if device.type == "meta":
+            return dict(speculate=self.speculate, flags=None)
         if device.type == "cpu":
             device = torch.device("cpu")  # "cpu:0" too
         elif device.index is None:  # "cuda": the current one, as its tensors name it ("cuda:0")

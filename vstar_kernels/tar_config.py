@@ -60,6 +60,11 @@ class LevelSpec:
         key = (torch.device(device), work)
         copy = self._copies.get(key)
         if copy is None:
+            # float64 entries past float32's range (made inf, every row NaN), checked once where the delta lives
+            if self.delta.dtype != work and self.delta.device.type != "meta" \
+                    and not torch.isfinite(self.delta.to(work)).all():
+                raise ValueError(f"{where}: the level's delta has entries beyond float32's range (largest magnitude "
+                                 f"{self.delta.abs().max().item():g}), and this attention computes in float32")
             copy = self._copies[key] = self.delta.to(device=device, dtype=work)
         return {"delta": copy, "strength": self.strength}
 
@@ -98,16 +103,16 @@ def _checked_delta(delta) -> torch.Tensor:
 # VSTAR's code's presets and names: "64" is level 0 (the 40x64 latent), "32" level 1; "D" precedes sigma.
 # Strength 1, steps 0..13 of 25.
 PRESET_UNTIL_STEP = 13
-PRESETS: Dict[str, Dict[int, float]] = {
-    "64D1": {0: 1.0},
-    "64D4": {0: 4.0},
-    "64D8": {0: 8.0},
-    "64D1_32D8": {0: 1.0, 1: 8.0},
-    "64D1_32D1": {0: 1.0, 1: 1.0},
-    "64D1_32D12": {0: 1.0, 1: 12.0},
-    "64D4_32D8": {0: 4.0, 1: 8.0},
-    "64D4_32D12": {0: 4.0, 1: 12.0},
-}
+PRESETS: Mapping[str, Mapping[int, float]] = MappingProxyType({  # read-only: every config built from it shares it
+    "64D1": MappingProxyType({0: 1.0}),
+    "64D4": MappingProxyType({0: 4.0}),
+    "64D8": MappingProxyType({0: 8.0}),
+    "64D1_32D8": MappingProxyType({0: 1.0, 1: 8.0}),
+    "64D1_32D1": MappingProxyType({0: 1.0, 1: 1.0}),
+    "64D1_32D12": MappingProxyType({0: 1.0, 1: 12.0}),
+    "64D4_32D8": MappingProxyType({0: 4.0, 1: 8.0}),
+    "64D4_32D12": MappingProxyType({0: 4.0, 1: 12.0}),
+})
 
 
 def _level_spec(level, spec) -> LevelSpec:

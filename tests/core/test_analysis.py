@@ -376,6 +376,11 @@ def test_minmax_normalize():
     assert torch.equal(got[0], torch.tensor([0.0, 1.0], dtype=torch.float64)) and got[1].isnan().all()
     got = minmax_normalize(torch.tensor([[0.5, 0.5], [nan, nan]]))
     assert torch.equal(got[0], torch.zeros(2, dtype=torch.float64)) and got[1].isnan().all()
+    # a range wider than float64's largest number (it overflowed to inf: a NaN at the max); numbers in lists are
+    # taken as float64 (torch's float32 made 1e308 inf)
+    wide = torch.tensor([[-1e308, 1e308, 0.0]], dtype=torch.float64)
+    assert torch.equal(minmax_normalize(wide), torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.float64))
+    assert torch.equal(minmax_normalize(wide.tolist()), minmax_normalize(wide))
 
 
 @pytest.mark.parametrize("maps,kwargs,exc,match", [
@@ -392,8 +397,15 @@ def test_minmax_normalize():
     ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": math.inf}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"color_scale": "minmax"}, ValueError, r"color_scale must be one of \('shared', 'per-panel'\)"),
+    # the imaginary part was dropped with a warning
+    ({"a": torch.eye(3) * 1j}, {}, TypeError, "a must be a real map, got torch.complex64"),
+    ({"a": None}, {}, TypeError, "a must be a 2-D map: a tensor, or an array or nested lists of numbers of one shape; "
+                                 "got a NoneType that is not"),
+    ({"a": [[1.0, 2.0], [3.0]]}, {}, TypeError, "a must be a 2-D map: .* got a list that is not"),
+    # two panels titled "1": the dict returned held one of them
+    ({1: torch.eye(3), "1": torch.eye(3)}, {}, ValueError, "plot_attention_maps: two panels are both named '1'"),
 ], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "panel-size",
-        "panel-too-small", "panel-inf", "scale"])
+        "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)
@@ -406,6 +418,7 @@ def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, matc
     ([0.0], 8, ValueError, "sigma must be > 0"),
     (["a"], 8, TypeError, "sigma must be a real number, got str"),  # (it failed formatting the title)
     ([None], 8, TypeError, "sigma must be a real number, got NoneType"),
+    ([1, 4.0, 1.0], 8, ValueError, "sigmas holds 1 twice"),  # one panel key for two panels
 ])
 def test_plot_delta_rejects_bad_input(tmp_path, sigmas, n, exc, match):
     with pytest.raises(exc, match=match):

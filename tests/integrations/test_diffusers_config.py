@@ -229,3 +229,12 @@ def test_the_config_is_public_from_the_package_and_its_old_home_warns(name):
 
     with pytest.warns(DeprecationWarning, match=f"vstar_kernels.diffusers.{name} is deprecated.*vstar_kernels.{name}"):
         assert getattr(front_end, name) is getattr(vstar_kernels, name)
+
+
+def test_the_presets_cannot_be_changed_in_place():
+    """A preset written in place changed every config built from it later (from_preset then refused sigma 0)."""
+    with pytest.raises(TypeError):
+        PRESETS["64D1"][0] = 0.0
+    with pytest.raises(TypeError):
+        PRESETS["64D9"] = {0: 9.0}
+    assert dict(PRESETS["64D1_32D8"]) == {0: 1.0, 1: 8.0}

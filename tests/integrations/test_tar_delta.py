@@ -111,3 +111,14 @@ def test_a_delta_against_more_key_frames_than_query_frames_names_both_counts():
                                          r"attention runs 4 query frames against 6 key frames: regularize this "
                                          r"level with sigma$"):
         spec.tar_kwargs(4, 6, device="cpu", dtype=torch.float32, where="attn2")
+
+
+def test_a_float64_delta_past_float32s_range_is_refused_where_the_attention_computes_in_float32():
+    """Made inf in float32, the entry made every row NaN; a float64 attention takes it."""
+    delta = torch.zeros(4, 4, dtype=torch.float64)
+    delta[:, 1] = 1e300
+    spec = LevelSpec(delta=delta)
+    assert spec.tar_kwargs(4, 4, device="cpu", dtype=torch.float64, where="attn1")["delta"][0, 1] == 1e300
+    with pytest.raises(ValueError, match=r"^attn1: the level's delta has entries beyond float32's range \(largest "
+                                         r"magnitude 1e\+300\), and this attention computes in float32$"):
+        spec.tar_kwargs(4, 4, device="cpu", dtype=torch.float16, where="attn1")

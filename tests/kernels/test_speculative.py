@@ -380,11 +380,27 @@ def test_sequences_past_the_int32_row_lists_run_two_passes(cut, monkeypatch):
     (dict(flags=[0, 0]), ValueError, "flags must be None or an int64 .* got list"),
     (dict(flags=torch.zeros(1, dtype=torch.int64, device=DEVICE).expand(2)), ValueError,
      "flags must be None .* whose two entries are one element"),
+    # torch refused the count's update after the whole call had run, naming no argument
+    (dict(flags=torch.inference_mode()(torch.zeros)(2, dtype=torch.int64, device=DEVICE)), ValueError,
+     "flags was made in inference mode, and the call adds to it outside inference mode"),
 ])
 def test_bad_speculation_arguments_name_themselves(bad, error, match):
     q = torch.randn(1, 1, 8, D, device=DEVICE)
     with pytest.raises(error, match=match):
         vk.tar_attention(q, q, q, frames=vk.frame_ids(2, 4, device=DEVICE), **bad)
+
+
+def test_a_call_on_meta_tensors_counts_nothing():
+    """A model run once on meta tensors (shapes only) took a meta count, which every later step failed to read."""
+    spec = vk.Speculation()
+    m = torch.empty(1, 2, 12, 8, device="meta")
+    assert spec.kwargs("meta") == dict(speculate=True, flags=None)
+    assert vk.tar_attention(m, m, m, frames=vk.FrameLayout(3, 4), **spec.kwargs(m.device)).device.type == "meta"
+    spec.next_step()
+    q = torch.randn(1, 2, 12, 8, device=DEVICE)
+    vk.tar_attention(q, q, q, frames=vk.FrameLayout(3, 4), backend="triton", **spec.kwargs(q.device))
+    spec.next_step()
+    assert spec.rate is not None and spec.speculate
 
 
 def test_speculation_counts_once_per_device_and_sums_them():
