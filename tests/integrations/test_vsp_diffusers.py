@@ -740,6 +740,117 @@ def test_the_pag_pipeline_under_freenoise_takes_several_synopses(tmp_path):
     assert got.shape[0] == 2 and torch.equal(got, want)
 
 
+def test_a_freenoise_pipeline_whose_call_runs_animatediffs_takes_one_synopsis(tmp_path):
+    """A subclass of AnimateDiff's pipeline whose __call__ runs its base's through super() (or a decorator that does
+    not say what it wraps) names no FreeNoise encoder itself: read from its own code only, generate_with_synopsis
+    gave it prompt embeddings, which FreeNoise's encoder refuses, one synopsis or several. The bases' calls are
+    read too: one synopsis runs as on AnimateDiff's own pipeline, several are refused before any encoding."""
+    from diffusers import AnimateDiffPipeline
+
+    class Subclass(AnimateDiffPipeline):
+        @torch.no_grad()
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    def plain_wrapper(call):
+        def wrapped(self, *args, **kwargs):
+            return call(self, *args, **kwargs)
+        return wrapped
+
+    class Wrapped(AnimateDiffPipeline):
+        __call__ = plain_wrapper(AnimateDiffPipeline.__call__)
+
+    synopsis = ["a red fox", "a blue bird"]
+    outputs = []
+    for cls in (AnimateDiffPipeline, Subclass, Wrapped):
+        pipe = cls(**tiny_animatediff_pipeline(tmp_path).components)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.motion_adapter = motion_adapter(channels=(8, 16))
+        pipe.enable_free_noise(context_length=4, context_stride=2)
+        outputs.append(generate_with_synopsis(pipe, synopsis, num_frames=8, **call_args(guidance_scale=7.5)).frames)
+        with pytest.raises(ValueError, match="FreeNoise takes one prompt a call: give one synopsis"):
+            generate_with_synopsis(pipe, [synopsis, synopsis], num_frames=8, **call_args(guidance_scale=7.5))
+    assert all(torch.equal(frames, outputs[0]) for frames in outputs)
+
+
+def test_several_videos_of_one_latent_without_guidance_run_in_generate_with_synopsis(tmp_path):
+    """Several synopses from one latent at guidance_scale 1 (to compare them from one seed) lay the batch out as
+    guidance would: generate_with_synopsis, following the flag of the call it runs, refused it as a stale flag and
+    named apply_vsp's cfg, which it does not take. It runs, as apply_vsp(cfg=False) by hand gives."""
+    pipe = tiny_animatediff_pipeline(tmp_path)
+    synopses = [["a red fox", "a blue bird"], ["a green frog", "a dog"]]
+    latents = torch.randn(1, 4, N, 2, 2, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1, 1, 1)
+    got = generate_with_synopsis(pipe, synopses, num_frames=N, latents=latents, **call_args(guidance_scale=1.0))
+    embeds = encode_synopsis(pipe, synopses, N)
+    apply_vsp(pipe, embeds, cfg=False)
+    try:
+        want = pipe(prompt_embeds=embeds[:, 0], num_frames=N, latents=latents, **call_args(guidance_scale=1.0))
+    finally:
+        remove_vsp(pipe)
+    assert torch.equal(got.frames, want.frames)
+
+
+def test_pag_on_motion_modules_replaced_by_freenoise_after_apply_vsp_is_seen(tmp_path):
+    """PAG was read from the self-attention modules the UNet had at apply_vsp: FreeNoise enabled since replaces the
+    motion modules' blocks, so PAG on those alone went unseen, and without guidance the batch [conditional,
+    perturbed] of two videos was taken as four videos, [s0, s0, s1, s1] in place of [s0, s1, s0, s1], without a
+    word. The modules are read at each call: the output is that of FreeNoise enabled first."""
+    synopses = [["a red fox", "a blue bird"], ["a green frog", "a dog"]]
+    outputs = []
+    for freenoise_first in (True, False):
+        pipe = tiny_animatediff_pag_pipeline(tmp_path, layers=("motion_modules",))
+        pipe.motion_adapter = motion_adapter(channels=(8, 16))
+        embeds = encode_synopsis(pipe, synopses, N)
+        if freenoise_first:
+            pipe.enable_free_noise(context_length=4, context_stride=2)
+        apply_vsp(pipe, embeds, cfg=False)
+        if not freenoise_first:
+            pipe.enable_free_noise(context_length=4, context_stride=2)
+        try:
+            outputs.append(pipe(prompt_embeds=embeds[:, 0], num_frames=N,
+                                **call_args(guidance_scale=1.0, pag_scale=3.0)).frames)
+        finally:
+            remove_vsp(pipe)
+    assert torch.equal(outputs[1], outputs[0])
+
+
+def test_a_pag_call_that_raises_in_generate_with_synopsis_leaves_no_pag_processors(tmp_path):
+    """A PAG pipeline's call puts its processors back at its end, which a call that raises skips (VSP's own errors
+    are raised inside it): generate_with_synopsis left them on the UNet, so the next plain pipeline sharing it ran
+    perturbed attention on its conditional copy, and every later VSP run there was refused as PAG's. It puts them
+    back as the call's end would."""
+    pipe = tiny_animatediff_pag_pipeline(tmp_path)
+    before = processors(pipe.unet)
+
+    def interrupted(pipe, i, t, kwargs):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        generate_with_synopsis(pipe, ["a red fox", "a blue bird"], num_frames=N, callback_on_step_end=interrupted,
+                               **call_args(guidance_scale=7.5, pag_scale=3.0))
+    assert processors(pipe.unet) == before
+
+
+def test_a_followed_flag_that_says_guidance_is_named_where_the_batch_contradicts_it(tmp_path):
+    """apply_vsp(plain) follows plain's flag, left saying guidance by its last call; the PAG pipeline sharing the
+    UNet runs without guidance. The error said cfg=True, which was not given, and hinted cfg=False, which would
+    break plain's guided runs: it names the flag followed."""
+    from diffusers import AnimateDiffPipeline
+
+    pag_pipe = tiny_animatediff_pag_pipeline(tmp_path)
+    plain = AnimateDiffPipeline.from_pipe(pag_pipe)
+    embeds = encode_synopsis(pag_pipe, ["a red fox", "a blue bird"], N)
+    apply_vsp(plain, embeds)
+    try:
+        plain(prompt_embeds=embeds[:1], num_frames=N, **call_args(guidance_scale=7.5))
+        with pytest.raises(ValueError, match=r"^apply_vsp\(cfg=None\) follows AnimateDiffPipeline\.do_classifier_"
+                                             r"free_guidance, which says classifier-free guidance and perturbed.*"
+                                             r"three times.*give apply_vsp's cfg \(True or False\)"):
+            pag_pipe(prompt_embeds=embeds[:1], num_frames=N, **call_args(guidance_scale=1.0, pag_scale=3.0))
+    finally:
+        remove_vsp(plain)
+
+
 def test_sdxl_video_unet_is_refused():
     torch.manual_seed(0)
     unet = UNetMotionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, num_attention_heads=2,

@@ -56,7 +56,6 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None
         if not modules:
             raise ValueError(f"{type(unet).__name__} has no spatial cross-attention module to feed")
         state = _SynopsisState(embeds, cfg)
-        state.attentions = [m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross_attention]
         for name, module in modules:
             original = _unwrapped(module.processor)
             wrapper = _SynopsisProcessor(original, state)
@@ -153,8 +152,19 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     # the pipeline's own flag at each UNet call where it has one: a step-end callback may turn guidance off
     follows = isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property)
     apply_vsp(pipe, embeds, cfg=None if follows else bool(guidance_scale > 1))
+    unet = _unet_of(pipe)
+    if follows:  # the flag read is this call's: several videos of one latent without guidance are not a stale flag
+        getattr(unet, _STATE_ATTR).cfg.live = True
+    before = {name: module.processor for name, module in unet.named_modules() if isinstance(module, Attention)}
     try:
         return pipe(num_frames=num_frames, **prompt, **pipe_kwargs)
+    except BaseException:
+        # a PAG pipeline's call raising (VSP's own errors among them) skips its restore: put back the processors
+        # it had set for the call, as the call's end would
+        for name, module in unet.named_modules():
+            if name in before and is_pag(module.processor) and not is_pag(before[name]):
+                module.set_processor(before[name])
+        raise
     finally:
         remove_vsp(pipe)
 
@@ -165,7 +175,6 @@ class _SynopsisState:
     def __init__(self, embeds: torch.Tensor, cfg):
         self.embeds = embeds  # (P, N, L, C)
         self.cfg = cfg        # a bool, or a pipeline's flag read at each UNet call (`_guidance`)
-        self.attentions = []  # the UNet's self-attention modules, where a PAG pipeline's call puts its processors
         self.copies = 1       # of one latent batch in the current UNet call
         self.unconditional = False  # whether its first copy is classifier-free guidance's unconditional one
         self.originals = {}   # name -> (module, original processor, wrapper)
@@ -186,14 +195,17 @@ class _SynopsisState:
         if frames != n:
             raise ValueError(f"the per-frame embeddings cover {n} frames but the UNet is called with {frames}")
         cfg = self.cfg() if callable(self.cfg) else self.cfg
-        pag = any(_perturbs(module.processor) for module in self.attentions)
+        # where a PAG pipeline's call puts its processors: the self-attention modules the UNet has now (FreeNoise,
+        # enabled since apply_vsp, replaces the motion modules' blocks and their attention)
+        pag = any(_perturbs(m.processor) for m in module.modules()
+                  if isinstance(m, Attention) and not m.is_cross_attention)
         copies = 1 + cfg + pag
         # guidance runs one latent batch in copies; a call without it would give the first copy's videos the shared
         # prompt, as if unconditional, or the wrong synopses (a host sync; not while compiling)
         checks = not torch.compiler.is_compiling()
         if copies > 1 and (batch % copies or (checks and not _copies_of_one(sample, copies))):
-            raise ValueError(_copies(cfg, pag, batch))
-        if checks and callable(self.cfg) and not cfg and _copies_of_one(sample, copies + 1):
+            raise ValueError(_copies(cfg, pag, batch, getattr(self.cfg, "flag", None)))
+        if checks and callable(self.cfg) and not self.cfg.live and not cfg and _copies_of_one(sample, copies + 1):
             # a flag followed says no guidance, but the batch is laid out as guidance lays it: a stale flag (the
             # UNet called outside that pipeline's call, by another sharing it) would feed the unconditional copy
             raise ValueError(f"apply_vsp(cfg=None) follows {self.cfg.flag}, which says no classifier-free "
@@ -329,6 +341,7 @@ def _guidance(target, cfg):
                                f"read ({error}): the UNet was called outside that pipeline's call (directly, or by "
                                f"another pipeline sharing it); give cfg") from error
     read.flag = f"{type(target).__name__}.{flag}"
+    read.live = False  # generate_with_synopsis's: the flag of the pipeline call in progress, never another's
     return read
 
 
@@ -348,22 +361,36 @@ def _copies_of_one(sample: torch.Tensor, copies: int) -> bool:
                             for i in range(1, copies))
 
 
-def _copies(cfg: bool, pag: bool, batch: int) -> str:
-    """The error for a UNet batch that is not one latent batch in the copies `cfg` and `pag` say."""
-    said = {(True, False): "cfg=True, but the UNet's sample is not one latent batch twice, as classifier-free "
+def _copies(cfg: bool, pag: bool, batch: int, flag=None) -> str:
+    """The error for a UNet batch that is not one latent batch in the copies `cfg` and `pag` say (`flag`: the
+    pipeline's flag cfg followed, if it did)."""
+    said = f"apply_vsp(cfg=None) follows {flag}, which says classifier-free guidance" if flag else "cfg=True"
+    said = {(True, False): f"{said}, but the UNet's sample is not one latent batch twice, as classifier-free "
                            "guidance runs it (unconditional copy first)",
             (False, True): "perturbed-attention guidance's processors are on the UNet, but its sample is not one "
                            "latent batch twice, as that guidance runs it (conditional copy, then perturbed)",
-            (True, True): "cfg=True and perturbed-attention guidance's processors are on the UNet, but its sample "
+            (True, True): f"{said} and perturbed-attention guidance's processors are on the UNet, but its sample "
                           "is not one latent batch three times, as the two guidances run it (unconditional, "
-                          "conditional, perturbed)"}
-    return (f"{said[cfg, pag]}; it has {batch} videos. For a run without classifier-free guidance "
-            f"(guidance_scale 1), give apply_vsp(..., cfg=False)")
+                          "conditional, perturbed)"}[cfg, pag]
+    hint = ("the flag is not that of the call running the UNet (another pipeline sharing it, or a call outside the "
+            "pipeline's), or the pipeline does not batch guidance as diffusers' do: give apply_vsp's cfg (True or "
+            "False) for this UNet's calls" if flag else
+            "for a run without classifier-free guidance (guidance_scale 1), give apply_vsp(..., cfg=False)")
+    return f"{said}; it has {batch} videos. {hint[0].upper()}{hint[1:]}"
 
 
 def _encodes_free_noise(pipe) -> bool:
-    """Whether `pipe`'s call encodes its prompt with FreeNoise's own encoder (names it), where FreeNoise is on."""
-    return "_encode_prompt_free_noise" in inspect.unwrap(type(pipe).__call__).__code__.co_names
+    """Whether `pipe`'s call may encode its prompt with FreeNoise's own encoder, where FreeNoise is on: a ``__call__``
+    of its class or of one it derives from names it (a subclass's call may run its base's through super(), or be
+    wrapped by a decorator that does not say what it wraps); a call of no code to read is taken to."""
+    for cls in type(pipe).__mro__:
+        call = cls.__dict__.get("__call__")
+        if call is None:
+            continue
+        code = getattr(inspect.unwrap(getattr(call, "func", call)), "__code__", None)
+        if code is None or "_encode_prompt_free_noise" in code.co_names:
+            return True
+    return False
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
