@@ -187,6 +187,43 @@ def _seed(text: str) -> int:
     return value
 
 
+def _int_in(low: int, high: int, why: str):
+    """An argparse type: an int from `low` to `high` (`why`: what a larger one would do)."""
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be an int from {low} to {high} ({why}), got {text!r}")
+        return int(text)
+    return parse
+
+
+def _sigma(text: str) -> float:
+    """An argparse type: a Gaussian's sigma, a number > 0 (inf: no band)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (inf: no band), got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+# the largest pictures the commands draw in a few seconds to a minute, in about 1 GB or less
+_DELTA_FRAMES = _int_in(1, 4096, "a bigger matrix takes GBs and minutes to draw")
+_DEMO_FRAMES = _int_in(2, 256, "the demo's maps grow as the frames squared")
+_DEMO_SIZE = _int_in(2, 64, "the demo's spatial attention grows as the size to the fourth")
+
+
 def _image_path(text: str) -> str:
     """An output image's path, refused before any work when its folder does not exist, when it is a folder, or
     when it has no suffix to name the format (matplotlib would add one, and the path printed be another's)."""
@@ -215,11 +252,11 @@ def _image_path(text: str) -> str:
 
 
 def _plot_delta_options(parser) -> None:
-    parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 4.0, 8.0],
+    parser.add_argument("--sigmas", type=_sigma, nargs="+", default=[1.0, 4.0, 8.0],
                         help="one panel per sigma (default: 1 4 8)")
-    parser.add_argument("--num-frames", type=bench.positive_int, default=16,
-                        help="frames N of the N x N matrix (default: 16)")
-    _deprecated_option(parser, "--frames", "--num-frames", type=bench.positive_int)
+    parser.add_argument("--num-frames", type=_DELTA_FRAMES, default=16,
+                        help="frames N of the N x N matrix, at most 4096 (default: 16)")
+    _deprecated_option(parser, "--frames", "--num-frames", type=_DELTA_FRAMES)
     parser.add_argument("--out", type=_image_path, default="delta.png",
                         help="output image; format from the suffix (default: delta.png)")
     parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
@@ -235,16 +272,17 @@ def cmd_plot_delta(args) -> int:
     except (TypeError, ValueError, OSError) as exc:  # OSError: the image could not be written
         print(f"plot-delta: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {', '.join(drawn)} over {args.num_frames} frames")
+    print(f"wrote {args.out}: {', '.join(drawn)} over {args.num_frames} frame{'s' * (args.num_frames > 1)}")
     return 0
 
 
 def _demo_attention_options(parser) -> None:
-    parser.add_argument("--num-frames", type=int, default=16, help="frames of the random video (default: 16)")
-    _deprecated_option(parser, "--frames", "--num-frames", type=int)
-    parser.add_argument("--sigma", type=float, default=1.0, help="TAR's sigma at level 0 (default: 1)")
-    parser.add_argument("--strength", type=float, default=1.0, help="TAR's strength at level 0 (default: 1)")
-    parser.add_argument("--size", type=int, default=16, help="latent height and width (default: 16)")
+    parser.add_argument("--num-frames", type=_DEMO_FRAMES, default=16,
+                        help="frames of the random video, 2 to 256 (default: 16)")
+    _deprecated_option(parser, "--frames", "--num-frames", type=_DEMO_FRAMES)
+    parser.add_argument("--sigma", type=_sigma, default=1.0, help="TAR's sigma at level 0 (default: 1)")
+    parser.add_argument("--strength", type=_finite, default=1.0, help="TAR's strength at level 0 (default: 1)")
+    parser.add_argument("--size", type=_DEMO_SIZE, default=16, help="latent height and width, 2 to 64 (default: 16)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the latents (default: 0)")
     parser.add_argument("--out", type=_image_path, default="attention.png",
                         help="output image (default: attention.png)")
@@ -281,7 +319,7 @@ def cmd_comfyui_install(args) -> int:
 
     try:
         path = install(args.comfyui)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: a folder it cannot write (read-only, another user's)
         print(f"comfyui-install: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}\nrestart ComfyUI; the node is 'VSTAR temporal attention regularization (TAR)' under "

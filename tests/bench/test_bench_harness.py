@@ -302,7 +302,11 @@ def test_cli_writes_csv_markdown_and_plots(tmp_path):
 
 def test_cli_rejects_bad_options(tmp_path, capsys):
     for args, message in ((["--shapes", "nope"], "unknown shape 'nope'"), (["--dtype", "int8"], "--dtype"),
-                          (["--impls", "magic"], "--impls"), (["--n", "0"], "--n")):
+                          (["--impls", "magic"], "--impls"), (["--n", "0"], "--n"),
+                          # UNet shapes run the UNet's own variants: the implementations named were not run
+                          (["--shapes", "unet-tiny", "--impls", "sdpa_plain"],
+                           "--impls chooses the kernel shapes' implementations, and --shapes names UNets only "
+                           "(unet-tiny)")):
         assert cli.main(["bench", *args, "--out", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -175,6 +175,28 @@ def test_a_panel_without_data_says_why(tmp_path, monkeypatch):
         plt.close(fig)
 
 
+def test_a_correctness_run_alone_is_said_checked_not_failed(tmp_path, monkeypatch):
+    """Only the interpreter's check at a shape: the panels said no implementation ran successfully and ours none
+    ran, under a title saying it was checked."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    cpu = "cpu: a test CPU"
+    draw_plots([row("device_copy", "", "", "", "", "1", gbps="2000", pct="100", dtype="uint8", device=cpu),
+                row("vstar_triton_interpreter", 4, 2, 16, 40, "", status=CHECKED_ONLY, backend="triton",
+                    dtype="fp32", device=cpu)], tmp_path / "checked-20990101")
+    by_metric = dict(zip(("time", "speedup", "bandwidth"), figures))
+    for metric, fig in by_metric.items():
+        assert fig._suptitle.get_text().endswith("CPU wall clock; ours: none timed. Not GPU speed")
+        [ax] = [a for a in fig.axes if a.get_visible()]
+        assert "correctness run only, not timed: vstar_triton_interpreter" in ax.get_title()
+        assert [t.get_text() for t in ax.texts] == ["no data: ours was checked, not timed (a correctness run)"
+                                                    if metric == "speedup" else
+                                                    "no data: no implementation was timed (a correctness run)"]
+        plt.close(fig)
+
+
 def test_n_a_time_budget_left_unrun_is_said_and_not_drawn(tmp_path, monkeypatch):
     """A sweep cut by its time budget: the panels' N axis holds the N that ran, and the title says which not."""
     import matplotlib.pyplot as plt

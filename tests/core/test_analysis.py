@@ -452,6 +452,9 @@ def test_cli_plot_delta(tmp_path, capsys):
     assert cli_main(["plot-delta", "--sigmas", "1", "4", "8", "--num-frames", "16", "--out", str(out)]) == 0
     assert png(out).size == png(tmp_path / "api.png").size  # the CLI draws what the function draws
     assert "sigma = 1, sigma = 4, sigma = 8 over 16 frames" in capsys.readouterr().out
-    assert cli_main(["plot-delta", "--sigmas", "-1", "--out", str(tmp_path / "bad.png")]) == 2
-    assert "sigma must be > 0" in capsys.readouterr().err
+    assert cli_main(["plot-delta", "--sigmas", "1", "--num-frames", "1", "--out", str(out)]) == 0
+    assert "sigma = 1 over 1 frame\n" in capsys.readouterr().out
+    # two panels drawn and one reported (their key was the title)
+    assert cli_main(["plot-delta", "--sigmas", "1", "1.0", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "plot-delta: sigmas holds 1 twice" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()

@@ -61,9 +61,22 @@ def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys, monkeypatch):
     assert printed[1] > printed[0]
 
 
-def test_cli_rejects_bad_sizes(tmp_path, capsys):
-    assert cli_main(["demo-attention", "--num-frames", "1", "--out", str(tmp_path / "x.png")]) == 2
-    assert "num_frames must be an int >= 2" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["--num-frames", "1"], "argument --num-frames: must be an int from 2 to 256 (the demo's maps grow as the frames "
+                            "squared), got '1'"),
+    # sizes past what a machine holds ended in an allocation's traceback
+    (["--num-frames", "100000"], "argument --num-frames: must be an int from 2 to 256"),
+    (["--size", "100000"], "argument --size: must be an int from 2 to 64 (the demo's spatial attention grows as the "
+                           "size to the fourth), got '100000'"),
+    # the library's checks named its parameters (levels[0]: sigma), not the options
+    (["--sigma", "-1"], "argument --sigma: must be a number > 0 (inf: no band), got '-1'"),
+    (["--strength", "inf"], "argument --strength: must be a finite number, got 'inf'"),
+])
+def test_cli_rejects_bad_sizes(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["demo-attention", *argv, "--out", str(tmp_path / "x.png")])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "x.png").exists()
 
 

@@ -268,6 +268,24 @@ def test_install_refuses_other_folders(tmp_path, capsys):
     (tmp_path / "custom_nodes" / "vstar_kernels_tar").symlink_to(tmp_path / "gone")  # a link to nothing: a traceback
     assert cli.main(["comfyui-install", str(tmp_path)]) == 2
     assert "was not written by this command" in capsys.readouterr().err
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar").unlink()
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar").mkdir()
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py").write_bytes(b"\xff\xfe")  # not UTF-8
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 2
+    assert "was not written by this command" in capsys.readouterr().err  # (was the codec's error, naming no file)
+
+
+def test_install_into_a_folder_it_cannot_write_says_so(tmp_path, capsys, monkeypatch):
+    """A ComfyUI of another user's, or read-only: a traceback before (the command caught ValueError alone)."""
+    (tmp_path / "custom_nodes").mkdir()
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refuse)
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 2
+    init = tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py"
+    assert capsys.readouterr().err.strip() == f"comfyui-install: cannot write {init}: Permission denied"
 
 
 # ---------------------------------------------------------------- numerics against the oracle

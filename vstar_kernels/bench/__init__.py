@@ -54,9 +54,10 @@ def configure(parser) -> None:
                         help="sequence lengths (frames); default 16..2048 on GPU; also the UNet frame counts")
     parser.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (see --list)")
     parser.add_argument("--impls", nargs="+", metavar="IMPL",
-                        help="implementations to run (default: all; on CUDA all but vstar_auto, which runs the "
-                             "Triton kernel vstar_triton times). On CPU ours is vstar_auto, tar_attention's default "
-                             "path; vstar_triton is only checked there, in the Triton interpreter")
+                        help="implementations to run at the kernel shapes (default: all; on CUDA all but vstar_auto, "
+                             "which runs the Triton kernel vstar_triton times). On CPU ours is vstar_auto, "
+                             "tar_attention's default path; vstar_triton is only checked there, in the Triton "
+                             "interpreter")
     parser.add_argument("--device", choices=RUNTIME_DEVICES, default="auto",
                         help="where to run: auto, cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", metavar="DIR", type=results_folder,

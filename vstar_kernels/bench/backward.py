@@ -69,7 +69,7 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         print("backward benchmarks need a CUDA device (the CPU runs the Triton interpreter, not the kernels)",
               file=sys.stderr)
-        return 1
+        return 2  # as bench --device cuda without CUDA
     info = measure.RunInfo.collect(torch.device("cuda"))
     csv_path = results_csv(args, info, "-backward")
     for case in DEFAULT_CASES:

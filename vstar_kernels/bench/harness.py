@@ -291,6 +291,9 @@ def main(args) -> int:
             print(model_table(names, ns))
             return 0
         device = torch.device("cuda" if cuda else "cpu")
+        if args.impls and all(shapes.is_unet(name) for name in names):  # (they ran the UNet's own variants)
+            raise ValueError(f"--impls chooses the kernel shapes' implementations, and --shapes names UNets only "
+                             f"({', '.join(names)}), which run the stock UNet and TAR's variants")
         peer_names = list(dict.fromkeys(args.impls)) if args.impls else default_impls(device)
         unknown = [p for p in peer_names if p not in PEERS]
         if unknown:
@@ -319,7 +322,7 @@ def main(args) -> int:
         sweep.measure_copy()
         sweep.run(kernel_cases, unet_cases, [PEERS[p] for p in peer_names])
     outputs = report.render(csv_path, plots=not args.no_plots)
-    print(f"{sweep.rows_written} rows appended to {csv_path}")
+    print(f"{sweep.rows_written} row{'s' * (sweep.rows_written != 1)} appended to {csv_path}")
     for path in outputs:
         print(f"wrote {path}")
     failed = report.our_failures(r for r in measure.read_csv(csv_path) if r["commit"] == info.commit)

@@ -268,7 +268,7 @@ def draw_plots(rows, stem: Path) -> list:
         cols = min(3, len(groups))
         nrows = math.ceil(len(groups) / cols)
         ours = [i for i in TIMED_OURS if any(_ran(i, by_n) for by_n in groups.values())]
-        note = f"ours: {', '.join(ours) or 'none ran'}"
+        note = f"ours: {', '.join(ours) or 'none timed'}"
         if device.startswith("cpu"):
             note = f"CPU wall clock; {note}" + " (tar_attention's default CPU path)" * bool(ours) + ". Not GPU speed"
         for metric, (title, ylabel) in METRICS.items():
@@ -319,10 +319,15 @@ def draw_plots(rows, stem: Path) -> list:
 def _no_data(metric, by_n) -> str:
     """Why a panel has no line: which runs failed (the table's notes say how)."""
     see = "see the notes under the markdown table"
+    checked = [i for i in _impls(by_n) if any(i in cell and correctness_only(cell[i]) for cell in by_n.values())]
     if metric != "speedup":
+        if checked:  # (the title names them)
+            return "no data: no implementation was timed (a correctness run)"
         return f"no data: no implementation ran successfully\n({see})"
     if any(_ran(i, by_n) for i in TIMED_OURS):
         return f"no data: no peer succeeded at an N where ours did\n({see})"
+    if any(i in OURS for i in checked):
+        return "no data: ours was checked, not timed (a correctness run)"
     who = ", ".join(i for i in _impls(by_n) if i in OURS) or "no implementation of ours was run"
     return f"no data: no successful run of ours\n({who}; {see})"
 

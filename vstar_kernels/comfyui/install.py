@@ -31,10 +31,13 @@ def install(comfyui: str) -> pathlib.Path:
     target = nodes / PACKAGE
     init = target / "__init__.py"
     if target.exists() or target.is_symlink():  # a link to nothing too
-        ours = target.is_dir() and init.is_file() and init.read_text(encoding="utf-8").startswith(MARK) \
+        ours = target.is_dir() and init.is_file() and init.read_bytes().startswith(MARK.encode()) \
             and {p.name for p in target.iterdir()} <= {"__init__.py", "__pycache__"}
         if not ours:
             raise ValueError(f"{target} exists and was not written by this command; remove it first")
-    target.mkdir(exist_ok=True)
-    init.write_text(SOURCE, encoding="utf-8")
+    try:
+        target.mkdir(exist_ok=True)
+        init.write_text(SOURCE, encoding="utf-8")
+    except OSError as exc:  # a folder of another user's, or read-only
+        raise OSError(f"cannot write {init}: {exc.strerror or exc}") from exc
     return init
