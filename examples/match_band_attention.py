@@ -18,6 +18,8 @@ import argparse
 import torch
 
 import vstar_kernels as vk
+from vstar_kernels import _env, dispatch
+from vstar_kernels.cli import _seed
 
 
 def attention_maps(x, wq, wk, heads: int, **tar):
@@ -82,19 +84,41 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def run_device(parser, backend: str) -> str:
+    """Where the optimization runs: CUDA when torch sees it, unless TRITON_INTERPRET=1 (the Triton interpreter takes
+    CPU tensors only); --backend triton on CPU without the interpreter is refused here, before anything is built."""
+    interpreting = _env.interpreter_requested()
+    if torch.cuda.is_available() and not interpreting:
+        return "cuda"
+    if backend == "triton" and not interpreting:
+        parser.error("--backend triton: the Triton kernels run on a CUDA device, and torch sees none; set "
+                     "TRITON_INTERPRET=1 in the environment to run them on the CPU in the Triton interpreter "
+                     "(slow), or use --backend auto or reference")
+    return "cpu"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=positive_int, default=150)
+    parser.add_argument("--steps", type=positive_int, default=150, help="optimization steps (default: 150)")
     parser.add_argument("--frames", type=positive_int, default=16,
-                        help="at least 2; also the head dim of v = I, so at most 256 with --backend triton")
-    parser.add_argument("--target-sigma", type=float, default=1.5, help="width of the target band")
-    parser.add_argument("--sigma", type=float, default=1.0, help="TAR width in the layer (inf: a flat bias)")
-    parser.add_argument("--strength", type=float, default=0.0, help="TAR strength in the layer (0: plain map)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
-    parser.add_argument("--seed", type=int, default=0)
+                        help="at least 2; also the head dim of v = I, so at most 256 with --backend triton "
+                             "(default: 16)")
+    parser.add_argument("--target-sigma", type=float, default=1.5, help="width of the target band (default: 1.5)")
+    parser.add_argument("--sigma", type=float, default=1.0,
+                        help="TAR width in the layer (inf: a flat bias; default: 1)")
+    parser.add_argument("--strength", type=float, default=0.0,
+                        help="TAR strength in the layer (0: plain map; default: 0)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
+                        help="what computes the attention maps (default: auto); triton needs a CUDA device, or "
+                             "TRITON_INTERPRET=1 on the CPU")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the projections and the input (default: 0)")
     args = parser.parse_args(argv)
     if args.frames < 2:
         parser.error("--frames must be at least 2: one frame has no band to match")
+    most = dispatch.BACKENDS["triton"].SUPPORTED_MAX_HEAD_DIM
+    if args.backend == "triton" and args.frames > most:
+        parser.error(f"--frames: at most {most} with --backend triton (the head dim of v = I, the Triton kernels' "
+                     f"largest), got {args.frames}; use --backend auto or reference for more")
     for option, sigma, strength in (("--target-sigma", args.target_sigma, 1.0), ("--sigma", args.sigma, 1.0),
                                     ("--strength", 1.0, args.strength)):
         try:
@@ -104,7 +128,7 @@ def main(argv=None):
     if not abs(args.strength) <= torch.finfo(torch.float32).max:  # what the library takes for this float32 model
         parser.error(f"--strength: must be at most {torch.finfo(torch.float32).max!r} in size (the largest float32), "
                      f"got {args.strength}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = run_device(parser, args.backend)
     try:
         result = optimize(steps=args.steps, frames=args.frames, target_sigma=args.target_sigma, sigma=args.sigma,
                           strength=args.strength, backend=args.backend, seed=args.seed, device=device)

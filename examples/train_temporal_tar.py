@@ -18,6 +18,8 @@ import math
 import torch
 
 import vstar_kernels as vk
+from vstar_kernels import _env
+from vstar_kernels.cli import _seed
 
 
 class TemporalBlock(torch.nn.Module):
@@ -93,14 +95,42 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def data_seed(text: str) -> int:
+    """--seed: an int torch.manual_seed takes, and seed + 1 too (the data's generator is seeded with it)."""
+    try:
+        value = _seed(text)
+    except argparse.ArgumentTypeError:
+        value = None
+    if value is None or value > 2 ** 64 - 2:
+        raise argparse.ArgumentTypeError(f"must be an int from -2**63 to 2**64 - 2 (the data is seeded with "
+                                         f"seed + 1), got {text!r}")
+    return value
+
+
+def run_device(parser, backend: str) -> str:
+    """Where the model runs: CUDA when torch sees it, unless TRITON_INTERPRET=1 (the Triton interpreter takes CPU
+    tensors only); --backend triton on CPU without the interpreter is refused here, before the model is built."""
+    interpreting = _env.interpreter_requested()
+    if torch.cuda.is_available() and not interpreting:
+        return "cuda"
+    if backend == "triton" and not interpreting:
+        parser.error("--backend triton: the Triton kernels run on a CUDA device, and torch sees none; set "
+                     "TRITON_INTERPRET=1 in the environment to run them on the CPU in the Triton interpreter "
+                     "(slow), or use --backend auto or reference")
+    return "cpu"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=positive_int, default=60)
-    parser.add_argument("--frames", type=positive_int, default=16)
-    parser.add_argument("--sigma", type=float, default=2.0, help="TAR width (inf: plain attention)")
-    parser.add_argument("--strength", type=float, default=1.0, help="TAR strength (0: plain attention)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=positive_int, default=60, help="training steps (default: 60)")
+    parser.add_argument("--frames", type=positive_int, default=16, help="frames of each video (default: 16)")
+    parser.add_argument("--sigma", type=float, default=2.0, help="TAR width (inf: plain attention; default: 2)")
+    parser.add_argument("--strength", type=float, default=1.0, help="TAR strength (0: plain attention; default: 1)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
+                        help="what computes the attention (default: auto); triton needs a CUDA device, or "
+                             "TRITON_INTERPRET=1 on the CPU")
+    parser.add_argument("--seed", type=data_seed, default=0, help="seed of the weights; seed + 1 seeds the data "
+                        "(default: 0)")
     args = parser.parse_args(argv)
     for option, sigma, strength in (("--sigma", args.sigma, 1.0), ("--strength", 1.0, args.strength)):
         try:
@@ -110,13 +140,13 @@ def main(argv=None):
     if not abs(args.strength) <= torch.finfo(torch.float32).max:  # what the library takes for this float32 model
         parser.error(f"--strength: must be at most {torch.finfo(torch.float32).max!r} in size (the largest float32), "
                      f"got {args.strength}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = run_device(parser, args.backend)
     try:
         losses = train(steps=args.steps, frames=args.frames, sigma=args.sigma, strength=args.strength,
                        backend=args.backend, seed=args.seed, device=device)
     except FloatingPointError as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses)} steps")
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses)} step" + "s" * (len(losses) != 1))
     return losses
 
 

@@ -96,3 +96,65 @@ def test_examples_stop_at_a_loss_that_is_not_finite(name, capsys):
     assert exit_.value.code == 1
     assert "error: step 0: the loss is nan; strength 3e+38 times a row's largest score can overflow float32" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["train_temporal_tar", "match_band_attention"])
+def test_examples_refuse_triton_on_a_cpu_without_the_interpreter(name, monkeypatch, capsys):
+    """--backend triton on a CPU machine without TRITON_INTERPRET ended in a BackendUnavailableError traceback."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main(["--backend", "triton", "--steps", "1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --backend triton: the Triton kernels run on a CUDA device" in err
+    assert "set TRITON_INTERPRET=1 in the environment" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="triton keeps the compiled mode of its first import here")
+@pytest.mark.parametrize("name", ["train_temporal_tar", "match_band_attention"])
+def test_examples_run_on_the_cpu_under_the_interpreter_where_torch_sees_cuda(name, monkeypatch, capsys):
+    """TRITON_INTERPRET=1 on a CUDA machine: the interpreter takes CPU tensors, and the examples put them on CUDA."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a move to CUDA fails on this machine
+    load(name).main(["--backend", "triton", "--steps", "1", "--frames", "4"])
+    assert "loss" in capsys.readouterr().out
+
+
+def test_band_example_refuses_frames_past_the_triton_head_dim(capsys):
+    """--frames is v = I's head dim: past 256 the Triton backend raised "head dim 300 > 256" after the setup."""
+    with pytest.raises(SystemExit) as exit_:
+        load("match_band_attention").main(["--frames", "300", "--backend", "triton"])
+    assert exit_.value.code == 2
+    assert "error: --frames: at most 256 with --backend triton" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, refused, message", [
+    ("train_temporal_tar", 2 ** 64 - 1, "from -2**63 to 2**64 - 2 (the data is seeded with seed + 1)"),
+    ("train_temporal_tar", -2 ** 63 - 1, "from -2**63 to 2**64 - 2"),
+    ("match_band_attention", 99999999999999999999999, "from -2**63 to 2**64 - 1"),
+    ("match_band_attention", "1.5", "from -2**63 to 2**64 - 1"),
+])
+def test_examples_refuse_a_seed_torch_cannot_take(name, refused, message, capsys):
+    """A seed past 64 bits was a traceback: Overflow when unpacking long long."""
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main(["--seed", str(refused), "--steps", "1"])
+    assert exit_.value.code == 2
+    assert f"argument --seed: must be an int {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, largest", [("train_temporal_tar", 2 ** 64 - 2), ("match_band_attention", 2 ** 64 - 1)])
+def test_examples_take_the_largest_seed_and_say_one_step(name, largest, capsys):
+    load(name).main(["--seed", str(largest), "--steps", "1", "--frames", "4"])
+    out = capsys.readouterr().out
+    assert "loss" in out and "1 steps" not in out
+
+
+@pytest.mark.parametrize("name", ["train_temporal_tar", "match_band_attention"])
+def test_examples_options_have_help_with_their_defaults(name, capsys):
+    with pytest.raises(SystemExit):
+        load(name).main(["--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    helps = {chunk.split()[0]: " ".join(chunk.split()) for chunk in ("\n" + options).split("\n  --")[1:]}
+    for option in ("steps", "frames", "backend", "seed", "sigma", "strength"):
+        assert "(default: " in helps[option] or "; default: " in helps[option], (option, helps[option])
