@@ -30,7 +30,10 @@ with the two-pass output within the tolerance table (vstar_kernels.bench.check.T
                                       [--lean]
 
 --smoke runs one tiny layout through the Triton interpreter (TRITON_INTERPRET=1) on the CPU: the same checks,
-timed on the CPU, for the tests.
+timed on the CPU, for the tests. Without TRITON_INTERPRET=1 in the environment it runs itself again with it (triton
+keeps the mode of its first import, which torch made above), and its rows go where `python -m vstar_kernels bench`
+writes its own by default, ./vstar-bench-results in the current folder, unless --out names a folder: never into
+benchmarks/results of the checkout, which holds the GPU runs' files.
 
 --plot CSV draws a results file of this script as one picture, `<stem>-flag-rates.png` beside it: per DiT shape,
 the one pass and the lean forward's one pass (each with its redo launch hatched) and the two passes at each flag
@@ -42,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -51,7 +56,7 @@ import torch
 from torch.profiler import ProfilerActivity
 
 import vstar_kernels as vk
-from vstar_kernels import dispatch
+from vstar_kernels import _env, dispatch
 from vstar_kernels._problem import make_problem
 from vstar_kernels.bench import measure, results_folder, seconds
 from vstar_kernels.bench.check import TOLERANCES
@@ -358,15 +363,30 @@ def plot(csv_path, out_dir=None):
     return path
 
 
+# where --smoke writes without --out: where `python -m vstar_kernels bench` writes by default (its --out's help,
+# vstar_kernels.bench.harness.results_csv), in the folder the command runs in
+SMOKE_OUT = "vstar-bench-results"
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=results_folder,
-                        help="the folder to write to (default: benchmarks/results; with --plot, beside the CSV)")
+                        help=f"the folder to write to (default: benchmarks/results; with --smoke ./{SMOKE_OUT} in the "
+                             "current folder, as `python -m vstar_kernels bench`; with --plot, beside the CSV)")
     parser.add_argument("--shapes", nargs="*", help="DiT shapes of tools/perf/model_dit.py (default: all)")
-    parser.add_argument("--rates", nargs="+", type=float, default=list(RATES))
-    parser.add_argument("--time-budget-s", type=seconds, default=420.0)
-    parser.add_argument("--smoke", action="store_true", help="one tiny layout in the Triton interpreter (CPU)")
-    parser.add_argument("--lean", action="store_true", help="the lean forward's rows (once per shape) first")
+    parser.add_argument("--rates", nargs="+", type=float, default=list(RATES), metavar="RATE",
+                        help="the planted flag rates, shares of the video rows in [0, 1] (default: "
+                             f"{' '.join(f'{r:g}' for r in RATES)})")
+    parser.add_argument("--time-budget-s", type=seconds, default=420.0, metavar="S",
+                        help="after S seconds start no further shape (nor, without --lean, rate); the rows written "
+                             "so far stay (default: 420)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny layout in the Triton interpreter (CPU), for the tests; sets TRITON_INTERPRET=1 "
+                             "itself")
+    parser.add_argument("--lean", action="store_true",
+                        help="time the lean forward instead (only its rows run): at rate 0 each of its forms beside "
+                             "the two passes (and on a GPU the floor), at the other --rates its speculative form alone")
     parser.add_argument("--plot", metavar="CSV", help="draw a results file of this script (no run)")
     args = parser.parse_args(argv)
     args.rates = list(dict.fromkeys(args.rates))  # each once
@@ -384,6 +404,12 @@ def main(argv=None) -> int:
         return 0
     if any(not 0 <= r <= 1 for r in args.rates):
         parser.error(f"--rates: shares in [0, 1], got {args.rates}")
+    if args.smoke and not _env.interpreter_requested():
+        # the kernels load in the mode of triton's first import, which this module's imports made (bench.peers):
+        # too late to set it here; a child run with TRITON_INTERPRET=1 from its start (as the CLI's `demo` does)
+        sys.stdout.flush()
+        return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv],
+                              env={**os.environ, "TRITON_INTERPRET": "1"}).returncode
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         cases = [("smoke", vk.frame_ids(8, 20), 1, 16, 0.5)]
@@ -402,7 +428,7 @@ def main(argv=None) -> int:
         cases = [(s.name, s.frames(), s.heads, s.head_dim, s.sigma) for s in DIT_SHAPES
                  if not args.shapes or s.name in args.shapes]
     info = measure.RunInfo.collect(device)
-    folder = Path(args.out) if args.out else Path(__file__).parent / "results"
+    folder = Path(args.out) if args.out else Path.cwd() / SMOKE_OUT if args.smoke else Path(__file__).parent / "results"
     out = folder / f"speculation-{measure.slug(info.device)}-{info.date}.csv"
     start = time.monotonic()
     if args.lean:

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_smoke_run_writes_checked_rows(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # without TRITON_INTERPRET (what --smoke's help and the no-CUDA refusal point to): the script runs itself again
+    # with it; it raised "cpu tensors need TRITON_INTERPRET=1"
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--smoke", "--rates", "0", "1", "--out",
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -54,12 +56,17 @@ def test_smoke_run_writes_checked_rows(tmp_path):
 
 def test_lean_smoke_run_checks_before_timing(tmp_path):
     """--lean (the sweep's `lean` stage): each lean variant checked against the two passes, then timed, and the two
-    passes beside them at rate 0; at another planted rate the speculative form alone, with the rate it measured."""
+    passes beside them at rate 0; at another planted rate the speculative form alone, with the rate it measured.
+    Without --out its rows go where `python -m vstar_kernels bench` writes by default, ./vstar-bench-results (they
+    went into the checkout's benchmarks/results, an untracked file plot_results.py then rendered)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--smoke", "--lean", "--rates", "0", "0.5",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    committed = set((ROOT / "benchmarks" / "results").iterdir())
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speculation.py"), "--smoke", "--lean", "--rates",
+                           "0", "0.5"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    (csv_path,) = tmp_path.glob("speculation-*.csv")
+    assert set((ROOT / "benchmarks" / "results").iterdir()) == committed
+    (csv_path,) = (tmp_path / "vstar-bench-results").glob("speculation-*.csv")
+    assert f"rows in {csv_path}" in done.stdout
     rows = measure.read_csv(csv_path)
     assert [r["impl"] for r in rows] == ["vstar_triton_lean", "vstar_triton_lean_ws", "vstar_triton_lean_no_ws",
                                          "vstar_triton_lean_one_pass", "vstar_triton_two_pass",
@@ -108,6 +115,19 @@ def test_bad_rates_and_no_gpu_are_refused(tmp_path, capsys):
         except SystemExit as exc:  # argparse's error: usage and the message on stderr, exit status 2
             code = exc.code
         assert code != 0 and message in capsys.readouterr().err, args
+
+
+def test_help_says_what_each_option_does_and_its_default(capsys):
+    """--lean said "the lean forward's rows (once per shape) first", but only those rows run; --rates and
+    --time-budget-s had no help and stated no default."""
+    with pytest.raises(SystemExit):
+        _script().main(["--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    helps = {chunk.split()[0]: " ".join(chunk.split()) for chunk in ("\n" + options).split("\n  --")[1:]}
+    assert "(default: 0 0.05 0.2 1)" in helps["rates"]
+    assert "(default: 420)" in helps["time-budget-s"]
+    assert "instead (only its rows run)" in helps["lean"] and "first" not in helps["lean"]
+    assert "with --smoke ./vstar-bench-results in the current folder" in helps["out"]
 
 
 def _script():
@@ -237,7 +257,8 @@ def test_many_shapes_wrap_into_rows_of_three(tmp_path):
         for i in range(4):
             for impl, ms in (("vstar_triton_lean_one_pass", "1.5"), ("vstar_triton_two_pass", "3.0")):
                 out.writerow({**dict.fromkeys(measure.COLUMNS, ""), "impl": impl, "status": "ok", "median_ms": ms,
-                              "setup": f"dit=shape{i} planted_flag_rate=0 flag_rate=0.0000", "commit": "abc", "timestamp": "2026-01-01T00:00:00Z",
+                              "setup": f"dit=shape{i} planted_flag_rate=0 flag_rate=0.0000", "commit": "abc",
+                              "timestamp": "2026-01-01T00:00:00Z",
                               "dtype": "bf16", "device": "gpu"})
     height, width, _ = imread(_script().plot(path)).shape
     assert width < 2 * height  # 2 rows of 3 panels (one left blank), not 4 panels in a row of 4:1
