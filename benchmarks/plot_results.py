@@ -2,12 +2,13 @@
 
     python benchmarks/plot_results.py [--out DIR] [--no-plots] [CSV ...]
 
-Default: every CSV under benchmarks/results/ but those tools.perf writes with its own tables
-(PERF_OUTPUTS). Each CSV gets ``<stem>.md`` and ``<stem>-{time,speedup,bandwidth}-<dtype>.png`` (no bandwidth
-for `bench --backward`'s rows, which count no bytes) beside it (or in --out), built from the CSV alone by
-vstar_kernels.bench.report.render, so committed results can be re-rendered anywhere. A speculation-*.csv
-(benchmarks/speculation.py's rows) gets its markdown and, for plots, that script's one picture,
-``<stem>-flag-rates.png``.
+Default: every CSV under benchmarks/results/ but those `python -m tools.perf` writes there beside its own
+tables (model-*.csv, static-*.csv, traffic.csv: not benchmark rows). Each CSV gets ``<stem>.md`` and
+``<stem>-{time,speedup,bandwidth}-<dtype>.png`` (no bandwidth for `bench --backward`'s rows, which count no bytes)
+beside it (or in --out), built from the CSV alone by vstar_kernels.bench.report.render, so committed results can
+be re-rendered anywhere. A speculation-*.csv (benchmarks/speculation.py's rows) gets its markdown and, for plots,
+that script's one picture, ``<stem>-flag-rates.png``. A file given twice is rendered once; with --out, two files
+of one name (their outputs would overwrite each other there) are refused.
 """
 
 from __future__ import annotations
@@ -42,8 +43,14 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT))  # a checkout that is not pip-installed
     from vstar_kernels.bench.report import render
 
+    from vstar_kernels.bench import results_folder
+
     paths = [Path(p) for p in args.csv] or [p for p in sorted(RESULTS.glob("*.csv"))
                                             if not any(p.match(pattern) for pattern in PERF_OUTPUTS)]
+    once = {}
+    for p in paths:
+        once.setdefault(p.resolve(), p)  # a file given twice (or by two spellings of its path): rendered once
+    paths = list(once.values())
     if not paths:
         print(f"no CSV files given and none in {RESULTS}", file=sys.stderr)
         return 1
@@ -52,9 +59,19 @@ def main(argv=None) -> int:
         print(f"not a file: {', '.join(missing)}", file=sys.stderr)
         return 2
     if args.out:
+        # outputs are named by the CSV's stem: two of one stem in one folder, the second overwrote the first
+        stems = {}
+        for p in paths:
+            stems.setdefault(p.stem, []).append(str(p))
+        clashes = [" and ".join(same) for same in stems.values() if len(same) > 1]
+        if clashes:
+            print(f"--out: {'; '.join(clashes)}: files of one name, whose tables and plots would overwrite each "
+                  f"other in {args.out}: render them into separate folders", file=sys.stderr)
+            return 2
         try:
+            args.out = results_folder(args.out)  # an existing file, or a file where a folder is to be made: by name
             Path(args.out).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        except (argparse.ArgumentTypeError, OSError) as exc:
             print(f"--out: {exc}", file=sys.stderr)
             return 2
     for path in paths:

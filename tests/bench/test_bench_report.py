@@ -376,6 +376,47 @@ def test_a_csv_of_other_columns_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("--out: ")
 
 
+def test_plot_script_refuses_two_files_of_one_name_into_one_folder(tmp_path, capsys):
+    """With --out, s1/x.csv and s2/x.csv both wrote out/x.md, the second over the first, exit 0; a file given twice
+    was rendered twice."""
+    for folder in ("s1", "s2"):
+        (tmp_path / folder).mkdir()
+        write_csv(tmp_path / folder / "x.csv", ROWS)
+    one, two, out = tmp_path / "s1" / "x.csv", tmp_path / "s2" / "x.csv", tmp_path / "out"
+    assert plot_script().main(["--no-plots", "--out", str(out), str(one), str(two)]) == 2
+    assert capsys.readouterr().err.strip() == (f"--out: {one} and {two}: files of one name, whose tables and plots "
+                                               f"would overwrite each other in {out}: render them into separate "
+                                               "folders")
+    assert not out.exists()
+    assert plot_script().main(["--no-plots", str(one), str(two)]) == 0  # each beside its own CSV: no clash
+    assert capsys.readouterr().out.split() == ["wrote", str(tmp_path / "s1" / "x.md"), "wrote",
+                                               str(tmp_path / "s2" / "x.md")]
+    again = str(tmp_path / "s2" / ".." / "s1" / "x.csv")
+    assert plot_script().main(["--no-plots", "--out", str(out), str(one), str(one), again]) == 0
+    assert capsys.readouterr().out.split() == ["wrote", str(out / "x.md")]
+    write_csv(tmp_path / "s2" / "y.csv", ROWS)  # in the order given, each at its first place
+    assert plot_script().main(["--no-plots", "--out", str(out), str(one), str(tmp_path / "s2" / "y.csv"), again]) == 0
+    assert capsys.readouterr().out.split() == ["wrote", str(out / "x.md"), "wrote", str(out / "y.md")]
+
+
+def test_plot_script_names_an_out_that_is_a_file(tmp_path, capsys):
+    """--out naming an existing file printed the raw "[Errno 17] File exists"."""
+    path, taken = tmp_path / "x.csv", tmp_path / "taken"
+    write_csv(path, ROWS)
+    taken.write_text("")
+    assert plot_script().main(["--no-plots", "--out", str(taken), str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"--out: {taken} is a file; --out names the results folder"
+
+
+def test_plot_script_help_names_the_files_it_leaves_out_in_words(capsys):
+    """Its help named the module's constant PERF_OUTPUTS, which a reader of --help cannot see."""
+    script = plot_script()
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    out = capsys.readouterr().out
+    assert "PERF_OUTPUTS" not in out and all(pattern in out for pattern in script.PERF_OUTPUTS)
+
+
 FLOOR_ROWS = [
     row("vstar_triton", 320, 20, 16, 64, "2", gbps="1000", pct="50", tflops="1.5"),
     row("sdpa_floor", 320, 20, 16, 64, "1", backend="cudnn"),
