@@ -14,12 +14,12 @@ The gradient of the mismatch flows through the kernel's backward into q and k, a
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels import _env, dispatch
-from vstar_kernels.cli import _seed
+from vstar_kernels import dispatch
 
 
 def attention_maps(x, wq, wk, heads: int, **tar):
@@ -84,13 +84,28 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1 in the environment, read as Triton reads it: the kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
+
+
+def seed_int(text: str) -> int:
+    """--seed: an int torch.manual_seed takes, -2**63 to 2**64 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -2 ** 63 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an int from -2**63 to 2**64 - 1, got {text!r}")
+    return value
+
+
 def run_device(parser, backend: str) -> str:
     """Where the optimization runs: CUDA when torch sees it, unless TRITON_INTERPRET=1 (the Triton interpreter takes
     CPU tensors only); --backend triton on CPU without the interpreter is refused here, before anything is built."""
-    interpreting = _env.interpreter_requested()
-    if torch.cuda.is_available() and not interpreting:
+    if torch.cuda.is_available() and not interpreting():
         return "cuda"
-    if backend == "triton" and not interpreting:
+    if backend == "triton" and not interpreting():
         parser.error("--backend triton: the Triton kernels run on a CUDA device, and torch sees none; set "
                      "TRITON_INTERPRET=1 in the environment to run them on the CPU in the Triton interpreter "
                      "(slow), or use --backend auto or reference")
@@ -111,7 +126,7 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
                         help="what computes the attention maps (default: auto); triton needs a CUDA device, or "
                              "TRITON_INTERPRET=1 on the CPU")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the projections and the input (default: 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the projections and the input (default: 0)")
     args = parser.parse_args(argv)
     if args.frames < 2:
         parser.error("--frames must be at least 2: one frame has no band to match")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels import _env
-from vstar_kernels.cli import _seed
 
 
 class TemporalBlock(torch.nn.Module):
@@ -95,13 +94,18 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1 in the environment, read as Triton reads it: the kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
+
+
 def data_seed(text: str) -> int:
     """--seed: an int torch.manual_seed takes, and seed + 1 too (the data's generator is seeded with it)."""
     try:
-        value = _seed(text)
-    except argparse.ArgumentTypeError:
+        value = int(text)
+    except ValueError:
         value = None
-    if value is None or value > 2 ** 64 - 2:
+    if value is None or not -2 ** 63 <= value <= 2 ** 64 - 2:
         raise argparse.ArgumentTypeError(f"must be an int from -2**63 to 2**64 - 2 (the data is seeded with "
                                          f"seed + 1), got {text!r}")
     return value
@@ -110,10 +114,9 @@ def data_seed(text: str) -> int:
 def run_device(parser, backend: str) -> str:
     """Where the model runs: CUDA when torch sees it, unless TRITON_INTERPRET=1 (the Triton interpreter takes CPU
     tensors only); --backend triton on CPU without the interpreter is refused here, before the model is built."""
-    interpreting = _env.interpreter_requested()
-    if torch.cuda.is_available() and not interpreting:
+    if torch.cuda.is_available() and not interpreting():
         return "cuda"
-    if backend == "triton" and not interpreting:
+    if backend == "triton" and not interpreting():
         parser.error("--backend triton: the Triton kernels run on a CUDA device, and torch sees none; set "
                      "TRITON_INTERPRET=1 in the environment to run them on the CPU in the Triton interpreter "
                      "(slow), or use --backend auto or reference")
