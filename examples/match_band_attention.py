@@ -19,7 +19,6 @@ import os
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels import dispatch
 
 
 def attention_maps(x, wq, wk, heads: int, **tar):
@@ -84,34 +83,6 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1 in the environment, read as Triton reads it: the kernels run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
-
-
-def seed_int(text: str) -> int:
-    """--seed: an int torch.manual_seed takes, -2**63 to 2**64 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not -2 ** 63 <= value < 2 ** 64:
-        raise argparse.ArgumentTypeError(f"must be an int from -2**63 to 2**64 - 1, got {text!r}")
-    return value
-
-
-def run_device(parser, backend: str) -> str:
-    """Where the optimization runs: CUDA when torch sees it, unless TRITON_INTERPRET=1 (the Triton interpreter takes
-    CPU tensors only); --backend triton on CPU without the interpreter is refused here, before anything is built."""
-    if torch.cuda.is_available() and not interpreting():
-        return "cuda"
-    if backend == "triton" and not interpreting():
-        parser.error("--backend triton: the Triton kernels run on a CUDA device, and torch sees none; set "
-                     "TRITON_INTERPRET=1 in the environment to run them on the CPU in the Triton interpreter "
-                     "(slow), or use --backend auto or reference")
-    return "cpu"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=positive_int, default=150, help="optimization steps (default: 150)")
@@ -126,14 +97,12 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
                         help="what computes the attention maps (default: auto); triton needs a CUDA device, or "
                              "TRITON_INTERPRET=1 on the CPU")
-    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the projections and the input (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the projections and the input (default: 0)")
     args = parser.parse_args(argv)
     if args.frames < 2:
         parser.error("--frames must be at least 2: one frame has no band to match")
-    most = dispatch.BACKENDS["triton"].SUPPORTED_MAX_HEAD_DIM
-    if args.backend == "triton" and args.frames > most:
-        parser.error(f"--frames: at most {most} with --backend triton (the head dim of v = I, the Triton kernels' "
-                     f"largest), got {args.frames}; use --backend auto or reference for more")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # what torch.manual_seed takes
+        parser.error(f"--seed: must be an int from -2**63 to 2**64 - 1, got {args.seed}")
     for option, sigma, strength in (("--target-sigma", args.target_sigma, 1.0), ("--sigma", args.sigma, 1.0),
                                     ("--strength", 1.0, args.strength)):
         try:
@@ -143,10 +112,14 @@ def main(argv=None):
     if not abs(args.strength) <= torch.finfo(torch.float32).max:  # what the library takes for this float32 model
         parser.error(f"--strength: must be at most {torch.finfo(torch.float32).max!r} in size (the largest float32), "
                      f"got {args.strength}")
-    device = run_device(parser, args.backend)
+    # the Triton interpreter (TRITON_INTERPRET=1, as Triton reads it) takes CPU tensors
+    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
+    device = "cuda" if torch.cuda.is_available() and not interpret else "cpu"
     try:
         result = optimize(steps=args.steps, frames=args.frames, target_sigma=args.target_sigma, sigma=args.sigma,
                           strength=args.strength, backend=args.backend, seed=args.seed, device=device)
+    except vk.BackendUnavailableError as exc:  # e.g. triton on a CPU without the interpreter, or past its head dim
+        parser.error(f"--backend {args.backend}: {exc}")
     except FloatingPointError as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     print(f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; diagonality "

@@ -94,35 +94,6 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1 in the environment, read as Triton reads it: the kernels run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
-
-
-def data_seed(text: str) -> int:
-    """--seed: an int torch.manual_seed takes, and seed + 1 too (the data's generator is seeded with it)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not -2 ** 63 <= value <= 2 ** 64 - 2:
-        raise argparse.ArgumentTypeError(f"must be an int from -2**63 to 2**64 - 2 (the data is seeded with "
-                                         f"seed + 1), got {text!r}")
-    return value
-
-
-def run_device(parser, backend: str) -> str:
-    """Where the model runs: CUDA when torch sees it, unless TRITON_INTERPRET=1 (the Triton interpreter takes CPU
-    tensors only); --backend triton on CPU without the interpreter is refused here, before the model is built."""
-    if torch.cuda.is_available() and not interpreting():
-        return "cuda"
-    if backend == "triton" and not interpreting():
-        parser.error("--backend triton: the Triton kernels run on a CUDA device, and torch sees none; set "
-                     "TRITON_INTERPRET=1 in the environment to run them on the CPU in the Triton interpreter "
-                     "(slow), or use --backend auto or reference")
-    return "cpu"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=positive_int, default=60, help="training steps (default: 60)")
@@ -132,9 +103,12 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
                         help="what computes the attention (default: auto); triton needs a CUDA device, or "
                              "TRITON_INTERPRET=1 on the CPU")
-    parser.add_argument("--seed", type=data_seed, default=0, help="seed of the weights; seed + 1 seeds the data "
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights; seed + 1 seeds the data "
                         "(default: 0)")
     args = parser.parse_args(argv)
+    if not -2 ** 63 <= args.seed <= 2 ** 64 - 2:  # what torch.manual_seed takes, for seed + 1 too
+        parser.error(f"--seed: must be an int from -2**63 to 2**64 - 2 (the data is seeded with seed + 1), "
+                     f"got {args.seed}")
     for option, sigma, strength in (("--sigma", args.sigma, 1.0), ("--strength", 1.0, args.strength)):
         try:
             vk.LevelSpec(sigma=sigma, strength=strength)  # refused here, not after the model is built
@@ -143,10 +117,14 @@ def main(argv=None):
     if not abs(args.strength) <= torch.finfo(torch.float32).max:  # what the library takes for this float32 model
         parser.error(f"--strength: must be at most {torch.finfo(torch.float32).max!r} in size (the largest float32), "
                      f"got {args.strength}")
-    device = run_device(parser, args.backend)
+    # the Triton interpreter (TRITON_INTERPRET=1, as Triton reads it) takes CPU tensors
+    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "y", "yes", "on", "true")
+    device = "cuda" if torch.cuda.is_available() and not interpret else "cpu"
     try:
         losses = train(steps=args.steps, frames=args.frames, sigma=args.sigma, strength=args.strength,
                        backend=args.backend, seed=args.seed, device=device)
+    except vk.BackendUnavailableError as exc:  # e.g. triton on a CPU without the interpreter
+        parser.error(f"--backend {args.backend}: {exc}")
     except FloatingPointError as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses)} step" + "s" * (len(losses) != 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import platform
 import shutil
@@ -196,26 +197,21 @@ def _int_in(low: int, high: int, why: str):
     return parse
 
 
-def _sigma(text: str) -> float:
-    """An argparse type: a Gaussian's sigma, a number > 0 (inf: no band)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0 (inf: no band), got {text!r}")
-    return value
+def _float(ok, what: str):
+    """An argparse type: a number for which `ok` holds (`what` says which)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _finite(text: str) -> float:
-    """An argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
+_sigma = _float(lambda value: value > 0, "a number > 0 (inf: no band)")  # a Gaussian's width
+_finite = _float(math.isfinite, "a finite number")
 
 
 # the largest pictures the commands draw in a few seconds to a minute, in about 1 GB or less
