@@ -164,6 +164,11 @@ def tar_attention_op(problem: TarProblem, backend: str, speculate: bool = True,
                      flags: Optional[Tensor] = None) -> Tensor:
     """Run a validated problem through vstar::tar_attention on `backend`; returns (B, H, Nq, Dv). flags:
     None, or an int64 (2,) tensor to which the call adds (flagged rows, rows) where it speculated."""
+    if flags is not None and speculate and backend in SPECULATING and speculates(problem) \
+            and not torch.compiler.is_compiling() and flags.is_inference() and not torch.is_inference_mode_enabled():
+        # (dynamo cannot trace the question) torch would refuse the add after the whole call
+        raise ValueError("flags was made in inference mode, and this call adds to it outside inference mode, which "
+                         "torch refuses: make it outside inference mode (or call in inference mode)")
     # traced, the ids may be buffers that the compiled code reuses: their values are read on every call
     out, _, counts = _tar_attention(*problem.op_args(), backend, problem.needs_grad(), speculate,
                                     torch.compiler.is_compiling(),

@@ -352,10 +352,6 @@ def check_speculation(speculate, flags, device) -> None:
             got += " whose two entries are one element (stride 0)"
         raise ValueError(f"flags must be None or an int64 tensor of shape (2,) on {device} (flagged rows, rows "
                          f"counted), got {got}")
-    if flags is not None and not torch.compiler.is_compiling() and flags.is_inference() \
-            and not torch.is_inference_mode_enabled():  # (dynamo cannot trace the question)
-        raise ValueError("flags was made in inference mode, and the call adds to it outside inference mode, which "
-                         "torch refuses: make it outside inference mode (or call in inference mode)")
 
 
 def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, frames=None,

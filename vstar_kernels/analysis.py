@@ -109,8 +109,11 @@ def minmax_normalize(attention) -> torch.Tensor:
     row of a frame with no token), which stay NaN; a constant map gives zeros."""
     a = _as_map("attention", attention)
     low, high = _range(a)
-    # halved (exactly) first: a range wider than float64's largest number would overflow to inf
-    return (a / 2 - low / 2) / (high / 2 - low / 2) if high > low else torch.where(a.isnan(), a, 0.0)
+    if not high > low:
+        return torch.where(a.isnan(), a, 0.0)
+    if math.isinf(high - low):  # a range wider than float64's largest number: halved first (exactly, at that size)
+        return (a / 2 - low / 2) / (high / 2 - low / 2)
+    return (a - low) / (high - low)
 
 
 SCALES = ("shared", "per-panel")

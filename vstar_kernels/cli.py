@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import platform
 import shutil
@@ -191,9 +190,13 @@ def _seed(text: str) -> int:
 def _int_in(low: int, high: int, why: str):
     """An argparse type: an int from `low` to `high` (`why`: what a larger one would do)."""
     def parse(text: str) -> int:
-        if not text.strip().lstrip("-").isdigit() or not low <= int(text) <= high:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be an int from {low} to {high} ({why}), got {text!r}")
-        return int(text)
+        return value
     return parse
 
 
@@ -211,13 +214,17 @@ def _float(ok, what: str):
 
 
 _sigma = _float(lambda value: value > 0, "a number > 0 (inf: no band)")  # a Gaussian's width
-_finite = _float(math.isfinite, "a finite number")
+# what the demo's float32 model takes (the library's bound, refused there naming its parameter)
+_strength32 = _float(lambda value: abs(value) <= 3.4028234663852886e38,
+                     "a number of at most 3.4028234663852886e+38 in size (the largest float32)")
 
 
-# the largest pictures the commands draw in a few seconds to a minute, in about 1 GB or less
-_DELTA_FRAMES = _int_in(1, 4096, "a bigger matrix takes GBs and minutes to draw")
+# the largest pictures the commands draw in about a minute and 1 GB (plot-delta: at its three default sigmas;
+# demo-attention: with the other size at its default, DEMO_WORK bounding the two together)
+_DELTA_FRAMES = _int_in(1, 2048, "a bigger matrix takes GBs and minutes to draw")
 _DEMO_FRAMES = _int_in(2, 256, "the demo's maps grow as the frames squared")
 _DEMO_SIZE = _int_in(2, 64, "the demo's spatial attention grows as the size to the fourth")
+DEMO_WORK = 256 * 16 ** 2  # frames x size^2: 256 frames at size 16, or 16 frames at size 64
 
 
 def _image_path(text: str) -> str:
@@ -251,7 +258,7 @@ def _plot_delta_options(parser) -> None:
     parser.add_argument("--sigmas", type=_sigma, nargs="+", default=[1.0, 4.0, 8.0],
                         help="one panel per sigma (default: 1 4 8)")
     parser.add_argument("--num-frames", type=_DELTA_FRAMES, default=16,
-                        help="frames N of the N x N matrix, at most 4096 (default: 16)")
+                        help="frames N of the N x N matrix, at most 2048 (default: 16)")
     _deprecated_option(parser, "--frames", "--num-frames", type=_DELTA_FRAMES)
     parser.add_argument("--out", type=_image_path, default="delta.png",
                         help="output image; format from the suffix (default: delta.png)")
@@ -277,7 +284,7 @@ def _demo_attention_options(parser) -> None:
                         help="frames of the random video, 2 to 256 (default: 16)")
     _deprecated_option(parser, "--frames", "--num-frames", type=_DEMO_FRAMES)
     parser.add_argument("--sigma", type=_sigma, default=1.0, help="TAR's sigma at level 0 (default: 1)")
-    parser.add_argument("--strength", type=_finite, default=1.0, help="TAR's strength at level 0 (default: 1)")
+    parser.add_argument("--strength", type=_strength32, default=1.0, help="TAR's strength at level 0 (default: 1)")
     parser.add_argument("--size", type=_DEMO_SIZE, default=16, help="latent height and width, 2 to 64 (default: 16)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the latents (default: 0)")
     parser.add_argument("--out", type=_image_path, default="attention.png",
@@ -293,6 +300,10 @@ def _demo_attention_options(parser) -> None:
 def cmd_demo_attention(args) -> int:
     from .diffusers.attention_demo import attention_demo, report
 
+    if args.num_frames * args.size ** 2 > DEMO_WORK:
+        print(f"demo-attention: --num-frames {args.num_frames} with --size {args.size} is too large a demo (frames x "
+              f"size^2 at most {DEMO_WORK:,}, e.g. 256 frames at size 16 or 16 frames at size 64)", file=sys.stderr)
+        return 2
     try:
         runs = attention_demo(args.out, num_frames=args.num_frames, sigma=args.sigma, strength=args.strength,
                               size=args.size, seed=args.seed, dpi=args.dpi, color_scale=args.color_scale)

@@ -3,6 +3,7 @@ Shared by every front-end; needs only torch (`vstar_kernels.diffusers` needs dif
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,7 @@ class LevelSpec:
     strength: float = 1.0
     delta: Optional[torch.Tensor] = None
     _copies: Dict[Any, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _largest: float = field(default=0.0, init=False, repr=False)  # |strength| x the delta's largest |entry|
 
     def __post_init__(self):
         if self.delta is None:
@@ -38,6 +40,8 @@ class LevelSpec:
         if not math.isfinite(strength):
             raise ValueError(f"strength must be finite, got {strength}")
         object.__setattr__(self, "strength", strength)
+        if self.delta is not None and self.delta.device.type != "meta":  # read once here, not in (compiled) calls
+            object.__setattr__(self, "_largest", abs(strength) * float(self.delta.abs().max()))
 
     @property
     def active(self) -> bool:
@@ -59,12 +63,10 @@ class LevelSpec:
         work = torch.float64 if dtype == torch.float64 else torch.float32
         key = (torch.device(device), work)
         copy = self._copies.get(key)
+        if work == torch.float32 and self._largest > torch.finfo(torch.float32).max:  # every row NaN there
+            raise ValueError(f"{where}: the level's strength times its delta's largest entry is {self._largest:g}, "
+                             f"beyond float32's range, and this attention computes in float32")
         if copy is None:
-            # float64 entries past float32's range (made inf, every row NaN), checked once where the delta lives
-            if self.delta.dtype != work and self.delta.device.type != "meta" \
-                    and not torch.isfinite(self.delta.to(work)).all():
-                raise ValueError(f"{where}: the level's delta has entries beyond float32's range (largest magnitude "
-                                 f"{self.delta.abs().max().item():g}), and this attention computes in float32")
             copy = self._copies[key] = self.delta.to(device=device, dtype=work)
         return {"delta": copy, "strength": self.strength}
 
@@ -103,15 +105,34 @@ def _checked_delta(delta) -> torch.Tensor:
 # VSTAR's code's presets and names: "64" is level 0 (the 40x64 latent), "32" level 1; "D" precedes sigma.
 # Strength 1, steps 0..13 of 25.
 PRESET_UNTIL_STEP = 13
-PRESETS: Mapping[str, Mapping[int, float]] = MappingProxyType({  # read-only: every config built from it shares it
-    "64D1": MappingProxyType({0: 1.0}),
-    "64D4": MappingProxyType({0: 4.0}),
-    "64D8": MappingProxyType({0: 8.0}),
-    "64D1_32D8": MappingProxyType({0: 1.0, 1: 8.0}),
-    "64D1_32D1": MappingProxyType({0: 1.0, 1: 1.0}),
-    "64D1_32D12": MappingProxyType({0: 1.0, 1: 12.0}),
-    "64D4_32D8": MappingProxyType({0: 4.0, 1: 8.0}),
-    "64D4_32D12": MappingProxyType({0: 4.0, 1: 12.0}),
+class _ReadOnly(dict):
+    """A dict that refuses changes (PRESETS: a preset written in place would change every later config); pickled,
+    copied and JSON-dumped as a plain dict, which copy.deepcopy(PRESETS[name]) gives to change."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("vstar_kernels.PRESETS is read-only: change a copy, e.g. dict(PRESETS[name])")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+    def __copy__(self):
+        return dict(self)
+
+    def __deepcopy__(self, memo):
+        return {key: copy.deepcopy(value, memo) for key, value in self.items()}
+
+
+PRESETS: Mapping[str, Mapping[int, float]] = _ReadOnly({  # read-only: every config built from it shares it
+    "64D1": _ReadOnly({0: 1.0}),
+    "64D4": _ReadOnly({0: 4.0}),
+    "64D8": _ReadOnly({0: 8.0}),
+    "64D1_32D8": _ReadOnly({0: 1.0, 1: 8.0}),
+    "64D1_32D1": _ReadOnly({0: 1.0, 1: 1.0}),
+    "64D1_32D12": _ReadOnly({0: 1.0, 1: 12.0}),
+    "64D4_32D8": _ReadOnly({0: 4.0, 1: 8.0}),
+    "64D4_32D12": _ReadOnly({0: 4.0, 1: 12.0}),
 })
 
 

@@ -191,10 +191,20 @@ def test_a_correctness_run_alone_is_said_checked_not_failed(tmp_path, monkeypatc
         assert fig._suptitle.get_text().endswith("CPU wall clock; ours: none timed. Not GPU speed")
         [ax] = [a for a in fig.axes if a.get_visible()]
         assert "correctness run only, not timed: vstar_triton_interpreter" in ax.get_title()
-        assert [t.get_text() for t in ax.texts] == ["no data: ours was checked, not timed (a correctness run)"
+        see = "see the notes under the markdown table"
+        assert [t.get_text() for t in ax.texts] == [f"no data: ours was checked, not timed\n({see})"
                                                     if metric == "speedup" else
-                                                    "no data: no implementation was timed (a correctness run)"]
+                                                    "no data: no implementation was timed successfully\n"
+                                                    f"(vstar_triton_interpreter only checked; {see})"]
         plt.close(fig)
+    # ours timed and failed beside the check: the speedup panel says so, not that ours was only checked
+    figures.clear()
+    draw_plots([row("vstar_triton_interpreter", 4, 2, 16, 40, "", status=CHECKED_ONLY, backend="triton",
+                    dtype="fp32", device=cpu),
+                row("vstar_auto", 4, 2, 16, 40, "", status="error: RuntimeError: boom", dtype="fp32", device=cpu)],
+               tmp_path / "failed-20990101")
+    [ax] = [a for a in figures[1].axes if a.get_visible()]
+    assert [t.get_text() for t in ax.texts][0].startswith("no data: no successful run of ours\n")
 
 
 def test_n_a_time_budget_left_unrun_is_said_and_not_drawn(tmp_path, monkeypatch):

@@ -106,11 +106,13 @@ def test_a_dpi_too_small_for_the_labels_is_refused_before_any_work(command, caps
 
 
 @pytest.mark.parametrize("command, argv, message", [
-    ("plot-delta", ["--num-frames", "0"], "argument --num-frames: must be an int from 1 to 4096 (a bigger matrix "
+    ("plot-delta", ["--num-frames", "0"], "argument --num-frames: must be an int from 1 to 2048 (a bigger matrix "
                                           "takes GBs and minutes to draw), got '0'"),
     # an allocation's traceback before
-    ("plot-delta", ["--num-frames", "100000"], "argument --num-frames: must be an int from 1 to 4096 (a bigger "
+    ("plot-delta", ["--num-frames", "100000"], "argument --num-frames: must be an int from 1 to 2048 (a bigger "
                                                "matrix takes GBs and minutes to draw), got '100000'"),
+    ("plot-delta", ["--num-frames", "²"], "argument --num-frames: must be an int from 1 to 2048 (a bigger matrix "
+                                          "takes GBs and minutes to draw), got '²'"),  # argparse's own error before
     ("plot-delta", ["--sigmas", "1", "-2"], "argument --sigmas: must be a number > 0 (inf: no band), got '-2'"),
     *[(command, argv, message) for command in ("plot-delta", "demo-attention")
       for argv, message in IMAGE_OPTION_ERRORS],

@@ -381,6 +381,8 @@ def test_minmax_normalize():
     wide = torch.tensor([[-1e308, 1e308, 0.0]], dtype=torch.float64)
     assert torch.equal(minmax_normalize(wide), torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.float64))
     assert torch.equal(minmax_normalize(wide.tolist()), minmax_normalize(wide))
+    tiny = torch.tensor([[0.0, 5e-324], [1e-323, 2e-323]], dtype=torch.float64)  # subnormals: not halved to 0
+    assert torch.equal(minmax_normalize(tiny), torch.tensor([[0.0, 0.25], [0.5, 1.0]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("maps,kwargs,exc,match", [

@@ -70,13 +70,23 @@ def test_cli_prints_the_numbers_of_the_maps(tmp_path, capsys, monkeypatch):
                            "size to the fourth), got '100000'"),
     # the library's checks named its parameters (levels[0]: sigma), not the options
     (["--sigma", "-1"], "argument --sigma: must be a number > 0 (inf: no band), got '-1'"),
-    (["--strength", "inf"], "argument --strength: must be a finite number, got 'inf'"),
+    (["--strength", "inf"], "argument --strength: must be a number of at most 3.4028234663852886e+38 in size"),
+    (["--strength", "1e300"], "argument --strength: must be a number of at most 3.4028234663852886e+38 in size"),
 ])
 def test_cli_rejects_bad_sizes(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["demo-attention", *argv, "--out", str(tmp_path / "x.png")])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_bounds_the_frames_and_the_size_together(tmp_path, capsys):
+    """Each at its cap ran in about a minute; both at theirs would take about fifteen."""
+    assert cli_main(["demo-attention", "--num-frames", "256", "--size", "64", "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip() == ("demo-attention: --num-frames 256 with --size 64 is too large a demo "
+                                               "(frames x size^2 at most 65,536, e.g. 256 frames at size 16 or 16 "
+                                               "frames at size 64)")
     assert not (tmp_path / "x.png").exists()
 
 

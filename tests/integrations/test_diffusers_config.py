@@ -233,8 +233,17 @@ def test_the_config_is_public_from_the_package_and_its_old_home_warns(name):
 
 def test_the_presets_cannot_be_changed_in_place():
     """A preset written in place changed every config built from it later (from_preset then refused sigma 0)."""
-    with pytest.raises(TypeError):
-        PRESETS["64D1"][0] = 0.0
-    with pytest.raises(TypeError):
-        PRESETS["64D9"] = {0: 9.0}
-    assert dict(PRESETS["64D1_32D8"]) == {0: 1.0, 1: 8.0}
+    import copy
+    import json
+    import pickle
+
+    for change in (lambda: PRESETS["64D1"].__setitem__(0, 0.0), lambda: PRESETS.__setitem__("64D9", {0: 9.0}),
+                   lambda: PRESETS["64D1"].update({0: 0.0}), lambda: PRESETS.pop("64D1")):
+        with pytest.raises(TypeError, match=r"PRESETS is read-only: change a copy, e.g. dict\(PRESETS\[name\]\)"):
+            change()
+    assert PRESETS["64D1_32D8"] == {0: 1.0, 1: 8.0} and TARConfig.from_preset("64D1").levels[0].sigma == 1.0
+    # a copy is a plain dict to change, and PRESETS pickles and dumps as one
+    mine = copy.deepcopy(PRESETS["64D1"])
+    mine[0] = 2.0
+    assert PRESETS["64D1"] == {0: 1.0} and type(copy.copy(PRESETS)) is dict
+    assert pickle.loads(pickle.dumps(PRESETS)) == PRESETS and json.loads(json.dumps(PRESETS["64D1"])) == {"0": 1.0}

@@ -119,6 +119,18 @@ def test_a_float64_delta_past_float32s_range_is_refused_where_the_attention_comp
     delta[:, 1] = 1e300
     spec = LevelSpec(delta=delta)
     assert spec.tar_kwargs(4, 4, device="cpu", dtype=torch.float64, where="attn1")["delta"][0, 1] == 1e300
-    with pytest.raises(ValueError, match=r"^attn1: the level's delta has entries beyond float32's range \(largest "
-                                         r"magnitude 1e\+300\), and this attention computes in float32$"):
+    with pytest.raises(ValueError, match=r"^attn1: the level's strength times its delta's largest entry is 1e\+300, "
+                                         r"beyond float32's range, and this attention computes in float32$"):
         spec.tar_kwargs(4, 4, device="cpu", dtype=torch.float16, where="attn1")
+    # entries within float32's range whose product with the strength is not
+    spec = LevelSpec(delta=torch.full((4, 4), 1e30), strength=1e10)
+    with pytest.raises(ValueError, match=r"strength times its delta's largest entry is 1e\+40"):
+        spec.tar_kwargs(4, 4, device="cpu", dtype=torch.float32, where="attn1")
+
+
+def test_a_float64_delta_is_checked_without_a_graph_break():
+    """The check read the delta's values in the call, which fullgraph compile refuses (data-dependent branch)."""
+    spec = LevelSpec(delta=torch.eye(4, dtype=torch.float64))
+    kwargs = torch.compile(lambda: spec.tar_kwargs(4, 4, device="cpu", dtype=torch.float32, where="attn1"),
+                           fullgraph=True, backend="eager")()
+    assert kwargs["delta"].dtype == torch.float32

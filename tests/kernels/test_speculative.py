@@ -381,13 +381,26 @@ def test_sequences_past_the_int32_row_lists_run_two_passes(cut, monkeypatch):
     (dict(flags=torch.zeros(1, dtype=torch.int64, device=DEVICE).expand(2)), ValueError,
      "flags must be None .* whose two entries are one element"),
     # torch refused the count's update after the whole call had run, naming no argument
-    (dict(flags=torch.inference_mode()(torch.zeros)(2, dtype=torch.int64, device=DEVICE)), ValueError,
-     "flags was made in inference mode, and the call adds to it outside inference mode"),
+    (dict(flags=torch.inference_mode()(torch.zeros)(2, dtype=torch.int64, device=DEVICE), backend="triton"),
+     ValueError, "flags was made in inference mode, and this call adds to it outside inference mode"),
 ])
 def test_bad_speculation_arguments_name_themselves(bad, error, match):
     q = torch.randn(1, 1, 8, D, device=DEVICE)
     with pytest.raises(error, match=match):
         vk.tar_attention(q, q, q, frames=vk.frame_ids(2, 4, device=DEVICE), **bad)
+
+
+@pytest.mark.parametrize("options", [dict(backend="reference"), dict(backend="cpu"), dict(speculate=False)],
+                         ids=["reference", "cpu", "two-passes"])
+def test_inference_flags_are_taken_by_a_call_that_counts_nothing(options):
+    """A call that adds nothing to flags (no speculative one pass) takes flags made in inference mode, as it did."""
+    if options.get("backend") == "cpu" and DEVICE != "cpu":
+        pytest.skip("the cpu backend runs CPU tensors")
+    with torch.inference_mode():
+        flags = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    q = torch.randn(1, 1, 8, D, device=DEVICE)
+    vk.tar_attention(q, q, q, frames=vk.frame_ids(2, 4, device=DEVICE), flags=flags, **options)
+    assert flags.tolist() == [0, 0]
 
 
 def test_a_call_on_meta_tensors_counts_nothing():

@@ -322,12 +322,12 @@ def _no_data(metric, by_n) -> str:
     checked = [i for i in _impls(by_n) if any(i in cell and correctness_only(cell[i]) for cell in by_n.values())]
     if metric != "speedup":
         if checked:  # (the title names them)
-            return "no data: no implementation was timed (a correctness run)"
+            return f"no data: no implementation was timed successfully\n({', '.join(checked)} only checked; {see})"
         return f"no data: no implementation ran successfully\n({see})"
     if any(_ran(i, by_n) for i in TIMED_OURS):
         return f"no data: no peer succeeded at an N where ours did\n({see})"
-    if any(i in OURS for i in checked):
-        return "no data: ours was checked, not timed (a correctness run)"
+    if any(i in OURS for i in checked) and not any(i in TIMED_OURS for i in _impls(by_n)):  # none of ours failed
+        return f"no data: ours was checked, not timed\n({see})"
     who = ", ".join(i for i in _impls(by_n) if i in OURS) or "no implementation of ours was run"
     return f"no data: no successful run of ours\n({who}; {see})"
 
