@@ -102,9 +102,6 @@ def _checked_delta(delta) -> torch.Tensor:
     return delta.detach().to(dtype=work, copy=True)
 
 
-# VSTAR's code's presets and names: "64" is level 0 (the 40x64 latent), "32" level 1; "D" precedes sigma.
-# Strength 1, steps 0..13 of 25.
-PRESET_UNTIL_STEP = 13
 class _ReadOnly(dict):
     """A dict that refuses changes (PRESETS: a preset written in place would change every later config); pickled,
     copied and JSON-dumped as a plain dict, which copy.deepcopy(PRESETS[name]) gives to change."""
@@ -124,6 +121,9 @@ class _ReadOnly(dict):
         return {key: copy.deepcopy(value, memo) for key, value in self.items()}
 
 
+# VSTAR's code's presets and names: "64" is level 0 (the 40x64 latent), "32" level 1; "D" precedes sigma.
+# Strength 1, steps 0..13 of 25.
+PRESET_UNTIL_STEP = 13
 PRESETS: Mapping[str, Mapping[int, float]] = _ReadOnly({  # read-only: every config built from it shares it
     "64D1": _ReadOnly({0: 1.0}),
     "64D4": _ReadOnly({0: 4.0}),
