@@ -344,14 +344,16 @@ def check_speculation(speculate, flags, device) -> None:
     """speculate a bool; flags None or an int64 (2,) tensor on the inputs' device (flagged, counted rows)."""
     if not isinstance(speculate, bool):
         raise TypeError(f"speculate must be a bool, got {type_name(speculate)}")
-    if flags is not None and not (torch.is_tensor(flags) and flags.shape == (2,) and flags.dtype == torch.int64
-                                  and flags.device == device and flags.stride(0) != 0):
-        got = f"{flags.dtype} {tuple(flags.shape)} on {flags.device}" if torch.is_tensor(flags) \
-            else type(flags).__name__
-        if torch.is_tensor(flags) and flags.dim() == 1 and flags.stride(0) == 0:
+    if flags is None:
+        return
+    want = f"flags must be None or an int64 tensor of shape (2,) on {device} (flagged rows, rows counted)"
+    if not torch.is_tensor(flags) or flags.dtype != torch.int64:
+        raise TypeError(f"{want}, got {type_name(flags) if not torch.is_tensor(flags) else flags.dtype}")
+    if not (flags.shape == (2,) and flags.device == device and flags.stride(0) != 0):
+        got = f"shape {tuple(flags.shape)} on {flags.device}"
+        if flags.dim() == 1 and flags.stride(0) == 0:
             got += " whose two entries are one element (stride 0)"
-        raise ValueError(f"flags must be None or an int64 tensor of shape (2,) on {device} (flagged rows, rows "
-                         f"counted), got {got}")
+        raise ValueError(f"{want}, got {got}")
 
 
 def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, frames=None,

@@ -286,6 +286,9 @@ def test_install_into_a_folder_it_cannot_write_says_so(tmp_path, capsys, monkeyp
     assert cli.main(["comfyui-install", str(tmp_path)]) == 2
     init = tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py"
     assert capsys.readouterr().err.strip() == f"comfyui-install: cannot write {init}: Permission denied"
+    from vstar_kernels.comfyui.install import install
+    with pytest.raises(PermissionError, match="cannot write"):  # the class it wraps, for a caller to catch
+        install(str(tmp_path))
 
 
 # ---------------------------------------------------------------- numerics against the oracle

@@ -375,9 +375,9 @@ def test_sequences_past_the_int32_row_lists_run_two_passes(cut, monkeypatch):
 
 @pytest.mark.parametrize("bad, error, match", [
     (dict(speculate=1), TypeError, "speculate must be a bool"),
-    (dict(flags=torch.zeros(2, dtype=torch.int32)), ValueError, "flags must be None or an int64"),
-    (dict(flags=torch.zeros(3, dtype=torch.int64)), ValueError, "flags must be None or an int64"),
-    (dict(flags=[0, 0]), ValueError, "flags must be None or an int64 .* got list"),
+    (dict(flags=torch.zeros(2, dtype=torch.int32)), TypeError, "flags must be None or an int64 .* got torch.int32"),
+    (dict(flags=torch.zeros(3, dtype=torch.int64)), ValueError, "flags must be None or an int64 .* got shape \\(3,\\)"),
+    (dict(flags=[0, 0]), TypeError, "flags must be None or an int64 .* got list"),
     (dict(flags=torch.zeros(1, dtype=torch.int64, device=DEVICE).expand(2)), ValueError,
      "flags must be None .* whose two entries are one element"),
     # torch refused the count's update after the whole call had run, naming no argument

@@ -38,6 +38,6 @@ def install(comfyui: str) -> pathlib.Path:
     try:
         target.mkdir(exist_ok=True)
         init.write_text(SOURCE, encoding="utf-8")
-    except OSError as exc:  # a folder of another user's, or read-only
-        raise OSError(f"cannot write {init}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # a folder of another user's, or read-only: the same class (PermissionError, ...)
+        raise type(exc)(f"cannot write {init}: {exc.strerror or exc}") from exc
     return init
