@@ -361,7 +361,7 @@ def test_remove_leaves_a_processor_replaced_after_apply():
     (dict(frames=5), ValueError, "cover 4 frames but the UNet is called with 5"),
     (dict(batch=3), ValueError, "cfg=True, but the UNet's sample is not one latent batch twice, as classifier-free "
                                 "guidance runs it .*; it has 3 videos. For a run without classifier-free guid"),
-    (dict(batch=2, embeds=torch.zeros(2, N, L, C)), ValueError, "1 videos in each guidance copy, which the 2 synop"),
+    (dict(batch=2, embeds=torch.zeros(2, N, L, C)), ValueError, "1 video in each guidance copy, which the 2 synop"),
     (dict(embeds=torch.zeros(N, L + 1, C)), ValueError,
      r"\(tokens, channels\) \(17, 12\) but the UNet's text context has \(16, 12\)"),
 ], ids=["frames", "odd-batch", "synopses-vs-batch", "tokens"])
@@ -456,6 +456,34 @@ def test_a_numpy_or_tensor_guidance_scale_is_the_pipelines(pipe):
     for scale in (np.float64(7.5), torch.tensor(7.5)):
         got = generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(guidance_scale=scale)).frames
         assert torch.equal(got, want)
+
+
+def test_generate_with_synopsis_names_what_chose_guidance_where_the_batch_contradicts_it(tmp_path):
+    """A pipeline that does not batch guidance as its guidance_scale or its flag says: the error named apply_vsp's
+    cfg=True (or cfg=None) and hinted at giving apply_vsp's cfg, which generate_with_synopsis does not take."""
+    from diffusers import TextToVideoSDPipeline
+
+    class Unguided(TextToVideoSDPipeline):  # no guidance whatever the guidance_scale given
+        def __call__(self, *args, guidance_scale=7.5, **kwargs):
+            return super().__call__(*args, guidance_scale=1.0, **kwargs)
+
+    plain = tiny_text_to_video_pipeline(tmp_path)
+    synopsis = ["a red car on a road", "a blue car"]
+    with pytest.raises(ValueError, match=r"^generate_with_synopsis's guidance_scale=7.5 says classifier-free "
+                                         r"guidance, but .*call encode_synopsis, apply_vsp with its cfg"):
+        generate_with_synopsis(Unguided(**plain.components), synopsis, num_frames=N,
+                               **call_args(guidance_scale=7.5))
+    pipe = tiny_animatediff_pipeline(tmp_path)
+
+    def preview(pipe, step, timestep, tensors):  # the UNet run on the latents alone, inside a guided call
+        pipe.unet(tensors["latents"], timestep, encoder_hidden_states=tensors["prompt_embeds"][1:])
+        return tensors
+
+    with pytest.raises(ValueError, match=r"^generate_with_synopsis follows AnimateDiffPipeline\.do_classifier_free_"
+                                         r"guidance, which says classifier-free guidance, but .*call encode_synopsis"):
+        generate_with_synopsis(pipe, synopsis, num_frames=N, callback_on_step_end=preview,
+                               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+                               **call_args(guidance_scale=7.5))
 
 
 def test_cfg_true_in_a_run_without_guidance_is_refused(tmp_path):

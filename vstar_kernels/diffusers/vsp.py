@@ -67,7 +67,7 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None
         ]
         setattr(unet, _STATE_ATTR, state)
     else:
-        state.embeds, state.cfg = embeds, cfg
+        state.embeds, state.cfg, state.via = embeds, cfg, None
 
 
 def remove_vsp(target) -> None:
@@ -153,8 +153,10 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     follows = isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property)
     apply_vsp(pipe, embeds, cfg=None if follows else bool(guidance_scale > 1))
     unet = _unet_of(pipe)
+    state = getattr(unet, _STATE_ATTR)
+    state.via = "generate_with_synopsis" if follows else f"generate_with_synopsis's guidance_scale={guidance_scale}"
     if follows:  # the flag read is this call's: several videos of one latent without guidance are not a stale flag
-        getattr(unet, _STATE_ATTR).cfg.live = True
+        state.cfg.live = True
     before = {name: module.processor for name, module in unet.named_modules() if isinstance(module, Attention)}
     try:
         return pipe(num_frames=num_frames, **prompt, **pipe_kwargs)
@@ -180,6 +182,7 @@ class _SynopsisState:
         self.originals = {}   # name -> (module, original processor, wrapper)
         self.hooks = []
         self.removed = False  # by remove_vsp
+        self.via = None       # what set cfg where apply_vsp's caller did not: generate_with_synopsis's guidance
         self.batch = None     # videos in the current UNet call (every copy)
         self.splits = {}      # FreeNoise's split module above a spatial transformer -> its two hook handles
         self.presplit = []    # per split call in progress: whether it replaced the context for its slices
@@ -204,7 +207,7 @@ class _SynopsisState:
         # prompt, as if unconditional, or the wrong synopses (a host sync; not while compiling)
         checks = not torch.compiler.is_compiling()
         if copies > 1 and (batch % copies or (checks and not _copies_of_one(sample, copies))):
-            raise ValueError(_copies(cfg, pag, batch, getattr(self.cfg, "flag", None)))
+            raise ValueError(_copies(cfg, pag, batch, getattr(self.cfg, "flag", None), self.via))
         if checks and callable(self.cfg) and not self.cfg.live and not cfg and _copies_of_one(sample, copies + 1):
             # a flag followed says no guidance, but the batch is laid out as guidance lays it: a stale flag (the
             # UNet called outside that pipeline's call, by another sharing it) would feed the unconditional copy
@@ -212,7 +215,8 @@ class _SynopsisState:
                              f"guidance, but the UNet's sample is one latent batch {copies + 1} times, as "
                              f"guidance runs it: give apply_vsp's cfg (True or False) for this UNet's calls")
         if batch // copies % prompts:
-            raise ValueError(f"the UNet batch has {batch // copies} videos in each guidance copy, which the "
+            each = batch // copies
+            raise ValueError(f"the UNet batch has {each} video{'s' * (each != 1)} in each guidance copy, which the "
                              f"{prompts} synopses of per_frame_embeds do not divide evenly")
         self.batch, self.copies, self.unconditional = batch, copies, cfg
         self._source = self._context = None
@@ -361,10 +365,11 @@ def _copies_of_one(sample: torch.Tensor, copies: int) -> bool:
                             for i in range(1, copies))
 
 
-def _copies(cfg: bool, pag: bool, batch: int, flag=None) -> str:
+def _copies(cfg: bool, pag: bool, batch: int, flag=None, via=None) -> str:
     """The error for a UNet batch that is not one latent batch in the copies `cfg` and `pag` say (`flag`: the
-    pipeline's flag cfg followed, if it did)."""
-    said = f"apply_vsp(cfg=None) follows {flag}, which says classifier-free guidance" if flag else "cfg=True"
+    pipeline's flag cfg followed, if it did; `via`: what chose cfg, where apply_vsp's caller did not)."""
+    said = f"{via or 'apply_vsp(cfg=None)'} follows {flag}, which says classifier-free guidance" if flag else \
+        f"{via} says classifier-free guidance" if via else "cfg=True"
     said = {(True, False): f"{said}, but the UNet's sample is not one latent batch twice, as classifier-free "
                            "guidance runs it (unconditional copy first)",
             (False, True): "perturbed-attention guidance's processors are on the UNet, but its sample is not one "
@@ -372,11 +377,14 @@ def _copies(cfg: bool, pag: bool, batch: int, flag=None) -> str:
             (True, True): f"{said} and perturbed-attention guidance's processors are on the UNet, but its sample "
                           "is not one latent batch three times, as the two guidances run it (unconditional, "
                           "conditional, perturbed)"}[cfg, pag]
-    hint = ("the flag is not that of the call running the UNet (another pipeline sharing it, or a call outside the "
+    hint = ("the UNet ran otherwise than the pipeline's guidance batches it (a pipeline batching its own way, a "
+            "call from a callback): call encode_synopsis, apply_vsp with its cfg (True or False) and the pipeline "
+            "instead" if via else
+            "the flag is not that of the call running the UNet (another pipeline sharing it, or a call outside the "
             "pipeline's), or the pipeline does not batch guidance as diffusers' do: give apply_vsp's cfg (True or "
             "False) for this UNet's calls" if flag else
             "for a run without classifier-free guidance (guidance_scale 1), give apply_vsp(..., cfg=False)")
-    return f"{said}; it has {batch} videos. {hint[0].upper()}{hint[1:]}"
+    return f"{said}; it has {batch} video{'s' * (batch != 1)}. {hint[0].upper()}{hint[1:]}"
 
 
 def _encodes_free_noise(pipe) -> bool:
