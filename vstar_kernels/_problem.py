@@ -109,6 +109,12 @@ def _check_dense(name: str, t: torch.Tensor) -> None:
                         f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
 
 
+def check_values(name: str, t: torch.Tensor, reader: str) -> None:
+    """A tensor whose values `reader` reads (to check them or to compute a number from them): not a meta tensor."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor, which has no values: {reader} reads them")
+
+
 def type_name(value) -> str:
     """The name of `value`'s type, with its module where it is not a builtin (numpy's bool is also "bool")."""
     kind = type(value)

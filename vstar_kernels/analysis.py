@@ -17,7 +17,7 @@ import torch
 
 from . import _env
 from ._deprecation import renamed
-from ._problem import TarProblem, check_frame_values, check_int, check_sigma, make_problem
+from ._problem import TarProblem, check_frame_values, check_int, check_sigma, check_values, make_problem
 from .reference import CHUNK_ELEMENTS, _masked_scores, without_autocast
 from .regularization import gaussian_toeplitz
 
@@ -77,6 +77,7 @@ def max_outside_own_frame(q, k, frames, *, scale=None, key_mask=None) -> torch.T
         raise TypeError("frames must be a torch.Tensor of frame ids or a pair (q_frames, k_frames), got None")
     problem = make_problem(q, k, k, sigma=1.0, strength=0.0, delta=None, causal=False, max_mode="row",
                            scale=scale, frames=frames, key_mask=key_mask)
+    check_values("q", problem.q, "max_outside_own_frame")
     check_frame_values(problem)
     for name, t in (("q", problem.q), ("k", problem.k)):
         if not torch.isfinite(t).all():
@@ -323,6 +324,7 @@ def _as_map(name: str, value) -> torch.Tensor:
                         f"got a {type(value).__name__} that is not") from None
     if a.is_complex():
         raise TypeError(f"{name} must be a real map, got {a.dtype}")
+    check_values(name, a, "normalizing or drawing a map")
     a = a.to("cpu", torch.float64)
     if a.dim() != 2 or 0 in a.shape:
         raise ValueError(f"{name} must be a non-empty 2-D map, got shape {tuple(a.shape)}")
@@ -342,6 +344,7 @@ def _check_map(name: str, attention) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(attention).__name__}")
     if attention.dim() < 2 or 0 in attention.shape[-2:]:
         raise ValueError(f"{name} must be a (..., N, M) map, got shape {tuple(attention.shape)}")
+    check_values(name, attention, "an attention measure")
     a = attention.detach().to(torch.float64)
     if not torch.isfinite(a).all():
         raise ValueError(f"{name} has non-finite entries")

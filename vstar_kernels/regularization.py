@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ._problem import check_int, check_sigma
+from ._problem import check_int, check_sigma, check_values
 
 
 def _size(name: str, n) -> int:
@@ -60,6 +60,7 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
         raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
     if features.dim() != 2 or 0 in features.shape:
         raise ValueError(f"features must be a non-empty (frames, features) matrix, got shape {tuple(features.shape)}")
+    check_values("features", features, "delta_from_features")
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32

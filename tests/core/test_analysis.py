@@ -86,7 +86,8 @@ def test_band_energy_is_average_attention_share_nearby():
     (-torch.eye(3), ValueError, "non-negative"),
     (torch.zeros(3, 3), ValueError, "all zero"),
     (torch.full((3, 3), math.nan), ValueError, "non-finite"),
-], ids=["list", "1-D", "negative", "zero", "nan"])
+    (torch.eye(3, device="meta"), ValueError, "attention is a meta tensor, which has no values"),  # torch's .item()
+], ids=["list", "1-D", "negative", "zero", "nan", "meta"])
 def test_measures_reject_bad_maps(fn, bad, exc, match):
     with pytest.raises(exc, match=match):
         fn(bad)
@@ -200,8 +201,10 @@ def test_max_outside_own_frame_in_blocks_of_rows(monkeypatch):
     (dict(scale=0.0), ValueError, "scale must be > 0"),
     (dict(q=torch.full((1, 2, 6, 4), math.nan)), ValueError, "q has non-finite entries"),
     (dict(k=torch.full((1, 2, 6, 4), math.inf)), ValueError, "k has non-finite entries"),
+    (dict(q=torch.zeros(1, 2, 6, 4, device="meta"), k=torch.zeros(1, 2, 6, 4, device="meta"),
+          frames=torch.tensor([0, 0, 1, 1, -1, -1], device="meta")), ValueError, "q is a meta tensor, which has no"),
 ], ids=["q-list", "head-dim", "no-frames", "frames-length", "frames-float", "frames-id", "frames-cross",
-        "mask-dtype", "mask-shape", "scale", "q-nan", "k-inf"])
+        "mask-dtype", "mask-shape", "scale", "q-nan", "k-inf", "meta"])
 def test_max_outside_own_frame_rejects_bad_input(change, exc, match):
     args = dict(q=torch.zeros(1, 2, 6, 4), k=torch.zeros(1, 2, 6, 4), frames=torch.tensor([0, 0, 1, 1, -1, -1]))
     args.update(change)
@@ -406,8 +409,9 @@ def test_minmax_normalize():
     ({"a": [[1.0, 2.0], [3.0]]}, {}, TypeError, "a must be a 2-D map: .* got a list that is not"),
     # two panels titled "1": the dict returned held one of them
     ({1: torch.eye(3), "1": torch.eye(3)}, {}, ValueError, "plot_attention_maps: two panels are both named '1'"),
+    ({"a": torch.eye(3, device="meta")}, {}, ValueError, "a is a meta tensor, which has no values"),
 ], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "panel-size",
-        "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name"])
+        "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name", "meta"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)

@@ -152,8 +152,9 @@ def test_single_frame():
     (torch.tensor([[1.0, 0.0], [0.0, math.nan], [math.inf, 1.0]]), {}, ValueError,
      r"frame\(s\) \[1, 2\] have NaN or infinite entries"),
     (torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), {"num_frames": 3}, ValueError, r"resampled frame\(s\) \[1\]"),
+    (torch.ones(3, 2, device="meta"), {}, ValueError, "features is a meta tensor, which has no values"),
 ], ids=["list", "int-dtype", "1-D", "empty", "mode", "zero-frames", "float-frames", "zero-vector", "non-finite",
-        "zero-after-resample"])
+        "zero-after-resample", "meta"])
 def test_bad_input(features, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         delta_from_features(features, **kwargs)
