@@ -482,6 +482,30 @@ def test_torch_compile_traces_the_processors_and_keeps_the_step_gate(family):
     assert frames[0] == frames[1], frames
 
 
+def test_whole_model_compile_with_fullgraph_runs_tar_at_each_step():
+    """torch.compile(transformer, fullgraph=True): TAR's hooks, which count the steps on the host, were traced into
+    the graph: a bare model's first call compiled, and every later one raised dynamo's data-dependent guard error
+    (a pipeline's, its first). The hooks run eagerly around the compiled forward: the calls equal eager TAR's at
+    every step, on a bare model and in a pipeline's loop."""
+    def fullgraph(model, backend):
+        return torch.compile(model, backend=backend, fullgraph=True)
+    eager, compiled, _ = compiled_runs("wan", 2, fullgraph)
+    assert not torch.equal(eager[0], eager[1]) and torch.equal(eager[1], eager[2])  # TAR at step 0 only
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+    def run(compile_it):
+        pipe = wan22_pipeline(FAMILIES["wan"].model(), None, boundary_ratio=None)
+        apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
+        if compile_it:
+            torch._dynamo.reset()
+            pipe.transformer = torch.compile(pipe.transformer, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            return pipe(prompt_embeds=randn(1, 5, 16, seed=2), negative_prompt_embeds=randn(1, 5, 16, seed=3),
+                        height=32, width=32, num_frames=9, num_inference_steps=3, guidance_scale=5.0,
+                        output_type="latent").frames
+    assert torch.equal(run(True), run(False))
+
+
 def test_a_tensor_subclass_override_runs_once_under_tar_mode():
     """TAR's mode calls torch.Tensor's methods written in Python on the tensor (torch.compile cannot trace their
     super() call under a mode); a subclass's override of one, whose super() call reached the mode, ran twice."""
