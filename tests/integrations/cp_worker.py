@@ -36,7 +36,7 @@ from vstar_kernels.frames import TokenLayout
 from .tiny_dit_models import BATCH, FAMILIES, NEWER, randn
 
 # ChronoEdit's edit call: 2 latent frames at rotary positions 0 and 4 (a token layout of runs, not a grid)
-FAMILIES = {**FAMILIES, "chronoedit": NEWER["chronoedit"]}
+FAMILIES = {**FAMILIES, "chronoedit": NEWER["chronoedit"], "minimax": NEWER["minimax"]}
 
 COLLECTIVE_TIMEOUT_S = 120   # one collective waiting for a rank that raised, or hangs
 RUN_TIMEOUT_S = 540          # the whole suite
@@ -57,6 +57,9 @@ SUITES = {2: {"ulysses": FULL, "ring": FULL}, 4: {"unified": FULL, "strided": ((
 
 def inputs(family: str, frames: int) -> dict:
     """One forward call's inputs: batch 2, 16 tokens per frame, 8 text tokens (an even split for 2 and 4 ranks)."""
+    if family == "minimax":  # one packed sequence: text and audio rows (frame -1), then 3 frames of 4 video rows
+        assert frames == 3, frames
+        return FAMILIES["minimax"].inputs()
     text = randn(BATCH, 8, 16, seed=2)
     if family in ("wan", "chronoedit"):
         return dict(hidden_states=randn(BATCH, 4, frames, 8, 8, seed=1), timestep=torch.tensor([700, 700]),
@@ -357,6 +360,10 @@ def cases(world: int) -> Dict[str, Callable]:
                 cases[f"{kind}/{layout}/chronoedit/2"] = functools.partial(run, "chronoedit", layout, 2)
             cases[f"tar/{layout}/chronoedit/band/after/2"] = functools.partial(
                 _tar, "chronoedit", layout, "band", "after", 2)
+            # text and audio rows joined to the video, each frame -1 (MiniMax-H3's packed sequence)
+            for kind, run in (("stock", _stock), ("removed", _removed), ("off", _off)):
+                cases[f"{kind}/{layout}/minimax/3"] = functools.partial(run, "minimax", layout, 3)
+            cases[f"tar/{layout}/minimax/band/after/3"] = functools.partial(_tar, "minimax", layout, "band", "after", 3)
         cases["backend/ring/wan/3"] = _any_backend
     return cases
 

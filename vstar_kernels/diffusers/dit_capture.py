@@ -44,7 +44,8 @@ def capture_frame_attention(target, *, steps=None, blocks=None, cfg: Optional[bo
     narrow what is recorded;
     `cfg`, as for `capture_temporal_attention` (None: where the family batches guidance,
     `DiTFamily.batched_guidance`, the pipeline's ``do_classifier_free_guidance`` read at each call, as it is set
-    only while the pipeline runs; a pipeline with a guidance_scale but without it, CogVideoX's or Allegro's, needs
+    only while the pipeline runs; a pipeline with a guidance_scale but without it, CogVideoX's, ConsisID's or
+    Allegro's, needs
     `cfg` given; else False); `chunk_elements` bounds memory.
     """
     model, pipeline = denoiser(target)
