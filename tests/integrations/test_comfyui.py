@@ -273,6 +273,13 @@ def test_install_refuses_other_folders(tmp_path, capsys):
     (tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py").write_bytes(b"\xff\xfe")  # not UTF-8
     assert cli.main(["comfyui-install", str(tmp_path)]) == 2
     assert "was not written by this command" in capsys.readouterr().err  # (was the codec's error, naming no file)
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py").unlink()
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar").rmdir()
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 0
+    capsys.readouterr()
+    (tmp_path / "custom_nodes" / "vstar_kernels_tar" / "notes.txt").write_text("mine")  # ours, and a file added
+    assert cli.main(["comfyui-install", str(tmp_path)]) == 2  # (it said: not written by this command)
+    assert "was written by this command but now holds other files too (notes.txt)" in capsys.readouterr().err
 
 
 def test_install_into_a_folder_it_cannot_write_says_so(tmp_path, capsys, monkeypatch):

@@ -31,10 +31,13 @@ def install(comfyui: str) -> pathlib.Path:
     target = nodes / PACKAGE
     init = target / "__init__.py"
     if target.exists() or target.is_symlink():  # a link to nothing too
-        ours = target.is_dir() and init.is_file() and init.read_bytes().startswith(MARK.encode()) \
-            and {p.name for p in target.iterdir()} <= {"__init__.py", "__pycache__"}
+        ours = target.is_dir() and init.is_file() and init.read_bytes().startswith(MARK.encode())
         if not ours:
             raise ValueError(f"{target} exists and was not written by this command; remove it first")
+        others = sorted(p.name for p in target.iterdir() if p.name not in ("__init__.py", "__pycache__"))
+        if others:
+            raise ValueError(f"{target} was written by this command but now holds other files too "
+                             f"({', '.join(others)}); move them out or remove the folder first")
     try:
         target.mkdir(exist_ok=True)
         init.write_text(SOURCE, encoding="utf-8")
