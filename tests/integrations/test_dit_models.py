@@ -471,28 +471,23 @@ def test_torch_compile_traces_the_processors_and_keeps_the_step_gate(family):
     """HunyuanVideo passes its rotary embedding to the attention by keyword, which diffusers keeps only where the
     processor's signature names it: compiled, TAR's wrapper showed its own (it was dropped, at every step). The frames
     compiled do not grow with the blocks: a block read its step or index, or broke its graph, and compiled again per
-    block (12 frames for 12 blocks, and dynamo's limit of 8 recompiles runs the rest eager)."""
+    block (12 frames for 12 blocks, and dynamo's limit of 8 recompiles runs the rest eager). With fullgraph=True:
+    the hooks that count the steps on the host run outside the graph (traced, the second call failed on a
+    data-dependent guard)."""
     frames = []
     for layers in (2, 4):
-        eager, compiled, count = compiled_runs(family, layers,
-                                               lambda model, backend: torch.compile(model, backend=backend))
+        eager, compiled, count = compiled_runs(family, layers, lambda model, backend: torch.compile(
+            model, backend=backend, fullgraph=True))
         assert not torch.equal(eager[0], eager[1]) and torch.equal(eager[1], eager[2])  # TAR at step 0 only
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
         frames.append(count)
     assert frames[0] == frames[1], frames
 
 
-def test_whole_model_compile_with_fullgraph_runs_tar_at_each_step():
-    """torch.compile(transformer, fullgraph=True): TAR's hooks, which count the steps on the host, were traced into
-    the graph: a bare model's first call compiled, and every later one raised dynamo's data-dependent guard error
-    (a pipeline's, its first). The hooks run eagerly around the compiled forward: the calls equal eager TAR's at
-    every step, on a bare model and in a pipeline's loop."""
-    def fullgraph(model, backend):
-        return torch.compile(model, backend=backend, fullgraph=True)
-    eager, compiled, _ = compiled_runs("wan", 2, fullgraph)
-    assert not torch.equal(eager[0], eager[1]) and torch.equal(eager[1], eager[2])  # TAR at step 0 only
-    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
-
+def test_whole_model_compile_with_fullgraph_runs_tar_in_a_pipeline():
+    """torch.compile(transformer, fullgraph=True) in a pipeline: TAR's hooks, which count the steps on the host,
+    were traced into the graph and raised at the first call (a bare model's, at its second: the test above); they
+    run eagerly around the compiled forward, which equals eager TAR's at every step of the pipeline's loop."""
     def run(compile_it):
         pipe = wan22_pipeline(FAMILIES["wan"].model(), None, boundary_ratio=None)
         apply_tar(pipe, TARConfig(levels={0: (1.0, 1.0)}, until_step=1))
