@@ -1224,6 +1224,111 @@ def test_a_later_patch_of_the_same_forward_is_refused(comfy, monkeypatch, weight
         assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
 
 
+def wrap_forwards(model, blocks):
+    """A clone of `model` with the self-attention forward of each of `blocks` object-patched as a node after VSTAR_TAR
+    wraps a forward: the forward it finds (TAR's patch) kept and called."""
+    model = model.clone()
+    for i in blocks:
+        path = f"diffusion_model.blocks.{i}.self_attn.forward"
+
+        def forward(*args, _found=model.get_model_object(path), **kwargs):
+            return _found(*args, **kwargs)
+        model.add_object_patch(path, forward)
+    return model
+
+
+@pytest.mark.parametrize("blocks", [[0], [0, 1]])
+def test_a_later_node_that_wraps_tars_forward_composes(comfy, monkeypatch, blocks):
+    """A node after VSTAR_TAR that keeps the forward it finds on a self-attention (TAR's patch) and calls it composes:
+    TAR runs in it, the output is TAR's. It was refused as a patch that replaces TAR's."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    expected = sample(comfy, tar, shape, cond, uncond, dtype)
+    calls = tar_calls(monkeypatch)
+    assert torch.equal(sample(comfy, wrap_forwards(tar, blocks), shape, cond, uncond, dtype), expected)
+    assert len(calls) == 2 * STEPS
+    scaled = sample(comfy, wrap_self_attention(tar, 0.9), shape, cond, uncond, dtype)  # a wrapper that rescales
+    assert torch.equal(scaled, sample(comfy, NODE().apply(wrap_self_attention(model, 0.9), 1.0, 1.0)[0], shape, cond,
+                                      uncond, dtype))
+
+
+def test_a_later_wrapper_is_judged_by_a_call_that_ran_the_blocks(comfy, caplog):
+    """The first model call of the window skipped by a cache node (none of TAR's modules ran, nor the later node's
+    wrapper) does not tell a wrapper from a replacement: the next call, which runs the blocks, does."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=0.25)  # the window from the second step
+    expected = sample(comfy, cache_node(tar, skip_every=2), shape, cond, uncond, dtype)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        out = sample(comfy, cache_node(wrap_forwards(tar, [0]), skip_every=2), shape, cond, uncond, dtype)
+    assert torch.equal(out, expected)
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert said.getMessage().startswith("VSTAR_TAR: a model call in the window ran none of the regularized")
+
+
+def test_a_later_patch_that_replaces_tars_on_one_path_is_refused_after_the_first_call(comfy, monkeypatch):
+    """A later node's patch on one of TAR's paths that does not call TAR's: the window's first model call, which ran
+    TAR's other modules and not that one, refuses it, naming the path and the patch. A later node that takes TAR's
+    patch off is refused when sampling starts."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0, start_percent=0.25)
+    later = tar.clone()
+    path = "diffusion_model.blocks.1.self_attn.forward"
+    module = later.get_model_object("diffusion_model.blocks.1.self_attn")
+    later.add_object_patch(path, lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
+    calls = tar_calls(monkeypatch)
+    with pytest.raises(RuntimeError, match=rf"VSTAR_TAR: the object patch on {path} is \S+<lambda>, set by a node "
+                                           r"after VSTAR_TAR: it replaces TAR's patch there \(TAR's did not run "
+                                           r"there in a model call of the window\), so TAR would not run\. Apply "
+                                           r"VSTAR_TAR after that node"):
+        sample(comfy, later, shape, cond, uncond, dtype)
+    assert len(calls) == 1  # block 0's TAR, in the window's first call (the second step's)
+    assert marked(vars(module).get("forward")) is None
+    taken = tar.clone()
+    del taken.object_patches[path]
+    with pytest.raises(RuntimeError, match=rf"VSTAR_TAR: a node after VSTAR_TAR took TAR's object patch off {path}"):
+        sample(comfy, taken, shape, cond, uncond, dtype)
+
+
+@pytest.mark.parametrize("replaced", ["diffusion_model", "diffusion_model.blocks", "diffusion_model.blocks.1",
+                                      "diffusion_model.blocks.1.self_attn"])
+def test_a_module_a_later_node_replaced_around_the_attention_is_refused(comfy, replaced):
+    """A node after VSTAR_TAR that puts another module in place of a self-attention TAR patched, or of one holding
+    it: the model ran that module, not the one TAR's patch is on (stock, where it held every self-attention, with a
+    warning blaming a cache node), and ComfyUI, putting the patches back in the order they were made, left TAR's
+    forward on the loader's model. Refused when sampling starts, naming the path and the module, before anything
+    is patched; a torch.compile wrapper of the same module put there is no other module."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    later = tar.clone()
+    found = model.get_model_object(replaced)
+    later.add_object_patch(replaced, copy.deepcopy(found))
+    holds = "" if replaced.endswith("self_attn") else r", which holds the self-attention diffusion_model\.blocks\."
+    with pytest.raises(RuntimeError, match=rf"VSTAR_TAR: a node after VSTAR_TAR put another module in place of "
+                                           rf"{replaced} \(an object patch, a \S+{type(found).__name__}\){holds}.*"
+                                           r"Leave that node out"):
+        sample(comfy, later, shape, cond, uncond, dtype)
+    own = model.get_model_object("diffusion_model")
+    assert not later.object_patches_backup and not any(marked(vars(m).get("forward")) for m in own.modules())
+    if replaced == "diffusion_model":
+        compiled = tar.clone()
+        compiled.add_object_patch(replaced, torch.compile(found, backend="eager"))
+        assert torch.equal(sample(comfy, compiled, shape, cond, uncond, dtype),
+                           sample(comfy, tar, shape, cond, uncond, dtype))
+
+
 def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):
     """TeaCache and MagCache run Wan's blocks without transformer_options: TAR still runs in them. A call whose
     blocks the cache skips regularizes nothing, and says so once per sampling run."""

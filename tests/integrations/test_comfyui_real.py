@@ -944,6 +944,50 @@ def test_a_later_patch_of_the_same_forward_is_refused(comfy, monkeypatch, weight
         assert torch.equal(out, run(comfy, tar, latent, positive, negative, steps=2))
 
 
+def test_a_later_node_that_wraps_tars_forward_composes(comfy, monkeypatch):
+    """A node after VSTAR_TAR that keeps the forward it finds on each self-attention (TAR's patch) and calls it, as
+    nodes wrap a forward: TAR runs in it and the output is TAR's. It was refused as a patch replacing TAR's."""
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    expected = run(comfy, tar, latent, positive, negative, steps=2)
+    later = tar.clone()
+    for i in range(len(later.get_model_object("diffusion_model").blocks)):
+        path = f"diffusion_model.blocks.{i}.self_attn.forward"
+
+        def forward(*args, _found=later.get_model_object(path), **kwargs):
+            return _found(*args, **kwargs)
+        later.add_object_patch(path, forward)
+    calls = tar_calls(monkeypatch)
+    assert torch.equal(run(comfy, later, latent, positive, negative, steps=2), expected)
+    assert len(calls) == 2 * 2
+
+
+@pytest.mark.parametrize("replaced", ["diffusion_model.blocks", "diffusion_model.blocks.0",
+                                      "diffusion_model.blocks.0.self_attn"])
+def test_a_module_a_later_node_replaced_around_the_attention_is_refused(comfy, replaced):
+    """A node after VSTAR_TAR putting another module in place of a self-attention TAR patched, or of one holding it:
+    the model ran that module, not the one TAR's patch is on (stock where it held every self-attention), and after
+    the model's unload the loader's model kept TAR's forward (ComfyUI puts the patches back in the order they were
+    made). Refused when sampling starts, naming the path, with nothing patched."""
+    import comfy.model_management as model_management
+
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    stock = run(comfy, model, latent, positive, negative, steps=2)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    later = tar.clone()
+    later.add_object_patch(replaced, copy.deepcopy(model.get_model_object(replaced)))
+    with pytest.raises(RuntimeError, match=rf"VSTAR_TAR: a node after VSTAR_TAR put another module in place of "
+                                           rf"{replaced} \(an object patch, a \S+\).*Leave that node out"):
+        run(comfy, later, latent, positive, negative, steps=2)
+    model_management.unload_all_models()
+    assert not any(marked(vars(m).get("forward")) for m in model.model.diffusion_model.modules())
+    assert torch.equal(run(comfy, model, latent, positive, negative, steps=2), stock)
+
+
 def test_applying_again_through_another_nodes_patch(comfy, monkeypatch):
     """VSTAR_TAR, then a node that wraps each self-attention forward (the first node's patch inside), then VSTAR_TAR
     again: the second node's TAR runs inside the wrapper, once per call, as if the first were not there."""

@@ -11,6 +11,7 @@ import torch
 from .._problem import check_factor, check_sigma
 from .models import family_of, unwrap
 from .patch import KEY, LOG, MarkedForward, Settings, TARPatch, marked
+from .paths import replaced_above, resolve, step, walk as walk_path
 
 BACKENDS = ("auto", "triton", "reference")
 MIN_COMFYUI = "0.3.60"      # the first ComfyUI whose attention functions take an override from transformer_options
@@ -31,50 +32,11 @@ def _percent(name: str, value) -> float:
     return value
 
 
-def _step(patcher, key: str, parent, live, own_patches: bool):
-    """One step of a path as `patcher` runs it: (what `key` names under `parent`, what it names on the shared model
-    under `live`, the same step taken there). Its own object patch (if `own_patches`); else, where `parent` is the
-    shared model's own object there, what an object patch there replaced (another clone loaded leaves its patches
-    on the model until the next load); else the attribute."""
-    name = key.rpartition(".")[2]
-    on_model = getattr(live, name, None)
-    if own_patches and key in patcher.object_patches:
-        return patcher.object_patches[key], on_model
-    if key in patcher.object_patches_backup and _hands_on(parent, live, name):
-        return patcher.object_patches_backup[key], on_model
-    return getattr(parent, name), on_model
-
-
-def _hands_on(parent, live, name: str) -> bool:
-    """Whether `parent`'s attribute `name` is `live`'s: the same object once each side's torch.compile wrappers
-    without an attribute of that name of their own are looked through (a wrapper hands those on to the module it
-    wraps, setting them too; its forward is its own)."""
-    def holder(obj):
-        while unwrap(obj) is not obj and name not in vars(obj) and not hasattr(type(obj), name):
-            obj = obj._orig_mod
-        return obj
-    return live is not None and holder(parent) is holder(live)
-
-
-def _walk(patcher, path: str, own_patches: bool = True):
-    """(what `path` names when `patcher` runs, `_step` by `_step`; what it names on the shared model now)."""
-    value = live = patcher.model
-    parts = path.split(".")
-    for i in range(1, len(parts) + 1):
-        value, live = _step(patcher, ".".join(parts[:i]), value, live, own_patches)
-    return value, live
-
-
-def _resolve(patcher, path: str, own_patches: bool = True):
-    """What `path` names when `patcher` runs, not what the shared model holds now."""
-    return _walk(patcher, path, own_patches)[0]
-
-
 def _modules(patcher, root: str):
-    """`named_modules()` of the module at `root` as `patcher` runs it (`_step` by `_step`), each torch.compile
+    """`named_modules()` of the module at `root` as `patcher` runs it (`paths.step` by step), each torch.compile
     wrapper on the way unwrapped at its own path (the node patches through it): paths below `root` (its own is ""),
     every path of a module held at several (walked into once)."""
-    top, live = _walk(patcher, root)
+    top, live = walk_path(patcher, root)
     found, walked = {}, set()
 
     def walk(path, module, live):
@@ -83,7 +45,7 @@ def _modules(patcher, root: str):
             return
         walked.add(id(module))
         for name in list(module._modules):
-            child, on_model = _step(patcher, f"{root}.{path}.{name}" if path else f"{root}.{name}", module, live, True)
+            child, on_model = step(patcher, f"{root}.{path}.{name}" if path else f"{root}.{name}", module, live, True)
             if isinstance(child, torch.nn.Module):
                 walk(f"{path}.{name}" if path else name, unwrap(child),
                      unwrap(on_model) if isinstance(on_model, torch.nn.Module) else None)
@@ -95,18 +57,15 @@ def _refuse_replaced_above(patcher, paths) -> None:
     """A ValueError where an earlier node's object patch put another module in place of one that holds a module of
     `paths` (a torch.compile wrapper of the same module is no other): TAR's patch of the module's forward would wrap
     the module replaced, and ComfyUI, which puts object patches back in the order they were made, would leave the
-    replacing module's forward on the model's own module after sampling."""
-    for path in paths:
-        parts = path.split(".")
-        for i in range(1, len(parts) + 1):
-            above = ".".join(parts[:i])
-            if above in patcher.object_patches and \
-                    unwrap(_resolve(patcher, above, own_patches=False)) is not unwrap(_resolve(patcher, above)):
-                holds = "" if above == path else f", which holds the self-attention {path}"
-                raise ValueError(f"VSTAR_TAR: an earlier node put another module in place of {above} (an object "
-                                 f"patch){holds}: TAR cannot patch the self-attention's forward there (it would "
-                                 "run the module that was replaced). Leave that node out, or ask its author to "
-                                 "patch the module's forward instead")
+    replacing module's forward on the model's own module after sampling. (A later node's: `TARPatch.outer_sample`.)"""
+    found = replaced_above(patcher, paths)
+    if found is not None:
+        above, path = found
+        holds = "" if above == path else f", which holds the self-attention {path}"
+        raise ValueError(f"VSTAR_TAR: an earlier node put another module in place of {above} (an object "
+                         f"patch){holds}: TAR cannot patch the self-attention's forward there (it would "
+                         "run the module that was replaced). Leave that node out, or ask its author to "
+                         "patch the module's forward instead")
 
 
 def _wrappers():
@@ -220,7 +179,7 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
                      clone.model)
     for path in targets:
         name = path[len("diffusion_model."):-len(".forward")]
-        patch.marked[path] = MarkedForward(_resolve(clone, path), name, path in clone.object_patches).forward
+        patch.marked[path] = MarkedForward(resolve(clone, path), name, path in clone.object_patches).forward
         clone.add_object_patch(path, patch.marked[path])
     clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, KEY, patch.outer_sample)
     clone.add_wrapper_with_key(wrappers.APPLY_MODEL, KEY, patch.apply_model)

@@ -21,6 +21,7 @@ from .. import tar_attention
 from ..frames import FrameLayout, TokenLayout, layout_ids, one_frame
 from ..functional import Speculation
 from .models import Family
+from .paths import replaced_above
 
 KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
@@ -60,6 +61,8 @@ class Run:
         self.window = None                  # (low, high, bottom, top) of its last call (`TARPatch.bounds`)
         self.schedule = None                # the run's sigmas (transformer_options["sample_sigmas"]), if given
         self.retained = ()                  # newer ComfyUI's latent_retain_index_list of its context windows
+        self.unchecked = {}                 # path -> a later node's object patch there in place of TAR's (not yet
+                                            # known to call it: `TARPatch.outer_sample`, `TARPatch.apply_model`)
 
     def saw(self, sigmas, window, inside: bool, schedule) -> None:
         """A model call of the run at `sigmas`, in the window or not."""
@@ -183,9 +186,10 @@ class _Module:
 
 
 class TARPatch:
-    """The node's wrappers. `outer_sample` (OUTER_SAMPLE) starts a sampling run, after checking that the node's
-    object patches (`marked`, by path) are the ones in force; `apply_model` (APPLY_MODEL) regularizes the model
-    calls in the window and checks each one afterwards."""
+    """The node's wrappers. `outer_sample` (OUTER_SAMPLE) starts a sampling run, after checking that no later node
+    put another module on the path of the node's object patches (`marked`, by path) and noting the later nodes'
+    patches on those paths; `apply_model` (APPLY_MODEL) regularizes the model calls in the window and checks each one
+    afterwards (the first to run the model's blocks: that TAR's patch ran where a later node's is in force)."""
 
     def __init__(self, settings: Settings, family: Family, marked: Dict[str, object], model=None):
         self.settings, self.family, self.marked = settings, family, marked
@@ -194,14 +198,9 @@ class TARPatch:
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
-        patches = guider.model_patcher.object_patches
-        for path, ours in self.marked.items():
-            found = patches.get(path)
-            if found is not ours:
-                raise RuntimeError(f"VSTAR_TAR: the object patch on {path} is {_qualified_name(found)}, set by a node "
-                                   "after VSTAR_TAR: it replaces TAR's patch there, so TAR would not run. Apply "
-                                   "VSTAR_TAR after that node (it keeps the forward it finds and calls it)")
-        if self.model is not None and self.model() is not guider.model_patcher.model:
+        patcher = guider.model_patcher
+        patches = patcher.object_patches
+        if self.model is not None and self.model() is not patcher.model:
             raise RuntimeError("VSTAR_TAR: the model sampled is not the one VSTAR_TAR patched: it was built anew with "
                                "the object patches kept (a clone onto a new model, as newer ComfyUI's "
                                "clone(disable_dynamic=True) makes), so TAR's patches would run the earlier model's "
@@ -209,7 +208,25 @@ class TARPatch:
                                "after that node. With dynamic VRAM on, newer ComfyUI's sampler does it itself for a "
                                "conditioning that carries hooks (a hooked LoRA): start ComfyUI with "
                                "--disable-dynamic-vram, or take the hooks off the conditioning")
+        found = replaced_above(patcher, [path[:-len(".forward")] for path in self.marked])
+        if found is not None:
+            above, path = found
+            holds = "" if above == path else f", which holds the self-attention {path}"
+            raise RuntimeError(f"VSTAR_TAR: a node after VSTAR_TAR put another module in place of {above} (an "
+                               f"object patch, a {_qualified_name(patches[above])}){holds}: TAR's patch is on the "
+                               "forward of the module it replaced, which does not run, so TAR would not run. Leave "
+                               "that node out, or ask its author to patch the module's forward instead (TAR cannot "
+                               "reach a self-attention inside a module an object patch puts in place, before "
+                               "VSTAR_TAR or after)")
+        unchecked = {}
+        for path, ours in self.marked.items():
+            if path not in patches:
+                raise RuntimeError(f"VSTAR_TAR: a node after VSTAR_TAR took TAR's object patch off {path}, so TAR "
+                                   "would not run there. Apply VSTAR_TAR after that node")
+            if patches[path] is not ours:  # a later node's: one that calls TAR's (found in the first model call)
+                unchecked[path] = patches[path]
         run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
+        run.unchecked = unchecked
         run.retained = tuple(getattr(guider.model_options.get("context_handler"), "latent_retain_index_list", ()))
         out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if len(sigmas) > 1:  # a run of one sigma has no step, so no model call
@@ -337,10 +354,24 @@ class TARPatch:
         if call is not None:
             ours = [patch.__self__ for patch in self.marked.values()]  # MarkedForwards (their `forward` marks them)
             entered = sum(module.ran_in is call for module in ours)
+            unchecked, replaced = call.run.unchecked, []
+            # a later node's patch on a path of TAR's, told by the first call that ran the model's blocks (one that
+            # ran none of TAR's modules is a skipped call, unless every path has such a patch)
+            if unchecked and (entered or len(unchecked) == len(ours)):
+                replaced = [path for path in unchecked if self.marked[path].__self__.ran_in is not call]
+                call.run.unchecked = {}
             for module in ours:
                 module.ran_in = None
             if call.error is not None:
                 raise call.error
+            if replaced:
+                more = len(replaced) - 1
+                more = f", nor on {more} other path{'s' if more > 1 else ''} a later patch holds" if more else ""
+                raise RuntimeError(f"VSTAR_TAR: the object patch on {replaced[0]} is "
+                                   f"{_qualified_name(unchecked[replaced[0]])}, set by a node after VSTAR_TAR: it "
+                                   "replaces TAR's patch there (TAR's did not run there in a model call of the "
+                                   f"window{more}), so TAR would not run. Apply VSTAR_TAR after that node (it keeps "
+                                   "the forward it finds and calls it)")
             if not entered:
                 _warn(call.run, "skipped", "a model call in the window ran none of the regularized self-attention "
                                            "modules: another node skipped the model's computation (a cache node "
