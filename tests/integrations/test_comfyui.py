@@ -533,18 +533,19 @@ def test_a_step_on_the_windows_end_is_in_it_whatever_its_rounding(comfy, monkeyp
 
 def test_a_second_node_says_that_it_replaces_the_first(comfy, caplog):
     """The node applied to a model that has TAR replaces it (one node holds every setting): it says so, naming the
-    settings it replaces, also at strength 0, which leaves the model without TAR."""
+    settings it replaces (each of them), also at strength 0, which leaves the model without TAR."""
     dtype = torch.float64
-    (first,) = NODE().apply(wan(comfy, dtype), 1.5, 2.0, start_percent=0.0, end_percent=0.5)
+    (first,) = NODE().apply(wan(comfy, dtype), 1.5, 2.0, start_percent=0.0, end_percent=0.5, reference_frames=1,
+                            backend="reference")
     for strength, how in ((1.0, "with its own settings"), (0.0, "with none (strength 0)")):
         caplog.clear()
         with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
             NODE().apply(first, strength, 1.0, start_percent=0.5, end_percent=1.0)
         (said,) = warnings_of(caplog, "VSTAR_TAR")
         assert said.getMessage() == ("VSTAR_TAR: the model already had TAR from an earlier VSTAR_TAR node "
-                                     "(strength=1.5, sigma=2, start_percent=0, end_percent=0.5); this node replaces it "
-                                     f"{how}. One node holds every setting: to keep the earlier TAR, leave this node "
-                                     "out")
+                                     "(strength=1.5, sigma=2, start_percent=0, end_percent=0.5, reference_frames=1, "
+                                     f"backend=reference); this node replaces it {how}. One node holds every setting: "
+                                     "to keep the earlier TAR, leave this node out")
 
 
 def shifted(comfy, model, shift):

@@ -166,10 +166,10 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     earlier = _remove(clone, targets, wrappers)
     if earlier is not None:
         LOG.warning("VSTAR_TAR: the model already had TAR from an earlier VSTAR_TAR node (strength=%g, sigma=%g, "
-                    "start_percent=%g, end_percent=%g); this node replaces it%s. One node holds every setting: to "
-                    "keep the earlier TAR, leave this node out", earlier.strength, earlier.sigma,
-                    earlier.start_percent, earlier.end_percent,
-                    " with none (strength 0)" if strength == 0.0 else " with its own settings")
+                    "start_percent=%g, end_percent=%g, reference_frames=%d, backend=%s); this node replaces it%s. One "
+                    "node holds every setting: to keep the earlier TAR, leave this node out", earlier.strength,
+                    earlier.sigma, earlier.start_percent, earlier.end_percent, earlier.reference_frames,
+                    earlier.backend, " with none (strength 0)" if strength == 0.0 else " with its own settings")
     if start_percent > end_percent and strength != 0.0:
         LOG.warning("VSTAR_TAR: start_percent=%g is after end_percent=%g: the window holds no step, so the model "
                     "runs without TAR", start_percent, end_percent)
