@@ -196,6 +196,22 @@ def test_bench_names_the_bad_option(argv, message, capsys, tmp_path):
     assert capsys.readouterr().err.splitlines()[-1] == f"vstar-kernels bench: error: {message.format(file=file)}"
 
 
+@pytest.mark.parametrize("out, why", [("/proc", "cannot be written to"), ("/proc/x", "cannot be made")])
+def test_bench_refuses_an_out_that_takes_no_file_before_any_work(out, why, capsys, monkeypatch):
+    """Only a file was refused: a folder no file can be written to (/proc; mode bits say nothing to root) failed
+    after the sweep."""
+    def ran(args):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", (ran, *cli.COMMANDS["bench"][1:3], None, ()))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--quick", "--out", out])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vstar-kernels bench: error: argument --out: {out} {why} (No such file or directory); --out names a "
+        "folder the results can be written to")
+
+
 def make_dry_run(target, setup_dir, cwd=ROOT, **variables):
     """The commands `make TARGET` would run (make -n), with the install stamps under setup_dir."""
     args = [f"{k}={v}" for k, v in {"PY": sys.executable, "SETUP_DIR": setup_dir, **variables}.items()]

@@ -6,9 +6,11 @@ This module only defines the options, so that building the CLI parser imports no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import tempfile
 
 RUNTIME_DEVICES = ("auto", "cuda", "cpu")
 
@@ -32,16 +34,36 @@ def seconds(text: str) -> float:
 
 
 def results_folder(text: str) -> str:
-    """--out: a folder, made when missing; an existing file, or one where a folder to make is, is refused before any
-    work. "--out=~/x": the shell leaves that ~ alone, this expands it."""
+    """--out: a folder, made when missing; an existing file, one where a folder to make is, or a folder that takes
+    no file (read-only, /proc, not ours) is refused before any work. The check makes the folder and writes a
+    temporary file there (permission bits do not tell: root passes them), then removes what it made: a refused
+    command leaves nothing, and the command makes the folder when it writes. "--out=~/x": the shell leaves that ~
+    alone, this expands it."""
     text = os.path.expanduser(text)
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a file; --out names the results folder")
     above = os.path.abspath(text)
+    missing = []
     while not os.path.exists(above):
+        missing.append(above)
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         raise argparse.ArgumentTypeError(f"{text} cannot be made: {above} is a file")
+    made = []
+    try:
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            made.append(folder)
+        with tempfile.TemporaryFile(dir=text):
+            pass
+    except OSError as exc:
+        what = "cannot be made" if len(made) < len(missing) else "cannot be written to"
+        raise argparse.ArgumentTypeError(f"{text} {what} ({exc.strerror or exc}); --out names a folder the "
+                                         "results can be written to") from None
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
     return text
 
 
