@@ -50,3 +50,21 @@ def test_cli_writes_the_csv(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("cpu-default-path-*.csv")
     rows = read_csv(path)  # the harness's schema
     assert {r["setup"] for r in rows} == {f"{f}threads={t}" for f in ("", "frames=2x16,") for t in {threads, 1}}
+
+
+def test_a_same_day_rerun_appends_to_the_csv(tmp_path, monkeypatch, capsys):
+    """The second run overwrote the first's rows (benchmarks/NOTES.md: the CSV keeps both, as the harness's
+    does); a file of other columns is refused before the work."""
+    monkeypatch.setattr(cpu, "QUICK", (cpu.Case("tiny", 1, 1, 16, 8),))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread count: two rows a run
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    argv = ["cpu", "--quick", "--rounds", "1", "--out", str(tmp_path)]
+    assert perf_main(argv) == 0 and perf_main(argv) == 0
+    (path,) = tmp_path.glob("cpu-default-path-*.csv")
+    assert capsys.readouterr().out.splitlines()[-1] == f"appended to {path}"
+    assert [r["impl"] for r in read_csv(path)] == ["vstar_auto", "sdpa_plain"] * 2  # the header once
+    path.write_text("a,b\n1,2\n")
+    monkeypatch.setattr(cpu, "measure", lambda *a: pytest.fail("measured"))
+    assert perf_main(argv) == 2
+    assert capsys.readouterr().err.strip() == (f"{path} has the columns ['a', 'b'], not this harness's "
+                                               f"{list(COLUMNS)}: move it aside or write elsewhere (--out)")

@@ -12,9 +12,9 @@ from vstar_kernels.bench import positive_int, results_folder
 GPUS = ("h100", "h200")
 
 
-def _out(parser) -> None:
+def _out(parser, what: str = "") -> None:
     parser.add_argument("--out", metavar="DIR", type=results_folder,
-                        help="results directory (default: benchmarks/results)")
+                        help="results directory (default: benchmarks/results)" + what)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     cpu.add_argument("--quick", action="store_true", help="one UNet and one DiT case")
     cpu.add_argument("--rounds", type=positive_int, default=9,
                      help="timed calls of each implementation per case (default 9)")
-    _out(cpu)
+    _out(cpu, "; the rows are appended to cpu-default-path-<yyyymmdd>.csv there (a new file gets the header, a "
+              "same-day rerun adds to the file)")
     host = sub.add_parser("host", help="the host time of tar_attention on the quick shape, per call, against plain "
                                        "SDPA and the bare formula (measured)")
     host.add_argument("--rounds", type=positive_int, default=50, help="rounds of timed batches (default 50)")

@@ -4,16 +4,17 @@
 `sdpa_plain` (F.scaled_dot_product_attention without a bias), fp32, q, k and v in diffusers'
 (B, N, H, D) storage, in one process: with the default thread count and with one thread. The two
 are timed alternately (one call of each per round, after one warm-up call each), so that a change of
-load hits both; the median, p20 and p80 of each go to <results>/cpu-default-path-<yyyymmdd>.csv in the
-benchmark harness's row schema (vstar_kernels.bench.measure.row: device, versions, commit, time; the
+load hits both; the median, p20 and p80 of each are appended to <results>/cpu-default-path-<yyyymmdd>.csv
+(a new file gets the header; a same-day rerun adds its rows after the earlier ones, as the harness's CSV
+does) in the benchmark harness's row schema (vstar_kernels.bench.measure.row: device, versions, commit, time; the
 threads and frame ids in `setup`; the load average before and after each cell, for the machine may be
 shared: the spread says how much), which benchmarks/plot_results.py renders.
 """
 
 from __future__ import annotations
 
-import csv
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,25 +101,25 @@ def measure(case: Case, threads: int, rounds: int, seed: int = 0) -> list:
 
 
 def main(args) -> int:
-    from vstar_kernels.bench.measure import COLUMNS
+    from vstar_kernels.bench.measure import append_row, check_columns
 
     directory = Path(os.path.abspath(args.out)) if args.out else RESULTS
-    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"cpu-default-path-{time.strftime('%Y%m%d', time.gmtime())}.csv"
+    try:  # before the work: rows appended under another header would land under the wrong names
+        check_columns(path)
+    except ValueError as exc:
+        print(f"{exc}: move it aside or write elsewhere (--out)", file=sys.stderr)
+        return 2
     default = torch.get_num_threads()
-    rows = []
     for threads in dict.fromkeys((default, 1)):
         for case in QUICK if args.quick else CASES:
             out = measure(case, threads, args.rounds)
-            rows += out
+            for r in out:  # as measured: a killed run keeps what it measured
+                append_row(path, r)
             o, p = out
             ratio = float(o["median_ms"]) / float(p["median_ms"])
             print(f"{case.name} (B{case.batch} H{case.heads} N{case.n} D{case.d}) threads {threads}: ours "
                   f"{o['median_ms']} ms [{o['p20_ms']}, {o['p80_ms']}], sdpa_plain {p['median_ms']} ms "
                   f"[{p['p20_ms']}, {p['p80_ms']}], ours/sdpa_plain {ratio:.2f}, load {o['loadavg']}", flush=True)
-    path = directory / f"cpu-default-path-{time.strftime('%Y%m%d', time.gmtime())}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
+    print(f"appended to {path}")
     return 0
