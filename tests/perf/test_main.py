@@ -1,6 +1,8 @@
 """`python -m tools.perf`: its help, and options refused before any work (each command's work is replaced by a
 stub that fails the test if it runs: nothing here compiles or measures)."""
 
+import argparse
+
 import pytest
 
 from tools.perf import __main__ as perf
@@ -48,3 +50,25 @@ def test_results_folder_leaves_nothing_of_its_check(tmp_path):
     assert results_folder(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
     assert list(tmp_path.iterdir()) == []
     assert results_folder(str(tmp_path)) == str(tmp_path) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("n", ["131073", "1000000000"])
+def test_model_lengths_are_bounded(n, no_work, capsys):
+    """N = 1e9 ran for minutes: the model walks every query block of a call in Python."""
+    assert refused(["model", "--n", n, "--out", "/tmp"], capsys) == (
+        f"python -m tools.perf model: error: argument --n: at most 131,072 (2^17, past the longest sequence of "
+        f"the committed tables: the DiT rows' 119,056), got '{n}'")
+
+
+def test_the_longest_length_passes_and_the_committed_tables_fit_under_it():
+    import csv
+
+    from tools.perf import RESULTS
+
+    assert perf.model_length(str(perf.MODEL_MAX_N)) == perf.MODEL_MAX_N
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a positive int"):
+        perf.model_length("0")
+    longest = max(int(r["n"]) for name in ("model-h100", "model-h200", "model-dit-h100", "model-dit-h200",
+                                           "model-h100-calibration")
+                  for r in csv.DictReader(open(RESULTS / f"{name}.csv", newline="")) if r.get("n"))
+    assert longest == 119056 <= perf.MODEL_MAX_N

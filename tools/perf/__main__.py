@@ -10,11 +10,24 @@ import sys
 from vstar_kernels.bench import positive_int, results_folder
 
 GPUS = ("h100", "h200")
+# `model --n`: the longest sequence the model takes, past the longest of the committed tables (N = 119,056, the DiT
+# rows). The sweep of one kernel shape took 73 s at N = 4,096 and 91 s at 131,072, and had not ended after 7 min at
+# 1,048,576 (the shared 2-core box, on a442e41); N = 1e9 ran for minutes before
+MODEL_MAX_N = 2 ** 17
 
 
 def _out(parser, what: str = "") -> None:
     parser.add_argument("--out", metavar="DIR", type=results_folder,
                         help="results directory (default: benchmarks/results)" + what)
+
+
+def model_length(text: str) -> int:
+    """An argparse type: `model --n`, a sequence length in 1..MODEL_MAX_N."""
+    n = positive_int(text)
+    if n > MODEL_MAX_N:
+        raise argparse.ArgumentTypeError(f"at most {MODEL_MAX_N:,} (2^17, past the longest sequence of the "
+                                         f"committed tables: the DiT rows' 119,056), got {text!r}")
+    return n
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--dit", action="store_true", help="the video DiT self-attention shapes, with frame ids")
     model.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (vstar_kernels.bench.shapes, or "
                                                                    "the DiT shapes with --dit)")
-    model.add_argument("--n", nargs="+", type=positive_int, metavar="N",
-                       help="sequence lengths (kernel shapes; not with --dit)")
+    model.add_argument("--n", nargs="+", type=model_length, metavar="N",
+                       help=f"sequence lengths, each 1..{MODEL_MAX_N:,} (kernel shapes; not with --dit)")
     model.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     _out(model)
     cpu = sub.add_parser("cpu", help="time the CPU default path (tar_attention, backend auto) against plain SDPA, "
