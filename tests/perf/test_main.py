@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 
+from tools.perf import __doc__ as overview
 from tools.perf import __main__ as perf
 from vstar_kernels import _env
 from vstar_kernels.bench import results_folder
@@ -50,6 +51,63 @@ def test_results_folder_leaves_nothing_of_its_check(tmp_path):
     assert results_folder(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
     assert list(tmp_path.iterdir()) == []
     assert results_folder(str(tmp_path)) == str(tmp_path) and list(tmp_path.iterdir()) == []
+
+
+def test_the_help_is_the_packages_docstring(capsys):
+    with pytest.raises(SystemExit):
+        perf.main(["--help"])
+    out = capsys.readouterr().out
+    assert "see __init__" not in out
+    assert " ".join(overview.split()[:40]) in " ".join(out.split())  # its layout kept: the commands' lines
+    assert "    python -m tools.perf static   [--arch 80 90] [--quick]" in out
+
+
+@pytest.mark.parametrize("command, texts", [
+    ("model", ["named shapes (default: every kernel shape", "with --dit, every DiT shape",
+               "(default: 16, 32, ..., 2048 and 4096", "each 1..131,072"]),
+    ("static", ["compile the CI subset (default: the full sweep)"]),
+    ("traffic", ["count the CI subset (default: the full sweep)"]),
+    ("host", ["at one thread and at torch's default thread count", "prints a table, writes no file"]),
+    ("cpu", ["appended to cpu-default-path-<yyyymmdd>.csv", "(default: all five)"]),
+])
+def test_each_commands_help_states_its_defaults(command, texts, capsys):
+    with pytest.raises(SystemExit):
+        perf.main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in texts:
+        assert text in out
+
+
+def test_the_model_lengths_default_is_what_the_help_says():
+    from tools.perf.model import MODEL_N
+
+    assert list(MODEL_N) == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+@pytest.mark.parametrize("command, why", [
+    ("static", "static --quick compiles the CI subset, whose tables would replace the committed full ones"),
+    ("traffic", "traffic --quick counts the CI subset, whose tables would replace the committed full ones"),
+    ("cpu", "cpu --quick times two of the five cases, whose rows would join the committed full runs"),
+])
+def test_quick_without_out_says_what_that_command_would_write(command, why, no_work, capsys):
+    """cpu was told it "writes the CI subset", static's and traffic's words."""
+    from tools.perf import cpu
+
+    assert len(cpu.CASES) == 5 and len(cpu.QUICK) == 2
+    assert refused([command, "--quick"], capsys) == (f"python -m tools.perf {command}: error: {why} in "
+                                                     "benchmarks/results: give --out DIR")
+
+
+@pytest.mark.parametrize("argv", [["model", "--dit", "--n", "16"], ["model", "--shapes", "nonesuch"],
+                                  ["model", "--n", "16"], ["static", "--quick"]])
+def test_an_error_after_parsing_prints_its_commands_usage(argv, no_work, capsys):
+    """They printed the top-level usage (`python -m tools.perf [-h] {static,...}`), not the command's options."""
+    with pytest.raises(SystemExit) as exit_:
+        perf.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: python -m tools.perf {argv[0]} [-h]")
+    assert f"python -m tools.perf {argv[0]}: error: " in err
 
 
 @pytest.mark.parametrize("n", ["131073", "1000000000"])

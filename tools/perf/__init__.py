@@ -13,7 +13,9 @@ structure of Triton's fused-attention tutorial), traffic (interpreter counts), c
 as it specializes, the roofline of one launch, the FlashAttention-2 and FlashAttention-3
 calibrations and the tutorial anchor), eager (eager peers counted on meta tensors), model (the
 kernel-shape sweep and its files), model_dit (the video DiT rows), cpu (the CPU default path
-timed), host (the per-call host time on the quick shape). tools/perf/model.md says what each number means. Results go to benchmarks/results/ unless --out says otherwise.
+timed), host (the per-call host time on the quick shape). tools/perf/model.md says what each number
+means. Results go to benchmarks/results/ unless --out says otherwise (host prints its table and
+writes no file). `python -m tools.perf COMMAND --help` gives each command's options and defaults.
 """
 
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""`python -m tools.perf <static|traffic|model|cpu|host|compile-check> ...`: the maintainers' yardstick (see __init__)."""
+"""`python -m tools.perf <static|traffic|model|cpu|host|compile-check> ...`: the maintainers' yardstick; its
+--help is the package's docstring (tools/perf/__init__.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 from vstar_kernels.bench import positive_int, results_folder
+
+from . import __doc__ as OVERVIEW
 
 GPUS = ("h100", "h200")
 # `model --n`: the longest sequence the model takes, past the longest of the committed tables (N = 119,056, the DiT
@@ -30,14 +33,28 @@ def model_length(text: str) -> int:
     return n
 
 
+# why each command's --quick needs --out
+QUICK_WITHOUT_OUT = {
+    "static": "static --quick compiles the CI subset, whose tables would replace the committed full ones in "
+              "benchmarks/results",
+    "traffic": "traffic --quick counts the CI subset, whose tables would replace the committed full ones in "
+               "benchmarks/results",
+    "cpu": "cpu --quick times two of the five cases, whose rows would join the committed full runs in "
+           "benchmarks/results",
+}
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m tools.perf", description=__doc__)
+    """The CLI; `.commands` maps each command's name to its parser (for its own usage in errors)."""
+    top = argparse.ArgumentParser(prog="python -m tools.perf", description=OVERVIEW,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True)
     static = sub.add_parser("static", help="compile every kernel config for sm_80/sm_90 and read its SASS: "
                                            "registers, spills, occupancy, MMA kind, instructions per score")
     static.add_argument("--arch", nargs="+", type=int, choices=(80, 90), default=[80, 90], metavar="SM",
                         help="SM versions to compile for: 80, 90 or both (default: both)")
-    static.add_argument("--quick", action="store_true", help="the CI subset")
+    static.add_argument("--quick", action="store_true",
+                        help="compile the CI subset (default: the full sweep); needs --out")
     static.add_argument("--kernels", nargs="+", metavar="NAME",
                         help="recompile these kernels' launches only and replace their rows in the tables "
                              "already in --out (after a change to those kernels alone)")
@@ -46,33 +63,40 @@ def parser() -> argparse.ArgumentParser:
                              "replace or add their rows in the tables already in --out")
     _out(static)
     traffic = sub.add_parser("traffic", help="count the forward's bytes and MMA FLOPs in the Triton interpreter")
-    traffic.add_argument("--quick", action="store_true", help="the CI subset")
+    traffic.add_argument("--quick", action="store_true",
+                         help="count the CI subset (default: the full sweep); needs --out")
     _out(traffic)
     model = sub.add_parser("model", help="the roofline model of one forward call on H100/H200 (a model, not a "
                                          "measurement), calibrated on published FlashAttention bars")
     model.add_argument("--gpu", nargs="+", choices=GPUS, help="the GPUs to model (default: both)")
     model.add_argument("--dit", action="store_true", help="the video DiT self-attention shapes, with frame ids")
-    model.add_argument("--shapes", nargs="+", metavar="NAME", help="named shapes (vstar_kernels.bench.shapes, or "
-                                                                   "the DiT shapes with --dit)")
+    model.add_argument("--shapes", nargs="+", metavar="NAME",
+                       help="named shapes (default: every kernel shape of vstar_kernels.bench.shapes, the UNets "
+                            "aside; with --dit, every DiT shape); needs --out")
     model.add_argument("--n", nargs="+", type=model_length, metavar="N",
-                       help=f"sequence lengths, each 1..{MODEL_MAX_N:,} (kernel shapes; not with --dit)")
+                       help=f"sequence lengths of the kernel shapes, each 1..{MODEL_MAX_N:,} (default: 16, 32, "
+                            "..., 2048 and 4096; not with --dit, whose shapes have their own); needs --out")
     model.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     _out(model)
     cpu = sub.add_parser("cpu", help="time the CPU default path (tar_attention, backend auto) against plain SDPA, "
                                      "default threads and one thread (measured)")
-    cpu.add_argument("--quick", action="store_true", help="one UNet and one DiT case")
+    cpu.add_argument("--quick", action="store_true", help="one UNet and one DiT case (default: all five); "
+                                                          "needs --out")
     cpu.add_argument("--rounds", type=positive_int, default=9,
                      help="timed calls of each implementation per case (default 9)")
     _out(cpu, "; the rows are appended to cpu-default-path-<yyyymmdd>.csv there (a new file gets the header, a "
               "same-day rerun adds to the file)")
-    host = sub.add_parser("host", help="the host time of tar_attention on the quick shape, per call, against plain "
-                                       "SDPA and the bare formula (measured)")
+    host_help = ("the host time of tar_attention on the quick shape, per call, against plain SDPA and the bare "
+                 "formula (measured), at one thread and at torch's default thread count; prints a table, writes "
+                 "no file")
+    host = sub.add_parser("host", help=host_help, description=host_help)
     host.add_argument("--rounds", type=positive_int, default=50, help="rounds of timed batches (default 50)")
     host.add_argument("--batch", type=positive_int, default=20,
                       help="calls of each implementation per round (default 20)")
     check = sub.add_parser("compile-check", help="compile every launch for an NVIDIA arch (no GPU): registers, "
                                                  "spills, shared memory", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
+    top.commands = sub.choices
     return top
 
 
@@ -98,23 +122,23 @@ def main(argv=None) -> int:
         return compile_check(argv[1:])
     top = parser()
     args = top.parse_args(argv)
+    command = top.commands[args.command]  # its errors print its own usage
     for name, value in vars(args).items():  # a value given twice is one
         if isinstance(value, list) and name != "rest":
             setattr(args, name, list(dict.fromkeys(value)))
     if args.command == "model" and args.dit and args.n:
-        top.error("argument --n: the DiT shapes have their own sequence lengths; --n is for the kernel shapes")
+        command.error("argument --n: the DiT shapes have their own sequence lengths; --n is for the kernel shapes")
     if args.command == "model" and args.shapes:
         valid = _model_shapes(args.dit)
         unknown = [name for name in args.shapes if name not in valid]
         if unknown:
-            top.error(f"argument --shapes: unknown {'DiT ' * args.dit}shape(s) {', '.join(unknown)}; "
-                      f"choose from {', '.join(valid)}")
+            command.error(f"argument --shapes: unknown {'DiT ' * args.dit}shape(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(valid)}")
     if args.command == "model" and (args.shapes or args.n) and not args.out:
-        top.error("model --shapes/--n writes those rows only, which would replace the committed full tables in "
-                  "benchmarks/results: give --out DIR")
+        command.error("model --shapes/--n writes those rows only, which would replace the committed full tables "
+                      "in benchmarks/results: give --out DIR")
     if args.command in ("static", "traffic", "cpu") and args.quick and not args.out:
-        top.error(f"{args.command} --quick writes the CI subset, which would replace the committed full tables in "
-                  "benchmarks/results: give --out DIR")
+        command.error(QUICK_WITHOUT_OUT[args.command] + ": give --out DIR")
     from vstar_kernels import _env
 
     if args.command == "traffic" and not _env.interpreter_requested():
