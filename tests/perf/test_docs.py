@@ -2,9 +2,11 @@
 tables (text and CSVs only: nothing here compiles or measures)."""
 
 import argparse
+import csv
 import re
 from pathlib import Path
 
+from tools.perf import RESULTS
 from tools.perf import __main__ as perf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,3 +45,35 @@ def test_the_host_before_and_after_recipe_runs_hosts_main_at_its_defaults(monkey
     exec(compile(code, "recipe", "exec"), {})
     defaults = perf.parser().parse_args(["host"])
     assert called == [argparse.Namespace(rounds=defaults.rounds, batch=defaults.batch)]
+
+
+def no_spills_row() -> str:
+    (row,) = [line for line in (ROOT / "tools" / "perf" / "model.md").read_text(encoding="utf-8").splitlines()
+              if line.startswith("| no spills in any pruned config")]
+    return row
+
+
+def static_rows(arch: int) -> list:
+    with open(RESULTS / f"static-sm{arch}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_no_spills_target_counts_the_committed_tables():
+    """The row said sm_90 1,639 rows and sm_80 1,061 with 12 redo rows at 128 x 64 (48 B): the tables hold
+    1,445 and 1,047, and 8 redo rows at 64 x 64 (40 B)."""
+    row = no_spills_row()
+    sm90, sm80 = static_rows(90), static_rows(80)
+    assert f"sm_90, {len(sm90):,} rows" in row and f"sm_80, {len(sm80):,} rows" in row
+    spills = [r for r in sm90 if int(r["spill_bytes"])]
+    assert {(r["kernel"], r["tile"], r["spill_bytes"]) for r in spills} == {("_tar_fwd_tiled_kernel", "128x64", "24")}
+    assert all("speculative" in r["case"] and r["local_ops_in_loops"] == "0" for r in spills)
+    assert f"128 x 64 tiles (24 B, {len(spills)} rows;" in row
+    lean = [r for r in sm80 if int(r["spill_bytes"]) and r["kernel"] == "_tar_fwd_lean_kernel"]
+    redo = [r for r in sm80 if int(r["spill_bytes"]) and r["kernel"] == "_tar_fwd_redo_kernel"]
+    assert len([r for r in sm80 if int(r["spill_bytes"])]) == len(lean) + len(redo)
+    speculative = [r for r in lean if "speculative" in r["case"]]
+    assert f"the lean forward's {len(lean)} (its speculative form's {len(speculative)} among them)" in row
+    ((tile, warps, spilled, in_loops),) = {(r["tile"], r["cta_warps"], r["spill_bytes"], r["local_ops_in_loops"])
+                                           for r in redo}
+    assert f"the {len(redo)} of the redo" in row
+    assert f"({tile.replace('x', ' x ')} on {warps} warps, {spilled} B, {in_loops} local accesses in its loops)" in row
