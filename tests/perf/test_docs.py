@@ -77,3 +77,20 @@ def test_the_no_spills_target_counts_the_committed_tables():
                                            for r in redo}
     assert f"the {len(redo)} of the redo" in row
     assert f"({tile.replace('x', ' x ')} on {warps} warps, {spilled} B, {in_loops} local accesses in its loops)" in row
+
+
+def test_each_yardstick_run_time_is_stated_once_with_its_commit():
+    """model.md gave `model` 154 s (at 8f38c22) and 5.4 min, `model --dit` about 90 s (at 0188197) and 3.5 min,
+    two of them without a commit. A statement: the run times of one clause (up to its ';' or ')')."""
+    text = prose(ROOT / "tools" / "perf" / "model.md")
+    said = {}
+    for m in re.finditer(r"(?<![\w.])\d+(?:\.\d+)? (?:s|min)\b", text):
+        command = "".join(re.findall(r"`python -m tools\.perf (\w[\w-]*)( --dit)?", text[:m.start()])[-1])
+        start = max(text.rfind(c, 0, m.start()) for c in ";()")
+        end = min(i for i in (text.find(";", m.end()), text.find(")", m.end())) if i >= 0)
+        said.setdefault(command, set()).add(text[start + 1:end].strip())
+    assert set(said) == {"model", "model --dit", "static"}
+    for command, statements in said.items():
+        assert len(statements) == 1, (command, statements)
+        (statement,) = statements
+        assert re.search(r"\b[0-9a-f]{7}\b", statement), (command, statement)
