@@ -102,3 +102,23 @@ def test_the_core_never_imports_a_front_end(module):
     bad = {m for m in imports(module, top_level_only=False)
            if m.startswith(FRONT_ENDS) and (module, m) not in ALIASES}
     assert not bad, f"{module} imports {sorted(bad)}, a front-end above it"
+
+
+def test_every_module_imports_with_the_oldest_torch_compiler_disable(tmp_path):
+    """`torch.compiler.disable(reason=...)` is torch 2.8's; the package takes torch 2.4 up, whose disable takes
+    `fn` and `recursive` alone: `vstar_kernels.diffusers` raised a TypeError on import there."""
+    import subprocess
+    import sys
+
+    names = sorted(m for m in MODULES if m != "vstar_kernels.__main__")
+    code = ("import torch\n"
+            "stock = torch.compiler.disable\n"
+            "def disable(fn=None, recursive=True):\n"
+            "    return stock(fn, recursive)\n"
+            "torch.compiler.disable = disable\n"
+            "import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module(name)\n")
+    done = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=600,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -117,9 +117,10 @@ class _BindingCheckpoint:
         return self.function(_BoundBlock(block, self.tracker, self.tracker._snapshot()), *args, **kwargs)
 
 
-# torch.compile of the whole model (fullgraph too) runs the model's hooks eagerly around the compiled forward: they
-# keep host state (traced, a bare model's later calls failed on a data-dependent guard)
-COMPILED_HOOK = "TAR and the attention capture count a model's steps on the host, before and after its forward"
+# The model hooks below are kept out of torch.compile's graph (`torch.compiler.disable`; without `reason=`, which
+# torch 2.7 and older do not take): compiled whole, fullgraph too, a model runs them eagerly around its compiled
+# forward, as TAR and the attention capture count its steps on the host (traced, a bare model's later calls failed
+# on a data-dependent guard)
 
 NOT_COPIED = ("a model with TAR or an open attention capture on it cannot be deep-copied or pickled (the copy would "
               "count its steps with the original's state): copy or save it before apply_tar, or after remove_tar "
@@ -271,7 +272,7 @@ class StepTracker:
         pipeline = marking() if marking is not None else None
         return getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
 
-    @torch.compiler.disable(reason=COMPILED_HOOK)
+    @torch.compiler.disable  # out of a compiled model's graph (above NOT_COPIED)
     def _before_forward(self, module, args, kwargs) -> None:
         self.rose = None
         timesteps = self._scheduler_timesteps()
@@ -322,7 +323,7 @@ class Hook:
     def __init__(self, function: Callable):
         self.function = function
 
-    @torch.compiler.disable(reason=COMPILED_HOOK)
+    @torch.compiler.disable  # out of a compiled model's graph (above NOT_COPIED)
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)
 
