@@ -294,8 +294,9 @@ def test_install_into_a_folder_it_cannot_write_says_so(tmp_path, capsys, monkeyp
     init = tmp_path / "custom_nodes" / "vstar_kernels_tar" / "__init__.py"
     assert capsys.readouterr().err.strip() == f"comfyui-install: cannot write {init}: Permission denied"
     from vstar_kernels.comfyui.install import install
-    with pytest.raises(PermissionError, match="cannot write"):  # the class it wraps, for a caller to catch
+    with pytest.raises(PermissionError, match="cannot write") as raised:  # the class it wraps, for a caller
         install(str(tmp_path))
+    assert raised.value.errno == 13
 
 
 # ---------------------------------------------------------------- numerics against the oracle
@@ -1328,6 +1329,41 @@ def test_a_module_a_later_node_replaced_around_the_attention_is_refused(comfy, r
         compiled.add_object_patch(replaced, torch.compile(found, backend="eager"))
         assert torch.equal(sample(comfy, compiled, shape, cond, uncond, dtype),
                            sample(comfy, tar, shape, cond, uncond, dtype))
+
+
+def test_a_later_node_that_puts_a_holder_of_the_same_modules_in_place_composes(comfy):
+    """A node after VSTAR_TAR that object-patches a module holding the same self-attentions (a list of the same
+    blocks; a module calling the model it holds, its attributes handed on): the model runs the modules TAR's
+    patches are on, so TAR runs (it was refused as another module in place, which it is not), and nothing of
+    TAR's is left on the model after sampling."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    shape = (1, 4, 3, 4, 4)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    expected = sample(comfy, tar, shape, cond, uncond, dtype)
+
+    class Holder(torch.nn.Module):
+        def __init__(self, held):
+            super().__init__()
+            self.held = held
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("held"), name)
+
+        def forward(self, *args, **kwargs):
+            return self.held(*args, **kwargs)
+
+    own = model.get_model_object("diffusion_model")
+    for path, holder in (("diffusion_model.blocks", torch.nn.ModuleList(list(own.blocks))),
+                         ("diffusion_model", Holder(own))):
+        later = tar.clone()
+        later.add_object_patch(path, holder)
+        assert torch.equal(sample(comfy, later, shape, cond, uncond, dtype), expected), path
+        assert not any(marked(vars(m).get("forward")) for m in own.modules()), path
 
 
 def test_cache_nodes_that_drop_transformer_options_compose(comfy, caplog):

@@ -42,5 +42,7 @@ def install(comfyui: str) -> pathlib.Path:
         target.mkdir(exist_ok=True)
         init.write_text(SOURCE, encoding="utf-8")
     except OSError as exc:  # a folder of another user's, or read-only: the same class (PermissionError, ...)
-        raise type(exc)(f"cannot write {init}: {exc.strerror or exc}") from exc
+        error = type(exc)(f"cannot write {init}: {exc.strerror or exc}")
+        error.errno = exc.errno  # (a filename would change its message: the path is in it)
+        raise error from exc
     return init

@@ -1,5 +1,5 @@
 """What a path of object patches names when a ComfyUI ModelPatcher runs (`resolve`), and where a patch on a prefix
-of a path puts another module in place of the one there (`replaced_above`): the node's patches are on the forward
+of a path makes it reach another module than the one there (`replaced_above`): the node's patches are on the forward
 of modules, so such a module hides them (docs/comfyui.md, With other nodes on the same model)."""
 
 from __future__ import annotations
@@ -49,14 +49,24 @@ def resolve(patcher, path: str, own_patches: bool = True):
 
 
 def replaced_above(patcher, paths: Iterable[str]) -> Optional[Tuple[str, str]]:
-    """(the prefix, the path) of the first of `paths` (module paths) one of whose prefixes, itself included,
-    `patcher` object-patches with another module than the one there without its patches (a torch.compile wrapper
-    of the same module is no other); None where there is none."""
+    """(the prefix, the path) of the first of `paths` (module paths) that reaches, with `patcher`'s object patches,
+    another module than without them, because one of its prefixes, itself included, is object-patched (a
+    torch.compile wrapper of the same module is no other; a patch holding the same module, a list of the same
+    blocks, a wrapper calling the model it holds, reaches it): the prefix is the first patched one whose own
+    module is another; None where there is none."""
     for path in paths:
         parts = path.split(".")
-        for i in range(1, len(parts) + 1):
-            above = ".".join(parts[:i])
-            if above in patcher.object_patches and \
-                    unwrap(resolve(patcher, above, own_patches=False)) is not unwrap(resolve(patcher, above)):
-                return above, path
+        patched = [".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in
+                   patcher.object_patches]
+        if not patched:
+            continue
+        try:
+            reached = unwrap(resolve(patcher, path))
+        except AttributeError:  # the module put in place has no such attribute
+            reached = None
+        if reached is unwrap(resolve(patcher, path, own_patches=False)):
+            continue
+        other = [above for above in patched
+                 if unwrap(resolve(patcher, above, own_patches=False)) is not unwrap(resolve(patcher, above))]
+        return (other or patched)[0], path
     return None
