@@ -196,7 +196,7 @@ def test_bench_names_the_bad_option(argv, message, capsys, tmp_path):
     assert capsys.readouterr().err.splitlines()[-1] == f"vstar-kernels bench: error: {message.format(file=file)}"
 
 
-@pytest.mark.parametrize("out, why", [("/proc", "cannot be written to"), ("/proc/x", "cannot be made")])
+@pytest.mark.parametrize("out, why", [("/proc", "cannot be written to"), ("/proc/x", "cannot be made in /proc")])
 def test_bench_refuses_an_out_that_takes_no_file_before_any_work(out, why, capsys, monkeypatch):
     """Only a file was refused: a folder no file can be written to (/proc; mode bits say nothing to root) failed
     after the sweep."""

@@ -33,8 +33,8 @@ def refused(argv, capsys) -> str:
     return capsys.readouterr().err.splitlines()[-1]
 
 
-@pytest.mark.parametrize("out, why", [("/proc", "cannot be written to"), ("/proc/x", "cannot be made"),
-                                      ("/proc/x/y", "cannot be made")])
+@pytest.mark.parametrize("out, why", [("/proc", "cannot be written to"), ("/proc/x", "cannot be made in /proc"),
+                                      ("/proc/x/y", "cannot be made in /proc")])
 @pytest.mark.parametrize("argv", [["static", "--quick"], ["traffic", "--quick"], ["model"], ["model", "--dit"],
                                   ["cpu", "--quick"]])
 def test_an_out_that_takes_no_file_is_refused_before_any_work(argv, out, why, no_work, capsys):
@@ -47,10 +47,15 @@ def test_an_out_that_takes_no_file_is_refused_before_any_work(argv, out, why, no
 
 
 def test_results_folder_leaves_nothing_of_its_check(tmp_path):
-    """A writable folder passes; the folders the check made and its file are gone (the command makes them)."""
+    """A writable folder passes; the check makes no folder and leaves no file (the command makes the folders: a
+    check that made and removed them raced another command making the same ones)."""
     assert results_folder(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
     assert list(tmp_path.iterdir()) == []
     assert results_folder(str(tmp_path)) == str(tmp_path) and list(tmp_path.iterdir()) == []
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # it said "cannot be made (File exists)"
+    with pytest.raises(argparse.ArgumentTypeError, match=f"{tmp_path}/gone/x cannot be made: {tmp_path}/gone is a "
+                                                         "link to nothing"):
+        results_folder(str(tmp_path / "gone" / "x"))
 
 
 def test_the_help_is_the_packages_docstring(capsys):

@@ -226,18 +226,6 @@ def test_bench_traffic_cli_writes_the_csv_and_table(tmp_path, monkeypatch):
     assert "Counted in the Triton interpreter" in (tmp_path / "traffic.md").read_text()
 
 
-@pytest.mark.parametrize("command", ["traffic", "static", "cpu"])
-def test_quick_needs_an_out_folder(command, capsys):
-    """--quick without --out would have replaced the committed full table with the CI subset."""
-    from tools.perf.__main__ import main as perf_main
-
-    with pytest.raises(SystemExit) as exc:
-        perf_main([command, "--quick"])
-    assert exc.value.code == 2
-    assert f"{command} --quick writes the CI subset, which would replace the committed full tables" in \
-        capsys.readouterr().err
-
-
 def test_a_case_that_raises_gets_a_row_and_fails_the_command(tmp_path, monkeypatch):
     import csv
 

@@ -6,7 +6,6 @@ This module only defines the options, so that building the CLI parser imports no
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -34,36 +33,28 @@ def seconds(text: str) -> float:
 
 
 def results_folder(text: str) -> str:
-    """--out: a folder, made when missing; an existing file, one where a folder to make is, or a folder that takes
-    no file (read-only, /proc, not ours) is refused before any work. The check makes the folder and writes a
-    temporary file there (permission bits do not tell: root passes them), then removes what it made: a refused
-    command leaves nothing, and the command makes the folder when it writes. "--out=~/x": the shell leaves that ~
-    alone, this expands it."""
+    """--out: a folder, made when missing; an existing file, one where a folder to make is, a link to nothing, or a
+    folder that takes no file (read-only, /proc, not ours) is refused before any work. The check writes a
+    temporary file into the folder, or where it is missing into the nearest folder above it, where the folders are
+    to be made (permission bits do not tell: root passes them); it makes nothing itself. "--out=~/x": the shell
+    leaves that ~ alone, this expands it."""
     text = os.path.expanduser(text)
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a file; --out names the results folder")
     above = os.path.abspath(text)
-    missing = []
     while not os.path.exists(above):
-        missing.append(above)
+        if os.path.islink(above):
+            raise argparse.ArgumentTypeError(f"{text} cannot be made: {above} is a link to nothing")
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         raise argparse.ArgumentTypeError(f"{text} cannot be made: {above} is a file")
-    made = []
     try:
-        for folder in reversed(missing):
-            os.mkdir(folder)
-            made.append(folder)
-        with tempfile.TemporaryFile(dir=text):
+        with tempfile.TemporaryFile(dir=above):
             pass
     except OSError as exc:
-        what = "cannot be made" if len(made) < len(missing) else "cannot be written to"
+        what = "cannot be written to" if os.path.isdir(text) else f"cannot be made in {above}"
         raise argparse.ArgumentTypeError(f"{text} {what} ({exc.strerror or exc}); --out names a folder the "
                                          "results can be written to") from None
-    finally:
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
     return text
 
 
