@@ -15,7 +15,7 @@ from . import __doc__ as OVERVIEW
 GPUS = ("h100", "h200")
 # `model --n`: the longest sequence the model takes, past the longest of the committed tables (N = 119,056, the DiT
 # rows). The sweep of one kernel shape took 73 s at N = 4,096 and 91 s at 131,072, and had not ended after 7 min at
-# 1,048,576 (the shared 2-core box, on a442e41); N = 1e9 ran for minutes before
+# 1,048,576 (the shared 2-core box, on a442e41); N = 1e9 ran for minutes before the bound
 MODEL_MAX_N = 2 ** 17
 
 
