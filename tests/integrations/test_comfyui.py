@@ -722,7 +722,8 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
     other = model.clone()
     other.add_object_patch(replaced, copy.deepcopy(original))
     with pytest.raises(ValueError, match=rf"VSTAR_TAR: an earlier node put another module in place of {replaced} "
-                                         r"\(an object patch\).*TAR cannot patch the self-attention's forward"):
+                                         rf"\(an object patch, a \S+\.{type(original).__name__}\).*TAR cannot "
+                                         r"patch the self-attention's forward"):
         NODE().apply(other, 1.0, 1.0)
     compiled = model.clone()
     compiled.add_object_patch("diffusion_model", torch.compile(model.get_model_object("diffusion_model")))

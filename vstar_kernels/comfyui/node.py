@@ -11,7 +11,7 @@ import torch
 from .._problem import check_factor, check_sigma
 from .models import family_of, unwrap
 from .patch import KEY, LOG, MarkedForward, Settings, TARPatch, marked
-from .paths import replaced_above, resolve, step, walk as walk_path
+from .paths import replacement, resolve, step, walk as walk_path
 
 BACKENDS = ("auto", "triton", "reference")
 MIN_COMFYUI = "0.3.60"      # the first ComfyUI whose attention functions take an override from transformer_options
@@ -58,14 +58,11 @@ def _refuse_replaced_above(patcher, paths) -> None:
     `paths` (a torch.compile wrapper of the same module is no other): TAR's patch of the module's forward would wrap
     the module replaced, and ComfyUI, which puts object patches back in the order they were made, would leave the
     replacing module's forward on the model's own module after sampling. (A later node's: `TARPatch.outer_sample`.)"""
-    found = replaced_above(patcher, paths)
+    found = replacement(patcher, paths)
     if found is not None:
-        above, path = found
-        holds = "" if above == path else f", which holds the self-attention {path}"
-        raise ValueError(f"VSTAR_TAR: an earlier node put another module in place of {above} (an object "
-                         f"patch){holds}: TAR cannot patch the self-attention's forward there (it would "
-                         "run the module that was replaced). Leave that node out, or ask its author to "
-                         "patch the module's forward instead")
+        raise ValueError(f"VSTAR_TAR: an earlier node put another module in place of {found}: TAR cannot patch "
+                         "the self-attention's forward there (it would run the module that was replaced). Leave "
+                         "that node out, or ask its author to patch the module's forward instead")
 
 
 def _wrappers():

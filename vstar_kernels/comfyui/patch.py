@@ -21,7 +21,7 @@ from .. import tar_attention
 from ..frames import FrameLayout, TokenLayout, layout_ids, one_frame
 from ..functional import Speculation
 from .models import Family
-from .paths import replaced_above
+from .paths import replacement
 
 KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
@@ -208,16 +208,13 @@ class TARPatch:
                                "after that node. With dynamic VRAM on, newer ComfyUI's sampler does it itself for a "
                                "conditioning that carries hooks (a hooked LoRA): start ComfyUI with "
                                "--disable-dynamic-vram, or take the hooks off the conditioning")
-        found = replaced_above(patcher, [path[:-len(".forward")] for path in self.marked])
+        found = replacement(patcher, [path[:-len(".forward")] for path in self.marked])
         if found is not None:
-            above, path = found
-            holds = "" if above == path else f", which holds the self-attention {path}"
-            raise RuntimeError(f"VSTAR_TAR: a node after VSTAR_TAR put another module in place of {above} (an "
-                               f"object patch, a {_qualified_name(patches[above])}){holds}: TAR's patch is on the "
-                               "forward of the module it replaced, which does not run, so TAR would not run. Leave "
-                               "that node out, or ask its author to patch the module's forward instead (TAR cannot "
-                               "reach a self-attention inside a module an object patch puts in place, before "
-                               "VSTAR_TAR or after)")
+            raise RuntimeError(f"VSTAR_TAR: a node after VSTAR_TAR put another module in place of {found}: TAR's "
+                               "patch is on the forward of the module it replaced, which does not run, so TAR would "
+                               "not run. Leave that node out, or ask its author to patch the module's forward "
+                               "instead (TAR cannot reach a self-attention inside a module an object patch puts in "
+                               "place, before VSTAR_TAR or after)")
         unchecked = {}
         for path, ours in self.marked.items():
             if path not in patches:

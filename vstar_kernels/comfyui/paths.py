@@ -70,3 +70,15 @@ def replaced_above(patcher, paths: Iterable[str]) -> Optional[Tuple[str, str]]:
                  if unwrap(resolve(patcher, above, own_patches=False)) is not unwrap(resolve(patcher, above))]
         return (other or patched)[0], path
     return None
+
+
+def replacement(patcher, paths: Iterable[str]) -> Optional[str]:
+    """What `replaced_above` finds, as the node's errors name it: the prefix, the object patched there and the path
+    it hides; None where there is none."""
+    found = replaced_above(patcher, paths)
+    if found is None:
+        return None
+    above, path = found
+    kind = type(patcher.object_patches[above])
+    holds = "" if above == path else f", which holds the self-attention {path}"
+    return f"{above} (an object patch, a {kind.__module__}.{kind.__qualname__}){holds}"
