@@ -1240,22 +1240,26 @@ def wrap_forwards(model, blocks):
     return model
 
 
+def wan_with_tar(comfy):
+    """A float64 Wan model, its clone with VSTAR_TAR (1, 1), and run(model): a sample of a 3-frame latent."""
+    dtype = torch.float64
+    model = wan(comfy, dtype)
+    cond, uncond = conditions(dtype)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    return model, tar, lambda patched: sample(comfy, patched, (1, 4, 3, 4, 4), cond, uncond, dtype)
+
+
 @pytest.mark.parametrize("blocks", [[0], [0, 1]])
 def test_a_later_node_that_wraps_tars_forward_composes(comfy, monkeypatch, blocks):
     """A node after VSTAR_TAR that keeps the forward it finds on a self-attention (TAR's patch) and calls it composes:
     TAR runs in it, the output is TAR's. It was refused as a patch that replaces TAR's."""
-    dtype = torch.float64
-    model = wan(comfy, dtype)
-    shape = (1, 4, 3, 4, 4)
-    cond, uncond = conditions(dtype)
-    (tar,) = NODE().apply(model, 1.0, 1.0)
-    expected = sample(comfy, tar, shape, cond, uncond, dtype)
+    model, tar, run = wan_with_tar(comfy)
+    expected = run(tar)
     calls = tar_calls(monkeypatch)
-    assert torch.equal(sample(comfy, wrap_forwards(tar, blocks), shape, cond, uncond, dtype), expected)
+    assert torch.equal(run(wrap_forwards(tar, blocks)), expected)
     assert len(calls) == 2 * STEPS
-    scaled = sample(comfy, wrap_self_attention(tar, 0.9), shape, cond, uncond, dtype)  # a wrapper that rescales
-    assert torch.equal(scaled, sample(comfy, NODE().apply(wrap_self_attention(model, 0.9), 1.0, 1.0)[0], shape, cond,
-                                      uncond, dtype))
+    scaled = run(wrap_self_attention(tar, 0.9))  # a wrapper that rescales
+    assert torch.equal(scaled, run(NODE().apply(wrap_self_attention(model, 0.9), 1.0, 1.0)[0]))
 
 
 def test_a_later_wrapper_is_judged_by_a_call_that_ran_the_blocks(comfy, caplog):
@@ -1337,12 +1341,8 @@ def test_a_later_node_that_puts_a_holder_of_the_same_modules_in_place_composes(c
     blocks; a module calling the model it holds, its attributes handed on): the model runs the modules TAR's
     patches are on, so TAR runs (it was refused as another module in place, which it is not), and nothing of
     TAR's is left on the model after sampling."""
-    dtype = torch.float64
-    model = wan(comfy, dtype)
-    shape = (1, 4, 3, 4, 4)
-    cond, uncond = conditions(dtype)
-    (tar,) = NODE().apply(model, 1.0, 1.0)
-    expected = sample(comfy, tar, shape, cond, uncond, dtype)
+    model, tar, run = wan_with_tar(comfy)
+    expected = run(tar)
 
     class Holder(torch.nn.Module):
         def __init__(self, held):
@@ -1363,7 +1363,7 @@ def test_a_later_node_that_puts_a_holder_of_the_same_modules_in_place_composes(c
                          ("diffusion_model", Holder(own))):
         later = tar.clone()
         later.add_object_patch(path, holder)
-        assert torch.equal(sample(comfy, later, shape, cond, uncond, dtype), expected), path
+        assert torch.equal(run(later), expected), path
         assert not any(marked(vars(m).get("forward")) for m in own.modules()), path
 
 
