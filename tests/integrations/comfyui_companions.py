@@ -97,6 +97,19 @@ def block_replacement(model, patch):
     return model
 
 
+def skip_block(model, block, skips):
+    """A partial cache's way (a first-block cache's kind): the first `skips` times block `block` is called, its input
+    is handed on as its output (the block skipped, as a cache reusing a residual skips it); it runs after that."""
+    calls = [0]
+
+    def patch(args, extra):
+        calls[0] += 1
+        return {"img": args["img"]} if calls[0] <= skips else extra["original_block"](args)
+    model = model.clone()
+    model.set_model_patch_replace(patch, "dit", "double_block", block)
+    return model
+
+
 def cut_tokens(tensor, tokens, cut):
     """`tensor` cut to the tokens `cut` along its first axis of length `tokens` (a rotary embedding's)."""
     axis = list(tensor.shape).index(tokens)

@@ -29,7 +29,8 @@ from ..helpers import ValueReads
 from .comfyui_companions import (REPLACED, another_temporal_transformer, cache_node,
                                  compiled_blocks_replacing_one_attention, compiled_frames, freelong,
                                  graph_breaking_attention, guard_filtered_compile, in_time, keyword_recorder, nag,
-                                 newer_attention, replace_self_attention, swallowing, tar_calls, warnings_of)
+                                 newer_attention, replace_self_attention, skip_block, swallowing, tar_calls,
+                                 warnings_of)
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 
@@ -1262,9 +1263,11 @@ def test_a_later_node_that_wraps_tars_forward_composes(comfy, monkeypatch, block
     assert torch.equal(scaled, run(NODE().apply(wrap_self_attention(model, 0.9), 1.0, 1.0)[0]))
 
 
-def test_a_later_wrapper_is_judged_by_a_call_that_ran_the_blocks(comfy, caplog):
+@pytest.mark.parametrize("blocks", [[0], [0, 1]])
+def test_a_later_wrapper_is_judged_by_a_call_that_ran_the_blocks(comfy, caplog, blocks):
     """The first model call of the window skipped by a cache node (none of TAR's modules ran, nor the later node's
-    wrapper) does not tell a wrapper from a replacement: the next call, which runs the blocks, does."""
+    wrapper) does not tell a wrapper from a replacement: the next call, which runs the blocks, does (where the wrapper
+    was on every block, the skipped call refused it)."""
     dtype = torch.float64
     model = wan(comfy, dtype)
     shape = (1, 4, 3, 4, 4)
@@ -1273,10 +1276,35 @@ def test_a_later_wrapper_is_judged_by_a_call_that_ran_the_blocks(comfy, caplog):
     expected = sample(comfy, cache_node(tar, skip_every=2), shape, cond, uncond, dtype)
     caplog.clear()
     with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
-        out = sample(comfy, cache_node(wrap_forwards(tar, [0]), skip_every=2), shape, cond, uncond, dtype)
+        out = sample(comfy, cache_node(wrap_forwards(tar, blocks), skip_every=2), shape, cond, uncond, dtype)
     assert torch.equal(out, expected)
     (said,) = warnings_of(caplog, "VSTAR_TAR")
     assert said.getMessage().startswith("VSTAR_TAR: a model call in the window ran none of the regularized")
+
+
+def test_a_later_patch_is_judged_by_a_call_that_ran_its_module(comfy, monkeypatch, caplog):
+    """A cache skipping block 1 in the window's first model call, where a later node patches block 1's self-attention:
+    that call ran neither TAR's module nor the later patch there, so it does not tell a wrapper from a replacement (a
+    wrapper was refused); the next call, which runs every block, does: a wrapper composes, a replacement is refused
+    there."""
+    model, tar, run = wan_with_tar(comfy)
+    expected = run(skip_block(tar, 1, skips=1))
+    calls = tar_calls(monkeypatch)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "vstar_kernels.comfyui"):
+        assert torch.equal(run(skip_block(wrap_forwards(tar, [1]), 1, skips=1)), expected)
+    assert len(calls) == 2 * STEPS - 1  # a call per step (cond and uncond in one batch), two blocks: one skipped
+    (said,) = warnings_of(caplog, "VSTAR_TAR")
+    assert said.getMessage().startswith("VSTAR_TAR: a model call in the window ran 1 of the 2 regularized")
+    later = tar.clone()
+    path = "diffusion_model.blocks.1.self_attn.forward"
+    module = later.get_model_object("diffusion_model.blocks.1.self_attn")
+    later.add_object_patch(path, lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
+    calls.clear()
+    with pytest.raises(RuntimeError, match=rf"VSTAR_TAR: the object patch on {path} is \S+<lambda>, set by a node "
+                                           r"after VSTAR_TAR: it replaces TAR's patch there"):
+        run(skip_block(later, 1, skips=1))
+    assert len(calls) == 2  # block 0's TAR in the first two calls: the second, which ran block 1, refused it
 
 
 def test_a_later_patch_that_replaces_tars_on_one_path_is_refused_after_the_first_call(comfy, monkeypatch):
@@ -1734,6 +1762,27 @@ def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
         assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
         assert not torch.equal(out, sample(comfy, model, shape, cond, uncond, dtype))
     assert frames[12] <= frames[4], frames
+
+
+def test_torch_compile_keeps_the_check_of_a_later_patch(comfy):
+    """TorchCompileModel on a model whose self-attention forwards a later node patched, with block 1 skipped in the
+    first call: a wrapper composes (the result is TAR's), a replacement is refused; the pre-hooks that tell a call
+    ran those modules are traced with the blocks."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    model, tar, run = wan_with_tar(comfy)
+    expected = run(skip_block(tar, 1, skips=1))
+    later = wrap_forwards(tar, [0, 1])
+    set_torch_compile_wrapper(later, backend="eager")
+    torch._dynamo.reset()
+    assert torch.equal(run(skip_block(later, 1, skips=1)), expected)
+    module = later.get_model_object("diffusion_model.blocks.1.self_attn")
+    later.add_object_patch("diffusion_model.blocks.1.self_attn.forward",
+                           lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"the object patch on diffusion_model\.blocks\.1\.self_attn\.forward "
+                                           r"is \S+<lambda>, set by a node after VSTAR_TAR"):
+        run(skip_block(later, 1, skips=1))
 
 
 def test_torch_compile_does_not_recompile_for_each_windows_frames(comfy):

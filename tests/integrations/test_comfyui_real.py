@@ -40,8 +40,8 @@ from vstar_kernels.comfyui.patch import marked
 from .comfyui_companions import (REPLACED, another_temporal_transformer, cache_node, causal_window_fix,
                                  compiled_blocks_replacing_one_attention, compiled_frames, freelong,
                                  graph_breaking_attention, guard_filtered_compile, in_time, keyword_recorder, nag,
-                                 newer_attention, newer_context_windows, replace_self_attention, rifle_x, swallowing,
-                                 tar_calls, warnings_of)
+                                 newer_attention, newer_context_windows, replace_self_attention, rifle_x, skip_block,
+                                 swallowing, tar_calls, warnings_of)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 WANVIDEOWRAPPER_SRC = os.environ.get("WANVIDEOWRAPPER_SRC")  # kijai's ComfyUI-WanVideoWrapper (its refusal)
@@ -962,6 +962,34 @@ def test_a_later_node_that_wraps_tars_forward_composes(comfy, monkeypatch):
     calls = tar_calls(monkeypatch)
     assert torch.equal(run(comfy, later, latent, positive, negative, steps=2), expected)
     assert len(calls) == 2 * 2
+
+
+def test_a_later_patch_is_judged_by_a_call_that_ran_its_module(comfy, monkeypatch):
+    """Block 1 skipped in the window's first model call (a cache's way), where a later node patched each block's
+    self-attention forward: a wrapper composes (it was refused: the call ran neither TAR's module there nor the
+    wrapper), a replacement is refused in the next call, which runs block 1."""
+    model = wan(comfy)
+    latent = torch.zeros(1, 16, 3, 4, 4)
+    positive, negative = texts()
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    expected = run(comfy, skip_block(tar, 1, skips=1), latent, positive, negative, steps=2)
+    later = tar.clone()
+    for i in range(len(later.get_model_object("diffusion_model").blocks)):
+        path = f"diffusion_model.blocks.{i}.self_attn.forward"
+
+        def forward(*args, _found=later.get_model_object(path), **kwargs):
+            return _found(*args, **kwargs)
+        later.add_object_patch(path, forward)
+    calls = tar_calls(monkeypatch)
+    assert torch.equal(run(comfy, skip_block(later, 1, skips=1), latent, positive, negative, steps=2), expected)
+    assert len(calls) == 2 * 2 - 1
+    module = later.get_model_object("diffusion_model.blocks.1.self_attn")
+    later.add_object_patch("diffusion_model.blocks.1.self_attn.forward",
+                           lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
+    with pytest.raises(RuntimeError, match=r"the object patch on diffusion_model\.blocks\.1\.self_attn\.forward is "
+                                           r"\S+<lambda>, set by a node after VSTAR_TAR: it replaces TAR's patch"):
+        run(comfy, skip_block(later, 1, skips=1), latent, positive, negative, steps=2)
+    assert not any(hasattr(m, "vstar_tar_called_in") for m in model.model.modules())  # the hooks' marks are gone
 
 
 @pytest.mark.parametrize("replaced", ["diffusion_model.blocks", "diffusion_model.blocks.0",

@@ -63,6 +63,7 @@ class Run:
         self.retained = ()                  # newer ComfyUI's latent_retain_index_list of its context windows
         self.unchecked = {}                 # path -> a later node's object patch there in place of TAR's (not yet
                                             # known to call it: `TARPatch.outer_sample`, `TARPatch.apply_model`)
+        self.called = {}                    # path -> the module of such a path, which `_called` marks when called
 
     def saw(self, sigmas, window, inside: bool, schedule) -> None:
         """A model call of the run at `sigmas`, in the window or not."""
@@ -225,7 +226,17 @@ class TARPatch:
         run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
         run.unchecked = unchecked
         run.retained = tuple(getattr(guider.model_options.get("context_handler"), "latent_retain_index_list", ()))
-        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        # a hook on each module whose forward a later node patched tells a call that ran it from one that skipped
+        # it (a cache that skips blocks): only the former tells whether the later patch calls TAR's
+        run.called = {path: patcher.get_model_object(path[:-len(".forward")]) for path in unchecked}
+        hooks = [module.register_forward_pre_hook(_called) for module in run.called.values()]
+        try:
+            out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module in run.called.values():
+                vars(module).pop(CALLED, None)
         if len(sigmas) > 1:  # a run of one sigma has no step, so no model call
             run.end(self.settings)
         return out
@@ -351,12 +362,12 @@ class TARPatch:
         if call is not None:
             ours = [patch.__self__ for patch in self.marked.values()]  # MarkedForwards (their `forward` marks them)
             entered = sum(module.ran_in is call for module in ours)
-            unchecked, replaced = call.run.unchecked, []
-            # a later node's patch on a path of TAR's, told by the first call that ran the model's blocks (one that
-            # ran none of TAR's modules is a skipped call, unless every path has such a patch)
-            if unchecked and (entered or len(unchecked) == len(ours)):
-                replaced = [path for path in unchecked if self.marked[path].__self__.ran_in is not call]
-                call.run.unchecked = {}
+            unchecked = call.run.unchecked
+            # a later node's patch on a path of TAR's, told by the first call that ran the module it patched: one
+            # that replaces TAR's patch ran there without it
+            called = [path for path in unchecked if vars(call.run.called[path]).get(CALLED) is call]
+            replaced = [path for path in called if self.marked[path].__self__.ran_in is not call]
+            call.run.unchecked = {path: patch for path, patch in unchecked.items() if path not in called}
             for module in ours:
                 module.ran_in = None
             if call.error is not None:
@@ -382,6 +393,14 @@ class TARPatch:
                                                 "self-attention, as skip-layer guidance's and LTX's spatio-temporal "
                                                 "guidance's do), so TAR did not run there")
         return out
+
+
+CALLED = "vstar_tar_called_in"  # set on a module a later node patched: the RegularizedCall it was last called in
+
+
+def _called(module, args) -> None:
+    """A forward pre-hook: `module` was called in the model call under way (None outside the window)."""
+    setattr(module, CALLED, _LIVE.call)
 
 
 class MarkedForward:
