@@ -123,6 +123,21 @@ def _setup_context(ctx, inputs, output):
     ctx.layout = inputs[_N + 4] if len(inputs) > _N + 4 else None
 
 
+@contextlib.contextmanager
+def _hooks_refused(backend: str):
+    """torch.func.vjp (the reference's and the CPU backend's backward) refuses saved-tensor hooks, and torch's words
+    name neither the call nor what to do: say both (docs/compile-and-autograd.md)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "saved tensor hooks" not in str(exc):
+            raise
+        raise RuntimeError(f"tar_attention: the {backend!r} backend's backward runs torch.func.vjp, which PyTorch "
+                           "refuses while saved-tensor hooks are active (torch.autograd.graph.save_on_cpu, "
+                           "saved_tensors_hooks) around backward(): run the backward outside them (the forward may "
+                           "run under them), or call with a Triton backend") from exc
+
+
 def _backward(ctx, grad_out, _grad_stats, _grad_flags):
     *tensors, out, stats = ctx.saved_tensors
     options, backend = ctx.options
@@ -132,7 +147,7 @@ def _backward(ctx, grad_out, _grad_stats, _grad_flags):
     delta_grad = bool(ctx.needs_input_grad[_DELTA])
     impl = _saving(backend)
     if impl.traceable_backward:
-        with without_autocast(grad_out.device):
+        with without_autocast(grad_out.device), _hooks_refused(backend):
             dq, dk, dv, ddelta = impl.backward(problem, out, stats, grad_out, delta_grad)
     else:
         dq, dk, dv, ddelta = torch.ops.vstar.tar_attention_backward(grad_out, out, stats, *problem.op_args(),

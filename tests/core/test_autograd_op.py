@@ -314,3 +314,18 @@ def test_torch_compile_fullgraph_traces_validation(backend, dynamic):
             results.append((out, *torch.autograd.grad(out, inputs, grad_out)))
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_saved_tensor_hooks_around_a_definition_backward_are_refused_clearly(backend):
+    """docs/compile-and-autograd.md: torch.func.vjp refuses saved-tensor hooks; the error names tar_attention, its
+    backend and the way out, not torch's 'please open an issue'. The forward may run under them."""
+    q, k, v = float64_inputs(1, 1, 6, 6, 4, 4, seed=3)
+    with torch.autograd.graph.save_on_cpu():
+        out = vk.tar_attention(q, k, v, backend=backend)
+    out.sum().backward()  # hooks around the forward only: fine
+    out = vk.tar_attention(q, k, v, backend=backend)
+    with pytest.raises(RuntimeError, match=f"tar_attention: the '{backend}' backend's backward runs torch.func.vjp, "
+                                           "which PyTorch refuses while saved-tensor hooks are active"):
+        with torch.autograd.graph.save_on_cpu():
+            out.sum().backward()
