@@ -15,7 +15,7 @@
 #   speculation (not in all): the speculative one pass against two passes and the floor at the DiT shapes
 #   and forced flag rates 0 / 5 / 20 / 100%, and the launches timed apart (the row-max walk, the biased loop, the
 #   redo) with the profiler (benchmarks/speculation.py), budget SPEC_BUDGET_S.
-#   Both take SPEC_SHAPES (DiT shape names, default all) and speculation SPEC_RATES (default 0 0.05 0.2 1).
+#   Both take SPEC_SHAPES (DiT shape names, default all) and SPEC_RATES (forced flag rates, default 0 0.05 0.2 1).
 #   kernels and e2e resume: cells this commit already measured in today's CSV (copied back into
 #   benchmarks/results/ between calls) are skipped, so a second call continues where the first
 #   one's time budget ran out. Budgets (seconds): TEST_BUDGET_S, KERNEL_BUDGET_S, E2E_BUDGET_S.
