@@ -7,8 +7,8 @@
 view, so autograd sums its broadcast dims; `layout` is `TarProblem.layout` (a list; None: ids without one).
 `stats`: what the backend's backward needs (float32; may be empty); `flags`: int32 (B*H,), each sequence's rows
 the speculative one pass recomputed, where it ran (`_problem.speculates`, a backend of SPECULATING, speculate),
-else empty. `ddelta` is empty unless delta_grad. A plain-PyTorch backward runs straight from the autograd formula (traced,
-differentiable again); the backward op is for kernel backends, whose gradients are first order.
+else empty. `ddelta` is empty unless delta_grad. A plain-PyTorch backward runs straight from the autograd formula
+(traced, differentiable again); the backward op is for kernel backends, whose gradients are first order.
 """
 
 from __future__ import annotations

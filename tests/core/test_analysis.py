@@ -397,11 +397,13 @@ def test_minmax_normalize():
     ({"a": torch.tensor([[0.0, math.inf]])}, {}, ValueError, "a has infinite entries, or no entry that is not NaN"),
     ({"a": torch.full((2, 2), math.nan)}, {}, ValueError, "a has infinite entries, or no entry that is not NaN"),
     ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
-    ({"a": torch.eye(3)}, {"dpi": 5}, ValueError, "dpi must be at least 10 .matplotlib cannot draw the labels' text at 5"),
+    ({"a": torch.eye(3)}, {"dpi": 5}, ValueError,
+     "dpi must be at least 10 .matplotlib cannot draw the labels' text at 5"),
     ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": math.inf}, ValueError, r"panel_size must be a number of inches > 0.5"),
-    ({"a": torch.eye(3)}, {"color_scale": "minmax"}, ValueError, r"color_scale must be one of \('shared', 'per-panel'\)"),
+    ({"a": torch.eye(3)}, {"color_scale": "minmax"}, ValueError,
+     r"color_scale must be one of \('shared', 'per-panel'\)"),
     # the imaginary part was dropped with a warning
     ({"a": torch.eye(3) * 1j}, {}, TypeError, "a must be a real map, got torch.complex64"),
     ({"a": None}, {}, TypeError, "a must be a 2-D map: a tensor, or an array or nested lists of numbers of one shape; "

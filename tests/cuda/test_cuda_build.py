@@ -19,7 +19,8 @@ from .cuda_toolchain import BINDINGS, compile_or_fail, cuda_home, cxx_path, nvcc
 
 ROOT = BINDINGS.parent
 needs_nvcc = pytest.mark.skipif(nvcc_path() is None or cuda_home() is None,
-                                reason="nvcc or the CUDA headers are not installed: the CUDA sources cannot be compiled")
+                                reason="nvcc or the CUDA headers are not installed: the CUDA sources cannot be "
+                                       "compiled")
 
 
 def defined_and_undefined(obj):

@@ -1,4 +1,5 @@
-"""The ComfyUI node (vstar_kernels.comfyui) on a stand-in of ComfyUI (tests/integrations/comfyui_standin, see its README).
+"""The ComfyUI node (vstar_kernels.comfyui) on a stand-in of ComfyUI (tests/integrations/comfyui_standin, see its
+README).
 
 A float64 oracle computes TAR densely from its definition (docs/semantics.md) with frame ids written
 out here from the latent's shape, in an attention override of its own; it finds the video

@@ -426,7 +426,8 @@ def test_fused_kernel_in_a_half_precision_animatediff_unet_matches_float64():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="no temporal self-attention.*UNet2DConditionModel|UNet2DConditionModel.*no temporal"):
+    with pytest.raises(ValueError,
+                       match="no temporal self-attention.*UNet2DConditionModel|UNet2DConditionModel.*no temporal"):
         apply_tar(unet2d(), TARConfig.from_preset("64D1"))
     latte = FAMILIES["latte"].model()
     with pytest.raises(ValueError, match=r"levels \[1\].*levels \[0\]"):

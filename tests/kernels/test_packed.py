@@ -197,8 +197,9 @@ PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "
 def test_head_dim_40_loads_are_128_bit(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               # this checkout: its package and tools/
                PYTHONPATH=os.pathsep.join(filter(None, [str(pathlib.Path(__file__).resolve().parents[2]),
-                                                         env.get("PYTHONPATH")])))  # this checkout: its package and tools/
+                                                         env.get("PYTHONPATH")])))
     script = tmp_path / "vector_check.py"  # a file: triton reads a jit function's source
     script.write_text(_SCRIPT)
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)

@@ -632,8 +632,8 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES, args=None) -> str:
                        f"| {c['sdpa_bias']['model_fits_up_to_n']:,} |")
     lines += ["", "The speculative one pass (model): ours at each flag rate f (the share of video rows whose max "
               "lies outside the key tiles the guess walks, g of all key tiles), under `vk.Speculation` (two passes "
-              f"past f = {Speculation.BREAK_EVEN:g}, a speculative step after {Speculation.PROBE}, then twice as many two-pass "
-              f"steps each time: the average of a {RUN_STEPS}-step run), against the "
+              f"past f = {Speculation.BREAK_EVEN:g}, a speculative step after {Speculation.PROBE}, then twice as "
+              f"many two-pass steps each time: the average of a {RUN_STEPS}-step run), against the "
               "two-pass rows above; the redo "
               "modeled as `model_dit.ours_frames_speculative` says (an upper bound). Ours / fa3 at the "
               "FlashAttention-2 calibration of our loops and, in brackets, at the calibration on the Triton "
@@ -650,8 +650,8 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES, args=None) -> str:
 
         lines.append(f"| {s.name} | {one[FLAG_RATES[0]]['guess_tile_share']:.3f} | {ratio(two)} | "
                      + " | ".join(ratio(one[f]) for f in FLAG_RATES) + " |")
-    lines += ["", "The lean forward (model; `backend=\"triton-lean\"`, what \"auto\" runs on sm_90 at these calls): frame "
-              "ids from the token index, tensor-descriptor loads, its configs without warp specialization "
+    lines += ["", "The lean forward (model; `backend=\"triton-lean\"`, what \"auto\" runs on sm_90 at these calls): "
+              "frame ids from the token index, tensor-descriptor loads, its configs without warp specialization "
               "(`model_dit.ours_lean`): its two loops (the walk, the biased loop) and its speculative form at each f "
               "under `vk.Speculation` as above, the redo its own launch (`tar_fwd_lean.LEAN_REDO`, each program "
               "walking every key tile, then its softmax over every tile: an upper bound), the two listing launches "
