@@ -1308,6 +1308,50 @@ def test_a_later_patch_is_judged_by_a_call_that_ran_its_module(comfy, monkeypatc
     assert len(calls) == 2  # block 0's TAR in the first two calls: the second, which ran block 1, refused it
 
 
+class _Runs(torch.nn.Module):
+    """Another module in place of a block, holding it and calling it (none of its attributes handed on)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        return self.block(*args, **kwargs)
+
+
+@pytest.mark.parametrize("other_block", ["a copy", "a module running it"])
+def test_a_later_patch_is_judged_with_another_branchs_patches_on_the_model(comfy, monkeypatch, other_block):
+    """Another branch of the graph (the loader's model cloned, another module in place of block 1) sampled last, its
+    object patches left on the shared model until this sampling run loads its own, as ComfyUI leaves them: a later
+    node's patch that replaces TAR's on block 1's self-attention is refused, as without that branch. The hook that
+    tells a call ran block 1's self-attention went on the module the shared model held when sampling started (that
+    branch's, which never runs): the replacement ran unrefused, TAR off there, a warning only (or, for a module
+    without the attribute, an AttributeError)."""
+    model, tar, run = wan_with_tar(comfy)
+    path = "diffusion_model.blocks.1.self_attn.forward"
+    module = tar.get_model_object("diffusion_model.blocks.1.self_attn")
+    later = tar.clone()
+    later.add_object_patch(path, lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
+    other = model.clone()
+    block = model.get_model_object("diffusion_model.blocks.1")
+    other.add_object_patch("diffusion_model.blocks.1", copy.deepcopy(block) if other_block == "a copy" else
+                           _Runs(block))
+    other.patch_model()
+    loads = later.patch_model
+
+    def load():  # ComfyUI's load: the model's last patcher unpatched, then this one's patches put on
+        other.unpatch_model()
+        loads()
+    monkeypatch.setattr(later, "patch_model", load)
+    try:
+        with pytest.raises(RuntimeError, match=rf"VSTAR_TAR: the object patch on {path} is \S+<lambda>, set by a "
+                                               r"node after VSTAR_TAR: it replaces TAR's patch there"):
+            run(later)
+    finally:
+        other.unpatch_model()
+    assert not any(hasattr(m, "vstar_tar_called_in") for m in model.model.modules())
+
+
 def test_a_later_patch_that_replaces_tars_on_one_path_is_refused_after_the_first_call(comfy, monkeypatch):
     """A later node's patch on one of TAR's paths that does not call TAR's: the window's first model call, which ran
     TAR's other modules and not that one, refuses it, naming the path and the patch. A later node that takes TAR's

@@ -21,7 +21,7 @@ from .. import tar_attention
 from ..frames import FrameLayout, TokenLayout, layout_ids, one_frame
 from ..functional import Speculation
 from .models import Family
-from .paths import replacement
+from .paths import replacement, resolve
 
 KEY = "vstar_tar"               # the wrappers' key; the transformer_options key of the sampling run (a `Run`)
 SITE = "vstar_tar_module"       # transformer_options key, inside a regularized module, of that module
@@ -227,8 +227,10 @@ class TARPatch:
         run.unchecked = unchecked
         run.retained = tuple(getattr(guider.model_options.get("context_handler"), "latent_retain_index_list", ()))
         # a hook on each module whose forward a later node patched tells a call that ran it from one that skipped
-        # it (a cache that skips blocks): only the former tells whether the later patch calls TAR's
-        run.called = {path: patcher.get_model_object(path[:-len(".forward")]) for path in unchecked}
+        # it (a cache that skips blocks): only the former tells whether the later patch calls TAR's. The module
+        # this patcher runs (`resolve`), not the one the shared model holds now: another branch's object patches
+        # stay on it until this one loads, and a hook on that branch's module would never be called
+        run.called = {path: resolve(patcher, path[:-len(".forward")]) for path in unchecked}
         hooks = [module.register_forward_pre_hook(_called) for module in run.called.values()]
         try:
             out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
