@@ -132,10 +132,12 @@ def _hooks_refused(backend: str):
     except RuntimeError as exc:
         if "saved tensor hooks" not in str(exc):
             raise
+        where = ("around the compiled call: torch.compile traces the backward when it compiles the forward, so call "
+                 "the compiled function outside them" if torch.compiler.is_compiling() else
+                 "around backward(): run the backward outside them (the forward may run under them)")
         raise RuntimeError(f"tar_attention: the {backend!r} backend's backward runs torch.func.vjp, which PyTorch "
                            "refuses while saved-tensor hooks are active (torch.autograd.graph.save_on_cpu, "
-                           "saved_tensors_hooks) around backward(): run the backward outside them (the forward may "
-                           "run under them), or call with a Triton backend") from exc
+                           f"saved_tensors_hooks) {where}, or call with a Triton backend") from exc
 
 
 def _backward(ctx, grad_out, _grad_stats, _grad_flags):

@@ -11,7 +11,7 @@ import vstar_kernels as vk
 import vstar_kernels._op  # noqa: F401  (registers torch.ops.vstar.*, which the tests below call by name)
 
 from .._device import DEVICE
-from ..helpers import opts_id
+from ..helpers import opts_id, reference_grads
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 
@@ -329,3 +329,23 @@ def test_saved_tensor_hooks_around_a_definition_backward_are_refused_clearly(bac
                                            "which PyTorch refuses while saved-tensor hooks are active"):
         with torch.autograd.graph.save_on_cpu():
             out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_saved_tensor_hooks_around_a_compiled_call_are_refused_clearly(backend):
+    """torch.compile traces a definition backward when it compiles the forward: a compiled call under saved-tensor
+    hooks fails there, in the forward, and the error says so (it said to run the backward outside the hooks, and
+    that the forward may run under them). Compiled outside them, a backward under them runs the compiled backward."""
+    q, k, v = float64_inputs(1, 1, 6, 6, 4, 4, seed=3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: vk.tar_attention(q, k, v, backend=backend), backend="aot_eager")
+    with pytest.raises(Exception, match=f"tar_attention: the '{backend}' backend's backward runs torch.func.vjp, "
+                                        r".* around the compiled call: torch.compile traces the backward when it "
+                                        "compiles the forward"):
+        with torch.autograd.graph.save_on_cpu():
+            compiled(q, k, v)
+    out = compiled(q, k, v)
+    with torch.autograd.graph.save_on_cpu():
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for got, want in zip(grads, reference_grads(q, k, v, torch.ones_like(out))):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)  # float64 against float64, as above
