@@ -190,7 +190,7 @@ class TARPatch:
     """The node's wrappers. `outer_sample` (OUTER_SAMPLE) starts a sampling run, after checking that no later node
     put another module on the path of the node's object patches (`marked`, by path) and noting the later nodes'
     patches on those paths; `apply_model` (APPLY_MODEL) regularizes the model calls in the window and checks each one
-    afterwards (the first to run the model's blocks: that TAR's patch ran where a later node's is in force)."""
+    afterwards (the first to run a module whose forward a later node patched: that TAR's patch ran there)."""
 
     def __init__(self, settings: Settings, family: Family, marked: Dict[str, object], model=None):
         self.settings, self.family, self.marked = settings, family, marked
@@ -221,7 +221,7 @@ class TARPatch:
             if path not in patches:
                 raise RuntimeError(f"VSTAR_TAR: a node after VSTAR_TAR took TAR's object patch off {path}, so TAR "
                                    "would not run there. Apply VSTAR_TAR after that node")
-            if patches[path] is not ours:  # a later node's: one that calls TAR's (found in the first model call)
+            if patches[path] is not ours:  # a later node's: one that calls TAR's (told in a call that ran it)
                 unchecked[path] = patches[path]
         run = guider.model_options.setdefault("transformer_options", {})[KEY] = Run(noise.shape)
         run.unchecked = unchecked
