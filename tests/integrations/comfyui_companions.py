@@ -97,6 +97,19 @@ def block_replacement(model, patch):
     return model
 
 
+def wrap_forwards(model, blocks=None):
+    """A clone of `model` with the self-attention forward of each of `blocks` (None: every block) object-patched as a
+    node after VSTAR_TAR wraps a forward: the forward it finds (TAR's patch) kept and called."""
+    model = model.clone()
+    for i in range(len(model.get_model_object("diffusion_model").blocks)) if blocks is None else blocks:
+        path = f"diffusion_model.blocks.{i}.self_attn.forward"
+
+        def forward(*args, _found=model.get_model_object(path), **kwargs):
+            return _found(*args, **kwargs)
+        model.add_object_patch(path, forward)
+    return model
+
+
 def skip_block(model, block, skips):
     """A partial cache's way (a first-block cache's kind): the first `skips` times block `block` is called, its input
     is handed on as its output (the block skipped, as a cache reusing a residual skips it); it runs after that."""

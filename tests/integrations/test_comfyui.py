@@ -31,7 +31,7 @@ from .comfyui_companions import (REPLACED, another_temporal_transformer, cache_n
                                  compiled_blocks_replacing_one_attention, compiled_frames, freelong,
                                  graph_breaking_attention, guard_filtered_compile, in_time, keyword_recorder, nag,
                                  newer_attention, replace_self_attention, skip_block, swallowing, tar_calls,
-                                 warnings_of)
+                                 warnings_of, wrap_forwards)
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 
@@ -1227,19 +1227,6 @@ def test_a_later_patch_of_the_same_forward_is_refused(comfy, monkeypatch, weight
     assert not torch.equal(out, sample(comfy, before, shape, cond, uncond, dtype))
     if weight == 0.0:
         assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
-
-
-def wrap_forwards(model, blocks):
-    """A clone of `model` with the self-attention forward of each of `blocks` object-patched as a node after VSTAR_TAR
-    wraps a forward: the forward it finds (TAR's patch) kept and called."""
-    model = model.clone()
-    for i in blocks:
-        path = f"diffusion_model.blocks.{i}.self_attn.forward"
-
-        def forward(*args, _found=model.get_model_object(path), **kwargs):
-            return _found(*args, **kwargs)
-        model.add_object_patch(path, forward)
-    return model
 
 
 def wan_with_tar(comfy):

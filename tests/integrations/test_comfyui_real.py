@@ -41,7 +41,7 @@ from .comfyui_companions import (REPLACED, another_temporal_transformer, cache_n
                                  compiled_blocks_replacing_one_attention, compiled_frames, freelong,
                                  graph_breaking_attention, guard_filtered_compile, in_time, keyword_recorder, nag,
                                  newer_attention, newer_context_windows, replace_self_attention, rifle_x, skip_block,
-                                 swallowing, tar_calls, warnings_of)
+                                 swallowing, tar_calls, warnings_of, wrap_forwards)
 
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC")
 WANVIDEOWRAPPER_SRC = os.environ.get("WANVIDEOWRAPPER_SRC")  # kijai's ComfyUI-WanVideoWrapper (its refusal)
@@ -952,13 +952,7 @@ def test_a_later_node_that_wraps_tars_forward_composes(comfy, monkeypatch):
     positive, negative = texts()
     (tar,) = NODE().apply(model, 1.0, 1.0)
     expected = run(comfy, tar, latent, positive, negative, steps=2)
-    later = tar.clone()
-    for i in range(len(later.get_model_object("diffusion_model").blocks)):
-        path = f"diffusion_model.blocks.{i}.self_attn.forward"
-
-        def forward(*args, _found=later.get_model_object(path), **kwargs):
-            return _found(*args, **kwargs)
-        later.add_object_patch(path, forward)
+    later = wrap_forwards(tar)
     calls = tar_calls(monkeypatch)
     assert torch.equal(run(comfy, later, latent, positive, negative, steps=2), expected)
     assert len(calls) == 2 * 2
@@ -973,13 +967,7 @@ def test_a_later_patch_is_judged_by_a_call_that_ran_its_module(comfy, monkeypatc
     positive, negative = texts()
     (tar,) = NODE().apply(model, 1.0, 1.0)
     expected = run(comfy, skip_block(tar, 1, skips=1), latent, positive, negative, steps=2)
-    later = tar.clone()
-    for i in range(len(later.get_model_object("diffusion_model").blocks)):
-        path = f"diffusion_model.blocks.{i}.self_attn.forward"
-
-        def forward(*args, _found=later.get_model_object(path), **kwargs):
-            return _found(*args, **kwargs)
-        later.add_object_patch(path, forward)
+    later = wrap_forwards(tar)
     calls = tar_calls(monkeypatch)
     assert torch.equal(run(comfy, skip_block(later, 1, skips=1), latent, positive, negative, steps=2), expected)
     assert len(calls) == 2 * 2 - 1
