@@ -344,6 +344,8 @@ def _check_map(name: str, attention) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(attention).__name__}")
     if attention.dim() < 2 or 0 in attention.shape[-2:]:
         raise ValueError(f"{name} must be a (..., N, M) map, got shape {tuple(attention.shape)}")
+    if attention.is_complex():  # its cast to float64 would drop the imaginary part
+        raise TypeError(f"{name} must be a real map, got {attention.dtype}")
     check_values(name, attention, "an attention measure")
     a = attention.detach().to(torch.float64)
     if not torch.isfinite(a).all():

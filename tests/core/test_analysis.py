@@ -87,7 +87,8 @@ def test_band_energy_is_average_attention_share_nearby():
     (torch.zeros(3, 3), ValueError, "all zero"),
     (torch.full((3, 3), math.nan), ValueError, "non-finite"),
     (torch.eye(3, device="meta"), ValueError, "attention is a meta tensor, which has no values"),  # torch's .item()
-], ids=["list", "1-D", "negative", "zero", "nan", "meta"])
+    (torch.eye(3) + 1j, TypeError, "attention must be a real map, got torch.complex64"),  # not its real part
+], ids=["list", "1-D", "negative", "zero", "nan", "meta", "complex"])
 def test_measures_reject_bad_maps(fn, bad, exc, match):
     with pytest.raises(exc, match=match):
         fn(bad)
