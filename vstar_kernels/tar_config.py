@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
 
-from ._problem import _check_tensor, _real, check_sigma, int_set, type_name
+from ._problem import _check_tensor, _real, check_sigma, check_values, int_set, type_name
 from .dispatch import BACKEND_NAMES
 
 
@@ -40,7 +40,7 @@ class LevelSpec:
         if not math.isfinite(strength):
             raise ValueError(f"strength must be finite, got {strength}")
         object.__setattr__(self, "strength", strength)
-        if self.delta is not None and self.delta.device.type != "meta":  # read once here, not in (compiled) calls
+        if self.delta is not None:  # read once here, not in (compiled) calls
             object.__setattr__(self, "_largest", abs(strength) * float(self.delta.abs().max()))
 
     @property
@@ -94,6 +94,7 @@ class LevelSpec:
 
 def _checked_delta(delta) -> torch.Tensor:
     _check_tensor("delta", delta)
+    check_values("delta", delta, "LevelSpec")  # its finiteness and largest entry
     if delta.dim() != 2 or delta.shape[0] != delta.shape[1] or delta.shape[0] < 1:
         raise ValueError(f"delta must be a square (frames, frames) matrix, got shape {tuple(delta.shape)}")
     if not torch.isfinite(delta).all():

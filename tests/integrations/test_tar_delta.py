@@ -43,6 +43,8 @@ def test_levels_take_delta_pairs_and_level_specs():
                  id="int"),
     pytest.param((torch.full((4, 4), math.nan), 1.0), ValueError, r"levels\[0\]: delta has non-finite", id="nan"),
     pytest.param((torch.ones(4, 4), math.inf), ValueError, r"levels\[0\]: strength must be finite", id="strength"),
+    pytest.param((torch.ones(4, 4, device="meta"), 1.0), ValueError,  # torch's .item() error
+                 r"levels\[0\]: delta is a meta tensor, which has no values: LevelSpec reads them", id="meta"),
     pytest.param(torch.ones(2, 2), TypeError, r"levels\[0\] must be a \(sigma, strength\) pair, a \(delta, strength\)",
                  id="bare-tensor"),
 ])
