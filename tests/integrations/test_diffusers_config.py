@@ -96,6 +96,9 @@ BAD_CONFIGS = [
     pytest.param(dict(levels=ONE, backend="flash"), ValueError, "backend must be one of", id="backend"),
     pytest.param(dict(levels={0: (None, 0.5)}), TypeError, r"levels\[0\]: a pair's first entry is sigma",
                  id="sigma-none"),  # was sigma 1.0 without a word
+    pytest.param(dict(levels={0: (np.eye(4), 0.5)}), TypeError,
+                 r"levels\[0\]: a pair's first entry is sigma \(a number\) or a delta \(a torch.Tensor\), got "
+                 r"numpy.ndarray", id="delta-numpy"),  # was "sigma must be a real number"
     pytest.param(dict(levels=ONE, preset=["64D1"]), ValueError, "preset must be None or one of", id="preset-list"),
     pytest.param(dict(levels={3: (5.0, 7.0)}, preset="64D1"), ValueError, "these are not its levels",
                  id="preset-other-levels"),  # was accepted, labelled as the VSTAR preset
