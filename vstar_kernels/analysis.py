@@ -149,7 +149,7 @@ def plot_attention_maps(maps, path, *, color_scale: str = "shared", cmap: str = 
     Returns ``{panel key: array drawn}`` in drawing order (``"level / layer"`` for nested maps).
     """
     if scale is not None:
-        color_scale = renamed("plot_attention_maps", "scale", "color_scale", scale)
+        color_scale = renamed("plot_attention_maps", "scale", "color_scale", scale, color_scale, "shared")
     rows = _panel_rows(maps)
     return _draw(rows, path, caller="plot_attention_maps", cmap=cmap, panel_size=panel_size, dpi=dpi, title=title,
                  color_scale=color_scale, value_label="attention weight")

@@ -413,8 +413,12 @@ def test_minmax_normalize():
     # two panels titled "1": the dict returned held one of them
     ({1: torch.eye(3), "1": torch.eye(3)}, {}, ValueError, "plot_attention_maps: two panels are both named '1'"),
     ({"a": torch.eye(3, device="meta")}, {}, ValueError, "a is a meta tensor, which has no values"),
+    # the deprecated spelling won over the new one
+    ({"a": torch.eye(3)}, {"scale": "shared", "color_scale": "per-panel"}, TypeError,
+     "plot_attention_maps: scale='shared' and color_scale='per-panel' are one argument, scale= its deprecated "
+     "spelling: give color_scale= alone"),
 ], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "panel-size",
-        "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name", "meta"])
+        "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name", "meta", "both-spellings"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)

@@ -100,3 +100,8 @@ def test_old_spellings_still_work_with_a_deprecation(tmp_path, capsys, monkeypat
     with pytest.warns(DeprecationWarning, match="attention_demo: frames= is deprecated"):
         runs = attention_demo(tmp_path / "old2.png", frames=4, size=8, dpi=30)
     assert next(iter(runs["with TAR"].values())).shape == (4, 4)
+    for old, new in (("frames", "num_frames"), ("scale", "color_scale")):  # the old spelling won, with a warning
+        given = {"frames": (4, 8), "scale": ("shared", "per-panel")}[old]
+        with pytest.raises(TypeError, match=f"attention_demo: {old}=.* and {new}=.* are one argument"):
+            attention_demo(tmp_path / "both.png", size=8, dpi=30, **{old: given[0], new: given[1]})
+    assert not (tmp_path / "both.png").exists()

@@ -42,9 +42,9 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
         ``{"without TAR": {layer: map}, "with TAR": {layer: map}}``, (frames, frames) float64 maps.
     """
     if frames is not None:
-        num_frames = renamed("attention_demo", "frames", "num_frames", frames)
+        num_frames = renamed("attention_demo", "frames", "num_frames", frames, num_frames, 16)
     if scale is not None:
-        color_scale = renamed("attention_demo", "scale", "color_scale", scale)
+        color_scale = renamed("attention_demo", "scale", "color_scale", scale, color_scale, "shared")
     for name, value in (("num_frames", num_frames), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
