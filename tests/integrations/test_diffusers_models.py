@@ -133,13 +133,19 @@ def preset_levels(name):
     return {width_level[w]: float(s) for w, s in re.findall(r"(\d+)D(\d+)", name)}
 
 
+# the compiled-UNet tests' models: two levels, the fewest with a level that 64D1 does not regularize
+COMPILED_CHANNELS = (8, 16)
+
+
 @pytest.mark.parametrize("family", ["motion", "unet3d"])
 def test_a_compiled_unet_gets_its_own_levels(family):
     """pipe.unet = torch.compile(pipe.unet) names every module "_orig_mod. ...": TAR goes on the module it wraps,
     by that module's names and levels (the preset's, not every temporal attention at level 0), and the compiled
-    model runs it, also when it ran once before apply_tar."""
+    model runs it, also when it ran once before apply_tar. Two levels (tracing the UNet is this test's time): 64D1
+    leaves level 1's temporal attention (the mid block's among them) alone."""
     fam = FAMILIES[family]
-    model = fam.model()
+    model = fam.model(channels=COMPILED_CHANNELS)
+    assert set(fam.expected_levels(model).values()) == {0, 1}
     inputs = fam.inputs(model)
     config = TARConfig.from_preset("64D1")
     names = apply_tar(model, config)
@@ -159,9 +165,9 @@ def test_a_compiled_unet_compiles_once_with_tar_and_once_without_whatever_the_st
     variable), and without it a guard, the whole UNet compiled again at every step until dynamo's limit of 8 ran it
     eagerly. Now the call's decision is fixed before it: one frame set with TAR, one more once until_step ends.
     With fullgraph=True: the hooks that count the steps on the host run outside the graph (traced, the first call
-    failed on a data-dependent guard)."""
+    failed on a data-dependent guard). Two levels, both regularized (each trace of the UNet is this test's time)."""
     fam = FAMILIES["unet3d"]
-    model = fam.model()
+    model = fam.model(channels=COMPILED_CHANNELS)
     inputs = fam.inputs(model)
     names = apply_tar(model, TARConfig(levels={0: (1.0, 1.0), 1: (1.0, 1.0)}, until_step=1))
     expected = [forward(model, inputs) for _ in range(4)]

@@ -61,9 +61,10 @@ class Family:
     temporal: str                 # regex of the regularized modules' names
     input_block: Optional[str]    # regex of the input-block temporal attentions (level 0)
 
-    def model(self) -> torch.nn.Module:
+    def model(self, **overrides) -> torch.nn.Module:
+        """`overrides` go to the builder (unet3d and motion take channels=, one width per level)."""
         torch.manual_seed(0)
-        return self.build().eval()
+        return self.build(**overrides).eval()
 
     def expected_levels(self, model, include_input_block=False) -> Dict[str, int]:
         """name -> level of every attention module TAR must regularize (at any configured level)."""
