@@ -138,20 +138,21 @@ def test_nan_in_a_masked_key_takes_no_part_in_the_gradients(backend, n):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("backend", GRAD_BACKENDS)
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("max_mode", ["row", "global"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_a_nonfinite_first_key_of_a_sequence_without_keys_takes_no_part(backend, n, bad, max_mode, causal):
+def test_a_nonfinite_first_key_of_a_sequence_without_keys_takes_no_part(backend, n, max_mode, causal):
     """A row with no key (every key masked, or every key before it under causal) has zero gradients whatever the
-    masked keys hold; the Triton dQ pass read the max's key of such a row, key 0, and took 0 * NaN."""
+    masked keys hold; the Triton dQ pass read the max's key of such a row, key 0, and took 0 * NaN. A NaN and an
+    inf key, each against the one clean call (the Triton backward in the interpreter is this test's time)."""
     q, k, v = make_qkv(2, 2, n, n, 16, 16, torch.float32)
     mask = torch.ones(2, n, dtype=torch.bool)
     mask[0, :n // 2 if causal else n] = False  # causal: the first half of the rows of sequence 0 see no key
     kwargs = dict(key_mask=mask, max_mode=max_mode, causal=causal, sigma=1.5, backend=backend)
     clean = _grads(q, k, v, **kwargs)
-    k[0, :, 0] = bad
-    for got, expected in zip(_grads(q, k, v, **kwargs), clean):
-        assert torch.equal(got, expected)
+    for bad in (math.nan, math.inf):
+        k[0, :, 0] = bad
+        for got, expected in zip(_grads(q, k, v, **kwargs), clean):
+            assert torch.equal(got, expected), f"key 0 = {bad}"
 
 
 @pytest.mark.parametrize("n", SIZES)
