@@ -147,8 +147,10 @@ def _dump(tool: str, flags: list, cubin: bytes) -> str:
 
 
 def disassemble(cubin: bytes) -> str:
-    """The SASS of a cubin, by the nvdisasm Triton ships."""
-    return _dump("nvdisasm", ["-c"], cubin)
+    """The SASS of a cubin, by the nvdisasm Triton ships. Without its dataflow analysis (-ndf), which only labels
+    the targets of jumps through the branch stack: the listing of each of our kernels for sm_80 and sm_90, the
+    warp-specialized ones included, is the same with it (84 compared), in half the time (about 0.5 s a kernel)."""
+    return _dump("nvdisasm", ["-c", "-ndf"], cubin)
 
 
 # a local store (STL) and its modifiers; its width: 32 bits, or the one width modifier it carries
