@@ -526,6 +526,44 @@ def test_processors_replaced_after_apply_tar_keep_tar(replace, monkeypatch):
     assert torch.equal(forward(model, inputs), stock)
 
 
+@pytest.mark.parametrize("order", ["skip, then apply_tar", "apply_tar, then skip"])
+@pytest.mark.parametrize("scores", [True, False], ids=["skip_attention_scores", "skip_attention"])
+def test_diffusers_layer_skip_on_regularized_temporal_attention_runs_as_without_tar(order, scores):
+    """diffusers' layer skip on Latte's temporal blocks (``apply_layer_skip``, as its perturbed-attention and
+    skip-layer guiders set it for their perturbed call): the identity attention (``skip_attention_scores``, its mode
+    answers the SDPA call with the values), or no attention; with every temporal block skipped, TAR leaves nothing to
+    regularize: the stock model's skipped output, bit for bit, in either order. TAR answered the identity's SDPA call
+    with its attention (skip first), or diffusers raised that TARAttnProcessor is not registered (TAR first). Once the
+    skip is removed (a guider's cleanup), TAR runs again."""
+    from diffusers.hooks import HookRegistry, LayerSkipConfig, apply_layer_skip
+
+    fam = FAMILIES["latte"]
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+
+    def skip(model):
+        apply_layer_skip(model, LayerSkipConfig(indices=[0, 1], fqn="temporal_transformer_blocks",
+                                                skip_attention=not scores, skip_attention_scores=scores, skip_ff=False))
+
+    model = fam.model()
+    inputs = fam.inputs(model)
+    tar = forward(apply_tar(model, config) and model, inputs)
+    model = fam.model()
+    skip(model)
+    skipped = forward(model, inputs)
+    assert (skipped - tar).abs().max() > 1e-2
+    model = fam.model()
+    if order == "skip, then apply_tar":
+        skip(model)
+        apply_tar(model, config)
+    else:
+        apply_tar(model, config)
+        skip(model)
+    assert torch.equal(forward(model, inputs), skipped)
+    for block in model.temporal_transformer_blocks:
+        HookRegistry.check_if_exists_or_initialize(block.attn1).remove_hook("layer_skip_hook")
+    assert torch.equal(forward(model, inputs), tar)
+
+
 def test_tar_standing_in_for_fused_projections_projects_with_them():
     """With FusedAttnProcessor2_0's place taken, q, k and v come from to_qkv, as that processor computes them."""
     fam = FAMILIES["unet3d"]

@@ -25,7 +25,7 @@ from diffusers import (CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTrans
                        FlowMatchEulerDiscreteScheduler, IPNDMScheduler, UniPCMultistepScheduler,
                        WanPipeline, WanTransformer3DModel, WanVideoToVideoPipeline)
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
-from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, CogVideoXAttnProcessor2_0
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import apply_tar, capture_frame_attention, install, remove_tar, reset_steps
@@ -534,6 +534,30 @@ def test_regional_compile_with_fullgraph_runs_tar_without_a_graph_break(family, 
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
         frames.append(count)
     assert frames[0] == frames[1], frames
+
+
+def test_diffusers_layer_skip_of_the_scores_leaves_a_regularized_block_stock_skipped(monkeypatch):
+    """diffusers' layer skip of the attention scores (its perturbed-attention guidance) answers the stock processor's
+    SDPA call with the values, from a torch function mode around the module: TAR's mode inside it answered the call
+    with TAR instead. diffusers finds the skip of a processor class it registered (Wan's is not: registered here)."""
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+    from diffusers.hooks._helpers import AttentionProcessorRegistry
+
+    AttentionProcessorRegistry._register()
+    wan = type(FAMILIES["wan"].model().blocks[0].attn1.processor)
+    monkeypatch.setitem(AttentionProcessorRegistry._registry, wan, AttentionProcessorRegistry.get(AttnProcessor2_0))
+    skip = LayerSkipConfig(indices=[0], fqn="blocks", skip_attention=False, skip_attention_scores=True, skip_ff=False)
+    config = TARConfig(levels={0: (1.0, 1.0)}, until_step=None)
+    model = FAMILIES["wan"].model()
+    apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}, until_step=None, blocks=[1]))
+    apply_layer_skip(model, skip)
+    expected = forward(model, FAMILIES["wan"].inputs())  # block 0 skipped as without TAR, block 1 regularized
+    model = FAMILIES["wan"].model()
+    apply_layer_skip(model, skip)
+    stock = forward(model, FAMILIES["wan"].inputs())
+    apply_tar(model, config)
+    assert not torch.equal(expected, stock)
+    assert torch.equal(forward(model, FAMILIES["wan"].inputs()), expected)
 
 
 def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_it(monkeypatch):

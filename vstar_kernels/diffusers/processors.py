@@ -20,7 +20,7 @@ from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
 from .dit_families import FAMILIES
 from .interception import SDPACalls, Wrapping
-from .steps import TAR_OWNER, StepTracker, modules_to, warn_step_cache
+from .steps import TAR_OWNER, StepTracker, modules_to, scores_skipped, warn_step_cache
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
 INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
@@ -207,8 +207,9 @@ class TARAttnProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
 
+        # under diffusers' layer skip of the scores, the SDPA call its mode answers with the values
         out = self.attention(attn, query, key, value, attention_mask=attention_mask,
-                             spec=None if site is None else site.spec_now())
+                             spec=None if site is None or scores_skipped(attn) else site.spec_now())
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -248,7 +249,7 @@ class _TARInSDPA(SDPACalls):
                              "calls without dropout, causal mask, scale or grouped heads")
         site = tar_site(self.attn)
         return self.tar.attention(self.attn, query, key, value, attention_mask=attn_mask,
-                                  spec=None if site is None else site.spec_now())
+                                  spec=None if site is None or scores_skipped(self.attn) else site.spec_now())
 
 
 class PAGWithTAR(Wrapping):
@@ -282,6 +283,7 @@ class UNetState:
         self.said_cache = False  # the warning that a cache of diffusers' reuses outputs past until_step was given
         self.regularizing = config.regularizes(steps.step)  # the call in progress does (`sync`)
         self.processor, self.fused_processor = TARAttnProcessor(), TARAttnProcessor(fused=True)
+        _layer_skip_takes_tar()
         self.sites: List[TARSite] = []
         try:
             self._install(temporal)
@@ -387,6 +389,19 @@ class UNetState:
             module = None
         site = next((site for site in self.sites if site.module is module), None)
         return _previous(site, processor.fused)
+
+
+def _layer_skip_takes_tar() -> None:
+    """diffusers' layer skip (``apply_layer_skip``, its guiders) looks up what skipping a module's attention returns
+    by the class of the module's processor: TAR's processor computes AttnProcessor2_0's attention, and takes its
+    entry (else a skip set after apply_tar raised that TARAttnProcessor is not registered)."""
+    try:
+        from diffusers.hooks._helpers import AttentionProcessorRegistry
+
+        if TARAttnProcessor not in AttentionProcessorRegistry._registry:
+            AttentionProcessorRegistry.register(TARAttnProcessor, AttentionProcessorRegistry.get(AttnProcessor2_0))
+    except (ImportError, AttributeError, ValueError):  # a diffusers without layer skip, or without that entry
+        pass
 
 
 def is_pag(processor) -> bool:

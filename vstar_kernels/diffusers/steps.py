@@ -21,6 +21,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .dit_families import dit_family, unsupported_dit
 
+try:  # diffusers' layer skip (apply_layer_skip; its perturbed-attention and skip-layer guiders)
+    from diffusers.hooks.layer_skip import AttentionProcessorSkipHook
+except ImportError:  # a diffusers without it: nothing is one
+    AttentionProcessorSkipHook = ()
+
 
 # the owner key of apply_tar's state (each capture attaches under a key of its own)
 TAR_OWNER = "tar"
@@ -48,6 +53,15 @@ def diffusers_hook(module: torch.nn.Module, name: str):
     """diffusers' hook `name` on `module` (in its hook registry), or None."""
     registry = module.__dict__.get("_diffusers_hook")
     return None if registry is None else registry.get_hook(name)
+
+
+def scores_skipped(module: torch.nn.Module) -> bool:
+    """Whether diffusers' layer skip with ``skip_attention_scores`` (a ``LayerSkipConfig``'s, as perturbed-attention
+    guidance sets it) is on `module`: its torch function mode answers the module's scaled_dot_product_attention call
+    with the values (the identity attention), which has no scores for TAR to regularize."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return registry is not None and any(isinstance(hook, AttentionProcessorSkipHook) and hook.skip_attention_scores
+                                        for hook in registry.hooks.values())
 
 
 def warn_step_cache(modules, until_step: Optional[int], step: int) -> bool:
