@@ -237,6 +237,26 @@ def test_a_pipeline_that_batches_guidance_without_saying_so_needs_cfg():
     assert maps.steps() == [0]
 
 
+def test_a_block_under_diffusers_layer_skip_of_the_scores_is_not_recorded(monkeypatch):
+    """diffusers' layer skip of the scores answers the stock processor's SDPA call with the values, from a torch
+    function mode around the module: the capture's listener inside it recorded a softmax map the model did not
+    compute. diffusers finds the skip of a processor class it registered (Wan's is not: registered here)."""
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+    from diffusers.hooks._helpers import AttentionProcessorRegistry
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    AttentionProcessorRegistry._register()
+    monkeypatch.setitem(AttentionProcessorRegistry._registry, type(model.blocks[0].attn1.processor),
+                        AttentionProcessorRegistry.get(AttnProcessor2_0))
+    apply_layer_skip(model, LayerSkipConfig(indices=[0], fqn="blocks", skip_attention=False,
+                                            skip_attention_scores=True, skip_ff=False))
+    with capture_frame_attention(model) as maps:
+        forward(model, fam.inputs())
+    assert sorted(maps) == [(name, 0) for name in fam.modules if not name.startswith("blocks.0.")]
+
+
 def test_capture_errors_name_the_problem():
     model = FAMILIES["wan"].model()
     with pytest.raises(ValueError, match=r"blocks \[5\] do not exist in WanTransformer3DModel: it has blocks 0\.\.1"):

@@ -27,7 +27,7 @@ from .dit_families import dit_attention_modules, dit_family, set_processor, unsu
 from .dit_state import watch_layout
 from .install import denoiser, tar_models, tar_state
 from .interception import BACKEND_ATTRIBUTES, Wrapping, call_through_sdpa, mask_runs, sdpa_arguments
-from .steps import Hook, StepTracker, loop_step
+from .steps import Hook, StepTracker, loop_step, scores_skipped
 from .token_grid import token_frames
 
 
@@ -307,7 +307,8 @@ class _Watch(Wrapping):
                              "capture on a model without enable_parallelism")
         step = self.recorder.step()
         skips = self.recorder.family.skips_attention
-        if step is None or (skips is not None and skips(kwargs)):
+        # not recorded either: a call diffusers' layer skip of the scores answers with its values (no attention)
+        if step is None or (skips is not None and skips(kwargs)) or scores_skipped(attn):
             return self.processor(attn, *args, **kwargs)
         hidden_states = args[0] if args else kwargs["hidden_states"]
         return call_through_sdpa(_Listen(self, step, hidden_states.shape[0]), self.processor, self.name,
