@@ -228,17 +228,19 @@ def test_an_attention_whose_output_a_cache_reuses_is_refused():
             forward(model, inputs)
 
 
-def test_an_attention_under_diffusers_layer_skip_of_the_scores_is_not_recorded():
+@pytest.mark.parametrize("scores", [True, False], ids=["skip_attention_scores", "skip_attention"])
+def test_an_attention_under_diffusers_layer_skip_is_not_recorded(scores):
     """diffusers' layer skip of the scores (its perturbed-attention and skip-layer guiders, for their perturbed call)
-    answers the module's SDPA call with the values: the model computes no attention there, and the capture, which
-    records each call from the module's inputs, recorded a softmax map; the block it leaves alone is recorded."""
+    answers the module's SDPA call with the values, and its skip of the attention returns the module's input: the
+    model computes no attention there, and the capture, which records each call from the module's inputs (a forward
+    hook, which sees the call either way), recorded a softmax map; the block it leaves alone is recorded."""
     from diffusers.hooks import LayerSkipConfig, apply_layer_skip
 
     fam = FAMILIES["latte"]
     model = fam.model()
     inputs = fam.inputs(model)
-    apply_layer_skip(model, LayerSkipConfig(indices=[0], fqn="temporal_transformer_blocks", skip_attention=False,
-                                            skip_attention_scores=True, skip_ff=False))
+    apply_layer_skip(model, LayerSkipConfig(indices=[0], fqn="temporal_transformer_blocks", skip_attention=not scores,
+                                            skip_attention_scores=scores, skip_ff=False))
     with torch.no_grad(), capture_temporal_attention(model) as maps:
         forward(model, inputs)
     assert list(maps) == [("temporal_transformer_blocks.1.attn1", 0)]

@@ -26,7 +26,7 @@ from ..reference import tar_scores, without_autocast
 from ..regularization import gaussian_bias
 from .install import denoiser
 from .processors import is_pag, project_heads, tar_site, temporal_at
-from .steps import ATTENTION_REUSE, StepTracker, diffusers_hook, scores_skipped
+from .steps import ATTENTION_REUSE, StepTracker, attention_skipped, diffusers_hook
 
 # fp32 probabilities of one chunk (sequences x heads x N x N here, batch x heads x rows x Nk in dit_capture): 64 MiB
 CHUNK_ELEMENTS = 1 << 24
@@ -234,8 +234,8 @@ class _Recorder:
     def record(self, name: str, module, args, kwargs, output) -> None:
         """The forward hook of layer `name`: add the call's attention probabilities to its map."""
         step = self.tracker.step
-        if (self.steps is not None and step not in self.steps) or scores_skipped(module):
-            return  # (diffusers' layer skip of the scores answers the call with its values: no map to record)
+        if (self.steps is not None and step not in self.steps) or attention_skipped(module):
+            return  # (diffusers' layer skip answers the call with its values, or its input: no map to record)
         names = ("hidden_states", "encoder_hidden_states", "attention_mask")
         call = dict(zip(names, args))
         call.update({k: v for k, v in kwargs.items() if k in names or k == "temb"})

@@ -11,6 +11,7 @@ block, run first or recomputed, sees the step and the owners' `snapshot` values 
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import warnings
 import weakref
@@ -62,6 +63,16 @@ def scores_skipped(module: torch.nn.Module) -> bool:
     registry = module.__dict__.get("_diffusers_hook")
     return registry is not None and any(isinstance(hook, AttentionProcessorSkipHook) and hook.skip_attention_scores
                                         for hook in registry.hooks.values())
+
+
+def attention_skipped(module: torch.nn.Module) -> bool:
+    """Whether diffusers' layer skip computes no attention in `module`'s calls: its scores skipped (`scores_skipped`),
+    or the whole attention (``skip_attention`` at dropout 1: the module's input stands in for its output, the
+    processor never runs, but hooks on the module still see the call)."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return registry is not None and any(
+        isinstance(hook, AttentionProcessorSkipHook) and (hook.skip_attention_scores or math.isclose(hook.dropout, 1.0))
+        for hook in registry.hooks.values())
 
 
 def warn_step_cache(modules, until_step: Optional[int], step: int) -> bool:
