@@ -539,7 +539,8 @@ def test_regional_compile_with_fullgraph_runs_tar_without_a_graph_break(family, 
 def test_diffusers_layer_skip_of_the_scores_leaves_a_regularized_block_stock_skipped(monkeypatch):
     """diffusers' layer skip of the attention scores (its perturbed-attention guidance) answers the stock processor's
     SDPA call with the values, from a torch function mode around the module: TAR's mode inside it answered the call
-    with TAR instead. diffusers finds the skip of a processor class it registered (Wan's is not: registered here)."""
+    with TAR instead. diffusers finds the skip of a processor class it registered (Wan's is not: registered here).
+    A backend that does not call SDPA is refused as without the skip."""
     from diffusers.hooks import LayerSkipConfig, apply_layer_skip
     from diffusers.hooks._helpers import AttentionProcessorRegistry
 
@@ -558,6 +559,13 @@ def test_diffusers_layer_skip_of_the_scores_leaves_a_regularized_block_stock_ski
     apply_tar(model, config)
     assert not torch.equal(expected, stock)
     assert torch.equal(forward(model, FAMILIES["wan"].inputs()), expected)
+    # on a backend that does not call SDPA the skip's mode answers nothing: the block computes its attention, and
+    # TAR, which cannot run there, raises (it ran stock in silence, neither skipped nor regularized)
+    for proc in processors(model).values():
+        if isinstance(proc, DiTTARProcessor):
+            proc._attention_backend = AttentionBackendName.FLEX
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn1: .*\(its attention backend, 'flex', does not call it\)"):
+        forward(model, FAMILIES["wan"].inputs())
 
 
 def test_set_attention_backend_reaches_the_stock_processor_and_remove_tar_keeps_it(monkeypatch):

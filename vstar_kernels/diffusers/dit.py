@@ -13,7 +13,6 @@ import torch
 from .. import tar_attention
 from .context_parallel import ContextParallelTAR, local_stock_call
 from .interception import BACKEND_ATTRIBUTES, TARAttention, Wrapping, call_through_sdpa
-from .steps import scores_skipped
 
 
 class DiTTARProcessor(Wrapping):
@@ -34,8 +33,7 @@ class DiTTARProcessor(Wrapping):
             return self.processor(attn, *args, **kwargs)
         grid, spec = self.state.current()  # the call's (`DiTState.begin_call`): no step or block read here
         skips = self.state.family.skips_attention
-        # diffusers' layer skip of the scores answers the stock processor's SDPA call with the values: no scores
-        if spec is None or (skips is not None and skips(kwargs)) or scores_skipped(attn):
+        if spec is None or (skips is not None and skips(kwargs)):
             return self.processor(attn, *args, **kwargs)
         # under context parallelism: the stock processor on this rank's shard, its attention answered over all ranks
         parallel = ContextParallelTAR.of(self.processor, self.state.family.text, self.name)

@@ -27,7 +27,7 @@ from .dit_families import dit_attention_modules, dit_family, set_processor, unsu
 from .dit_state import watch_layout
 from .install import denoiser, tar_models, tar_state
 from .interception import BACKEND_ATTRIBUTES, Wrapping, call_through_sdpa, mask_runs, sdpa_arguments
-from .steps import Hook, StepTracker, loop_step, scores_skipped
+from .steps import Hook, StepTracker, loop_step, values_answer
 from .token_grid import token_frames
 
 
@@ -263,14 +263,14 @@ class _Recorder:
 class _Listen(TorchFunctionMode):
     """Hands each scaled_dot_product_attention call to the recorder, then lets it run as it would have."""
 
-    def __init__(self, watch: "_Watch", step: int, batch: int):
+    def __init__(self, watch: "_Watch", attn: torch.nn.Module, step: int, batch: int):
         super().__init__()
-        self.watch, self.step, self.batch, self.seen, self.calls = watch, step, batch, 0, 0
+        self.watch, self.attn, self.step, self.batch, self.seen, self.calls = watch, attn, step, batch, 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            query, key, _, mask, _, is_causal, scale, gqa = sdpa_arguments(*args, **kwargs)
+            query, key, value, mask, _, is_causal, scale, gqa = sdpa_arguments(*args, **kwargs)
             if is_causal or (gqa and query.shape[1] != key.shape[1]):  # the maps are of full attention, one k a head
                 raise ValueError(f"{self.watch.name}: capture_frame_attention records attention over every key with "
                                  f"a key head per query head; this call asks for "
@@ -279,6 +279,8 @@ class _Listen(TorchFunctionMode):
             # Mochi's processor runs one call per sequence: the calls come in batch order
             first = 0 if query.shape[0] == self.batch else self.seen
             self.seen += query.shape[0]
+            if values_answer(self.attn, query, value):  # diffusers' layer skip of the scores: no attention to record
+                return func(*args, **kwargs)
             self.watch.recorder.record(self.watch.name, self.watch.block, self.step, query, key, mask, scale, first,
                                        self.batch)
         return func(*args, **kwargs)
@@ -307,9 +309,8 @@ class _Watch(Wrapping):
                              "capture on a model without enable_parallelism")
         step = self.recorder.step()
         skips = self.recorder.family.skips_attention
-        # not recorded either: a call diffusers' layer skip of the scores answers with its values (no attention)
-        if step is None or (skips is not None and skips(kwargs)) or scores_skipped(attn):
+        if step is None or (skips is not None and skips(kwargs)):
             return self.processor(attn, *args, **kwargs)
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        return call_through_sdpa(_Listen(self, step, hidden_states.shape[0]), self.processor, self.name,
+        return call_through_sdpa(_Listen(self, attn, step, hidden_states.shape[0]), self.processor, self.name,
                                  "it could not be recorded", attn, *args, **kwargs)

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..frames import FrameLayout, TokenLayout
 from ..tar_config import LevelSpec
+from .steps import values_answer
 from .token_grid import token_frames
 
 # diffusers' attention backends whose function runs scaled_dot_product_attention on the call's q, k, v (in
@@ -174,6 +175,9 @@ class TARAttention(SDPACalls):
 
     def answer(self, query, key, value, mask, dropout_p, is_causal, scale, enable_gqa):
         where = self.processor.name
+        if values_answer(self.attn, query, value):  # diffusers' layer skip of the scores: its mode, outside this one
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         if dropout_p != 0.0:
             raise ValueError(f"{where}: TAR takes no attention dropout, but the processor asked for {dropout_p}")
         if enable_gqa and query.shape[1] != key.shape[1]:

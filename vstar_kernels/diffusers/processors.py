@@ -20,7 +20,7 @@ from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
 from .dit_families import FAMILIES
 from .interception import SDPACalls, Wrapping
-from .steps import TAR_OWNER, StepTracker, modules_to, scores_skipped, warn_step_cache
+from .steps import TAR_OWNER, StepTracker, modules_to, values_answer, warn_step_cache
 
 TEMPORAL_CONTAINERS = frozenset({"temp_attentions", "motion_modules", "temporal_transformer_blocks"})
 INPUT_BLOCKS = frozenset({"transformer_in", "image_latents_temporal_encoder"})
@@ -209,7 +209,7 @@ class TARAttnProcessor:
 
         # under diffusers' layer skip of the scores, the SDPA call its mode answers with the values
         out = self.attention(attn, query, key, value, attention_mask=attention_mask,
-                             spec=None if site is None or scores_skipped(attn) else site.spec_now())
+                             spec=None if site is None or values_answer(attn, query, value) else site.spec_now())
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -249,7 +249,8 @@ class _TARInSDPA(SDPACalls):
                              "calls without dropout, causal mask, scale or grouped heads")
         site = tar_site(self.attn)
         return self.tar.attention(self.attn, query, key, value, attention_mask=attn_mask,
-                                  spec=None if site is None or scores_skipped(self.attn) else site.spec_now())
+                                  spec=None if site is None or values_answer(self.attn, query, value)
+                                  else site.spec_now())
 
 
 class PAGWithTAR(Wrapping):

@@ -65,6 +65,13 @@ def scores_skipped(module: torch.nn.Module) -> bool:
                                         for hook in registry.hooks.values())
 
 
+def values_answer(module: torch.nn.Module, query: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether diffusers' layer skip of the scores (`scores_skipped`) answers this scaled_dot_product_attention call
+    of `module` ((B, H, N, D) query and value) with its values: its mode does where the query and the value are as
+    long; otherwise it lets the call run, and TAR regularizes it as any call."""
+    return query.shape[-2] == value.shape[-2] and scores_skipped(module)
+
+
 def attention_skipped(module: torch.nn.Module) -> bool:
     """Whether diffusers' layer skip computes no attention in `module`'s calls: its scores skipped (`scores_skipped`),
     or the whole attention (``skip_attention`` at dropout 1: the module's input stands in for its output, the
