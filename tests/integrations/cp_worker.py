@@ -1,6 +1,6 @@
 """The multi-process half of test_context_parallel.py: cases that run in every process of a gloo group.
 
-`launch(world, suite, directory)` starts `world` processes (torch.multiprocessing, spawn) that
+`launch(world, suite, directory)` starts `world` processes (torch.multiprocessing, forkserver) that
 meet through a file store in `directory`, run the suite's cases in order and save their results
 to ``directory/rank{r}.pt``: case name -> a tensor, a list of tensors, or ("error", type name,
 message) for a case that raised. One process group serves every case of a suite (starting one
@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import functools
 import inspect
+import multiprocessing
 import os
 import pathlib
 import runpy
@@ -394,7 +395,11 @@ def _run(rank: int, world: int, directory: str) -> None:
 
 def launch(world: int, directory: pathlib.Path, timeout: float = RUN_TIMEOUT_S) -> List[dict]:
     """Runs the suite for `world` processes; returns each rank's results, or raises (a failed or late process)."""
-    context = mp.start_processes(_run, args=(world, str(directory)), nprocs=world, join=False, start_method="spawn")
+    # forked from one server that imported this module (torch, diffusers, vstar_kernels) once for both suites:
+    # each spawned process imported them itself, and 4 at once on 2 cores took most of a suite's time
+    multiprocessing.set_forkserver_preload([__name__])
+    context = mp.start_processes(_run, args=(world, str(directory)), nprocs=world, join=False,
+                                 start_method="forkserver")
     deadline = time.monotonic() + timeout
     try:
         while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
