@@ -144,7 +144,7 @@ def _level_spec(level, spec) -> LevelSpec:
         raise TypeError(f"levels[{level}] must be a (sigma, strength) pair, a (delta, strength) pair or a "
                         f"LevelSpec, got {spec!r}")
     first, strength = spec
-    if first is None or not isinstance(first, (numbers.Real, torch.Tensor)):  # a numpy delta read as sigma
+    if not isinstance(first, (numbers.Real, torch.Tensor)):  # None, or a numpy delta read as sigma
         raise TypeError(f"levels[{level}]: a pair's first entry is sigma (a number) or a delta (a torch.Tensor), "
                         f"got {type_name(first)}")
     try:

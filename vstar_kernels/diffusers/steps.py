@@ -56,13 +56,17 @@ def diffusers_hook(module: torch.nn.Module, name: str):
     return None if registry is None else registry.get_hook(name)
 
 
+def _layer_skips(module: torch.nn.Module) -> list:
+    """diffusers' layer-skip hooks on `module` (``AttentionProcessorSkipHook``s, as ``apply_layer_skip`` sets them)."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return [] if registry is None else [h for h in registry.hooks.values() if isinstance(h, AttentionProcessorSkipHook)]
+
+
 def scores_skipped(module: torch.nn.Module) -> bool:
     """Whether diffusers' layer skip with ``skip_attention_scores`` (a ``LayerSkipConfig``'s, as perturbed-attention
     guidance sets it) is on `module`: its torch function mode answers the module's scaled_dot_product_attention call
     with the values (the identity attention), which has no scores for TAR to regularize."""
-    registry = module.__dict__.get("_diffusers_hook")
-    return registry is not None and any(isinstance(hook, AttentionProcessorSkipHook) and hook.skip_attention_scores
-                                        for hook in registry.hooks.values())
+    return any(hook.skip_attention_scores for hook in _layer_skips(module))
 
 
 def values_answer(module: torch.nn.Module, query: torch.Tensor, value: torch.Tensor) -> bool:
@@ -76,10 +80,7 @@ def attention_skipped(module: torch.nn.Module) -> bool:
     """Whether diffusers' layer skip computes no attention in `module`'s calls: its scores skipped (`scores_skipped`),
     or the whole attention (``skip_attention`` at dropout 1: the module's input stands in for its output, the
     processor never runs, but hooks on the module still see the call)."""
-    registry = module.__dict__.get("_diffusers_hook")
-    return registry is not None and any(
-        isinstance(hook, AttentionProcessorSkipHook) and (hook.skip_attention_scores or math.isclose(hook.dropout, 1.0))
-        for hook in registry.hooks.values())
+    return any(hook.skip_attention_scores or math.isclose(hook.dropout, 1.0) for hook in _layer_skips(module))
 
 
 def warn_step_cache(modules, until_step: Optional[int], step: int) -> bool:
