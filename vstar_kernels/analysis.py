@@ -127,6 +127,8 @@ def short_layer_name(layer: str) -> str:
     ``transformer_in.transformer_blocks.0.attn1`` -> ``transformer_in.attn1``, a DiT's
     ``transformer_blocks.0.attn1`` -> ``b0.attn1``; a name without these parts is returned as it is.
     """
+    if not isinstance(layer, str):
+        raise TypeError(f"short_layer_name: layer must be a module path (str), got {type(layer).__name__}")
     name = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", layer)
     name = name.replace("mid_block.", "mid.").replace("temp_attentions.", "t").replace("motion_modules.", "m")
     name = name.replace("temporal_transformer_blocks.", "tb")

@@ -358,6 +358,8 @@ def test_long_layer_names_are_shortened_or_wrapped(tmp_path, figures):
     # a DiT's blocks keep their numbers, block 0 too (it read "attn1" beside "b1.attn1")
     assert [short_layer_name(f"{blocks}.{i}.attn") for blocks in ("transformer_blocks", "single_transformer_blocks")
             for i in (0, 1)] == ["b0.attn", "b1.attn", "single_b0.attn", "single_b1.attn"]
+    with pytest.raises(TypeError, match=r"short_layer_name: layer must be a module path \(str\), got int"):
+        short_layer_name(5)
 
     # names that shorten alike are kept, and a name wider than a panel is wrapped at its dots
     alike = {"down_blocks.0.temp_attentions.0.attn1": torch.eye(4), "down0.t0.attn1": torch.eye(4),

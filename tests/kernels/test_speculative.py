@@ -426,6 +426,10 @@ def test_speculation_counts_once_per_device_and_sums_them():
     assert spec.kwargs("cpu:0")["flags"] is counts and spec.kwargs(torch.device("cpu"))["flags"] is counts
     if torch.cuda.is_available():
         assert spec.kwargs("cuda")["flags"] is spec.kwargs(f"cuda:{torch.cuda.current_device()}")["flags"]
+    for wrong in (torch.zeros(1), True, None):  # the call's tensor, not its device: named, not torch's own error
+        with pytest.raises(TypeError, match="Speculation.kwargs: device must be a torch.device, a device name or "
+                                            f"index .*, got {type(wrong).__name__}"):
+            spec.kwargs(wrong)
     counts += torch.tensor([1, 100])
     spec._counts[torch.device("cuda", 7)] = torch.tensor([9, 100])  # another device's calls (a stand-in tensor)
     spec.next_step()
