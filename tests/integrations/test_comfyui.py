@@ -1780,7 +1780,7 @@ def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
     shape = (1, 4, 3, 4, 4)
     cond, uncond = conditions(dtype)
     frames = {}
-    for layers in (4, 12):
+    for layers in (2, 5):
         model = wan(comfy, dtype, num_layers=layers)
         model = graph_breaking_attention(model) if breaking else model
         (tar,) = NODE().apply(model, 1.0, 1.0, backend="reference")
@@ -1793,7 +1793,7 @@ def test_torch_compile_traces_the_blocks_once(comfy, caplog, breaking):
         caplog.clear()
         assert torch.equal(out, sample(comfy, tar, shape, cond, uncond, dtype))
         assert not torch.equal(out, sample(comfy, model, shape, cond, uncond, dtype))
-    assert frames[12] <= frames[4], frames
+    assert frames[5] <= frames[2], frames
 
 
 def test_torch_compile_keeps_the_check_of_a_later_patch(comfy):
