@@ -7,6 +7,7 @@ frame ids and the text mask written from each model's layout in tiny_dit_models.
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
 import inspect
@@ -559,6 +560,26 @@ def test_diffusers_layer_skip_of_the_scores_leaves_a_regularized_block_stock_ski
     apply_tar(model, config)
     assert not torch.equal(expected, stock)
     assert torch.equal(forward(model, FAMILIES["wan"].inputs()), expected)
+    # the skip set after apply_tar, of the scores and of the whole attention: diffusers looks up TAR's wrapper,
+    # which answers with the entry of the processor it wraps (it raised that DiTTARProcessor is not registered)
+    for whole in (False, True):
+        later = dataclasses.replace(skip, skip_attention=whole, skip_attention_scores=not whole)
+        tar_first, skip_first = FAMILIES["wan"].model(), FAMILIES["wan"].model()
+        apply_tar(tar_first, config)
+        apply_layer_skip(tar_first, later)
+        got = forward(tar_first, FAMILIES["wan"].inputs())
+        apply_layer_skip(skip_first, later)
+        apply_tar(skip_first, config)
+        assert torch.equal(got, forward(skip_first, FAMILIES["wan"].inputs())), whole
+        assert torch.equal(got, expected) != whole  # the whole attention skipped is another output
+    # a wrapped class diffusers did not register: the whole attention's skip raises diffusers' error naming it, at
+    # the first skipped call (without TAR, apply_layer_skip raises it)
+    monkeypatch.delitem(AttentionProcessorRegistry._registry, wan)
+    unregistered = FAMILIES["wan"].model()
+    apply_tar(unregistered, config)
+    apply_layer_skip(unregistered, dataclasses.replace(skip, skip_attention=True, skip_attention_scores=False))
+    with pytest.raises(ValueError, match=f"Model class {re.escape(str(wan))} not registered"):
+        forward(unregistered, FAMILIES["wan"].inputs())
     # on a backend that does not call SDPA the skip's mode answers nothing: the block computes its attention, and
     # TAR, which cannot run there, raises (it ran stock in silence, neither skipped nor regularized)
     for proc in processors(model).values():

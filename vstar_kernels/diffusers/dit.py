@@ -46,3 +46,21 @@ class DiTTARProcessor(Wrapping):
         """TAR on (B, H, N, D) q/k/v; `kwargs` are `tar_attention`'s (frames: a `FrameLayout` for the regular
         layout, else ids; key_mask, sigma, ...)."""
         return tar_attention(query, key, value, **kwargs)
+
+
+
+def layer_skip_reads_the_wrapped(processor_class: type) -> None:
+    """diffusers' layer skip (``apply_layer_skip``, its guiders) looks up what skipping a module's attention returns
+    by the class of the module's processor: for TAR's wrapper (`processor_class`, the class `Wrapping.show` made), the
+    entry of the processor it wraps, read when the skip runs (a class diffusers did not register raises its own
+    error there, as on the stock model)."""
+    try:
+        from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
+    except ImportError:  # a diffusers without layer skip
+        return
+
+    def skipped(module, *args, **kwargs):
+        entry = AttentionProcessorRegistry.get(type(module.processor.processor))
+        return entry.skip_processor_output_fn(module, *args, **kwargs)
+    if processor_class not in AttentionProcessorRegistry._registry:
+        AttentionProcessorRegistry.register(processor_class, AttentionProcessorMetadata(skipped))

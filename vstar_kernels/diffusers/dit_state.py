@@ -14,7 +14,7 @@ import torch
 from ..frames import TokenLayout, as_layout
 from ..functional import Speculation
 from ..tar_config import LevelSpec, TARConfig
-from .dit import DiTTARProcessor
+from .dit import DiTTARProcessor, layer_skip_reads_the_wrapped
 from .dit_families import DiTFamily, set_processor
 from .steps import TAR_OWNER, Hook, StepTracker, loop_step, warn_step_cache
 
@@ -80,6 +80,7 @@ class DiTState:
     def wrap(self, module: torch.nn.Module, stock, name: str, block: int) -> Tuple[torch.nn.Module, DiTTARProcessor]:
         """Give `module` a `DiTTARProcessor` around its `stock` processor."""
         processor = DiTTARProcessor(stock, name, block, self)
+        layer_skip_reads_the_wrapped(type(processor))
         set_processor(module, processor)
         return module, processor
 
