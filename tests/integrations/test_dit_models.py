@@ -572,6 +572,25 @@ def test_diffusers_layer_skip_of_the_scores_leaves_a_regularized_block_stock_ski
         apply_tar(skip_first, config)
         assert torch.equal(got, forward(skip_first, FAMILIES["wan"].inputs())), whole
         assert torch.equal(got, expected) != whole  # the whole attention skipped is another output
+    # the whole attention's skip reads the stock processor under the module's wrappers: set in a capture, with its
+    # wrapper inside TAR's or alone (it raised that _Watch is not registered), and after remove_tar, where the
+    # module holds the stock processor itself (it raised AttributeError: no .processor)
+    whole = dataclasses.replace(skip, skip_attention=True, skip_attention_scores=False)
+    stock_skipped = FAMILIES["wan"].model()
+    apply_layer_skip(stock_skipped, dataclasses.replace(whole))
+    stock_skipped = forward(stock_skipped, FAMILIES["wan"].inputs())
+    for tar in (True, False):
+        captured = FAMILIES["wan"].model()
+        if tar:
+            apply_tar(captured, config)
+        with capture_frame_attention(captured, blocks=[0, 1]):
+            apply_layer_skip(captured, dataclasses.replace(whole))
+            assert torch.equal(forward(captured, FAMILIES["wan"].inputs()), got if tar else stock_skipped), tar
+    removed = FAMILIES["wan"].model()
+    apply_tar(removed, config)
+    apply_layer_skip(removed, dataclasses.replace(whole))
+    remove_tar(removed)
+    assert torch.equal(forward(removed, FAMILIES["wan"].inputs()), stock_skipped)
     # a wrapped class diffusers did not register: the whole attention's skip raises diffusers' error naming it, at
     # the first skipped call (without TAR, apply_layer_skip raises it)
     monkeypatch.delitem(AttentionProcessorRegistry._registry, wan)

@@ -12,7 +12,7 @@ import torch
 
 from .. import tar_attention
 from .context_parallel import ContextParallelTAR, local_stock_call
-from .interception import BACKEND_ATTRIBUTES, TARAttention, Wrapping, call_through_sdpa
+from .interception import BACKEND_ATTRIBUTES, TARAttention, Wrapping, call_through_sdpa, innermost
 
 
 class DiTTARProcessor(Wrapping):
@@ -48,19 +48,19 @@ class DiTTARProcessor(Wrapping):
         return tar_attention(query, key, value, **kwargs)
 
 
-
 def layer_skip_reads_the_wrapped(processor_class: type) -> None:
     """diffusers' layer skip (``apply_layer_skip``, its guiders) looks up what skipping a module's attention returns
-    by the class of the module's processor: for TAR's wrapper (`processor_class`, the class `Wrapping.show` made), the
-    entry of the processor it wraps, read when the skip runs (a class diffusers did not register raises its own
-    error there, as on the stock model)."""
+    by the class of the module's processor: for a wrapper of ours (`processor_class`, the class `Wrapping.show` made:
+    TAR's, a capture's), the entry of the stock processor at the bottom of the module's wrappers, read when the skip
+    runs: under TAR a capture's wrapper sits between, and after remove_tar or the capture's end the module holds the
+    stock processor itself (a class diffusers did not register raises its own error there, as on the stock model)."""
     try:
         from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
     except ImportError:  # a diffusers without layer skip
         return
 
     def skipped(module, *args, **kwargs):
-        entry = AttentionProcessorRegistry.get(type(module.processor.processor))
+        entry = AttentionProcessorRegistry.get(type(innermost(module.processor)))
         return entry.skip_processor_output_fn(module, *args, **kwargs)
     if processor_class not in AttentionProcessorRegistry._registry:
         AttentionProcessorRegistry.register(processor_class, AttentionProcessorMetadata(skipped))

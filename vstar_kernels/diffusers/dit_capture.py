@@ -22,7 +22,7 @@ from ..analysis import _outside_own_frame
 from ..frames import FrameLayout, as_layout, frame_bias
 from ..reference import tar_scores, without_autocast
 from .capture import CHUNK_ELEMENTS, TemporalAttentionMaps
-from .dit import DiTTARProcessor
+from .dit import DiTTARProcessor, layer_skip_reads_the_wrapped
 from .dit_families import dit_attention_modules, dit_family, set_processor, unsupported_dit
 from .dit_state import watch_layout
 from .install import denoiser, tar_models, tar_state
@@ -294,6 +294,7 @@ class _Watch(Wrapping):
         self.processor, self.recorder, self.name, self.block = processor, recorder, name, block
         self.closed = False
         self.show(processor)
+        layer_skip_reads_the_wrapped(type(self))
 
     _attention_backend, _parallel_config = BACKEND_ATTRIBUTES
 
