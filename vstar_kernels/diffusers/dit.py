@@ -56,11 +56,11 @@ def layer_skip_reads_the_wrapped(processor_class: type) -> None:
     stock processor itself (a class diffusers did not register raises its own error there, as on the stock model)."""
     try:
         from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
-    except ImportError:  # a diffusers without layer skip
-        return
 
-    def skipped(module, *args, **kwargs):
-        entry = AttentionProcessorRegistry.get(type(innermost(module.processor)))
-        return entry.skip_processor_output_fn(module, *args, **kwargs)
-    if processor_class not in AttentionProcessorRegistry._registry:
-        AttentionProcessorRegistry.register(processor_class, AttentionProcessorMetadata(skipped))
+        def skipped(module, *args, **kwargs):
+            entry = AttentionProcessorRegistry.get(type(innermost(module.processor)))
+            return entry.skip_processor_output_fn(module, *args, **kwargs)
+        if processor_class not in AttentionProcessorRegistry._registry:
+            AttentionProcessorRegistry.register(processor_class, AttentionProcessorMetadata(skipped))
+    except (ImportError, AttributeError):  # a diffusers without layer skip, or with another registry
+        pass
