@@ -31,6 +31,7 @@ def bnhd_inputs(B, H, N, D, opts, *, seed, frame_tokens):
     return q, k, v, opts
 
 
+@pytest.mark.usefixtures("default_torch_threads")
 @pytest.mark.parametrize("opts", BNHD_OPTIONS, ids=opts_id)
 @pytest.mark.parametrize("per_chunk", [None, 2, "rows"], ids=["whole", "2-batches", "row-blocks"])
 def test_cpu_backend_reads_bnhd_storage_head_by_head(opts, per_chunk, monkeypatch):
@@ -139,6 +140,7 @@ def test_16_bit_keys_and_values_are_converted_once_a_chunk_of_slices(monkeypatch
         torch.set_num_threads(threads)
 
 
+@pytest.mark.usefixtures("default_torch_threads")
 def test_a_small_call_runs_in_one_chunk_on_the_callers_thread(monkeypatch):
     """The quick shape in (B, N, H, D) storage with two intra-op threads: one chunk (q, k, v copied), on
     the caller's thread, where starting worker threads and the chunks' operations would cost more than
@@ -258,6 +260,7 @@ SEGMENT_OPTIONS = [dict(), dict(causal=True, sigma=2.0), dict(max_mode="global",
                    dict(key_mask=True), dict(key_mask=True, max_mode="global", causal=True)]
 
 
+@pytest.mark.usefixtures("default_torch_threads")
 @pytest.mark.parametrize("rows", [None, 5], ids=["whole", "row-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("opts", SEGMENT_OPTIONS, ids=opts_id)

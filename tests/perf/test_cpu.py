@@ -39,6 +39,7 @@ def test_measure_rows_say_what_ran(frames):
     assert float(ours["gbps"]) == pytest.approx(cost.bytes / float(ours["median_ms"]) / 1e6, rel=1e-4)
 
 
+@pytest.mark.usefixtures("default_torch_threads")
 def test_cli_writes_the_csv(tmp_path, monkeypatch):
     tiny = (cpu.Case("tiny", 2, 3, 16, 8), cpu.Case("tiny dit", 1, 2, 32, 8, frames=(2, 16)))
     monkeypatch.setattr(cpu, "QUICK", tiny)

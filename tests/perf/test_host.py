@@ -1,5 +1,6 @@
 """`tools.perf host`: the per-call host time of tar_attention on the quick shape (docs/performance.md)."""
 
+import pytest
 import torch
 
 from tools.perf import host
@@ -28,6 +29,7 @@ def test_the_formula_is_the_call_it_times():
     assert host.NO_COMPUTE not in dispatch.BACKENDS and host.NO_COMPUTE not in dispatch.BACKEND_NAMES
 
 
+@pytest.mark.usefixtures("default_torch_threads")
 def test_cli_prints_one_row_per_case(capsys):
     threads = torch.get_num_threads()
     assert perf_main(["host", "--rounds", "1", "--batch", "1"]) == 0
