@@ -38,6 +38,8 @@ DIT = "ltx-video-768x512"  # the smallest DiT shape
 
 # The three sm_90 runs share one subprocess (without TRITON_INTERPRET: the model compiles for sm_90), so the
 # calibration's and the modeled calls' compiles (roofline.compiled, once per specialization in a process) run once.
+# The DiT run is --quick (each autotuned launch in its first and last configs: 2 of 10 to 12 there); the UNet run and
+# the compiled-loops check compile every config.
 _RUNS = r'''
 import contextlib
 import io
@@ -52,8 +54,10 @@ unet, dit = sys.argv[1:3]
 stdout = io.StringIO()
 with contextlib.redirect_stdout(stdout):
     assert main([*json.loads(sys.argv[3]), "--out", unet]) == 0
-    assert main(["model", "--dit", "--shapes", sys.argv[4], "--out", dit]) == 0
+    assert main(["model", "--dit", "--shapes", sys.argv[4], "--quick", "--out", dit]) == 0
 out = {"stdout": stdout.getvalue()}
+# (kernel, every config?, configs compiled) of each launch the two runs compiled
+out["compiled"] = sorted({(key[0][0], key[2], len(configs)) for key, configs in roofline._COMPILED.items()})
 unet_shape = shapes.SHAPES[sys.argv[5]]
 for name, delta in (("gaussian", False), ("delta", True)):  # the UNet run's N = 256 calls: compiled there already
     launch = roofline.ours_launch(unet_shape.batch, unet_shape.heads, 256, unet_shape.head_dim, 1.0, delta)
@@ -301,6 +305,7 @@ def test_bad_gpu_names_are_argparse_errors(argv, capsys):
     (["model", "--shapes", "vc2-320x512-l0"], "model --shapes/--n writes those rows only, which would replace"),
     (["model", "--n", "16"], "model --shapes/--n writes those rows only"),
     (["model", "--dit", "--shapes", "wan2.1-1.3b-480p"], "model --shapes/--n writes those rows only"),
+    (["model", "--dit", "--quick"], "model --quick compiles fewer configs, whose rows would replace"),
 ])
 def test_bad_numbers_are_argparse_errors_before_any_work(argv, message, capsys):
     """They were tracebacks (an IndexError, a ZeroDivisionError, a KeyError after compiling) or an LLVM abort."""
@@ -403,8 +408,21 @@ def test_dit_rows_are_produced_labelled_model(dit_run):
         assert float(by["flex_two_pass"]["model_time_ms"]) == pytest.approx(2 * float(by["flash"]["model_time_ms"]),
                                                                             rel=1e-3)
         md = (dit_run / f"model-dit-{gpu}.md").read_text()
-        assert "(model, not measured)" in md and f"`python -m tools.perf model --dit --gpu {gpu} --shapes {DIT}`" in md
+        assert "(model, not measured)" in md and f"`python -m tools.perf model --dit --gpu {gpu} --shapes {DIT} " \
+                                                 "--quick`" in md
+        assert "compiled for sm_90 (bf16, the first and last configs the sm_90 pruning keeps (--quick" in md
         assert (dit_run / f"model-dit-{gpu}.png").stat().st_size > 10_000
+
+
+def test_quick_compiles_the_first_and_last_configs(runs):
+    """`model --quick` (the DiT run): every launch it models compiled in at most two configs, the frame-id kernels
+    (the speculative redo, the lean forward: the DiT rows' alone) in no more; the UNet run compiled the tiled
+    forward in every config the pruning keeps."""
+    compiled = runs[2]["compiled"]
+    quick = {name for name, every, n in compiled if not every and n <= 2}
+    assert {"_tar_fwd_tiled_kernel", "_tar_fwd_redo_kernel", "_tar_fwd_lean_kernel"} <= quick
+    assert not [c for c in compiled if c[0] in ("_tar_fwd_redo_kernel", "_tar_fwd_lean_kernel") and c[1]]
+    assert max(n for name, every, n in compiled if every and name == "_tar_fwd_tiled_kernel") >= 8
 
 
 def test_fallback_averages_the_policy_over_a_run():
@@ -423,10 +441,19 @@ COMMITTED_TRITON = re.search(r"what Triton (\S+) and its bundled ptxas", (RESULT
                     reason=f"the committed model rows were compiled with Triton {COMMITTED_TRITON}, this is "
                            f"{triton.__version__}: other compiled loops, other numbers")
 def test_dit_rows_match_the_committed_rows(dit_run):
-    """The model is deterministic: with the committed results' Triton, the same numbers as the committed CSVs."""
+    """The model is deterministic: with the committed results' Triton, a row of the --quick run that models the
+    committed row's config is the committed row, column for column. Any other row models a config the full run
+    also compiled and found no faster: never faster than the committed row."""
     for gpu in ("h100", "h200"):
         committed = [r for r in _rows(RESULTS / f"model-dit-{gpu}.csv") if r["model"] == DIT]
-        assert _rows(dit_run / f"model-dit-{gpu}.csv") == committed
+        quick = _rows(dit_run / f"model-dit-{gpu}.csv")
+        assert [(r["impl"], r["flag_rate"]) for r in quick] == [(r["impl"], r["flag_rate"]) for r in committed]
+        # all but three: the two passes and the one pass at f = 0 (128 x 32 at full) and the lean two loops
+        # (128 x 64) model a config --quick does not compile
+        same = [q == c for q, c in zip(quick, committed) if q["config"] == c["config"]]
+        assert all(same) and len(same) >= len(committed) - 3, (len(same), len(committed))
+        for q, c in zip(quick, committed):
+            assert float(q["model_time_ms"]) >= float(c["model_time_ms"]), (q, c)
 
 
 @pytest.mark.parametrize("block_m, block_n", [(128, 64), (128, 128), (64, 64)])

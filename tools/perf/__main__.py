@@ -39,6 +39,8 @@ QUICK_WITHOUT_OUT = {
               "benchmarks/results",
     "traffic": "traffic --quick counts the CI subset, whose tables would replace the committed full ones in "
                "benchmarks/results",
+    "model": "model --quick compiles fewer configs, whose rows would replace the committed full tables in "
+             "benchmarks/results",
     "cpu": "cpu --quick times two of the five cases, whose rows would join the committed full runs in "
            "benchmarks/results",
 }
@@ -76,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--n", nargs="+", type=model_length, metavar="N",
                        help=f"sequence lengths of the kernel shapes, each 1..{MODEL_MAX_N:,} (default: 16, 32, "
                             "..., 2048 and 4096; not with --dit, whose shapes have their own); needs --out")
+    model.add_argument("--quick", action="store_true",
+                       help="compile each of our autotuned kernels in the first and last configs the sm_90 pruning "
+                            "keeps, not every one (fewer compiles; a config left out may be faster); needs --out")
     model.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     _out(model)
     cpu = sub.add_parser("cpu", help="time the CPU default path (tar_attention, backend auto) against plain SDPA, "
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
     if args.command == "model" and (args.shapes or args.n) and not args.out:
         command.error("model --shapes/--n writes those rows only, which would replace the committed full tables "
                       "in benchmarks/results: give --out DIR")
-    if args.command in ("static", "traffic", "cpu") and args.quick and not args.out:
+    if args.command in ("static", "traffic", "model", "cpu") and args.quick and not args.out:
         command.error(QUICK_WITHOUT_OUT[args.command] + ": give --out DIR")
     from vstar_kernels import _env
 
@@ -157,6 +162,11 @@ def main(argv=None) -> int:
         from .model_dit import dit_main as run
     else:
         from .model import main as run
+    if args.command == "model":
+        from .roofline import quick_configs
+
+        with quick_configs(args.quick):
+            return run(args)
     return run(args)
 
 

@@ -69,6 +69,7 @@ from .roofline import (
     Estimate,
     calibrate,
     calibrate_fa3,
+    configs_compiled,
     fa3,
     flash,
     ours,
@@ -185,8 +186,8 @@ def assumptions(gpu_key: str, eta: float, exposed: float) -> list:
         "CTA per SM; Q, O once, K, V once per query block (per pair of blocks in a 2-CTA cluster from head dim 128).",
         f"Launch gap {LAUNCH_S * 1e6:.0f} us per kernel (assumed, not measured); ours: 1 launch (row max).",
         "Every Triton kernel (ours, flash) is compiled for sm_90 as this very call specializes it (its N, head dim, "
-        "heads and strides: the JIT specializes integers on divisibility by 16), every config the sm_90 pruning "
-        "keeps (packed: the first and last), the fastest.",
+        "heads and strides: the JIT specializes integers on divisibility by 16), "
+        f"{configs_compiled()} (packed: the first and last), the fastest.",
         "Ours, packed (N <= 128; 64 above head dim 128): Q, K, V, O once; MMA as issued: one SEG x SEG Q K^T and "
         "P V per sequence slot (SEG = N padded to a power of two >= 16), empty slots of the last program included; "
         "the whole kernel's instructions/MUFU per program.",
@@ -256,12 +257,12 @@ def _source_label(source: str) -> str:
 
 
 def command(gpu_key: str, args=None, dit: bool = False) -> str:
-    """The command that writes this GPU's table, with the --shapes/--n options the run was given."""
+    """The command that writes this GPU's table, with the --shapes/--n/--quick options the run was given."""
     words = ["python -m tools.perf model"] + ["--dit"] * dit + [f"--gpu {gpu_key}"]
     for option in ("shapes",) + ("n",) * (not dit):  # (--dit takes no --n)
         if getattr(args, option, None):
             words.append(f"--{option} " + " ".join(map(str, getattr(args, option))))
-    return " ".join(words)
+    return " ".join(words + ["--quick"] * bool(getattr(args, "quick", False)))
 
 
 def markdown(rows: list, gpu_key: str, eta: float, exposed: float, calibration: list, args=None) -> str:
@@ -374,7 +375,8 @@ def write_table_and_plot(base: Path, table: str, draw, extra=()) -> None:
 
 
 def main(args) -> int:
-    """`python -m tools.perf model [--gpu h100 h200] [--shapes ...] [--n ...] [--out DIR] [--no-plots]`; with
+    """`python -m tools.perf model [--gpu h100 h200] [--shapes ...] [--n ...] [--quick] [--out DIR] [--no-plots]`;
+    with
     --dit, the DiT rows instead (`dit_main`)."""
     directory = Path(os.path.abspath(args.out)) if args.out else results_dir()
     directory.mkdir(parents=True, exist_ok=True)

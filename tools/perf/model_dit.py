@@ -29,6 +29,7 @@ from .roofline import (
     calibrate_fa3,
     calibrate_tutorial,
     compiled_launch,
+    configs_compiled,
     fa3,
     finish,
     flash,
@@ -588,8 +589,8 @@ def dit_markdown(rows: list, gpu_key: str, dits=DIT_SHAPES, args=None) -> str:
              "(nominal). Assumptions as in the model table, and:", "",
              "- ours (vstar_triton_frames): frame ids, no key mask, sigma = latent frames / 16 (the README's starting "
              "point): the two-pass form (a Q K^T row-max walk over every key tile, then the biased online softmax over "
-             "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, every "
-             "config the sm_90 pruning keeps, compiled at the shape's own N, heads and head dim), each key tile on "
+             "every tile); per-loop instructions/MUFU of the frame-id kernel compiled for sm_90 (bf16, "
+             f"{configs_compiled()}, compiled at the shape's own N, heads and head dim), each key tile on "
              "its loop's shortest path (one dA column: a tile of one frame, or off the Gaussian's band) or longest "
              "(dA per score), counted from the layout (`model_dit.frame_tile_counts`), plus each program's "
              "instructions outside the loops; the fastest config.",
@@ -712,7 +713,8 @@ def dit_plot(rows: list, gpu_key: str, path: Path) -> None:
 
 
 def dit_main(args) -> int:
-    """`python -m tools.perf model --dit [--gpu h100 h200] [--shapes DIT ...] [--out DIR] [--no-plots]`: the DiT
+    """`python -m tools.perf model --dit [--gpu h100 h200] [--shapes DIT ...] [--quick] [--out DIR] [--no-plots]`:
+    the DiT
     rows (every DIT_SHAPES entry, or those --shapes names), model-dit-<gpu>.csv/.md/.png."""
     directory = Path(os.path.abspath(args.out)) if args.out else results_dir()
     directory.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ See model.py for the model as a whole and tools/perf/model.md ("Roofline model")
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from dataclasses import dataclass
@@ -135,6 +137,28 @@ def results_dir() -> Path:
 
 _COMPILED: dict = {}
 
+# `model --quick`: each autotuned launch the model reads compiled in the first and last configs its pruning keeps
+_QUICK = contextvars.ContextVar("tools_perf_model_quick", default=False)
+
+
+@contextlib.contextmanager
+def quick_configs(on: bool = True):
+    """Inside the block, `compiled_launch` compiles an autotuned launch in the first and last configs the
+    pruning keeps, not every one (`model --quick`)."""
+    token = _QUICK.set(on)
+    try:
+        yield
+    finally:
+        _QUICK.reset(token)
+
+
+def configs_compiled() -> str:
+    """What the model's assumptions say of the configs it compiles, as `quick_configs` has it."""
+    if _QUICK.get():
+        return ("the first and last configs the sm_90 pruning keeps (--quick: a config of the full run's, left out "
+                "here, may be faster)")
+    return "every config the sm_90 pruning keeps"
+
 
 def compiled(launch, arch: int = 90, all_configs: bool = True) -> tuple:
     """((config text, static rows), ...) of each config a recorded launch compiles to for sm_`arch`
@@ -182,12 +206,13 @@ def ours_launch(batch: int, heads: int, n: int, d: int, sigma=1.0, delta: bool =
     return tuple(launches) if speculate else launches[0]
 
 
-def compiled_launch(launch, arch: int = 90, all_configs: bool = True) -> tuple:
-    """`compiled` under the sm_`arch` pruning (the configs a launch there keeps)."""
+def compiled_launch(launch, arch: int = 90, all_configs: bool | None = None) -> tuple:
+    """`compiled` under the sm_`arch` pruning (the configs a launch there keeps): every one, or the first and
+    last where all_configs is False (by default: inside `quick_configs`)."""
     from vstar_kernels.ops.launch import targeting
 
     with targeting(arch):
-        return compiled(launch, arch, all_configs)
+        return compiled(launch, arch, not _QUICK.get() if all_configs is None else all_configs)
 
 
 def _cost(r, source: str = "") -> LoopCost:
