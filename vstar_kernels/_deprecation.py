@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import warnings
 
 
@@ -13,16 +15,36 @@ def moved(old: str, module: str, name: str):
     return getattr(importlib.import_module(module), name)
 
 
-_UNSET = object()
-
-
-def renamed(where: str, old: str, new: str, value, current=_UNSET, default=_UNSET):
-    """`value`, passed under the old keyword `old` of `where`; warns that `new` replaces it. `current` and `default`:
-    the value of `new` in the call and its default; `new` given apart from its default and unlike `value` is an
-    error (both spell one argument: neither may win in silence)."""
-    if current is not _UNSET and current != default and current != value:
-        raise TypeError(f"{where}: {old}={value!r} and {new}={current!r} are one argument, {old}= its deprecated "
-                        f"spelling: give {new}= alone")
+def renamed(where: str, old: str, new: str, value):
+    """`value`, passed under the old keyword `old` of `where`; warns that `new` replaces it."""
     warnings.warn(f"{where}: {old}= is deprecated and will be removed in the next release: use {new}=",
                   DeprecationWarning, stacklevel=3)
     return value
+
+
+def renamed_keywords(**new_of_old):
+    """Decorator: each keyword `old` (not in the function's signature) is the deprecated spelling of the keyword
+    new_of_old[old], whose default was None. A call that gives it warns and passes its value as the new keyword; a call that also gives the
+    new keyword, at another value (its default included), is an error: both spell one argument, and neither may win
+    in silence."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in new_of_old.items():
+                value = kwargs.pop(old, None)
+                if value is None:  # the old keyword's default: not given
+                    continue
+                given = signature.bind_partial(*args, **kwargs).arguments
+                if new in given and given[new] != value:
+                    raise TypeError(f"{fn.__name__}: {old}={value!r} and {new}={given[new]!r} are one argument, "
+                                    f"{old}= its deprecated spelling: give {new}= alone")
+                warnings.warn(f"{fn.__name__}: {old}= is deprecated and will be removed in the next release: use "
+                              f"{new}=", DeprecationWarning, stacklevel=2)
+                kwargs[new] = value
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from . import _env
-from ._deprecation import renamed
+from ._deprecation import renamed_keywords
 from ._problem import TarProblem, check_frame_values, check_int, check_sigma, check_values, make_problem
 from .reference import CHUNK_ELEMENTS, _masked_scores, without_autocast
 from .regularization import gaussian_toeplitz
@@ -137,8 +137,9 @@ def short_layer_name(layer: str) -> str:
     return name.replace("transformer_blocks.", "b")
 
 
+@renamed_keywords(scale="color_scale")
 def plot_attention_maps(maps, path, *, color_scale: str = "shared", cmap: str = "jet", panel_size: float = 2.5,
-                        dpi: int = 100, title=None, scale=None) -> dict:
+                        dpi: int = 100, title=None) -> dict:
     """Draw temporal attention maps, one panel each (query frame down, key frame across), into an image file.
 
     `maps` is ``{name: (N, N) map}`` (one row) or ``{level: {layer: (N, N) map}}`` (one row per
@@ -150,8 +151,6 @@ def plot_attention_maps(maps, path, *, color_scale: str = "shared", cmap: str = 
 
     Returns ``{panel key: array drawn}`` in drawing order (``"level / layer"`` for nested maps).
     """
-    if scale is not None:
-        color_scale = renamed("plot_attention_maps", "scale", "color_scale", scale, color_scale, "shared")
     rows = _panel_rows(maps)
     return _draw(rows, path, caller="plot_attention_maps", cmap=cmap, panel_size=panel_size, dpi=dpi, title=title,
                  color_scale=color_scale, value_label="attention weight")

@@ -419,8 +419,12 @@ def test_minmax_normalize():
     ({"a": torch.eye(3)}, {"scale": "shared", "color_scale": "per-panel"}, TypeError,
      "plot_attention_maps: scale='shared' and color_scale='per-panel' are one argument, scale= its deprecated "
      "spelling: give color_scale= alone"),
+    # and where the new one was given at its default
+    ({"a": torch.eye(3)}, {"scale": "per-panel", "color_scale": "shared"}, TypeError,
+     "plot_attention_maps: scale='per-panel' and color_scale='shared' are one argument"),
 ], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "panel-size",
-        "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name", "meta", "both-spellings"])
+        "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name", "meta", "both-spellings",
+        "both-spellings-default"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)

@@ -1,5 +1,7 @@
 """`python -m vstar_kernels demo-attention`: the PNG it draws and the numbers it prints."""
 
+import inspect
+
 import numpy
 import pytest
 import torch
@@ -100,8 +102,13 @@ def test_old_spellings_still_work_with_a_deprecation(tmp_path, capsys, monkeypat
     with pytest.warns(DeprecationWarning, match="attention_demo: frames= is deprecated"):
         runs = attention_demo(tmp_path / "old2.png", frames=4, size=8, dpi=30)
     assert next(iter(runs["with TAR"].values())).shape == (4, 4)
-    for old, new in (("frames", "num_frames"), ("scale", "color_scale")):  # the old spelling won, with a warning
-        given = {"frames": (4, 8), "scale": ("shared", "per-panel")}[old]
-        with pytest.raises(TypeError, match=f"attention_demo: {old}=.* and {new}=.* are one argument"):
-            attention_demo(tmp_path / "both.png", size=8, dpi=30, **{old: given[0], new: given[1]})
+    # both spellings at two values: the old one won, with a warning; the new one given at its default too
+    for old, new, values in (("frames", "num_frames", (4, 8)), ("scale", "color_scale", ("shared", "per-panel")),
+                             ("frames", "num_frames", (4, 16)), ("scale", "color_scale", ("per-panel", "shared"))):
+        with pytest.raises(TypeError, match=f"attention_demo: {old}={values[0]!r} and {new}={values[1]!r} are one "
+                                            f"argument, {old}= its deprecated spelling: give {new}= alone"):
+            attention_demo(tmp_path / "both.png", size=8, dpi=30, **{old: values[0], new: values[1]})
     assert not (tmp_path / "both.png").exists()
+    with pytest.warns(DeprecationWarning, match="attention_demo: scale= is deprecated"):  # one value, two spellings
+        attention_demo(tmp_path / "same.png", num_frames=4, size=8, dpi=30, scale="per-panel", color_scale="per-panel")
+    assert {"frames", "scale"}.isdisjoint(inspect.signature(attention_demo).parameters)

@@ -11,7 +11,7 @@ from typing import Dict
 
 import torch
 
-from .._deprecation import renamed
+from .._deprecation import renamed_keywords
 from ..analysis import band_energy, check_dpi, diagonality, plot_attention_maps, short_layer_name
 from ..tar_config import TARConfig
 from .capture import capture_temporal_attention
@@ -30,9 +30,9 @@ def tiny_unet3d(seed: int = 0):
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D")).eval()
 
 
+@renamed_keywords(frames="num_frames", scale="color_scale")
 def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: float = 1.0, size: int = 16,
-                   seed: int = 0, dpi: int = 100, color_scale: str = "shared", frames=None,
-                   scale=None) -> Dict[str, dict]:
+                   seed: int = 0, dpi: int = 100, color_scale: str = "shared") -> Dict[str, dict]:
     """Capture the level-0 temporal attention maps at step 0 without and with TAR; draw them into `path`.
 
     One row per run, one panel per level-0 temporal attention layer (docs/attention-analysis.md, Demo).
@@ -41,10 +41,6 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
     Returns:
         ``{"without TAR": {layer: map}, "with TAR": {layer: map}}``, (frames, frames) float64 maps.
     """
-    if frames is not None:
-        num_frames = renamed("attention_demo", "frames", "num_frames", frames, num_frames, 16)
-    if scale is not None:
-        color_scale = renamed("attention_demo", "scale", "color_scale", scale, color_scale, "shared")
     for name, value in (("num_frames", num_frames), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
