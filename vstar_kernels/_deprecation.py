@@ -24,9 +24,10 @@ def renamed(where: str, old: str, new: str, value):
 
 def renamed_keywords(**new_of_old):
     """Decorator: each keyword `old` (not in the function's signature) is the deprecated spelling of the keyword
-    new_of_old[old], whose default was None. A call that gives it warns and passes its value as the new keyword; a call that also gives the
-    new keyword, at another value (its default included), is an error: both spell one argument, and neither may win
-    in silence."""
+    new_of_old[old]; the old keyword's default was None, so None is not given. A call that gives it warns and passes
+    its value as the new keyword; a call that also gives the new keyword, at another value (its default included), is
+    an error: both spell one argument, and neither may win in silence. A call the signature does not bind raises the
+    function's own error, which names it."""
     def wrap(fn):
         signature = inspect.signature(fn)
 
@@ -36,7 +37,10 @@ def renamed_keywords(**new_of_old):
                 value = kwargs.pop(old, None)
                 if value is None:  # the old keyword's default: not given
                     continue
-                given = signature.bind_partial(*args, **kwargs).arguments
+                try:
+                    given = signature.bind_partial(*args, **kwargs).arguments
+                except TypeError:  # (too many positional arguments, an unknown keyword): the call's own error
+                    return fn(*args, **kwargs)
                 if new in given and given[new] != value:
                     raise TypeError(f"{fn.__name__}: {old}={value!r} and {new}={given[new]!r} are one argument, "
                                     f"{old}= its deprecated spelling: give {new}= alone")

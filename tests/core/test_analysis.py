@@ -422,9 +422,12 @@ def test_minmax_normalize():
     # and where the new one was given at its default
     ({"a": torch.eye(3)}, {"scale": "per-panel", "color_scale": "shared"}, TypeError,
      "plot_attention_maps: scale='per-panel' and color_scale='shared' are one argument"),
+    # beside a deprecated keyword, an unknown one was "got an unexpected keyword argument 'bogus'", naming no function
+    ({"a": torch.eye(3)}, {"scale": "shared", "bogus": 1}, TypeError,
+     r"plot_attention_maps\(\) got an unexpected keyword argument 'bogus'"),
 ], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "panel-size",
         "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name", "meta", "both-spellings",
-        "both-spellings-default"])
+        "both-spellings-default", "old-spelling-beside-an-unknown-keyword"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)
