@@ -3,6 +3,7 @@
     python -m tools.perf static   [--arch 80 90] [--quick]   compiled-code statistics (SASS) per kernel config
     python -m tools.perf traffic  [--quick]                  bytes and MMA FLOPs counted in the Triton interpreter
     python -m tools.perf model    [--gpu h100 h200] [--dit]  the roofline model, calibrated on published bars
+    python -m tools.perf model --quick --out DIR             the same, each autotuned launch in two configs
     python -m tools.perf compile-check [--arch 90]           every launch compiled for an NVIDIA arch, no GPU
     python -m tools.perf cpu      [--quick --out DIR]        the CPU default path against plain SDPA (measured)
     python -m tools.perf host                                the host time of one small call (measured)

@@ -129,8 +129,9 @@ def frames_loop_costs(batch: int, heads: int, n: int, d: int, ids: torch.Tensor,
     warp-instructions outside the loops), ...) of the tiled forward with frame ids (HAS_FRAMES,
     FRAME_TILES; kinds FRAME_LOOPS) that this bf16 call launches (frame ids `ids`, the Gaussian of
     `sigma`), compiled for sm_`arch` as the call specializes it (its own N, heads and strides; every
-    config the sm_`arch` pruning keeps). A key tile of one dA column runs the loop's shortest path
-    (static.loop_paths), a tile with dA per score its longest; the row-max walk has one path."""
+    config the sm_`arch` pruning keeps, or its first and last inside `roofline.quick_configs`). A key tile
+    of one dA column runs the loop's shortest path (static.loop_paths), a tile with dA per score its
+    longest; the row-max walk has one path."""
     launch = ours_launch(batch, heads, n, d, sigma, frames=ids, dtype=torch.bfloat16, arch=arch)
     out = []
     for config, rows in compiled_launch(launch, arch):

@@ -352,8 +352,8 @@ def ours(batch: int, heads: int, n: int, d: int, gpu: Gpu, eta: float, sigma: fl
          delta: bool = False) -> Estimate:
     """Modeled `vstar_triton` forward (row max, not causal; the Gaussian of `sigma` in one pass, or a
     custom (B, H, N, N) delta in q's dtype, read once, in two): the launch this call makes, compiled for
-    sm_90 as the call specializes it; the fastest config (tiled: every config the sm_90 pruning keeps;
-    packed: the first and last)."""
+    sm_90 as the call specializes it; the fastest config (tiled: every config the sm_90 pruning keeps, or its
+    first and last inside `quick_configs`; packed: the first and last)."""
     bh = batch * heads
     launch = ours_launch(batch, heads, n, d, None if delta else sigma, delta)
     if launch.kernel.fn.__name__ == "_tar_fwd_packed_kernel":
