@@ -418,6 +418,29 @@ def test_dit_rows_are_produced_labelled_model(dit_run):
         assert (dit_run / f"model-dit-{gpu}.png").stat().st_size > 10_000
 
 
+def test_a_quick_pictures_title_says_so(dit_run, tmp_path, monkeypatch):
+    """The DiT picture of a --quick run says so, as its table's command and assumptions do: a config it left out
+    may be faster."""
+    import matplotlib.pyplot as plt
+
+    def typed(r):
+        return {**r, "n": int(r["n"]), "model_time_ms": float(r["model_time_ms"] or "nan"),
+                "model_peak_gb": float(r["model_peak_gb"]), "flag_rate": float(r["flag_rate"] or "nan")}
+
+    rows = [typed(r) for r in _rows(dit_run / "model-dit-h100.csv")]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    model_dit.dit_plot(rows, "h100", tmp_path / "full.png")
+    with roofline.quick_configs():
+        model_dit.dit_plot(rows, "h100", tmp_path / "quick.png")
+    titles = [fig.axes[0].get_title() for fig in figures]
+    assert titles == ["DiT self-attention, H100 SXM5 - model, not measured",
+                      "DiT self-attention, H100 SXM5 - model, not measured (--quick: two configs a launch)"]
+    monkeypatch.undo()
+    for fig in figures:
+        plt.close(fig)
+
+
 def test_quick_compiles_the_first_and_last_configs(runs):
     """`model --quick` (the DiT run): each launch of ours it compiled (the frame-id forward's two passes and its one
     pass, the speculative redo, the lean forward), in the first and last configs alone (the lean redo has one); the
@@ -645,8 +668,13 @@ def test_the_ratio_panels_draw_shapes_within_5_percent_as_one_line(tmp_path, mon
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     model.plot(rows, "h100", tmp_path / "m.png")
-    [fig] = figures
+    with roofline.quick_configs():  # a --quick run's picture says so: a left-out config may be faster
+        model.plot(rows, "h100", tmp_path / "q.png")
+    fig, quick = figures
     for ax in fig.axes[1:]:
         assert [line.get_label() for line in ax.get_lines()][:3] == ["a, b (within 5%)", "c",
                                                                      "target N <= 256: 1.0"]
+    assert fig._suptitle.get_text().endswith("model, not measured")
+    assert quick._suptitle.get_text().endswith("model, not measured (--quick: two configs a launch)")
     plt.close(fig)
+    plt.close(quick)

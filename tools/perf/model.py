@@ -73,6 +73,7 @@ from .roofline import (
     fa3,
     flash,
     ours,
+    quick_title,
     results_dir,
     tutorial_anchor,
 )
@@ -346,7 +347,7 @@ def plot(rows: list, gpu_key: str, path: Path) -> None:
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=7)
-    fig.suptitle(f"Roofline model, {GPUS[gpu_key].name}, fp16 forward - model, not measured")
+    fig.suptitle(f"Roofline model, {GPUS[gpu_key].name}, fp16 forward - model, not measured{quick_title()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

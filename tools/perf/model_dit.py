@@ -34,6 +34,7 @@ from .roofline import (
     finish,
     flash,
     ours_launch,
+    quick_title,
     results_dir,
     short_config,
     tile_counts,
@@ -705,7 +706,7 @@ def dit_plot(rows: list, gpu_key: str, path: Path) -> None:
     ax.set_yticks(range(len(names)), [f"{n}\nN={by[n, 'flash']['n']:,}" for n in names], fontsize=8)
     ax.invert_yaxis()
     ax.set(xscale="log", xlabel="modeled time per self-attention call, batch 1, bf16 (ms, model)",
-           title=f"DiT self-attention, {GPUS[gpu_key].name} - model, not measured")
+           title=f"DiT self-attention, {GPUS[gpu_key].name} - model, not measured{quick_title()}")
     # below the axes: inside, the legend covered the ends of the longest bars
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3)
     fig.tight_layout()

@@ -160,6 +160,11 @@ def configs_compiled() -> str:
     return "every config the sm_90 pruning keeps"
 
 
+def quick_title() -> str:
+    """What a picture's title adds inside `quick_configs`: its rows may model a slower config than the full run's."""
+    return " (--quick: two configs a launch)" if _QUICK.get() else ""
+
+
 def compiled(launch, arch: int = 90, all_configs: bool = True) -> tuple:
     """((config text, static rows), ...) of each config a recorded launch compiles to for sm_`arch`
     (compile_check: the JIT's specialization of these very arguments; every config the pruning keeps,
