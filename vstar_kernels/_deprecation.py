@@ -44,9 +44,7 @@ def renamed_keywords(**new_of_old):
                 if new in given and given[new] != value:
                     raise TypeError(f"{fn.__name__}: {old}={value!r} and {new}={given[new]!r} are one argument, "
                                     f"{old}= its deprecated spelling: give {new}= alone")
-                warnings.warn(f"{fn.__name__}: {old}= is deprecated and will be removed in the next release: use "
-                              f"{new}=", DeprecationWarning, stacklevel=2)
-                kwargs[new] = value
+                kwargs[new] = renamed(fn.__name__, old, new, value)  # (its warning at the caller's line)
             return fn(*args, **kwargs)
 
         return call

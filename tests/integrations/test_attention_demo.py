@@ -99,8 +99,9 @@ def test_old_spellings_still_work_with_a_deprecation(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "--frames is deprecated" in err and "use --num-frames" in err and "use --color-scale" in err
     assert "per-panel scale" in figures[0].get_suptitle() and "4 frames" in figures[0].get_suptitle()
-    with pytest.warns(DeprecationWarning, match="attention_demo: frames= is deprecated"):
+    with pytest.warns(DeprecationWarning, match="attention_demo: frames= is deprecated") as record:
         runs = attention_demo(tmp_path / "old2.png", frames=4, size=8, dpi=30)
+    assert [w.filename for w in record] == [__file__]  # the caller's line
     assert next(iter(runs["with TAR"].values())).shape == (4, 4)
     # both spellings at two values: the old one won, with a warning; the new one given at its default too
     for old, new, values in (("frames", "num_frames", (4, 8)), ("scale", "color_scale", ("shared", "per-panel")),
