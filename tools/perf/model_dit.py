@@ -324,7 +324,8 @@ LEAN_SPECULATIVE = "vstar_triton_lean_one_pass"  # its speculative form at each 
 def lean_launches(batch: int, heads: int, d: int, s: Dit, speculate: bool) -> list:
     """The launches `tar_fwd_lean.lean_forward` makes for the DiT call `s` (bf16, recorded, nothing runs): the lean
     kernel, and with `speculate` the two listing launches and the redo. Its inputs are CPU tensors never written
-    (the launcher reads the frame ids' layout, which meta tensors cannot give)."""
+    (the launcher reads the frame ids' layout, which meta tensors cannot give). The kernel is autotuned over the
+    configs without warp specialization, the only ones `ours_lean` can model (--quick's first and last among them)."""
     from vstar_kernels._problem import make_problem
     from vstar_kernels.ops.launch import targeting
 
@@ -336,7 +337,7 @@ def lean_launches(batch: int, heads: int, d: int, s: Dit, speculate: bool) -> li
                            scale=None, frames=s.frames())
     flags = torch.zeros(batch * heads, dtype=torch.int32) if speculate else None
     with targeting(90):
-        return record(lambda: lean.lean_forward(problem, flags=flags))
+        return record(lambda: lean.lean_forward(problem, flags=flags, warp_specialize=False))
 
 
 def lean_loops(rows: tuple, config: str) -> tuple:
@@ -392,8 +393,6 @@ def ours_lean(batch: int, heads: int, d: int, gpu: Gpu, eta: float, s: Dit, flag
     video = s.latent_frames * s.tokens_per_frame
     out = []
     for config, rows in compiled_launch(main):
-        if "WARP_SPECIALIZE=True" in config:
-            continue
         walk, biased = lean_loops(rows, config)
         config = config.replace(" WARP_SPECIALIZE=False", "")
         fields = _config_fields(config)
