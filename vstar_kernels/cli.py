@@ -298,12 +298,12 @@ def _demo_attention_options(parser) -> None:
 @command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
          _demo_attention_options, needs=("diffusers", "matplotlib"))
 def cmd_demo_attention(args) -> int:
-    from .diffusers.attention_demo import attention_demo, report
-
-    if args.num_frames * args.size ** 2 > DEMO_WORK:
+    if args.num_frames * args.size ** 2 > DEMO_WORK:  # before the demo's import (diffusers: seconds)
         print(f"demo-attention: --num-frames {args.num_frames} with --size {args.size} is too large a demo (frames x "
               f"size^2 at most {DEMO_WORK:,}, e.g. 256 frames at size 16 or 16 frames at size 64)", file=sys.stderr)
         return 2
+    from .diffusers.attention_demo import attention_demo, report
+
     try:
         runs = attention_demo(args.out, num_frames=args.num_frames, sigma=args.sigma, strength=args.strength,
                               size=args.size, seed=args.seed, dpi=args.dpi, color_scale=args.color_scale)

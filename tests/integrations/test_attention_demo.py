@@ -1,6 +1,7 @@
 """`python -m vstar_kernels demo-attention`: the PNG it draws and the numbers it prints."""
 
 import inspect
+import sys
 
 import numpy
 import pytest
@@ -83,8 +84,10 @@ def test_cli_rejects_bad_sizes(tmp_path, capsys, argv, message):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_cli_bounds_the_frames_and_the_size_together(tmp_path, capsys):
-    """Each at its cap ran in about a minute; both at theirs would take about fifteen."""
+def test_cli_bounds_the_frames_and_the_size_together(tmp_path, capsys, monkeypatch):
+    """Each at its cap ran in about a minute; both at theirs would take about fifteen. Refused before the demo's
+    import (diffusers: seconds), as the options' own checks are: here the import would fail."""
+    monkeypatch.setitem(sys.modules, "vstar_kernels.diffusers.attention_demo", None)
     assert cli_main(["demo-attention", "--num-frames", "256", "--size", "64", "--out", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.strip() == ("demo-attention: --num-frames 256 with --size 64 is too large a demo "
                                                "(frames x size^2 at most 65,536, e.g. 256 frames at size 16 or 16 "
