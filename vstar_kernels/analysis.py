@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from collections.abc import Mapping
 
@@ -55,7 +56,7 @@ def band_energy(attention: torch.Tensor, width: int) -> torch.Tensor:
     n, m = a.shape[-2:]
     i = torch.arange(n, device=a.device)[:, None]
     j = torch.arange(m, device=a.device)[None, :]
-    band = (i - j).abs() <= width
+    band = (i - j).abs() <= min(width, max(n, m))  # a width past the map: all of it (and no int64 overflow)
     return (a * band).sum(dim=(-2, -1)) / a.sum(dim=(-2, -1))
 
 
@@ -144,10 +145,11 @@ def plot_attention_maps(maps, path, *, color_scale: str = "shared", cmap: str = 
 
     `maps` is ``{name: (N, N) map}`` (one row) or ``{level: {layer: (N, N) map}}`` (one row per
     level), tensors or arrays; layer names are shortened in the titles (`short_layer_name`) unless
-    two would then read alike. The file format follows `path`'s suffix. `color_scale` is
-    ``"shared"`` (one scale 0..max for all panels, one colour bar) or ``"per-panel"`` (each panel
-    on its own min..max, the paper's look): see docs/attention-analysis.md. `scale` is the
-    deprecated spelling of `color_scale` (kept for one release).
+    two would then read alike. `path` is a file name, whose suffix gives the format, or a binary file
+    object (PNG). `color_scale` is ``"shared"`` (one scale 0..max for all panels, one colour bar) or
+    ``"per-panel"`` (each panel on its own min..max, the paper's look): see
+    docs/attention-analysis.md. `scale` is the deprecated spelling of `color_scale` (kept for one
+    release).
 
     Returns ``{panel key: array drawn}`` in drawing order (``"level / layer"`` for nested maps).
     """
@@ -160,8 +162,8 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
     """Draw TAR's Gaussian matrix dA for several sigma side by side (paper Fig. S.13).
 
     Each panel is `gaussian_toeplitz(n, sigma)`, its values drawn as they are on the shared
-    scale 0..1 (dA's diagonal is 1), one colour bar for all. Returns ``{panel title: array
-    drawn}``.
+    scale 0..1 (dA's diagonal is 1), one colour bar for all, into `path` as `plot_attention_maps`
+    takes it. Returns ``{panel title: array drawn}``.
     """
     if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__iter__"):
         raise TypeError(f"sigmas must be a sequence of numbers, got {type(sigmas).__name__}")
@@ -200,6 +202,9 @@ def check_dpi(dpi) -> int:
 
 def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, value_label) -> dict:
     """Draw `rows` for the public function `caller` (named in the error raised without matplotlib)."""
+    if not isinstance(path, (str, os.PathLike)) and not callable(getattr(path, "write", None)):
+        raise TypeError(f"{caller}: path must be a file name (str or os.PathLike) or a binary file object, got "
+                        f"{type(path).__name__}")
     import numpy as np
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -353,6 +358,9 @@ def _check_map(name: str, attention) -> torch.Tensor:
         raise ValueError(f"{name} has non-finite entries")
     if (a < 0).any():
         raise ValueError(f"{name} must be non-negative (attention probabilities or a min-max normalised map)")
-    if (a.sum(dim=(-2, -1)) == 0).any():
+    total = a.sum(dim=(-2, -1), keepdim=True)
+    if (total == 0).any():
         raise ValueError(f"{name} has a map whose entries are all zero: there is no mass to measure")
+    if not torch.isfinite(total).all():  # finite entries whose sum overflows: the measures are scale-free, so
+        a = torch.where(total.isfinite(), a, a / a.amax(dim=(-2, -1), keepdim=True))  # such a map is taken by its max
     return a

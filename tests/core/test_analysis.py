@@ -1,6 +1,7 @@
 """Attention analysis: diagonality and band energy on known maps, the share of rows whose max lies outside their
 own frame against an element-by-element float64 evaluation, and the pictures (PNG files read back)."""
 
+import io
 import math
 import re
 import sys
@@ -98,6 +99,25 @@ def test_band_energy_width_is_checked():
     for width in (-1, 1.5, True):
         with pytest.raises(ValueError, match="width must be a non-negative int"):
             band_energy(torch.eye(3), width)
+    # a width past the map takes all of it: at 2**63 the comparison wrapped (0.0), past it raised OverflowError
+    for width in (4, 2 ** 63 - 1, 2 ** 63, 2 ** 64, 10 ** 30):
+        assert band_energy(torch.eye(3), width).item() == 1.0
+        assert band_energy(torch.ones(2, 3, 5), width).tolist() == [1.0, 1.0]
+
+
+def test_measures_of_maps_whose_sum_overflows():
+    """Finite float64 entries whose sum is inf gave NaN (each weight 0 / inf): the measures are scale-free, and such
+    a map is measured as it is at a smaller scale; a map beside it in the batch is measured as it is alone."""
+    torch.manual_seed(3)
+    small = torch.rand(2, 6, 6, dtype=torch.float64) + torch.eye(6, dtype=torch.float64)
+    big = small * 1e307
+    assert torch.isinf(big.sum(dim=(-2, -1))).all() and torch.isfinite(big).all()
+    torch.testing.assert_close(diagonality(big), diagonality(small), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(band_energy(big, 1), band_energy(small, 1), rtol=1e-12, atol=1e-15)
+    assert diagonality(torch.full((3, 3), 1e308, dtype=torch.float64)).item() == 0.0  # uniform
+    mixed = torch.stack([small[0], big[1]])
+    assert torch.equal(diagonality(mixed)[0], diagonality(small[0])) and torch.isfinite(diagonality(mixed)).all()
+    assert torch.equal(band_energy(mixed, 2)[0], band_energy(small[0], 2))
 
 
 def share64(q, k, q_frames, k_frames, **kwargs):
@@ -445,6 +465,24 @@ def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, matc
 def test_plot_delta_rejects_bad_input(tmp_path, sigmas, n, exc, match):
     with pytest.raises(exc, match=match):
         plot_delta(sigmas, n, tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("name,draw", [
+    ("plot_delta", lambda path: plot_delta([1.0, 4.0], 8, path)),
+    ("plot_attention_maps", lambda path: plot_attention_maps({"a": torch.eye(3)}, path)),
+])
+def test_plots_take_a_file_name_or_a_file_object(tmp_path, name, draw):
+    """path=None (or a number) failed inside matplotlib ("'NoneType' object has no attribute 'write'"), naming no
+    argument; a binary file object is drawn into, as matplotlib's savefig takes one (PNG, its default format)."""
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match=rf"^{name}: path must be a file name \(str or os.PathLike\) or a binary "
+                                            rf"file object, got {type(bad).__name__}$"):
+            draw(bad)
+    buffer = io.BytesIO()
+    draw(buffer)
+    assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+    draw(str(tmp_path / "x.png"))
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
