@@ -685,6 +685,41 @@ def test_a_module_under_tar_through_another_model_is_refused():
         apply_tar(holder, TARConfig(levels={0: (1.0, 1.0)}))
 
 
+@pytest.mark.parametrize("family", ["unet3d", "motion"])
+def test_a_block_of_a_unet_alone_is_refused(family):
+    """A UNet's block given alone read every temporal attention in it as level 0: levels={0: ...} regularized a
+    level-1 block's, silently, and levels={1: ...} said the level did not exist."""
+    model = FAMILIES[family].model()
+    config = TARConfig(levels={0: (1.0, 1.0)})
+    for block in (model.down_blocks[1], model.mid_block, model.up_blocks[0]):
+        with pytest.raises(ValueError, match=rf"^{type(block).__name__} is a block of a diffusers video UNet: a "
+                                             r"temporal attention's level is read from where it sits in the model "
+                                             r"\(down_blocks\.i, mid_block, up_blocks\.j\), so give the video model "
+                                             r"itself$"):
+            apply_tar(block, config)
+        assert not block._forward_pre_hooks and StepTracker.of(block) is None
+    assert apply_tar(model, config)  # the model itself
+
+
+def test_a_holder_that_takes_no_weak_reference_is_refused_before_any_change():
+    """A holder of the UNet that takes no weak reference raised Python's own error ("cannot create weak reference")
+    after TAR had put its step counter on the model: remove_tar left it, and a deep copy was refused as under TAR."""
+    import copy
+
+    class Holder:
+        __slots__ = ("unet",)
+
+    model = FAMILIES["unet3d"].model()
+    holder = Holder()
+    holder.unet = model
+    with pytest.raises(TypeError, match=r"^Holder holds the model, and TAR keeps the object that holds it by a weak "
+                                        r"reference, which it does not take .*: give the model itself$"):
+        apply_tar(holder, TARConfig(levels={0: (1.0, 1.0)}))
+    assert StepTracker.of(model) is None and not model._forward_pre_hooks
+    copy.deepcopy(model)
+    assert apply_tar(model, TARConfig(levels={0: (1.0, 1.0)}))
+
+
 @pytest.mark.parametrize("family", ["unet3d", "dit"])
 def test_remove_tar_after_fusing_leaves_none_of_tars_processors_in_fuses_saved_ones(family):
     """fuse_qkv_projections saves the processors it replaces (TAR's), and unfuse_qkv_projections puts them back:

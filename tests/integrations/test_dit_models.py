@@ -247,6 +247,8 @@ def test_errors_name_the_problem():
         TARConfig(levels={0: (1.0, 1.0)}, blocks=[0, -1])
     with pytest.raises(TypeError, match="blocks must be a collection of ints"):
         TARConfig(levels={0: (1.0, 1.0)}, blocks=3)
+    with pytest.raises(TypeError, match=r"blocks must be a collection of ints >= 0 or None, got \{1: 2\}"):
+        TARConfig(levels={0: (1.0, 1.0)}, blocks={1: 2})  # its keys were taken, its values dropped
     assert TARConfig(levels={0: (1.0, 1.0)}, blocks=[3, 1, 3]).blocks == (1, 3)
 
     def no_sdpa(attn, hidden_states, *args, **kwargs):

@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
+from diffusers.models.modeling_utils import ModelMixin
 
 from ..functional import tar_attention
 from ..tar_config import LevelSpec, TARConfig
@@ -43,6 +44,10 @@ class TemporalAttention:
 
 def temporal_attention_modules(model: torch.nn.Module) -> List[TemporalAttention]:
     """The model's self-attention modules over frames, in module order, with their levels."""
+    if type(model).__module__.startswith("diffusers.models.unets.") and not isinstance(model, ModelMixin):
+        raise ValueError(f"{type(model).__name__} is a block of a diffusers video UNet: a temporal attention's level "
+                         "is read from where it sits in the model (down_blocks.i, mid_block, up_blocks.j), so give the "
+                         "video model itself")
     down_blocks = getattr(model, "down_blocks", None)
     last = len(down_blocks) - 1 if isinstance(down_blocks, torch.nn.ModuleList) else 0
     found = []

@@ -249,6 +249,12 @@ class StepTracker:
                before_forward: Optional[Callable[[], None]] = None,
                snapshot: Optional[Callable[[], Any]] = None) -> "StepTracker":
         """The model's tracker (created on first use), now also serving `owner`; `pipeline`: module docstring."""
+        try:  # before any change to the model
+            pipeline_ref = None if pipeline is None else weakref.ref(pipeline)
+        except TypeError:
+            raise TypeError(f"{type(pipeline).__name__} holds the model, and TAR keeps the object that holds it by a "
+                            "weak reference, which it does not take (a class with __slots__ and no '__weakref__' "
+                            "slot): give the model itself") from None
         tracker = cls.of(model)
         if tracker is None:
             tracker = cls(model)
@@ -256,7 +262,7 @@ class StepTracker:
         tracker._owners.pop(owner, None)  # the last attached last
         scheduler = getattr(pipeline, "scheduler", None)
         tracker._owners[owner] = _Owner(on_run_start, before_forward, snapshot,
-                                        None if pipeline is None else weakref.ref(pipeline),
+                                        pipeline_ref,
                                         getattr(scheduler, "timesteps", None), in_run(pipeline),
                                         type(pipeline).__name__)
         if pipeline is not None:
