@@ -127,6 +127,25 @@ def test_a_unet_under_vsp_saved_whole_or_copied_gives_the_same_output(how):
     assert not torch.equal(call(copied, sample, context_for("unet3d", ehs)), out)
 
 
+def test_a_unet_under_vsp_with_embeddings_carrying_a_graph_deep_copies_them_as_leaves():
+    """apply_vsp keeps embeddings computed with autograd as given (gradients reach what they came from); a deep
+    copy of the model raised torch's "Only Tensors created explicitly by the user (graph leaves)": it copies them
+    as torch.save writes them, new leaves of the same values."""
+    unet = tiny_unet3d()
+    sample, ehs = unet_inputs("unet3d", batch=2)
+    context = context_for("unet3d", ehs)
+    source = torch.randn(1, N, L, C, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    embeds = source * 2
+    apply_vsp(unet, embeds, cfg=True)
+    copied = copy.deepcopy(unet)
+    kept, taken = unet._vstar_vsp_state.embeds, copied._vstar_vsp_state.embeds
+    assert kept is embeds and taken.is_leaf and taken.requires_grad and torch.equal(taken, embeds)
+    assert torch.equal(call(copied, sample, context), call(unet, sample, context))
+    unet(sample, 3, context).sample.sum().backward()  # the original's still reaches the source
+    assert source.grad is not None and source.grad.abs().sum() > 0
+    remove_vsp(unet)
+    remove_vsp(copied)
+
 def test_a_compiled_unet_takes_vsp_on_the_module_it_wraps():
     """A torch.compile'd UNet (as apply_tar takes it): VSP goes on the UNet it wraps (it was refused as "not a
     pipeline holding one"), and the compiled call runs it; a UNet of another kind is named in the error."""
@@ -390,6 +409,23 @@ def test_apply_arguments_are_checked():
         first_spatial(unet)(torch.zeros(1, 64, 8), encoder_hidden_states=torch.zeros(1, L, C))
 
 
+@pytest.mark.parametrize("bad,match", [
+    (float("nan"), "per_frame_embeds has non-finite entries"),
+    (float("inf"), "per_frame_embeds has non-finite entries"),
+    ("meta", "per_frame_embeds is a meta tensor"),
+], ids=["nan", "inf", "meta"])
+def test_embeddings_without_finite_values_are_refused_up_front(bad, match):
+    """A NaN or inf made the video NaN without a word; a meta tensor failed at the UNet's call."""
+    unet = tiny_unet3d()
+    embeds = torch.zeros(N, L, C)
+    if bad == "meta":
+        embeds = embeds.to("meta")
+    else:
+        embeds[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=match):
+        apply_vsp(unet, embeds)
+    assert not hasattr(unet, "_vstar_vsp_state")
+
 # ----- pipelines -----
 
 @pytest.fixture(params=list(PIPELINES))
@@ -646,7 +682,11 @@ def test_a_video_to_video_pipeline_is_refused_before_encoding(tmp_path):
     from diffusers import AnimateDiffVideoToVideoPipeline
 
     pipe = AnimateDiffVideoToVideoPipeline.from_pipe(tiny_animatediff_pipeline(tmp_path))
-    pipe.encode_prompt = None  # not reached
+
+    def encode(*args, **kwargs):  # not reached (a callable: pipe is checked to have an encode_prompt)
+        raise AssertionError("encoded before the pipeline was refused")
+
+    pipe.encode_prompt = encode
     with pytest.raises(TypeError, match="generate_with_synopsis runs text-to-video pipelines, which take "
                                         "num_frames; AnimateDiffVideoToVideoPipeline does not: call encode_synopsis"):
         generate_with_synopsis(pipe, ["a fox", "a dog"], **call_args())
@@ -690,6 +730,40 @@ def test_pipeline_helper_arguments_are_checked(pipe):
         generate_with_synopsis(pipe, ["a"], num_frames=N, **call_args())
     remove_vsp(pipe)
 
+
+def test_encode_synopsis_gives_embeddings_without_a_graph(tmp_path):
+    """The text encoder ran with autograd on: the embeddings carried its graph, and a UNet given them by apply_vsp
+    could not be deep-copied."""
+    pipe = tiny_text_to_video_pipeline(tmp_path)
+    embeds = encode_synopsis(pipe, ["a red bud", "a pink flower"], N)
+    assert not embeds.requires_grad and embeds.grad_fn is None
+    apply_vsp(pipe, embeds)
+    copy.deepcopy(pipe.unet)
+    remove_vsp(pipe)
+
+
+def test_pipeline_helpers_name_a_wrong_pipe_guidance_scale_or_attention_kwargs_before_encoding(tmp_path):
+    """A UNet for pipe failed deep (no encode_prompt; generate_with_synopsis asked for guidance_scale first), a
+    guidance_scale that is no number failed on `>` and a list of cross_attention_kwargs on `.get`."""
+    pipe = tiny_text_to_video_pipeline(tmp_path)
+    synopsis = ["a red bud", "a pink flower"]
+    for helper in (lambda target: encode_synopsis(target, synopsis, N),
+                   lambda target: generate_with_synopsis(target, synopsis, num_frames=N, **call_args())):
+        for target in (pipe.unet, torch.compile(pipe.unet, backend="eager")):
+            with pytest.raises(TypeError, match="pipe must be the pipeline holding the UNet as .unet .* a model, "
+                                                "not a pipeline: give the pipeline holding it"):
+                helper(target)
+
+    def encode(*args, **kwargs):
+        raise AssertionError("encoded before the arguments were checked")
+
+    pipe.encode_prompt = encode
+    for scale in (None, "7", torch.tensor([7.0, 8.0])):
+        with pytest.raises(TypeError, match="guidance_scale must be a real number"):
+            generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(guidance_scale=scale))
+    for kwargs in ([1], "scale"):
+        with pytest.raises(TypeError, match="cross_attention_kwargs must be a dict or None, got (list|str)"):
+            generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(cross_attention_kwargs=kwargs))
 
 # ----- FreeNoise, SDXL -----
 

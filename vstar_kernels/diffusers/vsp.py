@@ -8,15 +8,17 @@ copy, each of the ``P`` synopses covers ``videos / P`` consecutive videos.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import warnings
+from collections.abc import Mapping
 
 import torch
 from diffusers import UNet3DConditionModel, UNetMotionModel
 from diffusers.models.attention_processor import Attention
 
-from .._problem import type_name
+from .._problem import check_values, type_name
 from ..vsp import interpolate_embeddings
 from .capture import SplitInferenceModule
 from .install import uncompiled
@@ -43,6 +45,12 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None
     ``do_classifier_free_guidance`` at each UNet call where `target` is a pipeline that has it, else is True.
     Perturbed-attention guidance (a conditional copy after the others) is read from the UNet at each call: a PAG
     pipeline's call puts its processors there. Calling it again replaces the embeddings and `cfg`.
+
+    `per_frame_embeds` must hold finite values (a NaN or inf would make the video NaN) on a real device (not
+    meta). It is kept as given, an autograd graph it carries included (gradients reach what it was computed
+    from, and the graph stays alive until `remove_vsp` or the next `apply_vsp`); `encode_synopsis` gives
+    embeddings without one. ``copy.deepcopy`` of the patched model copies such embeddings as ``torch.save``
+    saves them: a new leaf tensor of the same values and ``requires_grad``, cut from the graph.
     """
     unet = _unet_of(target)
     if unet.config.get("addition_embed_type") == "text_time":
@@ -98,20 +106,23 @@ def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear",
     """Encode sub-prompts with the pipeline's own ``encode_prompt``, then interpolate (`interpolate_embeddings`).
 
     `sub_prompts`: a list of K strings (one synopsis) or a list of P such lists (one per video).
-    Returns (N, L, C) or (P, N, L, C) on the pipeline's execution device. Each sub-prompt is encoded on
-    its own, as the pipeline encodes a prompt, so identical sub-prompts give its own embedding bit for bit.
+    Returns (N, L, C) or (P, N, L, C) on the pipeline's execution device, without an autograd graph: the
+    encoding runs under ``torch.no_grad()``, as a pipeline's call encodes its prompt. Each sub-prompt is encoded
+    on its own, as the pipeline encodes a prompt, so identical sub-prompts give its own embedding bit for bit.
+    `pipe` must be the pipeline (its ``encode_prompt``), not its UNet.
     """
-    _unet_of(pipe, "pipe")  # a video DiT's pipeline encodes its prompts otherwise, and apply_vsp takes UNets only
+    _pipeline_unet(pipe, "encode_synopsis")
     if "prompt_2" in inspect.signature(pipe.encode_prompt).parameters:  # a second text encoder's prompt
         raise ValueError(f"VSP encodes each sub-prompt with a pipeline's one text encoder; {type(pipe).__name__}'s "
                          "encode_prompt takes a second prompt for a second encoder (prompt_2, as SDXL's does)")
     synopses, batched = _check_sub_prompts(sub_prompts)
     device = pipe._execution_device
     out = []
-    for synopsis in synopses:
-        states = [pipe.encode_prompt(text, device, 1, False, clip_skip=clip_skip, lora_scale=lora_scale)[0]
-                  for text in synopsis]
-        out.append(interpolate_embeddings(torch.cat(states), num_frames, mode=mode, anchors=anchors))
+    with torch.no_grad():  # inference, as the pipeline's own prompt encoding in its __call__
+        for synopsis in synopses:
+            states = [pipe.encode_prompt(text, device, 1, False, clip_skip=clip_skip, lora_scale=lora_scale)[0]
+                      for text in synopsis]
+            out.append(interpolate_embeddings(torch.cat(states), num_frames, mode=mode, anchors=anchors))
     return torch.stack(out) if batched else out[0]
 
 
@@ -119,11 +130,14 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
                            **pipe_kwargs):
     """Run a video pipeline with one interpolated text embedding per frame: `encode_synopsis`, then VSP for
     this call only (guidance as the pipeline's flags say at each UNet call, or from ``guidance_scale`` for a
-    pipeline without them); `pipe_kwargs` go to the pipeline, but for the prompt."""
+    pipeline without them); `pipe_kwargs` go to the pipeline, but for the prompt. `pipe` (the pipeline, not its
+    UNet), ``guidance_scale`` (a real number) and ``cross_attention_kwargs`` (a dict or None) are checked before
+    any encoding."""
+    unet = _pipeline_unet(pipe, "generate_with_synopsis")
     for name in ("prompt", "prompt_embeds"):
         if name in pipe_kwargs:
             raise TypeError(f"generate_with_synopsis got {name}=...: the sub_prompts replace the prompt")
-    if getattr(_unet_of(pipe), _STATE_ATTR, None) is not None:
+    if getattr(unet, _STATE_ATTR, None) is not None:
         raise ValueError("VSP is already applied to this pipeline; call remove_vsp(pipe) first")
     # FreeNoise encodes a prompt of its own (one string) where the pipeline's call encodes with it (AnimateDiff's;
     # not its PAG pipeline, which encodes the plain way under FreeNoise too)
@@ -140,7 +154,15 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     if guidance_scale is inspect.Parameter.empty:
         raise TypeError(f"generate_with_synopsis needs guidance_scale= for {type(pipe).__name__}, whose __call__ "
                         "gives no default (it says whether VSP's embeddings are batched for classifier-free guidance)")
-    attention_kwargs = pipe_kwargs.get("cross_attention_kwargs") or {}
+    try:  # as the pipeline compares it (a number, a numpy or a one-element torch scalar)
+        guided = bool(guidance_scale > 1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"guidance_scale must be a real number, got {guidance_scale!r} "
+                        f"({type_name(guidance_scale)})") from None
+    attention_kwargs = pipe_kwargs.get("cross_attention_kwargs")
+    if attention_kwargs is not None and not isinstance(attention_kwargs, Mapping):
+        raise TypeError(f"cross_attention_kwargs must be a dict or None, got {type_name(attention_kwargs)}")
+    attention_kwargs = attention_kwargs or {}
     embeds = encode_synopsis(pipe, sub_prompts, num_frames, mode=mode, anchors=anchors,
                              clip_skip=pipe_kwargs.get("clip_skip"), lora_scale=attention_kwargs.get("scale"))
     # The conditional context the pipeline builds is replaced frame by frame; it only has
@@ -151,8 +173,7 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
         pipe_kwargs = {**pipe_kwargs, "negative_prompt": [pipe_kwargs["negative_prompt"]] * embeds.shape[0]}
     # the pipeline's own flag at each UNet call where it has one: a step-end callback may turn guidance off
     follows = isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property)
-    apply_vsp(pipe, embeds, cfg=None if follows else bool(guidance_scale > 1))
-    unet = _unet_of(pipe)
+    apply_vsp(pipe, embeds, cfg=None if follows else guided)
     state = getattr(unet, _STATE_ATTR)
     state.via = "generate_with_synopsis" if follows else f"generate_with_synopsis's guidance_scale={guidance_scale}"
     if follows:  # the flag read is this call's: several videos of one latent without guidance are not a stale flag
@@ -188,6 +209,18 @@ class _SynopsisState:
         self.presplit = []    # per split call in progress: whether it replaced the context for its slices
         self._source = None
         self._context = None
+
+    def __deepcopy__(self, memo):
+        """A copy whose tensors carrying an autograd graph (embeddings `apply_vsp` was given so) are new leaves
+        of their values and ``requires_grad``, as ``torch.save`` writes them: torch deep-copies graph leaves
+        only."""
+        for value in vars(self).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone().requires_grad_(value.requires_grad)
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied  # the wrappers the state holds refer back to it
+        copied.__dict__.update(copy.deepcopy(vars(self), memo))
+        return copied
 
     def begin_call(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
@@ -407,6 +440,17 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(bits), b.view(bits))
 
 
+def _pipeline_unet(pipe, caller: str):
+    """The UNet of `pipe`, checked to be a pipeline that encodes its prompts (``encode_prompt``)."""
+    unet = _unet_of(pipe, "pipe")  # a video DiT's pipeline encodes its prompts otherwise; VSP takes UNets only
+    if not hasattr(pipe, "unet") or not callable(getattr(pipe, "encode_prompt", None)):
+        given = "a model, not a pipeline: give the pipeline holding it" if not hasattr(pipe, "unet") \
+            else "it has no encode_prompt"
+        raise TypeError(f"pipe must be the pipeline holding the UNet as .unet ({caller} encodes the sub-prompts "
+                        f"with its encode_prompt), got {type(pipe).__name__}: {given}")
+    return unet
+
+
 def _unet_of(target, argument: str = "target"):
     unet = uncompiled(getattr(target, "unet", target))
     if not isinstance(unet, SUPPORTED_UNETS):
@@ -429,6 +473,9 @@ def _check_embeds(embeds) -> torch.Tensor:
     if embeds.dim() not in (3, 4) or 0 in embeds.shape:
         raise ValueError(f"per_frame_embeds must be a non-empty (N, L, C) or (P, N, L, C) tensor, "
                          f"got shape {tuple(embeds.shape)}")
+    check_values("per_frame_embeds", embeds, "apply_vsp (to check them) and the UNet's calls")
+    if not torch.isfinite(embeds).all():
+        raise ValueError("per_frame_embeds has non-finite entries (NaN or inf): the video would come out NaN")
     return embeds if embeds.dim() == 4 else embeds.unsqueeze(0)
 
 
