@@ -140,7 +140,7 @@ PRESETS: Mapping[str, Mapping[int, float]] = _ReadOnly({  # read-only: every con
 def _level_spec(level, spec) -> LevelSpec:
     if isinstance(spec, LevelSpec):
         return spec
-    if isinstance(spec, (str, bytes, torch.Tensor)) or not hasattr(spec, "__len__") or len(spec) != 2:
+    if isinstance(spec, (str, bytes, torch.Tensor, Mapping)) or not hasattr(spec, "__len__") or len(spec) != 2:
         raise TypeError(f"levels[{level}] must be a (sigma, strength) pair, a (delta, strength) pair or a "
                         f"LevelSpec, got {spec!r}")
     first, strength = spec

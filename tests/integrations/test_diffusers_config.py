@@ -99,6 +99,9 @@ BAD_CONFIGS = [
     pytest.param(dict(levels={0: (np.eye(4), 0.5)}), TypeError,
                  r"levels\[0\]: a pair's first entry is sigma \(a number\) or a delta \(a torch.Tensor\), got "
                  r"numpy.ndarray", id="delta-numpy"),  # was "sigma must be a real number"
+    pytest.param(dict(levels={0: {"sigma": 2.0, "strength": 1.0}}), TypeError,
+                 r"^levels\[0\] must be a \(sigma, strength\) pair, a \(delta, strength\) pair or a LevelSpec, got "
+                 r"\{'sigma': 2.0, 'strength': 1.0\}$", id="level-dict"),  # its keys read as the pair: "got str"
     pytest.param(dict(levels=ONE, preset=["64D1"]), ValueError, "preset must be None or one of", id="preset-list"),
     pytest.param(dict(levels={3: (5.0, 7.0)}, preset="64D1"), ValueError, "these are not its levels",
                  id="preset-other-levels"),  # was accepted, labelled as the VSTAR preset
