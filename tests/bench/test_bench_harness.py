@@ -4,6 +4,7 @@ import argparse
 import csv
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -219,6 +220,50 @@ def test_time_budget_and_resume(tmp_path):
     again.run([(TINY, 16, torch.float32), (TINY, 8, torch.float32)], [], [PEERS["reference_eager"]])
     rows = read(again.csv_path)
     assert again.rows_written == 1 and rows[-1]["n"] == "8"  # N=16 was measured (ok) by this commit
+
+    # rows of this commit measured with another torch (or Triton, or on another device) are not this setup's: a
+    # resume took them as done and mixed the two setups in one table without a word
+    for field, other in (("torch", "2.1.0+cpu"), ("triton", "2.0.0"), ("device", "cpu (another)")):
+        with open(again.csv_path, newline="", encoding="utf-8") as f:
+            lines = list(csv.DictReader(f))
+        other_setup = tmp_path / "other" / again.csv_path.name
+        other_setup.parent.mkdir(exist_ok=True)
+        other_setup.unlink(missing_ok=True)
+        for r in lines:
+            measure.append_row(other_setup, {**r, field: other})
+        resumed = harness.Sweep(torch.device("cpu"), other_setup, again.info, resume=True, progress=False)
+        resumed.run([(TINY, 16, torch.float32)], [], [PEERS["reference_eager"]])
+        assert resumed.rows_written == 1, field
+
+
+def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path, capsys):
+    """A row cut short (or one with fields past the header's) was read as None values and failed deep in the
+    report (AttributeError); a byte that is no UTF-8 past the header failed at --resume (UnicodeDecodeError); a
+    folder where the CSV goes raised IsADirectoryError. Each is now the command's error, naming the file."""
+    info = measure.RunInfo.collect(torch.device("cpu"))
+    path = tmp_path / f"{measure.slug(info.device)}-{info.date}.csv"
+    argv = ["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--impls", "sdpa_plain", "--out",
+            str(tmp_path), "--no-plots", "--no-progress"]
+    header = ",".join(COLUMNS) + "\n"
+    whole = ",".join(["x"] * len(COLUMNS)) + "\n"
+    for body, message in ((header + whole + ",".join(["x"] * 12) + "\n", "line 3 has 12 fields, not the header's"),
+                          (header + whole + ",".join(["x"] * (len(COLUMNS) + 2)) + "\n",
+                           f"line 3 has {len(COLUMNS) + 2} fields, not the header's")):
+        path.write_text(body, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {message} {len(COLUMNS)} .a damaged row."):
+            measure.read_csv(path)
+        for resume in ([], ["--resume"]):
+            assert cli.main(argv + resume) == 2
+            assert f"{path}: {message}" in capsys.readouterr().err
+        assert path.read_text(encoding="utf-8") == body  # nothing appended
+    path.write_bytes((header + whole * 300).encode() + b"\xff\n")
+    for resume in ([], ["--resume"]):
+        assert cli.main(argv + resume) == 2
+        assert f"{path} is not UTF-8 text" in capsys.readouterr().err
+    path.unlink()
+    path.mkdir()
+    assert cli.main(argv) == 2
+    assert "Is a directory" in capsys.readouterr().err
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):

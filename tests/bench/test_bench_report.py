@@ -376,6 +376,11 @@ def test_a_csv_of_other_columns_is_refused(tmp_path, capsys):
         render(path)
     assert plot_script().main([str(path)]) == 2
     assert "not this harness's" in capsys.readouterr().err and not list(tmp_path.glob("other*.md"))
+    cut = tmp_path / "cut.csv"  # a row cut short: the report failed on its None fields (AttributeError)
+    cut.write_text(",".join(COLUMNS) + "\n" + ",".join(["x"] * 12) + "\n", encoding="utf-8")
+    assert plot_script().main([str(cut)]) == 2
+    assert capsys.readouterr().err.strip() == (f"{cut}: line 2 has 12 fields, not the header's {len(COLUMNS)} "
+                                               "(a damaged row): mend or remove it")
     image = tmp_path / "image.csv"
     image.write_bytes(b"\x89PNG\r\n")
     assert plot_script().main([str(image)]) == 2

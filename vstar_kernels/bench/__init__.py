@@ -79,7 +79,8 @@ def configure(parser) -> None:
     parser.add_argument("--time-budget-s", type=seconds, metavar="S",
                         help="stop measuring after S seconds; the rest get 'unsupported: not run: ...' rows")
     parser.add_argument("--resume", action="store_true",
-                        help="skip cells this commit already measured in today's CSV")
+                        help="skip cells this commit already measured in today's CSV with this device, torch "
+                             "and Triton")
     parser.add_argument("--no-plots", action="store_true", help="write the CSV and markdown only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list", action="store_true", help="list the named shapes and implementations")

@@ -101,8 +101,11 @@ class Sweep:
         self.rows_written = 0
 
     def _done_keys(self) -> set:
+        """The cells measured before in this run's setup: its commit, device, torch and Triton (--resume)."""
+        setup = {field: getattr(self.info, field) for field in ("commit", "device", "torch", "triton")}
         return set(report.latest(r for r in measure.read_csv(self.csv_path)
-                                 if r["commit"] == self.info.commit and not r["status"].startswith(measure.NOT_RUN)))
+                                 if all(r[field] == value for field, value in setup.items())
+                                 and not r["status"].startswith(measure.NOT_RUN)))
 
     def write(self, impl, batch, heads, n, d, dtype, **kw) -> dict:
         """Append the row of one cell (measure.row's keywords: status, timing, cost, peak_mb, backend)."""
@@ -307,9 +310,10 @@ def main(args) -> int:
         print("CPU run: times are CPU wall-clock (perf_counter); ours is vstar_auto, what tar_attention runs on "
               "CPU tensors by default (the backend column names it); vstar_triton runs in the Triton interpreter "
               "(reported as vstar_triton_interpreter) as a correctness check only, not timed.", file=sys.stderr)
-    try:
-        measure.check_columns(csv_path)
-    except ValueError as exc:
+    try:  # the whole file: its rows are read again for --resume and the report
+        if csv_path.exists():
+            measure.read_csv(csv_path)
+    except (ValueError, OSError) as exc:  # OSError: a folder where the file is to be
         print(f"{exc}: move it aside or write elsewhere (--out)", file=sys.stderr)
         return 2
     kernel_cases, unet_cases = plan(names, ns, dtypes, explicit_n=bool(args.n))

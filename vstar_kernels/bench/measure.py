@@ -284,7 +284,19 @@ def append_row(csv_path: Path, row: dict) -> None:
 
 
 def read_csv(csv_path) -> list:
-    """The rows of a results CSV (ValueError when its columns are not COLUMNS)."""
+    """The rows of a results CSV: a ValueError naming the file when its columns are not COLUMNS, when a row has
+    another number of fields (a damaged or cut line, named), or when it is not UTF-8 text."""
     check_columns(Path(csv_path))
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    rows = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                if None in row or None in row.values():  # fields past the header's, or fewer than its
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
+                    raise ValueError(f"{csv_path}: line {reader.line_num} has {fields} fields, not the header's "
+                                     f"{len(COLUMNS)} (a damaged row): mend or remove it")
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{csv_path} is not UTF-8 text ({exc})") from None
+    return rows
