@@ -171,8 +171,10 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _deprecated_option(parser, old: str, new: str, **kwargs) -> None:
-    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Deprecated, help=argparse.SUPPRESS,
+def _deprecated_option(group, old: str, new: str, **kwargs) -> None:
+    """`old`, the deprecated spelling of `new`, in `new`'s mutually exclusive group: both given is argparse's error
+    (the last one given had won, in silence)."""
+    group.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Deprecated, help=argparse.SUPPRESS,
                         default=argparse.SUPPRESS, **kwargs)
 
 
@@ -257,9 +259,10 @@ def _image_path(text: str) -> str:
 def _plot_delta_options(parser) -> None:
     parser.add_argument("--sigmas", type=_sigma, nargs="+", default=[1.0, 4.0, 8.0],
                         help="one panel per sigma (default: 1 4 8)")
-    parser.add_argument("--num-frames", type=_DELTA_FRAMES, default=16,
+    frames = parser.add_mutually_exclusive_group()
+    frames.add_argument("--num-frames", type=_DELTA_FRAMES, default=16,
                         help="frames N of the N x N matrix, at most 2048 (default: 16)")
-    _deprecated_option(parser, "--frames", "--num-frames", type=_DELTA_FRAMES)
+    _deprecated_option(frames, "--frames", "--num-frames", type=_DELTA_FRAMES)
     parser.add_argument("--out", type=_image_path, default="delta.png",
                         help="output image; format from the suffix (default: delta.png)")
     parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
@@ -280,9 +283,10 @@ def cmd_plot_delta(args) -> int:
 
 
 def _demo_attention_options(parser) -> None:
-    parser.add_argument("--num-frames", type=_DEMO_FRAMES, default=16,
+    frames = parser.add_mutually_exclusive_group()
+    frames.add_argument("--num-frames", type=_DEMO_FRAMES, default=16,
                         help="frames of the random video, 2 to 256 (default: 16)")
-    _deprecated_option(parser, "--frames", "--num-frames", type=_DEMO_FRAMES)
+    _deprecated_option(frames, "--frames", "--num-frames", type=_DEMO_FRAMES)
     parser.add_argument("--sigma", type=_sigma, default=1.0, help="TAR's sigma at level 0 (default: 1)")
     parser.add_argument("--strength", type=_strength32, default=1.0, help="TAR's strength at level 0 (default: 1)")
     parser.add_argument("--size", type=_DEMO_SIZE, default=16, help="latent height and width, 2 to 64 (default: 16)")
@@ -290,9 +294,11 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--out", type=_image_path, default="attention.png",
                         help="output image (default: attention.png)")
     parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
-    parser.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared",
-                        help="one colour scale for all panels, or each panel on its own min..max (default: shared)")
-    _deprecated_option(parser, "--scale", "--color-scale", choices=("shared", "per-panel"))
+    color_scale = parser.add_mutually_exclusive_group()
+    color_scale.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared",
+                             help="one colour scale for all panels, or each panel on its own min..max (default: "
+                                  "shared)")
+    _deprecated_option(color_scale, "--scale", "--color-scale", choices=("shared", "per-panel"))
 
 
 @command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
