@@ -162,19 +162,37 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def _spelled(parser, namespace, dest: str, option_string: str) -> None:
+    """Records which spelling of the option `dest` a command line gave; a second spelling is argparse's error
+    (whatever the values: the last one given had won, in silence)."""
+    key = f"_spelling_of_{dest}"
+    earlier = getattr(namespace, key, None)
+    if earlier is not None and earlier != option_string:
+        parser.error(f"argument {option_string}: not allowed with argument {earlier} (one option, two spellings)")
+    setattr(namespace, key, option_string)
+
+
+class _Spelled(argparse.Action):
+    """An option with an old spelling: stores its value, noting that this spelling was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _spelled(parser, namespace, self.dest, option_string)
+        setattr(namespace, self.dest, values)
+
+
 class _Deprecated(argparse.Action):
     """An old option's spelling: sets the new option's value and says on stderr that it is deprecated."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        _spelled(parser, namespace, self.dest, option_string)
         new = "--" + self.dest.replace("_", "-")
         print(f"{option_string} is deprecated and will be removed in the next release: use {new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
-def _deprecated_option(group, old: str, new: str, **kwargs) -> None:
-    """`old`, the deprecated spelling of `new`, in `new`'s mutually exclusive group: both given is argparse's error
-    (the last one given had won, in silence)."""
-    group.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Deprecated, help=argparse.SUPPRESS,
+def _deprecated_option(parser, old: str, new: str, **kwargs) -> None:
+    """`new` (its keywords `kwargs`, given with action=_Spelled) and `old`, its deprecated spelling."""
+    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Deprecated, help=argparse.SUPPRESS,
                         default=argparse.SUPPRESS, **kwargs)
 
 
@@ -259,10 +277,9 @@ def _image_path(text: str) -> str:
 def _plot_delta_options(parser) -> None:
     parser.add_argument("--sigmas", type=_sigma, nargs="+", default=[1.0, 4.0, 8.0],
                         help="one panel per sigma (default: 1 4 8)")
-    frames = parser.add_mutually_exclusive_group()
-    frames.add_argument("--num-frames", type=_DELTA_FRAMES, default=16,
+    parser.add_argument("--num-frames", type=_DELTA_FRAMES, default=16, action=_Spelled,
                         help="frames N of the N x N matrix, at most 2048 (default: 16)")
-    _deprecated_option(frames, "--frames", "--num-frames", type=_DELTA_FRAMES)
+    _deprecated_option(parser, "--frames", "--num-frames", type=_DELTA_FRAMES)
     parser.add_argument("--out", type=_image_path, default="delta.png",
                         help="output image; format from the suffix (default: delta.png)")
     parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
@@ -283,10 +300,9 @@ def cmd_plot_delta(args) -> int:
 
 
 def _demo_attention_options(parser) -> None:
-    frames = parser.add_mutually_exclusive_group()
-    frames.add_argument("--num-frames", type=_DEMO_FRAMES, default=16,
+    parser.add_argument("--num-frames", type=_DEMO_FRAMES, default=16, action=_Spelled,
                         help="frames of the random video, 2 to 256 (default: 16)")
-    _deprecated_option(frames, "--frames", "--num-frames", type=_DEMO_FRAMES)
+    _deprecated_option(parser, "--frames", "--num-frames", type=_DEMO_FRAMES)
     parser.add_argument("--sigma", type=_sigma, default=1.0, help="TAR's sigma at level 0 (default: 1)")
     parser.add_argument("--strength", type=_strength32, default=1.0, help="TAR's strength at level 0 (default: 1)")
     parser.add_argument("--size", type=_DEMO_SIZE, default=16, help="latent height and width, 2 to 64 (default: 16)")
@@ -294,11 +310,9 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--out", type=_image_path, default="attention.png",
                         help="output image (default: attention.png)")
     parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
-    color_scale = parser.add_mutually_exclusive_group()
-    color_scale.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared",
-                             help="one colour scale for all panels, or each panel on its own min..max (default: "
-                                  "shared)")
-    _deprecated_option(color_scale, "--scale", "--color-scale", choices=("shared", "per-panel"))
+    parser.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared", action=_Spelled,
+                        help="one colour scale for all panels, or each panel on its own min..max (default: shared)")
+    _deprecated_option(parser, "--scale", "--color-scale", choices=("shared", "per-panel"))
 
 
 @command("demo-attention", "temporal attention maps of a tiny random video UNet without and with TAR",
