@@ -236,6 +236,19 @@ def test_time_budget_and_resume(tmp_path):
         assert resumed.rows_written == 1, field
 
 
+def test_a_failure_of_another_setup_does_not_fail_this_run(tmp_path, capsys):
+    """The exit status read this commit's failed cells of ours whatever torch, Triton or device measured them."""
+    info = measure.RunInfo.collect(torch.device("cpu"))
+    path = tmp_path / f"{measure.slug(info.device)}-{info.date}.csv"
+    failed = measure.row(info, "vstar_auto", 1, 8, 16, 40, "fp32", status="error: RuntimeError: boom")
+    argv = ["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--impls", "sdpa_plain", "--out",
+            str(tmp_path), "--no-plots", "--no-progress"]
+    measure.append_row(path, {**failed, "torch": "2.1.0+cpu"})
+    assert cli.main(argv) == 0
+    measure.append_row(path, failed)
+    assert cli.main(argv) == 1 and "FAILED: vstar_auto errored in 1 cell(s)" in capsys.readouterr().err
+
+
 def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path, capsys):
     """A row cut short (or one with fields past the header's) was read as None values and failed deep in the
     report (AttributeError); a byte that is no UTF-8 past the header failed at --resume (UnicodeDecodeError); a
@@ -256,10 +269,11 @@ def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path, capsys):
             assert cli.main(argv + resume) == 2
             assert f"{path}: {message}" in capsys.readouterr().err
         assert path.read_text(encoding="utf-8") == body  # nothing appended
-    path.write_bytes((header + whole * 300).encode() + b"\xff\n")
-    for resume in ([], ["--resume"]):
-        assert cli.main(argv + resume) == 2
-        assert f"{path} is not UTF-8 text" in capsys.readouterr().err
+    for rows in (1, 300):  # in the header check's first read, and past it
+        path.write_bytes((header + whole * rows).encode() + b"\xff\n")
+        for resume in ([], ["--resume"]):
+            assert cli.main(argv + resume) == 2
+            assert f"{path} is not UTF-8 text" in capsys.readouterr().err
     path.unlink()
     path.mkdir()
     assert cli.main(argv) == 2

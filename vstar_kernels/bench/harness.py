@@ -82,6 +82,11 @@ class Progress:
             self.bar.close()
 
 
+def same_setup(row: dict, info: measure.RunInfo) -> bool:
+    """Whether a results row was measured in `info`'s setup: its commit, device, torch and Triton."""
+    return all(row[field] == getattr(info, field) for field in ("commit", "device", "torch", "triton"))
+
+
 def _key(*fields) -> tuple:
     """A cell of a results file, as report.latest keys it and --resume compares them."""
     return tuple(map(str, fields))
@@ -101,11 +106,9 @@ class Sweep:
         self.rows_written = 0
 
     def _done_keys(self) -> set:
-        """The cells measured before in this run's setup: its commit, device, torch and Triton (--resume)."""
-        setup = {field: getattr(self.info, field) for field in ("commit", "device", "torch", "triton")}
+        """The cells measured before in this run's setup (--resume)."""
         return set(report.latest(r for r in measure.read_csv(self.csv_path)
-                                 if all(r[field] == value for field, value in setup.items())
-                                 and not r["status"].startswith(measure.NOT_RUN)))
+                                 if same_setup(r, self.info) and not r["status"].startswith(measure.NOT_RUN)))
 
     def write(self, impl, batch, heads, n, d, dtype, **kw) -> dict:
         """Append the row of one cell (measure.row's keywords: status, timing, cost, peak_mb, backend)."""
@@ -329,7 +332,7 @@ def main(args) -> int:
     print(f"{sweep.rows_written} row{'s' * (sweep.rows_written != 1)} appended to {csv_path}")
     for path in outputs:
         print(f"wrote {path}")
-    failed = report.our_failures(r for r in measure.read_csv(csv_path) if r["commit"] == info.commit)
+    failed = report.our_failures(r for r in measure.read_csv(csv_path) if same_setup(r, info))
     if failed:
         impls = ", ".join(sorted({r["impl"] for r in failed}))
         print(f"FAILED: {impls} errored in {len(failed)} cell(s) at commit {info.commit}; first: "

@@ -286,9 +286,9 @@ def append_row(csv_path: Path, row: dict) -> None:
 def read_csv(csv_path) -> list:
     """The rows of a results CSV: a ValueError naming the file when its columns are not COLUMNS, when a row has
     another number of fields (a damaged or cut line, named), or when it is not UTF-8 text."""
-    check_columns(Path(csv_path))
     rows = []
     try:
+        check_columns(Path(csv_path))
         with open(csv_path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             for row in reader:
