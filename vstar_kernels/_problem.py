@@ -15,7 +15,6 @@ import math
 import numbers
 import operator
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -147,8 +146,8 @@ def int_set(name: str, values) -> Optional[set]:
     """`values` as a set of ints >= 0, at least one (None: None, every one); raises naming `name` otherwise."""
     if values is None:
         return None
-    if isinstance(values, (str, bytes, torch.Tensor, Mapping)) or not hasattr(values, "__iter__"):  # a mapping's
-        raise TypeError(f"{name} must be a collection of ints >= 0 or None, got {values!r}")  # values: dropped
+    if isinstance(values, (str, bytes, torch.Tensor)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a collection of ints >= 0 or None, got {values!r}")
     values = list(values)
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
     if bad or not values:

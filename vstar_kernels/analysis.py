@@ -8,6 +8,7 @@ touching pyplot's global state.
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 import os
@@ -202,7 +203,8 @@ def check_dpi(dpi) -> int:
 
 def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, value_label) -> dict:
     """Draw `rows` for the public function `caller` (named in the error raised without matplotlib)."""
-    if not isinstance(path, (str, os.PathLike)) and not callable(getattr(path, "write", None)):
+    if isinstance(path, io.TextIOBase) or not isinstance(path, (str, os.PathLike)) and not callable(
+            getattr(path, "write", None)):
         raise TypeError(f"{caller}: path must be a file name (str or os.PathLike) or a binary file object, got "
                         f"{type(path).__name__}")
     import numpy as np

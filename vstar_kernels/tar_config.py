@@ -199,6 +199,8 @@ class TARConfig:
             raise TypeError(f"include_input_block must be a bool, got {type_name(self.include_input_block)}")
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if isinstance(self.blocks, Mapping):  # its keys would be taken and its values dropped
+            raise TypeError(f"blocks must be a collection of ints >= 0 or None, got {self.blocks!r}")
         if self.blocks is not None:
             object.__setattr__(self, "blocks", tuple(sorted(int_set("blocks", self.blocks))))
         if self.preset is not None:

@@ -474,7 +474,7 @@ def test_plot_delta_rejects_bad_input(tmp_path, sigmas, n, exc, match):
 def test_plots_take_a_file_name_or_a_file_object(tmp_path, name, draw):
     """path=None (or a number) failed inside matplotlib ("'NoneType' object has no attribute 'write'"), naming no
     argument; a binary file object is drawn into, as matplotlib's savefig takes one (PNG, its default format)."""
-    for bad in (None, 3):
+    for bad in (None, 3, io.StringIO()):  # a text file object failed inside matplotlib
         with pytest.raises(TypeError, match=rf"^{name}: path must be a file name \(str or os.PathLike\) or a binary "
                                             rf"file object, got {type(bad).__name__}$"):
             draw(bad)

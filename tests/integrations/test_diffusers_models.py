@@ -712,8 +712,9 @@ def test_a_holder_that_takes_no_weak_reference_is_refused_before_any_change():
     model = FAMILIES["unet3d"].model()
     holder = Holder()
     holder.unet = model
-    with pytest.raises(TypeError, match=r"^Holder holds the model, and TAR keeps the object that holds it by a weak "
-                                        r"reference, which it does not take .*: give the model itself$"):
+    with pytest.raises(TypeError, match=r"^Holder holds the model, and the count of its steps keeps the object that "
+                                        r"holds it by a weak reference, which it does not take .*: give the model "
+                                        r"itself$"):
         apply_tar(holder, TARConfig(levels={0: (1.0, 1.0)}))
     assert StepTracker.of(model) is None and not model._forward_pre_hooks
     copy.deepcopy(model)

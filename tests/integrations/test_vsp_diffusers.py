@@ -146,6 +146,7 @@ def test_a_unet_under_vsp_with_embeddings_carrying_a_graph_deep_copies_them_as_l
     remove_vsp(unet)
     remove_vsp(copied)
 
+
 def test_a_compiled_unet_takes_vsp_on_the_module_it_wraps():
     """A torch.compile'd UNet (as apply_tar takes it): VSP goes on the UNet it wraps (it was refused as "not a
     pipeline holding one"), and the compiled call runs it; a UNet of another kind is named in the error."""
@@ -425,6 +426,7 @@ def test_embeddings_without_finite_values_are_refused_up_front(bad, match):
     with pytest.raises(ValueError, match=match):
         apply_vsp(unet, embeds)
     assert not hasattr(unet, "_vstar_vsp_state")
+
 
 # ----- pipelines -----
 
@@ -764,6 +766,7 @@ def test_pipeline_helpers_name_a_wrong_pipe_guidance_scale_or_attention_kwargs_b
     for kwargs in ([1], "scale"):
         with pytest.raises(TypeError, match="cross_attention_kwargs must be a dict or None, got (list|str)"):
             generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(cross_attention_kwargs=kwargs))
+
 
 # ----- FreeNoise, SDXL -----
 

@@ -252,9 +252,9 @@ class StepTracker:
         try:  # before any change to the model
             pipeline_ref = None if pipeline is None else weakref.ref(pipeline)
         except TypeError:
-            raise TypeError(f"{type(pipeline).__name__} holds the model, and TAR keeps the object that holds it by a "
-                            "weak reference, which it does not take (a class with __slots__ and no '__weakref__' "
-                            "slot): give the model itself") from None
+            raise TypeError(f"{type(pipeline).__name__} holds the model, and the count of its steps keeps the object "
+                            "that holds it by a weak reference, which it does not take (a class with __slots__ and no "
+                            "'__weakref__' slot): give the model itself") from None
         tracker = cls.of(model)
         if tracker is None:
             tracker = cls(model)
