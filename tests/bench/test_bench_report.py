@@ -384,7 +384,7 @@ def test_a_csv_of_other_columns_is_refused(tmp_path, capsys):
     image = tmp_path / "image.csv"
     image.write_bytes(b"\x89PNG\r\n")
     assert plot_script().main([str(image)]) == 2
-    assert capsys.readouterr().err.startswith(f"{image}: 'utf-8' codec can't decode")  # the file named
+    assert capsys.readouterr().err.startswith(f"{image} is not UTF-8 text ('utf-8' codec can't decode")  # named
     assert plot_script().main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"not a file: {tmp_path} (a folder)"
     assert plot_script().main(["--out", str(path / "sub"), str(path)]) == 2
