@@ -85,13 +85,13 @@ class _TARForward:
         if mask is not None:
             raise ValueError(f"{self.name}: TAR takes no mask, but this call passed one")
         module = self.module
-        batch, frames = x.shape[:2]
+        frames = x.shape[1]
         q, k, v = (proj(x).unflatten(-1, (int(module.heads), -1)).transpose(1, 2)
                    for proj in (module.to_q, module.to_k, module.to_v))
         out = tar_attention(q, k, v, scale=float(module.scale), backend=self.state.config.backend,
                             **self.spec.tar_kwargs(frames, frames, device=q.device, dtype=q.dtype,
                                                    where=f"{self.name} (level {self.level})"))
-        return module.to_out(out.transpose(1, 2).reshape(batch, frames, -1))
+        return module.to_out(out.transpose(1, 2).flatten(2))  # (a reshape to -1 channels failed on an empty batch)
 
     def _regularized(self) -> bool:
         config, regularizing = self.state.config, self.state.regularizing

@@ -44,15 +44,15 @@ class LvdmAttention(torch.nn.Module):
         context = x if context is None else context
         b, h = x.shape[0], self.heads
 
-        def split(t):  # (b, n, h * d) -> (b * h, n, d)
-            return t.view(b, t.shape[1], h, -1).transpose(1, 2).reshape(b * h, t.shape[1], -1)
+        def split(t):  # (b, n, h * d) -> (b * h, n, d), an empty batch too (as lvdm's einops rearrange)
+            return t.unflatten(-1, (h, -1)).transpose(1, 2).flatten(0, 1)
 
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         sim = torch.einsum("bid,bjd->bij", q, k) * self.scale
         if mask is not None:
             sim = sim.masked_fill(~(mask.repeat_interleave(h, dim=0) > 0.5), -torch.finfo(sim.dtype).max)
         out = torch.einsum("bij,bjd->bid", sim.softmax(dim=-1), v)
-        out = out.view(b, h, x.shape[1], -1).transpose(1, 2).reshape(b, x.shape[1], -1)
+        out = out.unflatten(0, (b, h)).transpose(1, 2).flatten(2)
         return self.to_out(out)
 
 
@@ -303,6 +303,17 @@ def test_outside_regularized_steps_the_previous_forward_runs_with_its_arguments(
         attn(x, torch.randn(3, 4, DIM))
     with torch.no_grad():
         assert torch.equal(attn(x, context=x), attn(x))  # the context of self-attention is x itself
+
+
+def test_an_empty_batch_gives_an_empty_output_as_the_modules_do():
+    """The patch reshaped TAR's output to (batch, frames, -1) channels, which torch cannot infer for 0 rows."""
+    model = ToyUNet()
+    x = video(rows=0)
+    assert run_recording(model, x)[0].shape == x.shape  # lvdm's attention (einops) takes an empty batch
+    apply_tar_to_modules(model, TARConfig.from_preset("64D1", until_step=None), select=videocrafter2_select(model))
+    out, calls = run_recording(model, x)
+    assert out.shape == x.shape and EXPECTED.keys() <= calls.keys()
+    assert all(result.shape == x.shape for _, result in calls.values())
 
 
 def test_delta_level_matches_float64_and_rejects_other_frame_counts():
