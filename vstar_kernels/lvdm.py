@@ -27,8 +27,8 @@ _STATE_ATTR = "_vstar_tar_modules"
 class _State:
     config: TARConfig
     step: Optional[int] = None
-    # whether `step` is regularized (None: no step set), what the patched forwards read: a step read there would be
-    # a guard of torch.compile, which compiled the model again at every step
+    # whether `step` is regularized (None: no step set; False once removed), what the patched forwards read: a step
+    # read there would be a guard of torch.compile, which compiled the model again at every step
     regularizing: Optional[bool] = None
     patched: List["_TARForward"] = field(default_factory=list)
 
@@ -103,6 +103,8 @@ class _TARForward:
         return regularizing is None or regularizing  # no step set gets here only without until_step: every step
 
     def restore(self) -> None:
+        if vars(self.module).get("forward") is not self:  # set since (a wrapper of this patch): it stays
+            return
         if self.previous is None:
             del self.module.forward
         else:
@@ -191,10 +193,12 @@ def set_step(model: torch.nn.Module, step: int) -> None:
 
 
 def remove_tar_from_modules(model: torch.nn.Module) -> None:
-    """Give every patched module back the forward it had before (no-op without TAR)."""
+    """Give every patched module back the forward it had before (no-op without TAR); a forward set on one since
+    TAR (a wrapper of TAR's patch) stays, and TAR's patch under it runs the forward from before."""
     state = _state(model)
     if state is None:
         return
+    state.regularizing = False  # for a patch a later forward still calls
     for patch in state.patched:
         patch.restore()
     delattr(model, _STATE_ATTR)

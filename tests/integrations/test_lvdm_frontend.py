@@ -241,6 +241,35 @@ def test_remove_restores_every_module_exactly():
         set_step(model, 0)
 
 
+def test_a_forward_set_after_tar_stays_through_remove():
+    """remove_tar_from_modules put back the forward from before TAR, dropping a wrapper set on the module since
+    (which calls TAR's patch): the wrapper stays, running the module's own forward through TAR's removed patch."""
+    model = ToyUNet()
+    x = video(rows=2)
+    attn = dict(model.named_modules())["input_blocks.1.2.transformer_blocks.0.attn1"]
+    with torch.no_grad():
+        plain = attn(x)
+    apply_tar_to_modules(model, TARConfig.from_preset("64D1", until_step=1), select=videocrafter2_select(model))
+    patch, calls = attn.forward, []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return patch(*args, **kwargs)
+
+    attn.forward = wrapper
+    set_step(model, 0)
+    with torch.no_grad():
+        regularized = attn(x)
+        assert not torch.equal(regularized, plain)
+        remove_tar_from_modules(model)
+        assert vars(attn)["forward"] is wrapper and torch.equal(attn(x), plain) and len(calls) == 2
+        apply_tar_to_modules(model, TARConfig.from_preset("64D1", until_step=None),
+                             select=videocrafter2_select(model))  # above the wrapper, then removed again
+        assert torch.equal(attn(x), regularized) and len(calls) == 2
+        remove_tar_from_modules(model)
+        assert vars(attn)["forward"] is wrapper and torch.equal(attn(x), plain) and len(calls) == 3
+
+
 @pytest.mark.parametrize("copy_model", [copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))],
                          ids=["deepcopy", "pickle"])
 def test_a_copy_of_a_patched_model_runs_tar_and_removes_it(copy_model):
