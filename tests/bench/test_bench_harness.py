@@ -376,6 +376,39 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
     assert f"{tmp_path}/a-file/sub cannot be made: {tmp_path}/a-file is a file" in capsys.readouterr().err
 
 
+def test_impls_that_cannot_run_here_are_refused_and_named(tmp_path, capsys):
+    """--impls naming only implementations that cannot run on this device wrote their 'unsupported' rows and exited
+    0, having measured nothing asked for: refused before any work now, each named with its reason."""
+    out = tmp_path / "results"
+    argv = ["bench", "--device", "cpu", "--shapes", "tiny", "--n", "16", "--out", str(out), "--no-plots",
+            "--no-progress"]
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    assert cli.main([*argv, "--impls", "sdpa_floor", "vstar_cuda"]) == 2
+    captured = capsys.readouterr()
+    first, *lines = captured.err.splitlines()
+    can = [name for name in PEERS if not PEERS[name].why_not(cpu, fp32)]
+    assert "reference_eager" in can and "sdpa_floor" not in can and "vstar_cuda" not in can
+    assert first == f"--impls: none of the implementations named can run on cpu in fp32 (these can: {', '.join(can)}):"
+    assert lines == [f"  {name}: {PEERS[name].why_not(cpu, fp32)}" for name in ("sdpa_floor", "vstar_cuda")]
+    assert "GPU peer" in lines[0] and not captured.out and not out.exists()
+    # one among them can run: it is measured, and the other's rows say why it was not
+    assert cli.main([*argv, "--impls", "sdpa_floor", "reference_eager"]) == 0
+    status = {r["impl"]: r["status"] for r in read(next(out.glob("*.csv")))}
+    assert status == {"device_copy": "ok", "reference_eager": "ok",
+                      "sdpa_floor": f"unsupported: {PEERS['sdpa_floor'].why_not(cpu, fp32)}"}
+
+
+def test_reasons_that_differ_by_dtype_are_named_with_their_dtypes(monkeypatch):
+    picky = Peer("picky", PEERS["reference_eager"].run,
+                 lambda device, dtype: "no fp16 kernel" if dtype == torch.float16 else "needs a GPU")
+    monkeypatch.setitem(PEERS, "picky", picky)
+    cpu = torch.device("cpu")
+    assert harness.none_can_run(["picky"], cpu, ("fp16", "bf16", "fp32")).splitlines()[1:] == [
+        "  picky in fp16: no fp16 kernel", "  picky in bf16 and fp32: needs a GPU"]
+    assert harness.none_can_run(["picky"], cpu, ("bf16",)).splitlines()[1:] == ["  picky: needs a GPU"]
+    assert harness.none_can_run(["picky", "reference_eager"], cpu, ("fp16",)) == ""
+
+
 def test_values_given_twice_are_measured_once():
     """--n 16 16 measured each cell twice (21 rows for 11); --dtype was taken once already."""
     parser = argparse.ArgumentParser()

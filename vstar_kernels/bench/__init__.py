@@ -70,7 +70,8 @@ def configure(parser) -> None:
                         help="implementations to run at the kernel shapes (default: all; on CUDA all but vstar_auto, "
                              "which runs the Triton kernel vstar_triton times). On CPU ours is vstar_auto, "
                              "tar_attention's default path; vstar_triton is only checked there, in the Triton "
-                             "interpreter")
+                             "interpreter. One that cannot run here gets 'unsupported' rows; naming only such ones "
+                             "is an error")
     parser.add_argument("--device", choices=RUNTIME_DEVICES, default="auto",
                         help="where to run: auto, cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", metavar="DIR", type=results_folder,

@@ -244,6 +244,28 @@ def resolve(args, cuda: bool):
     return names, ns, dtypes
 
 
+def _reasons(name, device: torch.device, dtypes) -> dict:
+    """{reason: dtypes}: why the peer `name` cannot run on `device` in each of `dtypes` (its why_not; '' for those
+    it can run in), the dtypes grouped by reason."""
+    reasons = {}
+    for dt in dtypes:
+        reasons.setdefault(PEERS[name].why_not(device, DTYPES[dt]), []).append(dt)
+    return reasons
+
+
+def none_can_run(names, device: torch.device, dtypes) -> str:
+    """Why none of the implementations `names` can run on `device` in any of `dtypes` (one line each, its reason
+    after the dtypes it is given for where they differ), or '' when one of them can."""
+    reasons = {name: _reasons(name, device, dtypes) for name in names}
+    if any("" in why for why in reasons.values()):
+        return ""
+    can = [name for name in PEERS if "" in _reasons(name, device, dtypes)]
+    lines = [f"  {name}{' in ' + ' and '.join(dts) if len(why) > 1 else ''}: {reason}"
+             for name, why in reasons.items() for reason, dts in why.items()]
+    return "\n".join([f"--impls: none of the implementations named can run on {device.type} in {' or '.join(dtypes)}"
+                      f" (these can: {', '.join(can)}):", *lines])
+
+
 def plan(names, ns, dtypes, explicit_n: bool):
     """Kernel cases ordered by N, then shape, then dtype (cheap first, so a time budget cuts the costly end)."""
     kernel = [(shapes.SHAPES[name], n, DTYPES[dt]) for n in sorted(ns) for name in names if not shapes.is_unet(name)
@@ -304,6 +326,9 @@ def main(args) -> int:
         unknown = [p for p in peer_names if p not in PEERS]
         if unknown:
             raise ValueError(f"--impls: unknown {unknown}; known: {', '.join(PEERS)}")
+        refused = none_can_run(peer_names, device, dtypes) if args.impls else ""
+        if refused:  # (each row said "unsupported", and the run that measured nothing asked for exited 0)
+            raise ValueError(refused)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
