@@ -19,6 +19,7 @@ import torch
 
 from . import _env
 from ._deprecation import renamed_keywords
+from ._dpi import MAX_DPI, MIN_DPI
 from ._problem import TarProblem, check_frame_values, check_int, check_sigma, check_values, make_problem
 from .reference import CHUNK_ELEMENTS, _masked_scores, without_autocast
 from .regularization import gaussian_toeplitz
@@ -183,7 +184,6 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
 
 
 MIN_PANEL_INCHES = 0.5
-MIN_DPI = 10
 LEFT_INCHES = 0.75         # tick labels, the y-axis label and a row name
 BOTTOM_INCHES = 0.45       # tick labels and the x-axis label
 COLORBAR_INCHES = 0.9      # the shared colour bar and its label
@@ -194,10 +194,14 @@ TITLE_FONT = 8
 
 
 def check_dpi(dpi) -> int:
-    """`dpi` if it is an int matplotlib can draw the figures' text at, else a ValueError."""
+    """`dpi` if it is an int from MIN_DPI (matplotlib draws the figures' text from there) to MAX_DPI (print
+    quality; a figure's pixels grow as the dpi squared), else a ValueError."""
     if check_int("dpi", dpi) < MIN_DPI:
         raise ValueError(f"dpi must be at least {MIN_DPI} (matplotlib cannot draw the labels' text at 5 or less; "
                          f"it is readable from about 72), got {dpi}")
+    if dpi > MAX_DPI:  # (matplotlib failed allocating the figure, a MemoryError, or drew for minutes in GBs)
+        raise ValueError(f"dpi must be at most {MAX_DPI} (print quality; a figure's pixels grow as the dpi squared, "
+                         f"its size in memory with them), got {dpi}")
     return dpi
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 
 from . import __version__, _env, bench
+from ._dpi import MAX_DPI, MIN_DPI
 
 DESCRIPTION = ("Fused kernels for VSTAR's temporal attention regularization (TAR): check the installation, "
                "run the kernels against the reference, draw TAR's matrices and attention maps, benchmark.")
@@ -245,6 +246,10 @@ _DELTA_FRAMES = _int_in(1, 2048, "a bigger matrix takes GBs and minutes to draw"
 _DEMO_FRAMES = _int_in(2, 256, "the demo's maps grow as the frames squared")
 _DEMO_SIZE = _int_in(2, 64, "the demo's spatial attention grows as the size to the fourth")
 DEMO_WORK = 256 * 16 ** 2  # frames x size^2: 256 frames at size 16, or 16 frames at size 64
+# the library's bounds (analysis.check_dpi), checked here to name the option
+_DPI = _int_in(MIN_DPI, MAX_DPI, "fewer draws no labels' text; more is past print quality, a figure's pixels "
+               "growing as the dpi squared")
+_DPI_HELP = f"pixels per inch, {MIN_DPI} to {MAX_DPI} (default: 100)"
 
 
 def _image_path(text: str) -> str:
@@ -282,7 +287,7 @@ def _plot_delta_options(parser) -> None:
     _deprecated_option(parser, "--frames", "--num-frames", type=_DELTA_FRAMES)
     parser.add_argument("--out", type=_image_path, default="delta.png",
                         help="output image; format from the suffix (default: delta.png)")
-    parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
+    parser.add_argument("--dpi", type=_DPI, default=100, help=_DPI_HELP)
 
 
 @command("plot-delta", "draw TAR's Gaussian matrix dA for several sigma (paper Fig. S.13)", _plot_delta_options,
@@ -309,7 +314,7 @@ def _demo_attention_options(parser) -> None:
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the latents (default: 0)")
     parser.add_argument("--out", type=_image_path, default="attention.png",
                         help="output image (default: attention.png)")
-    parser.add_argument("--dpi", type=bench.positive_int, default=100, help="pixels per inch (default: 100)")
+    parser.add_argument("--dpi", type=_DPI, default=100, help=_DPI_HELP)
     parser.add_argument("--color-scale", choices=("shared", "per-panel"), default="shared", action=_Spelled,
                         help="one colour scale for all panels, or each panel on its own min..max (default: shared)")
     _deprecated_option(parser, "--scale", "--color-scale", choices=("shared", "per-panel"))

@@ -422,6 +422,9 @@ def test_minmax_normalize():
     ({"a": torch.eye(3)}, {"dpi": 0}, ValueError, "dpi must be a positive int"),
     ({"a": torch.eye(3)}, {"dpi": 5}, ValueError,
      "dpi must be at least 10 .matplotlib cannot draw the labels' text at 5"),
+    # (drawn, in GBs for a large figure; a MemoryError in matplotlib further on)
+    ({"a": torch.eye(3)}, {"dpi": 601}, ValueError, r"dpi must be at most 600 \(print quality; a figure's pixels grow "
+                                                    r"as the dpi squared, its size in memory with them\), got 601"),
     ({"a": torch.eye(3)}, {"panel_size": -1}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": 0.5}, ValueError, r"panel_size must be a number of inches > 0.5"),
     ({"a": torch.eye(3)}, {"panel_size": math.inf}, ValueError, r"panel_size must be a number of inches > 0.5"),
@@ -445,9 +448,9 @@ def test_minmax_normalize():
     # beside a deprecated keyword, an unknown one was "got an unexpected keyword argument 'bogus'", naming no function
     ({"a": torch.eye(3)}, {"scale": "shared", "bogus": 1}, TypeError,
      r"plot_attention_maps\(\) got an unexpected keyword argument 'bogus'"),
-], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "panel-size",
-        "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name", "meta", "both-spellings",
-        "both-spellings-default", "old-spelling-beside-an-unknown-keyword"])
+], ids=["empty", "list", "mixed", "empty-level", "3-D", "inf", "all-nan", "dpi", "dpi-too-small", "dpi-too-large",
+        "panel-size", "panel-too-small", "panel-inf", "scale", "complex", "none", "ragged", "same-name", "meta",
+        "both-spellings", "both-spellings-default", "old-spelling-beside-an-unknown-keyword"])
 def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plot_attention_maps(maps, tmp_path / "x.png", **kwargs)
