@@ -685,13 +685,16 @@ def test_a_module_under_tar_through_another_model_is_refused():
         apply_tar(holder, TARConfig(levels={0: (1.0, 1.0)}))
 
 
-@pytest.mark.parametrize("family", ["unet3d", "motion"])
-def test_a_block_of_a_unet_alone_is_refused(family):
+@pytest.mark.parametrize("family, temporal", [("unet3d", "mid_block.temp_attentions.0"),
+                                              ("motion", "mid_block.motion_modules.0"),
+                                              ("svd", "mid_block.attentions.0")])
+def test_a_block_of_a_unet_alone_is_refused(family, temporal):
     """A UNet's block given alone read every temporal attention in it as level 0: levels={0: ...} regularized a
-    level-1 block's, silently, and levels={1: ...} said the level did not exist."""
+    level-1 block's, silently, and levels={1: ...} said the level did not exist. So did SVD's temporal transformer
+    (TransformerSpatioTemporalModel) alone; the 3D UNets' (TransformerTemporalModel) was said to have none."""
     model = FAMILIES[family].model()
     config = TARConfig(levels={0: (1.0, 1.0)})
-    for block in (model.down_blocks[1], model.mid_block, model.up_blocks[0]):
+    for block in (model.down_blocks[1], model.mid_block, model.up_blocks[0], model.get_submodule(temporal)):
         with pytest.raises(ValueError, match=rf"^{type(block).__name__} is a block of a diffusers video UNet: a "
                                              r"temporal attention's level is read from where it sits in the model "
                                              r"\(down_blocks\.i, mid_block, up_blocks\.j\), so give the video model "

@@ -44,7 +44,9 @@ class TemporalAttention:
 
 def temporal_attention_modules(model: torch.nn.Module) -> List[TemporalAttention]:
     """The model's self-attention modules over frames, in module order, with their levels."""
-    if type(model).__module__.startswith("diffusers.models.unets.") and not isinstance(model, ModelMixin):
+    where = type(model).__module__  # a UNet's blocks, and the temporal transformers in them (ModelMixin or not)
+    if where.startswith("diffusers.models.unets.") and not isinstance(model, ModelMixin) \
+            or where == "diffusers.models.transformers.transformer_temporal":
         raise ValueError(f"{type(model).__name__} is a block of a diffusers video UNet: a temporal attention's level "
                          "is read from where it sits in the model (down_blocks.i, mid_block, up_blocks.j), so give the "
                          "video model itself")
