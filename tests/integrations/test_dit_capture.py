@@ -9,6 +9,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, FlowMatchEulerD
 
 from vstar_kernels import TARConfig
 from vstar_kernels.diffusers import FrameAttentionMaps, apply_tar, capture_frame_attention, capture_temporal_attention
+from vstar_kernels.diffusers.steps import StepTracker
 
 from ..helpers import rows_outside64
 from .tiny_dit_models import (BATCH, FAMILIES, expected_frames, expected_key_mask, forward, frame_map64, randn,
@@ -280,6 +281,24 @@ def test_capture_errors_name_the_problem():
         with capture_frame_attention(model, blocks=[1]):
             forward(model, FAMILIES["wan"].inputs())
     assert model.blocks[1].attn1.processor is no_sdpa
+
+
+def test_a_holder_that_takes_no_weak_reference_is_refused_before_any_change():
+    """A holder of the DiT that takes no weak reference raised Python's own error ("cannot create weak reference"),
+    where apply_tar names it."""
+    class Holder:
+        __slots__ = ("transformer",)
+
+    model = FAMILIES["wan"].model()
+    holder = Holder()
+    holder.transformer = model
+    before = processors(model)
+    with pytest.raises(TypeError, match=r"^Holder holds the model, and the count of its steps keeps the object that "
+                                        r"holds it by a weak reference, which it does not take .*: give the model "
+                                        r"itself$"):
+        with capture_frame_attention(holder):
+            pass
+    assert processors(model) == before and not model._forward_pre_hooks and StepTracker.of(model) is None
 
 
 @pytest.mark.parametrize("ask", [{"is_causal": True}, {"enable_gqa": True}])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import weakref
 from typing import Optional
 
 import torch
@@ -27,7 +26,7 @@ from .dit_families import dit_attention_modules, dit_family, set_processor, unsu
 from .dit_state import watch_layout
 from .install import denoiser, tar_models, tar_state
 from .interception import BACKEND_ATTRIBUTES, Wrapping, call_through_sdpa, mask_runs, sdpa_arguments
-from .steps import Hook, StepTracker, loop_step, values_answer
+from .steps import Hook, StepTracker, loop_step, pipeline_weakref, values_answer
 from .token_grid import token_frames
 
 
@@ -170,7 +169,7 @@ class _Recorder:
 
     def __init__(self, model, pipeline, family, maps, steps, cfg, chunk_elements):
         self.model, self.family, self.maps, self.steps = model, family, maps, steps
-        self.pipeline = None if pipeline is None else weakref.ref(pipeline)
+        self.pipeline = pipeline_weakref(pipeline)  # before any change to the model
         self.cfg, self.chunk_elements = cfg, chunk_elements
         self.owner = f"capture-{id(self)}"
         self.tracker: Optional[StepTracker] = None

@@ -99,6 +99,17 @@ def warn_step_cache(modules, until_step: Optional[int], step: int) -> bool:
     return False
 
 
+def pipeline_weakref(pipeline):
+    """A weak reference to `pipeline`, the object given as holding the model (None for None); a TypeError naming it
+    where it takes none."""
+    try:
+        return None if pipeline is None else weakref.ref(pipeline)
+    except TypeError:
+        raise TypeError(f"{type(pipeline).__name__} holds the model, and the count of its steps keeps the object "
+                        "that holds it by a weak reference, which it does not take (a class with __slots__ and no "
+                        "'__weakref__' slot): give the model itself") from None
+
+
 class _Owner(NamedTuple):
     on_run_start: Optional[Callable[[], None]]
     before_forward: Optional[Callable[[], None]]
@@ -249,12 +260,7 @@ class StepTracker:
                before_forward: Optional[Callable[[], None]] = None,
                snapshot: Optional[Callable[[], Any]] = None) -> "StepTracker":
         """The model's tracker (created on first use), now also serving `owner`; `pipeline`: module docstring."""
-        try:  # before any change to the model
-            pipeline_ref = None if pipeline is None else weakref.ref(pipeline)
-        except TypeError:
-            raise TypeError(f"{type(pipeline).__name__} holds the model, and the count of its steps keeps the object "
-                            "that holds it by a weak reference, which it does not take (a class with __slots__ and no "
-                            "'__weakref__' slot): give the model itself") from None
+        pipeline_ref = pipeline_weakref(pipeline)  # before any change to the model
         tracker = cls.of(model)
         if tracker is None:
             tracker = cls(model)
