@@ -25,6 +25,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]  # the checkout the suite run
 MAKE_VARIABLES = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
 
 
+def interpreter_env(env):
+    """`env` with tests/_site first on PYTHONPATH: a Python process started with it, and TRITON_INTERPRET=1 set
+    from its start, runs the interpreter with the shim the test processes have (tests/_interpreter.py)."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "_site"), env.get("PYTHONPATH")]))}
+
+
 def clean_env(**extra):
     """This process's environment without TRITON_INTERPRET (nor an outer make's variables), as in a
     fresh shell; tiny CPU shapes: one thread."""

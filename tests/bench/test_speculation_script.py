@@ -16,6 +16,7 @@ from vstar_kernels.bench import measure
 from vstar_kernels.bench.report import render
 
 from .._device import DEVICE
+from ..helpers import interpreter_env
 
 pytestmark = pytest.mark.long  # scheduled first (tests/conftest.py)
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_smoke_run_writes_checked_rows(tmp_path):
     # without TRITON_INTERPRET (what --smoke's help and the no-CUDA refusal point to): the script runs itself again
     # with it; it raised "cpu tensors need TRITON_INTERPRET=1"
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env = interpreter_env({name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"})
     done = subprocess.run([sys.executable, "benchmarks/speculation.py", "--smoke", "--rates", "0", "1", "--out",
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -59,7 +60,7 @@ def test_lean_smoke_run_checks_before_timing(tmp_path):
     passes beside them at rate 0; at another planted rate the speculative form alone, with the rate it measured.
     Without --out its rows go where `python -m vstar_kernels bench` writes by default, ./vstar-bench-results (they
     went into the checkout's benchmarks/results, an untracked file plot_results.py then rendered)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = interpreter_env({**os.environ, "TRITON_INTERPRET": "1"})
     committed = set((ROOT / "benchmarks" / "results").iterdir())
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speculation.py"), "--smoke", "--lean", "--rates",
                            "0", "0.5"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

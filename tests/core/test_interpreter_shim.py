@@ -3,6 +3,9 @@ the same bits without it, and it applies."""
 
 import inspect
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import vstar_kernels as vk
 
 from .. import _interpreter
 from .._device import DEVICE
-from ..helpers import make_qkv
+from ..helpers import interpreter_env, make_qkv
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the shim serves the Triton interpreter")
 
@@ -58,3 +61,18 @@ def test_kernels_give_the_same_bits_without_the_shim(monkeypatch):
     for a, b in zip(stock, shimmed, strict=True):
         assert a.dtype == torch.float32 and torch.equal(b.view(torch.int32), a.view(torch.int32))
     assert not _interpreter._grids  # every grid popped
+
+
+def test_a_process_started_with_interpreter_env_has_the_shim(tmp_path):
+    """tests/_site: the shim where TRITON_INTERPRET=1 is set from the start, the interpreter as shipped where it is
+    not, and a sitecustomize further on the path still runs."""
+    (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.next_site_ran = True\n")
+    code = ("import builtins\nfrom triton.runtime import interpreter\n"
+            "print(interpreter._patch_lang.__name__, getattr(builtins, 'next_site_ran', False))")
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(tmp_path)]))
+    for interpret, wanted in (("1", "_patch_lang_once True"), ("0", "_patch_lang True")):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=interpreter_env({**base, "TRITON_INTERPRET": interpret}))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split("\n")[0] == wanted, (interpret, done.stdout, done.stderr)

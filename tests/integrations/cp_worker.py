@@ -34,6 +34,7 @@ from vstar_kernels.diffusers import apply_tar, capture_frame_attention, remove_t
 from vstar_kernels.diffusers.context_parallel import ContextParallelTAR
 from vstar_kernels.frames import TokenLayout
 
+from .. import _device  # noqa: F401 (the interpreter as the test process runs it, its shim included)
 from .tiny_dit_models import BATCH, FAMILIES, NEWER, randn
 
 # ChronoEdit's edit call: 2 latent frames at rotary positions 0 and 4 (a token layout of runs, not a grid)
