@@ -398,6 +398,25 @@ def test_impls_that_cannot_run_here_are_refused_and_named(tmp_path, capsys):
                       "sdpa_floor": f"unsupported: {PEERS['sdpa_floor'].why_not(cpu, fp32)}"}
 
 
+def test_impls_that_cannot_run_beside_a_unet_shape_leave_the_unet_run(tmp_path, monkeypatch):
+    """A UNet shape runs its own variants whatever --impls names: the run goes on (the first form of the refusal
+    stopped it, the default CPU shapes among such runs)."""
+    ran = []
+
+    class UNetBench:  # the UNet's run, stood in for (minutes on CPU): what it was asked for
+        def __init__(self, device):
+            pass
+
+        def run(self, shape, frames, dtype, classify):
+            ran.append(shape.name)
+            return []
+
+    monkeypatch.setattr(harness, "UNetBench", UNetBench)
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "tiny", "unet-tiny", "--n", "16", "--impls", "sdpa_floor",
+                     "--out", str(tmp_path), "--no-plots", "--no-progress"]) == 0
+    assert ran == ["unet-tiny"]
+
+
 def test_reasons_that_differ_by_dtype_are_named_with_their_dtypes(monkeypatch):
     picky = Peer("picky", PEERS["reference_eager"].run,
                  lambda device, dtype: "no fp16 kernel" if dtype == torch.float16 else "needs a GPU")

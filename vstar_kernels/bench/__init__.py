@@ -71,7 +71,7 @@ def configure(parser) -> None:
                              "which runs the Triton kernel vstar_triton times). On CPU ours is vstar_auto, "
                              "tar_attention's default path; vstar_triton is only checked there, in the Triton "
                              "interpreter. One that cannot run here gets 'unsupported' rows; naming only such ones "
-                             "is an error")
+                             "is an error unless a UNet shape, which runs its own variants, is among --shapes")
     parser.add_argument("--device", choices=RUNTIME_DEVICES, default="auto",
                         help="where to run: auto, cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", metavar="DIR", type=results_folder,
