@@ -5,10 +5,8 @@ puts back exactly what was there; the caller sets the step (``set_step(model, i)
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -27,37 +25,12 @@ _STATE_ATTR = "_vstar_tar_modules"
 
 @dataclass
 class _State:
-    model: Callable[[], Optional[torch.nn.Module]]  # a weak reference to the model TAR was applied to (holding this)
     config: TARConfig
     step: Optional[int] = None
     # whether `step` is regularized (None: no step set; False once removed), what the patched forwards read: a step
     # read there would be a guard of torch.compile, which compiled the model again at every step
     regularizing: Optional[bool] = None
     patched: List["_TARForward"] = field(default_factory=list)
-
-    def __deepcopy__(self, memo):
-        # a copy of the model (which copy.deepcopy enters before its modules) copies this state for its own; one of
-        # some of its modules only would keep patches that no set_step or remove_tar_from_modules reaches
-        model = self.model()
-        if id(model) not in memo:
-            raise TypeError(_PART_COPIED)
-        copied = memo[id(self)] = type(self).__new__(type(self))  # (the patches refer back to it)
-        vars(copied).update(copy.deepcopy(dict(vars(self), model=None), memo), model=weakref.ref(memo[id(model)]))
-        return copied
-
-    def __getstate__(self):  # pickle stores the model (pickled already where the model is) and loads a weak reference
-        state = dict(vars(self), model=self.model())
-        if state["model"] is None:
-            raise TypeError(_PART_COPIED)
-        return state
-
-    def __setstate__(self, state):
-        vars(self).update(state, model=weakref.ref(state["model"]))
-
-
-_PART_COPIED = ("copy.deepcopy or pickle of modules TAR patches, without the model it was applied to (which holds "
-                "TAR's state): copy that whole model (its copy keeps TAR), or copy before apply_tar_to_modules or "
-                "after remove_tar_from_modules")
 
 
 def _call_arguments(x, context=None, mask=None, time_index=None):
@@ -201,7 +174,7 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
                              "it holds); call remove_tar_from_modules on that model first")
 
     remove_tar_from_modules(model)
-    state = _State(weakref.ref(model), config)
+    state = _State(config)
     for name, module, level in chosen:
         patch = _TARForward(name, module, level, config.levels[level], state)
         module.forward = patch

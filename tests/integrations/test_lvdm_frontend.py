@@ -293,30 +293,6 @@ def test_a_copy_of_a_patched_model_runs_tar_and_removes_it(copy_model):
     assert torch.equal(run_recording(model, x)[0], tar_out)  # the original keeps TAR
 
 
-def test_a_copy_of_part_of_a_patched_model_is_refused():
-    """A deepcopy of the UNet's input_blocks kept TAR's patches (and drew in copies of the output blocks' patched
-    modules) without TAR's state: set_step and remove_tar_from_modules on the copy did not reach them, and the copy
-    ran regularized as at the step of the copy. Refused; a model holding the UNet copies it with TAR."""
-    model = ToyUNet()
-    x = video()
-    plain, _ = run_recording(model, x)
-    apply_tar_to_modules(model, TARConfig.from_preset("64D1", until_step=1), select=videocrafter2_select(model))
-    set_step(model, 0)
-    refused = r"copy\.deepcopy or pickle of modules TAR patches, without the model it was applied to .*whole model"
-    with pytest.raises(TypeError, match=refused):
-        copy.deepcopy(model.input_blocks)
-    outer = copy.deepcopy(torch.nn.Sequential(torch.nn.Identity(), model))
-    assert torch.equal(run_recording(outer, x)[0], run_recording(model, x)[0])
-    set_step(outer[1], 2)
-    assert torch.equal(run_recording(outer, x)[0], plain)
-    remove_tar_from_modules(outer[1])
-    assert not any("forward" in vars(m) for m in outer.modules())
-    blocks = model.input_blocks
-    del model, outer  # a part that outlives the model: a pickle of it is refused too
-    with pytest.raises(TypeError, match=refused):
-        pickle.dumps(blocks)
-
-
 def test_a_module_patched_through_another_root_is_refused():
     """TAR applied to the UNet, then to a model holding it: removing it from the outer model would have put the
     UNet's patch back as the module's own forward (TAR on, tar_modules empty). Refused, naming the module; nothing
