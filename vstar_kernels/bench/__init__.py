@@ -78,8 +78,9 @@ def configure(parser) -> None:
                         help="results directory (default: ./vstar-bench-results, in the current folder; the paths "
                              "written are printed)")
     parser.add_argument("--time-budget-s", type=seconds, metavar="S",
-                        help="stop measuring after S seconds, checked before each case (one that starts in time runs to "
-                             "its end: a UNet case on CPU takes minutes); the rest get 'unsupported: not run: ...' rows")
+                        help="stop measuring after S seconds, checked before each case (one that starts in time runs "
+                             "to its end: a UNet case on CPU takes minutes); the rest get 'unsupported: not run: ...' "
+                             "rows")
     parser.add_argument("--resume", action="store_true",
                         help="skip cells this commit already measured in today's CSV with this device, torch "
                              "and Triton")
