@@ -173,7 +173,8 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
             raise ValueError(f"{name}: TAR is applied to it already, through another model that holds it (or one "
                              "it holds); call remove_tar_from_modules on that model first")
 
-    remove_tar_from_modules(model)
+    if applied is not None:
+        remove_tar_from_modules(model)
     state = _State(config)
     for name, module, level in chosen:
         patch = _TARForward(name, module, level, config.levels[level], state)
@@ -185,7 +186,7 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
 
 def set_step(model: torch.nn.Module, step: int) -> None:
     """The denoising step the next calls belong to (0 = noisiest), for every module TAR patched in `model`."""
-    state = _state(model)
+    state = _state(model, "set_step")
     if state is None:
         raise ValueError(f"{type(model).__name__} has no TAR modules: call apply_tar_to_modules first")
     state.regularizing = state.config.regularizes(step)  # (which checks `step`)
@@ -195,7 +196,7 @@ def set_step(model: torch.nn.Module, step: int) -> None:
 def remove_tar_from_modules(model: torch.nn.Module) -> None:
     """Give every patched module back the forward it had before (no-op without TAR); a forward set on one since
     TAR (a wrapper of TAR's patch) stays, and TAR's patch under it runs the forward from before."""
-    state = _state(model)
+    state = _state(model, "remove_tar_from_modules")
     if state is None:
         return
     state.regularizing = False  # for a patch a later forward still calls
@@ -210,8 +211,15 @@ def tar_modules(model: torch.nn.Module) -> List[Tuple[str, int, LevelSpec]]:
     return [] if state is None else [(p.name, p.level, p.spec) for p in state.patched]
 
 
-def _state(model):
-    """TAR's state on `model`, or None."""
+def _state(model, caller=None):
+    """TAR's state on `model`, or None; for `caller`, a ValueError where `model` has none but holds TAR's patch (a
+    part of the model TAR was applied to, or a copy of one: the state is that model's)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return vars(uncompiled(model)).get(_STATE_ATTR)
+    state = vars(uncompiled(model)).get(_STATE_ATTR)
+    for name, module in model.named_modules() if state is None and caller else ():
+        if isinstance(vars(module).get("forward"), _TARForward):
+            raise ValueError(f"{caller}: {type(model).__name__} holds TAR's patch (at {name or 'itself'}) but not its "
+                             f"state, which is on the model apply_tar_to_modules was given (one holding this, or the "
+                             f"one a copy of this part came from): call {caller} on that model")
+    return state

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from vstar_kernels.lvdm import (
     LevelSpec,
     TARConfig,
+    _TARForward,
     apply_tar_to_modules,
     remove_tar_from_modules,
     set_step,
@@ -268,6 +269,22 @@ def test_a_forward_set_after_tar_stays_through_remove():
         assert torch.equal(attn(x), regularized) and len(calls) == 2
         remove_tar_from_modules(model)
         assert vars(attn)["forward"] is wrapper and torch.equal(attn(x), plain) and len(calls) == 3
+
+
+def test_a_part_of_the_patched_model_or_its_copy_is_named_to_set_step_and_remove():
+    """remove_tar_from_modules on a part of the model TAR was applied to (or on a copy of a part, whose patches
+    nothing reaches) did nothing, silently, and set_step said the part had no TAR modules: both name the model."""
+    model = ToyUNet()
+    apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=videocrafter2_select(model))
+    for part in (model.input_blocks, copy.deepcopy(model.input_blocks), dict(model.named_modules())[
+            "input_blocks.1.2.transformer_blocks.0.attn1"]):
+        for call, args in ((remove_tar_from_modules, ()), (set_step, (0,))):
+            with pytest.raises(ValueError, match=rf"^{call.__name__}: \w+ holds TAR's patch \(at [\w.]+\) but not "
+                                                 rf"its state, .* call {call.__name__} on that model$"):
+                call(part, *args)
+    assert isinstance(vars(model.input_blocks[1][2].transformer_blocks[0].attn1)["forward"], _TARForward)
+    remove_tar_from_modules(model)
+    remove_tar_from_modules(model.input_blocks)  # no TAR anywhere: a no-op, as before
 
 
 @pytest.mark.parametrize("copy_model", [copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))],
