@@ -169,7 +169,8 @@ def apply_tar_to_modules(model: torch.nn.Module, config: TARConfig, *,
     ours = set() if applied is None else {id(patch.module) for patch in applied.patched}
     for name, module, _ in chosen:
         _check_interface(name, module)
-        if isinstance(vars(module).get("forward"), _TARForward) and id(module) not in ours:
+        forward = vars(module).get("forward")
+        if isinstance(forward, _TARForward) and forward.state.patched and id(module) not in ours:
             raise ValueError(f"{name}: TAR is applied to it already, through another model that holds it (or one "
                              "it holds); call remove_tar_from_modules on that model first")
 
@@ -202,6 +203,7 @@ def remove_tar_from_modules(model: torch.nn.Module) -> None:
     state.regularizing = False  # for a patch a later forward still calls
     for patch in state.patched:
         patch.restore()
+    state.patched.clear()  # (such a patch, put back later, is TAR removed: _state's scan passes it)
     delattr(model, _STATE_ATTR)
 
 
@@ -218,8 +220,9 @@ def _state(model, caller=None):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     state = vars(uncompiled(model)).get(_STATE_ATTR)
     for name, module in model.named_modules() if state is None and caller else ():
-        if isinstance(vars(module).get("forward"), _TARForward):
+        forward = vars(module).get("forward")
+        if isinstance(forward, _TARForward) and forward.state.patched:
             raise ValueError(f"{caller}: {type(model).__name__} holds TAR's patch (at {name or 'itself'}) but not its "
-                             f"state, which is on the model apply_tar_to_modules was given (one holding this, or the "
-                             f"one a copy of this part came from): call {caller} on that model")
+                             f"state, which is on the model apply_tar_to_modules was given (one holding this or held "
+                             f"by it, or the one a copy of this part came from): call {caller} on that model")
     return state

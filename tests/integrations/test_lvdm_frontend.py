@@ -282,9 +282,19 @@ def test_a_part_of_the_patched_model_or_its_copy_is_named_to_set_step_and_remove
             with pytest.raises(ValueError, match=rf"^{call.__name__}: \w+ holds TAR's patch \(at [\w.]+\) but not "
                                                  rf"its state, .* call {call.__name__} on that model$"):
                 call(part, *args)
-    assert isinstance(vars(model.input_blocks[1][2].transformer_blocks[0].attn1)["forward"], _TARForward)
+    holder = torch.nn.ModuleDict({"unet": model})  # (a model holding the one TAR was applied to)
+    with pytest.raises(ValueError, match=r"^remove_tar_from_modules: ModuleDict holds TAR's patch .* held by it"):
+        remove_tar_from_modules(holder)
+    attn = model.input_blocks[1][2].transformer_blocks[0].attn1
+    patch = vars(attn)["forward"]
+    assert isinstance(patch, _TARForward)
+    attn.forward = lambda *args, **kwargs: patch(*args, **kwargs)  # a forward set since TAR, which removal keeps
     remove_tar_from_modules(model)
-    remove_tar_from_modules(model.input_blocks)  # no TAR anywhere: a no-op, as before
+    attn.forward = patch  # put back by its owner: TAR's removed patch, no TAR's anymore
+    for again in (model, model.input_blocks, holder):  # no TAR anywhere: a no-op, as before
+        remove_tar_from_modules(again)
+    apply_tar_to_modules(model, TARConfig.from_preset("64D1"), select=videocrafter2_select(model))
+    remove_tar_from_modules(model)
 
 
 @pytest.mark.parametrize("copy_model", [copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))],
