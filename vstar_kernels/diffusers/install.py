@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, List, Tuple
 
 import torch
@@ -14,7 +13,7 @@ from ..tar_config import TARConfig, uncompiled
 from .dit_families import dit_attention_modules, dit_family, unsupported_dit
 from .dit_state import DiTState, watch_layout
 from .processors import UNetState, temporal_at
-from .steps import TAR_OWNER, Hook, StepTracker, in_run, modules_to, run_begin
+from .steps import TAR_OWNER, Hook, StepTracker, in_run, modules_to, pipeline_weakref, run_begin
 
 STATE_ATTR = "_vstar_tar"
 DENOISERS = ("unet", "transformer", "transformer_2")
@@ -126,8 +125,7 @@ def _dit_state(model: torch.nn.Module, pipeline, config: TARConfig, steps: StepT
     family = dit_family(model)
     modules = dit_attention_modules(model)
     blocks = frozenset(range(len(modules)) if config.blocks is None else config.blocks)
-    state = DiTState(config, family, steps, config.levels[0], blocks,
-                     None if pipeline is None else weakref.ref(pipeline))
+    state = DiTState(config, family, steps, config.levels[0], blocks, pipeline_weakref(pipeline))
     # after the layout's pre-hook: the call's grid and spec, fixed before its blocks run
     state.hooks = watch_layout(model, family, state) + (
         model.register_forward_pre_hook(Hook(lambda *_: state.begin_call())),
