@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("diffusers")
 
 from diffusers import UNetMotionModel  # noqa: E402
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+from diffusers.models.attention_processor import (Attention, AttnProcessor2_0,  # noqa: E402
+                                                  IPAdapterAttnProcessor2_0)
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
 
 from vstar_kernels.vsp import (apply_vsp, encode_synopsis, generate_with_synopsis,  # noqa: E402
@@ -281,6 +282,25 @@ def test_image_prompt_tuple_keeps_its_image_part():
     call(unet, sample, context_for("motion", ehs))
     (context, _), = spy.seen
     assert isinstance(context, tuple) and torch.equal(context[0], embeds) and context[1] is image
+
+
+def test_a_module_processor_stays_in_the_model():
+    """An IP-Adapter's processors are modules holding weights: under VSP they left the model (its state_dict, and
+    unet.double() left them float32, so the next call raised); now they stay, under the same names."""
+    unet = tiny_unet3d()
+    for name, module in unet.named_modules():
+        if name in spatial_cross_attention(unet):
+            module.set_processor(IPAdapterAttnProcessor2_0(module.inner_dim, C, num_tokens=(4,)))
+    keys = list(unet.state_dict())
+    sample, ehs = unet_inputs("unet3d", batch=1)
+    apply_vsp(unet, torch.randn(N, L, C), cfg=False)
+    assert list(unet.state_dict()) == keys
+    unet.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the IP-Adapter's, for a context that is not a tuple
+        call(unet, sample.double(), ehs.double())
+    remove_vsp(unet)
+    assert {p.dtype for p in unet.parameters()} == {torch.float64} and list(unet.state_dict()) == keys
 
 
 def test_works_alongside_temporal_processors_and_a_step_counter():

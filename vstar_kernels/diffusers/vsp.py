@@ -66,7 +66,7 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None
         state = _SynopsisState(embeds, cfg)
         for name, module in modules:
             original = _unwrapped(module.processor)
-            wrapper = _SynopsisProcessor(original, state)
+            wrapper = _wrap(original, state)
             state.originals[name] = (module, original, wrapper)
             module.set_processor(wrapper)
         state.hooks = [
@@ -294,7 +294,7 @@ class _SynopsisState:
             if isinstance(found, _SynopsisProcessor) and found.state is self:
                 self.originals[name] = (module, found.inner, found)
             else:
-                wrapper = _SynopsisProcessor(found, self)
+                wrapper = _wrap(found, self)
                 self.originals[name] = (module, found, wrapper)
                 module.set_processor(wrapper)
 
@@ -350,6 +350,22 @@ class _SynopsisProcessor(Wrapping):
         else:
             encoder_hidden_states = self.state.context(encoder_hidden_states)
         return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+class _SynopsisModule(_SynopsisProcessor, torch.nn.Module):
+    """The wrapper of a processor that is a module (an IP-Adapter's): it holds that one's parameters, buffers and
+    submodules under their names, so the model's ``to``, ``state_dict`` and ``parameters`` reach them as before."""
+
+    def __init__(self, inner, state: _SynopsisState):
+        torch.nn.Module.__init__(self)
+        for name in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            self.__dict__[name] = inner.__dict__[name]
+        self.__dict__.update(inner=inner, state=state)  # not a submodule: its own ones are this one's
+        self.show(inner)
+
+
+def _wrap(processor, state: _SynopsisState) -> _SynopsisProcessor:
+    return (_SynopsisModule if isinstance(processor, torch.nn.Module) else _SynopsisProcessor)(processor, state)
 
 
 def _unwrapped(processor):
