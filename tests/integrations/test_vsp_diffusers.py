@@ -392,9 +392,13 @@ def test_remove_leaves_a_processor_replaced_after_apply():
     apply_vsp(unet, torch.zeros(N, L, C))
     newer = AttnProcessor2_0()
     first_spatial(unet).set_processor(newer)
-    with pytest.warns(UserWarning, match="was replaced after apply_vsp"):
-        remove_vsp(unet)
+    with warnings.catch_warnings():  # raised as an error, the warning comes once VSP is off: no half-removed state
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="was replaced after apply_vsp"):
+            remove_vsp(unet)
     assert first_spatial(unet).processor is newer
+    sample, ehs = unet_inputs("unet3d", batch=1)
+    call(unet, sample, ehs)  # raised: the other modules kept VSP's processors without its hooks
 
 
 @pytest.mark.parametrize("setup,exc,match", [

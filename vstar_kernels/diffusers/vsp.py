@@ -87,18 +87,21 @@ def remove_vsp(target) -> None:
         return
     for hook in [*state.hooks, *(hook for hooks in state.splits.values() for hook in hooks)]:
         hook.remove()
+    kept = []  # warned of once all is undone: a warning raised as an error leaves no half-removed state
     for name, (module, original, wrapper) in state.originals.items():
         if module.processor is wrapper:
             module.set_processor(original)
         else:
-            warnings.warn(f"remove_vsp: the processor of {name} was replaced after apply_vsp; leaving it",
-                          stacklevel=2)
+            kept.append(name)
     state.removed = True  # a wrapper diffusers put back regardless (a stale copy) runs what it wraps
     saved = getattr(unet, "original_attn_processors", None)  # fuse_qkv_projections's, which unfuse puts back
     if isinstance(saved, dict):
         for name, processor in saved.items():
             saved[name] = _unwrapped(processor)
     delattr(unet, _STATE_ATTR)
+    if kept:
+        warnings.warn(f"remove_vsp: the processor of {', '.join(kept)} was replaced after apply_vsp; leaving it",
+                      stacklevel=2)
 
 
 def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear", anchors=None,
