@@ -143,6 +143,7 @@ def test_single_frame():
 @pytest.mark.parametrize("features,kwargs,exc,match", [
     ([[1.0, 2.0]], {}, TypeError, "features must be a torch.Tensor"),
     (torch.ones(3, 2, dtype=torch.long), {}, TypeError, "floating-point"),
+    (torch.ones(3, 2).to_sparse(), {}, TypeError, "features must be a dense"),
     (torch.ones(3), {}, ValueError, r"\(frames, features\) matrix"),
     (torch.ones(0, 3), {}, ValueError, r"\(frames, features\) matrix"),
     (torch.ones(3, 2), {"normalize": "l2"}, ValueError, "normalize must be one of"),
@@ -153,7 +154,8 @@ def test_single_frame():
      r"frame\(s\) \[1, 2\] have NaN or infinite entries"),
     (torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), {"num_frames": 3}, ValueError, r"resampled frame\(s\) \[1\]"),
     (torch.ones(3, 2, device="meta"), {}, ValueError, "features is a meta tensor, which has no values"),
-], ids=["list", "int-dtype", "1-D", "empty", "mode", "zero-frames", "float-frames", "zero-vector", "non-finite",
+], ids=["list", "int-dtype", "sparse", "1-D", "empty",
+        "mode", "zero-frames", "float-frames", "zero-vector", "non-finite",
         "zero-after-resample", "meta"])
 def test_bad_input(features, kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -105,6 +105,7 @@ def test_low_precision_is_one_rounding_from_exact(dtype):
 BAD = [
     (dict(embeds=[[0.0]], num_frames=4), TypeError, "embeds must be a torch.Tensor"),
     (dict(embeds=torch.ones(2, 3, 4, dtype=torch.long), num_frames=4), TypeError, "floating-point"),
+    (dict(embeds=torch.ones(2, 3, 4).to_sparse(), num_frames=4), TypeError, "embeds must be a dense"),
     (dict(embeds=torch.ones(3, 4), num_frames=4), ValueError, r"\(K, L, C\) or \(B, K, L, C\)"),
     (dict(embeds=torch.ones(0, 3, 4), num_frames=4), ValueError, "at least one state"),
     (dict(embeds=torch.ones(2, 3, 4), num_frames=0), ValueError, "num_frames must be >= 1"),

@@ -425,6 +425,8 @@ def test_apply_arguments_are_checked():
         apply_vsp(torch.nn.Linear(2, 2), torch.zeros(N, L, C))
     with pytest.raises(TypeError, match="per_frame_embeds must be a torch.Tensor"):
         apply_vsp(unet, [[0.0]])
+    with pytest.raises(TypeError, match="per_frame_embeds must be a dense"):  # raised torch's error, at the NaN check
+        apply_vsp(unet, torch.zeros(N, L, C).to_sparse())
     with pytest.raises(ValueError, match=r"\(N, L, C\) or \(P, N, L, C\)"):
         apply_vsp(unet, torch.zeros(L, C))
     with pytest.raises(TypeError, match="cfg must be a bool or None, got int"):
