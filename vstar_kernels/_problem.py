@@ -96,14 +96,14 @@ OP_FIELDS = tuple(f.name for f in fields(TarProblem) if f.name not in ("was_3d",
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    _check_dense(name, t)
+    check_dense(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
         )
 
 
-def _check_dense(name: str, t: torch.Tensor) -> None:
+def check_dense(name: str, t: torch.Tensor) -> None:
     if t.is_nested or t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got "
                         f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
@@ -179,7 +179,7 @@ def _check_ids(name: str, ids, n: int, side: str, device) -> torch.Tensor:
     """One frame id vector: a 1-D signed integer tensor of length `n` on `device`."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of frame ids, got {type(ids).__name__}")
-    _check_dense(name, ids)
+    check_dense(name, ids)
     if ids.dtype not in FRAME_DTYPES:
         raise TypeError(f"{name} must hold signed integers (int8, int16, int32 or int64; -1 marks a token "
                         f"outside the video), got {ids.dtype}")
@@ -224,7 +224,7 @@ def _check_layout(layout, nq: int, nk: int) -> tuple:
 def _check_key_mask(key_mask, batch: int, nk: int, device) -> torch.Tensor:
     if not isinstance(key_mask, torch.Tensor):
         raise TypeError(f"key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
-    _check_dense("key_mask", key_mask)
+    check_dense("key_mask", key_mask)
     if key_mask.dtype != torch.bool:
         raise TypeError(f"key_mask must be a bool tensor (True = attend to the key), got {key_mask.dtype}")
     if key_mask.dim() != 2 or tuple(key_mask.shape) != (batch, nk):

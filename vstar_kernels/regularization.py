@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ._problem import _check_dense, check_int, check_sigma, check_values
+from ._problem import check_dense, check_int, check_sigma, check_values
 
 
 def _size(name: str, n) -> int:
@@ -56,7 +56,7 @@ def delta_from_features(features: torch.Tensor, *, normalize: str = "cosine", nu
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    _check_dense("features", features)
+    check_dense("features", features)
     if not features.is_floating_point():
         raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
     if features.dim() != 2 or 0 in features.shape:

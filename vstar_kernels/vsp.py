@@ -11,7 +11,7 @@ from importlib import resources
 
 import torch
 
-from ._problem import _check_dense
+from ._problem import check_dense
 
 MODES = ("linear", "same")
 
@@ -40,7 +40,7 @@ def interpolate_embeddings(embeds: torch.Tensor, num_frames: int, *, mode: str =
     """
     if not isinstance(embeds, torch.Tensor):
         raise TypeError(f"embeds must be a torch.Tensor, got {type(embeds).__name__}")
-    _check_dense("embeds", embeds)
+    check_dense("embeds", embeds)
     if not embeds.is_floating_point():
         raise TypeError(f"embeds must be a floating-point tensor, got {embeds.dtype}")
     if embeds.dim() not in (3, 4):

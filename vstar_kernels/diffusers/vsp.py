@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet3DConditionModel, UNetMotionModel
 from diffusers.models.attention_processor import Attention
 
-from .._problem import _check_dense, check_values, type_name
+from .._problem import check_dense, check_values, type_name
 from ..vsp import interpolate_embeddings
 from .capture import SplitInferenceModule
 from .install import uncompiled
@@ -487,7 +487,7 @@ _SDXL = ("VSP does not take SDXL's video UNet (AnimateDiff SDXL): its pooled tex
 def _check_embeds(embeds) -> torch.Tensor:
     if not isinstance(embeds, torch.Tensor):
         raise TypeError(f"per_frame_embeds must be a torch.Tensor, got {type(embeds).__name__}")
-    _check_dense("per_frame_embeds", embeds)
+    check_dense("per_frame_embeds", embeds)
     if not embeds.is_floating_point():
         raise TypeError(f"per_frame_embeds must be floating point, got {embeds.dtype}")
     if embeds.dim() not in (3, 4) or 0 in embeds.shape:
