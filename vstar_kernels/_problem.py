@@ -434,13 +434,13 @@ def make_problem(q, k, v, *, sigma, strength, delta, causal, max_mode, scale, fr
         # (each entry's share rounded to 16 bits first overflows or cancels); the values the kernels read are the same
         wide = torch.is_grad_enabled() and delta.requires_grad and delta.dtype in (torch.float16, torch.bfloat16) \
             and delta.numel() < math.prod(target)
-        try:
-            bias = (delta.float() if wide else delta).expand(target)
-        except RuntimeError:
+        # compared, not caught from expand: torch.compile traces a comparison, not an expand's error
+        if any(n != 1 and n != t for n, t in zip(reversed(delta.shape), reversed(target))):
             raise ValueError(
                 f"delta has shape {tuple(delta.shape)}, which does not broadcast to {target} "
                 f"(expected (Nq, Nk) = {(Nq, Nk)} or a broadcastable shape)"
-            ) from None
+            )
+        bias = (delta.float() if wide else delta).expand(target)
         if was_3d:
             bias = bias.unsqueeze(1)
     return TarProblem(q=q, k=k, v=v, sigma=sigma, strength=strength, delta=bias, causal=causal, max_mode=max_mode,

@@ -138,3 +138,14 @@ def test_meta_inputs_give_a_meta_result_of_the_output_shape(fn, opts):
                    frames=ids, key_mask=torch.ones(2, 8, dtype=torch.bool, device="meta"))
     out = fn(q, k, v, **{name: tensors[name] if name in tensors else value for name, value in opts.items()})
     assert out.device.type == "meta" and out.shape == (2, 3, 8, 5) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_delta_that_does_not_broadcast_is_named_under_torch_compile(dynamic):
+    """The broadcast check is a comparison of sizes, which torch.compile traces (symbolic ones too): a compiled call
+    raises the eager call's ValueError, not the error of an expand on fake tensors."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, delta: vk.tar_attention(q, q, q, delta=delta, backend="reference"),
+                             backend="eager", dynamic=dynamic)
+    with pytest.raises(ValueError, match=r"delta has shape \(5, 6\), which does not broadcast"):
+        compiled(torch.randn(1, 2, 4, 8), torch.rand(5, 6))
