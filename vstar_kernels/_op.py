@@ -118,7 +118,9 @@ def _setup_context(ctx, inputs, output):
     problem_args, backend = inputs[:_N], inputs[_N]
     out, stats, flags = output
     ctx.mark_non_differentiable(stats, flags)
-    ctx.save_for_backward(*(problem_args[i] for i in _TENSORS), out, stats)
+    # a backward of the definition recomputes the call: no output kept, which the caller may then update in place
+    ctx.save_for_backward(*(problem_args[i] for i in _TENSORS), None if _saving(backend).traceable_backward else out,
+                          stats)
     ctx.options = (tuple(a for i, a in enumerate(problem_args) if i not in _TENSORS), backend)
     ctx.layout = inputs[_N + 4] if len(inputs) > _N + 4 else None
 

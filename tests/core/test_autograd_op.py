@@ -349,3 +349,16 @@ def test_saved_tensor_hooks_around_a_compiled_call_are_refused_clearly(backend):
         grads = torch.autograd.grad(out.sum(), (q, k, v))
     for got, want in zip(grads, reference_grads(q, k, v, torch.ones_like(out))):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)  # float64 against float64, as above
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_the_output_may_be_updated_in_place_where_the_backward_does_not_read_it(backend):
+    """The definition's backward recomputes the call and keeps no output (nor returns a view, which autograd keeps
+    from in-place updates): `out += x` before backward() gives the gradients of the call, as for a torch op whose
+    backward does not read its result."""
+    q = torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(vk.tar_attention(q, q, q, backend=backend).sum(), q)[0]
+    out = vk.tar_attention(q, q, q, backend=backend)
+    out += 1.0
+    out.sum().backward()
+    torch.testing.assert_close(q.grad, expected, atol=0, rtol=0)
