@@ -45,6 +45,7 @@ class FrameLayout(NamedTuple):
 
     def ids(self, device=None) -> torch.Tensor:
         """Its int32 ids, a tensor of the caller's own (`frame_ids`)."""
+        self.tokens()  # its fields checked under their names here
         return frame_ids(*self[:2], text_before=self.text_before, text_after=self.text_after, device=device)
 
     def shared_ids(self, device) -> torch.Tensor:

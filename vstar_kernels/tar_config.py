@@ -235,7 +235,7 @@ class TARConfig:
         """Whether TAR regularizes denoising step `step` (0 = noisiest)."""
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be an int >= 0 (0 = noisiest), got {step!r}")
-        return self.until_step is None or step <= self.until_step
+        return self.until_step is None or int(step) <= self.until_step  # a bool, for numpy's ints too
 
 
 def uncompiled(model):

@@ -569,6 +569,8 @@ def test_frame_layout_arguments(fn):
     for bad in (FrameLayout(-1, 4), FrameLayout(3, 4.0)):  # a token count of -4 (and a TypeError naming no field)
         with pytest.raises(ValueError, match=r"FrameLayout\.(num_frames|tokens_per_frame) must be a non-negative "):
             bad.tokens()
+        with pytest.raises(ValueError, match=r"FrameLayout\.(num_frames|tokens_per_frame) must be a non-negative "):
+            bad.ids()
     q256 = qkv(1, 1, 256, 8, dtype=torch.float32)[0]
     with pytest.raises(ValueError, match=r"lays out 65792 tokens of a self-attention, but q has 256"):
         fn(q256, q256, q256, frames=FrameLayout(np.int16(257), np.int16(256)))

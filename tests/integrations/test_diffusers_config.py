@@ -127,6 +127,7 @@ def test_numpy_ints_are_ints_and_from_preset_keeps_its_preset():
 def test_step_gate():
     cfg = TARConfig(levels={0: (1.0, 1.0)}, until_step=13)
     assert [cfg.regularizes(s) for s in (0, 13, 14)] == [True, True, False]
+    assert [type(cfg.regularizes(np.int64(s))) for s in (0, 14)] == [bool, bool]  # not numpy's bool
     assert TARConfig(levels={0: (1.0, 1.0)}, until_step=None).regularizes(10 ** 6)
     for bad in (None, -5, True, 1.5):  # None raised a bare TypeError; -5 and True were steps
         with pytest.raises(ValueError, match="step must be an int >= 0"):
