@@ -436,6 +436,17 @@ def test_apply_arguments_are_checked():
         first_spatial(unet)(torch.zeros(1, 64, 8), encoder_hidden_states=torch.zeros(1, L, C))
 
 
+@pytest.mark.parametrize("kind", UNETS)
+def test_embeddings_of_another_channel_size_than_the_cross_attention_are_refused_up_front(kind):
+    """They were taken, and the UNet's first call raised."""
+    unet = UNETS[kind]()
+    before = processors(unet)
+    with pytest.raises(ValueError, match=f"per_frame_embeds has {C + 4} channels .* takes {C} "):
+        apply_vsp(unet, torch.zeros(N, L, C + 4))
+    assert not hasattr(unet, "_vstar_vsp_state") and processors(unet) == before
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
+
+
 @pytest.mark.parametrize("bad,match", [
     (float("nan"), "per_frame_embeds has non-finite entries"),
     (float("inf"), "per_frame_embeds has non-finite entries"),

@@ -57,12 +57,16 @@ def apply_vsp(target, per_frame_embeds: torch.Tensor, *, cfg: bool | None = None
         raise ValueError(_SDXL)
     embeds = _check_embeds(per_frame_embeds)
     cfg = _guidance(target, cfg)
+    modules = [(name, module) for name, module in unet.named_modules()
+               if SPATIAL_CROSS_ATTENTION.fullmatch(name) and getattr(module, "is_cross_attention", False)]
+    if not modules:
+        raise ValueError(f"{type(unet).__name__} has no spatial cross-attention module to feed")
+    dims = sorted({module.cross_attention_dim for _, module in modules})  # per block where its config gives a list
+    if embeds.shape[-1] not in dims:  # the key projection of every one refuses it
+        raise ValueError(f"per_frame_embeds has {embeds.shape[-1]} channels (last dimension), but the UNet's spatial "
+                         f"cross-attention takes {' or '.join(map(str, dims))} (its config's cross_attention_dim)")
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
-        modules = [(name, module) for name, module in unet.named_modules()
-                   if SPATIAL_CROSS_ATTENTION.fullmatch(name) and getattr(module, "is_cross_attention", False)]
-        if not modules:
-            raise ValueError(f"{type(unet).__name__} has no spatial cross-attention module to feed")
         state = _SynopsisState(embeds, cfg)
         for name, module in modules:
             original = _unwrapped(module.processor)
