@@ -45,15 +45,12 @@ def interpolate_embeddings(embeds: torch.Tensor, num_frames: int, *, mode: str =
         raise TypeError(f"embeds must be a floating-point tensor, got {embeds.dtype}")
     if embeds.dim() not in (3, 4):
         raise ValueError(f"embeds must be (K, L, C) or (B, K, L, C), got shape {tuple(embeds.shape)}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     batched = embeds.dim() == 4
     e = embeds if batched else embeds.unsqueeze(0)
     k = e.shape[1]
     if k < 1:
         raise ValueError("embeds must hold at least one state (K >= 1)")
-    n = _positive_int("num_frames", num_frames)
-    anchors = default_anchors(n, k) if anchors is None else _check_anchors(anchors, n, k)
+    n, anchors = _frame_anchors(num_frames, k, mode, anchors)
 
     anchor_t = torch.tensor(anchors, dtype=torch.float64)
     frames = torch.arange(n, dtype=torch.float64)
@@ -88,6 +85,14 @@ def _positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def _frame_anchors(num_frames, k: int, mode, anchors) -> tuple:
+    """`mode` checked, and N with the anchor frames of K states: `num_frames` and `anchors` checked, or the default."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    n = _positive_int("num_frames", num_frames)
+    return n, default_anchors(n, k) if anchors is None else _check_anchors(anchors, n, k)
 
 
 def _check_anchors(anchors, n: int, k: int) -> list:

@@ -805,6 +805,27 @@ def test_pipeline_helpers_name_a_wrong_pipe_guidance_scale_or_attention_kwargs_b
             generate_with_synopsis(pipe, synopsis, num_frames=N, **call_args(cross_attention_kwargs=kwargs))
 
 
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(num_frames=0), ValueError, "num_frames must be >= 1, got 0"),
+    (dict(num_frames=1), ValueError, r"num_states \(2\) must not exceed num_frames \(1\)"),
+    (dict(mode="cubic"), ValueError, "mode must be one of"),
+    (dict(anchors=[0, N]), ValueError, rf"anchors must lie in \[0, {N - 1}\]"),
+], ids=["num_frames", "states", "mode", "anchors"])
+def test_frames_mode_and_anchors_are_checked_before_encoding(tmp_path, kwargs, exc, match):
+    """They were checked once every sub-prompt had been encoded."""
+    pipe = tiny_text_to_video_pipeline(tmp_path)
+
+    def encode(*args, **kwargs):
+        raise AssertionError("encoded before the arguments were checked")
+
+    pipe.encode_prompt = encode
+    kwargs = {"num_frames": N, **kwargs}
+    with pytest.raises(exc, match=match):
+        encode_synopsis(pipe, [["a red bud", "a pink flower"]] * 2, **kwargs)
+    with pytest.raises(exc, match=match):
+        generate_with_synopsis(pipe, ["a red bud", "a pink flower"], **kwargs, **call_args())
+
+
 # ----- FreeNoise, SDXL -----
 
 def freenoise_pipeline(directory):

@@ -19,7 +19,7 @@ from diffusers import UNet3DConditionModel, UNetMotionModel
 from diffusers.models.attention_processor import Attention
 
 from .._problem import check_dense, check_values, type_name
-from ..vsp import interpolate_embeddings
+from ..vsp import _frame_anchors, interpolate_embeddings
 from .capture import SplitInferenceModule
 from .install import uncompiled
 from .interception import Wrapping
@@ -116,20 +116,22 @@ def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear",
     Returns (N, L, C) or (P, N, L, C) on the pipeline's execution device, without an autograd graph: the
     encoding runs under ``torch.no_grad()``, as a pipeline's call encodes its prompt. Each sub-prompt is encoded
     on its own, as the pipeline encodes a prompt, so identical sub-prompts give its own embedding bit for bit.
-    `pipe` must be the pipeline (its ``encode_prompt``), not its UNet.
+    `pipe` must be the pipeline (its ``encode_prompt``), not its UNet; `num_frames`, `mode` and `anchors` are checked
+    before any encoding.
     """
     _pipeline_unet(pipe, "encode_synopsis")
     if "prompt_2" in inspect.signature(pipe.encode_prompt).parameters:  # a second text encoder's prompt
         raise ValueError(f"VSP encodes each sub-prompt with a pipeline's one text encoder; {type(pipe).__name__}'s "
                          "encode_prompt takes a second prompt for a second encoder (prompt_2, as SDXL's does)")
     synopses, batched = _check_sub_prompts(sub_prompts)
+    plans = [_frame_anchors(num_frames, len(synopsis), mode, anchors)[1] for synopsis in synopses]  # before encoding
     device = pipe._execution_device
     out = []
     with torch.no_grad():  # inference, as the pipeline's own prompt encoding in its __call__
-        for synopsis in synopses:
+        for synopsis, plan in zip(synopses, plans):
             states = [pipe.encode_prompt(text, device, 1, False, clip_skip=clip_skip, lora_scale=lora_scale)[0]
                       for text in synopsis]
-            out.append(interpolate_embeddings(torch.cat(states), num_frames, mode=mode, anchors=anchors))
+            out.append(interpolate_embeddings(torch.cat(states), num_frames, mode=mode, anchors=plan))
     return torch.stack(out) if batched else out[0]
 
 
@@ -138,8 +140,8 @@ def generate_with_synopsis(pipe, sub_prompts, *, num_frames: int = 16, mode: str
     """Run a video pipeline with one interpolated text embedding per frame: `encode_synopsis`, then VSP for
     this call only (guidance as the pipeline's flags say at each UNet call, or from ``guidance_scale`` for a
     pipeline without them); `pipe_kwargs` go to the pipeline, but for the prompt. `pipe` (the pipeline, not its
-    UNet), ``guidance_scale`` (a real number) and ``cross_attention_kwargs`` (a dict or None) are checked before
-    any encoding."""
+    UNet), `num_frames`, `mode`, `anchors`, ``guidance_scale`` (a real number) and ``cross_attention_kwargs`` (a dict
+    or None) are checked before any encoding."""
     unet = _pipeline_unet(pipe, "generate_with_synopsis")
     for name in ("prompt", "prompt_embeds"):
         if name in pipe_kwargs:
