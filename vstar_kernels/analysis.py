@@ -211,6 +211,9 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
             getattr(path, "write", None)):
         raise TypeError(f"{caller}: path must be a file name (str or os.PathLike) or a binary file object, got "
                         f"{type(path).__name__}")
+    if isinstance(path, (str, os.PathLike)) and not os.path.splitext(os.fsdecode(path))[1].strip("."):
+        raise ValueError(f"{caller}: path {os.fsdecode(path)!r} has no suffix to name the image format (.png, .pdf, "
+                         ".svg); matplotlib would add one and write another file")
     import numpy as np
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

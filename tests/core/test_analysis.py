@@ -486,6 +486,10 @@ def test_plots_take_a_file_name_or_a_file_object(tmp_path, name, draw):
     assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
     draw(str(tmp_path / "x.png"))
     assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in (tmp_path / "x", str(tmp_path / "x.")):  # matplotlib wrote x.png, not the path given
+        with pytest.raises(ValueError, match=rf"^{name}: path '.*x\.?' has no suffix to name the image format"):
+            draw(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
 
 
 @pytest.fixture
