@@ -133,3 +133,12 @@ def test_old_spellings_still_work_with_a_deprecation(tmp_path, capsys, monkeypat
     with pytest.warns(DeprecationWarning, match="attention_demo: scale= is deprecated"):  # one value, two spellings
         attention_demo(tmp_path / "same.png", num_frames=4, size=8, dpi=30, scale="per-panel", color_scale="per-panel")
     assert {"frames", "scale"}.isdisjoint(inspect.signature(attention_demo).parameters)
+
+
+@pytest.mark.parametrize("seed", [1.5, "1", True, 2 ** 64, -2 ** 63 - 1])
+def test_a_seed_torch_does_not_take_is_refused_by_name(tmp_path, seed):
+    """It failed in torch's error ("manual_seed expected a long, but got float", "Overflow when unpacking long
+    long"), naming no argument."""
+    with pytest.raises(ValueError, match=rf"^seed must be an int from -2\*\*63 to 2\*\*64 - 1 .*, got {seed!r}$"):
+        attention_demo(tmp_path / "x.png", num_frames=2, size=2, seed=seed)
+    assert not (tmp_path / "x.png").exists()
