@@ -3,8 +3,8 @@
 Needs the diffusers package (the ``diffusers`` extra); importing this package without it raises an
 ImportError that names the extra and the command that installs it. The modules: `install` (apply/remove),
 `processors` (UNets), the video DiTs' `dit_families`, `token_grid`, `interception`, `dit` and `dit_state`
-(docs/dits.md), `steps`, `capture` and `dit_capture` (attention maps), `context_parallel`, `vsp` (Video
-Synopsis Prompting) and `attention_demo` (docs/integrations.md).
+(docs/dits.md), `steps`, `capture` and `dit_capture` (attention maps), `context_parallel` (docs/multi-gpu.md),
+`vsp` (Video Synopsis Prompting, docs/vsp-and-dynamics.md) and `attention_demo` (docs/attention-analysis.md).
 """
 
 try:
