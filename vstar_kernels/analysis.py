@@ -205,8 +205,8 @@ def check_dpi(dpi) -> int:
     return dpi
 
 
-def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, value_label) -> dict:
-    """Draw `rows` for the public function `caller` (named in the error raised without matplotlib)."""
+def check_drawing(caller: str, path, color_scale, dpi) -> None:
+    """The drawing arguments of the public function `caller` (named in the errors), checked before any work."""
     if isinstance(path, io.TextIOBase) or not isinstance(path, (str, os.PathLike)) and not callable(
             getattr(path, "write", None)):
         raise TypeError(f"{caller}: path must be a file name (str or os.PathLike) or a binary file object, got "
@@ -214,6 +214,14 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
     if isinstance(path, (str, os.PathLike)) and not os.path.splitext(os.fsdecode(path))[1].strip("."):
         raise ValueError(f"{caller}: path {os.fsdecode(path)!r} has no suffix to name the image format (.png, .pdf, "
                          ".svg); matplotlib would add one and write another file")
+    if color_scale not in SCALES:
+        raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
+    check_dpi(dpi)
+
+
+def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, value_label) -> dict:
+    """Draw `rows` for the public function `caller` (named in the error raised without matplotlib)."""
+    check_drawing(caller, path, color_scale, dpi)
     import numpy as np
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -223,12 +231,9 @@ def _draw(rows, path, *, caller, cmap, panel_size, dpi, title, color_scale, valu
         raise ImportError(f"vstar_kernels.analysis.{caller} needs matplotlib, which is not importable ({exc}); "
                           f"install the plot extra with: {_env.install_hint('plot')}") from exc
 
-    if color_scale not in SCALES:
-        raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
     if isinstance(panel_size, bool) or not isinstance(panel_size, numbers.Real) or not panel_size > MIN_PANEL_INCHES \
             or not math.isfinite(panel_size):
         raise ValueError(f"panel_size must be a number of inches > {MIN_PANEL_INCHES:g}, got {panel_size!r}")
-    check_dpi(dpi)
     rows = [(label, [(key, shown, _as_map(key, value)) for key, shown, value in row]) for label, row in rows]
     keys = [key for _, row in rows for key, _, _ in row]
     for key in keys:

@@ -142,3 +142,16 @@ def test_a_seed_torch_does_not_take_is_refused_by_name(tmp_path, seed):
     with pytest.raises(ValueError, match=rf"^seed must be an int from -2\*\*63 to 2\*\*64 - 1 .*, got {seed!r}$"):
         attention_demo(tmp_path / "x.png", num_frames=2, size=2, seed=seed)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("bad", [dict(path="x"), dict(path=1), dict(color_scale="log"), dict(dpi=5)])
+def test_the_drawing_arguments_are_checked_before_the_runs(tmp_path, monkeypatch, bad):
+    """A path, colour scale or dpi the picture cannot take was refused after both runs of the model (a minute at the
+    largest sizes); now before the model is built."""
+    import vstar_kernels.diffusers.attention_demo as demo
+
+    def no_model(seed):
+        raise AssertionError("the model was built before the drawing arguments were checked")
+    monkeypatch.setattr(demo, "tiny_unet3d", no_model)
+    with pytest.raises((TypeError, ValueError), match=r"attention_demo: path|color_scale must be|dpi must be"):
+        attention_demo(**{"path": tmp_path / "x.png", "num_frames": 2, "size": 2, **bad})

@@ -12,7 +12,7 @@ from typing import Dict
 import torch
 
 from .._deprecation import renamed_keywords
-from ..analysis import band_energy, check_dpi, diagonality, plot_attention_maps, short_layer_name
+from ..analysis import band_energy, check_drawing, diagonality, plot_attention_maps, short_layer_name
 from ..tar_config import TARConfig
 from .capture import capture_temporal_attention
 from .install import apply_tar, remove_tar
@@ -47,7 +47,7 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
     num_frames, size = int(num_frames), int(size)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 64:
         raise ValueError(f"seed must be an int from -2**63 to 2**64 - 1 (torch.manual_seed's), got {seed!r}")
-    check_dpi(dpi)
+    check_drawing("attention_demo", path, color_scale, dpi)  # before the two runs
     model = tiny_unet3d(seed)
     generator = torch.Generator().manual_seed(seed)
     inputs = dict(sample=torch.randn(1, 4, num_frames, size, size, generator=generator), timestep=torch.tensor(999),
