@@ -115,7 +115,8 @@ class ReferenceBackend(Backend):
     name = "reference"  # the PyTorch definition (reference.py), on any device
 
     def forward(self, problem, stats=None, flags=None):
-        return reference_forward(problem)
+        out = reference_forward(problem)  # the op's output: not a view, which the caller could not update in place
+        return out if out._base is None else out.clone()
 
 
 class CpuBackend(Backend):
