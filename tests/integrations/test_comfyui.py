@@ -973,6 +973,25 @@ def test_attention_outside_the_override_is_an_error(comfy, monkeypatch):
         sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
 
 
+def test_an_earlier_patch_computing_the_attention_itself_is_named(comfy):
+    """An earlier node's patch of the self-attention forward that computes the attention without ComfyUI's functions:
+    the error names that patch and says what to change (it said only that TAR could not run)."""
+    model = wan(comfy).clone()
+    for i in range(2):
+        attention = model.get_model_object(f"diffusion_model.blocks.{i}.self_attn")
+
+        def own_attention(x, transformer_options={}, _self=attention, **kwargs):
+            q, k, v = (t.unflatten(-1, (_self.num_heads, -1)).transpose(1, 2) for t in (_self.q(x), _self.k(x),
+                                                                                          _self.v(x)))
+            return _self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        model.add_object_patch(f"diffusion_model.blocks.{i}.self_attn.forward", own_attention)
+    (tar,) = NODE().apply(model, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"so TAR could not run there: a node computes it itself \(an earlier "
+                                           r"node's patch of this forward \(.*own_attention\), .*\)\. Leave that "
+                                           r"node out, or use one that sets the override"):
+        sample(comfy, tar, (1, 4, 2, 4, 4), *conditions(torch.float64), torch.float64)
+
+
 def test_too_many_reference_frames_is_an_error(comfy):
     (tar,) = NODE().apply(wan(comfy), 1.0, 1.0, reference_frames=2)
     with pytest.raises(ValueError, match=r"reference_frames=2 leaves none of this call's latent frames \[0, 1\] as "

@@ -436,8 +436,13 @@ class MarkedForward:
                 # newer ComfyUI's LTX spatio-temporal guidance: in its perturbed call the self-attention returns its
                 # values, without attention, so there was nothing to regularize: counted as a module not run
                 return out
+            earlier = f" ({_qualified_name(self.original)})" if self.patched else ""
             raise call.fail(RuntimeError(f"VSTAR_TAR: {self.name} computed its attention without ComfyUI's attention "
-                                         f"override ({OVERRIDE} in transformer_options), so TAR could not run there"))
+                                         f"override ({OVERRIDE} in transformer_options), so TAR could not run there: "
+                                         f"a node computes it itself (an earlier node's patch of this forward"
+                                         f"{earlier}, or an attention-backend patch that replaces ComfyUI's attention "
+                                         "function instead of setting that override). Leave that node out, or use one "
+                                         "that sets the override"))
         # recorded on the module itself: traced, where one compiled code serves every block, a set's add was
         # replayed with the module it was traced with; an attribute is set on the module the code runs for
         self.ran_in = call
