@@ -716,8 +716,8 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
     """An earlier node's object patch that puts another module in place of one holding a regularized self-attention
     (or of the self-attention itself): TAR's patch of its forward wrapped the module replaced, so the model ran
     without that node's module in every call, and ComfyUI, putting the patches back in order, left the replacing
-    module's forward on the loader's model. Refused, naming the path; a torch.compile wrapper of the same model
-    (ComfyUI's older TorchCompileModel) is no other module."""
+    module's forward on the loader's model. Refused, naming the path, unless strength is 0 (nothing is patched); a
+    torch.compile wrapper of the same model (ComfyUI's older TorchCompileModel) is no other module."""
     dtype = torch.float64
     model = wan(comfy, dtype)
     original = model.get_model_object(replaced)
@@ -727,6 +727,8 @@ def test_a_module_an_earlier_node_replaced_around_the_attention_is_refused(comfy
                                          rf"\(an object patch, a \S+\.{type(original).__name__}\).*TAR cannot "
                                          r"patch the self-attention's forward"):
         NODE().apply(other, 1.0, 1.0)
+    (off,) = NODE().apply(other, 0.0, 1.0)      # strength 0, the node's off switch, adds nothing: not refused
+    assert off.object_patches == other.object_patches and not off.wrappers
     compiled = model.clone()
     compiled.add_object_patch("diffusion_model", torch.compile(model.get_model_object("diffusion_model")))
     NODE().apply(compiled, 1.0, 1.0)

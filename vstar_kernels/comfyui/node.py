@@ -159,7 +159,6 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
     family = family_of(modules[""])
     clone = model.clone()
     targets = [f"diffusion_model.{path}.forward" for path in family.targets(modules)]
-    _refuse_replaced_above(clone, [path[:-len(".forward")] for path in targets])
     earlier = _remove(clone, targets, wrappers)
     if earlier is not None:
         LOG.warning("VSTAR_TAR: the model already had TAR from an earlier VSTAR_TAR node (strength=%g, sigma=%g, "
@@ -172,6 +171,7 @@ def apply_tar(model, strength: float, sigma: float, start_percent: float = 0.0, 
                     "runs without TAR", start_percent, end_percent)
     if strength == 0.0 or start_percent > end_percent:
         return clone
+    _refuse_replaced_above(clone, [path[:-len(".forward")] for path in targets])
     patch = TARPatch(Settings(strength, sigma, start_percent, end_percent, int(reference_frames), backend), family, {},
                      clone.model)
     for path in targets:
