@@ -303,6 +303,24 @@ def test_a_module_processor_stays_in_the_model():
     assert {p.dtype for p in unet.parameters()} == {torch.float64} and list(unet.state_dict()) == keys
 
 
+def test_a_module_processor_follows_train_and_eval():
+    """The wrapper of a module processor was made in training mode whatever the model's, and the model's train() and
+    eval() set the wrapper's flag, not the processor's, which its call may read (dropout): both follow the model."""
+    unet = tiny_unet3d().eval()
+    inner = IPAdapterAttnProcessor2_0(first_spatial(unet).inner_dim, C, num_tokens=(4,)).eval()
+    first_spatial(unet).set_processor(inner)
+    apply_vsp(unet, torch.randn(N, L, C), cfg=False)
+    wrapper = first_spatial(unet).processor
+    assert wrapper is not inner and not wrapper.training and not inner.training
+    unet.train()
+    assert wrapper.training and inner.training and inner.to_k_ip[0].training
+    unet.eval()
+    remove_vsp(unet)
+    assert first_spatial(unet).processor is inner and not inner.training
+    unet.train()
+    assert inner.training
+
+
 def test_works_alongside_temporal_processors_and_a_step_counter():
     """What apply_tar does (temporal processors + a pre-hook counting steps) survives VSP, in either order."""
     unet = tiny_unet3d()

@@ -370,7 +370,15 @@ class _SynopsisModule(_SynopsisProcessor, torch.nn.Module):
         for name in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
             self.__dict__[name] = inner.__dict__[name]
         self.__dict__.update(inner=inner, state=state)  # not a submodule: its own ones are this one's
+        self.training = inner.training
         self.show(inner)
+
+    def train(self, mode: bool = True):
+        """The model's ``train()`` and ``eval()`` reach the wrapped processor's own flag too (its call may read it),
+        as they did before it was wrapped."""
+        self.inner.train(mode)
+        self.training = mode
+        return self
 
 
 def _wrap(processor, state: _SynopsisState) -> _SynopsisProcessor:
