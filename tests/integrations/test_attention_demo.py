@@ -144,6 +144,18 @@ def test_a_seed_torch_does_not_take_is_refused_by_name(tmp_path, seed):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_numpy_seed_is_its_int(tmp_path):
+    """The seed check took a numpy int, which torch.Generator's manual_seed then refused ("an integer is required")
+    once the model was built."""
+    runs = attention_demo(tmp_path / "a.png", num_frames=2, size=2, dpi=30, seed=numpy.int64(3))
+    expected = attention_demo(tmp_path / "b.png", num_frames=2, size=2, dpi=30, seed=3)
+    assert runs.keys() == expected.keys()
+    for run, maps in expected.items():
+        assert runs[run].keys() == maps.keys()
+        for layer, want in maps.items():
+            torch.testing.assert_close(runs[run][layer], want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad", [dict(path="x"), dict(path=1), dict(color_scale="log"), dict(dpi=5)])
 def test_the_drawing_arguments_are_checked_before_the_runs(tmp_path, monkeypatch, bad):
     """A path, colour scale or dpi the picture cannot take was refused after both runs of the model (a minute at the

@@ -45,8 +45,9 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
     num_frames, size = int(num_frames), int(size)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 64:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= int(seed) < 2 ** 64:
         raise ValueError(f"seed must be an int from -2**63 to 2**64 - 1 (torch.manual_seed's), got {seed!r}")
+    seed = int(seed)  # torch.Generator's manual_seed takes no numpy int
     check_drawing("attention_demo", path, color_scale, dpi)  # before the two runs
     model = tiny_unet3d(seed)
     generator = torch.Generator().manual_seed(seed)
