@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch.autograd import forward_ad
 
@@ -94,10 +96,10 @@ class Speculation:
     def kwargs(self, device) -> dict:
         """tar_attention's speculate= and flags= for a call on `device` (one count per device: a model split over
         several GPUs counts on each; a call on meta tensors, which computes nothing, counts nothing)."""
-        if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        if not isinstance(device, (torch.device, str, numbers.Integral)) or isinstance(device, bool):
             raise TypeError(f"Speculation.kwargs: device must be a torch.device, a device name or index (q.device, "
                             f"'cuda:0'), got {type(device).__name__}")
-        device = torch.device(device)
+        device = torch.device(device if isinstance(device, (torch.device, str)) else int(device))  # np.int64 too
         if device.type == "meta":
             return dict(speculate=self.speculate, flags=None)
         if device.type == "cpu":

@@ -10,6 +10,7 @@ a GPU both forms run one config (`same_tiles`, tests/kernels/conftest.py).
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -426,6 +427,10 @@ def test_speculation_counts_once_per_device_and_sums_them():
     assert spec.kwargs("cpu:0")["flags"] is counts and spec.kwargs(torch.device("cpu"))["flags"] is counts
     if torch.cuda.is_available():
         assert spec.kwargs("cuda")["flags"] is spec.kwargs(f"cuda:{torch.cuda.current_device()}")["flags"]
+        assert spec.kwargs(np.int64(0))["flags"] is spec.kwargs(0)["flags"]  # a numpy index is its int
+    else:  # an index names an accelerator: torch's error here, not the TypeError an int64 index got
+        with pytest.raises(RuntimeError, match="accelerator"):
+            spec.kwargs(np.int64(0))
     for wrong in (torch.zeros(1), True, None):  # the call's tensor, not its device: named, not torch's own error
         with pytest.raises(TypeError, match="Speculation.kwargs: device must be a torch.device, a device name or "
                                             f"index .*, got {type(wrong).__name__}"):
