@@ -87,15 +87,16 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _frame_anchors(num_frames, k: int, mode, anchors) -> tuple:
-    """`mode` checked, and N with the anchor frames of K states: `num_frames` and `anchors` checked, or the default."""
+def _frame_anchors(num_frames, k: int, mode, anchors, states: str = "embeds holds {k} states") -> tuple:
+    """`mode` checked, and N with the anchor frames of K states: `num_frames` and `anchors` checked, or the default
+    (`states`: what holds the K states, in the error for anchors of another count)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     n = _positive_int("num_frames", num_frames)
-    return n, default_anchors(n, k) if anchors is None else _check_anchors(anchors, n, k)
+    return n, default_anchors(n, k) if anchors is None else _check_anchors(anchors, n, k, states.format(k=k))
 
 
-def _check_anchors(anchors, n: int, k: int) -> list:
+def _check_anchors(anchors, n: int, k: int, states: str) -> list:
     if isinstance(anchors, torch.Tensor):
         if anchors.dim() != 1 or anchors.is_floating_point() or anchors.is_complex() or anchors.dtype == torch.bool:
             raise TypeError(f"anchors must be a 1-D integer tensor, got {anchors.dtype} "
@@ -113,7 +114,7 @@ def _check_anchors(anchors, n: int, k: int) -> list:
                 raise TypeError(f"anchors must be ints, got {a!r} ({type(a).__name__})")
         values = [int(a) for a in values]
     if len(values) != k:
-        raise ValueError(f"anchors has {len(values)} entries but embeds holds {k} states: one anchor per state")
+        raise ValueError(f"anchors has {len(values)} entries but {states}: one anchor per state")
     bad = [a for a in values if not 0 <= a < n]
     if bad:
         raise ValueError(f"anchors must lie in [0, {n - 1}] for num_frames={n}, got {bad}")

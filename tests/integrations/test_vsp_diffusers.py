@@ -828,7 +828,8 @@ def test_pipeline_helpers_name_a_wrong_pipe_guidance_scale_or_attention_kwargs_b
     (dict(num_frames=1), ValueError, r"num_states \(2\) must not exceed num_frames \(1\)"),
     (dict(mode="cubic"), ValueError, "mode must be one of"),
     (dict(anchors=[0, N]), ValueError, rf"anchors must lie in \[0, {N - 1}\]"),
-], ids=["num_frames", "states", "mode", "anchors"])
+    (dict(anchors=[0, 1, 2]), ValueError, "anchors has 3 entries but the synopsis has 2 sub-prompts"),
+], ids=["num_frames", "states", "mode", "anchors", "anchor-count"])
 def test_frames_mode_and_anchors_are_checked_before_encoding(tmp_path, kwargs, exc, match):
     """They were checked once every sub-prompt had been encoded."""
     pipe = tiny_text_to_video_pipeline(tmp_path)
@@ -842,6 +843,15 @@ def test_frames_mode_and_anchors_are_checked_before_encoding(tmp_path, kwargs, e
         encode_synopsis(pipe, [["a red bud", "a pink flower"]] * 2, **kwargs)
     with pytest.raises(exc, match=match):
         generate_with_synopsis(pipe, ["a red bud", "a pink flower"], **kwargs, **call_args())
+
+
+def test_anchors_given_as_a_generator_serve_every_synopsis(tmp_path):
+    """The anchors were read once per synopsis: a generator's second reading was empty ("anchors has 0 entries")."""
+    pipe = tiny_text_to_video_pipeline(tmp_path)
+    pipe.encode_prompt = lambda text, *args, **kwargs: (torch.full((1, 2, 3), float(len(text))),)
+    synopses = [["a red bud", "a pink flower"], ["a seed", "a tall tree"]]
+    want = encode_synopsis(pipe, synopses, N, anchors=[1, N - 2])
+    assert torch.equal(encode_synopsis(pipe, synopses, N, anchors=(a for a in (1, N - 2))), want)
 
 
 # ----- FreeNoise, SDXL -----

@@ -124,7 +124,10 @@ def encode_synopsis(pipe, sub_prompts, num_frames: int, *, mode: str = "linear",
         raise ValueError(f"VSP encodes each sub-prompt with a pipeline's one text encoder; {type(pipe).__name__}'s "
                          "encode_prompt takes a second prompt for a second encoder (prompt_2, as SDXL's does)")
     synopses, batched = _check_sub_prompts(sub_prompts)
-    plans = [_frame_anchors(num_frames, len(synopsis), mode, anchors)[1] for synopsis in synopses]  # before encoding
+    plans = []  # before encoding
+    for synopsis in synopses:
+        plans.append(_frame_anchors(num_frames, len(synopsis), mode, anchors, "the synopsis has {k} sub-prompts")[1])
+        anchors = anchors if anchors is None else plans[-1]  # read once (a generator), checked for each synopsis
     device = pipe._execution_device
     out = []
     with torch.no_grad():  # inference, as the pipeline's own prompt encoding in its __call__
