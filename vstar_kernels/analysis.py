@@ -368,8 +368,11 @@ def _check_map(name: str, attention) -> torch.Tensor:
         raise TypeError(f"{name} must be a real map, got {attention.dtype}")
     check_values(name, attention, "an attention measure")
     a = attention.detach().to(torch.float64)
+    if a.isnan().any():  # a captured DiT map's row of a frame without a token, which has no attention to measure
+        raise ValueError(f"{name} has NaN entries (a captured map's row of a frame without a token): measure the "
+                         "frames that have tokens, m[keep][:, keep]")
     if not torch.isfinite(a).all():
-        raise ValueError(f"{name} has non-finite entries")
+        raise ValueError(f"{name} has infinite entries")
     if (a < 0).any():
         raise ValueError(f"{name} must be non-negative (attention probabilities or a min-max normalised map)")
     total = a.sum(dim=(-2, -1), keepdim=True)

@@ -86,10 +86,11 @@ def test_band_energy_is_average_attention_share_nearby():
     (torch.ones(4), ValueError, r"\(\.\.\., N, M\) map"),
     (-torch.eye(3), ValueError, "non-negative"),
     (torch.zeros(3, 3), ValueError, "all zero"),
-    (torch.full((3, 3), math.nan), ValueError, "non-finite"),
+    (torch.tensor([[0.5, 0.5], [math.nan] * 2]), ValueError, "attention has NaN entries .*a frame without a token"),
+    (torch.full((3, 3), math.inf), ValueError, "attention has infinite entries"),
     (torch.eye(3, device="meta"), ValueError, "attention is a meta tensor, which has no values"),  # torch's .item()
     (torch.eye(3) + 1j, TypeError, "attention must be a real map, got torch.complex64"),  # not its real part
-], ids=["list", "1-D", "negative", "zero", "nan", "meta", "complex"])
+], ids=["list", "1-D", "negative", "zero", "nan", "inf", "meta", "complex"])
 def test_measures_reject_bad_maps(fn, bad, exc, match):
     with pytest.raises(exc, match=match):
         fn(bad)
