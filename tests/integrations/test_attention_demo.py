@@ -167,3 +167,14 @@ def test_the_drawing_arguments_are_checked_before_the_runs(tmp_path, monkeypatch
     monkeypatch.setattr(demo, "tiny_unet3d", no_model)
     with pytest.raises((TypeError, ValueError), match=r"attention_demo: path|color_scale must be|dpi must be"):
         attention_demo(**{"path": tmp_path / "x.png", "num_frames": 2, "size": 2, **bad})
+
+
+def test_a_strength_past_float32_in_the_scores_is_named(tmp_path, capsys):
+    """strength * a row's max score past float32's range made the maps with TAR non-finite, and the drawing then
+    refused them ("has infinite entries, or no entry that is not NaN"), naming neither the strength nor the cause."""
+    with pytest.raises(ValueError, match=r"^strength=3.4e\+38 made the attention with TAR non-finite"):
+        attention_demo(tmp_path / "x.png", num_frames=2, size=2, strength=3.4e38)
+    assert not (tmp_path / "x.png").exists()
+    assert cli_main(["demo-attention", "--num-frames", "2", "--size", "2", "--strength", "3.4e38",
+                     "--out", str(tmp_path / "y.png")]) == 2
+    assert "demo-attention: strength=3.4e+38 made the attention with TAR non-finite" in capsys.readouterr().err

@@ -60,6 +60,9 @@ def attention_demo(path, *, num_frames: int = 16, sigma: float = 1.0, strength: 
     apply_tar(model, config)
     runs["with TAR"] = _step0_maps(model, inputs, layers)
     remove_tar(model)
+    if not all(torch.isfinite(m).all() for m in runs["with TAR"].values()):  # before drawing, which names no cause
+        raise ValueError(f"strength={strength:g} made the attention with TAR non-finite: strength times a row's max "
+                         "score passed float32's range; take a smaller strength")
     title = f"tiny random UNet3D, {num_frames} frames, step 0; TAR sigma={sigma:g}, strength={strength:g}"
     plot_attention_maps(runs, path, color_scale=color_scale, title=title, dpi=dpi)
     return runs
