@@ -369,8 +369,8 @@ def _check_map(name: str, attention) -> torch.Tensor:
     check_values(name, attention, "an attention measure")
     a = attention.detach().to(torch.float64)
     if a.isnan().any():  # a captured DiT map's row of a frame without a token, which has no attention to measure
-        raise ValueError(f"{name} has NaN entries (a captured map's row of a frame without a token): measure the "
-                         "frames that have tokens, m[keep][:, keep]")
+        raise ValueError(f"{name} has NaN entries (where a captured map has a NaN row, a frame without a token, "
+                         "measure the frames that have tokens: m[keep][:, keep])")
     if not torch.isfinite(a).all():
         raise ValueError(f"{name} has infinite entries")
     if (a < 0).any():
