@@ -93,6 +93,9 @@ def _frame_anchors(num_frames, k: int, mode, anchors, states: str = "embeds hold
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     n = _positive_int("num_frames", num_frames)
+    if k > n:  # (default_anchors would name its own num_states, an argument the caller never passed)
+        raise ValueError(f"num_frames ({n}) must be at least the number of states: {states.format(k=k)}, and each "
+                         "state needs its own frame")
     return n, default_anchors(n, k) if anchors is None else _check_anchors(anchors, n, k, states.format(k=k))
 
 

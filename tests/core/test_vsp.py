@@ -110,7 +110,11 @@ BAD = [
     (dict(embeds=torch.ones(0, 3, 4), num_frames=4), ValueError, "at least one state"),
     (dict(embeds=torch.ones(2, 3, 4), num_frames=0), ValueError, "num_frames must be >= 1"),
     (dict(embeds=torch.ones(2, 3, 4), num_frames=4.0), TypeError, "num_frames must be an int"),
-    (dict(embeds=torch.ones(5, 3, 4), num_frames=4), ValueError, r"num_states \(5\) must not exceed num_frames \(4\)"),
+    # (the message named default_anchors' num_states, which interpolate_embeddings does not take)
+    (dict(embeds=torch.ones(5, 3, 4), num_frames=4), ValueError,
+     r"num_frames \(4\) must be at least the number of states: embeds holds 5 states"),
+    (dict(embeds=torch.ones(5, 3, 4), num_frames=4, anchors=[0, 1, 2, 3, 4]), ValueError,
+     r"num_frames \(4\) must be at least the number of states: embeds holds 5 states"),
     (dict(embeds=torch.ones(2, 3, 4), num_frames=4, mode="cubic"), ValueError, "mode must be one of"),
     (dict(embeds=torch.ones(2, 3, 4), num_frames=4, anchors=[3, 1]), ValueError, "strictly increasing"),
     (dict(embeds=torch.ones(2, 3, 4), num_frames=4, anchors=[1, 1]), ValueError, "strictly increasing"),

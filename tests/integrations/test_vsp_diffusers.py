@@ -825,7 +825,7 @@ def test_pipeline_helpers_name_a_wrong_pipe_guidance_scale_or_attention_kwargs_b
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(num_frames=0), ValueError, "num_frames must be >= 1, got 0"),
-    (dict(num_frames=1), ValueError, r"num_states \(2\) must not exceed num_frames \(1\)"),
+    (dict(num_frames=1), ValueError, r"num_frames \(1\) must be at least the number of states: the synopsis has 2 sub"),
     (dict(mode="cubic"), ValueError, "mode must be one of"),
     (dict(anchors=[0, N]), ValueError, rf"anchors must lie in \[0, {N - 1}\]"),
     (dict(anchors=[0, 1, 2]), ValueError, "anchors has 3 entries but the synopsis has 2 sub-prompts"),
