@@ -173,7 +173,13 @@ def plot_delta(sigmas, n: int, path, *, cmap: str = "jet", panel_size: float = 2
     if not sigmas:
         raise ValueError("sigmas must hold at least one value")
     check_int("n", n)
-    sigmas = [check_sigma(s) for s in sigmas]
+    checked = []
+    for i, s in enumerate(sigmas):
+        try:
+            checked.append(check_sigma(s))
+        except (TypeError, ValueError) as exc:  # (its message names a sigma: which of the caller's sigmas)
+            raise type(exc)(f"sigmas[{i}]: {exc}") from None
+    sigmas = checked
     titles = [f"{s:g}" for s in sigmas]
     for title in titles:
         if titles.count(title) > 1:

@@ -465,6 +465,9 @@ def test_plot_attention_maps_rejects_bad_input(tmp_path, maps, kwargs, exc, matc
     (["a"], 8, TypeError, "sigma must be a real number, got str"),  # (it failed formatting the title)
     ([None], 8, TypeError, "sigma must be a real number, got NoneType"),
     ([1, 4.0, 1.0], 8, ValueError, "sigmas holds 1 twice"),  # one panel key for two panels
+    # the entry is named (the message spoke of a sigma, not which of the sigmas given)
+    ([1.0, 0.0], 8, ValueError, r"sigmas\[1\]: sigma must be > 0"),
+    (torch.tensor([1.0, 2.0]), 8, TypeError, r"sigmas\[0\]: sigma must be a real number, got Tensor"),
 ])
 def test_plot_delta_rejects_bad_input(tmp_path, sigmas, n, exc, match):
     with pytest.raises(exc, match=match):
