@@ -99,7 +99,13 @@ class Speculation:
         if not isinstance(device, (torch.device, str, numbers.Integral)) or isinstance(device, bool):
             raise TypeError(f"Speculation.kwargs: device must be a torch.device, a device name or index (q.device, "
                             f"'cuda:0'), got {type(device).__name__}")
-        device = torch.device(device if isinstance(device, (torch.device, str)) else int(device))  # np.int64 too
+        if isinstance(device, str):
+            try:
+                device = torch.device(device)
+            except RuntimeError as exc:  # torch's own words name no argument ("device string: cdua")
+                raise ValueError(f"Speculation.kwargs: device {device!r} is not a device name torch knows "
+                                 f"({exc})") from None
+        device = torch.device(device if isinstance(device, torch.device) else int(device))  # np.int64 too
         if device.type == "meta":
             return dict(speculate=self.speculate, flags=None)
         if device.type == "cpu":

@@ -435,6 +435,9 @@ def test_speculation_counts_once_per_device_and_sums_them():
         with pytest.raises(TypeError, match="Speculation.kwargs: device must be a torch.device, a device name or "
                                             f"index .*, got {type(wrong).__name__}"):
             spec.kwargs(wrong)
+    for wrong in ("cdua", "cpu:x", ""):  # a misspelt name: named, not torch's "device string" error alone
+        with pytest.raises(ValueError, match=f"Speculation.kwargs: device '{wrong}' is not a device name torch knows"):
+            spec.kwargs(wrong)
     counts += torch.tensor([1, 100])
     spec._counts[torch.device("cuda", 7)] = torch.tensor([9, 100])  # another device's calls (a stand-in tensor)
     spec.next_step()
