@@ -217,9 +217,20 @@ def check_drawing(caller: str, path, color_scale, dpi) -> None:
             getattr(path, "write", None)):
         raise TypeError(f"{caller}: path must be a file name (str or os.PathLike) or a binary file object, got "
                         f"{type(path).__name__}")
-    if isinstance(path, (str, os.PathLike)) and not os.path.splitext(os.fsdecode(path))[1].strip("."):
+    suffix = os.path.splitext(os.fsdecode(path))[1].strip(".") if isinstance(path, (str, os.PathLike)) else None
+    if suffix == "":
         raise ValueError(f"{caller}: path {os.fsdecode(path)!r} has no suffix to name the image format (.png, .pdf, "
                          ".svg); matplotlib would add one and write another file")
+    if suffix:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:  # the drawing raises naming the plot extra
+            pass
+        else:  # (matplotlib refused it once the figure was drawn: after a demo's runs, naming no argument)
+            formats = FigureCanvasBase.get_supported_filetypes()
+            if suffix.lower() not in formats:
+                raise ValueError(f"{caller}: path {os.fsdecode(path)!r} names a format matplotlib does not write, "
+                                 f".{suffix} (formats: {', '.join(sorted(formats))})")
     if color_scale not in SCALES:
         raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
     check_dpi(dpi)

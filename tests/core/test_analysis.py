@@ -493,7 +493,12 @@ def test_plots_take_a_file_name_or_a_file_object(tmp_path, name, draw):
     for bad in (tmp_path / "x", str(tmp_path / "x.")):  # matplotlib wrote x.png, not the path given
         with pytest.raises(ValueError, match=rf"^{name}: path '.*x\.?' has no suffix to name the image format"):
             draw(bad)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+    # a format matplotlib does not write: named by path before the drawing (matplotlib's error came after it)
+    with pytest.raises(ValueError, match=rf"^{name}: path '.*x\.xyz' names a format matplotlib does not write, "
+                                         r"\.xyz \(formats: .*png"):
+        draw(tmp_path / "x.xyz")
+    draw(tmp_path / "y.PNG")  # the suffix in capitals is the same format
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png", "y.PNG"]
 
 
 @pytest.fixture

@@ -156,7 +156,8 @@ def test_a_numpy_seed_is_its_int(tmp_path):
             torch.testing.assert_close(runs[run][layer], want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(path="x"), dict(path=1), dict(color_scale="log"), dict(dpi=5)])
+@pytest.mark.parametrize("bad", [dict(path="x"), dict(path=1), dict(path="x.xyz"), dict(color_scale="log"),
+                                 dict(dpi=5)])
 def test_the_drawing_arguments_are_checked_before_the_runs(tmp_path, monkeypatch, bad):
     """A path, colour scale or dpi the picture cannot take was refused after both runs of the model (a minute at the
     largest sizes); now before the model is built."""
