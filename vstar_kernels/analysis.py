@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 from collections.abc import Mapping
 
 import torch
@@ -223,14 +224,19 @@ def check_drawing(caller: str, path, color_scale, dpi) -> None:
                          ".svg); matplotlib would add one and write another file")
     if suffix:
         try:
+            import matplotlib
             from matplotlib.backend_bases import FigureCanvasBase
         except ImportError:  # the drawing raises naming the plot extra
             pass
-        else:  # (matplotlib refused it once the figure was drawn: after a demo's runs, naming no argument)
+        else:  # (matplotlib refused these once the figure was drawn: after a demo's runs, naming no argument)
             formats = FigureCanvasBase.get_supported_filetypes()
             if suffix.lower() not in formats:
                 raise ValueError(f"{caller}: path {os.fsdecode(path)!r} names a format matplotlib does not write, "
                                  f".{suffix} (formats: {', '.join(sorted(formats))})")
+            texsystem = matplotlib.rcParams["pgf.texsystem"]
+            if suffix.lower() == "pgf" and shutil.which(texsystem) is None:  # matplotlib sets its text with TeX
+                raise ValueError(f"{caller}: path {os.fsdecode(path)!r} is a .pgf image, which needs TeX "
+                                 f"({texsystem}), not on the PATH")
     if color_scale not in SCALES:
         raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
     check_dpi(dpi)

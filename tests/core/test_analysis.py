@@ -4,6 +4,7 @@ own frame against an element-by-element float64 evaluation, and the pictures (PN
 import io
 import math
 import re
+import shutil
 import sys
 
 import pytest
@@ -497,6 +498,11 @@ def test_plots_take_a_file_name_or_a_file_object(tmp_path, name, draw):
     with pytest.raises(ValueError, match=rf"^{name}: path '.*x\.xyz' names a format matplotlib does not write, "
                                          r"\.xyz \(formats: .*png"):
         draw(tmp_path / "x.xyz")
+    import matplotlib
+
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:  # (matplotlib's RuntimeError after the drawing)
+        with pytest.raises(ValueError, match=rf"^{name}: path '.*x\.pgf' is a \.pgf image, which needs TeX"):
+            draw(tmp_path / "x.pgf")
     draw(tmp_path / "y.PNG")  # the suffix in capitals is the same format
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png", "y.PNG"]
 
