@@ -142,6 +142,19 @@ def check_int(name: str, value, least: int = 1, kinds=numbers.Integral):
     return value
 
 
+def check_device(name: str, device):
+    """`device` as torch's factory functions take it (None, a torch.device, a device name or an index), else an
+    error naming `name` (torch's own named no argument: "Expected one of cpu, cuda, ... device string")."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, numbers.Integral)):
+        raise TypeError(f"{name} must be a torch.device, a device name or index, or None, got {type_name(device)}")
+    try:
+        return torch.device(device if isinstance(device, str) else int(device))  # a numpy index too
+    except RuntimeError as exc:
+        raise ValueError(f"{name} {device!r} is not a device torch knows ({exc})") from None
+
+
 def int_set(name: str, values) -> Optional[set]:
     """`values` as a set of ints >= 0, at least one (None: None, every one); raises naming `name` otherwise."""
     if values is None:

@@ -8,6 +8,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from ._problem import check_device
 from .regularization import _size
 
 
@@ -19,6 +20,7 @@ def frame_ids(num_frames: int, tokens_per_frame: int, *, text_before: int = 0, t
     num_frames, tokens_per_frame, text_before, text_after = [
         _size(name, n) for name, n in (("num_frames", num_frames), ("tokens_per_frame", tokens_per_frame),
                                        ("text_before", text_before), ("text_after", text_after))]
+    device = check_device("device", device)
     text = [torch.full((n,), -1, device=device, dtype=torch.int32) for n in (text_before, text_after)]
     # (frames of no token: no video, whatever their number)
     video = torch.arange(num_frames if tokens_per_frame else 0, device=device,

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ._problem import check_dense, check_int, check_sigma, check_values
+from ._problem import check_dense, check_device, check_int, check_sigma, check_values
 
 
 def _size(name: str, n) -> int:
@@ -25,6 +25,7 @@ def gaussian_bias(nq: int, nk: int, sigma: float, *, device=None, dtype=torch.fl
     nq, nk = (_size(name, n) for name, n in zip(names, (nq, nk)))
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+    device = check_device("device", device)
     if nq == 0 or nk == 0:
         return torch.empty(nq, nk, device=device, dtype=dtype)
     dist = torch.arange(1 - nq, nk, device=device, dtype=torch.float64)  # j - i, from 1 - nq to nk - 1

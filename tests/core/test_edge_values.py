@@ -284,6 +284,14 @@ def test_gaussian_toeplitz_arguments():
     for dtype in (torch.int64, torch.bool, "float32"):
         with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
             vk.gaussian_toeplitz(4, 1.0, dtype=dtype)
+    # a device torch does not know, or not a device: named (torch's own errors named no argument)
+    for bad, exc, match in (("cpux", ValueError, "device 'cpux' is not a device torch knows"),
+                            (-1, ValueError, "device -1 is not a device torch knows"),
+                            (1.5, TypeError, "device must be a torch.device, a device name or index, or None, got "
+                                             "float")):
+        with pytest.raises(exc, match=match):
+            vk.gaussian_toeplitz(4, 1.0, device=bad)
+    assert vk.gaussian_toeplitz(4, 1.0, device="cpu").device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("slices", [3, 8])  # chunks of heads of one batch, of whole batches

@@ -92,6 +92,17 @@ def test_frame_ids_arguments(name, bad):
         vk.frame_ids(args.pop("num_frames"), args.pop("tokens_per_frame"), **args)
 
 
+def test_frame_ids_device_is_named():
+    """A device torch does not know, or not a device at all, raised torch's own error, which names no argument."""
+    with pytest.raises(ValueError, match="device 'cuda:x' is not a device torch knows"):
+        vk.frame_ids(2, 3, device="cuda:x")
+    with pytest.raises(ValueError, match="device 'gpu' is not a device torch knows"):
+        vk.FrameLayout(2, 3).ids("gpu")
+    with pytest.raises(TypeError, match="device must be a torch.device, a device name or index, or None, got list"):
+        vk.frame_ids(2, 3, device=["cpu"])
+    assert vk.frame_ids(2, 3, device=torch.device("cpu")).tolist() == [0, 0, 0, 1, 1, 1]
+
+
 # ------------------------------------------------------------------------ the definition, over layouts
 
 LAYOUTS = st.fixed_dictionaries(dict(
