@@ -16,7 +16,8 @@ from diffusers import AnimateDiffPipeline, UNet3DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from vstar_kernels import PRESETS, TARConfig
-from vstar_kernels.diffusers import TARAttnProcessor, apply_tar, remove_tar, reset_steps
+from vstar_kernels.diffusers import (TARAttnProcessor, apply_tar, capture_frame_attention, capture_temporal_attention,
+                                    remove_tar, reset_steps)
 from vstar_kernels.diffusers import processors as tar_processors
 from vstar_kernels.diffusers.processors import tar_site
 from vstar_kernels.diffusers.steps import StepTracker
@@ -440,8 +441,12 @@ def test_errors_name_the_problem():
         apply_tar(latte, TARConfig.from_preset("64D1_32D8"))
     with pytest.raises(TypeError, match="config must be a TARConfig"):
         apply_tar(latte, {0: (1.0, 1.0)})
-    with pytest.raises(TypeError, match="pipeline"):
-        apply_tar(object(), TARConfig.from_preset("64D1"))
+    # every front-end function taking a pipeline or a model names its argument (the message began "expected a")
+    for call in (lambda t: apply_tar(t, TARConfig.from_preset("64D1")), remove_tar, reset_steps,
+                 lambda t: capture_temporal_attention(t).__enter__(), lambda t: capture_frame_attention(t).__enter__()):
+        with pytest.raises(TypeError, match=r"^target must be a diffusers pipeline with a denoiser \(\.unet, .*\) or "
+                                            r"a model \(torch\.nn\.Module\), got object$"):
+            call(object())
     with pytest.raises(ValueError, match="apply_tar first"):
         reset_steps(latte)
     remove_tar(latte)  # nothing applied: a no-op

@@ -27,8 +27,8 @@ def denoiser(target):
         model = getattr(target, attr, None)
         if isinstance(model, torch.nn.Module):
             return unwrapped(model), target
-    raise TypeError(f"expected a diffusers pipeline with a denoiser ({', '.join('.' + a for a in DENOISERS)}) "
-                    f"or a model (torch.nn.Module); got {type(target).__name__}")
+    raise TypeError(f"target must be a diffusers pipeline with a denoiser ({', '.join('.' + a for a in DENOISERS)}) "
+                    f"or a model (torch.nn.Module), got {type(target).__name__}")
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
