@@ -13,14 +13,13 @@ import math
 import numbers
 import os
 import re
-import shutil
 from collections.abc import Mapping
 
 import torch
 
 from . import _env
 from ._deprecation import renamed_keywords
-from ._dpi import MAX_DPI, MIN_DPI
+from ._drawing import MAX_DPI, MIN_DPI, image_path_problem
 from ._problem import TarProblem, check_frame_values, check_int, check_sigma, check_values, make_problem
 from .reference import CHUNK_ELEMENTS, _masked_scores, without_autocast
 from .regularization import gaussian_toeplitz
@@ -218,25 +217,9 @@ def check_drawing(caller: str, path, color_scale, dpi) -> None:
             getattr(path, "write", None)):
         raise TypeError(f"{caller}: path must be a file name (str or os.PathLike) or a binary file object, got "
                         f"{type(path).__name__}")
-    suffix = os.path.splitext(os.fsdecode(path))[1].strip(".") if isinstance(path, (str, os.PathLike)) else None
-    if suffix == "":
-        raise ValueError(f"{caller}: path {os.fsdecode(path)!r} has no suffix to name the image format (.png, .pdf, "
-                         ".svg); matplotlib would add one and write another file")
-    if suffix:
-        try:
-            import matplotlib
-            from matplotlib.backend_bases import FigureCanvasBase
-        except ImportError:  # the drawing raises naming the plot extra
-            pass
-        else:  # (matplotlib refused these once the figure was drawn: after a demo's runs, naming no argument)
-            formats = FigureCanvasBase.get_supported_filetypes()
-            if suffix.lower() not in formats:
-                raise ValueError(f"{caller}: path {os.fsdecode(path)!r} names a format matplotlib does not write, "
-                                 f".{suffix} (formats: {', '.join(sorted(formats))})")
-            texsystem = matplotlib.rcParams["pgf.texsystem"]
-            if suffix.lower() == "pgf" and shutil.which(texsystem) is None:  # matplotlib sets its text with TeX
-                raise ValueError(f"{caller}: path {os.fsdecode(path)!r} is a .pgf image, which needs TeX "
-                                 f"({texsystem}), not on the PATH")
+    problem = image_path_problem(os.fsdecode(path)) if isinstance(path, (str, os.PathLike)) else None
+    if problem:
+        raise ValueError(f"{caller}: path {os.fsdecode(path)!r} {problem}")
     if color_scale not in SCALES:
         raise ValueError(f"color_scale must be one of {SCALES}, got {color_scale!r}")
     check_dpi(dpi)

@@ -6,13 +6,12 @@ import argparse
 import importlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
 
 from . import __version__, _env, bench
-from ._dpi import MAX_DPI, MIN_DPI
+from ._drawing import MAX_DPI, MIN_DPI, image_path_problem
 
 DESCRIPTION = ("Fused kernels for VSTAR's temporal attention regularization (TAR): check the installation, "
                "run the kernels against the reference, draw TAR's matrices and attention maps, benchmark.")
@@ -254,28 +253,16 @@ _DPI_HELP = f"pixels per inch, {MIN_DPI} to {MAX_DPI} (default: 100)"
 
 def _image_path(text: str) -> str:
     """An output image's path, refused before any work when its folder does not exist, when it is a folder, or
-    when it has no suffix to name the format (matplotlib would add one, and the path printed be another's)."""
+    when matplotlib would not write it as named (`image_path_problem`)."""
     text = os.path.expanduser(text)  # "--out=~/x.png": the shell leaves that ~ alone
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a folder; give the image's file name (e.g. {text}/out.png)")
-    suffix = os.path.splitext(text)[1].lower()
-    if not suffix:
-        raise argparse.ArgumentTypeError(f"{text} has no suffix to name the image format (.png, .pdf, .svg)")
-    try:
-        import matplotlib
-        from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError:  # the command's missing extra is named after parsing
-        return text
-    formats = FigureCanvasBase.get_supported_filetypes()
-    texsystem = matplotlib.rcParams["pgf.texsystem"]
-    if suffix == ".pgf" and shutil.which(texsystem) is None:  # matplotlib sets a .pgf image's text with TeX
-        raise argparse.ArgumentTypeError(f"{text}: a .pgf image needs TeX ({texsystem}), which is not on the PATH")
-    if suffix[1:] not in formats:
-        raise argparse.ArgumentTypeError(f"{text}: matplotlib writes no {suffix} images (formats: "
-                                         f"{', '.join(sorted(formats))})")
+    problem = image_path_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text} {problem}")
     return text
 
 

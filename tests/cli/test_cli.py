@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vstar_kernels as vk
-from vstar_kernels import _env, cli
+from vstar_kernels import _drawing, _env, cli
 
 from ..helpers import ROOT, clean_env
 
@@ -95,9 +95,9 @@ IMAGE_OPTION_ERRORS = [
     (["--out", "/nonexistent/dir/d.png"], "argument --out: the folder /nonexistent/dir does not exist"),
     (["--out", "{tmp}"], "argument --out: {tmp} is a folder; give the image's file name (e.g. {tmp}/out.png)"),
     (["--out", "{tmp}/delta"], "argument --out: {tmp}/delta has no suffix to name the image format (.png, .pdf, "
-                               ".svg)"),
-    (["--out", "{tmp}/delta.xyz"], "argument --out: {tmp}/delta.xyz: matplotlib writes no .xyz images (formats: "
-                                   "{formats})"),
+                               ".svg); matplotlib would add one and write another file"),
+    (["--out", "{tmp}/delta.xyz"], "argument --out: {tmp}/delta.xyz names a format matplotlib does not write, .xyz "
+                                   "(formats: {formats})"),
 ]
 
 
@@ -140,13 +140,13 @@ def test_a_pgf_image_without_tex_is_refused_before_any_work(command, capsys, tmp
     """matplotlib sets a .pgf image's text with TeX: without it, savefig failed after the work with a traceback."""
     import matplotlib
 
-    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_drawing.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--out", str(tmp_path / "d.pgf")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"vstar-kernels {command}: error: argument --out: {tmp_path}/d.pgf: a .pgf image needs TeX "
-        f"({matplotlib.rcParams['pgf.texsystem']}), which is not on the PATH")
+        f"vstar-kernels {command}: error: argument --out: {tmp_path}/d.pgf is a .pgf image, which needs TeX "
+        f"({matplotlib.rcParams['pgf.texsystem']}), not on the PATH")
 
 
 def test_demo_on_a_gpu_machine_with_triton_interpret_runs_cpu_tensors(monkeypatch, capsys):
