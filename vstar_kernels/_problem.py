@@ -142,13 +142,15 @@ def check_int(name: str, value, least: int = 1, kinds=numbers.Integral):
     return value
 
 
-def check_device(name: str, device):
-    """`device` as torch's factory functions take it (None, a torch.device, a device name or an index), else an
-    error naming `name` (torch's own named no argument: "Expected one of cpu, cuda, ... device string")."""
-    if device is None or isinstance(device, torch.device):
+def check_device(name: str, device, none: bool = True):
+    """`device` as torch's factory functions take it (a torch.device, a device name or an index; None where `none`
+    says), else an error naming `name` (torch's own named no argument: "Expected one of cpu, cuda, ... device
+    string")."""
+    if device is None and none or isinstance(device, torch.device):
         return device
     if isinstance(device, bool) or not isinstance(device, (str, numbers.Integral)):
-        raise TypeError(f"{name} must be a torch.device, a device name or index, or None, got {type_name(device)}")
+        raise TypeError(f"{name} must be a torch.device, a device name or index{', or None' if none else ''}, got "
+                        f"{type_name(device)}")
     try:
         return torch.device(device if isinstance(device, str) else int(device))  # a numpy index too
     except RuntimeError as exc:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch.autograd import forward_ad
 
 from ._op import tar_attention_op
-from ._problem import check_speculation, make_problem
+from ._problem import check_device, check_speculation, make_problem
 from .dispatch import op_backend
 
 
@@ -96,16 +94,7 @@ class Speculation:
     def kwargs(self, device) -> dict:
         """tar_attention's speculate= and flags= for a call on `device` (one count per device: a model split over
         several GPUs counts on each; a call on meta tensors, which computes nothing, counts nothing)."""
-        if not isinstance(device, (torch.device, str, numbers.Integral)) or isinstance(device, bool):
-            raise TypeError(f"Speculation.kwargs: device must be a torch.device, a device name or index (q.device, "
-                            f"'cuda:0'), got {type(device).__name__}")
-        if isinstance(device, str):
-            try:
-                device = torch.device(device)
-            except RuntimeError as exc:  # torch's own words name no argument ("device string: cdua")
-                raise ValueError(f"Speculation.kwargs: device {device!r} is not a device name torch knows "
-                                 f"({exc})") from None
-        device = torch.device(device if isinstance(device, torch.device) else int(device))  # np.int64 too
+        device = check_device("Speculation.kwargs: device", device, none=False)  # q.device, "cuda:0", 0
         if device.type == "meta":
             return dict(speculate=self.speculate, flags=None)
         if device.type == "cpu":
