@@ -143,8 +143,9 @@ def test_nan_in_a_masked_key_takes_no_part_in_the_gradients(backend, n):
 def test_a_nonfinite_first_key_of_a_sequence_without_keys_takes_no_part(backend, n, max_mode, causal):
     """A row with no key (every key masked, or every key before it under causal) has zero gradients whatever the
     masked keys hold; the Triton dQ pass read the max's key of such a row, key 0, and took 0 * NaN. A NaN and an
-    inf key, each against the one clean call (the Triton backward in the interpreter is this test's time)."""
-    q, k, v = make_qkv(2, 2, n, n, 16, 16, torch.float32)
+    inf key, each against the one clean call (the Triton backward in the interpreter is this test's time: one head,
+    as a row's keys are its own head's, and two sequences, the one without keys and one with)."""
+    q, k, v = make_qkv(2, 1, n, n, 16, 16, torch.float32)
     mask = torch.ones(2, n, dtype=torch.bool)
     mask[0, :n // 2 if causal else n] = False  # causal: the first half of the rows of sequence 0 see no key
     kwargs = dict(key_mask=mask, max_mode=max_mode, causal=causal, sigma=1.5, backend=backend)
