@@ -33,7 +33,8 @@ def _nothing_to_patch(fn):
 def _run():
     """Forward and backward through our kernels (tiled: frame ids and a key mask; packed: causal, global max,
     sigma = inf), whose helpers call Triton's own (tl.max, tl.sum: their module sees tl.core, ours tl): the
-    outputs and gradients, and how many helper patches the shim skipped."""
+    outputs and gradients, and how many helper patches the shim skipped. One head: the shim acts at each grid's
+    start and each helper call, alike in every program."""
     skipped = _interpreter.skipped
     results = []
     gen = torch.Generator().manual_seed(3)
@@ -41,7 +42,7 @@ def _run():
     key_mask = torch.rand(1, frames.numel(), generator=gen) > 0.2
     for n, opts in ((frames.numel(), dict(frames=frames, sigma=0.7, key_mask=key_mask)),
                     (40, dict(causal=True, max_mode="global", sigma=math.inf))):
-        q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, n, n, 32, 32, torch.float32, seed=5))
+        q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, n, n, 32, 32, torch.float32, seed=5))
         out = vk.tar_attention(q, k, v, backend="triton", **opts)
         grad_out = torch.randn(out.shape, generator=gen)
         results += [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
