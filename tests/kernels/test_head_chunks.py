@@ -77,10 +77,11 @@ def test_forward_and_backward(shape, dtype):
 
 @pytest.mark.parametrize("max_mode,causal", [("row", False), ("global", True)])
 def test_frames_and_modes(max_mode, causal):
-    """Frame ids with text (the tiled kernels at any length), the global max and causal, at D 80."""
+    """Frame ids with text (the tiled kernels at any length), the global max and causal, at D 80 (one head: the
+    head dim's chunks are each program's)."""
     frames = vk.frame_ids(6, 20, text_after=9, device=DEVICE)
     n = frames.numel()
-    q, k, v = make_qkv(1, 2, n, n, 80, 80, torch.float16, seed=3)
+    q, k, v = make_qkv(1, 1, n, n, 80, 80, torch.float16, seed=3)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     opts = dict(sigma=1.5, strength=0.8, frames=frames, max_mode=max_mode, causal=causal)
     out = vk.tar_attention(*leaves, backend="triton", **opts)
@@ -95,14 +96,15 @@ def test_frames_and_modes(max_mode, causal):
 @pytest.mark.usefixtures("same_tiles")  # tests/kernels/conftest.py
 def test_speculative_bit_for_bit():
     """The one pass at D 80 with a row max planted in a far frame (rows flagged and redone, gathered
-    from several query blocks): output and saved statistics the two passes' bit for bit."""
+    from several query blocks): output and saved statistics the two passes' bit for bit. One head: the head dim's
+    chunks are each program's (the redo's per-head indexing: tests/kernels/test_speculative.py)."""
     from vstar_kernels._problem import make_problem
     from vstar_kernels.ops.layout import STATS_FIELDS
     from vstar_kernels.ops.tar_fwd import tar_forward
 
     frames = vk.frame_ids(8, 24, text_before=7, device=DEVICE)
     n = frames.numel()
-    q, k, v = make_qkv(1, 2, n, n, 80, 80, torch.bfloat16, seed=5)
+    q, k, v = make_qkv(1, 1, n, n, 80, 80, torch.bfloat16, seed=5)
     q[..., :, 70] = 3
     k[..., n - 1, :] = 0
     k[..., n - 1, 70] = 8   # every row's max in the last key, a far frame for most blocks
@@ -110,8 +112,8 @@ def test_speculative_bit_for_bit():
     for speculate in (False, True):
         problem = make_problem(q, k, v, sigma=2.0, strength=0.7, delta=None, causal=False, max_mode="row",
                                scale=None, frames=frames)
-        stats = torch.full((2, n, STATS_FIELDS), math.nan, device=DEVICE)
-        flags = torch.zeros(2, dtype=torch.int32, device=DEVICE) if speculate else None
+        stats = torch.full((1, n, STATS_FIELDS), math.nan, device=DEVICE)
+        flags = torch.zeros(1, dtype=torch.int32, device=DEVICE) if speculate else None
         results.append((tar_forward(problem, stats=stats, flags=flags), stats, flags))
     (out2, stats2, _), (out1, stats1, flags) = results
     assert int(flags.sum()) > 0, "no row was flagged: the redo did not run"
