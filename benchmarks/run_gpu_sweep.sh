@@ -18,7 +18,10 @@
 #   Both take SPEC_SHAPES (DiT shape names, default all) and SPEC_RATES (forced flag rates, default 0 0.05 0.2 1).
 #   kernels and e2e resume: cells this commit already measured in today's CSV (copied back into
 #   benchmarks/results/ between calls) are skipped, so a second call continues where the first
-#   one's time budget ran out. Budgets (seconds): TEST_BUDGET_S, KERNEL_BUDGET_S, E2E_BUDGET_S.
+#   one's time budget ran out. Budgets (seconds): TEST_BUDGET_S, KERNEL_BUDGET_S, E2E_BUDGET_S (quick
+#   takes KERNEL_BUDGET_S). A stage's budget is checked before each case, and a case begun in time runs to its
+#   end: CALL_BUDGET_S (default 570, under the 10-minute command) bounds the whole call, each stage cut with
+#   SIGINT (what it measured stays) where it would leave less than 45 s for the tables, plots and copy to $OUT.
 # Optional packages the GPU machine lacks (diffusers, tqdm) can be carried in .gpu_site/
 # (pip install --target .gpu_site diffusers tqdm); without them the UNet rows say why.
 set -uo pipefail
@@ -38,6 +41,8 @@ TEST_BUDGET_S="${TEST_BUDGET_S:-120}"
 KERNEL_BUDGET_S="${KERNEL_BUDGET_S:-300}"
 E2E_BUDGET_S="${E2E_BUDGET_S:-90}"
 SPEC_BUDGET_S="${SPEC_BUDGET_S:-420}"
+CALL_BUDGET_S="${CALL_BUDGET_S:-570}"
+CALL_START_S="$(date +%s)"
 RESULTS=benchmarks/results
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .gpu_site ]; then
@@ -66,14 +71,28 @@ START_MARK="$(mktemp)"  # the files this run writes are newer: only they go to $
 FAILED="$(mktemp)"      # the stages that exited non-zero (run in the tee'd subshell): the script's exit status
 LOG="$RESULTS/gpu-$STAMP-$(date -u +%H%M%S)-$STAGE.log"
 
-run_stage() {  # name, then the command
+# the kernel sweep's shapes: every named GPU shape but the UNets (the e2e stage's)
+KERNEL_SHAPES='from vstar_kernels.bench import shapes as s; print(*(n for n in s.GPU_FULL if not s.is_unet(n)))'
+STAGE_RESERVE_S=45  # what a stage leaves of CALL_BUDGET_S for the tables and plots (which leave 10 s for the copy)
+
+run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) where it would pass the call's budget
     local name="$1"
     shift
-    echo "== $name: $* ($(date -u +%T))"
-    "$@"
+    local left=$((CALL_START_S + CALL_BUDGET_S - STAGE_RESERVE_S - $(date +%s)))
+    if [ "$left" -le 0 ]; then
+        echo "== $name: not started, CALL_BUDGET_S=$CALL_BUDGET_S spent ($(date -u +%T))"
+        echo "$name (not started: CALL_BUDGET_S spent)" >> "$FAILED"
+        return
+    fi
+    echo "== $name: $* ($(date -u +%T), cut at $left s)"
+    timeout -s INT -k 15 "$left" "$@"
     local status=$?
-    echo "== $name: exit $status ($(date -u +%T))"
-    [ "$status" -eq 0 ] || echo "$name (exit $status)" >> "$FAILED"
+    local why="exit $status"
+    if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+        why="exit $status: cut by a time limit"
+    fi
+    echo "== $name: $why ($(date -u +%T))"
+    [ "$status" -eq 0 ] || echo "$name ($why)" >> "$FAILED"
 }
 
 {
@@ -85,24 +104,27 @@ run_stage() {  # name, then the command
             # SIGINT: pytest stops and still prints what passed and failed.
             run_stage "gpu tests" timeout -s INT "$TEST_BUDGET_S" python3 -m pytest -q -m gpu tests ;;&
         all | kernels)
-            run_stage "kernel sweep" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume --no-plots \
-                --shapes $(python3 -c "from vstar_kernels.bench import shapes; print(*(n for n in shapes.GPU_FULL if not shapes.is_unet(n)))") \
-                --time-budget-s "$KERNEL_BUDGET_S" ;;&
+            run_stage "kernel sweep" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume \
+                --no-plots --shapes $(python3 -c "$KERNEL_SHAPES") --time-budget-s "$KERNEL_BUDGET_S" ;;&
         all | e2e)
-            run_stage "UNet end to end" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume --no-plots \
-                --shapes unet-modelscope-320x512 unet-modelscope-256x256 --time-budget-s "$E2E_BUDGET_S" ;;&
+            run_stage "UNet end to end" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume \
+                --no-plots --shapes unet-modelscope-320x512 unet-modelscope-256x256 --time-budget-s "$E2E_BUDGET_S" ;;&
         quick)
-            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --out "$RESULTS" --no-progress --resume --no-plots ;;
+            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --out "$RESULTS" --no-progress --resume \
+                --no-plots --time-budget-s "$KERNEL_BUDGET_S" ;;
         speculation)
             run_stage "speculative one pass" python3 benchmarks/speculation.py --out "$RESULTS" \
-                --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} ${SPEC_RATES:+--rates $SPEC_RATES} ;;
+                --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} \
+                ${SPEC_RATES:+--rates $SPEC_RATES} ;;
         lean)
             run_stage "lean forward" python3 benchmarks/speculation.py --lean --out "$RESULTS" \
-                --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} ${SPEC_RATES:+--rates $SPEC_RATES} ;;
+                --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} \
+                ${SPEC_RATES:+--rates $SPEC_RATES} ;;
     esac
     # today's files only (with none, plot_results.py would render every committed one)
     today=$(ls "$RESULTS"/*-"$STAMP".csv 2>/dev/null)
     if [ -n "$today" ]; then
+        STAGE_RESERVE_S=10
         run_stage "tables and plots" python3 benchmarks/plot_results.py $today
     fi
 } 2>&1 | tee "$LOG"

@@ -1,0 +1,129 @@
+"""benchmarks/run_gpu_sweep.sh without a GPU: a stand-in python3 (and nvidia-smi) on PATH says CUDA is there,
+records each call, and runs each stage's command as the test asks (exit 0, or sleep); the calls recorded are then
+parsed by the real parsers. The script runs from a copy in tmp_path: what it writes stays there."""
+
+import argparse
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vstar_kernels import bench
+from vstar_kernels.bench import shapes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The GPU machine's python3, stood in. The shape list the kernel stage asks for runs the real code.
+STUB = r"""#!/usr/bin/env bash
+printf '%q ' "$@" >> "$STUB_CALLS"
+echo >> "$STUB_CALLS"
+printf 'PYTHONPATH=%s TRITON_BACKENDS_IN_TREE=%s\n' "${PYTHONPATH:-}" "${TRITON_BACKENDS_IN_TREE:-}" >> "$STUB_ENV"
+case "$*" in
+    *torch.cuda.is_available*) exit 0 ;;
+    *triton_ops\(\).reason*) echo; exit 0 ;;
+    "-c "*) PYTHONPATH="$STUB_ROOT" exec "$STUB_PYTHON" "$@" ;;
+    "-m vstar_kernels info"* | "-m pytest"* | benchmarks/plot_results.py*) exit 0 ;;
+esac
+# a stage's command: it writes today's CSV, then exits or sleeps
+touch "benchmarks/results/stub-$(date -u +%Y%m%d).csv"
+[ -z "${STUB_SLEEP:-}" ] || exec sleep "$STUB_SLEEP"
+"""
+
+
+def sweep(tmp_path, stage, timeout=60, **env):
+    """Run the script's copy in tmp_path with the stand-ins; the result, the calls (argv lists) and the folder the
+    files were to be copied to ($OUT)."""
+    tree = tmp_path / "tree"
+    if not tree.exists():
+        (tree / "benchmarks").mkdir(parents=True)
+        shutil.copy(ROOT / "benchmarks" / "run_gpu_sweep.sh", tree / "benchmarks")
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "python3").write_text(STUB)
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version'\necho 'stand-in, 0'\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    calls, env_log = tmp_path / "calls", tmp_path / "env"
+    calls.write_text("")
+    env_log.write_text("")
+    run_env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "OUT": str(out),
+               "STUB_CALLS": str(calls), "STUB_ENV": str(env_log), "STUB_ROOT": str(ROOT),
+               "STUB_PYTHON": sys.executable,
+               "VSTAR_BENCH_COMMIT": "stand-in", **env}
+    run_env.pop("PYTHONPATH", None)
+    res = subprocess.run(["bash", str(tree / "benchmarks" / "run_gpu_sweep.sh"), stage], capture_output=True,
+                         text=True, timeout=timeout, env=run_env)
+    return res, [shlex.split(line) for line in calls.read_text().splitlines()], out
+
+
+def _bench_parser():
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    return parser
+
+
+def _speculation():
+    spec = importlib.util.spec_from_file_location("speculation", ROOT / "benchmarks" / "speculation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_stage_past_the_call_budget_is_cut_and_its_files_still_reach_out(tmp_path):
+    """A stage's own budget is checked before each case: one begun in time ran on, and a call that passed the
+    10-minute command lost every file (they reach $OUT at the end). The stage is cut where it would leave less
+    than 45 s of CALL_BUDGET_S, and the failure says so."""
+    start = time.monotonic()
+    res, calls, out = sweep(tmp_path, "quick", CALL_BUDGET_S="50", STUB_SLEEP="120")
+    assert time.monotonic() - start < 40, res.stdout + res.stderr
+    assert res.returncode == 1
+    assert "quick sweep (exit 124: cut by a time limit)" in res.stderr, res.stderr
+    assert "cut at " in res.stdout
+    assert sorted(p.suffix for p in out.iterdir()) == [".csv", ".log"]  # the stage's CSV and the log
+    assert ["benchmarks/plot_results.py", f"benchmarks/results/stub-{time.strftime('%Y%m%d', time.gmtime())}.csv"] \
+        in calls
+
+
+def test_a_stage_left_no_time_is_not_started_and_named(tmp_path):
+    res, calls, _ = sweep(tmp_path, "kernels", CALL_BUDGET_S="30")
+    assert res.returncode == 1
+    assert "kernel sweep (not started: CALL_BUDGET_S spent)" in res.stderr
+    assert not [c for c in calls if c[:3] == ["-m", "vstar_kernels", "bench"]]
+
+
+@pytest.mark.parametrize("stage", ["all", "quick", "speculation", "lean"])
+def test_each_stage_command_parses_with_the_real_parsers(tmp_path, monkeypatch, stage):
+    res, calls, _ = sweep(tmp_path, stage, SPEC_SHAPES="ltx-video-768x512 wan2.1-1.3b-480p", SPEC_RATES="0 0.05")
+    assert res.returncode == 0, res.stdout + res.stderr
+    benches = [c[3:] for c in calls if c[:3] == ["-m", "vstar_kernels", "bench"]]
+    scripts = [c[1:] for c in calls if c[0] == "benchmarks/speculation.py"]
+    assert len(benches) + len(scripts) == {"all": 2}.get(stage, 1), calls
+    for argv in benches:
+        args = _bench_parser().parse_args(argv)
+        assert bench.untaken(args) == ""
+        assert args.out == "benchmarks/results" and args.resume and args.no_plots and args.no_progress
+        assert args.time_budget_s, f"no time budget: {argv}"  # quick had none
+        assert set(args.shapes or ()) <= set(shapes.SHAPES)
+    if stage == "all":
+        assert [bool(shapes.is_unet(s)) for a in benches for s in _bench_parser().parse_args(a).shapes] == \
+            [False] * (len(shapes.GPU_FULL) - 2) + [True, True]
+    if scripts:
+        from tools.perf.model_dit import DIT_SHAPES
+
+        module = _speculation()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # parsed, then refused: no run here
+        for argv in scripts:
+            assert ("--lean" in argv) == (stage == "lean")
+            assert module.main(argv) == 1
+            shapes_asked = argv[argv.index("--shapes") + 1:argv.index("--rates")]
+            assert shapes_asked == ["ltx-video-768x512", "wan2.1-1.3b-480p"]
+            assert set(shapes_asked) <= {s.name for s in DIT_SHAPES}
