@@ -22,6 +22,7 @@
 #   takes KERNEL_BUDGET_S). A stage's budget is checked before each case, and a case begun in time runs to its
 #   end: CALL_BUDGET_S (default 570, under the 10-minute command) bounds the whole call, each stage cut with
 #   SIGINT (what it measured stays) where it would leave less than 45 s for the tables, plots and copy to $OUT.
+# Triton 3.9, where the machine's is older, is carried in .whl/triton39.tar.xz (TRITON_TARBALL; below).
 # Optional packages the GPU machine lacks (diffusers, tqdm) can be carried in .gpu_site/
 # (pip install --target .gpu_site diffusers tqdm); without them the UNet rows say why.
 set -uo pipefail
@@ -52,6 +53,34 @@ if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; th
     echo "run_gpu_sweep.sh needs a CUDA device, and torch sees none: on the CPU its GPU-sized shapes would crawl" \
         "through the Triton interpreter. For a CPU smoke run: python3 -m vstar_kernels bench --quick" >&2
     exit 1
+fi
+# Triton 3.9 carried in (benchmarks/NOTES.md, "Carrying Triton 3.9"; the images had 3.6): the wheel's files in
+# TRITON_TARBALL (default .whl/triton39.tar.xz, an ignored path a call carries) are unpacked once a machine under
+# $TMPDIR and put first on PYTHONPATH, with TRITON_BACKENDS_IN_TREE=1 so that the image's Triton's backend entry
+# points are not followed, and ptxas-blackwell linked to ptxas where the tarball left it out (3.9 looks for it).
+TRITON_TARBALL="${TRITON_TARBALL:-.whl/triton39.tar.xz}"
+TRITON_FROM="the image's"
+if [ -f "$TRITON_TARBALL" ]; then
+    site="${TMPDIR:-/tmp}/vstar-triton-$(cksum < "$TRITON_TARBALL" | cut -d' ' -f1)"
+    if [ ! -f "$site/.unpacked" ]; then
+        rm -rf "$site"
+        if ! { mkdir -p "$site" && tar -xJf "$TRITON_TARBALL" -C "$site" && touch "$site/.unpacked"; }; then
+            echo "run_gpu_sweep.sh: could not unpack $TRITON_TARBALL into $site" >&2
+            exit 1
+        fi
+    fi
+    init="$(find "$site" -maxdepth 3 -path '*/triton/__init__.py' | head -n 1)"
+    if [ -z "$init" ]; then
+        echo "run_gpu_sweep.sh: $TRITON_TARBALL holds no triton/__init__.py (unpacked in $site)" >&2
+        exit 1
+    fi
+    nvidia_bin="$(dirname "$init")/backends/nvidia/bin"
+    if [ -e "$nvidia_bin/ptxas" ] && [ ! -e "$nvidia_bin/ptxas-blackwell" ]; then
+        ln -s ptxas "$nvidia_bin/ptxas-blackwell"
+    fi
+    PYTHONPATH="$(dirname "$(dirname "$init")"):$PYTHONPATH"
+    export PYTHONPATH TRITON_BACKENDS_IN_TREE=1
+    TRITON_FROM="$TRITON_TARBALL, unpacked in $(dirname "$(dirname "$init")")"
 fi
 # A Triton the kernels cannot compile with (older than 3.7) would spend every budget on errors: refuse at once.
 why="$(python3 -c "from vstar_kernels.ops import _load; print(_load.triton_ops().reason)")" || exit 1
@@ -96,7 +125,7 @@ run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) w
 }
 
 {
-    echo "date: $(date -u +%FT%TZ)  stage: $STAGE  commit: $VSTAR_BENCH_COMMIT"
+    echo "date: $(date -u +%FT%TZ)  stage: $STAGE  commit: $VSTAR_BENCH_COMMIT  Triton: $TRITON_FROM"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory --format=csv
     python3 -m vstar_kernels info
     case "$STAGE" in
