@@ -9,6 +9,8 @@
 #   VSTAR_BENCH_COMMIT=<commit of the code> bash benchmarks/run_gpu_sweep.sh [STAGE]
 #
 # STAGE: all (default) | tests | kernels | e2e | quick | speculation | lean
+#   tests runs pytest's TEST_ARGS (default: -m gpu tests, the tests marked gpu; the Triton kernel files
+#   tests/kernels/test_*.py run on the GPU unmarked: name them, e.g. TEST_ARGS="tests/kernels/test_lean.py").
 #   lean (not in all): the lean forward (backend="triton-lean"): its two loops autotuned, warp-specialized and not,
 #   against two passes and the floor at the DiT shapes, and its speculative form at each forced flag rate
 #   (benchmarks/speculation.py --lean), budget SPEC_BUDGET_S.
@@ -39,6 +41,7 @@ case "$STAGE" in
        exit 2 ;;
 esac
 TEST_BUDGET_S="${TEST_BUDGET_S:-120}"
+TEST_ARGS="${TEST_ARGS:--m gpu tests}"
 KERNEL_BUDGET_S="${KERNEL_BUDGET_S:-300}"
 E2E_BUDGET_S="${E2E_BUDGET_S:-90}"
 SPEC_BUDGET_S="${SPEC_BUDGET_S:-420}"
@@ -131,7 +134,7 @@ run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) w
     case "$STAGE" in
         all | tests)
             # SIGINT: pytest stops and still prints what passed and failed.
-            run_stage "gpu tests" timeout -s INT "$TEST_BUDGET_S" python3 -m pytest -q -m gpu tests ;;&
+            run_stage "gpu tests" timeout -s INT "$TEST_BUDGET_S" python3 -m pytest -q $TEST_ARGS ;;&
         all | kernels)
             run_stage "kernel sweep" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume \
                 --no-plots --shapes $(python3 -c "$KERNEL_SHAPES") --time-budget-s "$KERNEL_BUDGET_S" ;;&

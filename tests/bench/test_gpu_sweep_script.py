@@ -164,3 +164,20 @@ def test_a_tarball_without_triton_is_refused(tmp_path):
     assert res.returncode == 1
     assert "run_gpu_sweep.sh: .whl/triton39.tar.xz holds no triton/__init__.py" in res.stderr
     assert len(calls) == 1  # the CUDA check only
+
+
+@pytest.mark.parametrize("test_args, expected", [(None, ["-m", "gpu", "tests"]),
+                                                 ("tests/kernels/test_lean_speculative.py -x",
+                                                  ["tests/kernels/test_lean_speculative.py", "-x"])],
+                         ids=["default", "named"])
+def test_the_tests_stage_runs_the_gpu_marked_tests_or_those_named(tmp_path, test_args, expected):
+    """The tests stage ran `-m gpu tests` alone: the Triton kernel files (tests/kernels/test_lean*.py,
+    test_speculative.py), which run on a GPU unmarked and which NOTES.md asks the next GPU run for first, took a
+    script of their own. TEST_ARGS names them."""
+    res, calls, _ = sweep(tmp_path, "tests", **({"TEST_ARGS": test_args} if test_args else {}))
+    assert res.returncode == 0, res.stdout + res.stderr
+    [pytest_argv] = [c[2:] for c in calls if c[:2] == ["-m", "pytest"]]
+    assert pytest_argv == ["-q", *expected]
+    for arg in expected:  # the files and folders named exist; the gpu marker is registered
+        assert arg.startswith("-") or arg == "gpu" or (ROOT / arg).exists()
+    assert '"gpu: ' in (ROOT / "pyproject.toml").read_text()
