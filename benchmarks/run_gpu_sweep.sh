@@ -97,6 +97,14 @@ if head="$(git rev-parse --short=12 HEAD 2>/dev/null)"; then
     git diff --quiet HEAD -- . ':!benchmarks/results' || head="$head-dirty"
 fi
 export VSTAR_BENCH_COMMIT="${VSTAR_BENCH_COMMIT:-${head:-unknown}}"
+# --resume keeps the cells of today's rows of this commit: of "unknown" (a copy without .git), any code's
+RESUME=--resume
+UNKNOWN_COMMIT=""
+if [ "$VSTAR_BENCH_COMMIT" = unknown ]; then
+    RESUME=""
+    UNKNOWN_COMMIT="run_gpu_sweep.sh: commit unknown (no git here, VSTAR_BENCH_COMMIT unset): the rows say"
+    UNKNOWN_COMMIT="$UNKNOWN_COMMIT 'unknown', and kernels, e2e and quick run without --resume"
+fi
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y%m%d)"
 START_MARK="$(mktemp)"  # the files this run writes are newer: only they go to $OUT
@@ -129,6 +137,7 @@ run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) w
 
 {
     echo "date: $(date -u +%FT%TZ)  stage: $STAGE  commit: $VSTAR_BENCH_COMMIT  Triton: $TRITON_FROM"
+    [ -z "$UNKNOWN_COMMIT" ] || echo "$UNKNOWN_COMMIT"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory --format=csv
     python3 -m vstar_kernels info
     case "$STAGE" in
@@ -136,13 +145,13 @@ run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) w
             # SIGINT: pytest stops and still prints what passed and failed.
             run_stage "gpu tests" timeout -s INT "$TEST_BUDGET_S" python3 -m pytest -q $TEST_ARGS ;;&
         all | kernels)
-            run_stage "kernel sweep" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume \
+            run_stage "kernel sweep" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress $RESUME \
                 --no-plots --shapes $(python3 -c "$KERNEL_SHAPES") --time-budget-s "$KERNEL_BUDGET_S" ;;&
         all | e2e)
-            run_stage "UNet end to end" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress --resume \
+            run_stage "UNet end to end" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress $RESUME \
                 --no-plots --shapes unet-modelscope-320x512 unet-modelscope-256x256 --time-budget-s "$E2E_BUDGET_S" ;;&
         quick)
-            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --out "$RESULTS" --no-progress --resume \
+            run_stage "quick sweep" python3 -m vstar_kernels bench --quick --out "$RESULTS" --no-progress $RESUME \
                 --no-plots --time-budget-s "$KERNEL_BUDGET_S" ;;
         speculation)
             run_stage "speculative one pass" python3 benchmarks/speculation.py --out "$RESULTS" \

@@ -60,7 +60,8 @@ def sweep(tmp_path, stage, timeout=60, **env):
                "STUB_CALLS": str(calls), "STUB_ENV": str(env_log), "STUB_ROOT": str(ROOT),
                "STUB_PYTHON": sys.executable,
                "VSTAR_BENCH_COMMIT": "stand-in", **env}
-    run_env.pop("PYTHONPATH", None)
+    for name in ("PYTHONPATH", *(name for name, value in env.items() if value is None)):
+        run_env.pop(name, None)
     res = subprocess.run(["bash", str(tree / "benchmarks" / "run_gpu_sweep.sh"), stage], capture_output=True,
                          text=True, timeout=timeout, env=run_env)
     return res, [shlex.split(line) for line in calls.read_text().splitlines()], out
@@ -181,3 +182,13 @@ def test_the_tests_stage_runs_the_gpu_marked_tests_or_those_named(tmp_path, test
     for arg in expected:  # the files and folders named exist; the gpu marker is registered
         assert arg.startswith("-") or arg == "gpu" or (ROOT / arg).exists()
     assert '"gpu: ' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_an_unknown_commit_is_said_and_not_resumed(tmp_path):
+    """Without git (the GPU machine's copy of the tree) and VSTAR_BENCH_COMMIT, every call's rows said commit
+    'unknown' and --resume skipped the cells any earlier code had measured today."""
+    res, calls, _ = sweep(tmp_path, "all", VSTAR_BENCH_COMMIT=None)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "commit: unknown" in res.stdout and "run without --resume" in res.stdout
+    benches = [c for c in calls if c[:3] == ["-m", "vstar_kernels", "bench"]]
+    assert len(benches) == 2 and not [c for c in benches if "--resume" in c]
