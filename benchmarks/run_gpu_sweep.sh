@@ -23,7 +23,8 @@
 #   one's time budget ran out. Budgets (seconds): TEST_BUDGET_S, KERNEL_BUDGET_S, E2E_BUDGET_S (quick
 #   takes KERNEL_BUDGET_S). A stage's budget is checked before each case, and a case begun in time runs to its
 #   end: CALL_BUDGET_S (default 570, under the 10-minute command) bounds the whole call, each stage cut with
-#   SIGINT (what it measured stays) where it would leave less than 45 s for the tables, plots and copy to $OUT.
+#   SIGINT (what it measured stays) where it would leave less than 45 s for the tables, plots and copy to $OUT;
+#   set it under a call's limit where that is shorter.
 # Triton 3.9, where the machine's is older, is carried in .whl/triton39.tar.xz (TRITON_TARBALL; below).
 # Optional packages the GPU machine lacks (diffusers, tqdm) can be carried in .gpu_site/
 # (pip install --target .gpu_site diffusers tqdm); without them the UNet rows say why.
