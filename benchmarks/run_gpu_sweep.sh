@@ -47,6 +47,10 @@ KERNEL_BUDGET_S="${KERNEL_BUDGET_S:-300}"
 E2E_BUDGET_S="${E2E_BUDGET_S:-90}"
 SPEC_BUDGET_S="${SPEC_BUDGET_S:-420}"
 CALL_BUDGET_S="${CALL_BUDGET_S:-570}"
+case "$CALL_BUDGET_S" in
+    "" | *[!0-9]*) echo "run_gpu_sweep.sh: CALL_BUDGET_S is whole seconds, got '$CALL_BUDGET_S'" >&2
+        exit 2 ;;
+esac
 CALL_START_S="$(date +%s)"
 RESULTS=benchmarks/results
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

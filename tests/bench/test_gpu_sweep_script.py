@@ -210,3 +210,9 @@ def test_the_tests_stage_collects_without_diffusers(tmp_path):
     assert "error" not in res.stdout.splitlines()[-1], res.stdout[-3000:]
     assert "diffusers is not importable here (ModuleNotFoundError: No module named 'diffusers')" in res.stdout
     assert "tests/integrations/test_comfyui.py::" in res.stdout  # what needs no diffusers is still collected
+
+
+def test_a_call_budget_not_in_whole_seconds_is_refused_at_once(tmp_path):
+    res, calls, _ = sweep(tmp_path, "quick", CALL_BUDGET_S="9.5m")
+    assert res.returncode == 2 and not calls
+    assert res.stderr == "run_gpu_sweep.sh: CALL_BUDGET_S is whole seconds, got '9.5m'\n"
