@@ -167,8 +167,9 @@ run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) w
                 --time-budget-s "$SPEC_BUDGET_S" ${SPEC_SHAPES:+--shapes $SPEC_SHAPES} \
                 ${SPEC_RATES:+--rates $SPEC_RATES} ;;
     esac
-    # today's files only (with none, plot_results.py would render every committed one)
-    today=$(ls "$RESULTS"/*-"$STAMP".csv 2>/dev/null)
+    # today's files only (with none, plot_results.py would render every committed one): the day the call began
+    # and, past midnight UTC, the day the stages wrote their files on
+    today=$(ls "$RESULTS"/*-"$STAMP".csv "$RESULTS"/*-"$(date -u +%Y%m%d)".csv 2>/dev/null | sort -u)
     if [ -n "$today" ]; then
         STAGE_RESERVE_S=10
         run_stage "tables and plots" python3 benchmarks/plot_results.py $today

@@ -38,8 +38,15 @@ touch "benchmarks/results/stub-$(date -u +%Y%m%d).csv"
 [ -z "${STUB_SLEEP:-}" ] || exec sleep "$STUB_SLEEP"
 """
 
+DATE_STUB = r"""#!/usr/bin/env bash
+[ "${{!#}}" = +%Y%m%d ] || exec /bin/date "$@"
+echo >> {count}
+if [ "$(wc -l < {count})" -ge {shift} ]; then exec /bin/date -d tomorrow "$@"; fi
+exec /bin/date "$@"
+"""
 
-def sweep(tmp_path, stage, timeout=60, **env):
+
+def sweep(tmp_path, stage, timeout=60, date_shift=0, **env):
     """Run the script's copy in tmp_path with the stand-ins; the result, the calls (argv lists) and the folder the
     files were to be copied to ($OUT)."""
     tree = tmp_path / "tree"
@@ -49,6 +56,8 @@ def sweep(tmp_path, stage, timeout=60, **env):
     stubs.mkdir(exist_ok=True)
     (stubs / "python3").write_text(STUB)
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version'\necho 'stand-in, 0'\n")
+    if date_shift:  # `date +%Y%m%d` from its shift'th call on (the script's first is its start) says the next day
+        (stubs / "date").write_text(DATE_STUB.format(count=tmp_path / "date-calls", shift=date_shift))
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     out = tmp_path / "out"
@@ -216,3 +225,12 @@ def test_a_call_budget_not_in_whole_seconds_is_refused_at_once(tmp_path):
     res, calls, _ = sweep(tmp_path, "quick", CALL_BUDGET_S="9.5m")
     assert res.returncode == 2 and not calls
     assert res.stderr == "run_gpu_sweep.sh: CALL_BUDGET_S is whole seconds, got '9.5m'\n"
+
+
+def test_a_call_past_midnight_utc_renders_the_files_of_the_day_they_were_written(tmp_path):
+    """The tables and plots took the CSVs named with the day the call began: a stage that wrote its file after
+    midnight UTC had it left unrendered."""
+    res, calls, out = sweep(tmp_path, "quick", date_shift=2)  # the day changes after the script's start
+    assert res.returncode == 0, res.stdout + res.stderr
+    tomorrow = time.strftime("%Y%m%d", time.gmtime(time.time() + 86400))
+    assert ["benchmarks/plot_results.py", f"benchmarks/results/stub-{tomorrow}.csv"] in calls
