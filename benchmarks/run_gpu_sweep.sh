@@ -178,8 +178,11 @@ run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) w
 
 if [ -n "${OUT:-}" ]; then
     written=$(find "$RESULTS" -maxdepth 1 -type f -newer "$START_MARK")
-    [ -n "$written" ] && cp $written "$OUT"/
-    echo "copied $(echo "$written" | grep -c .) files this run wrote to $OUT"
+    if [ -z "$written" ] || cp $written "$OUT"/; then
+        echo "copied $(echo "$written" | grep -c .) files this run wrote to $OUT"
+    else
+        echo "copy to \$OUT (exit $?)" >> "$FAILED"
+    fi
 fi
 rm -f "$START_MARK"
 if [ -s "$FAILED" ]; then

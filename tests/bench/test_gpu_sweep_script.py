@@ -234,3 +234,11 @@ def test_a_call_past_midnight_utc_renders_the_files_of_the_day_they_were_written
     assert res.returncode == 0, res.stdout + res.stderr
     tomorrow = time.strftime("%Y%m%d", time.gmtime(time.time() + 86400))
     assert ["benchmarks/plot_results.py", f"benchmarks/results/stub-{tomorrow}.csv"] in calls
+
+
+def test_a_failed_copy_to_out_is_a_failure(tmp_path):
+    """The copy to $OUT is how a GPU call's files come back: where it failed the script still said 'copied N
+    files' and exited 0."""
+    res, _, out = sweep(tmp_path, "quick", OUT=str(tmp_path / "no-such-folder"))
+    assert res.returncode == 1
+    assert "copied" not in res.stdout and "stages that failed: copy to $OUT (exit 1)" in res.stderr
