@@ -110,6 +110,13 @@ if [ "$VSTAR_BENCH_COMMIT" = unknown ]; then
     UNKNOWN_COMMIT="run_gpu_sweep.sh: commit unknown (no git here, VSTAR_BENCH_COMMIT unset): the rows say"
     UNKNOWN_COMMIT="$UNKNOWN_COMMIT 'unknown', and kernels, e2e and quick run without --resume"
 fi
+# without diffusers (the images lack it unless .gpu_site carries it), the tests stage skips the modules of
+# tests/integrations that import it, saying why (tests/integrations/conftest.py), where they would be collection errors
+WITHOUT_DIFFUSERS=""
+if { [ "$STAGE" = all ] || [ "$STAGE" = tests ]; } && ! python3 -c "import diffusers" 2> /dev/null; then
+    export VSTAR_TESTS_WITHOUT_DIFFUSERS=1
+    WITHOUT_DIFFUSERS="run_gpu_sweep.sh: diffusers is not importable: the tests stage skips the modules that import it"
+fi
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y%m%d)"
 START_MARK="$(mktemp)"  # the files this run writes are newer: only they go to $OUT
@@ -143,6 +150,7 @@ run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) w
 {
     echo "date: $(date -u +%FT%TZ)  stage: $STAGE  commit: $VSTAR_BENCH_COMMIT  Triton: $TRITON_FROM"
     [ -z "$UNKNOWN_COMMIT" ] || echo "$UNKNOWN_COMMIT"
+    [ -z "$WITHOUT_DIFFUSERS" ] || echo "$WITHOUT_DIFFUSERS"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory --format=csv
     python3 -m vstar_kernels info
     case "$STAGE" in

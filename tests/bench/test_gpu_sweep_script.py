@@ -205,16 +205,24 @@ def test_an_unknown_commit_is_said_and_not_resumed(tmp_path):
 
 def test_the_tests_stage_collects_without_diffusers(tmp_path):
     """The GPU machines' images lack diffusers: the modules of tests/integrations that import it failed to
-    collect, and one collection error interrupts the session, so `pytest -m gpu tests` ran nothing there. They
-    are skipped, saying why (tests/integrations/conftest.py)."""
+    collect, and one collection error interrupts the session, so `pytest -m gpu tests` ran nothing there. Where
+    the sweep says so (VSTAR_TESTS_WITHOUT_DIFFUSERS=1), they are skipped, saying why (tests/integrations/conftest.py);
+    elsewhere (make test, CI) they stay collection errors, so that a broken install cannot pass by skipping."""
     missing = tmp_path / "site" / "diffusers"
     missing.mkdir(parents=True)
     (missing / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'diffusers'\", "
                                          "name='diffusers')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
-    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-rs", "-p", "no:cacheprovider",
-                          "-W", "ignore", "tests/integrations"], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=300)
+
+    def collect(**flag):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), **flag}
+        return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-rs", "-p", "no:cacheprovider",
+                               "-W", "ignore", "tests/integrations/test_dit_models.py",
+                               "tests/integrations/test_comfyui.py"], cwd=ROOT, capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    res = collect()
+    assert res.returncode != 0 and "error" in res.stdout.splitlines()[-1], res.stdout[-3000:]
+    res = collect(VSTAR_TESTS_WITHOUT_DIFFUSERS="1")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "error" not in res.stdout.splitlines()[-1], res.stdout[-3000:]
     assert "diffusers is not importable here (ModuleNotFoundError: No module named 'diffusers')" in res.stdout
