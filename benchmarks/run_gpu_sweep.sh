@@ -51,6 +51,7 @@ case "$CALL_BUDGET_S" in
     "" | *[!0-9]*) echo "run_gpu_sweep.sh: CALL_BUDGET_S is whole seconds, got '$CALL_BUDGET_S'" >&2
         exit 2 ;;
 esac
+CALL_BUDGET_S=$((10#$CALL_BUDGET_S))  # decimal: bash arithmetic reads 0570 as octal and fails on 08
 CALL_START_S="$(date +%s)"
 RESULTS=benchmarks/results
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -155,8 +156,10 @@ run_stage() {  # name, then the command: cut (SIGINT, then SIGKILL 15 s later) w
     python3 -m vstar_kernels info
     case "$STAGE" in
         all | tests)
-            # SIGINT: pytest stops and still prints what passed and failed.
-            run_stage "gpu tests" timeout -s INT "$TEST_BUDGET_S" python3 -m pytest -q $TEST_ARGS ;;&
+            # SIGINT: pytest stops and still prints what passed and failed. -k: this timeout is run_stage's
+            # command, in a process group of its own, which run_stage's SIGKILL does not reach: this one kills pytest
+            # 10 s after either SIGINT (its budget's or run_stage's forwarded), before run_stage kills it (15 s)
+            run_stage "gpu tests" timeout -s INT -k 10 "$TEST_BUDGET_S" python3 -m pytest -q $TEST_ARGS ;;&
         all | kernels)
             run_stage "kernel sweep" python3 -m vstar_kernels bench --out "$RESULTS" --no-progress $RESUME \
                 --no-plots --shapes $(python3 -c "$KERNEL_SHAPES") --time-budget-s "$KERNEL_BUDGET_S" ;;&

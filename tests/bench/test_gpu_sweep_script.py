@@ -32,7 +32,10 @@ case "$*" in
     *triton_ops\(\).reason*) echo; exit 0 ;;
     "-c import diffusers") exit 0 ;;
     "-c "*) PYTHONPATH="$STUB_ROOT" exec "$STUB_PYTHON" "$@" ;;
-    "-m vstar_kernels info"* | "-m pytest"* | benchmarks/plot_results.py*) exit 0 ;;
+    "-m pytest"*)  # STUB_PYTEST_STUCK: deaf to SIGINT for that long
+        [ -z "${STUB_PYTEST_STUCK:-}" ] || { trap '' INT; sleep "$STUB_PYTEST_STUCK"; echo ran-on >> "$STUB_CALLS"; }
+        exit 0 ;;
+    "-m vstar_kernels info"* | benchmarks/plot_results.py*) exit 0 ;;
 esac
 # a stage's command: it writes today's CSV, then exits or sleeps
 touch "benchmarks/results/stub-$(date -u +%Y%m%d).csv"
@@ -234,6 +237,30 @@ def test_a_call_budget_not_in_whole_seconds_is_refused_at_once(tmp_path):
     res, calls, _ = sweep(tmp_path, "quick", CALL_BUDGET_S="9.5m")
     assert res.returncode == 2 and not calls
     assert res.stderr == "run_gpu_sweep.sh: CALL_BUDGET_S is whole seconds, got '9.5m'\n"
+
+
+@pytest.mark.parametrize("budget", ["08", "0570"])
+def test_a_call_budget_with_a_leading_zero_is_decimal(tmp_path, budget):
+    """bash arithmetic reads 0570 as octal (376 s) and fails on 08, which ended the stages' subshell at the first
+    one: nothing ran, and the script exited 0."""
+    res, calls, _ = sweep(tmp_path, "quick", CALL_BUDGET_S=budget)
+    assert "value too great for base" not in res.stdout + res.stderr
+    if budget == "08":
+        assert res.returncode == 1 and "quick sweep (not started: CALL_BUDGET_S spent)" in res.stderr
+    else:
+        assert res.returncode == 0 and "cut at 52" in res.stdout, res.stdout  # 570 - 45 s, not 376 - 45
+
+
+def test_a_tests_stage_deaf_to_sigint_is_killed_with_the_call_budget(tmp_path):
+    """The tests stage's own budget is a timeout inside run_stage's: run_stage's SIGKILL (15 s after its SIGINT)
+    reached that timeout alone, not pytest in its process group, which ran on past the cut, holding the log's tee
+    (and the GPU) until it ended."""
+    start = time.monotonic()
+    res, calls, _ = sweep(tmp_path, "tests", CALL_BUDGET_S="50", STUB_PYTEST_STUCK="40")
+    assert time.monotonic() - start < 30, res.stdout + res.stderr
+    assert res.returncode == 1 and "gpu tests (exit 137: cut by a time limit)" in res.stderr, res.stderr
+    time.sleep(1)
+    assert ["ran-on"] not in calls and "ran-on" not in (tmp_path / "calls").read_text()
 
 
 def test_a_call_past_midnight_utc_renders_the_files_of_the_day_they_were_written(tmp_path):
