@@ -278,3 +278,17 @@ def test_a_failed_copy_to_out_is_a_failure(tmp_path):
     res, _, out = sweep(tmp_path, "quick", OUT=str(tmp_path / "no-such-folder"))
     assert res.returncode == 1
     assert "copied" not in res.stdout and "stages that failed: copy to $OUT (exit 1)" in res.stderr
+
+
+def test_only_an_import_of_diffusers_failing_is_skipped():
+    """Under VSTAR_TESTS_WITHOUT_DIFFUSERS=1 any ImportError of an integration module was skipped as diffusers'
+    absence, a real one (a name a test imports renamed) among them."""
+    from tests.integrations.conftest import _from_missing_diffusers
+
+    missing = ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+    ours = ImportError("vstar_kernels.diffusers needs the diffusers package")  # raised from diffusers' error
+    ours.__cause__ = missing
+    assert _from_missing_diffusers(missing) and _from_missing_diffusers(ours)
+    assert _from_missing_diffusers(ModuleNotFoundError("No module named 'tqdm.auto'", name="tqdm.auto"))
+    assert not _from_missing_diffusers(ImportError("cannot import name 'apply_tar'", name="vstar_kernels.comfyui"))
+    assert not _from_missing_diffusers(ModuleNotFoundError("No module named 'diffusers_x'", name="diffusers_x"))

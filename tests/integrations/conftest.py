@@ -20,15 +20,26 @@ def diffusers_missing() -> str:
     return ""
 
 
+def _from_missing_diffusers(error) -> bool:
+    """Whether `error` comes of an import of diffusers (or of tqdm, which it needs) failing, directly or through
+    the error it caused (vstar_kernels.diffusers's, which says what to install)."""
+    while error is not None:
+        if isinstance(error, ImportError) and (error.name or "").split(".")[0] in ("diffusers", "tqdm"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class _Module(pytest.Module):
     def _getobj(self):
         try:
             return super()._getobj()
         except self.CollectError as exc:
-            if isinstance(exc.__cause__, ImportError) and os.environ.get("VSTAR_TESTS_WITHOUT_DIFFUSERS") == "1" \
-                    and diffusers_missing():
+            cause = exc.__cause__
+            if os.environ.get("VSTAR_TESTS_WITHOUT_DIFFUSERS") == "1" and diffusers_missing() \
+                    and _from_missing_diffusers(cause):
                 pytest.skip(f"diffusers is not importable here ({diffusers_missing()}); the module's import failed: "
-                            f"{type(exc.__cause__).__name__}: {exc.__cause__}", allow_module_level=True)
+                            f"{type(cause).__name__}: {cause}", allow_module_level=True)
             raise
 
 
