@@ -153,8 +153,9 @@ def check_device(name: str, device, none: bool = True):
                         f"{type_name(device)}")
     try:
         return torch.device(device if isinstance(device, str) else int(device))  # a numpy index too
-    except RuntimeError as exc:
-        raise ValueError(f"{name} {device!r} is not a device torch knows ({exc})") from None
+    except (RuntimeError, ValueError, OverflowError) as exc:  # (an index past 64 bits: a ValueError of torch's)
+        what = "a device torch knows" if isinstance(device, str) else "a device index torch takes here"
+        raise ValueError(f"{name} {device!r} is not {what} ({exc})") from None
 
 
 def int_set(name: str, values) -> Optional[set]:

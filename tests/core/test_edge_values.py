@@ -287,7 +287,8 @@ def test_gaussian_toeplitz_arguments():
             vk.gaussian_toeplitz(4, 1.0, dtype=dtype)
     # a device torch does not know, or not a device: named (torch's own errors named no argument)
     for bad, exc, match in (("cpux", ValueError, "device 'cpux' is not a device torch knows"),
-                            (-1, ValueError, "device -1 is not a device torch knows"),
+                            (-1, ValueError, "device -1 is not a device index torch takes here"),
+                            (2 ** 70, ValueError, "device 1180591620717411303424 is not a device index torch takes"),
                             (1.5, TypeError, "device must be a torch.device, a device name or index, or None, got "
                                              "float")):
         with pytest.raises(exc, match=match):

@@ -433,8 +433,8 @@ def test_speculation_counts_once_per_device_and_sums_them():
         assert spec.kwargs("cuda")["flags"] is spec.kwargs(f"cuda:{torch.cuda.current_device()}")["flags"]
         assert spec.kwargs(np.int64(0))["flags"] is spec.kwargs(0)["flags"]  # a numpy index is its int
     else:  # an index names an accelerator: refused here naming device, not as not an index (an int64 index was)
-        with pytest.raises(ValueError, match=r"Speculation.kwargs: device np.int64\(0\) is not a device torch "
-                                             "knows .*accelerator"):
+        with pytest.raises(ValueError, match=r"Speculation.kwargs: device np.int64\(0\) is not a device index "
+                                             "torch takes here .*accelerator"):
             spec.kwargs(np.int64(0))
     for wrong in (torch.zeros(1), True, None):  # the call's tensor, not its device: named, not torch's own error
         with pytest.raises(TypeError, match="Speculation.kwargs: device must be a torch.device, a device name or "
