@@ -25,7 +25,7 @@
 #   end: CALL_BUDGET_S (default 570, under the 10-minute command) bounds the whole call, each stage cut with
 #   SIGINT (what it measured stays) where it would leave less than 45 s for the tables, plots and copy to $OUT;
 #   set it under a call's limit where that is shorter.
-# Triton 3.9, where the machine's is older, is carried in .whl/triton39.tar.xz (TRITON_TARBALL; below).
+# Triton 3.9 (the images had an older one) is carried in .whl/triton39.tar.xz (TRITON_TARBALL): it goes first.
 # Optional packages the GPU machine lacks (diffusers, tqdm) can be carried in .gpu_site/
 # (pip install --target .gpu_site diffusers tqdm); without them the UNet rows say why.
 set -uo pipefail

@@ -87,7 +87,8 @@ def test_band_energy_is_average_attention_share_nearby():
     (torch.ones(4), ValueError, r"\(\.\.\., N, M\) map"),
     (-torch.eye(3), ValueError, "non-negative"),
     (torch.zeros(3, 3), ValueError, "all zero"),
-    (torch.tensor([[0.5, 0.5], [math.nan] * 2]), ValueError, "attention has NaN entries .*a frame without a token, measure"),
+    (torch.tensor([[0.5, 0.5], [math.nan] * 2]), ValueError,
+     "attention has NaN entries .*a frame without a token, measure"),
     (torch.full((3, 3), math.inf), ValueError, "attention has infinite entries"),
     (torch.eye(3, device="meta"), ValueError, "attention is a meta tensor, which has no values"),  # torch's .item()
     (torch.eye(3) + 1j, TypeError, "attention must be a real map, got torch.complex64"),  # not its real part
