@@ -1,23 +1,13 @@
 """Where diffusers cannot be imported and VSTAR_TESTS_WITHOUT_DIFFUSERS=1 says so (run_gpu_sweep.sh sets it on a GPU
-machine whose image lacks diffusers, or tqdm, which it imports), a module here whose import fails with an ImportError
-is skipped, saying why, instead of being a collection error: one such error interrupts the whole session's
-collection, so `pytest -m gpu tests` (the sweep's tests stage) ran nothing there. Elsewhere (`make test`, CI, which
-install diffusers) such a module's ImportError stays an error: a run there must not pass by skipping."""
+machine whose image lacks diffusers, or tqdm, which it imports), a module here whose import fails on diffusers'
+(directly or through vstar_kernels.diffusers's error) is skipped, saying why, instead of being a collection error:
+one such error interrupts the whole session's collection, so `pytest -m gpu tests` (the sweep's tests stage) ran
+nothing there. Elsewhere (`make test`, CI, which install diffusers) such a module's ImportError stays an error: a
+run there must not pass by skipping."""
 
-import functools
 import os
 
 import pytest
-
-
-@functools.lru_cache(maxsize=None)
-def diffusers_missing() -> str:
-    """Why diffusers cannot be imported here ('' where it can); tried only once a module failed to import."""
-    try:
-        import diffusers  # noqa: F401
-    except ImportError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return ""
 
 
 def _from_missing_diffusers(error) -> bool:
@@ -36,10 +26,9 @@ class _Module(pytest.Module):
             return super()._getobj()
         except self.CollectError as exc:
             cause = exc.__cause__
-            if os.environ.get("VSTAR_TESTS_WITHOUT_DIFFUSERS") == "1" and diffusers_missing() \
-                    and _from_missing_diffusers(cause):
-                pytest.skip(f"diffusers is not importable here ({diffusers_missing()}); the module's import failed: "
-                            f"{type(cause).__name__}: {cause}", allow_module_level=True)
+            if os.environ.get("VSTAR_TESTS_WITHOUT_DIFFUSERS") == "1" and _from_missing_diffusers(cause):
+                pytest.skip(f"diffusers is not importable here; the module's import failed: {type(cause).__name__}: "
+                            f"{cause}", allow_module_level=True)
             raise
 
 
